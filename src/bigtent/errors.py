@@ -1,0 +1,114 @@
+"""The one error hierarchy: every failure a user can cause or see is a BigtentError.
+
+Each class carries the exit code the CLI uses and the HTTP status the API answers with, so
+neither the CLI nor the routes ever decide that themselves (STYLE: errors).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BigtentError(Exception):
+    """Something went wrong that we can explain to the user."""
+
+    exit_code: int = 1
+    http_status: int = 500
+
+    def __init__(self, message: str, *, detail: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(BigtentError):
+    """The configuration (file, flags or environment) is invalid."""
+
+    exit_code = 2
+    http_status = 500
+
+
+class UsageError(BigtentError):
+    """The command line or request is malformed."""
+
+    exit_code = 2
+    http_status = 400
+
+
+class BadRequest(BigtentError):
+    """A request's content is invalid (malformed upload, unknown derivation, ...)."""
+
+    exit_code = 1
+    http_status = 400
+
+
+class PayloadTooLarge(BadRequest):
+    """An upload is larger than allowed or than it declared."""
+
+    http_status = 413
+
+
+class Conflict(BigtentError):
+    """The request is valid but conflicts with the current state (a stale lease, ...)."""
+
+    http_status = 409
+
+
+class NotFound(BigtentError):
+    """A build, step, store path or agent does not exist."""
+
+    exit_code = 1
+    http_status = 404
+
+
+class AuthError(BigtentError):
+    """A credential is missing or invalid (HTTP 401)."""
+
+    exit_code = 3
+    http_status = 401
+
+
+class Forbidden(AuthError):
+    """The credential is valid but its role may not do this (HTTP 403)."""
+
+    http_status = 403
+
+
+class ProtocolError(BigtentError):
+    """A peer sent a message that breaks the agent protocol."""
+
+    http_status = 400
+
+
+class NixError(BigtentError):
+    """A Nix command failed."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        argv: list[str] | None = None,
+        status: int | None = None,
+        stderr: str = "",
+    ) -> None:
+        super().__init__(message, detail={"argv": argv, "status": status, "stderr": stderr[-4000:]})
+        self.argv = argv or []
+        self.status = status
+        self.stderr = stderr
+
+
+class RunnerUnreachable(BigtentError):
+    """The runner could not be reached over the network."""
+
+    exit_code = 4
+    http_status = 502
+
+
+class BuildFailed(BigtentError):
+    """A build finished but not every requested derivation built."""
+
+    exit_code = 1
+    http_status = 200

@@ -1,0 +1,259 @@
+"""The agent <-> runner WebSocket protocol (DESIGN §2): every message, its limits, no I/O.
+
+This module is the single source of truth for the wire format. Messages are JSON objects with a
+``type`` discriminator. Unknown fields are ignored; unknown types are a ``ProtocolError``. Every
+text field has a length limit, every list a count limit and every message a size limit: the
+named constants below are the only place those limits live.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal, NewType
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from bigtent.errors import ProtocolError
+
+PROTOCOL_VERSION = "bigtent/1"
+
+StepId = NewType("StepId", int)
+LeaseId = NewType("LeaseId", str)
+MachineId = NewType("MachineId", str)
+
+# ---- limits -------------------------------------------------------------------------------
+MAX_MESSAGE_BYTES = 1024 * 1024
+"""No single WebSocket message (either direction) may exceed this."""
+MAX_NAME_CHARS = 128
+"""Agent names: at most 128 characters (DESIGN §4 bounds the UTF-8 bytes; checked there)."""
+MAX_SHORT_TEXT = 256
+"""Ids, hostnames, systems, features, store paths."""
+MAX_ERROR_CHARS = 8192
+MAX_LIST_ITEMS = 256
+"""Systems, features, running steps, outputs, references of one output..."""
+MAX_REFERENCES = 4096
+MAX_LOG_LINES_PER_BATCH = 2000
+MAX_LOG_LINE_CHARS = 16 * 1024
+
+ShortText = Annotated[str, Field(max_length=MAX_SHORT_TEXT)]
+StorePathText = Annotated[str, Field(max_length=MAX_SHORT_TEXT, pattern=r"^/nix/store/[^/]+$")]
+FeatureList = Annotated[list[ShortText], Field(max_length=MAX_LIST_ITEMS)]
+
+
+class Outcome(StrEnum):
+    """How a step attempt ended (DESIGN §2). Values are wire and database strings."""
+
+    SUCCESS = "success"
+    BUILD_FAILURE = "build_failure"
+    TIMED_OUT = "timed_out"
+    LOG_LIMIT = "log_limit"
+    ABORTED = "aborted"
+    PREPARE_FAILURE = "prepare_failure"
+    UPLOAD_FAILURE = "upload_failure"
+    AGENT_LOST = "agent_lost"
+
+    @property
+    def is_infrastructure(self) -> bool:
+        """Infrastructure outcomes are retried elsewhere and never cached as build failures."""
+        return self in _INFRASTRUCTURE
+
+
+_INFRASTRUCTURE = frozenset({Outcome.PREPARE_FAILURE, Outcome.UPLOAD_FAILURE, Outcome.AGENT_LOST})
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+# ---- agent -> runner ----------------------------------------------------------------------
+class RunningStep(_Message):
+    step_id: StepId
+    lease_id: LeaseId = Field(max_length=MAX_SHORT_TEXT)
+
+
+class Register(_Message):
+    type: Literal["register"] = "register"
+    proto: ShortText = PROTOCOL_VERSION
+    version: ShortText = ""
+    machine_id: MachineId = Field(min_length=1, max_length=MAX_SHORT_TEXT)
+    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    hostname: ShortText = ""
+    systems: FeatureList = Field(min_length=1)
+    supported_features: FeatureList = []
+    mandatory_features: FeatureList = []
+    max_jobs: int = Field(ge=1, le=1024)
+    cpu_count: int = Field(default=1, ge=1, le=65536)
+    speed_factor: float = Field(default=1.0, gt=0, le=1000)
+    ephemeral: bool = False
+    launch_id: ShortText | None = None
+    running: Annotated[list[RunningStep], Field(max_length=MAX_LIST_ITEMS)] = []
+
+
+class Heartbeat(_Message):
+    type: Literal["heartbeat"] = "heartbeat"
+    load: float | None = None
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    free_store_bytes: int | None = None
+    free_build_bytes: int | None = None
+    psi_cpu_some_avg10: float | None = None
+    running: Annotated[list[StepId], Field(max_length=MAX_LIST_ITEMS)] = []
+
+
+class Accepted(_Message):
+    type: Literal["accepted"] = "accepted"
+    step_id: StepId
+    lease_id: LeaseId = Field(max_length=MAX_SHORT_TEXT)
+
+
+class Refused(_Message):
+    type: Literal["refused"] = "refused"
+    step_id: StepId
+    lease_id: LeaseId = Field(max_length=MAX_SHORT_TEXT)
+    reason: str = Field(default="", max_length=MAX_ERROR_CHARS)
+
+
+class Log(_Message):
+    type: Literal["log"] = "log"
+    step_id: StepId
+    lease_id: LeaseId = Field(max_length=MAX_SHORT_TEXT)
+    lines: Annotated[
+        list[Annotated[str, Field(max_length=MAX_LOG_LINE_CHARS)]],
+        Field(max_length=MAX_LOG_LINES_PER_BATCH),
+    ]
+
+
+class OutputInfo(_Message):
+    name: ShortText
+    path: StorePathText
+    nar_hash: ShortText = ""
+    nar_size: int = Field(default=0, ge=0)
+    references: Annotated[list[StorePathText], Field(max_length=MAX_REFERENCES)] = []
+
+
+class Timings(_Message):
+    """Seconds the agent spent in each phase of the attempt."""
+
+    prepare_secs: float = 0.0
+    build_secs: float = 0.0
+    upload_secs: float = 0.0
+
+
+class Result(_Message):
+    type: Literal["result"] = "result"
+    step_id: StepId
+    lease_id: LeaseId = Field(max_length=MAX_SHORT_TEXT)
+    outcome: Outcome
+    exit_code: int | None = None
+    error: str = Field(default="", max_length=MAX_ERROR_CHARS)
+    timings: Timings = Timings()
+    outputs: Annotated[list[OutputInfo], Field(max_length=MAX_LIST_ITEMS)] = []
+
+
+AgentMessage = Annotated[
+    Register | Heartbeat | Accepted | Refused | Log | Result, Field(discriminator="type")
+]
+
+
+# ---- runner -> agent ----------------------------------------------------------------------
+class Substituter(_Message):
+    url: ShortText
+    public_key: ShortText
+
+
+class Registered(_Message):
+    type: Literal["registered"] = "registered"
+    proto: ShortText = PROTOCOL_VERSION
+    session_id: ShortText
+    heartbeat_secs: float
+    lease_secs: float
+    cache_url: ShortText
+    cache_public_key: ShortText
+    upstreams: Annotated[list[Substituter], Field(max_length=MAX_LIST_ITEMS)] = []
+    keep_running: Annotated[list[StepId], Field(max_length=MAX_LIST_ITEMS)] = []
+    """Of the steps the agent reported as running, those whose leases are still current."""
+
+
+class Assign(_Message):
+    type: Literal["assign"] = "assign"
+    step_id: StepId
+    lease_id: LeaseId = Field(max_length=MAX_SHORT_TEXT)
+    drv_path: StorePathText
+    outputs: Annotated[dict[ShortText, StorePathText], Field(max_length=MAX_LIST_ITEMS)]
+    """Output name -> expected store path."""
+    upload_urls: Annotated[
+        dict[ShortText, Annotated[str, Field(max_length=4096)]], Field(max_length=MAX_LIST_ITEMS)
+    ]
+    """Output name -> URL to PUT that output's NAR to (relative URLs are on the runner)."""
+    timeout_secs: float
+    max_silent_secs: float
+    max_log_bytes: int
+
+
+class Abort(_Message):
+    type: Literal["abort"] = "abort"
+    step_id: StepId
+    reason: str = Field(default="", max_length=MAX_ERROR_CHARS)
+
+
+class Drain(_Message):
+    type: Literal["drain"] = "drain"
+    reason: str = Field(default="", max_length=MAX_ERROR_CHARS)
+
+
+class ResultAck(_Message):
+    type: Literal["result_ack"] = "result_ack"
+    step_id: StepId
+    lease_id: LeaseId = Field(max_length=MAX_SHORT_TEXT)
+    recorded: bool
+    """False when the lease was no longer current: the result was acknowledged and ignored."""
+
+
+class Error(_Message):
+    type: Literal["error"] = "error"
+    message: str = Field(max_length=MAX_ERROR_CHARS)
+
+
+RunnerMessage = Annotated[
+    Registered | Assign | Abort | Drain | ResultAck | Error, Field(discriminator="type")
+]
+
+_agent_adapter: TypeAdapter[AgentMessage] = TypeAdapter(AgentMessage)
+_runner_adapter: TypeAdapter[RunnerMessage] = TypeAdapter(RunnerMessage)
+
+# ---- upload headers (HTTP PUT of an output NAR) -------------------------------------------
+NAR_HASH_HEADER = "X-Nar-Hash"
+"""``sha256:<nix-base32>`` of the uncompressed NAR the body carries."""
+NAR_SIZE_HEADER = "X-Nar-Size"
+"""Size in bytes of the uncompressed NAR the body carries."""
+
+
+def _parse(adapter: TypeAdapter[object], data: str | bytes) -> object:
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        return adapter.validate_json(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        if not errors:
+            raise ProtocolError(f"invalid message: {exc}") from exc
+        where = ".".join(str(part) for part in errors[0]["loc"])
+        raise ProtocolError(f"invalid message: {where}: {errors[0]['msg']}") from exc
+
+
+def parse_agent_message(data: str | bytes) -> AgentMessage:
+    """Parse one agent -> runner message, or raise ProtocolError."""
+    return _parse(_agent_adapter, data)  # type: ignore[arg-type, return-value]
+
+
+def parse_runner_message(data: str | bytes) -> RunnerMessage:
+    """Parse one runner -> agent message, or raise ProtocolError."""
+    return _parse(_runner_adapter, data)  # type: ignore[arg-type, return-value]
+
+
+def encode(message: BaseModel) -> str:
+    """Serialise a message for the wire."""
+    text = message.model_dump_json()
+    if len(text) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(text)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    return text
