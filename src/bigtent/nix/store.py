@@ -1,0 +1,383 @@
+"""The only module that spawns Nix: thin async wrappers over nix-store, nix-instantiate and nix.
+
+Every command runs with the configured store (``--store``) and options, so one host can run
+several agents with separate stores. Works with Nix 2.8 (Debian) and current releases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from bigtent.errors import NixError
+
+log = logging.getLogger(__name__)
+
+NIX_COMMAND = ("--extra-experimental-features", "nix-command")
+_STDERR_TAIL_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PathInfo:
+    """What ``nix path-info --json`` says about one valid store path."""
+
+    path: str
+    nar_hash: str
+    """As Nix printed it: SRI (``sha256-…``) on 2.8, ``sha256:<nix32>`` on some versions."""
+    nar_size: int
+    references: tuple[str, ...]
+    deriver: str | None = None
+    ca: str | None = None
+
+
+class RealiseStatus(StrEnum):
+    """How a ``nix-store --realise`` ended, classified from its exit status and our limits."""
+
+    SUCCESS = "success"
+    BUILD_FAILURE = "build_failure"
+    TIMED_OUT = "timed_out"
+    LOG_LIMIT = "log_limit"
+    ABORTED = "aborted"
+    OTHER_FAILURE = "other_failure"
+    """Nix exited 1: typically inputs that could not be substituted or a store problem."""
+
+
+@dataclass(slots=True)
+class RealiseResult:
+    status: RealiseStatus
+    exit_code: int | None
+    output_paths: list[str] = field(default_factory=list)
+    error: str = ""
+    log_bytes: int = 0
+
+
+LineSink = Callable[[str], Awaitable[None] | None]
+
+
+def classify_exit(code: int) -> RealiseStatus:
+    """Map ``nix-store --realise`` exit codes (100 + bit mask: 1 timeout, 2 hash, 4 check)."""
+    if code == 0:
+        return RealiseStatus.SUCCESS
+    if 100 <= code <= 107:
+        return RealiseStatus.TIMED_OUT if (code - 100) & 1 else RealiseStatus.BUILD_FAILURE
+    return RealiseStatus.OTHER_FAILURE
+
+
+class NixStore:
+    """Runs Nix commands against one store with fixed options.
+
+    ``store`` is a store URI ("" for the default store); ``options`` become ``--option K V``.
+    ``env`` is added to the process environment (e.g. ``XDG_CACHE_HOME``).
+    """
+
+    def __init__(
+        self,
+        store: str = "",
+        options: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
+        bin_dir: str = "",
+    ) -> None:
+        self.store = store
+        self.options = dict(options or {})
+        self.env = dict(env or {})
+        self.bin_dir = bin_dir
+
+    # ---- plumbing -----------------------------------------------------------------------
+    def _argv(self, tool: str, args: Sequence[str], extra: Mapping[str, str] | None) -> list[str]:
+        argv = [os.path.join(self.bin_dir, tool) if self.bin_dir else tool]
+        if tool == "nix":
+            argv += NIX_COMMAND
+        if self.store:
+            argv += ["--store", self.store]
+        for key, value in {**self.options, **(extra or {})}.items():
+            argv += ["--option", key, value]
+        argv += list(args)
+        return argv
+
+    def _environ(self) -> dict[str, str]:
+        return {**os.environ, **self.env}
+
+    async def run(
+        self,
+        tool: str,
+        args: Sequence[str],
+        *,
+        options: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+    ) -> str:
+        """Run a Nix command to completion and return its stdout; raise NixError on failure."""
+        argv = self._argv(tool, args, options)
+        log.debug("running %s", argv)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._environ(),
+            )
+        except FileNotFoundError as exc:
+            raise NixError(
+                f"{argv[0]} not found: is Nix installed and on PATH?", argv=argv
+            ) from exc
+        out, err = await proc.communicate(stdin)
+        if proc.returncode != 0:
+            text = err.decode(errors="replace")
+            raise NixError(
+                f"{tool} {' '.join(args[:2])} failed (exit {proc.returncode}): "
+                f"{_last_error_line(text)}",
+                argv=argv,
+                status=proc.returncode,
+                stderr=text,
+            )
+        return out.decode()
+
+    # ---- queries -------------------------------------------------------------------------
+    async def current_system(self) -> str:
+        out = await self.run("nix-instantiate", ["--eval", "--expr", "builtins.currentSystem"])
+        return str(json.loads(out))
+
+    async def instantiate(
+        self, file: str | None, attrs: Sequence[str] = (), *, expr: str | None = None
+    ) -> list[str]:
+        """Instantiate a Nix file (or expression) to .drv paths, one per attribute."""
+        args: list[str] = []
+        if expr is not None:
+            args += ["--expr", expr]
+        elif file is not None:
+            args.append(file)
+        for attr in attrs:
+            args += ["-A", attr]
+        out = await self.run("nix-instantiate", args)
+        return [line for line in out.splitlines() if line.startswith("/")]
+
+    async def instantiate_flake(self, installables: Sequence[str]) -> list[str]:
+        """``nix path-info --derivation`` for flake refs (needs a Nix with flakes)."""
+        out = await self.run(
+            "nix",
+            ["--extra-experimental-features", "flakes", "path-info", "--derivation", *installables],
+        )
+        return [line for line in out.splitlines() if line.startswith("/")]
+
+    async def path_info(
+        self, paths: Sequence[str], *, recursive: bool = False, derivation: bool = True
+    ) -> list[PathInfo]:
+        """Metadata of valid paths (``derivation``: a .drv means itself, not its outputs)."""
+        if not paths:
+            return []
+        args = ["path-info", "--json"]
+        if recursive:
+            args.append("--recursive")
+        if derivation:
+            args.append("--derivation")
+        out = await self.run("nix", [*args, *paths])
+        data = json.loads(out)
+        if isinstance(data, dict):  # newer Nix: {path: info}
+            items = [{"path": k, **v} for k, v in data.items() if v is not None]
+        else:
+            items = [d for d in data if d.get("valid", True)]
+        return [
+            PathInfo(
+                path=d["path"],
+                nar_hash=d["narHash"],
+                nar_size=int(d["narSize"]),
+                references=tuple(d.get("references") or ()),
+                deriver=d.get("deriver"),
+                ca=d.get("ca"),
+            )
+            for d in items
+        ]
+
+    async def valid_paths(self, paths: Sequence[str]) -> set[str]:
+        """The subset of ``paths`` that are valid in this store."""
+        if not paths:
+            return set()
+        argv = self._argv("nix-store", ["--check-validity", "--print-invalid", *paths], None)
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=self._environ(),
+        )
+        out, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise NixError(
+                "nix-store --check-validity failed",
+                argv=argv,
+                status=proc.returncode,
+                stderr=err.decode(errors="replace"),
+            )
+        invalid = set(out.decode().split())
+        return {p for p in paths if p not in invalid}
+
+    async def dump(self, path: str, chunk_size: int = 256 * 1024) -> AsyncIterator[bytes]:
+        """Stream ``nix-store --dump PATH`` (for paths not readable from this filesystem)."""
+        argv = self._argv("nix-store", ["--dump", path], None)
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=self._environ(),
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            while chunk := await proc.stdout.read(chunk_size):
+                yield chunk
+            err = await proc.stderr.read()
+            if await proc.wait() != 0:
+                raise NixError(
+                    f"nix-store --dump {path} failed",
+                    argv=argv,
+                    status=proc.returncode,
+                    stderr=err.decode(errors="replace"),
+                )
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    def real_path(self, store_path: str) -> Path:
+        """Where a store path lives on this filesystem (``local?root=DIR`` prefixes DIR)."""
+        root = store_root(self.store)
+        return Path(root + store_path) if root else Path(store_path)
+
+    # ---- builds ---------------------------------------------------------------------------
+    async def realise(
+        self,
+        paths: Sequence[str],
+        *,
+        on_line: LineSink | None = None,
+        timeout_secs: float | None = None,
+        max_silent_secs: float | None = None,
+        max_log_bytes: int | None = None,
+        options: Mapping[str, str] | None = None,
+        add_root: str | None = None,
+        abort: asyncio.Event | None = None,
+    ) -> RealiseResult:
+        """``nix-store --realise`` with the build log streamed line by line to ``on_line``.
+
+        Nix enforces ``timeout``/``max-silent-time`` itself; we also kill the process group
+        on a wall-clock backstop, on ``max_log_bytes`` of log, or when ``abort`` is set.
+        """
+        extra = dict(options or {})
+        if timeout_secs is not None:
+            extra.setdefault("timeout", str(int(max(1, timeout_secs))))
+        if max_silent_secs is not None:
+            extra.setdefault("max-silent-time", str(int(max(1, max_silent_secs))))
+        args = ["--realise", *paths]
+        if add_root:
+            args += ["--add-root", add_root, "--indirect"]
+        argv = self._argv("nix-store", args, extra)
+        log.debug("running %s", argv)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._environ(),
+                start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            raise NixError(f"{argv[0]} not found: is Nix installed?", argv=argv) from exc
+        assert proc.stdout is not None and proc.stderr is not None
+        stderr = proc.stderr
+        tail = bytearray()
+        log_bytes = 0
+        killed: RealiseStatus | None = None
+
+        async def pump_log() -> None:
+            nonlocal log_bytes, killed
+            while line := await stderr.readline():
+                log_bytes += len(line)
+                tail.extend(line)
+                del tail[:-_STDERR_TAIL_BYTES]
+                if max_log_bytes is not None and log_bytes > max_log_bytes:
+                    killed = killed or RealiseStatus.LOG_LIMIT
+                    _kill_group(proc)
+                    return
+                if on_line is not None:
+                    res = on_line(line.decode(errors="replace").rstrip("\n"))
+                    if res is not None:
+                        await res
+
+        started = time.monotonic()
+        pump = asyncio.create_task(pump_log())
+        out_task = asyncio.create_task(proc.stdout.read())
+        waiters: set[asyncio.Future[object]] = {pump}  # type: ignore[arg-type]
+        abort_task: asyncio.Task[bool] | None = None
+        if abort is not None:
+            abort_task = asyncio.create_task(abort.wait())
+            waiters.add(abort_task)  # type: ignore[arg-type]
+        try:
+            while not pump.done():
+                backstop = None
+                if timeout_secs is not None:
+                    backstop = max(0.0, timeout_secs + 30 - (time.monotonic() - started))
+                done, _ = await asyncio.wait(
+                    waiters, timeout=backstop, return_when=asyncio.FIRST_COMPLETED
+                )
+                if abort_task is not None and abort_task in done:
+                    killed = killed or RealiseStatus.ABORTED
+                    _kill_group(proc)
+                    waiters.discard(abort_task)
+                elif not done:
+                    killed = killed or RealiseStatus.TIMED_OUT
+                    _kill_group(proc)
+            await pump
+            out = await out_task
+            code = await proc.wait()
+        finally:
+            if abort_task is not None:
+                abort_task.cancel()
+            if proc.returncode is None:
+                _kill_group(proc)
+                with contextlib.suppress(ProcessLookupError):
+                    await proc.wait()
+            for task in (pump, out_task):
+                if not task.done():
+                    task.cancel()
+        text = tail.decode(errors="replace")
+        status = killed or classify_exit(code)
+        return RealiseResult(
+            status=status,
+            exit_code=code,
+            output_paths=[p for p in out.decode().split() if p.startswith("/")],
+            error="" if status is RealiseStatus.SUCCESS else _last_error_line(text),
+            log_bytes=log_bytes,
+        )
+
+
+def store_root(store: str) -> str:
+    """The chroot directory of a ``local?root=DIR`` (or bare path) store URI, else ""."""
+    if store.startswith("/"):
+        return store.rstrip("/")
+    if store.startswith("local?") or store.startswith("local://?"):
+        query = store.split("?", 1)[1]
+        for part in query.split("&"):
+            key, _, value = part.partition("=")
+            if key == "root":
+                return value.rstrip("/")
+    return ""
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _last_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("error:"):
+            return line
+    return lines[-1] if lines else ""
