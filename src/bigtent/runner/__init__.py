@@ -1,0 +1,1 @@
+"""The runner: REST API, binary cache, agent sessions, scheduler and database."""

@@ -1,0 +1,385 @@
+"""HTTP routes: ``/api/v1`` (docs/api.md) and the ``/cache`` binary cache. Routes validate,
+call a component and shape the answer; errors are raised and rendered by one handler."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bigtent import __version__
+from bigtent.config import Role
+from bigtent.errors import BigtentError, NotFound
+from bigtent.runner.auth.tokens import Principal
+from bigtent.runner.builds import plan_build
+from bigtent.runner.components import Components
+from bigtent.runner.db import queries
+from bigtent.runner.ingest import ingest_client_path, ingest_output
+from bigtent.runner.scheduler.steps import StepState
+from bigtent.runner.sessions import bearer_token
+
+LOG_TAIL_LINES = 40
+
+
+def _components(request: Request) -> Components:
+    comps: Components = request.app.state.components
+    return comps
+
+
+Comps = Annotated[Components, Depends(_components)]
+
+
+def _require(role: Role) -> Any:
+    def check(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
+        return _components(request).tokens.require(bearer_token(authorization), role)
+
+    return Depends(check)
+
+
+ClientAuth = Annotated[Principal, _require(Role.CLIENT)]
+AgentAuth = Annotated[Principal, _require(Role.AGENT)]
+AdminAuth = Annotated[Principal, _require(Role.ADMIN)]
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """One place maps failures to status codes and ``{"error", "detail"}`` bodies."""
+
+    @app.exception_handler(BigtentError)
+    async def _bigtent(request: Request, exc: BigtentError) -> JSONResponse:
+        return JSONResponse(
+            {"error": exc.message, "detail": exc.detail}, status_code=exc.http_status
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+        return JSONResponse({"error": "invalid request", "detail": errors}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail), "detail": None}, status_code=exc.status_code)
+
+
+def _iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, UTC).isoformat() if ts is not None else None
+
+
+async def _body(request: Request) -> AsyncIterator[bytes]:
+    async for chunk in request.stream():
+        yield chunk
+
+
+# ---- /api/v1 --------------------------------------------------------------------------------
+api = APIRouter(prefix="/api/v1")
+
+
+@api.get("/status")
+async def status(comps: Comps, _: ClientAuth) -> dict[str, Any]:
+    async with comps.engine.connect() as conn:
+        counts = await queries.count_steps_by_state(conn)
+        paths, size = await queries.cache_totals(conn)
+    return {
+        "version": __version__,
+        "cache_url": comps.cache.url,
+        "cache_public_key": comps.cache.public_key,
+        "upstreams": [u.model_dump() for u in comps.config.cache.upstreams],
+        "steps": counts,
+        "queue": comps.scheduler.queue_depth(),
+        "agents_connected": len(comps.scheduler.venues),
+        "builds_active": len(comps.scheduler.builds),
+        "cache_paths": paths,
+        "cache_bytes": size,
+    }
+
+
+class PathsBody(BaseModel):
+    paths: list[str] = Field(max_length=1_000_000)
+
+
+@api.post("/paths/missing")
+async def missing_paths(body: PathsBody, comps: Comps, _: ClientAuth) -> dict[str, list[str]]:
+    present = await comps.cache.present(body.paths)
+    return {"missing": [x for x in body.paths if x not in present]}
+
+
+@api.put("/paths/{basename}", status_code=201)
+async def upload_path(
+    basename: str,
+    request: Request,
+    comps: Comps,
+    _: ClientAuth,
+    x_nar_hash: Annotated[str | None, Header()] = None,
+    x_nar_size: Annotated[str | None, Header()] = None,
+    x_nar_references: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    created = await ingest_client_path(
+        comps.cache,
+        comps.engine,
+        basename,
+        _body(request),
+        nar_hash=x_nar_hash,
+        nar_size=x_nar_size,
+        references=x_nar_references,
+    )
+    return JSONResponse({"path": f"/nix/store/{basename}"}, status_code=201 if created else 200)
+
+
+class BuildBody(BaseModel):
+    drvs: list[str] = Field(min_length=1, max_length=100_000)
+    priority: int = Field(default=0, ge=-1000, le=1000)
+
+
+@api.post("/builds", status_code=201)
+async def create_build(body: BuildBody, comps: Comps, who: ClientAuth) -> dict[str, Any]:
+    plan = await plan_build(comps.cache, comps.upstreams, body.drvs)
+    build_id = await comps.scheduler.add_build(
+        priority=body.priority, created_by=who.name, roots=plan.roots, planned=plan.planned
+    )
+    return await _build_json(comps, build_id)
+
+
+@api.get("/builds")
+async def list_builds(comps: Comps, _: ClientAuth, limit: int = 50) -> dict[str, Any]:
+    async with comps.engine.connect() as conn:
+        rows = await queries.fetch_builds(conn, max(1, min(limit, 1000)))
+    return {"builds": [await _build_json(comps, r.id) for r in rows]}
+
+
+@api.get("/builds/{build_id}")
+async def get_build(build_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
+    return await _build_json(comps, build_id, details=True)
+
+
+@api.get("/builds/{build_id}/steps")
+async def get_build_steps(build_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
+    async with comps.engine.connect() as conn:
+        if await queries.fetch_build(conn, build_id) is None:
+            raise NotFound(f"no build {build_id}")
+        rows = await queries.fetch_build_steps(conn, build_id)
+    return {"steps": [_step_json(r) for r in rows]}
+
+
+@api.post("/builds/{build_id}/cancel")
+async def cancel_build(build_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
+    await _build_json(comps, build_id)  # 404 for an unknown build
+    await comps.scheduler.cancel_build(build_id)
+    return await _build_json(comps, build_id)
+
+
+class BumpBody(BaseModel):
+    priority: int | None = Field(default=None, ge=-1000, le=1000)
+
+
+@api.post("/builds/{build_id}/bump")
+async def bump_build(
+    build_id: int, comps: Comps, _: ClientAuth, body: BumpBody | None = None
+) -> dict[str, Any]:
+    current = await _build_json(comps, build_id)
+    priority = body.priority if body and body.priority is not None else current["priority"] + 10
+    await comps.scheduler.bump_build(build_id, priority)
+    return await _build_json(comps, build_id)
+
+
+@api.get("/steps/{step_id}")
+async def get_step(step_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
+    async with comps.engine.connect() as conn:
+        row = await queries.fetch_step(conn, step_id)
+    if row is None:
+        raise NotFound(f"no step {step_id}")
+    return _step_json(row)
+
+
+@api.get("/steps/{step_id}/log")
+async def get_step_log(step_id: int, comps: Comps, _: ClientAuth) -> PlainTextResponse:
+    async with comps.engine.connect() as conn:
+        if await queries.fetch_step(conn, step_id) is None:
+            raise NotFound(f"no step {step_id}")
+    return PlainTextResponse(comps.logs.read(step_id))
+
+
+@api.get("/agents")
+async def list_agents(comps: Comps, _: ClientAuth) -> dict[str, Any]:
+    async with comps.engine.connect() as conn:
+        rows = await queries.fetch_agents(conn)
+    live = comps.scheduler.venues
+    out = []
+    for r in rows:
+        venue = live.get(r.machine_id)
+        out.append(
+            {
+                "machine_id": r.machine_id,
+                "name": r.name,
+                "hostname": r.hostname,
+                "systems": json.loads(r.systems),
+                "supported_features": json.loads(r.supported_features),
+                "mandatory_features": json.loads(r.mandatory_features),
+                "max_jobs": r.max_jobs,
+                "running": len(venue.running) if venue else 0,
+                "speed_factor": r.speed_factor,
+                "ephemeral": r.ephemeral,
+                "auth_kind": r.auth_kind,
+                "connected": venue is not None,
+                "last_seen": _iso(r.last_seen),
+                "backoff_until": _iso(venue.backoff_until)
+                if venue and venue.backoff_until > time.time()
+                else None,
+            }
+        )
+    return {"agents": out}
+
+
+@api.post("/agents/{name}/drain")
+async def drain_agent(name: str, comps: Comps, _: AdminAuth) -> dict[str, Any]:
+    for venue in comps.scheduler.venues.values():
+        if venue.name == name or venue.machine_id == name:
+            comps.scheduler.drain(venue.machine_id)
+            return {"drained": venue.name}
+    raise NotFound(f"no connected agent {name!r}")
+
+
+@api.put("/agent/upload/{lease_id}/{output_name}")
+async def upload_output(
+    lease_id: str,
+    output_name: str,
+    request: Request,
+    comps: Comps,
+    _: AgentAuth,
+    x_nar_hash: Annotated[str | None, Header()] = None,
+    x_nar_size: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    info = await ingest_output(
+        comps.cache,
+        comps.upstreams,
+        comps.scheduler,
+        lease_id,
+        output_name,
+        _body(request),
+        nar_hash=x_nar_hash,
+        nar_size=x_nar_size,
+    )
+    if info is None:
+        return {"path": None, "already_present": True}
+    return {
+        "path": info.store_path,
+        "nar_hash": info.nar_hash,
+        "nar_size": info.nar_size,
+        "references": [f"/nix/store/{r}" for r in info.references],
+    }
+
+
+@api.websocket("/agent/ws")
+async def agent_ws(websocket: WebSocket) -> None:
+    comps: Components = websocket.app.state.components
+    await comps.sessions.handle(websocket)
+
+
+async def _build_json(comps: Components, build_id: int, details: bool = False) -> dict[str, Any]:
+    async with comps.engine.connect() as conn:
+        build = await queries.fetch_build(conn, build_id)
+        if build is None:
+            raise NotFound(f"no build {build_id}")
+        roots = await queries.fetch_build_roots(conn, build_id)
+        steps = await queries.fetch_build_steps(conn, build_id)
+    by_id = {s.id: s for s in steps}
+    counts = {
+        k: 0
+        for k in ("total", "waiting", "runnable", "running", "succeeded", "failed", "cancelled")
+    }
+    for s in steps:
+        counts["total"] += 1
+        state = StepState(s.state)
+        if state in (StepState.ASSIGNED, StepState.BUILDING):
+            counts["running"] += 1
+        elif state in (StepState.FAILED, StepState.DEPENDENCY_FAILED):
+            counts["failed"] += 1
+        else:
+            counts[state.value] += 1
+    out: dict[str, Any] = {
+        "id": build.id,
+        "state": build.state,
+        "priority": build.priority,
+        "created_at": _iso(build.created_at),
+        "finished_at": _iso(build.finished_at),
+        "created_by": build.created_by,
+        "roots": [
+            {
+                "drv_path": r.drv_path,
+                "outputs": json.loads(r.outputs),
+                "step_id": r.step_id,
+                "state": by_id[r.step_id].state if r.step_id in by_id else "cached",
+            }
+            for r in roots
+        ],
+        "counts": counts,
+    }
+    if details:
+        out["failed_steps"] = [
+            {
+                "id": s.id,
+                "drv_path": s.drv_path,
+                "state": s.state,
+                "outcome": s.outcome,
+                "error": s.error,
+                "log_tail": comps.logs.tail(s.id, LOG_TAIL_LINES),
+            }
+            for s in steps
+            if s.state == StepState.FAILED
+        ]
+    return out
+
+
+def _step_json(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "drv_path": row.drv_path,
+        "name": row.name,
+        "system": row.system,
+        "required_features": json.loads(row.required_features),
+        "state": row.state,
+        "outcome": row.outcome,
+        "error": row.error,
+        "exit_code": row.exit_code,
+        "attempts": row.attempts,
+        "agent_name": row.agent_name,
+        "created_at": _iso(row.created_at),
+        "assigned_at": _iso(row.assigned_at),
+        "started_at": _iso(row.started_at),
+        "finished_at": _iso(row.finished_at),
+        "outputs": json.loads(row.outputs),
+    }
+
+
+# ---- /cache --------------------------------------------------------------------------------
+cache_routes = APIRouter(prefix="/cache")
+
+
+@cache_routes.api_route("/nix-cache-info", methods=["GET", "HEAD"])
+async def nix_cache_info(comps: Comps) -> Response:
+    text = f"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {comps.config.cache.priority}\n"
+    return PlainTextResponse(text, media_type="text/x-nix-cache-info")
+
+
+@cache_routes.api_route("/{hash_part}.narinfo", methods=["GET", "HEAD"])
+async def get_narinfo(hash_part: str, comps: Comps) -> Response:
+    if len(hash_part) != 32:
+        raise NotFound("no such path")
+    text = await comps.cache.narinfo_text(hash_part)
+    if text is None:
+        raise NotFound("no such path")
+    return PlainTextResponse(text, media_type="text/x-nix-narinfo")
+
+
+@cache_routes.api_route("/nar/{file_name}", methods=["GET", "HEAD"])
+async def get_nar(file_name: str, comps: Comps) -> Response:
+    path = comps.cache.storage.local_path(f"nar/{file_name}")
+    if path is None:
+        raise NotFound("no such NAR")
+    return FileResponse(path, media_type="application/x-nix-nar")

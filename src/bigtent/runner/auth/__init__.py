@@ -1,0 +1,1 @@
+"""Authentication: tokens, OIDC and claim policy."""

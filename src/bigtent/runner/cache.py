@@ -1,0 +1,299 @@
+"""The signed binary cache: verified NAR ingest, narinfo records, and upstream lookups.
+
+Every path enters the cache through ``Cache.ingest``, which checks the NAR while it streams
+(declared size and hash, the size cap, NAR well-formedness), compresses it, finds its
+references by scanning, and only then signs and records a narinfo. Nothing is published on
+any mismatch (DESIGN §6: uploads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import lzma
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import zstandard
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bigtent.config import CacheSection, Compression, Upstream
+from bigtent.errors import BadRequest, PayloadTooLarge
+from bigtent.nix import base32, narinfo
+from bigtent.nix.keys import SecretKey
+from bigtent.nix.nar import NarError, NarSink, NarValidator, ReferenceScanner
+from bigtent.nix.store_path import StorePath
+from bigtent.runner.db import queries
+from bigtent.runner.storage import Storage
+
+log = logging.getLogger(__name__)
+
+_EXTENSIONS = {Compression.ZSTD: ".zst", Compression.XZ: ".xz", Compression.NONE: ""}
+
+
+class _Compressor:
+    def __init__(self, compression: Compression, level: int) -> None:
+        self._obj: Any
+        if compression is Compression.ZSTD:
+            self._obj = zstandard.ZstdCompressor(level=level).compressobj()
+        elif compression is Compression.XZ:
+            self._obj = lzma.LZMACompressor(preset=min(level, 9))
+        else:
+            self._obj = None
+
+    def compress(self, data: bytes) -> bytes:
+        return self._obj.compress(data) if self._obj is not None else data
+
+    def flush(self) -> bytes:
+        return self._obj.flush() if self._obj is not None else b""
+
+
+@dataclass(frozen=True, slots=True)
+class Ingested:
+    """What ingest learned about a NAR, before it is recorded."""
+
+    nar_hash: bytes
+    nar_size: int
+    file_name: str
+    file_hash: bytes
+    file_size: int
+    references: frozenset[str]
+    """Hash parts found by the reference scan (a subset of the candidates)."""
+
+
+class Cache:
+    """The runner's binary cache: storage plus the narinfo index in the database."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        storage: Storage,
+        key: SecretKey,
+        config: CacheSection,
+        public_url: str,
+    ) -> None:
+        self.engine = engine
+        self.storage = storage
+        self.key = key
+        self.config = config
+        self.url = public_url.rstrip("/") + "/cache"
+        self.public_key = key.public_key().to_text()
+
+    # ---- queries ---------------------------------------------------------------------------
+    async def present(self, paths: Iterable[str]) -> set[str]:
+        """Which of ``paths`` the cache holds."""
+        async with self.engine.connect() as conn:
+            return await queries.present_store_paths(conn, list(paths))
+
+    async def references_of(self, paths: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        """Full reference paths of cached paths (missing ones are absent from the result)."""
+        async with self.engine.connect() as conn:
+            return await queries.store_path_references(conn, list(paths))
+
+    async def narinfo_text(self, hash_part: str) -> str | None:
+        async with self.engine.connect() as conn:
+            row = await queries.fetch_store_path_by_hash(conn, hash_part)
+        if row is None:
+            return None
+        return narinfo.render(row)
+
+    # ---- ingest ----------------------------------------------------------------------------
+    async def receive(
+        self,
+        chunks: AsyncIterator[bytes],
+        *,
+        declared_size: int,
+        declared_hash: bytes,
+        candidates: Iterable[str] = (),
+        sink: NarSink | None = None,
+    ) -> tuple[Ingested, str]:
+        """Stream a NAR into a temporary file, verifying as it goes.
+
+        Returns what was learned and the temporary handle; the caller must ``publish`` or
+        ``discard`` it. Raises PayloadTooLarge or BadRequest (and stores nothing) when the NAR
+        is larger than declared or allowed, shorter, malformed, or hashes differently.
+        ``sink`` sees the NAR's entries as they are parsed (e.g. to hash a file's contents).
+        """
+        if declared_size > self.config.max_nar_bytes:
+            raise PayloadTooLarge(
+                f"declared NAR size {declared_size} exceeds max_nar_bytes "
+                f"{self.config.max_nar_bytes}"
+            )
+        compression = self.config.compression
+        compressor = _Compressor(compression, self.config.compression_level)
+        file_sha = hashlib.sha256()
+        validator = NarValidator(sink) if sink is not None else NarValidator()
+        scanner = ReferenceScanner(candidates)
+        size = 0
+        file_size = 0
+        out, temp = self.storage.new_temp()
+        try:
+            with out:
+                async for chunk in chunks:
+                    if not chunk:
+                        continue
+                    size += len(chunk)
+                    if size > declared_size:
+                        raise PayloadTooLarge(
+                            f"NAR is longer than its declared size of {declared_size} bytes"
+                        )
+                    try:
+                        validator.feed(chunk)
+                    except NarError as exc:
+                        raise BadRequest(f"malformed NAR: {exc}") from exc
+                    scanner.feed(chunk)
+                    data = compressor.compress(chunk)
+                    if data:
+                        file_sha.update(data)
+                        file_size += len(data)
+                        out.write(data)
+                data = compressor.flush()
+                file_sha.update(data)
+                file_size += len(data)
+                out.write(data)
+            if size != declared_size:
+                raise BadRequest(f"NAR is {size} bytes, shorter than its declared {declared_size}")
+            nar_sha = validator.sha256()
+            if nar_sha != declared_hash:
+                raise BadRequest(
+                    "NAR hash mismatch: declared "
+                    f"{base32.format_hash('sha256', declared_hash)}, got "
+                    f"{base32.format_hash('sha256', nar_sha)}"
+                )
+            try:
+                validator.finish()
+            except NarError as exc:
+                raise BadRequest(f"malformed NAR: {exc}") from exc
+        except BaseException:
+            self.storage.discard(temp)
+            raise
+        file_hash = file_sha.digest()
+        name = f"nar/{base32.encode(file_hash)}.nar{_EXTENSIONS[compression]}"
+        return (
+            Ingested(
+                nar_hash=nar_sha,
+                nar_size=size,
+                file_name=name,
+                file_hash=file_hash,
+                file_size=file_size,
+                references=frozenset(scanner.found),
+            ),
+            temp,
+        )
+
+    def discard(self, temp: str) -> None:
+        self.storage.discard(temp)
+
+    async def publish(
+        self,
+        temp: str,
+        store_path: StorePath,
+        got: Ingested,
+        references: Iterable[str],
+        *,
+        deriver: str | None = None,
+        ca: str | None = None,
+    ) -> narinfo.NarInfo:
+        """Move a verified NAR into place, sign its narinfo and record it (idempotent)."""
+        refs = tuple(sorted({StorePath.parse(r).basename for r in references}))
+        info = narinfo.NarInfo(
+            store_path=store_path.path,
+            url=got.file_name,
+            compression=str(self.config.compression),
+            file_hash=base32.format_hash("sha256", got.file_hash),
+            file_size=got.file_size,
+            nar_hash=base32.format_hash("sha256", got.nar_hash),
+            nar_size=got.nar_size,
+            references=refs,
+            deriver=StorePath.parse(deriver).basename if deriver else None,
+            sigs=(),
+            ca=ca,
+        )
+        signed = dataclasses.replace(info, sigs=(self.key.sign(info.fingerprint()),))
+        await asyncio.to_thread(self.storage.commit, temp, got.file_name)
+        async with self.engine.begin() as conn:
+            await queries.insert_store_path(conn, signed, created_at=time.time())
+        log.debug("published %s (%d bytes)", store_path.path, got.nar_size)
+        return signed
+
+
+class Upstreams:
+    """Other binary caches (e.g. the public NixOS cache) asked for narinfo before building.
+
+    Lookups run concurrently with a bounded number in flight, time out, and are remembered
+    for the runner's lifetime (a path an upstream has does not disappear).
+    """
+
+    def __init__(
+        self,
+        upstreams: Sequence[Upstream],
+        max_in_flight: int,
+        timeout_secs: float,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.upstreams = list(upstreams)
+        self._sem = asyncio.Semaphore(max_in_flight)
+        self._client = httpx.AsyncClient(timeout=timeout_secs, transport=transport)
+        self._known: dict[str, narinfo.NarInfo | None] = {}
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def lookup(self, path: str) -> narinfo.NarInfo | None:
+        """The first upstream's narinfo for ``path``, or None when no upstream has it."""
+        if path in self._known:
+            return self._known[path]
+        hash_part = StorePath.parse(path).hash_part
+        found: narinfo.NarInfo | None = None
+        for up in self.upstreams:
+            url = f"{up.url.rstrip('/')}/{hash_part}.narinfo"
+            try:
+                async with self._sem:
+                    resp = await self._client.get(url)
+            except httpx.HTTPError as exc:
+                log.warning("upstream %s: %s", up.url, exc)
+                continue
+            if resp.status_code != 200:
+                continue
+            try:
+                info = narinfo.parse(resp.text)
+            except ValueError as exc:
+                log.warning("upstream %s sent a bad narinfo for %s: %s", up.url, path, exc)
+                continue
+            if info.store_path == path:
+                found = info
+                break
+        if found is not None or not self.upstreams:
+            self._known[path] = found
+        return found
+
+    async def have_all(self, paths: Sequence[str]) -> bool:
+        """Whether upstreams hold every one of ``paths``."""
+        if not self.upstreams or not paths:
+            return False
+        results = await asyncio.gather(*(self.lookup(p) for p in paths))
+        return all(r is not None for r in results)
+
+
+async def closure(cache: Cache, upstreams: Upstreams, roots: Iterable[str]) -> set[str]:
+    """All paths reachable by references from ``roots`` through the cache and upstreams."""
+    seen: set[str] = set()
+    frontier = [r for r in set(roots)]
+    while frontier:
+        seen.update(frontier)
+        known = await cache.references_of(frontier)
+        nxt: set[str] = set()
+        missing = [p for p in frontier if p not in known]
+        for refs in known.values():
+            nxt.update(refs)
+        infos = await asyncio.gather(*(upstreams.lookup(p) for p in missing))
+        for info in infos:
+            if info is not None:
+                nxt.update(f"/nix/store/{r}" for r in info.references)
+        frontier = [p for p in nxt if p not in seen]
+    return seen

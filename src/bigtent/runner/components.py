@@ -1,0 +1,78 @@
+"""The runner's parts, built once at start and handed to the routes (no global singletons)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bigtent.config import RunnerConfig
+from bigtent.errors import ConfigError
+from bigtent.nix.keys import load_secret_key
+from bigtent.runner.auth.tokens import TokenRegistry
+from bigtent.runner.cache import Cache, Upstreams
+from bigtent.runner.db.migrate import create_engine, migrate
+from bigtent.runner.logs import LogStore
+from bigtent.runner.scheduler.dispatcher import Scheduler
+from bigtent.runner.sessions import Sessions
+from bigtent.runner.storage import LocalStorage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Components:
+    config: RunnerConfig
+    engine: AsyncEngine
+    cache: Cache
+    upstreams: Upstreams
+    scheduler: Scheduler
+    logs: LogStore
+    tokens: TokenRegistry
+    sessions: Sessions
+
+
+async def build_components(config: RunnerConfig) -> Components:
+    """Open the database (migrating it), the cache and the scheduler's state."""
+    state_dir = config.runner.state_dir
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"config key runner.state_dir: cannot create {state_dir}: {exc.strerror}"
+        ) from exc
+    key_path = config.signing_key_path()
+    try:
+        key = load_secret_key(key_path)
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"cache signing key {key_path} does not exist: create one with "
+            f"`bigtent keys generate NAME` and set cache.signing_key_file"
+        ) from exc
+    except ValueError as exc:
+        raise ConfigError(f"cache signing key {key_path} is invalid: {exc}") from exc
+    tokens = TokenRegistry.from_config(config.auth.tokens)
+    engine = create_engine(config.database_url())
+    await migrate(engine)
+    cache = Cache(
+        engine, LocalStorage(state_dir / "cache"), key, config.cache, config.runner.base_url()
+    )
+    upstreams = Upstreams(
+        config.cache.upstreams,
+        config.cache.upstream_max_in_flight,
+        config.cache.upstream_timeout_secs,
+    )
+    logs = LogStore(state_dir / "logs", config.scheduler.max_log_bytes)
+    scheduler = Scheduler(engine, config.scheduler, logs, cache.present)
+    await scheduler.load()
+    sessions = Sessions(config, engine, scheduler, tokens, cache.url, cache.public_key)
+    return Components(config, engine, cache, upstreams, scheduler, logs, tokens, sessions)
+
+
+async def close_components(comps: Components) -> None:
+    for session in list(comps.sessions.live.values()):
+        session.close()
+    await comps.upstreams.aclose()
+    comps.logs.close_all()
+    await comps.engine.dispose()

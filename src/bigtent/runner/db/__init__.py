@@ -1,0 +1,1 @@
+"""Persistence: tables, typed queries and alembic migrations."""

@@ -1,0 +1,150 @@
+"""The database schema as SQLAlchemy Core tables (migrations in ``migrations/versions``).
+
+Times are UTC seconds since the epoch (floats), portable across SQLite and PostgreSQL. Lists
+of store paths and features are stored as JSON text. States are the ``StrEnum`` values.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+builds = Table(
+    "builds",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("state", String(32), nullable=False),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("created_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Column("created_by", String(256), nullable=False, default=""),
+    Column("repository", String(256)),
+    Column("ref", String(256)),
+    Column("trusted", Boolean, nullable=False, default=True),
+)
+Index("ix_builds_state", builds.c.state)
+
+derivations = Table(
+    "derivations",
+    metadata,
+    Column("drv_path", String(256), primary_key=True),
+    Column("name", String(256), nullable=False),
+    Column("system", String(64), nullable=False),
+    Column("required_features", Text, nullable=False),  # JSON list, sorted
+    Column("outputs", Text, nullable=False),  # JSON {name: path}
+    Column("input_drvs", Text, nullable=False),  # JSON {drv path: [output names]}
+    Column("input_srcs", Text, nullable=False),  # JSON list
+)
+
+steps = Table(
+    "steps",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "drv_path", String(256), ForeignKey("derivations.drv_path"), nullable=False, unique=True
+    ),
+    Column("state", String(32), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("not_before", Float),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("lease_id", String(64)),
+    Column("lease_expires_at", Float),
+    Column("agent_machine_id", String(256)),
+    Column("agent_name", String(256)),
+    Column("assigned_at", Float),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("outcome", String(32)),
+    Column("exit_code", Integer),
+    Column("error", Text),
+    Column("prepare_secs", Float),
+    Column("build_secs", Float),
+    Column("upload_secs", Float),
+)
+Index("ix_steps_state", steps.c.state)
+
+step_deps = Table(
+    "step_deps",
+    metadata,
+    Column("step_id", Integer, ForeignKey("steps.id", ondelete="CASCADE"), primary_key=True),
+    Column("dep_id", Integer, ForeignKey("steps.id", ondelete="CASCADE"), primary_key=True),
+)
+Index("ix_step_deps_dep_id", step_deps.c.dep_id)
+
+build_steps = Table(
+    "build_steps",
+    metadata,
+    Column("build_id", Integer, ForeignKey("builds.id", ondelete="CASCADE"), primary_key=True),
+    Column("step_id", Integer, ForeignKey("steps.id", ondelete="CASCADE"), primary_key=True),
+)
+Index("ix_build_steps_step_id", build_steps.c.step_id)
+
+build_roots = Table(
+    "build_roots",
+    metadata,
+    Column("build_id", Integer, ForeignKey("builds.id", ondelete="CASCADE"), primary_key=True),
+    Column("drv_path", String(256), primary_key=True),
+    Column("step_id", Integer, ForeignKey("steps.id")),
+)
+
+store_paths = Table(
+    "store_paths",
+    metadata,
+    Column("path", String(256), primary_key=True),
+    Column("hash_part", String(32), nullable=False, unique=True),
+    Column("nar_hash", String(128), nullable=False),
+    Column("nar_size", BigInteger, nullable=False),
+    Column("url", String(256), nullable=False),
+    Column("compression", String(16), nullable=False),
+    Column("file_hash", String(128), nullable=False),
+    Column("file_size", BigInteger, nullable=False),
+    Column("references", Text, nullable=False),  # JSON list of basenames, sorted
+    Column("deriver", String(256)),
+    Column("ca", String(256)),
+    Column("sig", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+agents = Table(
+    "agents",
+    metadata,
+    Column("machine_id", String(256), primary_key=True),
+    Column("name", String(256), nullable=False),
+    Column("hostname", String(256), nullable=False, default=""),
+    Column("systems", Text, nullable=False),
+    Column("supported_features", Text, nullable=False),
+    Column("mandatory_features", Text, nullable=False),
+    Column("max_jobs", Integer, nullable=False),
+    Column("speed_factor", Float, nullable=False, default=1.0),
+    Column("ephemeral", Boolean, nullable=False, default=False),
+    Column("auth_kind", String(16), nullable=False, default="token"),
+    Column("launch_id", String(256)),
+    Column("version", String(64), nullable=False, default=""),
+    Column("connected", Boolean, nullable=False, default=False),
+    Column("first_seen", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+    Column("steps_succeeded", Integer, nullable=False, default=0),
+    Column("steps_failed", Integer, nullable=False, default=0),
+    Column("infra_failures", Integer, nullable=False, default=0),
+    Column("backoff_until", Float),
+)

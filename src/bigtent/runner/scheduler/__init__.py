@@ -1,0 +1,1 @@
+"""The scheduler: step DAG, runnable index, matching, leases and the dispatch loop."""

@@ -1,0 +1,828 @@
+"""The scheduler service: applies the pure decisions of ``steps``/``matching``/``leases`` to
+the database, the connected venues and the build records.
+
+Every transition is written to the database before its effect is sent, so a runner restart
+rebuilds the same state (DESIGN §3). All methods run on the event loop; none blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from bigtent import protocol as p
+from bigtent.config import SchedulerSection
+from bigtent.runner.db import queries
+from bigtent.runner.logs import LogStore
+from bigtent.runner.scheduler.leases import Disposition, classify, new_lease_id, next_retry_at
+from bigtent.runner.scheduler.matching import Requirement, VenueView
+from bigtent.runner.scheduler.steps import (
+    BuildState,
+    RunnableIndex,
+    StepNode,
+    StepState,
+    build_outcome,
+    dependents_closure,
+    plan_dispatch,
+    raise_heights,
+)
+
+log = logging.getLogger(__name__)
+
+_ACTIVE_STATES = [StepState.WAITING, StepState.RUNNABLE, StepState.ASSIGNED, StepState.BUILDING]
+
+
+class SessionClosed(Exception):
+    """The venue's connection is gone; the message was not sent."""
+
+
+@dataclass(slots=True, eq=False)
+class Venue:
+    """A connected agent as the scheduler sees it. ``send`` queues a message (never blocks)."""
+
+    machine_id: str
+    name: str
+    systems: frozenset[str]
+    supported_features: frozenset[str]
+    mandatory_features: frozenset[str]
+    max_jobs: int
+    speed_factor: float
+    send: Callable[[BaseModel], None]
+    running: set[int] = field(default_factory=set)
+    cooldown_until: float = 0.0
+    backoff_until: float = 0.0
+    consecutive_failures: int = 0
+    draining: bool = False
+
+    def view(self) -> VenueView:
+        return VenueView(
+            self.machine_id,
+            self.systems,
+            self.supported_features,
+            self.mandatory_features,
+            self.max_jobs,
+            len(self.running),
+            self.speed_factor,
+        )
+
+    def available(self, now: float) -> bool:
+        return (
+            not self.draining
+            and self.cooldown_until <= now
+            and self.backoff_until <= now
+            and len(self.running) < self.max_jobs
+        )
+
+
+@dataclass(slots=True)
+class ActiveBuild:
+    id: int
+    priority: int
+    roots: dict[str, int | None]
+    steps: set[int]
+    state: BuildState
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedStep:
+    """A derivation a new build needs built, with the derivations it depends on."""
+
+    drv: queries.DrvInfo
+    deps: tuple[str, ...]
+    """.drv paths of needed input derivations (those whose outputs are not available)."""
+
+
+class Scheduler:
+    """Owns the working copy of the step DAG and the connected venues."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        config: SchedulerSection,
+        logs: LogStore,
+        outputs_present: Callable[[Sequence[str]], Any],
+        *,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.logs = logs
+        self._outputs_present = outputs_present
+        self.clock = clock
+        self.rand = rand
+        self.nodes: dict[int, StepNode] = {}
+        self.by_drv: dict[str, int] = {}
+        self.index = RunnableIndex()
+        self.delayed: list[tuple[float, int]] = []
+        self.leases: dict[str, int] = {}
+        self.venues: dict[str, Venue] = {}
+        self.builds: dict[int, ActiveBuild] = {}
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    # ---- start-up ----------------------------------------------------------------------------
+    async def load(self) -> None:
+        """Rebuild the working state from the database (DESIGN §3: a restart loses nothing).
+
+        Leased steps keep their leases for one more lease period, so agents that reconnect
+        keep their work; the rest expire into infrastructure retries.
+        """
+        now = self.clock()
+        async with self.engine.begin() as conn:
+            await queries.mark_all_agents_disconnected(conn)
+            rows = await queries.fetch_active_steps(conn, list(_ACTIVE_STATES))
+            for row in rows:
+                node = _node_from_row(row)
+                if node.state.is_leased:
+                    node.lease_expires_at = now + self.config.lease_secs
+                    if node.lease_id:
+                        self.leases[node.lease_id] = node.id
+                self.nodes[node.id] = node
+                self.by_drv[node.drv_path] = node.id
+            for sid, dep in await queries.fetch_step_deps(conn, list(self.nodes)):
+                if dep in self.nodes:
+                    self.nodes[sid].deps.add(dep)
+                    self.nodes[dep].dependents.add(sid)
+            active = await queries.fetch_active_builds(conn)
+            ids = [b.id for b in active]
+            roots: dict[int, dict[str, int | None]] = {i: {} for i in ids}
+            for r in await queries.fetch_all_build_roots(conn, ids):
+                roots[r.build_id][r.drv_path] = r.step_id
+            members: dict[int, set[int]] = {i: set() for i in ids}
+            for b, s in await queries.fetch_build_step_ids(conn, ids):
+                members[b].add(s)
+            # Final roots of active builds must be known to decide when those builds end.
+            final_roots = {s for r in roots.values() for s in r.values() if s is not None} - set(
+                self.nodes
+            )
+            for row in await queries.fetch_steps_by_ids(conn, sorted(final_roots)):
+                node = _node_from_row(row)
+                self.nodes[node.id] = node
+        for b in active:
+            build = ActiveBuild(b.id, b.priority, roots[b.id], members[b.id], BuildState(b.state))
+            self.builds[b.id] = build
+            for sid in build.steps:
+                member = self.nodes.get(sid)
+                if member is not None:
+                    member.builds.add(b.id)
+                    member.priority = max(member.priority, build.priority)
+        raise_heights(self.nodes, _topological_dependents_first(self.nodes))
+        for node in self.nodes.values():
+            if node.state is StepState.RUNNABLE:
+                self._make_runnable(node, now)
+        log.info(
+            "scheduler loaded %d active steps (%d runnable, %d leased), %d active builds",
+            len(self.by_drv),
+            len(self.index),
+            len(self.leases),
+            len(self.builds),
+        )
+        # Builds whose roots all finished while the runner was down are closed now.
+        async with self.engine.begin() as conn:
+            for build in list(self.builds.values()):
+                await self._maybe_finish_build(conn, build, now)
+
+    # ---- builds -------------------------------------------------------------------------------
+    async def add_build(
+        self,
+        *,
+        priority: int,
+        created_by: str,
+        roots: dict[str, str | None],
+        planned: Sequence[PlannedStep],
+    ) -> int:
+        """Create a build whose root .drvs map to the planned step of that drv (None: cached).
+
+        One drv, one step: planned derivations that already have an active step join it;
+        finished ones that failed or were cancelled are queued again.
+        """
+        async with self._lock:
+            now = self.clock()
+            new_nodes: list[StepNode] = []
+            touched: list[StepNode] = []
+            async with self.engine.begin() as conn:
+                build_id = await queries.insert_build(
+                    conn,
+                    state=BuildState.QUEUED,
+                    priority=priority,
+                    created_at=now,
+                    created_by=created_by,
+                    trusted=True,
+                )
+                existing = await queries.fetch_steps_by_drv(
+                    conn, [s.drv.drv_path for s in planned if s.drv.drv_path not in self.by_drv]
+                )
+                ids: dict[str, int] = {}
+                for item in planned:
+                    drv = item.drv
+                    sid = self.by_drv.get(drv.drv_path)
+                    if sid is not None:
+                        ids[drv.drv_path] = sid
+                        touched.append(self.nodes[sid])
+                        continue
+                    row = existing.get(drv.drv_path)
+                    values = dict(
+                        state=StepState.WAITING,
+                        created_at=now,
+                        not_before=None,
+                        attempts=0,
+                        lease_id=None,
+                        lease_expires_at=None,
+                        outcome=None,
+                        error=None,
+                        exit_code=None,
+                        finished_at=None,
+                        started_at=None,
+                        assigned_at=None,
+                    )
+                    if row is None:
+                        sid = await queries.insert_step(conn, drv_path=drv.drv_path, **values)
+                    else:
+                        sid = int(row.id)
+                        await queries.update_step(conn, sid, **values)
+                    ids[drv.drv_path] = sid
+                    node = StepNode(
+                        id=sid,
+                        drv_path=drv.drv_path,
+                        req=Requirement(drv.system, drv.required_features),
+                        state=StepState.WAITING,
+                        created_at=now,
+                        outputs=dict(drv.outputs),
+                    )
+                    new_nodes.append(node)
+                pairs = [(ids[item.drv.drv_path], ids[d]) for item in planned for d in item.deps]
+                await queries.insert_step_deps(conn, pairs)
+                await queries.insert_build_steps(conn, build_id, ids.values())
+                root_ids = {drv: (ids.get(drv)) for drv in roots}
+                await queries.insert_build_roots(conn, build_id, root_ids)
+                for node in new_nodes:
+                    self.nodes[node.id] = node
+                    self.by_drv[node.drv_path] = node.id
+                for s, d in pairs:
+                    dep = self.nodes[d]
+                    if dep.state is not StepState.SUCCEEDED:
+                        self.nodes[s].deps.add(d)
+                    dep.dependents.add(s)
+                build = ActiveBuild(
+                    build_id, priority, root_ids, set(ids.values()), BuildState.QUEUED
+                )
+                self.builds[build_id] = build
+                for sid in build.steps:
+                    node = self.nodes[sid]
+                    node.builds.add(build_id)
+                    node.priority = max(node.priority, priority)
+                # New steps whose dependencies failed fail at once; the others wait or run.
+                runnable: list[StepNode] = []
+                for node in new_nodes:
+                    if any(
+                        self.nodes[d].state
+                        in (StepState.FAILED, StepState.DEPENDENCY_FAILED, StepState.CANCELLED)
+                        for d in node.deps
+                    ):
+                        node.state = StepState.DEPENDENCY_FAILED
+                        await queries.update_step(conn, node.id, state=node.state, finished_at=now)
+                    elif not node.deps:
+                        runnable.append(node)
+                for node in runnable:
+                    node.state = StepState.RUNNABLE
+                await queries.update_steps(conn, [n.id for n in runnable], state=StepState.RUNNABLE)
+                order = [n.id for n in reversed(new_nodes)] + [n.id for n in touched]
+                raise_heights(self.nodes, order)
+                for node in [*new_nodes, *touched]:
+                    if node.state is StepState.RUNNABLE:
+                        self._make_runnable(node, now)
+                await self._maybe_finish_build(conn, build, now)
+            log.info(
+                "build %d: %d roots, %d steps (%d new)",
+                build_id,
+                len(roots),
+                len(build.steps),
+                len(new_nodes),
+            )
+            self.wake()
+            return build_id
+
+    async def cancel_build(self, build_id: int) -> bool:
+        """Cancel a build: its steps that no other active build needs stop or never start."""
+        async with self._lock:
+            build = self.builds.get(build_id)
+            if build is None:
+                return False
+            now = self.clock()
+            async with self.engine.begin() as conn:
+                for sid in sorted(build.steps):
+                    node = self.nodes.get(sid)
+                    if node is None or node.state.is_final:
+                        continue
+                    if any(b != build_id for b in node.builds if b in self.builds):
+                        continue
+                    if node.state.is_leased:
+                        venue = self.venues.get(node.venue or "")
+                        if venue is not None:
+                            _try_send(venue, p.Abort(step_id=p.StepId(sid), reason="cancelled"))
+                    self._release(node)
+                    node.state = StepState.CANCELLED
+                    await queries.update_step(
+                        conn, sid, state=node.state, finished_at=now, lease_id=None
+                    )
+                build.state = BuildState.CANCELLED
+                await queries.update_build(conn, build_id, state=build.state, finished_at=now)
+                self._forget_build(build)
+            self.wake()
+            return True
+
+    async def bump_build(self, build_id: int, priority: int) -> bool:
+        async with self._lock:
+            build = self.builds.get(build_id)
+            if build is None:
+                return False
+            build.priority = priority
+            async with self.engine.begin() as conn:
+                await queries.update_build(conn, build_id, priority=priority)
+            now = self.clock()
+            for sid in build.steps:
+                node = self.nodes.get(sid)
+                if node is not None and priority > node.priority:
+                    node.priority = priority
+                    if node.state is StepState.RUNNABLE:
+                        self._make_runnable(node, now)
+            self.wake()
+            return True
+
+    # ---- venues -------------------------------------------------------------------------------
+    def attach(self, venue: Venue, running: Sequence[p.RunningStep]) -> list[p.StepId]:
+        """A venue (re)connected. Returns the reported running steps whose leases it keeps;
+        its other leases are lost at once (it no longer runs them)."""
+        now = self.clock()
+        self.venues[venue.machine_id] = venue
+        kept: list[p.StepId] = []
+        for item in running:
+            node = self.nodes.get(item.step_id)
+            if node is not None and node.state.is_leased and node.lease_id == item.lease_id:
+                node.venue = venue.machine_id
+                node.lease_expires_at = now + self.config.lease_secs
+                venue.running.add(node.id)
+                kept.append(item.step_id)
+        lost = [
+            n
+            for n in self.nodes.values()
+            if n.state.is_leased and n.venue == venue.machine_id and n.id not in venue.running
+        ]
+        for node in lost:
+            node.lease_expires_at = now  # expires on the next pass: an infrastructure retry
+        self.wake()
+        return kept
+
+    def detach(self, venue: Venue) -> None:
+        """A venue's connection ended. Its leases live on until they expire (it may return)."""
+        if self.venues.get(venue.machine_id) is venue:
+            del self.venues[venue.machine_id]
+
+    def drain(self, machine_id: str) -> bool:
+        venue = self.venues.get(machine_id)
+        if venue is None:
+            return False
+        venue.draining = True
+        _try_send(venue, p.Drain(reason="drain requested"))
+        return True
+
+    def heartbeat(self, venue: Venue, running: Iterable[int]) -> None:
+        """DESIGN §3: heartbeats renew the leases of the steps the agent reports running."""
+        expires = self.clock() + self.config.lease_secs
+        for sid in running:
+            node = self.nodes.get(sid)
+            if node is not None and node.state.is_leased and node.venue == venue.machine_id:
+                node.lease_expires_at = expires
+
+    def lease_holder(self, lease_id: str) -> StepNode | None:
+        """The step a current lease is for, or None when the lease is unknown or over."""
+        sid = self.leases.get(lease_id)
+        node = self.nodes.get(sid) if sid is not None else None
+        if node is None or node.lease_id != lease_id or not node.state.is_leased:
+            return None
+        return node
+
+    # ---- messages from venues --------------------------------------------------------------
+    async def accepted(self, venue: Venue, msg: p.Accepted) -> None:
+        async with self._lock:
+            node = self.nodes.get(msg.step_id)
+            if node is None or node.lease_id != msg.lease_id:
+                return
+            if node.state is not StepState.ASSIGNED:
+                return
+            node.state = StepState.BUILDING
+            async with self.engine.begin() as conn:
+                await queries.update_step(conn, node.id, state=node.state, started_at=self.clock())
+
+    async def refused(self, venue: Venue, msg: p.Refused) -> None:
+        async with self._lock:
+            await self._refused(venue, msg)
+
+    async def _refused(self, venue: Venue, msg: p.Refused) -> None:
+        node = self.nodes.get(msg.step_id)
+        if node is None or node.lease_id != msg.lease_id or not node.state.is_leased:
+            return
+        log.info("%s refused step %d: %s", venue.name, node.id, msg.reason)
+        now = self.clock()
+        venue.cooldown_until = now + self.config.refuse_cooldown_secs
+        self._release(node)
+        node.state = StepState.RUNNABLE
+        async with self.engine.begin() as conn:
+            await queries.update_step(
+                conn,
+                node.id,
+                state=node.state,
+                lease_id=None,
+                lease_expires_at=None,
+                agent_machine_id=None,
+            )
+        self._make_runnable(node, now)
+        self.wake()
+
+    def log_lines(self, venue: Venue, msg: p.Log) -> None:
+        node = self.nodes.get(msg.step_id)
+        if node is not None and node.lease_id == msg.lease_id and node.venue == venue.machine_id:
+            self.logs.append(node.id, msg.lines)
+
+    async def result(self, venue: Venue, msg: p.Result) -> bool:
+        """Record a step's result. Returns False when its lease is no longer current: the
+        result is acknowledged and ignored, so a step finishes exactly once (DESIGN §3)."""
+        async with self._lock:
+            node = self.nodes.get(msg.step_id)
+            if node is None or node.lease_id != msg.lease_id or not node.state.is_leased:
+                log.info("ignoring result for step %s with a stale lease", msg.step_id)
+                return False
+            outcome, error = msg.outcome, msg.error
+            if outcome is p.Outcome.SUCCESS:
+                present = await self._outputs_present(list(node.outputs.values()))
+                missing = sorted(set(node.outputs.values()) - set(present))
+                if missing:
+                    outcome = p.Outcome.UPLOAD_FAILURE
+                    error = "outputs not uploaded: " + ", ".join(missing)
+            await self._finish_attempt(node, venue, outcome, error, msg)
+            return True
+
+    # ---- the loop --------------------------------------------------------------------------
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Dispatch forever: expire leases, release due retries, match work to free slots,
+        then sleep until woken or until the next deadline."""
+        while True:
+            self._wake.clear()
+            now = self.clock()
+            async with self._lock:
+                await self._expire_leases(now)
+                self._promote_delayed(now)
+                await self._dispatch(now)
+            wake_at = self._next_deadline()
+            timeout = None if wake_at is None else max(0.0, wake_at - self.clock())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _next_deadline(self) -> float | None:
+        times = [n.lease_expires_at for n in self._leased() if n.lease_expires_at is not None]
+        if self.delayed:
+            times.append(self.delayed[0][0])
+        if len(self.index):
+            times.extend(
+                max(v.cooldown_until, v.backoff_until)
+                for v in self.venues.values()
+                if max(v.cooldown_until, v.backoff_until) > self.clock()
+            )
+        return min(times) if times else None
+
+    def _leased(self) -> list[StepNode]:
+        return [self.nodes[s] for s in self.leases.values() if s in self.nodes]
+
+    async def _expire_leases(self, now: float) -> None:
+        for node in self._leased():
+            if (
+                node.state.is_leased
+                and node.lease_expires_at is not None
+                and node.lease_expires_at <= now
+            ):
+                venue = self.venues.get(node.venue or "")
+                log.warning("lease of step %d on %s expired", node.id, node.venue)
+                if venue is not None:
+                    _try_send(venue, p.Abort(step_id=p.StepId(node.id), reason="lease expired"))
+                await self._finish_attempt(
+                    node,
+                    venue,
+                    p.Outcome.AGENT_LOST,
+                    "lease expired: the agent stopped reporting it",
+                    None,
+                )
+
+    def _promote_delayed(self, now: float) -> None:
+        while self.delayed and self.delayed[0][0] <= now:
+            _, sid = heapq.heappop(self.delayed)
+            node = self.nodes.get(sid)
+            if node is not None and node.state is StepState.RUNNABLE:
+                node.not_before = None
+                self.index.push(node)
+
+    async def _dispatch(self, now: float) -> None:
+        views = [v.view() for v in self.venues.values() if v.available(now)]
+        if not views or not len(self.index):
+            return
+        decisions = plan_dispatch(self.index, views)
+        if not decisions:
+            return
+        sent: list[tuple[StepNode, Venue, p.Assign]] = []
+        async with self.engine.begin() as conn:
+            for d in decisions:
+                node = self.nodes[d.step_id]
+                venue = self.venues[d.machine_id]
+                lease = new_lease_id()
+                node.state = StepState.ASSIGNED
+                node.lease_id = lease
+                node.lease_expires_at = now + self.config.lease_secs
+                node.venue = venue.machine_id
+                self.leases[lease] = node.id
+                venue.running.add(node.id)
+                await queries.update_step(
+                    conn,
+                    node.id,
+                    state=node.state,
+                    lease_id=lease,
+                    lease_expires_at=node.lease_expires_at,
+                    agent_machine_id=venue.machine_id,
+                    agent_name=venue.name,
+                    assigned_at=now,
+                )
+                for bid in node.builds:
+                    build = self.builds.get(bid)
+                    if build is not None and build.state is BuildState.QUEUED:
+                        build.state = BuildState.RUNNING
+                        await queries.update_build(conn, bid, state=build.state)
+                sent.append((node, venue, self._assign_message(node, lease)))
+        for node, venue, msg in sent:
+            if node.attempts:
+                self.logs.append(
+                    node.id, [f"[bigtent: attempt {node.attempts + 1} on {venue.name}]"]
+                )
+            if not _try_send(venue, msg):
+                # The slot goes back and the venue cools down; the step is runnable again.
+                venue.cooldown_until = now + self.config.refuse_cooldown_secs
+                self._release(node)
+                node.state = StepState.RUNNABLE
+                async with self.engine.begin() as conn:
+                    await queries.update_step(conn, node.id, state=node.state, lease_id=None)
+                self._make_runnable(node, now)
+
+    def _assign_message(self, node: StepNode, lease: str) -> p.Assign:
+        return p.Assign(
+            step_id=p.StepId(node.id),
+            lease_id=p.LeaseId(lease),
+            drv_path=node.drv_path,
+            outputs=node.outputs,
+            upload_urls={name: f"/api/v1/agent/upload/{lease}/{name}" for name in node.outputs},
+            timeout_secs=self.config.step_timeout_secs,
+            max_silent_secs=self.config.max_silent_secs,
+            max_log_bytes=self.config.max_log_bytes,
+        )
+
+    # ---- transitions ---------------------------------------------------------------------
+    def _make_runnable(self, node: StepNode, now: float) -> None:
+        if node.not_before is not None and node.not_before > now:
+            heapq.heappush(self.delayed, (node.not_before, node.id))
+        else:
+            self.index.push(node)
+
+    def _release(self, node: StepNode) -> None:
+        """Give back the node's slot and drop its lease."""
+        venue = self.venues.get(node.venue or "")
+        if venue is not None:
+            venue.running.discard(node.id)
+        if node.lease_id is not None:
+            self.leases.pop(node.lease_id, None)
+        node.lease_id = None
+        node.lease_expires_at = None
+        self.index.discard(node.id)
+
+    async def _finish_attempt(
+        self,
+        node: StepNode,
+        venue: Venue | None,
+        outcome: p.Outcome,
+        error: str,
+        msg: p.Result | None,
+    ) -> None:
+        now = self.clock()
+        policy = classify(outcome)
+        self._release(node)
+        self.logs.close(node.id)
+        values: dict[str, Any] = dict(
+            outcome=outcome,
+            error=error[:8000] or None,
+            lease_id=None,
+            lease_expires_at=None,
+        )
+        if msg is not None:
+            values.update(
+                exit_code=msg.exit_code,
+                prepare_secs=msg.timings.prepare_secs,
+                build_secs=msg.timings.build_secs,
+                upload_secs=msg.timings.upload_secs,
+            )
+        if venue is not None:
+            if policy.counts_against_venue:
+                venue.consecutive_failures += 1
+                venue.backoff_until = now + min(
+                    self.config.agent_backoff_max_secs,
+                    self.config.agent_backoff_base_secs * 2 ** (venue.consecutive_failures - 1),
+                )
+                log.warning(
+                    "%s: %s on step %d; backing off until %.0f",
+                    venue.name,
+                    outcome,
+                    node.id,
+                    venue.backoff_until,
+                )
+            elif policy.disposition is not Disposition.REQUEUE:
+                venue.consecutive_failures = 0
+                venue.backoff_until = 0.0
+        newly_final: list[StepNode] = []
+        async with self.engine.begin() as conn:
+            match policy.disposition:
+                case Disposition.SUCCEED:
+                    node.state = StepState.SUCCEEDED
+                    await queries.update_step(
+                        conn, node.id, state=node.state, finished_at=now, **values
+                    )
+                    newly_final.append(node)
+                    ready = []
+                    for d in node.dependents:
+                        dep = self.nodes.get(d)
+                        if dep is None:
+                            continue
+                        dep.deps.discard(node.id)
+                        if not dep.deps and dep.state is StepState.WAITING:
+                            dep.state = StepState.RUNNABLE
+                            ready.append(dep)
+                    await queries.update_steps(
+                        conn, [n.id for n in ready], state=StepState.RUNNABLE
+                    )
+                    for dep in ready:
+                        self._make_runnable(dep, now)
+                case Disposition.FAIL:
+                    node.state = StepState.FAILED
+                    await queries.update_step(
+                        conn, node.id, state=node.state, finished_at=now, **values
+                    )
+                    newly_final.append(node)
+                    newly_final.extend(await self._fail_dependents(conn, node, now))
+                case Disposition.RETRY:
+                    node.attempts += 1
+                    if node.attempts >= self.config.max_infra_attempts:
+                        node.state = StepState.FAILED
+                        values["error"] = (
+                            f"infrastructure failure after {node.attempts} attempts; last: "
+                            f"{outcome}: {error}"
+                        )[:8000]
+                        await queries.update_step(
+                            conn,
+                            node.id,
+                            state=node.state,
+                            finished_at=now,
+                            attempts=node.attempts,
+                            **values,
+                        )
+                        newly_final.append(node)
+                        newly_final.extend(await self._fail_dependents(conn, node, now))
+                    else:
+                        node.state = StepState.RUNNABLE
+                        node.not_before = next_retry_at(
+                            node.attempts,
+                            now,
+                            self.config.retry_base_secs,
+                            self.config.retry_max_secs,
+                            self.rand(),
+                        )
+                        await queries.update_step(
+                            conn,
+                            node.id,
+                            state=node.state,
+                            attempts=node.attempts,
+                            not_before=node.not_before,
+                            **values,
+                        )
+                        self._make_runnable(node, now)
+                case Disposition.REQUEUE:
+                    node.state = StepState.RUNNABLE
+                    await queries.update_step(conn, node.id, state=node.state, **values)
+                    self._make_runnable(node, now)
+            for bid in sorted({b for n in newly_final for b in n.builds}):
+                build = self.builds.get(bid)
+                if build is not None:
+                    await self._maybe_finish_build(conn, build, now)
+        self.wake()
+
+    async def _fail_dependents(
+        self, conn: AsyncConnection, node: StepNode, now: float
+    ) -> list[StepNode]:
+        """DESIGN: a failure fails only what depends on it; unrelated steps go on."""
+        failed = []
+        for sid in dependents_closure(self.nodes, node.id):
+            dep = self.nodes[sid]
+            if dep.state in (StepState.WAITING, StepState.RUNNABLE):
+                self.index.discard(dep.id)
+                dep.state = StepState.DEPENDENCY_FAILED
+                failed.append(dep)
+        await queries.update_steps(
+            conn,
+            [d.id for d in failed],
+            state=StepState.DEPENDENCY_FAILED,
+            finished_at=now,
+            error=f"dependency {node.drv_path} failed",
+        )
+        return failed
+
+    async def _maybe_finish_build(
+        self, conn: AsyncConnection, build: ActiveBuild, now: float
+    ) -> None:
+        states = [
+            self.nodes[sid].state if sid is not None and sid in self.nodes else None
+            for sid in build.roots.values()
+        ]
+        outcome = build_outcome(states)
+        if outcome is None or build.state.is_final:
+            return
+        build.state = outcome
+        await queries.update_build(conn, build.id, state=outcome, finished_at=now)
+        log.info("build %d %s", build.id, outcome)
+        self._forget_build(build)
+
+    def _forget_build(self, build: ActiveBuild) -> None:
+        """Drop a finished build and the final steps no other active build needs."""
+        self.builds.pop(build.id, None)
+        for sid in build.steps:
+            node = self.nodes.get(sid)
+            if node is None:
+                continue
+            node.builds.discard(build.id)
+            if node.state.is_final and not node.builds:
+                self.nodes.pop(sid, None)
+                if self.by_drv.get(node.drv_path) == sid:
+                    del self.by_drv[node.drv_path]
+                for d in node.deps:
+                    if d in self.nodes:
+                        self.nodes[d].dependents.discard(sid)
+
+    # ---- read side ------------------------------------------------------------------------
+    def queue_depth(self) -> dict[str, int]:
+        return self.index.count_by_system()
+
+
+def _try_send(venue: Venue, msg: BaseModel) -> bool:
+    try:
+        venue.send(msg)
+    except SessionClosed:
+        return False
+    return True
+
+
+def _node_from_row(row: Any) -> StepNode:
+    return StepNode(
+        id=int(row.id),
+        drv_path=row.drv_path,
+        req=Requirement(row.system, frozenset(json.loads(row.required_features))),
+        state=StepState(row.state),
+        created_at=float(row.created_at),
+        not_before=row.not_before,
+        attempts=int(row.attempts),
+        lease_id=row.lease_id,
+        lease_expires_at=row.lease_expires_at,
+        venue=row.agent_machine_id,
+        outputs=json.loads(row.outputs),
+    )
+
+
+def _topological_dependents_first(nodes: dict[int, StepNode]) -> list[int]:
+    """Kahn's order over ``dependents``: a step comes after every step that depends on it."""
+    pending = {sid: sum(1 for d in n.dependents if d in nodes) for sid, n in nodes.items()}
+    ready = [sid for sid, c in pending.items() if c == 0]
+    order: list[int] = []
+    while ready:
+        sid = ready.pop()
+        order.append(sid)
+        for dep in nodes[sid].deps:
+            if dep in pending:
+                pending[dep] -= 1
+                if pending[dep] == 0:
+                    ready.append(dep)
+    return order

@@ -1,0 +1,247 @@
+"""The in-memory step DAG and the runnable index (DESIGN §5). Pure code: no I/O, no clock.
+
+The database is the record; this is the working copy the dispatcher decides on, rebuilt from
+the database at start. Runnable steps live in one heap per requirement (system + feature set),
+so choosing the next dispatch looks at the top of each bucket, never at the whole queue.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from bigtent.runner.scheduler.matching import Requirement, VenueView, best_venue, can_run
+
+
+class StepState(StrEnum):
+    """A step's state. Values are the database and API strings: add, never rename."""
+
+    WAITING = "waiting"
+    """Some dependency has not succeeded yet."""
+    RUNNABLE = "runnable"
+    ASSIGNED = "assigned"
+    """An assign with a lease was sent; the venue has not accepted yet."""
+    BUILDING = "building"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DEPENDENCY_FAILED = "dependency_failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in _FINAL
+
+    @property
+    def is_leased(self) -> bool:
+        return self in (StepState.ASSIGNED, StepState.BUILDING)
+
+
+_FINAL = frozenset(
+    {StepState.SUCCEEDED, StepState.FAILED, StepState.DEPENDENCY_FAILED, StepState.CANCELLED}
+)
+
+
+@dataclass(slots=True, eq=False)
+class StepNode:
+    """One derivation to build and its place in the DAG."""
+
+    id: int
+    drv_path: str
+    req: Requirement
+    state: StepState
+    created_at: float
+    priority: int = 0
+    height: int = 0
+    """Length of the longest chain of dependents above this step (itself included): the
+    critical-path weight used to order runnable work (0 until computed)."""
+    not_before: float | None = None
+    attempts: int = 0
+    lease_id: str | None = None
+    lease_expires_at: float | None = None
+    venue: str | None = None
+    deps: set[int] = field(default_factory=set)
+    """Dependencies that have not succeeded yet."""
+    dependents: set[int] = field(default_factory=set)
+    builds: set[int] = field(default_factory=set)
+    outputs: dict[str, str] = field(default_factory=dict)
+    """Output name -> store path, from the derivation."""
+
+    def sort_key(self) -> tuple[int, int, float, int]:
+        """Runnable order: build priority, then work waiting behind it, then age."""
+        return (-self.priority, -self.height, self.created_at, self.id)
+
+
+_Entry = tuple[tuple[int, int, float, int], int]
+
+
+class RunnableIndex:
+    """Runnable steps bucketed by requirement, each bucket a heap with lazy deletion."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[Requirement, list[_Entry]] = {}
+        self._live: dict[int, tuple[Requirement, tuple[int, int, float, int]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, step_id: int) -> bool:
+        return step_id in self._live
+
+    def push(self, node: StepNode) -> None:
+        key = node.sort_key()
+        self._live[node.id] = (node.req, key)
+        heapq.heappush(self._buckets.setdefault(node.req, []), (key, node.id))
+
+    def discard(self, step_id: int) -> None:
+        self._live.pop(step_id, None)
+
+    def _clean_top(self, req: Requirement) -> _Entry | None:
+        heap = self._buckets.get(req)
+        while heap:
+            key, sid = heap[0]
+            live = self._live.get(sid)
+            if live is not None and live == (req, key):
+                return heap[0]
+            heapq.heappop(heap)
+        if heap is not None:
+            del self._buckets[req]
+        return None
+
+    def tops(self) -> Iterator[tuple[Requirement, _Entry]]:
+        """The best entry of every non-empty bucket."""
+        for req in list(self._buckets):
+            top = self._clean_top(req)
+            if top is not None:
+                yield req, top
+
+    def pop(self, req: Requirement) -> int | None:
+        top = self._clean_top(req)
+        if top is None:
+            return None
+        heapq.heappop(self._buckets[req])
+        del self._live[top[1]]
+        return top[1]
+
+    def count_by_system(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for req, _ in self._live.values():
+            counts[req.system] = counts.get(req.system, 0) + 1
+        return counts
+
+    def requirements(self) -> set[Requirement]:
+        return {req for req, _ in self._live.values()}
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """A decision: send step ``step_id`` to venue ``machine_id``."""
+
+    step_id: int
+    machine_id: str
+
+
+def plan_dispatch(
+    index: RunnableIndex, venues: Collection[VenueView], limit: int | None = None
+) -> list[Dispatch]:
+    """Match runnable steps to free slots, best step first, best venue for it (DESIGN §5).
+
+    Pops the chosen steps from ``index``. Each decision looks at the top of each bucket and
+    at the venues, never at the whole queue. Deterministic for a given state.
+    """
+    free = {v.machine_id: v for v in venues if v.free_slots > 0}
+    decisions: list[Dispatch] = []
+    while free and (limit is None or len(decisions) < limit):
+        wanted = frozenset(f for req in index.requirements() for f in req.features)
+        best: tuple[tuple[int, int, float, int], Requirement, VenueView] | None = None
+        for req, (key, _sid) in index.tops():
+            if best is not None and key >= best[0]:
+                continue
+            venue = best_venue(free.values(), req, wanted)
+            if venue is not None:
+                best = (key, req, venue)
+        if best is None:
+            break
+        _, req, venue = best
+        step_id = index.pop(req)
+        assert step_id is not None
+        decisions.append(Dispatch(step_id, venue.machine_id))
+        updated = VenueView(
+            venue.machine_id,
+            venue.systems,
+            venue.supported_features,
+            venue.mandatory_features,
+            venue.max_jobs,
+            venue.running + 1,
+            venue.speed_factor,
+        )
+        if updated.free_slots > 0:
+            free[venue.machine_id] = updated
+        else:
+            del free[venue.machine_id]
+    return decisions
+
+
+def raise_heights(nodes: dict[int, StepNode], order: Iterable[int]) -> None:
+    """Recompute ``height`` for the steps in ``order`` (dependents before dependencies) and
+    propagate increases to everything below them.
+
+    Height is 1 + the largest height among dependents. It only ever grows (new builds add
+    dependents), so the propagation stops: a dependency is revisited only when it grew.
+    """
+    stack = list(order)
+    stack.reverse()
+    while stack:
+        sid = stack.pop()
+        node = nodes.get(sid)
+        if node is None:
+            continue
+        height = 1 + max((nodes[d].height for d in node.dependents if d in nodes), default=0)
+        if height > node.height:
+            node.height = height
+            stack.extend(node.deps)
+
+
+def can_any_run(venues: Iterable[VenueView], req: Requirement) -> bool:
+    return any(can_run(v, req) for v in venues)
+
+
+class BuildState(StrEnum):
+    """A build's state. Values are the database and API strings."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (BuildState.SUCCEEDED, BuildState.FAILED, BuildState.CANCELLED)
+
+
+def dependents_closure(nodes: dict[int, StepNode], start: int) -> list[int]:
+    """Every step that (transitively) depends on ``start``, in no particular order."""
+    seen: set[int] = set()
+    stack = list(nodes[start].dependents)
+    while stack:
+        sid = stack.pop()
+        if sid in seen or sid not in nodes:
+            continue
+        seen.add(sid)
+        stack.extend(nodes[sid].dependents)
+    return list(seen)
+
+
+def build_outcome(root_states: Iterable[StepState | None]) -> BuildState | None:
+    """A build is over when every root is final (None: a root that was already cached).
+
+    It succeeded when every root succeeded (or was cached); otherwise it failed.
+    """
+    states = list(root_states)
+    if any(s is not None and not s.is_final for s in states):
+        return None
+    if all(s is None or s is StepState.SUCCEEDED for s in states):
+        return BuildState.SUCCEEDED
+    return BuildState.FAILED

@@ -1,0 +1,263 @@
+"""Agent sessions over WebSocket (DESIGN §2): auth before accept, then protocol messages.
+
+This is the only module that sees raw frames. Each session has a bounded outgoing queue and a
+writer task, so the scheduler never waits on a slow socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.responses import JSONResponse
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from bigtent import protocol as p
+from bigtent.config import Role, RunnerConfig
+from bigtent.errors import AuthError, ProtocolError
+from bigtent.runner.auth.tokens import TokenRegistry
+from bigtent.runner.db import queries
+from bigtent.runner.scheduler.dispatcher import Scheduler, SessionClosed, Venue
+
+log = logging.getLogger(__name__)
+
+REGISTER_TIMEOUT_SECS = 30.0
+OUTGOING_QUEUE_MAX = 10_000
+MAX_NAME_BYTES = 128
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+@dataclass(eq=False)
+class AgentSession:
+    websocket: WebSocket
+    outgoing: asyncio.Queue[str | None] = field(
+        default_factory=lambda: asyncio.Queue(OUTGOING_QUEUE_MAX)
+    )
+    closed: bool = False
+    venue: Venue | None = None
+
+    def send(self, message: BaseModel) -> None:
+        """Queue a message; raise SessionClosed when the session is over or hopelessly slow."""
+        if self.closed:
+            raise SessionClosed()
+        try:
+            self.outgoing.put_nowait(p.encode(message))
+        except asyncio.QueueFull:
+            self.close()
+            raise SessionClosed() from None
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(asyncio.QueueFull):
+                self.outgoing.put_nowait(None)
+
+
+class Sessions:
+    """All live agent sessions, by machine id; a newer session replaces an older one."""
+
+    def __init__(
+        self,
+        config: RunnerConfig,
+        engine: AsyncEngine,
+        scheduler: Scheduler,
+        tokens: TokenRegistry,
+        cache_url: str,
+        cache_public_key: str,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.scheduler = scheduler
+        self.tokens = tokens
+        self.cache_url = cache_url
+        self.cache_public_key = cache_public_key
+        self.live: dict[str, AgentSession] = {}
+
+    async def handle(self, websocket: WebSocket) -> None:
+        """The WebSocket endpoint: check the credential before accepting the upgrade."""
+        token = bearer_token(websocket.headers.get("authorization"))
+        try:
+            self.tokens.require(token, Role.AGENT)
+        except AuthError as exc:
+            client = websocket.client.host if websocket.client else "?"
+            log.warning("agent connection from %s refused: %s", client, exc)
+            reason = "forbidden" if exc.http_status == 403 else "unauthorized"
+            await websocket.send_denial_response(
+                JSONResponse({"error": reason, "detail": None}, status_code=exc.http_status)
+            )
+            return
+        await websocket.accept()
+        session = AgentSession(websocket)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                writer = tg.create_task(self._writer(session))
+                try:
+                    await self._serve(session)
+                finally:
+                    session.close()
+                    await writer
+        except* WebSocketDisconnect:
+            pass
+        except* ProtocolError as group:
+            problem = group.exceptions[0]
+            log.warning("agent protocol error: %s", problem)
+            with contextlib.suppress(Exception):
+                await websocket.send_text(p.encode(p.Error(message=str(problem)[:4000])))
+                await websocket.close(code=1008)
+        finally:
+            await self._ended(session)
+
+    async def _writer(self, session: AgentSession) -> None:
+        while (text := await session.outgoing.get()) is not None:
+            try:
+                await session.websocket.send_text(text)
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                session.closed = True
+                return
+        with contextlib.suppress(Exception):
+            await session.websocket.close()
+
+    async def _receive(self, session: AgentSession) -> p.AgentMessage | None:
+        message = await session.websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return None
+        data = message.get("text")
+        if data is None:
+            data = message.get("bytes")
+        if data is None:
+            raise ProtocolError("empty frame")
+        return p.parse_agent_message(data)
+
+    async def _serve(self, session: AgentSession) -> None:
+        try:
+            first = await asyncio.wait_for(self._receive(session), REGISTER_TIMEOUT_SECS)
+        except TimeoutError as exc:
+            raise ProtocolError("no register message within 30 s") from exc
+        if first is None:
+            return
+        if not isinstance(first, p.Register):
+            raise ProtocolError(f"expected register, got {first.type}")
+        if first.proto != p.PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"protocol {first.proto!r} is not supported (runner speaks {p.PROTOCOL_VERSION})"
+            )
+        if len(first.name.encode()) > MAX_NAME_BYTES:
+            raise ProtocolError(f"agent name longer than {MAX_NAME_BYTES} bytes")
+        venue = await self._register(session, first)
+        while (msg := await self._receive(session)) is not None and not session.closed:
+            await self._dispatch(session, venue, msg)
+
+    async def _register(self, session: AgentSession, reg: p.Register) -> Venue:
+        now = time.time()
+        old = self.live.get(reg.machine_id)
+        if old is not None:
+            log.info("agent %s reconnected; closing its older session", reg.name)
+            old.close()
+            if old.venue is not None:
+                self.scheduler.detach(old.venue)
+        venue = Venue(
+            machine_id=reg.machine_id,
+            name=reg.name,
+            systems=frozenset(reg.systems),
+            supported_features=frozenset(reg.supported_features),
+            mandatory_features=frozenset(reg.mandatory_features),
+            max_jobs=reg.max_jobs,
+            speed_factor=reg.speed_factor,
+            send=session.send,
+        )
+        session.venue = venue
+        self.live[reg.machine_id] = session
+        async with self.engine.begin() as conn:
+            await queries.upsert_agent(
+                conn,
+                reg.machine_id,
+                name=reg.name,
+                hostname=reg.hostname,
+                systems=_json(reg.systems),
+                supported_features=_json(reg.supported_features),
+                mandatory_features=_json(reg.mandatory_features),
+                max_jobs=reg.max_jobs,
+                speed_factor=reg.speed_factor,
+                ephemeral=reg.ephemeral,
+                auth_kind="token",
+                launch_id=reg.launch_id,
+                version=reg.version,
+                connected=True,
+                last_seen=now,
+            )
+        # attach() and the Registered message happen with no await in between, so the
+        # agent always sees Registered before its first Assign.
+        kept = self.scheduler.attach(venue, reg.running)
+        session.send(
+            p.Registered(
+                session_id=f"{reg.machine_id}:{int(now * 1000)}",
+                heartbeat_secs=self.config.scheduler.heartbeat_secs,
+                lease_secs=self.config.scheduler.lease_secs,
+                cache_url=self.cache_url,
+                cache_public_key=self.cache_public_key,
+                upstreams=[
+                    p.Substituter(url=u.url, public_key=u.public_key)
+                    for u in self.config.cache.upstreams
+                ],
+                keep_running=kept,
+            )
+        )
+        log.info(
+            "agent %s (%s) registered: %s, %d jobs",
+            reg.name,
+            reg.machine_id,
+            ",".join(reg.systems),
+            reg.max_jobs,
+        )
+        return venue
+
+    async def _dispatch(self, session: AgentSession, venue: Venue, msg: p.AgentMessage) -> None:
+        match msg:
+            case p.Heartbeat():
+                self.scheduler.heartbeat(venue, msg.running)
+                async with self.engine.begin() as conn:
+                    await queries.update_agent(conn, venue.machine_id, last_seen=time.time())
+            case p.Accepted():
+                await self.scheduler.accepted(venue, msg)
+            case p.Refused():
+                await self.scheduler.refused(venue, msg)
+            case p.Log():
+                self.scheduler.log_lines(venue, msg)
+            case p.Result():
+                recorded = await self.scheduler.result(venue, msg)
+                session.send(
+                    p.ResultAck(step_id=msg.step_id, lease_id=msg.lease_id, recorded=recorded)
+                )
+            case p.Register():
+                raise ProtocolError("register sent twice in one session")
+
+    async def _ended(self, session: AgentSession) -> None:
+        venue = session.venue
+        if venue is None:
+            return
+        self.scheduler.detach(venue)
+        if self.live.get(venue.machine_id) is session:
+            del self.live[venue.machine_id]
+            with contextlib.suppress(Exception):
+                async with self.engine.begin() as conn:
+                    await queries.update_agent(
+                        conn, venue.machine_id, connected=False, last_seen=time.time()
+                    )
+        log.info("agent %s disconnected", venue.name)
+
+
+def _json(items: list[str]) -> str:
+    return json.dumps(sorted(items))
