@@ -1,0 +1,1 @@
+"""The build agent: session with the runner and execution of assigned steps."""

@@ -1,0 +1,494 @@
+"""Run one assigned step: realise the .drv, stream its log, upload its outputs, report a result.
+
+Per step the agent spawns exactly one Nix process (``nix-store --realise``, which substitutes the
+.drv and its inputs from the runner's cache); output NARs are produced and hashed in Python from
+the store's real path, so the only other Nix process is the ``nix-store --dump`` fallback for
+stores this filesystem cannot read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import assert_never
+
+import httpx
+
+from bigtent.config import AgentSection
+from bigtent.errors import NixError
+from bigtent.nix.base32 import format_hash
+from bigtent.nix.nar import dump_path
+from bigtent.nix.store import NixStore, RealiseResult, RealiseStatus
+from bigtent.protocol import (
+    MAX_ERROR_CHARS,
+    MAX_LOG_LINE_CHARS,
+    MAX_LOG_LINES_PER_BATCH,
+    NAR_HASH_HEADER,
+    NAR_SIZE_HEADER,
+    Assign,
+    LeaseId,
+    Log,
+    Outcome,
+    OutputInfo,
+    Registered,
+    Result,
+    StepId,
+    Timings,
+)
+
+log = logging.getLogger(__name__)
+
+LOG_FLUSH_SECS = 0.1
+"""A log batch is sent at most this long after its first line arrived."""
+LOG_BATCH_LINES = 500
+"""A log batch is sent as soon as it has this many lines."""
+LOG_BATCH_CHARS = 128 * 1024
+"""...or this many characters: even fully JSON-escaped (6 bytes a character) a batch stays
+under ``MAX_MESSAGE_BYTES``."""
+LOG_BACKLOG_LINES = 20 * LOG_BATCH_LINES
+"""Unsent lines beyond which the build's log reader waits for the runner (backpressure)."""
+NAR_CHUNK_BYTES = 256 * 1024
+SMALL_NAR_BYTES = 1024 * 1024
+"""NARs up to this size are hashed on the event loop and kept in memory between hashing and
+uploading; larger ones are hashed in a thread and read again for the upload."""
+XDG_CACHE_DIR = "xdg-cache"
+"""Under the work dir: Nix's binary-cache lookup cache, private to this agent."""
+
+SendLog = Callable[[Log], Awaitable[object]]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """The binary caches a step substitutes from, as the runner announced in ``registered``."""
+
+    cache_url: str
+    cache_public_key: str
+    upstreams: tuple[tuple[str, str], ...] = ()
+    """(url, public key) of each upstream cache, in order of preference."""
+
+    @classmethod
+    def from_registered(cls, registered: Registered, runner_url: str) -> CacheSettings:
+        return cls(
+            cache_url=join_runner_url(runner_url, registered.cache_url),
+            cache_public_key=registered.cache_public_key,
+            upstreams=tuple((u.url, u.public_key) for u in registered.upstreams),
+        )
+
+
+def join_runner_url(runner_url: str, url: str) -> str:
+    """Absolute URLs stay as they are; relative ones are on the runner."""
+    if "://" in url:
+        return url
+    return runner_url.rstrip("/") + "/" + url.lstrip("/")
+
+
+def nix_options(section: AgentSection, cache: CacheSettings) -> dict[str, str]:
+    """``--option`` pairs for a step's realise: the runner's cache first, then upstreams.
+
+    ``system-features`` is what the agent advertises (when it advertises any).
+    ``narinfo-cache-negative-ttl = 0``: a path this agent once found missing (e.g. the output of
+    a step it was building when the step moved elsewhere) may be in the cache a minute later.
+    The agent's ``extra_nix_options`` come last and win.
+    """
+    urls = [cache.cache_url, *(url for url, _ in cache.upstreams)]
+    keys = [cache.cache_public_key, *(key for _, key in cache.upstreams)]
+    options = {
+        "substituters": " ".join(u for u in urls if u),
+        "trusted-public-keys": " ".join(k for k in keys if k),
+        "narinfo-cache-negative-ttl": "0",
+    }
+    if section.sandbox_paths:
+        options["extra-sandbox-paths"] = " ".join(section.sandbox_paths)
+    features = sorted({*section.supported_features, *section.mandatory_features})
+    if features:
+        # Nix refuses a derivation whose requiredSystemFeatures its `system-features` lack;
+        # the agent builds exactly what it advertises.
+        options["system-features"] = " ".join(features)
+    options.update(section.extra_nix_options)
+    return options
+
+
+def outcome_of(status: RealiseStatus) -> Outcome:
+    """Classify a realise: Nix exiting 1 (inputs not substitutable, store trouble) is a
+    ``prepare_failure`` (infrastructure, retried elsewhere); the rest map one to one."""
+    match status:
+        case RealiseStatus.SUCCESS:
+            return Outcome.SUCCESS
+        case RealiseStatus.BUILD_FAILURE:
+            return Outcome.BUILD_FAILURE
+        case RealiseStatus.TIMED_OUT:
+            return Outcome.TIMED_OUT
+        case RealiseStatus.LOG_LIMIT:
+            return Outcome.LOG_LIMIT
+        case RealiseStatus.ABORTED:
+            return Outcome.ABORTED
+        case RealiseStatus.OTHER_FAILURE:
+            return Outcome.PREPARE_FAILURE
+        case _:
+            assert_never(status)
+
+
+class LogBatcher:
+    """Collects a step's log lines and sends them as ``log`` batches.
+
+    A batch goes out ``LOG_FLUSH_SECS`` after its first line, or at once when it reaches
+    ``LOG_BATCH_LINES`` lines or ``LOG_BATCH_CHARS`` characters — never one message per line.
+    ``add`` is the realise line sink; ``run`` is the sender, ended by ``close`` after a final
+    flush. A failed send drops that batch (the log is best effort; the result is not).
+    """
+
+    def __init__(
+        self,
+        step_id: StepId,
+        lease_id: LeaseId,
+        send: SendLog,
+        *,
+        flush_secs: float = LOG_FLUSH_SECS,
+        batch_lines: int = LOG_BATCH_LINES,
+        batch_chars: int = LOG_BATCH_CHARS,
+    ) -> None:
+        self._step_id = step_id
+        self._lease_id = lease_id
+        self._send = send
+        self._flush_secs = flush_secs
+        self._batch_lines = min(batch_lines, MAX_LOG_LINES_PER_BATCH)
+        self._batch_chars = batch_chars
+        self._lines: list[str] = []
+        self._chars = 0
+        self._pending = asyncio.Event()
+        self._full = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._closed = False
+        self.lines_seen = 0
+
+    def add(self, line: str) -> Awaitable[None] | None:
+        """Queue one line; returns an awaitable only when the backlog is too long."""
+        if len(line) > MAX_LOG_LINE_CHARS:
+            line = line[: MAX_LOG_LINE_CHARS - 3] + "..."
+        self._lines.append(line)
+        self._chars += len(line)
+        self.lines_seen += 1
+        self._pending.set()
+        self._drained.clear()
+        if len(self._lines) >= self._batch_lines or self._chars >= self._batch_chars:
+            self._full.set()
+        if len(self._lines) >= LOG_BACKLOG_LINES:
+            return self._wait_drained()
+        return None
+
+    async def _wait_drained(self) -> None:
+        await self._drained.wait()
+
+    def close(self) -> None:
+        """No more lines: ``run`` sends what is left and returns."""
+        self._closed = True
+        self._pending.set()
+        self._full.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._pending.wait()
+            if not self._full.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._full.wait(), self._flush_secs)
+            await self._flush()
+            if self._closed and not self._lines:
+                return
+
+    async def _flush(self) -> None:
+        while self._lines:
+            batch: list[str] = []
+            size = 0
+            for line in self._lines:
+                if batch and (len(batch) >= self._batch_lines or size >= self._batch_chars):
+                    break
+                batch.append(line)
+                size += len(line)
+            del self._lines[: len(batch)]
+            self._chars -= size
+            await self._send(Log(step_id=self._step_id, lease_id=self._lease_id, lines=batch))
+        self._pending.clear()
+        self._full.clear()
+        self._drained.set()
+
+
+class UploadError(Exception):
+    """An output NAR could not be uploaded; the message is for the step's ``error``."""
+
+
+class Executor:
+    """Runs assignments for one agent: one ``NixStore`` per step, one shared HTTP client."""
+
+    def __init__(
+        self,
+        section: AgentSection,
+        *,
+        http: httpx.AsyncClient,
+        token: str | None,
+        nix_bin_dir: str = "",
+    ) -> None:
+        self._section = section
+        self._http = http
+        self._token = token
+        self._nix_bin_dir = nix_bin_dir
+
+    def nix_store(self, cache: CacheSettings) -> NixStore:
+        """The store a step builds in, with the runner's caches as substituters."""
+        return NixStore(
+            store=self._section.store,
+            options=nix_options(self._section, cache),
+            env={"XDG_CACHE_HOME": str(self._section.work_dir / XDG_CACHE_DIR)},
+            bin_dir=self._nix_bin_dir,
+        )
+
+    async def run(
+        self, assign: Assign, cache: CacheSettings, *, send_log: SendLog, abort: asyncio.Event
+    ) -> Result:
+        """Realise ``assign.drv_path`` and upload its outputs; never raises for a step failure.
+
+        ``abort`` set by the session kills the build (or stops the upload): outcome ``aborted``.
+        """
+        store = self.nix_store(cache)
+        started = time.monotonic()
+        build_started: float | None = None
+        batcher = LogBatcher(assign.step_id, assign.lease_id, send_log)
+
+        def on_line(line: str) -> Awaitable[None] | None:
+            nonlocal build_started
+            # Nix announces the build itself; before that it substitutes the .drv and inputs.
+            if build_started is None and line.startswith("building '"):
+                build_started = time.monotonic()
+            return batcher.add(line)
+
+        log.info("step %s (%s): realising", assign.step_id, assign.drv_path)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(batcher.run())
+                try:
+                    realised = await store.realise(
+                        [assign.drv_path],
+                        on_line=on_line,
+                        timeout_secs=assign.timeout_secs,
+                        max_silent_secs=assign.max_silent_secs,
+                        max_log_bytes=assign.max_log_bytes,
+                        abort=abort,
+                    )
+                finally:
+                    batcher.close()
+        except* NixError as group:
+            # Nix could not even start (not installed, bad store URI): the agent's problem.
+            exc = group.exceptions[0]
+            assert isinstance(exc, NixError)
+            realised = RealiseResult(RealiseStatus.OTHER_FAILURE, exc.status, error=str(exc))
+        built = time.monotonic()
+        if build_started is None:
+            timings = Timings(prepare_secs=built - started)
+        else:
+            timings = Timings(
+                prepare_secs=build_started - started, build_secs=built - build_started
+            )
+        outcome = outcome_of(realised.status)
+        if outcome is not Outcome.SUCCESS:
+            log.info(
+                "step %s (%s): %s (exit %s) %s",
+                assign.step_id,
+                assign.drv_path,
+                outcome,
+                realised.exit_code,
+                realised.error,
+            )
+            return self._result(assign, outcome, realised.exit_code, realised.error, timings)
+
+        # Race the upload against an abort; both are awaited before returning.
+        upload = asyncio.ensure_future(self._upload_all(store, assign))
+        aborted = asyncio.ensure_future(abort.wait())
+        try:
+            await asyncio.wait({upload, aborted}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (upload, aborted):
+                if not task.done():
+                    task.cancel()
+            await asyncio.wait({upload, aborted})
+        timings = timings.model_copy(update={"upload_secs": time.monotonic() - built})
+        if upload.cancelled():
+            return self._result(assign, Outcome.ABORTED, None, "aborted during upload", timings)
+        failure = upload.exception()
+        if isinstance(failure, UploadError):
+            log.warning("step %s (%s): upload failed: %s", assign.step_id, assign.drv_path, failure)
+            return self._result(
+                assign, Outcome.UPLOAD_FAILURE, realised.exit_code, str(failure), timings
+            )
+        outputs = upload.result()
+        log.info("step %s (%s): success", assign.step_id, assign.drv_path)
+        return self._result(assign, Outcome.SUCCESS, realised.exit_code, "", timings, outputs)
+
+    @staticmethod
+    def _result(
+        assign: Assign,
+        outcome: Outcome,
+        exit_code: int | None,
+        error: str,
+        timings: Timings,
+        outputs: list[OutputInfo] | None = None,
+    ) -> Result:
+        if len(error) > MAX_ERROR_CHARS:
+            error = error[: MAX_ERROR_CHARS - 3] + "..."
+        return Result(
+            step_id=assign.step_id,
+            lease_id=assign.lease_id,
+            outcome=outcome,
+            exit_code=exit_code,
+            error=error,
+            timings=timings,
+            outputs=outputs or [],
+        )
+
+    # ---- upload ---------------------------------------------------------------------------
+    async def _upload_all(self, store: NixStore, assign: Assign) -> list[OutputInfo]:
+        outputs = []
+        for name, path in sorted(assign.outputs.items()):
+            url = assign.upload_urls.get(name)
+            if url is None:
+                raise UploadError(f"the assignment has no upload URL for output {name!r}")
+            outputs.append(await self._upload_one(store, name, path, url))
+        return outputs
+
+    async def _upload_one(self, store: NixStore, name: str, path: str, url: str) -> OutputInfo:
+        """Hash the NAR (first pass), then PUT it streamed (second pass, or kept if small)."""
+        real = store.real_path(path)
+        readable = os.path.lexists(real) and os.access(real, os.R_OK, follow_symlinks=False)
+        stream: AsyncIterator[bytes] | None = None
+        try:
+            try:
+                if readable:
+                    digest, size, kept = await _hash_local(real)
+                    if kept is None:
+                        stream = _stream_local(real)
+                else:
+                    log.debug("%s is not readable here; using nix-store --dump", real)
+                    digest, size = await _hash_async(store.dump(path))
+                    kept, stream = None, store.dump(path)
+            except (OSError, ValueError, NixError) as exc:
+                raise UploadError(f"cannot read output {name} ({path}): {exc}") from exc
+            nar_hash = format_hash("sha256", digest)
+            headers = {
+                NAR_HASH_HEADER: nar_hash,
+                NAR_SIZE_HEADER: str(size),
+                "Content-Length": str(size),
+                "Content-Type": "application/x-nix-nar",
+            }
+            if self._token:
+                headers["Authorization"] = f"Bearer {self._token}"
+            full_url = join_runner_url(self._section.runner_url, url)
+            body = stream if stream is not None else b"".join(kept or ())
+            try:
+                response = await self._http.put(full_url, content=body, headers=headers)
+            except (httpx.HTTPError, OSError, ValueError, NixError) as exc:
+                raise UploadError(f"uploading output {name} ({path}) failed: {exc}") from exc
+        finally:
+            if isinstance(stream, AsyncGenerator):
+                await stream.aclose()
+        if not response.is_success:
+            raise UploadError(
+                f"runner refused output {name} ({path}): HTTP {response.status_code}: "
+                f"{_error_text(response)}"
+            )
+        return OutputInfo(
+            name=name,
+            path=path,
+            nar_hash=nar_hash,
+            nar_size=size,
+            references=_references(response),
+        )
+
+
+def _error_text(response: httpx.Response) -> str:
+    """The runner's ``{"error": ...}`` text, else the start of the body."""
+    try:
+        data = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return response.text[:1000]
+    if isinstance(data, dict) and "error" in data:
+        detail = data.get("detail")
+        return f"{data['error']}" + (f" ({detail})" if detail else "")
+    return response.text[:1000]
+
+
+def _references(response: httpx.Response) -> list[str]:
+    """The references the runner found in the NAR, as full store paths (best effort)."""
+    try:
+        data = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return []
+    refs = data.get("references") if isinstance(data, dict) else None
+    if not isinstance(refs, list):
+        return []
+    paths = [r if r.startswith("/") else f"/nix/store/{r}" for r in refs if isinstance(r, str)]
+    return [p for p in paths if p.startswith("/nix/store/") and p.count("/") == 3]
+
+
+async def _hash_local(real: Path) -> tuple[bytes, int, list[bytes] | None]:
+    """sha256 and size of the NAR of ``real``; the chunks too when it is small.
+
+    The first ``SMALL_NAR_BYTES`` are produced on the event loop (a small path costs no thread
+    hop); the rest of a large NAR is hashed in a worker thread.
+    """
+    hasher = hashlib.sha256()
+    size = 0
+    chunks: list[bytes] = []
+    it = dump_path(real, NAR_CHUNK_BYTES)
+    for chunk in it:
+        hasher.update(chunk)
+        size += len(chunk)
+        chunks.append(chunk)
+        if size > SMALL_NAR_BYTES:
+            break
+    else:
+        return hasher.digest(), size, chunks
+
+    def rest() -> int:
+        n = 0
+        for chunk in it:
+            hasher.update(chunk)
+            n += len(chunk)
+        return n
+
+    size += await asyncio.to_thread(rest)
+    return hasher.digest(), size, None
+
+
+async def _stream_local(real: Path) -> AsyncGenerator[bytes, None]:
+    """The NAR of ``real`` as an async stream, each chunk read in a worker thread."""
+    it = dump_path(real, NAR_CHUNK_BYTES)
+    try:
+        while (chunk := await asyncio.to_thread(_next_or_none, it)) is not None:
+            yield chunk
+    finally:
+        if isinstance(it, Generator):
+            it.close()
+
+
+def _next_or_none(it: Iterator[bytes]) -> bytes | None:
+    return next(it, None)
+
+
+async def _hash_async(chunks: AsyncIterator[bytes]) -> tuple[bytes, int]:
+    hasher = hashlib.sha256()
+    size = 0
+    try:
+        async for chunk in chunks:
+            hasher.update(chunk)
+            size += len(chunk)
+    finally:
+        if isinstance(chunks, AsyncGenerator):
+            await chunks.aclose()
+    return hasher.digest(), size

@@ -1,0 +1,109 @@
+"""Who an agent is: its machine id, name, host name and systems (DESIGN §4).
+
+A persistent agent keeps its machine id in ``WORK_DIR/machine-id`` so that it reconnects as the
+same machine and the runner keeps its leases. Ephemeral identities (a fresh id never written to
+disk, a unique CI-derived name) are a separate constructor beside ``persistent_identity``; the
+session only ever sees an ``AgentIdentity``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from bigtent.config import AgentSection
+from bigtent.errors import ConfigError
+from bigtent.nix.store import NixStore
+from bigtent.protocol import MAX_NAME_CHARS, MachineId
+
+log = logging.getLogger(__name__)
+
+MACHINE_ID_FILE = "machine-id"
+"""File under the agent's work dir holding its persistent machine id."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentIdentity:
+    """What the agent says about itself in ``register``."""
+
+    machine_id: MachineId
+    name: str
+    hostname: str
+    systems: tuple[str, ...]
+    ephemeral: bool = False
+    launch_id: str | None = None
+
+
+def load_machine_id(work_dir: Path) -> MachineId:
+    """Read ``WORK_DIR/machine-id``, creating it (mode 0600, a UUID4 hex) on first start.
+
+    Creation is atomic (write a temporary file, then link it into place), so two agents started
+    at once on one work dir agree on the id instead of one overwriting the other.
+    """
+    path = work_dir / MACHINE_ID_FILE
+    try:
+        existing = path.read_text().strip()
+    except FileNotFoundError:
+        existing = ""
+    except OSError as exc:
+        raise ConfigError(f"cannot read the agent machine id {path}: {exc}") from exc
+    if existing:
+        if not _valid_machine_id(existing):
+            raise ConfigError(
+                f"agent machine id file {path} does not hold a machine id (got {existing[:40]!r});"
+                " delete it to make a new one"
+            )
+        return MachineId(existing)
+    machine_id = uuid.uuid4().hex
+    tmp = work_dir / f".{MACHINE_ID_FILE}.{os.getpid()}.tmp"
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(machine_id + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            # Another agent won the race: use its id.
+            return load_machine_id(work_dir)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the agent machine id file {path}: {exc}; check agent.work_dir"
+        ) from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    log.info("created machine id %s in %s", machine_id, path)
+    return MachineId(machine_id)
+
+
+def _valid_machine_id(text: str) -> bool:
+    return 0 < len(text) <= 64 and all(c in "0123456789abcdef-" for c in text)
+
+
+def default_name() -> str:
+    """The agent's name when none is configured: the host name, cut to the protocol's limit."""
+    return socket.gethostname()[:MAX_NAME_CHARS] or "agent"
+
+
+async def resolve_systems(section: AgentSection, store: NixStore) -> tuple[str, ...]:
+    """The configured systems, or Nix's ``builtins.currentSystem`` when none are configured."""
+    if section.systems:
+        return tuple(section.systems)
+    return (await store.current_system(),)
+
+
+async def persistent_identity(section: AgentSection, store: NixStore) -> AgentIdentity:
+    """The identity of a persistent agent: machine id from its work dir, name, systems."""
+    hostname = socket.gethostname()
+    return AgentIdentity(
+        machine_id=load_machine_id(section.work_dir),
+        name=(section.name or default_name())[:MAX_NAME_CHARS],
+        hostname=hostname,
+        systems=await resolve_systems(section, store),
+    )

@@ -1,0 +1,718 @@
+"""The agent's session with the runner (DESIGN §2, §4): connect, register, heartbeat, take
+assignments, report results, reconnect with backoff, drain.
+
+Steps outlive connections: a step keeps running while the agent reconnects, its result waits
+in ``pending`` until the runner acknowledges it, and ``register`` lists every step the agent
+still holds so the runner keeps their leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, assert_never
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, WebSocketException
+
+from bigtent import __version__
+from bigtent.agent.executor import CacheSettings, Executor
+from bigtent.agent.identity import AgentIdentity, persistent_identity
+from bigtent.config import AgentConfig, AgentSection
+from bigtent.errors import (
+    AuthError,
+    BigtentError,
+    ConfigError,
+    Forbidden,
+    ProtocolError,
+    RunnerUnreachable,
+)
+from bigtent.nix.store import NixStore
+from bigtent.protocol import (
+    MAX_ERROR_CHARS,
+    MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    Abort,
+    Accepted,
+    Assign,
+    Drain,
+    Error,
+    Heartbeat,
+    Log,
+    Outcome,
+    Refused,
+    Register,
+    Registered,
+    Result,
+    ResultAck,
+    RunningStep,
+    StepId,
+    encode,
+    parse_runner_message,
+)
+
+log = logging.getLogger(__name__)
+
+WS_PATH = "/api/v1/agent/ws"
+EXIT_OK = 0
+EXIT_AUTH_REFUSED = AuthError.exit_code
+"""Exit status when the runner refuses the agent's credentials at the upgrade (3)."""
+BACKOFF_START_SECS = 0.5
+BACKOFF_CAP_SECS = 30.0
+CONNECT_TIMEOUT_SECS = 10.0
+"""TCP, TLS and the WebSocket upgrade together."""
+REGISTER_TIMEOUT_SECS = 30.0
+"""How long to wait for ``registered`` after sending ``register``."""
+FORCED_ACK_GRACE_SECS = 5.0
+"""After a second SIGTERM: how long to wait for the runner to acknowledge the aborted results."""
+MIN_HEARTBEAT_SECS = 0.05
+
+
+class Disconnected(Exception):
+    """The session's WebSocket closed or broke."""
+
+
+class Connection(Protocol):
+    """One WebSocket session as the agent uses it; ``send``/``recv`` raise ``Disconnected``."""
+
+    async def send(self, message: str) -> None: ...
+
+    async def recv(self) -> str | bytes: ...
+
+
+Connector = Callable[[str, Mapping[str, str]], contextlib.AbstractAsyncContextManager[Connection]]
+"""Opens a session: ``(ws_url, headers)``. Raises ``AuthError`` when the runner refuses the
+credentials at the upgrade (401/403), ``RunnerUnreachable`` for anything it may retry."""
+
+
+class StepRunner(Protocol):
+    """Runs one assignment to a result (``Executor`` in production; a fake in unit tests)."""
+
+    async def run(
+        self,
+        assign: Assign,
+        cache: CacheSettings,
+        *,
+        send_log: Callable[[Log], Awaitable[object]],
+        abort: asyncio.Event,
+    ) -> Result: ...
+
+
+# ---- decisions --------------------------------------------------------------------------
+def next_backoff_secs(attempt: int, rand: float) -> float:
+    """Reconnect delay: ``0.5 s · 2^attempt`` capped at 30 s, times a jitter in [0.5, 1)."""
+    base = min(BACKOFF_CAP_SECS, BACKOFF_START_SECS * 2.0 ** min(attempt, 32))
+    return base * (0.5 + rand / 2)
+
+
+def agent_ws_url(runner_url: str) -> str:
+    """``http(s)://host:port[/prefix]`` -> ``ws(s)://host:port[/prefix]/api/v1/agent/ws``."""
+    parts = urlsplit(runner_url)
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
+    if scheme is None or not parts.netloc:
+        raise ConfigError(
+            f"config key agent.runner_url must be an http:// or https:// URL (got {runner_url!r})"
+        )
+    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + WS_PATH, "", ""))
+
+
+# ---- host metrics -----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class HostMetrics:
+    load: float | None = None
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    free_store_bytes: int | None = None
+    free_build_bytes: int | None = None
+    psi_cpu_some_avg10: float | None = None
+
+
+def read_host_metrics(store_dir: Path, work_dir: Path, proc: Path = Path("/proc")) -> HostMetrics:
+    """Load, memory, free disk and CPU pressure, each ``None`` where the host does not say."""
+    load: float | None
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    used = total = None
+    with contextlib.suppress(OSError, ValueError):
+        fields = {}
+        for line in (proc / "meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            fields[key] = int(rest.split()[0]) * 1024
+        total = fields["MemTotal"]
+        used = total - fields.get("MemAvailable", fields.get("MemFree", 0))
+    psi: float | None = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in (proc / "pressure" / "cpu").read_text().splitlines():
+            if line.startswith("some "):
+                values = dict(part.split("=", 1) for part in line.split()[1:])
+                psi = float(values["avg10"])
+    return HostMetrics(
+        load=load,
+        memory_used_bytes=used,
+        memory_total_bytes=total,
+        free_store_bytes=_free_bytes(store_dir),
+        free_build_bytes=_free_bytes(work_dir),
+        psi_cpu_some_avg10=psi,
+    )
+
+
+def _free_bytes(path: Path) -> int | None:
+    # The store dir of a fresh chroot store may not exist yet: measure its nearest ancestor.
+    for candidate in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(candidate).free
+    return None
+
+
+# ---- the session ------------------------------------------------------------------------
+@dataclass(slots=True)
+class _Step:
+    assign: Assign
+    cache: CacheSettings
+    abort: asyncio.Event = field(default_factory=asyncio.Event)
+    lease_lost: bool = False
+
+
+class AgentSession:
+    """One agent's life: sessions with the runner, reconnects, and the steps it holds.
+
+    Slot accounting: a step takes a slot from the moment its ``assign`` is accepted until its
+    result exists; a result then waits in ``pending`` (no slot) until the runner's
+    ``result_ack``. Both running and pending steps are *held*: ``register`` and heartbeats name
+    them so the runner keeps their leases.
+    """
+
+    def __init__(
+        self,
+        section: AgentSection,
+        identity: AgentIdentity,
+        *,
+        token: str | None,
+        connect: Connector,
+        executor: StepRunner,
+        rand: Callable[[], float] = random.random,
+        store_dir: Path | None = None,
+    ) -> None:
+        self._section = section
+        self._identity = identity
+        self._token = token
+        self._connect = connect
+        self._executor = executor
+        self._rand = rand
+        self._store_dir = store_dir or NixStore(store=section.store).real_path("/nix/store")
+        self._ws_url = agent_ws_url(section.runner_url)
+        self._running: dict[StepId, _Step] = {}
+        self._pending: dict[StepId, Result] = {}
+        self._cache: CacheSettings | None = None
+        self._conn: Connection | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._draining = False
+        self._shutdown_requests = 0
+        self._sessions = 0
+        """How many sessions have been registered (resets the reconnect backoff)."""
+        self._stop = asyncio.Event()
+        """Set when the agent should close its session and exit."""
+        self._idle = asyncio.Event()
+        """Set while no step is running."""
+        self._settled = asyncio.Event()
+        """Set while no result waits for its acknowledgement."""
+        self.registered = asyncio.Event()
+        """Set while a session is registered (tests and ``bigtent up`` wait on it)."""
+        self._update()
+
+    # ---- public -------------------------------------------------------------------------
+    @property
+    def running(self) -> list[StepId]:
+        return sorted(self._running)
+
+    @property
+    def pending_results(self) -> list[StepId]:
+        return sorted(self._pending)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    async def run(self) -> int:
+        """Serve until drained, stopped or refused; returns the process exit status."""
+        code = EXIT_OK
+        failure: BigtentError | None = None
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            try:
+                code = await self._serve()
+            except BigtentError as exc:
+                failure = exc  # re-raised below, not wrapped in the task group's ExceptionGroup
+            finally:
+                # Only non-empty when leaving early (auth refused, an error, cancellation).
+                self._abort_all("the agent is stopping")
+                self._tg = None
+        if failure is not None:
+            raise failure
+        return code
+
+    def request_shutdown(self) -> None:
+        """SIGTERM: first drain (finish running steps, take no more); then abort them."""
+        self._shutdown_requests += 1
+        if self._shutdown_requests == 1:
+            log.info(
+                "draining: finishing %d running step(s), accepting no more; "
+                "signal again to abort them",
+                len(self._running),
+            )
+            self._draining = True
+            self._update()
+        elif self._shutdown_requests == 2:
+            log.warning("aborting %d running step(s) and exiting", len(self._running))
+            self._abort_all("the agent was told to stop")
+            if self._tg is not None:
+                self._tg.create_task(self._stop_after_abort(), name="agent-forced-stop")
+            else:
+                self._stop.set()
+
+    # ---- connection loop ----------------------------------------------------------------
+    async def _serve(self) -> int:
+        attempt = 0
+        while not self._stop.is_set():
+            sessions_before = self._sessions
+            try:
+                async with self._connect(self._ws_url, self._headers()) as conn:
+                    await self._session(conn)
+            except AuthError as exc:
+                log.error(
+                    "the runner at %s refused the agent's credentials (%s); "
+                    "check the agent token and its role",
+                    self._section.runner_url,
+                    exc,
+                )
+                return EXIT_AUTH_REFUSED
+            except (RunnerUnreachable, Disconnected, ProtocolError, TimeoutError) as exc:
+                log.warning("session with runner %s ended: %s", self._section.runner_url, exc)
+            if self._stop.is_set():
+                break
+            if self._sessions != sessions_before:
+                attempt = 0  # it was registered: a fresh outage starts a fresh backoff
+            delay = next_backoff_secs(attempt, self._rand())
+            attempt += 1
+            log.info("reconnecting in %.1f s (attempt %d)", delay, attempt)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+        log.info("agent stopped")
+        return EXIT_OK
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+
+    async def _session(self, conn: Connection) -> None:
+        """One registered session; returns when the agent should stop, raises on disconnect."""
+        await conn.send(encode(self._register_message()))
+        raw = await asyncio.wait_for(conn.recv(), REGISTER_TIMEOUT_SECS)
+        first = parse_runner_message(raw)
+        if isinstance(first, Error):
+            raise ProtocolError(f"the runner refused the registration: {first.message}")
+        if not isinstance(first, Registered):
+            raise ProtocolError(f"expected 'registered' from the runner, got {first.type!r}")
+        if first.proto != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"the runner speaks {first.proto!r}, this agent {PROTOCOL_VERSION!r}"
+            )
+        self._on_registered(first)
+        log.info(
+            "registered with %s as %s (session %s, %d step(s) held)",
+            self._section.runner_url,
+            self._identity.name,
+            first.session_id,
+            len(self._running) + len(self._pending),
+        )
+        self._conn = conn
+        self._sessions += 1
+        self.registered.set()
+        try:
+            for result in list(self._pending.values()):
+                log.info("re-sending the result of step %s", result.step_id)
+                await conn.send(encode(result))
+            await _first_completed(
+                self._receive_loop(conn),
+                self._heartbeat_loop(conn, max(first.heartbeat_secs, MIN_HEARTBEAT_SECS)),
+                self._stop.wait(),
+            )
+        finally:
+            self._conn = None
+            self.registered.clear()
+
+    def _register_message(self) -> Register:
+        ident = self._identity
+        held = [
+            RunningStep(step_id=sid, lease_id=step.assign.lease_id)
+            for sid, step in self._running.items()
+        ] + [
+            RunningStep(step_id=sid, lease_id=result.lease_id)
+            for sid, result in self._pending.items()
+        ]
+        return Register(
+            version=__version__,
+            machine_id=ident.machine_id,
+            name=ident.name,
+            hostname=ident.hostname[:256],
+            systems=list(ident.systems),
+            supported_features=self._section.supported_features,
+            mandatory_features=self._section.mandatory_features,
+            max_jobs=self._section.max_jobs,
+            cpu_count=os.cpu_count() or 1,
+            speed_factor=self._section.speed_factor,
+            ephemeral=ident.ephemeral,
+            launch_id=ident.launch_id,
+            running=held,
+        )
+
+    def _on_registered(self, registered: Registered) -> None:
+        """Take the runner's cache settings; drop held steps whose leases it no longer keeps."""
+        self._cache = CacheSettings.from_registered(registered, self._section.runner_url)
+        keep = set(registered.keep_running)
+        for sid, step in self._running.items():
+            if sid not in keep:
+                log.warning("step %s: the runner no longer holds its lease; aborting it", sid)
+                step.lease_lost = True
+                step.abort.set()
+        for sid in [sid for sid in self._pending if sid not in keep]:
+            log.warning("step %s: the runner no longer holds its lease; dropping its result", sid)
+            del self._pending[sid]
+        self._update()
+
+    async def _receive_loop(self, conn: Connection) -> None:
+        while True:
+            message = parse_runner_message(await conn.recv())
+            log.debug("received %s", message.type)
+            match message:
+                case Assign():
+                    await self._on_assign(conn, message)
+                case Abort():
+                    self._on_abort(message)
+                case Drain():
+                    log.info("the runner asked the agent to drain: %s", message.reason or "-")
+                    self._draining = True
+                    self._update()
+                case ResultAck():
+                    self._on_ack(message)
+                case Error():
+                    raise ProtocolError(f"the runner reported an error: {message.message}")
+                case Registered():
+                    log.warning("ignoring an unexpected 'registered' from the runner")
+                case _:
+                    assert_never(message)
+
+    async def _heartbeat_loop(self, conn: Connection, interval_secs: float) -> None:
+        while True:
+            await asyncio.sleep(interval_secs)
+            metrics = read_host_metrics(self._store_dir, self._section.work_dir)
+            beat = Heartbeat(
+                load=metrics.load,
+                memory_used_bytes=metrics.memory_used_bytes,
+                memory_total_bytes=metrics.memory_total_bytes,
+                free_store_bytes=metrics.free_store_bytes,
+                free_build_bytes=metrics.free_build_bytes,
+                psi_cpu_some_avg10=metrics.psi_cpu_some_avg10,
+                running=sorted({*self._running, *self._pending}),
+            )
+            await conn.send(encode(beat))
+
+    # ---- messages -----------------------------------------------------------------------
+    def _refusal(self, assign: Assign) -> str | None:
+        """Why this assignment cannot be taken now, or None when a slot is free."""
+        if self._draining:
+            return "the agent is draining"
+        if assign.step_id in self._running or assign.step_id in self._pending:
+            return f"the agent already holds step {assign.step_id}"
+        if len(self._running) >= self._section.max_jobs:
+            return f"no free slot ({len(self._running)}/{self._section.max_jobs} running)"
+        return None
+
+    async def _on_assign(self, conn: Connection, assign: Assign) -> None:
+        reason = self._refusal(assign)
+        if reason is not None:
+            log.info("refusing step %s (%s): %s", assign.step_id, assign.drv_path, reason)
+            await conn.send(
+                encode(Refused(step_id=assign.step_id, lease_id=assign.lease_id, reason=reason))
+            )
+            return
+        # Reserve the slot before any await, so no second assign can take it.
+        assert self._cache is not None and self._tg is not None  # set before receiving
+        step = _Step(assign, self._cache)
+        self._running[assign.step_id] = step
+        self._update()
+        try:
+            await conn.send(encode(Accepted(step_id=assign.step_id, lease_id=assign.lease_id)))
+        finally:
+            # Even if the acceptance was lost, run it: after reconnecting the runner decides
+            # (keep_running) whether the lease still stands.
+            self._tg.create_task(self._run_step(step), name=f"step-{assign.step_id}")
+
+    def _on_abort(self, abort: Abort) -> None:
+        step = self._running.get(abort.step_id)
+        if step is None:
+            log.debug("abort for step %s, which is not running here", abort.step_id)
+            return
+        log.info("aborting step %s: %s", abort.step_id, abort.reason or "asked by the runner")
+        step.abort.set()
+
+    def _on_ack(self, ack: ResultAck) -> None:
+        result = self._pending.get(ack.step_id)
+        if result is None or result.lease_id != ack.lease_id:
+            return
+        del self._pending[ack.step_id]
+        if not ack.recorded:
+            log.warning(
+                "step %s: the runner ignored its result (lease %s no longer current)",
+                ack.step_id,
+                ack.lease_id,
+            )
+        self._update()
+
+    # ---- steps --------------------------------------------------------------------------
+    async def _run_step(self, step: _Step) -> None:
+        assign = step.assign
+        try:
+            try:
+                result = await self._executor.run(
+                    assign, step.cache, send_log=self._send, abort=step.abort
+                )
+            except Exception as exc:
+                # Supervisor of one step: a bug here must not take the other steps down.
+                log.exception("step %s: the executor failed", assign.step_id)
+                result = Result(
+                    step_id=assign.step_id,
+                    lease_id=assign.lease_id,
+                    outcome=Outcome.PREPARE_FAILURE,
+                    error=f"agent error: {exc!r}"[:MAX_ERROR_CHARS],
+                )
+            if step.lease_lost:
+                return
+            self._pending[assign.step_id] = result
+        finally:
+            self._running.pop(assign.step_id, None)
+            self._update()
+        await self._send(result)
+
+    async def _send(self, message: Log | Result) -> bool:
+        """Send if a session is up; False (message not sent) otherwise. Never raises."""
+        conn = self._conn
+        if conn is None:
+            return False
+        try:
+            await conn.send(encode(message))
+        except Disconnected:
+            return False
+        return True
+
+    def _abort_all(self, reason: str) -> None:
+        for sid, step in self._running.items():
+            if not step.abort.is_set():
+                log.info("aborting step %s: %s", sid, reason)
+                step.abort.set()
+
+    async def _stop_after_abort(self) -> None:
+        """Second SIGTERM: wait for the aborted steps, give their results a moment, stop."""
+        await self._idle.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settled.wait(), FORCED_ACK_GRACE_SECS)
+        self._stop.set()
+
+    def _update(self) -> None:
+        """Recompute the derived events after the running/pending sets or draining changed."""
+        _set_to(self._idle, not self._running)
+        _set_to(self._settled, not self._pending)
+        if self._draining and not self._running and not self._pending:
+            self._stop.set()
+
+
+def _set_to(event: asyncio.Event, value: bool) -> None:
+    if value:
+        event.set()
+    else:
+        event.clear()
+
+
+async def _first_completed(*coros: Coroutine[Any, Any, object]) -> None:
+    """Run ``coros`` until the first finishes; cancel and await the rest; re-raise its error."""
+    tasks = [asyncio.create_task(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            raise exc
+
+
+# ---- the WebSocket edge -----------------------------------------------------------------
+class _WebSocketConnection:
+    def __init__(self, ws: ClientConnection) -> None:
+        self._ws = ws
+
+    async def send(self, message: str) -> None:
+        try:
+            await self._ws.send(message)
+        except ConnectionClosed as exc:
+            raise Disconnected(f"connection closed ({exc})") from exc
+
+    async def recv(self) -> str | bytes:
+        try:
+            return await self._ws.recv()
+        except ConnectionClosed as exc:
+            raise Disconnected(f"connection closed ({exc})") from exc
+
+
+def websocket_connector(ssl_context: ssl.SSLContext | None = None) -> Connector:
+    """The production connector: a ``websockets`` client; TLS with ``ssl_context`` for wss."""
+
+    @contextlib.asynccontextmanager
+    async def connect(url: str, headers: Mapping[str, str]) -> AsyncIterator[Connection]:
+        try:
+            ws = await ws_connect(
+                url,
+                additional_headers=dict(headers),
+                ssl=ssl_context if url.startswith("wss:") else None,
+                max_size=MAX_MESSAGE_BYTES,
+                open_timeout=CONNECT_TIMEOUT_SECS,
+                close_timeout=2,
+            )
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            reason = _reason(exc.response.body)
+            if status == 401:
+                raise AuthError(f"HTTP 401: {reason}") from exc
+            if status == 403:
+                raise Forbidden(f"HTTP 403: {reason}") from exc
+            raise RunnerUnreachable(f"the runner answered HTTP {status}: {reason}") from exc
+        except InvalidURI as exc:
+            raise ConfigError(f"config key agent.runner_url is not usable: {exc}") from exc
+        except (OSError, TimeoutError, WebSocketException) as exc:
+            raise RunnerUnreachable(f"cannot reach the runner at {url}: {exc}") from exc
+        try:
+            yield _WebSocketConnection(ws)
+        finally:
+            await ws.close()
+
+    return connect
+
+
+def _reason(body: bytes | bytearray | None) -> str:
+    """One line of the runner's refusal body (``{"error": ...}`` or text)."""
+    text = (body or b"").decode(errors="replace").strip()
+    with contextlib.suppress(ValueError):
+        data = json.loads(text)
+        if isinstance(data, dict) and isinstance(data.get("error"), str):
+            text = data["error"]
+    return " ".join(text.split())[:300] or "no reason given"
+
+
+def ssl_context_for(section: AgentSection) -> ssl.SSLContext | None:
+    """TLS settings for wss/https: ``ca_file`` when given, else the system roots."""
+    if section.ca_file is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=str(section.ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"config key agent.ca_file: cannot load {section.ca_file}: {exc}"
+        ) from exc
+
+
+@contextlib.contextmanager
+def _signal_handlers(session: AgentSession) -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, session.request_shutdown)
+        except (NotImplementedError, RuntimeError, ValueError):
+            continue  # not the main thread, or not supported here
+        installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+async def run_agent(
+    cfg: AgentConfig,
+    token: str | None,
+    *,
+    connect: Connector | None = None,
+    http: httpx.AsyncClient | None = None,
+    identity: AgentIdentity | None = None,
+    install_signal_handlers: bool = True,
+) -> int:
+    """Run a persistent agent until it is drained or stopped; returns the exit status.
+
+    0 after a drain (runner ``drain`` or SIGTERM) or a forced stop (second SIGTERM), 3 when the
+    runner refuses the credentials. Startup problems (work dir, Nix missing) raise
+    ``BigtentError`` for the CLI to report. ``connect``/``http``/``identity`` are seams for
+    tests and for ephemeral agents (which bring their own identity).
+    """
+    section = cfg.agent
+    ssl_context = ssl_context_for(section)
+    if identity is None:
+        identity = await persistent_identity(section, NixStore(store=section.store))
+    async with contextlib.AsyncExitStack() as stack:
+        if http is None:
+            http = await stack.enter_async_context(
+                httpx.AsyncClient(
+                    verify=ssl_context if ssl_context is not None else True,
+                    timeout=httpx.Timeout(300.0, connect=10.0),
+                )
+            )
+        session = AgentSession(
+            section,
+            identity,
+            token=token,
+            connect=connect or websocket_connector(ssl_context),
+            executor=Executor(section, http=http, token=token),
+        )
+        if install_signal_handlers:
+            stack.enter_context(_signal_handlers(session))
+        log.info(
+            "agent %s (machine %s) starting: systems %s, %d slot(s), runner %s",
+            identity.name,
+            identity.machine_id,
+            " ".join(identity.systems),
+            section.max_jobs,
+            section.runner_url,
+        )
+        return await session.run()
+
+
+__all__ = [
+    "EXIT_AUTH_REFUSED",
+    "EXIT_OK",
+    "AgentSession",
+    "Connection",
+    "Connector",
+    "Disconnected",
+    "HostMetrics",
+    "StepRunner",
+    "agent_ws_url",
+    "next_backoff_secs",
+    "read_host_metrics",
+    "run_agent",
+    "ssl_context_for",
+    "websocket_connector",
+]

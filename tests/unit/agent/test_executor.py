@@ -1,0 +1,391 @@
+"""The executor without Nix: log batching, classification, options, and the NAR upload."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bigtent.agent import executor as executor_mod
+from bigtent.agent.executor import (
+    LOG_BATCH_CHARS,
+    CacheSettings,
+    Executor,
+    LogBatcher,
+    join_runner_url,
+    nix_options,
+    outcome_of,
+)
+from bigtent.config import AgentSection
+from bigtent.nix.base32 import format_hash
+from bigtent.nix.nar import dump_path
+from bigtent.nix.store import NixStore, RealiseResult, RealiseStatus
+from bigtent.protocol import (
+    MAX_LOG_LINE_CHARS,
+    MAX_LOG_LINES_PER_BATCH,
+    MAX_MESSAGE_BYTES,
+    Assign,
+    LeaseId,
+    Log,
+    Outcome,
+    StepId,
+    encode,
+)
+
+WAIT = 5.0
+OUT = f"/nix/store/{'b' * 32}-hello"
+DEV = f"/nix/store/{'c' * 32}-hello-dev"
+
+
+# ---- log batching -----------------------------------------------------------------------
+class Collector:
+    def __init__(self) -> None:
+        self.batches: list[Log] = []
+        self.arrived = asyncio.Event()
+
+    async def send(self, message: Log) -> bool:
+        self.batches.append(message)
+        self.arrived.set()
+        return True
+
+
+async def test_log_lines_are_batched_not_sent_one_by_one() -> None:
+    sink = Collector()
+    batcher = LogBatcher(StepId(1), LeaseId("l"), sink.send)
+    sender = asyncio.create_task(batcher.run())
+    for i in range(1200):
+        assert batcher.add(f"line {i}") is None
+    batcher.close()
+    await asyncio.wait_for(sender, WAIT)
+    assert [len(b.lines) for b in sink.batches] == [500, 500, 200]
+    assert [line for b in sink.batches for line in b.lines] == [f"line {i}" for i in range(1200)]
+    assert all((b.step_id, b.lease_id) == (1, "l") for b in sink.batches)
+
+
+async def test_log_batch_is_flushed_after_the_interval() -> None:
+    sink = Collector()
+    batcher = LogBatcher(StepId(1), LeaseId("l"), sink.send, flush_secs=0.01)
+    sender = asyncio.create_task(batcher.run())
+    try:
+        batcher.add("a")
+        batcher.add("b")
+        await asyncio.wait_for(sink.arrived.wait(), WAIT)
+        assert [b.lines for b in sink.batches] == [["a", "b"]]
+    finally:
+        batcher.close()
+        await asyncio.wait_for(sender, WAIT)
+    assert len(sink.batches) == 1
+
+
+async def test_log_batches_respect_protocol_limits() -> None:
+    sink = Collector()
+    batcher = LogBatcher(StepId(1), LeaseId("l"), sink.send, batch_lines=10_000)
+    sender = asyncio.create_task(batcher.run())
+    long = "\x01" * (MAX_LOG_LINE_CHARS * 2)  # JSON-escaped 6x
+    for _ in range(40):
+        batcher.add(long)
+    batcher.close()
+    await asyncio.wait_for(sender, WAIT)
+    assert sum(len(b.lines) for b in sink.batches) == 40
+    for batch in sink.batches:
+        assert len(batch.lines) <= MAX_LOG_LINES_PER_BATCH
+        assert all(len(line) <= MAX_LOG_LINE_CHARS for line in batch.lines)
+        assert sum(map(len, batch.lines)) <= LOG_BATCH_CHARS + MAX_LOG_LINE_CHARS
+        assert len(encode(batch).encode()) <= MAX_MESSAGE_BYTES
+
+
+async def test_log_backlog_applies_backpressure() -> None:
+    release = asyncio.Event()
+
+    async def slow_send(message: Log) -> bool:
+        await release.wait()
+        return True
+
+    batcher = LogBatcher(StepId(1), LeaseId("l"), slow_send)
+    sender = asyncio.create_task(batcher.run())
+    waits = [batcher.add(str(i)) for i in range(executor_mod.LOG_BACKLOG_LINES + 1)]
+    pending = [w for w in waits if w is not None]
+    assert pending, "a long backlog must make the log reader wait"
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*pending), WAIT)
+    batcher.close()
+    await asyncio.wait_for(sender, WAIT)
+
+
+# ---- classification and options ---------------------------------------------------------
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [
+        (RealiseStatus.SUCCESS, Outcome.SUCCESS),
+        (RealiseStatus.BUILD_FAILURE, Outcome.BUILD_FAILURE),
+        (RealiseStatus.TIMED_OUT, Outcome.TIMED_OUT),
+        (RealiseStatus.LOG_LIMIT, Outcome.LOG_LIMIT),
+        (RealiseStatus.ABORTED, Outcome.ABORTED),
+        (RealiseStatus.OTHER_FAILURE, Outcome.PREPARE_FAILURE),
+    ],
+)
+def test_outcome_of(status: RealiseStatus, outcome: Outcome) -> None:
+    assert outcome_of(status) is outcome
+
+
+def test_nix_options_order_and_overrides(tmp_path: Path) -> None:
+    section = AgentSection(
+        work_dir=tmp_path,
+        sandbox_paths=["/bin=/usr/bin", "/usr"],
+        extra_nix_options={"cores": "2", "narinfo-cache-negative-ttl": "60"},
+    )
+    cache = CacheSettings(
+        "http://r:1/cache", "r-1:KEY", (("https://up1", "up1:K1"), ("https://up2", "up2:K2"))
+    )
+    assert nix_options(section, cache) == {
+        "substituters": "http://r:1/cache https://up1 https://up2",
+        "trusted-public-keys": "r-1:KEY up1:K1 up2:K2",
+        "narinfo-cache-negative-ttl": "60",
+        "extra-sandbox-paths": "/bin=/usr/bin /usr",
+        "cores": "2",
+    }
+    store = Executor(section, http=httpx.AsyncClient(), token=None).nix_store(cache)
+    assert store.env == {"XDG_CACHE_HOME": str(tmp_path / "xdg-cache")}
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("/api/v1/agent/upload/l/out", "http://r:1/api/v1/agent/upload/l/out"),
+        ("api/v1/x", "http://r:1/api/v1/x"),
+        ("https://other/x", "https://other/x"),
+    ],
+)
+def test_join_runner_url(url: str, expected: str) -> None:
+    assert join_runner_url("http://r:1/", url) == expected
+
+
+# ---- a whole step with a fake store and a mock runner ------------------------------------
+class FakeStore(NixStore):
+    """Stands in for Nix: realise prints a log and reports ``status``; paths live under root."""
+
+    def __init__(self, root: Path, status: RealiseStatus, lines: Sequence[str]) -> None:
+        super().__init__(store=f"local?root={root}")
+        self.status = status
+        self.lines = lines
+
+    async def realise(self, paths: Sequence[str], **kwargs: Any) -> RealiseResult:
+        on_line = kwargs["on_line"]
+        for line in self.lines:
+            res = on_line(line)
+            if res is not None:
+                await res
+        code = {RealiseStatus.SUCCESS: 0, RealiseStatus.BUILD_FAILURE: 100}.get(self.status, 1)
+        return RealiseResult(self.status, code, error="" if code == 0 else "error: it failed")
+
+
+class FakeExecutor(Executor):
+    def __init__(self, store: FakeStore, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.store = store
+
+    def nix_store(self, cache: CacheSettings) -> NixStore:
+        return self.store
+
+
+def make_outputs(root: Path) -> None:
+    out = root / OUT.lstrip("/")
+    (out / "bin").mkdir(parents=True)
+    (out / "bin" / "hello").write_bytes(b"#!/bin/sh\necho hi\n")
+    (out / "bin" / "hello").chmod(0o755)
+    (out / "big").write_bytes(bytes(range(256)) * 8192)  # 2 MiB: the threaded, streamed path
+    dev = root / DEV.lstrip("/")
+    dev.parent.mkdir(parents=True, exist_ok=True)
+    dev.write_text("headers")
+
+
+def nar_hash(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    for chunk in dump_path(path):
+        h.update(chunk)
+        size += len(chunk)
+    return format_hash("sha256", h.digest()), size
+
+
+ASSIGN = Assign(
+    step_id=StepId(5),
+    lease_id=LeaseId("lease-5"),
+    drv_path=f"/nix/store/{'a' * 32}-hello.drv",
+    outputs={"out": OUT, "dev": DEV},
+    upload_urls={
+        "out": "/api/v1/agent/upload/lease-5/out",
+        "dev": "/api/v1/agent/upload/lease-5/dev",
+    },
+    timeout_secs=60,
+    max_silent_secs=60,
+    max_log_bytes=1 << 20,
+)
+CACHE = CacheSettings("http://r/cache", "r-1:KEY")
+
+
+async def run_step(
+    tmp_path: Path,
+    handler: Any,
+    status: RealiseStatus = RealiseStatus.SUCCESS,
+    lines: Sequence[str] = ("copying path", "building '/nix/store/x.drv'...", "hello"),
+) -> tuple[Any, list[Log]]:
+    root = tmp_path / "root"
+    make_outputs(root)
+    section = AgentSection(runner_url="http://runner:1", work_dir=tmp_path)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        ex = FakeExecutor(FakeStore(root, status, lines), section, http=http, token="tok")
+        logs: list[Log] = []
+
+        async def send_log(message: Log) -> bool:
+            logs.append(message)
+            return True
+
+        result = await ex.run(ASSIGN, CACHE, send_log=send_log, abort=asyncio.Event())
+    return result, logs
+
+
+async def test_success_uploads_every_output_with_its_nar_hash(tmp_path: Path) -> None:
+    seen: dict[str, dict[str, Any]] = {}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        body = await request.aread()
+        name = request.url.path.rsplit("/", 1)[1]
+        seen[name] = {
+            "method": request.method,
+            "host": request.url.host,
+            "auth": request.headers["authorization"],
+            "hash": request.headers["x-nar-hash"],
+            "size": request.headers["x-nar-size"],
+            "length": request.headers["content-length"],
+            "body_hash": format_hash("sha256", hashlib.sha256(body).digest()),
+            "body_size": len(body),
+        }
+        return httpx.Response(200, json={"path": "p", "references": [DEV.rsplit("/", 1)[1]]})
+
+    result, logs = await run_step(tmp_path, handler)
+    assert result.outcome is Outcome.SUCCESS, result.error
+    assert [line for b in logs for line in b.lines][-1] == "hello"
+    root = tmp_path / "root"
+    by_name = {o.name: o for o in result.outputs}
+    for name, path in (("out", OUT), ("dev", DEV)):
+        expected_hash, expected_size = nar_hash(root / path.lstrip("/"))
+        got = seen[name]
+        assert got["method"] == "PUT" and got["host"] == "runner"
+        assert got["auth"] == "Bearer tok"
+        assert got["hash"] == got["body_hash"] == expected_hash
+        assert int(got["size"]) == int(got["length"]) == got["body_size"] == expected_size
+        assert (by_name[name].path, by_name[name].nar_hash) == (path, expected_hash)
+        assert by_name[name].nar_size == expected_size
+        assert by_name[name].references == [DEV]
+    assert result.timings.build_secs >= 0 and result.timings.upload_secs >= 0
+
+
+async def test_upload_refusal_is_an_upload_failure(tmp_path: Path) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        return httpx.Response(409, json={"error": "lease lease-5 is not current"})
+
+    result, _ = await run_step(tmp_path, handler)
+    assert result.outcome is Outcome.UPLOAD_FAILURE
+    assert "HTTP 409" in result.error and "lease lease-5 is not current" in result.error
+
+
+async def test_network_error_is_an_upload_failure(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    result, _ = await run_step(tmp_path, handler)
+    assert result.outcome is Outcome.UPLOAD_FAILURE
+    assert "connection refused" in result.error
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome", "exit_code"),
+    [
+        (RealiseStatus.BUILD_FAILURE, Outcome.BUILD_FAILURE, 100),
+        (RealiseStatus.OTHER_FAILURE, Outcome.PREPARE_FAILURE, 1),
+    ],
+)
+async def test_failed_realise_uploads_nothing(
+    tmp_path: Path, status: RealiseStatus, outcome: Outcome, exit_code: int
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("nothing may be uploaded")
+
+    result, logs = await run_step(tmp_path, handler, status, lines=["oops"])
+    assert (result.outcome, result.exit_code, result.error) == (
+        outcome,
+        exit_code,
+        "error: it failed",
+    )
+    assert result.outputs == []
+    assert [b.lines for b in logs] == [["oops"]]
+
+
+def test_error_text_of_non_json_body() -> None:
+    response = httpx.Response(502, text="bad gateway")
+    assert executor_mod._error_text(response) == "bad gateway"
+
+
+class UnreadableStore(FakeStore):
+    """A store whose paths this filesystem cannot read: NARs come from ``dump``."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.dumped: list[str] = []
+
+    def real_path(self, store_path: str) -> Path:
+        return Path("/nonexistent") / store_path.lstrip("/")
+
+    async def dump(self, path: str, chunk_size: int = 256 * 1024) -> AsyncIterator[bytes]:
+        self.dumped.append(path)
+        for chunk in dump_path(super().real_path(path)):
+            yield chunk
+
+
+async def test_unreadable_store_falls_back_to_nix_store_dump(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    make_outputs(root)
+    store = UnreadableStore(root, RealiseStatus.SUCCESS, ["hi"])
+    bodies: dict[str, bytes] = {}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        bodies[request.url.path.rsplit("/", 1)[1]] = await request.aread()
+        return httpx.Response(200, json={})
+
+    section = AgentSection(runner_url="http://runner:1", work_dir=tmp_path)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        ex = FakeExecutor(store, section, http=http, token=None)
+
+        async def send_log(message: Log) -> bool:
+            return True
+
+        result = await ex.run(ASSIGN, CACHE, send_log=send_log, abort=asyncio.Event())
+    assert result.outcome is Outcome.SUCCESS, result.error
+    assert sorted(store.dumped) == sorted([OUT, OUT, DEV, DEV])  # hash pass, upload pass
+    for output in result.outputs:
+        assert output.nar_hash == nar_hash(root / output.path.lstrip("/"))[0]
+        assert b"".join(dump_path(root / output.path.lstrip("/"))) == bodies[output.name]
+
+
+async def test_missing_nix_is_a_prepare_failure(tmp_path: Path) -> None:
+    section = AgentSection(runner_url="http://runner:1", work_dir=tmp_path)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("nothing may be uploaded")
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        ex = Executor(section, http=http, token=None, nix_bin_dir=str(tmp_path / "no-nix"))
+
+        async def send_log(message: Log) -> bool:
+            return True
+
+        result = await ex.run(ASSIGN, CACHE, send_log=send_log, abort=asyncio.Event())
+    assert result.outcome is Outcome.PREPARE_FAILURE
+    assert "not found" in result.error

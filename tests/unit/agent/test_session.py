@@ -1,0 +1,597 @@
+"""The agent session against an in-process fake runner (a real websockets server on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from bigtent.agent.executor import CacheSettings
+from bigtent.agent.identity import AgentIdentity
+from bigtent.agent.session import (
+    BACKOFF_CAP_SECS,
+    EXIT_AUTH_REFUSED,
+    AgentSession,
+    Connection,
+    agent_ws_url,
+    next_backoff_secs,
+    read_host_metrics,
+    run_agent,
+    websocket_connector,
+)
+from bigtent.config import AgentConfig, AgentSection
+from bigtent.errors import ConfigError, RunnerUnreachable
+from bigtent.protocol import (
+    Abort,
+    Accepted,
+    AgentMessage,
+    Assign,
+    Drain,
+    Error,
+    Heartbeat,
+    LeaseId,
+    Log,
+    MachineId,
+    Outcome,
+    Refused,
+    Register,
+    Registered,
+    Result,
+    ResultAck,
+    StepId,
+    encode,
+    parse_agent_message,
+)
+
+WAIT = 5.0
+M = TypeVar("M")
+
+
+# ---- fakes ------------------------------------------------------------------------------
+@dataclass
+class RunnerSide:
+    """The runner's end of one agent session."""
+
+    ws: ServerConnection
+    register: Register
+    inbox: asyncio.Queue[AgentMessage] = field(default_factory=asyncio.Queue)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def send(self, message: Any) -> None:
+        await self.ws.send(encode(message))
+
+    async def expect(self, kind: type[M], timeout: float = WAIT) -> M:
+        """The next message of ``kind``, skipping heartbeats and logs."""
+        while True:
+            message = await asyncio.wait_for(self.inbox.get(), timeout)
+            if isinstance(message, kind):
+                return message
+            if not isinstance(message, Heartbeat | Log):
+                raise AssertionError(f"expected {kind.__name__}, got {message!r}")
+
+    async def assign(self, step_id: int, lease: str = "") -> None:
+        await self.send(
+            Assign(
+                step_id=StepId(step_id),
+                lease_id=LeaseId(lease or f"lease-{step_id}"),
+                drv_path=f"/nix/store/{'a' * 32}-s{step_id}.drv",
+                outputs={"out": f"/nix/store/{'b' * 32}-s{step_id}"},
+                upload_urls={"out": f"/api/v1/agent/upload/lease-{step_id}/out"},
+                timeout_secs=60,
+                max_silent_secs=60,
+                max_log_bytes=1 << 20,
+            )
+        )
+
+
+class FakeRunner:
+    """Speaks protocol.py over a real WebSocket; refuses the upgrade when ``status`` is set."""
+
+    def __init__(
+        self,
+        *,
+        status: int | None = None,
+        heartbeat_secs: float = 60.0,
+        keep_running: list[int] | None = None,
+    ) -> None:
+        self.status = status
+        self.heartbeat_secs = heartbeat_secs
+        self.keep_running = keep_running
+        self.sessions: asyncio.Queue[RunnerSide] = asyncio.Queue()
+        self.auth_headers: list[str | None] = []
+        self.url = ""
+        self._server: Server | None = None
+
+    async def __aenter__(self) -> FakeRunner:
+        self._server = await serve(
+            self._handler, "127.0.0.1", 0, process_request=self._process_request
+        )
+        port = next(iter(self._server.sockets)).getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        self.auth_headers.append(request.headers.get("Authorization"))
+        if request.path != "/api/v1/agent/ws":
+            return conn.respond(404, "not found\n")
+        if self.status is not None:
+            return conn.respond(self.status, '{"error": "unknown token"}')
+        return None
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        register = parse_agent_message(await ws.recv())
+        assert isinstance(register, Register)
+        keep = self.keep_running
+        if keep is None:
+            keep = [r.step_id for r in register.running]
+        await ws.send(
+            encode(
+                Registered(
+                    session_id="s",
+                    heartbeat_secs=self.heartbeat_secs,
+                    lease_secs=60,
+                    cache_url="/cache",
+                    cache_public_key="test-1:key",
+                    keep_running=[StepId(k) for k in keep],
+                )
+            )
+        )
+        side = RunnerSide(ws, register)
+        await self.sessions.put(side)
+        try:
+            async for raw in ws:
+                await side.inbox.put(parse_agent_message(raw))
+        except ConnectionClosed:
+            pass
+        finally:
+            side.closed.set()
+
+    async def next_session(self) -> RunnerSide:
+        return await asyncio.wait_for(self.sessions.get(), WAIT)
+
+
+@dataclass
+class FakeStep:
+    assign: Assign
+    cache: CacheSettings
+    send_log: Callable[[Log], Awaitable[object]]
+    abort: asyncio.Event
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    outcome: Outcome = Outcome.SUCCESS
+
+
+class FakeExecutor:
+    """Runs no Nix: a step ends when the test releases it or the session aborts it."""
+
+    def __init__(self) -> None:
+        self.started: asyncio.Queue[FakeStep] = asyncio.Queue()
+
+    async def run(
+        self,
+        assign: Assign,
+        cache: CacheSettings,
+        *,
+        send_log: Callable[[Log], Awaitable[object]],
+        abort: asyncio.Event,
+    ) -> Result:
+        step = FakeStep(assign, cache, send_log, abort)
+        await self.started.put(step)
+        release = asyncio.ensure_future(step.release.wait())
+        aborted = asyncio.ensure_future(abort.wait())
+        try:
+            await asyncio.wait({release, aborted}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            release.cancel()
+            aborted.cancel()
+            await asyncio.wait({release, aborted})
+        outcome = Outcome.ABORTED if abort.is_set() else step.outcome
+        step.finished.set()
+        return Result(step_id=assign.step_id, lease_id=assign.lease_id, outcome=outcome)
+
+    async def next_step(self) -> FakeStep:
+        return await asyncio.wait_for(self.started.get(), WAIT)
+
+
+@dataclass
+class Agent:
+    session: AgentSession
+    executor: FakeExecutor
+    task: asyncio.Task[int]
+
+    async def exit_code(self) -> int:
+        return await asyncio.wait_for(asyncio.shield(self.task), WAIT)
+
+
+@pytest.fixture
+async def start_agent(tmp_path: Path) -> AsyncIterator[Callable[..., Agent]]:
+    agents: list[Agent] = []
+
+    def start(runner: FakeRunner, *, token: str | None = "secret", **section: Any) -> Agent:
+        cfg = AgentSection(runner_url=runner.url, work_dir=tmp_path, **section)
+        identity = AgentIdentity(MachineId("m-1"), "agent-1", "host-1", ("x86_64-linux",))
+        executor = FakeExecutor()
+        session = AgentSession(
+            cfg,
+            identity,
+            token=token,
+            connect=websocket_connector(),
+            executor=executor,
+            rand=lambda: 0.0,
+            store_dir=tmp_path,
+        )
+        agent = Agent(session, executor, asyncio.create_task(session.run()))
+        agents.append(agent)
+        return agent
+
+    yield start
+    for agent in agents:
+        if not agent.task.done():
+            agent.task.cancel()
+        await asyncio.gather(agent.task, return_exceptions=True)
+
+
+# ---- tests ------------------------------------------------------------------------------
+async def test_register_carries_identity_and_token(start_agent: Callable[..., Agent]) -> None:
+    async with FakeRunner() as runner:
+        start_agent(runner, max_jobs=3, supported_features=["kvm"])
+        side = await runner.next_session()
+        reg = side.register
+        assert (reg.machine_id, reg.name, reg.hostname) == ("m-1", "agent-1", "host-1")
+        assert reg.systems == ["x86_64-linux"]
+        assert reg.supported_features == ["kvm"]
+        assert reg.max_jobs == 3
+        assert reg.ephemeral is False
+        assert reg.running == []
+        assert runner.auth_headers == ["Bearer secret"]
+
+
+async def test_assign_when_full_is_refused(start_agent: Callable[..., Agent]) -> None:
+    async with FakeRunner() as runner:
+        agent = start_agent(runner, max_jobs=1)
+        side = await runner.next_session()
+        await side.assign(1)
+        accepted = await side.expect(Accepted)
+        assert (accepted.step_id, accepted.lease_id) == (1, "lease-1")
+        step = await agent.executor.next_step()
+        assert step.cache.cache_url == f"{runner.url}/cache"
+
+        await side.assign(2)
+        refused = await side.expect(Refused)
+        assert refused.step_id == 2
+        assert "no free slot" in refused.reason
+
+        step.release.set()
+        result = await side.expect(Result)
+        assert (result.step_id, result.outcome) == (1, Outcome.SUCCESS)
+        await side.send(ResultAck(step_id=StepId(1), lease_id=LeaseId("lease-1"), recorded=True))
+
+        # The slot is free again.
+        await side.assign(3)
+        assert (await side.expect(Accepted)).step_id == 3
+        assert agent.session.running == [3]
+
+
+async def test_assign_of_a_held_step_is_refused(start_agent: Callable[..., Agent]) -> None:
+    async with FakeRunner() as runner:
+        start_agent(runner, max_jobs=2)
+        side = await runner.next_session()
+        await side.assign(1)
+        await side.expect(Accepted)
+        await side.assign(1)
+        assert "already holds" in (await side.expect(Refused)).reason
+
+
+async def test_drain_refuses_then_exits_when_idle(start_agent: Callable[..., Agent]) -> None:
+    async with FakeRunner() as runner:
+        agent = start_agent(runner, max_jobs=2)
+        side = await runner.next_session()
+        await side.assign(1)
+        await side.expect(Accepted)
+        step = await agent.executor.next_step()
+
+        await side.send(Drain(reason="maintenance"))
+        await side.assign(2)
+        refused = await side.expect(Refused)
+        assert refused.reason == "the agent is draining"
+        assert not agent.task.done()
+
+        step.release.set()
+        await side.expect(Result)
+        # Still waiting for the acknowledgement of its last result.
+        assert not agent.task.done()
+        await side.send(ResultAck(step_id=StepId(1), lease_id=LeaseId("lease-1"), recorded=True))
+        assert await agent.exit_code() == 0
+        await asyncio.wait_for(side.closed.wait(), WAIT)
+
+
+async def test_drain_when_idle_exits_at_once(start_agent: Callable[..., Agent]) -> None:
+    async with FakeRunner() as runner:
+        agent = start_agent(runner)
+        side = await runner.next_session()
+        await side.send(Drain())
+        assert await agent.exit_code() == 0
+
+
+async def test_abort_reports_aborted(start_agent: Callable[..., Agent]) -> None:
+    async with FakeRunner() as runner:
+        agent = start_agent(runner)
+        side = await runner.next_session()
+        await side.assign(7)
+        await side.expect(Accepted)
+        step = await agent.executor.next_step()
+        await side.send(Abort(step_id=StepId(7), reason="build cancelled"))
+        await asyncio.wait_for(step.abort.wait(), WAIT)
+        result = await side.expect(Result)
+        assert (result.step_id, result.outcome) == (7, Outcome.ABORTED)
+
+
+async def test_result_is_resent_after_reconnect(start_agent: Callable[..., Agent]) -> None:
+    async with FakeRunner() as runner:
+        agent = start_agent(runner)
+        first = await runner.next_session()
+        await first.assign(1)
+        await first.expect(Accepted)
+        step = await agent.executor.next_step()
+
+        # The connection drops; the step finishes while the agent is away.
+        await first.ws.close()
+        await asyncio.wait_for(first.closed.wait(), WAIT)
+        step.release.set()
+
+        second = await runner.next_session()
+        assert [(r.step_id, r.lease_id) for r in second.register.running] == [(1, "lease-1")]
+        result = await second.expect(Result)
+        assert (result.step_id, result.lease_id, result.outcome) == (1, "lease-1", "success")
+        assert agent.session.pending_results == [1]
+        await second.send(ResultAck(step_id=StepId(1), lease_id=LeaseId("lease-1"), recorded=True))
+        await second.send(Drain())
+        assert await agent.exit_code() == 0
+        assert agent.session.pending_results == []
+
+
+async def test_step_keeps_running_across_reconnect(start_agent: Callable[..., Agent]) -> None:
+    async with FakeRunner() as runner:
+        agent = start_agent(runner)
+        first = await runner.next_session()
+        await first.assign(1)
+        await first.expect(Accepted)
+        step = await agent.executor.next_step()
+        await first.ws.close()
+
+        second = await runner.next_session()
+        assert [r.step_id for r in second.register.running] == [1]
+        assert not step.abort.is_set()
+        # The slot is still taken.
+        await second.assign(2)
+        assert "no free slot" in (await second.expect(Refused)).reason
+        step.release.set()
+        assert (await second.expect(Result)).step_id == 1
+
+
+async def test_step_whose_lease_was_dropped_is_aborted(start_agent: Callable[..., Agent]) -> None:
+    async with FakeRunner(keep_running=[]) as runner:
+        agent = start_agent(runner)
+        first = await runner.next_session()
+        await first.assign(1)
+        await first.expect(Accepted)
+        step = await agent.executor.next_step()
+        await first.ws.close()
+
+        second = await runner.next_session()
+        assert [r.step_id for r in second.register.running] == [1]
+        await asyncio.wait_for(step.finished.wait(), WAIT)
+        assert step.abort.is_set()
+        # Its result is not reported (the runner re-queued the step) and the slot is free.
+        assert agent.session.running == []
+        assert agent.session.pending_results == []
+        await second.assign(2)
+        assert (await second.expect(Accepted)).step_id == 2
+
+
+async def test_heartbeats_name_held_steps(start_agent: Callable[..., Agent]) -> None:
+    async with FakeRunner(heartbeat_secs=0.05) as runner:
+        agent = start_agent(runner)
+        side = await runner.next_session()
+        await side.assign(4)
+        await side.expect(Accepted)
+        await agent.executor.next_step()
+        for _ in range(100):
+            message = await asyncio.wait_for(side.inbox.get(), WAIT)
+            if isinstance(message, Heartbeat) and message.running == [4]:
+                break
+        else:
+            raise AssertionError("no heartbeat named step 4")
+        assert message.memory_total_bytes is None or message.memory_total_bytes > 0
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_auth_refusal_exits_3(
+    start_agent: Callable[..., Agent], status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="bigtent.agent.session")
+    async with FakeRunner(status=status) as runner:
+        agent = start_agent(runner, token="wrong")
+        assert await agent.exit_code() == EXIT_AUTH_REFUSED == 3
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    text = errors[0].getMessage()
+    assert "refused the agent's credentials" in text
+    assert f"HTTP {status}" in text and "unknown token" in text
+    assert "\n" not in text
+    assert "wrong" not in text
+
+
+async def test_unreachable_runner_is_retried_until_shutdown(tmp_path: Path) -> None:
+    attempts: list[str] = []
+    retried = asyncio.Event()
+
+    class Unreachable:
+        def __init__(self, url: str) -> None:
+            self.url = url
+
+        async def __aenter__(self) -> Connection:
+            attempts.append(self.url)
+            if len(attempts) >= 3:
+                retried.set()
+            raise RunnerUnreachable("connection refused")
+
+        async def __aexit__(self, *exc: object) -> None:
+            pass
+
+    def unreachable(url: str, headers: Mapping[str, str]) -> Unreachable:
+        return Unreachable(url)
+
+    session = AgentSession(
+        AgentSection(runner_url="http://127.0.0.1:9", work_dir=tmp_path),
+        AgentIdentity(MachineId("m-1"), "agent-1", "host-1", ("x86_64-linux",)),
+        token=None,
+        connect=unreachable,
+        executor=FakeExecutor(),
+        rand=lambda: 0.0,
+        store_dir=tmp_path,
+    )
+    task = asyncio.create_task(session.run())
+    try:
+        await asyncio.wait_for(retried.wait(), WAIT)
+        assert attempts[0] == "ws://127.0.0.1:9/api/v1/agent/ws"
+        session.request_shutdown()
+        assert await asyncio.wait_for(task, WAIT) == 0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_sigterm_drains_then_second_aborts(start_agent: Callable[..., Agent]) -> None:
+    async with FakeRunner() as runner:
+        agent = start_agent(runner, max_jobs=2)
+        side = await runner.next_session()
+        await side.assign(1)
+        await side.expect(Accepted)
+        step = await agent.executor.next_step()
+
+        agent.session.request_shutdown()
+        assert agent.session.draining
+        await side.assign(2)
+        assert (await side.expect(Refused)).reason == "the agent is draining"
+        assert not step.abort.is_set()
+
+        agent.session.request_shutdown()
+        await asyncio.wait_for(step.abort.wait(), WAIT)
+        result = await side.expect(Result)
+        assert result.outcome is Outcome.ABORTED
+        await side.send(ResultAck(step_id=StepId(1), lease_id=LeaseId("lease-1"), recorded=True))
+        assert await agent.exit_code() == 0
+
+
+# ---- pure helpers -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("attempt", "rand", "expected"),
+    [
+        (0, 0.0, 0.25),
+        (0, 1.0, 0.5),
+        (1, 1.0, 1.0),
+        (3, 0.0, 2.0),
+        (10, 1.0, 30.0),
+        (500, 0.0, 15.0),
+    ],
+)
+def test_next_backoff_secs(attempt: int, rand: float, expected: float) -> None:
+    assert next_backoff_secs(attempt, rand) == pytest.approx(expected)
+    assert next_backoff_secs(attempt, rand) <= BACKOFF_CAP_SECS
+
+
+@pytest.mark.parametrize(
+    ("runner_url", "ws_url"),
+    [
+        ("http://127.0.0.1:8080", "ws://127.0.0.1:8080/api/v1/agent/ws"),
+        ("https://ci.example.org:8443/", "wss://ci.example.org:8443/api/v1/agent/ws"),
+        ("https://ci.example.org/bigtent", "wss://ci.example.org/bigtent/api/v1/agent/ws"),
+        ("http://[::1]:8080", "ws://[::1]:8080/api/v1/agent/ws"),
+    ],
+)
+def test_agent_ws_url(runner_url: str, ws_url: str) -> None:
+    assert agent_ws_url(runner_url) == ws_url
+
+
+@pytest.mark.parametrize("bad", ["ftp://x", "127.0.0.1:8080", "http://"])
+def test_agent_ws_url_rejects(bad: str) -> None:
+    with pytest.raises(ConfigError, match=r"agent\.runner_url"):
+        agent_ws_url(bad)
+
+
+def test_read_host_metrics(tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    (proc / "pressure").mkdir(parents=True)
+    (proc / "meminfo").write_text("MemTotal:  1000 kB\nMemFree: 100 kB\nMemAvailable:  400 kB\n")
+    (proc / "pressure" / "cpu").write_text(
+        "some avg10=1.50 avg60=0.09 avg300=0.28 total=3621154\n"
+        "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+    )
+    metrics = read_host_metrics(tmp_path / "no" / "such" / "store", tmp_path, proc=proc)
+    assert metrics.memory_total_bytes == 1000 * 1024
+    assert metrics.memory_used_bytes == 600 * 1024
+    assert metrics.psi_cpu_some_avg10 == 1.5
+    assert metrics.free_store_bytes is not None and metrics.free_store_bytes > 0
+    assert metrics.free_build_bytes == metrics.free_store_bytes
+
+
+def test_read_host_metrics_without_proc(tmp_path: Path) -> None:
+    metrics = read_host_metrics(tmp_path, tmp_path, proc=tmp_path / "missing")
+    assert metrics.memory_total_bytes is None
+    assert metrics.psi_cpu_some_avg10 is None
+
+
+# ---- run_agent ----------------------------------------------------------------------------
+IDENTITY = AgentIdentity(MachineId("m-9"), "agent-9", "host-9", ("x86_64-linux",))
+
+
+async def test_run_agent_auth_refusal_returns_3(tmp_path: Path) -> None:
+    async with FakeRunner(status=401) as runner:
+        cfg = AgentConfig(agent=AgentSection(runner_url=runner.url, work_dir=tmp_path))
+        code = await asyncio.wait_for(
+            run_agent(cfg, "bad", identity=IDENTITY, install_signal_handlers=False), WAIT
+        )
+    assert code == 3
+    assert runner.auth_headers == ["Bearer bad"]
+
+
+async def test_run_agent_without_token_drains_to_0(tmp_path: Path) -> None:
+    async with FakeRunner() as runner:
+        cfg = AgentConfig(agent=AgentSection(runner_url=runner.url, work_dir=tmp_path))
+        task = asyncio.create_task(
+            run_agent(cfg, None, identity=IDENTITY, install_signal_handlers=False)
+        )
+        try:
+            side = await runner.next_session()
+            assert side.register.machine_id == "m-9"
+            await side.send(Drain())
+            assert await asyncio.wait_for(task, WAIT) == 0
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert runner.auth_headers == [None]
+
+
+async def test_runner_error_message_makes_the_agent_reconnect(
+    start_agent: Callable[..., Agent],
+) -> None:
+    async with FakeRunner() as runner:
+        start_agent(runner)
+        first = await runner.next_session()
+        await first.send(Error(message="something broke"))
+        second = await runner.next_session()
+        assert second.register.machine_id == "m-1"
