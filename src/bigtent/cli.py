@@ -1,0 +1,769 @@
+"""The ``bigtent`` command line: parse, call one function, render with rich (DESIGN §7).
+
+Every ``BigtentError`` reaching ``main`` becomes one ``Error: ...`` line on stderr and the error's
+exit code; Ctrl-C exits 130. Logging is configured here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from bigtent import __version__
+from bigtent.config import Role, load_agent_config, load_runner_config
+from bigtent.errors import BigtentError, BuildFailed, ConfigError, UsageError
+
+if TYPE_CHECKING:  # the client modules load lazily, inside the commands
+    from bigtent.client.api import Agent, Build, RunnerClient
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+DEFAULT_RUNNER_URL = "http://127.0.0.1:8080"
+"""Where ``bigtent up`` listens by default."""
+_SERVICE_COMMANDS = frozenset({"runner", "agent", "up"})
+_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+# ---- entry point ---------------------------------------------------------------------------
+
+
+def main(args: Sequence[str] | None = None) -> NoReturn:
+    """Console entry point: the one place that turns failures into messages and exit codes."""
+    try:
+        rv = cli.main(
+            args=list(args) if args is not None else None,
+            prog_name="bigtent",
+            standalone_mode=False,
+        )
+    except BigtentError as exc:
+        click.echo(f"Error: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):
+            sys.exit(130)
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _configure_logging(verbose: int, service: bool) -> None:
+    """Services log INFO by default, client commands only warnings; -v/-vv raise the level."""
+    if verbose >= 2:
+        level = logging.DEBUG
+    elif verbose == 1 or service:
+        level = logging.INFO
+    else:
+        level = logging.WARNING
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=Console(stderr=True), show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    if verbose < 2:
+        for noisy in ("httpx", "httpcore", "websockets", "aiosqlite"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _run(coro: Coroutine[Any, Any, _T]) -> _T:
+    return asyncio.run(coro)
+
+
+@click.group(context_settings=_CONTEXT)
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(__version__, prog_name="bigtent")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
+    """bigtent: a distributed Nix build farm with a signed binary cache."""
+    _configure_logging(verbose, ctx.invoked_subcommand in _SERVICE_COMMANDS)
+
+
+# ---- shared client plumbing ---------------------------------------------------------------
+
+
+def _read_secret(path: Path, what: str) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    if not text:
+        raise ConfigError(f"{what} {path} is empty")
+    return text
+
+
+def _client_options(f: _F) -> _F:
+    f = click.option(
+        "--ca-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="BIGTENT_CA_FILE",
+        help="CA certificate of an https runner with a private CA [env: BIGTENT_CA_FILE].",
+    )(f)
+    f = click.option(
+        "--token-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="File holding the client token [default: $BIGTENT_TOKEN].",
+    )(f)
+    f = click.option(
+        "--runner",
+        "runner_url",
+        envvar="BIGTENT_URL",
+        default=DEFAULT_RUNNER_URL,
+        show_default=True,
+        metavar="URL",
+        help="Runner URL [env: BIGTENT_URL].",
+    )(f)
+    return f
+
+
+def _json_option(f: _F) -> _F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(f)
+
+
+def _make_client(runner_url: str, token_file: Path | None, ca_file: Path | None) -> RunnerClient:
+    from bigtent.client.api import RunnerClient
+
+    if token_file is not None:
+        token: str | None = _read_secret(token_file, "token file")
+    else:
+        token = os.environ.get("BIGTENT_TOKEN") or None
+    return RunnerClient(runner_url, token=token, ca_file=ca_file)
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _console() -> Console:
+    # Piped output gets wide lines instead of rich's 80 columns with truncated cells.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 250)
+
+
+def _drv_name(path: str) -> str:
+    base = path.rsplit("/", 1)[-1]
+    name = base.split("-", 1)[1] if "-" in base else base
+    return name.removesuffix(".drv")
+
+
+# ---- build ----------------------------------------------------------------------------------
+
+
+class _RichBuildObserver:
+    """Progress on stderr: phase lines, an upload bar, then a build bar with the step summary."""
+
+    def __init__(self) -> None:
+        self.console = Console(stderr=True, highlight=False)
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self._upload: TaskID | None = None
+        self._build: TaskID | None = None
+
+    def __enter__(self) -> _RichBuildObserver:
+        self.progress.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.progress.stop()
+
+    def on_phase(self, message: str) -> None:
+        self.progress.console.print(message, markup=False)
+
+    def on_upload(self, done: int, total: int) -> None:
+        if self._upload is None:
+            self._upload = self.progress.add_task("uploading", total=total)
+        self.progress.update(self._upload, completed=done, total=total)
+
+    def on_progress(self, build: Build) -> None:
+        from bigtent.client.build import summarize_progress
+
+        c = build.counts
+        done = c.succeeded + c.failed + c.cancelled
+        text = f"build {build.id} {build.state.value}: {summarize_progress(c)}"
+        if self._build is None:
+            self._build = self.progress.add_task(text, total=max(c.total, 1))
+        self.progress.update(self._build, description=text, completed=done, total=max(c.total, 1))
+
+
+def _report_failure(build: Build) -> None:
+    """Which requested derivations failed, why, and the tail of each failed step's log.
+
+    Plain lines (no rich wrapping or markup): log text is shown exactly as the builder wrote it.
+    """
+    from bigtent.client.build import failed_roots
+
+    click.secho(f"build {build.id} {build.state.value}", err=True, fg="red", bold=True)
+    for root in failed_roots(build):
+        click.echo(f"  not built: {root.drv_path} ({root.state or 'unknown'})", err=True)
+    for step in build.failed_steps:
+        why = ", ".join(x for x in (step.outcome, step.error) if x) or step.state
+        click.secho(f"  failed step {step.id}: {step.drv_path}: {why}", err=True, fg="red")
+        if step.log_tail:
+            click.echo(f"  last lines of its log (full log: bigtent log {step.id}):", err=True)
+            for line in step.log_tail.rstrip("\n").splitlines():
+                click.echo(f"    {line}", err=True)
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("targets", nargs=-1, metavar="[FILE.nix | FLAKEREF#ATTR...]")
+@click.option("-A", "--attr", "attrs", multiple=True, metavar="ATTR", help="Attribute to build.")
+@click.option("-E", "--expr", metavar="EXPR", help="Build a Nix expression instead of a file.")
+@click.option("--drv", "drvs", multiple=True, metavar="PATH", help="Build a store derivation.")
+@_client_options
+@click.option("--priority", type=int, default=0, show_default=True, help="Build priority.")
+@click.option("--no-download", is_flag=True, help="Do not fetch the outputs into the local store.")
+@click.option(
+    "-o",
+    "--out-link",
+    default="result",
+    show_default=True,
+    metavar="PATH",
+    help="Name of the result links (result, result-2, result-dev, ...).",
+)
+@click.option("--no-out-link", is_flag=True, help="Fetch the outputs but create no links.")
+@_json_option
+def build(
+    targets: tuple[str, ...],
+    attrs: tuple[str, ...],
+    expr: str | None,
+    drvs: tuple[str, ...],
+    runner_url: str,
+    token_file: Path | None,
+    ca_file: Path | None,
+    priority: int,
+    no_download: bool,
+    out_link: str,
+    no_out_link: bool,
+    as_json: bool,
+) -> None:
+    """Build derivations on the farm and fetch their outputs, like nix-build.
+
+    Exits 0 only when every requested derivation built.
+    """
+    from bigtent.client.build import (
+        BuildObserver,
+        BuildOptions,
+        BuildTracker,
+        SilentObserver,
+        build_report,
+        classify_targets,
+        failed_roots,
+        resolve_targets,
+        run_build,
+    )
+    from bigtent.nix.store import NixStore
+
+    kinds = classify_targets(targets, attrs=attrs, drvs=drvs, expr=expr)
+    store = NixStore(store=os.environ.get("NIX_REMOTE", ""))
+    options = BuildOptions(
+        priority=priority,
+        download=not no_download,
+        out_link=None if no_out_link else out_link,
+    )
+    tracker = BuildTracker()
+    client = _make_client(runner_url, token_file, ca_file)
+
+    async def go(observer: BuildObserver) -> Any:
+        async with client:
+            drv_paths = await resolve_targets(store, kinds)
+            return await run_build(client, store, drv_paths, options, observer, tracker)
+
+    try:
+        if as_json:
+            result = _run(go(SilentObserver()))
+        else:
+            with _RichBuildObserver() as observer:
+                result = _run(go(observer))
+    except KeyboardInterrupt:
+        if tracker.build_id is not None:
+            click.echo(
+                f"build {tracker.build_id} keeps running on the runner; "
+                f"stop it with: bigtent cancel {tracker.build_id}",
+                err=True,
+            )
+        raise
+    if as_json:
+        _echo_json(build_report(result.build, result.links))
+    elif result.succeeded:
+        if result.links:
+            for link in result.links:
+                click.echo(link.path)
+        else:
+            for root in result.build.roots:
+                for path in root.outputs.values():
+                    click.echo(path)
+    else:
+        _report_failure(result.build)
+    if not result.succeeded:
+        failed = failed_roots(result.build)
+        raise BuildFailed(
+            f"build {result.build.id} {result.build.state.value}: "
+            f"{len(failed)} of {len(result.build.roots)} requested derivation(s) did not build"
+        )
+
+
+# ---- read-only views and build control -----------------------------------------------------
+
+
+@cli.command(context_settings=_CONTEXT)
+@_client_options
+@_json_option
+def status(runner_url: str, token_file: Path | None, ca_file: Path | None, as_json: bool) -> None:
+    """Show the runner's version, cache and queue."""
+
+    async def go() -> Any:
+        async with _make_client(runner_url, token_file, ca_file) as client:
+            return await client.fetch_status()
+
+    st = _run(go())
+    if as_json:
+        _echo_json(st.model_dump(mode="json"))
+        return
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("runner", runner_url)
+    table.add_row("version", st.version)
+    table.add_row("cache", st.cache_url)
+    table.add_row("public key", st.cache_public_key)
+    for up in st.upstreams:
+        table.add_row("upstream", f"{up.url} ({up.public_key})")
+    table.add_row("agents connected", str(st.agents_connected))
+    table.add_row("builds active", str(st.builds_active))
+    steps = ", ".join(f"{k} {v}" for k, v in sorted(st.steps.items()) if v) or "none"
+    table.add_row("steps", steps)
+    _console().print(table)
+
+
+def _agent_row(a: Agent) -> list[str]:
+    features = [*a.supported_features, *(f"{f}!" for f in a.mandatory_features)]
+    kind = "ephemeral" if a.ephemeral else "persistent"
+    if a.auth_kind:
+        kind += f" ({a.auth_kind})"
+    state = "connected" if a.connected else "gone"
+    if a.backoff_until:
+        state += f", backoff until {a.backoff_until}"
+    return [
+        a.name,
+        ",".join(a.systems),
+        ",".join(features),
+        f"{a.running}/{a.max_jobs}",
+        f"{a.speed_factor:g}",
+        kind,
+        state,
+        a.last_seen or "",
+    ]
+
+
+@cli.command(context_settings=_CONTEXT)
+@_client_options
+@_json_option
+def agents(runner_url: str, token_file: Path | None, ca_file: Path | None, as_json: bool) -> None:
+    """List the agents the runner knows (mandatory features end in '!')."""
+
+    async def go() -> Any:
+        async with _make_client(runner_url, token_file, ca_file) as client:
+            return await client.fetch_agents()
+
+    rows = _run(go())
+    if as_json:
+        _echo_json([a.model_dump(mode="json") for a in rows])
+        return
+    table = Table()
+    for col in ("name", "systems", "features", "jobs", "speed", "kind", "state", "last seen"):
+        table.add_column(col)
+    for a in rows:
+        table.add_row(*_agent_row(a))
+    _console().print(table)
+
+
+def _build_line(b: Build) -> str:
+    c = b.counts
+    return (
+        f"build {b.id}: {b.state.value}, priority {b.priority}, "
+        f"{c.succeeded + c.failed + c.cancelled}/{c.total} steps done"
+    )
+
+
+@cli.command(context_settings=_CONTEXT)
+@_client_options
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@_json_option
+def builds(
+    runner_url: str, token_file: Path | None, ca_file: Path | None, limit: int, as_json: bool
+) -> None:
+    """List recent builds, newest first."""
+
+    async def go() -> Any:
+        async with _make_client(runner_url, token_file, ca_file) as client:
+            return await client.fetch_builds(limit=limit)
+
+    rows = _run(go())
+    if as_json:
+        _echo_json([b.model_dump(mode="json") for b in rows])
+        return
+    table = Table()
+    for col in ("id", "state", "prio", "steps", "created", "finished", "derivations"):
+        table.add_column(col)
+    for b in rows:
+        c = b.counts
+        names = [_drv_name(r.drv_path) for r in b.roots]
+        shown = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
+        table.add_row(
+            b.id,
+            b.state.value,
+            str(b.priority),
+            f"{c.succeeded + c.failed + c.cancelled}/{c.total}",
+            b.created_at or "",
+            b.finished_at or "",
+            shown,
+        )
+    _console().print(table)
+
+
+@cli.command("log", context_settings=_CONTEXT)
+@click.argument("step")
+@_client_options
+def log_cmd(step: str, runner_url: str, token_file: Path | None, ca_file: Path | None) -> None:
+    """Print the build log of STEP (live while it runs)."""
+
+    async def go() -> str:
+        async with _make_client(runner_url, token_file, ca_file) as client:
+            return await client.fetch_log(step)
+
+    text = _run(go())
+    click.echo(text, nl=not text.endswith("\n"))
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("build_id", metavar="BUILD")
+@_client_options
+@_json_option
+def cancel(
+    build_id: str, runner_url: str, token_file: Path | None, ca_file: Path | None, as_json: bool
+) -> None:
+    """Cancel BUILD (steps other builds still need keep running)."""
+
+    async def go() -> Any:
+        async with _make_client(runner_url, token_file, ca_file) as client:
+            return await client.cancel_build(build_id)
+
+    b = _run(go())
+    if as_json:
+        _echo_json(b.model_dump(mode="json"))
+    else:
+        click.echo(_build_line(b))
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("build_id", metavar="BUILD")
+@click.option("--priority", type=int, help="New priority [default: current + 10].")
+@_client_options
+@_json_option
+def bump(
+    build_id: str,
+    priority: int | None,
+    runner_url: str,
+    token_file: Path | None,
+    ca_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Raise the priority of BUILD."""
+
+    async def go() -> Any:
+        async with _make_client(runner_url, token_file, ca_file) as client:
+            return await client.bump_build(build_id, priority=priority)
+
+    b = _run(go())
+    if as_json:
+        _echo_json(b.model_dump(mode="json"))
+    else:
+        click.echo(_build_line(b))
+
+
+# ---- keys and tokens -------------------------------------------------------------------------
+
+
+@cli.group(context_settings=_CONTEXT)
+def keys() -> None:
+    """Binary cache signing keys."""
+
+
+def _write_new(path: Path, text: str, mode: int, force: bool) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, mode)
+    except FileExistsError as exc:
+        raise BigtentError(f"{path} already exists; use --force to overwrite it") from exc
+    except OSError as exc:
+        raise BigtentError(f"cannot write {path}: {exc.strerror}") from exc
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    path.chmod(mode)
+
+
+@keys.command("generate", context_settings=_CONTEXT)
+@click.argument("name")
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(),
+    show_default=True,
+    help="Where to write NAME.sk and NAME.pk.",
+)
+@click.option("--force", is_flag=True, help="Overwrite existing key files.")
+def keys_generate(name: str, out_dir: Path, force: bool) -> None:
+    """Generate a cache signing key NAME (nix-store --generate-binary-cache-key format).
+
+    Writes NAME.sk (mode 0600) and NAME.pk, and prints the public key for
+    trusted-public-keys.
+    """
+    from bigtent.nix.keys import generate_key
+
+    try:
+        key = generate_key(name)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if "/" in name:
+        raise UsageError(f"key name must not contain '/' (got {name!r})")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BigtentError(f"cannot create {out_dir}: {exc.strerror}") from exc
+    _write_new(out_dir / f"{name}.sk", key.to_text() + "\n", 0o600, force)
+    _write_new(out_dir / f"{name}.pk", key.public_key().to_text() + "\n", 0o644, force)
+    click.echo(key.public_key().to_text())
+
+
+@cli.group(context_settings=_CONTEXT)
+def token() -> None:
+    """Bearer tokens for agents, clients and admins."""
+
+
+@token.command("create", context_settings=_CONTEXT)
+@click.option(
+    "--role", required=True, type=click.Choice([r.value for r in Role]), help="What it may do."
+)
+@click.option("--name", help="Name in the runner config [default: ROLE-<random>].")
+@_json_option
+def token_create(role: str, name: str | None, as_json: bool) -> None:
+    """Create a token; it is printed once, the runner stores only its digest."""
+    import secrets
+
+    from bigtent.runner.auth.tokens import generate_token, token_digest
+
+    name = name or f"{role}-{secrets.token_hex(3)}"
+    value = generate_token()
+    digest = token_digest(value)
+    if as_json:
+        _echo_json({"name": name, "role": role, "token": value, "sha256": digest})
+        return
+    click.echo(value)
+    click.echo(
+        "\n# This token is shown only once. Add to runner.toml:\n"
+        "[[auth.tokens]]\n"
+        f"name = {json.dumps(name)}\n"
+        f"role = {json.dumps(role)}\n"
+        f'sha256 = "{digest}"',
+        err=True,
+    )
+
+
+# ---- services --------------------------------------------------------------------------------
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="runner.toml (keys overridable by BIGTENT_<SECTION>__<KEY>).",
+)
+def runner(config_path: Path | None) -> None:
+    """Run the runner: API, binary cache, scheduler and agent sessions."""
+    cfg = load_runner_config(config_path)
+    from bigtent.runner.app import serve
+
+    _run(serve(cfg))
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="agent.toml; flags override it.",
+)
+@click.option("--runner-url", metavar="URL", help="http(s)://host:port of the runner.")
+@click.option("--name", help="Agent name [default: host name].")
+@click.option("--system", "systems", multiple=True, help="System to build for (repeatable).")
+@click.option("--supported-feature", "supported", multiple=True, help="Repeatable.")
+@click.option("--mandatory-feature", "mandatory", multiple=True, help="Repeatable.")
+@click.option("--max-jobs", type=click.IntRange(min=1), help="Steps run at once.")
+@click.option("--speed-factor", type=click.FloatRange(min=0, min_open=True))
+@click.option("--store", metavar="URI", help='Nix store, e.g. "local?root=/var/lib/a1".')
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Agent token file [default: $BIGTENT_AGENT_TOKEN].",
+)
+@click.option("--sandbox-path", "sandbox_paths", multiple=True, help="Extra sandbox path.")
+@click.option("--ca-file", type=click.Path(dir_okay=False, path_type=Path), help="Runner CA.")
+@click.option("--ephemeral", is_flag=True, help="One session only (DESIGN §4).")
+@click.option("--max-builds", type=click.IntRange(min=1), help="Ephemeral: builds, then exit.")
+@click.option("--max-idle-secs", type=click.FloatRange(min=0, min_open=True))
+@click.option("--max-lifetime-secs", type=click.FloatRange(min=0, min_open=True))
+@click.pass_context
+def agent(
+    ctx: click.Context,
+    config_path: Path | None,
+    runner_url: str | None,
+    name: str | None,
+    systems: tuple[str, ...],
+    supported: tuple[str, ...],
+    mandatory: tuple[str, ...],
+    max_jobs: int | None,
+    speed_factor: float | None,
+    store: str | None,
+    work_dir: Path | None,
+    token_file: Path | None,
+    sandbox_paths: tuple[str, ...],
+    ca_file: Path | None,
+    ephemeral: bool,
+    max_builds: int | None,
+    max_idle_secs: float | None,
+    max_lifetime_secs: float | None,
+) -> None:
+    """Run a build agent that dials in to the runner."""
+    overrides = agent_overrides(
+        runner_url=runner_url,
+        name=name,
+        systems=systems,
+        supported_features=supported,
+        mandatory_features=mandatory,
+        max_jobs=max_jobs,
+        speed_factor=speed_factor,
+        store=store,
+        work_dir=work_dir,
+        token_file=token_file,
+        sandbox_paths=sandbox_paths,
+        ca_file=ca_file,
+        ephemeral=ephemeral,
+        max_builds=max_builds,
+        max_idle_secs=max_idle_secs,
+        max_lifetime_secs=max_lifetime_secs,
+    )
+    cfg = load_agent_config(config_path, **overrides)
+    if token_file is not None:
+        secret: str | None = _read_secret(token_file, "token file")
+    elif os.environ.get("BIGTENT_AGENT_TOKEN"):
+        secret = os.environ["BIGTENT_AGENT_TOKEN"]
+    elif cfg.agent.token_file is not None:
+        secret = _read_secret(cfg.agent.token_file, "config key agent.token_file")
+    else:
+        secret = None
+    from bigtent.agent.session import run_agent
+
+    ctx.exit(_run(run_agent(cfg, secret)))
+
+
+def agent_overrides(**flags: Any) -> dict[str, Any]:
+    """Flags given on the command line as a config override (unset flags are left out)."""
+    eph_keys = ("max_builds", "max_idle_secs", "max_lifetime_secs")
+    section: dict[str, Any] = {}
+    ephemeral: dict[str, Any] = {}
+    for key, value in flags.items():
+        if value is None or value == () or value is False:
+            continue
+        if key == "ephemeral":
+            continue
+        if key in eph_keys:
+            ephemeral[key] = value
+        elif isinstance(value, tuple):
+            section[key] = list(value)
+        elif isinstance(value, Path):
+            section[key] = str(value)
+        else:
+            section[key] = value
+    if flags.get("ephemeral") or ephemeral:
+        section["ephemeral"] = ephemeral
+    return {"agent": section} if section else {}
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.option("--agents", "n_agents", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".bigtent"),
+    show_default=True,
+)
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option(
+    "--jobs", type=click.IntRange(min=1), default=2, show_default=True, help="Jobs per agent."
+)
+@click.option(
+    "--host-tools",
+    is_flag=True,
+    help="Map the host's /bin, /usr, /lib, /lib64 into every agent's build sandbox.",
+)
+@click.pass_context
+def up(
+    ctx: click.Context, n_agents: int, state_dir: Path, port: int, jobs: int, host_tools: bool
+) -> None:
+    """Run a runner and N local agents on this machine (the embedded default)."""
+    from bigtent.up import UpSettings, run_up
+
+    settings = UpSettings(
+        state_dir=state_dir.absolute(),
+        agents=n_agents,
+        port=port,
+        jobs=jobs,
+        host_tools=host_tools,
+    )
+    ctx.exit(_run(run_up(settings, say=click.echo)))

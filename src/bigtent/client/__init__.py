@@ -1,0 +1,1 @@
+"""The client: typed API access and the `bigtent build` flow."""

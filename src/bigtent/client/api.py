@@ -1,0 +1,395 @@
+"""Typed async HTTP client for the runner's ``/api/v1`` (docs/api.md)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+from collections.abc import AsyncIterable, Mapping, Sequence
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Annotated, Any, Self, TypeVar
+
+import httpx
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from bigtent.errors import (
+    AuthError,
+    BadRequest,
+    BigtentError,
+    Conflict,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    ProtocolError,
+    RunnerUnreachable,
+)
+
+log = logging.getLogger(__name__)
+
+_M = TypeVar("_M", bound=BaseModel)
+
+DEFAULT_TIMEOUT_SECS = 30.0
+"""Connect/read timeout of ordinary API calls (uploads have no read/write deadline)."""
+
+API_PREFIX = "/api/v1"
+
+
+def _to_str(value: object) -> object:
+    # Ids may be integers or strings on the wire; the client treats them as opaque text.
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+Id = Annotated[str, BeforeValidator(_to_str)]
+
+
+class BuildState(StrEnum):
+    """A build's state as the API reports it; the last three are final."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (BuildState.SUCCEEDED, BuildState.FAILED, BuildState.CANCELLED)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class UpstreamInfo(_Model):
+    url: str
+    public_key: str = ""
+
+
+class RunnerStatus(_Model):
+    version: str = ""
+    cache_url: str = ""
+    cache_public_key: str = ""
+    upstreams: list[UpstreamInfo] = []
+    steps: dict[str, int] = {}
+    agents_connected: int = 0
+    builds_active: int = 0
+
+
+class StepCounts(_Model):
+    total: int = 0
+    waiting: int = 0
+    runnable: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+
+
+class BuildRoot(_Model):
+    drv_path: str
+    outputs: dict[str, str] = {}
+    step_id: Id | None = None
+    """None when the derivation's outputs were already cached."""
+    state: str = ""
+
+
+class FailedStep(_Model):
+    id: Id
+    drv_path: str
+    state: str = ""
+    outcome: str | None = None
+    error: str | None = None
+    log_tail: str | None = None
+
+
+class Build(_Model):
+    id: Id
+    state: BuildState
+    priority: int = 0
+    created_at: str | None = None
+    finished_at: str | None = None
+    roots: list[BuildRoot] = []
+    counts: StepCounts = StepCounts()
+    failed_steps: list[FailedStep] = []
+    """Only present in ``GET /builds/{id}``."""
+
+
+class Step(_Model):
+    id: Id
+    drv_path: str
+    name: str = ""
+    system: str = ""
+    required_features: list[str] = []
+    state: str = ""
+    outcome: str | None = None
+    error: str | None = None
+    attempts: int = 0
+    agent_name: str | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    outputs: dict[str, str] = {}
+
+
+class Agent(_Model):
+    machine_id: str
+    name: str = ""
+    hostname: str = ""
+    systems: list[str] = []
+    supported_features: list[str] = []
+    mandatory_features: list[str] = []
+    max_jobs: int = 0
+    running: int = 0
+    speed_factor: float = 1.0
+    ephemeral: bool = False
+    auth_kind: str = ""
+    connected: bool = False
+    last_seen: str | None = None
+    backoff_until: str | None = None
+
+
+class _Builds(_Model):
+    builds: list[Build]
+
+
+class _Steps(_Model):
+    steps: list[Step]
+
+
+class _Agents(_Model):
+    agents: list[Agent]
+
+
+class _Missing(_Model):
+    missing: list[str]
+
+
+class _Uploaded(_Model):
+    path: str = Field(default="")
+
+
+_STATUS_ERRORS: dict[int, type[BigtentError]] = {
+    400: BadRequest,
+    401: AuthError,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    413: PayloadTooLarge,
+}
+
+
+def error_from_response(status: int, body: bytes, url: str) -> BigtentError:
+    """The ``BigtentError`` for an error answer, carrying the runner's own message.
+
+    The runner answers ``{"error": "...", "detail": ...}``; a body that is not that (a proxy's
+    HTML page, say) still gives an error naming the status and URL.
+    """
+    message = ""
+    detail: Any = None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        err = data.get("error")
+        detail = data.get("detail")
+        if isinstance(err, str):
+            message = err
+        elif isinstance(detail, str):  # FastAPI's own {"detail": "..."} errors
+            message = detail
+    if not message:
+        text = body.decode(errors="replace").strip()
+        message = f"HTTP {status} from {url}" + (f": {text[:200]}" if text else "")
+    cls = _STATUS_ERRORS.get(status)
+    if cls is None:
+        if status in (502, 503, 504):
+            return RunnerUnreachable(f"runner at {url} is unavailable (HTTP {status}): {message}")
+        return BigtentError(f"runner error (HTTP {status}): {message}", detail=detail)
+    return cls(message, detail=detail)
+
+
+class RunnerClient:
+    """One HTTP connection pool to one runner; use as ``async with RunnerClient(...) as c``.
+
+    ``token`` goes in ``Authorization: Bearer``; ``ca_file`` replaces the system roots for a
+    runner with a private CA; ``transport`` lets tests answer requests in-process.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        ca_file: Path | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout_secs: float = DEFAULT_TIMEOUT_SECS,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise BigtentError(
+                f"runner URL must start with http:// or https:// (got {base_url!r}); "
+                "set --runner or BIGTENT_URL"
+            )
+        headers = {"User-Agent": "bigtent-client"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        verify: ssl.SSLContext | bool = True
+        if ca_file is not None:
+            try:
+                verify = ssl.create_default_context(cafile=str(ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise BigtentError(f"cannot load CA file {ca_file}: {exc}") from exc
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            verify=verify,
+            transport=transport,
+            timeout=httpx.Timeout(timeout_secs),
+            trust_env=transport is None,
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ---- plumbing -----------------------------------------------------------------------
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: Mapping[str, str | int] | None = None,
+        content: AsyncIterable[bytes] | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: httpx.Timeout | None = None,
+    ) -> httpx.Response:
+        url = API_PREFIX + path
+        extra: dict[str, Any] = {}
+        if timeout is not None:
+            extra["timeout"] = timeout
+        try:
+            resp = await self._http.request(
+                method,
+                url,
+                json=json_body,
+                params=params,
+                content=content,
+                headers=headers,
+                **extra,
+            )
+        except httpx.TimeoutException as exc:
+            raise RunnerUnreachable(
+                f"cannot reach runner at {self.base_url}: timed out ({type(exc).__name__})"
+            ) from exc
+        except httpx.UnsupportedProtocol as exc:
+            raise BigtentError(f"unsupported runner URL {self.base_url!r}: {exc}") from exc
+        except httpx.TransportError as exc:
+            reason = str(exc) or type(exc).__name__
+            raise RunnerUnreachable(f"cannot reach runner at {self.base_url}: {reason}") from exc
+        log.debug("%s %s -> %s", method, url, resp.status_code)
+        if resp.status_code >= 400:
+            raise error_from_response(resp.status_code, resp.content, f"{self.base_url}{url}")
+        return resp
+
+    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = await self._request(method, path, **kwargs)
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise ProtocolError(
+                f"runner answered {method} {path} with invalid JSON (HTTP {resp.status_code})"
+            ) from exc
+
+    @staticmethod
+    def _parse(model: type[_M], data: Any, what: str) -> _M:
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise ProtocolError(f"runner sent an unexpected {what}: {exc}") from exc
+
+    # ---- endpoints ------------------------------------------------------------------------
+    async def fetch_status(self) -> RunnerStatus:
+        return self._parse(RunnerStatus, await self._json("GET", "/status"), "status")
+
+    async def missing_paths(self, paths: Sequence[str]) -> list[str]:
+        """The subset of ``paths`` the runner's cache lacks."""
+        if not paths:
+            return []
+        data = await self._json("POST", "/paths/missing", json_body={"paths": list(paths)})
+        return self._parse(_Missing, data, "missing-paths answer").missing
+
+    async def upload_path(
+        self,
+        path: str,
+        nar: AsyncIterable[bytes],
+        *,
+        nar_hash: str,
+        nar_size: int,
+        references: Sequence[str],
+    ) -> str:
+        """Upload one store path's NAR (streamed); references are basenames.
+
+        The body streams, so there is no deadline on the transfer as a whole, only on
+        connecting and on each read.
+        """
+        basename = path.rsplit("/", 1)[-1]
+        headers = {
+            "Content-Type": "application/x-nix-nar",
+            "Content-Length": str(nar_size),
+            "X-Nar-Hash": nar_hash,
+            "X-Nar-Size": str(nar_size),
+            "X-Nar-References": " ".join(references),
+        }
+        timeout = httpx.Timeout(DEFAULT_TIMEOUT_SECS, write=None, read=None)
+        data = await self._json(
+            "PUT", f"/paths/{basename}", content=nar, headers=headers, timeout=timeout
+        )
+        return self._parse(_Uploaded, data, "upload answer").path or path
+
+    async def create_build(self, drvs: Sequence[str], *, priority: int = 0) -> Build:
+        data = await self._json(
+            "POST", "/builds", json_body={"drvs": list(drvs), "priority": priority}
+        )
+        return self._parse(Build, data, "build")
+
+    async def fetch_build(self, build_id: str) -> Build:
+        return self._parse(Build, await self._json("GET", f"/builds/{build_id}"), "build")
+
+    async def fetch_builds(self, *, limit: int = 50) -> list[Build]:
+        data = await self._json("GET", "/builds", params={"limit": limit})
+        return self._parse(_Builds, data, "build list").builds
+
+    async def fetch_steps(self, build_id: str) -> list[Step]:
+        data = await self._json("GET", f"/builds/{build_id}/steps")
+        return self._parse(_Steps, data, "step list").steps
+
+    async def fetch_step(self, step_id: str) -> Step:
+        return self._parse(Step, await self._json("GET", f"/steps/{step_id}"), "step")
+
+    async def fetch_log(self, step_id: str) -> str:
+        resp = await self._request("GET", f"/steps/{step_id}/log")
+        return resp.text
+
+    async def fetch_agents(self) -> list[Agent]:
+        return self._parse(_Agents, await self._json("GET", "/agents"), "agent list").agents
+
+    async def cancel_build(self, build_id: str) -> Build:
+        return self._parse(Build, await self._json("POST", f"/builds/{build_id}/cancel"), "build")
+
+    async def bump_build(self, build_id: str, *, priority: int | None = None) -> Build:
+        body = {} if priority is None else {"priority": priority}
+        data = await self._json("POST", f"/builds/{build_id}/bump", json_body=body)
+        return self._parse(Build, data, "build")

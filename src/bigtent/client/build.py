@@ -1,0 +1,490 @@
+"""The ``bigtent build`` flow: instantiate, upload the missing closure, build, follow, fetch.
+
+DESIGN §1 steps 1 and 6. The decisions (upload order, result-link names, hash spelling, the
+progress summary) are pure functions; ``run_build`` wires them to Nix and the runner, and reports
+through a ``BuildObserver`` so that rendering stays in ``cli.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from bigtent.client.api import Build, BuildRoot, BuildState, RunnerClient, RunnerStatus, StepCounts
+from bigtent.errors import BigtentError, NixError, RunnerUnreachable, UsageError
+from bigtent.nix import base32
+from bigtent.nix.nar import dump_path
+from bigtent.nix.store import NixStore, PathInfo, RealiseStatus
+
+log = logging.getLogger(__name__)
+
+MISSING_BATCH = 1000
+"""Store paths per ``POST /paths/missing`` request."""
+UPLOAD_CONCURRENCY = 4
+"""NAR uploads in flight at once (each still waits for its references)."""
+POLL_INTERVAL_SECS = 0.3
+UNREACHABLE_GRACE_SECS = 60.0
+"""How long the client keeps polling through a runner outage (e.g. a runner restart)."""
+
+BUILT_ROOT_STATES = frozenset({"succeeded", "cached"})
+"""Root states meaning the requested derivation's outputs exist (``cached``: no step needed)."""
+
+
+# ---- targets --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Targets:
+    """What the user asked to build; exactly one kind is set."""
+
+    file: str | None = None
+    expr: str | None = None
+    attrs: tuple[str, ...] = ()
+    drvs: tuple[str, ...] = ()
+    installables: tuple[str, ...] = ()
+
+
+def classify_targets(
+    args: Sequence[str],
+    *,
+    attrs: Sequence[str] = (),
+    drvs: Sequence[str] = (),
+    expr: str | None = None,
+) -> Targets:
+    """Sort positional arguments into a Nix file or flake refs (``REF#ATTR``), as DESIGN §7.
+
+    Without any argument this is ``./default.nix`` like nix-build. Mixing kinds is a usage error.
+    """
+    flakes = tuple(a for a in args if "#" in a)
+    files = [a for a in args if "#" not in a]
+    kinds = sum(bool(k) for k in (flakes, files or attrs, drvs, expr is not None))
+    if kinds > 1 or (flakes and attrs):
+        raise UsageError(
+            "give one kind of target: FILE.nix [-A ATTR]..., -E EXPR [-A ATTR]..., "
+            "--drv PATH..., or FLAKEREF#ATTR..."
+        )
+    if expr is not None:
+        return Targets(expr=expr, attrs=tuple(attrs))
+    if drvs:
+        return Targets(drvs=tuple(drvs))
+    if flakes:
+        return Targets(installables=flakes)
+    if len(files) > 1:
+        raise UsageError(f"give at most one Nix file (got {len(files)}: {' '.join(files)})")
+    return Targets(file=files[0] if files else "./default.nix", attrs=tuple(attrs))
+
+
+def _check_drv_path(arg: str) -> str:
+    path = os.path.realpath(arg) if not arg.startswith("/nix/store/") else arg
+    if not path.startswith("/nix/store/") or not path.endswith(".drv"):
+        raise UsageError(f"--drv needs a store derivation /nix/store/….drv (got {arg!r})")
+    return path
+
+
+def _lacks_flakes(err: NixError) -> bool:
+    text = err.stderr.lower()
+    hints = ("unknown experimental", "unrecogni", "not supported", "unknown setting")
+    return "flake" in text and any(hint in text for hint in hints)
+
+
+async def resolve_targets(store: NixStore, targets: Targets) -> list[str]:
+    """The .drv paths to build, instantiated in the local store."""
+    if targets.drvs:
+        return [_check_drv_path(d) for d in targets.drvs]
+    if targets.installables:
+        try:
+            drvs = await store.instantiate_flake(targets.installables)
+        except NixError as exc:
+            if _lacks_flakes(exc):
+                raise NixError(
+                    "this Nix cannot evaluate flake references (needs flake support, Nix 2.4 "
+                    "or later); use FILE.nix -A ATTR or --drv PATH instead",
+                    argv=exc.argv,
+                    status=exc.status,
+                    stderr=exc.stderr,
+                ) from exc
+            raise
+    elif targets.expr is not None:
+        drvs = await store.instantiate(None, targets.attrs, expr=targets.expr)
+    else:
+        if targets.file is not None and not Path(targets.file).exists():
+            raise UsageError(f"Nix file {targets.file} does not exist")
+        drvs = await store.instantiate(targets.file, targets.attrs)
+    if not drvs:
+        raise UsageError("the targets evaluated to no derivation")
+    return list(dict.fromkeys(drvs))
+
+
+# ---- pure decisions -------------------------------------------------------------------------
+
+
+def nar_hash_to_nix32(nar_hash: str) -> str:
+    """``sha256:<nix32>`` for any spelling Nix prints (SRI ``sha256-<b64>`` on 2.8, hex, nix32)."""
+    try:
+        return base32.format_hash("sha256", base32.parse_hash(nar_hash, "sha256"))
+    except ValueError as exc:
+        raise NixError(f"Nix reported an unexpected NAR hash {nar_hash!r}: {exc}") from exc
+
+
+def upload_order(infos: Sequence[PathInfo], missing: Sequence[str]) -> list[PathInfo]:
+    """The missing paths, every one after the missing paths it references (docs/api.md: the
+    runner accepts a path only once its references are in the cache).
+
+    Ties are broken by path, so the order is deterministic; self-references are ignored.
+    """
+    by_path = {i.path: i for i in infos}
+    wanted = set(missing)
+    unknown = wanted - by_path.keys()
+    if unknown:
+        raise BigtentError(
+            f"runner asked for paths outside the closure: {', '.join(sorted(unknown))}"
+        )
+    deps = {p: {r for r in by_path[p].references if r in wanted and r != p} for p in wanted}
+    referrers: dict[str, list[str]] = {p: [] for p in wanted}
+    for p, refs in deps.items():
+        for r in refs:
+            referrers[r].append(p)
+    pending = {p: len(refs) for p, refs in deps.items()}
+    ready = [p for p, n in pending.items() if n == 0]
+    heapq.heapify(ready)
+    order: list[PathInfo] = []
+    while ready:
+        p = heapq.heappop(ready)
+        order.append(by_path[p])
+        for q in referrers[p]:
+            pending[q] -= 1
+            if pending[q] == 0:
+                heapq.heappush(ready, q)
+    if len(order) != len(wanted):
+        stuck = sorted(p for p, n in pending.items() if n > 0)
+        raise BigtentError(f"reference cycle among store paths: {', '.join(stuck[:5])}")
+    return order
+
+
+@dataclass(frozen=True, slots=True)
+class ResultLink:
+    link: str
+    path: str
+
+
+def result_links(out_link: str, outputs: Sequence[Mapping[str, str]]) -> list[ResultLink]:
+    """nix-build's names: ``result``, ``result-2`` for the second derivation, and a ``-NAME``
+    suffix for outputs other than ``out`` (``result-dev``, ``result-2-dev``).
+
+    ``outputs`` holds one ``{output name: store path}`` per requested derivation, in order.
+    """
+    links: list[ResultLink] = []
+    for index, outs in enumerate(outputs):
+        prefix = out_link if index == 0 else f"{out_link}-{index + 1}"
+        for name in sorted(outs, key=lambda n: (n != "out", n)):
+            suffix = "" if name == "out" else f"-{name}"
+            links.append(ResultLink(prefix + suffix, outs[name]))
+    return links
+
+
+def _sequential(out_link: str, links: Sequence[ResultLink]) -> bool:
+    """Whether ``nix-store --realise P1 P2 … --add-root OUT`` names the roots as ``links``."""
+    return all(
+        link.link == (out_link if i == 0 else f"{out_link}-{i + 1}") for i, link in enumerate(links)
+    ) and len({link.path for link in links}) == len(links)
+
+
+def summarize_progress(counts: StepCounts) -> str:
+    """One line: ``3/10 steps done, 2 running, 5 waiting`` (plus failures when there are some)."""
+    done = counts.succeeded + counts.failed + counts.cancelled
+    parts = [f"{done}/{counts.total} steps done"]
+    if counts.running:
+        parts.append(f"{counts.running} running")
+    waiting = counts.waiting + counts.runnable
+    if waiting:
+        parts.append(f"{waiting} waiting")
+    if counts.failed:
+        parts.append(f"{counts.failed} failed")
+    if counts.cancelled:
+        parts.append(f"{counts.cancelled} cancelled")
+    return ", ".join(parts)
+
+
+def failed_roots(build: Build) -> list[BuildRoot]:
+    """The requested derivations that did not build (any root of a build that is not
+    successful, unless its own state says it built)."""
+    return [root for root in build.roots if root.state not in BUILT_ROOT_STATES]
+
+
+def build_succeeded(build: Build) -> bool:
+    """DESIGN §7: success only when the build succeeded and every requested derivation built."""
+    return build.state is BuildState.SUCCEEDED and not failed_roots(build)
+
+
+def build_report(build: Build, links: Sequence[ResultLink] = ()) -> dict[str, Any]:
+    """The ``--json`` document."""
+    return {
+        "build_id": build.id,
+        "state": build.state.value,
+        "succeeded": build_succeeded(build),
+        "outputs": {root.drv_path: root.outputs for root in build.roots},
+        "roots": [root.model_dump(mode="json") for root in build.roots],
+        "failed_steps": [step.model_dump(mode="json") for step in build.failed_steps],
+        "links": [{"link": link.link, "path": link.path} for link in links],
+    }
+
+
+# ---- the flow -------------------------------------------------------------------------------
+
+
+class BuildObserver(Protocol):
+    """Receives progress; ``cli.py`` renders it (or stays silent for ``--json``)."""
+
+    def on_phase(self, message: str) -> None: ...
+
+    def on_upload(self, done: int, total: int) -> None: ...
+
+    def on_progress(self, build: Build) -> None: ...
+
+
+class SilentObserver:
+    def on_phase(self, message: str) -> None:
+        log.info("%s", message)
+
+    def on_upload(self, done: int, total: int) -> None:
+        pass
+
+    def on_progress(self, build: Build) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class BuildOptions:
+    priority: int = 0
+    download: bool = True
+    out_link: str | None = "result"
+    """None: substitute the outputs but create no links (``--no-out-link``)."""
+    poll_interval_secs: float = POLL_INTERVAL_SECS
+    upload_concurrency: int = UPLOAD_CONCURRENCY
+
+
+@dataclass(slots=True)
+class BuildResult:
+    build: Build
+    links: list[ResultLink] = field(default_factory=list)
+
+    @property
+    def succeeded(self) -> bool:
+        return build_succeeded(self.build)
+
+
+@dataclass(slots=True)
+class BuildTracker:
+    """Holds the id of the build once created, so an interrupted client can name it."""
+
+    build_id: str | None = None
+
+
+async def run_build(
+    client: RunnerClient,
+    store: NixStore,
+    drvs: Sequence[str],
+    options: BuildOptions,
+    observer: BuildObserver,
+    tracker: BuildTracker | None = None,
+) -> BuildResult:
+    """Upload what the runner lacks, create the build, wait for it, fetch its outputs."""
+    await upload_closure(client, store, drvs, observer, concurrency=options.upload_concurrency)
+    build = await client.create_build(drvs, priority=options.priority)
+    if tracker is not None:
+        tracker.build_id = build.id
+    log.info("created build %s for %d derivation(s)", build.id, len(drvs))
+    observer.on_phase(f"build {build.id} queued")
+    observer.on_progress(build)
+    build = await follow_build(client, build.id, observer, options.poll_interval_secs)
+    result = BuildResult(build)
+    if result.succeeded and options.download:
+        status = await client.fetch_status()
+        observer.on_phase("fetching outputs")
+        result.links = await download_outputs(
+            store, status, build, options.out_link, runner_url=client.base_url
+        )
+    return result
+
+
+async def upload_closure(
+    client: RunnerClient,
+    store: NixStore,
+    drvs: Sequence[str],
+    observer: BuildObserver,
+    *,
+    concurrency: int = UPLOAD_CONCURRENCY,
+) -> int:
+    """Upload the derivations' closure paths the runner lacks; return how many were uploaded."""
+    infos = await store.path_info(drvs, recursive=True, derivation=True)
+    paths = [i.path for i in infos]
+    missing: list[str] = []
+    for start in range(0, len(paths), MISSING_BATCH):
+        missing += await client.missing_paths(paths[start : start + MISSING_BATCH])
+    if not missing:
+        observer.on_phase(f"runner has all {len(paths)} paths of the closure")
+        return 0
+    order = upload_order(infos, missing)
+    observer.on_phase(f"uploading {len(order)} of {len(paths)} closure paths")
+    await _upload_in_order(client, store, order, observer, max(1, concurrency))
+    return len(order)
+
+
+async def _upload_in_order(
+    client: RunnerClient,
+    store: NixStore,
+    order: Sequence[PathInfo],
+    observer: BuildObserver,
+    concurrency: int,
+) -> None:
+    """Upload concurrently, each path only after the uploads of the paths it references."""
+    uploaded = {info.path: asyncio.Event() for info in order}
+    slots = asyncio.Semaphore(concurrency)
+    done = 0
+
+    async def upload_one(info: PathInfo) -> None:
+        nonlocal done
+        for ref in info.references:
+            if ref != info.path and ref in uploaded:
+                await uploaded[ref].wait()
+        async with slots:
+            await client.upload_path(
+                info.path,
+                _nar_chunks(store, info.path),
+                nar_hash=nar_hash_to_nix32(info.nar_hash),
+                nar_size=info.nar_size,
+                references=[r.rsplit("/", 1)[-1] for r in info.references],
+            )
+        log.debug("uploaded %s", info.path)
+        uploaded[info.path].set()
+        done += 1
+        observer.on_upload(done, len(order))
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for info in order:
+                tg.create_task(upload_one(info))
+    except BaseExceptionGroup as group:
+        raise _first_leaf(group) from None
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def _nar_chunks(store: NixStore, path: str) -> AsyncIterator[bytes]:
+    """The NAR of ``path``, serialised here from the filesystem (no Nix process per path);
+    ``nix-store --dump`` only when the path cannot be read directly."""
+    chunks: Iterator[bytes] = dump_path(store.real_path(path))
+    try:
+        first = await asyncio.to_thread(_next_chunk, chunks)
+    except OSError as exc:
+        log.debug("cannot read %s directly (%s); using nix-store --dump", path, exc)
+        async for piece in store.dump(path):
+            yield piece
+        return
+    try:
+        chunk: bytes | None = first
+        while chunk is not None:
+            yield chunk
+            chunk = await asyncio.to_thread(_next_chunk, chunks)
+    except OSError as exc:
+        raise BigtentError(f"cannot read store path {path}: {exc}") from exc
+
+
+def _next_chunk(chunks: Iterator[bytes]) -> bytes | None:
+    return next(chunks, None)
+
+
+async def follow_build(
+    client: RunnerClient,
+    build_id: str,
+    observer: BuildObserver,
+    interval_secs: float = POLL_INTERVAL_SECS,
+    unreachable_grace_secs: float = UNREACHABLE_GRACE_SECS,
+) -> Build:
+    """Poll the build until its state is final, riding out a short runner outage."""
+    unreachable_since: float | None = None
+    while True:
+        try:
+            build = await client.fetch_build(build_id)
+        except RunnerUnreachable:
+            now = time.monotonic()
+            if unreachable_since is None:
+                unreachable_since = now
+                observer.on_phase("runner unreachable, retrying")
+            elif now - unreachable_since > unreachable_grace_secs:
+                raise
+        else:
+            unreachable_since = None
+            observer.on_progress(build)
+            if build.state.is_final:
+                return build
+        await asyncio.sleep(interval_secs)
+
+
+def substituter_options(status: RunnerStatus, runner_url: str) -> dict[str, str]:
+    """Nix options to substitute from the runner's cache (and its upstreams), trusting their
+    keys; the negative narinfo TTL is 0 because a lookup made before the build is stale now."""
+    cache_url = status.cache_url or "/cache"
+    if cache_url.startswith("/"):
+        cache_url = runner_url.rstrip("/") + cache_url
+    urls = [cache_url, *(u.url for u in status.upstreams)]
+    keys = [status.cache_public_key, *(u.public_key for u in status.upstreams)]
+    return {
+        "substituters": " ".join(urls),
+        "trusted-public-keys": " ".join(k for k in keys if k),
+        "narinfo-cache-negative-ttl": "0",
+    }
+
+
+async def download_outputs(
+    store: NixStore,
+    status: RunnerStatus,
+    build: Build,
+    out_link: str | None,
+    *,
+    runner_url: str,
+) -> list[ResultLink]:
+    """Substitute the requested outputs into the local store and add ``result`` links."""
+    options = substituter_options(status, runner_url)
+    outputs = [root.outputs for root in build.roots]
+    paths = list(dict.fromkeys(p for outs in outputs for p in outs.values()))
+    if not paths:
+        return []
+    links = result_links(out_link, outputs) if out_link is not None else []
+    links = [ResultLink(str(Path(link.link).absolute()), link.path) for link in links]
+    if not links:
+        await _realise(store, paths, options, None)
+    elif _sequential(links[0].link, links):
+        await _realise(store, [link.path for link in links], options, links[0].link)
+    else:
+        await _realise(store, paths, options, None)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for link in links:
+                    tg.create_task(_realise(store, [link.path], options, link.link))
+        except BaseExceptionGroup as group:
+            raise _first_leaf(group) from None
+    return links
+
+
+async def _realise(
+    store: NixStore, paths: Sequence[str], options: Mapping[str, str], add_root: str | None
+) -> None:
+    # nix-store replaces an existing link atomically, as nix-build does.
+    result = await store.realise(paths, options=options, add_root=add_root)
+    if result.status is not RealiseStatus.SUCCESS:
+        raise NixError(
+            f"fetching the outputs from the runner's cache failed: {result.error or result.status}"
+        )

@@ -1,0 +1,593 @@
+"""The command line: parsing, help, error rendering and exit codes; plus `bigtent up`'s pure parts.
+
+Commands run through ``bigtent.cli.main`` (the real entry point) inside click's CliRunner, with
+the runner answered by an httpx.MockTransport.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import stat
+import sys
+import tomllib
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+import pytest
+from click.testing import CliRunner, Result
+
+from bigtent import cli as cli_module
+from bigtent.client.api import RunnerClient
+from bigtent.config import AgentConfig, Role, load_agent_config, load_runner_config
+from bigtent.errors import BigtentError
+from bigtent.nix.keys import parse_public_key, parse_secret_key
+from bigtent.runner.auth.tokens import token_digest
+from bigtent.up import (
+    Layout,
+    UpSettings,
+    host_sandbox_paths,
+    key_name,
+    prepare_state,
+    render_agent_config,
+    render_env,
+    render_runner_config,
+    restart_delay_secs,
+)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith(("BIGTENT_", "NIX_")):
+            monkeypatch.delenv(key)
+
+
+class _Entry:
+    """Lets CliRunner call ``main`` (error handling included) rather than the bare group."""
+
+    name = "bigtent"
+
+    def main(self, args: Any, prog_name: str, **_: Any) -> None:
+        cli_module.main(list(args))
+
+
+def run(args: list[str], env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(_Entry(), args, env=env)  # type: ignore[arg-type]
+
+
+def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for name, cmd in group.commands.items():
+        yield (*prefix, name)
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, (*prefix, name))
+
+
+ALL_COMMANDS = sorted(_commands(cli_module.cli))
+
+
+def test_every_design_command_exists() -> None:
+    names = {" ".join(c) for c in ALL_COMMANDS}
+    assert names >= {
+        "up",
+        "runner",
+        "agent",
+        "build",
+        "status",
+        "agents",
+        "builds",
+        "log",
+        "cancel",
+        "bump",
+        "token create",
+        "keys generate",
+    }
+
+
+@pytest.mark.parametrize("command", [(), *ALL_COMMANDS], ids=lambda c: " ".join(c) or "bigtent")
+def test_help(command: tuple[str, ...]) -> None:
+    result = run([*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage: bigtent" in result.stdout
+
+
+def test_version() -> None:
+    result = run(["--version"])
+    assert result.exit_code == 0 and "0.1.0" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status", "--bogus"],
+        ["build", "--priority", "high"],
+        ["nope"],
+        ["token", "create"],
+        ["token", "create", "--role", "king"],
+        ["up", "--agents", "-1"],
+        ["log"],
+    ],
+)
+def test_bad_arguments_are_clean_usage_errors(args: list[str]) -> None:
+    result = run(args)
+    assert result.exit_code == 2
+    assert "Error:" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_design_flags_are_present() -> None:
+    def opts(name: str) -> set[str]:
+        cmd = cli_module.cli.commands[name]
+        return {o for p in cmd.params for o in getattr(p, "opts", [])}
+
+    assert opts("agent") >= {
+        "--config",
+        "--runner-url",
+        "--name",
+        "--system",
+        "--supported-feature",
+        "--mandatory-feature",
+        "--max-jobs",
+        "--speed-factor",
+        "--store",
+        "--work-dir",
+        "--token-file",
+        "--sandbox-path",
+        "--ca-file",
+        "--ephemeral",
+        "--max-builds",
+        "--max-idle-secs",
+        "--max-lifetime-secs",
+    }
+    assert opts("build") >= {
+        "-A",
+        "--attr",
+        "--drv",
+        "--runner",
+        "--token-file",
+        "--priority",
+        "--no-download",
+        "--out-link",
+        "--json",
+    }
+    assert opts("up") >= {"--agents", "--state-dir", "--port", "--jobs", "--host-tools"}
+
+
+# ---- client commands against a fake runner ---------------------------------------------------
+
+BUILD = {
+    "id": 12,
+    "state": "running",
+    "priority": 10,
+    "created_at": "2024-05-01T10:00:00Z",
+    "roots": [
+        {
+            "drv_path": "/nix/store/aaaa-hello.drv",
+            "outputs": {"out": "/nix/store/o-hello"},
+            "step_id": 4,
+            "state": "building",
+        }
+    ],
+    "counts": {"total": 3, "succeeded": 1, "running": 1, "waiting": 1},
+}
+AGENT = {
+    "machine_id": "m1",
+    "name": "build-01",
+    "systems": ["x86_64-linux"],
+    "supported_features": ["kvm"],
+    "mandatory_features": ["big"],
+    "max_jobs": 4,
+    "running": 1,
+    "speed_factor": 2.0,
+    "ephemeral": False,
+    "auth_kind": "token",
+    "connected": True,
+}
+STATUS = {
+    "version": "0.1.0",
+    "cache_url": "http://r/cache",
+    "cache_public_key": "bt-1:abc",
+    "steps": {"running": 1, "waiting": 2},
+    "agents_connected": 1,
+    "builds_active": 1,
+}
+
+
+@pytest.fixture
+def fake_runner(monkeypatch: pytest.MonkeyPatch) -> list[httpx.Request]:
+    """Route the CLI's RunnerClient to an in-process handler; returns the requests seen."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        routes: dict[str, Any] = {
+            "/api/v1/status": STATUS,
+            "/api/v1/agents": {"agents": [AGENT]},
+            "/api/v1/builds": {"builds": [BUILD]},
+            "/api/v1/builds/12/cancel": {**BUILD, "state": "cancelled"},
+            "/api/v1/builds/12/bump": {**BUILD, "priority": 20},
+        }
+        if request.url.path == "/api/v1/steps/4/log":
+            return httpx.Response(200, text="building\ndone\n")
+        if request.url.path.startswith("/api/v1/builds/404"):
+            return httpx.Response(404, json={"error": "no build 404"})
+        if request.headers.get("authorization") == "Bearer wrong":
+            return httpx.Response(401, json={"error": "invalid token"})
+        return httpx.Response(200, json=routes[request.url.path])
+
+    real = cli_module._make_client
+
+    def make(runner_url: str, token_file: Path | None, ca_file: Path | None) -> RunnerClient:
+        client = real(runner_url, token_file, ca_file)
+        token = client._http.headers.get("authorization", "").removeprefix("Bearer ") or None
+        return RunnerClient(runner_url, token=token, transport=httpx.MockTransport(handler))
+
+    monkeypatch.setattr(cli_module, "_make_client", make)
+    return seen
+
+
+def test_status_table_and_json(fake_runner: list[httpx.Request]) -> None:
+    result = run(["status"], env={"BIGTENT_URL": "http://r:9", "BIGTENT_TOKEN": "t0k"})
+    assert result.exit_code == 0, result.output
+    assert "bt-1:abc" in result.stdout and "waiting 2" in result.stdout
+    assert str(fake_runner[0].url).startswith("http://r:9/api/v1/status")
+    assert fake_runner[0].headers["authorization"] == "Bearer t0k"
+    result = run(["status", "--json"])
+    assert json.loads(result.stdout)["cache_public_key"] == "bt-1:abc"
+
+
+def test_token_file_wins_over_env(fake_runner: list[httpx.Request], tmp_path: Path) -> None:
+    (tmp_path / "tok").write_text("from-file\n")
+    result = run(["agents", "--token-file", str(tmp_path / "tok")], env={"BIGTENT_TOKEN": "env"})
+    assert result.exit_code == 0, result.output
+    assert fake_runner[0].headers["authorization"] == "Bearer from-file"
+    assert "build-01" in result.stdout and "big!" in result.stdout
+
+
+def test_unreadable_token_file_is_a_config_error(tmp_path: Path) -> None:
+    result = run(["status", "--token-file", str(tmp_path / "none")])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Error: cannot read token file")
+
+
+def test_auth_error_exit_code(fake_runner: list[httpx.Request]) -> None:
+    result = run(["builds"], env={"BIGTENT_TOKEN": "wrong"})
+    assert result.exit_code == 3
+    assert result.stderr == "Error: invalid token\n"
+
+
+def test_builds_cancel_bump_log(fake_runner: list[httpx.Request]) -> None:
+    result = run(["builds", "--limit", "5"])
+    assert result.exit_code == 0 and "hello" in result.stdout and "1/3" in result.stdout
+    assert run(["builds", "--json"]).stdout.count('"id": "12"') == 1
+    result = run(["cancel", "12"])
+    assert result.exit_code == 0 and "cancelled" in result.stdout
+    result = run(["bump", "12", "--priority", "20"])
+    assert "priority 20" in result.stdout
+    assert json.loads(fake_runner[-1].content) == {"priority": 20}
+    result = run(["log", "4"])
+    assert result.stdout == "building\ndone\n"
+
+
+def test_not_found(fake_runner: list[httpx.Request]) -> None:
+    result = run(["cancel", "404", "--json"])
+    assert result.exit_code == 1 and result.stderr == "Error: no build 404\n"
+
+
+def test_unreachable_runner_is_one_line_error() -> None:
+    # A URL nobody can connect to (port 1 on loopback is closed).
+    result = run(["status", "--runner", "http://127.0.0.1:1"])
+    assert result.exit_code == 4
+    assert result.stderr.startswith("Error: cannot reach runner at http://127.0.0.1:1")
+    assert "Traceback" not in result.output
+
+
+# ---- build -----------------------------------------------------------------------------------
+
+
+def test_build_usage_errors() -> None:
+    result = run(["build", "--drv", "/nix/store/abc-hello"])
+    assert result.exit_code == 2 and "--drv needs a store derivation" in result.stderr
+    result = run(["build", "x.nix", "--drv", "/nix/store/abc-x.drv"])
+    assert result.exit_code == 2 and "one kind of target" in result.stderr
+
+
+def _fake_build_flow(monkeypatch: pytest.MonkeyPatch, final: dict[str, Any]) -> None:
+    import bigtent.client.build as build_module
+    from bigtent.client.api import Build
+    from bigtent.client.build import BuildResult
+
+    async def fake_run_build(
+        client: Any, store: Any, drvs: Any, options: Any, observer: Any, tracker: Any = None
+    ) -> BuildResult:
+        assert drvs == ["/nix/store/aaaa-hello.drv"] and options.download is False
+        observer.on_phase("uploading")
+        return BuildResult(Build.model_validate(final))
+
+    monkeypatch.setattr(build_module, "run_build", fake_run_build)
+
+
+def test_build_json_success(monkeypatch: pytest.MonkeyPatch) -> None:
+    final = {**BUILD, "state": "succeeded", "roots": [{**BUILD["roots"][0], "state": "succeeded"}]}
+    _fake_build_flow(monkeypatch, final)
+    result = run(["build", "--drv", "/nix/store/aaaa-hello.drv", "--no-download", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["build_id"] == "12" and doc["succeeded"] is True
+    assert doc["outputs"] == {"/nix/store/aaaa-hello.drv": {"out": "/nix/store/o-hello"}}
+
+
+def test_build_failure_reports_step_and_log_tail(monkeypatch: pytest.MonkeyPatch) -> None:
+    final = {
+        **BUILD,
+        "state": "failed",
+        "roots": [{**BUILD["roots"][0], "state": "failed"}],
+        "failed_steps": [
+            {
+                "id": 4,
+                "drv_path": "/nix/store/aaaa-hello.drv",
+                "state": "failed",
+                "outcome": "build_failure",
+                "error": "builder exited 1",
+                "log_tail": "compiling\n[error] boom\n",
+            }
+        ],
+    }
+    _fake_build_flow(monkeypatch, final)
+    result = run(["build", "--drv", "/nix/store/aaaa-hello.drv", "--no-download"])
+    assert result.exit_code == 1
+    assert "not built: /nix/store/aaaa-hello.drv (failed)" in result.stderr
+    assert "failed step 4: /nix/store/aaaa-hello.drv: build_failure, builder exited 1" in (
+        result.stderr
+    )
+    assert "[error] boom" in result.stderr  # log text is not taken as rich markup
+    assert "Error: build 12 failed: 1 of 1 requested derivation(s) did not build" in result.stderr
+
+
+# ---- keys and tokens -------------------------------------------------------------------------
+
+
+def test_keys_generate(tmp_path: Path) -> None:
+    result = run(["keys", "generate", "cache.example.org-1", "--out-dir", str(tmp_path / "k")])
+    assert result.exit_code == 0, result.output
+    sk = tmp_path / "k" / "cache.example.org-1.sk"
+    pk = tmp_path / "k" / "cache.example.org-1.pk"
+    assert stat.S_IMODE(sk.stat().st_mode) == 0o600
+    secret = parse_secret_key(sk.read_text())
+    assert secret.public_key() == parse_public_key(pk.read_text())
+    assert result.stdout.strip() == pk.read_text().strip()
+    again = run(["keys", "generate", "cache.example.org-1", "--out-dir", str(tmp_path / "k")])
+    assert again.exit_code == 1 and "already exists" in again.stderr
+    assert parse_secret_key(sk.read_text()) == secret
+
+
+def test_keys_generate_bad_name(tmp_path: Path) -> None:
+    result = run(["keys", "generate", "a:b", "--out-dir", str(tmp_path)])
+    assert result.exit_code == 2 and result.stderr.startswith("Error: key name")
+
+
+def test_token_create() -> None:
+    result = run(["token", "create", "--role", "agent", "--name", "build-01"])
+    assert result.exit_code == 0
+    token = result.stdout.strip()
+    snippet = tomllib.loads(result.stderr.split("runner.toml:\n", 1)[1])
+    assert snippet["auth"]["tokens"] == [
+        {"name": "build-01", "role": "agent", "sha256": token_digest(token)}
+    ]
+    doc = json.loads(run(["token", "create", "--role", "client", "--json"]).stdout)
+    assert doc["role"] == "client" and doc["sha256"] == token_digest(doc["token"])
+
+
+# ---- services ---------------------------------------------------------------------------------
+
+
+def test_agent_overrides_only_given_flags() -> None:
+    assert cli_module.agent_overrides(name=None, systems=(), ephemeral=False) == {}
+    assert cli_module.agent_overrides(
+        name="a",
+        systems=("x86_64-linux", "i686-linux"),
+        work_dir=Path("/w"),
+        max_builds=1,
+        ephemeral=False,
+    ) == {
+        "agent": {
+            "name": "a",
+            "systems": ["x86_64-linux", "i686-linux"],
+            "work_dir": "/w",
+            "ephemeral": {"max_builds": 1},
+        }
+    }
+    assert cli_module.agent_overrides(ephemeral=True) == {"agent": {"ephemeral": {}}}
+
+
+@pytest.fixture
+def fake_run_agent(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    import bigtent.agent.session as session
+
+    got: dict[str, Any] = {"code": 0}
+
+    async def run_agent(cfg: AgentConfig, token: str | None) -> int:
+        got["cfg"], got["token"] = cfg, token
+        if got.get("interrupt"):
+            raise KeyboardInterrupt
+        return int(got["code"])
+
+    monkeypatch.setattr(session, "run_agent", run_agent)
+    return got
+
+
+def test_agent_flags_override_file(fake_run_agent: dict[str, Any], tmp_path: Path) -> None:
+    conf = tmp_path / "agent.toml"
+    conf.write_text('[agent]\nname = "from-file"\nmax_jobs = 2\nstore = "local?root=/x"\n')
+    (tmp_path / "tok").write_text("secret\n")
+    fake_run_agent["code"] = 3
+    result = run(
+        [
+            "agent",
+            "--config",
+            str(conf),
+            "--name",
+            "flag",
+            "--system",
+            "a",
+            "--system",
+            "b",
+            "--sandbox-path",
+            "/bin=/usr/bin",
+            "--token-file",
+            str(tmp_path / "tok"),
+            "--max-builds",
+            "2",
+        ]
+    )
+    assert result.exit_code == 3, result.output
+    section = fake_run_agent["cfg"].agent
+    assert section.name == "flag" and section.max_jobs == 2 and section.store == "local?root=/x"
+    assert section.systems == ["a", "b"] and section.sandbox_paths == ["/bin=/usr/bin"]
+    assert section.ephemeral is not None and section.ephemeral.max_builds == 2
+    assert fake_run_agent["token"] == "secret"
+
+
+def test_agent_token_from_env(fake_run_agent: dict[str, Any]) -> None:
+    result = run(["agent", "--runner-url", "http://r:1"], env={"BIGTENT_AGENT_TOKEN": "envtok"})
+    assert result.exit_code == 0
+    assert fake_run_agent["token"] == "envtok"
+    assert fake_run_agent["cfg"].agent.runner_url == "http://r:1"
+
+
+def test_agent_bad_config_is_clean(tmp_path: Path) -> None:
+    conf = tmp_path / "agent.toml"
+    conf.write_text("[agent]\nmax_jobs = 0\n")
+    result = run(["agent", "--config", str(conf)])
+    assert result.exit_code == 2 and result.stderr.startswith("Error: invalid configuration")
+    result = run(["agent", "--config", str(tmp_path / "none.toml")])
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+def test_keyboard_interrupt_exits_130(fake_run_agent: dict[str, Any]) -> None:
+    fake_run_agent["interrupt"] = True
+    result = run(["agent"])
+    assert result.exit_code == 130
+    assert "Traceback" not in result.output and "Error" not in result.output
+
+
+def test_runner_loads_config_and_serves(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    served: list[Any] = []
+
+    async def serve(cfg: Any) -> None:
+        served.append(cfg)
+
+    monkeypatch.setitem(sys.modules, "bigtent.runner.app", types.SimpleNamespace(serve=serve))
+    conf = tmp_path / "runner.toml"
+    conf.write_text(f'[runner]\nlisten = "127.0.0.1:9999"\nstate_dir = "{tmp_path}"\n')
+    result = run(["runner", "--config", str(conf)])
+    assert result.exit_code == 0, result.output
+    assert served[0].runner.port == 9999
+
+
+# ---- bigtent up: pure parts and state preparation ---------------------------------------------
+
+
+def test_render_runner_config_loads(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "st ate")
+    text = render_runner_config(layout, 8123)
+    cfg = load_runner_config(_write(tmp_path / "r.toml", text))
+    assert cfg.runner.listen == "127.0.0.1:8123"
+    assert cfg.runner.allow_plaintext is True
+    assert cfg.runner.state_dir == layout.root
+    assert cfg.signing_key_path() == layout.signing_key
+    assert {(t.role, t.token_file) for t in cfg.auth.tokens} == {
+        (r, layout.token_file(r)) for r in (Role.CLIENT, Role.AGENT, Role.ADMIN)
+    }
+
+
+def test_render_agent_config_loads(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    text = render_agent_config(layout, 2, "http://127.0.0.1:8123", 3, ["/bin=/usr/bin", "/usr"])
+    cfg = load_agent_config(_write(tmp_path / "a.toml", text)).agent
+    assert cfg.name == "local-2" and cfg.max_jobs == 3
+    assert cfg.store == f"local?root={tmp_path}/agents/2/root"
+    assert cfg.work_dir == tmp_path / "agents" / "2"
+    assert cfg.token_file == layout.token_file(Role.AGENT)
+    assert cfg.sandbox_paths == ["/bin=/usr/bin", "/usr"]
+    assert "sandbox_paths" not in render_agent_config(layout, 1, "http://x:1", 1, [])
+
+
+def test_render_env_is_shell_safe() -> None:
+    text = render_env("http://127.0.0.1:8080", "bt_a'b", "bt_agent", "k-1:abc+/=")
+    values = dict(
+        shlex.split(line.removeprefix("export "))[0].split("=", 1)
+        for line in text.splitlines()
+        if line.startswith("export ")
+    )
+    assert values == {
+        "BIGTENT_URL": "http://127.0.0.1:8080",
+        "BIGTENT_TOKEN": "bt_a'b",
+        "BIGTENT_AGENT_TOKEN": "bt_agent",
+        "BIGTENT_CACHE_URL": "http://127.0.0.1:8080/cache",
+        "BIGTENT_CACHE_PUBLIC_KEY": "k-1:abc+/=",
+    }
+
+
+def test_host_sandbox_paths_only_existing() -> None:
+    present = {"/usr/bin", "/usr", "/usr/lib"}
+    assert host_sandbox_paths(present.__contains__) == ["/bin=/usr/bin", "/usr", "/lib=/usr/lib"]
+    assert host_sandbox_paths(lambda p: False) == []
+
+
+@pytest.mark.parametrize(
+    ("failures", "delay"), [(1, 1.0), (2, 2.0), (3, 4.0), (6, 30.0), (50, 30.0)]
+)
+def test_restart_delay(failures: int, delay: float) -> None:
+    assert restart_delay_secs(failures) == delay
+
+
+def test_key_name() -> None:
+    assert key_name("box.example.org") == "bigtent-box-1"
+    assert key_name("") == "bigtent-localhost-1"
+
+
+def test_prepare_state_generates_once_then_reuses(tmp_path: Path) -> None:
+    settings = UpSettings(state_dir=tmp_path / "st", agents=2, port=8111, jobs=3, host_tools=True)
+    first = prepare_state(settings)
+    layout = first.layout
+    mode: Callable[[Path], int] = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(layout.signing_key) == 0o600
+    for role in (Role.CLIENT, Role.AGENT, Role.ADMIN):
+        assert mode(layout.token_file(role)) == 0o600
+    assert mode(layout.tokens_dir) == 0o700
+    assert layout.agent_config(2).exists() and not layout.agent_config(3).exists()
+    key_text = layout.signing_key.read_text()
+    second = prepare_state(UpSettings(state_dir=tmp_path / "st", agents=1, port=8222))
+    assert second.tokens == first.tokens
+    assert second.cache_public_key == first.cache_public_key
+    assert layout.signing_key.read_text() == key_text
+    assert "127.0.0.1:8222" in layout.runner_config.read_text()  # configs follow the flags
+    assert load_runner_config(layout.runner_config).runner.port == 8222
+
+
+def test_up_rejects_bad_flags() -> None:
+    result = run(["up", "--port", "70000"])
+    assert result.exit_code == 2 and "Error:" in result.stderr
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_bigtent_error_is_never_a_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    @cli_module.cli.command("explode-for-test")
+    def explode() -> None:
+        raise BigtentError("it broke (got 1)")
+
+    try:
+        result = run(["explode-for-test"])
+    finally:
+        del cli_module.cli.commands["explode-for-test"]
+    assert result.exit_code == 1 and result.stderr == "Error: it broke (got 1)\n"
