@@ -25,7 +25,13 @@ from bigtent import protocol as p
 from bigtent.config import SchedulerSection
 from bigtent.runner.db import queries
 from bigtent.runner.logs import LogStore
-from bigtent.runner.scheduler.leases import Disposition, classify, new_lease_id, next_retry_at
+from bigtent.runner.scheduler.leases import (
+    Disposition,
+    backoff_secs,
+    classify,
+    new_lease_id,
+    next_retry_at,
+)
 from bigtent.runner.scheduler.matching import Requirement, VenueView
 from bigtent.runner.scheduler.steps import (
     BuildState,
@@ -41,6 +47,8 @@ from bigtent.runner.scheduler.steps import (
 log = logging.getLogger(__name__)
 
 _ACTIVE_STATES = [StepState.WAITING, StepState.RUNNABLE, StepState.ASSIGNED, StepState.BUILDING]
+_ERROR_PAUSE_SECS = 1.0
+"""After a failed loop pass, wait this long (or until woken) before the next one."""
 
 
 class SessionClosed(Exception):
@@ -265,15 +273,19 @@ class Scheduler:
                 pairs = [(ids[item.drv.drv_path], ids[d]) for item in planned for d in item.deps]
                 await queries.insert_step_deps(conn, pairs)
                 await queries.insert_build_steps(conn, build_id, ids.values())
-                root_ids = {drv: (ids.get(drv)) for drv in roots}
+                root_ids = {
+                    drv: ids[step_drv] if step_drv is not None else None
+                    for drv, step_drv in roots.items()
+                }
                 await queries.insert_build_roots(conn, build_id, root_ids)
                 for node in new_nodes:
                     self.nodes[node.id] = node
                     self.by_drv[node.drv_path] = node.id
                 for s, d in pairs:
-                    dep = self.nodes[d]
-                    if dep.state is not StepState.SUCCEEDED:
-                        self.nodes[s].deps.add(d)
+                    dep, node = self.nodes[d], self.nodes[s]
+                    # A step that already runs (or ran) keeps the dependencies it started with.
+                    if dep.state is not StepState.SUCCEEDED and node.state is StepState.WAITING:
+                        node.deps.add(d)
                     dep.dependents.add(s)
                 build = ActiveBuild(
                     build_id, priority, root_ids, set(ids.values()), BuildState.QUEUED
@@ -299,8 +311,9 @@ class Scheduler:
                     node.state = StepState.RUNNABLE
                 await queries.update_steps(conn, [n.id for n in runnable], state=StepState.RUNNABLE)
                 order = [n.id for n in reversed(new_nodes)] + [n.id for n in touched]
-                raise_heights(self.nodes, order)
-                for node in [*new_nodes, *touched]:
+                rekey = raise_heights(self.nodes, order) | {n.id for n in new_nodes + touched}
+                for sid in sorted(rekey):
+                    node = self.nodes[sid]
                     if node.state is StepState.RUNNABLE:
                         self._make_runnable(node, now)
                 await self._maybe_finish_build(conn, build, now)
@@ -335,7 +348,12 @@ class Scheduler:
                     self._release(node)
                     node.state = StepState.CANCELLED
                     await queries.update_step(
-                        conn, sid, state=node.state, finished_at=now, lease_id=None
+                        conn,
+                        sid,
+                        state=node.state,
+                        finished_at=now,
+                        lease_id=None,
+                        lease_expires_at=None,
                     )
                 build.state = BuildState.CANCELLED
                 await queries.update_build(conn, build_id, state=build.state, finished_at=now)
@@ -370,8 +388,12 @@ class Scheduler:
         kept: list[p.StepId] = []
         for item in running:
             node = self.nodes.get(item.step_id)
-            if node is not None and node.state.is_leased and node.lease_id == item.lease_id:
-                node.venue = venue.machine_id
+            if (
+                node is not None
+                and node.state.is_leased
+                and node.lease_id == item.lease_id
+                and node.venue == venue.machine_id
+            ):
                 node.lease_expires_at = now + self.config.lease_secs
                 venue.running.add(node.id)
                 kept.append(item.step_id)
@@ -471,7 +493,7 @@ class Scheduler:
                 if missing:
                     outcome = p.Outcome.UPLOAD_FAILURE
                     error = "outputs not uploaded: " + ", ".join(missing)
-            await self._finish_attempt(node, venue, outcome, error, msg)
+            await self._finish_attempt(node, venue, outcome, error, msg, self.clock())
             return True
 
     # ---- the loop --------------------------------------------------------------------------
@@ -479,21 +501,30 @@ class Scheduler:
         self._wake.set()
 
     async def run(self) -> None:
-        """Dispatch forever: expire leases, release due retries, match work to free slots,
-        then sleep until woken or until the next deadline."""
+        """Dispatch forever: one ``tick`` at a time, then sleep until woken or until the
+        next deadline. A failed pass is logged and retried: one database error must not stop
+        all dispatching (leases assigned in a failed pass simply expire)."""
         while True:
             self._wake.clear()
-            now = self.clock()
-            async with self._lock:
-                await self._expire_leases(now)
-                self._promote_delayed(now)
-                await self._dispatch(now)
-            wake_at = self._next_deadline()
+            try:
+                wake_at = await self.tick(self.clock())
+            except Exception:
+                log.exception("scheduler pass failed; trying again in %.0f s", _ERROR_PAUSE_SECS)
+                wake_at = self.clock() + _ERROR_PAUSE_SECS
             timeout = None if wake_at is None else max(0.0, wake_at - self.clock())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
-    def _next_deadline(self) -> float | None:
+    async def tick(self, now: float) -> float | None:
+        """One pass of the loop at time ``now``: expire leases, release due retries, match
+        work to free slots. Returns when the next pass is due (None: only when woken)."""
+        async with self._lock:
+            await self._expire_leases(now)
+            self._promote_delayed(now)
+            await self._dispatch(now)
+            return self._next_deadline(now)
+
+    def _next_deadline(self, now: float) -> float | None:
         times = [n.lease_expires_at for n in self._leased() if n.lease_expires_at is not None]
         if self.delayed:
             times.append(self.delayed[0][0])
@@ -501,7 +532,7 @@ class Scheduler:
             times.extend(
                 max(v.cooldown_until, v.backoff_until)
                 for v in self.venues.values()
-                if max(v.cooldown_until, v.backoff_until) > self.clock()
+                if max(v.cooldown_until, v.backoff_until) > now
             )
         return min(times) if times else None
 
@@ -525,13 +556,21 @@ class Scheduler:
                     p.Outcome.AGENT_LOST,
                     "lease expired: the agent stopped reporting it",
                     None,
+                    now,
                 )
 
     def _promote_delayed(self, now: float) -> None:
         while self.delayed and self.delayed[0][0] <= now:
             _, sid = heapq.heappop(self.delayed)
             node = self.nodes.get(sid)
-            if node is not None and node.state is StepState.RUNNABLE:
+            # Entries are never removed early: skip steps that left the queue, and duplicates
+            # of a step already promoted (its not_before is cleared then).
+            if (
+                node is not None
+                and node.state is StepState.RUNNABLE
+                and node.not_before is not None
+                and node.not_before <= now
+            ):
                 node.not_before = None
                 self.index.push(node)
 
@@ -542,11 +581,12 @@ class Scheduler:
         decisions = plan_dispatch(self.index, views)
         if not decisions:
             return
+        # Resolve every venue before the first await: a venue may detach meanwhile, and a
+        # send to its closed session then fails and releases the slot like any send failure.
+        chosen = [(self.nodes[d.step_id], self.venues[d.machine_id]) for d in decisions]
         sent: list[tuple[StepNode, Venue, p.Assign]] = []
         async with self.engine.begin() as conn:
-            for d in decisions:
-                node = self.nodes[d.step_id]
-                venue = self.venues[d.machine_id]
+            for node, venue in chosen:
                 lease = new_lease_id()
                 node.state = StepState.ASSIGNED
                 node.lease_id = lease
@@ -577,11 +617,19 @@ class Scheduler:
                 )
             if not _try_send(venue, msg):
                 # The slot goes back and the venue cools down; the step is runnable again.
+                log.warning("could not send step %d to %s; cooling it down", node.id, venue.name)
                 venue.cooldown_until = now + self.config.refuse_cooldown_secs
                 self._release(node)
                 node.state = StepState.RUNNABLE
                 async with self.engine.begin() as conn:
-                    await queries.update_step(conn, node.id, state=node.state, lease_id=None)
+                    await queries.update_step(
+                        conn,
+                        node.id,
+                        state=node.state,
+                        lease_id=None,
+                        lease_expires_at=None,
+                        agent_machine_id=None,
+                    )
                 self._make_runnable(node, now)
 
     def _assign_message(self, node: StepNode, lease: str) -> p.Assign:
@@ -621,8 +669,8 @@ class Scheduler:
         outcome: p.Outcome,
         error: str,
         msg: p.Result | None,
+        now: float,
     ) -> None:
-        now = self.clock()
         policy = classify(outcome)
         self._release(node)
         self.logs.close(node.id)
@@ -642,9 +690,10 @@ class Scheduler:
         if venue is not None:
             if policy.counts_against_venue:
                 venue.consecutive_failures += 1
-                venue.backoff_until = now + min(
+                venue.backoff_until = now + backoff_secs(
+                    venue.consecutive_failures,
+                    self.config.agent_backoff_base_secs,
                     self.config.agent_backoff_max_secs,
-                    self.config.agent_backoff_base_secs * 2 ** (venue.consecutive_failures - 1),
                 )
                 log.warning(
                     "%s: %s on step %d; backing off until %.0f",

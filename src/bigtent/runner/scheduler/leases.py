@@ -5,8 +5,13 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import assert_never
 
 from bigtent.protocol import LeaseId, Outcome
+
+_MAX_DOUBLINGS = 64
+"""Past this many doublings any sane cap has long been reached; bounding the exponent keeps
+``2.0 ** n`` from overflowing however many attempts or failures are configured or counted."""
 
 
 def new_lease_id() -> LeaseId:
@@ -43,12 +48,20 @@ def classify(outcome: Outcome) -> Classification:
             return Classification(Disposition.REQUEUE, False)
         case Outcome.PREPARE_FAILURE | Outcome.UPLOAD_FAILURE | Outcome.AGENT_LOST:
             return Classification(Disposition.RETRY, True)
+        case _:
+            assert_never(outcome)
+
+
+def backoff_secs(attempt: int, base_secs: float, max_secs: float) -> float:
+    """``base · 2^(attempt-1)`` seconds, capped at ``max_secs`` (attempt 1 waits ``base``)."""
+    doublings = min(_MAX_DOUBLINGS, max(0, attempt - 1))
+    return min(max_secs, base_secs * 2.0**doublings)
 
 
 def next_retry_at(
     attempt: int, now: float, base_secs: float, max_secs: float, jitter: float
 ) -> float:
-    """When an infrastructure retry may run: ``base · 2^(attempt-1)`` capped at ``max``, times
-    a jitter factor in [1, 1.25) given by the caller (``jitter`` in [0, 1))."""
-    delay = min(max_secs, base_secs * 2.0 ** max(0, attempt - 1))
-    return now + delay * (1 + 0.25 * jitter)
+    """When an infrastructure retry may run: the capped delay of ``backoff_secs`` times a
+    jitter factor in [1, 1.25) given by the caller (``jitter`` in [0, 1)), so steps that failed
+    together do not retry together (docs/configuration.md: "capped, +0-25 % jitter")."""
+    return now + backoff_secs(attempt, base_secs, max_secs) * (1 + 0.25 * jitter)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Collection, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from bigtent.runner.scheduler.matching import Requirement, VenueView, best_venue, can_run
@@ -77,11 +77,18 @@ _Entry = tuple[tuple[int, int, float, int], int]
 
 
 class RunnableIndex:
-    """Runnable steps bucketed by requirement, each bucket a heap with lazy deletion."""
+    """Runnable steps bucketed by requirement, each bucket a heap with lazy deletion.
+
+    ``_live`` holds each runnable step's current (requirement, key); a heap entry that no
+    longer matches it (popped, discarded, or pushed again with a new key) is stale and is
+    dropped when it reaches the top. ``_counts`` keeps the live steps per requirement, so
+    asking which requirements wait costs the number of buckets, not the number of steps.
+    """
 
     def __init__(self) -> None:
         self._buckets: dict[Requirement, list[_Entry]] = {}
         self._live: dict[int, tuple[Requirement, tuple[int, int, float, int]]] = {}
+        self._counts: dict[Requirement, int] = {}
 
     def __len__(self) -> int:
         return len(self._live)
@@ -90,12 +97,20 @@ class RunnableIndex:
         return step_id in self._live
 
     def push(self, node: StepNode) -> None:
+        """Add a runnable step, or re-key it after its priority or height changed."""
         key = node.sort_key()
+        self.discard(node.id)
         self._live[node.id] = (node.req, key)
+        self._counts[node.req] = self._counts.get(node.req, 0) + 1
         heapq.heappush(self._buckets.setdefault(node.req, []), (key, node.id))
 
     def discard(self, step_id: int) -> None:
-        self._live.pop(step_id, None)
+        live = self._live.pop(step_id, None)
+        if live is not None:
+            req = live[0]
+            self._counts[req] -= 1
+            if not self._counts[req]:
+                del self._counts[req]
 
     def _clean_top(self, req: Requirement) -> _Entry | None:
         heap = self._buckets.get(req)
@@ -121,17 +136,18 @@ class RunnableIndex:
         if top is None:
             return None
         heapq.heappop(self._buckets[req])
-        del self._live[top[1]]
+        self.discard(top[1])
         return top[1]
 
     def count_by_system(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for req, _ in self._live.values():
-            counts[req.system] = counts.get(req.system, 0) + 1
+        for req, n in self._counts.items():
+            counts[req.system] = counts.get(req.system, 0) + n
         return counts
 
     def requirements(self) -> set[Requirement]:
-        return {req for req, _ in self._live.values()}
+        """The requirements of the waiting steps (one per bucket, not one per step)."""
+        return set(self._counts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,15 +183,7 @@ def plan_dispatch(
         step_id = index.pop(req)
         assert step_id is not None
         decisions.append(Dispatch(step_id, venue.machine_id))
-        updated = VenueView(
-            venue.machine_id,
-            venue.systems,
-            venue.supported_features,
-            venue.mandatory_features,
-            venue.max_jobs,
-            venue.running + 1,
-            venue.speed_factor,
-        )
+        updated = replace(venue, running=venue.running + 1)
         if updated.free_slots > 0:
             free[venue.machine_id] = updated
         else:
@@ -183,13 +191,15 @@ def plan_dispatch(
     return decisions
 
 
-def raise_heights(nodes: dict[int, StepNode], order: Iterable[int]) -> None:
+def raise_heights(nodes: dict[int, StepNode], order: Iterable[int]) -> set[int]:
     """Recompute ``height`` for the steps in ``order`` (dependents before dependencies) and
-    propagate increases to everything below them.
+    propagate increases to everything below them. Returns the ids whose height changed, so
+    the caller can re-key those that are runnable.
 
     Height is 1 + the largest height among dependents. It only ever grows (new builds add
     dependents), so the propagation stops: a dependency is revisited only when it grew.
     """
+    changed: set[int] = set()
     stack = list(order)
     stack.reverse()
     while stack:
@@ -200,7 +210,9 @@ def raise_heights(nodes: dict[int, StepNode], order: Iterable[int]) -> None:
         height = 1 + max((nodes[d].height for d in node.dependents if d in nodes), default=0)
         if height > node.height:
             node.height = height
+            changed.add(sid)
             stack.extend(node.deps)
+    return changed
 
 
 def can_any_run(venues: Iterable[VenueView], req: Requirement) -> bool:

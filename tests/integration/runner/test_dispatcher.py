@@ -1,0 +1,873 @@
+"""The scheduler service against a real SQLite database, with fake venues and a fake clock.
+
+The loop is driven one ``tick(now)`` at a time, so no test waits on real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bigtent import protocol as p
+from bigtent.config import SchedulerSection
+from bigtent.runner.db import queries
+from bigtent.runner.db.migrate import create_engine, migrate
+from bigtent.runner.logs import LogStore
+from bigtent.runner.scheduler.dispatcher import PlannedStep, Scheduler, SessionClosed, Venue
+from bigtent.runner.scheduler.steps import StepState
+
+X86 = "x86_64-linux"
+T0 = 1_700_000_000.0
+CONFIG = SchedulerSection(
+    lease_secs=60.0,
+    max_infra_attempts=3,
+    retry_base_secs=10.0,
+    retry_max_secs=100.0,
+    agent_backoff_base_secs=1.0,
+    agent_backoff_max_secs=8.0,
+    refuse_cooldown_secs=2.0,
+)
+
+
+# ---- harness -------------------------------------------------------------------------------
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def drv(
+    name: str, *deps: queries.DrvInfo, features: Sequence[str] = (), system: str = X86
+) -> queries.DrvInfo:
+    return queries.DrvInfo(
+        drv_path=f"/nix/store/{_hash(name + '.drv')}-{name}.drv",
+        name=name,
+        system=system,
+        required_features=frozenset(features),
+        outputs={"out": f"/nix/store/{_hash(name)}-{name}"},
+        input_drvs={d.drv_path: ("out",) for d in deps},
+        input_srcs=(),
+    )
+
+
+@dataclass
+class Clock:
+    now: float = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Agent:
+    """A fake venue: every message the scheduler sends lands in ``outbox``."""
+
+    venue: Venue
+    outbox: list[BaseModel] = field(default_factory=list)
+    kept: list[p.StepId] = field(default_factory=list)
+    """What ``attach`` returned: the reported running steps whose leases it keeps."""
+
+    def assigns(self) -> list[p.Assign]:
+        return [m for m in self.outbox if isinstance(m, p.Assign)]
+
+    def aborts(self) -> list[int]:
+        return [m.step_id for m in self.outbox if isinstance(m, p.Abort)]
+
+    def take_assigns(self) -> list[p.Assign]:
+        """The assigns sent since the last call."""
+        got = self.assigns()
+        self.outbox[:] = [m for m in self.outbox if not isinstance(m, p.Assign)]
+        return got
+
+
+class Farm:
+    """One database, a scheduler over it, a fake clock, a fake cache and fake agents."""
+
+    def __init__(self, engine: AsyncEngine, tmp_path: Path, config: SchedulerSection) -> None:
+        self.engine = engine
+        self.tmp_path = tmp_path
+        self.config = config
+        self.clock = Clock()
+        self.uploaded: set[str] = set()
+        self.sched = self.new_scheduler()
+
+    def new_scheduler(self) -> Scheduler:
+        async def present(paths: Sequence[str]) -> set[str]:
+            return set(paths) & self.uploaded
+
+        return Scheduler(
+            self.engine,
+            self.config,
+            LogStore(self.tmp_path / "logs", 1 << 20),
+            present,
+            clock=self.clock,
+            rand=lambda: 0.0,
+        )
+
+    async def add(
+        self,
+        planned: Sequence[queries.DrvInfo],
+        roots: Sequence[queries.DrvInfo],
+        *,
+        priority: int = 0,
+        cached_roots: Sequence[queries.DrvInfo] = (),
+    ) -> int:
+        """Create a build; ``planned`` is dependencies first, each depending on the inputs
+        that are planned too."""
+        async with self.engine.begin() as conn:
+            for d in [*planned, *cached_roots]:
+                await queries.insert_derivation(conn, d)
+        paths = {d.drv_path for d in planned}
+        steps = [PlannedStep(d, tuple(i for i in d.input_drvs if i in paths)) for d in planned]
+        root_map: dict[str, str | None] = {d.drv_path: d.drv_path for d in roots}
+        root_map.update({d.drv_path: None for d in cached_roots})
+        return await self.sched.add_build(
+            priority=priority, created_by="test", roots=root_map, planned=steps
+        )
+
+    def agent(
+        self,
+        machine_id: str,
+        *,
+        supported: Sequence[str] = (),
+        mandatory: Sequence[str] = (),
+        max_jobs: int = 1,
+        speed: float = 1.0,
+        running: Sequence[p.RunningStep] = (),
+        send: Callable[[BaseModel], None] | None = None,
+    ) -> Agent:
+        outbox: list[BaseModel] = []
+        venue = Venue(
+            machine_id=machine_id,
+            name=f"agent-{machine_id}",
+            systems=frozenset({X86}),
+            supported_features=frozenset(supported),
+            mandatory_features=frozenset(mandatory),
+            max_jobs=max_jobs,
+            speed_factor=speed,
+            send=send or outbox.append,
+        )
+        return Agent(venue, outbox, self.sched.attach(venue, running))
+
+    async def tick(self, at: float | None = None) -> float | None:
+        if at is not None:
+            self.clock.now = at
+        return await self.sched.tick(self.clock.now)
+
+    def sid(self, d: queries.DrvInfo) -> int:
+        return self.sched.by_drv[d.drv_path]
+
+    async def succeed(self, agent: Agent, a: p.Assign) -> bool:
+        await self.sched.accepted(agent.venue, p.Accepted(step_id=a.step_id, lease_id=a.lease_id))
+        self.uploaded.update(a.outputs.values())
+        return await self.report(agent, a, p.Outcome.SUCCESS)
+
+    async def report(self, agent: Agent, a: p.Assign, outcome: p.Outcome, error: str = "") -> bool:
+        msg = p.Result(step_id=a.step_id, lease_id=a.lease_id, outcome=outcome, error=error)
+        return await self.sched.result(agent.venue, msg)
+
+    async def step(self, d: queries.DrvInfo | int) -> Any:
+        sid = d if isinstance(d, int) else None
+        async with self.engine.connect() as conn:
+            if sid is None:
+                assert isinstance(d, queries.DrvInfo)
+                row = (await queries.fetch_steps_by_drv(conn, [d.drv_path]))[d.drv_path]
+                sid = int(row.id)
+            return await queries.fetch_step(conn, sid)
+
+    async def state(self, d: queries.DrvInfo | int) -> StepState:
+        return StepState((await self.step(d)).state)
+
+    async def build_state(self, build_id: int) -> str:
+        async with self.engine.connect() as conn:
+            row = await queries.fetch_build(conn, build_id)
+        assert row is not None
+        return str(row.state)
+
+    def runnable(self, sched: Scheduler | None = None) -> set[int]:
+        """Steps in the runnable index or waiting out a retry delay."""
+        s = sched or self.sched
+        return {sid for sid in s.nodes if sid in s.index} | {
+            sid for _, sid in s.delayed if s.nodes[sid].state is StepState.RUNNABLE
+        }
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/x.db")
+    await migrate(engine)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def make_farm(engine: AsyncEngine, tmp_path: Path) -> Callable[..., Farm]:
+    def make(**overrides: Any) -> Farm:
+        return Farm(engine, tmp_path, CONFIG.model_copy(update=overrides))
+
+    return make
+
+
+@pytest.fixture
+def farm(make_farm: Callable[..., Farm]) -> Farm:
+    return make_farm()
+
+
+def by_drv(assigns: Sequence[p.Assign]) -> dict[str, p.Assign]:
+    return {a.drv_path: a for a in assigns}
+
+
+# ---- the DAG -------------------------------------------------------------------------------
+async def test_dag_dispatches_in_dependency_order_and_build_succeeds(farm: Farm) -> None:
+    lib = drv("lib")
+    a, b = drv("a", lib), drv("b", lib)
+    app = drv("app", a, b)
+    build = await farm.add([lib, a, b, app], roots=[app])
+    assert [farm.sched.nodes[farm.sid(d)].height for d in (lib, a, b, app)] == [3, 2, 2, 1]
+    agent = farm.agent("m1", max_jobs=4)
+
+    levels: list[set[str]] = []
+    while assigns := (await farm.tick(), agent.take_assigns())[1]:
+        levels.append({x.drv_path for x in assigns})
+        for x in assigns:
+            assert await farm.succeed(agent, x)
+
+    assert levels == [{lib.drv_path}, {a.drv_path, b.drv_path}, {app.drv_path}]
+    assert await farm.build_state(build) == "succeeded"
+    assert {await farm.state(d) for d in (lib, a, b, app)} == {StepState.SUCCEEDED}
+    # Finished work leaves memory; nothing waits for a deadline.
+    assert farm.sched.nodes == {} and farm.sched.builds == {}
+    assert await farm.tick() is None
+
+
+async def test_assign_message_carries_lease_outputs_and_limits(farm: Farm) -> None:
+    x = drv("x")
+    await farm.add([x], roots=[x])
+    agent = farm.agent("m1")
+    deadline = await farm.tick()
+    [a] = agent.assigns()
+    assert a.step_id == farm.sid(x) and a.drv_path == x.drv_path
+    assert a.outputs == dict(x.outputs)
+    assert a.upload_urls == {"out": f"/api/v1/agent/upload/{a.lease_id}/out"}
+    assert (a.timeout_secs, a.max_silent_secs) == (CONFIG.step_timeout_secs, CONFIG.max_silent_secs)
+    assert deadline == T0 + CONFIG.lease_secs  # the lease expiry is the next deadline
+    row = await farm.step(x)
+    assert (row.state, row.lease_id, row.agent_machine_id) == ("assigned", a.lease_id, "m1")
+    assert farm.sched.lease_holder(a.lease_id) is farm.sched.nodes[a.step_id]
+
+
+async def test_build_failure_fails_only_dependents(farm: Farm) -> None:
+    lib = drv("lib")
+    a = drv("a", lib)
+    b = drv("b")
+    app = drv("app", a, b)
+    toolbase = drv("toolbase")
+    tool = drv("tool", toolbase)
+    build = await farm.add([lib, a, b, app, toolbase, tool], roots=[app, tool])
+    agent = farm.agent("m1", max_jobs=4)
+
+    await farm.tick()
+    first = by_drv(agent.take_assigns())
+    assert set(first) == {lib.drv_path, b.drv_path, toolbase.drv_path}
+    assert await farm.report(agent, first[lib.drv_path], p.Outcome.BUILD_FAILURE, "exit 1")
+
+    assert await farm.state(lib) is StepState.FAILED
+    for d in (a, app):
+        row = await farm.step(d)
+        assert row.state == "dependency_failed"
+        assert lib.drv_path in row.error
+    # The unrelated branch goes on; the build is not over while it runs.
+    assert await farm.build_state(build) == "running"
+    assert await farm.succeed(agent, first[b.drv_path])
+    assert await farm.succeed(agent, first[toolbase.drv_path])
+    await farm.tick()
+    [t] = agent.take_assigns()
+    assert t.drv_path == tool.drv_path
+    assert await farm.build_state(build) == "running"
+    assert await farm.succeed(agent, t)
+
+    assert await farm.build_state(build) == "failed"
+    assert [await farm.state(d) for d in (b, toolbase, tool)] == [StepState.SUCCEEDED] * 3
+    # A build failure is never the agent's fault.
+    assert agent.venue.backoff_until == 0.0 and agent.venue.consecutive_failures == 0
+
+
+EXPECTED_AFTER: dict[p.Outcome, tuple[StepState, str, bool]] = {
+    # outcome: (step state, build state, counts against the venue)
+    p.Outcome.SUCCESS: (StepState.SUCCEEDED, "succeeded", False),
+    p.Outcome.BUILD_FAILURE: (StepState.FAILED, "failed", False),
+    p.Outcome.TIMED_OUT: (StepState.FAILED, "failed", False),
+    p.Outcome.LOG_LIMIT: (StepState.FAILED, "failed", False),
+    p.Outcome.ABORTED: (StepState.RUNNABLE, "running", False),
+    p.Outcome.PREPARE_FAILURE: (StepState.RUNNABLE, "running", True),
+    p.Outcome.UPLOAD_FAILURE: (StepState.RUNNABLE, "running", True),
+    p.Outcome.AGENT_LOST: (StepState.RUNNABLE, "running", True),
+}
+
+
+@pytest.mark.parametrize("outcome", list(p.Outcome))
+async def test_result_outcome_policy(farm: Farm, outcome: p.Outcome) -> None:
+    x = drv("x")
+    build = await farm.add([x], roots=[x])
+    agent = farm.agent("m1")
+    await farm.tick()
+    [a] = agent.take_assigns()
+    farm.clock.now += 5
+    farm.uploaded.update(a.outputs.values())
+    assert await farm.report(agent, a, outcome, "boom")
+
+    state, build_state, counted = EXPECTED_AFTER[outcome]
+    row = await farm.step(x)
+    assert (StepState(row.state), row.outcome) == (state, outcome)
+    assert row.lease_id is None
+    assert await farm.build_state(build) == build_state
+    assert agent.venue.running == set()
+    if counted:
+        assert row.attempts == 1
+        assert row.not_before == farm.clock.now + CONFIG.retry_base_secs
+        assert agent.venue.backoff_until == farm.clock.now + CONFIG.agent_backoff_base_secs
+    else:
+        assert row.attempts == 0 and row.not_before is None
+        assert agent.venue.backoff_until == 0.0
+    if outcome is p.Outcome.ABORTED:
+        # Requeued at once: the next tick assigns it again.
+        await farm.tick()
+        assert len(agent.take_assigns()) == 1
+
+
+async def test_success_without_uploaded_outputs_is_an_upload_failure(farm: Farm) -> None:
+    x = drv("x")
+    await farm.add([x], roots=[x])
+    agent = farm.agent("m1")
+    await farm.tick()
+    [a] = agent.take_assigns()
+    assert await farm.report(agent, a, p.Outcome.SUCCESS)
+    row = await farm.step(x)
+    assert (row.state, row.outcome, row.attempts) == ("runnable", "upload_failure", 1)
+    assert x.outputs["out"] in row.error
+
+
+# ---- leases --------------------------------------------------------------------------------
+async def test_stale_lease_result_is_ignored_and_step_finishes_once(farm: Farm) -> None:
+    x = drv("x")
+    top = drv("top", x)
+    await farm.add([x, top], roots=[top])
+    agent = farm.agent("m1")
+    await farm.tick()
+    [first] = agent.take_assigns()
+    bogus = p.Result(step_id=first.step_id, lease_id=p.LeaseId("nope"), outcome=p.Outcome.SUCCESS)
+    assert not await farm.sched.result(agent.venue, bogus)
+    assert await farm.state(x) is StepState.ASSIGNED
+
+    # The lease runs out; the late result of the first attempt no longer counts.
+    await farm.tick(T0 + CONFIG.lease_secs)
+    farm.uploaded.update(first.outputs.values())
+    assert not await farm.report(agent, first, p.Outcome.SUCCESS)
+    assert await farm.state(x) is StepState.RUNNABLE
+
+    await farm.tick(T0 + CONFIG.lease_secs + CONFIG.retry_base_secs)
+    [second] = agent.take_assigns()
+    assert second.lease_id != first.lease_id
+    assert await farm.succeed(agent, second)
+    finished_at = (await farm.step(x)).finished_at
+    farm.clock.now += 100
+    assert not await farm.succeed(agent, second)
+    assert not await farm.report(agent, second, p.Outcome.BUILD_FAILURE)
+    assert not await farm.report(agent, first, p.Outcome.SUCCESS)
+    row = await farm.step(x)
+    assert (row.state, row.finished_at) == ("succeeded", finished_at)
+    # The dependent was made runnable exactly once.
+    await farm.tick()
+    assert [a.drv_path for a in agent.take_assigns()] == [top.drv_path]
+
+
+async def test_lease_expiry_retries_with_backoff_then_fails(farm: Farm) -> None:
+    x = drv("x")
+    top = drv("top", x)
+    build = await farm.add([x, top], roots=[top])
+    sx = farm.sid(x)
+    agent = farm.agent("m1")
+    now = T0
+    for attempt in (1, 2, 3):
+        await farm.tick(now)
+        [a] = agent.take_assigns()
+        await farm.sched.accepted(agent.venue, p.Accepted(step_id=a.step_id, lease_id=a.lease_id))
+        now += CONFIG.lease_secs
+        await farm.tick(now)
+        assert agent.aborts()[-1] == sx
+        # Counted against the venue, with growing backoff.
+        assert agent.venue.consecutive_failures == attempt
+        assert agent.venue.backoff_until == now + CONFIG.agent_backoff_base_secs * 2 ** (
+            attempt - 1
+        )
+        row = await farm.step(x)
+        assert row.outcome == "agent_lost" and row.attempts == attempt
+        if attempt == CONFIG.max_infra_attempts:
+            break
+        not_before = now + CONFIG.retry_base_secs * 2 ** (attempt - 1)
+        assert (row.state, row.not_before) == ("runnable", not_before)
+        # Not before not_before, even with a free venue ...
+        assert await farm.tick(not_before - 0.5) == not_before
+        assert agent.take_assigns() == []
+        now = not_before  # ... but then.
+
+    row = await farm.step(x)
+    assert row.state == "failed"
+    assert "infrastructure failure after 3 attempts" in row.error
+    assert await farm.state(top) is StepState.DEPENDENCY_FAILED
+    assert await farm.build_state(build) == "failed"
+    assert "attempt 3 on agent-m1" in farm.sched.logs.read(sx).decode()
+
+
+async def test_heartbeat_renews_only_the_holders_leases(farm: Farm) -> None:
+    x, y = drv("x"), drv("y")
+    await farm.add([x, y], roots=[x, y])
+    agent = farm.agent("m1", max_jobs=2)
+    other = farm.agent("m2")
+    await farm.tick()
+    assert len(agent.take_assigns()) == 2
+    farm.clock.now = T0 + 50
+    farm.sched.heartbeat(agent.venue, [farm.sid(x)])
+    farm.sched.heartbeat(other.venue, [farm.sid(y)])  # not its step: no renewal
+    deadline = await farm.tick(T0 + CONFIG.lease_secs)
+    assert await farm.state(x) is StepState.ASSIGNED
+    assert await farm.state(y) is StepState.RUNNABLE
+    assert farm.sched.nodes[farm.sid(x)].lease_expires_at == T0 + 50 + CONFIG.lease_secs
+    assert deadline == T0 + CONFIG.lease_secs + CONFIG.retry_base_secs  # y's retry comes first
+
+
+async def test_refused_releases_the_slot_and_cools_the_venue_down(farm: Farm) -> None:
+    x = drv("x")
+    await farm.add([x], roots=[x])
+    agent = farm.agent("m1")
+    await farm.tick()
+    [a] = agent.take_assigns()
+    stale = p.Refused(step_id=a.step_id, lease_id=p.LeaseId("old"), reason="busy")
+    await farm.sched.refused(agent.venue, stale)
+    assert await farm.state(x) is StepState.ASSIGNED
+
+    await farm.sched.refused(
+        agent.venue, p.Refused(step_id=a.step_id, lease_id=a.lease_id, reason="busy")
+    )
+    row = await farm.step(x)
+    assert (row.state, row.lease_id, row.agent_machine_id) == ("runnable", None, None)
+    assert agent.venue.running == set()
+    assert agent.venue.cooldown_until == T0 + CONFIG.refuse_cooldown_secs
+    assert agent.venue.backoff_until == 0.0  # a refusal is no failure
+
+    # During the cooldown nothing goes there; the cooldown's end is the next deadline.
+    assert await farm.tick() == T0 + CONFIG.refuse_cooldown_secs
+    assert agent.take_assigns() == []
+    await farm.tick(T0 + CONFIG.refuse_cooldown_secs)
+    [again] = agent.take_assigns()
+    assert again.lease_id != a.lease_id
+
+
+async def test_refusing_venue_cools_down_while_another_takes_the_step(farm: Farm) -> None:
+    x = drv("x")
+    await farm.add([x], roots=[x])
+    first = farm.agent("a")
+    await farm.tick()
+    [a] = first.take_assigns()
+    second = farm.agent("b")
+    await farm.sched.refused(first.venue, p.Refused(step_id=a.step_id, lease_id=a.lease_id))
+    await farm.tick()
+    assert [x.step_id for x in second.take_assigns()] == [a.step_id]
+    assert first.take_assigns() == []
+
+
+async def test_send_failure_releases_the_slot(farm: Farm) -> None:
+    def closed(_msg: BaseModel) -> None:
+        raise SessionClosed()
+
+    x = drv("x")
+    await farm.add([x], roots=[x])
+    agent = farm.agent("m1", send=closed)
+    await farm.tick()
+    row = await farm.step(x)
+    assert (row.state, row.lease_id, row.agent_machine_id) == ("runnable", None, None)
+    assert agent.venue.running == set() and farm.sched.leases == {}
+    assert agent.venue.cooldown_until == T0 + CONFIG.refuse_cooldown_secs
+    assert farm.runnable() == {farm.sid(x)}
+
+
+async def test_reconnect_keeps_current_leases_and_drops_others(farm: Farm) -> None:
+    steps = [drv(f"s{i}") for i in range(3)]
+    await farm.add(steps, roots=steps)
+    agent = farm.agent("m1", max_jobs=3)
+    await farm.tick()
+    leases = {a.step_id: a for a in agent.take_assigns()}
+    s0, s1, s2 = (p.StepId(farm.sid(d)) for d in steps)
+    farm.sched.detach(agent.venue)
+    assert farm.sched.venues == {}
+    # Another machine cannot claim the lease.
+    thief = farm.agent("m2", running=[p.RunningStep(step_id=s0, lease_id=leases[s0].lease_id)])
+    assert thief.kept == [] and thief.venue.running == set()
+
+    farm.clock.now += 5
+    back = farm.agent(
+        "m1",
+        max_jobs=3,
+        running=[
+            p.RunningStep(step_id=s0, lease_id=leases[s0].lease_id),
+            p.RunningStep(step_id=s1, lease_id=p.LeaseId("bogus")),
+        ],
+    )
+    assert back.kept == [s0]
+    assert back.venue.running == {s0}
+    await farm.tick()
+    assert await farm.state(s0) is StepState.ASSIGNED
+    for sid in (s1, s2):
+        row = await farm.step(sid)
+        assert (row.state, row.outcome, row.attempts) == ("runnable", "agent_lost", 1)
+    assert sorted(back.aborts()) == [s1, s2]
+    assert await farm.succeed(back, leases[s0])
+    assert await farm.state(s0) is StepState.SUCCEEDED
+
+
+async def test_kvm_step_only_on_the_kvm_venue(farm: Farm) -> None:
+    k, plain = drv("k", features=["kvm"]), drv("plain")
+    await farm.add([k, plain], roots=[k, plain])
+    small = farm.agent("plain", max_jobs=4)
+    await farm.tick()
+    assert [a.drv_path for a in small.take_assigns()] == [plain.drv_path]
+    assert farm.runnable() == {farm.sid(k)}
+    big = farm.agent("kvm", supported=["kvm"], max_jobs=1)
+    await farm.tick()
+    assert [a.drv_path for a in big.take_assigns()] == [k.drv_path]
+
+
+async def test_plain_step_prefers_the_non_kvm_venue(farm: Farm) -> None:
+    plain, k = drv("plain"), drv("k", features=["kvm"])
+    await farm.add([plain], roots=[plain], priority=5)
+    await farm.add([k], roots=[k])
+    # The kvm venue is bigger, faster and sorts first, yet kvm work waits for it.
+    kvm = farm.agent("a-kvm", supported=["kvm"], max_jobs=8, speed=4.0)
+    other = farm.agent("z-plain", max_jobs=1)
+    await farm.tick()
+    assert [a.drv_path for a in other.take_assigns()] == [plain.drv_path]
+    assert [a.drv_path for a in kvm.take_assigns()] == [k.drv_path]
+
+
+async def test_mandatory_feature_venue_only_takes_steps_requiring_it(farm: Farm) -> None:
+    plain, bench = drv("plain"), drv("bench", features=["benchmark"])
+    await farm.add([plain, bench], roots=[plain, bench])
+    special = farm.agent("bench-box", mandatory=["benchmark"], max_jobs=4)
+    await farm.tick()
+    assert [a.drv_path for a in special.take_assigns()] == [bench.drv_path]
+    assert farm.runnable() == {farm.sid(plain)}
+
+
+async def test_draining_venue_gets_no_new_work(farm: Farm) -> None:
+    x = drv("x")
+    await farm.add([x], roots=[x])
+    agent = farm.agent("m1")
+    assert farm.sched.drain("m1") and not farm.sched.drain("unknown")
+    await farm.tick()
+    assert agent.assigns() == [] and isinstance(agent.outbox[-1], p.Drain)
+
+
+# ---- builds --------------------------------------------------------------------------------
+async def test_cancel_build_aborts_leased_steps_and_spares_shared_ones(farm: Farm) -> None:
+    shared, own = drv("shared"), drv("own")
+    top = drv("top", shared, own)
+    cancelled = await farm.add([shared, own, top], roots=[top])
+    other = await farm.add([shared], roots=[shared])
+    agent = farm.agent("m1", max_jobs=4)
+    await farm.tick()
+    assigned = by_drv(agent.take_assigns())
+    assert set(assigned) == {shared.drv_path, own.drv_path}
+
+    farm.clock.now += 1
+    assert await farm.sched.cancel_build(cancelled)
+    assert not await farm.sched.cancel_build(cancelled)
+    assert agent.aborts() == [assigned[own.drv_path].step_id]
+    assert farm.sched.by_drv.keys() == {shared.drv_path}  # cancelled steps are forgotten
+    assert await farm.state(own) is StepState.CANCELLED
+    assert await farm.state(top) is StepState.CANCELLED
+    assert await farm.build_state(cancelled) == "cancelled"
+    assert agent.venue.running == {farm.sid(shared)}
+    # The aborted attempt's late result is ignored; the shared step goes on.
+    assert not await farm.report(agent, assigned[own.drv_path], p.Outcome.ABORTED)
+    assert await farm.state(own) is StepState.CANCELLED
+    assert await farm.succeed(agent, assigned[shared.drv_path])
+    assert await farm.build_state(other) == "succeeded"
+    assert await farm.build_state(cancelled) == "cancelled"
+
+
+async def test_two_builds_share_one_step(farm: Farm) -> None:
+    x = drv("x")
+    y = drv("y", x)
+    first = await farm.add([x], roots=[x])
+    second = await farm.add([x, y], roots=[y])
+    assert len(farm.sched.by_drv) == 2
+    assert farm.sched.nodes[farm.sid(x)].builds == {first, second}
+    agent = farm.agent("m1", max_jobs=4)
+    await farm.tick()
+    [a] = agent.take_assigns()
+    assert a.drv_path == x.drv_path
+    assert await farm.succeed(agent, a)
+    assert await farm.build_state(first) == "succeeded"
+    assert await farm.build_state(second) == "running"
+    await farm.tick()
+    [b] = agent.take_assigns()
+    assert b.drv_path == y.drv_path
+    assert await farm.succeed(agent, b)
+    assert await farm.build_state(second) == "succeeded"
+
+
+async def test_cached_roots_finish_a_build_at_once(farm: Farm) -> None:
+    x = drv("x")
+    build = await farm.add([], roots=[], cached_roots=[x])
+    assert await farm.build_state(build) == "succeeded"
+    assert farm.sched.builds == {}
+
+
+async def test_new_build_on_a_failed_step_fails_its_dependents(farm: Farm) -> None:
+    x = drv("x")
+    first = await farm.add([x], roots=[x])
+    holder = await farm.add([x, drv("z", x)], roots=[drv("z", x)])
+    agent = farm.agent("m1")
+    await farm.tick()
+    [a] = agent.take_assigns()
+    assert await farm.report(agent, a, p.Outcome.BUILD_FAILURE)
+    assert await farm.build_state(first) == "failed"
+    assert await farm.build_state(holder) == "failed"
+    # x's failure is forgotten with the builds that held it: a new build queues it again.
+    y = drv("y", x)
+    third = await farm.add([x, y], roots=[y])
+    assert await farm.state(x) is StepState.RUNNABLE
+    assert await farm.build_state(third) == "queued"
+
+
+async def test_bump_build_reorders_runnable_work(farm: Farm) -> None:
+    early, late = drv("early"), drv("late")
+    first = await farm.add([early], roots=[early])
+    second = await farm.add([late], roots=[late])
+    assert await farm.sched.bump_build(second, 10)
+    assert not await farm.sched.bump_build(999, 10)
+    agent = farm.agent("m1")
+    await farm.tick()
+    assert [a.drv_path for a in agent.take_assigns()] == [late.drv_path]
+    async with farm.engine.connect() as conn:
+        row = await queries.fetch_build(conn, second)
+    assert row is not None and row.priority == 10
+    assert await farm.build_state(first) == "queued"
+
+
+async def test_new_dependents_raise_the_height_of_runnable_work(farm: Farm) -> None:
+    a, b = drv("a"), drv("b")
+    await farm.add([a], roots=[a])
+    await farm.add([b], roots=[b])
+    # A second build stacks two steps on b: b now has more work behind it than a.
+    mid = drv("mid", b)
+    top = drv("top", mid)
+    await farm.add([b, mid, top], roots=[top])
+    assert farm.sched.nodes[farm.sid(b)].height == 3
+    agent = farm.agent("m1")
+    await farm.tick()
+    assert [x.drv_path for x in agent.take_assigns()] == [b.drv_path]
+
+
+# ---- restart -------------------------------------------------------------------------------
+async def test_load_after_crash_rebuilds_the_queue_and_completes(farm: Farm) -> None:
+    lib = drv("lib")
+    a = drv("a", lib)
+    b, c = drv("b"), drv("c")
+    app = drv("app", a, b, c)
+    build = await farm.add([lib, a, b, c, app], roots=[app])
+    agent = farm.agent("m1", max_jobs=2)
+    await farm.tick()
+    first = by_drv(agent.take_assigns())
+    assert set(first) == {lib.drv_path, b.drv_path}  # the critical path first
+    assert await farm.succeed(agent, first[lib.drv_path])
+    await farm.tick()
+    [run_a] = agent.take_assigns()
+    assert run_a.drv_path == a.drv_path
+    await farm.sched.accepted(
+        agent.venue, p.Accepted(step_id=run_a.step_id, lease_id=run_a.lease_id)
+    )
+    # b hits an infrastructure failure: it waits out a retry delay when the runner dies.
+    assert await farm.report(agent, first[b.drv_path], p.Outcome.PREPARE_FAILURE)
+
+    old = farm.sched
+    runnable = farm.runnable(old)
+    leased = {n.id: n.lease_id for n in old.nodes.values() if n.state.is_leased}
+    assert runnable == {farm.sid(b), farm.sid(c)}
+    assert leased == {farm.sid(a): run_a.lease_id}
+
+    # Crash: a fresh scheduler over the same database, a little later.
+    farm.clock.now += 3
+    farm.sched = farm.new_scheduler()
+    await farm.sched.load()
+    new = farm.sched
+    assert farm.runnable(new) == runnable
+    assert {n.id: n.lease_id for n in new.nodes.values() if n.state.is_leased} == leased
+    assert {sid for sid, n in new.nodes.items() if n.state is StepState.WAITING} == {farm.sid(app)}
+    assert lib.drv_path not in new.by_drv
+    assert [new.nodes[farm.sid(d)].height for d in (a, b, c, app)] == [2, 2, 2, 1]
+    assert await farm.build_state(build) == "running"
+
+    # The agent comes back still building a; the queue drains without rebuilding lib.
+    back = farm.agent(
+        "m1", max_jobs=2, running=[p.RunningStep(step_id=run_a.step_id, lease_id=run_a.lease_id)]
+    )
+    assert back.kept == [run_a.step_id]
+    built: list[str] = []
+    now = farm.clock.now
+    assert await farm.succeed(back, run_a)
+    while True:
+        deadline = await farm.tick(now)
+        assigns = back.take_assigns()
+        if not assigns and deadline is None:
+            break
+        for x in assigns:
+            built.append(x.drv_path)
+            assert await farm.succeed(back, x)
+        if not assigns:
+            assert deadline is not None
+            now = deadline
+    assert sorted(built) == sorted([b.drv_path, c.drv_path, app.drv_path])
+    assert built[-1] == app.drv_path
+    assert await farm.build_state(build) == "succeeded"
+    assert (await farm.step(b)).attempts == 1
+
+
+async def test_leases_of_agents_that_never_return_expire_after_restart(farm: Farm) -> None:
+    x = drv("x")
+    await farm.add([x], roots=[x])
+    farm.agent("m1")
+    await farm.tick()
+    farm.sched = farm.new_scheduler()
+    farm.clock.now = T0 + 30
+    await farm.sched.load()
+    # One more lease period from the restart, then an infrastructure retry.
+    assert await farm.tick() == T0 + 30 + CONFIG.lease_secs
+    assert await farm.state(x) is StepState.ASSIGNED
+    await farm.tick(T0 + 30 + CONFIG.lease_secs)
+    row = await farm.step(x)
+    assert (row.state, row.outcome, row.attempts) == ("runnable", "agent_lost", 1)
+
+
+# ---- the loop ------------------------------------------------------------------------------
+async def test_run_loop_dispatches_when_woken(farm: Farm) -> None:
+    sent = asyncio.Event()
+    outbox: list[BaseModel] = []
+
+    def send(msg: BaseModel) -> None:
+        outbox.append(msg)
+        sent.set()
+
+    farm.agent("m1", send=send)
+    task = asyncio.create_task(farm.sched.run())
+    try:
+        x = drv("x")
+        await farm.add([x], roots=[x])
+        await asyncio.wait_for(sent.wait(), timeout=5)
+        assert [m.drv_path for m in outbox if isinstance(m, p.Assign)] == [x.drv_path]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_run_loop_survives_a_failing_pass(
+    farm: Farm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failed, sent = asyncio.Event(), asyncio.Event()
+    real_dispatch = farm.sched._dispatch
+
+    async def flaky(now: float) -> None:
+        if not failed.is_set():
+            failed.set()
+            raise RuntimeError("database is locked")
+        await real_dispatch(now)
+
+    monkeypatch.setattr(farm.sched, "_dispatch", flaky)
+    farm.agent("m1", send=lambda _msg: sent.set())
+    x = drv("x")
+    await farm.add([x], roots=[x])
+    task = asyncio.create_task(farm.sched.run())
+    try:
+        await asyncio.wait_for(failed.wait(), timeout=5)
+        farm.sched.wake()
+        await asyncio.wait_for(sent.wait(), timeout=5)
+        assert not task.done()
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+# ---- regressions -----------------------------------------------------------------------------
+async def test_stale_delay_entry_does_not_release_a_retry_early(farm: Farm) -> None:
+    """A step cancelled during its retry delay and queued again by a new build left its old
+    delay entry behind, which released the step's *next* retry before its not_before."""
+    x = drv("x")
+    first = await farm.add([x], roots=[x])
+    agent = farm.agent("m1")
+    await farm.tick()
+    [a] = agent.take_assigns()
+    assert await farm.report(agent, a, p.Outcome.PREPARE_FAILURE)  # retry at T0 + 10
+    assert await farm.sched.cancel_build(first)
+
+    farm.clock.now = T0 + 2
+    await farm.add([x], roots=[x])  # the same step row, queued afresh
+    await farm.tick()
+    [b] = agent.take_assigns()
+    assert await farm.report(agent, b, p.Outcome.PREPARE_FAILURE)  # retry at T0 + 12
+    assert (await farm.step(x)).not_before == T0 + 12
+
+    await farm.tick(T0 + 10)
+    assert agent.take_assigns() == []
+    await farm.tick(T0 + 12)
+    assert len(agent.take_assigns()) == 1
+
+
+async def test_venue_detached_during_dispatch_transaction(
+    farm: Farm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A venue that detached while the dispatch transaction awaited the database crashed the
+    loop with a KeyError; now the send to its closed session fails and the slot is freed."""
+    steps = [drv("s0"), drv("s1")]
+    await farm.add(steps, roots=steps)
+    first = farm.agent("a")
+    closed = False
+
+    def send_b(_msg: BaseModel) -> None:
+        if closed:
+            raise SessionClosed()
+
+    second = farm.agent("b", send=send_b)
+    real_update = queries.update_step
+
+    async def update_then_detach(conn: Any, step_id: int, **values: Any) -> None:
+        nonlocal closed
+        await real_update(conn, step_id, **values)
+        if not closed:
+            closed = True
+            farm.sched.detach(second.venue)
+
+    monkeypatch.setattr(queries, "update_step", update_then_detach)
+    await farm.tick()
+    assert len(first.take_assigns()) == 1
+    assert len(farm.runnable()) == 1
+    assert farm.sched.venues.keys() == {"a"}
+
+
+async def test_venue_backoff_after_many_failures_stays_capped(farm: Farm) -> None:
+    """``base * 2 ** (failures - 1)`` overflowed a float after ~1000 consecutive failures."""
+    x = drv("x")
+    await farm.add([x], roots=[x])
+    agent = farm.agent("m1")
+    await farm.tick()
+    [a] = agent.take_assigns()
+    agent.venue.consecutive_failures = 5000
+    assert await farm.report(agent, a, p.Outcome.UPLOAD_FAILURE)
+    assert agent.venue.backoff_until == T0 + CONFIG.agent_backoff_max_secs
