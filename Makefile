@@ -1,0 +1,41 @@
+# bigtent: `make demo` runs a local farm and builds an example; `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint format deps venv bench clean
+
+deps:
+	@scripts/install-deps.sh
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: deps venv
+	$(BIN)/python examples/demo.py
+
+test: deps venv
+	$(BIN)/pytest -n 2 $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
+	$(BIN)/mypy
+
+format: venv
+	$(BIN)/ruff format src tests bench examples
+	$(BIN)/ruff check --fix src tests bench examples
+
+bench: deps venv
+	$(BIN)/python bench/dag.py
+
+clean:
+	rm -rf $(VENV) .bigtent-demo .mypy_cache .ruff_cache .pytest_cache

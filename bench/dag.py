@@ -1,0 +1,284 @@
+"""Benchmark: a 101-derivation DAG through `bigtent up`, against local `nix-build -j2` and
+Nix's own SSH remote builders, measured in the same run; and a DAG of `sleep 1` derivations,
+makespan against its critical path.
+
+    python bench/dag.py [--layers 10 --width 10] [--no-ssh] [--sleep-layers 4]
+
+Prints each wall time and the ratios. Every run uses a fresh salt, so nothing is cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DAG_NIX = REPO / "examples" / "dag.nix"
+NO_SUBST = ["--option", "substituters", ""]
+HOST_TOOLS = "/bin=/usr/bin /usr /lib=/usr/lib /lib64=/usr/lib64"
+
+
+def dag_file(work: Path, **args: object) -> Path:
+    params = {"salt": uuid.uuid4().hex, **args}
+    body = " ".join(f"{k} = {json.dumps(v)};" for k, v in params.items())
+    path = work / f"dag-{uuid.uuid4().hex[:8]}.nix"
+    path.write_text(f"import {DAG_NIX} {{ {body} }}\n")
+    return path
+
+
+def timed(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(
+            f"bench: {' '.join(argv[:3])} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        )
+    return elapsed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def read_env(path: Path) -> dict[str, str]:
+    env = {}
+    for line in path.read_text().splitlines():
+        line = line.removeprefix("export ").strip()
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            env[key] = shlex.split(value)[0] if value else ""
+    return env
+
+
+@contextmanager
+def farm(work: Path, agents: int, jobs: int) -> Iterator[dict[str, str]]:
+    state = work / "farm"
+    env_file = state / "env"
+    up = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bigtent",
+            "up",
+            "--agents",
+            str(agents),
+            "--jobs",
+            str(jobs),
+            "--state-dir",
+            str(state),
+            "--port",
+            str(free_port()),
+            "--host-tools",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(work / "up.log").open("wb"),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not env_file.exists():
+            if up.poll() is not None or time.monotonic() > deadline:
+                sys.exit("bench: bigtent up did not start:\n" + (work / "up.log").read_text())
+            time.sleep(0.1)
+        env = {**os.environ, **read_env(env_file), "NIX_CONFIG": "substituters =\n"}
+        import httpx
+
+        def connected() -> int:
+            r = httpx.get(
+                env["BIGTENT_URL"] + "/api/v1/agents",
+                headers={"Authorization": f"Bearer {env['BIGTENT_TOKEN']}"},
+            )
+            return sum(1 for a in r.json()["agents"] if a["connected"])
+
+        while connected() < agents:
+            if time.monotonic() > deadline:
+                sys.exit("bench: agents did not connect")
+            time.sleep(0.1)
+        yield env
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(30)
+        except subprocess.TimeoutExpired:
+            up.kill()
+
+
+def bigtent_build(env: dict[str, str], nix_file: Path, *extra: str) -> tuple[float, dict]:
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "bigtent", "build", str(nix_file), "-A", "top", "--json", *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"bench: bigtent build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return elapsed, json.loads(proc.stdout)
+
+
+@contextmanager
+def ssh_builder(work: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """A loopback sshd whose Nix store is a separate directory (a remote-program wrapper)."""
+    d = work / "ssh"
+    d.mkdir()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", d / "host"], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", d / "client"], check=True)
+    shutil.copy(d / "client.pub", d / "authorized_keys")
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {d / 'host'}\n"
+        f"AuthorizedKeysFile {d / 'authorized_keys'}\nUsePAM no\nStrictModes no\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+    )
+    store = d / "remote-store"
+    wrapper = d / "nix-store-remote"
+    wrapper.write_text(
+        "#!/bin/sh\nexport NIX_REMOTE=local\n"
+        f"export NIX_CONFIG='extra-sandbox-paths = {HOST_TOOLS}\nsubstituters ='\n"
+        'exec /usr/bin/nix-store "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    Path("/run/sshd").mkdir(exist_ok=True)
+    sshd = subprocess.Popen(
+        ["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
+        stderr=(d / "sshd.log").open("wb"),
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    sys.exit("bench: sshd did not start")
+                time.sleep(0.05)
+        builders = (
+            f"ssh://root@127.0.0.1?remote-store={store}&remote-program={wrapper} "
+            f"{platform.machine()}-linux {d / 'client'} 2 1"
+        )
+        env = {
+            **os.environ,
+            "NIX_SSHOPTS": f"-p {port} -o StrictHostKeyChecking=no "
+            "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
+        }
+        yield builders, env
+    finally:
+        sshd.terminate()
+        sshd.wait(10)
+
+
+def machine() -> str:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    nix = subprocess.run(["nix-store", "--version"], capture_output=True, text=True).stdout
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, {platform.system()} "
+        f"{platform.release()}, Python {platform.python_version()}, {nix.strip()}"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=10)
+    ap.add_argument("--width", type=int, default=10)
+    ap.add_argument("--no-ssh", action="store_true", help="skip the Nix SSH builder baseline")
+    ap.add_argument("--sleep-layers", type=int, default=4)
+    ap.add_argument("--sleep-width", type=int, default=4)
+    args = ap.parse_args()
+    n = args.layers * args.width + 1
+    print(f"# bigtent DAG benchmark, {datetime.now().isoformat(timespec='seconds')}")
+    print(f"# machine: {machine()}")
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="bigtent-bench-") as tmp:
+        work = Path(tmp)
+        os.environ["XDG_CACHE_HOME"] = str(work / "xdg")
+        dag = dict(layers=args.layers, width=args.width)
+
+        results["nix-build -j2 (local)"] = timed(
+            [
+                "nix-build",
+                str(dag_file(work, **dag)),
+                "-A",
+                "top",
+                "-j2",
+                "--no-out-link",
+                *NO_SUBST,
+            ]
+        )
+        if not args.no_ssh and Path("/usr/sbin/sshd").exists():
+            with ssh_builder(work) as (builders, env):
+                results["nix-build, SSH remote builders (2 jobs)"] = timed(
+                    [
+                        "nix-build",
+                        str(dag_file(work, **dag)),
+                        "-A",
+                        "top",
+                        "--no-out-link",
+                        "--max-jobs",
+                        "0",
+                        "--builders",
+                        builders,
+                        *NO_SUBST,
+                    ],
+                    env=env,
+                )
+        with farm(work, agents=2, jobs=2) as env:
+            t, _ = bigtent_build(env, dag_file(work, **dag), "--no-download")
+            results["bigtent build --no-download (2 agents x 2 jobs)"] = t
+            t, _ = bigtent_build(env, dag_file(work, **dag), "--no-out-link")
+            results["bigtent build, with download of the results"] = t
+        # Makespan against the critical path: sleep-1 derivations, plenty of slots.
+        sl = dict(layers=args.sleep_layers, width=args.sleep_width, sleep=1)
+        with farm(work, agents=2, jobs=args.sleep_width) as env:
+            _, out = bigtent_build(env, dag_file(work, **sl), "--no-download")
+            created = datetime.fromisoformat(out["created_at"])
+            finished = datetime.fromisoformat(out["finished_at"])
+            makespan = (finished - created).total_seconds()
+    print(f"\n## {n} trivial derivations ({args.layers} layers x {args.width}, fan-in 3)\n")
+    base = results["nix-build -j2 (local)"]
+    ssh = results.get("nix-build, SSH remote builders (2 jobs)")
+    ours = results["bigtent build --no-download (2 agents x 2 jobs)"]
+    print("| what | wall time (s) | vs local nix-build -j2 |")
+    print("|---|---|---|")
+    for name, secs in results.items():
+        print(f"| {name} | {secs:.2f} | {secs / base:.2f}x |")
+    print(f"\nbigtent / local nix-build -j2: {ours / base:.2f}x (target: within 4x)")
+    if ssh is not None:
+        print(f"Nix SSH builders / bigtent: {ssh / ours:.1f}x (target: at least 10x)")
+    critical = args.sleep_layers + 1
+    print(
+        f"\n## makespan: {args.sleep_layers * args.sleep_width + 1} `sleep 1` derivations, "
+        f"critical path {critical} x 1 s, 2 agents x {args.sleep_width} jobs\n"
+    )
+    print(
+        f"makespan (build created -> finished on the runner): {makespan:.2f} s; "
+        f"critical path: {critical} s; ratio {makespan / critical:.3f} (target: within 1.1)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

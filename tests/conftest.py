@@ -1,0 +1,60 @@
+"""Shared fixtures: a clean environment for every test, and bounded waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+import pytest
+
+_CLEARED_PREFIXES = ("BIGTENT_", "NIX_", "XDG_CACHE_HOME")
+_PROXIES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The developer's shell must not leak into tests (httpx's ``clean_environ``)."""
+    for key in list(os.environ):
+        if key.startswith(_CLEARED_PREFIXES) or key.lower() in _PROXIES:
+            monkeypatch.delenv(key, raising=False)
+    yield
+
+
+def have_nix() -> bool:
+    return shutil.which("nix-store") is not None
+
+
+async def eventually(
+    predicate: Callable[[], Awaitable[bool] | bool],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> None:
+    """Wait until ``predicate`` holds, polling; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def wait_until(
+    predicate: Callable[[], bool],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> None:
+    """Synchronous ``eventually``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)

@@ -1,0 +1,311 @@
+"""The ``farm`` fixture factory: a real runner and real agents as subprocesses.
+
+Each farm has its own state dir, free port, tokens, signing key, per-agent Nix store roots and
+``XDG_CACHE_HOME``; teardown stops every process by pid and prints their logs on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bigtent.nix.keys import generate_key
+from bigtent.runner.auth.tokens import generate_token, token_digest
+from tests.conftest import have_nix, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+DAG_NIX = REPO / "examples" / "dag.nix"
+HOST_TOOLS = ["/bin=/usr/bin", "/usr", "/lib=/usr/lib", "/lib64=/usr/lib64"]
+
+pytestmark = pytest.mark.skipif(not have_nix(), reason="needs Nix")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _toml_list(items: Sequence[str]) -> str:
+    return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(10)
+
+
+@dataclass
+class Farm:
+    root: Path
+    port: int
+    client_token: str
+    agent_token: str
+    admin_token: str
+    public_key: str
+    runner_extra: str = ""
+    runner: Proc | None = None
+    agents: dict[str, Proc] = field(default_factory=dict)
+    procs: list[Proc] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def cache_url(self) -> str:
+        return f"{self.url}/cache"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BIGTENT_", "NIX_"))}
+        env.update(
+            BIGTENT_URL=self.url,
+            BIGTENT_TOKEN=self.client_token,
+            BIGTENT_AGENT_TOKEN=self.agent_token,
+            XDG_CACHE_HOME=str(self.root / "xdg-client"),
+            NIX_CONFIG="substituters =\n",
+        )
+        env.update(extra)
+        return env
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> Proc:
+        log = self.root / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as out:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "bigtent", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.root,
+                start_new_session=True,
+            )
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def start_runner(self) -> Proc:
+        cfg = self.root / "runner.toml"
+        cfg.write_text(
+            f"""
+[runner]
+listen = "127.0.0.1:{self.port}"
+state_dir = "{self.root / "runner"}"
+allow_plaintext = true
+
+[cache]
+signing_key_file = "{self.root / "cache.sk"}"
+
+[scheduler]
+heartbeat_secs = 1.0
+lease_secs = 6.0
+retry_base_secs = 0.2
+agent_backoff_base_secs = 0.5
+
+[[auth.tokens]]
+name = "client"
+role = "client"
+sha256 = "{token_digest(self.client_token)}"
+
+[[auth.tokens]]
+name = "agent"
+role = "agent"
+sha256 = "{token_digest(self.agent_token)}"
+
+[[auth.tokens]]
+name = "admin"
+role = "admin"
+sha256 = "{token_digest(self.admin_token)}"
+{self.runner_extra}
+"""
+        )
+        self.runner = self._spawn("runner", ["-v", "runner", "--config", str(cfg)], self.env())
+        wait_until(self._runner_up, timeout=30, what="runner to answer")
+        return self.runner
+
+    def _runner_up(self) -> bool:
+        assert self.runner is not None
+        if not self.runner.alive():
+            raise AssertionError("runner exited:\n" + self.runner.log.read_text()[-3000:])
+        try:
+            return httpx.get(f"{self.url}/cache/nix-cache-info", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def start_agent(
+        self,
+        name: str,
+        *,
+        max_jobs: int = 2,
+        supported_features: Sequence[str] = (),
+        mandatory_features: Sequence[str] = (),
+        extra_args: Sequence[str] = (),
+        wait: bool = True,
+    ) -> Proc:
+        work = self.root / "agents" / name
+        work.mkdir(parents=True, exist_ok=True)
+        cfg = work / "agent.toml"
+        cfg.write_text(
+            f"""
+[agent]
+runner_url = "{self.url}"
+name = "{name}"
+max_jobs = {max_jobs}
+supported_features = {_toml_list(supported_features)}
+mandatory_features = {_toml_list(mandatory_features)}
+store = "local?root={work / "root"}"
+work_dir = "{work}"
+sandbox_paths = {_toml_list(HOST_TOOLS)}
+"""
+        )
+        proc = self._spawn(
+            f"agent-{name}", ["-v", "agent", "--config", str(cfg), *extra_args], self.env()
+        )
+        self.agents[name] = proc
+        if wait:
+            wait_until(
+                lambda: self.agent_connected(name), timeout=30, what=f"agent {name} to connect"
+            )
+        return proc
+
+    def api(self, token: str | None = None) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {token or self.admin_token}"},
+            timeout=30,
+        )
+
+    def agent_connected(self, name: str) -> bool:
+        with self.api() as c:
+            agents = c.get("/api/v1/agents").json()["agents"]
+        return any(a["name"] == name and a["connected"] for a in agents)
+
+    def bigtent(
+        self, *args: str, timeout: float = 240, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bigtent", *args],
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            cwd=self.root,
+            timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"bigtent {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+            )
+        return proc
+
+    def build_json(self, *args: str, timeout: float = 240) -> tuple[int, dict[str, Any]]:
+        proc = self.bigtent("build", "--json", *args, timeout=timeout)
+        try:
+            data = json.loads(proc.stdout)
+        except json.JSONDecodeError as exc:
+            raise AssertionError(
+                f"bigtent build printed no JSON (exit {proc.returncode}):\n"
+                f"{proc.stdout}\n{proc.stderr}"
+            ) from exc
+        return proc.returncode, data
+
+    def dag_file(self, salt: str | None = None, **args: Any) -> Path:
+        """A .nix file calling examples/dag.nix with these arguments and a unique salt."""
+        params = {"salt": salt or uuid.uuid4().hex, **args}
+        body = " ".join(f"{k} = {_nix_value(v)};" for k, v in params.items())
+        path = self.root / f"dag-{uuid.uuid4().hex[:8]}.nix"
+        path.write_text(f"import {DAG_NIX} {{ {body} }}\n")
+        return path
+
+    def logs(self) -> str:
+        out = []
+        for proc in self.procs:
+            if proc.log.exists():
+                out.append(f"==== {proc.name} ====\n{proc.log.read_text()[-6000:]}")
+        return "\n".join(out)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop(timeout=10)
+
+
+def _nix_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list | tuple):
+        return "[ " + " ".join(_nix_value(x) for x in v) + " ]"
+    raise TypeError(v)
+
+
+@pytest.fixture
+def farm_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Farm]]:
+    farms: list[Farm] = []
+
+    def make(agents: int = 0, runner_extra: str = "", **agent_kwargs: Any) -> Farm:
+        root = tmp_path / f"farm{len(farms)}"
+        root.mkdir()
+        key = generate_key(f"test-{uuid.uuid4().hex[:6]}-1")
+        (root / "cache.sk").write_text(key.to_text())
+        farm = Farm(
+            root=root,
+            port=free_port(),
+            client_token=generate_token(),
+            agent_token=generate_token(),
+            admin_token=generate_token(),
+            public_key=key.public_key().to_text(),
+            runner_extra=runner_extra,
+        )
+        farms.append(farm)
+        farm.start_runner()
+        for i in range(agents):
+            farm.start_agent(f"a{i}", **agent_kwargs)
+        return farm
+
+    yield make
+    failed = getattr(request.node, "rep_call", None)
+    for farm in farms:
+        farm.stop()
+        if failed is not None and failed.failed:
+            print(farm.logs())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"rep_{rep.when}", rep)
