@@ -13,12 +13,14 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bigtent import __version__
 from bigtent.config import Role
-from bigtent.errors import BigtentError, NotFound
-from bigtent.runner.auth.tokens import Principal
+from bigtent.errors import AuthError, BigtentError, NotFound
+from bigtent.runner.auth.tokens import Principal, TokenRegistry
 from bigtent.runner.builds import plan_build
 from bigtent.runner.components import Components
 from bigtent.runner.db import queries
@@ -49,14 +51,48 @@ AgentAuth = Annotated[Principal, _require(Role.AGENT)]
 AdminAuth = Annotated[Principal, _require(Role.ADMIN)]
 
 
+def error_response(exc: BigtentError) -> JSONResponse:
+    """The one rendering of a failure: ``{"error", "detail"}`` with the error's status (a 401
+    also names the scheme, RFC 9110). Messages never contain the credential."""
+    headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+    return JSONResponse(
+        {"error": exc.message, "detail": exc.detail}, status_code=exc.http_status, headers=headers
+    )
+
+
+_PUBLIC_API_PATHS = frozenset({"/api/v1/openapi.json", "/api/v1/docs"})
+
+
+class CredentialGate:
+    """ASGI middleware: an ``/api/v1`` HTTP request without a valid credential is answered 401
+    before its body is read, so an anonymous peer cannot make the runner buffer a large JSON
+    body. Routes still check the role; WebSockets check theirs before the upgrade."""
+
+    def __init__(self, app: ASGIApp, tokens: TokenRegistry) -> None:
+        self.app = app
+        self.tokens = tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if (
+            scope["type"] == "http"
+            and path.startswith("/api/v1/")
+            and path not in _PUBLIC_API_PATHS
+        ):
+            try:
+                self.tokens.authenticate(bearer_token(Headers(scope=scope).get("authorization")))
+            except AuthError as exc:
+                await error_response(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """One place maps failures to status codes and ``{"error", "detail"}`` bodies."""
 
     @app.exception_handler(BigtentError)
     async def _bigtent(request: Request, exc: BigtentError) -> JSONResponse:
-        return JSONResponse(
-            {"error": exc.message, "detail": exc.detail}, status_code=exc.http_status
-        )
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -66,6 +102,17 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": str(exc.detail), "detail": None}, status_code=exc.status_code)
+
+
+_MAX_ID = 2**63 - 1
+
+
+def _known_id(ident: int, what: str) -> int:
+    """Ids are positive 64-bit integers: any other number names nothing (404), and must not
+    reach the database, which cannot even compare it."""
+    if not 0 < ident <= _MAX_ID:
+        raise NotFound(f"no {what} {ident}")
+    return ident
 
 
 def _iso(ts: float | None) -> str | None:
@@ -160,6 +207,7 @@ async def get_build(build_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any
 
 @api.get("/builds/{build_id}/steps")
 async def get_build_steps(build_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
+    _known_id(build_id, "build")
     async with comps.engine.connect() as conn:
         if await queries.fetch_build(conn, build_id) is None:
             raise NotFound(f"no build {build_id}")
@@ -190,6 +238,7 @@ async def bump_build(
 
 @api.get("/steps/{step_id}")
 async def get_step(step_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
+    _known_id(step_id, "step")
     async with comps.engine.connect() as conn:
         row = await queries.fetch_step(conn, step_id)
     if row is None:
@@ -199,6 +248,7 @@ async def get_step(step_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
 
 @api.get("/steps/{step_id}/log")
 async def get_step_log(step_id: int, comps: Comps, _: ClientAuth) -> PlainTextResponse:
+    _known_id(step_id, "step")
     async with comps.engine.connect() as conn:
         if await queries.fetch_step(conn, step_id) is None:
             raise NotFound(f"no step {step_id}")
@@ -265,8 +315,6 @@ async def upload_output(
         nar_hash=x_nar_hash,
         nar_size=x_nar_size,
     )
-    if info is None:
-        return {"path": None, "already_present": True}
     return {
         "path": info.store_path,
         "nar_hash": info.nar_hash,
@@ -282,6 +330,7 @@ async def agent_ws(websocket: WebSocket) -> None:
 
 
 async def _build_json(comps: Components, build_id: int, details: bool = False) -> dict[str, Any]:
+    _known_id(build_id, "build")
     async with comps.engine.connect() as conn:
         build = await queries.fetch_build(conn, build_id)
         if build is None:
@@ -358,7 +407,7 @@ def _step_json(row: Any) -> dict[str, Any]:
 
 
 # ---- /cache --------------------------------------------------------------------------------
-cache_routes = APIRouter(prefix="/cache")
+cache_routes = APIRouter(prefix="/cache", include_in_schema=False)
 
 
 @cache_routes.api_route("/nix-cache-info", methods=["GET", "HEAD"])

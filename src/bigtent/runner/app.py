@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 
@@ -13,10 +14,16 @@ from fastapi import FastAPI
 
 from bigtent import __version__
 from bigtent.config import RunnerConfig
-from bigtent.runner.api import api, cache_routes, install_error_handlers
+from bigtent.errors import ConfigError
+from bigtent.protocol import MAX_MESSAGE_BYTES
+from bigtent.runner.api import CredentialGate, api, cache_routes, install_error_handlers
 from bigtent.runner.components import Components, build_components, close_components
 
 log = logging.getLogger(__name__)
+
+LISTEN_BACKLOG = 2048
+WS_MAX_FRAME_BYTES = 4 * MAX_MESSAGE_BYTES
+"""Largest WebSocket message uvicorn accepts; larger ones close the socket (code 1009)."""
 
 
 def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) -> FastAPI:
@@ -51,29 +58,25 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
     )
     app.state.components = comps
     install_error_handlers(app)
+    app.add_middleware(CredentialGate, tokens=comps.tokens)
     app.include_router(api)
     app.include_router(cache_routes)
     return app
 
 
-async def serve(config: RunnerConfig) -> None:
-    """Run the runner until cancelled or signalled (uvicorn handles SIGINT/SIGTERM)."""
-    comps = await build_components(config)
-    server: uvicorn.Server | None = None
-
-    def fatal() -> None:
-        if server is not None:
-            server.should_exit = True
-
-    app = create_app(comps, on_fatal=fatal)
+def uvicorn_config(app: FastAPI, config: RunnerConfig) -> uvicorn.Config:
+    """How the runner is served: its lifespan on, WebSocket frames bounded (a few times the
+    protocol's message limit, so a slightly oversized message still gets an ``error`` reply
+    from the session rather than a bare close), TLS when configured."""
     tls = config.runner.tls
-    uv_config = uvicorn.Config(
+    return uvicorn.Config(
         app,
         host=config.runner.host,
         port=config.runner.port,
         log_config=None,
         access_log=False,
-        ws="websockets",
+        ws="websockets-sansio",
+        ws_max_size=WS_MAX_FRAME_BYTES,
         lifespan="on",
         timeout_graceful_shutdown=5,
         ssl_certfile=str(tls.cert_file) if tls else None,
@@ -81,11 +84,53 @@ async def serve(config: RunnerConfig) -> None:
         ssl_ca_certs=str(tls.client_ca) if tls and tls.client_ca else None,
         ssl_cert_reqs=ssl.CERT_OPTIONAL if tls and tls.client_ca else ssl.CERT_NONE,
     )
-    server = uvicorn.Server(uv_config)
+
+
+def bind(config: RunnerConfig) -> tuple[socket.socket, RunnerConfig]:
+    """Bind the listening socket before anything else, so that with port 0 the URLs the
+    runner hands out (cache URL, upload URLs) name the port actually bound."""
+    host, port = config.runner.host, config.runner.port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)  # holds the port: another runner cannot bind it too
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"config key runner.listen: cannot listen on {config.runner.listen}: {exc.strerror}"
+        ) from exc
+    sock.set_inheritable(True)
+    bound = sock.getsockname()[1]
+    if bound != port:
+        shown = f"[{host}]" if family == socket.AF_INET6 else host
+        runner = config.runner.model_copy(update={"listen": f"{shown}:{bound}"})
+        config = config.model_copy(update={"runner": runner})
+    return sock, config
+
+
+async def serve(config: RunnerConfig) -> None:
+    """Run the runner until cancelled or signalled (uvicorn handles SIGINT/SIGTERM)."""
+    sock, config = bind(config)
+    try:
+        comps = await build_components(config)
+    except BaseException:
+        sock.close()
+        raise
+    server: uvicorn.Server | None = None
+
+    def fatal() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(comps, on_fatal=fatal)
+    server = uvicorn.Server(uvicorn_config(app, config))
     log.info(
         "runner %s listening on %s (cache %s)", __version__, config.runner.listen, comps.cache.url
     )
     try:
-        await server.serve()
+        await server.serve(sockets=[sock])
     finally:
+        sock.close()
         await close_components(comps)

@@ -14,13 +14,13 @@ import hashlib
 import logging
 import lzma
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import zstandard
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bigtent.config import CacheSection, Compression, Upstream
 from bigtent.errors import BadRequest, PayloadTooLarge
@@ -94,6 +94,12 @@ class Cache:
         """Full reference paths of cached paths (missing ones are absent from the result)."""
         async with self.engine.connect() as conn:
             return await queries.store_path_references(conn, list(paths))
+
+    async def fetch_narinfo(self, path: str) -> narinfo.NarInfo | None:
+        """The signed record of a cached path, or None."""
+        async with self.engine.connect() as conn:
+            info = await queries.fetch_store_path_by_hash(conn, StorePath.parse(path).hash_part)
+        return info if info is not None and info.store_path == path else None
 
     async def narinfo_text(self, hash_part: str) -> str | None:
         async with self.engine.connect() as conn:
@@ -198,8 +204,13 @@ class Cache:
         *,
         deriver: str | None = None,
         ca: str | None = None,
+        record: Callable[[AsyncConnection], Awaitable[None]] | None = None,
     ) -> narinfo.NarInfo:
-        """Move a verified NAR into place, sign its narinfo and record it (idempotent)."""
+        """Move a verified NAR into place, sign its narinfo and record it (idempotent).
+
+        ``record`` runs in the same transaction as the narinfo insert, for facts that must
+        exist exactly when the path does (a derivation's parsed form).
+        """
         refs = tuple(sorted({StorePath.parse(r).basename for r in references}))
         info = narinfo.NarInfo(
             store_path=store_path.path,
@@ -218,6 +229,8 @@ class Cache:
         await asyncio.to_thread(self.storage.commit, temp, got.file_name)
         async with self.engine.begin() as conn:
             await queries.insert_store_path(conn, signed, created_at=time.time())
+            if record is not None:
+                await record(conn)
         log.debug("published %s (%d bytes)", store_path.path, got.nar_size)
         return signed
 

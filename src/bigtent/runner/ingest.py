@@ -14,11 +14,11 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from bigtent.errors import BadRequest, Conflict, NotFound
+from bigtent.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
 from bigtent.nix import base32
-from bigtent.nix.drv import DrvError, parse_drv
+from bigtent.nix.drv import Derivation, DrvError, parse_drv
 from bigtent.nix.narinfo import NarInfo
 from bigtent.nix.store_path import (
     StorePath,
@@ -26,7 +26,8 @@ from bigtent.nix.store_path import (
     make_source_path,
     make_text_path,
 )
-from bigtent.runner.cache import Cache, Upstreams, closure
+from bigtent.protocol import MAX_REFERENCES
+from bigtent.runner.cache import Cache, Ingested, Upstreams, closure
 from bigtent.runner.db import queries
 from bigtent.runner.scheduler.dispatcher import Scheduler
 
@@ -69,22 +70,43 @@ class _RootFile:
         pass
 
 
-def parse_declared(nar_hash: str | None, nar_size: str | None) -> tuple[bytes, int]:
-    """The declared NAR hash and size of an upload, from its headers."""
+_MAX_SIZE_DIGITS = 19
+"""X-Nar-Size has at most this many digits (it fits a signed 64-bit integer)."""
+
+
+def parse_declared(
+    nar_hash: str | None, nar_size: str | None, max_nar_bytes: int
+) -> tuple[bytes, int]:
+    """The declared NAR hash and size of an upload, from its headers.
+
+    The size is checked against ``max_nar_bytes`` here, before any of the body is read.
+    """
     if not nar_hash or not nar_size:
         raise BadRequest("upload needs X-Nar-Hash and X-Nar-Size headers")
     try:
         digest = base32.parse_hash(nar_hash, "sha256")
     except ValueError as exc:
-        raise BadRequest(f"bad X-Nar-Hash {nar_hash!r}: {exc}") from exc
-    if not nar_size.isdigit():
-        raise BadRequest(f"bad X-Nar-Size {nar_size!r}")
-    return digest, int(nar_size)
+        raise BadRequest(f"bad X-Nar-Hash {nar_hash[:100]!r}: {exc}") from exc
+    # ASCII digits only: str.isdigit() also accepts other scripts' digits, and int() of a
+    # few thousand digits raises instead of answering.
+    if not (nar_size.isascii() and nar_size.isdigit() and len(nar_size) <= _MAX_SIZE_DIGITS):
+        raise BadRequest(
+            f"bad X-Nar-Size {nar_size[:40]!r}: expected the NAR size in bytes as a decimal integer"
+        )
+    size = int(nar_size)
+    if size > max_nar_bytes:
+        raise PayloadTooLarge(f"declared NAR size {size} exceeds max_nar_bytes {max_nar_bytes}")
+    return digest, size
 
 
-async def _drain(chunks: AsyncIterator[bytes]) -> None:
-    async for _ in chunks:
-        pass
+async def _drain(chunks: AsyncIterator[bytes], max_bytes: int) -> None:
+    """Read and drop the body of an upload that is not needed (the path is cached already),
+    bounded like any upload."""
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"upload is larger than max_nar_bytes {max_bytes}")
 
 
 def _parse_path(text: str, what: str) -> StorePath:
@@ -107,10 +129,11 @@ async def ingest_client_path(
     """Accept a content-addressed path from a client. Returns False when already cached."""
     sp = _parse_path(basename, "bad store path")
     if await cache.present([sp.path]):
-        await _drain(chunks)
+        await _drain(chunks, cache.config.max_nar_bytes)
         return False
-    declared_hash, declared_size = parse_declared(nar_hash, nar_size)
+    declared_hash, declared_size = parse_declared(nar_hash, nar_size, cache.config.max_nar_bytes)
     is_drv = sp.name.endswith(".drv")
+    claimed = set() if is_drv else _parse_references(references)
     sink = _RootFile(keep=is_drv)
     got, temp = await cache.receive(
         chunks, declared_size=declared_size, declared_hash=declared_hash, sink=sink
@@ -118,65 +141,103 @@ async def ingest_client_path(
     try:
         drv = None
         if is_drv:
-            if not sink.is_file:
-                raise BadRequest(f"{sp.path} is not a regular file")
-            try:
-                drv = parse_drv(sink.content.decode())
-            except (UnicodeDecodeError, DrvError) as exc:
-                raise BadRequest(f"{sp.path} is not a valid derivation: {exc}") from exc
+            drv = _parse_derivation(sp, sink)
             refs = set(drv.references)
-            ca = f"text:sha256:{base32.encode(sink.sha256.digest())}"
-            expected = {make_text_path(sp.name, sink.sha256.digest(), refs): ca}
         else:
-            refs = {_parse_path(r, "bad reference").path for r in (references or "").split()}
-            self_ref = sp.path in refs
-            others = refs - {sp.path}
-            ca_r = f"fixed:r:sha256:{base32.encode(got.nar_hash)}"
-            expected = {make_source_path(sp.name, got.nar_hash, others, self_ref): ca_r}
-            if sink.is_file and not self_ref:
-                flat = sink.sha256.digest()
-                expected[make_text_path(sp.name, flat, others)] = (
-                    f"text:sha256:{base32.encode(flat)}"
-                )
-                if not others:
-                    expected[make_fixed_output_path(sp.name, "flat", "sha256", flat)] = (
-                        f"fixed:sha256:{base32.encode(flat)}"
-                    )
-        if sp.path not in expected:
-            raise BadRequest(
-                f"{sp.path} does not match its content and references: only content-addressed "
-                "paths (.drv files, sources) may be uploaded by clients"
-            )
-        missing = sorted((refs - {sp.path}) - await cache.present(list(refs - {sp.path})))
+            refs = claimed
+        ca = _content_address(sp, got, sink, refs)
+        others = refs - {sp.path}
+        missing = sorted(others - await cache.present(list(others)))
         if missing:
             raise BadRequest(
                 f"references of {sp.path} are not in the cache yet (upload them first): "
                 + ", ".join(missing[:5]),
             )
+        record = None
         if drv is not None:
             outputs = drv.output_paths
             if not all(outputs.values()):
                 raise BadRequest(
                     f"{sp.path}: content-addressed (floating) derivations are not supported"
                 )
-            async with engine.begin() as conn:
-                await queries.insert_derivation(
-                    conn,
-                    queries.DrvInfo(
-                        drv_path=sp.path,
-                        name=sp.name[: -len(".drv")],
-                        system=drv.system,
-                        required_features=drv.required_features,
-                        outputs=outputs,
-                        input_drvs=dict(drv.input_drvs),
-                        input_srcs=tuple(drv.input_srcs),
-                    ),
-                )
-        await cache.publish(temp, sp, got, refs, ca=expected[sp.path])
+            info = queries.DrvInfo(
+                drv_path=sp.path,
+                name=sp.name[: -len(".drv")],
+                system=drv.system,
+                required_features=drv.required_features,
+                outputs=outputs,
+                input_drvs=dict(drv.input_drvs),
+                input_srcs=tuple(drv.input_srcs),
+            )
+
+            async def record(conn: AsyncConnection) -> None:
+                # In the store path's transaction: a derivation is known to builds exactly
+                # when its .drv is in the cache.
+                await queries.insert_derivation(conn, info)
+
+        await cache.publish(temp, sp, got, refs, ca=ca, record=record)
     except BaseException:
         cache.discard(temp)
         raise
     return True
+
+
+def _parse_references(references: str | None) -> set[str]:
+    text = references or ""
+    words = text.split()
+    if len(words) > MAX_REFERENCES:
+        raise BadRequest(f"X-Nar-References lists more than {MAX_REFERENCES} paths")
+    return {_parse_path(r, "bad reference in X-Nar-References").path for r in words}
+
+
+def _parse_derivation(sp: StorePath, sink: _RootFile) -> Derivation:
+    if not sink.is_file:
+        raise BadRequest(f"{sp.path} is not a regular file")
+    try:
+        return parse_drv(sink.content.decode())
+    except (UnicodeDecodeError, DrvError) as exc:
+        raise BadRequest(f"{sp.path} is not a valid derivation: {exc}") from exc
+
+
+def _content_address(sp: StorePath, got: Ingested, sink: _RootFile, refs: set[str]) -> str:
+    """The ``CA`` of ``sp`` when its path is what its content and references make it.
+
+    Nix's rules: a text path (``.drv`` files, ``builtins.toFile``) and a flat fixed-output
+    path are the sha256 of one plain, non-executable file; a source path
+    (``nix-store --add``, path literals) is the sha256 of the NAR. The same content with the
+    executable bit set is a different NAR for the same path, so it is refused.
+    """
+    others = refs - {sp.path}
+    self_ref = sp.path in refs
+    plain_file = sink.is_file and not sink.executable
+    expected: dict[str, str] = {}
+    if sp.name.endswith(".drv"):
+        if not plain_file:
+            raise BadRequest(f"{sp.path} must be a plain (non-executable) file")
+        flat = sink.sha256.digest()
+        expected[make_text_path(sp.name, flat, others)] = f"text:sha256:{base32.encode(flat)}"
+    else:
+        expected[make_source_path(sp.name, got.nar_hash, others, self_ref)] = (
+            f"fixed:r:sha256:{base32.encode(got.nar_hash)}"
+        )
+        if plain_file and not self_ref:
+            flat = sink.sha256.digest()
+            expected[make_text_path(sp.name, flat, others)] = f"text:sha256:{base32.encode(flat)}"
+            if not others:
+                expected[make_fixed_output_path(sp.name, "flat", "sha256", flat)] = (
+                    f"fixed:sha256:{base32.encode(flat)}"
+                )
+    ca = expected.get(sp.path)
+    if ca is None:
+        if sink.is_file and sink.executable:
+            why = " (an executable file is not a text or flat path)"
+        else:
+            why = ""
+        raise BadRequest(
+            f"{sp.path} does not match its content and references{why}: only "
+            "content-addressed paths (.drv files, sources) may be uploaded by clients"
+        )
+    return ca
 
 
 async def ingest_output(
@@ -189,7 +250,7 @@ async def ingest_output(
     *,
     nar_hash: str | None,
     nar_size: str | None,
-) -> NarInfo | None:
+) -> NarInfo:
     """Accept an output NAR from the holder of a current lease (DESIGN §6).
 
     Only outputs of the leased step's derivation are accepted; references are found by
@@ -201,10 +262,12 @@ async def ingest_output(
     path = node.outputs.get(output_name)
     if path is None:
         raise BadRequest(f"{output_name!r} is not an output of {node.drv_path}")
-    declared_hash, declared_size = parse_declared(nar_hash, nar_size)
-    if await cache.present([path]):
-        await _drain(chunks)
-        return None
+    declared_hash, declared_size = parse_declared(nar_hash, nar_size, cache.config.max_nar_bytes)
+    existing = await cache.fetch_narinfo(path)
+    if existing is not None:
+        # Built before (another step, or an earlier attempt): what is signed stays.
+        await _drain(chunks, cache.config.max_nar_bytes)
+        return existing
     async with cache.engine.connect() as conn:
         drvs = await queries.fetch_derivations(conn, [node.drv_path])
         drv = drvs.get(node.drv_path)
@@ -222,6 +285,9 @@ async def ingest_output(
         chunks, declared_size=declared_size, declared_hash=declared_hash, candidates=by_hash
     )
     try:
+        if scheduler.lease_holder(lease_id) is not node:
+            # The lease ran out (or the step was reassigned) while the NAR streamed in.
+            raise Conflict("lease is not current: the step was reassigned or finished")
         refs = {by_hash[h] for h in got.references}
         published = await cache.publish(
             temp, StorePath.parse(path), got, refs, deriver=node.drv_path

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 REGISTER_TIMEOUT_SECS = 30.0
 OUTGOING_QUEUE_MAX = 10_000
 MAX_NAME_BYTES = 128
+NORMAL_CLOSURE = 1000
+POLICY_VIOLATION = 1008
+"""WebSocket close code after a protocol error (RFC 6455 §7.4.1)."""
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -47,6 +51,7 @@ class AgentSession:
         default_factory=lambda: asyncio.Queue(OUTGOING_QUEUE_MAX)
     )
     closed: bool = False
+    close_code: int = NORMAL_CLOSURE
     venue: Venue | None = None
 
     def send(self, message: BaseModel) -> None:
@@ -103,20 +108,20 @@ class Sessions:
         session = AgentSession(websocket)
         try:
             async with asyncio.TaskGroup() as tg:
-                writer = tg.create_task(self._writer(session))
+                tg.create_task(self._writer(session))
                 try:
                     await self._serve(session)
+                except ProtocolError as exc:
+                    # The error goes through the send queue, so it is the last message the
+                    # agent sees before the close (DESIGN §2: `error`, then close).
+                    log.warning("agent protocol error: %s", exc)
+                    session.close_code = POLICY_VIOLATION
+                    with contextlib.suppress(SessionClosed):
+                        session.send(p.Error(message=str(exc)[: p.MAX_ERROR_CHARS]))
                 finally:
                     session.close()
-                    await writer
         except* WebSocketDisconnect:
             pass
-        except* ProtocolError as group:
-            problem = group.exceptions[0]
-            log.warning("agent protocol error: %s", problem)
-            with contextlib.suppress(Exception):
-                await websocket.send_text(p.encode(p.Error(message=str(problem)[:4000])))
-                await websocket.close(code=1008)
         finally:
             await self._ended(session)
 
@@ -127,16 +132,16 @@ class Sessions:
             except (WebSocketDisconnect, RuntimeError, OSError):
                 session.closed = True
                 return
-        with contextlib.suppress(Exception):
-            await session.websocket.close()
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+            await session.websocket.close(code=session.close_code)
 
     async def _receive(self, session: AgentSession) -> p.AgentMessage | None:
         message = await session.websocket.receive()
         if message["type"] == "websocket.disconnect":
             return None
-        data = message.get("text")
-        if data is None:
-            data = message.get("bytes")
+        text = message.get("text")
+        # The size limit is in bytes (MAX_MESSAGE_BYTES), not characters.
+        data: bytes | None = text.encode() if text is not None else message.get("bytes")
         if data is None:
             raise ProtocolError("empty frame")
         return p.parse_agent_message(data)
@@ -251,11 +256,14 @@ class Sessions:
         self.scheduler.detach(venue)
         if self.live.get(venue.machine_id) is session:
             del self.live[venue.machine_id]
-            with contextlib.suppress(Exception):
+            try:
                 async with self.engine.begin() as conn:
                     await queries.update_agent(
                         conn, venue.machine_id, connected=False, last_seen=time.time()
                     )
+            except SQLAlchemyError:
+                # The session is over either way; the row is fixed at the next start.
+                log.warning("could not mark agent %s disconnected", venue.name, exc_info=True)
         log.info("agent %s disconnected", venue.name)
 
 

@@ -1,0 +1,267 @@
+"""``PUT /api/v1/paths/{basename}``: clients may only add content-addressed paths whose content,
+size, hash and references are what they claim; anything else is refused and stores nothing."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from bigtent.config import Role
+from bigtent.nix import base32
+from bigtent.nix.nar import dump_path
+from bigtent.nix.store_path import StorePath, make_text_path
+from tests.integration.runner.conftest import (
+    Drvs,
+    MakeRunner,
+    Nix,
+    RunnerHarness,
+    Upload,
+    nothing_stored,
+    upload_closure,
+    upload_path,
+    verify_signed,
+)
+
+pytestmark = pytest.mark.nix
+
+
+def _nar_hash(data: bytes) -> str:
+    return base32.format_hash("sha256", hashlib.sha256(data).digest())
+
+
+async def _assert_refused(
+    runner: RunnerHarness,
+    up: Upload,
+    status: int,
+    *,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    basename: str | None = None,
+    says: str = "",
+) -> None:
+    """The upload is refused with ``status`` and a JSON error, and nothing is stored."""
+    client = runner.client(Role.CLIENT)
+    before = await runner.present([up.path])
+    with nothing_stored(runner):
+        resp = await upload_path(client, up, body=body, headers=headers, basename=basename)
+    assert resp.status_code == status, resp.text
+    err = resp.json()
+    assert set(err) == {"error", "detail"}
+    assert says.lower() in err["error"].lower(), err
+    assert await runner.present([up.path]) == before
+    if not before:
+        assert (await runner.narinfo(up.path)).status_code == 404
+
+
+async def test_valid_closure_is_accepted_signed_and_served(
+    make_runner: MakeRunner, nix: Nix, drvs: Drvs
+) -> None:
+    runner = await make_runner()
+    client = runner.client(Role.CLIENT)
+    missing = await client.post("/api/v1/paths/missing", json={"paths": list(drvs.closure)})
+    assert missing.json() == {"missing": list(drvs.closure)}
+    for path in drvs.closure:
+        up = nix.upload(path)
+        resp = await upload_path(client, up)
+        assert resp.status_code == 201, resp.text
+        assert resp.json() == {"path": path}
+        served = await runner.narinfo(path)
+        assert served.status_code == 200
+        info = verify_signed(runner, served.text)
+        assert info.store_path == path
+        assert info.nar_hash == up.nar_hash
+        assert info.nar_size == len(up.nar)
+        assert info.references == tuple(StorePath.parse(r).basename for r in up.references)
+        assert info.ca is not None and info.ca.startswith("text:sha256:")
+        nar = await client.get(f"/cache/{info.url}")
+        assert nar.status_code == 200 and nar.content  # compressed, as the narinfo says
+    missing = await client.post("/api/v1/paths/missing", json={"paths": list(drvs.closure)})
+    assert missing.json() == {"missing": []}
+    # Uploading a path again is harmless: 200, nothing new.
+    with nothing_stored(runner):
+        again = await upload_path(client, nix.upload(drvs.top))
+    assert again.status_code == 200
+    assert runner.temp_files() == []
+
+
+async def test_built_output_is_not_content_addressed(
+    make_runner: MakeRunner, nix: Nix, drvs: Drvs
+) -> None:
+    runner = await make_runner()
+    await upload_closure(runner, nix, drvs.closure)
+    (out,) = nix.realise(drvs.dep)
+    await _assert_refused(runner, nix.upload(out), 400, says="does not match its content")
+
+
+async def test_drv_with_one_byte_changed(make_runner: MakeRunner, nix: Nix, drvs: Drvs) -> None:
+    runner = await make_runner()
+    await upload_closure(runner, nix, drvs.closure[:-1])
+    up = nix.upload(drvs.top)
+    tampered = up.nar.replace(b"echo $x", b"echo $y", 1)
+    assert tampered != up.nar and len(tampered) == len(up.nar)
+    await _assert_refused(
+        runner,
+        up,
+        400,
+        body=tampered,
+        headers={"X-Nar-Hash": _nar_hash(tampered)},
+        says="does not match its content",
+    )
+
+
+async def test_executable_drv_is_refused(
+    make_runner: MakeRunner, nix: Nix, drvs: Drvs, tmp_path: Path
+) -> None:
+    """A text path is a plain file: the same content with the executable bit is another NAR
+    for the same store path, and must not be able to take the path's place in the cache."""
+    runner = await make_runner()
+    await upload_closure(runner, nix, drvs.closure[:-1])
+    copy = tmp_path / "top.drv"
+    copy.write_bytes(Path(drvs.top).read_bytes())
+    copy.chmod(0o755)
+    nar = b"".join(dump_path(copy))
+    up = Upload(drvs.top, nar, ())
+    await _assert_refused(runner, up, 400, says="executable")
+
+
+async def test_content_addressed_but_not_a_derivation(
+    make_runner: MakeRunner, tmp_path: Path
+) -> None:
+    runner = await make_runner()
+    content = b"Derive(this is not ATerm"
+    path = make_text_path("evil.drv", hashlib.sha256(content).digest(), [])
+    f = tmp_path / "evil"
+    f.write_bytes(content)
+    up = Upload(path, b"".join(dump_path(f)), ())
+    await _assert_refused(runner, up, 400, says="not a valid derivation")
+
+
+async def test_source_with_false_references(make_runner: MakeRunner, nix: Nix, drvs: Drvs) -> None:
+    runner = await make_runner()
+    await upload_closure(runner, nix, drvs.closure)
+    fresh = await make_runner()
+    up = nix.upload(drvs.source)
+    # The path's hash covers its references: claiming one it does not have is a mismatch.
+    other = StorePath.parse(drvs.dep).basename
+    await _assert_refused(
+        fresh, up, 400, headers={"X-Nar-References": other}, says="does not match"
+    )
+    await _assert_refused(
+        fresh, up, 400, headers={"X-Nar-References": "not/a path"}, says="bad reference"
+    )
+
+
+async def test_nar_longer_than_declared(make_runner: MakeRunner, nix: Nix, drvs: Drvs) -> None:
+    runner = await make_runner()
+    up = nix.upload(drvs.source)
+    await _assert_refused(runner, up, 413, body=up.nar + b"\0" * 8, says="longer")
+
+
+async def test_nar_shorter_than_declared(make_runner: MakeRunner, nix: Nix, drvs: Drvs) -> None:
+    runner = await make_runner()
+    up = nix.upload(drvs.source)
+    await _assert_refused(runner, up, 400, body=up.nar[:-8], says="shorter")
+
+
+async def test_wrong_declared_hash(make_runner: MakeRunner, nix: Nix, drvs: Drvs) -> None:
+    runner = await make_runner()
+    up = nix.upload(drvs.source)
+    wrong = _nar_hash(b"something else")
+    await _assert_refused(runner, up, 400, headers={"X-Nar-Hash": wrong}, says="hash mismatch")
+    await _assert_refused(
+        runner, up, 400, headers={"X-Nar-Hash": "sha256:zzz"}, says="bad X-Nar-Hash"
+    )
+    await _assert_refused(
+        runner, up, 400, headers={"X-Nar-Hash": "md5:" + "0" * 32}, says="bad X-Nar-Hash"
+    )
+
+
+async def test_malformed_nar(make_runner: MakeRunner, nix: Nix, drvs: Drvs) -> None:
+    runner = await make_runner()
+    up = nix.upload(drvs.source)
+    garbage = b"this is not a NAR at all!"
+    await _assert_refused(
+        runner,
+        up,
+        400,
+        body=garbage,
+        headers={"X-Nar-Hash": _nar_hash(garbage), "X-Nar-Size": str(len(garbage))},
+        says="malformed NAR",
+    )
+    # A well-formed NAR followed by a second one is not one NAR.
+    double = up.nar + up.nar
+    await _assert_refused(
+        runner,
+        up,
+        400,
+        body=double,
+        headers={"X-Nar-Hash": _nar_hash(double), "X-Nar-Size": str(len(double))},
+        says="malformed NAR",
+    )
+
+
+@pytest.mark.parametrize("header", ["X-Nar-Hash", "X-Nar-Size"])
+async def test_missing_headers(make_runner: MakeRunner, nix: Nix, drvs: Drvs, header: str) -> None:
+    runner = await make_runner()
+    await _assert_refused(
+        runner, nix.upload(drvs.source), 400, headers={header: "-"}, says="X-Nar-Size"
+    )
+
+
+@pytest.mark.parametrize("size", ["-1", "1e3", "0x10", "\u00b2", "9" * 5000, ""])
+async def test_bad_declared_size(make_runner: MakeRunner, nix: Nix, drvs: Drvs, size: str) -> None:
+    runner = await make_runner()
+    up = nix.upload(drvs.source)
+    await _assert_refused(runner, up, 400, headers={"X-Nar-Size": size or "-"}, says="X-Nar-Size")
+
+
+async def test_references_must_be_uploaded_first(
+    make_runner: MakeRunner, nix: Nix, drvs: Drvs
+) -> None:
+    runner = await make_runner()
+    await _assert_refused(runner, nix.upload(drvs.top), 400, says="not in the cache yet")
+    await upload_closure(runner, nix, (drvs.source,))
+    await _assert_refused(runner, nix.upload(drvs.top), 400, says=drvs.dep)
+    # In dependency order it goes in, and the derivation is then known to builds.
+    await upload_closure(runner, nix, (drvs.dep, drvs.top))
+
+
+@pytest.mark.parametrize(
+    "basename",
+    [
+        "%2E%2E",
+        "..",
+        "x.drv",
+        "abc-x.drv",
+        "0" * 31 + "-x.drv",
+        "0" * 33 + "-x.drv",
+        "e" * 32 + "-x.drv",  # 'e' is not a nix-base32 digit
+        "0" * 32 + "-.hidden",
+        "0" * 32 + "-has space",
+        "0" * 32 + "-",
+    ],
+)
+async def test_bad_basename(make_runner: MakeRunner, nix: Nix, drvs: Drvs, basename: str) -> None:
+    runner = await make_runner()
+    up = nix.upload(drvs.source)
+    client = runner.client(Role.CLIENT)
+    with nothing_stored(runner):
+        resp = await upload_path(client, up, basename=basename)
+    # ".." is resolved away by the HTTP client, leaving a route that does not take PUT.
+    assert resp.status_code in ((404, 405) if basename == ".." else (400,)), resp.text
+    assert set(resp.json()) == {"error", "detail"}
+    assert await runner.present([up.path]) == set()
+
+
+async def test_declared_size_over_max_nar_bytes(
+    make_runner: MakeRunner, nix: Nix, drvs: Drvs
+) -> None:
+    runner = await make_runner(cache={"max_nar_bytes": 100})
+    up = nix.upload(drvs.source)
+    assert len(up.nar) > 100
+    await _assert_refused(runner, up, 413, says="max_nar_bytes")
+    # Declaring less than the cap but sending more is caught while streaming.
+    small = await make_runner(cache={"max_nar_bytes": 100})
+    await _assert_refused(small, up, 413, headers={"X-Nar-Size": "100"}, says="longer")
