@@ -27,7 +27,7 @@ def test_dag_of_33_builds_across_three_agents(farm_factory: Callable[..., Farm])
     code, out = farm.build_json(str(dag), "-A", "top")
     assert code == 0, out
     assert out["state"] == "succeeded"
-    steps = _steps(farm, out["id"])
+    steps = _steps(farm, out["build_id"])
     assert len(steps) == 33
     assert all(s["state"] == "succeeded" for s in steps.values())
     used = Counter(str(s["agent_name"]) for s in steps.values())
@@ -65,15 +65,15 @@ def test_cached_outputs_are_not_rebuilt(farm_factory: Callable[..., Farm]) -> No
     dag = farm.dag_file(layers=2, width=3)
     code, first = farm.build_json(str(dag), "-A", "top", "--no-download")
     assert code == 0, first
-    assert len(_steps(farm, first["id"])) == 7
+    assert len(_steps(farm, first["build_id"])) == 7
     code, again = farm.build_json(str(dag), "-A", "top", "--no-download")
     assert code == 0, again
     assert again["state"] == "succeeded"
-    assert _steps(farm, again["id"]) == {}
+    assert _steps(farm, again["build_id"]) == {}
     # A new node on top of cached ones builds only itself.
     code, node = farm.build_json(str(dag), "-A", "nodes.dag-1-0", "--no-download")
     assert code == 0
-    assert _steps(farm, node["id"]) == {}
+    assert _steps(farm, node["build_id"]) == {}
 
 
 def test_kvm_step_goes_to_the_kvm_agent_and_plain_work_stays_off_it(
@@ -85,7 +85,7 @@ def test_kvm_step_goes_to_the_kvm_agent_and_plain_work_stays_off_it(
     dag = farm.dag_file(layers=1, width=4, kvm=["0-0", "0-1"])
     code, out = farm.build_json(str(dag), "-A", "top", "--no-download")
     assert code == 0, out
-    steps = _steps(farm, out["id"])
+    steps = _steps(farm, out["build_id"])
     assert steps["dag-0-0"]["agent_name"] == "kvmbox"
     assert steps["dag-0-1"]["agent_name"] == "kvmbox"
     for name in ("dag-0-2", "dag-0-3", "dag-top-0"):
@@ -123,7 +123,9 @@ def test_fresh_store_substitutes_results_only_with_the_runner_key(
     dag = farm.dag_file(layers=2, width=2)
     code, out = farm.build_json(str(dag), "-A", "top", "--no-download")
     assert code == 0, out
-    outputs = [o for step in _steps(farm, out["id"]).values() for o in step["outputs"].values()]  # type: ignore[attr-defined]
+    outputs = [
+        o for step in _steps(farm, out["build_id"]).values() for o in step["outputs"].values()
+    ]  # type: ignore[attr-defined]
     wrong = generate_key("someone-else-1").public_key().to_text()
     refused = _realise(tmp_path / "wrong", outputs, farm.cache_url, wrong, tmp_path / "x1")
     assert refused.returncode != 0

@@ -240,15 +240,25 @@ class Executor:
         self._http = http
         self._token = token
         self._nix_bin_dir = nix_bin_dir
+        self._busy_slots: set[int] = set()
 
-    def nix_store(self, cache: CacheSettings) -> NixStore:
-        """The store a step builds in, with the runner's caches as substituters."""
+    def nix_store(self, cache: CacheSettings, slot: int = 0) -> NixStore:
+        """The store a step builds in, with the runner's caches as substituters.
+
+        Each concurrent step gets its own ``XDG_CACHE_HOME`` (one per slot, reused): Nix 2.8
+        processes sharing one ``binary-cache-v6.sqlite`` race on it ("constraint failed").
+        """
         return NixStore(
             store=self._section.store,
             options=nix_options(self._section, cache),
-            env={"XDG_CACHE_HOME": str(self._section.work_dir / XDG_CACHE_DIR)},
+            env={"XDG_CACHE_HOME": str(self._section.work_dir / XDG_CACHE_DIR / f"slot-{slot}")},
             bin_dir=self._nix_bin_dir,
         )
+
+    def _take_slot(self) -> int:
+        slot = next(i for i in range(len(self._busy_slots) + 1) if i not in self._busy_slots)
+        self._busy_slots.add(slot)
+        return slot
 
     async def run(
         self, assign: Assign, cache: CacheSettings, *, send_log: SendLog, abort: asyncio.Event
@@ -257,7 +267,22 @@ class Executor:
 
         ``abort`` set by the session kills the build (or stops the upload): outcome ``aborted``.
         """
-        store = self.nix_store(cache)
+        slot = self._take_slot()
+        try:
+            return await self._run(assign, cache, slot, send_log=send_log, abort=abort)
+        finally:
+            self._busy_slots.discard(slot)
+
+    async def _run(
+        self,
+        assign: Assign,
+        cache: CacheSettings,
+        slot: int,
+        *,
+        send_log: SendLog,
+        abort: asyncio.Event,
+    ) -> Result:
+        store = self.nix_store(cache, slot)
         started = time.monotonic()
         build_started: float | None = None
         batcher = LogBatcher(assign.step_id, assign.lease_id, send_log)

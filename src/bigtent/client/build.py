@@ -229,6 +229,8 @@ def build_report(build: Build, links: Sequence[ResultLink] = ()) -> dict[str, An
         "build_id": build.id,
         "state": build.state.value,
         "succeeded": build_succeeded(build),
+        "created_at": build.created_at,
+        "finished_at": build.finished_at,
         "outputs": {root.drv_path: root.outputs for root in build.roots},
         "roots": [root.model_dump(mode="json") for root in build.roots],
         "failed_steps": [step.model_dump(mode="json") for step in build.failed_steps],

@@ -150,7 +150,7 @@ def test_nix_options_order_and_overrides(tmp_path: Path) -> None:
         "cores": "2",
     }
     store = Executor(section, http=httpx.AsyncClient(), token=None).nix_store(cache)
-    assert store.env == {"XDG_CACHE_HOME": str(tmp_path / "xdg-cache")}
+    assert store.env == {"XDG_CACHE_HOME": str(tmp_path / "xdg-cache" / "slot-0")}
 
 
 @pytest.mark.parametrize(
@@ -189,7 +189,7 @@ class FakeExecutor(Executor):
         super().__init__(*args, **kwargs)
         self.store = store
 
-    def nix_store(self, cache: CacheSettings) -> NixStore:
+    def nix_store(self, cache: CacheSettings, slot: int = 0) -> NixStore:
         return self.store
 
 

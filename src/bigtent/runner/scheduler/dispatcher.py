@@ -100,6 +100,8 @@ class ActiveBuild:
     roots: dict[str, int | None]
     steps: set[int]
     state: BuildState
+    unfinished: int = 0
+    """Member steps not final yet: a build ends only when all of them are (keep going)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +188,7 @@ class Scheduler:
                 if member is not None:
                     member.builds.add(b.id)
                     member.priority = max(member.priority, build.priority)
+                    build.unfinished += not member.state.is_final
         raise_heights(self.nodes, _topological_dependents_first(self.nodes))
         for node in self.nodes.values():
             if node.state is StepState.RUNNABLE:
@@ -316,6 +319,9 @@ class Scheduler:
                     node = self.nodes[sid]
                     if node.state is StepState.RUNNABLE:
                         self._make_runnable(node, now)
+                build.unfinished = sum(
+                    1 for sid in build.steps if not self.nodes[sid].state.is_final
+                )
                 await self._maybe_finish_build(conn, build, now)
             log.info(
                 "build %d: %d roots, %d steps (%d new)",
@@ -710,6 +716,7 @@ class Scheduler:
             match policy.disposition:
                 case Disposition.SUCCEED:
                     node.state = StepState.SUCCEEDED
+                    self._count_final(node)
                     await queries.update_step(
                         conn, node.id, state=node.state, finished_at=now, **values
                     )
@@ -730,6 +737,7 @@ class Scheduler:
                         self._make_runnable(dep, now)
                 case Disposition.FAIL:
                     node.state = StepState.FAILED
+                    self._count_final(node)
                     await queries.update_step(
                         conn, node.id, state=node.state, finished_at=now, **values
                     )
@@ -739,6 +747,7 @@ class Scheduler:
                     node.attempts += 1
                     if node.attempts >= self.config.max_infra_attempts:
                         node.state = StepState.FAILED
+                        self._count_final(node)
                         values["error"] = (
                             f"infrastructure failure after {node.attempts} attempts; last: "
                             f"{outcome}: {error}"
@@ -791,6 +800,7 @@ class Scheduler:
             if dep.state in (StepState.WAITING, StepState.RUNNABLE):
                 self.index.discard(dep.id)
                 dep.state = StepState.DEPENDENCY_FAILED
+                self._count_final(dep)
                 failed.append(dep)
         await queries.update_steps(
             conn,
@@ -801,9 +811,20 @@ class Scheduler:
         )
         return failed
 
+    def _count_final(self, node: StepNode) -> None:
+        """A member step of these builds just became final."""
+        for bid in node.builds:
+            build = self.builds.get(bid)
+            if build is not None:
+                build.unfinished -= 1
+
     async def _maybe_finish_build(
         self, conn: AsyncConnection, build: ActiveBuild, now: float
     ) -> None:
+        """End a build once every member step is final: its outcome is its roots' (a failure
+        fails the build, but the steps that do not depend on it still run to the end)."""
+        if build.unfinished > 0:
+            return
         states = [
             self.nodes[sid].state if sid is not None and sid in self.nodes else None
             for sid in build.roots.values()
