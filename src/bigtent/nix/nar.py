@@ -63,11 +63,11 @@ def _dump_node(path: bytes, chunk_size: int) -> Iterator[bytes]:
                 yield data
         yield b"\0" * _pad_len(st.st_size) + _str(b")")
     elif stat.S_ISLNK(st.st_mode):
-        target = os.readlink(path)  # noqa: PTH115 (bytes paths: names need not be UTF-8)
+        target = os.readlink(path)
         yield _str(b"symlink") + _str(b"target") + _str(target) + _str(b")")
     elif stat.S_ISDIR(st.st_mode):
         yield _str(b"directory")
-        for name in sorted(os.listdir(path)):  # noqa: PTH208 (bytes, sorted as bytes)
+        for name in sorted(os.listdir(path)):
             yield _str(b"entry") + _str(b"(") + _str(b"name") + _str(name) + _str(b"node")
             yield from _dump_node(path + b"/" + name, chunk_size)
             yield _str(b")")
@@ -372,7 +372,7 @@ class _RestoreSink:
         return b"/".join((self._root, *path))
 
     def directory(self, path: tuple[bytes, ...]) -> None:
-        os.mkdir(self._path(path), 0o777)  # noqa: PTH102 (bytes paths)
+        os.mkdir(self._path(path), 0o777)
 
     def file_start(self, path: tuple[bytes, ...], executable: bool, size: int) -> None:
         mode = 0o777 if executable else 0o666
@@ -390,7 +390,7 @@ class _RestoreSink:
         self.close()
 
     def symlink(self, path: tuple[bytes, ...], target: bytes) -> None:
-        os.symlink(target, self._path(path))  # noqa: PTH211 (bytes paths)
+        os.symlink(target, self._path(path))
 
     def close(self) -> None:
         if self._fd is not None:
