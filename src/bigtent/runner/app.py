@@ -91,9 +91,14 @@ def bind(config: RunnerConfig) -> tuple[socket.socket, RunnerConfig]:
     runner hands out (cache URL, upload URLs) name the port actually bound."""
     host, port = config.runner.host, config.runner.port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio disables Nagle (TCP_NODELAY) only on sockets whose
+    # proto says TCP, and accepted sockets inherit proto 0 otherwise. Without it every
+    # response on a kept-alive connection waits ~40 ms for a delayed ACK (Nix's narinfo
+    # queries reuse connections: 40 ms per path).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
         sock.listen(LISTEN_BACKLOG)  # holds the port: another runner cannot bind it too
     except OSError as exc:
