@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
+import httpx
+
 REPO = Path(__file__).resolve().parents[1]
 DAG_NIX = REPO / "examples" / "dag.nix"
 NO_SUBST = ["--option", "substituters", ""]
@@ -70,7 +72,7 @@ def read_env(path: Path) -> dict[str, str]:
 
 @contextmanager
 def farm(work: Path, agents: int, jobs: int) -> Iterator[dict[str, str]]:
-    state = work / "farm"
+    state = work / f"farm-{uuid.uuid4().hex[:8]}"
     env_file = state / "env"
     up = subprocess.Popen(
         [
@@ -98,13 +100,15 @@ def farm(work: Path, agents: int, jobs: int) -> Iterator[dict[str, str]]:
                 sys.exit("bench: bigtent up did not start:\n" + (work / "up.log").read_text())
             time.sleep(0.1)
         env = {**os.environ, **read_env(env_file), "NIX_CONFIG": "substituters =\n"}
-        import httpx
 
         def connected() -> int:
-            r = httpx.get(
-                env["BIGTENT_URL"] + "/api/v1/agents",
-                headers={"Authorization": f"Bearer {env['BIGTENT_TOKEN']}"},
-            )
+            try:
+                r = httpx.get(
+                    env["BIGTENT_URL"] + "/api/v1/agents",
+                    headers={"Authorization": f"Bearer {env['BIGTENT_TOKEN']}"},
+                )
+            except httpx.HTTPError:
+                return 0
             return sum(1 for a in r.json()["agents"] if a["connected"])
 
         while connected() < agents:
@@ -212,44 +216,55 @@ def main() -> int:
     print(f"# bigtent DAG benchmark, {datetime.now().isoformat(timespec='seconds')}")
     print(f"# machine: {machine()}")
     results: dict[str, float] = {}
+
+    def record(name: str, secs: float) -> None:
+        results[name] = secs
+        print(f"# measured: {name}: {secs:.2f} s", flush=True)
+
     with tempfile.TemporaryDirectory(prefix="bigtent-bench-") as tmp:
         work = Path(tmp)
         os.environ["XDG_CACHE_HOME"] = str(work / "xdg")
         dag = dict(layers=args.layers, width=args.width)
 
-        results["nix-build -j2 (local)"] = timed(
-            [
-                "nix-build",
-                str(dag_file(work, **dag)),
-                "-A",
-                "top",
-                "-j2",
-                "--no-out-link",
-                *NO_SUBST,
-            ]
+        record(
+            "nix-build -j2 (local)",
+            timed(
+                [
+                    "nix-build",
+                    str(dag_file(work, **dag)),
+                    "-A",
+                    "top",
+                    "-j2",
+                    "--no-out-link",
+                    *NO_SUBST,
+                ]
+            ),
         )
         if not args.no_ssh and Path("/usr/sbin/sshd").exists():
             with ssh_builder(work) as (builders, env):
-                results["nix-build, SSH remote builders (2 jobs)"] = timed(
-                    [
-                        "nix-build",
-                        str(dag_file(work, **dag)),
-                        "-A",
-                        "top",
-                        "--no-out-link",
-                        "--max-jobs",
-                        "0",
-                        "--builders",
-                        builders,
-                        *NO_SUBST,
-                    ],
-                    env=env,
+                record(
+                    "nix-build, SSH remote builders (2 jobs)",
+                    timed(
+                        [
+                            "nix-build",
+                            str(dag_file(work, **dag)),
+                            "-A",
+                            "top",
+                            "--no-out-link",
+                            "--max-jobs",
+                            "0",
+                            "--builders",
+                            builders,
+                            *NO_SUBST,
+                        ],
+                        env=env,
+                    ),
                 )
         with farm(work, agents=2, jobs=2) as env:
             t, _ = bigtent_build(env, dag_file(work, **dag), "--no-download")
-            results["bigtent build --no-download (2 agents x 2 jobs)"] = t
+            record("bigtent build --no-download (2 agents x 2 jobs)", t)
             t, _ = bigtent_build(env, dag_file(work, **dag), "--no-out-link")
-            results["bigtent build, with download of the results"] = t
+            record("bigtent build, with download of the results", t)
         # Makespan against the critical path: sleep-1 derivations, plenty of slots.
         sl = dict(layers=args.sleep_layers, width=args.sleep_width, sleep=1)
         with farm(work, agents=2, jobs=args.sleep_width) as env:

@@ -488,7 +488,7 @@ def _announce(settings: UpSettings, state: UpState, say: Say) -> None:
     say(
         f"bigtent is up: runner {settings.runner_url} with {settings.agents} local agent(s)"
         f"{tools}\n"
-        f"  dashboard:   {settings.runner_url}/\n"
+        f"  cache:       {settings.runner_url}/cache\n"
         f"  environment: . {shlex.quote(str(layout.env_file))}\n"
         f"  then try:    bigtent build FILE.nix -A ATTR; bigtent status\n"
         f"  logs:        {layout.logs_dir}/\n"

@@ -241,12 +241,7 @@ sandbox_paths = {_toml_list(HOST_TOOLS)}
         return proc.returncode, data
 
     def dag_file(self, salt: str | None = None, **args: Any) -> Path:
-        """A .nix file calling examples/dag.nix with these arguments and a unique salt."""
-        params = {"salt": salt or uuid.uuid4().hex, **args}
-        body = " ".join(f"{k} = {_nix_value(v)};" for k, v in params.items())
-        path = self.root / f"dag-{uuid.uuid4().hex[:8]}.nix"
-        path.write_text(f"import {DAG_NIX} {{ {body} }}\n")
-        return path
+        return write_dag_file(self.root, salt, **args)
 
     def logs(self) -> str:
         out = []
@@ -258,6 +253,15 @@ sandbox_paths = {_toml_list(HOST_TOOLS)}
     def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.stop(timeout=10)
+
+
+def write_dag_file(root: Path, salt: str | None = None, **args: Any) -> Path:
+    """A .nix file calling examples/dag.nix with these arguments and a unique salt."""
+    params = {"salt": salt or uuid.uuid4().hex, **args}
+    body = " ".join(f"{k} = {_nix_value(v)};" for k, v in params.items())
+    path = root / f"dag-{uuid.uuid4().hex[:8]}.nix"
+    path.write_text(f"import {DAG_NIX} {{ {body} }}\n")
+    return path
 
 
 def _nix_value(v: Any) -> str:

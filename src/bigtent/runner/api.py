@@ -29,9 +29,10 @@ from bigtent.runner.scheduler.steps import StepState
 from bigtent.runner.sessions import bearer_token
 
 LOG_TAIL_LINES = 40
+SMALL_NAR_BYTES = 256 * 1024
 
 
-def _components(request: Request) -> Components:
+async def _components(request: Request) -> Components:
     comps: Components = request.app.state.components
     return comps
 
@@ -40,8 +41,12 @@ Comps = Annotated[Components, Depends(_components)]
 
 
 def _require(role: Role) -> Any:
-    def check(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
-        return _components(request).tokens.require(bearer_token(authorization), role)
+    # Dependencies are ``async def``: FastAPI runs plain ``def`` ones in a thread pool.
+    async def check(
+        request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> Principal:
+        comps: Components = request.app.state.components
+        return comps.tokens.require(bearer_token(authorization), role)
 
     return Depends(check)
 
@@ -431,4 +436,8 @@ async def get_nar(file_name: str, comps: Comps) -> Response:
     path = comps.cache.storage.local_path(f"nar/{file_name}")
     if path is None:
         raise NotFound("no such NAR")
+    size = path.stat().st_size
+    if size <= SMALL_NAR_BYTES:
+        # Most NARs are small: one read beats FileResponse's thread hop per chunk.
+        return Response(path.read_bytes(), media_type="application/x-nix-nar")
     return FileResponse(path, media_type="application/x-nix-nar")

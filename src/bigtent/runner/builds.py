@@ -44,8 +44,7 @@ async def plan_build(cache: Cache, upstreams: Upstreams, drv_paths: Sequence[str
     needed: set[str] = set()
     frontier = list(dict.fromkeys(drv_paths))
     while frontier:
-        async with cache.engine.connect() as conn:
-            found = await queries.fetch_derivations(conn, frontier)
+        found = await cache.derivations(frontier)
         unknown = [d for d in frontier if d not in found]
         if unknown:
             raise NotFound(

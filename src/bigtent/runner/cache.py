@@ -14,9 +14,10 @@ import hashlib
 import logging
 import lzma
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 import zstandard
@@ -34,6 +35,35 @@ from bigtent.runner.storage import Storage
 log = logging.getLogger(__name__)
 
 _EXTENSIONS = {Compression.ZSTD: ".zst", Compression.XZ: ".xz", Compression.NONE: ""}
+
+
+STORE_PREFIX = "/nix/store/"
+MEMORY_NARINFOS = 20_000
+"""Narinfo records kept in memory (about 1 KiB each)."""
+MEMORY_DERIVATIONS = 20_000
+"""Parsed derivation records kept in memory."""
+
+_V = TypeVar("_V")
+
+
+class _Lru(Generic[_V]):
+    """A bounded map that forgets the least recently used entry."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[str, _V] = OrderedDict()
+
+    def get(self, key: str) -> _V | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: _V) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
 
 
 class _Compressor:
@@ -83,30 +113,76 @@ class Cache:
         self.config = config
         self.url = public_url.rstrip("/") + "/cache"
         self.public_key = key.public_key().to_text()
+        self._infos: _Lru[narinfo.NarInfo] = _Lru(MEMORY_NARINFOS)
+        self._drvs: _Lru[queries.DrvInfo] = _Lru(MEMORY_DERIVATIONS)
 
     # ---- queries ---------------------------------------------------------------------------
+    # A published narinfo and a recorded derivation never change, so recently used ones are
+    # kept in memory: agents and Nix clients ask for the same few paths again and again.
+    def _remembered(self, path: str) -> narinfo.NarInfo | None:
+        info = self._infos.get(path[len(STORE_PREFIX) : len(STORE_PREFIX) + 32])
+        return info if info is not None and info.store_path == path else None
+
     async def present(self, paths: Iterable[str]) -> set[str]:
         """Which of ``paths`` the cache holds."""
-        async with self.engine.connect() as conn:
-            return await queries.present_store_paths(conn, list(paths))
+        wanted = list(paths)
+        found = {p for p in wanted if self._remembered(p) is not None}
+        rest = [p for p in wanted if p not in found]
+        if rest:
+            async with self.engine.connect() as conn:
+                found |= await queries.present_store_paths(conn, rest)
+        return found
 
     async def references_of(self, paths: Sequence[str]) -> dict[str, tuple[str, ...]]:
         """Full reference paths of cached paths (missing ones are absent from the result)."""
-        async with self.engine.connect() as conn:
-            return await queries.store_path_references(conn, list(paths))
+        out: dict[str, tuple[str, ...]] = {}
+        rest = []
+        for path in paths:
+            info = self._remembered(path)
+            if info is None:
+                rest.append(path)
+            else:
+                out[path] = tuple(STORE_PREFIX + r for r in info.references)
+        if rest:
+            async with self.engine.connect() as conn:
+                out.update(await queries.store_path_references(conn, rest))
+        return out
 
     async def fetch_narinfo(self, path: str) -> narinfo.NarInfo | None:
         """The signed record of a cached path, or None."""
-        async with self.engine.connect() as conn:
-            info = await queries.fetch_store_path_by_hash(conn, StorePath.parse(path).hash_part)
+        info = await self.narinfo_by_hash(StorePath.parse(path).hash_part)
         return info if info is not None and info.store_path == path else None
 
+    async def narinfo_by_hash(self, hash_part: str) -> narinfo.NarInfo | None:
+        info = self._infos.get(hash_part)
+        if info is None:
+            async with self.engine.connect() as conn:
+                info = await queries.fetch_store_path_by_hash(conn, hash_part)
+            if info is not None:
+                self._infos.put(hash_part, info)
+        return info
+
     async def narinfo_text(self, hash_part: str) -> str | None:
-        async with self.engine.connect() as conn:
-            row = await queries.fetch_store_path_by_hash(conn, hash_part)
-        if row is None:
-            return None
-        return narinfo.render(row)
+        info = await self.narinfo_by_hash(hash_part)
+        return narinfo.render(info) if info is not None else None
+
+    async def derivations(self, drv_paths: Sequence[str]) -> dict[str, queries.DrvInfo]:
+        """Recorded derivations among ``drv_paths`` (unknown ones are absent)."""
+        out: dict[str, queries.DrvInfo] = {}
+        rest = []
+        for path in drv_paths:
+            drv = self._drvs.get(path)
+            if drv is None:
+                rest.append(path)
+            else:
+                out[path] = drv
+        if rest:
+            async with self.engine.connect() as conn:
+                fetched = await queries.fetch_derivations(conn, rest)
+            for path, drv in fetched.items():
+                self._drvs.put(path, drv)
+            out.update(fetched)
+        return out
 
     # ---- ingest ----------------------------------------------------------------------------
     async def receive(
@@ -231,6 +307,7 @@ class Cache:
             await queries.insert_store_path(conn, signed, created_at=time.time())
             if record is not None:
                 await record(conn)
+        self._infos.put(store_path.hash_part, signed)
         log.debug("published %s (%d bytes)", store_path.path, got.nar_size)
         return signed
 

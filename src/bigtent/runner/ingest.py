@@ -268,12 +268,10 @@ async def ingest_output(
         # Built before (another step, or an earlier attempt): what is signed stays.
         await _drain(chunks, cache.config.max_nar_bytes)
         return existing
-    async with cache.engine.connect() as conn:
-        drvs = await queries.fetch_derivations(conn, [node.drv_path])
-        drv = drvs.get(node.drv_path)
-        if drv is None:
-            raise NotFound(f"derivation {node.drv_path} is not known")
-        inputs_info = await queries.fetch_derivations(conn, list(drv.input_drvs))
+    drv = (await cache.derivations([node.drv_path])).get(node.drv_path)
+    if drv is None:
+        raise NotFound(f"derivation {node.drv_path} is not known")
+    inputs_info = await cache.derivations(list(drv.input_drvs))
     inputs = set(drv.input_srcs)
     for input_drv, names in drv.input_drvs.items():
         info = inputs_info.get(input_drv)

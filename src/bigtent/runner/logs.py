@@ -44,6 +44,11 @@ class LogStore:
         if f is not None:
             f.close()
 
+    def reset(self, step_id: int) -> None:
+        """Forget a step's log (it is about to run again from scratch)."""
+        self.close(step_id)
+        self.path(step_id).unlink(missing_ok=True)
+
     def close_all(self) -> None:
         for step_id in list(self._open):
             self.close(step_id)

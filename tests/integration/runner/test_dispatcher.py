@@ -636,14 +636,21 @@ async def test_new_build_on_a_failed_step_fails_its_dependents(farm: Farm) -> No
     agent = farm.agent("m1")
     await farm.tick()
     [a] = agent.take_assigns()
+    farm.sched.log_lines(
+        farm.sched.venues["m1"],
+        p.Log(step_id=a.step_id, lease_id=a.lease_id, lines=["first run"]),
+    )
     assert await farm.report(agent, a, p.Outcome.BUILD_FAILURE)
     assert await farm.build_state(first) == "failed"
     assert await farm.build_state(holder) == "failed"
-    # x's failure is forgotten with the builds that held it: a new build queues it again.
+    assert farm.sched.logs.read(a.step_id) == b"first run\n"
+    # x's failure is forgotten with the builds that held it: a new build queues it again,
+    # with a fresh log (a new run, not a retry).
     y = drv("y", x)
     third = await farm.add([x, y], roots=[y])
     assert await farm.state(x) is StepState.RUNNABLE
     assert await farm.build_state(third) == "queued"
+    assert farm.sched.logs.read(a.step_id) == b""
 
 
 async def test_bump_build_reorders_runnable_work(farm: Farm) -> None:

@@ -263,6 +263,7 @@ class Scheduler:
                     else:
                         sid = int(row.id)
                         await queries.update_step(conn, sid, **values)
+                        self.logs.reset(sid)  # a fresh run, not a retry: a fresh log
                     ids[drv.drv_path] = sid
                     node = StepNode(
                         id=sid,
