@@ -669,6 +669,13 @@ async def run_agent(
     tests and for ephemeral agents (which bring their own identity).
     """
     section = cfg.agent
+    if section.ephemeral is not None and identity is None:
+        # The limits and the one-session lifecycle of ephemeral agents (DESIGN §4) are not
+        # built yet: refuse rather than run a persistent agent the user did not ask for.
+        raise ConfigError(
+            "ephemeral agents (--ephemeral, --max-builds/--max-idle-secs/--max-lifetime-secs, "
+            "[agent.ephemeral]) are not supported by this version yet"
+        )
     ssl_context = ssl_context_for(section)
     if identity is None:
         identity = await persistent_identity(section, NixStore(store=section.store))
