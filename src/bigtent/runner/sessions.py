@@ -162,10 +162,12 @@ class Sessions:
         if len(first.name.encode()) > MAX_NAME_BYTES:
             raise ProtocolError(f"agent name longer than {MAX_NAME_BYTES} bytes")
         venue = await self._register(session, first)
+        if venue is None:
+            return
         while (msg := await self._receive(session)) is not None and not session.closed:
             await self._dispatch(session, venue, msg)
 
-    async def _register(self, session: AgentSession, reg: p.Register) -> Venue:
+    async def _register(self, session: AgentSession, reg: p.Register) -> Venue | None:
         now = time.time()
         old = self.live.get(reg.machine_id)
         if old is not None:
@@ -203,6 +205,10 @@ class Sessions:
                 connected=True,
                 last_seen=now,
             )
+        if session.closed or self.live.get(reg.machine_id) is not session:
+            # A newer session of the same machine registered while we awaited the database:
+            # it owns the venue now, and this one must not attach over it.
+            return None
         # attach() and the Registered message happen with no await in between, so the
         # agent always sees Registered before its first Assign.
         kept = self.scheduler.attach(venue, reg.running)
@@ -243,9 +249,10 @@ class Sessions:
                 self.scheduler.log_lines(venue, msg)
             case p.Result():
                 recorded = await self.scheduler.result(venue, msg)
-                session.send(
-                    p.ResultAck(step_id=msg.step_id, lease_id=msg.lease_id, recorded=recorded)
-                )
+                with contextlib.suppress(SessionClosed):  # replaced meanwhile: it re-sends
+                    session.send(
+                        p.ResultAck(step_id=msg.step_id, lease_id=msg.lease_id, recorded=recorded)
+                    )
             case p.Register():
                 raise ProtocolError("register sent twice in one session")
 

@@ -6,6 +6,7 @@ The loop is driven one ``tick(now)`` at a time, so no test waits on real time.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -336,9 +337,13 @@ async def test_result_outcome_policy(farm: Farm, outcome: p.Outcome) -> None:
         assert row.attempts == 0 and row.not_before is None
         assert agent.venue.backoff_until == 0.0
     if outcome is p.Outcome.ABORTED:
-        # Requeued at once: the next tick assigns it again.
+        # Requeued at once, but not straight back to the venue that aborted it (an agent
+        # aborting everything must not spin): it cools down, another venue may take it.
         await farm.tick()
-        assert len(agent.take_assigns()) == 1
+        assert agent.take_assigns() == []
+        other = farm.agent("m2")
+        await farm.tick()
+        assert len(other.take_assigns()) == 1
 
 
 async def test_success_without_uploaded_outputs_is_an_upload_failure(farm: Farm) -> None:
@@ -878,3 +883,82 @@ async def test_venue_backoff_after_many_failures_stays_capped(farm: Farm) -> Non
     agent.venue.consecutive_failures = 5000
     assert await farm.report(agent, a, p.Outcome.UPLOAD_FAILURE)
     assert agent.venue.backoff_until == T0 + CONFIG.agent_backoff_max_secs
+
+
+# ---- faults found in review ----------------------------------------------------------------
+async def test_failed_transaction_reloads_memory_from_the_database(
+    farm: Farm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = drv("x")
+    y = drv("y", x)
+    build = await farm.add([x, y], roots=[y])
+    agent = farm.agent("m1")
+    await farm.tick()
+    [a] = agent.take_assigns()
+    farm.uploaded.update(a.outputs.values())
+    real_update_steps = queries.update_steps
+
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("database is locked")
+
+    # The success changes memory (x succeeded, y runnable) and then the write fails.
+    monkeypatch.setattr(queries, "update_steps", broken)
+    with pytest.raises(RuntimeError):
+        await farm.report(agent, a, p.Outcome.SUCCESS)
+    monkeypatch.setattr(queries, "update_steps", real_update_steps)
+    # Memory was reloaded from the database, where nothing changed: x is still leased to
+    # m1, and a re-sent result (the agent re-sends unacknowledged ones) is recorded.
+    assert farm.sched.nodes[farm.sid(x)].state is StepState.ASSIGNED
+    assert farm.sid(x) in agent.venue.running
+    assert await farm.report(agent, a, p.Outcome.SUCCESS)
+    await farm.tick()
+    [b] = agent.take_assigns()
+    assert await farm.succeed(agent, b)
+    assert await farm.build_state(build) == "succeeded"
+
+
+async def test_a_step_whose_assign_cannot_be_built_fails_alone(farm: Farm) -> None:
+    huge = drv("huge")
+    huge = dataclasses.replace(
+        huge, outputs={f"o{i}": f"/nix/store/{'a' * 32}-huge-o{i}" for i in range(300)}
+    )
+    fine = drv("fine")
+    bad_build = await farm.add([huge], roots=[huge])
+    good_build = await farm.add([fine], roots=[fine])
+    agent = farm.agent("m1", max_jobs=2)
+    await farm.tick()
+    [a] = agent.take_assigns()
+    assert a.drv_path == fine.drv_path
+    assert await farm.state(huge) is StepState.FAILED
+    assert await farm.build_state(bad_build) == "failed"
+    assert await farm.succeed(agent, a)
+    assert await farm.build_state(good_build) == "succeeded"
+
+
+async def test_new_dependency_of_a_runnable_step_cannot_fail_it(farm: Farm) -> None:
+    # y is runnable; a second build plans y again on top of a new dependency z that then
+    # fails: y keeps the dependencies it had and is not marked dependency_failed.
+    x = drv("x")
+    y = drv("y", x)
+    await farm.add([x, y], roots=[y])
+    first = farm.agent("m1")
+    await farm.tick()
+    [ax] = first.take_assigns()
+    assert await farm.succeed(first, ax)
+    farm.sched.detach(first.venue)
+    assert farm.sched.nodes[farm.sid(y)].state is StepState.RUNNABLE
+    z = drv("z", features=["kvm"])
+    async with farm.engine.begin() as conn:
+        await queries.insert_derivation(conn, z)
+    await farm.sched.add_build(
+        priority=0,
+        created_by="t",
+        roots={y.drv_path: y.drv_path},
+        planned=[PlannedStep(z, ()), PlannedStep(y, (z.drv_path,))],
+    )
+    kvm_only = farm.agent("m2", supported=["kvm"], mandatory=["kvm"])
+    await farm.tick()
+    [az] = kvm_only.take_assigns()
+    assert az.drv_path == z.drv_path
+    assert await farm.report(kvm_only, az, p.Outcome.BUILD_FAILURE)
+    assert farm.sched.nodes[farm.sid(y)].state is StepState.RUNNABLE

@@ -14,11 +14,11 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bigtent import protocol as p
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 _ACTIVE_STATES = [StepState.WAITING, StepState.RUNNABLE, StepState.ASSIGNED, StepState.BUILDING]
 _ERROR_PAUSE_SECS = 1.0
+_T = TypeVar("_T")
 """After a failed loop pass, wait this long (or until woken) before the next one."""
 
 
@@ -143,15 +144,17 @@ class Scheduler:
         self._lock = asyncio.Lock()
 
     # ---- start-up ----------------------------------------------------------------------------
-    async def load(self) -> None:
+    async def load(self, *, fresh_start: bool = True) -> None:
         """Rebuild the working state from the database (DESIGN §3: a restart loses nothing).
 
         Leased steps keep their leases for one more lease period, so agents that reconnect
-        keep their work; the rest expire into infrastructure retries.
+        keep their work; the rest expire into infrastructure retries. On a fresh start no
+        agent is connected yet, so every agent row is marked disconnected.
         """
         now = self.clock()
         async with self.engine.begin() as conn:
-            await queries.mark_all_agents_disconnected(conn)
+            if fresh_start:
+                await queries.mark_all_agents_disconnected(conn)
             rows = await queries.fetch_active_steps(conn, list(_ACTIVE_STATES))
             for row in rows:
                 node = _node_from_row(row)
@@ -220,171 +223,193 @@ class Scheduler:
         finished ones that failed or were cancelled are queued again.
         """
         async with self._lock:
-            now = self.clock()
-            new_nodes: list[StepNode] = []
-            touched: list[StepNode] = []
-            async with self.engine.begin() as conn:
-                build_id = await queries.insert_build(
-                    conn,
-                    state=BuildState.QUEUED,
-                    priority=priority,
-                    created_at=now,
-                    created_by=created_by,
-                    trusted=True,
-                )
-                existing = await queries.fetch_steps_by_drv(
-                    conn, [s.drv.drv_path for s in planned if s.drv.drv_path not in self.by_drv]
-                )
-                ids: dict[str, int] = {}
-                for item in planned:
-                    drv = item.drv
-                    sid = self.by_drv.get(drv.drv_path)
-                    if sid is not None:
+
+            async def body() -> int:
+                now = self.clock()
+                new_nodes: list[StepNode] = []
+                touched: list[StepNode] = []
+                async with self.engine.begin() as conn:
+                    build_id = await queries.insert_build(
+                        conn,
+                        state=BuildState.QUEUED,
+                        priority=priority,
+                        created_at=now,
+                        created_by=created_by,
+                        trusted=True,
+                    )
+                    existing = await queries.fetch_steps_by_drv(
+                        conn, [s.drv.drv_path for s in planned if s.drv.drv_path not in self.by_drv]
+                    )
+                    ids: dict[str, int] = {}
+                    for item in planned:
+                        drv = item.drv
+                        sid = self.by_drv.get(drv.drv_path)
+                        if sid is not None:
+                            ids[drv.drv_path] = sid
+                            touched.append(self.nodes[sid])
+                            continue
+                        row = existing.get(drv.drv_path)
+                        values = dict(
+                            state=StepState.WAITING,
+                            created_at=now,
+                            not_before=None,
+                            attempts=0,
+                            lease_id=None,
+                            lease_expires_at=None,
+                            outcome=None,
+                            error=None,
+                            exit_code=None,
+                            finished_at=None,
+                            started_at=None,
+                            assigned_at=None,
+                        )
+                        if row is None:
+                            sid = await queries.insert_step(conn, drv_path=drv.drv_path, **values)
+                        else:
+                            sid = int(row.id)
+                            await queries.update_step(conn, sid, **values)
+                            self.logs.reset(sid)  # a fresh run, not a retry: a fresh log
                         ids[drv.drv_path] = sid
-                        touched.append(self.nodes[sid])
-                        continue
-                    row = existing.get(drv.drv_path)
-                    values = dict(
-                        state=StepState.WAITING,
-                        created_at=now,
-                        not_before=None,
-                        attempts=0,
-                        lease_id=None,
-                        lease_expires_at=None,
-                        outcome=None,
-                        error=None,
-                        exit_code=None,
-                        finished_at=None,
-                        started_at=None,
-                        assigned_at=None,
+                        node = StepNode(
+                            id=sid,
+                            drv_path=drv.drv_path,
+                            req=Requirement(drv.system, drv.required_features),
+                            state=StepState.WAITING,
+                            created_at=now,
+                            outputs=dict(drv.outputs),
+                        )
+                        new_nodes.append(node)
+                    pairs = [
+                        (ids[item.drv.drv_path], ids[d]) for item in planned for d in item.deps
+                    ]
+                    await queries.insert_step_deps(conn, pairs)
+                    await queries.insert_build_steps(conn, build_id, ids.values())
+                    root_ids = {
+                        drv: ids[step_drv] if step_drv is not None else None
+                        for drv, step_drv in roots.items()
+                    }
+                    await queries.insert_build_roots(conn, build_id, root_ids)
+                    for node in new_nodes:
+                        self.nodes[node.id] = node
+                        self.by_drv[node.drv_path] = node.id
+                    for s, d in pairs:
+                        dep, node = self.nodes[d], self.nodes[s]
+                        # A step that already runs (or ran) keeps the dependencies it started with:
+                        # no edge, so a later failure of the new dependency cannot fail it.
+                        if node.state is not StepState.WAITING:
+                            continue
+                        if dep.state is not StepState.SUCCEEDED:
+                            node.deps.add(d)
+                        dep.dependents.add(s)
+                    build = ActiveBuild(
+                        build_id, priority, root_ids, set(ids.values()), BuildState.QUEUED
                     )
-                    if row is None:
-                        sid = await queries.insert_step(conn, drv_path=drv.drv_path, **values)
-                    else:
-                        sid = int(row.id)
-                        await queries.update_step(conn, sid, **values)
-                        self.logs.reset(sid)  # a fresh run, not a retry: a fresh log
-                    ids[drv.drv_path] = sid
-                    node = StepNode(
-                        id=sid,
-                        drv_path=drv.drv_path,
-                        req=Requirement(drv.system, drv.required_features),
-                        state=StepState.WAITING,
-                        created_at=now,
-                        outputs=dict(drv.outputs),
+                    self.builds[build_id] = build
+                    for sid in build.steps:
+                        node = self.nodes[sid]
+                        node.builds.add(build_id)
+                        node.priority = max(node.priority, priority)
+                    # New steps whose dependencies failed fail at once; the others wait or run.
+                    runnable: list[StepNode] = []
+                    for node in new_nodes:
+                        if any(
+                            self.nodes[d].state
+                            in (StepState.FAILED, StepState.DEPENDENCY_FAILED, StepState.CANCELLED)
+                            for d in node.deps
+                        ):
+                            node.state = StepState.DEPENDENCY_FAILED
+                            await queries.update_step(
+                                conn, node.id, state=node.state, finished_at=now
+                            )
+                        elif not node.deps:
+                            runnable.append(node)
+                    for node in runnable:
+                        node.state = StepState.RUNNABLE
+                    await queries.update_steps(
+                        conn, [n.id for n in runnable], state=StepState.RUNNABLE
                     )
-                    new_nodes.append(node)
-                pairs = [(ids[item.drv.drv_path], ids[d]) for item in planned for d in item.deps]
-                await queries.insert_step_deps(conn, pairs)
-                await queries.insert_build_steps(conn, build_id, ids.values())
-                root_ids = {
-                    drv: ids[step_drv] if step_drv is not None else None
-                    for drv, step_drv in roots.items()
-                }
-                await queries.insert_build_roots(conn, build_id, root_ids)
-                for node in new_nodes:
-                    self.nodes[node.id] = node
-                    self.by_drv[node.drv_path] = node.id
-                for s, d in pairs:
-                    dep, node = self.nodes[d], self.nodes[s]
-                    # A step that already runs (or ran) keeps the dependencies it started with.
-                    if dep.state is not StepState.SUCCEEDED and node.state is StepState.WAITING:
-                        node.deps.add(d)
-                    dep.dependents.add(s)
-                build = ActiveBuild(
-                    build_id, priority, root_ids, set(ids.values()), BuildState.QUEUED
+                    order = [n.id for n in reversed(new_nodes)] + [n.id for n in touched]
+                    rekey = raise_heights(self.nodes, order) | {n.id for n in new_nodes + touched}
+                    for sid in sorted(rekey):
+                        node = self.nodes[sid]
+                        if node.state is StepState.RUNNABLE:
+                            self._make_runnable(node, now)
+                    build.unfinished = sum(
+                        1 for sid in build.steps if not self.nodes[sid].state.is_final
+                    )
+                    await self._maybe_finish_build(conn, build, now)
+                log.info(
+                    "build %d: %d roots, %d steps (%d new)",
+                    build_id,
+                    len(roots),
+                    len(build.steps),
+                    len(new_nodes),
                 )
-                self.builds[build_id] = build
-                for sid in build.steps:
-                    node = self.nodes[sid]
-                    node.builds.add(build_id)
-                    node.priority = max(node.priority, priority)
-                # New steps whose dependencies failed fail at once; the others wait or run.
-                runnable: list[StepNode] = []
-                for node in new_nodes:
-                    if any(
-                        self.nodes[d].state
-                        in (StepState.FAILED, StepState.DEPENDENCY_FAILED, StepState.CANCELLED)
-                        for d in node.deps
-                    ):
-                        node.state = StepState.DEPENDENCY_FAILED
-                        await queries.update_step(conn, node.id, state=node.state, finished_at=now)
-                    elif not node.deps:
-                        runnable.append(node)
-                for node in runnable:
-                    node.state = StepState.RUNNABLE
-                await queries.update_steps(conn, [n.id for n in runnable], state=StepState.RUNNABLE)
-                order = [n.id for n in reversed(new_nodes)] + [n.id for n in touched]
-                rekey = raise_heights(self.nodes, order) | {n.id for n in new_nodes + touched}
-                for sid in sorted(rekey):
-                    node = self.nodes[sid]
-                    if node.state is StepState.RUNNABLE:
-                        self._make_runnable(node, now)
-                build.unfinished = sum(
-                    1 for sid in build.steps if not self.nodes[sid].state.is_final
-                )
-                await self._maybe_finish_build(conn, build, now)
-            log.info(
-                "build %d: %d roots, %d steps (%d new)",
-                build_id,
-                len(roots),
-                len(build.steps),
-                len(new_nodes),
-            )
-            self.wake()
-            return build_id
+                self.wake()
+                return build_id
+
+            return await self._guard(body())
 
     async def cancel_build(self, build_id: int) -> bool:
         """Cancel a build: its steps that no other active build needs stop or never start."""
         async with self._lock:
-            build = self.builds.get(build_id)
-            if build is None:
-                return False
-            now = self.clock()
-            async with self.engine.begin() as conn:
-                for sid in sorted(build.steps):
-                    node = self.nodes.get(sid)
-                    if node is None or node.state.is_final:
-                        continue
-                    if any(b != build_id for b in node.builds if b in self.builds):
-                        continue
-                    if node.state.is_leased:
-                        venue = self.venues.get(node.venue or "")
-                        if venue is not None:
-                            _try_send(venue, p.Abort(step_id=p.StepId(sid), reason="cancelled"))
-                    self._release(node)
-                    node.state = StepState.CANCELLED
-                    await queries.update_step(
-                        conn,
-                        sid,
-                        state=node.state,
-                        finished_at=now,
-                        lease_id=None,
-                        lease_expires_at=None,
-                    )
-                build.state = BuildState.CANCELLED
-                await queries.update_build(conn, build_id, state=build.state, finished_at=now)
-                self._forget_build(build)
-            self.wake()
-            return True
+
+            async def body() -> bool:
+                build = self.builds.get(build_id)
+                if build is None:
+                    return False
+                now = self.clock()
+                async with self.engine.begin() as conn:
+                    for sid in sorted(build.steps):
+                        node = self.nodes.get(sid)
+                        if node is None or node.state.is_final:
+                            continue
+                        if any(b != build_id for b in node.builds if b in self.builds):
+                            continue
+                        if node.state.is_leased:
+                            venue = self.venues.get(node.venue or "")
+                            if venue is not None:
+                                _try_send(venue, p.Abort(step_id=p.StepId(sid), reason="cancelled"))
+                        self._release(node)
+                        self.logs.close(sid)
+                        node.state = StepState.CANCELLED
+                        await queries.update_step(
+                            conn,
+                            sid,
+                            state=node.state,
+                            finished_at=now,
+                            lease_id=None,
+                            lease_expires_at=None,
+                        )
+                    build.state = BuildState.CANCELLED
+                    await queries.update_build(conn, build_id, state=build.state, finished_at=now)
+                    self._forget_build(build)
+                self.wake()
+                return True
+
+            return await self._guard(body())
 
     async def bump_build(self, build_id: int, priority: int) -> bool:
         async with self._lock:
-            build = self.builds.get(build_id)
-            if build is None:
-                return False
-            build.priority = priority
-            async with self.engine.begin() as conn:
-                await queries.update_build(conn, build_id, priority=priority)
-            now = self.clock()
-            for sid in build.steps:
-                node = self.nodes.get(sid)
-                if node is not None and priority > node.priority:
-                    node.priority = priority
-                    if node.state is StepState.RUNNABLE:
-                        self._make_runnable(node, now)
-            self.wake()
-            return True
+
+            async def body() -> bool:
+                build = self.builds.get(build_id)
+                if build is None:
+                    return False
+                build.priority = priority
+                async with self.engine.begin() as conn:
+                    await queries.update_build(conn, build_id, priority=priority)
+                now = self.clock()
+                for sid in build.steps:
+                    node = self.nodes.get(sid)
+                    if node is not None and priority > node.priority:
+                        node.priority = priority
+                        if node.state is StepState.RUNNABLE:
+                            self._make_runnable(node, now)
+                self.wake()
+                return True
+
+            return await self._guard(body())
 
     # ---- venues -------------------------------------------------------------------------------
     def attach(self, venue: Venue, running: Sequence[p.RunningStep]) -> list[p.StepId]:
@@ -446,18 +471,24 @@ class Scheduler:
     # ---- messages from venues --------------------------------------------------------------
     async def accepted(self, venue: Venue, msg: p.Accepted) -> None:
         async with self._lock:
-            node = self.nodes.get(msg.step_id)
-            if node is None or node.lease_id != msg.lease_id:
-                return
-            if node.state is not StepState.ASSIGNED:
-                return
-            node.state = StepState.BUILDING
-            async with self.engine.begin() as conn:
-                await queries.update_step(conn, node.id, state=node.state, started_at=self.clock())
+
+            async def body() -> None:
+                node = self.nodes.get(msg.step_id)
+                if node is None or node.lease_id != msg.lease_id:
+                    return
+                if node.state is not StepState.ASSIGNED:
+                    return
+                node.state = StepState.BUILDING
+                async with self.engine.begin() as conn:
+                    await queries.update_step(
+                        conn, node.id, state=node.state, started_at=self.clock()
+                    )
+
+            return await self._guard(body())
 
     async def refused(self, venue: Venue, msg: p.Refused) -> None:
         async with self._lock:
-            await self._refused(venue, msg)
+            await self._guard(self._refused(venue, msg))
 
     async def _refused(self, venue: Venue, msg: p.Refused) -> None:
         node = self.nodes.get(msg.step_id)
@@ -489,19 +520,23 @@ class Scheduler:
         """Record a step's result. Returns False when its lease is no longer current: the
         result is acknowledged and ignored, so a step finishes exactly once (DESIGN §3)."""
         async with self._lock:
-            node = self.nodes.get(msg.step_id)
-            if node is None or node.lease_id != msg.lease_id or not node.state.is_leased:
-                log.info("ignoring result for step %s with a stale lease", msg.step_id)
-                return False
-            outcome, error = msg.outcome, msg.error
-            if outcome is p.Outcome.SUCCESS:
-                present = await self._outputs_present(list(node.outputs.values()))
-                missing = sorted(set(node.outputs.values()) - set(present))
-                if missing:
-                    outcome = p.Outcome.UPLOAD_FAILURE
-                    error = "outputs not uploaded: " + ", ".join(missing)
-            await self._finish_attempt(node, venue, outcome, error, msg, self.clock())
-            return True
+
+            async def body() -> bool:
+                node = self.nodes.get(msg.step_id)
+                if node is None or node.lease_id != msg.lease_id or not node.state.is_leased:
+                    log.info("ignoring result for step %s with a stale lease", msg.step_id)
+                    return False
+                outcome, error = msg.outcome, msg.error
+                if outcome is p.Outcome.SUCCESS:
+                    present = await self._outputs_present(list(node.outputs.values()))
+                    missing = sorted(set(node.outputs.values()) - set(present))
+                    if missing:
+                        outcome = p.Outcome.UPLOAD_FAILURE
+                        error = "outputs not uploaded: " + ", ".join(missing)
+                await self._finish_attempt(node, venue, outcome, error, msg, self.clock())
+                return True
+
+            return await self._guard(body())
 
     # ---- the loop --------------------------------------------------------------------------
     def wake(self) -> None:
@@ -518,9 +553,40 @@ class Scheduler:
             except Exception:
                 log.exception("scheduler pass failed; trying again in %.0f s", _ERROR_PAUSE_SECS)
                 wake_at = self.clock() + _ERROR_PAUSE_SECS
+                with contextlib.suppress(Exception):
+                    async with self._lock:
+                        await self.recover()
             timeout = None if wake_at is None else max(0.0, wake_at - self.clock())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def recover(self) -> None:
+        """Rebuild the working state from the database, as at start (the caller holds the
+        lock). After a failed transaction memory may be ahead of the database; the database
+        is the record, so memory is thrown away and reloaded. Connected venues stay."""
+        venues = self.venues
+        self.nodes, self.by_drv, self.leases, self.builds = {}, {}, {}, {}
+        self.index, self.delayed = RunnableIndex(), []
+        for connected in venues.values():
+            connected.running.clear()
+        await self.load(fresh_start=False)
+        for node in self._leased():
+            holder = venues.get(node.venue or "")
+            if holder is not None:
+                holder.running.add(node.id)
+        log.warning("scheduler state reloaded from the database")
+        self.wake()
+
+    async def _guard(self, coro: Awaitable[_T]) -> _T:
+        """Run a transition (lock held); if it fails, reload from the database and re-raise."""
+        try:
+            return await coro
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+                raise
+            log.exception("scheduler transition failed; reloading state from the database")
+            await self.recover()
+            raise
 
     async def tick(self, now: float) -> float | None:
         """One pass of the loop at time ``now``: expire leases, release due retries, match
@@ -591,10 +657,27 @@ class Scheduler:
         # Resolve every venue before the first await: a venue may detach meanwhile, and a
         # send to its closed session then fails and releases the slot like any send failure.
         chosen = [(self.nodes[d.step_id], self.venues[d.machine_id]) for d in decisions]
+        # Build every message before touching any state: a step whose message cannot be
+        # built (a derivation beyond the protocol's limits) must not take others down.
+        ready: list[tuple[StepNode, Venue, p.Assign]] = []
+        for node, venue in chosen:
+            lease = new_lease_id()
+            try:
+                ready.append((node, venue, self._assign_message(node, lease)))
+            except ValidationError as exc:
+                log.error("step %d cannot be sent to agents: %s", node.id, exc)
+                await self._finish_attempt(
+                    node,
+                    None,
+                    p.Outcome.BUILD_FAILURE,
+                    f"the derivation cannot be sent to agents: {exc}",
+                    None,
+                    now,
+                )
         sent: list[tuple[StepNode, Venue, p.Assign]] = []
         async with self.engine.begin() as conn:
-            for node, venue in chosen:
-                lease = new_lease_id()
+            for node, venue, msg in ready:
+                lease = msg.lease_id
                 node.state = StepState.ASSIGNED
                 node.lease_id = lease
                 node.lease_expires_at = now + self.config.lease_secs
@@ -616,7 +699,7 @@ class Scheduler:
                     if build is not None and build.state is BuildState.QUEUED:
                         build.state = BuildState.RUNNING
                         await queries.update_build(conn, bid, state=build.state)
-                sent.append((node, venue, self._assign_message(node, lease)))
+                sent.append((node, venue, msg))
         for node, venue, msg in sent:
             if node.attempts:
                 self.logs.append(
@@ -709,7 +792,11 @@ class Scheduler:
                     node.id,
                     venue.backoff_until,
                 )
-            elif policy.disposition is not Disposition.REQUEUE:
+            elif policy.disposition is Disposition.REQUEUE:
+                # Not the venue's fault, but it must not get the step straight back in a
+                # loop (an agent that aborts everything): a short cooldown.
+                venue.cooldown_until = now + self.config.refuse_cooldown_secs
+            else:
                 venue.consecutive_failures = 0
                 venue.backoff_until = 0.0
         newly_final: list[StepNode] = []
