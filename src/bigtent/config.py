@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 from bigtent.errors import ConfigError
+from bigtent.protocol import MAX_LIST_ITEMS
 
 
 class Role(StrEnum):
@@ -173,6 +174,28 @@ class RunnerConfig(_FileSettings):
     auth: AuthSection = AuthSection()
     scheduler: SchedulerSection = SchedulerSection()
 
+    def check_transport_security(self) -> None:
+        """DESIGN §6: credentials never travel in plaintext off this machine.
+
+        With tokens configured and no TLS the runner refuses to start, unless
+        ``allow_plaintext = true`` and it listens on a loopback address. TLS options that are
+        not implemented yet are refused rather than silently ignored.
+        """
+        r = self.runner
+        if r.tls is not None and r.tls.pin_client_name:
+            raise ConfigError("config key runner.tls.pin_client_name is not supported yet")
+        if r.tls is None and self.auth.tokens:
+            if not r.allow_plaintext:
+                raise ConfigError(
+                    "tokens are configured but TLS is not: set [runner.tls] cert_file and "
+                    "key_file, or allow_plaintext = true on a loopback listen address"
+                )
+            if not is_loopback(r.host):
+                raise ConfigError(
+                    f"allow_plaintext is only honoured on a loopback address, not on {r.listen}: "
+                    "configure [runner.tls]"
+                )
+
     def database_url(self) -> str:
         return self.database.url or f"sqlite+aiosqlite:///{self.runner.state_dir / 'bigtent.db'}"
 
@@ -194,7 +217,7 @@ class AgentSection(_Section):
     """Default: the local Nix system plus its extra-platforms."""
     supported_features: list[str] = []
     mandatory_features: list[str] = []
-    max_jobs: int = Field(default=1, ge=1)
+    max_jobs: int = Field(default=1, ge=1, le=MAX_LIST_ITEMS)
     speed_factor: float = Field(default=1.0, gt=0)
     store: str = ""
     """Nix store URI; "" is the default store, ``local?root=DIR`` a separate one."""

@@ -107,6 +107,13 @@ class RunnerUnreachable(BigtentError):
     http_status = 502
 
 
+class UpstreamUnavailable(BigtentError):
+    """An upstream binary cache could not be asked (network error, HTTP 5xx): try again."""
+
+    exit_code = 4
+    http_status = 503
+
+
 class BuildFailed(BigtentError):
     """A build finished but not every requested derivation built."""
 

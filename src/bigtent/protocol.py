@@ -81,7 +81,8 @@ class Register(_Message):
     systems: FeatureList = Field(min_length=1)
     supported_features: FeatureList = []
     mandatory_features: FeatureList = []
-    max_jobs: int = Field(ge=1, le=1024)
+    max_jobs: int = Field(ge=1, le=MAX_LIST_ITEMS)
+    """At most as many as a heartbeat's ``running`` list may hold."""
     cpu_count: int = Field(default=1, ge=1, le=65536)
     speed_factor: float = Field(default=1.0, gt=0, le=1000)
     ephemeral: bool = False

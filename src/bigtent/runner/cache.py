@@ -24,9 +24,9 @@ import zstandard
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bigtent.config import CacheSection, Compression, Upstream
-from bigtent.errors import BadRequest, PayloadTooLarge
+from bigtent.errors import BadRequest, ConfigError, PayloadTooLarge, UpstreamUnavailable
 from bigtent.nix import base32, narinfo
-from bigtent.nix.keys import SecretKey
+from bigtent.nix.keys import SecretKey, parse_public_key
 from bigtent.nix.nar import NarError, NarSink, NarValidator, ReferenceScanner
 from bigtent.nix.store_path import StorePath
 from bigtent.runner.db import queries
@@ -42,6 +42,10 @@ MEMORY_NARINFOS = 20_000
 """Narinfo records kept in memory (about 1 KiB each)."""
 MEMORY_DERIVATIONS = 20_000
 """Parsed derivation records kept in memory."""
+INLINE_INGEST_BYTES = 1024 * 1024
+"""NARs up to this size are verified on the event loop; larger ones in a worker thread."""
+MEMORY_UPSTREAM_NARINFOS = 100_000
+"""Upstream narinfo records (paths an upstream has) kept in memory."""
 
 _V = TypeVar("_V")
 
@@ -214,6 +218,23 @@ class Cache:
         size = 0
         file_size = 0
         out, temp = self.storage.new_temp()
+
+        def process(chunk: bytes) -> None:
+            nonlocal file_size
+            try:
+                validator.feed(chunk)
+            except NarError as exc:
+                raise BadRequest(f"malformed NAR: {exc}") from exc
+            scanner.feed(chunk)
+            data = compressor.compress(chunk)
+            if data:
+                file_sha.update(data)
+                file_size += len(data)
+                out.write(data)
+
+        # Parsing, hashing, scanning and compressing cost CPU in proportion to the NAR: a
+        # large one is processed in a worker thread so the event loop keeps serving.
+        in_thread = declared_size > INLINE_INGEST_BYTES
         try:
             with out:
                 async for chunk in chunks:
@@ -224,16 +245,10 @@ class Cache:
                         raise PayloadTooLarge(
                             f"NAR is longer than its declared size of {declared_size} bytes"
                         )
-                    try:
-                        validator.feed(chunk)
-                    except NarError as exc:
-                        raise BadRequest(f"malformed NAR: {exc}") from exc
-                    scanner.feed(chunk)
-                    data = compressor.compress(chunk)
-                    if data:
-                        file_sha.update(data)
-                        file_size += len(data)
-                        out.write(data)
+                    if in_thread:
+                        await asyncio.to_thread(process, chunk)
+                    else:
+                        process(chunk)
                 data = compressor.flush()
                 file_sha.update(data)
                 file_size += len(data)
@@ -315,8 +330,11 @@ class Cache:
 class Upstreams:
     """Other binary caches (e.g. the public NixOS cache) asked for narinfo before building.
 
-    Lookups run concurrently with a bounded number in flight, time out, and are remembered
-    for the runner's lifetime (a path an upstream has does not disappear).
+    Lookups run concurrently with a bounded number in flight and time out. A narinfo counts
+    only when it is signed by that upstream's configured key. Paths found are remembered (a
+    path an upstream has does not disappear); absences are not. An upstream that does not
+    answer is an error (``UpstreamUnavailable``), never "absent": treating it as absent would
+    rebuild everything it holds.
     """
 
     def __init__(
@@ -327,40 +345,57 @@ class Upstreams:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.upstreams = list(upstreams)
+        self._keys = []
+        for i, up in enumerate(self.upstreams):
+            try:
+                self._keys.append(parse_public_key(up.public_key))
+            except ValueError as exc:
+                raise ConfigError(f"config key cache.upstreams[{i}].public_key: {exc}") from exc
         self._sem = asyncio.Semaphore(max_in_flight)
         self._client = httpx.AsyncClient(timeout=timeout_secs, transport=transport)
-        self._known: dict[str, narinfo.NarInfo | None] = {}
+        self._known: _Lru[narinfo.NarInfo] = _Lru(MEMORY_UPSTREAM_NARINFOS)
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
     async def lookup(self, path: str) -> narinfo.NarInfo | None:
-        """The first upstream's narinfo for ``path``, or None when no upstream has it."""
-        if path in self._known:
-            return self._known[path]
+        """The first upstream's signed narinfo for ``path``, or None when no upstream has it.
+
+        Raises UpstreamUnavailable when an upstream cannot be asked (network error, 5xx).
+        """
+        remembered = self._known.get(path)
+        if remembered is not None:
+            return remembered
         hash_part = StorePath.parse(path).hash_part
-        found: narinfo.NarInfo | None = None
-        for up in self.upstreams:
+        for up, key in zip(self.upstreams, self._keys, strict=True):
             url = f"{up.url.rstrip('/')}/{hash_part}.narinfo"
             try:
                 async with self._sem:
                     resp = await self._client.get(url)
             except httpx.HTTPError as exc:
-                log.warning("upstream %s: %s", up.url, exc)
+                raise UpstreamUnavailable(
+                    f"upstream cache {up.url} did not answer: {exc or type(exc).__name__}"
+                ) from exc
+            if resp.status_code in (403, 404):  # absent (S3-backed caches answer 403)
                 continue
             if resp.status_code != 200:
-                continue
+                raise UpstreamUnavailable(
+                    f"upstream cache {up.url} answered HTTP {resp.status_code} for {url}"
+                )
             try:
                 info = narinfo.parse(resp.text)
             except ValueError as exc:
                 log.warning("upstream %s sent a bad narinfo for %s: %s", up.url, path, exc)
                 continue
-            if info.store_path == path:
-                found = info
-                break
-        if found is not None or not self.upstreams:
-            self._known[path] = found
-        return found
+            if info.store_path != path:
+                continue
+            fingerprint = info.fingerprint()
+            if not any(key.verify(fingerprint, sig) for sig in info.sigs):
+                log.warning("upstream %s: %s is not signed by %s", up.url, path, key.name)
+                continue
+            self._known.put(path, info)
+            return info
+        return None
 
     async def have_all(self, paths: Sequence[str]) -> bool:
         """Whether upstreams hold every one of ``paths``."""

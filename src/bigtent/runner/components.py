@@ -35,6 +35,7 @@ class Components:
 
 async def build_components(config: RunnerConfig) -> Components:
     """Open the database (migrating it), the cache and the scheduler's state."""
+    config.check_transport_security()
     state_dir = config.runner.state_dir
     try:
         state_dir.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,9 @@ class LocalStorage:
         self.root = root
         (root / "nar").mkdir(parents=True, exist_ok=True)
         (root / "tmp").mkdir(parents=True, exist_ok=True)
+        # Uploads cut short by a crash left their partial files; nothing refers to them.
+        for leftover in (root / "tmp").glob("*.part"):
+            leftover.unlink(missing_ok=True)
 
     def new_temp(self) -> tuple[BinaryIO, str]:
         fd, name = tempfile.mkstemp(dir=self.root / "tmp", suffix=".part")

@@ -143,7 +143,11 @@ async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
         port = sock.getsockname()[1] if sock else 0
         config = load_runner_config(
             None,
-            runner={"state_dir": str(state), "listen": f"127.0.0.1:{port}"},
+            runner={
+                "state_dir": str(state),
+                "listen": f"127.0.0.1:{port}",
+                "allow_plaintext": True,
+            },
             auth={
                 "tokens": [
                     {"name": f"{role}-token", "role": str(role), "sha256": token_digest(tok)}
