@@ -179,3 +179,55 @@ async def test_assign_arrives_for_a_runnable_step(
         dep = next(s for s in steps if s["drv_path"] == drvs.dep)
         assert dep["id"] == assign.step_id
         assert dep["state"] == "assigned"
+
+
+async def test_a_registration_overtaken_by_a_newer_session_does_not_detach_it(
+    make_runner: MakeRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session A of machine M waits on its database write; meanwhile session B of M
+    registers. When A resumes it must not attach over B (nor, when it ends, detach B)."""
+    import asyncio
+
+    from bigtent.runner.db import queries
+
+    runner = await make_runner(serve=True)
+    real_upsert = queries.upsert_agent
+    first_waiting = asyncio.Event()
+    release_first = asyncio.Event()
+    calls = 0
+
+    async def slow_first(*args: object, **kwargs: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            first_waiting.set()
+            await release_first.wait()
+        await real_upsert(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(queries, "upsert_agent", slow_first)
+    sessions = runner.comps.sessions
+    real_ended = sessions._ended
+    ended = 0
+    first_ended = asyncio.Event()
+
+    async def counting_ended(session: object) -> None:
+        nonlocal ended
+        await real_ended(session)  # type: ignore[arg-type]
+        ended += 1
+        first_ended.set()
+
+    monkeypatch.setattr(sessions, "_ended", counting_ended)
+    reg = register_message("x86_64-linux")
+    async with agent_socket(runner) as a:
+        await a.send(p.encode(reg))
+        await asyncio.wait_for(first_waiting.wait(), 10)
+        async with agent_socket(runner) as b:
+            await b.send(p.encode(reg))
+            assert isinstance(await receive(b), p.Registered)
+            release_first.set()
+            # A was replaced: once its handler has ended, B is still the live, attached venue.
+            await asyncio.wait_for(first_ended.wait(), 10)
+            assert ended == 1
+            live = sessions.live[reg.machine_id]
+            venue = runner.comps.scheduler.venues.get(reg.machine_id)
+            assert venue is not None and venue is live.venue
