@@ -104,6 +104,8 @@ def nix_options(section: AgentSection, cache: CacheSettings) -> dict[str, str]:
         "substituters": " ".join(u for u in urls if u),
         "trusted-public-keys": " ".join(k for k in keys if k),
         "narinfo-cache-negative-ttl": "0",
+        # Build here, never on remote builders the host's nix.conf may name.
+        "builders": "",
     }
     if section.sandbox_paths:
         options["extra-sandbox-paths"] = " ".join(section.sandbox_paths)

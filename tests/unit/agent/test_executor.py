@@ -146,6 +146,7 @@ def test_nix_options_order_and_overrides(tmp_path: Path) -> None:
         "substituters": "http://r:1/cache https://up1 https://up2",
         "trusted-public-keys": "r-1:KEY up1:K1 up2:K2",
         "narinfo-cache-negative-ttl": "60",
+        "builders": "",
         "extra-sandbox-paths": "/bin=/usr/bin /usr",
         "cores": "2",
     }
