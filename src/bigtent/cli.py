@@ -654,6 +654,11 @@ def runner(config_path: Path | None) -> None:
 )
 @click.option("--sandbox-path", "sandbox_paths", multiple=True, help="Extra sandbox path.")
 @click.option("--ca-file", type=click.Path(dir_okay=False, path_type=Path), help="Runner CA.")
+@click.option(
+    "--executor",
+    type=click.Choice(["serve", "realise"]),
+    help="serve: long-lived nix-store --serve per slot [default]; realise: one per step.",
+)
 @click.option("--ephemeral", is_flag=True, help="One session only (DESIGN §4).")
 @click.option("--max-builds", type=click.IntRange(min=1), help="Ephemeral: builds, then exit.")
 @click.option("--max-idle-secs", type=click.FloatRange(min=0, min_open=True))
@@ -674,6 +679,7 @@ def agent(
     token_file: Path | None,
     sandbox_paths: tuple[str, ...],
     ca_file: Path | None,
+    executor: str | None,
     ephemeral: bool,
     max_builds: int | None,
     max_idle_secs: float | None,
@@ -693,6 +699,7 @@ def agent(
         token_file=token_file,
         sandbox_paths=sandbox_paths,
         ca_file=ca_file,
+        executor=executor,
         ephemeral=ephemeral,
         max_builds=max_builds,
         max_idle_secs=max_idle_secs,

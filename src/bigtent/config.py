@@ -229,6 +229,10 @@ class AgentSection(_Section):
     """Extra sandbox paths for builds (``extra-sandbox-paths``), e.g. host tools in tests."""
     extra_nix_options: dict[str, str] = {}
     """Further ``--option NAME VALUE`` pairs for every Nix command the agent runs."""
+    executor: Literal["serve", "realise"] = "serve"
+    """How a step is built: ``serve`` (default) drives long-lived ``nix-store --serve --write``
+    processes, one pair per slot; ``realise`` runs one ``nix-store --realise`` per step (for a
+    Nix whose serve protocol differs)."""
 
 
 class AgentConfig(_FileSettings):

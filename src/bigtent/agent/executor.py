@@ -1,9 +1,19 @@
-"""Run one assigned step: realise the .drv, stream its log, upload its outputs, report a result.
+"""Run one assigned step: build the .drv, stream its log, upload its outputs, report a result.
 
-Per step the agent spawns exactly one Nix process (``nix-store --realise``, which substitutes the
-.drv and its inputs from the runner's cache); output NARs are produced and hashed in Python from
-the store's real path, so the only other Nix process is the ``nix-store --dump`` fallback for
-stores this filesystem cannot read.
+Two ways to build (agent config ``executor``):
+
+- ``serve`` (default): each slot keeps two long-lived ``nix-store --serve --write`` processes
+  (``bigtent.nix.serve``). The agent reads the step's .drv and its input .drvs from the runner's
+  cache over HTTP (``DrvCache``; no .drv enters the store), asks the *substituter* process to
+  make the inputs valid (``cmdQueryValidPaths`` with substitute), then the *builder* process to
+  build the ``BasicDerivation`` (``cmdBuildDerivation``). Two processes because a serve process
+  turns substitution off for good at its first build (``getBuildSettings`` sets
+  ``useSubstitutes = false``; checked on Nix 2.8). No Nix process starts per step.
+- ``realise``: one ``nix-store --realise`` per step, which substitutes the .drv closure and the
+  inputs from the runner's cache itself.
+
+Output NARs are produced and hashed in Python from the store's real path, so the only other Nix
+process is the ``nix-store --dump`` fallback for stores this filesystem cannot read.
 """
 
 from __future__ import annotations
@@ -14,18 +24,27 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import assert_never
+from typing import TypeVar, assert_never
 
 import httpx
 
+from bigtent.agent.drvfetch import DrvCache, DrvFetchError
 from bigtent.config import AgentSection
 from bigtent.errors import NixError
 from bigtent.nix.base32 import format_hash
 from bigtent.nix.nar import dump_path
+from bigtent.nix.serve import (
+    BasicDerivation,
+    BuildOptions,
+    BuildStatus,
+    ServeConnection,
+    ServeProtocolError,
+)
 from bigtent.nix.store import NixStore, RealiseResult, RealiseStatus
 from bigtent.protocol import (
     MAX_ERROR_CHARS,
@@ -62,7 +81,13 @@ uploading; larger ones are hashed in a thread and read again for the upload."""
 XDG_CACHE_DIR = "xdg-cache"
 """Under the work dir: Nix's binary-cache lookup cache, private to this agent."""
 
+SERVE_BACKSTOP_SECS = 30
+"""A build Nix has not ended this long after its own timeout is killed (``timed_out``)."""
+SERVE_CLOSE_SECS = 5
+
 SendLog = Callable[[Log], Awaitable[object]]
+T = TypeVar("T")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +161,54 @@ def outcome_of(status: RealiseStatus) -> Outcome:
             return Outcome.PREPARE_FAILURE
         case _:
             assert_never(status)
+
+
+def realise_status_of(status: BuildStatus | int) -> RealiseStatus:
+    """What ``nix-store --realise`` would have made of a ``BuildResult`` status, so that both
+    executors classify a step the same way (``outcome_of``): Nix's exit status is 100 plus bits
+    for permanent failure, timeout, hash mismatch and check mismatch, and 1 for anything else
+    (transient failures such as a failed fixed-output fetch, dependency and misc failures)."""
+    match status:
+        case (
+            BuildStatus.BUILT
+            | BuildStatus.SUBSTITUTED
+            | BuildStatus.ALREADY_VALID
+            | BuildStatus.RESOLVES_TO_ALREADY_VALID
+        ):
+            return RealiseStatus.SUCCESS
+        case (
+            BuildStatus.PERMANENT_FAILURE
+            | BuildStatus.OUTPUT_REJECTED
+            | BuildStatus.NOT_DETERMINISTIC
+        ):
+            return RealiseStatus.BUILD_FAILURE
+        case BuildStatus.TIMED_OUT:
+            return RealiseStatus.TIMED_OUT
+        case BuildStatus.LOG_LIMIT_EXCEEDED:
+            return RealiseStatus.LOG_LIMIT
+        case _:
+            return RealiseStatus.OTHER_FAILURE
+
+
+def exit_code_of(status: BuildStatus | int) -> int:
+    """The exit status ``nix-store --realise`` would have had (reported in ``result``)."""
+    match status:
+        case BuildStatus.PERMANENT_FAILURE:
+            return 100
+        case BuildStatus.TIMED_OUT:
+            return 101
+        case BuildStatus.OUTPUT_REJECTED:
+            return 102
+        case BuildStatus.NOT_DETERMINISTIC:
+            return 104
+        case _:
+            return 0 if realise_status_of(status) is RealiseStatus.SUCCESS else 1
+
+
+def plain_error(message: str) -> str:
+    """Nix's error message without colours, as ``error: …``."""
+    text = _ANSI.sub("", message).strip()
+    return text if text.startswith("error:") or not text else f"error: {text}"
 
 
 class LogBatcher:
@@ -227,8 +300,35 @@ class UploadError(Exception):
     """An output NAR could not be uploaded; the message is for the step's ``error``."""
 
 
+@dataclass(slots=True)
+class _ServeSlot:
+    """The serve processes of one slot, and the store settings they were started with."""
+
+    key: tuple[object, ...]
+    substituter: ServeConnection | None = None
+    """Only ever substitutes: a serve process stops substituting at its first build."""
+    builder: ServeConnection | None = None
+
+    def connections(self) -> list[ServeConnection]:
+        return [c for c in (self.substituter, self.builder) if c is not None]
+
+
+class _Stopped(Exception):
+    """A serve command was cut short (abort, log limit, backstop); its process was killed."""
+
+    def __init__(self, status: RealiseStatus, error: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+
+
+class _Fallback(Exception):
+    """The serve executor cannot build this step (e.g. floating CA outputs): realise it."""
+
+
 class Executor:
-    """Runs assignments for one agent: one ``NixStore`` per step, one shared HTTP client."""
+    """Runs assignments for one agent: a ``NixStore`` (and serve processes) per slot, one
+    shared HTTP client, one LRU of parsed derivations."""
 
     def __init__(
         self,
@@ -243,6 +343,8 @@ class Executor:
         self._token = token
         self._nix_bin_dir = nix_bin_dir
         self._busy_slots: set[int] = set()
+        self._serve: dict[int, _ServeSlot] = {}
+        self.drvs = DrvCache(http)
 
     def nix_store(self, cache: CacheSettings, slot: int = 0) -> NixStore:
         """The store a step builds in, with the runner's caches as substituters.
@@ -262,15 +364,33 @@ class Executor:
         self._busy_slots.add(slot)
         return slot
 
+    async def aclose(self) -> None:
+        """Stop every serve process (the agent is exiting)."""
+        slots, self._serve = list(self._serve.values()), {}
+        for conn in (c for s in slots for c in s.connections()):
+            await conn.close(SERVE_CLOSE_SECS)
+
+    @property
+    def serve_processes(self) -> list[ServeConnection]:
+        """The live serve processes (for tests and metrics)."""
+        return [c for s in self._serve.values() for c in s.connections() if c.alive]
+
     async def run(
         self, assign: Assign, cache: CacheSettings, *, send_log: SendLog, abort: asyncio.Event
     ) -> Result:
-        """Realise ``assign.drv_path`` and upload its outputs; never raises for a step failure.
+        """Build ``assign.drv_path`` and upload its outputs; never raises for a step failure.
 
         ``abort`` set by the session kills the build (or stops the upload): outcome ``aborted``.
         """
         slot = self._take_slot()
         try:
+            if self._section.executor == "serve":
+                try:
+                    return await self._run_serve(
+                        assign, cache, slot, send_log=send_log, abort=abort
+                    )
+                except _Fallback as exc:
+                    log.info("step %s: %s; realising it instead", assign.step_id, exc)
             return await self._run(assign, cache, slot, send_log=send_log, abort=abort)
         finally:
             self._busy_slots.discard(slot)
@@ -316,6 +436,212 @@ class Executor:
             exc = group.exceptions[0]
             assert isinstance(exc, NixError)
             realised = RealiseResult(RealiseStatus.OTHER_FAILURE, exc.status, error=str(exc))
+        return await self._finish(assign, store, realised, started, build_started, abort)
+
+    # ---- serve ----------------------------------------------------------------------------
+    async def _run_serve(
+        self,
+        assign: Assign,
+        cache: CacheSettings,
+        slot: int,
+        *,
+        send_log: SendLog,
+        abort: asyncio.Event,
+    ) -> Result:
+        store = self.nix_store(cache, slot)
+        started = time.monotonic()
+        batcher = LogBatcher(assign.step_id, assign.lease_id, send_log)
+        log_limit = asyncio.Event()
+        log_bytes = 0
+
+        def on_line(line: str) -> Awaitable[None] | None:
+            nonlocal log_bytes
+            log_bytes += len(line) + 1
+            if log_bytes > assign.max_log_bytes:
+                log_limit.set()
+                return None
+            return batcher.add(line)
+
+        log.info("step %s (%s): building (serve)", assign.step_id, assign.drv_path)
+        build_started: list[float] = []
+        fallback: _Fallback | None = None
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(batcher.run())
+            try:
+                realised = await self._serve_step(
+                    assign, cache, store, slot, on_line, abort, log_limit, build_started
+                )
+            except _Fallback as exc:
+                fallback = exc
+            finally:
+                batcher.close()
+        if fallback is not None:
+            raise fallback
+        return await self._finish(
+            assign, store, realised, started, build_started[0] if build_started else None, abort
+        )
+
+    async def _serve_step(
+        self,
+        assign: Assign,
+        cache: CacheSettings,
+        store: NixStore,
+        slot: int,
+        on_line: Callable[[str], Awaitable[None] | None],
+        abort: asyncio.Event,
+        log_limit: asyncio.Event,
+        build_started: list[float],
+    ) -> RealiseResult:
+        """Fetch the derivation, substitute its inputs, build it: a ``RealiseResult``."""
+        try:
+            drv_path = assign.drv_path
+            drv = await _until(self.drvs.get(cache.cache_url, drv_path), abort)
+            if any(not out.path for out in drv.outputs.values()):
+                raise _Fallback("it has floating content-addressed outputs")
+            if drv.output_paths != assign.outputs:
+                raise DrvFetchError(
+                    f"{drv_path} has outputs {drv.output_paths}, the assignment {assign.outputs}"
+                )
+            input_drvs = await _until(
+                asyncio.gather(*(self.drvs.get(cache.cache_url, d) for d in drv.input_drvs)),
+                abort,
+            )
+            inputs = set(drv.input_srcs)
+            for (path, wanted), input_drv in zip(drv.input_drvs.items(), input_drvs, strict=True):
+                for name in wanted:
+                    out = input_drv.outputs.get(name)
+                    if out is None:
+                        raise DrvFetchError(f"{path} has no output {name!r}")
+                    if not out.path:
+                        raise _Fallback(f"its input {path} has floating content-addressed outputs")
+                    inputs.add(out.path)
+            if inputs:
+                substituter = await self._connection(slot, store, "substituter")
+                valid = await self._command(
+                    substituter, substituter.query_valid_paths(inputs), on_line, abort, log_limit
+                )
+                missing = sorted(inputs - valid)
+                if missing:
+                    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                    return RealiseResult(
+                        RealiseStatus.OTHER_FAILURE,
+                        1,
+                        error="error: cannot substitute the inputs "
+                        + ", ".join(missing[:3])
+                        + more
+                        + f" from {cache.cache_url} or the upstream caches",
+                    )
+            builder = await self._connection(slot, store, "builder")
+            options = BuildOptions(
+                max_silent_secs=int(max(1, assign.max_silent_secs)),
+                build_timeout_secs=int(max(1, assign.timeout_secs)),
+                max_log_bytes=assign.max_log_bytes,
+            )
+            build_started.append(time.monotonic())
+            result = await self._command(
+                builder,
+                builder.build_derivation(drv_path, BasicDerivation.of(drv, inputs), options),
+                on_line,
+                abort,
+                log_limit,
+                backstop=assign.timeout_secs + SERVE_BACKSTOP_SECS,
+            )
+        except _Stopped as stop:
+            return RealiseResult(stop.status, None, error=stop.error)
+        except (DrvFetchError, NixError) as exc:
+            # Includes ServeProtocolError: the process died or spoke nonsense (it is replaced).
+            code = exc.status if isinstance(exc, NixError) and exc.status else 1
+            return RealiseResult(RealiseStatus.OTHER_FAILURE, code, error=str(exc))
+        status = realise_status_of(result.status)
+        return RealiseResult(
+            status,
+            exit_code_of(result.status),
+            error="" if status is RealiseStatus.SUCCESS else plain_error(result.error_msg),
+        )
+
+    async def _connection(self, slot: int, store: NixStore, role: str) -> ServeConnection:
+        """The slot's live serve process for ``role``, (re)started if needed; processes
+        started with other settings (the runner announced other caches) are replaced."""
+        key = (store.store, tuple(sorted(store.options.items())), tuple(sorted(store.env.items())))
+        entry = self._serve.get(slot)
+        if entry is None or entry.key != key:
+            if entry is not None:
+                for conn in entry.connections():
+                    await conn.close(SERVE_CLOSE_SECS)
+            entry = self._serve[slot] = _ServeSlot(key)
+        old: ServeConnection | None = getattr(entry, role)
+        if old is not None and old.alive:
+            return old
+        if old is not None:
+            await old.wait_closed()
+        proc, stderr_fd = await store.spawn_serve()
+        conn = ServeConnection(proc, stderr_fd)
+        setattr(entry, role, conn)
+        try:
+            await asyncio.wait_for(conn.handshake(), SERVE_CLOSE_SECS * 6)
+        except (TimeoutError, ServeProtocolError) as exc:
+            conn.kill()
+            await conn.wait_closed()
+            if isinstance(exc, TimeoutError):
+                raise ServeProtocolError("nix-store --serve did not answer its handshake") from exc
+            raise
+        log.debug("slot %d: started %s (serve protocol %#x)", slot, role, conn.server_version)
+        return conn
+
+    async def _command(
+        self,
+        conn: ServeConnection,
+        op: Awaitable[T],
+        on_line: Callable[[str], Awaitable[None] | None],
+        abort: asyncio.Event,
+        log_limit: asyncio.Event,
+        backstop: float | None = None,
+    ) -> T:
+        """Run one serve command with its log going to ``on_line``; an abort, the log limit or
+        the backstop kills the process (it is restarted for the next step) and raises
+        ``_Stopped``."""
+        conn.sink = on_line
+        task = asyncio.ensure_future(op)
+        stops = {
+            asyncio.ensure_future(abort.wait()): (RealiseStatus.ABORTED, "aborted"),
+            asyncio.ensure_future(log_limit.wait()): (
+                RealiseStatus.LOG_LIMIT,
+                "error: the build log exceeded its limit",
+            ),
+        }
+        try:
+            done, _ = await asyncio.wait(
+                {task, *stops}, timeout=backstop, return_when=asyncio.FIRST_COMPLETED
+            )
+            if task in done:
+                value = task.result()
+                conn.drain_log()
+                return value
+            stopped = next((stops[t] for t in stops if t in done), None)
+            status, error = stopped or (
+                RealiseStatus.TIMED_OUT,
+                f"error: the build did not end {SERVE_BACKSTOP_SECS} s after its timeout",
+            )
+            conn.kill()
+            raise _Stopped(status, error)
+        finally:
+            conn.sink = None
+            for t in (task, *stops):
+                t.cancel()
+            await asyncio.wait({task, *stops})
+            if not conn.alive:
+                await conn.wait_closed()
+
+    async def _finish(
+        self,
+        assign: Assign,
+        store: NixStore,
+        realised: RealiseResult,
+        started: float,
+        build_started: float | None,
+        abort: asyncio.Event,
+    ) -> Result:
+        """Report a failed build, or upload the outputs of a successful one."""
         built = time.monotonic()
         if build_started is None:
             timings = Timings(prepare_secs=built - started)
@@ -519,3 +845,18 @@ async def _hash_async(chunks: AsyncIterator[bytes]) -> tuple[bytes, int]:
         if isinstance(chunks, AsyncGenerator):
             await chunks.aclose()
     return hasher.digest(), size
+
+
+async def _until(op: Awaitable[T], abort: asyncio.Event) -> T:
+    """``op``, unless ``abort`` is set first (then ``_Stopped``)."""
+    task = asyncio.ensure_future(op)
+    aborted = asyncio.ensure_future(abort.wait())
+    try:
+        done, _ = await asyncio.wait({task, aborted}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        raise _Stopped(RealiseStatus.ABORTED, "aborted")
+    finally:
+        for t in (task, aborted):
+            t.cancel()
+        await asyncio.wait({task, aborted})

@@ -687,12 +687,14 @@ async def run_agent(
                     timeout=httpx.Timeout(300.0, connect=10.0),
                 )
             )
+        executor = Executor(section, http=http, token=token)
+        stack.push_async_callback(executor.aclose)
         session = AgentSession(
             section,
             identity,
             token=token,
             connect=connect or websocket_connector(ssl_context),
-            executor=Executor(section, http=http, token=token),
+            executor=executor,
         )
         if install_signal_handlers:
             stack.enter_context(_signal_handlers(session))

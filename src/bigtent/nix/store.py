@@ -251,6 +251,32 @@ class NixStore:
         return Path(root + store_path) if root else Path(store_path)
 
     # ---- builds ---------------------------------------------------------------------------
+    async def spawn_serve(self) -> tuple[asyncio.subprocess.Process, int]:
+        """Start ``nix-store --serve --write`` (in its own process group, so that killing it
+        kills its builds): stdin and stdout are asyncio pipes; stderr is a plain pipe whose
+        read end is returned for the caller to read (see ``bigtent.nix.serve``)."""
+        argv = self._argv("nix-store", ["--serve", "--write"], None)
+        log.debug("running %s", argv)
+        read_fd, write_fd = os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=write_fd,
+                env=self._environ(),
+                start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            os.close(read_fd)
+            raise NixError(f"{argv[0]} not found: is Nix installed?", argv=argv) from exc
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        return proc, read_fd
+
     async def realise(
         self,
         paths: Sequence[str],

@@ -154,6 +154,12 @@ class Nix:
         )  # fmt: skip
 
 
+@pytest.fixture(params=["serve", "realise"])
+def executor_kind(request: pytest.FixtureRequest) -> str:
+    """Every test runs with both executors (agent config ``executor``)."""
+    return str(request.param)
+
+
 @pytest.fixture
 def nix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Nix:
     xdg = tmp_path / "xdg-test"
@@ -188,6 +194,8 @@ async def execute(
     public_key: str,
     assign: Assign,
     abort_on: str | None = None,
+    *,
+    kind: str,
 ) -> tuple[Result, list[Log], Path]:
     agent_root = tmp_path / "agent-store"
     section = AgentSection(
@@ -195,6 +203,7 @@ async def execute(
         store=f"local?root={agent_root}",
         work_dir=tmp_path / "agent-work",
         sandbox_paths=SANDBOX_PATHS,
+        executor=kind,
     )
     cache = CacheSettings(runner.url + "/cache", public_key)
     logs: list[Log] = []
@@ -208,20 +217,27 @@ async def execute(
 
     async with httpx.AsyncClient(timeout=30) as http:
         executor = Executor(section, http=http, token="agent-token")
-        result = await asyncio.wait_for(
-            executor.run(assign, cache, send_log=send_log, abort=abort), 120
-        )
+        try:
+            result = await asyncio.wait_for(
+                executor.run(assign, cache, send_log=send_log, abort=abort), 120
+            )
+        finally:
+            await executor.aclose()
     return result, logs, agent_root
 
 
 async def test_builds_substituted_drv_and_uploads_output(
-    tmp_path: Path, nix: Nix, fake_runner: FakeRunnerHttp, cache_key: tuple[Path, str]
+    tmp_path: Path,
+    nix: Nix,
+    fake_runner: FakeRunnerHttp,
+    cache_key: tuple[Path, str],
+    executor_kind: str,
 ) -> None:
-    drv, out = nix.instantiate("bt-agent-ok", "echo building-now; echo hello > $out")
+    drv, out = nix.instantiate("bt-agent-ok", "echo building-now; echo more; echo hello > $out")
     nix.publish(drv, fake_runner.cache_dir, cache_key[0])
 
     result, logs, agent_root = await execute(
-        tmp_path, fake_runner, cache_key[1], assign_for(drv, out)
+        tmp_path, fake_runner, cache_key[1], assign_for(drv, out), kind=executor_kind
     )
 
     assert result.outcome is Outcome.SUCCESS, result.error
@@ -241,17 +257,24 @@ async def test_builds_substituted_drv_and_uploads_output(
     assert upload.headers[NAR_HASH_HEADER] == upload.body_hash == expected_hash
     assert int(upload.headers[NAR_SIZE_HEADER]) == upload.body_size == expected_size
     assert result.timings.build_secs > 0
-    # The binary-cache lookup cache is the agent's own.
-    assert (tmp_path / "agent-work" / "xdg-cache").is_dir()
+    if executor_kind == "realise":
+        # The binary-cache lookup cache is the agent's own (serve: test_serve_executor_nix).
+        assert (tmp_path / "agent-work" / "xdg-cache").is_dir()
 
 
 async def test_failing_builder_is_a_build_failure_with_its_log(
-    tmp_path: Path, nix: Nix, fake_runner: FakeRunnerHttp, cache_key: tuple[Path, str]
+    tmp_path: Path,
+    nix: Nix,
+    fake_runner: FakeRunnerHttp,
+    cache_key: tuple[Path, str],
+    executor_kind: str,
 ) -> None:
     drv, out = nix.instantiate("bt-agent-fail", "echo about-to-fail; exit 3")
     nix.publish(drv, fake_runner.cache_dir, cache_key[0])
 
-    result, logs, _ = await execute(tmp_path, fake_runner, cache_key[1], assign_for(drv, out))
+    result, logs, _ = await execute(
+        tmp_path, fake_runner, cache_key[1], assign_for(drv, out), kind=executor_kind
+    )
 
     assert result.outcome is Outcome.BUILD_FAILURE
     assert result.exit_code == 100
@@ -262,12 +285,18 @@ async def test_failing_builder_is_a_build_failure_with_its_log(
 
 
 async def test_drv_missing_from_the_cache_is_a_prepare_failure(
-    tmp_path: Path, nix: Nix, fake_runner: FakeRunnerHttp, cache_key: tuple[Path, str]
+    tmp_path: Path,
+    nix: Nix,
+    fake_runner: FakeRunnerHttp,
+    cache_key: tuple[Path, str],
+    executor_kind: str,
 ) -> None:
     drv, out = nix.instantiate("bt-agent-unpublished", "echo hi > $out")
     (fake_runner.cache_dir / "nix-cache-info").write_text("StoreDir: /nix/store\n")
 
-    result, _, _ = await execute(tmp_path, fake_runner, cache_key[1], assign_for(drv, out))
+    result, _, _ = await execute(
+        tmp_path, fake_runner, cache_key[1], assign_for(drv, out), kind=executor_kind
+    )
 
     assert result.outcome is Outcome.PREPARE_FAILURE
     assert result.exit_code == 1
@@ -275,26 +304,41 @@ async def test_drv_missing_from_the_cache_is_a_prepare_failure(
 
 
 async def test_refused_upload_is_an_upload_failure(
-    tmp_path: Path, nix: Nix, fake_runner: FakeRunnerHttp, cache_key: tuple[Path, str]
+    tmp_path: Path,
+    nix: Nix,
+    fake_runner: FakeRunnerHttp,
+    cache_key: tuple[Path, str],
+    executor_kind: str,
 ) -> None:
     drv, out = nix.instantiate("bt-agent-refused", "echo hi > $out")
     nix.publish(drv, fake_runner.cache_dir, cache_key[0])
     fake_runner.refuse_with = 409
 
-    result, _, _ = await execute(tmp_path, fake_runner, cache_key[1], assign_for(drv, out))
+    result, _, _ = await execute(
+        tmp_path, fake_runner, cache_key[1], assign_for(drv, out), kind=executor_kind
+    )
 
     assert result.outcome is Outcome.UPLOAD_FAILURE
     assert "HTTP 409" in result.error and "upload refused by test" in result.error
 
 
 async def test_abort_kills_the_build(
-    tmp_path: Path, nix: Nix, fake_runner: FakeRunnerHttp, cache_key: tuple[Path, str]
+    tmp_path: Path,
+    nix: Nix,
+    fake_runner: FakeRunnerHttp,
+    cache_key: tuple[Path, str],
+    executor_kind: str,
 ) -> None:
     drv, out = nix.instantiate("bt-agent-slow", "echo started; sleep 60; echo hi > $out")
     nix.publish(drv, fake_runner.cache_dir, cache_key[0])
 
     result, _, agent_root = await execute(
-        tmp_path, fake_runner, cache_key[1], assign_for(drv, out), abort_on="started"
+        tmp_path,
+        fake_runner,
+        cache_key[1],
+        assign_for(drv, out),
+        abort_on="started",
+        kind=executor_kind,
     )
 
     assert result.outcome is Outcome.ABORTED
@@ -304,13 +348,17 @@ async def test_abort_kills_the_build(
 
 
 async def test_timeout_is_timed_out(
-    tmp_path: Path, nix: Nix, fake_runner: FakeRunnerHttp, cache_key: tuple[Path, str]
+    tmp_path: Path,
+    nix: Nix,
+    fake_runner: FakeRunnerHttp,
+    cache_key: tuple[Path, str],
+    executor_kind: str,
 ) -> None:
     drv, out = nix.instantiate("bt-agent-hang", "echo started; sleep 60; echo hi > $out")
     nix.publish(drv, fake_runner.cache_dir, cache_key[0])
     assign = assign_for(drv, out).model_copy(update={"timeout_secs": 1.0})
 
-    result, _, _ = await execute(tmp_path, fake_runner, cache_key[1], assign)
+    result, _, _ = await execute(tmp_path, fake_runner, cache_key[1], assign, kind=executor_kind)
 
     assert result.outcome is Outcome.TIMED_OUT
     assert result.timings.build_secs < 30

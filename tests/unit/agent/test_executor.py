@@ -238,7 +238,7 @@ async def run_step(
 ) -> tuple[Any, list[Log]]:
     root = tmp_path / "root"
     make_outputs(root)
-    section = AgentSection(runner_url="http://runner:1", work_dir=tmp_path)
+    section = AgentSection(runner_url="http://runner:1", work_dir=tmp_path, executor="realise")
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
         ex = FakeExecutor(FakeStore(root, status, lines), section, http=http, token="tok")
         logs: list[Log] = []
@@ -360,7 +360,7 @@ async def test_unreadable_store_falls_back_to_nix_store_dump(tmp_path: Path) -> 
         bodies[request.url.path.rsplit("/", 1)[1]] = await request.aread()
         return httpx.Response(200, json={})
 
-    section = AgentSection(runner_url="http://runner:1", work_dir=tmp_path)
+    section = AgentSection(runner_url="http://runner:1", work_dir=tmp_path, executor="realise")
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
         ex = FakeExecutor(store, section, http=http, token=None)
 
@@ -376,7 +376,7 @@ async def test_unreadable_store_falls_back_to_nix_store_dump(tmp_path: Path) -> 
 
 
 async def test_missing_nix_is_a_prepare_failure(tmp_path: Path) -> None:
-    section = AgentSection(runner_url="http://runner:1", work_dir=tmp_path)
+    section = AgentSection(runner_url="http://runner:1", work_dir=tmp_path, executor="realise")
 
     def handler(request: httpx.Request) -> httpx.Response:
         raise AssertionError("nothing may be uploaded")

@@ -1,0 +1,180 @@
+"""Derivations the agent reads straight from the runner's binary cache, without Nix.
+
+The serve executor needs a step's parsed .drv (and the output paths of its input derivations)
+but not the .drv closure in its store. A .drv is content-addressed, so what comes over HTTP is
+checked against the path itself: the text store path recomputed from the file's contents and
+its references (input .drvs and sources) must be the path we asked for. That makes signatures
+unnecessary here, and a parsed derivation can be kept for as long as we like.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import lzma
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import httpx
+import zstandard
+
+from bigtent.nix import narinfo
+from bigtent.nix.base32 import format_hash
+from bigtent.nix.drv import Derivation, DrvError, parse_drv
+from bigtent.nix.nar import NarError, NarValidator
+from bigtent.nix.store_path import StorePath, make_text_path
+
+MAX_DRV_BYTES = 64 * 1024 * 1024
+"""A .drv (and its NAR, compressed or not) larger than this is refused."""
+DRV_CACHE_ENTRIES = 4096
+DRV_CACHE_BYTES = 128 * 1024 * 1024
+"""The LRU of parsed derivations keeps at most this many entries and this much .drv text."""
+
+
+class DrvFetchError(Exception):
+    """The .drv could not be fetched or is not what its path says."""
+
+
+@dataclass(slots=True)
+class _FileSink:
+    """Collects the single regular file a .drv's NAR holds."""
+
+    data: bytearray
+    is_file: bool = False
+    executable: bool = False
+    other: bool = False
+
+    def directory(self, path: tuple[bytes, ...]) -> None:
+        self.other = True
+
+    def file_start(self, path: tuple[bytes, ...], executable: bool, size: int) -> None:
+        if path:
+            self.other = True
+        self.is_file = not path
+        self.executable = executable
+        if size > MAX_DRV_BYTES:
+            raise NarError(f"a .drv of {size} bytes")
+
+    def file_data(self, data: bytes) -> None:
+        if self.is_file:
+            self.data += data
+
+    def file_end(self) -> None:
+        pass
+
+    def symlink(self, path: tuple[bytes, ...], target: bytes) -> None:
+        self.other = True
+
+
+def drv_from_nar(drv_path: str, nar: bytes) -> tuple[Derivation, int]:
+    """Parse the .drv a NAR holds and check it is ``drv_path``; -> (derivation, text size)."""
+    sink = _FileSink(bytearray())
+    try:
+        validator = NarValidator(sink)
+        validator.feed(nar)
+        validator.finish()
+    except NarError as exc:
+        raise DrvFetchError(f"{drv_path}: bad NAR: {exc}") from exc
+    if not sink.is_file or sink.other or sink.executable:
+        raise DrvFetchError(f"{drv_path}: the NAR is not one plain file")
+    content = bytes(sink.data)
+    try:
+        drv = parse_drv(content.decode())
+    except (UnicodeDecodeError, DrvError) as exc:
+        raise DrvFetchError(f"{drv_path}: {exc}") from exc
+    sp = StorePath.parse(drv_path)
+    expected = make_text_path(sp.name, hashlib.sha256(content).digest(), drv.references)
+    if expected != drv_path:
+        raise DrvFetchError(f"{drv_path}: the contents served are those of {expected}")
+    return drv, len(content)
+
+
+def decompress(data: bytes, compression: str) -> bytes:
+    try:
+        if compression in ("", "none"):
+            out = data
+        elif compression == "zstd":
+            parts = bytearray()
+            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
+                while len(parts) <= MAX_DRV_BYTES and (chunk := reader.read(1 << 20)):
+                    parts += chunk
+            out = bytes(parts)
+        elif compression == "xz":
+            out = lzma.LZMADecompressor().decompress(data, MAX_DRV_BYTES + 1)
+        else:
+            raise DrvFetchError(f"unsupported NAR compression {compression!r}")
+    except (zstandard.ZstdError, lzma.LZMAError) as exc:
+        raise DrvFetchError(f"cannot decompress the NAR ({compression}): {exc}") from exc
+    if len(out) > MAX_DRV_BYTES:
+        raise DrvFetchError(f"a .drv NAR larger than {MAX_DRV_BYTES} bytes")
+    return out
+
+
+class DrvCache:
+    """Fetches parsed derivations from a binary cache over HTTP, remembering them (LRU)."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        max_entries: int = DRV_CACHE_ENTRIES,
+        max_bytes: int = DRV_CACHE_BYTES,
+    ) -> None:
+        self._http = http
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._entries: OrderedDict[str, tuple[Derivation, int]] = OrderedDict()
+        self._bytes = 0
+        self.fetches = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def get(self, cache_url: str, drv_path: str) -> Derivation:
+        hit = self._entries.get(drv_path)
+        if hit is not None:
+            self._entries.move_to_end(drv_path)
+            return hit[0]
+        drv, size = await self._fetch(cache_url.rstrip("/"), drv_path)
+        self._entries[drv_path] = (drv, size)
+        self._bytes += size
+        while self._entries and (
+            len(self._entries) > self._max_entries or self._bytes > self._max_bytes
+        ):
+            _, (_, old) = self._entries.popitem(last=False)
+            self._bytes -= old
+        return drv
+
+    async def _fetch(self, base: str, drv_path: str) -> tuple[Derivation, int]:
+        try:
+            sp = StorePath.parse(drv_path)
+        except ValueError as exc:
+            raise DrvFetchError(str(exc)) from exc
+        self.fetches += 1
+        text = await self._get(f"{base}/{sp.hash_part}.narinfo", drv_path)
+        try:
+            info = narinfo.parse(text.decode())
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise DrvFetchError(f"{drv_path}: bad narinfo: {exc}") from exc
+        url = info.url if "://" in info.url else f"{base}/{info.url.lstrip('/')}"
+        nar = decompress(await self._get(url, drv_path), info.compression)
+        nar_hash = format_hash("sha256", hashlib.sha256(nar).digest())
+        if len(nar) != info.nar_size or nar_hash != info.nar_hash:
+            raise DrvFetchError(f"{drv_path}: the NAR does not match its narinfo")
+        return drv_from_nar(drv_path, nar)
+
+    async def _get(self, url: str, drv_path: str) -> bytes:
+        try:
+            async with self._http.stream("GET", url) as response:
+                if response.status_code == 404:
+                    raise DrvFetchError(f"{drv_path} is not in the cache ({url}: HTTP 404)")
+                if not response.is_success:
+                    raise DrvFetchError(f"{drv_path}: {url}: HTTP {response.status_code}")
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_DRV_BYTES:
+                        raise DrvFetchError(f"{drv_path}: {url} is larger than {MAX_DRV_BYTES}")
+                return bytes(body)
+        except httpx.HTTPError as exc:
+            raise DrvFetchError(f"{drv_path}: {url}: {exc}") from exc

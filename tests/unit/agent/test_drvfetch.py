@@ -1,0 +1,121 @@
+"""Reading a .drv from a binary cache without Nix: NAR, compression, path check, LRU."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import lzma
+
+import httpx
+import pytest
+import zstandard
+
+from bigtent.agent.drvfetch import DrvCache, DrvFetchError, decompress, drv_from_nar
+from bigtent.agent.executor import exit_code_of, plain_error, realise_status_of
+from bigtent.nix.base32 import format_hash
+from bigtent.nix.serve import BuildStatus
+from bigtent.nix.store import RealiseStatus
+from bigtent.nix.store_path import StorePath, make_text_path
+
+TEXT = (
+    'Derive([("out","/nix/store/9krlzvny65gdc8s7kpb6lkx8cd02c25c-hello","","")],[],'
+    '["/nix/store/1b9p07z77phvv2hf6gm9f28syp39f1ag-src"],"x86_64-linux","/bin/sh",'
+    '["-c","echo hi > $out"],[("out","/nix/store/9krlzvny65gdc8s7kpb6lkx8cd02c25c-hello")])'
+)
+DRV_PATH = make_text_path(
+    "hello.drv",
+    hashlib.sha256(TEXT.encode()).digest(),
+    ["/nix/store/1b9p07z77phvv2hf6gm9f28syp39f1ag-src"],
+)
+
+
+def _s(data: bytes) -> bytes:
+    return len(data).to_bytes(8, "little") + data + b"\0" * (-len(data) % 8)
+
+
+def nar_of(content: bytes) -> bytes:
+    return b"".join(
+        _s(x) for x in [b"nix-archive-1", b"(", b"type", b"regular", b"contents", content, b")"]
+    )
+
+
+def test_drv_from_nar_checks_the_path() -> None:
+    drv, size = drv_from_nar(DRV_PATH, nar_of(TEXT.encode()))
+    assert drv.builder == "/bin/sh" and size == len(TEXT)
+    other = TEXT.replace("echo hi", "echo ho")
+    with pytest.raises(DrvFetchError, match="contents served are those of"):
+        drv_from_nar(DRV_PATH, nar_of(other.encode()))
+    with pytest.raises(DrvFetchError, match="bad NAR"):
+        drv_from_nar(DRV_PATH, b"garbage")
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd", "xz"])
+def test_decompress(compression: str) -> None:
+    data = b"x" * 1000
+    packed = {
+        "none": data,
+        "zstd": zstandard.ZstdCompressor().compress(data),
+        "xz": lzma.compress(data),
+    }[compression]
+    assert decompress(packed, compression) == data
+    with pytest.raises(DrvFetchError, match="unsupported"):
+        decompress(data, "bzip2")
+
+
+def _zstd_stream(data: bytes) -> bytes:
+    out = io.BytesIO()
+    with zstandard.ZstdCompressor().stream_writer(out, closefd=False) as w:
+        w.write(data)
+    return out.getvalue()
+
+
+async def test_cache_fetches_once_and_evicts() -> None:
+    nar = nar_of(TEXT.encode())
+    packed = _zstd_stream(nar)
+    hash_part = StorePath.parse(DRV_PATH).hash_part
+    requests: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request.url.path)
+        if request.url.path == f"/cache/{hash_part}.narinfo":
+            body = (
+                f"StorePath: {DRV_PATH}\nURL: nar/x.nar.zst\nCompression: zstd\n"
+                f"NarHash: {format_hash('sha256', hashlib.sha256(nar).digest())}\n"
+                f"NarSize: {len(nar)}\nReferences: 1b9p07z77phvv2hf6gm9f28syp39f1ag-src\n"
+            )
+            return httpx.Response(200, text=body)
+        if request.url.path == "/cache/nar/x.nar.zst":
+            return httpx.Response(200, content=packed)
+        return httpx.Response(404)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        cache = DrvCache(http, max_entries=1)
+        drv = await cache.get("http://runner/cache/", DRV_PATH)
+        assert drv.system == "x86_64-linux"
+        assert await cache.get("http://runner/cache", DRV_PATH) is drv
+        assert len(requests) == 2 and cache.fetches == 1
+        missing = "/nix/store/0c0cpvvp4h5xmmnc2ymbiqzlp2ihh7gk-dep.drv"
+        with pytest.raises(DrvFetchError, match="not in the cache"):
+            await cache.get("http://runner/cache", missing)
+        assert len(cache) == 1
+
+
+def test_build_status_maps_like_realise_exit_codes() -> None:
+    assert realise_status_of(BuildStatus.BUILT) is RealiseStatus.SUCCESS
+    assert realise_status_of(BuildStatus.ALREADY_VALID) is RealiseStatus.SUCCESS
+    assert realise_status_of(BuildStatus.PERMANENT_FAILURE) is RealiseStatus.BUILD_FAILURE
+    assert realise_status_of(BuildStatus.OUTPUT_REJECTED) is RealiseStatus.BUILD_FAILURE
+    assert realise_status_of(BuildStatus.TIMED_OUT) is RealiseStatus.TIMED_OUT
+    assert realise_status_of(BuildStatus.LOG_LIMIT_EXCEEDED) is RealiseStatus.LOG_LIMIT
+    for other in (
+        BuildStatus.TRANSIENT_FAILURE,
+        BuildStatus.MISC_FAILURE,
+        BuildStatus.DEPENDENCY_FAILED,
+        BuildStatus.INPUT_REJECTED,
+        99,
+    ):
+        assert realise_status_of(other) is RealiseStatus.OTHER_FAILURE
+        assert exit_code_of(other) == 1
+    assert [exit_code_of(s) for s in (0, 3, 8, 5, 12)] == [0, 100, 101, 102, 104]
+    assert plain_error("\x1b[31;1merror:\x1b[0m builder failed") == "error: builder failed"
+    assert plain_error("boom") == "error: boom"
