@@ -2,23 +2,40 @@
 
 Two doors lead in. Clients upload the .drv files and sources of a build: those are
 content-addressed, so the runner recomputes each store path from the received content and its
-references and refuses any mismatch — a client cannot plant an arbitrary path. Agents upload
-the outputs of the step they hold a lease for, only those paths, and the runner finds their
-references itself by scanning the NAR for the hash parts of the build's input closure.
+references and refuses any mismatch — a client cannot plant an arbitrary path. A .drv's
+output paths are recomputed too, as Nix does (hashDerivationModulo over the already uploaded
+inputs), so a client cannot claim an output path it does not own: agents may upload exactly
+those outputs, and the runner signs them. Agents upload the outputs of the step they hold a
+lease for, only those paths, and the runner finds their references itself by scanning the NAR
+for the hash parts of the build's input closure.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+import lzma
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any, BinaryIO
 
+import zstandard
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from bigtent.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
+from bigtent.errors import BadRequest, BigtentError, Conflict, NotFound, PayloadTooLarge
 from bigtent.nix import base32
-from bigtent.nix.drv import Derivation, DrvError, parse_drv
+from bigtent.nix.drv import (
+    Derivation,
+    DrvError,
+    OutputKind,
+    derivation_kind,
+    expected_output_paths,
+    hash_derivation_modulo,
+    parse_drv,
+    unparse_drv,
+)
+from bigtent.nix.nar import NarError, NarValidator
 from bigtent.nix.narinfo import NarInfo
 from bigtent.nix.store_path import (
     StorePath,
@@ -26,7 +43,7 @@ from bigtent.nix.store_path import (
     make_source_path,
     make_text_path,
 )
-from bigtent.protocol import MAX_REFERENCES
+from bigtent.protocol import MAX_LIST_ITEMS, MAX_REFERENCES, MAX_SHORT_TEXT
 from bigtent.runner.cache import Cache, Ingested, Upstreams, closure
 from bigtent.runner.db import queries
 from bigtent.runner.scheduler.dispatcher import Scheduler
@@ -140,8 +157,9 @@ async def ingest_client_path(
     )
     try:
         drv = None
+        text = ""
         if is_drv:
-            drv = _parse_derivation(sp, sink)
+            drv, text = _parse_derivation(sp, sink)
             refs = set(drv.references)
         else:
             refs = claimed
@@ -155,20 +173,7 @@ async def ingest_client_path(
             )
         record = None
         if drv is not None:
-            outputs = drv.output_paths
-            if not all(outputs.values()):
-                raise BadRequest(
-                    f"{sp.path}: content-addressed (floating) derivations are not supported"
-                )
-            info = queries.DrvInfo(
-                drv_path=sp.path,
-                name=sp.name[: -len(".drv")],
-                system=drv.system,
-                required_features=drv.required_features,
-                outputs=outputs,
-                input_drvs=dict(drv.input_drvs),
-                input_srcs=tuple(drv.input_srcs),
-            )
+            info = await _check_derivation(cache, engine, sp, drv, text)
 
             async def record(conn: AsyncConnection) -> None:
                 # In the store path's transaction: a derivation is known to builds exactly
@@ -190,13 +195,240 @@ def _parse_references(references: str | None) -> set[str]:
     return {_parse_path(r, "bad reference in X-Nar-References").path for r in words}
 
 
-def _parse_derivation(sp: StorePath, sink: _RootFile) -> Derivation:
+def _parse_derivation(sp: StorePath, sink: _RootFile) -> tuple[Derivation, str]:
     if not sink.is_file:
         raise BadRequest(f"{sp.path} is not a regular file")
     try:
-        return parse_drv(sink.content.decode())
+        text = sink.content.decode()
+        return parse_drv(text), text
     except (UnicodeDecodeError, DrvError) as exc:
         raise BadRequest(f"{sp.path} is not a valid derivation: {exc}") from exc
+
+
+async def _check_derivation(
+    cache: Cache, engine: AsyncEngine, sp: StorePath, drv: Derivation, text: str
+) -> queries.DrvInfo:
+    """The record of an uploaded derivation, once it is known to be one Nix could have written
+    (its inputs are in the cache already): the checks are pure, this gathers their inputs."""
+    inline = len(text) <= INLINE_DRV_CHECK_CHARS
+    if inline:
+        features = _check_form(sp, drv, text)
+    else:
+        features = await asyncio.to_thread(_check_form, sp, drv, text)
+    hashes = await _fetch_input_hash_modulos(cache, engine, sp, drv)
+    if inline:
+        return _check_outputs(sp, drv, hashes, features)
+    return await asyncio.to_thread(_check_outputs, sp, drv, hashes, features)
+
+
+INLINE_DRV_CHECK_CHARS = 1024 * 1024
+"""Derivations up to this size are checked on the event loop; larger ones in a thread."""
+
+
+def _check_form(sp: StorePath, drv: Derivation, text: str) -> frozenset[str]:
+    """Refuse a .drv that is not in the exact form Nix writes, is of a kind bigtent does not
+    build, or exceeds what the agent protocol can carry; return its required features."""
+    try:
+        canonical = unparse_drv(drv)
+        kind = derivation_kind(drv)
+        features = drv.required_features
+    except DrvError as exc:
+        raise BadRequest(f"{sp.path} is not a valid derivation: {exc}") from exc
+    if canonical != text:
+        raise BadRequest(
+            f"{sp.path} is not in the form Nix writes derivations in (sorted, without "
+            "duplicates, escaped as Nix does): refusing a hand-made .drv"
+        )
+    if kind is not OutputKind.INPUT_ADDRESSED and kind is not OutputKind.FIXED:
+        what = "content-addressed (floating)" if kind is OutputKind.FLOATING else kind.value
+        raise BadRequest(f"{sp.path}: {what} derivations are not supported")
+    _check_limits(sp, drv, features)
+    return features
+
+
+def _check_outputs(
+    sp: StorePath, drv: Derivation, hashes: Mapping[str, bytes], features: frozenset[str]
+) -> queries.DrvInfo:
+    """Nix's checkDerivationOutputs: each output path must be the one Nix computes from the
+    derivation and its inputs' hashes modulo, and `$<output>` must name it. Returns the
+    record, with the derivation's own hash modulo for its dependents."""
+    name = sp.name[: -len(".drv")]
+    try:
+        expected = expected_output_paths(drv, name, hashes)
+        hash_modulo = hash_derivation_modulo(drv, hashes, drv_name=name)
+    except DrvError as exc:
+        raise BadRequest(f"{sp.path} is not a valid derivation: {exc}") from exc
+    for output, path in sorted(drv.output_paths.items()):
+        if path != expected[output]:
+            raise BadRequest(
+                f"{sp.path}: output {output!r} is {path}, but Nix computes {expected[output]} "
+                "from this derivation and its inputs; a .drv may only claim its own output paths",
+                detail={"output": output, "claimed": path, "expected": expected[output]},
+            )
+        if drv.env.get(output) != path:
+            raise BadRequest(
+                f"{sp.path}: environment variable {output!r} must be the output path {path}, "
+                "as Nix requires"
+            )
+    return queries.DrvInfo(
+        drv_path=sp.path,
+        name=name,
+        system=drv.system,
+        required_features=features,
+        outputs=drv.output_paths,
+        input_drvs=dict(drv.input_drvs),
+        input_srcs=tuple(drv.input_srcs),
+        hash_modulo=hash_modulo.hex(),
+    )
+
+
+def _check_limits(sp: StorePath, drv: Derivation, features: frozenset[str]) -> None:
+    """Refuse what could not be sent to an agent later (protocol.Assign and Register limits)."""
+    if len(drv.outputs) > MAX_LIST_ITEMS:
+        raise BadRequest(
+            f"{sp.path} has {len(drv.outputs)} outputs; at most {MAX_LIST_ITEMS} are supported"
+        )
+    if len(features) > MAX_LIST_ITEMS:
+        raise BadRequest(
+            f"{sp.path} requires {len(features)} system features; at most {MAX_LIST_ITEMS} "
+            "are supported"
+        )
+    for what, values in [("output name", drv.outputs), ("system feature", features)]:
+        for value in sorted(values):
+            if len(value) > MAX_SHORT_TEXT:
+                raise BadRequest(
+                    f"{sp.path} has a {what} of {len(value)} characters; at most "
+                    f"{MAX_SHORT_TEXT} are supported: {value[:40]!r}..."
+                )
+    if len(drv.system) > MAX_SHORT_TEXT:
+        raise BadRequest(
+            f"{sp.path} has a system of {len(drv.system)} characters; at most "
+            f"{MAX_SHORT_TEXT} are supported"
+        )
+
+
+async def _fetch_input_hash_modulos(
+    cache: Cache, engine: AsyncEngine, sp: StorePath, drv: Derivation
+) -> dict[str, bytes]:
+    """The hash modulo of each input derivation of ``drv``, which are recorded already (they
+    are references, uploaded first). Rows recorded before the hash was stored (migration
+    0002) get it computed from their .drv in the cache storage, and filled in."""
+    infos = await cache.derivations(list(drv.input_drvs))
+    hashes: dict[str, bytes] = {}
+    legacy: list[str] = []
+    for path, outputs in sorted(drv.input_drvs.items()):
+        info = infos.get(path)
+        if info is None:
+            raise BadRequest(f"{sp.path}: input {path} is not a derivation known to the cache")
+        unknown = sorted(set(outputs) - set(info.outputs))
+        if unknown:
+            raise BadRequest(f"{sp.path}: input {path} has no output {unknown[0]!r}")
+        if info.hash_modulo is None:
+            legacy.append(path)
+        else:
+            hashes[path] = bytes.fromhex(info.hash_modulo)
+    if legacy:
+        try:
+            hashes.update(await _load_legacy_hash_modulos(cache, engine, legacy))
+        except (DrvError, NarError, OSError, UnicodeDecodeError, ValueError) as exc:
+            raise BigtentError(
+                f"{sp.path}: could not compute the hash of an input derivation recorded "
+                f"before hashes were stored: {exc}"
+            ) from exc
+    return hashes
+
+
+async def _load_legacy_hash_modulos(
+    cache: Cache, engine: AsyncEngine, paths: list[str]
+) -> dict[str, bytes]:
+    """Hashes modulo of derivations recorded without one, computed from their cached .drv
+    files (depth first, as inputs need theirs) and stored for next time."""
+    hashes: dict[str, bytes] = {}
+    parsed: dict[str, Derivation] = {}
+    expanded: set[str] = set()
+    stack = list(paths)
+    while stack:
+        path = stack[-1]
+        if path in hashes:
+            stack.pop()
+            continue
+        drv = parsed.get(path)
+        if drv is None:
+            # Ask the database, not the cache's memory: another upload may have filled it in.
+            async with engine.connect() as conn:
+                info = (await queries.fetch_derivations(conn, [path])).get(path)
+            if info is None:
+                raise ValueError(f"{path} is not a recorded derivation")
+            if info.hash_modulo is not None:
+                hashes[path] = bytes.fromhex(info.hash_modulo)
+                stack.pop()
+                continue
+            drv = parsed[path] = parse_drv(await _load_cached_drv(cache, path))
+            if len(parsed) > MAX_LEGACY_DERIVATIONS:
+                raise ValueError(f"more than {MAX_LEGACY_DERIVATIONS} derivations without hashes")
+        pending = [i for i in sorted(drv.input_drvs) if i not in hashes]
+        if pending:
+            # Back at an expanded derivation, every input pushed above it has been hashed,
+            # unless the inputs lead back to it (impossible for honest text paths).
+            if path in expanded:
+                raise ValueError(f"{path} depends on itself")
+            expanded.add(path)
+            stack.extend(pending)
+            continue
+        name = StorePath.parse(path).name[: -len(".drv")]
+        # Recorded before output paths were checked at upload: check them now, so nothing
+        # new is built on a derivation that claims outputs that are not its own.
+        if expected_output_paths(drv, name, hashes) != drv.output_paths:
+            raise ValueError(f"{path} claims output paths that Nix does not give it")
+        digest = hash_derivation_modulo(drv, hashes, drv_name=name)
+        async with engine.begin() as conn:
+            await queries.set_derivation_hash_modulo(conn, path, digest.hex())
+        log.info("computed the hash modulo of %s (recorded before it was stored)", path)
+        hashes[path] = digest
+        stack.pop()
+    return hashes
+
+
+MAX_LEGACY_DERIVATIONS = 100_000
+"""Bound on the derivations read back from storage for one upload (a nixpkgs closure)."""
+
+
+async def _load_cached_drv(cache: Cache, path: str) -> str:
+    info = await cache.fetch_narinfo(path)
+    if info is None:
+        raise ValueError(f"{path} is not in the cache")
+    local = cache.storage.local_path(info.url)
+    if local is None:
+        raise ValueError(f"{path}: its NAR {info.url} is not in the cache storage")
+    sp = StorePath.parse(path)
+
+    def read() -> str:
+        sink = _RootFile(keep=True)
+        validator = NarValidator(sink)
+        with local.open("rb") as file:
+            for chunk in _decompressed(file, info.compression):
+                validator.feed(chunk)
+        validator.finish()
+        if not sink.is_file:
+            raise ValueError(f"{sp.path} is not a regular file")
+        return sink.content.decode()
+
+    return await asyncio.to_thread(read)
+
+
+def _decompressed(file: BinaryIO, compression: str) -> Iterator[bytes]:
+    """The NAR in a cache file written by ``Cache.receive`` (our own, verified at upload)."""
+    decompressor: Any
+    if compression == "zstd":
+        decompressor = zstandard.ZstdDecompressor().decompressobj()
+    elif compression == "xz":
+        decompressor = lzma.LZMADecompressor()
+    elif compression == "none":
+        decompressor = None
+    else:
+        raise ValueError(f"unknown compression {compression!r}")
+    while chunk := file.read(64 * 1024):
+        yield decompressor.decompress(chunk) if decompressor is not None else chunk
 
 
 def _content_address(sp: StorePath, got: Ingested, sink: _RootFile, refs: set[str]) -> str:

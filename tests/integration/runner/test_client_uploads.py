@@ -4,14 +4,20 @@ size, hash and references are what they claim; anything else is refused and stor
 from __future__ import annotations
 
 import hashlib
+import uuid
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
 from bigtent.config import Role
 from bigtent.nix import base32
+from bigtent.nix.drv import hash_derivation_modulo, parse_drv
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store_path import StorePath, make_text_path
+from bigtent.runner.cache import Cache
+from bigtent.runner.db import queries
+from bigtent.runner.db.tables import derivations
 from tests.integration.runner.conftest import (
     Drvs,
     MakeRunner,
@@ -265,3 +271,193 @@ async def test_declared_size_over_max_nar_bytes(
     # Declaring less than the cap but sending more is caught while streaming.
     small = await make_runner(cache={"max_nar_bytes": 100})
     await _assert_refused(small, up, 413, headers={"X-Nar-Size": "100"}, says="longer")
+
+
+# ---- the output paths inside a .drv -------------------------------------------------------
+def _drv_upload(tmp_path: Path, text: str, name: str) -> Upload:
+    """A .drv with ``text`` at the path its content and references give it, so the text-hash
+    check passes and only what is inside the derivation can be refused."""
+    drv = parse_drv(text)
+    path = make_text_path(name, hashlib.sha256(text.encode()).digest(), drv.references)
+    f = tmp_path / f"{uuid.uuid4().hex}.drv"
+    f.write_bytes(text.encode())
+    return Upload(path, b"".join(dump_path(f)), drv.references)
+
+
+def _read(path: str) -> str:
+    return Path(path).read_bytes().decode()
+
+
+async def _hash_modulo(runner: RunnerHarness, path: str) -> str | None:
+    async with runner.comps.engine.connect() as conn:
+        return (await queries.fetch_derivations(conn, [path]))[path].hash_modulo
+
+
+_TARGET = "/nix/store/" + "1" * 32 + "-openssl-3.0.7"
+"""A path the cache might serve later, which a forged .drv claims as its output."""
+
+
+@pytest.mark.parametrize("which", ["dep", "top"])
+async def test_drv_claiming_another_output_path_is_refused(
+    make_runner: MakeRunner, nix: Nix, drvs: Drvs, tmp_path: Path, which: str
+) -> None:
+    runner = await make_runner()
+    await upload_closure(runner, nix, drvs.closure[:-1])
+    path = drvs.dep if which == "dep" else drvs.top
+    honest = _read(path)
+    (out,) = parse_drv(honest).output_paths.values()
+    forged = _drv_upload(tmp_path, honest.replace(out, _TARGET), StorePath.parse(path).name)
+    assert forged.path != path
+    await _assert_refused(runner, forged, 400, says=f"but Nix computes {out}")
+    resp = await upload_path(runner.client(Role.CLIENT), forged)
+    assert resp.json()["detail"] == {"output": "out", "claimed": _TARGET, "expected": out}
+    # The same name, the same output path claimed, but in the outputs only: still refused.
+    only_output = honest.replace(f'"{out}","",""', f'"{_TARGET}","",""')
+    up = _drv_upload(tmp_path, only_output, StorePath.parse(path).name)
+    await _assert_refused(runner, up, 400, says="but Nix computes")
+    # The right output path with another $out for the builder is refused as Nix would.
+    wrong_env = honest.replace(f'("out","{out}")', f'("out","{_TARGET}")')
+    up = _drv_upload(tmp_path, wrong_env, StorePath.parse(path).name)
+    await _assert_refused(runner, up, 400, says="environment variable 'out' must be")
+
+
+async def test_drv_not_in_nix_form_is_refused(
+    make_runner: MakeRunner, nix: Nix, drvs: Drvs, tmp_path: Path
+) -> None:
+    """The same derivation as Nix reads it, written in another order: Nix never writes that,
+    and bigtent reads it no differently, but it is refused rather than second-guessed."""
+    runner = await make_runner()
+    await upload_closure(runner, nix, drvs.closure[:-1])
+    honest = _read(drvs.top)
+    drv = parse_drv(honest)
+    env = "[" + ",".join(f'("{k}","{drv.env[k]}")' for k in sorted(drv.env, reverse=True)) + "]"
+    start = honest.index(',[("builder"')
+    reordered = honest[:start] + "," + env + ")"
+    assert parse_drv(reordered) == parse_drv(honest)
+    up = _drv_upload(tmp_path, reordered, StorePath.parse(drvs.top).name)
+    await _assert_refused(runner, up, 400, says="not in the form Nix writes")
+
+
+def _expr(body: str) -> str:
+    return f'let nonce = "{uuid.uuid4().hex}"; system = builtins.currentSystem; in {body}'
+
+
+async def test_drv_with_too_many_outputs_is_refused(
+    make_runner: MakeRunner, nix: Nix, tmp_path: Path
+) -> None:
+    runner = await make_runner()
+    path = nix.instantiate(
+        _expr(
+            'derivation { name = "many"; inherit system nonce; builder = "/bin/sh"; '
+            'outputs = [ "out" ] ++ builtins.genList (i: "o${toString i}") 299; }'
+        ),
+        tmp_path,
+    )
+    assert len(parse_drv(_read(path)).outputs) == 300
+    await _assert_refused(runner, nix.upload(path), 400, says="300 outputs; at most 256")
+
+
+@pytest.mark.parametrize(
+    ("attrs", "says"),
+    [
+        ('requiredSystemFeatures = builtins.genList (i: "f${toString i}") 300;', "features"),
+        (f'requiredSystemFeatures = ["{"f" * 300}"];', "system feature of 300 characters"),
+    ],
+)
+async def test_drv_over_the_agent_protocol_limits_is_refused(
+    make_runner: MakeRunner, nix: Nix, tmp_path: Path, attrs: str, says: str
+) -> None:
+    runner = await make_runner()
+    path = nix.instantiate(
+        _expr(f'derivation {{ name = "big"; inherit system nonce; builder = "/bin/sh"; {attrs} }}'),
+        tmp_path,
+    )
+    await _assert_refused(runner, nix.upload(path), 400, says=says)
+
+
+async def test_drv_with_long_system_is_refused(
+    make_runner: MakeRunner, nix: Nix, tmp_path: Path
+) -> None:
+    runner = await make_runner()
+    path = nix.instantiate(
+        f'derivation {{ name = "long"; system = "{"s" * 300}"; builder = "/bin/sh"; '
+        f'nonce = "{uuid.uuid4().hex}"; }}',
+        tmp_path,
+    )
+    await _assert_refused(runner, nix.upload(path), 400, says="system of 300 characters")
+
+
+_RICH_GRAPH = """
+  derivation {
+    name = "top"; inherit system nonce; builder = "/bin/sh";
+    args = [ "-c" "${lib.dev} ${lib} ${recursive} ${flat}" ];
+  }
+"""
+
+
+def _rich(nix: Nix, tmp_path: Path) -> tuple[str, tuple[str, ...]]:
+    """A closure with fixed-output (recursive and flat) and multi-output derivations."""
+    expr = _expr(f"""
+let
+  recursive = derivation {{
+    name = "fetched"; inherit system; builder = "/bin/sh"; outputHashMode = "recursive";
+    outputHashAlgo = "sha256"; outputHash = builtins.hashString "sha256" nonce;
+  }};
+  flat = derivation {{
+    name = "tarball"; inherit system; builder = "/bin/sh";
+    outputHashAlgo = "sha1"; outputHash = builtins.hashString "sha1" nonce;
+  }};
+  lib = derivation {{
+    name = "lib"; inherit system nonce; builder = "/bin/sh"; outputs = [ "out" "dev" "doc" ];
+    src = recursive; escapes = "quote \\" backslash \\\\ newline \\n tab \\t return \\r";
+  }};
+in {_RICH_GRAPH}""")
+    top = nix.instantiate(expr, tmp_path)
+    return top, nix.closure(top)
+
+
+async def test_honest_closures_with_fixed_and_multi_output_drvs_are_accepted(
+    make_runner: MakeRunner, nix: Nix, tmp_path: Path
+) -> None:
+    runner = await make_runner()
+    top, closure = _rich(nix, tmp_path)
+    assert len(closure) == 4
+    await upload_closure(runner, nix, closure)
+    assert await runner.present(list(closure)) == set(closure)
+    hashes: dict[str, bytes] = {}
+    for path in closure:
+        drv = parse_drv(_read(path))
+        name = StorePath.parse(path).name.removesuffix(".drv")
+        hashes[path] = hash_derivation_modulo(drv, hashes, drv_name=name)
+        assert await _hash_modulo(runner, path) == hashes[path].hex()
+    recorded = await runner.comps.cache.derivations([top])
+    assert recorded[top].outputs == nix.outputs(top)
+
+
+@pytest.mark.parametrize("compression", ["zstd", "xz", "none"])
+async def test_inputs_recorded_before_hashes_were_stored(
+    make_runner: MakeRunner, nix: Nix, tmp_path: Path, compression: str
+) -> None:
+    """Derivations recorded before migration 0002 have no hash modulo: it is computed from
+    their .drv files in the cache (inputs first) when a new derivation needs it, and kept."""
+    runner = await make_runner(cache={"compression": compression})
+    for _ in range(50):
+        top, closure = _rich(nix, tmp_path)
+        lib = next(p for p in closure if p.endswith("-lib.drv"))
+        fetched = next(p for p in closure if p.endswith("-fetched.drv"))
+        # A diamond (top needs lib and fetched, lib needs fetched) whose inputs are visited
+        # lib first, so fetched is needed before its own turn.
+        if lib > fetched:
+            break
+    await upload_closure(runner, nix, closure[:-1])
+    drv_paths = [p for p in closure[:-1] if p.endswith(".drv")]
+    expected = {p: await _hash_modulo(runner, p) for p in drv_paths}
+    async with runner.comps.engine.begin() as conn:
+        await conn.execute(update(derivations).values(hash_modulo=None))
+    # As after a restart into the new schema: the cache remembers no derivation records.
+    old = runner.comps.cache
+    runner.comps.cache = Cache(
+        old.engine, old.storage, old.key, old.config, old.url.removesuffix("/cache")
+    )
+    await upload_closure(runner, nix, (top,))
+    assert {p: await _hash_modulo(runner, p) for p in drv_paths} == expected

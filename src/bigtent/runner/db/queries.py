@@ -130,6 +130,8 @@ class DrvInfo:
     outputs: Mapping[str, str]
     input_drvs: Mapping[str, tuple[str, ...]]
     input_srcs: tuple[str, ...]
+    hash_modulo: str | None = None
+    """Hex of Nix's hashDerivationModulo of the .drv; None for rows recorded before it was."""
 
 
 async def insert_derivation(conn: AsyncConnection, drv: DrvInfo) -> None:
@@ -142,7 +144,19 @@ async def insert_derivation(conn: AsyncConnection, drv: DrvInfo) -> None:
             outputs=json.dumps(dict(drv.outputs)),
             input_drvs=json.dumps({k: list(v) for k, v in drv.input_drvs.items()}),
             input_srcs=json.dumps(list(drv.input_srcs)),
+            hash_modulo=drv.hash_modulo,
         )
+    )
+
+
+async def set_derivation_hash_modulo(
+    conn: AsyncConnection, drv_path: str, hash_modulo: str
+) -> None:
+    """Fill in the hash modulo of a derivation recorded before it was stored."""
+    await conn.execute(
+        update(derivations)
+        .where(derivations.c.drv_path == drv_path, derivations.c.hash_modulo.is_(None))
+        .values(hash_modulo=hash_modulo)
     )
 
 
@@ -155,6 +169,7 @@ def _drv(row: Any) -> DrvInfo:
         outputs=json.loads(row.outputs),
         input_drvs={k: tuple(v) for k, v in json.loads(row.input_drvs).items()},
         input_srcs=tuple(json.loads(row.input_srcs)),
+        hash_modulo=row.hash_modulo,
     )
 
 

@@ -54,6 +54,9 @@ derivations = Table(
     Column("outputs", Text, nullable=False),  # JSON {name: path}
     Column("input_drvs", Text, nullable=False),  # JSON {drv path: [output names]}
     Column("input_srcs", Text, nullable=False),  # JSON list
+    # Hex sha256 of Nix's hashDerivationModulo (what stands for this .drv in its dependents'
+    # output paths); NULL for rows recorded before migration 0002.
+    Column("hash_modulo", String(64)),
 )
 
 steps = Table(
