@@ -319,7 +319,13 @@ class Cache:
         signed = dataclasses.replace(info, sigs=(self.key.sign(info.fingerprint()),))
         await asyncio.to_thread(self.storage.commit, temp, got.file_name)
         async with self.engine.begin() as conn:
-            await queries.insert_store_path(conn, signed, created_at=time.time())
+            inserted = await queries.insert_store_path(conn, signed, created_at=time.time())
+            if not inserted:
+                # Published concurrently (two steps with the same output): the first record
+                # is what Nix clients have been served; keep serving exactly that.
+                existing = await queries.fetch_store_path_by_hash(conn, store_path.hash_part)
+                if existing is not None:
+                    signed = existing
             if record is not None:
                 await record(conn)
         self._infos.put(store_path.hash_part, signed)

@@ -87,9 +87,10 @@ async def fetch_store_path_by_hash(conn: AsyncConnection, hash_part: str) -> Nar
     return _narinfo(row) if row is not None else None
 
 
-async def insert_store_path(conn: AsyncConnection, info: NarInfo, *, created_at: float) -> None:
+async def insert_store_path(conn: AsyncConnection, info: NarInfo, *, created_at: float) -> bool:
+    """Record a narinfo; False when the path was already recorded (the first record wins)."""
     hash_part = info.store_path[len(STORE) :].split("-", 1)[0]
-    await conn.execute(
+    result = await conn.execute(
         _insert_ignore(conn, store_paths).values(
             path=info.store_path,
             hash_part=hash_part,
@@ -106,6 +107,7 @@ async def insert_store_path(conn: AsyncConnection, info: NarInfo, *, created_at:
             created_at=created_at,
         )
     )
+    return bool(result.rowcount)
 
 
 async def cache_totals(conn: AsyncConnection) -> tuple[int, int]:
