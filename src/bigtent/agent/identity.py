@@ -1,9 +1,9 @@
 """Who an agent is: its machine id, name, host name and systems (DESIGN §4).
 
 A persistent agent keeps its machine id in ``WORK_DIR/machine-id`` so that it reconnects as the
-same machine and the runner keeps its leases. Ephemeral identities (a fresh id never written to
-disk, a unique CI-derived name) are a separate constructor beside ``persistent_identity``; the
-session only ever sees an ``AgentIdentity``.
+same machine and the runner keeps its leases. An ephemeral agent gets a fresh id on every start,
+never written to disk, and a unique name derived from its base name, the GitHub Actions run and
+the id (``ephemeral_name``); the session only ever sees an ``AgentIdentity``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,11 @@ log = logging.getLogger(__name__)
 
 MACHINE_ID_FILE = "machine-id"
 """File under the agent's work dir holding its persistent machine id."""
+MAX_EPHEMERAL_NAME_BYTES = 128
+"""DESIGN §4: an ephemeral agent's whole name, in UTF-8 bytes."""
+MACHINE_ID_SUFFIX_CHARS = 8
+_MAX_RUN_ID_DIGITS = 20
+_MAX_RUN_ATTEMPT_DIGITS = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,4 +112,63 @@ async def persistent_identity(section: AgentSection, store: NixStore) -> AgentId
         name=(section.name or default_name())[:MAX_NAME_CHARS],
         hostname=hostname,
         systems=await resolve_systems(section, store),
+    )
+
+
+def _digits(value: str | None, max_len: int) -> str | None:
+    """A GitHub run id/attempt as given, or None when unset or not a plain decimal number."""
+    value = (value or "").strip()
+    if value and len(value) <= max_len and value.isascii() and value.isdigit():
+        return value
+    return None
+
+
+def ephemeral_name(base: str, machine_id: str, env: Mapping[str, str]) -> str:
+    """The unique name of an ephemeral agent (DESIGN §4).
+
+    ``base`` + ``-gh<GITHUB_RUN_ID>.<GITHUB_RUN_ATTEMPT>`` (``-gh<GITHUB_RUN_ID>`` without an
+    attempt; nothing without a run id) + ``-`` + the first 8 hex digits of the machine id. The
+    whole name is at most 128 UTF-8 bytes: the base is cut on a character boundary, the suffix
+    is always kept. Run ids and attempts that are not plain numbers (at most 20 and 10 digits)
+    are ignored, so the suffix stays short enough to keep.
+    """
+    suffix = ""
+    run_id = _digits(env.get("GITHUB_RUN_ID"), _MAX_RUN_ID_DIGITS)
+    if run_id is not None:
+        suffix = f"-gh{run_id}"
+        attempt = _digits(env.get("GITHUB_RUN_ATTEMPT"), _MAX_RUN_ATTEMPT_DIGITS)
+        if attempt is not None:
+            suffix += f".{attempt}"
+    short_id = "".join(c for c in machine_id.lower() if c in "0123456789abcdef")
+    suffix += "-" + short_id[:MACHINE_ID_SUFFIX_CHARS]
+    room = MAX_EPHEMERAL_NAME_BYTES - len(suffix.encode())
+    # errors="ignore" drops the partial character a byte cut leaves at the end.
+    cut = base.encode()[:room].decode(errors="ignore")
+    return cut + suffix
+
+
+def new_machine_id() -> MachineId:
+    """A fresh machine id (UUID4 hex), as persistent agents keep in their work dir."""
+    return MachineId(uuid.uuid4().hex)
+
+
+async def ephemeral_identity(
+    section: AgentSection,
+    store: NixStore,
+    *,
+    env: Mapping[str, str] | None = None,
+    new_id: Callable[[], MachineId] = new_machine_id,
+) -> AgentIdentity:
+    """The identity of an ephemeral agent: a fresh machine id that is never written to disk,
+    and a unique name (``ephemeral_name``), so every run is a new machine to the runner."""
+    machine_id = new_id()
+    hostname = socket.gethostname()
+    return AgentIdentity(
+        machine_id=machine_id,
+        name=ephemeral_name(
+            section.name or default_name(), machine_id, os.environ if env is None else env
+        ),
+        hostname=hostname,
+        systems=await resolve_systems(section, store),
+        ephemeral=True,
     )

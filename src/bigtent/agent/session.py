@@ -4,6 +4,10 @@ assignments, report results, reconnect with backoff, drain.
 Steps outlive connections: a step keeps running while the agent reconnects, its result waits
 in ``pending`` until the runner acknowledges it, and ``register`` lists every step the agent
 still holds so the runner keeps their leases.
+
+An ephemeral agent (``limits`` given) has one session only: it never reconnects, drains when a
+limit of ``agent/limits.py`` says so, and exits 0 after a limit or a drain, non-zero when its
+session failed.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import random
 import shutil
 import signal
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +34,9 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, WebSocketException
 
 from bigtent import __version__
+from bigtent.agent import limits as lim
 from bigtent.agent.executor import CacheSettings, Executor
-from bigtent.agent.identity import AgentIdentity, persistent_identity
+from bigtent.agent.identity import AgentIdentity, ephemeral_identity, persistent_identity
 from bigtent.config import AgentConfig, AgentSection
 from bigtent.errors import (
     AuthError,
@@ -70,6 +76,10 @@ WS_PATH = "/api/v1/agent/ws"
 EXIT_OK = 0
 EXIT_AUTH_REFUSED = AuthError.exit_code
 """Exit status when the runner refuses the agent's credentials at the upgrade (3)."""
+EXIT_RUNNER_UNREACHABLE = RunnerUnreachable.exit_code
+"""Ephemeral agents: the runner could not be reached, or the session dropped (4)."""
+EXIT_PROTOCOL_ERROR = ProtocolError.exit_code
+"""Ephemeral agents: the runner refused the registration or broke the protocol (1)."""
 BACKOFF_START_SECS = 0.5
 BACKOFF_CAP_SECS = 30.0
 CONNECT_TIMEOUT_SECS = 10.0
@@ -207,7 +217,11 @@ class AgentSession:
         executor: StepRunner,
         rand: Callable[[], float] = random.random,
         store_dir: Path | None = None,
+        limits: lim.Limits | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``limits`` makes the agent ephemeral (DESIGN §4): one session, no reconnect, and
+        drained by its limits; ``clock`` gives monotonic seconds (injected in tests)."""
         self._section = section
         self._identity = identity
         self._token = token
@@ -222,6 +236,13 @@ class AgentSession:
         self._conn: Connection | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._draining = False
+        self._drain_reason: str | None = None
+        """Why an ephemeral agent is draining, when a limit made it."""
+        self._limits = limits
+        self._clock = clock
+        self._limit_state = lim.start(clock())
+        self._limits_changed = asyncio.Event()
+        """Wakes the limit watcher after an assignment or completion."""
         self._shutdown_requests = 0
         self._sessions = 0
         """How many sessions have been registered (resets the reconnect backoff)."""
@@ -246,6 +267,37 @@ class AgentSession:
 
     @property
     def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def ephemeral(self) -> bool:
+        return self._limits is not None
+
+    @property
+    def builds_taken(self) -> int:
+        """How many assignments this agent accepted (the ``max_builds`` budget used)."""
+        return self._limit_state.reserved
+
+    def check_limits(self) -> bool:
+        """Judge the ephemeral limits now; True when the agent is draining (for any reason).
+
+        The watcher calls this at every deadline and event; tests with an injected clock call
+        it after moving the clock."""
+        if self._limits is None or self._draining:
+            return self._draining
+        reason = lim.drain_reason(self._limits, self._limit_state, self._clock())
+        if reason is not None:
+            log.info(
+                "ephemeral agent %s: %s; draining (%d step(s) running, %d build(s) taken)",
+                self._identity.name,
+                reason,
+                len(self._running),
+                self._limit_state.reserved,
+            )
+            self._draining = True
+            self._drain_reason = reason
+            self._update()
+        self._limits_changed.set()
         return self._draining
 
     async def run(self) -> int:
@@ -287,6 +339,8 @@ class AgentSession:
 
     # ---- connection loop ----------------------------------------------------------------
     async def _serve(self) -> int:
+        if self._limits is not None:
+            return await self._serve_once()
         attempt = 0
         while not self._stop.is_set():
             sessions_before = self._sessions
@@ -313,6 +367,40 @@ class AgentSession:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay)
         log.info("agent stopped")
+        return EXIT_OK
+
+    async def _serve_once(self) -> int:
+        """An ephemeral agent's one session: 0 once drained or stopped, else why it failed."""
+        try:
+            async with self._connect(self._ws_url, self._headers()) as conn:
+                await self._session(conn)
+        except AuthError as exc:
+            log.error(
+                "the runner at %s refused the agent's credentials (%s); "
+                "check the agent token and its role",
+                self._section.runner_url,
+                exc,
+            )
+            return EXIT_AUTH_REFUSED
+        except ProtocolError as exc:
+            log.error("session with runner %s failed: %s", self._section.runner_url, exc)
+            return EXIT_PROTOCOL_ERROR
+        except (RunnerUnreachable, Disconnected, TimeoutError) as exc:
+            log.error(
+                "session with runner %s failed: %s; an ephemeral agent does not reconnect",
+                self._section.runner_url,
+                exc or "timed out",
+            )
+            return EXIT_RUNNER_UNREACHABLE
+        if not self._stop.is_set():  # defensive: a session only returns once stopped
+            log.error("session with runner %s ended unexpectedly", self._section.runner_url)
+            return EXIT_RUNNER_UNREACHABLE
+        log.info(
+            "ephemeral agent %s stopped (%s) after %d build(s)",
+            self._identity.name,
+            self._drain_reason or "drained",
+            self._limit_state.reserved,
+        )
         return EXIT_OK
 
     def _headers(self) -> dict[str, str]:
@@ -346,11 +434,15 @@ class AgentSession:
             for result in list(self._pending.values()):
                 log.info("re-sending the result of step %s", result.step_id)
                 await conn.send(encode(result))
-            await _first_completed(
+            loops = [
                 self._receive_loop(conn),
                 self._heartbeat_loop(conn, max(first.heartbeat_secs, MIN_HEARTBEAT_SECS)),
                 self._stop.wait(),
-            )
+            ]
+            if self._limits is not None:
+                self._limit_state = lim.registered(self._limit_state, self._clock())
+                loops.append(self._limit_loop(self._limits))
+            await _first_completed(*loops)
         finally:
             self._conn = None
             self.registered.clear()
@@ -375,7 +467,7 @@ class AgentSession:
             max_jobs=self._section.max_jobs,
             cpu_count=os.cpu_count() or 1,
             speed_factor=self._section.speed_factor,
-            ephemeral=ident.ephemeral,
+            ephemeral=ident.ephemeral or self._limits is not None,
             launch_id=ident.launch_id,
             running=held,
         )
@@ -416,6 +508,19 @@ class AgentSession:
                 case _:
                     assert_never(message)
 
+    async def _limit_loop(self, limits: lim.Limits) -> None:
+        """Drain when a limit is reached: look at every deadline and after every event."""
+        while True:
+            self._limits_changed.clear()
+            if self.check_limits():
+                break
+            self._limits_changed.clear()
+            deadline = lim.next_deadline(limits, self._limit_state, self._clock())
+            timeout = None if deadline is None else max(0.0, deadline - self._clock())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._limits_changed.wait(), timeout)
+        await self._stop.wait()
+
     async def _heartbeat_loop(self, conn: Connection, interval_secs: float) -> None:
         while True:
             await asyncio.sleep(interval_secs)
@@ -435,6 +540,8 @@ class AgentSession:
     def _refusal(self, assign: Assign) -> str | None:
         """Why this assignment cannot be taken now, or None when a slot is free."""
         if self._draining:
+            if self._drain_reason is not None:
+                return f"the agent is draining: {self._drain_reason}"
             return "the agent is draining"
         if assign.step_id in self._running or assign.step_id in self._pending:
             return f"the agent already holds step {assign.step_id}"
@@ -442,19 +549,37 @@ class AgentSession:
             return f"no free slot ({len(self._running)}/{self._section.max_jobs} running)"
         return None
 
-    async def _on_assign(self, conn: Connection, assign: Assign) -> None:
+    def _reserve(self, assign: Assign) -> str | None:
+        """Take a slot and, for an ephemeral agent, one build of its budget: None when both
+        are taken, else why not. Never awaits, so concurrent assigns cannot both take the
+        last build (DESIGN §4: ``max_builds`` is reserved atomically at assign time)."""
         reason = self._refusal(assign)
+        if reason is not None:
+            return reason
+        if self._limits is not None:
+            state, reason = lim.reserve(self._limits, self._limit_state, self._clock())
+            if reason is not None:
+                self.check_limits()  # a limit passed since the last look: drain now
+                return self._refusal(assign) or reason
+            self._limit_state = state
+        assert self._cache is not None  # set before receiving
+        self._running[assign.step_id] = _Step(assign, self._cache)
+        self._update()
+        return None
+
+    async def _on_assign(self, conn: Connection, assign: Assign) -> None:
+        reason = self._reserve(assign)
         if reason is not None:
             log.info("refusing step %s (%s): %s", assign.step_id, assign.drv_path, reason)
             await conn.send(
                 encode(Refused(step_id=assign.step_id, lease_id=assign.lease_id, reason=reason))
             )
             return
-        # Reserve the slot before any await, so no second assign can take it.
-        assert self._cache is not None and self._tg is not None  # set before receiving
-        step = _Step(assign, self._cache)
-        self._running[assign.step_id] = step
-        self._update()
+        # The slot (and build) was reserved before any await, so no second assign can take it.
+        assert self._tg is not None  # set before receiving
+        step = self._running[assign.step_id]
+        if self._limits is not None:
+            self.check_limits()  # the last build of max_builds starts the drain at once
         try:
             await conn.send(encode(Accepted(step_id=assign.step_id, lease_id=assign.lease_id)))
         finally:
@@ -505,6 +630,9 @@ class AgentSession:
             self._pending[assign.step_id] = result
         finally:
             self._running.pop(assign.step_id, None)
+            if self._limits is not None:
+                self._limit_state = lim.complete(self._limit_state, self._clock())
+                self._limits_changed.set()
             self._update()
         await self._send(result)
 
@@ -661,24 +789,25 @@ async def run_agent(
     identity: AgentIdentity | None = None,
     install_signal_handlers: bool = True,
 ) -> int:
-    """Run a persistent agent until it is drained or stopped; returns the exit status.
+    """Run an agent until it is drained, stopped or its session fails; returns the exit status.
 
-    0 after a drain (runner ``drain`` or SIGTERM) or a forced stop (second SIGTERM), 3 when the
-    runner refuses the credentials. Startup problems (work dir, Nix missing) raise
-    ``BigtentError`` for the CLI to report. ``connect``/``http``/``identity`` are seams for
-    tests and for ephemeral agents (which bring their own identity).
+    Persistent: 0 after a drain (runner ``drain`` or SIGTERM) or a forced stop (second
+    SIGTERM), 3 when the runner refuses the credentials; otherwise it reconnects forever.
+    Ephemeral (``[agent.ephemeral]``, DESIGN §4): one session with a fresh identity; 0 when a
+    limit or a drain ended it, 3 (credentials refused), 4 (runner unreachable or the session
+    dropped) or 1 (protocol error) when the session failed. Startup problems (work dir, Nix
+    missing) raise ``BigtentError`` for the CLI to report. ``connect``/``http``/``identity``
+    are seams for tests.
     """
     section = cfg.agent
-    if section.ephemeral is not None and identity is None:
-        # The limits and the one-session lifecycle of ephemeral agents (DESIGN §4) are not
-        # built yet: refuse rather than run a persistent agent the user did not ask for.
-        raise ConfigError(
-            "ephemeral agents (--ephemeral, --max-builds/--max-idle-secs/--max-lifetime-secs, "
-            "[agent.ephemeral]) are not supported by this version yet"
-        )
+    limits = None if section.ephemeral is None else lim.Limits.from_section(section.ephemeral)
     ssl_context = ssl_context_for(section)
     if identity is None:
-        identity = await persistent_identity(section, NixStore(store=section.store))
+        store = NixStore(store=section.store)
+        if limits is not None:
+            identity = await ephemeral_identity(section, store)
+        else:
+            identity = await persistent_identity(section, store)
     async with contextlib.AsyncExitStack() as stack:
         if http is None:
             http = await stack.enter_async_context(
@@ -695,11 +824,13 @@ async def run_agent(
             token=token,
             connect=connect or websocket_connector(ssl_context),
             executor=executor,
+            limits=limits,
         )
         if install_signal_handlers:
             stack.enter_context(_signal_handlers(session))
         log.info(
-            "agent %s (machine %s) starting: systems %s, %d slot(s), runner %s",
+            "%s agent %s (machine %s) starting: systems %s, %d slot(s), runner %s",
+            "ephemeral" if limits is not None else "persistent",
             identity.name,
             identity.machine_id,
             " ".join(identity.systems),
@@ -712,6 +843,8 @@ async def run_agent(
 __all__ = [
     "EXIT_AUTH_REFUSED",
     "EXIT_OK",
+    "EXIT_PROTOCOL_ERROR",
+    "EXIT_RUNNER_UNREACHABLE",
     "AgentSession",
     "Connection",
     "Connector",
