@@ -553,6 +553,7 @@ class AgentSession:
         """Take a slot and, for an ephemeral agent, one build of its budget: None when both
         are taken, else why not. Never awaits, so concurrent assigns cannot both take the
         last build (DESIGN §4: ``max_builds`` is reserved atomically at assign time)."""
+        assert self._cache is not None  # set before receiving
         reason = self._refusal(assign)
         if reason is not None:
             return reason
@@ -562,7 +563,6 @@ class AgentSession:
                 self.check_limits()  # a limit passed since the last look: drain now
                 return self._refusal(assign) or reason
             self._limit_state = state
-        assert self._cache is not None  # set before receiving
         self._running[assign.step_id] = _Step(assign, self._cache)
         self._update()
         return None

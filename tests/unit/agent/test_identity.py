@@ -1,4 +1,4 @@
-"""The persistent agent identity: machine id file, default name, systems."""
+"""Agent identities: the persistent machine id file, default name, systems; ephemeral names."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import pytest
 
 from bigtent.agent.identity import (
     MACHINE_ID_FILE,
+    MAX_EPHEMERAL_NAME_BYTES,
     default_name,
+    ephemeral_identity,
+    ephemeral_name,
     load_machine_id,
     persistent_identity,
     resolve_systems,
@@ -18,6 +21,7 @@ from bigtent.agent.identity import (
 from bigtent.config import AgentSection
 from bigtent.errors import ConfigError
 from bigtent.nix.store import NixStore
+from bigtent.protocol import MachineId
 
 
 class FakeNix(NixStore):
@@ -68,3 +72,76 @@ async def test_persistent_identity(tmp_path: Path) -> None:
     assert ident.ephemeral is False
     named = await persistent_identity(AgentSection(work_dir=tmp_path, name="b1"), FakeNix())
     assert named.name == "b1" and named.machine_id == ident.machine_id
+
+
+# ---- ephemeral identities -----------------------------------------------------------------
+MID = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("base", "env", "name"),
+    [
+        ("ci", {}, "ci-01234567"),
+        ("ci", {"GITHUB_RUN_ID": "987654321"}, "ci-gh987654321-01234567"),
+        (
+            "ci",
+            {"GITHUB_RUN_ID": "987654321", "GITHUB_RUN_ATTEMPT": "2"},
+            "ci-gh987654321.2-01234567",
+        ),
+        # An attempt without a run id says nothing.
+        ("ci", {"GITHUB_RUN_ATTEMPT": "2"}, "ci-01234567"),
+        # Values that are not plain numbers are ignored, so the suffix stays short.
+        ("ci", {"GITHUB_RUN_ID": "12; rm -rf"}, "ci-01234567"),
+        ("ci", {"GITHUB_RUN_ID": "1" * 21}, "ci-01234567"),
+        ("ci", {"GITHUB_RUN_ID": "", "GITHUB_RUN_ATTEMPT": "1"}, "ci-01234567"),
+        ("ci", {"GITHUB_RUN_ID": "5", "GITHUB_RUN_ATTEMPT": "x"}, "ci-gh5-01234567"),
+        ("ci", {"GITHUB_RUN_ID": "٣"}, "ci-01234567"),  # a non-ASCII digit
+        # Fits exactly: 119 + 9 bytes.
+        ("a" * 119, {}, "a" * 119 + "-01234567"),
+        # Too long: the base is cut, the suffix kept.
+        ("a" * 300, {}, "a" * 119 + "-01234567"),
+        (
+            "b" * 300,
+            {"GITHUB_RUN_ID": "12345678901", "GITHUB_RUN_ATTEMPT": "3"},
+            "b" * (128 - len("-gh12345678901.3-01234567")) + "-gh12345678901.3-01234567",
+        ),
+        # Multi-byte: "é" is 2 bytes; 60 of them are 120 bytes, room is 119, so the 60th
+        # (cut in the middle) goes whole.
+        ("é" * 60, {}, "é" * 59 + "-01234567"),
+        # 3-byte characters: 119 // 3 = 39 fit.
+        ("日本" * 30, {}, ("日本" * 30)[:39] + "-01234567"),
+        # A 4-byte emoji straddling the cut after 118 ASCII bytes goes whole.
+        ("a" * 118 + "🚀" + "z", {}, "a" * 118 + "-01234567"),
+    ],
+)
+def test_ephemeral_name(base: str, env: dict[str, str], name: str) -> None:
+    got = ephemeral_name(base, MID, env)
+    assert got == name
+    assert len(got.encode()) <= MAX_EPHEMERAL_NAME_BYTES == 128
+
+
+def test_ephemeral_name_uses_the_hex_of_a_dashed_uuid() -> None:
+    assert ephemeral_name("x", "ABCDEF12-3456-7890-abcd-ef0123456789", {}) == "x-abcdef12"
+
+
+async def test_ephemeral_identity_is_fresh_and_never_on_disk(tmp_path: Path) -> None:
+    section = AgentSection(work_dir=tmp_path / "work", name="gha", systems=["x86_64-linux"])
+    env = {"GITHUB_RUN_ID": "42", "GITHUB_RUN_ATTEMPT": "1"}
+    first = await ephemeral_identity(section, FakeNix(), env=env)
+    second = await ephemeral_identity(section, FakeNix(), env=env)
+    assert first.ephemeral and second.ephemeral
+    assert first.machine_id != second.machine_id
+    assert len(first.machine_id) == 32 and int(first.machine_id, 16) >= 0
+    assert first.name == f"gha-gh42.1-{first.machine_id[:8]}"
+    assert first.systems == ("x86_64-linux",)
+    assert not (tmp_path / "work").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_ephemeral_identity_defaults_to_the_host_name(tmp_path: Path) -> None:
+    ident = await ephemeral_identity(
+        AgentSection(work_dir=tmp_path), FakeNix(), env={}, new_id=lambda: MachineId(MID)
+    )
+    assert ident.name == ephemeral_name(default_name(), MID, {})
+    assert ident.machine_id == MID
+    assert ident.systems == ("aarch64-linux",)
