@@ -379,31 +379,57 @@ def status(runner_url: str, token_file: Path | None, ca_file: Path | None, as_js
     _console().print(table)
 
 
+_AGENT_COLUMNS = (
+    "name",
+    "kind",
+    "auth",
+    "connected",
+    "last seen",
+    "jobs",
+    "backoff",
+    "systems",
+    "features",
+)
+
+
 def _agent_row(a: Agent) -> list[str]:
     features = [*a.supported_features, *(f"{f}!" for f in a.mandatory_features)]
-    kind = "ephemeral" if a.ephemeral else "persistent"
-    if a.auth_kind:
-        kind += f" ({a.auth_kind})"
-    state = "connected" if a.connected else "gone"
+    connected = "yes" if a.connected else "no"
+    if a.draining:
+        connected += " (draining)"
+    backoff = "-"
     if a.backoff_until:
-        state += f", backoff until {a.backoff_until}"
+        backoff = f"until {a.backoff_until} ({a.consecutive_failures} failures)"
     return [
         a.name,
+        "ephemeral" if a.ephemeral else "persistent",
+        a.auth_kind or "-",
+        connected,
+        a.last_seen or "-",
+        f"{a.running}/{a.max_jobs}",
+        backoff,
         ",".join(a.systems),
         ",".join(features),
-        f"{a.running}/{a.max_jobs}",
-        f"{a.speed_factor:g}",
-        kind,
-        state,
-        a.last_seen or "",
     ]
 
 
-@cli.command(context_settings=_CONTEXT)
+@cli.group(context_settings=_CONTEXT, invoke_without_command=True)
 @_client_options
 @_json_option
-def agents(runner_url: str, token_file: Path | None, ca_file: Path | None, as_json: bool) -> None:
-    """List the agents the runner knows (mandatory features end in '!')."""
+@click.pass_context
+def agents(
+    ctx: click.Context,
+    runner_url: str,
+    token_file: Path | None,
+    ca_file: Path | None,
+    as_json: bool,
+) -> None:
+    """List the agents the runner knows (mandatory features end in '!').
+
+    `bigtent agents drain NAME` drains one.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
 
     async def go() -> Any:
         async with _make_client(runner_url, token_file, ca_file) as client:
@@ -414,11 +440,31 @@ def agents(runner_url: str, token_file: Path | None, ca_file: Path | None, as_js
         _echo_json([a.model_dump(mode="json") for a in rows])
         return
     table = Table()
-    for col in ("name", "systems", "features", "jobs", "speed", "kind", "state", "last seen"):
+    for col in _AGENT_COLUMNS:
         table.add_column(col)
     for a in rows:
         table.add_row(*_agent_row(a))
     _console().print(table)
+
+
+@agents.command("drain", context_settings=_CONTEXT)
+@click.argument("name")
+@_client_options
+@_json_option
+def agents_drain(
+    name: str, runner_url: str, token_file: Path | None, ca_file: Path | None, as_json: bool
+) -> None:
+    """Drain agent NAME: it finishes its running steps and takes no new ones (admin token)."""
+
+    async def go() -> str:
+        async with _make_client(runner_url, token_file, ca_file) as client:
+            return await client.drain_agent(name)
+
+    drained = _run(go())
+    if as_json:
+        _echo_json({"drained": drained})
+    else:
+        click.echo(f"agent {drained} is draining")
 
 
 def _build_line(b: Build) -> str:
@@ -491,6 +537,30 @@ def cancel(
     async def go() -> Any:
         async with _make_client(runner_url, token_file, ca_file) as client:
             return await client.cancel_build(build_id)
+
+    b = _run(go())
+    if as_json:
+        _echo_json(b.model_dump(mode="json"))
+    else:
+        click.echo(_build_line(b))
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("build_id", metavar="BUILD")
+@_client_options
+@_json_option
+def restart(
+    build_id: str, runner_url: str, token_file: Path | None, ca_file: Path | None, as_json: bool
+) -> None:
+    """Rebuild BUILD's failed, dependency-failed and cancelled steps.
+
+    Clears the cached failures of its failed steps, which new builds otherwise do not
+    rebuild until scheduler.failure_cache_ttl_secs has passed.
+    """
+
+    async def go() -> Any:
+        async with _make_client(runner_url, token_file, ca_file) as client:
+            return await client.restart_build(build_id)
 
     b = _run(go())
     if as_json:

@@ -133,6 +133,9 @@ class SchedulerSection(_Section):
     max_silent_secs: float = Field(default=3600.0, gt=0)
     max_log_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     ephemeral_session_ttl_secs: float = Field(default=3600.0, gt=0)
+    """Stale ephemeral agent rows (last seen longer ago than this) are pruned."""
+    failure_cache_ttl_secs: float = Field(default=86400.0, ge=0)
+    """A build failure is remembered this long: new builds fail that derivation at once."""
 
 
 def _toml_source(path: Path | None) -> dict[str, Any]:

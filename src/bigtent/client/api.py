@@ -10,6 +10,7 @@ from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Annotated, Any, Self, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -145,9 +146,16 @@ class Agent(_Model):
     speed_factor: float = 1.0
     ephemeral: bool = False
     auth_kind: str = ""
+    launch_id: str | None = None
     connected: bool = False
+    draining: bool = False
     last_seen: str | None = None
+    steps_succeeded: int = 0
+    steps_failed: int = 0
+    infra_failures: int = 0
+    consecutive_failures: int = 0
     backoff_until: str | None = None
+    """Set while the agent gets no work after consecutive infrastructure failures."""
 
 
 class _Builds(_Model):
@@ -160,6 +168,10 @@ class _Steps(_Model):
 
 class _Agents(_Model):
     agents: list[Agent]
+
+
+class _Drained(_Model):
+    drained: str
 
 
 class _Missing(_Model):
@@ -393,3 +405,15 @@ class RunnerClient:
         body = {} if priority is None else {"priority": priority}
         data = await self._json("POST", f"/builds/{build_id}/bump", json_body=body)
         return self._parse(Build, data, "build")
+
+    async def restart_build(self, build_id: str) -> Build:
+        """Rebuild the build's failed, dependency-failed and cancelled steps (clearing their
+        cached failures)."""
+        data = await self._json("POST", f"/builds/{build_id}/restart")
+        return self._parse(Build, data, "build")
+
+    async def drain_agent(self, name: str) -> str:
+        """Tell a connected agent to finish its running steps and take no new ones (admin);
+        returns the agent's name."""
+        data = await self._json("POST", f"/agents/{quote(name, safe='')}/drain")
+        return self._parse(_Drained, data, "drain answer").drained

@@ -4,7 +4,6 @@ call a component and shape the answer; errors are raised and rendered by one han
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -241,6 +240,15 @@ async def bump_build(
     return await _build_json(comps, build_id)
 
 
+@api.post("/builds/{build_id}/restart")
+async def restart_build(build_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
+    """Clear the cached failures of the build's failed steps and queue its failed,
+    dependency-failed and cancelled steps again."""
+    await _build_json(comps, build_id)  # 404 for an unknown build
+    await comps.scheduler.restart_build(build_id)
+    return await _build_json(comps, build_id)
+
+
 @api.get("/steps/{step_id}")
 async def get_step(step_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
     _known_id(step_id, "step")
@@ -265,9 +273,13 @@ async def list_agents(comps: Comps, _: ClientAuth) -> dict[str, Any]:
     async with comps.engine.connect() as conn:
         rows = await queries.fetch_agents(conn)
     live = comps.scheduler.venues
+    now = comps.scheduler.clock()
     out = []
     for r in rows:
         venue = live.get(r.machine_id)
+        # A connected agent's backoff is the scheduler's; a gone one's is its row's, which
+        # it gets back when it reconnects.
+        backoff = venue.backoff_until if venue else (r.backoff_until or 0.0)
         out.append(
             {
                 "machine_id": r.machine_id,
@@ -281,11 +293,19 @@ async def list_agents(comps: Comps, _: ClientAuth) -> dict[str, Any]:
                 "speed_factor": r.speed_factor,
                 "ephemeral": r.ephemeral,
                 "auth_kind": r.auth_kind,
+                "launch_id": r.launch_id,
+                "version": r.version,
                 "connected": venue is not None,
+                "draining": venue.draining if venue else False,
+                "first_seen": _iso(r.first_seen),
                 "last_seen": _iso(r.last_seen),
-                "backoff_until": _iso(venue.backoff_until)
-                if venue and venue.backoff_until > time.time()
-                else None,
+                "steps_succeeded": r.steps_succeeded,
+                "steps_failed": r.steps_failed,
+                "infra_failures": r.infra_failures,
+                "consecutive_failures": venue.consecutive_failures
+                if venue
+                else r.consecutive_failures,
+                "backoff_until": _iso(backoff) if backoff > now else None,
             }
         )
     return {"agents": out}

@@ -16,6 +16,7 @@ from bigtent import __version__
 from bigtent.config import RunnerConfig
 from bigtent.errors import ConfigError
 from bigtent.protocol import MAX_MESSAGE_BYTES
+from bigtent.runner.agents import run_pruner
 from bigtent.runner.api import CredentialGate, api, cache_routes, install_error_handlers
 from bigtent.runner.components import Components, build_components, close_components
 
@@ -28,25 +29,39 @@ WS_MAX_FRAME_BYTES = 4 * MAX_MESSAGE_BYTES
 
 def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) -> FastAPI:
     """The ASGI app over already-built components. ``on_fatal`` is called if the scheduler
-    loop dies (a bug): the runner must stop rather than accept work it will never dispatch."""
+    loop or the agent pruner dies (a bug; both survive ordinary errors): the runner must stop
+    rather than accept work it will never dispatch."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(comps.scheduler.run(), name="scheduler")
+        tasks = [
+            asyncio.create_task(comps.scheduler.run(), name="scheduler"),
+            asyncio.create_task(
+                run_pruner(
+                    comps.engine,
+                    comps.config.scheduler.ephemeral_session_ttl_secs,
+                    comps.scheduler.clock,
+                ),
+                name="agent-pruner",
+            ),
+        ]
 
         def _done(t: asyncio.Task[None]) -> None:
             if not t.cancelled() and t.exception() is not None:
-                log.error("scheduler loop died", exc_info=t.exception())
+                log.error("%s task died", t.get_name(), exc_info=t.exception())
                 if on_fatal is not None:
                     on_fatal()
 
-        task.add_done_callback(_done)
+        for task in tasks:
+            task.add_done_callback(_done)
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     app = FastAPI(
         title="bigtent runner",

@@ -10,8 +10,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
@@ -53,6 +53,8 @@ class AgentSession:
     closed: bool = False
     close_code: int = NORMAL_CLOSURE
     venue: Venue | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+    """The agent row's registration values, to record it again if it was pruned."""
 
     def send(self, message: BaseModel) -> None:
         """Queue a message; raise SessionClosed when the session is over or hopelessly slow."""
@@ -168,7 +170,7 @@ class Sessions:
             await self._dispatch(session, venue, msg)
 
     async def _register(self, session: AgentSession, reg: p.Register) -> Venue | None:
-        now = time.time()
+        now = self.scheduler.clock()
         old = self.live.get(reg.machine_id)
         if old is not None:
             log.info("agent %s reconnected; closing its older session", reg.name)
@@ -187,24 +189,24 @@ class Sessions:
         )
         session.venue = venue
         self.live[reg.machine_id] = session
+        session.record = dict(
+            name=reg.name,
+            hostname=reg.hostname,
+            systems=_json(reg.systems),
+            supported_features=_json(reg.supported_features),
+            mandatory_features=_json(reg.mandatory_features),
+            max_jobs=reg.max_jobs,
+            speed_factor=reg.speed_factor,
+            ephemeral=reg.ephemeral,
+            auth_kind="token",
+            launch_id=reg.launch_id,
+            version=reg.version,
+        )
         async with self.engine.begin() as conn:
-            await queries.upsert_agent(
-                conn,
-                reg.machine_id,
-                name=reg.name,
-                hostname=reg.hostname,
-                systems=_json(reg.systems),
-                supported_features=_json(reg.supported_features),
-                mandatory_features=_json(reg.mandatory_features),
-                max_jobs=reg.max_jobs,
-                speed_factor=reg.speed_factor,
-                ephemeral=reg.ephemeral,
-                auth_kind="token",
-                launch_id=reg.launch_id,
-                version=reg.version,
-                connected=True,
-                last_seen=now,
+            row = await queries.upsert_agent(
+                conn, reg.machine_id, **session.record, connected=True, last_seen=now
             )
+        restore_backoff(venue, row)
         if session.closed or self.live.get(reg.machine_id) is not session:
             # A newer session of the same machine registered while we awaited the database:
             # it owns the venue now, and this one must not attach over it.
@@ -239,8 +241,7 @@ class Sessions:
         match msg:
             case p.Heartbeat():
                 self.scheduler.heartbeat(venue, msg.running)
-                async with self.engine.begin() as conn:
-                    await queries.update_agent(conn, venue.machine_id, last_seen=time.time())
+                await self._seen(session, venue)
             case p.Accepted():
                 await self.scheduler.accepted(venue, msg)
             case p.Refused():
@@ -256,6 +257,24 @@ class Sessions:
             case p.Register():
                 raise ProtocolError("register sent twice in one session")
 
+    async def _seen(self, session: AgentSession, venue: Venue) -> None:
+        """Note a heartbeat. An agent whose row was pruned while it was still connected (its
+        heartbeats stalled past the TTL) is simply recorded again."""
+        now = self.scheduler.clock()
+        async with self.engine.begin() as conn:
+            if await queries.update_agent(conn, venue.machine_id, last_seen=now, connected=True):
+                return
+            await queries.upsert_agent(
+                conn,
+                venue.machine_id,
+                **session.record,
+                connected=True,
+                last_seen=now,
+                consecutive_failures=venue.consecutive_failures,
+                backoff_until=venue.backoff_until or None,
+            )
+        log.info("agent %s was pruned while connected; recorded again", venue.name)
+
     async def _ended(self, session: AgentSession) -> None:
         venue = session.venue
         if venue is None:
@@ -266,12 +285,20 @@ class Sessions:
             try:
                 async with self.engine.begin() as conn:
                     await queries.update_agent(
-                        conn, venue.machine_id, connected=False, last_seen=time.time()
+                        conn, venue.machine_id, connected=False, last_seen=self.scheduler.clock()
                     )
             except SQLAlchemyError:
                 # The session is over either way; the row is fixed at the next start.
                 log.warning("could not mark agent %s disconnected", venue.name, exc_info=True)
         log.info("agent %s disconnected", venue.name)
+
+
+def restore_backoff(venue: Venue, row: Any) -> None:
+    """Give a newly registered venue the backoff its agent row holds. DESIGN §4: the backoff
+    belongs to the machine, not the session: a flapping agent must not shed it by
+    reconnecting."""
+    venue.consecutive_failures = int(row.consecutive_failures)
+    venue.backoff_until = float(row.backoff_until or 0.0)
 
 
 def _json(items: list[str]) -> str:

@@ -634,7 +634,7 @@ async def test_cached_roots_finish_a_build_at_once(farm: Farm) -> None:
     assert farm.sched.builds == {}
 
 
-async def test_new_build_on_a_failed_step_fails_its_dependents(farm: Farm) -> None:
+async def test_new_build_on_a_cached_failure_fails_at_once(farm: Farm) -> None:
     x = drv("x")
     first = await farm.add([x], roots=[x])
     holder = await farm.add([x, drv("z", x)], roots=[drv("z", x)])
@@ -645,17 +645,277 @@ async def test_new_build_on_a_failed_step_fails_its_dependents(farm: Farm) -> No
         farm.sched.venues["m1"],
         p.Log(step_id=a.step_id, lease_id=a.lease_id, lines=["first run"]),
     )
-    assert await farm.report(agent, a, p.Outcome.BUILD_FAILURE)
+    assert await farm.report(agent, a, p.Outcome.BUILD_FAILURE, "builder exited 1")
     assert await farm.build_state(first) == "failed"
     assert await farm.build_state(holder) == "failed"
-    assert farm.sched.logs.read(a.step_id) == b"first run\n"
-    # x's failure is forgotten with the builds that held it: a new build queues it again,
-    # with a fresh log (a new run, not a retry).
+    assert farm.sched.nodes == {}
+    # Within the TTL a new build does not rebuild x: x fails at once, y with it.
+    farm.clock.now += CONFIG.failure_cache_ttl_secs - 1
     y = drv("y", x)
     third = await farm.add([x, y], roots=[y])
+    row = await farm.step(x)
+    assert (row.state, row.outcome, row.failed_at) == ("failed", "build_failure", T0)
+    assert row.error.startswith("cached failure: this derivation failed (build_failure) at ")
+    assert "2023-11-14T22:13:20+00:00" in row.error and row.error.endswith("builder exited 1")
+    assert (await farm.step(y)).state == "dependency_failed"
+    assert x.drv_path in (await farm.step(y)).error
+    assert await farm.build_state(third) == "failed"
+    await farm.tick()
+    assert agent.take_assigns() == []
+    assert farm.sched.logs.read(a.step_id) == b"first run\n"  # the failure's log stays
+    assert farm.sched.nodes == {} and farm.sched.builds == {}
+    # A second hit keeps the first error once.
+    await farm.add([x], roots=[x])
+    error = (await farm.step(x)).error
+    assert error.count("cached failure") == 1 and error.endswith("builder exited 1")
+
+
+async def test_cached_failure_expires_after_the_ttl(farm: Farm) -> None:
+    x = drv("x")
+    await farm.add([x], roots=[x])
+    agent = farm.agent("m1")
+    await farm.tick()
+    [a] = agent.take_assigns()
+    farm.sched.log_lines(
+        agent.venue, p.Log(step_id=a.step_id, lease_id=a.lease_id, lines=["first run"])
+    )
+    assert await farm.report(agent, a, p.Outcome.TIMED_OUT)
+    farm.clock.now = T0 + CONFIG.failure_cache_ttl_secs
+    y = drv("y", x)
+    build = await farm.add([x, y], roots=[y])
+    row = await farm.step(x)
+    assert (row.state, row.outcome, row.failed_at, row.error) == ("runnable", None, None, None)
+    assert farm.sched.logs.read(a.step_id) == b""  # a new run, a fresh log
+    await farm.tick()
+    [again] = agent.take_assigns()
+    assert again.drv_path == x.drv_path and again.lease_id != a.lease_id
+    assert await farm.succeed(agent, again)
+    await farm.tick()
+    [top] = agent.take_assigns()
+    assert await farm.succeed(agent, top)
+    assert await farm.build_state(build) == "succeeded"
+
+
+@pytest.mark.parametrize("outcome", [p.Outcome.PREPARE_FAILURE, p.Outcome.AGENT_LOST])
+async def test_infrastructure_failures_are_never_cached(
+    make_farm: Callable[..., Farm], outcome: p.Outcome
+) -> None:
+    farm = make_farm(max_infra_attempts=1)
+    x = drv("x")
+    first = await farm.add([x], roots=[x])
+    agent = farm.agent("m1")
+    await farm.tick()
+    [a] = agent.take_assigns()
+    assert await farm.report(agent, a, outcome)
+    row = await farm.step(x)
+    assert (row.state, row.outcome, row.failed_at) == ("failed", outcome, None)
+    assert await farm.build_state(first) == "failed"
+    second = await farm.add([x], roots=[x])
     assert await farm.state(x) is StepState.RUNNABLE
-    assert await farm.build_state(third) == "queued"
-    assert farm.sched.logs.read(a.step_id) == b""
+    assert await farm.build_state(second) == "queued"
+
+
+async def test_zero_ttl_caches_nothing(make_farm: Callable[..., Farm]) -> None:
+    farm = make_farm(failure_cache_ttl_secs=0)
+    x = drv("x")
+    await farm.add([x], roots=[x])
+    agent = farm.agent("m1")
+    await farm.tick()
+    [a] = agent.take_assigns()
+    assert await farm.report(agent, a, p.Outcome.BUILD_FAILURE)
+    await farm.add([x], roots=[x])
+    assert await farm.state(x) is StepState.RUNNABLE
+
+
+async def test_restart_clears_the_cached_failure_and_rebuilds(farm: Farm) -> None:
+    lib = drv("lib")
+    a = drv("a", lib)
+    b = drv("b")
+    app = drv("app", a, b)
+    build = await farm.add([lib, a, b, app], roots=[app])
+    agent = farm.agent("m1", max_jobs=2)
+    await farm.tick()
+    first = by_drv(agent.take_assigns())
+    assert await farm.report(agent, first[lib.drv_path], p.Outcome.BUILD_FAILURE)
+    assert await farm.succeed(agent, first[b.drv_path])
+    assert await farm.build_state(build) == "failed"
+    # Another build on lib is a cached failure...
+    other = await farm.add([lib], roots=[lib])
+    assert await farm.build_state(other) == "failed"
+
+    farm.clock.now += 60
+    assert await farm.sched.restart_build(build)
+    assert not await farm.sched.restart_build(999)
+    assert await farm.build_state(build) == "queued"
+    row = await farm.step(lib)
+    assert (row.state, row.failed_at, row.outcome) == ("runnable", None, None)
+    assert [await farm.state(d) for d in (a, b, app)] == [
+        StepState.WAITING,
+        StepState.SUCCEEDED,
+        StepState.WAITING,
+    ]
+    built: list[str] = []
+    while assigns := (await farm.tick(), agent.take_assigns())[1]:
+        for x in assigns:
+            built.append(x.drv_path)
+            assert await farm.succeed(agent, x)
+    assert built == [lib.drv_path, a.drv_path, app.drv_path]  # b is not rebuilt
+    assert await farm.build_state(build) == "succeeded"
+    async with farm.engine.connect() as conn:
+        row = await queries.fetch_build(conn, build)
+    assert row is not None and row.finished_at == farm.clock.now
+    assert await farm.build_state(other) == "failed"  # only the restarted build changes
+    assert farm.sched.nodes == {} and farm.sched.builds == {}
+
+
+async def test_restart_of_a_cancelled_build_and_of_a_build_with_nothing_to_redo(
+    farm: Farm,
+) -> None:
+    x = drv("x")
+    build = await farm.add([x], roots=[x])
+    assert await farm.sched.cancel_build(build)
+    assert await farm.sched.restart_build(build)
+    assert await farm.state(x) is StepState.RUNNABLE
+    agent = farm.agent("m1")
+    await farm.tick()
+    [a] = agent.take_assigns()
+    assert await farm.build_state(build) == "running"
+    assert await farm.succeed(agent, a)
+    assert await farm.build_state(build) == "succeeded"
+    assert await farm.sched.restart_build(build)  # nothing failed: nothing happens
+    assert await farm.build_state(build) == "succeeded"
+    assert farm.sched.builds == {}
+
+
+async def test_restart_requeues_a_failed_step_another_active_build_holds(farm: Farm) -> None:
+    x, w = drv("x"), drv("w")
+    first = await farm.add([x], roots=[x])
+    second = await farm.add([x, w], roots=[x, w])
+    agent = farm.agent("m1", max_jobs=2)
+    await farm.tick()
+    assigned = by_drv(agent.take_assigns())
+    assert await farm.report(agent, assigned[x.drv_path], p.Outcome.BUILD_FAILURE)
+    assert await farm.build_state(first) == "failed"
+    assert await farm.build_state(second) == "running"  # w still runs
+    assert await farm.sched.restart_build(first)
+    assert farm.sched.builds[second].unfinished == 2  # x runs again for both builds
+    await farm.tick()
+    [again] = agent.take_assigns()
+    assert again.drv_path == x.drv_path
+    assert await farm.succeed(agent, again)
+    assert await farm.build_state(first) == "succeeded"
+    assert await farm.succeed(agent, assigned[w.drv_path])
+    assert await farm.build_state(second) == "succeeded"
+
+
+# ---- agent records -----------------------------------------------------------------------------
+async def record_agent(farm: Farm, machine_id: str, *, ephemeral: bool = False) -> None:
+    """The row a session's registration writes (sessions.py)."""
+    async with farm.engine.begin() as conn:
+        await queries.upsert_agent(
+            conn,
+            machine_id,
+            name=f"agent-{machine_id}",
+            hostname="h",
+            systems='["x86_64-linux"]',
+            supported_features="[]",
+            mandatory_features="[]",
+            max_jobs=1,
+            speed_factor=1.0,
+            ephemeral=ephemeral,
+            auth_kind="token",
+            launch_id=None,
+            version="",
+            connected=True,
+            last_seen=farm.clock.now,
+        )
+
+
+async def agent_row(farm: Farm, machine_id: str) -> Any:
+    async with farm.engine.connect() as conn:
+        rows = {r.machine_id: r for r in await queries.fetch_agents(conn)}
+    return rows.get(machine_id)
+
+
+async def test_agent_counters_and_backoff_are_recorded(farm: Farm) -> None:
+    await record_agent(farm, "m1")
+    steps = [drv("s1"), drv("s2"), drv("s3")]
+    await farm.add(steps, roots=steps)
+    agent = farm.agent("m1")
+    outcomes = [p.Outcome.SUCCESS, p.Outcome.BUILD_FAILURE, p.Outcome.PREPARE_FAILURE]
+    for outcome in outcomes:
+        farm.clock.now += 100
+        await farm.tick()
+        [a] = agent.take_assigns()
+        farm.uploaded.update(a.outputs.values())
+        assert await farm.report(agent, a, outcome)
+    row = await agent_row(farm, "m1")
+    assert (row.steps_succeeded, row.steps_failed, row.infra_failures) == (1, 1, 1)
+    assert (row.consecutive_failures, row.backoff_until) == (1, agent.venue.backoff_until)
+    assert row.backoff_until == farm.clock.now + CONFIG.agent_backoff_base_secs
+
+
+async def test_backoff_survives_a_reconnect(farm: Farm) -> None:
+    """A flapping agent used to shed its backoff by reconnecting with a fresh session."""
+    from bigtent.runner.sessions import restore_backoff
+
+    await record_agent(farm, "m1")
+    xs = [drv("x1"), drv("x2")]
+    await farm.add(xs, roots=xs)
+    agent = farm.agent("m1")
+    for _ in range(2):
+        await farm.tick(farm.clock.now + 100)
+        [a] = agent.take_assigns()
+        assert await farm.report(agent, a, p.Outcome.UPLOAD_FAILURE)
+    until = farm.clock.now + 2 * CONFIG.agent_backoff_base_secs
+    assert (agent.venue.consecutive_failures, agent.venue.backoff_until) == (2, until)
+    farm.sched.detach(agent.venue)
+
+    # The same machine registers again: a new Venue, its backoff restored from its row.
+    await record_agent(farm, "m1")
+    back = farm.agent("m1")
+    restore_backoff(back.venue, await agent_row(farm, "m1"))
+    assert (back.venue.consecutive_failures, back.venue.backoff_until) == (2, until)
+    assert await farm.tick() == until
+    assert back.take_assigns() == []
+    await farm.tick(until)
+    [a] = back.take_assigns()
+    assert await farm.succeed(back, a)
+    row = await agent_row(farm, "m1")
+    assert (row.consecutive_failures, row.backoff_until) == (0, None)
+
+
+async def test_pruning_deletes_stale_ephemeral_rows_and_keeps_history(farm: Farm) -> None:
+    from bigtent.runner.agents import prune_agents
+
+    ttl = 3600.0
+    await record_agent(farm, "eph-connected", ephemeral=True)
+    await record_agent(farm, "eph-gone", ephemeral=True)
+    await record_agent(farm, "persistent")
+    async with farm.engine.begin() as conn:
+        await queries.update_agent(conn, "eph-gone", connected=False)
+    x = drv("x")
+    await farm.add([x], roots=[x])
+    agent = farm.agent("eph-gone")
+    await farm.tick()
+    [a] = agent.take_assigns()
+    assert await farm.succeed(agent, a)
+    farm.clock.now += ttl / 2
+    await record_agent(farm, "eph-fresh", ephemeral=True)
+
+    assert await prune_agents(farm.engine, farm.clock.now, ttl) == []
+    farm.clock.now = T0 + ttl + 1
+    assert await prune_agents(farm.engine, farm.clock.now, ttl) == [
+        "eph-connected",
+        "eph-gone",
+    ]
+    async with farm.engine.connect() as conn:
+        left = sorted(r.machine_id for r in await queries.fetch_agents(conn))
+    assert left == ["eph-fresh", "persistent"]
+    row = await farm.step(x)
+    assert (row.agent_name, row.agent_machine_id) == ("agent-eph-gone", "eph-gone")
+    # A finished attempt of a pruned agent's venue does not bring the row back or fail.
+    assert await agent_row(farm, "eph-gone") is None
 
 
 async def test_bump_build_reorders_runnable_work(farm: Farm) -> None:

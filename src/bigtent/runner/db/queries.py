@@ -351,7 +351,9 @@ async def count_steps_by_state(conn: AsyncConnection) -> dict[str, int]:
 
 
 # ---- agents --------------------------------------------------------------------------------
-async def upsert_agent(conn: AsyncConnection, machine_id: str, **values: Any) -> None:
+async def upsert_agent(conn: AsyncConnection, machine_id: str, **values: Any) -> Any:
+    """Record an agent session (insert or update); returns the row as it now stands, so the
+    caller sees the backoff a previous session left behind."""
     existing = (
         await conn.execute(select(agents.c.machine_id).where(agents.c.machine_id == machine_id))
     ).first()
@@ -361,10 +363,39 @@ async def upsert_agent(conn: AsyncConnection, machine_id: str, **values: Any) ->
         )
     else:
         await conn.execute(update(agents).where(agents.c.machine_id == machine_id).values(**values))
+    return (await conn.execute(select(agents).where(agents.c.machine_id == machine_id))).one()
 
 
-async def update_agent(conn: AsyncConnection, machine_id: str, **values: Any) -> None:
-    await conn.execute(update(agents).where(agents.c.machine_id == machine_id).values(**values))
+async def update_agent(conn: AsyncConnection, machine_id: str, **values: Any) -> bool:
+    """Update an agent row; False when there is none (it was pruned)."""
+    result = await conn.execute(
+        update(agents).where(agents.c.machine_id == machine_id).values(**values)
+    )
+    return bool(result.rowcount)
+
+
+async def record_agent_attempt(
+    conn: AsyncConnection,
+    machine_id: str,
+    *,
+    succeeded: int = 0,
+    failed: int = 0,
+    infra: int = 0,
+    consecutive_failures: int,
+    backoff_until: float | None,
+) -> None:
+    """Count one finished attempt on an agent and store its backoff (no row: nothing)."""
+    await conn.execute(
+        update(agents)
+        .where(agents.c.machine_id == machine_id)
+        .values(
+            steps_succeeded=agents.c.steps_succeeded + succeeded,
+            steps_failed=agents.c.steps_failed + failed,
+            infra_failures=agents.c.infra_failures + infra,
+            consecutive_failures=consecutive_failures,
+            backoff_until=backoff_until,
+        )
+    )
 
 
 async def mark_all_agents_disconnected(conn: AsyncConnection) -> None:
@@ -378,3 +409,17 @@ async def fetch_agents(conn: AsyncConnection) -> list[Any]:
 
 async def delete_agent(conn: AsyncConnection, machine_id: str) -> None:
     await conn.execute(delete(agents).where(agents.c.machine_id == machine_id))
+
+
+async def delete_stale_agents(
+    conn: AsyncConnection, machine_ids: Sequence[str], *, last_seen_before: float
+) -> None:
+    """Delete these ephemeral rows if they are still unseen since ``last_seen_before``."""
+    for chunk in _chunks(list(machine_ids)):
+        await conn.execute(
+            delete(agents).where(
+                agents.c.machine_id.in_(chunk),
+                agents.c.ephemeral.is_(True),
+                agents.c.last_seen < last_seen_before,
+            )
+        )

@@ -83,6 +83,9 @@ steps = Table(
     Column("prepare_secs", Float),
     Column("build_secs", Float),
     Column("upload_secs", Float),
+    # When the derivation last failed as a build failure (the failure cache, migration 0003);
+    # NULL: nothing cached.
+    Column("failed_at", Float),
 )
 Index("ix_steps_state", steps.c.state)
 
@@ -150,4 +153,7 @@ agents = Table(
     Column("steps_failed", Integer, nullable=False, default=0),
     Column("infra_failures", Integer, nullable=False, default=0),
     Column("backoff_until", Float),
+    # Consecutive infrastructure failures: with backoff_until, restored when the agent
+    # reconnects (migration 0003).
+    Column("consecutive_failures", Integer, nullable=False, default=0, server_default="0"),
 )

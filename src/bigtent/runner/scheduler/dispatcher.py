@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -29,6 +30,7 @@ from bigtent.runner.scheduler.leases import (
     Disposition,
     backoff_secs,
     classify,
+    is_cached_failure,
     new_lease_id,
     next_retry_at,
 )
@@ -47,6 +49,11 @@ from bigtent.runner.scheduler.steps import (
 log = logging.getLogger(__name__)
 
 _ACTIVE_STATES = [StepState.WAITING, StepState.RUNNABLE, StepState.ASSIGNED, StepState.BUILDING]
+_REDO_STATES = frozenset({StepState.FAILED, StepState.DEPENDENCY_FAILED, StepState.CANCELLED})
+"""Finished without succeeding: a new build (outside the failure cache) or a restart queues
+these again."""
+_CACHED_MARK = "cached failure: "
+_FIRST_ERROR = "; first error: "
 _ERROR_PAUSE_SECS = 1.0
 _T = TypeVar("_T")
 """After a failed loop pass, wait this long (or until woken) before the next one."""
@@ -219,15 +226,14 @@ class Scheduler:
     ) -> int:
         """Create a build whose root .drvs map to the planned step of that drv (None: cached).
 
-        One drv, one step: planned derivations that already have an active step join it;
-        finished ones that failed or were cancelled are queued again.
+        One drv, one step: planned derivations that already have an active step join it.
+        A derivation whose build failure is within the failure cache's TTL fails at once (its
+        dependents with it); other finished steps that did not succeed are queued again.
         """
         async with self._lock:
 
             async def body() -> int:
                 now = self.clock()
-                new_nodes: list[StepNode] = []
-                touched: list[StepNode] = []
                 async with self.engine.begin() as conn:
                     build_id = await queries.insert_build(
                         conn,
@@ -237,118 +243,258 @@ class Scheduler:
                         created_by=created_by,
                         trusted=True,
                     )
-                    existing = await queries.fetch_steps_by_drv(
-                        conn, [s.drv.drv_path for s in planned if s.drv.drv_path not in self.by_drv]
+                    build, fresh = await self._admit(
+                        conn, build_id, priority, roots, planned, now, members=None
                     )
-                    ids: dict[str, int] = {}
-                    for item in planned:
-                        drv = item.drv
-                        sid = self.by_drv.get(drv.drv_path)
-                        if sid is not None:
-                            ids[drv.drv_path] = sid
-                            touched.append(self.nodes[sid])
-                            continue
-                        row = existing.get(drv.drv_path)
-                        values = dict(
-                            state=StepState.WAITING,
-                            created_at=now,
-                            not_before=None,
-                            attempts=0,
-                            lease_id=None,
-                            lease_expires_at=None,
-                            outcome=None,
-                            error=None,
-                            exit_code=None,
-                            finished_at=None,
-                            started_at=None,
-                            assigned_at=None,
-                        )
-                        if row is None:
-                            sid = await queries.insert_step(conn, drv_path=drv.drv_path, **values)
-                        else:
-                            sid = int(row.id)
-                            await queries.update_step(conn, sid, **values)
-                            self.logs.reset(sid)  # a fresh run, not a retry: a fresh log
-                        ids[drv.drv_path] = sid
-                        node = StepNode(
-                            id=sid,
-                            drv_path=drv.drv_path,
-                            req=Requirement(drv.system, drv.required_features),
-                            state=StepState.WAITING,
-                            created_at=now,
-                            outputs=dict(drv.outputs),
-                        )
-                        new_nodes.append(node)
-                    pairs = [
-                        (ids[item.drv.drv_path], ids[d]) for item in planned for d in item.deps
-                    ]
-                    await queries.insert_step_deps(conn, pairs)
-                    await queries.insert_build_steps(conn, build_id, ids.values())
-                    root_ids = {
-                        drv: ids[step_drv] if step_drv is not None else None
-                        for drv, step_drv in roots.items()
-                    }
-                    await queries.insert_build_roots(conn, build_id, root_ids)
-                    for node in new_nodes:
-                        self.nodes[node.id] = node
-                        self.by_drv[node.drv_path] = node.id
-                    for s, d in pairs:
-                        dep, node = self.nodes[d], self.nodes[s]
-                        # A step that already runs (or ran) keeps the dependencies it started with:
-                        # no edge, so a later failure of the new dependency cannot fail it.
-                        if node.state is not StepState.WAITING:
-                            continue
-                        if dep.state is not StepState.SUCCEEDED:
-                            node.deps.add(d)
-                        dep.dependents.add(s)
-                    build = ActiveBuild(
-                        build_id, priority, root_ids, set(ids.values()), BuildState.QUEUED
-                    )
-                    self.builds[build_id] = build
-                    for sid in build.steps:
-                        node = self.nodes[sid]
-                        node.builds.add(build_id)
-                        node.priority = max(node.priority, priority)
-                    # New steps whose dependencies failed fail at once; the others wait or run.
-                    runnable: list[StepNode] = []
-                    for node in new_nodes:
-                        if any(
-                            self.nodes[d].state
-                            in (StepState.FAILED, StepState.DEPENDENCY_FAILED, StepState.CANCELLED)
-                            for d in node.deps
-                        ):
-                            node.state = StepState.DEPENDENCY_FAILED
-                            await queries.update_step(
-                                conn, node.id, state=node.state, finished_at=now
-                            )
-                        elif not node.deps:
-                            runnable.append(node)
-                    for node in runnable:
-                        node.state = StepState.RUNNABLE
-                    await queries.update_steps(
-                        conn, [n.id for n in runnable], state=StepState.RUNNABLE
-                    )
-                    order = [n.id for n in reversed(new_nodes)] + [n.id for n in touched]
-                    rekey = raise_heights(self.nodes, order) | {n.id for n in new_nodes + touched}
-                    for sid in sorted(rekey):
-                        node = self.nodes[sid]
-                        if node.state is StepState.RUNNABLE:
-                            self._make_runnable(node, now)
-                    build.unfinished = sum(
-                        1 for sid in build.steps if not self.nodes[sid].state.is_final
-                    )
-                    await self._maybe_finish_build(conn, build, now)
                 log.info(
-                    "build %d: %d roots, %d steps (%d new)",
+                    "build %d: %d roots, %d steps (%d queued)",
                     build_id,
                     len(roots),
                     len(build.steps),
-                    len(new_nodes),
+                    fresh,
                 )
                 self.wake()
                 return build_id
 
             return await self._guard(body())
+
+    async def restart_build(self, build_id: int) -> bool:
+        """Queue a build's failed, dependency-failed and cancelled steps again, clearing the
+        cached failures of its failed steps, so they are rebuilt (``bigtent restart``).
+
+        The build becomes queued (running once a step is dispatched) until its steps end
+        again. False when there is no such build.
+        """
+        async with self._lock:
+
+            async def body() -> bool:
+                now = self.clock()
+                async with self.engine.begin() as conn:
+                    row = await queries.fetch_build(conn, build_id)
+                    if row is None:
+                        return False
+                    members = await queries.fetch_build_steps(conn, build_id)
+                    redo = [m for m in members if m.state in _REDO_STATES]
+                    if not redo:
+                        return True
+                    await queries.update_steps(
+                        conn,
+                        [int(m.id) for m in redo if m.state == StepState.FAILED],
+                        failed_at=None,
+                    )
+                    pending = [m for m in members if m.state != StepState.SUCCEEDED]
+                    drvs = await queries.fetch_derivations(conn, [m.drv_path for m in pending])
+                    by_id = {int(m.id): str(m.drv_path) for m in pending}
+                    deps: dict[str, list[str]] = {d: [] for d in by_id.values()}
+                    for s, d in await queries.fetch_step_deps(conn, list(by_id)):
+                        if d in by_id:
+                            deps[by_id[s]].append(by_id[d])
+                    planned = [
+                        PlannedStep(drvs[d], tuple(sorted(deps[d])))
+                        for d in _dependencies_first(deps)
+                    ]
+                    roots: dict[str, str | None] = {
+                        r.drv_path: (r.drv_path if r.step_id is not None else None)
+                        for r in await queries.fetch_all_build_roots(conn, [build_id])
+                    }
+                    active = self.builds.get(build_id)
+                    if active is None:
+                        await queries.update_build(
+                            conn, build_id, state=BuildState.QUEUED, finished_at=None
+                        )
+                    await self._admit(
+                        conn,
+                        build_id,
+                        int(row.priority),
+                        roots,
+                        planned,
+                        now,
+                        members={int(m.id) for m in members},
+                    )
+                log.info("build %d restarted: %d steps queued again", build_id, len(redo))
+                self.wake()
+                return True
+
+            return await self._guard(body())
+
+    async def _admit(
+        self,
+        conn: AsyncConnection,
+        build_id: int,
+        priority: int,
+        roots: dict[str, str | None],
+        planned: Sequence[PlannedStep],
+        now: float,
+        *,
+        members: set[int] | None,
+    ) -> tuple[ActiveBuild, int]:
+        """Make ``planned`` (dependencies first) the work of build ``build_id``: join active
+        steps, fail cached failures at once, queue the rest. ``members`` None: a new build,
+        whose step and root rows are written here; otherwise the rows exist (a restart).
+        Returns the active build and how many steps it queued."""
+        ttl = self.config.failure_cache_ttl_secs
+        existing = await queries.fetch_steps_by_drv(conn, [s.drv.drv_path for s in planned])
+        ids: dict[str, int] = {}
+        fresh: list[StepNode] = []
+        """Steps this build queues: new ones and finished ones queued again."""
+        cached: list[StepNode] = []
+        """Steps that fail at once as cached failures and were not in memory."""
+        touched: list[StepNode] = []
+        reopened: set[int] = set()
+        """Active builds holding a finished step that is queued again: not over after all."""
+        for item in planned:
+            drv = item.drv
+            sid = self.by_drv.get(drv.drv_path)
+            node = self.nodes.get(sid) if sid is not None else None
+            row = existing.get(drv.drv_path)
+            if node is not None and node.state not in _REDO_STATES:
+                ids[drv.drv_path] = node.id
+                touched.append(node)
+                continue
+            if (
+                row is not None
+                and row.state == StepState.FAILED
+                and is_cached_failure(row.outcome, row.failed_at, now, ttl)
+            ):
+                sid = int(row.id)
+                ids[drv.drv_path] = sid
+                error = cached_failure_error(row.outcome, float(row.failed_at), ttl, row.error)
+                await queries.update_step(conn, sid, error=error)
+                log.info("step %d (%s) is a cached failure", sid, drv.drv_path)
+                if node is None:
+                    cached.append(
+                        StepNode(
+                            id=sid,
+                            drv_path=drv.drv_path,
+                            req=Requirement(drv.system, drv.required_features),
+                            state=StepState.FAILED,
+                            created_at=float(row.created_at),
+                            outputs=dict(drv.outputs),
+                        )
+                    )
+                else:
+                    touched.append(node)
+                continue
+            values: dict[str, Any] = dict(
+                state=StepState.WAITING,
+                created_at=now,
+                not_before=None,
+                attempts=0,
+                lease_id=None,
+                lease_expires_at=None,
+                outcome=None,
+                error=None,
+                exit_code=None,
+                finished_at=None,
+                failed_at=None,
+                started_at=None,
+                assigned_at=None,
+            )
+            if row is None:
+                sid = await queries.insert_step(conn, drv_path=drv.drv_path, **values)
+            else:
+                sid = int(row.id)
+                await queries.update_step(conn, sid, **values)
+                self.logs.reset(sid)  # a fresh run, not a retry: a fresh log
+            ids[drv.drv_path] = sid
+            if node is not None:
+                # A finished step still held by an active build runs again in place.
+                reopened |= node.builds
+                node.state = StepState.WAITING
+                node.created_at = now
+                node.deps.clear()
+                node.not_before = None
+                node.attempts = 0
+                node.venue = None
+            else:
+                node = StepNode(
+                    id=sid,
+                    drv_path=drv.drv_path,
+                    req=Requirement(drv.system, drv.required_features),
+                    state=StepState.WAITING,
+                    created_at=now,
+                    outputs=dict(drv.outputs),
+                )
+            fresh.append(node)
+        pairs = [(ids[item.drv.drv_path], ids[d]) for item in planned for d in item.deps]
+        await queries.insert_step_deps(conn, pairs)
+        root_ids = {
+            drv: ids[step_drv] if step_drv is not None else None for drv, step_drv in roots.items()
+        }
+        if members is None:
+            await queries.insert_build_steps(conn, build_id, ids.values())
+            await queries.insert_build_roots(conn, build_id, root_ids)
+        for node in fresh + cached:
+            self.nodes[node.id] = node
+            self.by_drv[node.drv_path] = node.id
+        for s, d in pairs:
+            dep, node = self.nodes[d], self.nodes[s]
+            # A step that already runs (or ran) keeps the dependencies it started with:
+            # no edge, so a later failure of the new dependency cannot fail it.
+            if node.state is not StepState.WAITING:
+                continue
+            if dep.state is not StepState.SUCCEEDED:
+                node.deps.add(d)
+            dep.dependents.add(s)
+        build = self.builds.get(build_id)
+        if build is None:
+            build = ActiveBuild(
+                build_id,
+                priority,
+                root_ids,
+                set(ids.values()) | (members or set()),
+                BuildState.QUEUED,
+            )
+            self.builds[build_id] = build
+        else:
+            build.steps |= set(ids.values())
+        for sid in build.steps:
+            member = self.nodes.get(sid)
+            if member is not None:
+                member.builds.add(build_id)
+                member.priority = max(member.priority, build.priority)
+        # Queued steps whose dependencies failed fail at once; the others wait or run.
+        runnable: list[StepNode] = []
+        for node in fresh:
+            failed_dep = next(
+                (
+                    self.nodes[d]
+                    for d in sorted(node.deps)
+                    if self.nodes[d].state
+                    in (StepState.FAILED, StepState.DEPENDENCY_FAILED, StepState.CANCELLED)
+                ),
+                None,
+            )
+            if failed_dep is not None:
+                node.state = StepState.DEPENDENCY_FAILED
+                await queries.update_step(
+                    conn,
+                    node.id,
+                    state=node.state,
+                    finished_at=now,
+                    error=f"dependency {failed_dep.drv_path} failed",
+                )
+            elif not node.deps:
+                runnable.append(node)
+        for node in runnable:
+            node.state = StepState.RUNNABLE
+        await queries.update_steps(conn, [n.id for n in runnable], state=StepState.RUNNABLE)
+        order = [n.id for n in reversed(fresh)] + [n.id for n in touched + cached]
+        rekey = raise_heights(self.nodes, order) | {n.id for n in fresh + touched}
+        for sid in sorted(rekey):
+            node = self.nodes[sid]
+            if node.state is StepState.RUNNABLE:
+                self._make_runnable(node, now)
+        for bid in sorted(reopened | {build_id}):
+            other = self.builds.get(bid)
+            if other is not None:
+                other.unfinished = sum(
+                    1
+                    for sid in other.steps
+                    if sid in self.nodes and not self.nodes[sid].state.is_final
+                )
+        await self._maybe_finish_build(conn, build, now)
+        return build, len(fresh)
 
     async def cancel_build(self, build_id: int) -> bool:
         """Cancel a build: its steps that no other active build needs stop or never start."""
@@ -801,6 +947,18 @@ class Scheduler:
                 venue.backoff_until = 0.0
         newly_final: list[StepNode] = []
         async with self.engine.begin() as conn:
+            if venue is not None:
+                # The agent's row keeps its counters and backoff in step with memory, so a
+                # reconnect cannot shed the backoff (DESIGN §4).
+                await queries.record_agent_attempt(
+                    conn,
+                    venue.machine_id,
+                    succeeded=int(policy.disposition is Disposition.SUCCEED),
+                    failed=int(policy.disposition is Disposition.FAIL),
+                    infra=int(policy.counts_against_venue),
+                    consecutive_failures=venue.consecutive_failures,
+                    backoff_until=venue.backoff_until or None,
+                )
             match policy.disposition:
                 case Disposition.SUCCEED:
                     node.state = StepState.SUCCEEDED
@@ -824,10 +982,12 @@ class Scheduler:
                     for dep in ready:
                         self._make_runnable(dep, now)
                 case Disposition.FAIL:
+                    # A build failure is final and cached (failed_at) for the failure cache's
+                    # TTL; infrastructure failures (below) never are.
                     node.state = StepState.FAILED
                     self._count_final(node)
                     await queries.update_step(
-                        conn, node.id, state=node.state, finished_at=now, **values
+                        conn, node.id, state=node.state, finished_at=now, failed_at=now, **values
                     )
                     newly_final.append(node)
                     newly_final.extend(await self._fail_dependents(conn, node, now))
@@ -944,6 +1104,44 @@ class Scheduler:
     # ---- read side ------------------------------------------------------------------------
     def queue_depth(self) -> dict[str, int]:
         return self.index.count_by_system()
+
+
+def cached_failure_error(outcome: str, failed_at: float, ttl_secs: float, error: str | None) -> str:
+    """The error of a step failed from the failure cache: what failed, when, until when it
+    stays cached, and the first failure's own error (kept once, however often it is hit)."""
+    first = error or ""
+    if first.startswith(_CACHED_MARK):
+        first = first.partition(_FIRST_ERROR)[2]
+    text = (
+        f"{_CACHED_MARK}this derivation failed ({outcome}) at {_iso(failed_at)}; it is not "
+        f"rebuilt before {_iso(failed_at + ttl_secs)} unless the build is restarted "
+        f"(bigtent restart BUILD){_FIRST_ERROR}{first}"
+    )
+    return text[:8000]
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def _dependencies_first(deps: dict[str, list[str]]) -> list[str]:
+    """The keys of ``deps`` (node -> its dependencies among the keys), each after its
+    dependencies; ties in name order, so the order is deterministic."""
+    order: list[str] = []
+    seen: set[str] = set()
+    for start in sorted(deps):
+        stack: list[tuple[str, bool]] = [(start, False)]
+        while stack:
+            name, expanded = stack.pop()
+            if expanded:
+                order.append(name)
+                continue
+            if name in seen:
+                continue
+            seen.add(name)
+            stack.append((name, True))
+            stack.extend((d, False) for d in sorted(deps[name], reverse=True) if d not in seen)
+    return order
 
 
 def _try_send(venue: Venue, msg: BaseModel) -> bool:

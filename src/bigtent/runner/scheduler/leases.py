@@ -65,3 +65,21 @@ def next_retry_at(
     jitter factor in [1, 1.25) given by the caller (``jitter`` in [0, 1)), so steps that failed
     together do not retry together (docs/configuration.md: "capped, +0-25 % jitter")."""
     return now + backoff_secs(attempt, base_secs, max_secs) * (1 + 0.25 * jitter)
+
+
+def is_cached_failure(
+    outcome: str | None, failed_at: float | None, now: float, ttl_secs: float
+) -> bool:
+    """Whether a derivation's last failure still stands, so a new build fails its step at once
+    instead of rebuilding it. Only final build failures (``classify`` says FAIL) are
+    remembered, each for ``ttl_secs`` from when it failed; infrastructure failures never are.
+    ``failed_at`` None: nothing cached (never failed, or cleared by a restart)."""
+    if outcome is None or failed_at is None:
+        return False
+    try:
+        kind = Outcome(outcome)
+    except ValueError:
+        return False
+    if classify(kind).disposition is not Disposition.FAIL:
+        return False
+    return now - failed_at < ttl_secs
