@@ -84,6 +84,8 @@ def test_every_design_command_exists() -> None:
         "log",
         "cancel",
         "bump",
+        "restart",
+        "agents drain",
         "token create",
         "keys generate",
     }
@@ -211,6 +213,8 @@ def fake_runner(monkeypatch: pytest.MonkeyPatch) -> list[httpx.Request]:
             "/api/v1/builds": {"builds": [BUILD]},
             "/api/v1/builds/12/cancel": {**BUILD, "state": "cancelled"},
             "/api/v1/builds/12/bump": {**BUILD, "priority": 20},
+            "/api/v1/builds/12/restart": {**BUILD, "state": "queued"},
+            "/api/v1/agents/build-01/drain": {"drained": "build-01"},
         }
         if request.url.path == "/api/v1/steps/4/log":
             return httpx.Response(200, text="building\ndone\n")
@@ -272,6 +276,98 @@ def test_builds_cancel_bump_log(fake_runner: list[httpx.Request]) -> None:
     assert json.loads(fake_runner[-1].content) == {"priority": 20}
     result = run(["log", "4"])
     assert result.stdout == "building\ndone\n"
+
+
+EPHEMERAL_AGENT = {
+    **AGENT,
+    "machine_id": "m2",
+    "name": "gha-x86-123.1-0a1b2c3d",
+    "ephemeral": True,
+    "connected": False,
+    "running": 0,
+    "max_jobs": 2,
+    "last_seen": "2024-05-01T10:00:00+00:00",
+    "backoff_until": "2024-05-01T10:05:00+00:00",
+    "consecutive_failures": 2,
+}
+
+
+def test_agents_table_shows_kind_auth_connection_jobs_and_backoff(
+    fake_runner: list[httpx.Request], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(AGENT, "last_seen", "2024-05-01T11:00:00+00:00")
+    routes = {"agents": [AGENT, EPHEMERAL_AGENT]}
+    monkeypatch.setattr(
+        cli_module, "_make_client", _fixed_client(cli_module._make_client, "/api/v1/agents", routes)
+    )
+    result = run(["agents"])
+    assert result.exit_code == 0, result.output
+    header = result.stdout.splitlines()[1]
+    for col in ("name", "kind", "auth", "connected", "last seen", "jobs", "backoff"):
+        assert col in header
+    lines = {line.split()[1]: line for line in result.stdout.splitlines() if "│ " in line}
+    persistent = lines["build-01"]
+    assert "persistent" in persistent and "token" in persistent and "yes" in persistent
+    assert "1/4" in persistent and "2024-05-01T11:00:00" in persistent
+    ephemeral = lines["gha-x86-123.1-0a1b2c3d"]
+    assert "ephemeral" in ephemeral and " no " in ephemeral and "0/2" in ephemeral
+    assert "until 2024-05-01T10:05:00+00:00 (2 failures)" in ephemeral
+
+    result = run(["agents", "--json"])
+    data = json.loads(result.stdout)
+    assert [a["name"] for a in data] == ["build-01", "gha-x86-123.1-0a1b2c3d"]
+    assert data[1]["ephemeral"] is True and data[1]["backoff_until"].startswith("2024")
+    assert data[0]["auth_kind"] == "token" and data[0]["backoff_until"] is None
+
+
+def _fixed_client(real: Any, path: str, body: Any) -> Any:
+    """A ``_make_client`` whose runner answers ``path`` with ``body``."""
+
+    def make(runner_url: str, token_file: Path | None, ca_file: Path | None) -> RunnerClient:
+        def handler(request: httpx.Request) -> httpx.Response:
+            assert request.url.path == path
+            return httpx.Response(200, json=body)
+
+        return RunnerClient(runner_url, transport=httpx.MockTransport(handler))
+
+    return make
+
+
+def test_agents_drain(fake_runner: list[httpx.Request]) -> None:
+    result = run(["agents", "drain", "build-01"], env={"BIGTENT_TOKEN": "admin"})
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "agent build-01 is draining\n"
+    request = fake_runner[-1]
+    assert (request.method, request.url.path) == ("POST", "/api/v1/agents/build-01/drain")
+    assert request.headers["authorization"] == "Bearer admin"
+    result = run(["agents", "drain", "build-01", "--json"])
+    assert json.loads(result.stdout) == {"drained": "build-01"}
+    assert run(["agents", "drain"]).exit_code == 2  # NAME is required
+
+
+def test_agents_drain_forbidden_for_a_client_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    def make(runner_url: str, token_file: Path | None, ca_file: Path | None) -> RunnerClient:
+        def handler(request: httpx.Request) -> httpx.Response:
+            return httpx.Response(403, json={"error": "token role client may not do this"})
+
+        return RunnerClient(runner_url, transport=httpx.MockTransport(handler))
+
+    monkeypatch.setattr(cli_module, "_make_client", make)
+    result = run(["agents", "drain", "build-01"])
+    assert result.exit_code == 3, result.output
+    assert result.stderr == "Error: token role client may not do this\n"
+
+
+def test_restart(fake_runner: list[httpx.Request]) -> None:
+    result = run(["restart", "12"])
+    assert result.exit_code == 0, result.output
+    assert "build 12: queued" in result.stdout
+    request = fake_runner[-1]
+    assert (request.method, request.url.path) == ("POST", "/api/v1/builds/12/restart")
+    result = run(["restart", "12", "--json"])
+    assert json.loads(result.stdout)["state"] == "queued"
+    result = run(["restart", "404"])
+    assert result.exit_code == 1 and result.stderr == "Error: no build 404\n"
 
 
 def test_not_found(fake_runner: list[httpx.Request]) -> None:

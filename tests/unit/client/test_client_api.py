@@ -280,3 +280,43 @@ def test_bad_url_scheme_is_rejected() -> None:
 def test_missing_ca_file_is_a_clear_error(tmp_path: Any) -> None:
     with pytest.raises(BigtentError, match="cannot load CA file"):
         RunnerClient(URL, ca_file=tmp_path / "nope.pem")
+
+
+async def test_restart_build_and_drain_agent() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.path.endswith("/restart"):
+            return httpx.Response(200, json={"id": 7, "state": "queued"})
+        return httpx.Response(200, json={"drained": "gha 1/x"})
+
+    async with make_client(handler) as client:
+        build = await client.restart_build("7")
+        drained = await client.drain_agent("gha 1/x")
+    assert (build.id, build.state.value) == ("7", "queued")
+    assert drained == "gha 1/x"
+    assert [(r.method, r.url.raw_path) for r in seen] == [
+        ("POST", b"/api/v1/builds/7/restart"),
+        ("POST", b"/api/v1/agents/gha%201%2Fx/drain"),
+    ]
+
+
+async def test_agent_records_parse_with_and_without_the_new_fields() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        full = {
+            "machine_id": "m1",
+            "name": "a",
+            "ephemeral": True,
+            "steps_succeeded": 3,
+            "infra_failures": 1,
+            "consecutive_failures": 1,
+            "backoff_until": "2024-05-01T10:05:00+00:00",
+            "draining": True,
+        }
+        return httpx.Response(200, json={"agents": [full, {"machine_id": "m2"}]})
+
+    async with make_client(handler) as client:
+        full, bare = await client.fetch_agents()
+    assert (full.steps_succeeded, full.consecutive_failures, full.draining) == (3, 1, True)
+    assert (bare.backoff_until, bare.consecutive_failures, bare.launch_id) == (None, 0, None)

@@ -14,6 +14,7 @@ from bigtent.runner.scheduler.leases import (
     Disposition,
     backoff_secs,
     classify,
+    is_cached_failure,
     new_lease_id,
     next_retry_at,
 )
@@ -89,3 +90,58 @@ def test_new_lease_ids_are_unguessable_tokens() -> None:
     ids = {new_lease_id() for _ in range(100)}
     assert len(ids) == 100
     assert all(re.fullmatch(r"[A-Za-z0-9_-]{32}", i) for i in ids)
+
+
+# ---- the failure cache ---------------------------------------------------------------------
+NOW = 1_700_000_000.0
+DAY = 86400.0
+
+
+@pytest.mark.parametrize(
+    ("outcome", "failed_at", "cached"),
+    [
+        # Build failures within the TTL are cached: the derivation is not rebuilt.
+        (Outcome.BUILD_FAILURE, NOW - 1, True),
+        (Outcome.BUILD_FAILURE, NOW - DAY + 1, True),
+        (Outcome.TIMED_OUT, NOW - 60, True),
+        (Outcome.LOG_LIMIT, NOW - 60, True),
+        # Expired: rebuilt.
+        (Outcome.BUILD_FAILURE, NOW - DAY, False),
+        (Outcome.TIMED_OUT, NOW - 2 * DAY, False),
+        # Infrastructure failures (a step failed after its retries ran out) never are.
+        (Outcome.PREPARE_FAILURE, NOW - 1, False),
+        (Outcome.UPLOAD_FAILURE, NOW - 1, False),
+        (Outcome.AGENT_LOST, NOW - 1, False),
+        (Outcome.ABORTED, NOW - 1, False),
+        (Outcome.SUCCESS, NOW - 1, False),
+        # Nothing recorded (never failed, or a restart cleared it), or unknown outcomes.
+        (Outcome.BUILD_FAILURE, None, False),
+        (None, NOW - 1, False),
+        ("no-such-outcome", NOW - 1, False),
+    ],
+)
+def test_is_cached_failure(outcome: str | None, failed_at: float | None, cached: bool) -> None:
+    assert is_cached_failure(outcome, failed_at, NOW, DAY) is cached
+
+
+def test_a_zero_ttl_caches_nothing() -> None:
+    assert not is_cached_failure(Outcome.BUILD_FAILURE, NOW, NOW, 0.0)
+
+
+@pytest.mark.parametrize("outcome", list(Outcome))
+def test_only_final_failures_are_cacheable(outcome: Outcome) -> None:
+    cacheable = classify(outcome).disposition is Disposition.FAIL
+    assert is_cached_failure(outcome, NOW, NOW, DAY) is cacheable
+
+
+def test_cached_failure_error_names_when_and_keeps_the_first_error_once() -> None:
+    from bigtent.runner.scheduler.dispatcher import cached_failure_error
+
+    first = cached_failure_error("build_failure", NOW, DAY, "builder exited 1")
+    assert first == (
+        "cached failure: this derivation failed (build_failure) at 2023-11-14T22:13:20+00:00; "
+        "it is not rebuilt before 2023-11-15T22:13:20+00:00 unless the build is restarted "
+        "(bigtent restart BUILD); first error: builder exited 1"
+    )
+    assert cached_failure_error("build_failure", NOW, DAY, first) == first
+    assert cached_failure_error("timed_out", NOW, DAY, None).endswith("first error: ")
