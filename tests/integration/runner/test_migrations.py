@@ -1,0 +1,84 @@
+"""Migration 0003 on SQLite: failures recorded before it are cached from when they finished;
+agents get a zero failure count; it downgrades cleanly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from sqlalchemy import Connection, inspect, text
+
+from bigtent.runner.db.migrate import alembic_config, create_engine, schema_status
+
+
+def _to(conn: Connection, revision: str, *, down: bool = False) -> None:
+    cfg = alembic_config()
+    cfg.attributes["connection"] = conn
+    (command.downgrade if down else command.upgrade)(cfg, revision)
+
+
+def _columns(conn: Connection, table: str) -> set[str]:
+    return {c["name"] for c in inspect(conn).get_columns(table)}
+
+
+async def test_0003_backfills_failed_at_and_downgrades(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/m.db")
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(_to, "0002")
+            await conn.execute(
+                text(
+                    "INSERT INTO derivations (drv_path, name, system, required_features, "
+                    "outputs, input_drvs, input_srcs) VALUES (:d, 'x', 's', '[]', '{}', '{}', '[]')"
+                ),
+                [{"d": f"/nix/store/{i}-x.drv"} for i in range(3)],
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO steps (drv_path, state, created_at, attempts, outcome, "
+                    "finished_at) VALUES (:d, :state, 1.0, 0, :outcome, :fin)"
+                ),
+                [
+                    {
+                        "d": "/nix/store/0-x.drv",
+                        "state": "failed",
+                        "outcome": "build_failure",
+                        "fin": 100.0,
+                    },
+                    {
+                        "d": "/nix/store/1-x.drv",
+                        "state": "failed",
+                        "outcome": "agent_lost",
+                        "fin": 200.0,
+                    },
+                    {
+                        "d": "/nix/store/2-x.drv",
+                        "state": "succeeded",
+                        "outcome": "success",
+                        "fin": 300.0,
+                    },
+                ],
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO agents (machine_id, name, hostname, systems, "
+                    "supported_features, mandatory_features, max_jobs, speed_factor, ephemeral, "
+                    "auth_kind, version, connected, first_seen, last_seen, steps_succeeded, "
+                    "steps_failed, infra_failures) VALUES ('m', 'a', '', '[]', '[]', '[]', 1, "
+                    "1.0, 0, 'token', '', 0, 1.0, 1.0, 0, 0, 0)"
+                )
+            )
+            await conn.run_sync(_to, "head")
+            rows = (
+                await conn.execute(text("SELECT drv_path, failed_at FROM steps ORDER BY id"))
+            ).all()
+            assert [r.failed_at for r in rows] == [100.0, None, None]
+            agent = (await conn.execute(text("SELECT consecutive_failures FROM agents"))).one()
+            assert agent.consecutive_failures == 0
+        assert await schema_status(engine) == ("0003", "0003")
+        async with engine.begin() as conn:
+            await conn.run_sync(_to, "0002", down=True)
+            assert "failed_at" not in await conn.run_sync(_columns, "steps")
+            assert "consecutive_failures" not in await conn.run_sync(_columns, "agents")
+    finally:
+        await engine.dispose()
