@@ -196,13 +196,13 @@ async def test_a_registration_overtaken_by_a_newer_session_does_not_detach_it(
     release_first = asyncio.Event()
     calls = 0
 
-    async def slow_first(*args: object, **kwargs: object) -> None:
+    async def slow_first(*args: object, **kwargs: object) -> object:
         nonlocal calls
         calls += 1
         if calls == 1:
             first_waiting.set()
             await release_first.wait()
-        await real_upsert(*args, **kwargs)  # type: ignore[arg-type]
+        return await real_upsert(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(queries, "upsert_agent", slow_first)
     sessions = runner.comps.sessions
