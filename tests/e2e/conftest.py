@@ -173,14 +173,16 @@ sha256 = "{token_digest(self.admin_token)}"
         mandatory_features: Sequence[str] = (),
         extra_args: Sequence[str] = (),
         wait: bool = True,
+        runner_url: str | None = None,
     ) -> Proc:
+        """Start agent ``name``; ``runner_url`` dials the runner another way (e.g. a proxy)."""
         work = self.root / "agents" / name
         work.mkdir(parents=True, exist_ok=True)
         cfg = work / "agent.toml"
         cfg.write_text(
             f"""
 [agent]
-runner_url = "{self.url}"
+runner_url = "{runner_url or self.url}"
 name = "{name}"
 max_jobs = {max_jobs}
 supported_features = {_toml_list(supported_features)}
