@@ -6,7 +6,6 @@ import json
 import logging
 import ssl
 from collections.abc import AsyncIterable, Mapping, Sequence
-from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Annotated, Any, Self, TypeVar
@@ -26,6 +25,7 @@ from bigtent.errors import (
     ProtocolError,
     RunnerUnreachable,
 )
+from bigtent.states import BuildState
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +43,6 @@ def _to_str(value: object) -> object:
 
 
 Id = Annotated[str, BeforeValidator(_to_str)]
-
-
-class BuildState(StrEnum):
-    """A build's state as the API reports it; the last three are final."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def is_final(self) -> bool:
-        return self in (BuildState.SUCCEEDED, BuildState.FAILED, BuildState.CANCELLED)
 
 
 class _Model(BaseModel):

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from bigtent.client.api import Build, BuildRoot, BuildState, RunnerClient, RunnerStatus, StepCounts
+from bigtent.client.api import Build, BuildRoot, RunnerClient, RunnerStatus, StepCounts
 from bigtent.errors import BigtentError, NixError, RunnerUnreachable, UsageError
 from bigtent.nix import base32
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store import NixStore, PathInfo, RealiseStatus
+from bigtent.states import BuildState
 
 log = logging.getLogger(__name__)
 

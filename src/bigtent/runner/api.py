@@ -24,8 +24,8 @@ from bigtent.runner.builds import plan_build
 from bigtent.runner.components import Components
 from bigtent.runner.db import queries
 from bigtent.runner.ingest import ingest_client_path, ingest_output
-from bigtent.runner.scheduler.steps import StepState
 from bigtent.runner.sessions import bearer_token
+from bigtent.states import StepState
 
 LOG_TAIL_LINES = 40
 SMALL_NAR_BYTES = 256 * 1024

@@ -23,7 +23,7 @@ from bigtent.runner.db import queries
 from bigtent.runner.db.migrate import create_engine, migrate
 from bigtent.runner.logs import LogStore
 from bigtent.runner.scheduler.dispatcher import PlannedStep, Scheduler, SessionClosed, Venue
-from bigtent.runner.scheduler.steps import StepState
+from bigtent.states import StepState
 
 X86 = "x86_64-linux"
 T0 = 1_700_000_000.0

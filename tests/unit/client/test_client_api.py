@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bigtent.client.api import BuildState, RunnerClient, error_from_response
+from bigtent.client.api import RunnerClient, error_from_response
 from bigtent.errors import (
     AuthError,
     BadRequest,
@@ -21,6 +21,7 @@ from bigtent.errors import (
     ProtocolError,
     RunnerUnreachable,
 )
+from bigtent.states import BuildState
 
 URL = "http://runner.test:8080"
 

@@ -36,15 +36,14 @@ from bigtent.runner.scheduler.leases import (
 )
 from bigtent.runner.scheduler.matching import Requirement, VenueView
 from bigtent.runner.scheduler.steps import (
-    BuildState,
     RunnableIndex,
     StepNode,
-    StepState,
     build_outcome,
     dependents_closure,
     plan_dispatch,
     raise_heights,
 )
+from bigtent.states import BuildState, StepState
 
 log = logging.getLogger(__name__)
 
@@ -641,7 +640,12 @@ class Scheduler:
         if node is None or node.lease_id != msg.lease_id or not node.state.is_leased:
             return
         log.info("%s refused step %d: %s", venue.name, node.id, msg.reason)
-        now = self.clock()
+        await self._give_back(node, venue, self.clock())
+        self.wake()
+
+    async def _give_back(self, node: StepNode, venue: Venue, now: float) -> None:
+        """DESIGN §5: a refusal or a failed send releases the slot, cools the venue down and
+        makes the step runnable again, as if it had never been assigned."""
         venue.cooldown_until = now + self.config.refuse_cooldown_secs
         self._release(node)
         node.state = StepState.RUNNABLE
@@ -655,7 +659,6 @@ class Scheduler:
                 agent_machine_id=None,
             )
         self._make_runnable(node, now)
-        self.wake()
 
     def log_lines(self, venue: Venue, msg: p.Log) -> None:
         node = self.nodes.get(msg.step_id)
@@ -852,21 +855,8 @@ class Scheduler:
                     node.id, [f"[bigtent: attempt {node.attempts + 1} on {venue.name}]"]
                 )
             if not _try_send(venue, msg):
-                # The slot goes back and the venue cools down; the step is runnable again.
                 log.warning("could not send step %d to %s; cooling it down", node.id, venue.name)
-                venue.cooldown_until = now + self.config.refuse_cooldown_secs
-                self._release(node)
-                node.state = StepState.RUNNABLE
-                async with self.engine.begin() as conn:
-                    await queries.update_step(
-                        conn,
-                        node.id,
-                        state=node.state,
-                        lease_id=None,
-                        lease_expires_at=None,
-                        agent_machine_id=None,
-                    )
-                self._make_runnable(node, now)
+                await self._give_back(node, venue, now)
 
     def _assign_message(self, node: StepNode, lease: str) -> p.Assign:
         return p.Assign(

@@ -10,37 +10,9 @@ from __future__ import annotations
 import heapq
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 
-from bigtent.runner.scheduler.matching import Requirement, VenueView, best_venue, can_run
-
-
-class StepState(StrEnum):
-    """A step's state. Values are the database and API strings: add, never rename."""
-
-    WAITING = "waiting"
-    """Some dependency has not succeeded yet."""
-    RUNNABLE = "runnable"
-    ASSIGNED = "assigned"
-    """An assign with a lease was sent; the venue has not accepted yet."""
-    BUILDING = "building"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    DEPENDENCY_FAILED = "dependency_failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def is_final(self) -> bool:
-        return self in _FINAL
-
-    @property
-    def is_leased(self) -> bool:
-        return self in (StepState.ASSIGNED, StepState.BUILDING)
-
-
-_FINAL = frozenset(
-    {StepState.SUCCEEDED, StepState.FAILED, StepState.DEPENDENCY_FAILED, StepState.CANCELLED}
-)
+from bigtent.runner.scheduler.matching import Requirement, VenueView, best_venue
+from bigtent.states import BuildState, StepState
 
 
 @dataclass(slots=True, eq=False)
@@ -213,24 +185,6 @@ def raise_heights(nodes: dict[int, StepNode], order: Iterable[int]) -> set[int]:
             changed.add(sid)
             stack.extend(node.deps)
     return changed
-
-
-def can_any_run(venues: Iterable[VenueView], req: Requirement) -> bool:
-    return any(can_run(v, req) for v in venues)
-
-
-class BuildState(StrEnum):
-    """A build's state. Values are the database and API strings."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def is_final(self) -> bool:
-        return self in (BuildState.SUCCEEDED, BuildState.FAILED, BuildState.CANCELLED)
 
 
 def dependents_closure(nodes: dict[int, StepNode], start: int) -> list[int]:

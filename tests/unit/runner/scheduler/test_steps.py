@@ -10,16 +10,15 @@ from hypothesis import strategies as st
 
 from bigtent.runner.scheduler.matching import Requirement, VenueView, can_run
 from bigtent.runner.scheduler.steps import (
-    BuildState,
     Dispatch,
     RunnableIndex,
     StepNode,
-    StepState,
     build_outcome,
     dependents_closure,
     plan_dispatch,
     raise_heights,
 )
+from bigtent.states import BuildState, StepState
 
 X86 = "x86_64-linux"
 ARM = "aarch64-linux"

@@ -1,0 +1,50 @@
+"""Step and build states: the words the database, the API and the CLI share.
+
+Values are the stored and wire strings: add values, never rename them.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class StepState(StrEnum):
+    """A step's state. Values are the database and API strings: add, never rename."""
+
+    WAITING = "waiting"
+    """Some dependency has not succeeded yet."""
+    RUNNABLE = "runnable"
+    ASSIGNED = "assigned"
+    """An assign with a lease was sent; the venue has not accepted yet."""
+    BUILDING = "building"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DEPENDENCY_FAILED = "dependency_failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in _FINAL
+
+    @property
+    def is_leased(self) -> bool:
+        return self in (StepState.ASSIGNED, StepState.BUILDING)
+
+
+_FINAL = frozenset(
+    {StepState.SUCCEEDED, StepState.FAILED, StepState.DEPENDENCY_FAILED, StepState.CANCELLED}
+)
+
+
+class BuildState(StrEnum):
+    """A build's state. Values are the database and API strings."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (BuildState.SUCCEEDED, BuildState.FAILED, BuildState.CANCELLED)
