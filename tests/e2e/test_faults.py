@@ -222,12 +222,6 @@ def test_connection_cut_within_the_lease_loses_no_work(
     assert "[bigtent: attempt" not in log, (outage, log)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent/executor.py uploads a finished step's outputs once, with no retry: an upload "
-    "during a short cut fails, the result becomes upload_failure and the runner builds the "
-    "step again (DESIGN §3: a short network cut loses no work)",
-)
 def test_step_finishing_during_a_cut_is_not_built_again(
     farm_factory: Callable[..., Farm], request: pytest.FixtureRequest
 ) -> None:
@@ -268,12 +262,6 @@ def test_step_finishing_during_a_cut_is_not_built_again(
     assert log.count("building node 0-0") == 1, (outage, log)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent/session.py AgentSession._send drops log batches while no session is up "
-    "(returns False, nothing buffered), so lines a builder prints during a cut never reach "
-    "the runner: here the failure reason is missing from the step's log",
-)
 def test_log_lines_printed_during_a_cut_reach_the_runner(
     farm_factory: Callable[..., Farm], request: pytest.FixtureRequest
 ) -> None:

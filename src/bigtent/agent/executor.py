@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterator
@@ -78,6 +79,17 @@ NAR_CHUNK_BYTES = 256 * 1024
 SMALL_NAR_BYTES = 1024 * 1024
 """NARs up to this size are hashed on the event loop and kept in memory between hashing and
 uploading; larger ones are hashed in a thread and read again for the upload."""
+UPLOAD_RETRY_START_SECS = 0.5
+"""The first delay before retrying a failed upload; it doubles on each try..."""
+UPLOAD_RETRY_CAP_SECS = 8.0
+"""...up to this (each delay times a jitter in [0.5, 1))."""
+UPLOAD_RETRY_LEASE_FACTOR = 2.0
+"""An output upload is retried for at most this many lease times (``registered.lease_secs``)
+after its first try: longer, and the runner has re-queued the step anyway. An abort (the
+session learnt the lease is gone, or the agent stops) ends the retries at once."""
+UPLOAD_RETRY_STATUSES = frozenset({408, 429})
+"""Client-error statuses that are transient; every 5xx is retried too, other 4xx are final
+(400 bad NAR, 409 lease not current, 413 too large)."""
 XDG_CACHE_DIR = "xdg-cache"
 """Under the work dir: Nix's binary-cache lookup cache, private to this agent."""
 
@@ -98,6 +110,8 @@ class CacheSettings:
     cache_public_key: str
     upstreams: tuple[tuple[str, str], ...] = ()
     """(url, public key) of each upstream cache, in order of preference."""
+    lease_secs: float = 60.0
+    """The runner's lease time: bounds how long an output upload is retried."""
 
     @classmethod
     def from_registered(cls, registered: Registered, runner_url: str) -> CacheSettings:
@@ -105,6 +119,7 @@ class CacheSettings:
             cache_url=join_runner_url(runner_url, registered.cache_url),
             cache_public_key=registered.cache_public_key,
             upstreams=tuple((u.url, u.public_key) for u in registered.upstreams),
+            lease_secs=registered.lease_secs,
         )
 
 
@@ -203,6 +218,33 @@ def exit_code_of(status: BuildStatus | int) -> int:
             return 104
         case _:
             return 0 if realise_status_of(status) is RealiseStatus.SUCCESS else 1
+
+
+def upload_status_is_retried(status: int) -> bool:
+    """Whether an upload answered with HTTP ``status`` is tried again: 5xx (the runner, or a
+    proxy in front of it, is in trouble: 502/503/504) and 408/429; other 4xx are final."""
+    return status >= 500 or status in UPLOAD_RETRY_STATUSES
+
+
+def upload_error_is_retried(exc: BaseException) -> bool:
+    """Whether an upload that raised ``exc`` is tried again: the connection failed or broke,
+    or timed out. Anything else (a bad URL, the NAR unreadable) is final."""
+    return isinstance(
+        exc,
+        httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError | httpx.ProxyError,
+    )
+
+
+def upload_backoff_secs(attempt: int, rand: float) -> float:
+    """Delay before upload retry ``attempt`` (0 first): ``0.5 s · 2^attempt`` capped at
+    ``UPLOAD_RETRY_CAP_SECS``, times a jitter in [0.5, 1) from ``rand`` in [0, 1)."""
+    base = min(UPLOAD_RETRY_CAP_SECS, UPLOAD_RETRY_START_SECS * 2.0 ** min(attempt, 32))
+    return base * (0.5 + rand / 2)
+
+
+def upload_retry_secs(lease_secs: float) -> float:
+    """How long after its first try an output upload is retried at most."""
+    return lease_secs * UPLOAD_RETRY_LEASE_FACTOR
 
 
 def plain_error(message: str) -> str:
@@ -337,11 +379,13 @@ class Executor:
         http: httpx.AsyncClient,
         token: str | None,
         nix_bin_dir: str = "",
+        rand: Callable[[], float] = random.random,
     ) -> None:
         self._section = section
         self._http = http
         self._token = token
         self._nix_bin_dir = nix_bin_dir
+        self._rand = rand
         self._busy_slots: set[int] = set()
         self._serve: dict[int, _ServeSlot] = {}
         self.drvs = DrvCache(http)
@@ -436,7 +480,7 @@ class Executor:
             exc = group.exceptions[0]
             assert isinstance(exc, NixError)
             realised = RealiseResult(RealiseStatus.OTHER_FAILURE, exc.status, error=str(exc))
-        return await self._finish(assign, store, realised, started, build_started, abort)
+        return await self._finish(assign, cache, store, realised, started, build_started, abort)
 
     # ---- serve ----------------------------------------------------------------------------
     async def _run_serve(
@@ -478,7 +522,13 @@ class Executor:
         if fallback is not None:
             raise fallback
         return await self._finish(
-            assign, store, realised, started, build_started[0] if build_started else None, abort
+            assign,
+            cache,
+            store,
+            realised,
+            started,
+            build_started[0] if build_started else None,
+            abort,
         )
 
     async def _serve_step(
@@ -635,6 +685,7 @@ class Executor:
     async def _finish(
         self,
         assign: Assign,
+        cache: CacheSettings,
         store: NixStore,
         realised: RealiseResult,
         started: float,
@@ -662,7 +713,9 @@ class Executor:
             return self._result(assign, outcome, realised.exit_code, realised.error, timings)
 
         # Race the upload against an abort; both are awaited before returning.
-        upload = asyncio.ensure_future(self._upload_all(store, assign))
+        upload = asyncio.ensure_future(
+            self._upload_all(store, assign, upload_retry_secs(cache.lease_secs))
+        )
         aborted = asyncio.ensure_future(abort.wait())
         try:
             await asyncio.wait({upload, aborted}, return_when=asyncio.FIRST_COMPLETED)
@@ -706,62 +759,114 @@ class Executor:
         )
 
     # ---- upload ---------------------------------------------------------------------------
-    async def _upload_all(self, store: NixStore, assign: Assign) -> list[OutputInfo]:
+    async def _upload_all(
+        self, store: NixStore, assign: Assign, retry_secs: float
+    ) -> list[OutputInfo]:
         outputs = []
         for name, path in sorted(assign.outputs.items()):
             url = assign.upload_urls.get(name)
             if url is None:
                 raise UploadError(f"the assignment has no upload URL for output {name!r}")
-            outputs.append(await self._upload_one(store, name, path, url))
+            outputs.append(await self._upload_one(store, assign, name, path, url, retry_secs))
         return outputs
 
-    async def _upload_one(self, store: NixStore, name: str, path: str, url: str) -> OutputInfo:
-        """Hash the NAR (first pass), then PUT it streamed (second pass, or kept if small)."""
+    async def _upload_one(
+        self, store: NixStore, assign: Assign, name: str, path: str, url: str, retry_secs: float
+    ) -> OutputInfo:
+        """Hash the NAR (first pass), then PUT it streamed (second pass, or kept if small).
+
+        A connection error, a timeout or a retryable status (``upload_status_is_retried``) is
+        tried again, the NAR streamed anew each time, with backoff, for at most ``retry_secs``
+        after the first try: a short network cut must not turn a good build into an
+        ``upload_failure``. The PUT is idempotent (the runner answers with its existing record
+        when it has the path already). The caller cancels this on an abort.
+        """
         real = store.real_path(path)
         readable = os.path.lexists(real) and os.access(real, os.R_OK, follow_symlinks=False)
-        stream: AsyncIterator[bytes] | None = None
+        kept: list[bytes] | None = None
         try:
-            try:
-                if readable:
-                    digest, size, kept = await _hash_local(real)
-                    if kept is None:
-                        stream = _stream_local(real)
-                else:
-                    log.debug("%s is not readable here; using nix-store --dump", real)
-                    digest, size = await _hash_async(store.dump(path))
-                    kept, stream = None, store.dump(path)
-            except (OSError, ValueError, NixError) as exc:
-                raise UploadError(f"cannot read output {name} ({path}): {exc}") from exc
-            nar_hash = format_hash("sha256", digest)
-            headers = {
-                NAR_HASH_HEADER: nar_hash,
-                NAR_SIZE_HEADER: str(size),
-                "Content-Length": str(size),
-                "Content-Type": "application/x-nix-nar",
-            }
-            if self._token:
-                headers["Authorization"] = f"Bearer {self._token}"
-            full_url = join_runner_url(self._section.runner_url, url)
-            body = stream if stream is not None else b"".join(kept or ())
-            try:
-                response = await self._http.put(full_url, content=body, headers=headers)
-            except (httpx.HTTPError, OSError, ValueError, NixError) as exc:
-                raise UploadError(f"uploading output {name} ({path}) failed: {exc}") from exc
-        finally:
-            if isinstance(stream, AsyncGenerator):
-                await stream.aclose()
-        if not response.is_success:
-            raise UploadError(
-                f"runner refused output {name} ({path}): HTTP {response.status_code}: "
-                f"{_error_text(response)}"
+            if readable:
+                digest, size, kept = await _hash_local(real)
+            else:
+                log.debug("%s is not readable here; using nix-store --dump", real)
+                digest, size = await _hash_async(store.dump(path))
+        except (OSError, ValueError, NixError) as exc:
+            raise UploadError(f"cannot read output {name} ({path}): {exc}") from exc
+        small = b"".join(kept) if kept is not None else None
+
+        def body() -> bytes | AsyncIterator[bytes]:
+            """The NAR for one try: kept in memory when small, else streamed from the start."""
+            if small is not None:
+                return small
+            return _stream_local(real) if readable else store.dump(path)
+
+        nar_hash = format_hash("sha256", digest)
+        headers = {
+            NAR_HASH_HEADER: nar_hash,
+            NAR_SIZE_HEADER: str(size),
+            "Content-Length": str(size),
+            "Content-Type": "application/x-nix-nar",
+        }
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        full_url = join_runner_url(self._section.runner_url, url)
+        what = f"output {name} ({path})"
+        deadline = time.monotonic() + retry_secs
+        attempt = 0
+        while True:
+            failure = await self._put(full_url, body(), headers, what)
+            if isinstance(failure, httpx.Response):
+                return OutputInfo(
+                    name=name,
+                    path=path,
+                    nar_hash=nar_hash,
+                    nar_size=size,
+                    references=_references(failure),
+                )
+            delay = upload_backoff_secs(attempt, self._rand())
+            attempt += 1
+            if time.monotonic() + delay > deadline:
+                raise UploadError(
+                    f"{failure}; gave up after {attempt} tries in {retry_secs:g} s"
+                    if attempt > 1
+                    else failure
+                )
+            log.warning(
+                "step %s: %s; retrying in %.1f s (try %d)",
+                assign.step_id,
+                failure,
+                delay,
+                attempt + 1,
             )
-        return OutputInfo(
-            name=name,
-            path=path,
-            nar_hash=nar_hash,
-            nar_size=size,
-            references=_references(response),
-        )
+            await asyncio.sleep(delay)
+
+    async def _put(
+        self,
+        url: str,
+        content: bytes | AsyncIterator[bytes],
+        headers: dict[str, str],
+        what: str,
+    ) -> httpx.Response | str:
+        """One upload try: the runner's success response, or why it failed when it may be
+        tried again. Raises ``UploadError`` when the failure is final."""
+        try:
+            response = await self._http.put(url, content=content, headers=headers)
+        except httpx.HTTPError as exc:
+            message = f"uploading {what} failed: {exc or type(exc).__name__}"
+            if upload_error_is_retried(exc):
+                return message
+            raise UploadError(message) from exc
+        except (OSError, ValueError, NixError) as exc:
+            raise UploadError(f"uploading {what} failed: {exc}") from exc
+        finally:
+            if isinstance(content, AsyncGenerator):
+                await content.aclose()
+        if response.is_success:
+            return response
+        message = f"runner refused {what}: HTTP {response.status_code}: {_error_text(response)}"
+        if upload_status_is_retried(response.status_code):
+            return message
+        raise UploadError(message)
 
 
 def _error_text(response: httpx.Response) -> str:

@@ -3,7 +3,9 @@ assignments, report results, reconnect with backoff, drain.
 
 Steps outlive connections: a step keeps running while the agent reconnects, its result waits
 in ``pending`` until the runner acknowledges it, and ``register`` lists every step the agent
-still holds so the runner keeps their leases.
+still holds so the runner keeps their leases. Log lines a step prints while the agent has no
+session wait in a bounded ``LogBacklog`` and are sent after the reconnect, before the step's
+result, for the steps the runner kept.
 
 An ephemeral agent (``limits`` given) has one session only: it never reconnects, drains when a
 limit of ``agent/limits.py`` says so, and exits 0 after a limit or a drain, non-zero when its
@@ -35,7 +37,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, W
 
 from bigtent import __version__
 from bigtent.agent import limits as lim
-from bigtent.agent.executor import CacheSettings, Executor
+from bigtent.agent.backlog import LogBacklog
+from bigtent.agent.executor import LOG_BATCH_CHARS, LOG_BATCH_LINES, CacheSettings, Executor
 from bigtent.agent.identity import AgentIdentity, ephemeral_identity, persistent_identity
 from bigtent.config import AgentConfig, AgentSection
 from bigtent.errors import (
@@ -232,6 +235,8 @@ class AgentSession:
         self._ws_url = agent_ws_url(section.runner_url)
         self._running: dict[StepId, _Step] = {}
         self._pending: dict[StepId, Result] = {}
+        self._backlog = LogBacklog()
+        """Log batches of held steps not sent for want of a session (persistent agents)."""
         self._cache: CacheSettings | None = None
         self._conn: Connection | None = None
         self._tg: asyncio.TaskGroup | None = None
@@ -427,13 +432,12 @@ class AgentSession:
             first.session_id,
             len(self._running) + len(self._pending),
         )
-        self._conn = conn
         self._sessions += 1
         self.registered.set()
         try:
-            for result in list(self._pending.values()):
-                log.info("re-sending the result of step %s", result.step_id)
-                await conn.send(encode(result))
+            await self._catch_up(conn)
+            # No await since _catch_up found nothing left: from here on steps send directly.
+            self._conn = conn
             loops = [
                 self._receive_loop(conn),
                 self._heartbeat_loop(conn, max(first.heartbeat_secs, MIN_HEARTBEAT_SECS)),
@@ -446,6 +450,38 @@ class AgentSession:
         finally:
             self._conn = None
             self.registered.clear()
+
+    async def _catch_up(self, conn: Connection) -> None:
+        """Send what waited for a session: each held step's unsent log lines, then the results
+        waiting for their acknowledgement. A step's lines go before its result. Returns once
+        nothing is left (steps still running keep adding lines while ``_conn`` is unset)."""
+        resent: set[StepId] = set()
+        while True:
+            backlog = self._backlog.steps
+            if backlog:
+                await self._send_backlog(conn, backlog[0])
+                continue
+            result = next((r for sid, r in self._pending.items() if sid not in resent), None)
+            if result is None:
+                return
+            log.info("re-sending the result of step %s", result.step_id)
+            await conn.send(encode(result))
+            resent.add(result.step_id)
+
+    async def _send_backlog(self, conn: Connection, step_id: StepId) -> None:
+        """Send ``step_id``'s unsent log lines, oldest first; on a disconnect they stay."""
+        while (taken := self._backlog.take(step_id, LOG_BATCH_LINES, LOG_BATCH_CHARS)) is not None:
+            log.debug(
+                "step %s: sending %d log line(s) kept during the outage (%d lost)",
+                step_id,
+                len(taken.lines),
+                taken.lost,
+            )
+            try:
+                await conn.send(encode(taken.message()))
+            except Disconnected:
+                self._backlog.put_back(taken)
+                raise
 
     def _register_message(self) -> Register:
         ident = self._identity
@@ -484,6 +520,9 @@ class AgentSession:
         for sid in [sid for sid in self._pending if sid not in keep]:
             log.warning("step %s: the runner no longer holds its lease; dropping its result", sid)
             del self._pending[sid]
+        for sid in self._backlog.steps:
+            if sid not in keep:
+                self._backlog.discard(sid)
         self._update()
 
     async def _receive_loop(self, conn: Connection) -> None:
@@ -600,6 +639,7 @@ class AgentSession:
         if result is None or result.lease_id != ack.lease_id:
             return
         del self._pending[ack.step_id]
+        self._backlog.discard(ack.step_id)
         if not ack.recorded:
             log.warning(
                 "step %s: the runner ignored its result (lease %s no longer current)",
@@ -614,7 +654,7 @@ class AgentSession:
         try:
             try:
                 result = await self._executor.run(
-                    assign, step.cache, send_log=self._send, abort=step.abort
+                    assign, step.cache, send_log=self._send_log, abort=step.abort
                 )
             except Exception as exc:
                 # Supervisor of one step: a bug here must not take the other steps down.
@@ -626,6 +666,7 @@ class AgentSession:
                     error=f"agent error: {exc!r}"[:MAX_ERROR_CHARS],
                 )
             if step.lease_lost:
+                self._backlog.discard(assign.step_id)
                 return
             self._pending[assign.step_id] = result
         finally:
@@ -634,7 +675,20 @@ class AgentSession:
                 self._limit_state = lim.complete(self._limit_state, self._clock())
                 self._limits_changed.set()
             self._update()
-        await self._send(result)
+        if assign.step_id not in self._backlog:
+            # Else its log lines wait for a session: the result follows them (_catch_up).
+            await self._send(result)
+
+    async def _send_log(self, batch: Log) -> bool:
+        """Send a step's log batch, or (persistent agents) keep it for the next session: True
+        when sent now. Queued behind the step's earlier unsent lines, never ahead of them."""
+        if self._limits is not None:
+            return await self._send(batch)  # ephemeral: a lost session ends the agent anyway
+        if batch.step_id not in self._backlog and await self._send(batch):
+            return True
+        if batch.step_id in self._running or batch.step_id in self._pending:
+            self._backlog.add(batch)
+        return False
 
     async def _send(self, message: Log | Result) -> bool:
         """Send if a session is up; False (message not sent) otherwise. Never raises."""

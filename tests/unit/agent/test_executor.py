@@ -14,12 +14,17 @@ import pytest
 from bigtent.agent import executor as executor_mod
 from bigtent.agent.executor import (
     LOG_BATCH_CHARS,
+    UPLOAD_RETRY_CAP_SECS,
     CacheSettings,
     Executor,
     LogBatcher,
     join_runner_url,
     nix_options,
     outcome_of,
+    upload_backoff_secs,
+    upload_error_is_retried,
+    upload_retry_secs,
+    upload_status_is_retried,
 )
 from bigtent.config import AgentSection
 from bigtent.nix.base32 import format_hash
@@ -228,6 +233,14 @@ ASSIGN = Assign(
     max_log_bytes=1 << 20,
 )
 CACHE = CacheSettings("http://r/cache", "r-1:KEY")
+QUICK_RETRY = CacheSettings("http://r/cache", "r-1:KEY", lease_secs=2.0)
+"""Upload retries bounded to 4 s (with ``fast_retries``: delays of 10 ms up to 80 ms)."""
+
+
+@pytest.fixture
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(executor_mod, "UPLOAD_RETRY_START_SECS", 0.01)
+    monkeypatch.setattr(executor_mod, "UPLOAD_RETRY_CAP_SECS", 0.08)
 
 
 async def run_step(
@@ -235,6 +248,8 @@ async def run_step(
     handler: Any,
     status: RealiseStatus = RealiseStatus.SUCCESS,
     lines: Sequence[str] = ("copying path", "building '/nix/store/x.drv'...", "hello"),
+    cache: CacheSettings = CACHE,
+    abort: asyncio.Event | None = None,
 ) -> tuple[Any, list[Log]]:
     root = tmp_path / "root"
     make_outputs(root)
@@ -247,7 +262,7 @@ async def run_step(
             logs.append(message)
             return True
 
-        result = await ex.run(ASSIGN, CACHE, send_log=send_log, abort=asyncio.Event())
+        result = await ex.run(ASSIGN, cache, send_log=send_log, abort=abort or asyncio.Event())
     return result, logs
 
 
@@ -287,23 +302,151 @@ async def test_success_uploads_every_output_with_its_nar_hash(tmp_path: Path) ->
     assert result.timings.build_secs >= 0 and result.timings.upload_secs >= 0
 
 
-async def test_upload_refusal_is_an_upload_failure(tmp_path: Path) -> None:
+@pytest.mark.parametrize("status", [400, 409, 413])
+async def test_upload_refusal_is_a_final_upload_failure(
+    tmp_path: Path, status: int, fast_retries: None
+) -> None:
+    tries = 0
+
     async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal tries
+        tries += 1
         await request.aread()
-        return httpx.Response(409, json={"error": "lease lease-5 is not current"})
+        return httpx.Response(status, json={"error": "lease lease-5 is not current"})
 
-    result, _ = await run_step(tmp_path, handler)
+    result, _ = await run_step(tmp_path, handler, cache=QUICK_RETRY)
     assert result.outcome is Outcome.UPLOAD_FAILURE
-    assert "HTTP 409" in result.error and "lease lease-5 is not current" in result.error
+    assert f"HTTP {status}" in result.error and "lease lease-5 is not current" in result.error
+    assert "gave up" not in result.error
+    assert tries == 1  # not retried, and the other output is not tried either
 
 
-async def test_network_error_is_an_upload_failure(tmp_path: Path) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
+async def test_upload_is_retried_until_it_succeeds(tmp_path: Path, fast_retries: None) -> None:
+    """A connection error, then a proxy's 502, then success: each try streams the whole NAR."""
+    tries: dict[str, int] = {}
+    bodies: dict[str, list[bytes]] = {}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        name = request.url.path.rsplit("/", 1)[1]
+        tries[name] = tries.get(name, 0) + 1
+        if tries[name] == 1:
+            raise httpx.ConnectError("connection refused", request=request)
+        bodies.setdefault(name, []).append(await request.aread())
+        if tries[name] == 2:
+            return httpx.Response(502, text="bad gateway")
+        return httpx.Response(200, json={"references": []})
+
+    result, _ = await run_step(tmp_path, handler, cache=QUICK_RETRY)
+    assert result.outcome is Outcome.SUCCESS, result.error
+    assert tries == {"out": 3, "dev": 3}
+    root = tmp_path / "root"
+    for output in result.outputs:
+        whole = b"".join(dump_path(root / output.path.lstrip("/")))
+        assert bodies[output.name] == [whole, whole]  # re-streamed from the start
+        assert output.nar_hash == nar_hash(root / output.path.lstrip("/"))[0]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        httpx.ConnectError("connection refused"),
+        httpx.ReadTimeout("timed out"),
+        httpx.Response(503, json={"error": "database is busy"}),
+    ],
+)
+async def test_upload_retries_are_bounded(
+    tmp_path: Path, fast_retries: None, failure: Exception | httpx.Response
+) -> None:
+    tries = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal tries
+        tries += 1
+        await request.aread()
+        if isinstance(failure, Exception):
+            raise failure
+        return failure
+
+    cache = CacheSettings("http://r/cache", "r-1:KEY", lease_secs=0.1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result, _ = await run_step(tmp_path, handler, cache=cache)
+    assert loop.time() - started < 2.0
+    assert result.outcome is Outcome.UPLOAD_FAILURE
+    assert "gave up after" in result.error and "in 0.2 s" in result.error
+    assert tries >= 3
+
+
+async def test_abort_ends_upload_retries(tmp_path: Path, fast_retries: None) -> None:
+    abort = asyncio.Event()
+    tries = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal tries
+        tries += 1
+        if tries == 3:
+            abort.set()
         raise httpx.ConnectError("connection refused", request=request)
 
-    result, _ = await run_step(tmp_path, handler)
-    assert result.outcome is Outcome.UPLOAD_FAILURE
-    assert "connection refused" in result.error
+    result, _ = await run_step(tmp_path, handler, cache=CACHE, abort=abort)
+    assert result.outcome is Outcome.ABORTED
+    assert result.error == "aborted during upload"
+
+
+@pytest.mark.parametrize(
+    ("status", "retried"),
+    [
+        (500, True),
+        (502, True),
+        (503, True),
+        (504, True),
+        (507, True),
+        (408, True),
+        (429, True),
+        (400, False),
+        (401, False),
+        (403, False),
+        (404, False),
+        (409, False),
+        (413, False),
+    ],
+)
+def test_upload_status_is_retried(status: int, retried: bool) -> None:
+    assert upload_status_is_retried(status) is retried
+
+
+@pytest.mark.parametrize(
+    ("exc", "retried"),
+    [
+        (httpx.ConnectError("refused"), True),
+        (httpx.ReadError("reset"), True),
+        (httpx.WriteError("broken pipe"), True),
+        (httpx.ConnectTimeout("slow"), True),
+        (httpx.WriteTimeout("slow"), True),
+        (httpx.PoolTimeout("busy"), True),
+        (httpx.RemoteProtocolError("peer closed"), True),
+        (httpx.UnsupportedProtocol("ftp"), False),
+        (httpx.LocalProtocolError("bad header"), False),
+        (httpx.InvalidURL("bad"), False),
+        (ValueError("x"), False),
+    ],
+)
+def test_upload_error_is_retried(exc: Exception, retried: bool) -> None:
+    assert upload_error_is_retried(exc) is retried
+
+
+@pytest.mark.parametrize(
+    ("attempt", "rand", "expected"),
+    [(0, 0.0, 0.25), (0, 1.0, 0.5), (1, 0.0, 0.5), (3, 1.0, 4.0), (4, 1.0, 8.0), (500, 0.0, 4.0)],
+)
+def test_upload_backoff_secs(attempt: int, rand: float, expected: float) -> None:
+    assert upload_backoff_secs(attempt, rand) == pytest.approx(expected)
+    assert 0 < upload_backoff_secs(attempt, rand) <= UPLOAD_RETRY_CAP_SECS
+
+
+def test_upload_retry_secs_follows_the_lease() -> None:
+    assert upload_retry_secs(60.0) == 120.0
+    assert upload_retry_secs(6.0) == 12.0
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from bigtent.agent.backlog import STEP_LIMIT_CHARS, lost_marker
 from bigtent.agent.executor import CacheSettings
 from bigtent.agent.identity import AgentIdentity
 from bigtent.agent.session import (
@@ -76,6 +77,15 @@ class RunnerSide:
                 return message
             if not isinstance(message, Heartbeat | Log):
                 raise AssertionError(f"expected {kind.__name__}, got {message!r}")
+
+    async def until_result(self, timeout: float = WAIT) -> list[AgentMessage]:
+        """Every message up to and including the next ``result``, heartbeats left out."""
+        messages: list[AgentMessage] = []
+        while not messages or not isinstance(messages[-1], Result):
+            message = await asyncio.wait_for(self.inbox.get(), timeout)
+            if not isinstance(message, Heartbeat):
+                messages.append(message)
+        return messages
 
     async def assign(self, step_id: int, lease: str = "") -> None:
         await self.send(
@@ -361,6 +371,137 @@ async def test_result_is_resent_after_reconnect(start_agent: Callable[..., Agent
         await second.send(Drain())
         assert await agent.exit_code() == 0
         assert agent.session.pending_results == []
+
+
+async def _outage(runner: FakeRunner, agent: Agent, side: RunnerSide) -> None:
+    """Cut the session; the runner refuses the agent until the test sets ``status`` None."""
+    runner.status = 503
+    await side.ws.close()
+    await asyncio.wait_for(side.closed.wait(), WAIT)
+    for _ in range(int(WAIT / 0.01)):  # the agent notices the close
+        if not agent.session.registered.is_set():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the agent did not notice the closed session")
+
+
+def _log(step_id: int, *lines: str) -> Log:
+    return Log(step_id=StepId(step_id), lease_id=LeaseId(f"lease-{step_id}"), lines=list(lines))
+
+
+async def test_log_lines_from_an_outage_arrive_before_the_result(
+    start_agent: Callable[..., Agent],
+) -> None:
+    async with FakeRunner() as runner:
+        agent = start_agent(runner)
+        first = await runner.next_session()
+        await first.assign(1)
+        await first.expect(Accepted)
+        step = await agent.executor.next_step()
+        assert await step.send_log(_log(1, "before"))
+        assert (await first.expect(Log)).lines == ["before"]
+
+        await _outage(runner, agent, first)
+        assert not await step.send_log(_log(1, "during 1", "during 2"))
+        assert not await step.send_log(_log(1, "during 3"))
+        step.release.set()
+        await asyncio.wait_for(step.finished.wait(), WAIT)
+        runner.status = None
+
+        second = await runner.next_session()
+        messages = await second.until_result()
+        assert [m.lines for m in messages if isinstance(m, Log)] == [
+            ["during 1", "during 2", "during 3"]
+        ]
+        assert all((m.step_id, m.lease_id) == (1, "lease-1") for m in messages)
+        assert isinstance(messages[-1], Result) and messages[-1].outcome is Outcome.SUCCESS
+        await second.send(ResultAck(step_id=StepId(1), lease_id=LeaseId("lease-1"), recorded=True))
+
+        # A step still running after the reconnect sends its lines directly again.
+        await second.assign(2)
+        await second.expect(Accepted)
+        step2 = await agent.executor.next_step()
+        assert await step2.send_log(_log(2, "live"))
+        assert (await second.expect(Log)).lines == ["live"]
+
+
+async def test_log_lines_of_a_running_step_are_sent_after_the_reconnect(
+    start_agent: Callable[..., Agent],
+) -> None:
+    async with FakeRunner() as runner:
+        agent = start_agent(runner)
+        first = await runner.next_session()
+        await first.assign(1)
+        await first.expect(Accepted)
+        step = await agent.executor.next_step()
+        await _outage(runner, agent, first)
+        await step.send_log(_log(1, "while away"))
+        runner.status = None
+
+        second = await runner.next_session()
+        assert (await second.expect(Log)).lines == ["while away"]
+        assert await step.send_log(_log(1, "back"))
+        step.release.set()
+        messages = await second.until_result()
+        assert [m.lines for m in messages if isinstance(m, Log)] == [["back"]]
+
+
+async def test_log_backlog_is_bounded_and_says_what_was_lost(
+    start_agent: Callable[..., Agent],
+) -> None:
+    line_chars = 1023  # costs 1 KiB in the backlog with its newline
+    kept = STEP_LIMIT_CHARS // (line_chars + 1)
+    total = kept + 476
+    async with FakeRunner() as runner:
+        agent = start_agent(runner)
+        first = await runner.next_session()
+        await first.assign(1)
+        await first.expect(Accepted)
+        step = await agent.executor.next_step()
+        await _outage(runner, agent, first)
+        lines = [f"{i:05d}".ljust(line_chars, ".") for i in range(total)]
+        for start in range(0, total, 500):
+            await step.send_log(_log(1, *lines[start : start + 500]))
+        step.release.set()
+        await asyncio.wait_for(step.finished.wait(), WAIT)
+        runner.status = None
+
+        second = await runner.next_session()
+        messages = await second.until_result()
+        received = [line for m in messages if isinstance(m, Log) for line in m.lines]
+        assert received == [lost_marker(476), *lines[476:]]
+        assert isinstance(messages[-1], Result)
+
+
+async def test_log_backlog_of_a_step_the_runner_dropped_is_not_sent(
+    start_agent: Callable[..., Agent],
+) -> None:
+    async with FakeRunner() as runner:
+        agent = start_agent(runner, max_jobs=2)
+        first = await runner.next_session()
+        for sid in (1, 2):
+            await first.assign(sid)
+            await first.expect(Accepted)
+        steps = {s.assign.step_id: s for s in [await agent.executor.next_step() for _ in "12"]}
+        await _outage(runner, agent, first)
+        await steps[1].send_log(_log(1, "of the dropped step"))
+        await steps[2].send_log(_log(2, "of the kept step"))
+        steps[2].release.set()
+        await asyncio.wait_for(steps[2].finished.wait(), WAIT)
+        runner.keep_running = [2]
+        runner.status = None
+
+        second = await runner.next_session()
+        messages = await second.until_result()
+        assert [(m.step_id, m.lines) for m in messages if isinstance(m, Log)] == [
+            (2, ["of the kept step"])
+        ]
+        assert messages[-1].step_id == 2
+        await asyncio.wait_for(steps[1].finished.wait(), WAIT)
+        assert steps[1].abort.is_set()
+        await second.send(ResultAck(step_id=StepId(2), lease_id=LeaseId("lease-2"), recorded=True))
+        await second.send(Drain())
+        assert await agent.exit_code() == 0
 
 
 async def test_step_keeps_running_across_reconnect(start_agent: Callable[..., Agent]) -> None:
