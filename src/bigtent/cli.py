@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -151,6 +151,21 @@ def _client_options(f: _F) -> _F:
 
 def _json_option(f: _F) -> _F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(f)
+
+
+def _call(
+    runner_url: str,
+    token_file: Path | None,
+    ca_file: Path | None,
+    request: Callable[[RunnerClient], Awaitable[_T]],
+) -> _T:
+    """Run one request against the runner (the shape of every read/act command)."""
+
+    async def go() -> _T:
+        async with _make_client(runner_url, token_file, ca_file) as client:
+            return await request(client)
+
+    return _run(go())
 
 
 def _make_client(runner_url: str, token_file: Path | None, ca_file: Path | None) -> RunnerClient:
@@ -355,11 +370,7 @@ def build(
 def status(runner_url: str, token_file: Path | None, ca_file: Path | None, as_json: bool) -> None:
     """Show the runner's version, cache and queue."""
 
-    async def go() -> Any:
-        async with _make_client(runner_url, token_file, ca_file) as client:
-            return await client.fetch_status()
-
-    st = _run(go())
+    st = _call(runner_url, token_file, ca_file, lambda c: c.fetch_status())
     if as_json:
         _echo_json(st.model_dump(mode="json"))
         return
@@ -431,11 +442,7 @@ def agents(
     if ctx.invoked_subcommand is not None:
         return
 
-    async def go() -> Any:
-        async with _make_client(runner_url, token_file, ca_file) as client:
-            return await client.fetch_agents()
-
-    rows = _run(go())
+    rows = _call(runner_url, token_file, ca_file, lambda c: c.fetch_agents())
     if as_json:
         _echo_json([a.model_dump(mode="json") for a in rows])
         return
@@ -456,11 +463,7 @@ def agents_drain(
 ) -> None:
     """Drain agent NAME: it finishes its running steps and takes no new ones (admin token)."""
 
-    async def go() -> str:
-        async with _make_client(runner_url, token_file, ca_file) as client:
-            return await client.drain_agent(name)
-
-    drained = _run(go())
+    drained = _call(runner_url, token_file, ca_file, lambda c: c.drain_agent(name))
     if as_json:
         _echo_json({"drained": drained})
     else:
@@ -484,11 +487,7 @@ def builds(
 ) -> None:
     """List recent builds, newest first."""
 
-    async def go() -> Any:
-        async with _make_client(runner_url, token_file, ca_file) as client:
-            return await client.fetch_builds(limit=limit)
-
-    rows = _run(go())
+    rows = _call(runner_url, token_file, ca_file, lambda c: c.fetch_builds(limit=limit))
     if as_json:
         _echo_json([b.model_dump(mode="json") for b in rows])
         return
@@ -517,11 +516,7 @@ def builds(
 def log_cmd(step: str, runner_url: str, token_file: Path | None, ca_file: Path | None) -> None:
     """Print the build log of STEP (live while it runs)."""
 
-    async def go() -> str:
-        async with _make_client(runner_url, token_file, ca_file) as client:
-            return await client.fetch_log(step)
-
-    text = _run(go())
+    text = _call(runner_url, token_file, ca_file, lambda c: c.fetch_log(step))
     click.echo(text, nl=not text.endswith("\n"))
 
 
@@ -534,11 +529,7 @@ def cancel(
 ) -> None:
     """Cancel BUILD (steps other builds still need keep running)."""
 
-    async def go() -> Any:
-        async with _make_client(runner_url, token_file, ca_file) as client:
-            return await client.cancel_build(build_id)
-
-    b = _run(go())
+    b = _call(runner_url, token_file, ca_file, lambda c: c.cancel_build(build_id))
     if as_json:
         _echo_json(b.model_dump(mode="json"))
     else:
@@ -558,11 +549,7 @@ def restart(
     rebuild until scheduler.failure_cache_ttl_secs has passed.
     """
 
-    async def go() -> Any:
-        async with _make_client(runner_url, token_file, ca_file) as client:
-            return await client.restart_build(build_id)
-
-    b = _run(go())
+    b = _call(runner_url, token_file, ca_file, lambda c: c.restart_build(build_id))
     if as_json:
         _echo_json(b.model_dump(mode="json"))
     else:
@@ -584,11 +571,7 @@ def bump(
 ) -> None:
     """Raise the priority of BUILD."""
 
-    async def go() -> Any:
-        async with _make_client(runner_url, token_file, ca_file) as client:
-            return await client.bump_build(build_id, priority=priority)
-
-    b = _run(go())
+    b = _call(runner_url, token_file, ca_file, lambda c: c.bump_build(build_id, priority=priority))
     if as_json:
         _echo_json(b.model_dump(mode="json"))
     else:
