@@ -353,12 +353,7 @@ class AgentSession:
                 async with self._connect(self._ws_url, self._headers()) as conn:
                     await self._session(conn)
             except AuthError as exc:
-                log.error(
-                    "the runner at %s refused the agent's credentials (%s); "
-                    "check the agent token and its role",
-                    self._section.runner_url,
-                    exc,
-                )
+                self._log_auth_refused(exc)
                 return EXIT_AUTH_REFUSED
             except (RunnerUnreachable, Disconnected, ProtocolError, TimeoutError) as exc:
                 log.warning("session with runner %s ended: %s", self._section.runner_url, exc)
@@ -374,18 +369,22 @@ class AgentSession:
         log.info("agent stopped")
         return EXIT_OK
 
+    def _log_auth_refused(self, exc: AuthError) -> None:
+        """One clear line; never the token itself."""
+        log.error(
+            "the runner at %s refused the agent's credentials (%s); "
+            "check the agent token and its role",
+            self._section.runner_url,
+            exc,
+        )
+
     async def _serve_once(self) -> int:
         """An ephemeral agent's one session: 0 once drained or stopped, else why it failed."""
         try:
             async with self._connect(self._ws_url, self._headers()) as conn:
                 await self._session(conn)
         except AuthError as exc:
-            log.error(
-                "the runner at %s refused the agent's credentials (%s); "
-                "check the agent token and its role",
-                self._section.runner_url,
-                exc,
-            )
+            self._log_auth_refused(exc)
             return EXIT_AUTH_REFUSED
         except ProtocolError as exc:
             log.error("session with runner %s failed: %s", self._section.runner_url, exc)
