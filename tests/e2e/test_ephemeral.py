@@ -103,7 +103,9 @@ def test_two_agents_drain_a_21_step_queue_and_exit_0_on_idle(
     farm_factory: Callable[..., Farm],
 ) -> None:
     farm = farm_factory()
-    build, build_id = _submit(farm, farm.dag_file(layers=2, width=10), n_steps=21)
+    # One-second steps: the queue outlasts the agents' start-up, so both get work (with
+    # instant steps the first agent could drain it before the second one registers).
+    build, build_id = _submit(farm, farm.dag_file(layers=2, width=10, sleep=1), n_steps=21)
     agents = [_start_ephemeral(farm, f"idle{i}", "--max-idle-secs", "2") for i in range(2)]
     assert _exit_code(build) == 0, build.log.read_text()[-3000:]
     for agent in agents:
