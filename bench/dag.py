@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -124,7 +125,7 @@ def farm(work: Path, agents: int, jobs: int) -> Iterator[dict[str, str]]:
             up.kill()
 
 
-def bigtent_build(env: dict[str, str], nix_file: Path, *extra: str) -> tuple[float, dict]:
+def bigtent_build(env: dict[str, str], nix_file: Path, *extra: str) -> tuple[float, dict[str, Any]]:
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "bigtent", "build", str(nix_file), "-A", "top", "--json", *extra],

@@ -6,6 +6,7 @@ import subprocess
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ from tests.e2e.conftest import Farm
 pytestmark = [pytest.mark.e2e, pytest.mark.nix]
 
 
-def _steps(farm: Farm, build_id: int) -> dict[str, dict[str, object]]:
+def _steps(farm: Farm, build_id: int) -> dict[str, dict[str, Any]]:
     with farm.api() as c:
         steps = c.get(f"/api/v1/builds/{build_id}/steps").json()["steps"]
     return {str(s["name"]): s for s in steps}
@@ -124,8 +125,8 @@ def test_fresh_store_substitutes_results_only_with_the_runner_key(
     code, out = farm.build_json(str(dag), "-A", "top", "--no-download")
     assert code == 0, out
     outputs = [
-        o for step in _steps(farm, out["build_id"]).values() for o in step["outputs"].values()
-    ]  # type: ignore[attr-defined]
+        str(o) for step in _steps(farm, out["build_id"]).values() for o in step["outputs"].values()
+    ]
     wrong = generate_key("someone-else-1").public_key().to_text()
     refused = _realise(tmp_path / "wrong", outputs, farm.cache_url, wrong, tmp_path / "x1")
     assert refused.returncode != 0

@@ -162,7 +162,7 @@ def test_design_flags_are_present() -> None:
 
 # ---- client commands against a fake runner ---------------------------------------------------
 
-BUILD = {
+BUILD: dict[str, Any] = {
     "id": 12,
     "state": "running",
     "priority": 10,

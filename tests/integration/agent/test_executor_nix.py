@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import pytest
@@ -38,6 +39,9 @@ pytestmark = [
 
 SANDBOX_PATHS = ["/bin=/usr/bin", "/usr", "/lib=/usr/lib", "/lib64=/usr/lib64"]
 NIX = ["--extra-experimental-features", "nix-command"]
+
+
+ExecutorKind = Literal["serve", "realise"]
 
 
 @dataclass
@@ -155,9 +159,10 @@ class Nix:
 
 
 @pytest.fixture(params=["serve", "realise"])
-def executor_kind(request: pytest.FixtureRequest) -> str:
+def executor_kind(request: pytest.FixtureRequest) -> ExecutorKind:
     """Every test runs with both executors (agent config ``executor``)."""
-    return str(request.param)
+    kind: ExecutorKind = request.param
+    return kind
 
 
 @pytest.fixture
@@ -195,7 +200,7 @@ async def execute(
     assign: Assign,
     abort_on: str | None = None,
     *,
-    kind: str,
+    kind: ExecutorKind,
 ) -> tuple[Result, list[Log], Path]:
     agent_root = tmp_path / "agent-store"
     section = AgentSection(
@@ -231,7 +236,7 @@ async def test_builds_substituted_drv_and_uploads_output(
     nix: Nix,
     fake_runner: FakeRunnerHttp,
     cache_key: tuple[Path, str],
-    executor_kind: str,
+    executor_kind: ExecutorKind,
 ) -> None:
     drv, out = nix.instantiate("bt-agent-ok", "echo building-now; echo more; echo hello > $out")
     nix.publish(drv, fake_runner.cache_dir, cache_key[0])
@@ -267,7 +272,7 @@ async def test_failing_builder_is_a_build_failure_with_its_log(
     nix: Nix,
     fake_runner: FakeRunnerHttp,
     cache_key: tuple[Path, str],
-    executor_kind: str,
+    executor_kind: ExecutorKind,
 ) -> None:
     drv, out = nix.instantiate("bt-agent-fail", "echo about-to-fail; exit 3")
     nix.publish(drv, fake_runner.cache_dir, cache_key[0])
@@ -289,7 +294,7 @@ async def test_drv_missing_from_the_cache_is_a_prepare_failure(
     nix: Nix,
     fake_runner: FakeRunnerHttp,
     cache_key: tuple[Path, str],
-    executor_kind: str,
+    executor_kind: ExecutorKind,
 ) -> None:
     drv, out = nix.instantiate("bt-agent-unpublished", "echo hi > $out")
     (fake_runner.cache_dir / "nix-cache-info").write_text("StoreDir: /nix/store\n")
@@ -308,7 +313,7 @@ async def test_refused_upload_is_an_upload_failure(
     nix: Nix,
     fake_runner: FakeRunnerHttp,
     cache_key: tuple[Path, str],
-    executor_kind: str,
+    executor_kind: ExecutorKind,
 ) -> None:
     drv, out = nix.instantiate("bt-agent-refused", "echo hi > $out")
     nix.publish(drv, fake_runner.cache_dir, cache_key[0])
@@ -327,7 +332,7 @@ async def test_abort_kills_the_build(
     nix: Nix,
     fake_runner: FakeRunnerHttp,
     cache_key: tuple[Path, str],
-    executor_kind: str,
+    executor_kind: ExecutorKind,
 ) -> None:
     drv, out = nix.instantiate("bt-agent-slow", "echo started; sleep 60; echo hi > $out")
     nix.publish(drv, fake_runner.cache_dir, cache_key[0])
@@ -352,7 +357,7 @@ async def test_timeout_is_timed_out(
     nix: Nix,
     fake_runner: FakeRunnerHttp,
     cache_key: tuple[Path, str],
-    executor_kind: str,
+    executor_kind: ExecutorKind,
 ) -> None:
     drv, out = nix.instantiate("bt-agent-hang", "echo started; sleep 60; echo hi > $out")
     nix.publish(drv, fake_runner.cache_dir, cache_key[0])

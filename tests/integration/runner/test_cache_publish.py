@@ -27,7 +27,7 @@ async def test_second_publish_of_a_path_returns_the_first_record(tmp_path: Path)
     await migrate(engine)
     key = generate_key("t-1")
     cache = Cache(engine, LocalStorage(tmp_path / "cache"), key, CacheSection(), "http://x")
-    published = []
+    published: list[narinfo.NarInfo] = []
     for content in (b"first build\n", b"second, different build\n"):
         src = tmp_path / f"f{len(published)}"
         src.write_bytes(content)

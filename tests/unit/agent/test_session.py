@@ -413,7 +413,10 @@ async def test_log_lines_from_an_outage_arrive_before_the_result(
         assert [m.lines for m in messages if isinstance(m, Log)] == [
             ["during 1", "during 2", "during 3"]
         ]
-        assert all((m.step_id, m.lease_id) == (1, "lease-1") for m in messages)
+        assert all(
+            isinstance(m, Log | Result) and (m.step_id, m.lease_id) == (1, "lease-1")
+            for m in messages
+        )
         assert isinstance(messages[-1], Result) and messages[-1].outcome is Outcome.SUCCESS
         await second.send(ResultAck(step_id=StepId(1), lease_id=LeaseId("lease-1"), recorded=True))
 
@@ -482,7 +485,9 @@ async def test_log_backlog_of_a_step_the_runner_dropped_is_not_sent(
         for sid in (1, 2):
             await first.assign(sid)
             await first.expect(Accepted)
-        steps = {s.assign.step_id: s for s in [await agent.executor.next_step() for _ in "12"]}
+        steps: dict[int, FakeStep] = {
+            s.assign.step_id: s for s in [await agent.executor.next_step() for _ in "12"]
+        }
         await _outage(runner, agent, first)
         await steps[1].send_log(_log(1, "of the dropped step"))
         await steps[2].send_log(_log(2, "of the kept step"))
@@ -496,7 +501,7 @@ async def test_log_backlog_of_a_step_the_runner_dropped_is_not_sent(
         assert [(m.step_id, m.lines) for m in messages if isinstance(m, Log)] == [
             (2, ["of the kept step"])
         ]
-        assert messages[-1].step_id == 2
+        assert isinstance(messages[-1], Result) and messages[-1].step_id == 2
         await asyncio.wait_for(steps[1].finished.wait(), WAIT)
         assert steps[1].abort.is_set()
         await second.send(ResultAck(step_id=StepId(2), lease_id=LeaseId("lease-2"), recorded=True))
