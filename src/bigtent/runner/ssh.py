@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import json
 import re
 import struct
 from collections.abc import Sequence
@@ -384,3 +385,48 @@ def _machine_entry(fields: list[str], model: type[SshBuilderSection]) -> SshBuil
         mandatory_features=_split_list(_field(fields, 6)),
         host_key=host_key,
     )
+
+
+def ssh_argv(target: SshTarget, sshopts: str, command: Sequence[str]) -> list[str]:
+    """``ssh`` with ``sshopts`` split exactly as Nix splits NIX_SSHOPTS, then ``command``.
+
+    ``--`` ends ssh's options, so nothing after it (the destination) is read as one.
+    """
+    return ["ssh", *sshopts.split(), "--", target.destination(), *command]
+
+
+def find_builder(builders: Sequence[SshBuilderSection], name: str) -> SshBuilderSection:
+    """The builder called ``name``: its name (``user@host[:port]``), its URI or its bare host.
+
+    A bare host that several builders share is ambiguous and refused.
+    """
+    for b in builders:
+        if name in (b.name, b.uri):
+            return b
+    by_host = [b for b in builders if b.target.host == name.strip("[]")]
+    if len(by_host) == 1:
+        return by_host[0]
+    known = ", ".join(b.name for b in builders) or "none configured"
+    if by_host:
+        raise ConfigError(f"SSH builder name {name!r} is ambiguous: use one of {known}")
+    raise ConfigError(f"no SSH builder named {name!r} (known: {known})")
+
+
+def _toml_value(value: object) -> str:
+    # JSON strings, numbers, booleans and lists of strings are valid TOML values too.
+    if isinstance(value, float):
+        return repr(value)
+    return json.dumps(value)
+
+
+def render_ssh_builders_toml(builders: Sequence[SshBuilderSection]) -> str:
+    """``[[ssh_builders]]`` tables for runner.toml; unset optional keys are left out."""
+    blocks = []
+    for b in builders:
+        lines = ["[[ssh_builders]]"]
+        for key, value in b.model_dump().items():
+            if value is None or (key == "enabled" and value is True):
+                continue
+            lines.append(f"{key} = {_toml_value(value)}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + ("\n" if blocks else "")
