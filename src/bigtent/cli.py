@@ -666,6 +666,77 @@ def token_create(role: str, name: str | None, as_json: bool) -> None:
     )
 
 
+# ---- SSH builders ----------------------------------------------------------------------------
+
+
+@cli.group(context_settings=_CONTEXT)
+def ssh() -> None:
+    """SSH remote builders ([[ssh_builders]] in runner.toml)."""
+
+
+@ssh.command("import", context_settings=_CONTEXT)
+@click.argument("machines_file", type=click.Path(dir_okay=False, path_type=Path))
+@_json_option
+def ssh_import(machines_file: Path, as_json: bool) -> None:
+    """Convert a Nix machines file (e.g. /etc/nix/machines) into [[ssh_builders]] entries."""
+    from bigtent.runner.ssh import parse_machines_file, render_ssh_builders_toml
+
+    try:
+        text = machines_file.read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read {machines_file}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{machines_file} is not a text file") from exc
+    builders = parse_machines_file(text)
+    if as_json:
+        _echo_json([b.model_dump() for b in builders])
+        return
+    click.echo(render_ssh_builders_toml(builders), nl=False)
+    unpinned = [b.name for b in builders if b.host_key is None]
+    if unpinned:
+        click.echo(
+            f"# No host key for {', '.join(unpinned)}: with ssh_require_host_key = true "
+            "(the default) the runner will not use them until host_key is set.",
+            err=True,
+        )
+
+
+@ssh.command("check", context_settings=_CONTEXT)
+@click.argument("name")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="runner.toml with the [[ssh_builders]] entry.",
+)
+@click.option(
+    "--connect-timeout-secs",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="ssh ConnectTimeout.",
+)
+@_json_option
+def ssh_check(name: str, config_path: Path, connect_timeout_secs: int, as_json: bool) -> None:
+    """Connect to SSH builder NAME (user@host[:port], its URI or host) and print its Nix version."""
+    from bigtent.runner.ssh import find_builder
+    from bigtent.runner.sshcheck import check_ssh_builder
+
+    cfg = load_runner_config(config_path)
+    builder = find_builder(cfg.ssh_builders, name)
+    result = check_ssh_builder(
+        builder,
+        require_host_key=cfg.ssh_require_host_key,
+        connect_timeout_secs=connect_timeout_secs,
+    )
+    if as_json:
+        _echo_json({"name": result.name, "nix_version": result.nix_version})
+        return
+    disabled = "" if builder.enabled else " (disabled in the config)"
+    click.echo(f"{result.name}: {result.nix_version}{disabled}")
+
+
 # ---- services --------------------------------------------------------------------------------
 
 

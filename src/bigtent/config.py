@@ -13,7 +13,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +22,7 @@ from pydantic_settings import (
 
 from bigtent.errors import ConfigError
 from bigtent.protocol import MAX_LIST_ITEMS
+from bigtent.runner.ssh import SshTarget, check_no_whitespace, normalize_host_key, parse_ssh_uri
 
 
 class Role(StrEnum):
@@ -138,6 +139,75 @@ class SchedulerSection(_Section):
     """A build failure is remembered this long: new builds fail that derivation at once."""
 
 
+class SshBuilderSection(_Section):
+    """One ``[[ssh_builders]]`` entry: a machine Nix builds on over SSH (DESIGN §6)."""
+
+    uri: str
+    """``ssh://[user@]host[:port]``; ``[v6]:port`` for IPv6."""
+    systems: list[str] = Field(min_length=1)
+    max_jobs: int = Field(default=1, ge=1, le=MAX_LIST_ITEMS)
+    speed_factor: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    supported_features: list[str] = []
+    mandatory_features: list[str] = []
+    ssh_key: str | None = None
+    """Private key file; no whitespace (Nix splits NIX_SSHOPTS on it)."""
+    host_key: str | None = None
+    """Pinned public host key: ``type base64`` or a full known_hosts line."""
+    enabled: bool = True
+
+    @field_validator("uri")
+    @classmethod
+    def _valid_uri(cls, v: str) -> str:
+        try:
+            parse_ssh_uri(v)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from exc
+        return v
+
+    @field_validator("ssh_key")
+    @classmethod
+    def _valid_key_path(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                check_no_whitespace("ssh_key", v)
+            except ConfigError as exc:
+                raise ValueError(exc.message) from exc
+        return v
+
+    @field_validator("host_key")
+    @classmethod
+    def _valid_host_key(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        try:
+            return normalize_host_key(v)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from exc
+
+    @field_validator("systems", "supported_features", "mandatory_features")
+    @classmethod
+    def _valid_names(cls, v: list[str]) -> list[str]:
+        for item in v:
+            if not item or any(c.isspace() or c == "," for c in item):
+                raise ValueError(
+                    f"entries must be non-empty, without commas or whitespace ({item!r})"
+                )
+        return v
+
+    @property
+    def target(self) -> SshTarget:
+        return parse_ssh_uri(self.uri)
+
+    @property
+    def name(self) -> str:
+        """``user@host[:port]``: how logs, warnings and ``bigtent ssh check`` name it."""
+        return self.target.name()
+
+    @property
+    def pinned(self) -> bool:
+        return self.host_key is not None
+
+
 def _toml_source(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
@@ -176,6 +246,17 @@ class RunnerConfig(_FileSettings):
     cache: CacheSection = CacheSection()
     auth: AuthSection = AuthSection()
     scheduler: SchedulerSection = SchedulerSection()
+    ssh_require_host_key: bool = True
+    """An SSH builder without ``host_key`` is never used (DESIGN §6)."""
+    ssh_builders: list[SshBuilderSection] = []
+
+    def usable_ssh_builders(self) -> list[SshBuilderSection]:
+        """Enabled builders; with ``ssh_require_host_key`` only those with a pinned key."""
+        return [
+            b
+            for b in self.ssh_builders
+            if b.enabled and (b.pinned or not self.ssh_require_host_key)
+        ]
 
     def check_transport_security(self) -> None:
         """DESIGN §6: credentials never travel in plaintext off this machine.
@@ -204,6 +285,26 @@ class RunnerConfig(_FileSettings):
 
     def signing_key_path(self) -> Path:
         return self.cache.signing_key_file or self.runner.state_dir / "cache.sk"
+
+
+def ssh_builder_warnings(cfg: RunnerConfig) -> list[str]:
+    """What the runner logs once at start about SSH builders it skips or trusts less (pure)."""
+    out = []
+    for b in cfg.ssh_builders:
+        if not b.enabled or b.pinned:
+            continue
+        if cfg.ssh_require_host_key:
+            out.append(
+                f"SSH builder {b.name} has no host_key and ssh_require_host_key = true: it is "
+                "never used; pin its key (ssh-keyscan the host, check the fingerprint, set "
+                "host_key)"
+            )
+        else:
+            out.append(
+                f"SSH builder {b.name} has no host_key: its host key is checked against the "
+                "runner user's known_hosts only (ssh_require_host_key = false)"
+            )
+    return out
 
 
 class EphemeralSection(_Section):

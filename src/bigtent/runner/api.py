@@ -24,6 +24,7 @@ from bigtent.runner.builds import plan_build
 from bigtent.runner.components import Components
 from bigtent.runner.db import queries
 from bigtent.runner.ingest import ingest_client_path, ingest_output
+from bigtent.runner.scheduler.dispatcher import AGENT
 from bigtent.runner.sessions import bearer_token
 from bigtent.states import StepState
 
@@ -144,7 +145,8 @@ async def status(comps: Comps, _: ClientAuth) -> dict[str, Any]:
         "upstreams": [u.model_dump() for u in comps.config.cache.upstreams],
         "steps": counts,
         "queue": comps.scheduler.queue_depth(),
-        "agents_connected": len(comps.scheduler.venues),
+        "agents_connected": sum(1 for v in comps.scheduler.venues.values() if v.kind == AGENT),
+        "ssh_builders": len(comps.ssh.builders),
         "builds_active": len(comps.scheduler.builds),
         "cache_paths": paths,
         "cache_bytes": size,
@@ -311,10 +313,22 @@ async def list_agents(comps: Comps, _: ClientAuth) -> dict[str, Any]:
     return {"agents": out}
 
 
+@api.get("/builders")
+async def list_builders(comps: Comps, _: ClientAuth) -> dict[str, Any]:
+    """The ``[[ssh_builders]]``: usable ones with their load and backoff, skipped ones with
+    the reason (docs/api.md)."""
+    now = comps.scheduler.clock()
+    builders = comps.ssh.describe(now)
+    for b in builders:
+        if b.get("backoff_until") is not None:
+            b["backoff_until"] = _iso(b["backoff_until"])
+    return {"builders": builders}
+
+
 @api.post("/agents/{name}/drain")
 async def drain_agent(name: str, comps: Comps, _: AdminAuth) -> dict[str, Any]:
     for venue in comps.scheduler.venues.values():
-        if venue.name == name or venue.machine_id == name:
+        if venue.kind == AGENT and (venue.name == name or venue.machine_id == name):
             comps.scheduler.drain(venue.machine_id)
             return {"drained": venue.name}
     raise NotFound(f"no connected agent {name!r}")

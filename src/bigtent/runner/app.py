@@ -44,6 +44,7 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
                 ),
                 name="agent-pruner",
             ),
+            asyncio.create_task(comps.ssh.run(), name="ssh-builders"),
         ]
 
         def _done(t: asyncio.Task[None]) -> None:

@@ -16,6 +16,7 @@ from bigtent.runner.db.migrate import create_engine, migrate
 from bigtent.runner.logs import LogStore
 from bigtent.runner.scheduler.dispatcher import Scheduler
 from bigtent.runner.sessions import Sessions
+from bigtent.runner.sshvenue import SshBuilders
 from bigtent.runner.storage import LocalStorage
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ class Components:
     logs: LogStore
     tokens: TokenRegistry
     sessions: Sessions
+    ssh: SshBuilders
+    """The ``[[ssh_builders]]`` venues (none configured: an empty set)."""
 
 
 async def build_components(config: RunnerConfig) -> Components:
@@ -68,12 +71,15 @@ async def build_components(config: RunnerConfig) -> Components:
     scheduler = Scheduler(engine, config.scheduler, logs, cache.present)
     await scheduler.load()
     sessions = Sessions(config, engine, scheduler, tokens, cache.url, cache.public_key)
-    return Components(config, engine, cache, upstreams, scheduler, logs, tokens, sessions)
+    ssh = SshBuilders(config, scheduler, cache, upstreams)
+    ssh.attach()
+    return Components(config, engine, cache, upstreams, scheduler, logs, tokens, sessions, ssh)
 
 
 async def close_components(comps: Components) -> None:
     for session in list(comps.sessions.live.values()):
         session.close()
+    await comps.ssh.aclose()
     await comps.upstreams.aclose()
     comps.logs.close_all()
     await comps.engine.dispose()

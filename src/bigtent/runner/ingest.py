@@ -491,10 +491,47 @@ async def ingest_output(
     node = scheduler.lease_holder(lease_id)
     if node is None:
         raise Conflict("lease is not current: the step was reassigned or finished")
+    if output_name not in node.outputs:
+        raise BadRequest(f"{output_name!r} is not an output of {node.drv_path}")
+    declared_hash, declared_size = parse_declared(nar_hash, nar_size, cache.config.max_nar_bytes)
+    return await ingest_leased_output(
+        cache,
+        upstreams,
+        scheduler,
+        lease_id,
+        output_name,
+        chunks,
+        declared_hash=declared_hash,
+        declared_size=declared_size,
+    )
+
+
+async def ingest_leased_output(
+    cache: Cache,
+    upstreams: Upstreams,
+    scheduler: Scheduler,
+    lease_id: str,
+    output_name: str,
+    chunks: AsyncIterator[bytes],
+    *,
+    declared_hash: bytes,
+    declared_size: int,
+) -> NarInfo:
+    """The verified path of ``ingest_output`` once the declared hash and size are known: also
+    the door for outputs the runner built itself on an SSH builder (``sshvenue``), so they
+    pass the same checks (current lease, an output of the leased drv, size caps, hash and
+    size while streaming, references found by the runner's own scan) before they are signed.
+    """
+    node = scheduler.lease_holder(lease_id)
+    if node is None:
+        raise Conflict("lease is not current: the step was reassigned or finished")
     path = node.outputs.get(output_name)
     if path is None:
         raise BadRequest(f"{output_name!r} is not an output of {node.drv_path}")
-    declared_hash, declared_size = parse_declared(nar_hash, nar_size, cache.config.max_nar_bytes)
+    if declared_size > cache.config.max_nar_bytes:
+        raise PayloadTooLarge(
+            f"declared NAR size {declared_size} exceeds max_nar_bytes {cache.config.max_nar_bytes}"
+        )
     existing = await cache.fetch_narinfo(path)
     if existing is not None:
         # Built before (another step, or an earlier attempt): what is signed stays.

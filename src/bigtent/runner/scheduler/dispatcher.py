@@ -58,13 +58,21 @@ _T = TypeVar("_T")
 """After a failed loop pass, wait this long (or until woken) before the next one."""
 
 
+AGENT = "agent"
+"""``Venue.kind`` of a connected agent."""
+SSH = "ssh"
+"""``Venue.kind`` of an SSH remote builder (``bigtent.runner.sshvenue``): used only for steps
+no agent slot takes in the same pass."""
+
+
 class SessionClosed(Exception):
     """The venue's connection is gone; the message was not sent."""
 
 
 @dataclass(slots=True, eq=False)
 class Venue:
-    """A connected agent as the scheduler sees it. ``send`` queues a message (never blocks)."""
+    """A connected agent (or an SSH builder) as the scheduler sees it. ``send`` queues a
+    message (never blocks)."""
 
     machine_id: str
     name: str
@@ -79,6 +87,8 @@ class Venue:
     backoff_until: float = 0.0
     consecutive_failures: int = 0
     draining: bool = False
+    kind: str = AGENT
+    """``AGENT`` or ``SSH``: agents are served first (DESIGN §1 venues)."""
 
     def view(self) -> VenueView:
         return VenueView(
@@ -797,10 +807,17 @@ class Scheduler:
                 self.index.push(node)
 
     async def _dispatch(self, now: float) -> None:
-        views = [v.view() for v in self.venues.values() if v.available(now)]
-        if not views or not len(self.index):
+        if not len(self.index):
             return
-        decisions = plan_dispatch(self.index, views)
+        free = [v for v in self.venues.values() if v.available(now)]
+        if not free:
+            return
+        # Agents first (DESIGN §5's order among them); SSH builders only get the steps that
+        # no free agent slot took in this pass.
+        decisions = plan_dispatch(self.index, [v.view() for v in free if v.kind != SSH])
+        ssh = [v.view() for v in free if v.kind == SSH]
+        if ssh and len(self.index):
+            decisions += plan_dispatch(self.index, ssh)
         if not decisions:
             return
         # Resolve every venue before the first await: a venue may detach meanwhile, and a
