@@ -454,6 +454,32 @@ def agents(
     _console().print(table)
 
 
+@cli.command(context_settings=_CONTEXT)
+@_client_options
+@_json_option
+def builders(runner_url: str, token_file: Path | None, ca_file: Path | None, as_json: bool) -> None:
+    """List the SSH remote builders: usable or skipped (and why), load and backoff."""
+    rows = _call(runner_url, token_file, ca_file, lambda c: c.fetch_builders())
+    if as_json:
+        _echo_json([b.model_dump(mode="json") for b in rows])
+        return
+    table = Table()
+    for col in ("uri", "state", "systems", "features", "jobs", "speed", "backoff until"):
+        table.add_column(col)
+    for b in rows:
+        features = [*b.supported_features, *(f"{m}!" for m in b.mandatory_features)]
+        table.add_row(
+            b.uri,
+            "usable" if b.usable else f"skipped: {b.reason}",
+            ",".join(b.systems),
+            ",".join(features),
+            f"{b.running}/{b.max_jobs}" if b.usable else "",
+            f"{b.speed_factor:g}" if b.usable else "",
+            b.backoff_until or "",
+        )
+    _console().print(table)
+
+
 @agents.command("drain", context_settings=_CONTEXT)
 @click.argument("name")
 @_client_options

@@ -687,3 +687,41 @@ def test_bigtent_error_is_never_a_traceback(monkeypatch: pytest.MonkeyPatch) -> 
     finally:
         del cli_module.cli.commands["explode-for-test"]
     assert result.exit_code == 1 and result.stderr == "Error: it broke (got 1)\n"
+
+
+def test_builders_table_shows_usable_and_skipped_builders(monkeypatch: pytest.MonkeyPatch) -> None:
+    body = {
+        "builders": [
+            {
+                "machine_id": "ssh:1",
+                "uri": "ssh://nix@b1.example.org",
+                "usable": True,
+                "systems": ["x86_64-linux"],
+                "supported_features": ["kvm"],
+                "mandatory_features": [],
+                "max_jobs": 4,
+                "running": 1,
+                "speed_factor": 2.0,
+                "consecutive_failures": 1,
+                "backoff_until": "2024-05-01T10:05:00+00:00",
+            },
+            {
+                "machine_id": "ssh:2",
+                "uri": "ssh://nix@b2.example.org",
+                "usable": False,
+                "reason": "no pinned host_key",
+            },
+        ]
+    }
+    monkeypatch.setattr(
+        cli_module, "_make_client", _fixed_client(cli_module._make_client, "/api/v1/builders", body)
+    )
+    result = run(["builders"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if "│ " in line]
+    b1 = next(line for line in lines if "b1.example.org" in line)
+    assert "usable" in b1 and "1/4" in b1 and "kvm" in b1 and "2024-05-01T10:05" in b1
+    b2 = next(line for line in lines if "b2.example.org" in line)
+    assert "skipped: no pinned host_key" in b2
+    data = json.loads(run(["builders", "--json"]).stdout)
+    assert [b["usable"] for b in data] == [True, False]

@@ -144,6 +144,28 @@ class Agent(_Model):
     """Set while the agent gets no work after consecutive infrastructure failures."""
 
 
+class Builder(_Model):
+    """An SSH remote builder (``[[ssh_builders]]``) as the runner reports it."""
+
+    machine_id: str
+    uri: str
+    usable: bool
+    reason: str | None = None
+    """Why the runner does not use it (e.g. no pinned host key)."""
+    systems: list[str] = []
+    supported_features: list[str] = []
+    mandatory_features: list[str] = []
+    max_jobs: int = 0
+    running: int = 0
+    speed_factor: float = 1.0
+    consecutive_failures: int = 0
+    backoff_until: str | None = None
+
+
+class _Builders(_Model):
+    builders: list[Builder]
+
+
 class _Builds(_Model):
     builds: list[Build]
 
@@ -383,6 +405,9 @@ class RunnerClient:
 
     async def fetch_agents(self) -> list[Agent]:
         return self._parse(_Agents, await self._json("GET", "/agents"), "agent list").agents
+
+    async def fetch_builders(self) -> list[Builder]:
+        return self._parse(_Builders, await self._json("GET", "/builders"), "builder list").builders
 
     async def cancel_build(self, build_id: str) -> Build:
         return self._parse(Build, await self._json("POST", f"/builds/{build_id}/cancel"), "build")
