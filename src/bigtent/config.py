@@ -108,6 +108,8 @@ class TokenEntry(_Section):
     role: Role
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     token_file: Path | None = None
+    trusted: bool = False
+    """A client token whose builds may count as trusted (DESIGN §6, trust scoping)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> TokenEntry:
@@ -118,6 +120,12 @@ class TokenEntry(_Section):
 
 class AuthSection(_Section):
     tokens: list[TokenEntry] = []
+    max_failures_per_address: int = Field(default=20, ge=1)
+    """Credential failures (401s) one address may cause within ``failure_window_secs``;
+    beyond that it is answered 429 until the window passes (docs/security.md)."""
+    failure_window_secs: float = Field(default=60.0, gt=0)
+    max_tracked_addresses: int = Field(default=10_000, ge=1)
+    """Addresses the failure limiter remembers at once (bounded memory)."""
 
 
 class SchedulerSection(_Section):
