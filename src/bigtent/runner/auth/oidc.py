@@ -368,9 +368,12 @@ class OidcVerifier:
             keys = parse_jwks(await self._get_json(st, st.jwks_uri))
             if not keys:
                 raise _FetchError(f"no usable RS256 keys at {st.jwks_uri}")
-        except _FetchError as exc:
+        except Exception as exc:
             st.failed = True
             st.jwks_uri = st.rule.jwks_url  # discover again next time
+            if not isinstance(exc, _FetchError):  # a bug or an odd failure: still a 503
+                log.exception("OIDC keys of %s: unexpected error", st.rule.issuer)
+                raise _FetchError(f"unexpected {type(exc).__name__}") from exc
             log.warning("OIDC keys of %s could not be fetched: %s", st.rule.issuer, exc)
             raise
         st.keys = keys
