@@ -105,7 +105,10 @@ class CredentialGate:
                     self.throttle.failed(host, exc)
                     raise
             except AuthError as exc:
-                log.warning("%s %s from %s refused: %s", scope["method"], path, host or "?", exc)
+                # A limited address's requests are not logged one by one: the throttle
+                # logged when the limit was reached.
+                level = logging.DEBUG if isinstance(exc, TooManyAuthFailures) else logging.WARNING
+                log.log(level, "%s %s from %s refused: %s", scope["method"], path, host or "?", exc)
                 await error_response(exc)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

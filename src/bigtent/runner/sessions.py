@@ -109,12 +109,13 @@ class Sessions:
                 self.throttle.failed(host, exc)
                 raise
         except AuthError as exc:
-            log.warning("agent connection from %s refused: %s", host or "?", exc)
             headers = None
             if isinstance(exc, TooManyAuthFailures):
+                log.debug("agent connection from %s refused: %s", host or "?", exc)
                 reason = "too many failed authentication attempts"
                 headers = {"Retry-After": str(exc.retry_after_secs)}
             else:
+                log.warning("agent connection from %s refused: %s", host or "?", exc)
                 reason = "forbidden" if exc.http_status == 403 else "unauthorized"
             await websocket.send_denial_response(
                 JSONResponse(
