@@ -667,10 +667,61 @@ def token() -> None:
 @click.option(
     "--role", required=True, type=click.Choice([r.value for r in Role]), help="What it may do."
 )
-@click.option("--name", help="Name in the runner config [default: ROLE-<random>].")
+@click.option("--name", help="Token name [default: ROLE-<random>].")
+@click.option("--trusted", is_flag=True, help="Builds of this client token may count as trusted.")
+@click.option(
+    "--runner",
+    "runner_url",
+    metavar="URL",
+    help="Store the token in this runner's database (admin token) instead of printing a "
+    "runner.toml snippet.",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --runner: file holding an admin token [default: $BIGTENT_TOKEN].",
+)
+@click.option(
+    "--ca-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="BIGTENT_CA_FILE",
+    help="With --runner: CA certificate of an https runner [env: BIGTENT_CA_FILE].",
+)
 @_json_option
-def token_create(role: str, name: str | None, as_json: bool) -> None:
-    """Create a token; it is printed once, the runner stores only its digest."""
+def token_create(
+    role: str,
+    name: str | None,
+    trusted: bool,
+    runner_url: str | None,
+    token_file: Path | None,
+    ca_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Create a token; it is printed once, the runner stores only its digest.
+
+    Without --runner it prints a [[auth.tokens]] entry for runner.toml; with --runner the
+    runner stores it and it works at once (`bigtent token revoke` ends it).
+    """
+    if runner_url is not None:
+        created = _call(
+            runner_url,
+            token_file,
+            ca_file,
+            lambda c: c.create_token(role, name=name, trusted=trusted),
+        )
+        if as_json:
+            _echo_json(created.model_dump(mode="json"))
+            return
+        click.echo(created.token)
+        click.echo(
+            f"\n# This token is shown only once. The runner stored it as {created.name!r} "
+            f"(role {created.role}{', trusted' if created.trusted else ''}).",
+            err=True,
+        )
+        return
+    if token_file is not None:
+        raise UsageError("--token-file needs --runner")
+
     import secrets
 
     from bigtent.runner.auth.tokens import generate_token, token_digest
@@ -679,7 +730,9 @@ def token_create(role: str, name: str | None, as_json: bool) -> None:
     value = generate_token()
     digest = token_digest(value)
     if as_json:
-        _echo_json({"name": name, "role": role, "token": value, "sha256": digest})
+        _echo_json(
+            {"name": name, "role": role, "trusted": trusted, "token": value, "sha256": digest}
+        )
         return
     click.echo(value)
     click.echo(
@@ -687,9 +740,53 @@ def token_create(role: str, name: str | None, as_json: bool) -> None:
         "[[auth.tokens]]\n"
         f"name = {json.dumps(name)}\n"
         f"role = {json.dumps(role)}\n"
-        f'sha256 = "{digest}"',
+        f'sha256 = "{digest}"' + ("\ntrusted = true" if trusted else ""),
         err=True,
     )
+
+
+@token.command("list", context_settings=_CONTEXT)
+@_client_options
+@_json_option
+def token_list(
+    runner_url: str, token_file: Path | None, ca_file: Path | None, as_json: bool
+) -> None:
+    """List the tokens stored in the runner's database, revoked ones too (admin token).
+
+    Tokens in runner.toml are not listed.
+    """
+    rows = _call(runner_url, token_file, ca_file, lambda c: c.fetch_tokens())
+    if as_json:
+        _echo_json([t.model_dump(mode="json") for t in rows])
+        return
+    table = Table()
+    for col in ("name", "role", "trusted", "created by", "created", "revoked"):
+        table.add_column(col)
+    for t in rows:
+        table.add_row(
+            t.name,
+            t.role,
+            "yes" if t.trusted else "no",
+            t.created_by or "-",
+            t.created_at or "-",
+            t.revoked_at or "-",
+        )
+    _console().print(table)
+
+
+@token.command("revoke", context_settings=_CONTEXT)
+@click.argument("name")
+@_client_options
+@_json_option
+def token_revoke(
+    name: str, runner_url: str, token_file: Path | None, ca_file: Path | None, as_json: bool
+) -> None:
+    """Revoke the stored token NAME: it stops working at once (admin token)."""
+    t = _call(runner_url, token_file, ca_file, lambda c: c.revoke_token(name))
+    if as_json:
+        _echo_json(t.model_dump(mode="json"))
+    else:
+        click.echo(f"revoked {t.name} (role {t.role}) at {t.revoked_at}")
 
 
 # ---- SSH builders ----------------------------------------------------------------------------

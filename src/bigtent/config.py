@@ -12,6 +12,7 @@ import tomllib
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -108,6 +109,8 @@ class TokenEntry(_Section):
     role: Role
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     token_file: Path | None = None
+    trusted: bool = False
+    """A client token whose builds may count as trusted (DESIGN §6, trust scoping)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> TokenEntry:
@@ -116,8 +119,72 @@ class TokenEntry(_Section):
         return self
 
 
+class OidcIssuerSection(_Section):
+    """One ``[[auth.oidc]]`` issuer whose ID tokens agents may present (DESIGN §6, docs/oidc.md).
+
+    The allow-lists are exact matches; ``repositories`` empty admits nobody, the others restrict
+    only when non-empty.
+    """
+
+    issuer: str
+    """The token's ``iss``, matched exactly; an https URL (GitHub Actions:
+    ``https://token.actions.githubusercontent.com``)."""
+    audiences: list[str] = Field(min_length=1)
+    """A token's ``aud`` must contain one of these."""
+    jwks_url: str | None = None
+    """Fetch keys here instead of through the issuer's discovery document (https)."""
+    ca_file: Path | None = None
+    """PEM CA bundle for a self-hosted issuer with a private CA (replaces the system roots)."""
+    claims: Literal["github", "gitlab"] = "github"
+    """Which claim names carry repository, workflow and ref: ``github`` (also Forgejo/Gitea
+    Actions) or ``gitlab``."""
+    repositories: list[str] = []
+    subjects: list[str] = []
+    subject_prefixes: list[str] = []
+    workflow_refs: list[str] = []
+    refs: list[str] = []
+    refresh_interval_secs: float = Field(default=60.0, gt=0)
+    """At most one key fetch per interval for unknown ``kid``s (a flood causes no flood)."""
+    http_timeout_secs: float = Field(default=10.0, gt=0)
+    leeway_secs: float = Field(default=60.0, ge=0, le=600)
+    """Clock skew tolerated on ``exp``, ``nbf`` and ``iat``."""
+
+    @field_validator("issuer", "jwks_url")
+    @classmethod
+    def _https_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        url = urlsplit(v)
+        if url.scheme != "https" or not url.hostname:
+            raise ValueError("must be an https:// URL with a host")
+        if url.query or url.fragment or url.username or url.password:
+            raise ValueError("must not carry a query, fragment or credentials")
+        return v
+
+    @field_validator("repositories", "subjects", "subject_prefixes", "workflow_refs", "refs")
+    @classmethod
+    def _no_empty_entries(cls, v: list[str]) -> list[str]:
+        if any(not item.strip() for item in v):
+            raise ValueError("entries must be non-empty (an empty prefix would admit everyone)")
+        return v
+
+    @field_validator("audiences")
+    @classmethod
+    def _no_empty_audience(cls, v: list[str]) -> list[str]:
+        if any(not item for item in v):
+            raise ValueError("entries must be non-empty")
+        return v
+
+
 class AuthSection(_Section):
     tokens: list[TokenEntry] = []
+    oidc: list[OidcIssuerSection] = []
+    max_failures_per_address: int = Field(default=20, ge=1)
+    """Credential failures (401s) one address may cause within ``failure_window_secs``;
+    beyond that it is answered 429 until the window passes (docs/security.md)."""
+    failure_window_secs: float = Field(default=60.0, gt=0)
+    max_tracked_addresses: int = Field(default=10_000, ge=1)
+    """Addresses the failure limiter remembers at once (bounded memory)."""
 
 
 class SchedulerSection(_Section):
@@ -268,11 +335,11 @@ class RunnerConfig(_FileSettings):
         r = self.runner
         if r.tls is not None and r.tls.pin_client_name:
             raise ConfigError("config key runner.tls.pin_client_name is not supported yet")
-        if r.tls is None and self.auth.tokens:
+        if r.tls is None and (self.auth.tokens or self.auth.oidc):
             if not r.allow_plaintext:
                 raise ConfigError(
-                    "tokens are configured but TLS is not: set [runner.tls] cert_file and "
-                    "key_file, or allow_plaintext = true on a loopback listen address"
+                    "tokens or OIDC issuers are configured but TLS is not: set [runner.tls] "
+                    "cert_file and key_file, or allow_plaintext = true on a loopback listen address"
                 )
             if not is_loopback(r.host):
                 raise ConfigError(

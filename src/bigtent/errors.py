@@ -77,6 +77,17 @@ class Forbidden(AuthError):
     http_status = 403
 
 
+class TooManyAuthFailures(AuthError):
+    """Too many credential failures came from this address lately (HTTP 429); try again
+    after ``retry_after_secs``."""
+
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after_secs: int) -> None:
+        super().__init__(message, detail={"retry_after_secs": retry_after_secs})
+        self.retry_after_secs = retry_after_secs
+
+
 class ProtocolError(BigtentError):
     """A peer sent a message that breaks the agent protocol."""
 

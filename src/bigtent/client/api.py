@@ -24,6 +24,7 @@ from bigtent.errors import (
     PayloadTooLarge,
     ProtocolError,
     RunnerUnreachable,
+    TooManyAuthFailures,
 )
 from bigtent.states import BuildState
 
@@ -162,6 +163,26 @@ class Builder(_Model):
     backoff_until: str | None = None
 
 
+class TokenInfo(_Model):
+    """A token stored in the runner's database (the answer never holds its digest)."""
+
+    name: str
+    role: str
+    trusted: bool = False
+    created_by: str = ""
+    created_at: str | None = None
+    revoked_at: str | None = None
+
+
+class CreatedToken(TokenInfo):
+    token: str
+    """The secret: in this answer and nowhere else."""
+
+
+class _Tokens(_Model):
+    tokens: list[TokenInfo]
+
+
 class _Builders(_Model):
     builders: list[Builder]
 
@@ -222,6 +243,12 @@ def error_from_response(status: int, body: bytes, url: str) -> BigtentError:
     if not message:
         text = body.decode(errors="replace").strip()
         message = f"HTTP {status} from {url}" + (f": {text[:200]}" if text else "")
+    if status == 429:
+        retry = detail.get("retry_after_secs") if isinstance(detail, dict) else None
+        return TooManyAuthFailures(
+            message or "too many failed authentication attempts",
+            retry_after_secs=retry if isinstance(retry, int) else 1,
+        )
     cls = _STATUS_ERRORS.get(status)
     if cls is None:
         if status in (502, 503, 504):
@@ -428,3 +455,20 @@ class RunnerClient:
         returns the agent's name."""
         data = await self._json("POST", f"/agents/{quote(name, safe='')}/drain")
         return self._parse(_Drained, data, "drain answer").drained
+
+    async def create_token(
+        self, role: str, *, name: str | None = None, trusted: bool = False
+    ) -> CreatedToken:
+        """Store a new token in the runner (admin token); the answer holds its secret."""
+        body: dict[str, Any] = {"role": role, "trusted": trusted}
+        if name is not None:
+            body["name"] = name
+        data = await self._json("POST", "/tokens", json_body=body)
+        return self._parse(CreatedToken, data, "token")
+
+    async def fetch_tokens(self) -> list[TokenInfo]:
+        return self._parse(_Tokens, await self._json("GET", "/tokens"), "token list").tokens
+
+    async def revoke_token(self, name: str) -> TokenInfo:
+        data = await self._json("DELETE", f"/tokens/{quote(name, safe='')}")
+        return self._parse(TokenInfo, data, "token")

@@ -4,6 +4,7 @@ call a component and shape the answer; errors are raised and rendered by one han
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -18,7 +19,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bigtent import __version__
 from bigtent.config import Role
-from bigtent.errors import AuthError, BigtentError, NotFound
+from bigtent.errors import AuthError, BigtentError, NotFound, TooManyAuthFailures
+from bigtent.runner.auth.ratelimit import FailureThrottle
 from bigtent.runner.auth.tokens import Principal, TokenRegistry
 from bigtent.runner.builds import plan_build
 from bigtent.runner.components import Components
@@ -27,6 +29,8 @@ from bigtent.runner.ingest import ingest_client_path, ingest_output
 from bigtent.runner.scheduler.dispatcher import AGENT
 from bigtent.runner.sessions import bearer_token
 from bigtent.states import StepState
+
+log = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 40
 SMALL_NAR_BYTES = 256 * 1024
@@ -60,6 +64,8 @@ def error_response(exc: BigtentError) -> JSONResponse:
     """The one rendering of a failure: ``{"error", "detail"}`` with the error's status (a 401
     also names the scheme, RFC 9110). Messages never contain the credential."""
     headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+    if isinstance(exc, TooManyAuthFailures):
+        headers = {"Retry-After": str(exc.retry_after_secs)}
     return JSONResponse(
         {"error": exc.message, "detail": exc.detail}, status_code=exc.http_status, headers=headers
     )
@@ -71,11 +77,14 @@ _PUBLIC_API_PATHS = frozenset({"/api/v1/openapi.json", "/api/v1/docs"})
 class CredentialGate:
     """ASGI middleware: an ``/api/v1`` HTTP request without a valid credential is answered 401
     before its body is read, so an anonymous peer cannot make the runner buffer a large JSON
-    body. Routes still check the role; WebSockets check theirs before the upgrade."""
+    body; an address with too many recent credential failures is answered 429 without a look
+    at its credential. Routes still check the role; WebSockets check theirs (and the same
+    limit) before the upgrade."""
 
-    def __init__(self, app: ASGIApp, tokens: TokenRegistry) -> None:
+    def __init__(self, app: ASGIApp, tokens: TokenRegistry, throttle: FailureThrottle) -> None:
         self.app = app
         self.tokens = tokens
+        self.throttle = throttle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
@@ -84,9 +93,22 @@ class CredentialGate:
             and path.startswith("/api/v1/")
             and path not in _PUBLIC_API_PATHS
         ):
+            client = scope.get("client")
+            host: str | None = client[0] if client else None
             try:
-                self.tokens.authenticate(bearer_token(Headers(scope=scope).get("authorization")))
+                self.throttle.check(host)
+                try:
+                    self.tokens.authenticate(
+                        bearer_token(Headers(scope=scope).get("authorization"))
+                    )
+                except AuthError as exc:
+                    self.throttle.failed(host, exc)
+                    raise
             except AuthError as exc:
+                # A limited address's requests are not logged one by one: the throttle
+                # logged when the limit was reached.
+                level = logging.DEBUG if isinstance(exc, TooManyAuthFailures) else logging.WARNING
+                log.log(level, "%s %s from %s refused: %s", scope["method"], path, host or "?", exc)
                 await error_response(exc)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -332,6 +354,51 @@ async def drain_agent(name: str, comps: Comps, _: AdminAuth) -> dict[str, Any]:
             comps.scheduler.drain(venue.machine_id)
             return {"drained": venue.name}
     raise NotFound(f"no connected agent {name!r}")
+
+
+class TokenBody(BaseModel):
+    role: Role
+    name: str | None = Field(
+        default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$"
+    )
+    trusted: bool = False
+
+
+def _token_json(t: queries.StoredToken) -> dict[str, Any]:
+    """A stored token as the API shows it: never the digest."""
+    return {
+        "name": t.name,
+        "role": t.role,
+        "trusted": t.trusted,
+        "created_by": t.created_by,
+        "created_at": _iso(t.created_at),
+        "revoked_at": _iso(t.revoked_at),
+    }
+
+
+@api.post("/tokens", status_code=201)
+async def create_token(body: TokenBody, comps: Comps, who: AdminAuth) -> dict[str, Any]:
+    """Store a new token; its secret is in this answer and nowhere else."""
+    token, secret = await comps.token_store.create(
+        body.role,
+        body.name,
+        trusted=body.trusted,
+        created_by=who.name,
+        now=comps.scheduler.clock(),
+    )
+    return {**_token_json(token), "token": secret}
+
+
+@api.get("/tokens")
+async def list_tokens(comps: Comps, _: AdminAuth) -> dict[str, Any]:
+    return {"tokens": [_token_json(t) for t in await comps.token_store.fetch_all()]}
+
+
+@api.delete("/tokens/{name}")
+async def revoke_token(name: str, comps: Comps, who: AdminAuth) -> dict[str, Any]:
+    """Revoke a stored token: from this answer on it authenticates nothing."""
+    token = await comps.token_store.revoke(name, revoked_by=who.name, now=comps.scheduler.clock())
+    return _token_json(token)
 
 
 @api.put("/agent/upload/{lease_id}/{output_name}")

@@ -74,7 +74,7 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
     )
     app.state.components = comps
     install_error_handlers(app)
-    app.add_middleware(CredentialGate, tokens=comps.tokens)
+    app.add_middleware(CredentialGate, tokens=comps.tokens, throttle=comps.auth_throttle)
     app.include_router(api)
     app.include_router(cache_routes)
     return app

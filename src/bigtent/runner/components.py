@@ -10,7 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bigtent.config import RunnerConfig
 from bigtent.errors import ConfigError
 from bigtent.nix.keys import load_secret_key
-from bigtent.runner.auth.tokens import TokenRegistry
+from bigtent.runner.auth.ratelimit import AuthFailureLimiter, FailureThrottle
+from bigtent.runner.auth.tokens import TokenRegistry, TokenStore
 from bigtent.runner.cache import Cache, Upstreams
 from bigtent.runner.db.migrate import create_engine, migrate
 from bigtent.runner.logs import LogStore
@@ -34,6 +35,10 @@ class Components:
     sessions: Sessions
     ssh: SshBuilders
     """The ``[[ssh_builders]]`` venues (none configured: an empty set)."""
+    token_store: TokenStore
+    """Tokens in the database (the API's ``/tokens``), mirrored into ``tokens``."""
+    auth_throttle: FailureThrottle
+    """Credential failures per address, shared by the HTTP gate and the agent WebSocket."""
 
 
 async def build_components(config: RunnerConfig) -> Components:
@@ -59,6 +64,14 @@ async def build_components(config: RunnerConfig) -> Components:
     tokens = TokenRegistry.from_config(config.auth.tokens)
     engine = create_engine(config.database_url())
     await migrate(engine)
+    token_store = TokenStore(engine, tokens, config)
+    await token_store.load()
+    auth = config.auth
+    auth_throttle = FailureThrottle(
+        AuthFailureLimiter(
+            auth.max_failures_per_address, auth.failure_window_secs, auth.max_tracked_addresses
+        )
+    )
     cache = Cache(
         engine, LocalStorage(state_dir / "cache"), key, config.cache, config.runner.base_url()
     )
@@ -70,10 +83,24 @@ async def build_components(config: RunnerConfig) -> Components:
     logs = LogStore(state_dir / "logs", config.scheduler.max_log_bytes)
     scheduler = Scheduler(engine, config.scheduler, logs, cache.present)
     await scheduler.load()
-    sessions = Sessions(config, engine, scheduler, tokens, cache.url, cache.public_key)
+    sessions = Sessions(
+        config, engine, scheduler, tokens, cache.url, cache.public_key, auth_throttle
+    )
     ssh = SshBuilders(config, scheduler, cache, upstreams)
     ssh.attach()
-    return Components(config, engine, cache, upstreams, scheduler, logs, tokens, sessions, ssh)
+    return Components(
+        config,
+        engine,
+        cache,
+        upstreams,
+        scheduler,
+        logs,
+        tokens,
+        sessions,
+        ssh,
+        token_store,
+        auth_throttle,
+    )
 
 
 async def close_components(comps: Components) -> None:

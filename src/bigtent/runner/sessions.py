@@ -21,7 +21,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from bigtent import protocol as p
 from bigtent.config import Role, RunnerConfig
-from bigtent.errors import AuthError, ProtocolError
+from bigtent.errors import AuthError, ProtocolError, TooManyAuthFailures
+from bigtent.runner.auth.ratelimit import FailureThrottle
 from bigtent.runner.auth.tokens import TokenRegistry
 from bigtent.runner.db import queries
 from bigtent.runner.scheduler.dispatcher import Scheduler, SessionClosed, Venue
@@ -84,6 +85,7 @@ class Sessions:
         tokens: TokenRegistry,
         cache_url: str,
         cache_public_key: str,
+        throttle: FailureThrottle,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -91,19 +93,36 @@ class Sessions:
         self.tokens = tokens
         self.cache_url = cache_url
         self.cache_public_key = cache_public_key
+        self.throttle = throttle
         self.live: dict[str, AgentSession] = {}
 
     async def handle(self, websocket: WebSocket) -> None:
-        """The WebSocket endpoint: check the credential before accepting the upgrade."""
+        """The WebSocket endpoint: check the credential before accepting the upgrade; an
+        address with too many recent credential failures is refused (429) unchecked."""
         token = bearer_token(websocket.headers.get("authorization"))
+        host = websocket.client.host if websocket.client else None
         try:
-            self.tokens.require(token, Role.AGENT)
+            self.throttle.check(host)
+            try:
+                self.tokens.require(token, Role.AGENT)
+            except AuthError as exc:
+                self.throttle.failed(host, exc)
+                raise
         except AuthError as exc:
-            client = websocket.client.host if websocket.client else "?"
-            log.warning("agent connection from %s refused: %s", client, exc)
-            reason = "forbidden" if exc.http_status == 403 else "unauthorized"
+            headers = None
+            if isinstance(exc, TooManyAuthFailures):
+                log.debug("agent connection from %s refused: %s", host or "?", exc)
+                reason = "too many failed authentication attempts"
+                headers = {"Retry-After": str(exc.retry_after_secs)}
+            else:
+                log.warning("agent connection from %s refused: %s", host or "?", exc)
+                reason = "forbidden" if exc.http_status == 403 else "unauthorized"
             await websocket.send_denial_response(
-                JSONResponse({"error": reason, "detail": None}, status_code=exc.http_status)
+                JSONResponse(
+                    {"error": reason, "detail": None},
+                    status_code=exc.http_status,
+                    headers=headers,
+                )
             )
             return
         await websocket.accept()

@@ -1,5 +1,5 @@
-"""Migration 0003 on SQLite: failures recorded before it are cached from when they finished;
-agents get a zero failure count; it downgrades cleanly."""
+"""Migrations on SQLite. 0003: failures recorded before it are cached from when they finished;
+agents get a zero failure count. 0004 adds the tokens table. Both downgrade cleanly."""
 
 from __future__ import annotations
 
@@ -75,10 +75,42 @@ async def test_0003_backfills_failed_at_and_downgrades(tmp_path: Path) -> None:
             assert [r.failed_at for r in rows] == [100.0, None, None]
             agent = (await conn.execute(text("SELECT consecutive_failures FROM agents"))).one()
             assert agent.consecutive_failures == 0
-        assert await schema_status(engine) == ("0003", "0003")
+        assert await schema_status(engine) == ("0004", "0004")
         async with engine.begin() as conn:
             await conn.run_sync(_to, "0002", down=True)
             assert "failed_at" not in await conn.run_sync(_columns, "steps")
             assert "consecutive_failures" not in await conn.run_sync(_columns, "agents")
+    finally:
+        await engine.dispose()
+
+
+async def test_0004_creates_the_tokens_table_and_downgrades(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/m.db")
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(_to, "0003")
+            assert "tokens" not in await conn.run_sync(lambda c: inspect(c).get_table_names())
+            await conn.run_sync(_to, "0004")
+            assert await conn.run_sync(_columns, "tokens") == {
+                "id",
+                "name",
+                "role",
+                "sha256",
+                "trusted",
+                "created_by",
+                "created_at",
+                "revoked_at",
+            }
+            await conn.execute(
+                text(
+                    "INSERT INTO tokens (name, role, sha256, created_at) "
+                    "VALUES ('ci', 'client', :d, 1.0)"
+                ),
+                {"d": "0" * 64},
+            )
+            row = (await conn.execute(text("SELECT trusted, created_by FROM tokens"))).one()
+            assert (row.trusted, row.created_by) == (0, "")
+            await conn.run_sync(_to, "0003", down=True)
+            assert "tokens" not in await conn.run_sync(lambda c: inspect(c).get_table_names())
     finally:
         await engine.dispose()

@@ -157,3 +157,19 @@ agents = Table(
     # reconnects (migration 0003).
     Column("consecutive_failures", Integer, nullable=False, default=0, server_default="0"),
 )
+
+tokens = Table(
+    "tokens",
+    metadata,
+    # Bearer tokens created through the API (migration 0004); tokens in runner.toml are not
+    # here. Only the SHA-256 digest of the secret is stored. A revoked token keeps its row
+    # (and its name) for the record.
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(128), nullable=False, unique=True),
+    Column("role", String(16), nullable=False),
+    Column("sha256", String(64), nullable=False, unique=True),
+    Column("trusted", Boolean, nullable=False, default=False),
+    Column("created_by", String(256), nullable=False, default=""),
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float),
+)

@@ -1,0 +1,217 @@
+"""``bigtent token create|list|revoke`` through the real entry point in CliRunner, against a
+runner answered by an httpx.MockTransport."""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from click.testing import CliRunner, Result
+
+from bigtent import cli as cli_module
+from bigtent.client.api import RunnerClient
+from bigtent.runner.auth.tokens import token_digest
+
+SECRET = "bt_" + "s" * 43
+CI = {
+    "name": "ci",
+    "role": "client",
+    "trusted": True,
+    "created_by": "root",
+    "created_at": "2026-12-12T10:00:00+00:00",
+    "revoked_at": None,
+}
+OLD = {**CI, "name": "old", "trusted": False, "revoked_at": "2026-12-13T10:00:00+00:00"}
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith(("BIGTENT_", "NIX_")):
+            monkeypatch.delenv(key)
+
+
+class _Entry:
+    name = "bigtent"
+
+    def main(self, args: Any, prog_name: str, **_: Any) -> None:
+        cli_module.main(list(args))
+
+
+def run(args: list[str], env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(_Entry(), args, env=env)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def fake_runner(monkeypatch: pytest.MonkeyPatch) -> list[httpx.Request]:
+    """The token endpoints of a runner that knows the admin token ``root``."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.headers.get("authorization") != "Bearer root":
+            return httpx.Response(403, json={"error": "token role client may not do this"})
+        path, method = request.url.path, request.method
+        if (method, path) == ("POST", "/api/v1/tokens"):
+            body = json.loads(request.content)
+            name = body.get("name", "client-abc123")
+            if name == "taken":
+                return httpx.Response(409, json={"error": "token name 'taken' is taken"})
+            made = {**CI, "name": name, "role": body["role"], "trusted": body["trusted"]}
+            return httpx.Response(201, json={**made, "token": SECRET})
+        if (method, path) == ("GET", "/api/v1/tokens"):
+            return httpx.Response(200, json={"tokens": [CI, OLD]})
+        if (method, path) == ("DELETE", "/api/v1/tokens/ci"):
+            return httpx.Response(200, json={**CI, "revoked_at": "2026-12-14T10:00:00+00:00"})
+        if method == "DELETE":
+            return httpx.Response(404, json={"error": "no stored token 'nobody'"})
+        return httpx.Response(429, json={"error": "too many", "detail": {"retry_after_secs": 7}})
+
+    real = cli_module._make_client
+
+    def make(runner_url: str, token_file: Path | None, ca_file: Path | None) -> RunnerClient:
+        client = real(runner_url, token_file, ca_file)
+        token = client._http.headers.get("authorization", "").removeprefix("Bearer ") or None
+        return RunnerClient(runner_url, token=token, transport=httpx.MockTransport(handler))
+
+    monkeypatch.setattr(cli_module, "_make_client", make)
+    return seen
+
+
+ADMIN_ENV = {"BIGTENT_TOKEN": "root"}
+
+
+def test_create_offline_prints_a_snippet_with_trusted() -> None:
+    result = run(["token", "create", "--role", "client", "--name", "ci", "--trusted"])
+    assert result.exit_code == 0, result.output
+    token = result.stdout.strip()
+    snippet = tomllib.loads(result.stderr.split("runner.toml:\n", 1)[1])
+    assert snippet["auth"]["tokens"] == [
+        {"name": "ci", "role": "client", "sha256": token_digest(token), "trusted": True}
+    ]
+
+
+def test_create_offline_refuses_a_token_file_without_runner(tmp_path: Path) -> None:
+    result = run(["token", "create", "--role", "client", "--token-file", str(tmp_path / "t")])
+    assert result.exit_code == 2
+    assert result.stderr == "Error: --token-file needs --runner\n"
+
+
+def test_create_in_the_runner(fake_runner: list[httpx.Request]) -> None:
+    result = run(
+        [
+            "token",
+            "create",
+            "--role",
+            "client",
+            "--name",
+            "ci",
+            "--trusted",
+            "--runner",
+            "http://r",
+        ],
+        env=ADMIN_ENV,
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout == SECRET + "\n"
+    assert "stored it as 'ci' (role client, trusted)" in result.stderr
+    assert "[[auth.tokens]]" not in result.stderr
+    (request,) = fake_runner
+    assert str(request.url) == "http://r/api/v1/tokens"
+    assert json.loads(request.content) == {"role": "client", "trusted": True, "name": "ci"}
+
+
+def test_create_in_the_runner_json_and_default_name(
+    fake_runner: list[httpx.Request], tmp_path: Path
+) -> None:
+    token_file = tmp_path / "admin"
+    token_file.write_text("root\n")
+    result = run(
+        [
+            *("token", "create", "--role", "agent", "--runner", "http://r"),
+            *("--token-file", str(token_file), "--json"),
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["token"] == SECRET and doc["role"] == "agent" and doc["name"] == "client-abc123"
+    assert json.loads(fake_runner[0].content) == {"role": "agent", "trusted": False}
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "exit_code", "stderr"),
+    [
+        (["--name", "taken"], ADMIN_ENV, 1, "Error: token name 'taken' is taken\n"),
+        ([], {"BIGTENT_TOKEN": "client"}, 3, "Error: token role client may not do this\n"),
+    ],
+)
+def test_create_in_the_runner_errors(
+    fake_runner: list[httpx.Request],
+    args: list[str],
+    env: dict[str, str],
+    exit_code: int,
+    stderr: str,
+) -> None:
+    result = run(["token", "create", "--role", "client", "--runner", "http://r", *args], env=env)
+    assert result.exit_code == exit_code
+    assert result.stderr == stderr
+    assert result.stdout == ""
+
+
+def test_list_table_and_json(fake_runner: list[httpx.Request]) -> None:
+    result = run(["token", "list"], env=ADMIN_ENV)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    ci = next(line for line in lines if " ci " in line)
+    old = next(line for line in lines if " old " in line)
+    assert "client" in ci and "yes" in ci and "root" in ci
+    assert "2026-12-13T10:00:00+00:00" in old and "no" in old
+    result = run(["token", "list", "--json"], env=ADMIN_ENV)
+    assert json.loads(result.stdout) == [CI, OLD]
+    assert all(r.method == "GET" and r.url.path == "/api/v1/tokens" for r in fake_runner)
+
+
+def test_list_needs_an_admin_token(fake_runner: list[httpx.Request]) -> None:
+    result = run(["token", "list"], env={"BIGTENT_TOKEN": "client"})
+    assert result.exit_code == 3
+    assert result.stderr == "Error: token role client may not do this\n"
+
+
+def test_revoke(fake_runner: list[httpx.Request]) -> None:
+    result = run(["token", "revoke", "ci", "--runner", "http://r:9"], env=ADMIN_ENV)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "revoked ci (role client) at 2026-12-14T10:00:00+00:00\n"
+    assert (fake_runner[0].method, str(fake_runner[0].url)) == (
+        "DELETE",
+        "http://r:9/api/v1/tokens/ci",
+    )
+    doc = json.loads(run(["token", "revoke", "ci", "--json"], env=ADMIN_ENV).stdout)
+    assert doc["revoked_at"] == "2026-12-14T10:00:00+00:00"
+
+
+def test_revoke_unknown(fake_runner: list[httpx.Request]) -> None:
+    result = run(["token", "revoke", "nobody"], env=ADMIN_ENV)
+    assert result.exit_code == 1
+    assert result.stderr == "Error: no stored token 'nobody'\n"
+
+
+def test_rate_limited_is_an_auth_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def make(runner_url: str, token_file: Path | None, ca_file: Path | None) -> RunnerClient:
+        def handler(request: httpx.Request) -> httpx.Response:
+            return httpx.Response(
+                429,
+                headers={"Retry-After": "7"},
+                json={"error": "too many failed attempts", "detail": {"retry_after_secs": 7}},
+            )
+
+        return RunnerClient(runner_url, transport=httpx.MockTransport(handler))
+
+    monkeypatch.setattr(cli_module, "_make_client", make)
+    result = run(["token", "list"])
+    assert result.exit_code == 3
+    assert result.stderr == "Error: too many failed attempts\n"
