@@ -61,12 +61,17 @@ def registry() -> TokenRegistry:
         (AGENT, Principal("build-01", Role.AGENT)),
         (CI, Principal("ci", Role.CLIENT, trusted=True)),
     ],
+    ids=["admin-in-config", "agent-in-config", "trusted-client-stored"],
 )
 def test_config_and_stored_tokens_authenticate(secret: str, principal: Principal) -> None:
     assert registry().authenticate(secret) == principal
 
 
-@pytest.mark.parametrize("secret", [None, "", OLD, "bt_nope", ADMIN + "x"])
+@pytest.mark.parametrize(
+    "secret",
+    [None, "", OLD, "bt_nope", ADMIN + "x"],
+    ids=["none", "empty", "revoked", "unknown", "admin-plus-a-byte"],
+)
 def test_missing_unknown_and_revoked_tokens_are_refused(secret: str | None) -> None:
     with pytest.raises(AuthError) as info:
         registry().authenticate(secret)
