@@ -1,5 +1,6 @@
 """Migrations on SQLite. 0003: failures recorded before it are cached from when they finished;
-agents get a zero failure count. 0004 adds the tokens table. Both downgrade cleanly."""
+agents get a zero failure count. 0004 adds the tokens table. 0005 adds the agents' OIDC
+identity columns (NULL for existing rows). All downgrade cleanly."""
 
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ async def test_0003_backfills_failed_at_and_downgrades(tmp_path: Path) -> None:
             assert [r.failed_at for r in rows] == [100.0, None, None]
             agent = (await conn.execute(text("SELECT consecutive_failures FROM agents"))).one()
             assert agent.consecutive_failures == 0
-        assert await schema_status(engine) == ("0004", "0004")
+        assert await schema_status(engine) == ("0005", "0005")
         async with engine.begin() as conn:
             await conn.run_sync(_to, "0002", down=True)
             assert "failed_at" not in await conn.run_sync(_columns, "steps")
@@ -112,5 +113,40 @@ async def test_0004_creates_the_tokens_table_and_downgrades(tmp_path: Path) -> N
             assert (row.trusted, row.created_by) == (0, "")
             await conn.run_sync(_to, "0003", down=True)
             assert "tokens" not in await conn.run_sync(lambda c: inspect(c).get_table_names())
+    finally:
+        await engine.dispose()
+
+
+_OIDC_COLUMNS = {
+    "oidc_issuer",
+    "oidc_repository",
+    "oidc_subject",
+    "oidc_workflow_ref",
+    "oidc_ref",
+}
+
+
+async def test_0005_adds_nullable_oidc_identity_columns_and_downgrades(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/m.db")
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(_to, "0004")
+            assert not _OIDC_COLUMNS & await conn.run_sync(_columns, "agents")
+            await conn.execute(
+                text(
+                    "INSERT INTO agents (machine_id, name, hostname, systems, "
+                    "supported_features, mandatory_features, max_jobs, speed_factor, ephemeral, "
+                    "auth_kind, version, connected, first_seen, last_seen, steps_succeeded, "
+                    "steps_failed, infra_failures) VALUES ('m', 'a', '', '[]', '[]', '[]', 1, "
+                    "1.0, 0, 'token', '', 0, 1.0, 1.0, 0, 0, 0)"
+                )
+            )
+            await conn.run_sync(_to, "0005")
+            assert _OIDC_COLUMNS <= await conn.run_sync(_columns, "agents")
+            row = (await conn.execute(text("SELECT * FROM agents"))).one()._mapping
+            assert {name: row[name] for name in _OIDC_COLUMNS} == dict.fromkeys(_OIDC_COLUMNS)
+            await conn.run_sync(_to, "0004", down=True)
+            assert not _OIDC_COLUMNS & await conn.run_sync(_columns, "agents")
+            assert (await conn.execute(text("SELECT name FROM agents"))).scalar_one() == "a"
     finally:
         await engine.dispose()

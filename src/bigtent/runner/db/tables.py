@@ -156,6 +156,12 @@ agents = Table(
     # Consecutive infrastructure failures: with backoff_until, restored when the agent
     # reconnects (migration 0003).
     Column("consecutive_failures", Integer, nullable=False, default=0, server_default="0"),
+    # The identity of an OIDC agent (auth_kind "oidc", migration 0005); NULL for token agents.
+    Column("oidc_issuer", Text),
+    Column("oidc_repository", Text),
+    Column("oidc_subject", Text),
+    Column("oidc_workflow_ref", Text),
+    Column("oidc_ref", Text),
 )
 
 tokens = Table(
