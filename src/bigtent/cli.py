@@ -403,6 +403,13 @@ _AGENT_COLUMNS = (
 )
 
 
+def _agent_auth(a: Agent) -> str:
+    """``token``, or ``oidc:<repository>`` for an agent that authenticated as a CI job."""
+    if a.oidc is not None:
+        return f"oidc:{a.oidc.repository}"
+    return a.auth_kind or "-"
+
+
 def _agent_row(a: Agent) -> list[str]:
     features = [*a.supported_features, *(f"{f}!" for f in a.mandatory_features)]
     connected = "yes" if a.connected else "no"
@@ -414,7 +421,7 @@ def _agent_row(a: Agent) -> list[str]:
     return [
         a.name,
         "ephemeral" if a.ephemeral else "persistent",
-        a.auth_kind or "-",
+        _agent_auth(a),
         connected,
         a.last_seen or "-",
         f"{a.running}/{a.max_jobs}",

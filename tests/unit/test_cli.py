@@ -292,6 +292,41 @@ EPHEMERAL_AGENT = {
 }
 
 
+OIDC_IDENTITY = {
+    "issuer": "https://token.actions.githubusercontent.com",
+    "repository": "acme/widgets",
+    "subject": "repo:acme/widgets:ref:refs/heads/main",
+    "workflow_ref": "acme/widgets/.github/workflows/agents.yml@refs/heads/main",
+    "ref": "refs/heads/main",
+}
+OIDC_AGENT = {
+    **AGENT,
+    "machine_id": "m3",
+    "name": "gha-oidc-7.1-0c0ffee0",
+    "ephemeral": True,
+    "auth_kind": "oidc",
+    "oidc": OIDC_IDENTITY,
+}
+
+
+def test_agents_auth_column_names_the_oidc_repository(monkeypatch: pytest.MonkeyPatch) -> None:
+    routes = {"agents": [AGENT, OIDC_AGENT]}
+    monkeypatch.setattr(
+        cli_module, "_make_client", _fixed_client(cli_module._make_client, "/api/v1/agents", routes)
+    )
+    result = run(["agents"])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[1]: line for line in result.stdout.splitlines() if "│ " in line}
+    oidc = lines["gha-oidc-7.1-0c0ffee0"]
+    assert "oidc:acme/widgets" in oidc and "ephemeral" in oidc
+    token = lines["build-01"]
+    assert "│ token " in token and "oidc" not in token
+
+    data = json.loads(run(["agents", "--json"]).stdout)
+    assert data[0]["auth_kind"] == "token" and data[0]["oidc"] is None
+    assert data[1]["auth_kind"] == "oidc" and data[1]["oidc"] == OIDC_IDENTITY
+
+
 def test_agents_table_shows_kind_auth_connection_jobs_and_backoff(
     fake_runner: list[httpx.Request], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -121,6 +121,16 @@ class Step(_Model):
     outputs: dict[str, str] = {}
 
 
+class AgentOidc(_Model):
+    """The CI job an OIDC-authenticated agent's ID token named (DESIGN §6)."""
+
+    issuer: str
+    repository: str
+    subject: str
+    workflow_ref: str | None = None
+    ref: str | None = None
+
+
 class Agent(_Model):
     machine_id: str
     name: str = ""
@@ -133,6 +143,9 @@ class Agent(_Model):
     speed_factor: float = 1.0
     ephemeral: bool = False
     auth_kind: str = ""
+    """``token`` or ``oidc``."""
+    oidc: AgentOidc | None = None
+    """Set when ``auth_kind`` is ``oidc``."""
     launch_id: str | None = None
     connected: bool = False
     draining: bool = False

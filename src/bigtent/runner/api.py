@@ -317,6 +317,7 @@ async def list_agents(comps: Comps, _: ClientAuth) -> dict[str, Any]:
                 "speed_factor": r.speed_factor,
                 "ephemeral": r.ephemeral,
                 "auth_kind": r.auth_kind,
+                "oidc": _oidc_json(r),
                 "launch_id": r.launch_id,
                 "version": r.version,
                 "connected": venue is not None,
@@ -333,6 +334,19 @@ async def list_agents(comps: Comps, _: ClientAuth) -> dict[str, Any]:
             }
         )
     return {"agents": out}
+
+
+def _oidc_json(row: Any) -> dict[str, Any] | None:
+    """The CI identity an OIDC agent authenticated as; None for a token agent."""
+    if row.auth_kind != "oidc":
+        return None
+    return {
+        "issuer": row.oidc_issuer,
+        "repository": row.oidc_repository,
+        "subject": row.oidc_subject,
+        "workflow_ref": row.oidc_workflow_ref,
+        "ref": row.oidc_ref,
+    }
 
 
 @api.get("/builders")

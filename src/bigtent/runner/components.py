@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bigtent.config import RunnerConfig
 from bigtent.errors import ConfigError
 from bigtent.nix.keys import load_secret_key
+from bigtent.runner.auth.oidc import OidcVerifier
 from bigtent.runner.auth.ratelimit import AuthFailureLimiter, FailureThrottle
 from bigtent.runner.auth.tokens import TokenRegistry, TokenStore
 from bigtent.runner.cache import Cache, Upstreams
@@ -39,6 +40,8 @@ class Components:
     """Tokens in the database (the API's ``/tokens``), mirrored into ``tokens``."""
     auth_throttle: FailureThrottle
     """Credential failures per address, shared by the HTTP gate and the agent WebSocket."""
+    oidc: OidcVerifier | None = None
+    """Verifies agents' OIDC ID tokens; None when no ``[[auth.oidc]]`` issuer is configured."""
 
 
 async def build_components(config: RunnerConfig) -> Components:
@@ -62,6 +65,8 @@ async def build_components(config: RunnerConfig) -> Components:
     except ValueError as exc:
         raise ConfigError(f"cache signing key {key_path} is invalid: {exc}") from exc
     tokens = TokenRegistry.from_config(config.auth.tokens)
+    # Built before anything that needs closing: its only failure is a bad ca_file.
+    oidc = OidcVerifier(config.auth.oidc) if config.auth.oidc else None
     engine = create_engine(config.database_url())
     await migrate(engine)
     token_store = TokenStore(engine, tokens, config)
@@ -84,7 +89,7 @@ async def build_components(config: RunnerConfig) -> Components:
     scheduler = Scheduler(engine, config.scheduler, logs, cache.present)
     await scheduler.load()
     sessions = Sessions(
-        config, engine, scheduler, tokens, cache.url, cache.public_key, auth_throttle
+        config, engine, scheduler, tokens, cache.url, cache.public_key, auth_throttle, oidc
     )
     ssh = SshBuilders(config, scheduler, cache, upstreams)
     ssh.attach()
@@ -100,6 +105,7 @@ async def build_components(config: RunnerConfig) -> Components:
         ssh,
         token_store,
         auth_throttle,
+        oidc,
     )
 
 
@@ -109,4 +115,6 @@ async def close_components(comps: Components) -> None:
     await comps.ssh.aclose()
     await comps.upstreams.aclose()
     comps.logs.close_all()
+    if comps.oidc is not None:
+        await comps.oidc.aclose()
     await comps.engine.dispose()

@@ -1,5 +1,9 @@
 """Agent sessions over WebSocket (DESIGN §2): auth before accept, then protocol messages.
 
+The credential is an agent token or, when ``[[auth.oidc]]`` issuers are configured, a CI
+job's OIDC ID token (a JWT, DESIGN §6): an OIDC agent is always ephemeral and its identity is
+stored on its agent row. JWTs are accepted here only, never on the HTTP API.
+
 This is the only module that sees raw frames. Each session has a bounded outgoing queue and a
 writer task, so the scheduler never waits on a slow socket.
 """
@@ -10,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +27,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from bigtent import protocol as p
 from bigtent.config import Role, RunnerConfig
 from bigtent.errors import AuthError, ProtocolError, TooManyAuthFailures
+from bigtent.runner.auth.oidc import OidcVerifier
+from bigtent.runner.auth.policy import AgentIdentity
 from bigtent.runner.auth.ratelimit import FailureThrottle
 from bigtent.runner.auth.tokens import TokenRegistry
 from bigtent.runner.db import queries
@@ -35,6 +42,16 @@ MAX_NAME_BYTES = 128
 NORMAL_CLOSURE = 1000
 POLICY_VIOLATION = 1008
 """WebSocket close code after a protocol error (RFC 6455 §7.4.1)."""
+
+
+_JWT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+"""A compact JWS: header, payload and signature, base64url and dot-separated (RFC 7515 §7.1;
+the signature may be empty, as in ``alg: none``, so such a token is refused by the verifier
+with its reason). Tokens never contain a dot."""
+
+
+def looks_like_jwt(credential: str) -> bool:
+    return _JWT.fullmatch(credential) is not None
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -56,6 +73,8 @@ class AgentSession:
     venue: Venue | None = None
     record: dict[str, Any] = field(default_factory=dict)
     """The agent row's registration values, to record it again if it was pruned."""
+    identity: AgentIdentity | None = None
+    """The CI job an OIDC agent authenticated as; None for a token agent."""
 
     def send(self, message: BaseModel) -> None:
         """Queue a message; raise SessionClosed when the session is over or hopelessly slow."""
@@ -86,6 +105,7 @@ class Sessions:
         cache_url: str,
         cache_public_key: str,
         throttle: FailureThrottle,
+        oidc: OidcVerifier | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -94,17 +114,23 @@ class Sessions:
         self.cache_url = cache_url
         self.cache_public_key = cache_public_key
         self.throttle = throttle
+        self.oidc = oidc
         self.live: dict[str, AgentSession] = {}
 
     async def handle(self, websocket: WebSocket) -> None:
-        """The WebSocket endpoint: check the credential before accepting the upgrade; an
-        address with too many recent credential failures is refused (429) unchecked."""
+        """The WebSocket endpoint: check the credential (a token, or a JWT for the OIDC
+        verifier) before accepting the upgrade; an address with too many recent credential
+        failures is refused (429) unchecked."""
         token = bearer_token(websocket.headers.get("authorization"))
         host = websocket.client.host if websocket.client else None
+        identity: AgentIdentity | None = None
         try:
             self.throttle.check(host)
             try:
-                self.tokens.require(token, Role.AGENT)
+                if token is not None and looks_like_jwt(token):
+                    identity = await self._verify_oidc(token)
+                else:
+                    self.tokens.require(token, Role.AGENT)
             except AuthError as exc:
                 self.throttle.failed(host, exc)
                 raise
@@ -114,6 +140,10 @@ class Sessions:
                 log.debug("agent connection from %s refused: %s", host or "?", exc)
                 reason = "too many failed authentication attempts"
                 headers = {"Retry-After": str(exc.retry_after_secs)}
+            elif token is not None and looks_like_jwt(token):
+                # The verifier logged the detail; the agent gets the short public reason.
+                log.warning("agent connection from %s refused: OIDC: %s", host or "?", exc)
+                reason = exc.message
             else:
                 log.warning("agent connection from %s refused: %s", host or "?", exc)
                 reason = "forbidden" if exc.http_status == 403 else "unauthorized"
@@ -126,7 +156,7 @@ class Sessions:
             )
             return
         await websocket.accept()
-        session = AgentSession(websocket)
+        session = AgentSession(websocket, identity=identity)
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._writer(session))
@@ -145,6 +175,11 @@ class Sessions:
             pass
         finally:
             await self._ended(session)
+
+    async def _verify_oidc(self, token: str) -> AgentIdentity:
+        if self.oidc is None:
+            raise AuthError("OIDC tokens are not accepted by this runner")
+        return await self.oidc.verify(token)
 
     async def _writer(self, session: AgentSession) -> None:
         while (text := await session.outgoing.get()) is not None:
@@ -190,6 +225,17 @@ class Sessions:
 
     async def _register(self, session: AgentSession, reg: p.Register) -> Venue | None:
         now = self.scheduler.clock()
+        identity = session.identity
+        ephemeral = reg.ephemeral
+        if identity is not None:
+            await self._check_machine_id(identity, reg)
+            if not reg.ephemeral:
+                log.info(
+                    "agent %s (OIDC, %s) registered as persistent; recorded as ephemeral",
+                    reg.name,
+                    identity.repository,
+                )
+            ephemeral = True  # DESIGN §6: whatever it claims
         old = self.live.get(reg.machine_id)
         if old is not None:
             log.info("agent %s reconnected; closing its older session", reg.name)
@@ -216,10 +262,11 @@ class Sessions:
             mandatory_features=_json(reg.mandatory_features),
             max_jobs=reg.max_jobs,
             speed_factor=reg.speed_factor,
-            ephemeral=reg.ephemeral,
-            auth_kind="token",
+            ephemeral=ephemeral,
+            auth_kind="token" if identity is None else "oidc",
             launch_id=reg.launch_id,
             version=reg.version,
+            **_identity_columns(identity),
         )
         async with self.engine.begin() as conn:
             row = await queries.upsert_agent(
@@ -255,6 +302,19 @@ class Sessions:
             reg.max_jobs,
         )
         return venue
+
+    async def _check_machine_id(self, identity: AgentIdentity, reg: p.Register) -> None:
+        """An OIDC agent may not take over the machine id of a token agent or of another CI
+        identity (it would close that agent's session and rewrite its row)."""
+        old = self.live.get(reg.machine_id)
+        if old is not None and old.identity != identity:
+            raise ProtocolError("machine id is in use by another agent")
+        async with self.engine.connect() as conn:
+            row = await queries.fetch_agent(conn, reg.machine_id)
+        if row is not None and _identity_columns(identity) != {
+            name: getattr(row, name) for name in _IDENTITY_COLUMNS
+        }:
+            raise ProtocolError("machine id is in use by another agent")
 
     async def _dispatch(self, session: AgentSession, venue: Venue, msg: p.AgentMessage) -> None:
         match msg:
@@ -318,6 +378,28 @@ def restore_backoff(venue: Venue, row: Any) -> None:
     reconnecting."""
     venue.consecutive_failures = int(row.consecutive_failures)
     venue.backoff_until = float(row.backoff_until or 0.0)
+
+
+_IDENTITY_COLUMNS = (
+    "oidc_issuer",
+    "oidc_repository",
+    "oidc_subject",
+    "oidc_workflow_ref",
+    "oidc_ref",
+)
+
+
+def _identity_columns(identity: AgentIdentity | None) -> dict[str, str | None]:
+    """The agent row's OIDC columns (all None for a token agent)."""
+    if identity is None:
+        return dict.fromkeys(_IDENTITY_COLUMNS)
+    return {
+        "oidc_issuer": identity.issuer,
+        "oidc_repository": identity.repository,
+        "oidc_subject": identity.subject,
+        "oidc_workflow_ref": identity.workflow_ref,
+        "oidc_ref": identity.ref,
+    }
 
 
 def _json(items: list[str]) -> str:

@@ -122,7 +122,8 @@ def _free_socket() -> socket.socket:
 
 @pytest.fixture
 async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
-    """Factory: ``await make_runner(serve=False, cache={...}, scheduler={...})``.
+    """Factory: ``await make_runner(serve=False, cache={...}, auth={"oidc": [...]}, ...)``
+    (``auth`` adds to the generated tokens, one per role).
 
     With ``serve=True`` the app runs under a real uvicorn server on a loopback port bound
     before the components are built (so the cache URL names the real port), with its
@@ -131,7 +132,11 @@ async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
     made: list[tuple[RunnerHarness, uvicorn.Server | None, asyncio.Task[None] | None]] = []
 
     async def make(
-        *, serve: bool = False, cache: dict[str, Any] | None = None, **sections: Any
+        *,
+        serve: bool = False,
+        cache: dict[str, Any] | None = None,
+        auth: dict[str, Any] | None = None,
+        **sections: Any,
     ) -> RunnerHarness:
         state = tmp_path / f"runner{len(made)}"
         state.mkdir()
@@ -152,7 +157,8 @@ async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
                 "tokens": [
                     {"name": f"{role}-token", "role": str(role), "sha256": token_digest(tok)}
                     for role, tok in tokens.items()
-                ]
+                ],
+                **(auth or {}),
             },
             cache={"signing_key_file": str(key_file), **(cache or {})},
             **sections,

@@ -142,7 +142,7 @@ async def test_0005_adds_nullable_oidc_identity_columns_and_downgrades(tmp_path:
                 )
             )
             await conn.run_sync(_to, "0005")
-            assert _OIDC_COLUMNS <= await conn.run_sync(_columns, "agents")
+            assert await conn.run_sync(_columns, "agents") >= _OIDC_COLUMNS
             row = (await conn.execute(text("SELECT * FROM agents"))).one()._mapping
             assert {name: row[name] for name in _OIDC_COLUMNS} == dict.fromkeys(_OIDC_COLUMNS)
             await conn.run_sync(_to, "0004", down=True)

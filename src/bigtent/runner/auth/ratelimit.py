@@ -118,7 +118,9 @@ class FailureThrottle:
 
     def failed(self, host: str | None, exc: AuthError) -> None:
         """Count ``exc`` against ``host`` when it is a credential failure."""
-        if isinstance(exc, Forbidden | TooManyAuthFailures):
+        # Only 401s: not a wrong role (403), a limited address (429) or an OIDC issuer whose
+        # keys could not be fetched (503), none of which is a guess at a credential.
+        if isinstance(exc, Forbidden | TooManyAuthFailures) or exc.http_status != 401:
             return
         key = address_key(host)
         self.limiter.record_failure(key, self.clock())

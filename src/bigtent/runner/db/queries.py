@@ -367,6 +367,10 @@ async def upsert_agent(conn: AsyncConnection, machine_id: str, **values: Any) ->
     return (await conn.execute(select(agents).where(agents.c.machine_id == machine_id))).one()
 
 
+async def fetch_agent(conn: AsyncConnection, machine_id: str) -> Any | None:
+    return (await conn.execute(select(agents).where(agents.c.machine_id == machine_id))).first()
+
+
 async def update_agent(conn: AsyncConnection, machine_id: str, **values: Any) -> bool:
     """Update an agent row; False when there is none (it was pruned)."""
     result = await conn.execute(
