@@ -3,6 +3,12 @@ the database, the connected venues and the build records.
 
 Every transition is written to the database before its effect is sent, so a runner restart
 rebuilds the same state (DESIGN §3). All methods run on the event loop; none blocks.
+
+TODO(auth issue, trust scoping, DESIGN §6 "Trust"): an OIDC-authenticated agent
+(``AgentSession.identity``, ``auth_kind = "oidc"``) is matched like any other venue, so it may
+take a step of any build. It must only get steps of builds whose repository its issuer rule
+allows (and never outputs bound for the main signed cache from untrusted builds); the venue
+will need the identity and matching a per-build repository check. See docs/oidc.md.
 """
 
 from __future__ import annotations
