@@ -27,7 +27,7 @@ from bigtent.runner.components import Components
 from bigtent.runner.db import queries
 from bigtent.runner.ingest import ingest_client_path, ingest_output
 from bigtent.runner.scheduler.dispatcher import AGENT
-from bigtent.runner.sessions import bearer_token
+from bigtent.runner.sessions import bearer_token, looks_like_jwt
 from bigtent.states import StepState
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,27 @@ def _require(role: Role) -> Any:
 
 ClientAuth = Annotated[Principal, _require(Role.CLIENT)]
 AgentAuth = Annotated[Principal, _require(Role.AGENT)]
+
+
+async def _agent_credential(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> None:
+    """An agent token, or the JWT of an OIDC-authenticated agent (the WebSocket's rule)."""
+    comps: Components = request.app.state.components
+    token = bearer_token(authorization)
+    host = request.client.host if request.client else None
+    comps.sessions.throttle.check(host)
+    try:
+        if token is not None and looks_like_jwt(token):
+            await comps.sessions.verify_oidc(token)
+        else:
+            comps.tokens.require(token, Role.AGENT)
+    except AuthError as exc:
+        comps.sessions.throttle.failed(host, exc)
+        raise
+
+
+AgentCredential = Annotated[None, Depends(_agent_credential)]
 AdminAuth = Annotated[Principal, _require(Role.ADMIN)]
 
 
@@ -72,6 +93,17 @@ def error_response(exc: BigtentError) -> JSONResponse:
 
 
 _PUBLIC_API_PATHS = frozenset({"/api/v1/openapi.json", "/api/v1/docs"})
+
+
+def _jwt_for_upload(path: str, scope: Scope) -> bool:
+    """An OIDC agent uploads its outputs with its JWT: that route verifies it itself."""
+    if not path.startswith(_UPLOAD_PREFIX):
+        return False
+    token = bearer_token(Headers(scope=scope).get("authorization"))
+    return token is not None and looks_like_jwt(token)
+
+
+_UPLOAD_PREFIX = "/api/v1/agent/upload/"
 
 
 class CredentialGate:
@@ -92,6 +124,7 @@ class CredentialGate:
             scope["type"] == "http"
             and path.startswith("/api/v1/")
             and path not in _PUBLIC_API_PATHS
+            and not _jwt_for_upload(path, scope)
         ):
             client = scope.get("client")
             host: str | None = client[0] if client else None
@@ -421,7 +454,7 @@ async def upload_output(
     output_name: str,
     request: Request,
     comps: Comps,
-    _: AgentAuth,
+    _: AgentCredential,
     x_nar_hash: Annotated[str | None, Header()] = None,
     x_nar_size: Annotated[str | None, Header()] = None,
 ) -> dict[str, Any]:

@@ -128,7 +128,7 @@ class Sessions:
             self.throttle.check(host)
             try:
                 if token is not None and looks_like_jwt(token):
-                    identity = await self._verify_oidc(token)
+                    identity = await self.verify_oidc(token)
                 else:
                     self.tokens.require(token, Role.AGENT)
             except AuthError as exc:
@@ -176,7 +176,8 @@ class Sessions:
         finally:
             await self._ended(session)
 
-    async def _verify_oidc(self, token: str) -> AgentIdentity:
+    async def verify_oidc(self, token: str) -> AgentIdentity:
+        """Verify a CI job's JWT (401 when no issuer is configured)."""
         if self.oidc is None:
             raise AuthError("OIDC tokens are not accepted by this runner")
         return await self.oidc.verify(token)

@@ -155,6 +155,16 @@ async def test_an_oidc_agent_receives_an_assign_for_a_runnable_step(
         assert isinstance(await receive(ws), p.Registered)
         assign = await receive_until(ws, p.Assign)
         assert assign.drv_path == drvs.dep
+        # It uploads with the same JWT: the credential passes and the NAR itself is judged
+        # (this one is garbage); a JWT for another audience does not get that far.
+        url = assign.upload_urls["out"]
+        headers = {"X-Nar-Hash": "sha256:" + "0" * 52, "X-Nar-Size": "4"}
+        good = runner.client(None, token=job_token(issuer, key))
+        resp = await good.put(url, content=b"nope", headers=headers)
+        assert resp.status_code == 400, resp.text
+        bad = runner.client(None, token=job_token(issuer, key, aud="someone-else"))
+        resp = await bad.put(url, content=b"nope", headers=headers)
+        assert resp.status_code == 401, resp.text
 
 
 @pytest.mark.parametrize(
