@@ -99,6 +99,8 @@ class Heartbeat(_Message):
     free_build_bytes: int | None = None
     psi_cpu_some_avg10: float | None = None
     running: Annotated[list[StepId], Field(max_length=MAX_LIST_ITEMS)] = []
+    draining: bool = False
+    """The agent takes no new work (a limit, SIGTERM or ``drain``): stop assigning it."""
 
 
 class Accepted(_Message):

@@ -571,6 +571,7 @@ class AgentSession:
                 free_build_bytes=metrics.free_build_bytes,
                 psi_cpu_some_avg10=metrics.psi_cpu_some_avg10,
                 running=sorted({*self._running, *self._pending}),
+                draining=self._draining,
             )
             await conn.send(encode(beat))
 

@@ -321,6 +321,9 @@ class Sessions:
         match msg:
             case p.Heartbeat():
                 self.scheduler.heartbeat(venue, msg.running)
+                if msg.draining and not venue.draining:
+                    log.info("agent %s is draining: no more assignments", venue.name)
+                    venue.draining = True
                 await self._seen(session, venue)
             case p.Accepted():
                 await self.scheduler.accepted(venue, msg)

@@ -231,3 +231,16 @@ async def test_a_registration_overtaken_by_a_newer_session_does_not_detach_it(
             live = sessions.live[reg.machine_id]
             venue = runner.comps.scheduler.venues.get(reg.machine_id)
             assert venue is not None and venue is live.venue
+
+
+async def test_a_heartbeat_saying_draining_stops_assignments(make_runner: MakeRunner) -> None:
+    runner = await make_runner(serve=True)
+    reg = register_message("x86_64-linux")
+    async with agent_socket(runner) as ws:
+        await ws.send(p.encode(reg))
+        assert isinstance(await receive(ws), p.Registered)
+        venue = runner.comps.scheduler.venues[reg.machine_id]
+        assert venue.available(runner.comps.scheduler.clock())
+        await ws.send(p.encode(p.Heartbeat(draining=True)))
+        await eventually(lambda: venue.draining)
+        assert not venue.available(runner.comps.scheduler.clock())

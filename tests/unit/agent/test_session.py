@@ -564,6 +564,24 @@ async def test_heartbeats_name_held_steps(start_agent: Callable[..., Agent]) -> 
         assert message.memory_total_bytes is None or message.memory_total_bytes > 0
 
 
+async def test_heartbeats_say_when_the_agent_drains(start_agent: Callable[..., Agent]) -> None:
+    async with FakeRunner(heartbeat_secs=0.05) as runner:
+        agent = start_agent(runner)
+        side = await runner.next_session()
+        await side.assign(4)
+        await side.expect(Accepted)
+        step = await agent.executor.next_step()
+        await side.send(Drain(reason="test"))
+        for _ in range(100):
+            message = await asyncio.wait_for(side.inbox.get(), WAIT)
+            if isinstance(message, Heartbeat) and message.draining:
+                break
+        else:
+            raise AssertionError("no heartbeat said the agent drains")
+        assert message.running == [4]
+        step.release.set()
+
+
 @pytest.mark.parametrize("status", [401, 403])
 async def test_auth_refusal_exits_3(
     start_agent: Callable[..., Agent], status: int, caplog: pytest.LogCaptureFixture
