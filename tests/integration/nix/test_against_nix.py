@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -28,6 +27,8 @@ from bigtent.nix.store_path import (
     make_source_path,
     make_text_path,
 )
+from tests import nar_trees
+from tests.nar_trees import Tree, write_tree
 
 if shutil.which("nix-store") is None:
     pytest.skip("nix-store is not on PATH", allow_module_level=True)
@@ -54,36 +55,7 @@ def run_text(*argv: str) -> str:
 
 # ----------------------------------------------------------------------------- trees
 
-Tree = tuple[Any, ...]
-"""("file", contents, executable) | ("symlink", target) | ("dir", {name: Tree})."""
-
-names = st.binary(min_size=1, max_size=12).filter(
-    lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b"..")
-)
-leaves = st.one_of(
-    st.tuples(st.just("file"), st.binary(max_size=300), st.booleans()),
-    st.tuples(
-        st.just("symlink"), st.binary(min_size=1, max_size=30).filter(lambda b: b"\0" not in b)
-    ),
-)
-trees = st.recursive(
-    leaves,
-    lambda children: st.builds(lambda d: ("dir", d), st.dictionaries(names, children, max_size=4)),
-    max_leaves=12,
-)
-
-
-def write_tree(path: Path, tree: Tree) -> None:
-    kind = tree[0]
-    if kind == "file":
-        path.write_bytes(tree[1])
-        path.chmod(0o755 if tree[2] else 0o644)
-    elif kind == "symlink":
-        path.symlink_to(os.fsdecode(tree[1]))
-    else:
-        path.mkdir()
-        for name, child in tree[1].items():
-            write_tree(path / os.fsdecode(name), child)
+trees = nar_trees.trees(max_file_bytes=300)
 
 
 # ----------------------------------------------------------------------------- NAR and hashes

@@ -8,7 +8,6 @@ import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,41 +23,12 @@ from bigtent.nix.nar import (
     restore,
     validate,
 )
+from tests import nar_trees
+from tests.nar_trees import Tree, write_tree
 
 # ----------------------------------------------------------------------------- helpers
 
-Tree = tuple[Any, ...]
-"""("file", contents, executable) | ("symlink", target) | ("dir", {name: Tree})."""
-
-names = st.binary(min_size=1, max_size=12).filter(
-    lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b"..")
-)
-leaves = st.one_of(
-    st.tuples(st.just("file"), st.binary(max_size=200), st.booleans()),
-    st.tuples(
-        st.just("symlink"), st.binary(min_size=1, max_size=30).filter(lambda b: b"\0" not in b)
-    ),
-)
-trees = st.recursive(
-    leaves,
-    lambda children: st.builds(lambda d: ("dir", d), st.dictionaries(names, children, max_size=4)),
-    max_leaves=12,
-)
-
-
-def write_tree(path: Path, tree: Tree) -> None:
-    """Create `tree` at `path`; byte names and targets go through os.fsdecode (surrogateescape),
-    so names that are not UTF-8 survive."""
-    kind = tree[0]
-    if kind == "file":
-        path.write_bytes(tree[1])
-        path.chmod(0o755 if tree[2] else 0o644)
-    elif kind == "symlink":
-        path.symlink_to(os.fsdecode(tree[1]))
-    else:
-        path.mkdir()
-        for name, child in tree[1].items():
-            write_tree(path / os.fsdecode(name), child)
+trees = nar_trees.trees(max_file_bytes=200)
 
 
 def tree_nar(tree: Tree) -> bytes:
