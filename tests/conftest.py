@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -25,6 +26,16 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 def have_nix() -> bool:
     return shutil.which("nix-store") is not None
+
+
+def current_system() -> str:
+    """The local Nix system (``builtins.currentSystem``), without asking any substituter."""
+    out = subprocess.run(
+        ["nix-instantiate", "--option", "substituters", "", "--eval", "--expr",
+         "builtins.currentSystem"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return out.stdout.strip().strip('"')
 
 
 async def eventually(

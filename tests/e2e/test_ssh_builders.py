@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import wait_until
+from tests.conftest import current_system, wait_until
 from tests.e2e.conftest import Farm, free_port
 
 pytestmark = [
@@ -113,28 +113,10 @@ def sshd(tmp_path: Path) -> Iterator[Sshd]:
             proc.wait(5)
 
 
-def _system() -> str:
-    out = subprocess.run(
-        [
-            "nix-instantiate",
-            "--option",
-            "substituters",
-            "",
-            "--eval",
-            "--expr",
-            "builtins.currentSystem",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip().strip('"')
-
-
 def _builder_toml(sshd: Sshd, host_key: str | None) -> str:
     pin = f'host_key = "{host_key}"\n' if host_key else ""
     return (
-        f'\n[[ssh_builders]]\nuri = "{sshd.uri}"\nsystems = ["{_system()}"]\nmax_jobs = 2\n'
+        f'\n[[ssh_builders]]\nuri = "{sshd.uri}"\nsystems = ["{current_system()}"]\nmax_jobs = 2\n'
         f'ssh_key = "{sshd.client_key}"\n{pin}'
     )
 

@@ -32,6 +32,7 @@ from bigtent.nix.store_path import StorePath
 from bigtent.runner.app import create_app, uvicorn_config
 from bigtent.runner.auth.tokens import generate_token, token_digest
 from bigtent.runner.components import Components, build_components, close_components
+from tests.conftest import current_system
 from tests.conftest import eventually as _eventually
 
 NO_SUBSTITUTERS = ["--option", "substituters", ""]
@@ -357,9 +358,7 @@ def nothing_stored(runner: RunnerHarness) -> Iterator[None]:
 # ---- agents ------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def nix_system(nix: Nix) -> str:
-    return _run(
-        "nix-instantiate", *NO_SUBSTITUTERS, "--eval", "--expr", "builtins.currentSystem"
-    ).strip('"')
+    return current_system()
 
 
 def register_message(system: str, **overrides: Any) -> p.Register:

@@ -27,6 +27,7 @@ from bigtent.runner.logs import LogStore
 from bigtent.runner.scheduler.dispatcher import AGENT, SSH, PlannedStep, Scheduler, Venue
 from bigtent.runner.sshvenue import BuildStore
 from bigtent.states import StepState
+from tests.conftest import current_system
 from tests.integration.runner.conftest import (
     Drvs,
     MakeRunner,
@@ -110,7 +111,7 @@ class _FakeStore:
 def _builder(host_key: str | None, **extra: Any) -> dict[str, Any]:
     b: dict[str, Any] = {
         "uri": f"ssh://nix@127.0.0.1:{PORT}",
-        "systems": [_system()],
+        "systems": [current_system()],
         "max_jobs": 2,
         "ssh_key": "/etc/bigtent/id_ed25519",
         "supported_features": ["big-parallel"],
@@ -119,24 +120,6 @@ def _builder(host_key: str | None, **extra: Any) -> dict[str, Any]:
     if host_key is not None:
         b["host_key"] = host_key
     return b
-
-
-def _system() -> str:
-    out = subprocess.run(
-        [
-            "nix-instantiate",
-            "--option",
-            "substituters",
-            "",
-            "--eval",
-            "--expr",
-            "builtins.currentSystem",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip().strip('"')
 
 
 async def _runner_with_builder(
@@ -184,7 +167,7 @@ async def test_a_step_is_realised_through_the_pinned_builder_and_published(
     assert call.options["substituters"] == runner.comps.cache.url
     assert call.options["trusted-public-keys"] == runner.comps.cache.public_key
     assert call.options["builders"] == (
-        f"ssh://nix@127.0.0.1 {_system()} /etc/bigtent/id_ed25519 2 1 big-parallel - -"
+        f"ssh://nix@127.0.0.1 {current_system()} /etc/bigtent/id_ed25519 2 1 big-parallel - -"
     )
     opts = call.env["NIX_SSHOPTS"]
     for o in [
