@@ -363,6 +363,7 @@ class Sessions:
         if venue is None:
             return
         self.scheduler.detach(venue)
+        await self.scheduler.release_unaccepted(venue)
         if self.live.get(venue.machine_id) is session:
             del self.live[venue.machine_id]
             try:

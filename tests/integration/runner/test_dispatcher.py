@@ -1222,3 +1222,34 @@ async def test_new_dependency_of_a_runnable_step_cannot_fail_it(farm: Farm) -> N
     assert az.drv_path == z.drv_path
     assert await farm.report(kvm_only, az, p.Outcome.BUILD_FAILURE)
     assert farm.sched.nodes[farm.sid(y)].state is StepState.RUNNABLE
+
+
+async def test_a_departed_venue_gives_back_what_it_never_accepted(farm: Farm) -> None:
+    x, y = drv("x"), drv("y")
+    await farm.add([x, y], roots=[x, y])
+    agent = farm.agent("m1", max_jobs=2)
+    await farm.tick()
+    a, b = agent.take_assigns()
+    await farm.sched.accepted(agent.venue, p.Accepted(step_id=a.step_id, lease_id=a.lease_id))
+    farm.sched.detach(agent.venue)
+    await farm.sched.release_unaccepted(agent.venue)
+    # The accepted step keeps its lease (the agent may come back running it); the other one,
+    # never accepted, is runnable again at once.
+    assert farm.sched.nodes[a.step_id].state is StepState.BUILDING
+    assert farm.sched.nodes[b.step_id].state is StepState.RUNNABLE
+    assert await farm.state(b.step_id) is StepState.RUNNABLE
+    other = farm.agent("m2")
+    await farm.tick()
+    assert [m.step_id for m in other.take_assigns()] == [b.step_id]
+
+
+async def test_a_replaced_venue_leaves_the_newer_session_alone(farm: Farm) -> None:
+    x = drv("x")
+    await farm.add([x], roots=[x])
+    old = farm.agent("m1")
+    await farm.tick()
+    [a] = old.take_assigns()
+    farm.sched.detach(old.venue)
+    farm.agent("m1")  # the same machine, a newer session, already attached
+    await farm.sched.release_unaccepted(old.venue)
+    assert farm.sched.nodes[a.step_id].state is StepState.ASSIGNED

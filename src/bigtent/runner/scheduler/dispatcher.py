@@ -605,6 +605,28 @@ class Scheduler:
         if self.venues.get(venue.machine_id) is venue:
             del self.venues[venue.machine_id]
 
+    async def release_unaccepted(self, venue: Venue) -> None:
+        """After ``detach``: steps assigned to the departed venue that it never accepted go
+        back to the queue at once (it never started them), unless a newer session of the same
+        machine took over (its own ``attach`` decided about them). Accepted steps keep their
+        leases until they expire: the agent may come back still running them."""
+        async with self._lock:
+            if venue.machine_id in self.venues:
+                return
+            unaccepted = [
+                n
+                for n in self._leased()
+                if n.state is StepState.ASSIGNED
+                and n.venue == venue.machine_id
+                and n.id in venue.running
+            ]
+            now = self.clock()
+            for node in unaccepted:
+                log.info("step %d was never accepted by %s; queued again", node.id, venue.name)
+                await self._give_back(node, venue, now)
+            if unaccepted:
+                self.wake()
+
     def drain(self, machine_id: str) -> bool:
         venue = self.venues.get(machine_id)
         if venue is None:
