@@ -329,12 +329,15 @@ class RunnerConfig(_FileSettings):
         """DESIGN §6: credentials never travel in plaintext off this machine.
 
         With tokens configured and no TLS the runner refuses to start, unless
-        ``allow_plaintext = true`` and it listens on a loopback address. TLS options that are
-        not implemented yet are refused rather than silently ignored.
+        ``allow_plaintext = true`` and it listens on a loopback address. Pinning client
+        certificate names needs a client CA to verify them.
         """
         r = self.runner
-        if r.tls is not None and r.tls.pin_client_name:
-            raise ConfigError("config key runner.tls.pin_client_name is not supported yet")
+        if r.tls is not None and r.tls.pin_client_name and r.tls.client_ca is None:
+            raise ConfigError(
+                "config key runner.tls.pin_client_name needs runner.tls.client_ca: only "
+                "certificates verified against that CA can name an agent"
+            )
         if r.tls is None and (self.auth.tokens or self.auth.oidc):
             if not r.allow_plaintext:
                 raise ConfigError(

@@ -19,6 +19,7 @@ from bigtent.protocol import MAX_MESSAGE_BYTES
 from bigtent.runner.agents import run_pruner
 from bigtent.runner.api import CredentialGate, api, cache_routes, install_error_handlers
 from bigtent.runner.components import Components, build_components, close_components
+from bigtent.runner.tls import CertWebSocketProtocol
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +92,17 @@ def uvicorn_config(app: FastAPI, config: RunnerConfig) -> uvicorn.Config:
         port=config.runner.port,
         log_config=None,
         access_log=False,
-        ws="websockets-sansio",
+        ws=CertWebSocketProtocol,
         ws_max_size=WS_MAX_FRAME_BYTES,
         lifespan="on",
         timeout_graceful_shutdown=5,
         ssl_certfile=str(tls.cert_file) if tls else None,
         ssl_keyfile=str(tls.key_file) if tls else None,
         ssl_ca_certs=str(tls.client_ca) if tls and tls.client_ca else None,
-        ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.client_ca else ssl.CERT_NONE,
+        # CERT_OPTIONAL, not REQUIRED: Nix reading /cache and clients with tokens present no
+        # certificate (Nix cannot), while agents must (sessions.py refuses one without it).
+        # A presented certificate is still verified against client_ca in the handshake.
+        ssl_cert_reqs=ssl.CERT_OPTIONAL if tls and tls.client_ca else ssl.CERT_NONE,
     )
 
 

@@ -26,13 +26,14 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from bigtent import protocol as p
 from bigtent.config import Role, RunnerConfig
-from bigtent.errors import AuthError, ProtocolError, TooManyAuthFailures
+from bigtent.errors import AuthError, Forbidden, ProtocolError, TooManyAuthFailures
 from bigtent.runner.auth.oidc import OidcVerifier
 from bigtent.runner.auth.policy import AgentIdentity
 from bigtent.runner.auth.ratelimit import FailureThrottle
-from bigtent.runner.auth.tokens import TokenRegistry
+from bigtent.runner.auth.tokens import Principal, TokenRegistry
 from bigtent.runner.db import queries
 from bigtent.runner.scheduler.dispatcher import Scheduler, SessionClosed, Venue
+from bigtent.runner.tls import PeerCert, name_is_pinned, peer_cert
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ REGISTER_TIMEOUT_SECS = 30.0
 OUTGOING_QUEUE_MAX = 10_000
 MAX_NAME_BYTES = 128
 NORMAL_CLOSURE = 1000
+CERT_REQUIRED = "a client certificate is required"
 POLICY_VIOLATION = 1008
 """WebSocket close code after a protocol error (RFC 6455 §7.4.1)."""
 
@@ -75,6 +77,10 @@ class AgentSession:
     """The agent row's registration values, to record it again if it was pruned."""
     identity: AgentIdentity | None = None
     """The CI job an OIDC agent authenticated as; None for a token agent."""
+    principal: Principal | None = None
+    """The token a token agent authenticated with; None for an OIDC agent."""
+    cert: PeerCert | None = None
+    """The client certificate the TLS handshake verified (mTLS), if any."""
 
     def send(self, message: BaseModel) -> None:
         """Queue a message; raise SessionClosed when the session is over or hopelessly slow."""
@@ -124,13 +130,17 @@ class Sessions:
         token = bearer_token(websocket.headers.get("authorization"))
         host = websocket.client.host if websocket.client else None
         identity: AgentIdentity | None = None
+        principal: Principal | None = None
+        cert = peer_cert(websocket.scope)
         try:
             self.throttle.check(host)
             try:
                 if token is not None and looks_like_jwt(token):
                     identity = await self.verify_oidc(token)
                 else:
-                    self.tokens.require(token, Role.AGENT)
+                    principal = self.tokens.require(token, Role.AGENT)
+                    if cert is None and self._client_ca:
+                        raise Forbidden(CERT_REQUIRED)
             except AuthError as exc:
                 self.throttle.failed(host, exc)
                 raise
@@ -147,6 +157,8 @@ class Sessions:
             else:
                 log.warning("agent connection from %s refused: %s", host or "?", exc)
                 reason = "forbidden" if exc.http_status == 403 else "unauthorized"
+                if exc.message == CERT_REQUIRED:
+                    reason = CERT_REQUIRED
             await websocket.send_denial_response(
                 JSONResponse(
                     {"error": reason, "detail": None},
@@ -156,7 +168,7 @@ class Sessions:
             )
             return
         await websocket.accept()
-        session = AgentSession(websocket, identity=identity)
+        session = AgentSession(websocket, identity=identity, principal=principal, cert=cert)
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._writer(session))
@@ -175,6 +187,16 @@ class Sessions:
             pass
         finally:
             await self._ended(session)
+
+    @property
+    def _client_ca(self) -> bool:
+        tls = self.config.runner.tls
+        return tls is not None and tls.client_ca is not None
+
+    @property
+    def _pin_client_name(self) -> bool:
+        tls = self.config.runner.tls
+        return tls is not None and tls.pin_client_name
 
     async def verify_oidc(self, token: str) -> AgentIdentity:
         """Verify a CI job's JWT (401 when no issuer is configured)."""
@@ -228,8 +250,14 @@ class Sessions:
         now = self.scheduler.clock()
         identity = session.identity
         ephemeral = reg.ephemeral
+        # DESIGN §6 mTLS: the verified certificate must name this agent (token agents; an
+        # OIDC agent is named by its verified job token instead).
+        pinned = identity is not None or not self._pin_client_name
+        if not pinned and not name_is_pinned(session.cert, reg.name, reg.ephemeral):
+            log.warning("agent %r refused: its client certificate does not name it", reg.name)
+            raise ProtocolError(f"the client certificate does not name agent {reg.name!r}")
+        await self._check_machine_id(session, reg)
         if identity is not None:
-            await self._check_machine_id(identity, reg)
             if not reg.ephemeral:
                 log.info(
                     "agent %s (OIDC, %s) registered as persistent; recorded as ephemeral",
@@ -265,6 +293,7 @@ class Sessions:
             speed_factor=reg.speed_factor,
             ephemeral=ephemeral,
             auth_kind="token" if identity is None else "oidc",
+            credential=session.principal.name if session.principal else None,
             launch_id=reg.launch_id,
             version=reg.version,
             **_identity_columns(identity),
@@ -304,18 +333,47 @@ class Sessions:
         )
         return venue
 
-    async def _check_machine_id(self, identity: AgentIdentity, reg: p.Register) -> None:
-        """An OIDC agent may not take over the machine id of a token agent or of another CI
-        identity (it would close that agent's session and rewrite its row)."""
+    async def _check_machine_id(self, session: AgentSession, reg: p.Register) -> None:
+        """A machine id belongs to the credential that registered it: another credential
+        may not take it over (it would close that agent's session, keep the leases it
+        lists as running, and so upload for steps leased to someone else).
+
+        OIDC agents: the same CI identity only. Token agents: the same token while that token
+        is valid; once it is revoked or removed, a new token may take the machine id over
+        (token rotation). An agent row without a recorded token is claimed by the first."""
+        in_use = ProtocolError("machine id is in use by another agent")
         old = self.live.get(reg.machine_id)
-        if old is not None and old.identity != identity:
-            raise ProtocolError("machine id is in use by another agent")
+        if old is not None and not _same_credential(old, session):
+            raise in_use
         async with self.engine.connect() as conn:
             row = await queries.fetch_agent(conn, reg.machine_id)
-        if row is not None and _identity_columns(identity) != {
-            name: getattr(row, name) for name in _IDENTITY_COLUMNS
-        }:
-            raise ProtocolError("machine id is in use by another agent")
+        if row is None:
+            return
+        identity = session.identity
+        if identity is not None or row.auth_kind == "oidc":
+            if _identity_columns(identity) != {
+                name: getattr(row, name) for name in _IDENTITY_COLUMNS
+            }:
+                raise in_use
+            return
+        assert session.principal is not None
+        bound = row.credential
+        if bound is not None and bound != session.principal.name:
+            if self.tokens.is_valid(bound):
+                log.warning(
+                    "agent %r refused: machine id %s is bound to token %r, not %r",
+                    reg.name,
+                    reg.machine_id,
+                    bound,
+                    session.principal.name,
+                )
+                raise in_use
+            log.info(
+                "machine id %s moves from token %r (no longer valid) to %r",
+                reg.machine_id,
+                bound,
+                session.principal.name,
+            )
 
     async def _dispatch(self, session: AgentSession, venue: Venue, msg: p.AgentMessage) -> None:
         match msg:
@@ -375,6 +433,12 @@ class Sessions:
                 # The session is over either way; the row is fixed at the next start.
                 log.warning("could not mark agent %s disconnected", venue.name, exc_info=True)
         log.info("agent %s disconnected", venue.name)
+
+
+def _same_credential(a: AgentSession, b: AgentSession) -> bool:
+    if a.identity is not None or b.identity is not None:
+        return a.identity == b.identity
+    return a.principal is not None and b.principal is not None and a.principal == b.principal
 
 
 def restore_backoff(venue: Venue, row: Any) -> None:

@@ -89,7 +89,7 @@ class RunnerHarness:
     @property
     def ws_url(self) -> str:
         assert self.url is not None, "the runner is not served (make_runner(serve=True))"
-        return self.url.replace("http://", "ws://") + "/api/v1/agent/ws"
+        return self.url.replace("http", "ws", 1) + "/api/v1/agent/ws"
 
     async def narinfo(self, path: str) -> httpx.Response:
         hash_part = StorePath.parse(path).hash_part
@@ -137,6 +137,7 @@ async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
         serve: bool = False,
         cache: dict[str, Any] | None = None,
         auth: dict[str, Any] | None = None,
+        tls: dict[str, Any] | None = None,
         **sections: Any,
     ) -> RunnerHarness:
         state = tmp_path / f"runner{len(made)}"
@@ -153,6 +154,7 @@ async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
                 "state_dir": str(state),
                 "listen": f"127.0.0.1:{port}",
                 "allow_plaintext": True,
+                **({"tls": tls} if tls else {}),
             },
             auth={
                 "tokens": [
@@ -180,7 +182,7 @@ async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
                 return started.started
 
             await eventually(up)
-            harness.url = f"http://127.0.0.1:{port}"
+            harness.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
         made.append((harness, server, task))
         return harness
 

@@ -88,6 +88,11 @@ class TokenRegistry:
         """Names of the ``[[auth.tokens]]``: stored tokens may not reuse them."""
         return frozenset(e.name for e in self._entries)
 
+    def is_valid(self, name: str) -> bool:
+        """Whether a token of this name is accepted now (configured, or stored and not
+        revoked): a machine id bound to a token that is no longer valid may be rebound."""
+        return any(e.name == name for e in self._entries + self._stored)
+
     def replace_stored(self, tokens: Iterable[StoredToken]) -> None:
         """Replace the copy of the database's tokens (revoked ones are skipped). One
         assignment: a request sees the old copy or the new one, never a mix."""

@@ -162,6 +162,9 @@ agents = Table(
     Column("oidc_subject", Text),
     Column("oidc_workflow_ref", Text),
     Column("oidc_ref", Text),
+    # The token a token agent registered with (migration 0008): its machine id is bound to
+    # it while that token is valid. NULL for OIDC agents.
+    Column("credential", String(128)),
 )
 
 tokens = Table(
