@@ -909,6 +909,16 @@ def runner(config_path: Path | None) -> None:
 @click.option("--sandbox-path", "sandbox_paths", multiple=True, help="Extra sandbox path.")
 @click.option("--ca-file", type=click.Path(dir_okay=False, path_type=Path), help="Runner CA.")
 @click.option(
+    "--client-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="mTLS: this agent's certificate (PEM).",
+)
+@click.option(
+    "--client-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="mTLS: its key [default: in the certificate file].",
+)
+@click.option(
     "--executor",
     type=click.Choice(["serve", "realise"]),
     help="serve: long-lived nix-store --serve per slot [default]; realise: one per step.",
@@ -933,6 +943,8 @@ def agent(
     token_file: Path | None,
     sandbox_paths: tuple[str, ...],
     ca_file: Path | None,
+    client_cert: Path | None,
+    client_key: Path | None,
     executor: str | None,
     ephemeral: bool,
     max_builds: int | None,
@@ -953,6 +965,8 @@ def agent(
         token_file=token_file,
         sandbox_paths=sandbox_paths,
         ca_file=ca_file,
+        client_cert_file=client_cert,
+        client_key_file=client_key,
         executor=executor,
         ephemeral=ephemeral,
         max_builds=max_builds,

@@ -398,6 +398,10 @@ class AgentSection(_Section):
     work_dir: Path = Path("/var/lib/bigtent-agent")
     token_file: Path | None = None
     ca_file: Path | None = None
+    client_cert_file: Path | None = None
+    """mTLS: the agent's certificate chain (PEM), presented to a runner with a client CA."""
+    client_key_file: Path | None = None
+    """The key of ``client_cert_file`` (default: in the same file)."""
     ephemeral: EphemeralSection | None = None
     sandbox_paths: list[str] = []
     """Extra sandbox paths for builds (``extra-sandbox-paths``), e.g. host tools in tests."""

@@ -806,15 +806,30 @@ def _reason(body: bytes | bytearray | None) -> str:
 
 
 def ssl_context_for(section: AgentSection) -> ssl.SSLContext | None:
-    """TLS settings for wss/https: ``ca_file`` when given, else the system roots."""
-    if section.ca_file is None:
+    """TLS settings for wss/https: ``ca_file`` when given, else the system roots; plus the
+    agent's client certificate for mTLS when ``client_cert_file`` is set."""
+    if section.client_key_file is not None and section.client_cert_file is None:
+        raise ConfigError("config key agent.client_key_file needs agent.client_cert_file")
+    if section.ca_file is None and section.client_cert_file is None:
         return None
     try:
-        return ssl.create_default_context(cafile=str(section.ca_file))
+        ctx = ssl.create_default_context(
+            cafile=str(section.ca_file) if section.ca_file is not None else None
+        )
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(
             f"config key agent.ca_file: cannot load {section.ca_file}: {exc}"
         ) from exc
+    if section.client_cert_file is not None:
+        key = section.client_key_file
+        try:
+            ctx.load_cert_chain(str(section.client_cert_file), str(key) if key else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"config key agent.client_cert_file: cannot load {section.client_cert_file}"
+                f"{f' with {key}' if key else ''}: {exc}"
+            ) from exc
+    return ctx
 
 
 @contextlib.contextmanager

@@ -23,7 +23,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from bigtent import protocol as p
-from bigtent.config import Role
+from bigtent.agent.session import ssl_context_for
+from bigtent.config import AgentSection, Role
+from bigtent.errors import ConfigError
 from tests.integration.runner.conftest import (
     WAIT_SECS,
     MakeRunner,
@@ -180,6 +182,31 @@ async def test_a_certificate_naming_the_agent_registers(make_runner: MakeRunner,
     async with tls_socket(runner, pki, pki.client("gha")) as ws:
         assert isinstance(await register_as(ws, "gha-0a1b2c3d", ephemeral=True), p.Registered)
     assert sorted(await agent_names(runner, pki)) == ["build-01", "build-02", "gha-0a1b2c3d"]
+
+
+async def test_the_agents_own_tls_settings_present_its_certificate(
+    make_runner: MakeRunner, pki: Pki
+) -> None:
+    """What `bigtent agent --ca-file --client-cert --client-key` builds is accepted."""
+    runner = await mtls_runner(make_runner, pki, pin=True)
+    cert_file, key_file = pki.client("build-01")
+    section = AgentSection(
+        ca_file=pki.server_ca.cert_file, client_cert_file=cert_file, client_key_file=key_file
+    )
+    ctx = ssl_context_for(section)
+    assert ctx is not None
+    async with connect(
+        runner.ws_url,
+        additional_headers={"Authorization": f"Bearer {runner.tokens[Role.AGENT]}"},
+        open_timeout=WAIT_SECS,
+        proxy=None,
+        ssl=ctx,
+    ) as ws:
+        assert isinstance(await register_as(ws, "build-01"), p.Registered)
+    with pytest.raises(ConfigError, match="client_cert_file"):
+        ssl_context_for(AgentSection(client_cert_file=key_file, client_key_file=cert_file))
+    with pytest.raises(ConfigError, match=r"needs agent\.client_cert_file"):
+        ssl_context_for(AgentSection(client_key_file=key_file))
 
 
 async def test_a_certificate_naming_another_agent_is_refused(
