@@ -10,9 +10,11 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bigtent.config import MetricsAuth, RunnerSection, load_runner_config
 from bigtent.errors import (
     AuthError,
     BadRequest,
+    ConfigError,
     Forbidden,
     NarMismatch,
     PayloadTooLarge,
@@ -319,3 +321,25 @@ def test_render_speaks_openmetrics_when_asked() -> None:
     body, content_type = m.render("application/openmetrics-text; version=1.0.0")
     assert content_type.startswith("application/openmetrics-text")
     assert body.rstrip().endswith(b"# EOF")
+
+
+@pytest.mark.parametrize(
+    ("listen", "configured", "mode"),
+    [
+        ("127.0.0.1:8080", None, MetricsAuth.PUBLIC),
+        ("[::1]:8080", None, MetricsAuth.PUBLIC),
+        ("localhost:8080", None, MetricsAuth.PUBLIC),
+        ("0.0.0.0:8443", None, MetricsAuth.TOKEN),
+        ("192.0.2.7:8443", None, MetricsAuth.TOKEN),
+        ("0.0.0.0:8443", "public", MetricsAuth.PUBLIC),
+        ("127.0.0.1:8080", "token", MetricsAuth.TOKEN),
+    ],
+)
+def test_who_may_read_metrics(listen: str, configured: str | None, mode: MetricsAuth) -> None:
+    section = RunnerSection.model_validate({"listen": listen, "metrics_auth": configured})
+    assert section.metrics_auth_mode is mode
+
+
+def test_metrics_auth_must_be_known() -> None:
+    with pytest.raises(ConfigError, match=r"runner\.metrics_auth"):
+        load_runner_config(None, runner={"metrics_auth": "open"})

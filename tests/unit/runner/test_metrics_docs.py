@@ -19,12 +19,21 @@ DASHBOARD = DOCS / "grafana-dashboard.json"
 METRIC_NAME = re.compile(r"\b(?:bigtent|process)_[a-z0-9_]+")
 
 
+_SAMPLE_SUFFIXES = {
+    "counter": ("_total",),
+    "histogram": ("_bucket", "_sum", "_count"),
+    "summary": ("_sum", "_count"),
+}
+
+
 def exposed_names(body: str) -> set[str]:
-    """Every family and sample name in an exposition (``x`` and ``x_total``, a histogram's
-    ``_bucket``/``_sum``/``_count``)."""
+    """Every name a query may use for the families of an exposition: the family's own, and
+    its sample names (``x_total``; a histogram's ``_bucket``, ``_sum`` and ``_count``), also
+    for a family that has no series yet (listed by its HELP and TYPE lines)."""
     names: set[str] = set()
     for family in text_string_to_metric_families(body):
         names.add(family.name)
+        names.update(family.name + suffix for suffix in _SAMPLE_SUFFIXES.get(family.type, ()))
         names.update(s.name for s in family.samples)
     return names
 
