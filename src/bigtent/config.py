@@ -34,6 +34,15 @@ class Role(StrEnum):
     ADMIN = "admin"
 
 
+class MetricsAuth(StrEnum):
+    """Who may read ``/metrics`` (docs/metrics.md)."""
+
+    PUBLIC = "public"
+    """Anyone who can reach the port (what Prometheus expects by default)."""
+    TOKEN = "token"
+    """A bearer token of role ``client`` or ``admin``."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -53,6 +62,15 @@ class RunnerSection(_Section):
     state_dir: Path = Path("/var/lib/bigtent")
     allow_plaintext: bool = False
     tls: TlsSection | None = None
+    metrics_auth: MetricsAuth | None = None
+    """Unset: ``public`` on a loopback listen address, ``token`` elsewhere."""
+
+    @property
+    def metrics_auth_mode(self) -> MetricsAuth:
+        """Who may read ``/metrics``: as configured, else public only on loopback."""
+        if self.metrics_auth is not None:
+            return self.metrics_auth
+        return MetricsAuth.PUBLIC if is_loopback(self.host) else MetricsAuth.TOKEN
 
     @property
     def host(self) -> str:

@@ -51,6 +51,11 @@ class PayloadTooLarge(BadRequest):
     http_status = 413
 
 
+class NarMismatch(BadRequest):
+    """An uploaded NAR is not what its headers declared: another hash, shorter than its
+    declared size, or not a well-formed NAR."""
+
+
 class Conflict(BigtentError):
     """The request is valid but conflicts with the current state (a stale lease, ...)."""
 

@@ -26,6 +26,7 @@ from bigtent.runner.builds import plan_build
 from bigtent.runner.components import Components
 from bigtent.runner.db import queries
 from bigtent.runner.ingest import ingest_client_path, ingest_output
+from bigtent.runner.metrics import Metrics
 from bigtent.runner.scheduler.dispatcher import AGENT
 from bigtent.runner.sessions import bearer_token, looks_like_jwt
 from bigtent.states import StepState
@@ -113,10 +114,13 @@ class CredentialGate:
     at its credential. Routes still check the role; WebSockets check theirs (and the same
     limit) before the upgrade."""
 
-    def __init__(self, app: ASGIApp, tokens: TokenRegistry, throttle: FailureThrottle) -> None:
+    def __init__(
+        self, app: ASGIApp, tokens: TokenRegistry, throttle: FailureThrottle, metrics: Metrics
+    ) -> None:
         self.app = app
         self.tokens = tokens
         self.throttle = throttle
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
@@ -128,16 +132,16 @@ class CredentialGate:
         ):
             client = scope.get("client")
             host: str | None = client[0] if client else None
+            token = bearer_token(Headers(scope=scope).get("authorization"))
             try:
                 self.throttle.check(host)
                 try:
-                    self.tokens.authenticate(
-                        bearer_token(Headers(scope=scope).get("authorization"))
-                    )
+                    self.tokens.authenticate(token)
                 except AuthError as exc:
                     self.throttle.failed(host, exc)
                     raise
             except AuthError as exc:
+                self.metrics.auth_failed(exc, token)
                 # A limited address's requests are not logged one by one: the throttle
                 # logged when the limit was reached.
                 level = logging.DEBUG if isinstance(exc, TooManyAuthFailures) else logging.WARNING
@@ -152,6 +156,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(BigtentError)
     async def _bigtent(request: Request, exc: BigtentError) -> JSONResponse:
+        if isinstance(exc, AuthError):  # refused by a route (the gate counts its own)
+            credential = bearer_token(request.headers.get("authorization"))
+            request.app.state.components.metrics.auth_failed(exc, credential)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -571,9 +578,8 @@ async def nix_cache_info(comps: Comps) -> Response:
 
 @cache_routes.api_route("/{hash_part}.narinfo", methods=["GET", "HEAD"])
 async def get_narinfo(hash_part: str, comps: Comps) -> Response:
-    if len(hash_part) != 32:
-        raise NotFound("no such path")
-    text = await comps.cache.narinfo_text(hash_part)
+    text = await comps.cache.narinfo_text(hash_part) if len(hash_part) == 32 else None
+    comps.metrics.narinfo_served(hit=text is not None)
     if text is None:
         raise NotFound("no such path")
     return PlainTextResponse(text, media_type="text/x-nix-narinfo")

@@ -19,6 +19,7 @@ from bigtent.protocol import MAX_MESSAGE_BYTES
 from bigtent.runner.agents import run_pruner
 from bigtent.runner.api import CredentialGate, api, cache_routes, install_error_handlers
 from bigtent.runner.components import Components, build_components, close_components
+from bigtent.runner.metrics_endpoint import metrics_routes
 from bigtent.runner.tls import CertWebSocketProtocol
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,12 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
     )
     app.state.components = comps
     install_error_handlers(app)
-    app.add_middleware(CredentialGate, tokens=comps.tokens, throttle=comps.auth_throttle)
+    app.add_middleware(
+        CredentialGate, tokens=comps.tokens, throttle=comps.auth_throttle, metrics=comps.metrics
+    )
     app.include_router(api)
     app.include_router(cache_routes)
+    app.include_router(metrics_routes)
     return app
 
 

@@ -24,12 +24,13 @@ import zstandard
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bigtent.config import CacheSection, Compression, Upstream
-from bigtent.errors import BadRequest, ConfigError, PayloadTooLarge, UpstreamUnavailable
+from bigtent.errors import ConfigError, NarMismatch, PayloadTooLarge, UpstreamUnavailable
 from bigtent.nix import base32, narinfo
 from bigtent.nix.keys import SecretKey, parse_public_key
 from bigtent.nix.nar import NarError, NarSink, NarValidator, ReferenceScanner
 from bigtent.nix.store_path import StorePath
 from bigtent.runner.db import queries
+from bigtent.runner.metrics import Metrics, UploadKind
 from bigtent.runner.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,10 @@ class Cache:
         key: SecretKey,
         config: CacheSection,
         public_url: str,
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
+        self.metrics = metrics if metrics is not None else Metrics()
         self.storage = storage
         self.key = key
         self.config = config
@@ -193,6 +196,7 @@ class Cache:
         self,
         chunks: AsyncIterator[bytes],
         *,
+        kind: UploadKind,
         declared_size: int,
         declared_hash: bytes,
         candidates: Iterable[str] = (),
@@ -201,9 +205,10 @@ class Cache:
         """Stream a NAR into a temporary file, verifying as it goes.
 
         Returns what was learned and the temporary handle; the caller must ``publish`` or
-        ``discard`` it. Raises PayloadTooLarge or BadRequest (and stores nothing) when the NAR
+        ``discard`` it. Raises PayloadTooLarge or NarMismatch (and stores nothing) when the NAR
         is larger than declared or allowed, shorter, malformed, or hashes differently.
         ``sink`` sees the NAR's entries as they are parsed (e.g. to hash a file's contents).
+        ``kind`` is the door it came in by, for the upload metrics.
         """
         if declared_size > self.config.max_nar_bytes:
             raise PayloadTooLarge(
@@ -224,7 +229,7 @@ class Cache:
             try:
                 validator.feed(chunk)
             except NarError as exc:
-                raise BadRequest(f"malformed NAR: {exc}") from exc
+                raise NarMismatch(f"malformed NAR: {exc}") from exc
             scanner.feed(chunk)
             data = compressor.compress(chunk)
             if data:
@@ -254,10 +259,10 @@ class Cache:
                 file_size += len(data)
                 out.write(data)
             if size != declared_size:
-                raise BadRequest(f"NAR is {size} bytes, shorter than its declared {declared_size}")
+                raise NarMismatch(f"NAR is {size} bytes, shorter than its declared {declared_size}")
             nar_sha = validator.sha256()
             if nar_sha != declared_hash:
-                raise BadRequest(
+                raise NarMismatch(
                     "NAR hash mismatch: declared "
                     f"{base32.format_hash('sha256', declared_hash)}, got "
                     f"{base32.format_hash('sha256', nar_sha)}"
@@ -265,10 +270,12 @@ class Cache:
             try:
                 validator.finish()
             except NarError as exc:
-                raise BadRequest(f"malformed NAR: {exc}") from exc
-        except BaseException:
+                raise NarMismatch(f"malformed NAR: {exc}") from exc
+        except BaseException as exc:
             self.storage.discard(temp)
+            self.metrics.upload_failed(kind, exc)
             raise
+        self.metrics.upload_verified(kind, size)
         file_hash = file_sha.digest()
         name = f"nar/{base32.encode(file_hash)}.nar{_EXTENSIONS[compression]}"
         return (

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -16,6 +16,7 @@ from bigtent.runner.auth.tokens import TokenRegistry, TokenStore
 from bigtent.runner.cache import Cache, Upstreams
 from bigtent.runner.db.migrate import create_engine, migrate
 from bigtent.runner.logs import LogStore
+from bigtent.runner.metrics import Metrics
 from bigtent.runner.scheduler.dispatcher import Scheduler
 from bigtent.runner.sessions import Sessions
 from bigtent.runner.sshvenue import SshBuilders
@@ -42,6 +43,8 @@ class Components:
     """Credential failures per address, shared by the HTTP gate and the agent WebSocket."""
     oidc: OidcVerifier | None = None
     """Verifies agents' OIDC ID tokens; None when no ``[[auth.oidc]]`` issuer is configured."""
+    metrics: Metrics = field(default_factory=Metrics)
+    """The runner's Prometheus metrics (``/metrics``, docs/metrics.md)."""
 
 
 async def build_components(config: RunnerConfig) -> Components:
@@ -77,8 +80,14 @@ async def build_components(config: RunnerConfig) -> Components:
             auth.max_failures_per_address, auth.failure_window_secs, auth.max_tracked_addresses
         )
     )
+    metrics = Metrics()
     cache = Cache(
-        engine, LocalStorage(state_dir / "cache"), key, config.cache, config.runner.base_url()
+        engine,
+        LocalStorage(state_dir / "cache"),
+        key,
+        config.cache,
+        config.runner.base_url(),
+        metrics,
     )
     upstreams = Upstreams(
         config.cache.upstreams,
@@ -86,10 +95,10 @@ async def build_components(config: RunnerConfig) -> Components:
         config.cache.upstream_timeout_secs,
     )
     logs = LogStore(state_dir / "logs", config.scheduler.max_log_bytes)
-    scheduler = Scheduler(engine, config.scheduler, logs, cache.present)
+    scheduler = Scheduler(engine, config.scheduler, logs, cache.present, metrics=metrics)
     await scheduler.load()
     sessions = Sessions(
-        config, engine, scheduler, tokens, cache.url, cache.public_key, auth_throttle, oidc
+        config, engine, scheduler, tokens, cache.url, cache.public_key, auth_throttle, oidc, metrics
     )
     ssh = SshBuilders(config, scheduler, cache, upstreams)
     ssh.attach()
@@ -106,6 +115,7 @@ async def build_components(config: RunnerConfig) -> Components:
         token_store,
         auth_throttle,
         oidc,
+        metrics,
     )
 
 

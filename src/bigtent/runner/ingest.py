@@ -46,6 +46,7 @@ from bigtent.nix.store_path import (
 from bigtent.protocol import MAX_LIST_ITEMS, MAX_REFERENCES, MAX_SHORT_TEXT
 from bigtent.runner.cache import Cache, Ingested, Upstreams, closure
 from bigtent.runner.db import queries
+from bigtent.runner.metrics import UploadKind
 from bigtent.runner.scheduler.dispatcher import Scheduler
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,11 @@ async def ingest_client_path(
     claimed = set() if is_drv else _parse_references(references)
     sink = _RootFile(keep=is_drv)
     got, temp = await cache.receive(
-        chunks, declared_size=declared_size, declared_hash=declared_hash, sink=sink
+        chunks,
+        kind=UploadKind.SOURCE,
+        declared_size=declared_size,
+        declared_hash=declared_hash,
+        sink=sink,
     )
     try:
         drv = None
@@ -549,7 +554,11 @@ async def ingest_leased_output(
     candidates = await closure(cache, upstreams, inputs) | set(drv.outputs.values())
     by_hash = {StorePath.parse(c).hash_part: c for c in candidates}
     got, temp = await cache.receive(
-        chunks, declared_size=declared_size, declared_hash=declared_hash, candidates=by_hash
+        chunks,
+        kind=UploadKind.OUTPUT,
+        declared_size=declared_size,
+        declared_hash=declared_hash,
+        candidates=by_hash,
     )
     try:
         if scheduler.lease_holder(lease_id) is not node:

@@ -27,11 +27,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from bigtent import protocol as p
 from bigtent.config import Role, RunnerConfig
 from bigtent.errors import AuthError, Forbidden, ProtocolError, TooManyAuthFailures
-from bigtent.runner.auth.oidc import OidcVerifier
+from bigtent.runner.auth.oidc import InvalidToken, OidcVerifier
 from bigtent.runner.auth.policy import AgentIdentity
 from bigtent.runner.auth.ratelimit import FailureThrottle
 from bigtent.runner.auth.tokens import Principal, TokenRegistry
 from bigtent.runner.db import queries
+from bigtent.runner.metrics import Metrics
 from bigtent.runner.scheduler.dispatcher import Scheduler, SessionClosed, Venue
 from bigtent.runner.tls import PeerCert, name_is_pinned, peer_cert
 
@@ -112,6 +113,7 @@ class Sessions:
         cache_public_key: str,
         throttle: FailureThrottle,
         oidc: OidcVerifier | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -122,6 +124,8 @@ class Sessions:
         self.throttle = throttle
         self.oidc = oidc
         self.live: dict[str, AgentSession] = {}
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.watch_sessions(lambda: self.live.values())
 
     async def handle(self, websocket: WebSocket) -> None:
         """The WebSocket endpoint: check the credential (a token, or a JWT for the OIDC
@@ -145,6 +149,7 @@ class Sessions:
                 self.throttle.failed(host, exc)
                 raise
         except AuthError as exc:
+            self.metrics.auth_failed(exc, token)
             headers = None
             if isinstance(exc, TooManyAuthFailures):
                 log.debug("agent connection from %s refused: %s", host or "?", exc)
@@ -201,7 +206,7 @@ class Sessions:
     async def verify_oidc(self, token: str) -> AgentIdentity:
         """Verify a CI job's JWT (401 when no issuer is configured)."""
         if self.oidc is None:
-            raise AuthError("OIDC tokens are not accepted by this runner")
+            raise InvalidToken("OIDC tokens are not accepted by this runner")
         return await self.oidc.verify(token)
 
     async def _writer(self, session: AgentSession) -> None:

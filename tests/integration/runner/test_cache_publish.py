@@ -13,6 +13,7 @@ from bigtent.nix.nar import dump_path
 from bigtent.nix.store_path import StorePath
 from bigtent.runner.cache import Cache
 from bigtent.runner.db.migrate import create_engine, migrate
+from bigtent.runner.metrics import UploadKind
 from bigtent.runner.storage import LocalStorage
 
 PATH = StorePath.parse("/nix/store/" + "b" * 32 + "-out")
@@ -33,7 +34,10 @@ async def test_second_publish_of_a_path_returns_the_first_record(tmp_path: Path)
         src.write_bytes(content)
         nar = b"".join(dump_path(src))
         got, temp = await cache.receive(
-            _chunks(nar), declared_size=len(nar), declared_hash=hashlib.sha256(nar).digest()
+            _chunks(nar),
+            kind=UploadKind.OUTPUT,
+            declared_size=len(nar),
+            declared_hash=hashlib.sha256(nar).digest(),
         )
         published.append(await cache.publish(temp, PATH, got, []))
     first, second = published

@@ -32,6 +32,7 @@ from bigtent import protocol as p
 from bigtent.config import SchedulerSection
 from bigtent.runner.db import queries
 from bigtent.runner.logs import LogStore
+from bigtent.runner.metrics import Metrics
 from bigtent.runner.scheduler.leases import (
     Disposition,
     backoff_secs,
@@ -148,6 +149,7 @@ class Scheduler:
         *,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
@@ -164,6 +166,8 @@ class Scheduler:
         self.builds: dict[int, ActiveBuild] = {}
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.watch_steps(lambda: self.nodes.values())
 
     # ---- start-up ----------------------------------------------------------------------------
     async def load(self, *, fresh_start: bool = True) -> None:
@@ -493,6 +497,7 @@ class Scheduler:
                 runnable.append(node)
         for node in runnable:
             node.state = StepState.RUNNABLE
+            self.metrics.step_runnable(node, now)
         await queries.update_steps(conn, [n.id for n in runnable], state=StepState.RUNNABLE)
         order = [n.id for n in reversed(fresh)] + [n.id for n in touched + cached]
         rekey = raise_heights(self.nodes, order) | {n.id for n in fresh + touched}
@@ -662,6 +667,7 @@ class Scheduler:
                 if node.state is not StepState.ASSIGNED:
                     return
                 node.state = StepState.BUILDING
+                self.metrics.step_accepted(node, self.clock())
                 async with self.engine.begin() as conn:
                     await queries.update_step(
                         conn, node.id, state=node.state, started_at=self.clock()
@@ -687,6 +693,7 @@ class Scheduler:
         venue.cooldown_until = now + self.config.refuse_cooldown_secs
         self._release(node)
         node.state = StepState.RUNNABLE
+        self.metrics.step_requeued(node, now)
         async with self.engine.begin() as conn:
             await queries.update_step(
                 conn,
@@ -878,6 +885,7 @@ class Scheduler:
                 node.venue = venue.machine_id
                 self.leases[lease] = node.id
                 venue.running.add(node.id)
+                self.metrics.step_assigned(node, now)
                 await queries.update_step(
                     conn,
                     node.id,
@@ -945,6 +953,7 @@ class Scheduler:
         policy = classify(outcome)
         self._release(node)
         self.logs.close(node.id)
+        self.metrics.step_finished(node, outcome, msg.timings if msg is not None else None)
         values: dict[str, Any] = dict(
             outcome=outcome,
             error=error[:8000] or None,
@@ -1010,6 +1019,7 @@ class Scheduler:
                         dep.deps.discard(node.id)
                         if not dep.deps and dep.state is StepState.WAITING:
                             dep.state = StepState.RUNNABLE
+                            self.metrics.step_runnable(dep, now)
                             ready.append(dep)
                     await queries.update_steps(
                         conn, [n.id for n in ready], state=StepState.RUNNABLE
@@ -1054,6 +1064,7 @@ class Scheduler:
                             self.config.retry_max_secs,
                             self.rand(),
                         )
+                        self.metrics.step_requeued(node, node.not_before)
                         await queries.update_step(
                             conn,
                             node.id,
@@ -1065,6 +1076,7 @@ class Scheduler:
                         self._make_runnable(node, now)
                 case Disposition.REQUEUE:
                     node.state = StepState.RUNNABLE
+                    self.metrics.step_requeued(node, now)
                     await queries.update_step(conn, node.id, state=node.state, **values)
                     self._make_runnable(node, now)
             for bid in sorted({b for n in newly_final for b in n.builds}):

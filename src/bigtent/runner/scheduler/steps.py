@@ -39,6 +39,12 @@ class StepNode:
     builds: set[int] = field(default_factory=set)
     outputs: dict[str, str] = field(default_factory=dict)
     """Output name -> store path, from the derivation."""
+    runnable_at: float | None = None
+    """When the step became runnable (again) and may be dispatched, for the dispatch latency
+    (``runner.metrics``); None when unknown (runnable before the runner started) or not
+    runnable."""
+    assigned_at: float | None = None
+    """When the current assignment was made, until the venue accepts it (``runner.metrics``)."""
 
     def sort_key(self) -> tuple[int, int, float, int]:
         """Runnable order: build priority, then work waiting behind it, then age."""
