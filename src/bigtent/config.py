@@ -23,6 +23,7 @@ from pydantic_settings import (
 
 from bigtent.errors import ConfigError
 from bigtent.protocol import MAX_LIST_ITEMS
+from bigtent.runner.autoscale.settings import AutoscaleSection, check_pools
 from bigtent.runner.ssh import SshTarget, check_no_whitespace, normalize_host_key, parse_ssh_uri
 
 
@@ -316,6 +317,8 @@ class RunnerConfig(_FileSettings):
     ssh_require_host_key: bool = True
     """An SSH builder without ``host_key`` is never used (DESIGN §6)."""
     ssh_builders: list[SshBuilderSection] = []
+    autoscale: AutoscaleSection = AutoscaleSection()
+    """``[[autoscale.github]]`` pools (docs/autoscaling.md)."""
 
     def usable_ssh_builders(self) -> list[SshBuilderSection]:
         """Enabled builders; with ``ssh_require_host_key`` only those with a pinned key."""
@@ -346,6 +349,10 @@ class RunnerConfig(_FileSettings):
                     f"allow_plaintext is only honoured on a loopback address, not on {r.listen}: "
                     "configure [runner.tls]"
                 )
+
+    def check_autoscale(self) -> None:
+        """Each pool's agents must be admitted by an ``[[auth.oidc]]`` issuer (ConfigError)."""
+        check_pools(self.autoscale.github, self.auth.oidc)
 
     def database_url(self) -> str:
         return self.database.url or f"sqlite+aiosqlite:///{self.runner.state_dir / 'bigtent.db'}"
