@@ -487,6 +487,53 @@ def builders(runner_url: str, token_file: Path | None, ca_file: Path | None, as_
     _console().print(table)
 
 
+@cli.command(context_settings=_CONTEXT)
+@_client_options
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--pool", help="Only this pool's launches.")
+@_json_option
+def launches(
+    runner_url: str,
+    token_file: Path | None,
+    ca_file: Path | None,
+    limit: int,
+    pool: str | None,
+    as_json: bool,
+) -> None:
+    """List the autoscaler's pools and launches, newest first (admin token)."""
+    data = _call(
+        runner_url, token_file, ca_file, lambda c: c.fetch_launches(limit=limit, pool=pool)
+    )
+    if as_json:
+        _echo_json(data.model_dump(mode="json"))
+        return
+    console = _console()
+    if not data.pools:
+        console.print("no [[autoscale.github]] pools configured")
+    for p in data.pools:
+        c = p.counters
+        cooling = f", cooling down until {p.cooldown_until}" if p.cooldown_until else ""
+        console.print(
+            f"pool {p.name} ({p.workflow}): {p.pending}/{p.max_inflight} pending, "
+            f"{p.demand} steps waiting, deficit {p.deficit}{cooling}; launched {c.launches}, "
+            f"registered {c.registrations}, expired {c.expiries}, "
+            f"dispatch failures {c.dispatch_failures}"
+        )
+    table = Table()
+    for col in ("launch", "pool", "state", "created", "agent", "error"):
+        table.add_column(col)
+    for launch in data.launches:
+        table.add_row(
+            launch.launch_id,
+            launch.pool,
+            launch.state,
+            launch.created_at or "-",
+            launch.agent_name or "-",
+            launch.error or "",
+        )
+    console.print(table)
+
+
 @agents.command("drain", context_settings=_CONTEXT)
 @click.argument("name")
 @_client_options

@@ -13,6 +13,7 @@ from bigtent.nix.keys import load_secret_key
 from bigtent.runner.auth.oidc import OidcVerifier
 from bigtent.runner.auth.ratelimit import AuthFailureLimiter, FailureThrottle
 from bigtent.runner.auth.tokens import TokenRegistry, TokenStore
+from bigtent.runner.autoscale.service import Autoscaler, build_workflows
 from bigtent.runner.cache import Cache, Upstreams
 from bigtent.runner.db.migrate import create_engine, migrate
 from bigtent.runner.logs import LogStore
@@ -42,11 +43,14 @@ class Components:
     """Credential failures per address, shared by the HTTP gate and the agent WebSocket."""
     oidc: OidcVerifier | None = None
     """Verifies agents' OIDC ID tokens; None when no ``[[auth.oidc]]`` issuer is configured."""
+    autoscaler: Autoscaler | None = None
+    """The ``[[autoscale.github]]`` pools (no pools: present, with nothing to do)."""
 
 
 async def build_components(config: RunnerConfig) -> Components:
     """Open the database (migrating it), the cache and the scheduler's state."""
     config.check_transport_security()
+    config.check_autoscale()
     state_dir = config.runner.state_dir
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -67,6 +71,7 @@ async def build_components(config: RunnerConfig) -> Components:
     tokens = TokenRegistry.from_config(config.auth.tokens)
     # Built before anything that needs closing: its only failure is a bad ca_file.
     oidc = OidcVerifier(config.auth.oidc) if config.auth.oidc else None
+    workflows = build_workflows(config.autoscale)  # fails on an unreadable token
     engine = create_engine(config.database_url())
     await migrate(engine)
     token_store = TokenStore(engine, tokens, config)
@@ -88,8 +93,18 @@ async def build_components(config: RunnerConfig) -> Components:
     logs = LogStore(state_dir / "logs", config.scheduler.max_log_bytes)
     scheduler = Scheduler(engine, config.scheduler, logs, cache.present)
     await scheduler.load()
+    autoscaler = Autoscaler(config.autoscale, workflows, engine, scheduler, clock=scheduler.clock)
+    await autoscaler.load()
     sessions = Sessions(
-        config, engine, scheduler, tokens, cache.url, cache.public_key, auth_throttle, oidc
+        config,
+        engine,
+        scheduler,
+        tokens,
+        cache.url,
+        cache.public_key,
+        auth_throttle,
+        oidc,
+        launches=autoscaler,
     )
     ssh = SshBuilders(config, scheduler, cache, upstreams)
     ssh.attach()
@@ -106,6 +121,7 @@ async def build_components(config: RunnerConfig) -> Components:
         token_store,
         auth_throttle,
         oidc,
+        autoscaler,
     )
 
 
@@ -117,4 +133,6 @@ async def close_components(comps: Components) -> None:
     comps.logs.close_all()
     if comps.oidc is not None:
         await comps.oidc.aclose()
+    if comps.autoscaler is not None:
+        await comps.autoscaler.aclose()
     await comps.engine.dispose()
