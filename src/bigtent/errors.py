@@ -88,6 +88,11 @@ class TooManyAuthFailures(AuthError):
         self.retry_after_secs = retry_after_secs
 
 
+class CredentialUnavailable(AuthError):
+    """The agent could not obtain its own credential (a token file it cannot read, a CI job's
+    ID token request that failed)."""
+
+
 class ProtocolError(BigtentError):
     """A peer sent a message that breaks the agent protocol."""
 
