@@ -320,17 +320,18 @@ def test_queued_work_launches_exactly_the_agents_it_needs(
     tmp_path: Path,
 ) -> None:
     farm = start_farm(farm_factory, github, issuer, tls, tmp_path)
-    assert github.fake is not None
+    fake = github.fake
+    assert fake is not None
     build, build_id = submit(farm, "nodes.dag-0-0", "nodes.dag-0-1")
 
     # Two runnable steps, one slot an agent: two launches, and no more while they start
     # (each run starts only after five more passes of the autoscaler).
-    wait_until(lambda: len(github.fake.dispatches) >= 2, timeout=WAIT_SECS, what="dispatches")
+    wait_until(lambda: len(fake.dispatches) >= 2, timeout=WAIT_SECS, what="dispatches")
     assert exit_code(build) == 0, farm.logs()
     github.join()
-    assert len(github.fake.dispatches) == 2
+    assert len(fake.dispatches) == 2
 
-    first = github.fake.dispatches[0]
+    first = fake.dispatches[0]
     assert first.path == f"/repos/{WORKFLOW_REPO}/actions/workflows/bigtent-agent.yml/dispatches"
     assert first.ref == "main" and first.answered == 204
     assert first.inputs | {"launch_id": ""} == {
@@ -344,7 +345,7 @@ def test_queued_work_launches_exactly_the_agents_it_needs(
         "launch_id": "",
         "bigtent_version": "0.1.0",
     }
-    launch_ids = {d.inputs["launch_id"] for d in github.fake.dispatches}
+    launch_ids = {d.inputs["launch_id"] for d in fake.dispatches}
     assert len(launch_ids) == 2 and all(len(i) == 32 for i in launch_ids)
 
     # Each agent registered with its launch id, built one step, and exited 0 when idle.
@@ -369,7 +370,7 @@ def test_queued_work_launches_exactly_the_agents_it_needs(
 
     # The queue is empty: however often it looks, nothing more is launched.
     wait_ticks(farm, 5)
-    assert len(github.fake.dispatches) == 2
+    assert len(fake.dispatches) == 2
     (pool,) = launches(farm)["pools"]
     assert pool["counters"] == {
         "launches": 2,
