@@ -346,6 +346,21 @@ async def test_a_connected_agent_with_a_pending_launch_id_is_counted_once(h: Har
     assert len(h.github.requests) == 2
 
 
+async def test_a_busy_agent_with_a_pending_launch_id_is_not_pending_supply(h: Harness) -> None:
+    """The agent of a launch registered and got work at once, before its registration reached
+    the database: it is busy, and its launch must not also count as an agent on its way."""
+    await h.start()
+    await h.build(h.steps(1))
+    await h.tick()
+    (launch_id,) = h.github.launch_ids
+    venue, _ = h.agent("m1", launch_id=launch_id)
+    venue.running.add(10**9)  # busy with some other step
+    await h.build(h.steps(1))
+    await h.tick(T0 + 1)
+    # Two steps wait, nothing free, nothing on its way: two more launches.
+    assert len(h.github.requests) == 3
+
+
 # ---- expiry and cooldown ------------------------------------------------------------------------
 async def test_a_launch_that_never_registers_expires_and_is_replaced(h: Harness) -> None:
     scaler = await h.start(launch_ttl_secs=60)

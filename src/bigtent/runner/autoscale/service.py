@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -174,11 +174,15 @@ class Autoscaler:
             # One synchronous snapshot of the queue and the venues: no await in between.
             sched = self.scheduler
             nodes = [n for n in sched.nodes.values() if n.id in sched.index]
-            venues = [
-                v
-                for v in sched.venues.values()
-                if not v.draining and v.backoff_until <= now and len(v.running) < v.max_jobs
-            ]
+            # Every venue, so that a busy agent's launch id still counts it as registered; a
+            # draining one or one in backoff has no free slot.
+            venues = list(sched.venues.values())
+            views = {
+                v.machine_id: v.view()
+                if not v.draining and v.backoff_until <= now
+                else replace(v.view(), running=v.max_jobs)
+                for v in venues
+            }
             async with self.engine.connect() as conn:
                 scopes = await queries.fetch_build_scopes(
                     conn, [b for n in nodes for b in n.builds]
@@ -197,11 +201,12 @@ class Autoscaler:
             for v in venues:
                 row = launched.get(v.launch_id or "")
                 pool = self.pools.get(row.pool) if row is not None else None
+                view = views[v.machine_id]
                 if row is None or pool is None or row.agent_machine_id not in (None, v.machine_id):
-                    connected.append(ConnectedSlots(v.view()))
+                    connected.append(ConnectedSlots(view))
                 else:
                     connected.append(
-                        ConnectedSlots(v.view(), pool.spec.allowed_repositories, row.launch_id)
+                        ConnectedSlots(view, pool.spec.allowed_repositories, row.launch_id)
                     )
             pending = [
                 PendingLaunch(launch.launch_id, launch.pool) for launch in self.pending.values()
@@ -247,6 +252,7 @@ class Autoscaler:
         due = expired(self.pending.values(), self._ttls(), now)
         if not due:
             return
+        done: list[LaunchView] = []
         async with self.engine.begin() as conn:
             for launch_id in due:
                 launch = self.pending[launch_id]
@@ -258,20 +264,24 @@ class Autoscaler:
                     else "its pool is no longer configured"
                 )
                 # Not over a registration that got in first (unless_state).
-                await queries.update_launch(
+                if await queries.update_launch(
                     conn,
                     launch_id,
                     unless_state=LaunchState.REGISTERED,
                     state=LaunchState.EXPIRED,
                     error=error,
                     updated_at=now,
-                )
+                ):
+                    done.append(launch)
         for launch_id in due:
-            launch = self.pending.pop(launch_id)
+            self.pending.pop(launch_id, None)
+        for launch in done:
             pool = self.pools.get(launch.pool)
             if pool is not None:
                 pool.counters.expiries += 1
-            log.warning("pool %s: launch %s expired: no agent registered", launch.pool, launch_id)
+            log.warning(
+                "pool %s: launch %s expired: no agent registered", launch.pool, launch.launch_id
+            )
 
     async def _launch(self, pool: _Pool, count: int) -> None:
         """Record and dispatch ``count`` launches one by one; the first failure stops the
