@@ -111,6 +111,11 @@ class PoolSpec:
     allowed_repositories: frozenset[str]
     max_inflight: int
 
+    @property
+    def view(self) -> VenueView:
+        """One of its agents, as a venue with one free slot (for ``can_run``)."""
+        return self.venue(self.name, 1)
+
     def venue(self, machine_id: str, free: int) -> VenueView:
         """A launched agent of this pool as a venue with ``free`` free slots."""
         return VenueView(
@@ -151,9 +156,10 @@ class PoolPlan:
 
 # ---- matching ---------------------------------------------------------------------------------
 _Class = tuple[Requirement, frozenset[BuildScope]]
-_HolderKey = tuple[
-    int, int, int, str, tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]
+_Capability = tuple[
+    int, int, int, tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]
 ]
+_HolderKey = tuple[_Capability, str]
 
 
 @dataclass(slots=True)
@@ -175,21 +181,20 @@ def _holder(
     venue: VenueView, scope: frozenset[str] | None, free: int, ident: str, owner: str = ""
 ) -> _Holder:
     """Least capable first: fewest features offered, fewest systems, narrowest repository
-    scope (unscoped last), then the id: keep the versatile slots for work only they can do.
-    The rest of the key only makes the order total should two holders share an id."""
+    scope (unscoped last), then the capability itself (so equally capable holders are next to
+    each other), then the id: keep the versatile slots for work only they can do."""
     offered = venue.supported_features | venue.mandatory_features
     width = len(scope) if scope is not None else 1 << 30
-    key: _HolderKey = (
+    capability: _Capability = (
         len(offered),
         len(venue.systems),
         width,
-        ident,
         tuple(sorted(venue.systems)),
         tuple(sorted(offered)),
         tuple(sorted(venue.mandatory_features)),
         tuple(sorted(scope or ())),
     )
-    return _Holder(key, venue, scope, free, owner)
+    return _Holder((capability, ident), venue, scope, free, owner)
 
 
 def _class_key(cls: _Class) -> tuple[str, tuple[str, ...], tuple[tuple[str, bool, bool], ...]]:
@@ -201,16 +206,28 @@ def _match(
     demand: Mapping[_Class, int], holders: Iterable[_Holder]
 ) -> tuple[dict[_Class, int], dict[str, int]]:
     """Greedy matching in the total order (module docstring). Returns what is left of
-    ``demand`` and, per holder owner, how many steps its holders took."""
-    ordered = sorted(holders, key=lambda h: h.key)
-    capacity = {cls: sum(h.free for h in ordered if h.takes(cls)) for cls in demand}
+    ``demand`` and, per holder owner, how many steps its holders took.
+
+    Neighbours in the order with the same capability and owner are merged first: the greedy
+    pass takes the same from a run of equal holders whichever of them gives it, and a farm has
+    far fewer kinds of venue than venues.
+    """
+    groups: list[_Holder] = []
+    for h in sorted(holders, key=lambda h: h.key):
+        last = groups[-1] if groups else None
+        if last is not None and last.key[0] == h.key[0] and last.owner == h.owner:
+            last.free += h.free
+        else:
+            groups.append(_Holder(h.key, h.venue, h.scope, h.free, h.owner))
+    able = {cls: [h for h in groups if h.takes(cls)] for cls in demand}
+    capacity = {cls: sum(h.free for h in able[cls]) for cls in demand}
     left = dict(demand)
     taken: dict[str, int] = {}
     for cls in sorted(demand, key=lambda c: (capacity[c], -len(c[0].features), _class_key(c))):
-        for h in ordered:
+        for h in able[cls]:
             if left[cls] == 0:
                 break
-            if h.free == 0 or not h.takes(cls):
+            if h.free == 0:
                 continue
             n = min(left[cls], h.free)
             h.free -= n
@@ -224,7 +241,7 @@ def _pool_takes(pool: PoolSpec, cls: _Class) -> bool:
 
 
 def _pool_key(pool: PoolSpec) -> _HolderKey:
-    return _holder(pool.venue(pool.name, 1), pool.allowed_repositories, 0, pool.name).key
+    return _holder(pool.view, pool.allowed_repositories, 0, pool.name).key
 
 
 def plan(
@@ -256,7 +273,9 @@ def plan(
         if w.count > 0:
             cls = (w.req, w.scopes)
             classes[cls] = classes.get(cls, 0) + w.count
-    wanted = {c: n for c, n in classes.items() if any(_pool_takes(p, c) for p in pool_list)}
+    # Which pools could take each class: computed once (a pass has few classes, many steps).
+    takers = {c: {p.name for p in pool_list if _pool_takes(p, c)} for c in classes}
+    wanted = {c: n for c, n in classes.items() if takers[c]}
 
     # Phase 1: connected free slots take what they can.
     left, _ = _match(
@@ -267,7 +286,7 @@ def plan(
             if s.venue.free_slots > 0
         ),
     )
-    demand = {p.name: sum(n for c, n in left.items() if _pool_takes(p, c)) for p in pool_list}
+    demand = {p.name: sum(n for c, n in left.items() if p.name in takers[c]) for p in pool_list}
 
     # Phase 2: launches on their way take what they will be able to.
     pending_count = {p.name: 0 for p in pool_list}
@@ -290,7 +309,7 @@ def plan(
     # Phase 3: each pool launches for the rest it can take, least capable pool first.
     plans: list[PoolPlan] = []
     for pool in pool_list:
-        eligible = sum(n for c, n in left.items() if _pool_takes(pool, c))
+        eligible = sum(n for c, n in left.items() if pool.name in takers[c])
         deficit = math.ceil(eligible / pool.max_jobs)
         cooling = cooldown_until.get(pool.name, 0.0) > now
         room = max(0, pool.max_inflight - pending_count[pool.name])
