@@ -17,7 +17,7 @@ Matching is greedy in a total order, so the same snapshot gives the same answer 
 parts are ordered: the most constrained requirement first (fewest slots able to take it in that
 phase, then more required features, then system, features and build scopes), each to the least
 capable slot able to take it (fewest features, then fewest systems, then narrowest repository
-scope), machine id (launch id, pool name) last.
+scope, then the capability alphabetically), machine id (launch id, pool name) last.
 """
 
 from __future__ import annotations
