@@ -29,6 +29,7 @@ lint: venv
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy
+	$(BIN)/actionlint
 
 format: venv
 	$(BIN)/ruff format src tests bench examples

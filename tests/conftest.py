@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
-_CLEARED_PREFIXES = ("BIGTENT_", "NIX_", "XDG_CACHE_HOME")
+_CLEARED_PREFIXES = ("BIGTENT_", "NIX_", "XDG_CACHE_HOME", "ACTIONS_ID_TOKEN_")
 _PROXIES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 

@@ -30,7 +30,13 @@ from rich.progress import (
 from rich.table import Table
 
 from bigtent import __version__
-from bigtent.config import Role, load_agent_config, load_runner_config
+from bigtent.config import (
+    OidcProvider,
+    Role,
+    load_agent_config,
+    load_runner_config,
+    split_comma_list,
+)
 from bigtent.errors import BigtentError, BuildFailed, ConfigError, UsageError
 
 if TYPE_CHECKING:  # the client modules load lazily, inside the commands
@@ -400,6 +406,7 @@ _AGENT_COLUMNS = (
     "backoff",
     "systems",
     "features",
+    "launch",
 )
 
 
@@ -428,6 +435,7 @@ def _agent_row(a: Agent) -> list[str]:
         backoff,
         ",".join(a.systems),
         ",".join(features),
+        a.launch_id or "-",
     ]
 
 
@@ -485,6 +493,53 @@ def builders(runner_url: str, token_file: Path | None, ca_file: Path | None, as_
             b.backoff_until or "",
         )
     _console().print(table)
+
+
+@cli.command(context_settings=_CONTEXT)
+@_client_options
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--pool", help="Only this pool's launches.")
+@_json_option
+def launches(
+    runner_url: str,
+    token_file: Path | None,
+    ca_file: Path | None,
+    limit: int,
+    pool: str | None,
+    as_json: bool,
+) -> None:
+    """List the autoscaler's pools and launches, newest first (admin token)."""
+    data = _call(
+        runner_url, token_file, ca_file, lambda c: c.fetch_launches(limit=limit, pool=pool)
+    )
+    if as_json:
+        _echo_json(data.model_dump(mode="json"))
+        return
+    console = _console()
+    if not data.pools:
+        console.print("no [[autoscale.github]] pools configured")
+    for p in data.pools:
+        c = p.counters
+        cooling = f", cooling down until {p.cooldown_until}" if p.cooldown_until else ""
+        console.print(
+            f"pool {p.name} ({p.workflow}): {p.pending}/{p.max_inflight} pending, "
+            f"{p.demand} steps waiting, deficit {p.deficit}{cooling}; launched {c.launches}, "
+            f"registered {c.registrations}, expired {c.expiries}, "
+            f"dispatch failures {c.dispatch_failures}"
+        )
+    table = Table()
+    for col in ("launch", "pool", "state", "created", "agent", "error"):
+        table.add_column(col)
+    for launch in data.launches:
+        table.add_row(
+            launch.launch_id,
+            launch.pool,
+            launch.state,
+            launch.created_at or "-",
+            launch.agent_name or "-",
+            launch.error or "",
+        )
+    console.print(table)
 
 
 @agents.command("drain", context_settings=_CONTEXT)
@@ -894,9 +949,18 @@ def runner(config_path: Path | None) -> None:
 )
 @click.option("--runner-url", metavar="URL", help="http(s)://host:port of the runner.")
 @click.option("--name", help="Agent name [default: host name].")
-@click.option("--system", "systems", multiple=True, help="System to build for (repeatable).")
-@click.option("--supported-feature", "supported", multiple=True, help="Repeatable.")
-@click.option("--mandatory-feature", "mandatory", multiple=True, help="Repeatable.")
+@click.option(
+    "--system",
+    "systems",
+    multiple=True,
+    help="System to build for (repeatable, or comma-separated).",
+)
+@click.option(
+    "--supported-feature", "supported", multiple=True, help="Repeatable, or comma-separated."
+)
+@click.option(
+    "--mandatory-feature", "mandatory", multiple=True, help="Repeatable, or comma-separated."
+)
 @click.option("--max-jobs", type=click.IntRange(min=1), help="Steps run at once.")
 @click.option("--speed-factor", type=click.FloatRange(min=0, min_open=True))
 @click.option("--store", metavar="URI", help='Nix store, e.g. "local?root=/var/lib/a1".')
@@ -927,6 +991,19 @@ def runner(config_path: Path | None) -> None:
 @click.option("--max-builds", type=click.IntRange(min=1), help="Ephemeral: builds, then exit.")
 @click.option("--max-idle-secs", type=click.FloatRange(min=0, min_open=True))
 @click.option("--max-lifetime-secs", type=click.FloatRange(min=0, min_open=True))
+@click.option(
+    "--oidc",
+    type=click.Choice([p.value for p in OidcProvider]),
+    help="Present the CI job's OIDC ID token (github: from the Actions environment); "
+    "implies --ephemeral.",
+)
+@click.option("--audience", help="Audience to request the ID token for (with --oidc).")
+@click.option(
+    "--launch-id",
+    metavar="ID",
+    envvar="BIGTENT_LAUNCH_ID",
+    help="Launch id to report at register [env: BIGTENT_LAUNCH_ID].",
+)
 @click.pass_context
 def agent(
     ctx: click.Context,
@@ -950,14 +1027,17 @@ def agent(
     max_builds: int | None,
     max_idle_secs: float | None,
     max_lifetime_secs: float | None,
+    oidc: str | None,
+    audience: str | None,
+    launch_id: str | None,
 ) -> None:
     """Run a build agent that dials in to the runner."""
     overrides = agent_overrides(
         runner_url=runner_url,
         name=name,
-        systems=systems,
-        supported_features=supported,
-        mandatory_features=mandatory,
+        systems=tuple(split_comma_list(systems)),
+        supported_features=tuple(split_comma_list(supported)),
+        mandatory_features=tuple(split_comma_list(mandatory)),
         max_jobs=max_jobs,
         speed_factor=speed_factor,
         store=store,
@@ -972,19 +1052,16 @@ def agent(
         max_builds=max_builds,
         max_idle_secs=max_idle_secs,
         max_lifetime_secs=max_lifetime_secs,
+        oidc=oidc,
+        audience=audience,
+        launch_id=launch_id,
     )
     cfg = load_agent_config(config_path, **overrides)
-    if token_file is not None:
-        secret: str | None = _read_secret(token_file, "token file")
-    elif os.environ.get("BIGTENT_AGENT_TOKEN"):
-        secret = os.environ["BIGTENT_AGENT_TOKEN"]
-    elif cfg.agent.token_file is not None:
-        secret = _read_secret(cfg.agent.token_file, "config key agent.token_file")
-    else:
-        secret = None
+    from bigtent.agent.credentials import load_credentials
     from bigtent.agent.session import run_agent
 
-    ctx.exit(_run(run_agent(cfg, secret)))
+    credentials = load_credentials(cfg.agent, os.environ, token_file_flag=token_file)
+    ctx.exit(_run(run_agent(cfg, credentials)))
 
 
 def agent_overrides(**flags: Any) -> dict[str, Any]:

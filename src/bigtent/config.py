@@ -22,7 +22,8 @@ from pydantic_settings import (
 )
 
 from bigtent.errors import ConfigError
-from bigtent.protocol import MAX_LIST_ITEMS
+from bigtent.protocol import MAX_LIST_ITEMS, MAX_SHORT_TEXT
+from bigtent.runner.autoscale.settings import AutoscaleSection, check_pools
 from bigtent.runner.ssh import SshTarget, check_no_whitespace, normalize_host_key, parse_ssh_uri
 
 
@@ -334,6 +335,8 @@ class RunnerConfig(_FileSettings):
     ssh_require_host_key: bool = True
     """An SSH builder without ``host_key`` is never used (DESIGN §6)."""
     ssh_builders: list[SshBuilderSection] = []
+    autoscale: AutoscaleSection = AutoscaleSection()
+    """``[[autoscale.github]]`` pools (docs/autoscaling.md)."""
 
     def usable_ssh_builders(self) -> list[SshBuilderSection]:
         """Enabled builders; with ``ssh_require_host_key`` only those with a pinned key."""
@@ -368,6 +371,10 @@ class RunnerConfig(_FileSettings):
                     "configure [runner.tls]"
                 )
 
+    def check_autoscale(self) -> None:
+        """Each pool's agents must be admitted by an ``[[auth.oidc]]`` issuer (ConfigError)."""
+        check_pools(self.autoscale.github, self.auth.oidc)
+
     def database_url(self) -> str:
         return self.database.url or f"sqlite+aiosqlite:///{self.runner.state_dir / 'bigtent.db'}"
 
@@ -395,6 +402,27 @@ def ssh_builder_warnings(cfg: RunnerConfig) -> list[str]:
     return out
 
 
+def split_comma_list(values: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Items given as comma-separated strings (``"x86_64-linux, i686-linux"``, as workflow
+    inputs arrive) or repeated flags, or both: split on commas, trim, drop empties and
+    repeats, keep the order."""
+    items = [values] if isinstance(values, str) else values
+    out: list[str] = []
+    for value in items:
+        for part in value.split(","):
+            item = part.strip()
+            if item and item not in out:
+                out.append(item)
+    return out
+
+
+class OidcProvider(StrEnum):
+    """Where ``agent.oidc`` takes the agent's ID token from (docs/github-actions.md)."""
+
+    GITHUB = "github"
+    """The GitHub Actions job's ``ACTIONS_ID_TOKEN_REQUEST_URL``/``_TOKEN``."""
+
+
 class EphemeralSection(_Section):
     max_builds: int | None = Field(default=None, ge=1)
     max_idle_secs: float = Field(default=120.0, gt=0)
@@ -420,6 +448,12 @@ class AgentSection(_Section):
     """mTLS: the agent's certificate chain (PEM), presented to a runner with a client CA."""
     client_key_file: Path | None = None
     """The key of ``client_cert_file`` (default: in the same file)."""
+    oidc: OidcProvider | None = None
+    """Present the CI job's OIDC ID token instead of a token (``github``); implies ephemeral."""
+    audience: str = Field(default="", max_length=MAX_SHORT_TEXT)
+    """The ``aud`` to request the ID token for: one of the runner issuer's ``audiences``."""
+    launch_id: str | None = Field(default=None, max_length=MAX_SHORT_TEXT)
+    """Reported at register (the autoscaler's launch id); ``BIGTENT_LAUNCH_ID``."""
     ephemeral: EphemeralSection | None = None
     sandbox_paths: list[str] = []
     """Extra sandbox paths for builds (``extra-sandbox-paths``), e.g. host tools in tests."""
@@ -429,6 +463,23 @@ class AgentSection(_Section):
     """How a step is built: ``serve`` (default) drives long-lived ``nix-store --serve --write``
     processes, one pair per slot; ``realise`` runs one ``nix-store --realise`` per step (for a
     Nix whose serve protocol differs)."""
+
+    @field_validator("launch_id")
+    @classmethod
+    def _blank_launch_id_is_none(cls, v: str | None) -> str | None:
+        return (v or "").strip() or None
+
+    @model_validator(mode="after")
+    def _oidc_needs_audience(self) -> AgentSection:
+        if self.oidc is not None:
+            if not self.audience.strip():
+                raise ValueError(
+                    f"oidc = {self.oidc.value!r} needs an audience (agent.audience or "
+                    "--audience): one of the runner's [[auth.oidc]] audiences"
+                )
+            if self.ephemeral is None:
+                self.ephemeral = EphemeralSection()  # DESIGN §6: an OIDC agent is ephemeral
+        return self
 
 
 class AgentConfig(_FileSettings):

@@ -93,6 +93,11 @@ class TooManyAuthFailures(AuthError):
         self.retry_after_secs = retry_after_secs
 
 
+class CredentialUnavailable(AuthError):
+    """The agent could not obtain its own credential (a token file it cannot read, a CI job's
+    ID token request that failed)."""
+
+
 class ProtocolError(BigtentError):
     """A peer sent a message that breaks the agent protocol."""
 
@@ -135,3 +140,18 @@ class BuildFailed(BigtentError):
 
     exit_code = 1
     http_status = 200
+
+
+class DispatchFailed(BigtentError):
+    """A workflow_dispatch call to GitHub failed (HTTP error, rate limit, timeout, network):
+    the pool cools down for at least ``retry_after_secs`` when GitHub said so."""
+
+    exit_code = 4
+    http_status = 502
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after_secs: float | None = None
+    ) -> None:
+        super().__init__(message, detail={"status": status, "retry_after_secs": retry_after_secs})
+        self.status = status
+        self.retry_after_secs = retry_after_secs

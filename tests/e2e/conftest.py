@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import uuid
@@ -24,6 +25,7 @@ import pytest
 from bigtent.nix.keys import generate_key
 from bigtent.runner.auth.tokens import generate_token, token_digest
 from tests.conftest import have_nix, wait_until
+from tests.integration.runner.oidc_issuer import TlsFiles
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_NIX = REPO / "examples" / "dag.nix"
@@ -76,13 +78,21 @@ class Farm:
     admin_token: str
     public_key: str
     runner_extra: str = ""
+    tls: TlsFiles | None = None
+    """Serve the runner over https with this test CA's certificate (clients trust the CA)."""
     runner: Proc | None = None
     agents: dict[str, Proc] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """How httpx checks the runner's certificate."""
+        return ssl.create_default_context(cafile=str(self.tls.ca_file)) if self.tls else True
 
     @property
     def cache_url(self) -> str:
@@ -97,6 +107,10 @@ class Farm:
             XDG_CACHE_HOME=str(self.root / "xdg-client"),
             NIX_CONFIG="substituters =\n",
         )
+        if self.tls:
+            env.update(
+                BIGTENT_CA_FILE=str(self.tls.ca_file), NIX_SSL_CERT_FILE=str(self.tls.ca_file)
+            )
         env.update(extra)
         return env
 
@@ -118,13 +132,18 @@ class Farm:
 
     def start_runner(self) -> Proc:
         cfg = self.root / "runner.toml"
+        tls = (
+            f'[runner.tls]\ncert_file = "{self.tls.cert_file}"\nkey_file = "{self.tls.key_file}"\n'
+            if self.tls
+            else ""
+        )
         cfg.write_text(
             f"""
 [runner]
 listen = "127.0.0.1:{self.port}"
 state_dir = "{self.root / "runner"}"
 allow_plaintext = true
-
+{tls}
 [cache]
 signing_key_file = "{self.root / "cache.sk"}"
 
@@ -160,7 +179,8 @@ sha256 = "{token_digest(self.admin_token)}"
         if not self.runner.alive():
             raise AssertionError("runner exited:\n" + self.runner.log.read_text()[-3000:])
         try:
-            return httpx.get(f"{self.url}/cache/nix-cache-info", timeout=1).status_code == 200
+            resp = httpx.get(f"{self.url}/cache/nix-cache-info", timeout=1, verify=self.verify)
+            return resp.status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -190,6 +210,7 @@ mandatory_features = {_toml_list(mandatory_features)}
 store = "local?root={work / "root"}"
 work_dir = "{work}"
 sandbox_paths = {_toml_list(HOST_TOOLS)}
+{f'ca_file = "{self.tls.ca_file}"' if self.tls else ""}
 """
         )
         proc = self._spawn(
@@ -207,6 +228,7 @@ sandbox_paths = {_toml_list(HOST_TOOLS)}
             base_url=self.url,
             headers={"Authorization": f"Bearer {token or self.admin_token}"},
             timeout=30,
+            verify=self.verify,
         )
 
     def agent_connected(self, name: str) -> bool:
@@ -282,19 +304,26 @@ def _nix_value(v: Any) -> str:
 def farm_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Farm]]:
     farms: list[Farm] = []
 
-    def make(agents: int = 0, runner_extra: str = "", **agent_kwargs: Any) -> Farm:
+    def make(
+        agents: int = 0,
+        runner_extra: str = "",
+        tls: TlsFiles | None = None,
+        port: int | None = None,
+        **agent_kwargs: Any,
+    ) -> Farm:
         root = tmp_path / f"farm{len(farms)}"
         root.mkdir()
         key = generate_key(f"test-{uuid.uuid4().hex[:6]}-1")
         (root / "cache.sk").write_text(key.to_text())
         farm = Farm(
             root=root,
-            port=free_port(),
+            port=port or free_port(),
             client_token=generate_token(),
             agent_token=generate_token(),
             admin_token=generate_token(),
             public_key=key.public_key().to_text(),
             runner_extra=runner_extra,
+            tls=tls,
         )
         farms.append(farm)
         farm.start_runner()

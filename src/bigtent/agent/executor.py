@@ -34,9 +34,10 @@ from typing import TypeVar, assert_never
 
 import httpx
 
+from bigtent.agent.credentials import CredentialSource, as_credential_source
 from bigtent.agent.drvfetch import DrvCache, DrvFetchError
 from bigtent.config import AgentSection
-from bigtent.errors import NixError
+from bigtent.errors import CredentialUnavailable, NixError
 from bigtent.nix.base32 import format_hash
 from bigtent.nix.nar import dump_path
 from bigtent.nix.serve import (
@@ -377,13 +378,13 @@ class Executor:
         section: AgentSection,
         *,
         http: httpx.AsyncClient,
-        token: str | None,
+        token: str | CredentialSource | None,
         nix_bin_dir: str = "",
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._section = section
         self._http = http
-        self._token = token
+        self._credentials = as_credential_source(token)
         self._nix_bin_dir = nix_bin_dir
         self._rand = rand
         self._busy_slots: set[int] = set()
@@ -807,14 +808,17 @@ class Executor:
             "Content-Length": str(size),
             "Content-Type": "application/x-nix-nar",
         }
-        if self._token:
-            headers["Authorization"] = f"Bearer {self._token}"
         full_url = join_runner_url(self._section.runner_url, url)
         what = f"output {name} ({path})"
         deadline = time.monotonic() + retry_secs
         attempt = 0
         while True:
-            failure = await self._put(full_url, body(), headers, what)
+            unauthorized = await self._authorize(headers)
+            failure = (
+                unauthorized
+                if unauthorized is not None
+                else await self._put(full_url, body(), headers, what)
+            )
             if isinstance(failure, httpx.Response):
                 return OutputInfo(
                     name=name,
@@ -839,6 +843,19 @@ class Executor:
                 attempt + 1,
             )
             await asyncio.sleep(delay)
+
+    async def _authorize(self, headers: dict[str, str]) -> str | None:
+        """Put a usable credential into ``headers`` (a CI job's ID token is replaced when close
+        to expiry); why not, when none could be had (tried again like a network error)."""
+        if self._credentials is None:
+            return None
+        try:
+            token = await self._credentials.credential(fresh=False)
+        except CredentialUnavailable as exc:
+            return f"cannot get the agent's credential for the upload: {exc}"
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return None
 
     async def _put(
         self,

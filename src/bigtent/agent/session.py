@@ -38,6 +38,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, W
 from bigtent import __version__
 from bigtent.agent import limits as lim
 from bigtent.agent.backlog import LogBacklog
+from bigtent.agent.credentials import CredentialSource, as_credential_source
 from bigtent.agent.executor import LOG_BATCH_CHARS, LOG_BATCH_LINES, CacheSettings, Executor
 from bigtent.agent.identity import AgentIdentity, ephemeral_identity, persistent_identity
 from bigtent.config import AgentConfig, AgentSection
@@ -45,6 +46,7 @@ from bigtent.errors import (
     AuthError,
     BigtentError,
     ConfigError,
+    CredentialUnavailable,
     Forbidden,
     ProtocolError,
     RunnerUnreachable,
@@ -215,7 +217,7 @@ class AgentSession:
         section: AgentSection,
         identity: AgentIdentity,
         *,
-        token: str | None,
+        token: str | CredentialSource | None,
         connect: Connector,
         executor: StepRunner,
         rand: Callable[[], float] = random.random,
@@ -224,10 +226,11 @@ class AgentSession:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``limits`` makes the agent ephemeral (DESIGN §4): one session, no reconnect, and
-        drained by its limits; ``clock`` gives monotonic seconds (injected in tests)."""
+        drained by its limits; ``clock`` gives monotonic seconds (injected in tests).
+        ``token``: the credential, or where to get a fresh one at every connect."""
         self._section = section
         self._identity = identity
-        self._token = token
+        self._credentials = as_credential_source(token)
         self._connect = connect
         self._executor = executor
         self._rand = rand
@@ -350,8 +353,10 @@ class AgentSession:
         while not self._stop.is_set():
             sessions_before = self._sessions
             try:
-                async with self._connect(self._ws_url, self._headers()) as conn:
+                async with self._connect(self._ws_url, await self._headers()) as conn:
                     await self._session(conn)
+            except CredentialUnavailable as exc:
+                log.warning("cannot get the agent's credential: %s", exc)
             except AuthError as exc:
                 self._log_auth_refused(exc)
                 return EXIT_AUTH_REFUSED
@@ -381,8 +386,11 @@ class AgentSession:
     async def _serve_once(self) -> int:
         """An ephemeral agent's one session: 0 once drained or stopped, else why it failed."""
         try:
-            async with self._connect(self._ws_url, self._headers()) as conn:
+            async with self._connect(self._ws_url, await self._headers()) as conn:
                 await self._session(conn)
+        except CredentialUnavailable as exc:
+            log.error("cannot get the agent's credential: %s", exc)
+            return EXIT_AUTH_REFUSED
         except AuthError as exc:
             self._log_auth_refused(exc)
             return EXIT_AUTH_REFUSED
@@ -407,8 +415,13 @@ class AgentSession:
         )
         return EXIT_OK
 
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+    async def _headers(self) -> dict[str, str]:
+        """The upgrade's headers, with a fresh credential: a CI job's ID token is fetched anew
+        for every connect, since the last one may have expired."""
+        if self._credentials is None:
+            return {}
+        token = await self._credentials.credential(fresh=True)
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     async def _session(self, conn: Connection) -> None:
         """One registered session; returns when the agent should stop, raises on disconnect."""
@@ -851,7 +864,7 @@ def _signal_handlers(session: AgentSession) -> Iterator[None]:
 
 async def run_agent(
     cfg: AgentConfig,
-    token: str | None,
+    token: str | CredentialSource | None,
     *,
     connect: Connector | None = None,
     http: httpx.AsyncClient | None = None,

@@ -192,6 +192,50 @@ class CreatedToken(TokenInfo):
     """The secret: in this answer and nowhere else."""
 
 
+class Launch(_Model):
+    """One autoscaler launch (docs/autoscaling.md)."""
+
+    launch_id: str
+    pool: str
+    state: str
+    """``pending``, ``registered``, ``expired`` or ``failed``."""
+    created_at: str | None = None
+    updated_at: str | None = None
+    agent_machine_id: str | None = None
+    agent_name: str | None = None
+    error: str | None = None
+
+
+class LaunchCounters(_Model):
+    launches: int = 0
+    registrations: int = 0
+    expiries: int = 0
+    dispatch_failures: int = 0
+
+
+class LaunchPool(_Model):
+    """An ``[[autoscale.github]]`` pool with its last plan and counters."""
+
+    name: str
+    workflow: str = ""
+    systems: list[str] = []
+    max_jobs: int = 1
+    max_inflight: int = 0
+    pending: int = 0
+    demand: int = 0
+    covered: int = 0
+    deficit: int = 0
+    cooldown_until: str | None = None
+    counters: LaunchCounters = LaunchCounters()
+
+
+class Launches(_Model):
+    pools: list[LaunchPool] = []
+    counters: LaunchCounters = LaunchCounters()
+    ticks: int = 0
+    launches: list[Launch] = []
+
+
 class _Tokens(_Model):
     tokens: list[TokenInfo]
 
@@ -478,6 +522,14 @@ class RunnerClient:
             body["name"] = name
         data = await self._json("POST", "/tokens", json_body=body)
         return self._parse(CreatedToken, data, "token")
+
+    async def fetch_launches(self, *, limit: int = 100, pool: str | None = None) -> Launches:
+        """The autoscaler's pools and its launches, newest first (admin token)."""
+        params: dict[str, str | int] = {"limit": limit}
+        if pool is not None:
+            params["pool"] = pool
+        data = await self._json("GET", "/launches", params=params)
+        return self._parse(Launches, data, "launch list")
 
     async def fetch_tokens(self) -> list[TokenInfo]:
         return self._parse(_Tokens, await self._json("GET", "/tokens"), "token list").tokens

@@ -18,6 +18,7 @@ from bigtent.errors import ConfigError
 from bigtent.protocol import MAX_MESSAGE_BYTES
 from bigtent.runner.agents import run_pruner
 from bigtent.runner.api import CredentialGate, api, cache_routes, install_error_handlers
+from bigtent.runner.autoscale.routes import launch_routes
 from bigtent.runner.components import Components, build_components, close_components
 from bigtent.runner.metrics_endpoint import metrics_routes
 from bigtent.runner.tls import CertWebSocketProtocol
@@ -48,6 +49,8 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
             ),
             asyncio.create_task(comps.ssh.run(), name="ssh-builders"),
         ]
+        if comps.autoscaler is not None and comps.autoscaler.enabled:
+            tasks.append(asyncio.create_task(comps.autoscaler.run(), name="autoscaler"))
 
         def _done(t: asyncio.Task[None]) -> None:
             if not t.cancelled() and t.exception() is not None:
@@ -80,6 +83,7 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
         CredentialGate, tokens=comps.tokens, throttle=comps.auth_throttle, metrics=comps.metrics
     )
     app.include_router(api)
+    app.include_router(launch_routes)
     app.include_router(cache_routes)
     app.include_router(metrics_routes)
     return app

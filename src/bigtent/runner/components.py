@@ -13,6 +13,7 @@ from bigtent.nix.keys import load_secret_key
 from bigtent.runner.auth.oidc import OidcVerifier
 from bigtent.runner.auth.ratelimit import AuthFailureLimiter, FailureThrottle
 from bigtent.runner.auth.tokens import TokenRegistry, TokenStore
+from bigtent.runner.autoscale.service import Autoscaler, build_workflows
 from bigtent.runner.cache import Cache, Upstreams
 from bigtent.runner.db.migrate import create_engine, migrate
 from bigtent.runner.logs import LogStore
@@ -45,11 +46,14 @@ class Components:
     """Verifies agents' OIDC ID tokens; None when no ``[[auth.oidc]]`` issuer is configured."""
     metrics: Metrics = field(default_factory=Metrics)
     """The runner's Prometheus metrics (``/metrics``, docs/metrics.md)."""
+    autoscaler: Autoscaler | None = None
+    """The ``[[autoscale.github]]`` pools (no pools: present, with nothing to do)."""
 
 
 async def build_components(config: RunnerConfig) -> Components:
     """Open the database (migrating it), the cache and the scheduler's state."""
     config.check_transport_security()
+    config.check_autoscale()
     state_dir = config.runner.state_dir
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -70,6 +74,7 @@ async def build_components(config: RunnerConfig) -> Components:
     tokens = TokenRegistry.from_config(config.auth.tokens)
     # Built before anything that needs closing: its only failure is a bad ca_file.
     oidc = OidcVerifier(config.auth.oidc) if config.auth.oidc else None
+    workflows = build_workflows(config.autoscale)  # fails on an unreadable token
     engine = create_engine(config.database_url())
     await migrate(engine)
     token_store = TokenStore(engine, tokens, config)
@@ -97,8 +102,21 @@ async def build_components(config: RunnerConfig) -> Components:
     logs = LogStore(state_dir / "logs", config.scheduler.max_log_bytes)
     scheduler = Scheduler(engine, config.scheduler, logs, cache.present, metrics=metrics)
     await scheduler.load()
+    autoscaler = Autoscaler(
+        config.autoscale, workflows, engine, scheduler, clock=scheduler.clock, metrics=metrics
+    )
+    await autoscaler.load()
     sessions = Sessions(
-        config, engine, scheduler, tokens, cache.url, cache.public_key, auth_throttle, oidc, metrics
+        config,
+        engine,
+        scheduler,
+        tokens,
+        cache.url,
+        cache.public_key,
+        auth_throttle,
+        oidc,
+        metrics,
+        launches=autoscaler,
     )
     ssh = SshBuilders(config, scheduler, cache, upstreams)
     ssh.attach()
@@ -116,6 +134,7 @@ async def build_components(config: RunnerConfig) -> Components:
         auth_throttle,
         oidc,
         metrics,
+        autoscaler,
     )
 
 
@@ -127,4 +146,6 @@ async def close_components(comps: Components) -> None:
     comps.logs.close_all()
     if comps.oidc is not None:
         await comps.oidc.aclose()
+    if comps.autoscaler is not None:
+        await comps.autoscaler.aclose()
     await comps.engine.dispose()

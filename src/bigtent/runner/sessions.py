@@ -16,7 +16,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
@@ -51,6 +51,14 @@ _JWT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 """A compact JWS: header, payload and signature, base64url and dot-separated (RFC 7515 §7.1;
 the signature may be empty, as in ``alg: none``, so such a token is refused by the verifier
 with its reason). Tokens never contain a dot."""
+
+
+class LaunchRegistry(Protocol):
+    """Told when an agent registers with a launch id (the autoscaler, docs/autoscaling.md)."""
+
+    async def registered(
+        self, launch_id: str, machine_id: str, name: str, identity: AgentIdentity | None
+    ) -> None: ...
 
 
 def looks_like_jwt(credential: str) -> bool:
@@ -114,6 +122,7 @@ class Sessions:
         throttle: FailureThrottle,
         oidc: OidcVerifier | None = None,
         metrics: Metrics | None = None,
+        launches: LaunchRegistry | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -123,6 +132,7 @@ class Sessions:
         self.cache_public_key = cache_public_key
         self.throttle = throttle
         self.oidc = oidc
+        self.launches = launches
         self.live: dict[str, AgentSession] = {}
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.watch_sessions(lambda: self.live.values())
@@ -285,6 +295,7 @@ class Sessions:
             max_jobs=reg.max_jobs,
             speed_factor=reg.speed_factor,
             send=session.send,
+            launch_id=reg.launch_id,
         )
         session.venue = venue
         self.live[reg.machine_id] = session
@@ -336,6 +347,8 @@ class Sessions:
             ",".join(reg.systems),
             reg.max_jobs,
         )
+        if reg.launch_id is not None and self.launches is not None:
+            await self.launches.registered(reg.launch_id, reg.machine_id, reg.name, identity)
         return venue
 
     async def _check_machine_id(self, session: AgentSession, reg: p.Register) -> None:

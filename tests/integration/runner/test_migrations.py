@@ -1,6 +1,7 @@
 """Migrations on SQLite. 0003: failures recorded before it are cached from when they finished;
 agents get a zero failure count. 0004 adds the tokens table. 0005 adds the agents' OIDC
-identity columns (NULL for existing rows). All downgrade cleanly."""
+identity columns (NULL for existing rows). 0007 adds the autoscaler's launches table. All
+downgrade cleanly."""
 
 from __future__ import annotations
 
@@ -149,5 +150,33 @@ async def test_0005_adds_nullable_oidc_identity_columns_and_downgrades(tmp_path:
             await conn.run_sync(_to, "0004", down=True)
             assert not _OIDC_COLUMNS & await conn.run_sync(_columns, "agents")
             assert (await conn.execute(text("SELECT name FROM agents"))).scalar_one() == "a"
+    finally:
+        await engine.dispose()
+
+
+async def test_0007_creates_the_launches_table_and_downgrades(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/m.db")
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(_to, "0007")
+            assert await conn.run_sync(_columns, "launches") == {
+                "launch_id",
+                "pool",
+                "state",
+                "created_at",
+                "updated_at",
+                "agent_machine_id",
+                "agent_name",
+                "error",
+                "retry_at",
+            }
+            await conn.execute(
+                text(
+                    "INSERT INTO launches (launch_id, pool, state, created_at, updated_at) "
+                    "VALUES ('L1', 'gha', 'pending', 1.0, 1.0)"
+                )
+            )
+            await conn.run_sync(_to, "0005", down=True)
+            assert "launches" not in await conn.run_sync(lambda c: inspect(c).get_table_names())
     finally:
         await engine.dispose()

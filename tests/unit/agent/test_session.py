@@ -29,7 +29,7 @@ from bigtent.agent.session import (
     websocket_connector,
 )
 from bigtent.config import AgentConfig, AgentSection
-from bigtent.errors import ConfigError, RunnerUnreachable
+from bigtent.errors import ConfigError, CredentialUnavailable, RunnerUnreachable
 from bigtent.protocol import (
     Abort,
     Accepted,
@@ -759,3 +759,57 @@ async def test_runner_error_message_makes_the_agent_reconnect(
         await first.send(Error(message="something broke"))
         second = await runner.next_session()
         assert second.register.machine_id == "m-1"
+
+
+class CountingSource:
+    """A credential source that hands out a new token at every fresh request."""
+
+    def __init__(self) -> None:
+        self.fresh = 0
+        self.reused = 0
+
+    async def credential(self, *, fresh: bool) -> str | None:
+        if fresh:
+            self.fresh += 1
+        else:
+            self.reused += 1
+        return f"token-{self.fresh}"
+
+
+async def test_every_connect_presents_a_fresh_credential(
+    start_agent: Callable[..., Agent],
+) -> None:
+    async with FakeRunner() as runner:
+        source = CountingSource()
+        agent = start_agent(runner, token=source)
+        first = await runner.next_session()
+        await first.ws.close()
+        await asyncio.wait_for(first.closed.wait(), WAIT)
+        second = await runner.next_session()
+        assert runner.auth_headers == ["Bearer token-1", "Bearer token-2"]
+        assert (source.fresh, source.reused) == (2, 0)
+        await second.send(Drain())
+        assert await agent.exit_code() == 0
+
+
+class FailingSource:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def credential(self, *, fresh: bool) -> str | None:
+        self.calls += 1
+        if self.calls == 1:
+            raise CredentialUnavailable("the ID token request failed: HTTP 500")
+        return "good"
+
+
+async def test_a_persistent_agent_retries_when_its_credential_is_unavailable(
+    start_agent: Callable[..., Agent], caplog: pytest.LogCaptureFixture
+) -> None:
+    async with FakeRunner() as runner:
+        agent = start_agent(runner, token=FailingSource())
+        side = await runner.next_session()
+        assert runner.auth_headers == ["Bearer good"]
+        assert "cannot get the agent's credential: the ID token request failed" in caplog.text
+        await side.send(Drain())
+        assert await agent.exit_code() == 0

@@ -18,6 +18,7 @@ from bigtent.runner.db.tables import (
     build_steps,
     builds,
     derivations,
+    launches,
     step_deps,
     steps,
     store_paths,
@@ -490,3 +491,85 @@ async def revoke_token(conn: AsyncConnection, name: str, *, revoked_at: float) -
         .where(tokens.c.name == name, tokens.c.revoked_at.is_(None))
         .values(revoked_at=revoked_at)
     )
+
+
+# ---- autoscaler launches (docs/autoscaling.md) ----------------------------------------------
+async def fetch_build_scopes(
+    conn: AsyncConnection, build_ids: Sequence[int]
+) -> dict[int, tuple[str | None, bool]]:
+    """Build id -> (repository, trusted): what trust scoping decides on (DESIGN §6)."""
+    ids = sorted(set(build_ids))
+    out: dict[int, tuple[str | None, bool]] = {}
+    for i in range(0, len(ids), _CHUNK):
+        rows = await conn.execute(
+            select(builds.c.id, builds.c.repository, builds.c.trusted).where(
+                builds.c.id.in_(ids[i : i + _CHUNK])
+            )
+        )
+        for bid, repository, trusted in rows:
+            out[int(bid)] = (repository, bool(trusted))
+    return out
+
+
+async def insert_launch(
+    conn: AsyncConnection, launch_id: str, pool: str, state: str, created_at: float
+) -> None:
+    await conn.execute(
+        insert(launches).values(
+            launch_id=launch_id,
+            pool=pool,
+            state=state,
+            created_at=created_at,
+            updated_at=created_at,
+        )
+    )
+
+
+async def update_launch(
+    conn: AsyncConnection, launch_id: str, *, unless_state: str | None = None, **values: Any
+) -> bool:
+    """Update a launch (not when it is in ``unless_state``); False when nothing changed."""
+    query = update(launches).where(launches.c.launch_id == launch_id)
+    if unless_state is not None:
+        query = query.where(launches.c.state != unless_state)
+    result = await conn.execute(query.values(**values))
+    return bool(result.rowcount)
+
+
+async def fetch_launch(conn: AsyncConnection, launch_id: str) -> Any | None:
+    return (await conn.execute(select(launches).where(launches.c.launch_id == launch_id))).first()
+
+
+async def fetch_launches_by_ids(conn: AsyncConnection, launch_ids: Sequence[str]) -> list[Any]:
+    out: list[Any] = []
+    for chunk in _chunks(sorted(set(launch_ids))):
+        out.extend(await conn.execute(select(launches).where(launches.c.launch_id.in_(chunk))))
+    return out
+
+
+async def fetch_launches(
+    conn: AsyncConnection,
+    *,
+    states: Sequence[str] | None = None,
+    limit: int | None = None,
+    pool: str | None = None,
+) -> list[Any]:
+    """Launches, newest first."""
+    query = select(launches).order_by(launches.c.created_at.desc(), launches.c.launch_id)
+    if states is not None:
+        query = query.where(launches.c.state.in_(list(states)))
+    if pool is not None:
+        query = query.where(launches.c.pool == pool)
+    if limit is not None:
+        query = query.limit(limit)
+    return list(await conn.execute(query))
+
+
+async def fetch_launch_retry_at(conn: AsyncConnection) -> dict[str, float]:
+    """Per pool, the latest time a failed dispatch said not to dispatch before."""
+    rows = await conn.execute(
+        select(launches.c.pool, func.max(launches.c.retry_at))
+        .where(launches.c.retry_at.is_not(None))
+        .group_by(launches.c.pool)
+    )
+    return {str(pool): float(at) for pool, at in rows}

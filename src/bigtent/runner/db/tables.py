@@ -182,3 +182,23 @@ tokens = Table(
     Column("created_at", Float, nullable=False),
     Column("revoked_at", Float),
 )
+
+launches = Table(
+    "launches",
+    metadata,
+    # Autoscaler launches (migration 0007, docs/autoscaling.md): one row per workflow_dispatch,
+    # written before the dispatch, so a restarted runner still counts pending ones.
+    Column("launch_id", String(64), primary_key=True),
+    Column("pool", String(128), nullable=False),
+    Column("state", String(16), nullable=False),  # LaunchState
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    # The agent that registered with it (also kept when it registered after expiring).
+    Column("agent_machine_id", String(256)),
+    Column("agent_name", String(256)),
+    Column("error", Text),
+    # A failed dispatch: the pool dispatches nothing before this time (cooldown, Retry-After).
+    Column("retry_at", Float),
+)
+Index("ix_launches_state", launches.c.state)
+Index("ix_launches_created_at", launches.c.created_at)

@@ -96,6 +96,8 @@ class Venue:
     draining: bool = False
     kind: str = AGENT
     """``AGENT`` or ``SSH``: agents are served first (DESIGN §1 venues)."""
+    launch_id: str | None = None
+    """The autoscaler launch the agent reported at register (docs/autoscaling.md)."""
 
     def view(self) -> VenueView:
         return VenueView(
@@ -168,6 +170,8 @@ class Scheduler:
         self._lock = asyncio.Lock()
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.watch_steps(lambda: self.nodes.values())
+        self.work_listeners: list[Callable[[], None]] = []
+        """Called when a step enters the runnable index (the autoscaler's wake-up)."""
 
     # ---- start-up ----------------------------------------------------------------------------
     async def load(self, *, fresh_start: bool = True) -> None:
@@ -840,6 +844,7 @@ class Scheduler:
             ):
                 node.not_before = None
                 self.index.push(node)
+                self._work_arrived()
 
     async def _dispatch(self, now: float) -> None:
         if not len(self.index):
@@ -929,6 +934,11 @@ class Scheduler:
             heapq.heappush(self.delayed, (node.not_before, node.id))
         else:
             self.index.push(node)
+            self._work_arrived()
+
+    def _work_arrived(self) -> None:
+        for listener in self.work_listeners:
+            listener()
 
     def _release(self, node: StepNode) -> None:
         """Give back the node's slot and drop its lease."""
