@@ -206,7 +206,9 @@ class GithubActionsToken:
         timeout_secs: float = FETCH_TIMEOUT_SECS,
     ) -> None:
         self._url = id_token_request_url(request_url, audience)
-        self._host = urlsplit(request_url).netloc or "?"
+        parts = urlsplit(request_url)
+        # Host and port only: never log userinfo a URL might carry.
+        self._host = (parts.hostname or "?") + (f":{parts.port}" if parts.port else "")
         self._request_token = request_token
         self.audience = audience
         self._clock = clock
@@ -334,7 +336,11 @@ def github_actions_token(
             "(see docs/github-actions.md)"
         )
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is not a number
+        valid = False
+    if not valid:
         raise ConfigError(f"{ACTIONS_URL_VAR} is not an http(s) URL")
     if not audience:
         raise ConfigError("--oidc github needs an audience (--audience or agent.audience)")
