@@ -151,6 +151,9 @@ def test_design_flags_are_present() -> None:
         "--max-builds",
         "--max-idle-secs",
         "--max-lifetime-secs",
+        "--oidc",
+        "--audience",
+        "--launch-id",
     }
     assert opts("build") >= {
         "-A",

@@ -49,8 +49,16 @@ MAX_ID_TOKEN_CHARS = 64 * 1024
 _REASON_CHARS = 200
 
 
+_TOKEN_HINT = "check the agent token and its role"
+
+
 class CredentialSource(Protocol):
     """The agent's bearer credential: ``None`` when the agent presents none."""
+
+    @property
+    def refusal_hint(self) -> str:
+        """What to check when the runner refuses this credential (one log line)."""
+        ...
 
     async def credential(self, *, fresh: bool) -> str | None:
         """``fresh``: at a (re)connect, a newly obtained credential where the source can make
@@ -68,6 +76,10 @@ class StaticToken:
     def __repr__(self) -> str:
         return "StaticToken(<hidden>)"
 
+    @property
+    def refusal_hint(self) -> str:
+        return _TOKEN_HINT
+
     async def credential(self, *, fresh: bool) -> str | None:
         return self.token
 
@@ -83,6 +95,10 @@ class TokenFile:
 
     def __repr__(self) -> str:
         return f"TokenFile({str(self.path)!r})"
+
+    @property
+    def refusal_hint(self) -> str:
+        return _TOKEN_HINT
 
     async def credential(self, *, fresh: bool) -> str | None:
         if fresh:
@@ -190,7 +206,9 @@ class GithubActionsToken:
         timeout_secs: float = FETCH_TIMEOUT_SECS,
     ) -> None:
         self._url = id_token_request_url(request_url, audience)
-        self._host = urlsplit(request_url).netloc or "?"
+        parts = urlsplit(request_url)
+        # Host and port only: never log userinfo a URL might carry.
+        self._host = (parts.hostname or "?") + (f":{parts.port}" if parts.port else "")
         self._request_token = request_token
         self.audience = audience
         self._clock = clock
@@ -205,6 +223,14 @@ class GithubActionsToken:
 
     def __repr__(self) -> str:
         return f"GithubActionsToken(audience={self.audience!r}, host={self._host!r})"
+
+    @property
+    def refusal_hint(self) -> str:
+        return (
+            f"check that audience {self.audience!r} is one of the runner's [[auth.oidc]] "
+            "audiences and that its allow-lists admit this repository, workflow and ref "
+            "(docs/github-actions.md)"
+        )
 
     async def credential(self, *, fresh: bool) -> str | None:
         async with self._lock:  # concurrent uploads share one fetch
@@ -310,7 +336,11 @@ def github_actions_token(
             "(see docs/github-actions.md)"
         )
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is not a number
+        valid = False
+    if not valid:
         raise ConfigError(f"{ACTIONS_URL_VAR} is not an http(s) URL")
     if not audience:
         raise ConfigError("--oidc github needs an audience (--audience or agent.audience)")

@@ -376,11 +376,16 @@ class AgentSession:
 
     def _log_auth_refused(self, exc: AuthError) -> None:
         """One clear line; never the token itself."""
+        hint = (
+            self._credentials.refusal_hint
+            if self._credentials is not None
+            else "the runner wants a credential: give an agent token"
+        )
         log.error(
-            "the runner at %s refused the agent's credentials (%s); "
-            "check the agent token and its role",
+            "the runner at %s refused the agent's credentials (%s); %s",
             self._section.runner_url,
             exc,
+            hint,
         )
 
     async def _serve_once(self) -> int:

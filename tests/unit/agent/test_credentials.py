@@ -208,8 +208,9 @@ def test_missing_variables_say_what_to_do() -> None:
         with pytest.raises(ConfigError) as caught:
             github_actions_token(env, "bigtent")
         assert "permissions: id-token: write" in caught.value.message
-    with pytest.raises(ConfigError, match="not an http"):
-        github_actions_token({**GH_ENV, ACTIONS_URL_VAR: "file:///etc/passwd"}, "bigtent")
+    for bad in ("file:///etc/passwd", "https://", "https://host:port/t"):
+        with pytest.raises(ConfigError, match="not an http"):
+            github_actions_token({**GH_ENV, ACTIONS_URL_VAR: bad}, "bigtent")
 
 
 def test_the_request_token_is_not_in_the_repr() -> None:

@@ -271,6 +271,8 @@ async def run_step(
 class RotatingSource:
     """Hands out ``up-1``, ``up-2``, ... to uploads; its first answer may be a failure."""
 
+    refusal_hint = "check the test source"
+
     def __init__(self, fail_first: bool = False) -> None:
         self.calls: list[bool] = []
         self.fail_first = fail_first

@@ -597,6 +597,23 @@ async def test_auth_refusal_exits_3(
     assert f"HTTP {status}" in text and "unknown token" in text
     assert "\n" not in text
     assert "wrong" not in text
+    assert text.endswith("check the agent token and its role")
+
+
+async def test_auth_refusal_of_an_oidc_credential_says_what_to_check(
+    start_agent: Callable[..., Agent], caplog: pytest.LogCaptureFixture
+) -> None:
+    from bigtent.agent.credentials import github_actions_token
+
+    source = github_actions_token(
+        {"ACTIONS_ID_TOKEN_REQUEST_URL": "http://x/t", "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "r"},
+        "bigtent",
+    )
+    caplog.set_level(logging.ERROR, logger="bigtent.agent.session")
+    async with FakeRunner(status=403) as runner:
+        agent = start_agent(runner, token=CountingSource(hint=source.refusal_hint))
+        assert await agent.exit_code() == EXIT_AUTH_REFUSED
+    assert "check that audience 'bigtent' is one of the runner's [[auth.oidc]]" in caplog.text
 
 
 async def test_unreachable_runner_is_retried_until_shutdown(tmp_path: Path) -> None:
@@ -764,7 +781,8 @@ async def test_runner_error_message_makes_the_agent_reconnect(
 class CountingSource:
     """A credential source that hands out a new token at every fresh request."""
 
-    def __init__(self) -> None:
+    def __init__(self, hint: str = "check the test source") -> None:
+        self.refusal_hint = hint
         self.fresh = 0
         self.reused = 0
 
@@ -793,6 +811,8 @@ async def test_every_connect_presents_a_fresh_credential(
 
 
 class FailingSource:
+    refusal_hint = "check the test source"
+
     def __init__(self) -> None:
         self.calls = 0
 

@@ -373,6 +373,8 @@ async def test_register_reports_the_launch_id(start_ephemeral: Callable[..., Age
 
 
 class _Unavailable:
+    refusal_hint = "check the test source"
+
     async def credential(self, *, fresh: bool) -> str | None:
         raise CredentialUnavailable("requesting the GitHub Actions ID token failed: HTTP 403")
 
