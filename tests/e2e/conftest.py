@@ -138,6 +138,7 @@ agent_backoff_base_secs = 0.5
 name = "client"
 role = "client"
 sha256 = "{token_digest(self.client_token)}"
+trusted = true
 
 [[auth.tokens]]
 name = "agent"

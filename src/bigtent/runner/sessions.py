@@ -33,6 +33,7 @@ from bigtent.runner.auth.ratelimit import FailureThrottle
 from bigtent.runner.auth.tokens import TokenRegistry
 from bigtent.runner.db import queries
 from bigtent.runner.scheduler.dispatcher import Scheduler, SessionClosed, Venue
+from bigtent.runner.trust import VenueScope, oidc_venue_scope, token_venue_scope
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ class Sessions:
         cache_public_key: str,
         throttle: FailureThrottle,
         oidc: OidcVerifier | None = None,
+        *,
+        untrusted_cache: p.Substituter | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -115,6 +118,8 @@ class Sessions:
         self.cache_public_key = cache_public_key
         self.throttle = throttle
         self.oidc = oidc
+        self.untrusted_cache = untrusted_cache
+        """Substituted from by untrusted venues only (announced first in ``upstreams``)."""
         self.live: dict[str, AgentSession] = {}
 
     async def handle(self, websocket: WebSocket) -> None:
@@ -237,6 +242,7 @@ class Sessions:
                     identity.repository,
                 )
             ephemeral = True  # DESIGN §6: whatever it claims
+        scope = self.venue_scope(identity, reg)
         old = self.live.get(reg.machine_id)
         if old is not None:
             log.info("agent %s reconnected; closing its older session", reg.name)
@@ -252,6 +258,8 @@ class Sessions:
             max_jobs=reg.max_jobs,
             speed_factor=reg.speed_factor,
             send=session.send,
+            trusted=scope.trusted,
+            repositories=scope.repositories,
         )
         session.venue = venue
         self.live[reg.machine_id] = session
@@ -267,6 +275,7 @@ class Sessions:
             auth_kind="token" if identity is None else "oidc",
             launch_id=reg.launch_id,
             version=reg.version,
+            trusted=scope.trusted,
             **_identity_columns(identity),
         )
         async with self.engine.begin() as conn:
@@ -281,6 +290,11 @@ class Sessions:
         # attach() and the Registered message happen with no await in between, so the
         # agent always sees Registered before its first Assign.
         kept = self.scheduler.attach(venue, reg.running)
+        upstreams = [
+            p.Substituter(url=u.url, public_key=u.public_key) for u in self.config.cache.upstreams
+        ]
+        if not scope.trusted and self.untrusted_cache is not None:
+            upstreams.insert(0, self.untrusted_cache)
         session.send(
             p.Registered(
                 session_id=f"{reg.machine_id}:{int(now * 1000)}",
@@ -288,21 +302,36 @@ class Sessions:
                 lease_secs=self.config.scheduler.lease_secs,
                 cache_url=self.cache_url,
                 cache_public_key=self.cache_public_key,
-                upstreams=[
-                    p.Substituter(url=u.url, public_key=u.public_key)
-                    for u in self.config.cache.upstreams
-                ],
+                upstreams=upstreams,
                 keep_running=kept,
+                untrusted=not scope.trusted,
             )
         )
         log.info(
-            "agent %s (%s) registered: %s, %d jobs",
+            "agent %s (%s) registered: %s, %d jobs%s",
             reg.name,
             reg.machine_id,
             ",".join(reg.systems),
             reg.max_jobs,
+            "" if scope.trusted else ", untrusted",
         )
         return venue
+
+    def venue_scope(self, identity: AgentIdentity | None, reg: p.Register) -> VenueScope:
+        """DESIGN §6: a token agent is trusted unless it asks not to be, and serves any
+        repository; an OIDC agent's trust and repositories are its issuer rule's. An OIDC
+        agent asking to be untrusted when its rule does not allow untrusted builds is refused
+        (it could take nothing)."""
+        if identity is None:
+            return token_venue_scope(untrusted=reg.untrusted)
+        rule = next(r for r in self.config.auth.oidc if r.issuer == identity.issuer)
+        scope = oidc_venue_scope(rule)
+        if reg.untrusted and scope.trusted:
+            raise ProtocolError(
+                "this agent asks to be untrusted, but its OIDC issuer rule does not allow "
+                "untrusted builds (allow_untrusted)"
+            )
+        return scope
 
     async def _check_machine_id(self, identity: AgentIdentity, reg: p.Register) -> None:
         """An OIDC agent may not take over the machine id of a token agent or of another CI

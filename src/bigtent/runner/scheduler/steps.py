@@ -8,10 +8,16 @@ so choosing the next dispatch looks at the top of each bucket, never at the whol
 from __future__ import annotations
 
 import heapq
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
-from bigtent.runner.scheduler.matching import Requirement, VenueView, best_venue
+from bigtent.runner.scheduler.matching import (
+    Requirement,
+    VenueView,
+    best_venue,
+    can_run,
+    may_take,
+)
 from bigtent.states import BuildState, StepState
 
 
@@ -121,6 +127,12 @@ class RunnableIndex:
         """The requirements of the waiting steps (one per bucket, not one per step)."""
         return set(self._counts)
 
+    def entries(self, req: Requirement) -> Iterator[_Entry]:
+        """Every live entry of one bucket, in no particular order (a scan: O(bucket))."""
+        for key, sid in self._buckets.get(req, ()):
+            if self._live.get(sid) == (req, key):
+                yield key, sid
+
 
 @dataclass(frozen=True, slots=True)
 class Dispatch:
@@ -130,30 +142,59 @@ class Dispatch:
     machine_id: str
 
 
+RepositoriesOf = Callable[[int], Collection[str | None]]
+"""Step id -> the repositories of its live builds (None for a build without one)."""
+
+_Found = tuple[tuple[int, int, float, int], Requirement, int]
+"""(sort key, bucket, step id) of a runnable step."""
+
+
 def plan_dispatch(
-    index: RunnableIndex, venues: Collection[VenueView], limit: int | None = None
+    index: RunnableIndex,
+    venues: Collection[VenueView],
+    limit: int | None = None,
+    repositories_of: RepositoriesOf | None = None,
 ) -> list[Dispatch]:
     """Match runnable steps to free slots, best step first, best venue for it (DESIGN §5).
 
     Pops the chosen steps from ``index``. Each decision looks at the top of each bucket and
     at the venues, never at the whole queue. Deterministic for a given state.
+
+    Trust needs no scan: trusted and untrusted steps sit in different buckets
+    (``Requirement.trusted``). A venue scoped to repositories (an OIDC agent, DESIGN §6) may
+    find the tops of its buckets are for builds it cannot serve: for it alone the buckets it
+    can run are scanned for the best step it may take, and that answer is kept for the pass
+    until the step is taken (the index only shrinks during a pass), so a scoped venue costs
+    one scan per step it takes, and one in all when nothing is for it.
     """
+    repos = repositories_of or _no_repositories
     free = {v.machine_id: v for v in venues if v.free_slots > 0}
     decisions: list[Dispatch] = []
+    deep: dict[str, _Found | None] = {}
     while free and (limit is None or len(decisions) < limit):
         wanted = frozenset(f for req in index.requirements() for f in req.features)
-        best: tuple[tuple[int, int, float, int], Requirement, VenueView] | None = None
-        for req, (key, _sid) in index.tops():
+        scoped = [v for v in free.values() if v.repositories is not None]
+        best: tuple[tuple[int, int, float, int], Requirement, int, VenueView] | None = None
+        for req, (key, sid) in index.tops():
             if best is not None and key >= best[0]:
                 continue
-            venue = best_venue(free.values(), req, wanted)
+            candidates: Collection[VenueView] = free.values()
+            if scoped:
+                step_repos = repos(sid)
+                candidates = [v for v in candidates if may_take(v, step_repos)]
+            venue = best_venue(candidates, req, wanted)
             if venue is not None:
-                best = (key, req, venue)
+                best = (key, req, sid, venue)
+        for v in scoped:
+            found = deep.get(v.machine_id, _UNKNOWN)
+            if found is _UNKNOWN or (found is not None and found[2] not in index):
+                found = deep[v.machine_id] = _best_for(index, v, repos)
+            if found is not None and (best is None or found[0] < best[0]):
+                best = (*found, v)
         if best is None:
             break
-        _, req, venue = best
-        step_id = index.pop(req)
-        assert step_id is not None
+        _, _, step_id, venue = best
+        index.discard(step_id)
         decisions.append(Dispatch(step_id, venue.machine_id))
         updated = replace(venue, running=venue.running + 1)
         if updated.free_slots > 0:
@@ -161,6 +202,26 @@ def plan_dispatch(
         else:
             del free[venue.machine_id]
     return decisions
+
+
+_UNKNOWN: _Found = ((0, 0, 0.0, 0), Requirement("", frozenset()), -1)
+"""Marks a scoped venue not scanned yet in this pass (None: scanned, nothing for it)."""
+
+
+def _no_repositories(step_id: int) -> Collection[str | None]:
+    return ()
+
+
+def _best_for(index: RunnableIndex, venue: VenueView, repos: RepositoriesOf) -> _Found | None:
+    """The best runnable step ``venue`` can run and may take, by a scan of its buckets."""
+    best: _Found | None = None
+    for req in index.requirements():
+        if not can_run(venue, req):
+            continue
+        for key, sid in index.entries(req):
+            if (best is None or key < best[0]) and may_take(venue, repos(sid)):
+                best = (key, req, sid)
+    return best
 
 
 def raise_heights(nodes: dict[int, StepNode], order: Iterable[int]) -> set[int]:
