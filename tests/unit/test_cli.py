@@ -145,6 +145,7 @@ def test_design_flags_are_present() -> None:
         "--max-builds",
         "--max-idle-secs",
         "--max-lifetime-secs",
+        "--untrusted",
     }
     assert opts("build") >= {
         "-A",
@@ -156,6 +157,9 @@ def test_design_flags_are_present() -> None:
         "--no-download",
         "--out-link",
         "--json",
+        "--repository",
+        "--ref",
+        "--untrusted",
     }
     assert opts("up") >= {"--agents", "--state-dir", "--port", "--jobs", "--host-tools"}
 
@@ -635,6 +639,9 @@ def test_render_runner_config_loads(tmp_path: Path) -> None:
     assert {(t.role, t.token_file) for t in cfg.auth.tokens} == {
         (r, layout.token_file(r)) for r in (Role.CLIENT, Role.AGENT, Role.ADMIN)
     }
+    # The local client's builds are trusted (DESIGN §6): built by the local agents into the
+    # main cache.
+    assert {t.role for t in cfg.auth.tokens if t.trusted} == {Role.CLIENT}
 
 
 def test_render_agent_config_loads(tmp_path: Path) -> None:

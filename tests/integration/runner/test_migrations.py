@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alembic import command
 import pytest
+from alembic import command
 from sqlalchemy import Connection, inspect, text
 from sqlalchemy.exc import IntegrityError
 
