@@ -216,13 +216,15 @@ sandbox_paths = {_toml_list(HOST_TOOLS)}
         return any(a["name"] == name and a["connected"] for a in agents)
 
     def bigtent(
-        self, *args: str, timeout: float = 240, check: bool = False
+        self, *args: str, timeout: float = 240, check: bool = False, token: str | None = None
     ) -> subprocess.CompletedProcess[str]:
+        """Run the CLI as the client (``token``: another client token)."""
+        extra = {"BIGTENT_TOKEN": token} if token is not None else {}
         proc = subprocess.run(
             [sys.executable, "-m", "bigtent", *args],
             capture_output=True,
             text=True,
-            env=self.env(),
+            env=self.env(**extra),
             cwd=self.root,
             timeout=timeout,
         )
@@ -232,8 +234,10 @@ sandbox_paths = {_toml_list(HOST_TOOLS)}
             )
         return proc
 
-    def build_json(self, *args: str, timeout: float = 240) -> tuple[int, dict[str, Any]]:
-        proc = self.bigtent("build", "--json", *args, timeout=timeout)
+    def build_json(
+        self, *args: str, timeout: float = 240, token: str | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        proc = self.bigtent("build", "--json", *args, timeout=timeout, token=token)
         try:
             data = json.loads(proc.stdout)
         except json.JSONDecodeError as exc:
