@@ -193,7 +193,11 @@ async def test_untrusted_outputs_live_only_in_the_untrusted_cache(
         )
         assert resp.status_code == 200, resp.text
         await untrusted_ws.send(
-            p.encode(p.Result(step_id=assign.step_id, lease_id=assign.lease_id, outcome="success"))
+            p.encode(
+                p.Result(
+                    step_id=assign.step_id, lease_id=assign.lease_id, outcome=p.Outcome.SUCCESS
+                )
+            )
         )
         ack = await receive_until(untrusted_ws, p.ResultAck)
         assert ack.recorded
