@@ -175,8 +175,10 @@ sha256 = "{token_digest(self.admin_token)}"
         extra_args: Sequence[str] = (),
         wait: bool = True,
         runner_url: str | None = None,
+        token: str | None = None,
     ) -> Proc:
-        """Start agent ``name``; ``runner_url`` dials the runner another way (e.g. a proxy)."""
+        """Start agent ``name``; ``runner_url`` dials the runner another way (e.g. a proxy);
+        ``token`` is another credential (e.g. a CI job's OIDC ID token)."""
         work = self.root / "agents" / name
         work.mkdir(parents=True, exist_ok=True)
         cfg = work / "agent.toml"
@@ -193,9 +195,8 @@ work_dir = "{work}"
 sandbox_paths = {_toml_list(HOST_TOOLS)}
 """
         )
-        proc = self._spawn(
-            f"agent-{name}", ["-v", "agent", "--config", str(cfg), *extra_args], self.env()
-        )
+        env = self.env(**({"BIGTENT_AGENT_TOKEN": token} if token is not None else {}))
+        proc = self._spawn(f"agent-{name}", ["-v", "agent", "--config", str(cfg), *extra_args], env)
         self.agents[name] = proc
         if wait:
             wait_until(
