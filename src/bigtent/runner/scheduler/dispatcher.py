@@ -45,6 +45,7 @@ from bigtent.runner.scheduler.leases import (
 from bigtent.runner.scheduler.matching import Requirement, VenueView
 from bigtent.runner.scheduler.steps import (
     RunnableIndex,
+    Scope,
     StepNode,
     build_outcome,
     dependents_closure,
@@ -180,6 +181,9 @@ class Scheduler:
         self.leases: dict[str, int] = {}
         self.venues: dict[str, Venue] = {}
         self.builds: dict[int, ActiveBuild] = {}
+        self._nothing_for: dict[Scope, int] = {}
+        """Repository scopes whose scan found no step, and at which index version
+        (``plan_dispatch``): idle OIDC agents cost no scan until a step is pushed."""
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
 
@@ -871,6 +875,7 @@ class Scheduler:
         self.nodes, self.by_drv, self.leases, self.builds = {}, {}, {}, {}
         self.untrusted_by_drv = {}
         self.index, self.delayed = RunnableIndex(), []
+        self._nothing_for = {}
         for connected in venues.values():
             connected.running.clear()
         await self.load(fresh_start=False)
@@ -963,6 +968,7 @@ class Scheduler:
             self.index,
             [v.view() for v in free if v.kind != SSH],
             repositories_of=self._repositories_of,
+            nothing_for=self._nothing_for,
         )
         ssh = [v.view() for v in free if v.kind == SSH]
         if ssh and len(self.index):

@@ -70,7 +70,7 @@ def may_take(venue: VenueView, repositories: Collection[str | None]) -> bool:
     scope. An unscoped venue (token agents, SSH builders, a rule with ``"*"``) takes any."""
     if venue.repositories is None:
         return True
-    return any(r is not None and r in venue.repositories for r in repositories)
+    return not venue.repositories.isdisjoint(repositories)
 
 
 def eligible(venue: VenueView, req: Requirement, repositories: Collection[str | None]) -> bool:

@@ -51,7 +51,8 @@ class StepNode:
         return (-self.priority, -self.height, self.created_at, self.id)
 
 
-_Entry = tuple[tuple[int, int, float, int], int]
+_Key = tuple[int, int, float, int]
+_Entry = tuple[_Key, int]
 
 
 class RunnableIndex:
@@ -67,6 +68,9 @@ class RunnableIndex:
         self._buckets: dict[Requirement, list[_Entry]] = {}
         self._live: dict[int, tuple[Requirement, tuple[int, int, float, int]]] = {}
         self._counts: dict[Requirement, int] = {}
+        self.version = 0
+        """Counts pushes: only a push can make a step takeable that was not (a new step, or
+        one re-keyed after a new build joined it); a scan's "nothing" holds until then."""
 
     def __len__(self) -> int:
         return len(self._live)
@@ -77,6 +81,7 @@ class RunnableIndex:
     def push(self, node: StepNode) -> None:
         """Add a runnable step, or re-key it after its priority or height changed."""
         key = node.sort_key()
+        self.version += 1
         self.discard(node.id)
         self._live[node.id] = (node.req, key)
         self._counts[node.req] = self._counts.get(node.req, 0) + 1
@@ -129,9 +134,28 @@ class RunnableIndex:
 
     def entries(self, req: Requirement) -> Iterator[_Entry]:
         """Every live entry of one bucket, in no particular order (a scan: O(bucket))."""
+        live = self._live
         for key, sid in self._buckets.get(req, ()):
-            if self._live.get(sid) == (req, key):
+            if live.get(sid) == (req, key):
                 yield key, sid
+
+    def best_where(
+        self, req: Requirement, ok: Callable[[int], bool], below: _Key | None = None
+    ) -> _Entry | None:
+        """The best live entry of one bucket whose step satisfies ``ok`` (and whose key is
+        below ``below``): a scan of the bucket, asking ``ok`` only of entries that would
+        improve on the best so far."""
+        live = self._live
+        best: _Entry | None = None
+        bound = below
+        for key, sid in self._buckets.get(req, ()):
+            if bound is not None and key >= bound:
+                continue
+            if live.get(sid) != (req, key) or not ok(sid):
+                continue
+            best = (key, sid)
+            bound = key
+        return best
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +178,7 @@ def plan_dispatch(
     venues: Collection[VenueView],
     limit: int | None = None,
     repositories_of: RepositoriesOf | None = None,
+    nothing_for: dict[Scope, int] | None = None,
 ) -> list[Dispatch]:
     """Match runnable steps to free slots, best step first, best venue for it (DESIGN §5).
 
@@ -163,14 +188,17 @@ def plan_dispatch(
     Trust needs no scan: trusted and untrusted steps sit in different buckets
     (``Requirement.trusted``). A venue scoped to repositories (an OIDC agent, DESIGN §6) may
     find the tops of its buckets are for builds it cannot serve: for it alone the buckets it
-    can run are scanned for the best step it may take, and that answer is kept for the pass
-    until the step is taken (the index only shrinks during a pass), so a scoped venue costs
-    one scan per step it takes, and one in all when nothing is for it.
+    can run are scanned for the best step it may take. Venues of one scope (capabilities,
+    trust and repositories: the agents of one OIDC rule) share a scan, and its answer is kept
+    for the pass until that step is taken (the index only shrinks during a pass): a scope costs
+    one scan per step its venues take, and one in all when nothing is for it. ``nothing_for``
+    (kept by the caller across passes) remembers the index version at which a scope's scan
+    found nothing, so idle scoped venues cost nothing until a step is pushed again.
     """
     repos = repositories_of or _no_repositories
     free = {v.machine_id: v for v in venues if v.free_slots > 0}
     decisions: list[Dispatch] = []
-    deep: dict[str, _Found | None] = {}
+    deep: dict[Scope, _Found | None] = {}
     while free and (limit is None or len(decisions) < limit):
         wanted = frozenset(f for req in index.requirements() for f in req.features)
         scoped = [v for v in free.values() if v.repositories is not None]
@@ -185,12 +213,27 @@ def plan_dispatch(
             venue = best_venue(candidates, req, wanted)
             if venue is not None:
                 best = (key, req, sid, venue)
+        groups: dict[Scope, list[VenueView]] = {}
         for v in scoped:
-            found = deep.get(v.machine_id, _UNKNOWN)
+            groups.setdefault(_scope(v), []).append(v)
+        for scope, members in groups.items():
+            found = deep.get(scope, _UNKNOWN)
+            if (
+                found is _UNKNOWN
+                and nothing_for is not None
+                and nothing_for.get(scope) == index.version
+            ):
+                found = deep[scope] = None
             if found is _UNKNOWN or (found is not None and found[2] not in index):
-                found = deep[v.machine_id] = _best_for(index, v, repos)
+                found = deep[scope] = _best_for(index, members[0], repos)
+                if found is None and nothing_for is not None:
+                    if len(nothing_for) >= _MAX_REMEMBERED_SCOPES:
+                        nothing_for.clear()
+                    nothing_for[scope] = index.version
             if found is not None and (best is None or found[0] < best[0]):
-                best = (*found, v)
+                chosen = best_venue(members, found[1], wanted)
+                assert chosen is not None  # every member can run it: same scope
+                best = (*found, chosen)
         if best is None:
             break
         _, _, step_id, venue = best
@@ -212,15 +255,28 @@ def _no_repositories(step_id: int) -> Collection[str | None]:
     return ()
 
 
+Scope = tuple[frozenset[str], frozenset[str], frozenset[str], bool, frozenset[str] | None]
+"""What decides which steps a venue may take: systems, features, trust, repositories."""
+_MAX_REMEMBERED_SCOPES = 1024
+
+
+def _scope(v: VenueView) -> Scope:
+    return (v.systems, v.supported_features, v.mandatory_features, v.trusted, v.repositories)
+
+
 def _best_for(index: RunnableIndex, venue: VenueView, repos: RepositoriesOf) -> _Found | None:
     """The best runnable step ``venue`` can run and may take, by a scan of its buckets."""
     best: _Found | None = None
+
+    def ok(sid: int) -> bool:
+        return may_take(venue, repos(sid))
+
     for req in index.requirements():
         if not can_run(venue, req):
             continue
-        for key, sid in index.entries(req):
-            if (best is None or key < best[0]) and may_take(venue, repos(sid)):
-                best = (key, req, sid)
+        found = index.best_where(req, ok, best[0] if best is not None else None)
+        if found is not None:
+            best = (found[0], req, found[1])
     return best
 
 

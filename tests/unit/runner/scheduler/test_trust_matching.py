@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Collection
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -165,6 +166,30 @@ def test_scoped_and_unscoped_venues_share_the_work() -> None:
         repositories_of=lambda s: repos[s],
     )
     assert {(d.step_id, d.machine_id) for d in decisions} == {(1, "token"), (2, "oidc")}
+
+
+def test_an_idle_scope_is_not_scanned_again_until_a_step_is_pushed() -> None:
+    repos: dict[int, set[str | None]] = {1: {"evil/x"}, 2: {"evil/x"}}
+    asked: list[int] = []
+
+    def repositories_of(sid: int) -> set[str | None]:
+        asked.append(sid)
+        return repos[sid]
+
+    index = index_of(node(1), node(2))
+    oidc = [venue("o1", repositories={"acme/w"}), venue("o2", repositories={"acme/w"})]
+    memo: dict[Any, int] = {}
+    assert plan_dispatch(index, oidc, repositories_of=repositories_of, nothing_for=memo) == []
+    # Both venues share one scope: one scan of the two steps (and the tops' checks).
+    scanned = len(asked)
+    assert 2 <= scanned <= 4
+    assert plan_dispatch(index, oidc, repositories_of=repositories_of, nothing_for=memo) == []
+    assert len(asked) - scanned <= 1  # only the top's check; no scan
+    # A new build of its repository joins step 2: re-pushed, scanned, taken.
+    repos[2] = {"evil/x", "acme/w"}
+    index.push(node(2))
+    decisions = plan_dispatch(index, oidc, repositories_of=repositories_of, nothing_for=memo)
+    assert [(d.step_id, d.machine_id) for d in decisions] == [(2, "o1")]
 
 
 REPOS = ["a/1", "a/2", "b/1"]
