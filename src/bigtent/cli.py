@@ -286,6 +286,13 @@ def _report_failure(build: Build) -> None:
     help="Name of the result links (result, result-2, result-dev, ...).",
 )
 @click.option("--no-out-link", is_flag=True, help="Fetch the outputs but create no links.")
+@click.option("--repository", metavar="OWNER/NAME", help="The repository the build is for.")
+@click.option("--ref", metavar="REF", help="The git ref it is for, e.g. refs/heads/main.")
+@click.option(
+    "--untrusted",
+    is_flag=True,
+    help="Make an untrusted build (its outputs go to the untrusted cache only).",
+)
 @_json_option
 def build(
     targets: tuple[str, ...],
@@ -299,11 +306,15 @@ def build(
     no_download: bool,
     out_link: str,
     no_out_link: bool,
+    repository: str | None,
+    ref: str | None,
+    untrusted: bool,
     as_json: bool,
 ) -> None:
     """Build derivations on the farm and fetch their outputs, like nix-build.
 
-    Exits 0 only when every requested derivation built.
+    Exits 0 only when every requested derivation built. A build is trusted only when the
+    token is (admin, or a client token marked trusted) and REF is no pull request ref.
     """
     from bigtent.client.build import (
         BuildObserver,
@@ -324,6 +335,9 @@ def build(
         priority=priority,
         download=not no_download,
         out_link=None if no_out_link else out_link,
+        repository=repository,
+        ref=ref,
+        trusted=not untrusted,
     )
     tracker = BuildTracker()
     client = _make_client(runner_url, token_file, ca_file)
@@ -387,6 +401,9 @@ def status(runner_url: str, token_file: Path | None, ca_file: Path | None, as_js
     table.add_row("version", st.version)
     table.add_row("cache", st.cache_url)
     table.add_row("public key", st.cache_public_key)
+    if st.untrusted_cache_url:
+        key = st.untrusted_cache_public_key or "?"
+        table.add_row("untrusted cache", f"{st.untrusted_cache_url} ({key})")
     for up in st.upstreams:
         table.add_row("upstream", f"{up.url} ({up.public_key})")
     table.add_row("agents connected", str(st.agents_connected))
@@ -399,6 +416,7 @@ def status(runner_url: str, token_file: Path | None, ca_file: Path | None, as_js
 _AGENT_COLUMNS = (
     "name",
     "kind",
+    "trust",
     "auth",
     "connected",
     "last seen",
@@ -417,6 +435,14 @@ def _agent_auth(a: Agent) -> str:
     return a.auth_kind or "-"
 
 
+def _agent_trust(a: Agent) -> str:
+    """``trusted``/``untrusted`` and, for a venue scoped to repositories, which ones."""
+    trust = "trusted" if a.trusted else "untrusted"
+    if a.build_repositories is not None:
+        trust += " " + ",".join(a.build_repositories)
+    return trust
+
+
 def _agent_row(a: Agent) -> list[str]:
     features = [*a.supported_features, *(f"{f}!" for f in a.mandatory_features)]
     connected = "yes" if a.connected else "no"
@@ -428,6 +454,7 @@ def _agent_row(a: Agent) -> list[str]:
     return [
         a.name,
         "ephemeral" if a.ephemeral else "persistent",
+        _agent_trust(a),
         _agent_auth(a),
         connected,
         a.last_seen or "-",
@@ -580,7 +607,7 @@ def builds(
         _echo_json([b.model_dump(mode="json") for b in rows])
         return
     table = Table()
-    for col in ("id", "state", "prio", "steps", "created", "finished", "derivations"):
+    for col in ("id", "state", "prio", "trust", "steps", "created", "finished", "derivations"):
         table.add_column(col)
     for b in rows:
         c = b.counts
@@ -590,12 +617,19 @@ def builds(
             b.id,
             b.state.value,
             str(b.priority),
+            _build_trust(b),
             f"{c.succeeded + c.failed + c.cancelled}/{c.total}",
             b.created_at or "",
             b.finished_at or "",
             shown,
         )
     _console().print(table)
+
+
+def _build_trust(b: Build) -> str:
+    """``trusted`` or ``untrusted``, with the repository and ref when the build names them."""
+    where = "@".join(x for x in (b.repository, b.ref) if x)
+    return ("trusted" if b.trusted else "untrusted") + (f" {where}" if where else "")
 
 
 @cli.command("log", context_settings=_CONTEXT)
@@ -988,6 +1022,9 @@ def runner(config_path: Path | None) -> None:
     help="serve: long-lived nix-store --serve per slot [default]; realise: one per step.",
 )
 @click.option("--ephemeral", is_flag=True, help="One session only (DESIGN §4).")
+@click.option(
+    "--untrusted", is_flag=True, help="An untrusted venue: take only untrusted builds' steps."
+)
 @click.option("--max-builds", type=click.IntRange(min=1), help="Ephemeral: builds, then exit.")
 @click.option("--max-idle-secs", type=click.FloatRange(min=0, min_open=True))
 @click.option("--max-lifetime-secs", type=click.FloatRange(min=0, min_open=True))
@@ -1024,6 +1061,7 @@ def agent(
     client_key: Path | None,
     executor: str | None,
     ephemeral: bool,
+    untrusted: bool,
     max_builds: int | None,
     max_idle_secs: float | None,
     max_lifetime_secs: float | None,
@@ -1049,6 +1087,7 @@ def agent(
         client_key_file=client_key,
         executor=executor,
         ephemeral=ephemeral,
+        untrusted=untrusted,
         max_builds=max_builds,
         max_idle_secs=max_idle_secs,
         max_lifetime_secs=max_lifetime_secs,

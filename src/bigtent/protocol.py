@@ -88,6 +88,9 @@ class Register(_Message):
     ephemeral: bool = False
     launch_id: ShortText | None = None
     running: Annotated[list[RunningStep], Field(max_length=MAX_LIST_ITEMS)] = []
+    untrusted: bool = False
+    """The agent asks to be an untrusted venue: it takes only steps of untrusted builds
+    (docs/security.md). A runner that does not say ``untrusted`` in ``registered`` ignored it."""
 
 
 class Heartbeat(_Message):
@@ -173,8 +176,13 @@ class Registered(_Message):
     cache_url: ShortText
     cache_public_key: ShortText
     upstreams: Annotated[list[Substituter], Field(max_length=MAX_LIST_ITEMS)] = []
+    """Further caches to substitute from, in order, after ``cache_url``. For an untrusted
+    venue the runner's untrusted cache comes first; a trusted venue never gets it."""
     keep_running: Annotated[list[StepId], Field(max_length=MAX_LIST_ITEMS)] = []
     """Of the steps the agent reported as running, those whose leases are still current."""
+    untrusted: bool = False
+    """The runner treats the agent as an untrusted venue (it asked to be, or its OIDC rule
+    says ``allow_untrusted``): it gets untrusted steps only."""
 
 
 class Assign(_Message):

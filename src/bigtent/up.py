@@ -153,6 +153,10 @@ def render_runner_config(layout: Layout, port: int) -> str:
             f"role = {_toml_str(role.value)}",
             f"token_file = {_toml_str(layout.token_file(role))}",
         ]
+        if role is Role.CLIENT:
+            # The local client's builds are trusted ones (DESIGN §6): its outputs go to the
+            # main cache, built by the local (trusted) agents.
+            lines.append("trusted = true")
     return "\n".join(lines) + "\n"
 
 

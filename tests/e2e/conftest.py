@@ -157,6 +157,7 @@ agent_backoff_base_secs = 0.5
 name = "client"
 role = "client"
 sha256 = "{token_digest(self.client_token)}"
+trusted = true
 
 [[auth.tokens]]
 name = "agent"
@@ -194,8 +195,10 @@ sha256 = "{token_digest(self.admin_token)}"
         extra_args: Sequence[str] = (),
         wait: bool = True,
         runner_url: str | None = None,
+        token: str | None = None,
     ) -> Proc:
-        """Start agent ``name``; ``runner_url`` dials the runner another way (e.g. a proxy)."""
+        """Start agent ``name``; ``runner_url`` dials the runner another way (e.g. a proxy);
+        ``token`` is another credential (e.g. a CI job's OIDC ID token)."""
         work = self.root / "agents" / name
         work.mkdir(parents=True, exist_ok=True)
         cfg = work / "agent.toml"
@@ -213,9 +216,8 @@ sandbox_paths = {_toml_list(HOST_TOOLS)}
 {f'ca_file = "{self.tls.ca_file}"' if self.tls else ""}
 """
         )
-        proc = self._spawn(
-            f"agent-{name}", ["-v", "agent", "--config", str(cfg), *extra_args], self.env()
-        )
+        env = self.env(**({"BIGTENT_AGENT_TOKEN": token} if token is not None else {}))
+        proc = self._spawn(f"agent-{name}", ["-v", "agent", "--config", str(cfg), *extra_args], env)
         self.agents[name] = proc
         if wait:
             wait_until(
@@ -237,13 +239,15 @@ sandbox_paths = {_toml_list(HOST_TOOLS)}
         return any(a["name"] == name and a["connected"] for a in agents)
 
     def bigtent(
-        self, *args: str, timeout: float = 240, check: bool = False
+        self, *args: str, timeout: float = 240, check: bool = False, token: str | None = None
     ) -> subprocess.CompletedProcess[str]:
+        """Run the CLI as the client (``token``: another client token)."""
+        extra = {"BIGTENT_TOKEN": token} if token is not None else {}
         proc = subprocess.run(
             [sys.executable, "-m", "bigtent", *args],
             capture_output=True,
             text=True,
-            env=self.env(),
+            env=self.env(**extra),
             cwd=self.root,
             timeout=timeout,
         )
@@ -253,8 +257,10 @@ sandbox_paths = {_toml_list(HOST_TOOLS)}
             )
         return proc
 
-    def build_json(self, *args: str, timeout: float = 240) -> tuple[int, dict[str, Any]]:
-        proc = self.bigtent("build", "--json", *args, timeout=timeout)
+    def build_json(
+        self, *args: str, timeout: float = 240, token: str | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        proc = self.bigtent("build", "--json", *args, timeout=timeout, token=token)
         try:
             data = json.loads(proc.stdout)
         except json.JSONDecodeError as exc:

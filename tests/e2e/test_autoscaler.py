@@ -14,12 +14,10 @@ is measured in autoscaler passes (the ``ticks`` the API reports).
 from __future__ import annotations
 
 import secrets
-import sqlite3
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,11 +268,11 @@ def launch_states(farm: Farm) -> dict[str, str]:
 
 
 def submit(farm: Farm, *attrs: str) -> tuple[Proc, int]:
-    """``bigtent build`` of independent derivations in the background; once the runner holds
-    the build, record it as a build of BUILD_REPO (the column exists; until ``bigtent build``
-    sets it, the test does)."""
+    """``bigtent build --repository BUILD_REPO`` of independent derivations, in the
+    background; returns once the runner holds the build."""
     dag = farm.dag_file(layers=1, width=len(attrs))
     args = ["build", str(dag), *(a for attr in attrs for a in ("-A", attr)), "--no-download"]
+    args += ["--repository", BUILD_REPO, "--ref", "refs/heads/main"]
     proc = farm._spawn("build", args, farm.env())
 
     def created() -> bool:
@@ -285,12 +283,9 @@ def submit(farm: Farm, *attrs: str) -> tuple[Proc, int]:
 
     wait_until(created, timeout=WAIT_SECS, what="the build to be created")
     with farm.api() as c:
-        build_id = int(c.get("/api/v1/builds").json()["builds"][0]["id"])
-    with closing(sqlite3.connect(farm.root / "runner" / "bigtent.db", timeout=30)) as db, db:
-        db.execute(
-            "UPDATE builds SET repository = ?, trusted = 1 WHERE id = ?", (BUILD_REPO, build_id)
-        )
-    return proc, build_id
+        build = c.get("/api/v1/builds").json()["builds"][0]
+    assert (build["repository"], build["trusted"]) == (BUILD_REPO, True)
+    return proc, int(build["id"])
 
 
 def steps(farm: Farm, build_id: int) -> list[dict[str, Any]]:

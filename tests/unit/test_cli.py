@@ -154,6 +154,7 @@ def test_design_flags_are_present() -> None:
         "--oidc",
         "--audience",
         "--launch-id",
+        "--untrusted",
     }
     assert opts("build") >= {
         "-A",
@@ -165,6 +166,9 @@ def test_design_flags_are_present() -> None:
         "--no-download",
         "--out-link",
         "--json",
+        "--repository",
+        "--ref",
+        "--untrusted",
     }
     assert opts("up") >= {"--agents", "--state-dir", "--port", "--jobs", "--host-tools"}
 
@@ -728,6 +732,9 @@ def test_render_runner_config_loads(tmp_path: Path) -> None:
     assert {(t.role, t.token_file) for t in cfg.auth.tokens} == {
         (r, layout.token_file(r)) for r in (Role.CLIENT, Role.AGENT, Role.ADMIN)
     }
+    # The local client's builds are trusted (DESIGN §6): built by the local agents into the
+    # main cache.
+    assert {t.role for t in cfg.auth.tokens if t.trusted} == {Role.CLIENT}
 
 
 def test_render_agent_config_loads(tmp_path: Path) -> None:

@@ -523,10 +523,20 @@ class AgentSession:
             ephemeral=ident.ephemeral or self._limits is not None,
             launch_id=ident.launch_id,
             running=held,
+            untrusted=self._section.untrusted,
         )
 
     def _on_registered(self, registered: Registered) -> None:
         """Take the runner's cache settings; drop held steps whose leases it no longer keeps."""
+        if self._section.untrusted and not registered.untrusted:
+            # A runner that ignored the request would send trusted work to this machine,
+            # which must never build it (docs/security.md): stop rather than serve.
+            raise ConfigError(
+                "the runner did not accept this agent as untrusted (config key "
+                "agent.untrusted): it may be too old to know untrusted agents"
+            )
+        if registered.untrusted:
+            log.info("registered as an untrusted venue: only steps of untrusted builds")
         self._cache = CacheSettings.from_registered(registered, self._section.runner_url)
         keep = set(registered.keep_running)
         for sid, step in self._running.items():

@@ -59,6 +59,9 @@ class RunnerStatus(_Model):
     version: str = ""
     cache_url: str = ""
     cache_public_key: str = ""
+    untrusted_cache_url: str | None = None
+    """The runner's untrusted cache (outputs of untrusted builds); None from older runners."""
+    untrusted_cache_public_key: str | None = None
     upstreams: list[UpstreamInfo] = []
     steps: dict[str, int] = {}
     agents_connected: int = 0
@@ -98,6 +101,10 @@ class Build(_Model):
     priority: int = 0
     created_at: str | None = None
     finished_at: str | None = None
+    repository: str | None = None
+    ref: str | None = None
+    trusted: bool = True
+    """An untrusted build's outputs are in the untrusted cache, not the main one."""
     roots: list[BuildRoot] = []
     counts: StepCounts = StepCounts()
     failed_steps: list[FailedStep] = []
@@ -115,6 +122,7 @@ class Step(_Model):
     error: str | None = None
     attempts: int = 0
     agent_name: str | None = None
+    trusted: bool = True
     created_at: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
@@ -142,6 +150,10 @@ class Agent(_Model):
     running: int = 0
     speed_factor: float = 1.0
     ephemeral: bool = False
+    trusted: bool = True
+    """An untrusted venue takes only steps of untrusted builds."""
+    build_repositories: list[str] | None = None
+    """The build repositories an OIDC agent serves; None: any."""
     auth_kind: str = ""
     """``token`` or ``oidc``."""
     oidc: AgentOidc | None = None
@@ -463,10 +475,25 @@ class RunnerClient:
         )
         return self._parse(_Uploaded, data, "upload answer").path or path
 
-    async def create_build(self, drvs: Sequence[str], *, priority: int = 0) -> Build:
-        data = await self._json(
-            "POST", "/builds", json_body={"drvs": list(drvs), "priority": priority}
-        )
+    async def create_build(
+        self,
+        drvs: Sequence[str],
+        *,
+        priority: int = 0,
+        repository: str | None = None,
+        ref: str | None = None,
+        trusted: bool = True,
+    ) -> Build:
+        """Create a build; ``trusted`` asks for a trusted one, which the runner grants only
+        to a trusted token and a ref that is no pull request (the answer says)."""
+        body: dict[str, Any] = {"drvs": list(drvs), "priority": priority}
+        if repository is not None:
+            body["repository"] = repository
+        if ref is not None:
+            body["ref"] = ref
+        if not trusted:
+            body["trusted"] = False
+        data = await self._json("POST", "/builds", json_body=body)
         return self._parse(Build, data, "build")
 
     async def fetch_build(self, build_id: str) -> Build:

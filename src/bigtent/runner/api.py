@@ -23,12 +23,14 @@ from bigtent.errors import AuthError, BigtentError, NotFound, TooManyAuthFailure
 from bigtent.runner.auth.ratelimit import FailureThrottle
 from bigtent.runner.auth.tokens import Principal, TokenRegistry
 from bigtent.runner.builds import plan_build
+from bigtent.runner.cache import Cache
 from bigtent.runner.components import Components
 from bigtent.runner.db import queries
 from bigtent.runner.ingest import ingest_client_path, ingest_output
 from bigtent.runner.metrics import Metrics
 from bigtent.runner.scheduler.dispatcher import AGENT
 from bigtent.runner.sessions import bearer_token, looks_like_jwt
+from bigtent.runner.trust import build_is_trusted
 from bigtent.states import StepState
 
 log = logging.getLogger(__name__)
@@ -204,6 +206,10 @@ async def status(comps: Comps, _: ClientAuth) -> dict[str, Any]:
         "version": __version__,
         "cache_url": comps.cache.url,
         "cache_public_key": comps.cache.public_key,
+        "untrusted_cache_url": comps.untrusted_cache.url if comps.untrusted_cache else None,
+        "untrusted_cache_public_key": (
+            comps.untrusted_cache.public_key if comps.untrusted_cache else None
+        ),
         "upstreams": [u.model_dump() for u in comps.config.cache.upstreams],
         "steps": counts,
         "queue": comps.scheduler.queue_depth(),
@@ -250,14 +256,32 @@ async def upload_path(
 class BuildBody(BaseModel):
     drvs: list[str] = Field(min_length=1, max_length=100_000)
     priority: int = Field(default=0, ge=-1000, le=1000)
+    repository: str | None = Field(default=None, min_length=1, max_length=256, pattern=r"^[^\s*]+$")
+    """What the build is for, e.g. ``acme/widgets``: OIDC agents serve their rule's ones."""
+    ref: str | None = Field(default=None, min_length=1, max_length=256, pattern=r"^\S+$")
+    """The git ref, e.g. ``refs/heads/main``; a pull request ref is never trusted."""
+    trusted: bool = True
+    """Ask for a trusted build; it is one only for a trusted creator and ref (DESIGN §6)."""
 
 
 @api.post("/builds", status_code=201)
 async def create_build(body: BuildBody, comps: Comps, who: ClientAuth) -> dict[str, Any]:
-    plan = await plan_build(comps.cache, comps.upstreams, body.drvs)
-    build_id = await comps.scheduler.add_build(
-        priority=body.priority, created_by=who.name, roots=plan.roots, planned=plan.planned
+    trusted = build_is_trusted(
+        requested=body.trusted, role=who.role, token_trusted=who.trusted, ref=body.ref
     )
+    also = None if trusted else comps.untrusted_cache
+    plan = await plan_build(comps.cache, comps.upstreams, body.drvs, also=also)
+    build_id = await comps.scheduler.add_build(
+        priority=body.priority,
+        created_by=who.name,
+        roots=plan.roots,
+        planned=plan.planned,
+        repository=body.repository,
+        ref=body.ref,
+        trusted=trusted,
+    )
+    if body.trusted and not trusted:
+        log.info("build %d by %s is untrusted (ref %s)", build_id, who.name, body.ref)
     return await _build_json(comps, build_id)
 
 
@@ -356,6 +380,12 @@ async def list_agents(comps: Comps, _: ClientAuth) -> dict[str, Any]:
                 "running": len(venue.running) if venue else 0,
                 "speed_factor": r.speed_factor,
                 "ephemeral": r.ephemeral,
+                "trusted": venue.trusted if venue else bool(r.trusted),
+                "build_repositories": (
+                    sorted(venue.repositories)
+                    if venue is not None and venue.repositories is not None
+                    else None
+                ),
                 "auth_kind": r.auth_kind,
                 "oidc": _oidc_json(r),
                 "launch_id": r.launch_id,
@@ -474,6 +504,7 @@ async def upload_output(
         _body(request),
         nar_hash=x_nar_hash,
         nar_size=x_nar_size,
+        untrusted=comps.untrusted_cache,
     )
     return {
         "path": info.store_path,
@@ -518,6 +549,9 @@ async def _build_json(comps: Components, build_id: int, details: bool = False) -
         "created_at": _iso(build.created_at),
         "finished_at": _iso(build.finished_at),
         "created_by": build.created_by,
+        "repository": build.repository,
+        "ref": build.ref,
+        "trusted": bool(build.trusted),
         "roots": [
             {
                 "drv_path": r.drv_path,
@@ -558,6 +592,7 @@ def _step_json(row: Any) -> dict[str, Any]:
         "exit_code": row.exit_code,
         "attempts": row.attempts,
         "agent_name": row.agent_name,
+        "trusted": bool(row.trusted),
         "created_at": _iso(row.created_at),
         "assigned_at": _iso(row.assigned_at),
         "started_at": _iso(row.started_at),
@@ -570,24 +605,29 @@ def _step_json(row: Any) -> dict[str, Any]:
 cache_routes = APIRouter(prefix="/cache", include_in_schema=False)
 
 
-@cache_routes.api_route("/nix-cache-info", methods=["GET", "HEAD"])
-async def nix_cache_info(comps: Comps) -> Response:
-    text = f"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {comps.config.cache.priority}\n"
+def _untrusted(comps: Components) -> Cache:
+    if comps.untrusted_cache is None:
+        raise NotFound("no untrusted cache")
+    return comps.untrusted_cache
+
+
+def _cache_info(comps: Components, cache: Cache) -> Response:
+    # The untrusted cache is consulted after the main one (a higher Priority number).
+    priority = comps.config.cache.priority + (10 if cache.untrusted else 0)
+    text = f"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {priority}\n"
     return PlainTextResponse(text, media_type="text/x-nix-cache-info")
 
 
-@cache_routes.api_route("/{hash_part}.narinfo", methods=["GET", "HEAD"])
-async def get_narinfo(hash_part: str, comps: Comps) -> Response:
-    text = await comps.cache.narinfo_text(hash_part) if len(hash_part) == 32 else None
-    comps.metrics.narinfo_served(hit=text is not None)
+async def _narinfo(cache: Cache, hash_part: str) -> Response:
+    text = await cache.narinfo_text(hash_part) if len(hash_part) == 32 else None
+    cache.metrics.narinfo_served(hit=text is not None)
     if text is None:
         raise NotFound("no such path")
     return PlainTextResponse(text, media_type="text/x-nix-narinfo")
 
 
-@cache_routes.api_route("/nar/{file_name}", methods=["GET", "HEAD"])
-async def get_nar(file_name: str, comps: Comps) -> Response:
-    path = comps.cache.storage.local_path(f"nar/{file_name}")
+def _nar(cache: Cache, file_name: str) -> Response:
+    path = cache.storage.local_path(f"nar/{file_name}")
     if path is None:
         raise NotFound("no such NAR")
     size = path.stat().st_size
@@ -595,3 +635,35 @@ async def get_nar(file_name: str, comps: Comps) -> Response:
         # Most NARs are small: one read beats FileResponse's thread hop per chunk.
         return Response(path.read_bytes(), media_type="application/x-nix-nar")
     return FileResponse(path, media_type="application/x-nix-nar")
+
+
+@cache_routes.api_route("/nix-cache-info", methods=["GET", "HEAD"])
+async def nix_cache_info(comps: Comps) -> Response:
+    return _cache_info(comps, comps.cache)
+
+
+@cache_routes.api_route("/{hash_part}.narinfo", methods=["GET", "HEAD"])
+async def get_narinfo(hash_part: str, comps: Comps) -> Response:
+    return await _narinfo(comps.cache, hash_part)
+
+
+@cache_routes.api_route("/nar/{file_name}", methods=["GET", "HEAD"])
+async def get_nar(file_name: str, comps: Comps) -> Response:
+    return _nar(comps.cache, file_name)
+
+
+# The untrusted cache (docs/security.md): outputs of untrusted builds, signed with its own key.
+# Its narinfo index is its own; its NAR files share the storage (named by their own hash).
+@cache_routes.api_route("/untrusted/nix-cache-info", methods=["GET", "HEAD"])
+async def untrusted_cache_info(comps: Comps) -> Response:
+    return _cache_info(comps, _untrusted(comps))
+
+
+@cache_routes.api_route("/untrusted/{hash_part}.narinfo", methods=["GET", "HEAD"])
+async def get_untrusted_narinfo(hash_part: str, comps: Comps) -> Response:
+    return await _narinfo(_untrusted(comps), hash_part)
+
+
+@cache_routes.api_route("/untrusted/nar/{file_name}", methods=["GET", "HEAD"])
+async def get_untrusted_nar(file_name: str, comps: Comps) -> Response:
+    return _nar(_untrusted(comps), file_name)

@@ -2,7 +2,8 @@
 
 A derivation needs a step when some output is neither in the runner's cache nor in an
 upstream cache; only then are its inputs looked at, so a build on top of a public cache never
-walks into what that cache already holds.
+walks into what that cache already holds. An untrusted build also reuses what the untrusted
+cache holds; a trusted build never does (docs/security.md).
 """
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ class BuildPlan:
     """Steps to create, dependencies before dependents."""
 
 
-async def plan_build(cache: Cache, upstreams: Upstreams, drv_paths: Sequence[str]) -> BuildPlan:
-    """Find every derivation below ``drv_paths`` whose outputs must be built."""
+async def plan_build(
+    cache: Cache, upstreams: Upstreams, drv_paths: Sequence[str], *, also: Cache | None = None
+) -> BuildPlan:
+    """Find every derivation below ``drv_paths`` whose outputs must be built: outputs in
+    ``cache``, in ``also`` (the untrusted cache, for an untrusted build) or upstream count as
+    available."""
     if not drv_paths:
         raise BadRequest("a build needs at least one .drv path")
     for d in drv_paths:
@@ -54,6 +59,8 @@ async def plan_build(cache: Cache, upstreams: Upstreams, drv_paths: Sequence[str
         infos.update(found)
         outputs = [o for d in frontier for o in found[d].outputs.values()]
         present = await cache.present(outputs)
+        if also is not None:
+            present |= await also.present([o for o in outputs if o not in present])
         level_missing = [d for d in frontier if not set(found[d].outputs.values()) <= present]
         upstream = await asyncio.gather(
             *(upstreams.have_all(list(found[d].outputs.values())) for d in level_missing)

@@ -21,6 +21,7 @@ from typing import Any, Generic, TypeVar
 
 import httpx
 import zstandard
+from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bigtent.config import CacheSection, Compression, Upstream
@@ -30,6 +31,7 @@ from bigtent.nix.keys import SecretKey, parse_public_key
 from bigtent.nix.nar import NarError, NarSink, NarValidator, ReferenceScanner
 from bigtent.nix.store_path import StorePath
 from bigtent.runner.db import queries
+from bigtent.runner.db.tables import store_paths, untrusted_store_paths
 from bigtent.runner.metrics import Metrics, UploadKind
 from bigtent.runner.storage import Storage
 
@@ -101,8 +103,19 @@ class Ingested:
     """Hash parts found by the reference scan (a subset of the candidates)."""
 
 
+MAIN_PATH = "/cache"
+UNTRUSTED_PATH = "/cache/untrusted"
+"""Where the untrusted cache is served: outputs of untrusted builds (docs/security.md)."""
+
+
 class Cache:
-    """The runner's binary cache: storage plus the narinfo index in the database."""
+    """A binary cache of the runner: storage plus a narinfo index in the database.
+
+    The runner has two: the main cache (``/cache``, index ``store_paths``, the main key) and
+    the untrusted cache (``/cache/untrusted``, index ``untrusted_store_paths``, its own key)
+    for outputs of untrusted steps. They share the NAR storage (files named by their own hash)
+    and the derivations table; each sees only its own index.
+    """
 
     def __init__(
         self,
@@ -112,13 +125,17 @@ class Cache:
         config: CacheSection,
         public_url: str,
         metrics: Metrics | None = None,
+        *,
+        untrusted: bool = False,
     ) -> None:
         self.engine = engine
         self.metrics = metrics if metrics is not None else Metrics()
         self.storage = storage
         self.key = key
         self.config = config
-        self.url = public_url.rstrip("/") + "/cache"
+        self.untrusted = untrusted
+        self.table: Table = untrusted_store_paths if untrusted else store_paths
+        self.url = public_url.rstrip("/") + (UNTRUSTED_PATH if untrusted else MAIN_PATH)
         self.public_key = key.public_key().to_text()
         self._infos: _Lru[narinfo.NarInfo] = _Lru(MEMORY_NARINFOS)
         self._drvs: _Lru[queries.DrvInfo] = _Lru(MEMORY_DERIVATIONS)
@@ -137,7 +154,7 @@ class Cache:
         rest = [p for p in wanted if p not in found]
         if rest:
             async with self.engine.connect() as conn:
-                found |= await queries.present_store_paths(conn, rest)
+                found |= await queries.present_store_paths(conn, rest, self.table)
         return found
 
     async def references_of(self, paths: Sequence[str]) -> dict[str, tuple[str, ...]]:
@@ -152,7 +169,7 @@ class Cache:
                 out[path] = tuple(STORE_PREFIX + r for r in info.references)
         if rest:
             async with self.engine.connect() as conn:
-                out.update(await queries.store_path_references(conn, rest))
+                out.update(await queries.store_path_references(conn, rest, self.table))
         return out
 
     async def fetch_narinfo(self, path: str) -> narinfo.NarInfo | None:
@@ -164,7 +181,7 @@ class Cache:
         info = self._infos.get(hash_part)
         if info is None:
             async with self.engine.connect() as conn:
-                info = await queries.fetch_store_path_by_hash(conn, hash_part)
+                info = await queries.fetch_store_path_by_hash(conn, hash_part, self.table)
             if info is not None:
                 self._infos.put(hash_part, info)
         return info
@@ -326,11 +343,15 @@ class Cache:
         signed = dataclasses.replace(info, sigs=(self.key.sign(info.fingerprint()),))
         await asyncio.to_thread(self.storage.commit, temp, got.file_name)
         async with self.engine.begin() as conn:
-            inserted = await queries.insert_store_path(conn, signed, created_at=time.time())
+            inserted = await queries.insert_store_path(
+                conn, signed, created_at=time.time(), table=self.table
+            )
             if not inserted:
                 # Published concurrently (two steps with the same output): the first record
                 # is what Nix clients have been served; keep serving exactly that.
-                existing = await queries.fetch_store_path_by_hash(conn, store_path.hash_part)
+                existing = await queries.fetch_store_path_by_hash(
+                    conn, store_path.hash_part, self.table
+                )
                 if existing is not None:
                     signed = existing
             if record is not None:
@@ -418,13 +439,18 @@ class Upstreams:
         return all(r is not None for r in results)
 
 
-async def closure(cache: Cache, upstreams: Upstreams, roots: Iterable[str]) -> set[str]:
-    """All paths reachable by references from ``roots`` through the cache and upstreams."""
+async def closure(
+    cache: Cache, upstreams: Upstreams, roots: Iterable[str], *, also: Cache | None = None
+) -> set[str]:
+    """All paths reachable by references from ``roots`` through the cache (then ``also``, the
+    untrusted cache for an untrusted step's inputs) and upstreams."""
     seen: set[str] = set()
     frontier = [r for r in set(roots)]
     while frontier:
         seen.update(frontier)
         known = await cache.references_of(frontier)
+        if also is not None:
+            known.update(await also.references_of([p for p in frontier if p not in known]))
         nxt: set[str] = set()
         missing = [p for p in frontier if p not in known]
         for refs in known.values():

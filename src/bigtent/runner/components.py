@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bigtent import protocol as p
 from bigtent.config import RunnerConfig
 from bigtent.errors import ConfigError
-from bigtent.nix.keys import load_secret_key
+from bigtent.nix.keys import SecretKey, generate_key, load_secret_key
 from bigtent.runner.auth.oidc import OidcVerifier
 from bigtent.runner.auth.ratelimit import AuthFailureLimiter, FailureThrottle
 from bigtent.runner.auth.tokens import TokenRegistry, TokenStore
@@ -48,6 +51,8 @@ class Components:
     """The runner's Prometheus metrics (``/metrics``, docs/metrics.md)."""
     autoscaler: Autoscaler | None = None
     """The ``[[autoscale.github]]`` pools (no pools: present, with nothing to do)."""
+    untrusted_cache: Cache | None = None
+    """The untrusted cache (``/cache/untrusted``): outputs of untrusted builds, its own key."""
 
 
 async def build_components(config: RunnerConfig) -> Components:
@@ -71,6 +76,7 @@ async def build_components(config: RunnerConfig) -> Components:
         ) from exc
     except ValueError as exc:
         raise ConfigError(f"cache signing key {key_path} is invalid: {exc}") from exc
+    untrusted_key = load_untrusted_key(config, key)
     tokens = TokenRegistry.from_config(config.auth.tokens)
     # Built before anything that needs closing: its only failure is a bad ca_file.
     oidc = OidcVerifier(config.auth.oidc) if config.auth.oidc else None
@@ -86,13 +92,17 @@ async def build_components(config: RunnerConfig) -> Components:
         )
     )
     metrics = Metrics()
-    cache = Cache(
+    storage = LocalStorage(state_dir / "cache")
+    cache = Cache(engine, storage, key, config.cache, config.runner.base_url(), metrics)
+    # NAR files are named by their own hash: both caches share the storage, not the index.
+    untrusted_cache = Cache(
         engine,
-        LocalStorage(state_dir / "cache"),
-        key,
+        storage,
+        untrusted_key,
         config.cache,
         config.runner.base_url(),
         metrics,
+        untrusted=True,
     )
     upstreams = Upstreams(
         config.cache.upstreams,
@@ -100,7 +110,14 @@ async def build_components(config: RunnerConfig) -> Components:
         config.cache.upstream_timeout_secs,
     )
     logs = LogStore(state_dir / "logs", config.scheduler.max_log_bytes)
-    scheduler = Scheduler(engine, config.scheduler, logs, cache.present, metrics=metrics)
+    scheduler = Scheduler(
+        engine,
+        config.scheduler,
+        logs,
+        cache.present,
+        metrics=metrics,
+        untrusted_outputs_present=untrusted_cache.present,
+    )
     await scheduler.load()
     autoscaler = Autoscaler(
         config.autoscale, workflows, engine, scheduler, clock=scheduler.clock, metrics=metrics
@@ -117,6 +134,9 @@ async def build_components(config: RunnerConfig) -> Components:
         oidc,
         metrics,
         launches=autoscaler,
+        untrusted_cache=p.Substituter(
+            url=untrusted_cache.url, public_key=untrusted_cache.public_key
+        ),
     )
     ssh = SshBuilders(config, scheduler, cache, upstreams)
     ssh.attach()
@@ -135,7 +155,50 @@ async def build_components(config: RunnerConfig) -> Components:
         oidc,
         metrics,
         autoscaler,
+        untrusted_cache,
     )
+
+
+def load_untrusted_key(config: RunnerConfig, main: SecretKey) -> SecretKey:
+    """The untrusted cache's signing key. Beside the main key by default, generated there on
+    first start (named after the main key, ``NAME-untrusted``: Nix keys its trusted keys by
+    name, so a client trusting both caches needs two names). A configured
+    ``cache.untrusted_signing_key_file`` must exist."""
+    path = config.untrusted_signing_key_path()
+    if not path.exists() and config.cache.untrusted_signing_key_file is None:
+        name = f"{main.name}-untrusted"
+        try:
+            _write_new_secret(path, generate_key(name).to_text() + "\n")
+            log.info("generated the untrusted cache's signing key %s in %s", name, path)
+        except FileExistsError:
+            pass  # another runner on the same state made it meanwhile
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the untrusted cache's signing key {path}: {exc.strerror}; "
+                "create one with `bigtent keys generate NAME` and set "
+                "cache.untrusted_signing_key_file"
+            ) from exc
+    try:
+        key = load_secret_key(path)
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"untrusted cache signing key {path} does not exist: create one with "
+            "`bigtent keys generate NAME` or unset cache.untrusted_signing_key_file"
+        ) from exc
+    except ValueError as exc:
+        raise ConfigError(f"untrusted cache signing key {path} is invalid: {exc}") from exc
+    if key.name == main.name:
+        raise ConfigError(
+            f"the untrusted cache's key {path} has the main key's name {key.name!r}: Nix "
+            "tells trusted keys apart by name, give it another one"
+        )
+    return key
+
+
+def _write_new_secret(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 async def close_components(comps: Components) -> None:

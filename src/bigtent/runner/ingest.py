@@ -487,11 +487,13 @@ async def ingest_output(
     *,
     nar_hash: str | None,
     nar_size: str | None,
+    untrusted: Cache | None = None,
 ) -> NarInfo:
     """Accept an output NAR from the holder of a current lease (DESIGN §6).
 
     Only outputs of the leased step's derivation are accepted; references are found by
-    scanning for the input closure's hash parts (plus the step's own outputs).
+    scanning for the input closure's hash parts (plus the step's own outputs). An untrusted
+    step's outputs go to the ``untrusted`` cache, never to ``cache`` (docs/security.md).
     """
     node = scheduler.lease_holder(lease_id)
     if node is None:
@@ -508,6 +510,7 @@ async def ingest_output(
         chunks,
         declared_hash=declared_hash,
         declared_size=declared_size,
+        untrusted=untrusted,
     )
 
 
@@ -521,11 +524,16 @@ async def ingest_leased_output(
     *,
     declared_hash: bytes,
     declared_size: int,
+    untrusted: Cache | None = None,
 ) -> NarInfo:
     """The verified path of ``ingest_output`` once the declared hash and size are known: also
     the door for outputs the runner built itself on an SSH builder (``sshvenue``), so they
     pass the same checks (current lease, an output of the leased drv, size caps, hash and
     size while streaming, references found by the runner's own scan) before they are signed.
+
+    A trusted step publishes to ``cache``. An untrusted step publishes to ``untrusted`` (its
+    own key, its own index): a path the main cache holds already is kept as it is there, and
+    its inputs' references are looked up in both caches.
     """
     node = scheduler.lease_holder(lease_id)
     if node is None:
@@ -537,7 +545,15 @@ async def ingest_leased_output(
         raise PayloadTooLarge(
             f"declared NAR size {declared_size} exceeds max_nar_bytes {cache.config.max_nar_bytes}"
         )
+    target = cache
+    also: Cache | None = None
+    if not node.req.trusted:
+        if untrusted is None:
+            raise BigtentError(f"step {node.id} is untrusted but the untrusted cache is not set up")
+        target = also = untrusted
     existing = await cache.fetch_narinfo(path)
+    if existing is None and also is not None:
+        existing = await also.fetch_narinfo(path)
     if existing is not None:
         # Built before (another step, or an earlier attempt): what is signed stays.
         await _drain(chunks, cache.config.max_nar_bytes)
@@ -551,9 +567,9 @@ async def ingest_leased_output(
         info = inputs_info.get(input_drv)
         if info is not None:
             inputs.update(info.outputs[n] for n in names if n in info.outputs)
-    candidates = await closure(cache, upstreams, inputs) | set(drv.outputs.values())
+    candidates = await closure(cache, upstreams, inputs, also=also) | set(drv.outputs.values())
     by_hash = {StorePath.parse(c).hash_part: c for c in candidates}
-    got, temp = await cache.receive(
+    got, temp = await target.receive(
         chunks,
         kind=UploadKind.OUTPUT,
         declared_size=declared_size,
@@ -565,11 +581,17 @@ async def ingest_leased_output(
             # The lease ran out (or the step was reassigned) while the NAR streamed in.
             raise Conflict("lease is not current: the step was reassigned or finished")
         refs = {by_hash[h] for h in got.references}
-        published = await cache.publish(
+        published = await target.publish(
             temp, StorePath.parse(path), got, refs, deriver=node.drv_path
         )
     except BaseException:
-        cache.discard(temp)
+        target.discard(temp)
         raise
-    log.info("step %d: received %s (%d bytes)", node.id, path, got.nar_size)
+    log.info(
+        "step %d: received %s (%d bytes)%s",
+        node.id,
+        path,
+        got.nar_size,
+        "" if node.req.trusted else " into the untrusted cache",
+    )
     return published

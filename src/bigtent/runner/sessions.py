@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from pydantic import BaseModel
@@ -35,6 +35,7 @@ from bigtent.runner.db import queries
 from bigtent.runner.metrics import Metrics
 from bigtent.runner.scheduler.dispatcher import Scheduler, SessionClosed, Venue
 from bigtent.runner.tls import PeerCert, name_is_pinned, peer_cert
+from bigtent.runner.trust import VenueScope, oidc_venue_scope, token_venue_scope
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,10 @@ class LaunchRegistry(Protocol):
     async def registered(
         self, launch_id: str, machine_id: str, name: str, identity: AgentIdentity | None
     ) -> None: ...
+
+    async def claim_scope(
+        self, launch_id: str, machine_id: str, identity: AgentIdentity | None
+    ) -> frozenset[str] | None: ...
 
 
 def looks_like_jwt(credential: str) -> bool:
@@ -123,6 +128,8 @@ class Sessions:
         oidc: OidcVerifier | None = None,
         metrics: Metrics | None = None,
         launches: LaunchRegistry | None = None,
+        *,
+        untrusted_cache: p.Substituter | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -133,6 +140,8 @@ class Sessions:
         self.throttle = throttle
         self.oidc = oidc
         self.launches = launches
+        self.untrusted_cache = untrusted_cache
+        """Substituted from by untrusted venues only (announced first in ``upstreams``)."""
         self.live: dict[str, AgentSession] = {}
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.watch_sessions(lambda: self.live.values())
@@ -280,6 +289,15 @@ class Sessions:
                     identity.repository,
                 )
             ephemeral = True  # DESIGN §6: whatever it claims
+        scope = self.venue_scope(identity, reg)
+        if identity is not None and reg.launch_id is not None and self.launches is not None:
+            # A pool's launched agent serves the pool's allowed build repositories (issue 5:
+            # a central workflow repository launches agents for other repositories).
+            pool_repositories = await self.launches.claim_scope(
+                reg.launch_id, reg.machine_id, identity
+            )
+            if pool_repositories is not None:
+                scope = replace(scope, repositories=pool_repositories)
         old = self.live.get(reg.machine_id)
         if old is not None:
             log.info("agent %s reconnected; closing its older session", reg.name)
@@ -296,6 +314,8 @@ class Sessions:
             speed_factor=reg.speed_factor,
             send=session.send,
             launch_id=reg.launch_id,
+            trusted=scope.trusted,
+            repositories=scope.repositories,
         )
         session.venue = venue
         self.live[reg.machine_id] = session
@@ -312,6 +332,7 @@ class Sessions:
             credential=session.principal.name if session.principal else None,
             launch_id=reg.launch_id,
             version=reg.version,
+            trusted=scope.trusted,
             **_identity_columns(identity),
         )
         async with self.engine.begin() as conn:
@@ -326,6 +347,11 @@ class Sessions:
         # attach() and the Registered message happen with no await in between, so the
         # agent always sees Registered before its first Assign.
         kept = self.scheduler.attach(venue, reg.running)
+        upstreams = [
+            p.Substituter(url=u.url, public_key=u.public_key) for u in self.config.cache.upstreams
+        ]
+        if not scope.trusted and self.untrusted_cache is not None:
+            upstreams.insert(0, self.untrusted_cache)
         session.send(
             p.Registered(
                 session_id=f"{reg.machine_id}:{int(now * 1000)}",
@@ -333,23 +359,38 @@ class Sessions:
                 lease_secs=self.config.scheduler.lease_secs,
                 cache_url=self.cache_url,
                 cache_public_key=self.cache_public_key,
-                upstreams=[
-                    p.Substituter(url=u.url, public_key=u.public_key)
-                    for u in self.config.cache.upstreams
-                ],
+                upstreams=upstreams,
                 keep_running=kept,
+                untrusted=not scope.trusted,
             )
         )
         log.info(
-            "agent %s (%s) registered: %s, %d jobs",
+            "agent %s (%s) registered: %s, %d jobs%s",
             reg.name,
             reg.machine_id,
             ",".join(reg.systems),
             reg.max_jobs,
+            "" if scope.trusted else ", untrusted",
         )
         if reg.launch_id is not None and self.launches is not None:
             await self.launches.registered(reg.launch_id, reg.machine_id, reg.name, identity)
         return venue
+
+    def venue_scope(self, identity: AgentIdentity | None, reg: p.Register) -> VenueScope:
+        """DESIGN §6: a token agent is trusted unless it asks not to be, and serves any
+        repository; an OIDC agent's trust and repositories are its issuer rule's. An OIDC
+        agent asking to be untrusted when its rule does not allow untrusted builds is refused
+        (it could take nothing)."""
+        if identity is None:
+            return token_venue_scope(untrusted=reg.untrusted)
+        rule = next(r for r in self.config.auth.oidc if r.issuer == identity.issuer)
+        scope = oidc_venue_scope(rule)
+        if reg.untrusted and scope.trusted:
+            raise ProtocolError(
+                "this agent asks to be untrusted, but its OIDC issuer rule does not allow "
+                "untrusted builds (allow_untrusted)"
+            )
+        return scope
 
     async def _check_machine_id(self, session: AgentSession, reg: p.Register) -> None:
         """A machine id belongs to the credential that registered it: another credential

@@ -157,8 +157,15 @@ async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
                 **({"tls": tls} if tls else {}),
             },
             auth={
+                # The client token is trusted, so its builds are trusted ones (DESIGN §6); tests
+                # of untrusted builds make an untrusted client token of their own.
                 "tokens": [
-                    {"name": f"{role}-token", "role": str(role), "sha256": token_digest(tok)}
+                    {
+                        "name": f"{role}-token",
+                        "role": str(role),
+                        "sha256": token_digest(tok),
+                        "trusted": role is Role.CLIENT,
+                    }
                     for role, tok in tokens.items()
                 ],
                 **(auth or {}),

@@ -307,8 +307,10 @@ async def test_a_registered_launch_is_the_pool_agent_and_not_counted_twice(h: Ha
     assert rows[first].state == LaunchState.REGISTERED
     assert (rows[first].agent_machine_id, rows[first].agent_name) == ("m1", "gha-gh1.1-aaaaaaaa")
     assert set(scaler.pending) == {second}
-    assert await scaler.pool_scope(first, "m1") == frozenset({REPO})
-    assert await scaler.pool_scope(first, "m2") is None
+    assert await scaler.claim_scope(first, "m1", identity()) == frozenset({REPO})
+    assert await scaler.claim_scope(first, "m2", identity()) is None  # another machine
+    assert await scaler.claim_scope(second, "m2", None) is None  # no OIDC identity
+    assert await scaler.claim_scope("no-such-launch", "m2", identity()) is None
     h.agent("m1", launch_id=first)
     await h.tick(T0 + 1)
     assert len(h.github.requests) == 2

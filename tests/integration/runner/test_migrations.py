@@ -1,14 +1,18 @@
 """Migrations on SQLite. 0003: failures recorded before it are cached from when they finished;
 agents get a zero failure count. 0004 adds the tokens table. 0005 adds the agents' OIDC
-identity columns (NULL for existing rows). 0007 adds the autoscaler's launches table. All
+identity columns (NULL for existing rows). 0006 gives steps and agents their trust (existing
+ones trusted), one step per derivation and trust, and the untrusted cache's index. 0007 adds
+the autoscaler's launches table. 0008 binds token agents' machine ids to their token. All
 downgrade cleanly."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from alembic import command
 from sqlalchemy import Connection, inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from bigtent.runner.db.migrate import alembic_config, create_engine, schema_status
 
@@ -176,7 +180,63 @@ async def test_0007_creates_the_launches_table_and_downgrades(tmp_path: Path) ->
                     "VALUES ('L1', 'gha', 'pending', 1.0, 1.0)"
                 )
             )
-            await conn.run_sync(_to, "0005", down=True)
+            await conn.run_sync(_to, "0006", down=True)
             assert "launches" not in await conn.run_sync(lambda c: inspect(c).get_table_names())
+    finally:
+        await engine.dispose()
+
+
+async def test_0006_scopes_steps_by_trust_and_downgrades(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/m.db")
+    insert_step = text(
+        "INSERT INTO steps (drv_path, state, created_at, attempts, trusted) "
+        "VALUES ('/nix/store/0-x.drv', 'runnable', 1.0, 0, :t)"
+    )
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(_to, "0005")
+            await conn.execute(
+                text(
+                    "INSERT INTO derivations (drv_path, name, system, required_features, "
+                    "outputs, input_drvs, input_srcs) VALUES ('/nix/store/0-x.drv', 'x', 's', "
+                    "'[]', '{}', '{}', '[]')"
+                )
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO steps (drv_path, state, created_at, attempts) "
+                    "VALUES ('/nix/store/0-x.drv', 'succeeded', 1.0, 0)"
+                )
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO agents (machine_id, name, hostname, systems, "
+                    "supported_features, mandatory_features, max_jobs, speed_factor, ephemeral, "
+                    "auth_kind, version, connected, first_seen, last_seen, steps_succeeded, "
+                    "steps_failed, infra_failures) VALUES ('m', 'a', '', '[]', '[]', '[]', 1, "
+                    "1.0, 0, 'token', '', 0, 1.0, 1.0, 0, 0, 0)"
+                )
+            )
+            await conn.run_sync(_to, "0006")
+            assert (await conn.execute(text("SELECT trusted FROM steps"))).scalar_one() == 1
+            assert (await conn.execute(text("SELECT trusted FROM agents"))).scalar_one() == 1
+            assert "untrusted_store_paths" in await conn.run_sync(
+                lambda c: inspect(c).get_table_names()
+            )
+            # One derivation: a trusted and an untrusted step, never two of one trust.
+            await conn.execute(insert_step, {"t": False})
+        async with engine.begin() as conn:
+            with pytest.raises(IntegrityError):
+                await conn.execute(insert_step, {"t": True})
+        async with engine.begin() as conn:
+            await conn.run_sync(_to, "0005", down=True)
+            assert "trusted" not in await conn.run_sync(_columns, "steps")
+            assert "trusted" not in await conn.run_sync(_columns, "agents")
+            assert "untrusted_store_paths" not in await conn.run_sync(
+                lambda c: inspect(c).get_table_names()
+            )
+            # The untrusted step went; the trusted one stayed.
+            rows = (await conn.execute(text("SELECT state FROM steps"))).all()
+            assert [r.state for r in rows] == ["succeeded"]
     finally:
         await engine.dispose()

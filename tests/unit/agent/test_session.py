@@ -111,7 +111,10 @@ class FakeRunner:
         status: int | None = None,
         heartbeat_secs: float = 60.0,
         keep_running: list[int] | None = None,
+        untrusted: bool = False,
     ) -> None:
+        self.untrusted = untrusted
+        """What ``registered`` says about the agent's trust."""
         self.status = status
         self.heartbeat_secs = heartbeat_secs
         self.keep_running = keep_running
@@ -156,6 +159,7 @@ class FakeRunner:
                     cache_url="/cache",
                     cache_public_key="test-1:key",
                     keep_running=[StepId(k) for k in keep],
+                    untrusted=self.untrusted,
                 )
             )
         )
@@ -267,6 +271,29 @@ async def test_register_carries_identity_and_token(start_agent: Callable[..., Ag
         assert reg.ephemeral is False
         assert reg.running == []
         assert runner.auth_headers == ["Bearer secret"]
+
+
+async def test_an_untrusted_agent_says_so_and_serves_when_confirmed(
+    start_agent: Callable[..., Agent],
+) -> None:
+    async with FakeRunner(untrusted=True) as runner:
+        agent = start_agent(runner, untrusted=True)
+        side = await runner.next_session()
+        assert side.register.untrusted is True
+        await side.assign(1)
+        assert (await side.expect(Accepted)).step_id == 1
+        assert not agent.task.done()
+
+
+async def test_an_untrusted_agent_stops_when_the_runner_does_not_confirm(
+    start_agent: Callable[..., Agent],
+) -> None:
+    # An older runner ignores the request and would send trusted work: the agent must stop
+    # (an error, not a reconnect loop) rather than build it.
+    async with FakeRunner(untrusted=False) as runner:
+        agent = start_agent(runner, untrusted=True)
+        with pytest.raises(ConfigError, match="did not accept this agent as untrusted"):
+            await agent.exit_code()
 
 
 async def test_assign_when_full_is_refused(start_agent: Callable[..., Agent]) -> None:

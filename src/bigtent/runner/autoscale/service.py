@@ -207,7 +207,9 @@ class Autoscaler:
                 pool = self.pools.get(row.pool) if row is not None else None
                 view = views[v.machine_id]
                 if row is None or pool is None or row.agent_machine_id not in (None, v.machine_id):
-                    connected.append(ConnectedSlots(view))
+                    # Not a pool's agent: scoped as the dispatcher scopes it (an OIDC agent by
+                    # its issuer rule's build repositories, a token agent not at all).
+                    connected.append(ConnectedSlots(view, view.repositories))
                 else:
                     connected.append(
                         ConnectedSlots(view, pool.spec.allowed_repositories, row.launch_id)
@@ -400,16 +402,28 @@ class Autoscaler:
             row.state,
         )
 
-    async def pool_scope(self, launch_id: str, machine_id: str) -> frozenset[str] | None:
-        """The repositories an agent may build because it is a pool's launched agent: the
-        pool's ``allowed_build_repositories`` when ``launch_id`` was registered by this
-        machine, else None (for the trust rules, DESIGN §6)."""
+    async def claim_scope(
+        self, launch_id: str, machine_id: str, identity: AgentIdentity | None
+    ) -> frozenset[str] | None:
+        """The build repositories an agent registering with ``launch_id`` serves because it
+        is that pool's launched agent (``claim_refusal`` lets it claim the launch): the pool's
+        ``allowed_build_repositories``, which may name more than the workflow's repository
+        (DESIGN §6). None: it is no pool's agent, its issuer rule alone scopes it."""
         async with self.engine.connect() as conn:
             row = await queries.fetch_launch(conn, launch_id)
-        if row is None or row.agent_machine_id != machine_id:
+        if row is None:
             return None
         pool = self.pools.get(row.pool)
-        return pool.spec.allowed_repositories if pool is not None else None
+        refusal = claim_refusal(
+            LaunchState(row.state),
+            row.agent_machine_id,
+            machine_id,
+            pool.config.workflow_repository if pool is not None else None,
+            identity.repository if identity is not None else None,
+        )
+        if refusal is not None or pool is None:
+            return None
+        return pool.spec.allowed_repositories
 
     # ---- read side ------------------------------------------------------------------------
     def counters(self) -> dict[str, dict[str, int]]:

@@ -23,6 +23,7 @@ from bigtent.runner.db.tables import (
     steps,
     store_paths,
     tokens,
+    untrusted_store_paths,
 )
 
 STORE = "/nix/store/"
@@ -43,23 +44,28 @@ def _insert_ignore(conn: AsyncConnection, table: Table) -> Any:
 
 
 # ---- store paths (the cache index) ---------------------------------------------------------
-async def present_store_paths(conn: AsyncConnection, paths: Sequence[str]) -> set[str]:
+# ``table`` is ``store_paths`` (the main cache) or ``untrusted_store_paths`` (the untrusted
+# cache, docs/security.md); a query only ever sees one of them.
+CACHE_TABLES = (store_paths, untrusted_store_paths)
+
+
+async def present_store_paths(
+    conn: AsyncConnection, paths: Sequence[str], table: Table = store_paths
+) -> set[str]:
     found: set[str] = set()
     for chunk in _chunks(list(paths)):
-        rows = await conn.execute(select(store_paths.c.path).where(store_paths.c.path.in_(chunk)))
+        rows = await conn.execute(select(table.c.path).where(table.c.path.in_(chunk)))
         found.update(r[0] for r in rows)
     return found
 
 
 async def store_path_references(
-    conn: AsyncConnection, paths: Sequence[str]
+    conn: AsyncConnection, paths: Sequence[str], table: Table = store_paths
 ) -> dict[str, tuple[str, ...]]:
     out: dict[str, tuple[str, ...]] = {}
     for chunk in _chunks(list(paths)):
         rows = await conn.execute(
-            select(store_paths.c.path, store_paths.c.references).where(
-                store_paths.c.path.in_(chunk)
-            )
+            select(table.c.path, table.c.references).where(table.c.path.in_(chunk))
         )
         for path, refs in rows:
             out[path] = tuple(STORE + r for r in json.loads(refs))
@@ -82,18 +88,20 @@ def _narinfo(row: Any) -> NarInfo:
     )
 
 
-async def fetch_store_path_by_hash(conn: AsyncConnection, hash_part: str) -> NarInfo | None:
-    row = (
-        await conn.execute(select(store_paths).where(store_paths.c.hash_part == hash_part))
-    ).first()
+async def fetch_store_path_by_hash(
+    conn: AsyncConnection, hash_part: str, table: Table = store_paths
+) -> NarInfo | None:
+    row = (await conn.execute(select(table).where(table.c.hash_part == hash_part))).first()
     return _narinfo(row) if row is not None else None
 
 
-async def insert_store_path(conn: AsyncConnection, info: NarInfo, *, created_at: float) -> bool:
+async def insert_store_path(
+    conn: AsyncConnection, info: NarInfo, *, created_at: float, table: Table = store_paths
+) -> bool:
     """Record a narinfo; False when the path was already recorded (the first record wins)."""
     hash_part = info.store_path[len(STORE) :].split("-", 1)[0]
     result = await conn.execute(
-        _insert_ignore(conn, store_paths).values(
+        _insert_ignore(conn, table).values(
             path=info.store_path,
             hash_part=hash_part,
             nar_hash=info.nar_hash,
@@ -112,12 +120,10 @@ async def insert_store_path(conn: AsyncConnection, info: NarInfo, *, created_at:
     return bool(result.rowcount)
 
 
-async def cache_totals(conn: AsyncConnection) -> tuple[int, int]:
+async def cache_totals(conn: AsyncConnection, table: Table = store_paths) -> tuple[int, int]:
     """(number of paths, total compressed bytes)."""
     row = (
-        await conn.execute(
-            select(func.count(), func.coalesce(func.sum(store_paths.c.file_size), 0))
-        )
+        await conn.execute(select(func.count(), func.coalesce(func.sum(table.c.file_size), 0)))
     ).one()
     return int(row[0]), int(row[1])
 
@@ -275,10 +281,15 @@ async def update_steps(conn: AsyncConnection, step_ids: Sequence[int], **values:
         await conn.execute(update(steps).where(steps.c.id.in_(chunk)).values(**values))
 
 
-async def fetch_steps_by_drv(conn: AsyncConnection, drv_paths: Sequence[str]) -> dict[str, Any]:
+async def fetch_steps_by_drv(
+    conn: AsyncConnection, drv_paths: Sequence[str], *, trusted: bool = True
+) -> dict[str, Any]:
+    """The step rows of these derivations, of one trust (each has at most one per trust)."""
     out: dict[str, Any] = {}
     for chunk in _chunks(list(drv_paths)):
-        rows = await conn.execute(select(steps).where(steps.c.drv_path.in_(chunk)))
+        rows = await conn.execute(
+            select(steps).where(steps.c.drv_path.in_(chunk), steps.c.trusted == trusted)
+        )
         for row in rows:
             out[row.drv_path] = row
     return out

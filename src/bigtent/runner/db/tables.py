@@ -18,6 +18,8 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
+    true,
 )
 
 metadata = MetaData(
@@ -63,9 +65,7 @@ steps = Table(
     "steps",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column(
-        "drv_path", String(256), ForeignKey("derivations.drv_path"), nullable=False, unique=True
-    ),
+    Column("drv_path", String(256), ForeignKey("derivations.drv_path"), nullable=False),
     Column("state", String(32), nullable=False),
     Column("created_at", Float, nullable=False),
     Column("not_before", Float),
@@ -86,6 +86,11 @@ steps = Table(
     # When the derivation last failed as a build failure (the failure cache, migration 0003);
     # NULL: nothing cached.
     Column("failed_at", Float),
+    # A trusted step runs on trusted venues and publishes to the main cache; an untrusted one
+    # runs on untrusted venues and publishes to the untrusted cache (migration 0006). One
+    # derivation has at most one step of each trust.
+    Column("trusted", Boolean, nullable=False, default=True, server_default=true()),
+    UniqueConstraint("drv_path", "trusted", name="uq_steps_drv_path_trusted"),
 )
 Index("ix_steps_state", steps.c.state)
 
@@ -113,22 +118,34 @@ build_roots = Table(
     Column("step_id", Integer, ForeignKey("steps.id")),
 )
 
-store_paths = Table(
-    "store_paths",
+
+def _store_path_columns() -> list[Column[object]]:
+    return [
+        Column("path", String(256), primary_key=True),
+        Column("hash_part", String(32), nullable=False, unique=True),
+        Column("nar_hash", String(128), nullable=False),
+        Column("nar_size", BigInteger, nullable=False),
+        Column("url", String(256), nullable=False),
+        Column("compression", String(16), nullable=False),
+        Column("file_hash", String(128), nullable=False),
+        Column("file_size", BigInteger, nullable=False),
+        Column("references", Text, nullable=False),  # JSON list of basenames, sorted
+        Column("deriver", String(256)),
+        Column("ca", String(256)),
+        Column("sig", Text, nullable=False),
+        Column("created_at", Float, nullable=False),
+    ]
+
+
+store_paths = Table("store_paths", metadata, *_store_path_columns())
+
+untrusted_store_paths = Table(
+    # The untrusted cache's index (``/cache/untrusted``, migration 0006): outputs of untrusted
+    # steps, signed with the untrusted key. A table of its own, so no query of the main cache
+    # can ever see these rows. NAR files share the storage (named by their file hash).
+    "untrusted_store_paths",
     metadata,
-    Column("path", String(256), primary_key=True),
-    Column("hash_part", String(32), nullable=False, unique=True),
-    Column("nar_hash", String(128), nullable=False),
-    Column("nar_size", BigInteger, nullable=False),
-    Column("url", String(256), nullable=False),
-    Column("compression", String(16), nullable=False),
-    Column("file_hash", String(128), nullable=False),
-    Column("file_size", BigInteger, nullable=False),
-    Column("references", Text, nullable=False),  # JSON list of basenames, sorted
-    Column("deriver", String(256)),
-    Column("ca", String(256)),
-    Column("sig", Text, nullable=False),
-    Column("created_at", Float, nullable=False),
+    *_store_path_columns(),
 )
 
 agents = Table(
@@ -165,6 +182,9 @@ agents = Table(
     # The token a token agent registered with (migration 0008): its machine id is bound to
     # it while that token is valid. NULL for OIDC agents.
     Column("credential", String(128)),
+    # Whether the agent is a trusted venue (migration 0006): untrusted ones take only steps of
+    # untrusted builds.
+    Column("trusted", Boolean, nullable=False, default=True, server_default=true()),
 )
 
 tokens = Table(

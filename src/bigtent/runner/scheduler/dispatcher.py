@@ -4,11 +4,13 @@ the database, the connected venues and the build records.
 Every transition is written to the database before its effect is sent, so a runner restart
 rebuilds the same state (DESIGN §3). All methods run on the event loop; none blocks.
 
-TODO(auth issue, trust scoping, DESIGN §6 "Trust"): an OIDC-authenticated agent
-(``AgentSession.identity``, ``auth_kind = "oidc"``) is matched like any other venue, so it may
-take a step of any build. It must only get steps of builds whose repository its issuer rule
-allows (and never outputs bound for the main signed cache from untrusted builds); the venue
-will need the identity and matching a per-build repository check. See docs/oidc.md.
+Trust (DESIGN §6, docs/security.md): every step is trusted or untrusted. A trusted build makes
+and joins trusted steps only; an untrusted build makes untrusted steps, sharing live trusted
+ones (``trust.untrusted_work``). One derivation has at most one active step of each trust
+(``by_drv`` and ``untrusted_by_drv``). Matching sends trusted steps to trusted venues only and
+untrusted steps to untrusted venues only, and a venue scoped to repositories (an OIDC agent)
+only steps with a live build of one of them (the repositories of a step are those of its
+builds, looked up when a scoped venue is free).
 """
 
 from __future__ import annotations
@@ -44,12 +46,14 @@ from bigtent.runner.scheduler.leases import (
 from bigtent.runner.scheduler.matching import Requirement, VenueView
 from bigtent.runner.scheduler.steps import (
     RunnableIndex,
+    Scope,
     StepNode,
     build_outcome,
     dependents_closure,
     plan_dispatch,
     raise_heights,
 )
+from bigtent.runner.trust import untrusted_work
 from bigtent.states import BuildState, StepState
 
 log = logging.getLogger(__name__)
@@ -98,6 +102,10 @@ class Venue:
     """``AGENT`` or ``SSH``: agents are served first (DESIGN §1 venues)."""
     launch_id: str | None = None
     """The autoscaler launch the agent reported at register (docs/autoscaling.md)."""
+    trusted: bool = True
+    """A trusted venue takes trusted steps only, an untrusted one untrusted steps only."""
+    repositories: frozenset[str] | None = None
+    """Build repositories the venue serves (an OIDC agent's rule); None: any."""
 
     def view(self) -> VenueView:
         return VenueView(
@@ -108,6 +116,8 @@ class Venue:
             self.max_jobs,
             len(self.running),
             self.speed_factor,
+            self.trusted,
+            self.repositories,
         )
 
     def available(self, now: float) -> bool:
@@ -128,6 +138,9 @@ class ActiveBuild:
     state: BuildState
     unfinished: int = 0
     """Member steps not final yet: a build ends only when all of them are (keep going)."""
+    repository: str | None = None
+    """What the build is for: repository-scoped venues serve only their repositories."""
+    trusted: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,20 +165,29 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         metrics: Metrics | None = None,
+        untrusted_outputs_present: Callable[[Sequence[str]], Any] | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
         self.logs = logs
         self._outputs_present = outputs_present
+        self._untrusted_outputs_present = untrusted_outputs_present
+        """Paths the untrusted cache holds (an untrusted step's outputs land there)."""
         self.clock = clock
         self.rand = rand
         self.nodes: dict[int, StepNode] = {}
         self.by_drv: dict[str, int] = {}
+        """Derivation -> its active trusted step."""
+        self.untrusted_by_drv: dict[str, int] = {}
+        """Derivation -> its active untrusted step."""
         self.index = RunnableIndex()
         self.delayed: list[tuple[float, int]] = []
         self.leases: dict[str, int] = {}
         self.venues: dict[str, Venue] = {}
         self.builds: dict[int, ActiveBuild] = {}
+        self._nothing_for: dict[Scope, int] = {}
+        """Repository scopes whose scan found no step, and at which index version
+        (``plan_dispatch``): idle OIDC agents cost no scan until a step is pushed."""
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self.metrics = metrics if metrics is not None else Metrics()
@@ -193,7 +215,7 @@ class Scheduler:
                     if node.lease_id:
                         self.leases[node.lease_id] = node.id
                 self.nodes[node.id] = node
-                self.by_drv[node.drv_path] = node.id
+                self._by_drv(node.req.trusted)[node.drv_path] = node.id
             for sid, dep in await queries.fetch_step_deps(conn, list(self.nodes)):
                 if dep in self.nodes:
                     self.nodes[sid].deps.add(dep)
@@ -214,7 +236,15 @@ class Scheduler:
                 node = _node_from_row(row)
                 self.nodes[node.id] = node
         for b in active:
-            build = ActiveBuild(b.id, b.priority, roots[b.id], members[b.id], BuildState(b.state))
+            build = ActiveBuild(
+                b.id,
+                b.priority,
+                roots[b.id],
+                members[b.id],
+                BuildState(b.state),
+                repository=b.repository,
+                trusted=bool(b.trusted),
+            )
             self.builds[b.id] = build
             for sid in build.steps:
                 member = self.nodes.get(sid)
@@ -228,7 +258,7 @@ class Scheduler:
                 self._make_runnable(node, now)
         log.info(
             "scheduler loaded %d active steps (%d runnable, %d leased), %d active builds",
-            len(self.by_drv),
+            len(self.by_drv) + len(self.untrusted_by_drv),
             len(self.index),
             len(self.leases),
             len(self.builds),
@@ -246,17 +276,23 @@ class Scheduler:
         created_by: str,
         roots: dict[str, str | None],
         planned: Sequence[PlannedStep],
+        repository: str | None = None,
+        ref: str | None = None,
+        trusted: bool = True,
     ) -> int:
         """Create a build whose root .drvs map to the planned step of that drv (None: cached).
 
-        One drv, one step: planned derivations that already have an active step join it.
-        A derivation whose build failure is within the failure cache's TTL fails at once (its
-        dependents with it); other finished steps that did not succeed are queued again.
+        One drv, one step of each trust: planned derivations that already have an active step
+        of the build's trust join it; an untrusted build also shares live trusted steps
+        (``trust.untrusted_work``). A derivation whose build failure is within the failure
+        cache's TTL fails at once (its dependents with it); other finished steps that did not
+        succeed are queued again.
         """
         async with self._lock:
 
             async def body() -> int:
                 now = self.clock()
+                work, trust, shared = self._trust_plan(planned, roots, trusted)
                 async with self.engine.begin() as conn:
                     build_id = await queries.insert_build(
                         conn,
@@ -264,10 +300,22 @@ class Scheduler:
                         priority=priority,
                         created_at=now,
                         created_by=created_by,
-                        trusted=True,
+                        repository=repository,
+                        ref=ref,
+                        trusted=trusted,
                     )
                     build, fresh = await self._admit(
-                        conn, build_id, priority, roots, planned, now, members=None
+                        conn,
+                        build_id,
+                        priority,
+                        roots,
+                        work,
+                        now,
+                        members=None,
+                        trust=trust,
+                        shared=shared,
+                        repository=repository,
+                        trusted=trusted,
                     )
                 log.info(
                     "build %d: %d roots, %d steps (%d queued)",
@@ -280,6 +328,41 @@ class Scheduler:
                 return build_id
 
             return await self._guard(body())
+
+    def _trust_plan(
+        self, planned: Sequence[PlannedStep], roots: dict[str, str | None], trusted: bool
+    ) -> tuple[list[PlannedStep], dict[str, bool], frozenset[str]]:
+        """The steps a new build needs, the trust of each, and the live trusted ones it only
+        shares (no edges are added to those: trusted steps depend on trusted steps only)."""
+        if trusted:
+            return list(planned), {s.drv.drv_path: True for s in planned}, frozenset()
+        live = {
+            s.drv.drv_path
+            for s in planned
+            if (node := self._node_of(s.drv.drv_path, True)) is not None
+            and node.state not in _REDO_STATES
+        }
+        work = untrusted_work(
+            {s.drv.drv_path: s.deps for s in planned},
+            [d for d in roots.values() if d is not None],
+            live,
+        )
+        kept = [s for s in planned if s.drv.drv_path in work.shared | work.own]
+        return kept, {s.drv.drv_path: s.drv.drv_path in work.shared for s in kept}, work.shared
+
+    def _by_drv(self, trusted: bool) -> dict[str, int]:
+        return self.by_drv if trusted else self.untrusted_by_drv
+
+    def _node_of(self, drv_path: str, trusted: bool) -> StepNode | None:
+        sid = self._by_drv(trusted).get(drv_path)
+        return self.nodes.get(sid) if sid is not None else None
+
+    def _repositories_of(self, step_id: int) -> set[str | None]:
+        """The repositories of the step's live builds (None for a build without one)."""
+        node = self.nodes.get(step_id)
+        if node is None:
+            return set()
+        return {self.builds[b].repository for b in node.builds if b in self.builds}
 
     async def restart_build(self, build_id: int) -> bool:
         """Queue a build's failed, dependency-failed and cancelled steps again, clearing the
@@ -316,6 +399,9 @@ class Scheduler:
                         PlannedStep(drvs[d], tuple(sorted(deps[d])))
                         for d in _dependencies_first(deps)
                     ]
+                    # Every step keeps its trust: an untrusted build's shared trusted step
+                    # runs again as the trusted step it is.
+                    trust = {str(m.drv_path): bool(m.trusted) for m in pending}
                     roots: dict[str, str | None] = {
                         r.drv_path: (r.drv_path if r.step_id is not None else None)
                         for r in await queries.fetch_all_build_roots(conn, [build_id])
@@ -333,6 +419,10 @@ class Scheduler:
                         planned,
                         now,
                         members={int(m.id) for m in members},
+                        trust=trust,
+                        shared=frozenset(),
+                        repository=row.repository,
+                        trusted=bool(row.trusted),
                     )
                 log.info("build %d restarted: %d steps queued again", build_id, len(redo))
                 self.wake()
@@ -350,13 +440,24 @@ class Scheduler:
         now: float,
         *,
         members: set[int] | None,
+        trust: dict[str, bool],
+        shared: frozenset[str],
+        repository: str | None,
+        trusted: bool,
     ) -> tuple[ActiveBuild, int]:
         """Make ``planned`` (dependencies first) the work of build ``build_id``: join active
         steps, fail cached failures at once, queue the rest. ``members`` None: a new build,
         whose step and root rows are written here; otherwise the rows exist (a restart).
+        ``trust`` says which step (trusted or untrusted) each derivation uses; the ``shared``
+        ones are live trusted steps of an untrusted build, which get no new dependencies.
         Returns the active build and how many steps it queued."""
         ttl = self.config.failure_cache_ttl_secs
-        existing = await queries.fetch_steps_by_drv(conn, [s.drv.drv_path for s in planned])
+        existing = {
+            tr: await queries.fetch_steps_by_drv(
+                conn, [s.drv.drv_path for s in planned if trust[s.drv.drv_path] is tr], trusted=tr
+            )
+            for tr in (True, False)
+        }
         ids: dict[str, int] = {}
         fresh: list[StepNode] = []
         """Steps this build queues: new ones and finished ones queued again."""
@@ -367,9 +468,9 @@ class Scheduler:
         """Active builds holding a finished step that is queued again: not over after all."""
         for item in planned:
             drv = item.drv
-            sid = self.by_drv.get(drv.drv_path)
-            node = self.nodes.get(sid) if sid is not None else None
-            row = existing.get(drv.drv_path)
+            tr = trust[drv.drv_path]
+            node = self._node_of(drv.drv_path, tr)
+            row = existing[tr].get(drv.drv_path)
             if node is not None and node.state not in _REDO_STATES:
                 ids[drv.drv_path] = node.id
                 touched.append(node)
@@ -389,7 +490,7 @@ class Scheduler:
                         StepNode(
                             id=sid,
                             drv_path=drv.drv_path,
-                            req=Requirement(drv.system, drv.required_features),
+                            req=Requirement(drv.system, drv.required_features, tr),
                             state=StepState.FAILED,
                             created_at=float(row.created_at),
                             outputs=dict(drv.outputs),
@@ -414,7 +515,7 @@ class Scheduler:
                 assigned_at=None,
             )
             if row is None:
-                sid = await queries.insert_step(conn, drv_path=drv.drv_path, **values)
+                sid = await queries.insert_step(conn, drv_path=drv.drv_path, trusted=tr, **values)
             else:
                 sid = int(row.id)
                 await queries.update_step(conn, sid, **values)
@@ -433,13 +534,20 @@ class Scheduler:
                 node = StepNode(
                     id=sid,
                     drv_path=drv.drv_path,
-                    req=Requirement(drv.system, drv.required_features),
+                    req=Requirement(drv.system, drv.required_features, tr),
                     state=StepState.WAITING,
                     created_at=now,
                     outputs=dict(drv.outputs),
                 )
             fresh.append(node)
-        pairs = [(ids[item.drv.drv_path], ids[d]) for item in planned for d in item.deps]
+        pairs = [
+            (ids[item.drv.drv_path], ids[d])
+            for item in planned
+            if item.drv.drv_path not in shared
+            for d in item.deps
+            # DESIGN §6: a trusted step never waits for (or uses) an untrusted one.
+            if not (trust[item.drv.drv_path] and not trust[d])
+        ]
         await queries.insert_step_deps(conn, pairs)
         root_ids = {
             drv: ids[step_drv] if step_drv is not None else None for drv, step_drv in roots.items()
@@ -449,7 +557,7 @@ class Scheduler:
             await queries.insert_build_roots(conn, build_id, root_ids)
         for node in fresh + cached:
             self.nodes[node.id] = node
-            self.by_drv[node.drv_path] = node.id
+            self._by_drv(node.req.trusted)[node.drv_path] = node.id
         for s, d in pairs:
             dep, node = self.nodes[d], self.nodes[s]
             # A step that already runs (or ran) keeps the dependencies it started with:
@@ -467,6 +575,8 @@ class Scheduler:
                 root_ids,
                 set(ids.values()) | (members or set()),
                 BuildState.QUEUED,
+                repository=repository,
+                trusted=trusted,
             )
             self.builds[build_id] = build
         else:
@@ -726,7 +836,7 @@ class Scheduler:
                     return False
                 outcome, error = msg.outcome, msg.error
                 if outcome is p.Outcome.SUCCESS:
-                    present = await self._outputs_present(list(node.outputs.values()))
+                    present = await self._present(node, list(node.outputs.values()))
                     missing = sorted(set(node.outputs.values()) - set(present))
                     if missing:
                         outcome = p.Outcome.UPLOAD_FAILURE
@@ -735,6 +845,16 @@ class Scheduler:
                 return True
 
             return await self._guard(body())
+
+    async def _present(self, node: StepNode, paths: list[str]) -> set[str]:
+        """Which outputs of ``node`` are published: in the main cache, or for an untrusted
+        step also in the untrusted cache."""
+        found = set(await self._outputs_present(paths))
+        if not node.req.trusted and self._untrusted_outputs_present is not None:
+            found |= set(
+                await self._untrusted_outputs_present([x for x in paths if x not in found])
+            )
+        return found
 
     # ---- the loop --------------------------------------------------------------------------
     def wake(self) -> None:
@@ -764,7 +884,9 @@ class Scheduler:
         is the record, so memory is thrown away and reloaded. Connected venues stay."""
         venues = self.venues
         self.nodes, self.by_drv, self.leases, self.builds = {}, {}, {}, {}
+        self.untrusted_by_drv = {}
         self.index, self.delayed = RunnableIndex(), []
+        self._nothing_for = {}
         for connected in venues.values():
             connected.running.clear()
         await self.load(fresh_start=False)
@@ -854,10 +976,15 @@ class Scheduler:
             return
         # Agents first (DESIGN §5's order among them); SSH builders only get the steps that
         # no free agent slot took in this pass.
-        decisions = plan_dispatch(self.index, [v.view() for v in free if v.kind != SSH])
+        decisions = plan_dispatch(
+            self.index,
+            [v.view() for v in free if v.kind != SSH],
+            repositories_of=self._repositories_of,
+            nothing_for=self._nothing_for,
+        )
         ssh = [v.view() for v in free if v.kind == SSH]
         if ssh and len(self.index):
-            decisions += plan_dispatch(self.index, ssh)
+            decisions += plan_dispatch(self.index, ssh, repositories_of=self._repositories_of)
         if not decisions:
             return
         # Resolve every venue before the first await: a venue may detach meanwhile, and a
@@ -1152,8 +1279,9 @@ class Scheduler:
             node.builds.discard(build.id)
             if node.state.is_final and not node.builds:
                 self.nodes.pop(sid, None)
-                if self.by_drv.get(node.drv_path) == sid:
-                    del self.by_drv[node.drv_path]
+                by_drv = self._by_drv(node.req.trusted)
+                if by_drv.get(node.drv_path) == sid:
+                    del by_drv[node.drv_path]
                 for d in node.deps:
                     if d in self.nodes:
                         self.nodes[d].dependents.discard(sid)
@@ -1213,7 +1341,9 @@ def _node_from_row(row: Any) -> StepNode:
     return StepNode(
         id=int(row.id),
         drv_path=row.drv_path,
-        req=Requirement(row.system, frozenset(json.loads(row.required_features))),
+        req=Requirement(
+            row.system, frozenset(json.loads(row.required_features)), bool(row.trusted)
+        ),
         state=StepState(row.state),
         created_at=float(row.created_at),
         not_before=row.not_before,

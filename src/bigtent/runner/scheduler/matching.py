@@ -1,4 +1,10 @@
-"""Which venue may run which step, and which venue is best for it (DESIGN §5). Pure code."""
+"""Which venue may run which step, and which venue is best for it (DESIGN §5). Pure code.
+
+Trust (DESIGN §6, docs/security.md) is part of matching: a trusted step runs only on a
+trusted venue and an untrusted step only on an untrusted one (``Requirement.trusted``), and
+a venue scoped to repositories (an OIDC agent) takes a step only when some live build of the
+step is for one of them (``may_take``).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,16 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Requirement:
-    """What a step needs from a venue: its system and its required features."""
+    """What a step needs from a venue: its system, its required features and its trust.
+
+    Runnable steps are bucketed by requirement, so trusted and untrusted work never share a
+    bucket: the top of a bucket is always a step of the bucket's trust."""
 
     system: str
     features: frozenset[str]
+    trusted: bool = True
+    """A trusted step (its outputs go to the main cache) needs a trusted venue; an untrusted
+    step needs an untrusted venue."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +37,11 @@ class VenueView:
     max_jobs: int
     running: int
     speed_factor: float = 1.0
+    trusted: bool = True
+    """A trusted venue (token agents, SSH builders, OIDC agents by default) takes only trusted
+    steps; an untrusted venue only untrusted ones."""
+    repositories: frozenset[str] | None = None
+    """The build repositories the venue may serve (an OIDC agent's rule); None: any."""
 
     @property
     def free_slots(self) -> int:
@@ -32,17 +49,33 @@ class VenueView:
 
 
 def can_run(venue: VenueView, req: Requirement) -> bool:
-    """DESIGN §5: the venue has the step's system, supports every required feature, and every
-    one of its mandatory features is required by the step. (Slots, backoff and trust are the
-    dispatcher's business.)
+    """DESIGN §5: the venue is of the step's trust, has the step's system, supports every
+    required feature, and every one of its mandatory features is required by the step.
+    (Slots and backoff are the dispatcher's business; repositories are ``may_take``'s.)
 
     A venue's mandatory features count as supported too, as in Nix's machines file.
     """
+    if venue.trusted != req.trusted:
+        return False
     if req.system not in venue.systems:
         return False
     if not venue.mandatory_features <= req.features:
         return False
     return req.features <= (venue.supported_features | venue.mandatory_features)
+
+
+def may_take(venue: VenueView, repositories: Collection[str | None]) -> bool:
+    """DESIGN §6: a venue scoped to repositories (an OIDC agent) takes a step only when some
+    live build of the step is for one of them; a build without a repository (None) matches no
+    scope. An unscoped venue (token agents, SSH builders, a rule with ``"*"``) takes any."""
+    if venue.repositories is None:
+        return True
+    return not venue.repositories.isdisjoint(repositories)
+
+
+def eligible(venue: VenueView, req: Requirement, repositories: Collection[str | None]) -> bool:
+    """Everything but load: ``can_run`` (capabilities and trust) and ``may_take``."""
+    return can_run(venue, req) and may_take(venue, repositories)
 
 
 def contended_waste(venue: VenueView, req: Requirement, wanted: Collection[str]) -> int:

@@ -1,7 +1,7 @@
 """launches: the autoscaler's workflow_dispatch launches and their states
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-16 10:00:00.000000
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
