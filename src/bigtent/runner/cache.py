@@ -12,29 +12,34 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
-import lzma
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import BinaryIO, Generic, TypeVar
 
 import httpx
-import zstandard
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from bigtent.config import CacheSection, Compression, Upstream
+from bigtent.config import CacheSection, Upstream
 from bigtent.errors import BadRequest, ConfigError, PayloadTooLarge, UpstreamUnavailable
 from bigtent.nix import base32, narinfo
+from bigtent.nix.compression import (
+    EXTENSIONS,
+    BoundedDecompressor,
+    Compression,
+    Compressor,
+    DecompressedTooLarge,
+    DecompressionError,
+)
 from bigtent.nix.keys import SecretKey, parse_public_key
 from bigtent.nix.nar import NarError, NarSink, NarValidator, ReferenceScanner
 from bigtent.nix.store_path import StorePath
 from bigtent.runner.db import queries
-from bigtent.runner.storage import Storage
+from bigtent.runner.storage import Staged, Storage
 
 log = logging.getLogger(__name__)
-
-_EXTENSIONS = {Compression.ZSTD: ".zst", Compression.XZ: ".xz", Compression.NONE: ""}
 
 
 STORE_PREFIX = "/nix/store/"
@@ -70,21 +75,66 @@ class _Lru(Generic[_V]):
             self._items.popitem(last=False)
 
 
-class _Compressor:
-    def __init__(self, compression: Compression, level: int) -> None:
-        self._obj: Any
-        if compression is Compression.ZSTD:
-            self._obj = zstandard.ZstdCompressor(level=level).compressobj()
-        elif compression is Compression.XZ:
-            self._obj = lzma.LZMACompressor(preset=min(level, 9))
-        else:
-            self._obj = None
+STORED_READ_BYTES = 1024 * 1024
+"""A stored file is read back for verification this much at a time."""
 
-    def compress(self, data: bytes) -> bytes:
-        return self._obj.compress(data) if self._obj is not None else data
 
-    def flush(self) -> bytes:
-        return self._obj.flush() if self._obj is not None else b""
+def nar_file_name(file_hash: bytes, compression: Compression) -> str:
+    """The storage name (and narinfo ``URL``) of a NAR file: content-addressed by the file."""
+    return f"nar/{base32.encode(file_hash)}.nar{EXTENSIONS[compression]}"
+
+
+class NarCheck:
+    """The one verification of a NAR's bytes, whichever way they arrive (DESIGN §6: uploads):
+    never longer than declared (checked per chunk, before any work), well-formed, the declared
+    hash and length; the hash parts of ``candidates`` found in it are its references."""
+
+    def __init__(
+        self,
+        declared_size: int,
+        declared_hash: bytes,
+        candidates: Iterable[str] = (),
+        sink: NarSink | None = None,
+    ) -> None:
+        self.declared_size = declared_size
+        self.declared_hash = declared_hash
+        self.size = 0
+        self._validator = NarValidator(sink) if sink is not None else NarValidator()
+        self._scanner = ReferenceScanner(candidates)
+
+    def count(self, chunk: bytes) -> None:
+        """Account for ``chunk``; PayloadTooLarge past the declared size (a hard stop)."""
+        self.size += len(chunk)
+        if self.size > self.declared_size:
+            raise PayloadTooLarge(
+                f"NAR is longer than its declared size of {self.declared_size} bytes"
+            )
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            self._validator.feed(chunk)
+        except NarError as exc:
+            raise BadRequest(f"malformed NAR: {exc}") from exc
+        self._scanner.feed(chunk)
+
+    def finish(self) -> tuple[bytes, frozenset[str]]:
+        """The NAR's sha256 and the references found, once it is complete and as declared."""
+        if self.size != self.declared_size:
+            raise BadRequest(
+                f"NAR is {self.size} bytes, shorter than its declared {self.declared_size}"
+            )
+        nar_sha = self._validator.sha256()
+        if nar_sha != self.declared_hash:
+            raise BadRequest(
+                "NAR hash mismatch: declared "
+                f"{base32.format_hash('sha256', self.declared_hash)}, got "
+                f"{base32.format_hash('sha256', nar_sha)}"
+            )
+        try:
+            self._validator.finish()
+        except NarError as exc:
+            raise BadRequest(f"malformed NAR: {exc}") from exc
+        return nar_sha, frozenset(self._scanner.found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +148,7 @@ class Ingested:
     file_size: int
     references: frozenset[str]
     """Hash parts found by the reference scan (a subset of the candidates)."""
+    compression: Compression
 
 
 class Cache:
@@ -189,6 +240,10 @@ class Cache:
         return out
 
     # ---- ingest ----------------------------------------------------------------------------
+    # Two ways in, one verification (``NarCheck``): a NAR streamed to the runner is checked
+    # and compressed here (``receive``); a compressed file an agent put in the storage itself
+    # (a presigned upload) is read back, decompressed with a hard stop, and checked the same
+    # way (``receive_stored``).
     async def receive(
         self,
         chunks: AsyncIterator[bytes],
@@ -197,35 +252,25 @@ class Cache:
         declared_hash: bytes,
         candidates: Iterable[str] = (),
         sink: NarSink | None = None,
-    ) -> tuple[Ingested, str]:
+    ) -> tuple[Ingested, Staged]:
         """Stream a NAR into a temporary file, verifying as it goes.
 
-        Returns what was learned and the temporary handle; the caller must ``publish`` or
+        Returns what was learned and the staged file; the caller must ``publish`` or
         ``discard`` it. Raises PayloadTooLarge or BadRequest (and stores nothing) when the NAR
         is larger than declared or allowed, shorter, malformed, or hashes differently.
         ``sink`` sees the NAR's entries as they are parsed (e.g. to hash a file's contents).
         """
-        if declared_size > self.config.max_nar_bytes:
-            raise PayloadTooLarge(
-                f"declared NAR size {declared_size} exceeds max_nar_bytes "
-                f"{self.config.max_nar_bytes}"
-            )
+        self.check_declared_size(declared_size)
         compression = self.config.compression
-        compressor = _Compressor(compression, self.config.compression_level)
+        compressor = Compressor(compression, self.config.compression_level)
+        check = NarCheck(declared_size, declared_hash, candidates, sink)
         file_sha = hashlib.sha256()
-        validator = NarValidator(sink) if sink is not None else NarValidator()
-        scanner = ReferenceScanner(candidates)
-        size = 0
         file_size = 0
-        out, temp = self.storage.new_temp()
+        out, staged = self.storage.new_temp()
 
         def process(chunk: bytes) -> None:
             nonlocal file_size
-            try:
-                validator.feed(chunk)
-            except NarError as exc:
-                raise BadRequest(f"malformed NAR: {exc}") from exc
-            scanner.feed(chunk)
+            check.feed(chunk)
             data = compressor.compress(chunk)
             if data:
                 file_sha.update(data)
@@ -240,11 +285,7 @@ class Cache:
                 async for chunk in chunks:
                     if not chunk:
                         continue
-                    size += len(chunk)
-                    if size > declared_size:
-                        raise PayloadTooLarge(
-                            f"NAR is longer than its declared size of {declared_size} bytes"
-                        )
+                    check.count(chunk)
                     if in_thread:
                         await asyncio.to_thread(process, chunk)
                     else:
@@ -253,42 +294,121 @@ class Cache:
                 file_sha.update(data)
                 file_size += len(data)
                 out.write(data)
-            if size != declared_size:
-                raise BadRequest(f"NAR is {size} bytes, shorter than its declared {declared_size}")
-            nar_sha = validator.sha256()
-            if nar_sha != declared_hash:
-                raise BadRequest(
-                    "NAR hash mismatch: declared "
-                    f"{base32.format_hash('sha256', declared_hash)}, got "
-                    f"{base32.format_hash('sha256', nar_sha)}"
-                )
-            try:
-                validator.finish()
-            except NarError as exc:
-                raise BadRequest(f"malformed NAR: {exc}") from exc
+            nar_sha, references = check.finish()
         except BaseException:
-            self.storage.discard(temp)
+            await staged.discard()
             raise
         file_hash = file_sha.digest()
-        name = f"nar/{base32.encode(file_hash)}.nar{_EXTENSIONS[compression]}"
         return (
             Ingested(
                 nar_hash=nar_sha,
-                nar_size=size,
-                file_name=name,
+                nar_size=declared_size,
+                file_name=nar_file_name(file_hash, compression),
                 file_hash=file_hash,
                 file_size=file_size,
-                references=frozenset(scanner.found),
+                references=references,
+                compression=compression,
             ),
-            temp,
+            staged,
         )
 
-    def discard(self, temp: str) -> None:
-        self.storage.discard(temp)
+    def check_declared_size(self, declared_size: int) -> None:
+        if declared_size > self.config.max_nar_bytes:
+            raise PayloadTooLarge(
+                f"declared NAR size {declared_size} exceeds max_nar_bytes "
+                f"{self.config.max_nar_bytes}"
+            )
+
+    async def receive_stored(
+        self,
+        body: BinaryIO,
+        staged: Staged,
+        *,
+        compression: Compression,
+        declared_size: int,
+        declared_hash: bytes,
+        declared_file_size: int,
+        declared_file_hash: bytes,
+        candidates: Iterable[str] = (),
+    ) -> Ingested:
+        """Verify a compressed NAR file already in the storage, read from ``body``.
+
+        The file is hashed and counted (a hard stop at its declared size), decompressed with a
+        hard stop at the declared NAR size (a decompression bomb costs at most one bounded
+        burst of output), and the NAR checked exactly as ``receive`` checks an uploaded one.
+        Runs in a worker thread, as long as the NAR takes: no fixed timeout. On any mismatch
+        ``staged`` is discarded (the object deleted) and BadRequest or PayloadTooLarge raised.
+        """
+        self.check_declared_size(declared_size)
+        stop = threading.Event()
+
+        def verify() -> tuple[bytes, frozenset[str]]:
+            check = NarCheck(declared_size, declared_hash, candidates)
+            decompressor = BoundedDecompressor(compression, declared_size)
+            file_sha = hashlib.sha256()
+            file_size = 0
+            try:
+                while chunk := body.read(STORED_READ_BYTES):
+                    if stop.is_set():
+                        raise asyncio.CancelledError
+                    file_size += len(chunk)
+                    if file_size > declared_file_size:
+                        raise PayloadTooLarge(
+                            f"the uploaded file is longer than its declared size of "
+                            f"{declared_file_size} bytes"
+                        )
+                    file_sha.update(chunk)
+                    for nar_chunk in decompressor.feed(chunk):
+                        check.count(nar_chunk)
+                        check.feed(nar_chunk)
+                decompressor.finish()
+            except DecompressedTooLarge as exc:
+                raise PayloadTooLarge(
+                    f"the uploaded {compression} file decompresses to more than its declared "
+                    f"NAR size of {declared_size} bytes"
+                ) from exc
+            except DecompressionError as exc:
+                raise BadRequest(f"the uploaded file is not valid {compression}: {exc}") from exc
+            finally:
+                body.close()
+            if file_size != declared_file_size:
+                raise BadRequest(
+                    f"the uploaded file is {file_size} bytes, not its declared "
+                    f"{declared_file_size}"
+                )
+            if file_sha.digest() != declared_file_hash:
+                raise BadRequest(
+                    "file hash mismatch: declared "
+                    f"{base32.format_hash('sha256', declared_file_hash)}, got "
+                    f"{base32.format_hash('sha256', file_sha.digest())}"
+                )
+            return check.finish()
+
+        try:
+            try:
+                nar_sha, references = await asyncio.to_thread(verify)
+            except asyncio.CancelledError:
+                stop.set()
+                raise
+        except BaseException:
+            await staged.discard()
+            raise
+        return Ingested(
+            nar_hash=nar_sha,
+            nar_size=declared_size,
+            file_name=nar_file_name(declared_file_hash, compression),
+            file_hash=declared_file_hash,
+            file_size=declared_file_size,
+            references=references,
+            compression=compression,
+        )
+
+    async def discard(self, staged: Staged) -> None:
+        await staged.discard()
 
     async def publish(
         self,
-        temp: str,
+        staged: Staged,
         store_path: StorePath,
         got: Ingested,
         references: Iterable[str],
@@ -306,7 +426,7 @@ class Cache:
         info = narinfo.NarInfo(
             store_path=store_path.path,
             url=got.file_name,
-            compression=str(self.config.compression),
+            compression=str(got.compression),
             file_hash=base32.format_hash("sha256", got.file_hash),
             file_size=got.file_size,
             nar_hash=base32.format_hash("sha256", got.nar_hash),
@@ -317,7 +437,7 @@ class Cache:
             ca=ca,
         )
         signed = dataclasses.replace(info, sigs=(self.key.sign(info.fingerprint()),))
-        await asyncio.to_thread(self.storage.commit, temp, got.file_name)
+        await staged.commit(got.file_name)
         async with self.engine.begin() as conn:
             inserted = await queries.insert_store_path(conn, signed, created_at=time.time())
             if not inserted:
