@@ -19,6 +19,7 @@ from bigtent.protocol import MAX_MESSAGE_BYTES
 from bigtent.runner.agents import run_pruner
 from bigtent.runner.api import CredentialGate, api, cache_routes, install_error_handlers
 from bigtent.runner.components import Components, build_components, close_components
+from bigtent.runner.s3 import S3Storage
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,10 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
             ),
             asyncio.create_task(comps.ssh.run(), name="ssh-builders"),
         ]
+        if isinstance(comps.cache.storage, S3Storage):
+            tasks.append(
+                asyncio.create_task(comps.cache.storage.run_sweeper(), name="s3-sweeper")
+            )
 
         def _done(t: asyncio.Task[None]) -> None:
             if not t.cancelled() and t.exception() is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -19,7 +20,9 @@ from bigtent.runner.logs import LogStore
 from bigtent.runner.scheduler.dispatcher import Scheduler
 from bigtent.runner.sessions import Sessions
 from bigtent.runner.sshvenue import SshBuilders
-from bigtent.runner.storage import LocalStorage
+from bigtent.runner.presigned import PresignedUploads
+from bigtent.runner.s3 import S3Storage
+from bigtent.runner.storage import LocalStorage, Storage
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,8 @@ class Components:
     """Tokens in the database (the API's ``/tokens``), mirrored into ``tokens``."""
     auth_throttle: FailureThrottle
     """Credential failures per address, shared by the HTTP gate and the agent WebSocket."""
+    presigned: PresignedUploads
+    """Presigned uploads of agent outputs (answers "PUT to the runner" with local storage)."""
     oidc: OidcVerifier | None = None
     """Verifies agents' OIDC ID tokens; None when no ``[[auth.oidc]]`` issuer is configured."""
 
@@ -77,9 +82,7 @@ async def build_components(config: RunnerConfig) -> Components:
             auth.max_failures_per_address, auth.failure_window_secs, auth.max_tracked_addresses
         )
     )
-    cache = Cache(
-        engine, LocalStorage(state_dir / "cache"), key, config.cache, config.runner.base_url()
-    )
+    cache = Cache(engine, await open_storage(config), key, config.cache, config.runner.base_url())
     upstreams = Upstreams(
         config.cache.upstreams,
         config.cache.upstream_max_in_flight,
@@ -93,6 +96,14 @@ async def build_components(config: RunnerConfig) -> Components:
     )
     ssh = SshBuilders(config, scheduler, cache, upstreams)
     ssh.attach()
+    s3 = cache.storage if isinstance(cache.storage, S3Storage) else None
+    presigned = PresignedUploads(
+        cache,
+        upstreams,
+        scheduler,
+        s3,
+        enabled=config.cache.s3 is not None and config.cache.s3.presigned_uploads,
+    )
     return Components(
         config,
         engine,
@@ -105,8 +116,21 @@ async def build_components(config: RunnerConfig) -> Components:
         ssh,
         token_store,
         auth_throttle,
+        presigned,
         oidc,
     )
+
+
+async def open_storage(config: RunnerConfig) -> Storage:
+    """The NAR storage ``[cache] storage`` names; an S3 bucket is checked to be usable."""
+    root = config.runner.state_dir / "cache"
+    if config.cache.storage == "s3":
+        if config.cache.s3 is None:
+            raise ConfigError('config key cache.storage = "s3" needs a [cache.s3] section')
+        s3 = S3Storage(config.cache.s3, root / "tmp")
+        await asyncio.to_thread(s3.check_bucket)
+        return s3
+    return LocalStorage(root)
 
 
 async def close_components(comps: Components) -> None:

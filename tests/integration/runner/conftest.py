@@ -34,6 +34,9 @@ from bigtent.runner.auth.tokens import generate_token, token_digest
 from bigtent.runner.components import Components, build_components, close_components
 from tests.conftest import current_system
 from tests.conftest import eventually as _eventually
+from tests.s3 import s3_bucket, s3_endpoint
+
+__all__ = ["s3_bucket", "s3_endpoint"]  # fixtures for the tests of S3 storage
 
 NO_SUBSTITUTERS = ["--option", "substituters", ""]
 WAIT_SECS = 10.0
