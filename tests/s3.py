@@ -49,7 +49,7 @@ class Bucket:
             lines.append(f"{key} = {shown}")
         return "\n".join(lines) + "\n"
 
-    def keys(self, prefix: str = "") -> list[str]:
+    def list_keys(self, prefix: str = "") -> list[str]:
         out: list[str] = []
         for page in self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.name, Prefix=prefix

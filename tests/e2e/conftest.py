@@ -24,6 +24,9 @@ import pytest
 from bigtent.nix.keys import generate_key
 from bigtent.runner.auth.tokens import generate_token, token_digest
 from tests.conftest import have_nix, wait_until
+from tests.s3 import Bucket, s3_bucket, s3_endpoint
+
+__all__ = ["s3_bucket", "s3_endpoint"]  # fixtures: a farm may store its NARs in S3
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_NIX = REPO / "examples" / "dag.nix"
@@ -76,6 +79,10 @@ class Farm:
     admin_token: str
     public_key: str
     runner_extra: str = ""
+    storage: Bucket | None = None
+    """Store NARs in this bucket (``[cache] storage = "s3"``) instead of the state dir."""
+    cache_extra: str = ""
+    """More ``[cache]`` keys (TOML lines)."""
     runner: Proc | None = None
     agents: dict[str, Proc] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
@@ -127,6 +134,8 @@ allow_plaintext = true
 
 [cache]
 signing_key_file = "{self.root / "cache.sk"}"
+{'storage = "s3"' if self.storage else ""}
+{self.cache_extra}
 
 [scheduler]
 heartbeat_secs = 1.0
@@ -149,6 +158,7 @@ name = "admin"
 role = "admin"
 sha256 = "{token_digest(self.admin_token)}"
 {self.runner_extra}
+{self.storage.toml() if self.storage else ""}
 """
         )
         self.runner = self._spawn("runner", ["-v", "runner", "--config", str(cfg)], self.env())
@@ -282,7 +292,13 @@ def _nix_value(v: Any) -> str:
 def farm_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Farm]]:
     farms: list[Farm] = []
 
-    def make(agents: int = 0, runner_extra: str = "", **agent_kwargs: Any) -> Farm:
+    def make(
+        agents: int = 0,
+        runner_extra: str = "",
+        storage: Bucket | None = None,
+        cache_extra: str = "",
+        **agent_kwargs: Any,
+    ) -> Farm:
         root = tmp_path / f"farm{len(farms)}"
         root.mkdir()
         key = generate_key(f"test-{uuid.uuid4().hex[:6]}-1")
@@ -295,6 +311,8 @@ def farm_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cal
             admin_token=generate_token(),
             public_key=key.public_key().to_text(),
             runner_extra=runner_extra,
+            storage=storage,
+            cache_extra=cache_extra,
         )
         farms.append(farm)
         farm.start_runner()

@@ -100,7 +100,8 @@ class _Builder:
             return
         if self._file is None:
             self._tmp_dir.mkdir(parents=True, exist_ok=True)
-            self._file = tempfile.NamedTemporaryFile(
+            # Kept open across feeds and closed in finish/abandon: no context manager fits.
+            self._file = tempfile.NamedTemporaryFile(  # noqa: SIM115
                 dir=self._tmp_dir, suffix=".upload", delete=False
             )
             self.path = Path(self._file.name)

@@ -104,9 +104,7 @@ class BoundedDecompressor:
     def _count(self, out: bytes) -> bytes:
         self.produced += len(out)
         if self.produced > self.max_bytes:
-            raise DecompressedTooLarge(
-                f"the file decompresses to more than {self.max_bytes} bytes"
-            )
+            raise DecompressedTooLarge(f"the file decompresses to more than {self.max_bytes} bytes")
         return out
 
     def feed(self, data: bytes) -> Iterator[bytes]:

@@ -48,9 +48,7 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
             asyncio.create_task(comps.ssh.run(), name="ssh-builders"),
         ]
         if isinstance(comps.cache.storage, S3Storage):
-            tasks.append(
-                asyncio.create_task(comps.cache.storage.run_sweeper(), name="s3-sweeper")
-            )
+            tasks.append(asyncio.create_task(comps.cache.storage.run_sweeper(), name="s3-sweeper"))
 
         def _done(t: asyncio.Task[None]) -> None:
             if not t.cancelled() and t.exception() is not None:

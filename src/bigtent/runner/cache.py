@@ -373,8 +373,7 @@ class Cache:
                 body.close()
             if file_size != declared_file_size:
                 raise BadRequest(
-                    f"the uploaded file is {file_size} bytes, not its declared "
-                    f"{declared_file_size}"
+                    f"the uploaded file is {file_size} bytes, not its declared {declared_file_size}"
                 )
             if file_sha.digest() != declared_file_hash:
                 raise BadRequest(

@@ -17,11 +17,11 @@ from bigtent.runner.auth.tokens import TokenRegistry, TokenStore
 from bigtent.runner.cache import Cache, Upstreams
 from bigtent.runner.db.migrate import create_engine, migrate
 from bigtent.runner.logs import LogStore
+from bigtent.runner.presigned import PresignedUploads
+from bigtent.runner.s3 import S3Storage
 from bigtent.runner.scheduler.dispatcher import Scheduler
 from bigtent.runner.sessions import Sessions
 from bigtent.runner.sshvenue import SshBuilders
-from bigtent.runner.presigned import PresignedUploads
-from bigtent.runner.s3 import S3Storage
 from bigtent.runner.storage import LocalStorage, Storage
 
 log = logging.getLogger(__name__)

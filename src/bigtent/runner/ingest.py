@@ -541,6 +541,8 @@ async def publish_leased_output(
     declared_size: int,
     receive: Receive,
     skip: Callable[[], Awaitable[None]],
+    *,
+    via: str = "a PUT to the runner",
 ) -> NarInfo:
     """Publish an output of a leased step, whichever way its NAR arrives (a PUT to the
     runner, or a presigned upload to the bucket): the one door for agent outputs.
@@ -585,5 +587,5 @@ async def publish_leased_output(
     except BaseException:
         await cache.discard(staged)
         raise
-    log.info("step %d: received %s (%d bytes)", node.id, path, got.nar_size)
+    log.info("step %d: received %s (%d bytes) by %s", node.id, path, got.nar_size, via)
     return published

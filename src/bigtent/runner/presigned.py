@@ -66,13 +66,20 @@ def check_declaration(
             f"this cache stores {compression} files, not {body.compression[:16]!r}",
             detail={"compression": str(compression)},
         )
+    if compression is Compression.NONE and body.file_size != body.nar_size:
+        raise BadRequest(
+            f"an uncompressed file is the NAR itself: its size must be {body.nar_size}, "
+            f"not {body.file_size}"
+        )
     bound = compressed_size_bound(body.nar_size, compression)
     if body.file_size > bound:
         raise PayloadTooLarge(
             f"declared file size {body.file_size} is more than a {body.nar_size}-byte NAR "
             f"compresses to with {compression} (at most {bound})"
         )
-    return Declared(hashes["nar_hash"], body.nar_size, compression, hashes["file_hash"], body.file_size)
+    return Declared(
+        hashes["nar_hash"], body.nar_size, compression, hashes["file_hash"], body.file_size
+    )
 
 
 def record_json(info: NarInfo) -> dict[str, object]:
@@ -150,9 +157,7 @@ class PresignedUploads:
             expires_secs=self.storage.config.presigned_put_secs,
         )
 
-    async def complete(
-        self, lease_id: str, output_name: str, body: p.UploadDeclaration
-    ) -> NarInfo:
+    async def complete(self, lease_id: str, output_name: str, body: p.UploadDeclaration) -> NarInfo:
         """Verify and publish an uploaded file. A repeated ``complete`` while the first is
         still verifying waits for the same verification; after it, it gets the record."""
         storage = self.storage
@@ -221,6 +226,7 @@ class PresignedUploads:
                 declared.nar_size,
                 receive,
                 staged.discard,
+                via="a presigned upload",
             )
         except BaseException as exc:
             # Whatever failed, the object is never published: delete it (idempotent).

@@ -71,9 +71,7 @@ class IncomingObject:
     last_modified: float
 
 
-def expired_incoming(
-    objects: Sequence[IncomingObject], now: float, ttl_secs: float
-) -> list[str]:
+def expired_incoming(objects: Sequence[IncomingObject], now: float, ttl_secs: float) -> list[str]:
     """Keys of presigned uploads older than ``ttl_secs``: their agents never completed them
     (pure: the sweeper's decision)."""
     return sorted(o.key for o in objects if now - o.last_modified > ttl_secs)
@@ -362,9 +360,7 @@ async def s3_nar_response(storage: S3Storage, name: str, *, head: bool) -> Respo
             size = None
         if size is None:
             raise NotFound("no such NAR")
-        return Response(
-            media_type=NAR_CONTENT_TYPE, headers={"Content-Length": str(size)}
-        )
+        return Response(media_type=NAR_CONTENT_TYPE, headers={"Content-Length": str(size)})
     streamed = await storage.stream(name)
     if streamed is None:
         raise NotFound("no such NAR")

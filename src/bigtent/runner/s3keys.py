@@ -43,7 +43,7 @@ def normalize_prefix(prefix: str) -> str:
     for segment in segments:
         if segment in ("", ".", ".."):
             raise ValueError(f"prefix {prefix!r} has an empty, '.' or '..' segment")
-        if not _PREFIX_SEGMENT.match(segment):
+        if not _PREFIX_SEGMENT.fullmatch(segment):
             raise ValueError(
                 f"prefix segment {segment!r} may hold only letters, digits and !_.*'()-"
             )
@@ -53,14 +53,14 @@ def normalize_prefix(prefix: str) -> str:
 def nar_key(prefix: str, name: str) -> str:
     """The key of published NAR ``name`` (``nar/<hash>.nar.zst``); ValueError for any other
     name, so a request for ``nar/../incoming/...`` or a foreign key is never signed."""
-    if not NAR_NAME.match(name):
+    if not NAR_NAME.fullmatch(name):
         raise ValueError(f"not a NAR file name: {name[:120]!r}")
     return prefix + name
 
 
 def incoming_key(prefix: str, lease_id: str, nar_hash: bytes, compression: Compression) -> str:
     """Where an agent's presigned upload for a NAR of ``nar_hash`` under ``lease_id`` goes."""
-    if not LEASE_ID.match(lease_id):
+    if not LEASE_ID.fullmatch(lease_id):
         raise ValueError("not a lease id")
     if len(nar_hash) != 32:
         raise ValueError("a NAR hash is 32 bytes of sha256")

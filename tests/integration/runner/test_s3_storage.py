@@ -29,7 +29,6 @@ from bigtent.config import Role
 from bigtent.nix import base32
 from bigtent.nix.compression import Compression
 from bigtent.nix.nar import dump_path
-from bigtent.nix.store_path import StorePath
 from tests.integration.runner.conftest import (
     Drvs,
     MakeRunner,
@@ -69,14 +68,10 @@ class S3Leased:
         comp = compression or Compression(self.registered.compression)
         return await prepare_from_iter(dump_path(path), comp, 3, self.tmp / "uploads")
 
-    async def presign(
-        self, declaration: dict[str, Any], url: str | None = None
-    ) -> httpx.Response:
+    async def presign(self, declaration: dict[str, Any], url: str | None = None) -> httpx.Response:
         return await self.agent.post((url or self.url()) + p.PRESIGN_SUFFIX, json=declaration)
 
-    async def complete(
-        self, declaration: dict[str, Any], url: str | None = None
-    ) -> httpx.Response:
+    async def complete(self, declaration: dict[str, Any], url: str | None = None) -> httpx.Response:
         return await self.agent.post((url or self.url()) + p.COMPLETE_SUFFIX, json=declaration)
 
     async def put_to_bucket(self, plan: p.UploadPlan, body: bytes) -> httpx.Response:
@@ -103,6 +98,10 @@ class S3Leased:
         put = await self.put_to_bucket(plan, _file_bytes(prepared) if body is None else body)
         assert put.status_code == 200, put.text
         return await self.complete(declaration, url)
+
+
+def _nar_headers(up: Upload) -> dict[str, str]:
+    return {"X-Nar-Hash": up.nar_hash, "X-Nar-Size": str(len(up.nar))}
 
 
 def _file_bytes(prepared: PreparedFile) -> bytes:
@@ -211,7 +210,7 @@ async def _substitute(runner: RunnerHarness, paths: list[str], root: Path) -> tu
 
 
 def _incoming(bucket: Bucket) -> list[str]:
-    return bucket.keys("incoming/")
+    return bucket.list_keys("incoming/")
 
 
 async def _copy_from(runner: RunnerHarness, paths: list[str], root: Path) -> tuple[int, str]:
@@ -245,7 +244,7 @@ async def _nothing_published(leased: S3Leased, path: str, keys_before: list[str]
     """No narinfo for ``path``, and the bucket as it was: the uploaded object is deleted."""
     assert (await leased.runner.narinfo(path)).status_code == 404
     assert await leased.runner.present([path]) == set()
-    assert leased.bucket.keys() == keys_before
+    assert leased.bucket.list_keys() == keys_before
     assert _incoming(leased.bucket) == []
 
 
@@ -273,7 +272,7 @@ async def test_presigned_outputs_are_verified_published_and_substituted_by_nix(
     assert info.compression == compression
     assert info.file_hash == prepared.file_hash and info.file_size == prepared.file_size
     # The object moved to its content-addressed key; nothing is left in incoming/.
-    assert info.url in bucket.keys() and _incoming(bucket) == []
+    assert info.url in bucket.list_keys() and _incoming(bucket) == []
     assert bucket.read(info.url) == _file_bytes(prepared)
     # /cache/nar/... redirects to a short-lived presigned GET of exactly that object.
     nar_resp = await runner.client(None).get(f"/cache/{info.url}")
@@ -323,12 +322,13 @@ async def test_presign_is_refused_without_a_current_lease_for_that_output(
         resp = await client.post(leased.url(p.PRESIGN_SUFFIX), json=declaration)
         assert resp.status_code in (401, 403), resp.text
     # Declarations the runner will not sign for.
-    for override, status, says in [
+    refusals: list[tuple[dict[str, Any], int, str]] = [
         ({"compression": "xz"}, 400, "stores zstd"),
         ({"nar_hash": "md5:" + "0" * 32}, 400, "bad nar_hash"),
         ({"nar_size": leased.runner.comps.config.cache.max_nar_bytes + 1}, 413, "max_nar_bytes"),
         ({"file_size": 10 * declaration["nar_size"] + 100_000}, 413, "compresses to"),
-    ]:
+    ]
+    for override, status, says in refusals:
         resp = await leased.presign({**declaration, **override})
         assert resp.status_code == status, resp.text
         assert says in resp.json()["error"], resp.json()
@@ -352,7 +352,7 @@ async def _refused(
 ) -> float:
     """Upload ``body`` under ``prepared``'s declaration (with ``declared`` overrides): refused
     with ``status``, the object deleted, nothing published. Returns the completion's time."""
-    keys_before = leased.bucket.keys()
+    keys_before = leased.bucket.list_keys()
     started = time.monotonic()
     resp = await leased.upload(prepared, body, **declared)
     elapsed = time.monotonic() - started
@@ -461,12 +461,10 @@ async def test_presign_answers_cached_for_a_path_already_in_the_cache(
     prepared = await leased.prepare(dep_out)
     # Published through the runner (a direct PUT, compressed by the runner into the bucket).
     dep = nix.upload(dep_out)
-    put = await leased.agent.put(
-        leased.url(), content=dep.nar, headers={"X-Nar-Hash": dep.nar_hash, "X-Nar-Size": str(len(dep.nar))}
-    )  # fmt: skip
+    put = await leased.agent.put(leased.url(), content=dep.nar, headers=_nar_headers(dep))
     assert put.status_code == 200, put.text
     info = verify_signed(leased.runner, (await leased.runner.narinfo(dep_out)).text)
-    assert info.url in leased.bucket.keys()
+    assert info.url in leased.bucket.list_keys()
     resp = await leased.presign(prepared.declaration().model_dump(mode="json"))
     assert resp.status_code == 200, resp.text
     plan = p.UploadPlan.model_validate_json(resp.content)
@@ -504,8 +502,8 @@ async def test_client_paths_go_to_the_bucket_and_nix_substitutes_them(
     runner = await _s3_runner(make_runner, s3_bucket, serve=serve, prefix="farm/one")
     await upload_closure(runner, nix, drvs.closure)
     info = verify_signed(runner, (await runner.narinfo(drvs.source)).text)
-    assert f"farm/one/{info.url}" in s3_bucket.keys()
-    assert all(k.startswith("farm/one/nar/") for k in s3_bucket.keys())
+    assert f"farm/one/{info.url}" in s3_bucket.list_keys()
+    assert all(k.startswith("farm/one/nar/") for k in s3_bucket.list_keys())
     assert runner.temp_files() == []
     resp = await runner.client(None).get(f"/cache/{info.url}")
     head = await runner.client(None).head(f"/cache/{info.url}")
@@ -530,9 +528,7 @@ async def test_runner_refuses_to_start_without_a_usable_bucket(
     from bigtent.errors import ConfigError
 
     with pytest.raises(ConfigError, match="cannot use bucket 'no-such-bucket'"):
-        await make_runner(
-            cache={"storage": "s3", "s3": s3_bucket.config(bucket="no-such-bucket")}
-        )
+        await make_runner(cache={"storage": "s3", "s3": s3_bucket.config(bucket="no-such-bucket")})
 
 
 async def test_sweeper_deletes_only_old_incoming_objects(
@@ -547,7 +543,7 @@ async def test_sweeper_deletes_only_old_incoming_objects(
     s3_bucket.put("nar/keep.nar", b"published")
     assert await storage.sweep_incoming(time.time()) == 0
     assert await storage.sweep_incoming(time.time() + 120) == 1
-    assert s3_bucket.keys() == ["nar/keep.nar"]
+    assert s3_bucket.list_keys() == ["nar/keep.nar"]
 
 
 async def test_outputs_put_to_the_runner_land_in_the_bucket(
@@ -558,13 +554,13 @@ async def test_outputs_put_to_the_runner_land_in_the_bucket(
     assert leased.registered.presigned_uploads is False
     (dep_out,) = nix.realise(leased.drvs.dep)
     dep = nix.upload(dep_out)
-    plan = await leased.presign((await leased.prepare(dep_out)).declaration().model_dump(mode="json"))
+    plan = await leased.presign(
+        (await leased.prepare(dep_out)).declaration().model_dump(mode="json")
+    )
     assert p.UploadPlan.model_validate_json(plan.content).method is p.UploadMethod.PUT
-    resp = await leased.agent.put(
-        leased.url(), content=dep.nar, headers={"X-Nar-Hash": dep.nar_hash, "X-Nar-Size": str(len(dep.nar))}
-    )  # fmt: skip
+    resp = await leased.agent.put(leased.url(), content=dep.nar, headers=_nar_headers(dep))
     assert resp.status_code == 200, resp.text
     info = verify_signed(leased.runner, (await leased.runner.narinfo(dep_out)).text)
-    assert info.url in leased.bucket.keys()
+    assert info.url in leased.bucket.list_keys()
     assert leased.runner.temp_files() == []
     assert (await _finish(leased, leased.assign, dep)).recorded is True
