@@ -349,6 +349,33 @@ def verify_signed(runner: RunnerHarness, text: str) -> narinfo.NarInfo:
     return info
 
 
+async def nix_copy_from(runner: RunnerHarness, paths: list[str], root: Path) -> tuple[int, str]:
+    """``nix copy --derivation --from`` the runner's cache into a fresh store (the .drv files
+    themselves), checking signatures against the runner's key."""
+    assert runner.url is not None
+    proc = await asyncio.create_subprocess_exec(
+        "nix",
+        "--extra-experimental-features",
+        "nix-command",
+        "copy",
+        "--derivation",
+        "--from",
+        f"{runner.url}/cache",
+        "--to",
+        f"local?root={root}",
+        "--option",
+        "trusted-public-keys",
+        runner.key.public_key().to_text(),
+        *paths,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={"PATH": "/usr/bin:/bin", "XDG_CACHE_HOME": str(root.parent / f"xdg-{root.name}")},
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace")
+
+
 @contextlib.contextmanager
 def nothing_stored(runner: RunnerHarness) -> Iterator[None]:
     """Assert that the block left the cache's files exactly as it found them."""

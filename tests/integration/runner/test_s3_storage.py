@@ -36,6 +36,7 @@ from tests.integration.runner.conftest import (
     RunnerHarness,
     Upload,
     agent_socket,
+    nix_copy_from,
     receive_until,
     register,
     upload_closure,
@@ -211,33 +212,6 @@ async def _substitute(runner: RunnerHarness, paths: list[str], root: Path) -> tu
 
 def _incoming(bucket: Bucket) -> list[str]:
     return bucket.list_keys("incoming/")
-
-
-async def _copy_from(runner: RunnerHarness, paths: list[str], root: Path) -> tuple[int, str]:
-    """``nix copy --derivation --from`` the runner's cache into a fresh store (the .drv files
-    themselves), checking signatures against the runner's key."""
-    assert runner.url is not None
-    proc = await asyncio.create_subprocess_exec(
-        "nix",
-        "--extra-experimental-features",
-        "nix-command",
-        "copy",
-        "--derivation",
-        "--from",
-        f"{runner.url}/cache",
-        "--to",
-        f"local?root={root}",
-        "--option",
-        "trusted-public-keys",
-        runner.key.public_key().to_text(),
-        *paths,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={"PATH": "/usr/bin:/bin", "XDG_CACHE_HOME": str(root.parent / f"xdg-{root.name}")},
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace")
 
 
 async def _nothing_published(leased: S3Leased, path: str, keys_before: list[str]) -> None:
@@ -451,6 +425,16 @@ async def test_a_decompression_bomb_is_stopped_at_the_declared_size(
         file_hash=_hash(bomb),
     )
     assert elapsed < 10, f"verification of the bomb took {elapsed:.1f} s"
+    # Even an agent that reports success anyway fails the step as an infrastructure failure
+    # (the output is not in the cache): it is retried under a new lease, never cached.
+    dep = nix.upload(dep_out)
+    assert (await _finish(leased, leased.assign, dep)).recorded is True
+    retry = await receive_until(leased.ws, p.Assign)
+    assert retry.step_id == leased.assign.step_id and retry.lease_id != leased.assign.lease_id
+    step = (await leased.runner.client(Role.CLIENT).get(f"/api/v1/steps/{retry.step_id}")).json()
+    assert step["outcome"] == "upload_failure" and "outputs not uploaded" in step["error"]
+    assert step["state"] in ("assigned", "building")
+    assert (await leased.runner.narinfo(dep_out)).status_code == 404
 
 
 async def test_presign_answers_cached_for_a_path_already_in_the_cache(
@@ -516,7 +500,7 @@ async def test_client_paths_go_to_the_bucket_and_nix_substitutes_them(
     # Names that are not NAR files are never signed or fetched.
     for name in ["nar/..%2Fincoming%2Fx", "nar/" + "e" * 52 + ".nar", "nar/abc.nar.gz"]:
         assert (await runner.client(None).get(f"/cache/{name}")).status_code == 404
-    code, output = await _copy_from(runner, [drvs.top], tmp_path / "fresh")
+    code, output = await nix_copy_from(runner, [drvs.top], tmp_path / "fresh")
     assert code == 0, output
     for path in drvs.closure:
         assert (tmp_path / "fresh" / path.lstrip("/")).exists()
