@@ -1,9 +1,11 @@
 """The signed binary cache: verified NAR ingest, narinfo records, and upstream lookups.
 
-Every path enters the cache through ``Cache.ingest``, which checks the NAR while it streams
-(declared size and hash, the size cap, NAR well-formedness), compresses it, finds its
-references by scanning, and only then signs and records a narinfo. Nothing is published on
-any mismatch (DESIGN §6: uploads).
+Every path enters the cache through one check of its NAR (``NarCheck``: declared size as a
+hard stop, the size cap, NAR well-formedness, hash, references found by scanning), whether the
+NAR streams in (``Cache.receive``, which compresses it) or an agent put its compressed file in
+the storage itself (``Cache.receive_stored``, which decompresses it with a hard stop), and
+only then is a narinfo signed and recorded (``Cache.publish``). Nothing is published on any
+mismatch (DESIGN §6: uploads).
 """
 
 from __future__ import annotations
