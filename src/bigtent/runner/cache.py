@@ -18,6 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO, Generic, TypeVar
 
@@ -79,6 +80,10 @@ class _Lru(Generic[_V]):
 
 STORED_READ_BYTES = 1024 * 1024
 """A stored file is read back for verification this much at a time."""
+STORED_VERIFY_THREADS = 4
+"""Stored files (presigned uploads) are verified in a pool of their own this large: a long
+verification of a large NAR must not hold the default thread pool, which everything else
+(short compression steps, storage calls, name lookups) shares. More wait their turn."""
 
 
 def nar_file_name(file_hash: bytes, compression: Compression) -> str:
@@ -170,6 +175,9 @@ class Cache:
         self.config = config
         self.url = public_url.rstrip("/") + "/cache"
         self.public_key = key.public_key().to_text()
+        self._verify_pool = ThreadPoolExecutor(
+            STORED_VERIFY_THREADS, thread_name_prefix="verify-upload"
+        )
         self._infos: _Lru[narinfo.NarInfo] = _Lru(MEMORY_NARINFOS)
         self._drvs: _Lru[queries.DrvInfo] = _Lru(MEMORY_DERIVATIONS)
 
@@ -387,7 +395,8 @@ class Cache:
 
         try:
             try:
-                nar_sha, references = await asyncio.to_thread(verify)
+                loop = asyncio.get_running_loop()
+                nar_sha, references = await loop.run_in_executor(self._verify_pool, verify)
             except asyncio.CancelledError:
                 stop.set()
                 raise
@@ -406,6 +415,10 @@ class Cache:
 
     async def discard(self, staged: Staged) -> None:
         await staged.discard()
+
+    def close(self) -> None:
+        """Stop the verification threads (verifications still running are abandoned)."""
+        self._verify_pool.shutdown(wait=False, cancel_futures=True)
 
     async def publish(
         self,

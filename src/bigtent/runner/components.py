@@ -138,6 +138,7 @@ async def close_components(comps: Components) -> None:
         session.close()
     await comps.ssh.aclose()
     await comps.upstreams.aclose()
+    comps.cache.close()
     comps.logs.close_all()
     if comps.oidc is not None:
         await comps.oidc.aclose()

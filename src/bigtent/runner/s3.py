@@ -63,6 +63,30 @@ def _missing(exc: botocore.exceptions.ClientError) -> bool:
     return code in ("404", "NoSuchKey", "NotFound")
 
 
+class _Body:
+    """An object's streamed body whose read errors (a connection cut, a read timeout) are
+    ``StorageUnavailable``, as every other storage failure is."""
+
+    def __init__(self, body: Any, key: str) -> None:
+        self._body = body
+        self._key = key
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return cast(bytes, self._body.read(size))
+        except (botocore.exceptions.BotoCoreError, OSError) as exc:
+            raise _failure(f"reading {self._key}", exc) from exc
+
+    def close(self) -> None:
+        self._body.close()
+
+    def __enter__(self) -> _Body:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @dataclass(frozen=True, slots=True)
 class IncomingObject:
     """An object an agent uploaded (``incoming/...``), not yet verified."""
@@ -152,7 +176,7 @@ class S3Storage:
             raise _failure(f"reading {name}", exc) from exc
         except botocore.exceptions.BotoCoreError as exc:
             raise _failure(f"reading {name}", exc) from exc
-        return cast(BinaryIO, body)
+        return cast(BinaryIO, _Body(body, name))
 
     # ---- keys and URLs -------------------------------------------------------------------
     def key(self, name: str) -> str:
@@ -211,7 +235,7 @@ class S3Storage:
             raise _failure(f"GET {key}", exc) from exc
         except botocore.exceptions.BotoCoreError as exc:
             raise _failure(f"GET {key}", exc) from exc
-        return got["ContentLength"], cast(BinaryIO, got["Body"])
+        return got["ContentLength"], cast(BinaryIO, _Body(got["Body"], key))
 
     def put_file(self, path: str, key: str) -> None:
         """Upload a local file to ``key`` unless an object is there already (NAR files are
