@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,8 +30,10 @@ from pydantic_settings import (
 )
 
 from bigtent.errors import ConfigError
+from bigtent.nix.compression import Compression
 from bigtent.protocol import MAX_LIST_ITEMS, MAX_SHORT_TEXT
 from bigtent.runner.autoscale.settings import AutoscaleSection, check_pools
+from bigtent.runner.s3keys import normalize_prefix
 from bigtent.runner.ssh import SshTarget, check_no_whitespace, normalize_host_key, parse_ssh_uri
 
 
@@ -103,10 +113,99 @@ class Upstream(_Section):
     public_key: str
 
 
-class Compression(StrEnum):
-    ZSTD = "zstd"
-    XZ = "xz"
-    NONE = "none"
+class S3Section(_Section):
+    """``[cache.s3]``: NAR files in an S3 bucket (AWS or any S3-compatible service).
+
+    Credentials: ``access_key_id``/``secret_access_key`` (or their ``*_file`` forms, read
+    once at start); with neither, boto3's usual chain (``AWS_*`` environment, profile,
+    instance role) applies.
+    """
+
+    bucket: str = Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]+[a-z0-9]$")
+    prefix: str = ""
+    """Keys start with this (e.g. ``bigtent/``): ``<prefix>nar/...``, ``<prefix>incoming/...``."""
+    region: str = "us-east-1"
+    endpoint_url: str | None = None
+    """``http(s)://host:port`` of an S3-compatible service; unset: AWS."""
+    public_endpoint_url: str | None = None
+    """The endpoint presigned URLs name, when agents and Nix clients reach the service by
+    another address than the runner does; unset: ``endpoint_url``."""
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    """``path`` (``host/bucket/key``) for most self-hosted services; ``virtual``
+    (``bucket.host/key``); ``auto`` lets boto3 choose."""
+    access_key_id: str | None = None
+    access_key_id_file: Path | None = None
+    secret_access_key: SecretStr | None = None
+    secret_access_key_file: Path | None = None
+    serve: Literal["redirect", "proxy"] = "redirect"
+    """``/cache/nar/...``: a 302 to a short-lived presigned GET (Nix follows it), or the
+    runner streams the object itself (clients that cannot reach the bucket)."""
+    presigned_get_secs: int = Field(default=300, ge=1, le=7 * 86400)
+    presigned_put_secs: int = Field(default=900, ge=1, le=7 * 86400)
+    """How long a presigned URL may be used to start a request (S3 allows at most 7 days)."""
+    presigned_uploads: bool = True
+    """Offer agents presigned PUTs straight to the bucket; false: agents PUT to the runner."""
+    incoming_ttl_secs: float = Field(default=86400.0, gt=0)
+    """Uploaded objects never completed (agent gone) are deleted after this long."""
+    sweep_interval_secs: float = Field(default=3600.0, gt=0)
+    max_connections: int = Field(default=32, ge=1, le=1024)
+    """Connection pool size of the runner's S3 client (and its worker threads' concurrency)."""
+
+    @field_validator("prefix")
+    @classmethod
+    def _clean_prefix(cls, v: str) -> str:
+        try:
+            return normalize_prefix(v)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("endpoint_url", "public_endpoint_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        url = urlsplit(v)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if url.query or url.fragment or url.username or url.password:
+            raise ValueError("must not carry a query, fragment or credentials")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_credential_source(self) -> S3Section:
+        for key in ("access_key_id", "secret_access_key"):
+            if getattr(self, key) is not None and getattr(self, f"{key}_file") is not None:
+                raise ValueError(f"set {key} or {key}_file, not both")
+        given = [
+            self.access_key_id is not None or self.access_key_id_file is not None,
+            self.secret_access_key is not None or self.secret_access_key_file is not None,
+        ]
+        if any(given) and not all(given):
+            raise ValueError("access_key_id and secret_access_key go together")
+        return self
+
+    def credentials(self) -> tuple[str, str] | None:
+        """The configured key pair, ``*_file`` forms read now; None: boto3's default chain.
+        Raises ConfigError naming the key when a file cannot be read."""
+        key_id = self.access_key_id
+        if self.access_key_id_file is not None:
+            key_id = _read_secret("cache.s3.access_key_id_file", self.access_key_id_file)
+        secret = self.secret_access_key.get_secret_value() if self.secret_access_key else None
+        if self.secret_access_key_file is not None:
+            secret = _read_secret("cache.s3.secret_access_key_file", self.secret_access_key_file)
+        if key_id is None or secret is None:
+            return None
+        return key_id, secret
+
+
+def _read_secret(key: str, path: Path) -> str:
+    try:
+        value = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"config key {key}: cannot read {path}: {exc.strerror}") from exc
+    if not value:
+        raise ConfigError(f"config key {key}: {path} is empty")
+    return value
 
 
 class CacheSection(_Section):
@@ -115,15 +214,24 @@ class CacheSection(_Section):
     untrusted_signing_key_file: Path | None = None
     """Key of the untrusted cache (``/cache/untrusted``, outputs of untrusted builds); default
     ``<signing key>-untrusted.sk`` beside the main key, generated at start when missing."""
-    storage: Literal["local"] = "local"
+    storage: Literal["local", "s3"] = "local"
+    """Where NAR files live: ``STATE_DIR/cache``, or the ``[cache.s3]`` bucket."""
+    s3: S3Section | None = None
     max_nar_bytes: int = Field(default=32 * 1024**3, gt=0)
     compression: Compression = Compression.ZSTD
     compression_level: int = Field(default=3, ge=0, le=22)
+    """zstd: 1-19 (0: zstd's default, 3); xz: the preset 0-9 (higher values mean 9)."""
     priority: int = Field(default=30, ge=0)
     """``Priority`` in nix-cache-info (lower is preferred by Nix clients)."""
     upstreams: list[Upstream] = []
     upstream_max_in_flight: int = Field(default=16, ge=1)
     upstream_timeout_secs: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _s3_configured(self) -> CacheSection:
+        if self.storage == "s3" and self.s3 is None:
+            raise ValueError('storage = "s3" needs a [cache.s3] section (at least bucket)')
+        return self
 
 
 class TokenEntry(_Section):

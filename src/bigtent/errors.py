@@ -121,6 +121,13 @@ class NixError(BigtentError):
         self.stderr = stderr
 
 
+class StorageUnavailable(BigtentError):
+    """The NAR storage (the S3 bucket) could not be reached or answered an error."""
+
+    exit_code = 1
+    http_status = 503
+
+
 class RunnerUnreachable(BigtentError):
     """The runner could not be reached over the network."""
 

@@ -26,6 +26,9 @@ from bigtent.nix.keys import generate_key
 from bigtent.runner.auth.tokens import generate_token, token_digest
 from tests.conftest import have_nix, wait_until
 from tests.integration.runner.oidc_issuer import TlsFiles
+from tests.s3 import Bucket, s3_bucket, s3_endpoint
+
+__all__ = ["s3_bucket", "s3_endpoint"]  # fixtures: a farm may store its NARs in S3
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_NIX = REPO / "examples" / "dag.nix"
@@ -80,6 +83,10 @@ class Farm:
     runner_extra: str = ""
     tls: TlsFiles | None = None
     """Serve the runner over https with this test CA's certificate (clients trust the CA)."""
+    storage: Bucket | None = None
+    """Store NARs in this bucket (``[cache] storage = "s3"``) instead of the state dir."""
+    cache_extra: str = ""
+    """More ``[cache]`` keys (TOML lines)."""
     runner: Proc | None = None
     agents: dict[str, Proc] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
@@ -146,6 +153,8 @@ allow_plaintext = true
 {tls}
 [cache]
 signing_key_file = "{self.root / "cache.sk"}"
+{'storage = "s3"' if self.storage else ""}
+{self.cache_extra}
 
 [scheduler]
 heartbeat_secs = 1.0
@@ -169,6 +178,7 @@ name = "admin"
 role = "admin"
 sha256 = "{token_digest(self.admin_token)}"
 {self.runner_extra}
+{self.storage.toml() if self.storage else ""}
 """
         )
         self.runner = self._spawn("runner", ["-v", "runner", "--config", str(cfg)], self.env())
@@ -315,6 +325,8 @@ def farm_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cal
         runner_extra: str = "",
         tls: TlsFiles | None = None,
         port: int | None = None,
+        storage: Bucket | None = None,
+        cache_extra: str = "",
         **agent_kwargs: Any,
     ) -> Farm:
         root = tmp_path / f"farm{len(farms)}"
@@ -330,6 +342,8 @@ def farm_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cal
             public_key=key.public_key().to_text(),
             runner_extra=runner_extra,
             tls=tls,
+            storage=storage,
+            cache_extra=cache_extra,
         )
         farms.append(farm)
         farm.start_runner()

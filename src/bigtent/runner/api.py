@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bigtent import __version__
+from bigtent import protocol as p
 from bigtent.config import Role
 from bigtent.errors import AuthError, BigtentError, NotFound, TooManyAuthFailures
 from bigtent.runner.auth.ratelimit import FailureThrottle
@@ -28,6 +29,8 @@ from bigtent.runner.components import Components
 from bigtent.runner.db import queries
 from bigtent.runner.ingest import ingest_client_path, ingest_output
 from bigtent.runner.metrics import Metrics
+from bigtent.runner.presigned import record_json
+from bigtent.runner.s3 import S3Storage, s3_nar_response
 from bigtent.runner.scheduler.dispatcher import AGENT
 from bigtent.runner.sessions import bearer_token, looks_like_jwt
 from bigtent.runner.trust import build_is_trusted
@@ -506,12 +509,32 @@ async def upload_output(
         nar_size=x_nar_size,
         untrusted=comps.untrusted_cache,
     )
-    return {
-        "path": info.store_path,
-        "nar_hash": info.nar_hash,
-        "nar_size": info.nar_size,
-        "references": [f"/nix/store/{r}" for r in info.references],
-    }
+    return record_json(info)
+
+
+@api.post("/agent/upload/{lease_id}/{output_name}" + p.PRESIGN_SUFFIX)
+async def presign_output(
+    lease_id: str,
+    output_name: str,
+    body: p.UploadDeclaration,
+    comps: Comps,
+    _: AgentCredential,
+) -> dict[str, Any]:
+    """A presigned upload of one output file to the bucket, or "PUT it to the runner"."""
+    plan = await comps.presigned.presign(lease_id, output_name, body)
+    return plan.model_dump(mode="json")
+
+
+@api.post("/agent/upload/{lease_id}/{output_name}" + p.COMPLETE_SUFFIX)
+async def complete_output(
+    lease_id: str,
+    output_name: str,
+    body: p.UploadDeclaration,
+    comps: Comps,
+    _: AgentCredential,
+) -> dict[str, Any]:
+    """Verify a presigned upload and publish it (answers as the direct PUT does)."""
+    return record_json(await comps.presigned.complete(lease_id, output_name, body))
 
 
 @api.websocket("/agent/ws")
@@ -626,8 +649,11 @@ async def _narinfo(cache: Cache, hash_part: str) -> Response:
     return PlainTextResponse(text, media_type="text/x-nix-narinfo")
 
 
-def _nar(cache: Cache, file_name: str) -> Response:
-    path = cache.storage.local_path(f"nar/{file_name}")
+async def _nar(cache: Cache, file_name: str, request: Request) -> Response:
+    storage = cache.storage
+    if isinstance(storage, S3Storage):
+        return await s3_nar_response(storage, f"nar/{file_name}", head=request.method == "HEAD")
+    path = storage.local_path(f"nar/{file_name}")
     if path is None:
         raise NotFound("no such NAR")
     size = path.stat().st_size
@@ -648,8 +674,8 @@ async def get_narinfo(hash_part: str, comps: Comps) -> Response:
 
 
 @cache_routes.api_route("/nar/{file_name}", methods=["GET", "HEAD"])
-async def get_nar(file_name: str, comps: Comps) -> Response:
-    return _nar(comps.cache, file_name)
+async def get_nar(file_name: str, comps: Comps, request: Request) -> Response:
+    return await _nar(comps.cache, file_name, request)
 
 
 # The untrusted cache (docs/security.md): outputs of untrusted builds, signed with its own key.
@@ -665,5 +691,5 @@ async def get_untrusted_narinfo(hash_part: str, comps: Comps) -> Response:
 
 
 @cache_routes.api_route("/untrusted/nar/{file_name}", methods=["GET", "HEAD"])
-async def get_untrusted_nar(file_name: str, comps: Comps) -> Response:
-    return _nar(_untrusted(comps), file_name)
+async def get_untrusted_nar(file_name: str, comps: Comps, request: Request) -> Response:
+    return await _nar(_untrusted(comps), file_name, request)

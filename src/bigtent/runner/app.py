@@ -21,6 +21,7 @@ from bigtent.runner.api import CredentialGate, api, cache_routes, install_error_
 from bigtent.runner.autoscale.routes import launch_routes
 from bigtent.runner.components import Components, build_components, close_components
 from bigtent.runner.metrics_endpoint import metrics_routes
+from bigtent.runner.s3 import S3Storage
 from bigtent.runner.tls import CertWebSocketProtocol
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
         ]
         if comps.autoscaler is not None and comps.autoscaler.enabled:
             tasks.append(asyncio.create_task(comps.autoscaler.run(), name="autoscaler"))
+        if isinstance(comps.cache.storage, S3Storage):
+            tasks.append(asyncio.create_task(comps.cache.storage.run_sweeper(), name="s3-sweeper"))
 
         def _done(t: asyncio.Task[None]) -> None:
             if not t.cancelled() and t.exception() is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass, field
@@ -21,10 +22,12 @@ from bigtent.runner.cache import Cache, Upstreams
 from bigtent.runner.db.migrate import create_engine, migrate
 from bigtent.runner.logs import LogStore
 from bigtent.runner.metrics import Metrics
+from bigtent.runner.presigned import PresignedUploads
+from bigtent.runner.s3 import S3Storage
 from bigtent.runner.scheduler.dispatcher import Scheduler
 from bigtent.runner.sessions import Sessions
 from bigtent.runner.sshvenue import SshBuilders
-from bigtent.runner.storage import LocalStorage
+from bigtent.runner.storage import LocalStorage, Storage
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ class Components:
     """Tokens in the database (the API's ``/tokens``), mirrored into ``tokens``."""
     auth_throttle: FailureThrottle
     """Credential failures per address, shared by the HTTP gate and the agent WebSocket."""
+    presigned: PresignedUploads
+    """Presigned uploads of agent outputs (answers "PUT to the runner" with local storage)."""
     oidc: OidcVerifier | None = None
     """Verifies agents' OIDC ID tokens; None when no ``[[auth.oidc]]`` issuer is configured."""
     metrics: Metrics = field(default_factory=Metrics)
@@ -92,7 +97,7 @@ async def build_components(config: RunnerConfig) -> Components:
         )
     )
     metrics = Metrics()
-    storage = LocalStorage(state_dir / "cache")
+    storage = await open_storage(config)
     cache = Cache(engine, storage, key, config.cache, config.runner.base_url(), metrics)
     # NAR files are named by their own hash: both caches share the storage, not the index.
     untrusted_cache = Cache(
@@ -140,6 +145,15 @@ async def build_components(config: RunnerConfig) -> Components:
     )
     ssh = SshBuilders(config, scheduler, cache, upstreams)
     ssh.attach()
+    s3 = cache.storage if isinstance(cache.storage, S3Storage) else None
+    presigned = PresignedUploads(
+        cache,
+        upstreams,
+        scheduler,
+        s3,
+        enabled=config.cache.s3 is not None and config.cache.s3.presigned_uploads,
+        untrusted=untrusted_cache,
+    )
     return Components(
         config,
         engine,
@@ -152,6 +166,7 @@ async def build_components(config: RunnerConfig) -> Components:
         ssh,
         token_store,
         auth_throttle,
+        presigned,
         oidc,
         metrics,
         autoscaler,
@@ -201,11 +216,26 @@ def _write_new_secret(path: Path, text: str) -> None:
         f.write(text)
 
 
+async def open_storage(config: RunnerConfig) -> Storage:
+    """The NAR storage ``[cache] storage`` names; an S3 bucket is checked to be usable."""
+    root = config.runner.state_dir / "cache"
+    if config.cache.storage == "s3":
+        if config.cache.s3 is None:
+            raise ConfigError('config key cache.storage = "s3" needs a [cache.s3] section')
+        s3 = S3Storage(config.cache.s3, root / "tmp")
+        await asyncio.to_thread(s3.check_bucket)
+        return s3
+    return LocalStorage(root)
+
+
 async def close_components(comps: Components) -> None:
     for session in list(comps.sessions.live.values()):
         session.close()
     await comps.ssh.aclose()
     await comps.upstreams.aclose()
+    comps.cache.close()
+    if comps.untrusted_cache is not None:
+        comps.untrusted_cache.close()
     comps.logs.close_all()
     if comps.oidc is not None:
         await comps.oidc.aclose()

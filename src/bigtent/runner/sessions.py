@@ -362,6 +362,7 @@ class Sessions:
                 upstreams=upstreams,
                 keep_running=kept,
                 untrusted=not scope.trusted,
+                **upload_settings(self.config),
             )
         )
         log.info(
@@ -532,3 +533,16 @@ def _identity_columns(identity: AgentIdentity | None) -> dict[str, str | None]:
 
 def _json(items: list[str]) -> str:
     return json.dumps(sorted(items))
+
+
+def upload_settings(config: RunnerConfig) -> dict[str, Any]:
+    """What ``registered`` tells agents about uploads: presigned (S3) or not, and the
+    compression their files must have (docs/api.md)."""
+    cache = config.cache
+    return {
+        "presigned_uploads": cache.s3 is not None
+        and cache.storage == "s3"
+        and cache.s3.presigned_uploads,
+        "compression": str(cache.compression),
+        "compression_level": cache.compression_level,
+    }

@@ -34,6 +34,9 @@ from bigtent.runner.auth.tokens import generate_token, token_digest
 from bigtent.runner.components import Components, build_components, close_components
 from tests.conftest import current_system
 from tests.conftest import eventually as _eventually
+from tests.s3 import s3_bucket, s3_endpoint
+
+__all__ = ["s3_bucket", "s3_endpoint"]  # fixtures for the tests of S3 storage
 
 NO_SUBSTITUTERS = ["--option", "substituters", ""]
 WAIT_SECS = 10.0
@@ -353,6 +356,33 @@ def verify_signed(runner: RunnerHarness, text: str) -> narinfo.NarInfo:
     assert info.sigs, "narinfo is not signed"
     assert verify_narinfo(info, [runner.key.public_key()]), "signature does not verify"
     return info
+
+
+async def nix_copy_from(runner: RunnerHarness, paths: list[str], root: Path) -> tuple[int, str]:
+    """``nix copy --derivation --from`` the runner's cache into a fresh store (the .drv files
+    themselves), checking signatures against the runner's key."""
+    assert runner.url is not None
+    proc = await asyncio.create_subprocess_exec(
+        "nix",
+        "--extra-experimental-features",
+        "nix-command",
+        "copy",
+        "--derivation",
+        "--from",
+        f"{runner.url}/cache",
+        "--to",
+        f"local?root={root}",
+        "--option",
+        "trusted-public-keys",
+        runner.key.public_key().to_text(),
+        *paths,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={"PATH": "/usr/bin:/bin", "XDG_CACHE_HOME": str(root.parent / f"xdg-{root.name}")},
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace")
 
 
 @contextlib.contextmanager
