@@ -100,7 +100,10 @@ def test_an_oidc_agent_registers_with_its_launch_id_builds_and_exits(
     system = current_system()
     dag = farm.dag_file(layers=1, width=1)
     build = farm._spawn(
-        "build", ["build", str(dag), "-A", "nodes.dag-0-0", "--no-download", "--json"], farm.env()
+        "build",
+        ["build", str(dag), "-A", "nodes.dag-0-0", "--no-download", "--json"]
+        + ["--repository", REPOSITORY, "--ref", "refs/heads/main"],  # OIDC agents serve repos
+        farm.env(),
     )
     agent = start_github_agent(
         farm,
