@@ -10,6 +10,12 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests judge behaviour, not speed: no per-example deadline, which a loaded CI
+# machine (several real-Nix tests in parallel) would otherwise miss at random.
+settings.register_profile("bigtent", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("bigtent")
 
 _CLEARED_PREFIXES = ("BIGTENT_", "NIX_", "XDG_CACHE_HOME", "ACTIONS_ID_TOKEN_")
 _PROXIES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
