@@ -101,8 +101,11 @@ def test_an_oidc_agent_registers_with_its_launch_id_builds_and_exits(
     dag = farm.dag_file(layers=1, width=1)
     build = farm._spawn(
         "build",
-        ["build", str(dag), "-A", "nodes.dag-0-0", "--no-download", "--json"]
-        + ["--repository", REPOSITORY, "--ref", "refs/heads/main"],  # OIDC agents serve repos
+        # OIDC agents serve only their repositories' builds.
+        [
+            *("build", str(dag), "-A", "nodes.dag-0-0", "--no-download", "--json"),
+            *("--repository", REPOSITORY, "--ref", "refs/heads/main"),
+        ],
         farm.env(),
     )
     agent = start_github_agent(
