@@ -51,6 +51,16 @@ class PayloadTooLarge(BadRequest):
     http_status = 413
 
 
+class RangeNotSatisfiable(BadRequest):
+    """A byte range asked for lies outside the resource (HTTP 416)."""
+
+    http_status = 416
+
+    def __init__(self, message: str, *, size: int) -> None:
+        super().__init__(message, detail={"size": size})
+        self.size = size
+
+
 class Conflict(BigtentError):
     """The request is valid but conflicts with the current state (a stale lease, ...)."""
 
@@ -86,6 +96,12 @@ class TooManyAuthFailures(AuthError):
     def __init__(self, message: str, *, retry_after_secs: int) -> None:
         super().__init__(message, detail={"retry_after_secs": retry_after_secs})
         self.retry_after_secs = retry_after_secs
+
+
+class Unavailable(BigtentError):
+    """The runner cannot take this request now (a capacity limit); try again later (503)."""
+
+    http_status = 503
 
 
 class ProtocolError(BigtentError):
