@@ -34,6 +34,14 @@ class Role(StrEnum):
     ADMIN = "admin"
 
 
+class DashboardAuth(StrEnum):
+    """Who may read the dashboard (docs/dashboard.md); actions always need an admin token."""
+
+    PUBLIC = "public"
+    TOKEN = "token"
+    """Any valid token: a login form (cookie) or an ``Authorization: Bearer`` header."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -53,6 +61,8 @@ class RunnerSection(_Section):
     state_dir: Path = Path("/var/lib/bigtent")
     allow_plaintext: bool = False
     tls: TlsSection | None = None
+    dashboard_auth: DashboardAuth = DashboardAuth.PUBLIC
+    """Reading the dashboard at ``/``: ``public``, or ``token`` (any valid token)."""
 
     @property
     def host(self) -> str:

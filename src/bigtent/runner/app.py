@@ -19,6 +19,7 @@ from bigtent.protocol import MAX_MESSAGE_BYTES
 from bigtent.runner.agents import run_pruner
 from bigtent.runner.api import CredentialGate, api, cache_routes, install_error_handlers
 from bigtent.runner.components import Components, build_components, close_components
+from bigtent.runner.dashboard.routes import install_dashboard
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
     app.add_middleware(CredentialGate, tokens=comps.tokens, throttle=comps.auth_throttle)
     app.include_router(api)
     app.include_router(cache_routes)
+    install_dashboard(app, comps)
     return app
 
 

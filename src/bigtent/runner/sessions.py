@@ -75,6 +75,8 @@ class AgentSession:
     """The agent row's registration values, to record it again if it was pruned."""
     identity: AgentIdentity | None = None
     """The CI job an OIDC agent authenticated as; None for a token agent."""
+    last_heartbeat: p.Heartbeat | None = None
+    """The agent's latest load report (the dashboard shows it)."""
 
     def send(self, message: BaseModel) -> None:
         """Queue a message; raise SessionClosed when the session is over or hopelessly slow."""
@@ -320,6 +322,7 @@ class Sessions:
     async def _dispatch(self, session: AgentSession, venue: Venue, msg: p.AgentMessage) -> None:
         match msg:
             case p.Heartbeat():
+                session.last_heartbeat = msg
                 self.scheduler.heartbeat(venue, msg.running)
                 if msg.draining and not venue.draining:
                     log.info("agent %s is draining: no more assignments", venue.name)

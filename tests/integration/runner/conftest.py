@@ -124,7 +124,8 @@ def _free_socket() -> socket.socket:
 @pytest.fixture
 async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
     """Factory: ``await make_runner(serve=False, cache={...}, auth={"oidc": [...]}, ...)``
-    (``auth`` adds to the generated tokens, one per role).
+    (``auth`` adds to the generated tokens, one per role; ``runner`` to the ``[runner]``
+    section).
 
     With ``serve=True`` the app runs under a real uvicorn server on a loopback port bound
     before the components are built (so the cache URL names the real port), with its
@@ -137,6 +138,7 @@ async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
         serve: bool = False,
         cache: dict[str, Any] | None = None,
         auth: dict[str, Any] | None = None,
+        runner: dict[str, Any] | None = None,
         **sections: Any,
     ) -> RunnerHarness:
         state = tmp_path / f"runner{len(made)}"
@@ -153,6 +155,7 @@ async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
                 "state_dir": str(state),
                 "listen": f"127.0.0.1:{port}",
                 "allow_plaintext": True,
+                **(runner or {}),
             },
             auth={
                 "tokens": [
