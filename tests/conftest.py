@@ -11,6 +11,16 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--screenshots",
+        metavar="DIR",
+        default=None,
+        help="also save the dashboard browser tests' screenshots into DIR (docs/screenshots)",
+    )
+
+
 _CLEARED_PREFIXES = ("BIGTENT_", "NIX_", "XDG_CACHE_HOME")
 _PROXIES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
