@@ -77,6 +77,7 @@ class Dashboard:
     comps: Components
     env: jinja2.Environment
     sessions: SessionStore
+    cache_totals: views.CacheTotals
 
     @property
     def mode(self) -> DashboardAuth:
@@ -107,7 +108,7 @@ def _environment() -> jinja2.Environment:
 
 def install_dashboard(app: FastAPI, comps: Components) -> None:
     """Serve the dashboard at ``/`` (and its files at ``/static``)."""
-    app.state.dashboard = Dashboard(comps, _environment(), SessionStore())
+    app.state.dashboard = Dashboard(comps, _environment(), SessionStore(), views.CacheTotals())
     app.include_router(router)
     app.mount(
         "/static",
@@ -193,7 +194,8 @@ def _set_session_cookie(request: Request, resp: Response, session_id: str) -> No
         session_id,
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
+        secure=request.url.scheme == "https"
+        or _dash(request).comps.config.runner.base_url().startswith("https:"),
         path="/",
     )
 
@@ -246,7 +248,8 @@ router = APIRouter(include_in_schema=False)
 @router.get("/")
 async def overview(request: Request) -> Response:
     async def body(viewer: Viewer) -> Response:
-        data = await views.load_overview(_dash(request).comps)
+        dash = _dash(request)
+        data = await views.load_overview(dash.comps, dash.cache_totals)
         return _render(request, "overview.html", viewer, o=data, title="Overview")
 
     return await _page(request, body)

@@ -7,6 +7,7 @@ is ``present``'s.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,12 @@ from bigtent.states import StepState
 RECENT_BUILDS = 25
 RUNNING_STEPS_SHOWN = 50
 LOG_TAIL_LINES = 40
+FAILED_TAILS_SHOWN = 20
+"""Failed steps shown with the end of their log (the rest are in the steps table)."""
+STEPS_SHOWN = 1000
+"""Rows of a build's steps table (failed ones first)."""
+CACHE_TOTALS_TTL_SECS = 10.0
+"""The cache's size is a sum over every path: computed at most this often."""
 LOG_PAGE_BYTES = 256 * 1024
 """The step page shows at most this much of the end of a log (the full log is a link)."""
 SEARCH_LIMIT = 50
@@ -126,9 +133,28 @@ class Overview:
     live_viewers: int
 
 
-async def load_overview(comps: Components) -> Overview:
+@dataclass(eq=False)
+class CacheTotals:
+    """The cache's path count and size, recomputed at most every ``ttl_secs`` (one sum over
+    every path per refresh, not per page view)."""
+
+    ttl_secs: float = CACHE_TOTALS_TTL_SECS
+    _value: tuple[int, int] = (0, 0)
+    _at: float | None = None
+
+    async def fetch(self, comps: Components) -> tuple[int, int]:
+        now = time.monotonic()
+        if self._at is None or now - self._at >= self.ttl_secs:
+            async with comps.engine.connect() as conn:
+                self._value = await queries.cache_totals(conn)
+            self._at = now
+        return self._value
+
+
+async def load_overview(comps: Components, totals: CacheTotals) -> Overview:
     sched = comps.scheduler
     now = sched.clock()
+    paths, size = await totals.fetch(comps)
     async with comps.engine.connect() as conn:
         counts = await queries.count_steps_by_state(conn)
         running_rows = await queries.fetch_active_steps(
@@ -136,7 +162,6 @@ async def load_overview(comps: Components) -> Overview:
         )
         builds = await queries.fetch_builds(conn, RECENT_BUILDS)
         per_build = await queries.fetch_build_state_counts(conn, [int(b.id) for b in builds])
-        paths, size = await queries.cache_totals(conn)
         agent_rows = await queries.fetch_agents(conn)
     live = {mid for mid, v in sched.venues.items() if v.kind == AGENT}
     connected = [r for r in agent_rows if r.machine_id in live]
@@ -186,6 +211,10 @@ class BuildPage:
     """(drv path, step id or None when it was cached, state)."""
     steps: list[StepRow]
     failed: list[FailedStep]
+    more_steps: int = 0
+    """Steps not in ``steps`` (past ``STEPS_SHOWN``)."""
+    more_failed: int = 0
+    """Failed steps shown without their log."""
 
     @property
     def active(self) -> bool:
@@ -209,7 +238,7 @@ async def load_build(comps: Components, build_id: int) -> BuildPage:
         counts[s.state] = counts.get(s.state, 0) + 1
     failed = [
         FailedStep(s, present.strip_ansi(comps.logs.tail(s.id, LOG_TAIL_LINES)))
-        for s in steps
+        for s in steps[:FAILED_TAILS_SHOWN]
         if s.state == StepState.FAILED
     ]
     return BuildPage(
@@ -223,8 +252,10 @@ async def load_build(comps: Components, build_id: int) -> BuildPage:
             )
             for r in roots
         ],
-        steps=steps,
+        steps=steps[:STEPS_SHOWN],
         failed=failed,
+        more_steps=max(0, len(steps) - STEPS_SHOWN),
+        more_failed=max(0, counts.get(StepState.FAILED, 0) - len(failed)),
     )
 
 
