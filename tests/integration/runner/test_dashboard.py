@@ -9,13 +9,17 @@ import contextlib
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from bigtent import protocol as p
-from bigtent.config import Role
+from bigtent.config import Role, load_runner_config
+from bigtent.nix.keys import generate_key
+from bigtent.runner.app import create_app
+from bigtent.runner.components import build_components, close_components
 from bigtent.runner.dashboard import routes
 from bigtent.runner.dashboard.auth import SESSION_COOKIE
 from bigtent.runner.livelog import LogFanout
@@ -391,3 +395,34 @@ async def test_a_viewer_that_falls_behind_is_dropped_and_resumes_where_it_was(
     await again.aclose()
     assert fanout.viewers(step) == 0
     logs.close_all()
+
+
+async def test_a_runner_without_tokens_still_wants_the_csrf_token(tmp_path: Path) -> None:
+    """No tokens at all: everyone is an admin (as on the API), but a form must still carry
+    the CSRF token of the session the dashboard gave the browser."""
+    (tmp_path / "cache.sk").write_text(generate_key("open-1").to_text())
+    config = load_runner_config(
+        None,
+        runner={"state_dir": str(tmp_path), "listen": "127.0.0.1:0"},
+        cache={"signing_key_file": str(tmp_path / "cache.sk")},
+    )
+    comps = await build_components(config)
+    app = create_app(comps)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=ORIGIN) as c:
+            page = await c.get("/agents")
+            assert page.status_code == 200
+            assert "Sign in" not in page.text
+            session = app.state.dashboard.sessions.get(c.cookies.get(SESSION_COOKIE))
+            assert session is not None and session.token_digest is None
+            resp = await c.post("/builds/1/cancel", data={}, headers={"Origin": ORIGIN})
+            assert resp.status_code == 403
+            resp = await c.post(
+                "/builds/1/cancel", data={"csrf": session.csrf}, headers={"Origin": ORIGIN}
+            )
+            assert resp.status_code == 404  # allowed: then there is no build 1
+            # Polling pages reuse the session rather than making new ones.
+            await c.get("/")
+            assert len(app.state.dashboard.sessions) == 1
+    finally:
+        await close_components(comps)
