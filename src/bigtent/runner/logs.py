@@ -25,7 +25,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import zstandard
 
@@ -94,8 +93,11 @@ class LogSnapshot:
 
 @dataclass(eq=False)
 class _OpenLog:
-    data: BinaryIO
-    index: BinaryIO
+    """A log being appended to. No file stays open between frames: a runner with many
+    running steps holds no descriptor per step."""
+
+    data: Path
+    index: Path
     framed: int
     compressed: int
     pending: bytearray = field(default_factory=bytearray)
@@ -173,12 +175,12 @@ class LogStore:
 
     def _write_frame(self, f: _OpenLog, data: bytes) -> None:
         frame = self._compressor.compress(data)
-        f.data.write(frame)
-        f.data.flush()
+        with f.data.open("ab") as out:
+            out.write(frame)
         f.framed += len(data)
         f.compressed += len(frame)
-        f.index.write(_RECORD.pack(f.framed, f.compressed))
-        f.index.flush()
+        with f.index.open("ab") as out:
+            out.write(_RECORD.pack(f.framed, f.compressed))
 
     def _reopen(self, step_id: int) -> _OpenLog:
         """Open a step's log for appending, repairing a torn end and converting a log kept
@@ -199,7 +201,7 @@ class LogStore:
             framed = compressed = 0
             data_path.write_bytes(b"")
             index_path.write_bytes(b"")
-        f = _OpenLog(data_path.open("ab"), index_path.open("ab"), framed, compressed)
+        f = _OpenLog(data_path, index_path, framed, compressed)
         self._open[step_id] = f
         if legacy.exists() and framed == 0:
             old = legacy.read_bytes()
@@ -211,10 +213,7 @@ class LogStore:
     def close(self, step_id: int) -> None:
         """The attempt ended: write what is pending, close the files, tell the viewers."""
         self._flush_pending(step_id)
-        f = self._open.pop(step_id, None)
-        if f is not None:
-            f.data.close()
-            f.index.close()
+        self._open.pop(step_id, None)
         self.fanout.attempt_ended(step_id)
 
     def reset(self, step_id: int) -> None:
