@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Install what bigtent's demo and tests need on Debian/Ubuntu: Nix, sshd, zstd.
+# Install what bigtent's demo and tests need on Debian/Ubuntu: Nix, sshd, zstd, and Chromium
+# (the dashboard's browser tests drive it headless).
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 need=()
 command -v nix-store >/dev/null 2>&1 || need+=(nix-bin)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v zstd >/dev/null 2>&1 || need+=(zstd)
+[ -x /usr/bin/chromium ] || need+=(chromium fonts-dejavu-core)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -17,6 +17,16 @@ from hypothesis import HealthCheck, settings
 settings.register_profile("bigtent", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("bigtent")
 
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--screenshots",
+        metavar="DIR",
+        default=None,
+        help="also save the dashboard browser tests' screenshots into DIR (docs/screenshots)",
+    )
+
+
 _CLEARED_PREFIXES = ("BIGTENT_", "NIX_", "XDG_CACHE_HOME", "ACTIONS_ID_TOKEN_")
 _PROXIES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 

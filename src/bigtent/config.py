@@ -54,6 +54,14 @@ class MetricsAuth(StrEnum):
     """A bearer token of role ``client`` or ``admin``."""
 
 
+class DashboardAuth(StrEnum):
+    """Who may read the dashboard (docs/dashboard.md); actions always need an admin token."""
+
+    PUBLIC = "public"
+    TOKEN = "token"
+    """Any valid token: a login form (cookie) or an ``Authorization: Bearer`` header."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -82,6 +90,9 @@ class RunnerSection(_Section):
         if self.metrics_auth is not None:
             return self.metrics_auth
         return MetricsAuth.PUBLIC if is_loopback(self.host) else MetricsAuth.TOKEN
+
+    dashboard_auth: DashboardAuth = DashboardAuth.PUBLIC
+    """Reading the dashboard at ``/``: ``public``, or ``token`` (any valid token)."""
 
     @property
     def host(self) -> str:

@@ -56,6 +56,16 @@ class NarMismatch(BadRequest):
     declared size, or not a well-formed NAR."""
 
 
+class RangeNotSatisfiable(BadRequest):
+    """A byte range asked for lies outside the resource (HTTP 416)."""
+
+    http_status = 416
+
+    def __init__(self, message: str, *, size: int) -> None:
+        super().__init__(message, detail={"size": size})
+        self.size = size
+
+
 class Conflict(BigtentError):
     """The request is valid but conflicts with the current state (a stale lease, ...)."""
 
@@ -96,6 +106,12 @@ class TooManyAuthFailures(AuthError):
 class CredentialUnavailable(AuthError):
     """The agent could not obtain its own credential (a token file it cannot read, a CI job's
     ID token request that failed)."""
+
+
+class Unavailable(BigtentError):
+    """The runner cannot take this request now (a capacity limit); try again later (503)."""
+
+    http_status = 503
 
 
 class ProtocolError(BigtentError):

@@ -492,6 +492,8 @@ def _announce(settings: UpSettings, state: UpState, say: Say) -> None:
     say(
         f"bigtent is up: runner {settings.runner_url} with {settings.agents} local agent(s)"
         f"{tools}\n"
+        f"  dashboard:   {settings.runner_url}/ (actions: sign in with the token in "
+        f"{shlex.quote(str(layout.token_file(Role.ADMIN)))})\n"
         f"  cache:       {settings.runner_url}/cache\n"
         f"  environment: . {shlex.quote(str(layout.env_file))}\n"
         f"  then try:    bigtent build FILE.nix -A ATTR; bigtent status\n"

@@ -206,9 +206,11 @@ sha256 = "{token_digest(self.admin_token)}"
         wait: bool = True,
         runner_url: str | None = None,
         token: str | None = None,
+        sandbox_paths: Sequence[str] = (),
     ) -> Proc:
         """Start agent ``name``; ``runner_url`` dials the runner another way (e.g. a proxy);
-        ``token`` is another credential (e.g. a CI job's OIDC ID token)."""
+        ``token`` is another credential (e.g. a CI job's OIDC ID token); ``sandbox_paths`` are
+        mapped into the build sandbox besides the host tools."""
         work = self.root / "agents" / name
         work.mkdir(parents=True, exist_ok=True)
         cfg = work / "agent.toml"
@@ -222,7 +224,7 @@ supported_features = {_toml_list(supported_features)}
 mandatory_features = {_toml_list(mandatory_features)}
 store = "local?root={work / "root"}"
 work_dir = "{work}"
-sandbox_paths = {_toml_list(HOST_TOOLS)}
+sandbox_paths = {_toml_list([*HOST_TOOLS, *sandbox_paths])}
 {f'ca_file = "{self.tls.ca_file}"' if self.tls else ""}
 """
         )

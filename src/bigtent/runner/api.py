@@ -11,7 +11,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from pydantic import BaseModel, Field
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -20,7 +26,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from bigtent import __version__
 from bigtent import protocol as p
 from bigtent.config import Role
-from bigtent.errors import AuthError, BigtentError, NotFound, TooManyAuthFailures
+from bigtent.errors import (
+    AuthError,
+    BigtentError,
+    NotFound,
+    RangeNotSatisfiable,
+    TooManyAuthFailures,
+)
 from bigtent.runner.auth.ratelimit import FailureThrottle
 from bigtent.runner.auth.tokens import Principal, TokenRegistry
 from bigtent.runner.builds import plan_build
@@ -28,6 +40,7 @@ from bigtent.runner.cache import Cache
 from bigtent.runner.components import Components
 from bigtent.runner.db import queries
 from bigtent.runner.ingest import ingest_client_path, ingest_output
+from bigtent.runner.logserve import log_response
 from bigtent.runner.metrics import Metrics
 from bigtent.runner.presigned import record_json
 from bigtent.runner.s3 import S3Storage, s3_nar_response
@@ -93,6 +106,8 @@ def error_response(exc: BigtentError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
     if isinstance(exc, TooManyAuthFailures):
         headers = {"Retry-After": str(exc.retry_after_secs)}
+    if isinstance(exc, RangeNotSatisfiable):
+        headers = {"Content-Range": f"bytes */{exc.size}"}
     return JSONResponse(
         {"error": exc.message, "detail": exc.detail}, status_code=exc.http_status, headers=headers
     )
@@ -351,12 +366,18 @@ async def get_step(step_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
 
 
 @api.get("/steps/{step_id}/log")
-async def get_step_log(step_id: int, comps: Comps, _: ClientAuth) -> PlainTextResponse:
+async def get_step_log(
+    step_id: int,
+    comps: Comps,
+    _: ClientAuth,
+    byte_range: Annotated[str | None, Header(alias="range")] = None,
+) -> StreamingResponse:
+    """The step's log, whole or one byte range (``Range: bytes=A-B``, ``A-``, ``-N``)."""
     _known_id(step_id, "step")
     async with comps.engine.connect() as conn:
         if await queries.fetch_step(conn, step_id) is None:
             raise NotFound(f"no step {step_id}")
-    return PlainTextResponse(comps.logs.read(step_id))
+    return log_response(comps.logs, step_id, byte_range)
 
 
 @api.get("/agents")

@@ -95,6 +95,8 @@ class AgentSession:
     """The token a token agent authenticated with; None for an OIDC agent."""
     cert: PeerCert | None = None
     """The client certificate the TLS handshake verified (mTLS), if any."""
+    last_heartbeat: p.Heartbeat | None = None
+    """The agent's latest load report (the dashboard shows it)."""
 
     def send(self, message: BaseModel) -> None:
         """Queue a message; raise SessionClosed when the session is over or hopelessly slow."""
@@ -438,6 +440,7 @@ class Sessions:
     async def _dispatch(self, session: AgentSession, venue: Venue, msg: p.AgentMessage) -> None:
         match msg:
             case p.Heartbeat():
+                session.last_heartbeat = msg
                 self.scheduler.heartbeat(venue, msg.running)
                 if msg.draining and not venue.draining:
                     log.info("agent %s is draining: no more assignments", venue.name)

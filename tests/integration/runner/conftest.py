@@ -127,7 +127,8 @@ def _free_socket() -> socket.socket:
 @pytest.fixture
 async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
     """Factory: ``await make_runner(serve=False, cache={...}, auth={"oidc": [...]}, ...)``
-    (``auth`` adds to the generated tokens, one per role).
+    (``auth`` adds to the generated tokens, one per role; ``runner`` to the ``[runner]``
+    section).
 
     With ``serve=True`` the app runs under a real uvicorn server on a loopback port bound
     before the components are built (so the cache URL names the real port), with its
@@ -141,6 +142,7 @@ async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
         cache: dict[str, Any] | None = None,
         auth: dict[str, Any] | None = None,
         tls: dict[str, Any] | None = None,
+        runner: dict[str, Any] | None = None,
         **sections: Any,
     ) -> RunnerHarness:
         state = tmp_path / f"runner{len(made)}"
@@ -158,6 +160,7 @@ async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
                 "listen": f"127.0.0.1:{port}",
                 "allow_plaintext": True,
                 **({"tls": tls} if tls else {}),
+                **(runner or {}),
             },
             auth={
                 # The client token is trusted, so its builds are trusted ones (DESIGN §6); tests

@@ -584,3 +584,66 @@ async def fetch_launch_retry_at(conn: AsyncConnection) -> dict[str, float]:
         .group_by(launches.c.pool)
     )
     return {str(pool): float(at) for pool, at in rows}
+
+
+# ---- dashboard (docs/dashboard.md) ---------------------------------------------------------
+async def fetch_build_state_counts(
+    conn: AsyncConnection, build_ids: Sequence[int]
+) -> dict[int, dict[str, int]]:
+    """Per build, how many of its steps are in each state."""
+    out: dict[int, dict[str, int]] = {b: {} for b in build_ids}
+    if not build_ids:
+        return out
+    rows = await conn.execute(
+        select(build_steps.c.build_id, steps.c.state, func.count())
+        .join(steps, steps.c.id == build_steps.c.step_id)
+        .where(build_steps.c.build_id.in_(list(build_ids)))
+        .group_by(build_steps.c.build_id, steps.c.state)
+    )
+    for build_id, state, n in rows:
+        out[int(build_id)][str(state)] = int(n)
+    return out
+
+
+async def fetch_step_build_ids(conn: AsyncConnection, step_id: int, limit: int) -> list[int]:
+    """The newest builds that include this step."""
+    rows = await conn.execute(
+        select(build_steps.c.build_id)
+        .where(build_steps.c.step_id == step_id)
+        .order_by(build_steps.c.build_id.desc())
+        .limit(limit)
+    )
+    return [int(r[0]) for r in rows]
+
+
+async def search_steps(conn: AsyncConnection, text: str, limit: int) -> list[Any]:
+    """Steps whose .drv path or one of whose output paths contains ``text`` (newest first;
+    a substring match, so it scans the derivations)."""
+    rows = await conn.execute(
+        select(*_STEP_COLUMNS)
+        .join(derivations, derivations.c.drv_path == steps.c.drv_path)
+        .where(
+            derivations.c.drv_path.contains(text, autoescape=True)
+            | derivations.c.outputs.contains(text, autoescape=True)
+        )
+        .order_by(steps.c.id.desc())
+        .limit(limit)
+    )
+    return list(rows)
+
+
+async def search_store_paths(conn: AsyncConnection, text: str, limit: int) -> list[Any]:
+    """Cached store paths containing ``text``."""
+    rows = await conn.execute(
+        select(
+            store_paths.c.path,
+            store_paths.c.nar_size,
+            store_paths.c.file_size,
+            store_paths.c.deriver,
+            store_paths.c.created_at,
+        )
+        .where(store_paths.c.path.contains(text, autoescape=True))
+        .order_by(store_paths.c.path)
+        .limit(limit)
+    )
+    return list(rows)
