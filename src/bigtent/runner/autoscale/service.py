@@ -363,13 +363,7 @@ class Autoscaler:
                 log.info("agent %s reported launch id %s, which no pool made", name, launch_id)
                 return
             pool = self.pools.get(row.pool)
-            refusal = claim_refusal(
-                LaunchState(row.state),
-                row.agent_machine_id,
-                machine_id,
-                pool.config.workflow_repository if pool is not None else None,
-                identity.repository if identity is not None else None,
-            )
+            refusal = self._claim_refusal(row, machine_id, identity)
             if refusal is not None:
                 log.warning(
                     "agent %s reported launch %s of pool %s, but is not its agent: %s",
@@ -414,16 +408,22 @@ class Autoscaler:
         if row is None:
             return None
         pool = self.pools.get(row.pool)
-        refusal = claim_refusal(
+        if pool is None or self._claim_refusal(row, machine_id, identity) is not None:
+            return None
+        return pool.spec.allowed_repositories
+
+    def _claim_refusal(
+        self, row: Any, machine_id: str, identity: AgentIdentity | None
+    ) -> str | None:
+        """``claim_refusal`` for a launch row and a registering agent."""
+        pool = self.pools.get(row.pool)
+        return claim_refusal(
             LaunchState(row.state),
             row.agent_machine_id,
             machine_id,
             pool.config.workflow_repository if pool is not None else None,
             identity.repository if identity is not None else None,
         )
-        if refusal is not None or pool is None:
-            return None
-        return pool.spec.allowed_repositories
 
     # ---- read side ------------------------------------------------------------------------
     def counters(self) -> dict[str, dict[str, int]]:
