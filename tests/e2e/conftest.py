@@ -24,6 +24,7 @@ import pytest
 from bigtent.nix.keys import generate_key
 from bigtent.runner.auth.tokens import generate_token, token_digest
 from tests.conftest import have_nix, wait_until
+from tests.databases import MakeDatabase
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_NIX = REPO / "examples" / "dag.nix"
@@ -75,6 +76,7 @@ class Farm:
     agent_token: str
     admin_token: str
     public_key: str
+    database_url: str
     runner_extra: str = ""
     runner: Proc | None = None
     agents: dict[str, Proc] = field(default_factory=dict)
@@ -124,6 +126,9 @@ class Farm:
 listen = "127.0.0.1:{self.port}"
 state_dir = "{self.root / "runner"}"
 allow_plaintext = true
+
+[database]
+url = "{self.database_url}"
 
 [cache]
 signing_key_file = "{self.root / "cache.sk"}"
@@ -279,7 +284,11 @@ def _nix_value(v: Any) -> str:
 
 
 @pytest.fixture
-def farm_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Farm]]:
+def farm_factory(
+    tmp_path: Path, request: pytest.FixtureRequest, make_database: MakeDatabase
+) -> Iterator[Callable[..., Farm]]:
+    """``farm_factory(agents=N, runner_extra=TOML)``: a farm with its own migrated database
+    (SQLite, or PostgreSQL in that pass)."""
     farms: list[Farm] = []
 
     def make(agents: int = 0, runner_extra: str = "", **agent_kwargs: Any) -> Farm:
@@ -294,6 +303,7 @@ def farm_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cal
             agent_token=generate_token(),
             admin_token=generate_token(),
             public_key=key.public_key().to_text(),
+            database_url=make_database(),
             runner_extra=runner_extra,
         )
         farms.append(farm)

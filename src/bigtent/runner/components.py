@@ -14,7 +14,7 @@ from bigtent.runner.auth.oidc import OidcVerifier
 from bigtent.runner.auth.ratelimit import AuthFailureLimiter, FailureThrottle
 from bigtent.runner.auth.tokens import TokenRegistry, TokenStore
 from bigtent.runner.cache import Cache, Upstreams
-from bigtent.runner.db.migrate import create_engine, migrate
+from bigtent.runner.db.migrate import check_schema, create_engine
 from bigtent.runner.logs import LogStore
 from bigtent.runner.scheduler.dispatcher import Scheduler
 from bigtent.runner.sessions import Sessions
@@ -45,7 +45,8 @@ class Components:
 
 
 async def build_components(config: RunnerConfig) -> Components:
-    """Open the database (migrating it), the cache and the scheduler's state."""
+    """Open the database (whose schema must be this bigtent's: the runner never migrates
+    it, ``bigtent db migrate`` does), the cache and the scheduler's state."""
     config.check_transport_security()
     state_dir = config.runner.state_dir
     try:
@@ -68,7 +69,11 @@ async def build_components(config: RunnerConfig) -> Components:
     # Built before anything that needs closing: its only failure is a bad ca_file.
     oidc = OidcVerifier(config.auth.oidc) if config.auth.oidc else None
     engine = create_engine(config.database_url())
-    await migrate(engine)
+    try:
+        await check_schema(engine)
+    except BaseException:
+        await engine.dispose()
+        raise
     token_store = TokenStore(engine, tokens, config)
     await token_store.load()
     auth = config.auth

@@ -34,6 +34,7 @@ from bigtent.runner.auth.tokens import generate_token, token_digest
 from bigtent.runner.components import Components, build_components, close_components
 from tests.conftest import current_system
 from tests.conftest import eventually as _eventually
+from tests.databases import MakeDatabase
 
 NO_SUBSTITUTERS = ["--option", "substituters", ""]
 WAIT_SECS = 10.0
@@ -122,13 +123,14 @@ def _free_socket() -> socket.socket:
 
 
 @pytest.fixture
-async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
+async def make_runner(tmp_path: Path, make_database: MakeDatabase) -> AsyncIterator[MakeRunner]:
     """Factory: ``await make_runner(serve=False, cache={...}, auth={"oidc": [...]}, ...)``
     (``auth`` adds to the generated tokens, one per role).
 
     With ``serve=True`` the app runs under a real uvicorn server on a loopback port bound
     before the components are built (so the cache URL names the real port), with its
     lifespan (the scheduler loop) running; otherwise it is driven in-process over ASGI.
+    Each runner gets a new migrated database (``database={"url": ...}`` names another).
     """
     made: list[tuple[RunnerHarness, uvicorn.Server | None, asyncio.Task[None] | None]] = []
 
@@ -145,6 +147,8 @@ async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
         key_file = state / "cache.sk"
         key_file.write_text(key.to_text())
         tokens = {role: generate_token() for role in Role}
+        if "database" not in sections:
+            sections["database"] = {"url": make_database()}
         sock = _free_socket() if serve else None
         port = sock.getsockname()[1] if sock else 0
         config = load_runner_config(

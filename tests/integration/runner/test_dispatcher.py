@@ -1,4 +1,5 @@
-"""The scheduler service against a real SQLite database, with fake venues and a fake clock.
+"""The scheduler service against a real database (SQLite, or PostgreSQL in that pass), with
+fake venues and a fake clock.
 
 The loop is driven one ``tick(now)`` at a time, so no test waits on real time.
 """
@@ -20,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bigtent import protocol as p
 from bigtent.config import SchedulerSection
 from bigtent.runner.db import queries
-from bigtent.runner.db.migrate import create_engine, migrate
+from bigtent.runner.db.migrate import create_engine
 from bigtent.runner.logs import LogStore
 from bigtent.runner.scheduler.dispatcher import PlannedStep, Scheduler, SessionClosed, Venue
 from bigtent.states import StepState
@@ -200,9 +201,8 @@ class Farm:
 
 
 @pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/x.db")
-    await migrate(engine)
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(database_url)
     yield engine
     await engine.dispose()
 

@@ -1,15 +1,16 @@
-"""Migrations on SQLite. 0003: failures recorded before it are cached from when they finished;
-agents get a zero failure count. 0004 adds the tokens table. 0005 adds the agents' OIDC
-identity columns (NULL for existing rows). All downgrade cleanly."""
+"""Migrations on the test database (SQLite, or PostgreSQL in that pass). 0003: failures
+recorded before it are cached from when they finished; agents get a zero failure count. 0004
+adds the tokens table. 0005 adds the agents' OIDC identity columns (NULL for existing rows).
+All downgrade cleanly."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from alembic import command
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, inspect, text
 
 from bigtent.runner.db.migrate import alembic_config, create_engine, schema_status
+from tests.databases import MakeDatabase
 
 
 def _to(conn: Connection, revision: str, *, down: bool = False) -> None:
@@ -22,8 +23,8 @@ def _columns(conn: Connection, table: str) -> set[str]:
     return {c["name"] for c in inspect(conn).get_columns(table)}
 
 
-async def test_0003_backfills_failed_at_and_downgrades(tmp_path: Path) -> None:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/m.db")
+async def test_0003_backfills_failed_at_and_downgrades(make_database: MakeDatabase) -> None:
+    engine = create_engine(make_database(migrated=False))
     try:
         async with engine.begin() as conn:
             await conn.run_sync(_to, "0002")
@@ -66,7 +67,7 @@ async def test_0003_backfills_failed_at_and_downgrades(tmp_path: Path) -> None:
                     "supported_features, mandatory_features, max_jobs, speed_factor, ephemeral, "
                     "auth_kind, version, connected, first_seen, last_seen, steps_succeeded, "
                     "steps_failed, infra_failures) VALUES ('m', 'a', '', '[]', '[]', '[]', 1, "
-                    "1.0, 0, 'token', '', 0, 1.0, 1.0, 0, 0, 0)"
+                    "1.0, false, 'token', '', false, 1.0, 1.0, 0, 0, 0)"
                 )
             )
             await conn.run_sync(_to, "head")
@@ -85,8 +86,8 @@ async def test_0003_backfills_failed_at_and_downgrades(tmp_path: Path) -> None:
         await engine.dispose()
 
 
-async def test_0004_creates_the_tokens_table_and_downgrades(tmp_path: Path) -> None:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/m.db")
+async def test_0004_creates_the_tokens_table_and_downgrades(make_database: MakeDatabase) -> None:
+    engine = create_engine(make_database(migrated=False))
     try:
         async with engine.begin() as conn:
             await conn.run_sync(_to, "0003")
@@ -126,8 +127,10 @@ _OIDC_COLUMNS = {
 }
 
 
-async def test_0005_adds_nullable_oidc_identity_columns_and_downgrades(tmp_path: Path) -> None:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/m.db")
+async def test_0005_adds_nullable_oidc_identity_columns_and_downgrades(
+    make_database: MakeDatabase,
+) -> None:
+    engine = create_engine(make_database(migrated=False))
     try:
         async with engine.begin() as conn:
             await conn.run_sync(_to, "0004")
@@ -138,7 +141,7 @@ async def test_0005_adds_nullable_oidc_identity_columns_and_downgrades(tmp_path:
                     "supported_features, mandatory_features, max_jobs, speed_factor, ephemeral, "
                     "auth_kind, version, connected, first_seen, last_seen, steps_succeeded, "
                     "steps_failed, infra_failures) VALUES ('m', 'a', '', '[]', '[]', '[]', 1, "
-                    "1.0, 0, 'token', '', 0, 1.0, 1.0, 0, 0, 0)"
+                    "1.0, false, 'token', '', false, 1.0, 1.0, 0, 0, 0)"
                 )
             )
             await conn.run_sync(_to, "0005")
@@ -148,5 +151,28 @@ async def test_0005_adds_nullable_oidc_identity_columns_and_downgrades(tmp_path:
             await conn.run_sync(_to, "0004", down=True)
             assert not _OIDC_COLUMNS & await conn.run_sync(_columns, "agents")
             assert (await conn.execute(text("SELECT name FROM agents"))).scalar_one() == "a"
+    finally:
+        await engine.dispose()
+
+
+async def test_every_revision_upgrades_and_downgrades_in_turn(make_database: MakeDatabase) -> None:
+    """Each migration, one at a time, up from nothing and back down to nothing, then up to
+    the head again: what a new revision must keep working on both databases."""
+    engine = create_engine(make_database(migrated=False))
+    revisions = [
+        r.revision
+        for r in reversed(list(ScriptDirectory.from_config(alembic_config()).walk_revisions()))
+    ]
+    try:
+        async with engine.begin() as conn:
+            for revision in revisions:
+                await conn.run_sync(_to, revision)
+            assert "steps" in await conn.run_sync(lambda c: inspect(c).get_table_names())
+            for revision in reversed(["base", *revisions[:-1]]):
+                await conn.run_sync(_to, revision, down=True)
+            tables = await conn.run_sync(lambda c: inspect(c).get_table_names())
+            assert set(tables) <= {"alembic_version"}
+            await conn.run_sync(_to, "head")
+        assert await schema_status(engine) == (revisions[-1], revisions[-1])
     finally:
         await engine.dispose()
