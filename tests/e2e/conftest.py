@@ -120,10 +120,35 @@ class Farm:
 
     def start_runner(self) -> Proc:
         cfg = self.root / "runner.toml"
-        cfg.write_text(
-            f"""
+        cfg.write_text(self._runner_config(self.port))
+        self.runner = self._spawn("runner", ["-v", "runner", "--config", str(cfg)], self.env())
+        wait_until(self._runner_up, timeout=30, what="runner to answer")
+        return self.runner
+
+    def start_peer_runner(self, name: str = "runner-2") -> tuple[Proc, str]:
+        """Another runner process on the same database and state dir (PostgreSQL only);
+        returns it and its URL."""
+        port = free_port()
+        cfg = self.root / f"{name}.toml"
+        cfg.write_text(self._runner_config(port))
+        proc = self._spawn(name, ["-v", "runner", "--config", str(cfg)], self.env())
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            if not proc.alive():
+                raise AssertionError(f"{name} exited:\n" + proc.log.read_text()[-3000:])
+            try:
+                return httpx.get(f"{url}/cache/nix-cache-info", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout=30, what=f"{name} to answer")
+        return proc, url
+
+    def _runner_config(self, port: int) -> str:
+        return f"""
 [runner]
-listen = "127.0.0.1:{self.port}"
+listen = "127.0.0.1:{port}"
 state_dir = "{self.root / "runner"}"
 allow_plaintext = true
 
@@ -155,10 +180,6 @@ role = "admin"
 sha256 = "{token_digest(self.admin_token)}"
 {self.runner_extra}
 """
-        )
-        self.runner = self._spawn("runner", ["-v", "runner", "--config", str(cfg)], self.env())
-        wait_until(self._runner_up, timeout=30, what="runner to answer")
-        return self.runner
 
     def _runner_up(self) -> bool:
         assert self.runner is not None

@@ -46,6 +46,8 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
             ),
             asyncio.create_task(comps.ssh.run(), name="ssh-builders"),
         ]
+        if comps.feed is not None:
+            tasks.append(asyncio.create_task(comps.feed.follow(comps.on_change), name="feed"))
 
         def _done(t: asyncio.Task[None]) -> None:
             if not t.cancelled() and t.exception() is not None:

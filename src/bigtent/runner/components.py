@@ -15,6 +15,7 @@ from bigtent.runner.auth.ratelimit import AuthFailureLimiter, FailureThrottle
 from bigtent.runner.auth.tokens import TokenRegistry, TokenStore
 from bigtent.runner.cache import Cache, Upstreams
 from bigtent.runner.db.migrate import check_schema, create_engine
+from bigtent.runner.db.notify import Change, ChangeFeed, make_feed
 from bigtent.runner.logs import LogStore
 from bigtent.runner.scheduler.dispatcher import Scheduler
 from bigtent.runner.sessions import Sessions
@@ -42,6 +43,15 @@ class Components:
     """Credential failures per address, shared by the HTTP gate and the agent WebSocket."""
     oidc: OidcVerifier | None = None
     """Verifies agents' OIDC ID tokens; None when no ``[[auth.oidc]]`` issuer is configured."""
+    feed: ChangeFeed | None = None
+    """What other runners on the same database change (PostgreSQL: LISTEN/NOTIFY)."""
+
+    async def on_change(self, change: Change | None) -> None:
+        """Another runner changed steps, builds or tokens (None: anything may have)."""
+        if change is None or change.steps or change.builds:
+            self.scheduler.notice(change)
+        if change is None or change.tokens:
+            await self.token_store.reload()
 
 
 async def build_components(config: RunnerConfig) -> Components:
@@ -74,7 +84,8 @@ async def build_components(config: RunnerConfig) -> Components:
     except BaseException:
         await engine.dispose()
         raise
-    token_store = TokenStore(engine, tokens, config)
+    feed = make_feed(engine)
+    token_store = TokenStore(engine, tokens, config, feed)
     await token_store.load()
     auth = config.auth
     auth_throttle = FailureThrottle(
@@ -91,7 +102,7 @@ async def build_components(config: RunnerConfig) -> Components:
         config.cache.upstream_timeout_secs,
     )
     logs = LogStore(state_dir / "logs", config.scheduler.max_log_bytes)
-    scheduler = Scheduler(engine, config.scheduler, logs, cache.present)
+    scheduler = Scheduler(engine, config.scheduler, logs, cache.present, feed=feed)
     await scheduler.load()
     sessions = Sessions(
         config, engine, scheduler, tokens, cache.url, cache.public_key, auth_throttle, oidc
@@ -111,6 +122,7 @@ async def build_components(config: RunnerConfig) -> Components:
         token_store,
         auth_throttle,
         oidc,
+        feed,
     )
 
 

@@ -1156,16 +1156,16 @@ async def test_failed_transaction_reloads_memory_from_the_database(
     await farm.tick()
     [a] = agent.take_assigns()
     farm.uploaded.update(a.outputs.values())
-    real_update_steps = queries.update_steps
+    real_update = queries.update_steps_in_state
 
     async def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("database is locked")
 
     # The success changes memory (x succeeded, y runnable) and then the write fails.
-    monkeypatch.setattr(queries, "update_steps", broken)
+    monkeypatch.setattr(queries, "update_steps_in_state", broken)
     with pytest.raises(RuntimeError):
         await farm.report(agent, a, p.Outcome.SUCCESS)
-    monkeypatch.setattr(queries, "update_steps", real_update_steps)
+    monkeypatch.setattr(queries, "update_steps_in_state", real_update)
     # Memory was reloaded from the database, where nothing changed: x is still leased to
     # m1, and a re-sent result (the agent re-sends unacknowledged ones) is recorded.
     assert farm.sched.nodes[farm.sid(x)].state is StepState.ASSIGNED
