@@ -794,8 +794,12 @@ class Scheduler:
             try:
                 wake_at = await self.tick(self.clock())
             except LostRace as exc:
-                log.info("another runner changed a step first (%s); working copy reloaded", exc)
+                # Memory may be ahead of the database (the pass changed it before the check
+                # failed): the database is the record.
+                log.info("another runner changed a step first (%s); reloading", exc)
                 wake_at = self.clock()
+                async with self._lock:
+                    await self.recover(quiet=True)
             except Exception:
                 log.exception("scheduler pass failed; trying again in %.0f s", _ERROR_PAUSE_SECS)
                 wake_at = self.clock() + _ERROR_PAUSE_SECS
