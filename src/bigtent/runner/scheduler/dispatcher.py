@@ -1130,13 +1130,12 @@ class Scheduler:
                             continue
                         dep.deps.discard(node.id)
                         if not dep.deps and dep.state is StepState.WAITING:
-                            dep.state = StepState.RUNNABLE
                             ready.append(dep)
                     promoted = await queries.update_steps_in_state(
                         conn, [n.id for n in ready], [StepState.WAITING], state=StepState.RUNNABLE
                     )
-                    self._expect_all(promoted, ready)
-                    for dep in ready:
+                    for dep in self._moved_on_elsewhere(promoted, ready):
+                        dep.state = StepState.RUNNABLE
                         self._make_runnable(dep, now)
                 case Disposition.FAIL:
                     # A build failure is final and cached (failed_at) for the failure cache's
@@ -1199,14 +1198,11 @@ class Scheduler:
         self, conn: AsyncConnection, node: StepNode, now: float
     ) -> list[StepNode]:
         """DESIGN: a failure fails only what depends on it; unrelated steps go on."""
-        failed = []
-        for sid in dependents_closure(self.nodes, node.id):
-            dep = self.nodes[sid]
-            if dep.state in (StepState.WAITING, StepState.RUNNABLE):
-                self.index.discard(dep.id)
-                dep.state = StepState.DEPENDENCY_FAILED
-                self._count_final(dep)
-                failed.append(dep)
+        failed = [
+            self.nodes[sid]
+            for sid in dependents_closure(self.nodes, node.id)
+            if self.nodes[sid].state in (StepState.WAITING, StepState.RUNNABLE)
+        ]
         changed = await queries.update_steps_in_state(
             conn,
             [d.id for d in failed],
@@ -1215,7 +1211,11 @@ class Scheduler:
             finished_at=now,
             error=f"dependency {node.drv_path} failed",
         )
-        self._expect_all(changed, failed)
+        failed = self._moved_on_elsewhere(changed, failed)
+        for dep in failed:
+            self.index.discard(dep.id)
+            dep.state = StepState.DEPENDENCY_FAILED
+            self._count_final(dep)
         return failed
 
     def _count_final(self, node: StepNode) -> None:
@@ -1326,12 +1326,15 @@ class Scheduler:
                     f"{node.state} here"
                 )
 
-    def _expect_all(self, changed: set[int], nodes: Sequence[StepNode]) -> None:
-        """A conditional update must have changed every one of ``nodes``: else LostRace."""
+    def _moved_on_elsewhere(self, changed: set[int], nodes: list[StepNode]) -> list[StepNode]:
+        """The ``nodes`` a conditional update changed. The others were moved on by another
+        runner first (it made them runnable, or claimed them): they are read again at the
+        next pass, and this transition leaves them alone."""
         missed = {n.id for n in nodes} - changed
         if missed:
             self._stale_steps |= missed
-            raise LostRace(f"steps {sorted(missed)} were changed by another runner")
+            self.wake()
+        return [n for n in nodes if n.id in changed]
 
     def _renewal_due(self, node: StepNode) -> bool:
         """Is the lease's renewal far enough ahead of what the database has to be stored?"""
