@@ -199,20 +199,19 @@ async def test_a_lost_listening_connection_is_replaced_and_everything_read_again
 ) -> None:
     a, b = await pair.start("a"), await pair.start("b")
     await pair.barrier()
+    pids = [a.feed.backend_pid, b.feed.backend_pid]
+    assert all(pids)
     async with a.engine.begin() as conn:
-        await conn.execute(
-            text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()"
-            )
-        )
+        for pid in pids:
+            await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
     # Each feed reconnects and says "anything may have changed" (None) again.
     for runner in (a, b):
         deadline = asyncio.get_running_loop().time() + WAIT_SECS
         while runner.heard.count(None) < 2:
             assert asyncio.get_running_loop().time() < deadline, "no reconnect"
             await asyncio.sleep(0.02)
-    await pair.barrier()
+        assert runner.feed.backend_pid not in pids
+    await pair.barrier()  # and hears changes again
 
 
 # ---- dispatching ------------------------------------------------------------------------------

@@ -183,6 +183,8 @@ class PgChangeFeed:
         self.ping_secs = ping_secs
         self.connected = asyncio.Event()
         """Set while LISTENing (tests wait on it)."""
+        self.backend_pid: int | None = None
+        """The server process of the listening connection, while there is one."""
 
     async def publish(self, conn: AsyncConnection) -> None:
         change = take_pending(conn, self.origin)
@@ -212,6 +214,7 @@ class PgChangeFeed:
                 log.exception("listening for other runners' changes failed; again in %.1f s", delay)
             finally:
                 self.connected.clear()
+                self.backend_pid = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_SECS)
 
@@ -231,6 +234,7 @@ class PgChangeFeed:
 
             driver.add_termination_listener(ended)
             await driver.add_listener(CHANNEL, heard)
+            self.backend_pid = int(driver.get_server_pid())
             self.connected.set()
             log.info("listening for other runners' changes (%s)", self.origin)
             # Anything committed before LISTEN took effect was not heard.

@@ -972,7 +972,10 @@ class Scheduler:
         async with self._begin() as conn:
             # Only steps still runnable in the database, and not being claimed by another
             # runner right now, are assigned; the others go back to be read again.
-            claimed = await queries.claim_runnable_steps(conn, [n.id for n, _, _ in ready])
+            ids = [n.id for n, _, _ in ready]
+            claimed = (
+                await queries.claim_runnable_steps(conn, ids) if self.feed.shared else set(ids)
+            )
             lost = [node.id for node, _, _ in ready if node.id not in claimed]
             self._stale_steps.update(lost)
             for node, venue, msg in ready:
@@ -1309,7 +1312,10 @@ class Scheduler:
         """The steps' rows must still say what the working copy does (state and lease;
         ``lease_id`` for a single node whose lease memory already dropped; ``expired_by``:
         and the lease expired by then): otherwise LostRace. The rows stay locked until the
-        transaction ends, so no other runner changes them under this transition."""
+        transaction ends, so no other runner changes them under this transition. Alone on
+        its database (SQLite) the runner's memory is the record's exact copy: no check."""
+        if not self.feed.shared:
+            return
         rows = await queries.lock_steps(conn, [n.id for n in nodes])
         for node in nodes:
             lease = node.lease_id if lease_id is _Same else lease_id
