@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import pytest
 
 pytest_plugins = ["tests.databases"]
-"""``make_database``, ``database_url``, ``pg_cluster``: SQLite, or PostgreSQL with
+"""``make_database``, ``database_url``: SQLite, or PostgreSQL with
 ``BIGTENT_TEST_DB=postgresql``."""
 
 _CLEARED_PREFIXES = ("BIGTENT_", "NIX_", "XDG_CACHE_HOME")

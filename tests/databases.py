@@ -11,8 +11,9 @@ Fixtures (a pytest plugin, registered in ``tests/conftest.py``):
   (sequences restarted), and the next test gets it again — ``CREATE DATABASE`` costs several
   times more on a busy machine. One whose schema a test changed is dropped instead.
 - ``database_url``: ``make_database()`` once.
-- ``pg_cluster``: the worker's PostgreSQL cluster; tests that need PostgreSQL itself (several
-  runners on one database, LISTEN/NOTIFY) run only in the PostgreSQL pass.
+
+Tests that need PostgreSQL itself (several runners on one database, LISTEN/NOTIFY) are marked
+``needs_postgresql``: they run in the PostgreSQL pass only.
 """
 
 from __future__ import annotations
@@ -168,10 +169,3 @@ def make_database(_database_templates: _Templates, tmp_path: Path) -> Iterator[M
 @pytest.fixture
 def database_url(make_database: MakeDatabase) -> str:
     return make_database()
-
-
-@pytest.fixture
-def pg_cluster(_database_templates: _Templates) -> PgCluster:
-    if not ON_POSTGRESQL:
-        pytest.skip("runs in the PostgreSQL pass (BIGTENT_TEST_DB=postgresql)")
-    return _database_templates.start_cluster()

@@ -358,6 +358,51 @@ async def test_cancelling_on_one_runner_stops_the_agent_of_the_other(pair: Pair)
     assert await pair.build_state(build) == "cancelled"
 
 
+async def test_a_bump_on_one_runner_reorders_the_queue_of_the_other(pair: Pair) -> None:
+    a, b = await pair.start("a"), await pair.start("b")
+    low, high = drv("low"), drv("high")
+    await pair.add(a, [low], [low])
+    bumped = await pair.add(a, [high], [high])
+    await pair.barrier()
+    assert await b.sched.bump_build(bumped, 10)
+    await pair.barrier(a)
+    agent = a.agent("a1")
+    await a.sched.tick(pair.clock.now)
+    assert [x.drv_path for x in agent.take_assigns()] == [high.drv_path]
+
+
+async def test_a_restart_on_one_runner_queues_the_failed_steps_on_the_other(pair: Pair) -> None:
+    a, b = await pair.start("a"), await pair.start("b")
+    x = drv("x")
+    y = drv("y", x)
+    build = await pair.add(a, [x, y], [y])
+    agent = a.agent("a1")
+    await a.sched.tick(pair.clock.now)
+    [first] = agent.take_assigns()
+    await a.sched.accepted(agent.venue, p.Accepted(step_id=first.step_id, lease_id=first.lease_id))
+    assert await a.sched.result(
+        agent.venue,
+        p.Result(step_id=first.step_id, lease_id=first.lease_id, outcome=p.Outcome.BUILD_FAILURE),
+    )
+    assert await pair.build_state(build) == "failed"
+    assert (await pair.step(y)).state == StepState.DEPENDENCY_FAILED
+    await pair.barrier()
+    assert await b.sched.restart_build(build)
+    await pair.barrier(a)
+    await a.sched.tick(pair.clock.now)
+    [again] = agent.take_assigns()
+    assert again.drv_path == x.drv_path and again.step_id == first.step_id
+    assert await a.succeed(agent, again, pair.uploaded)
+    await a.sched.tick(pair.clock.now)
+    [last] = agent.take_assigns()
+    assert last.drv_path == y.drv_path
+    assert await a.succeed(agent, last, pair.uploaded)
+    await pair.barrier()
+    assert await pair.build_state(build) == "succeeded"
+    await b.sched.tick(pair.clock.now)
+    assert build not in b.sched.builds  # b heard it is over
+
+
 # ---- leases ---------------------------------------------------------------------------------
 async def test_leases_held_by_a_live_runner_are_not_expired_by_the_other(pair: Pair) -> None:
     a, b = await pair.start("a"), await pair.start("b")

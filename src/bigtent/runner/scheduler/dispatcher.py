@@ -1569,7 +1569,7 @@ class Scheduler:
             self._forget_build(build)
             return set()
         build.state = state
-        build.priority = max(build.priority, int(row.priority))
+        build.priority = int(row.priority)  # as bump_build: members' priorities only rise
         now = self.clock()
         for sid in build.steps:
             node = self.nodes.get(sid)
