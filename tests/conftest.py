@@ -27,6 +27,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+pytest_plugins = ["tests.databases"]
+"""``make_database``, ``database_url``: SQLite, or PostgreSQL with
+``BIGTENT_TEST_DB=postgresql``."""
+
 _CLEARED_PREFIXES = ("BIGTENT_", "NIX_", "XDG_CACHE_HOME", "ACTIONS_ID_TOKEN_")
 _PROXIES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 

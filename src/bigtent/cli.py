@@ -956,6 +956,79 @@ def ssh_check(name: str, config_path: Path, connect_timeout_secs: int, as_json: 
     click.echo(f"{result.name}: {result.nix_version}{disabled}")
 
 
+# ---- the runner's database -----------------------------------------------------------------
+
+
+@cli.group(context_settings=_CONTEXT)
+def db() -> None:
+    """The runner's database schema ([database] url in runner.toml)."""
+
+
+_DB_CONFIG = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="runner.toml naming the database (keys overridable by BIGTENT_<SECTION>__<KEY>).",
+)
+
+
+@db.command("status", context_settings=_CONTEXT)
+@_DB_CONFIG
+@_json_option
+@click.pass_context
+def db_status(ctx: click.Context, config_path: Path | None, as_json: bool) -> None:
+    """Show the schema revision of the database and what `db migrate` would apply.
+
+    Exits 0 when the runner can start on it, 1 when it needs `bigtent db migrate` (or a newer
+    bigtent)."""
+    from bigtent.runner.db.migrate import SchemaState, display_url, inspect_database
+
+    url = load_runner_config(config_path).database_url()
+    report = _run(inspect_database(url))
+    if as_json:
+        _echo_json(
+            {
+                "database": display_url(url),
+                "state": report.state,
+                "current": report.current,
+                "head": report.head,
+                "pending": list(report.pending),
+            }
+        )
+    else:
+        click.echo(f"database: {display_url(url)}")
+        click.echo(f"schema:   {report.current or '(none)'} (this bigtent: {report.head})")
+        what = {
+            SchemaState.CURRENT: "up to date",
+            SchemaState.EMPTY: "empty: `bigtent db migrate` creates the schema",
+            SchemaState.BEHIND: f"behind: `bigtent db migrate` applies {', '.join(report.pending)}",
+            SchemaState.AHEAD: "newer than this bigtent: run the bigtent that migrated it",
+        }[report.state]
+        click.echo(f"state:    {what}")
+    ctx.exit(0 if report.state is SchemaState.CURRENT else 1)
+
+
+@db.command("migrate", context_settings=_CONTEXT)
+@_DB_CONFIG
+@_json_option
+def db_migrate(config_path: Path | None, as_json: bool) -> None:
+    """Create or upgrade the database schema to this bigtent's (never downgrades).
+
+    Stop the runners first: they refuse to start on a schema other than their own."""
+    from bigtent.runner.db.migrate import display_url, migrate_database
+
+    url = load_runner_config(config_path).database_url()
+    before, after = _run(migrate_database(url))
+    if as_json:
+        _echo_json({"database": display_url(url), "before": before, "after": after})
+    elif before == after:
+        click.echo(f"{display_url(url)}: schema already at {after}; nothing to do")
+    elif before is None:
+        click.echo(f"{display_url(url)}: schema created at {after}")
+    else:
+        click.echo(f"{display_url(url)}: schema migrated from {before} to {after}")
+
+
 # ---- services --------------------------------------------------------------------------------
 
 

@@ -158,6 +158,18 @@ class UpstreamUnavailable(BigtentError):
     http_status = 503
 
 
+class DatabaseError(BigtentError):
+    """The runner's database cannot be used: it cannot be reached, or a migration failed."""
+
+    exit_code = 5
+    http_status = 503
+
+
+class SchemaMismatch(DatabaseError):
+    """The database's schema is missing, older or newer than this bigtent's
+    (``bigtent db migrate`` creates or upgrades it)."""
+
+
 class BuildFailed(BigtentError):
     """A build finished but not every requested derivation built."""
 

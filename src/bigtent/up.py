@@ -28,6 +28,7 @@ from bigtent.config import Role
 from bigtent.errors import AuthError, BigtentError, ConfigError, RunnerUnreachable
 from bigtent.nix.keys import generate_key, load_secret_key
 from bigtent.runner.auth.tokens import generate_token
+from bigtent.runner.db.migrate import migrate_database
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,11 @@ class Layout:
     @property
     def runner_config(self) -> Path:
         return self.root / "runner.toml"
+
+    @property
+    def database_url(self) -> str:
+        """The embedded SQLite database, which ``bigtent up`` migrates itself."""
+        return f"sqlite+aiosqlite:///{self.root / 'bigtent.db'}"
 
     @property
     def signing_key(self) -> Path:
@@ -141,6 +147,9 @@ def render_runner_config(layout: Layout, port: int) -> str:
         f"listen = {_toml_str(f'{HOST}:{port}')}",
         f"state_dir = {_toml_str(layout.root)}",
         "allow_plaintext = true",
+        "",
+        "[database]",
+        f"url = {_toml_str(layout.database_url)}",
         "",
         "[cache]",
         f"signing_key_file = {_toml_str(layout.signing_key)}",
@@ -433,6 +442,11 @@ async def run_up(settings: UpSettings, say: Say) -> int:
             raise BigtentError(
                 f"port {settings.port} on {HOST} is already in use; choose another with --port"
             )
+        # The embedded database is ours: create or upgrade its schema before the runner
+        # checks it (a runner never migrates by itself; docs/operations.md).
+        before, after = await migrate_database(layout.database_url)
+        if before != after:
+            say(f"database schema {'created' if before is None else 'migrated'} ({after})")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -29,6 +29,7 @@ from tests.integration.runner.oidc_issuer import TlsFiles
 from tests.s3 import Bucket, s3_bucket, s3_endpoint
 
 __all__ = ["s3_bucket", "s3_endpoint"]  # fixtures: a farm may store its NARs in S3
+from tests.databases import MakeDatabase
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_NIX = REPO / "examples" / "dag.nix"
@@ -80,6 +81,7 @@ class Farm:
     agent_token: str
     admin_token: str
     public_key: str
+    database_url: str
     runner_extra: str = ""
     tls: TlsFiles | None = None
     """Serve the runner over https with this test CA's certificate (clients trust the CA)."""
@@ -139,18 +141,46 @@ class Farm:
 
     def start_runner(self) -> Proc:
         cfg = self.root / "runner.toml"
+        cfg.write_text(self._runner_config(self.port))
+        self.runner = self._spawn("runner", ["-v", "runner", "--config", str(cfg)], self.env())
+        wait_until(self._runner_up, timeout=30, what="runner to answer")
+        return self.runner
+
+    def start_peer_runner(self, name: str = "runner-2") -> tuple[Proc, str]:
+        """Another runner process on the same database and state dir (PostgreSQL only);
+        returns it and its URL."""
+        port = free_port()
+        cfg = self.root / f"{name}.toml"
+        cfg.write_text(self._runner_config(port))
+        proc = self._spawn(name, ["-v", "runner", "--config", str(cfg)], self.env())
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            if not proc.alive():
+                raise AssertionError(f"{name} exited:\n" + proc.log.read_text()[-3000:])
+            try:
+                return httpx.get(f"{url}/cache/nix-cache-info", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout=30, what=f"{name} to answer")
+        return proc, url
+
+    def _runner_config(self, port: int) -> str:
         tls = (
             f'[runner.tls]\ncert_file = "{self.tls.cert_file}"\nkey_file = "{self.tls.key_file}"\n'
             if self.tls
             else ""
         )
-        cfg.write_text(
-            f"""
+        return f"""
 [runner]
-listen = "127.0.0.1:{self.port}"
+listen = "127.0.0.1:{port}"
 state_dir = "{self.root / "runner"}"
 allow_plaintext = true
 {tls}
+[database]
+url = "{self.database_url}"
+
 [cache]
 signing_key_file = "{self.root / "cache.sk"}"
 {'storage = "s3"' if self.storage else ""}
@@ -180,10 +210,6 @@ sha256 = "{token_digest(self.admin_token)}"
 {self.runner_extra}
 {self.storage.toml() if self.storage else ""}
 """
-        )
-        self.runner = self._spawn("runner", ["-v", "runner", "--config", str(cfg)], self.env())
-        wait_until(self._runner_up, timeout=30, what="runner to answer")
-        return self.runner
 
     def _runner_up(self) -> bool:
         assert self.runner is not None
@@ -319,7 +345,11 @@ def _nix_value(v: Any) -> str:
 
 
 @pytest.fixture
-def farm_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Farm]]:
+def farm_factory(
+    tmp_path: Path, request: pytest.FixtureRequest, make_database: MakeDatabase
+) -> Iterator[Callable[..., Farm]]:
+    """``farm_factory(agents=N, runner_extra=TOML)``: a farm with its own migrated database
+    (SQLite, or PostgreSQL in that pass)."""
     farms: list[Farm] = []
 
     def make(
@@ -342,6 +372,7 @@ def farm_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cal
             agent_token=generate_token(),
             admin_token=generate_token(),
             public_key=key.public_key().to_text(),
+            database_url=make_database(),
             runner_extra=runner_extra,
             tls=tls,
             storage=storage,

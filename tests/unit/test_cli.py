@@ -94,6 +94,8 @@ def test_every_design_command_exists() -> None:
         "agents drain",
         "token create",
         "keys generate",
+        "db migrate",
+        "db status",
     }
 
 
@@ -728,6 +730,9 @@ def test_render_runner_config_loads(tmp_path: Path) -> None:
     assert cfg.runner.listen == "127.0.0.1:8123"
     assert cfg.runner.allow_plaintext is True
     assert cfg.runner.state_dir == layout.root
+    assert (
+        cfg.database_url() == layout.database_url == f"sqlite+aiosqlite:///{layout.root}/bigtent.db"
+    )
     assert cfg.signing_key_path() == layout.signing_key
     assert {(t.role, t.token_file) for t in cfg.auth.tokens} == {
         (r, layout.token_file(r)) for r in (Role.CLIENT, Role.AGENT, Role.ADMIN)

@@ -386,6 +386,11 @@ async def list_agents(comps: Comps, _: ClientAuth) -> dict[str, Any]:
         rows = await queries.fetch_agents(conn)
     live = comps.scheduler.venues
     now = comps.scheduler.clock()
+    # With other runners on the database, their agents count as connected while their rows
+    # say so and their heartbeats are recent (docs/architecture.md, "Several runners").
+    elsewhere_secs = (
+        3 * comps.config.scheduler.heartbeat_secs if comps.scheduler.feed.shared else -1.0
+    )
     out = []
     for r in rows:
         venue = live.get(r.machine_id)
@@ -414,7 +419,8 @@ async def list_agents(comps: Comps, _: ClientAuth) -> dict[str, Any]:
                 "oidc": _oidc_json(r),
                 "launch_id": r.launch_id,
                 "version": r.version,
-                "connected": venue is not None,
+                "connected": venue is not None
+                or (bool(r.connected) and now - float(r.last_seen) <= elsewhere_secs),
                 "draining": venue.draining if venue else False,
                 "first_seen": _iso(r.first_seen),
                 "last_seen": _iso(r.last_seen),

@@ -55,6 +55,8 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
             tasks.append(asyncio.create_task(comps.autoscaler.run(), name="autoscaler"))
         if isinstance(comps.cache.storage, S3Storage):
             tasks.append(asyncio.create_task(comps.cache.storage.run_sweeper(), name="s3-sweeper"))
+        if comps.feed is not None:
+            tasks.append(asyncio.create_task(comps.feed.follow(comps.on_change), name="feed"))
 
         def _done(t: asyncio.Task[None]) -> None:
             if not t.cancelled() and t.exception() is not None:

@@ -19,7 +19,8 @@ from bigtent.runner.auth.ratelimit import AuthFailureLimiter, FailureThrottle
 from bigtent.runner.auth.tokens import TokenRegistry, TokenStore
 from bigtent.runner.autoscale.service import Autoscaler, build_workflows
 from bigtent.runner.cache import Cache, Upstreams
-from bigtent.runner.db.migrate import create_engine, migrate
+from bigtent.runner.db.migrate import check_schema, create_engine
+from bigtent.runner.db.notify import Change, ChangeFeed, make_feed
 from bigtent.runner.logs import LogStore
 from bigtent.runner.metrics import Metrics
 from bigtent.runner.presigned import PresignedUploads
@@ -58,10 +59,20 @@ class Components:
     """The ``[[autoscale.github]]`` pools (no pools: present, with nothing to do)."""
     untrusted_cache: Cache | None = None
     """The untrusted cache (``/cache/untrusted``): outputs of untrusted builds, its own key."""
+    feed: ChangeFeed | None = None
+    """What other runners on the same database change (PostgreSQL: LISTEN/NOTIFY)."""
+
+    async def on_change(self, change: Change | None) -> None:
+        """Another runner changed steps, builds or tokens (None: anything may have)."""
+        if change is None or change.steps or change.builds:
+            self.scheduler.notice(change)
+        if change is None or change.tokens:
+            await self.token_store.reload()
 
 
 async def build_components(config: RunnerConfig) -> Components:
-    """Open the database (migrating it), the cache and the scheduler's state."""
+    """Open the database (whose schema must be this bigtent's: the runner never migrates
+    it, ``bigtent db migrate`` does), the cache and the scheduler's state."""
     config.check_transport_security()
     config.check_autoscale()
     state_dir = config.runner.state_dir
@@ -87,8 +98,13 @@ async def build_components(config: RunnerConfig) -> Components:
     oidc = OidcVerifier(config.auth.oidc) if config.auth.oidc else None
     workflows = build_workflows(config.autoscale)  # fails on an unreadable token
     engine = create_engine(config.database_url())
-    await migrate(engine)
-    token_store = TokenStore(engine, tokens, config)
+    try:
+        await check_schema(engine)
+    except BaseException:
+        await engine.dispose()
+        raise
+    feed = make_feed(engine)
+    token_store = TokenStore(engine, tokens, config, feed)
     await token_store.load()
     auth = config.auth
     auth_throttle = FailureThrottle(
@@ -122,6 +138,7 @@ async def build_components(config: RunnerConfig) -> Components:
         cache.present,
         metrics=metrics,
         untrusted_outputs_present=untrusted_cache.present,
+        feed=feed,
     )
     await scheduler.load()
     autoscaler = Autoscaler(
@@ -171,6 +188,7 @@ async def build_components(config: RunnerConfig) -> Components:
         metrics,
         autoscaler,
         untrusted_cache,
+        feed,
     )
 
 

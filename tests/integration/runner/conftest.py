@@ -21,6 +21,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import ClientConnection, connect
 
 from bigtent import protocol as p
@@ -32,11 +33,13 @@ from bigtent.nix.store_path import StorePath
 from bigtent.runner.app import create_app, uvicorn_config
 from bigtent.runner.auth.tokens import generate_token, token_digest
 from bigtent.runner.components import Components, build_components, close_components
+from bigtent.runner.db.migrate import create_engine
 from tests.conftest import current_system
 from tests.conftest import eventually as _eventually
 from tests.s3 import s3_bucket, s3_endpoint
 
 __all__ = ["s3_bucket", "s3_endpoint"]  # fixtures for the tests of S3 storage
+from tests.databases import MakeDatabase
 
 NO_SUBSTITUTERS = ["--option", "substituters", ""]
 WAIT_SECS = 10.0
@@ -116,6 +119,14 @@ class RunnerHarness:
 MakeRunner = Callable[..., Awaitable[RunnerHarness]]
 
 
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on a migrated test database (SQLite, or PostgreSQL in that pass)."""
+    engine = create_engine(database_url)
+    yield engine
+    await engine.dispose()
+
+
 def _free_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -125,7 +136,7 @@ def _free_socket() -> socket.socket:
 
 
 @pytest.fixture
-async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
+async def make_runner(tmp_path: Path, make_database: MakeDatabase) -> AsyncIterator[MakeRunner]:
     """Factory: ``await make_runner(serve=False, cache={...}, auth={"oidc": [...]}, ...)``
     (``auth`` adds to the generated tokens, one per role; ``runner`` to the ``[runner]``
     section).
@@ -133,6 +144,7 @@ async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
     With ``serve=True`` the app runs under a real uvicorn server on a loopback port bound
     before the components are built (so the cache URL names the real port), with its
     lifespan (the scheduler loop) running; otherwise it is driven in-process over ASGI.
+    Each runner gets a new migrated database (``database={"url": ...}`` names another).
     """
     made: list[tuple[RunnerHarness, uvicorn.Server | None, asyncio.Task[None] | None]] = []
 
@@ -151,6 +163,8 @@ async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
         key_file = state / "cache.sk"
         key_file.write_text(key.to_text())
         tokens = {role: generate_token() for role in Role}
+        if "database" not in sections:
+            sections["database"] = {"url": make_database()}
         sock = _free_socket() if serve else None
         port = sock.getsockname()[1] if sock else 0
         config = load_runner_config(

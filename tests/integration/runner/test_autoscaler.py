@@ -27,7 +27,6 @@ from bigtent.runner.autoscale.github import GithubWorkflow
 from bigtent.runner.autoscale.service import Autoscaler
 from bigtent.runner.autoscale.settings import AutoscaleSection, GithubPoolSection
 from bigtent.runner.db import queries
-from bigtent.runner.db.migrate import create_engine, migrate
 from bigtent.runner.logs import LogStore
 from bigtent.runner.scheduler.dispatcher import PlannedStep, Scheduler, Venue
 from bigtent.states import LaunchState
@@ -200,14 +199,6 @@ def identity(repository: str = WORKFLOW_REPO) -> AgentIdentity:
         workflow_ref=f"{repository}/.github/workflows/bigtent-agent.yml@refs/heads/main",
         ref="refs/heads/main",
     )
-
-
-@pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/x.db")
-    await migrate(engine)
-    yield engine
-    await engine.dispose()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from bigtent.nix.keys import generate_key
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store_path import StorePath
 from bigtent.runner.cache import Cache
-from bigtent.runner.db.migrate import create_engine, migrate
+from bigtent.runner.db.migrate import create_engine
 from bigtent.runner.metrics import UploadKind
 from bigtent.runner.storage import LocalStorage
 
@@ -23,9 +23,10 @@ async def _chunks(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
-async def test_second_publish_of_a_path_returns_the_first_record(tmp_path: Path) -> None:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/db.sqlite")
-    await migrate(engine)
+async def test_second_publish_of_a_path_returns_the_first_record(
+    tmp_path: Path, database_url: str
+) -> None:
+    engine = create_engine(database_url)
     key = generate_key("t-1")
     cache = Cache(engine, LocalStorage(tmp_path / "cache"), key, CacheSection(), "http://x")
     published: list[narinfo.NarInfo] = []

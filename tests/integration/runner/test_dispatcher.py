@@ -1,4 +1,5 @@
-"""The scheduler service against a real SQLite database, with fake venues and a fake clock.
+"""The scheduler service against a real database (SQLite, or PostgreSQL in that pass), with
+fake venues and a fake clock.
 
 The loop is driven one ``tick(now)`` at a time, so no test waits on real time.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bigtent import protocol as p
 from bigtent.config import SchedulerSection
 from bigtent.runner.db import queries
-from bigtent.runner.db.migrate import create_engine, migrate
 from bigtent.runner.logs import LogStore
 from bigtent.runner.scheduler.dispatcher import PlannedStep, Scheduler, SessionClosed, Venue
 from bigtent.states import StepState
@@ -197,14 +197,6 @@ class Farm:
         return {sid for sid in s.nodes if sid in s.index} | {
             sid for _, sid in s.delayed if s.nodes[sid].state is StepState.RUNNABLE
         }
-
-
-@pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/x.db")
-    await migrate(engine)
-    yield engine
-    await engine.dispose()
 
 
 @pytest.fixture
@@ -1156,16 +1148,16 @@ async def test_failed_transaction_reloads_memory_from_the_database(
     await farm.tick()
     [a] = agent.take_assigns()
     farm.uploaded.update(a.outputs.values())
-    real_update_steps = queries.update_steps
+    real_update = queries.update_steps_in_state
 
     async def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("database is locked")
 
     # The success changes memory (x succeeded, y runnable) and then the write fails.
-    monkeypatch.setattr(queries, "update_steps", broken)
+    monkeypatch.setattr(queries, "update_steps_in_state", broken)
     with pytest.raises(RuntimeError):
         await farm.report(agent, a, p.Outcome.SUCCESS)
-    monkeypatch.setattr(queries, "update_steps", real_update_steps)
+    monkeypatch.setattr(queries, "update_steps_in_state", real_update)
     # Memory was reloaded from the database, where nothing changed: x is still leased to
     # m1, and a re-sent result (the agent re-sends unacknowledged ones) is recorded.
     assert farm.sched.nodes[farm.sid(x)].state is StepState.ASSIGNED

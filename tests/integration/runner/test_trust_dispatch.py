@@ -5,7 +5,7 @@ repositories' steps, and all of it survives a reload from the database."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import pytest
@@ -14,18 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bigtent import protocol as p
 from bigtent.runner.db import queries
-from bigtent.runner.db.migrate import create_engine, migrate
 from bigtent.runner.scheduler.dispatcher import PlannedStep, Venue
 from bigtent.states import BuildState, StepState
 from tests.integration.runner.test_dispatcher import CONFIG, X86, Agent, Farm, drv
-
-
-@pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/x.db")
-    await migrate(engine)
-    yield engine
-    await engine.dispose()
 
 
 @pytest.fixture

@@ -1,4 +1,9 @@
-"""Every SQL statement of the runner: small typed async functions on an AsyncConnection."""
+"""Every SQL statement of the runner: small typed async functions on an AsyncConnection.
+
+Writes to steps, builds and tokens note the ids they change on the connection
+(``notify.note_*``); the scheduler announces them to other runners when its transaction
+commits (PostgreSQL; docs/architecture.md, "Several runners").
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, delete, func, insert, select, update
+from sqlalchemy import Select, Table, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bigtent.nix.narinfo import NarInfo
+from bigtent.runner.db.notify import note_builds, note_steps, note_tokens
 from bigtent.runner.db.tables import (
     agents,
     build_roots,
@@ -34,6 +40,15 @@ _CHUNK = 500
 def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
     for i in range(0, len(items), _CHUNK):
         yield items[i : i + _CHUNK]
+
+
+def _for_update(conn: AsyncConnection, query: Select[Any], *, skip_locked: bool = False) -> Any:
+    """``SELECT ... FOR UPDATE [SKIP LOCKED]`` on PostgreSQL: the rows stay locked until the
+    transaction ends, so another runner's conflicting write waits (or, with ``skip_locked``,
+    is passed over). SQLite has one writer at a time and no row locks: the query as is."""
+    if conn.dialect.name == "postgresql":
+        return query.with_for_update(skip_locked=skip_locked)
+    return query
 
 
 def _insert_ignore(conn: AsyncConnection, table: Table) -> Any:
@@ -195,13 +210,16 @@ async def fetch_derivations(conn: AsyncConnection, paths: Sequence[str]) -> dict
 # ---- builds and steps ----------------------------------------------------------------------
 async def insert_build(conn: AsyncConnection, **values: Any) -> int:
     result = await conn.execute(insert(builds).values(**values).returning(builds.c.id))
-    return int(result.scalar_one())
+    build_id = int(result.scalar_one())
+    note_builds(conn, [build_id])
+    return build_id
 
 
 async def insert_build_roots(
     conn: AsyncConnection, build_id: int, roots: Mapping[str, int | None]
 ) -> None:
     if roots:
+        note_builds(conn, [build_id])
         await conn.execute(
             insert(build_roots),
             [{"build_id": build_id, "drv_path": d, "step_id": s} for d, s in roots.items()],
@@ -211,11 +229,49 @@ async def insert_build_roots(
 async def insert_build_steps(conn: AsyncConnection, build_id: int, step_ids: Iterable[int]) -> None:
     rows = [{"build_id": build_id, "step_id": s} for s in set(step_ids)]
     if rows:
+        note_builds(conn, [build_id])
         await conn.execute(insert(build_steps), rows)
 
 
 async def update_build(conn: AsyncConnection, build_id: int, **values: Any) -> None:
+    note_builds(conn, [build_id])
     await conn.execute(update(builds).where(builds.c.id == build_id).values(**values))
+
+
+async def start_builds(conn: AsyncConnection, build_ids: Sequence[int]) -> None:
+    """Queued builds become running (a build another runner already finished stays so)."""
+    if build_ids:
+        note_builds(conn, build_ids)
+        await conn.execute(
+            update(builds)
+            .where(builds.c.id.in_(sorted(build_ids)), builds.c.state == "queued")
+            .values(state="running")
+        )
+
+
+async def finish_build(
+    conn: AsyncConnection, build_id: int, state: str, *, finished_at: float
+) -> bool:
+    """Record a build's end unless it already ended (another runner may have got there
+    first); True when this call recorded it."""
+    note_builds(conn, [build_id])
+    result = await conn.execute(
+        update(builds)
+        .where(
+            builds.c.id == build_id,
+            builds.c.state.not_in(["succeeded", "failed", "cancelled"]),
+        )
+        .values(state=state, finished_at=finished_at)
+    )
+    return bool(result.rowcount)
+
+
+async def fetch_builds_by_ids(conn: AsyncConnection, build_ids: Sequence[int]) -> list[Any]:
+    out: list[Any] = []
+    for i in range(0, len(build_ids), _CHUNK):
+        chunk = build_ids[i : i + _CHUNK]
+        out.extend(await conn.execute(select(builds).where(builds.c.id.in_(chunk))))
+    return out
 
 
 async def fetch_build(conn: AsyncConnection, build_id: int) -> Any | None:
@@ -260,36 +316,122 @@ async def fetch_build_step_ids(conn: AsyncConnection, build_ids: Sequence[int]) 
     return list(rows)
 
 
-async def insert_step(conn: AsyncConnection, **values: Any) -> int:
-    result = await conn.execute(insert(steps).values(**values).returning(steps.c.id))
-    return int(result.scalar_one())
+async def insert_step(conn: AsyncConnection, **values: Any) -> int | None:
+    """A new step; None when its derivation already has one (another runner inserted it
+    meanwhile: one drv, one step)."""
+    result = await conn.execute(_insert_ignore(conn, steps).values(**values).returning(steps.c.id))
+    step_id = result.scalar_one_or_none()
+    if step_id is None:
+        return None
+    note_steps(conn, [int(step_id)])
+    return int(step_id)
 
 
 async def insert_step_deps(conn: AsyncConnection, pairs: Iterable[tuple[int, int]]) -> None:
     rows = [{"step_id": s, "dep_id": d} for s, d in set(pairs)]
     if rows:
+        note_steps(conn, [r["step_id"] for r in rows])
         await conn.execute(_insert_ignore(conn, step_deps), rows)
 
 
 async def update_step(conn: AsyncConnection, step_id: int, **values: Any) -> None:
+    note_steps(conn, [step_id])
     await conn.execute(update(steps).where(steps.c.id == step_id).values(**values))
 
 
 async def update_steps(conn: AsyncConnection, step_ids: Sequence[int], **values: Any) -> None:
+    note_steps(conn, step_ids)
     for i in range(0, len(step_ids), _CHUNK):
         chunk = step_ids[i : i + _CHUNK]
         await conn.execute(update(steps).where(steps.c.id.in_(chunk)).values(**values))
 
 
-async def fetch_steps_by_drv(
-    conn: AsyncConnection, drv_paths: Sequence[str], *, trusted: bool = True
-) -> dict[str, Any]:
-    """The step rows of these derivations, of one trust (each has at most one per trust)."""
-    out: dict[str, Any] = {}
-    for chunk in _chunks(list(drv_paths)):
+async def update_steps_in_state(
+    conn: AsyncConnection, step_ids: Sequence[int], states: Sequence[str], **values: Any
+) -> set[int]:
+    """Update those of the steps that are still in one of ``states``; returns their ids
+    (a step another runner moved on is left alone)."""
+    changed: set[int] = set()
+    for i in range(0, len(step_ids), _CHUNK):
+        chunk = step_ids[i : i + _CHUNK]
         rows = await conn.execute(
-            select(steps).where(steps.c.drv_path.in_(chunk), steps.c.trusted == trusted)
+            update(steps)
+            .where(steps.c.id.in_(chunk), steps.c.state.in_(list(states)))
+            .values(**values)
+            .returning(steps.c.id)
         )
+        changed.update(int(r[0]) for r in rows)
+    note_steps(conn, changed)
+    return changed
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRow:
+    """A step's claim as the database has it."""
+
+    id: int
+    state: str
+    lease_id: str | None
+    lease_expires_at: float | None
+
+
+async def lock_steps(
+    conn: AsyncConnection, step_ids: Sequence[int], *, lock: bool = True
+) -> dict[int, LeaseRow]:
+    """The steps' state and lease, locked until the transaction ends (``lock``): what a
+    transition checks before it relies on them."""
+    out: dict[int, LeaseRow] = {}
+    for i in range(0, len(step_ids), _CHUNK):
+        chunk = sorted(step_ids[i : i + _CHUNK])
+        query = select(steps.c.id, steps.c.state, steps.c.lease_id, steps.c.lease_expires_at).where(
+            steps.c.id.in_(chunk)
+        )
+        rows = await conn.execute(_for_update(conn, query) if lock else query)
+        for row in rows:
+            out[int(row.id)] = LeaseRow(int(row.id), row.state, row.lease_id, row.lease_expires_at)
+    return out
+
+
+async def claim_runnable_steps(conn: AsyncConnection, step_ids: Sequence[int]) -> set[int]:
+    """Of these steps, the ones still runnable that no other transaction holds, locked for
+    this one (``FOR UPDATE SKIP LOCKED``): the dispatcher assigns exactly those. A step
+    another runner is assigning at this moment is skipped, not waited for."""
+    if not step_ids:
+        return set()
+    query = (
+        select(steps.c.id)
+        .where(steps.c.id.in_(sorted(step_ids)), steps.c.state == "runnable")
+        .order_by(steps.c.id)
+    )
+    rows = await conn.execute(_for_update(conn, query, skip_locked=True))
+    return {int(r[0]) for r in rows}
+
+
+async def renew_leases(conn: AsyncConnection, leases: Sequence[tuple[int, str, float]]) -> None:
+    """Store renewed lease expiries ``(step id, lease id, expires at)``, each only while the
+    step still holds that lease. Other runners judge a lease by this (not announced: a
+    renewal changes nothing they act on)."""
+    for step_id, lease_id, expires_at in leases:
+        await conn.execute(
+            update(steps)
+            .where(steps.c.id == step_id, steps.c.lease_id == lease_id)
+            .values(lease_expires_at=expires_at)
+        )
+
+
+async def fetch_steps_by_drv(
+    conn: AsyncConnection, drv_paths: Sequence[str], *, trusted: bool = True, lock: bool = False
+) -> dict[str, Any]:
+    """The step rows of these derivations, of one trust (each has at most one per trust);
+    ``lock``: locked until the transaction ends."""
+    out: dict[str, Any] = {}
+    for chunk in _chunks(sorted(drv_paths)):
+        query = (
+            select(steps)
+            .where(steps.c.drv_path.in_(chunk), steps.c.trusted == trusted)
+            .order_by(steps.c.id)
+        )
+        rows = await conn.execute(_for_update(conn, query) if lock else query)
         for row in rows:
             out[row.drv_path] = row
     return out
@@ -345,6 +487,34 @@ async def fetch_active_steps(conn: AsyncConnection, states: Sequence[str]) -> li
         .where(steps.c.state.in_(states))
     )
     return list(rows)
+
+
+async def fetch_step_edges(conn: AsyncConnection, step_ids: Sequence[int]) -> list[tuple[int, int]]:
+    """Every (step, dependency) pair with either end among ``step_ids``."""
+    out: set[tuple[int, int]] = set()
+    for i in range(0, len(step_ids), _CHUNK):
+        chunk = step_ids[i : i + _CHUNK]
+        rows = await conn.execute(
+            select(step_deps.c.step_id, step_deps.c.dep_id).where(
+                step_deps.c.step_id.in_(chunk) | step_deps.c.dep_id.in_(chunk)
+            )
+        )
+        out.update((int(a), int(b)) for a, b in rows)
+    return sorted(out)
+
+
+async def fetch_step_states(
+    conn: AsyncConnection, step_ids: Sequence[int]
+) -> dict[int, tuple[str, str]]:
+    """Step id -> (state, drv path)."""
+    out: dict[int, tuple[str, str]] = {}
+    for i in range(0, len(step_ids), _CHUNK):
+        chunk = step_ids[i : i + _CHUNK]
+        rows = await conn.execute(
+            select(steps.c.id, steps.c.state, steps.c.drv_path).where(steps.c.id.in_(chunk))
+        )
+        out.update((int(a), (str(b), str(c))) for a, b, c in rows)
+    return out
 
 
 async def fetch_step_deps(conn: AsyncConnection, step_ids: Sequence[int]) -> list[tuple[int, int]]:
@@ -479,6 +649,7 @@ async def insert_token(conn: AsyncConnection, token: StoredToken) -> bool:
         "created_at": token.created_at,
         "revoked_at": token.revoked_at,
     }
+    note_tokens(conn)
     result = await conn.execute(_insert_ignore(conn, tokens).values(**values))
     return bool(result.rowcount)
 
@@ -497,6 +668,7 @@ async def fetch_token(conn: AsyncConnection, name: str) -> StoredToken | None:
 
 async def revoke_token(conn: AsyncConnection, name: str, *, revoked_at: float) -> None:
     """Mark the token revoked (a no-op when it already is: the first time is kept)."""
+    note_tokens(conn)
     await conn.execute(
         update(tokens)
         .where(tokens.c.name == name, tokens.c.revoked_at.is_(None))

@@ -22,17 +22,20 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bigtent import protocol as p
 from bigtent.config import SchedulerSection
+from bigtent.errors import Conflict
 from bigtent.runner.db import queries
+from bigtent.runner.db.notify import Change, ChangeFeed, LocalFeed, is_conflict, take_pending
 from bigtent.runner.logs import LogStore
 from bigtent.runner.metrics import Metrics
 from bigtent.runner.scheduler.leases import (
@@ -53,6 +56,7 @@ from bigtent.runner.scheduler.steps import (
     plan_dispatch,
     raise_heights,
 )
+from bigtent.runner.scheduler.sync import LostRace, Seen, Stored, catch_up, waiting_verdict
 from bigtent.runner.trust import untrusted_work
 from bigtent.states import BuildState, StepState
 
@@ -65,8 +69,12 @@ these again."""
 _CACHED_MARK = "cached failure: "
 _FIRST_ERROR = "; first error: "
 _ERROR_PAUSE_SECS = 1.0
-_T = TypeVar("_T")
 """After a failed loop pass, wait this long (or until woken) before the next one."""
+_RACE_ATTEMPTS = 5
+"""How often a new build is tried when other runners keep changing the rows it needs."""
+_CLAIM_ROUNDS = 4
+"""Dispatch rounds per pass when another runner keeps claiming the chosen steps first."""
+_T = TypeVar("_T")
 
 
 AGENT = "agent"
@@ -74,6 +82,10 @@ AGENT = "agent"
 SSH = "ssh"
 """``Venue.kind`` of an SSH remote builder (``bigtent.runner.sshvenue``): used only for steps
 no agent slot takes in the same pass."""
+
+
+class _Same:
+    """Sentinel: expect the lease the working copy has."""
 
 
 class SessionClosed(Exception):
@@ -166,6 +178,7 @@ class Scheduler:
         rand: Callable[[], float] = random.random,
         metrics: Metrics | None = None,
         untrusted_outputs_present: Callable[[Sequence[str]], Any] | None = None,
+        feed: ChangeFeed | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
@@ -194,6 +207,20 @@ class Scheduler:
         self.metrics.watch_steps(lambda: self.nodes.values())
         self.work_listeners: list[Callable[[], None]] = []
         """Called when a step enters the runnable index (the autoscaler's wake-up)."""
+        # Several runners on one database (PostgreSQL; docs/architecture.md).
+        self.feed: ChangeFeed = feed if feed is not None else LocalFeed()
+        """Announces this runner's changes to the others; ``notice`` hears theirs."""
+        self._stale_steps: set[int] = set()
+        self._stale_builds: set[int] = set()
+        """Rows other runners changed (or claims this runner lost): read them again."""
+        self._resync = False
+        """Anything may have changed: reload everything."""
+        self._stored_expiry: dict[int, float] = {}
+        """Per leased step, the lease expiry the database has; renewals are stored once they
+        are ``lease_secs / 3`` ahead of it (shared databases only)."""
+        self._lost_here: set[int] = set()
+        """Leases an agent here gave up when it reconnected: they expire now, whatever the
+        database says."""
 
     # ---- start-up ----------------------------------------------------------------------------
     async def load(self, *, fresh_start: bool = True) -> None:
@@ -204,13 +231,14 @@ class Scheduler:
         agent is connected yet, so every agent row is marked disconnected.
         """
         now = self.clock()
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             if fresh_start:
                 await queries.mark_all_agents_disconnected(conn)
             rows = await queries.fetch_active_steps(conn, list(_ACTIVE_STATES))
             for row in rows:
                 node = _node_from_row(row)
                 if node.state.is_leased:
+                    self._stored_expiry[node.id] = float(row.lease_expires_at or 0.0)
                     node.lease_expires_at = now + self.config.lease_secs
                     if node.lease_id:
                         self.leases[node.lease_id] = node.id
@@ -264,7 +292,7 @@ class Scheduler:
             len(self.builds),
         )
         # Builds whose roots all finished while the runner was down are closed now.
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             for build in list(self.builds.values()):
                 await self._maybe_finish_build(conn, build, now)
 
@@ -293,7 +321,7 @@ class Scheduler:
             async def body() -> int:
                 now = self.clock()
                 work, trust, shared = self._trust_plan(planned, roots, trusted)
-                async with self.engine.begin() as conn:
+                async with self._begin() as conn:
                     build_id = await queries.insert_build(
                         conn,
                         state=BuildState.QUEUED,
@@ -327,7 +355,7 @@ class Scheduler:
                 self.wake()
                 return build_id
 
-            return await self._guard(body())
+            return await self._retrying(body)
 
     def _trust_plan(
         self, planned: Sequence[PlannedStep], roots: dict[str, str | None], trusted: bool
@@ -375,7 +403,7 @@ class Scheduler:
 
             async def body() -> bool:
                 now = self.clock()
-                async with self.engine.begin() as conn:
+                async with self._begin() as conn:
                     row = await queries.fetch_build(conn, build_id)
                     if row is None:
                         return False
@@ -428,7 +456,7 @@ class Scheduler:
                 self.wake()
                 return True
 
-            return await self._guard(body())
+            return await self._retrying(body)
 
     async def _admit(
         self,
@@ -452,9 +480,13 @@ class Scheduler:
         ones are live trusted steps of an untrusted build, which get no new dependencies.
         Returns the active build and how many steps it queued."""
         ttl = self.config.failure_cache_ttl_secs
+        # Locked until commit: another runner cannot change these steps under this decision.
         existing = {
             tr: await queries.fetch_steps_by_drv(
-                conn, [s.drv.drv_path for s in planned if trust[s.drv.drv_path] is tr], trusted=tr
+                conn,
+                [s.drv.drv_path for s in planned if trust[s.drv.drv_path] is tr],
+                trusted=tr,
+                lock=True,
             )
             for tr in (True, False)
         }
@@ -471,6 +503,7 @@ class Scheduler:
             tr = trust[drv.drv_path]
             node = self._node_of(drv.drv_path, tr)
             row = existing[tr].get(drv.drv_path)
+            _check_admit_row(drv.drv_path, node, row)
             if node is not None and node.state not in _REDO_STATES:
                 ids[drv.drv_path] = node.id
                 touched.append(node)
@@ -515,7 +548,12 @@ class Scheduler:
                 assigned_at=None,
             )
             if row is None:
-                sid = await queries.insert_step(conn, drv_path=drv.drv_path, trusted=tr, **values)
+                inserted = await queries.insert_step(
+                    conn, drv_path=drv.drv_path, trusted=tr, **values
+                )
+                if inserted is None:
+                    raise LostRace(f"another runner created the step of {drv.drv_path}")
+                sid = inserted
             else:
                 sid = int(row.id)
                 await queries.update_step(conn, sid, **values)
@@ -639,17 +677,22 @@ class Scheduler:
                 if build is None:
                     return False
                 now = self.clock()
-                async with self.engine.begin() as conn:
-                    for sid in sorted(build.steps):
-                        node = self.nodes.get(sid)
-                        if node is None or node.state.is_final:
-                            continue
-                        if any(b != build_id for b in node.builds if b in self.builds):
-                            continue
+                victims = [
+                    node
+                    for sid in sorted(build.steps)
+                    if (node := self.nodes.get(sid)) is not None
+                    and not node.state.is_final
+                    and not any(b != build_id for b in node.builds if b in self.builds)
+                ]
+                aborts: list[tuple[Venue, int]] = []
+                async with self._begin() as conn:
+                    await self._expect(conn, victims)
+                    for node in victims:
+                        sid = node.id
                         if node.state.is_leased:
                             venue = self.venues.get(node.venue or "")
                             if venue is not None:
-                                _try_send(venue, p.Abort(step_id=p.StepId(sid), reason="cancelled"))
+                                aborts.append((venue, sid))
                         self._release(node)
                         self.logs.close(sid)
                         node.state = StepState.CANCELLED
@@ -662,12 +705,14 @@ class Scheduler:
                             lease_expires_at=None,
                         )
                     build.state = BuildState.CANCELLED
-                    await queries.update_build(conn, build_id, state=build.state, finished_at=now)
+                    await queries.finish_build(conn, build_id, build.state, finished_at=now)
                     self._forget_build(build)
+                for venue, sid in aborts:
+                    _try_send(venue, p.Abort(step_id=p.StepId(sid), reason="cancelled"))
                 self.wake()
                 return True
 
-            return await self._guard(body())
+            return await self._retrying(body)
 
     async def bump_build(self, build_id: int, priority: int) -> bool:
         async with self._lock:
@@ -677,7 +722,7 @@ class Scheduler:
                 if build is None:
                     return False
                 build.priority = priority
-                async with self.engine.begin() as conn:
+                async with self._begin() as conn:
                     await queries.update_build(conn, build_id, priority=priority)
                 now = self.clock()
                 for sid in build.steps:
@@ -716,6 +761,7 @@ class Scheduler:
         ]
         for node in lost:
             node.lease_expires_at = now  # expires on the next pass: an infrastructure retry
+            self._lost_here.add(node.id)
         self.wake()
         return kept
 
@@ -742,7 +788,8 @@ class Scheduler:
             now = self.clock()
             for node in unaccepted:
                 log.info("step %d was never accepted by %s; queued again", node.id, venue.name)
-                await self._give_back(node, venue, now)
+                with contextlib.suppress(LostRace):
+                    await self._guard(self._give_back(node, venue, now))
             if unaccepted:
                 self.wake()
 
@@ -757,10 +804,14 @@ class Scheduler:
     def heartbeat(self, venue: Venue, running: Iterable[int]) -> None:
         """DESIGN §3: heartbeats renew the leases of the steps the agent reports running."""
         expires = self.clock() + self.config.lease_secs
+        store = False
         for sid in running:
             node = self.nodes.get(sid)
             if node is not None and node.state.is_leased and node.venue == venue.machine_id:
                 node.lease_expires_at = expires
+                store = store or self._renewal_due(node)
+        if store and self.feed.shared:
+            self.wake()  # the loop stores it, so other runners see the lease is alive
 
     def lease_holder(self, lease_id: str) -> StepNode | None:
         """The step a current lease is for, or None when the lease is unknown or over."""
@@ -780,18 +831,21 @@ class Scheduler:
                     return
                 if node.state is not StepState.ASSIGNED:
                     return
-                node.state = StepState.BUILDING
-                self.metrics.step_accepted(node, self.clock())
-                async with self.engine.begin() as conn:
+                async with self._begin() as conn:
+                    await self._expect(conn, [node])
+                    node.state = StepState.BUILDING
+                    self.metrics.step_accepted(node, self.clock())
                     await queries.update_step(
                         conn, node.id, state=node.state, started_at=self.clock()
                     )
 
-            return await self._guard(body())
+            with contextlib.suppress(LostRace):
+                await self._guard(body())
 
     async def refused(self, venue: Venue, msg: p.Refused) -> None:
         async with self._lock:
-            await self._guard(self._refused(venue, msg))
+            with contextlib.suppress(LostRace):
+                await self._guard(self._refused(venue, msg))
 
     async def _refused(self, venue: Venue, msg: p.Refused) -> None:
         node = self.nodes.get(msg.step_id)
@@ -805,10 +859,11 @@ class Scheduler:
         """DESIGN §5: a refusal or a failed send releases the slot, cools the venue down and
         makes the step runnable again, as if it had never been assigned."""
         venue.cooldown_until = now + self.config.refuse_cooldown_secs
-        self._release(node)
-        node.state = StepState.RUNNABLE
-        self.metrics.step_requeued(node, now)
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
+            await self._expect(conn, [node])
+            self._release(node)
+            node.state = StepState.RUNNABLE
+            self.metrics.step_requeued(node, now)
             await queries.update_step(
                 conn,
                 node.id,
@@ -844,7 +899,11 @@ class Scheduler:
                 await self._finish_attempt(node, venue, outcome, error, msg, self.clock())
                 return True
 
-            return await self._guard(body())
+            try:
+                return await self._guard(body())
+            except LostRace:
+                log.info("ignoring result for step %s: another runner moved it on", msg.step_id)
+                return False
 
     async def _present(self, node: StepNode, paths: list[str]) -> set[str]:
         """Which outputs of ``node`` are published: in the main cache, or for an untrusted
@@ -868,6 +927,13 @@ class Scheduler:
             self._wake.clear()
             try:
                 wake_at = await self.tick(self.clock())
+            except LostRace as exc:
+                # Memory may be ahead of the database (the pass changed it before the check
+                # failed): the database is the record.
+                log.info("another runner changed a step first (%s); reloading", exc)
+                wake_at = self.clock()
+                async with self._lock:
+                    await self.recover(quiet=True)
             except Exception:
                 log.exception("scheduler pass failed; trying again in %.0f s", _ERROR_PAUSE_SECS)
                 wake_at = self.clock() + _ERROR_PAUSE_SECS
@@ -878,15 +944,18 @@ class Scheduler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def recover(self) -> None:
+    async def recover(self, *, quiet: bool = False) -> None:
         """Rebuild the working state from the database, as at start (the caller holds the
         lock). After a failed transaction memory may be ahead of the database; the database
-        is the record, so memory is thrown away and reloaded. Connected venues stay."""
+        is the record, so memory is thrown away and reloaded. Connected venues stay.
+        ``quiet``: an expected reload (another runner's changes may have been missed)."""
         venues = self.venues
         self.nodes, self.by_drv, self.leases, self.builds = {}, {}, {}, {}
         self.untrusted_by_drv = {}
         self.index, self.delayed = RunnableIndex(), []
         self._nothing_for = {}
+        self._stored_expiry, self._lost_here = {}, set()
+        self._stale_steps, self._stale_builds, self._resync = set(), set(), False
         for connected in venues.values():
             connected.running.clear()
         await self.load(fresh_start=False)
@@ -894,27 +963,52 @@ class Scheduler:
             holder = venues.get(node.venue or "")
             if holder is not None:
                 holder.running.add(node.id)
-        log.warning("scheduler state reloaded from the database")
+        if quiet:
+            log.info("scheduler state reloaded from the database")
+        else:
+            log.warning("scheduler state reloaded from the database")
         self.wake()
 
-    async def _guard(self, coro: Awaitable[_T]) -> _T:
-        """Run a transition (lock held); if it fails, reload from the database and re-raise."""
+    async def _guard(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run a transition (lock held), after catching up with other runners; if it fails,
+        reload from the database and re-raise."""
         try:
+            await self._catch_up()
             return await coro
         except BaseException as exc:
+            coro.close()  # never started if catching up failed
             if isinstance(exc, asyncio.CancelledError | GeneratorExit):
                 raise
-            log.exception("scheduler transition failed; reloading state from the database")
-            await self.recover()
+            lost = isinstance(exc, LostRace)
+            if lost:
+                log.info("another runner changed a step first (%s); reloading", exc)
+            else:
+                log.exception("scheduler transition failed; reloading state from the database")
+            await self.recover(quiet=lost)
             raise
+
+    async def _retrying(self, body: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+        """``_guard(body())``, again (after reloading) when another runner won a race."""
+        for _attempt in range(_RACE_ATTEMPTS - 1):
+            with contextlib.suppress(LostRace):
+                return await self._guard(body())
+        try:
+            return await self._guard(body())
+        except LostRace as exc:
+            raise Conflict("other runners kept changing the same steps; try again") from exc
 
     async def tick(self, now: float) -> float | None:
         """One pass of the loop at time ``now``: expire leases, release due retries, match
         work to free slots. Returns when the next pass is due (None: only when woken)."""
         async with self._lock:
+            await self._catch_up()
+            await self._store_renewals()
             await self._expire_leases(now)
             self._promote_delayed(now)
-            await self._dispatch(now)
+            for _round in range(_CLAIM_ROUNDS):
+                if not await self._dispatch(now):
+                    break
+                await self._catch_up()  # claims lost to another runner: read, then plan again
             return self._next_deadline(now)
 
     def _next_deadline(self, now: float) -> float | None:
@@ -933,24 +1027,30 @@ class Scheduler:
         return [self.nodes[s] for s in self.leases.values() if s in self.nodes]
 
     async def _expire_leases(self, now: float) -> None:
-        for node in self._leased():
-            if (
-                node.state.is_leased
-                and node.lease_expires_at is not None
-                and node.lease_expires_at <= now
-            ):
-                venue = self.venues.get(node.venue or "")
-                log.warning("lease of step %d on %s expired", node.id, node.venue)
-                if venue is not None:
-                    _try_send(venue, p.Abort(step_id=p.StepId(node.id), reason="lease expired"))
-                await self._finish_attempt(
-                    node,
-                    venue,
-                    p.Outcome.AGENT_LOST,
-                    "lease expired: the agent stopped reporting it",
-                    None,
-                    now,
-                )
+        due = [
+            node
+            for node in self._leased()
+            if node.state.is_leased
+            and node.lease_expires_at is not None
+            and node.lease_expires_at <= now
+        ]
+        checked = await self._expired_in_database(due, now) if due and self.feed.shared else set()
+        for node in due:
+            if self.feed.shared and node.id not in checked and node.id not in self._lost_here:
+                continue
+            venue = self.venues.get(node.venue or "")
+            log.warning("lease of step %d on %s expired", node.id, node.venue)
+            if venue is not None:
+                _try_send(venue, p.Abort(step_id=p.StepId(node.id), reason="lease expired"))
+            await self._finish_attempt(
+                node,
+                venue,
+                p.Outcome.AGENT_LOST,
+                "lease expired: the agent stopped reporting it",
+                None,
+                now,
+                expired_by=now if node.id in checked else None,
+            )
 
     def _promote_delayed(self, now: float) -> None:
         while self.delayed and self.delayed[0][0] <= now:
@@ -968,12 +1068,14 @@ class Scheduler:
                 self.index.push(node)
                 self._work_arrived()
 
-    async def _dispatch(self, now: float) -> None:
+    async def _dispatch(self, now: float) -> bool:
+        """Assign runnable steps to free slots; True when another runner claimed some of the
+        chosen steps first (they are read again, the slots stay free)."""
         if not len(self.index):
-            return
+            return False
         free = [v for v in self.venues.values() if v.available(now)]
         if not free:
-            return
+            return False
         # Agents first (DESIGN §5's order among them); SSH builders only get the steps that
         # no free agent slot took in this pass.
         decisions = plan_dispatch(
@@ -986,7 +1088,7 @@ class Scheduler:
         if ssh and len(self.index):
             decisions += plan_dispatch(self.index, ssh, repositories_of=self._repositories_of)
         if not decisions:
-            return
+            return False
         # Resolve every venue before the first await: a venue may detach meanwhile, and a
         # send to its closed session then fails and releases the slot like any send failure.
         chosen = [(self.nodes[d.step_id], self.venues[d.machine_id]) for d in decisions]
@@ -1008,8 +1110,19 @@ class Scheduler:
                     now,
                 )
         sent: list[tuple[StepNode, Venue, p.Assign]] = []
-        async with self.engine.begin() as conn:
+        started: set[int] = set()
+        async with self._begin() as conn:
+            # Only steps still runnable in the database, and not being claimed by another
+            # runner right now, are assigned; the others go back to be read again.
+            ids = [n.id for n, _, _ in ready]
+            claimed = (
+                await queries.claim_runnable_steps(conn, ids) if self.feed.shared else set(ids)
+            )
+            lost = [node.id for node, _, _ in ready if node.id not in claimed]
+            self._stale_steps.update(lost)
             for node, venue, msg in ready:
+                if node.id not in claimed:
+                    continue
                 lease = msg.lease_id
                 node.state = StepState.ASSIGNED
                 node.lease_id = lease
@@ -1028,12 +1141,14 @@ class Scheduler:
                     agent_name=venue.name,
                     assigned_at=now,
                 )
+                self._stored_expiry[node.id] = node.lease_expires_at
                 for bid in node.builds:
                     build = self.builds.get(bid)
                     if build is not None and build.state is BuildState.QUEUED:
                         build.state = BuildState.RUNNING
-                        await queries.update_build(conn, bid, state=build.state)
+                        started.add(bid)
                 sent.append((node, venue, msg))
+            await queries.start_builds(conn, sorted(started))
         for node, venue, msg in sent:
             if node.attempts:
                 self.logs.append(
@@ -1042,6 +1157,9 @@ class Scheduler:
             if not _try_send(venue, msg):
                 log.warning("could not send step %d to %s; cooling it down", node.id, venue.name)
                 await self._give_back(node, venue, now)
+        if lost:
+            log.debug("another runner claimed steps %s first", lost)
+        return bool(lost)
 
     def _assign_message(self, node: StepNode, lease: str) -> p.Assign:
         return p.Assign(
@@ -1077,6 +1195,8 @@ class Scheduler:
         node.lease_id = None
         node.lease_expires_at = None
         self.index.discard(node.id)
+        self._stored_expiry.pop(node.id, None)
+        self._lost_here.discard(node.id)
 
     async def _finish_attempt(
         self,
@@ -1086,8 +1206,14 @@ class Scheduler:
         error: str,
         msg: p.Result | None,
         now: float,
+        *,
+        expired_by: float | None = None,
     ) -> None:
+        """End the step's current attempt. ``expired_by``: only if its lease expired by then
+        in the database too (another runner may have renewed it). The step must still be as
+        the working copy has it, or nothing happens but a LostRace."""
         policy = classify(outcome)
+        lease_id = node.lease_id
         self._release(node)
         self.logs.close(node.id)
         self.metrics.step_finished(node, outcome, msg.timings if msg is not None else None)
@@ -1127,7 +1253,8 @@ class Scheduler:
                 venue.consecutive_failures = 0
                 venue.backoff_until = 0.0
         newly_final: list[StepNode] = []
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
+            await self._expect(conn, [node], lease_id=lease_id, expired_by=expired_by)
             if venue is not None:
                 # The agent's row keeps its counters and backoff in step with memory, so a
                 # reconnect cannot shed the backoff (DESIGN §4).
@@ -1155,13 +1282,13 @@ class Scheduler:
                             continue
                         dep.deps.discard(node.id)
                         if not dep.deps and dep.state is StepState.WAITING:
-                            dep.state = StepState.RUNNABLE
-                            self.metrics.step_runnable(dep, now)
                             ready.append(dep)
-                    await queries.update_steps(
-                        conn, [n.id for n in ready], state=StepState.RUNNABLE
+                    promoted = await queries.update_steps_in_state(
+                        conn, [n.id for n in ready], [StepState.WAITING], state=StepState.RUNNABLE
                     )
-                    for dep in ready:
+                    for dep in self._moved_on_elsewhere(promoted, ready):
+                        dep.state = StepState.RUNNABLE
+                        self.metrics.step_runnable(dep, now)
                         self._make_runnable(dep, now)
                 case Disposition.FAIL:
                     # A build failure is final and cached (failed_at) for the failure cache's
@@ -1226,21 +1353,24 @@ class Scheduler:
         self, conn: AsyncConnection, node: StepNode, now: float
     ) -> list[StepNode]:
         """DESIGN: a failure fails only what depends on it; unrelated steps go on."""
-        failed = []
-        for sid in dependents_closure(self.nodes, node.id):
-            dep = self.nodes[sid]
-            if dep.state in (StepState.WAITING, StepState.RUNNABLE):
-                self.index.discard(dep.id)
-                dep.state = StepState.DEPENDENCY_FAILED
-                self._count_final(dep)
-                failed.append(dep)
-        await queries.update_steps(
+        failed = [
+            self.nodes[sid]
+            for sid in dependents_closure(self.nodes, node.id)
+            if self.nodes[sid].state in (StepState.WAITING, StepState.RUNNABLE)
+        ]
+        changed = await queries.update_steps_in_state(
             conn,
             [d.id for d in failed],
+            [StepState.WAITING, StepState.RUNNABLE],
             state=StepState.DEPENDENCY_FAILED,
             finished_at=now,
             error=f"dependency {node.drv_path} failed",
         )
+        failed = self._moved_on_elsewhere(changed, failed)
+        for dep in failed:
+            self.index.discard(dep.id)
+            dep.state = StepState.DEPENDENCY_FAILED
+            self._count_final(dep)
         return failed
 
     def _count_final(self, node: StepNode) -> None:
@@ -1265,8 +1395,8 @@ class Scheduler:
         if outcome is None or build.state.is_final:
             return
         build.state = outcome
-        await queries.update_build(conn, build.id, state=outcome, finished_at=now)
-        log.info("build %d %s", build.id, outcome)
+        if await queries.finish_build(conn, build.id, outcome, finished_at=now):
+            log.info("build %d %s", build.id, outcome)
         self._forget_build(build)
 
     def _forget_build(self, build: ActiveBuild) -> None:
@@ -1285,6 +1415,333 @@ class Scheduler:
                 for d in node.deps:
                     if d in self.nodes:
                         self.nodes[d].dependents.discard(sid)
+
+    # ---- other runners on the same database (PostgreSQL; docs/architecture.md) --------------
+    @contextlib.asynccontextmanager
+    async def _begin(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction whose step and build changes are announced to the other runners
+        when it commits. Losing a deadlock or serialization conflict to another runner's
+        transaction is a LostRace."""
+        try:
+            async with self.engine.begin() as conn:
+                take_pending(conn, "")  # notes a previous user of the connection left
+                yield conn
+                await self.feed.publish(conn)
+        except DBAPIError as exc:
+            if is_conflict(exc):
+                raise LostRace(
+                    f"the database chose another runner's transaction: {exc.orig}"
+                ) from exc
+            raise
+
+    def notice(self, change: Change | None) -> None:
+        """Another runner changed these rows (None: anything may have changed, e.g. while
+        not listening). The loop reads them again at its next pass, or a transition first."""
+        if change is None:
+            self._resync = True
+        else:
+            self._stale_steps |= change.steps
+            self._stale_builds |= change.builds
+        self.wake()
+
+    async def _catch_up(self) -> None:
+        """Apply what other runners changed since the last call (the lock is held)."""
+        if self._resync:
+            await self.recover(quiet=True)
+            return
+        if self._stale_steps or self._stale_builds:
+            steps, builds = self._stale_steps, self._stale_builds
+            self._stale_steps, self._stale_builds = set(), set()
+            await self._absorb(steps, builds)
+
+    async def _expect(
+        self,
+        conn: AsyncConnection,
+        nodes: Sequence[StepNode],
+        *,
+        lease_id: str | type[_Same] | None = _Same,
+        expired_by: float | None = None,
+    ) -> None:
+        """The steps' rows must still say what the working copy does (state and lease;
+        ``lease_id`` for a single node whose lease memory already dropped; ``expired_by``:
+        and the lease expired by then): otherwise LostRace. The rows stay locked until the
+        transaction ends, so no other runner changes them under this transition. Alone on
+        its database (SQLite) the runner's memory is the record's exact copy: no check."""
+        if not self.feed.shared:
+            return
+        rows = await queries.lock_steps(conn, [n.id for n in nodes])
+        for node in nodes:
+            lease = node.lease_id if lease_id is _Same else lease_id
+            row = rows.get(node.id)
+            if (
+                row is None
+                or row.state != node.state
+                or row.lease_id != lease
+                or (expired_by is not None and (row.lease_expires_at or 0.0) > expired_by)
+            ):
+                self._stale_steps.add(node.id)
+                raise LostRace(
+                    f"step {node.id} is {row.state if row else 'gone'} in the database, "
+                    f"{node.state} here"
+                )
+
+    def _moved_on_elsewhere(self, changed: set[int], nodes: list[StepNode]) -> list[StepNode]:
+        """The ``nodes`` a conditional update changed. The others were moved on by another
+        runner first (it made them runnable, or claimed them): they are read again at the
+        next pass, and this transition leaves them alone."""
+        missed = {n.id for n in nodes} - changed
+        if missed:
+            self._stale_steps |= missed
+            self.wake()
+        return [n for n in nodes if n.id in changed]
+
+    def _renewal_due(self, node: StepNode) -> bool:
+        """Is the lease's renewal far enough ahead of what the database has to be stored?"""
+        stored = self._stored_expiry.get(node.id, 0.0)
+        return (node.lease_expires_at or 0.0) - stored >= self.config.lease_secs / 3
+
+    async def _store_renewals(self) -> None:
+        """Store the lease renewals of venues here (shared databases only): another runner
+        expires a lease only once the database says it expired."""
+        if not self.feed.shared:
+            return
+        due = [
+            node
+            for node in self._leased()
+            if node.lease_id is not None
+            and node.venue in self.venues
+            and node.id in self.venues[node.venue].running
+            and self._renewal_due(node)
+        ]
+        if not due:
+            return
+        renewals = [(n.id, str(n.lease_id), float(n.lease_expires_at or 0.0)) for n in due]
+        async with self.engine.begin() as conn:
+            await queries.renew_leases(conn, renewals)
+        for sid, _, expires in renewals:
+            self._stored_expiry[sid] = expires
+
+    async def _expired_in_database(self, due: Sequence[StepNode], now: float) -> set[int]:
+        """Of the leases due here, those the database also says expired. A lease another
+        runner renewed gets its expiry from the database; a step another runner moved on is
+        read again."""
+        check = [n for n in due if n.id not in self._lost_here]
+        async with self.engine.connect() as conn:
+            rows = await queries.lock_steps(conn, [n.id for n in check], lock=False)
+        expired: set[int] = set()
+        for node in check:
+            row = rows.get(node.id)
+            if row is None or row.lease_id != node.lease_id or row.state != node.state:
+                self._stale_steps.add(node.id)
+                self.wake()
+            elif row.lease_expires_at is not None and row.lease_expires_at > now:
+                node.lease_expires_at = row.lease_expires_at
+            else:
+                expired.add(node.id)
+        return expired
+
+    async def _absorb(self, step_ids: set[int], build_ids: set[int]) -> None:
+        """Bring the working copy up to date with steps and builds other runners changed:
+        read those rows again (and, for builds new here, their members and roots) and apply
+        them (``sync.catch_up``). Waiting steps whose dependencies another runner finished
+        are made runnable (or dependency-failed) here too, conditionally: whichever runner
+        gets there first does it."""
+        now = self.clock()
+        async with self._begin() as conn:
+            build_rows = await queries.fetch_builds_by_ids(conn, sorted(build_ids))
+            new = [
+                int(b.id)
+                for b in build_rows
+                if int(b.id) not in self.builds and not BuildState(b.state).is_final
+            ]
+            roots: dict[int, dict[str, int | None]] = {i: {} for i in new}
+            for r in await queries.fetch_all_build_roots(conn, new):
+                roots[r.build_id][r.drv_path] = r.step_id
+            members: dict[int, set[int]] = {i: set() for i in new}
+            for b, s in await queries.fetch_build_step_ids(conn, new):
+                members[b].add(int(s))
+            new_roots = {s for r in roots.values() for s in r.values() if s is not None}
+            wanted = step_ids | new_roots | {s for m in members.values() for s in m}
+            rows = await queries.fetch_steps_by_ids(conn, sorted(wanted))
+            fresh: dict[int, StepNode] = {}
+            """Steps new here, or waiting again: their edges are read."""
+            moved: list[StepNode] = []
+            """Steps whose state or lease changed."""
+            seen: list[StepNode] = []
+            for row in rows:
+                node = self.nodes.get(int(row.id))
+                if node is None:
+                    if StepState(row.state).is_final and int(row.id) not in new_roots:
+                        continue
+                    node = _node_from_row(row)
+                    self.nodes[node.id] = node
+                    self._by_drv(node.req.trusted)[node.drv_path] = node.id
+                    if node.state.is_leased and node.lease_id is not None:
+                        self.leases[node.lease_id] = node.id
+                    fresh[node.id] = node
+                    moved.append(node)
+                elif self._catch_up_step(node, row):
+                    moved.append(node)
+                    if node.state is StepState.WAITING:
+                        fresh[node.id] = node
+                seen.append(node)
+            if fresh:
+                for s, d in await queries.fetch_step_edges(conn, sorted(fresh)):
+                    dependent, dep = self.nodes.get(s), self.nodes.get(d)
+                    if dependent is None or dep is None:
+                        continue
+                    dep.dependents.add(s)
+                    if (
+                        dependent.state is StepState.WAITING
+                        and dep.state is not StepState.SUCCEEDED
+                    ):
+                        dependent.deps.add(d)
+            for node in moved:
+                if node.state is StepState.SUCCEEDED:
+                    for d in node.dependents:
+                        if d in self.nodes:
+                            self.nodes[d].deps.discard(node.id)
+            waiting = {
+                w.id: w
+                for n in moved
+                for w in [n, *(self.nodes[d] for d in n.dependents if d in self.nodes)]
+                if w.state is StepState.WAITING
+            }
+            await self._settle_waiting(conn, list(waiting.values()), now)
+            affected = [*moved, *waiting.values()]
+            touched = {b for n in affected for b in n.builds}
+            for b in build_rows:
+                touched |= self._catch_up_build(b, roots.get(int(b.id)), members.get(int(b.id)))
+            rekey: set[int] = set()
+            if fresh:
+                rekey = raise_heights(self.nodes, _topological_dependents_first(fresh))
+            for node in [*seen, *waiting.values(), *(self.nodes[i] for i in sorted(rekey))]:
+                if node.state is StepState.RUNNABLE:
+                    self._make_runnable(node, now)
+            for bid in sorted(touched):
+                build = self.builds.get(bid)
+                if build is None:
+                    continue
+                build.unfinished = sum(
+                    1
+                    for sid in build.steps
+                    if sid in self.nodes and not self.nodes[sid].state.is_final
+                )
+                await self._maybe_finish_build(conn, build, now)
+        log.debug("caught up with %d steps and %d builds", len(rows), len(build_rows))
+
+    def _catch_up_step(self, node: StepNode, row: Any) -> bool:
+        """Copy a step's row into its node (``sync.catch_up`` decides the side effects);
+        True when its state or lease changed."""
+        stored = StepState(row.state)
+        venue = self.venues.get(node.venue or "")
+        held_here = venue is not None and node.id in venue.running
+        same = stored is node.state and row.lease_id == node.lease_id
+        decision = catch_up(
+            Seen(node.state, node.lease_id, held_here), Stored(stored, row.lease_id)
+        )
+        if decision.release:
+            assert venue is not None
+            log.info("step %d on %s is %s by another runner", node.id, venue.name, stored)
+            _try_send(venue, p.Abort(step_id=p.StepId(node.id), reason=f"{stored} elsewhere"))
+            self._release(node)
+            self.logs.close(node.id)
+        elif node.lease_id is not None and node.lease_id != row.lease_id:
+            self.leases.pop(node.lease_id, None)
+        if decision.unqueue:
+            self.index.discard(node.id)
+        if decision.reopened:
+            node.deps.clear()
+        node.state = stored
+        node.lease_id = row.lease_id
+        node.venue = row.agent_machine_id
+        node.attempts = int(row.attempts)
+        node.not_before = row.not_before
+        node.created_at = float(row.created_at)
+        if stored.is_leased and node.lease_id is not None:
+            self.leases[node.lease_id] = node.id
+            if not (same and held_here):
+                node.lease_expires_at = row.lease_expires_at
+        elif not stored.is_leased:
+            node.lease_expires_at = None
+        if decision.finished:
+            self.logs.close(node.id)
+        return not same
+
+    async def _settle_waiting(
+        self, conn: AsyncConnection, waiting: Sequence[StepNode], now: float
+    ) -> None:
+        """Waiting steps whose dependencies are all done (as the database says): runnable,
+        or dependency-failed, each only if still waiting (another runner may be first)."""
+        if not waiting:
+            return
+        deps: dict[int, list[int]] = {n.id: [] for n in waiting}
+        for s, d in await queries.fetch_step_deps(conn, sorted(deps)):
+            deps[s].append(d)
+        states = await queries.fetch_step_states(
+            conn, sorted({d for ds in deps.values() for d in ds})
+        )
+        for node in waiting:
+            verdict = waiting_verdict([StepState(states[d][0]) for d in deps[node.id]])
+            if verdict is StepState.WAITING:
+                node.deps = {
+                    d
+                    for d in deps[node.id]
+                    if states[d][0] != StepState.SUCCEEDED and d in self.nodes
+                }
+                continue
+            values: dict[str, Any] = {"state": verdict}
+            if verdict is StepState.DEPENDENCY_FAILED:
+                failed = next(
+                    d
+                    for d in sorted(deps[node.id])
+                    if StepState(states[d][0]).is_final and states[d][0] != StepState.SUCCEEDED
+                )
+                values.update(finished_at=now, error=f"dependency {states[failed][1]} failed")
+            if await queries.update_steps_in_state(conn, [node.id], [StepState.WAITING], **values):
+                node.state = verdict
+                node.deps.clear()
+            else:
+                self._stale_steps.add(node.id)
+                self.wake()
+
+    def _catch_up_build(
+        self, row: Any, roots: dict[str, int | None] | None, members: set[int] | None
+    ) -> set[int]:
+        """Apply a build's row: new here (with its roots and members), over (forgotten), or
+        bumped. Returns the ids of builds whose unfinished steps must be counted again."""
+        build_id, state = int(row.id), BuildState(row.state)
+        build = self.builds.get(build_id)
+        if build is None:
+            if state.is_final or roots is None or members is None:
+                return set()
+            build = ActiveBuild(
+                build_id,
+                int(row.priority),
+                roots,
+                members,
+                state,
+                repository=row.repository,
+                trusted=bool(row.trusted),
+            )
+            self.builds[build_id] = build
+        elif state.is_final:
+            build.state = state
+            self._forget_build(build)
+            return set()
+        build.state = state
+        build.priority = int(row.priority)  # as bump_build: members' priorities only rise
+        now = self.clock()
+        for sid in build.steps:
+            node = self.nodes.get(sid)
+            if node is None:
+                continue
+            node.builds.add(build_id)
+            if build.priority > node.priority:
+                node.priority = build.priority
+                if node.state is StepState.RUNNABLE:
+                    self._make_runnable(node, now)
+        return {build_id}
 
     # ---- read side ------------------------------------------------------------------------
     def queue_depth(self) -> dict[str, int]:
@@ -1369,3 +1826,22 @@ def _topological_dependents_first(nodes: dict[int, StepNode]) -> list[int]:
                 if pending[dep] == 0:
                     ready.append(dep)
     return order
+
+
+def _check_admit_row(drv_path: str, node: StepNode | None, row: Any) -> None:
+    """A new build decides about a derivation's step from the working copy. Joining a step
+    that is active here is right whatever the step does now; but queueing a step again (or
+    creating it) needs the (locked) row to agree that it is finished: otherwise another runner
+    changed it first — LostRace (read again, retry). A step active in the database and
+    unknown here belongs to a build this runner has not heard of yet."""
+    if node is not None and node.state not in _REDO_STATES:
+        return
+    if row is None:
+        if node is not None:
+            raise LostRace(f"the step of {drv_path} is gone from the database")
+        return
+    state = StepState(row.state)
+    if node is None and not state.is_final:
+        raise LostRace(f"the step of {drv_path} is {state} in the database, unknown here")
+    if node is not None and state is not node.state:
+        raise LostRace(f"the step of {drv_path} is {state} in the database, {node.state} here")
