@@ -409,7 +409,9 @@ async def test_a_viewer_that_falls_behind_is_dropped_and_resumes_where_it_was(
     logs.close_all()
 
 
-async def test_a_runner_without_tokens_still_wants_the_csrf_token(tmp_path: Path) -> None:
+async def test_a_runner_without_tokens_still_wants_the_csrf_token(
+    tmp_path: Path, database_url: str
+) -> None:
     """No tokens at all: everyone is an admin (as on the API), but a form must still carry
     the CSRF token of the session the dashboard gave the browser."""
     (tmp_path / "cache.sk").write_text(generate_key("open-1").to_text())
@@ -417,6 +419,7 @@ async def test_a_runner_without_tokens_still_wants_the_csrf_token(tmp_path: Path
         None,
         runner={"state_dir": str(tmp_path), "listen": "127.0.0.1:0"},
         cache={"signing_key_file": str(tmp_path / "cache.sk")},
+        database={"url": database_url},
     )
     comps = await build_components(config)
     app = create_app(comps)
