@@ -327,6 +327,8 @@ class AgentRow:
     succeeded: int
     failed: int
     infra_failures: int
+    trusted: bool = True
+    """A trusted venue (trusted builds' steps) or an untrusted one (docs/security.md)."""
 
 
 LAUNCHES_SHOWN = 50
@@ -404,6 +406,7 @@ async def load_agents(comps: Components) -> AgentsPage:
                 succeeded=int(r.steps_succeeded),
                 failed=int(r.steps_failed),
                 infra_failures=int(r.infra_failures),
+                trusted=bool(r.trusted),
             )
         )
     out.sort(key=lambda a: (not a.connected, a.name))

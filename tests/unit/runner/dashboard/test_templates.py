@@ -79,6 +79,7 @@ def test_agents_page_shows_identity_launches_builders_and_backoff() -> None:
                 oidc=None,
                 launch_id=None,
                 backoff_until=None,
+                trusted=False,
             ),
         ],
         builders=[{"uri": "ssh://nix@builder1", "usable": False, "reason": "no host_key pinned"}],
@@ -93,6 +94,10 @@ def test_agents_page_shows_identity_launches_builders_and_backoff() -> None:
     assert "ssh://nix@builder1" in html and "no host_key pinned" in html
     assert "gha-x86_64-linux" in html and "registered" in html
     assert "Drain" not in html  # not signed in: no actions
+    box = html[html.index('data-name="box"') :]
+    assert "untrusted" in box[: box.index("</tr>")]  # the untrusted venue is marked
+    gha = html[html.index('data-name="gha-42"') :]
+    assert "untrusted" not in gha[: gha.index("</tr>")]
 
 
 def test_admins_get_drain_forms_with_the_session_csrf_token() -> None:
