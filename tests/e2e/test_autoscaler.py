@@ -353,8 +353,9 @@ def test_queued_work_launches_exactly_the_agents_it_needs(
     assert {x["state"] for x in rows.values()} == {"registered"}
     names = {x["agent_name"] for x in rows.values()}
     assert all(n.startswith("gha-gh10") for n in names), names
+    # Launched agents built the steps (one may take both: the first free slot wins).
     built_by = {s["agent_name"] for s in steps(farm, build_id)}
-    assert built_by == names
+    assert built_by and built_by <= names
     assert all(s["state"] == "succeeded" for s in steps(farm, build_id))
     with farm.api() as c:
         agents = {a["name"]: a for a in c.get("/api/v1/agents").json()["agents"]}
