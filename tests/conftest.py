@@ -27,9 +27,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-pytest_plugins = ["tests.databases"]
+pytest_plugins = ["tests.databases", "tests.integration.runner.oidc_issuer"]
 """``make_database``, ``database_url``: SQLite, or PostgreSQL with
-``BIGTENT_TEST_DB=postgresql``."""
+``BIGTENT_TEST_DB=postgresql``; ``tls``, ``key``, ``issuer``: a loopback OIDC issuer."""
 
 _CLEARED_PREFIXES = ("BIGTENT_", "NIX_", "XDG_CACHE_HOME", "ACTIONS_ID_TOKEN_")
 _PROXIES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")

@@ -32,8 +32,6 @@ from tests.integration.runner.oidc_issuer import (
     LocalIssuer,
     SigningKey,
     TlsFiles,
-    make_tls,
-    running_issuer,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nix, pytest.mark.slow]
@@ -42,21 +40,6 @@ WORKFLOW_REPO = "acme/bigtent-agents"
 WORKFLOW_REF = f"{WORKFLOW_REPO}/.github/workflows/bigtent-agent.yml@refs/heads/main"
 BUILD_REPO = "acme/widgets"
 WAIT_SECS = 120
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
-    return make_tls(tmp_path_factory.mktemp("autoscale-tls"))
-
-
-@pytest.fixture(scope="module")
-def key() -> SigningKey:
-    return SigningKey.generate("autoscale-e2e")
-
-
-@pytest.fixture
-def issuer(tls: TlsFiles, key: SigningKey) -> Iterator[LocalIssuer]:
-    yield from running_issuer(tls, [key])
 
 
 @pytest.fixture

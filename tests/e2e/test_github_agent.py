@@ -21,29 +21,12 @@ from tests.integration.runner.oidc_issuer import (
     LocalIssuer,
     SigningKey,
     TlsFiles,
-    make_tls,
-    running_issuer,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nix]
 
 EXIT_TIMEOUT_SECS = 120
 LAUNCH_ID = "gha-x86_64-linux-000017"
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
-    return make_tls(tmp_path_factory.mktemp("gh-agent-tls"))
-
-
-@pytest.fixture(scope="module")
-def key() -> SigningKey:
-    return SigningKey.generate("gh-e2e")
-
-
-@pytest.fixture
-def issuer(tls: TlsFiles, key: SigningKey) -> Iterator[LocalIssuer]:
-    yield from running_issuer(tls, [key])
 
 
 @pytest.fixture

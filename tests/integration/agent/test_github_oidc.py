@@ -23,24 +23,7 @@ from tests.integration.runner.oidc_issuer import (
     LocalIssuer,
     SigningKey,
     TlsFiles,
-    make_tls,
-    running_issuer,
 )
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
-    return make_tls(tmp_path_factory.mktemp("gh-oidc-tls"))
-
-
-@pytest.fixture(scope="module")
-def key() -> SigningKey:
-    return SigningKey.generate("gh-key")
-
-
-@pytest.fixture
-def issuer(tls: TlsFiles, key: SigningKey) -> Iterator[LocalIssuer]:
-    yield from running_issuer(tls, [key])
 
 
 @pytest.fixture

@@ -11,13 +11,14 @@ import ipaddress
 import json
 import ssl
 import threading
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import jwt
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -231,3 +232,22 @@ def running_issuer(tls: TlsFiles, keys: list[SigningKey]) -> Generator[LocalIssu
         yield issuer
     finally:
         issuer.stop()
+
+
+# ---- fixtures (a pytest plugin: tests/conftest.py) ---------------------------------------------
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A test CA and the issuer's (and a runner's) certificate, per test module."""
+    return make_tls(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def key() -> SigningKey:
+    """The issuer's signing key, per test module."""
+    return SigningKey.generate("test-key")
+
+
+@pytest.fixture
+def issuer(tls: TlsFiles, key: SigningKey) -> Iterator[LocalIssuer]:
+    """A running loopback issuer serving ``key``."""
+    yield from running_issuer(tls, [key])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,29 +29,12 @@ from tests.integration.runner.oidc_issuer import (
     LocalIssuer,
     SigningKey,
     TlsFiles,
-    make_tls,
     mint,
-    running_issuer,
 )
 
 WORKFLOW_REPO = "acme/bigtent-agents"
 WORKFLOW_REF = f"{WORKFLOW_REPO}/.github/workflows/bigtent-agent.yml@refs/heads/main"
 SYSTEM = "x86_64-linux"
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
-    return make_tls(tmp_path_factory.mktemp("launches-tls"))
-
-
-@pytest.fixture(scope="module")
-def key() -> SigningKey:
-    return SigningKey.generate("launches-key")
-
-
-@pytest.fixture
-def issuer(tls: TlsFiles, key: SigningKey) -> Iterator[LocalIssuer]:
-    yield from running_issuer(tls, [key])
 
 
 def sections(issuer_url: str, ca_file: Path | None, **pool: Any) -> dict[str, Any]:

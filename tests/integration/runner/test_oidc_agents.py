@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -34,30 +33,13 @@ from tests.integration.runner.oidc_issuer import (
     LocalIssuer,
     SigningKey,
     TlsFiles,
-    make_tls,
     mint,
-    running_issuer,
 )
 
 REPO = "acme/widgets"
 SUB = "repo:acme/widgets:ref:refs/heads/main"
 WORKFLOW = "acme/widgets/.github/workflows/agents.yml@refs/heads/main"
 SYSTEM = "x86_64-linux"
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
-    return make_tls(tmp_path_factory.mktemp("oidc-agents-tls"))
-
-
-@pytest.fixture(scope="module")
-def key() -> SigningKey:
-    return SigningKey.generate("agents-key")
-
-
-@pytest.fixture
-def issuer(tls: TlsFiles, key: SigningKey) -> Iterator[LocalIssuer]:
-    yield from running_issuer(tls, [key])
 
 
 def oidc_auth(issuer: LocalIssuer, tls: TlsFiles) -> dict[str, Any]:

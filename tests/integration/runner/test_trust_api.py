@@ -11,7 +11,6 @@ import hashlib
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +41,7 @@ from tests.integration.runner.oidc_issuer import (
     LocalIssuer,
     SigningKey,
     TlsFiles,
-    make_tls,
     mint,
-    running_issuer,
 )
 
 pytestmark = pytest.mark.nix
@@ -262,21 +259,6 @@ def _sha256(data: bytes) -> str:
 
 
 # ---- OIDC agents -------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
-    return make_tls(tmp_path_factory.mktemp("trust-tls"))
-
-
-@pytest.fixture(scope="module")
-def key() -> SigningKey:
-    return SigningKey.generate("trust-key")
-
-
-@pytest.fixture
-def issuer(tls: TlsFiles, key: SigningKey) -> Iterator[LocalIssuer]:
-    yield from running_issuer(tls, [key])
-
-
 def oidc_auth(issuer: LocalIssuer, tls: TlsFiles, **rule: Any) -> dict[str, Any]:
     base = {
         "issuer": issuer.url,
