@@ -8,7 +8,6 @@ it waits on a condition, never on time.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -31,9 +30,8 @@ from bigtent.runner.logs import LogStore
 from bigtent.runner.scheduler.dispatcher import PlannedStep, Scheduler, Venue
 from bigtent.states import LaunchState
 from tests.conftest import eventually
+from tests.integration.runner.test_dispatcher import T0, X86, Clock, drv
 
-X86 = "x86_64-linux"
-T0 = 1_700_000_000.0
 REPO = "acme/widgets"
 WORKFLOW_REPO = "acme/bigtent-agents"
 TOKEN = "ghs_autoscaler_test_token"
@@ -52,27 +50,6 @@ POOL: dict[str, Any] = {
     "runner_url": "https://ci.example.org:8443",
     "audience": "bigtent",
 }
-
-
-def drv(name: str, *deps: queries.DrvInfo, features: Sequence[str] = ()) -> queries.DrvInfo:
-    h = hashlib.sha256(name.encode()).hexdigest()[:32]
-    return queries.DrvInfo(
-        drv_path=f"/nix/store/{h}-{name}.drv",
-        name=name,
-        system=X86,
-        required_features=frozenset(features),
-        outputs={"out": f"/nix/store/{h[::-1]}-{name}"},
-        input_drvs={d.drv_path: ("out",) for d in deps},
-        input_srcs=(),
-    )
-
-
-@dataclass
-class Clock:
-    now: float = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
