@@ -22,7 +22,7 @@ from bigtent.config import Role
 from bigtent.errors import AuthError, BigtentError, NotFound, TooManyAuthFailures
 from bigtent.runner.auth.ratelimit import FailureThrottle
 from bigtent.runner.auth.tokens import Principal, TokenRegistry
-from bigtent.runner.builds import plan_build
+from bigtent.runner.builds import plan_parts
 from bigtent.runner.components import Components
 from bigtent.runner.db import queries
 from bigtent.runner.ingest import ingest_client_path, ingest_output
@@ -247,9 +247,11 @@ class BuildBody(BaseModel):
 
 @api.post("/builds", status_code=201)
 async def create_build(body: BuildBody, comps: Comps, who: ClientAuth) -> dict[str, Any]:
-    plan = await plan_build(comps.cache, comps.upstreams, body.drvs)
-    build_id = await comps.scheduler.add_build(
-        priority=body.priority, created_by=who.name, roots=plan.roots, planned=plan.planned
+    # Planned and admitted in parts: a large build starts while it is still being planned.
+    build_id = await comps.scheduler.admit_build(
+        priority=body.priority,
+        created_by=who.name,
+        parts=plan_parts(comps.cache, comps.upstreams, body.drvs),
     )
     return await _build_json(comps, build_id)
 

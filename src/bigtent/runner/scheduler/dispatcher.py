@@ -20,7 +20,15 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -40,13 +48,15 @@ from bigtent.runner.scheduler.leases import (
     new_lease_id,
     next_retry_at,
 )
-from bigtent.runner.scheduler.matching import Requirement, VenueView
+from bigtent.runner.scheduler.matching import Requirement, VenueView, can_run
 from bigtent.runner.scheduler.steps import (
+    Dispatch,
     RunnableIndex,
     StepNode,
     build_outcome,
     dependents_closure,
     plan_dispatch,
+    plan_heights,
     raise_heights,
 )
 from bigtent.states import BuildState, StepState
@@ -60,8 +70,17 @@ these again."""
 _CACHED_MARK = "cached failure: "
 _FIRST_ERROR = "; first error: "
 _ERROR_PAUSE_SECS = 1.0
-_T = TypeVar("_T")
 """After a failed loop pass, wait this long (or until woken) before the next one."""
+DISPATCH_CHUNK = 256
+"""Decisions leased, written and sent together (one transaction per chunk)."""
+ADMIT_CHUNK_FIRST = 500
+ADMIT_CHUNK_MAX = 8000
+"""A new build's steps are written in chunks growing from the first size to the largest
+(one transaction each): the first is small, so its steps are dispatched soon; later ones
+amortise their transaction."""
+_EXPIRY_SLACK = 1024
+"""Stale lease-expiry entries tolerated beyond twice the live leases before a rebuild."""
+_T = TypeVar("_T")
 
 
 AGENT = "agent"
@@ -69,6 +88,10 @@ AGENT = "agent"
 SSH = "ssh"
 """``Venue.kind`` of an SSH remote builder (``bigtent.runner.sshvenue``): used only for steps
 no agent slot takes in the same pass."""
+
+
+_Kind = tuple[frozenset[str], frozenset[str], frozenset[str]]
+"""What a venue can run: its systems, supported and mandatory features."""
 
 
 class SessionClosed(Exception):
@@ -128,6 +151,19 @@ class ActiveBuild:
 
 
 @dataclass(frozen=True, slots=True)
+class PlanPart:
+    """Part of a build's plan (``Scheduler.admit_build``)."""
+
+    steps: Sequence[PlannedStep]
+    """Dependencies first; each depends only on steps of this or earlier parts."""
+    heights: Mapping[str, int]
+    """Heights (``StepNode.height``) of .drv paths within the plan, as far as known: exact
+    for the last part, an estimate (a lower bound) for leaves handed over early."""
+    roots: dict[str, str | None] | None = None
+    """Root .drv -> itself when it needs a step, None when cached; on the last part."""
+
+
+@dataclass(frozen=True, slots=True)
 class PlannedStep:
     """A derivation a new build needs built, with the derivations it depends on."""
 
@@ -160,10 +196,25 @@ class Scheduler:
         self.index = RunnableIndex()
         self.delayed: list[tuple[float, int]] = []
         self.leases: dict[str, int] = {}
+        self._expiries: list[tuple[float, int, str]] = []
+        """Heap of (expiry, step id, lease id) of current leases; an entry whose lease is no
+        longer current, or was renewed, is dropped or pushed again when it reaches the top."""
         self.venues: dict[str, Venue] = {}
+        self._open: dict[_Kind, dict[str, Venue]] = {}
+        """Venues that may have a free slot, by kind: a venue enters when it attaches or a
+        slot is released, and leaves when a pass finds it full, draining or gone. A pass
+        looks only at kinds that fit some waiting step, so idle venues cost nothing."""
+        self._fits: dict[tuple[_Kind, Requirement], bool] = {}
+        self._cooling_until: float | None = None
+        """When the first venue that could take waiting work comes out of its cooldown or
+        backoff (as of the last pass)."""
         self.builds: dict[int, ActiveBuild] = {}
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._admission = asyncio.Lock()
+        """One admission (or restart) at a time: steps are shared by .drv between builds."""
+        self._incomplete: set[int] = set()
+        """Builds being admitted: not over before all their steps are in."""
 
     # ---- start-up ----------------------------------------------------------------------------
     async def load(self, *, fresh_start: bool = True) -> None:
@@ -184,6 +235,7 @@ class Scheduler:
                     node.lease_expires_at = now + self.config.lease_secs
                     if node.lease_id:
                         self.leases[node.lease_id] = node.id
+                        self._watch_lease(node)
                 self.nodes[node.id] = node
                 self.by_drv[node.drv_path] = node.id
             for sid, dep in await queries.fetch_step_deps(conn, list(self.nodes)):
@@ -225,9 +277,15 @@ class Scheduler:
             len(self.leases),
             len(self.builds),
         )
-        # Builds whose roots all finished while the runner was down are closed now.
+        # Builds whose roots all finished while the runner was down are closed now. A build
+        # without roots was being admitted when the runner stopped: it is cancelled (its
+        # client never got its id).
         async with self.engine.begin() as conn:
             for build in list(self.builds.values()):
+                if not build.roots and build.id not in self._incomplete:
+                    log.warning("build %d was cut short while being admitted: cancelled", build.id)
+                    await self._cancel(conn, build, now)
+                    continue
                 await self._maybe_finish_build(conn, build, now)
 
     # ---- builds -------------------------------------------------------------------------------
@@ -239,16 +297,84 @@ class Scheduler:
         roots: dict[str, str | None],
         planned: Sequence[PlannedStep],
     ) -> int:
-        """Create a build whose root .drvs map to the planned step of that drv (None: cached).
+        """Create a build whose root .drvs map to the planned step of that drv (None: cached),
+        from a whole plan (``admit_build`` takes one in parts)."""
+
+        async def whole() -> AsyncIterator[PlanPart]:
+            heights = plan_heights([(s.drv.drv_path, s.deps) for s in planned])
+            yield PlanPart(planned, heights, roots)
+
+        return await self.admit_build(priority=priority, created_by=created_by, parts=whole())
+
+    async def admit_build(
+        self, *, priority: int, created_by: str, parts: AsyncIterable[PlanPart]
+    ) -> int:
+        """Create a build from a plan that arrives in parts (``runner.builds.plan_parts``).
 
         One drv, one step: planned derivations that already have an active step join it.
         A derivation whose build failure is within the failure cache's TTL fails at once (its
         dependents with it); other finished steps that did not succeed are queued again.
+
+        Steps are admitted in chunks, each in its own transaction, as the parts arrive: the
+        first steps are dispatched while later ones are still being planned and written, so
+        a build of 100,000 steps starts at once. The build's roots are written last; until
+        then the build cannot end. If the plan fails part way (an unknown derivation deep in
+        the graph), the steps no other build needs are cancelled and the build is deleted. A
+        build without roots is one whose admission was cut short by a stop of the runner: the
+        next start cancels it (``load``).
         """
+        async with self._admission:
+            now = self.clock()
+            build_id: int | None = None
+            ids: dict[str, int] = {}
+            roots: dict[str, str | None] | None = None
+            fresh = 0
+            size = ADMIT_CHUNK_FIRST
+            try:
+                async for part in parts:
+                    if build_id is None:
+                        build_id = await self._create_build(priority, created_by, now)
+                    if part.roots is not None:
+                        roots = part.roots
+                    start = 0
+                    while start < len(part.steps):
+                        chunk = part.steps[start : start + size]
+                        start += len(chunk)
+                        async with self._lock:
+
+                            async def stage(
+                                build_id: int = build_id,
+                                chunk: Sequence[PlannedStep] = chunk,
+                                heights: Mapping[str, int] = part.heights,
+                            ) -> int:
+                                async with self.engine.begin() as conn:
+                                    return await self._admit(
+                                        conn, build_id, chunk, ids, heights, now, new_members=True
+                                    )
+
+                            fresh += await self._guard(stage())
+                        self.wake()
+                        size = min(2 * size, ADMIT_CHUNK_MAX)
+                if roots is None:
+                    raise ValueError("a build plan without roots")
+                if build_id is None:
+                    build_id = await self._create_build(priority, created_by, now)
+                await self._finish_admission(build_id, roots, ids, now)
+            except BaseException:
+                if build_id is not None and build_id in self._incomplete:
+                    self._incomplete.discard(build_id)
+                    with contextlib.suppress(Exception):
+                        await self._discard_build(build_id)
+                raise
+        log.info("build %d: %d roots, %d steps (%d queued)", build_id, len(roots), len(ids), fresh)
+        self.wake()
+        return build_id
+
+    async def _create_build(self, priority: int, created_by: str, now: float) -> int:
+        """The build row, without roots yet (``_finish_admission`` writes them)."""
         async with self._lock:
 
-            async def body() -> int:
-                now = self.clock()
+            async def create() -> int:
                 async with self.engine.begin() as conn:
                     build_id = await queries.insert_build(
                         conn,
@@ -258,20 +384,51 @@ class Scheduler:
                         created_by=created_by,
                         trusted=True,
                     )
-                    build, fresh = await self._admit(
-                        conn, build_id, priority, roots, planned, now, members=None
-                    )
-                log.info(
-                    "build %d: %d roots, %d steps (%d queued)",
-                    build_id,
-                    len(roots),
-                    len(build.steps),
-                    fresh,
+                self.builds[build_id] = ActiveBuild(
+                    build_id, priority, {}, set(), BuildState.QUEUED
                 )
-                self.wake()
+                self._incomplete.add(build_id)
                 return build_id
 
-            return await self._guard(body())
+            return await self._guard(create())
+
+    async def _finish_admission(
+        self, build_id: int, roots: dict[str, str | None], ids: dict[str, int], now: float
+    ) -> None:
+        """Write the roots: from now on the build ends when its steps do."""
+        async with self._lock:
+
+            async def finish() -> None:
+                root_ids = {
+                    drv: ids[step_drv] if step_drv is not None else None
+                    for drv, step_drv in roots.items()
+                }
+                async with self.engine.begin() as conn:
+                    await queries.insert_build_roots(conn, build_id, root_ids)
+                    self._incomplete.discard(build_id)
+                    build = self.builds.get(build_id)
+                    if build is not None:
+                        build.roots = root_ids
+                        self._recount(build)
+                        await self._maybe_finish_build(conn, build, now)
+
+            await self._guard(finish())
+
+    async def _discard_build(self, build_id: int) -> None:
+        """Undo a build whose plan failed part way: cancel the steps no other build needs
+        and delete the build (its client got an error, never its id)."""
+        async with self._lock:
+
+            async def discard() -> None:
+                now = self.clock()
+                async with self.engine.begin() as conn:
+                    build = self.builds.get(build_id)
+                    if build is not None:
+                        await self._cancel(conn, build, now)
+                    await queries.delete_build(conn, build_id)
+                log.info("build %d discarded: its plan failed", build_id)
+
+            await self._guard(discard())
 
     async def restart_build(self, build_id: int) -> bool:
         """Queue a build's failed, dependency-failed and cancelled steps again, clearing the
@@ -280,7 +437,7 @@ class Scheduler:
         The build becomes queued (running once a step is dispatched) until its steps end
         again. False when there is no such build.
         """
-        async with self._lock:
+        async with self._admission, self._lock:
 
             async def body() -> bool:
                 now = self.clock()
@@ -308,24 +465,25 @@ class Scheduler:
                         PlannedStep(drvs[d], tuple(sorted(deps[d])))
                         for d in _dependencies_first(deps)
                     ]
-                    roots: dict[str, str | None] = {
-                        r.drv_path: (r.drv_path if r.step_id is not None else None)
-                        for r in await queries.fetch_all_build_roots(conn, [build_id])
-                    }
-                    active = self.builds.get(build_id)
-                    if active is None:
+                    roots = await queries.fetch_all_build_roots(conn, [build_id])
+                    root_ids = {r.drv_path: r.step_id for r in roots}
+                    build = self.builds.get(build_id)
+                    if build is None:
                         await queries.update_build(
                             conn, build_id, state=BuildState.QUEUED, finished_at=None
                         )
-                    await self._admit(
-                        conn,
-                        build_id,
-                        int(row.priority),
-                        roots,
-                        planned,
-                        now,
-                        members={int(m.id) for m in members},
-                    )
+                        build = ActiveBuild(
+                            build_id,
+                            int(row.priority),
+                            root_ids,
+                            {int(m.id) for m in members},
+                            BuildState.QUEUED,
+                        )
+                        self.builds[build_id] = build
+                    heights = plan_heights([(s.drv.drv_path, s.deps) for s in planned])
+                    await self._admit(conn, build_id, planned, {}, heights, now, new_members=False)
+                    self._recount(build)
+                    await self._maybe_finish_build(conn, build, now)
                 log.info("build %d restarted: %d steps queued again", build_id, len(redo))
                 self.wake()
                 return True
@@ -336,27 +494,47 @@ class Scheduler:
         self,
         conn: AsyncConnection,
         build_id: int,
-        priority: int,
-        roots: dict[str, str | None],
         planned: Sequence[PlannedStep],
+        ids: dict[str, int],
+        heights: Mapping[str, int],
         now: float,
         *,
-        members: set[int] | None,
-    ) -> tuple[ActiveBuild, int]:
-        """Make ``planned`` (dependencies first) the work of build ``build_id``: join active
-        steps, fail cached failures at once, queue the rest. ``members`` None: a new build,
-        whose step and root rows are written here; otherwise the rows exist (a restart).
-        Returns the active build and how many steps it queued."""
+        new_members: bool,
+    ) -> int:
+        """Make ``planned`` (dependencies first) work of the active build ``build_id``: join
+        active steps, fail cached failures at once, queue the rest. Dependencies outside
+        ``planned`` were admitted by an earlier call of the same admission: ``ids`` maps
+        their .drv paths to step ids, and gains this call's. ``heights`` are the steps'
+        heights within the whole plan (``plan_heights``). ``new_members``: write the
+        build's membership rows (a new build); otherwise they exist (a restart).
+
+        Returns how many steps were queued. Other active builds holding a finished step that
+        is queued again are not over after all: their counts are redone."""
         ttl = self.config.failure_cache_ttl_secs
         existing = await queries.fetch_steps_by_drv(conn, [s.drv.drv_path for s in planned])
-        ids: dict[str, int] = {}
         fresh: list[StepNode] = []
         """Steps this build queues: new ones and finished ones queued again."""
         cached: list[StepNode] = []
         """Steps that fail at once as cached failures and were not in memory."""
         touched: list[StepNode] = []
         reopened: set[int] = set()
-        """Active builds holding a finished step that is queued again: not over after all."""
+        inserts: list[queries.DrvInfo] = []
+        resets: list[dict[str, Any]] = []
+        values: dict[str, Any] = dict(
+            state=StepState.WAITING,
+            created_at=now,
+            not_before=None,
+            attempts=0,
+            lease_id=None,
+            lease_expires_at=None,
+            outcome=None,
+            error=None,
+            exit_code=None,
+            finished_at=None,
+            failed_at=None,
+            started_at=None,
+            assigned_at=None,
+        )
         for item in planned:
             drv = item.drv
             sid = self.by_drv.get(drv.drv_path)
@@ -390,27 +568,12 @@ class Scheduler:
                 else:
                     touched.append(node)
                 continue
-            values: dict[str, Any] = dict(
-                state=StepState.WAITING,
-                created_at=now,
-                not_before=None,
-                attempts=0,
-                lease_id=None,
-                lease_expires_at=None,
-                outcome=None,
-                error=None,
-                exit_code=None,
-                finished_at=None,
-                failed_at=None,
-                started_at=None,
-                assigned_at=None,
-            )
             if row is None:
-                sid = await queries.insert_step(conn, drv_path=drv.drv_path, **values)
-            else:
-                sid = int(row.id)
-                await queries.update_step(conn, sid, **values)
-                self.logs.reset(sid)  # a fresh run, not a retry: a fresh log
+                inserts.append(drv)
+                continue
+            sid = int(row.id)
+            resets.append({"id": sid, **values})
+            self.logs.reset(sid)  # a fresh run, not a retry: a fresh log
             ids[drv.drv_path] = sid
             if node is not None:
                 # A finished step still held by an active build runs again in place.
@@ -422,26 +585,34 @@ class Scheduler:
                 node.attempts = 0
                 node.venue = None
             else:
-                node = StepNode(
-                    id=sid,
-                    drv_path=drv.drv_path,
-                    req=Requirement(drv.system, drv.required_features),
-                    state=StepState.WAITING,
-                    created_at=now,
-                    outputs=dict(drv.outputs),
-                )
+                node = _new_node(sid, drv, now)
             fresh.append(node)
+        await queries.update_steps_each(conn, resets)
+        if inserts:
+            new_ids = await queries.insert_steps(
+                conn, [{"drv_path": d.drv_path, **values} for d in inserts]
+            )
+            for new in inserts:
+                ids[new.drv_path] = new_ids[new.drv_path]
+                fresh.append(_new_node(new_ids[new.drv_path], new, now))
+            # Dependencies first, as planned: failures below fail what is above.
+            position = {item.drv.drv_path: i for i, item in enumerate(planned)}
+            fresh.sort(key=lambda n: position[n.drv_path])
         pairs = [(ids[item.drv.drv_path], ids[d]) for item in planned for d in item.deps]
         await queries.insert_step_deps(conn, pairs)
-        root_ids = {
-            drv: ids[step_drv] if step_drv is not None else None for drv, step_drv in roots.items()
-        }
-        if members is None:
-            await queries.insert_build_steps(conn, build_id, ids.values())
-            await queries.insert_build_roots(conn, build_id, root_ids)
+        chunk_ids = [ids[item.drv.drv_path] for item in planned]
+        if new_members:
+            await queries.insert_build_steps(conn, build_id, chunk_ids)
         for node in fresh + cached:
             self.nodes[node.id] = node
             self.by_drv[node.drv_path] = node.id
+        # A dependency admitted earlier may have finished and left memory meanwhile (only
+        # after a reload): its row says whether it succeeded.
+        gone = sorted({d for _, d in pairs if d not in self.nodes})
+        for row in await queries.fetch_steps_by_ids(conn, gone):
+            node = _node_from_row(row)
+            self.nodes[node.id] = node
+            self.by_drv.setdefault(node.drv_path, node.id)
         for s, d in pairs:
             dep, node = self.nodes[d], self.nodes[s]
             # A step that already runs (or ran) keeps the dependencies it started with:
@@ -451,25 +622,16 @@ class Scheduler:
             if dep.state is not StepState.SUCCEEDED:
                 node.deps.add(d)
             dep.dependents.add(s)
-        build = self.builds.get(build_id)
-        if build is None:
-            build = ActiveBuild(
-                build_id,
-                priority,
-                root_ids,
-                set(ids.values()) | (members or set()),
-                BuildState.QUEUED,
-            )
-            self.builds[build_id] = build
-        else:
-            build.steps |= set(ids.values())
-        for sid in build.steps:
+        build = self.builds[build_id]
+        build.steps.update(chunk_ids)
+        for sid in chunk_ids:
             member = self.nodes.get(sid)
             if member is not None:
                 member.builds.add(build_id)
                 member.priority = max(member.priority, build.priority)
         # Queued steps whose dependencies failed fail at once; the others wait or run.
         runnable: list[StepNode] = []
+        failed_rows: list[dict[str, Any]] = []
         for node in fresh:
             failed_dep = next(
                 (
@@ -482,34 +644,50 @@ class Scheduler:
             )
             if failed_dep is not None:
                 node.state = StepState.DEPENDENCY_FAILED
-                await queries.update_step(
-                    conn,
-                    node.id,
-                    state=node.state,
-                    finished_at=now,
-                    error=f"dependency {failed_dep.drv_path} failed",
+                failed_rows.append(
+                    {
+                        "id": node.id,
+                        "state": node.state,
+                        "finished_at": now,
+                        "error": f"dependency {failed_dep.drv_path} failed",
+                    }
                 )
             elif not node.deps:
                 runnable.append(node)
+        await queries.update_steps_each(conn, failed_rows)
         for node in runnable:
             node.state = StepState.RUNNABLE
         await queries.update_steps(conn, [n.id for n in runnable], state=StepState.RUNNABLE)
-        order = [n.id for n in reversed(fresh)] + [n.id for n in touched + cached]
-        rekey = raise_heights(self.nodes, order) | {n.id for n in fresh + touched}
+        # Heights within the plan first (so dependents admitted later count already), for
+        # these steps and their dependencies (a leaf admitted early had only an estimate);
+        # then with every active build's dependents.
+        raised: list[StepNode] = []
+        for sid in sorted(set(chunk_ids).union(d for _, d in pairs)):
+            member = self.nodes.get(sid)
+            if member is not None and heights.get(member.drv_path, 0) > member.height:
+                member.height = heights[member.drv_path]
+                raised.append(member)
+        order = (
+            [n.id for n in reversed(fresh)]
+            + [n.id for n in touched + cached]
+            + [d for n in raised for d in sorted(n.deps)]
+        )
+        rekey = raise_heights(self.nodes, order) | {n.id for n in fresh + touched + raised}
         for sid in sorted(rekey):
             node = self.nodes[sid]
             if node.state is StepState.RUNNABLE:
                 self._make_runnable(node, now)
-        for bid in sorted(reopened | {build_id}):
+        for bid in sorted(reopened - {build_id}):
             other = self.builds.get(bid)
             if other is not None:
-                other.unfinished = sum(
-                    1
-                    for sid in other.steps
-                    if sid in self.nodes and not self.nodes[sid].state.is_final
-                )
-        await self._maybe_finish_build(conn, build, now)
-        return build, len(fresh)
+                self._recount(other)
+        return len(fresh)
+
+    def _recount(self, build: ActiveBuild) -> None:
+        """Count the build's member steps that are not final yet."""
+        build.unfinished = sum(
+            1 for sid in build.steps if sid in self.nodes and not self.nodes[sid].state.is_final
+        )
 
     async def cancel_build(self, build_id: int) -> bool:
         """Cancel a build: its steps that no other active build needs stop or never start."""
@@ -517,38 +695,41 @@ class Scheduler:
 
             async def body() -> bool:
                 build = self.builds.get(build_id)
-                if build is None:
+                if build is None or build_id in self._incomplete:
                     return False
                 now = self.clock()
                 async with self.engine.begin() as conn:
-                    for sid in sorted(build.steps):
-                        node = self.nodes.get(sid)
-                        if node is None or node.state.is_final:
-                            continue
-                        if any(b != build_id for b in node.builds if b in self.builds):
-                            continue
-                        if node.state.is_leased:
-                            venue = self.venues.get(node.venue or "")
-                            if venue is not None:
-                                _try_send(venue, p.Abort(step_id=p.StepId(sid), reason="cancelled"))
-                        self._release(node)
-                        self.logs.close(sid)
-                        node.state = StepState.CANCELLED
-                        await queries.update_step(
-                            conn,
-                            sid,
-                            state=node.state,
-                            finished_at=now,
-                            lease_id=None,
-                            lease_expires_at=None,
-                        )
-                    build.state = BuildState.CANCELLED
-                    await queries.update_build(conn, build_id, state=build.state, finished_at=now)
-                    self._forget_build(build)
+                    await self._cancel(conn, build, now)
                 self.wake()
                 return True
 
             return await self._guard(body())
+
+    async def _cancel(self, conn: AsyncConnection, build: ActiveBuild, now: float) -> None:
+        for sid in sorted(build.steps):
+            node = self.nodes.get(sid)
+            if node is None or node.state.is_final:
+                continue
+            if any(b != build.id for b in node.builds if b in self.builds):
+                continue
+            if node.state.is_leased:
+                venue = self.venues.get(node.venue or "")
+                if venue is not None:
+                    _try_send(venue, p.Abort(step_id=p.StepId(sid), reason="cancelled"))
+            self._release(node)
+            self.logs.close(sid)
+            node.state = StepState.CANCELLED
+            await queries.update_step(
+                conn,
+                sid,
+                state=node.state,
+                finished_at=now,
+                lease_id=None,
+                lease_expires_at=None,
+            )
+        build.state = BuildState.CANCELLED
+        await queries.update_build(conn, build.id, state=build.state, finished_at=now)
+        self._forget_build(build)
 
     async def bump_build(self, build_id: int, priority: int) -> bool:
         async with self._lock:
@@ -578,6 +759,8 @@ class Scheduler:
         its other leases are lost at once (it no longer runs them)."""
         now = self.clock()
         self.venues[venue.machine_id] = venue
+        self._reopen(venue)
+        self._cooled(venue)
         kept: list[p.StepId] = []
         for item in running:
             node = self.nodes.get(item.step_id)
@@ -592,11 +775,12 @@ class Scheduler:
                 kept.append(item.step_id)
         lost = [
             n
-            for n in self.nodes.values()
+            for n in self._leased()
             if n.state.is_leased and n.venue == venue.machine_id and n.id not in venue.running
         ]
         for node in lost:
             node.lease_expires_at = now  # expires on the next pass: an infrastructure retry
+            self._watch_lease(node)
         self.wake()
         return kept
 
@@ -685,6 +869,7 @@ class Scheduler:
         """DESIGN §5: a refusal or a failed send releases the slot, cools the venue down and
         makes the step runnable again, as if it had never been assigned."""
         venue.cooldown_until = now + self.config.refuse_cooldown_secs
+        self._cooled(venue)
         self._release(node)
         node.state = StepState.RUNNABLE
         async with self.engine.begin() as conn:
@@ -744,8 +929,11 @@ class Scheduler:
                     async with self._lock:
                         await self.recover()
             timeout = None if wake_at is None else max(0.0, wake_at - self.clock())
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+            # that arrives as the event is set, and the loop would not stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     async def recover(self) -> None:
         """Rebuild the working state from the database, as at start (the caller holds the
@@ -753,9 +941,12 @@ class Scheduler:
         is the record, so memory is thrown away and reloaded. Connected venues stay."""
         venues = self.venues
         self.nodes, self.by_drv, self.leases, self.builds = {}, {}, {}, {}
+        self._expiries = []
         self.index, self.delayed = RunnableIndex(), []
+        self._open = {}
         for connected in venues.values():
             connected.running.clear()
+            self._reopen(connected)
         await self.load(fresh_start=False)
         for node in self._leased():
             holder = venues.get(node.venue or "")
@@ -785,39 +976,68 @@ class Scheduler:
             return self._next_deadline(now)
 
     def _next_deadline(self, now: float) -> float | None:
-        times = [n.lease_expires_at for n in self._leased() if n.lease_expires_at is not None]
+        self._file_expiries()
+        times = [self._expiries[0][0]] if self._expiries else []
         if self.delayed:
             times.append(self.delayed[0][0])
-        if len(self.index):
-            times.extend(
-                max(v.cooldown_until, v.backoff_until)
-                for v in self.venues.values()
-                if max(v.cooldown_until, v.backoff_until) > now
-            )
+        if len(self.index) and self._cooling_until is not None and self._cooling_until > now:
+            times.append(self._cooling_until)
         return min(times) if times else None
 
     def _leased(self) -> list[StepNode]:
         return [self.nodes[s] for s in self.leases.values() if s in self.nodes]
 
+    def _watch_lease(self, node: StepNode) -> None:
+        """File a lease's expiry (after it was granted, or moved earlier)."""
+        if node.lease_id is None or node.lease_expires_at is None:
+            return
+        heapq.heappush(self._expiries, (node.lease_expires_at, node.id, node.lease_id))
+        if len(self._expiries) > 2 * len(self.leases) + _EXPIRY_SLACK:
+            # Mostly entries of leases that ended: rebuild from the current ones.
+            self._expiries = [
+                (n.lease_expires_at, n.id, n.lease_id)
+                for n in self._leased()
+                if n.lease_id is not None and n.lease_expires_at is not None
+            ]
+            heapq.heapify(self._expiries)
+
+    def _file_expiries(self) -> None:
+        """Bring the heap's first entry up to date: drop entries of leases that ended and
+        re-file renewed ones, until the first is a current lease's expiry."""
+        while self._expiries:
+            at, sid, lease = self._expiries[0]
+            node = self.nodes.get(sid)
+            if node is None or node.lease_id != lease or not node.state.is_leased:
+                heapq.heappop(self._expiries)  # the lease ended
+            elif node.lease_expires_at is not None and node.lease_expires_at != at:
+                heapq.heapreplace(self._expiries, (node.lease_expires_at, sid, lease))
+            else:
+                return
+
     async def _expire_leases(self, now: float) -> None:
-        for node in self._leased():
-            if (
-                node.state.is_leased
-                and node.lease_expires_at is not None
-                and node.lease_expires_at <= now
-            ):
-                venue = self.venues.get(node.venue or "")
-                log.warning("lease of step %d on %s expired", node.id, node.venue)
-                if venue is not None:
-                    _try_send(venue, p.Abort(step_id=p.StepId(node.id), reason="lease expired"))
-                await self._finish_attempt(
-                    node,
-                    venue,
-                    p.Outcome.AGENT_LOST,
-                    "lease expired: the agent stopped reporting it",
-                    None,
-                    now,
-                )
+        """Expire the leases due by ``now``: only the due end of the heap is looked at."""
+        due: list[StepNode] = []
+        while True:
+            self._file_expiries()
+            if not self._expiries or self._expiries[0][0] > now:
+                break
+            _, sid, _ = heapq.heappop(self._expiries)
+            due.append(self.nodes[sid])
+        for node in due:
+            if node.lease_id is None or not node.state.is_leased:
+                continue
+            venue = self.venues.get(node.venue or "")
+            log.warning("lease of step %d on %s expired", node.id, node.venue)
+            if venue is not None:
+                _try_send(venue, p.Abort(step_id=p.StepId(node.id), reason="lease expired"))
+            await self._finish_attempt(
+                node,
+                venue,
+                p.Outcome.AGENT_LOST,
+                "lease expired: the agent stopped reporting it",
+                None,
+                now,
+            )
 
     def _promote_delayed(self, now: float) -> None:
         while self.delayed and self.delayed[0][0] <= now:
@@ -835,19 +1055,76 @@ class Scheduler:
                 self.index.push(node)
 
     async def _dispatch(self, now: float) -> None:
-        if not len(self.index):
-            return
-        free = [v for v in self.venues.values() if v.available(now)]
-        if not free:
-            return
-        # Agents first (DESIGN §5's order among them); SSH builders only get the steps that
-        # no free agent slot took in this pass.
-        decisions = plan_dispatch(self.index, [v.view() for v in free if v.kind != SSH])
-        ssh = [v.view() for v in free if v.kind == SSH]
-        if ssh and len(self.index):
-            decisions += plan_dispatch(self.index, ssh)
-        if not decisions:
-            return
+        """Fill free slots, in chunks of at most ``DISPATCH_CHUNK`` decisions: each chunk's
+        leases are written in one transaction and its ``assign`` messages sent before the
+        next chunk is planned, so the first agents start while later decisions are made."""
+        while len(self.index):
+            agents, ssh = self._free_views(now)
+            if not agents and not ssh:
+                return
+            # Agents first (DESIGN §5's order among them); SSH builders only get the steps
+            # that no free agent slot takes.
+            decisions = plan_dispatch(self.index, agents, limit=DISPATCH_CHUNK)
+            if ssh and len(decisions) < DISPATCH_CHUNK and len(self.index):
+                decisions += plan_dispatch(self.index, ssh, limit=DISPATCH_CHUNK - len(decisions))
+            if not decisions:
+                return
+            await self._assign(decisions, now)
+            if len(decisions) < DISPATCH_CHUNK:
+                return
+
+    def _free_views(self, now: float) -> tuple[list[VenueView], list[VenueView]]:
+        """Views of the available agents and SSH builders that could run some runnable step.
+
+        Only kinds of venues (systems and features) that fit a waiting step are looked at:
+        a pass costs the number of kinds plus the free venues that could take work, not the
+        number of venues."""
+        wanted = self.index.requirements()
+        agents: list[VenueView] = []
+        ssh: list[VenueView] = []
+        cooling: float | None = None
+        for kind, members in list(self._open.items()):
+            if not members:
+                del self._open[kind]
+                continue
+            if not any(self._kind_fits(kind, members, req) for req in wanted):
+                continue
+            for machine_id, venue in list(members.items()):
+                if (
+                    self.venues.get(machine_id) is not venue
+                    or venue.draining
+                    or len(venue.running) >= venue.max_jobs
+                ):
+                    del members[machine_id]  # back when a slot is released or it attaches
+                    continue
+                until = max(venue.cooldown_until, venue.backoff_until)
+                if until > now:
+                    cooling = until if cooling is None else min(cooling, until)
+                    continue
+                (ssh if venue.kind == SSH else agents).append(venue.view())
+        self._cooling_until = cooling
+        return agents, ssh
+
+    def _kind_fits(self, kind: _Kind, members: dict[str, Venue], req: Requirement) -> bool:
+        fits = self._fits.get((kind, req))
+        if fits is None:
+            fits = self._fits[(kind, req)] = can_run(next(iter(members.values())).view(), req)
+        return fits
+
+    def _cooled(self, venue: Venue) -> None:
+        """The venue's cooldown or backoff was set: the loop wakes when it ends."""
+        until = max(venue.cooldown_until, venue.backoff_until)
+        if until > 0 and (self._cooling_until is None or until < self._cooling_until):
+            self._cooling_until = until
+
+    def _reopen(self, venue: Venue) -> None:
+        """The venue may have a free slot (again)."""
+        if self.venues.get(venue.machine_id) is venue:
+            kind = (venue.systems, venue.supported_features, venue.mandatory_features)
+            self._open.setdefault(kind, {})[venue.machine_id] = venue
+
+    async def _assign(self, decisions: Sequence[Dispatch], now: float) -> None:
+        """Lease, record and send one chunk of decisions."""
         # Resolve every venue before the first await: a venue may detach meanwhile, and a
         # send to its closed session then fails and releases the slot like any send failure.
         chosen = [(self.nodes[d.step_id], self.venues[d.machine_id]) for d in decisions]
@@ -868,33 +1145,41 @@ class Scheduler:
                     None,
                     now,
                 )
-        sent: list[tuple[StepNode, Venue, p.Assign]] = []
+        if not ready:
+            return
+        expires = now + self.config.lease_secs
+        rows: list[dict[str, Any]] = []
+        started: set[int] = set()
+        for node, venue, msg in ready:
+            lease = msg.lease_id
+            node.state = StepState.ASSIGNED
+            node.lease_id = lease
+            node.lease_expires_at = expires
+            node.venue = venue.machine_id
+            self.leases[lease] = node.id
+            self._watch_lease(node)
+            venue.running.add(node.id)
+            rows.append(
+                {
+                    "id": node.id,
+                    "state": node.state,
+                    "lease_id": lease,
+                    "lease_expires_at": expires,
+                    "agent_machine_id": venue.machine_id,
+                    "agent_name": venue.name,
+                    "assigned_at": now,
+                }
+            )
+            for bid in node.builds:
+                build = self.builds.get(bid)
+                if build is not None and build.state is BuildState.QUEUED:
+                    build.state = BuildState.RUNNING
+                    started.add(bid)
         async with self.engine.begin() as conn:
-            for node, venue, msg in ready:
-                lease = msg.lease_id
-                node.state = StepState.ASSIGNED
-                node.lease_id = lease
-                node.lease_expires_at = now + self.config.lease_secs
-                node.venue = venue.machine_id
-                self.leases[lease] = node.id
-                venue.running.add(node.id)
-                await queries.update_step(
-                    conn,
-                    node.id,
-                    state=node.state,
-                    lease_id=lease,
-                    lease_expires_at=node.lease_expires_at,
-                    agent_machine_id=venue.machine_id,
-                    agent_name=venue.name,
-                    assigned_at=now,
-                )
-                for bid in node.builds:
-                    build = self.builds.get(bid)
-                    if build is not None and build.state is BuildState.QUEUED:
-                        build.state = BuildState.RUNNING
-                        await queries.update_build(conn, bid, state=build.state)
-                sent.append((node, venue, msg))
-        for node, venue, msg in sent:
+            await queries.update_steps_each(conn, rows)
+            for bid in sorted(started):
+                await queries.update_build(conn, bid, state=BuildState.RUNNING)
+        for node, venue, msg in ready:
             if node.attempts:
                 self.logs.append(
                     node.id, [f"[bigtent: attempt {node.attempts + 1} on {venue.name}]"]
@@ -927,6 +1212,7 @@ class Scheduler:
         venue = self.venues.get(node.venue or "")
         if venue is not None:
             venue.running.discard(node.id)
+            self._reopen(venue)
         if node.lease_id is not None:
             self.leases.pop(node.lease_id, None)
         node.lease_id = None
@@ -966,6 +1252,7 @@ class Scheduler:
                     self.config.agent_backoff_base_secs,
                     self.config.agent_backoff_max_secs,
                 )
+                self._cooled(venue)
                 log.warning(
                     "%s: %s on step %d; backing off until %.0f",
                     venue.name,
@@ -977,6 +1264,7 @@ class Scheduler:
                 # Not the venue's fault, but it must not get the step straight back in a
                 # loop (an agent that aborts everything): a short cooldown.
                 venue.cooldown_until = now + self.config.refuse_cooldown_secs
+                self._cooled(venue)
             else:
                 venue.consecutive_failures = 0
                 venue.backoff_until = 0.0
@@ -1106,7 +1394,7 @@ class Scheduler:
     ) -> None:
         """End a build once every member step is final: its outcome is its roots' (a failure
         fails the build, but the steps that do not depend on it still run to the end)."""
-        if build.unfinished > 0:
+        if build.unfinished > 0 or build.id in self._incomplete:
             return
         states = [
             self.nodes[sid].state if sid is not None and sid in self.nodes else None
@@ -1177,6 +1465,17 @@ def _dependencies_first(deps: dict[str, list[str]]) -> list[str]:
             stack.append((name, True))
             stack.extend((d, False) for d in sorted(deps[name], reverse=True) if d not in seen)
     return order
+
+
+def _new_node(sid: int, drv: queries.DrvInfo, now: float) -> StepNode:
+    return StepNode(
+        id=sid,
+        drv_path=drv.drv_path,
+        req=Requirement(drv.system, drv.required_features),
+        state=StepState.WAITING,
+        created_at=now,
+        outputs=dict(drv.outputs),
+    )
 
 
 def _try_send(venue: Venue, msg: BaseModel) -> bool:

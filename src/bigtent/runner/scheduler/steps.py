@@ -8,10 +8,10 @@ so choosing the next dispatch looks at the top of each bucket, never at the whol
 from __future__ import annotations
 
 import heapq
-from collections.abc import Collection, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 
-from bigtent.runner.scheduler.matching import Requirement, VenueView, best_venue
+from bigtent.runner.scheduler.matching import Requirement, VenuePool, VenueView
 from bigtent.states import BuildState, StepState
 
 
@@ -136,31 +136,41 @@ def plan_dispatch(
     """Match runnable steps to free slots, best step first, best venue for it (DESIGN §5).
 
     Pops the chosen steps from ``index``. Each decision looks at the top of each bucket and
-    at the venues, never at the whole queue. Deterministic for a given state.
+    at the kinds of free venues (``VenuePool``), never at the whole queue nor at every
+    venue. Deterministic for a given state.
     """
-    free = {v.machine_id: v for v in venues if v.free_slots > 0}
+    pool = VenuePool(venues)
     decisions: list[Dispatch] = []
-    while free and (limit is None or len(decisions) < limit):
+    while pool and (limit is None or len(decisions) < limit):
         wanted = frozenset(f for req in index.requirements() for f in req.features)
-        best: tuple[tuple[int, int, float, int], Requirement, VenueView] | None = None
-        for req, (key, _sid) in index.tops():
-            if best is not None and key >= best[0]:
-                continue
-            venue = best_venue(free.values(), req, wanted)
+        chosen: tuple[Requirement, VenueView] | None = None
+        # The best step first: the first bucket top (in key order) some free venue can run.
+        for req, _top in sorted(index.tops(), key=lambda t: t[1]):
+            venue = pool.best(req, wanted)
             if venue is not None:
-                best = (key, req, venue)
-        if best is None:
+                chosen = (req, venue)
+                break
+        if chosen is None:
             break
-        _, req, venue = best
+        req, venue = chosen
         step_id = index.pop(req)
         assert step_id is not None
         decisions.append(Dispatch(step_id, venue.machine_id))
-        updated = replace(venue, running=venue.running + 1)
-        if updated.free_slots > 0:
-            free[venue.machine_id] = updated
-        else:
-            del free[venue.machine_id]
+        pool.take(venue)
     return decisions
+
+
+def plan_heights(items: Sequence[tuple[str, Sequence[str]]]) -> dict[str, int]:
+    """Heights within one plan: ``items`` are (name, names of its dependencies), each after
+    its dependencies. A step's height is 1 + the largest height among the steps that depend
+    on it (the longest chain of dependents above it, itself included)."""
+    heights: dict[str, int] = {}
+    for name, deps in reversed(items):
+        above = heights.setdefault(name, 1) + 1
+        for d in deps:
+            if heights.get(d, 0) < above:
+                heights[d] = above
+    return heights
 
 
 def raise_heights(nodes: dict[int, StepNode], order: Iterable[int]) -> set[int]:
