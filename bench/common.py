@@ -12,11 +12,15 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -140,3 +144,95 @@ class Stopwatch:
 
     def __call__(self) -> float:
         return time.perf_counter() - self.start
+
+
+# ---- a runner process -------------------------------------------------------------------------
+@dataclass
+class Runner:
+    """``bigtent runner`` in its own process on a loopback port, SQLite and local storage."""
+
+    url: str
+    tokens: dict[str, str]
+    """Role -> bearer token."""
+    public_key: str
+    proc: subprocess.Popen[bytes]
+    state_dir: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@contextmanager
+def runner(
+    work: Path, *, compression: str = "zstd", log_level: str = "", extra: Sequence[str] = ()
+) -> Iterator[Runner]:
+    """Start a runner; wait until it answers ``GET /api/v1/status``; stop it afterwards."""
+    import httpx
+
+    from bigtent.nix.keys import generate_key
+    from bigtent.runner.auth.tokens import generate_token, token_digest
+
+    state = work / f"runner-{uuid.uuid4().hex[:8]}"
+    state.mkdir(parents=True)
+    key = generate_key("bench-1")
+    (state / "cache.sk").write_text(key.to_text())
+    tokens = {role: generate_token() for role in ("agent", "client", "admin")}
+    port = free_port()
+    lines = [
+        "[runner]",
+        f'listen = "127.0.0.1:{port}"',
+        f"state_dir = {json.dumps(str(state))}",
+        "allow_plaintext = true",
+        "[cache]",
+        f"signing_key_file = {json.dumps(str(state / 'cache.sk'))}",
+        f'compression = "{compression}"',
+    ]
+    for role, token in tokens.items():
+        lines += [
+            "[[auth.tokens]]",
+            f'name = "bench-{role}"',
+            f'role = "{role}"',
+            f'sha256 = "{token_digest(token)}"',
+        ]
+    config = state / "runner.toml"
+    config.write_text("\n".join([*lines, *extra]) + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BIGTENT_")}
+    argv = [sys.executable, "-m", "bigtent", *([log_level] if log_level else [])]
+    proc = subprocess.Popen(
+        [*argv, "runner", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=(state / "runner.log").open("wb"),
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    r = Runner(url, tokens, key.public_key().to_text(), proc, state)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log = (state / "runner.log").read_text(errors="replace")[-3000:]
+                sys.exit(f"bench: the runner did not start:\n{log}")
+            try:
+                resp = httpx.get(
+                    url + "/api/v1/status",
+                    headers={"Authorization": f"Bearer {tokens['client']}"},
+                    timeout=2,
+                )
+                if resp.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        yield r
+    finally:
+        r.stop()

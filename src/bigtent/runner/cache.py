@@ -44,6 +44,8 @@ MEMORY_DERIVATIONS = 20_000
 """Parsed derivation records kept in memory."""
 INLINE_INGEST_BYTES = 1024 * 1024
 """NARs up to this size are verified on the event loop; larger ones in a worker thread."""
+INGEST_BATCH_BYTES = 1024 * 1024
+"""A large NAR is handed to the worker thread in batches of about this size."""
 MEMORY_UPSTREAM_NARINFOS = 100_000
 """Upstream narinfo records (paths an upstream has) kept in memory."""
 
@@ -212,7 +214,8 @@ class Cache:
             )
         compression = self.config.compression
         compressor = _Compressor(compression, self.config.compression_level)
-        file_sha = hashlib.sha256()
+        # Uncompressed, the stored file is the NAR: its hash is the NAR hash, not a second pass.
+        file_sha = hashlib.sha256() if compression is not Compression.NONE else None
         validator = NarValidator(sink) if sink is not None else NarValidator()
         scanner = ReferenceScanner(candidates)
         size = 0
@@ -228,29 +231,65 @@ class Cache:
             scanner.feed(chunk)
             data = compressor.compress(chunk)
             if data:
-                file_sha.update(data)
+                if file_sha is not None:
+                    file_sha.update(data)
                 file_size += len(data)
                 out.write(data)
 
+        def process_all(batch: list[bytes]) -> None:
+            for chunk in batch:
+                process(chunk)
+
         # Parsing, hashing, scanning and compressing cost CPU in proportion to the NAR: a
-        # large one is processed in a worker thread so the event loop keeps serving.
+        # large one is processed in a worker thread so the event loop keeps serving. The body
+        # arrives in small chunks: they are gathered into batches of INGEST_BATCH_BYTES, and
+        # one batch is processed while the next one is received (one thread hop per batch,
+        # network and hashing overlapping; at most two batches in memory).
         in_thread = declared_size > INLINE_INGEST_BYTES
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Future[None] | None = None
+        batch: list[bytes] = []
+        batched = 0
+
+        async def hand_over() -> None:
+            nonlocal pending, batch, batched
+            chunks_now, batch, batched = batch, [], 0
+            if pending is not None:
+                await pending  # in order; raises the previous batch's error
+            pending = loop.run_in_executor(None, process_all, chunks_now)
+
         try:
             with out:
-                async for chunk in chunks:
-                    if not chunk:
-                        continue
-                    size += len(chunk)
-                    if size > declared_size:
-                        raise PayloadTooLarge(
-                            f"NAR is longer than its declared size of {declared_size} bytes"
-                        )
-                    if in_thread:
-                        await asyncio.to_thread(process, chunk)
-                    else:
-                        process(chunk)
+                try:
+                    async for chunk in chunks:
+                        if not chunk:
+                            continue
+                        size += len(chunk)
+                        if size > declared_size:
+                            raise PayloadTooLarge(
+                                f"NAR is longer than its declared size of {declared_size} bytes"
+                            )
+                        if not in_thread:
+                            process(chunk)
+                            continue
+                        batch.append(chunk)
+                        batched += len(chunk)
+                        if batched >= INGEST_BATCH_BYTES:
+                            await hand_over()
+                    if batch:
+                        await hand_over()
+                    if pending is not None:
+                        await pending
+                finally:
+                    if pending is not None:
+                        # A batch still in flight writes to `out`: let it end first (its
+                        # error, if any, is retrieved here; the first error raised wins).
+                        await asyncio.wait([pending])
+                        if not pending.cancelled():
+                            pending.exception()
                 data = compressor.flush()
-                file_sha.update(data)
+                if file_sha is not None:
+                    file_sha.update(data)
                 file_size += len(data)
                 out.write(data)
             if size != declared_size:
@@ -269,7 +308,7 @@ class Cache:
         except BaseException:
             self.storage.discard(temp)
             raise
-        file_hash = file_sha.digest()
+        file_hash = file_sha.digest() if file_sha is not None else nar_sha
         name = f"nar/{base32.encode(file_hash)}.nar{_EXTENSIONS[compression]}"
         return (
             Ingested(
