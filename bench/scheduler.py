@@ -430,7 +430,12 @@ async def run_one(size: int, agents: int, url: str | None, steady: int, phase: s
             tracemalloc.start()
             await submit()
             result["steps"] = len(sched.by_drv)
-            result["tracemalloc_peak_bytes"] = tracemalloc.get_traced_memory()[1]
+            import gc
+
+            gc.collect()
+            current, peak = tracemalloc.get_traced_memory()
+            result["tracemalloc_peak_bytes"] = peak
+            result["tracemalloc_retained_bytes"] = current
             tracemalloc.stop()
             loop_task = asyncio.create_task(sched.run())
         else:
@@ -615,6 +620,7 @@ def summarize(m: dict[str, Any], args: argparse.Namespace, runs: list[dict[str, 
             "rss_after_submit_mib": common.mib(big["first"]["memory_after_submit"]["rss"]),
             "rss_peak_mib": common.mib(big["first"]["memory_after_submit"]["hwm"]),
             "tracemalloc_peak_mib": common.mib(big["memory"]["tracemalloc_peak_bytes"]),
+            "tracemalloc_retained_mib": common.mib(big["memory"]["tracemalloc_retained_bytes"]),
             "per_decision_cpu_us_by_size": per,
             "per_decision_max_over_min": max(values) / min(values) if values else None,
             "decisions_vs_heap_pops": (
@@ -683,7 +689,8 @@ def report(result: dict[str, Any]) -> None:
     print(
         f"memory at {h['steps']} steps: RSS {h['rss_after_submit_mib']} MiB after submitting "
         f"(peak {h['rss_peak_mib']} MiB); tracemalloc peak while submitting "
-        f"{h['tracemalloc_peak_mib']} MiB"
+        f"{h['tracemalloc_peak_mib']} MiB, still held once submitted "
+        f"{h['tracemalloc_retained_mib']} MiB"
     )
     print(f"load average at the end: {result['load_average_end']}")
 
