@@ -221,10 +221,10 @@ def main() -> int:
     if args.quick:
         args.layers, args.width, args.no_ssh = 3, 3, True
         args.sleep_layers, args.sleep_width = 2, 2
-    out = sys.stderr if args.json else sys.stdout
+    stream = sys.stderr if args.json else sys.stdout
 
     def say(text: str = "") -> None:
-        print(text, file=out, flush=True)
+        print(text, file=stream, flush=True)
 
     n = args.layers * args.width + 1
     load = os.getloadavg()
