@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format deps venv bench clean
+.PHONY: demo test test-postgresql lint format deps venv bench clean
 
 deps:
 	@scripts/install-deps.sh
@@ -22,13 +22,18 @@ venv: $(STAMP)
 demo: deps venv
 	$(BIN)/python examples/demo.py
 
+# BIGTENT_TEST_DB=postgresql runs every test on PostgreSQL (throwaway clusters) instead.
 test: deps venv
 	$(BIN)/pytest -n 2 $(PYTEST_ARGS)
+
+test-postgresql:
+	BIGTENT_TEST_DB=postgresql $(MAKE) test
 
 lint: venv
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy
+	$(BIN)/actionlint
 
 format: venv
 	$(BIN)/ruff format src tests bench examples

@@ -56,8 +56,9 @@ from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bigtent import protocol as p
-from bigtent.config import CacheSection, Compression, SchedulerSection
+from bigtent.config import CacheSection, SchedulerSection
 from bigtent.nix import base32
+from bigtent.nix.compression import Compression
 from bigtent.nix.keys import generate_key
 from bigtent.runner.builds import plan_parts
 from bigtent.runner.cache import Cache, Upstreams
@@ -230,10 +231,10 @@ class TimedScheduler(Scheduler):
     dispatch_secs = 0.0
     dispatch_cpu_secs = 0.0
 
-    async def _dispatch(self, now: float) -> None:
+    async def _dispatch(self, now: float) -> bool:
         t, c = time.perf_counter(), time.process_time()
         try:
-            await super()._dispatch(now)
+            return await super()._dispatch(now)
         finally:
             self.dispatch_secs += time.perf_counter() - t
             self.dispatch_cpu_secs += time.process_time() - c

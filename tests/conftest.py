@@ -10,8 +10,28 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
-_CLEARED_PREFIXES = ("BIGTENT_", "NIX_", "XDG_CACHE_HOME")
+# Property tests judge behaviour, not speed: no per-example deadline, which a loaded CI
+# machine (several real-Nix tests in parallel) would otherwise miss at random.
+settings.register_profile("bigtent", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("bigtent")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--screenshots",
+        metavar="DIR",
+        default=None,
+        help="also save the dashboard browser tests' screenshots into DIR (docs/screenshots)",
+    )
+
+
+pytest_plugins = ["tests.databases"]
+"""``make_database``, ``database_url``: SQLite, or PostgreSQL with
+``BIGTENT_TEST_DB=postgresql``."""
+
+_CLEARED_PREFIXES = ("BIGTENT_", "NIX_", "XDG_CACHE_HOME", "ACTIONS_ID_TOKEN_")
 _PROXIES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 

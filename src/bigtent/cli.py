@@ -30,7 +30,13 @@ from rich.progress import (
 from rich.table import Table
 
 from bigtent import __version__
-from bigtent.config import Role, load_agent_config, load_runner_config
+from bigtent.config import (
+    OidcProvider,
+    Role,
+    load_agent_config,
+    load_runner_config,
+    split_comma_list,
+)
 from bigtent.errors import BigtentError, BuildFailed, ConfigError, UsageError
 
 if TYPE_CHECKING:  # the client modules load lazily, inside the commands
@@ -280,6 +286,13 @@ def _report_failure(build: Build) -> None:
     help="Name of the result links (result, result-2, result-dev, ...).",
 )
 @click.option("--no-out-link", is_flag=True, help="Fetch the outputs but create no links.")
+@click.option("--repository", metavar="OWNER/NAME", help="The repository the build is for.")
+@click.option("--ref", metavar="REF", help="The git ref it is for, e.g. refs/heads/main.")
+@click.option(
+    "--untrusted",
+    is_flag=True,
+    help="Make an untrusted build (its outputs go to the untrusted cache only).",
+)
 @_json_option
 def build(
     targets: tuple[str, ...],
@@ -293,11 +306,15 @@ def build(
     no_download: bool,
     out_link: str,
     no_out_link: bool,
+    repository: str | None,
+    ref: str | None,
+    untrusted: bool,
     as_json: bool,
 ) -> None:
     """Build derivations on the farm and fetch their outputs, like nix-build.
 
-    Exits 0 only when every requested derivation built.
+    Exits 0 only when every requested derivation built. A build is trusted only when the
+    token is (admin, or a client token marked trusted) and REF is no pull request ref.
     """
     from bigtent.client.build import (
         BuildObserver,
@@ -318,6 +335,9 @@ def build(
         priority=priority,
         download=not no_download,
         out_link=None if no_out_link else out_link,
+        repository=repository,
+        ref=ref,
+        trusted=not untrusted,
     )
     tracker = BuildTracker()
     client = _make_client(runner_url, token_file, ca_file)
@@ -381,6 +401,9 @@ def status(runner_url: str, token_file: Path | None, ca_file: Path | None, as_js
     table.add_row("version", st.version)
     table.add_row("cache", st.cache_url)
     table.add_row("public key", st.cache_public_key)
+    if st.untrusted_cache_url:
+        key = st.untrusted_cache_public_key or "?"
+        table.add_row("untrusted cache", f"{st.untrusted_cache_url} ({key})")
     for up in st.upstreams:
         table.add_row("upstream", f"{up.url} ({up.public_key})")
     table.add_row("agents connected", str(st.agents_connected))
@@ -393,6 +416,7 @@ def status(runner_url: str, token_file: Path | None, ca_file: Path | None, as_js
 _AGENT_COLUMNS = (
     "name",
     "kind",
+    "trust",
     "auth",
     "connected",
     "last seen",
@@ -400,6 +424,7 @@ _AGENT_COLUMNS = (
     "backoff",
     "systems",
     "features",
+    "launch",
 )
 
 
@@ -408,6 +433,14 @@ def _agent_auth(a: Agent) -> str:
     if a.oidc is not None:
         return f"oidc:{a.oidc.repository}"
     return a.auth_kind or "-"
+
+
+def _agent_trust(a: Agent) -> str:
+    """``trusted``/``untrusted`` and, for a venue scoped to repositories, which ones."""
+    trust = "trusted" if a.trusted else "untrusted"
+    if a.build_repositories is not None:
+        trust += " " + ",".join(a.build_repositories)
+    return trust
 
 
 def _agent_row(a: Agent) -> list[str]:
@@ -421,6 +454,7 @@ def _agent_row(a: Agent) -> list[str]:
     return [
         a.name,
         "ephemeral" if a.ephemeral else "persistent",
+        _agent_trust(a),
         _agent_auth(a),
         connected,
         a.last_seen or "-",
@@ -428,6 +462,7 @@ def _agent_row(a: Agent) -> list[str]:
         backoff,
         ",".join(a.systems),
         ",".join(features),
+        a.launch_id or "-",
     ]
 
 
@@ -487,6 +522,53 @@ def builders(runner_url: str, token_file: Path | None, ca_file: Path | None, as_
     _console().print(table)
 
 
+@cli.command(context_settings=_CONTEXT)
+@_client_options
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--pool", help="Only this pool's launches.")
+@_json_option
+def launches(
+    runner_url: str,
+    token_file: Path | None,
+    ca_file: Path | None,
+    limit: int,
+    pool: str | None,
+    as_json: bool,
+) -> None:
+    """List the autoscaler's pools and launches, newest first (admin token)."""
+    data = _call(
+        runner_url, token_file, ca_file, lambda c: c.fetch_launches(limit=limit, pool=pool)
+    )
+    if as_json:
+        _echo_json(data.model_dump(mode="json"))
+        return
+    console = _console()
+    if not data.pools:
+        console.print("no [[autoscale.github]] pools configured")
+    for p in data.pools:
+        c = p.counters
+        cooling = f", cooling down until {p.cooldown_until}" if p.cooldown_until else ""
+        console.print(
+            f"pool {p.name} ({p.workflow}): {p.pending}/{p.max_inflight} pending, "
+            f"{p.demand} steps waiting, deficit {p.deficit}{cooling}; launched {c.launches}, "
+            f"registered {c.registrations}, expired {c.expiries}, "
+            f"dispatch failures {c.dispatch_failures}"
+        )
+    table = Table()
+    for col in ("launch", "pool", "state", "created", "agent", "error"):
+        table.add_column(col)
+    for launch in data.launches:
+        table.add_row(
+            launch.launch_id,
+            launch.pool,
+            launch.state,
+            launch.created_at or "-",
+            launch.agent_name or "-",
+            launch.error or "",
+        )
+    console.print(table)
+
+
 @agents.command("drain", context_settings=_CONTEXT)
 @click.argument("name")
 @_client_options
@@ -525,7 +607,7 @@ def builds(
         _echo_json([b.model_dump(mode="json") for b in rows])
         return
     table = Table()
-    for col in ("id", "state", "prio", "steps", "created", "finished", "derivations"):
+    for col in ("id", "state", "prio", "trust", "steps", "created", "finished", "derivations"):
         table.add_column(col)
     for b in rows:
         c = b.counts
@@ -535,12 +617,19 @@ def builds(
             b.id,
             b.state.value,
             str(b.priority),
+            _build_trust(b),
             f"{c.succeeded + c.failed + c.cancelled}/{c.total}",
             b.created_at or "",
             b.finished_at or "",
             shown,
         )
     _console().print(table)
+
+
+def _build_trust(b: Build) -> str:
+    """``trusted`` or ``untrusted``, with the repository and ref when the build names them."""
+    where = "@".join(x for x in (b.repository, b.ref) if x)
+    return ("trusted" if b.trusted else "untrusted") + (f" {where}" if where else "")
 
 
 @cli.command("log", context_settings=_CONTEXT)
@@ -867,6 +956,79 @@ def ssh_check(name: str, config_path: Path, connect_timeout_secs: int, as_json: 
     click.echo(f"{result.name}: {result.nix_version}{disabled}")
 
 
+# ---- the runner's database -----------------------------------------------------------------
+
+
+@cli.group(context_settings=_CONTEXT)
+def db() -> None:
+    """The runner's database schema ([database] url in runner.toml)."""
+
+
+_DB_CONFIG = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="runner.toml naming the database (keys overridable by BIGTENT_<SECTION>__<KEY>).",
+)
+
+
+@db.command("status", context_settings=_CONTEXT)
+@_DB_CONFIG
+@_json_option
+@click.pass_context
+def db_status(ctx: click.Context, config_path: Path | None, as_json: bool) -> None:
+    """Show the schema revision of the database and what `db migrate` would apply.
+
+    Exits 0 when the runner can start on it, 1 when it needs `bigtent db migrate` (or a newer
+    bigtent)."""
+    from bigtent.runner.db.migrate import SchemaState, display_url, inspect_database
+
+    url = load_runner_config(config_path).database_url()
+    report = _run(inspect_database(url))
+    if as_json:
+        _echo_json(
+            {
+                "database": display_url(url),
+                "state": report.state,
+                "current": report.current,
+                "head": report.head,
+                "pending": list(report.pending),
+            }
+        )
+    else:
+        click.echo(f"database: {display_url(url)}")
+        click.echo(f"schema:   {report.current or '(none)'} (this bigtent: {report.head})")
+        what = {
+            SchemaState.CURRENT: "up to date",
+            SchemaState.EMPTY: "empty: `bigtent db migrate` creates the schema",
+            SchemaState.BEHIND: f"behind: `bigtent db migrate` applies {', '.join(report.pending)}",
+            SchemaState.AHEAD: "newer than this bigtent: run the bigtent that migrated it",
+        }[report.state]
+        click.echo(f"state:    {what}")
+    ctx.exit(0 if report.state is SchemaState.CURRENT else 1)
+
+
+@db.command("migrate", context_settings=_CONTEXT)
+@_DB_CONFIG
+@_json_option
+def db_migrate(config_path: Path | None, as_json: bool) -> None:
+    """Create or upgrade the database schema to this bigtent's (never downgrades).
+
+    Stop the runners first: they refuse to start on a schema other than their own."""
+    from bigtent.runner.db.migrate import display_url, migrate_database
+
+    url = load_runner_config(config_path).database_url()
+    before, after = _run(migrate_database(url))
+    if as_json:
+        _echo_json({"database": display_url(url), "before": before, "after": after})
+    elif before == after:
+        click.echo(f"{display_url(url)}: schema already at {after}; nothing to do")
+    elif before is None:
+        click.echo(f"{display_url(url)}: schema created at {after}")
+    else:
+        click.echo(f"{display_url(url)}: schema migrated from {before} to {after}")
+
+
 # ---- services --------------------------------------------------------------------------------
 
 
@@ -894,9 +1056,18 @@ def runner(config_path: Path | None) -> None:
 )
 @click.option("--runner-url", metavar="URL", help="http(s)://host:port of the runner.")
 @click.option("--name", help="Agent name [default: host name].")
-@click.option("--system", "systems", multiple=True, help="System to build for (repeatable).")
-@click.option("--supported-feature", "supported", multiple=True, help="Repeatable.")
-@click.option("--mandatory-feature", "mandatory", multiple=True, help="Repeatable.")
+@click.option(
+    "--system",
+    "systems",
+    multiple=True,
+    help="System to build for (repeatable, or comma-separated).",
+)
+@click.option(
+    "--supported-feature", "supported", multiple=True, help="Repeatable, or comma-separated."
+)
+@click.option(
+    "--mandatory-feature", "mandatory", multiple=True, help="Repeatable, or comma-separated."
+)
 @click.option("--max-jobs", type=click.IntRange(min=1), help="Steps run at once.")
 @click.option("--speed-factor", type=click.FloatRange(min=0, min_open=True))
 @click.option("--store", metavar="URI", help='Nix store, e.g. "local?root=/var/lib/a1".')
@@ -909,14 +1080,40 @@ def runner(config_path: Path | None) -> None:
 @click.option("--sandbox-path", "sandbox_paths", multiple=True, help="Extra sandbox path.")
 @click.option("--ca-file", type=click.Path(dir_okay=False, path_type=Path), help="Runner CA.")
 @click.option(
+    "--client-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="mTLS: this agent's certificate (PEM).",
+)
+@click.option(
+    "--client-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="mTLS: its key [default: in the certificate file].",
+)
+@click.option(
     "--executor",
     type=click.Choice(["serve", "realise"]),
     help="serve: long-lived nix-store --serve per slot [default]; realise: one per step.",
 )
 @click.option("--ephemeral", is_flag=True, help="One session only (DESIGN §4).")
+@click.option(
+    "--untrusted", is_flag=True, help="An untrusted venue: take only untrusted builds' steps."
+)
 @click.option("--max-builds", type=click.IntRange(min=1), help="Ephemeral: builds, then exit.")
 @click.option("--max-idle-secs", type=click.FloatRange(min=0, min_open=True))
 @click.option("--max-lifetime-secs", type=click.FloatRange(min=0, min_open=True))
+@click.option(
+    "--oidc",
+    type=click.Choice([p.value for p in OidcProvider]),
+    help="Present the CI job's OIDC ID token (github: from the Actions environment); "
+    "implies --ephemeral.",
+)
+@click.option("--audience", help="Audience to request the ID token for (with --oidc).")
+@click.option(
+    "--launch-id",
+    metavar="ID",
+    envvar="BIGTENT_LAUNCH_ID",
+    help="Launch id to report at register [env: BIGTENT_LAUNCH_ID].",
+)
 @click.pass_context
 def agent(
     ctx: click.Context,
@@ -933,19 +1130,25 @@ def agent(
     token_file: Path | None,
     sandbox_paths: tuple[str, ...],
     ca_file: Path | None,
+    client_cert: Path | None,
+    client_key: Path | None,
     executor: str | None,
     ephemeral: bool,
+    untrusted: bool,
     max_builds: int | None,
     max_idle_secs: float | None,
     max_lifetime_secs: float | None,
+    oidc: str | None,
+    audience: str | None,
+    launch_id: str | None,
 ) -> None:
     """Run a build agent that dials in to the runner."""
     overrides = agent_overrides(
         runner_url=runner_url,
         name=name,
-        systems=systems,
-        supported_features=supported,
-        mandatory_features=mandatory,
+        systems=tuple(split_comma_list(systems)),
+        supported_features=tuple(split_comma_list(supported)),
+        mandatory_features=tuple(split_comma_list(mandatory)),
         max_jobs=max_jobs,
         speed_factor=speed_factor,
         store=store,
@@ -953,24 +1156,24 @@ def agent(
         token_file=token_file,
         sandbox_paths=sandbox_paths,
         ca_file=ca_file,
+        client_cert_file=client_cert,
+        client_key_file=client_key,
         executor=executor,
         ephemeral=ephemeral,
+        untrusted=untrusted,
         max_builds=max_builds,
         max_idle_secs=max_idle_secs,
         max_lifetime_secs=max_lifetime_secs,
+        oidc=oidc,
+        audience=audience,
+        launch_id=launch_id,
     )
     cfg = load_agent_config(config_path, **overrides)
-    if token_file is not None:
-        secret: str | None = _read_secret(token_file, "token file")
-    elif os.environ.get("BIGTENT_AGENT_TOKEN"):
-        secret = os.environ["BIGTENT_AGENT_TOKEN"]
-    elif cfg.agent.token_file is not None:
-        secret = _read_secret(cfg.agent.token_file, "config key agent.token_file")
-    else:
-        secret = None
+    from bigtent.agent.credentials import load_credentials
     from bigtent.agent.session import run_agent
 
-    ctx.exit(_run(run_agent(cfg, secret)))
+    credentials = load_credentials(cfg.agent, os.environ, token_file_flag=token_file)
+    ctx.exit(_run(run_agent(cfg, credentials)))
 
 
 def agent_overrides(**flags: Any) -> dict[str, Any]:

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,7 +30,10 @@ from pydantic_settings import (
 )
 
 from bigtent.errors import ConfigError
-from bigtent.protocol import MAX_LIST_ITEMS
+from bigtent.nix.compression import Compression
+from bigtent.protocol import MAX_LIST_ITEMS, MAX_SHORT_TEXT
+from bigtent.runner.autoscale.settings import AutoscaleSection, check_pools
+from bigtent.runner.s3keys import normalize_prefix
 from bigtent.runner.ssh import SshTarget, check_no_whitespace, normalize_host_key, parse_ssh_uri
 
 
@@ -32,6 +43,23 @@ class Role(StrEnum):
     AGENT = "agent"
     CLIENT = "client"
     ADMIN = "admin"
+
+
+class MetricsAuth(StrEnum):
+    """Who may read ``/metrics`` (docs/metrics.md)."""
+
+    PUBLIC = "public"
+    """Anyone who can reach the port (what Prometheus expects by default)."""
+    TOKEN = "token"
+    """A bearer token of role ``client`` or ``admin``."""
+
+
+class DashboardAuth(StrEnum):
+    """Who may read the dashboard (docs/dashboard.md); actions always need an admin token."""
+
+    PUBLIC = "public"
+    TOKEN = "token"
+    """Any valid token: a login form (cookie) or an ``Authorization: Bearer`` header."""
 
 
 class _Section(BaseModel):
@@ -53,6 +81,18 @@ class RunnerSection(_Section):
     state_dir: Path = Path("/var/lib/bigtent")
     allow_plaintext: bool = False
     tls: TlsSection | None = None
+    metrics_auth: MetricsAuth | None = None
+    """Unset: ``public`` on a loopback listen address, ``token`` elsewhere."""
+
+    @property
+    def metrics_auth_mode(self) -> MetricsAuth:
+        """Who may read ``/metrics``: as configured, else public only on loopback."""
+        if self.metrics_auth is not None:
+            return self.metrics_auth
+        return MetricsAuth.PUBLIC if is_loopback(self.host) else MetricsAuth.TOKEN
+
+    dashboard_auth: DashboardAuth = DashboardAuth.PUBLIC
+    """Reading the dashboard at ``/``: ``public``, or ``token`` (any valid token)."""
 
     @property
     def host(self) -> str:
@@ -84,24 +124,125 @@ class Upstream(_Section):
     public_key: str
 
 
-class Compression(StrEnum):
-    ZSTD = "zstd"
-    XZ = "xz"
-    NONE = "none"
+class S3Section(_Section):
+    """``[cache.s3]``: NAR files in an S3 bucket (AWS or any S3-compatible service).
+
+    Credentials: ``access_key_id``/``secret_access_key`` (or their ``*_file`` forms, read
+    once at start); with neither, boto3's usual chain (``AWS_*`` environment, profile,
+    instance role) applies.
+    """
+
+    bucket: str = Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]+[a-z0-9]$")
+    prefix: str = ""
+    """Keys start with this (e.g. ``bigtent/``): ``<prefix>nar/...``, ``<prefix>incoming/...``."""
+    region: str = "us-east-1"
+    endpoint_url: str | None = None
+    """``http(s)://host:port`` of an S3-compatible service; unset: AWS."""
+    public_endpoint_url: str | None = None
+    """The endpoint presigned URLs name, when agents and Nix clients reach the service by
+    another address than the runner does; unset: ``endpoint_url``."""
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    """``path`` (``host/bucket/key``) for most self-hosted services; ``virtual``
+    (``bucket.host/key``); ``auto`` lets boto3 choose."""
+    access_key_id: str | None = None
+    access_key_id_file: Path | None = None
+    secret_access_key: SecretStr | None = None
+    secret_access_key_file: Path | None = None
+    serve: Literal["redirect", "proxy"] = "redirect"
+    """``/cache/nar/...``: a 302 to a short-lived presigned GET (Nix follows it), or the
+    runner streams the object itself (clients that cannot reach the bucket)."""
+    presigned_get_secs: int = Field(default=300, ge=1, le=7 * 86400)
+    presigned_put_secs: int = Field(default=900, ge=1, le=7 * 86400)
+    """How long a presigned URL may be used to start a request (S3 allows at most 7 days)."""
+    presigned_uploads: bool = True
+    """Offer agents presigned PUTs straight to the bucket; false: agents PUT to the runner."""
+    incoming_ttl_secs: float = Field(default=86400.0, gt=0)
+    """Uploaded objects never completed (agent gone) are deleted after this long."""
+    sweep_interval_secs: float = Field(default=3600.0, gt=0)
+    max_connections: int = Field(default=32, ge=1, le=1024)
+    """Connection pool size of the runner's S3 client (and its worker threads' concurrency)."""
+
+    @field_validator("prefix")
+    @classmethod
+    def _clean_prefix(cls, v: str) -> str:
+        try:
+            return normalize_prefix(v)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("endpoint_url", "public_endpoint_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        url = urlsplit(v)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if url.query or url.fragment or url.username or url.password:
+            raise ValueError("must not carry a query, fragment or credentials")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_credential_source(self) -> S3Section:
+        for key in ("access_key_id", "secret_access_key"):
+            if getattr(self, key) is not None and getattr(self, f"{key}_file") is not None:
+                raise ValueError(f"set {key} or {key}_file, not both")
+        given = [
+            self.access_key_id is not None or self.access_key_id_file is not None,
+            self.secret_access_key is not None or self.secret_access_key_file is not None,
+        ]
+        if any(given) and not all(given):
+            raise ValueError("access_key_id and secret_access_key go together")
+        return self
+
+    def credentials(self) -> tuple[str, str] | None:
+        """The configured key pair, ``*_file`` forms read now; None: boto3's default chain.
+        Raises ConfigError naming the key when a file cannot be read."""
+        key_id = self.access_key_id
+        if self.access_key_id_file is not None:
+            key_id = _read_secret("cache.s3.access_key_id_file", self.access_key_id_file)
+        secret = self.secret_access_key.get_secret_value() if self.secret_access_key else None
+        if self.secret_access_key_file is not None:
+            secret = _read_secret("cache.s3.secret_access_key_file", self.secret_access_key_file)
+        if key_id is None or secret is None:
+            return None
+        return key_id, secret
+
+
+def _read_secret(key: str, path: Path) -> str:
+    try:
+        value = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"config key {key}: cannot read {path}: {exc.strerror}") from exc
+    if not value:
+        raise ConfigError(f"config key {key}: {path} is empty")
+    return value
 
 
 class CacheSection(_Section):
     signing_key_file: Path | None = None
     """Default ``STATE_DIR/cache.sk``; generated by ``bigtent up`` and ``bigtent keys generate``."""
-    storage: Literal["local"] = "local"
+    untrusted_signing_key_file: Path | None = None
+    """Key of the untrusted cache (``/cache/untrusted``, outputs of untrusted builds); default
+    ``<signing key>-untrusted.sk`` beside the main key, generated at start when missing."""
+    storage: Literal["local", "s3"] = "local"
+    """Where NAR files live: ``STATE_DIR/cache``, or the ``[cache.s3]`` bucket."""
+    s3: S3Section | None = None
     max_nar_bytes: int = Field(default=32 * 1024**3, gt=0)
     compression: Compression = Compression.ZSTD
     compression_level: int = Field(default=3, ge=0, le=22)
+    """zstd: 1-19 (0: zstd's default, 3); xz: the preset 0-9 (higher values mean 9)."""
     priority: int = Field(default=30, ge=0)
     """``Priority`` in nix-cache-info (lower is preferred by Nix clients)."""
     upstreams: list[Upstream] = []
     upstream_max_in_flight: int = Field(default=16, ge=1)
     upstream_timeout_secs: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _s3_configured(self) -> CacheSection:
+        if self.storage == "s3" and self.s3 is None:
+            raise ValueError('storage = "s3" needs a [cache.s3] section (at least bucket)')
+        return self
 
 
 class TokenEntry(_Section):
@@ -143,6 +284,12 @@ class OidcIssuerSection(_Section):
     subject_prefixes: list[str] = []
     workflow_refs: list[str] = []
     refs: list[str] = []
+    allow_untrusted: bool = False
+    """Agents of this rule are untrusted venues: they take only steps of untrusted builds
+    (whose outputs never enter the main cache), never trusted ones (docs/security.md)."""
+    build_repositories: list[str] | None = None
+    """Repositories whose builds these agents may build; default ``repositories``; ``"*"``:
+    any build, also one without a repository."""
     refresh_interval_secs: float = Field(default=60.0, gt=0)
     """At most one key fetch per interval for unknown ``kid``s (a flood causes no flood)."""
     http_timeout_secs: float = Field(default=10.0, gt=0)
@@ -161,10 +308,17 @@ class OidcIssuerSection(_Section):
             raise ValueError("must not carry a query, fragment or credentials")
         return v
 
-    @field_validator("repositories", "subjects", "subject_prefixes", "workflow_refs", "refs")
+    @field_validator(
+        "repositories",
+        "subjects",
+        "subject_prefixes",
+        "workflow_refs",
+        "refs",
+        "build_repositories",
+    )
     @classmethod
-    def _no_empty_entries(cls, v: list[str]) -> list[str]:
-        if any(not item.strip() for item in v):
+    def _no_empty_entries(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(not item.strip() for item in v):
             raise ValueError("entries must be non-empty (an empty prefix would admit everyone)")
         return v
 
@@ -316,6 +470,8 @@ class RunnerConfig(_FileSettings):
     ssh_require_host_key: bool = True
     """An SSH builder without ``host_key`` is never used (DESIGN §6)."""
     ssh_builders: list[SshBuilderSection] = []
+    autoscale: AutoscaleSection = AutoscaleSection()
+    """``[[autoscale.github]]`` pools (docs/autoscaling.md)."""
 
     def usable_ssh_builders(self) -> list[SshBuilderSection]:
         """Enabled builders; with ``ssh_require_host_key`` only those with a pinned key."""
@@ -329,12 +485,15 @@ class RunnerConfig(_FileSettings):
         """DESIGN §6: credentials never travel in plaintext off this machine.
 
         With tokens configured and no TLS the runner refuses to start, unless
-        ``allow_plaintext = true`` and it listens on a loopback address. TLS options that are
-        not implemented yet are refused rather than silently ignored.
+        ``allow_plaintext = true`` and it listens on a loopback address. Pinning client
+        certificate names needs a client CA to verify them.
         """
         r = self.runner
-        if r.tls is not None and r.tls.pin_client_name:
-            raise ConfigError("config key runner.tls.pin_client_name is not supported yet")
+        if r.tls is not None and r.tls.pin_client_name and r.tls.client_ca is None:
+            raise ConfigError(
+                "config key runner.tls.pin_client_name needs runner.tls.client_ca: only "
+                "certificates verified against that CA can name an agent"
+            )
         if r.tls is None and (self.auth.tokens or self.auth.oidc):
             if not r.allow_plaintext:
                 raise ConfigError(
@@ -347,11 +506,23 @@ class RunnerConfig(_FileSettings):
                     "configure [runner.tls]"
                 )
 
+    def check_autoscale(self) -> None:
+        """Each pool's agents must be admitted by an ``[[auth.oidc]]`` issuer (ConfigError)."""
+        check_pools(self.autoscale.github, self.auth.oidc)
+
     def database_url(self) -> str:
         return self.database.url or f"sqlite+aiosqlite:///{self.runner.state_dir / 'bigtent.db'}"
 
     def signing_key_path(self) -> Path:
         return self.cache.signing_key_file or self.runner.state_dir / "cache.sk"
+
+    def untrusted_signing_key_path(self) -> Path:
+        """The untrusted cache's key: configured, or beside the main key (``cache.sk`` ->
+        ``cache-untrusted.sk``)."""
+        if self.cache.untrusted_signing_key_file is not None:
+            return self.cache.untrusted_signing_key_file
+        main = self.signing_key_path()
+        return main.with_name(f"{main.stem}-untrusted{main.suffix}")
 
 
 def ssh_builder_warnings(cfg: RunnerConfig) -> list[str]:
@@ -372,6 +543,27 @@ def ssh_builder_warnings(cfg: RunnerConfig) -> list[str]:
                 "runner user's known_hosts only (ssh_require_host_key = false)"
             )
     return out
+
+
+def split_comma_list(values: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Items given as comma-separated strings (``"x86_64-linux, i686-linux"``, as workflow
+    inputs arrive) or repeated flags, or both: split on commas, trim, drop empties and
+    repeats, keep the order."""
+    items = [values] if isinstance(values, str) else values
+    out: list[str] = []
+    for value in items:
+        for part in value.split(","):
+            item = part.strip()
+            if item and item not in out:
+                out.append(item)
+    return out
+
+
+class OidcProvider(StrEnum):
+    """Where ``agent.oidc`` takes the agent's ID token from (docs/github-actions.md)."""
+
+    GITHUB = "github"
+    """The GitHub Actions job's ``ACTIONS_ID_TOKEN_REQUEST_URL``/``_TOKEN``."""
 
 
 class EphemeralSection(_Section):
@@ -395,15 +587,45 @@ class AgentSection(_Section):
     work_dir: Path = Path("/var/lib/bigtent-agent")
     token_file: Path | None = None
     ca_file: Path | None = None
+    client_cert_file: Path | None = None
+    """mTLS: the agent's certificate chain (PEM), presented to a runner with a client CA."""
+    client_key_file: Path | None = None
+    """The key of ``client_cert_file`` (default: in the same file)."""
+    oidc: OidcProvider | None = None
+    """Present the CI job's OIDC ID token instead of a token (``github``); implies ephemeral."""
+    audience: str = Field(default="", max_length=MAX_SHORT_TEXT)
+    """The ``aud`` to request the ID token for: one of the runner issuer's ``audiences``."""
+    launch_id: str | None = Field(default=None, max_length=MAX_SHORT_TEXT)
+    """Reported at register (the autoscaler's launch id); ``BIGTENT_LAUNCH_ID``."""
     ephemeral: EphemeralSection | None = None
     sandbox_paths: list[str] = []
     """Extra sandbox paths for builds (``extra-sandbox-paths``), e.g. host tools in tests."""
     extra_nix_options: dict[str, str] = {}
     """Further ``--option NAME VALUE`` pairs for every Nix command the agent runs."""
+    untrusted: bool = False
+    """Register as an untrusted venue: take only steps of untrusted builds (e.g. a machine
+    that runs pull-request code), substituting from the untrusted cache too."""
     executor: Literal["serve", "realise"] = "serve"
     """How a step is built: ``serve`` (default) drives long-lived ``nix-store --serve --write``
     processes, one pair per slot; ``realise`` runs one ``nix-store --realise`` per step (for a
     Nix whose serve protocol differs)."""
+
+    @field_validator("launch_id")
+    @classmethod
+    def _blank_launch_id_is_none(cls, v: str | None) -> str | None:
+        return (v or "").strip() or None
+
+    @model_validator(mode="after")
+    def _oidc_needs_audience(self) -> AgentSection:
+        if self.oidc is not None:
+            if not self.audience.strip():
+                raise ValueError(
+                    f"oidc = {self.oidc.value!r} needs an audience (agent.audience or "
+                    "--audience): one of the runner's [[auth.oidc]] audiences"
+                )
+            if self.ephemeral is None:
+                self.ephemeral = EphemeralSection()  # DESIGN §6: an OIDC agent is ephemeral
+        return self
 
 
 class AgentConfig(_FileSettings):

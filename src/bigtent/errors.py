@@ -51,6 +51,21 @@ class PayloadTooLarge(BadRequest):
     http_status = 413
 
 
+class NarMismatch(BadRequest):
+    """An uploaded NAR is not what its headers declared: another hash, shorter than its
+    declared size, or not a well-formed NAR."""
+
+
+class RangeNotSatisfiable(BadRequest):
+    """A byte range asked for lies outside the resource (HTTP 416)."""
+
+    http_status = 416
+
+    def __init__(self, message: str, *, size: int) -> None:
+        super().__init__(message, detail={"size": size})
+        self.size = size
+
+
 class Conflict(BigtentError):
     """The request is valid but conflicts with the current state (a stale lease, ...)."""
 
@@ -88,6 +103,17 @@ class TooManyAuthFailures(AuthError):
         self.retry_after_secs = retry_after_secs
 
 
+class CredentialUnavailable(AuthError):
+    """The agent could not obtain its own credential (a token file it cannot read, a CI job's
+    ID token request that failed)."""
+
+
+class Unavailable(BigtentError):
+    """The runner cannot take this request now (a capacity limit); try again later (503)."""
+
+    http_status = 503
+
+
 class ProtocolError(BigtentError):
     """A peer sent a message that breaks the agent protocol."""
 
@@ -111,6 +137,13 @@ class NixError(BigtentError):
         self.stderr = stderr
 
 
+class StorageUnavailable(BigtentError):
+    """The NAR storage (the S3 bucket) could not be reached or answered an error."""
+
+    exit_code = 1
+    http_status = 503
+
+
 class RunnerUnreachable(BigtentError):
     """The runner could not be reached over the network."""
 
@@ -125,8 +158,35 @@ class UpstreamUnavailable(BigtentError):
     http_status = 503
 
 
+class DatabaseError(BigtentError):
+    """The runner's database cannot be used: it cannot be reached, or a migration failed."""
+
+    exit_code = 5
+    http_status = 503
+
+
+class SchemaMismatch(DatabaseError):
+    """The database's schema is missing, older or newer than this bigtent's
+    (``bigtent db migrate`` creates or upgrades it)."""
+
+
 class BuildFailed(BigtentError):
     """A build finished but not every requested derivation built."""
 
     exit_code = 1
     http_status = 200
+
+
+class DispatchFailed(BigtentError):
+    """A workflow_dispatch call to GitHub failed (HTTP error, rate limit, timeout, network):
+    the pool cools down for at least ``retry_after_secs`` when GitHub said so."""
+
+    exit_code = 4
+    http_status = 502
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after_secs: float | None = None
+    ) -> None:
+        super().__init__(message, detail={"status": status, "retry_after_secs": retry_after_secs})
+        self.status = status
+        self.retry_after_secs = retry_after_secs

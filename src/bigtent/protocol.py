@@ -88,6 +88,9 @@ class Register(_Message):
     ephemeral: bool = False
     launch_id: ShortText | None = None
     running: Annotated[list[RunningStep], Field(max_length=MAX_LIST_ITEMS)] = []
+    untrusted: bool = False
+    """The agent asks to be an untrusted venue: it takes only steps of untrusted builds
+    (docs/security.md). A runner that does not say ``untrusted`` in ``registered`` ignored it."""
 
 
 class Heartbeat(_Message):
@@ -173,8 +176,20 @@ class Registered(_Message):
     cache_url: ShortText
     cache_public_key: ShortText
     upstreams: Annotated[list[Substituter], Field(max_length=MAX_LIST_ITEMS)] = []
+    """Further caches to substitute from, in order, after ``cache_url``. For an untrusted
+    venue the runner's untrusted cache comes first; a trusted venue never gets it."""
     keep_running: Annotated[list[StepId], Field(max_length=MAX_LIST_ITEMS)] = []
     """Of the steps the agent reported as running, those whose leases are still current."""
+    untrusted: bool = False
+    """The runner treats the agent as an untrusted venue (it asked to be, or its OIDC rule
+    says ``allow_untrusted``): it gets untrusted steps only."""
+    presigned_uploads: bool = False
+    """The runner stores NARs in S3 and takes outputs through presigned uploads: the agent
+    compresses each output NAR as ``compression``/``compression_level`` say and asks
+    ``POST <upload URL>/presign`` (docs/api.md). False (and from older runners): PUT each NAR
+    to the runner."""
+    compression: Annotated[str, Field(max_length=16)] = "none"
+    compression_level: int = Field(default=0, ge=0, le=22)
 
 
 class Assign(_Message):
@@ -229,6 +244,57 @@ NAR_HASH_HEADER = "X-Nar-Hash"
 """``sha256:<nix-base32>`` of the uncompressed NAR the body carries."""
 NAR_SIZE_HEADER = "X-Nar-Size"
 """Size in bytes of the uncompressed NAR the body carries."""
+
+
+# ---- presigned uploads (HTTP, docs/api.md) --------------------------------------------------
+PRESIGN_SUFFIX = "/presign"
+COMPLETE_SUFFIX = "/complete"
+"""Appended to an ``assign.upload_urls`` entry: where to ask for a presigned upload of that
+output, and where to report it uploaded."""
+MAX_URL_CHARS = 8192
+
+
+class UploadDeclaration(BaseModel):
+    """What an agent declares about one output file, before uploading it (``presign``) and
+    after (``complete``): the NAR (uncompressed) and the file (compressed) it sends."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    nar_hash: ShortText
+    """``sha256:<nix32>`` (or SRI) of the uncompressed NAR."""
+    nar_size: int = Field(ge=0, le=2**63 - 1)
+    compression: Annotated[str, Field(max_length=16)]
+    """``zstd``, ``xz`` or ``none``: the runner's ``registered.compression``."""
+    file_hash: ShortText
+    """``sha256:<nix32>`` of the file as uploaded (compressed)."""
+    file_size: int = Field(ge=0, le=2**63 - 1)
+
+
+class UploadMethod(StrEnum):
+    PRESIGNED = "presigned"
+    """PUT the file to ``url`` with ``headers`` (and no credential), then POST the same
+    declaration to ``complete_url``."""
+    PUT = "put"
+    """The runner takes the NAR itself: PUT it (uncompressed) to ``url`` as before."""
+    CACHED = "cached"
+    """The path is in the cache already: nothing to upload; ``path`` etc. describe it."""
+
+
+class UploadPlan(BaseModel):
+    """The runner's answer to ``presign``."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    method: UploadMethod
+    url: Annotated[str, Field(max_length=MAX_URL_CHARS)] = ""
+    headers: Annotated[
+        dict[ShortText, Annotated[str, Field(max_length=MAX_URL_CHARS)]],
+        Field(max_length=MAX_LIST_ITEMS),
+    ] = {}
+    complete_url: Annotated[str, Field(max_length=MAX_URL_CHARS)] = ""
+    expires_secs: float = 0.0
+    path: ShortText = ""
+    nar_hash: ShortText = ""
+    nar_size: int = 0
+    references: Annotated[list[ShortText], Field(max_length=MAX_REFERENCES)] = []
 
 
 def _parse(adapter: TypeAdapter[object], data: str | bytes) -> object:

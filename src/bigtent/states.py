@@ -48,3 +48,21 @@ class BuildState(StrEnum):
     @property
     def is_final(self) -> bool:
         return self in (BuildState.SUCCEEDED, BuildState.FAILED, BuildState.CANCELLED)
+
+
+class LaunchState(StrEnum):
+    """An autoscaler launch's state (docs/autoscaling.md). Values are the database and API
+    strings: add, never rename."""
+
+    PENDING = "pending"
+    """Dispatched (or about to be); its agent has not registered yet: supply on the way."""
+    REGISTERED = "registered"
+    """An agent registered with this launch id."""
+    EXPIRED = "expired"
+    """No agent registered within the pool's ``launch_ttl_secs``: counted as failed."""
+    FAILED = "failed"
+    """The workflow_dispatch call failed; the pool cooled down."""
+
+    @property
+    def is_final(self) -> bool:
+        return self is not LaunchState.PENDING

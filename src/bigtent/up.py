@@ -28,6 +28,7 @@ from bigtent.config import Role
 from bigtent.errors import AuthError, BigtentError, ConfigError, RunnerUnreachable
 from bigtent.nix.keys import generate_key, load_secret_key
 from bigtent.runner.auth.tokens import generate_token
+from bigtent.runner.db.migrate import migrate_database
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,11 @@ class Layout:
     @property
     def runner_config(self) -> Path:
         return self.root / "runner.toml"
+
+    @property
+    def database_url(self) -> str:
+        """The embedded SQLite database, which ``bigtent up`` migrates itself."""
+        return f"sqlite+aiosqlite:///{self.root / 'bigtent.db'}"
 
     @property
     def signing_key(self) -> Path:
@@ -142,6 +148,9 @@ def render_runner_config(layout: Layout, port: int) -> str:
         f"state_dir = {_toml_str(layout.root)}",
         "allow_plaintext = true",
         "",
+        "[database]",
+        f"url = {_toml_str(layout.database_url)}",
+        "",
         "[cache]",
         f"signing_key_file = {_toml_str(layout.signing_key)}",
     ]
@@ -153,6 +162,10 @@ def render_runner_config(layout: Layout, port: int) -> str:
             f"role = {_toml_str(role.value)}",
             f"token_file = {_toml_str(layout.token_file(role))}",
         ]
+        if role is Role.CLIENT:
+            # The local client's builds are trusted ones (DESIGN §6): its outputs go to the
+            # main cache, built by the local (trusted) agents.
+            lines.append("trusted = true")
     return "\n".join(lines) + "\n"
 
 
@@ -429,6 +442,11 @@ async def run_up(settings: UpSettings, say: Say) -> int:
             raise BigtentError(
                 f"port {settings.port} on {HOST} is already in use; choose another with --port"
             )
+        # The embedded database is ours: create or upgrade its schema before the runner
+        # checks it (a runner never migrates by itself; docs/operations.md).
+        before, after = await migrate_database(layout.database_url)
+        if before != after:
+            say(f"database schema {'created' if before is None else 'migrated'} ({after})")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -488,6 +506,8 @@ def _announce(settings: UpSettings, state: UpState, say: Say) -> None:
     say(
         f"bigtent is up: runner {settings.runner_url} with {settings.agents} local agent(s)"
         f"{tools}\n"
+        f"  dashboard:   {settings.runner_url}/ (actions: sign in with the token in "
+        f"{shlex.quote(str(layout.token_file(Role.ADMIN)))})\n"
         f"  cache:       {settings.runner_url}/cache\n"
         f"  environment: . {shlex.quote(str(layout.env_file))}\n"
         f"  then try:    bigtent build FILE.nix -A ATTR; bigtent status\n"

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import uuid
@@ -24,6 +25,11 @@ import pytest
 from bigtent.nix.keys import generate_key
 from bigtent.runner.auth.tokens import generate_token, token_digest
 from tests.conftest import have_nix, wait_until
+from tests.integration.runner.oidc_issuer import TlsFiles
+from tests.s3 import Bucket, s3_bucket, s3_endpoint
+
+__all__ = ["s3_bucket", "s3_endpoint"]  # fixtures: a farm may store its NARs in S3
+from tests.databases import MakeDatabase
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_NIX = REPO / "examples" / "dag.nix"
@@ -75,14 +81,27 @@ class Farm:
     agent_token: str
     admin_token: str
     public_key: str
+    database_url: str
     runner_extra: str = ""
+    tls: TlsFiles | None = None
+    """Serve the runner over https with this test CA's certificate (clients trust the CA)."""
+    storage: Bucket | None = None
+    """Store NARs in this bucket (``[cache] storage = "s3"``) instead of the state dir."""
+    cache_extra: str = ""
+    """More ``[cache]`` keys (TOML lines)."""
     runner: Proc | None = None
     agents: dict[str, Proc] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """How httpx checks the runner's certificate."""
+        return ssl.create_default_context(cafile=str(self.tls.ca_file)) if self.tls else True
 
     @property
     def cache_url(self) -> str:
@@ -97,6 +116,10 @@ class Farm:
             XDG_CACHE_HOME=str(self.root / "xdg-client"),
             NIX_CONFIG="substituters =\n",
         )
+        if self.tls:
+            env.update(
+                BIGTENT_CA_FILE=str(self.tls.ca_file), NIX_SSL_CERT_FILE=str(self.tls.ca_file)
+            )
         env.update(extra)
         return env
 
@@ -118,15 +141,50 @@ class Farm:
 
     def start_runner(self) -> Proc:
         cfg = self.root / "runner.toml"
-        cfg.write_text(
-            f"""
+        cfg.write_text(self._runner_config(self.port))
+        self.runner = self._spawn("runner", ["-v", "runner", "--config", str(cfg)], self.env())
+        wait_until(self._runner_up, timeout=30, what="runner to answer")
+        return self.runner
+
+    def start_peer_runner(self, name: str = "runner-2") -> tuple[Proc, str]:
+        """Another runner process on the same database and state dir (PostgreSQL only);
+        returns it and its URL."""
+        port = free_port()
+        cfg = self.root / f"{name}.toml"
+        cfg.write_text(self._runner_config(port))
+        proc = self._spawn(name, ["-v", "runner", "--config", str(cfg)], self.env())
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            if not proc.alive():
+                raise AssertionError(f"{name} exited:\n" + proc.log.read_text()[-3000:])
+            try:
+                return httpx.get(f"{url}/cache/nix-cache-info", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout=30, what=f"{name} to answer")
+        return proc, url
+
+    def _runner_config(self, port: int) -> str:
+        tls = (
+            f'[runner.tls]\ncert_file = "{self.tls.cert_file}"\nkey_file = "{self.tls.key_file}"\n'
+            if self.tls
+            else ""
+        )
+        return f"""
 [runner]
-listen = "127.0.0.1:{self.port}"
+listen = "127.0.0.1:{port}"
 state_dir = "{self.root / "runner"}"
 allow_plaintext = true
+{tls}
+[database]
+url = "{self.database_url}"
 
 [cache]
 signing_key_file = "{self.root / "cache.sk"}"
+{'storage = "s3"' if self.storage else ""}
+{self.cache_extra}
 
 [scheduler]
 heartbeat_secs = 1.0
@@ -138,6 +196,7 @@ agent_backoff_base_secs = 0.5
 name = "client"
 role = "client"
 sha256 = "{token_digest(self.client_token)}"
+trusted = true
 
 [[auth.tokens]]
 name = "agent"
@@ -149,18 +208,16 @@ name = "admin"
 role = "admin"
 sha256 = "{token_digest(self.admin_token)}"
 {self.runner_extra}
+{self.storage.toml() if self.storage else ""}
 """
-        )
-        self.runner = self._spawn("runner", ["-v", "runner", "--config", str(cfg)], self.env())
-        wait_until(self._runner_up, timeout=30, what="runner to answer")
-        return self.runner
 
     def _runner_up(self) -> bool:
         assert self.runner is not None
         if not self.runner.alive():
             raise AssertionError("runner exited:\n" + self.runner.log.read_text()[-3000:])
         try:
-            return httpx.get(f"{self.url}/cache/nix-cache-info", timeout=1).status_code == 200
+            resp = httpx.get(f"{self.url}/cache/nix-cache-info", timeout=1, verify=self.verify)
+            return resp.status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -174,8 +231,12 @@ sha256 = "{token_digest(self.admin_token)}"
         extra_args: Sequence[str] = (),
         wait: bool = True,
         runner_url: str | None = None,
+        token: str | None = None,
+        sandbox_paths: Sequence[str] = (),
     ) -> Proc:
-        """Start agent ``name``; ``runner_url`` dials the runner another way (e.g. a proxy)."""
+        """Start agent ``name``; ``runner_url`` dials the runner another way (e.g. a proxy);
+        ``token`` is another credential (e.g. a CI job's OIDC ID token); ``sandbox_paths`` are
+        mapped into the build sandbox besides the host tools."""
         work = self.root / "agents" / name
         work.mkdir(parents=True, exist_ok=True)
         cfg = work / "agent.toml"
@@ -189,12 +250,12 @@ supported_features = {_toml_list(supported_features)}
 mandatory_features = {_toml_list(mandatory_features)}
 store = "local?root={work / "root"}"
 work_dir = "{work}"
-sandbox_paths = {_toml_list(HOST_TOOLS)}
+sandbox_paths = {_toml_list([*HOST_TOOLS, *sandbox_paths])}
+{f'ca_file = "{self.tls.ca_file}"' if self.tls else ""}
 """
         )
-        proc = self._spawn(
-            f"agent-{name}", ["-v", "agent", "--config", str(cfg), *extra_args], self.env()
-        )
+        env = self.env(**({"BIGTENT_AGENT_TOKEN": token} if token is not None else {}))
+        proc = self._spawn(f"agent-{name}", ["-v", "agent", "--config", str(cfg), *extra_args], env)
         self.agents[name] = proc
         if wait:
             wait_until(
@@ -207,6 +268,7 @@ sandbox_paths = {_toml_list(HOST_TOOLS)}
             base_url=self.url,
             headers={"Authorization": f"Bearer {token or self.admin_token}"},
             timeout=30,
+            verify=self.verify,
         )
 
     def agent_connected(self, name: str) -> bool:
@@ -215,13 +277,15 @@ sandbox_paths = {_toml_list(HOST_TOOLS)}
         return any(a["name"] == name and a["connected"] for a in agents)
 
     def bigtent(
-        self, *args: str, timeout: float = 240, check: bool = False
+        self, *args: str, timeout: float = 240, check: bool = False, token: str | None = None
     ) -> subprocess.CompletedProcess[str]:
+        """Run the CLI as the client (``token``: another client token)."""
+        extra = {"BIGTENT_TOKEN": token} if token is not None else {}
         proc = subprocess.run(
             [sys.executable, "-m", "bigtent", *args],
             capture_output=True,
             text=True,
-            env=self.env(),
+            env=self.env(**extra),
             cwd=self.root,
             timeout=timeout,
         )
@@ -231,8 +295,10 @@ sandbox_paths = {_toml_list(HOST_TOOLS)}
             )
         return proc
 
-    def build_json(self, *args: str, timeout: float = 240) -> tuple[int, dict[str, Any]]:
-        proc = self.bigtent("build", "--json", *args, timeout=timeout)
+    def build_json(
+        self, *args: str, timeout: float = 240, token: str | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        proc = self.bigtent("build", "--json", *args, timeout=timeout, token=token)
         try:
             data = json.loads(proc.stdout)
         except json.JSONDecodeError as exc:
@@ -279,22 +345,38 @@ def _nix_value(v: Any) -> str:
 
 
 @pytest.fixture
-def farm_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Farm]]:
+def farm_factory(
+    tmp_path: Path, request: pytest.FixtureRequest, make_database: MakeDatabase
+) -> Iterator[Callable[..., Farm]]:
+    """``farm_factory(agents=N, runner_extra=TOML)``: a farm with its own migrated database
+    (SQLite, or PostgreSQL in that pass)."""
     farms: list[Farm] = []
 
-    def make(agents: int = 0, runner_extra: str = "", **agent_kwargs: Any) -> Farm:
+    def make(
+        agents: int = 0,
+        runner_extra: str = "",
+        tls: TlsFiles | None = None,
+        port: int | None = None,
+        storage: Bucket | None = None,
+        cache_extra: str = "",
+        **agent_kwargs: Any,
+    ) -> Farm:
         root = tmp_path / f"farm{len(farms)}"
         root.mkdir()
         key = generate_key(f"test-{uuid.uuid4().hex[:6]}-1")
         (root / "cache.sk").write_text(key.to_text())
         farm = Farm(
             root=root,
-            port=free_port(),
+            port=port or free_port(),
             client_token=generate_token(),
             agent_token=generate_token(),
             admin_token=generate_token(),
             public_key=key.public_key().to_text(),
+            database_url=make_database(),
             runner_extra=runner_extra,
+            tls=tls,
+            storage=storage,
+            cache_extra=cache_extra,
         )
         farms.append(farm)
         farm.start_runner()

@@ -65,10 +65,18 @@ def sshd(tmp_path: Path) -> Iterator[Sshd]:
     nix_dir = d / "remote-nix"
     nix_dir.mkdir()
     port = free_port()
+    # The remote Nix builds without build users. Its /nix (and so its userpool locks) is
+    # private, but the nixbld accounts are the host's: with build users it would take
+    # nixbld1 while a host build holds it, and Nix kills every process of a build user it
+    # takes, the host's builder included (seen as "killed by signal 9" in other tests).
+    conf_dir = d / "nix-conf"
+    conf_dir.mkdir()
+    (conf_dir / "nix.conf").write_text("build-users-group =\nsandbox = false\n")
     (d / "sshd_config").write_text(
         f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {d / 'host'}\n"
         f"AuthorizedKeysFile {d / 'authorized_keys'}\nUsePAM no\nStrictModes no\n"
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\nLogLevel VERBOSE\n"
+        f"SetEnv NIX_CONF_DIR={conf_dir}\n"
     )
     Path("/run/sshd").mkdir(exist_ok=True)
     log = d / "sshd.log"

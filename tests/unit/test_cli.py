@@ -23,6 +23,12 @@ import pytest
 from click.testing import CliRunner, Result
 
 from bigtent import cli as cli_module
+from bigtent.agent.credentials import (
+    CredentialSource,
+    GithubActionsToken,
+    StaticToken,
+    TokenFile,
+)
 from bigtent.client.api import RunnerClient
 from bigtent.config import AgentConfig, Role, load_agent_config, load_runner_config
 from bigtent.errors import BigtentError
@@ -88,6 +94,8 @@ def test_every_design_command_exists() -> None:
         "agents drain",
         "token create",
         "keys generate",
+        "db migrate",
+        "db status",
     }
 
 
@@ -145,6 +153,10 @@ def test_design_flags_are_present() -> None:
         "--max-builds",
         "--max-idle-secs",
         "--max-lifetime-secs",
+        "--oidc",
+        "--audience",
+        "--launch-id",
+        "--untrusted",
     }
     assert opts("build") >= {
         "-A",
@@ -156,6 +168,9 @@ def test_design_flags_are_present() -> None:
         "--no-download",
         "--out-link",
         "--json",
+        "--repository",
+        "--ref",
+        "--untrusted",
     }
     assert opts("up") >= {"--agents", "--state-dir", "--port", "--jobs", "--host-tools"}
 
@@ -325,6 +340,22 @@ def test_agents_auth_column_names_the_oidc_repository(monkeypatch: pytest.Monkey
     data = json.loads(run(["agents", "--json"]).stdout)
     assert data[0]["auth_kind"] == "token" and data[0]["oidc"] is None
     assert data[1]["auth_kind"] == "oidc" and data[1]["oidc"] == OIDC_IDENTITY
+
+
+def test_agents_shows_the_launch_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    launched = {**OIDC_AGENT, "launch_id": "gha-x86-00042"}
+    routes = {"agents": [AGENT, launched]}
+    monkeypatch.setattr(
+        cli_module, "_make_client", _fixed_client(cli_module._make_client, "/api/v1/agents", routes)
+    )
+    result = run(["agents"])
+    assert result.exit_code == 0, result.output
+    assert "launch" in result.stdout.splitlines()[1]
+    lines = {line.split()[1]: line for line in result.stdout.splitlines() if "│ " in line}
+    assert "gha-x86-00042" in lines["gha-oidc-7.1-0c0ffee0"]
+    assert "gha-x86-00042" not in lines["build-01"]
+    data = json.loads(run(["agents", "--json"]).stdout)
+    assert [a["launch_id"] for a in data] == [None, "gha-x86-00042"]
 
 
 def test_agents_table_shows_kind_auth_connection_jobs_and_backoff(
@@ -542,8 +573,10 @@ def fake_run_agent(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
     got: dict[str, Any] = {"code": 0}
 
-    async def run_agent(cfg: AgentConfig, token: str | None) -> int:
-        got["cfg"], got["token"] = cfg, token
+    async def run_agent(cfg: AgentConfig, token: CredentialSource | None) -> int:
+        got["cfg"], got["source"] = cfg, token
+        if isinstance(token, StaticToken | TokenFile):  # the GitHub source would ask GitHub
+            got["token"] = await token.credential(fresh=True)
         if got.get("interrupt"):
             raise KeyboardInterrupt
         return int(got["code"])
@@ -591,6 +624,72 @@ def test_agent_token_from_env(fake_run_agent: dict[str, Any]) -> None:
     assert fake_run_agent["cfg"].agent.runner_url == "http://r:1"
 
 
+def test_agent_lists_may_be_comma_separated(fake_run_agent: dict[str, Any]) -> None:
+    result = run(
+        [
+            "agent",
+            "--system",
+            "x86_64-linux, i686-linux,",
+            "--system",
+            "aarch64-linux",
+            "--supported-feature",
+            "kvm,big-parallel",
+            "--mandatory-feature",
+            " ",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    section = fake_run_agent["cfg"].agent
+    assert section.systems == ["x86_64-linux", "i686-linux", "aarch64-linux"]
+    assert section.supported_features == ["kvm", "big-parallel"]
+    assert section.mandatory_features == []
+
+
+def test_agent_oidc_github_flags(fake_run_agent: dict[str, Any]) -> None:
+    env = {
+        "ACTIONS_ID_TOKEN_REQUEST_URL": "https://actions.example/t?api-version=2.0",
+        "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "request-token",
+        "BIGTENT_LAUNCH_ID": "launch-7",
+    }
+    result = run(["agent", "--oidc", "github", "--audience", "bigtent"], env=env)
+    assert result.exit_code == 0, result.output
+    section = fake_run_agent["cfg"].agent
+    assert section.oidc == "github" and section.audience == "bigtent"
+    assert section.ephemeral is not None  # --oidc implies --ephemeral
+    assert section.launch_id == "launch-7"
+    assert isinstance(fake_run_agent["source"], GithubActionsToken)
+    result = run(["agent", "--launch-id", "flag-wins"], env={"BIGTENT_LAUNCH_ID": "env"})
+    assert fake_run_agent["cfg"].agent.launch_id == "flag-wins"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (
+            ["--oidc", "github", "--audience", "bigtent"],
+            {},
+            "ACTIONS_ID_TOKEN_REQUEST_URL and ACTIONS_ID_TOKEN_REQUEST_TOKEN",
+        ),
+        (
+            ["--oidc", "github", "--audience", "bigtent"],
+            {"ACTIONS_ID_TOKEN_REQUEST_URL": "https://a.example/t"},
+            "needs ACTIONS_ID_TOKEN_REQUEST_TOKEN in the environment",
+        ),
+        (["--oidc", "github"], {}, "needs an audience"),
+    ],
+)
+def test_agent_oidc_github_without_the_job_variables_is_a_clear_error(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
+    env = {"ACTIONS_ID_TOKEN_REQUEST_URL": "", "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "", **env}
+    result = run(["agent", *args], env=env)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("Error: ") and message in result.stderr
+    if "environment" in message:
+        assert "permissions: id-token: write" in result.stderr
+    assert "Traceback" not in result.output
+
+
 def test_agent_bad_config_is_clean(tmp_path: Path) -> None:
     conf = tmp_path / "agent.toml"
     conf.write_text("[agent]\nmax_jobs = 0\n")
@@ -631,10 +730,16 @@ def test_render_runner_config_loads(tmp_path: Path) -> None:
     assert cfg.runner.listen == "127.0.0.1:8123"
     assert cfg.runner.allow_plaintext is True
     assert cfg.runner.state_dir == layout.root
+    assert (
+        cfg.database_url() == layout.database_url == f"sqlite+aiosqlite:///{layout.root}/bigtent.db"
+    )
     assert cfg.signing_key_path() == layout.signing_key
     assert {(t.role, t.token_file) for t in cfg.auth.tokens} == {
         (r, layout.token_file(r)) for r in (Role.CLIENT, Role.AGENT, Role.ADMIN)
     }
+    # The local client's builds are trusted (DESIGN §6): built by the local agents into the
+    # main cache.
+    assert {t.role for t in cfg.auth.tokens if t.trusted} == {Role.CLIENT}
 
 
 def test_render_agent_config_loads(tmp_path: Path) -> None:

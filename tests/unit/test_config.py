@@ -26,7 +26,12 @@ TLS = {"cert_file": "/etc/x.crt", "key_file": "/etc/x.key"}
         ({"listen": "0.0.0.0:1", "allow_plaintext": True}, [TOKEN], "only honoured on a loopback"),
         ({"listen": "10.1.2.3:1", "allow_plaintext": True}, [TOKEN], "only honoured on a loopback"),
         ({"listen": "0.0.0.0:1", "tls": TLS}, [TOKEN], None),
-        ({"listen": "0.0.0.0:1", "tls": {**TLS, "pin_client_name": True}}, [], "pin_client_name"),
+        ({"listen": "0.0.0.0:1", "tls": {**TLS, "pin_client_name": True}}, [], "needs runner.tls"),
+        (
+            {"listen": "0.0.0.0:1", "tls": {**TLS, "pin_client_name": True, "client_ca": "ca"}},
+            [],
+            None,
+        ),
     ],
 )
 def test_plaintext_with_tokens_is_refused_off_loopback(

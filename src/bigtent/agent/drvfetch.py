@@ -165,7 +165,8 @@ class DrvCache:
 
     async def _get(self, url: str, drv_path: str) -> bytes:
         try:
-            async with self._http.stream("GET", url) as response:
+            # A cache whose NARs live in S3 answers with a redirect to a presigned URL.
+            async with self._http.stream("GET", url, follow_redirects=True) as response:
                 if response.status_code == 404:
                     raise DrvFetchError(f"{drv_path} is not in the cache ({url}: HTTP 404)")
                 if not response.is_success:

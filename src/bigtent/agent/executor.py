@@ -34,10 +34,13 @@ from typing import TypeVar, assert_never
 
 import httpx
 
+from bigtent.agent import presigned
+from bigtent.agent.credentials import CredentialSource, as_credential_source
 from bigtent.agent.drvfetch import DrvCache, DrvFetchError
 from bigtent.config import AgentSection
-from bigtent.errors import NixError
+from bigtent.errors import CredentialUnavailable, NixError
 from bigtent.nix.base32 import format_hash
+from bigtent.nix.compression import Compression
 from bigtent.nix.nar import dump_path
 from bigtent.nix.serve import (
     BasicDerivation,
@@ -53,6 +56,7 @@ from bigtent.protocol import (
     MAX_LOG_LINES_PER_BATCH,
     NAR_HASH_HEADER,
     NAR_SIZE_HEADER,
+    PRESIGN_SUFFIX,
     Assign,
     LeaseId,
     Log,
@@ -62,6 +66,7 @@ from bigtent.protocol import (
     Result,
     StepId,
     Timings,
+    UploadMethod,
 )
 
 log = logging.getLogger(__name__)
@@ -90,6 +95,8 @@ session learnt the lease is gone, or the agent stops) ends the retries at once."
 UPLOAD_RETRY_STATUSES = frozenset({408, 429})
 """Client-error statuses that are transient; every 5xx is retried too, other 4xx are final
 (400 bad NAR, 409 lease not current, 413 too large)."""
+UPLOADS_DIR = "uploads"
+"""Under the work dir: compressed output files waiting for a presigned upload."""
 XDG_CACHE_DIR = "xdg-cache"
 """Under the work dir: Nix's binary-cache lookup cache, private to this agent."""
 
@@ -112,14 +119,30 @@ class CacheSettings:
     """(url, public key) of each upstream cache, in order of preference."""
     lease_secs: float = 60.0
     """The runner's lease time: bounds how long an output upload is retried."""
+    upload_compression: Compression | None = None
+    """Set when the runner takes presigned uploads (``registered.presigned_uploads``): the
+    compression output files must have. None: PUT each NAR to the runner."""
+    compression_level: int = 0
 
     @classmethod
     def from_registered(cls, registered: Registered, runner_url: str) -> CacheSettings:
+        compression = None
+        if registered.presigned_uploads:
+            try:
+                compression = Compression(registered.compression)
+            except ValueError:
+                log.warning(
+                    "the runner asks for %r files, which this agent cannot write: "
+                    "uploading NARs to the runner instead",
+                    registered.compression,
+                )
         return cls(
             cache_url=join_runner_url(runner_url, registered.cache_url),
             cache_public_key=registered.cache_public_key,
             upstreams=tuple((u.url, u.public_key) for u in registered.upstreams),
             lease_secs=registered.lease_secs,
+            upload_compression=compression,
+            compression_level=registered.compression_level,
         )
 
 
@@ -377,18 +400,19 @@ class Executor:
         section: AgentSection,
         *,
         http: httpx.AsyncClient,
-        token: str | None,
+        token: str | CredentialSource | None,
         nix_bin_dir: str = "",
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._section = section
         self._http = http
-        self._token = token
+        self._credentials = as_credential_source(token)
         self._nix_bin_dir = nix_bin_dir
         self._rand = rand
         self._busy_slots: set[int] = set()
         self._serve: dict[int, _ServeSlot] = {}
         self.drvs = DrvCache(http)
+        presigned.remove_stale_uploads(section.work_dir / UPLOADS_DIR)
 
     def nix_store(self, cache: CacheSettings, slot: int = 0) -> NixStore:
         """The store a step builds in, with the runner's caches as substituters.
@@ -713,9 +737,7 @@ class Executor:
             return self._result(assign, outcome, realised.exit_code, realised.error, timings)
 
         # Race the upload against an abort; both are awaited before returning.
-        upload = asyncio.ensure_future(
-            self._upload_all(store, assign, upload_retry_secs(cache.lease_secs))
-        )
+        upload = asyncio.ensure_future(self._upload_all(store, assign, cache))
         aborted = asyncio.ensure_future(abort.wait())
         try:
             await asyncio.wait({upload, aborted}, return_when=asyncio.FIRST_COMPLETED)
@@ -760,15 +782,176 @@ class Executor:
 
     # ---- upload ---------------------------------------------------------------------------
     async def _upload_all(
-        self, store: NixStore, assign: Assign, retry_secs: float
+        self, store: NixStore, assign: Assign, cache: CacheSettings
     ) -> list[OutputInfo]:
+        retry_secs = upload_retry_secs(cache.lease_secs)
         outputs = []
         for name, path in sorted(assign.outputs.items()):
             url = assign.upload_urls.get(name)
             if url is None:
                 raise UploadError(f"the assignment has no upload URL for output {name!r}")
+            if cache.upload_compression is not None:
+                info = await self._upload_presigned(
+                    store, assign, name, path, url, retry_secs, cache
+                )
+                if info is not None:
+                    outputs.append(info)
+                    continue
             outputs.append(await self._upload_one(store, assign, name, path, url, retry_secs))
         return outputs
+
+    async def _upload_presigned(
+        self,
+        store: NixStore,
+        assign: Assign,
+        name: str,
+        path: str,
+        url: str,
+        retry_secs: float,
+        cache: CacheSettings,
+    ) -> OutputInfo | None:
+        """Compress and hash the NAR, then presign, PUT to the bucket and complete, retried
+        as a whole (a fresh URL each time) like a direct upload. None when the runner answers
+        that it takes this output by PUT (``_upload_one`` then uploads it)."""
+        assert cache.upload_compression is not None
+        real = store.real_path(path)
+        readable = os.path.lexists(real) and os.access(real, os.R_OK, follow_symlinks=False)
+        tmp_dir = self._section.work_dir / UPLOADS_DIR
+        compression, level = cache.upload_compression, cache.compression_level
+        try:
+            if readable:
+                prepared = await presigned.prepare_from_iter(
+                    dump_path(real, NAR_CHUNK_BYTES), compression, level, tmp_dir
+                )
+            else:
+                prepared = await presigned.prepare_from_stream(
+                    store.dump(path), compression, level, tmp_dir
+                )
+        except (OSError, ValueError, NixError) as exc:
+            raise UploadError(f"cannot read output {name} ({path}): {exc}") from exc
+        try:
+            outcome = await self._retrying(
+                lambda: self._presigned_try(url, prepared, f"output {name} ({path})"),
+                assign,
+                retry_secs,
+            )
+        finally:
+            prepared.remove()
+        if outcome is None:
+            return None
+        return OutputInfo(
+            name=name,
+            path=path,
+            nar_hash=prepared.nar_hash,
+            nar_size=prepared.nar_size,
+            references=_references(outcome),
+        )
+
+    async def _presigned_try(
+        self, url: str, prepared: presigned.PreparedFile, what: str
+    ) -> httpx.Response | str | None:
+        """One presign, PUT, complete: the runner's record, a retryable failure's message,
+        or None when the runner wants the NAR PUT to it. Raises ``UploadError`` when final."""
+        auth: dict[str, str] = {}
+        unauthorized = await self._authorize(auth)
+        if unauthorized is not None:
+            return unauthorized
+        base = join_runner_url(self._section.runner_url, url)
+        declaration = prepared.declaration().model_dump(mode="json")
+        answer = await self._post(base + PRESIGN_SUFFIX, declaration, auth, what, None)
+        if not isinstance(answer, httpx.Response):
+            return answer
+        try:
+            plan = presigned.parse_plan(answer)
+        except ValueError as exc:
+            raise UploadError(f"uploading {what}: {exc}") from exc
+        match plan.method:
+            case UploadMethod.PUT:
+                return None
+            case UploadMethod.CACHED:
+                return answer
+            case UploadMethod.PRESIGNED:
+                pass
+            case _:
+                assert_never(plan.method)
+        # The bucket gets only what the runner signed: no runner credential goes there.
+        try:
+            put = await self._http.put(plan.url, content=prepared.body(), headers=plan.headers)
+        except httpx.HTTPError as exc:
+            message = f"uploading {what} to the bucket failed: {exc or type(exc).__name__}"
+            if upload_error_is_retried(exc):
+                return message
+            raise UploadError(message) from exc
+        except OSError as exc:
+            raise UploadError(f"uploading {what} failed: {exc}") from exc
+        if not put.is_success:
+            message = f"the bucket refused {what}: HTTP {put.status_code}: {put.text[:300]}"
+            if presigned.bucket_status_is_retried(put.status_code):
+                return message
+            raise UploadError(message)
+        complete_url = join_runner_url(self._section.runner_url, plan.complete_url)
+        timeout = presigned.complete_timeout_secs(prepared.nar_size)
+        return await self._post(complete_url, declaration, auth, what, timeout)
+
+    async def _post(
+        self,
+        url: str,
+        body: dict[str, object],
+        headers: dict[str, str],
+        what: str,
+        timeout: float | None,
+    ) -> httpx.Response | str:
+        """A JSON POST to the runner: its success response, or why it failed when it may be
+        tried again. Raises ``UploadError`` when the failure is final."""
+        try:
+            if timeout is None:
+                response = await self._http.post(url, json=body, headers=headers)
+            else:
+                response = await self._http.post(
+                    url, json=body, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0)
+                )
+        except httpx.HTTPError as exc:
+            message = f"uploading {what} failed: {exc or type(exc).__name__}"
+            if upload_error_is_retried(exc):
+                return message
+            raise UploadError(message) from exc
+        if response.is_success:
+            return response
+        message = f"runner refused {what}: HTTP {response.status_code}: {_error_text(response)}"
+        if upload_status_is_retried(response.status_code):
+            return message
+        raise UploadError(message)
+
+    async def _retrying(
+        self,
+        attempt_once: Callable[[], Awaitable[httpx.Response | str | None]],
+        assign: Assign,
+        retry_secs: float,
+    ) -> httpx.Response | None:
+        """Run ``attempt_once`` until it gives an answer (a response, or None), retrying what
+        it reports as retryable with backoff for at most ``retry_secs``."""
+        deadline = time.monotonic() + retry_secs
+        attempt = 0
+        while True:
+            failure = await attempt_once()
+            if failure is None or isinstance(failure, httpx.Response):
+                return failure
+            delay = upload_backoff_secs(attempt, self._rand())
+            attempt += 1
+            if time.monotonic() + delay > deadline:
+                raise UploadError(
+                    f"{failure}; gave up after {attempt} tries in {retry_secs:g} s"
+                    if attempt > 1
+                    else failure
+                )
+            log.warning(
+                "step %s: %s; retrying in %.1f s (try %d)",
+                assign.step_id,
+                failure,
+                delay,
+                attempt + 1,
+            )
+            await asyncio.sleep(delay)
 
     async def _upload_one(
         self, store: NixStore, assign: Assign, name: str, path: str, url: str, retry_secs: float
@@ -807,38 +990,37 @@ class Executor:
             "Content-Length": str(size),
             "Content-Type": "application/x-nix-nar",
         }
-        if self._token:
-            headers["Authorization"] = f"Bearer {self._token}"
         full_url = join_runner_url(self._section.runner_url, url)
         what = f"output {name} ({path})"
-        deadline = time.monotonic() + retry_secs
-        attempt = 0
-        while True:
-            failure = await self._put(full_url, body(), headers, what)
-            if isinstance(failure, httpx.Response):
-                return OutputInfo(
-                    name=name,
-                    path=path,
-                    nar_hash=nar_hash,
-                    nar_size=size,
-                    references=_references(failure),
-                )
-            delay = upload_backoff_secs(attempt, self._rand())
-            attempt += 1
-            if time.monotonic() + delay > deadline:
-                raise UploadError(
-                    f"{failure}; gave up after {attempt} tries in {retry_secs:g} s"
-                    if attempt > 1
-                    else failure
-                )
-            log.warning(
-                "step %s: %s; retrying in %.1f s (try %d)",
-                assign.step_id,
-                failure,
-                delay,
-                attempt + 1,
-            )
-            await asyncio.sleep(delay)
+
+        async def attempt() -> httpx.Response | str:
+            unauthorized = await self._authorize(headers)
+            if unauthorized is not None:
+                return unauthorized
+            return await self._put(full_url, body(), headers, what)
+
+        response = await self._retrying(attempt, assign, retry_secs)
+        assert response is not None  # _put never answers None
+        return OutputInfo(
+            name=name,
+            path=path,
+            nar_hash=nar_hash,
+            nar_size=size,
+            references=_references(response),
+        )
+
+    async def _authorize(self, headers: dict[str, str]) -> str | None:
+        """Put a usable credential into ``headers`` (a CI job's ID token is replaced when close
+        to expiry); why not, when none could be had (tried again like a network error)."""
+        if self._credentials is None:
+            return None
+        try:
+            token = await self._credentials.credential(fresh=False)
+        except CredentialUnavailable as exc:
+            return f"cannot get the agent's credential for the upload: {exc}"
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return None
 
     async def _put(
         self,

@@ -112,6 +112,7 @@ async def persistent_identity(section: AgentSection, store: NixStore) -> AgentId
         name=(section.name or default_name())[:MAX_NAME_CHARS],
         hostname=hostname,
         systems=await resolve_systems(section, store),
+        launch_id=section.launch_id,
     )
 
 
@@ -171,4 +172,5 @@ async def ephemeral_identity(
         hostname=hostname,
         systems=await resolve_systems(section, store),
         ephemeral=True,
+        launch_id=section.launch_id,
     )

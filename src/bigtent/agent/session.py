@@ -38,6 +38,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, W
 from bigtent import __version__
 from bigtent.agent import limits as lim
 from bigtent.agent.backlog import LogBacklog
+from bigtent.agent.credentials import CredentialSource, as_credential_source
 from bigtent.agent.executor import LOG_BATCH_CHARS, LOG_BATCH_LINES, CacheSettings, Executor
 from bigtent.agent.identity import AgentIdentity, ephemeral_identity, persistent_identity
 from bigtent.config import AgentConfig, AgentSection
@@ -45,6 +46,7 @@ from bigtent.errors import (
     AuthError,
     BigtentError,
     ConfigError,
+    CredentialUnavailable,
     Forbidden,
     ProtocolError,
     RunnerUnreachable,
@@ -215,7 +217,7 @@ class AgentSession:
         section: AgentSection,
         identity: AgentIdentity,
         *,
-        token: str | None,
+        token: str | CredentialSource | None,
         connect: Connector,
         executor: StepRunner,
         rand: Callable[[], float] = random.random,
@@ -224,10 +226,11 @@ class AgentSession:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``limits`` makes the agent ephemeral (DESIGN §4): one session, no reconnect, and
-        drained by its limits; ``clock`` gives monotonic seconds (injected in tests)."""
+        drained by its limits; ``clock`` gives monotonic seconds (injected in tests).
+        ``token``: the credential, or where to get a fresh one at every connect."""
         self._section = section
         self._identity = identity
-        self._token = token
+        self._credentials = as_credential_source(token)
         self._connect = connect
         self._executor = executor
         self._rand = rand
@@ -350,8 +353,10 @@ class AgentSession:
         while not self._stop.is_set():
             sessions_before = self._sessions
             try:
-                async with self._connect(self._ws_url, self._headers()) as conn:
+                async with self._connect(self._ws_url, await self._headers()) as conn:
                     await self._session(conn)
+            except CredentialUnavailable as exc:
+                log.warning("cannot get the agent's credential: %s", exc)
             except AuthError as exc:
                 self._log_auth_refused(exc)
                 return EXIT_AUTH_REFUSED
@@ -371,18 +376,26 @@ class AgentSession:
 
     def _log_auth_refused(self, exc: AuthError) -> None:
         """One clear line; never the token itself."""
+        hint = (
+            self._credentials.refusal_hint
+            if self._credentials is not None
+            else "the runner wants a credential: give an agent token"
+        )
         log.error(
-            "the runner at %s refused the agent's credentials (%s); "
-            "check the agent token and its role",
+            "the runner at %s refused the agent's credentials (%s); %s",
             self._section.runner_url,
             exc,
+            hint,
         )
 
     async def _serve_once(self) -> int:
         """An ephemeral agent's one session: 0 once drained or stopped, else why it failed."""
         try:
-            async with self._connect(self._ws_url, self._headers()) as conn:
+            async with self._connect(self._ws_url, await self._headers()) as conn:
                 await self._session(conn)
+        except CredentialUnavailable as exc:
+            log.error("cannot get the agent's credential: %s", exc)
+            return EXIT_AUTH_REFUSED
         except AuthError as exc:
             self._log_auth_refused(exc)
             return EXIT_AUTH_REFUSED
@@ -407,8 +420,13 @@ class AgentSession:
         )
         return EXIT_OK
 
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+    async def _headers(self) -> dict[str, str]:
+        """The upgrade's headers, with a fresh credential: a CI job's ID token is fetched anew
+        for every connect, since the last one may have expired."""
+        if self._credentials is None:
+            return {}
+        token = await self._credentials.credential(fresh=True)
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     async def _session(self, conn: Connection) -> None:
         """One registered session; returns when the agent should stop, raises on disconnect."""
@@ -505,10 +523,20 @@ class AgentSession:
             ephemeral=ident.ephemeral or self._limits is not None,
             launch_id=ident.launch_id,
             running=held,
+            untrusted=self._section.untrusted,
         )
 
     def _on_registered(self, registered: Registered) -> None:
         """Take the runner's cache settings; drop held steps whose leases it no longer keeps."""
+        if self._section.untrusted and not registered.untrusted:
+            # A runner that ignored the request would send trusted work to this machine,
+            # which must never build it (docs/security.md): stop rather than serve.
+            raise ConfigError(
+                "the runner did not accept this agent as untrusted (config key "
+                "agent.untrusted): it may be too old to know untrusted agents"
+            )
+        if registered.untrusted:
+            log.info("registered as an untrusted venue: only steps of untrusted builds")
         self._cache = CacheSettings.from_registered(registered, self._section.runner_url)
         keep = set(registered.keep_running)
         for sid, step in self._running.items():
@@ -806,15 +834,30 @@ def _reason(body: bytes | bytearray | None) -> str:
 
 
 def ssl_context_for(section: AgentSection) -> ssl.SSLContext | None:
-    """TLS settings for wss/https: ``ca_file`` when given, else the system roots."""
-    if section.ca_file is None:
+    """TLS settings for wss/https: ``ca_file`` when given, else the system roots; plus the
+    agent's client certificate for mTLS when ``client_cert_file`` is set."""
+    if section.client_key_file is not None and section.client_cert_file is None:
+        raise ConfigError("config key agent.client_key_file needs agent.client_cert_file")
+    if section.ca_file is None and section.client_cert_file is None:
         return None
     try:
-        return ssl.create_default_context(cafile=str(section.ca_file))
+        ctx = ssl.create_default_context(
+            cafile=str(section.ca_file) if section.ca_file is not None else None
+        )
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(
             f"config key agent.ca_file: cannot load {section.ca_file}: {exc}"
         ) from exc
+    if section.client_cert_file is not None:
+        key = section.client_key_file
+        try:
+            ctx.load_cert_chain(str(section.client_cert_file), str(key) if key else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"config key agent.client_cert_file: cannot load {section.client_cert_file}"
+                f"{f' with {key}' if key else ''}: {exc}"
+            ) from exc
+    return ctx
 
 
 @contextlib.contextmanager
@@ -836,7 +879,7 @@ def _signal_handlers(session: AgentSession) -> Iterator[None]:
 
 async def run_agent(
     cfg: AgentConfig,
-    token: str | None,
+    token: str | CredentialSource | None,
     *,
     connect: Connector | None = None,
     http: httpx.AsyncClient | None = None,

@@ -59,6 +59,9 @@ class RunnerStatus(_Model):
     version: str = ""
     cache_url: str = ""
     cache_public_key: str = ""
+    untrusted_cache_url: str | None = None
+    """The runner's untrusted cache (outputs of untrusted builds); None from older runners."""
+    untrusted_cache_public_key: str | None = None
     upstreams: list[UpstreamInfo] = []
     steps: dict[str, int] = {}
     agents_connected: int = 0
@@ -98,6 +101,10 @@ class Build(_Model):
     priority: int = 0
     created_at: str | None = None
     finished_at: str | None = None
+    repository: str | None = None
+    ref: str | None = None
+    trusted: bool = True
+    """An untrusted build's outputs are in the untrusted cache, not the main one."""
     roots: list[BuildRoot] = []
     counts: StepCounts = StepCounts()
     failed_steps: list[FailedStep] = []
@@ -115,6 +122,7 @@ class Step(_Model):
     error: str | None = None
     attempts: int = 0
     agent_name: str | None = None
+    trusted: bool = True
     created_at: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
@@ -142,6 +150,10 @@ class Agent(_Model):
     running: int = 0
     speed_factor: float = 1.0
     ephemeral: bool = False
+    trusted: bool = True
+    """An untrusted venue takes only steps of untrusted builds."""
+    build_repositories: list[str] | None = None
+    """The build repositories an OIDC agent serves; None: any."""
     auth_kind: str = ""
     """``token`` or ``oidc``."""
     oidc: AgentOidc | None = None
@@ -190,6 +202,50 @@ class TokenInfo(_Model):
 class CreatedToken(TokenInfo):
     token: str
     """The secret: in this answer and nowhere else."""
+
+
+class Launch(_Model):
+    """One autoscaler launch (docs/autoscaling.md)."""
+
+    launch_id: str
+    pool: str
+    state: str
+    """``pending``, ``registered``, ``expired`` or ``failed``."""
+    created_at: str | None = None
+    updated_at: str | None = None
+    agent_machine_id: str | None = None
+    agent_name: str | None = None
+    error: str | None = None
+
+
+class LaunchCounters(_Model):
+    launches: int = 0
+    registrations: int = 0
+    expiries: int = 0
+    dispatch_failures: int = 0
+
+
+class LaunchPool(_Model):
+    """An ``[[autoscale.github]]`` pool with its last plan and counters."""
+
+    name: str
+    workflow: str = ""
+    systems: list[str] = []
+    max_jobs: int = 1
+    max_inflight: int = 0
+    pending: int = 0
+    demand: int = 0
+    covered: int = 0
+    deficit: int = 0
+    cooldown_until: str | None = None
+    counters: LaunchCounters = LaunchCounters()
+
+
+class Launches(_Model):
+    pools: list[LaunchPool] = []
+    counters: LaunchCounters = LaunchCounters()
+    ticks: int = 0
+    launches: list[Launch] = []
 
 
 class _Tokens(_Model):
@@ -419,10 +475,25 @@ class RunnerClient:
         )
         return self._parse(_Uploaded, data, "upload answer").path or path
 
-    async def create_build(self, drvs: Sequence[str], *, priority: int = 0) -> Build:
-        data = await self._json(
-            "POST", "/builds", json_body={"drvs": list(drvs), "priority": priority}
-        )
+    async def create_build(
+        self,
+        drvs: Sequence[str],
+        *,
+        priority: int = 0,
+        repository: str | None = None,
+        ref: str | None = None,
+        trusted: bool = True,
+    ) -> Build:
+        """Create a build; ``trusted`` asks for a trusted one, which the runner grants only
+        to a trusted token and a ref that is no pull request (the answer says)."""
+        body: dict[str, Any] = {"drvs": list(drvs), "priority": priority}
+        if repository is not None:
+            body["repository"] = repository
+        if ref is not None:
+            body["ref"] = ref
+        if not trusted:
+            body["trusted"] = False
+        data = await self._json("POST", "/builds", json_body=body)
         return self._parse(Build, data, "build")
 
     async def fetch_build(self, build_id: str) -> Build:
@@ -478,6 +549,14 @@ class RunnerClient:
             body["name"] = name
         data = await self._json("POST", "/tokens", json_body=body)
         return self._parse(CreatedToken, data, "token")
+
+    async def fetch_launches(self, *, limit: int = 100, pool: str | None = None) -> Launches:
+        """The autoscaler's pools and its launches, newest first (admin token)."""
+        params: dict[str, str | int] = {"limit": limit}
+        if pool is not None:
+            params["pool"] = pool
+        data = await self._json("GET", "/launches", params=params)
+        return self._parse(Launches, data, "launch list")
 
     async def fetch_tokens(self) -> list[TokenInfo]:
         return self._parse(_Tokens, await self._json("GET", "/tokens"), "token list").tokens

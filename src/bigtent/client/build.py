@@ -230,6 +230,9 @@ def build_report(build: Build, links: Sequence[ResultLink] = ()) -> dict[str, An
         "build_id": build.id,
         "state": build.state.value,
         "succeeded": build_succeeded(build),
+        "trusted": build.trusted,
+        "repository": build.repository,
+        "ref": build.ref,
         "created_at": build.created_at,
         "finished_at": build.finished_at,
         "outputs": {root.drv_path: root.outputs for root in build.roots},
@@ -271,6 +274,10 @@ class BuildOptions:
     """None: substitute the outputs but create no links (``--no-out-link``)."""
     poll_interval_secs: float = POLL_INTERVAL_SECS
     upload_concurrency: int = UPLOAD_CONCURRENCY
+    repository: str | None = None
+    ref: str | None = None
+    trusted: bool = True
+    """Ask for a trusted build (``--untrusted``: False)."""
 
 
 @dataclass(slots=True)
@@ -300,10 +307,21 @@ async def run_build(
 ) -> BuildResult:
     """Upload what the runner lacks, create the build, wait for it, fetch its outputs."""
     await upload_closure(client, store, drvs, observer, concurrency=options.upload_concurrency)
-    build = await client.create_build(drvs, priority=options.priority)
+    build = await client.create_build(
+        drvs,
+        priority=options.priority,
+        repository=options.repository,
+        ref=options.ref,
+        trusted=options.trusted,
+    )
     if tracker is not None:
         tracker.build_id = build.id
-    log.info("created build %s for %d derivation(s)", build.id, len(drvs))
+    log.info(
+        "created build %s for %d derivation(s)%s",
+        build.id,
+        len(drvs),
+        "" if build.trusted else " (untrusted)",
+    )
     observer.on_phase(f"build {build.id} queued")
     observer.on_progress(build)
     build = await follow_build(client, build.id, observer, options.poll_interval_secs)
@@ -436,14 +454,30 @@ async def follow_build(
         await asyncio.sleep(interval_secs)
 
 
-def substituter_options(status: RunnerStatus, runner_url: str) -> dict[str, str]:
+def substituter_options(
+    status: RunnerStatus, runner_url: str, *, untrusted: bool = False
+) -> dict[str, str]:
     """Nix options to substitute from the runner's cache (and its upstreams), trusting their
-    keys; the negative narinfo TTL is 0 because a lookup made before the build is stale now."""
-    cache_url = status.cache_url or "/cache"
-    if cache_url.startswith("/"):
-        cache_url = runner_url.rstrip("/") + cache_url
-    urls = [cache_url, *(u.url for u in status.upstreams)]
-    keys = [status.cache_public_key, *(u.public_key for u in status.upstreams)]
+    keys; the negative narinfo TTL is 0 because a lookup made before the build is stale now.
+
+    Only for an ``untrusted`` build's outputs is the untrusted cache added (after the main
+    one) and its key trusted: a client never trusts it for anything else."""
+
+    def absolute(url: str) -> str:
+        return runner_url.rstrip("/") + url if url.startswith("/") else url
+
+    urls = [absolute(status.cache_url or "/cache")]
+    keys = [status.cache_public_key]
+    if untrusted:
+        if not status.untrusted_cache_url or not status.untrusted_cache_public_key:
+            raise BigtentError(
+                "the build is untrusted but the runner names no untrusted cache to fetch its "
+                "outputs from (an older runner?); use --no-download"
+            )
+        urls.append(absolute(status.untrusted_cache_url))
+        keys.append(status.untrusted_cache_public_key)
+    urls += [u.url for u in status.upstreams]
+    keys += [u.public_key for u in status.upstreams]
     return {
         "substituters": " ".join(urls),
         "trusted-public-keys": " ".join(k for k in keys if k),
@@ -460,7 +494,7 @@ async def download_outputs(
     runner_url: str,
 ) -> list[ResultLink]:
     """Substitute the requested outputs into the local store and add ``result`` links."""
-    options = substituter_options(status, runner_url)
+    options = substituter_options(status, runner_url, untrusted=not build.trusted)
     outputs = [root.outputs for root in build.roots]
     paths = list(dict.fromkeys(p for outs in outputs for p in outs.values()))
     if not paths:

@@ -11,23 +11,42 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from pydantic import BaseModel, Field
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bigtent import __version__
+from bigtent import protocol as p
 from bigtent.config import Role
-from bigtent.errors import AuthError, BigtentError, NotFound, TooManyAuthFailures
+from bigtent.errors import (
+    AuthError,
+    BigtentError,
+    NotFound,
+    RangeNotSatisfiable,
+    TooManyAuthFailures,
+)
 from bigtent.runner.auth.ratelimit import FailureThrottle
 from bigtent.runner.auth.tokens import Principal, TokenRegistry
 from bigtent.runner.builds import plan_parts
+from bigtent.runner.cache import Cache
 from bigtent.runner.components import Components
 from bigtent.runner.db import queries
 from bigtent.runner.ingest import ingest_client_path, ingest_output
+from bigtent.runner.logserve import log_response
+from bigtent.runner.metrics import Metrics
+from bigtent.runner.presigned import record_json
+from bigtent.runner.s3 import S3Storage, s3_nar_response
 from bigtent.runner.scheduler.dispatcher import AGENT
 from bigtent.runner.sessions import bearer_token, looks_like_jwt
+from bigtent.runner.trust import build_is_trusted
 from bigtent.states import StepState
 
 log = logging.getLogger(__name__)
@@ -87,6 +106,8 @@ def error_response(exc: BigtentError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
     if isinstance(exc, TooManyAuthFailures):
         headers = {"Retry-After": str(exc.retry_after_secs)}
+    if isinstance(exc, RangeNotSatisfiable):
+        headers = {"Content-Range": f"bytes */{exc.size}"}
     return JSONResponse(
         {"error": exc.message, "detail": exc.detail}, status_code=exc.http_status, headers=headers
     )
@@ -113,10 +134,13 @@ class CredentialGate:
     at its credential. Routes still check the role; WebSockets check theirs (and the same
     limit) before the upgrade."""
 
-    def __init__(self, app: ASGIApp, tokens: TokenRegistry, throttle: FailureThrottle) -> None:
+    def __init__(
+        self, app: ASGIApp, tokens: TokenRegistry, throttle: FailureThrottle, metrics: Metrics
+    ) -> None:
         self.app = app
         self.tokens = tokens
         self.throttle = throttle
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
@@ -128,16 +152,16 @@ class CredentialGate:
         ):
             client = scope.get("client")
             host: str | None = client[0] if client else None
+            token = bearer_token(Headers(scope=scope).get("authorization"))
             try:
                 self.throttle.check(host)
                 try:
-                    self.tokens.authenticate(
-                        bearer_token(Headers(scope=scope).get("authorization"))
-                    )
+                    self.tokens.authenticate(token)
                 except AuthError as exc:
                     self.throttle.failed(host, exc)
                     raise
             except AuthError as exc:
+                self.metrics.auth_failed(exc, token)
                 # A limited address's requests are not logged one by one: the throttle
                 # logged when the limit was reached.
                 level = logging.DEBUG if isinstance(exc, TooManyAuthFailures) else logging.WARNING
@@ -152,6 +176,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(BigtentError)
     async def _bigtent(request: Request, exc: BigtentError) -> JSONResponse:
+        if isinstance(exc, AuthError):  # refused by a route (the gate counts its own)
+            credential = bearer_token(request.headers.get("authorization"))
+            request.app.state.components.metrics.auth_failed(exc, credential)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -197,6 +224,10 @@ async def status(comps: Comps, _: ClientAuth) -> dict[str, Any]:
         "version": __version__,
         "cache_url": comps.cache.url,
         "cache_public_key": comps.cache.public_key,
+        "untrusted_cache_url": comps.untrusted_cache.url if comps.untrusted_cache else None,
+        "untrusted_cache_public_key": (
+            comps.untrusted_cache.public_key if comps.untrusted_cache else None
+        ),
         "upstreams": [u.model_dump() for u in comps.config.cache.upstreams],
         "steps": counts,
         "queue": comps.scheduler.queue_depth(),
@@ -243,16 +274,31 @@ async def upload_path(
 class BuildBody(BaseModel):
     drvs: list[str] = Field(min_length=1, max_length=100_000)
     priority: int = Field(default=0, ge=-1000, le=1000)
+    repository: str | None = Field(default=None, min_length=1, max_length=256, pattern=r"^[^\s*]+$")
+    """What the build is for, e.g. ``acme/widgets``: OIDC agents serve their rule's ones."""
+    ref: str | None = Field(default=None, min_length=1, max_length=256, pattern=r"^\S+$")
+    """The git ref, e.g. ``refs/heads/main``; a pull request ref is never trusted."""
+    trusted: bool = True
+    """Ask for a trusted build; it is one only for a trusted creator and ref (DESIGN §6)."""
 
 
 @api.post("/builds", status_code=201)
 async def create_build(body: BuildBody, comps: Comps, who: ClientAuth) -> dict[str, Any]:
+    trusted = build_is_trusted(
+        requested=body.trusted, role=who.role, token_trusted=who.trusted, ref=body.ref
+    )
+    also = None if trusted else comps.untrusted_cache
     # Planned and admitted in parts: a large build starts while it is still being planned.
     build_id = await comps.scheduler.admit_build(
         priority=body.priority,
         created_by=who.name,
-        parts=plan_parts(comps.cache, comps.upstreams, body.drvs),
+        parts=plan_parts(comps.cache, comps.upstreams, body.drvs, also=also),
+        repository=body.repository,
+        ref=body.ref,
+        trusted=trusted,
     )
+    if body.trusted and not trusted:
+        log.info("build %d by %s is untrusted (ref %s)", build_id, who.name, body.ref)
     return await _build_json(comps, build_id)
 
 
@@ -319,12 +365,18 @@ async def get_step(step_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
 
 
 @api.get("/steps/{step_id}/log")
-async def get_step_log(step_id: int, comps: Comps, _: ClientAuth) -> PlainTextResponse:
+async def get_step_log(
+    step_id: int,
+    comps: Comps,
+    _: ClientAuth,
+    byte_range: Annotated[str | None, Header(alias="range")] = None,
+) -> StreamingResponse:
+    """The step's log, whole or one byte range (``Range: bytes=A-B``, ``A-``, ``-N``)."""
     _known_id(step_id, "step")
     async with comps.engine.connect() as conn:
         if await queries.fetch_step(conn, step_id) is None:
             raise NotFound(f"no step {step_id}")
-    return PlainTextResponse(comps.logs.read(step_id))
+    return log_response(comps.logs, step_id, byte_range)
 
 
 @api.get("/agents")
@@ -333,6 +385,11 @@ async def list_agents(comps: Comps, _: ClientAuth) -> dict[str, Any]:
         rows = await queries.fetch_agents(conn)
     live = comps.scheduler.venues
     now = comps.scheduler.clock()
+    # With other runners on the database, their agents count as connected while their rows
+    # say so and their heartbeats are recent (docs/architecture.md, "Several runners").
+    elsewhere_secs = (
+        3 * comps.config.scheduler.heartbeat_secs if comps.scheduler.feed.shared else -1.0
+    )
     out = []
     for r in rows:
         venue = live.get(r.machine_id)
@@ -351,11 +408,18 @@ async def list_agents(comps: Comps, _: ClientAuth) -> dict[str, Any]:
                 "running": len(venue.running) if venue else 0,
                 "speed_factor": r.speed_factor,
                 "ephemeral": r.ephemeral,
+                "trusted": venue.trusted if venue else bool(r.trusted),
+                "build_repositories": (
+                    sorted(venue.repositories)
+                    if venue is not None and venue.repositories is not None
+                    else None
+                ),
                 "auth_kind": r.auth_kind,
                 "oidc": _oidc_json(r),
                 "launch_id": r.launch_id,
                 "version": r.version,
-                "connected": venue is not None,
+                "connected": venue is not None
+                or (bool(r.connected) and now - float(r.last_seen) <= elsewhere_secs),
                 "draining": venue.draining if venue else False,
                 "first_seen": _iso(r.first_seen),
                 "last_seen": _iso(r.last_seen),
@@ -469,13 +533,34 @@ async def upload_output(
         _body(request),
         nar_hash=x_nar_hash,
         nar_size=x_nar_size,
+        untrusted=comps.untrusted_cache,
     )
-    return {
-        "path": info.store_path,
-        "nar_hash": info.nar_hash,
-        "nar_size": info.nar_size,
-        "references": [f"/nix/store/{r}" for r in info.references],
-    }
+    return record_json(info)
+
+
+@api.post("/agent/upload/{lease_id}/{output_name}" + p.PRESIGN_SUFFIX)
+async def presign_output(
+    lease_id: str,
+    output_name: str,
+    body: p.UploadDeclaration,
+    comps: Comps,
+    _: AgentCredential,
+) -> dict[str, Any]:
+    """A presigned upload of one output file to the bucket, or "PUT it to the runner"."""
+    plan = await comps.presigned.presign(lease_id, output_name, body)
+    return plan.model_dump(mode="json")
+
+
+@api.post("/agent/upload/{lease_id}/{output_name}" + p.COMPLETE_SUFFIX)
+async def complete_output(
+    lease_id: str,
+    output_name: str,
+    body: p.UploadDeclaration,
+    comps: Comps,
+    _: AgentCredential,
+) -> dict[str, Any]:
+    """Verify a presigned upload and publish it (answers as the direct PUT does)."""
+    return record_json(await comps.presigned.complete(lease_id, output_name, body))
 
 
 @api.websocket("/agent/ws")
@@ -513,6 +598,9 @@ async def _build_json(comps: Components, build_id: int, details: bool = False) -
         "created_at": _iso(build.created_at),
         "finished_at": _iso(build.finished_at),
         "created_by": build.created_by,
+        "repository": build.repository,
+        "ref": build.ref,
+        "trusted": bool(build.trusted),
         "roots": [
             {
                 "drv_path": r.drv_path,
@@ -553,6 +641,7 @@ def _step_json(row: Any) -> dict[str, Any]:
         "exit_code": row.exit_code,
         "attempts": row.attempts,
         "agent_name": row.agent_name,
+        "trusted": bool(row.trusted),
         "created_at": _iso(row.created_at),
         "assigned_at": _iso(row.assigned_at),
         "started_at": _iso(row.started_at),
@@ -565,25 +654,32 @@ def _step_json(row: Any) -> dict[str, Any]:
 cache_routes = APIRouter(prefix="/cache", include_in_schema=False)
 
 
-@cache_routes.api_route("/nix-cache-info", methods=["GET", "HEAD"])
-async def nix_cache_info(comps: Comps) -> Response:
-    text = f"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {comps.config.cache.priority}\n"
+def _untrusted(comps: Components) -> Cache:
+    if comps.untrusted_cache is None:
+        raise NotFound("no untrusted cache")
+    return comps.untrusted_cache
+
+
+def _cache_info(comps: Components, cache: Cache) -> Response:
+    # The untrusted cache is consulted after the main one (a higher Priority number).
+    priority = comps.config.cache.priority + (10 if cache.untrusted else 0)
+    text = f"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {priority}\n"
     return PlainTextResponse(text, media_type="text/x-nix-cache-info")
 
 
-@cache_routes.api_route("/{hash_part}.narinfo", methods=["GET", "HEAD"])
-async def get_narinfo(hash_part: str, comps: Comps) -> Response:
-    if len(hash_part) != 32:
-        raise NotFound("no such path")
-    text = await comps.cache.narinfo_text(hash_part)
+async def _narinfo(cache: Cache, hash_part: str) -> Response:
+    text = await cache.narinfo_text(hash_part) if len(hash_part) == 32 else None
+    cache.metrics.narinfo_served(hit=text is not None)
     if text is None:
         raise NotFound("no such path")
     return PlainTextResponse(text, media_type="text/x-nix-narinfo")
 
 
-@cache_routes.api_route("/nar/{file_name}", methods=["GET", "HEAD"])
-async def get_nar(file_name: str, comps: Comps) -> Response:
-    path = comps.cache.storage.local_path(f"nar/{file_name}")
+async def _nar(cache: Cache, file_name: str, request: Request) -> Response:
+    storage = cache.storage
+    if isinstance(storage, S3Storage):
+        return await s3_nar_response(storage, f"nar/{file_name}", head=request.method == "HEAD")
+    path = storage.local_path(f"nar/{file_name}")
     if path is None:
         raise NotFound("no such NAR")
     size = path.stat().st_size
@@ -591,3 +687,35 @@ async def get_nar(file_name: str, comps: Comps) -> Response:
         # Most NARs are small: one read beats FileResponse's thread hop per chunk.
         return Response(path.read_bytes(), media_type="application/x-nix-nar")
     return FileResponse(path, media_type="application/x-nix-nar")
+
+
+@cache_routes.api_route("/nix-cache-info", methods=["GET", "HEAD"])
+async def nix_cache_info(comps: Comps) -> Response:
+    return _cache_info(comps, comps.cache)
+
+
+@cache_routes.api_route("/{hash_part}.narinfo", methods=["GET", "HEAD"])
+async def get_narinfo(hash_part: str, comps: Comps) -> Response:
+    return await _narinfo(comps.cache, hash_part)
+
+
+@cache_routes.api_route("/nar/{file_name}", methods=["GET", "HEAD"])
+async def get_nar(file_name: str, comps: Comps, request: Request) -> Response:
+    return await _nar(comps.cache, file_name, request)
+
+
+# The untrusted cache (docs/security.md): outputs of untrusted builds, signed with its own key.
+# Its narinfo index is its own; its NAR files share the storage (named by their own hash).
+@cache_routes.api_route("/untrusted/nix-cache-info", methods=["GET", "HEAD"])
+async def untrusted_cache_info(comps: Comps) -> Response:
+    return _cache_info(comps, _untrusted(comps))
+
+
+@cache_routes.api_route("/untrusted/{hash_part}.narinfo", methods=["GET", "HEAD"])
+async def get_untrusted_narinfo(hash_part: str, comps: Comps) -> Response:
+    return await _narinfo(_untrusted(comps), hash_part)
+
+
+@cache_routes.api_route("/untrusted/nar/{file_name}", methods=["GET", "HEAD"])
+async def get_untrusted_nar(file_name: str, comps: Comps, request: Request) -> Response:
+    return await _nar(_untrusted(comps), file_name, request)

@@ -18,7 +18,12 @@ from bigtent.errors import ConfigError
 from bigtent.protocol import MAX_MESSAGE_BYTES
 from bigtent.runner.agents import run_pruner
 from bigtent.runner.api import CredentialGate, api, cache_routes, install_error_handlers
+from bigtent.runner.autoscale.routes import launch_routes
 from bigtent.runner.components import Components, build_components, close_components
+from bigtent.runner.dashboard.routes import install_dashboard
+from bigtent.runner.metrics_endpoint import metrics_routes
+from bigtent.runner.s3 import S3Storage
+from bigtent.runner.tls import CertWebSocketProtocol
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,12 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
             ),
             asyncio.create_task(comps.ssh.run(), name="ssh-builders"),
         ]
+        if comps.autoscaler is not None and comps.autoscaler.enabled:
+            tasks.append(asyncio.create_task(comps.autoscaler.run(), name="autoscaler"))
+        if isinstance(comps.cache.storage, S3Storage):
+            tasks.append(asyncio.create_task(comps.cache.storage.run_sweeper(), name="s3-sweeper"))
+        if comps.feed is not None:
+            tasks.append(asyncio.create_task(comps.feed.follow(comps.on_change), name="feed"))
 
         def _done(t: asyncio.Task[None]) -> None:
             if not t.cancelled() and t.exception() is not None:
@@ -74,9 +85,14 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
     )
     app.state.components = comps
     install_error_handlers(app)
-    app.add_middleware(CredentialGate, tokens=comps.tokens, throttle=comps.auth_throttle)
+    app.add_middleware(
+        CredentialGate, tokens=comps.tokens, throttle=comps.auth_throttle, metrics=comps.metrics
+    )
     app.include_router(api)
+    app.include_router(launch_routes)
     app.include_router(cache_routes)
+    app.include_router(metrics_routes)
+    install_dashboard(app, comps)
     return app
 
 
@@ -91,14 +107,17 @@ def uvicorn_config(app: FastAPI, config: RunnerConfig) -> uvicorn.Config:
         port=config.runner.port,
         log_config=None,
         access_log=False,
-        ws="websockets-sansio",
+        ws=CertWebSocketProtocol,
         ws_max_size=WS_MAX_FRAME_BYTES,
         lifespan="on",
         timeout_graceful_shutdown=5,
         ssl_certfile=str(tls.cert_file) if tls else None,
         ssl_keyfile=str(tls.key_file) if tls else None,
         ssl_ca_certs=str(tls.client_ca) if tls and tls.client_ca else None,
-        ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.client_ca else ssl.CERT_NONE,
+        # CERT_OPTIONAL, not REQUIRED: Nix reading /cache and clients with tokens present no
+        # certificate (Nix cannot), while agents must (sessions.py refuses one without it).
+        # A presented certificate is still verified against client_ca in the handshake.
+        ssl_cert_reqs=ssl.CERT_OPTIONAL if tls and tls.client_ca else ssl.CERT_NONE,
     )
 
 

@@ -8,7 +8,8 @@ The walk goes down from the requested derivations, depth first, a batch at a tim
 derivation none of whose inputs is needed (a *leaf*) can be built at once; leaves are handed
 over as soon as all their inputs have been looked at, so the scheduler starts building while
 the rest of a large graph is still being planned (``plan_parts``). Everything else follows in
-one last part, dependencies first.
+one last part, dependencies first. An untrusted build also reuses what the
+untrusted cache holds; a trusted build never does (docs/security.md).
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ class BuildPlan:
     """Steps to create, dependencies before dependents."""
 
 
-async def plan_build(cache: Cache, upstreams: Upstreams, drv_paths: Sequence[str]) -> BuildPlan:
+async def plan_build(
+    cache: Cache, upstreams: Upstreams, drv_paths: Sequence[str], *, also: Cache | None = None
+) -> BuildPlan:
     """Find every derivation below ``drv_paths`` whose outputs must be built (all at once)."""
     planned: list[PlannedStep] = []
     roots: dict[str, str | None] = {}
-    async for part in plan_parts(cache, upstreams, drv_paths):
+    async for part in plan_parts(cache, upstreams, drv_paths, also=also):
         planned.extend(part.steps)
         roots = part.roots if part.roots is not None else roots
     return BuildPlan(roots, planned)
@@ -55,7 +58,7 @@ the first as soon as there is one, so building starts at once."""
 
 
 async def plan_parts(
-    cache: Cache, upstreams: Upstreams, drv_paths: Sequence[str]
+    cache: Cache, upstreams: Upstreams, drv_paths: Sequence[str], *, also: Cache | None = None
 ) -> AsyncIterator[PlanPart]:
     """The steps below ``drv_paths`` in parts: leaves as they are found, then the rest
     (dependencies first, with the roots). Each part's steps depend only on steps of earlier
@@ -64,7 +67,8 @@ async def plan_parts(
 
     The walk is depth first, a batch of derivations at a time, so the first leaves are found
     after a few batches whatever the size of the graph. A needed derivation is a leaf once
-    every one of its inputs has been looked at and none is needed.
+    every one of its inputs has been looked at and none is needed. Outputs in ``cache``, in
+    ``also`` (the untrusted cache, for an untrusted build) or upstream count as available.
     """
     if not drv_paths:
         raise BadRequest("a build needs at least one .drv path")
@@ -107,7 +111,10 @@ async def plan_parts(
                 f"({len(unknown)} missing)"
             )
         infos.update(found)
-        present = await cache.present([o for d in batch for o in found[d].outputs.values()])
+        outputs = [o for d in batch for o in found[d].outputs.values()]
+        present = await cache.present(outputs)
+        if also is not None:
+            present |= await also.present([o for o in outputs if o not in present])
         missing = [d for d in batch if not set(found[d].outputs.values()) <= present]
         if upstreams.upstreams:
             available = await asyncio.gather(

@@ -1,9 +1,11 @@
 """The signed binary cache: verified NAR ingest, narinfo records, and upstream lookups.
 
-Every path enters the cache through ``Cache.ingest``, which checks the NAR while it streams
-(declared size and hash, the size cap, NAR well-formedness), compresses it, finds its
-references by scanning, and only then signs and records a narinfo. Nothing is published on
-any mismatch (DESIGN §6: uploads).
+Every path enters the cache through one check of its NAR (``NarCheck``: declared size as a
+hard stop, the size cap, NAR well-formedness, hash, references found by scanning), whether the
+NAR streams in (``Cache.receive``, which compresses it) or an agent put its compressed file in
+the storage itself (``Cache.receive_stored``, which decompresses it with a hard stop), and
+only then is a narinfo signed and recorded (``Cache.publish``). Nothing is published on any
+mismatch (DESIGN §6: uploads).
 """
 
 from __future__ import annotations
@@ -12,29 +14,38 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
-import lzma
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import BinaryIO, Generic, TypeVar
 
 import httpx
-import zstandard
+from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from bigtent.config import CacheSection, Compression, Upstream
-from bigtent.errors import BadRequest, ConfigError, PayloadTooLarge, UpstreamUnavailable
+from bigtent.config import CacheSection, Upstream
+from bigtent.errors import ConfigError, NarMismatch, PayloadTooLarge, UpstreamUnavailable
 from bigtent.nix import base32, narinfo
+from bigtent.nix.compression import (
+    EXTENSIONS,
+    BoundedDecompressor,
+    Compression,
+    Compressor,
+    DecompressedTooLarge,
+    DecompressionError,
+)
 from bigtent.nix.keys import SecretKey, parse_public_key
 from bigtent.nix.nar import NarError, NarSink, NarValidator, ReferenceScanner
 from bigtent.nix.store_path import StorePath
 from bigtent.runner.db import queries
-from bigtent.runner.storage import Storage
+from bigtent.runner.db.tables import store_paths, untrusted_store_paths
+from bigtent.runner.metrics import Metrics, UploadKind
+from bigtent.runner.storage import Staged, Storage
 
 log = logging.getLogger(__name__)
-
-_EXTENSIONS = {Compression.ZSTD: ".zst", Compression.XZ: ".xz", Compression.NONE: ""}
 
 
 STORE_PREFIX = "/nix/store/"
@@ -72,21 +83,70 @@ class _Lru(Generic[_V]):
             self._items.popitem(last=False)
 
 
-class _Compressor:
-    def __init__(self, compression: Compression, level: int) -> None:
-        self._obj: Any
-        if compression is Compression.ZSTD:
-            self._obj = zstandard.ZstdCompressor(level=level).compressobj()
-        elif compression is Compression.XZ:
-            self._obj = lzma.LZMACompressor(preset=min(level, 9))
-        else:
-            self._obj = None
+STORED_READ_BYTES = 1024 * 1024
+"""A stored file is read back for verification this much at a time."""
+STORED_VERIFY_THREADS = 4
+"""Stored files (presigned uploads) are verified in a pool of their own this large: a long
+verification of a large NAR must not hold the default thread pool, which everything else
+(short compression steps, storage calls, name lookups) shares. More wait their turn."""
 
-    def compress(self, data: bytes) -> bytes:
-        return self._obj.compress(data) if self._obj is not None else data
 
-    def flush(self) -> bytes:
-        return self._obj.flush() if self._obj is not None else b""
+def nar_file_name(file_hash: bytes, compression: Compression) -> str:
+    """The storage name (and narinfo ``URL``) of a NAR file: content-addressed by the file."""
+    return f"nar/{base32.encode(file_hash)}.nar{EXTENSIONS[compression]}"
+
+
+class NarCheck:
+    """The one verification of a NAR's bytes, whichever way they arrive (DESIGN §6: uploads):
+    never longer than declared (checked per chunk, before any work), well-formed, the declared
+    hash and length; the hash parts of ``candidates`` found in it are its references."""
+
+    def __init__(
+        self,
+        declared_size: int,
+        declared_hash: bytes,
+        candidates: Iterable[str] = (),
+        sink: NarSink | None = None,
+    ) -> None:
+        self.declared_size = declared_size
+        self.declared_hash = declared_hash
+        self.size = 0
+        self._validator = NarValidator(sink) if sink is not None else NarValidator()
+        self._scanner = ReferenceScanner(candidates)
+
+    def count(self, chunk: bytes) -> None:
+        """Account for ``chunk``; PayloadTooLarge past the declared size (a hard stop)."""
+        self.size += len(chunk)
+        if self.size > self.declared_size:
+            raise PayloadTooLarge(
+                f"NAR is longer than its declared size of {self.declared_size} bytes"
+            )
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            self._validator.feed(chunk)
+        except NarError as exc:
+            raise NarMismatch(f"malformed NAR: {exc}") from exc
+        self._scanner.feed(chunk)
+
+    def finish(self) -> tuple[bytes, frozenset[str]]:
+        """The NAR's sha256 and the references found, once it is complete and as declared."""
+        if self.size != self.declared_size:
+            raise NarMismatch(
+                f"NAR is {self.size} bytes, shorter than its declared {self.declared_size}"
+            )
+        nar_sha = self._validator.sha256()
+        if nar_sha != self.declared_hash:
+            raise NarMismatch(
+                "NAR hash mismatch: declared "
+                f"{base32.format_hash('sha256', self.declared_hash)}, got "
+                f"{base32.format_hash('sha256', nar_sha)}"
+            )
+        try:
+            self._validator.finish()
+        except NarError as exc:
+            raise NarMismatch(f"malformed NAR: {exc}") from exc
+        return nar_sha, frozenset(self._scanner.found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +160,22 @@ class Ingested:
     file_size: int
     references: frozenset[str]
     """Hash parts found by the reference scan (a subset of the candidates)."""
+    compression: Compression
+
+
+MAIN_PATH = "/cache"
+UNTRUSTED_PATH = "/cache/untrusted"
+"""Where the untrusted cache is served: outputs of untrusted builds (docs/security.md)."""
 
 
 class Cache:
-    """The runner's binary cache: storage plus the narinfo index in the database."""
+    """A binary cache of the runner: storage plus a narinfo index in the database.
+
+    The runner has two: the main cache (``/cache``, index ``store_paths``, the main key) and
+    the untrusted cache (``/cache/untrusted``, index ``untrusted_store_paths``, its own key)
+    for outputs of untrusted steps. They share the NAR storage (files named by their own hash)
+    and the derivations table; each sees only its own index.
+    """
 
     def __init__(
         self,
@@ -112,13 +184,22 @@ class Cache:
         key: SecretKey,
         config: CacheSection,
         public_url: str,
+        metrics: Metrics | None = None,
+        *,
+        untrusted: bool = False,
     ) -> None:
         self.engine = engine
+        self.metrics = metrics if metrics is not None else Metrics()
         self.storage = storage
         self.key = key
         self.config = config
-        self.url = public_url.rstrip("/") + "/cache"
+        self.untrusted = untrusted
+        self.table: Table = untrusted_store_paths if untrusted else store_paths
+        self.url = public_url.rstrip("/") + (UNTRUSTED_PATH if untrusted else MAIN_PATH)
         self.public_key = key.public_key().to_text()
+        self._verify_pool = ThreadPoolExecutor(
+            STORED_VERIFY_THREADS, thread_name_prefix="verify-upload"
+        )
         self._infos: _Lru[narinfo.NarInfo] = _Lru(MEMORY_NARINFOS)
         self._drvs: _Lru[queries.DrvInfo] = _Lru(MEMORY_DERIVATIONS)
 
@@ -136,7 +217,7 @@ class Cache:
         rest = [p for p in wanted if p not in found]
         if rest:
             async with self.engine.connect() as conn:
-                found |= await queries.present_store_paths(conn, rest)
+                found |= await queries.present_store_paths(conn, rest, self.table)
         return found
 
     async def references_of(self, paths: Sequence[str]) -> dict[str, tuple[str, ...]]:
@@ -151,7 +232,7 @@ class Cache:
                 out[path] = tuple(STORE_PREFIX + r for r in info.references)
         if rest:
             async with self.engine.connect() as conn:
-                out.update(await queries.store_path_references(conn, rest))
+                out.update(await queries.store_path_references(conn, rest, self.table))
         return out
 
     async def fetch_narinfo(self, path: str) -> narinfo.NarInfo | None:
@@ -163,7 +244,7 @@ class Cache:
         info = self._infos.get(hash_part)
         if info is None:
             async with self.engine.connect() as conn:
-                info = await queries.fetch_store_path_by_hash(conn, hash_part)
+                info = await queries.fetch_store_path_by_hash(conn, hash_part, self.table)
             if info is not None:
                 self._infos.put(hash_part, info)
         return info
@@ -191,44 +272,40 @@ class Cache:
         return out
 
     # ---- ingest ----------------------------------------------------------------------------
+    # Two ways in, one verification (``NarCheck``): a NAR streamed to the runner is checked
+    # and compressed here (``receive``); a compressed file an agent put in the storage itself
+    # (a presigned upload) is read back, decompressed with a hard stop, and checked the same
+    # way (``receive_stored``).
     async def receive(
         self,
         chunks: AsyncIterator[bytes],
         *,
+        kind: UploadKind,
         declared_size: int,
         declared_hash: bytes,
         candidates: Iterable[str] = (),
         sink: NarSink | None = None,
-    ) -> tuple[Ingested, str]:
+    ) -> tuple[Ingested, Staged]:
         """Stream a NAR into a temporary file, verifying as it goes.
 
-        Returns what was learned and the temporary handle; the caller must ``publish`` or
-        ``discard`` it. Raises PayloadTooLarge or BadRequest (and stores nothing) when the NAR
+        Returns what was learned and the staged file; the caller must ``publish`` or
+        ``discard`` it. Raises PayloadTooLarge or NarMismatch (and stores nothing) when the NAR
         is larger than declared or allowed, shorter, malformed, or hashes differently.
         ``sink`` sees the NAR's entries as they are parsed (e.g. to hash a file's contents).
+        ``kind`` is the door it came in by, for the upload metrics.
         """
-        if declared_size > self.config.max_nar_bytes:
-            raise PayloadTooLarge(
-                f"declared NAR size {declared_size} exceeds max_nar_bytes "
-                f"{self.config.max_nar_bytes}"
-            )
+        self.check_declared_size(declared_size)
         compression = self.config.compression
-        compressor = _Compressor(compression, self.config.compression_level)
+        compressor = Compressor(compression, self.config.compression_level)
+        check = NarCheck(declared_size, declared_hash, candidates, sink)
         # Uncompressed, the stored file is the NAR: its hash is the NAR hash, not a second pass.
         file_sha = hashlib.sha256() if compression is not Compression.NONE else None
-        validator = NarValidator(sink) if sink is not None else NarValidator()
-        scanner = ReferenceScanner(candidates)
-        size = 0
         file_size = 0
-        out, temp = self.storage.new_temp()
+        out, staged = self.storage.new_temp()
 
         def process(chunk: bytes) -> None:
             nonlocal file_size
-            try:
-                validator.feed(chunk)
-            except NarError as exc:
-                raise BadRequest(f"malformed NAR: {exc}") from exc
-            scanner.feed(chunk)
+            check.feed(chunk)
             data = compressor.compress(chunk)
             if data:
                 if file_sha is not None:
@@ -264,11 +341,7 @@ class Cache:
                     async for chunk in chunks:
                         if not chunk:
                             continue
-                        size += len(chunk)
-                        if size > declared_size:
-                            raise PayloadTooLarge(
-                                f"NAR is longer than its declared size of {declared_size} bytes"
-                            )
+                        check.count(chunk)
                         if not in_thread:
                             process(chunk)
                             continue
@@ -292,42 +365,129 @@ class Cache:
                     file_sha.update(data)
                 file_size += len(data)
                 out.write(data)
-            if size != declared_size:
-                raise BadRequest(f"NAR is {size} bytes, shorter than its declared {declared_size}")
-            nar_sha = validator.sha256()
-            if nar_sha != declared_hash:
-                raise BadRequest(
-                    "NAR hash mismatch: declared "
-                    f"{base32.format_hash('sha256', declared_hash)}, got "
-                    f"{base32.format_hash('sha256', nar_sha)}"
-                )
-            try:
-                validator.finish()
-            except NarError as exc:
-                raise BadRequest(f"malformed NAR: {exc}") from exc
-        except BaseException:
-            self.storage.discard(temp)
+            nar_sha, references = check.finish()
+        except BaseException as exc:
+            await staged.discard()
+            self.metrics.upload_failed(kind, exc)
             raise
+        self.metrics.upload_verified(kind, declared_size)
         file_hash = file_sha.digest() if file_sha is not None else nar_sha
-        name = f"nar/{base32.encode(file_hash)}.nar{_EXTENSIONS[compression]}"
         return (
             Ingested(
                 nar_hash=nar_sha,
-                nar_size=size,
-                file_name=name,
+                nar_size=declared_size,
+                file_name=nar_file_name(file_hash, compression),
                 file_hash=file_hash,
                 file_size=file_size,
-                references=frozenset(scanner.found),
+                references=references,
+                compression=compression,
             ),
-            temp,
+            staged,
         )
 
-    def discard(self, temp: str) -> None:
-        self.storage.discard(temp)
+    def check_declared_size(self, declared_size: int) -> None:
+        if declared_size > self.config.max_nar_bytes:
+            raise PayloadTooLarge(
+                f"declared NAR size {declared_size} exceeds max_nar_bytes "
+                f"{self.config.max_nar_bytes}"
+            )
+
+    async def receive_stored(
+        self,
+        body: BinaryIO,
+        staged: Staged,
+        *,
+        compression: Compression,
+        declared_size: int,
+        declared_hash: bytes,
+        declared_file_size: int,
+        declared_file_hash: bytes,
+        candidates: Iterable[str] = (),
+    ) -> Ingested:
+        """Verify a compressed NAR file already in the storage, read from ``body``.
+
+        The file is hashed and counted (a hard stop at its declared size), decompressed with a
+        hard stop at the declared NAR size (a decompression bomb costs at most one bounded
+        burst of output), and the NAR checked exactly as ``receive`` checks an uploaded one.
+        Runs in a worker thread, as long as the NAR takes: no fixed timeout. On any mismatch
+        ``staged`` is discarded (the object deleted) and NarMismatch or PayloadTooLarge raised.
+        """
+        self.check_declared_size(declared_size)
+        stop = threading.Event()
+
+        def verify() -> tuple[bytes, frozenset[str]]:
+            check = NarCheck(declared_size, declared_hash, candidates)
+            decompressor = BoundedDecompressor(compression, declared_size)
+            file_sha = hashlib.sha256()
+            file_size = 0
+            try:
+                while chunk := body.read(STORED_READ_BYTES):
+                    if stop.is_set():
+                        raise asyncio.CancelledError
+                    file_size += len(chunk)
+                    if file_size > declared_file_size:
+                        raise PayloadTooLarge(
+                            f"the uploaded file is longer than its declared size of "
+                            f"{declared_file_size} bytes"
+                        )
+                    file_sha.update(chunk)
+                    for nar_chunk in decompressor.feed(chunk):
+                        check.count(nar_chunk)
+                        check.feed(nar_chunk)
+                decompressor.finish()
+            except DecompressedTooLarge as exc:
+                raise PayloadTooLarge(
+                    f"the uploaded {compression} file decompresses to more than its declared "
+                    f"NAR size of {declared_size} bytes"
+                ) from exc
+            except DecompressionError as exc:
+                raise NarMismatch(f"the uploaded file is not valid {compression}: {exc}") from exc
+            finally:
+                body.close()
+            if file_size != declared_file_size:
+                raise NarMismatch(
+                    f"the uploaded file is {file_size} bytes, not its declared {declared_file_size}"
+                )
+            if file_sha.digest() != declared_file_hash:
+                raise NarMismatch(
+                    "file hash mismatch: declared "
+                    f"{base32.format_hash('sha256', declared_file_hash)}, got "
+                    f"{base32.format_hash('sha256', file_sha.digest())}"
+                )
+            return check.finish()
+
+        try:
+            try:
+                loop = asyncio.get_running_loop()
+                nar_sha, references = await loop.run_in_executor(self._verify_pool, verify)
+            except asyncio.CancelledError:
+                stop.set()
+                raise
+        except BaseException as exc:
+            await staged.discard()
+            self.metrics.upload_failed(UploadKind.OUTPUT, exc)
+            raise
+        self.metrics.upload_verified(UploadKind.OUTPUT, declared_size)
+        return Ingested(
+            nar_hash=nar_sha,
+            nar_size=declared_size,
+            file_name=nar_file_name(declared_file_hash, compression),
+            file_hash=declared_file_hash,
+            file_size=declared_file_size,
+            references=references,
+            compression=compression,
+        )
+
+    async def discard(self, staged: Staged) -> None:
+        await staged.discard()
+
+    def close(self) -> None:
+        """Stop the verification threads (verifications still running are abandoned)."""
+        self._verify_pool.shutdown(wait=False, cancel_futures=True)
 
     async def publish(
         self,
-        temp: str,
+        staged: Staged,
         store_path: StorePath,
         got: Ingested,
         references: Iterable[str],
@@ -345,7 +505,7 @@ class Cache:
         info = narinfo.NarInfo(
             store_path=store_path.path,
             url=got.file_name,
-            compression=str(self.config.compression),
+            compression=str(got.compression),
             file_hash=base32.format_hash("sha256", got.file_hash),
             file_size=got.file_size,
             nar_hash=base32.format_hash("sha256", got.nar_hash),
@@ -356,13 +516,17 @@ class Cache:
             ca=ca,
         )
         signed = dataclasses.replace(info, sigs=(self.key.sign(info.fingerprint()),))
-        await asyncio.to_thread(self.storage.commit, temp, got.file_name)
+        await staged.commit(got.file_name)
         async with self.engine.begin() as conn:
-            inserted = await queries.insert_store_path(conn, signed, created_at=time.time())
+            inserted = await queries.insert_store_path(
+                conn, signed, created_at=time.time(), table=self.table
+            )
             if not inserted:
                 # Published concurrently (two steps with the same output): the first record
                 # is what Nix clients have been served; keep serving exactly that.
-                existing = await queries.fetch_store_path_by_hash(conn, store_path.hash_part)
+                existing = await queries.fetch_store_path_by_hash(
+                    conn, store_path.hash_part, self.table
+                )
                 if existing is not None:
                     signed = existing
             if record is not None:
@@ -450,13 +614,18 @@ class Upstreams:
         return all(r is not None for r in results)
 
 
-async def closure(cache: Cache, upstreams: Upstreams, roots: Iterable[str]) -> set[str]:
-    """All paths reachable by references from ``roots`` through the cache and upstreams."""
+async def closure(
+    cache: Cache, upstreams: Upstreams, roots: Iterable[str], *, also: Cache | None = None
+) -> set[str]:
+    """All paths reachable by references from ``roots`` through the cache (then ``also``, the
+    untrusted cache for an untrusted step's inputs) and upstreams."""
     seen: set[str] = set()
     frontier = [r for r in set(roots)]
     while frontier:
         seen.update(frontier)
         known = await cache.references_of(frontier)
+        if also is not None:
+            known.update(await also.references_of([p for p in frontier if p not in known]))
         nxt: set[str] = set()
         missing = [p for p in frontier if p not in known]
         for refs in known.values():

@@ -15,16 +15,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import lzma
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
 
-import zstandard
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bigtent.errors import BadRequest, BigtentError, Conflict, NotFound, PayloadTooLarge
 from bigtent.nix import base32
+from bigtent.nix.compression import BoundedDecompressor, Compression
 from bigtent.nix.drv import (
     Derivation,
     DrvError,
@@ -46,7 +44,9 @@ from bigtent.nix.store_path import (
 from bigtent.protocol import MAX_LIST_ITEMS, MAX_REFERENCES, MAX_SHORT_TEXT
 from bigtent.runner.cache import Cache, Ingested, Upstreams, closure
 from bigtent.runner.db import queries
+from bigtent.runner.metrics import UploadKind
 from bigtent.runner.scheduler.dispatcher import Scheduler
+from bigtent.runner.storage import Staged
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,12 @@ async def ingest_client_path(
     is_drv = sp.name.endswith(".drv")
     claimed = set() if is_drv else _parse_references(references)
     sink = _RootFile(keep=is_drv)
-    got, temp = await cache.receive(
-        chunks, declared_size=declared_size, declared_hash=declared_hash, sink=sink
+    got, staged = await cache.receive(
+        chunks,
+        kind=UploadKind.SOURCE,
+        declared_size=declared_size,
+        declared_hash=declared_hash,
+        sink=sink,
     )
     try:
         drv = None
@@ -180,9 +184,9 @@ async def ingest_client_path(
                 # when its .drv is in the cache.
                 await queries.insert_derivation(conn, info)
 
-        await cache.publish(temp, sp, got, refs, ca=ca, record=record)
+        await cache.publish(staged, sp, got, refs, ca=ca, record=record)
     except BaseException:
-        cache.discard(temp)
+        await cache.discard(staged)
         raise
     return True
 
@@ -397,38 +401,31 @@ async def _load_cached_drv(cache: Cache, path: str) -> str:
     info = await cache.fetch_narinfo(path)
     if info is None:
         raise ValueError(f"{path} is not in the cache")
-    local = cache.storage.local_path(info.url)
-    if local is None:
-        raise ValueError(f"{path}: its NAR {info.url} is not in the cache storage")
     sp = StorePath.parse(path)
+    try:
+        compression = Compression(info.compression)
+    except ValueError as exc:
+        raise ValueError(f"{path}: unknown compression {info.compression!r}") from exc
 
     def read() -> str:
         sink = _RootFile(keep=True)
         validator = NarValidator(sink)
-        with local.open("rb") as file:
-            for chunk in _decompressed(file, info.compression):
-                validator.feed(chunk)
+        decompressor = BoundedDecompressor(compression, info.nar_size)
+        try:
+            file = cache.storage.open_file(info.url)
+        except FileNotFoundError as exc:
+            raise ValueError(f"{path}: its NAR {info.url} is not in the cache storage") from exc
+        with file:
+            while chunk := file.read(64 * 1024):
+                for data in decompressor.feed(chunk):
+                    validator.feed(data)
+        decompressor.finish()
         validator.finish()
         if not sink.is_file:
             raise ValueError(f"{sp.path} is not a regular file")
         return sink.content.decode()
 
     return await asyncio.to_thread(read)
-
-
-def _decompressed(file: BinaryIO, compression: str) -> Iterator[bytes]:
-    """The NAR in a cache file written by ``Cache.receive`` (our own, verified at upload)."""
-    decompressor: Any
-    if compression == "zstd":
-        decompressor = zstandard.ZstdDecompressor().decompressobj()
-    elif compression == "xz":
-        decompressor = lzma.LZMADecompressor()
-    elif compression == "none":
-        decompressor = None
-    else:
-        raise ValueError(f"unknown compression {compression!r}")
-    while chunk := file.read(64 * 1024):
-        yield decompressor.decompress(chunk) if decompressor is not None else chunk
 
 
 def _content_address(sp: StorePath, got: Ingested, sink: _RootFile, refs: set[str]) -> str:
@@ -482,11 +479,13 @@ async def ingest_output(
     *,
     nar_hash: str | None,
     nar_size: str | None,
+    untrusted: Cache | None = None,
 ) -> NarInfo:
     """Accept an output NAR from the holder of a current lease (DESIGN §6).
 
     Only outputs of the leased step's derivation are accepted; references are found by
-    scanning for the input closure's hash parts (plus the step's own outputs).
+    scanning for the input closure's hash parts (plus the step's own outputs). An untrusted
+    step's outputs go to the ``untrusted`` cache, never to ``cache`` (docs/security.md).
     """
     node = scheduler.lease_holder(lease_id)
     if node is None:
@@ -503,6 +502,7 @@ async def ingest_output(
         chunks,
         declared_hash=declared_hash,
         declared_size=declared_size,
+        untrusted=untrusted,
     )
 
 
@@ -516,11 +516,72 @@ async def ingest_leased_output(
     *,
     declared_hash: bytes,
     declared_size: int,
+    untrusted: Cache | None = None,
 ) -> NarInfo:
     """The verified path of ``ingest_output`` once the declared hash and size are known: also
     the door for outputs the runner built itself on an SSH builder (``sshvenue``), so they
     pass the same checks (current lease, an output of the leased drv, size caps, hash and
     size while streaming, references found by the runner's own scan) before they are signed.
+
+    A trusted step publishes to ``cache``. An untrusted step publishes to ``untrusted`` (its
+    own key, its own index): a path the main cache holds already is kept as it is there, and
+    its inputs' references are looked up in both caches.
+    """
+
+    async def receive(candidates: Mapping[str, str]) -> tuple[Ingested, Staged]:
+        # Either cache verifies into the shared storage; the step's trust decides where the
+        # result is published.
+        return await cache.receive(
+            chunks,
+            kind=UploadKind.OUTPUT,
+            declared_size=declared_size,
+            declared_hash=declared_hash,
+            candidates=candidates,
+        )
+
+    async def skip() -> None:
+        await _drain(chunks, cache.config.max_nar_bytes)
+
+    return await publish_leased_output(
+        cache,
+        upstreams,
+        scheduler,
+        lease_id,
+        output_name,
+        declared_size,
+        receive,
+        skip,
+        untrusted=untrusted,
+    )
+
+
+Receive = Callable[[Mapping[str, str]], Awaitable[tuple[Ingested, Staged]]]
+"""Verifies a NAR given the reference candidates (hash part -> path); returns it staged."""
+
+
+async def publish_leased_output(
+    cache: Cache,
+    upstreams: Upstreams,
+    scheduler: Scheduler,
+    lease_id: str,
+    output_name: str,
+    declared_size: int,
+    receive: Receive,
+    skip: Callable[[], Awaitable[None]],
+    *,
+    via: str = "a PUT to the runner",
+    untrusted: Cache | None = None,
+) -> NarInfo:
+    """Publish an output of a leased step, whichever way its NAR arrives (a PUT to the
+    runner, or a presigned upload to the bucket): the one door for agent outputs.
+
+    Checks the lease and the output name, returns the existing record (after ``skip``) when
+    the path is cached already, gathers the reference candidates (the input closure and the
+    step's outputs), lets ``receive`` verify the NAR, checks the lease again (it may have run
+    out meanwhile) and signs and records it. Nothing is published on any failure.
+
+    A trusted step publishes to ``cache``. An untrusted step publishes to ``untrusted`` (its
+    own key, its own index): a path the main cache holds already is kept as it is there.
     """
     node = scheduler.lease_holder(lease_id)
     if node is None:
@@ -528,14 +589,19 @@ async def ingest_leased_output(
     path = node.outputs.get(output_name)
     if path is None:
         raise BadRequest(f"{output_name!r} is not an output of {node.drv_path}")
-    if declared_size > cache.config.max_nar_bytes:
-        raise PayloadTooLarge(
-            f"declared NAR size {declared_size} exceeds max_nar_bytes {cache.config.max_nar_bytes}"
-        )
+    cache.check_declared_size(declared_size)
+    target = cache
+    also: Cache | None = None
+    if not node.req.trusted:
+        if untrusted is None:
+            raise BigtentError(f"step {node.id} is untrusted but the untrusted cache is not set up")
+        target = also = untrusted
     existing = await cache.fetch_narinfo(path)
+    if existing is None and also is not None:
+        existing = await also.fetch_narinfo(path)
     if existing is not None:
         # Built before (another step, or an earlier attempt): what is signed stays.
-        await _drain(chunks, cache.config.max_nar_bytes)
+        await skip()
         return existing
     drv = (await cache.derivations([node.drv_path])).get(node.drv_path)
     if drv is None:
@@ -546,21 +612,26 @@ async def ingest_leased_output(
         info = inputs_info.get(input_drv)
         if info is not None:
             inputs.update(info.outputs[n] for n in names if n in info.outputs)
-    candidates = await closure(cache, upstreams, inputs) | set(drv.outputs.values())
+    candidates = await closure(cache, upstreams, inputs, also=also) | set(drv.outputs.values())
     by_hash = {StorePath.parse(c).hash_part: c for c in candidates}
-    got, temp = await cache.receive(
-        chunks, declared_size=declared_size, declared_hash=declared_hash, candidates=by_hash
-    )
+    got, staged = await receive(by_hash)
     try:
         if scheduler.lease_holder(lease_id) is not node:
-            # The lease ran out (or the step was reassigned) while the NAR streamed in.
+            # The lease ran out (or the step was reassigned) while the NAR was verified.
             raise Conflict("lease is not current: the step was reassigned or finished")
         refs = {by_hash[h] for h in got.references}
-        published = await cache.publish(
-            temp, StorePath.parse(path), got, refs, deriver=node.drv_path
+        published = await target.publish(
+            staged, StorePath.parse(path), got, refs, deriver=node.drv_path
         )
     except BaseException:
-        cache.discard(temp)
+        await target.discard(staged)
         raise
-    log.info("step %d: received %s (%d bytes)", node.id, path, got.nar_size)
+    log.info(
+        "step %d: received %s (%d bytes) by %s%s",
+        node.id,
+        path,
+        got.nar_size,
+        via,
+        "" if node.req.trusted else " into the untrusted cache",
+    )
     return published

@@ -15,8 +15,8 @@ import contextlib
 import json
 import logging
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
@@ -26,13 +26,16 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from bigtent import protocol as p
 from bigtent.config import Role, RunnerConfig
-from bigtent.errors import AuthError, ProtocolError, TooManyAuthFailures
-from bigtent.runner.auth.oidc import OidcVerifier
+from bigtent.errors import AuthError, Forbidden, ProtocolError, TooManyAuthFailures
+from bigtent.runner.auth.oidc import InvalidToken, OidcVerifier
 from bigtent.runner.auth.policy import AgentIdentity
 from bigtent.runner.auth.ratelimit import FailureThrottle
-from bigtent.runner.auth.tokens import TokenRegistry
+from bigtent.runner.auth.tokens import Principal, TokenRegistry
 from bigtent.runner.db import queries
+from bigtent.runner.metrics import Metrics
 from bigtent.runner.scheduler.dispatcher import Scheduler, SessionClosed, Venue
+from bigtent.runner.tls import PeerCert, name_is_pinned, peer_cert
+from bigtent.runner.trust import VenueScope, oidc_venue_scope, token_venue_scope
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ REGISTER_TIMEOUT_SECS = 30.0
 OUTGOING_QUEUE_MAX = 10_000
 MAX_NAME_BYTES = 128
 NORMAL_CLOSURE = 1000
+CERT_REQUIRED = "a client certificate is required"
 POLICY_VIOLATION = 1008
 """WebSocket close code after a protocol error (RFC 6455 §7.4.1)."""
 
@@ -48,6 +52,18 @@ _JWT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 """A compact JWS: header, payload and signature, base64url and dot-separated (RFC 7515 §7.1;
 the signature may be empty, as in ``alg: none``, so such a token is refused by the verifier
 with its reason). Tokens never contain a dot."""
+
+
+class LaunchRegistry(Protocol):
+    """Told when an agent registers with a launch id (the autoscaler, docs/autoscaling.md)."""
+
+    async def registered(
+        self, launch_id: str, machine_id: str, name: str, identity: AgentIdentity | None
+    ) -> None: ...
+
+    async def claim_scope(
+        self, launch_id: str, machine_id: str, identity: AgentIdentity | None
+    ) -> frozenset[str] | None: ...
 
 
 def looks_like_jwt(credential: str) -> bool:
@@ -75,6 +91,12 @@ class AgentSession:
     """The agent row's registration values, to record it again if it was pruned."""
     identity: AgentIdentity | None = None
     """The CI job an OIDC agent authenticated as; None for a token agent."""
+    principal: Principal | None = None
+    """The token a token agent authenticated with; None for an OIDC agent."""
+    cert: PeerCert | None = None
+    """The client certificate the TLS handshake verified (mTLS), if any."""
+    last_heartbeat: p.Heartbeat | None = None
+    """The agent's latest load report (the dashboard shows it)."""
 
     def send(self, message: BaseModel) -> None:
         """Queue a message; raise SessionClosed when the session is over or hopelessly slow."""
@@ -106,6 +128,10 @@ class Sessions:
         cache_public_key: str,
         throttle: FailureThrottle,
         oidc: OidcVerifier | None = None,
+        metrics: Metrics | None = None,
+        launches: LaunchRegistry | None = None,
+        *,
+        untrusted_cache: p.Substituter | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -115,7 +141,12 @@ class Sessions:
         self.cache_public_key = cache_public_key
         self.throttle = throttle
         self.oidc = oidc
+        self.launches = launches
+        self.untrusted_cache = untrusted_cache
+        """Substituted from by untrusted venues only (announced first in ``upstreams``)."""
         self.live: dict[str, AgentSession] = {}
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.watch_sessions(lambda: self.live.values())
 
     async def handle(self, websocket: WebSocket) -> None:
         """The WebSocket endpoint: check the credential (a token, or a JWT for the OIDC
@@ -124,17 +155,22 @@ class Sessions:
         token = bearer_token(websocket.headers.get("authorization"))
         host = websocket.client.host if websocket.client else None
         identity: AgentIdentity | None = None
+        principal: Principal | None = None
+        cert = peer_cert(websocket.scope)
         try:
             self.throttle.check(host)
             try:
                 if token is not None and looks_like_jwt(token):
                     identity = await self.verify_oidc(token)
                 else:
-                    self.tokens.require(token, Role.AGENT)
+                    principal = self.tokens.require(token, Role.AGENT)
+                    if cert is None and self._client_ca:
+                        raise Forbidden(CERT_REQUIRED)
             except AuthError as exc:
                 self.throttle.failed(host, exc)
                 raise
         except AuthError as exc:
+            self.metrics.auth_failed(exc, token)
             headers = None
             if isinstance(exc, TooManyAuthFailures):
                 log.debug("agent connection from %s refused: %s", host or "?", exc)
@@ -147,6 +183,8 @@ class Sessions:
             else:
                 log.warning("agent connection from %s refused: %s", host or "?", exc)
                 reason = "forbidden" if exc.http_status == 403 else "unauthorized"
+                if exc.message == CERT_REQUIRED:
+                    reason = CERT_REQUIRED
             await websocket.send_denial_response(
                 JSONResponse(
                     {"error": reason, "detail": None},
@@ -156,7 +194,7 @@ class Sessions:
             )
             return
         await websocket.accept()
-        session = AgentSession(websocket, identity=identity)
+        session = AgentSession(websocket, identity=identity, principal=principal, cert=cert)
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._writer(session))
@@ -176,10 +214,20 @@ class Sessions:
         finally:
             await self._ended(session)
 
+    @property
+    def _client_ca(self) -> bool:
+        tls = self.config.runner.tls
+        return tls is not None and tls.client_ca is not None
+
+    @property
+    def _pin_client_name(self) -> bool:
+        tls = self.config.runner.tls
+        return tls is not None and tls.pin_client_name
+
     async def verify_oidc(self, token: str) -> AgentIdentity:
         """Verify a CI job's JWT (401 when no issuer is configured)."""
         if self.oidc is None:
-            raise AuthError("OIDC tokens are not accepted by this runner")
+            raise InvalidToken("OIDC tokens are not accepted by this runner")
         return await self.oidc.verify(token)
 
     async def _writer(self, session: AgentSession) -> None:
@@ -228,8 +276,14 @@ class Sessions:
         now = self.scheduler.clock()
         identity = session.identity
         ephemeral = reg.ephemeral
+        # DESIGN §6 mTLS: the verified certificate must name this agent (token agents; an
+        # OIDC agent is named by its verified job token instead).
+        pinned = identity is not None or not self._pin_client_name
+        if not pinned and not name_is_pinned(session.cert, reg.name, reg.ephemeral):
+            log.warning("agent %r refused: its client certificate does not name it", reg.name)
+            raise ProtocolError(f"the client certificate does not name agent {reg.name!r}")
+        await self._check_machine_id(session, reg)
         if identity is not None:
-            await self._check_machine_id(identity, reg)
             if not reg.ephemeral:
                 log.info(
                     "agent %s (OIDC, %s) registered as persistent; recorded as ephemeral",
@@ -237,6 +291,15 @@ class Sessions:
                     identity.repository,
                 )
             ephemeral = True  # DESIGN §6: whatever it claims
+        scope = self.venue_scope(identity, reg)
+        if identity is not None and reg.launch_id is not None and self.launches is not None:
+            # A pool's launched agent serves the pool's allowed build repositories (issue 5:
+            # a central workflow repository launches agents for other repositories).
+            pool_repositories = await self.launches.claim_scope(
+                reg.launch_id, reg.machine_id, identity
+            )
+            if pool_repositories is not None:
+                scope = replace(scope, repositories=pool_repositories)
         old = self.live.get(reg.machine_id)
         if old is not None:
             log.info("agent %s reconnected; closing its older session", reg.name)
@@ -252,6 +315,9 @@ class Sessions:
             max_jobs=reg.max_jobs,
             speed_factor=reg.speed_factor,
             send=session.send,
+            launch_id=reg.launch_id,
+            trusted=scope.trusted,
+            repositories=scope.repositories,
         )
         session.venue = venue
         self.live[reg.machine_id] = session
@@ -265,8 +331,10 @@ class Sessions:
             speed_factor=reg.speed_factor,
             ephemeral=ephemeral,
             auth_kind="token" if identity is None else "oidc",
+            credential=session.principal.name if session.principal else None,
             launch_id=reg.launch_id,
             version=reg.version,
+            trusted=scope.trusted,
             **_identity_columns(identity),
         )
         async with self.engine.begin() as conn:
@@ -281,6 +349,11 @@ class Sessions:
         # attach() and the Registered message happen with no await in between, so the
         # agent always sees Registered before its first Assign.
         kept = self.scheduler.attach(venue, reg.running)
+        upstreams = [
+            p.Substituter(url=u.url, public_key=u.public_key) for u in self.config.cache.upstreams
+        ]
+        if not scope.trusted and self.untrusted_cache is not None:
+            upstreams.insert(0, self.untrusted_cache)
         session.send(
             p.Registered(
                 session_id=f"{reg.machine_id}:{int(now * 1000)}",
@@ -288,38 +361,86 @@ class Sessions:
                 lease_secs=self.config.scheduler.lease_secs,
                 cache_url=self.cache_url,
                 cache_public_key=self.cache_public_key,
-                upstreams=[
-                    p.Substituter(url=u.url, public_key=u.public_key)
-                    for u in self.config.cache.upstreams
-                ],
+                upstreams=upstreams,
                 keep_running=kept,
+                untrusted=not scope.trusted,
+                **upload_settings(self.config),
             )
         )
         log.info(
-            "agent %s (%s) registered: %s, %d jobs",
+            "agent %s (%s) registered: %s, %d jobs%s",
             reg.name,
             reg.machine_id,
             ",".join(reg.systems),
             reg.max_jobs,
+            "" if scope.trusted else ", untrusted",
         )
+        if reg.launch_id is not None and self.launches is not None:
+            await self.launches.registered(reg.launch_id, reg.machine_id, reg.name, identity)
         return venue
 
-    async def _check_machine_id(self, identity: AgentIdentity, reg: p.Register) -> None:
-        """An OIDC agent may not take over the machine id of a token agent or of another CI
-        identity (it would close that agent's session and rewrite its row)."""
+    def venue_scope(self, identity: AgentIdentity | None, reg: p.Register) -> VenueScope:
+        """DESIGN §6: a token agent is trusted unless it asks not to be, and serves any
+        repository; an OIDC agent's trust and repositories are its issuer rule's. An OIDC
+        agent asking to be untrusted when its rule does not allow untrusted builds is refused
+        (it could take nothing)."""
+        if identity is None:
+            return token_venue_scope(untrusted=reg.untrusted)
+        rule = next(r for r in self.config.auth.oidc if r.issuer == identity.issuer)
+        scope = oidc_venue_scope(rule)
+        if reg.untrusted and scope.trusted:
+            raise ProtocolError(
+                "this agent asks to be untrusted, but its OIDC issuer rule does not allow "
+                "untrusted builds (allow_untrusted)"
+            )
+        return scope
+
+    async def _check_machine_id(self, session: AgentSession, reg: p.Register) -> None:
+        """A machine id belongs to the credential that registered it: another credential
+        may not take it over (it would close that agent's session, keep the leases it
+        lists as running, and so upload for steps leased to someone else).
+
+        OIDC agents: the same CI identity only. Token agents: the same token while that token
+        is valid; once it is revoked or removed, a new token may take the machine id over
+        (token rotation). An agent row without a recorded token is claimed by the first."""
+        in_use = ProtocolError("machine id is in use by another agent")
         old = self.live.get(reg.machine_id)
-        if old is not None and old.identity != identity:
-            raise ProtocolError("machine id is in use by another agent")
+        if old is not None and not _same_credential(old, session):
+            raise in_use
         async with self.engine.connect() as conn:
             row = await queries.fetch_agent(conn, reg.machine_id)
-        if row is not None and _identity_columns(identity) != {
-            name: getattr(row, name) for name in _IDENTITY_COLUMNS
-        }:
-            raise ProtocolError("machine id is in use by another agent")
+        if row is None:
+            return
+        identity = session.identity
+        if identity is not None or row.auth_kind == "oidc":
+            if _identity_columns(identity) != {
+                name: getattr(row, name) for name in _IDENTITY_COLUMNS
+            }:
+                raise in_use
+            return
+        assert session.principal is not None
+        bound = row.credential
+        if bound is not None and bound != session.principal.name:
+            if self.tokens.is_valid(bound):
+                log.warning(
+                    "agent %r refused: machine id %s is bound to token %r, not %r",
+                    reg.name,
+                    reg.machine_id,
+                    bound,
+                    session.principal.name,
+                )
+                raise in_use
+            log.info(
+                "machine id %s moves from token %r (no longer valid) to %r",
+                reg.machine_id,
+                bound,
+                session.principal.name,
+            )
 
     async def _dispatch(self, session: AgentSession, venue: Venue, msg: p.AgentMessage) -> None:
         match msg:
             case p.Heartbeat():
+                session.last_heartbeat = msg
                 self.scheduler.heartbeat(venue, msg.running)
                 if msg.draining and not venue.draining:
                     log.info("agent %s is draining: no more assignments", venue.name)
@@ -377,6 +498,12 @@ class Sessions:
         log.info("agent %s disconnected", venue.name)
 
 
+def _same_credential(a: AgentSession, b: AgentSession) -> bool:
+    if a.identity is not None or b.identity is not None:
+        return a.identity == b.identity
+    return a.principal is not None and b.principal is not None and a.principal == b.principal
+
+
 def restore_backoff(venue: Venue, row: Any) -> None:
     """Give a newly registered venue the backoff its agent row holds. DESIGN §4: the backoff
     belongs to the machine, not the session: a flapping agent must not shed it by
@@ -409,3 +536,16 @@ def _identity_columns(identity: AgentIdentity | None) -> dict[str, str | None]:
 
 def _json(items: list[str]) -> str:
     return json.dumps(sorted(items))
+
+
+def upload_settings(config: RunnerConfig) -> dict[str, Any]:
+    """What ``registered`` tells agents about uploads: presigned (S3) or not, and the
+    compression their files must have (docs/api.md)."""
+    cache = config.cache
+    return {
+        "presigned_uploads": cache.s3 is not None
+        and cache.storage == "s3"
+        and cache.s3.presigned_uploads,
+        "compression": str(cache.compression),
+        "compression_level": cache.compression_level,
+    }

@@ -1,4 +1,5 @@
-"""Where compressed NAR files live. Local directory storage now; S3 later, same protocol."""
+"""Where compressed NAR files live: a local directory (here) or an S3 bucket (``s3.py``),
+behind one ``Storage`` protocol; a file on its way in is a ``Staged`` until it is published."""
 
 from __future__ import annotations
 
@@ -9,24 +10,57 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 
+class Staged(Protocol):
+    """A NAR file received but not published: ``commit`` it under its final name once it is
+    verified, or ``discard`` it. Both are idempotent."""
+
+    async def commit(self, name: str) -> None: ...
+
+    async def discard(self) -> None: ...
+
+
 class Storage(Protocol):
     """Stores NAR files (already compressed) under names like ``nar/<filehash>.nar.zst``."""
 
-    def new_temp(self) -> tuple[BinaryIO, str]:
-        """A writable temporary file and its handle name for ``commit``/``discard``."""
+    def new_temp(self) -> tuple[BinaryIO, Staged]:
+        """A writable local temporary file, and its handle for ``commit``/``discard``."""
         ...
-
-    def commit(self, temp: str, name: str) -> None:
-        """Publish a finished temporary file under ``name`` (atomic; idempotent)."""
-        ...
-
-    def discard(self, temp: str) -> None: ...
-
-    def exists(self, name: str) -> bool: ...
 
     def local_path(self, name: str) -> Path | None:
         """A filesystem path to serve ``name`` from, when the storage is local."""
         ...
+
+    def open_file(self, name: str) -> BinaryIO:
+        """Read published file ``name`` (blocking: call it from a worker thread). Raises
+        FileNotFoundError when there is none."""
+        ...
+
+
+class LocalStaged:
+    """A temporary file in ``ROOT/tmp``; committing renames it into ``ROOT/nar``."""
+
+    def __init__(self, storage: LocalStorage, path: str) -> None:
+        self._storage = storage
+        self.path = path
+
+    async def commit(self, name: str) -> None:
+        os.replace(self.path, self._storage.target(name))
+
+    async def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def new_staging_file(tmp_dir: Path) -> tuple[BinaryIO, str]:
+    fd, name = tempfile.mkstemp(dir=tmp_dir, suffix=".part")
+    return os.fdopen(fd, "wb"), name
+
+
+def clear_staging_dir(tmp_dir: Path) -> None:
+    """Uploads cut short by a crash left their partial files; nothing refers to them."""
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in tmp_dir.glob("*.part"):
+        leftover.unlink(missing_ok=True)
 
 
 class LocalStorage:
@@ -35,37 +69,34 @@ class LocalStorage:
     def __init__(self, root: Path) -> None:
         self.root = root
         (root / "nar").mkdir(parents=True, exist_ok=True)
-        (root / "tmp").mkdir(parents=True, exist_ok=True)
-        # Uploads cut short by a crash left their partial files; nothing refers to them.
-        for leftover in (root / "tmp").glob("*.part"):
-            leftover.unlink(missing_ok=True)
+        clear_staging_dir(root / "tmp")
 
-    def new_temp(self) -> tuple[BinaryIO, str]:
-        fd, name = tempfile.mkstemp(dir=self.root / "tmp", suffix=".part")
-        return os.fdopen(fd, "wb"), name
+    def new_temp(self) -> tuple[BinaryIO, Staged]:
+        out, name = new_staging_file(self.root / "tmp")
+        return out, LocalStaged(self, name)
 
-    def _target(self, name: str) -> Path:
+    def target(self, name: str) -> Path:
         target = (self.root / name).resolve()
         if not target.is_relative_to(self.root.resolve()) or not name.startswith("nar/"):
             raise ValueError(f"bad storage name {name!r}")
         return target
 
-    def commit(self, temp: str, name: str) -> None:
-        os.replace(temp, self._target(name))
-
-    def discard(self, temp: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-
     def exists(self, name: str) -> bool:
-        return self._target(name).is_file()
+        return self.target(name).is_file()
 
     def local_path(self, name: str) -> Path | None:
         try:
-            target = self._target(name)
+            target = self.target(name)
         except ValueError:
             return None
         return target if target.is_file() else None
+
+    def open_file(self, name: str) -> BinaryIO:
+        try:
+            target = self.target(name)
+        except ValueError as exc:
+            raise FileNotFoundError(name) from exc
+        return target.open("rb")
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in (self.root / "nar").iterdir() if p.is_file())

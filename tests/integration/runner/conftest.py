@@ -21,6 +21,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import ClientConnection, connect
 
 from bigtent import protocol as p
@@ -32,8 +33,13 @@ from bigtent.nix.store_path import StorePath
 from bigtent.runner.app import create_app, uvicorn_config
 from bigtent.runner.auth.tokens import generate_token, token_digest
 from bigtent.runner.components import Components, build_components, close_components
+from bigtent.runner.db.migrate import create_engine
 from tests.conftest import current_system
 from tests.conftest import eventually as _eventually
+from tests.s3 import s3_bucket, s3_endpoint
+
+__all__ = ["s3_bucket", "s3_endpoint"]  # fixtures for the tests of S3 storage
+from tests.databases import MakeDatabase
 
 NO_SUBSTITUTERS = ["--option", "substituters", ""]
 WAIT_SECS = 10.0
@@ -89,7 +95,7 @@ class RunnerHarness:
     @property
     def ws_url(self) -> str:
         assert self.url is not None, "the runner is not served (make_runner(serve=True))"
-        return self.url.replace("http://", "ws://") + "/api/v1/agent/ws"
+        return self.url.replace("http", "ws", 1) + "/api/v1/agent/ws"
 
     async def narinfo(self, path: str) -> httpx.Response:
         hash_part = StorePath.parse(path).hash_part
@@ -113,6 +119,14 @@ class RunnerHarness:
 MakeRunner = Callable[..., Awaitable[RunnerHarness]]
 
 
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on a migrated test database (SQLite, or PostgreSQL in that pass)."""
+    engine = create_engine(database_url)
+    yield engine
+    await engine.dispose()
+
+
 def _free_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -122,13 +136,15 @@ def _free_socket() -> socket.socket:
 
 
 @pytest.fixture
-async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
+async def make_runner(tmp_path: Path, make_database: MakeDatabase) -> AsyncIterator[MakeRunner]:
     """Factory: ``await make_runner(serve=False, cache={...}, auth={"oidc": [...]}, ...)``
-    (``auth`` adds to the generated tokens, one per role).
+    (``auth`` adds to the generated tokens, one per role; ``runner`` to the ``[runner]``
+    section).
 
     With ``serve=True`` the app runs under a real uvicorn server on a loopback port bound
     before the components are built (so the cache URL names the real port), with its
     lifespan (the scheduler loop) running; otherwise it is driven in-process over ASGI.
+    Each runner gets a new migrated database (``database={"url": ...}`` names another).
     """
     made: list[tuple[RunnerHarness, uvicorn.Server | None, asyncio.Task[None] | None]] = []
 
@@ -137,6 +153,8 @@ async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
         serve: bool = False,
         cache: dict[str, Any] | None = None,
         auth: dict[str, Any] | None = None,
+        tls: dict[str, Any] | None = None,
+        runner: dict[str, Any] | None = None,
         **sections: Any,
     ) -> RunnerHarness:
         state = tmp_path / f"runner{len(made)}"
@@ -145,6 +163,8 @@ async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
         key_file = state / "cache.sk"
         key_file.write_text(key.to_text())
         tokens = {role: generate_token() for role in Role}
+        if "database" not in sections:
+            sections["database"] = {"url": make_database()}
         sock = _free_socket() if serve else None
         port = sock.getsockname()[1] if sock else 0
         config = load_runner_config(
@@ -153,10 +173,19 @@ async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
                 "state_dir": str(state),
                 "listen": f"127.0.0.1:{port}",
                 "allow_plaintext": True,
+                **({"tls": tls} if tls else {}),
+                **(runner or {}),
             },
             auth={
+                # The client token is trusted, so its builds are trusted ones (DESIGN §6); tests
+                # of untrusted builds make an untrusted client token of their own.
                 "tokens": [
-                    {"name": f"{role}-token", "role": str(role), "sha256": token_digest(tok)}
+                    {
+                        "name": f"{role}-token",
+                        "role": str(role),
+                        "sha256": token_digest(tok),
+                        "trusted": role is Role.CLIENT,
+                    }
                     for role, tok in tokens.items()
                 ],
                 **(auth or {}),
@@ -180,7 +209,7 @@ async def make_runner(tmp_path: Path) -> AsyncIterator[MakeRunner]:
                 return started.started
 
             await eventually(up)
-            harness.url = f"http://127.0.0.1:{port}"
+            harness.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
         made.append((harness, server, task))
         return harness
 
@@ -344,6 +373,33 @@ def verify_signed(runner: RunnerHarness, text: str) -> narinfo.NarInfo:
     assert info.sigs, "narinfo is not signed"
     assert verify_narinfo(info, [runner.key.public_key()]), "signature does not verify"
     return info
+
+
+async def nix_copy_from(runner: RunnerHarness, paths: list[str], root: Path) -> tuple[int, str]:
+    """``nix copy --derivation --from`` the runner's cache into a fresh store (the .drv files
+    themselves), checking signatures against the runner's key."""
+    assert runner.url is not None
+    proc = await asyncio.create_subprocess_exec(
+        "nix",
+        "--extra-experimental-features",
+        "nix-command",
+        "copy",
+        "--derivation",
+        "--from",
+        f"{runner.url}/cache",
+        "--to",
+        f"local?root={root}",
+        "--option",
+        "trusted-public-keys",
+        runner.key.public_key().to_text(),
+        *paths,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={"PATH": "/usr/bin:/bin", "XDG_CACHE_HOME": str(root.parent / f"xdg-{root.name}")},
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace")
 
 
 @contextlib.contextmanager

@@ -12,7 +12,8 @@ from bigtent.nix.keys import generate_key
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store_path import StorePath
 from bigtent.runner.cache import Cache
-from bigtent.runner.db.migrate import create_engine, migrate
+from bigtent.runner.db.migrate import create_engine
+from bigtent.runner.metrics import UploadKind
 from bigtent.runner.storage import LocalStorage
 
 PATH = StorePath.parse("/nix/store/" + "b" * 32 + "-out")
@@ -22,9 +23,10 @@ async def _chunks(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
-async def test_second_publish_of_a_path_returns_the_first_record(tmp_path: Path) -> None:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/db.sqlite")
-    await migrate(engine)
+async def test_second_publish_of_a_path_returns_the_first_record(
+    tmp_path: Path, database_url: str
+) -> None:
+    engine = create_engine(database_url)
     key = generate_key("t-1")
     cache = Cache(engine, LocalStorage(tmp_path / "cache"), key, CacheSection(), "http://x")
     published: list[narinfo.NarInfo] = []
@@ -33,7 +35,10 @@ async def test_second_publish_of_a_path_returns_the_first_record(tmp_path: Path)
         src.write_bytes(content)
         nar = b"".join(dump_path(src))
         got, temp = await cache.receive(
-            _chunks(nar), declared_size=len(nar), declared_hash=hashlib.sha256(nar).digest()
+            _chunks(nar),
+            kind=UploadKind.OUTPUT,
+            declared_size=len(nar),
+            declared_hash=hashlib.sha256(nar).digest(),
         )
         published.append(await cache.publish(temp, PATH, got, []))
     first, second = published

@@ -11,14 +11,16 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from bigtent.config import CacheSection, Compression
+from bigtent.config import CacheSection
 from bigtent.errors import BadRequest, PayloadTooLarge
+from bigtent.nix.compression import Compression
 from bigtent.nix.keys import generate_key
 from bigtent.nix.nar import dump_path
 from bigtent.runner import cache as cache_module
 from bigtent.runner.cache import Cache
 from bigtent.runner.db.migrate import create_engine
-from bigtent.runner.storage import LocalStorage
+from bigtent.runner.metrics import UploadKind
+from bigtent.runner.storage import LocalStaged, LocalStorage
 
 HASH_PART = "0c2kb5l5lrafkvr8nfbq4ps3zb6z2qkb"
 CHUNK = 64 * 1024
@@ -59,6 +61,7 @@ async def test_a_large_nar_in_small_chunks_is_received_whole(
     digest = hashlib.sha256(big_nar).digest()
     got, temp = await cache.receive(
         chunks_of(big_nar),
+        kind=UploadKind.OUTPUT,
         declared_size=len(big_nar),
         declared_hash=digest,
         candidates=[HASH_PART, "1" * 32],
@@ -66,12 +69,13 @@ async def test_a_large_nar_in_small_chunks_is_received_whole(
     assert len(big_nar) > 4 * cache_module.INGEST_BATCH_BYTES
     assert got.nar_hash == digest and got.nar_size == len(big_nar)
     assert got.references == {HASH_PART}
-    stored = Path(temp).read_bytes()
+    assert isinstance(temp, LocalStaged)
+    stored = Path(temp.path).read_bytes()
     assert got.file_size == len(stored) and got.file_hash == hashlib.sha256(stored).digest()
     if compression is Compression.ZSTD:
         stored = zstandard.ZstdDecompressor().decompressobj().decompress(stored)
     assert stored == big_nar
-    cache.discard(temp)
+    await temp.discard()
     await cache.engine.dispose()
 
 
@@ -99,6 +103,7 @@ async def test_a_bad_large_nar_is_refused_and_leaves_nothing(
     with pytest.raises(error, match=message):
         await cache.receive(
             chunks_of(body),
+            kind=UploadKind.OUTPUT,
             declared_size=len(big_nar),
             declared_hash=hashlib.sha256(big_nar).digest(),
         )
@@ -120,7 +125,10 @@ async def test_a_failure_while_a_batch_is_in_flight_waits_for_it(
 
     with pytest.raises(ConnectionResetError):
         await cache.receive(
-            broken(), declared_size=len(big_nar), declared_hash=hashlib.sha256(big_nar).digest()
+            broken(),
+            kind=UploadKind.OUTPUT,
+            declared_size=len(big_nar),
+            declared_hash=hashlib.sha256(big_nar).digest(),
         )
     assert leftovers(tmp_path) == []
     await cache.engine.dispose()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import update
@@ -434,13 +435,25 @@ async def test_honest_closures_with_fixed_and_multi_output_drvs_are_accepted(
     assert recorded[top].outputs == nix.outputs(top)
 
 
-@pytest.mark.parametrize("compression", ["zstd", "xz", "none"])
+@pytest.mark.parametrize(
+    ("compression", "storage"),
+    [("zstd", "local"), ("xz", "local"), ("none", "local"), ("zstd", "s3"), ("xz", "s3")],
+)
 async def test_inputs_recorded_before_hashes_were_stored(
-    make_runner: MakeRunner, nix: Nix, tmp_path: Path, compression: str
+    make_runner: MakeRunner,
+    nix: Nix,
+    tmp_path: Path,
+    compression: str,
+    storage: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     """Derivations recorded before migration 0002 have no hash modulo: it is computed from
-    their .drv files in the cache (inputs first) when a new derivation needs it, and kept."""
-    runner = await make_runner(cache={"compression": compression})
+    their .drv files in the cache storage (inputs first; read back from the bucket with S3
+    storage) when a new derivation needs it, and kept."""
+    cache: dict[str, Any] = {"compression": compression}
+    if storage == "s3":
+        cache.update(storage="s3", s3=request.getfixturevalue("s3_bucket").config())
+    runner = await make_runner(cache=cache)
     for _ in range(50):
         top, closure = _rich(nix, tmp_path)
         lib = next(p for p in closure if p.endswith("-lib.drv"))

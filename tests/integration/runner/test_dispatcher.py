@@ -1,4 +1,5 @@
-"""The scheduler service against a real SQLite database, with fake venues and a fake clock.
+"""The scheduler service against a real database (SQLite, or PostgreSQL in that pass), with
+fake venues and a fake clock.
 
 The loop is driven one ``tick(now)`` at a time, so no test waits on real time.
 """
@@ -21,7 +22,6 @@ from bigtent import protocol as p
 from bigtent.config import SchedulerSection
 from bigtent.errors import NotFound
 from bigtent.runner.db import queries
-from bigtent.runner.db.migrate import create_engine, migrate
 from bigtent.runner.logs import LogStore
 from bigtent.runner.scheduler import dispatcher
 from bigtent.runner.scheduler.dispatcher import (
@@ -207,14 +207,6 @@ class Farm:
         return {sid for sid in s.nodes if sid in s.index} | {
             sid for _, sid in s.delayed if s.nodes[sid].state is StepState.RUNNABLE
         }
-
-
-@pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/x.db")
-    await migrate(engine)
-    yield engine
-    await engine.dispose()
 
 
 @pytest.fixture
@@ -1166,16 +1158,16 @@ async def test_failed_transaction_reloads_memory_from_the_database(
     await farm.tick()
     [a] = agent.take_assigns()
     farm.uploaded.update(a.outputs.values())
-    real_update_steps = queries.update_steps
+    real_update = queries.update_steps_in_state
 
     async def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("database is locked")
 
     # The success changes memory (x succeeded, y runnable) and then the write fails.
-    monkeypatch.setattr(queries, "update_steps", broken)
+    monkeypatch.setattr(queries, "update_steps_in_state", broken)
     with pytest.raises(RuntimeError):
         await farm.report(agent, a, p.Outcome.SUCCESS)
-    monkeypatch.setattr(queries, "update_steps", real_update_steps)
+    monkeypatch.setattr(queries, "update_steps_in_state", real_update)
     # Memory was reloaded from the database, where nothing changed: x is still leased to
     # m1, and a re-sent result (the agent re-sends unacknowledged ones) is recorded.
     assert farm.sched.nodes[farm.sid(x)].state is StepState.ASSIGNED
@@ -1381,6 +1373,7 @@ async def test_a_build_left_without_roots_is_cancelled_at_start(farm: Farm) -> N
         sid = await queries.insert_step(
             conn, drv_path=z.drv_path, state=StepState.RUNNABLE, created_at=T0, attempts=0
         )
+        assert sid is not None
         await queries.insert_build_steps(conn, build_id, [sid])
     restarted = farm.new_scheduler()
     await restarted.load()

@@ -148,7 +148,8 @@ async def test_an_oidc_agent_receives_an_assign_for_a_runnable_step(
     runner = await make_runner(serve=True, auth=oidc_auth(issuer, tls))
     await upload_closure(runner, nix, drvs.closure)
     client = runner.client(Role.CLIENT)
-    resp = await client.post("/api/v1/builds", json={"drvs": [drvs.top]})
+    # A build of the repository the issuer rule allows (an OIDC agent serves no other).
+    resp = await client.post("/api/v1/builds", json={"drvs": [drvs.top], "repository": REPO})
     assert resp.status_code == 201, resp.text
     async with oidc_socket(runner, job_token(issuer, key)) as ws:
         await ws.send(p.encode(register_message(nix_system, ephemeral=False)))

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bigtent.config import CacheSection, Compression
+from bigtent.config import CacheSection
 from bigtent.errors import NotFound
 from bigtent.nix import base32
+from bigtent.nix.compression import Compression
 from bigtent.nix.keys import generate_key
 from bigtent.nix.narinfo import NarInfo
 from bigtent.runner import builds

@@ -22,7 +22,7 @@ from bigtent import protocol as p
 from bigtent.config import Role, SchedulerSection
 from bigtent.nix.store import LineSink, NixStore, PathInfo, RealiseResult, RealiseStatus
 from bigtent.runner.db import queries
-from bigtent.runner.db.migrate import create_engine, migrate
+from bigtent.runner.db.migrate import create_engine
 from bigtent.runner.logs import LogStore
 from bigtent.runner.scheduler.dispatcher import AGENT, SSH, PlannedStep, Scheduler, Venue
 from bigtent.runner.sshvenue import BuildStore
@@ -294,9 +294,8 @@ def _venue(name: str, kind: str, max_jobs: int, outbox: list[BaseModel], **kw: A
     )
 
 
-async def _scheduler(tmp_path: Path, *drvs: queries.DrvInfo) -> Scheduler:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
-    await migrate(engine)
+async def _scheduler(tmp_path: Path, url: str, *drvs: queries.DrvInfo) -> Scheduler:
+    engine = create_engine(url)
 
     async def present(paths: Any) -> set[str]:
         return set()
@@ -319,9 +318,11 @@ def _assigned(outbox: list[BaseModel]) -> list[str]:
     return sorted(m.drv_path for m in outbox if isinstance(m, p.Assign))
 
 
-async def test_agents_are_preferred_and_ssh_builders_take_the_rest(tmp_path: Path) -> None:
+async def test_agents_are_preferred_and_ssh_builders_take_the_rest(
+    tmp_path: Path, database_url: str
+) -> None:
     a, b, c = _drv("a"), _drv("b"), _drv("c")
-    sched = await _scheduler(tmp_path, a, b, c)
+    sched = await _scheduler(tmp_path, database_url, a, b, c)
     agent_box: list[BaseModel] = []
     ssh_box: list[BaseModel] = []
     # The SSH builder is faster and bigger: agents still come first.
@@ -337,8 +338,10 @@ async def test_agents_are_preferred_and_ssh_builders_take_the_rest(tmp_path: Pat
     }
 
 
-async def test_ssh_builders_get_nothing_while_agents_have_room(tmp_path: Path) -> None:
-    sched = await _scheduler(tmp_path, _drv("a"), _drv("b"), _drv("kvm", ("kvm",)))
+async def test_ssh_builders_get_nothing_while_agents_have_room(
+    tmp_path: Path, database_url: str
+) -> None:
+    sched = await _scheduler(tmp_path, database_url, _drv("a"), _drv("b"), _drv("kvm", ("kvm",)))
     agent_box: list[BaseModel] = []
     ssh_box: list[BaseModel] = []
     sched.attach(_venue("ssh", SSH, 4, ssh_box, features=("kvm",)), [])
@@ -351,8 +354,8 @@ async def test_ssh_builders_get_nothing_while_agents_have_room(tmp_path: Path) -
     ]
 
 
-async def test_an_ssh_builder_in_backoff_gets_no_work(tmp_path: Path) -> None:
-    sched = await _scheduler(tmp_path, _drv("a"))
+async def test_an_ssh_builder_in_backoff_gets_no_work(tmp_path: Path, database_url: str) -> None:
+    sched = await _scheduler(tmp_path, database_url, _drv("a"))
     ssh_box: list[BaseModel] = []
     venue = _venue("ssh", SSH, 4, ssh_box)
     sched.attach(venue, [])

@@ -27,6 +27,7 @@ from bigtent.agent.executor import (
     upload_status_is_retried,
 )
 from bigtent.config import AgentSection
+from bigtent.errors import CredentialUnavailable
 from bigtent.nix.base32 import format_hash
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store import NixStore, RealiseResult, RealiseStatus
@@ -250,12 +251,13 @@ async def run_step(
     lines: Sequence[str] = ("copying path", "building '/nix/store/x.drv'...", "hello"),
     cache: CacheSettings = CACHE,
     abort: asyncio.Event | None = None,
+    token: Any = "tok",
 ) -> tuple[Any, list[Log]]:
     root = tmp_path / "root"
     make_outputs(root)
     section = AgentSection(runner_url="http://runner:1", work_dir=tmp_path, executor="realise")
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        ex = FakeExecutor(FakeStore(root, status, lines), section, http=http, token="tok")
+        ex = FakeExecutor(FakeStore(root, status, lines), section, http=http, token=token)
         logs: list[Log] = []
 
         async def send_log(message: Log) -> bool:
@@ -264,6 +266,51 @@ async def run_step(
 
         result = await ex.run(ASSIGN, cache, send_log=send_log, abort=abort or asyncio.Event())
     return result, logs
+
+
+class RotatingSource:
+    """Hands out ``up-1``, ``up-2``, ... to uploads; its first answer may be a failure."""
+
+    refusal_hint = "check the test source"
+
+    def __init__(self, fail_first: bool = False) -> None:
+        self.calls: list[bool] = []
+        self.fail_first = fail_first
+
+    async def credential(self, *, fresh: bool) -> str | None:
+        self.calls.append(fresh)
+        if self.fail_first and len(self.calls) == 1:
+            raise CredentialUnavailable("ID token request failed: HTTP 502")
+        return f"up-{len(self.calls)}"
+
+
+async def test_each_upload_asks_the_source_for_a_usable_credential(tmp_path: Path) -> None:
+    auth: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        auth.append(request.headers["authorization"])
+        return httpx.Response(200, json={"path": "p", "references": []})
+
+    source = RotatingSource()
+    result, _ = await run_step(tmp_path, handler, token=source)
+    assert result.outcome is Outcome.SUCCESS, result.error
+    assert auth == ["Bearer up-1", "Bearer up-2"]  # dev, then out
+    assert source.calls == [False, False]  # never forces a new one: it may still be good
+
+
+@pytest.mark.usefixtures("fast_retries")
+async def test_an_unavailable_credential_is_retried_like_a_network_error(tmp_path: Path) -> None:
+    auth: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        auth.append(request.headers["authorization"])
+        return httpx.Response(200, json={"path": "p", "references": []})
+
+    result, _ = await run_step(
+        tmp_path, handler, token=RotatingSource(fail_first=True), cache=QUICK_RETRY
+    )
+    assert result.outcome is Outcome.SUCCESS, result.error
+    assert auth == ["Bearer up-2", "Bearer up-3"]
 
 
 async def test_success_uploads_every_output_with_its_nar_hash(tmp_path: Path) -> None:

@@ -145,3 +145,11 @@ async def test_ephemeral_identity_defaults_to_the_host_name(tmp_path: Path) -> N
     assert ident.name == ephemeral_name(default_name(), MID, {})
     assert ident.machine_id == MID
     assert ident.systems == ("aarch64-linux",)
+
+
+async def test_identities_carry_the_configured_launch_id(tmp_path: Path) -> None:
+    section = AgentSection(work_dir=tmp_path, launch_id="gha-x86-0007")
+    assert (await ephemeral_identity(section, FakeNix(), env={})).launch_id == "gha-x86-0007"
+    assert (await persistent_identity(section, FakeNix())).launch_id == "gha-x86-0007"
+    plain = await ephemeral_identity(AgentSection(work_dir=tmp_path), FakeNix(), env={})
+    assert plain.launch_id is None

@@ -29,7 +29,7 @@ from bigtent.agent.session import (
     websocket_connector,
 )
 from bigtent.config import AgentConfig, AgentSection
-from bigtent.errors import ConfigError, RunnerUnreachable
+from bigtent.errors import ConfigError, CredentialUnavailable, RunnerUnreachable
 from bigtent.protocol import (
     Abort,
     Accepted,
@@ -111,7 +111,10 @@ class FakeRunner:
         status: int | None = None,
         heartbeat_secs: float = 60.0,
         keep_running: list[int] | None = None,
+        untrusted: bool = False,
     ) -> None:
+        self.untrusted = untrusted
+        """What ``registered`` says about the agent's trust."""
         self.status = status
         self.heartbeat_secs = heartbeat_secs
         self.keep_running = keep_running
@@ -156,6 +159,7 @@ class FakeRunner:
                     cache_url="/cache",
                     cache_public_key="test-1:key",
                     keep_running=[StepId(k) for k in keep],
+                    untrusted=self.untrusted,
                 )
             )
         )
@@ -267,6 +271,29 @@ async def test_register_carries_identity_and_token(start_agent: Callable[..., Ag
         assert reg.ephemeral is False
         assert reg.running == []
         assert runner.auth_headers == ["Bearer secret"]
+
+
+async def test_an_untrusted_agent_says_so_and_serves_when_confirmed(
+    start_agent: Callable[..., Agent],
+) -> None:
+    async with FakeRunner(untrusted=True) as runner:
+        agent = start_agent(runner, untrusted=True)
+        side = await runner.next_session()
+        assert side.register.untrusted is True
+        await side.assign(1)
+        assert (await side.expect(Accepted)).step_id == 1
+        assert not agent.task.done()
+
+
+async def test_an_untrusted_agent_stops_when_the_runner_does_not_confirm(
+    start_agent: Callable[..., Agent],
+) -> None:
+    # An older runner ignores the request and would send trusted work: the agent must stop
+    # (an error, not a reconnect loop) rather than build it.
+    async with FakeRunner(untrusted=False) as runner:
+        agent = start_agent(runner, untrusted=True)
+        with pytest.raises(ConfigError, match="did not accept this agent as untrusted"):
+            await agent.exit_code()
 
 
 async def test_assign_when_full_is_refused(start_agent: Callable[..., Agent]) -> None:
@@ -597,6 +624,23 @@ async def test_auth_refusal_exits_3(
     assert f"HTTP {status}" in text and "unknown token" in text
     assert "\n" not in text
     assert "wrong" not in text
+    assert text.endswith("check the agent token and its role")
+
+
+async def test_auth_refusal_of_an_oidc_credential_says_what_to_check(
+    start_agent: Callable[..., Agent], caplog: pytest.LogCaptureFixture
+) -> None:
+    from bigtent.agent.credentials import github_actions_token
+
+    source = github_actions_token(
+        {"ACTIONS_ID_TOKEN_REQUEST_URL": "http://x/t", "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "r"},
+        "bigtent",
+    )
+    caplog.set_level(logging.ERROR, logger="bigtent.agent.session")
+    async with FakeRunner(status=403) as runner:
+        agent = start_agent(runner, token=CountingSource(hint=source.refusal_hint))
+        assert await agent.exit_code() == EXIT_AUTH_REFUSED
+    assert "check that audience 'bigtent' is one of the runner's [[auth.oidc]]" in caplog.text
 
 
 async def test_unreachable_runner_is_retried_until_shutdown(tmp_path: Path) -> None:
@@ -759,3 +803,60 @@ async def test_runner_error_message_makes_the_agent_reconnect(
         await first.send(Error(message="something broke"))
         second = await runner.next_session()
         assert second.register.machine_id == "m-1"
+
+
+class CountingSource:
+    """A credential source that hands out a new token at every fresh request."""
+
+    def __init__(self, hint: str = "check the test source") -> None:
+        self.refusal_hint = hint
+        self.fresh = 0
+        self.reused = 0
+
+    async def credential(self, *, fresh: bool) -> str | None:
+        if fresh:
+            self.fresh += 1
+        else:
+            self.reused += 1
+        return f"token-{self.fresh}"
+
+
+async def test_every_connect_presents_a_fresh_credential(
+    start_agent: Callable[..., Agent],
+) -> None:
+    async with FakeRunner() as runner:
+        source = CountingSource()
+        agent = start_agent(runner, token=source)
+        first = await runner.next_session()
+        await first.ws.close()
+        await asyncio.wait_for(first.closed.wait(), WAIT)
+        second = await runner.next_session()
+        assert runner.auth_headers == ["Bearer token-1", "Bearer token-2"]
+        assert (source.fresh, source.reused) == (2, 0)
+        await second.send(Drain())
+        assert await agent.exit_code() == 0
+
+
+class FailingSource:
+    refusal_hint = "check the test source"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def credential(self, *, fresh: bool) -> str | None:
+        self.calls += 1
+        if self.calls == 1:
+            raise CredentialUnavailable("the ID token request failed: HTTP 500")
+        return "good"
+
+
+async def test_a_persistent_agent_retries_when_its_credential_is_unavailable(
+    start_agent: Callable[..., Agent], caplog: pytest.LogCaptureFixture
+) -> None:
+    async with FakeRunner() as runner:
+        agent = start_agent(runner, token=FailingSource())
+        side = await runner.next_session()
+        assert runner.auth_headers == ["Bearer good"]
+        assert "cannot get the agent's credential: the ID token request failed" in caplog.text
+        await side.send(Drain())
+        assert await agent.exit_code() == 0

@@ -21,7 +21,7 @@ from bigtent.agent.session import (
     websocket_connector,
 )
 from bigtent.config import AgentConfig, AgentSection, EphemeralSection
-from bigtent.errors import RunnerUnreachable
+from bigtent.errors import CredentialUnavailable, RunnerUnreachable
 from bigtent.protocol import (
     Accepted,
     Assign,
@@ -58,18 +58,25 @@ async def start_ephemeral(tmp_path: Path) -> AsyncIterator[Callable[..., Agent]]
         limits: Limits,
         *,
         clock: Callable[[], float] | None = None,
+        token: Any = "secret",
+        launch_id: str | None = None,
         **section: Any,
     ) -> Agent:
         cfg = AgentSection(runner_url=runner.url, work_dir=tmp_path, **section)
         identity = AgentIdentity(
-            MachineId("m-e"), "eph-1", "host-1", ("x86_64-linux",), ephemeral=True
+            MachineId("m-e"),
+            "eph-1",
+            "host-1",
+            ("x86_64-linux",),
+            ephemeral=True,
+            launch_id=launch_id,
         )
         executor = FakeExecutor()
         extra: dict[str, Any] = {} if clock is None else {"clock": clock}
         session = AgentSession(
             cfg,
             identity,
-            token="secret",
+            token=token,
             connect=websocket_connector(),
             executor=executor,
             rand=lambda: 0.0,
@@ -354,3 +361,29 @@ async def test_run_agent_ephemeral_identity_is_fresh_and_not_on_disk(tmp_path: P
     assert ids[0] != ids[1] and names[0] != names[1]
     assert not (tmp_path / MACHINE_ID_FILE).exists()
     assert not any(p.name.startswith((MACHINE_ID_FILE, ".machine-id")) for p in tmp_path.rglob("*"))
+
+
+async def test_register_reports_the_launch_id(start_ephemeral: Callable[..., Agent]) -> None:
+    async with FakeRunner() as runner:
+        agent = start_ephemeral(runner, Limits(max_builds=1), launch_id="gha-pool-17")
+        side = await runner.next_session()
+        assert side.register.launch_id == "gha-pool-17"
+        await side.send(Drain())
+        assert await agent.exit_code() == 0
+
+
+class _Unavailable:
+    refusal_hint = "check the test source"
+
+    async def credential(self, *, fresh: bool) -> str | None:
+        raise CredentialUnavailable("requesting the GitHub Actions ID token failed: HTTP 403")
+
+
+async def test_an_unavailable_credential_ends_the_agent_with_exit_3(
+    start_ephemeral: Callable[..., Agent], caplog: pytest.LogCaptureFixture
+) -> None:
+    async with FakeRunner() as runner:
+        agent = start_ephemeral(runner, Limits(max_builds=1), token=_Unavailable())
+        assert await agent.exit_code() == EXIT_AUTH_REFUSED
+        assert runner.auth_headers == []  # it never dialled without a credential
+        assert "cannot get the agent's credential: requesting the GitHub" in caplog.text

@@ -270,6 +270,26 @@ def test_substituter_options() -> None:
     assert opts["trusted-public-keys"] == "me-1:x up-1:y"
 
 
+def test_only_an_untrusted_builds_download_trusts_the_untrusted_cache() -> None:
+    status = RunnerStatus.model_validate(
+        {
+            "cache_url": "/cache",
+            "cache_public_key": "me-1:x",
+            "untrusted_cache_url": "http://r:1/cache/untrusted",
+            "untrusted_cache_public_key": "me-untrusted-1:z",
+            "upstreams": [{"url": "https://up", "public_key": "up-1:y"}],
+        }
+    )
+    trusted = substituter_options(status, "http://r:1")
+    assert "untrusted" not in trusted["substituters"] + trusted["trusted-public-keys"]
+    opts = substituter_options(status, "http://r:1", untrusted=True)
+    assert opts["substituters"] == "http://r:1/cache http://r:1/cache/untrusted https://up"
+    assert opts["trusted-public-keys"] == "me-1:x me-untrusted-1:z up-1:y"
+    old = RunnerStatus.model_validate({"cache_url": "/cache", "cache_public_key": "me-1:x"})
+    with pytest.raises(BigtentError, match="no untrusted cache"):
+        substituter_options(old, "http://r:1", untrusted=True)
+
+
 # ---- the flow against fakes ------------------------------------------------------------------
 
 

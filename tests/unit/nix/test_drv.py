@@ -160,13 +160,23 @@ def test_error_position() -> None:
         parse_drv(text)
 
 
-def test_large_drv_parses_in_linear_time() -> None:
-    big = '\\\\\\"' * 500_000 + "x" * 1_000_000  # 2 MB of escapes, then 1 MB plain
+def _parse_secs(escapes: int) -> float:
+    big = '\\\\\\"' * escapes + "x" * (2 * escapes)
     text = REAL.replace('("name","x")', f'("big","{big}"),("name","x")')
-    start = time.perf_counter()
-    drv = parse_drv(text)
-    assert time.perf_counter() - start < 2.0
-    assert len(drv.env["big"]) == 2_000_000
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        drv = parse_drv(text)
+        best = min(best, time.perf_counter() - start)
+    assert len(drv.env["big"]) == 4 * escapes
+    return best
+
+
+def test_large_drv_parses_in_linear_time() -> None:
+    """Four times the input costs about four times the time (a quadratic parser: sixteen).
+    A ratio within one run, best of three, so a loaded machine does not fail it."""
+    small, large = _parse_secs(100_000), _parse_secs(400_000)
+    assert large < 9 * small
 
 
 strings = st.text(st.characters(blacklist_categories=["Cs"]), max_size=20)

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bigtent.config import Role, RunnerConfig, TokenEntry, is_loopback
 from bigtent.errors import AuthError, BadRequest, ConfigError, Conflict, Forbidden, NotFound
 from bigtent.runner.db import queries
+from bigtent.runner.db.notify import ChangeFeed, LocalFeed
 from bigtent.runner.db.queries import StoredToken
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,11 @@ class TokenRegistry:
         """Names of the ``[[auth.tokens]]``: stored tokens may not reuse them."""
         return frozenset(e.name for e in self._entries)
 
+    def is_valid(self, name: str) -> bool:
+        """Whether a token of this name is accepted now (configured, or stored and not
+        revoked): a machine id bound to a token that is no longer valid may be rebound."""
+        return any(e.name == name for e in self._entries + self._stored)
+
     def replace_stored(self, tokens: Iterable[StoredToken]) -> None:
         """Replace the copy of the database's tokens (revoked ones are skipped). One
         assignment: a request sees the old copy or the new one, never a mix."""
@@ -113,7 +119,14 @@ class TokenRegistry:
             return Principal("anonymous", Role.ADMIN)
         if not token:
             raise AuthError("missing bearer token")
-        digest = hashlib.sha256(token.encode()).digest()
+        return self.authenticate_digest(hashlib.sha256(token.encode()).digest())
+
+    def authenticate_digest(self, digest: bytes) -> Principal:
+        """The principal whose token has this SHA-256 digest (a dashboard session keeps the
+        digest, never the token, and checks it again on every request: a revoked token's
+        sessions end with it)."""
+        if not self.enabled:
+            return Principal("anonymous", Role.ADMIN)
         found: _Entry | None = None
         for entry in self._entries + self._stored:  # compare against all: no early exit
             if hmac.compare_digest(entry.digest, digest):
@@ -145,10 +158,18 @@ class TokenStore:
     """Tokens in the database: create, list and revoke them, and keep the registry's copy in
     step with every change (docs/security.md)."""
 
-    def __init__(self, engine: AsyncEngine, registry: TokenRegistry, config: RunnerConfig) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        registry: TokenRegistry,
+        config: RunnerConfig,
+        feed: ChangeFeed | None = None,
+    ) -> None:
         self.engine = engine
         self.registry = registry
         self.config = config
+        self.feed: ChangeFeed = feed if feed is not None else LocalFeed()
+        """Tells other runners on the same database to ``reload`` after a change."""
 
     async def load(self) -> None:
         """Copy the unrevoked tokens into the registry at start. Stored tokens need a safe
@@ -187,6 +208,7 @@ class TokenStore:
                 if not await queries.insert_token(conn, token):
                     raise Conflict(f"token name {name!r} is taken (revoked names stay taken)")
                 active = await queries.fetch_tokens(conn, active_only=True)
+                await self.feed.publish(conn)
         except IntegrityError as exc:  # a concurrent create of the same name
             raise Conflict(f"token name {name!r} is taken") from exc
         self.registry.replace_stored(active)
@@ -213,11 +235,12 @@ class TokenStore:
                 self.registry.forget_stored(name)
                 await queries.revoke_token(conn, name, revoked_at=now)
                 active = await queries.fetch_tokens(conn, active_only=True)
+                await self.feed.publish(conn)
         except Exception:
             # Not revoked after all, or unknown: the database says which tokens hold. If it
             # cannot say, the token stays forgotten (fail closed) until the next change.
             with contextlib.suppress(Exception):
-                await self._reload()
+                await self.reload()
             raise
         self.registry.replace_stored(active)
         if token.revoked_at is None:
@@ -225,6 +248,7 @@ class TokenStore:
             token = replace(token, revoked_at=now)
         return token
 
-    async def _reload(self) -> None:
+    async def reload(self) -> None:
+        """Copy the database's unrevoked tokens again (another runner changed them)."""
         async with self.engine.connect() as conn:
             self.registry.replace_stored(await queries.fetch_tokens(conn, active_only=True))

@@ -1,4 +1,9 @@
-"""Every SQL statement of the runner: small typed async functions on an AsyncConnection."""
+"""Every SQL statement of the runner: small typed async functions on an AsyncConnection.
+
+Writes to steps, builds and tokens note the ids they change on the connection
+(``notify.note_*``); the scheduler announces them to other runners when its transaction
+commits (PostgreSQL; docs/architecture.md, "Several runners").
+"""
 
 from __future__ import annotations
 
@@ -7,21 +12,24 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, bindparam, delete, func, insert, select, update
+from sqlalchemy import Select, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bigtent.nix.narinfo import NarInfo
+from bigtent.runner.db.notify import note_builds, note_steps, note_tokens
 from bigtent.runner.db.tables import (
     agents,
     build_roots,
     build_steps,
     builds,
     derivations,
+    launches,
     step_deps,
     steps,
     store_paths,
     tokens,
+    untrusted_store_paths,
 )
 
 STORE = "/nix/store/"
@@ -34,6 +42,15 @@ def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
         yield items[i : i + _CHUNK]
 
 
+def _for_update(conn: AsyncConnection, query: Select[Any], *, skip_locked: bool = False) -> Any:
+    """``SELECT ... FOR UPDATE [SKIP LOCKED]`` on PostgreSQL: the rows stay locked until the
+    transaction ends, so another runner's conflicting write waits (or, with ``skip_locked``,
+    is passed over). SQLite has one writer at a time and no row locks: the query as is."""
+    if conn.dialect.name == "postgresql":
+        return query.with_for_update(skip_locked=skip_locked)
+    return query
+
+
 def _insert_ignore(conn: AsyncConnection, table: Table) -> Any:
     """INSERT ... ON CONFLICT DO NOTHING for the connection's dialect."""
     if conn.dialect.name == "postgresql":
@@ -42,23 +59,28 @@ def _insert_ignore(conn: AsyncConnection, table: Table) -> Any:
 
 
 # ---- store paths (the cache index) ---------------------------------------------------------
-async def present_store_paths(conn: AsyncConnection, paths: Sequence[str]) -> set[str]:
+# ``table`` is ``store_paths`` (the main cache) or ``untrusted_store_paths`` (the untrusted
+# cache, docs/security.md); a query only ever sees one of them.
+CACHE_TABLES = (store_paths, untrusted_store_paths)
+
+
+async def present_store_paths(
+    conn: AsyncConnection, paths: Sequence[str], table: Table = store_paths
+) -> set[str]:
     found: set[str] = set()
     for chunk in _chunks(list(paths)):
-        rows = await conn.execute(select(store_paths.c.path).where(store_paths.c.path.in_(chunk)))
+        rows = await conn.execute(select(table.c.path).where(table.c.path.in_(chunk)))
         found.update(r[0] for r in rows)
     return found
 
 
 async def store_path_references(
-    conn: AsyncConnection, paths: Sequence[str]
+    conn: AsyncConnection, paths: Sequence[str], table: Table = store_paths
 ) -> dict[str, tuple[str, ...]]:
     out: dict[str, tuple[str, ...]] = {}
     for chunk in _chunks(list(paths)):
         rows = await conn.execute(
-            select(store_paths.c.path, store_paths.c.references).where(
-                store_paths.c.path.in_(chunk)
-            )
+            select(table.c.path, table.c.references).where(table.c.path.in_(chunk))
         )
         for path, refs in rows:
             out[path] = tuple(STORE + r for r in json.loads(refs))
@@ -81,18 +103,20 @@ def _narinfo(row: Any) -> NarInfo:
     )
 
 
-async def fetch_store_path_by_hash(conn: AsyncConnection, hash_part: str) -> NarInfo | None:
-    row = (
-        await conn.execute(select(store_paths).where(store_paths.c.hash_part == hash_part))
-    ).first()
+async def fetch_store_path_by_hash(
+    conn: AsyncConnection, hash_part: str, table: Table = store_paths
+) -> NarInfo | None:
+    row = (await conn.execute(select(table).where(table.c.hash_part == hash_part))).first()
     return _narinfo(row) if row is not None else None
 
 
-async def insert_store_path(conn: AsyncConnection, info: NarInfo, *, created_at: float) -> bool:
+async def insert_store_path(
+    conn: AsyncConnection, info: NarInfo, *, created_at: float, table: Table = store_paths
+) -> bool:
     """Record a narinfo; False when the path was already recorded (the first record wins)."""
     hash_part = info.store_path[len(STORE) :].split("-", 1)[0]
     result = await conn.execute(
-        _insert_ignore(conn, store_paths).values(
+        _insert_ignore(conn, table).values(
             path=info.store_path,
             hash_part=hash_part,
             nar_hash=info.nar_hash,
@@ -111,12 +135,10 @@ async def insert_store_path(conn: AsyncConnection, info: NarInfo, *, created_at:
     return bool(result.rowcount)
 
 
-async def cache_totals(conn: AsyncConnection) -> tuple[int, int]:
+async def cache_totals(conn: AsyncConnection, table: Table = store_paths) -> tuple[int, int]:
     """(number of paths, total compressed bytes)."""
     row = (
-        await conn.execute(
-            select(func.count(), func.coalesce(func.sum(store_paths.c.file_size), 0))
-        )
+        await conn.execute(select(func.count(), func.coalesce(func.sum(table.c.file_size), 0)))
     ).one()
     return int(row[0]), int(row[1])
 
@@ -193,13 +215,16 @@ async def fetch_derivations(conn: AsyncConnection, paths: Sequence[str]) -> dict
 # ---- builds and steps ----------------------------------------------------------------------
 async def insert_build(conn: AsyncConnection, **values: Any) -> int:
     result = await conn.execute(insert(builds).values(**values).returning(builds.c.id))
-    return int(result.scalar_one())
+    build_id = int(result.scalar_one())
+    note_builds(conn, [build_id])
+    return build_id
 
 
 async def insert_build_roots(
     conn: AsyncConnection, build_id: int, roots: Mapping[str, int | None]
 ) -> None:
     if roots:
+        note_builds(conn, [build_id])
         await conn.execute(
             insert(build_roots),
             [{"build_id": build_id, "drv_path": d, "step_id": s} for d, s in roots.items()],
@@ -209,18 +234,57 @@ async def insert_build_roots(
 async def insert_build_steps(conn: AsyncConnection, build_id: int, step_ids: Iterable[int]) -> None:
     rows = [{"build_id": build_id, "step_id": s} for s in set(step_ids)]
     if rows:
+        note_builds(conn, [build_id])
         await conn.execute(insert(build_steps), rows)
 
 
 async def update_build(conn: AsyncConnection, build_id: int, **values: Any) -> None:
+    note_builds(conn, [build_id])
     await conn.execute(update(builds).where(builds.c.id == build_id).values(**values))
 
 
 async def delete_build(conn: AsyncConnection, build_id: int) -> None:
     """Delete a build with its roots and memberships (its steps stay)."""
+    note_builds(conn, [build_id])
     await conn.execute(delete(build_roots).where(build_roots.c.build_id == build_id))
     await conn.execute(delete(build_steps).where(build_steps.c.build_id == build_id))
     await conn.execute(delete(builds).where(builds.c.id == build_id))
+
+
+async def start_builds(conn: AsyncConnection, build_ids: Sequence[int]) -> None:
+    """Queued builds become running (a build another runner already finished stays so)."""
+    if build_ids:
+        note_builds(conn, build_ids)
+        await conn.execute(
+            update(builds)
+            .where(builds.c.id.in_(sorted(build_ids)), builds.c.state == "queued")
+            .values(state="running")
+        )
+
+
+async def finish_build(
+    conn: AsyncConnection, build_id: int, state: str, *, finished_at: float
+) -> bool:
+    """Record a build's end unless it already ended (another runner may have got there
+    first); True when this call recorded it."""
+    note_builds(conn, [build_id])
+    result = await conn.execute(
+        update(builds)
+        .where(
+            builds.c.id == build_id,
+            builds.c.state.not_in(["succeeded", "failed", "cancelled"]),
+        )
+        .values(state=state, finished_at=finished_at)
+    )
+    return bool(result.rowcount)
+
+
+async def fetch_builds_by_ids(conn: AsyncConnection, build_ids: Sequence[int]) -> list[Any]:
+    out: list[Any] = []
+    for i in range(0, len(build_ids), _CHUNK):
+        chunk = build_ids[i : i + _CHUNK]
+        out.extend(await conn.execute(select(builds).where(builds.c.id.in_(chunk))))
+    return out
 
 
 async def fetch_build(conn: AsyncConnection, build_id: int) -> Any | None:
@@ -265,31 +329,45 @@ async def fetch_build_step_ids(conn: AsyncConnection, build_ids: Sequence[int]) 
     return list(rows)
 
 
-async def insert_step(conn: AsyncConnection, **values: Any) -> int:
-    result = await conn.execute(insert(steps).values(**values).returning(steps.c.id))
-    return int(result.scalar_one())
+async def insert_step(conn: AsyncConnection, **values: Any) -> int | None:
+    """A new step; None when its derivation already has one (another runner inserted it
+    meanwhile: one drv, one step)."""
+    result = await conn.execute(_insert_ignore(conn, steps).values(**values).returning(steps.c.id))
+    step_id = result.scalar_one_or_none()
+    if step_id is None:
+        return None
+    note_steps(conn, [int(step_id)])
+    return int(step_id)
 
 
 async def insert_steps(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     """Insert many steps at once (``drv_path`` and the same other columns in every row);
-    returns each one's id by .drv path."""
+    returns each one's id by .drv path. A derivation that already has a step of that trust
+    (another runner inserted it meanwhile) is left out of the answer."""
     if not rows:
         return {}
-    result = await conn.execute(insert(steps).returning(steps.c.id, steps.c.drv_path), rows)
-    return {drv_path: int(sid) for sid, drv_path in result}
+    result = await conn.execute(
+        _insert_ignore(conn, steps).returning(steps.c.id, steps.c.drv_path), rows
+    )
+    ids = {drv_path: int(sid) for sid, drv_path in result}
+    note_steps(conn, ids.values())
+    return ids
 
 
 async def insert_step_deps(conn: AsyncConnection, pairs: Iterable[tuple[int, int]]) -> None:
     rows = [{"step_id": s, "dep_id": d} for s, d in set(pairs)]
     if rows:
+        note_steps(conn, [r["step_id"] for r in rows])
         await conn.execute(_insert_ignore(conn, step_deps), rows)
 
 
 async def update_step(conn: AsyncConnection, step_id: int, **values: Any) -> None:
+    note_steps(conn, [step_id])
     await conn.execute(update(steps).where(steps.c.id == step_id).values(**values))
 
 
 async def update_steps(conn: AsyncConnection, step_ids: Sequence[int], **values: Any) -> None:
+    note_steps(conn, step_ids)
     for i in range(0, len(step_ids), _CHUNK):
         chunk = step_ids[i : i + _CHUNK]
         await conn.execute(update(steps).where(steps.c.id.in_(chunk)).values(**values))
@@ -300,6 +378,7 @@ async def update_steps_each(conn: AsyncConnection, rows: Sequence[Mapping[str, A
     step's ``id`` and the same other keys (the columns to set)."""
     if not rows:
         return
+    note_steps(conn, [int(row["id"]) for row in rows])
     columns = [k for k in rows[0] if k != "id"]
     stmt = (
         update(steps)
@@ -309,10 +388,92 @@ async def update_steps_each(conn: AsyncConnection, rows: Sequence[Mapping[str, A
     await conn.execute(stmt, [{f"b_{k}": v for k, v in row.items()} for row in rows])
 
 
-async def fetch_steps_by_drv(conn: AsyncConnection, drv_paths: Sequence[str]) -> dict[str, Any]:
+async def update_steps_in_state(
+    conn: AsyncConnection, step_ids: Sequence[int], states: Sequence[str], **values: Any
+) -> set[int]:
+    """Update those of the steps that are still in one of ``states``; returns their ids
+    (a step another runner moved on is left alone)."""
+    changed: set[int] = set()
+    for i in range(0, len(step_ids), _CHUNK):
+        chunk = step_ids[i : i + _CHUNK]
+        rows = await conn.execute(
+            update(steps)
+            .where(steps.c.id.in_(chunk), steps.c.state.in_(list(states)))
+            .values(**values)
+            .returning(steps.c.id)
+        )
+        changed.update(int(r[0]) for r in rows)
+    note_steps(conn, changed)
+    return changed
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRow:
+    """A step's claim as the database has it."""
+
+    id: int
+    state: str
+    lease_id: str | None
+    lease_expires_at: float | None
+
+
+async def lock_steps(
+    conn: AsyncConnection, step_ids: Sequence[int], *, lock: bool = True
+) -> dict[int, LeaseRow]:
+    """The steps' state and lease, locked until the transaction ends (``lock``): what a
+    transition checks before it relies on them."""
+    out: dict[int, LeaseRow] = {}
+    for i in range(0, len(step_ids), _CHUNK):
+        chunk = sorted(step_ids[i : i + _CHUNK])
+        query = select(steps.c.id, steps.c.state, steps.c.lease_id, steps.c.lease_expires_at).where(
+            steps.c.id.in_(chunk)
+        )
+        rows = await conn.execute(_for_update(conn, query) if lock else query)
+        for row in rows:
+            out[int(row.id)] = LeaseRow(int(row.id), row.state, row.lease_id, row.lease_expires_at)
+    return out
+
+
+async def claim_runnable_steps(conn: AsyncConnection, step_ids: Sequence[int]) -> set[int]:
+    """Of these steps, the ones still runnable that no other transaction holds, locked for
+    this one (``FOR UPDATE SKIP LOCKED``): the dispatcher assigns exactly those. A step
+    another runner is assigning at this moment is skipped, not waited for."""
+    if not step_ids:
+        return set()
+    query = (
+        select(steps.c.id)
+        .where(steps.c.id.in_(sorted(step_ids)), steps.c.state == "runnable")
+        .order_by(steps.c.id)
+    )
+    rows = await conn.execute(_for_update(conn, query, skip_locked=True))
+    return {int(r[0]) for r in rows}
+
+
+async def renew_leases(conn: AsyncConnection, leases: Sequence[tuple[int, str, float]]) -> None:
+    """Store renewed lease expiries ``(step id, lease id, expires at)``, each only while the
+    step still holds that lease. Other runners judge a lease by this (not announced: a
+    renewal changes nothing they act on)."""
+    for step_id, lease_id, expires_at in leases:
+        await conn.execute(
+            update(steps)
+            .where(steps.c.id == step_id, steps.c.lease_id == lease_id)
+            .values(lease_expires_at=expires_at)
+        )
+
+
+async def fetch_steps_by_drv(
+    conn: AsyncConnection, drv_paths: Sequence[str], *, trusted: bool = True, lock: bool = False
+) -> dict[str, Any]:
+    """The step rows of these derivations, of one trust (each has at most one per trust);
+    ``lock``: locked until the transaction ends."""
     out: dict[str, Any] = {}
-    for chunk in _chunks(list(drv_paths)):
-        rows = await conn.execute(select(steps).where(steps.c.drv_path.in_(chunk)))
+    for chunk in _chunks(sorted(drv_paths)):
+        query = (
+            select(steps)
+            .where(steps.c.drv_path.in_(chunk), steps.c.trusted == trusted)
+            .order_by(steps.c.id)
+        )
+        rows = await conn.execute(_for_update(conn, query) if lock else query)
         for row in rows:
             out[row.drv_path] = row
     return out
@@ -368,6 +529,34 @@ async def fetch_active_steps(conn: AsyncConnection, states: Sequence[str]) -> li
         .where(steps.c.state.in_(states))
     )
     return list(rows)
+
+
+async def fetch_step_edges(conn: AsyncConnection, step_ids: Sequence[int]) -> list[tuple[int, int]]:
+    """Every (step, dependency) pair with either end among ``step_ids``."""
+    out: set[tuple[int, int]] = set()
+    for i in range(0, len(step_ids), _CHUNK):
+        chunk = step_ids[i : i + _CHUNK]
+        rows = await conn.execute(
+            select(step_deps.c.step_id, step_deps.c.dep_id).where(
+                step_deps.c.step_id.in_(chunk) | step_deps.c.dep_id.in_(chunk)
+            )
+        )
+        out.update((int(a), int(b)) for a, b in rows)
+    return sorted(out)
+
+
+async def fetch_step_states(
+    conn: AsyncConnection, step_ids: Sequence[int]
+) -> dict[int, tuple[str, str]]:
+    """Step id -> (state, drv path)."""
+    out: dict[int, tuple[str, str]] = {}
+    for i in range(0, len(step_ids), _CHUNK):
+        chunk = step_ids[i : i + _CHUNK]
+        rows = await conn.execute(
+            select(steps.c.id, steps.c.state, steps.c.drv_path).where(steps.c.id.in_(chunk))
+        )
+        out.update((int(a), (str(b), str(c))) for a, b, c in rows)
+    return out
 
 
 async def fetch_step_deps(conn: AsyncConnection, step_ids: Sequence[int]) -> list[tuple[int, int]]:
@@ -502,6 +691,7 @@ async def insert_token(conn: AsyncConnection, token: StoredToken) -> bool:
         "created_at": token.created_at,
         "revoked_at": token.revoked_at,
     }
+    note_tokens(conn)
     result = await conn.execute(_insert_ignore(conn, tokens).values(**values))
     return bool(result.rowcount)
 
@@ -520,8 +710,154 @@ async def fetch_token(conn: AsyncConnection, name: str) -> StoredToken | None:
 
 async def revoke_token(conn: AsyncConnection, name: str, *, revoked_at: float) -> None:
     """Mark the token revoked (a no-op when it already is: the first time is kept)."""
+    note_tokens(conn)
     await conn.execute(
         update(tokens)
         .where(tokens.c.name == name, tokens.c.revoked_at.is_(None))
         .values(revoked_at=revoked_at)
     )
+
+
+# ---- autoscaler launches (docs/autoscaling.md) ----------------------------------------------
+async def fetch_build_scopes(
+    conn: AsyncConnection, build_ids: Sequence[int]
+) -> dict[int, tuple[str | None, bool]]:
+    """Build id -> (repository, trusted): what trust scoping decides on (DESIGN §6)."""
+    ids = sorted(set(build_ids))
+    out: dict[int, tuple[str | None, bool]] = {}
+    for i in range(0, len(ids), _CHUNK):
+        rows = await conn.execute(
+            select(builds.c.id, builds.c.repository, builds.c.trusted).where(
+                builds.c.id.in_(ids[i : i + _CHUNK])
+            )
+        )
+        for bid, repository, trusted in rows:
+            out[int(bid)] = (repository, bool(trusted))
+    return out
+
+
+async def insert_launch(
+    conn: AsyncConnection, launch_id: str, pool: str, state: str, created_at: float
+) -> None:
+    await conn.execute(
+        insert(launches).values(
+            launch_id=launch_id,
+            pool=pool,
+            state=state,
+            created_at=created_at,
+            updated_at=created_at,
+        )
+    )
+
+
+async def update_launch(
+    conn: AsyncConnection, launch_id: str, *, unless_state: str | None = None, **values: Any
+) -> bool:
+    """Update a launch (not when it is in ``unless_state``); False when nothing changed."""
+    query = update(launches).where(launches.c.launch_id == launch_id)
+    if unless_state is not None:
+        query = query.where(launches.c.state != unless_state)
+    result = await conn.execute(query.values(**values))
+    return bool(result.rowcount)
+
+
+async def fetch_launch(conn: AsyncConnection, launch_id: str) -> Any | None:
+    return (await conn.execute(select(launches).where(launches.c.launch_id == launch_id))).first()
+
+
+async def fetch_launches_by_ids(conn: AsyncConnection, launch_ids: Sequence[str]) -> list[Any]:
+    out: list[Any] = []
+    for chunk in _chunks(sorted(set(launch_ids))):
+        out.extend(await conn.execute(select(launches).where(launches.c.launch_id.in_(chunk))))
+    return out
+
+
+async def fetch_launches(
+    conn: AsyncConnection,
+    *,
+    states: Sequence[str] | None = None,
+    limit: int | None = None,
+    pool: str | None = None,
+) -> list[Any]:
+    """Launches, newest first."""
+    query = select(launches).order_by(launches.c.created_at.desc(), launches.c.launch_id)
+    if states is not None:
+        query = query.where(launches.c.state.in_(list(states)))
+    if pool is not None:
+        query = query.where(launches.c.pool == pool)
+    if limit is not None:
+        query = query.limit(limit)
+    return list(await conn.execute(query))
+
+
+async def fetch_launch_retry_at(conn: AsyncConnection) -> dict[str, float]:
+    """Per pool, the latest time a failed dispatch said not to dispatch before."""
+    rows = await conn.execute(
+        select(launches.c.pool, func.max(launches.c.retry_at))
+        .where(launches.c.retry_at.is_not(None))
+        .group_by(launches.c.pool)
+    )
+    return {str(pool): float(at) for pool, at in rows}
+
+
+# ---- dashboard (docs/dashboard.md) ---------------------------------------------------------
+async def fetch_build_state_counts(
+    conn: AsyncConnection, build_ids: Sequence[int]
+) -> dict[int, dict[str, int]]:
+    """Per build, how many of its steps are in each state."""
+    out: dict[int, dict[str, int]] = {b: {} for b in build_ids}
+    if not build_ids:
+        return out
+    rows = await conn.execute(
+        select(build_steps.c.build_id, steps.c.state, func.count())
+        .join(steps, steps.c.id == build_steps.c.step_id)
+        .where(build_steps.c.build_id.in_(list(build_ids)))
+        .group_by(build_steps.c.build_id, steps.c.state)
+    )
+    for build_id, state, n in rows:
+        out[int(build_id)][str(state)] = int(n)
+    return out
+
+
+async def fetch_step_build_ids(conn: AsyncConnection, step_id: int, limit: int) -> list[int]:
+    """The newest builds that include this step."""
+    rows = await conn.execute(
+        select(build_steps.c.build_id)
+        .where(build_steps.c.step_id == step_id)
+        .order_by(build_steps.c.build_id.desc())
+        .limit(limit)
+    )
+    return [int(r[0]) for r in rows]
+
+
+async def search_steps(conn: AsyncConnection, text: str, limit: int) -> list[Any]:
+    """Steps whose .drv path or one of whose output paths contains ``text`` (newest first;
+    a substring match, so it scans the derivations)."""
+    rows = await conn.execute(
+        select(*_STEP_COLUMNS)
+        .join(derivations, derivations.c.drv_path == steps.c.drv_path)
+        .where(
+            derivations.c.drv_path.contains(text, autoescape=True)
+            | derivations.c.outputs.contains(text, autoescape=True)
+        )
+        .order_by(steps.c.id.desc())
+        .limit(limit)
+    )
+    return list(rows)
+
+
+async def search_store_paths(conn: AsyncConnection, text: str, limit: int) -> list[Any]:
+    """Cached store paths containing ``text``."""
+    rows = await conn.execute(
+        select(
+            store_paths.c.path,
+            store_paths.c.nar_size,
+            store_paths.c.file_size,
+            store_paths.c.deriver,
+            store_paths.c.created_at,
+        )
+        .where(store_paths.c.path.contains(text, autoescape=True))
+        .order_by(store_paths.c.path)
+        .limit(limit)
+    )
+    return list(rows)

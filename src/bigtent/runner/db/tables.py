@@ -18,6 +18,8 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
+    true,
 )
 
 metadata = MetaData(
@@ -63,9 +65,7 @@ steps = Table(
     "steps",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column(
-        "drv_path", String(256), ForeignKey("derivations.drv_path"), nullable=False, unique=True
-    ),
+    Column("drv_path", String(256), ForeignKey("derivations.drv_path"), nullable=False),
     Column("state", String(32), nullable=False),
     Column("created_at", Float, nullable=False),
     Column("not_before", Float),
@@ -86,6 +86,11 @@ steps = Table(
     # When the derivation last failed as a build failure (the failure cache, migration 0003);
     # NULL: nothing cached.
     Column("failed_at", Float),
+    # A trusted step runs on trusted venues and publishes to the main cache; an untrusted one
+    # runs on untrusted venues and publishes to the untrusted cache (migration 0006). One
+    # derivation has at most one step of each trust.
+    Column("trusted", Boolean, nullable=False, default=True, server_default=true()),
+    UniqueConstraint("drv_path", "trusted", name="uq_steps_drv_path_trusted"),
 )
 Index("ix_steps_state", steps.c.state)
 
@@ -113,22 +118,34 @@ build_roots = Table(
     Column("step_id", Integer, ForeignKey("steps.id")),
 )
 
-store_paths = Table(
-    "store_paths",
+
+def _store_path_columns() -> list[Column[object]]:
+    return [
+        Column("path", String(256), primary_key=True),
+        Column("hash_part", String(32), nullable=False, unique=True),
+        Column("nar_hash", String(128), nullable=False),
+        Column("nar_size", BigInteger, nullable=False),
+        Column("url", String(256), nullable=False),
+        Column("compression", String(16), nullable=False),
+        Column("file_hash", String(128), nullable=False),
+        Column("file_size", BigInteger, nullable=False),
+        Column("references", Text, nullable=False),  # JSON list of basenames, sorted
+        Column("deriver", String(256)),
+        Column("ca", String(256)),
+        Column("sig", Text, nullable=False),
+        Column("created_at", Float, nullable=False),
+    ]
+
+
+store_paths = Table("store_paths", metadata, *_store_path_columns())
+
+untrusted_store_paths = Table(
+    # The untrusted cache's index (``/cache/untrusted``, migration 0006): outputs of untrusted
+    # steps, signed with the untrusted key. A table of its own, so no query of the main cache
+    # can ever see these rows. NAR files share the storage (named by their file hash).
+    "untrusted_store_paths",
     metadata,
-    Column("path", String(256), primary_key=True),
-    Column("hash_part", String(32), nullable=False, unique=True),
-    Column("nar_hash", String(128), nullable=False),
-    Column("nar_size", BigInteger, nullable=False),
-    Column("url", String(256), nullable=False),
-    Column("compression", String(16), nullable=False),
-    Column("file_hash", String(128), nullable=False),
-    Column("file_size", BigInteger, nullable=False),
-    Column("references", Text, nullable=False),  # JSON list of basenames, sorted
-    Column("deriver", String(256)),
-    Column("ca", String(256)),
-    Column("sig", Text, nullable=False),
-    Column("created_at", Float, nullable=False),
+    *_store_path_columns(),
 )
 
 agents = Table(
@@ -162,6 +179,12 @@ agents = Table(
     Column("oidc_subject", Text),
     Column("oidc_workflow_ref", Text),
     Column("oidc_ref", Text),
+    # The token a token agent registered with (migration 0008): its machine id is bound to
+    # it while that token is valid. NULL for OIDC agents.
+    Column("credential", String(128)),
+    # Whether the agent is a trusted venue (migration 0006): untrusted ones take only steps of
+    # untrusted builds.
+    Column("trusted", Boolean, nullable=False, default=True, server_default=true()),
 )
 
 tokens = Table(
@@ -179,3 +202,23 @@ tokens = Table(
     Column("created_at", Float, nullable=False),
     Column("revoked_at", Float),
 )
+
+launches = Table(
+    "launches",
+    metadata,
+    # Autoscaler launches (migration 0007, docs/autoscaling.md): one row per workflow_dispatch,
+    # written before the dispatch, so a restarted runner still counts pending ones.
+    Column("launch_id", String(64), primary_key=True),
+    Column("pool", String(128), nullable=False),
+    Column("state", String(16), nullable=False),  # LaunchState
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    # The agent that registered with it (also kept when it registered after expiring).
+    Column("agent_machine_id", String(256)),
+    Column("agent_name", String(256)),
+    Column("error", Text),
+    # A failed dispatch: the pool dispatches nothing before this time (cooldown, Retry-After).
+    Column("retry_at", Float),
+)
+Index("ix_launches_state", launches.c.state)
+Index("ix_launches_created_at", launches.c.created_at)

@@ -4,11 +4,13 @@ the database, the connected venues and the build records.
 Every transition is written to the database before its effect is sent, so a runner restart
 rebuilds the same state (DESIGN §3). All methods run on the event loop; none blocks.
 
-TODO(auth issue, trust scoping, DESIGN §6 "Trust"): an OIDC-authenticated agent
-(``AgentSession.identity``, ``auth_kind = "oidc"``) is matched like any other venue, so it may
-take a step of any build. It must only get steps of builds whose repository its issuer rule
-allows (and never outputs bound for the main signed cache from untrusted builds); the venue
-will need the identity and matching a per-build repository check. See docs/oidc.md.
+Trust (DESIGN §6, docs/security.md): every step is trusted or untrusted. A trusted build makes
+and joins trusted steps only; an untrusted build makes untrusted steps, sharing live trusted
+ones (``trust.untrusted_work``). One derivation has at most one active step of each trust
+(``by_drv`` and ``untrusted_by_drv``). Matching sends trusted steps to trusted venues only and
+untrusted steps to untrusted venues only, and a venue scoped to repositories (an OIDC agent)
+only steps with a live build of one of them (the repositories of a step are those of its
+builds, looked up when a scoped venue is free).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import time
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
-    Awaitable,
     Callable,
+    Coroutine,
     Iterable,
     Mapping,
     Sequence,
@@ -34,12 +36,16 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bigtent import protocol as p
 from bigtent.config import SchedulerSection
+from bigtent.errors import Conflict
 from bigtent.runner.db import queries
+from bigtent.runner.db.notify import Change, ChangeFeed, LocalFeed, is_conflict, take_pending
 from bigtent.runner.logs import LogStore
+from bigtent.runner.metrics import Metrics
 from bigtent.runner.scheduler.leases import (
     Disposition,
     backoff_secs,
@@ -52,6 +58,7 @@ from bigtent.runner.scheduler.matching import Requirement, VenueView, can_run
 from bigtent.runner.scheduler.steps import (
     Dispatch,
     RunnableIndex,
+    Scope,
     StepNode,
     build_outcome,
     dependents_closure,
@@ -59,6 +66,8 @@ from bigtent.runner.scheduler.steps import (
     plan_heights,
     raise_heights,
 )
+from bigtent.runner.scheduler.sync import LostRace, Seen, Stored, catch_up, waiting_verdict
+from bigtent.runner.trust import untrusted_work
 from bigtent.states import BuildState, StepState
 
 log = logging.getLogger(__name__)
@@ -71,6 +80,10 @@ _CACHED_MARK = "cached failure: "
 _FIRST_ERROR = "; first error: "
 _ERROR_PAUSE_SECS = 1.0
 """After a failed loop pass, wait this long (or until woken) before the next one."""
+_RACE_ATTEMPTS = 5
+"""How often a new build is tried when other runners keep changing the rows it needs."""
+_CLAIM_ROUNDS = 4
+"""Dispatch rounds per pass when another runner keeps claiming the chosen steps first."""
 DISPATCH_CHUNK = 256
 """Decisions leased, written and sent together (one transaction per chunk)."""
 ADMIT_CHUNK_FIRST = 500
@@ -90,8 +103,13 @@ SSH = "ssh"
 no agent slot takes in the same pass."""
 
 
-_Kind = tuple[frozenset[str], frozenset[str], frozenset[str]]
-"""What a venue can run: its systems, supported and mandatory features."""
+_Kind = tuple[frozenset[str], frozenset[str], frozenset[str], bool, frozenset[str] | None]
+"""What a venue can run and may take: its systems, supported and mandatory features, trust
+and repositories."""
+
+
+class _Same:
+    """Sentinel: expect the lease the working copy has."""
 
 
 class SessionClosed(Exception):
@@ -118,6 +136,12 @@ class Venue:
     draining: bool = False
     kind: str = AGENT
     """``AGENT`` or ``SSH``: agents are served first (DESIGN §1 venues)."""
+    launch_id: str | None = None
+    """The autoscaler launch the agent reported at register (docs/autoscaling.md)."""
+    trusted: bool = True
+    """A trusted venue takes trusted steps only, an untrusted one untrusted steps only."""
+    repositories: frozenset[str] | None = None
+    """Build repositories the venue serves (an OIDC agent's rule); None: any."""
 
     def view(self) -> VenueView:
         return VenueView(
@@ -128,6 +152,8 @@ class Venue:
             self.max_jobs,
             len(self.running),
             self.speed_factor,
+            self.trusted,
+            self.repositories,
         )
 
     def available(self, now: float) -> bool:
@@ -148,6 +174,9 @@ class ActiveBuild:
     state: BuildState
     unfinished: int = 0
     """Member steps not final yet: a build ends only when all of them are (keep going)."""
+    repository: str | None = None
+    """What the build is for: repository-scoped venues serve only their repositories."""
+    trusted: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,15 +213,23 @@ class Scheduler:
         *,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        metrics: Metrics | None = None,
+        untrusted_outputs_present: Callable[[Sequence[str]], Any] | None = None,
+        feed: ChangeFeed | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
         self.logs = logs
         self._outputs_present = outputs_present
+        self._untrusted_outputs_present = untrusted_outputs_present
+        """Paths the untrusted cache holds (an untrusted step's outputs land there)."""
         self.clock = clock
         self.rand = rand
         self.nodes: dict[int, StepNode] = {}
         self.by_drv: dict[str, int] = {}
+        """Derivation -> its active trusted step."""
+        self.untrusted_by_drv: dict[str, int] = {}
+        """Derivation -> its active untrusted step."""
         self.index = RunnableIndex()
         self.delayed: list[tuple[float, int]] = []
         self.leases: dict[str, int] = {}
@@ -209,12 +246,33 @@ class Scheduler:
         """When the first venue that could take waiting work comes out of its cooldown or
         backoff (as of the last pass)."""
         self.builds: dict[int, ActiveBuild] = {}
+        self._nothing_for: dict[Scope, int] = {}
+        """Repository scopes whose scan found no step, and at which index version
+        (``plan_dispatch``): idle OIDC agents cost no scan until a step is pushed."""
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._admission = asyncio.Lock()
         """One admission (or restart) at a time: steps are shared by .drv between builds."""
         self._incomplete: set[int] = set()
-        """Builds being admitted: not over before all their steps are in."""
+        """Builds being admitted in stages: not over before all their steps are in."""
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.watch_steps(lambda: self.nodes.values())
+        self.work_listeners: list[Callable[[], None]] = []
+        """Called when a step enters the runnable index (the autoscaler's wake-up)."""
+        # Several runners on one database (PostgreSQL; docs/architecture.md).
+        self.feed: ChangeFeed = feed if feed is not None else LocalFeed()
+        """Announces this runner's changes to the others; ``notice`` hears theirs."""
+        self._stale_steps: set[int] = set()
+        self._stale_builds: set[int] = set()
+        """Rows other runners changed (or claims this runner lost): read them again."""
+        self._resync = False
+        """Anything may have changed: reload everything."""
+        self._stored_expiry: dict[int, float] = {}
+        """Per leased step, the lease expiry the database has; renewals are stored once they
+        are ``lease_secs / 3`` ahead of it (shared databases only)."""
+        self._lost_here: set[int] = set()
+        """Leases an agent here gave up when it reconnected: they expire now, whatever the
+        database says."""
 
     # ---- start-up ----------------------------------------------------------------------------
     async def load(self, *, fresh_start: bool = True) -> None:
@@ -225,19 +283,20 @@ class Scheduler:
         agent is connected yet, so every agent row is marked disconnected.
         """
         now = self.clock()
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             if fresh_start:
                 await queries.mark_all_agents_disconnected(conn)
             rows = await queries.fetch_active_steps(conn, list(_ACTIVE_STATES))
             for row in rows:
                 node = _node_from_row(row)
                 if node.state.is_leased:
+                    self._stored_expiry[node.id] = float(row.lease_expires_at or 0.0)
                     node.lease_expires_at = now + self.config.lease_secs
                     if node.lease_id:
                         self.leases[node.lease_id] = node.id
                         self._watch_lease(node)
                 self.nodes[node.id] = node
-                self.by_drv[node.drv_path] = node.id
+                self._by_drv(node.req.trusted)[node.drv_path] = node.id
             for sid, dep in await queries.fetch_step_deps(conn, list(self.nodes)):
                 if dep in self.nodes:
                     self.nodes[sid].deps.add(dep)
@@ -258,7 +317,15 @@ class Scheduler:
                 node = _node_from_row(row)
                 self.nodes[node.id] = node
         for b in active:
-            build = ActiveBuild(b.id, b.priority, roots[b.id], members[b.id], BuildState(b.state))
+            build = ActiveBuild(
+                b.id,
+                b.priority,
+                roots[b.id],
+                members[b.id],
+                BuildState(b.state),
+                repository=b.repository,
+                trusted=bool(b.trusted),
+            )
             self.builds[b.id] = build
             for sid in build.steps:
                 member = self.nodes.get(sid)
@@ -272,17 +339,18 @@ class Scheduler:
                 self._make_runnable(node, now)
         log.info(
             "scheduler loaded %d active steps (%d runnable, %d leased), %d active builds",
-            len(self.by_drv),
+            len(self.by_drv) + len(self.untrusted_by_drv),
             len(self.index),
             len(self.leases),
             len(self.builds),
         )
         # Builds whose roots all finished while the runner was down are closed now. A build
-        # without roots was being admitted when the runner stopped: it is cancelled (its
-        # client never got its id).
-        async with self.engine.begin() as conn:
+        # without roots was being admitted in stages when the runner stopped: it is cancelled
+        # (its client never got its id). Staged admission is only for a runner alone with its
+        # database, so no other runner is admitting it.
+        async with self._begin() as conn:
             for build in list(self.builds.values()):
-                if not build.roots and build.id not in self._incomplete:
+                if not build.roots and build.id not in self._incomplete and not self.feed.shared:
                     log.warning("build %d was cut short while being admitted: cancelled", build.id)
                     await self._cancel(conn, build, now)
                     continue
@@ -296,50 +364,142 @@ class Scheduler:
         created_by: str,
         roots: dict[str, str | None],
         planned: Sequence[PlannedStep],
+        repository: str | None = None,
+        ref: str | None = None,
+        trusted: bool = True,
     ) -> int:
         """Create a build whose root .drvs map to the planned step of that drv (None: cached),
-        from a whole plan (``admit_build`` takes one in parts)."""
+        from a whole plan, in one transaction (``admit_build`` takes one in parts).
 
-        async def whole() -> AsyncIterator[PlanPart]:
-            heights = plan_heights([(s.drv.drv_path, s.deps) for s in planned])
-            yield PlanPart(planned, heights, roots)
+        One drv, one step of each trust: planned derivations that already have an active step
+        of the build's trust join it; an untrusted build also shares live trusted steps
+        (``trust.untrusted_work``). A derivation whose build failure is within the failure
+        cache's TTL fails at once (its dependents with it); other finished steps that did not
+        succeed are queued again.
+        """
+        async with self._admission, self._lock:
 
-        return await self.admit_build(priority=priority, created_by=created_by, parts=whole())
+            async def body() -> int:
+                now = self.clock()
+                work, trust, shared = self._trust_plan(planned, roots, trusted)
+                heights = plan_heights([(s.drv.drv_path, s.deps) for s in work])
+                ids: dict[str, int] = {}
+                async with self._begin() as conn:
+                    build_id = await queries.insert_build(
+                        conn,
+                        state=BuildState.QUEUED,
+                        priority=priority,
+                        created_at=now,
+                        created_by=created_by,
+                        repository=repository,
+                        ref=ref,
+                        trusted=trusted,
+                    )
+                    build = ActiveBuild(
+                        build_id,
+                        priority,
+                        {},
+                        set(),
+                        BuildState.QUEUED,
+                        repository=repository,
+                        trusted=trusted,
+                    )
+                    self.builds[build_id] = build
+                    fresh = await self._admit(
+                        conn,
+                        build_id,
+                        work,
+                        ids,
+                        heights,
+                        now,
+                        new_members=True,
+                        trust=trust,
+                        shared=shared,
+                    )
+                    root_ids = {
+                        drv: ids[step_drv] if step_drv is not None else None
+                        for drv, step_drv in roots.items()
+                    }
+                    await queries.insert_build_roots(conn, build_id, root_ids)
+                    build.roots = root_ids
+                    self._recount(build)
+                    await self._maybe_finish_build(conn, build, now)
+                log.info(
+                    "build %d: %d roots, %d steps (%d queued)",
+                    build_id,
+                    len(roots),
+                    len(build.steps),
+                    fresh,
+                )
+                self.wake()
+                return build_id
+
+            return await self._retrying(body)
 
     async def admit_build(
-        self, *, priority: int, created_by: str, parts: AsyncIterable[PlanPart]
+        self,
+        *,
+        priority: int,
+        created_by: str,
+        parts: AsyncIterable[PlanPart],
+        repository: str | None = None,
+        ref: str | None = None,
+        trusted: bool = True,
     ) -> int:
         """Create a build from a plan that arrives in parts (``runner.builds.plan_parts``).
 
-        One drv, one step: planned derivations that already have an active step join it.
-        A derivation whose build failure is within the failure cache's TTL fails at once (its
-        dependents with it); other finished steps that did not succeed are queued again.
-
-        Steps are admitted in chunks, each in its own transaction, as the parts arrive: the
-        first steps are dispatched while later ones are still being planned and written, so
-        a build of 100,000 steps starts at once. The build's roots are written last; until
+        A trusted build on a runner alone with its database (SQLite) is admitted in stages:
+        steps are written in chunks, each in its own transaction, as the parts arrive, so the
+        first steps are dispatched while later ones are still being planned and written (a
+        build of 100,000 steps starts at once). The build's roots are written last; until
         then the build cannot end. If the plan fails part way (an unknown derivation deep in
         the graph), the steps no other build needs are cancelled and the build is deleted. A
         build without roots is one whose admission was cut short by a stop of the runner: the
         next start cancels it (``load``).
+
+        An untrusted build needs its whole plan to split it by trust (``_trust_plan``), and on
+        a shared database (PostgreSQL, several runners) other runners must never see a build
+        without its roots: both are admitted whole, in one transaction (``add_build``).
         """
+        if self.feed.shared or not trusted:
+            roots: dict[str, str | None] | None = None
+            planned: list[PlannedStep] = []
+            async for part in parts:
+                planned.extend(part.steps)
+                if part.roots is not None:
+                    roots = part.roots
+            if roots is None:
+                raise ValueError("a build plan without roots")
+            return await self.add_build(
+                priority=priority,
+                created_by=created_by,
+                roots=roots,
+                planned=planned,
+                repository=repository,
+                ref=ref,
+                trusted=trusted,
+            )
         async with self._admission:
             now = self.clock()
             build_id: int | None = None
             ids: dict[str, int] = {}
-            roots: dict[str, str | None] | None = None
+            trust: dict[str, bool] = {}
+            roots = None
             fresh = 0
             size = ADMIT_CHUNK_FIRST
             try:
                 async for part in parts:
                     if build_id is None:
-                        build_id = await self._create_build(priority, created_by, now)
+                        build_id = await self._create_build(
+                            priority, created_by, now, repository, ref
+                        )
                     if part.roots is not None:
                         roots = part.roots
                     start = 0
                     while start < len(part.steps):
                         chunk = part.steps[start : start + size]
                         start += len(chunk)
+                        trust.update((s.drv.drv_path, True) for s in chunk)
                         async with self._lock:
 
                             async def stage(
@@ -347,9 +507,17 @@ class Scheduler:
                                 chunk: Sequence[PlannedStep] = chunk,
                                 heights: Mapping[str, int] = part.heights,
                             ) -> int:
-                                async with self.engine.begin() as conn:
+                                async with self._begin() as conn:
                                     return await self._admit(
-                                        conn, build_id, chunk, ids, heights, now, new_members=True
+                                        conn,
+                                        build_id,
+                                        chunk,
+                                        ids,
+                                        heights,
+                                        now,
+                                        new_members=True,
+                                        trust=trust,
+                                        shared=frozenset(),
                                     )
 
                             fresh += await self._guard(stage())
@@ -358,7 +526,7 @@ class Scheduler:
                 if roots is None:
                     raise ValueError("a build plan without roots")
                 if build_id is None:
-                    build_id = await self._create_build(priority, created_by, now)
+                    build_id = await self._create_build(priority, created_by, now, repository, ref)
                 await self._finish_admission(build_id, roots, ids, now)
             except BaseException:
                 if build_id is not None and build_id in self._incomplete:
@@ -370,22 +538,31 @@ class Scheduler:
         self.wake()
         return build_id
 
-    async def _create_build(self, priority: int, created_by: str, now: float) -> int:
-        """The build row, without roots yet (``_finish_admission`` writes them)."""
+    async def _create_build(
+        self,
+        priority: int,
+        created_by: str,
+        now: float,
+        repository: str | None,
+        ref: str | None,
+    ) -> int:
+        """A trusted build's row, without roots yet (``_finish_admission`` writes them)."""
         async with self._lock:
 
             async def create() -> int:
-                async with self.engine.begin() as conn:
+                async with self._begin() as conn:
                     build_id = await queries.insert_build(
                         conn,
                         state=BuildState.QUEUED,
                         priority=priority,
                         created_at=now,
                         created_by=created_by,
+                        repository=repository,
+                        ref=ref,
                         trusted=True,
                     )
                 self.builds[build_id] = ActiveBuild(
-                    build_id, priority, {}, set(), BuildState.QUEUED
+                    build_id, priority, {}, set(), BuildState.QUEUED, repository=repository
                 )
                 self._incomplete.add(build_id)
                 return build_id
@@ -403,7 +580,7 @@ class Scheduler:
                     drv: ids[step_drv] if step_drv is not None else None
                     for drv, step_drv in roots.items()
                 }
-                async with self.engine.begin() as conn:
+                async with self._begin() as conn:
                     await queries.insert_build_roots(conn, build_id, root_ids)
                     self._incomplete.discard(build_id)
                     build = self.builds.get(build_id)
@@ -421,14 +598,51 @@ class Scheduler:
 
             async def discard() -> None:
                 now = self.clock()
-                async with self.engine.begin() as conn:
+                aborts: list[tuple[Venue, int]] = []
+                async with self._begin() as conn:
                     build = self.builds.get(build_id)
                     if build is not None:
-                        await self._cancel(conn, build, now)
+                        aborts = await self._cancel(conn, build, now)
                     await queries.delete_build(conn, build_id)
+                _send_aborts(aborts, "cancelled")
                 log.info("build %d discarded: its plan failed", build_id)
 
             await self._guard(discard())
+
+    def _trust_plan(
+        self, planned: Sequence[PlannedStep], roots: dict[str, str | None], trusted: bool
+    ) -> tuple[list[PlannedStep], dict[str, bool], frozenset[str]]:
+        """The steps a new build needs, the trust of each, and the live trusted ones it only
+        shares (no edges are added to those: trusted steps depend on trusted steps only)."""
+        if trusted:
+            return list(planned), {s.drv.drv_path: True for s in planned}, frozenset()
+        live = {
+            s.drv.drv_path
+            for s in planned
+            if (node := self._node_of(s.drv.drv_path, True)) is not None
+            and node.state not in _REDO_STATES
+        }
+        work = untrusted_work(
+            {s.drv.drv_path: s.deps for s in planned},
+            [d for d in roots.values() if d is not None],
+            live,
+        )
+        kept = [s for s in planned if s.drv.drv_path in work.shared | work.own]
+        return kept, {s.drv.drv_path: s.drv.drv_path in work.shared for s in kept}, work.shared
+
+    def _by_drv(self, trusted: bool) -> dict[str, int]:
+        return self.by_drv if trusted else self.untrusted_by_drv
+
+    def _node_of(self, drv_path: str, trusted: bool) -> StepNode | None:
+        sid = self._by_drv(trusted).get(drv_path)
+        return self.nodes.get(sid) if sid is not None else None
+
+    def _repositories_of(self, step_id: int) -> set[str | None]:
+        """The repositories of the step's live builds (None for a build without one)."""
+        node = self.nodes.get(step_id)
+        if node is None:
+            return set()
+        return {self.builds[b].repository for b in node.builds if b in self.builds}
 
     async def restart_build(self, build_id: int) -> bool:
         """Queue a build's failed, dependency-failed and cancelled steps again, clearing the
@@ -441,7 +655,7 @@ class Scheduler:
 
             async def body() -> bool:
                 now = self.clock()
-                async with self.engine.begin() as conn:
+                async with self._begin() as conn:
                     row = await queries.fetch_build(conn, build_id)
                     if row is None:
                         return False
@@ -465,6 +679,9 @@ class Scheduler:
                         PlannedStep(drvs[d], tuple(sorted(deps[d])))
                         for d in _dependencies_first(deps)
                     ]
+                    # Every step keeps its trust: an untrusted build's shared trusted step
+                    # runs again as the trusted step it is.
+                    trust = {str(m.drv_path): bool(m.trusted) for m in pending}
                     roots = await queries.fetch_all_build_roots(conn, [build_id])
                     root_ids = {r.drv_path: r.step_id for r in roots}
                     build = self.builds.get(build_id)
@@ -478,17 +695,29 @@ class Scheduler:
                             root_ids,
                             {int(m.id) for m in members},
                             BuildState.QUEUED,
+                            repository=row.repository,
+                            trusted=bool(row.trusted),
                         )
                         self.builds[build_id] = build
                     heights = plan_heights([(s.drv.drv_path, s.deps) for s in planned])
-                    await self._admit(conn, build_id, planned, {}, heights, now, new_members=False)
+                    await self._admit(
+                        conn,
+                        build_id,
+                        planned,
+                        {},
+                        heights,
+                        now,
+                        new_members=False,
+                        trust=trust,
+                        shared=frozenset(),
+                    )
                     self._recount(build)
                     await self._maybe_finish_build(conn, build, now)
                 log.info("build %d restarted: %d steps queued again", build_id, len(redo))
                 self.wake()
                 return True
 
-            return await self._guard(body())
+            return await self._retrying(body)
 
     async def _admit(
         self,
@@ -500,25 +729,38 @@ class Scheduler:
         now: float,
         *,
         new_members: bool,
+        trust: Mapping[str, bool],
+        shared: frozenset[str],
     ) -> int:
         """Make ``planned`` (dependencies first) work of the active build ``build_id``: join
         active steps, fail cached failures at once, queue the rest. Dependencies outside
         ``planned`` were admitted by an earlier call of the same admission: ``ids`` maps
         their .drv paths to step ids, and gains this call's. ``heights`` are the steps'
         heights within the whole plan (``plan_heights``). ``new_members``: write the
-        build's membership rows (a new build); otherwise they exist (a restart).
+        build's membership rows (a new build); otherwise they exist (a restart). ``trust``
+        says which step (trusted or untrusted) each derivation uses; the ``shared`` ones are
+        live trusted steps of an untrusted build, which get no new dependencies.
 
         Returns how many steps were queued. Other active builds holding a finished step that
         is queued again are not over after all: their counts are redone."""
         ttl = self.config.failure_cache_ttl_secs
-        existing = await queries.fetch_steps_by_drv(conn, [s.drv.drv_path for s in planned])
+        # Locked until commit: another runner cannot change these steps under this decision.
+        existing = {
+            tr: await queries.fetch_steps_by_drv(
+                conn,
+                [s.drv.drv_path for s in planned if trust[s.drv.drv_path] is tr],
+                trusted=tr,
+                lock=True,
+            )
+            for tr in (True, False)
+        }
         fresh: list[StepNode] = []
         """Steps this build queues: new ones and finished ones queued again."""
         cached: list[StepNode] = []
         """Steps that fail at once as cached failures and were not in memory."""
         touched: list[StepNode] = []
         reopened: set[int] = set()
-        inserts: list[queries.DrvInfo] = []
+        inserts: dict[bool, list[queries.DrvInfo]] = {True: [], False: []}
         resets: list[dict[str, Any]] = []
         values: dict[str, Any] = dict(
             state=StepState.WAITING,
@@ -537,9 +779,10 @@ class Scheduler:
         )
         for item in planned:
             drv = item.drv
-            sid = self.by_drv.get(drv.drv_path)
-            node = self.nodes.get(sid) if sid is not None else None
-            row = existing.get(drv.drv_path)
+            tr = trust[drv.drv_path]
+            node = self._node_of(drv.drv_path, tr)
+            row = existing[tr].get(drv.drv_path)
+            _check_admit_row(drv.drv_path, node, row)
             if node is not None and node.state not in _REDO_STATES:
                 ids[drv.drv_path] = node.id
                 touched.append(node)
@@ -559,7 +802,7 @@ class Scheduler:
                         StepNode(
                             id=sid,
                             drv_path=drv.drv_path,
-                            req=Requirement(drv.system, drv.required_features),
+                            req=Requirement(drv.system, drv.required_features, tr),
                             state=StepState.FAILED,
                             created_at=float(row.created_at),
                             outputs=dict(drv.outputs),
@@ -569,7 +812,7 @@ class Scheduler:
                     touched.append(node)
                 continue
             if row is None:
-                inserts.append(drv)
+                inserts[tr].append(drv)
                 continue
             sid = int(row.id)
             resets.append({"id": sid, **values})
@@ -585,34 +828,45 @@ class Scheduler:
                 node.attempts = 0
                 node.venue = None
             else:
-                node = _new_node(sid, drv, now)
+                node = _new_node(sid, drv, tr, now)
             fresh.append(node)
         await queries.update_steps_each(conn, resets)
-        if inserts:
-            new_ids = await queries.insert_steps(
-                conn, [{"drv_path": d.drv_path, **values} for d in inserts]
-            )
-            for new in inserts:
-                ids[new.drv_path] = new_ids[new.drv_path]
-                fresh.append(_new_node(new_ids[new.drv_path], new, now))
+        if inserts[True] or inserts[False]:
+            for tr, new in inserts.items():
+                new_ids = await queries.insert_steps(
+                    conn, [{"drv_path": d.drv_path, "trusted": tr, **values} for d in new]
+                )
+                for drv in new:
+                    sid_new = new_ids.get(drv.drv_path)
+                    if sid_new is None:
+                        raise LostRace(f"another runner created the step of {drv.drv_path}")
+                    ids[drv.drv_path] = sid_new
+                    fresh.append(_new_node(sid_new, drv, tr, now))
             # Dependencies first, as planned: failures below fail what is above.
             position = {item.drv.drv_path: i for i, item in enumerate(planned)}
             fresh.sort(key=lambda n: position[n.drv_path])
-        pairs = [(ids[item.drv.drv_path], ids[d]) for item in planned for d in item.deps]
+        pairs = [
+            (ids[item.drv.drv_path], ids[d])
+            for item in planned
+            if item.drv.drv_path not in shared
+            for d in item.deps
+            # DESIGN §6: a trusted step never waits for (or uses) an untrusted one.
+            if not (trust[item.drv.drv_path] and not trust[d])
+        ]
         await queries.insert_step_deps(conn, pairs)
         chunk_ids = [ids[item.drv.drv_path] for item in planned]
         if new_members:
             await queries.insert_build_steps(conn, build_id, chunk_ids)
         for node in fresh + cached:
             self.nodes[node.id] = node
-            self.by_drv[node.drv_path] = node.id
+            self._by_drv(node.req.trusted)[node.drv_path] = node.id
         # A dependency admitted earlier may have finished and left memory meanwhile (only
         # after a reload): its row says whether it succeeded.
         gone = sorted({d for _, d in pairs if d not in self.nodes})
         for row in await queries.fetch_steps_by_ids(conn, gone):
             node = _node_from_row(row)
             self.nodes[node.id] = node
-            self.by_drv.setdefault(node.drv_path, node.id)
+            self._by_drv(node.req.trusted).setdefault(node.drv_path, node.id)
         for s, d in pairs:
             dep, node = self.nodes[d], self.nodes[s]
             # A step that already runs (or ran) keeps the dependencies it started with:
@@ -657,6 +911,7 @@ class Scheduler:
         await queries.update_steps_each(conn, failed_rows)
         for node in runnable:
             node.state = StepState.RUNNABLE
+            self.metrics.step_runnable(node, now)
         await queries.update_steps(conn, [n.id for n in runnable], state=StepState.RUNNABLE)
         # Heights within the plan first (so dependents admitted later count already), for
         # these steps and their dependencies (a leaf admitted early had only an estimate);
@@ -698,24 +953,34 @@ class Scheduler:
                 if build is None or build_id in self._incomplete:
                     return False
                 now = self.clock()
-                async with self.engine.begin() as conn:
-                    await self._cancel(conn, build, now)
+                async with self._begin() as conn:
+                    aborts = await self._cancel(conn, build, now)
+                _send_aborts(aborts, "cancelled")
                 self.wake()
                 return True
 
-            return await self._guard(body())
+            return await self._retrying(body)
 
-    async def _cancel(self, conn: AsyncConnection, build: ActiveBuild, now: float) -> None:
-        for sid in sorted(build.steps):
-            node = self.nodes.get(sid)
-            if node is None or node.state.is_final:
-                continue
-            if any(b != build.id for b in node.builds if b in self.builds):
-                continue
+    async def _cancel(
+        self, conn: AsyncConnection, build: ActiveBuild, now: float
+    ) -> list[tuple[Venue, int]]:
+        """Cancel the build and its steps no other active build needs (their rows checked
+        first: ``_expect``). Returns the venues to tell to abort, once committed."""
+        victims = [
+            node
+            for sid in sorted(build.steps)
+            if (node := self.nodes.get(sid)) is not None
+            and not node.state.is_final
+            and not any(b != build.id for b in node.builds if b in self.builds)
+        ]
+        aborts: list[tuple[Venue, int]] = []
+        await self._expect(conn, victims)
+        for node in victims:
+            sid = node.id
             if node.state.is_leased:
                 venue = self.venues.get(node.venue or "")
                 if venue is not None:
-                    _try_send(venue, p.Abort(step_id=p.StepId(sid), reason="cancelled"))
+                    aborts.append((venue, sid))
             self._release(node)
             self.logs.close(sid)
             node.state = StepState.CANCELLED
@@ -728,8 +993,9 @@ class Scheduler:
                 lease_expires_at=None,
             )
         build.state = BuildState.CANCELLED
-        await queries.update_build(conn, build.id, state=build.state, finished_at=now)
+        await queries.finish_build(conn, build.id, build.state, finished_at=now)
         self._forget_build(build)
+        return aborts
 
     async def bump_build(self, build_id: int, priority: int) -> bool:
         async with self._lock:
@@ -739,7 +1005,7 @@ class Scheduler:
                 if build is None:
                     return False
                 build.priority = priority
-                async with self.engine.begin() as conn:
+                async with self._begin() as conn:
                     await queries.update_build(conn, build_id, priority=priority)
                 now = self.clock()
                 for sid in build.steps:
@@ -780,6 +1046,7 @@ class Scheduler:
         ]
         for node in lost:
             node.lease_expires_at = now  # expires on the next pass: an infrastructure retry
+            self._lost_here.add(node.id)
             self._watch_lease(node)
         self.wake()
         return kept
@@ -807,7 +1074,8 @@ class Scheduler:
             now = self.clock()
             for node in unaccepted:
                 log.info("step %d was never accepted by %s; queued again", node.id, venue.name)
-                await self._give_back(node, venue, now)
+                with contextlib.suppress(LostRace):
+                    await self._guard(self._give_back(node, venue, now))
             if unaccepted:
                 self.wake()
 
@@ -822,10 +1090,14 @@ class Scheduler:
     def heartbeat(self, venue: Venue, running: Iterable[int]) -> None:
         """DESIGN §3: heartbeats renew the leases of the steps the agent reports running."""
         expires = self.clock() + self.config.lease_secs
+        store = False
         for sid in running:
             node = self.nodes.get(sid)
             if node is not None and node.state.is_leased and node.venue == venue.machine_id:
                 node.lease_expires_at = expires
+                store = store or self._renewal_due(node)
+        if store and self.feed.shared:
+            self.wake()  # the loop stores it, so other runners see the lease is alive
 
     def lease_holder(self, lease_id: str) -> StepNode | None:
         """The step a current lease is for, or None when the lease is unknown or over."""
@@ -845,17 +1117,21 @@ class Scheduler:
                     return
                 if node.state is not StepState.ASSIGNED:
                     return
-                node.state = StepState.BUILDING
-                async with self.engine.begin() as conn:
+                async with self._begin() as conn:
+                    await self._expect(conn, [node])
+                    node.state = StepState.BUILDING
+                    self.metrics.step_accepted(node, self.clock())
                     await queries.update_step(
                         conn, node.id, state=node.state, started_at=self.clock()
                     )
 
-            return await self._guard(body())
+            with contextlib.suppress(LostRace):
+                await self._guard(body())
 
     async def refused(self, venue: Venue, msg: p.Refused) -> None:
         async with self._lock:
-            await self._guard(self._refused(venue, msg))
+            with contextlib.suppress(LostRace):
+                await self._guard(self._refused(venue, msg))
 
     async def _refused(self, venue: Venue, msg: p.Refused) -> None:
         node = self.nodes.get(msg.step_id)
@@ -870,9 +1146,11 @@ class Scheduler:
         makes the step runnable again, as if it had never been assigned."""
         venue.cooldown_until = now + self.config.refuse_cooldown_secs
         self._cooled(venue)
-        self._release(node)
-        node.state = StepState.RUNNABLE
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
+            await self._expect(conn, [node])
+            self._release(node)
+            node.state = StepState.RUNNABLE
+            self.metrics.step_requeued(node, now)
             await queries.update_step(
                 conn,
                 node.id,
@@ -900,7 +1178,7 @@ class Scheduler:
                     return False
                 outcome, error = msg.outcome, msg.error
                 if outcome is p.Outcome.SUCCESS:
-                    present = await self._outputs_present(list(node.outputs.values()))
+                    present = await self._present(node, list(node.outputs.values()))
                     missing = sorted(set(node.outputs.values()) - set(present))
                     if missing:
                         outcome = p.Outcome.UPLOAD_FAILURE
@@ -908,7 +1186,21 @@ class Scheduler:
                 await self._finish_attempt(node, venue, outcome, error, msg, self.clock())
                 return True
 
-            return await self._guard(body())
+            try:
+                return await self._guard(body())
+            except LostRace:
+                log.info("ignoring result for step %s: another runner moved it on", msg.step_id)
+                return False
+
+    async def _present(self, node: StepNode, paths: list[str]) -> set[str]:
+        """Which outputs of ``node`` are published: in the main cache, or for an untrusted
+        step also in the untrusted cache."""
+        found = set(await self._outputs_present(paths))
+        if not node.req.trusted and self._untrusted_outputs_present is not None:
+            found |= set(
+                await self._untrusted_outputs_present([x for x in paths if x not in found])
+            )
+        return found
 
     # ---- the loop --------------------------------------------------------------------------
     def wake(self) -> None:
@@ -922,6 +1214,13 @@ class Scheduler:
             self._wake.clear()
             try:
                 wake_at = await self.tick(self.clock())
+            except LostRace as exc:
+                # Memory may be ahead of the database (the pass changed it before the check
+                # failed): the database is the record.
+                log.info("another runner changed a step first (%s); reloading", exc)
+                wake_at = self.clock()
+                async with self._lock:
+                    await self.recover(quiet=True)
             except Exception:
                 log.exception("scheduler pass failed; trying again in %.0f s", _ERROR_PAUSE_SECS)
                 wake_at = self.clock() + _ERROR_PAUSE_SECS
@@ -935,15 +1234,20 @@ class Scheduler:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
 
-    async def recover(self) -> None:
+    async def recover(self, *, quiet: bool = False) -> None:
         """Rebuild the working state from the database, as at start (the caller holds the
         lock). After a failed transaction memory may be ahead of the database; the database
-        is the record, so memory is thrown away and reloaded. Connected venues stay."""
+        is the record, so memory is thrown away and reloaded. Connected venues stay.
+        ``quiet``: an expected reload (another runner's changes may have been missed)."""
         venues = self.venues
         self.nodes, self.by_drv, self.leases, self.builds = {}, {}, {}, {}
+        self.untrusted_by_drv = {}
         self._expiries = []
         self.index, self.delayed = RunnableIndex(), []
         self._open = {}
+        self._nothing_for = {}
+        self._stored_expiry, self._lost_here = {}, set()
+        self._stale_steps, self._stale_builds, self._resync = set(), set(), False
         for connected in venues.values():
             connected.running.clear()
             self._reopen(connected)
@@ -952,27 +1256,52 @@ class Scheduler:
             holder = venues.get(node.venue or "")
             if holder is not None:
                 holder.running.add(node.id)
-        log.warning("scheduler state reloaded from the database")
+        if quiet:
+            log.info("scheduler state reloaded from the database")
+        else:
+            log.warning("scheduler state reloaded from the database")
         self.wake()
 
-    async def _guard(self, coro: Awaitable[_T]) -> _T:
-        """Run a transition (lock held); if it fails, reload from the database and re-raise."""
+    async def _guard(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run a transition (lock held), after catching up with other runners; if it fails,
+        reload from the database and re-raise."""
         try:
+            await self._catch_up()
             return await coro
         except BaseException as exc:
+            coro.close()  # never started if catching up failed
             if isinstance(exc, asyncio.CancelledError | GeneratorExit):
                 raise
-            log.exception("scheduler transition failed; reloading state from the database")
-            await self.recover()
+            lost = isinstance(exc, LostRace)
+            if lost:
+                log.info("another runner changed a step first (%s); reloading", exc)
+            else:
+                log.exception("scheduler transition failed; reloading state from the database")
+            await self.recover(quiet=lost)
             raise
+
+    async def _retrying(self, body: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+        """``_guard(body())``, again (after reloading) when another runner won a race."""
+        for _attempt in range(_RACE_ATTEMPTS - 1):
+            with contextlib.suppress(LostRace):
+                return await self._guard(body())
+        try:
+            return await self._guard(body())
+        except LostRace as exc:
+            raise Conflict("other runners kept changing the same steps; try again") from exc
 
     async def tick(self, now: float) -> float | None:
         """One pass of the loop at time ``now``: expire leases, release due retries, match
         work to free slots. Returns when the next pass is due (None: only when woken)."""
         async with self._lock:
+            await self._catch_up()
+            await self._store_renewals()
             await self._expire_leases(now)
             self._promote_delayed(now)
-            await self._dispatch(now)
+            for _round in range(_CLAIM_ROUNDS):
+                if not await self._dispatch(now):
+                    break
+                await self._catch_up()  # claims lost to another runner: read, then plan again
             return self._next_deadline(now)
 
     def _next_deadline(self, now: float) -> float | None:
@@ -988,7 +1317,7 @@ class Scheduler:
         return [self.nodes[s] for s in self.leases.values() if s in self.nodes]
 
     def _watch_lease(self, node: StepNode) -> None:
-        """File a lease's expiry (after it was granted, or moved earlier)."""
+        """File a lease's expiry (after it was granted, learned, or moved earlier)."""
         if node.lease_id is None or node.lease_expires_at is None:
             return
         heapq.heappush(self._expiries, (node.lease_expires_at, node.id, node.lease_id))
@@ -1015,16 +1344,27 @@ class Scheduler:
                 return
 
     async def _expire_leases(self, now: float) -> None:
-        """Expire the leases due by ``now``: only the due end of the heap is looked at."""
-        due: list[StepNode] = []
+        """Expire the leases due by ``now``: only the due end of the heap is looked at. On a
+        shared database a lease expires only when the database agrees (another runner may
+        have renewed it)."""
+        due: dict[int, StepNode] = {}
+        """A lease may have several entries (re-filed when moved earlier): once each."""
         while True:
             self._file_expiries()
             if not self._expiries or self._expiries[0][0] > now:
                 break
             _, sid, _ = heapq.heappop(self._expiries)
-            due.append(self.nodes[sid])
-        for node in due:
+            due[sid] = self.nodes[sid]
+        checked = (
+            await self._expired_in_database(list(due.values()), now)
+            if due and self.feed.shared
+            else set()
+        )
+        for node in due.values():
             if node.lease_id is None or not node.state.is_leased:
+                continue
+            if self.feed.shared and node.id not in checked and node.id not in self._lost_here:
+                self._watch_lease(node)  # renewed elsewhere, or read again: still watched
                 continue
             venue = self.venues.get(node.venue or "")
             log.warning("lease of step %d on %s expired", node.id, node.venue)
@@ -1037,6 +1377,7 @@ class Scheduler:
                 "lease expired: the agent stopped reporting it",
                 None,
                 now,
+                expired_by=now if node.id in checked else None,
             )
 
     def _promote_delayed(self, now: float) -> None:
@@ -1053,32 +1394,48 @@ class Scheduler:
             ):
                 node.not_before = None
                 self.index.push(node)
+                self._work_arrived()
 
-    async def _dispatch(self, now: float) -> None:
+    async def _dispatch(self, now: float) -> bool:
         """Fill free slots, in chunks of at most ``DISPATCH_CHUNK`` decisions: each chunk's
-        leases are written in one transaction and its ``assign`` messages sent before the
-        next chunk is planned, so the first agents start while later decisions are made."""
+        steps are claimed and leased in one transaction and its ``assign`` messages sent
+        before the next chunk is planned, so the first agents start while later decisions
+        are made. True when another runner claimed some of the chosen steps first (they are
+        read again, the slots stay free)."""
+        lost = False
         while len(self.index):
             agents, ssh = self._free_views(now)
             if not agents and not ssh:
-                return
+                break
             # Agents first (DESIGN §5's order among them); SSH builders only get the steps
             # that no free agent slot takes.
-            decisions = plan_dispatch(self.index, agents, limit=DISPATCH_CHUNK)
+            decisions = plan_dispatch(
+                self.index,
+                agents,
+                limit=DISPATCH_CHUNK,
+                repositories_of=self._repositories_of,
+                nothing_for=self._nothing_for,
+            )
             if ssh and len(decisions) < DISPATCH_CHUNK and len(self.index):
-                decisions += plan_dispatch(self.index, ssh, limit=DISPATCH_CHUNK - len(decisions))
+                decisions += plan_dispatch(
+                    self.index,
+                    ssh,
+                    limit=DISPATCH_CHUNK - len(decisions),
+                    repositories_of=self._repositories_of,
+                )
             if not decisions:
-                return
-            await self._assign(decisions, now)
+                break
+            lost = await self._assign(decisions, now) or lost
             if len(decisions) < DISPATCH_CHUNK:
-                return
+                break
+        return lost
 
     def _free_views(self, now: float) -> tuple[list[VenueView], list[VenueView]]:
         """Views of the available agents and SSH builders that could run some runnable step.
 
-        Only kinds of venues (systems and features) that fit a waiting step are looked at:
-        a pass costs the number of kinds plus the free venues that could take work, not the
-        number of venues."""
+        Only kinds of venues (systems, features, trust, repositories) that fit a waiting step
+        are looked at: a pass costs the number of kinds plus the free venues that could take
+        work, not the number of venues."""
         wanted = self.index.requirements()
         agents: list[VenueView] = []
         ssh: list[VenueView] = []
@@ -1120,11 +1477,18 @@ class Scheduler:
     def _reopen(self, venue: Venue) -> None:
         """The venue may have a free slot (again)."""
         if self.venues.get(venue.machine_id) is venue:
-            kind = (venue.systems, venue.supported_features, venue.mandatory_features)
+            kind = (
+                venue.systems,
+                venue.supported_features,
+                venue.mandatory_features,
+                venue.trusted,
+                venue.repositories,
+            )
             self._open.setdefault(kind, {})[venue.machine_id] = venue
 
-    async def _assign(self, decisions: Sequence[Dispatch], now: float) -> None:
-        """Lease, record and send one chunk of decisions."""
+    async def _assign(self, decisions: Sequence[Dispatch], now: float) -> bool:
+        """Claim, lease, record and send one chunk of decisions; True when another runner
+        claimed some of the steps first."""
         # Resolve every venue before the first await: a venue may detach meanwhile, and a
         # send to its closed session then fails and releases the slot like any send failure.
         chosen = [(self.nodes[d.step_id], self.venues[d.machine_id]) for d in decisions]
@@ -1146,40 +1510,53 @@ class Scheduler:
                     now,
                 )
         if not ready:
-            return
+            return False
         expires = now + self.config.lease_secs
-        rows: list[dict[str, Any]] = []
+        sent: list[tuple[StepNode, Venue, p.Assign]] = []
         started: set[int] = set()
-        for node, venue, msg in ready:
-            lease = msg.lease_id
-            node.state = StepState.ASSIGNED
-            node.lease_id = lease
-            node.lease_expires_at = expires
-            node.venue = venue.machine_id
-            self.leases[lease] = node.id
-            self._watch_lease(node)
-            venue.running.add(node.id)
-            rows.append(
-                {
-                    "id": node.id,
-                    "state": node.state,
-                    "lease_id": lease,
-                    "lease_expires_at": expires,
-                    "agent_machine_id": venue.machine_id,
-                    "agent_name": venue.name,
-                    "assigned_at": now,
-                }
+        async with self._begin() as conn:
+            # Only steps still runnable in the database, and not being claimed by another
+            # runner right now, are assigned; the others go back to be read again.
+            ids = [n.id for n, _, _ in ready]
+            claimed = (
+                await queries.claim_runnable_steps(conn, ids) if self.feed.shared else set(ids)
             )
-            for bid in node.builds:
-                build = self.builds.get(bid)
-                if build is not None and build.state is BuildState.QUEUED:
-                    build.state = BuildState.RUNNING
-                    started.add(bid)
-        async with self.engine.begin() as conn:
+            lost = [node.id for node, _, _ in ready if node.id not in claimed]
+            self._stale_steps.update(lost)
+            rows: list[dict[str, Any]] = []
+            for node, venue, msg in ready:
+                if node.id not in claimed:
+                    continue
+                lease = msg.lease_id
+                node.state = StepState.ASSIGNED
+                node.lease_id = lease
+                node.lease_expires_at = expires
+                node.venue = venue.machine_id
+                self.leases[lease] = node.id
+                self._watch_lease(node)
+                venue.running.add(node.id)
+                self.metrics.step_assigned(node, now)
+                rows.append(
+                    {
+                        "id": node.id,
+                        "state": node.state,
+                        "lease_id": lease,
+                        "lease_expires_at": expires,
+                        "agent_machine_id": venue.machine_id,
+                        "agent_name": venue.name,
+                        "assigned_at": now,
+                    }
+                )
+                self._stored_expiry[node.id] = expires
+                for bid in node.builds:
+                    build = self.builds.get(bid)
+                    if build is not None and build.state is BuildState.QUEUED:
+                        build.state = BuildState.RUNNING
+                        started.add(bid)
+                sent.append((node, venue, msg))
             await queries.update_steps_each(conn, rows)
-            for bid in sorted(started):
-                await queries.update_build(conn, bid, state=BuildState.RUNNING)
-        for node, venue, msg in ready:
+            await queries.start_builds(conn, sorted(started))
+        for node, venue, msg in sent:
             if node.attempts:
                 self.logs.append(
                     node.id, [f"[bigtent: attempt {node.attempts + 1} on {venue.name}]"]
@@ -1187,6 +1564,9 @@ class Scheduler:
             if not _try_send(venue, msg):
                 log.warning("could not send step %d to %s; cooling it down", node.id, venue.name)
                 await self._give_back(node, venue, now)
+        if lost:
+            log.debug("another runner claimed steps %s first", lost)
+        return bool(lost)
 
     def _assign_message(self, node: StepNode, lease: str) -> p.Assign:
         return p.Assign(
@@ -1206,6 +1586,11 @@ class Scheduler:
             heapq.heappush(self.delayed, (node.not_before, node.id))
         else:
             self.index.push(node)
+            self._work_arrived()
+
+    def _work_arrived(self) -> None:
+        for listener in self.work_listeners:
+            listener()
 
     def _release(self, node: StepNode) -> None:
         """Give back the node's slot and drop its lease."""
@@ -1218,6 +1603,8 @@ class Scheduler:
         node.lease_id = None
         node.lease_expires_at = None
         self.index.discard(node.id)
+        self._stored_expiry.pop(node.id, None)
+        self._lost_here.discard(node.id)
 
     async def _finish_attempt(
         self,
@@ -1227,10 +1614,17 @@ class Scheduler:
         error: str,
         msg: p.Result | None,
         now: float,
+        *,
+        expired_by: float | None = None,
     ) -> None:
+        """End the step's current attempt. ``expired_by``: only if its lease expired by then
+        in the database too (another runner may have renewed it). The step must still be as
+        the working copy has it, or nothing happens but a LostRace."""
         policy = classify(outcome)
+        lease_id = node.lease_id
         self._release(node)
         self.logs.close(node.id)
+        self.metrics.step_finished(node, outcome, msg.timings if msg is not None else None)
         values: dict[str, Any] = dict(
             outcome=outcome,
             error=error[:8000] or None,
@@ -1269,7 +1663,8 @@ class Scheduler:
                 venue.consecutive_failures = 0
                 venue.backoff_until = 0.0
         newly_final: list[StepNode] = []
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
+            await self._expect(conn, [node], lease_id=lease_id, expired_by=expired_by)
             if venue is not None:
                 # The agent's row keeps its counters and backoff in step with memory, so a
                 # reconnect cannot shed the backoff (DESIGN §4).
@@ -1297,12 +1692,13 @@ class Scheduler:
                             continue
                         dep.deps.discard(node.id)
                         if not dep.deps and dep.state is StepState.WAITING:
-                            dep.state = StepState.RUNNABLE
                             ready.append(dep)
-                    await queries.update_steps(
-                        conn, [n.id for n in ready], state=StepState.RUNNABLE
+                    promoted = await queries.update_steps_in_state(
+                        conn, [n.id for n in ready], [StepState.WAITING], state=StepState.RUNNABLE
                     )
-                    for dep in ready:
+                    for dep in self._moved_on_elsewhere(promoted, ready):
+                        dep.state = StepState.RUNNABLE
+                        self.metrics.step_runnable(dep, now)
                         self._make_runnable(dep, now)
                 case Disposition.FAIL:
                     # A build failure is final and cached (failed_at) for the failure cache's
@@ -1342,6 +1738,7 @@ class Scheduler:
                             self.config.retry_max_secs,
                             self.rand(),
                         )
+                        self.metrics.step_requeued(node, node.not_before)
                         await queries.update_step(
                             conn,
                             node.id,
@@ -1353,6 +1750,7 @@ class Scheduler:
                         self._make_runnable(node, now)
                 case Disposition.REQUEUE:
                     node.state = StepState.RUNNABLE
+                    self.metrics.step_requeued(node, now)
                     await queries.update_step(conn, node.id, state=node.state, **values)
                     self._make_runnable(node, now)
             for bid in sorted({b for n in newly_final for b in n.builds}):
@@ -1365,21 +1763,24 @@ class Scheduler:
         self, conn: AsyncConnection, node: StepNode, now: float
     ) -> list[StepNode]:
         """DESIGN: a failure fails only what depends on it; unrelated steps go on."""
-        failed = []
-        for sid in dependents_closure(self.nodes, node.id):
-            dep = self.nodes[sid]
-            if dep.state in (StepState.WAITING, StepState.RUNNABLE):
-                self.index.discard(dep.id)
-                dep.state = StepState.DEPENDENCY_FAILED
-                self._count_final(dep)
-                failed.append(dep)
-        await queries.update_steps(
+        failed = [
+            self.nodes[sid]
+            for sid in dependents_closure(self.nodes, node.id)
+            if self.nodes[sid].state in (StepState.WAITING, StepState.RUNNABLE)
+        ]
+        changed = await queries.update_steps_in_state(
             conn,
             [d.id for d in failed],
+            [StepState.WAITING, StepState.RUNNABLE],
             state=StepState.DEPENDENCY_FAILED,
             finished_at=now,
             error=f"dependency {node.drv_path} failed",
         )
+        failed = self._moved_on_elsewhere(changed, failed)
+        for dep in failed:
+            self.index.discard(dep.id)
+            dep.state = StepState.DEPENDENCY_FAILED
+            self._count_final(dep)
         return failed
 
     def _count_final(self, node: StepNode) -> None:
@@ -1404,8 +1805,8 @@ class Scheduler:
         if outcome is None or build.state.is_final:
             return
         build.state = outcome
-        await queries.update_build(conn, build.id, state=outcome, finished_at=now)
-        log.info("build %d %s", build.id, outcome)
+        if await queries.finish_build(conn, build.id, outcome, finished_at=now):
+            log.info("build %d %s", build.id, outcome)
         self._forget_build(build)
 
     def _forget_build(self, build: ActiveBuild) -> None:
@@ -1418,11 +1819,341 @@ class Scheduler:
             node.builds.discard(build.id)
             if node.state.is_final and not node.builds:
                 self.nodes.pop(sid, None)
-                if self.by_drv.get(node.drv_path) == sid:
-                    del self.by_drv[node.drv_path]
+                by_drv = self._by_drv(node.req.trusted)
+                if by_drv.get(node.drv_path) == sid:
+                    del by_drv[node.drv_path]
                 for d in node.deps:
                     if d in self.nodes:
                         self.nodes[d].dependents.discard(sid)
+
+    # ---- other runners on the same database (PostgreSQL; docs/architecture.md) --------------
+    @contextlib.asynccontextmanager
+    async def _begin(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction whose step and build changes are announced to the other runners
+        when it commits. Losing a deadlock or serialization conflict to another runner's
+        transaction is a LostRace."""
+        try:
+            async with self.engine.begin() as conn:
+                take_pending(conn, "")  # notes a previous user of the connection left
+                yield conn
+                await self.feed.publish(conn)
+        except DBAPIError as exc:
+            if is_conflict(exc):
+                raise LostRace(
+                    f"the database chose another runner's transaction: {exc.orig}"
+                ) from exc
+            raise
+
+    def notice(self, change: Change | None) -> None:
+        """Another runner changed these rows (None: anything may have changed, e.g. while
+        not listening). The loop reads them again at its next pass, or a transition first."""
+        if change is None:
+            self._resync = True
+        else:
+            self._stale_steps |= change.steps
+            self._stale_builds |= change.builds
+        self.wake()
+
+    async def _catch_up(self) -> None:
+        """Apply what other runners changed since the last call (the lock is held)."""
+        if self._resync:
+            await self.recover(quiet=True)
+            return
+        if self._stale_steps or self._stale_builds:
+            steps, builds = self._stale_steps, self._stale_builds
+            self._stale_steps, self._stale_builds = set(), set()
+            await self._absorb(steps, builds)
+
+    async def _expect(
+        self,
+        conn: AsyncConnection,
+        nodes: Sequence[StepNode],
+        *,
+        lease_id: str | type[_Same] | None = _Same,
+        expired_by: float | None = None,
+    ) -> None:
+        """The steps' rows must still say what the working copy does (state and lease;
+        ``lease_id`` for a single node whose lease memory already dropped; ``expired_by``:
+        and the lease expired by then): otherwise LostRace. The rows stay locked until the
+        transaction ends, so no other runner changes them under this transition. Alone on
+        its database (SQLite) the runner's memory is the record's exact copy: no check."""
+        if not self.feed.shared:
+            return
+        rows = await queries.lock_steps(conn, [n.id for n in nodes])
+        for node in nodes:
+            lease = node.lease_id if lease_id is _Same else lease_id
+            row = rows.get(node.id)
+            if (
+                row is None
+                or row.state != node.state
+                or row.lease_id != lease
+                or (expired_by is not None and (row.lease_expires_at or 0.0) > expired_by)
+            ):
+                self._stale_steps.add(node.id)
+                raise LostRace(
+                    f"step {node.id} is {row.state if row else 'gone'} in the database, "
+                    f"{node.state} here"
+                )
+
+    def _moved_on_elsewhere(self, changed: set[int], nodes: list[StepNode]) -> list[StepNode]:
+        """The ``nodes`` a conditional update changed. The others were moved on by another
+        runner first (it made them runnable, or claimed them): they are read again at the
+        next pass, and this transition leaves them alone."""
+        missed = {n.id for n in nodes} - changed
+        if missed:
+            self._stale_steps |= missed
+            self.wake()
+        return [n for n in nodes if n.id in changed]
+
+    def _renewal_due(self, node: StepNode) -> bool:
+        """Is the lease's renewal far enough ahead of what the database has to be stored?"""
+        stored = self._stored_expiry.get(node.id, 0.0)
+        return (node.lease_expires_at or 0.0) - stored >= self.config.lease_secs / 3
+
+    async def _store_renewals(self) -> None:
+        """Store the lease renewals of venues here (shared databases only): another runner
+        expires a lease only once the database says it expired."""
+        if not self.feed.shared:
+            return
+        due = [
+            node
+            for node in self._leased()
+            if node.lease_id is not None
+            and node.venue in self.venues
+            and node.id in self.venues[node.venue].running
+            and self._renewal_due(node)
+        ]
+        if not due:
+            return
+        renewals = [(n.id, str(n.lease_id), float(n.lease_expires_at or 0.0)) for n in due]
+        async with self.engine.begin() as conn:
+            await queries.renew_leases(conn, renewals)
+        for sid, _, expires in renewals:
+            self._stored_expiry[sid] = expires
+
+    async def _expired_in_database(self, due: Sequence[StepNode], now: float) -> set[int]:
+        """Of the leases due here, those the database also says expired. A lease another
+        runner renewed gets its expiry from the database; a step another runner moved on is
+        read again."""
+        check = [n for n in due if n.id not in self._lost_here]
+        async with self.engine.connect() as conn:
+            rows = await queries.lock_steps(conn, [n.id for n in check], lock=False)
+        expired: set[int] = set()
+        for node in check:
+            row = rows.get(node.id)
+            if row is None or row.lease_id != node.lease_id or row.state != node.state:
+                self._stale_steps.add(node.id)
+                self.wake()
+            elif row.lease_expires_at is not None and row.lease_expires_at > now:
+                node.lease_expires_at = row.lease_expires_at
+            else:
+                expired.add(node.id)
+        return expired
+
+    async def _absorb(self, step_ids: set[int], build_ids: set[int]) -> None:
+        """Bring the working copy up to date with steps and builds other runners changed:
+        read those rows again (and, for builds new here, their members and roots) and apply
+        them (``sync.catch_up``). Waiting steps whose dependencies another runner finished
+        are made runnable (or dependency-failed) here too, conditionally: whichever runner
+        gets there first does it."""
+        now = self.clock()
+        async with self._begin() as conn:
+            build_rows = await queries.fetch_builds_by_ids(conn, sorted(build_ids))
+            new = [
+                int(b.id)
+                for b in build_rows
+                if int(b.id) not in self.builds and not BuildState(b.state).is_final
+            ]
+            roots: dict[int, dict[str, int | None]] = {i: {} for i in new}
+            for r in await queries.fetch_all_build_roots(conn, new):
+                roots[r.build_id][r.drv_path] = r.step_id
+            members: dict[int, set[int]] = {i: set() for i in new}
+            for b, s in await queries.fetch_build_step_ids(conn, new):
+                members[b].add(int(s))
+            new_roots = {s for r in roots.values() for s in r.values() if s is not None}
+            wanted = step_ids | new_roots | {s for m in members.values() for s in m}
+            rows = await queries.fetch_steps_by_ids(conn, sorted(wanted))
+            fresh: dict[int, StepNode] = {}
+            """Steps new here, or waiting again: their edges are read."""
+            moved: list[StepNode] = []
+            """Steps whose state or lease changed."""
+            seen: list[StepNode] = []
+            for row in rows:
+                node = self.nodes.get(int(row.id))
+                if node is None:
+                    if StepState(row.state).is_final and int(row.id) not in new_roots:
+                        continue
+                    node = _node_from_row(row)
+                    self.nodes[node.id] = node
+                    self._by_drv(node.req.trusted)[node.drv_path] = node.id
+                    if node.state.is_leased and node.lease_id is not None:
+                        self.leases[node.lease_id] = node.id
+                        self._watch_lease(node)
+                    fresh[node.id] = node
+                    moved.append(node)
+                elif self._catch_up_step(node, row):
+                    moved.append(node)
+                    if node.state is StepState.WAITING:
+                        fresh[node.id] = node
+                seen.append(node)
+            if fresh:
+                for s, d in await queries.fetch_step_edges(conn, sorted(fresh)):
+                    dependent, dep = self.nodes.get(s), self.nodes.get(d)
+                    if dependent is None or dep is None:
+                        continue
+                    dep.dependents.add(s)
+                    if (
+                        dependent.state is StepState.WAITING
+                        and dep.state is not StepState.SUCCEEDED
+                    ):
+                        dependent.deps.add(d)
+            for node in moved:
+                if node.state is StepState.SUCCEEDED:
+                    for d in node.dependents:
+                        if d in self.nodes:
+                            self.nodes[d].deps.discard(node.id)
+            waiting = {
+                w.id: w
+                for n in moved
+                for w in [n, *(self.nodes[d] for d in n.dependents if d in self.nodes)]
+                if w.state is StepState.WAITING
+            }
+            await self._settle_waiting(conn, list(waiting.values()), now)
+            affected = [*moved, *waiting.values()]
+            touched = {b for n in affected for b in n.builds}
+            for b in build_rows:
+                touched |= self._catch_up_build(b, roots.get(int(b.id)), members.get(int(b.id)))
+            rekey: set[int] = set()
+            if fresh:
+                rekey = raise_heights(self.nodes, _topological_dependents_first(fresh))
+            for node in [*seen, *waiting.values(), *(self.nodes[i] for i in sorted(rekey))]:
+                if node.state is StepState.RUNNABLE:
+                    self._make_runnable(node, now)
+            for bid in sorted(touched):
+                build = self.builds.get(bid)
+                if build is None:
+                    continue
+                build.unfinished = sum(
+                    1
+                    for sid in build.steps
+                    if sid in self.nodes and not self.nodes[sid].state.is_final
+                )
+                await self._maybe_finish_build(conn, build, now)
+        log.debug("caught up with %d steps and %d builds", len(rows), len(build_rows))
+
+    def _catch_up_step(self, node: StepNode, row: Any) -> bool:
+        """Copy a step's row into its node (``sync.catch_up`` decides the side effects);
+        True when its state or lease changed."""
+        stored = StepState(row.state)
+        venue = self.venues.get(node.venue or "")
+        held_here = venue is not None and node.id in venue.running
+        same = stored is node.state and row.lease_id == node.lease_id
+        decision = catch_up(
+            Seen(node.state, node.lease_id, held_here), Stored(stored, row.lease_id)
+        )
+        if decision.release:
+            assert venue is not None
+            log.info("step %d on %s is %s by another runner", node.id, venue.name, stored)
+            _try_send(venue, p.Abort(step_id=p.StepId(node.id), reason=f"{stored} elsewhere"))
+            self._release(node)
+            self.logs.close(node.id)
+        elif node.lease_id is not None and node.lease_id != row.lease_id:
+            self.leases.pop(node.lease_id, None)
+        if decision.unqueue:
+            self.index.discard(node.id)
+        if decision.reopened:
+            node.deps.clear()
+        node.state = stored
+        node.lease_id = row.lease_id
+        node.venue = row.agent_machine_id
+        node.attempts = int(row.attempts)
+        node.not_before = row.not_before
+        node.created_at = float(row.created_at)
+        if stored.is_leased and node.lease_id is not None:
+            self.leases[node.lease_id] = node.id
+            if not (same and held_here):
+                node.lease_expires_at = row.lease_expires_at
+            self._watch_lease(node)
+        elif not stored.is_leased:
+            node.lease_expires_at = None
+        if decision.finished:
+            self.logs.close(node.id)
+        return not same
+
+    async def _settle_waiting(
+        self, conn: AsyncConnection, waiting: Sequence[StepNode], now: float
+    ) -> None:
+        """Waiting steps whose dependencies are all done (as the database says): runnable,
+        or dependency-failed, each only if still waiting (another runner may be first)."""
+        if not waiting:
+            return
+        deps: dict[int, list[int]] = {n.id: [] for n in waiting}
+        for s, d in await queries.fetch_step_deps(conn, sorted(deps)):
+            deps[s].append(d)
+        states = await queries.fetch_step_states(
+            conn, sorted({d for ds in deps.values() for d in ds})
+        )
+        for node in waiting:
+            verdict = waiting_verdict([StepState(states[d][0]) for d in deps[node.id]])
+            if verdict is StepState.WAITING:
+                node.deps = {
+                    d
+                    for d in deps[node.id]
+                    if states[d][0] != StepState.SUCCEEDED and d in self.nodes
+                }
+                continue
+            values: dict[str, Any] = {"state": verdict}
+            if verdict is StepState.DEPENDENCY_FAILED:
+                failed = next(
+                    d
+                    for d in sorted(deps[node.id])
+                    if StepState(states[d][0]).is_final and states[d][0] != StepState.SUCCEEDED
+                )
+                values.update(finished_at=now, error=f"dependency {states[failed][1]} failed")
+            if await queries.update_steps_in_state(conn, [node.id], [StepState.WAITING], **values):
+                node.state = verdict
+                node.deps.clear()
+            else:
+                self._stale_steps.add(node.id)
+                self.wake()
+
+    def _catch_up_build(
+        self, row: Any, roots: dict[str, int | None] | None, members: set[int] | None
+    ) -> set[int]:
+        """Apply a build's row: new here (with its roots and members), over (forgotten), or
+        bumped. Returns the ids of builds whose unfinished steps must be counted again."""
+        build_id, state = int(row.id), BuildState(row.state)
+        build = self.builds.get(build_id)
+        if build is None:
+            if state.is_final or roots is None or members is None:
+                return set()
+            build = ActiveBuild(
+                build_id,
+                int(row.priority),
+                roots,
+                members,
+                state,
+                repository=row.repository,
+                trusted=bool(row.trusted),
+            )
+            self.builds[build_id] = build
+        elif state.is_final:
+            build.state = state
+            self._forget_build(build)
+            return set()
+        build.state = state
+        build.priority = int(row.priority)  # as bump_build: members' priorities only rise
+        now = self.clock()
+        for sid in build.steps:
+            node = self.nodes.get(sid)
+            if node is None:
+                continue
+            node.builds.add(build_id)
+            if build.priority > node.priority:
+                node.priority = build.priority
+                if node.state is StepState.RUNNABLE:
+                    self._make_runnable(node, now)
+        return {build_id}
 
     # ---- read side ------------------------------------------------------------------------
     def queue_depth(self) -> dict[str, int]:
@@ -1467,15 +2198,20 @@ def _dependencies_first(deps: dict[str, list[str]]) -> list[str]:
     return order
 
 
-def _new_node(sid: int, drv: queries.DrvInfo, now: float) -> StepNode:
+def _new_node(sid: int, drv: queries.DrvInfo, trusted: bool, now: float) -> StepNode:
     return StepNode(
         id=sid,
         drv_path=drv.drv_path,
-        req=Requirement(drv.system, drv.required_features),
+        req=Requirement(drv.system, drv.required_features, trusted),
         state=StepState.WAITING,
         created_at=now,
         outputs=dict(drv.outputs),
     )
+
+
+def _send_aborts(aborts: Iterable[tuple[Venue, int]], reason: str) -> None:
+    for venue, sid in aborts:
+        _try_send(venue, p.Abort(step_id=p.StepId(sid), reason=reason))
 
 
 def _try_send(venue: Venue, msg: BaseModel) -> bool:
@@ -1490,7 +2226,9 @@ def _node_from_row(row: Any) -> StepNode:
     return StepNode(
         id=int(row.id),
         drv_path=row.drv_path,
-        req=Requirement(row.system, frozenset(json.loads(row.required_features))),
+        req=Requirement(
+            row.system, frozenset(json.loads(row.required_features)), bool(row.trusted)
+        ),
         state=StepState(row.state),
         created_at=float(row.created_at),
         not_before=row.not_before,
@@ -1516,3 +2254,22 @@ def _topological_dependents_first(nodes: dict[int, StepNode]) -> list[int]:
                 if pending[dep] == 0:
                     ready.append(dep)
     return order
+
+
+def _check_admit_row(drv_path: str, node: StepNode | None, row: Any) -> None:
+    """A new build decides about a derivation's step from the working copy. Joining a step
+    that is active here is right whatever the step does now; but queueing a step again (or
+    creating it) needs the (locked) row to agree that it is finished: otherwise another runner
+    changed it first — LostRace (read again, retry). A step active in the database and
+    unknown here belongs to a build this runner has not heard of yet."""
+    if node is not None and node.state not in _REDO_STATES:
+        return
+    if row is None:
+        if node is not None:
+            raise LostRace(f"the step of {drv_path} is gone from the database")
+        return
+    state = StepState(row.state)
+    if node is None and not state.is_final:
+        raise LostRace(f"the step of {drv_path} is {state} in the database, unknown here")
+    if node is not None and state is not node.state:
+        raise LostRace(f"the step of {drv_path} is {state} in the database, {node.state} here")

@@ -1,4 +1,10 @@
-"""Which venue may run which step, and which venue is best for it (DESIGN §5). Pure code."""
+"""Which venue may run which step, and which venue is best for it (DESIGN §5). Pure code.
+
+Trust (DESIGN §6, docs/security.md) is part of matching: a trusted step runs only on a
+trusted venue and an untrusted step only on an untrusted one (``Requirement.trusted``), and
+a venue scoped to repositories (an OIDC agent) takes a step only when some live build of the
+step is for one of them (``may_take``).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,16 @@ from dataclasses import dataclass, replace
 
 @dataclass(frozen=True, slots=True)
 class Requirement:
-    """What a step needs from a venue: its system and its required features."""
+    """What a step needs from a venue: its system, its required features and its trust.
+
+    Runnable steps are bucketed by requirement, so trusted and untrusted work never share a
+    bucket: the top of a bucket is always a step of the bucket's trust."""
 
     system: str
     features: frozenset[str]
+    trusted: bool = True
+    """A trusted step (its outputs go to the main cache) needs a trusted venue; an untrusted
+    step needs an untrusted venue."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +38,11 @@ class VenueView:
     max_jobs: int
     running: int
     speed_factor: float = 1.0
+    trusted: bool = True
+    """A trusted venue (token agents, SSH builders, OIDC agents by default) takes only trusted
+    steps; an untrusted venue only untrusted ones."""
+    repositories: frozenset[str] | None = None
+    """The build repositories the venue may serve (an OIDC agent's rule); None: any."""
 
     @property
     def free_slots(self) -> int:
@@ -33,17 +50,33 @@ class VenueView:
 
 
 def can_run(venue: VenueView, req: Requirement) -> bool:
-    """DESIGN §5: the venue has the step's system, supports every required feature, and every
-    one of its mandatory features is required by the step. (Slots, backoff and trust are the
-    dispatcher's business.)
+    """DESIGN §5: the venue is of the step's trust, has the step's system, supports every
+    required feature, and every one of its mandatory features is required by the step.
+    (Slots and backoff are the dispatcher's business; repositories are ``may_take``'s.)
 
     A venue's mandatory features count as supported too, as in Nix's machines file.
     """
+    if venue.trusted != req.trusted:
+        return False
     if req.system not in venue.systems:
         return False
     if not venue.mandatory_features <= req.features:
         return False
     return req.features <= (venue.supported_features | venue.mandatory_features)
+
+
+def may_take(venue: VenueView, repositories: Collection[str | None]) -> bool:
+    """DESIGN §6: a venue scoped to repositories (an OIDC agent) takes a step only when some
+    live build of the step is for one of them; a build without a repository (None) matches no
+    scope. An unscoped venue (token agents, SSH builders, a rule with ``"*"``) takes any."""
+    if venue.repositories is None:
+        return True
+    return not venue.repositories.isdisjoint(repositories)
+
+
+def eligible(venue: VenueView, req: Requirement, repositories: Collection[str | None]) -> bool:
+    """Everything but load: ``can_run`` (capabilities and trust) and ``may_take``."""
+    return can_run(venue, req) and may_take(venue, repositories)
 
 
 def contended_waste(venue: VenueView, req: Requirement, wanted: Collection[str]) -> int:
@@ -75,13 +108,13 @@ def best_venue(
     return min(candidates, key=lambda v: venue_rank(v, req, wanted))
 
 
-_Class = tuple[frozenset[str], frozenset[str], frozenset[str]]
-"""A venue's capabilities: systems, supported features, mandatory features."""
+_Class = tuple[frozenset[str], frozenset[str], frozenset[str], bool]
+"""A venue's capabilities: systems, supported features, mandatory features, trust."""
 
 
 class VenuePool:
-    """Free venues for one dispatch pass, grouped by capabilities, so finding the best venue
-    for a step costs the number of distinct capability sets, not the number of venues.
+    """Free venues for one dispatch pass, grouped by capabilities and trust, so finding the
+    best venue for a step costs the number of distinct kinds, not the number of venues.
 
     A farm of a thousand agents has a handful of kinds of machines. Within one kind,
     ``can_run`` and ``contended_waste`` are the same for every member, so the best member is
@@ -138,7 +171,7 @@ class VenuePool:
 
 
 def _class_of(v: VenueView) -> _Class:
-    return (v.systems, v.supported_features, v.mandatory_features)
+    return (v.systems, v.supported_features, v.mandatory_features, v.trusted)
 
 
 def _entry(v: VenueView) -> tuple[float, str, VenueView]:

@@ -8,10 +8,18 @@ so choosing the next dispatch looks at the top of each bucket, never at the whol
 from __future__ import annotations
 
 import heapq
-from collections.abc import Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 
-from bigtent.runner.scheduler.matching import Requirement, VenuePool, VenueView
+from bigtent.runner.scheduler.matching import (
+    Requirement,
+    VenuePool,
+    VenueView,
+    best_venue,
+    can_run,
+    may_take,
+    venue_rank,
+)
 from bigtent.states import BuildState, StepState
 
 
@@ -39,13 +47,20 @@ class StepNode:
     builds: set[int] = field(default_factory=set)
     outputs: dict[str, str] = field(default_factory=dict)
     """Output name -> store path, from the derivation."""
+    runnable_at: float | None = None
+    """When the step became runnable (again) and may be dispatched, for the dispatch latency
+    (``runner.metrics``); None when unknown (runnable before the runner started) or not
+    runnable."""
+    assigned_at: float | None = None
+    """When the current assignment was made, until the venue accepts it (``runner.metrics``)."""
 
     def sort_key(self) -> tuple[int, int, float, int]:
         """Runnable order: build priority, then work waiting behind it, then age."""
         return (-self.priority, -self.height, self.created_at, self.id)
 
 
-_Entry = tuple[tuple[int, int, float, int], int]
+_Key = tuple[int, int, float, int]
+_Entry = tuple[_Key, int]
 
 
 class RunnableIndex:
@@ -61,6 +76,9 @@ class RunnableIndex:
         self._buckets: dict[Requirement, list[_Entry]] = {}
         self._live: dict[int, tuple[Requirement, tuple[int, int, float, int]]] = {}
         self._counts: dict[Requirement, int] = {}
+        self.version = 0
+        """Counts pushes: only a push can make a step takeable that was not (a new step, or
+        one re-keyed after a new build joined it); a scan's "nothing" holds until then."""
 
     def __len__(self) -> int:
         return len(self._live)
@@ -71,6 +89,7 @@ class RunnableIndex:
     def push(self, node: StepNode) -> None:
         """Add a runnable step, or re-key it after its priority or height changed."""
         key = node.sort_key()
+        self.version += 1
         self.discard(node.id)
         self._live[node.id] = (node.req, key)
         self._counts[node.req] = self._counts.get(node.req, 0) + 1
@@ -121,6 +140,31 @@ class RunnableIndex:
         """The requirements of the waiting steps (one per bucket, not one per step)."""
         return set(self._counts)
 
+    def entries(self, req: Requirement) -> Iterator[_Entry]:
+        """Every live entry of one bucket, in no particular order (a scan: O(bucket))."""
+        live = self._live
+        for key, sid in self._buckets.get(req, ()):
+            if live.get(sid) == (req, key):
+                yield key, sid
+
+    def best_where(
+        self, req: Requirement, ok: Callable[[int], bool], below: _Key | None = None
+    ) -> _Entry | None:
+        """The best live entry of one bucket whose step satisfies ``ok`` (and whose key is
+        below ``below``): a scan of the bucket, asking ``ok`` only of entries that would
+        improve on the best so far."""
+        live = self._live
+        best: _Entry | None = None
+        bound = below
+        for key, sid in self._buckets.get(req, ()):
+            if bound is not None and key >= bound:
+                continue
+            if live.get(sid) != (req, key) or not ok(sid):
+                continue
+            best = (key, sid)
+            bound = key
+        return best
+
 
 @dataclass(frozen=True, slots=True)
 class Dispatch:
@@ -130,33 +174,93 @@ class Dispatch:
     machine_id: str
 
 
+RepositoriesOf = Callable[[int], Collection[str | None]]
+"""Step id -> the repositories of its live builds (None for a build without one)."""
+
+_Found = tuple[tuple[int, int, float, int], Requirement, int]
+"""(sort key, bucket, step id) of a runnable step."""
+
+
 def plan_dispatch(
-    index: RunnableIndex, venues: Collection[VenueView], limit: int | None = None
+    index: RunnableIndex,
+    venues: Collection[VenueView],
+    limit: int | None = None,
+    repositories_of: RepositoriesOf | None = None,
+    nothing_for: dict[Scope, int] | None = None,
 ) -> list[Dispatch]:
     """Match runnable steps to free slots, best step first, best venue for it (DESIGN §5).
 
     Pops the chosen steps from ``index``. Each decision looks at the top of each bucket and
     at the kinds of free venues (``VenuePool``), never at the whole queue nor at every
     venue. Deterministic for a given state.
+
+    Trust needs no scan: trusted and untrusted steps sit in different buckets
+    (``Requirement.trusted``), and a kind of venue includes its trust. A venue scoped to
+    repositories (an OIDC agent, DESIGN §6) may find the tops of its buckets are for builds
+    it cannot serve: for it alone the buckets it can run are scanned for the best step it may
+    take. Venues of one scope (capabilities, trust and repositories: the agents of one OIDC
+    rule) share a scan, and its answer is kept for the pass until that step is taken (the
+    index only shrinks during a pass): a scope costs one scan per step its venues take, and
+    one in all when nothing is for it. ``nothing_for`` (kept by the caller across passes)
+    remembers the index version at which a scope's scan found nothing, so idle scoped venues
+    cost nothing until a step is pushed again.
     """
-    pool = VenuePool(venues)
+    repos = repositories_of or _no_repositories
+    pool = VenuePool(v for v in venues if v.repositories is None)
+    free = {v.machine_id: v for v in venues if v.repositories is not None and v.free_slots > 0}
+    """Free scoped venues (few: the unscoped ones are in ``pool``)."""
     decisions: list[Dispatch] = []
-    while pool and (limit is None or len(decisions) < limit):
+    deep: dict[Scope, _Found | None] = {}
+    while (pool or free) and (limit is None or len(decisions) < limit):
         wanted = frozenset(f for req in index.requirements() for f in req.features)
-        chosen: tuple[Requirement, VenueView] | None = None
-        # The best step first: the first bucket top (in key order) some free venue can run.
-        for req, _top in sorted(index.tops(), key=lambda t: t[1]):
-            venue = pool.best(req, wanted)
+        scoped = list(free.values())
+        best: tuple[tuple[int, int, float, int], Requirement, int, VenueView] | None = None
+        for req, (key, sid) in sorted(index.tops(), key=lambda t: t[1]):
+            venue = pool.best(req, wanted) if pool else None
+            if scoped:
+                step_repos = repos(sid)
+                other = best_venue([v for v in scoped if may_take(v, step_repos)], req, wanted)
+                if other is not None and (
+                    venue is None or venue_rank(other, req, wanted) < venue_rank(venue, req, wanted)
+                ):
+                    venue = other
             if venue is not None:
-                chosen = (req, venue)
-                break
-        if chosen is None:
+                best = (key, req, sid, venue)
+                break  # tops in key order: the first one some venue takes is the best
+        groups: dict[Scope, list[VenueView]] = {}
+        for v in scoped:
+            groups.setdefault(_scope(v), []).append(v)
+        for scope, members in groups.items():
+            found = deep.get(scope, _UNKNOWN)
+            if (
+                found is _UNKNOWN
+                and nothing_for is not None
+                and nothing_for.get(scope) == index.version
+            ):
+                found = deep[scope] = None
+            if found is _UNKNOWN or (found is not None and found[2] not in index):
+                found = deep[scope] = _best_for(index, members[0], repos)
+                if found is None and nothing_for is not None:
+                    if len(nothing_for) >= _MAX_REMEMBERED_SCOPES:
+                        nothing_for.clear()
+                    nothing_for[scope] = index.version
+            if found is not None and (best is None or found[0] < best[0]):
+                chosen = best_venue(members, found[1], wanted)
+                assert chosen is not None  # every member can run it: same scope
+                best = (*found, chosen)
+        if best is None:
             break
-        req, venue = chosen
-        step_id = index.pop(req)
-        assert step_id is not None
+        _, _, step_id, venue = best
+        index.discard(step_id)
         decisions.append(Dispatch(step_id, venue.machine_id))
-        pool.take(venue)
+        if venue.repositories is None:
+            pool.take(venue)
+        else:
+            updated = replace(venue, running=venue.running + 1)
+            if updated.free_slots > 0:
+                free[venue.machine_id] = updated
+            else:
+                del free[venue.machine_id]
     return decisions
 
 
@@ -171,6 +275,39 @@ def plan_heights(items: Sequence[tuple[str, Sequence[str]]]) -> dict[str, int]:
             if heights.get(d, 0) < above:
                 heights[d] = above
     return heights
+
+
+_UNKNOWN: _Found = ((0, 0, 0.0, 0), Requirement("", frozenset()), -1)
+"""Marks a scoped venue not scanned yet in this pass (None: scanned, nothing for it)."""
+
+
+def _no_repositories(step_id: int) -> Collection[str | None]:
+    return ()
+
+
+Scope = tuple[frozenset[str], frozenset[str], frozenset[str], bool, frozenset[str] | None]
+"""What decides which steps a venue may take: systems, features, trust, repositories."""
+_MAX_REMEMBERED_SCOPES = 1024
+
+
+def _scope(v: VenueView) -> Scope:
+    return (v.systems, v.supported_features, v.mandatory_features, v.trusted, v.repositories)
+
+
+def _best_for(index: RunnableIndex, venue: VenueView, repos: RepositoriesOf) -> _Found | None:
+    """The best runnable step ``venue`` can run and may take, by a scan of its buckets."""
+    best: _Found | None = None
+
+    def ok(sid: int) -> bool:
+        return may_take(venue, repos(sid))
+
+    for req in index.requirements():
+        if not can_run(venue, req):
+            continue
+        found = index.best_where(req, ok, best[0] if best is not None else None)
+        if found is not None:
+            best = (found[0], req, found[1])
+    return best
 
 
 def raise_heights(nodes: dict[int, StepNode], order: Iterable[int]) -> set[int]:

@@ -1,0 +1,1 @@
+"""The autoscaler: GitHub Actions pools of ephemeral agents (docs/autoscaling.md)."""

@@ -1,0 +1,1 @@
+"""The dashboard: server-rendered HTML pages at ``/`` (docs/dashboard.md)."""

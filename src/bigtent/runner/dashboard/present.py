@@ -1,0 +1,173 @@
+"""How the dashboard shows things: durations, sizes, progress and step order (pure)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from bigtent.states import StepState
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
+
+
+def strip_ansi(text: str) -> str:
+    """Log text without terminal colour and cursor escapes."""
+    return _ANSI.sub("", text)
+
+
+def fmt_duration(secs: float | None) -> str:
+    """``0.4 s``, ``12 s``, ``3 min 04 s``, ``2 h 05 min``; an em dash for none."""
+    if secs is None:
+        return "—"
+    secs = max(0.0, secs)
+    if secs < 10:
+        return f"{secs:.1f} s"
+    whole = int(secs)
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "—"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def fmt_time(ts: float | None) -> str:
+    """A UTC time to the second, ``2025-01-31 12:00:05Z``."""
+    if ts is None:
+        return "—"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def fmt_ago(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "never"
+    delta = now - ts
+    if delta < 0:
+        return "in " + fmt_duration(-delta)
+    if delta < 1:
+        return "just now"
+    return fmt_duration(delta).replace(".0 s", " s") + " ago"
+
+
+def iso(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else ""
+
+
+def store_name(path: str) -> str:
+    """The name part of a store path (``/nix/store/<hash>-hello-2.12.drv`` →
+    ``hello-2.12.drv``)."""
+    base = path.rsplit("/", 1)[-1]
+    _, sep, name = base.partition("-")
+    return name if sep else base
+
+
+_FINAL = frozenset(s for s in StepState if s.is_final)
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """How far a build is, from its steps' states."""
+
+    total: int
+    succeeded: int
+    failed: int
+    """Failed and dependency-failed."""
+    cancelled: int
+    running: int
+
+    @property
+    def done(self) -> int:
+        return self.succeeded + self.failed + self.cancelled
+
+    @property
+    def percent(self) -> int:
+        """Final steps out of all, rounded down (100 only when every step is final; a build
+        with no steps to run is complete)."""
+        if self.total == 0:
+            return 100
+        return self.done * 100 // self.total
+
+    def segments(self) -> list[tuple[str, float, float]]:
+        """(CSS class, x, width) of the bar's parts, in percent of its width."""
+        out: list[tuple[str, float, float]] = []
+        x = 0.0
+        total = self.total or 1
+        for cls, n in (
+            ("succeeded", self.succeeded),
+            ("failed", self.failed),
+            ("cancelled", self.cancelled),
+            ("running", self.running),
+        ):
+            if n:
+                end = x + 100.0 * n / total
+                # Rounded ends, so neighbours meet exactly.
+                out.append((cls, round(x, 3), round(round(end, 3) - round(x, 3), 3)))
+                x = end
+        return out
+
+
+def progress(states: Iterable[str]) -> Progress:
+    counts: dict[StepState, int] = dict.fromkeys(StepState, 0)
+    total = 0
+    for s in states:
+        counts[StepState(s)] += 1
+        total += 1
+    return Progress(
+        total=total,
+        succeeded=counts[StepState.SUCCEEDED],
+        failed=counts[StepState.FAILED] + counts[StepState.DEPENDENCY_FAILED],
+        cancelled=counts[StepState.CANCELLED],
+        running=counts[StepState.ASSIGNED] + counts[StepState.BUILDING],
+    )
+
+
+def progress_from_counts(counts: Mapping[str, int]) -> Progress:
+    return progress(state for state, n in counts.items() for _ in range(n))
+
+
+_STEP_ORDER = {
+    StepState.FAILED: 0,
+    StepState.DEPENDENCY_FAILED: 1,
+    StepState.BUILDING: 2,
+    StepState.ASSIGNED: 3,
+    StepState.RUNNABLE: 4,
+    StepState.WAITING: 5,
+    StepState.CANCELLED: 6,
+    StepState.SUCCEEDED: 7,
+}
+
+
+def step_order_key(state: str, step_id: int) -> tuple[int, int]:
+    """Failed steps first (the reason a build failed), then running, then queued, then the
+    rest; by id within each."""
+    return (_STEP_ORDER[StepState(state)], step_id)
+
+
+def is_final(state: str) -> bool:
+    return StepState(state) in _FINAL
+
+
+def agent_kind(ephemeral: bool) -> str:
+    return "ephemeral" if ephemeral else "persistent"
+
+
+def online_by_kind(connected: Iterable[tuple[bool, str]], ssh_usable: int) -> dict[str, int]:
+    """Counts of connected agents by kind: ``persistent``/``ephemeral`` and ``token``/
+    ``oidc`` (from ``(ephemeral, auth_kind)`` pairs), and usable SSH builders."""
+    out = {"persistent": 0, "ephemeral": 0, "token": 0, "oidc": 0, "ssh": ssh_usable}
+    for ephemeral, auth_kind in connected:
+        out[agent_kind(ephemeral)] += 1
+        out["oidc" if auth_kind == "oidc" else "token"] += 1
+    return out

@@ -1,0 +1,455 @@
+"""What each dashboard page shows, gathered from the database and the scheduler's memory.
+
+Each ``load_*`` reads (never writes) and returns plain values for a template; formatting
+is ``present``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bigtent.errors import NotFound
+from bigtent.runner.components import Components
+from bigtent.runner.dashboard import present
+from bigtent.runner.db import queries
+from bigtent.runner.scheduler.dispatcher import AGENT
+from bigtent.states import StepState
+
+RECENT_BUILDS = 25
+RUNNING_STEPS_SHOWN = 50
+LOG_TAIL_LINES = 40
+FAILED_TAILS_SHOWN = 20
+"""Failed steps shown with the end of their log (the rest are in the steps table)."""
+STEPS_SHOWN = 1000
+"""Rows of a build's steps table (failed ones first)."""
+CACHE_TOTALS_TTL_SECS = 10.0
+"""The cache's size is a sum over every path: computed at most this often."""
+LOG_PAGE_BYTES = 256 * 1024
+"""The step page shows at most this much of the end of a log (the full log is a link)."""
+SEARCH_LIMIT = 50
+MIN_SEARCH_CHARS = 3
+STEP_BUILDS_SHOWN = 20
+_MAX_ID = 2**63 - 1
+
+
+def known_id(ident: int, what: str) -> int:
+    """Ids are positive 64-bit integers; any other number names nothing."""
+    if not 0 < ident <= _MAX_ID:
+        raise NotFound(f"no {what} {ident}")
+    return ident
+
+
+@dataclass(frozen=True, slots=True)
+class BuildRow:
+    id: int
+    state: str
+    priority: int
+    created_at: float
+    finished_at: float | None
+    created_by: str
+    progress: present.Progress
+
+
+@dataclass(frozen=True, slots=True)
+class StepRow:
+    id: int
+    name: str
+    drv_path: str
+    system: str
+    state: str
+    outcome: str | None
+    error: str | None
+    agent_name: str | None
+    attempts: int
+    created_at: float
+    assigned_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    prepare_secs: float | None
+    build_secs: float | None
+    upload_secs: float | None
+    exit_code: int | None
+    required_features: list[str]
+    outputs: dict[str, str]
+
+    def queued_secs(self, now: float) -> float | None:
+        """From queued to handed to a venue (so far, while it waits)."""
+        if self.assigned_at is not None:
+            return self.assigned_at - self.created_at
+        return None if present.is_final(self.state) else now - self.created_at
+
+    def run_secs(self, now: float) -> float | None:
+        """From the venue accepting it to its end (so far, while it runs)."""
+        start = self.started_at or self.assigned_at
+        if start is None:
+            return None
+        if self.finished_at is not None:
+            return self.finished_at - start
+        return now - start if StepState(self.state).is_leased else None
+
+
+def _step_row(r: Any) -> StepRow:
+    return StepRow(
+        id=int(r.id),
+        name=str(r.name),
+        drv_path=str(r.drv_path),
+        system=str(r.system),
+        state=str(r.state),
+        outcome=r.outcome,
+        error=r.error,
+        agent_name=r.agent_name,
+        attempts=int(r.attempts),
+        created_at=float(r.created_at),
+        assigned_at=r.assigned_at,
+        started_at=r.started_at,
+        finished_at=r.finished_at,
+        prepare_secs=r.prepare_secs,
+        build_secs=r.build_secs,
+        upload_secs=r.upload_secs,
+        exit_code=r.exit_code,
+        required_features=json.loads(r.required_features),
+        outputs=json.loads(r.outputs),
+    )
+
+
+# ---- overview --------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Overview:
+    now: float
+    queue: dict[str, int]
+    """Runnable steps per system."""
+    step_counts: dict[str, int]
+    running: list[StepRow]
+    running_total: int
+    online: dict[str, int]
+    agents: list[tuple[str, str]]
+    """(name, kind) of the connected agents."""
+    builds: list[BuildRow]
+    cache_paths: int
+    cache_bytes: int
+    live_viewers: int
+
+
+@dataclass(eq=False)
+class CacheTotals:
+    """The cache's path count and size, recomputed at most every ``ttl_secs`` (one sum over
+    every path per refresh, not per page view)."""
+
+    ttl_secs: float = CACHE_TOTALS_TTL_SECS
+    _value: tuple[int, int] = (0, 0)
+    _at: float | None = None
+
+    async def fetch(self, comps: Components) -> tuple[int, int]:
+        now = time.monotonic()
+        if self._at is None or now - self._at >= self.ttl_secs:
+            async with comps.engine.connect() as conn:
+                self._value = await queries.cache_totals(conn)
+            self._at = now
+        return self._value
+
+
+async def load_overview(comps: Components, totals: CacheTotals) -> Overview:
+    sched = comps.scheduler
+    now = sched.clock()
+    paths, size = await totals.fetch(comps)
+    async with comps.engine.connect() as conn:
+        counts = await queries.count_steps_by_state(conn)
+        running_rows = await queries.fetch_active_steps(
+            conn, [StepState.ASSIGNED, StepState.BUILDING]
+        )
+        builds = await queries.fetch_builds(conn, RECENT_BUILDS)
+        per_build = await queries.fetch_build_state_counts(conn, [int(b.id) for b in builds])
+        agent_rows = await queries.fetch_agents(conn)
+    live = {mid for mid, v in sched.venues.items() if v.kind == AGENT}
+    connected = [r for r in agent_rows if r.machine_id in live]
+    ssh_usable = sum(1 for b in comps.ssh.describe(now) if b["usable"])
+    running = sorted((_step_row(r) for r in running_rows), key=lambda s: s.id)
+    return Overview(
+        now=now,
+        queue=dict(sorted(sched.queue_depth().items())),
+        step_counts=counts,
+        running=running[:RUNNING_STEPS_SHOWN],
+        running_total=len(running),
+        online=present.online_by_kind(
+            ((bool(r.ephemeral), r.auth_kind) for r in connected), ssh_usable
+        ),
+        agents=[(str(r.name), present.agent_kind(bool(r.ephemeral))) for r in connected],
+        builds=[_build_row(b, per_build.get(int(b.id), {})) for b in builds],
+        cache_paths=paths,
+        cache_bytes=size,
+        live_viewers=comps.logs.fanout.total,
+    )
+
+
+def _build_row(b: Any, counts: dict[str, int]) -> BuildRow:
+    return BuildRow(
+        id=int(b.id),
+        state=str(b.state),
+        priority=int(b.priority),
+        created_at=float(b.created_at),
+        finished_at=b.finished_at,
+        created_by=str(b.created_by),
+        progress=present.progress_from_counts(counts),
+    )
+
+
+# ---- one build -------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class FailedStep:
+    step: StepRow
+    log_tail: str
+
+
+@dataclass(frozen=True, slots=True)
+class BuildPage:
+    now: float
+    build: BuildRow
+    roots: list[tuple[str, int | None, str]]
+    """(drv path, step id or None when it was cached, state)."""
+    steps: list[StepRow]
+    failed: list[FailedStep]
+    more_steps: int = 0
+    """Steps not in ``steps`` (past ``STEPS_SHOWN``)."""
+    more_failed: int = 0
+    """Failed steps shown without their log."""
+
+    @property
+    def active(self) -> bool:
+        return self.build.state in ("queued", "running")
+
+
+async def load_build(comps: Components, build_id: int) -> BuildPage:
+    known_id(build_id, "build")
+    async with comps.engine.connect() as conn:
+        build = await queries.fetch_build(conn, build_id)
+        if build is None:
+            raise NotFound(f"no build {build_id}")
+        roots = await queries.fetch_build_roots(conn, build_id)
+        rows = await queries.fetch_build_steps(conn, build_id)
+    steps = sorted(
+        (_step_row(r) for r in rows), key=lambda s: present.step_order_key(s.state, s.id)
+    )
+    by_id = {s.id: s for s in steps}
+    counts: dict[str, int] = {}
+    for s in steps:
+        counts[s.state] = counts.get(s.state, 0) + 1
+    failed = [
+        FailedStep(s, present.strip_ansi(comps.logs.tail(s.id, LOG_TAIL_LINES)))
+        for s in steps[:FAILED_TAILS_SHOWN]
+        if s.state == StepState.FAILED
+    ]
+    return BuildPage(
+        now=comps.scheduler.clock(),
+        build=_build_row(build, counts),
+        roots=[
+            (
+                str(r.drv_path),
+                r.step_id,
+                by_id[r.step_id].state if r.step_id in by_id else "cached",
+            )
+            for r in roots
+        ],
+        steps=steps[:STEPS_SHOWN],
+        failed=failed,
+        more_steps=max(0, len(steps) - STEPS_SHOWN),
+        more_failed=max(0, counts.get(StepState.FAILED, 0) - len(failed)),
+    )
+
+
+# ---- one step --------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class StepPage:
+    now: float
+    step: StepRow
+    build_ids: list[int]
+    log_text: str
+    log_offset: int
+    """Where the shown log ends (the live stream continues from here)."""
+    log_skipped: int
+    """Bytes at the start of the log not shown on the page."""
+
+    @property
+    def live(self) -> bool:
+        return not present.is_final(self.step.state)
+
+
+async def load_step(comps: Components, step_id: int) -> StepPage:
+    known_id(step_id, "step")
+    async with comps.engine.connect() as conn:
+        row = await queries.fetch_step(conn, step_id)
+        if row is None:
+            raise NotFound(f"no step {step_id}")
+        build_ids = await queries.fetch_step_build_ids(conn, step_id, STEP_BUILDS_SHOWN)
+    size = comps.logs.size(step_id)
+    start = max(0, size - LOG_PAGE_BYTES)
+    data = comps.logs.read_range(step_id, start, size)
+    if start:
+        # Start at a line boundary.
+        cut = data.find(b"\n")
+        if 0 <= cut < len(data) - 1:
+            start += cut + 1
+            data = data[cut + 1 :]
+    return StepPage(
+        now=comps.scheduler.clock(),
+        step=_step_row(row),
+        build_ids=build_ids,
+        log_text=present.strip_ansi(data.decode(errors="replace")),
+        log_offset=size,
+        log_skipped=start,
+    )
+
+
+# ---- agents ----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class AgentRow:
+    machine_id: str
+    name: str
+    hostname: str
+    systems: list[str]
+    features: list[str]
+    ephemeral: bool
+    auth_kind: str
+    oidc: dict[str, str | None] | None
+    launch_id: str | None
+    version: str
+    connected: bool
+    draining: bool
+    last_seen: float
+    running: int
+    max_jobs: int
+    load: float | None
+    memory: str | None
+    backoff_until: float | None
+    consecutive_failures: int
+    succeeded: int
+    failed: int
+    infra_failures: int
+    trusted: bool = True
+    """A trusted venue (trusted builds' steps) or an untrusted one (docs/security.md)."""
+
+
+LAUNCHES_SHOWN = 50
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchRow:
+    """An autoscaler launch (docs/autoscaling.md)."""
+
+    launch_id: str
+    pool: str
+    state: str
+    created_at: float
+    agent_name: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AgentsPage:
+    now: float
+    agents: list[AgentRow]
+    builders: list[dict[str, Any]]
+    launches: list[LaunchRow] = field(default_factory=list)
+
+
+async def load_agents(comps: Components) -> AgentsPage:
+    sched = comps.scheduler
+    now = sched.clock()
+    async with comps.engine.connect() as conn:
+        rows = await queries.fetch_agents(conn)
+    out = []
+    for r in rows:
+        venue = sched.venues.get(r.machine_id)
+        session = comps.sessions.live.get(r.machine_id)
+        beat = session.last_heartbeat if session is not None and venue is not None else None
+        backoff = venue.backoff_until if venue else (r.backoff_until or 0.0)
+        memory = None
+        if beat is not None and beat.memory_used_bytes is not None and beat.memory_total_bytes:
+            memory = (
+                f"{present.fmt_bytes(beat.memory_used_bytes)} / "
+                f"{present.fmt_bytes(beat.memory_total_bytes)}"
+            )
+        out.append(
+            AgentRow(
+                machine_id=str(r.machine_id),
+                name=str(r.name),
+                hostname=str(r.hostname),
+                systems=json.loads(r.systems),
+                features=json.loads(r.supported_features),
+                ephemeral=bool(r.ephemeral),
+                auth_kind=str(r.auth_kind),
+                oidc=(
+                    {
+                        "issuer": r.oidc_issuer,
+                        "repository": r.oidc_repository,
+                        "subject": r.oidc_subject,
+                        "workflow_ref": r.oidc_workflow_ref,
+                        "ref": r.oidc_ref,
+                    }
+                    if r.auth_kind == "oidc"
+                    else None
+                ),
+                launch_id=r.launch_id,
+                version=str(r.version),
+                connected=venue is not None,
+                draining=venue.draining if venue else False,
+                last_seen=float(r.last_seen),
+                running=len(venue.running) if venue else 0,
+                max_jobs=int(r.max_jobs),
+                load=beat.load if beat is not None else None,
+                memory=memory,
+                backoff_until=backoff if backoff > now else None,
+                consecutive_failures=(
+                    venue.consecutive_failures if venue else int(r.consecutive_failures)
+                ),
+                succeeded=int(r.steps_succeeded),
+                failed=int(r.steps_failed),
+                infra_failures=int(r.infra_failures),
+                trusted=bool(r.trusted),
+            )
+        )
+    out.sort(key=lambda a: (not a.connected, a.name))
+    return AgentsPage(
+        now=now,
+        agents=out,
+        builders=comps.ssh.describe(now),
+        launches=await load_launches(comps),
+    )
+
+
+async def load_launches(comps: Components) -> list[LaunchRow]:
+    """The newest autoscaler launches (``workflow_dispatch`` runs and whether their agents
+    came), from the launches table."""
+    async with comps.engine.connect() as conn:
+        rows = await queries.fetch_launches(conn, limit=LAUNCHES_SHOWN)
+    return [
+        LaunchRow(
+            launch_id=r.launch_id,
+            pool=r.pool,
+            state=r.state,
+            created_at=float(r.created_at),
+            agent_name=r.agent_name,
+        )
+        for r in rows
+    ]
+
+
+# ---- search ----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class SearchPage:
+    query: str
+    too_short: bool
+    steps: list[StepRow]
+    paths: list[Any]
+
+
+async def search(comps: Components, query: str) -> SearchPage:
+    """Steps by .drv or output path, and cached paths, containing ``query``."""
+    text = query.strip()
+    if len(text) < MIN_SEARCH_CHARS:
+        return SearchPage(query, bool(text), [], [])
+    async with comps.engine.connect() as conn:
+        steps = await queries.search_steps(conn, text, SEARCH_LIMIT)
+        paths = await queries.search_store_paths(conn, text, SEARCH_LIMIT)
+    return SearchPage(query, False, [_step_row(r) for r in steps], paths)

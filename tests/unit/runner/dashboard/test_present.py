@@ -1,0 +1,97 @@
+"""How the dashboard shows durations, sizes, progress and the order of a build's steps."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bigtent.runner.dashboard import present
+from bigtent.states import StepState
+
+
+@pytest.mark.parametrize(
+    ("secs", "text"),
+    [
+        (None, "—"),
+        (-1, "0.0 s"),
+        (0.42, "0.4 s"),
+        (12.7, "12 s"),
+        (184, "3 min 04 s"),
+        (7500, "2 h 05 min"),
+    ],
+)
+def test_fmt_duration(secs: float | None, text: str) -> None:
+    assert present.fmt_duration(secs) == text
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [(None, "—"), (0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (5 * 1024**3, "5.0 GiB")],
+)
+def test_fmt_bytes(n: int | None, text: str) -> None:
+    assert present.fmt_bytes(n) == text
+
+
+def test_fmt_ago() -> None:
+    assert present.fmt_ago(None, 100) == "never"
+    assert present.fmt_ago(99.5, 100) == "just now"
+    assert present.fmt_ago(70, 100) == "30 s ago"
+    assert present.fmt_ago(110, 100) == "in 10 s"
+
+
+def test_store_name() -> None:
+    assert present.store_name("/nix/store/" + "a" * 32 + "-hello-2.12.drv") == "hello-2.12.drv"
+    assert present.store_name("plain") == "plain"
+
+
+def test_strip_ansi() -> None:
+    assert present.strip_ansi("\x1b[31;1merror:\x1b[0m boom\x1b]8;;http://x\x07") == "error: boom"
+
+
+states_st = st.lists(st.sampled_from([s.value for s in StepState]), max_size=40)
+
+
+@given(states=states_st)
+def test_progress_counts_every_step_once(states: list[str]) -> None:
+    p = present.progress(states)
+    assert p.total == len(states)
+    final = sum(1 for s in states if StepState(s).is_final)
+    assert p.done == final
+    assert 0 <= p.percent <= 100
+    assert (p.percent == 100) == (final == len(states))
+    # The bar's parts are in order, do not overlap and fit the bar.
+    x = 0.0
+    for _, start, width in p.segments():
+        assert start >= x - 1e-6 and width > 0
+        x = start + width
+    assert x <= 100.0 + 1e-6
+
+
+def test_progress_from_counts_and_an_empty_build() -> None:
+    p = present.progress_from_counts(
+        {"succeeded": 3, "failed": 1, "dependency_failed": 2, "building": 2}
+    )
+    assert (p.total, p.succeeded, p.failed, p.running, p.percent) == (8, 3, 3, 2, 75)
+    assert present.progress([]).percent == 100
+
+
+def test_failed_steps_come_first_then_running_then_queued() -> None:
+    steps = [
+        ("succeeded", 1),
+        ("waiting", 2),
+        ("building", 3),
+        ("failed", 9),
+        ("dependency_failed", 4),
+        ("runnable", 5),
+        ("failed", 6),
+        ("cancelled", 7),
+        ("assigned", 8),
+    ]
+    ordered = sorted(steps, key=lambda s: present.step_order_key(*s))
+    assert [i for _, i in ordered] == [6, 9, 4, 3, 8, 5, 2, 7, 1]
+
+
+def test_online_by_kind() -> None:
+    counts = present.online_by_kind([(False, "token"), (True, "oidc"), (True, "token")], 2)
+    assert counts == {"persistent": 1, "ephemeral": 2, "token": 2, "oidc": 1, "ssh": 2}

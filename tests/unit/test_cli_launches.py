@@ -1,0 +1,162 @@
+"""``bigtent launches`` through the real entry point in CliRunner, against a runner answered
+by an httpx.MockTransport; and ``bigtent runner`` refusing a pool no issuer admits."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from click.testing import CliRunner, Result
+
+from bigtent import cli as cli_module
+from bigtent.client.api import RunnerClient
+
+LAUNCHES: dict[str, Any] = {
+    "pools": [
+        {
+            "name": "gha-x86",
+            "workflow": "acme/bigtent-agents/bigtent-agent.yml@main",
+            "systems": ["x86_64-linux"],
+            "max_jobs": 2,
+            "max_inflight": 4,
+            "pending": 1,
+            "demand": 3,
+            "covered": 2,
+            "deficit": 1,
+            "cooldown_until": "2026-12-16T10:02:00+00:00",
+            "counters": {
+                "launches": 5,
+                "registrations": 3,
+                "expiries": 1,
+                "dispatch_failures": 2,
+            },
+        }
+    ],
+    "counters": {"launches": 5, "registrations": 3, "expiries": 1, "dispatch_failures": 2},
+    "ticks": 40,
+    "launches": [
+        {
+            "launch_id": "a" * 32,
+            "pool": "gha-x86",
+            "state": "registered",
+            "created_at": "2026-12-16T10:00:00+00:00",
+            "updated_at": "2026-12-16T10:01:00+00:00",
+            "agent_machine_id": "m1",
+            "agent_name": "gha-x86-gh7.1-0a1b2c3d",
+            "error": None,
+        },
+        {
+            "launch_id": "b" * 32,
+            "pool": "gha-x86",
+            "state": "failed",
+            "created_at": "2026-12-16T09:59:00+00:00",
+            "updated_at": "2026-12-16T09:59:00+00:00",
+            "agent_machine_id": None,
+            "agent_name": None,
+            "error": "workflow_dispatch of acme/bigtent-agents/bigtent-agent.yml@main: HTTP 500",
+        },
+    ],
+}
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith(("BIGTENT_", "NIX_")):
+            monkeypatch.delenv(key)
+
+
+class _Entry:
+    name = "bigtent"
+
+    def main(self, args: Any, prog_name: str, **_: Any) -> None:
+        cli_module.main(list(args))
+
+
+def run(args: list[str], env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(_Entry(), args, env=env)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def fake_runner(monkeypatch: pytest.MonkeyPatch) -> list[httpx.Request]:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.headers.get("authorization") != "Bearer root":
+            return httpx.Response(403, json={"error": "token role client may not do this"})
+        assert request.url.path == "/api/v1/launches"
+        return httpx.Response(200, json=LAUNCHES)
+
+    def make(runner_url: str, token_file: Path | None, ca_file: Path | None) -> RunnerClient:
+        token = os.environ.get("BIGTENT_TOKEN")
+        return RunnerClient(runner_url, token=token, transport=httpx.MockTransport(handler))
+
+    monkeypatch.setattr(cli_module, "_make_client", make)
+    return seen
+
+
+def test_launches_table(fake_runner: list[httpx.Request]) -> None:
+    result = run(["launches"], env={"BIGTENT_TOKEN": "root"})
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "pool gha-x86 (acme/bigtent-agents/bigtent-agent.yml@main): 1/4 pending" in out
+    assert "cooling down until 2026-12-16T10:02:00+00:00" in out
+    assert "launched 5, registered 3, expired 1, dispatch failures 2" in out
+    lines = {line.split()[1]: line for line in out.splitlines() if "│ " in line}
+    assert "registered" in lines["a" * 32] and "gha-x86-gh7.1-0a1b2c3d" in lines["a" * 32]
+    assert "failed" in lines["b" * 32] and "HTTP 500" in lines["b" * 32]
+    assert fake_runner[0].url.params["limit"] == "50"
+
+
+def test_launches_json_and_filters(fake_runner: list[httpx.Request]) -> None:
+    result = run(
+        ["launches", "--json", "--limit", "5", "--pool", "gha-x86"], env={"BIGTENT_TOKEN": "root"}
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["counters"] == LAUNCHES["counters"]
+    assert [x["state"] for x in data["launches"]] == ["registered", "failed"]
+    assert data["pools"][0]["deficit"] == 1 and data["ticks"] == 40
+    params = fake_runner[0].url.params
+    assert (params["limit"], params["pool"]) == ("5", "gha-x86")
+
+
+def test_launches_needs_an_admin_token(fake_runner: list[httpx.Request]) -> None:
+    result = run(["launches"], env={"BIGTENT_TOKEN": "client"})
+    assert result.exit_code == 3
+    assert result.output.strip().startswith("Error: ") and "Traceback" not in result.output
+
+
+def test_runner_refuses_a_pool_no_issuer_admits(tmp_path: Path) -> None:
+    conf = tmp_path / "runner.toml"
+    conf.write_text(
+        f"""
+[runner]
+listen = "127.0.0.1:0"
+state_dir = "{tmp_path / "state"}"
+
+[[autoscale.github]]
+name = "gha"
+systems = ["x86_64-linux"]
+allowed_build_repositories = ["acme/widgets"]
+workflow_repository = "acme/bigtent-agents"
+token = "ghp_x"
+runner_url = "https://ci.example.org"
+audience = "bigtent"
+"""
+    )
+    result = run(["runner", "--config", str(conf)])
+    assert result.exit_code == 2, result.output
+    assert (
+        result.output.strip()
+        .splitlines()[-1]
+        .startswith(
+            "Error: config key autoscale.github.0.audience: 'bigtent' is not an audience of any"
+        )
+    )
+    assert "Traceback" not in result.output
