@@ -39,8 +39,13 @@ format: venv
 	$(BIN)/ruff format src tests bench examples
 	$(BIN)/ruff check --fix src tests bench examples
 
+# Benchmarks (docs/benchmarks.md): minutes each at full size; BENCH_FLAGS=--quick for a smoke run.
+BENCH_FLAGS ?=
 bench: deps venv
-	$(BIN)/python bench/dag.py
+	$(BIN)/python bench/dag.py $(BENCH_FLAGS)
+	$(BIN)/python bench/scheduler.py $(BENCH_FLAGS)
+	$(BIN)/python bench/fanin.py $(BENCH_FLAGS)
+	$(BIN)/python bench/cache.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) .bigtent-demo .mypy_cache .ruff_cache .pytest_cache

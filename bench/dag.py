@@ -212,15 +212,29 @@ def main() -> int:
     ap.add_argument("--no-ssh", action="store_true", help="skip the Nix SSH builder baseline")
     ap.add_argument("--sleep-layers", type=int, default=4)
     ap.add_argument("--sleep-width", type=int, default=4)
+    ap.add_argument("--size", type=int, help="layers and width of the DAG (both)")
+    ap.add_argument("--quick", action="store_true", help="a 3x3 DAG, no SSH, a 2x2 sleep DAG")
+    ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = ap.parse_args()
+    if args.size:
+        args.layers = args.width = args.size
+    if args.quick:
+        args.layers, args.width, args.no_ssh = 3, 3, True
+        args.sleep_layers, args.sleep_width = 2, 2
+    stream = sys.stderr if args.json else sys.stdout
+
+    def say(text: str = "") -> None:
+        print(text, file=stream, flush=True)
+
     n = args.layers * args.width + 1
-    print(f"# bigtent DAG benchmark, {datetime.now().isoformat(timespec='seconds')}")
-    print(f"# machine: {machine()}")
+    load = os.getloadavg()
+    say(f"# bigtent DAG benchmark, {datetime.now().isoformat(timespec='seconds')}")
+    say(f"# machine: {machine()}; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     results: dict[str, float] = {}
 
     def record(name: str, secs: float) -> None:
         results[name] = secs
-        print(f"# measured: {name}: {secs:.2f} s", flush=True)
+        say(f"# measured: {name}: {secs:.2f} s")
 
     with tempfile.TemporaryDirectory(prefix="bigtent-bench-") as tmp:
         work = Path(tmp)
@@ -273,26 +287,45 @@ def main() -> int:
             created = datetime.fromisoformat(out["created_at"])
             finished = datetime.fromisoformat(out["finished_at"])
             makespan = (finished - created).total_seconds()
-    print(f"\n## {n} trivial derivations ({args.layers} layers x {args.width}, fan-in 3)\n")
+    say(f"\n## {n} trivial derivations ({args.layers} layers x {args.width}, fan-in 3)\n")
     base = results["nix-build -j2 (local)"]
     ssh = results.get("nix-build, SSH remote builders (2 jobs)")
     ours = results["bigtent build --no-download (2 agents x 2 jobs)"]
-    print("| what | wall time (s) | vs local nix-build -j2 |")
-    print("|---|---|---|")
+    say("| what | wall time (s) | vs local nix-build -j2 |")
+    say("|---|---|---|")
     for name, secs in results.items():
-        print(f"| {name} | {secs:.2f} | {secs / base:.2f}x |")
-    print(f"\nbigtent / local nix-build -j2: {ours / base:.2f}x (target: within 4x)")
+        say(f"| {name} | {secs:.2f} | {secs / base:.2f}x |")
+    say(f"\nbigtent / local nix-build -j2: {ours / base:.2f}x (target: within 4x)")
     if ssh is not None:
-        print(f"Nix SSH builders / bigtent: {ssh / ours:.1f}x (target: at least 10x)")
+        say(f"Nix SSH builders / bigtent: {ssh / ours:.1f}x (target: at least 10x)")
     critical = args.sleep_layers + 1
-    print(
+    say(
         f"\n## makespan: {args.sleep_layers * args.sleep_width + 1} `sleep 1` derivations, "
         f"critical path {critical} x 1 s, 2 agents x {args.sleep_width} jobs\n"
     )
-    print(
+    say(
         f"makespan (build created -> finished on the runner): {makespan:.2f} s; "
         f"critical path: {critical} s; ratio {makespan / critical:.3f} (target: within 1.1)"
     )
+    if args.json:
+        json.dump(
+            {
+                "benchmark": "dag",
+                "machine": machine(),
+                "load_average_start": [round(x, 2) for x in load],
+                "load_average_end": [round(x, 2) for x in os.getloadavg()],
+                "derivations": n,
+                "wall_secs": results,
+                "bigtent_vs_local": ours / base,
+                "ssh_vs_bigtent": ssh / ours if ssh is not None else None,
+                "makespan_secs": makespan,
+                "critical_path_secs": critical,
+                "makespan_ratio": makespan / critical,
+            },
+            sys.stdout,
+            indent=2,
+        )
+        sys.stdout.write("\n")
     return 0
 
 

@@ -1,10 +1,14 @@
-"""The benchmark scripts keep working: each runs once on a tiny size (nothing is timed)."""
+"""The benchmark scripts keep working: each runs once on a tiny size and reports its fields
+(nothing is timed: the numbers on a shared machine mean nothing here)."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,13 +16,29 @@ from tests.conftest import have_nix
 
 REPO = Path(__file__).resolve().parents[2]
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.nix,
-    pytest.mark.skipif(not have_nix(), reason="needs Nix"),
-]
+pytestmark = [pytest.mark.e2e]
 
 
+def run_bench(script: str, *args: str, cwd: Path, timeout: float = 300) -> Any:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def assert_machine(result: dict[str, Any]) -> None:
+    m = result["machine"]
+    assert m["cores"] >= 1 and m["ram_gib"] > 0 and len(m["load_average"]) == 3
+    assert m["cpu_model"] and m["date"]
+
+
+@pytest.mark.nix
+@pytest.mark.skipif(not have_nix(), reason="needs Nix")
 def test_dag_benchmark_runs_on_a_tiny_dag(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "dag.py"), "--layers", "2", "--width", "2",
@@ -28,3 +48,60 @@ def test_dag_benchmark_runs_on_a_tiny_dag(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "bigtent / local nix-build -j2:" in proc.stdout
     assert "makespan (build created -> finished on the runner)" in proc.stdout
+
+
+def test_scheduler_benchmark_reports_its_fields(tmp_path: Path) -> None:
+    result = run_bench(
+        "scheduler.py", "--size", "1000", "--agents", "40", "--steady", "200", cwd=tmp_path
+    )
+    assert_machine(result)
+    assert [r["size"] for r in result["runs"]] == [100, 1000]
+    for run in result["runs"]:
+        assert run["first"]["steps"] == run["size"]
+        assert run["first"]["first_assign_secs"] is not None
+        assert run["capacity"]["capacity"]["decisions"] > 0
+        assert run["capacity"]["steady"]["finished"] > 0
+        assert run["memory"]["tracemalloc_peak_bytes"] > 0
+        assert run["heap_pops_per_sec"] > 0
+    h = result["headline"]
+    assert set(h["per_decision_cpu_us_by_size"]) == {"100", "1000"}
+    for key in ("decisions_per_sec", "decisions_per_cpu_sec", "rss_after_submit_mib"):
+        assert h[key] > 0
+    assert h["hydra_reference"]["secs_to_start"] == 88.0
+
+
+def test_fanin_benchmark_reports_its_fields(tmp_path: Path) -> None:
+    result = run_bench(
+        "fanin.py", "--agents", "20", "--ramp-secs", "0.5", "--duration", "3",
+        "--heartbeat-secs", "1", cwd=tmp_path,
+    )  # fmt: skip
+    assert_machine(result)
+    for server in ("runner", "baseline"):
+        r = result[server]
+        assert r["registered"] == 20 and r["error_count"] == 0, r["errors"]
+        assert r["heartbeat"]["n"] > 0 and r["register"]["n"] == 20
+        assert r["steady"]["cores"] >= 0 and r["rss_bytes"] > 0
+    h = result["headline"]
+    assert h["heartbeat_p99_ms"] >= h["heartbeat_p50_ms"] > 0
+    assert h["runner_rss_mib"] > 0 and h["errors"] == 0
+
+
+@pytest.mark.nix
+@pytest.mark.skipif(not have_nix(), reason="needs Nix")
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_cache_benchmark_reports_its_fields(tmp_path: Path) -> None:
+    result = run_bench("cache.py", "--size-mib", "4", "--narinfo-repeat", "1", cwd=tmp_path)
+    assert_machine(result)
+    n = result["nars"]["count"]
+    assert n > 1
+    for key in ("ingest_none", "ingest_zstd"):
+        assert result[key]["nars"] == n and result[key]["mib_per_sec"] > 0
+    assert result["sha256sum"]["mib_per_sec"] > 0
+    # Real Nix substituted the whole closure (every part and the top) from each cache.
+    assert result["closure_paths"] == n + 1
+    for source in ("runner", "static", "file"):
+        assert result["realise"][source]["paths"] == n + 1
+    for server in ("runner", "static"):
+        assert result["serving"][server]["nar"]["requests"] == n + 1
+    h = result["headline"]
+    assert h["ingest_none_vs_sha256sum"] > 0 and h["serve_nar_vs_static"] > 0

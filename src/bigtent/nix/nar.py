@@ -453,22 +453,33 @@ class ReferenceScanner:
     def feed(self, chunk: bytes) -> None:
         if not self._wanted or len(self.found) == len(self._wanted):
             return
-        data = self._tail + chunk if self._tail else bytes(chunk)
-        wanted = self._wanted
-        mapped = data.translate(_RUN_TABLE)
-        marker = b"a" * _REF_LEN
-        pos = mapped.find(marker)
-        while pos != -1:
-            end = mapped.find(b"\0", pos + _REF_LEN)
-            if end == -1:
-                end = len(data)
-            for i in range(pos, end - _REF_LEN + 1):
-                window = data[i : i + _REF_LEN]
-                if window in wanted:
-                    self.found.add(window.decode())
-            pos = mapped.find(marker, end)
+        tail = self._tail
+        if tail and len(chunk) >= _REF_LEN:
+            # The windows that start in the tail end within the chunk's first 31 bytes: look
+            # at those here, so a large chunk is never copied to be joined with the tail.
+            self._scan(tail + chunk[: _REF_LEN - 1], last_start=len(tail) - 1)
+            tail = b""
+        data = tail + chunk if tail else chunk
+        self._scan(data, last_start=len(data) - _REF_LEN)
         keep = 0
         limit = min(len(data), _REF_LEN - 1)
         while keep < limit and data[len(data) - 1 - keep] in _NIX32_BYTES:
             keep += 1
-        self._tail = data[len(data) - keep :] if keep else b""
+        self._tail = bytes(data[len(data) - keep :]) if keep else b""
+
+    def _scan(self, data: bytes, last_start: int) -> None:
+        """Look up every window of a run of at least 32 nix32 bytes that starts at or before
+        ``last_start``."""
+        wanted = self._wanted
+        mapped = data.translate(_RUN_TABLE)
+        marker = b"a" * _REF_LEN
+        pos = mapped.find(marker)
+        while pos != -1 and pos <= last_start:
+            end = mapped.find(b"\0", pos + _REF_LEN)
+            if end == -1:
+                end = len(data)
+            for i in range(pos, min(end - _REF_LEN, last_start) + 1):
+                window = data[i : i + _REF_LEN]
+                if window in wanted:
+                    self.found.add(bytes(window).decode())
+            pos = mapped.find(marker, end)

@@ -35,7 +35,7 @@ from bigtent.errors import (
 )
 from bigtent.runner.auth.ratelimit import FailureThrottle
 from bigtent.runner.auth.tokens import Principal, TokenRegistry
-from bigtent.runner.builds import plan_build
+from bigtent.runner.builds import plan_parts
 from bigtent.runner.cache import Cache
 from bigtent.runner.components import Components
 from bigtent.runner.db import queries
@@ -288,12 +288,11 @@ async def create_build(body: BuildBody, comps: Comps, who: ClientAuth) -> dict[s
         requested=body.trusted, role=who.role, token_trusted=who.trusted, ref=body.ref
     )
     also = None if trusted else comps.untrusted_cache
-    plan = await plan_build(comps.cache, comps.upstreams, body.drvs, also=also)
-    build_id = await comps.scheduler.add_build(
+    # Planned and admitted in parts: a large build starts while it is still being planned.
+    build_id = await comps.scheduler.admit_build(
         priority=body.priority,
         created_by=who.name,
-        roots=plan.roots,
-        planned=plan.planned,
+        parts=plan_parts(comps.cache, comps.upstreams, body.drvs, also=also),
         repository=body.repository,
         ref=body.ref,
         trusted=trusted,

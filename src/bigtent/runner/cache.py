@@ -55,6 +55,8 @@ MEMORY_DERIVATIONS = 20_000
 """Parsed derivation records kept in memory."""
 INLINE_INGEST_BYTES = 1024 * 1024
 """NARs up to this size are verified on the event loop; larger ones in a worker thread."""
+INGEST_BATCH_BYTES = 1024 * 1024
+"""A large NAR is handed to the worker thread in batches of about this size."""
 MEMORY_UPSTREAM_NARINFOS = 100_000
 """Upstream narinfo records (paths an upstream has) kept in memory."""
 
@@ -296,7 +298,8 @@ class Cache:
         compression = self.config.compression
         compressor = Compressor(compression, self.config.compression_level)
         check = NarCheck(declared_size, declared_hash, candidates, sink)
-        file_sha = hashlib.sha256()
+        # Uncompressed, the stored file is the NAR: its hash is the NAR hash, not a second pass.
+        file_sha = hashlib.sha256() if compression is not Compression.NONE else None
         file_size = 0
         out, staged = self.storage.new_temp()
 
@@ -305,25 +308,61 @@ class Cache:
             check.feed(chunk)
             data = compressor.compress(chunk)
             if data:
-                file_sha.update(data)
+                if file_sha is not None:
+                    file_sha.update(data)
                 file_size += len(data)
                 out.write(data)
 
+        def process_all(batch: list[bytes]) -> None:
+            for chunk in batch:
+                process(chunk)
+
         # Parsing, hashing, scanning and compressing cost CPU in proportion to the NAR: a
-        # large one is processed in a worker thread so the event loop keeps serving.
+        # large one is processed in a worker thread so the event loop keeps serving. The body
+        # arrives in small chunks: they are gathered into batches of INGEST_BATCH_BYTES, and
+        # one batch is processed while the next one is received (one thread hop per batch,
+        # network and hashing overlapping; at most two batches in memory).
         in_thread = declared_size > INLINE_INGEST_BYTES
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Future[None] | None = None
+        batch: list[bytes] = []
+        batched = 0
+
+        async def hand_over() -> None:
+            nonlocal pending, batch, batched
+            chunks_now, batch, batched = batch, [], 0
+            if pending is not None:
+                await pending  # in order; raises the previous batch's error
+            pending = loop.run_in_executor(None, process_all, chunks_now)
+
         try:
             with out:
-                async for chunk in chunks:
-                    if not chunk:
-                        continue
-                    check.count(chunk)
-                    if in_thread:
-                        await asyncio.to_thread(process, chunk)
-                    else:
-                        process(chunk)
+                try:
+                    async for chunk in chunks:
+                        if not chunk:
+                            continue
+                        check.count(chunk)
+                        if not in_thread:
+                            process(chunk)
+                            continue
+                        batch.append(chunk)
+                        batched += len(chunk)
+                        if batched >= INGEST_BATCH_BYTES:
+                            await hand_over()
+                    if batch:
+                        await hand_over()
+                    if pending is not None:
+                        await pending
+                finally:
+                    if pending is not None:
+                        # A batch still in flight writes to `out`: let it end first (its
+                        # error, if any, is retrieved here; the first error raised wins).
+                        await asyncio.wait([pending])
+                        if not pending.cancelled():
+                            pending.exception()
                 data = compressor.flush()
-                file_sha.update(data)
+                if file_sha is not None:
+                    file_sha.update(data)
                 file_size += len(data)
                 out.write(data)
             nar_sha, references = check.finish()
@@ -332,7 +371,7 @@ class Cache:
             self.metrics.upload_failed(kind, exc)
             raise
         self.metrics.upload_verified(kind, declared_size)
-        file_hash = file_sha.digest()
+        file_hash = file_sha.digest() if file_sha is not None else nar_sha
         return (
             Ingested(
                 nar_hash=nar_sha,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,20 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bigtent import protocol as p
 from bigtent.config import SchedulerSection
+from bigtent.errors import NotFound
 from bigtent.runner.db import queries
 from bigtent.runner.logs import LogStore
-from bigtent.runner.scheduler.dispatcher import PlannedStep, Scheduler, SessionClosed, Venue
+from bigtent.runner.scheduler import dispatcher
+from bigtent.runner.scheduler.dispatcher import (
+    PlannedStep,
+    PlanPart,
+    Scheduler,
+    SessionClosed,
+    Venue,
+)
+from bigtent.runner.scheduler.steps import plan_heights
 from bigtent.states import StepState
+from tests.conftest import eventually
 
 X86 = "x86_64-linux"
 T0 = 1_700_000_000.0
@@ -1109,16 +1119,16 @@ async def test_venue_detached_during_dispatch_transaction(
             raise SessionClosed()
 
     second = farm.agent("b", send=send_b)
-    real_update = queries.update_step
+    real_update = queries.update_steps_each
 
-    async def update_then_detach(conn: Any, step_id: int, **values: Any) -> None:
+    async def update_then_detach(conn: Any, rows: Sequence[dict[str, Any]]) -> None:
         nonlocal closed
-        await real_update(conn, step_id, **values)
+        await real_update(conn, rows)
         if not closed:
             closed = True
             farm.sched.detach(second.venue)
 
-    monkeypatch.setattr(queries, "update_step", update_then_detach)
+    monkeypatch.setattr(queries, "update_steps_each", update_then_detach)
     await farm.tick()
     assert len(first.take_assigns()) == 1
     assert len(farm.runnable()) == 1
@@ -1245,3 +1255,150 @@ async def test_a_replaced_venue_leaves_the_newer_session_alone(farm: Farm) -> No
     farm.agent("m1")  # the same machine, a newer session, already attached
     await farm.sched.release_unaccepted(old.venue)
     assert farm.sched.nodes[a.step_id].state is StepState.ASSIGNED
+
+
+# ---- admission in parts, chunked dispatch --------------------------------------------------
+def _part(
+    steps: Sequence[queries.DrvInfo],
+    planned: Sequence[queries.DrvInfo],
+    roots: Sequence[queries.DrvInfo] | None = None,
+) -> PlanPart:
+    """A plan part of ``steps``, each depending on its inputs among ``planned``."""
+    paths = {d.drv_path for d in planned}
+    items = [PlannedStep(d, tuple(i for i in d.input_drvs if i in paths)) for d in steps]
+    root_map: dict[str, str | None] | None = None
+    if roots is not None:
+        root_map = {d.drv_path: d.drv_path for d in roots}
+    return PlanPart(items, plan_heights([(s.drv.drv_path, s.deps) for s in items]), root_map)
+
+
+async def _record(farm: Farm, *drvs: queries.DrvInfo) -> None:
+    async with farm.engine.begin() as conn:
+        for d in drvs:
+            await queries.insert_derivation(conn, d)
+
+
+async def test_steps_of_an_early_part_run_before_the_plan_is_complete(farm: Farm) -> None:
+    leaf_a, leaf_b = drv("leaf-a"), drv("leaf-b")
+    top = drv("top", leaf_a, leaf_b)
+    await _record(farm, leaf_a, leaf_b, top)
+    planned = [leaf_a, leaf_b, top]
+    rest_of_plan = asyncio.Event()
+
+    async def parts() -> AsyncIterator[PlanPart]:
+        yield _part([leaf_a, leaf_b], planned)
+        await rest_of_plan.wait()  # the planner still walks the graph
+        yield _part([top], planned, roots=[top])
+
+    agent = farm.agent("m1", max_jobs=4)
+    admitting = asyncio.create_task(
+        farm.sched.admit_build(priority=0, created_by="t", parts=parts())
+    )
+    await eventually(lambda: len(farm.sched.index) == 2)
+    await farm.tick()
+    early = by_drv(agent.take_assigns())
+    assert set(early) == {leaf_a.drv_path, leaf_b.drv_path}
+    # The build cannot end before its plan is complete, even when all its steps so far did.
+    for a in early.values():
+        assert await farm.succeed(agent, a)
+    assert not admitting.done()
+    [build_id] = farm.sched.builds
+    assert await farm.build_state(build_id) == "running"
+    rest_of_plan.set()
+    assert await admitting == build_id
+    await farm.tick()
+    [last] = agent.take_assigns()
+    assert last.drv_path == top.drv_path
+    assert await farm.succeed(agent, last)
+    assert await farm.build_state(build_id) == "succeeded"
+
+
+async def test_a_plan_failing_part_way_cancels_its_steps_and_leaves_no_build(farm: Farm) -> None:
+    shared, own = drv("shared"), drv("own")
+    await _record(farm, shared, own)
+    other = await farm.add([shared], roots=[shared])
+
+    async def parts() -> AsyncIterator[PlanPart]:
+        yield _part([shared, own], [shared, own])
+        raise NotFound("unknown derivation /nix/store/...-deep.drv")
+
+    agent = farm.agent("m1", max_jobs=4)
+    with pytest.raises(NotFound):
+        await farm.sched.admit_build(priority=0, created_by="t", parts=parts())
+    # The build is gone; its own step is cancelled, the shared one still runs for the other.
+    async with farm.engine.connect() as conn:
+        assert [int(b.id) for b in await queries.fetch_builds(conn, 10)] == [other]
+    assert await farm.state(own) is StepState.CANCELLED
+    assert farm.sched.builds.keys() == {other}
+    await farm.tick()
+    [a] = agent.take_assigns()
+    assert a.drv_path == shared.drv_path
+    assert await farm.succeed(agent, a)
+    assert await farm.build_state(other) == "succeeded"
+
+
+async def test_an_admission_stopped_part_way_undoes_itself(farm: Farm) -> None:
+    x, y = drv("x"), drv("y")
+    await _record(farm, x, y)
+    never = asyncio.Event()
+
+    async def parts() -> AsyncIterator[PlanPart]:
+        yield _part([x, y], [x, y])
+        await never.wait()
+        yield _part([], [], roots=[x, y])  # pragma: no cover
+
+    admitting = asyncio.create_task(
+        farm.sched.admit_build(priority=0, created_by="t", parts=parts())
+    )
+    await eventually(lambda: len(farm.sched.index) == 2)
+    admitting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await admitting
+    assert farm.sched.builds == {} and len(farm.sched.index) == 0
+    async with farm.engine.connect() as conn:
+        assert await queries.fetch_builds(conn, 10) == []
+    assert await farm.state(x) is StepState.CANCELLED
+    assert await farm.state(y) is StepState.CANCELLED
+
+
+async def test_a_build_left_without_roots_is_cancelled_at_start(farm: Farm) -> None:
+    """A runner that stopped while admitting a build left it without roots: the next start
+    cancels it and the steps only it needed."""
+    z = drv("z")
+    async with farm.engine.begin() as conn:
+        build_id = await queries.insert_build(
+            conn, state="queued", priority=0, created_at=T0, created_by="t", trusted=True
+        )
+        await queries.insert_derivation(conn, z)
+        sid = await queries.insert_step(
+            conn, drv_path=z.drv_path, state=StepState.RUNNABLE, created_at=T0, attempts=0
+        )
+        assert sid is not None
+        await queries.insert_build_steps(conn, build_id, [sid])
+    restarted = farm.new_scheduler()
+    await restarted.load()
+    assert restarted.builds == {} and len(restarted.index) == 0
+    assert await farm.build_state(build_id) == "cancelled"
+    assert await farm.state(z) is StepState.CANCELLED
+
+
+async def test_one_pass_fills_more_slots_than_a_dispatch_chunk(
+    farm: Farm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dispatcher, "DISPATCH_CHUNK", 2)
+    steps = [drv(f"s{i}") for i in range(5)]
+    await farm.add(steps, roots=steps)
+    sent_before_commit: list[int] = []
+    agent = farm.agent("m1", max_jobs=5)
+    real = queries.update_steps_each
+
+    async def counting(conn: Any, rows: Sequence[dict[str, Any]]) -> None:
+        sent_before_commit.append(len(agent.assigns()))
+        await real(conn, rows)
+
+    monkeypatch.setattr(queries, "update_steps_each", counting)
+    await farm.tick()
+    assert len(agent.take_assigns()) == 5
+    # Three chunks (2 + 2 + 1), each written, then sent before the next is planned.
+    assert sent_before_commit == [0, 2, 4]
+    assert all(farm.sched.nodes[farm.sid(s)].state is StepState.ASSIGNED for s in steps)

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, Table, delete, func, insert, select, update
+from sqlalchemy import Select, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -186,14 +186,19 @@ async def set_derivation_hash_modulo(
 
 
 def _drv(row: Any) -> DrvInfo:
+    # One decode for the four JSON columns (each is valid JSON text): planning a large build
+    # decodes a row per derivation.
+    features, outputs, input_drvs, input_srcs = json.loads(
+        f"[{row.required_features},{row.outputs},{row.input_drvs},{row.input_srcs}]"
+    )
     return DrvInfo(
         drv_path=row.drv_path,
         name=row.name,
         system=row.system,
-        required_features=frozenset(json.loads(row.required_features)),
-        outputs=json.loads(row.outputs),
-        input_drvs={k: tuple(v) for k, v in json.loads(row.input_drvs).items()},
-        input_srcs=tuple(json.loads(row.input_srcs)),
+        required_features=frozenset(features),
+        outputs=outputs,
+        input_drvs={k: tuple(v) for k, v in input_drvs.items()},
+        input_srcs=tuple(input_srcs),
         hash_modulo=row.hash_modulo,
     )
 
@@ -236,6 +241,14 @@ async def insert_build_steps(conn: AsyncConnection, build_id: int, step_ids: Ite
 async def update_build(conn: AsyncConnection, build_id: int, **values: Any) -> None:
     note_builds(conn, [build_id])
     await conn.execute(update(builds).where(builds.c.id == build_id).values(**values))
+
+
+async def delete_build(conn: AsyncConnection, build_id: int) -> None:
+    """Delete a build with its roots and memberships (its steps stay)."""
+    note_builds(conn, [build_id])
+    await conn.execute(delete(build_roots).where(build_roots.c.build_id == build_id))
+    await conn.execute(delete(build_steps).where(build_steps.c.build_id == build_id))
+    await conn.execute(delete(builds).where(builds.c.id == build_id))
 
 
 async def start_builds(conn: AsyncConnection, build_ids: Sequence[int]) -> None:
@@ -327,6 +340,20 @@ async def insert_step(conn: AsyncConnection, **values: Any) -> int | None:
     return int(step_id)
 
 
+async def insert_steps(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Insert many steps at once (``drv_path`` and the same other columns in every row);
+    returns each one's id by .drv path. A derivation that already has a step of that trust
+    (another runner inserted it meanwhile) is left out of the answer."""
+    if not rows:
+        return {}
+    result = await conn.execute(
+        _insert_ignore(conn, steps).returning(steps.c.id, steps.c.drv_path), rows
+    )
+    ids = {drv_path: int(sid) for sid, drv_path in result}
+    note_steps(conn, ids.values())
+    return ids
+
+
 async def insert_step_deps(conn: AsyncConnection, pairs: Iterable[tuple[int, int]]) -> None:
     rows = [{"step_id": s, "dep_id": d} for s, d in set(pairs)]
     if rows:
@@ -344,6 +371,21 @@ async def update_steps(conn: AsyncConnection, step_ids: Sequence[int], **values:
     for i in range(0, len(step_ids), _CHUNK):
         chunk = step_ids[i : i + _CHUNK]
         await conn.execute(update(steps).where(steps.c.id.in_(chunk)).values(**values))
+
+
+async def update_steps_each(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Update many steps, each with its own values, in one executemany. Every row has the
+    step's ``id`` and the same other keys (the columns to set)."""
+    if not rows:
+        return
+    note_steps(conn, [int(row["id"]) for row in rows])
+    columns = [k for k in rows[0] if k != "id"]
+    stmt = (
+        update(steps)
+        .where(steps.c.id == bindparam("b_id"))
+        .values({c: bindparam(f"b_{c}") for c in columns})
+    )
+    await conn.execute(stmt, [{f"b_{k}": v for k, v in row.items()} for row in rows])
 
 
 async def update_steps_in_state(

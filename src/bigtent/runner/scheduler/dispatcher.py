@@ -22,7 +22,15 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -46,14 +54,16 @@ from bigtent.runner.scheduler.leases import (
     new_lease_id,
     next_retry_at,
 )
-from bigtent.runner.scheduler.matching import Requirement, VenueView
+from bigtent.runner.scheduler.matching import Requirement, VenueView, can_run
 from bigtent.runner.scheduler.steps import (
+    Dispatch,
     RunnableIndex,
     Scope,
     StepNode,
     build_outcome,
     dependents_closure,
     plan_dispatch,
+    plan_heights,
     raise_heights,
 )
 from bigtent.runner.scheduler.sync import LostRace, Seen, Stored, catch_up, waiting_verdict
@@ -74,6 +84,15 @@ _RACE_ATTEMPTS = 5
 """How often a new build is tried when other runners keep changing the rows it needs."""
 _CLAIM_ROUNDS = 4
 """Dispatch rounds per pass when another runner keeps claiming the chosen steps first."""
+DISPATCH_CHUNK = 256
+"""Decisions leased, written and sent together (one transaction per chunk)."""
+ADMIT_CHUNK_FIRST = 500
+ADMIT_CHUNK_MAX = 8000
+"""A new build's steps are written in chunks growing from the first size to the largest
+(one transaction each): the first is small, so its steps are dispatched soon; later ones
+amortise their transaction."""
+_EXPIRY_SLACK = 1024
+"""Stale lease-expiry entries tolerated beyond twice the live leases before a rebuild."""
 _T = TypeVar("_T")
 
 
@@ -82,6 +101,11 @@ AGENT = "agent"
 SSH = "ssh"
 """``Venue.kind`` of an SSH remote builder (``bigtent.runner.sshvenue``): used only for steps
 no agent slot takes in the same pass."""
+
+
+_Kind = tuple[frozenset[str], frozenset[str], frozenset[str], bool, frozenset[str] | None]
+"""What a venue can run and may take: its systems, supported and mandatory features, trust
+and repositories."""
 
 
 class _Same:
@@ -156,6 +180,19 @@ class ActiveBuild:
 
 
 @dataclass(frozen=True, slots=True)
+class PlanPart:
+    """Part of a build's plan (``Scheduler.admit_build``)."""
+
+    steps: Sequence[PlannedStep]
+    """Dependencies first; each depends only on steps of this or earlier parts."""
+    heights: Mapping[str, int]
+    """Heights (``StepNode.height``) of .drv paths within the plan, as far as known: exact
+    for the last part, an estimate (a lower bound) for leaves handed over early."""
+    roots: dict[str, str | None] | None = None
+    """Root .drv -> itself when it needs a step, None when cached; on the last part."""
+
+
+@dataclass(frozen=True, slots=True)
 class PlannedStep:
     """A derivation a new build needs built, with the derivations it depends on."""
 
@@ -196,13 +233,28 @@ class Scheduler:
         self.index = RunnableIndex()
         self.delayed: list[tuple[float, int]] = []
         self.leases: dict[str, int] = {}
+        self._expiries: list[tuple[float, int, str]] = []
+        """Heap of (expiry, step id, lease id) of current leases; an entry whose lease is no
+        longer current, or was renewed, is dropped or pushed again when it reaches the top."""
         self.venues: dict[str, Venue] = {}
+        self._open: dict[_Kind, dict[str, Venue]] = {}
+        """Venues that may have a free slot, by kind: a venue enters when it attaches or a
+        slot is released, and leaves when a pass finds it full, draining or gone. A pass
+        looks only at kinds that fit some waiting step, so idle venues cost nothing."""
+        self._fits: dict[tuple[_Kind, Requirement], bool] = {}
+        self._cooling_until: float | None = None
+        """When the first venue that could take waiting work comes out of its cooldown or
+        backoff (as of the last pass)."""
         self.builds: dict[int, ActiveBuild] = {}
         self._nothing_for: dict[Scope, int] = {}
         """Repository scopes whose scan found no step, and at which index version
         (``plan_dispatch``): idle OIDC agents cost no scan until a step is pushed."""
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._admission = asyncio.Lock()
+        """One admission (or restart) at a time: steps are shared by .drv between builds."""
+        self._incomplete: set[int] = set()
+        """Builds being admitted in stages: not over before all their steps are in."""
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.watch_steps(lambda: self.nodes.values())
         self.work_listeners: list[Callable[[], None]] = []
@@ -242,6 +294,7 @@ class Scheduler:
                     node.lease_expires_at = now + self.config.lease_secs
                     if node.lease_id:
                         self.leases[node.lease_id] = node.id
+                        self._watch_lease(node)
                 self.nodes[node.id] = node
                 self._by_drv(node.req.trusted)[node.drv_path] = node.id
             for sid, dep in await queries.fetch_step_deps(conn, list(self.nodes)):
@@ -291,9 +344,16 @@ class Scheduler:
             len(self.leases),
             len(self.builds),
         )
-        # Builds whose roots all finished while the runner was down are closed now.
+        # Builds whose roots all finished while the runner was down are closed now. A build
+        # without roots was being admitted in stages when the runner stopped: it is cancelled
+        # (its client never got its id). Staged admission is only for a runner alone with its
+        # database, so no other runner is admitting it.
         async with self._begin() as conn:
             for build in list(self.builds.values()):
+                if not build.roots and build.id not in self._incomplete and not self.feed.shared:
+                    log.warning("build %d was cut short while being admitted: cancelled", build.id)
+                    await self._cancel(conn, build, now)
+                    continue
                 await self._maybe_finish_build(conn, build, now)
 
     # ---- builds -------------------------------------------------------------------------------
@@ -308,7 +368,8 @@ class Scheduler:
         ref: str | None = None,
         trusted: bool = True,
     ) -> int:
-        """Create a build whose root .drvs map to the planned step of that drv (None: cached).
+        """Create a build whose root .drvs map to the planned step of that drv (None: cached),
+        from a whole plan, in one transaction (``admit_build`` takes one in parts).
 
         One drv, one step of each trust: planned derivations that already have an active step
         of the build's trust join it; an untrusted build also shares live trusted steps
@@ -316,11 +377,13 @@ class Scheduler:
         cache's TTL fails at once (its dependents with it); other finished steps that did not
         succeed are queued again.
         """
-        async with self._lock:
+        async with self._admission, self._lock:
 
             async def body() -> int:
                 now = self.clock()
                 work, trust, shared = self._trust_plan(planned, roots, trusted)
+                heights = plan_heights([(s.drv.drv_path, s.deps) for s in work])
+                ids: dict[str, int] = {}
                 async with self._begin() as conn:
                     build_id = await queries.insert_build(
                         conn,
@@ -332,19 +395,35 @@ class Scheduler:
                         ref=ref,
                         trusted=trusted,
                     )
-                    build, fresh = await self._admit(
-                        conn,
+                    build = ActiveBuild(
                         build_id,
                         priority,
-                        roots,
-                        work,
-                        now,
-                        members=None,
-                        trust=trust,
-                        shared=shared,
+                        {},
+                        set(),
+                        BuildState.QUEUED,
                         repository=repository,
                         trusted=trusted,
                     )
+                    self.builds[build_id] = build
+                    fresh = await self._admit(
+                        conn,
+                        build_id,
+                        work,
+                        ids,
+                        heights,
+                        now,
+                        new_members=True,
+                        trust=trust,
+                        shared=shared,
+                    )
+                    root_ids = {
+                        drv: ids[step_drv] if step_drv is not None else None
+                        for drv, step_drv in roots.items()
+                    }
+                    await queries.insert_build_roots(conn, build_id, root_ids)
+                    build.roots = root_ids
+                    self._recount(build)
+                    await self._maybe_finish_build(conn, build, now)
                 log.info(
                     "build %d: %d roots, %d steps (%d queued)",
                     build_id,
@@ -356,6 +435,179 @@ class Scheduler:
                 return build_id
 
             return await self._retrying(body)
+
+    async def admit_build(
+        self,
+        *,
+        priority: int,
+        created_by: str,
+        parts: AsyncIterable[PlanPart],
+        repository: str | None = None,
+        ref: str | None = None,
+        trusted: bool = True,
+    ) -> int:
+        """Create a build from a plan that arrives in parts (``runner.builds.plan_parts``).
+
+        A trusted build on a runner alone with its database (SQLite) is admitted in stages:
+        steps are written in chunks, each in its own transaction, as the parts arrive, so the
+        first steps are dispatched while later ones are still being planned and written (a
+        build of 100,000 steps starts at once). The build's roots are written last; until
+        then the build cannot end. If the plan fails part way (an unknown derivation deep in
+        the graph), the steps no other build needs are cancelled and the build is deleted. A
+        build without roots is one whose admission was cut short by a stop of the runner: the
+        next start cancels it (``load``).
+
+        An untrusted build needs its whole plan to split it by trust (``_trust_plan``), and on
+        a shared database (PostgreSQL, several runners) other runners must never see a build
+        without its roots: both are admitted whole, in one transaction (``add_build``).
+        """
+        if self.feed.shared or not trusted:
+            roots: dict[str, str | None] | None = None
+            planned: list[PlannedStep] = []
+            async for part in parts:
+                planned.extend(part.steps)
+                if part.roots is not None:
+                    roots = part.roots
+            if roots is None:
+                raise ValueError("a build plan without roots")
+            return await self.add_build(
+                priority=priority,
+                created_by=created_by,
+                roots=roots,
+                planned=planned,
+                repository=repository,
+                ref=ref,
+                trusted=trusted,
+            )
+        async with self._admission:
+            now = self.clock()
+            build_id: int | None = None
+            ids: dict[str, int] = {}
+            trust: dict[str, bool] = {}
+            roots = None
+            fresh = 0
+            size = ADMIT_CHUNK_FIRST
+            try:
+                async for part in parts:
+                    if build_id is None:
+                        build_id = await self._create_build(
+                            priority, created_by, now, repository, ref
+                        )
+                    if part.roots is not None:
+                        roots = part.roots
+                    start = 0
+                    while start < len(part.steps):
+                        chunk = part.steps[start : start + size]
+                        start += len(chunk)
+                        trust.update((s.drv.drv_path, True) for s in chunk)
+                        async with self._lock:
+
+                            async def stage(
+                                build_id: int = build_id,
+                                chunk: Sequence[PlannedStep] = chunk,
+                                heights: Mapping[str, int] = part.heights,
+                            ) -> int:
+                                async with self._begin() as conn:
+                                    return await self._admit(
+                                        conn,
+                                        build_id,
+                                        chunk,
+                                        ids,
+                                        heights,
+                                        now,
+                                        new_members=True,
+                                        trust=trust,
+                                        shared=frozenset(),
+                                    )
+
+                            fresh += await self._guard(stage())
+                        self.wake()
+                        size = min(2 * size, ADMIT_CHUNK_MAX)
+                if roots is None:
+                    raise ValueError("a build plan without roots")
+                if build_id is None:
+                    build_id = await self._create_build(priority, created_by, now, repository, ref)
+                await self._finish_admission(build_id, roots, ids, now)
+            except BaseException:
+                if build_id is not None and build_id in self._incomplete:
+                    self._incomplete.discard(build_id)
+                    with contextlib.suppress(Exception):
+                        await self._discard_build(build_id)
+                raise
+        log.info("build %d: %d roots, %d steps (%d queued)", build_id, len(roots), len(ids), fresh)
+        self.wake()
+        return build_id
+
+    async def _create_build(
+        self,
+        priority: int,
+        created_by: str,
+        now: float,
+        repository: str | None,
+        ref: str | None,
+    ) -> int:
+        """A trusted build's row, without roots yet (``_finish_admission`` writes them)."""
+        async with self._lock:
+
+            async def create() -> int:
+                async with self._begin() as conn:
+                    build_id = await queries.insert_build(
+                        conn,
+                        state=BuildState.QUEUED,
+                        priority=priority,
+                        created_at=now,
+                        created_by=created_by,
+                        repository=repository,
+                        ref=ref,
+                        trusted=True,
+                    )
+                self.builds[build_id] = ActiveBuild(
+                    build_id, priority, {}, set(), BuildState.QUEUED, repository=repository
+                )
+                self._incomplete.add(build_id)
+                return build_id
+
+            return await self._guard(create())
+
+    async def _finish_admission(
+        self, build_id: int, roots: dict[str, str | None], ids: dict[str, int], now: float
+    ) -> None:
+        """Write the roots: from now on the build ends when its steps do."""
+        async with self._lock:
+
+            async def finish() -> None:
+                root_ids = {
+                    drv: ids[step_drv] if step_drv is not None else None
+                    for drv, step_drv in roots.items()
+                }
+                async with self._begin() as conn:
+                    await queries.insert_build_roots(conn, build_id, root_ids)
+                    self._incomplete.discard(build_id)
+                    build = self.builds.get(build_id)
+                    if build is not None:
+                        build.roots = root_ids
+                        self._recount(build)
+                        await self._maybe_finish_build(conn, build, now)
+
+            await self._guard(finish())
+
+    async def _discard_build(self, build_id: int) -> None:
+        """Undo a build whose plan failed part way: cancel the steps no other build needs
+        and delete the build (its client got an error, never its id)."""
+        async with self._lock:
+
+            async def discard() -> None:
+                now = self.clock()
+                aborts: list[tuple[Venue, int]] = []
+                async with self._begin() as conn:
+                    build = self.builds.get(build_id)
+                    if build is not None:
+                        aborts = await self._cancel(conn, build, now)
+                    await queries.delete_build(conn, build_id)
+                _send_aborts(aborts, "cancelled")
+                log.info("build %d discarded: its plan failed", build_id)
+
+            await self._guard(discard())
 
     def _trust_plan(
         self, planned: Sequence[PlannedStep], roots: dict[str, str | None], trusted: bool
@@ -399,7 +651,7 @@ class Scheduler:
         The build becomes queued (running once a step is dispatched) until its steps end
         again. False when there is no such build.
         """
-        async with self._lock:
+        async with self._admission, self._lock:
 
             async def body() -> bool:
                 now = self.clock()
@@ -430,28 +682,37 @@ class Scheduler:
                     # Every step keeps its trust: an untrusted build's shared trusted step
                     # runs again as the trusted step it is.
                     trust = {str(m.drv_path): bool(m.trusted) for m in pending}
-                    roots: dict[str, str | None] = {
-                        r.drv_path: (r.drv_path if r.step_id is not None else None)
-                        for r in await queries.fetch_all_build_roots(conn, [build_id])
-                    }
-                    active = self.builds.get(build_id)
-                    if active is None:
+                    roots = await queries.fetch_all_build_roots(conn, [build_id])
+                    root_ids = {r.drv_path: r.step_id for r in roots}
+                    build = self.builds.get(build_id)
+                    if build is None:
                         await queries.update_build(
                             conn, build_id, state=BuildState.QUEUED, finished_at=None
                         )
+                        build = ActiveBuild(
+                            build_id,
+                            int(row.priority),
+                            root_ids,
+                            {int(m.id) for m in members},
+                            BuildState.QUEUED,
+                            repository=row.repository,
+                            trusted=bool(row.trusted),
+                        )
+                        self.builds[build_id] = build
+                    heights = plan_heights([(s.drv.drv_path, s.deps) for s in planned])
                     await self._admit(
                         conn,
                         build_id,
-                        int(row.priority),
-                        roots,
                         planned,
+                        {},
+                        heights,
                         now,
-                        members={int(m.id) for m in members},
+                        new_members=False,
                         trust=trust,
                         shared=frozenset(),
-                        repository=row.repository,
-                        trusted=bool(row.trusted),
                     )
+                    self._recount(build)
+                    await self._maybe_finish_build(conn, build, now)
                 log.info("build %d restarted: %d steps queued again", build_id, len(redo))
                 self.wake()
                 return True
@@ -462,23 +723,26 @@ class Scheduler:
         self,
         conn: AsyncConnection,
         build_id: int,
-        priority: int,
-        roots: dict[str, str | None],
         planned: Sequence[PlannedStep],
+        ids: dict[str, int],
+        heights: Mapping[str, int],
         now: float,
         *,
-        members: set[int] | None,
-        trust: dict[str, bool],
+        new_members: bool,
+        trust: Mapping[str, bool],
         shared: frozenset[str],
-        repository: str | None,
-        trusted: bool,
-    ) -> tuple[ActiveBuild, int]:
-        """Make ``planned`` (dependencies first) the work of build ``build_id``: join active
-        steps, fail cached failures at once, queue the rest. ``members`` None: a new build,
-        whose step and root rows are written here; otherwise the rows exist (a restart).
-        ``trust`` says which step (trusted or untrusted) each derivation uses; the ``shared``
-        ones are live trusted steps of an untrusted build, which get no new dependencies.
-        Returns the active build and how many steps it queued."""
+    ) -> int:
+        """Make ``planned`` (dependencies first) work of the active build ``build_id``: join
+        active steps, fail cached failures at once, queue the rest. Dependencies outside
+        ``planned`` were admitted by an earlier call of the same admission: ``ids`` maps
+        their .drv paths to step ids, and gains this call's. ``heights`` are the steps'
+        heights within the whole plan (``plan_heights``). ``new_members``: write the
+        build's membership rows (a new build); otherwise they exist (a restart). ``trust``
+        says which step (trusted or untrusted) each derivation uses; the ``shared`` ones are
+        live trusted steps of an untrusted build, which get no new dependencies.
+
+        Returns how many steps were queued. Other active builds holding a finished step that
+        is queued again are not over after all: their counts are redone."""
         ttl = self.config.failure_cache_ttl_secs
         # Locked until commit: another runner cannot change these steps under this decision.
         existing = {
@@ -490,14 +754,29 @@ class Scheduler:
             )
             for tr in (True, False)
         }
-        ids: dict[str, int] = {}
         fresh: list[StepNode] = []
         """Steps this build queues: new ones and finished ones queued again."""
         cached: list[StepNode] = []
         """Steps that fail at once as cached failures and were not in memory."""
         touched: list[StepNode] = []
         reopened: set[int] = set()
-        """Active builds holding a finished step that is queued again: not over after all."""
+        inserts: dict[bool, list[queries.DrvInfo]] = {True: [], False: []}
+        resets: list[dict[str, Any]] = []
+        values: dict[str, Any] = dict(
+            state=StepState.WAITING,
+            created_at=now,
+            not_before=None,
+            attempts=0,
+            lease_id=None,
+            lease_expires_at=None,
+            outcome=None,
+            error=None,
+            exit_code=None,
+            finished_at=None,
+            failed_at=None,
+            started_at=None,
+            assigned_at=None,
+        )
         for item in planned:
             drv = item.drv
             tr = trust[drv.drv_path]
@@ -532,32 +811,12 @@ class Scheduler:
                 else:
                     touched.append(node)
                 continue
-            values: dict[str, Any] = dict(
-                state=StepState.WAITING,
-                created_at=now,
-                not_before=None,
-                attempts=0,
-                lease_id=None,
-                lease_expires_at=None,
-                outcome=None,
-                error=None,
-                exit_code=None,
-                finished_at=None,
-                failed_at=None,
-                started_at=None,
-                assigned_at=None,
-            )
             if row is None:
-                inserted = await queries.insert_step(
-                    conn, drv_path=drv.drv_path, trusted=tr, **values
-                )
-                if inserted is None:
-                    raise LostRace(f"another runner created the step of {drv.drv_path}")
-                sid = inserted
-            else:
-                sid = int(row.id)
-                await queries.update_step(conn, sid, **values)
-                self.logs.reset(sid)  # a fresh run, not a retry: a fresh log
+                inserts[tr].append(drv)
+                continue
+            sid = int(row.id)
+            resets.append({"id": sid, **values})
+            self.logs.reset(sid)  # a fresh run, not a retry: a fresh log
             ids[drv.drv_path] = sid
             if node is not None:
                 # A finished step still held by an active build runs again in place.
@@ -569,15 +828,23 @@ class Scheduler:
                 node.attempts = 0
                 node.venue = None
             else:
-                node = StepNode(
-                    id=sid,
-                    drv_path=drv.drv_path,
-                    req=Requirement(drv.system, drv.required_features, tr),
-                    state=StepState.WAITING,
-                    created_at=now,
-                    outputs=dict(drv.outputs),
-                )
+                node = _new_node(sid, drv, tr, now)
             fresh.append(node)
+        await queries.update_steps_each(conn, resets)
+        if inserts[True] or inserts[False]:
+            for tr, new in inserts.items():
+                new_ids = await queries.insert_steps(
+                    conn, [{"drv_path": d.drv_path, "trusted": tr, **values} for d in new]
+                )
+                for drv in new:
+                    sid_new = new_ids.get(drv.drv_path)
+                    if sid_new is None:
+                        raise LostRace(f"another runner created the step of {drv.drv_path}")
+                    ids[drv.drv_path] = sid_new
+                    fresh.append(_new_node(sid_new, drv, tr, now))
+            # Dependencies first, as planned: failures below fail what is above.
+            position = {item.drv.drv_path: i for i, item in enumerate(planned)}
+            fresh.sort(key=lambda n: position[n.drv_path])
         pairs = [
             (ids[item.drv.drv_path], ids[d])
             for item in planned
@@ -587,15 +854,19 @@ class Scheduler:
             if not (trust[item.drv.drv_path] and not trust[d])
         ]
         await queries.insert_step_deps(conn, pairs)
-        root_ids = {
-            drv: ids[step_drv] if step_drv is not None else None for drv, step_drv in roots.items()
-        }
-        if members is None:
-            await queries.insert_build_steps(conn, build_id, ids.values())
-            await queries.insert_build_roots(conn, build_id, root_ids)
+        chunk_ids = [ids[item.drv.drv_path] for item in planned]
+        if new_members:
+            await queries.insert_build_steps(conn, build_id, chunk_ids)
         for node in fresh + cached:
             self.nodes[node.id] = node
             self._by_drv(node.req.trusted)[node.drv_path] = node.id
+        # A dependency admitted earlier may have finished and left memory meanwhile (only
+        # after a reload): its row says whether it succeeded.
+        gone = sorted({d for _, d in pairs if d not in self.nodes})
+        for row in await queries.fetch_steps_by_ids(conn, gone):
+            node = _node_from_row(row)
+            self.nodes[node.id] = node
+            self._by_drv(node.req.trusted).setdefault(node.drv_path, node.id)
         for s, d in pairs:
             dep, node = self.nodes[d], self.nodes[s]
             # A step that already runs (or ran) keeps the dependencies it started with:
@@ -605,27 +876,16 @@ class Scheduler:
             if dep.state is not StepState.SUCCEEDED:
                 node.deps.add(d)
             dep.dependents.add(s)
-        build = self.builds.get(build_id)
-        if build is None:
-            build = ActiveBuild(
-                build_id,
-                priority,
-                root_ids,
-                set(ids.values()) | (members or set()),
-                BuildState.QUEUED,
-                repository=repository,
-                trusted=trusted,
-            )
-            self.builds[build_id] = build
-        else:
-            build.steps |= set(ids.values())
-        for sid in build.steps:
+        build = self.builds[build_id]
+        build.steps.update(chunk_ids)
+        for sid in chunk_ids:
             member = self.nodes.get(sid)
             if member is not None:
                 member.builds.add(build_id)
                 member.priority = max(member.priority, build.priority)
         # Queued steps whose dependencies failed fail at once; the others wait or run.
         runnable: list[StepNode] = []
+        failed_rows: list[dict[str, Any]] = []
         for node in fresh:
             failed_dep = next(
                 (
@@ -638,35 +898,51 @@ class Scheduler:
             )
             if failed_dep is not None:
                 node.state = StepState.DEPENDENCY_FAILED
-                await queries.update_step(
-                    conn,
-                    node.id,
-                    state=node.state,
-                    finished_at=now,
-                    error=f"dependency {failed_dep.drv_path} failed",
+                failed_rows.append(
+                    {
+                        "id": node.id,
+                        "state": node.state,
+                        "finished_at": now,
+                        "error": f"dependency {failed_dep.drv_path} failed",
+                    }
                 )
             elif not node.deps:
                 runnable.append(node)
+        await queries.update_steps_each(conn, failed_rows)
         for node in runnable:
             node.state = StepState.RUNNABLE
             self.metrics.step_runnable(node, now)
         await queries.update_steps(conn, [n.id for n in runnable], state=StepState.RUNNABLE)
-        order = [n.id for n in reversed(fresh)] + [n.id for n in touched + cached]
-        rekey = raise_heights(self.nodes, order) | {n.id for n in fresh + touched}
+        # Heights within the plan first (so dependents admitted later count already), for
+        # these steps and their dependencies (a leaf admitted early had only an estimate);
+        # then with every active build's dependents.
+        raised: list[StepNode] = []
+        for sid in sorted(set(chunk_ids).union(d for _, d in pairs)):
+            member = self.nodes.get(sid)
+            if member is not None and heights.get(member.drv_path, 0) > member.height:
+                member.height = heights[member.drv_path]
+                raised.append(member)
+        order = (
+            [n.id for n in reversed(fresh)]
+            + [n.id for n in touched + cached]
+            + [d for n in raised for d in sorted(n.deps)]
+        )
+        rekey = raise_heights(self.nodes, order) | {n.id for n in fresh + touched + raised}
         for sid in sorted(rekey):
             node = self.nodes[sid]
             if node.state is StepState.RUNNABLE:
                 self._make_runnable(node, now)
-        for bid in sorted(reopened | {build_id}):
+        for bid in sorted(reopened - {build_id}):
             other = self.builds.get(bid)
             if other is not None:
-                other.unfinished = sum(
-                    1
-                    for sid in other.steps
-                    if sid in self.nodes and not self.nodes[sid].state.is_final
-                )
-        await self._maybe_finish_build(conn, build, now)
-        return build, len(fresh)
+                self._recount(other)
+        return len(fresh)
+
+    def _recount(self, build: ActiveBuild) -> None:
+        """Count the build's member steps that are not final yet."""
+        build.unfinished = sum(
+            1 for sid in build.steps if sid in self.nodes and not self.nodes[sid].state.is_final
+        )
 
     async def cancel_build(self, build_id: int) -> bool:
         """Cancel a build: its steps that no other active build needs stop or never start."""
@@ -674,45 +950,52 @@ class Scheduler:
 
             async def body() -> bool:
                 build = self.builds.get(build_id)
-                if build is None:
+                if build is None or build_id in self._incomplete:
                     return False
                 now = self.clock()
-                victims = [
-                    node
-                    for sid in sorted(build.steps)
-                    if (node := self.nodes.get(sid)) is not None
-                    and not node.state.is_final
-                    and not any(b != build_id for b in node.builds if b in self.builds)
-                ]
-                aborts: list[tuple[Venue, int]] = []
                 async with self._begin() as conn:
-                    await self._expect(conn, victims)
-                    for node in victims:
-                        sid = node.id
-                        if node.state.is_leased:
-                            venue = self.venues.get(node.venue or "")
-                            if venue is not None:
-                                aborts.append((venue, sid))
-                        self._release(node)
-                        self.logs.close(sid)
-                        node.state = StepState.CANCELLED
-                        await queries.update_step(
-                            conn,
-                            sid,
-                            state=node.state,
-                            finished_at=now,
-                            lease_id=None,
-                            lease_expires_at=None,
-                        )
-                    build.state = BuildState.CANCELLED
-                    await queries.finish_build(conn, build_id, build.state, finished_at=now)
-                    self._forget_build(build)
-                for venue, sid in aborts:
-                    _try_send(venue, p.Abort(step_id=p.StepId(sid), reason="cancelled"))
+                    aborts = await self._cancel(conn, build, now)
+                _send_aborts(aborts, "cancelled")
                 self.wake()
                 return True
 
             return await self._retrying(body)
+
+    async def _cancel(
+        self, conn: AsyncConnection, build: ActiveBuild, now: float
+    ) -> list[tuple[Venue, int]]:
+        """Cancel the build and its steps no other active build needs (their rows checked
+        first: ``_expect``). Returns the venues to tell to abort, once committed."""
+        victims = [
+            node
+            for sid in sorted(build.steps)
+            if (node := self.nodes.get(sid)) is not None
+            and not node.state.is_final
+            and not any(b != build.id for b in node.builds if b in self.builds)
+        ]
+        aborts: list[tuple[Venue, int]] = []
+        await self._expect(conn, victims)
+        for node in victims:
+            sid = node.id
+            if node.state.is_leased:
+                venue = self.venues.get(node.venue or "")
+                if venue is not None:
+                    aborts.append((venue, sid))
+            self._release(node)
+            self.logs.close(sid)
+            node.state = StepState.CANCELLED
+            await queries.update_step(
+                conn,
+                sid,
+                state=node.state,
+                finished_at=now,
+                lease_id=None,
+                lease_expires_at=None,
+            )
+        build.state = BuildState.CANCELLED
+        await queries.finish_build(conn, build.id, build.state, finished_at=now)
+        self._forget_build(build)
+        return aborts
 
     async def bump_build(self, build_id: int, priority: int) -> bool:
         async with self._lock:
@@ -742,6 +1025,8 @@ class Scheduler:
         its other leases are lost at once (it no longer runs them)."""
         now = self.clock()
         self.venues[venue.machine_id] = venue
+        self._reopen(venue)
+        self._cooled(venue)
         kept: list[p.StepId] = []
         for item in running:
             node = self.nodes.get(item.step_id)
@@ -756,12 +1041,13 @@ class Scheduler:
                 kept.append(item.step_id)
         lost = [
             n
-            for n in self.nodes.values()
+            for n in self._leased()
             if n.state.is_leased and n.venue == venue.machine_id and n.id not in venue.running
         ]
         for node in lost:
             node.lease_expires_at = now  # expires on the next pass: an infrastructure retry
             self._lost_here.add(node.id)
+            self._watch_lease(node)
         self.wake()
         return kept
 
@@ -859,6 +1145,7 @@ class Scheduler:
         """DESIGN §5: a refusal or a failed send releases the slot, cools the venue down and
         makes the step runnable again, as if it had never been assigned."""
         venue.cooldown_until = now + self.config.refuse_cooldown_secs
+        self._cooled(venue)
         async with self._begin() as conn:
             await self._expect(conn, [node])
             self._release(node)
@@ -941,8 +1228,11 @@ class Scheduler:
                     async with self._lock:
                         await self.recover()
             timeout = None if wake_at is None else max(0.0, wake_at - self.clock())
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+            # that arrives as the event is set, and the loop would not stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     async def recover(self, *, quiet: bool = False) -> None:
         """Rebuild the working state from the database, as at start (the caller holds the
@@ -952,12 +1242,15 @@ class Scheduler:
         venues = self.venues
         self.nodes, self.by_drv, self.leases, self.builds = {}, {}, {}, {}
         self.untrusted_by_drv = {}
+        self._expiries = []
         self.index, self.delayed = RunnableIndex(), []
+        self._open = {}
         self._nothing_for = {}
         self._stored_expiry, self._lost_here = {}, set()
         self._stale_steps, self._stale_builds, self._resync = set(), set(), False
         for connected in venues.values():
             connected.running.clear()
+            self._reopen(connected)
         await self.load(fresh_start=False)
         for node in self._leased():
             holder = venues.get(node.venue or "")
@@ -1012,31 +1305,66 @@ class Scheduler:
             return self._next_deadline(now)
 
     def _next_deadline(self, now: float) -> float | None:
-        times = [n.lease_expires_at for n in self._leased() if n.lease_expires_at is not None]
+        self._file_expiries()
+        times = [self._expiries[0][0]] if self._expiries else []
         if self.delayed:
             times.append(self.delayed[0][0])
-        if len(self.index):
-            times.extend(
-                max(v.cooldown_until, v.backoff_until)
-                for v in self.venues.values()
-                if max(v.cooldown_until, v.backoff_until) > now
-            )
+        if len(self.index) and self._cooling_until is not None and self._cooling_until > now:
+            times.append(self._cooling_until)
         return min(times) if times else None
 
     def _leased(self) -> list[StepNode]:
         return [self.nodes[s] for s in self.leases.values() if s in self.nodes]
 
+    def _watch_lease(self, node: StepNode) -> None:
+        """File a lease's expiry (after it was granted, learned, or moved earlier)."""
+        if node.lease_id is None or node.lease_expires_at is None:
+            return
+        heapq.heappush(self._expiries, (node.lease_expires_at, node.id, node.lease_id))
+        if len(self._expiries) > 2 * len(self.leases) + _EXPIRY_SLACK:
+            # Mostly entries of leases that ended: rebuild from the current ones.
+            self._expiries = [
+                (n.lease_expires_at, n.id, n.lease_id)
+                for n in self._leased()
+                if n.lease_id is not None and n.lease_expires_at is not None
+            ]
+            heapq.heapify(self._expiries)
+
+    def _file_expiries(self) -> None:
+        """Bring the heap's first entry up to date: drop entries of leases that ended and
+        re-file renewed ones, until the first is a current lease's expiry."""
+        while self._expiries:
+            at, sid, lease = self._expiries[0]
+            node = self.nodes.get(sid)
+            if node is None or node.lease_id != lease or not node.state.is_leased:
+                heapq.heappop(self._expiries)  # the lease ended
+            elif node.lease_expires_at is not None and node.lease_expires_at != at:
+                heapq.heapreplace(self._expiries, (node.lease_expires_at, sid, lease))
+            else:
+                return
+
     async def _expire_leases(self, now: float) -> None:
-        due = [
-            node
-            for node in self._leased()
-            if node.state.is_leased
-            and node.lease_expires_at is not None
-            and node.lease_expires_at <= now
-        ]
-        checked = await self._expired_in_database(due, now) if due and self.feed.shared else set()
-        for node in due:
+        """Expire the leases due by ``now``: only the due end of the heap is looked at. On a
+        shared database a lease expires only when the database agrees (another runner may
+        have renewed it)."""
+        due: dict[int, StepNode] = {}
+        """A lease may have several entries (re-filed when moved earlier): once each."""
+        while True:
+            self._file_expiries()
+            if not self._expiries or self._expiries[0][0] > now:
+                break
+            _, sid, _ = heapq.heappop(self._expiries)
+            due[sid] = self.nodes[sid]
+        checked = (
+            await self._expired_in_database(list(due.values()), now)
+            if due and self.feed.shared
+            else set()
+        )
+        for node in due.values():
+            if node.lease_id is None or not node.state.is_leased:
+                continue
             if self.feed.shared and node.id not in checked and node.id not in self._lost_here:
+                self._watch_lease(node)  # renewed elsewhere, or read again: still watched
                 continue
             venue = self.venues.get(node.venue or "")
             log.warning("lease of step %d on %s expired", node.id, node.venue)
@@ -1069,26 +1397,98 @@ class Scheduler:
                 self._work_arrived()
 
     async def _dispatch(self, now: float) -> bool:
-        """Assign runnable steps to free slots; True when another runner claimed some of the
-        chosen steps first (they are read again, the slots stay free)."""
-        if not len(self.index):
-            return False
-        free = [v for v in self.venues.values() if v.available(now)]
-        if not free:
-            return False
-        # Agents first (DESIGN §5's order among them); SSH builders only get the steps that
-        # no free agent slot took in this pass.
-        decisions = plan_dispatch(
-            self.index,
-            [v.view() for v in free if v.kind != SSH],
-            repositories_of=self._repositories_of,
-            nothing_for=self._nothing_for,
-        )
-        ssh = [v.view() for v in free if v.kind == SSH]
-        if ssh and len(self.index):
-            decisions += plan_dispatch(self.index, ssh, repositories_of=self._repositories_of)
-        if not decisions:
-            return False
+        """Fill free slots, in chunks of at most ``DISPATCH_CHUNK`` decisions: each chunk's
+        steps are claimed and leased in one transaction and its ``assign`` messages sent
+        before the next chunk is planned, so the first agents start while later decisions
+        are made. True when another runner claimed some of the chosen steps first (they are
+        read again, the slots stay free)."""
+        lost = False
+        while len(self.index):
+            agents, ssh = self._free_views(now)
+            if not agents and not ssh:
+                break
+            # Agents first (DESIGN §5's order among them); SSH builders only get the steps
+            # that no free agent slot takes.
+            decisions = plan_dispatch(
+                self.index,
+                agents,
+                limit=DISPATCH_CHUNK,
+                repositories_of=self._repositories_of,
+                nothing_for=self._nothing_for,
+            )
+            if ssh and len(decisions) < DISPATCH_CHUNK and len(self.index):
+                decisions += plan_dispatch(
+                    self.index,
+                    ssh,
+                    limit=DISPATCH_CHUNK - len(decisions),
+                    repositories_of=self._repositories_of,
+                )
+            if not decisions:
+                break
+            lost = await self._assign(decisions, now) or lost
+            if len(decisions) < DISPATCH_CHUNK:
+                break
+        return lost
+
+    def _free_views(self, now: float) -> tuple[list[VenueView], list[VenueView]]:
+        """Views of the available agents and SSH builders that could run some runnable step.
+
+        Only kinds of venues (systems, features, trust, repositories) that fit a waiting step
+        are looked at: a pass costs the number of kinds plus the free venues that could take
+        work, not the number of venues."""
+        wanted = self.index.requirements()
+        agents: list[VenueView] = []
+        ssh: list[VenueView] = []
+        cooling: float | None = None
+        for kind, members in list(self._open.items()):
+            if not members:
+                del self._open[kind]
+                continue
+            if not any(self._kind_fits(kind, members, req) for req in wanted):
+                continue
+            for machine_id, venue in list(members.items()):
+                if (
+                    self.venues.get(machine_id) is not venue
+                    or venue.draining
+                    or len(venue.running) >= venue.max_jobs
+                ):
+                    del members[machine_id]  # back when a slot is released or it attaches
+                    continue
+                until = max(venue.cooldown_until, venue.backoff_until)
+                if until > now:
+                    cooling = until if cooling is None else min(cooling, until)
+                    continue
+                (ssh if venue.kind == SSH else agents).append(venue.view())
+        self._cooling_until = cooling
+        return agents, ssh
+
+    def _kind_fits(self, kind: _Kind, members: dict[str, Venue], req: Requirement) -> bool:
+        fits = self._fits.get((kind, req))
+        if fits is None:
+            fits = self._fits[(kind, req)] = can_run(next(iter(members.values())).view(), req)
+        return fits
+
+    def _cooled(self, venue: Venue) -> None:
+        """The venue's cooldown or backoff was set: the loop wakes when it ends."""
+        until = max(venue.cooldown_until, venue.backoff_until)
+        if until > 0 and (self._cooling_until is None or until < self._cooling_until):
+            self._cooling_until = until
+
+    def _reopen(self, venue: Venue) -> None:
+        """The venue may have a free slot (again)."""
+        if self.venues.get(venue.machine_id) is venue:
+            kind = (
+                venue.systems,
+                venue.supported_features,
+                venue.mandatory_features,
+                venue.trusted,
+                venue.repositories,
+            )
+            self._open.setdefault(kind, {})[venue.machine_id] = venue
+
+    async def _assign(self, decisions: Sequence[Dispatch], now: float) -> bool:
+        """Claim, lease, record and send one chunk of decisions; True when another runner
+        claimed some of the steps first."""
         # Resolve every venue before the first await: a venue may detach meanwhile, and a
         # send to its closed session then fails and releases the slot like any send failure.
         chosen = [(self.nodes[d.step_id], self.venues[d.machine_id]) for d in decisions]
@@ -1109,6 +1509,9 @@ class Scheduler:
                     None,
                     now,
                 )
+        if not ready:
+            return False
+        expires = now + self.config.lease_secs
         sent: list[tuple[StepNode, Venue, p.Assign]] = []
         started: set[int] = set()
         async with self._begin() as conn:
@@ -1120,34 +1523,38 @@ class Scheduler:
             )
             lost = [node.id for node, _, _ in ready if node.id not in claimed]
             self._stale_steps.update(lost)
+            rows: list[dict[str, Any]] = []
             for node, venue, msg in ready:
                 if node.id not in claimed:
                     continue
                 lease = msg.lease_id
                 node.state = StepState.ASSIGNED
                 node.lease_id = lease
-                node.lease_expires_at = now + self.config.lease_secs
+                node.lease_expires_at = expires
                 node.venue = venue.machine_id
                 self.leases[lease] = node.id
+                self._watch_lease(node)
                 venue.running.add(node.id)
                 self.metrics.step_assigned(node, now)
-                await queries.update_step(
-                    conn,
-                    node.id,
-                    state=node.state,
-                    lease_id=lease,
-                    lease_expires_at=node.lease_expires_at,
-                    agent_machine_id=venue.machine_id,
-                    agent_name=venue.name,
-                    assigned_at=now,
+                rows.append(
+                    {
+                        "id": node.id,
+                        "state": node.state,
+                        "lease_id": lease,
+                        "lease_expires_at": expires,
+                        "agent_machine_id": venue.machine_id,
+                        "agent_name": venue.name,
+                        "assigned_at": now,
+                    }
                 )
-                self._stored_expiry[node.id] = node.lease_expires_at
+                self._stored_expiry[node.id] = expires
                 for bid in node.builds:
                     build = self.builds.get(bid)
                     if build is not None and build.state is BuildState.QUEUED:
                         build.state = BuildState.RUNNING
                         started.add(bid)
                 sent.append((node, venue, msg))
+            await queries.update_steps_each(conn, rows)
             await queries.start_builds(conn, sorted(started))
         for node, venue, msg in sent:
             if node.attempts:
@@ -1190,6 +1597,7 @@ class Scheduler:
         venue = self.venues.get(node.venue or "")
         if venue is not None:
             venue.running.discard(node.id)
+            self._reopen(venue)
         if node.lease_id is not None:
             self.leases.pop(node.lease_id, None)
         node.lease_id = None
@@ -1238,6 +1646,7 @@ class Scheduler:
                     self.config.agent_backoff_base_secs,
                     self.config.agent_backoff_max_secs,
                 )
+                self._cooled(venue)
                 log.warning(
                     "%s: %s on step %d; backing off until %.0f",
                     venue.name,
@@ -1249,6 +1658,7 @@ class Scheduler:
                 # Not the venue's fault, but it must not get the step straight back in a
                 # loop (an agent that aborts everything): a short cooldown.
                 venue.cooldown_until = now + self.config.refuse_cooldown_secs
+                self._cooled(venue)
             else:
                 venue.consecutive_failures = 0
                 venue.backoff_until = 0.0
@@ -1385,7 +1795,7 @@ class Scheduler:
     ) -> None:
         """End a build once every member step is final: its outcome is its roots' (a failure
         fails the build, but the steps that do not depend on it still run to the end)."""
-        if build.unfinished > 0:
+        if build.unfinished > 0 or build.id in self._incomplete:
             return
         states = [
             self.nodes[sid].state if sid is not None and sid in self.nodes else None
@@ -1578,6 +1988,7 @@ class Scheduler:
                     self._by_drv(node.req.trusted)[node.drv_path] = node.id
                     if node.state.is_leased and node.lease_id is not None:
                         self.leases[node.lease_id] = node.id
+                        self._watch_lease(node)
                     fresh[node.id] = node
                     moved.append(node)
                 elif self._catch_up_step(node, row):
@@ -1662,6 +2073,7 @@ class Scheduler:
             self.leases[node.lease_id] = node.id
             if not (same and held_here):
                 node.lease_expires_at = row.lease_expires_at
+            self._watch_lease(node)
         elif not stored.is_leased:
             node.lease_expires_at = None
         if decision.finished:
@@ -1784,6 +2196,22 @@ def _dependencies_first(deps: dict[str, list[str]]) -> list[str]:
             stack.append((name, True))
             stack.extend((d, False) for d in sorted(deps[name], reverse=True) if d not in seen)
     return order
+
+
+def _new_node(sid: int, drv: queries.DrvInfo, trusted: bool, now: float) -> StepNode:
+    return StepNode(
+        id=sid,
+        drv_path=drv.drv_path,
+        req=Requirement(drv.system, drv.required_features, trusted),
+        state=StepState.WAITING,
+        created_at=now,
+        outputs=dict(drv.outputs),
+    )
+
+
+def _send_aborts(aborts: Iterable[tuple[Venue, int]], reason: str) -> None:
+    for venue, sid in aborts:
+        _try_send(venue, p.Abort(step_id=p.StepId(sid), reason=reason))
 
 
 def _try_send(venue: Venue, msg: BaseModel) -> bool:

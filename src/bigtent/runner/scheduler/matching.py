@@ -8,8 +8,9 @@ step is for one of them (``may_take``).
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass
+import heapq
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,3 +106,73 @@ def best_venue(
     if not candidates:
         return None
     return min(candidates, key=lambda v: venue_rank(v, req, wanted))
+
+
+_Class = tuple[frozenset[str], frozenset[str], frozenset[str], bool]
+"""A venue's capabilities: systems, supported features, mandatory features, trust."""
+
+
+class VenuePool:
+    """Free venues for one dispatch pass, grouped by capabilities and trust, so finding the
+    best venue for a step costs the number of distinct kinds, not the number of venues.
+
+    A farm of a thousand agents has a handful of kinds of machines. Within one kind,
+    ``can_run`` and ``contended_waste`` are the same for every member, so the best member is
+    the one ``venue_rank`` orders first on its remaining keys (free capacity times speed, then
+    machine id): the top of a heap per kind. ``best`` gives exactly what ``best_venue`` would
+    over the same venues; ``take`` uses up one slot of the venue it returned.
+    """
+
+    def __init__(self, venues: Iterable[VenueView]) -> None:
+        self._heaps: dict[_Class, list[tuple[float, str, VenueView]]] = {}
+        self._members: dict[_Class, VenueView] = {}
+        """One venue of each kind: what can run where is decided on it."""
+        self._fits: dict[Requirement, list[_Class]] = {}
+        unique = {v.machine_id: v for v in venues}
+        for v in unique.values():
+            if v.free_slots > 0:
+                self._heaps.setdefault(_class_of(v), []).append(_entry(v))
+                self._members.setdefault(_class_of(v), v)
+        for heap in self._heaps.values():
+            heapq.heapify(heap)
+
+    def __bool__(self) -> bool:
+        return any(self._heaps.values())
+
+    def _classes_for(self, req: Requirement) -> list[_Class]:
+        fits = self._fits.get(req)
+        if fits is None:
+            fits = [c for c, member in self._members.items() if can_run(member, req)]
+            self._fits[req] = fits
+        return fits
+
+    def best(self, req: Requirement, wanted: Collection[str]) -> VenueView | None:
+        """The venue ``best_venue`` would choose for ``req`` among the pool's free venues."""
+        best: tuple[int, float, str] | None = None
+        chosen: VenueView | None = None
+        for cls in self._classes_for(req):
+            heap = self._heaps[cls]
+            if not heap:
+                continue
+            capacity, machine_id, venue = heap[0]
+            rank = (contended_waste(venue, req, wanted), capacity, machine_id)
+            if best is None or rank < best:
+                best, chosen = rank, venue
+        return chosen
+
+    def take(self, venue: VenueView) -> None:
+        """Use one slot of ``venue``, which ``best`` just returned (the top of its kind)."""
+        heap = self._heaps[_class_of(venue)]
+        top = heapq.heappop(heap)
+        assert top[2] is venue, "take() must follow best()"
+        updated = replace(venue, running=venue.running + 1)
+        if updated.free_slots > 0:
+            heapq.heappush(heap, _entry(updated))
+
+
+def _class_of(v: VenueView) -> _Class:
+    return (v.systems, v.supported_features, v.mandatory_features, v.trusted)
+
+
+def _entry(v: VenueView) -> tuple[float, str, VenueView]:
+    return (-(v.free_slots * v.speed_factor), v.machine_id, v)

@@ -8,15 +8,17 @@ so choosing the next dispatch looks at the top of each bucket, never at the whol
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from bigtent.runner.scheduler.matching import (
     Requirement,
+    VenuePool,
     VenueView,
     best_venue,
     can_run,
     may_take,
+    venue_rank,
 )
 from bigtent.states import BuildState, StepState
 
@@ -189,36 +191,42 @@ def plan_dispatch(
     """Match runnable steps to free slots, best step first, best venue for it (DESIGN §5).
 
     Pops the chosen steps from ``index``. Each decision looks at the top of each bucket and
-    at the venues, never at the whole queue. Deterministic for a given state.
+    at the kinds of free venues (``VenuePool``), never at the whole queue nor at every
+    venue. Deterministic for a given state.
 
     Trust needs no scan: trusted and untrusted steps sit in different buckets
-    (``Requirement.trusted``). A venue scoped to repositories (an OIDC agent, DESIGN §6) may
-    find the tops of its buckets are for builds it cannot serve: for it alone the buckets it
-    can run are scanned for the best step it may take. Venues of one scope (capabilities,
-    trust and repositories: the agents of one OIDC rule) share a scan, and its answer is kept
-    for the pass until that step is taken (the index only shrinks during a pass): a scope costs
-    one scan per step its venues take, and one in all when nothing is for it. ``nothing_for``
-    (kept by the caller across passes) remembers the index version at which a scope's scan
-    found nothing, so idle scoped venues cost nothing until a step is pushed again.
+    (``Requirement.trusted``), and a kind of venue includes its trust. A venue scoped to
+    repositories (an OIDC agent, DESIGN §6) may find the tops of its buckets are for builds
+    it cannot serve: for it alone the buckets it can run are scanned for the best step it may
+    take. Venues of one scope (capabilities, trust and repositories: the agents of one OIDC
+    rule) share a scan, and its answer is kept for the pass until that step is taken (the
+    index only shrinks during a pass): a scope costs one scan per step its venues take, and
+    one in all when nothing is for it. ``nothing_for`` (kept by the caller across passes)
+    remembers the index version at which a scope's scan found nothing, so idle scoped venues
+    cost nothing until a step is pushed again.
     """
     repos = repositories_of or _no_repositories
-    free = {v.machine_id: v for v in venues if v.free_slots > 0}
+    pool = VenuePool(v for v in venues if v.repositories is None)
+    free = {v.machine_id: v for v in venues if v.repositories is not None and v.free_slots > 0}
+    """Free scoped venues (few: the unscoped ones are in ``pool``)."""
     decisions: list[Dispatch] = []
     deep: dict[Scope, _Found | None] = {}
-    while free and (limit is None or len(decisions) < limit):
+    while (pool or free) and (limit is None or len(decisions) < limit):
         wanted = frozenset(f for req in index.requirements() for f in req.features)
-        scoped = [v for v in free.values() if v.repositories is not None]
+        scoped = list(free.values())
         best: tuple[tuple[int, int, float, int], Requirement, int, VenueView] | None = None
-        for req, (key, sid) in index.tops():
-            if best is not None and key >= best[0]:
-                continue
-            candidates: Collection[VenueView] = free.values()
+        for req, (key, sid) in sorted(index.tops(), key=lambda t: t[1]):
+            venue = pool.best(req, wanted) if pool else None
             if scoped:
                 step_repos = repos(sid)
-                candidates = [v for v in candidates if may_take(v, step_repos)]
-            venue = best_venue(candidates, req, wanted)
+                other = best_venue([v for v in scoped if may_take(v, step_repos)], req, wanted)
+                if other is not None and (
+                    venue is None or venue_rank(other, req, wanted) < venue_rank(venue, req, wanted)
+                ):
+                    venue = other
             if venue is not None:
                 best = (key, req, sid, venue)
+                break  # tops in key order: the first one some venue takes is the best
         groups: dict[Scope, list[VenueView]] = {}
         for v in scoped:
             groups.setdefault(_scope(v), []).append(v)
@@ -245,12 +253,28 @@ def plan_dispatch(
         _, _, step_id, venue = best
         index.discard(step_id)
         decisions.append(Dispatch(step_id, venue.machine_id))
-        updated = replace(venue, running=venue.running + 1)
-        if updated.free_slots > 0:
-            free[venue.machine_id] = updated
+        if venue.repositories is None:
+            pool.take(venue)
         else:
-            del free[venue.machine_id]
+            updated = replace(venue, running=venue.running + 1)
+            if updated.free_slots > 0:
+                free[venue.machine_id] = updated
+            else:
+                del free[venue.machine_id]
     return decisions
+
+
+def plan_heights(items: Sequence[tuple[str, Sequence[str]]]) -> dict[str, int]:
+    """Heights within one plan: ``items`` are (name, names of its dependencies), each after
+    its dependencies. A step's height is 1 + the largest height among the steps that depend
+    on it (the longest chain of dependents above it, itself included)."""
+    heights: dict[str, int] = {}
+    for name, deps in reversed(items):
+        above = heights.setdefault(name, 1) + 1
+        for d in deps:
+            if heights.get(d, 0) < above:
+                heights[d] = above
+    return heights
 
 
 _UNKNOWN: _Found = ((0, 0, 0.0, 0), Requirement("", frozenset()), -1)

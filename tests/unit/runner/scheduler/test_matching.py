@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from bigtent.runner.scheduler.matching import (
     Requirement,
+    VenuePool,
     VenueView,
     best_venue,
     can_run,
@@ -217,3 +218,34 @@ def test_best_venue_is_deterministic_for_any_order(
     else:
         assert chosen in capable
         assert all(venue_rank(chosen, r, wanted) <= venue_rank(v, r, wanted) for v in capable)
+
+
+@given(
+    venues=st.lists(venue_views, max_size=8, unique_by=lambda v: v.machine_id),
+    reqs=st.lists(st.tuples(st.sampled_from((X86, ARM)), features), min_size=1, max_size=12),
+    wanted=features,
+)
+def test_venue_pool_chooses_as_best_venue_while_slots_are_used(
+    venues: list[VenueView], reqs: list[tuple[str, frozenset[str]]], wanted: frozenset[str]
+) -> None:
+    """The pool groups venues by capabilities; its choice is ``best_venue``'s over the same
+    venues, also after earlier choices used up slots."""
+    pool = VenuePool(venues)
+    current = {v.machine_id: v for v in venues}
+    for system, required in reqs:
+        r = Requirement(system, required)
+        expected = best_venue(list(current.values()), r, wanted)
+        chosen = pool.best(r, wanted)
+        assert chosen == expected
+        if chosen is not None:
+            pool.take(chosen)
+            current[chosen.machine_id] = VenueView(
+                chosen.machine_id,
+                chosen.systems,
+                chosen.supported_features,
+                chosen.mandatory_features,
+                chosen.max_jobs,
+                chosen.running + 1,
+                chosen.speed_factor,
+            )
+    assert bool(pool) == any(v.free_slots > 0 for v in current.values())

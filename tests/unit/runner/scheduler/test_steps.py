@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bigtent.runner.scheduler.matching import Requirement, VenueView, can_run
+from bigtent.runner.scheduler.matching import Requirement, VenueView, best_venue, can_run
 from bigtent.runner.scheduler.steps import (
     Dispatch,
     RunnableIndex,
@@ -16,6 +18,7 @@ from bigtent.runner.scheduler.steps import (
     build_outcome,
     dependents_closure,
     plan_dispatch,
+    plan_heights,
     raise_heights,
 )
 from bigtent.states import BuildState, StepState
@@ -310,6 +313,46 @@ def test_plan_dispatch_properties(
     assert again == decisions
 
 
+def reference_plan_dispatch(
+    index: RunnableIndex, venues: Collection[VenueView], limit: int | None = None
+) -> list[Dispatch]:
+    """The plain algorithm ``plan_dispatch`` must agree with: for every decision, every
+    bucket top against every free venue (``best_venue``)."""
+    free = {v.machine_id: v for v in venues if v.free_slots > 0}
+    decisions: list[Dispatch] = []
+    while free and (limit is None or len(decisions) < limit):
+        wanted = frozenset(f for req in index.requirements() for f in req.features)
+        best: tuple[tuple[int, int, float, int], Requirement, VenueView] | None = None
+        for req, (key, _sid) in index.tops():
+            if best is not None and key >= best[0]:
+                continue
+            v = best_venue(free.values(), req, wanted)
+            if v is not None:
+                best = (key, req, v)
+        if best is None:
+            break
+        _, req, v = best
+        step_id = index.pop(req)
+        assert step_id is not None
+        decisions.append(Dispatch(step_id, v.machine_id))
+        updated = replace(v, running=v.running + 1)
+        if updated.free_slots > 0:
+            free[v.machine_id] = updated
+        else:
+            del free[v.machine_id]
+    return decisions
+
+
+@given(specs=step_specs, venues=venue_specs, limit=st.none() | st.integers(0, 10))
+def test_plan_dispatch_agrees_with_the_plain_algorithm(
+    specs: list[tuple[int, int, int, int]], venues: list[VenueView], limit: int | None
+) -> None:
+    """Grouping venues by capabilities changes the cost of a decision, never the decision."""
+    fast, plain = index_of(*_nodes(specs)), index_of(*_nodes(specs))
+    assert plan_dispatch(fast, venues, limit) == reference_plan_dispatch(plain, venues, limit)
+    assert len(fast) == len(plain)
+
+
 # ---- raise_heights -----------------------------------------------------------------------
 def _dag(edges: list[tuple[int, int]], n: int) -> dict[int, StepNode]:
     """``edges`` are (dependent, dependency) pairs."""
@@ -385,6 +428,16 @@ def test_raise_heights_reaches_the_longest_path_in_any_order(
     order = data.draw(st.permutations(list(nodes)))
     raise_heights(nodes, order)
     assert {sid: nd.height for sid, nd in nodes.items()} == _longest(nodes)
+
+
+@given(dag=dags())
+def test_plan_heights_are_the_longest_chains_above(dag: tuple[int, list[tuple[int, int]]]) -> None:
+    """``plan_heights`` on a plan (dependencies first) gives what ``raise_heights`` reaches."""
+    n, edges = dag
+    nodes = _dag(edges, n)
+    # Edges go from a lower id to a higher one: higher ids are dependencies, so they come first.
+    items = [(f"d{i}", [f"d{d}" for d in sorted(nodes[i].deps)]) for i in reversed(range(n))]
+    assert plan_heights(items) == {f"d{sid}": h for sid, h in _longest(nodes).items()}
 
 
 # ---- dependents_closure, build_outcome ----------------------------------------------------
