@@ -13,15 +13,34 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   need+=(postgresql)
 fi
-if [ ${#need[@]} -eq 0 ]; then
-  exit 0
-fi
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
-  command -v sudo >/dev/null 2>&1 || { echo "install-deps: need root (or sudo) to install: ${need[*]}" >&2; exit 1; }
   SUDO=sudo
 fi
-echo "install-deps: installing ${need[*]}"
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -q
-$SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
+need_root() {
+  [ -z "$SUDO" ] || command -v sudo >/dev/null 2>&1 ||
+    { echo "install-deps: need root (or sudo) to $1" >&2; exit 1; }
+}
+if [ ${#need[@]} -gt 0 ]; then
+  need_root "install: ${need[*]}"
+  echo "install-deps: installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -q
+  $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+# Build users, as Nix's own installer makes them: Nix run as root builds as one of the members
+# of `build-users-group` (default `nixbld`), one per concurrent build, and refuses to build
+# when that group does not exist. Debian's nix-bin makes neither (docs/security.md).
+NIXBLD_USERS=${NIXBLD_USERS:-32}
+if ! getent group nixbld >/dev/null; then
+  need_root "create the nixbld group"
+  echo "install-deps: creating the nixbld group and $NIXBLD_USERS build users"
+  $SUDO groupadd --system nixbld
+fi
+for i in $(seq 1 "$NIXBLD_USERS"); do
+  if ! getent passwd "nixbld$i" >/dev/null; then
+    need_root "create the build user nixbld$i"
+    $SUDO useradd --system --no-create-home --home-dir /var/empty --shell /usr/sbin/nologin \
+      --gid nixbld --groups nixbld --comment "Nix build user $i" "nixbld$i"
+  fi
+done
