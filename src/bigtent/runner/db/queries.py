@@ -12,7 +12,21 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, Table, bindparam, delete, func, insert, select, update
+from sqlalchemy import (
+    Float,
+    Integer,
+    Select,
+    String,
+    Table,
+    Text,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -25,6 +39,7 @@ from bigtent.runner.db.tables import (
     builds,
     derivations,
     launches,
+    step_attempts,
     step_deps,
     steps,
     store_paths,
@@ -405,6 +420,102 @@ async def update_steps_in_state(
         changed.update(int(r[0]) for r in rows)
     note_steps(conn, changed)
     return changed
+
+
+# ---- attempts (docs/api.md "Attempts") -----------------------------------------------------
+async def insert_step_attempt(
+    conn: AsyncConnection,
+    step_id: int,
+    *,
+    attempt: int,
+    max_attempts: int,
+    finished_at: float,
+    outcome: str,
+    error: str | None,
+    retry_at: float | None,
+    leased: bool,
+) -> None:
+    """Record one ended attempt of a step. A ``leased`` attempt's venue and start are the
+    step row's (written with its lease when it was assigned), read by the same statement;
+    an attempt that never got a lease has neither."""
+    if not leased:
+        await conn.execute(
+            insert(step_attempts).values(
+                step_id=step_id,
+                attempt=attempt,
+                max_attempts=max_attempts,
+                finished_at=finished_at,
+                outcome=outcome,
+                error=error,
+                retry_at=retry_at,
+            )
+        )
+        return
+    await conn.execute(
+        insert(step_attempts).from_select(
+            [
+                "step_id",
+                "attempt",
+                "max_attempts",
+                "agent_machine_id",
+                "agent_name",
+                "started_at",
+                "finished_at",
+                "outcome",
+                "error",
+                "retry_at",
+            ],
+            select(
+                steps.c.id,
+                literal(attempt, Integer),
+                literal(max_attempts, Integer),
+                steps.c.agent_machine_id,
+                steps.c.agent_name,
+                steps.c.assigned_at,
+                literal(finished_at, Float),
+                literal(outcome, String),
+                literal(error, Text),
+                literal(retry_at, Float),
+            ).where(steps.c.id == step_id),
+        )
+    )
+
+
+_ATTEMPT_COLUMNS = (step_attempts, steps.c.drv_path, derivations.c.name)
+
+
+async def fetch_build_attempts(
+    conn: AsyncConnection, build_id: int, *, after: int, since: float, limit: int
+) -> list[Any]:
+    """The attempts of the build's steps that ended at or after ``since`` (the build's
+    creation) with an id above ``after``, oldest first, at most ``limit``."""
+    rows = await conn.execute(
+        select(*_ATTEMPT_COLUMNS)
+        .join(steps, steps.c.id == step_attempts.c.step_id)
+        .join(derivations, derivations.c.drv_path == steps.c.drv_path)
+        .join(build_steps, build_steps.c.step_id == step_attempts.c.step_id)
+        .where(
+            build_steps.c.build_id == build_id,
+            step_attempts.c.id > after,
+            step_attempts.c.finished_at >= since,
+        )
+        .order_by(step_attempts.c.id)
+        .limit(limit)
+    )
+    return list(rows)
+
+
+async def fetch_step_attempts(conn: AsyncConnection, step_id: int, limit: int) -> list[Any]:
+    """The step's newest ``limit`` attempts, oldest first."""
+    rows = await conn.execute(
+        select(*_ATTEMPT_COLUMNS)
+        .join(steps, steps.c.id == step_attempts.c.step_id)
+        .join(derivations, derivations.c.drv_path == steps.c.drv_path)
+        .where(step_attempts.c.step_id == step_id)
+        .order_by(step_attempts.c.id.desc())
+        .limit(limit)
+    )
+    return list(reversed(list(rows)))
 
 
 @dataclass(frozen=True, slots=True)

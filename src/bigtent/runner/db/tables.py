@@ -94,6 +94,29 @@ steps = Table(
 )
 Index("ix_steps_state", steps.c.state)
 
+step_attempts = Table(
+    # One row per attempt of a step (migration 0010, docs/api.md "Attempts"), written in the
+    # transaction that ends the attempt: the venue that ran it, when, how it ended, why, and
+    # when the step will be tried again (NULL: the outcome was final).
+    "step_attempts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("step_id", Integer, ForeignKey("steps.id", ondelete="CASCADE"), nullable=False),
+    # Which of the step's infrastructure attempts this was (1 for the first): only an
+    # infrastructure failure advances the count (a success, build failure or abort does not).
+    Column("attempt", Integer, nullable=False),
+    # ``scheduler.max_infra_attempts`` when the attempt ended.
+    Column("max_attempts", Integer, nullable=False),
+    Column("agent_machine_id", String(256)),
+    Column("agent_name", String(256)),
+    Column("started_at", Float),
+    Column("finished_at", Float, nullable=False),
+    Column("outcome", String(32), nullable=False),
+    Column("error", Text),
+    Column("retry_at", Float),
+)
+Index("ix_step_attempts_step_id", step_attempts.c.step_id)
+
 step_deps = Table(
     "step_deps",
     metadata,

@@ -48,6 +48,7 @@ from bigtent.runner.logs import LogStore
 from bigtent.runner.metrics import Metrics
 from bigtent.runner.scheduler.leases import (
     Disposition,
+    attempt_retry_at,
     backoff_secs,
     classify,
     is_cached_failure,
@@ -981,6 +982,15 @@ class Scheduler:
                 venue = self.venues.get(node.venue or "")
                 if venue is not None:
                     aborts.append((venue, sid))
+                await self._record_attempt(
+                    conn,
+                    node,
+                    node.attempts + 1,
+                    p.Outcome.ABORTED,
+                    "cancelled",
+                    now,
+                    leased=True,
+                )
             self._release(node)
             self.logs.close(sid)
             node.state = StepState.CANCELLED
@@ -1622,6 +1632,7 @@ class Scheduler:
         the working copy has it, or nothing happens but a LostRace."""
         policy = classify(outcome)
         lease_id = node.lease_id
+        attempt = node.attempts + 1
         self._release(node)
         self.logs.close(node.id)
         self.metrics.step_finished(node, outcome, msg.timings if msg is not None else None)
@@ -1753,11 +1764,39 @@ class Scheduler:
                     self.metrics.step_requeued(node, now)
                     await queries.update_step(conn, node.id, state=node.state, **values)
                     self._make_runnable(node, now)
+            await self._record_attempt(
+                conn, node, attempt, outcome, error, now, leased=lease_id is not None
+            )
             for bid in sorted({b for n in newly_final for b in n.builds}):
                 build = self.builds.get(bid)
                 if build is not None:
                     await self._maybe_finish_build(conn, build, now)
         self.wake()
+
+    async def _record_attempt(
+        self,
+        conn: AsyncConnection,
+        node: StepNode,
+        attempt: int,
+        outcome: p.Outcome,
+        error: str,
+        now: float,
+        *,
+        leased: bool,
+    ) -> None:
+        """Record the attempt that just ended, in the transaction of the step's new state
+        (``node`` already has it): every attempt is visible (docs/api.md "Attempts")."""
+        await queries.insert_step_attempt(
+            conn,
+            node.id,
+            attempt=attempt,
+            max_attempts=self.config.max_infra_attempts,
+            finished_at=now,
+            outcome=outcome,
+            error=error[:8000] or None,
+            retry_at=attempt_retry_at(node.state, node.not_before, now),
+            leased=leased,
+        )
 
     async def _fail_dependents(
         self, conn: AsyncConnection, node: StepNode, now: float

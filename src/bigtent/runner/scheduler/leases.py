@@ -8,6 +8,7 @@ from enum import StrEnum
 from typing import assert_never
 
 from bigtent.protocol import LeaseId, Outcome
+from bigtent.states import StepState
 
 _MAX_DOUBLINGS = 64
 """Past this many doublings any sane cap has long been reached; bounding the exponent keeps
@@ -65,6 +66,15 @@ def next_retry_at(
     jitter factor in [1, 1.25) given by the caller (``jitter`` in [0, 1)), so steps that failed
     together do not retry together (docs/configuration.md: "capped, +0-25 % jitter")."""
     return now + backoff_secs(attempt, base_secs, max_secs) * (1 + 0.25 * jitter)
+
+
+def attempt_retry_at(state: StepState, not_before: float | None, now: float) -> float | None:
+    """When a step whose attempt just ended will be tried again, for its attempt record: a
+    step back in the queue at ``not_before`` (its backoff) or at once; None when its state is
+    anything else (final: no more tries)."""
+    if state is not StepState.RUNNABLE:
+        return None
+    return not_before if not_before is not None and not_before > now else now
 
 
 def is_cached_failure(

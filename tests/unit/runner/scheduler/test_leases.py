@@ -12,12 +12,14 @@ from bigtent.protocol import Outcome
 from bigtent.runner.scheduler.leases import (
     Classification,
     Disposition,
+    attempt_retry_at,
     backoff_secs,
     classify,
     is_cached_failure,
     new_lease_id,
     next_retry_at,
 )
+from bigtent.states import StepState
 
 EXPECTED = {
     Outcome.SUCCESS: Classification(Disposition.SUCCEED, counts_against_venue=False),
@@ -145,3 +147,21 @@ def test_cached_failure_error_names_when_and_keeps_the_first_error_once() -> Non
     )
     assert cached_failure_error("build_failure", NOW, DAY, first) == first
     assert cached_failure_error("timed_out", NOW, DAY, None).endswith("first error: ")
+
+
+@pytest.mark.parametrize(
+    ("state", "not_before", "expected"),
+    [
+        (StepState.RUNNABLE, 110.0, 110.0),  # backing off: its next try
+        (StepState.RUNNABLE, None, 100.0),  # requeued at once
+        (StepState.RUNNABLE, 90.0, 100.0),  # a stale delay is no delay
+        (StepState.FAILED, 110.0, None),  # final: no more tries
+        (StepState.SUCCEEDED, None, None),
+        (StepState.CANCELLED, None, None),
+        (StepState.BUILDING, None, None),
+    ],
+)
+def test_attempt_retry_at(
+    state: StepState, not_before: float | None, expected: float | None
+) -> None:
+    assert attempt_retry_at(state, not_before, 100.0) == expected
