@@ -171,3 +171,17 @@ def online_by_kind(connected: Iterable[tuple[bool, str]], ssh_usable: int) -> di
         out[agent_kind(ephemeral)] += 1
         out["oidc" if auth_kind == "oidc" else "token"] += 1
     return out
+
+
+def attempt_next(retry_at: float | None, finished_at: float) -> str:
+    """What came after an attempt: ``final`` (no more tries), ``retried at once``, or
+    ``retry after 10 s`` (the backoff, from the attempt's end)."""
+    if retry_at is None:
+        return "final"
+    wait = retry_at - finished_at
+    return "retried at once" if wait < 0.5 else f"retry after {fmt_duration(wait)}"
+
+
+def outcome_class(outcome: str) -> str:
+    """The badge class of an attempt's outcome: green for a success, red for the rest."""
+    return "succeeded" if outcome == "success" else "failed"

@@ -100,6 +100,8 @@ def _environment() -> jinja2.Environment:
         iso=present.iso,
         store_name=present.store_name,
         is_final=present.is_final,
+        attempt_next=present.attempt_next,
+        outcome_class=present.outcome_class,
         version=__version__,
         poll_secs=POLL_SECS,
     )

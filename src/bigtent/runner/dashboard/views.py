@@ -32,6 +32,10 @@ LOG_PAGE_BYTES = 256 * 1024
 SEARCH_LIMIT = 50
 MIN_SEARCH_CHARS = 3
 STEP_BUILDS_SHOWN = 20
+ATTEMPTS_SHOWN = 500
+"""Attempt records on a build page (the first ones; the API pages through all of them)."""
+STEP_ATTEMPTS_SHOWN = 200
+"""A step page's newest attempt records."""
 _MAX_ID = 2**63 - 1
 
 
@@ -112,6 +116,44 @@ def _step_row(r: Any) -> StepRow:
         exit_code=r.exit_code,
         required_features=json.loads(r.required_features),
         outputs=json.loads(r.outputs),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRow:
+    """One attempt of a step (docs/dashboard.md): where it ran, how it ended, why, and when
+    the step will be tried again (None: the outcome was final)."""
+
+    id: int
+    step_id: int
+    name: str
+    attempt: int
+    max_attempts: int
+    agent_name: str | None
+    started_at: float | None
+    finished_at: float
+    outcome: str
+    error: str | None
+    retry_at: float | None
+
+    @property
+    def ran_secs(self) -> float | None:
+        return None if self.started_at is None else self.finished_at - self.started_at
+
+
+def _attempt_row(r: Any) -> AttemptRow:
+    return AttemptRow(
+        id=int(r.id),
+        step_id=int(r.step_id),
+        name=str(r.name),
+        attempt=int(r.attempt),
+        max_attempts=int(r.max_attempts),
+        agent_name=r.agent_name,
+        started_at=r.started_at,
+        finished_at=float(r.finished_at),
+        outcome=str(r.outcome),
+        error=r.error,
+        retry_at=r.retry_at,
     )
 
 
@@ -215,10 +257,17 @@ class BuildPage:
     """Steps not in ``steps`` (past ``STEPS_SHOWN``)."""
     more_failed: int = 0
     """Failed steps shown without their log."""
+    attempts: list[AttemptRow] = field(default_factory=list)
+    """The attempts of its steps since it was created, oldest first (``ATTEMPTS_SHOWN``)."""
 
     @property
     def active(self) -> bool:
         return self.build.state in ("queued", "running")
+
+    @property
+    def attempts_capped(self) -> bool:
+        """Whether more attempts may exist than ``attempts`` holds."""
+        return len(self.attempts) >= ATTEMPTS_SHOWN
 
 
 async def load_build(comps: Components, build_id: int) -> BuildPage:
@@ -229,6 +278,9 @@ async def load_build(comps: Components, build_id: int) -> BuildPage:
             raise NotFound(f"no build {build_id}")
         roots = await queries.fetch_build_roots(conn, build_id)
         rows = await queries.fetch_build_steps(conn, build_id)
+        attempts = await queries.fetch_build_attempts(
+            conn, build_id, after=0, since=float(build.created_at), limit=ATTEMPTS_SHOWN
+        )
     steps = sorted(
         (_step_row(r) for r in rows), key=lambda s: present.step_order_key(s.state, s.id)
     )
@@ -256,6 +308,7 @@ async def load_build(comps: Components, build_id: int) -> BuildPage:
         failed=failed,
         more_steps=max(0, len(steps) - STEPS_SHOWN),
         more_failed=max(0, counts.get(StepState.FAILED, 0) - len(failed)),
+        attempts=[_attempt_row(r) for r in attempts],
     )
 
 
@@ -270,6 +323,8 @@ class StepPage:
     """Where the shown log ends (the live stream continues from here)."""
     log_skipped: int
     """Bytes at the start of the log not shown on the page."""
+    attempts: list[AttemptRow] = field(default_factory=list)
+    """Its newest attempts (``STEP_ATTEMPTS_SHOWN``), oldest first."""
 
     @property
     def live(self) -> bool:
@@ -283,6 +338,7 @@ async def load_step(comps: Components, step_id: int) -> StepPage:
         if row is None:
             raise NotFound(f"no step {step_id}")
         build_ids = await queries.fetch_step_build_ids(conn, step_id, STEP_BUILDS_SHOWN)
+        attempts = await queries.fetch_step_attempts(conn, step_id, STEP_ATTEMPTS_SHOWN)
     size = comps.logs.size(step_id)
     start = max(0, size - LOG_PAGE_BYTES)
     data = comps.logs.read_range(step_id, start, size)
@@ -299,6 +355,7 @@ async def load_step(comps: Components, step_id: int) -> StepPage:
         log_text=present.strip_ansi(data.decode(errors="replace")),
         log_offset=size,
         log_skipped=start,
+        attempts=[_attempt_row(r) for r in attempts],
     )
 
 

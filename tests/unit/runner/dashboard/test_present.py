@@ -95,3 +95,21 @@ def test_failed_steps_come_first_then_running_then_queued() -> None:
 def test_online_by_kind() -> None:
     counts = present.online_by_kind([(False, "token"), (True, "oidc"), (True, "token")], 2)
     assert counts == {"persistent": 1, "ephemeral": 2, "token": 2, "oidc": 1, "ssh": 2}
+
+
+@pytest.mark.parametrize(
+    ("retry_at", "text"),
+    [
+        (None, "final"),
+        (100.2, "retried at once"),
+        (110.0, "retry after 10 s"),
+        (400, "retry after 5 min 00 s"),
+    ],
+)
+def test_attempt_next(retry_at: float | None, text: str) -> None:
+    assert present.attempt_next(retry_at, 100.0) == text
+
+
+def test_outcome_class() -> None:
+    assert present.outcome_class("success") == "succeeded"
+    assert {present.outcome_class(o) for o in ("prepare_failure", "aborted")} == {"failed"}
