@@ -40,7 +40,7 @@ from bigtent.config import (
 from bigtent.errors import BigtentError, BuildFailed, ConfigError, UsageError
 
 if TYPE_CHECKING:  # the client modules load lazily, inside the commands
-    from bigtent.client.api import Agent, Build, RunnerClient
+    from bigtent.client.api import Agent, Build, RunnerClient, StepAttempt
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +249,14 @@ class _RichBuildObserver:
             self._build = self.progress.add_task(text, total=max(c.total, 1))
         self.progress.update(self._build, description=text, completed=done, total=max(c.total, 1))
 
+    def on_attempt(self, attempt: StepAttempt) -> None:
+        """A failed infrastructure attempt, as the poll that sees it comes in."""
+        from bigtent.client.build import attempt_notice
+
+        notice = attempt_notice(attempt)
+        if notice is not None:
+            self.progress.console.print(notice, markup=False, style="yellow", soft_wrap=True)
+
 
 def _report_failure(build: Build) -> None:
     """Which requested derivations failed, why, and the tail of each failed step's log.
@@ -362,7 +370,7 @@ def build(
             )
         raise
     if as_json:
-        _echo_json(build_report(result.build, result.links))
+        _echo_json(build_report(result.build, result.links, result.attempts))
     elif result.succeeded:
         if result.links:
             for link in result.links:

@@ -111,6 +111,24 @@ class Build(_Model):
     """Only present in ``GET /builds/{id}``."""
 
 
+class StepAttempt(_Model):
+    """One attempt of a step (docs/api.md "Attempts"): which venue ran it, how it ended,
+    why, and when the step will be tried again (``retry_at`` None: the outcome was final)."""
+
+    id: int
+    step_id: Id
+    drv_path: str
+    name: str = ""
+    attempt: int
+    max_attempts: int
+    agent_name: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    outcome: str
+    error: str | None = None
+    retry_at: str | None = None
+
+
 class Step(_Model):
     id: Id
     drv_path: str
@@ -127,6 +145,8 @@ class Step(_Model):
     started_at: str | None = None
     finished_at: str | None = None
     outputs: dict[str, str] = {}
+    attempt_records: list[StepAttempt] = []
+    """Only in ``GET /steps/{id}``: its attempts, oldest first."""
 
 
 class AgentOidc(_Model):
@@ -258,6 +278,10 @@ class _Builders(_Model):
 
 class _Builds(_Model):
     builds: list[Build]
+
+
+class _Attempts(_Model):
+    attempts: list[StepAttempt]
 
 
 class _Steps(_Model):
@@ -506,6 +530,16 @@ class RunnerClient:
     async def fetch_steps(self, build_id: str) -> list[Step]:
         data = await self._json("GET", f"/builds/{build_id}/steps")
         return self._parse(_Steps, data, "step list").steps
+
+    async def fetch_attempts(
+        self, build_id: str, *, after: int = 0, limit: int = 1000
+    ) -> list[StepAttempt]:
+        """The attempts of the build's steps with a record id above ``after``, oldest first,
+        at most ``limit`` (ask again with the last id while answers come full)."""
+        data = await self._json(
+            "GET", f"/builds/{build_id}/attempts", params={"after": after, "limit": limit}
+        )
+        return self._parse(_Attempts, data, "attempt list").attempts
 
     async def fetch_step(self, step_id: str) -> Step:
         return self._parse(Step, await self._json("GET", f"/steps/{step_id}"), "step")

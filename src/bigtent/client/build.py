@@ -14,14 +14,24 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from bigtent.client.api import Build, BuildRoot, RunnerClient, RunnerStatus, StepCounts
-from bigtent.errors import BigtentError, NixError, RunnerUnreachable, UsageError
+from bigtent.client.api import (
+    Build,
+    BuildRoot,
+    RunnerClient,
+    RunnerStatus,
+    StepAttempt,
+    StepCounts,
+)
+from bigtent.errors import BigtentError, NixError, NotFound, RunnerUnreachable, UsageError
 from bigtent.nix import base32
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store import NixStore, PathInfo, RealiseStatus
+from bigtent.protocol import Outcome
+from bigtent.runner.scheduler.leases import Disposition, classify
 from bigtent.states import BuildState
 
 log = logging.getLogger(__name__)
@@ -31,6 +41,10 @@ MISSING_BATCH = 1000
 UPLOAD_CONCURRENCY = 4
 """NAR uploads in flight at once (each still waits for its references)."""
 POLL_INTERVAL_SECS = 0.3
+"""How often ``follow_build`` asks for the build and its new attempts: a failed attempt is
+printed at most this long after the runner recorded it."""
+ATTEMPTS_PAGE = 1000
+"""Attempt records asked for per request (the runner's page size)."""
 UNREACHABLE_GRACE_SECS = 60.0
 """How long the client keeps polling through a runner outage (e.g. a runner restart)."""
 
@@ -224,8 +238,63 @@ def build_succeeded(build: Build) -> bool:
     return build.state is BuildState.SUCCEEDED and not failed_roots(build)
 
 
-def build_report(build: Build, links: Sequence[ResultLink] = ()) -> dict[str, Any]:
-    """The ``--json`` document."""
+def _first_line(text: str | None) -> str:
+    for line in (text or "").splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _seconds_between(start: str | None, end: str | None) -> float | None:
+    if start is None or end is None:
+        return None
+    try:
+        return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+    except ValueError:
+        return None
+
+
+def _duration(secs: float) -> str:
+    secs = max(0.0, secs)
+    if secs < 90:
+        return f"{secs:.0f} s"
+    if secs < 90 * 60:
+        return f"{secs / 60:.0f} min"
+    return f"{secs / 3600:.1f} h"
+
+
+def is_infrastructure_failure(attempt: StepAttempt) -> bool:
+    """Whether the attempt failed for an infrastructure reason (retried up to
+    ``scheduler.max_infra_attempts``), as the runner classifies outcomes."""
+    try:
+        outcome = Outcome(attempt.outcome)
+    except ValueError:
+        return False
+    return classify(outcome).disposition is Disposition.RETRY
+
+
+def attempt_notice(attempt: StepAttempt) -> str | None:
+    """The line ``bigtent build`` prints for an attempt, or None for one not worth a line (a
+    success, a build failure: the build's own report shows those). E.g. ``retrying hello-1.0
+    (attempt 2/5 failed on agent-1: prepare_failure: error: ...; next try in 10 s)``. The
+    wait is measured on the runner's clock (retry time minus finish time)."""
+    if not is_infrastructure_failure(attempt):
+        return None
+    name = attempt.name or attempt.drv_path
+    where = f" on {attempt.agent_name}" if attempt.agent_name else ""
+    reason = ": ".join(x for x in (attempt.outcome, _first_line(attempt.error)) if x)
+    what = f"attempt {attempt.attempt}/{attempt.max_attempts} failed{where}: {reason}"
+    if attempt.retry_at is None:
+        return f"giving up on {name} ({what}; no more tries)"
+    wait = _seconds_between(attempt.finished_at, attempt.retry_at)
+    when = "at once" if wait is None or wait < 0.5 else f"in {_duration(wait)}"
+    return f"retrying {name} ({what}; next try {when})"
+
+
+def build_report(
+    build: Build, links: Sequence[ResultLink] = (), attempts: Sequence[StepAttempt] = ()
+) -> dict[str, Any]:
+    """The ``--json`` document. ``attempts``: the attempt records seen while following."""
     return {
         "build_id": build.id,
         "state": build.state.value,
@@ -239,6 +308,7 @@ def build_report(build: Build, links: Sequence[ResultLink] = ()) -> dict[str, An
         "roots": [root.model_dump(mode="json") for root in build.roots],
         "failed_steps": [step.model_dump(mode="json") for step in build.failed_steps],
         "links": [{"link": link.link, "path": link.path} for link in links],
+        "attempts": [attempt.model_dump(mode="json") for attempt in attempts],
     }
 
 
@@ -254,6 +324,9 @@ class BuildObserver(Protocol):
 
     def on_progress(self, build: Build) -> None: ...
 
+    def on_attempt(self, attempt: StepAttempt) -> None:
+        """A new attempt record of the build (any outcome), as soon as a poll sees it."""
+
 
 class SilentObserver:
     def on_phase(self, message: str) -> None:
@@ -264,6 +337,11 @@ class SilentObserver:
 
     def on_progress(self, build: Build) -> None:
         pass
+
+    def on_attempt(self, attempt: StepAttempt) -> None:
+        notice = attempt_notice(attempt)
+        if notice is not None:
+            log.info("%s", notice)
 
 
 @dataclass(slots=True)
@@ -284,6 +362,8 @@ class BuildOptions:
 class BuildResult:
     build: Build
     links: list[ResultLink] = field(default_factory=list)
+    attempts: list[StepAttempt] = field(default_factory=list)
+    """Every attempt record seen while following the build."""
 
     @property
     def succeeded(self) -> bool:
@@ -324,8 +404,11 @@ async def run_build(
     )
     observer.on_phase(f"build {build.id} queued")
     observer.on_progress(build)
-    build = await follow_build(client, build.id, observer, options.poll_interval_secs)
-    result = BuildResult(build)
+    attempts = AttemptFollower(build.id)
+    build = await follow_build(
+        client, build.id, observer, options.poll_interval_secs, attempts=attempts
+    )
+    result = BuildResult(build, attempts=attempts.seen)
     if result.succeeded and options.download:
         status = await client.fetch_status()
         observer.on_phase("fetching outputs")
@@ -427,18 +510,51 @@ def _next_chunk(chunks: Iterator[bytes]) -> bytes | None:
     return next(chunks, None)
 
 
+@dataclass(slots=True)
+class AttemptFollower:
+    """Follows a build's attempt records, ``after=`` the last id seen, and hands each new one
+    to the observer once (docs/api.md "Attempts")."""
+
+    build_id: str
+    seen: list[StepAttempt] = field(default_factory=list)
+    supported: bool = True
+    """False once the runner answered 404 to the attempts route (an older runner)."""
+
+    async def poll(self, client: RunnerClient, observer: BuildObserver) -> None:
+        while self.supported:
+            after = self.seen[-1].id if self.seen else 0
+            try:
+                page = await client.fetch_attempts(self.build_id, after=after, limit=ATTEMPTS_PAGE)
+            except NotFound:
+                self.supported = False
+                return
+            for attempt in page:
+                if attempt.id > after:
+                    self.seen.append(attempt)
+                    after = attempt.id
+                    observer.on_attempt(attempt)
+            if len(page) < ATTEMPTS_PAGE:
+                return
+
+
 async def follow_build(
     client: RunnerClient,
     build_id: str,
     observer: BuildObserver,
     interval_secs: float = POLL_INTERVAL_SECS,
     unreachable_grace_secs: float = UNREACHABLE_GRACE_SECS,
+    *,
+    attempts: AttemptFollower | None = None,
 ) -> Build:
-    """Poll the build until its state is final, riding out a short runner outage."""
+    """Poll the build, and its new attempts, until its state is final, riding out a short
+    runner outage. The attempts are asked for after the build: the transaction that ends a
+    build also records its last attempt, so the final poll sees every attempt."""
     unreachable_since: float | None = None
+    follower = attempts if attempts is not None else AttemptFollower(build_id)
     while True:
         try:
             build = await client.fetch_build(build_id)
+            await follower.poll(client, observer)
         except RunnerUnreachable:
             now = time.monotonic()
             if unreachable_since is None:

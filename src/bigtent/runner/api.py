@@ -324,6 +324,33 @@ async def get_build_steps(build_id: int, comps: Comps, _: ClientAuth) -> dict[st
     return {"steps": [_step_json(r) for r in rows]}
 
 
+ATTEMPTS_PAGE = 1000
+"""Attempt records per ``GET /builds/{id}/attempts`` answer at most (``after=`` pages on)."""
+STEP_ATTEMPTS_SHOWN = 200
+"""A step's newest attempt records in ``GET /steps/{id}``."""
+
+
+@api.get("/builds/{build_id}/attempts")
+async def get_build_attempts(
+    build_id: int, comps: Comps, _: ClientAuth, after: int = 0, limit: int = ATTEMPTS_PAGE
+) -> dict[str, Any]:
+    """The attempts of the build's steps made since it was created, by record id: a client
+    following the build asks with ``after`` = the last id it saw (docs/api.md)."""
+    _known_id(build_id, "build")
+    async with comps.engine.connect() as conn:
+        build = await queries.fetch_build(conn, build_id)
+        if build is None:
+            raise NotFound(f"no build {build_id}")
+        rows = await queries.fetch_build_attempts(
+            conn,
+            build_id,
+            after=max(0, min(after, _MAX_ID)),
+            since=build.created_at,
+            limit=max(1, min(limit, ATTEMPTS_PAGE)),
+        )
+    return {"attempts": [attempt_json(r) for r in rows]}
+
+
 @api.post("/builds/{build_id}/cancel")
 async def cancel_build(build_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
     await _build_json(comps, build_id)  # 404 for an unknown build
@@ -359,9 +386,10 @@ async def get_step(step_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
     _known_id(step_id, "step")
     async with comps.engine.connect() as conn:
         row = await queries.fetch_step(conn, step_id)
-    if row is None:
-        raise NotFound(f"no step {step_id}")
-    return _step_json(row)
+        if row is None:
+            raise NotFound(f"no step {step_id}")
+        attempts = await queries.fetch_step_attempts(conn, step_id, STEP_ATTEMPTS_SHOWN)
+    return _step_json(row) | {"attempt_records": [attempt_json(r) for r in attempts]}
 
 
 @api.get("/steps/{step_id}/log")
@@ -647,6 +675,24 @@ def _step_json(row: Any) -> dict[str, Any]:
         "started_at": _iso(row.started_at),
         "finished_at": _iso(row.finished_at),
         "outputs": json.loads(row.outputs),
+    }
+
+
+def attempt_json(row: Any) -> dict[str, Any]:
+    """One attempt record (a row of ``queries.fetch_build_attempts``/``fetch_step_attempts``)."""
+    return {
+        "id": row.id,
+        "step_id": row.step_id,
+        "drv_path": row.drv_path,
+        "name": row.name,
+        "attempt": row.attempt,
+        "max_attempts": row.max_attempts,
+        "agent_name": row.agent_name,
+        "started_at": _iso(row.started_at),
+        "finished_at": _iso(row.finished_at),
+        "outcome": row.outcome,
+        "error": row.error,
+        "retry_at": _iso(row.retry_at),
     }
 
 

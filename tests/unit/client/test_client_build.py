@@ -350,6 +350,10 @@ class FakeRunner:
         self.hold: set[str] = set()
         self.expect_in_flight = 2
         self.overlapped = asyncio.Event()
+        self.attempts: list[dict[str, Any]] | None = []
+        """The build's attempt records; None: a runner without the attempts route."""
+        self.attempt_queries: list[tuple[int, int]] = []
+        """(after, limit) of each attempts request."""
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -375,6 +379,13 @@ class FakeRunner:
         if path == "/api/v1/builds":
             self.created.append(json.loads(request.content))
             return httpx.Response(201, json=self.builds[0])
+        if path.startswith("/api/v1/builds/") and path.endswith("/attempts"):
+            if self.attempts is None:
+                return httpx.Response(404, json={"error": f"no route {path}"})
+            after, limit = int(request.url.params["after"]), int(request.url.params["limit"])
+            self.attempt_queries.append((after, limit))
+            page = [a for a in self.attempts if a["id"] > after][:limit]
+            return httpx.Response(200, json={"attempts": page})
         if path.startswith("/api/v1/builds/"):
             b = self.builds.pop(0) if len(self.builds) > 1 else self.builds[0]
             return httpx.Response(200, json=b)
