@@ -256,6 +256,8 @@ def _seconds_between(start: str | None, end: str | None) -> float | None:
 
 def _duration(secs: float) -> str:
     secs = max(0.0, secs)
+    if secs < 10:
+        return f"{secs:.1f} s"
     if secs < 90:
         return f"{secs:.0f} s"
     if secs < 90 * 60:
@@ -287,7 +289,7 @@ def attempt_notice(attempt: StepAttempt) -> str | None:
     if attempt.retry_at is None:
         return f"giving up on {name} ({what}; no more tries)"
     wait = _seconds_between(attempt.finished_at, attempt.retry_at)
-    when = "at once" if wait is None or wait < 0.5 else f"in {_duration(wait)}"
+    when = "at once" if wait is None or wait < 0.05 else f"in {_duration(wait)}"
     return f"retrying {name} ({what}; next try {when})"
 
 

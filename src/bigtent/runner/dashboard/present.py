@@ -179,7 +179,7 @@ def attempt_next(retry_at: float | None, finished_at: float) -> str:
     if retry_at is None:
         return "final"
     wait = retry_at - finished_at
-    return "retried at once" if wait < 0.5 else f"retry after {fmt_duration(wait)}"
+    return "retried at once" if wait < 0.05 else f"retry after {fmt_duration(wait)}"
 
 
 def outcome_class(outcome: str) -> str:

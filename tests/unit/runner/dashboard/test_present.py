@@ -101,7 +101,8 @@ def test_online_by_kind() -> None:
     ("retry_at", "text"),
     [
         (None, "final"),
-        (100.2, "retried at once"),
+        (100.01, "retried at once"),
+        (100.2, "retry after 0.2 s"),
         (110.0, "retry after 10 s"),
         (400, "retry after 5 min 00 s"),
     ],
