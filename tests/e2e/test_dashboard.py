@@ -229,6 +229,13 @@ def test_dashboard_follows_a_dag_build_live(
     expect(failure.locator("pre.tail")).to_contain_text("broken fails on purpose")
     first_row = build_page.locator("#steps tr[data-state]").first
     expect(first_row).to_have_attribute("data-state", "failed")
+    # Every attempt is listed, the failed one with its agent and reason.
+    failed_attempt = build_page.locator('#attempts tr[data-outcome="build_failure"]')
+    expect(failed_attempt).to_contain_text("broken")
+    expect(failed_attempt).to_contain_text(
+        str(_steps_by_name(farm, build_id)["broken"]["agent_name"])
+    )
+    expect(failed_attempt).to_contain_text("final")
     shoot(build_page, "build")
     assert build_proc.popen.wait(60) != 0  # `broken` failed
 
@@ -258,6 +265,9 @@ def test_pages_render_without_javascript(farm_factory: Callable[..., Farm]) -> N
         assert 'data-percent="100"' in build
         for name in steps:
             assert name in build
+        # One attempt per step, each a success on the one agent.
+        attempts = build[build.index('id="attempts"') :]
+        assert attempts.count('data-outcome="success"') == len(steps)
         step = c.get(f"/steps/{top['id']}").text
         assert top["drv_path"] in step
         assert "building node top-0" in step  # the stored log, in the page
