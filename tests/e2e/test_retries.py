@@ -85,6 +85,9 @@ def test_a_broken_agent_store_shows_each_attempt_and_fails_with_the_reason(
     # Then the step's failure with its last reason, and the build's end.
     assert "infrastructure failure after 2 attempts; last: prepare_failure" in text
     assert "requested derivation(s) did not build" in text
+    # The log tail the client printed ends with the last attempt's reason.
+    tail = text[text.index("last lines of its log") :]
+    assert "[bigtent: attempt 2 on a0: prepare_failure: " in tail and BROKEN in tail
 
     # Each line came within one poll of the runner recording its attempt.
     [queued] = [line for _, line in lines if line.startswith("build ") and "queued" in line]

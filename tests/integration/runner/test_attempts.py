@@ -83,6 +83,13 @@ async def test_each_infrastructure_failure_is_recorded_up_to_the_last(farm: Farm
         (3, 3, "agent-m1", retry2, retry2 + 1, "prepare_failure", "error: still no nixbld", None),
     ]
     assert all(r.step_id == sx and r.drv_path == x.drv_path and r.name == "x" for r in rows)
+    # The step's log tells each failed attempt's end, with the first line of its reason.
+    log = farm.sched.logs.read(sx).decode()
+    assert "[bigtent: attempt 1 on agent-m1: prepare_failure: error: no nixbld]\n" in log
+    assert f"[bigtent: attempt 2 on agent-m1: agent_lost: {lost}]\n" in log
+    assert log.endswith(
+        "[bigtent: attempt 3 on agent-m1: prepare_failure: error: still no nixbld]\n"
+    )
     # The step failed with the last reason; the build's attempts are the same rows, by id,
     # paged with ``after``.
     assert await farm.state(x) is StepState.FAILED

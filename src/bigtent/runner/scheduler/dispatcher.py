@@ -1634,6 +1634,11 @@ class Scheduler:
         lease_id = node.lease_id
         attempt = node.attempts + 1
         self._release(node)
+        if policy.disposition is Disposition.RETRY:
+            # The log tells why this attempt ended (the client shows its tail).
+            where = f" on {venue.name}" if venue is not None else ""
+            reason = next((ln for ln in error.splitlines() if ln.strip()), "")
+            self.logs.append(node.id, [f"[bigtent: attempt {attempt}{where}: {outcome}: {reason}]"])
         self.logs.close(node.id)
         self.metrics.step_finished(node, outcome, msg.timings if msg is not None else None)
         values: dict[str, Any] = dict(
