@@ -1094,6 +1094,11 @@ def runner(config_path: Path | None) -> None:
     type=click.Choice(["serve", "realise"]),
     help="serve: long-lived nix-store --serve per slot [default]; realise: one per step.",
 )
+@click.option(
+    "--skip-probe",
+    is_flag=True,
+    help="Do not build the start-up probe before registering (agent.probe = false).",
+)
 @click.option("--ephemeral", is_flag=True, help="One session only (DESIGN §4).")
 @click.option(
     "--untrusted", is_flag=True, help="An untrusted venue: take only untrusted builds' steps."
@@ -1133,6 +1138,7 @@ def agent(
     client_cert: Path | None,
     client_key: Path | None,
     executor: str | None,
+    skip_probe: bool,
     ephemeral: bool,
     untrusted: bool,
     max_builds: int | None,
@@ -1168,6 +1174,8 @@ def agent(
         audience=audience,
         launch_id=launch_id,
     )
+    if skip_probe:
+        overrides.setdefault("agent", {})["probe"] = False
     cfg = load_agent_config(config_path, **overrides)
     from bigtent.agent.credentials import load_credentials
     from bigtent.agent.session import run_agent

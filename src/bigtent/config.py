@@ -605,6 +605,9 @@ class AgentSection(_Section):
     untrusted: bool = False
     """Register as an untrusted venue: take only steps of untrusted builds (e.g. a machine
     that runs pull-request code), substituting from the untrusted cache too."""
+    probe: bool = True
+    """Build a tiny probe derivation at start, before registering, and exit 6 with Nix's
+    error and a hint when it fails (``--skip-probe`` sets false)."""
     executor: Literal["serve", "realise"] = "serve"
     """How a step is built: ``serve`` (default) drives long-lived ``nix-store --serve --write``
     processes, one pair per slot; ``realise`` runs one ``nix-store --realise`` per step (for a
