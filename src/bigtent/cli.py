@@ -419,6 +419,7 @@ _AGENT_COLUMNS = (
     "trust",
     "auth",
     "connected",
+    "health",
     "last seen",
     "jobs",
     "backoff",
@@ -443,6 +444,17 @@ def _agent_trust(a: Agent) -> str:
     return trust
 
 
+def _agent_health(a: Agent) -> str:
+    """``ok``, or ``unhealthy: <first line of its last error>``."""
+    if not a.unhealthy:
+        return "ok"
+    first = (a.last_error or "").strip().splitlines()
+    return "unhealthy: " + (first[0][:_HEALTH_ERROR_CHARS] if first else "no error text")
+
+
+_HEALTH_ERROR_CHARS = 80
+
+
 def _agent_row(a: Agent) -> list[str]:
     features = [*a.supported_features, *(f"{f}!" for f in a.mandatory_features)]
     connected = "yes" if a.connected else "no"
@@ -457,6 +469,7 @@ def _agent_row(a: Agent) -> list[str]:
         _agent_trust(a),
         _agent_auth(a),
         connected,
+        _agent_health(a),
         a.last_seen or "-",
         f"{a.running}/{a.max_jobs}",
         backoff,

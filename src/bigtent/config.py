@@ -350,6 +350,9 @@ class SchedulerSection(_Section):
     retry_max_secs: float = Field(default=300.0, ge=0)
     agent_backoff_base_secs: float = Field(default=5.0, ge=0)
     agent_backoff_max_secs: float = Field(default=600.0, ge=0)
+    unhealthy_after_failures: int = Field(default=3, ge=0)
+    """A venue with this many consecutive infrastructure failures is unhealthy: no work
+    during its backoff, then one step at a time until one succeeds (0: never)."""
     refuse_cooldown_secs: float = Field(default=2.0, ge=0)
     step_timeout_secs: float = Field(default=10 * 3600.0, gt=0)
     max_silent_secs: float = Field(default=3600.0, gt=0)
