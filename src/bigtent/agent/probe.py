@@ -138,41 +138,69 @@ def _nix_error_text(exc: NixError) -> str:
     return last_error_line(exc.stderr) or str(exc)
 
 
-async def run_probe(store: NixStore, *, nonce: str | None = None) -> float:
+PROBE_ATTEMPTS = 2
+"""A failure no hint explains (``may_retry``) is tried once more with a new nonce."""
+
+
+def may_retry(error: str) -> bool:
+    """Whether a probe failure may be passing (pure): one that no known cause explains, e.g.
+    a builder killed from outside, is tried again; a missing build users group, a sandbox that
+    cannot be set up, a store that cannot be written, a missing Nix are not."""
+    return probe_cause(error) is ProbeCause.OTHER
+
+
+async def run_probe(
+    store: NixStore, *, nonce: str | None = None, attempts: int = PROBE_ATTEMPTS
+) -> float:
     """Build the probe in ``store``; return how long it took (seconds), raise
     ``AgentCannotBuild`` when it fails. The probe's paths are deleted either way (failures
     to delete are ignored)."""
-    nonce = nonce or secrets.token_hex(8)
     started = time.monotonic()
+    for attempt in range(1, attempts + 1):
+        error, timed_out = await _probe_once(store, nonce or secrets.token_hex(8))
+        if error is None:
+            secs = time.monotonic() - started
+            log.info("start-up probe: built %s in %.2f s", PROBE_NAME, secs)
+            return secs
+        if attempt == attempts or timed_out or not may_retry(error):
+            raise probe_failure(error)
+        log.warning("start-up probe failed (%s); trying once more", error)
+        nonce = None
+    raise AssertionError("unreachable: attempts < 1")
+
+
+async def _probe_once(store: NixStore, nonce: str) -> tuple[str | None, bool]:
+    """One probe build: (None, False) when it built, else (Nix's error, whether it timed
+    out)."""
     made: list[str] = []
     try:
         try:
             drvs = await store.instantiate(None, expr=probe_expression(nonce))
         except NixError as exc:
-            raise probe_failure(_nix_error_text(exc)) from exc
+            return _nix_error_text(exc), False
         made += drvs
         try:
             result = await store.realise(drvs, timeout_secs=PROBE_TIMEOUT_SECS)
         except NixError as exc:
-            raise probe_failure(_nix_error_text(exc)) from exc
+            return _nix_error_text(exc), False
         made[:0] = result.output_paths
+        if result.status is RealiseStatus.TIMED_OUT:
+            limit = f"{PROBE_TIMEOUT_SECS:.0f} s"
+            return f"the probe did not build within {limit}: {result.error}", True
         if result.status is not RealiseStatus.SUCCESS:
-            error = result.error
-            if result.status is RealiseStatus.TIMED_OUT:
-                error = f"the probe did not build within {PROBE_TIMEOUT_SECS:.0f} s {error}"
-            raise probe_failure(error)
+            return result.error, False
+        return None, False
     finally:
         with contextlib.suppress(NixError):
             await store.delete(made)
-    secs = time.monotonic() - started
-    log.info("start-up probe: built %s in %.2f s", PROBE_NAME, secs)
-    return secs
 
 
 __all__ = [
     "HINTS",
+    "PROBE_ATTEMPTS",
     "PROBE_NAME",
     "ProbeCause",
+    "may_retry",
     "probe_cause",
     "probe_expression",
     "probe_failure",
