@@ -427,6 +427,7 @@ _AGENT_COLUMNS = (
     "trust",
     "auth",
     "connected",
+    "health",
     "last seen",
     "jobs",
     "backoff",
@@ -451,6 +452,17 @@ def _agent_trust(a: Agent) -> str:
     return trust
 
 
+def _agent_health(a: Agent) -> str:
+    """``ok``, or ``unhealthy: <first line of its last error>``."""
+    if not a.unhealthy:
+        return "ok"
+    first = (a.last_error or "").strip().splitlines()
+    return "unhealthy: " + (first[0][:_HEALTH_ERROR_CHARS] if first else "no error text")
+
+
+_HEALTH_ERROR_CHARS = 80
+
+
 def _agent_row(a: Agent) -> list[str]:
     features = [*a.supported_features, *(f"{f}!" for f in a.mandatory_features)]
     connected = "yes" if a.connected else "no"
@@ -465,6 +477,7 @@ def _agent_row(a: Agent) -> list[str]:
         _agent_trust(a),
         _agent_auth(a),
         connected,
+        _agent_health(a),
         a.last_seen or "-",
         f"{a.running}/{a.max_jobs}",
         backoff,
@@ -1102,6 +1115,11 @@ def runner(config_path: Path | None) -> None:
     type=click.Choice(["serve", "realise"]),
     help="serve: long-lived nix-store --serve per slot [default]; realise: one per step.",
 )
+@click.option(
+    "--skip-probe",
+    is_flag=True,
+    help="Do not build the start-up probe before registering (agent.probe = false).",
+)
 @click.option("--ephemeral", is_flag=True, help="One session only (DESIGN §4).")
 @click.option(
     "--untrusted", is_flag=True, help="An untrusted venue: take only untrusted builds' steps."
@@ -1141,6 +1159,7 @@ def agent(
     client_cert: Path | None,
     client_key: Path | None,
     executor: str | None,
+    skip_probe: bool,
     ephemeral: bool,
     untrusted: bool,
     max_builds: int | None,
@@ -1176,6 +1195,8 @@ def agent(
         audience=audience,
         launch_id=launch_id,
     )
+    if skip_probe:
+        overrides.setdefault("agent", {})["probe"] = False
     cfg = load_agent_config(config_path, **overrides)
     from bigtent.agent.credentials import load_credentials
     from bigtent.agent.session import run_agent

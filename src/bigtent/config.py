@@ -350,6 +350,9 @@ class SchedulerSection(_Section):
     retry_max_secs: float = Field(default=300.0, ge=0)
     agent_backoff_base_secs: float = Field(default=5.0, ge=0)
     agent_backoff_max_secs: float = Field(default=600.0, ge=0)
+    unhealthy_after_failures: int = Field(default=3, ge=0)
+    """A venue with this many consecutive infrastructure failures is unhealthy: no work
+    during its backoff, then one step at a time until one succeeds (0: never)."""
     refuse_cooldown_secs: float = Field(default=2.0, ge=0)
     step_timeout_secs: float = Field(default=10 * 3600.0, gt=0)
     max_silent_secs: float = Field(default=3600.0, gt=0)
@@ -605,6 +608,9 @@ class AgentSection(_Section):
     untrusted: bool = False
     """Register as an untrusted venue: take only steps of untrusted builds (e.g. a machine
     that runs pull-request code), substituting from the untrusted cache too."""
+    probe: bool = True
+    """Build a tiny probe derivation at start, before registering, and exit 6 with Nix's
+    error and a hint when it fails (``--skip-probe`` sets false)."""
     executor: Literal["serve", "realise"] = "serve"
     """How a step is built: ``serve`` (default) drives long-lived ``nix-store --serve --write``
     processes, one pair per slot; ``realise`` runs one ``nix-store --realise`` per step (for a

@@ -137,6 +137,14 @@ class NixError(BigtentError):
         self.stderr = stderr
 
 
+class AgentCannotBuild(BigtentError):
+    """An agent's start-up probe failed: its store cannot build with its settings. The
+    message holds Nix's error and a hint (``agent/probe.py``)."""
+
+    exit_code = 6
+    http_status = 500
+
+
 class StorageUnavailable(BigtentError):
     """The NAR storage (the S3 bucket) could not be reached or answered an error."""
 

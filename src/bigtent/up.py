@@ -18,14 +18,20 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from bigtent.client.api import RunnerClient
 from bigtent.config import Role
-from bigtent.errors import AuthError, BigtentError, ConfigError, RunnerUnreachable
+from bigtent.errors import (
+    AgentCannotBuild,
+    AuthError,
+    BigtentError,
+    ConfigError,
+    RunnerUnreachable,
+)
 from bigtent.nix.keys import generate_key, load_secret_key
 from bigtent.runner.auth.tokens import generate_token
 from bigtent.runner.db.migrate import migrate_database
@@ -43,6 +49,8 @@ RESTART_MAX_SECS = 30.0
 STABLE_RUN_SECS = 60.0
 """An agent that ran this long before exiting restarts without accumulated backoff."""
 LOG_TAIL_LINES = 20
+AGENTS_READY_TIMEOUT_SECS = 120.0
+"""How long the agents may take to pass their start-up probe and register."""
 
 HOST_TOOL_PATHS: tuple[tuple[str, str], ...] = (
     ("/bin", "/usr/bin"),
@@ -231,6 +239,21 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 
 
+def agent_error(log_text: str, lines: int = LOG_TAIL_LINES) -> str:
+    """What an agent that exited said last: from its last ``Error:`` line on (the CLI prints
+    the start-up probe's error and hint that way), else the tail of its log (pure)."""
+    all_lines = log_text.rstrip("\n").splitlines()
+    for i in range(len(all_lines) - 1, -1, -1):
+        if all_lines[i].startswith("Error: "):
+            return "\n".join(all_lines[i:][:lines])
+    return "\n".join(all_lines[-lines:])
+
+
+def pending_agents(expected: Sequence[str], connected: Collection[str]) -> list[str]:
+    """The expected agent names not yet connected, in order (pure)."""
+    return [name for name in expected if name not in connected]
+
+
 # ---- state preparation ------------------------------------------------------------------------
 
 
@@ -302,6 +325,8 @@ class _Child:
     argv: list[str]
     log_path: Path
     env: dict[str, str]
+    agent_name: str = ""
+    """The name an agent child registers with (``local-N``); "" for the runner."""
     proc: asyncio.subprocess.Process | None = None
     waiter: asyncio.Task[int] | None = None
     started_mono: float = 0.0
@@ -416,6 +441,64 @@ async def _wait_ready(runner: _Child, url: str, token: str) -> None:
             await asyncio.sleep(READY_POLL_SECS)
 
 
+def _agent_exited(child: _Child) -> BigtentError:
+    code = child.proc.returncode if child.proc else None
+    try:
+        text = child.log_path.read_text(errors="replace")
+    except OSError:
+        text = ""
+    # Only this start's lines: the log is appended to across starts.
+    text = text.rsplit(f"--- bigtent up: starting {child.name} at ", 1)[-1]
+    text = text.split("\n", 1)[1] if "\n" in text else ""
+    return BigtentError(
+        f"{child.name} exited (status {code}) before registering; stopping. "
+        f"It said (log: {child.log_path}):\n{agent_error(text)}"
+    )
+
+
+async def _wait_agents(agents: Sequence[_Child], url: str, token: str) -> None:
+    """Until every agent has registered (its start-up probe passed); raise when one exits
+    first or they take longer than ``AGENTS_READY_TIMEOUT_SECS``."""
+    names = [c.agent_name for c in agents]
+    deadline = time.monotonic() + AGENTS_READY_TIMEOUT_SECS
+    async with RunnerClient(url, token=token, timeout_secs=2.0) as client:
+        while True:
+            for child in agents:
+                if not child.running:
+                    raise _agent_exited(child)
+            try:
+                connected = {a.name for a in await client.fetch_agents() if a.connected}
+            except RunnerUnreachable:
+                connected = set()
+            pending = pending_agents(names, connected)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise BigtentError(
+                    f"agent(s) {', '.join(pending)} did not register within "
+                    f"{AGENTS_READY_TIMEOUT_SECS:.0f}s; see their logs in "
+                    f"{agents[0].log_path.parent}/"
+                )
+            await asyncio.sleep(READY_POLL_SECS)
+
+
+async def _until_stopped(op: asyncio.Task[None], stop: asyncio.Event) -> bool:
+    """Wait for ``op`` or ``stop``; True when stopped first (``op`` is cancelled)."""
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({op, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not op.done():
+            op.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await op
+    if stop.is_set():
+        return True
+    op.result()
+    return False
+
+
 @contextlib.contextmanager
 def _state_lock(layout: Layout) -> Iterator[None]:
     """One ``bigtent up`` per state dir at a time."""
@@ -463,28 +546,28 @@ async def run_up(settings: UpSettings, say: Say) -> int:
                 [sys.executable, "-m", "bigtent", "agent", "--config", str(layout.agent_config(i))],
                 layout.agent_log(i),
                 _child_env(layout.agent_dir(i) / "xdg-cache"),
+                agent_name=f"local-{i}",
             )
             for i in range(1, settings.agents + 1)
         ]
+        client_token = state.tokens[Role.CLIENT]
         try:
             await runner.start()
             say(f"starting runner at {settings.runner_url} (log: {layout.runner_log})")
-            ready = asyncio.create_task(
-                _wait_ready(runner, settings.runner_url, state.tokens[Role.CLIENT])
-            )
-            stopped = asyncio.create_task(stop.wait())
-            try:
-                await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stopped.cancel()
-                if not ready.done():
-                    ready.cancel()
-            if stop.is_set():
+            ready = asyncio.create_task(_wait_ready(runner, settings.runner_url, client_token))
+            if await _until_stopped(ready, stop):
                 say("stopping")
                 return 0
-            ready.result()
             for agent in agents:
                 await agent.start()
+            if agents:
+                say(f"starting {len(agents)} agent(s): each proves it can build, then registers")
+            registered = asyncio.create_task(
+                _wait_agents(agents, settings.runner_url, client_token)
+            )
+            if await _until_stopped(registered, stop):
+                say("stopping")
+                return 0
             env = render_env(
                 settings.runner_url,
                 state.tokens[Role.CLIENT],
@@ -545,9 +628,12 @@ async def _supervise(runner: _Child, agents: list[_Child], stop: asyncio.Event, 
                 child.failures = 1 if ran >= STABLE_RUN_SECS else child.failures + 1
                 delay = restart_delay_secs(child.failures)
                 child.restart_at_mono = time.monotonic() + delay
+                said = ""
+                if code == AgentCannotBuild.exit_code:
+                    said = f"; it cannot build:\n{agent_error(log_tail(child.log_path))}"
                 say(
                     f"{child.name} exited unexpectedly (status {code}); restarting in "
-                    f"{delay:.0f}s (log: {child.log_path})"
+                    f"{delay:.0f}s (log: {child.log_path}){said}"
                 )
             now = time.monotonic()
             for child in agents:

@@ -236,10 +236,12 @@ sha256 = "{token_digest(self.admin_token)}"
         runner_url: str | None = None,
         token: str | None = None,
         sandbox_paths: Sequence[str] = (),
+        agent_extra: str = "",
     ) -> Proc:
         """Start agent ``name``; ``runner_url`` dials the runner another way (e.g. a proxy);
         ``token`` is another credential (e.g. a CI job's OIDC ID token); ``sandbox_paths`` are
-        mapped into the build sandbox besides the host tools."""
+        mapped into the build sandbox besides the host tools; ``agent_extra`` are more
+        ``[agent]`` keys (TOML lines)."""
         work = self.root / "agents" / name
         work.mkdir(parents=True, exist_ok=True)
         cfg = work / "agent.toml"
@@ -255,6 +257,7 @@ store = "local?root={work / "root"}"
 work_dir = "{work}"
 sandbox_paths = {_toml_list([*HOST_TOOLS, *sandbox_paths])}
 {f'ca_file = "{self.tls.ca_file}"' if self.tls else ""}
+{agent_extra}
 """
         )
         env = self.env(**({"BIGTENT_AGENT_TOKEN": token} if token is not None else {}))

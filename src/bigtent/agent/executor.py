@@ -181,6 +181,19 @@ def nix_options(section: AgentSection, cache: CacheSettings) -> dict[str, str]:
     return options
 
 
+def step_store(
+    section: AgentSection, cache: CacheSettings, cache_dir: str, *, bin_dir: str = ""
+) -> NixStore:
+    """The store a step (or the start-up probe) builds in: the agent's store URI, its
+    ``nix_options`` and ``XDG_CACHE_HOME`` = ``WORK/xdg-cache/<cache_dir>``."""
+    return NixStore(
+        store=section.store,
+        options=nix_options(section, cache),
+        env={"XDG_CACHE_HOME": str(section.work_dir / XDG_CACHE_DIR / cache_dir)},
+        bin_dir=bin_dir,
+    )
+
+
 def outcome_of(status: RealiseStatus) -> Outcome:
     """Classify a realise: Nix exiting 1 (inputs not substitutable, store trouble) is a
     ``prepare_failure`` (infrastructure, retried elsewhere); the rest map one to one."""
@@ -420,12 +433,7 @@ class Executor:
         Each concurrent step gets its own ``XDG_CACHE_HOME`` (one per slot, reused): Nix 2.8
         processes sharing one ``binary-cache-v6.sqlite`` race on it ("constraint failed").
         """
-        return NixStore(
-            store=self._section.store,
-            options=nix_options(self._section, cache),
-            env={"XDG_CACHE_HOME": str(self._section.work_dir / XDG_CACHE_DIR / f"slot-{slot}")},
-            bin_dir=self._nix_bin_dir,
-        )
+        return step_store(self._section, cache, f"slot-{slot}", bin_dir=self._nix_bin_dir)
 
     def _take_slot(self) -> int:
         slot = next(i for i in range(len(self._busy_slots) + 1) if i not in self._busy_slots)

@@ -39,10 +39,18 @@ from bigtent import __version__
 from bigtent.agent import limits as lim
 from bigtent.agent.backlog import LogBacklog
 from bigtent.agent.credentials import CredentialSource, as_credential_source
-from bigtent.agent.executor import LOG_BATCH_CHARS, LOG_BATCH_LINES, CacheSettings, Executor
+from bigtent.agent.executor import (
+    LOG_BATCH_CHARS,
+    LOG_BATCH_LINES,
+    CacheSettings,
+    Executor,
+    step_store,
+)
 from bigtent.agent.identity import AgentIdentity, ephemeral_identity, persistent_identity
+from bigtent.agent.probe import run_probe
 from bigtent.config import AgentConfig, AgentSection
 from bigtent.errors import (
+    AgentCannotBuild,
     AuthError,
     BigtentError,
     ConfigError,
@@ -85,6 +93,10 @@ EXIT_RUNNER_UNREACHABLE = RunnerUnreachable.exit_code
 """Ephemeral agents: the runner could not be reached, or the session dropped (4)."""
 EXIT_PROTOCOL_ERROR = ProtocolError.exit_code
 """Ephemeral agents: the runner refused the registration or broke the protocol (1)."""
+EXIT_CANNOT_BUILD = AgentCannotBuild.exit_code
+"""The start-up probe failed (raised as ``AgentCannotBuild``; the CLI exits with it: 6)."""
+PROBE_CACHE_DIR = "probe"
+"""``WORK/xdg-cache/probe``: the start-up probe's ``XDG_CACHE_HOME``."""
 BACKOFF_START_SECS = 0.5
 BACKOFF_CAP_SECS = 30.0
 CONNECT_TIMEOUT_SECS = 10.0
@@ -899,6 +911,11 @@ async def run_agent(
     section = cfg.agent
     limits = None if section.ephemeral is None else lim.Limits.from_section(section.ephemeral)
     ssl_context = ssl_context_for(section)
+    if section.probe:
+        # Before registering: an agent that cannot build never takes work (AgentCannotBuild).
+        await run_probe(step_store(section, CacheSettings("", ""), PROBE_CACHE_DIR))
+    else:
+        log.warning("start-up probe skipped (agent.probe = false)")
     if identity is None:
         store = NixStore(store=section.store)
         if limits is not None:
@@ -939,6 +956,7 @@ async def run_agent(
 
 __all__ = [
     "EXIT_AUTH_REFUSED",
+    "EXIT_CANNOT_BUILD",
     "EXIT_OK",
     "EXIT_PROTOCOL_ERROR",
     "EXIT_RUNNER_UNREACHABLE",

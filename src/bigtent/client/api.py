@@ -188,6 +188,11 @@ class Agent(_Model):
     consecutive_failures: int = 0
     backoff_until: str | None = None
     """Set while the agent gets no work after consecutive infrastructure failures."""
+    unhealthy: bool = False
+    """``scheduler.unhealthy_after_failures`` consecutive infrastructure failures: one step at a
+    time after its backoff until one succeeds (docs/agents.md)."""
+    last_error: str | None = None
+    """The last infrastructure failure of its current run of failures."""
 
 
 class Builder(_Model):

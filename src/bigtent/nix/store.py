@@ -134,7 +134,7 @@ class NixStore:
             text = err.decode(errors="replace")
             raise NixError(
                 f"{tool} {' '.join(args[:2])} failed (exit {proc.returncode}): "
-                f"{_last_error_line(text)}",
+                f"{last_error_line(text)}",
                 argv=argv,
                 status=proc.returncode,
                 stderr=text,
@@ -244,6 +244,11 @@ class NixStore:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+    async def delete(self, paths: Sequence[str]) -> None:
+        """``nix-store --delete PATHS``: remove paths nothing refers to (raises NixError)."""
+        if paths:
+            await self.run("nix-store", ["--delete", *paths])
 
     def real_path(self, store_path: str) -> Path:
         """Where a store path lives on this filesystem (``local?root=DIR`` prefixes DIR)."""
@@ -378,7 +383,7 @@ class NixStore:
             status=status,
             exit_code=code,
             output_paths=[p for p in out.decode().split() if p.startswith("/")],
-            error="" if status is RealiseStatus.SUCCESS else _last_error_line(text),
+            error="" if status is RealiseStatus.SUCCESS else last_error_line(text),
             log_bytes=log_bytes,
         )
 
@@ -401,7 +406,8 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _last_error_line(stderr: str) -> str:
+def last_error_line(stderr: str) -> str:
+    """The last ``error:`` line of Nix's stderr (else its last line): what went wrong."""
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     for line in reversed(lines):
         if line.startswith("error:"):

@@ -45,6 +45,7 @@ from bigtent.runner.metrics import Metrics
 from bigtent.runner.presigned import record_json
 from bigtent.runner.s3 import S3Storage, s3_nar_response
 from bigtent.runner.scheduler.dispatcher import AGENT
+from bigtent.runner.scheduler.health import is_unhealthy, shown_error
 from bigtent.runner.sessions import bearer_token, looks_like_jwt
 from bigtent.runner.trust import build_is_trusted
 from bigtent.states import StepState
@@ -424,6 +425,7 @@ async def list_agents(comps: Comps, _: ClientAuth) -> dict[str, Any]:
         # A connected agent's backoff is the scheduler's; a gone one's is its row's, which
         # it gets back when it reconnects.
         backoff = venue.backoff_until if venue else (r.backoff_until or 0.0)
+        failures = venue.consecutive_failures if venue else int(r.consecutive_failures)
         out.append(
             {
                 "machine_id": r.machine_id,
@@ -454,10 +456,14 @@ async def list_agents(comps: Comps, _: ClientAuth) -> dict[str, Any]:
                 "steps_succeeded": r.steps_succeeded,
                 "steps_failed": r.steps_failed,
                 "infra_failures": r.infra_failures,
-                "consecutive_failures": venue.consecutive_failures
-                if venue
-                else r.consecutive_failures,
+                "consecutive_failures": failures,
                 "backoff_until": _iso(backoff) if backoff > now else None,
+                "unhealthy": is_unhealthy(
+                    failures, comps.config.scheduler.unhealthy_after_failures
+                ),
+                "last_error": shown_error(
+                    venue.last_error if venue else r.health_last_error, failures
+                ),
             }
         )
     return {"agents": out}

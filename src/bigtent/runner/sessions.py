@@ -510,6 +510,7 @@ def restore_backoff(venue: Venue, row: Any) -> None:
     reconnecting."""
     venue.consecutive_failures = int(row.consecutive_failures)
     venue.backoff_until = float(row.backoff_until or 0.0)
+    venue.last_error = row.health_last_error or ""
 
 
 _IDENTITY_COLUMNS = (

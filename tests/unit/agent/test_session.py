@@ -769,7 +769,7 @@ IDENTITY = AgentIdentity(MachineId("m-9"), "agent-9", "host-9", ("x86_64-linux",
 
 async def test_run_agent_auth_refusal_returns_3(tmp_path: Path) -> None:
     async with FakeRunner(status=401) as runner:
-        cfg = AgentConfig(agent=AgentSection(runner_url=runner.url, work_dir=tmp_path))
+        cfg = AgentConfig(agent=AgentSection(runner_url=runner.url, work_dir=tmp_path, probe=False))
         code = await asyncio.wait_for(
             run_agent(cfg, "bad", identity=IDENTITY, install_signal_handlers=False), WAIT
         )
@@ -779,7 +779,7 @@ async def test_run_agent_auth_refusal_returns_3(tmp_path: Path) -> None:
 
 async def test_run_agent_without_token_drains_to_0(tmp_path: Path) -> None:
     async with FakeRunner() as runner:
-        cfg = AgentConfig(agent=AgentSection(runner_url=runner.url, work_dir=tmp_path))
+        cfg = AgentConfig(agent=AgentSection(runner_url=runner.url, work_dir=tmp_path, probe=False))
         task = asyncio.create_task(
             run_agent(cfg, None, identity=IDENTITY, install_signal_handlers=False)
         )

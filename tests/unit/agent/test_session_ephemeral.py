@@ -340,6 +340,7 @@ async def test_run_agent_ephemeral_identity_is_fresh_and_not_on_disk(tmp_path: P
                 agent=AgentSection(
                     runner_url=runner.url,
                     work_dir=tmp_path,
+                    probe=False,
                     name="gha",
                     systems=["x86_64-linux"],
                     ephemeral=EphemeralSection(max_builds=1),

@@ -16,6 +16,7 @@ from bigtent.runner.components import Components
 from bigtent.runner.dashboard import present
 from bigtent.runner.db import queries
 from bigtent.runner.scheduler.dispatcher import AGENT
+from bigtent.runner.scheduler.health import is_unhealthy, shown_error
 from bigtent.states import StepState
 
 RECENT_BUILDS = 25
@@ -386,6 +387,9 @@ class AgentRow:
     infra_failures: int
     trusted: bool = True
     """A trusted venue (trusted builds' steps) or an untrusted one (docs/security.md)."""
+    unhealthy: bool = False
+    """Too many consecutive infrastructure failures (docs/agents.md, unhealthy agents)."""
+    last_error: str | None = None
 
 
 LAUNCHES_SHOWN = 50
@@ -421,6 +425,7 @@ async def load_agents(comps: Components) -> AgentsPage:
         session = comps.sessions.live.get(r.machine_id)
         beat = session.last_heartbeat if session is not None and venue is not None else None
         backoff = venue.backoff_until if venue else (r.backoff_until or 0.0)
+        failures = venue.consecutive_failures if venue else int(r.consecutive_failures)
         memory = None
         if beat is not None and beat.memory_used_bytes is not None and beat.memory_total_bytes:
             memory = (
@@ -457,13 +462,15 @@ async def load_agents(comps: Components) -> AgentsPage:
                 load=beat.load if beat is not None else None,
                 memory=memory,
                 backoff_until=backoff if backoff > now else None,
-                consecutive_failures=(
-                    venue.consecutive_failures if venue else int(r.consecutive_failures)
-                ),
+                consecutive_failures=failures,
                 succeeded=int(r.steps_succeeded),
                 failed=int(r.steps_failed),
                 infra_failures=int(r.infra_failures),
                 trusted=bool(r.trusted),
+                unhealthy=is_unhealthy(failures, comps.config.scheduler.unhealthy_after_failures),
+                last_error=shown_error(
+                    venue.last_error if venue else r.health_last_error, failures
+                ),
             )
         )
     out.sort(key=lambda a: (not a.connected, a.name))

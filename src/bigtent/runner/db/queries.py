@@ -723,8 +723,10 @@ async def record_agent_attempt(
     infra: int = 0,
     consecutive_failures: int,
     backoff_until: float | None,
+    last_error: str | None = None,
 ) -> None:
-    """Count one finished attempt on an agent and store its backoff (no row: nothing)."""
+    """Count one finished attempt on an agent and store its backoff and last infrastructure
+    error (no row: nothing)."""
     await conn.execute(
         update(agents)
         .where(agents.c.machine_id == machine_id)
@@ -734,6 +736,7 @@ async def record_agent_attempt(
             infra_failures=agents.c.infra_failures + infra,
             consecutive_failures=consecutive_failures,
             backoff_until=backoff_until,
+            health_last_error=last_error,
         )
     )
 

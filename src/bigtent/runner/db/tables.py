@@ -208,6 +208,9 @@ agents = Table(
     # Whether the agent is a trusted venue (migration 0006): untrusted ones take only steps of
     # untrusted builds.
     Column("trusted", Boolean, nullable=False, default=True, server_default=true()),
+    # The last infrastructure failure's error (migration 0009): shown while the agent's
+    # consecutive_failures run lasts, e.g. when it is unhealthy.
+    Column("health_last_error", Text),
 )
 
 tokens = Table(

@@ -31,7 +31,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -46,6 +46,7 @@ from bigtent.runner.db import queries
 from bigtent.runner.db.notify import Change, ChangeFeed, LocalFeed, is_conflict, take_pending
 from bigtent.runner.logs import LogStore
 from bigtent.runner.metrics import Metrics
+from bigtent.runner.scheduler.health import allowed_jobs, became_unhealthy
 from bigtent.runner.scheduler.leases import (
     Disposition,
     attempt_retry_at,
@@ -85,6 +86,8 @@ _RACE_ATTEMPTS = 5
 """How often a new build is tried when other runners keep changing the rows it needs."""
 _CLAIM_ROUNDS = 4
 """Dispatch rounds per pass when another runner keeps claiming the chosen steps first."""
+MAX_LAST_ERROR_CHARS = 2000
+"""A venue's last infrastructure error is kept (and stored) up to this long."""
 DISPATCH_CHUNK = 256
 """Decisions leased, written and sent together (one transaction per chunk)."""
 ADMIT_CHUNK_FIRST = 500
@@ -134,6 +137,8 @@ class Venue:
     cooldown_until: float = 0.0
     backoff_until: float = 0.0
     consecutive_failures: int = 0
+    last_error: str = ""
+    """The last infrastructure failure's error (``health.shown_error`` shows it)."""
     draining: bool = False
     kind: str = AGENT
     """``AGENT`` or ``SSH``: agents are served first (DESIGN §1 venues)."""
@@ -1457,10 +1462,16 @@ class Scheduler:
             if not any(self._kind_fits(kind, members, req) for req in wanted):
                 continue
             for machine_id, venue in list(members.items()):
+                # An unhealthy venue runs one step at a time (half-open, ``health``).
+                jobs = allowed_jobs(
+                    venue.max_jobs,
+                    venue.consecutive_failures,
+                    self.config.unhealthy_after_failures,
+                )
                 if (
                     self.venues.get(machine_id) is not venue
                     or venue.draining
-                    or len(venue.running) >= venue.max_jobs
+                    or len(venue.running) >= jobs
                 ):
                     del members[machine_id]  # back when a slot is released or it attaches
                     continue
@@ -1468,7 +1479,10 @@ class Scheduler:
                 if until > now:
                     cooling = until if cooling is None else min(cooling, until)
                     continue
-                (ssh if venue.kind == SSH else agents).append(venue.view())
+                view = venue.view()
+                if jobs != view.max_jobs:
+                    view = replace(view, max_jobs=jobs)
+                (ssh if venue.kind == SSH else agents).append(view)
         self._cooling_until = cooling
         return agents, ssh
 
@@ -1477,6 +1491,19 @@ class Scheduler:
         if fits is None:
             fits = self._fits[(kind, req)] = can_run(next(iter(members.values())).view(), req)
         return fits
+
+    def _note_infra_failure(self, venue: Venue, error: str) -> None:
+        """Keep the venue's last infrastructure error; say when it just became unhealthy
+        (``health``: one step at a time after its backoff until one succeeds)."""
+        venue.last_error = error[:MAX_LAST_ERROR_CHARS]
+        if became_unhealthy(venue.consecutive_failures, self.config.unhealthy_after_failures):
+            log.warning(
+                "%s is unhealthy after %d consecutive infrastructure failures (last: %s); "
+                "it gets one step at a time after its backoff until one succeeds",
+                venue.name,
+                venue.consecutive_failures,
+                error.splitlines()[0] if error else "no error text",
+            )
 
     def _cooled(self, venue: Venue) -> None:
         """The venue's cooldown or backoff was set: the loop wakes when it ends."""
@@ -1663,6 +1690,7 @@ class Scheduler:
                     self.config.agent_backoff_max_secs,
                 )
                 self._cooled(venue)
+                self._note_infra_failure(venue, error)
                 log.warning(
                     "%s: %s on step %d; backing off until %.0f",
                     venue.name,
@@ -1692,6 +1720,7 @@ class Scheduler:
                     infra=int(policy.counts_against_venue),
                     consecutive_failures=venue.consecutive_failures,
                     backoff_until=venue.backoff_until or None,
+                    last_error=venue.last_error or None,
                 )
             match policy.disposition:
                 case Disposition.SUCCEED:
