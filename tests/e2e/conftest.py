@@ -89,6 +89,8 @@ class Farm:
     """Store NARs in this bucket (``[cache] storage = "s3"``) instead of the state dir."""
     cache_extra: str = ""
     """More ``[cache]`` keys (TOML lines)."""
+    scheduler_extra: str = ""
+    """More ``[scheduler]`` keys (TOML lines)."""
     runner: Proc | None = None
     agents: dict[str, Proc] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
@@ -191,6 +193,7 @@ heartbeat_secs = 1.0
 lease_secs = 6.0
 retry_base_secs = 0.2
 agent_backoff_base_secs = 0.5
+{self.scheduler_extra}
 
 [[auth.tokens]]
 name = "client"
@@ -359,6 +362,7 @@ def farm_factory(
         port: int | None = None,
         storage: Bucket | None = None,
         cache_extra: str = "",
+        scheduler_extra: str = "",
         **agent_kwargs: Any,
     ) -> Farm:
         root = tmp_path / f"farm{len(farms)}"
@@ -377,6 +381,7 @@ def farm_factory(
             tls=tls,
             storage=storage,
             cache_extra=cache_extra,
+            scheduler_extra=scheduler_extra,
         )
         farms.append(farm)
         farm.start_runner()
