@@ -117,13 +117,18 @@ def test_timeout_and_sigterm_report_what_was_pending(
     assert proc.returncode == 2
     assert "--timeout needs a positive duration" in proc.stderr
 
-    # SIGTERM: the same notice as Ctrl-C; then with --cancel-on-exit.
-    for cancel in (False, True):
-        build_id, code, err = _terminated_client(farm, cancel=cancel)
-        assert code == 143, err
-        assert "terminated (SIGTERM): 1 step(s) of build" in err
+    # SIGTERM: the same notice as Ctrl-C (SIGINT); then with --cancel-on-exit.
+    for sig, cancel, code, why in [
+        (signal.SIGINT, False, 130, "interrupted"),
+        (signal.SIGTERM, False, 143, "terminated (SIGTERM)"),
+        (signal.SIGTERM, True, 143, "terminated (SIGTERM)"),
+    ]:
+        build_id, got, err = _stopped_client(farm, sig, cancel=cancel)
+        assert got == code, err
+        assert f"{why}: 1 step(s) of build {build_id} pending:" in err
         assert f"arm-hello: runnable ({REASON})" in err
-        assert "Error: terminated (SIGTERM)" in err
+        if sig == signal.SIGTERM:
+            assert "Error: terminated (SIGTERM)" in err
         final = _build(farm, build_id)
         with farm.api() as c:
             steps = c.get(f"/api/v1/builds/{build_id}/steps").json()["steps"]
@@ -138,9 +143,9 @@ def test_timeout_and_sigterm_report_what_was_pending(
             assert steps[0]["waiting_reason"] == REASON
 
 
-def _terminated_client(farm: Farm, *, cancel: bool) -> tuple[int, int, str]:
+def _stopped_client(farm: Farm, sig: int, *, cancel: bool) -> tuple[int, int, str]:
     """Start ``bigtent build`` on a new aarch64 step, wait until the runner says its build
-    waits for capacity, send the client SIGTERM. Returns the build id, the client's exit code
+    waits for capacity, send the client ``sig``. Returns the build id, the client's exit code
     and its stderr."""
     latest = _latest_build(farm)
     before = int(latest["id"]) if latest else 0
@@ -164,7 +169,7 @@ def _terminated_client(farm: Farm, *, cancel: bool) -> tuple[int, int, str]:
 
     try:
         wait_until(waiting_here, timeout=60, what="the client's build to wait for capacity")
-        client.send_signal(signal.SIGTERM)
+        client.send_signal(sig)
         _, err = client.communicate(timeout=30)
     finally:
         if client.poll() is None:
