@@ -277,7 +277,8 @@ class Scheduler:
         # Waiting for capacity (runner/scheduler/capacity.py).
         self.launchable: list[Callable[[], Iterable[VenueView]]] = []
         """Venues that are not connected but could be launched for a step (the autoscaler's
-        pools register theirs): capacity too."""
+        pools register theirs): capacity too. Register before the loop runs (or call
+        ``capacity_changed``): offers are cached per change."""
         self.waiting_for_capacity: dict[int, float] = {}
         """Runnable step id -> since when no venue can take it (as of the last pass)."""
         self._capacity_deadline: float | None = None
@@ -285,6 +286,8 @@ class Scheduler:
         self._capacity_seen: tuple[int, int] | None = None
         """(capacity epoch, index version) of the last assessment: nothing to look at again
         until one of them moves or a grace ends."""
+        self._offers: tuple[int, list[VenueView]] | None = None
+        """``capacity_offers`` as of a capacity epoch: venues are looked at once per change."""
 
     # ---- start-up ----------------------------------------------------------------------------
     async def load(self, *, fresh_start: bool = True) -> None:
@@ -1348,6 +1351,8 @@ class Scheduler:
     def capacity_offers(self) -> list[VenueView]:
         """One view per kind of venue that counts as capacity: connected agents and SSH
         builders that take work (``takes_work``) and what ``launchable`` could launch."""
+        if self._offers is not None and self._offers[0] == self._capacity_epoch:
+            return self._offers[1]
         kinds: dict[_Kind, VenueView] = {}
         for venue in self.venues.values():
             if self.takes_work(venue):
@@ -1356,7 +1361,8 @@ class Scheduler:
         for offers in self.launchable:
             for view in offers():
                 kinds.setdefault(_kind_of(view), view)
-        return list(kinds.values())
+        self._offers = (self._capacity_epoch, list(kinds.values()))
+        return self._offers[1]
 
     def capacity_waiting(self) -> dict[int, float]:
         """The runnable steps waiting for capacity and since when (as of the last pass)."""
