@@ -166,3 +166,24 @@ async def test_an_agent_cannot_report_unsupported(make_farm: Callable[..., Farm]
         1,
     )
     assert row.error == "agent said unsupported: no"
+
+
+async def test_new_runnable_steps_are_looked_at_at_most_once_a_second(
+    make_farm: Callable[..., Farm],
+) -> None:
+    farm = make_farm(capacity_grace_secs=GRACE)
+    x = drv("x")
+    await farm.add([x], roots=[x])
+    await farm.tick()  # looked: x waits (no agent at all)
+    assert farm.sched.capacity_waiting() == {farm.sid(x): T0}
+    arm = drv("arm", system=ARM)
+    await farm.add([arm], roots=[arm])
+    # Only the queue changed, within a second of the last look: the next look is due then.
+    assert await farm.tick(T0 + 0.5) == T0 + 1.0
+    assert farm.sid(arm) not in farm.sched.capacity_waiting()
+    assert await farm.tick(T0 + 1.0) == T0 + GRACE
+    assert farm.sched.capacity_waiting() == {farm.sid(x): T0, farm.sid(arm): T0 + 1.0}
+    # A venue change is looked at at once.
+    farm.agent("x1")
+    await farm.tick(T0 + 1.2)
+    assert farm.sched.capacity_waiting() == {farm.sid(arm): T0 + 1.0}

@@ -92,6 +92,10 @@ ADMIT_CHUNK_MAX = 8000
 """A new build's steps are written in chunks growing from the first size to the largest
 (one transaction each): the first is small, so its steps are dispatched soon; later ones
 amortise their transaction."""
+CAPACITY_LOOK_SECS = 1.0
+"""While only the runnable steps changed (not the venues, no grace ended), waiting for
+capacity is assessed again at most this often: a large queue no venue can take costs a scan
+of its steps per look, not per pass."""
 _EXPIRY_SLACK = 1024
 """Stale lease-expiry entries tolerated beyond twice the live leases before a rebuild."""
 _T = TypeVar("_T")
@@ -286,6 +290,9 @@ class Scheduler:
         self._capacity_seen: tuple[int, int] | None = None
         """(capacity epoch, index version) of the last assessment: nothing to look at again
         until one of them moves or a grace ends."""
+        self._capacity_looked_at = float("-inf")
+        self._capacity_recheck: float | None = None
+        """When a look put off by ``CAPACITY_LOOK_SECS`` is due."""
         self._offers: tuple[int, list[VenueView]] | None = None
         """``capacity_offers`` as of a capacity epoch: venues are looked at once per change."""
 
@@ -1334,6 +1341,8 @@ class Scheduler:
             times.append(self._cooling_until)
         if self._capacity_deadline is not None:
             times.append(self._capacity_deadline)
+        if self._capacity_recheck is not None:
+            times.append(self._capacity_recheck)
         return min(times) if times else None
 
     # ---- waiting for capacity ----------------------------------------------------------------
@@ -1384,6 +1393,12 @@ class Scheduler:
         due = self._capacity_deadline is not None and self._capacity_deadline <= now
         if seen == self._capacity_seen and not due:
             return
+        same_venues = self._capacity_seen is not None and self._capacity_seen[0] == seen[0]
+        if same_venues and not due and now < self._capacity_looked_at + CAPACITY_LOOK_SECS:
+            self._capacity_recheck = self._capacity_looked_at + CAPACITY_LOOK_SECS
+            return
+        self._capacity_recheck = None
+        self._capacity_looked_at = now
         verdict = assess(
             self.index.requirements(),
             lambda req: [sid for _, sid in self.index.entries(req)],
