@@ -414,9 +414,9 @@ def build(
             raise
         _report_stop(stop, tracker, as_json, timeout)
         if stop.reason == "timeout":
-            raise BuildTimedOut(
-                f"build {tracker.build_id or '(not created)'} did not end within {timeout}"
-            ) from None
+            if tracker.build_id is None:
+                raise BuildTimedOut(f"no build was created within {timeout}") from None
+            raise BuildTimedOut(f"build {tracker.build_id} did not end within {timeout}") from None
         if stop.reason == "terminated":
             raise Terminated("terminated (SIGTERM)") from None
         raise KeyboardInterrupt from None

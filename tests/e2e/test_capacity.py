@@ -94,6 +94,7 @@ def test_timeout_and_sigterm_report_what_was_pending(
     [pending] = doc["pending"]
     assert pending["waiting_reason"] == REASON
     assert "did not end within 3s" in proc.stderr
+    assert f"arm-hello: {REASON}" in proc.stderr  # said while it waited, as a warning
     first = int(doc["build_id"])
     # The build goes on on the runner, visibly.
     build = _build(farm, first)

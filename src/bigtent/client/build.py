@@ -360,8 +360,9 @@ class SilentObserver:
         pass
 
     def on_waiting_for_capacity(self, steps: Sequence[WaitingStep]) -> None:
+        # A warning: shown on stderr even with --json, where nothing else is.
         for step in steps:
-            log.info("%s", waiting_line(step))
+            log.warning("%s", waiting_line(step))
 
 
 @dataclass(slots=True)
