@@ -73,6 +73,14 @@ def capable(req: Requirement, offers: Iterable[VenueView]) -> Capable:
     return Capable(False, tuple(scoped.values()))
 
 
+def unmet_requirements(
+    requirements: Iterable[Requirement], offers: Collection[VenueView]
+) -> list[Requirement]:
+    """The requirements no unscoped offer can run: only their steps may wait for capacity
+    (a look at the kinds of offers per requirement, never at steps)."""
+    return [req for req in requirements if not capable(req, offers).unscoped]
+
+
 def step_is_met(cap: Capable, repositories: Collection[str | None]) -> bool:
     """Whether some offer may take a step of this requirement whose live builds are for
     ``repositories``."""

@@ -46,7 +46,12 @@ from bigtent.runner.db import queries
 from bigtent.runner.db.notify import Change, ChangeFeed, LocalFeed, is_conflict, take_pending
 from bigtent.runner.logs import LogStore
 from bigtent.runner.metrics import Metrics
-from bigtent.runner.scheduler.capacity import assess, unsupported_error, waiting_reason
+from bigtent.runner.scheduler.capacity import (
+    assess,
+    unmet_requirements,
+    unsupported_error,
+    waiting_reason,
+)
 from bigtent.runner.scheduler.leases import (
     Disposition,
     backoff_secs,
@@ -1393,16 +1398,24 @@ class Scheduler:
         due = self._capacity_deadline is not None and self._capacity_deadline <= now
         if seen == self._capacity_seen and not due:
             return
+        offers = self.capacity_offers()
+        unmet = unmet_requirements(self.index.requirements(), offers)
         same_venues = self._capacity_seen is not None and self._capacity_seen[0] == seen[0]
-        if same_venues and not due and now < self._capacity_looked_at + CAPACITY_LOOK_SECS:
+        if (
+            unmet
+            and same_venues
+            and not due
+            and now < self._capacity_looked_at + CAPACITY_LOOK_SECS
+        ):
+            # Steps may have started waiting, but looking costs a scan of their buckets.
             self._capacity_recheck = self._capacity_looked_at + CAPACITY_LOOK_SECS
             return
         self._capacity_recheck = None
         self._capacity_looked_at = now
         verdict = assess(
-            self.index.requirements(),
+            unmet,
             lambda req: [sid for _, sid in self.index.entries(req)],
-            self.capacity_offers(),
+            offers,
             self._repositories_of,
             self.waiting_for_capacity,
             now,

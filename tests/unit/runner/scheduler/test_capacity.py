@@ -10,6 +10,7 @@ from bigtent.runner.scheduler.capacity import (
     assess,
     capable,
     step_is_met,
+    unmet_requirements,
     unsupported_error,
     waiting_reason,
 )
@@ -179,3 +180,10 @@ def test_scoped_offers_are_judged_per_step() -> None:
 def test_zero_grace_fails_at_once() -> None:
     waiting, unsupported, deadline = _assess({req(ARM): [7]}, [], grace=0.0)
     assert waiting == {7: 100.0} and unsupported == [7] and deadline is None
+
+
+def test_unmet_requirements_are_those_no_unscoped_offer_runs() -> None:
+    offers = [venue((X86,), ["kvm"]), venue((ARM,), repositories=["o/a"])]
+    reqs = [req(X86), req(X86, "kvm"), req(ARM), req(X86, "big-parallel")]
+    assert unmet_requirements(reqs, offers) == [req(ARM), req(X86, "big-parallel")]
+    assert unmet_requirements(reqs, []) == reqs
