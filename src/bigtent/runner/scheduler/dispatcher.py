@@ -1280,6 +1280,7 @@ class Scheduler:
         self._nothing_for = {}
         self._stored_expiry, self._lost_here = {}, set()
         self._stale_steps, self._stale_builds, self._resync = set(), set(), False
+        self._capacity_seen = None  # a new index: look again (the waits keep their starts)
         for connected in venues.values():
             connected.running.clear()
             self._reopen(connected)
