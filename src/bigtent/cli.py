@@ -386,11 +386,14 @@ def build(
             main = asyncio.current_task()
             assert main is not None
             loop.add_signal_handler(signal.SIGTERM, stop.terminate, main)
+            deadline = asyncio.timeout(timeout_secs)
             try:
-                async with asyncio.timeout(timeout_secs):
+                async with deadline:
                     drv_paths = await resolve_targets(store, kinds)
                     return await run_build(client, store, drv_paths, options, observer, tracker)
             except TimeoutError:
+                if not deadline.expired():
+                    raise  # not --timeout's
                 stop.reason = "timeout"
                 await stop.wind_up(client, tracker)
                 raise
