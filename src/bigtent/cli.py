@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
@@ -37,10 +38,18 @@ from bigtent.config import (
     load_runner_config,
     split_comma_list,
 )
-from bigtent.errors import BigtentError, BuildFailed, ConfigError, UsageError
+from bigtent.errors import (
+    BigtentError,
+    BuildFailed,
+    BuildTimedOut,
+    ConfigError,
+    Terminated,
+    UsageError,
+)
 
 if TYPE_CHECKING:  # the client modules load lazily, inside the commands
-    from bigtent.client.api import Agent, Build, RunnerClient, StepAttempt
+    from bigtent.client.api import Agent, Build, RunnerClient, Step, StepAttempt, WaitingStep
+    from bigtent.client.build import BuildTracker
 
 log = logging.getLogger(__name__)
 
@@ -240,11 +249,14 @@ class _RichBuildObserver:
         self.progress.update(self._upload, completed=done, total=total)
 
     def on_progress(self, build: Build) -> None:
-        from bigtent.client.build import summarize_progress
+        from bigtent.client.build import capacity_summary, summarize_progress
 
         c = build.counts
         done = c.succeeded + c.failed + c.cancelled
         text = f"build {build.id} {build.state.value}: {summarize_progress(c)}"
+        waiting = capacity_summary(build)
+        if waiting:
+            text += f" ({waiting})"
         if self._build is None:
             self._build = self.progress.add_task(text, total=max(c.total, 1))
         self.progress.update(self._build, description=text, completed=done, total=max(c.total, 1))
@@ -256,6 +268,14 @@ class _RichBuildObserver:
         notice = attempt_notice(attempt)
         if notice is not None:
             self.progress.console.print(notice, markup=False, style="yellow", soft_wrap=True)
+
+    def on_waiting_for_capacity(self, steps: Sequence[WaitingStep]) -> None:
+        from bigtent.client.build import waiting_line
+
+        for step in steps:
+            self.progress.console.print(
+                waiting_line(step), markup=False, style="yellow", soft_wrap=True
+            )
 
 
 def _report_failure(build: Build) -> None:
@@ -301,6 +321,17 @@ def _report_failure(build: Build) -> None:
     is_flag=True,
     help="Make an untrusted build (its outputs go to the untrusted cache only).",
 )
+@click.option(
+    "--timeout",
+    metavar="DURATION",
+    help="Stop waiting after DURATION (90s, 10m, 2h, 1h30m): exit 124 and show what was "
+    "still pending.",
+)
+@click.option(
+    "--cancel-on-exit",
+    is_flag=True,
+    help="On --timeout, Ctrl-C or SIGTERM, cancel the build (its steps no other build needs).",
+)
 @_json_option
 def build(
     targets: tuple[str, ...],
@@ -317,12 +348,16 @@ def build(
     repository: str | None,
     ref: str | None,
     untrusted: bool,
+    timeout: str | None,
+    cancel_on_exit: bool,
     as_json: bool,
 ) -> None:
     """Build derivations on the farm and fetch their outputs, like nix-build.
 
-    Exits 0 only when every requested derivation built. A build is trusted only when the
-    token is (admin, or a client token marked trusted) and REF is no pull request ref.
+    Exits 0 only when every requested derivation built, 1 when one did not, 124 when
+    --timeout ran out, 130 on Ctrl-C and 143 on SIGTERM (the build keeps running unless
+    --cancel-on-exit). A build is trusted only when the token is (admin, or a client token
+    marked trusted) and REF is no pull request ref.
     """
     from bigtent.client.build import (
         BuildObserver,
@@ -332,11 +367,13 @@ def build(
         build_report,
         classify_targets,
         failed_roots,
+        parse_duration,
         resolve_targets,
         run_build,
     )
     from bigtent.nix.store import NixStore
 
+    timeout_secs = parse_duration(timeout) if timeout is not None else None
     kinds = classify_targets(targets, attrs=attrs, drvs=drvs, expr=expr)
     store = NixStore(store=os.environ.get("NIX_REMOTE", ""))
     options = BuildOptions(
@@ -349,11 +386,33 @@ def build(
     )
     tracker = BuildTracker()
     client = _make_client(runner_url, token_file, ca_file)
+    stop = _Stop(cancel=cancel_on_exit)
 
     async def go(observer: BuildObserver) -> Any:
         async with client:
-            drv_paths = await resolve_targets(store, kinds)
-            return await run_build(client, store, drv_paths, options, observer, tracker)
+            loop = asyncio.get_running_loop()
+            main = asyncio.current_task()
+            assert main is not None
+            loop.add_signal_handler(signal.SIGTERM, stop.terminate, main)
+            deadline = asyncio.timeout(timeout_secs)
+            try:
+                async with deadline:
+                    drv_paths = await resolve_targets(store, kinds)
+                    return await run_build(client, store, drv_paths, options, observer, tracker)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise  # not --timeout's
+                stop.reason = "timeout"
+                await stop.wind_up(client, tracker)
+                raise
+            except asyncio.CancelledError:
+                stop.reason = stop.reason or "interrupted"
+                while main.uncancel():
+                    pass
+                await stop.wind_up(client, tracker)
+                raise
+            finally:
+                loop.remove_signal_handler(signal.SIGTERM)
 
     try:
         if as_json:
@@ -361,14 +420,17 @@ def build(
         else:
             with _RichBuildObserver() as observer:
                 result = _run(go(observer))
-    except KeyboardInterrupt:
-        if tracker.build_id is not None:
-            click.echo(
-                f"build {tracker.build_id} keeps running on the runner; "
-                f"stop it with: bigtent cancel {tracker.build_id}",
-                err=True,
-            )
-        raise
+    except (KeyboardInterrupt, asyncio.CancelledError, TimeoutError):
+        if stop.reason is None:
+            raise
+        _report_stop(stop, tracker, as_json, timeout)
+        if stop.reason == "timeout":
+            if tracker.build_id is None:
+                raise BuildTimedOut(f"no build was created within {timeout}") from None
+            raise BuildTimedOut(f"build {tracker.build_id} did not end within {timeout}") from None
+        if stop.reason == "terminated":
+            raise Terminated("terminated (SIGTERM)") from None
+        raise KeyboardInterrupt from None
     if as_json:
         _echo_json(build_report(result.build, result.links, result.attempts))
     elif result.succeeded:
@@ -386,6 +448,79 @@ def build(
         raise BuildFailed(
             f"build {result.build.id} {result.build.state.value}: "
             f"{len(failed)} of {len(result.build.roots)} requested derivation(s) did not build"
+        )
+
+
+class _Stop:
+    """Why ``bigtent build`` stopped before its build ended, and what it saw then."""
+
+    def __init__(self, *, cancel: bool) -> None:
+        self.cancel = cancel
+        self.reason: str | None = None
+        """``timeout``, ``interrupted`` (Ctrl-C) or ``terminated`` (SIGTERM)."""
+        self.pending: list[Step] = []
+        self.cancelled = False
+
+    def terminate(self, main: asyncio.Task[Any]) -> None:
+        """SIGTERM: stop as Ctrl-C does (the main task is cancelled)."""
+        self.reason = self.reason or "terminated"
+        main.cancel()
+
+    async def wind_up(self, client: RunnerClient, tracker: BuildTracker) -> None:
+        """What was still pending, then (``--cancel-on-exit``) cancel the build: bounded,
+        and a runner that does not answer only costs the report."""
+        from bigtent.client.build import pending_steps
+
+        build_id = tracker.build_id
+        if build_id is None:
+            return
+        try:
+            async with asyncio.timeout(_WIND_UP_SECS):
+                self.pending = pending_steps(await client.fetch_steps(build_id))
+                if self.cancel:
+                    await client.cancel_build(build_id)
+                    self.cancelled = True
+                tracker.last = await client.fetch_build(build_id)
+        except (BigtentError, TimeoutError) as exc:
+            log.warning("could not finish up build %s: %s", build_id, exc)
+
+
+_WIND_UP_SECS = 15.0
+_PENDING_SHOWN = 20
+
+
+def _report_stop(stop: _Stop, tracker: BuildTracker, as_json: bool, timeout: str | None) -> None:
+    """The notice of a ``bigtent build`` that stops before its build ended."""
+    from bigtent.client.build import pending_line, stop_report
+
+    if as_json:
+        _echo_json(
+            stop_report(
+                tracker.last, stop.pending, reason=stop.reason or "", cancelled=stop.cancelled
+            )
+        )
+    build_id = tracker.build_id
+    if build_id is None:
+        return
+    why = {
+        "timeout": f"no result within {timeout}",
+        "terminated": "terminated (SIGTERM)",
+    }.get(stop.reason or "", "interrupted")
+    if stop.pending:
+        click.echo(f"{why}: {len(stop.pending)} step(s) of build {build_id} pending:", err=True)
+        for step in stop.pending[:_PENDING_SHOWN]:
+            click.echo(f"  {pending_line(step)}", err=True)
+        if len(stop.pending) > _PENDING_SHOWN:
+            click.echo(f"  and {len(stop.pending) - _PENDING_SHOWN} more", err=True)
+    else:
+        click.echo(f"{why}", err=True)
+    if stop.cancelled:
+        click.echo(f"build {build_id} cancelled (its steps no other build needs)", err=True)
+    else:
+        click.echo(
+            f"build {build_id} keeps running on the runner; "
+            f"stop it with: bigtent cancel {build_id}",
+            err=True,
         )
 
 
@@ -416,6 +551,11 @@ def status(runner_url: str, token_file: Path | None, ca_file: Path | None, as_js
         table.add_row("upstream", f"{up.url} ({up.public_key})")
     table.add_row("agents connected", str(st.agents_connected))
     table.add_row("builds active", str(st.builds_active))
+    if st.steps_waiting_for_capacity:
+        table.add_row(
+            "waiting for capacity",
+            f"{st.steps_waiting_for_capacity} step(s) no agent, SSH builder or pool can take",
+        )
     steps = ", ".join(f"{k} {v}" for k, v in sorted(st.steps.items()) if v) or "none"
     table.add_row("steps", steps)
     _console().print(table)

@@ -361,6 +361,11 @@ class SchedulerSection(_Section):
     """Stale ephemeral agent rows (last seen longer ago than this) are pruned."""
     failure_cache_ttl_secs: float = Field(default=86400.0, ge=0)
     """A build failure is remembered this long: new builds fail that derivation at once."""
+    capacity_grace_secs: float = Field(default=4 * 3600.0, ge=0)
+    """How long a runnable step that no venue can take (no connected agent, SSH builder or
+    autoscaler pool offers its system, features and trust) waits for capacity before it
+    fails as ``unsupported``. Hours, not seconds: agents come back (a machine rebooting, a
+    pool's runners being replaced), and a step failed too early is a build to restart."""
 
 
 class SshBuilderSection(_Section):

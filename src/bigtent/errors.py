@@ -185,6 +185,20 @@ class BuildFailed(BigtentError):
     http_status = 200
 
 
+class BuildTimedOut(BigtentError):
+    """``bigtent build --timeout`` ran out before the build ended (as ``timeout(1)``)."""
+
+    exit_code = 124
+    http_status = 200
+
+
+class Terminated(BigtentError):
+    """The client was told to stop (SIGTERM, e.g. a CI job's timeout): 128 + 15."""
+
+    exit_code = 143
+    http_status = 200
+
+
 class DispatchFailed(BigtentError):
     """A workflow_dispatch call to GitHub failed (HTTP error, rate limit, timeout, network):
     the pool cools down for at least ``retry_after_secs`` when GitHub said so."""

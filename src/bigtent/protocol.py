@@ -51,6 +51,10 @@ class Outcome(StrEnum):
     PREPARE_FAILURE = "prepare_failure"
     UPLOAD_FAILURE = "upload_failure"
     AGENT_LOST = "agent_lost"
+    UNSUPPORTED = "unsupported"
+    """Set by the runner, never sent by an agent: no venue could take the step for
+    ``scheduler.capacity_grace_secs`` (no agent, SSH builder or autoscaler pool offers its
+    system and features)."""
 
     @property
     def is_infrastructure(self) -> bool:

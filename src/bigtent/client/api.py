@@ -66,6 +66,8 @@ class RunnerStatus(_Model):
     steps: dict[str, int] = {}
     agents_connected: int = 0
     builds_active: int = 0
+    steps_waiting_for_capacity: int = 0
+    """Runnable steps no connected agent, SSH builder or autoscaler pool can take."""
 
 
 class StepCounts(_Model):
@@ -95,6 +97,18 @@ class FailedStep(_Model):
     log_tail: str | None = None
 
 
+class WaitingStep(_Model):
+    """A runnable step that no venue can take (``waiting for capacity: …``)."""
+
+    step_id: Id
+    drv_path: str
+    name: str = ""
+    system: str = ""
+    required_features: list[str] = []
+    reason: str = ""
+    since: str | None = None
+
+
 class Build(_Model):
     id: Id
     state: BuildState
@@ -109,6 +123,9 @@ class Build(_Model):
     counts: StepCounts = StepCounts()
     failed_steps: list[FailedStep] = []
     """Only present in ``GET /builds/{id}``."""
+    waiting_for_capacity_count: int = 0
+    waiting_for_capacity: list[WaitingStep] = []
+    """The first of them, longest waiting first (only in ``GET /builds/{id}``)."""
 
 
 class StepAttempt(_Model):
@@ -147,6 +164,8 @@ class Step(_Model):
     outputs: dict[str, str] = {}
     attempt_records: list[StepAttempt] = []
     """Only in ``GET /steps/{id}``: its attempts, oldest first."""
+    waiting_reason: str | None = None
+    """Set while the step is runnable but no venue can take it."""
 
 
 class AgentOidc(_Model):

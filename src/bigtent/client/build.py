@@ -11,6 +11,7 @@ import asyncio
 import heapq
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,8 +24,10 @@ from bigtent.client.api import (
     BuildRoot,
     RunnerClient,
     RunnerStatus,
+    Step,
     StepAttempt,
     StepCounts,
+    WaitingStep,
 )
 from bigtent.errors import BigtentError, NixError, NotFound, RunnerUnreachable, UsageError
 from bigtent.nix import base32
@@ -32,7 +35,7 @@ from bigtent.nix.nar import dump_path
 from bigtent.nix.store import NixStore, PathInfo, RealiseStatus
 from bigtent.protocol import Outcome
 from bigtent.runner.scheduler.leases import Disposition, classify
-from bigtent.states import BuildState
+from bigtent.states import BuildState, StepState
 
 log = logging.getLogger(__name__)
 
@@ -309,9 +312,90 @@ def build_report(
         "outputs": {root.drv_path: root.outputs for root in build.roots},
         "roots": [root.model_dump(mode="json") for root in build.roots],
         "failed_steps": [step.model_dump(mode="json") for step in build.failed_steps],
+        "waiting_for_capacity_count": build.waiting_for_capacity_count,
+        "waiting_for_capacity": [w.model_dump(mode="json") for w in build.waiting_for_capacity],
         "links": [{"link": link.link, "path": link.path} for link in links],
         "attempts": [attempt.model_dump(mode="json") for attempt in attempts],
     }
+
+
+# ---- waiting for capacity, timeouts and interruptions (pure) ----------------------------------
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+_UNIT_SECS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``10m``, ``2h``, ``1h30m``, ``1.5h`` or ``1d``; a
+    ``UsageError`` (exit 2) for anything else or for zero."""
+    spec = text.strip().lower()
+    pos, total = 0, 0.0
+    while pos < len(spec):
+        match = _DURATION.match(spec, pos)
+        if match is None:
+            break
+        total += float(match.group(1)) * _UNIT_SECS[match.group(2)]
+        pos = match.end()
+    if not spec or pos != len(spec) or total <= 0:
+        raise UsageError(
+            f"--timeout needs a positive duration such as 90s, 10m, 2h or 1h30m (got {text!r})"
+        )
+    return total
+
+
+def capacity_summary(build: Build) -> str | None:
+    """``2 waiting for capacity`` for the progress line, or None."""
+    n = build.waiting_for_capacity_count
+    return f"{n} waiting for capacity" if n else None
+
+
+def waiting_line(step: WaitingStep) -> str:
+    """``step 7 hello-arm: waiting for capacity: no agent offers aarch64-linux``."""
+    return f"step {step.step_id} {step.name or step.drv_path}: {step.reason}"
+
+
+def newly_waiting(build: Build, shown: set[tuple[str, str]]) -> list[WaitingStep]:
+    """The build's steps waiting for capacity not yet in ``shown`` (step id, reason): each
+    is reported once, and again only if its reason changes."""
+    return [w for w in build.waiting_for_capacity if (w.step_id, w.reason) not in shown]
+
+
+def pending_steps(steps: Sequence[Step]) -> list[Step]:
+    """The steps that have not ended (waiting, runnable, assigned, building)."""
+    return [s for s in steps if not _is_final_state(s.state)]
+
+
+def _is_final_state(state: str) -> bool:
+    try:
+        return StepState(state).is_final
+    except ValueError:
+        return False
+
+
+def pending_line(step: Step) -> str:
+    """``step 7 hello-arm: runnable (waiting for capacity: no agent offers aarch64-linux)``."""
+    text = f"step {step.id} {step.name or step.drv_path}: {step.state}"
+    if step.waiting_reason:
+        text += f" ({step.waiting_reason})"
+    return text
+
+
+def stop_report(
+    build: Build | None,
+    pending: Sequence[Step],
+    *,
+    reason: str,
+    cancelled: bool,
+) -> dict[str, Any]:
+    """The ``--json`` document of a client that stopped before the build ended:
+    ``reason`` is ``timeout``, ``interrupted`` (Ctrl-C) or ``terminated`` (SIGTERM)."""
+    doc: dict[str, Any] = build_report(build) if build is not None else {"build_id": None}
+    doc.update(
+        stopped=reason,
+        cancelled=cancelled,
+        pending=[s.model_dump(mode="json") for s in pending],
+    )
+    return doc
 
 
 # ---- the flow -------------------------------------------------------------------------------
@@ -329,6 +413,10 @@ class BuildObserver(Protocol):
     def on_attempt(self, attempt: StepAttempt) -> None:
         """A new attempt record of the build (any outcome), as soon as a poll sees it."""
 
+    def on_waiting_for_capacity(self, steps: Sequence[WaitingStep]) -> None:
+        """Steps that no venue can take, each reported once (``newly_waiting``)."""
+        ...
+
 
 class SilentObserver:
     def on_phase(self, message: str) -> None:
@@ -344,6 +432,11 @@ class SilentObserver:
         notice = attempt_notice(attempt)
         if notice is not None:
             log.info("%s", notice)
+
+    def on_waiting_for_capacity(self, steps: Sequence[WaitingStep]) -> None:
+        # A warning: shown on stderr even with --json, where nothing else is.
+        for step in steps:
+            log.warning("%s", waiting_line(step))
 
 
 @dataclass(slots=True)
@@ -377,6 +470,8 @@ class BuildTracker:
     """Holds the id of the build once created, so an interrupted client can name it."""
 
     build_id: str | None = None
+    last: Build | None = None
+    """The build as last polled."""
 
 
 async def run_build(
@@ -408,7 +503,12 @@ async def run_build(
     observer.on_progress(build)
     attempts = AttemptFollower(build.id)
     build = await follow_build(
-        client, build.id, observer, options.poll_interval_secs, attempts=attempts
+        client,
+        build.id,
+        observer,
+        options.poll_interval_secs,
+        attempts=attempts,
+        tracker=tracker,
     )
     result = BuildResult(build, attempts=attempts.seen)
     if result.succeeded and options.download:
@@ -547,12 +647,14 @@ async def follow_build(
     unreachable_grace_secs: float = UNREACHABLE_GRACE_SECS,
     *,
     attempts: AttemptFollower | None = None,
+    tracker: BuildTracker | None = None,
 ) -> Build:
     """Poll the build, and its new attempts, until its state is final, riding out a short
     runner outage. The attempts are asked for after the build: the transaction that ends a
     build also records its last attempt, so the final poll sees every attempt."""
     unreachable_since: float | None = None
     follower = attempts if attempts is not None else AttemptFollower(build_id)
+    shown: set[tuple[str, str]] = set()
     while True:
         try:
             build = await client.fetch_build(build_id)
@@ -566,7 +668,13 @@ async def follow_build(
                 raise
         else:
             unreachable_since = None
+            if tracker is not None:
+                tracker.last = build
             observer.on_progress(build)
+            fresh = newly_waiting(build, shown)
+            if fresh:
+                shown.update((w.step_id, w.reason) for w in fresh)
+                observer.on_waiting_for_capacity(fresh)
             if build.state.is_final:
                 return build
         await asyncio.sleep(interval_secs)

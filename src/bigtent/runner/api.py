@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -235,6 +235,7 @@ async def status(comps: Comps, _: ClientAuth) -> dict[str, Any]:
         "agents_connected": sum(1 for v in comps.scheduler.venues.values() if v.kind == AGENT),
         "ssh_builders": len(comps.ssh.builders),
         "builds_active": len(comps.scheduler.builds),
+        "steps_waiting_for_capacity": len(comps.scheduler.capacity_waiting()),
         "cache_paths": paths,
         "cache_bytes": size,
     }
@@ -322,7 +323,7 @@ async def get_build_steps(build_id: int, comps: Comps, _: ClientAuth) -> dict[st
         if await queries.fetch_build(conn, build_id) is None:
             raise NotFound(f"no build {build_id}")
         rows = await queries.fetch_build_steps(conn, build_id)
-    return {"steps": [_step_json(r) for r in rows]}
+    return {"steps": [_step_json(r, comps) for r in rows]}
 
 
 ATTEMPTS_PAGE = 1000
@@ -390,7 +391,7 @@ async def get_step(step_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
         if row is None:
             raise NotFound(f"no step {step_id}")
         attempts = await queries.fetch_step_attempts(conn, step_id, STEP_ATTEMPTS_SHOWN)
-    return _step_json(row) | {"attempt_records": [attempt_json(r) for r in attempts]}
+    return _step_json(row, comps) | {"attempt_records": [attempt_json(r) for r in attempts]}
 
 
 @api.get("/steps/{step_id}/log")
@@ -645,8 +646,12 @@ async def _build_json(comps: Components, build_id: int, details: bool = False) -
             for r in roots
         ],
         "counts": counts,
+        "waiting_for_capacity_count": 0,
     }
+    waiting = _waiting_for_capacity(comps, steps)
+    out["waiting_for_capacity_count"] = len(waiting)
     if details:
+        out["waiting_for_capacity"] = waiting[:WAITING_LISTED]
         out["failed_steps"] = [
             {
                 "id": s.id,
@@ -662,7 +667,33 @@ async def _build_json(comps: Components, build_id: int, details: bool = False) -
     return out
 
 
-def _step_json(row: Any) -> dict[str, Any]:
+WAITING_LISTED = 20
+"""Steps waiting for capacity listed in ``GET /builds/{id}`` (the count has them all)."""
+
+
+def _waiting_for_capacity(comps: Components, steps: Sequence[Any]) -> list[dict[str, Any]]:
+    """The build's runnable steps that no venue can take (``Scheduler.capacity_waiting``),
+    longest waiting first."""
+    waiting = comps.scheduler.capacity_waiting()
+    if not waiting:
+        return []
+    found = [s for s in steps if s.id in waiting and s.state == StepState.RUNNABLE]
+    found.sort(key=lambda s: (waiting[s.id], s.id))
+    return [
+        {
+            "step_id": s.id,
+            "drv_path": s.drv_path,
+            "name": s.name,
+            "system": s.system,
+            "required_features": json.loads(s.required_features),
+            "reason": comps.scheduler.waiting_reason(s.id),
+            "since": _iso(waiting[s.id]),
+        }
+        for s in found
+    ]
+
+
+def _step_json(row: Any, comps: Components) -> dict[str, Any]:
     return {
         "id": row.id,
         "drv_path": row.drv_path,
@@ -681,6 +712,7 @@ def _step_json(row: Any) -> dict[str, Any]:
         "started_at": _iso(row.started_at),
         "finished_at": _iso(row.finished_at),
         "outputs": json.loads(row.outputs),
+        "waiting_reason": comps.scheduler.waiting_reason(row.id),
     }
 
 

@@ -445,6 +445,7 @@ class Sessions:
                 if msg.draining and not venue.draining:
                     log.info("agent %s is draining: no more assignments", venue.name)
                     venue.draining = True
+                    self.scheduler.capacity_changed()
                 await self._seen(session, venue)
             case p.Accepted():
                 await self.scheduler.accepted(venue, msg)

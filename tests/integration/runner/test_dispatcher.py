@@ -312,9 +312,10 @@ EXPECTED_AFTER: dict[p.Outcome, tuple[StepState, str, bool]] = {
     p.Outcome.UPLOAD_FAILURE: (StepState.RUNNABLE, "running", True),
     p.Outcome.AGENT_LOST: (StepState.RUNNABLE, "running", True),
 }
+"""Every outcome an agent may report (``unsupported`` is the runner's: test_capacity.py)."""
 
 
-@pytest.mark.parametrize("outcome", list(p.Outcome))
+@pytest.mark.parametrize("outcome", list(EXPECTED_AFTER))
 async def test_result_outcome_policy(farm: Farm, outcome: p.Outcome) -> None:
     x = drv("x")
     build = await farm.add([x], roots=[x])

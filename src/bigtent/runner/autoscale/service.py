@@ -44,6 +44,7 @@ from bigtent.runner.autoscale.settings import AutoscaleSection, GithubPoolSectio
 from bigtent.runner.db import queries
 from bigtent.runner.metrics import Metrics
 from bigtent.runner.scheduler.dispatcher import Scheduler
+from bigtent.runner.scheduler.matching import VenueView
 from bigtent.states import LaunchState
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,16 @@ class Autoscaler:
         self._wake = asyncio.Event()
         if self.pools:
             scheduler.work_listeners.append(self.wake)
+            scheduler.launchable.append(self.offers)
+
+    def offers(self) -> list[VenueView]:
+        """What each pool could launch, as the scheduler's capacity (``capacity.assess``): a
+        pool's agent, scoped to the pool's allowed repositories, whatever its cooldown or
+        in-flight launches (they pass)."""
+        return [
+            replace(pool.spec.view, repositories=pool.spec.allowed_repositories)
+            for pool in self.pools.values()
+        ]
 
     @property
     def enabled(self) -> bool:

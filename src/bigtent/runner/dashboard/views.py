@@ -25,6 +25,8 @@ LOG_TAIL_LINES = 40
 FAILED_TAILS_SHOWN = 20
 """Failed steps shown with the end of their log (the rest are in the steps table)."""
 STEPS_SHOWN = 1000
+WAITING_SHOWN = 20
+"""Steps waiting for capacity listed on a build's page (the rest are counted)."""
 """Rows of a build's steps table (failed ones first)."""
 CACHE_TOTALS_TTL_SECS = 10.0
 """The cache's size is a sum over every path: computed at most this often."""
@@ -247,6 +249,15 @@ class FailedStep:
 
 
 @dataclass(frozen=True, slots=True)
+class WaitingStep:
+    """A runnable step that waits for capacity: why, and since when."""
+
+    step: StepRow
+    reason: str
+    since: float
+
+
+@dataclass(frozen=True, slots=True)
 class BuildPage:
     now: float
     build: BuildRow
@@ -260,6 +271,9 @@ class BuildPage:
     """Failed steps shown without their log."""
     attempts: list[AttemptRow] = field(default_factory=list)
     """The attempts of its steps since it was created, oldest first (``ATTEMPTS_SHOWN``)."""
+    waiting: list[WaitingStep] = field(default_factory=list)
+    """Runnable steps no venue can take (``Scheduler.capacity_waiting``), longest first."""
+    more_waiting: int = 0
 
     @property
     def active(self) -> bool:
@@ -294,6 +308,7 @@ async def load_build(comps: Components, build_id: int) -> BuildPage:
         for s in steps[:FAILED_TAILS_SHOWN]
         if s.state == StepState.FAILED
     ]
+    waiting = _waiting_steps(comps, steps)
     return BuildPage(
         now=comps.scheduler.clock(),
         build=_build_row(build, counts),
@@ -310,7 +325,22 @@ async def load_build(comps: Components, build_id: int) -> BuildPage:
         more_steps=max(0, len(steps) - STEPS_SHOWN),
         more_failed=max(0, counts.get(StepState.FAILED, 0) - len(failed)),
         attempts=[_attempt_row(r) for r in attempts],
+        waiting=waiting[:WAITING_SHOWN],
+        more_waiting=max(0, len(waiting) - WAITING_SHOWN),
     )
+
+
+def _waiting_steps(comps: Components, steps: list[StepRow]) -> list[WaitingStep]:
+    sched = comps.scheduler
+    since = sched.capacity_waiting()
+    found = [
+        WaitingStep(s, reason, since[s.id])
+        for s in steps
+        if s.id in since
+        and s.state == StepState.RUNNABLE
+        and (reason := sched.waiting_reason(s.id)) is not None
+    ]
+    return sorted(found, key=lambda w: (w.since, w.step.id))
 
 
 # ---- one step --------------------------------------------------------------------------------
@@ -326,6 +356,8 @@ class StepPage:
     """Bytes at the start of the log not shown on the page."""
     attempts: list[AttemptRow] = field(default_factory=list)
     """Its newest attempts (``STEP_ATTEMPTS_SHOWN``), oldest first."""
+    waiting_reason: str | None = None
+    """Why the step waits, when no venue can take it (``Scheduler.waiting_reason``)."""
 
     @property
     def live(self) -> bool:
@@ -357,6 +389,7 @@ async def load_step(comps: Components, step_id: int) -> StepPage:
         log_offset=size,
         log_skipped=start,
         attempts=[_attempt_row(r) for r in attempts],
+        waiting_reason=comps.scheduler.waiting_reason(step_id),
     )
 
 

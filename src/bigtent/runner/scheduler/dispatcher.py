@@ -46,6 +46,12 @@ from bigtent.runner.db import queries
 from bigtent.runner.db.notify import Change, ChangeFeed, LocalFeed, is_conflict, take_pending
 from bigtent.runner.logs import LogStore
 from bigtent.runner.metrics import Metrics
+from bigtent.runner.scheduler.capacity import (
+    assess,
+    unmet_requirements,
+    unsupported_error,
+    waiting_reason,
+)
 from bigtent.runner.scheduler.health import allowed_jobs, became_unhealthy
 from bigtent.runner.scheduler.leases import (
     Disposition,
@@ -95,6 +101,10 @@ ADMIT_CHUNK_MAX = 8000
 """A new build's steps are written in chunks growing from the first size to the largest
 (one transaction each): the first is small, so its steps are dispatched soon; later ones
 amortise their transaction."""
+CAPACITY_LOOK_SECS = 1.0
+"""While only the runnable steps changed (not the venues, no grace ended), waiting for
+capacity is assessed again at most this often: a large queue no venue can take costs a scan
+of its steps per look, not per pass."""
 _EXPIRY_SLACK = 1024
 """Stale lease-expiry entries tolerated beyond twice the live leases before a rebuild."""
 _T = TypeVar("_T")
@@ -279,6 +289,23 @@ class Scheduler:
         self._lost_here: set[int] = set()
         """Leases an agent here gave up when it reconnected: they expire now, whatever the
         database says."""
+        # Waiting for capacity (runner/scheduler/capacity.py).
+        self.launchable: list[Callable[[], Iterable[VenueView]]] = []
+        """Venues that are not connected but could be launched for a step (the autoscaler's
+        pools register theirs): capacity too. Register before the loop runs (or call
+        ``capacity_changed``): offers are cached per change."""
+        self.waiting_for_capacity: dict[int, float] = {}
+        """Runnable step id -> since when no venue can take it (as of the last pass)."""
+        self._capacity_deadline: float | None = None
+        self._capacity_epoch = 0
+        self._capacity_seen: tuple[int, int] | None = None
+        """(capacity epoch, index version) of the last assessment: nothing to look at again
+        until one of them moves or a grace ends."""
+        self._capacity_looked_at = float("-inf")
+        self._capacity_recheck: float | None = None
+        """When a look put off by ``CAPACITY_LOOK_SECS`` is due."""
+        self._offers: tuple[int, list[VenueView]] | None = None
+        """``capacity_offers`` as of a capacity epoch: venues are looked at once per change."""
 
     # ---- start-up ----------------------------------------------------------------------------
     async def load(self, *, fresh_start: bool = True) -> None:
@@ -1042,6 +1069,7 @@ class Scheduler:
         self.venues[venue.machine_id] = venue
         self._reopen(venue)
         self._cooled(venue)
+        self._capacity_epoch += 1
         kept: list[p.StepId] = []
         for item in running:
             node = self.nodes.get(item.step_id)
@@ -1070,6 +1098,7 @@ class Scheduler:
         """A venue's connection ended. Its leases live on until they expire (it may return)."""
         if self.venues.get(venue.machine_id) is venue:
             del self.venues[venue.machine_id]
+            self.capacity_changed()
 
     async def release_unaccepted(self, venue: Venue) -> None:
         """After ``detach``: steps assigned to the departed venue that it never accepted go
@@ -1100,6 +1129,7 @@ class Scheduler:
             return False
         venue.draining = True
         _try_send(venue, p.Drain(reason="drain requested"))
+        self.capacity_changed()
         return True
 
     def heartbeat(self, venue: Venue, running: Iterable[int]) -> None:
@@ -1192,6 +1222,8 @@ class Scheduler:
                     log.info("ignoring result for step %s with a stale lease", msg.step_id)
                     return False
                 outcome, error = msg.outcome, msg.error
+                if outcome is p.Outcome.UNSUPPORTED:  # the runner's verdict, not an agent's
+                    outcome, error = p.Outcome.PREPARE_FAILURE, f"agent said unsupported: {error}"
                 if outcome is p.Outcome.SUCCESS:
                     present = await self._present(node, list(node.outputs.values()))
                     missing = sorted(set(node.outputs.values()) - set(present))
@@ -1263,6 +1295,7 @@ class Scheduler:
         self._nothing_for = {}
         self._stored_expiry, self._lost_here = {}, set()
         self._stale_steps, self._stale_builds, self._resync = set(), set(), False
+        self._capacity_seen = None  # a new index: look again (the waits keep their starts)
         for connected in venues.values():
             connected.running.clear()
             self._reopen(connected)
@@ -1317,6 +1350,7 @@ class Scheduler:
                 if not await self._dispatch(now):
                     break
                 await self._catch_up()  # claims lost to another runner: read, then plan again
+            await self._assess_capacity(now)
             return self._next_deadline(now)
 
     def _next_deadline(self, now: float) -> float | None:
@@ -1326,7 +1360,97 @@ class Scheduler:
             times.append(self.delayed[0][0])
         if len(self.index) and self._cooling_until is not None and self._cooling_until > now:
             times.append(self._cooling_until)
+        if self._capacity_deadline is not None:
+            times.append(self._capacity_deadline)
+        if self._capacity_recheck is not None:
+            times.append(self._capacity_recheck)
         return min(times) if times else None
+
+    # ---- waiting for capacity ----------------------------------------------------------------
+    def capacity_changed(self) -> None:
+        """The venues that count as capacity changed (one attached, left, drains, or its
+        health changed): the next pass assesses the waiting steps again."""
+        self._capacity_epoch += 1
+        self.wake()
+
+    def takes_work(self, venue: Venue) -> bool:
+        """Whether a connected venue counts as capacity: one that may be given new work some
+        time (not draining). Load, cooldown and backoff do not matter: they pass."""
+        return not venue.draining
+
+    def capacity_offers(self) -> list[VenueView]:
+        """One view per kind of venue that counts as capacity: connected agents and SSH
+        builders that take work (``takes_work``) and what ``launchable`` could launch."""
+        if self._offers is not None and self._offers[0] == self._capacity_epoch:
+            return self._offers[1]
+        kinds: dict[_Kind, VenueView] = {}
+        for venue in self.venues.values():
+            if self.takes_work(venue):
+                view = venue.view()
+                kinds.setdefault(_kind_of(view), view)
+        for offers in self.launchable:
+            for view in offers():
+                kinds.setdefault(_kind_of(view), view)
+        self._offers = (self._capacity_epoch, list(kinds.values()))
+        return self._offers[1]
+
+    def capacity_waiting(self) -> dict[int, float]:
+        """The runnable steps waiting for capacity and since when (as of the last pass)."""
+        return {sid: since for sid, since in self.waiting_for_capacity.items() if sid in self.index}
+
+    def waiting_reason(self, step_id: int) -> str | None:
+        """Why a runnable step waits, when it waits for capacity (else None)."""
+        node = self.nodes.get(step_id)
+        if node is None or step_id not in self.index or step_id not in self.waiting_for_capacity:
+            return None
+        return waiting_reason(node.req)
+
+    async def _assess_capacity(self, now: float) -> None:
+        """Find the runnable steps no venue can take (``capacity.assess``) and fail those that
+        waited past ``scheduler.capacity_grace_secs`` as ``unsupported``; their dependents
+        fail as after any failure. Looks again only when the venues or the runnable steps
+        changed, or a grace ends."""
+        seen = (self._capacity_epoch, self.index.version)
+        due = self._capacity_deadline is not None and self._capacity_deadline <= now
+        if seen == self._capacity_seen and not due:
+            return
+        offers = self.capacity_offers()
+        unmet = unmet_requirements(self.index.requirements(), offers)
+        same_venues = self._capacity_seen is not None and self._capacity_seen[0] == seen[0]
+        if (
+            unmet
+            and same_venues
+            and not due
+            and now < self._capacity_looked_at + CAPACITY_LOOK_SECS
+        ):
+            # Steps may have started waiting, but looking costs a scan of their buckets.
+            self._capacity_recheck = self._capacity_looked_at + CAPACITY_LOOK_SECS
+            return
+        self._capacity_recheck = None
+        self._capacity_looked_at = now
+        verdict = assess(
+            unmet,
+            lambda req: [sid for _, sid in self.index.entries(req)],
+            offers,
+            self._repositories_of,
+            self.waiting_for_capacity,
+            now,
+            self.config.capacity_grace_secs,
+        )
+        for sid in sorted(verdict.waiting.keys() - self.waiting_for_capacity.keys()):
+            started = self.nodes[sid]
+            log.warning("step %d (%s): %s", sid, started.drv_path, waiting_reason(started.req))
+        self.waiting_for_capacity = verdict.waiting
+        self._capacity_deadline = verdict.next_deadline
+        self._capacity_seen = seen
+        for sid in verdict.unsupported:
+            node = self.nodes.get(sid)
+            since = self.waiting_for_capacity.pop(sid)
+            if node is None or sid not in self.index:
+                continue
+            error = unsupported_error(node.req, now - since)
+            log.warning("step %d (%s) fails: %s", sid, node.drv_path, error)
+            await self._finish_attempt(node, None, p.Outcome.UNSUPPORTED, error, None, now)
 
     def _leased(self) -> list[StepNode]:
         return [self.nodes[s] for s in self.leases.values() if s in self.nodes]
@@ -2279,6 +2403,16 @@ def _new_node(sid: int, drv: queries.DrvInfo, trusted: bool, now: float) -> Step
         state=StepState.WAITING,
         created_at=now,
         outputs=dict(drv.outputs),
+    )
+
+
+def _kind_of(view: VenueView) -> _Kind:
+    return (
+        view.systems,
+        view.supported_features,
+        view.mandatory_features,
+        view.trusted,
+        view.repositories,
     )
 
 

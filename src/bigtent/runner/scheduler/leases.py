@@ -43,7 +43,7 @@ def classify(outcome: Outcome) -> Classification:
     match outcome:
         case Outcome.SUCCESS:
             return Classification(Disposition.SUCCEED, False)
-        case Outcome.BUILD_FAILURE | Outcome.TIMED_OUT | Outcome.LOG_LIMIT:
+        case Outcome.BUILD_FAILURE | Outcome.TIMED_OUT | Outcome.LOG_LIMIT | Outcome.UNSUPPORTED:
             return Classification(Disposition.FAIL, False)
         case Outcome.ABORTED:
             return Classification(Disposition.REQUEUE, False)
@@ -82,7 +82,8 @@ def is_cached_failure(
 ) -> bool:
     """Whether a derivation's last failure still stands, so a new build fails its step at once
     instead of rebuilding it. Only final build failures (``classify`` says FAIL) are
-    remembered, each for ``ttl_secs`` from when it failed; infrastructure failures never are.
+    remembered, each for ``ttl_secs`` from when it failed; infrastructure failures never are,
+    nor ``unsupported`` (no venue could take it: one may have connected since).
     ``failed_at`` None: nothing cached (never failed, or cleared by a restart)."""
     if outcome is None or failed_at is None:
         return False
@@ -90,6 +91,6 @@ def is_cached_failure(
         kind = Outcome(outcome)
     except ValueError:
         return False
-    if classify(kind).disposition is not Disposition.FAIL:
+    if kind is Outcome.UNSUPPORTED or classify(kind).disposition is not Disposition.FAIL:
         return False
     return now - failed_at < ttl_secs

@@ -30,6 +30,7 @@ EXPECTED = {
     Outcome.PREPARE_FAILURE: Classification(Disposition.RETRY, counts_against_venue=True),
     Outcome.UPLOAD_FAILURE: Classification(Disposition.RETRY, counts_against_venue=True),
     Outcome.AGENT_LOST: Classification(Disposition.RETRY, counts_against_venue=True),
+    Outcome.UNSUPPORTED: Classification(Disposition.FAIL, counts_against_venue=False),
 }
 
 
@@ -116,6 +117,8 @@ DAY = 86400.0
         (Outcome.AGENT_LOST, NOW - 1, False),
         (Outcome.ABORTED, NOW - 1, False),
         (Outcome.SUCCESS, NOW - 1, False),
+        # Nor a step no venue could take: one may have connected since.
+        (Outcome.UNSUPPORTED, NOW - 1, False),
         # Nothing recorded (never failed, or a restart cleared it), or unknown outcomes.
         (Outcome.BUILD_FAILURE, None, False),
         (None, NOW - 1, False),
@@ -133,6 +136,7 @@ def test_a_zero_ttl_caches_nothing() -> None:
 @pytest.mark.parametrize("outcome", list(Outcome))
 def test_only_final_failures_are_cacheable(outcome: Outcome) -> None:
     cacheable = classify(outcome).disposition is Disposition.FAIL
+    cacheable = cacheable and outcome is not Outcome.UNSUPPORTED
     assert is_cached_failure(outcome, NOW, NOW, DAY) is cacheable
 
 
