@@ -233,10 +233,12 @@ sha256 = "{token_digest(self.admin_token)}"
         runner_url: str | None = None,
         token: str | None = None,
         sandbox_paths: Sequence[str] = (),
+        ca_flag: bool = False,
     ) -> Proc:
         """Start agent ``name``; ``runner_url`` dials the runner another way (e.g. a proxy);
         ``token`` is another credential (e.g. a CI job's OIDC ID token); ``sandbox_paths`` are
-        mapped into the build sandbox besides the host tools."""
+        mapped into the build sandbox besides the host tools. With TLS the agent gets the test
+        CA as ``ca_file`` in its config, or as ``--ca-file`` with ``ca_flag``."""
         work = self.root / "agents" / name
         work.mkdir(parents=True, exist_ok=True)
         cfg = work / "agent.toml"
@@ -251,10 +253,15 @@ mandatory_features = {_toml_list(mandatory_features)}
 store = "local?root={work / "root"}"
 work_dir = "{work}"
 sandbox_paths = {_toml_list([*HOST_TOOLS, *sandbox_paths])}
-{f'ca_file = "{self.tls.ca_file}"' if self.tls else ""}
+{f'ca_file = "{self.tls.ca_file}"' if self.tls and not ca_flag else ""}
 """
         )
+        if self.tls and ca_flag:
+            extra_args = ["--ca-file", str(self.tls.ca_file), *extra_args]
         env = self.env(**({"BIGTENT_AGENT_TOKEN": token} if token is not None else {}))
+        # The agent hands its ca_file to Nix itself: nothing from the environment helps it.
+        for var in ("NIX_SSL_CERT_FILE", "SSL_CERT_FILE"):
+            env.pop(var, None)
         proc = self._spawn(f"agent-{name}", ["-v", "agent", "--config", str(cfg), *extra_args], env)
         self.agents[name] = proc
         if wait:
