@@ -24,16 +24,15 @@ import pytest
 
 from bigtent.nix.keys import generate_key
 from bigtent.runner.auth.tokens import generate_token, token_digest
-from tests.conftest import have_nix, wait_until
+from tests.conftest import HOST_TOOLS, have_nix, wait_until
 from tests.integration.runner.oidc_issuer import TlsFiles
 from tests.s3 import Bucket, s3_bucket, s3_endpoint
 
-__all__ = ["s3_bucket", "s3_endpoint"]  # fixtures: a farm may store its NARs in S3
+__all__ = ["HOST_TOOLS", "s3_bucket", "s3_endpoint"]  # fixtures: a farm may store its NARs in S3
 from tests.databases import MakeDatabase
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_NIX = REPO / "examples" / "dag.nix"
-HOST_TOOLS = ["/bin=/usr/bin", "/usr", "/lib=/usr/lib", "/lib64=/usr/lib64"]
 
 pytestmark = pytest.mark.skipif(not have_nix(), reason="needs Nix")
 

@@ -12,14 +12,12 @@ from pathlib import Path
 import pytest
 
 from bigtent.nix.keys import generate_key
-from tests.e2e.conftest import HOST_TOOLS, Farm, write_dag_file
+from tests.conftest import HOST_TOOLS_OPTION
+from tests.e2e.conftest import Farm, write_dag_file
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nix]
 
 NIX = ["--option", "substituters", ""]
-# The DAG's builders are /bin/sh: map the host tools into the sandbox as the agents do, rather
-# than rely on the machine's nix.conf.
-SANDBOX = ["--option", "extra-sandbox-paths", " ".join(HOST_TOOLS)]
 
 
 @pytest.fixture
@@ -57,7 +55,15 @@ def test_outputs_in_an_upstream_cache_are_not_built(
     cache_dir = tmp_path / "upstream"
     dag = write_dag_file(tmp_path, layers=2, width=2)
     bottom = [
-        _nix("nix-build", str(dag), "-A", f"nodes.dag-0-{i}", "--no-out-link", *NIX, *SANDBOX)
+        _nix(
+            "nix-build",
+            str(dag),
+            "-A",
+            f"nodes.dag-0-{i}",
+            "--no-out-link",
+            *NIX,
+            *HOST_TOOLS_OPTION,
+        )
         for i in range(2)
     ]
     _nix(
