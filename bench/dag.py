@@ -34,6 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 DAG_NIX = REPO / "examples" / "dag.nix"
 NO_SUBST = ["--option", "substituters", ""]
 HOST_TOOLS = "/bin=/usr/bin /usr /lib=/usr/lib /lib64=/usr/lib64"
+# The DAG's builders are /bin/sh: the local baseline maps the host tools into Nix's sandbox
+# itself, as the agents' sandbox_paths do, instead of relying on the machine's nix.conf.
+SANDBOX = ["--option", "extra-sandbox-paths", HOST_TOOLS]
 
 
 def dag_file(work: Path, **args: object) -> Path:
@@ -252,6 +255,7 @@ def main() -> int:
                     "-j2",
                     "--no-out-link",
                     *NO_SUBST,
+                    *SANDBOX,
                 ]
             ),
         )

@@ -44,6 +44,13 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
+HOST_TOOLS = ["/bin=/usr/bin", "/usr", "/lib=/usr/lib", "/lib64=/usr/lib64"]
+"""The host tools mapped into Nix's build sandbox (``extra-sandbox-paths``) for derivations
+whose builder is the host's ``/bin/sh``, as the agents' ``sandbox_paths`` do: tests pass them
+to Nix themselves and rely on no nix.conf of the machine."""
+HOST_TOOLS_OPTION = ["--option", "extra-sandbox-paths", " ".join(HOST_TOOLS)]
+
+
 def have_nix() -> bool:
     return shutil.which("nix-store") is not None
 

@@ -34,7 +34,13 @@ from bigtent.nix.compression import Compression
 from bigtent.protocol import MAX_LIST_ITEMS, MAX_SHORT_TEXT
 from bigtent.runner.autoscale.settings import AutoscaleSection, check_pools
 from bigtent.runner.s3keys import normalize_prefix
-from bigtent.runner.ssh import SshTarget, check_no_whitespace, normalize_host_key, parse_ssh_uri
+from bigtent.runner.ssh import (
+    SshTarget,
+    check_no_whitespace,
+    normalize_host_key,
+    parse_ssh_uri,
+    store_settings,
+)
 
 
 class Role(StrEnum):
@@ -372,7 +378,8 @@ class SshBuilderSection(_Section):
     """One ``[[ssh_builders]]`` entry: a machine Nix builds on over SSH (DESIGN §6)."""
 
     uri: str
-    """``ssh://[user@]host[:port]``; ``[v6]:port`` for IPv6."""
+    """``ssh://[user@]host[:port]``; ``[v6]:port`` for IPv6; ``?remote-store=DIR`` and
+    ``remote-program=PATH`` for a builder whose Nix store or ``nix-store`` is elsewhere."""
     systems: list[str] = Field(min_length=1)
     max_jobs: int = Field(default=1, ge=1, le=MAX_LIST_ITEMS)
     speed_factor: float = Field(default=1.0, gt=0, allow_inf_nan=False)
@@ -389,6 +396,7 @@ class SshBuilderSection(_Section):
     def _valid_uri(cls, v: str) -> str:
         try:
             parse_ssh_uri(v)
+            store_settings(v)
         except ConfigError as exc:
             raise ValueError(exc.message) from exc
         return v

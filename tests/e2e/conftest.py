@@ -24,16 +24,15 @@ import pytest
 
 from bigtent.nix.keys import generate_key
 from bigtent.runner.auth.tokens import generate_token, token_digest
-from tests.conftest import have_nix, wait_until
+from tests.conftest import HOST_TOOLS, have_nix, wait_until
 from tests.integration.runner.oidc_issuer import TlsFiles
 from tests.s3 import Bucket, s3_bucket, s3_endpoint
 
-__all__ = ["s3_bucket", "s3_endpoint"]  # fixtures: a farm may store its NARs in S3
+__all__ = ["HOST_TOOLS", "s3_bucket", "s3_endpoint"]  # fixtures: a farm may store its NARs in S3
 from tests.databases import MakeDatabase
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_NIX = REPO / "examples" / "dag.nix"
-HOST_TOOLS = ["/bin=/usr/bin", "/usr", "/lib=/usr/lib", "/lib64=/usr/lib64"]
 
 pytestmark = pytest.mark.skipif(not have_nix(), reason="needs Nix")
 
@@ -237,11 +236,13 @@ sha256 = "{token_digest(self.admin_token)}"
         token: str | None = None,
         sandbox_paths: Sequence[str] = (),
         agent_extra: str = "",
+        ca_flag: bool = False,
     ) -> Proc:
         """Start agent ``name``; ``runner_url`` dials the runner another way (e.g. a proxy);
         ``token`` is another credential (e.g. a CI job's OIDC ID token); ``sandbox_paths`` are
         mapped into the build sandbox besides the host tools; ``agent_extra`` are more
-        ``[agent]`` keys (TOML lines)."""
+        ``[agent]`` keys (TOML lines). With TLS the agent gets the test CA as ``ca_file`` in its
+        config, or as ``--ca-file`` with ``ca_flag``."""
         work = self.root / "agents" / name
         work.mkdir(parents=True, exist_ok=True)
         cfg = work / "agent.toml"
@@ -256,11 +257,16 @@ mandatory_features = {_toml_list(mandatory_features)}
 store = "local?root={work / "root"}"
 work_dir = "{work}"
 sandbox_paths = {_toml_list([*HOST_TOOLS, *sandbox_paths])}
-{f'ca_file = "{self.tls.ca_file}"' if self.tls else ""}
+{f'ca_file = "{self.tls.ca_file}"' if self.tls and not ca_flag else ""}
 {agent_extra}
 """
         )
+        if self.tls and ca_flag:
+            extra_args = ["--ca-file", str(self.tls.ca_file), *extra_args]
         env = self.env(**({"BIGTENT_AGENT_TOKEN": token} if token is not None else {}))
+        # The agent hands its ca_file to Nix itself: nothing from the environment helps it.
+        for var in ("NIX_SSL_CERT_FILE", "SSL_CERT_FILE"):
+            env.pop(var, None)
         proc = self._spawn(f"agent-{name}", ["-v", "agent", "--config", str(cfg), *extra_args], env)
         self.agents[name] = proc
         if wait:

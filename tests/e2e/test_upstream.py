@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bigtent.nix.keys import generate_key
+from tests.conftest import HOST_TOOLS_OPTION
 from tests.e2e.conftest import Farm, write_dag_file
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nix]
@@ -54,7 +55,15 @@ def test_outputs_in_an_upstream_cache_are_not_built(
     cache_dir = tmp_path / "upstream"
     dag = write_dag_file(tmp_path, layers=2, width=2)
     bottom = [
-        _nix("nix-build", str(dag), "-A", f"nodes.dag-0-{i}", "--no-out-link", *NIX)
+        _nix(
+            "nix-build",
+            str(dag),
+            "-A",
+            f"nodes.dag-0-{i}",
+            "--no-out-link",
+            *NIX,
+            *HOST_TOOLS_OPTION,
+        )
         for i in range(2)
     ]
     _nix(

@@ -27,7 +27,15 @@ import os
 import random
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterator,
+    Mapping,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar, assert_never
@@ -38,7 +46,7 @@ from bigtent.agent import presigned
 from bigtent.agent.credentials import CredentialSource, as_credential_source
 from bigtent.agent.drvfetch import DrvCache, DrvFetchError
 from bigtent.config import AgentSection
-from bigtent.errors import CredentialUnavailable, NixError
+from bigtent.errors import ConfigError, CredentialUnavailable, NixError
 from bigtent.nix.base32 import format_hash
 from bigtent.nix.compression import Compression
 from bigtent.nix.nar import dump_path
@@ -99,6 +107,13 @@ UPLOADS_DIR = "uploads"
 """Under the work dir: compressed output files waiting for a presigned upload."""
 XDG_CACHE_DIR = "xdg-cache"
 """Under the work dir: Nix's binary-cache lookup cache, private to this agent."""
+NIX_CA_BUNDLE = "nix-ca-bundle.pem"
+"""Under the work dir, with ``ca_file`` set: the certificates Nix trusts (``NIX_SSL_CERT_FILE``)."""
+NIX_DEFAULT_CA_FILES = (
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/nix/var/nix/profiles/default/etc/ssl/certs/ca-bundle.crt",
+)
+"""Where Nix looks for the system's CA bundle when ``NIX_SSL_CERT_FILE`` is not set."""
 
 SERVE_BACKSTOP_SECS = 30
 """A build Nix has not ended this long after its own timeout is killed (``timed_out``)."""
@@ -185,13 +200,88 @@ def step_store(
     section: AgentSection, cache: CacheSettings, cache_dir: str, *, bin_dir: str = ""
 ) -> NixStore:
     """The store a step (or the start-up probe) builds in: the agent's store URI, its
-    ``nix_options`` and ``XDG_CACHE_HOME`` = ``WORK/xdg-cache/<cache_dir>``."""
+    ``nix_options`` and environment (``nix_env``)."""
     return NixStore(
         store=section.store,
         options=nix_options(section, cache),
-        env={"XDG_CACHE_HOME": str(section.work_dir / XDG_CACHE_DIR / cache_dir)},
+        env=nix_env(section, cache_dir),
         bin_dir=bin_dir,
     )
+
+
+def nix_env(section: AgentSection, cache_dir: str) -> dict[str, str]:
+    """Environment of the agent's Nix processes for a slot (``cache_dir``, e.g. ``slot-0``).
+
+    ``XDG_CACHE_HOME`` per slot: Nix 2.8 processes sharing one ``binary-cache-v6.sqlite`` race
+    on it ("constraint failed"). With ``ca_file``, ``NIX_SSL_CERT_FILE`` names the bundle of the
+    runner's CA and the system's roots (``write_nix_ca_bundle``): Nix 2.8 reads no
+    ``SSL_CERT_FILE`` and ignores ``--option ssl-cert-file``, so without it Nix could not
+    substitute from a runner whose certificate a private CA signed.
+    """
+    env = {"XDG_CACHE_HOME": str(section.work_dir / XDG_CACHE_DIR / cache_dir)}
+    if section.ca_file is not None:
+        env["NIX_SSL_CERT_FILE"] = str(section.work_dir / NIX_CA_BUNDLE)
+    return env
+
+
+def nix_ca_bundle(ca_pem: str, system_pem: str | None) -> str:
+    """The certificates for Nix's ``NIX_SSL_CERT_FILE``: the agent's ``ca_file`` (the runner's
+    CA) first, then the system roots Nix would use otherwise, so upstream caches with public
+    certificates still verify. Nix reads one file for every https substituter."""
+    parts = [ca_pem.strip() + "\n"]
+    if system_pem and system_pem.strip():
+        parts.append(system_pem.strip() + "\n")
+    return "\n".join(parts)
+
+
+def system_ca_file(
+    env: Mapping[str, str], exists: Callable[[str], bool] = os.path.exists
+) -> str | None:
+    """The CA bundle Nix uses on its own: ``NIX_SSL_CERT_FILE``, else the first
+    of ``NIX_DEFAULT_CA_FILES`` that exists."""
+    given = env.get("NIX_SSL_CERT_FILE")
+    if given:
+        return given
+    return next((f for f in NIX_DEFAULT_CA_FILES if exists(f)), None)
+
+
+def write_nix_ca_bundle(section: AgentSection, env: Mapping[str, str]) -> Path | None:
+    """With ``ca_file`` set, write ``WORK/nix-ca-bundle.pem`` (``nix_ca_bundle``), the
+    ``NIX_SSL_CERT_FILE`` of every Nix process the agent runs (``nix_env``); ``None`` without
+    ``ca_file``."""
+    if section.ca_file is None:
+        return None
+    try:
+        ca_pem = section.ca_file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"config key agent.ca_file: cannot read {section.ca_file}: {exc}"
+        ) from exc
+    if "-----BEGIN CERTIFICATE-----" not in ca_pem:
+        raise ConfigError(f"config key agent.ca_file: {section.ca_file} holds no PEM certificate")
+    system_pem: str | None = None
+    system = system_ca_file(env)
+    if system is not None:
+        try:
+            system_pem = Path(system).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning(
+                "cannot read the system CA bundle %s (%s): Nix trusts only %s",
+                system,
+                exc,
+                section.ca_file,
+            )
+    path = section.work_dir / NIX_CA_BUNDLE
+    tmp = path.with_name(f".{NIX_CA_BUNDLE}.{os.getpid()}.tmp")
+    try:
+        section.work_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(nix_ca_bundle(ca_pem, system_pem))
+        tmp.replace(path)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write {path} (the CA bundle for Nix): {exc}; check agent.work_dir"
+        ) from exc
+    return path
 
 
 def outcome_of(status: RealiseStatus) -> Outcome:
@@ -426,13 +516,11 @@ class Executor:
         self._serve: dict[int, _ServeSlot] = {}
         self.drvs = DrvCache(http)
         presigned.remove_stale_uploads(section.work_dir / UPLOADS_DIR)
+        write_nix_ca_bundle(section, os.environ)
 
     def nix_store(self, cache: CacheSettings, slot: int = 0) -> NixStore:
-        """The store a step builds in, with the runner's caches as substituters.
-
-        Each concurrent step gets its own ``XDG_CACHE_HOME`` (one per slot, reused): Nix 2.8
-        processes sharing one ``binary-cache-v6.sqlite`` race on it ("constraint failed").
-        """
+        """The store a step builds in, with the runner's caches as substituters; each
+        concurrent step gets its slot's environment (``nix_env``)."""
         return step_store(self._section, cache, f"slot-{slot}", bin_dir=self._nix_bin_dir)
 
     def _take_slot(self) -> int:

@@ -17,7 +17,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 from bigtent.errors import ConfigError
 
@@ -74,8 +74,49 @@ class SshTarget:
         return f"{base}:{self.port}" if self.port is not None else base
 
 
+STORE_SETTINGS: frozenset[str] = frozenset({"remote-store", "remote-program"})
+"""The Nix ``ssh://`` store settings a builder URI's query may carry (``store_settings``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    """Where the builder's Nix lives: ``remote-store`` (a store on the builder, e.g. a
+    directory that is not ``/nix``) and ``remote-program`` (its ``nix-store``)."""
+
+    remote_store: str | None = None
+    remote_program: str | None = None
+
+
+def store_settings(uri: str) -> StoreSettings:
+    """The ``remote-store`` / ``remote-program`` settings of ``ssh://…?remote-store=…``.
+
+    Values are percent-decoded (``builders_line`` encodes them again); other keys, repeated
+    keys, empty values and whitespace are a ConfigError.
+    """
+    query = uri.split("#", 1)[0].partition("?")[2]
+    if not query:
+        return StoreSettings()
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError as exc:
+        raise ConfigError(f"SSH builder URI {uri!r} has a malformed query") from exc
+    found: dict[str, str] = {}
+    for key, value in pairs:
+        if key not in STORE_SETTINGS:
+            raise ConfigError(
+                f"SSH builder URI {uri!r}: unknown setting {key!r} "
+                f"(supported: {', '.join(sorted(STORE_SETTINGS))})"
+            )
+        if key in found:
+            raise ConfigError(f"SSH builder URI {uri!r} sets {key!r} twice")
+        check_no_whitespace(key, value)
+        found[key] = value
+    return StoreSettings(found.get("remote-store"), found.get("remote-program"))
+
+
 def parse_ssh_uri(uri: str) -> SshTarget:
-    """Parse ``ssh://[user@]host[:port][?query]``; the query (Nix store settings) is dropped.
+    """Parse ``ssh://[user@]host[:port][?query]``; the query (Nix store settings, see
+    ``store_settings``) is not part of the target.
 
     IPv6 hosts are ``[v6]`` or ``[v6]:port``; a bare v6 address is allowed without a port.
     Anything else (another scheme, a path, an empty host, a bad port, a user or host starting

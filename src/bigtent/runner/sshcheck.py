@@ -15,6 +15,7 @@ from bigtent.runner.ssh import (
     known_hosts_line,
     nix_sshopts,
     ssh_argv,
+    store_settings,
 )
 
 SSH_EXIT_CONNECT = 255
@@ -59,7 +60,8 @@ def check_ssh_builder(
             port=target.port,
             connect_timeout_secs=connect_timeout_secs,
         )
-        argv = ssh_argv(target, opts, ["nix-store", "--version"])
+        program = store_settings(builder.uri).remote_program or "nix-store"
+        argv = ssh_argv(target, opts, [program, "--version"])
         argv[0] = ssh
         try:
             proc = subprocess.run(

@@ -55,6 +55,7 @@ from bigtent.runner.ssh import (
     known_hosts_line,
     nix_sshopts,
     parse_ssh_uri,
+    store_settings,
 )
 
 log = logging.getLogger(__name__)
@@ -315,6 +316,7 @@ class SshBuilders:
         """``--option`` pairs of a step's realise on ``builder``."""
         ups = self.config.cache.upstreams
         s = builder.section
+        remote = store_settings(s.uri)
         return {
             "substituters": " ".join([self.cache.url, *(u.url for u in ups)]),
             "trusted-public-keys": " ".join([self.cache.public_key, *(u.public_key for u in ups)]),
@@ -328,6 +330,8 @@ class SshBuilders:
                 speed_factor=s.speed_factor,
                 supported_features=s.supported_features,
                 mandatory_features=s.mandatory_features,
+                remote_store=remote.remote_store,
+                remote_program=remote.remote_program,
             ),
         }
 

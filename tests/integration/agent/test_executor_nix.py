@@ -31,13 +31,14 @@ from bigtent.protocol import (
     Result,
     StepId,
 )
+from tests.conftest import HOST_TOOLS
 
 pytestmark = [
     pytest.mark.nix,
     pytest.mark.skipif(shutil.which("nix-store") is None, reason="needs Nix"),
 ]
 
-SANDBOX_PATHS = ["/bin=/usr/bin", "/usr", "/lib=/usr/lib", "/lib64=/usr/lib64"]
+SANDBOX_PATHS = HOST_TOOLS
 NIX = ["--extra-experimental-features", "nix-command"]
 
 

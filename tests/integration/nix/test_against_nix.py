@@ -28,6 +28,7 @@ from bigtent.nix.store_path import (
     make_text_path,
 )
 from tests import nar_trees
+from tests.conftest import HOST_TOOLS_OPTION
 from tests.nar_trees import Tree, write_tree
 
 if shutil.which("nix-store") is None:
@@ -159,7 +160,15 @@ def fresh_store_path() -> tuple[str, bytes]:
         'builder = "/bin/sh"; args = ["-c" "echo ${builtins.toFile "dep" c} > $out"]; }'
     )
     path = run_text(
-        "nix-build", *NO_NETWORK, "--no-out-link", "-E", expr, "--argstr", "c", uuid.uuid4().hex
+        "nix-build",
+        *NO_NETWORK,
+        *HOST_TOOLS_OPTION,
+        "--no-out-link",
+        "-E",
+        expr,
+        "--argstr",
+        "c",
+        uuid.uuid4().hex,
     )
     info = path_info(path)
     assert len(info["references"]) == 1

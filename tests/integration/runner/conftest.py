@@ -34,7 +34,7 @@ from bigtent.runner.app import create_app, uvicorn_config
 from bigtent.runner.auth.tokens import generate_token, token_digest
 from bigtent.runner.components import Components, build_components, close_components
 from bigtent.runner.db.migrate import create_engine
-from tests.conftest import current_system
+from tests.conftest import HOST_TOOLS_OPTION, current_system
 from tests.conftest import eventually as _eventually
 from tests.s3 import s3_bucket, s3_endpoint
 
@@ -309,7 +309,9 @@ class Nix:
         return {name: o["path"] for name, o in data[drv]["outputs"].items()}
 
     def realise(self, drv: str) -> list[str]:
-        return _run("nix-store", "--realise", *NO_SUBSTITUTERS, drv).splitlines()
+        return _run(
+            "nix-store", "--realise", *NO_SUBSTITUTERS, *HOST_TOOLS_OPTION, drv
+        ).splitlines()
 
     def graph(self, tmp: Path) -> Drvs:
         nonce = uuid.uuid4().hex

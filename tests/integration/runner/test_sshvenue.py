@@ -27,7 +27,7 @@ from bigtent.runner.logs import LogStore
 from bigtent.runner.scheduler.dispatcher import AGENT, SSH, PlannedStep, Scheduler, Venue
 from bigtent.runner.sshvenue import BuildStore
 from bigtent.states import StepState
-from tests.conftest import current_system
+from tests.conftest import HOST_TOOLS, current_system
 from tests.integration.runner.conftest import (
     Drvs,
     MakeRunner,
@@ -74,7 +74,9 @@ class _FakeStore:
     def __init__(self, stores: FakeStores, call: Call) -> None:
         self.stores = stores
         self.call = call
-        self.host = NixStore(options={"substituters": ""})
+        self.host = NixStore(
+            options={"substituters": "", "extra-sandbox-paths": " ".join(HOST_TOOLS)}
+        )
 
     async def realise(
         self,

@@ -31,6 +31,7 @@ from bigtent.runner.ssh import (
     parse_ssh_uri,
     render_ssh_builders_toml,
     ssh_argv,
+    store_settings,
 )
 
 
@@ -307,6 +308,55 @@ def test_builders_line_remote_store_and_ipv6() -> None:
         "x86_64-linux - 1 1.5 - benchmark -"
     )
     assert len(line.split()) == 8
+
+
+@pytest.mark.parametrize(
+    ("uri", "remote_store", "remote_program"),
+    [
+        ("ssh://host", None, None),
+        ("ssh://host?remote-store=/srv/root", "/srv/root", None),
+        ("ssh://u@[::1]:22?remote-program=/opt/nix-store&remote-store=local%3Froot%3D/r",
+         "local?root=/r", "/opt/nix-store"),
+    ],
+)  # fmt: skip
+def test_store_settings(uri: str, remote_store: str | None, remote_program: str | None) -> None:
+    settings = store_settings(uri)
+    assert (settings.remote_store, settings.remote_program) == (remote_store, remote_program)
+
+
+def test_store_settings_round_trip_through_the_machine_line() -> None:
+    uri = "ssh://root@10.0.0.1:2222?remote-store=local%3Froot%3D/r"
+    settings = store_settings(uri)
+    line = builders_line(
+        parse_ssh_uri(uri),
+        systems=["x86_64-linux"],
+        ssh_key=None,
+        max_jobs=1,
+        speed_factor=1,
+        supported_features=[],
+        mandatory_features=[],
+        remote_store=settings.remote_store,
+        remote_program=settings.remote_program,
+    )
+    assert line.split()[0] == "ssh://root@10.0.0.1?remote-store=local%3Froot%3D/r"
+
+
+@pytest.mark.parametrize(
+    ("uri", "match"),
+    [
+        ("ssh://h?compress=true", "unknown setting 'compress'"),
+        ("ssh://h?remote-store=/a&remote-store=/b", "sets 'remote-store' twice"),
+        ("ssh://h?remote-store=", "must not be empty"),
+        ("ssh://h?remote-store=/a%20b", "whitespace"),
+        ("ssh://h?remote-store", "malformed query"),
+    ],
+)
+def test_store_settings_refuses(uri: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        store_settings(uri)
+    # The config refuses the same URI with the same reason.
+    with pytest.raises(ConfigError, match=match):
+        load_runner_config(None, ssh_builders=[{"uri": uri, "systems": ["x"]}])
 
 
 @pytest.mark.parametrize(
