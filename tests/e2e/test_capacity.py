@@ -61,7 +61,7 @@ def test_waiting_for_capacity_is_shown_then_fails_unsupported(
     # While it waited, the client said why; at the end, why it failed.
     assert f"arm-hello: {REASON}" in proc.stderr
     assert "unsupported" in proc.stderr
-    assert f"{REASON}; gave up after 4 s" in proc.stderr
+    assert f"{REASON}; gave up after 4." in proc.stderr
 
     code, out = farm.build_json(str(arm_file(farm)), "-A", "arm", "--no-download")
     assert code == 1

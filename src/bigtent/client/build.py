@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from bigtent import humanize
 from bigtent.client.api import (
     Build,
     BuildRoot,
@@ -257,17 +258,6 @@ def _seconds_between(start: str | None, end: str | None) -> float | None:
         return None
 
 
-def _duration(secs: float) -> str:
-    secs = max(0.0, secs)
-    if secs < 10:
-        return f"{secs:.1f} s"
-    if secs < 90:
-        return f"{secs:.0f} s"
-    if secs < 90 * 60:
-        return f"{secs / 60:.0f} min"
-    return f"{secs / 3600:.1f} h"
-
-
 def is_infrastructure_failure(attempt: StepAttempt) -> bool:
     """Whether the attempt failed for an infrastructure reason (retried up to
     ``scheduler.max_infra_attempts``), as the runner classifies outcomes."""
@@ -292,7 +282,7 @@ def attempt_notice(attempt: StepAttempt) -> str | None:
     if attempt.retry_at is None:
         return f"giving up on {name} ({what}; no more tries)"
     wait = _seconds_between(attempt.finished_at, attempt.retry_at)
-    when = "at once" if wait is None or wait < 0.05 else f"in {_duration(wait)}"
+    when = "at once" if wait is None or wait < 0.05 else f"in {humanize.duration(wait)}"
     return f"retrying {name} ({what}; next try {when})"
 
 

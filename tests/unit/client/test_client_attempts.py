@@ -82,7 +82,7 @@ def test_a_failed_infrastructure_attempt_is_one_line_with_its_next_try() -> None
         ({"retry_at": "2026-12-06T04:00:03+00:00"}, "next try at once)"),
         ({"retry_at": "2026-12-06T04:00:03.250000+00:00"}, "next try in 0.2 s)"),
         ({"retry_at": "2026-12-06T04:00:12+00:00"}, "next try in 9.0 s)"),
-        ({"retry_at": "2026-12-06T04:05:03+00:00"}, "next try in 5 min)"),
+        ({"retry_at": "2026-12-06T04:05:03+00:00"}, "next try in 5 min 00 s)"),
         ({"error": None}, "failed on agent-1: prepare_failure; next try in 10 s)"),
         ({"name": ""}, f"retrying {S}abc-hello-1.0.drv (attempt"),
     ],

@@ -124,6 +124,8 @@ async def test_follow_build_reports_waiting_steps_once_and_keeps_the_last_build(
     ]
 
     def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/attempts"):
+            return httpx.Response(200, json={"attempts": []})
         return httpx.Response(200, json=polls.pop(0).model_dump(mode="json"))
 
     reported: list[list[str]] = []

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from bigtent import humanize
 from bigtent.states import StepState
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
@@ -18,18 +19,8 @@ def strip_ansi(text: str) -> str:
 
 
 def fmt_duration(secs: float | None) -> str:
-    """``0.4 s``, ``12 s``, ``3 min 04 s``, ``2 h 05 min``; an em dash for none."""
-    if secs is None:
-        return "—"
-    secs = max(0.0, secs)
-    if secs < 10:
-        return f"{secs:.1f} s"
-    whole = int(secs)
-    if whole < 60:
-        return f"{whole} s"
-    if whole < 3600:
-        return f"{whole // 60} min {whole % 60:02d} s"
-    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
+    """``humanize.duration``; an em dash for none."""
+    return "—" if secs is None else humanize.duration(secs)
 
 
 def fmt_bytes(n: int | None) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
+from bigtent import humanize
 from bigtent.runner.scheduler.matching import Requirement, VenueView, can_run, may_take
 
 WAITING_PREFIX = "waiting for capacity: "
@@ -33,16 +34,7 @@ def waiting_reason(req: Requirement) -> str:
 
 def unsupported_error(req: Requirement, waited_secs: float) -> str:
     """The error of a step that waited for capacity past the grace."""
-    return f"{waiting_reason(req)}; gave up after {_duration(waited_secs)}"
-
-
-def _duration(secs: float) -> str:
-    secs = max(0.0, secs)
-    if secs < 120:
-        return f"{secs:.0f} s"
-    if secs < 7200:
-        return f"{secs / 60:.0f} min"
-    return f"{secs / 3600:.1f} h"
+    return f"{waiting_reason(req)}; gave up after {humanize.duration(waited_secs)}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,7 +64,8 @@ def test_waiting_reason(requirement: Requirement, reason: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("secs", "text"), [(3.2, "3 s"), (119, "119 s"), (600, "10 min"), (4 * 3600, "4.0 h")]
+    ("secs", "text"),
+    [(3.2, "3.2 s"), (119, "1 min 59 s"), (600, "10 min 00 s"), (4 * 3600, "4 h 00 min")],
 )
 def test_unsupported_error_names_the_reason_and_the_wait(secs: float, text: str) -> None:
     assert unsupported_error(req(ARM), secs) == (
