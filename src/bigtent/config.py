@@ -158,8 +158,9 @@ class S3Section(_Section):
     """``/cache/nar/...``: a 302 to a short-lived presigned GET (Nix follows it), or the
     runner streams the object itself (clients that cannot reach the bucket)."""
     presigned_get_secs: int = Field(default=300, ge=1, le=7 * 86400)
-    presigned_put_secs: int = Field(default=900, ge=1, le=7 * 86400)
-    """How long a presigned URL may be used to start a request (S3 allows at most 7 days)."""
+    presigned_put_secs: int = Field(default=120, ge=1, le=7 * 86400)
+    """How long a presigned PUT URL may be used to start a request (S3 allows at most 7 days;
+    the agent asks for it just before its PUT, and every retry asks for a fresh one)."""
     presigned_uploads: bool = True
     """Offer agents presigned PUTs straight to the bucket; false: agents PUT to the runner."""
     incoming_ttl_secs: float = Field(default=86400.0, gt=0)

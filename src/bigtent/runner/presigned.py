@@ -4,15 +4,19 @@ verifies them before anything is published (DESIGN §6: uploads; docs/security.m
 ``presign`` hands out a short-lived PUT URL only to the holder of a current lease, only for
 an output of the leased step's derivation, for exactly the declared file size (signed), at a
 key the runner derives from the lease and the declared NAR hash (``s3keys``). ``complete``
-reads the object back and verifies it through the same checks as a NAR PUT to the runner
-(``ingest.publish_leased_output`` and ``Cache.receive_stored``); only then is the file moved
-to its content-addressed name and its narinfo signed. Any failure deletes the object.
+first takes the upload: a server-side copy to a key of the runner's own (no URL was signed
+for it) and a delete of the upload. It then reads that copy back and verifies it through the
+same checks as a NAR PUT to the runner (``ingest.publish_leased_output`` and
+``Cache.receive_stored``); only then is that same copy moved to its content-addressed name and
+its narinfo signed. What is published is what was verified: an agent that PUTs other bytes
+with its URL meanwhile writes an upload nobody reads. Any failure deletes both objects.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -24,7 +28,7 @@ from bigtent.nix.narinfo import NarInfo
 from bigtent.runner.cache import Cache, Ingested, Upstreams
 from bigtent.runner.ingest import publish_leased_output
 from bigtent.runner.s3 import S3Staged, S3Storage
-from bigtent.runner.s3keys import incoming_key
+from bigtent.runner.s3keys import incoming_key, verifying_key
 from bigtent.runner.scheduler.dispatcher import Scheduler
 from bigtent.runner.storage import Staged
 
@@ -195,18 +199,26 @@ class PresignedUploads:
     async def _verify(
         self, storage: S3Storage, key: str, lease_id: str, output_name: str, declared: Declared
     ) -> NarInfo:
-        staged = S3Staged(storage, source_key=key)
+        # The runner's own copy of the upload: verified, then published (``S3Staged``).
+        taken = verifying_key(key, secrets.token_hex(16))
+        staged = S3Staged(storage, source_key=taken)
+
+        async def forget() -> None:
+            """Delete the upload (if still there) and the runner's copy (idempotent)."""
+            await asyncio.to_thread(storage.delete, key)
+            await staged.discard()
 
         async def receive(candidates: Mapping[str, str]) -> tuple[Ingested, Staged]:
-            opened = await asyncio.to_thread(storage.open_object, key)
-            if opened is None:
+            if not await asyncio.to_thread(storage.take, key, taken):
                 raise Conflict(
                     "no uploaded file for this declaration: PUT it to the presigned URL first"
                 )
+            opened = await asyncio.to_thread(storage.open_object, taken)
+            if opened is None:
+                raise StorageUnavailable(f"S3 storage: {taken} vanished while being verified")
             size, obj = opened
             if size != declared.file_size:
                 obj.close()
-                await staged.discard()
                 raise BadRequest(
                     f"the uploaded file is {size} bytes, not its declared {declared.file_size}"
                 )
@@ -231,14 +243,14 @@ class PresignedUploads:
                 output_name,
                 declared.nar_size,
                 receive,
-                staged.discard,
+                forget,
                 via="a presigned upload",
                 untrusted=self.untrusted,
             )
         except BaseException as exc:
             # Whatever failed, the object is never published: delete it (idempotent).
             try:
-                await staged.discard()
+                await forget()
             except StorageUnavailable as gone:
                 log.warning("could not delete refused upload %s: %s", key, gone)
             if isinstance(exc, BigtentError):

@@ -271,6 +271,28 @@ class S3Storage:
                 raise _failure(f"copy of {source} to {key}", exc) from exc
         self.delete(source)
 
+    def take(self, source: str, key: str) -> bool:
+        """Copy an agent's upload ``source`` to the runner's own ``key`` and delete ``source``;
+        False when there is no ``source``. S3 copies one version of an object, so ``key``
+        then holds fixed bytes whatever is PUT to ``source`` later: the runner verifies and
+        publishes ``key``, never ``source`` (docs/security.md, presigned uploads)."""
+        try:
+            self.client.copy(
+                {"Bucket": self.bucket, "Key": source},
+                self.bucket,
+                key,
+                ExtraArgs={"ContentType": NAR_CONTENT_TYPE, "MetadataDirective": "REPLACE"},
+                Config=self._transfer,
+            )
+        except botocore.exceptions.ClientError as exc:
+            if _missing(exc):
+                return False
+            raise _failure(f"copy of {source} to {key}", exc) from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise _failure(f"copy of {source} to {key}", exc) from exc
+        self.delete(source)
+        return True
+
     def delete(self, key: str) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=key)

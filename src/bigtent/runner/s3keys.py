@@ -67,6 +67,16 @@ def incoming_key(prefix: str, lease_id: str, nar_hash: bytes, compression: Compr
     return f"{prefix}incoming/{lease_id}/{base32.encode(nar_hash)}.nar{EXTENSIONS[compression]}"
 
 
+def verifying_key(incoming: str, nonce: str) -> str:
+    """Where the runner keeps its own copy of upload ``incoming`` while it verifies it: next
+    to it (so the sweeper deletes what a stopped runner left), under a name no presigned URL
+    was ever signed for, so no agent can write it."""
+    if not re.fullmatch(r"[0-9a-f]{16,64}", nonce):
+        raise ValueError("a nonce is 16 to 64 lowercase hex digits")
+    head, _, name = incoming.rpartition("/")
+    return f"{head}/verifying-{nonce}-{name}"
+
+
 def incoming_prefix(prefix: str) -> str:
     """Where every presigned upload lives (what the sweeper lists)."""
     return prefix + "incoming/"

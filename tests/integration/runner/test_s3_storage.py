@@ -437,6 +437,84 @@ async def test_a_decompression_bomb_is_stopped_at_the_declared_size(
     assert (await leased.runner.narinfo(dep_out)).status_code == 404
 
 
+@pytest.mark.parametrize(
+    ("moment", "compression"),
+    [("move", "zstd"), ("move", "none"), ("open_object", "zstd")],
+)
+async def test_a_re_put_during_complete_never_reaches_what_is_signed(
+    make_leased: MakeLeased,
+    nix: Nix,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    moment: str,
+    compression: str,
+) -> None:
+    """A hostile agent holding the lease PUTs other bytes of the same size with its still
+    valid URL while the runner completes its upload: just before the runner reads it back
+    (``open_object``), or after it verified it and before the copy to the published key
+    (``move``). What is published and signed is what was verified, and Nix substitutes it."""
+    leased = await make_leased(compression)
+    (dep_out,) = nix.realise(leased.drvs.dep)
+    dep = nix.upload(dep_out)
+    prepared = await leased.prepare(dep_out)
+    good = _file_bytes(prepared)
+    # Same size, other bytes; uncompressed, a well-formed NAR of other contents.
+    contents = Path(dep_out).read_bytes()
+    at = good.find(contents) if compression == "none" else -1
+    hostile = bytearray(good)
+    hostile[at + len(contents) // 2 if at >= 0 else len(good) // 2] ^= 0x01
+    declaration = prepared.declaration().model_dump(mode="json")
+    resp = await leased.presign(declaration)
+    assert resp.status_code == 200, resp.text
+    plan = p.UploadPlan.model_validate_json(resp.content)
+    assert plan.method is p.UploadMethod.PRESIGNED
+    assert plan.expires_secs == 120  # short-lived by default
+    assert (await leased.put_to_bucket(plan, good)).status_code == 200
+    (incoming,) = _incoming(leased.bucket)
+
+    storage = leased.runner.comps.cache.storage
+    from bigtent.runner.s3 import S3Storage
+
+    assert isinstance(storage, S3Storage)
+    real = getattr(storage, moment)
+    attacked: list[int] = []
+
+    def attack_then(*args: Any) -> Any:
+        # Runs in the runner's worker thread, at exactly the moment under attack.
+        if not attacked:
+            headers = {**plan.headers, "Content-Length": str(len(hostile))}
+            put = httpx.put(plan.url, content=bytes(hostile), headers=headers, timeout=30)
+            attacked.append(put.status_code)
+            assert leased.bucket.read(incoming) == bytes(hostile)
+        return real(*args)
+
+    monkeypatch.setattr(storage, moment, attack_then)
+    resp = await leased.complete(declaration)
+    assert attacked == [200], "the hostile PUT did not happen"
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["nar_hash"] == dep.nar_hash
+    info = verify_signed(leased.runner, (await leased.runner.narinfo(dep_out)).text)
+    # Nix is the judge: a fresh store trusting only the runner's key substitutes the path
+    # from the bucket and gets the real output.
+    root = tmp_path / "judge"
+    code, output = await _substitute(leased.runner, [dep_out], root)
+    assert code == 0, output
+    assert (root / dep_out.lstrip("/")).read_bytes() == Path(dep_out).read_bytes()
+    assert info.file_hash == prepared.file_hash
+    assert leased.bucket.read(info.url) == good
+    # The hostile bytes sit at the upload's key, which nothing reads any more; a repeated
+    # complete answers the record and deletes them.
+    assert _incoming(leased.bucket) == [incoming]
+    again = await leased.complete(declaration)
+    assert again.status_code == 200 and again.json() == resp.json()
+    assert _incoming(leased.bucket) == []
+    assert leased.bucket.read(info.url) == good
+
+    # The path counts as built, and rightly.
+    assert (await _finish(leased, leased.assign, dep)).recorded is True
+    assert await leased.runner.present([dep_out]) == {dep_out}
+
+
 async def test_presign_answers_cached_for_a_path_already_in_the_cache(
     make_leased: MakeLeased, nix: Nix
 ) -> None:
@@ -525,8 +603,10 @@ async def test_sweeper_deletes_only_old_incoming_objects(
     assert isinstance(storage, S3Storage)
     s3_bucket.put("incoming/lease/abc.nar.zst", b"left behind")
     s3_bucket.put("nar/keep.nar", b"published")
+    # What a runner stopped while verifying leaves: its own copy of an upload.
+    s3_bucket.put(f"incoming/lease/verifying-{'0' * 32}-abc.nar.zst", b"left behind")
     assert await storage.sweep_incoming(time.time()) == 0
-    assert await storage.sweep_incoming(time.time() + 120) == 1
+    assert await storage.sweep_incoming(time.time() + 120) == 2
     assert s3_bucket.list_keys() == ["nar/keep.nar"]
 
 

@@ -18,6 +18,7 @@ from bigtent.runner.s3keys import (
     incoming_prefix,
     nar_key,
     normalize_prefix,
+    verifying_key,
 )
 from bigtent.runner.scheduler.leases import new_lease_id
 
@@ -79,6 +80,20 @@ def test_incoming_key() -> None:
     assert key == f"p/incoming/{lease}/{base32.encode(HASH)}.nar.xz"
     assert key.startswith(incoming_prefix("p/"))
     assert incoming_key("", lease, HASH, Compression.NONE).endswith(".nar")
+
+
+def test_verifying_key_is_next_to_the_upload_under_another_name() -> None:
+    lease = new_lease_id()
+    upload = incoming_key("p/", lease, HASH, Compression.ZSTD)
+    nonce = os.urandom(16).hex()
+    key = verifying_key(upload, nonce)
+    assert key == f"p/incoming/{lease}/verifying-{nonce}-{base32.encode(HASH)}.nar.zst"
+    assert key.startswith(incoming_prefix("p/")) and key != upload
+    # No agent input reaches it: an upload's name is a hash, never "verifying-...".
+    assert not key.rpartition("/")[2].startswith(base32.encode(HASH))
+    for bad in ("", "../x", "ABCDEF0123456789", "0" * 15, "0" * 65):
+        with pytest.raises(ValueError):
+            verifying_key(upload, bad)
 
 
 @pytest.mark.parametrize(
