@@ -21,6 +21,7 @@ from tests.e2e.conftest import Farm
 pytestmark = [
     pytest.mark.nix,
     pytest.mark.e2e,
+    pytest.mark.slow,
     pytest.mark.skipif(
         TEST_DB != "sqlite",
         reason="staged admission is for a runner alone with SQLite; on PostgreSQL a build is "
