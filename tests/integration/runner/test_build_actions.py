@@ -124,3 +124,28 @@ async def test_a_pull_request_token_acts_on_its_own_build(
     assert resp.status_code == 200 and resp.json()["state"] == "cancelled"
     events = (await build_json(runner, build_id))["events"]
     assert [(e["kind"], e["actor"]) for e in events] == [("cancelled", "ci-pr-8")]
+
+
+async def test_a_retried_submission_finds_its_build(
+    make_runner: MakeRunner, nix: Nix, drvs: Drvs
+) -> None:
+    """The same submission key and token: the same build (200); another token's key names
+    another submission; a key that does not fit is a 400."""
+    runner = await make_runner()
+    await upload_closure(runner, nix, drvs.closure)
+    main = await stored_client(runner, "ci-main", trusted=True)
+    other = await stored_client(runner, "ci-other", trusted=True)
+    body = {"drvs": [drvs.top], "submission": "k" * 32}
+    first = await main.post("/api/v1/builds", json=body)
+    assert first.status_code == 201, first.text
+    again = await main.post("/api/v1/builds", json=body)
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == first.json()["id"]
+    theirs = await other.post("/api/v1/builds", json=body)
+    assert theirs.status_code == 201 and theirs.json()["id"] != first.json()["id"]
+    for bad in ("short", "x" * 65, "k" * 31 + "/"):
+        resp = await main.post("/api/v1/builds", json={"drvs": [drvs.top], "submission": bad})
+        assert resp.status_code == 400, bad
+    listed = (await main.get("/api/v1/builds")).json()["builds"]
+    assert len(listed) == 2
+    assert (await build_json(runner, first.json()["id"]))["events"] == []
