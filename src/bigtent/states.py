@@ -50,6 +50,21 @@ class BuildState(StrEnum):
         return self in (BuildState.SUCCEEDED, BuildState.FAILED, BuildState.CANCELLED)
 
 
+class BuildEventKind(StrEnum):
+    """What happened to a build, as recorded in its history (``build_events``). Values are the
+    database and API strings."""
+
+    CANCELLED = "cancelled"
+    BUMPED = "bumped"
+    RESTARTED = "restarted"
+    ADMISSION_INTERRUPTED = "admission_interrupted"
+    """The runner stopped while it was admitting the build: it was cancelled at the next start
+    (nobody asked for it); the client's retry submits it again."""
+    REPLACED = "replaced"
+    """A retried submission (same ``submission`` key and token) of a build whose admission was
+    interrupted created a new build instead (``detail`` names it)."""
+
+
 class LaunchState(StrEnum):
     """An autoscaler launch's state (docs/autoscaling.md). Values are the database and API
     strings: add, never rename."""

@@ -531,10 +531,16 @@ class RunnerClient:
         repository: str | None = None,
         ref: str | None = None,
         trusted: bool = True,
+        submission: str | None = None,
     ) -> Build:
         """Create a build; ``trusted`` asks for a trusted one, which the runner grants only
-        to a trusted token and a ref that is no pull request (the answer says)."""
+        to a trusted token and a ref that is no pull request (the answer says).
+        ``submission``: the random key of this submission, the same on each retry of it (the
+        runner answers the build the first attempt created, or replaces one whose admission
+        a stop of the runner interrupted)."""
         body: dict[str, Any] = {"drvs": list(drvs), "priority": priority}
+        if submission is not None:
+            body["submission"] = submission
         if repository is not None:
             body["repository"] = repository
         if ref is not None:

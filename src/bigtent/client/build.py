@@ -12,6 +12,7 @@ import heapq
 import logging
 import os
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -474,13 +475,7 @@ async def run_build(
 ) -> BuildResult:
     """Upload what the runner lacks, create the build, wait for it, fetch its outputs."""
     await upload_closure(client, store, drvs, observer, concurrency=options.upload_concurrency)
-    build = await client.create_build(
-        drvs,
-        priority=options.priority,
-        repository=options.repository,
-        ref=options.ref,
-        trusted=options.trusted,
-    )
+    build = await submit_build(client, drvs, options, observer)
     if tracker is not None:
         tracker.build_id = build.id
     log.info(
@@ -627,6 +622,47 @@ class AttemptFollower:
                     observer.on_attempt(attempt)
             if len(page) < ATTEMPTS_PAGE:
                 return
+
+
+SUBMIT_RETRY_FIRST_SECS = 0.5
+SUBMIT_RETRY_MAX_SECS = 5.0
+
+
+async def submit_build(
+    client: RunnerClient,
+    drvs: Sequence[str],
+    options: BuildOptions,
+    observer: BuildObserver,
+    unreachable_grace_secs: float = UNREACHABLE_GRACE_SECS,
+) -> Build:
+    """Create the build, retrying the submission while the runner is unreachable (a restart,
+    or a large admission that outlasts the request timeout) for up to the grace. Every retry
+    carries the same random submission key: the runner answers the build an earlier attempt
+    created, or, when a stop of the runner interrupted that one's admission, makes a new one
+    (docs/api.md, "Build events")."""
+    key = secrets.token_urlsafe(24)
+    unreachable_since: float | None = None
+    delay = SUBMIT_RETRY_FIRST_SECS
+    while True:
+        try:
+            return await client.create_build(
+                drvs,
+                priority=options.priority,
+                repository=options.repository,
+                ref=options.ref,
+                trusted=options.trusted,
+                submission=key,
+            )
+        except RunnerUnreachable as exc:
+            now = time.monotonic()
+            if unreachable_since is None:
+                unreachable_since = now
+                log.info("submitting the build: %s", exc)
+                observer.on_phase("runner unreachable, retrying the submission")
+            elif now - unreachable_since > unreachable_grace_secs:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, SUBMIT_RETRY_MAX_SECS)
 
 
 async def follow_build(

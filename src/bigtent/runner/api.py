@@ -29,10 +29,12 @@ from bigtent.config import Role
 from bigtent.errors import (
     AuthError,
     BigtentError,
+    Forbidden,
     NotFound,
     RangeNotSatisfiable,
     TooManyAuthFailures,
 )
+from bigtent.runner.auth.ownership import BuildAction, check_build_action
 from bigtent.runner.auth.ratelimit import FailureThrottle
 from bigtent.runner.auth.tokens import Principal, TokenRegistry
 from bigtent.runner.builds import plan_parts
@@ -48,7 +50,7 @@ from bigtent.runner.scheduler.dispatcher import AGENT
 from bigtent.runner.scheduler.health import is_unhealthy, shown_error
 from bigtent.runner.sessions import bearer_token, looks_like_jwt
 from bigtent.runner.trust import build_is_trusted
-from bigtent.states import StepState
+from bigtent.states import BuildEventKind, StepState
 
 log = logging.getLogger(__name__)
 
@@ -282,10 +284,29 @@ class BuildBody(BaseModel):
     """The git ref, e.g. ``refs/heads/main``; a pull request ref is never trusted."""
     trusted: bool = True
     """Ask for a trusted build; it is one only for a trusted creator and ref (DESIGN §6)."""
+    submission: str | None = Field(
+        default=None, min_length=16, max_length=64, pattern=r"^[A-Za-z0-9_-]+$"
+    )
+    """The client's random key for this submission, the same on each retry of it: a retry
+    finds the build the first attempt created (200) or, when the runner stopped while
+    admitting that one, replaces it."""
 
 
 @api.post("/builds", status_code=201)
-async def create_build(body: BuildBody, comps: Comps, who: ClientAuth) -> dict[str, Any]:
+async def create_build(
+    body: BuildBody, comps: Comps, who: ClientAuth, response: Response
+) -> dict[str, Any]:
+    replaces: int | None = None
+    if body.submission is not None:
+        async with comps.engine.connect() as conn:
+            found = await queries.fetch_submitted_build(conn, who.name, body.submission)
+        if found is not None:
+            row, interrupted = found
+            if not interrupted:
+                log.info("build %d submitted again by %s: the same build", row.id, who.name)
+                response.status_code = 200
+                return await _build_json(comps, int(row.id))
+            replaces = int(row.id)
     trusted = build_is_trusted(
         requested=body.trusted, role=who.role, token_trusted=who.trusted, ref=body.ref
     )
@@ -298,7 +319,16 @@ async def create_build(body: BuildBody, comps: Comps, who: ClientAuth) -> dict[s
         repository=body.repository,
         ref=body.ref,
         trusted=trusted,
+        submission_key=body.submission,
     )
+    if replaces is not None:
+        await comps.scheduler.record_build_event(
+            replaces,
+            BuildEventKind.REPLACED,
+            actor=who.name,
+            detail=f"submitted again as build {build_id}",
+        )
+        log.info("build %d replaces build %d, whose admission was interrupted", build_id, replaces)
     if body.trusted and not trusted:
         log.info("build %d by %s is untrusted (ref %s)", build_id, who.name, body.ref)
     return await _build_json(comps, build_id)
@@ -353,10 +383,34 @@ async def get_build_attempts(
     return {"attempts": [attempt_json(r) for r in rows]}
 
 
+async def _authorize(comps: Components, who: Principal, action: BuildAction, build_id: int) -> Any:
+    """The build's row if ``who`` may do ``action`` on it (``ownership.check_build_action``);
+    404 for an unknown build, 403 (logged with the actor) for someone else's."""
+    _known_id(build_id, "build")
+    async with comps.engine.connect() as conn:
+        row = await queries.fetch_build(conn, build_id)
+    if row is None:
+        raise NotFound(f"no build {build_id}")
+    try:
+        check_build_action(who, action, build_id, row.created_by)
+    except Forbidden:
+        log.warning(
+            "refused: %s (%s) may not %s build %d (created by %s)",
+            who.name,
+            who.role,
+            action,
+            build_id,
+            row.created_by,
+        )
+        raise
+    return row
+
+
 @api.post("/builds/{build_id}/cancel")
-async def cancel_build(build_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
-    await _build_json(comps, build_id)  # 404 for an unknown build
-    await comps.scheduler.cancel_build(build_id)
+async def cancel_build(build_id: int, comps: Comps, who: ClientAuth) -> dict[str, Any]:
+    await _authorize(comps, who, BuildAction.CANCEL, build_id)
+    if await comps.scheduler.cancel_build(build_id, actor=who.name):
+        log.info("build %d cancelled by %s", build_id, who.name)
     return await _build_json(comps, build_id)
 
 
@@ -366,20 +420,22 @@ class BumpBody(BaseModel):
 
 @api.post("/builds/{build_id}/bump")
 async def bump_build(
-    build_id: int, comps: Comps, _: ClientAuth, body: BumpBody | None = None
+    build_id: int, comps: Comps, who: ClientAuth, body: BumpBody | None = None
 ) -> dict[str, Any]:
-    current = await _build_json(comps, build_id)
-    priority = body.priority if body and body.priority is not None else current["priority"] + 10
-    await comps.scheduler.bump_build(build_id, priority)
+    row = await _authorize(comps, who, BuildAction.BUMP, build_id)
+    priority = body.priority if body and body.priority is not None else int(row.priority) + 10
+    if await comps.scheduler.bump_build(build_id, priority, actor=who.name):
+        log.info("build %d bumped to priority %d by %s", build_id, priority, who.name)
     return await _build_json(comps, build_id)
 
 
 @api.post("/builds/{build_id}/restart")
-async def restart_build(build_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
+async def restart_build(build_id: int, comps: Comps, who: ClientAuth) -> dict[str, Any]:
     """Clear the cached failures of the build's failed steps and queue its failed,
     dependency-failed and cancelled steps again."""
-    await _build_json(comps, build_id)  # 404 for an unknown build
-    await comps.scheduler.restart_build(build_id)
+    await _authorize(comps, who, BuildAction.RESTART, build_id)
+    if await comps.scheduler.restart_build(build_id, actor=who.name):
+        log.info("build %d restarted by %s", build_id, who.name)
     return await _build_json(comps, build_id)
 
 
@@ -612,6 +668,7 @@ async def _build_json(comps: Components, build_id: int, details: bool = False) -
             raise NotFound(f"no build {build_id}")
         roots = await queries.fetch_build_roots(conn, build_id)
         steps = await queries.fetch_build_steps(conn, build_id)
+        events = await queries.fetch_build_events(conn, build_id, EVENTS_SHOWN) if details else []
     by_id = {s.id: s for s in steps}
     counts = {
         k: 0
@@ -651,6 +708,7 @@ async def _build_json(comps: Components, build_id: int, details: bool = False) -
     waiting = _waiting_for_capacity(comps, steps)
     out["waiting_for_capacity_count"] = len(waiting)
     if details:
+        out["events"] = [build_event_json(e) for e in events]
         out["waiting_for_capacity"] = waiting[:WAITING_LISTED]
         out["failed_steps"] = [
             {
@@ -665,6 +723,21 @@ async def _build_json(comps: Components, build_id: int, details: bool = False) -
             if s.state == StepState.FAILED
         ]
     return out
+
+
+EVENTS_SHOWN = 200
+"""A build's newest events in ``GET /builds/{id}``."""
+
+
+def build_event_json(row: Any) -> dict[str, Any]:
+    """One entry of a build's history (``build_events``)."""
+    return {
+        "id": row.id,
+        "at": _iso(row.at),
+        "kind": row.kind,
+        "actor": row.actor,
+        "detail": row.detail,
+    }
 
 
 WAITING_LISTED = 20

@@ -69,6 +69,20 @@ async def _sign_in(runner: RunnerHarness, role: Role) -> httpx.AsyncClient:
     return c
 
 
+async def _stored_token(runner: RunnerHarness, name: str, role: Role = Role.CLIENT) -> str:
+    """A new token made through the admin API."""
+    resp = await runner.client(Role.ADMIN).post("/api/v1/tokens", json={"role": role, "name": name})
+    assert resp.status_code == 201, resp.text
+    return str(resp.json()["token"])
+
+
+async def _sign_in_as(runner: RunnerHarness, token: str) -> httpx.AsyncClient:
+    c = _browser(runner)
+    resp = await c.post("/login", data={"token": token, "next": "/"}, headers={"Origin": ORIGIN})
+    assert resp.status_code == 303, resp.text
+    return c
+
+
 async def _csrf(c: httpx.AsyncClient, page: str) -> str:
     m = CSRF.search((await c.get(page)).text)
     assert m is not None, "the page has no form with a CSRF token"
@@ -86,14 +100,17 @@ async def test_actions_need_an_admin_a_csrf_token_and_the_same_origin(
     anonymous = _browser(runner)
     resp = await anonymous.post(cancel, data={}, headers={"Origin": ORIGIN})
     assert resp.status_code == 401
-    assert "admin token" in resp.text
+    assert "client or admin token" in resp.text
     assert "Cancel build" not in (await anonymous.get(f"/builds/{build_id}")).text
 
-    client = await _sign_in(runner, Role.CLIENT)
+    # Another client's build: no buttons, and a forged form is refused (the API's rule).
+    client = await _sign_in_as(runner, await _stored_token(runner, "someone-else"))
+    assert "Cancel build" not in (await client.get(f"/builds/{build_id}")).text
     token = await _csrf(client, "/")  # the sign-out form carries one
     resp = await client.post(cancel, data={"csrf": token}, headers={"Origin": ORIGIN})
     assert resp.status_code == 403
-    assert "needs admin" in resp.text
+    assert f"may not cancel build {build_id}" in resp.text
+    assert (await _build_json(runner, build_id))["events"] == []
 
     admin = await _sign_in(runner, Role.ADMIN)
     token = await _csrf(admin, f"/builds/{build_id}")
@@ -441,3 +458,40 @@ async def test_a_runner_without_tokens_still_wants_the_csrf_token(
             assert len(app.state.dashboard.sessions) == 1
     finally:
         await close_components(comps)
+
+
+@pytest.mark.nix
+async def test_a_client_acts_on_its_own_build_and_the_history_shows_who(
+    make_runner: MakeRunner, nix: Nix, drvs: Drvs
+) -> None:
+    runner = await make_runner()
+    build_id = await _build(runner, nix, drvs)  # by the client token
+    owner = await _sign_in(runner, Role.CLIENT)
+    page = (await owner.get(f"/builds/{build_id}")).text
+    assert "Cancel build" in page and "Nobody has cancelled" in page
+    token = await _csrf(owner, f"/builds/{build_id}")
+    for action, form in (("bump", {"priority": "3"}), ("cancel", {})):
+        resp = await owner.post(
+            f"/builds/{build_id}/{action}", data={"csrf": token} | form, headers={"Origin": ORIGIN}
+        )
+        assert resp.status_code == 303, resp.text
+    build = await _build_json(runner, build_id)
+    assert (build["state"], build["priority"]) == ("cancelled", 3)
+    name = build["created_by"]
+    assert [(e["kind"], e["actor"]) for e in build["events"]] == [
+        ("bumped", name),
+        ("cancelled", name),
+    ]
+    page = (await owner.get(f"/builds/{build_id}")).text
+    history = page[page.index('id="events"') :]
+    assert f"<td>bumped</td><td>{name}</td>" in history
+    assert f"<td>cancelled</td><td>{name}</td>" in history
+    # An agent token signed in may look but not act, even on a build of its name.
+    agent = await _sign_in(runner, Role.AGENT)
+    resp = await agent.post(
+        f"/builds/{build_id}/restart",
+        data={"csrf": await _csrf(agent, "/")},
+        headers={"Origin": ORIGIN},
+    )
+    assert resp.status_code == 403
+    assert len((await _build_json(runner, build_id))["events"]) == 2

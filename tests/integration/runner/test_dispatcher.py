@@ -1381,6 +1381,15 @@ async def test_a_build_left_without_roots_is_cancelled_at_start(farm: Farm) -> N
     assert restarted.builds == {} and len(restarted.index) == 0
     assert await farm.build_state(build_id) == "cancelled"
     assert await farm.state(z) is StepState.CANCELLED
+    # Nobody cancelled it: the history says what happened, once (a second start adds nothing).
+    again = farm.new_scheduler()
+    await again.load()
+    async with farm.engine.connect() as conn:
+        events = await queries.fetch_build_events(conn, build_id, 10)
+        found = await queries.fetch_submitted_build(conn, "t", "no-such-key")
+    assert [(e.kind, e.actor) for e in events] == [("admission_interrupted", "runner")]
+    assert "nobody cancelled it" in events[0].detail
+    assert found is None
 
 
 async def test_one_pass_fills_more_slots_than_a_dispatch_chunk(

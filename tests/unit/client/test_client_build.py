@@ -32,12 +32,13 @@ from bigtent.client.build import (
     resolve_targets,
     result_links,
     run_build,
+    submit_build,
     substituter_options,
     summarize_progress,
     upload_closure,
     upload_order,
 )
-from bigtent.errors import BigtentError, NixError, UsageError
+from bigtent.errors import BigtentError, NixError, RunnerUnreachable, UsageError
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store import NixStore, PathInfo, RealiseResult, RealiseStatus
 
@@ -491,7 +492,9 @@ async def test_run_build_uploads_builds_and_downloads(tmp_path: Path, monkeypatc
             tracker,
         )
     assert result.succeeded and tracker.build_id == "5"
-    assert runner.created == [{"drvs": [S + "top.drv"], "priority": 3}]
+    [created] = runner.created
+    assert len(created.pop("submission")) >= 16
+    assert created == {"drvs": [S + "top.drv"], "priority": 3}
     assert result.links == [ResultLink(str(tmp_path / "result"), S + "top")]
     [(paths, root, options)] = store.realised
     assert paths == [S + "top"] and root == str(tmp_path / "result")
@@ -536,3 +539,42 @@ async def test_download_without_links(tmp_path: Path) -> None:
     assert links == []
     assert store.realised == [(["/o"], None, store.realised[0][2])]
     assert store.realised[0][2]["substituters"] == "http://r/cache"
+
+
+async def test_a_submission_is_retried_with_one_key_while_the_runner_is_unreachable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The runner dies while admitting (the connection drops), then answers: the retry
+    carries the same submission key, so the runner can find or replace the first attempt."""
+    monkeypatch.setattr("bigtent.client.build.SUBMIT_RETRY_FIRST_SECS", 0)
+    bodies: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        if len(bodies) < 3:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return httpx.Response(201, json=_wire_build("queued"))
+
+    phases: list[str] = []
+
+    class Observer(SilentObserver):
+        def on_phase(self, text: str) -> None:
+            phases.append(text)
+
+    async with RunnerClient(URL, transport=httpx.MockTransport(handler)) as client:
+        build = await submit_build(client, [S + "top.drv"], BuildOptions(), Observer())
+    assert build.id == "5"
+    assert len(bodies) == 3 and len({b["submission"] for b in bodies}) == 1
+    assert phases == ["runner unreachable, retrying the submission"]
+
+    # Another submission gets another key; an outage past the grace is the error it was.
+    def down(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        raise httpx.ConnectError("connection refused")
+
+    async with RunnerClient(URL, transport=httpx.MockTransport(down)) as client:
+        with pytest.raises(RunnerUnreachable):
+            await submit_build(
+                client, [S + "top.drv"], BuildOptions(), Observer(), unreachable_grace_secs=0
+            )
+    assert bodies[-1]["submission"] != bodies[0]["submission"]

@@ -122,13 +122,18 @@ def may_read(viewer: Viewer, mode: DashboardAuth) -> bool:
     return mode is DashboardAuth.PUBLIC or viewer.principal is not None
 
 
-def check_action(viewer: Viewer, *, csrf: str | None, origin_ok: bool) -> Principal:
-    """May this request cancel, restart, bump or drain? The admin principal, or AuthError
-    (no credential) / Forbidden (not an admin, or a forged form)."""
+def check_action(
+    viewer: Viewer, *, csrf: str | None, origin_ok: bool, admin_only: bool = True
+) -> Principal:
+    """May this request act (drain: ``admin_only``; cancel, restart, bump: any client or
+    admin, then ``ownership.check_build_action`` decides per build)? The principal, or
+    AuthError (no credential) / Forbidden (not an admin or client, or a forged form)."""
     if viewer.principal is None:
-        raise AuthError("sign in with an admin token to do this")
-    if viewer.principal.role is not Role.ADMIN:
-        raise Forbidden(f"token role {viewer.principal.role} may not do this (needs admin)")
+        raise AuthError("sign in with a client or admin token to do this")
+    role = viewer.principal.role
+    if role is not Role.ADMIN and (admin_only or role is not Role.CLIENT):
+        needs = "admin" if admin_only else "client or admin"
+        raise Forbidden(f"token role {role} may not do this (needs {needs})")
     if viewer.via is Via.BEARER:
         return viewer.principal
     if not origin_ok:

@@ -25,6 +25,7 @@ from starlette.staticfiles import StaticFiles
 from bigtent import __version__
 from bigtent.config import DashboardAuth, Role
 from bigtent.errors import AuthError, BadRequest, BigtentError, NotFound, PayloadTooLarge
+from bigtent.runner.auth.ownership import BuildAction, check_build_action, may_act
 from bigtent.runner.auth.tokens import Principal, token_digest
 from bigtent.runner.components import Components
 from bigtent.runner.dashboard import present, views
@@ -179,10 +180,9 @@ def _render(
         request=request,
         viewer=viewer,
         csrf=session.csrf if session is not None else "",
-        can_act=viewer.is_admin,
         mode=dash.mode,
         path=request.url.path,
-        **ctx,
+        **({"can_act": viewer.is_admin} | ctx),
     )
     resp = HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
     if needs_session and session is not None:
@@ -261,7 +261,10 @@ async def overview(request: Request) -> Response:
 async def build_page(request: Request, build_id: int) -> Response:
     async def body(viewer: Viewer) -> Response:
         data = await views.load_build(_dash(request).comps, build_id)
-        return _render(request, "build.html", viewer, b=data, title=f"Build {build_id}")
+        can_act = viewer.principal is not None and may_act(viewer.principal, data.build.created_by)
+        return _render(
+            request, "build.html", viewer, b=data, title=f"Build {build_id}", can_act=can_act
+        )
 
     return await _page(request, body)
 
@@ -511,10 +514,14 @@ async def logout(request: Request) -> Response:
 
 # ---- actions ---------------------------------------------------------------------------------
 async def _action(
-    request: Request, run: Callable[[Components, dict[str, str]], Awaitable[str]]
+    request: Request,
+    run: Callable[[Components, dict[str, str], Principal], Awaitable[str]],
+    *,
+    admin_only: bool = True,
 ) -> Response:
-    """An admin action from a form (session + CSRF token + same origin) or a script (bearer
-    token); then back to the page it concerns."""
+    """An action from a form (session + CSRF token + same origin) or a script (bearer
+    token); then back to the page it concerns. Build actions (not ``admin_only``) are open
+    to clients, and ``run`` applies the ownership rule."""
     dash = _dash(request)
     try:
         viewer = viewer_of(request)
@@ -525,8 +532,10 @@ async def _action(
         origin_ok = origin_allowed(
             request.headers.get("origin"), request.headers.get("referer"), _allowed_origins(request)
         )
-        principal = check_action(viewer, csrf=form.get("csrf"), origin_ok=origin_ok)
-        target = await run(dash.comps, form)
+        principal = check_action(
+            viewer, csrf=form.get("csrf"), origin_ok=origin_ok, admin_only=admin_only
+        )
+        target = await run(dash.comps, form, principal)
     except BigtentError as exc:
         if exc.http_status in (401, 403):
             log.warning(
@@ -540,39 +549,43 @@ async def _action(
     return RedirectResponse(target, status_code=303)
 
 
-async def _existing_build(comps: Components, build_id: int) -> Any:
+async def _existing_build(
+    comps: Components, build_id: int, principal: Principal, action: BuildAction
+) -> Any:
+    """The build's row if ``principal`` may do ``action`` on it (the API's rule)."""
     views.known_id(build_id, "build")
     async with comps.engine.connect() as conn:
         row = await queries.fetch_build(conn, build_id)
     if row is None:
         raise NotFound(f"no build {build_id}")
+    check_build_action(principal, action, build_id, row.created_by)
     return row
 
 
 @router.post("/builds/{build_id}/cancel")
 async def cancel(request: Request, build_id: int) -> Response:
-    async def run(comps: Components, form: dict[str, str]) -> str:
-        await _existing_build(comps, build_id)
-        await comps.scheduler.cancel_build(build_id)
+    async def run(comps: Components, form: dict[str, str], who: Principal) -> str:
+        await _existing_build(comps, build_id, who, BuildAction.CANCEL)
+        await comps.scheduler.cancel_build(build_id, actor=who.name)
         return f"/builds/{build_id}"
 
-    return await _action(request, run)
+    return await _action(request, run, admin_only=False)
 
 
 @router.post("/builds/{build_id}/restart")
 async def restart(request: Request, build_id: int) -> Response:
-    async def run(comps: Components, form: dict[str, str]) -> str:
-        await _existing_build(comps, build_id)
-        await comps.scheduler.restart_build(build_id)
+    async def run(comps: Components, form: dict[str, str], who: Principal) -> str:
+        await _existing_build(comps, build_id, who, BuildAction.RESTART)
+        await comps.scheduler.restart_build(build_id, actor=who.name)
         return f"/builds/{build_id}"
 
-    return await _action(request, run)
+    return await _action(request, run, admin_only=False)
 
 
 @router.post("/builds/{build_id}/bump")
 async def bump(request: Request, build_id: int) -> Response:
-    async def run(comps: Components, form: dict[str, str]) -> str:
-        row = await _existing_build(comps, build_id)
+    async def run(comps: Components, form: dict[str, str], who: Principal) -> str:
+        row = await _existing_build(comps, build_id, who, BuildAction.BUMP)
         raw = form.get("priority", "").strip()
         try:
             priority = int(raw) if raw else int(row.priority) + 10
@@ -580,15 +593,15 @@ async def bump(request: Request, build_id: int) -> Response:
             raise BadRequest(f"priority must be a whole number (got {raw!r})") from exc
         if not -1000 <= priority <= 1000:
             raise BadRequest(f"priority must be between -1000 and 1000 (got {priority})")
-        await comps.scheduler.bump_build(build_id, priority)
+        await comps.scheduler.bump_build(build_id, priority, actor=who.name)
         return f"/builds/{build_id}"
 
-    return await _action(request, run)
+    return await _action(request, run, admin_only=False)
 
 
 @router.post("/agents/{machine_id}/drain")
 async def drain(request: Request, machine_id: str) -> Response:
-    async def run(comps: Components, form: dict[str, str]) -> str:
+    async def run(comps: Components, form: dict[str, str], who: Principal) -> str:
         venue = comps.scheduler.venues.get(machine_id)
         if venue is None or venue.kind != AGENT:
             raise NotFound(f"no connected agent {machine_id!r}")

@@ -39,6 +39,8 @@ ATTEMPTS_SHOWN = 500
 """Attempt records on a build page (the first ones; the API pages through all of them)."""
 STEP_ATTEMPTS_SHOWN = 200
 """A step page's newest attempt records."""
+EVENTS_SHOWN = 200
+"""A build page's newest events."""
 _MAX_ID = 2**63 - 1
 
 
@@ -258,6 +260,17 @@ class WaitingStep:
 
 
 @dataclass(frozen=True, slots=True)
+class BuildEventRow:
+    """One entry of a build's history: who cancelled, bumped or restarted it, and when, or
+    what the runner did on its own (an interrupted admission)."""
+
+    at: float
+    kind: str
+    actor: str
+    detail: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class BuildPage:
     now: float
     build: BuildRow
@@ -274,6 +287,8 @@ class BuildPage:
     waiting: list[WaitingStep] = field(default_factory=list)
     """Runnable steps no venue can take (``Scheduler.capacity_waiting``), longest first."""
     more_waiting: int = 0
+    events: list[BuildEventRow] = field(default_factory=list)
+    """Its newest events (``EVENTS_SHOWN``), oldest first."""
 
     @property
     def active(self) -> bool:
@@ -296,6 +311,7 @@ async def load_build(comps: Components, build_id: int) -> BuildPage:
         attempts = await queries.fetch_build_attempts(
             conn, build_id, after=0, since=float(build.created_at), limit=ATTEMPTS_SHOWN
         )
+        events = await queries.fetch_build_events(conn, build_id, EVENTS_SHOWN)
     steps = sorted(
         (_step_row(r) for r in rows), key=lambda s: present.step_order_key(s.state, s.id)
     )
@@ -327,6 +343,7 @@ async def load_build(comps: Components, build_id: int) -> BuildPage:
         attempts=[_attempt_row(r) for r in attempts],
         waiting=waiting[:WAITING_SHOWN],
         more_waiting=max(0, len(waiting) - WAITING_SHOWN),
+        events=[BuildEventRow(float(e.at), str(e.kind), str(e.actor), e.detail) for e in events],
     )
 
 

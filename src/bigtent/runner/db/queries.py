@@ -34,6 +34,7 @@ from bigtent.nix.narinfo import NarInfo
 from bigtent.runner.db.notify import note_builds, note_steps, note_tokens
 from bigtent.runner.db.tables import (
     agents,
+    build_events,
     build_roots,
     build_steps,
     builds,
@@ -261,6 +262,7 @@ async def update_build(conn: AsyncConnection, build_id: int, **values: Any) -> N
 async def delete_build(conn: AsyncConnection, build_id: int) -> None:
     """Delete a build with its roots and memberships (its steps stay)."""
     note_builds(conn, [build_id])
+    await conn.execute(delete(build_events).where(build_events.c.build_id == build_id))
     await conn.execute(delete(build_roots).where(build_roots.c.build_id == build_id))
     await conn.execute(delete(build_steps).where(build_steps.c.build_id == build_id))
     await conn.execute(delete(builds).where(builds.c.id == build_id))
@@ -300,6 +302,60 @@ async def fetch_builds_by_ids(conn: AsyncConnection, build_ids: Sequence[int]) -
         chunk = build_ids[i : i + _CHUNK]
         out.extend(await conn.execute(select(builds).where(builds.c.id.in_(chunk))))
     return out
+
+
+async def insert_build_event(
+    conn: AsyncConnection,
+    build_id: int,
+    *,
+    at: float,
+    kind: str,
+    actor: str,
+    detail: str | None = None,
+) -> None:
+    """Record what happened to a build (``build_events``), in the caller's transaction."""
+    await conn.execute(
+        insert(build_events).values(build_id=build_id, at=at, kind=kind, actor=actor, detail=detail)
+    )
+
+
+async def fetch_build_events(conn: AsyncConnection, build_id: int, limit: int) -> list[Any]:
+    """The build's newest ``limit`` events, oldest first."""
+    rows = await conn.execute(
+        select(build_events)
+        .where(build_events.c.build_id == build_id)
+        .order_by(build_events.c.id.desc())
+        .limit(limit)
+    )
+    return list(reversed(list(rows)))
+
+
+async def fetch_submitted_build(
+    conn: AsyncConnection, created_by: str, submission_key: str
+) -> tuple[Any, bool] | None:
+    """The newest build ``created_by`` submitted with this key, and whether its admission was
+    interrupted (an ``admission_interrupted`` event); None when there is none."""
+    row = (
+        await conn.execute(
+            select(builds)
+            .where(builds.c.created_by == created_by, builds.c.submission_key == submission_key)
+            .order_by(builds.c.id.desc())
+            .limit(1)
+        )
+    ).first()
+    if row is None:
+        return None
+    interrupted = (
+        await conn.execute(
+            select(func.count())
+            .select_from(build_events)
+            .where(
+                build_events.c.build_id == row.id,
+                build_events.c.kind == "admission_interrupted",
+            )
+        )
+    ).scalar_one()
+    return row, bool(interrupted)
 
 
 async def fetch_build(conn: AsyncConnection, build_id: int) -> Any | None:

@@ -43,8 +43,28 @@ builds = Table(
     Column("repository", String(256)),
     Column("ref", String(256)),
     Column("trusted", Boolean, nullable=False, default=True),
+    # The client's key for one submission (migration 0011): a retried ``POST /builds`` with
+    # the same key and token finds this build again instead of creating another.
+    Column("submission_key", String(64)),
 )
 Index("ix_builds_state", builds.c.state)
+Index("ix_builds_submission_key", builds.c.submission_key)
+
+build_events = Table(
+    # A build's history (migration 0011, docs/api.md "Build events"): who cancelled, bumped
+    # or restarted it and when, written in the transaction of the action; and what the runner
+    # did on its own (an interrupted admission). ``actor`` is the token's name, or
+    # ``runner`` for the runner itself.
+    "build_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("build_id", Integer, ForeignKey("builds.id", ondelete="CASCADE"), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("kind", String(32), nullable=False),  # BuildEventKind
+    Column("actor", String(256), nullable=False),
+    Column("detail", Text),
+)
+Index("ix_build_events_build_id", build_events.c.build_id)
 
 derivations = Table(
     "derivations",

@@ -76,9 +76,16 @@ from bigtent.runner.scheduler.steps import (
 )
 from bigtent.runner.scheduler.sync import LostRace, Seen, Stored, catch_up, waiting_verdict
 from bigtent.runner.trust import untrusted_work
-from bigtent.states import BuildState, StepState
+from bigtent.states import BuildEventKind, BuildState, StepState
 
 log = logging.getLogger(__name__)
+
+RUNNER_ACTOR = "runner"
+"""The actor of what the runner does to a build on its own (build events)."""
+INTERRUPTED_ADMISSION = (
+    "the runner stopped while admitting this build; nobody cancelled it, and submitting it "
+    "again (the client's retry does) builds it"
+)
 
 _ACTIVE_STATES = [StepState.WAITING, StepState.RUNNABLE, StepState.ASSIGNED, StepState.BUILDING]
 _REDO_STATES = frozenset({StepState.FAILED, StepState.DEPENDENCY_FAILED, StepState.CANCELLED})
@@ -384,8 +391,20 @@ class Scheduler:
         async with self._begin() as conn:
             for build in list(self.builds.values()):
                 if not build.roots and build.id not in self._incomplete and not self.feed.shared:
-                    log.warning("build %d was cut short while being admitted: cancelled", build.id)
+                    log.warning(
+                        "build %d was cut short while being admitted (the runner stopped): "
+                        "cancelled as an interrupted admission",
+                        build.id,
+                    )
                     await self._cancel(conn, build, now)
+                    await queries.insert_build_event(
+                        conn,
+                        build.id,
+                        at=now,
+                        kind=BuildEventKind.ADMISSION_INTERRUPTED,
+                        actor=RUNNER_ACTOR,
+                        detail=INTERRUPTED_ADMISSION,
+                    )
                     continue
                 await self._maybe_finish_build(conn, build, now)
 
@@ -400,6 +419,7 @@ class Scheduler:
         repository: str | None = None,
         ref: str | None = None,
         trusted: bool = True,
+        submission_key: str | None = None,
     ) -> int:
         """Create a build whose root .drvs map to the planned step of that drv (None: cached),
         from a whole plan, in one transaction (``admit_build`` takes one in parts).
@@ -424,6 +444,7 @@ class Scheduler:
                         priority=priority,
                         created_at=now,
                         created_by=created_by,
+                        submission_key=submission_key,
                         repository=repository,
                         ref=ref,
                         trusted=trusted,
@@ -478,6 +499,7 @@ class Scheduler:
         repository: str | None = None,
         ref: str | None = None,
         trusted: bool = True,
+        submission_key: str | None = None,
     ) -> int:
         """Create a build from a plan that arrives in parts (``runner.builds.plan_parts``).
 
@@ -511,6 +533,7 @@ class Scheduler:
                 repository=repository,
                 ref=ref,
                 trusted=trusted,
+                submission_key=submission_key,
             )
         async with self._admission:
             now = self.clock()
@@ -524,7 +547,7 @@ class Scheduler:
                 async for part in parts:
                     if build_id is None:
                         build_id = await self._create_build(
-                            priority, created_by, now, repository, ref
+                            priority, created_by, now, repository, ref, submission_key
                         )
                     if part.roots is not None:
                         roots = part.roots
@@ -559,7 +582,9 @@ class Scheduler:
                 if roots is None:
                     raise ValueError("a build plan without roots")
                 if build_id is None:
-                    build_id = await self._create_build(priority, created_by, now, repository, ref)
+                    build_id = await self._create_build(
+                        priority, created_by, now, repository, ref, submission_key
+                    )
                 await self._finish_admission(build_id, roots, ids, now)
             except BaseException:
                 if build_id is not None and build_id in self._incomplete:
@@ -578,6 +603,7 @@ class Scheduler:
         now: float,
         repository: str | None,
         ref: str | None,
+        submission_key: str | None,
     ) -> int:
         """A trusted build's row, without roots yet (``_finish_admission`` writes them)."""
         async with self._lock:
@@ -590,6 +616,7 @@ class Scheduler:
                         priority=priority,
                         created_at=now,
                         created_by=created_by,
+                        submission_key=submission_key,
                         repository=repository,
                         ref=ref,
                         trusted=True,
@@ -677,7 +704,7 @@ class Scheduler:
             return set()
         return {self.builds[b].repository for b in node.builds if b in self.builds}
 
-    async def restart_build(self, build_id: int) -> bool:
+    async def restart_build(self, build_id: int, *, actor: str = RUNNER_ACTOR) -> bool:
         """Queue a build's failed, dependency-failed and cancelled steps again, clearing the
         cached failures of its failed steps, so they are rebuilt (``bigtent restart``).
 
@@ -696,6 +723,14 @@ class Scheduler:
                     redo = [m for m in members if m.state in _REDO_STATES]
                     if not redo:
                         return True
+                    await queries.insert_build_event(
+                        conn,
+                        build_id,
+                        at=now,
+                        kind=BuildEventKind.RESTARTED,
+                        actor=actor,
+                        detail=f"{len(redo)} steps queued again",
+                    )
                     await queries.update_steps(
                         conn,
                         [int(m.id) for m in redo if m.state == StepState.FAILED],
@@ -977,8 +1012,9 @@ class Scheduler:
             1 for sid in build.steps if sid in self.nodes and not self.nodes[sid].state.is_final
         )
 
-    async def cancel_build(self, build_id: int) -> bool:
-        """Cancel a build: its steps that no other active build needs stop or never start."""
+    async def cancel_build(self, build_id: int, *, actor: str = RUNNER_ACTOR) -> bool:
+        """Cancel a build: its steps that no other active build needs stop or never start.
+        Recorded as a build event by ``actor`` in the same transaction."""
         async with self._lock:
 
             async def body() -> bool:
@@ -988,6 +1024,9 @@ class Scheduler:
                 now = self.clock()
                 async with self._begin() as conn:
                     aborts = await self._cancel(conn, build, now)
+                    await queries.insert_build_event(
+                        conn, build_id, at=now, kind=BuildEventKind.CANCELLED, actor=actor
+                    )
                 _send_aborts(aborts, "cancelled")
                 self.wake()
                 return True
@@ -1039,17 +1078,36 @@ class Scheduler:
         self._forget_build(build)
         return aborts
 
-    async def bump_build(self, build_id: int, priority: int) -> bool:
+    async def record_build_event(
+        self, build_id: int, kind: BuildEventKind, *, actor: str, detail: str | None = None
+    ) -> None:
+        """Record an event of a build that changes nothing in the scheduler's memory."""
+        async with self._begin() as conn:
+            await queries.insert_build_event(
+                conn, build_id, at=self.clock(), kind=kind, actor=actor, detail=detail
+            )
+
+    async def bump_build(self, build_id: int, priority: int, *, actor: str = RUNNER_ACTOR) -> bool:
+        """Set an active build's priority (its steps' rise with it), recorded as a build event
+        by ``actor`` in the same transaction."""
         async with self._lock:
 
             async def body() -> bool:
                 build = self.builds.get(build_id)
                 if build is None:
                     return False
-                build.priority = priority
+                now = self.clock()
                 async with self._begin() as conn:
                     await queries.update_build(conn, build_id, priority=priority)
-                now = self.clock()
+                    await queries.insert_build_event(
+                        conn,
+                        build_id,
+                        at=now,
+                        kind=BuildEventKind.BUMPED,
+                        actor=actor,
+                        detail=f"priority {build.priority} -> {priority}",
+                    )
+                build.priority = priority
                 for sid in build.steps:
                     node = self.nodes.get(sid)
                     if node is not None and priority > node.priority:
