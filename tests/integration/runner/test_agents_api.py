@@ -92,7 +92,11 @@ def _venue(name: str, outbox: list[BaseModel]) -> Venue:
 async def test_restart_queues_a_cancelled_build_again(make_runner: MakeRunner) -> None:
     runner = await make_runner()
     build_id = await _add_build(runner, _drv("x"))
-    client = runner.client(Role.CLIENT)
+    # Added without a creator: only an admin may act on it (runner/auth/ownership.py).
+    assert (
+        await runner.client(Role.CLIENT).post(f"/api/v1/builds/{build_id}/cancel")
+    ).status_code == 403
+    client = runner.client(Role.ADMIN)
     resp = await client.post(f"/api/v1/builds/{build_id}/cancel")
     assert resp.json()["state"] == "cancelled"
     resp = await client.post(f"/api/v1/builds/{build_id}/restart")
