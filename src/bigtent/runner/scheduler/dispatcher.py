@@ -1094,6 +1094,23 @@ class Scheduler:
         self.wake()
         return kept
 
+    def forfeit(self, venue: Venue) -> int:
+        """After ``detach``: the venue's session ended because it broke the protocol (a
+        message out of range, say). Its word is worth nothing, so its leases are not kept for
+        a return: they expire at the next pass (an infrastructure retry, counted against the
+        venue), unless a newer session of the same machine took over. Returns how many."""
+        if venue.machine_id in self.venues:
+            return 0
+        now = self.clock()
+        lost = [n for n in self._leased() if n.state.is_leased and n.venue == venue.machine_id]
+        for node in lost:
+            node.lease_expires_at = now
+            self._lost_here.add(node.id)
+            self._watch_lease(node)
+        if lost:
+            self.wake()
+        return len(lost)
+
     def detach(self, venue: Venue) -> None:
         """A venue's connection ended. Its leases live on until they expire (it may return)."""
         if self.venues.get(venue.machine_id) is venue:
