@@ -183,7 +183,9 @@ def _render(
         can_act=viewer.is_admin,
         mode=dash.mode,
         path=request.url.path,
-        scheduler_problem=recovery.problem(dash.comps.scheduler.recovery),
+        scheduler_problem=recovery.problem(
+            dash.comps.scheduler.recovery, public=dash.mode is DashboardAuth.PUBLIC
+        ),
         **ctx,
     )
     resp = HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)

@@ -67,12 +67,15 @@ def due(failure: RecoveryFailure | None, now: float) -> bool:
     return failure is not None and now >= failure.retry_at
 
 
-def problem(failure: RecoveryFailure | None) -> str | None:
-    """What to tell users and supervisors, or None when the scheduler is sound."""
+def problem(failure: RecoveryFailure | None, *, public: bool = False) -> str | None:
+    """What to tell clients, or None when the scheduler is sound. ``public``: for readers who
+    may hold no credential (a public dashboard): without the database's own error text, which
+    may name hosts."""
     if failure is None:
         return None
+    attempts = f"{failure.failures} attempt{'s' if failure.failures != 1 else ''} failed"
+    last = "" if public else f"; last: {failure.error}"
     return (
-        f"the scheduler could not reload its state from the database "
-        f"({failure.failures} attempt{'s' if failure.failures != 1 else ''} failed; last: "
-        f"{failure.error}); new work is not dispatched until a retry succeeds"
+        f"the scheduler could not reload its state from the database ({attempts}{last}); "
+        "new work is not dispatched until a retry succeeds"
     )

@@ -29,6 +29,8 @@ def test_the_problem_says_what_failed_and_is_none_when_sound() -> None:
     state = recovery.failed(recovery.failed(None, "OSError: disk", 0.0), "OSError: disk", 1.0)
     text = recovery.problem(state)
     assert text is not None and "2 attempts" in text and "OSError: disk" in text
+    public = recovery.problem(state, public=True)
+    assert public is not None and "2 attempts" in public and "disk" not in public
 
 
 def test_describe_keeps_the_type_and_first_line_bounded() -> None:
