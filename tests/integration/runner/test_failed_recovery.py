@@ -14,7 +14,9 @@ from sqlalchemy.exc import OperationalError
 from bigtent import protocol as p
 from bigtent.config import Role
 from bigtent.runner.db import queries
+from bigtent.runner.scheduler import recovery
 from tests.integration.runner.conftest import (
+    WAIT_SECS,
     Drvs,
     MakeRunner,
     Nix,
@@ -108,7 +110,10 @@ async def test_a_failed_reload_is_retried_reported_and_fails_the_health_check(
     assert "reloading" in refused.json()["error"]
 
     down = False
-    await eventually(lambda: scheduler.recovery is None)
+    # The next retry is due within the backoff's cap (the failures kept counting meanwhile).
+    await eventually(
+        lambda: scheduler.recovery is None, timeout=recovery.RECOVERY_MAX_SECS + WAIT_SECS
+    )
     assert (await anonymous.get("/healthz")).status_code == 200
     assert (await _status(runner))["healthy"] is True
     metrics = (await anonymous.get("/metrics")).text
