@@ -31,7 +31,7 @@ from pydantic_settings import (
 
 from bigtent.errors import ConfigError
 from bigtent.nix.compression import Compression
-from bigtent.protocol import MAX_LIST_ITEMS, MAX_SHORT_TEXT
+from bigtent.protocol import MAX_BYTES, MAX_LIST_ITEMS, MAX_SECS, MAX_SHORT_TEXT
 from bigtent.runner.autoscale.settings import AutoscaleSection, check_pools
 from bigtent.runner.s3keys import normalize_prefix
 from bigtent.runner.ssh import (
@@ -349,9 +349,9 @@ class AuthSection(_Section):
 
 
 class SchedulerSection(_Section):
-    lease_secs: float = Field(default=60.0, gt=0)
+    lease_secs: float = Field(default=60.0, gt=0, le=MAX_SECS)
     """How long a lease lives without a heartbeat naming its step."""
-    heartbeat_secs: float = Field(default=10.0, gt=0)
+    heartbeat_secs: float = Field(default=10.0, gt=0, le=MAX_SECS)
     max_infra_attempts: int = Field(default=5, ge=1)
     retry_base_secs: float = Field(default=2.0, ge=0)
     retry_max_secs: float = Field(default=300.0, ge=0)
@@ -361,9 +361,9 @@ class SchedulerSection(_Section):
     """A venue with this many consecutive infrastructure failures is unhealthy: no work
     during its backoff, then one step at a time until one succeeds (0: never)."""
     refuse_cooldown_secs: float = Field(default=2.0, ge=0)
-    step_timeout_secs: float = Field(default=10 * 3600.0, gt=0)
-    max_silent_secs: float = Field(default=3600.0, gt=0)
-    max_log_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    step_timeout_secs: float = Field(default=10 * 3600.0, gt=0, le=MAX_SECS)
+    max_silent_secs: float = Field(default=3600.0, gt=0, le=MAX_SECS)
+    max_log_bytes: int = Field(default=64 * 1024 * 1024, gt=0, le=MAX_BYTES)
     ephemeral_session_ttl_secs: float = Field(default=3600.0, gt=0)
     """Stale ephemeral agent rows (last seen longer ago than this) are pruned."""
     failure_cache_ttl_secs: float = Field(default=86400.0, ge=0)

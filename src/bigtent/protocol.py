@@ -35,7 +35,25 @@ MAX_REFERENCES = 4096
 MAX_LOG_LINES_PER_BATCH = 2000
 MAX_LOG_LINE_CHARS = 16 * 1024
 
+MAX_INT64 = 2**63 - 1
+"""Ids and byte counts: what a signed 64-bit database column holds."""
+MAX_BYTES = 2**62
+"""Byte counts (memory, disk, NAR sizes, log limits): 4 EiB, far beyond any machine."""
+MAX_EXIT_CODE = 2**31 - 1
+"""Exit codes and signals: a process status fits a 32-bit int (negative: a signal)."""
+MAX_SECS = 10.0 * 365 * 24 * 3600
+"""Durations (timeouts, phase timings, heartbeat and lease periods): at most ten years."""
+MAX_LOAD = 1e6
+"""Load averages and pressure percentages."""
+
 ShortText = Annotated[str, Field(max_length=MAX_SHORT_TEXT)]
+WireStepId = Annotated[StepId, Field(ge=0, le=MAX_INT64)]
+"""Every numeric field has a range, enforced where messages are parsed: an agent sending
+``10**400`` gets an ``error``, never an overflow in the database or a page."""
+ByteCount = Annotated[int, Field(ge=0, le=MAX_BYTES)]
+Seconds = Annotated[float, Field(ge=0, le=MAX_SECS, allow_inf_nan=False)]
+ExitCode = Annotated[int, Field(ge=-MAX_EXIT_CODE - 1, le=MAX_EXIT_CODE)]
+Gauge = Annotated[float, Field(ge=0, le=MAX_LOAD, allow_inf_nan=False)]
 StorePathText = Annotated[str, Field(max_length=MAX_SHORT_TEXT, pattern=r"^/nix/store/[^/]+$")]
 FeatureList = Annotated[list[ShortText], Field(max_length=MAX_LIST_ITEMS)]
 
@@ -71,7 +89,7 @@ class _Message(BaseModel):
 
 # ---- agent -> runner ----------------------------------------------------------------------
 class RunningStep(_Message):
-    step_id: StepId
+    step_id: WireStepId
     lease_id: LeaseId = Field(max_length=MAX_SHORT_TEXT)
 
 
@@ -88,7 +106,7 @@ class Register(_Message):
     max_jobs: int = Field(ge=1, le=MAX_LIST_ITEMS)
     """At most as many as a heartbeat's ``running`` list may hold."""
     cpu_count: int = Field(default=1, ge=1, le=65536)
-    speed_factor: float = Field(default=1.0, gt=0, le=1000)
+    speed_factor: float = Field(default=1.0, gt=0, le=1000, allow_inf_nan=False)
     ephemeral: bool = False
     launch_id: ShortText | None = None
     running: Annotated[list[RunningStep], Field(max_length=MAX_LIST_ITEMS)] = []
@@ -99,33 +117,33 @@ class Register(_Message):
 
 class Heartbeat(_Message):
     type: Literal["heartbeat"] = "heartbeat"
-    load: float | None = None
-    memory_used_bytes: int | None = None
-    memory_total_bytes: int | None = None
-    free_store_bytes: int | None = None
-    free_build_bytes: int | None = None
-    psi_cpu_some_avg10: float | None = None
-    running: Annotated[list[StepId], Field(max_length=MAX_LIST_ITEMS)] = []
+    load: Gauge | None = None
+    memory_used_bytes: ByteCount | None = None
+    memory_total_bytes: ByteCount | None = None
+    free_store_bytes: ByteCount | None = None
+    free_build_bytes: ByteCount | None = None
+    psi_cpu_some_avg10: Gauge | None = None
+    running: Annotated[list[WireStepId], Field(max_length=MAX_LIST_ITEMS)] = []
     draining: bool = False
     """The agent takes no new work (a limit, SIGTERM or ``drain``): stop assigning it."""
 
 
 class Accepted(_Message):
     type: Literal["accepted"] = "accepted"
-    step_id: StepId
+    step_id: WireStepId
     lease_id: LeaseId = Field(max_length=MAX_SHORT_TEXT)
 
 
 class Refused(_Message):
     type: Literal["refused"] = "refused"
-    step_id: StepId
+    step_id: WireStepId
     lease_id: LeaseId = Field(max_length=MAX_SHORT_TEXT)
     reason: str = Field(default="", max_length=MAX_ERROR_CHARS)
 
 
 class Log(_Message):
     type: Literal["log"] = "log"
-    step_id: StepId
+    step_id: WireStepId
     lease_id: LeaseId = Field(max_length=MAX_SHORT_TEXT)
     lines: Annotated[
         list[Annotated[str, Field(max_length=MAX_LOG_LINE_CHARS)]],
@@ -137,24 +155,24 @@ class OutputInfo(_Message):
     name: ShortText
     path: StorePathText
     nar_hash: ShortText = ""
-    nar_size: int = Field(default=0, ge=0)
+    nar_size: ByteCount = 0
     references: Annotated[list[StorePathText], Field(max_length=MAX_REFERENCES)] = []
 
 
 class Timings(_Message):
     """Seconds the agent spent in each phase of the attempt."""
 
-    prepare_secs: float = 0.0
-    build_secs: float = 0.0
-    upload_secs: float = 0.0
+    prepare_secs: Seconds = 0.0
+    build_secs: Seconds = 0.0
+    upload_secs: Seconds = 0.0
 
 
 class Result(_Message):
     type: Literal["result"] = "result"
-    step_id: StepId
+    step_id: WireStepId
     lease_id: LeaseId = Field(max_length=MAX_SHORT_TEXT)
     outcome: Outcome
-    exit_code: int | None = None
+    exit_code: ExitCode | None = None
     error: str = Field(default="", max_length=MAX_ERROR_CHARS)
     timings: Timings = Timings()
     outputs: Annotated[list[OutputInfo], Field(max_length=MAX_LIST_ITEMS)] = []
@@ -175,14 +193,14 @@ class Registered(_Message):
     type: Literal["registered"] = "registered"
     proto: ShortText = PROTOCOL_VERSION
     session_id: ShortText
-    heartbeat_secs: float
-    lease_secs: float
+    heartbeat_secs: Seconds
+    lease_secs: Seconds
     cache_url: ShortText
     cache_public_key: ShortText
     upstreams: Annotated[list[Substituter], Field(max_length=MAX_LIST_ITEMS)] = []
     """Further caches to substitute from, in order, after ``cache_url``. For an untrusted
     venue the runner's untrusted cache comes first; a trusted venue never gets it."""
-    keep_running: Annotated[list[StepId], Field(max_length=MAX_LIST_ITEMS)] = []
+    keep_running: Annotated[list[WireStepId], Field(max_length=MAX_LIST_ITEMS)] = []
     """Of the steps the agent reported as running, those whose leases are still current."""
     untrusted: bool = False
     """The runner treats the agent as an untrusted venue (it asked to be, or its OIDC rule
@@ -198,7 +216,7 @@ class Registered(_Message):
 
 class Assign(_Message):
     type: Literal["assign"] = "assign"
-    step_id: StepId
+    step_id: WireStepId
     lease_id: LeaseId = Field(max_length=MAX_SHORT_TEXT)
     drv_path: StorePathText
     outputs: Annotated[dict[ShortText, StorePathText], Field(max_length=MAX_LIST_ITEMS)]
@@ -207,14 +225,14 @@ class Assign(_Message):
         dict[ShortText, Annotated[str, Field(max_length=4096)]], Field(max_length=MAX_LIST_ITEMS)
     ]
     """Output name -> URL to PUT that output's NAR to (relative URLs are on the runner)."""
-    timeout_secs: float
-    max_silent_secs: float
-    max_log_bytes: int
+    timeout_secs: Seconds
+    max_silent_secs: Seconds
+    max_log_bytes: ByteCount
 
 
 class Abort(_Message):
     type: Literal["abort"] = "abort"
-    step_id: StepId
+    step_id: WireStepId
     reason: str = Field(default="", max_length=MAX_ERROR_CHARS)
 
 
@@ -225,7 +243,7 @@ class Drain(_Message):
 
 class ResultAck(_Message):
     type: Literal["result_ack"] = "result_ack"
-    step_id: StepId
+    step_id: WireStepId
     lease_id: LeaseId = Field(max_length=MAX_SHORT_TEXT)
     recorded: bool
     """False when the lease was no longer current: the result was acknowledged and ignored."""
@@ -265,12 +283,12 @@ class UploadDeclaration(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
     nar_hash: ShortText
     """``sha256:<nix32>`` (or SRI) of the uncompressed NAR."""
-    nar_size: int = Field(ge=0, le=2**63 - 1)
+    nar_size: ByteCount
     compression: Annotated[str, Field(max_length=16)]
     """``zstd``, ``xz`` or ``none``: the runner's ``registered.compression``."""
     file_hash: ShortText
     """``sha256:<nix32>`` of the file as uploaded (compressed)."""
-    file_size: int = Field(ge=0, le=2**63 - 1)
+    file_size: ByteCount
 
 
 class UploadMethod(StrEnum):
@@ -294,10 +312,10 @@ class UploadPlan(BaseModel):
         Field(max_length=MAX_LIST_ITEMS),
     ] = {}
     complete_url: Annotated[str, Field(max_length=MAX_URL_CHARS)] = ""
-    expires_secs: float = 0.0
+    expires_secs: Seconds = 0.0
     path: ShortText = ""
     nar_hash: ShortText = ""
-    nar_size: int = 0
+    nar_size: ByteCount = 0
     references: Annotated[list[ShortText], Field(max_length=MAX_REFERENCES)] = []
 
 

@@ -19,6 +19,7 @@ from fastapi.responses import (
     StreamingResponse,
 )
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -46,6 +47,7 @@ from bigtent.runner.logserve import log_response
 from bigtent.runner.metrics import Metrics
 from bigtent.runner.presigned import record_json
 from bigtent.runner.s3 import S3Storage, s3_nar_response
+from bigtent.runner.scheduler import recovery
 from bigtent.runner.scheduler.dispatcher import AGENT
 from bigtent.runner.scheduler.health import is_unhealthy, shown_error
 from bigtent.runner.sessions import bearer_token, looks_like_jwt
@@ -220,9 +222,19 @@ api = APIRouter(prefix="/api/v1")
 
 @api.get("/status")
 async def status(comps: Comps, _: ClientAuth) -> dict[str, Any]:
-    async with comps.engine.connect() as conn:
-        counts = await queries.count_steps_by_state(conn)
-        paths, size = await queries.cache_totals(conn)
+    counts: dict[str, int] | None = None
+    paths: int | None = None
+    size: int | None = None
+    database_error: str | None = None
+    try:
+        async with comps.engine.connect() as conn:
+            counts = await queries.count_steps_by_state(conn)
+            paths, size = await queries.cache_totals(conn)
+    except (SQLAlchemyError, OSError) as exc:
+        if comps.scheduler.recovery is None:
+            raise
+        # The scheduler's reload failed too: say so rather than answer 500.
+        database_error = recovery.describe(exc)
     return {
         "version": __version__,
         "cache_url": comps.cache.url,
@@ -240,6 +252,23 @@ async def status(comps: Comps, _: ClientAuth) -> dict[str, Any]:
         "steps_waiting_for_capacity": len(comps.scheduler.capacity_waiting()),
         "cache_paths": paths,
         "cache_bytes": size,
+        "scheduler": _scheduler_status(comps, database_error),
+    }
+
+
+def _scheduler_status(comps: Components, database_error: str | None) -> dict[str, Any]:
+    """Whether the scheduler is sound: while reloading its state from the database fails, it
+    dispatches nothing (and ``/healthz`` fails)."""
+    failure = comps.scheduler.recovery
+    if failure is None:
+        return {"healthy": True, "problem": None}
+    return {
+        "healthy": False,
+        "problem": recovery.problem(failure),
+        "recovery_failures": failure.failures,
+        "failing_since": _iso(failure.since),
+        "next_retry_at": _iso(failure.retry_at),
+        "database_error": database_error,
     }
 
 

@@ -21,6 +21,7 @@ from bigtent.runner.api import CredentialGate, api, cache_routes, install_error_
 from bigtent.runner.autoscale.routes import launch_routes
 from bigtent.runner.components import Components, build_components, close_components
 from bigtent.runner.dashboard.routes import install_dashboard
+from bigtent.runner.health_endpoint import health_routes
 from bigtent.runner.metrics_endpoint import metrics_routes
 from bigtent.runner.s3 import S3Storage
 from bigtent.runner.tls import CertWebSocketProtocol
@@ -92,6 +93,7 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
     app.include_router(launch_routes)
     app.include_router(cache_routes)
     app.include_router(metrics_routes)
+    app.include_router(health_routes)
     install_dashboard(app, comps)
     return app
 

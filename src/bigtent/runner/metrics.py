@@ -21,6 +21,7 @@ from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
+    Gauge,
     GCCollector,
     Histogram,
     Info,
@@ -44,6 +45,7 @@ from bigtent.errors import (
 from bigtent.protocol import Outcome, Timings
 from bigtent.runner.auth.oidc import InvalidToken, IssuerUnavailable
 from bigtent.runner.auth.policy import PolicyDenied
+from bigtent.runner.scheduler.recovery import RecoveryFailure
 from bigtent.runner.scheduler.steps import StepNode
 from bigtent.states import StepState
 
@@ -331,6 +333,17 @@ class Metrics:
             ["pool"],
             registry=r,
         )
+        self.recovery_failures = Gauge(
+            f"{PREFIX}_scheduler_recovery_failures",
+            "Consecutive failed reloads of the scheduler's state from the database (0: the "
+            "scheduler is sound; above 0 nothing is dispatched and /healthz fails).",
+            registry=r,
+        )
+        self.recoveries_failed = PromCounter(
+            f"{PREFIX}_scheduler_recoveries_failed",
+            "Reloads of the scheduler's state from the database that failed.",
+            registry=r,
+        )
         for reason in AuthFailure:
             self.auth_failures.labels(reason)
         for kind in UploadKind:
@@ -439,6 +452,15 @@ class Metrics:
     def autoscaler_registered(self, pool: str) -> None:
         """Autoscaler: an agent launched for ``pool`` registered (matched by launch id)."""
         self.autoscaler_registrations.labels(pool).inc()
+
+    def scheduler_recovery(self, failure: RecoveryFailure | None) -> None:
+        """The scheduler's reload from the database failed once more (``failure``) or
+        succeeded (None)."""
+        if failure is None:
+            self.recovery_failures.set(0)
+        else:
+            self.recovery_failures.set(failure.failures)
+            self.recoveries_failed.inc()
 
     def autoscaler_launch_expired(self, pool: str) -> None:
         """Autoscaler: a launch for ``pool`` did not register within its TTL."""

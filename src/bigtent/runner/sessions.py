@@ -97,6 +97,8 @@ class AgentSession:
     """The client certificate the TLS handshake verified (mTLS), if any."""
     last_heartbeat: p.Heartbeat | None = None
     """The agent's latest load report (the dashboard shows it)."""
+    broke_protocol: bool = False
+    """The session ended with a protocol error: its leases are not kept for a return."""
 
     def send(self, message: BaseModel) -> None:
         """Queue a message; raise SessionClosed when the session is over or hopelessly slow."""
@@ -205,6 +207,7 @@ class Sessions:
                     # agent sees before the close (DESIGN §2: `error`, then close).
                     log.warning("agent protocol error: %s", exc)
                     session.close_code = POLICY_VIOLATION
+                    session.broke_protocol = True
                     with contextlib.suppress(SessionClosed):
                         session.send(p.Error(message=str(exc)[: p.MAX_ERROR_CHARS]))
                 finally:
@@ -486,6 +489,12 @@ class Sessions:
             return
         self.scheduler.detach(venue)
         await self.scheduler.release_unaccepted(venue)
+        if session.broke_protocol:
+            lost = self.scheduler.forfeit(venue)
+            if lost:
+                log.warning(
+                    "agent %s broke the protocol: its %d lease(s) expire now", venue.name, lost
+                )
         if self.live.get(venue.machine_id) is session:
             del self.live[venue.machine_id]
             try:

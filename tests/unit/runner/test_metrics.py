@@ -111,8 +111,9 @@ def test_reported_phases_skip_phases_that_did_not_run_and_nonsense() -> None:
     ]
     # A failure while preparing: only that phase ran.
     assert reported_phases(Timings(prepare_secs=1.5)) == [(Phase.PREPARE, 1.5)]
-    # Timings come from the agent: negative, infinite and NaN values are not observed.
-    odd = Timings(prepare_secs=-1.0, build_secs=math.inf, upload_secs=math.nan)
+    # Timings come from the agent: the protocol refuses negative, infinite and NaN values;
+    # should one get past it (built without validation), it is not observed either.
+    odd = Timings.model_construct(prepare_secs=-1.0, build_secs=math.inf, upload_secs=math.nan)
     assert reported_phases(odd) == []
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -18,33 +19,60 @@ def strip_ansi(text: str) -> str:
     return _ANSI.sub("", text)
 
 
+def _finite(value: float | None) -> float | None:
+    """``value`` as a finite float, or None for none or a stored odd value (a huge integer,
+    infinity, NaN, not a number at all): presentation never raises on what it is given."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return out if math.isfinite(out) else None
+
+
 def fmt_duration(secs: float | None) -> str:
-    """``humanize.duration``; an em dash for none."""
-    return "—" if secs is None else humanize.duration(secs)
+    """``humanize.duration``; an em dash for none (or an odd value)."""
+    checked = _finite(secs)
+    return "—" if checked is None else humanize.duration(checked)
 
 
 def fmt_bytes(n: int | None) -> str:
-    if n is None:
+    """``512 B``, ``1.5 KiB`` … up to EiB; an em dash for none or an odd value."""
+    size = _finite(n)
+    if size is None:
         return "—"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
+    if size < 0:
+        return "—"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if size < 1024:
             return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
-    raise AssertionError("unreachable")
+    return "≥ 1024 EiB"
+
+
+def _datetime(ts: float | None) -> datetime | None:
+    value = _finite(ts)
+    if value is None:
+        return None
+    try:
+        return datetime.fromtimestamp(value, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def fmt_time(ts: float | None) -> str:
-    """A UTC time to the second, ``2025-01-31 12:00:05Z``."""
-    if ts is None:
-        return "—"
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    """A UTC time to the second, ``2025-01-31 12:00:05Z``; an em dash for none or a time
+    out of range."""
+    when = _datetime(ts)
+    return "—" if when is None else when.strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def fmt_ago(ts: float | None, now: float) -> str:
-    if ts is None:
+    checked = _finite(ts)
+    if checked is None:
         return "never"
-    delta = now - ts
+    delta = now - checked
     if delta < 0:
         return "in " + fmt_duration(-delta)
     if delta < 1:
@@ -53,7 +81,8 @@ def fmt_ago(ts: float | None, now: float) -> str:
 
 
 def iso(ts: float | None) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else ""
+    when = _datetime(ts) if ts else None
+    return "" if when is None else when.isoformat(timespec="seconds")
 
 
 def store_name(path: str) -> str:

@@ -43,6 +43,7 @@ from bigtent.runner.db import queries
 from bigtent.runner.livelog import Subscription
 from bigtent.runner.logs import READ_CHUNK_BYTES
 from bigtent.runner.logserve import log_response
+from bigtent.runner.scheduler import recovery
 from bigtent.runner.scheduler.dispatcher import AGENT
 from bigtent.runner.sessions import bearer_token
 
@@ -182,6 +183,9 @@ def _render(
         csrf=session.csrf if session is not None else "",
         mode=dash.mode,
         path=request.url.path,
+        scheduler_problem=recovery.problem(
+            dash.comps.scheduler.recovery, public=dash.mode is DashboardAuth.PUBLIC
+        ),
         **({"can_act": viewer.is_admin} | ctx),
     )
     resp = HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)

@@ -41,11 +41,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bigtent import protocol as p
 from bigtent.config import SchedulerSection
-from bigtent.errors import Conflict
+from bigtent.errors import Conflict, Unavailable
 from bigtent.runner.db import queries
 from bigtent.runner.db.notify import Change, ChangeFeed, LocalFeed, is_conflict, take_pending
 from bigtent.runner.logs import LogStore
 from bigtent.runner.metrics import Metrics
+from bigtent.runner.scheduler import recovery
 from bigtent.runner.scheduler.capacity import (
     assess,
     unmet_requirements,
@@ -280,6 +281,10 @@ class Scheduler:
         """Builds being admitted in stages: not over before all their steps are in."""
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.watch_steps(lambda: self.nodes.values())
+        self.recovery: recovery.RecoveryFailure | None = None
+        """Set while reloading from the database fails (the working copy is then empty):
+        retried with backoff by ``run``, reported by ``/api/v1/status``, ``/metrics``, the
+        dashboard and ``/healthz``."""
         self.work_listeners: list[Callable[[], None]] = []
         """Called when a step enters the runnable index (the autoscaler's wake-up)."""
         # Several runners on one database (PostgreSQL; docs/architecture.md).
@@ -1152,6 +1157,23 @@ class Scheduler:
         self.wake()
         return kept
 
+    def forfeit(self, venue: Venue) -> int:
+        """After ``detach``: the venue's session ended because it broke the protocol (a
+        message out of range, say). Its word is worth nothing, so its leases are not kept for
+        a return: they expire at the next pass (an infrastructure retry, counted against the
+        venue), unless a newer session of the same machine took over. Returns how many."""
+        if venue.machine_id in self.venues:
+            return 0
+        now = self.clock()
+        lost = [n for n in self._leased() if n.state.is_leased and n.venue == venue.machine_id]
+        for node in lost:
+            node.lease_expires_at = now
+            self._lost_here.add(node.id)
+            self._watch_lease(node)
+        if lost:
+            self.wake()
+        return len(lost)
+
     def detach(self, venue: Venue) -> None:
         """A venue's connection ended. Its leases live on until they expire (it may return)."""
         if self.venues.get(venue.machine_id) is venue:
@@ -1317,21 +1339,37 @@ class Scheduler:
         all dispatching (leases assigned in a failed pass simply expire)."""
         while True:
             self._wake.clear()
+            wake_at: float | None
             try:
-                wake_at = await self.tick(self.clock())
+                if self.recovery is not None:
+                    # The working copy is empty: no pass until a reload succeeds.
+                    if recovery.due(self.recovery, self.clock()):
+                        async with self._lock:
+                            await self.recover()
+                    wake_at = self.clock() if self.recovery is None else self.recovery.retry_at
+                else:
+                    wake_at = await self.tick(self.clock())
             except LostRace as exc:
                 # Memory may be ahead of the database (the pass changed it before the check
                 # failed): the database is the record.
                 log.info("another runner changed a step first (%s); reloading", exc)
                 wake_at = self.clock()
-                async with self._lock:
-                    await self.recover(quiet=True)
-            except Exception:
-                log.exception("scheduler pass failed; trying again in %.0f s", _ERROR_PAUSE_SECS)
-                wake_at = self.clock() + _ERROR_PAUSE_SECS
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception):  # a failure is in self.recovery
                     async with self._lock:
-                        await self.recover()
+                        await self.recover(quiet=True)
+            except Exception:
+                if self.recovery is not None:
+                    wake_at = self.recovery.retry_at  # recover logged it
+                else:
+                    log.exception(
+                        "scheduler pass failed; trying again in %.0f s", _ERROR_PAUSE_SECS
+                    )
+                    wake_at = self.clock() + _ERROR_PAUSE_SECS
+                    with contextlib.suppress(Exception):  # a failure is in self.recovery
+                        async with self._lock:
+                            await self.recover()
+                if self.recovery is not None:
+                    wake_at = self.recovery.retry_at
             timeout = None if wake_at is None else max(0.0, wake_at - self.clock())
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
             # that arrives as the event is set, and the loop would not stop.
@@ -1343,7 +1381,35 @@ class Scheduler:
         """Rebuild the working state from the database, as at start (the caller holds the
         lock). After a failed transaction memory may be ahead of the database; the database
         is the record, so memory is thrown away and reloaded. Connected venues stay.
-        ``quiet``: an expected reload (another runner's changes may have been missed)."""
+        ``quiet``: an expected reload (another runner's changes may have been missed).
+
+        If the reload fails, the failure is kept in ``self.recovery`` (and re-raised): ``run``
+        tries again with backoff, and transitions are refused meanwhile."""
+        try:
+            await self._reload(quiet=quiet)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+                raise
+            self.recovery = recovery.failed(self.recovery, recovery.describe(exc), self.clock())
+            self.metrics.scheduler_recovery(self.recovery)
+            log.error(
+                "scheduler state could not be reloaded from the database (failure %d); "
+                "trying again in %.1f s: %s",
+                self.recovery.failures,
+                self.recovery.retry_at - self.clock(),
+                self.recovery.error,
+            )
+            self.wake()  # the loop now waits for the retry, not for work
+            raise
+        if self.recovery is not None:
+            log.warning(
+                "scheduler state reloaded from the database after %d failed attempts",
+                self.recovery.failures,
+            )
+            self.recovery = None
+            self.metrics.scheduler_recovery(None)
+
+    async def _reload(self, *, quiet: bool) -> None:
         venues = self.venues
         self.nodes, self.by_drv, self.leases, self.builds = {}, {}, {}, {}
         self.untrusted_by_drv = {}
@@ -1370,7 +1436,14 @@ class Scheduler:
 
     async def _guard(self, coro: Coroutine[Any, Any, _T]) -> _T:
         """Run a transition (lock held), after catching up with other runners; if it fails,
-        reload from the database and re-raise."""
+        reload from the database and re-raise. While reloading fails (``self.recovery``) the
+        working copy is empty: the transition is refused (503) before it starts."""
+        if self.recovery is not None:
+            coro.close()
+            raise Unavailable(
+                "the scheduler is reloading its state from the database; try again later",
+                detail=recovery.problem(self.recovery),
+            )
         try:
             await self._catch_up()
             return await coro
@@ -1383,7 +1456,13 @@ class Scheduler:
                 log.info("another runner changed a step first (%s); reloading", exc)
             else:
                 log.exception("scheduler transition failed; reloading state from the database")
-            await self.recover(quiet=lost)
+            try:
+                await self.recover(quiet=lost)
+            except Exception as failed:
+                raise Unavailable(
+                    "the scheduler is reloading its state from the database; try again later",
+                    detail=recovery.problem(self.recovery),
+                ) from failed
             raise
 
     async def _retrying(self, body: Callable[[], Coroutine[Any, Any, _T]]) -> _T:

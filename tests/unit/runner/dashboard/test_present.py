@@ -114,3 +114,27 @@ def test_attempt_next(retry_at: float | None, text: str) -> None:
 def test_outcome_class() -> None:
     assert present.outcome_class("success") == "succeeded"
     assert {present.outcome_class(o) for o in ("prepare_failure", "aborted")} == {"failed"}
+
+
+_ODD = [10**400, 2**64, float("inf"), float("-inf"), float("nan"), 1e300, -(10**30)]
+
+
+@pytest.mark.parametrize("value", _ODD)
+def test_presentation_never_raises_on_a_stored_odd_value(value: float) -> None:
+    """A value stored before ranges were enforced (or by any other way in) shows as a dash
+    or a plain number, never as a 500."""
+    for text in (
+        present.fmt_bytes(value),  # type: ignore[arg-type]
+        present.fmt_duration(value),
+        present.fmt_time(value),
+        present.fmt_ago(value, 1.7e9),
+        present.iso(value),
+    ):
+        assert isinstance(text, str)
+    assert present.fmt_time(1e300) == "—"
+    assert present.fmt_bytes(10**400) == "—"
+
+
+def test_fmt_bytes_goes_past_tebibytes() -> None:
+    assert present.fmt_bytes(3 * 1024**5) == "3.0 PiB"
+    assert present.fmt_bytes(2**62) == "4.0 EiB"
