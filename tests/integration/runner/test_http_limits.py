@@ -25,6 +25,7 @@ from tests.integration.runner.conftest import (
 )
 
 MiB = 1024 * 1024
+JSON = {"Content-Type": "application/json"}
 HEADER_TIMEOUT = 1.0
 CAP = 32
 
@@ -244,10 +245,12 @@ async def test_a_20_mib_bad_string_is_quoted_by_a_short_prefix(make_runner: Make
         {"drvs": ["/nix/store/a.drv"], "ref": bad},  # too long a field: a validation error
         {"drvs": ["/nix/store/a.drv"], bad: 1, "priority": {bad: bad}},  # a key in the location
     ):
-        r = await client.post("/api/v1/builds", content=json.dumps(body))
+        r = await client.post("/api/v1/builds", content=json.dumps(body), headers=JSON)
         assert 400 <= r.status_code < 500, r.text[:300]
         assert len(r.content) < 20_000, f"{len(r.content)} bytes of error"
-    r = await client.post("/api/v1/builds", content=b'{"drvs": ["' + b"\xff" * (20 * MiB) + b'"]}')
+    r = await client.post(
+        "/api/v1/builds", content=b'{"drvs": ["' + b"\xff" * (20 * MiB) + b'"]}', headers=JSON
+    )
     assert 400 <= r.status_code < 500
     assert len(r.content) < 20_000
 
