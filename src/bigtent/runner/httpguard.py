@@ -10,7 +10,8 @@ uvicorn's protocol:
 - **Header deadline.** From the moment a connection is accepted, and again from the first byte
   of each later request on a kept-alive connection, the request line and headers must be
   complete within ``header_timeout_secs``; trickling bytes do not extend it. Then the
-  connection is closed. Bodies are not timed here (uploads are long; routes bound their size).
+  connection is closed. Headers over ``MAX_HEADER_BYTES`` are answered 431 and closed. Bodies
+  are not timed here (uploads are long; routes bound their size).
 - **Connection cap.** Above ``max_connections`` open connections (agents' WebSockets count
   but are never closed for it), a new connection closes the *oldest connection still waiting
   for its headers*; with none waiting, the new connection is closed. A flood of trickling
@@ -37,6 +38,14 @@ rate_limited = RateLimitedLog(log)
 RESERVED_FDS = 256
 """File descriptors left to everything else: database connections, NAR and log files, Nix
 processes' pipes, WebSockets (agents)."""
+
+MAX_HEADER_BYTES = 64 * 1024
+"""A request line and headers larger than this are refused (431) and the connection closed:
+httptools itself sets no bound, and the header deadline bounds time, not size."""
+_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"Connection: close\r\nContent-Length: 0\r\n\r\n"
+)
 
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -67,6 +76,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
+        self._header_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -85,7 +95,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
             self._await_headers()  # the first byte of the next request on a kept-alive one
+        if self._header_timer is not None:
+            self._header_bytes += len(data)
         super().data_received(data)
+        # Still no complete headers (a chunk that completes them may carry body bytes too).
+        if self._header_timer is not None and self._header_bytes > MAX_HEADER_BYTES:
+            rate_limited.log(
+                "header-size",
+                logging.INFO,
+                "closed an HTTP connection from %s: request headers over %d bytes",
+                self.client[0] if self.client else "?",
+                MAX_HEADER_BYTES,
+            )
+            if not self.transport.is_closing():
+                self.transport.write(_TOO_LARGE)
+            self.close_now()
 
     def on_headers_complete(self) -> None:
         self._headers_done()
@@ -101,6 +125,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _await_headers(self) -> None:
+        self._header_bytes = 0
         self.awaiting[self] = None
         self._header_timer = self.loop.call_later(self.header_timeout_secs, self._header_timeout)
 

@@ -141,6 +141,29 @@ async def test_idle_keep_alive_then_trickle_is_closed(make_runner: MakeRunner) -
         writer.close()
 
 
+async def test_huge_headers_are_refused_before_the_deadline(make_runner: MakeRunner) -> None:
+    """httptools bounds no header size: 1 MiB of header is answered 431 and closed at once,
+    long before the (here 60 s) header deadline."""
+    runner = await make_runner(serve=True, runner={"header_timeout_secs": 60})
+    host, port = _host_port(runner)
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(b"GET /cache/nix-cache-info HTTP/1.1\r\nX-Big: " + b"a" * MiB)
+        try:
+            answer = await asyncio.wait_for(reader.read(), 10)
+        except ConnectionResetError:
+            pass  # closed with the rest of our header unread: a reset may beat the answer
+        else:
+            assert answer.startswith(b"HTTP/1.1 431"), answer[:80]
+    finally:
+        writer.close()
+    # A request whose first read carries its headers and a large body is not refused.
+    async with httpx.AsyncClient(base_url=runner.url or "", timeout=10) as client:
+        auth = {"Authorization": f"Bearer {runner.tokens[Role.CLIENT]}"}
+        r = await client.post("/api/v1/builds", json={"drvs": ["a" * (4 * MiB)]}, headers=auth)
+        assert r.status_code == 400 and "not a store path" in r.text
+
+
 async def test_accept_errors_are_logged_at_most_once_per_interval(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
