@@ -99,6 +99,14 @@ class RunnerSection(_Section):
 
     dashboard_auth: DashboardAuth = DashboardAuth.PUBLIC
     """Reading the dashboard at ``/``: ``public``, or ``token`` (any valid token)."""
+    header_timeout_secs: float = Field(default=10.0, gt=0, le=3600)
+    """An HTTP request's line and headers must arrive within this time of the connection (or,
+    on a kept-alive one, of the request's first byte); trickling does not extend it."""
+    keep_alive_secs: int = Field(default=5, ge=1, le=3600)
+    """An idle kept-alive HTTP connection is closed after this many seconds."""
+    max_connections: int = Field(default=4096, ge=16, le=1_000_000)
+    """Open connections (HTTP and agents' WebSockets) above which a new one closes the oldest
+    still waiting for its request headers; kept below the file descriptor limit less 256."""
 
     @property
     def host(self) -> str:

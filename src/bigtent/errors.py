@@ -24,6 +24,25 @@ class BigtentError(Exception):
         return self.message
 
 
+QUOTE_CHARS = 200
+"""The longest string an error answer quotes: a bad input is shown by a prefix, so a client
+cannot make the runner echo (and hold, and log) megabytes of it."""
+
+
+def clipped(value: Any, limit: int = QUOTE_CHARS) -> Any:
+    """``value`` (JSON-like: strings, numbers, lists, dicts) with every string longer than
+    ``limit`` characters cut to its first ``limit`` and a note of the length."""
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return value
+        return f"{value[:limit]}… ({len(value)} characters)"
+    if isinstance(value, list | tuple):
+        return [clipped(v, limit) for v in value]
+    if isinstance(value, dict):
+        return {clipped(k, limit): clipped(v, limit) for k, v in value.items()}
+    return value
+
+
 class ConfigError(BigtentError):
     """The configuration (file, flags or environment) is invalid."""
 

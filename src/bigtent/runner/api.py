@@ -34,6 +34,7 @@ from bigtent.errors import (
     NotFound,
     RangeNotSatisfiable,
     TooManyAuthFailures,
+    clipped,
 )
 from bigtent.runner.auth.ownership import BuildAction, check_build_action
 from bigtent.runner.auth.ratelimit import FailureThrottle
@@ -51,6 +52,7 @@ from bigtent.runner.scheduler import recovery
 from bigtent.runner.scheduler.dispatcher import AGENT
 from bigtent.runner.scheduler.health import is_unhealthy, shown_error
 from bigtent.runner.sessions import bearer_token, looks_like_jwt
+from bigtent.runner.storage import MAX_NAME_BYTES
 from bigtent.runner.trust import build_is_trusted
 from bigtent.states import BuildEventKind, StepState
 
@@ -113,9 +115,8 @@ def error_response(exc: BigtentError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after_secs)}
     if isinstance(exc, RangeNotSatisfiable):
         headers = {"Content-Range": f"bytes */{exc.size}"}
-    return JSONResponse(
-        {"error": exc.message, "detail": exc.detail}, status_code=exc.http_status, headers=headers
-    )
+    body = {"error": clipped(exc.message), "detail": clipped(exc.detail)}
+    return JSONResponse(body, status_code=exc.http_status, headers=headers)
 
 
 _PUBLIC_API_PATHS = frozenset({"/api/v1/openapi.json", "/api/v1/docs"})
@@ -176,6 +177,10 @@ class CredentialGate:
         await self.app(scope, receive, send)
 
 
+MAX_SHOWN_ERRORS = 20
+"""Validation errors listed in an answer (a list of a million bad items has as many)."""
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """One place maps failures to status codes and ``{"error", "detail"}`` bodies."""
 
@@ -188,12 +193,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+        # Never the input itself; a location or message quoting it (a dict key) is clipped.
+        errors = [
+            {"loc": clipped(list(e.get("loc", ()))), "msg": clipped(e.get("msg", ""))}
+            for e in exc.errors()[:MAX_SHOWN_ERRORS]
+        ]
         return JSONResponse({"error": "invalid request", "detail": errors}, status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail), "detail": None}, status_code=exc.status_code)
+        body = {"error": clipped(str(exc.detail)), "detail": None}
+        return JSONResponse(body, status_code=exc.status_code)
 
 
 _MAX_ID = 2**63 - 1
@@ -214,6 +224,19 @@ def _iso(ts: float | None) -> str | None:
 async def _body(request: Request) -> AsyncIterator[bytes]:
     async for chunk in request.stream():
         yield chunk
+
+
+# Request bodies are bounded per route before they are read: a Content-Length above the
+# route's limit is answered 413 at once, and a body without one is counted as it streams and
+# refused (413) at the limit. Every route not named below has the app's default
+# (``JSON_BODY_BYTES``, set in ``app.create_app``).
+JSON_BODY_BYTES = 1024 * 1024
+"""A JSON request or a form: tokens, bumps, presign and complete declarations, dashboard forms."""
+LIST_BODY_BYTES = 32 * 1024 * 1024
+"""``POST /builds`` and ``/paths/missing``: ~300,000 store paths, more than any closure."""
+STREAMED_BODY = 2**62
+"""NAR uploads stream to storage and are bounded while they do (declared size,
+``cache.max_nar_bytes``): no limit here."""
 
 
 # ---- /api/v1 --------------------------------------------------------------------------------
@@ -276,13 +299,13 @@ class PathsBody(BaseModel):
     paths: list[str] = Field(max_length=1_000_000)
 
 
-@api.post("/paths/missing")
+@api.post("/paths/missing", max_body_size=LIST_BODY_BYTES)
 async def missing_paths(body: PathsBody, comps: Comps, _: ClientAuth) -> dict[str, list[str]]:
     present = await comps.cache.present(body.paths)
     return {"missing": [x for x in body.paths if x not in present]}
 
 
-@api.put("/paths/{basename}", status_code=201)
+@api.put("/paths/{basename}", status_code=201, max_body_size=STREAMED_BODY)
 async def upload_path(
     basename: str,
     request: Request,
@@ -321,7 +344,7 @@ class BuildBody(BaseModel):
     admitting that one, replaces it."""
 
 
-@api.post("/builds", status_code=201)
+@api.post("/builds", status_code=201, max_body_size=LIST_BODY_BYTES)
 async def create_build(
     body: BuildBody, comps: Comps, who: ClientAuth, response: Response
 ) -> dict[str, Any]:
@@ -634,7 +657,7 @@ async def revoke_token(name: str, comps: Comps, who: AdminAuth) -> dict[str, Any
     return _token_json(token)
 
 
-@api.put("/agent/upload/{lease_id}/{output_name}")
+@api.put("/agent/upload/{lease_id}/{output_name}", max_body_size=STREAMED_BODY)
 async def upload_output(
     lease_id: str,
     output_name: str,
@@ -863,6 +886,8 @@ async def _narinfo(cache: Cache, hash_part: str) -> Response:
 
 async def _nar(cache: Cache, file_name: str, request: Request) -> Response:
     storage = cache.storage
+    if len(file_name.encode()) > MAX_NAME_BYTES:
+        raise NotFound("no such NAR")  # no file has such a name, in a directory or a bucket
     if isinstance(storage, S3Storage):
         return await s3_nar_response(storage, f"nar/{file_name}", head=request.method == "HEAD")
     path = storage.local_path(f"nar/{file_name}")

@@ -17,11 +17,23 @@ from bigtent.config import RunnerConfig
 from bigtent.errors import ConfigError
 from bigtent.protocol import MAX_MESSAGE_BYTES
 from bigtent.runner.agents import run_pruner
-from bigtent.runner.api import CredentialGate, api, cache_routes, install_error_handlers
+from bigtent.runner.api import (
+    JSON_BODY_BYTES,
+    CredentialGate,
+    api,
+    cache_routes,
+    install_error_handlers,
+)
 from bigtent.runner.autoscale.routes import launch_routes
 from bigtent.runner.components import Components, build_components, close_components
 from bigtent.runner.dashboard.routes import install_dashboard
 from bigtent.runner.health_endpoint import health_routes
+from bigtent.runner.httpguard import (
+    connection_cap,
+    fd_limit,
+    guarded_http,
+    install_accept_error_log,
+)
 from bigtent.runner.metrics_endpoint import metrics_routes
 from bigtent.runner.s3 import S3Storage
 from bigtent.runner.tls import CertWebSocketProtocol
@@ -83,6 +95,7 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
         openapi_url="/api/v1/openapi.json",
         docs_url="/api/v1/docs",
         redoc_url=None,
+        max_body_size=JSON_BODY_BYTES,
     )
     app.state.components = comps
     install_error_handlers(app)
@@ -101,7 +114,8 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
 def uvicorn_config(app: FastAPI, config: RunnerConfig) -> uvicorn.Config:
     """How the runner is served: its lifespan on, WebSocket frames bounded (a few times the
     protocol's message limit, so a slightly oversized message still gets an ``error`` reply
-    from the session rather than a bare close), TLS when configured."""
+    from the session rather than a bare close), request headers, idle keep-alive and open
+    connections bounded (``httpguard``), TLS when configured."""
     tls = config.runner.tls
     return uvicorn.Config(
         app,
@@ -109,6 +123,11 @@ def uvicorn_config(app: FastAPI, config: RunnerConfig) -> uvicorn.Config:
         port=config.runner.port,
         log_config=None,
         access_log=False,
+        http=guarded_http(
+            config.runner.header_timeout_secs,
+            connection_cap(config.runner.max_connections, fd_limit()),
+        ),
+        timeout_keep_alive=config.runner.keep_alive_secs,
         ws=CertWebSocketProtocol,
         ws_max_size=WS_MAX_FRAME_BYTES,
         lifespan="on",
@@ -167,6 +186,7 @@ async def serve(config: RunnerConfig) -> None:
             server.should_exit = True
 
     app = create_app(comps, on_fatal=fatal)
+    install_accept_error_log(asyncio.get_running_loop())
     server = uvicorn.Server(uvicorn_config(app, config))
     log.info(
         "runner %s listening on %s (cache %s)", __version__, config.runner.listen, comps.cache.url

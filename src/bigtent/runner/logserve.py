@@ -12,7 +12,29 @@ from starlette.responses import StreamingResponse
 from bigtent.errors import RangeNotSatisfiable
 from bigtent.runner.logs import LogSnapshot, LogStore
 
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
+_HUGE = 2**63 - 1
+"""Larger than any log or file: a longer number means the same as this one."""
+
+
+def bounded_decimal(text: str) -> int:
+    """ASCII digits as an integer, capped at ``_HUGE`` without converting a long string
+    (Python refuses strings of more than 4300 digits: a ``ValueError`` that would be a 500)."""
+    digits = text.lstrip("0")
+    if len(digits) > 19:
+        return _HUGE
+    return min(int(digits or "0"), _HUGE)
+
+
+def parse_offset(text: str | None) -> int | None:
+    """A byte offset sent by a client (``Last-Event-ID``, ``?from=``): ASCII digits only,
+    capped like ``bounded_decimal``; None when absent or not a number."""
+    if text is None:
+        return None
+    text = text.strip()
+    if not text or not text.isascii() or not text.isdigit():
+        return None
+    return bounded_decimal(text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,16 +59,16 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     if not first and not last:
         return None
     if not first:  # a suffix: the last N bytes
-        n = int(last)
+        n = bounded_decimal(last)
         if n == 0 or size == 0:
             raise RangeNotSatisfiable("range not satisfiable", size=size)
         return ByteRange(max(0, size - n), size)
-    start = int(first)
-    if last and int(last) < start:
+    start = bounded_decimal(first)
+    if last and bounded_decimal(last) < start:
         return None
     if start >= size:
         raise RangeNotSatisfiable("range not satisfiable", size=size)
-    end = min(size, int(last) + 1) if last else size
+    end = min(size, bounded_decimal(last) + 1) if last else size
     return ByteRange(start, end)
 
 

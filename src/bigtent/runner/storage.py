@@ -36,6 +36,10 @@ class Storage(Protocol):
         ...
 
 
+MAX_NAME_BYTES = 255
+"""The longest file name (one path component) Linux file systems hold."""
+
+
 class LocalStaged:
     """A temporary file in ``ROOT/tmp``; committing renames it into ``ROOT/nar``."""
 
@@ -76,9 +80,12 @@ class LocalStorage:
         return out, LocalStaged(self, name)
 
     def target(self, name: str) -> Path:
+        if any(len(part.encode()) > MAX_NAME_BYTES for part in name.split("/")):
+            # No such file can exist; asking the file system would fail with ENAMETOOLONG.
+            raise ValueError(f"storage name too long: {name[:80]!r}…")
         target = (self.root / name).resolve()
         if not target.is_relative_to(self.root.resolve()) or not name.startswith("nar/"):
-            raise ValueError(f"bad storage name {name!r}")
+            raise ValueError(f"bad storage name {name[:80]!r}")
         return target
 
     def exists(self, name: str) -> bool:

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bigtent.errors import RangeNotSatisfiable
-from bigtent.runner.logserve import ByteRange, parse_range
+from bigtent.runner.logserve import ByteRange, bounded_decimal, parse_offset, parse_range
 
 
 @pytest.mark.parametrize(
@@ -54,3 +54,49 @@ def test_a_satisfiable_range_lies_within_the_resource(size: int, a: int, b: int)
     assert r is not None
     assert 0 <= r.start < r.end <= size
     assert r.start == a and r.end == min(size, b + 1)
+
+
+HUGE = "9" * 5000  # more digits than int() converts (sys.get_int_max_str_digits): ValueError
+
+
+@pytest.mark.parametrize(
+    ("header", "want"),
+    [
+        (f"bytes=0-{HUGE}", ByteRange(0, 10)),
+        (f"bytes=-{HUGE}", ByteRange(0, 10)),
+        (f"bytes=2-{'0' * 5000}3", ByteRange(2, 4)),  # leading zeros are not a large number
+        (f"bytes={HUGE}-1", None),  # last before first: ignored
+        ("bytes=٣-5", None),  # a Unicode digit: not a range
+    ],
+)
+def test_ranges_with_huge_numbers(header: str, want: ByteRange | None) -> None:
+    assert parse_range(header, 10) == want
+
+
+@pytest.mark.parametrize("header", [f"bytes={HUGE}-", f"bytes={HUGE}-{HUGE}"])
+def test_huge_starts_lie_past_the_end(header: str) -> None:
+    with pytest.raises(RangeNotSatisfiable):
+        parse_range(header, 10)
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        (None, None),
+        ("", None),
+        (" 12 ", 12),
+        ("0012", 12),
+        (HUGE, 2**63 - 1),
+        ("²", None),  # str.isdigit says yes, int() says no
+        ("٣", None),  # int() would take it; an offset is ASCII
+        ("-1", None),
+        ("1e3", None),
+    ],
+)
+def test_parse_offset(text: str | None, want: int | None) -> None:
+    assert parse_offset(text) == want
+
+
+@given(st.integers(0, 10**30))
+def test_bounded_decimal_is_int_below_the_cap(n: int) -> None:
+    assert bounded_decimal(str(n)) == min(n, 2**63 - 1)

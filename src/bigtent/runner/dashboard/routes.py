@@ -42,7 +42,7 @@ from bigtent.runner.dashboard.auth import (
 from bigtent.runner.db import queries
 from bigtent.runner.livelog import Subscription
 from bigtent.runner.logs import READ_CHUNK_BYTES
-from bigtent.runner.logserve import log_response
+from bigtent.runner.logserve import log_response, parse_offset
 from bigtent.runner.scheduler import recovery
 from bigtent.runner.scheduler.dispatcher import AGENT
 from bigtent.runner.sessions import bearer_token
@@ -346,8 +346,9 @@ async def step_events(request: Request, step_id: int) -> Response:
 
 def _start_offset(last_event_id: str | None, from_param: str | None) -> int:
     for value in (last_event_id, from_param):
-        if value is not None and value.strip().isdigit():
-            return int(value.strip())
+        offset = parse_offset(value)
+        if offset is not None:
+            return offset
     return 0
 
 
