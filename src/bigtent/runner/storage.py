@@ -35,6 +35,16 @@ class Storage(Protocol):
         FileNotFoundError when there is none."""
         ...
 
+    def surely_missing(self, name: str) -> bool:
+        """True when published file ``name`` is known to be gone, at the cost of a ``stat``
+        (a local directory); storages that would need a request per look (S3) answer False
+        and are checked by ``bigtent cache verify`` instead."""
+        ...
+
+    def remove(self, name: str) -> None:
+        """Delete published file ``name`` (a bad one; blocking). No error when it is gone."""
+        ...
+
 
 class LocalStaged:
     """A temporary file in ``ROOT/tmp``; committing renames it into ``ROOT/nar``."""
@@ -44,7 +54,13 @@ class LocalStaged:
         self.path = path
 
     async def commit(self, name: str) -> None:
-        os.replace(self.path, self._storage.target(name))
+        target = self._storage.target(name)
+        try:
+            os.replace(self.path, target)
+        except FileNotFoundError:
+            # The NAR directory was deleted under the runner: make it again.
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.path, target)
 
     async def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -72,7 +88,12 @@ class LocalStorage:
         clear_staging_dir(root / "tmp")
 
     def new_temp(self) -> tuple[BinaryIO, Staged]:
-        out, name = new_staging_file(self.root / "tmp")
+        tmp = self.root / "tmp"
+        try:
+            out, name = new_staging_file(tmp)
+        except FileNotFoundError:  # deleted under the runner: make it again
+            tmp.mkdir(parents=True, exist_ok=True)
+            out, name = new_staging_file(tmp)
         return out, LocalStaged(self, name)
 
     def target(self, name: str) -> Path:
@@ -97,6 +118,16 @@ class LocalStorage:
         except ValueError as exc:
             raise FileNotFoundError(name) from exc
         return target.open("rb")
+
+    def surely_missing(self, name: str) -> bool:
+        try:
+            return not self.target(name).is_file()
+        except (ValueError, OSError):
+            return True
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(ValueError):
+            self.target(name).unlink(missing_ok=True)
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in (self.root / "nar").iterdir() if p.is_file())

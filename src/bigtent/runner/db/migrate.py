@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+import sqlalchemy.exc
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -245,3 +246,24 @@ async def inspect_database(url: str) -> SchemaReport:
         return await inspect_schema(engine)
     finally:
         await engine.dispose()
+
+
+DATABASE_ERRORS = (sqlalchemy.exc.DBAPIError, sqlalchemy.exc.TimeoutError)
+"""What a database that cannot be used now raises (``database_unavailable`` tells which)."""
+
+
+def database_unavailable(exc: BaseException) -> DatabaseError | None:
+    """The 503 for a database that cannot be used now (connection refused or lost, the
+    server shutting down, a pool timeout), or None for any other database error (a bug)."""
+    if isinstance(exc, sqlalchemy.exc.TimeoutError):
+        return DatabaseError(f"the database is unavailable: connection pool timed out ({exc})")
+    if not isinstance(exc, sqlalchemy.exc.DBAPIError):
+        return None
+    if not (
+        exc.connection_invalidated
+        or isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError)
+    ):
+        return None
+    cause = str(exc.orig) if exc.orig is not None else type(exc).__name__
+    first = cause.strip().splitlines()[0][:200] if cause.strip() else type(exc).__name__
+    return DatabaseError(f"the database is unavailable: {first}")
