@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+import asyncpg.exceptions
 import sqlalchemy.exc
 from alembic import command
 from alembic.config import Config
@@ -248,22 +249,37 @@ async def inspect_database(url: str) -> SchemaReport:
         await engine.dispose()
 
 
-DATABASE_ERRORS = (sqlalchemy.exc.DBAPIError, sqlalchemy.exc.TimeoutError)
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    sqlalchemy.exc.DBAPIError,
+    sqlalchemy.exc.TimeoutError,
+    # Opening a connection raises the driver's own errors unwrapped: refused, reset, or the
+    # server starting up or shutting down.
+    ConnectionError,
+    asyncpg.exceptions.PostgresError,
+    asyncpg.exceptions.InterfaceError,
+)
 """What a database that cannot be used now raises (``database_unavailable`` tells which)."""
 
 
 def database_unavailable(exc: BaseException) -> DatabaseError | None:
     """The 503 for a database that cannot be used now (connection refused or lost, the
-    server shutting down, a pool timeout), or None for any other database error (a bug)."""
+    server starting up or shutting down, a pool timeout), or None for any other error (a
+    bug: a constraint violated, bad SQL)."""
     if isinstance(exc, sqlalchemy.exc.TimeoutError):
-        return DatabaseError(f"the database is unavailable: connection pool timed out ({exc})")
-    if not isinstance(exc, sqlalchemy.exc.DBAPIError):
-        return None
-    if not (
-        exc.connection_invalidated
-        or isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError)
+        return DatabaseError("the database is unavailable: no connection free in time")
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        if not (
+            exc.connection_invalidated
+            or isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError)
+        ):
+            return None
+        cause: BaseException = exc.orig if exc.orig is not None else exc
+    elif isinstance(
+        exc, ConnectionError | asyncpg.exceptions.PostgresError | asyncpg.exceptions.InterfaceError
     ):
+        cause = exc
+    else:
         return None
-    cause = str(exc.orig) if exc.orig is not None else type(exc).__name__
-    first = cause.strip().splitlines()[0][:200] if cause.strip() else type(exc).__name__
+    text = str(cause).strip()
+    first = text.splitlines()[0][:200] if text else type(cause).__name__
     return DatabaseError(f"the database is unavailable: {first}")
