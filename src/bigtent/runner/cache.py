@@ -180,6 +180,16 @@ UNTRUSTED_PATH = "/cache/untrusted"
 """Where the untrusted cache is served: outputs of untrusted builds (docs/security.md)."""
 
 
+@dataclass(frozen=True, slots=True)
+class StorageFullEvents:
+    """How many uploads the NAR storage refused as full since the runner started, the last
+    one's time and reason."""
+
+    count: int
+    last_at: float
+    reason: str
+
+
 class Cache:
     """A binary cache of the runner: storage plus a narinfo index in the database.
 
@@ -213,6 +223,8 @@ class Cache:
             STORED_VERIFY_THREADS, thread_name_prefix="verify-upload"
         )
         self._infos: _Lru[narinfo.NarInfo] = _Lru(MEMORY_NARINFOS)
+        self.storage_full: StorageFullEvents | None = None
+        """The NAR storage's last "full" (shown by the dashboard); None: never full."""
         self._drvs: _Lru[queries.DrvInfo] = _Lru(MEMORY_DERIVATIONS)
 
     # ---- queries ---------------------------------------------------------------------------
@@ -439,6 +451,8 @@ class Cache:
         reason = exc.strerror or type(exc).__name__
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             self.metrics.storage_full_refused()
+            count = self.storage_full.count if self.storage_full is not None else 0
+            self.storage_full = StorageFullEvents(count + 1, time.time(), reason)
             log.error("NAR storage is full: %s (upload refused, 507)", reason)
             return StorageFull(f"the runner's NAR storage is full ({reason}); retry later")
         log.error("NAR storage failed: %s", exc)

@@ -80,6 +80,9 @@ async def test_full_nar_storage_answers_507_and_the_upload_succeeds_once_there_i
         assert await runner.present([up.path]) == set()
         metrics = await runner.client(Role.ADMIN).get("/metrics")
         assert "bigtent_storage_full_total 1.0" in metrics.text
+        overview = (await runner.client(None).get("/")).text
+        assert "NAR storage full: 1 upload(s) refused" in overview
+        assert "No space left on device" in overview
 
         _remount(root, "8m")  # room made
         again = await upload_path(client, up)
