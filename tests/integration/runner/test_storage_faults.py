@@ -12,12 +12,14 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from bigtent.client.api import RunnerClient
 from bigtent.config import Role
+from bigtent.errors import StorageFull
 from bigtent.runner.cacheverify import cache_tables, verify_cache
 from bigtent.runner.components import open_storage
 from tests.integration.runner.conftest import (
@@ -194,3 +196,29 @@ async def test_cache_verify_command_reports_json_and_exit_status(
     assert code == 0 and report["forgotten"] == len(drvs.closure)
     code, report = await verify()
     assert code == 0 and report == {"checked": 0, "bad": [], "forgotten": 0}
+
+
+async def test_a_client_streaming_into_full_storage_is_told_why(
+    make_runner: MakeRunner, nix: Nix, tmp_path: Path
+) -> None:
+    runner = await make_runner(serve=True)
+    assert runner.url is not None
+    root = runner.state_dir / "cache"
+    with small_tmpfs(root, "1m"):
+        (root / "nar").mkdir()
+        (root / "tmp").mkdir()
+        up = nix.upload(_random_source(tmp_path, 4 * 1024 * 1024))
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for at in range(0, len(up.nar), 64 * 1024):
+                yield up.nar[at : at + 64 * 1024]
+
+        async with RunnerClient(runner.url, token=runner.tokens[Role.CLIENT]) as client:
+            with pytest.raises(StorageFull, match="No space left on device"):
+                await client.upload_path(
+                    up.path,
+                    chunks(),
+                    nar_hash=up.nar_hash,
+                    nar_size=len(up.nar),
+                    references=[],
+                )
