@@ -114,6 +114,34 @@ async def test_client_names_every_runner_when_none_answers() -> None:
             await client.fetch_status()
 
 
+async def test_a_request_whose_connection_broke_is_not_sent_to_the_next_runner() -> None:
+    asked: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.host)
+        if request.url.host == "a":
+            raise httpx.RemoteProtocolError("peer closed")  # the build may have been made
+        return httpx.Response(201, json={})
+
+    transport = httpx.MockTransport(handler)
+    async with RunnerClient("http://a:1,http://b:1", transport=transport) as client:
+        with pytest.raises(RunnerUnreachable, match="runners tried: http://a:1"):
+            await client.create_build(["/nix/store/" + "a" * 32 + "-x.drv"])
+        assert client.base_url == "http://b:1"  # the next request goes there
+    assert asked == ["a"]
+
+
+async def test_a_refused_connection_is_sent_to_the_next_runner() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "a":
+            raise httpx.ConnectError("connection refused")
+        return httpx.Response(200, json={"version": "2"})
+
+    transport = httpx.MockTransport(handler)
+    async with RunnerClient("http://a:1,http://b:1", transport=transport) as client:
+        assert (await client.fetch_status()).version == "2"
+
+
 def test_507_is_storage_full_with_the_cause() -> None:
     err = error_from_response(507, b'{"error": "the runner\'s NAR storage is full"}', "u")
     assert isinstance(err, StorageFull) and "storage is full" in err.message

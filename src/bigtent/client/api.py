@@ -381,6 +381,22 @@ def error_from_response(status: int, body: bytes, url: str) -> BigtentError:
     return cls(message, detail=detail)
 
 
+def runner_answered(exc: RunnerUnreachable) -> bool:
+    """Whether the runner (or a proxy) answered with an HTTP status, so the request was not
+    taken; False for a connection that failed or broke (the request may have been taken)."""
+    return isinstance(exc.detail, dict) and isinstance(exc.detail.get("status"), int)
+
+
+def not_sent(exc: BaseException) -> bool:
+    """Whether the request never reached a runner (no connection could be opened)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout):
+            return True
+        cause = cause.__cause__
+    return False
+
+
 def runner_urls(given: str | Sequence[str]) -> list[str]:
     """The runner URLs of ``--runner`` (repeatable) or ``BIGTENT_URL`` (comma-separated),
     in order, each checked; raises ``UsageError`` for none or a malformed one."""
@@ -471,8 +487,10 @@ class RunnerClient:
             extra["timeout"] = timeout
         # Several runners sharing one database: a runner that cannot answer (no connection,
         # 502/503/504) is passed over for the next one. A streamed body cannot be sent twice,
-        # so an upload only moves the next request on.
+        # and a request whose connection broke may have been taken: those only move the next
+        # request on.
         tries = len(self.base_urls) if content is None else 1
+        failed: list[str] = []
         for tried in range(1, tries + 1):
             try:
                 return await self._request_once(
@@ -481,13 +499,12 @@ class RunnerClient:
             except RunnerUnreachable as exc:
                 if len(self.base_urls) == 1:
                     raise
-                failed = self.base_url
+                failed.append(self.base_url)
                 self._next_runner()
                 log.warning("%s; trying %s", describe(exc), self.base_url)
-                if tried == tries:
-                    tried_urls = failed if tries == 1 else ", ".join(self.base_urls)
+                if tried == tries or not (runner_answered(exc) or not_sent(exc)):
                     raise RunnerUnreachable(
-                        f"{exc} (runners tried: {tried_urls})", detail=exc.detail
+                        f"{exc} (runners tried: {', '.join(failed)})", detail=exc.detail
                     ) from exc
         raise AssertionError("unreachable")
 

@@ -29,6 +29,8 @@ from bigtent.client.api import (
     StepAttempt,
     StepCounts,
     WaitingStep,
+    not_sent,
+    runner_answered,
 )
 from bigtent.errors import BigtentError, NixError, NotFound, RunnerUnreachable, UsageError
 from bigtent.nix import base32
@@ -548,7 +550,7 @@ async def riding_out(
         try:
             return await request()
         except RunnerUnreachable as exc:
-            if sent_once and not runner_answered(exc):
+            if sent_once and not (runner_answered(exc) or not_sent(exc)):
                 raise
             now = time.monotonic()
             if since is None:
@@ -558,12 +560,6 @@ async def riding_out(
                 raise
         await asyncio.sleep(pause)
         pause = min(pause * 2, RETRY_MAX_SECS)
-
-
-def runner_answered(exc: RunnerUnreachable) -> bool:
-    """Whether the runner (or a proxy) answered with an HTTP status, so the request was not
-    taken; False for a connection that failed or broke (the request may have been taken)."""
-    return isinstance(exc.detail, dict) and isinstance(exc.detail.get("status"), int)
 
 
 async def upload_closure(
