@@ -55,6 +55,8 @@ ATTEMPTS_PAGE = 1000
 UNREACHABLE_GRACE_SECS = 60.0
 """How long the client keeps trying through an outage of the runner or its database (a
 runner restart, PostgreSQL restarting): then it gives up with the runner's last reason."""
+UNAVAILABLE = "runner unavailable, retrying"
+"""The start of the line said when an outage of the runner or its database begins."""
 RETRY_FIRST_SECS = 0.5
 RETRY_MAX_SECS = 5.0
 """Pauses between tries through an outage: doubling from the first to the most."""
@@ -428,7 +430,8 @@ class BuildObserver(Protocol):
 
 class SilentObserver:
     def on_phase(self, message: str) -> None:
-        log.info("%s", message)
+        # An outage is said on stderr even with --json (the client logs warnings there).
+        log.log(logging.WARNING if message.startswith(UNAVAILABLE) else logging.INFO, "%s", message)
 
     def on_upload(self, done: int, total: int) -> None:
         pass
@@ -555,7 +558,7 @@ async def riding_out(
             now = time.monotonic()
             if since is None:
                 since = now
-                observer.on_phase(f"runner unavailable, retrying: {exc}")
+                observer.on_phase(f"{UNAVAILABLE}: {exc}")
             elif now - since > grace_secs:
                 raise
         await asyncio.sleep(pause)
@@ -710,7 +713,7 @@ async def follow_build(
             now = time.monotonic()
             if unreachable_since is None:
                 unreachable_since = now
-                observer.on_phase(f"runner unavailable, retrying: {exc}")
+                observer.on_phase(f"{UNAVAILABLE}: {exc}")
             elif now - unreachable_since > unreachable_grace_secs:
                 raise
         else:
