@@ -48,6 +48,13 @@ def _dbapi(cls: type[sqlalchemy.exc.DBAPIError], orig: Exception) -> sqlalchemy.
     return cls("SELECT 1", {}, orig)
 
 
+def _caused_by(cause: BaseException) -> Exception:
+    """A driver-adapted error whose cause is ``cause`` (as SQLAlchemy's asyncpg adapter makes)."""
+    wrapper = Exception("terminating connection due to administrator command")
+    wrapper.__cause__ = cause
+    return wrapper
+
+
 @pytest.mark.parametrize(
     "exc",
     [
@@ -56,6 +63,7 @@ def _dbapi(cls: type[sqlalchemy.exc.DBAPIError], orig: Exception) -> sqlalchemy.
         sqlalchemy.exc.TimeoutError("QueuePool limit"),
         ConnectionRefusedError(111, "Connect call failed"),
         asyncpg.exceptions.CannotConnectNowError("the database system is starting up"),
+        _dbapi(sqlalchemy.exc.DBAPIError, _caused_by(asyncpg.exceptions.AdminShutdownError())),
     ],
 )
 def test_connection_failures_are_503(exc: Exception) -> None:

@@ -261,6 +261,24 @@ DATABASE_ERRORS: tuple[type[Exception], ...] = (
 """What a database that cannot be used now raises (``database_unavailable`` tells which)."""
 
 
+def _lost_connection(exc: BaseException | None) -> bool:
+    """Whether the driver's error under a wrapped one is a lost or refused connection or the
+    server shutting down (SQLAlchemy wraps some of those as a plain ``DBAPIError``)."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(
+            exc,
+            ConnectionError
+            | asyncpg.exceptions.OperatorInterventionError
+            | asyncpg.exceptions.PostgresConnectionError
+            | asyncpg.exceptions.InterfaceError,
+        ):
+            return True
+        exc = exc.__cause__
+        seen += 1
+    return False
+
+
 def database_unavailable(exc: BaseException) -> DatabaseError | None:
     """The 503 for a database that cannot be used now (connection refused or lost, the
     server starting up or shutting down, a pool timeout), or None for any other error (a
@@ -271,6 +289,7 @@ def database_unavailable(exc: BaseException) -> DatabaseError | None:
         if not (
             exc.connection_invalidated
             or isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError)
+            or _lost_connection(exc.orig)
         ):
             return None
         cause: BaseException = exc.orig if exc.orig is not None else exc
