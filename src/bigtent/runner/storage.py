@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Protocol
+
+_PLAIN_NAR_NAME = re.compile(r"nar/[0-9a-z]{1,128}\.nar(?:\.[a-z0-9]{1,8})?")
+"""A published NAR file's name as the cache makes them (``nar_file_name``)."""
 
 
 class Staged(Protocol):
@@ -84,6 +88,7 @@ class LocalStorage:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._root_text = str(root)
         (root / "nar").mkdir(parents=True, exist_ok=True)
         clear_staging_dir(root / "tmp")
 
@@ -120,10 +125,13 @@ class LocalStorage:
         return target.open("rb")
 
     def surely_missing(self, name: str) -> bool:
-        try:
-            return not self.target(name).is_file()
-        except (ValueError, OSError):
-            return True
+        # One stat per lookup: a plain NAR file name needs no resolve() to stay inside ROOT.
+        if _PLAIN_NAR_NAME.fullmatch(name) is None:
+            try:
+                return not self.target(name).is_file()
+            except (ValueError, OSError):
+                return True
+        return not os.path.isfile(os.path.join(self._root_text, name))
 
     def remove(self, name: str) -> None:
         with contextlib.suppress(ValueError):
