@@ -98,6 +98,20 @@ class PgCluster:
                     raise
         raise RuntimeError("PostgreSQL did not start:\n" + self.server_log())
 
+    def halt(self) -> None:
+        """Stop the server, keeping its data (a database outage; ``resume`` ends it)."""
+        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        """Start the halted server again on the same port."""
+        options = " ".join(f"-c {k}={v!r}" if v == "" else f"-c {k}={v}" for k, v in
+                           _SERVER_SETTINGS.items())  # fmt: skip
+        self._run(
+            str(self.bin_dir / "pg_ctl"),
+            "-D", str(self.data), "-l", str(self.root / "server.log"), "-w",
+            "-t", str(int(START_TIMEOUT_SECS)), "-o", f"-p {self.port} {options}", "start",
+        )  # fmt: skip
+
     def server_log(self) -> str:
         with contextlib.suppress(OSError):
             return (self.root / "server.log").read_text()[-4000:]

@@ -156,12 +156,21 @@ def _client_options(f: _F) -> _F:
         "--runner",
         "runner_url",
         envvar="BIGTENT_URL",
-        default=DEFAULT_RUNNER_URL,
+        multiple=True,
+        default=[DEFAULT_RUNNER_URL],
         show_default=True,
         metavar="URL",
-        help="Runner URL [env: BIGTENT_URL].",
+        callback=_join_runner_urls,
+        help="Runner URL; repeat it (or separate URLs by commas) for runners sharing one "
+        "database, tried in order when one is unavailable [env: BIGTENT_URL].",
     )(f)
     return f
+
+
+def _join_runner_urls(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> str:
+    """``--runner`` given several times (or ``BIGTENT_URL`` with commas): one comma-separated
+    string, which ``RunnerClient`` splits again."""
+    return ",".join(value)
 
 
 def _json_option(f: _F) -> _F:
@@ -1188,6 +1197,60 @@ def db_migrate(config_path: Path | None, as_json: bool) -> None:
         click.echo(f"{display_url(url)}: schema created at {after}")
     else:
         click.echo(f"{display_url(url)}: schema migrated from {before} to {after}")
+
+
+# ---- the runner's cache ----------------------------------------------------------------------
+
+
+@cli.group("cache", context_settings=_CONTEXT)
+def cache_group() -> None:
+    """The runner's binary cache ([cache] in runner.toml)."""
+
+
+@cache_group.command("verify", context_settings=_CONTEXT)
+@_DB_CONFIG
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Forget the paths whose NAR file is missing or bad (and delete bad files), so they "
+    "are built or uploaded again.",
+)
+@_json_option
+@click.pass_context
+def cache_verify(ctx: click.Context, config_path: Path | None, repair: bool, as_json: bool) -> None:
+    """Check every narinfo's NAR file in the storage: there, of its size, of its hash.
+
+    Exits 0 when every file is good (or, with --repair, every bad path was forgotten), 1 when
+    some are bad. Safe while runners run; a runner may still serve a damaged file's narinfo
+    it remembers until the next lookup finds the file deleted."""
+    from bigtent.runner.cacheverify import cache_tables, verify_cache
+    from bigtent.runner.components import open_storage
+    from bigtent.runner.db.migrate import DATABASE_ERRORS, create_engine, database_unavailable
+
+    config = load_runner_config(config_path)
+
+    async def go() -> Any:
+        engine = create_engine(config.database_url())
+        try:
+            storage = await open_storage(config)
+            return await verify_cache(engine, storage, cache_tables(), repair=repair)
+        except DATABASE_ERRORS as exc:
+            failure = database_unavailable(exc)
+            if failure is None:
+                raise
+            raise failure from exc
+        finally:
+            await engine.dispose()
+
+    report = _run(go())
+    if as_json:
+        _echo_json(report.as_json())
+    else:
+        for bad in report.bad:
+            click.echo(f"bad: {bad.path} ({bad.cache} cache): {bad.reason}")
+        tail = f"; {report.forgotten} forgotten" if repair else ""
+        click.echo(f"checked {report.checked} path(s): {len(report.bad)} bad{tail}")
+    ctx.exit(0 if not report.bad or (repair and report.forgotten == len(report.bad)) else 1)
 
 
 # ---- services --------------------------------------------------------------------------------

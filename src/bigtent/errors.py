@@ -171,6 +171,13 @@ class StorageUnavailable(BigtentError):
     http_status = 503
 
 
+class StorageFull(StorageUnavailable):
+    """The NAR storage has no room left (ENOSPC, EDQUOT): HTTP 507. Nothing was stored; the
+    upload may be tried again once there is room."""
+
+    http_status = 507
+
+
 class RunnerUnreachable(BigtentError):
     """The runner could not be reached over the network."""
 
@@ -231,3 +238,22 @@ class DispatchFailed(BigtentError):
         super().__init__(message, detail={"status": status, "retry_after_secs": retry_after_secs})
         self.status = status
         self.retry_after_secs = retry_after_secs
+
+
+def describe(exc: BaseException) -> str:
+    """A non-empty reason for ``exc``: its message, else its type, followed by the first
+    cause that has a message (``httpx`` errors often carry theirs only in the cause).
+
+    ``exc or type(exc).__name__`` does not do this: an exception is always true, so an empty
+    message stayed empty ("uploading … failed: ")."""
+    text = str(exc).strip()
+    reason = text or type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
+    seen = 0
+    while cause is not None and seen < 5:
+        cause_text = str(cause).strip()
+        if cause_text and cause_text not in reason:
+            return f"{reason}: {cause_text}" if text else f"{reason} ({cause_text})"
+        cause = cause.__cause__ or cause.__context__
+        seen += 1
+    return reason

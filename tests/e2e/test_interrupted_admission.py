@@ -108,7 +108,7 @@ def test_a_runner_killed_while_admitting_a_build_says_so_and_the_retry_replaces_
         client.kill()
         client.wait(timeout=30)
     log = err.read_text()
-    assert "runner unreachable, retrying the submission" in log
+    assert "runner unavailable, retrying" in log
     assert "Traceback" not in log
     assert farm.runner is not None
     assert f"build {old} was cut short while being admitted" in farm.runner.log.read_text()

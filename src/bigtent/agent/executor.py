@@ -46,7 +46,7 @@ from bigtent.agent import presigned
 from bigtent.agent.credentials import CredentialSource, as_credential_source
 from bigtent.agent.drvfetch import DrvCache, DrvFetchError
 from bigtent.config import AgentSection
-from bigtent.errors import ConfigError, CredentialUnavailable, NixError
+from bigtent.errors import ConfigError, CredentialUnavailable, NixError, describe
 from bigtent.nix.base32 import format_hash
 from bigtent.nix.compression import Compression
 from bigtent.nix.nar import dump_path
@@ -974,7 +974,7 @@ class Executor:
         try:
             put = await self._http.put(plan.url, content=prepared.body(), headers=plan.headers)
         except httpx.HTTPError as exc:
-            message = f"uploading {what} to the bucket failed: {exc or type(exc).__name__}"
+            message = f"uploading {what} to the bucket failed: {describe(exc)}"
             if upload_error_is_retried(exc):
                 return message
             raise UploadError(message) from exc
@@ -1007,7 +1007,7 @@ class Executor:
                     url, json=body, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0)
                 )
         except httpx.HTTPError as exc:
-            message = f"uploading {what} failed: {exc or type(exc).__name__}"
+            message = f"uploading {what} failed: {describe(exc)}"
             if upload_error_is_retried(exc):
                 return message
             raise UploadError(message) from exc
@@ -1130,7 +1130,7 @@ class Executor:
         try:
             response = await self._http.put(url, content=content, headers=headers)
         except httpx.HTTPError as exc:
-            message = f"uploading {what} failed: {exc or type(exc).__name__}"
+            message = f"uploading {what} failed: {describe(exc)}"
             if upload_error_is_retried(exc):
                 return message
             raise UploadError(message) from exc

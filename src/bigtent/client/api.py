@@ -24,7 +24,10 @@ from bigtent.errors import (
     PayloadTooLarge,
     ProtocolError,
     RunnerUnreachable,
+    StorageFull,
     TooManyAuthFailures,
+    UsageError,
+    describe,
 )
 from bigtent.states import BuildState
 
@@ -335,6 +338,7 @@ _STATUS_ERRORS: dict[int, type[BigtentError]] = {
     404: NotFound,
     409: Conflict,
     413: PayloadTooLarge,
+    507: StorageFull,
 }
 
 
@@ -369,9 +373,50 @@ def error_from_response(status: int, body: bytes, url: str) -> BigtentError:
     cls = _STATUS_ERRORS.get(status)
     if cls is None:
         if status in (502, 503, 504):
-            return RunnerUnreachable(f"runner at {url} is unavailable (HTTP {status}): {message}")
+            return RunnerUnreachable(
+                f"runner at {url} is unavailable (HTTP {status}): {message}",
+                detail={"status": status},
+            )
         return BigtentError(f"runner error (HTTP {status}): {message}", detail=detail)
     return cls(message, detail=detail)
+
+
+def runner_answered(exc: RunnerUnreachable) -> bool:
+    """Whether the runner (or a proxy) answered with an HTTP status, so the request was not
+    taken; False for a connection that failed or broke (the request may have been taken)."""
+    return isinstance(exc.detail, dict) and isinstance(exc.detail.get("status"), int)
+
+
+def not_sent(exc: BaseException) -> bool:
+    """Whether the request never reached a runner (no connection could be opened)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout):
+            return True
+        cause = cause.__cause__
+    return False
+
+
+def runner_urls(given: str | Sequence[str]) -> list[str]:
+    """The runner URLs of ``--runner`` (repeatable) or ``BIGTENT_URL`` (comma-separated),
+    in order, each checked; raises ``UsageError`` for none or a malformed one."""
+    items = [given] if isinstance(given, str) else list(given)
+    urls: list[str] = []
+    for item in items:
+        for part in item.split(","):
+            url = part.strip().rstrip("/")
+            if not url:
+                continue
+            if not url.startswith(("http://", "https://")):
+                raise UsageError(
+                    f"runner URL must start with http:// or https:// (got {part.strip()!r}); "
+                    "set --runner or BIGTENT_URL"
+                )
+            if url not in urls:
+                urls.append(url)
+    if not urls:
+        raise UsageError("no runner URL given; set --runner or BIGTENT_URL")
+    return urls
 
 
 class RunnerClient:
@@ -383,19 +428,15 @@ class RunnerClient:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         *,
         token: str | None = None,
         ca_file: Path | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout_secs: float = DEFAULT_TIMEOUT_SECS,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        if not self.base_url.startswith(("http://", "https://")):
-            raise BigtentError(
-                f"runner URL must start with http:// or https:// (got {base_url!r}); "
-                "set --runner or BIGTENT_URL"
-            )
+        self.base_urls = runner_urls(base_url)
+        self.base_url = self.base_urls[0]
         headers = {"User-Agent": "bigtent-client"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -444,6 +485,44 @@ class RunnerClient:
         extra: dict[str, Any] = {}
         if timeout is not None:
             extra["timeout"] = timeout
+        # Several runners sharing one database: a runner that cannot answer (no connection,
+        # 502/503/504) is passed over for the next one. A streamed body cannot be sent twice,
+        # and a request whose connection broke may have been taken: those only move the next
+        # request on.
+        tries = len(self.base_urls) if content is None else 1
+        failed: list[str] = []
+        for tried in range(1, tries + 1):
+            try:
+                return await self._request_once(
+                    method, url, json_body, params, content, headers, extra
+                )
+            except RunnerUnreachable as exc:
+                if len(self.base_urls) == 1:
+                    raise
+                failed.append(self.base_url)
+                self._next_runner()
+                log.warning("%s; trying %s", describe(exc), self.base_url)
+                if tried == tries or not (runner_answered(exc) or not_sent(exc)):
+                    raise RunnerUnreachable(
+                        f"{exc} (runners tried: {', '.join(failed)})", detail=exc.detail
+                    ) from exc
+        raise AssertionError("unreachable")
+
+    def _next_runner(self) -> None:
+        at = self.base_urls.index(self.base_url)
+        self.base_url = self.base_urls[(at + 1) % len(self.base_urls)]
+        self._http.base_url = httpx.URL(self.base_url)
+
+    async def _request_once(
+        self,
+        method: str,
+        url: str,
+        json_body: Any,
+        params: Mapping[str, str | int] | None,
+        content: AsyncIterable[bytes] | None,
+        headers: Mapping[str, str] | None,
+        extra: dict[str, Any],
+    ) -> httpx.Response:
         try:
             resp = await self._http.request(
                 method,

@@ -8,17 +8,18 @@ through a ``BuildObserver`` so that rendering stays in ``cli.py``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import logging
 import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from bigtent import humanize
 from bigtent.client.api import (
@@ -30,6 +31,8 @@ from bigtent.client.api import (
     StepAttempt,
     StepCounts,
     WaitingStep,
+    not_sent,
+    runner_answered,
 )
 from bigtent.errors import BigtentError, NixError, NotFound, RunnerUnreachable, UsageError
 from bigtent.nix import base32
@@ -40,6 +43,7 @@ from bigtent.runner.scheduler.leases import Disposition, classify
 from bigtent.states import BuildState, StepState
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 MISSING_BATCH = 1000
 """Store paths per ``POST /paths/missing`` request."""
@@ -51,7 +55,13 @@ printed at most this long after the runner recorded it."""
 ATTEMPTS_PAGE = 1000
 """Attempt records asked for per request (the runner's page size)."""
 UNREACHABLE_GRACE_SECS = 60.0
-"""How long the client keeps polling through a runner outage (e.g. a runner restart)."""
+"""How long the client keeps trying through an outage of the runner or its database (a
+runner restart, PostgreSQL restarting): then it gives up with the runner's last reason."""
+UNAVAILABLE = "runner unavailable, retrying"
+"""The start of the line said when an outage of the runner or its database begins."""
+RETRY_FIRST_SECS = 0.5
+RETRY_MAX_SECS = 5.0
+"""Pauses between tries through an outage: doubling from the first to the most."""
 
 BUILT_ROOT_STATES = frozenset({"succeeded", "cached"})
 """Root states meaning the requested derivation's outputs exist (``cached``: no step needed)."""
@@ -411,7 +421,8 @@ class BuildObserver(Protocol):
 
 class SilentObserver:
     def on_phase(self, message: str) -> None:
-        log.info("%s", message)
+        # An outage is said on stderr even with --json (the client logs warnings there).
+        log.log(logging.WARNING if message.startswith(UNAVAILABLE) else logging.INFO, "%s", message)
 
     def on_upload(self, done: int, total: int) -> None:
         pass
@@ -497,12 +508,42 @@ async def run_build(
     )
     result = BuildResult(build, attempts=attempts.seen)
     if result.succeeded and options.download:
-        status = await client.fetch_status()
+        status = await riding_out(client.fetch_status, observer)
         observer.on_phase("fetching outputs")
         result.links = await download_outputs(
             store, status, build, options.out_link, runner_url=client.base_url
         )
     return result
+
+
+async def riding_out(
+    request: Callable[[], Awaitable[_T]],
+    observer: BuildObserver,
+    *,
+    grace_secs: float = UNREACHABLE_GRACE_SECS,
+    sent_once: bool = False,
+) -> _T:
+    """``request()``, tried again through an outage of the runner or its database
+    (``RunnerUnreachable``: no connection, or 502/503/504) for up to ``grace_secs``, with a
+    "runner unavailable, retrying" line at its start. ``sent_once``: the request must not be
+    sent twice (creating a build), so it is tried again only when the runner answered that
+    it could not take it (an HTTP status), never after a connection that broke."""
+    since: float | None = None
+    pause = RETRY_FIRST_SECS
+    while True:
+        try:
+            return await request()
+        except RunnerUnreachable as exc:
+            if sent_once and not (runner_answered(exc) or not_sent(exc)):
+                raise
+            now = time.monotonic()
+            if since is None:
+                since = now
+                observer.on_phase(f"{UNAVAILABLE}: {exc}")
+            elif now - since > grace_secs:
+                raise
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, RETRY_MAX_SECS)
 
 
 async def upload_closure(
@@ -518,7 +559,8 @@ async def upload_closure(
     paths = [i.path for i in infos]
     missing: list[str] = []
     for start in range(0, len(paths), MISSING_BATCH):
-        missing += await client.missing_paths(paths[start : start + MISSING_BATCH])
+        batch = paths[start : start + MISSING_BATCH]
+        missing += await riding_out(functools.partial(client.missing_paths, batch), observer)
     if not missing:
         observer.on_phase(f"runner has all {len(paths)} paths of the closure")
         return 0
@@ -546,12 +588,16 @@ async def _upload_in_order(
             if ref != info.path and ref in uploaded:
                 await uploaded[ref].wait()
         async with slots:
-            await client.upload_path(
-                info.path,
-                _nar_chunks(store, info.path),
-                nar_hash=nar_hash_to_nix32(info.nar_hash),
-                nar_size=info.nar_size,
-                references=[r.rsplit("/", 1)[-1] for r in info.references],
+            # An upload is idempotent: streamed anew from the store on each try.
+            await riding_out(
+                lambda: client.upload_path(
+                    info.path,
+                    _nar_chunks(store, info.path),
+                    nar_hash=nar_hash_to_nix32(info.nar_hash),
+                    nar_size=info.nar_size,
+                    references=[r.rsplit("/", 1)[-1] for r in info.references],
+                ),
+                observer,
             )
         log.debug("uploaded %s", info.path)
         uploaded[info.path].set()
@@ -624,8 +670,6 @@ class AttemptFollower:
                 return
 
 
-SUBMIT_RETRY_FIRST_SECS = 0.5
-SUBMIT_RETRY_MAX_SECS = 5.0
 
 
 async def submit_build(
@@ -641,28 +685,18 @@ async def submit_build(
     created, or, when a stop of the runner interrupted that one's admission, makes a new one
     (docs/api.md, "Build events")."""
     key = secrets.token_urlsafe(24)
-    unreachable_since: float | None = None
-    delay = SUBMIT_RETRY_FIRST_SECS
-    while True:
-        try:
-            return await client.create_build(
-                drvs,
-                priority=options.priority,
-                repository=options.repository,
-                ref=options.ref,
-                trusted=options.trusted,
-                submission=key,
-            )
-        except RunnerUnreachable as exc:
-            now = time.monotonic()
-            if unreachable_since is None:
-                unreachable_since = now
-                log.info("submitting the build: %s", exc)
-                observer.on_phase("runner unreachable, retrying the submission")
-            elif now - unreachable_since > unreachable_grace_secs:
-                raise
-        await asyncio.sleep(delay)
-        delay = min(2 * delay, SUBMIT_RETRY_MAX_SECS)
+    return await riding_out(
+        lambda: client.create_build(
+            drvs,
+            priority=options.priority,
+            repository=options.repository,
+            ref=options.ref,
+            trusted=options.trusted,
+            submission=key,
+        ),
+        observer,
+        grace_secs=unreachable_grace_secs,
+    )
 
 
 async def follow_build(
@@ -685,11 +719,11 @@ async def follow_build(
         try:
             build = await client.fetch_build(build_id)
             await follower.poll(client, observer)
-        except RunnerUnreachable:
+        except RunnerUnreachable as exc:
             now = time.monotonic()
             if unreachable_since is None:
                 unreachable_since = now
-                observer.on_phase("runner unreachable, retrying")
+                observer.on_phase(f"{UNAVAILABLE}: {exc}")
             elif now - unreachable_since > unreachable_grace_secs:
                 raise
         else:

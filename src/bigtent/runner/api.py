@@ -43,6 +43,7 @@ from bigtent.runner.builds import plan_parts
 from bigtent.runner.cache import Cache
 from bigtent.runner.components import Components
 from bigtent.runner.db import queries
+from bigtent.runner.db.migrate import DATABASE_ERRORS, database_unavailable
 from bigtent.runner.ingest import ingest_client_path, ingest_output
 from bigtent.runner.logserve import log_response
 from bigtent.runner.metrics import Metrics
@@ -115,8 +116,14 @@ def error_response(exc: BigtentError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after_secs)}
     if isinstance(exc, RangeNotSatisfiable):
         headers = {"Content-Range": f"bytes */{exc.size}"}
+    if exc.http_status == 503:
+        headers = {"Retry-After": str(RETRY_AFTER_SECS)}
     body = {"error": clipped(exc.message), "detail": clipped(exc.detail)}
     return JSONResponse(body, status_code=exc.http_status, headers=headers)
+
+
+RETRY_AFTER_SECS = 2
+"""What a 503 (the database or storage cannot be used now) tells clients to wait."""
 
 
 _PUBLIC_API_PATHS = frozenset({"/api/v1/openapi.json", "/api/v1/docs"})
@@ -190,6 +197,16 @@ def install_error_handlers(app: FastAPI) -> None:
             credential = bearer_token(request.headers.get("authorization"))
             request.app.state.components.metrics.auth_failed(exc, credential)
         return error_response(exc)
+
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        failure = database_unavailable(exc)
+        if failure is None:
+            raise exc  # a bug, not an outage: the server error it is
+        log.warning("%s %s: %s", request.method, request.url.path, failure)
+        return error_response(failure)
+
+    for database_error in DATABASE_ERRORS:
+        app.add_exception_handler(database_error, _database)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import hashlib
 import logging
 import threading
@@ -27,7 +28,15 @@ from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bigtent.config import CacheSection, Upstream
-from bigtent.errors import ConfigError, NarMismatch, PayloadTooLarge, UpstreamUnavailable
+from bigtent.errors import (
+    ConfigError,
+    NarMismatch,
+    PayloadTooLarge,
+    StorageFull,
+    StorageUnavailable,
+    UpstreamUnavailable,
+    describe,
+)
 from bigtent.nix import base32, narinfo
 from bigtent.nix.compression import (
     EXTENSIONS,
@@ -81,6 +90,9 @@ class _Lru(Generic[_V]):
         self._items.move_to_end(key)
         if len(self._items) > self.size:
             self._items.popitem(last=False)
+
+    def drop(self, key: str) -> None:
+        self._items.pop(key, None)
 
 
 STORED_READ_BYTES = 1024 * 1024
@@ -168,6 +180,16 @@ UNTRUSTED_PATH = "/cache/untrusted"
 """Where the untrusted cache is served: outputs of untrusted builds (docs/security.md)."""
 
 
+@dataclass(frozen=True, slots=True)
+class StorageFullEvents:
+    """How many uploads the NAR storage refused as full since the runner started, the last
+    one's time and reason."""
+
+    count: int
+    last_at: float
+    reason: str
+
+
 class Cache:
     """A binary cache of the runner: storage plus a narinfo index in the database.
 
@@ -201,6 +223,8 @@ class Cache:
             STORED_VERIFY_THREADS, thread_name_prefix="verify-upload"
         )
         self._infos: _Lru[narinfo.NarInfo] = _Lru(MEMORY_NARINFOS)
+        self.storage_full: StorageFullEvents | None = None
+        """The NAR storage's last "full" (shown by the dashboard); None: never full."""
         self._drvs: _Lru[queries.DrvInfo] = _Lru(MEMORY_DERIVATIONS)
 
     # ---- queries ---------------------------------------------------------------------------
@@ -213,12 +237,23 @@ class Cache:
     async def present(self, paths: Iterable[str]) -> set[str]:
         """Which of ``paths`` the cache holds."""
         wanted = list(paths)
-        found = {p for p in wanted if self._remembered(p) is not None}
-        rest = [p for p in wanted if p not in found]
+        files: dict[str, str] = {}
+        for p in wanted:
+            info = self._remembered(p)
+            if info is not None:
+                files[p] = info.url
+        rest = [p for p in wanted if p not in files]
         if rest:
             async with self.engine.connect() as conn:
-                found |= await queries.present_store_paths(conn, rest, self.table)
-        return found
+                files.update(await queries.store_path_files(conn, rest, self.table))
+        # A path whose NAR file is gone (storage lost under the runner) is not present: it is
+        # forgotten, so it is rebuilt or uploaded again.
+        gone = [p for p, url in files.items() if self.storage.surely_missing(url)]
+        for path in gone:
+            info = await self.fetch_narinfo(path)  # forgets it
+            if info is not None:  # came back meanwhile
+                gone.remove(path)
+        return set(files) - set(gone)
 
     async def references_of(self, paths: Sequence[str]) -> dict[str, tuple[str, ...]]:
         """Full reference paths of cached paths (missing ones are absent from the result)."""
@@ -241,13 +276,30 @@ class Cache:
         return info if info is not None and info.store_path == path else None
 
     async def narinfo_by_hash(self, hash_part: str) -> narinfo.NarInfo | None:
+        """The signed record of a cached path by its hash part, or None. A record whose NAR
+        file the storage knows to be gone is forgotten on the way (and None answered)."""
         info = self._infos.get(hash_part)
         if info is None:
             async with self.engine.connect() as conn:
                 info = await queries.fetch_store_path_by_hash(conn, hash_part, self.table)
             if info is not None:
                 self._infos.put(hash_part, info)
+        if info is not None and self.storage.surely_missing(info.url):
+            await self.forget(info, "its NAR file is missing from the storage")
+            return None
         return info
+
+    async def forget(self, info: narinfo.NarInfo, why: str) -> bool:
+        """Delete a path's narinfo, so the path is built or uploaded again; False when it was
+        already gone. Its NAR file, if any, stays (other paths may share it)."""
+        hash_part = StorePath.parse(info.store_path).hash_part
+        self._infos.drop(hash_part)
+        async with self.engine.begin() as conn:
+            forgot = await queries.forget_store_path(conn, hash_part, self.table)
+        if forgot:
+            self.metrics.nar_forgotten()
+            log.warning("forgot %s from the cache: %s", info.store_path, why)
+        return forgot
 
     async def narinfo_text(self, hash_part: str) -> str | None:
         info = await self.narinfo_by_hash(hash_part)
@@ -301,7 +353,10 @@ class Cache:
         # Uncompressed, the stored file is the NAR: its hash is the NAR hash, not a second pass.
         file_sha = hashlib.sha256() if compression is not Compression.NONE else None
         file_size = 0
-        out, staged = self.storage.new_temp()
+        try:
+            out, staged = self.storage.new_temp()
+        except OSError as exc:
+            raise self._storage_error(exc) from exc
 
         def process(chunk: bytes) -> None:
             nonlocal file_size
@@ -366,6 +421,11 @@ class Cache:
                 file_size += len(data)
                 out.write(data)
             nar_sha, references = check.finish()
+        except OSError as exc:
+            await staged.discard()
+            failure = self._storage_error(exc)
+            self.metrics.upload_failed(kind, failure)
+            raise failure from exc
         except BaseException as exc:
             await staged.discard()
             self.metrics.upload_failed(kind, exc)
@@ -384,6 +444,19 @@ class Cache:
             ),
             staged,
         )
+
+    def _storage_error(self, exc: OSError) -> StorageUnavailable:
+        """The error to answer for a NAR the storage could not take: ``StorageFull`` (507,
+        counted for alerts) when it has no room, else ``StorageUnavailable`` (503)."""
+        reason = exc.strerror or type(exc).__name__
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.metrics.storage_full_refused()
+            count = self.storage_full.count if self.storage_full is not None else 0
+            self.storage_full = StorageFullEvents(count + 1, time.time(), reason)
+            log.error("NAR storage is full: %s (upload refused, 507)", reason)
+            return StorageFull(f"the runner's NAR storage is full ({reason}); retry later")
+        log.error("NAR storage failed: %s", exc)
+        return StorageUnavailable(f"the runner's NAR storage failed ({reason}); retry later")
 
     def check_declared_size(self, declared_size: int) -> None:
         if declared_size > self.config.max_nar_bytes:
@@ -583,7 +656,7 @@ class Upstreams:
                     resp = await self._client.get(url)
             except httpx.HTTPError as exc:
                 raise UpstreamUnavailable(
-                    f"upstream cache {up.url} did not answer: {exc or type(exc).__name__}"
+                    f"upstream cache {up.url} did not answer: {describe(exc)}"
                 ) from exc
             if resp.status_code in (403, 404):  # absent (S3-backed caches answer 403)
                 continue

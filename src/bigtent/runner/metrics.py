@@ -301,6 +301,16 @@ class Metrics:
             ["kind", "reason"],
             registry=r,
         )
+        self.storage_full = PromCounter(
+            f"{PREFIX}_storage_full",
+            "NARs refused because the NAR storage was full (answered 507; alert on it).",
+            registry=r,
+        )
+        self.nars_forgotten = PromCounter(
+            f"{PREFIX}_cache_nars_forgotten",
+            "Paths forgotten from the cache because their NAR file was missing or bad.",
+            registry=r,
+        )
         self.narinfo_requests = PromCounter(
             f"{PREFIX}_cache_narinfo_requests",
             "narinfo lookups served by /cache, by result (hit: the cache has the path).",
@@ -431,6 +441,14 @@ class Metrics:
     def upload_failed(self, kind: UploadKind, exc: BaseException) -> None:
         """A NAR of ``kind`` failed verification (or stopped) with ``exc``."""
         self.upload_failures.labels(kind, upload_failure_reason(exc)).inc()
+
+    def storage_full_refused(self) -> None:
+        """An upload found the NAR storage full (``StorageFull``)."""
+        self.storage_full.inc()
+
+    def nar_forgotten(self) -> None:
+        """A path was forgotten: its NAR file was missing or bad (``Cache.forget``)."""
+        self.nars_forgotten.inc()
 
     def narinfo_served(self, *, hit: bool) -> None:
         """``/cache`` answered a narinfo request: with the narinfo (hit) or 404 (miss)."""

@@ -165,6 +165,13 @@ class S3Storage:
     def local_path(self, name: str) -> Path | None:
         return None
 
+    def surely_missing(self, name: str) -> bool:
+        return False
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(ValueError):
+            self.delete(self.key(name))
+
     def open_file(self, name: str) -> BinaryIO:
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"]

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Protocol
+
+_PLAIN_NAR_NAME = re.compile(r"nar/[0-9a-z]{1,128}\.nar(?:\.[a-z0-9]{1,8})?")
+"""A published NAR file's name as the cache makes them (``nar_file_name``)."""
 
 
 class Staged(Protocol):
@@ -35,6 +39,16 @@ class Storage(Protocol):
         FileNotFoundError when there is none."""
         ...
 
+    def surely_missing(self, name: str) -> bool:
+        """True when published file ``name`` is known to be gone, at the cost of a ``stat``
+        (a local directory); storages that would need a request per look (S3) answer False
+        and are checked by ``bigtent cache verify`` instead."""
+        ...
+
+    def remove(self, name: str) -> None:
+        """Delete published file ``name`` (a bad one; blocking). No error when it is gone."""
+        ...
+
 
 MAX_NAME_BYTES = 255
 """The longest file name (one path component) Linux file systems hold."""
@@ -48,7 +62,13 @@ class LocalStaged:
         self.path = path
 
     async def commit(self, name: str) -> None:
-        os.replace(self.path, self._storage.target(name))
+        target = self._storage.target(name)
+        try:
+            os.replace(self.path, target)
+        except FileNotFoundError:
+            # The NAR directory was deleted under the runner: make it again.
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.path, target)
 
     async def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -72,11 +92,17 @@ class LocalStorage:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._root_text = str(root)
         (root / "nar").mkdir(parents=True, exist_ok=True)
         clear_staging_dir(root / "tmp")
 
     def new_temp(self) -> tuple[BinaryIO, Staged]:
-        out, name = new_staging_file(self.root / "tmp")
+        tmp = self.root / "tmp"
+        try:
+            out, name = new_staging_file(tmp)
+        except FileNotFoundError:  # deleted under the runner: make it again
+            tmp.mkdir(parents=True, exist_ok=True)
+            out, name = new_staging_file(tmp)
         return out, LocalStaged(self, name)
 
     def target(self, name: str) -> Path:
@@ -104,6 +130,19 @@ class LocalStorage:
         except ValueError as exc:
             raise FileNotFoundError(name) from exc
         return target.open("rb")
+
+    def surely_missing(self, name: str) -> bool:
+        # One stat per lookup: a plain NAR file name needs no resolve() to stay inside ROOT.
+        if _PLAIN_NAR_NAME.fullmatch(name) is None:
+            try:
+                return not self.target(name).is_file()
+            except (ValueError, OSError):
+                return True
+        return not os.path.isfile(os.path.join(self._root_text, name))
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(ValueError):
+            self.target(name).unlink(missing_ok=True)
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in (self.root / "nar").iterdir() if p.is_file())

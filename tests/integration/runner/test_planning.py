@@ -51,9 +51,12 @@ async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
 
 @pytest.fixture
 async def cache(engine: AsyncEngine, tmp_path: Path) -> Cache:
+    storage = LocalStorage(tmp_path / "cache")
+    # The NAR file ``mark_built`` names: a path whose file is missing is not in the cache.
+    (tmp_path / "cache" / "nar" / "x.nar").write_bytes(b"")
     return Cache(
         engine,
-        LocalStorage(tmp_path / "cache"),
+        storage,
         generate_key("test-1"),
         CacheSection(compression=Compression.NONE),
         "http://127.0.0.1:1",

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bigtent.errors import NotFound
+from bigtent.runner.cache import StorageFullEvents
 from bigtent.runner.components import Components
 from bigtent.runner.dashboard import present
 from bigtent.runner.db import queries
@@ -178,6 +179,8 @@ class Overview:
     cache_paths: int
     cache_bytes: int
     live_viewers: int
+    storage_full: StorageFullEvents | None = None
+    """Uploads the NAR storage refused as full (since the runner started)."""
 
 
 @dataclass(eq=False)
@@ -228,6 +231,7 @@ async def load_overview(comps: Components, totals: CacheTotals) -> Overview:
         cache_paths=paths,
         cache_bytes=size,
         live_viewers=comps.logs.fanout.total,
+        storage_full=comps.cache.storage_full,
     )
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+import asyncpg.exceptions
+import sqlalchemy.exc
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -245,3 +247,58 @@ async def inspect_database(url: str) -> SchemaReport:
         return await inspect_schema(engine)
     finally:
         await engine.dispose()
+
+
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    sqlalchemy.exc.DBAPIError,
+    sqlalchemy.exc.TimeoutError,
+    # Opening a connection raises the driver's own errors unwrapped: refused, reset, or the
+    # server starting up or shutting down.
+    ConnectionError,
+    asyncpg.exceptions.PostgresError,
+    asyncpg.exceptions.InterfaceError,
+)
+"""What a database that cannot be used now raises (``database_unavailable`` tells which)."""
+
+
+def _lost_connection(exc: BaseException | None) -> bool:
+    """Whether the driver's error under a wrapped one is a lost or refused connection or the
+    server shutting down (SQLAlchemy wraps some of those as a plain ``DBAPIError``)."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(
+            exc,
+            ConnectionError
+            | asyncpg.exceptions.OperatorInterventionError
+            | asyncpg.exceptions.PostgresConnectionError
+            | asyncpg.exceptions.InterfaceError,
+        ):
+            return True
+        exc = exc.__cause__
+        seen += 1
+    return False
+
+
+def database_unavailable(exc: BaseException) -> DatabaseError | None:
+    """The 503 for a database that cannot be used now (connection refused or lost, the
+    server starting up or shutting down, a pool timeout), or None for any other error (a
+    bug: a constraint violated, bad SQL)."""
+    if isinstance(exc, sqlalchemy.exc.TimeoutError):
+        return DatabaseError("the database is unavailable: no connection free in time")
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        if not (
+            exc.connection_invalidated
+            or isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError)
+            or _lost_connection(exc.orig)
+        ):
+            return None
+        cause: BaseException = exc.orig if exc.orig is not None else exc
+    elif isinstance(
+        exc, ConnectionError | asyncpg.exceptions.PostgresError | asyncpg.exceptions.InterfaceError
+    ):
+        cause = exc
+    else:
+        return None
+    text = str(cause).strip()
+    first = text.splitlines()[0][:200] if text else type(cause).__name__
+    return DatabaseError(f"the database is unavailable: {first}")

@@ -90,6 +90,17 @@ async def present_store_paths(
     return found
 
 
+async def store_path_files(
+    conn: AsyncConnection, paths: Sequence[str], table: Table = store_paths
+) -> dict[str, str]:
+    """The NAR file name (narinfo ``URL``) of each recorded path among ``paths``."""
+    out: dict[str, str] = {}
+    for chunk in _chunks(list(paths)):
+        rows = await conn.execute(select(table.c.path, table.c.url).where(table.c.path.in_(chunk)))
+        out.update((path, url) for path, url in rows)
+    return out
+
+
 async def store_path_references(
     conn: AsyncConnection, paths: Sequence[str], table: Table = store_paths
 ) -> dict[str, tuple[str, ...]]:
@@ -149,6 +160,24 @@ async def insert_store_path(
         )
     )
     return bool(result.rowcount)
+
+
+async def forget_store_path(
+    conn: AsyncConnection, hash_part: str, table: Table = store_paths
+) -> bool:
+    """Delete a path's narinfo (its NAR is missing or bad); False when it was not recorded."""
+    result = await conn.execute(delete(table).where(table.c.hash_part == hash_part))
+    return bool(result.rowcount)
+
+
+async def all_store_paths(
+    conn: AsyncConnection, table: Table = store_paths, *, after: str = "", limit: int = 1000
+) -> list[NarInfo]:
+    """Recorded narinfos in hash-part order, ``limit`` at a time after ``after``."""
+    rows = await conn.execute(
+        select(table).where(table.c.hash_part > after).order_by(table.c.hash_part).limit(limit)
+    )
+    return [_narinfo(r) for r in rows]
 
 
 async def cache_totals(conn: AsyncConnection, table: Table = store_paths) -> tuple[int, int]:
