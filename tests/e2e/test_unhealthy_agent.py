@@ -59,12 +59,16 @@ def test_agent_whose_store_breaks_becomes_unhealthy_and_gets_no_more_steps(
     (root / "nix").write_text("not a directory\n")
 
     client = _start_build(farm, farm.dag_file(layers=1, width=2), "top", request)
+    # The agents API reads the failure count from the database and health from memory: wait
+    # for both (the second failure's row may land a moment after the venue turned unhealthy).
     flaky = _wait_for(
-        lambda: (a := _agent(farm, "flaky"))["unhealthy"] and a, 60, "flaky to be unhealthy"
+        lambda: (a := _agent(farm, "flaky"))["unhealthy"] and a["infra_failures"] >= 2 and a,
+        60,
+        "flaky to be unhealthy",
     )
     assert flaky["connected"] is True
     assert flaky["consecutive_failures"] == 2
-    assert flaky["infra_failures"] == 2
+    assert flaky["infra_failures"] >= 2
     assert flaky["last_error"], flaky
     assert flaky["backoff_until"] is not None
 

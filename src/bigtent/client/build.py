@@ -670,8 +670,6 @@ class AttemptFollower:
                 return
 
 
-
-
 async def submit_build(
     client: RunnerClient,
     drvs: Sequence[str],
