@@ -158,6 +158,9 @@ def _stopped_client(farm: Farm, sig: int, *, cancel: bool) -> tuple[int, int, st
         text=True,
         env=farm.env(),
         cwd=farm.root,
+        # As from a terminal: a CI job run in the background of a non-interactive shell
+        # inherits SIGINT ignored, and an ignored SIGINT stays ignored across exec.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen: dict[str, Any] = {}
 

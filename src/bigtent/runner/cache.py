@@ -422,6 +422,11 @@ class Cache:
                 out.write(data)
             nar_sha, references = check.finish()
         except OSError as exc:
+            if isinstance(exc, ConnectionError):
+                # The body broke off (the client went away), not the storage: as it was.
+                await staged.discard()
+                self.metrics.upload_failed(kind, exc)
+                raise
             await staged.discard()
             failure = self._storage_error(exc)
             self.metrics.upload_failed(kind, failure)
