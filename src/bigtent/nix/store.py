@@ -407,9 +407,17 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
 
 
 def last_error_line(stderr: str) -> str:
-    """The last ``error:`` line of Nix's stderr (else its last line): what went wrong."""
+    """The last ``error:`` line of Nix's stderr (else its last line): what went wrong. When
+    the build hook declined every remote machine, Nix's last line only says so ("unable to
+    start any build; remote machines may not have all required system features"): the line
+    that says why a machine was given up ("cannot build on 'URI': …") comes first."""
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    why = [line for line in lines if "cannot build on '" in line]
     for line in reversed(lines):
         if line.startswith("error:"):
-            return line
+            return (
+                f"{why[-1].strip()}; {line}"
+                if why and "unable to start any build" in line
+                else line
+            )
     return lines[-1] if lines else ""
