@@ -391,6 +391,12 @@ def test_cooldown_expiry_and_restart(
 
     # The failed dispatch starts the cooldown; no dispatch during it.
     wait_until(lambda: len(fake.dispatches) >= 1, timeout=WAIT_SECS, what="a dispatch")
+    # The fake records the request before the runner has read its answer: wait for the record.
+    wait_until(
+        lambda: [x["state"] for x in launches(farm)["launches"]] == ["failed"],
+        timeout=WAIT_SECS,
+        what="the refused dispatch to be recorded",
+    )
     (failed,) = launches(farm)["launches"]
     assert failed["state"] == "failed" and "HTTP 429" in failed["error"]
     (pool,) = launches(farm)["pools"]
