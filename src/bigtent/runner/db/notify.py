@@ -240,10 +240,14 @@ class PgChangeFeed:
             # Anything committed before LISTEN took effect was not heard.
             await on_change(None)
             while True:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
+                # cancellation that arrives as a notice does, and the feed never stops.
                 try:
-                    payload = await asyncio.wait_for(queue.get(), self.ping_secs)
+                    async with asyncio.timeout(self.ping_secs):
+                        payload = await queue.get()
                 except TimeoutError:
-                    await asyncio.wait_for(driver.execute("SELECT 1"), self.ping_secs)
+                    async with asyncio.timeout(self.ping_secs):
+                        await driver.execute("SELECT 1")
                     continue
                 if payload is None:
                     raise OSError("the listening connection was closed")
