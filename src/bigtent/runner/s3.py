@@ -267,13 +267,7 @@ class S3Storage:
         then delete ``source``."""
         if self.head(key) is None:
             try:
-                self.client.copy(
-                    {"Bucket": self.bucket, "Key": source},
-                    self.bucket,
-                    key,
-                    ExtraArgs={"ContentType": NAR_CONTENT_TYPE, "MetadataDirective": "REPLACE"},
-                    Config=self._transfer,
-                )
+                self._copy(source, key)
             except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
                 raise _failure(f"copy of {source} to {key}", exc) from exc
         self.delete(source)
@@ -284,13 +278,7 @@ class S3Storage:
         then holds fixed bytes whatever is PUT to ``source`` later: the runner verifies and
         publishes ``key``, never ``source`` (docs/security.md, presigned uploads)."""
         try:
-            self.client.copy(
-                {"Bucket": self.bucket, "Key": source},
-                self.bucket,
-                key,
-                ExtraArgs={"ContentType": NAR_CONTENT_TYPE, "MetadataDirective": "REPLACE"},
-                Config=self._transfer,
-            )
+            self._copy(source, key)
         except botocore.exceptions.ClientError as exc:
             if _missing(exc):
                 return False
@@ -299,6 +287,16 @@ class S3Storage:
             raise _failure(f"copy of {source} to {key}", exc) from exc
         self.delete(source)
         return True
+
+    def _copy(self, source: str, key: str) -> None:
+        """A server-side copy of ``source`` to ``key`` as a NAR object (botocore errors raised)."""
+        self.client.copy(
+            {"Bucket": self.bucket, "Key": source},
+            self.bucket,
+            key,
+            ExtraArgs={"ContentType": NAR_CONTENT_TYPE, "MetadataDirective": "REPLACE"},
+            Config=self._transfer,
+        )
 
     def delete(self, key: str) -> None:
         try:
