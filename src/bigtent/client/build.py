@@ -710,31 +710,25 @@ async def follow_build(
     """Poll the build, and its new attempts, until its state is final, riding out a short
     runner outage. The attempts are asked for after the build: the transaction that ends a
     build also records its last attempt, so the final poll sees every attempt."""
-    unreachable_since: float | None = None
     follower = attempts if attempts is not None else AttemptFollower(build_id)
     shown: set[tuple[str, str]] = set()
+
+    async def poll() -> Build:
+        build = await client.fetch_build(build_id)
+        await follower.poll(client, observer)
+        return build
+
     while True:
-        try:
-            build = await client.fetch_build(build_id)
-            await follower.poll(client, observer)
-        except RunnerUnreachable as exc:
-            now = time.monotonic()
-            if unreachable_since is None:
-                unreachable_since = now
-                observer.on_phase(f"{UNAVAILABLE}: {exc}")
-            elif now - unreachable_since > unreachable_grace_secs:
-                raise
-        else:
-            unreachable_since = None
-            if tracker is not None:
-                tracker.last = build
-            observer.on_progress(build)
-            fresh = newly_waiting(build, shown)
-            if fresh:
-                shown.update((w.step_id, w.reason) for w in fresh)
-                observer.on_waiting_for_capacity(fresh)
-            if build.state.is_final:
-                return build
+        build = await riding_out(poll, observer, grace_secs=unreachable_grace_secs)
+        if tracker is not None:
+            tracker.last = build
+        observer.on_progress(build)
+        fresh = newly_waiting(build, shown)
+        if fresh:
+            shown.update((w.step_id, w.reason) for w in fresh)
+            observer.on_waiting_for_capacity(fresh)
+        if build.state.is_final:
+            return build
         await asyncio.sleep(interval_secs)
 
 
