@@ -1,4 +1,4 @@
-"""The ``bigtent`` command line: parse, call one function, render with rich (DESIGN §7).
+"""The ``bigtent`` command line: parse, call one function, render with rich (architecture §7).
 
 Every ``BigtentError`` reaching ``main`` becomes one ``Error: ...`` line on stderr and the error's
 exit code; Ctrl-C exits 130. Logging is configured here and nowhere else.
@@ -1323,7 +1323,7 @@ def runner(config_path: Path | None) -> None:
     is_flag=True,
     help="Do not build the start-up probe before registering (agent.probe = false).",
 )
-@click.option("--ephemeral", is_flag=True, help="One session only (DESIGN §4).")
+@click.option("--ephemeral", is_flag=True, help="One session only (architecture §4).")
 @click.option(
     "--untrusted", is_flag=True, help="An untrusted venue: take only untrusted builds' steps."
 )

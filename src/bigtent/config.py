@@ -44,7 +44,7 @@ from bigtent.runner.ssh import (
 
 
 class Role(StrEnum):
-    """What a token may do (DESIGN §6)."""
+    """What a token may do (architecture §6)."""
 
     AGENT = "agent"
     CLIENT = "client"
@@ -266,7 +266,7 @@ class TokenEntry(_Section):
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     token_file: Path | None = None
     trusted: bool = False
-    """A client token whose builds may count as trusted (DESIGN §6, trust scoping)."""
+    """A client token whose builds may count as trusted (architecture §6, trust scoping)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> TokenEntry:
@@ -276,7 +276,7 @@ class TokenEntry(_Section):
 
 
 class OidcIssuerSection(_Section):
-    """One ``[[auth.oidc]]`` issuer whose ID tokens agents may present (DESIGN §6, docs/oidc.md).
+    """One ``[[auth.oidc]]`` issuer whose ID tokens agents may present (architecture §6, oidc.md).
 
     The allow-lists are exact matches; ``repositories`` empty admits nobody, the others restrict
     only when non-empty.
@@ -384,7 +384,7 @@ class SchedulerSection(_Section):
 
 
 class SshBuilderSection(_Section):
-    """One ``[[ssh_builders]]`` entry: a machine Nix builds on over SSH (DESIGN §6)."""
+    """One ``[[ssh_builders]]`` entry: a machine Nix builds on over SSH (architecture §6)."""
 
     uri: str
     """``ssh://[user@]host[:port]``; ``[v6]:port`` for IPv6; ``?remote-store=DIR`` and
@@ -493,7 +493,7 @@ class RunnerConfig(_FileSettings):
     auth: AuthSection = AuthSection()
     scheduler: SchedulerSection = SchedulerSection()
     ssh_require_host_key: bool = True
-    """An SSH builder without ``host_key`` is never used (DESIGN §6)."""
+    """An SSH builder without ``host_key`` is never used (architecture §6)."""
     ssh_builders: list[SshBuilderSection] = []
     autoscale: AutoscaleSection = AutoscaleSection()
     """``[[autoscale.github]]`` pools (docs/autoscaling.md)."""
@@ -507,7 +507,7 @@ class RunnerConfig(_FileSettings):
         ]
 
     def check_transport_security(self) -> None:
-        """DESIGN §6: credentials never travel in plaintext off this machine.
+        """architecture §6: credentials never travel in plaintext off this machine.
 
         With tokens configured and no TLS the runner refuses to start, unless
         ``allow_plaintext = true`` and it listens on a loopback address. Pinning client
@@ -652,7 +652,7 @@ class AgentSection(_Section):
                     "--audience): one of the runner's [[auth.oidc]] audiences"
                 )
             if self.ephemeral is None:
-                self.ephemeral = EphemeralSection()  # DESIGN §6: an OIDC agent is ephemeral
+                self.ephemeral = EphemeralSection()  # architecture §6: an OIDC agent is ephemeral
         return self
 
 

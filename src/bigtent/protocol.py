@@ -1,4 +1,4 @@
-"""The agent <-> runner WebSocket protocol (DESIGN §2): every message, its limits, no I/O.
+"""The agent <-> runner WebSocket protocol (architecture §2): every message, its limits, no I/O.
 
 This module is the single source of truth for the wire format. Messages are JSON objects with a
 ``type`` discriminator. Unknown fields are ignored; unknown types are a ``ProtocolError``. Every
@@ -25,7 +25,7 @@ MachineId = NewType("MachineId", str)
 MAX_MESSAGE_BYTES = 1024 * 1024
 """No single WebSocket message (either direction) may exceed this."""
 MAX_NAME_CHARS = 128
-"""Agent names: at most 128 characters (DESIGN §4 bounds the UTF-8 bytes; checked there)."""
+"""Agent names: at most 128 characters (architecture §4 bounds the UTF-8 bytes; checked there)."""
 MAX_SHORT_TEXT = 256
 """Ids, hostnames, systems, features, store paths."""
 MAX_ERROR_CHARS = 8192
@@ -59,7 +59,7 @@ FeatureList = Annotated[list[ShortText], Field(max_length=MAX_LIST_ITEMS)]
 
 
 class Outcome(StrEnum):
-    """How a step attempt ended (DESIGN §2). Values are wire and database strings."""
+    """How a step attempt ended (architecture §2). Values are wire and database strings."""
 
     SUCCESS = "success"
     BUILD_FAILURE = "build_failure"

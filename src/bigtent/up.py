@@ -1,4 +1,4 @@
-"""``bigtent up``: the embedded default farm (DESIGN §7), a loopback runner plus N local agents.
+"""``bigtent up``: the embedded default farm (architecture §7), a loopback runner and N agents.
 
 First start generates the cache key and tokens into the state dir; later starts reuse them.
 Config and env files are rendered by pure functions; ``run_up`` starts the runner and agents as
@@ -171,7 +171,7 @@ def render_runner_config(layout: Layout, port: int) -> str:
             f"token_file = {_toml_str(layout.token_file(role))}",
         ]
         if role is Role.CLIENT:
-            # The local client's builds are trusted ones (DESIGN §6): its outputs go to the
+            # The local client's builds are trusted ones (architecture §6): its outputs go to the
             # main cache, built by the local (trusted) agents.
             lines.append("trusted = true")
     return "\n".join(lines) + "\n"
@@ -180,7 +180,7 @@ def render_runner_config(layout: Layout, port: int) -> str:
 def render_agent_config(
     layout: Layout, index: int, runner_url: str, jobs: int, sandbox_paths: Sequence[str]
 ) -> str:
-    """agent.toml for local agent ``index``: its own chroot store and work dir (DESIGN §4)."""
+    """agent.toml for local agent ``index``: its own chroot store and work dir (architecture §4)."""
     agent_dir = layout.agent_dir(index)
     store = f"local?root={agent_dir / 'root'}"
     lines = [

@@ -1,4 +1,4 @@
-"""End to end: ephemeral agents (DESIGN §4) as real processes against a real runner.
+"""End to end: ephemeral agents (architecture §4) as real processes against a real runner.
 
 Each agent stops by one of its limits and must exit 0; the runner's API says what ran where.
 """

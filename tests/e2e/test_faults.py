@@ -1,4 +1,4 @@
-"""Faults on a real farm (DESIGN §3): an agent killed mid-build, a connection cut and restored
+"""Faults on a real farm (architecture §3): an agent killed mid-build, a connection cut and restored
 within the lease (while a step builds, as it finishes, as it fails), the runner killed mid-DAG
 and started again. Agents dial in through ``TcpProxy`` where the test cuts the network."""
 
@@ -143,7 +143,7 @@ def _reconnect_within_lease(farm: Farm, proxy: TcpProxy, name: str, cut_at: floa
 def test_agent_killed_mid_build_its_step_completes_on_the_survivor(
     farm_factory: Callable[..., Farm], request: pytest.FixtureRequest
 ) -> None:
-    """DESIGN §3: the victim's lease expires into an infrastructure retry, not a failure."""
+    """architecture §3: the victim's lease expires into an infrastructure retry, not a failure."""
     farm = farm_factory()
     farm.start_agent("victim", max_jobs=1)
     farm.start_agent("survivor", max_jobs=1)
@@ -175,7 +175,7 @@ def test_agent_killed_mid_build_its_step_completes_on_the_survivor(
 def test_connection_cut_within_the_lease_loses_no_work(
     farm_factory: Callable[..., Farm], request: pytest.FixtureRequest
 ) -> None:
-    """DESIGN §3: an agent that reconnects lists the steps it still runs and keeps their
+    """architecture §3: an agent that reconnects lists the steps it still runs and keeps their
     leases, so a short network cut loses no work: the step runs once, never reassigned."""
     farm = farm_factory()
     proxy = TcpProxy(farm.port)
@@ -310,7 +310,7 @@ def test_log_lines_printed_during_a_cut_reach_the_runner(
 def test_runner_killed_mid_dag_restarts_without_rebuilding_finished_steps(
     farm_factory: Callable[..., Farm], request: pytest.FixtureRequest
 ) -> None:
-    """DESIGN §3: a runner restart loses nothing; queue, leases and builds are in the
+    """architecture §3: a runner restart loses nothing; queue, leases and builds are in the
     database, so the DAG completes and no step that had succeeded is built again."""
     farm = farm_factory(agents=2)
     dag = farm.dag_file(layers=3, width=2, sleep=2)  # 6 nodes + top, 4 levels deep

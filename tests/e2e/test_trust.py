@@ -1,5 +1,5 @@
-"""End to end, real Nix (DESIGN §6): an untrusted build runs only on an untrusted agent while a
-trusted one idles, its outputs are served by the untrusted cache and not by the main one, and
+"""End to end, real Nix (architecture §6): an untrusted build runs only on an untrusted agent
+while a trusted one idles, its outputs are served by the untrusted cache, not the main one, and
 `bigtent build` fetches them with a real Nix trusting the untrusted key; a later trusted build
 of the same derivations builds them again on the trusted agent, into the main cache."""
 

@@ -737,7 +737,7 @@ def test_render_runner_config_loads(tmp_path: Path) -> None:
     assert {(t.role, t.token_file) for t in cfg.auth.tokens} == {
         (r, layout.token_file(r)) for r in (Role.CLIENT, Role.AGENT, Role.ADMIN)
     }
-    # The local client's builds are trusted (DESIGN §6): built by the local agents into the
+    # The local client's builds are trusted (architecture §6): built by the local agents into the
     # main cache.
     assert {t.role for t in cfg.auth.tokens if t.trusted} == {Role.CLIENT}
 

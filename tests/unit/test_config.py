@@ -1,4 +1,4 @@
-"""Runner configuration rules that need no network: DESIGN §6 transport security."""
+"""Runner configuration rules that need no network: architecture §6 transport security."""
 
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ def test_defaults(tmp_path: Path) -> None:
 
 
 def test_the_design_example_loads(tmp_path: Path) -> None:
-    """DESIGN §7's pool, verbatim, next to an issuer that admits it."""
+    """architecture §7's pool, verbatim, next to an issuer that admits it."""
     (tmp_path / "tok").write_text("ghp_x\n")
     text = f"""
 [[auth.oidc]]

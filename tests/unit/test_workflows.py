@@ -30,7 +30,7 @@ AGENT_INPUTS = {
     "launch_id",
     "bigtent_version",
 }
-"""What the autoscaler may send (DESIGN §7 and issue 5); ``name`` is an optional extra."""
+"""What the autoscaler may send (architecture §7 and issue 5); ``name`` is an optional extra."""
 PINNED = re.compile(r"^[\w.-]+/[\w./-]+@[0-9a-f]{40}$")
 
 

@@ -1,4 +1,4 @@
-"""Log lines a persistent agent could not send while it had no session (DESIGN §3: a short
+"""Log lines a persistent agent could not send while it had no session (architecture §3: a short
 network cut loses no work, and the log is part of the work).
 
 Pure bookkeeping, no I/O: the session ``add``s a ``log`` batch it could not send, and after

@@ -1,5 +1,5 @@
 """Where an agent's bearer credential comes from: a static token, a token file, or the OIDC ID
-token of the CI job the agent runs in (DESIGN §6, §7 ``--oidc github``).
+token of the CI job the agent runs in (architecture §6, §7 ``--oidc github``).
 
 The session asks its ``CredentialSource`` for a fresh credential at every (re)connect, and the
 executor for a usable one before every upload try. A static token never changes; a token file

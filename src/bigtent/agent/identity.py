@@ -1,4 +1,4 @@
-"""Who an agent is: its machine id, name, host name and systems (DESIGN §4).
+"""Who an agent is: its machine id, name, host name and systems (architecture §4).
 
 A persistent agent keeps its machine id in ``WORK_DIR/machine-id`` so that it reconnects as the
 same machine and the runner keeps its leases. An ephemeral agent gets a fresh id on every start,
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 MACHINE_ID_FILE = "machine-id"
 """File under the agent's work dir holding its persistent machine id."""
 MAX_EPHEMERAL_NAME_BYTES = 128
-"""DESIGN §4: an ephemeral agent's whole name, in UTF-8 bytes."""
+"""architecture §4: an ephemeral agent's whole name, in UTF-8 bytes."""
 MACHINE_ID_SUFFIX_CHARS = 8
 _MAX_RUN_ID_DIGITS = 20
 _MAX_RUN_ATTEMPT_DIGITS = 10
@@ -125,7 +125,7 @@ def _digits(value: str | None, max_len: int) -> str | None:
 
 
 def ephemeral_name(base: str, machine_id: str, env: Mapping[str, str]) -> str:
-    """The unique name of an ephemeral agent (DESIGN §4).
+    """The unique name of an ephemeral agent (architecture §4).
 
     ``base`` + ``-gh<GITHUB_RUN_ID>.<GITHUB_RUN_ATTEMPT>`` (``-gh<GITHUB_RUN_ID>`` without an
     attempt; nothing without a run id) + ``-`` + the first 8 hex digits of the machine id. The

@@ -1,4 +1,4 @@
-"""Ephemeral agent limits (DESIGN §4) as pure deadline arithmetic: no clock, no I/O.
+"""Ephemeral agent limits (architecture §4) as pure deadline arithmetic: no clock, no I/O.
 
 An ephemeral agent stops taking work, finishes what runs, and exits 0 once it has *taken*
 ``max_builds`` assignments, once nothing has run for ``max_idle_secs``, or once it has lived

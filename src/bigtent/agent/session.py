@@ -1,4 +1,4 @@
-"""The agent's session with the runner (DESIGN §2, §4): connect, register, heartbeat, take
+"""The agent's session with the runner (architecture §2, §4): connect, register, heartbeat, take
 assignments, report results, reconnect with backoff, drain.
 
 Steps outlive connections: a step keeps running while the agent reconnects, its result waits
@@ -237,7 +237,7 @@ class AgentSession:
         limits: lim.Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``limits`` makes the agent ephemeral (DESIGN §4): one session, no reconnect, and
+        """``limits`` makes the agent ephemeral (architecture §4): one session, no reconnect, and
         drained by its limits; ``clock`` gives monotonic seconds (injected in tests).
         ``token``: the credential, or where to get a fresh one at every connect."""
         self._section = section
@@ -631,7 +631,7 @@ class AgentSession:
     def _reserve(self, assign: Assign) -> str | None:
         """Take a slot and, for an ephemeral agent, one build of its budget: None when both
         are taken, else why not. Never awaits, so concurrent assigns cannot both take the
-        last build (DESIGN §4: ``max_builds`` is reserved atomically at assign time)."""
+        last build (architecture §4: ``max_builds`` is reserved atomically at assign time)."""
         assert self._cache is not None  # set before receiving
         reason = self._refusal(assign)
         if reason is not None:
@@ -902,7 +902,7 @@ async def run_agent(
 
     Persistent: 0 after a drain (runner ``drain`` or SIGTERM) or a forced stop (second
     SIGTERM), 3 when the runner refuses the credentials; otherwise it reconnects forever.
-    Ephemeral (``[agent.ephemeral]``, DESIGN §4): one session with a fresh identity; 0 when a
+    Ephemeral (``[agent.ephemeral]``, architecture §4): one session with a fresh identity; 0 when a
     limit or a drain ended it, 3 (credentials refused), 4 (runner unreachable or the session
     dropped) or 1 (protocol error) when the session failed. Startup problems (work dir, Nix
     missing) raise ``BigtentError`` for the CLI to report. ``connect``/``http``/``identity``

@@ -172,7 +172,7 @@ class Step(_Model):
 
 
 class AgentOidc(_Model):
-    """The CI job an OIDC-authenticated agent's ID token named (DESIGN §6)."""
+    """The CI job an OIDC-authenticated agent's ID token named (architecture §6)."""
 
     issuer: str
     repository: str

@@ -1,6 +1,6 @@
 """The ``bigtent build`` flow: instantiate, upload the missing closure, build, follow, fetch.
 
-DESIGN §1 steps 1 and 6. The decisions (upload order, result-link names, hash spelling, the
+architecture §1 steps 1 and 6. The decisions (upload order, result-link names, hash spelling, the
 progress summary) are pure functions; ``run_build`` wires them to Nix and the runner, and reports
 through a ``BuildObserver`` so that rendering stays in ``cli.py``.
 """
@@ -88,7 +88,7 @@ def classify_targets(
     drvs: Sequence[str] = (),
     expr: str | None = None,
 ) -> Targets:
-    """Sort positional arguments into a Nix file or flake refs (``REF#ATTR``), as DESIGN §7.
+    """Sort positional arguments into a Nix file or flake refs (``REF#ATTR``), as architecture §7.
 
     Without any argument this is ``./default.nix`` like nix-build. Mixing kinds is a usage error.
     """
@@ -249,7 +249,7 @@ def failed_roots(build: Build) -> list[BuildRoot]:
 
 
 def build_succeeded(build: Build) -> bool:
-    """DESIGN §7: success only when the build succeeded and every requested derivation built."""
+    """Success only when the build and every requested derivation built (architecture §7)."""
     return build.state is BuildState.SUCCEEDED and not failed_roots(build)
 
 

@@ -1,6 +1,6 @@
 """Agent records: which stale ephemeral rows to prune (pure) and the periodic prune task.
 
-DESIGN §4: the runner stores every agent session and prunes stale ephemeral rows, connected or
+architecture §4: the runner stores every agent session and prunes stale ephemeral rows, connected or
 not (a runner that was killed never marked them disconnected), once their last_seen is older
 than ``scheduler.ephemeral_session_ttl_secs``. Persistent rows are never pruned; step history
 keeps the agent's name in ``steps.agent_name``.

@@ -352,7 +352,7 @@ class BuildBody(BaseModel):
     ref: str | None = Field(default=None, min_length=1, max_length=256, pattern=r"^\S+$")
     """The git ref, e.g. ``refs/heads/main``; a pull request ref is never trusted."""
     trusted: bool = True
-    """Ask for a trusted build; it is one only for a trusted creator and ref (DESIGN §6)."""
+    """Ask for a trusted build; it is one only for a trusted creator and ref (architecture §6)."""
     submission: str | None = Field(
         default=None, min_length=16, max_length=64, pattern=r"^[A-Za-z0-9_-]+$"
     )

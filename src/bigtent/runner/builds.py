@@ -1,4 +1,4 @@
-"""Turning requested .drv paths into the steps a build needs (DESIGN §1 step 2).
+"""Turning requested .drv paths into the steps a build needs (architecture §1 step 2).
 
 A derivation needs a step when some output is neither in the runner's cache nor in an
 upstream cache; only then are its inputs looked at, so a build on top of a public cache never

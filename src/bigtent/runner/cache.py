@@ -5,7 +5,7 @@ hard stop, the size cap, NAR well-formedness, hash, references found by scanning
 NAR streams in (``Cache.receive``, which compresses it) or an agent put its compressed file in
 the storage itself (``Cache.receive_stored``, which decompresses it with a hard stop), and
 only then is a narinfo signed and recorded (``Cache.publish``). Nothing is published on any
-mismatch (DESIGN §6: uploads).
+mismatch (architecture §6: uploads).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def nar_file_name(file_hash: bytes, compression: Compression) -> str:
 
 
 class NarCheck:
-    """The one verification of a NAR's bytes, whichever way they arrive (DESIGN §6: uploads):
+    """The one verification of a NAR's bytes, whichever way they arrive (architecture §6: uploads):
     never longer than declared (checked per chunk, before any work), well-formed, the declared
     hash and length; the hash parts of ``candidates`` found in it are its references."""
 

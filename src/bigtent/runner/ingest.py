@@ -1,4 +1,4 @@
-"""What may enter the cache, and how its references are known (DESIGN §6: uploads).
+"""What may enter the cache, and how its references are known (architecture §6: uploads).
 
 Two doors lead in. Clients upload the .drv files and sources of a build: those are
 content-addressed, so the runner recomputes each store path from the received content and its
@@ -481,7 +481,7 @@ async def ingest_output(
     nar_size: str | None,
     untrusted: Cache | None = None,
 ) -> NarInfo:
-    """Accept an output NAR from the holder of a current lease (DESIGN §6).
+    """Accept an output NAR from the holder of a current lease (architecture §6).
 
     Only outputs of the leased step's derivation are accepted; references are found by
     scanning for the input closure's hash parts (plus the step's own outputs). An untrusted

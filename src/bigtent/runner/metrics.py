@@ -139,7 +139,7 @@ AGENT_KINDS = (
     (Lifetime.EPHEMERAL, AuthKind.TOKEN),
     (Lifetime.EPHEMERAL, AuthKind.OIDC),
 )
-"""The kinds of agent there are (an OIDC agent is always ephemeral, DESIGN §6)."""
+"""The kinds of agent there are (an OIDC agent is always ephemeral, architecture §6)."""
 
 
 class CacheLookup(StrEnum):
@@ -214,7 +214,7 @@ class SessionView(Protocol):
 
 def agent_kinds(sessions: Iterable[SessionView]) -> Counter[tuple[Lifetime, AuthKind]]:
     """Registered, open agent sessions by lifetime and credential. An OIDC agent is always
-    ephemeral (its row says so, DESIGN §6)."""
+    ephemeral (its row says so, architecture §6)."""
     kinds: Counter[tuple[Lifetime, AuthKind]] = Counter()
     for s in sessions:
         if s.closed or s.venue is None:
@@ -317,7 +317,7 @@ class Metrics:
             ["result"],
             registry=r,
         )
-        # The autoscaler (DESIGN §1, [[autoscale.github]]) calls these; ``pool`` is the
+        # The autoscaler (architecture §1, [[autoscale.github]]) calls these; ``pool`` is the
         # configured pool name.
         self.autoscaler_launches = PromCounter(
             f"{PREFIX}_autoscaler_launches",

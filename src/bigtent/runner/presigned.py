@@ -1,5 +1,5 @@
 """Presigned uploads: agents put output files straight into the S3 bucket, and the runner
-verifies them before anything is published (DESIGN §6: uploads; docs/security.md).
+verifies them before anything is published (architecture §6: uploads; docs/security.md).
 
 ``presign`` hands out a short-lived PUT URL only to the holder of a current lease, only for
 an output of the leased step's derivation, for exactly the declared file size (signed), at a

@@ -1,7 +1,7 @@
-"""Agent sessions over WebSocket (DESIGN §2): auth before accept, then protocol messages.
+"""Agent sessions over WebSocket (architecture §2): auth before accept, then protocol messages.
 
 The credential is an agent token or, when ``[[auth.oidc]]`` issuers are configured, a CI
-job's OIDC ID token (a JWT, DESIGN §6): an OIDC agent is always ephemeral and its identity is
+job's OIDC ID token (a JWT, architecture §6): an OIDC agent is always ephemeral and its identity is
 stored on its agent row. JWTs are accepted here only, never on the HTTP API.
 
 This is the only module that sees raw frames. Each session has a bounded outgoing queue and a
@@ -204,7 +204,7 @@ class Sessions:
                     await self._serve(session)
                 except ProtocolError as exc:
                     # The error goes through the send queue, so it is the last message the
-                    # agent sees before the close (DESIGN §2: `error`, then close).
+                    # agent sees before the close (architecture §2: `error`, then close).
                     log.warning("agent protocol error: %s", exc)
                     session.close_code = POLICY_VIOLATION
                     session.broke_protocol = True
@@ -279,7 +279,7 @@ class Sessions:
         now = self.scheduler.clock()
         identity = session.identity
         ephemeral = reg.ephemeral
-        # DESIGN §6 mTLS: the verified certificate must name this agent (token agents; an
+        # architecture §6 mTLS: the verified certificate must name this agent (token agents; an
         # OIDC agent is named by its verified job token instead).
         pinned = identity is not None or not self._pin_client_name
         if not pinned and not name_is_pinned(session.cert, reg.name, reg.ephemeral):
@@ -293,7 +293,7 @@ class Sessions:
                     reg.name,
                     identity.repository,
                 )
-            ephemeral = True  # DESIGN §6: whatever it claims
+            ephemeral = True  # architecture §6: whatever it claims
         scope = self.venue_scope(identity, reg)
         if identity is not None and reg.launch_id is not None and self.launches is not None:
             # A pool's launched agent serves the pool's allowed build repositories (issue 5:
@@ -383,7 +383,7 @@ class Sessions:
         return venue
 
     def venue_scope(self, identity: AgentIdentity | None, reg: p.Register) -> VenueScope:
-        """DESIGN §6: a token agent is trusted unless it asks not to be, and serves any
+        """architecture §6: a token agent is trusted unless it asks not to be, and serves any
         repository; an OIDC agent's trust and repositories are its issuer rule's. An OIDC
         agent asking to be untrusted when its rule does not allow untrusted builds is refused
         (it could take nothing)."""
@@ -515,7 +515,7 @@ def _same_credential(a: AgentSession, b: AgentSession) -> bool:
 
 
 def restore_backoff(venue: Venue, row: Any) -> None:
-    """Give a newly registered venue the backoff its agent row holds. DESIGN §4: the backoff
+    """Give a newly registered venue the backoff its agent row holds. architecture §4: the backoff
     belongs to the machine, not the session: a flapping agent must not shed it by
     reconnecting."""
     venue.consecutive_failures = int(row.consecutive_failures)

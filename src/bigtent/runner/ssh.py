@@ -1,6 +1,6 @@
 """SSH remote builders as pure values: URIs, pinned known_hosts lines, NIX_SSHOPTS, machines.
 
-DESIGN §6: every connection uses ``StrictHostKeyChecking=yes`` against a temporary known_hosts
+architecture §6: every connection uses ``StrictHostKeyChecking=yes`` against a temporary known_hosts
 file holding only the builder's pinned key, no agent, no password prompts, and a connect timeout.
 Nix splits ``NIX_SSHOPTS`` on whitespace, so whitespace in any path put there is refused here.
 Nothing in this module does I/O; the SSH venue writes the files and spawns the processes.
@@ -256,7 +256,7 @@ def nix_sshopts(
     port: int | None,
     connect_timeout_secs: int,
 ) -> str:
-    """The ``NIX_SSHOPTS`` value for one builder (DESIGN §6), options in a fixed order.
+    """The ``NIX_SSHOPTS`` value for one builder (architecture §6), options in a fixed order.
 
     ``GlobalKnownHostsFile=/dev/null`` keeps the system-wide known_hosts from widening the pin.
     ``-p`` is added for a port other than 22, since Nix's ``ssh://`` store URI takes no port.

@@ -33,7 +33,7 @@ def check_ssh_builder(
 ) -> CheckResult:
     """Run ``ssh <hardened options> host nix-store --version``; BigtentError on any failure.
 
-    The options are the runner's own (DESIGN §6). An unpinned builder is refused when
+    The options are the runner's own (architecture §6). An unpinned builder is refused when
     ``require_host_key`` holds, since the runner would never use it; otherwise ssh checks the
     host against the user's known_hosts, still with ``StrictHostKeyChecking=yes``.
     """

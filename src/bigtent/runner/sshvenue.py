@@ -1,4 +1,4 @@
-"""SSH remote builders as a second venue (DESIGN §1, §5, §6), through Nix's own build hook.
+"""SSH remote builders as a second venue (architecture §1, §5, §6), through Nix's own build hook.
 
 The runner keeps a Nix store of its own (``local?root=STATE/ssh-store``). For a step leased
 to an SSH builder it runs ``nix-store --realise STEP.drv`` in that store with the runner's

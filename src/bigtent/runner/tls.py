@@ -1,4 +1,4 @@
-"""Client certificates (mTLS, DESIGN §6): which names a verified certificate carries, whether
+"""Client certificates (mTLS, architecture §6): which names a verified certificate carries, whether
 one of them is the agent's, and the uvicorn hook that hands the certificate to the app.
 
 uvicorn does not put the peer certificate into the ASGI scope, so the runner serves WebSockets

@@ -1,4 +1,4 @@
-"""Trust scoping decisions (DESIGN §6, docs/security.md). Pure code.
+"""Trust scoping decisions (architecture §6, docs/security.md). Pure code.
 
 - Which builds are trusted: ``build_is_trusted`` (who created it, for which ref, and whether
   it asked to be).
@@ -50,7 +50,7 @@ def is_pull_request_ref(ref: str | None) -> bool:
 
 
 def build_is_trusted(*, requested: bool, role: Role, token_trusted: bool, ref: str | None) -> bool:
-    """DESIGN §6: a build is trusted only when it asked to be, its creator is an ``admin``
+    """architecture §6: a build is trusted only when it asked to be, its creator is an ``admin``
     token or a client token marked trusted, and it is not for a pull request ref."""
     if not requested:
         return False

@@ -177,7 +177,7 @@ async def make_runner(tmp_path: Path, make_database: MakeDatabase) -> AsyncItera
                 **(runner or {}),
             },
             auth={
-                # The client token is trusted, so its builds are trusted ones (DESIGN §6); tests
+                # The client token is trusted, so its builds are trusted (architecture §6); tests
                 # of untrusted builds make an untrusted client token of their own.
                 "tokens": [
                     {

@@ -1,4 +1,4 @@
-"""mTLS on the agent WebSocket under a real uvicorn serving HTTPS (DESIGN §6): with
+"""mTLS on the agent WebSocket under a real uvicorn serving HTTPS (architecture §6): with
 ``client_ca`` a token agent must present a certificate that CA signed, and with
 ``pin_client_name`` that certificate must name the agent; Nix and clients reading the cache
 need no certificate. Plus the binding of a machine id to the token that registered it."""

@@ -1,5 +1,5 @@
 """OIDC-authenticated agents on the agent WebSocket under a real uvicorn, with a loopback
-HTTPS issuer minting real RS256 tokens (DESIGN §6): a valid JWT registers an ephemeral agent
+HTTPS issuer minting real RS256 tokens (architecture §6): a valid JWT registers an ephemeral agent
 whose identity the API shows; a refused one is answered before the upgrade and leaves no
 row; a JWT is never a credential for the HTTP API."""
 

@@ -1,4 +1,4 @@
-"""Trust scoping through the API and the agent WebSocket under a real uvicorn (DESIGN §6):
+"""Trust scoping through the API and the agent WebSocket under a real uvicorn (architecture §6):
 who gets a trusted build; untrusted venues; the untrusted cache under ``/cache/untrusted``
 (its own key, judged by a real Nix client, and never the main cache); OIDC agents (a loopback
 issuer minting real tokens) receive only steps of their repositories, and of untrusted builds

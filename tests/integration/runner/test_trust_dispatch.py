@@ -1,4 +1,4 @@
-"""Trust in the scheduler service against a real SQLite database (DESIGN §6): trusted and
+"""Trust in the scheduler service against a real SQLite database (architecture §6): trusted and
 untrusted builds of one derivation get separate steps, each goes only to venues of its trust,
 an untrusted build shares live trusted steps, repository-scoped venues take only their
 repositories' steps, and all of it survives a reload from the database."""

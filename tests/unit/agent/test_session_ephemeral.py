@@ -1,4 +1,4 @@
-"""An ephemeral agent session (DESIGN §4) against the fake runner: limits, one session, exits."""
+"""An ephemeral agent session (architecture §4) against the fake runner: limits, one session."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Which agent rows are pruned (DESIGN §4), as a decision table with an injected clock."""
+"""Which agent rows are pruned (architecture §4), as a decision table with an injected clock."""
 
 from __future__ import annotations
 

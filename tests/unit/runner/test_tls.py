@@ -1,5 +1,5 @@
 """Which names a client certificate carries, and when one of them names an agent (mTLS
-pinning, DESIGN §6): pure functions over ``getpeercert()`` dicts."""
+pinning, architecture §6): pure functions over ``getpeercert()`` dicts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Trust scoping decisions (DESIGN §6): which builds are trusted, which venues are, and which
+"""Trust scoping decisions (architecture §6): which builds are trusted, which venues are, and which
 steps an untrusted build makes or shares."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""OIDC ID tokens as agent credentials: signature, keys and time claims (DESIGN §6).
+"""OIDC ID tokens as agent credentials: signature, keys and time claims (architecture §6).
 
 ``OidcVerifier.verify(token)`` is the one entry point. In order:
 
@@ -46,7 +46,7 @@ from bigtent.runner.auth.policy import AgentIdentity, PolicyDenied
 log = logging.getLogger(__name__)
 
 ALGORITHMS = ("RS256",)
-"""The only signature algorithms accepted (DESIGN §6); checked before any key lookup."""
+"""The only signature algorithms accepted (architecture §6); checked before any key lookup."""
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 MAX_TOKEN_CHARS = 16 * 1024
 MAX_DOCUMENT_BYTES = 1024 * 1024

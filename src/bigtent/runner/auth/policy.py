@@ -2,7 +2,7 @@
 
 ``check(claims, rule)`` runs after ``oidc.py`` has checked the signature and the time,
 issuer and audience claims. It reads the repository, subject, workflow and ref claims under
-the names of the rule's claim set and applies the rule's allow-lists (DESIGN §6,
+the names of the rule's claim set and applies the rule's allow-lists (architecture §6,
 docs/oidc.md):
 
 - ``repositories``: the repository must be listed; an empty list admits nobody.

@@ -1,4 +1,4 @@
-"""Rate limiting of credential failures per client address (DESIGN §6, docs/security.md).
+"""Rate limiting of credential failures per client address (architecture §6, docs/security.md).
 
 ``AuthFailureLimiter`` is the pure decision: a sliding window of the last failures of each
 address, fed ``now`` by its caller. ``FailureThrottle`` is the thin shell the HTTP gate and the

@@ -1,4 +1,4 @@
-"""Bearer tokens: random secrets with a role, stored only as SHA-256 digests (DESIGN §6),
+"""Bearer tokens: random secrets with a role, stored only as SHA-256 digests (architecture §6),
 in ``runner.toml`` or in the database (created and revoked through the API)."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def token_digest(token: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Principal:
     """Who made a request: the token's name and role, and whether a client token is trusted
-    (its builds may count as trusted, DESIGN §6)."""
+    (its builds may count as trusted, architecture §6)."""
 
     name: str
     role: Role
@@ -144,7 +144,7 @@ class TokenRegistry:
 
 
 def plaintext_refusal(config: RunnerConfig) -> str | None:
-    """Why tokens may not be used on this runner's transport (DESIGN §6), or None."""
+    """Why tokens may not be used on this runner's transport (architecture §6), or None."""
     r = config.runner
     if r.tls is not None or (r.allow_plaintext and is_loopback(r.host)):
         return None

@@ -43,7 +43,7 @@ def new_launch_id() -> str:
 @dataclass(frozen=True, slots=True)
 class BuildScope:
     """What one build a step belongs to says about trust: its repository (None: a build that
-    names none) and whether it is trusted (DESIGN §6)."""
+    names none) and whether it is trusted (architecture §6)."""
 
     repository: str | None
     trusted: bool
@@ -59,7 +59,7 @@ def may_take(
     allow_untrusted: bool = False,
 ) -> bool:
     """Whether an agent scoped to ``allowed_repositories`` may take a step whose builds have
-    these ``scopes`` (DESIGN §6, trust). ``None``: an unscoped venue (a token agent, an SSH
+    these ``scopes`` (architecture §6, trust). ``None``: an unscoped venue (a token agent, an SSH
     builder) takes anything. A scoped one (a pool's agents: the pool's
     ``allowed_build_repositories``) takes a step when one of its builds is for an allowed
     repository and trusted (or ``allow_untrusted``); a build naming no repository admits no

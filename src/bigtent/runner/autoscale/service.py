@@ -413,7 +413,7 @@ class Autoscaler:
         """The build repositories an agent registering with ``launch_id`` serves because it
         is that pool's launched agent (``claim_refusal`` lets it claim the launch): the pool's
         ``allowed_build_repositories``, which may name more than the workflow's repository
-        (DESIGN §6). None: it is no pool's agent, its issuer rule alone scopes it."""
+        (architecture §6). None: it is no pool's agent, its issuer rule alone scopes it."""
         async with self.engine.connect() as conn:
             row = await queries.fetch_launch(conn, launch_id)
         if row is None:

@@ -55,7 +55,7 @@ class GithubPoolSection(BaseModel):
     max_jobs: int = Field(default=1, ge=1, le=MAX_LIST_ITEMS)
     """Slots of one launched agent."""
     allowed_build_repositories: list[str] = Field(min_length=1, max_length=1000)
-    """Repositories whose builds the pool's agents may take (DESIGN §6): demand counts only
+    """Repositories whose builds the pool's agents may take (architecture §6): demand counts only
     their steps. The workflow's own repository need not be among them."""
     max_inflight: int = Field(default=4, ge=1, le=1000)
     """Launches at most pending (dispatched, agent not registered yet) at once."""

@@ -921,7 +921,7 @@ async def revoke_token(conn: AsyncConnection, name: str, *, revoked_at: float) -
 async def fetch_build_scopes(
     conn: AsyncConnection, build_ids: Sequence[int]
 ) -> dict[int, tuple[str | None, bool]]:
-    """Build id -> (repository, trusted): what trust scoping decides on (DESIGN §6)."""
+    """Build id -> (repository, trusted): what trust scoping decides on (architecture §6)."""
     ids = sorted(set(build_ids))
     out: dict[int, tuple[str | None, bool]] = {}
     for i in range(0, len(ids), _CHUNK):

@@ -2,9 +2,9 @@
 the database, the connected venues and the build records.
 
 Every transition is written to the database before its effect is sent, so a runner restart
-rebuilds the same state (DESIGN §3). All methods run on the event loop; none blocks.
+rebuilds the same state (architecture §3). All methods run on the event loop; none blocks.
 
-Trust (DESIGN §6, docs/security.md): every step is trusted or untrusted. A trusted build makes
+Trust (architecture §6, docs/security.md): every step is trusted or untrusted. A trusted build makes
 and joins trusted steps only; an untrusted build makes untrusted steps, sharing live trusted
 ones (``trust.untrusted_work``). One derivation has at most one active step of each trust
 (``by_drv`` and ``untrusted_by_drv``). Matching sends trusted steps to trusted venues only and
@@ -159,7 +159,7 @@ class Venue:
     """The last infrastructure failure's error (``health.shown_error`` shows it)."""
     draining: bool = False
     kind: str = AGENT
-    """``AGENT`` or ``SSH``: agents are served first (DESIGN §1 venues)."""
+    """``AGENT`` or ``SSH``: agents are served first (architecture §1 venues)."""
     launch_id: str | None = None
     """The autoscaler launch the agent reported at register (docs/autoscaling.md)."""
     trusted: bool = True
@@ -321,7 +321,7 @@ class Scheduler:
 
     # ---- start-up ----------------------------------------------------------------------------
     async def load(self, *, fresh_start: bool = True) -> None:
-        """Rebuild the working state from the database (DESIGN §3: a restart loses nothing).
+        """Rebuild the working state from the database (architecture §3: a restart loses nothing).
 
         Leased steps keep their leases for one more lease period, so agents that reconnect
         keep their work; the rest expire into infrastructure retries. On a fresh start no
@@ -923,7 +923,7 @@ class Scheduler:
             for item in planned
             if item.drv.drv_path not in shared
             for d in item.deps
-            # DESIGN §6: a trusted step never waits for (or uses) an untrusted one.
+            # architecture §6: a trusted step never waits for (or uses) an untrusted one.
             if not (trust[item.drv.drv_path] and not trust[d])
         ]
         await queries.insert_step_deps(conn, pairs)
@@ -1213,7 +1213,7 @@ class Scheduler:
         return True
 
     def heartbeat(self, venue: Venue, running: Iterable[int]) -> None:
-        """DESIGN §3: heartbeats renew the leases of the steps the agent reports running."""
+        """architecture §3: heartbeats renew the leases of the steps the agent reports running."""
         expires = self.clock() + self.config.lease_secs
         store = False
         for sid in running:
@@ -1267,7 +1267,7 @@ class Scheduler:
         self.wake()
 
     async def _give_back(self, node: StepNode, venue: Venue, now: float) -> None:
-        """DESIGN §5: a refusal or a failed send releases the slot, cools the venue down and
+        """architecture §5: a refusal or a failed send releases the slot, cools the venue down and
         makes the step runnable again, as if it had never been assigned."""
         venue.cooldown_until = now + self.config.refuse_cooldown_secs
         self._cooled(venue)
@@ -1293,7 +1293,7 @@ class Scheduler:
 
     async def result(self, venue: Venue, msg: p.Result) -> bool:
         """Record a step's result. Returns False when its lease is no longer current: the
-        result is acknowledged and ignored, so a step finishes exactly once (DESIGN §3)."""
+        result is acknowledged and ignored, so a step finishes exactly once (architecture §3)."""
         async with self._lock:
 
             async def body() -> bool:
@@ -1683,7 +1683,7 @@ class Scheduler:
             agents, ssh = self._free_views(now)
             if not agents and not ssh:
                 break
-            # Agents first (DESIGN §5's order among them); SSH builders only get the steps
+            # Agents first (architecture §5's order among them); SSH builders only get the steps
             # that no free agent slot takes.
             decisions = plan_dispatch(
                 self.index,
@@ -1972,7 +1972,7 @@ class Scheduler:
             await self._expect(conn, [node], lease_id=lease_id, expired_by=expired_by)
             if venue is not None:
                 # The agent's row keeps its counters and backoff in step with memory, so a
-                # reconnect cannot shed the backoff (DESIGN §4).
+                # reconnect cannot shed the backoff (architecture §4).
                 await queries.record_agent_attempt(
                     conn,
                     venue.machine_id,
@@ -2096,7 +2096,7 @@ class Scheduler:
     async def _fail_dependents(
         self, conn: AsyncConnection, node: StepNode, now: float
     ) -> list[StepNode]:
-        """DESIGN: a failure fails only what depends on it; unrelated steps go on."""
+        """A failure fails only what depends on it; unrelated steps go on."""
         failed = [
             self.nodes[sid]
             for sid in dependents_closure(self.nodes, node.id)

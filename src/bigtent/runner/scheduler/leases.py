@@ -1,4 +1,4 @@
-"""Lease ids, outcome classification and retry backoff (DESIGN §2-3). Pure code."""
+"""Lease ids, outcome classification and retry backoff (architecture §2-3). Pure code."""
 
 from __future__ import annotations
 

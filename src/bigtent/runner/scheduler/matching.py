@@ -1,6 +1,6 @@
-"""Which venue may run which step, and which venue is best for it (DESIGN §5). Pure code.
+"""Which venue may run which step, and which venue is best for it (architecture §5). Pure code.
 
-Trust (DESIGN §6, docs/security.md) is part of matching: a trusted step runs only on a
+Trust (architecture §6, docs/security.md) is part of matching: a trusted step runs only on a
 trusted venue and an untrusted step only on an untrusted one (``Requirement.trusted``), and
 a venue scoped to repositories (an OIDC agent) takes a step only when some live build of the
 step is for one of them (``may_take``).
@@ -50,7 +50,7 @@ class VenueView:
 
 
 def can_run(venue: VenueView, req: Requirement) -> bool:
-    """DESIGN §5: the venue is of the step's trust, has the step's system, supports every
+    """architecture §5: the venue is of the step's trust, has the step's system, supports every
     required feature, and every one of its mandatory features is required by the step.
     (Slots and backoff are the dispatcher's business; repositories are ``may_take``'s.)
 
@@ -66,7 +66,7 @@ def can_run(venue: VenueView, req: Requirement) -> bool:
 
 
 def may_take(venue: VenueView, repositories: Collection[str | None]) -> bool:
-    """DESIGN §6: a venue scoped to repositories (an OIDC agent) takes a step only when some
+    """architecture §6: a venue scoped to repositories (an OIDC agent) takes a step only when some
     live build of the step is for one of them; a build without a repository (None) matches no
     scope. An unscoped venue (token agents, SSH builders, a rule with ``"*"``) takes any."""
     if venue.repositories is None:

@@ -1,4 +1,4 @@
-"""The in-memory step DAG and the runnable index (DESIGN §5). Pure code: no I/O, no clock.
+"""The in-memory step DAG and the runnable index (architecture §5). Pure code: no I/O, no clock.
 
 The database is the record; this is the working copy the dispatcher decides on, rebuilt from
 the database at start. Runnable steps live in one heap per requirement (system + feature set),
@@ -188,7 +188,7 @@ def plan_dispatch(
     repositories_of: RepositoriesOf | None = None,
     nothing_for: dict[Scope, int] | None = None,
 ) -> list[Dispatch]:
-    """Match runnable steps to free slots, best step first, best venue for it (DESIGN §5).
+    """Match runnable steps to free slots, best step first, best venue for it (architecture §5).
 
     Pops the chosen steps from ``index``. Each decision looks at the top of each bucket and
     at the kinds of free venues (``VenuePool``), never at the whole queue nor at every
@@ -196,7 +196,7 @@ def plan_dispatch(
 
     Trust needs no scan: trusted and untrusted steps sit in different buckets
     (``Requirement.trusted``), and a kind of venue includes its trust. A venue scoped to
-    repositories (an OIDC agent, DESIGN §6) may find the tops of its buckets are for builds
+    repositories (an OIDC agent, architecture §6) may find the tops of its buckets are for builds
     it cannot serve: for it alone the buckets it can run are scanned for the best step it may
     take. Venues of one scope (capabilities, trust and repositories: the agents of one OIDC
     rule) share a scan, and its answer is kept for the pass until that step is taken (the

@@ -71,7 +71,7 @@ def catch_up(seen: Seen, stored: Stored) -> CatchUp:
 
 
 def waiting_verdict(dep_states: list[StepState]) -> StepState:
-    """A waiting step's state given its dependencies' (DESIGN §1: runnable once every
+    """A waiting step's state given its dependencies' (architecture §1: runnable once every
     dependency succeeded; a failed, dependency-failed or cancelled one fails it)."""
     if any(s in (StepState.FAILED, StepState.DEPENDENCY_FAILED, StepState.CANCELLED)
            for s in dep_states):  # fmt: skip

@@ -1,4 +1,4 @@
-"""Outcome classification and retry backoff (DESIGN §2-3)."""
+"""Outcome classification and retry backoff (architecture §2-3)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_table_covers_every_outcome() -> None:
 def test_classify(outcome: Outcome) -> None:
     got = classify(outcome)
     assert got == EXPECTED[outcome]
-    # Only infrastructure outcomes are retried and counted against the venue (DESIGN §2).
+    # Only infrastructure outcomes are retried and counted against the venue (architecture §2).
     assert (got.disposition is Disposition.RETRY) == outcome.is_infrastructure
     assert got.counts_against_venue == outcome.is_infrastructure
 

@@ -1,4 +1,4 @@
-"""DESIGN §5 venue matching: ``can_run`` and the tie-breaks of ``venue_rank``/``best_venue``."""
+"""Venue matching (architecture §5): ``can_run``, tie-breaks of ``venue_rank``/``best_venue``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Trust in matching and dispatch (DESIGN §6): trusted steps only on trusted venues, untrusted
+"""Trust in matching and dispatch (architecture §6): trusted steps only on trusted venues, untrusted
 steps only on untrusted venues, and repository-scoped venues (OIDC agents) only on steps with
 a live build of one of their repositories."""
 
