@@ -4,13 +4,17 @@ whole evaluation error. Each evaluation is one Nix process."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from bigtent import cli as cli_module
 from bigtent.client.targets import AutoArg, Evaluation, evaluate_targets, parse_targets
 from bigtent.errors import NixError, UsageError
 from bigtent.nix.store import NixStore
@@ -251,3 +255,60 @@ async def test_flake_missing_attribute_names_the_candidates(
         f"error: flake '{flake}' does not provide attribute 'packages.{system}.nope', "
         f"'legacyPackages.{system}.nope' or 'nope'"
     ) in caught.value.message
+
+
+# ---- the command ---------------------------------------------------------------------------
+
+
+class _Entry:
+    """Lets CliRunner call ``main`` (error handling and exit codes included)."""
+
+    name = "bigtent"
+
+    def main(self, args: Any, prog_name: str, **_: Any) -> None:
+        cli_module.main(list(args))
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The client's Nix in a chroot store, and ``run_build`` answering at once with the
+    derivations it was given as built (no runner)."""
+    import bigtent.client.build as build_module
+    from bigtent.client.api import Build
+    from bigtent.client.build import BuildResult
+
+    async def fake_run_build(
+        client: Any, store: Any, drvs: Any, options: Any, observer: Any, tracker: Any = None
+    ) -> BuildResult:
+        roots = [{"drv_path": d, "state": "succeeded", "outputs": {}} for d in drvs]
+        return BuildResult(Build.model_validate({"id": 1, "state": "succeeded", "roots": roots}))
+
+    monkeypatch.setattr(build_module, "run_build", fake_run_build)
+    monkeypatch.chdir(tmp_path / "work")
+    return {"NIX_REMOTE": f"local?root={tmp_path / 'store'}", "NIX_CONFIG": "substituters =\n"}
+
+
+def test_build_expression_with_attribute_and_arguments(work: Path, cli_env: dict[str, str]) -> None:
+    """The issue's command line: -E with -A, and --argstr / --arg, as nix-build takes them."""
+    args = ["build", "--json", "--no-download", "-E", "import ./set.nix", "-A", "top", "-A"]
+    args += ["set", "--argstr", "salt", "s2", "--arg", "n", "7"]
+    result = CliRunner().invoke(_Entry(), args, env=cli_env)  # type: ignore[arg-type]
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [(j["attr"], j["target"], j["built"]) for j in doc["jobs"]] == [
+        ("top", "-E expression", True),
+        ("set.a", "-E expression", True),
+        ("set.b", "-E expression", True),
+    ]
+    drv = Path(cli_env["NIX_REMOTE"].removeprefix("local?root=") + doc["jobs"][0]["drv_path"])
+    assert '"salt","s2"' in drv.read_text() and "echo top 7" in drv.read_text()
+
+
+def test_build_evaluation_error_is_nix_whole_message(work: Path, cli_env: dict[str, str]) -> None:
+    result = CliRunner().invoke(_Entry(), ["build", "bad.nix"], env=cli_env)  # type: ignore[arg-type]
+    assert result.exit_code == 1
+    err = result.stderr.lstrip("\n")  # after the progress display's last line
+    assert err.startswith("Error: evaluation failed (exit 1):\nerror: undefined variable 'foo'\n")
+    assert f"at {work}/bad.nix:1:61:" in err and "1| { }: { a = derivation" in err
+    assert "(use '--show-trace' to show detailed location information)" in err
+    assert "command: nix-instantiate --store 'local?root=" in err and "Traceback" not in err
