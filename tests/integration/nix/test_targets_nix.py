@@ -186,7 +186,7 @@ def _git(repo: Path, *args: str) -> None:
     )
 
 
-def make_flake(repo: Path, system: str) -> Path:
+def make_flake(repo: Path, system: str, salt: str = "") -> Path:
     """A flake without inputs, committed in a new git repository."""
     repo.mkdir()
     (repo / "flake.nix").write_text(
@@ -194,7 +194,10 @@ def make_flake(repo: Path, system: str) -> Path:
   outputs = {{ self }}: let
     system = "{system}";
     mk = name: derivation {{
-      inherit name system; builder = "/bin/sh"; args = [ "-c" "echo ${{name}} > $out" ];
+      inherit name system;
+      salt = "{salt}";
+      builder = "/bin/sh";
+      args = [ "-c" "echo ${{name}} > $out" ];
     }};
   in {{
     checks.${{system}} = {{
