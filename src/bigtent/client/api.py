@@ -9,7 +9,7 @@ from collections.abc import AsyncIterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Annotated, Any, Self, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -433,6 +433,23 @@ def not_sent(exc: BaseException) -> bool:
     return False
 
 
+def url_problem(url: str) -> str | None:
+    """What is wrong with an http(s) URL (no host, a bad port, whitespace), or None (pure)."""
+    if any(c.isspace() for c in url):
+        return "it contains whitespace"
+    try:
+        host = urlsplit(url).hostname
+        port = urlsplit(url).port
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:
+        return str(exc) or "it cannot be parsed"
+    if not host:
+        return "it names no host"
+    if port == 0:
+        return "port 0"
+    return None
+
+
 def runner_urls(given: str | Sequence[str]) -> list[str]:
     """The runner URLs of ``--runner`` (repeatable) or ``BIGTENT_URL`` (comma-separated),
     in order, each checked; raises ``UsageError`` for none or a malformed one."""
@@ -447,6 +464,11 @@ def runner_urls(given: str | Sequence[str]) -> list[str]:
                 raise UsageError(
                     f"runner URL must start with http:// or https:// (got {part.strip()!r}); "
                     "set --runner or BIGTENT_URL"
+                )
+            problem = url_problem(url)
+            if problem is not None:
+                raise UsageError(
+                    f"invalid runner URL {part.strip()!r}: {problem}; set --runner or BIGTENT_URL"
                 )
             if url not in urls:
                 urls.append(url)

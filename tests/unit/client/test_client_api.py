@@ -390,3 +390,19 @@ async def test_agent_records_parse_with_and_without_the_new_fields() -> None:
         full, bare = await client.fetch_agents()
     assert (full.steps_succeeded, full.consecutive_failures, full.draining) == (3, 1, True)
     assert (bare.backoff_until, bare.consecutive_failures, bare.launch_id) == (None, 0, None)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("localhost:8080", "must start with http:// or https://"),
+        ("http://:99", "names no host"),
+        ("http://a b", "contains whitespace"),
+        ("https://[::1", "invalid runner URL"),
+        ("http://127.0.0.1:99999", "invalid runner URL"),
+    ],
+)
+def test_malformed_runner_urls_are_usage_errors(url: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message) as info:
+        RunnerClient(url)
+    assert info.value.exit_code == 2
