@@ -12,6 +12,9 @@ PRIORITY_MIN = -1000
 PRIORITY_MAX = 1000
 """A build's priority (``POST /builds``, ``POST /builds/{id}/bump``)."""
 
+BUILD_DRVS_MAX = 100_000
+"""The most derivations one build may request."""
+
 LABEL_MAX_CHARS = 256
 """The longest ``repository`` or ``ref`` of a build."""
 REPOSITORY_PATTERN = r"^[^\s*]+$"

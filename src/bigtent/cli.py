@@ -31,7 +31,7 @@ from rich.progress import (
 from rich.table import Table
 
 from bigtent import __version__
-from bigtent.apilimits import PRIORITY_MAX, PRIORITY_MIN
+from bigtent.apilimits import BUILD_DRVS_MAX, PRIORITY_MAX, PRIORITY_MIN
 from bigtent.config import (
     OidcProvider,
     Role,
@@ -379,7 +379,7 @@ def _report_failure(build: Build, labels: Mapping[str, str] | None = None) -> No
     type=click.IntRange(PRIORITY_MIN, PRIORITY_MAX),
     default=0,
     show_default=True,
-    help=f"Build priority ({PRIORITY_MIN} to {PRIORITY_MAX}).",
+    help="Build priority.",
 )
 @click.option("--no-download", is_flag=True, help="Do not fetch the outputs into the local store.")
 @click.option(
@@ -496,6 +496,11 @@ def build(
                 async with deadline:
                     evaluation = await evaluate_targets(store, kinds)
                     _report_evaluation(evaluation, observer)
+                    if len(evaluation.drv_paths) > BUILD_DRVS_MAX:
+                        raise UsageError(
+                            f"the targets evaluated to {len(evaluation.drv_paths)} derivations; "
+                            f"a build takes at most {BUILD_DRVS_MAX}: build them in parts"
+                        )
                     tracker.jobs = evaluation.jobs
                     return await run_build(
                         client, store, evaluation.drv_paths, options, observer, tracker

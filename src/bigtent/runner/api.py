@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from bigtent import __version__
 from bigtent import protocol as p
 from bigtent.apilimits import (
+    BUILD_DRVS_MAX,
     LABEL_MAX_CHARS,
     PRIORITY_MAX,
     PRIORITY_MIN,
@@ -352,7 +353,7 @@ async def upload_path(
 
 
 class BuildBody(BaseModel):
-    drvs: list[str] = Field(min_length=1, max_length=100_000)
+    drvs: list[str] = Field(min_length=1, max_length=BUILD_DRVS_MAX)
     priority: int = Field(default=0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
     repository: str | None = Field(
         default=None, min_length=1, max_length=LABEL_MAX_CHARS, pattern=REPOSITORY_PATTERN
