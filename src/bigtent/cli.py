@@ -50,8 +50,7 @@ from bigtent.errors import (
 
 if TYPE_CHECKING:  # the client modules load lazily, inside the commands
     from bigtent.client.api import Agent, Build, RunnerClient, Step, StepAttempt, WaitingStep
-    from bigtent.client.build import BuildObserver, BuildTracker
-    from bigtent.client.targets import Evaluation
+    from bigtent.client.build import BuildTracker
 
 log = logging.getLogger(__name__)
 
@@ -291,27 +290,6 @@ class _RichBuildObserver:
             )
 
 
-def _report_evaluation(evaluation: Evaluation, observer: BuildObserver) -> None:
-    """What Nix said while evaluating, and the jobs by attribute path when there are several
-    or some values were skipped."""
-    if evaluation.warnings:
-        observer.on_phase(evaluation.warnings)
-    named = [job for job in evaluation.jobs if job.attr is not None]
-    if len(named) > 1 or evaluation.skipped:
-        observer.on_phase(
-            f"{len(named)} job(s): "
-            + ", ".join(job.label for job in named[:_JOBS_SHOWN])
-            + (f" and {len(named) - _JOBS_SHOWN} more" if len(named) > _JOBS_SHOWN else "")
-        )
-    for skip in evaluation.skipped[:_JOBS_SHOWN]:
-        observer.on_phase(f"skipped {skip.attr}: a {skip.type}, not a derivation or a set")
-    if len(evaluation.skipped) > _JOBS_SHOWN:
-        observer.on_phase(f"skipped {len(evaluation.skipped) - _JOBS_SHOWN} more")
-
-
-_JOBS_SHOWN = 20
-
-
 def _report_failure(build: Build, labels: Mapping[str, str] | None = None) -> None:
     """Which requested derivations failed (by attribute path when known), why, and the tail
     of each failed step's log.
@@ -446,6 +424,7 @@ def build(
     """
     from bigtent.apilimits import build_field_problem
     from bigtent.client.build import (
+        BuildObserver,
         BuildOptions,
         BuildTracker,
         SilentObserver,
@@ -455,7 +434,12 @@ def build(
         parse_duration,
         run_build,
     )
-    from bigtent.client.targets import AutoArg, evaluate_targets, parse_targets
+    from bigtent.client.targets import (
+        AutoArg,
+        evaluate_targets,
+        evaluation_summary,
+        parse_targets,
+    )
     from bigtent.nix.store import NixStore
 
     timeout_secs = parse_duration(timeout) if timeout is not None else None
@@ -495,7 +479,8 @@ def build(
             try:
                 async with deadline:
                     evaluation = await evaluate_targets(store, kinds)
-                    _report_evaluation(evaluation, observer)
+                    for line in evaluation_summary(evaluation):
+                        observer.on_phase(line)
                     if len(evaluation.drv_paths) > BUILD_DRVS_MAX:
                         raise UsageError(
                             f"the targets evaluated to {len(evaluation.drv_paths)} derivations; "

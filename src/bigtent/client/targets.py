@@ -365,6 +365,29 @@ async def evaluate_targets(store: NixStore, targets: Targets, cwd: str | None = 
     return evaluation
 
 
+SUMMARY_SHOWN = 20
+"""Jobs (and skipped values) named one by one in the summary; the rest are counted."""
+
+
+def evaluation_summary(evaluation: Evaluation) -> list[str]:
+    """The lines ``bigtent build`` prints after evaluating (pure): what Nix said on stderr,
+    the jobs by attribute path when there are several or values were skipped, and each
+    skipped value."""
+    lines = [evaluation.warnings] if evaluation.warnings else []
+    named = [job.label for job in evaluation.jobs if job.attr is not None]
+    if len(named) > 1 or evaluation.skipped:
+        more = len(named) - SUMMARY_SHOWN
+        lines.append(
+            f"{len(named)} job(s): {', '.join(named[:SUMMARY_SHOWN])}"
+            + (f" and {more} more" if more > 0 else "")
+        )
+    for skip in evaluation.skipped[:SUMMARY_SHOWN]:
+        lines.append(f"skipped {skip.attr}: a {skip.type}, not a derivation or a set")
+    if len(evaluation.skipped) > SUMMARY_SHOWN:
+        lines.append(f"skipped {len(evaluation.skipped) - SUMMARY_SHOWN} more")
+    return lines
+
+
 def _skipped_note(evaluation: Evaluation) -> str:
     if not evaluation.skipped:
         return ""

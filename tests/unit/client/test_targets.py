@@ -13,10 +13,13 @@ from bigtent.client.build import build_report, job_labels, job_states
 from bigtent.client.targets import (
     JOBS_NIX,
     AutoArg,
+    Evaluation,
     Job,
+    Skipped,
     Targets,
     evaluate_targets,
     evaluation_args,
+    evaluation_summary,
     file_expression,
     flake_attr_paths,
     format_attr_path,
@@ -189,6 +192,20 @@ def test_parse_evaluation_names_each_job_by_attribute_path() -> None:
     assert ev.drv_paths == ["/nix/store/a-unit.drv"]
     assert ev.skipped[0].attr == "checks.note" and ev.warnings == "warning: dirty"
     assert job_labels(ev.jobs) == {"/nix/store/a-unit.drv": ".#checks.unit, .#checks.also"}
+
+
+def test_evaluation_summary() -> None:
+    one = Evaluation(jobs=(Job("x.nix", "top", "/nix/store/a-top.drv"),))
+    assert evaluation_summary(one) == []
+    jobs = tuple(Job(".#c", f"c.j{i}", f"/nix/store/{i}-j.drv", flake_ref=".#c") for i in range(25))
+    summary = evaluation_summary(
+        Evaluation(jobs=jobs, skipped=(Skipped(".#c", "c.note", "string"),), warnings="w: dirty")
+    )
+    assert summary[0] == "w: dirty"
+    assert summary[1].startswith("25 job(s): .#c.j0, .#c.j1, ") and summary[1].endswith(
+        ".#c.j19 and 5 more"
+    )
+    assert summary[2:] == ["skipped c.note: a string, not a derivation or a set"]
 
 
 def test_parse_evaluation_refuses_another_shape() -> None:
