@@ -908,3 +908,16 @@ def test_builders_table_shows_usable_and_skipped_builders(monkeypatch: pytest.Mo
     assert "skipped: no pinned host_key" in b2
     data = json.loads(run(["builders", "--json"]).stdout)
     assert [b["usable"] for b in data] == [True, False]
+
+
+def test_failure_report_names_jobs_by_attribute_path(capsys: pytest.CaptureFixture[str]) -> None:
+    from bigtent.client.api import Build
+
+    build = Build.model_validate(
+        {**BUILD, "state": "failed", "roots": [{**BUILD["roots"][0], "state": "failed"}]}
+    )
+    cli_module._report_failure(build, {"/nix/store/aaaa-hello.drv": ".#checks.x86_64-linux.hello"})
+    assert (
+        "  not built: .#checks.x86_64-linux.hello (/nix/store/aaaa-hello.drv) (failed)"
+        in capsys.readouterr().err
+    )
