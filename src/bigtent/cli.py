@@ -973,7 +973,7 @@ def _write_new(path: Path, text: str, mode: int, force: bool) -> None:
     try:
         fd = os.open(path, flags, mode)
     except FileExistsError as exc:
-        raise BigtentError(f"{path} already exists; use --force to overwrite it") from exc
+        raise UsageError(f"{path} already exists; use --force to overwrite it") from exc
     except OSError as exc:
         raise BigtentError(f"cannot write {path}: {exc.strerror}") from exc
     with os.fdopen(fd, "w") as f:

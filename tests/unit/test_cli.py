@@ -567,7 +567,7 @@ def test_keys_generate(tmp_path: Path) -> None:
     assert secret.public_key() == parse_public_key(pk.read_text())
     assert result.stdout.strip() == pk.read_text().strip()
     again = run(["keys", "generate", "cache.example.org-1", "--out-dir", str(tmp_path / "k")])
-    assert again.exit_code == 1 and "already exists" in again.stderr
+    assert again.exit_code == 2 and "already exists" in again.stderr
     assert parse_secret_key(sk.read_text()) == secret
 
 
