@@ -326,10 +326,20 @@ def _check_drv_path(arg: str) -> str:
     return path
 
 
-def _lacks_flakes(err: NixError) -> bool:
-    text = err.stderr.lower()
-    hints = ("unknown experimental", "unrecogni", "not supported", "unknown setting", "getflake")
-    return "flake" in text and any(hint in text for hint in hints)
+_NO_FLAKES = (
+    "unknown experimental feature 'flakes'",
+    "experimental nix feature 'flakes' is disabled",
+    "unrecognised flag '--extra-experimental-features'",
+    "unknown setting 'extra-experimental-features'",
+    "attribute 'getflake' missing",
+)
+"""What a Nix without flake support (older than 2.4, or with flakes disabled) says."""
+
+
+def lacks_flakes(stderr: str) -> bool:
+    """Whether Nix failed because it cannot evaluate flakes (pure)."""
+    text = stderr.lower()
+    return any(hint in text for hint in _NO_FLAKES)
 
 
 async def evaluate_targets(store: NixStore, targets: Targets, cwd: str | None = None) -> Evaluation:
@@ -350,7 +360,7 @@ async def evaluate_targets(store: NixStore, targets: Targets, cwd: str | None = 
             argv, features=FLAKE_FEATURES if targets.installables else ()
         )
     except NixError as exc:
-        if targets.installables and _lacks_flakes(exc):
+        if targets.installables and lacks_flakes(exc.stderr):
             raise NixError(
                 f"{exc.message}\nthis Nix cannot evaluate flake references (it needs flake "
                 "support, Nix 2.4 or later); use FILE.nix -A ATTR or --drv PATH instead",

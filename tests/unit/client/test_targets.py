@@ -23,6 +23,7 @@ from bigtent.client.targets import (
     file_expression,
     flake_attr_paths,
     format_attr_path,
+    lacks_flakes,
     nix_string,
     parse_attr_path,
     parse_evaluation,
@@ -262,6 +263,21 @@ async def test_drv_targets_are_checked_without_nix() -> None:
 async def test_missing_file_is_a_usage_error(tmp_path: Any) -> None:
     with pytest.raises(UsageError, match="does not exist"):
         await evaluate_targets(NixStore(), Targets(files=("none.nix",)), cwd=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("stderr", "lacks"),
+    [
+        ("error: unknown experimental feature 'flakes'", True),
+        ("error: experimental Nix feature 'flakes' is disabled; use ...", True),
+        ("error: unrecognised flag '--extra-experimental-features'", True),
+        ("error: attribute 'getFlake' missing, at (string):1:1", True),
+        ("error: flake 'x' does not provide attribute 'y'", False),
+        ("error: undefined variable 'foo'", False),
+    ],
+)
+def test_lacks_flakes(stderr: str, lacks: bool) -> None:
+    assert lacks_flakes(stderr) is lacks
 
 
 async def test_flake_without_flake_support_is_explained() -> None:
