@@ -3,6 +3,7 @@
 # `layers` layers of `width` derivations; each depends on up to `fanIn` derivations of the
 # layer below; `top` depends on the whole last layer. With the defaults: 101 derivations.
 #   nix-instantiate examples/dag.nix -A top --argstr salt "$RANDOM"
+#   bigtent build examples/dag.nix -A top --argstr salt "$RANDOM" --arg layers 4
 {
   layers ? 10,
   width ? 10,

@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -31,6 +31,7 @@ from rich.progress import (
 from rich.table import Table
 
 from bigtent import __version__
+from bigtent.apilimits import BUILD_DRVS_MAX, PRIORITY_MAX, PRIORITY_MIN
 from bigtent.config import (
     OidcProvider,
     Role,
@@ -150,7 +151,7 @@ def _client_options(f: _F) -> _F:
     f = click.option(
         "--token-file",
         type=click.Path(dir_okay=False, path_type=Path),
-        help="File holding the client token [default: $BIGTENT_TOKEN].",
+        help="File holding the client token (without it: the token in BIGTENT_TOKEN, if set).",
     )(f)
     f = click.option(
         "--runner",
@@ -197,9 +198,11 @@ def _make_client(runner_url: str, token_file: Path | None, ca_file: Path | None)
 
     if token_file is not None:
         token: str | None = _read_secret(token_file, "token file")
+        source = f"--token-file {token_file}"
     else:
         token = os.environ.get("BIGTENT_TOKEN") or None
-    return RunnerClient(runner_url, token=token, ca_file=ca_file)
+        source = "BIGTENT_TOKEN"
+    return RunnerClient(runner_url, token=token, ca_file=ca_file, token_source=source)
 
 
 def _echo_json(data: Any) -> None:
@@ -287,16 +290,21 @@ class _RichBuildObserver:
             )
 
 
-def _report_failure(build: Build) -> None:
-    """Which requested derivations failed, why, and the tail of each failed step's log.
+def _report_failure(build: Build, labels: Mapping[str, str] | None = None) -> None:
+    """Which requested derivations failed (by attribute path when known), why, and the tail
+    of each failed step's log.
 
     Plain lines (no rich wrapping or markup): log text is shown exactly as the builder wrote it.
     """
     from bigtent.client.build import failed_roots
 
+    names = labels or {}
     click.secho(f"build {build.id} {build.state.value}", err=True, fg="red", bold=True)
     for root in failed_roots(build):
-        click.echo(f"  not built: {root.drv_path} ({root.state or 'unknown'})", err=True)
+        name = (
+            f"{names[root.drv_path]} ({root.drv_path})" if root.drv_path in names else root.drv_path
+        )
+        click.echo(f"  not built: {name} ({root.state or 'unknown'})", err=True)
     for step in build.failed_steps:
         why = ", ".join(x for x in (step.outcome, step.error) if x) or step.state
         click.secho(f"  failed step {step.id}: {step.drv_path}: {why}", err=True, fg="red")
@@ -307,12 +315,50 @@ def _report_failure(build: Build) -> None:
 
 
 @cli.command(context_settings=_CONTEXT)
-@click.argument("targets", nargs=-1, metavar="[FILE.nix | FLAKEREF#ATTR...]")
-@click.option("-A", "--attr", "attrs", multiple=True, metavar="ATTR", help="Attribute to build.")
+@click.argument("targets", nargs=-1, metavar="[FILE.nix... | FLAKEREF#ATTR...]")
+@click.option(
+    "-A",
+    "--attr",
+    "attrs",
+    multiple=True,
+    metavar="ATTR",
+    help="Attribute path to build (repeatable); a set of derivations builds each of them.",
+)
 @click.option("-E", "--expr", metavar="EXPR", help="Build a Nix expression instead of a file.")
+@click.option(
+    "--arg",
+    "arg_exprs",
+    nargs=2,
+    multiple=True,
+    metavar="NAME EXPR",
+    help="Pass the Nix expression EXPR as argument NAME to a function at the top.",
+)
+@click.option(
+    "--argstr",
+    "arg_strings",
+    nargs=2,
+    multiple=True,
+    metavar="NAME VALUE",
+    help="Pass the string VALUE as argument NAME to a function at the top.",
+)
+@click.option(
+    "-I",
+    "--include",
+    "include",
+    multiple=True,
+    metavar="PATH",
+    help="Add PATH (or NAME=PATH) to the Nix search path, as nix-build -I.",
+)
+@click.option("--show-trace", is_flag=True, help="Show Nix's trace of an evaluation error.")
 @click.option("--drv", "drvs", multiple=True, metavar="PATH", help="Build a store derivation.")
 @_client_options
-@click.option("--priority", type=int, default=0, show_default=True, help="Build priority.")
+@click.option(
+    "--priority",
+    type=click.IntRange(PRIORITY_MIN, PRIORITY_MAX),
+    default=0,
+    show_default=True,
+    help="Build priority.",
+)
 @click.option("--no-download", is_flag=True, help="Do not fetch the outputs into the local store.")
 @click.option(
     "-o",
@@ -346,6 +392,10 @@ def build(
     targets: tuple[str, ...],
     attrs: tuple[str, ...],
     expr: str | None,
+    arg_exprs: tuple[tuple[str, str], ...],
+    arg_strings: tuple[tuple[str, str], ...],
+    include: tuple[str, ...],
+    show_trace: bool,
     drvs: tuple[str, ...],
     runner_url: str,
     token_file: Path | None,
@@ -363,27 +413,49 @@ def build(
 ) -> None:
     """Build derivations on the farm and fetch their outputs, like nix-build.
 
-    Exits 0 only when every requested derivation built, 1 when one did not, 124 when
-    --timeout ran out, 130 on Ctrl-C and 143 on SIGTERM (the build keeps running unless
-    --cancel-on-exit). A build is trusted only when the token is (admin, or a client token
-    marked trusted) and REF is no pull request ref.
+    Targets as nix-build takes them (FILE.nix or -E EXPR, -A, --arg, --argstr, -I), flake
+    installables (.#checks.x86_64-linux: a set of derivations builds each), or --drv paths.
+
+    Exits 0 only when every requested derivation built, 1 when one did not (or evaluation
+    failed), 2 for a usage or configuration error, 124 when --timeout ran out, 130 on Ctrl-C
+    and 143 on SIGTERM (the build keeps running unless --cancel-on-exit). A build is trusted
+    only when the token is (admin, or a client token marked trusted) and REF is no pull
+    request ref.
     """
+    from bigtent.apilimits import build_field_problem
     from bigtent.client.build import (
         BuildObserver,
         BuildOptions,
         BuildTracker,
         SilentObserver,
         build_report,
-        classify_targets,
         failed_roots,
+        job_labels,
         parse_duration,
-        resolve_targets,
         run_build,
+    )
+    from bigtent.client.targets import (
+        AutoArg,
+        evaluate_targets,
+        evaluation_summary,
+        parse_targets,
     )
     from bigtent.nix.store import NixStore
 
     timeout_secs = parse_duration(timeout) if timeout is not None else None
-    kinds = classify_targets(targets, attrs=attrs, drvs=drvs, expr=expr)
+    problem = build_field_problem(repository, ref)
+    if problem is not None:
+        raise UsageError(problem)
+    kinds = parse_targets(
+        targets,
+        attrs=attrs,
+        drvs=drvs,
+        expr=expr,
+        auto_args=[AutoArg(n, v) for n, v in arg_exprs]
+        + [AutoArg(n, v, is_string=True) for n, v in arg_strings],
+        include=include,
+        show_trace=show_trace,
+    )
     store = NixStore(store=os.environ.get("NIX_REMOTE", ""))
     options = BuildOptions(
         priority=priority,
@@ -406,8 +478,18 @@ def build(
             deadline = asyncio.timeout(timeout_secs)
             try:
                 async with deadline:
-                    drv_paths = await resolve_targets(store, kinds)
-                    return await run_build(client, store, drv_paths, options, observer, tracker)
+                    evaluation = await evaluate_targets(store, kinds)
+                    for line in evaluation_summary(evaluation):
+                        observer.on_phase(line)
+                    if len(evaluation.drv_paths) > BUILD_DRVS_MAX:
+                        raise UsageError(
+                            f"the targets evaluated to {len(evaluation.drv_paths)} derivations; "
+                            f"a build takes at most {BUILD_DRVS_MAX}: build them in parts"
+                        )
+                    tracker.jobs = evaluation.jobs
+                    return await run_build(
+                        client, store, evaluation.drv_paths, options, observer, tracker
+                    )
             except TimeoutError:
                 if not deadline.expired():
                     raise  # not --timeout's
@@ -441,7 +523,7 @@ def build(
             raise Terminated("terminated (SIGTERM)") from None
         raise KeyboardInterrupt from None
     if as_json:
-        _echo_json(build_report(result.build, result.links, result.attempts))
+        _echo_json(build_report(result.build, result.links, result.attempts, tracker.jobs))
     elif result.succeeded:
         if result.links:
             for link in result.links:
@@ -451,7 +533,7 @@ def build(
                 for path in root.outputs.values():
                     click.echo(path)
     else:
-        _report_failure(result.build)
+        _report_failure(result.build, job_labels(tracker.jobs))
     if not result.succeeded:
         failed = failed_roots(result.build)
         raise BuildFailed(
@@ -505,7 +587,11 @@ def _report_stop(stop: _Stop, tracker: BuildTracker, as_json: bool, timeout: str
     if as_json:
         _echo_json(
             stop_report(
-                tracker.last, stop.pending, reason=stop.reason or "", cancelled=stop.cancelled
+                tracker.last,
+                stop.pending,
+                reason=stop.reason or "",
+                cancelled=stop.cancelled,
+                jobs=tracker.jobs,
             )
         )
     build_id = tracker.build_id
@@ -850,7 +936,11 @@ def restart(
 
 @cli.command(context_settings=_CONTEXT)
 @click.argument("build_id", metavar="BUILD")
-@click.option("--priority", type=int, help="New priority [default: current + 10].")
+@click.option(
+    "--priority",
+    type=click.IntRange(PRIORITY_MIN, PRIORITY_MAX),
+    help="New priority [default: current + 10].",
+)
 @_client_options
 @_json_option
 def bump(
@@ -883,7 +973,7 @@ def _write_new(path: Path, text: str, mode: int, force: bool) -> None:
     try:
         fd = os.open(path, flags, mode)
     except FileExistsError as exc:
-        raise BigtentError(f"{path} already exists; use --force to overwrite it") from exc
+        raise UsageError(f"{path} already exists; use --force to overwrite it") from exc
     except OSError as exc:
         raise BigtentError(f"cannot write {path}: {exc.strerror}") from exc
     with os.fdopen(fd, "w") as f:
@@ -945,7 +1035,8 @@ def token() -> None:
 @click.option(
     "--token-file",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="With --runner: file holding an admin token [default: $BIGTENT_TOKEN].",
+    help="With --runner: file holding an admin token; without it the token is taken from "
+    "BIGTENT_TOKEN (the token itself).",
 )
 @click.option(
     "--ca-file",

@@ -244,7 +244,12 @@ def fake_runner(monkeypatch: pytest.MonkeyPatch) -> list[httpx.Request]:
     def make(runner_url: str, token_file: Path | None, ca_file: Path | None) -> RunnerClient:
         client = real(runner_url, token_file, ca_file)
         token = client._http.headers.get("authorization", "").removeprefix("Bearer ") or None
-        return RunnerClient(runner_url, token=token, transport=httpx.MockTransport(handler))
+        return RunnerClient(
+            runner_url,
+            token=token,
+            transport=httpx.MockTransport(handler),
+            token_source=client.token_source,
+        )
 
     monkeypatch.setattr(cli_module, "_make_client", make)
     return seen
@@ -275,9 +280,47 @@ def test_unreadable_token_file_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_auth_error_exit_code(fake_runner: list[httpx.Request]) -> None:
-    result = run(["builds"], env={"BIGTENT_TOKEN": "wrong"})
+    result = run(["builds", "--runner", "http://r:9"], env={"BIGTENT_TOKEN": "wrong"})
     assert result.exit_code == 3
-    assert result.stderr == "Error: invalid token\n"
+    assert result.stderr == (
+        "Error: the runner at http://r:9 refused the token from BIGTENT_TOKEN (invalid token): "
+        "give a valid token in BIGTENT_TOKEN or with --token-file FILE\n"
+    )
+
+
+def test_token_file_help_does_not_claim_the_environment_as_its_default() -> None:
+    text = " ".join(run(["status", "--help"]).stdout.split())
+    assert "[default: $BIGTENT_TOKEN]" not in text
+    assert "File holding the client token (without it: the token in BIGTENT_TOKEN" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["log", "abc"], "Error: step id must be a positive number (got 'abc')"),
+        (["cancel", "x1"], "Error: build id must be a positive number (got 'x1')"),
+        (
+            ["build", "--priority", "5000", "--drv", "/nix/store/aaaa-hello.drv"],
+            "Invalid value for '--priority': 5000 is not in the range -1000<=x<=1000",
+        ),
+        (["bump", "12", "--priority", "-1001"], "is not in the range -1000<=x<=1000"),
+        (
+            ["build", "--repository", "a b", "--drv", "/nix/store/aaaa-hello.drv"],
+            "Error: --repository must have no whitespace or '*' (got 'a b')",
+        ),
+        (["status", "--ca-file", "/nonexistent/ca.pem"], "Error: cannot load CA file"),
+        (["build", "-E", "1", "x.nix"], "Error: -E takes the place of a Nix file"),
+        (["build", ".#a", "-A", "b"], "name a flake's attribute in the installable"),
+        (["build", ".#a", "--argstr", "x", "1"], "not to a flake"),
+    ],
+)
+def test_usage_errors_exit_2_before_anything_is_sent(
+    fake_runner: list[httpx.Request], args: list[str], message: str
+) -> None:
+    result = run(args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    assert fake_runner == []
 
 
 def test_builds_cancel_bump_log(fake_runner: list[httpx.Request]) -> None:
@@ -524,7 +567,7 @@ def test_keys_generate(tmp_path: Path) -> None:
     assert secret.public_key() == parse_public_key(pk.read_text())
     assert result.stdout.strip() == pk.read_text().strip()
     again = run(["keys", "generate", "cache.example.org-1", "--out-dir", str(tmp_path / "k")])
-    assert again.exit_code == 1 and "already exists" in again.stderr
+    assert again.exit_code == 2 and "already exists" in again.stderr
     assert parse_secret_key(sk.read_text()) == secret
 
 
@@ -865,3 +908,16 @@ def test_builders_table_shows_usable_and_skipped_builders(monkeypatch: pytest.Mo
     assert "skipped: no pinned host_key" in b2
     data = json.loads(run(["builders", "--json"]).stdout)
     assert [b["usable"] for b in data] == [True, False]
+
+
+def test_failure_report_names_jobs_by_attribute_path(capsys: pytest.CaptureFixture[str]) -> None:
+    from bigtent.client.api import Build
+
+    build = Build.model_validate(
+        {**BUILD, "state": "failed", "roots": [{**BUILD["roots"][0], "state": "failed"}]}
+    )
+    cli_module._report_failure(build, {"/nix/store/aaaa-hello.drv": ".#checks.x86_64-linux.hello"})
+    assert (
+        "  not built: .#checks.x86_64-linux.hello (/nix/store/aaaa-hello.drv) (failed)"
+        in capsys.readouterr().err
+    )

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Annotated, Any, Self, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -18,6 +18,7 @@ from bigtent.errors import (
     AuthError,
     BadRequest,
     BigtentError,
+    ConfigError,
     Conflict,
     Forbidden,
     NotFound,
@@ -342,11 +343,34 @@ _STATUS_ERRORS: dict[int, type[BigtentError]] = {
 }
 
 
+_LOCATIONS = frozenset({"body", "path", "query", "header"})
+
+
+def validation_problems(detail: Any) -> list[str]:
+    """The runner's reasons for refusing a malformed request (its ``detail`` list of
+    ``{"loc", "msg"}``), each as ``priority: Input should be less than or equal to 1000``;
+    [] when ``detail`` is not such a list."""
+    if not isinstance(detail, list):
+        return []
+    problems = []
+    for item in detail:
+        if not isinstance(item, dict) or not isinstance(item.get("msg"), str):
+            return []
+        loc = item.get("loc")
+        parts = [str(p) for p in loc] if isinstance(loc, list) else []
+        if parts and parts[0] in _LOCATIONS:
+            parts = parts[1:]
+        where = ".".join(parts)
+        problems.append(f"{where}: {item['msg']}" if where else item["msg"])
+    return problems
+
+
 def error_from_response(status: int, body: bytes, url: str) -> BigtentError:
     """The ``BigtentError`` for an error answer, carrying the runner's own message.
 
     The runner answers ``{"error": "...", "detail": ...}``; a body that is not that (a proxy's
-    HTML page, say) still gives an error naming the status and URL.
+    HTML page, say) still gives an error naming the status and URL. A request the runner found
+    malformed (its ``detail`` lists why) is a ``UsageError`` (exit 2) with those reasons.
     """
     message = ""
     detail: Any = None
@@ -364,6 +388,9 @@ def error_from_response(status: int, body: bytes, url: str) -> BigtentError:
     if not message:
         text = body.decode(errors="replace").strip()
         message = f"HTTP {status} from {url}" + (f": {text[:200]}" if text else "")
+    problems = validation_problems(detail) if status in (400, 422) else []
+    if problems:
+        return UsageError(f"{message}: {'; '.join(problems)}", detail=detail)
     if status == 429:
         retry = detail.get("retry_after_secs") if isinstance(detail, dict) else None
         return TooManyAuthFailures(
@@ -379,6 +406,15 @@ def error_from_response(status: int, body: bytes, url: str) -> BigtentError:
             )
         return BigtentError(f"runner error (HTTP {status}): {message}", detail=detail)
     return cls(message, detail=detail)
+
+
+def checked_id(value: str, what: str) -> str:
+    """A build or step id as given on the command line: a positive number, else a
+    ``UsageError`` (exit 2) before anything is sent."""
+    text = str(value).strip()
+    if not (text.isascii() and text.isdigit()) or int(text) == 0:
+        raise UsageError(f"{what} id must be a positive number (got {value!r})")
+    return text
 
 
 def runner_answered(exc: RunnerUnreachable) -> bool:
@@ -397,6 +433,23 @@ def not_sent(exc: BaseException) -> bool:
     return False
 
 
+def url_problem(url: str) -> str | None:
+    """What is wrong with an http(s) URL (no host, a bad port, whitespace), or None (pure)."""
+    if any(c.isspace() for c in url):
+        return "it contains whitespace"
+    try:
+        host = urlsplit(url).hostname
+        port = urlsplit(url).port
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:
+        return str(exc) or "it cannot be parsed"
+    if not host:
+        return "it names no host"
+    if port == 0:
+        return "port 0"
+    return None
+
+
 def runner_urls(given: str | Sequence[str]) -> list[str]:
     """The runner URLs of ``--runner`` (repeatable) or ``BIGTENT_URL`` (comma-separated),
     in order, each checked; raises ``UsageError`` for none or a malformed one."""
@@ -411,6 +464,11 @@ def runner_urls(given: str | Sequence[str]) -> list[str]:
                 raise UsageError(
                     f"runner URL must start with http:// or https:// (got {part.strip()!r}); "
                     "set --runner or BIGTENT_URL"
+                )
+            problem = url_problem(url)
+            if problem is not None:
+                raise UsageError(
+                    f"invalid runner URL {part.strip()!r}: {problem}; set --runner or BIGTENT_URL"
                 )
             if url not in urls:
                 urls.append(url)
@@ -434,10 +492,14 @@ class RunnerClient:
         ca_file: Path | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout_secs: float = DEFAULT_TIMEOUT_SECS,
+        token_source: str | None = None,
     ) -> None:
         self.base_urls = runner_urls(base_url)
         self.base_url = self.base_urls[0]
         headers = {"User-Agent": "bigtent-client"}
+        self.token_source = (token_source or "the command line") if token else None
+        """Where the token came from (``BIGTENT_TOKEN``, ``--token-file FILE``), named when
+        the runner refuses it; None without a token."""
         if token:
             headers["Authorization"] = f"Bearer {token}"
         verify: ssl.SSLContext | bool = True
@@ -445,7 +507,7 @@ class RunnerClient:
             try:
                 verify = ssl.create_default_context(cafile=str(ca_file))
             except (OSError, ssl.SSLError) as exc:
-                raise BigtentError(f"cannot load CA file {ca_file}: {exc}") from exc
+                raise ConfigError(f"cannot load CA file {ca_file}: {exc}") from exc
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
@@ -538,14 +600,29 @@ class RunnerClient:
                 f"cannot reach runner at {self.base_url}: timed out ({type(exc).__name__})"
             ) from exc
         except httpx.UnsupportedProtocol as exc:
-            raise BigtentError(f"unsupported runner URL {self.base_url!r}: {exc}") from exc
+            raise UsageError(f"unsupported runner URL {self.base_url!r}: {exc}") from exc
         except httpx.TransportError as exc:
             reason = str(exc) or type(exc).__name__
             raise RunnerUnreachable(f"cannot reach runner at {self.base_url}: {reason}") from exc
         log.debug("%s %s -> %s", method, url, resp.status_code)
         if resp.status_code >= 400:
-            raise error_from_response(resp.status_code, resp.content, f"{self.base_url}{url}")
+            error = error_from_response(resp.status_code, resp.content, f"{self.base_url}{url}")
+            if resp.status_code == 401:
+                error = AuthError(self._refused(error.message), detail=error.detail)
+            raise error
         return resp
+
+    def _refused(self, reason: str) -> str:
+        """A 401's message: which runner refused which credential, and how to give one."""
+        if self.token_source is None:
+            return (
+                f"the runner at {self.base_url} needs a client token ({reason}): set "
+                "BIGTENT_TOKEN to the token or pass --token-file FILE"
+            )
+        return (
+            f"the runner at {self.base_url} refused the token from {self.token_source} "
+            f"({reason}): give a valid token in BIGTENT_TOKEN or with --token-file FILE"
+        )
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         resp = await self._request(method, path, **kwargs)
@@ -630,14 +707,16 @@ class RunnerClient:
         return self._parse(Build, data, "build")
 
     async def fetch_build(self, build_id: str) -> Build:
-        return self._parse(Build, await self._json("GET", f"/builds/{build_id}"), "build")
+        return self._parse(
+            Build, await self._json("GET", f"/builds/{checked_id(build_id, 'build')}"), "build"
+        )
 
     async def fetch_builds(self, *, limit: int = 50) -> list[Build]:
         data = await self._json("GET", "/builds", params={"limit": limit})
         return self._parse(_Builds, data, "build list").builds
 
     async def fetch_steps(self, build_id: str) -> list[Step]:
-        data = await self._json("GET", f"/builds/{build_id}/steps")
+        data = await self._json("GET", f"/builds/{checked_id(build_id, 'build')}/steps")
         return self._parse(_Steps, data, "step list").steps
 
     async def fetch_attempts(
@@ -646,15 +725,19 @@ class RunnerClient:
         """The attempts of the build's steps with a record id above ``after``, oldest first,
         at most ``limit`` (ask again with the last id while answers come full)."""
         data = await self._json(
-            "GET", f"/builds/{build_id}/attempts", params={"after": after, "limit": limit}
+            "GET",
+            f"/builds/{checked_id(build_id, 'build')}/attempts",
+            params={"after": after, "limit": limit},
         )
         return self._parse(_Attempts, data, "attempt list").attempts
 
     async def fetch_step(self, step_id: str) -> Step:
-        return self._parse(Step, await self._json("GET", f"/steps/{step_id}"), "step")
+        return self._parse(
+            Step, await self._json("GET", f"/steps/{checked_id(step_id, 'step')}"), "step"
+        )
 
     async def fetch_log(self, step_id: str) -> str:
-        resp = await self._request("GET", f"/steps/{step_id}/log")
+        resp = await self._request("GET", f"/steps/{checked_id(step_id, 'step')}/log")
         return resp.text
 
     async def fetch_agents(self) -> list[Agent]:
@@ -664,17 +747,23 @@ class RunnerClient:
         return self._parse(_Builders, await self._json("GET", "/builders"), "builder list").builders
 
     async def cancel_build(self, build_id: str) -> Build:
-        return self._parse(Build, await self._json("POST", f"/builds/{build_id}/cancel"), "build")
+        return self._parse(
+            Build,
+            await self._json("POST", f"/builds/{checked_id(build_id, 'build')}/cancel"),
+            "build",
+        )
 
     async def bump_build(self, build_id: str, *, priority: int | None = None) -> Build:
         body = {} if priority is None else {"priority": priority}
-        data = await self._json("POST", f"/builds/{build_id}/bump", json_body=body)
+        data = await self._json(
+            "POST", f"/builds/{checked_id(build_id, 'build')}/bump", json_body=body
+        )
         return self._parse(Build, data, "build")
 
     async def restart_build(self, build_id: str) -> Build:
         """Rebuild the build's failed, dependency-failed and cancelled steps (clearing their
         cached failures)."""
-        data = await self._json("POST", f"/builds/{build_id}/restart")
+        data = await self._json("POST", f"/builds/{checked_id(build_id, 'build')}/restart")
         return self._parse(Build, data, "build")
 
     async def drain_agent(self, name: str) -> str:

@@ -11,7 +11,6 @@ import asyncio
 import functools
 import heapq
 import logging
-import os
 import re
 import secrets
 import time
@@ -34,6 +33,7 @@ from bigtent.client.api import (
     not_sent,
     runner_answered,
 )
+from bigtent.client.targets import Job
 from bigtent.errors import BigtentError, NixError, NotFound, RunnerUnreachable, UsageError
 from bigtent.nix import base32
 from bigtent.nix.nar import dump_path
@@ -65,91 +65,6 @@ RETRY_MAX_SECS = 5.0
 
 BUILT_ROOT_STATES = frozenset({"succeeded", "cached"})
 """Root states meaning the requested derivation's outputs exist (``cached``: no step needed)."""
-
-
-# ---- targets --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Targets:
-    """What the user asked to build; exactly one kind is set."""
-
-    file: str | None = None
-    expr: str | None = None
-    attrs: tuple[str, ...] = ()
-    drvs: tuple[str, ...] = ()
-    installables: tuple[str, ...] = ()
-
-
-def classify_targets(
-    args: Sequence[str],
-    *,
-    attrs: Sequence[str] = (),
-    drvs: Sequence[str] = (),
-    expr: str | None = None,
-) -> Targets:
-    """Sort positional arguments into a Nix file or flake refs (``REF#ATTR``), as architecture §7.
-
-    Without any argument this is ``./default.nix`` like nix-build. Mixing kinds is a usage error.
-    """
-    flakes = tuple(a for a in args if "#" in a)
-    files = [a for a in args if "#" not in a]
-    kinds = sum(bool(k) for k in (flakes, files or attrs, drvs, expr is not None))
-    if kinds > 1 or (flakes and attrs):
-        raise UsageError(
-            "give one kind of target: FILE.nix [-A ATTR]..., -E EXPR [-A ATTR]..., "
-            "--drv PATH..., or FLAKEREF#ATTR..."
-        )
-    if expr is not None:
-        return Targets(expr=expr, attrs=tuple(attrs))
-    if drvs:
-        return Targets(drvs=tuple(drvs))
-    if flakes:
-        return Targets(installables=flakes)
-    if len(files) > 1:
-        raise UsageError(f"give at most one Nix file (got {len(files)}: {' '.join(files)})")
-    return Targets(file=files[0] if files else "./default.nix", attrs=tuple(attrs))
-
-
-def _check_drv_path(arg: str) -> str:
-    path = os.path.realpath(arg) if not arg.startswith("/nix/store/") else arg
-    if not path.startswith("/nix/store/") or not path.endswith(".drv"):
-        raise UsageError(f"--drv needs a store derivation /nix/store/….drv (got {arg!r})")
-    return path
-
-
-def _lacks_flakes(err: NixError) -> bool:
-    text = err.stderr.lower()
-    hints = ("unknown experimental", "unrecogni", "not supported", "unknown setting")
-    return "flake" in text and any(hint in text for hint in hints)
-
-
-async def resolve_targets(store: NixStore, targets: Targets) -> list[str]:
-    """The .drv paths to build, instantiated in the local store."""
-    if targets.drvs:
-        return [_check_drv_path(d) for d in targets.drvs]
-    if targets.installables:
-        try:
-            drvs = await store.instantiate_flake(targets.installables)
-        except NixError as exc:
-            if _lacks_flakes(exc):
-                raise NixError(
-                    "this Nix cannot evaluate flake references (needs flake support, Nix 2.4 "
-                    "or later); use FILE.nix -A ATTR or --drv PATH instead",
-                    argv=exc.argv,
-                    status=exc.status,
-                    stderr=exc.stderr,
-                ) from exc
-            raise
-    elif targets.expr is not None:
-        drvs = await store.instantiate(None, targets.attrs, expr=targets.expr)
-    else:
-        if targets.file is not None and not Path(targets.file).exists():
-            raise UsageError(f"Nix file {targets.file} does not exist")
-        drvs = await store.instantiate(targets.file, targets.attrs)
-    if not drvs:
-        raise UsageError("the targets evaluated to no derivation")
-    return list(dict.fromkeys(drvs))
 
 
 # ---- pure decisions -------------------------------------------------------------------------
@@ -297,10 +212,42 @@ def attempt_notice(attempt: StepAttempt) -> str | None:
     return f"retrying {name} ({what}; next try {when})"
 
 
+def job_states(build: Build, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+    """Each job (attribute path, target, .drv) with its root's state and outputs, in the
+    order evaluated: the ``jobs`` of the ``--json`` document."""
+    roots = {root.drv_path: root for root in build.roots}
+    out = []
+    for job in jobs:
+        root = roots.get(job.drv_path)
+        out.append(
+            {
+                **job.as_json(),
+                "state": root.state if root is not None else None,
+                "built": root is not None and root.state in BUILT_ROOT_STATES,
+                "outputs": root.outputs if root is not None else {},
+            }
+        )
+    return out
+
+
+def job_labels(jobs: Sequence[Job]) -> dict[str, str]:
+    """The name to show for each .drv path: its job's attribute path (several jobs naming one
+    derivation are joined by ``, ``)."""
+    labels: dict[str, list[str]] = {}
+    for job in jobs:
+        if job.attr is not None:
+            labels.setdefault(job.drv_path, []).append(job.label)
+    return {drv: ", ".join(names) for drv, names in labels.items()}
+
+
 def build_report(
-    build: Build, links: Sequence[ResultLink] = (), attempts: Sequence[StepAttempt] = ()
+    build: Build,
+    links: Sequence[ResultLink] = (),
+    attempts: Sequence[StepAttempt] = (),
+    jobs: Sequence[Job] = (),
 ) -> dict[str, Any]:
-    """The ``--json`` document. ``attempts``: the attempt records seen while following."""
+    """The ``--json`` document. ``attempts``: the attempt records seen while following;
+    ``jobs``: what the targets evaluated to, each by its attribute path."""
     return {
         "build_id": build.id,
         "state": build.state.value,
@@ -317,6 +264,7 @@ def build_report(
         "waiting_for_capacity": [w.model_dump(mode="json") for w in build.waiting_for_capacity],
         "links": [{"link": link.link, "path": link.path} for link in links],
         "attempts": [attempt.model_dump(mode="json") for attempt in attempts],
+        "jobs": job_states(build, jobs),
     }
 
 
@@ -387,10 +335,13 @@ def stop_report(
     *,
     reason: str,
     cancelled: bool,
+    jobs: Sequence[Job] = (),
 ) -> dict[str, Any]:
     """The ``--json`` document of a client that stopped before the build ended:
     ``reason`` is ``timeout``, ``interrupted`` (Ctrl-C) or ``terminated`` (SIGTERM)."""
-    doc: dict[str, Any] = build_report(build) if build is not None else {"build_id": None}
+    doc: dict[str, Any] = (
+        build_report(build, jobs=jobs) if build is not None else {"build_id": None}
+    )
     doc.update(
         stopped=reason,
         cancelled=cancelled,
@@ -474,6 +425,8 @@ class BuildTracker:
     build_id: str | None = None
     last: Build | None = None
     """The build as last polled."""
+    jobs: tuple[Job, ...] = ()
+    """What the targets evaluated to (attribute paths and .drv paths)."""
 
 
 async def run_build(

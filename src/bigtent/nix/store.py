@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -133,13 +134,45 @@ class NixStore:
         if proc.returncode != 0:
             text = err.decode(errors="replace")
             raise NixError(
-                f"{tool} {' '.join(args[:2])} failed (exit {proc.returncode}): "
-                f"{last_error_line(text)}",
+                f"{command_line(argv)} failed (exit {proc.returncode}): {last_error_line(text)}",
                 argv=argv,
                 status=proc.returncode,
                 stderr=text,
             )
         return out.decode()
+
+    async def evaluate(
+        self, args: Sequence[str], *, features: Sequence[str] = ()
+    ) -> tuple[str, str]:
+        """``nix-instantiate ARGS`` (an evaluation): its stdout and its stderr (warnings,
+        ``builtins.trace`` output). On failure a ``NixError`` carrying Nix's whole message
+        (the error, its position and code frame, the trace with ``--show-trace``) and the
+        command in full. ``features``: options before the arguments (e.g.
+        ``--extra-experimental-features``)."""
+        argv = self._argv("nix-instantiate", [*features, *args], None)
+        log.debug("running %s", argv)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._environ(),
+            )
+        except FileNotFoundError as exc:
+            raise NixError(
+                f"{argv[0]} not found: is Nix installed and on PATH?", argv=argv
+            ) from exc
+        out, err = await proc.communicate()
+        text = err.decode(errors="replace")
+        if proc.returncode != 0:
+            raise NixError(
+                evaluation_failure(argv, proc.returncode, text),
+                argv=argv,
+                status=proc.returncode,
+                stderr=text,
+            )
+        return out.decode(), text
 
     # ---- queries -------------------------------------------------------------------------
     async def current_system(self) -> str:
@@ -158,14 +191,6 @@ class NixStore:
         for attr in attrs:
             args += ["-A", attr]
         out = await self.run("nix-instantiate", args)
-        return [line for line in out.splitlines() if line.startswith("/")]
-
-    async def instantiate_flake(self, installables: Sequence[str]) -> list[str]:
-        """``nix path-info --derivation`` for flake refs (needs a Nix with flakes)."""
-        out = await self.run(
-            "nix",
-            ["--extra-experimental-features", "flakes", "path-info", "--derivation", *installables],
-        )
         return [line for line in out.splitlines() if line.startswith("/")]
 
     async def path_info(
@@ -404,6 +429,32 @@ def store_root(store: str) -> str:
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+COMMAND_SHOWN_CHARS = 4000
+"""The longest command line an error message quotes (a path-info of a whole closure names
+thousands of paths): longer ones end with a count of the arguments left out."""
+
+
+def command_line(argv: Sequence[str], limit: int = COMMAND_SHOWN_CHARS) -> str:
+    """``argv`` as a shell command (quoted so that it can be run again), whole when it fits in
+    ``limit`` characters, else its first arguments and how many more there were."""
+    shown: list[str] = []
+    size = 0
+    for index, arg in enumerate(argv):
+        word = shlex.quote(arg)
+        if shown and size + len(word) + 1 > limit:
+            return " ".join(shown) + f" … ({len(argv) - index} more arguments)"
+        shown.append(word)
+        size += len(word) + 1
+    return " ".join(shown)
+
+
+def evaluation_failure(argv: Sequence[str], status: int | None, stderr: str) -> str:
+    """The message of a failed evaluation: Nix's whole error as it printed it (message,
+    ``at FILE:LINE:COL``, code frame, trace), then the command that failed."""
+    text = stderr.strip("\n").rstrip() or "(Nix printed nothing)"
+    return f"evaluation failed (exit {status}):\n{text}\ncommand: {command_line(argv)}"
 
 
 def last_error_line(stderr: str) -> str:

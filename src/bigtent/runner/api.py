@@ -26,6 +26,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bigtent import __version__
 from bigtent import protocol as p
+from bigtent.apilimits import (
+    BUILD_DRVS_MAX,
+    LABEL_MAX_CHARS,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    REF_PATTERN,
+    REPOSITORY_PATTERN,
+)
 from bigtent.config import Role
 from bigtent.errors import (
     AuthError,
@@ -345,11 +353,15 @@ async def upload_path(
 
 
 class BuildBody(BaseModel):
-    drvs: list[str] = Field(min_length=1, max_length=100_000)
-    priority: int = Field(default=0, ge=-1000, le=1000)
-    repository: str | None = Field(default=None, min_length=1, max_length=256, pattern=r"^[^\s*]+$")
+    drvs: list[str] = Field(min_length=1, max_length=BUILD_DRVS_MAX)
+    priority: int = Field(default=0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
+    repository: str | None = Field(
+        default=None, min_length=1, max_length=LABEL_MAX_CHARS, pattern=REPOSITORY_PATTERN
+    )
     """What the build is for, e.g. ``acme/widgets``: OIDC agents serve their rule's ones."""
-    ref: str | None = Field(default=None, min_length=1, max_length=256, pattern=r"^\S+$")
+    ref: str | None = Field(
+        default=None, min_length=1, max_length=LABEL_MAX_CHARS, pattern=REF_PATTERN
+    )
     """The git ref, e.g. ``refs/heads/main``; a pull request ref is never trusted."""
     trusted: bool = True
     """Ask for a trusted build; it is one only for a trusted creator and ref (architecture §6)."""
@@ -484,7 +496,7 @@ async def cancel_build(build_id: int, comps: Comps, who: ClientAuth) -> dict[str
 
 
 class BumpBody(BaseModel):
-    priority: int | None = Field(default=None, ge=-1000, le=1000)
+    priority: int | None = Field(default=None, ge=PRIORITY_MIN, le=PRIORITY_MAX)
 
 
 @api.post("/builds/{build_id}/bump")

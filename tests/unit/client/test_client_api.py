@@ -9,17 +9,19 @@ from typing import Any
 import httpx
 import pytest
 
-from bigtent.client.api import RunnerClient, error_from_response
+from bigtent.client.api import RunnerClient, error_from_response, validation_problems
 from bigtent.errors import (
     AuthError,
     BadRequest,
     BigtentError,
+    ConfigError,
     Conflict,
     Forbidden,
     NotFound,
     PayloadTooLarge,
     ProtocolError,
     RunnerUnreachable,
+    UsageError,
 )
 from bigtent.states import BuildState
 
@@ -218,7 +220,7 @@ async def test_error_bodies_map_to_error_classes(status: int, cls: type[BigtentE
         with pytest.raises(cls) as info:
             await client.fetch_build("1")
     assert type(info.value) is cls
-    assert info.value.message == f"runner says {status}"
+    assert f"runner says {status}" in info.value.message
 
 
 def test_413_is_a_bad_request() -> None:
@@ -279,8 +281,75 @@ def test_bad_url_scheme_is_rejected() -> None:
 
 
 def test_missing_ca_file_is_a_clear_error(tmp_path: Any) -> None:
-    with pytest.raises(BigtentError, match="cannot load CA file"):
+    with pytest.raises(ConfigError, match="cannot load CA file") as info:
         RunnerClient(URL, ca_file=tmp_path / "nope.pem")
+    assert info.value.exit_code == 2
+
+
+# ---- the runner's reasons -------------------------------------------------------------------
+
+VALIDATION = {
+    "error": "invalid request",
+    "detail": [
+        {"loc": ["body", "priority"], "msg": "Input should be less than or equal to 1000"},
+        {"loc": ["body", "ref"], "msg": "String should match pattern '^\\S+$'"},
+    ],
+}
+
+
+def test_a_malformed_request_shows_the_runner_s_reasons_as_a_usage_error() -> None:
+    err = error_from_response(400, json.dumps(VALIDATION).encode(), URL)
+    assert isinstance(err, UsageError) and err.exit_code == 2
+    assert err.message == (
+        "invalid request: priority: Input should be less than or equal to 1000; "
+        "ref: String should match pattern '^\\S+$'"
+    )
+    assert validation_problems([{"loc": ["path", "step_id"], "msg": "bad"}]) == ["step_id: bad"]
+    assert validation_problems("text") == [] and validation_problems([{"x": 1}]) == []
+    other = error_from_response(400, b'{"error": "unknown derivation", "detail": null}', URL)
+    assert type(other) is BadRequest and other.message == "unknown derivation"
+
+
+async def test_an_authentication_error_names_the_runner_and_how_to_give_a_token() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        reason = "invalid token" if "authorization" in request.headers else "missing bearer token"
+        return httpx.Response(401, json={"error": reason, "detail": None})
+
+    async with make_client(handler, token=None) as client:
+        with pytest.raises(AuthError) as info:
+            await client.fetch_status()
+    assert info.value.exit_code == 3
+    assert info.value.message == (
+        f"the runner at {URL} needs a client token (missing bearer token): set BIGTENT_TOKEN "
+        "to the token or pass --token-file FILE"
+    )
+    client = RunnerClient(
+        URL, token="t", transport=httpx.MockTransport(handler), token_source="--token-file /t"
+    )
+    async with client:
+        with pytest.raises(AuthError) as info:
+            await client.fetch_status()
+    assert info.value.message == (
+        f"the runner at {URL} refused the token from --token-file /t (invalid token): give a "
+        "valid token in BIGTENT_TOKEN or with --token-file FILE"
+    )
+
+
+async def test_ids_that_are_no_number_are_refused_before_sending() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(500)
+
+    async with make_client(handler) as client:
+        with pytest.raises(UsageError, match="step id must be a positive number"):
+            await client.fetch_log("abc")
+        with pytest.raises(UsageError, match="build id must be a positive number"):
+            await client.cancel_build("0")
+        with pytest.raises(UsageError, match="build id"):
+            await client.bump_build("1; drop", priority=1)
+    assert seen == []
 
 
 async def test_restart_build_and_drain_agent() -> None:
@@ -321,3 +390,19 @@ async def test_agent_records_parse_with_and_without_the_new_fields() -> None:
         full, bare = await client.fetch_agents()
     assert (full.steps_succeeded, full.consecutive_failures, full.draining) == (3, 1, True)
     assert (bare.backoff_until, bare.consecutive_failures, bare.launch_id) == (None, 0, None)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("localhost:8080", "must start with http:// or https://"),
+        ("http://:99", "names no host"),
+        ("http://a b", "contains whitespace"),
+        ("https://[::1", "invalid runner URL"),
+        ("http://127.0.0.1:99999", "invalid runner URL"),
+    ],
+)
+def test_malformed_runner_urls_are_usage_errors(url: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message) as info:
+        RunnerClient(url)
+    assert info.value.exit_code == 2

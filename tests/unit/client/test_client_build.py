@@ -19,17 +19,14 @@ from bigtent.client.build import (
     BuildTracker,
     ResultLink,
     SilentObserver,
-    Targets,
     _nar_chunks,
     _sequential,
     build_report,
     build_succeeded,
-    classify_targets,
     download_outputs,
     failed_roots,
     follow_build,
     nar_hash_to_nix32,
-    resolve_targets,
     result_links,
     run_build,
     submit_build,
@@ -38,7 +35,7 @@ from bigtent.client.build import (
     upload_closure,
     upload_order,
 )
-from bigtent.errors import BigtentError, NixError, RunnerUnreachable, UsageError
+from bigtent.errors import BigtentError, NixError, RunnerUnreachable
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store import NixStore, PathInfo, RealiseResult, RealiseStatus
 
@@ -166,57 +163,6 @@ def test_sequential_naming_detection() -> None:
 )
 def test_summarize_progress(counts: dict[str, int], text: str) -> None:
     assert summarize_progress(StepCounts(**counts)) == text
-
-
-@pytest.mark.parametrize(
-    ("args", "kw", "expected"),
-    [
-        ((), {}, Targets(file="./default.nix")),
-        (("x.nix",), {"attrs": ("a", "b")}, Targets(file="x.nix", attrs=("a", "b"))),
-        ((), {"attrs": ("a",)}, Targets(file="./default.nix", attrs=("a",))),
-        ((), {"drvs": ("/nix/store/x.drv",)}, Targets(drvs=("/nix/store/x.drv",))),
-        (("./f#a", ".#b"), {}, Targets(installables=("./f#a", ".#b"))),
-        ((), {"expr": "import ./x.nix"}, Targets(expr="import ./x.nix")),
-    ],
-)
-def test_classify_targets(args: tuple[str, ...], kw: dict[str, Any], expected: Targets) -> None:
-    assert classify_targets(args, **kw) == expected
-
-
-@pytest.mark.parametrize(
-    ("args", "kw"),
-    [
-        (("x.nix",), {"drvs": ("/nix/store/x.drv",)}),
-        ((".#a",), {"attrs": ("b",)}),
-        (("a.nix", "b.nix"), {}),
-        (("a.nix", ".#b"), {}),
-        ((), {"expr": "1", "drvs": ("/nix/store/x.drv",)}),
-    ],
-)
-def test_classify_targets_rejects_mixtures(args: tuple[str, ...], kw: dict[str, Any]) -> None:
-    with pytest.raises(UsageError):
-        classify_targets(args, **kw)
-
-
-async def test_resolve_rejects_non_drv_paths() -> None:
-    with pytest.raises(UsageError, match="--drv needs"):
-        await resolve_targets(NixStore(), Targets(drvs=("/nix/store/abc-hello",)))
-
-
-async def test_resolve_missing_file_is_usage_error(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="does not exist"):
-        await resolve_targets(NixStore(), Targets(file=str(tmp_path / "none.nix")))
-
-
-async def test_resolve_flake_without_flake_support_is_explained() -> None:
-    class NoFlakes(NixStore):
-        async def instantiate_flake(self, installables: Sequence[str]) -> list[str]:
-            raise NixError(
-                "nix path-info failed", stderr="error: unknown experimental feature 'flakes'"
-            )
-
-    with pytest.raises(NixError, match="cannot evaluate flake references"):
-        await resolve_targets(NoFlakes(), Targets(installables=(".#a",)))
 
 
 def _build(state: str, **extra: Any) -> Build:
