@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -30,7 +31,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from bigtent import __version__
+from bigtent import __version__, humanize
 from bigtent.config import (
     OidcProvider,
     Role,
@@ -50,6 +51,7 @@ from bigtent.errors import (
 if TYPE_CHECKING:  # the client modules load lazily, inside the commands
     from bigtent.client.api import Agent, Build, RunnerClient, Step, StepAttempt, WaitingStep
     from bigtent.client.build import BuildTracker
+    from bigtent.client.progress import StepLogStreams
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,9 @@ def _configure_logging(verbose: int, service: bool) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     if verbose < 2:
-        for noisy in ("httpx", "httpcore", "websockets", "aiosqlite"):
+        # alembic logs a line per plugin and per migration at INFO: `bigtent up` and the runner
+        # say what the schema did in one line of their own.
+        for noisy in ("httpx", "httpcore", "websockets", "aiosqlite", "alembic"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -208,7 +212,9 @@ def _echo_json(data: Any) -> None:
 
 def _console() -> Console:
     # Piped output gets wide lines instead of rich's 80 columns with truncated cells.
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 250)
+    from bigtent.client.tables import terminal_width
+
+    return Console(highlight=False, width=terminal_width())
 
 
 def _drv_name(path: str) -> str:
@@ -223,7 +229,8 @@ def _drv_name(path: str) -> str:
 class _RichBuildObserver:
     """Progress on stderr: phase lines, an upload bar, then a build bar with the step summary."""
 
-    def __init__(self) -> None:
+    def __init__(self, logs: StepLogStreams | None = None) -> None:
+        self.logs = logs
         self.console = Console(stderr=True, highlight=False)
         self.progress = Progress(
             SpinnerColumn(),
@@ -258,11 +265,11 @@ class _RichBuildObserver:
         self.progress.update(self._upload, completed=done, total=total)
 
     def on_progress(self, build: Build) -> None:
-        from bigtent.client.build import capacity_summary, summarize_progress
+        from bigtent.client.build import capacity_summary, progress_line
 
         c = build.counts
         done = c.succeeded + c.failed + c.cancelled
-        text = f"build {build.id} {build.state.value}: {summarize_progress(c)}"
+        text = f"build {build.id} {build.state.value}: {progress_line(build)}"
         waiting = capacity_summary(build)
         if waiting:
             text += f" ({waiting})"
@@ -285,6 +292,14 @@ class _RichBuildObserver:
             self.progress.console.print(
                 waiting_line(step), markup=False, style="yellow", soft_wrap=True
             )
+
+    def on_steps(self, steps: Sequence[Step]) -> None:
+        if self.logs is not None:
+            self.logs.watch(steps)
+
+    def print_log_line(self, line: str) -> None:
+        """A line of ``-L``: above the bars, exactly as the builder wrote it."""
+        self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _report_failure(build: Build) -> None:
@@ -341,6 +356,14 @@ def _report_failure(build: Build) -> None:
     is_flag=True,
     help="On --timeout, Ctrl-C or SIGTERM, cancel the build (its steps no other build needs).",
 )
+@click.option(
+    "-L",
+    "--print-build-logs",
+    "print_logs",
+    is_flag=True,
+    help="Print the running steps' log lines on stderr, each prefixed with its derivation's "
+    "name, as nix build -L does.",
+)
 @_json_option
 def build(
     targets: tuple[str, ...],
@@ -359,9 +382,13 @@ def build(
     untrusted: bool,
     timeout: str | None,
     cancel_on_exit: bool,
+    print_logs: bool,
     as_json: bool,
 ) -> None:
     """Build derivations on the farm and fetch their outputs, like nix-build.
+
+    On a terminal progress is a bar; elsewhere (a CI log, a pipe) one line per step event
+    (started on AGENT, succeeded in N s, failed, retrying, waiting for capacity).
 
     Exits 0 only when every requested derivation built, 1 when one did not, 124 when
     --timeout ran out, 130 on Ctrl-C and 143 on SIGTERM (the build keeps running unless
@@ -380,11 +407,13 @@ def build(
         resolve_targets,
         run_build,
     )
+    from bigtent.client.progress import PlainBuildObserver, StepLogStreams
     from bigtent.nix.store import NixStore
 
     timeout_secs = parse_duration(timeout) if timeout is not None else None
     kinds = classify_targets(targets, attrs=attrs, drvs=drvs, expr=expr)
     store = NixStore(store=os.environ.get("NIX_REMOTE", ""))
+    plain = not as_json and not sys.stderr.isatty()
     options = BuildOptions(
         priority=priority,
         download=not no_download,
@@ -392,10 +421,12 @@ def build(
         repository=repository,
         ref=ref,
         trusted=not untrusted,
+        follow_steps=plain or print_logs,
     )
     tracker = BuildTracker()
     client = _make_client(runner_url, token_file, ca_file)
     stop = _Stop(cancel=cancel_on_exit)
+    logs: StepLogStreams | None = None
 
     async def go(observer: BuildObserver) -> Any:
         async with client:
@@ -407,7 +438,10 @@ def build(
             try:
                 async with deadline:
                     drv_paths = await resolve_targets(store, kinds)
-                    return await run_build(client, store, drv_paths, options, observer, tracker)
+                    result = await run_build(client, store, drv_paths, options, observer, tracker)
+                    if logs is not None:
+                        await logs.close()
+                    return result
             except TimeoutError:
                 if not deadline.expired():
                     raise  # not --timeout's
@@ -422,12 +456,23 @@ def build(
                 raise
             finally:
                 loop.remove_signal_handler(signal.SIGTERM)
+                if logs is not None:
+                    await logs.close(wait_secs=0)
+
+    def err_line(line: str) -> None:
+        click.echo(line, err=True)
 
     try:
         if as_json:
-            result = _run(go(SilentObserver()))
+            logs = StepLogStreams(client, err_line) if print_logs else None
+            result = _run(go(SilentObserver(logs)))
+        elif plain:
+            logs = StepLogStreams(client, err_line) if print_logs else None
+            result = _run(go(PlainBuildObserver(err_line, logs)))
         else:
             with _RichBuildObserver() as observer:
+                if print_logs:
+                    logs = observer.logs = StepLogStreams(client, observer.print_log_line)
                 result = _run(go(observer))
     except (KeyboardInterrupt, asyncio.CancelledError, TimeoutError):
         if stop.reason is None:
@@ -571,18 +616,18 @@ def status(runner_url: str, token_file: Path | None, ca_file: Path | None, as_js
 
 
 _AGENT_COLUMNS = (
-    "name",
-    "kind",
-    "trust",
-    "auth",
-    "connected",
-    "health",
-    "last seen",
-    "jobs",
-    "backoff",
-    "systems",
-    "features",
-    "launch",
+    ("name", True),
+    ("kind", False),
+    ("trust", False),
+    ("auth", False),
+    ("connected", False),
+    ("health", False),
+    ("last seen", True),
+    ("jobs", False),
+    ("backoff", False),
+    ("systems", False),
+    ("features", False),
+    ("launch", False),
 )
 
 
@@ -612,14 +657,15 @@ def _agent_health(a: Agent) -> str:
 _HEALTH_ERROR_CHARS = 80
 
 
-def _agent_row(a: Agent) -> list[str]:
+def _agent_row(a: Agent, now: datetime) -> list[str]:
     features = [*a.supported_features, *(f"{f}!" for f in a.mandatory_features)]
     connected = "yes" if a.connected else "no"
     if a.draining:
         connected += " (draining)"
     backoff = "-"
     if a.backoff_until:
-        backoff = f"until {a.backoff_until} ({a.consecutive_failures} failures)"
+        until = humanize.relative_iso(a.backoff_until, now)
+        backoff = f"until {until} ({a.consecutive_failures} failures)"
     return [
         a.name,
         "ephemeral" if a.ephemeral else "persistent",
@@ -627,11 +673,11 @@ def _agent_row(a: Agent) -> list[str]:
         _agent_auth(a),
         connected,
         _agent_health(a),
-        a.last_seen or "-",
+        humanize.relative_iso(a.last_seen, now),
         f"{a.running}/{a.max_jobs}",
         backoff,
-        ",".join(a.systems),
-        ",".join(features),
+        ", ".join(a.systems),
+        ", ".join(features),
         a.launch_id or "-",
     ]
 
@@ -658,12 +704,11 @@ def agents(
     if as_json:
         _echo_json([a.model_dump(mode="json") for a in rows])
         return
-    table = Table()
-    for col in _AGENT_COLUMNS:
-        table.add_column(col)
-    for a in rows:
-        table.add_row(*_agent_row(a))
-    _console().print(table)
+    from bigtent.client.tables import Column, now_utc, print_table
+
+    now = now_utc()
+    columns = [Column(header, key=key) for header, key in _AGENT_COLUMNS]
+    print_table(columns, [_agent_row(a, now) for a in rows])
 
 
 @cli.command(context_settings=_CONTEXT)
@@ -675,21 +720,27 @@ def builders(runner_url: str, token_file: Path | None, ca_file: Path | None, as_
     if as_json:
         _echo_json([b.model_dump(mode="json") for b in rows])
         return
-    table = Table()
-    for col in ("uri", "state", "systems", "features", "jobs", "speed", "backoff until"):
-        table.add_column(col)
+    from bigtent.client.tables import Column, now_utc, print_table
+
+    now = now_utc()
+    columns = [Column("uri", key=True)] + [
+        Column(c) for c in ("state", "systems", "features", "jobs", "speed", "backoff until")
+    ]
+    table_rows = []
     for b in rows:
         features = [*b.supported_features, *(f"{m}!" for m in b.mandatory_features)]
-        table.add_row(
-            b.uri,
-            "usable" if b.usable else f"skipped: {b.reason}",
-            ",".join(b.systems),
-            ",".join(features),
-            f"{b.running}/{b.max_jobs}" if b.usable else "",
-            f"{b.speed_factor:g}" if b.usable else "",
-            b.backoff_until or "",
+        table_rows.append(
+            [
+                b.uri,
+                "usable" if b.usable else f"skipped: {b.reason}",
+                ", ".join(b.systems),
+                ", ".join(features),
+                f"{b.running}/{b.max_jobs}" if b.usable else "",
+                f"{b.speed_factor:g}" if b.usable else "",
+                humanize.relative_iso(b.backoff_until, now, missing=""),
+            ]
         )
-    _console().print(table)
+    print_table(columns, table_rows)
 
 
 @cli.command(context_settings=_CONTEXT)
@@ -724,19 +775,26 @@ def launches(
             f"registered {c.registrations}, expired {c.expiries}, "
             f"dispatch failures {c.dispatch_failures}"
         )
-    table = Table()
-    for col in ("launch", "pool", "state", "created", "agent", "error"):
-        table.add_column(col)
-    for launch in data.launches:
-        table.add_row(
-            launch.launch_id,
-            launch.pool,
-            launch.state,
-            launch.created_at or "-",
-            launch.agent_name or "-",
-            launch.error or "",
-        )
-    console.print(table)
+    from bigtent.client.tables import Column, now_utc, print_table
+
+    now = now_utc()
+    columns = [Column("launch", key=True), Column("pool", key=True)] + [
+        Column(c, key=c in ("created", "agent")) for c in ("state", "created", "agent", "error")
+    ]
+    print_table(
+        columns,
+        [
+            [
+                launch.launch_id,
+                launch.pool,
+                launch.state,
+                humanize.relative_iso(launch.created_at, now),
+                launch.agent_name or "-",
+                launch.error or "",
+            ]
+            for launch in data.launches
+        ],
+    )
 
 
 @agents.command("drain", context_settings=_CONTEXT)
@@ -756,44 +814,141 @@ def agents_drain(
 
 
 def _build_line(b: Build) -> str:
-    c = b.counts
-    return (
-        f"build {b.id}: {b.state.value}, priority {b.priority}, "
-        f"{c.succeeded + c.failed + c.cancelled}/{c.total} steps done"
-    )
+    from bigtent.client.build import progress_line
+
+    return f"build {b.id}: {b.state.value}, priority {b.priority}, {progress_line(b)}"
+
+
+_BUILD_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 @cli.command(context_settings=_CONTEXT)
 @_client_options
-@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option(
+    "--limit", type=click.IntRange(1, 1000), default=50, show_default=True, help="Builds shown."
+)
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice(_BUILD_STATES),
+    help="Only builds in this state (repeatable).",
+)
+@click.option("--repository", metavar="OWNER/NAME", help="Only builds for this repository.")
+@click.option("--ref", metavar="REF", help="Only builds for this git ref.")
+@click.option("--mine", is_flag=True, help="Only builds created with this client's token.")
 @_json_option
 def builds(
-    runner_url: str, token_file: Path | None, ca_file: Path | None, limit: int, as_json: bool
+    runner_url: str,
+    token_file: Path | None,
+    ca_file: Path | None,
+    limit: int,
+    states: tuple[str, ...],
+    repository: str | None,
+    ref: str | None,
+    mine: bool,
+    as_json: bool,
 ) -> None:
-    """List recent builds, newest first."""
+    """List recent builds, newest first (the runner filters them)."""
 
-    rows = _call(runner_url, token_file, ca_file, lambda c: c.fetch_builds(limit=limit))
+    rows = _call(
+        runner_url,
+        token_file,
+        ca_file,
+        lambda c: c.fetch_builds(
+            limit=limit, states=states, repository=repository, ref=ref, mine=mine
+        ),
+    )
     if as_json:
         _echo_json([b.model_dump(mode="json") for b in rows])
         return
-    table = Table()
-    for col in ("id", "state", "prio", "trust", "steps", "created", "finished", "derivations"):
-        table.add_column(col)
+    from bigtent.client.tables import Column, now_utc, print_table
+
+    now = now_utc()
+    columns = [
+        Column("id", key=True),
+        Column("state"),
+        Column("prio"),
+        Column("trust"),
+        Column("steps"),
+        Column("created", key=True),
+        Column("took", key=True),
+        Column("derivations"),
+    ]
+    table_rows = []
     for b in rows:
         c = b.counts
         names = [_drv_name(r.drv_path) for r in b.roots]
         shown = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
-        table.add_row(
-            b.id,
-            b.state.value,
-            str(b.priority),
-            _build_trust(b),
-            f"{c.succeeded + c.failed + c.cancelled}/{c.total}",
-            b.created_at or "",
-            b.finished_at or "",
-            shown,
+        took = humanize.seconds_between(b.created_at, b.finished_at)
+        table_rows.append(
+            [
+                b.id,
+                b.state.value,
+                str(b.priority),
+                _build_trust(b),
+                f"{c.succeeded + c.failed + c.cancelled}/{c.total}" if c.total else "cached",
+                humanize.relative_iso(b.created_at, now),
+                humanize.duration(took) if took is not None else "-",
+                shown,
+            ]
         )
-    _console().print(table)
+    if not table_rows:
+        click.echo("no builds", err=True)
+        return
+    print_table(columns, table_rows)
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("build_id", metavar="BUILD")
+@_client_options
+@_json_option
+def steps(
+    build_id: str, runner_url: str, token_file: Path | None, ca_file: Path | None, as_json: bool
+) -> None:
+    """List the steps of BUILD: name, state, agent, infrastructure retries, when it started
+    and how long it took.
+
+    `bigtent log STEP` shows a step's log."""
+    rows = _call(runner_url, token_file, ca_file, lambda c: c.fetch_steps(build_id))
+    if as_json:
+        _echo_json([s.model_dump(mode="json") for s in rows])
+        return
+    from bigtent.client.tables import Column, now_utc, print_table
+
+    now = now_utc()
+    columns = [
+        Column("id", key=True),
+        Column("name", key=True),
+        Column("state"),
+        Column("agent", key=True),
+        Column("retries"),
+        Column("started", key=True),
+        Column("took", key=True),
+        Column("outcome"),
+    ]
+    table_rows = []
+    for s in rows:
+        started = s.started_at or s.assigned_at
+        took = humanize.seconds_between(started, s.finished_at)
+        shown = s.outcome if s.outcome != "success" else None
+        outcome = ": ".join(x for x in (shown, (s.error or "").strip().split("\n")[0]) if x)
+        table_rows.append(
+            [
+                s.id,
+                s.name or _drv_name(s.drv_path),
+                s.state + (f" ({s.waiting_reason})" if s.waiting_reason else ""),
+                s.agent_name or "-",
+                str(s.attempts),
+                humanize.relative_iso(started, now),
+                humanize.duration(took) if took is not None else "-",
+                outcome or "-",
+            ]
+        )
+    if not table_rows:
+        click.echo(f"build {build_id} has no steps: its outputs were cached", err=True)
+        return
+    print_table(columns, table_rows)
 
 
 def _build_trust(b: Build) -> str:
@@ -805,11 +960,50 @@ def _build_trust(b: Build) -> str:
 @cli.command("log", context_settings=_CONTEXT)
 @click.argument("step")
 @_client_options
-def log_cmd(step: str, runner_url: str, token_file: Path | None, ca_file: Path | None) -> None:
-    """Print the build log of STEP (live while it runs)."""
+@click.option(
+    "-f/-F",
+    "--follow/--no-follow",
+    default=None,
+    help="Keep printing the log as it grows until the step ends [default: --follow while "
+    "the step runs or waits, --no-follow once it ended].",
+)
+def log_cmd(
+    step: str,
+    runner_url: str,
+    token_file: Path | None,
+    ca_file: Path | None,
+    follow: bool | None,
+) -> None:
+    """Print the build log of STEP (ids: `bigtent steps BUILD`), following it while it runs."""
+    from bigtent.client.progress import follow_step_log
+    from bigtent.states import StepState
 
-    text = _call(runner_url, token_file, ca_file, lambda c: c.fetch_log(step))
-    click.echo(text, nl=not text.endswith("\n"))
+    def out(text: str) -> None:
+        click.echo(text, nl=False)
+
+    async def go(client: RunnerClient) -> bool:
+        """Print the log; True when it ended with a newline (or was empty)."""
+        wants = follow
+        if wants is None:
+            state = (await client.fetch_step(step)).state
+            wants = state not in {s.value for s in StepState if s.is_final}
+        if not wants:
+            text = await client.fetch_log(step)
+            out(text)
+            return not text or text.endswith("\n")
+        last = ""
+
+        def piece(text: str) -> None:
+            nonlocal last
+            out(text)
+            sys.stdout.flush()
+            last = text or last
+
+        await follow_step_log(client, step, piece)
+        return not last or last.endswith("\n")
+
+    if not _call(runner_url, token_file, ca_file, go):
+        click.echo()
 
 
 @cli.command(context_settings=_CONTEXT)
@@ -1025,19 +1219,27 @@ def token_list(
     if as_json:
         _echo_json([t.model_dump(mode="json") for t in rows])
         return
-    table = Table()
-    for col in ("name", "role", "trusted", "created by", "created", "revoked"):
-        table.add_column(col)
-    for t in rows:
-        table.add_row(
-            t.name,
-            t.role,
-            "yes" if t.trusted else "no",
-            t.created_by or "-",
-            t.created_at or "-",
-            t.revoked_at or "-",
-        )
-    _console().print(table)
+    from bigtent.client.tables import Column, now_utc, print_table
+
+    now = now_utc()
+    columns = [Column("name", key=True)] + [
+        Column(c, key=c in ("created", "revoked"))
+        for c in ("role", "trusted", "created by", "created", "revoked")
+    ]
+    print_table(
+        columns,
+        [
+            [
+                t.name,
+                t.role,
+                "yes" if t.trusted else "no",
+                t.created_by or "-",
+                humanize.relative_iso(t.created_at, now),
+                humanize.relative_iso(t.revoked_at, now),
+            ]
+            for t in rows
+        ],
+    )
 
 
 @token.command("revoke", context_settings=_CONTEXT)
