@@ -906,8 +906,8 @@ def builds(
 def steps(
     build_id: str, runner_url: str, token_file: Path | None, ca_file: Path | None, as_json: bool
 ) -> None:
-    """List the steps of BUILD: name, state, agent, infrastructure retries, when it started
-    and how long it took.
+    """List the steps of BUILD: name, state, agent, infrastructure retries, when it started,
+    how long it took, and how it ended (or why it waits for capacity).
 
     `bigtent log STEP` shows a step's log."""
     rows = _call(runner_url, token_file, ca_file, lambda c: c.fetch_steps(build_id))
@@ -920,7 +920,7 @@ def steps(
     columns = [
         Column("id", key=True),
         Column("name", key=True),
-        Column("state"),
+        Column("state", key=True),
         Column("agent", key=True),
         Column("retries"),
         Column("started", key=True),
@@ -937,12 +937,12 @@ def steps(
             [
                 s.id,
                 s.name or _drv_name(s.drv_path),
-                s.state + (f" ({s.waiting_reason})" if s.waiting_reason else ""),
+                s.state,
                 s.agent_name or "-",
                 str(s.attempts),
                 humanize.relative_iso(started, now),
                 humanize.duration(took) if took is not None else "-",
-                outcome or "-",
+                s.waiting_reason or outcome or "-",
             ]
         )
     if not table_rows:

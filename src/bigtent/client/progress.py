@@ -30,6 +30,9 @@ Write = Callable[[str], None]
 LOG_GRACE_SECS = 60.0
 """How long a live log follower keeps trying through an outage of the runner."""
 LOG_RETRY_SECS = 1.0
+"""Pause before asking again after the stream failed (an outage)."""
+LOG_RESUME_SECS = 0.1
+"""Pause before asking again after the stream ended early (the reader fell behind)."""
 CLOSE_WAIT_SECS = 5.0
 """How long ``bigtent build -L`` waits, once the build ended, for its log streams' ends."""
 
@@ -176,7 +179,9 @@ async def follow_step_log(
             failing_since = failing_since if failing_since is not None else now
             if now - failing_since > grace_secs:
                 raise
-        await asyncio.sleep(LOG_RETRY_SECS)
+            await asyncio.sleep(LOG_RETRY_SECS)
+            continue
+        await asyncio.sleep(LOG_RESUME_SECS)  # ended early: resume from the offset reached
 
 
 @dataclass(slots=True)

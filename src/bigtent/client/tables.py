@@ -23,7 +23,7 @@ from rich.table import Table
 
 PIPE_WIDTH = 250
 """Width of output into a pipe or file without ``COLUMNS``: wide lines, nothing wrapped."""
-FOLD_WORD_CHARS = 24
+FOLD_WORD_CHARS = 12
 """A word of a non-key column longer than this may be folded over lines."""
 COLUMN_GAP = 3
 """Characters between two columns (rich's padding and the blank column divider)."""
