@@ -83,7 +83,7 @@ def test_progress_lines_and_build_logs_outside_a_terminal(
 
 def test_log_follows_a_running_step_until_it_ends(farm_factory: Callable[..., Farm]) -> None:
     farm = farm_factory(agents=1)
-    dag = farm.dag_file(layers=1, width=1, sleep=4)
+    dag = farm.dag_file(layers=1, width=1, sleep=20)
     build = _background_build(farm, str(dag), "-A", "top", "--no-download")
     try:
         wait_until(lambda: _latest_build(farm) is not None, timeout=60, what="the build")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from bigtent import humanize
 from bigtent.client.api import Build, RunnerClient, Step, StepAttempt, WaitingStep
-from bigtent.errors import RunnerUnreachable
+from bigtent.errors import BigtentError, RunnerUnreachable
 from bigtent.states import BuildState, StepState
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ class StepLogStreams:
 
         try:
             await follow_step_log(self.client, step_id, text)
-        except RunnerUnreachable as exc:
+        except BigtentError as exc:  # an outage past the grace, an older runner (404)
             log.warning("stopped following the log of step %s: %s", step_id, exc)
         finally:
             for line in lines.flush():
