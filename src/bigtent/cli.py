@@ -273,6 +273,8 @@ class _RichBuildObserver:
         waiting = capacity_summary(build)
         if waiting:
             text += f" ({waiting})"
+        if not c.total and build.state.is_final:
+            done = 1  # nothing to build: a full bar, not 0/1
         if self._build is None:
             self._build = self.progress.add_task(text, total=max(c.total, 1))
         self.progress.update(self._build, description=text, completed=done, total=max(c.total, 1))
