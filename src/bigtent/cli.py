@@ -217,12 +217,6 @@ def _console() -> Console:
     return Console(highlight=False, width=terminal_width())
 
 
-def _drv_name(path: str) -> str:
-    base = path.rsplit("/", 1)[-1]
-    name = base.split("-", 1)[1] if "-" in base else base
-    return name.removesuffix(".drv")
-
-
 # ---- build ----------------------------------------------------------------------------------
 
 
@@ -864,41 +858,13 @@ def builds(
     if as_json:
         _echo_json([b.model_dump(mode="json") for b in rows])
         return
-    from bigtent.client.tables import Column, now_utc, print_table
+    from bigtent.client.tables import BUILD_COLUMNS, build_row, now_utc, print_table
 
-    now = now_utc()
-    columns = [
-        Column("id", key=True),
-        Column("state"),
-        Column("prio"),
-        Column("trust"),
-        Column("steps"),
-        Column("created", key=True),
-        Column("took", key=True),
-        Column("derivations"),
-    ]
-    table_rows = []
-    for b in rows:
-        c = b.counts
-        names = [_drv_name(r.drv_path) for r in b.roots]
-        shown = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
-        took = humanize.seconds_between(b.created_at, b.finished_at)
-        table_rows.append(
-            [
-                b.id,
-                b.state.value,
-                str(b.priority),
-                _build_trust(b),
-                f"{c.succeeded + c.failed + c.cancelled}/{c.total}" if c.total else "cached",
-                humanize.relative_iso(b.created_at, now),
-                humanize.duration(took) if took is not None else "-",
-                shown,
-            ]
-        )
-    if not table_rows:
+    if not rows:
         click.echo("no builds", err=True)
         return
-    print_table(columns, table_rows)
+    now = now_utc()
+    print_table(BUILD_COLUMNS, [build_row(b, now) for b in rows])
 
 
 @cli.command(context_settings=_CONTEXT)
@@ -916,47 +882,13 @@ def steps(
     if as_json:
         _echo_json([s.model_dump(mode="json") for s in rows])
         return
-    from bigtent.client.tables import Column, now_utc, print_table
+    from bigtent.client.tables import STEP_COLUMNS, now_utc, print_table, step_row
 
-    now = now_utc()
-    columns = [
-        Column("id", key=True),
-        Column("name", key=True),
-        Column("state", key=True),
-        Column("agent", key=True),
-        Column("retries"),
-        Column("started", key=True),
-        Column("took", key=True),
-        Column("outcome"),
-    ]
-    table_rows = []
-    for s in rows:
-        started = s.started_at or s.assigned_at
-        took = humanize.seconds_between(started, s.finished_at)
-        shown = s.outcome if s.outcome != "success" else None
-        outcome = ": ".join(x for x in (shown, (s.error or "").strip().split("\n")[0]) if x)
-        table_rows.append(
-            [
-                s.id,
-                s.name or _drv_name(s.drv_path),
-                s.state,
-                s.agent_name or "-",
-                str(s.attempts),
-                humanize.relative_iso(started, now),
-                humanize.duration(took) if took is not None else "-",
-                s.waiting_reason or outcome or "-",
-            ]
-        )
-    if not table_rows:
+    if not rows:
         click.echo(f"build {build_id} has no steps: its outputs were cached", err=True)
         return
-    print_table(columns, table_rows)
-
-
-def _build_trust(b: Build) -> str:
-    """``trusted`` or ``untrusted``, with the repository and ref when the build names them."""
-    where = "@".join(x for x in (b.repository, b.ref) if x)
-    return ("trusted" if b.trusted else "untrusted") + (f" {where}" if where else "")
+    now = now_utc()
+    print_table(STEP_COLUMNS, [step_row(s, now) for s in rows])
 
 
 @cli.command("log", context_settings=_CONTEXT)
@@ -977,34 +909,16 @@ def log_cmd(
     follow: bool | None,
 ) -> None:
     """Print the build log of STEP (ids: `bigtent steps BUILD`), following it while it runs."""
-    from bigtent.client.progress import follow_step_log
-    from bigtent.states import StepState
+    from bigtent.client.progress import print_step_log
 
     def out(text: str) -> None:
         click.echo(text, nl=False)
+        sys.stdout.flush()
 
-    async def go(client: RunnerClient) -> bool:
-        """Print the log; True when it ended with a newline (or was empty)."""
-        wants = follow
-        if wants is None:
-            state = (await client.fetch_step(step)).state
-            wants = state not in {s.value for s in StepState if s.is_final}
-        if not wants:
-            text = await client.fetch_log(step)
-            out(text)
-            return not text or text.endswith("\n")
-        last = ""
-
-        def piece(text: str) -> None:
-            nonlocal last
-            out(text)
-            sys.stdout.flush()
-            last = text or last
-
-        await follow_step_log(client, step, piece)
-        return not last or last.endswith("\n")
-
-    if not _call(runner_url, token_file, ca_file, go):
+    ended_line = _call(
+        runner_url, token_file, ca_file, lambda c: print_step_log(c, step, out, follow=follow)
+    )
+    if not ended_line:
         click.echo()
 
 

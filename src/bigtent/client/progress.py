@@ -184,6 +184,30 @@ async def follow_step_log(
         await asyncio.sleep(LOG_RESUME_SECS)  # ended early: resume from the offset reached
 
 
+async def print_step_log(
+    client: RunnerClient, step_id: str, write: Callable[[str], None], *, follow: bool | None
+) -> bool:
+    """``bigtent log STEP``: the step's log through ``write``, followed until the step ends
+    when ``follow`` (None: while the step has not ended), else as it is now. True when what
+    was written ended with a newline (or was empty)."""
+    if follow is None:
+        state = _state((await client.fetch_step(step_id)).state)
+        follow = state is None or not state.is_final
+    if not follow:
+        text = await client.fetch_log(step_id)
+        write(text)
+        return not text or text.endswith("\n")
+    last = ""
+
+    def piece(text: str) -> None:
+        nonlocal last
+        write(text)
+        last = text or last
+
+    await follow_step_log(client, step_id, piece)
+    return not last or last.endswith("\n")
+
+
 @dataclass(slots=True)
 class StepLogStreams:
     """``bigtent build -L``: one live log follower per step seen running, printing its lines
@@ -288,6 +312,7 @@ __all__ = [
     "StepLogStreams",
     "follow_step_log",
     "nothing_to_build",
+    "print_step_log",
     "step_events",
     "step_label",
 ]

@@ -21,6 +21,9 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from bigtent import humanize
+from bigtent.client.api import Build, Step
+
 PIPE_WIDTH = 250
 """Width of output into a pipe or file without ``COLUMNS``: wide lines, nothing wrapped."""
 FOLD_WORD_CHARS = 12
@@ -115,11 +118,99 @@ def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
+# ---- the read commands' rows (pure) -----------------------------------------------------------
+
+
+def drv_name(path: str) -> str:
+    """``hello-2.12`` of ``/nix/store/<hash>-hello-2.12.drv``."""
+    base = path.rsplit("/", 1)[-1]
+    name = base.split("-", 1)[1] if "-" in base else base
+    return name.removesuffix(".drv")
+
+
+def build_trust(b: Build) -> str:
+    """``trusted`` or ``untrusted``, with the repository and ref when the build names them."""
+    where = "@".join(x for x in (b.repository, b.ref) if x)
+    return ("trusted" if b.trusted else "untrusted") + (f" {where}" if where else "")
+
+
+def _took(start: str | None, end: str | None) -> str:
+    secs = humanize.seconds_between(start, end)
+    return humanize.duration(secs) if secs is not None else "-"
+
+
+BUILD_COLUMNS = (
+    Column("id", key=True),
+    Column("state"),
+    Column("prio"),
+    Column("trust"),
+    Column("steps"),
+    Column("created", key=True),
+    Column("took", key=True),
+    Column("derivations"),
+)
+
+
+def build_row(b: Build, now: datetime) -> list[str]:
+    """A row of ``bigtent builds``: steps done of all (``cached``: none were needed), when it
+    was created, how long it took, the first requested derivations."""
+    c = b.counts
+    names = [drv_name(r.drv_path) for r in b.roots]
+    shown = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
+    return [
+        b.id,
+        b.state.value,
+        str(b.priority),
+        build_trust(b),
+        f"{c.succeeded + c.failed + c.cancelled}/{c.total}" if c.total else "cached",
+        humanize.relative_iso(b.created_at, now),
+        _took(b.created_at, b.finished_at),
+        shown,
+    ]
+
+
+STEP_COLUMNS = (
+    Column("id", key=True),
+    Column("name", key=True),
+    Column("state", key=True),
+    Column("agent", key=True),
+    Column("retries"),
+    Column("started", key=True),
+    Column("took", key=True),
+    Column("outcome"),
+)
+
+
+def step_row(s: Step, now: datetime) -> list[str]:
+    """A row of ``bigtent steps``: its infrastructure retries, when it started, how long it
+    took, and how it ended (the error's first line) or why it waits for capacity."""
+    started = s.started_at or s.assigned_at
+    shown = s.outcome if s.outcome != "success" else None
+    error = next((line.strip() for line in (s.error or "").splitlines() if line.strip()), None)
+    outcome = ": ".join(x for x in (shown, error) if x)
+    return [
+        s.id,
+        s.name or drv_name(s.drv_path),
+        s.state,
+        s.agent_name or "-",
+        str(s.attempts),
+        humanize.relative_iso(started, now),
+        _took(started, s.finished_at),
+        s.waiting_reason or outcome or "-",
+    ]
+
+
 __all__ = [
+    "BUILD_COLUMNS",
+    "STEP_COLUMNS",
     "Column",
+    "build_row",
+    "build_trust",
+    "drv_name",
     "fit_widths",
     "now_utc",
     "print_table",
     "render_table",
+    "step_row",
     "terminal_width",
 ]
