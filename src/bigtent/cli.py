@@ -661,7 +661,8 @@ def _agent_row(a: Agent, now: datetime) -> list[str]:
     backoff = "-"
     if a.backoff_until:
         until = humanize.relative_iso(a.backoff_until, now)
-        backoff = f"until {until} ({a.consecutive_failures} failures)"
+        until = until if until.startswith("in ") else f"until {until}"  # "in 30 s"
+        backoff = f"{until} ({a.consecutive_failures} failures)"
     return [
         a.name,
         "ephemeral" if a.ephemeral else "persistent",
