@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -30,7 +31,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from bigtent import __version__
+from bigtent import __version__, humanize
 from bigtent.apilimits import BUILD_DRVS_MAX, PRIORITY_MAX, PRIORITY_MIN
 from bigtent.config import (
     OidcProvider,
@@ -51,6 +52,7 @@ from bigtent.errors import (
 if TYPE_CHECKING:  # the client modules load lazily, inside the commands
     from bigtent.client.api import Agent, Build, RunnerClient, Step, StepAttempt, WaitingStep
     from bigtent.client.build import BuildTracker
+    from bigtent.client.progress import StepLogStreams
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,9 @@ def _configure_logging(verbose: int, service: bool) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     if verbose < 2:
-        for noisy in ("httpx", "httpcore", "websockets", "aiosqlite"):
+        # alembic logs a line per plugin and per migration at INFO: `bigtent up` and the runner
+        # say what the schema did in one line of their own.
+        for noisy in ("httpx", "httpcore", "websockets", "aiosqlite", "alembic"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -211,13 +215,9 @@ def _echo_json(data: Any) -> None:
 
 def _console() -> Console:
     # Piped output gets wide lines instead of rich's 80 columns with truncated cells.
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 250)
+    from bigtent.client.tables import terminal_width
 
-
-def _drv_name(path: str) -> str:
-    base = path.rsplit("/", 1)[-1]
-    name = base.split("-", 1)[1] if "-" in base else base
-    return name.removesuffix(".drv")
+    return Console(highlight=False, width=terminal_width())
 
 
 # ---- build ----------------------------------------------------------------------------------
@@ -226,7 +226,8 @@ def _drv_name(path: str) -> str:
 class _RichBuildObserver:
     """Progress on stderr: phase lines, an upload bar, then a build bar with the step summary."""
 
-    def __init__(self) -> None:
+    def __init__(self, logs: StepLogStreams | None = None) -> None:
+        self.logs = logs
         self.console = Console(stderr=True, highlight=False)
         self.progress = Progress(
             SpinnerColumn(),
@@ -261,14 +262,16 @@ class _RichBuildObserver:
         self.progress.update(self._upload, completed=done, total=total)
 
     def on_progress(self, build: Build) -> None:
-        from bigtent.client.build import capacity_summary, summarize_progress
+        from bigtent.client.build import capacity_summary, progress_line
 
         c = build.counts
         done = c.succeeded + c.failed + c.cancelled
-        text = f"build {build.id} {build.state.value}: {summarize_progress(c)}"
+        text = f"build {build.id} {build.state.value}: {progress_line(build)}"
         waiting = capacity_summary(build)
         if waiting:
             text += f" ({waiting})"
+        if not c.total and build.state.is_final:
+            done = 1  # nothing to build: a full bar, not 0/1
         if self._build is None:
             self._build = self.progress.add_task(text, total=max(c.total, 1))
         self.progress.update(self._build, description=text, completed=done, total=max(c.total, 1))
@@ -288,6 +291,14 @@ class _RichBuildObserver:
             self.progress.console.print(
                 waiting_line(step), markup=False, style="yellow", soft_wrap=True
             )
+
+    def on_steps(self, steps: Sequence[Step]) -> None:
+        if self.logs is not None:
+            self.logs.watch(steps)
+
+    def print_log_line(self, line: str) -> None:
+        """A line of ``-L``: above the bars, exactly as the builder wrote it."""
+        self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _report_failure(build: Build, labels: Mapping[str, str] | None = None) -> None:
@@ -387,6 +398,14 @@ def _report_failure(build: Build, labels: Mapping[str, str] | None = None) -> No
     is_flag=True,
     help="On --timeout, Ctrl-C or SIGTERM, cancel the build (its steps no other build needs).",
 )
+@click.option(
+    "-L",
+    "--print-build-logs",
+    "print_logs",
+    is_flag=True,
+    help="Print the running steps' log lines on stderr, each prefixed with its derivation's "
+    "name, as nix build -L does.",
+)
 @_json_option
 def build(
     targets: tuple[str, ...],
@@ -409,12 +428,16 @@ def build(
     untrusted: bool,
     timeout: str | None,
     cancel_on_exit: bool,
+    print_logs: bool,
     as_json: bool,
 ) -> None:
     """Build derivations on the farm and fetch their outputs, like nix-build.
 
     Targets as nix-build takes them (FILE.nix or -E EXPR, -A, --arg, --argstr, -I), flake
     installables (.#checks.x86_64-linux: a set of derivations builds each), or --drv paths.
+
+    On a terminal progress is a bar; elsewhere (a CI log, a pipe) one line per step event
+    (started on AGENT, succeeded in N s, failed, retrying, waiting for capacity).
 
     Exits 0 only when every requested derivation built, 1 when one did not (or evaluation
     failed), 2 for a usage or configuration error, 124 when --timeout ran out, 130 on Ctrl-C
@@ -434,6 +457,7 @@ def build(
         parse_duration,
         run_build,
     )
+    from bigtent.client.progress import PlainBuildObserver, StepLogStreams
     from bigtent.client.targets import (
         AutoArg,
         evaluate_targets,
@@ -457,6 +481,7 @@ def build(
         show_trace=show_trace,
     )
     store = NixStore(store=os.environ.get("NIX_REMOTE", ""))
+    plain = not as_json and not sys.stderr.isatty()
     options = BuildOptions(
         priority=priority,
         download=not no_download,
@@ -464,10 +489,12 @@ def build(
         repository=repository,
         ref=ref,
         trusted=not untrusted,
+        follow_steps=plain or print_logs,
     )
     tracker = BuildTracker()
     client = _make_client(runner_url, token_file, ca_file)
     stop = _Stop(cancel=cancel_on_exit)
+    logs: StepLogStreams | None = None
 
     async def go(observer: BuildObserver) -> Any:
         async with client:
@@ -487,9 +514,12 @@ def build(
                             f"a build takes at most {BUILD_DRVS_MAX}: build them in parts"
                         )
                     tracker.jobs = evaluation.jobs
-                    return await run_build(
+                    result = await run_build(
                         client, store, evaluation.drv_paths, options, observer, tracker
                     )
+                    if logs is not None:
+                        await logs.close()
+                    return result
             except TimeoutError:
                 if not deadline.expired():
                     raise  # not --timeout's
@@ -504,12 +534,23 @@ def build(
                 raise
             finally:
                 loop.remove_signal_handler(signal.SIGTERM)
+                if logs is not None:
+                    await logs.close(wait_secs=0)
+
+    def err_line(line: str) -> None:
+        click.echo(line, err=True)
 
     try:
         if as_json:
-            result = _run(go(SilentObserver()))
+            logs = StepLogStreams(client, err_line) if print_logs else None
+            result = _run(go(SilentObserver(logs)))
+        elif plain:
+            logs = StepLogStreams(client, err_line) if print_logs else None
+            result = _run(go(PlainBuildObserver(err_line, logs)))
         else:
             with _RichBuildObserver() as observer:
+                if print_logs:
+                    logs = observer.logs = StepLogStreams(client, observer.print_log_line)
                 result = _run(go(observer))
     except (KeyboardInterrupt, asyncio.CancelledError, TimeoutError):
         if stop.reason is None:
@@ -657,18 +698,18 @@ def status(runner_url: str, token_file: Path | None, ca_file: Path | None, as_js
 
 
 _AGENT_COLUMNS = (
-    "name",
-    "kind",
-    "trust",
-    "auth",
-    "connected",
-    "health",
-    "last seen",
-    "jobs",
-    "backoff",
-    "systems",
-    "features",
-    "launch",
+    ("name", True),
+    ("kind", False),
+    ("trust", False),
+    ("auth", False),
+    ("connected", False),
+    ("health", False),
+    ("last seen", True),
+    ("jobs", False),
+    ("backoff", False),
+    ("systems", False),
+    ("features", False),
+    ("launch", False),
 )
 
 
@@ -698,14 +739,16 @@ def _agent_health(a: Agent) -> str:
 _HEALTH_ERROR_CHARS = 80
 
 
-def _agent_row(a: Agent) -> list[str]:
+def _agent_row(a: Agent, now: datetime) -> list[str]:
     features = [*a.supported_features, *(f"{f}!" for f in a.mandatory_features)]
     connected = "yes" if a.connected else "no"
     if a.draining:
         connected += " (draining)"
     backoff = "-"
     if a.backoff_until:
-        backoff = f"until {a.backoff_until} ({a.consecutive_failures} failures)"
+        until = humanize.relative_iso(a.backoff_until, now)
+        until = until if until.startswith("in ") else f"until {until}"  # "in 30 s"
+        backoff = f"{until} ({a.consecutive_failures} failures)"
     return [
         a.name,
         "ephemeral" if a.ephemeral else "persistent",
@@ -713,11 +756,11 @@ def _agent_row(a: Agent) -> list[str]:
         _agent_auth(a),
         connected,
         _agent_health(a),
-        a.last_seen or "-",
+        humanize.relative_iso(a.last_seen, now),
         f"{a.running}/{a.max_jobs}",
         backoff,
-        ",".join(a.systems),
-        ",".join(features),
+        ", ".join(a.systems),
+        ", ".join(features),
         a.launch_id or "-",
     ]
 
@@ -744,12 +787,11 @@ def agents(
     if as_json:
         _echo_json([a.model_dump(mode="json") for a in rows])
         return
-    table = Table()
-    for col in _AGENT_COLUMNS:
-        table.add_column(col)
-    for a in rows:
-        table.add_row(*_agent_row(a))
-    _console().print(table)
+    from bigtent.client.tables import Column, now_utc, print_table
+
+    now = now_utc()
+    columns = [Column(header, key=key) for header, key in _AGENT_COLUMNS]
+    print_table(columns, [_agent_row(a, now) for a in rows])
 
 
 @cli.command(context_settings=_CONTEXT)
@@ -761,21 +803,27 @@ def builders(runner_url: str, token_file: Path | None, ca_file: Path | None, as_
     if as_json:
         _echo_json([b.model_dump(mode="json") for b in rows])
         return
-    table = Table()
-    for col in ("uri", "state", "systems", "features", "jobs", "speed", "backoff until"):
-        table.add_column(col)
+    from bigtent.client.tables import Column, now_utc, print_table
+
+    now = now_utc()
+    columns = [Column("uri", key=True)] + [
+        Column(c) for c in ("state", "systems", "features", "jobs", "speed", "backoff until")
+    ]
+    table_rows = []
     for b in rows:
         features = [*b.supported_features, *(f"{m}!" for m in b.mandatory_features)]
-        table.add_row(
-            b.uri,
-            "usable" if b.usable else f"skipped: {b.reason}",
-            ",".join(b.systems),
-            ",".join(features),
-            f"{b.running}/{b.max_jobs}" if b.usable else "",
-            f"{b.speed_factor:g}" if b.usable else "",
-            b.backoff_until or "",
+        table_rows.append(
+            [
+                b.uri,
+                "usable" if b.usable else f"skipped: {b.reason}",
+                ", ".join(b.systems),
+                ", ".join(features),
+                f"{b.running}/{b.max_jobs}" if b.usable else "",
+                f"{b.speed_factor:g}" if b.usable else "",
+                humanize.relative_iso(b.backoff_until, now, missing=""),
+            ]
         )
-    _console().print(table)
+    print_table(columns, table_rows)
 
 
 @cli.command(context_settings=_CONTEXT)
@@ -810,19 +858,26 @@ def launches(
             f"registered {c.registrations}, expired {c.expiries}, "
             f"dispatch failures {c.dispatch_failures}"
         )
-    table = Table()
-    for col in ("launch", "pool", "state", "created", "agent", "error"):
-        table.add_column(col)
-    for launch in data.launches:
-        table.add_row(
-            launch.launch_id,
-            launch.pool,
-            launch.state,
-            launch.created_at or "-",
-            launch.agent_name or "-",
-            launch.error or "",
-        )
-    console.print(table)
+    from bigtent.client.tables import Column, now_utc, print_table
+
+    now = now_utc()
+    columns = [Column("launch", key=True), Column("pool", key=True)] + [
+        Column(c, key=c in ("created", "agent")) for c in ("state", "created", "agent", "error")
+    ]
+    print_table(
+        columns,
+        [
+            [
+                launch.launch_id,
+                launch.pool,
+                launch.state,
+                humanize.relative_iso(launch.created_at, now),
+                launch.agent_name or "-",
+                launch.error or "",
+            ]
+            for launch in data.launches
+        ],
+    )
 
 
 @agents.command("drain", context_settings=_CONTEXT)
@@ -842,60 +897,116 @@ def agents_drain(
 
 
 def _build_line(b: Build) -> str:
-    c = b.counts
-    return (
-        f"build {b.id}: {b.state.value}, priority {b.priority}, "
-        f"{c.succeeded + c.failed + c.cancelled}/{c.total} steps done"
-    )
+    from bigtent.client.build import progress_line
+
+    return f"build {b.id}: {b.state.value}, priority {b.priority}, {progress_line(b)}"
+
+
+_BUILD_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 @cli.command(context_settings=_CONTEXT)
 @_client_options
-@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option(
+    "--limit", type=click.IntRange(1, 1000), default=50, show_default=True, help="Builds shown."
+)
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice(_BUILD_STATES),
+    help="Only builds in this state (repeatable).",
+)
+@click.option("--repository", metavar="OWNER/NAME", help="Only builds for this repository.")
+@click.option("--ref", metavar="REF", help="Only builds for this git ref.")
+@click.option("--mine", is_flag=True, help="Only builds created with this client's token.")
 @_json_option
 def builds(
-    runner_url: str, token_file: Path | None, ca_file: Path | None, limit: int, as_json: bool
+    runner_url: str,
+    token_file: Path | None,
+    ca_file: Path | None,
+    limit: int,
+    states: tuple[str, ...],
+    repository: str | None,
+    ref: str | None,
+    mine: bool,
+    as_json: bool,
 ) -> None:
-    """List recent builds, newest first."""
+    """List recent builds, newest first (the runner filters them)."""
 
-    rows = _call(runner_url, token_file, ca_file, lambda c: c.fetch_builds(limit=limit))
+    rows = _call(
+        runner_url,
+        token_file,
+        ca_file,
+        lambda c: c.fetch_builds(
+            limit=limit, states=states, repository=repository, ref=ref, mine=mine
+        ),
+    )
     if as_json:
         _echo_json([b.model_dump(mode="json") for b in rows])
         return
-    table = Table()
-    for col in ("id", "state", "prio", "trust", "steps", "created", "finished", "derivations"):
-        table.add_column(col)
-    for b in rows:
-        c = b.counts
-        names = [_drv_name(r.drv_path) for r in b.roots]
-        shown = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
-        table.add_row(
-            b.id,
-            b.state.value,
-            str(b.priority),
-            _build_trust(b),
-            f"{c.succeeded + c.failed + c.cancelled}/{c.total}",
-            b.created_at or "",
-            b.finished_at or "",
-            shown,
-        )
-    _console().print(table)
+    from bigtent.client.tables import BUILD_COLUMNS, build_row, now_utc, print_table
+
+    if not rows:
+        click.echo("no builds", err=True)
+        return
+    now = now_utc()
+    print_table(BUILD_COLUMNS, [build_row(b, now) for b in rows])
 
 
-def _build_trust(b: Build) -> str:
-    """``trusted`` or ``untrusted``, with the repository and ref when the build names them."""
-    where = "@".join(x for x in (b.repository, b.ref) if x)
-    return ("trusted" if b.trusted else "untrusted") + (f" {where}" if where else "")
+@cli.command(context_settings=_CONTEXT)
+@click.argument("build_id", metavar="BUILD")
+@_client_options
+@_json_option
+def steps(
+    build_id: str, runner_url: str, token_file: Path | None, ca_file: Path | None, as_json: bool
+) -> None:
+    """List the steps of BUILD: name, state, agent, infrastructure retries, when it started,
+    how long it took, and how it ended (or why it waits for capacity).
+
+    `bigtent log STEP` shows a step's log."""
+    rows = _call(runner_url, token_file, ca_file, lambda c: c.fetch_steps(build_id))
+    if as_json:
+        _echo_json([s.model_dump(mode="json") for s in rows])
+        return
+    from bigtent.client.tables import STEP_COLUMNS, now_utc, print_table, step_row
+
+    if not rows:
+        click.echo(f"build {build_id} has no steps: its outputs were cached", err=True)
+        return
+    now = now_utc()
+    print_table(STEP_COLUMNS, [step_row(s, now) for s in rows])
 
 
 @cli.command("log", context_settings=_CONTEXT)
 @click.argument("step")
 @_client_options
-def log_cmd(step: str, runner_url: str, token_file: Path | None, ca_file: Path | None) -> None:
-    """Print the build log of STEP (live while it runs)."""
+@click.option(
+    "-f/-F",
+    "--follow/--no-follow",
+    default=None,
+    help="Keep printing the log as it grows until the step ends [default: --follow while "
+    "the step runs or waits, --no-follow once it ended].",
+)
+def log_cmd(
+    step: str,
+    runner_url: str,
+    token_file: Path | None,
+    ca_file: Path | None,
+    follow: bool | None,
+) -> None:
+    """Print the build log of STEP (ids: `bigtent steps BUILD`), following it while it runs."""
+    from bigtent.client.progress import print_step_log
 
-    text = _call(runner_url, token_file, ca_file, lambda c: c.fetch_log(step))
-    click.echo(text, nl=not text.endswith("\n"))
+    def out(text: str) -> None:
+        click.echo(text, nl=False)
+        sys.stdout.flush()
+
+    ended_line = _call(
+        runner_url, token_file, ca_file, lambda c: print_step_log(c, step, out, follow=follow)
+    )
+    if not ended_line:
+        click.echo()
 
 
 @cli.command(context_settings=_CONTEXT)
@@ -1116,19 +1227,27 @@ def token_list(
     if as_json:
         _echo_json([t.model_dump(mode="json") for t in rows])
         return
-    table = Table()
-    for col in ("name", "role", "trusted", "created by", "created", "revoked"):
-        table.add_column(col)
-    for t in rows:
-        table.add_row(
-            t.name,
-            t.role,
-            "yes" if t.trusted else "no",
-            t.created_by or "-",
-            t.created_at or "-",
-            t.revoked_at or "-",
-        )
-    _console().print(table)
+    from bigtent.client.tables import Column, now_utc, print_table
+
+    now = now_utc()
+    columns = [Column("name", key=True)] + [
+        Column(c, key=c in ("created", "revoked"))
+        for c in ("role", "trusted", "created by", "created", "revoked")
+    ]
+    print_table(
+        columns,
+        [
+            [
+                t.name,
+                t.role,
+                "yes" if t.trusted else "no",
+                t.created_by or "-",
+                humanize.relative_iso(t.created_at, now),
+                humanize.relative_iso(t.revoked_at, now),
+            ]
+            for t in rows
+        ],
+    )
 
 
 @token.command("revoke", context_settings=_CONTEXT)

@@ -413,6 +413,18 @@ async def _port_in_use(port: int) -> bool:
     return True
 
 
+async def _check_port(port: int) -> None:
+    if await _port_in_use(port):
+        raise BigtentError(f"port {port} on {HOST} is already in use; choose another with --port")
+
+
+def schema_line(before: str | None, after: str) -> str:
+    """The one line `bigtent up` says when it created or upgraded its database (pure)."""
+    if before is None:
+        return f"database created (schema {after})"
+    return f"database schema upgraded from {before} to {after}"
+
+
 async def _wait_ready(runner: _Child, url: str, token: str) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_SECS
     async with RunnerClient(url, token=token, timeout_secs=2.0) as client:
@@ -518,18 +530,18 @@ async def run_up(settings: UpSettings, say: Say) -> int:
         raise ConfigError(f"--agents must not be negative (got {settings.agents})")
     if settings.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1 (got {settings.jobs})")
+    # Before anything is written: a busy port must not leave a new state dir with keys and
+    # tokens behind (checked again under the lock, where another `bigtent up` may have won).
+    await _check_port(settings.port)
     state = prepare_state(settings)
     layout = state.layout
     with _state_lock(layout):
-        if await _port_in_use(settings.port):
-            raise BigtentError(
-                f"port {settings.port} on {HOST} is already in use; choose another with --port"
-            )
+        await _check_port(settings.port)
         # The embedded database is ours: create or upgrade its schema before the runner
         # checks it (a runner never migrates by itself; docs/operations.md).
         before, after = await migrate_database(layout.database_url)
         if before != after:
-            say(f"database schema {'created' if before is None else 'migrated'} ({after})")
+            say(schema_line(before, after))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -20,7 +20,6 @@ from typing import Any
 import click
 import httpx
 import pytest
-from click.testing import CliRunner, Result
 
 from bigtent import cli as cli_module
 from bigtent.agent.credentials import (
@@ -45,6 +44,7 @@ from bigtent.up import (
     render_runner_config,
     restart_delay_secs,
 )
+from tests.unit.cli_helpers import WIDE, parse_table, run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -54,17 +54,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(key)
 
 
-class _Entry:
-    """Lets CliRunner call ``main`` (error handling included) rather than the bare group."""
-
-    name = "bigtent"
-
-    def main(self, args: Any, prog_name: str, **_: Any) -> None:
-        cli_module.main(list(args))
-
-
-def run(args: list[str], env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(_Entry(), args, env=env)  # type: ignore[arg-type]
+run = run_cli
 
 
 def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
@@ -192,6 +182,7 @@ BUILD: dict[str, Any] = {
     ],
     "counts": {"total": 3, "succeeded": 1, "running": 1, "waiting": 1},
 }
+DONE = {"state": "succeeded"}
 AGENT = {
     "machine_id": "m1",
     "name": "build-01",
@@ -233,6 +224,8 @@ def fake_runner(monkeypatch: pytest.MonkeyPatch) -> list[httpx.Request]:
         }
         if request.url.path == "/api/v1/steps/4/log":
             return httpx.Response(200, text="building\ndone\n")
+        if request.url.path == "/api/v1/steps/4":
+            return httpx.Response(200, json={"id": 4, "drv_path": "/nix/store/a-x.drv", **DONE})
         if request.url.path.startswith("/api/v1/builds/404"):
             return httpx.Response(404, json={"error": "no build 404"})
         if request.headers.get("authorization") == "Bearer wrong":
@@ -372,13 +365,12 @@ def test_agents_auth_column_names_the_oidc_repository(monkeypatch: pytest.Monkey
     monkeypatch.setattr(
         cli_module, "_make_client", _fixed_client(cli_module._make_client, "/api/v1/agents", routes)
     )
-    result = run(["agents"])
+    result = run(["agents"], env=WIDE)
     assert result.exit_code == 0, result.output
-    lines = {line.split()[1]: line for line in result.stdout.splitlines() if "│ " in line}
-    oidc = lines["gha-oidc-7.1-0c0ffee0"]
-    assert "oidc:acme/widgets" in oidc and "ephemeral" in oidc
-    token = lines["build-01"]
-    assert "│ token " in token and "oidc" not in token
+    rows = {row["name"]: row for row in parse_table(result.stdout)}
+    oidc = rows["gha-oidc-7.1-0c0ffee0"]
+    assert oidc["auth"] == "oidc:acme/widgets" and oidc["kind"] == "ephemeral"
+    assert rows["build-01"]["auth"] == "token"
 
     data = json.loads(run(["agents", "--json"]).stdout)
     assert data[0]["auth_kind"] == "token" and data[0]["oidc"] is None
@@ -391,12 +383,11 @@ def test_agents_shows_the_launch_id(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         cli_module, "_make_client", _fixed_client(cli_module._make_client, "/api/v1/agents", routes)
     )
-    result = run(["agents"])
+    result = run(["agents"], env=WIDE)
     assert result.exit_code == 0, result.output
-    assert "launch" in result.stdout.splitlines()[1]
-    lines = {line.split()[1]: line for line in result.stdout.splitlines() if "│ " in line}
-    assert "gha-x86-00042" in lines["gha-oidc-7.1-0c0ffee0"]
-    assert "gha-x86-00042" not in lines["build-01"]
+    rows = {row["name"]: row for row in parse_table(result.stdout)}
+    assert rows["gha-oidc-7.1-0c0ffee0"]["launch"] == "gha-x86-00042"
+    assert rows["build-01"]["launch"] == "-"
     data = json.loads(run(["agents", "--json"]).stdout)
     assert [a["launch_id"] for a in data] == [None, "gha-x86-00042"]
 
@@ -409,18 +400,17 @@ def test_agents_table_shows_kind_auth_connection_jobs_and_backoff(
     monkeypatch.setattr(
         cli_module, "_make_client", _fixed_client(cli_module._make_client, "/api/v1/agents", routes)
     )
-    result = run(["agents"])
+    result = run(["agents"], env=WIDE)
     assert result.exit_code == 0, result.output
-    header = result.stdout.splitlines()[1]
-    for col in ("name", "kind", "auth", "connected", "last seen", "jobs", "backoff"):
-        assert col in header
-    lines = {line.split()[1]: line for line in result.stdout.splitlines() if "│ " in line}
-    persistent = lines["build-01"]
-    assert "persistent" in persistent and "token" in persistent and "yes" in persistent
-    assert "1/4" in persistent and "2024-05-01T11:00:00" in persistent
-    ephemeral = lines["gha-x86-123.1-0a1b2c3d"]
-    assert "ephemeral" in ephemeral and " no " in ephemeral and "0/2" in ephemeral
-    assert "until 2024-05-01T10:05:00+00:00 (2 failures)" in ephemeral
+    rows = {row["name"]: row for row in parse_table(result.stdout)}
+    persistent = rows["build-01"]
+    assert persistent["kind"] == "persistent" and persistent["auth"] == "token"
+    assert persistent["connected"] == "yes" and persistent["jobs"] == "1/4"
+    assert persistent["last seen"] == "2024-05-01 11:00"  # long ago: the date, to the minute
+    ephemeral = rows["gha-x86-123.1-0a1b2c3d"]
+    assert ephemeral["kind"] == "ephemeral" and ephemeral["connected"] == "no"
+    assert ephemeral["jobs"] == "0/2"
+    assert ephemeral["backoff"] == "until 2024-05-01 10:05 (2 failures)"
 
     result = run(["agents", "--json"])
     data = json.loads(result.stdout)
@@ -899,13 +889,13 @@ def test_builders_table_shows_usable_and_skipped_builders(monkeypatch: pytest.Mo
     monkeypatch.setattr(
         cli_module, "_make_client", _fixed_client(cli_module._make_client, "/api/v1/builders", body)
     )
-    result = run(["builders"])
+    result = run(["builders"], env=WIDE)
     assert result.exit_code == 0, result.output
-    lines = [line for line in result.stdout.splitlines() if "│ " in line]
-    b1 = next(line for line in lines if "b1.example.org" in line)
-    assert "usable" in b1 and "1/4" in b1 and "kvm" in b1 and "2024-05-01T10:05" in b1
-    b2 = next(line for line in lines if "b2.example.org" in line)
-    assert "skipped: no pinned host_key" in b2
+    rows = {row["uri"]: row for row in parse_table(result.stdout)}
+    b1 = rows["ssh://nix@b1.example.org"]
+    assert b1["state"] == "usable" and b1["jobs"] == "1/4" and b1["features"] == "kvm"
+    assert b1["backoff until"] == "2024-05-01 10:05"
+    assert rows["ssh://nix@b2.example.org"]["state"] == "skipped: no pinned host_key"
     data = json.loads(run(["builders", "--json"]).stdout)
     assert [b["usable"] for b in data] == [True, False]
 

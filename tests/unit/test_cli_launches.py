@@ -10,10 +10,10 @@ from typing import Any
 
 import httpx
 import pytest
-from click.testing import CliRunner, Result
 
 from bigtent import cli as cli_module
 from bigtent.client.api import RunnerClient
+from tests.unit.cli_helpers import WIDE, parse_table, run_cli
 
 LAUNCHES: dict[str, Any] = {
     "pools": [
@@ -70,15 +70,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(key)
 
 
-class _Entry:
-    name = "bigtent"
-
-    def main(self, args: Any, prog_name: str, **_: Any) -> None:
-        cli_module.main(list(args))
-
-
-def run(args: list[str], env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(_Entry(), args, env=env)  # type: ignore[arg-type]
+run = run_cli
 
 
 @pytest.fixture
@@ -101,15 +93,16 @@ def fake_runner(monkeypatch: pytest.MonkeyPatch) -> list[httpx.Request]:
 
 
 def test_launches_table(fake_runner: list[httpx.Request]) -> None:
-    result = run(["launches"], env={"BIGTENT_TOKEN": "root"})
+    result = run(["launches"], env={"BIGTENT_TOKEN": "root", **WIDE})
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "pool gha-x86 (acme/bigtent-agents/bigtent-agent.yml@main): 1/4 pending" in out
     assert "cooling down until 2026-12-16T10:02:00+00:00" in out
     assert "launched 5, registered 3, expired 1, dispatch failures 2" in out
-    lines = {line.split()[1]: line for line in out.splitlines() if "│ " in line}
-    assert "registered" in lines["a" * 32] and "gha-x86-gh7.1-0a1b2c3d" in lines["a" * 32]
-    assert "failed" in lines["b" * 32] and "HTTP 500" in lines["b" * 32]
+    rows = {row["launch"]: row for row in parse_table(out)}
+    assert rows["a" * 32]["state"] == "registered"
+    assert rows["a" * 32]["agent"] == "gha-x86-gh7.1-0a1b2c3d"
+    assert rows["b" * 32]["state"] == "failed" and "HTTP 500" in rows["b" * 32]["error"]
     assert fake_runner[0].url.params["limit"] == "50"
 
 

@@ -7,15 +7,14 @@ import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from click.testing import CliRunner, Result
 
 from bigtent import cli as cli_module
 from bigtent.client.api import RunnerClient
 from bigtent.runner.auth.tokens import token_digest
+from tests.unit.cli_helpers import WIDE, parse_table, run_cli
 
 SECRET = "bt_" + "s" * 43
 CI = {
@@ -36,15 +35,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(key)
 
 
-class _Entry:
-    name = "bigtent"
-
-    def main(self, args: Any, prog_name: str, **_: Any) -> None:
-        cli_module.main(list(args))
-
-
-def run(args: list[str], env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(_Entry(), args, env=env)  # type: ignore[arg-type]
+run = run_cli
 
 
 @pytest.fixture
@@ -164,13 +155,12 @@ def test_create_in_the_runner_errors(
 
 
 def test_list_table_and_json(fake_runner: list[httpx.Request]) -> None:
-    result = run(["token", "list"], env=ADMIN_ENV)
+    result = run(["token", "list"], env={**ADMIN_ENV, **WIDE})
     assert result.exit_code == 0, result.output
-    lines = result.stdout.splitlines()
-    ci = next(line for line in lines if " ci " in line)
-    old = next(line for line in lines if " old " in line)
-    assert "client" in ci and "yes" in ci and "root" in ci
-    assert "2026-12-13T10:00:00+00:00" in old and "no" in old
+    rows = {row["name"]: row for row in parse_table(result.stdout)}
+    ci, old = rows["ci"], rows["old"]
+    assert ci["role"] == "client" and ci["trusted"] == "yes" and ci["created by"] == "root"
+    assert old["trusted"] == "no" and old["revoked"] != "-"
     result = run(["token", "list", "--json"], env=ADMIN_ENV)
     assert json.loads(result.stdout) == [CI, OLD]
     assert all(r.method == "GET" and r.url.path == "/api/v1/tokens" for r in fake_runner)

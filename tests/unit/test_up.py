@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bigtent.up import agent_error, pending_agents
+from bigtent.up import agent_error, pending_agents, schema_line
 
 
 def test_agent_error_is_the_last_error_and_what_follows() -> None:
@@ -29,3 +29,8 @@ def test_agent_error_without_an_error_line_is_the_tail() -> None:
 def test_pending_agents_keeps_order() -> None:
     assert pending_agents(["local-1", "local-2", "local-3"], {"local-2"}) == ["local-1", "local-3"]
     assert pending_agents(["local-1"], {"local-1", "other"}) == []
+
+
+def test_schema_line_says_created_or_upgraded() -> None:
+    assert schema_line(None, "0011") == "database created (schema 0011)"
+    assert schema_line("0009", "0011") == "database schema upgraded from 0009 to 0011"

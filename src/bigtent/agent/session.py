@@ -250,6 +250,9 @@ class AgentSession:
         self._ws_url = agent_ws_url(section.runner_url)
         self._running: dict[StepId, _Step] = {}
         self._pending: dict[StepId, Result] = {}
+        self._runner_aborted: dict[str, str] = {}
+        """Leases of steps the runner told to abort (a cancel, say), with its reason: their
+        results are expected to be ignored."""
         self._backlog = LogBacklog()
         """Log batches of held steps not sent for want of a session (persistent agents)."""
         self._cache: CacheSettings | None = None
@@ -671,7 +674,9 @@ class AgentSession:
         if step is None:
             log.debug("abort for step %s, which is not running here", abort.step_id)
             return
-        log.info("aborting step %s: %s", abort.step_id, abort.reason or "asked by the runner")
+        reason = abort.reason or "asked by the runner"
+        log.info("aborting step %s: %s", abort.step_id, reason)
+        self._runner_aborted[step.assign.lease_id] = reason
         step.abort.set()
 
     def _on_ack(self, ack: ResultAck) -> None:
@@ -680,7 +685,13 @@ class AgentSession:
             return
         del self._pending[ack.step_id]
         self._backlog.discard(ack.step_id)
-        if not ack.recorded:
+        aborted = self._runner_aborted.pop(ack.lease_id, None)
+        if not ack.recorded and aborted is not None:
+            # The runner asked for the abort (a cancelled build): nothing went wrong.
+            log.info(
+                "step %s: aborted (%s); the runner no longer needs its result", ack.step_id, aborted
+            )
+        elif not ack.recorded:
             log.warning(
                 "step %s: the runner ignored its result (lease %s no longer current)",
                 ack.step_id,
@@ -707,6 +718,7 @@ class AgentSession:
                 )
             if step.lease_lost:
                 self._backlog.discard(assign.step_id)
+                self._runner_aborted.pop(assign.lease_id, None)
                 return
             self._pending[assign.step_id] = result
         finally:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Annotated, Any, Self, TypeVar
@@ -163,6 +164,7 @@ class Step(_Model):
     agent_name: str | None = None
     trusted: bool = True
     created_at: str | None = None
+    assigned_at: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
     outputs: dict[str, str] = {}
@@ -330,6 +332,64 @@ class _Missing(_Model):
 
 class _Uploaded(_Model):
     path: str = Field(default="")
+
+
+LOG_STREAM_READ_SECS = 60.0
+"""Silence after which a live log stream counts as broken (the runner sends a keep-alive
+comment every 15 s)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogEvent:
+    """One event of a step's live log stream."""
+
+    text: str = ""
+    """Log text (a ``log`` event; not necessarily whole lines)."""
+    offset: int = 0
+    """The log offset after this event: where to ask again from."""
+    end_state: str | None = None
+    """Set by the ``end`` event: the step's final state."""
+    reset: bool = False
+    """The log started afresh: what was shown of it before is stale."""
+
+
+class SseParser:
+    """Server-sent events, a line at a time (the runner's ``event:``, ``data:`` and ``id:``
+    fields; ``data`` is JSON). ``feed`` returns an event at the blank line ending it."""
+
+    def __init__(self) -> None:
+        self._event = ""
+        self._data: list[str] = []
+        self._id: str | None = None
+
+    def feed(self, line: str) -> LogEvent | None:
+        if line:
+            if line.startswith(":"):
+                return None
+            name, _, field_value = line.partition(":")
+            field_value = field_value.removeprefix(" ")
+            if name == "event":
+                self._event = field_value
+            elif name == "data":
+                self._data.append(field_value)
+            elif name == "id":
+                self._id = field_value
+            return None
+        event, data, ident = self._event, "\n".join(self._data), self._id
+        self._event, self._data, self._id = "", [], None
+        offset = int(ident) if ident is not None and ident.isdigit() else 0
+        try:
+            value: Any = json.loads(data) if data else None
+        except ValueError as exc:
+            raise ProtocolError(f"runner sent a malformed log event: {data[:200]!r}") from exc
+        if event == "log" and isinstance(value, str):
+            return LogEvent(text=value, offset=offset)
+        if event == "end":
+            state = value.get("state") if isinstance(value, dict) else None
+            return LogEvent(offset=offset, end_state=str(state or "unknown"))
+        if event == "reset":
+            return LogEvent(reset=True)
+        return None
 
 
 _STATUS_ERRORS: dict[int, type[BigtentError]] = {
@@ -711,8 +771,28 @@ class RunnerClient:
             Build, await self._json("GET", f"/builds/{checked_id(build_id, 'build')}"), "build"
         )
 
-    async def fetch_builds(self, *, limit: int = 50) -> list[Build]:
-        data = await self._json("GET", "/builds", params={"limit": limit})
+    async def fetch_builds(
+        self,
+        *,
+        limit: int = 50,
+        states: Sequence[str] = (),
+        repository: str | None = None,
+        ref: str | None = None,
+        mine: bool = False,
+    ) -> list[Build]:
+        """The newest builds, newest first, filtered by the runner: in one of ``states``
+        (any when empty), of ``repository``, of ``ref``, and (``mine``) created by this
+        client's token."""
+        params: dict[str, str | int] = {"limit": limit}
+        if states:
+            params["state"] = ",".join(states)
+        if repository is not None:
+            params["repository"] = repository
+        if ref is not None:
+            params["ref"] = ref
+        if mine:
+            params["mine"] = "true"
+        data = await self._json("GET", "/builds", params=params)
         return self._parse(_Builds, data, "build list").builds
 
     async def fetch_steps(self, build_id: str) -> list[Step]:
@@ -739,6 +819,34 @@ class RunnerClient:
     async def fetch_log(self, step_id: str) -> str:
         resp = await self._request("GET", f"/steps/{checked_id(step_id, 'step')}/log")
         return resp.text
+
+    async def stream_step_log(self, step_id: str, *, start: int = 0) -> AsyncIterator[LogEvent]:
+        """The step's log from byte ``start`` on, as the runner streams it
+        (``GET /steps/{id}/events``, server-sent events): ``log`` pieces while the step runs,
+        then one ``end`` event with its final state. The stream may also end without one
+        (this reader fell too far behind, or the connection ended): ask again from the last
+        offset."""
+        url = f"{API_PREFIX}/steps/{step_id}/events"
+        timeout = httpx.Timeout(DEFAULT_TIMEOUT_SECS, read=LOG_STREAM_READ_SECS)
+        try:
+            async with self._http.stream(
+                "GET", url, params={"from": start}, timeout=timeout
+            ) as resp:
+                if resp.status_code >= 400:
+                    body = await resp.aread()
+                    raise error_from_response(resp.status_code, body, f"{self.base_url}{url}")
+                parser = SseParser()
+                async for line in resp.aiter_lines():
+                    event = parser.feed(line)
+                    if event is not None:
+                        yield event
+        except httpx.TimeoutException as exc:
+            raise RunnerUnreachable(
+                f"cannot reach runner at {self.base_url}: timed out ({type(exc).__name__})"
+            ) from exc
+        except httpx.TransportError as exc:
+            reason = str(exc) or type(exc).__name__
+            raise RunnerUnreachable(f"cannot reach runner at {self.base_url}: {reason}") from exc
 
     async def fetch_agents(self) -> list[Agent]:
         return self._parse(_Agents, await self._json("GET", "/agents"), "agent list").agents

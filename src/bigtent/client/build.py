@@ -16,7 +16,6 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -33,6 +32,7 @@ from bigtent.client.api import (
     not_sent,
     runner_answered,
 )
+from bigtent.client.progress import StepLogStreams, nothing_to_build
 from bigtent.client.targets import Job
 from bigtent.errors import BigtentError, NixError, NotFound, RunnerUnreachable, UsageError
 from bigtent.nix import base32
@@ -49,6 +49,9 @@ MISSING_BATCH = 1000
 """Store paths per ``POST /paths/missing`` request."""
 UPLOAD_CONCURRENCY = 4
 """NAR uploads in flight at once (each still waits for its references)."""
+STEPS_POLL_SECS = 1.0
+"""With ``BuildOptions.follow_steps``, how often the build's step list is asked for: a step
+event is printed at most this long (plus a poll) after it happened."""
 POLL_INTERVAL_SECS = 0.3
 """How often ``follow_build`` asks for the build and its new attempts: a failed attempt is
 printed at most this long after the runner recorded it."""
@@ -157,6 +160,12 @@ def summarize_progress(counts: StepCounts) -> str:
     return ", ".join(parts)
 
 
+def progress_line(build: Build) -> str:
+    """``summarize_progress`` of the build's counts, or for a build with no step at all
+    ``nothing to build: all N outputs cached``."""
+    return nothing_to_build(build) or summarize_progress(build.counts)
+
+
 def failed_roots(build: Build) -> list[BuildRoot]:
     """The requested derivations that did not build (any root of a build that is not
     successful, unless its own state says it built)."""
@@ -173,15 +182,6 @@ def _first_line(text: str | None) -> str:
         if line.strip():
             return line.strip()
     return ""
-
-
-def _seconds_between(start: str | None, end: str | None) -> float | None:
-    if start is None or end is None:
-        return None
-    try:
-        return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
-    except ValueError:
-        return None
 
 
 def is_infrastructure_failure(attempt: StepAttempt) -> bool:
@@ -207,7 +207,7 @@ def attempt_notice(attempt: StepAttempt) -> str | None:
     what = f"attempt {attempt.attempt}/{attempt.max_attempts} failed{where}: {reason}"
     if attempt.retry_at is None:
         return f"giving up on {name} ({what}; no more tries)"
-    wait = _seconds_between(attempt.finished_at, attempt.retry_at)
+    wait = humanize.seconds_between(attempt.finished_at, attempt.retry_at)
     when = "at once" if wait is None or wait < 0.05 else f"in {humanize.duration(wait)}"
     return f"retrying {name} ({what}; next try {when})"
 
@@ -369,8 +369,18 @@ class BuildObserver(Protocol):
         """Steps that no venue can take, each reported once (``newly_waiting``)."""
         ...
 
+    def on_steps(self, steps: Sequence[Step]) -> None:
+        """The build's steps, as polled (only with ``BuildOptions.follow_steps``)."""
+        ...
+
 
 class SilentObserver:
+    """``--json``: nothing on stdout but the document; warnings, and ``-L``'s log lines, on
+    stderr."""
+
+    def __init__(self, logs: StepLogStreams | None = None) -> None:
+        self.logs = logs
+
     def on_phase(self, message: str) -> None:
         # An outage is said on stderr even with --json (the client logs warnings there).
         log.log(logging.WARNING if message.startswith(UNAVAILABLE) else logging.INFO, "%s", message)
@@ -391,6 +401,10 @@ class SilentObserver:
         for step in steps:
             log.warning("%s", waiting_line(step))
 
+    def on_steps(self, steps: Sequence[Step]) -> None:
+        if self.logs is not None:
+            self.logs.watch(steps)
+
 
 @dataclass(slots=True)
 class BuildOptions:
@@ -404,6 +418,9 @@ class BuildOptions:
     ref: str | None = None
     trusted: bool = True
     """Ask for a trusted build (``--untrusted``: False)."""
+    follow_steps: bool = False
+    """Also poll the build's steps for ``BuildObserver.on_steps`` (step events outside a
+    terminal, ``-L``), at most every ``STEPS_POLL_SECS``."""
 
 
 @dataclass(slots=True)
@@ -458,6 +475,7 @@ async def run_build(
         options.poll_interval_secs,
         attempts=attempts,
         tracker=tracker,
+        follow_steps=options.follow_steps,
     )
     result = BuildResult(build, attempts=attempts.seen)
     if result.succeeded and options.download:
@@ -659,16 +677,26 @@ async def follow_build(
     *,
     attempts: AttemptFollower | None = None,
     tracker: BuildTracker | None = None,
+    follow_steps: bool = False,
 ) -> Build:
     """Poll the build, and its new attempts, until its state is final, riding out a short
     runner outage. The attempts are asked for after the build: the transaction that ends a
-    build also records its last attempt, so the final poll sees every attempt."""
+    build also records its last attempt, so the final poll sees every attempt.
+    ``follow_steps``: hand the build's steps to ``observer.on_steps`` too, at most every
+    ``STEPS_POLL_SECS`` and once more after the build ended."""
     follower = attempts if attempts is not None else AttemptFollower(build_id)
     shown: set[tuple[str, str]] = set()
+    steps_at: float | None = None
 
     async def poll() -> Build:
+        nonlocal steps_at
         build = await client.fetch_build(build_id)
         await follower.poll(client, observer)
+        now = time.monotonic()
+        due = steps_at is None or now - steps_at >= STEPS_POLL_SECS or build.state.is_final
+        if follow_steps and due:
+            steps_at = now
+            observer.on_steps(await client.fetch_steps(build_id))
         return build
 
     while True:

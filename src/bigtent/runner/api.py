@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request, WebSocket
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import (
     FileResponse,
@@ -37,6 +37,7 @@ from bigtent.apilimits import (
 from bigtent.config import Role
 from bigtent.errors import (
     AuthError,
+    BadRequest,
     BigtentError,
     Forbidden,
     NotFound,
@@ -50,6 +51,8 @@ from bigtent.runner.auth.tokens import Principal, TokenRegistry
 from bigtent.runner.builds import plan_parts
 from bigtent.runner.cache import Cache
 from bigtent.runner.components import Components
+from bigtent.runner.dashboard.routes import _events as step_log_events
+from bigtent.runner.dashboard.routes import _start_offset as step_events_start
 from bigtent.runner.db import queries
 from bigtent.runner.db.migrate import DATABASE_ERRORS, database_unavailable
 from bigtent.runner.ingest import ingest_client_path, ingest_output
@@ -63,7 +66,7 @@ from bigtent.runner.scheduler.health import is_unhealthy, shown_error
 from bigtent.runner.sessions import bearer_token, looks_like_jwt
 from bigtent.runner.storage import MAX_NAME_BYTES
 from bigtent.runner.trust import build_is_trusted
-from bigtent.states import BuildEventKind, StepState
+from bigtent.states import BuildEventKind, BuildState, StepState
 
 log = logging.getLogger(__name__)
 
@@ -415,10 +418,45 @@ async def create_build(
     return await _build_json(comps, build_id)
 
 
+def build_state_filter(values: Sequence[str]) -> list[str]:
+    """The build states of ``?state=`` (repeatable, or comma-separated); 400 for a state that
+    is none (pure)."""
+    states: list[str] = []
+    for value in values:
+        for part in value.split(","):
+            name = part.strip().lower()
+            if not name:
+                continue
+            if name not in {s.value for s in BuildState}:
+                known = ", ".join(s.value for s in BuildState)
+                raise BadRequest(f"unknown build state {part.strip()!r} (states: {known})")
+            if name not in states:
+                states.append(name)
+    return states
+
+
 @api.get("/builds")
-async def list_builds(comps: Comps, _: ClientAuth, limit: int = 50) -> dict[str, Any]:
+async def list_builds(
+    comps: Comps,
+    who: ClientAuth,
+    limit: int = 50,
+    state: Annotated[list[str] | None, Query()] = None,
+    repository: str | None = None,
+    ref: str | None = None,
+    mine: bool = False,
+) -> dict[str, Any]:
+    """The newest builds, filtered in the query: ``state`` (repeatable or comma-separated),
+    ``repository``, ``ref``, ``mine`` (created by the caller's token)."""
+    states = build_state_filter(state or [])
     async with comps.engine.connect() as conn:
-        rows = await queries.fetch_builds(conn, max(1, min(limit, 1000)))
+        rows = await queries.fetch_builds(
+            conn,
+            max(1, min(limit, 1000)),
+            states=states,
+            repository=repository,
+            ref=ref,
+            created_by=who.name if mine else None,
+        )
     return {"builds": [await _build_json(comps, r.id) for r in rows]}
 
 
@@ -544,6 +582,31 @@ async def get_step_log(
         if await queries.fetch_step(conn, step_id) is None:
             raise NotFound(f"no step {step_id}")
     return log_response(comps.logs, step_id, byte_range)
+
+
+@api.get("/steps/{step_id}/events")
+async def get_step_events(
+    step_id: int,
+    comps: Comps,
+    _: ClientAuth,
+    from_offset: Annotated[str | None, Query(alias="from")] = None,
+    last_event_id: Annotated[str | None, Header(alias="last-event-id")] = None,
+) -> StreamingResponse:
+    """The step's log as server-sent events, as the dashboard's ``/steps/{id}/events``
+    (``log`` events from ``?from=`` or ``Last-Event-ID`` on, live while the step runs, then
+    one ``end`` event with its final state), behind a client token and with JSON errors:
+    ``bigtent log --follow`` and ``bigtent build -L`` read it."""
+    _known_id(step_id, "step")
+    async with comps.engine.connect() as conn:
+        if await queries.fetch_step(conn, step_id) is None:
+            raise NotFound(f"no step {step_id}")
+    start = step_events_start(last_event_id, from_offset)
+    sub = comps.logs.fanout.subscribe(step_id)  # Unavailable (503) when too many watch
+    return StreamingResponse(
+        step_log_events(comps, step_id, start, sub),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
 
 
 @api.get("/agents")

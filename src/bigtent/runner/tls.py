@@ -58,7 +58,20 @@ def peer_cert(scope: Mapping[str, Any]) -> PeerCert | None:
 
 class CertWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, plus the verified client certificate in the
-    scope."""
+    scope, and quiet about refusals: after a denial response (``send_denial_response``, how
+    the runner refuses an agent's credential) uvicorn still counts the handshake as pending
+    and logs "ASGI callable returned without completing handshake." at ERROR, as for a broken
+    app. The refusal was answered and logged as one line; marking it complete here keeps it
+    that way (uvicorn sends nothing more either way)."""
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if (
+            message["type"] == "websocket.http.response.body"
+            and not message.get("more_body", False)
+            and self.initial_response is not None
+        ):
+            self.handshake_complete = True
 
     async def run_asgi(self) -> None:
         ssl_object = self.transport.get_extra_info("ssl_object")

@@ -100,6 +100,43 @@ async def test_build_from_uploaded_closure(make_runner: MakeRunner, nix: Nix, dr
     assert [b["id"] for b in listed] == [build["id"]]
 
 
+@pytest.mark.nix
+async def test_build_list_filters_in_the_query(
+    make_runner: MakeRunner, nix: Nix, drvs: Drvs
+) -> None:
+    runner = await make_runner()
+    await upload_closure(runner, nix, drvs.closure)
+    client, admin = runner.client(Role.CLIENT), runner.client(Role.ADMIN)
+    made: list[int] = []
+    for who, extra in [
+        (client, {"repository": "acme/widgets", "ref": "refs/heads/main"}),
+        (admin, {"repository": "acme/widgets", "ref": "refs/pull/7/head"}),
+        (client, {}),
+    ]:
+        resp = await who.post("/api/v1/builds", json={"drvs": [drvs.top], **extra})
+        assert resp.status_code == 201, resp.text
+        made.append(resp.json()["id"])
+    first, second, third = made
+    assert (await admin.post(f"/api/v1/builds/{second}/cancel")).status_code == 200
+
+    async def ids(**params: Any) -> list[int]:
+        resp = await client.get("/api/v1/builds", params=params)
+        assert resp.status_code == 200, resp.text
+        return [b["id"] for b in resp.json()["builds"]]
+
+    assert await ids() == [third, second, first]
+    assert await ids(mine="true") == [third, first]  # the client token's builds
+    assert await ids(state="cancelled") == [second]
+    assert await ids(state="queued,cancelled", limit=2) == [third, second]
+    assert await ids(state=["queued", "running"]) == [third, first]
+    assert await ids(repository="acme/widgets") == [second, first]
+    assert await ids(repository="acme/widgets", ref="refs/heads/main") == [first]
+    assert await ids(repository="acme/other") == []
+    assert await ids(mine="true", state="cancelled") == []
+    resp = await client.get("/api/v1/builds", params={"state": "done"})
+    _assert_error(resp, 400, "unknown build state 'done'")
+
+
 @pytest.mark.parametrize(
     ("method", "path"),
     [
@@ -109,6 +146,7 @@ async def test_build_from_uploaded_closure(make_runner: MakeRunner, nix: Nix, dr
         ("POST", "/api/v1/builds/{id}/bump"),
         ("GET", "/api/v1/steps/{id}"),
         ("GET", "/api/v1/steps/{id}/log"),
+        ("GET", "/api/v1/steps/{id}/events"),
     ],
 )
 @pytest.mark.parametrize("ident", [999, 0, -1, BIG])
@@ -141,6 +179,7 @@ _CLIENT_ROUTES: list[Route] = [
     ("POST", "/api/v1/builds/1/bump", None),
     ("GET", "/api/v1/steps/1", None),
     ("GET", "/api/v1/steps/1/log", None),
+    ("GET", "/api/v1/steps/1/events", None),
     ("GET", "/api/v1/agents", None),
 ]
 _AGENT_ROUTES: list[Route] = [("PUT", "/api/v1/agent/upload/some-lease/out", None)]

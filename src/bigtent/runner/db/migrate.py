@@ -226,8 +226,10 @@ async def migrate(engine: AsyncEngine) -> tuple[str | None, str]:
     finally:
         await conn.close()
     after = after or report.head
-    if before != after:
-        log.info("database schema migrated from %s to %s", before, after)
+    if before is None:
+        log.debug("database schema created at %s", after)
+    elif before != after:
+        log.debug("database schema migrated from %s to %s", before, after)
     return before, after
 
 

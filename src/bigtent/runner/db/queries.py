@@ -391,8 +391,27 @@ async def fetch_build(conn: AsyncConnection, build_id: int) -> Any | None:
     return (await conn.execute(select(builds).where(builds.c.id == build_id))).first()
 
 
-async def fetch_builds(conn: AsyncConnection, limit: int) -> list[Any]:
-    rows = await conn.execute(select(builds).order_by(builds.c.id.desc()).limit(limit))
+async def fetch_builds(
+    conn: AsyncConnection,
+    limit: int,
+    *,
+    states: Sequence[str] = (),
+    repository: str | None = None,
+    ref: str | None = None,
+    created_by: str | None = None,
+) -> list[Any]:
+    """The newest ``limit`` builds, newest first; only those in ``states`` (any when empty),
+    of ``repository``, of ``ref`` and created by the token named ``created_by`` when given."""
+    query = select(builds)
+    if states:
+        query = query.where(builds.c.state.in_(list(states)))
+    if repository is not None:
+        query = query.where(builds.c.repository == repository)
+    if ref is not None:
+        query = query.where(builds.c.ref == ref)
+    if created_by is not None:
+        query = query.where(builds.c.created_by == created_by)
+    rows = await conn.execute(query.order_by(builds.c.id.desc()).limit(limit))
     return list(rows)
 
 
