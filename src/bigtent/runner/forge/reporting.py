@@ -268,9 +268,14 @@ def _eval_summary(
         without = sum(1 for j in failed if j.attr not in with_check)
         if without:
             lines.append("")
+            has = (
+                "job has no check run of its own"
+                if without == 1
+                else "jobs have no check run of their own"
+            )
             lines.append(
-                f"{without} failed {'job has' if without == 1 else 'jobs have'} no check run of "
-                f"its own (at most {max_job_checks} jobs get one); see the dashboard."
+                f"{without} failed {has} (at most {max_job_checks} jobs get one): see the "
+                "dashboard."
             )
     text = "\n".join(lines)
     return text[:MAX_OUTPUT_CHARS]
