@@ -13,7 +13,8 @@ the app's JSON web token, verified with the app's *public* key (RS256, ``iss`` t
 most ten minutes long) and answer 401 "A JSON web token could not be decoded" otherwise; the
 access token they hand out (one per request, counted) is then the only credential
 ``POST /repos/{o}/{r}/check-runs`` and ``PATCH /repos/{o}/{r}/check-runs/{id}`` take. Check
-runs are recorded as GitHub would hold them (``check_runs``), every call in ``calls``; the
+runs are recorded as GitHub would hold them (``check_runs``; a completed run's status and
+conclusion cannot change: 422), every call in ``calls``; the
 next check-run calls can be told to fail (``fail_checks``: e.g. a 403 secondary rate limit
 with ``Retry-After``).
 """
@@ -263,9 +264,13 @@ class FakeGithub:
                 held = self.state.check_runs.get(int(run_id))
                 if held is None:
                     return 404, {"message": "Not Found"}, {}
+                # GitHub: a completed check run's status and conclusion are final
+                if held["status"] == "completed" and (
+                    body.get("status", "completed") != "completed"
+                    or body.get("conclusion", held.get("conclusion")) != held.get("conclusion")
+                ):
+                    return 422, {"message": "a completed check run cannot be reopened"}, {}
                 held.update(body)
-                if body.get("status") not in (None, "completed"):
-                    held.pop("conclusion", None)
                 return 200, held, {}
         return 404, {"message": "Not Found"}, {}
 
@@ -281,6 +286,7 @@ class FakeGithub:
             return [json.loads(json.dumps(r)) for r in self.state.check_runs.values()]
 
     def runs_named(self, name: str, head_sha: str | None = None) -> list[dict[str, Any]]:
+        """The check runs of that name (on that commit), oldest first; GitHub shows the last."""
         return [
             r
             for r in self.check_runs

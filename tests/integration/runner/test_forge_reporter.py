@@ -5,6 +5,7 @@ limit, reports that survive a restart, a re-run, and Forgejo commit statuses."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -241,9 +242,11 @@ async def test_a_final_status_stored_before_a_stop_is_sent_by_the_next_runner(
     assert len(github.check_runs) == 2
 
 
-async def test_a_rerun_turns_the_same_job_run_green(
+async def test_a_rerun_shows_a_new_run_of_the_same_name_and_leaves_the_old_one(
     github: FakeGithub, tls: TlsFiles, key_file: Path, engine: AsyncEngine
 ) -> None:
+    """GitHub never reopens a completed check run: a job run again gets a new run of the same
+    name (GitHub shows the newest), updated in place until it completes."""
     target = github_target(github, tls, key_file)
     name = f"bigtent/widgets/{PREFIX}.flaky"
     reporter = ForgeReporter(engine, FAST)
@@ -251,21 +254,29 @@ async def test_a_rerun_turns_the_same_job_run_green(
     try:
         await reporter.report(report(target, EvalState.FAILED, job("flaky", JobState.FAILED)))
         await eventually(lambda: completed(github.runs_named(name)), timeout=15)
-        (run,) = github.runs_named(name)
+        (old,) = github.runs_named(name)
         # GitHub's check_run rerequested → the CI side restarts the job and reports again
         await reporter.report(report(target, EvalState.BUILDING, job("flaky", JobState.RUNNING)))
         await eventually(
-            lambda: [r["status"] for r in github.runs_named(name)] == ["in_progress"], timeout=15
+            lambda: [r["status"] for r in github.runs_named(name)] == ["completed", "in_progress"],
+            timeout=15,
         )
         await reporter.report(report(target, EvalState.SUCCEEDED, job("flaky", JobState.SUCCEEDED)))
         await eventually(
-            lambda: [r.get("conclusion") for r in github.runs_named(name)] == ["success"],
+            lambda: (
+                [r.get("conclusion") for r in github.runs_named(name)] == ["failure", "success"]
+            ),
             timeout=15,
         )
+        await eventually(lambda: settled(engine, 7), timeout=15)
     finally:
         await reporter.stop()
-    assert [r["id"] for r in github.runs_named(name)] == [run["id"]]
-    assert github.runs_named(EVAL_NAME)[0]["conclusion"] == "success"
+    runs = github.runs_named(name)
+    assert runs[0] == old  # the failed run is left as it was
+    assert runs[1]["external_id"] == f"7/{PREFIX}.flaky"
+    assert [r.get("conclusion") for r in github.runs_named(EVAL_NAME)] == ["failure", "success"]
+    # every call succeeded: no PATCH tried to reopen a completed run
+    assert all(c.status < 300 for c in github.calls)
 
 
 async def test_forgejo_commit_statuses_per_failed_job_and_for_the_evaluation(
@@ -333,3 +344,35 @@ async def test_reports_while_the_forge_is_down_are_sent_once_as_the_latest(
     assert [c.status for c in posts] == [502, 502, 201]
     assert posts[-1].body["status"] == "completed"
     assert [c for c in github.calls if c.method == "PATCH"] == []
+
+
+async def test_two_runners_on_one_database_send_each_report_once(
+    github: FakeGithub, tls: TlsFiles, key_file: Path, database_url: str
+) -> None:
+    """Each runner claims a row before sending it: with both sending at once, every check run
+    is created once."""
+    target = github_target(github, tls, key_file)
+    engines = [create_engine(database_url), create_engine(database_url)]
+    one, two = (ForgeReporter(e, FAST) for e in engines)
+    try:
+        for evaluation_id in range(1, 9):
+            final = report(
+                target, EvalState.FAILED, job("x", JobState.FAILED), evaluation_id=evaluation_id
+            )
+            await one.report(final)
+        for _ in range(3):
+            await asyncio.gather(one.pass_once(), two.pass_once())
+        await eventually(lambda: len(github.check_runs) == 16, timeout=15)
+        for _ in range(2):
+            await asyncio.gather(one.pass_once(), two.pass_once())
+    finally:
+        await one.stop()
+        await two.stop()
+        for e in engines:
+            await e.dispose()
+    runs = github.check_runs
+    assert len(runs) == 16
+    assert sorted(r["external_id"] for r in runs if r["name"] == EVAL_NAME) == sorted(
+        str(i) for i in range(1, 9)
+    )
+    assert one.calls + two.calls == 16

@@ -371,20 +371,49 @@ def fingerprint(kind: ForgeKind, check: Check) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Sent:
-    """What the forge was last told of one check: its fingerprint and status, and on GitHub the
-    check run's id (updates go to it)."""
+    """What the forge was last told of one check: its fingerprint, status and conclusion, and
+    on GitHub the check run's id (updates go to it)."""
 
     fingerprint: str
     status: CheckStatus
     run_id: int | None = None
+    conclusion: Conclusion | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"fp": self.fingerprint, "status": str(self.status), "id": self.run_id}
+        return {
+            "fp": self.fingerprint,
+            "status": str(self.status),
+            "id": self.run_id,
+            "conclusion": str(self.conclusion) if self.conclusion is not None else None,
+        }
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Sent:
         run_id = doc.get("id")
-        return cls(str(doc["fp"]), CheckStatus(doc["status"]), int(run_id) if run_id else None)
+        conclusion = doc.get("conclusion")
+        return cls(
+            str(doc["fp"]),
+            CheckStatus(doc["status"]),
+            int(run_id) if run_id else None,
+            Conclusion(conclusion) if conclusion else None,
+        )
+
+
+def sent_as(kind: ForgeKind, check: Check, run_id: int | None = None) -> Sent:
+    """The record of ``check`` once the forge shows it."""
+    return Sent(fingerprint(kind, check), check.status, run_id, check.conclusion)
+
+
+def needs_new_run(check: Check, prior: Sent | None) -> bool:
+    """Whether ``check`` needs a new GitHub check run rather than an update of ``prior``'s: GitHub
+    never lets a completed check run change its status or conclusion again, so a job run
+    again (Re-run) gets a new run of the same name, which GitHub then shows in place of the
+    old one. A completed run's text may still be updated."""
+    if prior is None or prior.run_id is None:
+        return True
+    return prior.status is CheckStatus.COMPLETED and (
+        check.status is not CheckStatus.COMPLETED or check.conclusion != prior.conclusion
+    )
 
 
 def changed(kind: ForgeKind, wanted: Iterable[Check], sent: Mapping[str, Sent]) -> list[Check]:

@@ -44,8 +44,9 @@ from bigtent.runner.forge.reporting import (
     changed,
     commit_status,
     due_at,
-    fingerprint,
     is_final,
+    needs_new_run,
+    sent_as,
     wanted_checks,
 )
 from bigtent.runner.forge.settings import ForgeSection
@@ -289,7 +290,7 @@ class ForgeReporter:
                         exc,
                     )
                     run_id = prior.run_id if prior is not None else None
-                    sent[check.name] = Sent(fingerprint(kind, check), check.status, run_id)
+                    sent[check.name] = sent_as(kind, check, run_id)
                 self.calls += 1
                 if prior is None or prior.run_id != sent[check.name].run_id:
                     # a new check run's id is kept at once: a restart updates it, never
@@ -380,15 +381,16 @@ class ForgeReporter:
         if kind is ForgeKind.GITHUB:
             app = self._github_app(target)
             installation = await app.installation_id(target.repository, target.installation_id)
-            if prior is not None and prior.run_id is not None:
-                await app.update_check_run(target.repository, installation, prior.run_id, check)
-                run_id: int | None = prior.run_id
-            else:
+            if needs_new_run(check, prior):
                 run_id = await app.create_check_run(target.repository, installation, sha, check)
-            return Sent(fingerprint(kind, check), check.status, run_id)
+            else:
+                assert prior is not None and prior.run_id is not None
+                run_id = prior.run_id
+                await app.update_check_run(target.repository, installation, run_id, check)
+            return sent_as(kind, check, run_id)
         statuses = self._forgejo_statuses(target)
         await statuses.set_status(target.repository, sha, commit_status(check))
-        return Sent(fingerprint(kind, check), check.status)
+        return sent_as(kind, check)
 
     def _github_app(self, target: ForgeTarget) -> GithubApp:
         if target.app_id is None or not target.app_key_file:

@@ -27,6 +27,8 @@ from bigtent.runner.forge.reporting import (
     due_at,
     fenced,
     fingerprint,
+    needs_new_run,
+    sent_as,
     wanted_checks,
 )
 
@@ -190,3 +192,16 @@ def test_check_and_sent_round_trip_through_json() -> None:
     assert [Check.from_json(c.to_json()) for c in check] == list(check)
     sent = Sent("ab", CheckStatus.COMPLETED, 12)
     assert Sent.from_json(sent.to_json()) == sent
+
+
+def test_a_completed_run_is_never_reopened_but_its_text_may_change() -> None:
+    failed = Check("j", "1/j", CheckStatus.COMPLETED, Conclusion.FAILURE, "failed", "s")
+    sent = sent_as(ForgeKind.GITHUB, failed, run_id=9)
+    assert needs_new_run(failed, None)
+    assert needs_new_run(failed, sent_as(ForgeKind.GITHUB, failed))  # no id: never created
+    assert not needs_new_run(dataclasses.replace(failed, summary="more text"), sent)
+    rerun = dataclasses.replace(failed, status=CheckStatus.IN_PROGRESS, conclusion=None)
+    assert needs_new_run(rerun, sent)
+    assert needs_new_run(dataclasses.replace(failed, conclusion=Conclusion.SUCCESS), sent)
+    running = sent_as(ForgeKind.GITHUB, rerun, run_id=10)
+    assert not needs_new_run(dataclasses.replace(failed, conclusion=Conclusion.SUCCESS), running)
