@@ -208,6 +208,9 @@ async def test_a_secondary_rate_limit_is_waited_out_then_the_run_is_created_once
         await reporter.stop()
     posts = [c for c in github.calls if c.path.endswith("/check-runs")]
     assert [c.status for c in posts] == [403, 201]
+    calls = reporter.metrics.forge_calls
+    assert calls.labels("github", "rate_limited")._value.get() == 1
+    assert calls.labels("github", "sent")._value.get() == 1
     assert posts[1].at - posts[0].at >= 2.0  # Retry-After honoured, not the 0.2 s backoff
     assert github.runs_named(EVAL_NAME)[0]["conclusion"] == "success"
 

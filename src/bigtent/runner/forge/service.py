@@ -50,6 +50,7 @@ from bigtent.runner.forge.reporting import (
     wanted_checks,
 )
 from bigtent.runner.forge.settings import ForgeSection
+from bigtent.runner.metrics import Metrics
 from bigtent.runner.scheduler.leases import next_retry_at
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,10 @@ class ForgeReporter:
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         runner_id: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
+        self.metrics = metrics if metrics is not None else Metrics()
         self.settings = settings if settings is not None else ForgeSection()
         self.clock = clock
         self.rand = rand
@@ -118,7 +121,7 @@ class ForgeReporter:
         self._task: asyncio.Task[None] | None = None
         self._last_prune = 0.0
         self.calls = 0
-        """Calls to forges that succeeded (for tests and logs)."""
+        """Calls to forges that ended, sent or refused for good (for tests and logs)."""
 
     # ---- Reporter ---------------------------------------------------------------------------
     async def report(self, report: EvalReport) -> None:
@@ -280,7 +283,10 @@ class ForgeReporter:
                     )
                 except ForgeFailed as exc:
                     if not exc.permanent:
+                        outcome = "rate_limited" if exc.rate_limited else "failed"
+                        self.metrics.forge_call(kind, outcome)
                         raise
+                    self.metrics.forge_call(kind, "refused")
                     log.warning(
                         "forge: %s refused %s of evaluation %d for good: %s (sent again only "
                         "when it changes)",
@@ -291,6 +297,8 @@ class ForgeReporter:
                     )
                     run_id = prior.run_id if prior is not None else None
                     sent[check.name] = sent_as(kind, check, run_id)
+                else:
+                    self.metrics.forge_call(kind, "sent")
                 self.calls += 1
                 if prior is None or prior.run_id != sent[check.name].run_id:
                     # a new check run's id is kept at once: a restart updates it, never
