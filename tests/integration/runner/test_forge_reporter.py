@@ -204,6 +204,7 @@ async def test_a_secondary_rate_limit_is_waited_out_then_the_run_is_created_once
     try:
         await reporter.report(report(github_target(github, tls, key_file), EvalState.SUCCEEDED))
         await eventually(lambda: completed(github.runs_named(EVAL_NAME)), timeout=20)
+        await eventually(lambda: settled(engine, 7), timeout=15)
     finally:
         await reporter.stop()
     posts = [c for c in github.calls if c.path.endswith("/check-runs")]
@@ -223,6 +224,7 @@ async def test_a_final_status_stored_before_a_stop_is_sent_by_the_next_runner(
     await first.start()
     await first.report(report(target, EvalState.BUILDING, job("a", JobState.FAILED)))
     await eventually(lambda: len(github.check_runs) == 2, timeout=15)
+    await eventually(lambda: settled(engine, 7), timeout=15)
     await first.stop()
     # The runner stops (its loop is gone) right after the final report was stored.
     stopped = ForgeReporter(engine, FAST)

@@ -11,8 +11,8 @@ evaluation id goes into the check run's ``external_id`` (``"<evaluation id>"`` f
 ``"<evaluation id>/<attr path>"`` for a job), which GitHub hands back with a Re-run request.
 
 :func:`changed` compares what is wanted with what the forge was last sent (by fingerprint), so
-only changes are sent; :func:`due_at` says when: a new check or a change of status at once,
-a change of text only (counters while building) at most once per update interval.
+only changes are sent; :func:`plan_round` says when: a new check or a change of status at
+once, a change of text only (counters while building) at most once per update interval.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import hashlib
 import json
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -92,7 +92,16 @@ class Check:
         return self.status is CheckStatus.COMPLETED
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            "name": self.name,
+            "external_id": self.external_id,
+            "status": str(self.status),
+            "conclusion": str(self.conclusion) if self.conclusion is not None else None,
+            "title": self.title,
+            "summary": self.summary,
+            "text": self.text,
+            "details_url": self.details_url,
+        }
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Check:
@@ -433,13 +442,23 @@ def urgent(check: Check, sent: Mapping[str, Sent]) -> bool:
     return prior is None or prior.status is not check.status or check.completed
 
 
-def due_at(
-    changes: Sequence[Check], sent: Mapping[str, Sent], last_sent_at: float | None, interval: float
-) -> float | None:
-    """When the next round of ``changes`` may be sent: None when there is nothing to send, at
-    once (0.0) when one is urgent, else ``interval`` after the last round."""
-    if not changes:
-        return None
-    if last_sent_at is None or any(urgent(c, sent) for c in changes):
-        return 0.0
-    return last_sent_at + interval
+def plan_round(
+    changes: Sequence[Check],
+    sent: Mapping[str, Sent],
+    last_full_at: float | None,
+    interval: float,
+    now: float,
+) -> tuple[list[Check], float | None]:
+    """Which of ``changes`` to send now, and when the rest is due (None: nothing is left).
+
+    Urgent changes (``urgent``) go at once. The others (a change of text alone) go with them
+    only when the last *full* round (every change sent) is ``interval`` ago; else they wait
+    until then. So a stream of new failures creates its job checks at once while the
+    summary's counters are updated at most once per interval, and a final status never
+    waits."""
+    if last_full_at is None or now >= last_full_at + interval:
+        return list(changes), None
+    now_list = [c for c in changes if urgent(c, sent)]
+    if len(now_list) == len(changes):
+        return now_list, None
+    return now_list, last_full_at + interval

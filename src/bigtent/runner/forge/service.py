@@ -43,9 +43,9 @@ from bigtent.runner.forge.reporting import (
     Sent,
     changed,
     commit_status,
-    due_at,
     is_final,
     needs_new_run,
+    plan_round,
     sent_as,
     wanted_checks,
 )
@@ -145,11 +145,15 @@ class ForgeReporter:
         s = self.settings
         async with self._lock, self.engine.begin() as conn:
             row = await queries.fetch_forge_outbox(conn, report.evaluation_id)
-            sent = parse_sent(row.forge_sent) if row is not None else {}
+            # A job whose check the forge has, or was going to get, keeps it.
+            existing: set[str] = set()
+            if row is not None:
+                existing.update(parse_sent(row.forge_sent))
+                existing.update(doc["name"] for doc in json.loads(row.forge_wanted))
             wanted = checks_json(
                 wanted_checks(
                     report,
-                    sent.keys(),
+                    existing,
                     max_job_checks=s.max_job_checks,
                     log_tail_chars=s.log_tail_chars,
                 )
@@ -262,20 +266,26 @@ class ForgeReporter:
         sent = parse_sent(row.forge_sent)
         seen = int(row.wanted_seq)
         todo = changed(kind, wanted, sent)
-        due = due_at(todo, sent, row.last_sent_at, self.settings.min_update_interval_secs)
-        if due is None:
+        if not todo:
             async with self.engine.begin() as conn:
                 await queries.settle_forge_outbox(conn, evaluation_id, seen)
             return
-        later = max(due, self._paused.get(target.api_url, 0.0))
-        if later > now:
+        send, rest_at = plan_round(
+            todo, sent, row.last_sent_at, self.settings.min_update_interval_secs, now
+        )
+        paused = self._paused.get(target.api_url, 0.0)
+        if paused > now or not send:
             async with self.engine.begin() as conn:
                 await queries.update_forge_outbox(
-                    conn, evaluation_id, next_attempt_at=later, claimed_by=None, claimed_until=None
+                    conn,
+                    evaluation_id,
+                    next_attempt_at=paused if paused > now else (rest_at or now),
+                    claimed_by=None,
+                    claimed_until=None,
                 )
             return
         try:
-            for check in todo:
+            for check in send:
                 prior = sent.get(check.name)
                 try:
                     sent[check.name] = await self._send_check(
@@ -311,22 +321,28 @@ class ForgeReporter:
             await self._failed(row, sent, exc, target)
             return
         now = self.clock()
+        done: dict[str, Any] = {"next_attempt_at": now}
+        if rest_at is None:
+            done["last_sent_at"] = now  # a full round: the interval starts again
+        else:
+            done["next_attempt_at"] = rest_at  # text-only changes wait for the interval
         async with self.engine.begin() as conn:
             await queries.update_forge_outbox(
                 conn,
                 evaluation_id,
                 forge_sent=sent_json(sent),
-                last_sent_at=now,
-                next_attempt_at=now,
                 attempts=0,
                 first_failure_at=None,
                 last_error=None,
                 updated_at=now,
                 claimed_by=None,
                 claimed_until=None,
+                **done,
             )
-            settled = await queries.settle_forge_outbox(conn, evaluation_id, seen)
-        if not settled:
+            settled = rest_at is None and await queries.settle_forge_outbox(
+                conn, evaluation_id, seen
+            )
+        if not settled and rest_at is None:
             self._wake.set()  # a newer report came in meanwhile
 
     async def _failed(

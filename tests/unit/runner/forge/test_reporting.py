@@ -24,10 +24,10 @@ from bigtent.runner.forge.reporting import (
     StatusState,
     changed,
     commit_status,
-    due_at,
     fenced,
     fingerprint,
     needs_new_run,
+    plan_round,
     sent_as,
     wanted_checks,
 )
@@ -176,15 +176,18 @@ def test_a_forgejo_status_changes_only_when_its_fields_do() -> None:
 
 def test_status_changes_go_at_once_and_counter_changes_wait_for_the_interval() -> None:
     running = Check("e", "1", CheckStatus.IN_PROGRESS, None, "building: 1 of 9 jobs done", "")
-    sent = {"e": Sent(fingerprint(ForgeKind.GITHUB, running), running.status, 3)}
+    sent = {"e": sent_as(ForgeKind.GITHUB, running, 3)}
     counter = dataclasses.replace(running, title="building: 2 of 9 jobs done")
-    assert due_at([], sent, 100.0, 10.0) is None
-    assert due_at([counter], sent, 100.0, 10.0) == 110.0
+    # a change of text alone waits for the interval after the last full round ...
+    assert plan_round([counter], sent, 100.0, 10.0, 105.0) == ([], 110.0)
+    assert plan_round([counter], sent, 100.0, 10.0, 110.0) == ([counter], None)
+    assert plan_round([counter], sent, None, 10.0, 105.0) == ([counter], None)
+    # ... while a new check (a job that failed) goes at once, without it
+    new = Check("j", "1/j", CheckStatus.COMPLETED, Conclusion.FAILURE, "failed", "")
+    assert plan_round([counter, new], sent, 100.0, 10.0, 105.0) == ([new], 110.0)
+    # a change of status (here the final one) takes everything with it
     done = dataclasses.replace(running, status=CheckStatus.COMPLETED, conclusion=Conclusion.SUCCESS)
-    assert due_at([counter, done], sent, 100.0, 10.0) == 0.0
-    new = dataclasses.replace(running, name="other")
-    assert due_at([new], sent, 100.0, 10.0) == 0.0
-    assert due_at([counter], sent, None, 10.0) == 0.0
+    assert plan_round([done, new], sent, 100.0, 10.0, 105.0) == ([done, new], None)
 
 
 def test_check_and_sent_round_trip_through_json() -> None:
