@@ -381,3 +381,40 @@ async def test_two_runners_on_one_database_send_each_report_once(
         str(i) for i in range(1, 9)
     )
     assert one.calls + two.calls == 16
+
+
+async def test_a_report_failing_too_long_is_given_up_and_a_new_report_revives_it(
+    github: FakeGithub, tls: TlsFiles, key_file: Path, engine: AsyncEngine
+) -> None:
+    offset = [0.0]
+    settings = ForgeSection(retry_base_secs=1.0, retry_max_secs=1.0, give_up_after_secs=30.0)
+    reporter = ForgeReporter(engine, settings, clock=lambda: time.time() + offset[0])
+    target = github_target(github, tls, key_file)
+    github.fail_checks(*[Failure(500)] * 3)
+    try:
+        await reporter.report(report(target, EvalState.SUCCEEDED))
+        await reporter.pass_once()  # fails: first failure
+        offset[0] += 20
+        await reporter.pass_once()  # fails, 20 s after the first
+        state = await reporter.delivery(7)
+        assert state is not None
+        assert (state["pending"], state["gave_up"], state["attempts"]) == (True, False, 2)
+        assert "HTTP 500" in state["last_error"]
+        offset[0] += 20
+        await reporter.pass_once()  # fails, 40 s after the first: given up
+        state = await reporter.delivery(7)
+        assert state is not None and state["gave_up"] and state["attempts"] == 3
+        offset[0] += 20
+        await reporter.pass_once()  # a given-up report is not tried again
+        assert len([c for c in github.calls if c.status == 500]) == 3
+        # the next report of the evaluation revives it (the forge may work again)
+        await reporter.report(report(target, EvalState.FAILED))
+        await reporter.pass_once()
+        state = await reporter.delivery(7)
+    finally:
+        await reporter.stop()
+    assert state is not None
+    assert (state["pending"], state["gave_up"], state["attempts"]) == (False, False, 0)
+    assert state["checks"][EVAL_NAME]["conclusion"] == "failure"
+    assert isinstance(state["checks"][EVAL_NAME]["check_run_id"], int)
+    assert await reporter.delivery(8) is None

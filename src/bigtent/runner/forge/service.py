@@ -179,6 +179,33 @@ class ForgeReporter:
             )
         self._unsaved.pop(report.evaluation_id, None)
 
+    async def delivery(self, evaluation_id: int) -> dict[str, Any] | None:
+        """Where the report of an evaluation stands (for the API and the dashboard): pending
+        or sent, the last failure and when the next attempt is due, and each check as the
+        forge was last told (status, conclusion, GitHub check run id). None: never reported."""
+        async with self.engine.connect() as conn:
+            row = await queries.fetch_forge_outbox(conn, evaluation_id)
+        if row is None:
+            return None
+        sent = parse_sent(row.forge_sent)
+        return {
+            "forge": row.forge_kind,
+            "pending": bool(row.pending),
+            "gave_up": bool(row.gave_up),
+            "attempts": int(row.attempts),
+            "last_error": row.last_error,
+            "next_attempt_at": float(row.next_attempt_at) if row.pending else None,
+            "last_sent_at": row.last_sent_at,
+            "checks": {
+                name: {
+                    "status": str(s.status),
+                    "conclusion": str(s.conclusion) if s.conclusion is not None else None,
+                    "check_run_id": s.run_id,
+                }
+                for name, s in sorted(sent.items())
+            },
+        }
+
     # ---- the loop ---------------------------------------------------------------------------
     async def start(self) -> None:
         if self._task is None:
