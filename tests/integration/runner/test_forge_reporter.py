@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bigtent.errors import ForgeFailed
 from bigtent.runner.db import queries
 from bigtent.runner.db.migrate import create_engine
+from bigtent.runner.forge.forgejo import ForgejoStatuses
 from bigtent.runner.forge.github import GithubApp
 from bigtent.runner.forge.model import (
     EvalReport,
@@ -28,6 +29,7 @@ from bigtent.runner.forge.model import (
     JobReport,
     JobState,
 )
+from bigtent.runner.forge.reporting import CommitStatus, StatusState
 from bigtent.runner.forge.service import ForgeReporter
 from bigtent.runner.forge.settings import ForgeSection
 from tests.conftest import eventually
@@ -418,3 +420,27 @@ async def test_a_report_failing_too_long_is_given_up_and_a_new_report_revives_it
     assert state["checks"][EVAL_NAME]["conclusion"] == "failure"
     assert isinstance(state["checks"][EVAL_NAME]["check_run_id"], int)
     assert await reporter.delivery(8) is None
+
+
+async def test_forgejo_refuses_a_wrong_token_and_a_missing_token_file_says_so(
+    tls: TlsFiles, tmp_path: Path
+) -> None:
+    forgejo = FakeForgejo(tls, "right")
+    token_file = tmp_path / "token"
+    token_file.write_text("wrong\n")
+    statuses = ForgejoStatuses(forgejo.api_url, str(token_file), ca_file=str(tls.ca_file))
+    status = CommitStatus(EVAL_NAME, StatusState.SUCCESS, "1 job succeeded", "")
+    try:
+        with pytest.raises(ForgeFailed, match="forge_token_file") as err:
+            await statuses.set_status("acme/widgets", SHA, status)
+        assert err.value.status == 401 and not err.value.permanent
+        token_file.unlink()
+        with pytest.raises(ForgeFailed, match="cannot read the forge token file"):
+            await statuses.set_status("acme/widgets", SHA, status)
+        token_file.write_text("right")
+        await statuses.set_status("acme/widgets", SHA, status)
+    finally:
+        await statuses.aclose()
+        forgejo.stop()
+    assert [(s.context, s.state) for s in forgejo.statuses] == [(EVAL_NAME, "success")]
+    assert "wrong" not in str(err.value)  # a credential never appears in an error

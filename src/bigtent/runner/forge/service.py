@@ -1,5 +1,5 @@
 """``ForgeReporter``: the :class:`~bigtent.runner.forge.model.Reporter` that tells GitHub and
-Forgejo/Gitea (docs/ci.md, "Reporting to forges").
+Forgejo/Gitea (docs/ci.md, "Reporting to the forge").
 
 ``report`` turns the evaluation's report into the checks the forge should show
 (``reporting.wanted_checks``) and stores them in the outbox (``forge_outbox``) before it

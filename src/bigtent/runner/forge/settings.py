@@ -1,5 +1,5 @@
-"""The ``[forge]`` section: how the reporter talks to forges (docs/ci.md, "Reporting to
-forges"). Which forge a project reports to, and with which credentials, is the project's
+"""The ``[forge]`` section: how the reporter talks to forges (docs/ci.md, "Reporting to the
+forge"). Which forge a project reports to, and with which credentials, is the project's
 (``[[projects]]``); these are the runner-wide limits and timings."""
 
 from __future__ import annotations
