@@ -444,3 +444,24 @@ async def test_forgejo_refuses_a_wrong_token_and_a_missing_token_file_says_so(
         forgejo.stop()
     assert [(s.context, s.state) for s in forgejo.statuses] == [(EVAL_NAME, "success")]
     assert "wrong" not in str(err.value)  # a credential never appears in an error
+
+
+async def test_an_app_installed_anew_is_looked_up_again(
+    github: FakeGithub, tls: TlsFiles, key_file: Path
+) -> None:
+    app = GithubApp(github.url, APP_ID, str(key_file), ca_file=str(tls.ca_file))
+    try:
+        first = await app.installation_id("acme/widgets")
+        await app.token(first)
+        app.forget_token(first)
+        github.installation_id += 1  # uninstalled and installed again: a new id
+        with pytest.raises(ForgeFailed, match="HTTP 404") as err:
+            await app.token(first)
+        assert not err.value.permanent  # the check is not at fault: tried again
+        second = await app.installation_id("acme/widgets")
+        assert second == first + 1
+        await app.token(second)
+    finally:
+        await app.aclose()
+    lookups = [c for c in github.calls if c.path == "/repos/acme/widgets/installation"]
+    assert len(lookups) == 2

@@ -132,17 +132,24 @@ class GithubApp:
         return app_jwt(self.app_id, key, self.clock())
 
     async def _as_app(self, method: str, path: str, where: str, body: Any = None) -> Any:
-        return await call(
-            self._client,
-            method,
-            self.api_url + path,
-            where=where,
-            now=self.clock(),
-            headers={"Authorization": f"Bearer {self._jwt()}"},
-            body=body,
-            timeout_secs=self.timeout_secs,
-            hints={401: _KEY_HINT},
-        )
+        """A call as the app. Its failures are never permanent: they are about the app's
+        credentials or installation, not about the check being sent, and an operator can fix
+        them (a new key, installing the app) without any report changing."""
+        try:
+            return await call(
+                self._client,
+                method,
+                self.api_url + path,
+                where=where,
+                now=self.clock(),
+                headers={"Authorization": f"Bearer {self._jwt()}"},
+                body=body,
+                timeout_secs=self.timeout_secs,
+                hints={401: _KEY_HINT, 404: "is the app installed on the repository?"},
+            )
+        except ForgeFailed as exc:
+            exc.permanent = False
+            raise
 
     async def installation_id(self, repository: str, configured: int | None = None) -> int:
         """The app's installation on ``repository`` (``configured`` when given)."""
@@ -168,12 +175,18 @@ class GithubApp:
             now = self.clock()
             if cached is not None and cached[1] - TOKEN_MARGIN_SECS > now:
                 return cached[0]
-            doc = await self._as_app(
-                "POST",
-                f"/app/installations/{installation}/access_tokens",
-                f"GitHub App {self.app_id}: an access token for installation {installation}",
-                body={"permissions": {"checks": "write"}},
-            )
+            try:
+                doc = await self._as_app(
+                    "POST",
+                    f"/app/installations/{installation}/access_tokens",
+                    f"GitHub App {self.app_id}: an access token for installation {installation}",
+                    body={"permissions": {"checks": "write"}},
+                )
+            except ForgeFailed as exc:
+                if exc.status == 404:  # uninstalled (or installed anew): look it up again
+                    for repo in [r for r, i in self._installations.items() if i == installation]:
+                        del self._installations[repo]
+                raise
             if not isinstance(doc, dict) or not isinstance(doc.get("token"), str):
                 raise ForgeFailed("GitHub: the access token answer has no token")
             self.token_requests += 1
