@@ -285,7 +285,9 @@ class ForgeReporter:
             row = await queries.fetch_forge_outbox(conn, evaluation_id)
         if row is None or not row.pending or row.gave_up:
             async with self.engine.begin() as conn:
-                await queries.release_forge_claims(conn, self.runner_id)
+                await queries.update_forge_outbox(
+                    conn, evaluation_id, claimed_by=None, claimed_until=None
+                )
             return
         kind = ForgeKind(row.forge_kind)
         target = target_from_json(row.forge_target)
@@ -295,7 +297,11 @@ class ForgeReporter:
         todo = changed(kind, wanted, sent)
         if not todo:
             async with self.engine.begin() as conn:
-                await queries.settle_forge_outbox(conn, evaluation_id, seen)
+                if not await queries.settle_forge_outbox(conn, evaluation_id, seen):
+                    # a newer version came meanwhile: let go, it is due again at once
+                    await queries.update_forge_outbox(
+                        conn, evaluation_id, claimed_by=None, claimed_until=None
+                    )
             return
         send, rest_at = plan_round(
             todo, sent, row.last_sent_at, self.settings.min_update_interval_secs, now
