@@ -240,6 +240,40 @@ class DispatchFailed(BigtentError):
         self.retry_after_secs = retry_after_secs
 
 
+class ForgeFailed(BigtentError):
+    """A call to a forge (GitHub's check runs, Forgejo/Gitea's commit statuses) failed: an HTTP
+    error, a rate limit, a timeout, a network error or a credential the forge refused. The
+    reporter keeps the report and tries again: after ``retry_after_secs`` when the forge said
+    so (``Retry-After``, a rate limit's reset), with backoff otherwise; never again when
+    ``permanent`` (the forge will not take it as it is, e.g. 422)."""
+
+    exit_code = 4
+    http_status = 502
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after_secs: float | None = None,
+        permanent: bool = False,
+        rate_limited: bool = False,
+    ) -> None:
+        super().__init__(
+            message,
+            detail={
+                "status": status,
+                "retry_after_secs": retry_after_secs,
+                "permanent": permanent,
+                "rate_limited": rate_limited,
+            },
+        )
+        self.status = status
+        self.retry_after_secs = retry_after_secs
+        self.permanent = permanent
+        self.rate_limited = rate_limited
+
+
 def describe(exc: BaseException) -> str:
     """A non-empty reason for ``exc``: its message, else its type, followed by the first
     cause that has a message (``httpx`` errors often carry theirs only in the cause).

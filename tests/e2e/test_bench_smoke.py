@@ -105,3 +105,12 @@ def test_cache_benchmark_reports_its_fields(tmp_path: Path) -> None:
         assert result["serving"][server]["nar"]["requests"] == n + 1
     h = result["headline"]
     assert h["ingest_none_vs_sha256sum"] > 0 and h["serve_nar_vs_static"] > 0
+
+
+def test_forge_benchmark_reports_its_fields(tmp_path: Path) -> None:
+    result = run_bench("forge.py", "--jobs", "30", "--fail-every", "3", cwd=tmp_path)
+    assert_machine(result)
+    assert (result["jobs"], result["failed_jobs"], result["reports"]) == (30, 10, 64)
+    assert result["check_runs_wanted"] == 11  # the summary and one per failed job
+    assert result["github_posts"] == 11 and result["token_requests"] == 1
+    assert result["final_report_to_posted_secs"] > 0 < result["baseline_direct_create_secs"]

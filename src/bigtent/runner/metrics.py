@@ -343,6 +343,18 @@ class Metrics:
             ["pool"],
             registry=r,
         )
+        # Reporting to forges (runner/forge, docs/ci.md): ``forge`` is github, forgejo or
+        # gitea; ``outcome`` sent, failed (retried), rate_limited (retried later) or refused
+        # (for good: 400, 404, 410, 422).
+        self.forge_calls = PromCounter(
+            f"{PREFIX}_forge_calls",
+            "Calls to forges (check runs, commit statuses), by forge and outcome.",
+            ["forge", "outcome"],
+            registry=r,
+        )
+        for forge in ("github", "forgejo", "gitea"):
+            for outcome in ("sent", "failed", "rate_limited", "refused"):
+                self.forge_calls.labels(forge, outcome)
         self.recovery_failures = Gauge(
             f"{PREFIX}_scheduler_recovery_failures",
             "Consecutive failed reloads of the scheduler's state from the database (0: the "
@@ -483,6 +495,10 @@ class Metrics:
     def autoscaler_launch_expired(self, pool: str) -> None:
         """Autoscaler: a launch for ``pool`` did not register within its TTL."""
         self.autoscaler_expiries.labels(pool).inc()
+
+    def forge_call(self, forge: str, outcome: str) -> None:
+        """A call to a forge ended: ``outcome`` sent, failed, rate_limited or refused."""
+        self.forge_calls.labels(forge, outcome).inc()
 
     def autoscaler_dispatch_failed(self, pool: str) -> None:
         """Autoscaler: a workflow_dispatch call for ``pool`` failed (error or non-2xx)."""

@@ -15,6 +15,7 @@ import logging
 import ssl
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from urllib.parse import quote
 
 import httpx
@@ -64,7 +65,19 @@ def dispatch_url(api_url: str, workflow_repository: str, workflow: str) -> str:
     )
 
 
-def _message(body: bytes) -> str:
+def tls_verify(ca_file: Path | None, what: str) -> ssl.SSLContext | bool:
+    """httpx's ``verify`` for an API: the system's CAs, or only ``ca_file`` (a private CA of a
+    self-hosted GitHub Enterprise, Forgejo or Gitea). ``what`` names the config key in the
+    ConfigError when the file cannot be loaded."""
+    if ca_file is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{what}: cannot load {ca_file}: {exc}") from exc
+
+
+def error_message(body: bytes) -> str:
     """GitHub's error ``message`` (JSON), else the start of the body, on one line."""
     text = body.decode(errors="replace")
     try:
@@ -88,15 +101,9 @@ class GithubWorkflow:
     ) -> None:
         self.pool = pool
         self.url = dispatch_url(pool.api_url, pool.workflow_repository, pool.workflow)
-        verify: ssl.SSLContext | bool = True
-        if pool.api_ca_file is not None:
-            try:
-                verify = ssl.create_default_context(cafile=str(pool.api_ca_file))
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(
-                    f"config key autoscale.github api_ca_file of pool {pool.name!r}: cannot "
-                    f"load {pool.api_ca_file}: {exc}"
-                ) from exc
+        verify = tls_verify(
+            pool.api_ca_file, f"config key autoscale.github api_ca_file of pool {pool.name!r}"
+        )
         self._client = httpx.AsyncClient(
             transport=transport,
             verify=verify,
@@ -144,7 +151,7 @@ class GithubWorkflow:
             raise DispatchFailed(
                 f"{where}: cannot reach {pool.api_url}: {type(exc).__name__}: {exc}"
             ) from None
-        detail = _message(bytes(data))
+        detail = error_message(bytes(data))
         hint = ""
         if status in (401, 403, 404) and retry is None:
             hint = " (check the token: it needs Actions write access to the workflow repository)"

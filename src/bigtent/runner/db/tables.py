@@ -268,3 +268,36 @@ launches = Table(
 )
 Index("ix_launches_state", launches.c.state)
 Index("ix_launches_created_at", launches.c.created_at)
+
+forge_outbox = Table(
+    # Reports to forges not sent yet, and what was sent (migration 0016, docs/ci.md): one row
+    # per evaluation. ``forge_wanted`` is what the forge should show (the checks, JSON),
+    # ``forge_sent`` what it was last told (per check: fingerprint, status, check run id), so
+    # a report survives a runner restart and only changes are sent. Runners sharing a
+    # PostgreSQL database claim a row (``claimed_by``/``claimed_until``) before sending it.
+    "forge_outbox",
+    metadata,
+    Column("evaluation_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("project", String(256), nullable=False),
+    Column("forge_kind", String(16), nullable=False),
+    Column("forge_target", Text, nullable=False),  # ForgeTarget as JSON (file paths, no secrets)
+    Column("commit_sha", String(64), nullable=False),
+    Column("forge_wanted", Text, nullable=False),
+    Column("wanted_seq", Integer, nullable=False, default=0),
+    Column("wanted_final", Boolean, nullable=False, default=False),
+    Column("forge_sent", Text, nullable=False, default="{}"),
+    Column("sent_seq", Integer, nullable=False, default=0),
+    Column("pending", Boolean, nullable=False, default=True),
+    Column("last_sent_at", Float),
+    Column("next_attempt_at", Float, nullable=False, default=0.0),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("first_failure_at", Float),
+    Column("last_error", Text),
+    Column("gave_up", Boolean, nullable=False, default=False),
+    Column("claimed_by", String(128)),
+    Column("claimed_until", Float),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+Index("ix_forge_outbox_pending", forge_outbox.c.pending)
+Index("ix_forge_outbox_updated_at", forge_outbox.c.updated_at)
