@@ -1,7 +1,7 @@
 """forge_outbox: reports to forges (GitHub check runs, Forgejo/Gitea commit statuses) still to
 be sent, and what was sent, so a final status survives a runner restart
 
-Revision ID: 0016
+Revision ID: 0012
 Revises: 0011
 Create Date: 2026-12-06 07:30:00.000000
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0016"
+revision = "0012"
 down_revision = "0011"
 branch_labels = None
 depends_on = None
