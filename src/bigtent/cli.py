@@ -802,6 +802,23 @@ def _build_trust(b: Build) -> str:
     return ("trusted" if b.trusted else "untrusted") + (f" {where}" if where else "")
 
 
+@cli.command(
+    "nix-hook",
+    context_settings={**_CONTEXT, "ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.pass_context
+def nix_hook(ctx: click.Context) -> None:
+    """Nix's build hook: plain nix-build / nix build build on the farm (docs/nix-integration.md).
+
+    nix.conf: build-hook = /path/to/bigtent-nix-hook --runner URL --token-file FILE
+    (this command is the same program; `bigtent nix-hook --help` lists its options).
+    """
+    from bigtent.client.nixhook import main as hook_main
+
+    ctx.exit(hook_main(ctx.args))
+
+
 @cli.command("log", context_settings=_CONTEXT)
 @click.argument("step")
 @_client_options

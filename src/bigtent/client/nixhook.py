@@ -1,0 +1,604 @@
+"""``bigtent nix-hook``: Nix's build hook, so plain ``nix-build``/``nix build`` build on the farm.
+
+Nix starts the program named by its ``build-hook`` setting (with the verbosity appended) and
+speaks to it in Nix's wire format (64-bit little-endian integers, padded strings) on stdin:
+
+1. every setting of the parent (``1 NAME VALUE`` … ``0``), once per hook process;
+2. for each derivation Nix would build: ``"try" AM_WILLING SYSTEM DRV_PATH [FEATURES]``. The
+   hook answers on stderr with a line ``# accept`` (then a machine name line), ``# decline``
+   (Nix builds it itself, if it may), ``# postpone`` or ``# decline-permanently``. Other lines
+   before the answer are copied to Nix's stderr;
+3. after ``# accept``: the input paths and the wanted output names (string lists); Nix then
+   closes stdin. The outputs must be valid in the local store when the hook exits: exit 0 is
+   success, 100 a build failure, 101 a timeout, anything else a miscellaneous failure.
+
+Fd 4 is the build log (``nix build -L`` shows it, a failure shows its last lines); after the
+answer, stderr carries only Nix's JSON log messages (``@nix {...}``), plain lines are dropped.
+Nix holds the locks on the output paths while the hook runs: the outputs are copied in with
+``nix copy`` and ``NIX_HELD_LOCKS`` naming them, which makes Nix's local store skip those locks
+(a ``nix-store --realise`` would substitute through its own locks and wait forever).
+
+The farm side reuses ``bigtent build``'s flow (``client/build.py``): upload what the runner
+lacks of the ``.drv`` closure, submit, follow, and take the outputs from the runner's signed
+cache, whose signature the local Nix checks. The decisions are pure functions below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import struct
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:  # the heavy imports wait until a derivation is accepted (see ``run_hook``)
+    from bigtent.client.api import Build, RunnerClient, StepAttempt, WaitingStep
+    from bigtent.nix.store import NixStore
+
+MACHINE_NAME = "bigtent"
+"""What Nix prints as the machine: ``building '/nix/store/…drv' on 'bigtent'``."""
+LOG_FD = 4
+"""Nix reads the build log of a hook from this descriptor."""
+PROBE_TIMEOUT_SECS = 5.0
+"""How long the first request to the runner may take before the hook gives up on it."""
+MAX_STRING = 64 * 1024 * 1024
+"""The longest string the hook reads from Nix (a setting can be long, never this long)."""
+
+
+class HookError(Exception):
+    """The wire from Nix broke or carried something the hook cannot read."""
+
+
+class Reply(StrEnum):
+    """The hook's answer to a ``try``."""
+
+    ACCEPT = "accept"
+    DECLINE = "decline"
+    POSTPONE = "postpone"
+    DECLINE_PERMANENTLY = "decline-permanently"
+
+
+class OnUnreachable(StrEnum):
+    """What the hook does when the runner cannot be reached or refuses the credential."""
+
+    FAIL = "fail"
+    """The derivation fails with a message saying why (the default)."""
+    LOCAL = "local"
+    """Decline every derivation, so Nix builds them itself (when its ``max-jobs`` allows)."""
+
+
+# ---- the wire (pure over a byte stream) -------------------------------------------------------
+
+
+class WireReader:
+    """Reads Nix's wire format from a binary stream."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream = stream
+
+    def _exactly(self, n: int) -> bytes:
+        data = self.stream.read(n)
+        if data is None or len(data) != n:
+            raise EOFError("Nix closed the build hook's input")
+        return data
+
+    def read_int(self) -> int:
+        value: int = struct.unpack("<Q", self._exactly(8))[0]
+        return value
+
+    def read_str(self) -> str:
+        n = self.read_int()
+        if n > MAX_STRING:
+            raise HookError(f"Nix sent a string of {n} bytes to the build hook")
+        data = self._exactly(n)
+        self._exactly((8 - n % 8) % 8)
+        return data.decode()
+
+    def read_strs(self) -> list[str]:
+        return [self.read_str() for _ in range(self.read_int())]
+
+
+def put_int(n: int) -> bytes:
+    return struct.pack("<Q", n)
+
+
+def put_str(s: str) -> bytes:
+    data = s.encode()
+    return put_int(len(data)) + data + b"\0" * ((8 - len(data) % 8) % 8)
+
+
+def put_strs(items: Sequence[str]) -> bytes:
+    return put_int(len(items)) + b"".join(put_str(s) for s in items)
+
+
+def read_settings(wire: WireReader) -> dict[str, str]:
+    """The parent's settings, sent once when the hook starts."""
+    settings: dict[str, str] = {}
+    while wire.read_int():
+        name = wire.read_str()
+        settings[name] = wire.read_str()
+    return settings
+
+
+@dataclass(frozen=True, slots=True)
+class TryRequest:
+    am_willing: bool
+    """Whether Nix could build it itself right now (a free local slot)."""
+    system: str
+    drv_path: str
+    required_features: frozenset[str]
+
+
+def read_try(wire: WireReader) -> TryRequest | None:
+    """The next ``try``, or None when Nix has no more (end of input or another word)."""
+    try:
+        word = wire.read_str()
+    except EOFError:
+        return None
+    if word != "try":
+        return None
+    return TryRequest(
+        am_willing=bool(wire.read_int()),
+        system=wire.read_str(),
+        drv_path=wire.read_str(),
+        required_features=frozenset(wire.read_strs()),
+    )
+
+
+def encode_try(request: TryRequest) -> bytes:
+    """What Nix sends for ``request`` (for tests)."""
+    return (
+        put_str("try")
+        + put_int(int(request.am_willing))
+        + put_str(request.system)
+        + put_str(request.drv_path)
+        + put_strs(sorted(request.required_features))
+    )
+
+
+def encode_settings(settings: Mapping[str, str]) -> bytes:
+    """What Nix sends first (for tests)."""
+    return b"".join(put_int(1) + put_str(k) + put_str(v) for k, v in settings.items()) + put_int(0)
+
+
+def reply_line(reply: Reply) -> bytes:
+    line = f"# {reply.value}\n"
+    if reply is Reply.ACCEPT:
+        line += MACHINE_NAME + "\n"
+    return line.encode()
+
+
+def json_message(text: str, level: int = 0) -> bytes:
+    """A message Nix prints from the hook's stderr after the answer (level 0: an error)."""
+    return b"@nix " + json.dumps({"action": "msg", "level": level, "msg": text}).encode() + b"\n"
+
+
+# ---- decisions (pure) -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HookConfig:
+    runner_url: str
+    token: str | None = None
+    """A client token; None when ``oidc_audience`` is set or the runner has no auth."""
+    oidc_audience: str | None = None
+    """Ask the CI job (GitHub Actions) for an ID token with this audience instead of a token."""
+    ca_file: Path | None = None
+    systems: frozenset[str] = frozenset()
+    """Systems sent to the farm; empty: the local Nix's ``system`` and ``extra-platforms``."""
+    on_unreachable: OnUnreachable = OnUnreachable.FAIL
+    poll_interval_secs: float = 0.1
+    unreachable_grace_secs: float = 10.0
+    """How long a runner that stopped answering part way through is waited for."""
+
+
+def farm_systems(config: HookConfig, settings: Mapping[str, str]) -> frozenset[str]:
+    """The systems this hook sends to the farm."""
+    if config.systems:
+        return config.systems
+    local = {settings.get("system", "")} | set(settings.get("extra-platforms", "").split())
+    return frozenset(s for s in local if s)
+
+
+def decide(request: TryRequest, systems: frozenset[str], *, runner_ok: bool | None) -> Reply:
+    """Accept a derivation of a system the farm builds; decline the rest (Nix builds them
+    itself or says it cannot). ``runner_ok`` False (an unreachable runner with
+    ``on-unreachable = local``) declines everything. ``builtin`` derivations (``fetchurl``)
+    are Nix's own and stay local."""
+    if runner_ok is False or request.system == "builtin":
+        return Reply.DECLINE
+    return Reply.ACCEPT if request.system in systems else Reply.DECLINE
+
+
+def local_store_uri(settings: Mapping[str, str]) -> str:
+    """The store the parent Nix builds into ("" for Nix's default, e.g. under the daemon)."""
+    store = settings.get("store", "")
+    return "" if store in ("auto", "daemon") else store
+
+
+def failure_exit_code(build: Build) -> int:
+    """Nix's meaning of the hook's exit: 101 a timeout, 100 a build failure (the builder
+    failed, or the farm remembers it failing), 1 anything else (infrastructure, capacity)."""
+    outcomes = {step.outcome for step in build.failed_steps}
+    if "timed_out" in outcomes:
+        return 101
+    if outcomes & {"build_failure", "log_limit"}:
+        return 100
+    return 1
+
+
+# ---- the farm side ----------------------------------------------------------------------------
+
+
+class LogSink:
+    """The build log Nix shows (fd 4), and Nix's error messages (stderr, JSON)."""
+
+    def __init__(self, log: IO[bytes], messages: IO[bytes]) -> None:
+        self.log = log
+        self.messages = messages
+
+    def line(self, text: str) -> None:
+        for piece in text.splitlines() or [""]:
+            self.log.write(piece.encode(errors="replace") + b"\n")
+        self.log.flush()
+
+    def error(self, text: str) -> None:
+        """An error Nix prints at once, and in the log so a failure's tail shows it."""
+        self.line(f"bigtent: {text}")
+        self.messages.write(json_message(f"bigtent: {text}"))
+        self.messages.flush()
+
+
+class _HookObserver:
+    """``client/build.py``'s observer: phases go to the build log."""
+
+    def __init__(self, sink: LogSink) -> None:
+        self.sink = sink
+
+    def on_phase(self, message: str) -> None:
+        self.sink.line(f"bigtent: {message}")
+
+    def on_upload(self, done: int, total: int) -> None:
+        pass
+
+    def on_progress(self, build: Build) -> None:
+        pass
+
+    def on_attempt(self, attempt: StepAttempt) -> None:
+        from bigtent.client.build import attempt_notice
+
+        notice = attempt_notice(attempt)
+        if notice is not None:
+            self.sink.line(f"bigtent: {notice}")
+
+    def on_waiting_for_capacity(self, steps: Sequence[WaitingStep]) -> None:
+        from bigtent.client.build import waiting_line
+
+        for step in steps:
+            self.sink.line(f"bigtent: {waiting_line(step)}")
+
+
+async def _credential(config: HookConfig) -> str | None:
+    if config.oidc_audience is None:
+        return config.token
+    from bigtent.agent.credentials import github_actions_token
+
+    source = github_actions_token(os.environ, config.oidc_audience)
+    return await source.credential(fresh=True)
+
+
+async def _client(config: HookConfig) -> RunnerClient:
+    from bigtent.client.api import RunnerClient
+
+    return RunnerClient(config.runner_url, token=await _credential(config), ca_file=config.ca_file)
+
+
+async def probe_runner(config: HookConfig, drv_path: str) -> str | None:
+    """None when the runner answers a client request with this credential, else why not."""
+    from bigtent.errors import BigtentError
+
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_SECS):
+            async with await _client(config) as client:
+                await client.missing_paths([drv_path])
+    except TimeoutError:
+        return f"runner at {config.runner_url} did not answer within {PROBE_TIMEOUT_SECS:.0f} s"
+    except BigtentError as exc:
+        return str(exc)
+    return None
+
+
+async def build_on_farm(
+    config: HookConfig,
+    settings: Mapping[str, str],
+    drv_path: str,
+    wanted: Sequence[str],
+    sink: LogSink,
+) -> int:
+    """Build ``drv_path`` on the farm and copy its wanted outputs into the local store;
+    return the hook's exit status."""
+    from bigtent.errors import BigtentError
+    from bigtent.nix.store import NixStore
+
+    store = NixStore(local_store_uri(settings))
+    observer = _HookObserver(sink)
+    try:
+        client = await _client(config)
+    except BigtentError as exc:
+        sink.error(f"cannot build {drv_path} on the farm: {exc}")
+        return 1
+    try:
+        return await _build(config, client, store, drv_path, wanted, sink, observer)
+    finally:
+        await client.aclose()
+
+
+async def _build(
+    config: HookConfig,
+    client: RunnerClient,
+    store: NixStore,
+    drv_path: str,
+    wanted: Sequence[str],
+    sink: LogSink,
+    observer: _HookObserver,
+) -> int:
+    from bigtent.client.build import (
+        BuildOptions,
+        build_succeeded,
+        follow_build,
+        submit_build,
+        upload_closure,
+    )
+    from bigtent.errors import BigtentError
+
+    try:
+        # Fails fast on a refused credential or a runner that is not there.
+        async with asyncio.timeout(PROBE_TIMEOUT_SECS):
+            await client.missing_paths([drv_path])
+    except TimeoutError:
+        sink.error(
+            f"runner at {config.runner_url} did not answer within {PROBE_TIMEOUT_SECS:.0f} s"
+        )
+        return 1
+    except BigtentError as exc:
+        sink.error(f"cannot build {drv_path} on the farm: {exc}")
+        return 1
+    try:
+        await upload_closure(client, store, [drv_path], observer)
+        build = await submit_build(
+            client, [drv_path], BuildOptions(out_link=None), observer, config.unreachable_grace_secs
+        )
+        sink.line(f"bigtent: build {build.id} on {client.base_url}")
+        build = await follow_build(
+            client,
+            build.id,
+            observer,
+            config.poll_interval_secs,
+            config.unreachable_grace_secs,
+        )
+        if not build_succeeded(build):
+            await _show_failure(client, build, sink)
+            return failure_exit_code(build)
+        await _show_root_log(client, build, sink)
+        await copy_outputs(client, store, build, wanted)
+        return 0
+    except BigtentError as exc:
+        sink.error(f"building {drv_path} on the farm failed: {exc}")
+        return 1
+
+
+async def _show_root_log(client: RunnerClient, build: Build, sink: LogSink) -> None:
+    from bigtent.errors import BigtentError
+
+    for root in build.roots:
+        if root.step_id is None:
+            sink.line("bigtent: the farm had built it already")
+            continue
+        try:
+            sink.line((await client.fetch_log(root.step_id)).rstrip("\n"))
+        except BigtentError as exc:
+            sink.line(f"bigtent: no log of step {root.step_id}: {exc}")
+
+
+async def _show_failure(client: RunnerClient, build: Build, sink: LogSink) -> None:
+    from bigtent.errors import BigtentError
+
+    for step in build.failed_steps:
+        what = ": ".join(x for x in (step.outcome or step.state, step.error) if x)
+        sink.line(f"bigtent: step {step.id} {step.drv_path} failed on the farm: {what}")
+        try:
+            text = await client.fetch_log(step.id)
+        except BigtentError:
+            text = step.log_tail or ""
+        if text:
+            sink.line(text.rstrip("\n"))
+    if not build.failed_steps:
+        sink.line(f"bigtent: build {build.id} ended {build.state.value}")
+
+
+def wanted_paths(build: Build, wanted: Sequence[str]) -> list[str]:
+    """The output paths Nix asked for (all outputs when it named none)."""
+    paths: list[str] = []
+    for root in build.roots:
+        for name, path in sorted(root.outputs.items()):
+            if not wanted or name in wanted:
+                paths.append(path)
+    return list(dict.fromkeys(paths))
+
+
+async def copy_outputs(
+    client: RunnerClient, store: NixStore, build: Build, wanted: Sequence[str]
+) -> None:
+    """Copy the outputs from the runner's cache (then its upstreams) into the local store,
+    signatures checked by Nix against the runner's key (``bigtent build``'s substituter
+    options)."""
+    from bigtent.client.build import substituter_options
+    from bigtent.errors import NixError
+
+    paths = wanted_paths(build, wanted)
+    if not paths:
+        return
+    status = await client.fetch_status()
+    options = substituter_options(status, client.base_url, untrusted=not build.trusted)
+    sources = options.pop("substituters").split()
+    failure: NixError | None = None
+    for source in sources:
+        try:
+            await store.copy_from(source, paths, options=options, held_locks=paths)
+            return
+        except NixError as exc:
+            failure = exc
+    assert failure is not None
+    raise NixError(
+        f"copying the outputs from the runner's cache failed: {failure}",
+        argv=failure.argv,
+        status=failure.status,
+        stderr=failure.stderr,
+    )
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+
+def run_hook(
+    config: HookConfig,
+    stdin: IO[bytes],
+    stderr: IO[bytes],
+    log: IO[bytes],
+) -> int:
+    """Answer Nix's ``try``s until one is accepted (then build it and return its status) or
+    Nix has no more (0). Nix starts a new hook for the next derivation after an accept."""
+    wire = WireReader(stdin)
+    sink = LogSink(log, stderr)
+    try:
+        settings = read_settings(wire)
+    except (EOFError, HookError, UnicodeDecodeError) as exc:
+        sink.error(f"cannot read the settings Nix sends a build hook: {exc}")
+        return 1
+    systems = farm_systems(config, settings)
+    runner_ok: bool | None = None
+    while True:
+        try:
+            request = read_try(wire)
+        except (EOFError, HookError, UnicodeDecodeError) as exc:
+            sink.error(f"cannot read Nix's request: {exc}")
+            return 1
+        if request is None:
+            return 0
+        if (
+            config.on_unreachable is OnUnreachable.LOCAL
+            and runner_ok is None
+            and decide(request, systems, runner_ok=True) is Reply.ACCEPT
+        ):
+            why = asyncio.run(probe_runner(config, request.drv_path))
+            runner_ok = why is None
+            if why is not None:
+                stderr.write(
+                    f"bigtent: {why}; Nix builds locally (on-unreachable = local)\n".encode()
+                )
+        reply = decide(request, systems, runner_ok=runner_ok)
+        stderr.write(reply_line(reply))
+        stderr.flush()
+        if reply is not Reply.ACCEPT:
+            continue
+        try:
+            wire.read_strs()  # the inputs: the farm takes them from its cache, or builds them
+            wanted = wire.read_strs()
+        except (EOFError, HookError, UnicodeDecodeError) as exc:
+            sink.error(f"cannot read Nix's request: {exc}")
+            return 1
+        return asyncio.run(build_on_farm(config, settings, request.drv_path, wanted, sink))
+
+
+def open_log() -> IO[bytes]:
+    """Fd 4 when Nix gave one, else stderr (the hook run by hand)."""
+    try:
+        os.fstat(LOG_FD)
+    except OSError:
+        return sys.stderr.buffer
+    return os.fdopen(LOG_FD, "wb", buffering=0, closefd=False)
+
+
+# ---- the command ------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str], env: Mapping[str, str]) -> HookConfig:
+    """``bigtent-nix-hook [OPTIONS] [VERBOSITY]`` (Nix appends its verbosity). Raises
+    ``ValueError`` with a message for a usage mistake."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="bigtent-nix-hook",
+        description="Nix's build hook: build derivations on a bigtent farm "
+        "(nix.conf: build-hook = /path/to/bigtent-nix-hook --runner URL --token-file FILE).",
+        exit_on_error=False,
+    )
+    parser.add_argument("--runner", default=env.get("BIGTENT_URL", "http://127.0.0.1:8470"))
+    parser.add_argument("--token-file", type=Path)
+    parser.add_argument("--oidc", choices=["github"])
+    parser.add_argument("--audience")
+    parser.add_argument("--ca-file", type=Path, default=env.get("BIGTENT_CA_FILE") or None)
+    parser.add_argument("--system", action="append", default=[])
+    parser.add_argument(
+        "--on-unreachable", choices=[m.value for m in OnUnreachable], default="fail"
+    )
+    parser.add_argument("--poll-interval", type=float, default=0.1)
+    parser.add_argument("verbosity", nargs="?", type=int, default=0)
+    try:
+        args = parser.parse_args(list(argv))
+    except argparse.ArgumentError as exc:
+        raise ValueError(f"bad arguments {' '.join(argv)!r}: {exc}") from None
+    except SystemExit as exc:
+        if exc.code == 0:  # --help
+            raise
+        raise ValueError(f"bad arguments {' '.join(argv)!r}") from None
+    token: str | None = None
+    audience: str | None = None
+    if args.oidc is not None:
+        if args.token_file is not None:
+            raise ValueError("give --token-file or --oidc, not both")
+        audience = args.audience or env.get("BIGTENT_AUDIENCE")
+        if not audience:
+            raise ValueError("--oidc github needs --audience (the runner's [[auth.oidc]])")
+    elif args.token_file is not None:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read token file {args.token_file}: {exc.strerror}") from None
+        if not token:
+            raise ValueError(f"token file {args.token_file} is empty")
+    else:
+        token = env.get("BIGTENT_TOKEN") or None
+    if args.poll_interval <= 0:
+        raise ValueError("--poll-interval must be positive")
+    return HookConfig(
+        runner_url=args.runner,
+        token=token,
+        oidc_audience=audience,
+        ca_file=args.ca_file,
+        systems=frozenset(args.system),
+        on_unreachable=OnUnreachable(args.on_unreachable),
+        poll_interval_secs=args.poll_interval,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``bigtent-nix-hook`` (and ``bigtent nix-hook``)."""
+    stderr = sys.stderr.buffer
+    log = open_log()
+    try:
+        config = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
+    except ValueError as exc:
+        # Before any answer Nix copies plain lines to its stderr; after one it wants JSON.
+        stderr.write(f"bigtent-nix-hook: {exc}\n".encode())
+        stderr.flush()
+        return 1
+    try:
+        return run_hook(config, sys.stdin.buffer, stderr, log)
+    except KeyboardInterrupt:
+        return 1
