@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,11 @@ def hook_setting(runner_url: str, token_file: Path, *extra: str) -> str:
     """A wrapper script with the hook's options, as docs/nix-integration.md shows (Nix 2.8
     takes ``build-hook`` as one path, without arguments)."""
     script = token_file.with_suffix(".hook")
-    args = [str(HOOK), "--runner", runner_url, "--token-file", str(token_file), *extra]
+    # A socket path of its own (short: AF_UNIX paths end at 108 bytes); the helper the first
+    # hook starts exits 3 s after its last derivation.
+    sock = Path(tempfile.mkdtemp(prefix="bt-hook-")) / "h.sock"
+    args = [str(HOOK), "--runner", runner_url, "--token-file", str(token_file)]
+    args += ["--socket", str(sock), "--helper-idle", "3", *extra]
     script.write_text("#!/bin/sh\nexec " + " ".join(f"'{a}'" for a in args) + ' "$@"\n')
     script.chmod(0o755)
     return str(script)

@@ -25,20 +25,22 @@ cache, whose signature the local Nix checks. The decisions are pure functions be
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import struct
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Coroutine, Mapping, Sequence
 from enum import StrEnum
-from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
-if TYPE_CHECKING:  # the heavy imports wait until a derivation is accepted (see ``run_hook``)
+if TYPE_CHECKING:
     from bigtent.client.api import Build, RunnerClient, StepAttempt, WaitingStep
     from bigtent.nix.store import NixStore
+
+# Nix waits for the hook's answer before it looks at anything else (a new hook process is
+# started for each derivation after an accept), so everything up to the answer imports only
+# what the interpreter has loaded anyway; asyncio, httpx and the rest come after ``# accept``.
+
+_T = TypeVar("_T")
 
 MACHINE_NAME = "bigtent"
 """What Nix prints as the machine: ``building '/nix/store/…drv' on 'bigtent'``."""
@@ -125,8 +127,7 @@ def read_settings(wire: WireReader) -> dict[str, str]:
     return settings
 
 
-@dataclass(frozen=True, slots=True)
-class TryRequest:
+class TryRequest(NamedTuple):
     am_willing: bool
     """Whether Nix could build it itself right now (a free local slot)."""
     system: str
@@ -175,26 +176,33 @@ def reply_line(reply: Reply) -> bytes:
 
 def json_message(text: str, level: int = 0) -> bytes:
     """A message Nix prints from the hook's stderr after the answer (level 0: an error)."""
+    import json
+
     return b"@nix " + json.dumps({"action": "msg", "level": level, "msg": text}).encode() + b"\n"
 
 
 # ---- decisions (pure) -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class HookConfig:
+class HookConfig(NamedTuple):
     runner_url: str
     token: str | None = None
     """A client token; None when ``oidc_audience`` is set or the runner has no auth."""
     oidc_audience: str | None = None
     """Ask the CI job (GitHub Actions) for an ID token with this audience instead of a token."""
-    ca_file: Path | None = None
+    ca_file: str | None = None
     systems: frozenset[str] = frozenset()
     """Systems sent to the farm; empty: the local Nix's ``system`` and ``extra-platforms``."""
     on_unreachable: OnUnreachable = OnUnreachable.FAIL
     poll_interval_secs: float = 0.1
     unreachable_grace_secs: float = 10.0
     """How long a runner that stopped answering part way through is waited for."""
+    helper: bool = True
+    """Hand each accepted derivation to the helper process (started on first use) instead of
+    doing the farm's side in this short-lived process."""
+    socket: str | None = None
+    """The helper's socket; None: one per runner and credential in a private directory."""
+    helper_idle_secs: float = 60.0
 
 
 def farm_systems(config: HookConfig, settings: Mapping[str, str]) -> frozenset[str]:
@@ -235,6 +243,14 @@ def failure_exit_code(build: Build) -> int:
 # ---- the farm side ----------------------------------------------------------------------------
 
 
+class Sink(Protocol):
+    """Where the farm side reports: the build log, and errors Nix prints at once."""
+
+    def line(self, text: str) -> None: ...
+
+    def error(self, text: str) -> None: ...
+
+
 class LogSink:
     """The build log Nix shows (fd 4), and Nix's error messages (stderr, JSON)."""
 
@@ -257,7 +273,7 @@ class LogSink:
 class _HookObserver:
     """``client/build.py``'s observer: phases go to the build log."""
 
-    def __init__(self, sink: LogSink) -> None:
+    def __init__(self, sink: Sink) -> None:
         self.sink = sink
 
     def on_phase(self, message: str) -> None:
@@ -292,19 +308,24 @@ async def _credential(config: HookConfig) -> str | None:
     return await source.credential(fresh=True)
 
 
-async def _client(config: HookConfig) -> RunnerClient:
+async def runner_client(config: HookConfig) -> RunnerClient:
+    from pathlib import Path
+
     from bigtent.client.api import RunnerClient
 
-    return RunnerClient(config.runner_url, token=await _credential(config), ca_file=config.ca_file)
+    ca_file = Path(config.ca_file) if config.ca_file else None
+    return RunnerClient(config.runner_url, token=await _credential(config), ca_file=ca_file)
 
 
 async def probe_runner(config: HookConfig, drv_path: str) -> str | None:
     """None when the runner answers a client request with this credential, else why not."""
+    import asyncio
+
     from bigtent.errors import BigtentError
 
     try:
         async with asyncio.timeout(PROBE_TIMEOUT_SECS):
-            async with await _client(config) as client:
+            async with await runner_client(config) as client:
                 await client.missing_paths([drv_path])
     except TimeoutError:
         return f"runner at {config.runner_url} did not answer within {PROBE_TIMEOUT_SECS:.0f} s"
@@ -315,27 +336,31 @@ async def probe_runner(config: HookConfig, drv_path: str) -> str | None:
 
 async def build_on_farm(
     config: HookConfig,
-    settings: Mapping[str, str],
+    store_uri: str,
     drv_path: str,
     wanted: Sequence[str],
-    sink: LogSink,
+    sink: Sink,
+    client: RunnerClient | None = None,
 ) -> int:
-    """Build ``drv_path`` on the farm and copy its wanted outputs into the local store;
-    return the hook's exit status."""
+    """Build ``drv_path`` on the farm and copy its wanted outputs into the local store
+    ``store_uri``; return the hook's exit status. ``client``: a client to reuse (the helper's),
+    else one is made for this build."""
     from bigtent.errors import BigtentError
     from bigtent.nix.store import NixStore
 
-    store = NixStore(local_store_uri(settings))
+    store = NixStore(store_uri)
     observer = _HookObserver(sink)
+    if client is not None:
+        return await _build(config, client, store, drv_path, wanted, sink, observer)
     try:
-        client = await _client(config)
+        own = await runner_client(config)
     except BigtentError as exc:
         sink.error(f"cannot build {drv_path} on the farm: {exc}")
         return 1
     try:
-        return await _build(config, client, store, drv_path, wanted, sink, observer)
+        return await _build(config, own, store, drv_path, wanted, sink, observer)
     finally:
-        await client.aclose()
+        await own.aclose()
 
 
 async def _build(
@@ -344,9 +369,11 @@ async def _build(
     store: NixStore,
     drv_path: str,
     wanted: Sequence[str],
-    sink: LogSink,
+    sink: Sink,
     observer: _HookObserver,
 ) -> int:
+    import asyncio
+
     from bigtent.client.build import (
         BuildOptions,
         build_succeeded,
@@ -392,7 +419,7 @@ async def _build(
         return 1
 
 
-async def _show_root_log(client: RunnerClient, build: Build, sink: LogSink) -> None:
+async def _show_root_log(client: RunnerClient, build: Build, sink: Sink) -> None:
     from bigtent.errors import BigtentError
 
     for root in build.roots:
@@ -405,7 +432,7 @@ async def _show_root_log(client: RunnerClient, build: Build, sink: LogSink) -> N
             sink.line(f"bigtent: no log of step {root.step_id}: {exc}")
 
 
-async def _show_failure(client: RunnerClient, build: Build, sink: LogSink) -> None:
+async def _show_failure(client: RunnerClient, build: Build, sink: Sink) -> None:
     from bigtent.errors import BigtentError
 
     for step in build.failed_steps:
@@ -465,6 +492,12 @@ async def copy_outputs(
 # ---- the loop ---------------------------------------------------------------------------------
 
 
+def _run(coro: Coroutine[Any, Any, _T]) -> _T:
+    import asyncio
+
+    return asyncio.run(coro)
+
+
 def run_hook(
     config: HookConfig,
     stdin: IO[bytes],
@@ -495,7 +528,7 @@ def run_hook(
             and runner_ok is None
             and decide(request, systems, runner_ok=True) is Reply.ACCEPT
         ):
-            why = asyncio.run(probe_runner(config, request.drv_path))
+            why = _run(probe_runner(config, request.drv_path))
             runner_ok = why is None
             if why is not None:
                 stderr.write(
@@ -512,7 +545,139 @@ def run_hook(
         except (EOFError, HookError, UnicodeDecodeError) as exc:
             sink.error(f"cannot read Nix's request: {exc}")
             return 1
-        return asyncio.run(build_on_farm(config, settings, request.drv_path, wanted, sink))
+        store_uri = local_store_uri(settings)
+        if not config.helper:
+            return _run(build_on_farm(config, store_uri, request.drv_path, wanted, sink))
+        return via_helper(config, store_uri, request.drv_path, wanted, sink)
+
+
+# ---- the helper, seen from the hook ----------------------------------------------------------
+
+HELPER_START_SECS = 15.0
+"""How long a hook waits for the helper it started to listen."""
+
+
+def helper_socket(config: HookConfig, uid: int, env: Mapping[str, str]) -> str:
+    """The helper's socket: ``--socket``, else one per runner and credential in
+    ``$XDG_RUNTIME_DIR`` or ``/tmp/bigtent-nix-hook-UID`` (a directory only this user may
+    enter, checked by ``private_dir``)."""
+    if config.socket:
+        return config.socket
+    import hashlib
+
+    key = "\0".join(
+        [config.runner_url, config.token or "", config.oidc_audience or "", config.ca_file or ""]
+    )
+    name = "helper-" + hashlib.sha256(key.encode()).hexdigest()[:16] + ".sock"
+    base = env.get("XDG_RUNTIME_DIR") or f"/tmp/bigtent-nix-hook-{uid}"
+    return os.path.join(base, name)
+
+
+def private_dir(path: str) -> None:
+    """Create ``path`` (mode 0700) or check that it is this user's and closed to others."""
+    import contextlib
+    import stat
+
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.lstat(path)
+
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise OSError(f"{path} must be a directory of uid {os.getuid()} closed to others")
+
+
+def encode_request(drv_path: str, wanted: Sequence[str], store_uri: str) -> bytes:
+    import json
+
+    return (
+        json.dumps({"drv": drv_path, "wanted": list(wanted), "store": store_uri}).encode() + b"\n"
+    )
+
+
+def via_helper(
+    config: HookConfig, store_uri: str, drv_path: str, wanted: Sequence[str], sink: Sink
+) -> int:
+    """Hand the derivation to the helper (starting it when none listens) and relay what it
+    says: log lines, errors, then the exit status."""
+    import json
+    import socket
+    import time
+
+    path = helper_socket(config, os.getuid(), os.environ)
+    deadline: float | None = None
+    while True:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(path)
+            break
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            conn.close()
+            if deadline is None:
+                try:
+                    start_helper(config, path)
+                except OSError as err:
+                    sink.error(f"cannot start the helper at {path}: {err}")
+                    return 1
+                deadline = time.monotonic() + HELPER_START_SECS
+            elif time.monotonic() > deadline:
+                sink.error(f"the helper at {path} did not start listening: {exc}")
+                return 1
+            time.sleep(0.02)
+    with conn:
+        conn.sendall(encode_request(drv_path, wanted, store_uri))
+        with conn.makefile("rb") as replies:
+            for raw in replies:
+                try:
+                    message = json.loads(raw)
+                except ValueError:
+                    continue
+                if "log" in message:
+                    sink.line(str(message["log"]))
+                elif "error" in message:
+                    sink.error(str(message["error"]))
+                elif "exit" in message:
+                    return int(message["exit"])
+    sink.error(f"the helper at {path} stopped before {drv_path} was built")
+    return 1
+
+
+def start_helper(config: HookConfig, path: str) -> None:
+    """Start the helper in its own session, detached from Nix's pipes (Nix waits for the
+    hook's stderr and log to close); it exits after ``helper_idle_secs`` without work."""
+    import subprocess
+
+    if not config.socket:
+        private_dir(os.path.dirname(path))
+    argv = [sys.executable, "-m", "bigtent.client.nixhelper", *helper_argv(config), path]
+    # The token goes in the environment, never on a command line others can read.
+    env = {k: v for k, v in os.environ.items() if k != "BIGTENT_TOKEN"}
+    if config.token:
+        env["BIGTENT_TOKEN"] = config.token
+    with open(path + ".log", "ab") as log:
+        subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+
+def helper_argv(config: HookConfig) -> list[str]:
+    """The options the helper is started with (its token comes by the environment)."""
+    argv = ["--runner", config.runner_url, "--on-unreachable", config.on_unreachable.value]
+    argv += ["--poll-interval", str(config.poll_interval_secs)]
+    argv += ["--helper-idle", str(config.helper_idle_secs)]
+    if config.ca_file:
+        argv += ["--ca-file", config.ca_file]
+    if config.oidc_audience:
+        argv += ["--oidc", "github", "--audience", config.oidc_audience]
+    for system in sorted(config.systems):
+        argv += ["--system", system]
+    argv.append("--socket")
+    return argv
 
 
 def open_log() -> IO[bytes]:
@@ -539,15 +704,18 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str]) -> HookConfig:
         exit_on_error=False,
     )
     parser.add_argument("--runner", default=env.get("BIGTENT_URL", "http://127.0.0.1:8470"))
-    parser.add_argument("--token-file", type=Path)
+    parser.add_argument("--token-file")
     parser.add_argument("--oidc", choices=["github"])
     parser.add_argument("--audience")
-    parser.add_argument("--ca-file", type=Path, default=env.get("BIGTENT_CA_FILE") or None)
+    parser.add_argument("--ca-file", default=env.get("BIGTENT_CA_FILE") or None)
     parser.add_argument("--system", action="append", default=[])
     parser.add_argument(
         "--on-unreachable", choices=[m.value for m in OnUnreachable], default="fail"
     )
     parser.add_argument("--poll-interval", type=float, default=0.1)
+    parser.add_argument("--socket")
+    parser.add_argument("--no-helper", action="store_true")
+    parser.add_argument("--helper-idle", type=float, default=60.0)
     parser.add_argument("verbosity", nargs="?", type=int, default=0)
     try:
         args = parser.parse_args(list(argv))
@@ -567,7 +735,8 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str]) -> HookConfig:
             raise ValueError("--oidc github needs --audience (the runner's [[auth.oidc]])")
     elif args.token_file is not None:
         try:
-            token = args.token_file.read_text().strip()
+            with open(args.token_file) as f:
+                token = f.read().strip()
         except OSError as exc:
             raise ValueError(f"cannot read token file {args.token_file}: {exc.strerror}") from None
         if not token:
@@ -584,6 +753,9 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str]) -> HookConfig:
         systems=frozenset(args.system),
         on_unreachable=OnUnreachable(args.on_unreachable),
         poll_interval_secs=args.poll_interval,
+        helper=not args.no_helper,
+        socket=args.socket,
+        helper_idle_secs=args.helper_idle,
     )
 
 
