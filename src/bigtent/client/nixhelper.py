@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 from bigtent.client.api import RunnerClient
 from bigtent.client.nixhook import (
+    FarmMemory,
     HookConfig,
     build_on_farm,
     parse_args,
@@ -79,6 +80,7 @@ class Helper:
         self.active = 0
         self.last_activity = time.monotonic()
         self._client: RunnerClient | None = None
+        self.memory = FarmMemory()
         self.changed = asyncio.Event()
         """Set when a derivation starts or ends (``until_idle`` looks again)."""
 
@@ -109,7 +111,9 @@ class Helper:
                 sink._send({"exit": 1})
                 return
             try:
-                code = await build_on_farm(self.config, store, drv, wanted, sink, client)
+                code = await build_on_farm(
+                    self.config, store, drv, wanted, sink, client, self.memory
+                )
             finally:
                 if client is not self._client:
                     await client.aclose()

@@ -28,12 +28,12 @@ from __future__ import annotations
 import os
 import struct
 import sys
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from enum import StrEnum
 from typing import IO, TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 if TYPE_CHECKING:
-    from bigtent.client.api import Build, RunnerClient, StepAttempt, WaitingStep
+    from bigtent.client.api import Build, RunnerClient, RunnerStatus, StepAttempt, WaitingStep
     from bigtent.nix.store import NixStore
 
 # Nix waits for the hook's answer before it looks at anything else (a new hook process is
@@ -270,6 +270,16 @@ class LogSink:
         self.messages.flush()
 
 
+class FarmMemory:
+    """What a helper keeps between derivations."""
+
+    def __init__(self) -> None:
+        self.known: set[str] = set()
+        """Store paths the runner's cache has (uploaded or seen: ``upload_drv``)."""
+        self.status: RunnerStatus | None = None
+        """The runner's cache URLs and keys, from the last copy that worked."""
+
+
 class _HookObserver:
     """``client/build.py``'s observer: phases go to the build log."""
 
@@ -341,24 +351,26 @@ async def build_on_farm(
     wanted: Sequence[str],
     sink: Sink,
     client: RunnerClient | None = None,
+    memory: FarmMemory | None = None,
 ) -> int:
     """Build ``drv_path`` on the farm and copy its wanted outputs into the local store
     ``store_uri``; return the hook's exit status. ``client``: a client to reuse (the helper's),
-    else one is made for this build."""
+    else one is made for this build; ``memory``: what the helper learnt from earlier builds."""
     from bigtent.errors import BigtentError
     from bigtent.nix.store import NixStore
 
     store = NixStore(store_uri)
     observer = _HookObserver(sink)
+    memory = FarmMemory() if memory is None else memory
     if client is not None:
-        return await _build(config, client, store, drv_path, wanted, sink, observer)
+        return await _build(config, client, store, drv_path, wanted, sink, observer, memory)
     try:
         own = await runner_client(config)
     except BigtentError as exc:
         sink.error(f"cannot build {drv_path} on the farm: {exc}")
         return 1
     try:
-        return await _build(config, own, store, drv_path, wanted, sink, observer)
+        return await _build(config, own, store, drv_path, wanted, sink, observer, memory)
     finally:
         await own.aclose()
 
@@ -371,6 +383,7 @@ async def _build(
     wanted: Sequence[str],
     sink: Sink,
     observer: _HookObserver,
+    memory: FarmMemory,
 ) -> int:
     import asyncio
 
@@ -379,14 +392,13 @@ async def _build(
         build_succeeded,
         follow_build,
         submit_build,
-        upload_closure,
     )
     from bigtent.errors import BigtentError
 
     try:
         # Fails fast on a refused credential or a runner that is not there.
         async with asyncio.timeout(PROBE_TIMEOUT_SECS):
-            await client.missing_paths([drv_path])
+            missing = await client.missing_paths([drv_path])
     except TimeoutError:
         sink.error(
             f"runner at {config.runner_url} did not answer within {PROBE_TIMEOUT_SECS:.0f} s"
@@ -396,7 +408,7 @@ async def _build(
         sink.error(f"cannot build {drv_path} on the farm: {exc}")
         return 1
     try:
-        await upload_closure(client, store, [drv_path], observer)
+        await upload_drv(client, store, drv_path, bool(missing), memory.known, observer)
         build = await submit_build(
             client, [drv_path], BuildOptions(out_link=None), observer, config.unreachable_grace_secs
         )
@@ -411,12 +423,61 @@ async def _build(
         if not build_succeeded(build):
             await _show_failure(client, build, sink)
             return failure_exit_code(build)
-        await _show_root_log(client, build, sink)
-        await copy_outputs(client, store, build, wanted)
+        await asyncio.gather(
+            _show_root_log(client, build, sink), copy_outputs(client, store, build, wanted, memory)
+        )
         return 0
     except BigtentError as exc:
         sink.error(f"building {drv_path} on the farm failed: {exc}")
         return 1
+
+
+async def upload_drv(
+    client: RunnerClient,
+    store: NixStore,
+    drv_path: str,
+    missing: bool,
+    known: set[str],
+    observer: _HookObserver,
+) -> None:
+    """Make sure the runner has ``drv_path`` and its closure. ``missing``: the runner said it
+    lacks the .drv. When every reference of the .drv is in ``known`` (this helper uploaded or
+    saw them: Nix builds the inputs first), only the .drv itself is uploaded, hashed here
+    from its file; else ``bigtent build``'s ``upload_closure`` (one ``nix path-info`` of the
+    whole closure, then only what the runner lacks)."""
+    from bigtent.client.build import upload_closure
+    from bigtent.nix import base32
+    from bigtent.nix.drv import DrvError, parse_drv
+    from bigtent.nix.nar import dump_path
+
+    real = store.real_path(drv_path)
+    try:
+        drv = parse_drv(real.read_text())
+    except (OSError, UnicodeDecodeError, DrvError):
+        drv = None
+    if drv is not None and all(ref in known for ref in drv.references):
+        if missing:
+            import hashlib
+
+            nar = b"".join(dump_path(real))
+
+            async def body() -> AsyncIterator[bytes]:
+                yield nar
+
+            await client.upload_path(
+                drv_path,
+                body(),
+                nar_hash=base32.format_hash("sha256", hashlib.sha256(nar).digest()),
+                nar_size=len(nar),
+                references=[ref.rsplit("/", 1)[-1] for ref in drv.references],
+            )
+        known.add(drv_path)
+        return
+    if missing:
+        await upload_closure(client, store, [drv_path], observer)
+    known.add(drv_path)
+    if drv is not None:
+        known.update(drv.references)
 
 
 async def _show_root_log(client: RunnerClient, build: Build, sink: Sink) -> None:
@@ -459,7 +520,11 @@ def wanted_paths(build: Build, wanted: Sequence[str]) -> list[str]:
 
 
 async def copy_outputs(
-    client: RunnerClient, store: NixStore, build: Build, wanted: Sequence[str]
+    client: RunnerClient,
+    store: NixStore,
+    build: Build,
+    wanted: Sequence[str],
+    memory: FarmMemory,
 ) -> None:
     """Copy the outputs from the runner's cache (then its upstreams) into the local store,
     signatures checked by Nix against the runner's key (``bigtent build``'s substituter
@@ -470,16 +535,18 @@ async def copy_outputs(
     paths = wanted_paths(build, wanted)
     if not paths:
         return
-    status = await client.fetch_status()
+    status = memory.status or await client.fetch_status()
     options = substituter_options(status, client.base_url, untrusted=not build.trusted)
     sources = options.pop("substituters").split()
     failure: NixError | None = None
     for source in sources:
         try:
             await store.copy_from(source, paths, options=options, held_locks=paths)
+            memory.status = status
             return
         except NixError as exc:
             failure = exc
+    memory.status = None  # the runner's caches or keys may have changed: ask again next time
     assert failure is not None
     raise NixError(
         f"copying the outputs from the runner's cache failed: {failure}",
