@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from bigtent.nix.keys import generate_key
 from tests.e2e.conftest import Farm, free_port
 
 HOOK = Path(sys.executable).parent / "bigtent-nix-hook"
@@ -92,7 +93,7 @@ def test_nix_build_builds_a_dag_on_the_farm(
 ) -> None:
     farm = farm_factory(agents=2)
     store = tmp_path / "client"
-    hook = hook_setting(farm.url, token_file(farm))
+    hook = hook_setting(farm.url, token_file(farm), "--public-key", farm.public_key)
     dag = farm.dag_file(layers=5, width=6, fanIn=2)
     drv = subprocess.run(
         ["nix-instantiate", "--store", f"local?root={store}", str(dag), "-A", "top"],
@@ -169,6 +170,15 @@ def test_failure_and_logs_reach_nix(farm_factory: Callable[..., Farm], tmp_path:
     assert bad.returncode == 100, bad.stderr
     assert "node 1-1 fails on purpose" in bad.stderr
     assert "dag-1-1.drv" in bad.stderr
+
+    # Outputs signed by another key than the one the hook trusts never enter the store.
+    other = generate_key("someone-else-1").public_key().to_text()
+    pinned = hook_setting(farm.url, token_file(farm), "--public-key", other)
+    fresh = tmp_path / "fresh"
+    refused = nix(farm, fresh, pinned, str(dag), "-A", "nodes.dag-0-1", "--no-out-link")
+    assert refused.returncode != 0
+    assert "signature" in refused.stderr, refused.stderr
+    assert not any(p.name.endswith("-dag-0-1") for p in (fresh / "nix/store").iterdir())
 
 
 def test_unreachable_runner_and_refused_token_fail_fast(

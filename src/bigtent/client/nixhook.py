@@ -197,6 +197,9 @@ class HookConfig(NamedTuple):
     poll_interval_secs: float = 0.1
     unreachable_grace_secs: float = 10.0
     """How long a runner that stopped answering part way through is waited for."""
+    public_keys: tuple[str, ...] = ()
+    """Trust only these keys for the outputs (``--public-key``); empty: the keys the runner
+    names in ``GET /api/v1/status``."""
     helper: bool = True
     """Hand each accepted derivation to the helper process (started on first use) instead of
     doing the farm's side in this short-lived process."""
@@ -424,7 +427,8 @@ async def _build(
             await _show_failure(client, build, sink)
             return failure_exit_code(build)
         await asyncio.gather(
-            _show_root_log(client, build, sink), copy_outputs(client, store, build, wanted, memory)
+            _show_root_log(client, build, sink),
+            copy_outputs(client, store, build, wanted, memory, config.public_keys),
         )
         return 0
     except BigtentError as exc:
@@ -525,10 +529,11 @@ async def copy_outputs(
     build: Build,
     wanted: Sequence[str],
     memory: FarmMemory,
+    public_keys: Sequence[str] = (),
 ) -> None:
     """Copy the outputs from the runner's cache (then its upstreams) into the local store,
     signatures checked by Nix against the runner's key (``bigtent build``'s substituter
-    options)."""
+    options), or only against ``public_keys`` when those are given."""
     from bigtent.client.build import substituter_options
     from bigtent.errors import NixError
 
@@ -538,6 +543,8 @@ async def copy_outputs(
     status = memory.status or await client.fetch_status()
     options = substituter_options(status, client.base_url, untrusted=not build.trusted)
     sources = options.pop("substituters").split()
+    if public_keys:
+        options["trusted-public-keys"] = " ".join(public_keys)
     failure: NixError | None = None
     for source in sources:
         try:
@@ -743,6 +750,8 @@ def helper_argv(config: HookConfig) -> list[str]:
         argv += ["--oidc", "github", "--audience", config.oidc_audience]
     for system in sorted(config.systems):
         argv += ["--system", system]
+    for key in config.public_keys:
+        argv += ["--public-key", key]
     argv.append("--socket")
     return argv
 
@@ -780,6 +789,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str]) -> HookConfig:
         "--on-unreachable", choices=[m.value for m in OnUnreachable], default="fail"
     )
     parser.add_argument("--poll-interval", type=float, default=0.1)
+    parser.add_argument("--public-key", action="append", default=[])
     parser.add_argument("--socket")
     parser.add_argument("--no-helper", action="store_true")
     parser.add_argument("--helper-idle", type=float, default=60.0)
@@ -820,6 +830,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str]) -> HookConfig:
         systems=frozenset(args.system),
         on_unreachable=OnUnreachable(args.on_unreachable),
         poll_interval_secs=args.poll_interval,
+        public_keys=tuple(args.public_key),
         helper=not args.no_helper,
         socket=args.socket,
         helper_idle_secs=args.helper_idle,

@@ -131,11 +131,22 @@ def test_parse_args_reads_the_token_file_and_keeps_it_off_the_helper_command_lin
     token = tmp_path / "token"
     token.write_text("bt_secret\n")
     config = parse_args(
-        ["--runner", "http://r:1", "--token-file", str(token), "--system", "x86_64-linux", "3"],
+        [
+            "--runner",
+            "http://r:1",
+            "--token-file",
+            str(token),
+            "--system",
+            "x86_64-linux",
+            "--public-key",
+            "farm-1:abc=",
+            "3",
+        ],
         {},
     )
     assert config.token == "bt_secret"
     assert config.systems == {"x86_64-linux"}
+    assert config.public_keys == ("farm-1:abc=",)
     assert config.helper
     argv = helper_argv(config)
     assert "bt_secret" not in " ".join(argv)
