@@ -391,6 +391,7 @@ async def _build(
     import asyncio
 
     from bigtent.client.build import (
+        AttemptFollower,
         BuildOptions,
         build_succeeded,
         follow_build,
@@ -416,12 +417,15 @@ async def _build(
             client, [drv_path], BuildOptions(out_link=None), observer, config.unreachable_grace_secs
         )
         sink.line(f"bigtent: build {build.id} on {client.base_url}")
+        # One request per look, not two: retries show in the failed step's record, and a
+        # farm of busy hooks polls the runner often enough already.
         build = await follow_build(
             client,
             build.id,
             observer,
             config.poll_interval_secs,
             config.unreachable_grace_secs,
+            attempts=AttemptFollower(build.id, supported=False),
         )
         if not build_succeeded(build):
             await _show_failure(client, build, sink)
