@@ -814,7 +814,7 @@ def nix_hook(ctx: click.Context) -> None:
     nix.conf: build-hook = /path/to/bigtent-nix-hook --runner URL --token-file FILE
     (this command is the same program; `bigtent nix-hook --help` lists its options).
     """
-    from bigtent.client.nixhook import main as hook_main
+    from bigtent.client.hookentry import main as hook_main
 
     ctx.exit(hook_main(ctx.args))
 

@@ -26,11 +26,19 @@ cache, whose signature the local Nix checks. The decisions are pure functions be
 from __future__ import annotations
 
 import os
-import struct
 import sys
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from enum import StrEnum
 from typing import IO, TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
+
+from bigtent.client.hookentry import (
+    HookError,
+    TryRequest,
+    WireReader,
+    answer,
+    farm_systems,
+    read_settings,
+)
 
 if TYPE_CHECKING:
     from bigtent.client.api import Build, RunnerClient, RunnerStatus, StepAttempt, WaitingStep
@@ -42,27 +50,10 @@ if TYPE_CHECKING:
 
 _T = TypeVar("_T")
 
-MACHINE_NAME = "bigtent"
-"""What Nix prints as the machine: ``building '/nix/store/…drv' on 'bigtent'``."""
 LOG_FD = 4
 """Nix reads the build log of a hook from this descriptor."""
 PROBE_TIMEOUT_SECS = 5.0
 """How long the first request to the runner may take before the hook gives up on it."""
-MAX_STRING = 64 * 1024 * 1024
-"""The longest string the hook reads from Nix (a setting can be long, never this long)."""
-
-
-class HookError(Exception):
-    """The wire from Nix broke or carried something the hook cannot read."""
-
-
-class Reply(StrEnum):
-    """The hook's answer to a ``try``."""
-
-    ACCEPT = "accept"
-    DECLINE = "decline"
-    POSTPONE = "postpone"
-    DECLINE_PERMANENTLY = "decline-permanently"
 
 
 class OnUnreachable(StrEnum):
@@ -72,106 +63,6 @@ class OnUnreachable(StrEnum):
     """The derivation fails with a message saying why (the default)."""
     LOCAL = "local"
     """Decline every derivation, so Nix builds them itself (when its ``max-jobs`` allows)."""
-
-
-# ---- the wire (pure over a byte stream) -------------------------------------------------------
-
-
-class WireReader:
-    """Reads Nix's wire format from a binary stream."""
-
-    def __init__(self, stream: IO[bytes]) -> None:
-        self.stream = stream
-
-    def _exactly(self, n: int) -> bytes:
-        data = self.stream.read(n)
-        if data is None or len(data) != n:
-            raise EOFError("Nix closed the build hook's input")
-        return data
-
-    def read_int(self) -> int:
-        value: int = struct.unpack("<Q", self._exactly(8))[0]
-        return value
-
-    def read_str(self) -> str:
-        n = self.read_int()
-        if n > MAX_STRING:
-            raise HookError(f"Nix sent a string of {n} bytes to the build hook")
-        data = self._exactly(n)
-        self._exactly((8 - n % 8) % 8)
-        return data.decode()
-
-    def read_strs(self) -> list[str]:
-        return [self.read_str() for _ in range(self.read_int())]
-
-
-def put_int(n: int) -> bytes:
-    return struct.pack("<Q", n)
-
-
-def put_str(s: str) -> bytes:
-    data = s.encode()
-    return put_int(len(data)) + data + b"\0" * ((8 - len(data) % 8) % 8)
-
-
-def put_strs(items: Sequence[str]) -> bytes:
-    return put_int(len(items)) + b"".join(put_str(s) for s in items)
-
-
-def read_settings(wire: WireReader) -> dict[str, str]:
-    """The parent's settings, sent once when the hook starts."""
-    settings: dict[str, str] = {}
-    while wire.read_int():
-        name = wire.read_str()
-        settings[name] = wire.read_str()
-    return settings
-
-
-class TryRequest(NamedTuple):
-    am_willing: bool
-    """Whether Nix could build it itself right now (a free local slot)."""
-    system: str
-    drv_path: str
-    required_features: frozenset[str]
-
-
-def read_try(wire: WireReader) -> TryRequest | None:
-    """The next ``try``, or None when Nix has no more (end of input or another word)."""
-    try:
-        word = wire.read_str()
-    except EOFError:
-        return None
-    if word != "try":
-        return None
-    return TryRequest(
-        am_willing=bool(wire.read_int()),
-        system=wire.read_str(),
-        drv_path=wire.read_str(),
-        required_features=frozenset(wire.read_strs()),
-    )
-
-
-def encode_try(request: TryRequest) -> bytes:
-    """What Nix sends for ``request`` (for tests)."""
-    return (
-        put_str("try")
-        + put_int(int(request.am_willing))
-        + put_str(request.system)
-        + put_str(request.drv_path)
-        + put_strs(sorted(request.required_features))
-    )
-
-
-def encode_settings(settings: Mapping[str, str]) -> bytes:
-    """What Nix sends first (for tests)."""
-    return b"".join(put_int(1) + put_str(k) + put_str(v) for k, v in settings.items()) + put_int(0)
-
-
-def reply_line(reply: Reply) -> bytes:
-    line = f"# {reply.value}\n"
-    if reply is Reply.ACCEPT:
-        line += MACHINE_NAME + "\n"
-    return line.encode()
 
 
 def json_message(text: str, level: int = 0) -> bytes:
@@ -206,24 +97,6 @@ class HookConfig(NamedTuple):
     socket: str | None = None
     """The helper's socket; None: one per runner and credential in a private directory."""
     helper_idle_secs: float = 60.0
-
-
-def farm_systems(config: HookConfig, settings: Mapping[str, str]) -> frozenset[str]:
-    """The systems this hook sends to the farm."""
-    if config.systems:
-        return config.systems
-    local = {settings.get("system", "")} | set(settings.get("extra-platforms", "").split())
-    return frozenset(s for s in local if s)
-
-
-def decide(request: TryRequest, systems: frozenset[str], *, runner_ok: bool | None) -> Reply:
-    """Accept a derivation of a system the farm builds; decline the rest (Nix builds them
-    itself or says it cannot). ``runner_ok`` False (an unreachable runner with
-    ``on-unreachable = local``) declines everything. ``builtin`` derivations (``fetchurl``)
-    are Nix's own and stay local."""
-    if runner_ok is False or request.system == "builtin":
-        return Reply.DECLINE
-    return Reply.ACCEPT if request.system in systems else Reply.DECLINE
 
 
 def local_store_uri(settings: Mapping[str, str]) -> str:
@@ -538,6 +411,8 @@ async def copy_outputs(
     """Copy the outputs from the runner's cache (then its upstreams) into the local store,
     signatures checked by Nix against the runner's key (``bigtent build``'s substituter
     options), or only against ``public_keys`` when those are given."""
+    import tempfile
+
     from bigtent.client.build import substituter_options
     from bigtent.errors import NixError
 
@@ -552,7 +427,16 @@ async def copy_outputs(
     failure: NixError | None = None
     for source in sources:
         try:
-            await store.copy_from(source, paths, options=options, held_locks=paths)
+            # Its own narinfo cache: Nix 2.8's binary-cache-v6.sqlite fails inserts ("constraint
+            # failed") when several nix copy processes fill it at once (seen in the tests).
+            with tempfile.TemporaryDirectory(prefix="bigtent-nix-copy-") as cache_home:
+                await store.copy_from(
+                    source,
+                    paths,
+                    options=options,
+                    held_locks=paths,
+                    env={"XDG_CACHE_HOME": cache_home},
+                )
             memory.status = status
             return
         except NixError as exc:
@@ -583,50 +467,65 @@ def run_hook(
     log: IO[bytes],
 ) -> int:
     """Answer Nix's ``try``s until one is accepted (then build it and return its status) or
-    Nix has no more (0). Nix starts a new hook for the next derivation after an accept."""
+    Nix has no more (0). Nix starts a new hook for the next derivation after an accept.
+    (``hookentry.main`` is the same without importing this module before the answer.)"""
     wire = WireReader(stdin)
     sink = LogSink(log, stderr)
-    try:
-        settings = read_settings(wire)
-    except (EOFError, HookError, UnicodeDecodeError) as exc:
-        sink.error(f"cannot read the settings Nix sends a build hook: {exc}")
-        return 1
-    systems = farm_systems(config, settings)
-    runner_ok: bool | None = None
-    while True:
-        try:
-            request = read_try(wire)
-        except (EOFError, HookError, UnicodeDecodeError) as exc:
-            sink.error(f"cannot read Nix's request: {exc}")
-            return 1
-        if request is None:
-            return 0
-        if (
-            config.on_unreachable is OnUnreachable.LOCAL
-            and runner_ok is None
-            and decide(request, systems, runner_ok=True) is Reply.ACCEPT
-        ):
+    verdict: list[bool] = []  # the probe's, asked once per hook process
+
+    def runner_ok(request: TryRequest) -> bool | None:
+        if config.on_unreachable is not OnUnreachable.LOCAL:
+            return None
+        if not verdict:
             why = _run(probe_runner(config, request.drv_path))
-            runner_ok = why is None
+            verdict.append(why is None)
             if why is not None:
                 stderr.write(
                     f"bigtent: {why}; Nix builds locally (on-unreachable = local)\n".encode()
                 )
-        reply = decide(request, systems, runner_ok=runner_ok)
-        stderr.write(reply_line(reply))
-        stderr.flush()
-        if reply is not Reply.ACCEPT:
-            continue
-        try:
-            wire.read_strs()  # the inputs: the farm takes them from its cache, or builds them
-            wanted = wire.read_strs()
-        except (EOFError, HookError, UnicodeDecodeError) as exc:
-            sink.error(f"cannot read Nix's request: {exc}")
-            return 1
-        store_uri = local_store_uri(settings)
-        if not config.helper:
-            return _run(build_on_farm(config, store_uri, request.drv_path, wanted, sink))
-        return via_helper(config, store_uri, request.drv_path, wanted, sink)
+        return verdict[0]
+
+    try:
+        settings = read_settings(wire)
+        accepted = answer(wire, stderr, farm_systems(config.systems, settings), runner_ok)
+    except (EOFError, HookError, UnicodeDecodeError) as exc:
+        sink.error(f"cannot read Nix's request: {exc}")
+        return 1
+    if accepted is None:
+        return 0
+    request, wanted = accepted
+    return build_accepted(config, settings, request.drv_path, wanted, sink)
+
+
+def build_accepted(
+    config: HookConfig,
+    settings: Mapping[str, str],
+    drv_path: str,
+    wanted: Sequence[str],
+    sink: Sink,
+) -> int:
+    """The farm's side of an accepted derivation: through the helper, or in this process."""
+    store_uri = local_store_uri(settings)
+    if not config.helper:
+        return _run(build_on_farm(config, store_uri, drv_path, wanted, sink))
+    return via_helper(config, store_uri, drv_path, wanted, sink)
+
+
+def after_accept(
+    argv: Sequence[str],
+    settings: Mapping[str, str],
+    drv_path: str,
+    wanted: Sequence[str],
+    stderr: IO[bytes],
+) -> int:
+    """``hookentry.main`` after ``# accept``: check the whole command line, then build."""
+    sink = LogSink(open_log(), stderr)
+    try:
+        config = parse_args(argv, os.environ)
+    except ValueError as exc:
+        sink.error(f"bigtent-nix-hook: {exc}")
+        return 1
+    return build_accepted(config, settings, drv_path, wanted, sink)
 
 
 # ---- the helper, seen from the hook ----------------------------------------------------------

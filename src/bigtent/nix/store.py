@@ -254,18 +254,21 @@ class NixStore:
         *,
         options: Mapping[str, str] | None = None,
         held_locks: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
         """``nix copy --from SOURCE PATHS`` into this store; Nix checks each path's signature
         against ``trusted-public-keys``. ``held_locks``: paths whose locks our parent Nix holds
         (a build hook copying the outputs of the derivation it was given); Nix's local store
-        then does not wait for those locks (``NIX_HELD_LOCKS``)."""
+        then does not wait for those locks (``NIX_HELD_LOCKS``). ``env``: more environment."""
         if not paths:
             return
         args = ["copy", "--from", source]
         if self.store:
             args += ["--to", self.store]
-        env = {"NIX_HELD_LOCKS": " ".join(held_locks)} if held_locks else None
-        await self.run("nix", [*args, *paths], options=options, env=env)
+        extra = dict(env or {})
+        if held_locks:
+            extra["NIX_HELD_LOCKS"] = " ".join(held_locks)
+        await self.run("nix", [*args, *paths], options=options, env=extra)
 
     async def delete(self, paths: Sequence[str]) -> None:
         """``nix-store --delete PATHS``: remove paths nothing refers to (raises NixError)."""

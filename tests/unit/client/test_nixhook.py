@@ -9,27 +9,30 @@ from pathlib import Path
 import pytest
 
 from bigtent.client.api import Build, BuildRoot, FailedStep
-from bigtent.client.nixhelper import parse_request
-from bigtent.client.nixhook import (
-    HookConfig,
-    LogSink,
-    OnUnreachable,
+from bigtent.client.hookentry import (
     Reply,
     TryRequest,
     WireReader,
     decide,
     encode_settings,
     encode_try,
-    failure_exit_code,
     farm_systems,
+    put_strs,
+    quick_options,
+    read_settings,
+    read_try,
+    reply_line,
+)
+from bigtent.client.nixhelper import parse_request
+from bigtent.client.nixhook import (
+    HookConfig,
+    LogSink,
+    OnUnreachable,
+    failure_exit_code,
     helper_argv,
     helper_socket,
     local_store_uri,
     parse_args,
-    put_strs,
-    read_settings,
-    read_try,
-    reply_line,
     run_hook,
     wanted_paths,
 )
@@ -80,17 +83,30 @@ def test_replies_are_the_lines_nix_expects() -> None:
         ("builtin", None, Reply.DECLINE),  # Nix's own fetchurl stays local
     ],
 )
-def test_decide(system: str, runner_ok: bool | None, reply: Reply) -> None:
+def test_decide(system: str, runner_ok: bool | None, reply: str) -> None:
     request = TryRequest(False, system, DRV, frozenset())
-    assert decide(request, LINUX, runner_ok=runner_ok) is reply
+    assert decide(request, LINUX, runner_ok=runner_ok) == reply
 
 
 def test_farm_systems_default_to_what_the_local_nix_builds() -> None:
-    config = HookConfig(runner_url="http://r")
     settings = {"system": "x86_64-linux", "extra-platforms": "i686-linux  "}
-    assert farm_systems(config, settings) == {"x86_64-linux", "i686-linux"}
-    pinned = config._replace(systems=frozenset({"aarch64-linux"}))
-    assert farm_systems(pinned, settings) == {"aarch64-linux"}
+    assert farm_systems(frozenset(), settings) == {"x86_64-linux", "i686-linux"}
+    assert farm_systems(frozenset({"aarch64-linux"}), settings) == {"aarch64-linux"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "systems", "local"),
+    [
+        ([], set(), False),
+        (["--system", "a-linux", "--system=b-linux", "3"], {"a-linux", "b-linux"}, False),
+        (["--on-unreachable", "local", "--runner", "http://r"], set(), True),
+        (["--on-unreachable=fail"], set(), False),
+    ],
+)
+def test_quick_options_read_what_the_answer_needs(
+    argv: list[str], systems: set[str], local: bool
+) -> None:
+    assert quick_options(argv) == (frozenset(systems), local)
 
 
 def test_local_store_uri() -> None:
