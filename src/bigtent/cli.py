@@ -805,14 +805,13 @@ def _build_trust(b: Build) -> str:
 @cli.command(
     "nix-hook",
     context_settings={**_CONTEXT, "ignore_unknown_options": True, "allow_extra_args": True},
-    add_help_option=False,
 )
 @click.pass_context
 def nix_hook(ctx: click.Context) -> None:
     """Nix's build hook: plain nix-build / nix build build on the farm (docs/nix-integration.md).
 
-    nix.conf: build-hook = /path/to/bigtent-nix-hook --runner URL --token-file FILE
-    (this command is the same program; `bigtent nix-hook --help` lists its options).
+    nix.conf: build-hook = a wrapper running `bigtent-nix-hook --runner URL --token-file FILE
+    "$@"` (this command is the same program; `bigtent-nix-hook --help` lists its options).
     """
     from bigtent.client.hookentry import main as hook_main
 
