@@ -55,7 +55,10 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=6)
     ap.add_argument("--no-ssh", action="store_true", help="skip the Nix SSH builder baseline")
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    ap.add_argument("--quick", action="store_true", help="a 3x3 DAG, no SSH")
     args = ap.parse_args()
+    if args.quick:
+        args.layers, args.width, args.no_ssh = 3, 3, True
     stream = sys.stderr if args.json else sys.stdout
 
     def say(text: str = "") -> None:
