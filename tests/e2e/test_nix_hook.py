@@ -188,7 +188,9 @@ def test_unreachable_runner_and_refused_token_fail_fast(
     dag = farm.dag_file(layers=1, width=1)
 
     nowhere_url = f"http://127.0.0.1:{free_port()}"
-    nowhere = hook_setting(nowhere_url, token_file(farm))
+    # In the hook process itself (--no-helper) here; the refused token below goes through the
+    # helper.
+    nowhere = hook_setting(nowhere_url, token_file(farm), "--no-helper")
     started = time.monotonic()
     down = nix(farm, tmp_path / "s1", nowhere, str(dag), "-A", "top", "--no-out-link", timeout=60)
     assert down.returncode != 0
