@@ -174,6 +174,8 @@ class Helper:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("httpx", "httpcore"):  # a line per request: the log is appended to
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         config = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
         if not config.socket:
