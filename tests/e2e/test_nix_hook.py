@@ -12,13 +12,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 
 from bigtent.nix.keys import generate_key
 from tests.e2e.conftest import Farm, free_port
+from tests.github_actions import REPOSITORY, ActionsTokenEndpoint, running_endpoint
+from tests.integration.runner.oidc_issuer import LocalIssuer, SigningKey, TlsFiles
 
 HOOK = Path(sys.executable).parent / "bigtent-nix-hook"
 
@@ -220,3 +223,80 @@ def test_unreachable_runner_and_refused_token_fail_fast(
     assert "Nix builds locally" in local.stderr
     with httpx.Client(base_url=farm.url) as c:
         assert c.get("/cache/nix-cache-info").status_code == 200
+
+
+@pytest.fixture
+def endpoint(issuer: LocalIssuer, key: SigningKey) -> Iterator[ActionsTokenEndpoint]:
+    yield from running_endpoint(issuer, key)
+
+
+def test_a_ci_job_builds_with_its_oidc_token(
+    farm_factory: Callable[..., Farm],
+    tmp_path: Path,
+    issuer: LocalIssuer,
+    tls: TlsFiles,
+    endpoint: ActionsTokenEndpoint,
+) -> None:
+    """No stored secret: the hook asks the job for its ID token; the runner's rule lets such
+    tokens act as a client; the build is untrusted, carries the job's repository, runs on an
+    untrusted agent and its outputs come from the untrusted cache."""
+    rule = f"""
+[[auth.oidc]]
+issuer = "{issuer.url}"
+audiences = ["bigtent"]
+ca_file = "{tls.ca_file}"
+repositories = ["{REPOSITORY}"]
+clients = true
+"""
+    farm = farm_factory(runner_extra=rule)
+    farm.start_agent("u0", agent_extra="untrusted = true")
+    store = tmp_path / "client"
+    sock = Path(tempfile.mkdtemp(prefix="bt-hook-")) / "h.sock"
+    script = tmp_path / "oidc-hook"
+    script.write_text(
+        f"#!/bin/sh\nexec {HOOK} --runner {farm.url} --oidc github --audience bigtent "
+        f'--socket {sock} --helper-idle 3 "$@"\n'
+    )
+    script.chmod(0o755)
+    dag = farm.dag_file(layers=1, width=1)
+    env = endpoint.env()
+    result = subprocess.run(
+        ["nix-build", "--option", "build-hook", str(script), "--option", "max-jobs", "0",
+         "--option", "substituters", "", str(dag), "-A", "nodes.dag-0-0", "--no-out-link"],
+        capture_output=True, text=True, timeout=240,
+        env=farm.env(NIX_REMOTE=f"local?root={store}", XDG_CACHE_HOME=str(tmp_path / "xdg"),
+                     BIGTENT_TOKEN="", **env),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert endpoint.requests >= 1 and endpoint.audiences[0] == "bigtent"
+    with farm.api() as c:
+        build = c.get("/api/v1/builds").json()["builds"][0]
+    assert build["trusted"] is False
+    assert build["repository"] == REPOSITORY
+    out = result.stdout.strip().splitlines()[-1]
+    assert (store / out.lstrip("/")).read_text().startswith("0-0 ")
+
+
+def test_oidc_tokens_act_as_clients_only_where_the_rule_says_so(
+    farm_factory: Callable[..., Farm],
+    issuer: LocalIssuer,
+    tls: TlsFiles,
+    endpoint: ActionsTokenEndpoint,
+) -> None:
+    """Without ``clients = true`` an ID token the rule admits for agents is refused (403) by
+    the client routes; an admitted one gets no admin route."""
+    rule = f"""
+[[auth.oidc]]
+issuer = "{issuer.url}"
+audiences = ["bigtent"]
+ca_file = "{tls.ca_file}"
+repositories = ["{REPOSITORY}"]
+"""
+    farm = farm_factory(runner_extra=rule)
+    token = httpx.get(
+        endpoint.request_url + "&audience=bigtent",
+        headers={"Authorization": f"Bearer {endpoint.request_token}"},
+    ).json()["value"]
+    with farm.api(token) as c:
+        assert c.post("/api/v1/paths/missing", json={"paths": []}).status_code in (401, 403)
+        assert c.get("/api/v1/builds").status_code in (401, 403)
