@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import httpx
 import pytest
 
 from bigtent.nix.keys import generate_key
+from tests.conftest import current_system
 from tests.e2e.conftest import Farm, free_port
 from tests.github_actions import REPOSITORY, ActionsTokenEndpoint, running_endpoint
 from tests.integration.runner.oidc_issuer import LocalIssuer, SigningKey, TlsFiles
@@ -51,9 +53,10 @@ def nix(
 ) -> subprocess.CompletedProcess[str]:
     """Run a plain Nix command against the client's chroot store with the hook configured."""
     argv = [tool]
-    if tool == "nix":  # the subcommand comes first
-        argv += [args[0], "--extra-experimental-features", "nix-command"]
-        args = args[1:]
+    if tool == "nix":  # the subcommand (one word, or "flake check") comes first
+        words = 2 if args[0] == "flake" else 1
+        argv += [*args[:words], "--extra-experimental-features", "nix-command flakes"]
+        args = args[words:]
     argv += [
         "--option", "build-hook", hook,
         "--option", "max-jobs", str(max_jobs),
@@ -300,3 +303,37 @@ repositories = ["{REPOSITORY}"]
     with farm.api(token) as c:
         assert c.post("/api/v1/paths/missing", json={"paths": []}).status_code in (401, 403)
         assert c.get("/api/v1/builds").status_code in (401, 403)
+
+
+def test_nix_flake_check_builds_on_the_farm(
+    farm_factory: Callable[..., Farm], tmp_path: Path
+) -> None:
+    farm = farm_factory(agents=1)
+    store = tmp_path / "client"
+    hook = hook_setting(farm.url, token_file(farm))
+    flake = tmp_path / "flake"
+    flake.mkdir()
+    salt = uuid.uuid4().hex
+    (flake / "flake.nix").write_text(
+        """{
+  outputs = { self }: let
+    mk = name: derivation {
+      inherit name; system = "%s"; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+      salt = "%s"; args = [ "-c" "echo building ${name}; echo ${name} > $out" ];
+    };
+  in {
+    packages.%s.default = mk "flake-pkg";
+    checks.%s.c1 = mk "flake-check-1";
+  };
+}
+"""
+        % ((current_system(), salt) + (current_system(),) * 2)
+    )
+    check = nix(farm, store, hook, "flake", "check", f"path:{flake}", "-L", tool="nix")
+    assert check.returncode == 0, check.stderr
+    assert "flake-check-1.drv' on 'bigtent'" in check.stderr
+    assert "> building flake-check-1" in check.stderr
+    built = nix(farm, store, hook, "build", f"path:{flake}", "--no-link", "--json", tool="nix")
+    assert built.returncode == 0, built.stderr
+    out = json.loads(built.stdout)[0]["outputs"]["out"]
+    assert (store / out.lstrip("/")).read_text() == "flake-pkg\n"
