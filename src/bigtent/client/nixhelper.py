@@ -25,7 +25,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from bigtent.client.api import RunnerClient
 from bigtent.client.nixhook import (
@@ -74,6 +75,28 @@ def parse_request(raw: bytes) -> tuple[str, list[str], str]:
     return drv, wanted, store
 
 
+async def until_hook_leaves(
+    reader: asyncio.StreamReader, work: Coroutine[Any, Any, int]
+) -> int | None:
+    """``work``'s result, or None once the hook closes its side first (Nix was interrupted
+    and killed it): then the work is cancelled. The build on the farm goes on, as after an
+    interrupted ``bigtent build``; a later run finds it built or building."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(reader.read())  # the hook sends nothing after its request
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+
+
 class Helper:
     def __init__(self, config: HookConfig) -> None:
         self.config = config
@@ -111,12 +134,16 @@ class Helper:
                 sink._send({"exit": 1})
                 return
             try:
-                code = await build_on_farm(
-                    self.config, store, drv, wanted, sink, client, self.memory
+                code = await until_hook_leaves(
+                    reader,
+                    build_on_farm(self.config, store, drv, wanted, sink, client, self.memory),
                 )
             finally:
                 if client is not self._client:
                     await client.aclose()
+            if code is None:
+                log.info("the hook for %s went away (Nix stopped): no longer following it", drv)
+                return
             sink._send({"exit": code})
         except Exception as exc:  # one derivation's surprise must not end the helper
             log.exception("building a derivation failed")

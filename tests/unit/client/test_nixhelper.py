@@ -92,3 +92,36 @@ def test_hook_relays_the_helpers_log_errors_and_status(sock_dir: Path) -> None:
     assert json.loads(seen[0]) == {"drv": drv, "wanted": ["out"], "store": "local?root=/tmp/c"}
     assert log.getvalue() == b"building node 0-0\nbigtent: oops\n"
     assert b'"bigtent: oops"' in messages.getvalue()
+
+
+async def test_a_hook_that_goes_away_stops_the_following(
+    sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nix interrupted: the hook's connection closes and the helper stops following the
+    derivation (it does not poll the runner for a build nobody waits for)."""
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def forever(*args: object) -> int:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return 0
+
+    monkeypatch.setattr("bigtent.client.nixhelper.build_on_farm", forever)
+    sock = sock_dir / "h.sock"
+    helper = Helper(config(sock, idle=0.3)._replace(token="t"))
+    serving = asyncio.create_task(helper.serve(str(sock)))
+    await eventually(sock.exists, timeout=5, what="the helper to listen")
+    async with asyncio.timeout(10):
+        _, writer = await asyncio.open_unix_connection(str(sock))
+        drv = "/nix/store/czqhcspln0q6jcivma6n3kwn2zbyccsn-a.drv"
+        writer.write(json.dumps({"drv": drv, "wanted": [], "store": ""}).encode() + b"\n")
+        await writer.drain()
+        await started.wait()
+        writer.close()
+        await cancelled.wait()
+        assert await serving == 0  # and it idles out afterwards
+    assert helper.active == 0
