@@ -16,11 +16,13 @@ Fd 4 is the build log (``nix build -L`` shows it, a failure shows its last lines
 answer, stderr carries only Nix's JSON log messages (``@nix {...}``), plain lines are dropped.
 Nix holds the locks on the output paths while the hook runs: the outputs are copied in with
 ``nix copy`` and ``NIX_HELD_LOCKS`` naming them, which makes Nix's local store skip those locks
-(a ``nix-store --realise`` would substitute through its own locks and wait forever).
+(without it the copy waits for them forever).
 
-The farm side reuses ``bigtent build``'s flow (``client/build.py``): upload what the runner
-lacks of the ``.drv`` closure, submit, follow, and take the outputs from the runner's signed
-cache, whose signature the local Nix checks. The decisions are pure functions below.
+``hookentry`` reads the wire and answers (importing nothing heavy); this module holds the
+options, the hand-over to the helper (``nixhelper``) and the farm's side, which reuses
+``bigtent build``'s flow (``client/build.py``): upload what the runner lacks of the ``.drv``
+closure, submit, follow, and take the outputs from the runner's signed cache, whose signature
+the local Nix checks. The decisions are pure functions.
 """
 
 from __future__ import annotations
@@ -44,9 +46,8 @@ if TYPE_CHECKING:
     from bigtent.client.api import Build, RunnerClient, RunnerStatus, StepAttempt, WaitingStep
     from bigtent.nix.store import NixStore
 
-# Nix waits for the hook's answer before it looks at anything else (a new hook process is
-# started for each derivation after an accept), so everything up to the answer imports only
-# what the interpreter has loaded anyway; asyncio, httpx and the rest come after ``# accept``.
+# The farm's side imports asyncio, httpx and the client inside its functions: ``run_hook``
+# (the full path, for ``--on-unreachable local`` and the tests) answers before it needs them.
 
 _T = TypeVar("_T")
 
