@@ -47,6 +47,7 @@ bench: deps venv
 	$(BIN)/python bench/fanin.py $(BENCH_FLAGS)
 	$(BIN)/python bench/cache.py $(BENCH_FLAGS)
 	$(BIN)/python bench/forge.py $(BENCH_FLAGS)
+	$(BIN)/python bench/nixhook.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) .bigtent-demo .mypy_cache .ruff_cache .pytest_cache

@@ -978,6 +978,22 @@ def steps(
     print_table(STEP_COLUMNS, [step_row(s, now) for s in rows])
 
 
+@cli.command(
+    "nix-hook",
+    context_settings={**_CONTEXT, "ignore_unknown_options": True, "allow_extra_args": True},
+)
+@click.pass_context
+def nix_hook(ctx: click.Context) -> None:
+    """Nix's build hook: plain nix-build / nix build build on the farm (docs/nix-integration.md).
+
+    nix.conf: build-hook = a wrapper running `bigtent-nix-hook --runner URL --token-file FILE
+    "$@"` (this command is the same program; `bigtent-nix-hook --help` lists its options).
+    """
+    from bigtent.client.hookentry import main as hook_main
+
+    ctx.exit(hook_main(ctx.args))
+
+
 @cli.command("log", context_settings=_CONTEXT)
 @click.argument("step")
 @_client_options

@@ -306,6 +306,11 @@ class OidcIssuerSection(_Section):
     build_repositories: list[str] | None = None
     """Repositories whose builds these agents may build; default ``repositories``; ``"*"``:
     any build, also one without a repository."""
+    clients: bool = False
+    """The ID tokens this rule admits may also act as a client (a CI job's
+    ``bigtent-nix-hook --oidc github``, docs/nix-integration.md): upload sources and ``.drv``
+    files, submit and follow builds. Those builds are untrusted and carry the job's
+    repository."""
     refresh_interval_secs: float = Field(default=60.0, gt=0)
     """At most one key fetch per interval for unknown ``kid``s (a flood causes no flood)."""
     http_timeout_secs: float = Field(default=10.0, gt=0)

@@ -114,3 +114,23 @@ def test_forge_benchmark_reports_its_fields(tmp_path: Path) -> None:
     assert result["check_runs_wanted"] == 11  # the summary and one per failed job
     assert result["github_posts"] == 11 and result["token_requests"] == 1
     assert result["final_report_to_posted_secs"] > 0 < result["baseline_direct_create_secs"]
+
+
+@pytest.mark.nix
+@pytest.mark.skipif(not have_nix(), reason="needs Nix")
+def test_nixhook_benchmark_runs_on_a_tiny_dag(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "nixhook.py"), "--layers", "2", "--width", "2",
+         "--no-ssh", "--json"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["derivations"] == 5
+    assert set(result["wall_secs"]) == {
+        "nix-build -j2 (local)",
+        "bigtent build (2 agents x 2 jobs, results fetched)",
+        "nix-build through bigtent-nix-hook (same farm)",
+        "nix-build through bigtent-nix-hook, helper running",
+    }
+    assert result["ssh_vs_hook"] is None

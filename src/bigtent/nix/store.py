@@ -114,8 +114,10 @@ class NixStore:
         *,
         options: Mapping[str, str] | None = None,
         stdin: bytes | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> str:
-        """Run a Nix command to completion and return its stdout; raise NixError on failure."""
+        """Run a Nix command to completion and return its stdout; raise NixError on failure.
+        ``env`` is added to this command's environment."""
         argv = self._argv(tool, args, options)
         log.debug("running %s", argv)
         try:
@@ -124,7 +126,7 @@ class NixStore:
                 stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                env=self._environ(),
+                env={**self._environ(), **(env or {})},
             )
         except FileNotFoundError as exc:
             raise NixError(
@@ -269,6 +271,29 @@ class NixStore:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+    async def copy_from(
+        self,
+        source: str,
+        paths: Sequence[str],
+        *,
+        options: Mapping[str, str] | None = None,
+        held_locks: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """``nix copy --from SOURCE PATHS`` into this store; Nix checks each path's signature
+        against ``trusted-public-keys``. ``held_locks``: paths whose locks our parent Nix holds
+        (a build hook copying the outputs of the derivation it was given); Nix's local store
+        then does not wait for those locks (``NIX_HELD_LOCKS``). ``env``: more environment."""
+        if not paths:
+            return
+        args = ["copy", "--from", source]
+        if self.store:
+            args += ["--to", self.store]
+        extra = dict(env or {})
+        if held_locks:
+            extra["NIX_HELD_LOCKS"] = " ".join(held_locks)
+        await self.run("nix", [*args, *paths], options=options, env=extra)
 
     async def delete(self, paths: Sequence[str]) -> None:
         """``nix-store --delete PATHS``: remove paths nothing refers to (raises NixError)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -82,13 +82,28 @@ async def _components(request: Request) -> Components:
 Comps = Annotated[Components, Depends(_components)]
 
 
+async def oidc_client(comps: Components, token: str) -> Principal:
+    """The client a CI job's ID token stands for, when its ``[[auth.oidc]]`` rule says
+    ``clients = true``: untrusted, named and scoped by the job's repository."""
+    identity = await comps.sessions.verify_oidc(token)
+    assert comps.sessions.oidc is not None  # verify_oidc refuses without issuers
+    if not comps.sessions.oidc.admits_clients(identity):
+        raise Forbidden("this issuer's ID tokens may not act as a client (clients = false)")
+    return Principal(
+        f"oidc:{identity.repository}", Role.CLIENT, trusted=False, repository=identity.repository
+    )
+
+
 def _require(role: Role) -> Any:
     # Dependencies are ``async def``: FastAPI runs plain ``def`` ones in a thread pool.
     async def check(
         request: Request, authorization: Annotated[str | None, Header()] = None
     ) -> Principal:
         comps: Components = request.app.state.components
-        return comps.tokens.require(bearer_token(authorization), role)
+        token = bearer_token(authorization)
+        if role is Role.CLIENT and token is not None and looks_like_jwt(token):
+            return await oidc_client(comps, token)
+        return comps.tokens.require(token, role)
 
     return Depends(check)
 
@@ -159,12 +174,20 @@ class CredentialGate:
     limit) before the upgrade."""
 
     def __init__(
-        self, app: ASGIApp, tokens: TokenRegistry, throttle: FailureThrottle, metrics: Metrics
+        self,
+        app: ASGIApp,
+        tokens: TokenRegistry,
+        throttle: FailureThrottle,
+        metrics: Metrics,
+        jwt_client: Callable[[str], Awaitable[Principal]] | None = None,
     ) -> None:
         self.app = app
         self.tokens = tokens
         self.throttle = throttle
         self.metrics = metrics
+        self.jwt_client = jwt_client
+        """Verifies a CI job's ID token acting as a client (``oidc_client``); None: no
+        ``[[auth.oidc]]`` rule admits clients, and a JWT is refused like any unknown token."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
@@ -180,7 +203,10 @@ class CredentialGate:
             try:
                 self.throttle.check(host)
                 try:
-                    self.tokens.authenticate(token)
+                    if self.jwt_client is not None and token and looks_like_jwt(token):
+                        await self.jwt_client(token)
+                    else:
+                        self.tokens.authenticate(token)
                 except AuthError as exc:
                     self.throttle.failed(host, exc)
                     raise
@@ -400,7 +426,7 @@ async def create_build(
         priority=body.priority,
         created_by=who.name,
         parts=plan_parts(comps.cache, comps.upstreams, body.drvs, also=also),
-        repository=body.repository,
+        repository=who.repository if who.repository is not None else body.repository,
         ref=body.ref,
         trusted=trusted,
         submission_key=body.submission,

@@ -23,6 +23,7 @@ from bigtent.runner.api import (
     api,
     cache_routes,
     install_error_handlers,
+    oidc_client,
 )
 from bigtent.runner.autoscale.routes import launch_routes
 from bigtent.runner.components import Components, build_components, close_components
@@ -99,8 +100,13 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
     )
     app.state.components = comps
     install_error_handlers(app)
+    clients_by_oidc = any(rule.clients for rule in comps.config.auth.oidc)
     app.add_middleware(
-        CredentialGate, tokens=comps.tokens, throttle=comps.auth_throttle, metrics=comps.metrics
+        CredentialGate,
+        tokens=comps.tokens,
+        throttle=comps.auth_throttle,
+        metrics=comps.metrics,
+        jwt_client=(lambda token: oidc_client(comps, token)) if clients_by_oidc else None,
     )
     app.include_router(api)
     app.include_router(launch_routes)

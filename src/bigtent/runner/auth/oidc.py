@@ -208,6 +208,11 @@ class OidcVerifier:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    def admits_clients(self, identity: AgentIdentity) -> bool:
+        """Whether the rule of the identity's issuer lets its tokens act as a client."""
+        st = self._issuers.get(identity.issuer)
+        return st is not None and st.rule.clients
+
     async def verify(self, token: str) -> AgentIdentity:
         """The identity of the CI job that minted ``token``; raise AuthError when refused."""
         if not token or len(token) > MAX_TOKEN_CHARS:

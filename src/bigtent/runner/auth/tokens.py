@@ -43,6 +43,8 @@ class Principal:
     name: str
     role: Role
     trusted: bool = False
+    repository: str | None = None
+    """Set for a CI job's ID token acting as a client: the repository its builds carry."""
 
     def allows(self, needed: Role) -> bool:
         """``admin`` may do everything; otherwise the role must match."""

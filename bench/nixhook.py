@@ -1,0 +1,144 @@
+"""Benchmark: plain `nix-build` building on the farm through `bigtent-nix-hook`, against
+`bigtent build`, Nix's own SSH remote builders and local `nix-build -j2`, in one run, on the
+same DAG shape (a fresh salt for each, so nothing is cached).
+
+    python bench/nixhook.py [--layers 5 --width 6] [--no-ssh] [--json]
+
+Both farm variants use one `bigtent up` (2 agents x 2 jobs) and fetch the results into the
+local store; the hook variant builds into an empty chroot store with `max-jobs = 0`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+from dag import (  # type: ignore[import-not-found]  # bench/dag.py, run as a script
+    NO_SUBST,
+    SANDBOX,
+    bigtent_build,
+    dag_file,
+    farm,
+    machine,
+    ssh_builder,
+    timed,
+)
+
+HOOK = Path(sys.executable).parent / "bigtent-nix-hook"
+
+
+def hook_script(work: Path, env: dict[str, str]) -> Path:
+    """nix.conf's ``build-hook``: a wrapper with the runner and the token file (Nix 2.8 takes
+    the setting as one path), as docs/nix-integration.md shows."""
+    token = work / "hook-token"
+    token.write_text(env["BIGTENT_TOKEN"] + "\n")
+    script = work / "bigtent-hook"
+    sock = work / "hook.sock"  # its own helper, gone 10 s after the run
+    script.write_text(
+        f"#!/bin/sh\nexec {HOOK} --runner {env['BIGTENT_URL']} --token-file {token} "
+        f'--socket {sock} --helper-idle 10 "$@"\n'
+    )
+    script.chmod(0o755)
+    return script
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--layers", type=int, default=5)
+    ap.add_argument("--width", type=int, default=6)
+    ap.add_argument("--no-ssh", action="store_true", help="skip the Nix SSH builder baseline")
+    ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    ap.add_argument("--quick", action="store_true", help="a 3x3 DAG, no SSH")
+    args = ap.parse_args()
+    if args.quick:
+        args.layers, args.width, args.no_ssh = 3, 3, True
+    stream = sys.stderr if args.json else sys.stdout
+
+    def say(text: str = "") -> None:
+        print(text, file=stream, flush=True)
+
+    n = args.layers * args.width + 1
+    load = os.getloadavg()
+    say(f"# bigtent nix-hook benchmark, {datetime.now().isoformat(timespec='seconds')}")
+    say(f"# machine: {machine()}; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    results: dict[str, float] = {}
+
+    def record(name: str, secs: float) -> None:
+        results[name] = secs
+        say(f"# measured: {name}: {secs:.2f} s")
+
+    # Byte-compile bigtent as an installation would (PYTHONDONTWRITEBYTECODE may be set): a
+    # hook process per derivation should not pay for compiling its module each time.
+    package = Path(__file__).resolve().parents[1] / "src" / "bigtent"
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=False)
+    with tempfile.TemporaryDirectory(prefix="bigtent-bench-") as tmp:
+        work = Path(tmp)
+        os.environ["XDG_CACHE_HOME"] = str(work / "xdg")
+        dag = dict(layers=args.layers, width=args.width)
+        local = ["nix-build", str(dag_file(work, **dag)), "-A", "top", "-j2", "--no-out-link"]
+        record("nix-build -j2 (local)", timed([*local, *NO_SUBST, *SANDBOX]))
+        if not args.no_ssh and Path("/usr/sbin/sshd").exists():
+            with ssh_builder(work) as (builders, env):
+                argv = ["nix-build", str(dag_file(work, **dag)), "-A", "top", "--no-out-link"]
+                argv += ["--max-jobs", "0", "--builders", builders, *NO_SUBST]
+                record("nix-build, SSH remote builders (2 jobs)", timed(argv, env=env))
+        with farm(work, agents=2, jobs=2) as env:
+            t, _ = bigtent_build(env, dag_file(work, **dag), "--no-out-link")
+            record("bigtent build (2 agents x 2 jobs, results fetched)", t)
+            store = work / "hook-store"
+            hook_env = {**env, "NIX_REMOTE": f"local?root={store}"}
+            argv = ["nix-build", str(dag_file(work, **dag)), "-A", "top", "--no-out-link"]
+            argv += ["--option", "build-hook", str(hook_script(work, env))]
+            argv += ["--max-jobs", "0", *NO_SUBST]
+            # Instantiating into the empty chroot store is part of the run, as for the others.
+            record("nix-build through bigtent-nix-hook (same farm)", timed(argv, env=hook_env))
+            # Again with a new salt: the helper the first run started is still there.
+            argv[1] = str(dag_file(work, **dag))
+            record("nix-build through bigtent-nix-hook, helper running", timed(argv, env=hook_env))
+
+    say(f"\n## {n} trivial derivations ({args.layers} layers x {args.width}, fan-in 3)\n")
+    base = results["nix-build -j2 (local)"]
+    say("| what | wall time (s) | vs local nix-build -j2 |")
+    say("|---|---|---|")
+    for name, secs in results.items():
+        say(f"| {name} | {secs:.2f} | {secs / base:.2f}x |")
+    hook = results["nix-build through bigtent-nix-hook (same farm)"]
+    warm = results["nix-build through bigtent-nix-hook, helper running"]
+    ours = results["bigtent build (2 agents x 2 jobs, results fetched)"]
+    ssh = results.get("nix-build, SSH remote builders (2 jobs)")
+    say(f"\nnix-build through the hook / bigtent build: {hook / ours:.2f}x (target: within 1.5x)")
+    say(f"the same, helper already running: {warm / ours:.2f}x")
+    if ssh is not None:
+        say(f"Nix SSH builders / nix-build through the hook: {ssh / hook:.1f}x (target: >= 10x)")
+    if args.json:
+        json.dump(
+            {
+                "benchmark": "nixhook",
+                "machine": machine(),
+                "load_average_start": [round(x, 2) for x in load],
+                "load_average_end": [round(x, 2) for x in os.getloadavg()],
+                "derivations": n,
+                "wall_secs": results,
+                "hook_vs_bigtent_build": hook / ours,
+                "warm_hook_vs_bigtent_build": warm / ours,
+                "ssh_vs_hook": ssh / hook if ssh is not None else None,
+            },
+            sys.stdout,
+            indent=2,
+        )
+        sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    started = time.monotonic()
+    code = main()
+    print(f"# bench took {time.monotonic() - started:.0f} s", file=sys.stderr)
+    sys.exit(code)

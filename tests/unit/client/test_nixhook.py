@@ -1,0 +1,231 @@
+"""The build hook's pure parts: Nix's wire format, the answers, exit statuses, options."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from bigtent.client.api import Build, BuildRoot, FailedStep
+from bigtent.client.hookentry import (
+    Reply,
+    TryRequest,
+    WireReader,
+    decide,
+    encode_settings,
+    encode_try,
+    farm_systems,
+    put_strs,
+    quick_options,
+    read_settings,
+    read_try,
+    reply_line,
+)
+from bigtent.client.nixhelper import parse_request
+from bigtent.client.nixhook import (
+    HookConfig,
+    LogSink,
+    OnUnreachable,
+    failure_exit_code,
+    helper_argv,
+    helper_socket,
+    local_store_uri,
+    parse_args,
+    run_hook,
+    wanted_paths,
+)
+from bigtent.states import BuildState
+
+DRV = "/nix/store/czqhcspln0q6jcivma6n3kwn2zbyccsn-a.drv"
+LINUX = frozenset({"x86_64-linux"})
+
+
+def wire(data: bytes) -> WireReader:
+    return WireReader(io.BytesIO(data))
+
+
+def test_settings_and_try_round_trip_nix_wire_format() -> None:
+    settings = {"store": "local?root=/tmp/x", "system": "x86_64-linux", "empty": ""}
+    request = TryRequest(True, "x86_64-linux", DRV, frozenset({"kvm", "big-parallel"}))
+    w = wire(encode_settings(settings) + encode_try(request))
+    assert read_settings(w) == settings
+    assert read_try(w) == request
+    assert read_try(w) is None  # end of input: Nix has no more
+
+
+def test_strings_are_padded_to_eight_bytes() -> None:
+    data = put_strs(["abc", "12345678"])
+    assert len(data) == 8 + (8 + 8) + (8 + 8)
+    assert wire(data).read_strs() == ["abc", "12345678"]
+
+
+def test_truncated_input_is_an_end_not_a_crash() -> None:
+    full = encode_try(TryRequest(False, "x86_64-linux", DRV, frozenset()))
+    with pytest.raises(EOFError):
+        read_try(wire(full[:-3]))
+
+
+def test_replies_are_the_lines_nix_expects() -> None:
+    assert reply_line(Reply.ACCEPT) == b"# accept\nbigtent\n"
+    assert reply_line(Reply.DECLINE) == b"# decline\n"
+    assert reply_line(Reply.POSTPONE) == b"# postpone\n"
+
+
+@pytest.mark.parametrize(
+    ("system", "runner_ok", "reply"),
+    [
+        ("x86_64-linux", None, Reply.ACCEPT),
+        ("x86_64-linux", True, Reply.ACCEPT),
+        ("x86_64-linux", False, Reply.DECLINE),  # on-unreachable = local
+        ("aarch64-linux", None, Reply.DECLINE),  # not a system the farm is asked for
+        ("builtin", None, Reply.DECLINE),  # Nix's own fetchurl stays local
+    ],
+)
+def test_decide(system: str, runner_ok: bool | None, reply: str) -> None:
+    request = TryRequest(False, system, DRV, frozenset())
+    assert decide(request, LINUX, runner_ok=runner_ok) == reply
+
+
+def test_farm_systems_default_to_what_the_local_nix_builds() -> None:
+    settings = {"system": "x86_64-linux", "extra-platforms": "i686-linux  "}
+    assert farm_systems(frozenset(), settings) == {"x86_64-linux", "i686-linux"}
+    assert farm_systems(frozenset({"aarch64-linux"}), settings) == {"aarch64-linux"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "systems", "local"),
+    [
+        ([], set(), False),
+        (["--system", "a-linux", "--system=b-linux", "3"], {"a-linux", "b-linux"}, False),
+        (["--on-unreachable", "local", "--runner", "http://r"], set(), True),
+        (["--on-unreachable=fail"], set(), False),
+    ],
+)
+def test_quick_options_read_what_the_answer_needs(
+    argv: list[str], systems: set[str], local: bool
+) -> None:
+    assert quick_options(argv) == (frozenset(systems), local)
+
+
+def test_local_store_uri() -> None:
+    assert local_store_uri({"store": "local?root=/tmp/c"}) == "local?root=/tmp/c"
+    assert local_store_uri({"store": "auto"}) == ""
+    assert local_store_uri({}) == ""
+
+
+def build(*failed: tuple[str, str], roots: dict[str, str] | None = None) -> Build:
+    return Build(
+        id="7",
+        state=BuildState.FAILED if failed else BuildState.SUCCEEDED,
+        roots=[BuildRoot(drv_path=DRV, outputs=roots or {})],
+        failed_steps=[
+            FailedStep(id=str(i), drv_path=DRV, state=state, outcome=outcome)
+            for i, (state, outcome) in enumerate(failed)
+        ],
+    )
+
+
+def test_failure_exit_codes_mean_what_nix_expects() -> None:
+    assert failure_exit_code(build(("failed", "build_failure"))) == 100
+    assert failure_exit_code(build(("failed", "log_limit"))) == 100
+    assert failure_exit_code(build(("failed", "timed_out"), ("failed", "build_failure"))) == 101
+    assert failure_exit_code(build(("failed", "unsupported"))) == 1
+    assert failure_exit_code(build(("cancelled", ""))) == 1
+
+
+def test_wanted_paths() -> None:
+    b = build(roots={"out": "/nix/store/a-x", "dev": "/nix/store/b-x-dev"})
+    assert wanted_paths(b, ["out"]) == ["/nix/store/a-x"]
+    assert wanted_paths(b, []) == ["/nix/store/b-x-dev", "/nix/store/a-x"]
+
+
+def test_parse_args_reads_the_token_file_and_keeps_it_off_the_helper_command_line(
+    tmp_path: Path,
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("bt_secret\n")
+    config = parse_args(
+        [
+            "--runner",
+            "http://r:1",
+            "--token-file",
+            str(token),
+            "--system",
+            "x86_64-linux",
+            "--public-key",
+            "farm-1:abc=",
+            "3",
+        ],
+        {},
+    )
+    assert config.token == "bt_secret"
+    assert config.systems == {"x86_64-linux"}
+    assert config.public_keys == ("farm-1:abc=",)
+    assert config.helper
+    argv = helper_argv(config)
+    assert "bt_secret" not in " ".join(argv)
+    assert argv[-1] == "--socket"
+    assert parse_args([*argv, "/tmp/s.sock"], {"BIGTENT_TOKEN": "bt_secret"}) == config._replace(
+        socket="/tmp/s.sock"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--oidc", "github"], "--audience"),
+        (["--token-file", "/nonexistent/token"], "cannot read token file"),
+        (["--on-unreachable", "sometimes"], "bad arguments"),
+        (["--poll-interval", "0"], "positive"),
+    ],
+)
+def test_parse_args_mistakes_are_messages(argv: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_args(argv, {})
+
+
+def test_oidc_needs_no_token() -> None:
+    config = parse_args(["--oidc", "github", "--audience", "bigtent"], {"BIGTENT_TOKEN": "x"})
+    assert config.token is None and config.oidc_audience == "bigtent"
+
+
+def test_helper_socket_is_one_per_runner_and_credential() -> None:
+    a = HookConfig(runner_url="http://r", token="t1")
+    env = {"XDG_RUNTIME_DIR": "/run/user/5"}
+    assert helper_socket(a, 5, env).startswith("/run/user/5/helper-")
+    assert helper_socket(a, 5, {}).startswith("/tmp/bigtent-nix-hook-5/helper-")
+    assert helper_socket(a, 5, env) == helper_socket(a, 5, env)
+    assert helper_socket(a, 5, env) != helper_socket(a._replace(token="t2"), 5, env)
+    assert helper_socket(a._replace(socket="/x.sock"), 5, env) == "/x.sock"
+
+
+def test_helper_requests_are_checked() -> None:
+    raw = json.dumps({"drv": DRV, "wanted": ["out"], "store": ""}).encode()
+    assert parse_request(raw) == (DRV, ["out"], "")
+    for bad in ({"drv": "/etc/passwd", "wanted": [], "store": ""}, {"drv": DRV}, [1]):
+        with pytest.raises(ValueError):
+            parse_request(json.dumps(bad).encode())
+
+
+def test_hook_declines_what_the_farm_is_not_asked_for_and_ends_with_nix() -> None:
+    """A whole hook conversation without a runner: two declines, then Nix closes stdin."""
+    stdin = io.BytesIO(
+        encode_settings({"system": "x86_64-linux"})
+        + encode_try(TryRequest(True, "aarch64-linux", DRV, frozenset()))
+        + encode_try(TryRequest(True, "builtin", DRV, frozenset()))
+    )
+    stderr, log = io.BytesIO(), io.BytesIO()
+    config = HookConfig(runner_url="http://127.0.0.1:9", on_unreachable=OnUnreachable.FAIL)
+    assert run_hook(config, stdin, stderr, log) == 0
+    assert stderr.getvalue() == b"# decline\n# decline\n"
+
+
+def test_log_sink_errors_go_to_the_log_and_to_nix_as_json() -> None:
+    log, messages = io.BytesIO(), io.BytesIO()
+    LogSink(log, messages).error("runner said no")
+    assert log.getvalue() == b"bigtent: runner said no\n"
+    line = messages.getvalue()
+    assert line.startswith(b"@nix ")
+    assert json.loads(line[5:]) == {"action": "msg", "level": 0, "msg": "bigtent: runner said no"}
