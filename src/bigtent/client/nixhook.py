@@ -43,7 +43,7 @@ from bigtent.client.hookentry import (
 )
 
 if TYPE_CHECKING:
-    from bigtent.client.api import Build, RunnerClient, RunnerStatus, StepAttempt, WaitingStep
+    from bigtent.client.api import Build, RunnerClient, RunnerStatus, Step, StepAttempt, WaitingStep
     from bigtent.nix.store import NixStore
 
 # The farm's side imports asyncio, httpx and the client inside its functions: ``run_hook``
@@ -170,6 +170,9 @@ class _HookObserver:
         pass
 
     def on_progress(self, build: Build) -> None:
+        pass
+
+    def on_steps(self, steps: Sequence[Step]) -> None:
         pass
 
     def on_attempt(self, attempt: StepAttempt) -> None:
