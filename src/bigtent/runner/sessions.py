@@ -445,6 +445,7 @@ class Sessions:
             case p.Heartbeat():
                 session.last_heartbeat = msg
                 self.scheduler.heartbeat(venue, msg.running)
+                self.scheduler.disk_report(venue, msg.free_store_bytes)
                 if msg.draining and not venue.draining:
                     log.info("agent %s is draining: no more assignments", venue.name)
                     venue.draining = True
