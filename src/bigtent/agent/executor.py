@@ -515,6 +515,8 @@ class Executor:
         self._rand = rand
         self._busy_slots: set[int] = set()
         self._serve: dict[int, _ServeSlot] = {}
+        self._stale_slots: set[int] = set()
+        """Busy slots whose serve processes stop when their step ends (``release_idle``)."""
         self.roots: StepRoots | None = None
         """GC roots for the running steps' paths, when the agent collects its store."""
         self.drvs = DrvCache(http)
@@ -539,9 +541,14 @@ class Executor:
 
     async def release_idle(self) -> None:
         """Stop the serve processes of idle slots, so that their temporary GC roots (every
-        path they ever substituted or built) stop holding paths (before a collection)."""
+        path they ever substituted or built) stop holding paths (before a collection). Busy
+        slots' processes are stopped when their step ends, for the next collection."""
+        self._stale_slots.update(s for s in self._serve if s in self._busy_slots)
         idle = [slot for slot in self._serve if slot not in self._busy_slots]
-        entries = [self._serve.pop(slot) for slot in idle]
+        await self._close_slots(idle)
+
+    async def _close_slots(self, slots: list[int]) -> None:
+        entries = [self._serve.pop(slot) for slot in slots if slot in self._serve]
         for conn in (c for e in entries for c in e.connections()):
             await conn.close(SERVE_CLOSE_SECS)
 
@@ -573,6 +580,9 @@ class Executor:
             self._busy_slots.discard(slot)
             if self.roots is not None:
                 self.roots.remove(assign.step_id)
+            if slot in self._stale_slots:
+                self._stale_slots.discard(slot)
+                await self._close_slots([slot])
 
     async def _run(
         self,

@@ -52,6 +52,7 @@ from bigtent.runner.s3 import S3Storage, s3_nar_response
 from bigtent.runner.scheduler import recovery
 from bigtent.runner.scheduler.dispatcher import AGENT
 from bigtent.runner.scheduler.health import is_unhealthy, shown_error
+from bigtent.runner.scheduler.matching import has_room
 from bigtent.runner.sessions import bearer_token, looks_like_jwt
 from bigtent.runner.storage import MAX_NAME_BYTES
 from bigtent.runner.trust import build_is_trusted
@@ -577,6 +578,9 @@ async def list_agents(comps: Comps, _: ClientAuth) -> dict[str, Any]:
                 "connected": venue is not None
                 or (bool(r.connected) and now - float(r.last_seen) <= elsewhere_secs),
                 "draining": venue.draining if venue else False,
+                "free_store_bytes": venue.free_store_bytes if venue else None,
+                "has_room": venue is None
+                or has_room(venue.free_store_bytes, comps.config.scheduler.min_free_store_bytes),
                 "first_seen": _iso(r.first_seen),
                 "last_seen": _iso(r.last_seen),
                 "steps_succeeded": r.steps_succeeded,
