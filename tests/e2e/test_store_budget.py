@@ -9,6 +9,7 @@ import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,7 +66,7 @@ def small_store(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(root)], check=False)
 
 
-def _agent(farm: Farm, name: str) -> dict[str, object]:
+def _agent(farm: Farm, name: str) -> dict[str, Any]:
     with farm.api() as c:
         agents = c.get("/api/v1/agents").json()["agents"]
     return next(a for a in agents if a["name"] == name)
