@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import Farm
-from tests.e2e.test_faults import _wait_for
+from tests.e2e.test_faults import _steps, _wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nix, pytest.mark.slow]
 
@@ -94,15 +94,19 @@ def test_agent_with_small_store_builds_a_chain_larger_than_its_store(
     log = agent.log.read_text()
     assert "store collected:" in log, log[-4000:]
     assert "No space left" not in log
-    # Every link was built here, once: none failed for want of space and was retried.
-    with farm.api() as c:
-        build = c.get(f"/api/v1/builds/{data['build_id']}").json()
-    assert build["state"] == "succeeded", build
+    # Every link was built at its first attempt: none failed for want of space.
+    steps = _steps(farm, data["build_id"])
+    assert len(steps) == LINKS
+    assert [(s["state"], s["attempts"]) for s in steps] == [("succeeded", 0)] * LINKS
     # The runner knows the agent's free disk from its heartbeats.
     shown = _wait_for(
-        lambda: (a := _agent(farm, "small")).get("free_store_bytes") is not None and a,
+        lambda: _with_free_disk(_agent(farm, "small")),
         30,
         "the agent's free disk in the agents API",
     )
-    free = shown["free_store_bytes"]
-    assert isinstance(free, int) and 0 < free <= STORE_BYTES
+    assert 0 < shown["free_store_bytes"] <= STORE_BYTES
+    assert shown["has_room"] is True
+
+
+def _with_free_disk(agent: dict[str, Any]) -> dict[str, Any] | None:
+    return agent if agent.get("free_store_bytes") is not None else None
