@@ -16,7 +16,6 @@ from fastapi.responses import (
     JSONResponse,
     PlainTextResponse,
     Response,
-    StreamingResponse,
 )
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import SQLAlchemyError
@@ -45,6 +44,7 @@ from bigtent.runner.components import Components
 from bigtent.runner.db import queries
 from bigtent.runner.db.migrate import DATABASE_ERRORS, database_unavailable
 from bigtent.runner.ingest import ingest_client_path, ingest_output
+from bigtent.runner.logretention import expired_text, is_expired
 from bigtent.runner.logserve import log_response
 from bigtent.runner.metrics import Metrics
 from bigtent.runner.presigned import record_json
@@ -526,13 +526,34 @@ async def get_step_log(
     comps: Comps,
     _: ClientAuth,
     byte_range: Annotated[str | None, Header(alias="range")] = None,
-) -> StreamingResponse:
+) -> Response:
     """The step's log, whole or one byte range (``Range: bytes=A-B``, ``A-``, ``-N``)."""
     _known_id(step_id, "step")
     async with comps.engine.connect() as conn:
-        if await queries.fetch_step(conn, step_id) is None:
+        row = await queries.fetch_step(conn, step_id)
+        if row is None:
             raise NotFound(f"no step {step_id}")
+    if _log_expired(row, comps):
+        # Retention deleted it: say so rather than answer an empty log.
+        days = comps.config.scheduler.log_retention_days
+        return PlainTextResponse(expired_text(days), headers={LOG_EXPIRED_HEADER: "true"})
     return log_response(comps.logs, step_id, byte_range)
+
+
+LOG_EXPIRED_HEADER = "X-Bigtent-Log-Expired"
+"""Set on the answer for a log that retention deleted (``scheduler.log_retention_days``)."""
+
+
+def _log_expired(row: Any, comps: Components) -> bool:
+    """Whether retention has deleted (or is about to delete) this step's log: it finished
+    before the cutoff and nothing of its log is left."""
+    return (
+        is_expired(
+            row.finished_at, comps.scheduler.clock(), comps.config.scheduler.log_retention_days
+        )
+        and not comps.scheduler.step_active(row.id)
+        and comps.logs.size(row.id) == 0
+    )
 
 
 @api.get("/agents")
@@ -790,7 +811,11 @@ async def _build_json(comps: Components, build_id: int, details: bool = False) -
                 "state": s.state,
                 "outcome": s.outcome,
                 "error": s.error,
-                "log_tail": comps.logs.tail(s.id, LOG_TAIL_LINES),
+                "log_tail": (
+                    expired_text(comps.config.scheduler.log_retention_days)
+                    if _log_expired(s, comps)
+                    else comps.logs.tail(s.id, LOG_TAIL_LINES)
+                ),
             }
             for s in steps
             if s.state == StepState.FAILED
@@ -841,6 +866,7 @@ def _waiting_for_capacity(comps: Components, steps: Sequence[Any]) -> list[dict[
 
 def _step_json(row: Any, comps: Components) -> dict[str, Any]:
     return {
+        "log_expired": _log_expired(row, comps),
         "id": row.id,
         "drv_path": row.drv_path,
         "name": row.name,

@@ -283,6 +283,7 @@ class Scheduler:
         """Builds being admitted in stages: not over before all their steps are in."""
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.watch_steps(lambda: self.nodes.values())
+        self.metrics.agents_without_room.set_function(self.agents_without_room)
         self.recovery: recovery.RecoveryFailure | None = None
         """Set while reloading from the database fails (the working copy is then empty):
         retried with backoff by ``run``, reported by ``/api/v1/status``, ``/metrics``, the
@@ -1225,6 +1226,16 @@ class Scheduler:
                 store = store or self._renewal_due(node)
         if store and self.feed.shared:
             self.wake()  # the loop stores it, so other runners see the lease is alive
+
+    def step_active(self, step_id: int) -> bool:
+        """Whether a step is in the working copy and not final (its log may still grow)."""
+        node = self.nodes.get(step_id)
+        return node is not None and not node.state.is_final
+
+    def agents_without_room(self) -> int:
+        """Connected venues held back by ``scheduler.min_free_store_bytes`` (a metric)."""
+        minimum = self.config.min_free_store_bytes
+        return sum(not has_room(v.free_store_bytes, minimum) for v in self.venues.values())
 
     def disk_report(self, venue: Venue, free_store_bytes: int | None) -> None:
         """Note the free disk a heartbeat reported. A venue below
