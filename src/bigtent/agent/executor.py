@@ -45,7 +45,6 @@ import httpx
 from bigtent.agent import presigned
 from bigtent.agent.credentials import CredentialSource, as_credential_source
 from bigtent.agent.drvfetch import DrvCache, DrvFetchError
-from bigtent.agent.storegc import StepRoots
 from bigtent.config import AgentSection
 from bigtent.errors import ConfigError, CredentialUnavailable, NixError, describe
 from bigtent.nix.base32 import format_hash
@@ -77,6 +76,7 @@ from bigtent.protocol import (
     Timings,
     UploadMethod,
 )
+from bigtent.storebudget import StepRoots
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import signal
 import ssl
 import time
@@ -48,7 +47,6 @@ from bigtent.agent.executor import (
 )
 from bigtent.agent.identity import AgentIdentity, ephemeral_identity, persistent_identity
 from bigtent.agent.probe import run_probe
-from bigtent.agent.storegc import StepRoots, StoreBudget, StoreCollector, gc_roots_dir
 from bigtent.config import AgentConfig, AgentSection
 from bigtent.errors import (
     AgentCannotBuild,
@@ -82,6 +80,13 @@ from bigtent.protocol import (
     StepId,
     encode,
     parse_runner_message,
+)
+from bigtent.storebudget import (
+    StepRoots,
+    StoreBudget,
+    StoreCollector,
+    free_disk_bytes,
+    gc_roots_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -200,11 +205,7 @@ def read_host_metrics(store_dir: Path, work_dir: Path, proc: Path = Path("/proc"
 
 
 def _free_bytes(path: Path) -> int | None:
-    # The store dir of a fresh chroot store may not exist yet: measure its nearest ancestor.
-    for candidate in (path, *path.parents):
-        with contextlib.suppress(OSError):
-            return shutil.disk_usage(candidate).free
-    return None
+    return free_disk_bytes(path)
 
 
 # ---- the session ------------------------------------------------------------------------

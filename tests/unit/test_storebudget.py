@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bigtent.agent.storegc import (
+from bigtent.storebudget import (
     StepRoots,
     StoreBudget,
     bytes_to_free,

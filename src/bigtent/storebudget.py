@@ -1,18 +1,20 @@
-"""The agent's store disk budget: when to collect, how much, and what must survive.
+"""A Nix store's disk budget: when to collect, how much, and what must survive.
 
-An agent with ``min_free_bytes`` set collects its own store with Nix's GC (``nix-store --gc
---max-freed N``) whenever the free disk of the store falls below that, aiming for
-``target_free_bytes``. What a running step needs survives because it is rooted twice over:
+An agent with ``min_free_bytes`` set (and the runner's SSH-builder store with
+``ssh_store_min_free_bytes``) collects its store with Nix's GC (``nix-store --gc --max-freed
+N``) whenever the free disk of the store falls below that, aiming for the target. What a
+running step needs survives because it is rooted twice over:
 
-- every running step's paths (its ``.drv``, its outputs, and with the serve executor its
-  inputs) are GC roots for the whole step, symlinks in the store's own ``gcroots`` directory
-  (``StepRoots``), removed once its outputs are uploaded;
-- the Nix processes of busy slots keep their temporary roots (Nix's ``temproots``), and those
-  of a path being substituted or built during a collection reach the GC through its socket.
+- every running step's paths (its ``.drv``, its outputs, and with the agent's serve executor
+  its inputs) are GC roots for the whole step, symlinks in the store's own ``gcroots``
+  directory (``StepRoots``), removed once its outputs are uploaded;
+- the Nix processes of running steps keep their temporary roots (Nix's ``temproots``), and
+  those of a path being substituted or built during a collection reach the GC through its
+  socket.
 
 A long-lived serve process keeps temporary roots for everything it ever substituted or
-built, so before collecting, the executor closes the serve processes of its idle slots
-(``Executor.release_idle``); they are started again at the next step.
+built, so before collecting, the agent's executor closes the serve processes of its idle
+slots (``Executor.release_idle``); they are started again at the next step.
 
 ``bytes_to_free`` is the decision (pure); ``StoreCollector`` does the I/O.
 """
@@ -63,6 +65,15 @@ def bytes_to_free(free_bytes: int | None, budget: StoreBudget) -> int:
     if not budget.enabled or free_bytes is None or free_bytes >= budget.min_free_bytes:
         return 0
     return max(1, budget.target - free_bytes)
+
+
+def free_disk_bytes(path: Path) -> int | None:
+    """Free bytes of the file system holding ``path`` (or its nearest existing ancestor: the
+    store directory of a fresh chroot store may not exist yet); None when none can be read."""
+    for candidate in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(candidate).free
+    return None
 
 
 _FREED = re.compile(r"(\d+) store paths deleted, ([0-9.]+) MiB freed")

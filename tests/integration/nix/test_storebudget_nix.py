@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bigtent.agent.storegc import StepRoots, StoreBudget, StoreCollector, gc_roots_dir
 from bigtent.nix.store import NixStore
+from bigtent.storebudget import StepRoots, StoreBudget, StoreCollector, gc_roots_dir
 
 pytestmark = [pytest.mark.nix]
 
