@@ -503,6 +503,11 @@ class RunnerConfig(_FileSettings):
     ssh_require_host_key: bool = True
     """An SSH builder without ``host_key`` is never used (DESIGN §6)."""
     ssh_builders: list[SshBuilderSection] = []
+    ssh_store_min_free_bytes: int = Field(default=0, ge=0, le=MAX_BYTES)
+    """Collect the runner's SSH-builder store (``STATE/ssh-store``, Nix's GC) after a step
+    when its free disk is below this; 0 (the default): never."""
+    ssh_store_target_free_bytes: int = Field(default=0, ge=0, le=MAX_BYTES)
+    """How much free disk such a collection aims for (default: twice the minimum)."""
     autoscale: AutoscaleSection = AutoscaleSection()
     """``[[autoscale.github]]`` pools (docs/autoscaling.md)."""
 
