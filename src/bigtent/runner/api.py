@@ -44,7 +44,7 @@ from bigtent.runner.components import Components
 from bigtent.runner.db import queries
 from bigtent.runner.db.migrate import DATABASE_ERRORS, database_unavailable
 from bigtent.runner.ingest import ingest_client_path, ingest_output
-from bigtent.runner.logretention import expired_text, is_expired
+from bigtent.runner.logretention import expired_response, expired_text, log_expired
 from bigtent.runner.logserve import log_response
 from bigtent.runner.metrics import Metrics
 from bigtent.runner.presigned import record_json
@@ -535,24 +535,14 @@ async def get_step_log(
             raise NotFound(f"no step {step_id}")
     if _log_expired(row, comps):
         # Retention deleted it: say so rather than answer an empty log.
-        days = comps.config.scheduler.log_retention_days
-        return PlainTextResponse(expired_text(days), headers={LOG_EXPIRED_HEADER: "true"})
+        return expired_response(comps.config.scheduler.log_retention_days)
     return log_response(comps.logs, step_id, byte_range)
 
 
-LOG_EXPIRED_HEADER = "X-Bigtent-Log-Expired"
-"""Set on the answer for a log that retention deleted (``scheduler.log_retention_days``)."""
-
-
 def _log_expired(row: Any, comps: Components) -> bool:
-    """Whether retention has deleted (or is about to delete) this step's log: it finished
-    before the cutoff and nothing of its log is left."""
-    return (
-        is_expired(
-            row.finished_at, comps.scheduler.clock(), comps.config.scheduler.log_retention_days
-        )
-        and not comps.scheduler.step_active(row.id)
-        and comps.logs.size(row.id) == 0
+    sched = comps.scheduler
+    return log_expired(
+        row.id, row.finished_at, comps.logs, sched, comps.config.scheduler, sched.clock()
     )
 
 

@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
+from typing import Protocol
 
+from fastapi.responses import PlainTextResponse, Response
+
+from bigtent.config import SchedulerSection
 from bigtent.runner.logs import LogStore
 
 log = logging.getLogger(__name__)
@@ -44,6 +49,36 @@ def expired_text(retention_days: float) -> str:
         f"[bigtent: this step's log expired: logs are kept {retention_days:g} days after "
         "their step finished (scheduler.log_retention_days)]\n"
     )
+
+
+LOG_EXPIRED_HEADER = "X-Bigtent-Log-Expired"
+"""Set on the answer for a log that retention deleted (``scheduler.log_retention_days``)."""
+
+
+class _Steps(Protocol):
+    def step_active(self, step_id: int) -> bool: ...
+
+
+def log_expired(
+    step_id: int,
+    finished_at: float | None,
+    logs: LogStore,
+    scheduler: _Steps,
+    config: SchedulerSection,
+    now: float | None = None,
+) -> bool:
+    """Whether retention deleted (or is about to delete) a step's log: the step finished
+    before the cutoff, is not running again, and nothing of its log is left."""
+    return (
+        is_expired(finished_at, time.time() if now is None else now, config.log_retention_days)
+        and not scheduler.step_active(step_id)
+        and logs.size(step_id) == 0
+    )
+
+
+def expired_response(retention_days: float) -> Response:
+    """What ``GET …/steps/ID/log`` answers for an expired log (200, one line, a header)."""
+    return PlainTextResponse(expired_text(retention_days), headers={LOG_EXPIRED_HEADER: "true"})
 
 
 async def expire_logs(
