@@ -6,6 +6,7 @@ heartbeats."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -110,3 +111,31 @@ def test_agent_with_small_store_builds_a_chain_larger_than_its_store(
 
 def _with_free_disk(agent: dict[str, Any]) -> dict[str, Any] | None:
     return agent if agent.get("free_store_bytes") is not None else None
+
+
+def test_runner_deletes_step_logs_past_retention(farm_factory: Callable[..., Farm]) -> None:
+    # 0.00003 days: 2.6 s; looked at every 0.5 s.
+    farm = farm_factory(
+        agents=1,
+        scheduler_extra="log_retention_days = 0.00003\nlog_retention_check_secs = 0.5\n",
+    )
+    code, data = farm.build_json(str(farm.dag_file(layers=1, width=2)), "-A", "top")
+    assert code == 0, data
+    steps = _steps(farm, data["build_id"])
+    logs = farm.root / "runner" / "logs"
+
+    def expired() -> bool:
+        with farm.api() as c:
+            return all(
+                c.get(f"/api/v1/steps/{s['id']}/log").headers.get("x-bigtent-log-expired") == "true"
+                for s in steps
+            )
+
+    _wait_for(expired, 60, "every step's log to expire")
+    assert logs.is_dir()
+    assert [p.name for s in steps for p in logs.glob(f"{s['id']}.log*")] == []
+    runner_log = farm.procs[0].log.read_text()
+    deleted = sum(int(n) for n in re.findall(r"deleted (\d+) step logs older than", runner_log))
+    assert deleted == len(steps), runner_log[-3000:]
+    out = farm.bigtent("log", str(steps[0]["id"]))
+    assert "log expired" in out.stdout, out
