@@ -550,6 +550,7 @@ class AgentSession:
             launch_id=ident.launch_id,
             running=held,
             untrusted=self._section.untrusted,
+            free_store_bytes=_free_bytes(self._store_dir),
         )
 
     def _on_registered(self, registered: Registered) -> None:

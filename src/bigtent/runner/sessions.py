@@ -321,6 +321,7 @@ class Sessions:
             launch_id=reg.launch_id,
             trusted=scope.trusted,
             repositories=scope.repositories,
+            free_store_bytes=reg.free_store_bytes,
         )
         session.venue = venue
         self.live[reg.machine_id] = session
