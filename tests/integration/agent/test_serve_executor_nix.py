@@ -74,6 +74,7 @@ class Agent:
             sandbox_paths=SANDBOX_PATHS,
             executor="serve",
         )
+        self.section = section
         self.executor = Executor(section, http=http, token="agent-token")
         self.cache = CacheSettings(runner.url + "/cache", public_key)
 
@@ -236,7 +237,7 @@ async def test_a_collection_while_a_step_builds_keeps_its_inputs_then_frees_them
 
     async with httpx.AsyncClient(timeout=30) as http:
         agent = Agent(tmp_path, fake_runner, public, http)
-        section = agent.executor._section
+        section = agent.section
         roots = StepRoots(gc_roots_dir(section.store, section.work_dir))
         roots.reset()
         agent.executor.roots = roots
