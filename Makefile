@@ -46,6 +46,7 @@ bench: deps venv
 	$(BIN)/python bench/scheduler.py $(BENCH_FLAGS)
 	$(BIN)/python bench/fanin.py $(BENCH_FLAGS)
 	$(BIN)/python bench/cache.py $(BENCH_FLAGS)
+	$(BIN)/python bench/logretention.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) .bigtent-demo .mypy_cache .ruff_cache .pytest_cache

@@ -105,3 +105,12 @@ def test_cache_benchmark_reports_its_fields(tmp_path: Path) -> None:
         assert result["serving"][server]["nar"]["requests"] == n + 1
     h = result["headline"]
     assert h["ingest_none_vs_sha256sum"] > 0 and h["serve_nar_vs_static"] > 0
+
+
+def test_logretention_benchmark_reports_its_fields(tmp_path: Path) -> None:
+    result = run_bench("logretention.py", "--logs", "200", cwd=tmp_path)
+    assert_machine(result)
+    # Half the logs are past retention: every one of them goes, the rest stays.
+    assert result["expired"] == result["deleted"] == 100 and result["files_left"] == 200
+    assert result["more"] is False and result["pass_secs"] > 0
+    assert result["loop_lateness_ms"]["n"] > 0 and result["baseline_lateness_ms"]["n"] > 0
