@@ -198,14 +198,10 @@ def read_host_metrics(store_dir: Path, work_dir: Path, proc: Path = Path("/proc"
         load=load,
         memory_used_bytes=used,
         memory_total_bytes=total,
-        free_store_bytes=_free_bytes(store_dir),
-        free_build_bytes=_free_bytes(work_dir),
+        free_store_bytes=free_disk_bytes(store_dir),
+        free_build_bytes=free_disk_bytes(work_dir),
         psi_cpu_some_avg10=psi,
     )
-
-
-def _free_bytes(path: Path) -> int | None:
-    return free_disk_bytes(path)
 
 
 # ---- the session ------------------------------------------------------------------------
@@ -550,7 +546,7 @@ class AgentSession:
             launch_id=ident.launch_id,
             running=held,
             untrusted=self._section.untrusted,
-            free_store_bytes=_free_bytes(self._store_dir),
+            free_store_bytes=free_disk_bytes(self._store_dir),
         )
 
     def _on_registered(self, registered: Registered) -> None:
@@ -944,7 +940,7 @@ def store_collector(section: AgentSection, executor: Executor) -> StoreCollector
     return StoreCollector(
         store,
         budget,
-        free_bytes=lambda: _free_bytes(store_dir),
+        free_bytes=lambda: free_disk_bytes(store_dir),
         release_idle=executor.release_idle,
     )
 
