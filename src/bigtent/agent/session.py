@@ -277,6 +277,8 @@ class AgentSession:
         """Collects the store when its free disk falls below the budget (docs/agents.md)."""
         self._look_at_disk = asyncio.Event()
         """Wakes the store collector after a step ended."""
+        self._beat_now = asyncio.Event()
+        """Sends the next heartbeat at once (after a collection: the free disk changed)."""
         self._update()
 
     # ---- public -------------------------------------------------------------------------
@@ -618,13 +620,16 @@ class AgentSession:
                 await asyncio.wait_for(self._look_at_disk.wait(), self._section.gc_check_secs)
             self._look_at_disk.clear()
             try:
-                await collector.maybe_collect()
+                if await collector.maybe_collect() is not None:
+                    self._beat_now.set()  # the runner learns of the room at once
             except OSError as exc:
                 log.warning("store collection failed: %s", exc)
 
     async def _heartbeat_loop(self, conn: Connection, interval_secs: float) -> None:
         while True:
-            await asyncio.sleep(interval_secs)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), interval_secs)
+            self._beat_now.clear()
             metrics = read_host_metrics(self._store_dir, self._section.work_dir)
             beat = Heartbeat(
                 load=metrics.load,
