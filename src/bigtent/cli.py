@@ -1549,6 +1549,16 @@ def runner(config_path: Path | None) -> None:
     is_flag=True,
     help="Do not build the start-up probe before registering (agent.probe = false).",
 )
+@click.option(
+    "--min-free-bytes",
+    type=click.IntRange(min=0),
+    help="Collect the store (Nix's GC) when its free disk falls below this [default: 0, never].",
+)
+@click.option(
+    "--target-free-bytes",
+    type=click.IntRange(min=0),
+    help="Free disk a collection aims for [default: twice --min-free-bytes].",
+)
 @click.option("--ephemeral", is_flag=True, help="One session only (architecture §4).")
 @click.option(
     "--untrusted", is_flag=True, help="An untrusted venue: take only untrusted builds' steps."
@@ -1589,6 +1599,8 @@ def agent(
     client_key: Path | None,
     executor: str | None,
     skip_probe: bool,
+    min_free_bytes: int | None,
+    target_free_bytes: int | None,
     ephemeral: bool,
     untrusted: bool,
     max_builds: int | None,
@@ -1615,6 +1627,8 @@ def agent(
         client_cert_file=client_cert,
         client_key_file=client_key,
         executor=executor,
+        min_free_bytes=min_free_bytes,
+        target_free_bytes=target_free_bytes,
         ephemeral=ephemeral,
         untrusted=untrusted,
         max_builds=max_builds,

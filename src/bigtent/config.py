@@ -387,6 +387,14 @@ class SchedulerSection(_Section):
     autoscaler pool offers its system, features and trust) waits for capacity before it
     fails as ``unsupported``. Hours, not seconds: agents come back (a machine rebooting, a
     pool's runners being replaced), and a step failed too early is a build to restart."""
+    min_free_store_bytes: int = Field(default=0, ge=0, le=MAX_BYTES)
+    """An agent whose last heartbeat reported less free disk in its store than this gets no
+    new steps until it reports more (after its own collection); 0 (the default): never
+    judged. Agents that report no free disk, and SSH builders, are never held back."""
+    log_retention_days: float = Field(default=0.0, ge=0, le=MAX_SECS / 86400)
+    """Step logs of steps that finished longer ago than this are deleted (in batches, every
+    ``log_retention_check_secs``); 0 (the default) keeps them forever."""
+    log_retention_check_secs: float = Field(default=3600.0, gt=0, le=MAX_SECS)
 
 
 class SshBuilderSection(_Section):
@@ -501,6 +509,11 @@ class RunnerConfig(_FileSettings):
     ssh_require_host_key: bool = True
     """An SSH builder without ``host_key`` is never used (architecture §6)."""
     ssh_builders: list[SshBuilderSection] = []
+    ssh_store_min_free_bytes: int = Field(default=0, ge=0, le=MAX_BYTES)
+    """Collect the runner's SSH-builder store (``STATE/ssh-store``, Nix's GC) after a step
+    when its free disk is below this; 0 (the default): never."""
+    ssh_store_target_free_bytes: int = Field(default=0, ge=0, le=MAX_BYTES)
+    """How much free disk such a collection aims for (default: twice the minimum)."""
     autoscale: AutoscaleSection = AutoscaleSection()
     """``[[autoscale.github]]`` pools (docs/autoscaling.md)."""
     forge: ForgeSection = ForgeSection()
@@ -645,6 +658,13 @@ class AgentSection(_Section):
     """How a step is built: ``serve`` (default) drives long-lived ``nix-store --serve --write``
     processes, one pair per slot; ``realise`` runs one ``nix-store --realise`` per step (for a
     Nix whose serve protocol differs)."""
+    min_free_bytes: int = Field(default=0, ge=0, le=2**62)
+    """Collect the agent's store (Nix's GC) when its free disk falls below this many bytes;
+    0 (the default) never collects (docs/agents.md, "Disk budget")."""
+    target_free_bytes: int = Field(default=0, ge=0, le=2**62)
+    """How much free disk a collection aims for (default: twice ``min_free_bytes``)."""
+    gc_check_secs: float = Field(default=30.0, gt=0, le=86400)
+    """How often the agent looks at its free disk (it also looks after every step)."""
 
     @field_validator("launch_id")
     @classmethod

@@ -113,6 +113,9 @@ class Register(_Message):
     untrusted: bool = False
     """The agent asks to be an untrusted venue: it takes only steps of untrusted builds
     (docs/security.md). A runner that does not say ``untrusted`` in ``registered`` ignored it."""
+    free_store_bytes: ByteCount | None = None
+    """Free disk in the agent's store at registration (then in every heartbeat), so the
+    runner judges its room (``scheduler.min_free_store_bytes``) before the first heartbeat."""
 
 
 class Heartbeat(_Message):

@@ -237,12 +237,13 @@ sha256 = "{token_digest(self.admin_token)}"
         sandbox_paths: Sequence[str] = (),
         agent_extra: str = "",
         ca_flag: bool = False,
+        store: str | None = None,
     ) -> Proc:
         """Start agent ``name``; ``runner_url`` dials the runner another way (e.g. a proxy);
         ``token`` is another credential (e.g. a CI job's OIDC ID token); ``sandbox_paths`` are
         mapped into the build sandbox besides the host tools; ``agent_extra`` are more
-        ``[agent]`` keys (TOML lines). With TLS the agent gets the test CA as ``ca_file`` in its
-        config, or as ``--ca-file`` with ``ca_flag``."""
+        ``[agent]`` keys (TOML lines); ``store`` is another store URI. With TLS the agent gets
+        the test CA as ``ca_file`` in its config, or as ``--ca-file`` with ``ca_flag``."""
         work = self.root / "agents" / name
         work.mkdir(parents=True, exist_ok=True)
         cfg = work / "agent.toml"
@@ -254,7 +255,7 @@ name = "{name}"
 max_jobs = {max_jobs}
 supported_features = {_toml_list(supported_features)}
 mandatory_features = {_toml_list(mandatory_features)}
-store = "local?root={work / "root"}"
+store = "{store or "local?root=" + str(work / "root")}"
 work_dir = "{work}"
 sandbox_paths = {_toml_list([*HOST_TOOLS, *sandbox_paths])}
 {f'ca_file = "{self.tls.ca_file}"' if self.tls and not ca_flag else ""}

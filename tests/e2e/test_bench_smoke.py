@@ -134,3 +134,12 @@ def test_nixhook_benchmark_runs_on_a_tiny_dag(tmp_path: Path) -> None:
         "nix-build through bigtent-nix-hook, helper running",
     }
     assert result["ssh_vs_hook"] is None
+
+
+def test_logretention_benchmark_reports_its_fields(tmp_path: Path) -> None:
+    result = run_bench("logretention.py", "--logs", "200", cwd=tmp_path)
+    assert_machine(result)
+    # Half the logs are past retention: every one of them goes, the rest stays.
+    assert result["expired"] == result["deleted"] == 100 and result["files_left"] == 200
+    assert result["more"] is False and result["pass_secs"] > 0
+    assert result["loop_lateness_ms"]["n"] > 0 and result["baseline_lateness_ms"]["n"] > 0

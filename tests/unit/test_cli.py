@@ -650,6 +650,21 @@ def test_agent_flags_override_file(fake_run_agent: dict[str, Any], tmp_path: Pat
     assert fake_run_agent["token"] == "secret"
 
 
+def test_agent_store_budget_flags(fake_run_agent: dict[str, Any], tmp_path: Path) -> None:
+    conf = tmp_path / "agent.toml"
+    conf.write_text("[agent]\nmin_free_bytes = 5\ngc_check_secs = 7\n")
+    result = run(["agent", "--config", str(conf), "--min-free-bytes", "1000"])
+    assert result.exit_code == 0, result.output
+    section = fake_run_agent["cfg"].agent
+    assert (section.min_free_bytes, section.target_free_bytes) == (1000, 0)
+    assert section.gc_check_secs == 7
+    result = run(["agent", "--min-free-bytes", "10", "--target-free-bytes", "30"])
+    section = fake_run_agent["cfg"].agent
+    assert (section.min_free_bytes, section.target_free_bytes) == (10, 30)
+    result = run(["agent", "--min-free-bytes", "-1"])
+    assert result.exit_code == 2 and "min-free-bytes" in result.output
+
+
 def test_agent_token_from_env(fake_run_agent: dict[str, Any]) -> None:
     result = run(["agent", "--runner-url", "http://r:1"], env={"BIGTENT_AGENT_TOKEN": "envtok"})
     assert result.exit_code == 0

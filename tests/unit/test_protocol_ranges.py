@@ -67,6 +67,17 @@ def _text(message: dict[str, Any]) -> str:
             },
             "step_id",
         ),
+        (
+            {
+                "type": "register",
+                "machine_id": "m",
+                "name": "a",
+                "systems": ["x86_64-linux"],
+                "max_jobs": 1,
+                "free_store_bytes": 2**64,
+            },
+            "free_store_bytes",
+        ),
     ],
 )
 def test_a_number_out_of_range_is_refused_naming_its_field(

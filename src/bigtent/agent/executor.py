@@ -76,6 +76,7 @@ from bigtent.protocol import (
     Timings,
     UploadMethod,
 )
+from bigtent.storebudget import StepRoots
 
 log = logging.getLogger(__name__)
 
@@ -514,6 +515,10 @@ class Executor:
         self._rand = rand
         self._busy_slots: set[int] = set()
         self._serve: dict[int, _ServeSlot] = {}
+        self._stale_slots: set[int] = set()
+        """Busy slots whose serve processes stop when their step ends (``release_idle``)."""
+        self.roots: StepRoots | None = None
+        """GC roots for the running steps' paths, when the agent collects its store."""
         self.drvs = DrvCache(http)
         presigned.remove_stale_uploads(section.work_dir / UPLOADS_DIR)
         write_nix_ca_bundle(section, os.environ)
@@ -534,6 +539,19 @@ class Executor:
         for conn in (c for s in slots for c in s.connections()):
             await conn.close(SERVE_CLOSE_SECS)
 
+    async def release_idle(self) -> None:
+        """Stop the serve processes of idle slots, so that their temporary GC roots (every
+        path they ever substituted or built) stop holding paths (before a collection). Busy
+        slots' processes are stopped when their step ends, for the next collection."""
+        self._stale_slots.update(s for s in self._serve if s in self._busy_slots)
+        idle = [slot for slot in self._serve if slot not in self._busy_slots]
+        await self._close_slots(idle)
+
+    async def _close_slots(self, slots: list[int]) -> None:
+        entries = [self._serve.pop(slot) for slot in slots if slot in self._serve]
+        for conn in (c for e in entries for c in e.connections()):
+            await conn.close(SERVE_CLOSE_SECS)
+
     @property
     def serve_processes(self) -> list[ServeConnection]:
         """The live serve processes (for tests and metrics)."""
@@ -547,6 +565,8 @@ class Executor:
         ``abort`` set by the session kills the build (or stops the upload): outcome ``aborted``.
         """
         slot = self._take_slot()
+        if self.roots is not None:
+            self.roots.add(assign.step_id, [assign.drv_path, *assign.outputs.values()])
         try:
             if self._section.executor == "serve":
                 try:
@@ -558,6 +578,11 @@ class Executor:
             return await self._run(assign, cache, slot, send_log=send_log, abort=abort)
         finally:
             self._busy_slots.discard(slot)
+            if self.roots is not None:
+                self.roots.remove(assign.step_id)
+            if slot in self._stale_slots:
+                self._stale_slots.discard(slot)
+                await self._close_slots([slot])
 
     async def _run(
         self,
@@ -685,6 +710,8 @@ class Executor:
                     if not out.path:
                         raise _Fallback(f"its input {path} has floating content-addressed outputs")
                     inputs.add(out.path)
+            if self.roots is not None:
+                self.roots.add(assign.step_id, inputs)
             if inputs:
                 substituter = await self._connection(slot, store, "substituter")
                 valid = await self._command(

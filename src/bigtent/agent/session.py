@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import signal
 import ssl
 import time
@@ -81,6 +80,13 @@ from bigtent.protocol import (
     StepId,
     encode,
     parse_runner_message,
+)
+from bigtent.storebudget import (
+    StepRoots,
+    StoreBudget,
+    StoreCollector,
+    free_disk_bytes,
+    gc_roots_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -192,18 +198,10 @@ def read_host_metrics(store_dir: Path, work_dir: Path, proc: Path = Path("/proc"
         load=load,
         memory_used_bytes=used,
         memory_total_bytes=total,
-        free_store_bytes=_free_bytes(store_dir),
-        free_build_bytes=_free_bytes(work_dir),
+        free_store_bytes=free_disk_bytes(store_dir),
+        free_build_bytes=free_disk_bytes(work_dir),
         psi_cpu_some_avg10=psi,
     )
-
-
-def _free_bytes(path: Path) -> int | None:
-    # The store dir of a fresh chroot store may not exist yet: measure its nearest ancestor.
-    for candidate in (path, *path.parents):
-        with contextlib.suppress(OSError):
-            return shutil.disk_usage(candidate).free
-    return None
 
 
 # ---- the session ------------------------------------------------------------------------
@@ -236,6 +234,7 @@ class AgentSession:
         store_dir: Path | None = None,
         limits: lim.Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
+        collector: StoreCollector | None = None,
     ) -> None:
         """``limits`` makes the agent ephemeral (architecture §4): one session, no reconnect, and
         drained by its limits; ``clock`` gives monotonic seconds (injected in tests).
@@ -277,6 +276,12 @@ class AgentSession:
         """Set while no result waits for its acknowledgement."""
         self.registered = asyncio.Event()
         """Set while a session is registered (tests and ``bigtent up`` wait on it)."""
+        self._collector = collector
+        """Collects the store when its free disk falls below the budget (docs/agents.md)."""
+        self._look_at_disk = asyncio.Event()
+        """Wakes the store collector after a step ended."""
+        self._beat_now = asyncio.Event()
+        """Sends the next heartbeat at once (after a collection: the free disk changed)."""
         self._update()
 
     # ---- public -------------------------------------------------------------------------
@@ -329,6 +334,11 @@ class AgentSession:
         failure: BigtentError | None = None
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
+            gc_task = (
+                tg.create_task(self._collect_loop(self._collector), name="store-gc")
+                if self._collector is not None and self._collector.budget.enabled
+                else None
+            )
             try:
                 code = await self._serve()
             except BigtentError as exc:
@@ -337,6 +347,8 @@ class AgentSession:
                 # Only non-empty when leaving early (auth refused, an error, cancellation).
                 self._abort_all("the agent is stopping")
                 self._tg = None
+                if gc_task is not None:
+                    gc_task.cancel()
         if failure is not None:
             raise failure
         return code
@@ -539,6 +551,7 @@ class AgentSession:
             launch_id=ident.launch_id,
             running=held,
             untrusted=self._section.untrusted,
+            free_store_bytes=free_disk_bytes(self._store_dir),
         )
 
     def _on_registered(self, registered: Registered) -> None:
@@ -602,9 +615,24 @@ class AgentSession:
                 await asyncio.wait_for(self._limits_changed.wait(), timeout)
         await self._stop.wait()
 
+    async def _collect_loop(self, collector: StoreCollector) -> None:
+        """Look at the store's free disk every ``gc_check_secs`` and after every step, and
+        collect when it is below the budget. A failure is logged, never fatal."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._look_at_disk.wait(), self._section.gc_check_secs)
+            self._look_at_disk.clear()
+            try:
+                if await collector.maybe_collect() is not None:
+                    self._beat_now.set()  # the runner learns of the room at once
+            except OSError as exc:
+                log.warning("store collection failed: %s", exc)
+
     async def _heartbeat_loop(self, conn: Connection, interval_secs: float) -> None:
         while True:
-            await asyncio.sleep(interval_secs)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), interval_secs)
+            self._beat_now.clear()
             metrics = read_host_metrics(self._store_dir, self._section.work_dir)
             beat = Heartbeat(
                 load=metrics.load,
@@ -723,6 +751,7 @@ class AgentSession:
             self._pending[assign.step_id] = result
         finally:
             self._running.pop(assign.step_id, None)
+            self._look_at_disk.set()
             if self._limits is not None:
                 self._limit_state = lim.complete(self._limit_state, self._clock())
                 self._limits_changed.set()
@@ -901,6 +930,38 @@ def _signal_handlers(session: AgentSession) -> Iterator[None]:
             loop.remove_signal_handler(sig)
 
 
+def store_collector(section: AgentSection, executor: Executor) -> StoreCollector | None:
+    """The agent's store collector when ``min_free_bytes`` is set (None otherwise); running
+    steps' paths are rooted from here on. Raises ConfigError when the roots cannot be kept."""
+    budget = StoreBudget(section.min_free_bytes, section.target_free_bytes)
+    if not budget.enabled:
+        return None
+    roots = StepRoots(gc_roots_dir(section.store, section.work_dir))
+    try:
+        roots.reset()
+    except OSError as exc:
+        raise ConfigError(
+            f"min_free_bytes is set, but this agent cannot keep GC roots in "
+            f"{roots.directory} ({exc.strerror or exc}): run it as the store's owner, or "
+            "set min_free_bytes = 0"
+        ) from exc
+    executor.roots = roots
+    store = NixStore(store=section.store)
+    store_dir = store.real_path("/nix/store")
+    log.info(
+        "store budget: collect below %d bytes free, up to %d bytes free (roots in %s)",
+        budget.min_free_bytes,
+        budget.target,
+        roots.directory,
+    )
+    return StoreCollector(
+        store,
+        budget,
+        free_bytes=lambda: free_disk_bytes(store_dir),
+        release_idle=executor.release_idle,
+    )
+
+
 async def run_agent(
     cfg: AgentConfig,
     token: str | CredentialSource | None,
@@ -944,6 +1005,7 @@ async def run_agent(
             )
         executor = Executor(section, http=http, token=token)
         stack.push_async_callback(executor.aclose)
+        collector = store_collector(section, executor)
         session = AgentSession(
             section,
             identity,
@@ -951,6 +1013,7 @@ async def run_agent(
             connect=connect or websocket_connector(ssl_context),
             executor=executor,
             limits=limits,
+            collector=collector,
         )
         if install_signal_handlers:
             stack.enter_context(_signal_handlers(session))

@@ -56,6 +56,7 @@ from bigtent.runner.dashboard.routes import _start_offset as step_events_start
 from bigtent.runner.db import queries
 from bigtent.runner.db.migrate import DATABASE_ERRORS, database_unavailable
 from bigtent.runner.ingest import ingest_client_path, ingest_output
+from bigtent.runner.logretention import expired_response, expired_text, log_expired
 from bigtent.runner.logserve import log_response
 from bigtent.runner.metrics import Metrics
 from bigtent.runner.presigned import record_json
@@ -63,6 +64,7 @@ from bigtent.runner.s3 import S3Storage, s3_nar_response
 from bigtent.runner.scheduler import recovery
 from bigtent.runner.scheduler.dispatcher import AGENT
 from bigtent.runner.scheduler.health import is_unhealthy, shown_error
+from bigtent.runner.scheduler.matching import has_room
 from bigtent.runner.sessions import bearer_token, looks_like_jwt
 from bigtent.runner.storage import MAX_NAME_BYTES
 from bigtent.runner.trust import build_is_trusted
@@ -601,12 +603,16 @@ async def get_step_log(
     comps: Comps,
     _: ClientAuth,
     byte_range: Annotated[str | None, Header(alias="range")] = None,
-) -> StreamingResponse:
+) -> Response:
     """The step's log, whole or one byte range (``Range: bytes=A-B``, ``A-``, ``-N``)."""
     _known_id(step_id, "step")
     async with comps.engine.connect() as conn:
-        if await queries.fetch_step(conn, step_id) is None:
+        row = await queries.fetch_step(conn, step_id)
+        if row is None:
             raise NotFound(f"no step {step_id}")
+    if _log_expired(row, comps):
+        # Retention deleted it: say so rather than answer an empty log.
+        return expired_response(comps.config.scheduler.log_retention_days)
     return log_response(comps.logs, step_id, byte_range)
 
 
@@ -632,6 +638,13 @@ async def get_step_events(
         step_log_events(comps, step_id, start, sub),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+def _log_expired(row: Any, comps: Components) -> bool:
+    sched = comps.scheduler
+    return log_expired(
+        row.id, row.finished_at, comps.logs, sched, comps.config.scheduler, sched.clock()
     )
 
 
@@ -678,6 +691,9 @@ async def list_agents(comps: Comps, _: ClientAuth) -> dict[str, Any]:
                 "connected": venue is not None
                 or (bool(r.connected) and now - float(r.last_seen) <= elsewhere_secs),
                 "draining": venue.draining if venue else False,
+                "free_store_bytes": venue.free_store_bytes if venue else None,
+                "has_room": venue is None
+                or has_room(venue.free_store_bytes, comps.config.scheduler.min_free_store_bytes),
                 "first_seen": _iso(r.first_seen),
                 "last_seen": _iso(r.last_seen),
                 "steps_succeeded": r.steps_succeeded,
@@ -887,7 +903,11 @@ async def _build_json(comps: Components, build_id: int, details: bool = False) -
                 "state": s.state,
                 "outcome": s.outcome,
                 "error": s.error,
-                "log_tail": comps.logs.tail(s.id, LOG_TAIL_LINES),
+                "log_tail": (
+                    expired_text(comps.config.scheduler.log_retention_days)
+                    if _log_expired(s, comps)
+                    else comps.logs.tail(s.id, LOG_TAIL_LINES)
+                ),
             }
             for s in steps
             if s.state == StepState.FAILED
@@ -938,6 +958,7 @@ def _waiting_for_capacity(comps: Components, steps: Sequence[Any]) -> list[dict[
 
 def _step_json(row: Any, comps: Components) -> dict[str, Any]:
     return {
+        "log_expired": _log_expired(row, comps),
         "id": row.id,
         "drv_path": row.drv_path,
         "name": row.name,

@@ -35,6 +35,7 @@ from bigtent.runner.httpguard import (
     guarded_http,
     install_accept_error_log,
 )
+from bigtent.runner.logretention import run_log_retention
 from bigtent.runner.metrics_endpoint import metrics_routes
 from bigtent.runner.s3 import S3Storage
 from bigtent.runner.tls import CertWebSocketProtocol
@@ -64,6 +65,17 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
                 name="agent-pruner",
             ),
             asyncio.create_task(comps.ssh.run(), name="ssh-builders"),
+            asyncio.create_task(
+                run_log_retention(
+                    comps.logs,
+                    comps.config.scheduler.log_retention_days,
+                    comps.config.scheduler.log_retention_check_secs,
+                    comps.scheduler.clock,
+                    comps.scheduler.step_active,
+                    comps.metrics.logs_expired.inc,
+                ),
+                name="log-retention",
+            ),
         ]
         if comps.autoscaler is not None and comps.autoscaler.enabled:
             tasks.append(asyncio.create_task(comps.autoscaler.run(), name="autoscaler"))

@@ -20,6 +20,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import os
 import struct
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -42,6 +43,7 @@ READ_CHUNK_BYTES = 256 * 1024
 TAIL_BYTES = 64 * 1024
 """How far back from the end ``tail`` looks for lines."""
 _RECORD = struct.Struct("<QQ")
+_LOG_SUFFIXES = frozenset({"log.zst", "log.idx", "log"})
 
 
 def truncation_marker(max_bytes: int) -> bytes:
@@ -221,6 +223,30 @@ class LogStore:
         self.close(step_id)
         for p in (self.path(step_id), self.index_path(step_id), self._legacy_path(step_id)):
             p.unlink(missing_ok=True)
+
+    def stale(self, before: float, limit: int) -> list[int]:
+        """Up to ``limit`` steps whose log files were last written before ``before`` (epoch
+        seconds), oldest step id first: the candidates of log retention (thread-safe). A
+        log's last write is its step's end, so this scans the files retention keeps, not the
+        steps in the database."""
+        found: set[int] = set()
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                step, _, suffix = entry.name.partition(".")
+                if not step.isdigit() or suffix not in _LOG_SUFFIXES:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.stat().st_mtime < before:
+                        found.add(int(step))
+        return sorted(found)[:limit]
+
+    def delete(self, step_id: int) -> bool:
+        """Delete a finished step's log (retention); False when it is being written."""
+        if step_id in self._open:
+            return False
+        for p in (self.path(step_id), self.index_path(step_id), self._legacy_path(step_id)):
+            p.unlink(missing_ok=True)
+        return True
 
     def close_all(self) -> None:
         for step_id in list(self._open):

@@ -277,6 +277,17 @@ class Metrics:
             buckets=PHASE_BUCKETS_SECS,
             registry=r,
         )
+        self.logs_expired = PromCounter(
+            f"{PREFIX}_step_logs_expired",
+            "Step logs deleted by retention (scheduler.log_retention_days).",
+            registry=r,
+        )
+        self.agents_without_room = Gauge(
+            f"{PREFIX}_agents_without_room",
+            "Connected agents whose last heartbeat reported less free store disk than "
+            "scheduler.min_free_store_bytes: they get no new steps.",
+            registry=r,
+        )
         self.auth_failures = PromCounter(
             f"{PREFIX}_auth_failures",
             "Refused credentials (HTTP API, agent WebSocket, uploads, /metrics), by reason.",

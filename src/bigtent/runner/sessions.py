@@ -321,6 +321,7 @@ class Sessions:
             launch_id=reg.launch_id,
             trusted=scope.trusted,
             repositories=scope.repositories,
+            free_store_bytes=reg.free_store_bytes,
         )
         session.venue = venue
         self.live[reg.machine_id] = session
@@ -445,6 +446,7 @@ class Sessions:
             case p.Heartbeat():
                 session.last_heartbeat = msg
                 self.scheduler.heartbeat(venue, msg.running)
+                self.scheduler.disk_report(venue, msg.free_store_bytes)
                 if msg.draining and not venue.draining:
                     log.info("agent %s is draining: no more assignments", venue.name)
                     venue.draining = True

@@ -57,6 +57,13 @@ from bigtent.runner.ssh import (
     parse_ssh_uri,
     store_settings,
 )
+from bigtent.storebudget import (
+    StepRoots,
+    StoreBudget,
+    StoreCollector,
+    free_disk_bytes,
+    gc_roots_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +182,19 @@ class SshBuilders:
         self.xdg_root = state / XDG_DIR
         self.builders: dict[str, SshBuilder] = {}
         self.skipped: list[tuple[str, str]] = []
+        budget = StoreBudget(config.ssh_store_min_free_bytes, config.ssh_store_target_free_bytes)
+        self.roots: StepRoots | None = None
+        """GC roots of the running steps' paths, when the store has a budget."""
+        self.collector: StoreCollector | None = None
+        if budget.enabled:
+            self.roots = StepRoots(gc_roots_dir(self.store_uri, state / STORE_DIR))
+            store_dir = state / STORE_DIR / "nix" / "store"
+            self.collector = StoreCollector(
+                NixStore(store=self.store_uri),
+                budget,
+                free_bytes=lambda: free_disk_bytes(store_dir),
+                release_idle=_nothing,
+            )
         self._closed = False
         usable = {id(b) for b in config.usable_ssh_builders()}
         for section in config.ssh_builders:
@@ -207,6 +227,8 @@ class SshBuilders:
     # ---- life cycle ---------------------------------------------------------------------
     def attach(self) -> None:
         """Make the usable builders venues of the scheduler; log once which were skipped."""
+        if self.roots is not None and self.builders:
+            self.roots.reset()  # roots of steps an earlier run left: those steps are over
         for warning in ssh_builder_warnings(self.config):
             log.warning("%s", warning)
         for uri, why in self.skipped:
@@ -362,6 +384,28 @@ class SshBuilders:
             venue, p.Accepted(step_id=assign.step_id, lease_id=assign.lease_id)
         )
         self._log(assign, [f"[bigtent: building on SSH builder {builder.section.uri}]"])
+        if self.roots is None:
+            await self._build_and_report(builder, assign, slot, abort, started)
+            return
+        # The .drv (its closure) and the outputs stay until they are published; the inputs
+        # are the realise process's temporary roots while it runs.
+        self.roots.add(assign.step_id, [assign.drv_path, *assign.outputs.values()])
+        try:
+            await self._build_and_report(builder, assign, slot, abort, started)
+        finally:
+            self.roots.remove(assign.step_id)
+        if self.collector is not None:
+            await self.collector.maybe_collect()
+
+    async def _build_and_report(
+        self,
+        builder: SshBuilder,
+        assign: p.Assign,
+        slot: int,
+        abort: asyncio.Event,
+        started: float,
+    ) -> None:
+        venue = builder.venue
         tmp = Path(tempfile.mkdtemp(prefix="bigtent-ssh-", dir=self.temp_root))
         store: BuildStore | None = None
         try:
@@ -451,6 +495,10 @@ class SshBuilders:
                 declared_hash=base32.parse_hash(info.nar_hash, "sha256"),
                 declared_size=info.nar_size,
             )
+
+
+async def _nothing() -> None:
+    """No long-lived Nix processes to stop before collecting the SSH-builder store."""
 
 
 async def _dump(path: Path) -> AsyncIterator[bytes]:

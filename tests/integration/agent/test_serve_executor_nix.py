@@ -14,7 +14,9 @@ import pytest
 
 from bigtent.agent.executor import CacheSettings, Executor
 from bigtent.config import AgentSection
+from bigtent.nix.store import NixStore
 from bigtent.protocol import Assign, Log, Outcome, Result
+from bigtent.storebudget import StepRoots, StoreBudget, StoreCollector, gc_roots_dir
 from tests.integration.agent.test_executor_nix import (
     NIX,
     SANDBOX_PATHS,
@@ -72,6 +74,7 @@ class Agent:
             sandbox_paths=SANDBOX_PATHS,
             executor="serve",
         )
+        self.section = section
         self.executor = Executor(section, http=http, token="agent-token")
         self.cache = CacheSettings(runner.url + "/cache", public_key)
 
@@ -219,3 +222,55 @@ async def test_log_limit(
     assert result.outcome is Outcome.LOG_LIMIT
     assert result.timings.build_secs < 30
     assert 0 < len(lines) < 1000
+
+
+async def test_a_collection_while_a_step_builds_keeps_its_inputs_then_frees_them(
+    tmp_path: Path, nix: Nix, fake_runner: FakeRunnerHttp, cache_key: tuple[Path, str]
+) -> None:
+    secret, public = cache_key
+    dep = mk("bt-gc-dep", "echo the input > $out")
+    dep_drv, dep_out = instantiate(nix, dep)
+    publish_outputs(nix, dep_drv, fake_runner.cache_dir, secret)
+    top = mk("bt-gc-top", "echo started; sleep 3; cat $dep > $out", {"dep": dep})
+    drv, out = instantiate(nix, top)
+    nix.publish(drv, fake_runner.cache_dir, secret)
+
+    async with httpx.AsyncClient(timeout=30) as http:
+        agent = Agent(tmp_path, fake_runner, public, http)
+        section = agent.section
+        roots = StepRoots(gc_roots_dir(section.store, section.work_dir))
+        roots.reset()
+        agent.executor.roots = roots
+        store = NixStore(store=section.store)
+        collector = StoreCollector(
+            store, StoreBudget(1 << 60), lambda: 0, agent.executor.release_idle
+        )
+        started = asyncio.Event()
+
+        async def send_log(message: Log) -> bool:
+            if "started" in message.lines:
+                started.set()
+            return True
+
+        try:
+            step = asyncio.ensure_future(
+                agent.executor.run(
+                    assign_for(drv, out, step=1), agent.cache, send_log=send_log,
+                    abort=asyncio.Event(),
+                )
+            )  # fmt: skip
+            await asyncio.wait_for(started.wait(), 60)
+            # The step builds: its input is rooted (and held by its serve processes).
+            assert roots.held() == {drv, out, dep_out}
+            await collector.maybe_collect()
+            assert agent.valid(dep_out)
+            result = await asyncio.wait_for(step, 60)
+            assert result.outcome is Outcome.SUCCESS, result.error
+            assert (agent.root / out.lstrip("/")).read_text() == "the input\n"
+            # The step is over: no roots, and its slot's serve processes were stopped (they
+            # were busy at the collection), so the next collection frees input and output.
+            assert roots.held() == set() and agent.executor.serve_processes == []
+            await collector.maybe_collect()
+            assert not agent.valid(dep_out) and not agent.valid(out)
+        finally:
+            await agent.executor.aclose()

@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from bigtent.config import Role
 from tests.integration.runner.conftest import Drvs, MakeRunner, Nix, upload_closure
@@ -260,3 +261,31 @@ async def test_anonymous_body_is_refused_before_it_is_read(make_runner: MakeRunn
     for path in ("/api/v1/builds", "/api/v1/paths/missing"):
         _assert_error(await anon.post(path, content=b"{not json" * 1000), 401)
     assert (await anon.get("/api/v1/openapi.json")).status_code == 200
+
+
+@pytest.mark.nix
+async def test_a_log_past_retention_says_it_expired(
+    make_runner: MakeRunner, nix: Nix, drvs: Drvs
+) -> None:
+    runner = await make_runner(scheduler={"log_retention_days": 1})
+    client = runner.client(Role.CLIENT)
+    await upload_closure(runner, nix, drvs.closure)
+    build = (await client.post("/api/v1/builds", json={"drvs": [drvs.top]})).json()
+    steps = (await client.get(f"/api/v1/builds/{build['id']}/steps")).json()["steps"]
+    old, recent = steps[0]["id"], steps[1]["id"]
+    runner.comps.logs.append(recent, ["kept"])
+    runner.comps.logs.close(recent)
+    await client.post(f"/api/v1/builds/{build['id']}/cancel")  # every step final
+    async with runner.comps.engine.begin() as conn:
+        await conn.execute(
+            sa.text("UPDATE steps SET finished_at = :at WHERE id = :id"),
+            {"at": runner.comps.scheduler.clock() - 2 * 86400, "id": old},
+        )
+    log = await client.get(f"/api/v1/steps/{old}/log")
+    assert log.status_code == 200 and log.headers["x-bigtent-log-expired"] == "true"
+    assert "log expired" in log.text and "1 days" in log.text
+    assert (await client.get(f"/api/v1/steps/{old}")).json()["log_expired"] is True
+    # A step that finished within the retention keeps its log, and says so.
+    log = await client.get(f"/api/v1/steps/{recent}/log")
+    assert log.text == "kept\n" and "x-bigtent-log-expired" not in log.headers
+    assert (await client.get(f"/api/v1/steps/{recent}")).json()["log_expired"] is False

@@ -581,6 +581,26 @@ async def test_draining_venue_gets_no_new_work(farm: Farm) -> None:
     assert agent.assigns() == [] and isinstance(agent.outbox[-1], p.Drain)
 
 
+async def test_agent_without_room_in_its_store_gets_no_work_until_it_reports_room(
+    make_farm: Callable[..., Farm],
+) -> None:
+    farm = make_farm(min_free_store_bytes=1000)
+    x, y = drv("x"), drv("y")
+    await farm.add([x, y], roots=[x, y])
+    full = farm.agent("full", max_jobs=2)
+    farm.sched.disk_report(full.venue, 999)
+    roomy = farm.agent("roomy", max_jobs=1)
+    await farm.tick()
+    # Only the agent with room takes a step; the other waits.
+    assert len(roomy.take_assigns()) == 1 and full.assigns() == []
+    farm.sched.disk_report(full.venue, 1000)  # its collection freed enough
+    await farm.tick()
+    assert len(full.assigns()) == 1
+    # An agent that reports nothing (an older agent) is never held back.
+    farm.sched.disk_report(full.venue, None)
+    assert full.venue.free_store_bytes is None
+
+
 # ---- builds --------------------------------------------------------------------------------
 async def test_cancel_build_aborts_leased_steps_and_spares_shared_ones(farm: Farm) -> None:
     shared, own = drv("shared"), drv("own")

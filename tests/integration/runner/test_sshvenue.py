@@ -10,7 +10,7 @@ import hashlib
 import os
 import stat
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,8 @@ class FakeStores:
     status: RealiseStatus = RealiseStatus.SUCCESS
     exit_code: int = 0
     calls: list[Call] = field(default_factory=list)
+    on_realise: Callable[[], None] | None = None
+    """Called while each realise runs."""
 
     def __call__(
         self, store: str, options: Mapping[str, str], env: Mapping[str, str]
@@ -95,6 +97,8 @@ class _FakeStore:
         self.call.known_hosts_mode = stat.S_IMODE(os.stat(kh).st_mode)
         self.call.known_hosts_dir_mode = stat.S_IMODE(os.stat(Path(kh).parent).st_mode)
         self.stores.calls.append(self.call)
+        if self.stores.on_realise is not None:
+            self.stores.on_realise()
         if on_line is not None:
             on_line("building on the fake builder")
         if self.stores.status is not RealiseStatus.SUCCESS:
@@ -202,6 +206,34 @@ async def test_a_step_is_realised_through_the_pinned_builder_and_published(
     assert listed["usable"] and listed["running"] == 0 and listed["max_jobs"] == 2
     assert listed["backoff_until"] is None
     assert sched.venues[listed["machine_id"]].kind == SSH
+
+
+@pytest.mark.nix
+async def test_the_ssh_store_roots_running_steps_and_is_collected_below_its_budget(
+    make_runner: MakeRunner, nix: Nix, drvs: Drvs, tmp_path: Path
+) -> None:
+    runner, fake = await _runner_with_builder(
+        make_runner, _builder(_host_key(tmp_path)), ssh_store_min_free_bytes=1 << 60
+    )
+    ssh = runner.comps.ssh
+    assert ssh.roots is not None and ssh.collector is not None
+    assert ssh.roots.directory.parent == runner.state_dir / "ssh-store/nix/var/nix/gcroots"
+    held: list[set[str]] = []
+    fake.on_realise = lambda: held.append(ssh.roots.held() if ssh.roots else set())
+    build_id = await _build(runner, nix, drvs)
+    for _ in range(3):  # dep, then top
+        await _tick(runner)
+        await _idle(runner)
+    # While each step ran, its .drv and outputs were GC roots of the SSH store; after it,
+    # none are left, and the store was collected (its free disk is below the budget).
+    dep_out, top_out = nix.outputs(drvs.dep)["out"], nix.outputs(drvs.top)["out"]
+    assert held == [{drvs.dep, dep_out}, {drvs.top, top_out}]
+    assert ssh.roots.held() == set() and list(ssh.roots.directory.iterdir()) == []
+    assert ssh.collector.collections == 2
+    assert await runner.present([dep_out, top_out]) == {dep_out, top_out}
+    async with runner.comps.engine.connect() as conn:
+        build = await queries.fetch_build(conn, build_id)
+    assert build is not None and build.state == "succeeded"
 
 
 @pytest.mark.nix

@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -30,6 +30,7 @@ from bigtent.agent.session import (
 )
 from bigtent.config import AgentConfig, AgentSection
 from bigtent.errors import ConfigError, CredentialUnavailable, RunnerUnreachable
+from bigtent.nix.store import NixStore
 from bigtent.protocol import (
     Abort,
     Accepted,
@@ -51,6 +52,7 @@ from bigtent.protocol import (
     encode,
     parse_agent_message,
 )
+from bigtent.storebudget import StoreBudget, StoreCollector
 
 WAIT = 5.0
 M = TypeVar("M")
@@ -234,7 +236,13 @@ class Agent:
 async def start_agent(tmp_path: Path) -> AsyncIterator[Callable[..., Agent]]:
     agents: list[Agent] = []
 
-    def start(runner: FakeRunner, *, token: str | None = "secret", **section: Any) -> Agent:
+    def start(
+        runner: FakeRunner,
+        *,
+        token: str | None = "secret",
+        collector: StoreCollector | None = None,
+        **section: Any,
+    ) -> Agent:
         cfg = AgentSection(runner_url=runner.url, work_dir=tmp_path, **section)
         identity = AgentIdentity(MachineId("m-1"), "agent-1", "host-1", ("x86_64-linux",))
         executor = FakeExecutor()
@@ -246,6 +254,7 @@ async def start_agent(tmp_path: Path) -> AsyncIterator[Callable[..., Agent]]:
             executor=executor,
             rand=lambda: 0.0,
             store_dir=tmp_path,
+            collector=collector,
         )
         agent = Agent(session, executor, asyncio.create_task(session.run()))
         agents.append(agent)
@@ -589,6 +598,52 @@ async def test_heartbeats_name_held_steps(start_agent: Callable[..., Agent]) -> 
         else:
             raise AssertionError("no heartbeat named step 4")
         assert message.memory_total_bytes is None or message.memory_total_bytes > 0
+
+
+class FakeGcStore:
+    """Answers ``nix-store --gc`` as Nix does; the disk gets its bytes back."""
+
+    def __init__(self, disk: dict[str, int]) -> None:
+        self.disk = disk
+        self.calls: list[list[str]] = []
+
+    async def run(self, tool: str, args: list[str]) -> str:
+        self.calls.append([tool, *args])
+        self.disk["free"] += int(args[-1])
+        return "2 store paths deleted, 1.00 MiB freed\n"
+
+
+async def test_a_step_ending_below_the_budget_collects_and_beats_at_once(
+    start_agent: Callable[..., Agent],
+) -> None:
+    disk = {"free": 10}
+    store = FakeGcStore(disk)
+    released: list[bool] = []
+
+    async def release_idle() -> None:
+        released.append(True)
+
+    collector = StoreCollector(
+        cast(NixStore, store), StoreBudget(100, 300), lambda: disk["free"], release_idle
+    )
+    # Heartbeats every minute: the one after the collection is early.
+    async with FakeRunner(heartbeat_secs=60.0) as runner:
+        agent = start_agent(runner, collector=collector, gc_check_secs=3600)
+        side = await runner.next_session()
+        assert side.register.free_store_bytes is not None
+        await side.assign(4)
+        await side.expect(Accepted)
+        step = await agent.executor.next_step()
+        step.release.set()  # the step ends: the agent looks at its disk
+        for _ in range(100):
+            message = await asyncio.wait_for(side.inbox.get(), WAIT)
+            if isinstance(message, Heartbeat):
+                break
+        else:
+            raise AssertionError("no heartbeat after the collection")
+        assert store.calls == [["nix-store", "--gc", "--max-freed", "290"]]
+        assert released == [True] and disk["free"] == 300
+        assert collector.last is not None and collector.last.paths_deleted == 2
 
 
 async def test_heartbeats_say_when_the_agent_drains(start_agent: Callable[..., Agent]) -> None:

@@ -41,6 +41,7 @@ from bigtent.runner.dashboard.auth import (
 )
 from bigtent.runner.db import queries
 from bigtent.runner.livelog import Subscription
+from bigtent.runner.logretention import expired_response, log_expired
 from bigtent.runner.logs import READ_CHUNK_BYTES
 from bigtent.runner.logserve import log_response, parse_offset
 from bigtent.runner.scheduler import recovery
@@ -308,6 +309,18 @@ async def _require_step(comps: Components, step_id: int) -> None:
             raise NotFound(f"no step {step_id}")
 
 
+async def _expired_log(comps: Components, step_id: int) -> Response | None:
+    """The answer for a log retention deleted, else None."""
+    async with comps.engine.connect() as conn:
+        row = await queries.fetch_step(conn, step_id)
+    cfg, sched = comps.config.scheduler, comps.scheduler
+    if row is None or not log_expired(
+        step_id, row.finished_at, comps.logs, sched, cfg, sched.clock()
+    ):
+        return None
+    return expired_response(cfg.log_retention_days)
+
+
 @router.get("/steps/{step_id}/log")
 async def step_log(request: Request, step_id: int) -> Response:
     """The raw log (``text/plain``), whole or by ``Range``, as ``/api/v1/steps/ID/log``."""
@@ -315,7 +328,9 @@ async def step_log(request: Request, step_id: int) -> Response:
     async def body(viewer: Viewer) -> Response:
         comps = _dash(request).comps
         await _require_step(comps, step_id)
-        resp = log_response(comps.logs, step_id, request.headers.get("range"))
+        resp = await _expired_log(comps, step_id) or log_response(
+            comps.logs, step_id, request.headers.get("range")
+        )
         resp.headers["X-Content-Type-Options"] = "nosniff"
         return resp
 

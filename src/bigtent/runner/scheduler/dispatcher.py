@@ -63,7 +63,7 @@ from bigtent.runner.scheduler.leases import (
     new_lease_id,
     next_retry_at,
 )
-from bigtent.runner.scheduler.matching import Requirement, VenueView, can_run
+from bigtent.runner.scheduler.matching import Requirement, VenueView, can_run, has_room
 from bigtent.runner.scheduler.steps import (
     Dispatch,
     RunnableIndex,
@@ -166,6 +166,8 @@ class Venue:
     """A trusted venue takes trusted steps only, an untrusted one untrusted steps only."""
     repositories: frozenset[str] | None = None
     """Build repositories the venue serves (an OIDC agent's rule); None: any."""
+    free_store_bytes: int | None = None
+    """Free disk in the agent's store, as its last heartbeat said (None: not said)."""
 
     def view(self) -> VenueView:
         return VenueView(
@@ -281,6 +283,7 @@ class Scheduler:
         """Builds being admitted in stages: not over before all their steps are in."""
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.watch_steps(lambda: self.nodes.values())
+        self.metrics.agents_without_room.set_function(self.agents_without_room)
         self.recovery: recovery.RecoveryFailure | None = None
         """Set while reloading from the database fails (the working copy is then empty):
         retried with backoff by ``run``, reported by ``/api/v1/status``, ``/metrics``, the
@@ -1224,6 +1227,40 @@ class Scheduler:
         if store and self.feed.shared:
             self.wake()  # the loop stores it, so other runners see the lease is alive
 
+    def step_active(self, step_id: int) -> bool:
+        """Whether a step is in the working copy and not final (its log may still grow)."""
+        node = self.nodes.get(step_id)
+        return node is not None and not node.state.is_final
+
+    def agents_without_room(self) -> int:
+        """Connected venues held back by ``scheduler.min_free_store_bytes`` (a metric)."""
+        minimum = self.config.min_free_store_bytes
+        return sum(not has_room(v.free_store_bytes, minimum) for v in self.venues.values())
+
+    def disk_report(self, venue: Venue, free_store_bytes: int | None) -> None:
+        """Note the free disk a heartbeat reported. A venue below
+        ``scheduler.min_free_store_bytes`` gets no new steps (``has_room``) until it reports
+        enough again (its own collection freed some, or its steps' outputs were removed)."""
+        minimum = self.config.min_free_store_bytes
+        had = has_room(venue.free_store_bytes, minimum)
+        venue.free_store_bytes = free_store_bytes
+        if has_room(free_store_bytes, minimum) == had:
+            return
+        if had:
+            log.warning(
+                "%s has %d bytes free in its store, below scheduler.min_free_store_bytes %d: "
+                "no new steps until it has room",
+                venue.name,
+                free_store_bytes or 0,
+                minimum,
+            )
+        else:
+            log.info(
+                "%s has room in its store again (%d bytes free)", venue.name, free_store_bytes or 0
+            )
+            self._reopen(venue)
+            self.wake()
+
     def lease_holder(self, lease_id: str) -> StepNode | None:
         """The step a current lease is for, or None when the lease is unknown or over."""
         sid = self.leases.get(lease_id)
@@ -1740,6 +1777,8 @@ class Scheduler:
                 if until > now:
                     cooling = until if cooling is None else min(cooling, until)
                     continue
+                if not has_room(venue.free_store_bytes, self.config.min_free_store_bytes):
+                    continue  # looked at again when a heartbeat reports room (disk_report)
                 view = venue.view()
                 if jobs != view.max_jobs:
                     view = replace(view, max_jobs=jobs)

@@ -65,6 +65,13 @@ def can_run(venue: VenueView, req: Requirement) -> bool:
     return req.features <= (venue.supported_features | venue.mandatory_features)
 
 
+def has_room(free_store_bytes: int | None, min_free_bytes: int) -> bool:
+    """Whether a venue has room in its store for a step: it reported at least
+    ``min_free_bytes`` free (``scheduler.min_free_store_bytes``). A venue that reports
+    nothing (an older agent, an SSH builder) and a minimum of 0 always have room."""
+    return min_free_bytes <= 0 or free_store_bytes is None or free_store_bytes >= min_free_bytes
+
+
 def may_take(venue: VenueView, repositories: Collection[str | None]) -> bool:
     """architecture §6: a venue scoped to repositories (an OIDC agent) takes a step only when some
     live build of the step is for one of them; a build without a repository (None) matches no

@@ -13,6 +13,7 @@ from bigtent.runner.scheduler.matching import (
     best_venue,
     can_run,
     contended_waste,
+    has_room,
     venue_rank,
 )
 
@@ -249,3 +250,18 @@ def test_venue_pool_chooses_as_best_venue_while_slots_are_used(
                 chosen.speed_factor,
             )
     assert bool(pool) == any(v.free_slots > 0 for v in current.values())
+
+
+@pytest.mark.parametrize(
+    ("free", "minimum", "room"),
+    [
+        (None, 1000, True),  # says nothing (an older agent, an SSH builder)
+        (0, 0, True),  # no minimum configured
+        (999, 1000, False),
+        (1000, 1000, True),
+        (10**12, 1000, True),
+        (0, 1, False),
+    ],
+)
+def test_has_room(free: int | None, minimum: int, room: bool) -> None:
+    assert has_room(free, minimum) is room
