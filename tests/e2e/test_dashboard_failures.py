@@ -9,7 +9,9 @@ end of the log (the error line in view), the first build still shows the attempt
 attempt that ran, the dependency-failed step links the dependency that failed, and the
 all-builds page filters and pages.
 
-With ``--screenshots DIR`` the failed build's page goes to ``DIR/build-failed-after.png``.
+With ``--screenshots DIR`` the failed build's page goes to ``DIR/build-failed-after.png``
+(``build-failed-before.png`` is the same page before these fixes), the build that hit the
+cache to ``build-cached-failure.png`` and the all-builds page to ``builds.png``.
 """
 
 from __future__ import annotations
@@ -88,18 +90,6 @@ def _api(farm: Farm, path: str) -> Any:
 
 def _steps_by_name(farm: Farm, build_id: int) -> dict[str, dict[str, Any]]:
     return {s["name"]: s for s in _api(farm, f"/api/v1/builds/{build_id}/steps")["steps"]}
-
-
-def _scrolled_to_bottom(box: Locator) -> bool:
-    """Whether a scroll box overflows and shows its end."""
-    return bool(
-        box.evaluate(
-            "el => el.scrollHeight > el.clientHeight + 20 && "
-            "Math.abs(el.scrollHeight - el.clientHeight - Math.abs(el.scrollTop)) < 4 || "
-            "el.scrollHeight > el.clientHeight + 20 && el.scrollTop < 0 && "
-            "Math.abs(el.scrollTop) < 4 && getComputedStyle(el).flexDirection == 'column-reverse'"
-        )
-    )
 
 
 def _in_view(box: Locator, text: str) -> bool:
@@ -193,11 +183,6 @@ def test_failed_builds_on_the_dashboard(
     page.goto(f"{farm.url}/steps/{noisy['id']}")
     logbox = page.locator(".logbox")
     expect(logbox).to_contain_text(last_line)
-    page.wait_for_function(
-        "() => { const b = document.querySelector('.logbox');"
-        " return b.scrollHeight - b.clientHeight - b.scrollTop < 4; }",
-        timeout=WAIT_MS,
-    )
     assert _in_view(logbox, last_line)
     assert not _in_view(logbox, f"compiling unit 1 of {NOISE_LINES}")
     # The step's own attempt: its agent and a real run time.
@@ -216,6 +201,7 @@ def test_failed_builds_on_the_dashboard(
     expect(hit_row).to_have_count(1)
     expect(page.locator('#attempts tr[data-outcome="build_failure"]')).to_have_count(0)
     expect(page.locator(f'#steps tr[data-step="{noisy["id"]}"]')).to_contain_text("cached failure")
+    _shoot(page, request, tmp_path, "build-cached-failure")
 
     # Item 10: the all-builds page, its rows and its filters.
     page.goto(f"{farm.url}/builds")
@@ -226,6 +212,7 @@ def test_failed_builds_on_the_dashboard(
     expect(first_row).to_contain_text("acme/widgets")
     expect(first_row).to_contain_text("refs/heads/main")
     expect(first_row).to_contain_text("client")
+    _shoot(page, request, tmp_path, "builds")
     page.goto(f"{farm.url}/builds?ref=refs/heads/feature")
     expect(rows).to_have_count(1)
     expect(page.locator(f'#all-builds tr[data-build="{second_id}"]')).to_contain_text("noisy")

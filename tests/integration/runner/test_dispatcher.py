@@ -1425,3 +1425,37 @@ async def test_one_pass_fills_more_slots_than_a_dispatch_chunk(
     # Three chunks (2 + 2 + 1), each written, then sent before the next is planned.
     assert sent_before_commit == [0, 2, 4]
     assert all(farm.sched.nodes[farm.sid(s)].state is StepState.ASSIGNED for s in steps)
+
+
+async def test_a_builds_took_leaves_out_the_time_it_only_waited(farm: Farm) -> None:
+    """The dashboard's "took" (docs/dashboard.md): the time its steps ran, from the attempt
+    records and the steps running now; not the time it waited for a slot."""
+    from bigtent.runner.dashboard.present import busy_secs
+
+    x = drv("x")
+    y = drv("y", x)
+    build = await farm.add([x, y], roots=[y])
+    agent = farm.agent("m1")
+
+    async def took() -> float:
+        async with farm.engine.connect() as conn:
+            spans = await queries.fetch_build_run_intervals(conn, [build])
+            row = await queries.fetch_build(conn, build)
+        assert row is not None
+        end = row.finished_at if row.finished_at is not None else farm.clock.now
+        return busy_secs(spans[build], float(row.created_at), end)
+
+    await farm.tick(T0 + 30)  # waited 30 s for an agent: not counted
+    [a] = agent.take_assigns()
+    farm.clock.now = T0 + 40
+    assert await took() == 10.0  # x runs: counted so far
+    assert await farm.succeed(agent, a)
+    farm.clock.now = T0 + 100  # y waits 60 s for a slot: not counted
+    assert await took() == 10.0
+    await farm.tick()
+    [b] = agent.take_assigns()
+    farm.clock.now = T0 + 105
+    assert await farm.succeed(agent, b)
+    assert await farm.build_state(build) == "succeeded"
+    farm.clock.now = T0 + 500
+    assert await took() == 15.0

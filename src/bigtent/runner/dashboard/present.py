@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -205,3 +205,38 @@ def attempt_next(retry_at: float | None, finished_at: float) -> str:
 def outcome_class(outcome: str) -> str:
     """The badge class of an attempt's outcome: green for a success, red for the rest."""
     return "succeeded" if outcome == "success" else "failed"
+
+
+def busy_secs(intervals: Iterable[tuple[float, float | None]], start: float, end: float) -> float:
+    """How long a build "took": the time between ``start`` (its creation) and ``end`` (its
+    end, or now while it runs) during which at least one of its steps was running (assigned
+    to a venue until its attempt ended; an end of None: running now). Time it only waited —
+    queued without a free slot, waiting for capacity, or between a failed attempt and its
+    retry with nothing else running — does not count; overlapping steps count once."""
+    spans = sorted(
+        (max(s, start), min(end if e is None else e, end))
+        for s, e in intervals
+        if _finite(s) is not None and (e is None or _finite(e) is not None)
+    )
+    total = 0.0
+    cur_start: float | None = None
+    cur_end = 0.0
+    for s, e in spans:
+        if e <= s:
+            continue
+        if cur_start is None or s > cur_end:
+            if cur_start is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = s, e
+        else:
+            cur_end = max(cur_end, e)
+    if cur_start is not None:
+        total += cur_end - cur_start
+    return total
+
+
+def roots_summary(names: Sequence[str], shown: int = 3) -> tuple[list[str], int]:
+    """The first ``shown`` names of a build's requested derivations (without ``.drv``) and
+    how many more there are."""
+    plain = [n.removesuffix(".drv") for n in names]
+    return plain[:shown], max(0, len(plain) - shown)

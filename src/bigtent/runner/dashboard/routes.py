@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs, quote, urlencode
 
 import jinja2
 from fastapi import APIRouter, FastAPI, Request
@@ -46,6 +46,7 @@ from bigtent.runner.logserve import log_response, parse_offset
 from bigtent.runner.scheduler import recovery
 from bigtent.runner.scheduler.dispatcher import AGENT
 from bigtent.runner.sessions import bearer_token
+from bigtent.states import BuildState
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ def _environment() -> jinja2.Environment:
         is_final=present.is_final,
         attempt_next=present.attempt_next,
         outcome_class=present.outcome_class,
+        urlencode_query=urlencode,
         version=__version__,
         poll_secs=POLL_SECS,
     )
@@ -257,6 +259,35 @@ async def overview(request: Request) -> Response:
         dash = _dash(request)
         data = await views.load_overview(dash.comps, dash.cache_totals)
         return _render(request, "overview.html", viewer, o=data, title="Overview")
+
+    return await _page(request, body)
+
+
+@router.get("/builds")
+async def builds_page(
+    request: Request,
+    state: str = "",
+    repository: str = "",
+    ref: str = "",
+    creator: str = "",
+    limit: int = views.BUILDS_PAGE,
+    before: int | None = None,
+) -> Response:
+    """Every build, newest first, by pages, filtered by state, repository, ref and creator."""
+
+    async def body(viewer: Viewer) -> Response:
+        wanted = state.strip()
+        if wanted and wanted not in {str(s) for s in BuildState}:
+            raise BadRequest(
+                f"unknown build state {wanted[:40]!r}: one of "
+                + ", ".join(str(s) for s in BuildState)
+            )
+        cut = views.FILTER_MAX_CHARS
+        filters = views.BuildFilters(
+            wanted, repository.strip()[:cut], ref.strip()[:cut], creator.strip()[:cut]
+        )
+        data = await views.load_builds(_dash(request).comps, filters, limit, before)
+        return _render(request, "builds.html", viewer, p=data, title="Builds")
 
     return await _page(request, body)
 

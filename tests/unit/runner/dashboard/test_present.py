@@ -138,3 +138,50 @@ def test_presentation_never_raises_on_a_stored_odd_value(value: float) -> None:
 def test_fmt_bytes_goes_past_tebibytes() -> None:
     assert present.fmt_bytes(3 * 1024**5) == "3.0 PiB"
     assert present.fmt_bytes(2**62) == "4.0 EiB"
+
+
+@pytest.mark.parametrize(
+    ("intervals", "took"),
+    [
+        ([], 0.0),  # nothing ran (everything cached, or a cached failure)
+        ([(10.0, 20.0)], 10.0),
+        # Two steps one after the other with a wait between: the wait does not count.
+        ([(10.0, 20.0), (50.0, 55.0)], 15.0),
+        # Overlapping steps count once.
+        ([(10.0, 20.0), (15.0, 30.0), (12.0, 13.0)], 20.0),
+        # Touching intervals.
+        ([(10.0, 20.0), (20.0, 25.0)], 15.0),
+        # Running now (end None) counts until ``end``.
+        ([(10.0, 20.0), (90.0, None)], 20.0),
+        # A shared step that started before the build was created counts from its creation.
+        ([(-5.0, 8.0)], 8.0),
+        # Odd stored values are skipped; an attempt that ended as it began adds nothing.
+        ([(float("nan"), 5.0), (3.0, 3.0), (float("inf"), None)], 0.0),
+    ],
+)
+def test_busy_secs_counts_only_time_a_step_ran(
+    intervals: list[tuple[float, float | None]], took: float
+) -> None:
+    assert present.busy_secs(intervals, 0.0, 100.0) == pytest.approx(took)
+
+
+@given(
+    st.lists(
+        st.tuples(st.floats(0, 1000, allow_nan=False), st.one_of(st.none(), st.floats(0, 1000))),
+        max_size=20,
+    )
+)
+def test_busy_secs_is_bounded_by_the_wall_time(
+    intervals: list[tuple[float, float | None]],
+) -> None:
+    took = present.busy_secs(intervals, 100.0, 600.0)
+    assert 0.0 <= took <= 500.0
+
+
+def test_roots_summary() -> None:
+    assert present.roots_summary(["hello", "world.drv"]) == (["hello", "world"], 0)
+    assert present.roots_summary([f"job-{i}" for i in range(5)], shown=2) == (
+        ["job-0", "job-1"],
+        3,
+    )
+    assert present.roots_summary([]) == ([], 0)

@@ -1,0 +1,95 @@
+"""``queries.list_builds_filtered`` (the dashboard's ``/builds``, ``GET /api/v1/builds``):
+filters, newest first, keyset paging, bounds; and the rows a build list shows."""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bigtent.runner.db import queries
+
+T0 = 1_700_000_000.0
+
+
+async def _builds(engine: AsyncEngine) -> dict[str, int]:
+    rows = [
+        ("a", "failed", "acme/widgets", "refs/heads/main", "alice"),
+        ("b", "succeeded", "acme/widgets", "refs/heads/feature", "bob"),
+        ("c", "succeeded", "acme/gadgets", "refs/heads/main", "alice"),
+        ("d", "running", None, None, "alice"),
+        ("e", "failed", "acme/widgets", "refs/heads/main", "ci"),
+    ]
+    out: dict[str, int] = {}
+    async with engine.begin() as conn:
+        for i, (key, state, repo, ref, who) in enumerate(rows):
+            out[key] = await queries.insert_build(
+                conn,
+                state=state,
+                priority=0,
+                created_at=T0 + i,
+                created_by=who,
+                repository=repo,
+                ref=ref,
+                trusted=True,
+            )
+    return out
+
+
+async def _ids(engine: AsyncEngine, **filters: object) -> list[int]:
+    async with engine.connect() as conn:
+        rows = await queries.list_builds_filtered(conn, **filters)  # type: ignore[arg-type]
+    return [int(r.id) for r in rows]
+
+
+async def test_filters_match_exactly_and_combine(engine: AsyncEngine) -> None:
+    b = await _builds(engine)
+    assert await _ids(engine) == [b[k] for k in "edcba"]  # newest first
+    assert await _ids(engine, state="failed") == [b["e"], b["a"]]
+    assert await _ids(engine, repository="acme/widgets") == [b["e"], b["b"], b["a"]]
+    assert await _ids(engine, ref="refs/heads/main") == [b["e"], b["c"], b["a"]]
+    assert await _ids(engine, creator="alice") == [b["d"], b["c"], b["a"]]
+    assert await _ids(
+        engine, state="failed", repository="acme/widgets", ref="refs/heads/main", creator="ci"
+    ) == [b["e"]]
+    # Exact, not a substring or a prefix; empty means any.
+    assert await _ids(engine, repository="acme") == []
+    assert await _ids(engine, creator="ali") == []
+    assert await _ids(engine, state=None, repository="", ref=None, creator="") == [
+        b[k] for k in "edcba"
+    ]
+
+
+async def test_keyset_pages_cover_every_build_once(engine: AsyncEngine) -> None:
+    b = await _builds(engine)
+    seen: list[int] = []
+    before: int | None = None
+    while page := await _ids(engine, repository="acme/widgets", limit=2, before_id=before):
+        assert len(page) <= 2
+        seen += page
+        before = page[-1]
+    assert seen == [b["e"], b["b"], b["a"]]
+    # The limit is bounded both ways.
+    assert len(await _ids(engine, limit=0)) == 1
+    assert len(await _ids(engine, limit=10**9)) == 5
+
+
+async def test_root_names_per_build(engine: AsyncEngine) -> None:
+    b = await _builds(engine)
+    drvs = [
+        queries.DrvInfo(
+            drv_path=f"/nix/store/{c * 32}-{name}.drv",
+            name=name,
+            system="x86_64-linux",
+            required_features=frozenset(),
+            outputs={"out": f"/nix/store/{c * 32}-{name}"},
+            input_drvs={},
+            input_srcs=(),
+        )
+        for c, name in (("1", "hello"), ("2", "world"))
+    ]
+    async with engine.begin() as conn:
+        for d in drvs:
+            await queries.insert_derivation(conn, d)
+        await queries.insert_build_roots(conn, b["a"], {d.drv_path: None for d in drvs})
+    async with engine.connect() as conn:
+        names = await queries.fetch_root_names(conn, [b["a"], b["b"]])
+    assert names == {b["a"]: ["hello", "world"], b["b"]: []}
