@@ -148,6 +148,16 @@ def test_failed_builds_on_the_dashboard(
     assert code != 0 and second["state"] == "failed", second
     second_id = int(second["build_id"])
     assert second_id != first_id
+    # The API: the hit is the second build's; the first keeps the error of the attempt.
+    hit = _steps_by_name(farm, second_id)["noisy"]
+    assert hit["error"].startswith("cached failure: this derivation failed (build_failure)")
+    assert hit["cached_failure"]["ran_in_build"] == first_id
+    assert hit["cached_failure"]["agent_name"] == "a0"
+    ran_step = _steps_by_name(farm, first_id)["noisy"]
+    assert "cached_failure" not in ran_step
+    assert ran_step["error"] == noisy["error"] and "cached failure" not in ran_step["error"]
+    [failed] = _api(farm, f"/api/v1/builds/{second_id}")["failed_steps"]
+    assert failed["error"].startswith("cached failure") and failed["cached_failure"]
 
     page = browser.new_page()
     page.goto(f"{farm.url}/builds/{first_id}")
