@@ -149,10 +149,10 @@ def test_failed_builds_on_the_dashboard(
     second_id = int(second["build_id"])
     assert second_id != first_id
     # The API: the hit is the second build's; the first keeps the error of the attempt.
-    hit = _steps_by_name(farm, second_id)["noisy"]
-    assert hit["error"].startswith("cached failure: this derivation failed (build_failure)")
-    assert hit["cached_failure"]["ran_in_build"] == first_id
-    assert hit["cached_failure"]["agent_name"] == "a0"
+    hit_step = _steps_by_name(farm, second_id)["noisy"]
+    assert hit_step["error"].startswith("cached failure: this derivation failed (build_failure)")
+    assert hit_step["cached_failure"]["ran_in_build"] == first_id
+    assert hit_step["cached_failure"]["agent_name"] == "a0"
     ran_step = _steps_by_name(farm, first_id)["noisy"]
     assert "cached_failure" not in ran_step
     assert ran_step["error"] == noisy["error"] and "cached failure" not in ran_step["error"]
