@@ -93,3 +93,70 @@ async def test_root_names_per_build(engine: AsyncEngine) -> None:
     async with engine.connect() as conn:
         names = await queries.fetch_root_names(conn, [b["a"], b["b"]])
     assert names == {b["a"]: ["hello", "world"], b["b"]: []}
+
+
+async def test_the_lists_took_reads_a_builds_attempts_once_per_ttl(engine: AsyncEngine) -> None:
+    from sqlalchemy import insert
+
+    from bigtent.runner.dashboard.present import busy_secs
+    from bigtent.runner.dashboard.views import TookCache
+    from bigtent.runner.db.tables import build_steps, derivations, step_attempts, steps
+
+    async with engine.begin() as conn:
+        build = await queries.insert_build(
+            conn, state="running", priority=0, created_at=T0, created_by="x", trusted=True
+        )
+        drv = "/nix/store/" + "3" * 32 + "-x.drv"
+        await conn.execute(
+            insert(derivations).values(
+                drv_path=drv,
+                name="x",
+                system="x86_64-linux",
+                required_features="[]",
+                outputs="{}",
+                input_drvs="{}",
+                input_srcs="[]",
+            )
+        )
+        step = (
+            await conn.execute(
+                insert(steps)
+                .values(drv_path=drv, state="runnable", created_at=T0, attempts=0)
+                .returning(steps.c.id)
+            )
+        ).scalar_one()
+        await conn.execute(insert(build_steps).values(build_id=build, step_id=step))
+
+    async def attempt(start: float, end: float) -> None:
+        async with engine.begin() as conn:
+            await conn.execute(
+                insert(step_attempts).values(
+                    step_id=step,
+                    attempt=1,
+                    max_attempts=5,
+                    started_at=start,
+                    finished_at=end,
+                    outcome="prepare_failure",
+                )
+            )
+
+    async def took(cache: TookCache) -> float:
+        async with engine.connect() as conn:
+            row = await queries.fetch_build(conn, build)
+            assert row is not None
+            spans = await cache.spans(conn, [row])
+        end = row.finished_at if row.finished_at is not None else T0 + 1000
+        return busy_secs(spans[build], T0, end)
+
+    cache = TookCache(ttl_secs=3600)
+    await attempt(T0 + 10, T0 + 20)
+    assert await took(cache) == 10.0
+    await attempt(T0 + 100, T0 + 130)
+    assert await took(cache) == 10.0  # within the TTL: not read again
+    assert await took(TookCache(ttl_secs=0)) == 40.0
+    # The build ends: its end changed, so it is read again (and then kept).
+    async with engine.begin() as conn:
+        await queries.update_build(conn, build, state="failed", finished_at=T0 + 125)
+    assert await took(cache) == 35.0
+    await attempt(T0 + 200, T0 + 210)  # a shared step's later attempt: after its end
+    assert await took(cache) == 35.0

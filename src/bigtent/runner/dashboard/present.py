@@ -235,6 +235,36 @@ def busy_secs(intervals: Iterable[tuple[float, float | None]], start: float, end
     return total
 
 
+def merge_spans(
+    intervals: Iterable[tuple[float, float | None]], start: float
+) -> list[tuple[float, float | None]]:
+    """``intervals`` made compact for ``busy_secs``, which gives the same answer for any end
+    at or after the latest of them: the ended ones (clipped at ``start``) merged into disjoint
+    spans, and the running ones (end None, which all reach the end) as one span from the
+    earliest of them. A build's thousands of attempt records become a few spans to keep."""
+    ended: list[tuple[float, float]] = []
+    running: float | None = None
+    for s, e in intervals:
+        if _finite(s) is None:
+            continue
+        s = max(s, start)
+        if e is None:
+            running = s if running is None else min(running, s)
+        elif _finite(e) is not None and e > s:
+            ended.append((s, e))
+    ended.sort()
+    out: list[tuple[float, float | None]] = []
+    for s, e in ended:
+        last = out[-1] if out else None
+        if last is not None and last[1] is not None and s <= last[1]:
+            out[-1] = (last[0], max(last[1], e))
+        else:
+            out.append((s, e))
+    if running is not None:
+        out.append((running, None))
+    return out
+
+
 def roots_summary(names: Sequence[str], shown: int = 3) -> tuple[list[str], int]:
     """The first ``shown`` names of a build's requested derivations (without ``.drv``) and
     how many more there are."""

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode
 
@@ -81,6 +81,7 @@ class Dashboard:
     env: jinja2.Environment
     sessions: SessionStore
     cache_totals: views.CacheTotals
+    took: views.TookCache = field(default_factory=views.TookCache)
 
     @property
     def mode(self) -> DashboardAuth:
@@ -257,7 +258,7 @@ router = APIRouter(include_in_schema=False)
 async def overview(request: Request) -> Response:
     async def body(viewer: Viewer) -> Response:
         dash = _dash(request)
-        data = await views.load_overview(dash.comps, dash.cache_totals)
+        data = await views.load_overview(dash.comps, dash.cache_totals, dash.took)
         return _render(request, "overview.html", viewer, o=data, title="Overview")
 
     return await _page(request, body)
@@ -286,7 +287,8 @@ async def builds_page(
         filters = views.BuildFilters(
             wanted, repository.strip()[:cut], ref.strip()[:cut], creator.strip()[:cut]
         )
-        data = await views.load_builds(_dash(request).comps, filters, limit, before)
+        dash = _dash(request)
+        data = await views.load_builds(dash.comps, filters, limit, before, dash.took)
         return _render(request, "builds.html", viewer, p=data, title="Builds")
 
     return await _page(request, body)

@@ -209,7 +209,52 @@ class CacheTotals:
         return self._value
 
 
-async def load_overview(comps: Components, totals: CacheTotals) -> Overview:
+TOOK_TTL_SECS = 10.0
+"""A running build's "took" in the build lists is recomputed from its attempts at most this
+often (a finished build's once, until a restart changes its end)."""
+TOOK_CACHED_BUILDS = 2000
+
+
+@dataclass(eq=False)
+class TookCache:
+    """How long builds took (``present.busy_secs``), for the build lists (the overview polls
+    every few seconds): each build's attempt records are read at most every ``ttl_secs``
+    while it runs, and once after it ended (again when its end changes: a restart), and kept
+    as a few merged spans (``present.merge_spans``), not one read of every attempt per view.
+    Measured: 100,000 attempt records take ~0.6 s to read and ~0.3 s to add up."""
+
+    ttl_secs: float = TOOK_TTL_SECS
+    max_builds: int = TOOK_CACHED_BUILDS
+    _spans: dict[int, tuple[float | None, float, list[tuple[float, float | None]]]] = field(
+        default_factory=dict
+    )
+    """Build id -> (its end when read, when read (monotonic), merged spans)."""
+
+    async def spans(
+        self, conn: Any, rows: Sequence[Any]
+    ) -> dict[int, list[tuple[float, float | None]]]:
+        mono = time.monotonic()
+        stale = [
+            b
+            for b in rows
+            if (got := self._spans.get(int(b.id))) is None
+            or got[0] != b.finished_at
+            or (b.finished_at is None and mono - got[1] >= self.ttl_secs)
+        ]
+        if stale:
+            fresh = await queries.fetch_build_run_intervals(conn, [int(b.id) for b in stale])
+            for b in stale:
+                merged = present.merge_spans(fresh[int(b.id)], float(b.created_at))
+                self._spans.pop(int(b.id), None)
+                self._spans[int(b.id)] = (b.finished_at, mono, merged)
+            while len(self._spans) > self.max_builds:  # the longest unread go first
+                del self._spans[next(iter(self._spans))]
+        return {int(b.id): self._spans[int(b.id)][2] for b in rows}
+
+
+async def load_overview(
+    comps: Components, totals: CacheTotals, took: TookCache | None = None
+) -> Overview:
     sched = comps.scheduler
     now = sched.clock()
     paths, size = await totals.fetch(comps)
@@ -218,7 +263,9 @@ async def load_overview(comps: Components, totals: CacheTotals) -> Overview:
         running_rows = await queries.fetch_active_steps(
             conn, [StepState.ASSIGNED, StepState.BUILDING]
         )
-        builds = await _build_rows(conn, await queries.fetch_builds(conn, RECENT_BUILDS), now)
+        builds = await _build_rows(
+            conn, await queries.fetch_builds(conn, RECENT_BUILDS), now, took or TookCache()
+        )
         agent_rows = await queries.fetch_agents(conn)
     live = {mid for mid, v in sched.venues.items() if v.kind == AGENT}
     connected = [r for r in agent_rows if r.machine_id in live]
@@ -270,12 +317,14 @@ def _build_row(
     )
 
 
-async def _build_rows(conn: Any, rows: Sequence[Any], now: float) -> list[BuildRow]:
+async def _build_rows(
+    conn: Any, rows: Sequence[Any], now: float, took: TookCache
+) -> list[BuildRow]:
     """List rows for these builds: progress, what each was for, how long it took."""
     ids = [int(b.id) for b in rows]
     per_build = await queries.fetch_build_state_counts(conn, ids)
     names = await queries.fetch_root_names(conn, ids)
-    spans = await queries.fetch_build_run_intervals(conn, ids)
+    spans = await took.spans(conn, rows)
     return [
         _build_row(b, per_build.get(int(b.id), {}), names[int(b.id)], spans[int(b.id)], now)
         for b in rows
@@ -328,7 +377,11 @@ class BuildsPage:
 
 
 async def load_builds(
-    comps: Components, filters: BuildFilters, limit: int, before_id: int | None
+    comps: Components,
+    filters: BuildFilters,
+    limit: int,
+    before_id: int | None,
+    took: TookCache | None = None,
 ) -> BuildsPage:
     """A page of builds, newest first, filtered (``queries.list_builds_filtered``), one
     more fetched than shown to know whether an older page exists."""
@@ -345,7 +398,7 @@ async def load_builds(
             limit=limit + 1,
             before_id=before,
         )
-        shown = await _build_rows(conn, rows[:limit], now)
+        shown = await _build_rows(conn, rows[:limit], now, took or TookCache())
     return BuildsPage(
         now=now,
         filters=filters,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -185,3 +187,31 @@ def test_roots_summary() -> None:
         3,
     )
     assert present.roots_summary([]) == ([], 0)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(-100, 1000, allow_nan=False),
+            st.one_of(st.none(), st.floats(-100, 1000, allow_nan=False)),
+        ),
+        max_size=30,
+    ),
+    st.floats(0, 1200),
+)
+def test_merged_spans_add_up_as_the_attempts_do(
+    intervals: list[tuple[float, float | None]], end: float
+) -> None:
+    """What the build lists keep per build (a few spans) says the same as every attempt."""
+    merged = present.merge_spans(intervals, 0.0)
+    assert sum(1 for _, e in merged if e is None) <= 1
+    ended = [(s, e) for s, e in merged if e is not None]
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(ended))  # disjoint
+    assert present.busy_secs(merged, 0.0, end) == pytest.approx(
+        present.busy_secs(intervals, 0.0, end), abs=1e-6
+    )
+
+
+def test_merge_spans() -> None:
+    raw = [(5.0, 8.0), (-3.0, 2.0), (7.0, 12.0), (20.0, None), (15.0, None), (30.0, 31.0)]
+    assert present.merge_spans(raw, 0.0) == [(0.0, 2.0), (5.0, 12.0), (30.0, 31.0), (15.0, None)]
