@@ -271,12 +271,14 @@ async def builds_page(
     repository: str = "",
     ref: str = "",
     creator: str = "",
-    limit: int = views.BUILDS_PAGE,
-    before: int | None = None,
+    limit: str = "",
+    before: str = "",
 ) -> Response:
     """Every build, newest first, by pages, filtered by state, repository, ref and creator."""
 
     async def body(viewer: Viewer) -> Response:
+        page_size = _whole_number(limit, "limit", views.BUILDS_PAGE)
+        before_id = _whole_number(before, "before", None)
         wanted = state.strip()
         if wanted and wanted not in {str(s) for s in BuildState}:
             raise BadRequest(
@@ -288,10 +290,21 @@ async def builds_page(
             wanted, repository.strip()[:cut], ref.strip()[:cut], creator.strip()[:cut]
         )
         dash = _dash(request)
-        data = await views.load_builds(dash.comps, filters, limit, before, dash.took)
+        data = await views.load_builds(dash.comps, filters, page_size, before_id, dash.took)
         return _render(request, "builds.html", viewer, p=data, title="Builds")
 
     return await _page(request, body)
+
+
+def _whole_number(text: str, name: str, default: int | None) -> int | None:
+    """A query parameter that must be a whole number (empty: ``default``); anything else is
+    a 400 page naming it."""
+    text = text.strip()
+    if not text:
+        return default
+    if not text.isascii() or not text.isdigit() or len(text) > 19:
+        raise BadRequest(f"{name} must be a whole number, not {text[:40]!r}")
+    return int(text)
 
 
 @router.get("/builds/{build_id}")
