@@ -277,8 +277,8 @@ async def builds_page(
     """Every build, newest first, by pages, filtered by state, repository, ref and creator."""
 
     async def body(viewer: Viewer) -> Response:
-        page_size = _whole_number(limit, "limit", views.BUILDS_PAGE)
-        before_id = _whole_number(before, "before", None)
+        page_size = _whole_number(limit, "limit") or views.BUILDS_PAGE
+        before_id = _whole_number(before, "before")
         wanted = state.strip()
         if wanted and wanted not in {str(s) for s in BuildState}:
             raise BadRequest(
@@ -296,12 +296,12 @@ async def builds_page(
     return await _page(request, body)
 
 
-def _whole_number(text: str, name: str, default: int | None) -> int | None:
-    """A query parameter that must be a whole number (empty: ``default``); anything else is
-    a 400 page naming it."""
+def _whole_number(text: str, name: str) -> int | None:
+    """A query parameter that must be a whole number (empty: None); anything else is a 400
+    page naming it."""
     text = text.strip()
     if not text:
-        return default
+        return None
     if not text.isascii() or not text.isdigit() or len(text) > 19:
         raise BadRequest(f"{name} must be a whole number, not {text[:40]!r}")
     return int(text)
