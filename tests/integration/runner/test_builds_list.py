@@ -84,7 +84,7 @@ async def test_root_names_per_build(engine: AsyncEngine) -> None:
             input_drvs={},
             input_srcs=(),
         )
-        for c, name in (("1", "hello"), ("2", "world"))
+        for c, name in (("1", "hello"), ("2", "world"), ("3", "abc"), ("4", "zed"))
     ]
     async with engine.begin() as conn:
         for d in drvs:
@@ -92,7 +92,9 @@ async def test_root_names_per_build(engine: AsyncEngine) -> None:
         await queries.insert_build_roots(conn, b["a"], {d.drv_path: None for d in drvs})
     async with engine.connect() as conn:
         names = await queries.fetch_root_names(conn, [b["a"], b["b"]])
-    assert names == {b["a"]: ["hello", "world"], b["b"]: []}
+        two = await queries.fetch_root_names(conn, [b["a"]], per_build=2)
+    assert names == {b["a"]: (["abc", "hello", "world"], 4), b["b"]: ([], 0)}
+    assert two == {b["a"]: (["abc", "hello"], 4)}
 
 
 async def test_the_lists_took_reads_a_builds_attempts_once_per_ttl(engine: AsyncEngine) -> None:

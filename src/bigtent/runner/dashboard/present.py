@@ -265,8 +265,7 @@ def merge_spans(
     return out
 
 
-def roots_summary(names: Sequence[str], shown: int = 3) -> tuple[list[str], int]:
-    """The first ``shown`` names of a build's requested derivations (without ``.drv``) and
-    how many more there are."""
-    plain = [n.removesuffix(".drv") for n in names]
-    return plain[:shown], max(0, len(plain) - shown)
+def roots_summary(names: Sequence[str], total: int) -> tuple[list[str], int]:
+    """The names of a build's first requested derivations (without ``.drv``) and how many
+    more it requested (of ``total``)."""
+    return [n.removesuffix(".drv") for n in names], max(0, total - len(names))

@@ -292,11 +292,11 @@ async def load_overview(
 def _build_row(
     b: Any,
     counts: dict[str, int],
-    root_names: Sequence[str] = (),
+    root_names: tuple[Sequence[str], int] = ((), 0),
     intervals: Iterable[tuple[float, float | None]] | None = None,
     now: float | None = None,
 ) -> BuildRow:
-    shown, more = present.roots_summary(root_names)
+    shown, more = present.roots_summary(*root_names)
     took = None
     if intervals is not None and now is not None:
         end = float(b.finished_at) if b.finished_at is not None else now

@@ -1227,19 +1227,40 @@ async def list_builds_filtered(
     return list(rows)
 
 
-async def fetch_root_names(conn: AsyncConnection, build_ids: Sequence[int]) -> dict[int, list[str]]:
-    """Per build, the names of its requested (top-level) derivations, by name."""
-    out: dict[int, list[str]] = {b: [] for b in build_ids}
+async def fetch_root_names(
+    conn: AsyncConnection, build_ids: Sequence[int], per_build: int = 3
+) -> dict[int, tuple[list[str], int]]:
+    """Per build, the names of its first ``per_build`` requested (top-level) derivations, by
+    name, and how many it requested in all (a CI evaluation may request thousands: only the
+    first few are read)."""
+    out: dict[int, tuple[list[str], int]] = {b: ([], 0) for b in build_ids}
     if not build_ids:
         return out
-    rows = await conn.execute(
-        select(build_roots.c.build_id, derivations.c.name)
+    ranked = (
+        select(
+            build_roots.c.build_id,
+            derivations.c.name,
+            func.row_number()
+            .over(
+                partition_by=build_roots.c.build_id,
+                order_by=(derivations.c.name, build_roots.c.drv_path),
+            )
+            .label("rank"),
+            func.count().over(partition_by=build_roots.c.build_id).label("total"),
+        )
         .join(derivations, derivations.c.drv_path == build_roots.c.drv_path)
         .where(build_roots.c.build_id.in_(list(build_ids)))
-        .order_by(build_roots.c.build_id, derivations.c.name)
+        .subquery()
     )
-    for build_id, name in rows:
-        out[int(build_id)].append(str(name))
+    rows = await conn.execute(
+        select(ranked.c.build_id, ranked.c.name, ranked.c.total)
+        .where(ranked.c.rank <= per_build)
+        .order_by(ranked.c.build_id, ranked.c.rank)
+    )
+    for build_id, name, total in rows:
+        names, _ = out[int(build_id)]
+        names.append(str(name))
+        out[int(build_id)] = (names, int(total))
     return out
 
 

@@ -181,12 +181,9 @@ def test_busy_secs_is_bounded_by_the_wall_time(
 
 
 def test_roots_summary() -> None:
-    assert present.roots_summary(["hello", "world.drv"]) == (["hello", "world"], 0)
-    assert present.roots_summary([f"job-{i}" for i in range(5)], shown=2) == (
-        ["job-0", "job-1"],
-        3,
-    )
-    assert present.roots_summary([]) == ([], 0)
+    assert present.roots_summary(["hello", "world.drv"], 2) == (["hello", "world"], 0)
+    assert present.roots_summary(["job-0", "job-1"], 5) == (["job-0", "job-1"], 3)
+    assert present.roots_summary([], 0) == ([], 0)
 
 
 @given(
