@@ -292,9 +292,12 @@ async def update_build(conn: AsyncConnection, build_id: int, **values: Any) -> N
 
 
 async def delete_build(conn: AsyncConnection, build_id: int) -> None:
-    """Delete a build with its roots and memberships (its steps stay)."""
+    """Delete a build with its roots, memberships, events and cache hits (its steps stay)."""
     note_builds(conn, [build_id])
     await conn.execute(delete(build_events).where(build_events.c.build_id == build_id))
+    await conn.execute(
+        delete(cached_failure_hits).where(cached_failure_hits.c.build_id == build_id)
+    )
     await conn.execute(delete(build_roots).where(build_roots.c.build_id == build_id))
     await conn.execute(delete(build_steps).where(build_steps.c.build_id == build_id))
     await conn.execute(delete(builds).where(builds.c.id == build_id))
