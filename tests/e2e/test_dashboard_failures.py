@@ -199,6 +199,11 @@ def test_failed_builds_on_the_dashboard(
     attempt = page.locator('#attempts tr[data-outcome="build_failure"]')
     expect(attempt).to_contain_text("a0")
     expect(page.locator("#attempts tr[data-outcome]")).to_have_count(1)
+    # Its builds: the one that ran it, and the one that reused its failure, marked so.
+    builds_line = page.locator("#step-builds")
+    expect(builds_line.locator(f'a[href="/builds/{first_id}"]')).to_have_count(1)
+    expect(builds_line.locator(f'a[href="/builds/{second_id}"]')).to_have_count(1)
+    expect(builds_line.locator(".cached-in")).to_have_count(1)
 
     # Item 9: the build that hit the cache says so and links the attempt that ran.
     page.goto(f"{farm.url}/builds/{second_id}")

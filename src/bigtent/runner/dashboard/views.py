@@ -621,6 +621,8 @@ class StepPage:
     """Why the step waits, when no venue can take it (``Scheduler.waiting_reason``)."""
     failed_deps: list[DepLink] = field(default_factory=list)
     """For a dependency-failed step: its dependencies that failed."""
+    cached_in: set[int] = field(default_factory=set)
+    """Which of ``build_ids`` failed it from the failure cache (did not run it)."""
 
     @property
     def live(self) -> bool:
@@ -640,6 +642,7 @@ async def load_step(comps: Components, step_id: int) -> StepPage:
             if row.state == StepState.DEPENDENCY_FAILED
             else []
         )
+        cached_in = await queries.fetch_cached_failure_builds(conn, step_id, build_ids)
     size = comps.logs.size(step_id)
     start = max(0, size - LOG_PAGE_BYTES)
     data = comps.logs.read_range(step_id, start, size)
@@ -659,6 +662,7 @@ async def load_step(comps: Components, step_id: int) -> StepPage:
         attempts=[_attempt_row(r) for r in attempts],
         waiting_reason=comps.scheduler.waiting_reason(step_id),
         failed_deps=failed_deps,
+        cached_in=cached_in,
     )
 
 

@@ -1163,6 +1163,21 @@ async def fetch_build_cached_failure_hits(conn: AsyncConnection, build_id: int) 
     return list(rows)
 
 
+async def fetch_cached_failure_builds(
+    conn: AsyncConnection, step_id: int, build_ids: Sequence[int]
+) -> set[int]:
+    """Which of ``build_ids`` failed ``step_id`` from the failure cache (did not run it)."""
+    if not build_ids:
+        return set()
+    rows = await conn.execute(
+        select(cached_failure_hits.c.build_id).where(
+            cached_failure_hits.c.step_id == step_id,
+            cached_failure_hits.c.build_id.in_(list(build_ids)),
+        )
+    )
+    return {int(r[0]) for r in rows}
+
+
 async def fetch_failed_dependencies(
     conn: AsyncConnection, step_ids: Sequence[int]
 ) -> dict[int, list[Any]]:
