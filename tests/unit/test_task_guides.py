@@ -5,6 +5,9 @@ stale text they replaced is gone."""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -16,6 +19,7 @@ from bigtent.config import load_agent_config, load_runner_config
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 TOML_BLOCK = re.compile(r"^( *)```toml\n(.*?)^\1```", re.S | re.M)
+INI_BLOCK = re.compile(r"^( *)```ini\n(.*?)^\1```", re.S | re.M)
 LINK = re.compile(r"\]\(([a-z0-9_-]+\.md)(?:#([a-z0-9-]+))?\)")
 
 
@@ -106,3 +110,32 @@ def test_stale_text_is_gone() -> None:
     autoscaling = (DOCS / "autoscaling.md").read_text()
     assert "do not record their repository" not in autoscaling
     assert "pool_scope" not in autoscaling
+
+
+@pytest.mark.parametrize(
+    ("name", "unit"),
+    [("production.md", "bigtent-runner.service"), ("agents.md", "bigtent-agent.service")],
+)
+def test_the_systemd_units_parse(name: str, unit: str, tmp_path: Path) -> None:
+    """systemd's own parser finds nothing to say about the guides' units (unknown keys, bad
+    values); the bigtent they start is this one."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    [(indent, body)] = INI_BLOCK.findall((DOCS / name).read_text())
+    text = "\n".join(line.removeprefix(indent) for line in body.splitlines())
+    assert f"# /etc/systemd/system/{unit}" in text
+    bigtent = str(Path(sys.executable).with_name("bigtent"))
+    (tmp_path / unit).write_text(text.replace("/opt/bigtent/bin/bigtent", bigtent))
+    out = subprocess.run(
+        [analyze, "verify", "--man=no", str(tmp_path / unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    complaints = [
+        line
+        for line in (out.stdout + out.stderr).splitlines()
+        if unit in line or "Unknown" in line or "Failed" in line
+    ]
+    assert complaints == [], complaints
