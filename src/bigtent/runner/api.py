@@ -62,7 +62,7 @@ from bigtent.runner.metrics import Metrics
 from bigtent.runner.presigned import record_json
 from bigtent.runner.s3 import S3Storage, s3_nar_response
 from bigtent.runner.scheduler import recovery
-from bigtent.runner.scheduler.dispatcher import AGENT
+from bigtent.runner.scheduler.dispatcher import AGENT, cached_failure_error
 from bigtent.runner.scheduler.health import is_unhealthy, shown_error
 from bigtent.runner.scheduler.matching import has_room
 from bigtent.runner.sessions import bearer_token, looks_like_jwt
@@ -500,7 +500,46 @@ async def get_build_steps(build_id: int, comps: Comps, _: ClientAuth) -> dict[st
         if await queries.fetch_build(conn, build_id) is None:
             raise NotFound(f"no build {build_id}")
         rows = await queries.fetch_build_steps(conn, build_id)
-    return {"steps": [_step_json(r, comps) for r in rows]}
+        hits = await _cached_hits(conn, build_id)
+    return {"steps": [_with_cached_hit(_step_json(r, comps), hits.get(r.id)) for r in rows]}
+
+
+async def _cached_hits(conn: Any, build_id: int) -> dict[int, Any]:
+    """The build's cached-failure hits by step (``queries.fetch_build_cached_failure_hits``)."""
+    return {
+        int(h.step_id): h for h in await queries.fetch_build_cached_failure_hits(conn, build_id)
+    }
+
+
+def cached_hit_json(hit: Any) -> dict[str, Any]:
+    """A step this build failed from the failure cache: when, the failure it reused (the
+    attempt that ran, and the build that queued that run, when known), until when it is
+    reused (docs/api.md)."""
+    return {
+        "hit_at": _iso(hit.hit_at),
+        "failed_at": _iso(hit.failed_at),
+        "outcome": hit.failed_outcome,
+        "cached_until": _iso(hit.cached_until),
+        "attempt_id": hit.attempt_id,
+        "agent_name": hit.agent_name,
+        "ran_in_build": hit.ran_in_build,
+    }
+
+
+def _with_cached_hit(step: dict[str, Any], hit: Any | None) -> dict[str, Any]:
+    """A step as this build sees it: for a cached-failure hit, the error says so (the step's
+    own row keeps the error of the attempt that ran) and ``cached_failure`` says which."""
+    if hit is None:
+        return step
+    return step | {
+        "error": cached_failure_error(
+            hit.failed_outcome,
+            float(hit.failed_at),
+            float(hit.cached_until) - float(hit.failed_at),
+            step["error"],
+        ),
+        "cached_failure": cached_hit_json(hit),
+    }
 
 
 ATTEMPTS_PAGE = 1000
@@ -855,6 +894,7 @@ async def _build_json(comps: Components, build_id: int, details: bool = False) -
         roots = await queries.fetch_build_roots(conn, build_id)
         steps = await queries.fetch_build_steps(conn, build_id)
         events = await queries.fetch_build_events(conn, build_id, EVENTS_SHOWN) if details else []
+        hits = await _cached_hits(conn, build_id) if details else {}
     by_id = {s.id: s for s in steps}
     counts = {
         k: 0
@@ -897,18 +937,21 @@ async def _build_json(comps: Components, build_id: int, details: bool = False) -
         out["events"] = [build_event_json(e) for e in events]
         out["waiting_for_capacity"] = waiting[:WAITING_LISTED]
         out["failed_steps"] = [
-            {
-                "id": s.id,
-                "drv_path": s.drv_path,
-                "state": s.state,
-                "outcome": s.outcome,
-                "error": s.error,
-                "log_tail": (
-                    expired_text(comps.config.scheduler.log_retention_days)
-                    if _log_expired(s, comps)
-                    else comps.logs.tail(s.id, LOG_TAIL_LINES)
-                ),
-            }
+            _with_cached_hit(
+                {
+                    "id": s.id,
+                    "drv_path": s.drv_path,
+                    "state": s.state,
+                    "outcome": s.outcome,
+                    "error": s.error,
+                    "log_tail": (
+                        expired_text(comps.config.scheduler.log_retention_days)
+                        if _log_expired(s, comps)
+                        else comps.logs.tail(s.id, LOG_TAIL_LINES)
+                    ),
+                },
+                hits.get(s.id),
+            )
             for s in steps
             if s.state == StepState.FAILED
         ]

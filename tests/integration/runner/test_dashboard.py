@@ -495,3 +495,21 @@ async def test_a_client_acts_on_its_own_build_and_the_history_shows_who(
     )
     assert resp.status_code == 403
     assert len((await _build_json(runner, build_id))["events"]) == 2
+
+
+async def test_the_builds_page_says_what_is_wrong_with_its_query(make_runner: MakeRunner) -> None:
+    runner = await make_runner()
+    c = _browser(runner)
+    for query, message in (
+        ("state=bogus", "unknown build state &#39;bogus&#39;"),
+        ("limit=ten", "limit must be a whole number"),
+        ("before=-5", "before must be a whole number"),
+    ):
+        resp = await c.get(f"/builds?{query}")
+        assert resp.status_code == 400, query
+        assert resp.headers["content-type"].startswith("text/html")
+        assert message in resp.text, resp.text
+    # Bounds are clamped, not refused; a filter longer than any stored value matches nothing.
+    resp = await c.get("/builds", params={"limit": "100000", "repository": "x" * 5000})
+    assert resp.status_code == 200 and 'id="all-builds-empty"' in resp.text
+    assert 'id="filter-repository" value="' + "x" * 256 + '"' in resp.text

@@ -678,8 +678,18 @@ async def test_new_build_on_a_cached_failure_fails_at_once(farm: Farm) -> None:
     third = await farm.add([x, y], roots=[y])
     row = await farm.step(x)
     assert (row.state, row.outcome, row.failed_at) == ("failed", "build_failure", T0)
-    assert row.error.startswith("cached failure: this derivation failed (build_failure) at ")
-    assert "2023-11-14T22:13:20+00:00" in row.error and row.error.endswith("builder exited 1")
+    # The step keeps the record of the attempt that ran (issue: a hit wrote over it)...
+    assert (row.error, row.agent_name, row.finished_at) == ("builder exited 1", "agent-m1", T0)
+    # ...and the hit is recorded for the build that hit it, pointing at that attempt.
+    async with farm.engine.connect() as conn:
+        [ran] = await queries.fetch_step_attempts(conn, a.step_id, 10)
+        [hit] = await queries.fetch_build_cached_failure_hits(conn, third)
+        assert await queries.fetch_build_cached_failure_hits(conn, first) == []
+    assert (hit.step_id, hit.attempt_id, hit.agent_name) == (a.step_id, ran.id, "agent-m1")
+    assert (hit.failed_at, hit.failed_outcome, hit.error) == (T0, "build_failure", ran.error)
+    assert hit.hit_at == farm.clock.now
+    assert hit.cached_until == T0 + CONFIG.failure_cache_ttl_secs
+    assert hit.ran_in_build == first  # the build that queued the run
     assert (await farm.step(y)).state == "dependency_failed"
     assert x.drv_path in (await farm.step(y)).error
     assert await farm.build_state(third) == "failed"
@@ -687,10 +697,13 @@ async def test_new_build_on_a_cached_failure_fails_at_once(farm: Farm) -> None:
     assert agent.take_assigns() == []
     assert farm.sched.logs.read(a.step_id) == b"first run\n"  # the failure's log stays
     assert farm.sched.nodes == {} and farm.sched.builds == {}
-    # A second hit keeps the first error once.
-    await farm.add([x], roots=[x])
-    error = (await farm.step(x)).error
-    assert error.count("cached failure") == 1 and error.endswith("builder exited 1")
+    # A second hit is its build's own record; the step's error is still the attempt's.
+    fourth = await farm.add([x], roots=[x])
+    assert (await farm.step(x)).error == "builder exited 1"
+    async with farm.engine.connect() as conn:
+        [again] = await queries.fetch_build_cached_failure_hits(conn, fourth)
+        assert len(await queries.fetch_build_cached_failure_hits(conn, third)) == 1
+    assert again.attempt_id == ran.id and again.ran_in_build == first
 
 
 async def test_cached_failure_expires_after_the_ttl(farm: Farm) -> None:
@@ -1432,3 +1445,37 @@ async def test_one_pass_fills_more_slots_than_a_dispatch_chunk(
     # Three chunks (2 + 2 + 1), each written, then sent before the next is planned.
     assert sent_before_commit == [0, 2, 4]
     assert all(farm.sched.nodes[farm.sid(s)].state is StepState.ASSIGNED for s in steps)
+
+
+async def test_a_builds_took_leaves_out_the_time_it_only_waited(farm: Farm) -> None:
+    """The dashboard's "took" (docs/dashboard.md): the time its steps ran, from the attempt
+    records and the steps running now; not the time it waited for a slot."""
+    from bigtent.runner.dashboard.present import busy_secs
+
+    x = drv("x")
+    y = drv("y", x)
+    build = await farm.add([x, y], roots=[y])
+    agent = farm.agent("m1")
+
+    async def took() -> float:
+        async with farm.engine.connect() as conn:
+            spans = await queries.fetch_build_run_intervals(conn, [build])
+            row = await queries.fetch_build(conn, build)
+        assert row is not None
+        end = row.finished_at if row.finished_at is not None else farm.clock.now
+        return busy_secs(spans[build], float(row.created_at), end)
+
+    await farm.tick(T0 + 30)  # waited 30 s for an agent: not counted
+    [a] = agent.take_assigns()
+    farm.clock.now = T0 + 40
+    assert await took() == 10.0  # x runs: counted so far
+    assert await farm.succeed(agent, a)
+    farm.clock.now = T0 + 100  # y waits 60 s for a slot: not counted
+    assert await took() == 10.0
+    await farm.tick()
+    [b] = agent.take_assigns()
+    farm.clock.now = T0 + 105
+    assert await farm.succeed(agent, b)
+    assert await farm.build_state(build) == "succeeded"
+    farm.clock.now = T0 + 500
+    assert await took() == 15.0

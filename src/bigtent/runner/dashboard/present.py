@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -205,3 +205,67 @@ def attempt_next(retry_at: float | None, finished_at: float) -> str:
 def outcome_class(outcome: str) -> str:
     """The badge class of an attempt's outcome: green for a success, red for the rest."""
     return "succeeded" if outcome == "success" else "failed"
+
+
+def busy_secs(intervals: Iterable[tuple[float, float | None]], start: float, end: float) -> float:
+    """How long a build "took": the time between ``start`` (its creation) and ``end`` (its
+    end, or now while it runs) during which at least one of its steps was running (assigned
+    to a venue until its attempt ended; an end of None: running now). Time it only waited —
+    queued without a free slot, waiting for capacity, or between a failed attempt and its
+    retry with nothing else running — does not count; overlapping steps count once."""
+    spans = sorted(
+        (max(s, start), min(end if e is None else e, end))
+        for s, e in intervals
+        if _finite(s) is not None and (e is None or _finite(e) is not None)
+    )
+    total = 0.0
+    cur_start: float | None = None
+    cur_end = 0.0
+    for s, e in spans:
+        if e <= s:
+            continue
+        if cur_start is None or s > cur_end:
+            if cur_start is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = s, e
+        else:
+            cur_end = max(cur_end, e)
+    if cur_start is not None:
+        total += cur_end - cur_start
+    return total
+
+
+def merge_spans(
+    intervals: Iterable[tuple[float, float | None]], start: float
+) -> list[tuple[float, float | None]]:
+    """``intervals`` made compact for ``busy_secs``, which gives the same answer for any end
+    at or after the latest of them: the ended ones (clipped at ``start``) merged into disjoint
+    spans, and the running ones (end None, which all reach the end) as one span from the
+    earliest of them. A build's thousands of attempt records become a few spans to keep."""
+    ended: list[tuple[float, float]] = []
+    running: float | None = None
+    for s, e in intervals:
+        if _finite(s) is None:
+            continue
+        s = max(s, start)
+        if e is None:
+            running = s if running is None else min(running, s)
+        elif _finite(e) is not None and e > s:
+            ended.append((s, e))
+    ended.sort()
+    out: list[tuple[float, float | None]] = []
+    for s, e in ended:
+        last = out[-1] if out else None
+        if last is not None and last[1] is not None and s <= last[1]:
+            out[-1] = (last[0], max(last[1], e))
+        else:
+            out.append((s, e))
+    if running is not None:
+        out.append((running, None))
+    return out
+
+
+def roots_summary(names: Sequence[str], total: int) -> tuple[list[str], int]:
+    """The names of a build's first requested derivations (without ``.drv``) and how many
+    more it requested (of ``total``)."""
+    return [n.removesuffix(".drv") for n in names], max(0, total - len(names))

@@ -13,9 +13,9 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs, quote, urlencode
 
 import jinja2
 from fastapi import APIRouter, FastAPI, Request
@@ -47,6 +47,7 @@ from bigtent.runner.logserve import log_response, parse_offset
 from bigtent.runner.scheduler import recovery
 from bigtent.runner.scheduler.dispatcher import AGENT
 from bigtent.runner.sessions import bearer_token
+from bigtent.states import BuildState
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class Dashboard:
     env: jinja2.Environment
     sessions: SessionStore
     cache_totals: views.CacheTotals
+    took: views.TookCache = field(default_factory=views.TookCache)
 
     @property
     def mode(self) -> DashboardAuth:
@@ -105,6 +107,7 @@ def _environment() -> jinja2.Environment:
         is_final=present.is_final,
         attempt_next=present.attempt_next,
         outcome_class=present.outcome_class,
+        urlencode_query=urlencode,
         version=__version__,
         poll_secs=POLL_SECS,
     )
@@ -256,10 +259,53 @@ router = APIRouter(include_in_schema=False)
 async def overview(request: Request) -> Response:
     async def body(viewer: Viewer) -> Response:
         dash = _dash(request)
-        data = await views.load_overview(dash.comps, dash.cache_totals)
+        data = await views.load_overview(dash.comps, dash.cache_totals, dash.took)
         return _render(request, "overview.html", viewer, o=data, title="Overview")
 
     return await _page(request, body)
+
+
+@router.get("/builds")
+async def builds_page(
+    request: Request,
+    state: str = "",
+    repository: str = "",
+    ref: str = "",
+    creator: str = "",
+    limit: str = "",
+    before: str = "",
+) -> Response:
+    """Every build, newest first, by pages, filtered by state, repository, ref and creator."""
+
+    async def body(viewer: Viewer) -> Response:
+        page_size = _whole_number(limit, "limit") or views.BUILDS_PAGE
+        before_id = _whole_number(before, "before")
+        wanted = state.strip()
+        if wanted and wanted not in {str(s) for s in BuildState}:
+            raise BadRequest(
+                f"unknown build state {wanted[:40]!r}: one of "
+                + ", ".join(str(s) for s in BuildState)
+            )
+        cut = views.FILTER_MAX_CHARS
+        filters = views.BuildFilters(
+            wanted, repository.strip()[:cut], ref.strip()[:cut], creator.strip()[:cut]
+        )
+        dash = _dash(request)
+        data = await views.load_builds(dash.comps, filters, page_size, before_id, dash.took)
+        return _render(request, "builds.html", viewer, p=data, title="Builds")
+
+    return await _page(request, body)
+
+
+def _whole_number(text: str, name: str) -> int | None:
+    """A query parameter that must be a whole number (empty: None); anything else is a 400
+    page naming it."""
+    text = text.strip()
+    if not text:
+        return None
+    if not text.isascii() or not text.isdigit() or len(text) > 19:
+        raise BadRequest(f"{name} must be a whole number, not {text[:40]!r}")
+    return int(text)
 
 
 @router.get("/builds/{build_id}")

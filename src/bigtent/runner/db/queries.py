@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    ColumnElement,
     Float,
     Integer,
     Select,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    exists,
     func,
     insert,
     literal,
@@ -39,6 +41,7 @@ from bigtent.runner.db.tables import (
     build_roots,
     build_steps,
     builds,
+    cached_failure_hits,
     derivations,
     forge_outbox,
     launches,
@@ -291,9 +294,12 @@ async def update_build(conn: AsyncConnection, build_id: int, **values: Any) -> N
 
 
 async def delete_build(conn: AsyncConnection, build_id: int) -> None:
-    """Delete a build with its roots and memberships (its steps stay)."""
+    """Delete a build with its roots, memberships, events and cache hits (its steps stay)."""
     note_builds(conn, [build_id])
     await conn.execute(delete(build_events).where(build_events.c.build_id == build_id))
+    await conn.execute(
+        delete(cached_failure_hits).where(cached_failure_hits.c.build_id == build_id)
+    )
     await conn.execute(delete(build_roots).where(build_roots.c.build_id == build_id))
     await conn.execute(delete(build_steps).where(build_steps.c.build_id == build_id))
     await conn.execute(delete(builds).where(builds.c.id == build_id))
@@ -401,10 +407,15 @@ async def fetch_builds(
     repository: str | None = None,
     ref: str | None = None,
     created_by: str | None = None,
+    before_id: int | None = None,
 ) -> list[Any]:
     """The newest ``limit`` builds, newest first; only those in ``states`` (any when empty),
-    of ``repository``, of ``ref`` and created by the token named ``created_by`` when given."""
+    of ``repository``, of ``ref`` and created by the token named ``created_by`` when given;
+    with ``before_id``, only older builds (keyset paging: the last id of the previous page).
+    The one query behind the dashboard's ``/builds`` and ``GET /api/v1/builds``."""
     query = select(builds)
+    if before_id is not None:
+        query = query.where(builds.c.id < before_id)
     if states:
         query = query.where(builds.c.state.in_(list(states)))
     if repository is not None:
@@ -1222,3 +1233,215 @@ async def release_forge_claims(conn: AsyncConnection, runner_id: str) -> None:
         .where(c.claimed_by == runner_id)
         .values(claimed_by=None, claimed_until=None)
     )
+
+
+# ---- cached failures, per build (migration 0013) -------------------------------------------
+async def insert_cached_failure_hit(
+    conn: AsyncConnection,
+    build_id: int,
+    step_id: int,
+    *,
+    hit_at: float,
+    failed_at: float,
+    failed_outcome: str,
+    cached_until: float,
+) -> None:
+    """Record that ``build_id`` failed ``step_id`` from the failure cache, pointing at the
+    step's newest attempt that ended as the cached failure did (the attempt that really
+    ran), in the caller's transaction. The step's own row is left as that attempt wrote it."""
+    attempt = (
+        select(func.max(step_attempts.c.id))
+        .where(
+            step_attempts.c.step_id == step_id,
+            step_attempts.c.outcome == failed_outcome,
+            step_attempts.c.retry_at.is_(None),
+        )
+        .scalar_subquery()
+    )
+    await conn.execute(
+        insert(cached_failure_hits).values(
+            build_id=build_id,
+            step_id=step_id,
+            attempt_id=attempt,
+            hit_at=hit_at,
+            failed_at=failed_at,
+            failed_outcome=failed_outcome,
+            cached_until=cached_until,
+        )
+    )
+
+
+async def fetch_build_cached_failure_hits(conn: AsyncConnection, build_id: int) -> list[Any]:
+    """The build's cached-failure hits, oldest first, each with the attempt that really ran
+    (``attempt``, ``max_attempts``, ``agent_name``, ``started_at``, ``finished_at``,
+    ``error``: NULL when it has no record) and ``ran_in_build``: the newest other build of
+    the step created by the time that attempt started that did not hit the cache itself
+    (the build that queued the run; NULL when none is known)."""
+    other_hit = (
+        select(cached_failure_hits.c.id)
+        .where(
+            cached_failure_hits.c.step_id == build_steps.c.step_id,
+            cached_failure_hits.c.build_id == build_steps.c.build_id,
+        )
+        .correlate(build_steps)
+    )
+    started = func.coalesce(step_attempts.c.started_at, step_attempts.c.finished_at)
+
+    def ran_in(pick: Any, *since: ColumnElement[bool]) -> Any:
+        return (
+            select(pick(build_steps.c.build_id))
+            .join(builds, builds.c.id == build_steps.c.build_id)
+            .where(
+                build_steps.c.step_id == cached_failure_hits.c.step_id,
+                build_steps.c.build_id != cached_failure_hits.c.build_id,
+                builds.c.created_at <= started,
+                ~exists(other_hit),
+                *since,
+            )
+            .correlate(cached_failure_hits, step_attempts, steps)
+            .scalar_subquery()
+        )
+
+    # The build that queued the run: the first created since the step was last queued
+    # (``steps.created_at``); after a restart (an older build queued it again), the newest
+    # one created before the attempt started.
+    queued_by = func.coalesce(
+        ran_in(func.min, builds.c.created_at >= steps.c.created_at), ran_in(func.max)
+    )
+    rows = await conn.execute(
+        select(
+            cached_failure_hits,
+            steps.c.drv_path,
+            derivations.c.name,
+            step_attempts.c.attempt,
+            step_attempts.c.max_attempts,
+            step_attempts.c.agent_name,
+            step_attempts.c.started_at,
+            step_attempts.c.finished_at,
+            step_attempts.c.error,
+            queued_by.label("ran_in_build"),
+        )
+        .join(steps, steps.c.id == cached_failure_hits.c.step_id)
+        .join(derivations, derivations.c.drv_path == steps.c.drv_path)
+        .outerjoin(step_attempts, step_attempts.c.id == cached_failure_hits.c.attempt_id)
+        .where(cached_failure_hits.c.build_id == build_id)
+        .order_by(cached_failure_hits.c.id)
+    )
+    return list(rows)
+
+
+async def fetch_cached_failure_builds(
+    conn: AsyncConnection, step_id: int, build_ids: Sequence[int]
+) -> set[int]:
+    """Which of ``build_ids`` failed ``step_id`` from the failure cache (did not run it)."""
+    if not build_ids:
+        return set()
+    rows = await conn.execute(
+        select(cached_failure_hits.c.build_id).where(
+            cached_failure_hits.c.step_id == step_id,
+            cached_failure_hits.c.build_id.in_(list(build_ids)),
+        )
+    )
+    return {int(r[0]) for r in rows}
+
+
+async def fetch_failed_dependencies(
+    conn: AsyncConnection, step_ids: Sequence[int]
+) -> dict[int, list[Any]]:
+    """Per step, its dependencies that failed, were dependency-failed or were cancelled
+    (``id``, ``drv_path``, ``name``, ``state``), by id: why a dependency-failed step failed."""
+    out: dict[int, list[Any]] = {}
+    for i in range(0, len(step_ids), _CHUNK):
+        chunk = list(step_ids[i : i + _CHUNK])
+        rows = await conn.execute(
+            select(
+                step_deps.c.step_id.label("dependent_id"),
+                steps.c.id,
+                steps.c.drv_path,
+                steps.c.state,
+                derivations.c.name,
+            )
+            .join(steps, steps.c.id == step_deps.c.dep_id)
+            .join(derivations, derivations.c.drv_path == steps.c.drv_path)
+            .where(
+                step_deps.c.step_id.in_(chunk),
+                steps.c.state.in_(["failed", "dependency_failed", "cancelled"]),
+            )
+            .order_by(step_deps.c.step_id, steps.c.id)
+        )
+        for r in rows:
+            out.setdefault(int(r.dependent_id), []).append(r)
+    return out
+
+
+async def fetch_root_names(
+    conn: AsyncConnection, build_ids: Sequence[int], per_build: int = 3
+) -> dict[int, tuple[list[str], int]]:
+    """Per build, the names of its first ``per_build`` requested (top-level) derivations, by
+    name, and how many it requested in all (a CI evaluation may request thousands: only the
+    first few are read)."""
+    out: dict[int, tuple[list[str], int]] = {b: ([], 0) for b in build_ids}
+    if not build_ids:
+        return out
+    ranked = (
+        select(
+            build_roots.c.build_id,
+            derivations.c.name,
+            func.row_number()
+            .over(
+                partition_by=build_roots.c.build_id,
+                order_by=(derivations.c.name, build_roots.c.drv_path),
+            )
+            .label("rank"),
+            func.count().over(partition_by=build_roots.c.build_id).label("total"),
+        )
+        .join(derivations, derivations.c.drv_path == build_roots.c.drv_path)
+        .where(build_roots.c.build_id.in_(list(build_ids)))
+        .subquery()
+    )
+    rows = await conn.execute(
+        select(ranked.c.build_id, ranked.c.name, ranked.c.total)
+        .where(ranked.c.rank <= per_build)
+        .order_by(ranked.c.build_id, ranked.c.rank)
+    )
+    for build_id, name, total in rows:
+        names, _ = out[int(build_id)]
+        names.append(str(name))
+        out[int(build_id)] = (names, int(total))
+    return out
+
+
+async def fetch_build_run_intervals(
+    conn: AsyncConnection, build_ids: Sequence[int]
+) -> dict[int, list[tuple[float, float | None]]]:
+    """Per build, when its steps ran since it was created: (start, end) of every ended
+    attempt that had a venue, and (start, None) for each step running now. What
+    ``present.busy_secs`` adds up for a build's "took"."""
+    out: dict[int, list[tuple[float, float | None]]] = {b: [] for b in build_ids}
+    if not build_ids:
+        return out
+    ids = list(build_ids)
+    ended = await conn.execute(
+        select(build_steps.c.build_id, step_attempts.c.started_at, step_attempts.c.finished_at)
+        .join(step_attempts, step_attempts.c.step_id == build_steps.c.step_id)
+        .join(builds, builds.c.id == build_steps.c.build_id)
+        .where(
+            build_steps.c.build_id.in_(ids),
+            step_attempts.c.started_at.is_not(None),
+            step_attempts.c.finished_at >= builds.c.created_at,
+        )
+    )
+    for build_id, start, end in ended:
+        out[int(build_id)].append((float(start), float(end)))
+    running = await conn.execute(
+        select(build_steps.c.build_id, steps.c.assigned_at)
+        .join(steps, steps.c.id == build_steps.c.step_id)
+        .where(
+            build_steps.c.build_id.in_(ids),
+            steps.c.state.in_(["assigned", "building"]),
+            steps.c.assigned_at.is_not(None),
+        )
+    )
+    for build_id, start in running:
+        out[int(build_id)].append((float(start), None))
+    return out

@@ -137,6 +137,27 @@ step_attempts = Table(
 )
 Index("ix_step_attempts_step_id", step_attempts.c.step_id)
 
+cached_failure_hits = Table(
+    # A build that failed a step at once from the failure cache (migration 0013,
+    # docs/dashboard.md): recorded for that build, never written over the step's own record
+    # (error, timings, agent), which stays the attempt that really ran. ``attempt_id`` is that
+    # attempt (NULL when it has no record: it ended before migration 0010, or was deleted);
+    # ``failed_at``/``failed_outcome`` the failure that was cached, ``cached_until`` when it
+    # stops being reused.
+    "cached_failure_hits",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("build_id", Integer, ForeignKey("builds.id", ondelete="CASCADE"), nullable=False),
+    Column("step_id", Integer, ForeignKey("steps.id", ondelete="CASCADE"), nullable=False),
+    Column("attempt_id", Integer, ForeignKey("step_attempts.id", ondelete="SET NULL")),
+    Column("hit_at", Float, nullable=False),
+    Column("failed_at", Float, nullable=False),
+    Column("failed_outcome", String(32), nullable=False),
+    Column("cached_until", Float, nullable=False),
+)
+Index("ix_cached_failure_hits_build_id", cached_failure_hits.c.build_id)
+Index("ix_cached_failure_hits_step_id", cached_failure_hits.c.step_id)
+
 step_deps = Table(
     "step_deps",
     metadata,

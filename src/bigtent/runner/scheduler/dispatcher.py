@@ -870,8 +870,16 @@ class Scheduler:
             ):
                 sid = int(row.id)
                 ids[drv.drv_path] = sid
-                error = cached_failure_error(row.outcome, float(row.failed_at), ttl, row.error)
-                await queries.update_step(conn, sid, error=error)
+                # Recorded for this build; the step's row stays the attempt that ran.
+                await queries.insert_cached_failure_hit(
+                    conn,
+                    build_id,
+                    sid,
+                    hit_at=now,
+                    failed_at=float(row.failed_at),
+                    failed_outcome=str(row.outcome),
+                    cached_until=float(row.failed_at) + ttl,
+                )
                 log.info("step %d (%s) is a cached failure", sid, drv.drv_path)
                 if node is None:
                     cached.append(

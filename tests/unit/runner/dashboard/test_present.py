@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -138,3 +140,75 @@ def test_presentation_never_raises_on_a_stored_odd_value(value: float) -> None:
 def test_fmt_bytes_goes_past_tebibytes() -> None:
     assert present.fmt_bytes(3 * 1024**5) == "3.0 PiB"
     assert present.fmt_bytes(2**62) == "4.0 EiB"
+
+
+@pytest.mark.parametrize(
+    ("intervals", "took"),
+    [
+        ([], 0.0),  # nothing ran (everything cached, or a cached failure)
+        ([(10.0, 20.0)], 10.0),
+        # Two steps one after the other with a wait between: the wait does not count.
+        ([(10.0, 20.0), (50.0, 55.0)], 15.0),
+        # Overlapping steps count once.
+        ([(10.0, 20.0), (15.0, 30.0), (12.0, 13.0)], 20.0),
+        # Touching intervals.
+        ([(10.0, 20.0), (20.0, 25.0)], 15.0),
+        # Running now (end None) counts until ``end``.
+        ([(10.0, 20.0), (90.0, None)], 20.0),
+        # A shared step that started before the build was created counts from its creation.
+        ([(-5.0, 8.0)], 8.0),
+        # Odd stored values are skipped; an attempt that ended as it began adds nothing.
+        ([(float("nan"), 5.0), (3.0, 3.0), (float("inf"), None)], 0.0),
+    ],
+)
+def test_busy_secs_counts_only_time_a_step_ran(
+    intervals: list[tuple[float, float | None]], took: float
+) -> None:
+    assert present.busy_secs(intervals, 0.0, 100.0) == pytest.approx(took)
+
+
+@given(
+    st.lists(
+        st.tuples(st.floats(0, 1000, allow_nan=False), st.one_of(st.none(), st.floats(0, 1000))),
+        max_size=20,
+    )
+)
+def test_busy_secs_is_bounded_by_the_wall_time(
+    intervals: list[tuple[float, float | None]],
+) -> None:
+    took = present.busy_secs(intervals, 100.0, 600.0)
+    assert 0.0 <= took <= 500.0
+
+
+def test_roots_summary() -> None:
+    assert present.roots_summary(["hello", "world.drv"], 2) == (["hello", "world"], 0)
+    assert present.roots_summary(["job-0", "job-1"], 5) == (["job-0", "job-1"], 3)
+    assert present.roots_summary([], 0) == ([], 0)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(-100, 1000, allow_nan=False),
+            st.one_of(st.none(), st.floats(-100, 1000, allow_nan=False)),
+        ),
+        max_size=30,
+    ),
+    st.floats(0, 1200),
+)
+def test_merged_spans_add_up_as_the_attempts_do(
+    intervals: list[tuple[float, float | None]], end: float
+) -> None:
+    """What the build lists keep per build (a few spans) says the same as every attempt."""
+    merged = present.merge_spans(intervals, 0.0)
+    assert sum(1 for _, e in merged if e is None) <= 1
+    ended = [(s, e) for s, e in merged if e is not None]
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(ended))  # disjoint
+    assert present.busy_secs(merged, 0.0, end) == pytest.approx(
+        present.busy_secs(intervals, 0.0, end), abs=1e-6
+    )
+
+
+def test_merge_spans() -> None:
+    raw = [(5.0, 8.0), (-3.0, 2.0), (7.0, 12.0), (20.0, None), (15.0, None), (30.0, 31.0)]
+    assert present.merge_spans(raw, 0.0) == [(0.0, 2.0), (5.0, 12.0), (30.0, 31.0), (15.0, None)]
