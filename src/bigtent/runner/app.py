@@ -25,6 +25,7 @@ from bigtent.runner.api import (
     install_error_handlers,
 )
 from bigtent.runner.autoscale.routes import launch_routes
+from bigtent.runner.ci.routes import ci_routes
 from bigtent.runner.components import Components, build_components, close_components
 from bigtent.runner.dashboard.routes import install_dashboard
 from bigtent.runner.health_endpoint import health_routes
@@ -70,6 +71,8 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
             tasks.append(asyncio.create_task(comps.cache.storage.run_sweeper(), name="s3-sweeper"))
         if comps.feed is not None:
             tasks.append(asyncio.create_task(comps.feed.follow(comps.on_change), name="feed"))
+        if comps.ci is not None:
+            tasks.append(asyncio.create_task(comps.ci.run(), name="ci"))
 
         def _done(t: asyncio.Task[None]) -> None:
             if not t.cancelled() and t.exception() is not None:
@@ -104,6 +107,7 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
     )
     app.include_router(api)
     app.include_router(launch_routes)
+    app.include_router(ci_routes)
     app.include_router(cache_routes)
     app.include_router(metrics_routes)
     app.include_router(health_routes)
