@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -238,6 +239,16 @@ async def show_evaluation(eval_id: int, comps: Comps, _: ClientAuth) -> dict[str
             for j in jobs
         ],
     }
+
+
+@ci_routes.get("/evaluations/{eval_id}/report")
+async def evaluation_report(eval_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
+    """What the forge is told about the evaluation now (the ``Reporter``'s input)."""
+    _known_id(eval_id, "evaluation")
+    report = await _ci(comps).build_report(eval_id)
+    if report is None:
+        raise NotFound(f"no report for evaluation {eval_id} (no evaluation, or no forge)")
+    return dataclasses.asdict(report)
 
 
 @ci_routes.post("/evaluations/{eval_id}/approve")
