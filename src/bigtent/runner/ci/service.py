@@ -32,6 +32,7 @@ from bigtent.client.build import nar_hash_to_nix32, upload_order
 from bigtent.config import RunnerConfig
 from bigtent.errors import BadRequest, Conflict, NotFound
 from bigtent.nix.nar import dump_path
+from bigtent.nix.store import PathInfo
 from bigtent.runner.builds import plan_parts
 from bigtent.runner.cache import Cache, Upstreams
 from bigtent.runner.ci import triggers
@@ -447,7 +448,14 @@ class CiService:
                 None if jobs else "no jobs: nothing to build",
             )
             return
-        await self._upload(drvs)
+        t_upload = time.monotonic()
+        uploaded = await self._upload(drvs)
+        log.info(
+            "evaluation %d: %d paths of the .drv closure uploaded in %.2f s",
+            eval_id,
+            uploaded,
+            time.monotonic() - t_upload,
+        )
         if abort.is_set():
             return
         build_id = await self.scheduler.admit_build(
@@ -477,7 +485,7 @@ class CiService:
         log.info("evaluation %d: build %d with %d jobs", eval_id, build_id, len(drvs))
         await self._watch(eval_id)
 
-    async def _upload(self, drvs: list[str]) -> None:
+    async def _upload(self, drvs: list[str]) -> int:
         """The ``.drv`` closure, from the evaluation store into the cache (as a client's
         upload: each path content-addressed and checked on the way in)."""
         store = self.evaluator.store
@@ -485,18 +493,34 @@ class CiService:
         present = await self.cache.present([i.path for i in infos])
         missing = [i.path for i in infos if i.path not in present]
         order = upload_order(infos, missing)
-        for info in order:
-            await ingest_client_path(
-                self.cache,
-                self.engine,
-                info.path.rsplit("/", 1)[-1],
-                _nar_chunks(store.real_path(info.path)),
-                nar_hash=nar_hash_to_nix32(info.nar_hash),
-                nar_size=str(info.nar_size),
-                references=" ".join(
-                    r.rsplit("/", 1)[-1] for r in info.references if r != info.path
-                ),
-            )
+        t_start = time.monotonic()
+        done = {info.path: asyncio.Event() for info in order}
+        slots = asyncio.Semaphore(UPLOAD_CONCURRENCY)
+
+        async def one(info: PathInfo) -> None:
+            # Each path after the paths it references (the cache takes a path only then).
+            for ref in info.references:
+                if ref != info.path and ref in done:
+                    await done[ref].wait()
+            async with slots:
+                await ingest_client_path(
+                    self.cache,
+                    self.engine,
+                    info.path.rsplit("/", 1)[-1],
+                    _nar_chunks(store.real_path(info.path)),
+                    nar_hash=nar_hash_to_nix32(info.nar_hash),
+                    nar_size=str(info.nar_size),
+                    references=" ".join(
+                        r.rsplit("/", 1)[-1] for r in info.references if r != info.path
+                    ),
+                )
+            done[info.path].set()
+
+        async with asyncio.TaskGroup() as tg:
+            for info in order:
+                tg.create_task(one(info))
+        log.debug("uploaded %d paths in %.2f s", len(order), time.monotonic() - t_start)
+        return len(order)
 
     async def _end(self, eval_id: int, state: CiEvalState, error: str | None) -> None:
         async with self.engine.begin() as conn:
