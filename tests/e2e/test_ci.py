@@ -114,7 +114,7 @@ def test_push_evaluates_builds_and_reports_every_job(
     assert jobs[f"checks.{system}.fail"]["state"] == "failed"
     assert jobs[f"checks.{system}.broken"]["state"] == "failed"
     assert jobs[f"checks.{system}.broken"]["drv_path"] is None
-    assert "throw" in jobs[f"checks.{system}.broken"]["error"]
+    assert "job broken is broken" in jobs[f"checks.{system}.broken"]["error"]
 
     # One build with every job named.
     with farm.api() as c:
@@ -130,7 +130,7 @@ def test_push_evaluates_builds_and_reports_every_job(
     assert by_attr[f"checks.{system}.pass"]["state"] == "succeeded"
     failed = by_attr[f"checks.{system}.fail"]
     assert failed["state"] == "failed" and "this-job-fails" in failed["log_tail"]
-    assert "throw" in by_attr[f"checks.{system}.broken"]["summary"]
+    assert "job broken is broken" in by_attr[f"checks.{system}.broken"]["summary"]
 
     # The same delivery id again is a replay: refused, nothing new.
     payload = push_payload(repo, sha)

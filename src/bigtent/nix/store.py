@@ -440,10 +440,12 @@ class BoundedEval:
         max_stdout_bytes: int,
         abort: asyncio.Event | None = None,
         features: str = "nix-command flakes",
+        show_trace: bool = False,
     ) -> BoundedRun:
+        trace = ["--show-trace"] if show_trace else []
         argv = self.store._argv(
             "nix",
-            ["--extra-experimental-features", features, "eval", "--json", "--expr", expr],
+            ["--extra-experimental-features", features, "eval", *trace, "--json", "--expr", expr],
             None,
         )
         argv = ["prlimit", f"--as={max_memory_bytes}", "--", *argv]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -34,6 +35,9 @@ MAX_DEPTH = 8
 PER_SYSTEM = ("checks", "packages", "devShells", "formatter")
 """Flake outputs keyed by system first: only the project's ``systems`` are walked."""
 GIT_TIMEOUT_SECS = 600.0
+ERROR_DETAILS = 20
+"""Jobs that failed to evaluate whose full Nix message is fetched (one ``nix eval`` each)."""
+ERROR_DETAIL_SECS = 120.0
 STDOUT_BYTES_PER_JOB = 1024
 
 _ENUMERATE = r"""
@@ -56,17 +60,19 @@ let
       builtins.concatLists (map (s: if v ? ${s} then walk [ name s ] p.maxDepth v.${s} else [ ])
         p.systems)
     else walk [ name ] p.maxDepth v;
-  flakeJobs =
-    let f = builtins.getFlake p.flakeRef; in
-    builtins.concatLists (map (a: if f.outputs ? ${a} then top a f.outputs.${a} else [ ]) p.attrs);
-  fileJobs =
-    let
-      src = builtins.fetchGit { url = p.url; ref = p.ref; rev = p.rev; };
-      v0 = import (src + "/${p.file}");
-      v1 = if builtins.isFunction v0 then v0 { } else v0;
-      sel = builtins.foldl' (v: n: v.${n}) v1 p.attrPath;
-    in walk p.attrPath p.maxDepth sel;
-in if p.kind == "flake" then flakeJobs else fileJobs
+  root =
+    if p.kind == "flake" then (builtins.getFlake p.flakeRef).outputs
+    else
+      let
+        src = builtins.fetchGit { url = p.url; ref = p.ref; rev = p.rev; };
+        v0 = import (src + "/${p.file}");
+      in if builtins.isFunction v0 then v0 { } else v0;
+  select = builtins.foldl' (v: n: v.${n}) root;
+  jobs =
+    if p.kind == "flake" then
+      builtins.concatLists (map (a: if root ? ${a} then top a root.${a} else [ ]) p.attrs)
+    else walk p.attrPath p.maxDepth (select p.attrPath);
+in if p.only != null then (select p.only).drvPath else jobs
 """
 
 
@@ -87,8 +93,12 @@ def mirror_ref(commit_sha: str) -> str:
     return f"refs/bigtent/{commit_sha}"
 
 
-def eval_expression(project: ProjectSection, mirror: Path, commit_sha: str) -> str:
-    """The Nix expression that lists the jobs of ``commit_sha`` (pure)."""
+def eval_expression(
+    project: ProjectSection, mirror: Path, commit_sha: str, only: list[str] | None = None
+) -> str:
+    """The Nix expression that lists the jobs of ``commit_sha`` (pure); with ``only`` (an
+    attribute path) the ``drvPath`` of that one job, without ``tryEval``, so that Nix prints
+    its full message for a job that fails."""
     ref = mirror_ref(commit_sha)
     params = {
         "kind": project.evaluate.value,
@@ -102,6 +112,7 @@ def eval_expression(project: ProjectSection, mirror: Path, commit_sha: str) -> s
         "file": project.file,
         "attrPath": project.attr.split(".") if project.attr else [],
         "maxDepth": MAX_DEPTH,
+        "only": only,
     }
     return _ENUMERATE.replace("@PARAMS@", nix_string_body(json.dumps(params)))
 
@@ -111,6 +122,8 @@ class Job:
     attr: str
     drv_path: str | None = None
     error: str | None = None
+    parts: tuple[str, ...] = ()
+    """The attribute path's names."""
 
 
 class EvalFailure(BigtentError):
@@ -150,9 +163,10 @@ def parse_jobs(stdout: bytes, max_jobs: int) -> list[Job]:
         name = attr_path(parts)
         drv = item.get("drvPath")
         if isinstance(drv, str) and drv.startswith("/nix/store/") and drv.endswith(".drv"):
-            jobs[name] = Job(name, drv_path=drv)
+            jobs[name] = Job(name, drv_path=drv, parts=tuple(parts))
         else:
-            jobs[name] = Job(name, error=str(item.get("error") or "not a derivation"))
+            error = str(item.get("error") or "not a derivation")
+            jobs[name] = Job(name, error=error, parts=tuple(parts))
     return sorted(jobs.values(), key=lambda j: j.attr)
 
 
@@ -242,7 +256,39 @@ class Evaluator:
                 max_stdout_bytes=self.limits.max_jobs * STDOUT_BYTES_PER_JOB,
                 abort=abort,
             )
-            return judge_run(run, self.limits)
+            jobs = judge_run(run, self.limits)
+            failed = [j for j in jobs if j.error][:ERROR_DETAILS]
+            if not failed:
+                return jobs
+            messages = {
+                j.attr: await self._job_error(project, mirror, commit_sha, j, abort) for j in failed
+            }
+            return [
+                dataclasses.replace(j, error=messages[j.attr]) if messages.get(j.attr) else j
+                for j in jobs
+            ]
+
+    async def _job_error(
+        self,
+        project: ProjectSection,
+        mirror: Path,
+        commit_sha: str,
+        job: Job,
+        abort: asyncio.Event | None,
+    ) -> str | None:
+        """Nix's full message for a job that failed under ``tryEval`` (one more ``nix eval``
+        of that job alone); None when it cannot be had."""
+        run = await BoundedEval(self.store).run(
+            eval_expression(project, mirror, commit_sha, only=list(job.parts)),
+            max_memory_bytes=self.limits.max_memory_mib * 1024 * 1024,
+            timeout_secs=min(self.limits.timeout_secs, ERROR_DETAIL_SECS),
+            max_stdout_bytes=STDOUT_BYTES_PER_JOB,
+            abort=abort,
+            show_trace=True,
+        )
+        if run.exit_code == 0 or run.timed_out or run.aborted or not run.stderr.strip():
+            return None
+        return run.stderr.strip()
 
 
 async def _has_commit(mirror: Path, sha: str) -> bool:

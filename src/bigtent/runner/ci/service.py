@@ -53,6 +53,8 @@ LOG_TAIL_LINES = 40
 FAILED_TAILS = 50
 """Failed jobs whose log tail a report carries (the forge side caps what it posts)."""
 UPLOAD_CONCURRENCY = 4
+PROJECT_RELOAD_SECS = 10.0
+"""How often the loop reads the projects again (another runner may have changed them)."""
 
 
 @dataclass(slots=True)
@@ -104,6 +106,7 @@ class CiService:
         self._watched: dict[int, _Watched] = {}
         self._polled: dict[str, float] = {}
         self._default_branches: dict[str, str] = {}
+        self._reloaded = time.monotonic()
 
     # ---- projects ---------------------------------------------------------------------------
     async def load(self) -> None:
@@ -140,6 +143,7 @@ class CiService:
     async def reload_projects(self) -> None:
         async with self.engine.connect() as conn:
             self._set_projects(await q.fetch_projects(conn))
+        self._reloaded = time.monotonic()
 
     async def add_project(self, project: ProjectSection) -> None:
         async with self.engine.begin() as conn:
@@ -358,6 +362,9 @@ class CiService:
         self._wake.set()
 
     async def _tick(self) -> None:
+        if time.monotonic() - self._reloaded > PROJECT_RELOAD_SECS:
+            # Projects another runner on the database added or removed.
+            await self.reload_projects()
         async with self.engine.connect() as conn:
             queued = await q.fetch_evaluations_in(conn, [CiEvalState.QUEUED.value])
             building = await q.fetch_evaluations_in(
@@ -411,6 +418,8 @@ class CiService:
         async with self.engine.connect() as conn:
             row = await q.fetch_evaluation(conn, eval_id)
         assert row is not None
+        if row.project not in self.projects:
+            await self.reload_projects()
         project = self.projects.get(row.project)
         if project is None:
             await self._end(eval_id, CiEvalState.EVAL_ERROR, f"no project {row.project}")
