@@ -219,7 +219,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
             def connected() -> bool:
                 got = httpx.get(f"{r.url}/api/v1/agents", headers=headers).json()["agents"]
-                return sum(a["connected"] for a in got) == args.agents
+                return sum(bool(a["connected"]) for a in got) == int(args.agents)
 
             wait(connected, 120, "the agents")
             watcher = EvalWatcher(r.pid)

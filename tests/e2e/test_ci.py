@@ -139,6 +139,14 @@ def test_push_evaluates_builds_and_reports_every_job(
     again = deliver(farm.url, "push", payload, SECRET, delivery="same-delivery")
     assert again.status_code == 400 and "replay" in again.json()["error"]
 
+    # The dashboard: projects -> refs -> evaluations -> jobs.
+    page = httpx.get(f"{farm.url}/ci").text
+    assert f'href="/ci/evaluations/{eval_id}"' in page and "refs/heads/main" in page
+    page = httpx.get(f"{farm.url}/ci/projects/widgets").text
+    assert f"checks.{system}.fail" in page and 'id="jobs-matrix"' in page
+    page = httpx.get(f"{farm.url}/ci/evaluations/{eval_id}").text
+    assert f'data-attr="checks.{system}.broken"' in page and "job broken is broken" in page
+
     # The CLI's views.
     out = farm.bigtent("evals", "widgets", "--json", check=True).stdout
     assert [e["id"] for e in json.loads(out)] == [eval_id]

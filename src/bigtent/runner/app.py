@@ -25,6 +25,7 @@ from bigtent.runner.api import (
     install_error_handlers,
 )
 from bigtent.runner.autoscale.routes import launch_routes
+from bigtent.runner.ci.pages import ci_pages
 from bigtent.runner.ci.routes import ci_routes
 from bigtent.runner.components import Components, build_components, close_components
 from bigtent.runner.dashboard.routes import install_dashboard
@@ -112,6 +113,7 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
     app.include_router(metrics_routes)
     app.include_router(health_routes)
     install_dashboard(app, comps)
+    app.include_router(ci_pages)
     return app
 
 
