@@ -24,8 +24,8 @@ from bigtent.runner.db.tables import ci_evaluations, ci_webhook_deliveries
 from bigtent.runner.forge.model import EvalState
 from bigtent.runner.forge.null import RecordingReporter
 from tests.conftest import current_system, have_nix
-from tests.e2e.ci_repo import Repo, checks_flake, make_repo, push_payload
-from tests.integration.runner.conftest import MakeRunner, RunnerHarness
+from tests.e2e.ci_repo import Repo, checks_flake, make_repo, pr_payload, push_payload
+from tests.integration.runner.conftest import MakeRunner, RunnerHarness, eventually
 
 SECRET = b"integration-secret"
 
@@ -311,3 +311,75 @@ async def test_several_runners_claim_each_evaluation_once(
     finally:
         for e in engines:
             await e.dispose()
+
+
+@needs_nix
+async def test_polling_finds_new_commits_and_supersedes(
+    make_runner: MakeRunner, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path)
+    first = repo.commit({"flake.nix": checks_flake({"a": "echo > $out"}, uuid.uuid4().hex)})
+    secret, token = _secret_files(tmp_path)
+    runner = await make_runner(
+        serve=True,
+        projects=[_project(repo.url, secret, token, poll_interval_secs=5)],
+        evaluation={"watch_interval_secs": 0.2},
+    )
+    engine = runner.comps.engine
+
+    async def evaluations() -> list[Any]:
+        async with engine.connect() as conn:
+            return await q.fetch_evaluations(conn, "widgets", 10)
+
+    async def found(sha: str) -> bool:
+        return any(e.commit_sha == sha for e in await evaluations())
+
+    await eventually(lambda: found(first), timeout=30)
+    second = repo.commit({"flake.nix": checks_flake({"a": "echo 2 > $out"}, uuid.uuid4().hex)})
+    await eventually(lambda: found(second), timeout=30)
+    rows = {e.commit_sha: e for e in await evaluations()}
+    assert len(rows) == 2 and {e.trigger for e in rows.values()} == {"poll"}
+    # No agent: the first commit's build was still waiting, the second superseded it.
+    assert rows[first].state == "cancelled"
+    assert rows[first].superseded_by == rows[second].id
+
+
+@needs_nix
+async def test_outside_fork_waits_for_approval(make_runner: MakeRunner, tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    repo.commit({"flake.nix": checks_flake({"a": "echo > $out"}, "base")})
+    repo.git("checkout", "-q", "-b", "feature")
+    sha = repo.commit({"flake.nix": checks_flake({"pr": "echo > $out"}, uuid.uuid4().hex)})
+    repo.pull_ref(9, sha)
+    secret, token = _secret_files(tmp_path)
+    runner = await make_runner(
+        serve=True,
+        projects=[_project(repo.url, secret, token, require_approval_for_outside=True)],
+        evaluation={"watch_interval_secs": 0.2},
+    )
+    recorder = RecordingReporter()
+    assert runner.comps.ci is not None
+    runner.comps.ci.reporter = recorder
+    body = json.dumps(pr_payload(9, sha, "mallory/widgets", "FIRST_TIME_CONTRIBUTOR")).encode()
+    headers = {**_headers(body), "X-GitHub-Event": "pull_request"}
+    async with httpx.AsyncClient(base_url=runner.url or "") as c:
+        resp = await c.post("/api/v1/hooks/github", content=body, headers=headers)
+    assert resp.status_code == 202, resp.text
+    eval_id = resp.json()["evaluation"]
+    admin = runner.client(Role.ADMIN)
+    shown = (await admin.get(f"/api/v1/evaluations/{eval_id}")).json()
+    assert shown["state"] == "awaiting_approval" and shown["trusted"] is False
+    assert [r.state for r in recorder.reports] == [EvalState.QUEUED]
+    # Nothing happens until an admin approves; a client token may not.
+    client = runner.client(Role.CLIENT)
+    assert (await client.post(f"/api/v1/evaluations/{eval_id}/approve")).status_code == 403
+    assert (await admin.post(f"/api/v1/evaluations/{eval_id}/approve")).status_code == 200
+    report = await recorder.wait_for(
+        lambda r: r.evaluation_id == eval_id and r.state is EvalState.BUILDING
+    )
+    assert [j.attr for j in report.jobs] == [f"checks.{current_system()}.pr"]
+    async with runner.comps.engine.connect() as conn:
+        row = await q.fetch_evaluation(conn, eval_id)
+    assert row is not None and row.build_id is not None
+    build = runner.comps.scheduler.builds[int(row.build_id)]
+    assert build.trusted is False
