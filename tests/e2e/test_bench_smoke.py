@@ -117,4 +117,4 @@ def test_eval_benchmark_reports_its_fields(tmp_path: Path) -> None:
     assert run["baseline_nix_eval"]["jobs"] == 5
     assert run["webhook_to_first_dispatch_secs"] is not None
     assert run["webhook_to_final_secs"] >= run["webhook_to_building_secs"]
-    assert run["evaluator_peak_rss_bytes"] > 0
+    assert run["evaluator_peak_rss_bytes_logged"] > 0

@@ -402,6 +402,8 @@ class BoundedRun:
     the limit was in force)."""
     stdout_limit: bool = False
     """The answer was larger than ``max_stdout_bytes``."""
+    peak_rss_bytes: int = 0
+    """The process's peak resident memory as last sampled (``/proc/PID/status`` VmHWM)."""
 
 
 async def _read_bounded(stream: asyncio.StreamReader, limit: int) -> tuple[bytes, bool]:
@@ -420,6 +422,17 @@ async def _read_tail(stream: asyncio.StreamReader, keep: int) -> bytes:
         tail += chunk
         del tail[:-keep]
     return bytes(tail)
+
+
+def _peak_rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 class BoundedEval:
@@ -464,6 +477,15 @@ class BoundedEval:
         assert proc.stdout is not None and proc.stderr is not None
         out_task = asyncio.create_task(_read_bounded(proc.stdout, max_stdout_bytes))
         err_task = asyncio.create_task(_read_tail(proc.stderr, _STDERR_TAIL_BYTES * 4))
+        peak = 0
+
+        async def sample() -> None:
+            nonlocal peak
+            while proc.returncode is None:
+                peak = max(peak, _peak_rss(proc.pid))
+                await asyncio.sleep(0.02)
+
+        sampler = asyncio.create_task(sample())
         waiters: set[asyncio.Future[object]] = {out_task}  # type: ignore[arg-type]
         abort_task: asyncio.Task[bool] | None = None
         if abort is not None:
@@ -490,7 +512,7 @@ class BoundedEval:
                 _kill_group(proc)
                 with contextlib.suppress(ProcessLookupError):
                     await proc.wait()
-            for task in (out_task, err_task):
+            for task in (out_task, err_task, sampler):
                 if not task.done():
                     task.cancel()
         text = err.decode(errors="replace")
@@ -499,7 +521,7 @@ class BoundedEval:
             and code != 0
             and ("out of memory" in text.lower() or code < 0 or "failed to map segment" in text)
         )
-        return BoundedRun(code, out, text, timed_out, aborted, oom, too_big)
+        return BoundedRun(code, out, text, timed_out, aborted, oom, too_big, peak)
 
 
 def store_root(store: str) -> str:

@@ -245,8 +245,9 @@ class Evaluator:
         fetch_ref: str,
         commit_sha: str,
         abort: asyncio.Event | None = None,
-    ) -> list[Job]:
-        """The commit's jobs, instantiated into the evaluation store; EvalFailure otherwise."""
+    ) -> tuple[list[Job], int]:
+        """The commit's jobs, instantiated into the evaluation store, and the Nix process's
+        peak resident memory; EvalFailure otherwise."""
         async with self.slots:
             mirror = await self.fetch(project, fetch_ref, commit_sha)
             run = await BoundedEval(self.store).run(
@@ -259,14 +260,15 @@ class Evaluator:
             jobs = judge_run(run, self.limits)
             failed = [j for j in jobs if j.error][:ERROR_DETAILS]
             if not failed:
-                return jobs
+                return jobs, run.peak_rss_bytes
             messages = {
                 j.attr: await self._job_error(project, mirror, commit_sha, j, abort) for j in failed
             }
-            return [
+            detailed = [
                 dataclasses.replace(j, error=messages[j.attr]) if messages.get(j.attr) else j
                 for j in jobs
             ]
+            return detailed, run.peak_rss_bytes
 
     async def _job_error(
         self,

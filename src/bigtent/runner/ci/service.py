@@ -426,14 +426,22 @@ class CiService:
             return
         started = time.monotonic()
         try:
-            jobs = await self.evaluator.evaluate(project, row.fetch_ref, row.commit_sha, abort)
+            jobs, peak = await self.evaluator.evaluate(
+                project, row.fetch_ref, row.commit_sha, abort
+            )
         except EvalFailure as exc:
             if exc.kind == "aborted":
                 return  # cancelled: already recorded and reported
             log.info("evaluation %d: %s", eval_id, exc.message.splitlines()[0])
             await self._end(eval_id, CiEvalState.EVAL_ERROR, exc.message)
             return
-        log.info("evaluation %d: %d jobs in %.2f s", eval_id, len(jobs), time.monotonic() - started)
+        log.info(
+            "evaluation %d: %d jobs in %.2f s, Nix's peak memory %.1f MiB",
+            eval_id,
+            len(jobs),
+            time.monotonic() - started,
+            peak / 2**20,
+        )
         async with self.engine.begin() as conn:
             await q.insert_jobs(
                 conn,
