@@ -103,7 +103,7 @@ def test_push_evaluates_builds_and_reports_every_job(
     assert resp.status_code == 202, resp.text
     eval_id = resp.json()["evaluation"]
     assert isinstance(eval_id, int)
-    assert answered < 2.0  # the work is queued, not done in the request
+    assert answered < 5.0  # the work is queued, not done in the request
 
     ev = _wait_final(farm, eval_id)
     system = current_system()

@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bigtent.client.build import nar_hash_to_nix32, upload_order
 from bigtent.config import RunnerConfig
-from bigtent.errors import BadRequest, Conflict, NotFound
+from bigtent.errors import BadRequest, ConfigError, Conflict, NotFound
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store import PathInfo
 from bigtent.runner.builds import plan_parts
@@ -116,7 +116,7 @@ class CiService:
         names = [p.name for p in self.config.projects]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
-            raise BadRequest(f"[[projects]] names repeat: {', '.join(sorted(dup))}")
+            raise ConfigError(f"[[projects]] names repeat: {', '.join(sorted(dup))}")
         now = self.clock()
         async with self.engine.begin() as conn:
             for p in self.config.projects:
