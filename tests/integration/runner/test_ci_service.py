@@ -337,10 +337,14 @@ async def test_polling_finds_new_commits_and_supersedes(
     await eventually(lambda: found(first), timeout=30)
     second = repo.commit({"flake.nix": checks_flake({"a": "echo 2 > $out"}, uuid.uuid4().hex)})
     await eventually(lambda: found(second), timeout=30)
+
+    async def first_cancelled() -> bool:
+        return any(e.commit_sha == first and e.state == "cancelled" for e in await evaluations())
+
+    # No agent: the first commit's build was still waiting, the second supersedes it.
+    await eventually(first_cancelled, timeout=30)
     rows = {e.commit_sha: e for e in await evaluations()}
     assert len(rows) == 2 and {e.trigger for e in rows.values()} == {"poll"}
-    # No agent: the first commit's build was still waiting, the second superseded it.
-    assert rows[first].state == "cancelled"
     assert rows[first].superseded_by == rows[second].id
 
 
