@@ -179,7 +179,7 @@ async def evaluate_project(
     name: str,
     comps: Comps,
     _: AdminAuth,
-    branch: str | None = Query(default=None, max_length=255),
+    branch: str | None = Query(default=None, max_length=200),
 ) -> dict[str, Any]:
     """Evaluate a branch's current commit now (a manual trigger)."""
     eval_id = await _ci(comps).evaluate_now(name, branch)

@@ -78,7 +78,8 @@ class ProjectSection(BaseModel):
     webhooks); unset: no polling."""
     require_approval_for_outside: bool = False
     """Pull requests from forks by authors who are not owners, members or collaborators wait
-    for ``bigtent evals approve`` before anything is evaluated or built."""
+    for an admin's ``POST /api/v1/evaluations/{id}/approve`` before anything is evaluated or
+    built."""
     priority: int = Field(default=0, ge=-1000, le=1000)
 
     @field_validator("name")

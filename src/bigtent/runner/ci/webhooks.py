@@ -53,6 +53,7 @@ DELIVERY_HEADERS = {
     HookForge.GITHUB: ("x-github-delivery",),
     HookForge.FORGEJO: ("x-forgejo-delivery", "x-gitea-delivery", "x-github-delivery"),
 }
+MAX_REF_CHARS = 255
 _DELIVERY = re.compile(r"[A-Za-z0-9._-]{1,100}")
 _SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
@@ -182,7 +183,9 @@ def parse_event(event: str, payload: dict[str, Any]) -> Event:
         if payload.get("deleted") or not _SHA.fullmatch(sha) or set(sha) == {"0"}:
             return Ignored("a deleted ref")
         if not ref.startswith("refs/heads/"):
-            return Ignored(f"not a branch: {ref}")
+            return Ignored(f"not a branch: {ref[:100]}")
+        if len(ref) > MAX_REF_CHARS:
+            raise BadRequest(f"ref longer than {MAX_REF_CHARS} characters")
         return Trigger(
             kind=TriggerKind.PUSH,
             repository=repository,
@@ -206,6 +209,8 @@ def parse_event(event: str, payload: dict[str, Any]) -> Event:
         base_repo = _str(pr, "base", "repo", "full_name") or repository
         from_fork = head_repo != base_repo
         head_branch = _str(pr, "head", "ref")
+        if len(head_branch) > MAX_REF_CHARS - len("refs/heads/"):
+            head_branch = ""  # evaluated under its pull request ref instead
         association = _str(pr, "author_association") or _str(payload, "author_association")
         pull_ref = f"refs/pull/{number}/head"
         ref = pull_ref if from_fork or not head_branch else f"refs/heads/{head_branch}"
