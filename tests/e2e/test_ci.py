@@ -280,3 +280,44 @@ def test_non_flake_project_and_the_projects_api(
     removed = farm.bigtent("projects", "remove", "plain", token=farm.admin_token)
     assert removed.returncode == 0, removed.stderr
     assert json.loads(farm.bigtent("projects", "--json", check=True).stdout) == []
+
+
+def test_memory_limit_stops_evaluation_while_agents_and_cache_stay_served(
+    farm_factory: Callable[..., Farm], tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path)
+    secret, token = _files(tmp_path)
+    grow = (
+        'builtins.foldl\' (acc: i: [ (builtins.concatStringsSep "" (builtins.genList'
+        " (j: toString (i * j)) 100)) acc ]) [ ] (builtins.genList (x: x) 50000000)"
+    )
+    repo.commit(
+        {"flake.nix": f"{{ outputs = {{ self }}: {{ checks.{current_system()}.hog = {grow}; }}; }}"}
+    )
+    toml = project_toml("widgets", repo, secret, branches=["main"], **_forge(token))
+    farm = farm_factory(agents=1, runner_extra=toml + "\n[evaluation]\nmax_memory_mib = 1024\n")
+    sha = repo.git("rev-parse", "HEAD")
+    eval_id = deliver(farm.url, "push", push_payload(repo, sha), SECRET).json()["evaluation"]
+    latencies: list[float] = []
+    seen: list[str] = []
+    with farm.api() as c, httpx.Client(base_url=farm.url) as anon:
+        deadline = time.monotonic() + 120
+        state = "queued"
+        while state in ("queued", "evaluating") and time.monotonic() < deadline:
+            t = time.monotonic()
+            assert anon.get("/cache/nix-cache-info").status_code == 200
+            latencies.append(time.monotonic() - t)
+            (agent,) = c.get("/api/v1/agents").json()["agents"]
+            if not seen or seen[-1] != agent["last_seen"]:
+                seen.append(agent["last_seen"])
+            state = c.get(f"/api/v1/evaluations/{eval_id}").json()["state"]
+    ev = _evaluation(farm, eval_id)
+    assert ev["state"] == "eval_error", ev
+    assert "max_memory_mib = 1024" in ev["error"] and "out of memory" in ev["error"]
+    print(
+        f"during the evaluation: {len(latencies)} /cache requests, slowest "
+        f"{max(latencies) * 1000:.0f} ms; the agent's heartbeat moved last_seen "
+        f"{len(seen) - 1} times"
+    )
+    assert max(latencies) < 1.0, latencies
+    assert len(seen) >= 2, "no heartbeat of the agent was recorded during the evaluation"
