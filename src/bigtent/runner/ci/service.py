@@ -378,7 +378,8 @@ class CiService:
                 continue
             if await self._claim(int(row.id)):
                 running += 1
-                self._spawn(self._evaluate(int(row.id)), f"evaluation-{row.id}")
+                abort = self._aborts[int(row.id)] = asyncio.Event()
+                self._spawn(self._evaluate(int(row.id), abort), f"evaluation-{row.id}")
         for row in building:
             await self._watch(int(row.id))
         await self._poll()
@@ -399,9 +400,9 @@ class CiService:
                 started_at=self.clock(),
             )
 
-    async def _evaluate(self, eval_id: int) -> None:
-        abort = asyncio.Event()
-        self._aborts[eval_id] = abort
+    async def _evaluate(self, eval_id: int, abort: asyncio.Event) -> None:
+        """Evaluate a claimed evaluation (``abort``, in ``_aborts`` from its claim on, stops
+        it when it is superseded or cancelled)."""
         try:
             await self._report(eval_id)
             await self._evaluate_claimed(eval_id, abort)
