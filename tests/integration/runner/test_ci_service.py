@@ -200,6 +200,15 @@ async def test_reports_of_an_eval_error_then_building_then_superseded(
     assert row is not None and row.superseded_by == newer
     assert runner.comps.scheduler.builds.get(int(row.build_id)) is None  # cancelled, gone
 
+    # A force-push back to the first commit evaluates it again and supersedes the newer one.
+    recorder.reports.clear()
+    assert await _push(runner, repo, first) == building
+    await recorder.wait_for(lambda r: r.evaluation_id == newer and r.state is EvalState.CANCELLED)
+    again = await recorder.wait_for(
+        lambda r: r.evaluation_id == building and r.state is EvalState.BUILDING
+    )
+    assert [j.state.value for j in again.jobs] == ["queued"]
+
 
 @needs_nix
 async def test_memory_limit_stops_the_evaluation_and_the_runner_stays_responsive(

@@ -203,7 +203,29 @@ class CiService:
             if eval_id is None:
                 row = await q.find_evaluation(conn, project.name, trigger.ref, trigger.commit_sha)
                 assert row is not None
-                return int(row.id)
+                if row.superseded_by is None or row.state != CiEvalState.CANCELLED:
+                    return int(row.id)
+                # The ref is back at a commit whose evaluation a newer one superseded (a
+                # force-push back): evaluate it again, as new.
+                eval_id = int(row.id)
+                revived = await q.transition(
+                    conn,
+                    eval_id,
+                    [CiEvalState.CANCELLED.value],
+                    state=state.value,
+                    superseded_by=None,
+                    build_id=None,
+                    error=None,
+                    claimed_by=None,
+                    started_at=None,
+                    finished_at=None,
+                    created_at=now,
+                    trigger=trigger.kind.value,
+                )
+                if not revived:
+                    return eval_id
+                await q.delete_jobs(conn, eval_id)
+                self._watched.pop(eval_id, None)
             active = await q.fetch_active_evaluations(conn, project.name)
         log.info(
             "project %s: evaluation %d of %s at %s (%s, %s)",

@@ -187,6 +187,10 @@ async def insert_jobs(conn: AsyncConnection, eval_id: int, jobs: Sequence[dict[s
         await conn.execute(insert(ci_jobs), [{"evaluation_id": eval_id, **j} for j in jobs])
 
 
+async def delete_jobs(conn: AsyncConnection, eval_id: int) -> None:
+    await conn.execute(delete(ci_jobs).where(ci_jobs.c.evaluation_id == eval_id))
+
+
 async def fetch_jobs(conn: AsyncConnection, eval_id: int) -> list[Any]:
     return list(
         await conn.execute(
