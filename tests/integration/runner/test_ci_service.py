@@ -396,3 +396,12 @@ async def test_outside_fork_waits_for_approval(make_runner: MakeRunner, tmp_path
     assert row is not None and row.build_id is not None
     build = runner.comps.scheduler.builds[int(row.build_id)]
     assert build.trusted is False
+
+
+async def test_adding_an_invalid_project_says_what_is_wrong(hook_runner: RunnerHarness) -> None:
+    admin = hook_runner.client(Role.ADMIN)
+    resp = await admin.post("/api/v1/projects", json={"name": "x", "url": "/not/a/url"})
+    assert resp.status_code == 400
+    assert resp.json()["error"].startswith("invalid project: url: ")
+    resp = await admin.post("/api/v1/projects", json={"name": "widgets", "url": "file:///x"})
+    assert resp.status_code == 409  # the config's project has that name

@@ -139,8 +139,11 @@ async def add_project(request: Request, comps: Comps, _: AdminAuth) -> dict[str,
     try:
         project = ProjectSection.model_validate_json(await request.body())
     except ValidationError as exc:
+        errors = exc.errors()
+        where = ".".join(str(x) for x in errors[0]["loc"]) if errors else ""
+        what = errors[0]["msg"] if errors else ""
         raise BadRequest(
-            "invalid project",
+            f"invalid project: {where + ': ' if where else ''}{what}",
             detail=[{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()],
         ) from exc
     await ci.add_project(project)
