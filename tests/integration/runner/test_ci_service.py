@@ -405,3 +405,17 @@ async def test_adding_an_invalid_project_says_what_is_wrong(hook_runner: RunnerH
     assert resp.json()["error"].startswith("invalid project: url: ")
     resp = await admin.post("/api/v1/projects", json={"name": "widgets", "url": "file:///x"})
     assert resp.status_code == 409  # the config's project has that name
+
+
+async def test_delivery_ids_are_forgotten_after_the_replay_window(
+    hook_runner: RunnerHarness,
+) -> None:
+    ci = hook_runner.comps.ci
+    assert ci is not None
+    now = hook_runner.comps.scheduler.clock()
+    async with hook_runner.comps.engine.begin() as conn:
+        assert await q.record_delivery(conn, "old", "github", now - 8 * 86400)
+        assert await q.record_delivery(conn, "new", "github", now - 60)
+        assert not await q.record_delivery(conn, "new", "github", now)
+    await ci._tick()  # one pass of the CI loop (prunes at its first pass)
+    assert await _stored(hook_runner) == (0, 1)

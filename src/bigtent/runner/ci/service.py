@@ -53,6 +53,8 @@ LOG_TAIL_LINES = 40
 FAILED_TAILS = 50
 """Failed jobs whose log tail a report carries (the forge side caps what it posts)."""
 UPLOAD_CONCURRENCY = 4
+PRUNE_SECS = 3600.0
+"""How often webhook delivery ids older than ``evaluation.replay_window_secs`` are deleted."""
 PROJECT_RELOAD_SECS = 10.0
 """How often the loop reads the projects again (another runner may have changed them)."""
 
@@ -107,6 +109,7 @@ class CiService:
         self._polled: dict[str, float] = {}
         self._default_branches: dict[str, str] = {}
         self._reloaded = time.monotonic()
+        self._pruned = -PRUNE_SECS
 
     # ---- projects ---------------------------------------------------------------------------
     async def load(self) -> None:
@@ -405,6 +408,10 @@ class CiService:
         for row in building:
             await self._watch(int(row.id))
         await self._poll()
+        if time.monotonic() - self._pruned > PRUNE_SECS:
+            self._pruned = time.monotonic()
+            async with self.engine.begin() as conn:
+                await q.prune_deliveries(conn, self.clock() - self.limits.replay_window_secs)
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
