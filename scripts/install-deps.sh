@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what bigtent's demo and tests need on Debian/Ubuntu: Nix, sshd, zstd, Chromium (the
+# Install what bigtent's demo and tests need on Debian/Ubuntu: Nix, sshd, zstd, git, Chromium (the
 # dashboard's browser tests drive it headless) and the PostgreSQL server the tests start
 # throwaway clusters of (BIGTENT_TEST_DB=postgresql).
 # Idempotent: does nothing when everything is already there.
@@ -8,6 +8,9 @@ need=()
 command -v nix-store >/dev/null 2>&1 || need+=(nix-bin)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v zstd >/dev/null 2>&1 || need+=(zstd)
+# Nix CI: the runner fetches projects with git and bounds evaluations with prlimit.
+command -v git >/dev/null 2>&1 || need+=(git)
+command -v prlimit >/dev/null 2>&1 || need+=(util-linux)
 [ -x /usr/bin/chromium ] || need+=(chromium fonts-dejavu-core)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then

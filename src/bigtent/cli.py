@@ -1703,3 +1703,9 @@ def up(
         host_tools=host_tools,
     )
     ctx.exit(_run(run_up(settings, say=click.echo)))
+
+
+# The Nix CI commands (projects, evals, jobs) live in their own module.
+from bigtent.cicli import register as _register_ci  # noqa: E402
+
+_register_ci(cli)

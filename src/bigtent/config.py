@@ -33,6 +33,7 @@ from bigtent.errors import ConfigError
 from bigtent.nix.compression import Compression
 from bigtent.protocol import MAX_BYTES, MAX_LIST_ITEMS, MAX_SECS, MAX_SHORT_TEXT
 from bigtent.runner.autoscale.settings import AutoscaleSection, check_pools
+from bigtent.runner.ci.settings import EvaluationSection, ProjectSection
 from bigtent.runner.forge.settings import ForgeSection
 from bigtent.runner.s3keys import normalize_prefix
 from bigtent.runner.ssh import (
@@ -518,6 +519,9 @@ class RunnerConfig(_FileSettings):
     """``[[autoscale.github]]`` pools (docs/autoscaling.md)."""
     forge: ForgeSection = ForgeSection()
     """How evaluations are reported to GitHub and Forgejo/Gitea (docs/ci.md)."""
+    projects: list[ProjectSection] = []
+    """``[[projects]]``: git repositories the runner evaluates and builds (docs/ci.md)."""
+    evaluation: EvaluationSection = EvaluationSection()
 
     def usable_ssh_builders(self) -> list[SshBuilderSection]:
         """Enabled builders; with ``ssh_require_host_key`` only those with a pinned key."""

@@ -143,3 +143,16 @@ def test_logretention_benchmark_reports_its_fields(tmp_path: Path) -> None:
     assert result["expired"] == result["deleted"] == 100 and result["files_left"] == 200
     assert result["more"] is False and result["pass_secs"] > 0
     assert result["loop_lateness_ms"]["n"] > 0 and result["baseline_lateness_ms"]["n"] > 0
+
+
+@pytest.mark.nix
+@pytest.mark.skipif(not have_nix(), reason="needs Nix")
+def test_eval_benchmark_reports_its_fields(tmp_path: Path) -> None:
+    result = run_bench("eval.py", "--jobs", "5", cwd=tmp_path)
+    assert_machine(result)
+    run = result["run"]
+    assert run["jobs"] == 5 and run["steps"] == 5
+    assert run["baseline_nix_eval"]["jobs"] == 5
+    assert run["webhook_to_first_dispatch_secs"] is not None
+    assert run["webhook_to_final_secs"] >= run["webhook_to_building_secs"]
+    assert run["evaluator_peak_rss_bytes_logged"] > 0

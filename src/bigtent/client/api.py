@@ -904,3 +904,11 @@ class RunnerClient:
     async def revoke_token(self, name: str) -> TokenInfo:
         data = await self._json("DELETE", f"/tokens/{quote(name, safe='')}")
         return self._parse(TokenInfo, data, "token")
+
+    # ---- Nix CI (docs/ci.md): plain JSON, shaped by the CLI ---------------------------------
+    async def ci_json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """A CI route's JSON object (``/projects``, ``/evaluations``)."""
+        data = await self._json(method, path, **kwargs)
+        if not isinstance(data, dict):
+            raise ProtocolError(f"runner answered {method} {path} with no JSON object")
+        return data

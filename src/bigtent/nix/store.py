@@ -438,6 +438,142 @@ class NixStore:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class BoundedRun:
+    """How a ``nix eval`` under a memory and time limit ended (``NixStore.eval_bounded``)."""
+
+    exit_code: int | None
+    stdout: bytes
+    stderr: str
+    timed_out: bool = False
+    aborted: bool = False
+    out_of_memory: bool = False
+    """Nix ran out of its address-space limit ("out of memory", or killed by a signal while
+    the limit was in force)."""
+    stdout_limit: bool = False
+    """The answer was larger than ``max_stdout_bytes``."""
+    peak_rss_bytes: int = 0
+    """The process's peak resident memory as last sampled (``/proc/PID/status`` VmHWM)."""
+
+
+async def _read_bounded(stream: asyncio.StreamReader, limit: int) -> tuple[bytes, bool]:
+    out = bytearray()
+    while chunk := await stream.read(256 * 1024):
+        if len(out) + len(chunk) > limit:
+            return bytes(out), True
+        out += chunk
+    return bytes(out), False
+
+
+async def _read_tail(stream: asyncio.StreamReader, keep: int) -> bytes:
+    """All of ``stream`` read, its last ``keep`` bytes kept."""
+    tail = bytearray()
+    while chunk := await stream.read(256 * 1024):
+        tail += chunk
+        del tail[:-keep]
+    return bytes(tail)
+
+
+def _peak_rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class BoundedEval:
+    """``nix eval --json`` of an expression with an operating-system memory limit
+    (``RLIMIT_AS`` through util-linux ``prlimit``: Nix's allocator fails at the limit and Nix
+    exits with "out of memory"), a wall-clock timeout and an abort event; stdout bounded.
+    The process runs in its own process group, killed whole on timeout or abort."""
+
+    def __init__(self, store: NixStore) -> None:
+        self.store = store
+
+    async def run(
+        self,
+        expr: str,
+        *,
+        max_memory_bytes: int,
+        timeout_secs: float,
+        max_stdout_bytes: int,
+        abort: asyncio.Event | None = None,
+        features: str = "nix-command flakes",
+        show_trace: bool = False,
+    ) -> BoundedRun:
+        trace = ["--show-trace"] if show_trace else []
+        argv = self.store._argv(
+            "nix",
+            ["--extra-experimental-features", features, "eval", *trace, "--json", "--expr", expr],
+            None,
+        )
+        argv = ["prlimit", f"--as={max_memory_bytes}", "--", *argv]
+        log.debug("running %s", argv[:6])
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self.store._environ(),
+                start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            raise NixError(f"{argv[0]} not found (util-linux and Nix needed)", argv=argv) from exc
+        assert proc.stdout is not None and proc.stderr is not None
+        out_task = asyncio.create_task(_read_bounded(proc.stdout, max_stdout_bytes))
+        err_task = asyncio.create_task(_read_tail(proc.stderr, _STDERR_TAIL_BYTES * 4))
+        peak = 0
+
+        async def sample() -> None:
+            nonlocal peak
+            while proc.returncode is None:
+                peak = max(peak, _peak_rss(proc.pid))
+                await asyncio.sleep(0.02)
+
+        sampler = asyncio.create_task(sample())
+        waiters: set[asyncio.Future[object]] = {out_task}  # type: ignore[arg-type]
+        abort_task: asyncio.Task[bool] | None = None
+        if abort is not None:
+            abort_task = asyncio.create_task(abort.wait())
+            waiters.add(abort_task)  # type: ignore[arg-type]
+        timed_out = aborted = False
+        try:
+            done, _ = await asyncio.wait(
+                waiters, timeout=timeout_secs, return_when=asyncio.FIRST_COMPLETED
+            )
+            if out_task not in done:
+                timed_out = not done
+                aborted = bool(done)
+                _kill_group(proc)
+            out, too_big = await out_task
+            if too_big:
+                _kill_group(proc)
+            err = await err_task
+            code = await proc.wait()
+        finally:
+            if abort_task is not None:
+                abort_task.cancel()
+            if proc.returncode is None:
+                _kill_group(proc)
+                with contextlib.suppress(ProcessLookupError):
+                    await proc.wait()
+            for task in (out_task, err_task, sampler):
+                if not task.done():
+                    task.cancel()
+        text = err.decode(errors="replace")
+        oom = (
+            not (timed_out or aborted or too_big)
+            and code != 0
+            and ("out of memory" in text.lower() or code < 0 or "failed to map segment" in text)
+        )
+        return BoundedRun(code, out, text, timed_out, aborted, oom, too_big, peak)
+
+
 def store_root(store: str) -> str:
     """The chroot directory of a ``local?root=DIR`` (or bare path) store URI, else ""."""
     if store.startswith("/"):

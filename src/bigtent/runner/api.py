@@ -166,6 +166,8 @@ def _jwt_for_upload(path: str, scope: Scope) -> bool:
 
 
 _UPLOAD_PREFIX = "/api/v1/agent/upload/"
+HOOKS_PREFIX = "/api/v1/hooks/"
+"""Forge webhooks carry no bearer token: their route checks the body's HMAC signature."""
 
 
 class CredentialGate:
@@ -197,6 +199,7 @@ class CredentialGate:
             scope["type"] == "http"
             and path.startswith("/api/v1/")
             and path not in _PUBLIC_API_PATHS
+            and not path.startswith(HOOKS_PREFIX)
             and not _jwt_for_upload(path, scope)
         ):
             client = scope.get("client")

@@ -26,6 +26,8 @@ from bigtent.runner.api import (
     oidc_client,
 )
 from bigtent.runner.autoscale.routes import launch_routes
+from bigtent.runner.ci.pages import ci_pages
+from bigtent.runner.ci.routes import ci_routes
 from bigtent.runner.components import Components, build_components, close_components
 from bigtent.runner.dashboard.routes import install_dashboard
 from bigtent.runner.health_endpoint import health_routes
@@ -83,6 +85,8 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
             tasks.append(asyncio.create_task(comps.cache.storage.run_sweeper(), name="s3-sweeper"))
         if comps.feed is not None:
             tasks.append(asyncio.create_task(comps.feed.follow(comps.on_change), name="feed"))
+        if comps.ci is not None:
+            tasks.append(asyncio.create_task(comps.ci.run(), name="ci"))
 
         def _done(t: asyncio.Task[None]) -> None:
             if not t.cancelled() and t.exception() is not None:
@@ -122,10 +126,12 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
     )
     app.include_router(api)
     app.include_router(launch_routes)
+    app.include_router(ci_routes)
     app.include_router(cache_routes)
     app.include_router(metrics_routes)
     app.include_router(health_routes)
     install_dashboard(app, comps)
+    app.include_router(ci_pages)
     return app
 
 

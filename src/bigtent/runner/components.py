@@ -19,8 +19,11 @@ from bigtent.runner.auth.ratelimit import AuthFailureLimiter, FailureThrottle
 from bigtent.runner.auth.tokens import TokenRegistry, TokenStore
 from bigtent.runner.autoscale.service import Autoscaler, build_workflows
 from bigtent.runner.cache import Cache, Upstreams
+from bigtent.runner.ci.service import CiService
 from bigtent.runner.db.migrate import check_schema, create_engine
 from bigtent.runner.db.notify import Change, ChangeFeed, make_feed
+from bigtent.runner.forge.model import Reporter
+from bigtent.runner.forge.null import NullReporter
 from bigtent.runner.logs import LogStore
 from bigtent.runner.metrics import Metrics
 from bigtent.runner.presigned import PresignedUploads
@@ -61,6 +64,10 @@ class Components:
     """The untrusted cache (``/cache/untrusted``): outputs of untrusted builds, its own key."""
     feed: ChangeFeed | None = None
     """What other runners on the same database change (PostgreSQL: LISTEN/NOTIFY)."""
+    reporter: Reporter = field(default_factory=NullReporter)
+    """Where CI results go (a forge); ``NullReporter`` when none is configured."""
+    ci: CiService | None = None
+    """Nix CI: projects, webhooks, evaluations (docs/ci.md)."""
 
     async def on_change(self, change: Change | None) -> None:
         """Another runner changed steps, builds or tokens (None: anything may have)."""
@@ -171,6 +178,19 @@ async def build_components(config: RunnerConfig) -> Components:
         enabled=config.cache.s3 is not None and config.cache.s3.presigned_uploads,
         untrusted=untrusted_cache,
     )
+    reporter: Reporter = NullReporter()
+    ci = CiService(
+        config,
+        engine,
+        cache,
+        untrusted_cache,
+        upstreams,
+        scheduler,
+        logs,
+        reporter,
+        clock=scheduler.clock,
+    )
+    await ci.load()
     return Components(
         config,
         engine,
@@ -189,6 +209,8 @@ async def build_components(config: RunnerConfig) -> Components:
         autoscaler,
         untrusted_cache,
         feed,
+        reporter,
+        ci,
     )
 
 

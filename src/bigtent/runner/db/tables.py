@@ -290,8 +290,78 @@ launches = Table(
 Index("ix_launches_state", launches.c.state)
 Index("ix_launches_created_at", launches.c.created_at)
 
+# ---- Nix CI (migration 0014, docs/ci.md) ------------------------------------------------------
+
+ci_projects = Table(
+    # Projects: those of ``[[projects]]`` (source "config", written at each start) and those
+    # added through the API (source "api"). ``settings`` is the project's JSON.
+    "ci_projects",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("source", String(16), nullable=False),
+    Column("settings", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+ci_evaluations = Table(
+    # One evaluation of one commit of one project for one ref. The unique key is what keeps
+    # several runners on one database from evaluating a commit twice: the trigger inserts the
+    # row once, and a runner claims it (queued -> evaluating) by a conditional update.
+    "ci_evaluations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("project", String(64), nullable=False),
+    Column("ref", String(256), nullable=False),
+    Column("commit_sha", String(64), nullable=False),
+    Column("fetch_ref", String(256), nullable=False),
+    Column("trigger", String(32), nullable=False),
+    Column("pull_request", Integer),
+    Column("trusted", Boolean, nullable=False),
+    Column("state", String(32), nullable=False),
+    Column("error", Text),
+    Column("build_id", Integer, ForeignKey("builds.id", ondelete="SET NULL")),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("claimed_by", String(128)),
+    Column("superseded_by", Integer),
+    UniqueConstraint("project", "ref", "commit_sha", name="uq_ci_evaluations_commit"),
+)
+Index("ix_ci_evaluations_state", ci_evaluations.c.state)
+Index("ix_ci_evaluations_project", ci_evaluations.c.project)
+
+ci_jobs = Table(
+    # A job of an evaluation: an attribute path, its derivation (or its evaluation error),
+    # and its latest known state (kept up to date while the evaluation's build runs).
+    "ci_jobs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "evaluation_id",
+        Integer,
+        ForeignKey("ci_evaluations.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("attr", String(512), nullable=False),
+    Column("drv_path", String(256)),
+    Column("error", Text),
+    Column("state", String(32), nullable=False),
+    UniqueConstraint("evaluation_id", "attr", name="uq_ci_jobs_attr"),
+)
+Index("ix_ci_jobs_evaluation_id", ci_jobs.c.evaluation_id)
+
+ci_webhook_deliveries = Table(
+    # Webhook delivery ids seen (replay protection), forgotten after the replay window.
+    "ci_webhook_deliveries",
+    metadata,
+    Column("delivery_id", String(128), primary_key=True),
+    Column("forge", String(16), nullable=False),
+    Column("received_at", Float, nullable=False),
+)
+Index("ix_ci_webhook_deliveries_received_at", ci_webhook_deliveries.c.received_at)
+
 forge_outbox = Table(
-    # Reports to forges not sent yet, and what was sent (migration 0016, docs/ci.md): one row
+    # Reports to forges not sent yet, and what was sent (migration 0012, docs/ci.md): one row
     # per evaluation. ``forge_wanted`` is what the forge should show (the checks, JSON),
     # ``forge_sent`` what it was last told (per check: fingerprint, status, check run id), so
     # a report survives a runner restart and only changes are sent. Runners sharing a

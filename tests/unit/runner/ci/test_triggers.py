@@ -1,0 +1,113 @@
+"""Trigger decisions (pure): branches, trust of forks, approval, supersede."""
+
+from __future__ import annotations
+
+from bigtent.runner.ci.settings import ProjectSection
+from bigtent.runner.ci.triggers import (
+    ActiveEval,
+    CiEvalState,
+    decide,
+    job_state_from_step,
+    match_project,
+    superseded,
+)
+from bigtent.runner.ci.webhooks import Trigger, TriggerKind
+
+SHA = "a" * 40
+
+
+def project(**kw: object) -> ProjectSection:
+    return ProjectSection.model_validate(
+        {"name": "w", "url": "https://example.test/acme/widgets.git", **kw}
+    )
+
+
+def push(branch: str, default: str = "main") -> Trigger:
+    return Trigger(
+        kind=TriggerKind.PUSH,
+        repository="acme/widgets",
+        clone_urls=(),
+        ref=f"refs/heads/{branch}",
+        fetch_ref=f"refs/heads/{branch}",
+        commit_sha=SHA,
+        branch=branch,
+        default_branch=default,
+    )
+
+
+def pr(fork: bool, outside: bool, base: str = "main") -> Trigger:
+    return Trigger(
+        kind=TriggerKind.PULL_REQUEST,
+        repository="acme/widgets",
+        clone_urls=(),
+        ref="refs/pull/3/head" if fork else "refs/heads/feature",
+        fetch_ref="refs/pull/3/head",
+        commit_sha=SHA,
+        branch=base,
+        default_branch="main",
+        pull_request=3,
+        from_fork=fork,
+        outside=outside,
+    )
+
+
+def test_default_branch_is_built_when_no_branches_are_listed() -> None:
+    assert decide(project(), push("main")).evaluate
+    assert not decide(project(), push("feature")).evaluate
+
+
+def test_listed_branches_only() -> None:
+    p = project(branches=["release", "main"])
+    assert decide(p, push("release")).evaluate
+    assert not decide(p, push("feature")).evaluate
+
+
+def test_push_is_trusted() -> None:
+    assert decide(project(), push("main")).trusted
+
+
+def test_pull_request_from_a_fork_is_untrusted() -> None:
+    d = decide(project(), pr(fork=True, outside=True))
+    assert d.evaluate and not d.trusted and not d.needs_approval
+
+
+def test_pull_request_from_a_branch_of_the_repository_is_trusted() -> None:
+    d = decide(project(), pr(fork=False, outside=False))
+    assert d.evaluate and d.trusted
+
+
+def test_outside_author_needs_approval_when_the_project_says_so() -> None:
+    p = project(require_approval_for_outside=True)
+    assert decide(p, pr(fork=True, outside=True)).needs_approval
+    assert not decide(p, pr(fork=True, outside=False)).needs_approval
+
+
+def test_pull_request_into_a_branch_not_built_is_not_evaluated() -> None:
+    assert not decide(project(), pr(fork=True, outside=False, base="other")).evaluate
+
+
+def test_new_commit_supersedes_the_active_evaluations_of_its_ref_only() -> None:
+    active = [
+        ActiveEval(1, "refs/heads/main", "b" * 40, CiEvalState.BUILDING),
+        ActiveEval(2, "refs/heads/main", "c" * 40, CiEvalState.EVALUATING),
+        ActiveEval(3, "refs/heads/other", "d" * 40, CiEvalState.BUILDING),
+        ActiveEval(4, "refs/heads/main", "e" * 40, CiEvalState.SUCCEEDED),
+        ActiveEval(5, "refs/heads/main", SHA, CiEvalState.QUEUED),
+    ]
+    assert superseded(active, "refs/heads/main", SHA) == [1, 2]
+
+
+def test_project_is_matched_by_repository_then_url() -> None:
+    a = project(name="a", url="https://example.test/acme/a.git", repository="acme/a")
+    b = project(name="b", url="file:///srv/git/b")
+    assert match_project([a, b], "ACME/a", ()) is a
+    assert match_project([a, b], "x/b", ("file:///srv/git/b.git",)) is b
+    assert match_project([a, b], "x/c", ("file:///srv/git/c",)) is None
+
+
+def test_job_state_from_its_step() -> None:
+    assert job_state_from_step(None, "running") == "succeeded"  # no step needed: cached
+    assert job_state_from_step("building", "running") == "running"
+    assert job_state_from_step("dependency_failed", "failed") == "failed"
+    assert job_state_from_step("runnable", "queued") == "queued"
+    assert job_state_from_step(None, "cancelled") == "cancelled"
