@@ -30,6 +30,7 @@ from bigtent.runner.ci.pages import ci_pages
 from bigtent.runner.ci.routes import ci_routes
 from bigtent.runner.components import Components, build_components, close_components
 from bigtent.runner.dashboard.routes import install_dashboard
+from bigtent.runner.forge.service import ForgeReporter
 from bigtent.runner.health_endpoint import health_routes
 from bigtent.runner.httpguard import (
     connection_cap,
@@ -96,6 +97,9 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
 
         for task in tasks:
             task.add_done_callback(_done)
+        reporter = comps.reporter if isinstance(comps.reporter, ForgeReporter) else None
+        if reporter is not None:
+            await reporter.start()
         try:
             yield
         finally:
@@ -104,6 +108,8 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if reporter is not None:
+                await reporter.stop()
 
     app = FastAPI(
         title="bigtent runner",

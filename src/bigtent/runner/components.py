@@ -24,6 +24,7 @@ from bigtent.runner.db.migrate import check_schema, create_engine
 from bigtent.runner.db.notify import Change, ChangeFeed, make_feed
 from bigtent.runner.forge.model import Reporter
 from bigtent.runner.forge.null import NullReporter
+from bigtent.runner.forge.service import ForgeReporter
 from bigtent.runner.logs import LogStore
 from bigtent.runner.metrics import Metrics
 from bigtent.runner.presigned import PresignedUploads
@@ -65,7 +66,7 @@ class Components:
     feed: ChangeFeed | None = None
     """What other runners on the same database change (PostgreSQL: LISTEN/NOTIFY)."""
     reporter: Reporter = field(default_factory=NullReporter)
-    """Where CI results go (a forge); ``NullReporter`` when none is configured."""
+    """Where CI results go: the forge outbox (``ForgeReporter``); tests may give another."""
     ci: CiService | None = None
     """Nix CI: projects, webhooks, evaluations (docs/ci.md)."""
 
@@ -178,7 +179,8 @@ async def build_components(config: RunnerConfig) -> Components:
         enabled=config.cache.s3 is not None and config.cache.s3.presigned_uploads,
         untrusted=untrusted_cache,
     )
-    reporter: Reporter = NullReporter()
+    # Reports to forges go through a durable outbox; its loop is idle while nothing is pending.
+    reporter: Reporter = ForgeReporter(engine, config.forge, clock=scheduler.clock, metrics=metrics)
     ci = CiService(
         config,
         engine,

@@ -240,8 +240,11 @@ class ForgeReporter:
                     "forge: reporting pass failed; trying again in %.0f s", ERROR_PAUSE_SECS
                 )
                 wait = ERROR_PAUSE_SECS
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
+            # that arrives with the wake-up, and stop() would wait for ever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
 
     async def pass_once(self) -> float:
         """Store unsaved reports, send every due row, prune now and then; how long until the
