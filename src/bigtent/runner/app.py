@@ -70,6 +70,13 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
             tasks.append(asyncio.create_task(comps.cache.storage.run_sweeper(), name="s3-sweeper"))
         if comps.feed is not None:
             tasks.append(asyncio.create_task(comps.feed.follow(comps.on_change), name="feed"))
+        retention = comps.config.cache.retention
+        if comps.usage is not None:
+            tasks.append(
+                asyncio.create_task(comps.usage.run(retention.usage_flush_secs), name="usage")
+            )
+        if comps.collector is not None:
+            tasks.append(asyncio.create_task(comps.collector.run(), name="cache-gc"))
 
         def _done(t: asyncio.Task[None]) -> None:
             if not t.cancelled() and t.exception() is not None:
