@@ -35,6 +35,7 @@ from bigtent.runner.httpguard import (
     install_accept_error_log,
 )
 from bigtent.runner.metrics_endpoint import metrics_routes
+from bigtent.runner.retention.routes import retention_routes
 from bigtent.runner.s3 import S3Storage
 from bigtent.runner.tls import CertWebSocketProtocol
 
@@ -111,6 +112,7 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
     )
     app.include_router(api)
     app.include_router(launch_routes)
+    app.include_router(retention_routes)
     app.include_router(cache_routes)
     app.include_router(metrics_routes)
     app.include_router(health_routes)
