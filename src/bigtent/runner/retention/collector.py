@@ -30,7 +30,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,8 +224,9 @@ class Collector:
         self.clock = clock
         self._running = asyncio.Lock()
         self.last: GcReport | None = None
-        self.after_doom: Callable[[], Any] | None = None
-        """Test hook: called after each batch's narinfos are deleted, before their files."""
+        self.on_phase: Callable[[str], Awaitable[None]] | None = None
+        """Tests' seam: awaited with ``marked`` (after the mark, before the sweep) and
+        ``doomed`` (after a batch's narinfos are deleted, before its files)."""
 
     def policies(self) -> dict[str, Policy]:
         grace = self.config.grace_secs
@@ -326,6 +327,8 @@ class Collector:
             part.bytes_freed = part.decision.bytes_freed
             part.by_reason = part.decision.counts()
         if not dry_run:
+            if self.on_phase is not None:
+                await self.on_phase("marked")
             since = now - self.config.grace_secs
             # Referrers may live in the other cache (untrusted outputs of main inputs).
             index = _Index.of({**graphs[MAIN], **graphs.get(UNTRUSTED, {})})
@@ -371,6 +374,7 @@ class Collector:
         part = report.caches[name]
         victims = list(part.decision.delete)
         part.deleted = 0
+        part.bytes_freed = 0
         part.by_reason = {reason: 0 for reason in part.by_reason}
         for i in range(0, len(victims), BATCH):
             batch = victims[i : i + BATCH]
@@ -393,8 +397,8 @@ class Collector:
                 reason = str(part.decision.delete[path])
                 part.by_reason[reason] = part.by_reason.get(reason, 0) + 1
             cache.evicted(p[STORE_PREFIX_LEN : STORE_PREFIX_LEN + 32] for p, _ in gone)
-            if self.after_doom is not None:
-                self.after_doom()
+            if self.on_phase is not None:
+                await self.on_phase("doomed")
             for url in await self.finish_doomed(sorted({u for _, u in gone})):
                 report.files_deleted += 1
                 part.bytes_freed += index.file_size.get(url, 0)

@@ -57,6 +57,11 @@ class UsageRecorder:
             {f for f, t in self._files.items() if t >= since},
         )
 
+    def forget(self) -> None:
+        """Drop the uses not flushed yet."""
+        self._narinfos = {False: {}, True: {}}
+        self._files = {}
+
     async def flush(self) -> int:
         """Write every pending use; returns how many. On a database error the uses are kept
         for the next flush."""

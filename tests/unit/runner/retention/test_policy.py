@@ -166,7 +166,7 @@ def caches(draw: st.DrawFn) -> dict[str, CachedPath]:
 @st.composite
 def cases(draw: st.DrawFn) -> tuple[dict[str, CachedPath], dict[str, str], Policy]:
     paths = draw(caches())
-    roots = (
+    roots: dict[str, str] = (
         {p: RootKind.PIN for p in draw(st.lists(st.sampled_from(sorted(paths)), max_size=3))}
         if paths
         else {}
