@@ -27,7 +27,12 @@ from tests.integration.runner.conftest import (
 )
 
 DAY = 86400.0
-RETENTION = {"enabled": False, "max_idle_days": 30, "grace_secs": 0, "keep_builds": 1}
+RETENTION: dict[str, object] = {
+    "enabled": False,
+    "max_idle_days": 30,
+    "grace_secs": 0,
+    "keep_builds": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -195,13 +200,8 @@ async def test_quota_evicts_least_recently_used_closures_down_to_the_low_waterma
 
     low = total - own_bytes(closures[3]) - own_bytes(closures[2])
     gc = collector(runner)
-    gc.config = RetentionSection(
-        **{
-            **RETENTION,
-            "max_idle_days": None,
-            "quota_high_bytes": total - 1,
-            "quota_low_bytes": low,
-        }
+    gc.config = RetentionSection.model_validate(
+        {**RETENTION, "max_idle_days": None, "quota_high_bytes": total - 1, "quota_low_bytes": low}
     )
     report = await gc.collect()
     main = report.caches["main"]
