@@ -269,6 +269,8 @@ class RetentionSection(RetentionPolicySection):
     """Outputs of this many latest succeeded builds per repository/ref are roots."""
     grace_secs: float = Field(default=3600.0, ge=0)
     """Paths published or used this recently are never deleted."""
+    sweep_batch: int = Field(default=500, ge=1, le=10_000)
+    """Paths deleted per transaction (and NAR files per look at the storage)."""
     usage_flush_secs: float = Field(default=60.0, gt=0, le=3600)
     """How often the last uses of paths are written to the database (in one batch)."""
     untrusted: UntrustedRetentionSection = UntrustedRetentionSection()

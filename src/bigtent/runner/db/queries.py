@@ -1224,25 +1224,27 @@ async def doomed_files(
     return sorted(out)
 
 
-async def redoom_file(conn: AsyncConnection, url: str, now: float) -> None:
-    """Look at doomed file ``url`` again at a later collection, as if doomed at ``now``."""
-    await conn.execute(
-        update(cache_gc_doomed).where(cache_gc_doomed.c.url == url).values(doomed_at=now)
-    )
-
-
-async def file_in_use(conn: AsyncConnection, url: str) -> bool:
-    """Whether a path of either cache names NAR file ``url``."""
+async def files_in_use(conn: AsyncConnection, urls: Sequence[str]) -> set[str]:
+    """Which of NAR files ``urls`` a path of either cache names."""
+    found: set[str] = set()
     for table in CACHE_TABLES:
-        if (
-            await conn.execute(select(table.c.hash_part).where(table.c.url == url).limit(1))
-        ).first():
-            return True
-    return False
+        for chunk in _chunks(list(urls)):
+            rows = await conn.execute(select(table.c.url).where(table.c.url.in_(chunk)).distinct())
+            found.update(r[0] for r in rows)
+    return found
 
 
-async def undoom_file(conn: AsyncConnection, url: str) -> None:
-    await conn.execute(delete(cache_gc_doomed).where(cache_gc_doomed.c.url == url))
+async def undoom_files(conn: AsyncConnection, urls: Sequence[str]) -> None:
+    for chunk in _chunks(list(urls)):
+        await conn.execute(delete(cache_gc_doomed).where(cache_gc_doomed.c.url.in_(chunk)))
+
+
+async def redoom_files(conn: AsyncConnection, urls: Sequence[str], now: float) -> None:
+    """Look at doomed files ``urls`` again at a later collection, as if doomed at ``now``."""
+    for chunk in _chunks(list(urls)):
+        await conn.execute(
+            update(cache_gc_doomed).where(cache_gc_doomed.c.url.in_(chunk)).values(doomed_at=now)
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,8 +52,6 @@ from bigtent.runner.storage import Storage
 log = logging.getLogger(__name__)
 
 GC_LOCK = 0x62745F6763  # "bt_gc": the PostgreSQL advisory lock key of a collection
-BATCH = 500
-"""Paths deleted per transaction."""
 DAY = 86400.0
 LISTED_PATHS = 1000
 """Deleted paths a report lists (with their reasons); the counts cover all."""
@@ -376,8 +374,9 @@ class Collector:
         part.deleted = 0
         part.bytes_freed = 0
         part.by_reason = {reason: 0 for reason in part.by_reason}
-        for i in range(0, len(victims), BATCH):
-            batch = victims[i : i + BATCH]
+        batch_size = self.config.sweep_batch
+        for i in range(0, len(victims), batch_size):
+            batch = victims[i : i + batch_size]
             spared = await self._spared(index, since, started)
             chosen = [p for p in batch if p not in spared]
             part.spared += len(batch) - len(chosen)
@@ -408,25 +407,44 @@ class Collector:
         earlier collection); returns the files deleted."""
         async with self.engine.connect() as conn:
             notes = await queries.doomed_files(conn, urls)
-        return [url for url, doomed_at in notes if await self._drop_file(url, doomed_at)]
+        removed: list[str] = []
+        batch = self.config.sweep_batch
+        for i in range(0, len(notes), batch):
+            removed += await self._drop_files(notes[i : i + batch])
+        return removed
 
-    async def _drop_file(self, url: str, doomed_at: float) -> bool:
-        async with self.gate.hold(url):
+    async def _drop_files(self, notes: Sequence[tuple[str, float]]) -> list[str]:
+        """Under the files' gates: forget the notes of files a narinfo names again, delete
+        the others (unless written since they were doomed: another runner published them
+        again, looked at next time), then forget their notes."""
+        async with contextlib.AsyncExitStack() as gates:
+            for url, _ in notes:
+                await gates.enter_async_context(self.gate.hold(url))
             async with self.engine.begin() as conn:
-                if await queries.file_in_use(conn, url):
-                    await queries.undoom_file(conn, url)
-                    return False
-            written = await asyncio.to_thread(self.storage.modified_at, url)
-            if written is not None and written > doomed_at:
-                # Published again by another runner since it was doomed: look again next time
-                # (kept if a narinfo names it by then).
-                async with self.engine.begin() as conn:
-                    await queries.redoom_file(conn, url, self.clock())
-                return False
-            await asyncio.to_thread(self.storage.remove, url)
+                used = await queries.files_in_use(conn, [url for url, _ in notes])
+                await queries.undoom_files(conn, sorted(used))
+            unused = [(url, at) for url, at in notes if url not in used]
+            removed, missing, again = await asyncio.to_thread(self._remove, unused)
             async with self.engine.begin() as conn:
-                await queries.undoom_file(conn, url)
-        return written is not None
+                await queries.undoom_files(conn, removed + missing)
+                await queries.redoom_files(conn, again, self.clock())
+        return removed
+
+    def _remove(self, notes: Sequence[tuple[str, float]]) -> tuple[list[str], list[str], list[str]]:
+        """Delete the files (blocking): (removed, already gone, written since doomed)."""
+        removed: list[str] = []
+        missing: list[str] = []
+        again: list[str] = []
+        for url, doomed_at in notes:
+            written = self.storage.modified_at(url)
+            if written is None:
+                missing.append(url)
+            elif written > doomed_at:
+                again.append(url)
+            else:
+                self.storage.remove(url)
+                removed.append(url)
+        return removed, missing, again
 
     async def _prune_pins(self, now: float) -> None:
         async with self.engine.begin() as conn:
