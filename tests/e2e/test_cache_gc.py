@@ -9,6 +9,7 @@ import asyncio
 import json
 import subprocess
 import threading
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,27 @@ from tests.s3 import Bucket
 pytestmark = [pytest.mark.e2e, pytest.mark.nix]
 
 IDLE_DAYS = 0.00002  # 1.7 s: what the tests leave alone for longer is idle
+
+
+SOURCES = 300
+
+
+def _many_sources(root: Path, n: int) -> Path:
+    """A derivation with ``n`` ``toFile`` sources (uploaded by the client, all of them)."""
+    salt = uuid.uuid4().hex[:8]
+    path = root / f"many-{salt}.nix"
+    path.write_text(
+        f"""
+let
+  text = i: builtins.toFile "src-{salt}-${{toString i}}" "text ${{toString i}}";
+  srcs = builtins.genList text {n};
+in derivation {{
+  name = "many-{salt}"; system = builtins.currentSystem; builder = "/bin/sh";
+  PATH = "/usr/bin:/bin"; inherit srcs; args = ["-c" "echo {n} > $out"];
+}}
+"""
+    )
+    return path
 
 
 def retention(**keys: Any) -> str:
@@ -121,6 +143,10 @@ def test_a_runner_killed_mid_sweep_serves_a_consistent_cache_and_finishes_the_sw
     code, first = farm.build_json(str(old), "-A", "top", "--no-download")
     assert code == 0, first
     old_outputs = _outputs(farm, first["build_id"])
+    # Many small sources: a sweep one path per transaction takes seconds, long enough to be
+    # killed in the middle of it.
+    code, many = farm.build_json(str(_many_sources(farm.root, SOURCES)), "--no-download")
+    assert code == 0, many
     # The latest build per repository/ref is a root: this one replaces the first.
     new = farm.dag_file(layers=2, width=2)
     code, second = farm.build_json(str(new), "-A", "top", "--no-download")
@@ -132,7 +158,7 @@ def test_a_runner_killed_mid_sweep_serves_a_consistent_cache_and_finishes_the_sw
 
     # Wait (bounded) until the first build's paths are idle; the pin keeps part of them.
     def idle_enough() -> bool:
-        return int(_gc(farm, dry_run=True)["caches"]["main"]["deleted"]) >= 20
+        return int(_gc(farm, dry_run=True)["caches"]["main"]["deleted"]) >= 20 + SOURCES
 
     wait_until(idle_enough, timeout=30, what="the first build's paths to be idle")
     before = _cache_paths(farm)
@@ -151,7 +177,7 @@ def test_a_runner_killed_mid_sweep_serves_a_consistent_cache_and_finishes_the_sw
     farm.runner.kill()
     collecting.join(30)
     rows = _cache_rows(farm)
-    assert 0 < before - len(rows) < 20, "the runner was not killed in the middle of the sweep"
+    assert 0 < before - len(rows) < 20 + SOURCES, "not killed in the middle of the sweep"
 
     # Started again: every narinfo's NAR is there with its hash; a doomed file may linger,
     # named by no narinfo, until the next collection finishes the sweep.
@@ -169,7 +195,7 @@ def test_a_runner_killed_mid_sweep_serves_a_consistent_cache_and_finishes_the_sw
 
     # Real Nix: the latest build and the pinned closure substitute completely; the rest of the
     # first build is gone.
-    kept = [new_outputs["dag-top"], pinned]
+    kept = [new_outputs["dag-top-0"], pinned]
     done = _realise(tmp_path / "fresh", kept, farm)
     assert done.returncode == 0, done.stderr
     gone = [
@@ -190,14 +216,14 @@ def test_builds_running_while_collections_run_still_substitute(
     old = farm.dag_file(layers=1, width=2)
     code, first = farm.build_json(str(old), "-A", "top", "--no-download")
     assert code == 0, first
-    old_top = _outputs(farm, first["build_id"])["dag-top"]
+    old_top = _outputs(farm, first["build_id"])["dag-top-0"]
     # Collections run every half second while this build runs (its steps sleep a second).
     dag = farm.dag_file(layers=3, width=2, sleep=1)
     code, out = farm.build_json(str(dag), "-A", "top")
     assert code == 0, out
     assert out["state"] == "succeeded"
     assert (farm.root / "result").read_text().startswith("top-0 ")
-    top = _outputs(farm, out["build_id"])["dag-top"]
+    top = _outputs(farm, out["build_id"])["dag-top-0"]
     # The collections did run: the first build, no longer the latest, went.
     wait_until(lambda: _narinfo_status(farm, old_top) == 404, timeout=30, what="old build gone")
     done = _realise(tmp_path / "fresh", [top], farm)
