@@ -105,3 +105,13 @@ def test_cache_benchmark_reports_its_fields(tmp_path: Path) -> None:
         assert result["serving"][server]["nar"]["requests"] == n + 1
     h = result["headline"]
     assert h["ingest_none_vs_sha256sum"] > 0 and h["serve_nar_vs_static"] > 0
+
+
+def test_gc_benchmark_reports_its_fields(tmp_path: Path) -> None:
+    result = run_bench("gc.py", "--paths", "300", cwd=tmp_path)
+    assert_machine(result)
+    first, second = result["first"], result["second"]
+    assert first["paths_deleted"] == result["idle_paths"] > 0
+    assert first["files_deleted"] == result["idle_paths"]
+    assert second["paths_deleted"] == 0
+    assert first["serving_errors"] == [] and first["peak_rss_mib"] > 0

@@ -316,3 +316,28 @@ async def test_a_file_published_again_after_it_was_doomed_is_kept(
     await gc.collect()
     assert await present(runner, c.paths) == set(c.paths)
     await assert_consistent(runner)
+
+
+async def test_the_dashboard_shows_the_cache_against_its_quota_and_the_last_collection(
+    make_runner: MakeRunner, nix: Nix, tmp_path: Path
+) -> None:
+    quota = 10 * 1024 * 1024
+    runner = await make_runner(cache={"retention": {**RETENTION, "quota_high_bytes": quota}})
+    c = make_closure(nix, tmp_path)
+    await upload_closure(runner, nix, c.paths)
+    await age(runner, c.paths, 60)
+    page = (await runner.client(None).get("/")).text
+    assert 'id="cache-quota"' in page and "% of its 10.0 MiB quota" in page
+    assert 'id="cache-gc"' not in page
+    report = await collector(runner).collect()
+    assert report.paths_deleted == 3
+    page = (await runner.client(None).get("/")).text
+    assert 'id="cache-gc"' in page and "freed" in page
+
+
+def test_quota_percent() -> None:
+    from bigtent.runner.dashboard.present import quota_percent
+
+    assert quota_percent(50, 200) == 25
+    assert quota_percent(300, 200) == 150
+    assert quota_percent(5, None) is None
