@@ -235,9 +235,9 @@ def _read_secret(key: str, path: Path) -> str:
 
 
 class RetentionPolicySection(_Section):
-    max_idle_days: float | None = Field(default=30.0, gt=0)
+    max_idle_days: float = Field(default=30.0, ge=0)
     """Paths not used (narinfo or NAR asked for) nor published for this long, and kept by no
-    root, are deleted. None: only the quota deletes."""
+    root, are deleted. 0: never for being idle (only the quota deletes)."""
     quota_high_bytes: int | None = Field(default=None, gt=0)
     """Above this many bytes of NAR files a collection evicts unrooted paths, least recently
     used first. None: no quota."""
@@ -255,7 +255,7 @@ class RetentionPolicySection(_Section):
 
 
 class UntrustedRetentionSection(RetentionPolicySection):
-    max_idle_days: float | None = Field(default=7.0, gt=0)
+    max_idle_days: float = Field(default=7.0, ge=0)
 
 
 class RetentionSection(RetentionPolicySection):

@@ -201,7 +201,7 @@ async def test_quota_evicts_least_recently_used_closures_down_to_the_low_waterma
     low = total - own_bytes(closures[3]) - own_bytes(closures[2])
     gc = collector(runner)
     gc.config = RetentionSection.model_validate(
-        {**RETENTION, "max_idle_days": None, "quota_high_bytes": total - 1, "quota_low_bytes": low}
+        {**RETENTION, "max_idle_days": 0, "quota_high_bytes": total - 1, "quota_low_bytes": low}
     )
     report = await gc.collect()
     main = report.caches["main"]

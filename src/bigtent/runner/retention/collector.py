@@ -61,7 +61,7 @@ STORE_PREFIX_LEN = len("/nix/store/")
 
 def policy_of(section: RetentionPolicySection, grace_secs: float) -> Policy:
     return Policy(
-        max_idle_secs=None if section.max_idle_days is None else section.max_idle_days * DAY,
+        max_idle_secs=section.max_idle_days * DAY if section.max_idle_days > 0 else None,
         quota_high=section.quota_high_bytes,
         quota_low=section.quota_low_bytes,
         grace_secs=grace_secs,
