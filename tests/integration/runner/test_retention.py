@@ -4,6 +4,10 @@ evicted paths are gone (404) and no narinfo is left without its NAR file."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -341,3 +345,49 @@ def test_quota_percent() -> None:
     assert quota_percent(50, 200) == 25
     assert quota_percent(300, 200) == 150
     assert quota_percent(5, None) is None
+
+
+async def _cli(runner: RunnerHarness, *args: str, role: Role = Role.ADMIN) -> tuple[int, str, str]:
+    assert runner.url is not None
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "BIGTENT_URL": runner.url,
+        "BIGTENT_TOKEN": runner.tokens[role],
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bigtent", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_the_cli_pins_and_collects(make_runner: MakeRunner, nix: Nix, tmp_path: Path) -> None:
+    runner = await make_runner(serve=True, cache={"retention": RETENTION})
+    pinned, idle = make_closure(nix, tmp_path), make_closure(nix, tmp_path)
+    for c in (pinned, idle):
+        await upload_closure(runner, nix, c.paths)
+        await age(runner, c.paths, 60)
+    link = tmp_path / "result"
+    link.symlink_to(pinned.top)
+    code, out, err = await _cli(runner, "pin", "add", "rel", str(link), "--keep-days", "5")
+    assert code == 0, err
+    assert "pinned 1 path(s) as rel until" in out
+    code, out, err = await _cli(runner, "pin", "add", "bad", "/tmp/not-a-store-path")
+    assert code == 2 and "is not a store path" in err and "Traceback" not in err
+    code, out, err = await _cli(runner, "pin", "list", "--json", role=Role.CLIENT)
+    assert code == 0 and [p["paths"] for p in json.loads(out)] == [[pinned.top]]
+    code, out, err = await _cli(runner, "gc", "--dry-run")
+    assert code == 0, err
+    assert f"would delete: {idle.top} (main cache, idle)" in out
+    assert "main cache: would delete 3 of 6 path(s) (3 idle, 0 quota)" in out
+    code, out, err = await _cli(runner, "gc", role=Role.CLIENT)
+    assert code == 3 and "Traceback" not in err  # an admin's job
+    code, out, err = await _cli(runner, "gc", "--json")
+    assert code == 0, err
+    assert json.loads(out)["paths_deleted"] == 3
+    code, out, err = await _cli(runner, "pin", "remove", "rel")
+    assert code == 0 and "removed pin rel" in out
+    code, out, err = await _cli(runner, "pin", "remove", "rel")
+    assert code == 1 and "no pin 'rel'" in err
