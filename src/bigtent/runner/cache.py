@@ -261,7 +261,15 @@ class Cache:
             info = await self.fetch_narinfo(path)  # forgets it
             if info is not None:  # came back meanwhile
                 gone.remove(path)
-        return set(files) - set(gone)
+        found = set(files) - set(gone)
+        if self.usage is not None:
+            # Asking whether a path is cached (a client before uploading, planning a build)
+            # counts as a use, as a narinfo request does (retention, docs/cache.md).
+            for path in found:
+                self.usage.narinfo(
+                    path[len(STORE_PREFIX) : len(STORE_PREFIX) + 32], untrusted=self.untrusted
+                )
+        return found
 
     async def references_of(self, paths: Sequence[str]) -> dict[str, tuple[str, ...]]:
         """Full reference paths of cached paths (missing ones are absent from the result)."""

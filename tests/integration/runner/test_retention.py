@@ -75,6 +75,9 @@ async def age(runner: RunnerHarness, paths: tuple[str, ...], days: float) -> Non
             .where(store_paths.c.path.in_(paths))
             .values(created_at=time.time() - days * DAY, last_used_at=None)
         )
+    # Uses not written yet (an upload asks whether its references are cached) are as old.
+    assert runner.comps.usage is not None
+    runner.comps.usage.forget()
 
 
 def collector(runner: RunnerHarness) -> Collector:
