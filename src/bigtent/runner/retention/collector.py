@@ -382,13 +382,14 @@ class Collector:
             part.spared += len(batch) - len(chosen)
             if not chosen:
                 continue
+            doomed_at = self.clock()
             async with self.engine.begin() as conn:
                 gone = await queries.doom_store_paths(
                     conn,
                     cache.table,
                     [p[STORE_PREFIX_LEN : STORE_PREFIX_LEN + 32] for p in chosen],
                     before=since,
-                    now=self.clock(),
+                    now=doomed_at,
                 )
             part.spared += len(chosen) - len(gone)
             part.deleted += len(gone)
@@ -398,7 +399,8 @@ class Collector:
             cache.evicted(p[STORE_PREFIX_LEN : STORE_PREFIX_LEN + 32] for p, _ in gone)
             if self.on_phase is not None:
                 await self.on_phase("doomed")
-            for url in await self.finish_doomed(sorted({u for _, u in gone})):
+            notes = [(url, doomed_at) for url in sorted({u for _, u in gone})]
+            for url in await self._drop_files(notes):
                 report.files_deleted += 1
                 part.bytes_freed += index.file_size.get(url, 0)
 
@@ -417,9 +419,7 @@ class Collector:
         """Under the files' gates: forget the notes of files a narinfo names again, delete
         the others (unless written since they were doomed: another runner published them
         again, looked at next time), then forget their notes."""
-        async with contextlib.AsyncExitStack() as gates:
-            for url, _ in notes:
-                await gates.enter_async_context(self.gate.hold(url))
+        async with self.gate.hold_all([url for url, _ in notes]):
             async with self.engine.begin() as conn:
                 used = await queries.files_in_use(conn, [url for url, _ in notes])
                 await queries.undoom_files(conn, sorted(used))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 
 class FileGate:
@@ -30,6 +30,29 @@ class FileGate:
                 del self._locks[name]
             else:
                 self._locks[name] = (lock, users - 1)
+
+    @contextlib.asynccontextmanager
+    async def hold_all(self, names: Sequence[str]) -> AsyncIterator[None]:
+        """Hold the locks of several names at once (taken in sorted order)."""
+        taken: list[str] = []
+        acquired: set[str] = set()
+        try:
+            for name in sorted(set(names)):
+                lock, users = self._locks.get(name, (asyncio.Lock(), 0))
+                self._locks[name] = (lock, users + 1)
+                taken.append(name)
+                await lock.acquire()
+                acquired.add(name)
+            yield
+        finally:
+            for name in taken:
+                lock, users = self._locks[name]
+                if name in acquired:
+                    lock.release()
+                if users == 1:
+                    del self._locks[name]
+                else:
+                    self._locks[name] = (lock, users - 1)
 
     def __len__(self) -> int:
         return len(self._locks)
