@@ -1080,9 +1080,10 @@ class CacheRow:
     last_used_at: float | None
 
 
-async def cache_rows(conn: AsyncConnection, table: Table) -> list[CacheRow]:
-    """Every path of a cache's index (a collection's snapshot)."""
-    rows = await conn.execute(
+async def cache_rows_raw(conn: AsyncConnection, table: Table) -> list[Any]:
+    """Every path of a cache's index as raw rows (``decode_cache_rows`` makes them
+    ``CacheRow``s, in a worker thread for a large cache)."""
+    result = await conn.execute(
         select(
             table.c.path,
             table.c.hash_part,
@@ -1093,18 +1094,27 @@ async def cache_rows(conn: AsyncConnection, table: Table) -> list[CacheRow]:
             table.c.last_used_at,
         )
     )
+    return [tuple(r) for r in result]
+
+
+def decode_cache_rows(rows: Sequence[Any]) -> list[CacheRow]:
     return [
         CacheRow(
-            r.path,
-            r.hash_part,
-            r.url,
-            int(r.file_size),
-            tuple(STORE + ref for ref in json.loads(r.references)),
-            float(r.created_at),
-            None if r.last_used_at is None else float(r.last_used_at),
+            path,
+            hash_part,
+            url,
+            int(size),
+            tuple(STORE + ref for ref in json.loads(refs)),
+            float(created),
+            None if used is None else float(used),
         )
-        for r in rows
+        for path, hash_part, url, size, refs, created, used in rows
     ]
+
+
+async def cache_rows(conn: AsyncConnection, table: Table) -> list[CacheRow]:
+    """Every path of a cache's index."""
+    return decode_cache_rows(await cache_rows_raw(conn, table))
 
 
 async def cache_rows_since(conn: AsyncConnection, table: Table, since: float) -> list[CacheRow]:

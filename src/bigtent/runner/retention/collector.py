@@ -301,35 +301,17 @@ class Collector:
         now = self.clock()
         async with self.engine.connect() as conn:
             roots = await gather_roots(conn, self.config.keep_builds, now)
-            rows = {MAIN: await queries.cache_rows(conn, store_paths)}
+            raw = {MAIN: await queries.cache_rows_raw(conn, store_paths)}
             if UNTRUSTED in self.caches:
-                rows[UNTRUSTED] = await queries.cache_rows(conn, untrusted_store_paths)
-        graphs = {name: snapshot(r) for name, r in rows.items()}
-        policies = self.policies()
-        main_roots = dict(roots)
-        if UNTRUSTED in graphs:
-            decision = decide(graphs[UNTRUSTED], roots, policies[UNTRUSTED], now)
-            report.caches[UNTRUSTED] = CacheReport(decision)
-            for path, info in graphs[UNTRUSTED].items():
-                if path not in decision.delete:
-                    for ref in info.references:
-                        main_roots.setdefault(ref, RootKind.REFERENCED)
-        report.caches[MAIN] = CacheReport(decide(graphs[MAIN], main_roots, policies[MAIN], now))
-        for name, part in report.caches.items():
-            graph = graphs[name]
-            part.listed = [
-                (p, str(r), graph[p].size)
-                for p, r in list(part.decision.delete.items())[:LISTED_PATHS]
-            ]
-            part.deleted = len(part.decision.delete)
-            part.bytes_freed = part.decision.bytes_freed
-            part.by_reason = part.decision.counts()
+                raw[UNTRUSTED] = await queries.cache_rows_raw(conn, untrusted_store_paths)
+        # Decoding, deciding and indexing 100,000 paths takes seconds of CPU: in a thread, so
+        # the event loop keeps serving meanwhile.
+        parts, index = await asyncio.to_thread(self._mark, raw, roots, now)
+        report.caches.update(parts)
         if not dry_run:
             if self.on_phase is not None:
                 await self.on_phase("marked")
             since = now - self.config.grace_secs
-            # Referrers may live in the other cache (untrusted outputs of main inputs).
-            index = _Index.of({**graphs[MAIN], **graphs.get(UNTRUSTED, {})})
             for name in (UNTRUSTED, MAIN):
                 if name in report.caches:
                     await self._sweep(name, report, index, since, started)
@@ -346,6 +328,36 @@ class Collector:
             report.files_deleted,
         )
         return report
+
+    def _mark(
+        self, raw: Mapping[str, Sequence[Any]], roots: Mapping[str, str], now: float
+    ) -> tuple[dict[str, CacheReport], _Index]:
+        """Decide both caches (blocking: run in a thread): the untrusted cache first, whose
+        kept paths' references are roots of the main cache."""
+        graphs = {name: snapshot(queries.decode_cache_rows(r)) for name, r in raw.items()}
+        policies = self.policies()
+        parts: dict[str, CacheReport] = {}
+        main_roots = dict(roots)
+        if UNTRUSTED in graphs:
+            decision = decide(graphs[UNTRUSTED], roots, policies[UNTRUSTED], now)
+            parts[UNTRUSTED] = CacheReport(decision)
+            for path, info in graphs[UNTRUSTED].items():
+                if path not in decision.delete:
+                    for ref in info.references:
+                        main_roots.setdefault(ref, RootKind.REFERENCED)
+        parts[MAIN] = CacheReport(decide(graphs[MAIN], main_roots, policies[MAIN], now))
+        for name, part in parts.items():
+            graph = graphs[name]
+            part.listed = [
+                (p, str(r), graph[p].size)
+                for p, r in list(part.decision.delete.items())[:LISTED_PATHS]
+            ]
+            part.deleted = len(part.decision.delete)
+            part.bytes_freed = part.decision.bytes_freed
+            part.by_reason = part.decision.counts()
+        # Referrers may live in the other cache (untrusted outputs of main inputs).
+        index = _Index.of({**graphs[MAIN], **graphs.get(UNTRUSTED, {})})
+        return parts, index
 
     async def _spared(self, index: _Index, since: float, started: float) -> set[str]:
         """Paths to keep whatever the mark said: published, used or needed since ``since``,
