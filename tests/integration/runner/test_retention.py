@@ -5,11 +5,13 @@ evicted paths are gone (404) and no narinfo is left without its NAR file."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,12 @@ import pytest
 from sqlalchemy import update
 
 from bigtent.config import RetentionSection, Role
+from bigtent.nix.nar import dump_path
+from bigtent.nix.store_path import StorePath
 from bigtent.runner.cacheverify import cache_tables, verify_cache
 from bigtent.runner.db import queries
-from bigtent.runner.db.tables import store_paths
+from bigtent.runner.db.tables import store_paths, untrusted_store_paths
+from bigtent.runner.metrics import UploadKind
 from bigtent.runner.retention.collector import Collector
 from tests.integration.runner.conftest import (
     MakeRunner,
@@ -394,3 +399,57 @@ async def test_the_cli_pins_and_collects(make_runner: MakeRunner, nix: Nix, tmp_
     assert code == 0 and "removed pin rel" in out
     code, out, err = await _cli(runner, "pin", "remove", "rel")
     assert code == 1 and "no pin 'rel'" in err
+
+
+async def _publish_untrusted(runner: RunnerHarness, tmp: Path, name: str, refs: list[str]) -> str:
+    """An output in the untrusted cache (as an untrusted step's upload would publish it)."""
+    cache = runner.comps.untrusted_cache
+    assert cache is not None
+    src = tmp / name
+    src.write_text(f"{name} {uuid.uuid4().hex} {' '.join(refs)}\n")
+    nar = b"".join(dump_path(src))
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield nar
+
+    got, staged = await cache.receive(
+        chunks(),
+        kind=UploadKind.OUTPUT,
+        declared_size=len(nar),
+        declared_hash=hashlib.sha256(nar).digest(),
+    )
+    path = StorePath.parse(f"/nix/store/{uuid.uuid4().hex[:32].translate(_NIX32)}-{name}")
+    await cache.publish(staged, path, got, refs)
+    return path.path
+
+
+_NIX32 = str.maketrans("eotu", "abcd")  # hex digits and these four are nix32 digits
+
+
+async def test_the_untrusted_cache_has_its_own_policy_and_keeps_its_references(
+    make_runner: MakeRunner, nix: Nix, tmp_path: Path
+) -> None:
+    runner = await make_runner(cache={"retention": RETENTION})
+    referenced, recent_main = make_closure(nix, tmp_path), make_closure(nix, tmp_path)
+    for c in (referenced, recent_main):
+        await upload_closure(runner, nix, c.paths)
+    await age(runner, referenced.paths, 40)  # idle for the main cache, but referenced
+    await age(runner, recent_main.paths, 8)  # within the main cache's 30 days
+    kept = await _publish_untrusted(runner, tmp_path, "kept", [referenced.top])
+    old = await _publish_untrusted(runner, tmp_path, "old", [])
+    async with runner.comps.engine.begin() as conn:
+        await conn.execute(
+            update(untrusted_store_paths)
+            .where(untrusted_store_paths.c.path == old)
+            .values(created_at=time.time() - 8 * DAY)  # past the untrusted cache's 7 days
+        )
+    report = await collector(runner).collect()
+    assert {p for p, _, _ in report.caches["untrusted"].listed} == {old}
+    assert report.caches["main"].decision.roots["referenced"] == 1
+    assert report.caches["main"].deleted == 0
+    untrusted = runner.comps.untrusted_cache
+    assert untrusted is not None
+    assert await untrusted.present([kept, old]) == {kept}
+    assert await runner.comps.cache.present(list(referenced.paths + recent_main.paths)) == set(
+        referenced.paths + recent_main.paths
+    )
