@@ -1184,13 +1184,14 @@ async def latest_build_roots(conn: AsyncConnection, keep: int) -> list[str]:
     return [r[0] for r in rows]
 
 
-async def active_step_drvs(conn: AsyncConnection) -> list[str]:
-    """The .drv paths of every step that has not finished."""
-    rows = await conn.execute(
-        select(steps.c.drv_path)
-        .where(steps.c.state.in_(["waiting", "runnable", "assigned", "building"]))
-        .distinct()
+async def active_step_drvs(conn: AsyncConnection, *, since: float | None = None) -> list[str]:
+    """The .drv paths of every step that has not finished (created at ``since`` or later)."""
+    query = select(steps.c.drv_path).where(
+        steps.c.state.in_(["waiting", "runnable", "assigned", "building"])
     )
+    if since is not None:
+        query = query.where(steps.c.created_at >= since)
+    rows = await conn.execute(query.distinct())
     return [r[0] for r in rows]
 
 

@@ -169,18 +169,24 @@ def snapshot(rows: Sequence[queries.CacheRow]) -> dict[str, CachedPath]:
     }
 
 
-async def gather_roots(conn: AsyncConnection, keep_builds: int, now: float) -> dict[str, str]:
+async def gather_roots(
+    conn: AsyncConnection, keep_builds: int, now: float, *, new_since: float | None = None
+) -> dict[str, str]:
     """Hard roots: live pins, the latest builds' .drvs and outputs, and every unfinished step's
-    .drv, input .drvs and their outputs."""
+    .drv, input .drvs and their outputs. With ``new_since`` (the sweep's re-check): pins and
+    the unfinished steps created since then only (the others were roots at the mark)."""
     roots: dict[str, str] = {}
     for pin in pin_rules.live(await queries.fetch_pins(conn), now):
-        roots.update((p, RootKind.PIN) for p in pin.paths)
-    build_drvs = await queries.latest_build_roots(conn, keep_builds)
+        if new_since is None or pin.created_at >= new_since:
+            roots.update((p, RootKind.PIN) for p in pin.paths)
+    build_drvs = (
+        [] if new_since is not None else await queries.latest_build_roots(conn, keep_builds)
+    )
     for drv in (await queries.fetch_derivations(conn, build_drvs)).values():
         roots.setdefault(drv.drv_path, RootKind.BUILD)
         for out in drv.outputs.values():
             roots.setdefault(out, RootKind.BUILD)
-    step_drvs = await queries.active_step_drvs(conn)
+    step_drvs = await queries.active_step_drvs(conn, since=new_since)
     infos = await queries.fetch_derivations(conn, step_drvs)
     inputs = sorted({d for info in infos.values() for d in info.input_drvs})
     input_infos = await queries.fetch_derivations(conn, inputs)
@@ -366,7 +372,7 @@ class Collector:
         async with self.engine.connect() as conn:
             fresh = await queries.cache_rows_since(conn, store_paths, since)
             fresh += await queries.cache_rows_since(conn, untrusted_store_paths, since)
-            roots = await gather_roots(conn, self.config.keep_builds, started)
+            roots = await gather_roots(conn, self.config.keep_builds, started, new_since=since)
         graph: Mapping[str, CachedPath] = index.graph
         if fresh:
             graph = {**index.graph, **snapshot(fresh)}
