@@ -99,7 +99,7 @@ class CacheReport:
             "kept_recent": d.kept_recent,
             "over_quota": d.over_quota,
             "paths": [{"path": p, "reason": r, "bytes": b} for p, r, b in self.listed],
-            "more_paths": max(0, len(d.delete) - len(self.listed)),
+            "more_paths": max(0, self.deleted - len(self.listed)),
         }
 
 
@@ -392,6 +392,7 @@ class Collector:
         part.deleted = 0
         part.bytes_freed = 0
         part.by_reason = {reason: 0 for reason in part.by_reason}
+        went: set[str] = set()
         batch_size = self.config.sweep_batch
         for i in range(0, len(victims), batch_size):
             batch = victims[i : i + batch_size]
@@ -411,6 +412,7 @@ class Collector:
                 )
             part.spared += len(chosen) - len(gone)
             part.deleted += len(gone)
+            went.update(path for path, _ in gone)
             for path, _ in gone:
                 reason = str(part.decision.delete[path])
                 part.by_reason[reason] = part.by_reason.get(reason, 0) + 1
@@ -421,6 +423,8 @@ class Collector:
             for url in await self._drop_files(notes):
                 report.files_deleted += 1
                 part.bytes_freed += index.file_size.get(url, 0)
+        # The report lists what went, not what the mark chose.
+        part.listed = [entry for entry in part.listed if entry[0] in went]
 
     async def finish_doomed(self, urls: Sequence[str] | None = None) -> list[str]:
         """Delete doomed NAR files no narinfo names (``urls``, or every doom note left by an
