@@ -185,6 +185,9 @@ def _store_path_columns() -> list[Column[object]]:
 
 store_paths = Table("store_paths", metadata, *_store_path_columns())
 Index("ix_store_paths_url", store_paths.c.url)
+# What a collection's sweep reads again before each batch: paths published or used since.
+Index("ix_store_paths_created_at", store_paths.c.created_at)
+Index("ix_store_paths_last_used_at", store_paths.c.last_used_at)
 
 untrusted_store_paths = Table(
     # The untrusted cache's index (``/cache/untrusted``, migration 0006): outputs of untrusted
@@ -195,6 +198,8 @@ untrusted_store_paths = Table(
     *_store_path_columns(),
 )
 Index("ix_untrusted_store_paths_url", untrusted_store_paths.c.url)
+Index("ix_untrusted_store_paths_created_at", untrusted_store_paths.c.created_at)
+Index("ix_untrusted_store_paths_last_used_at", untrusted_store_paths.c.last_used_at)
 
 cache_pins = Table(
     # Named pins (migration 0013, docs/cache.md): each keeps its paths' closures in the cache

@@ -1,5 +1,5 @@
-"""cache retention: store paths' last use (and an index on their NAR file), pins, NAR files
-a collection is deleting, and the record of collections
+"""cache retention: store paths' last use (indexed, as their publication time and NAR file
+are), pins, NAR files a collection is deleting, and the record of collections
 
 Revision ID: 0013
 Revises: 0011
@@ -23,7 +23,8 @@ def upgrade() -> None:
     for table in _STORE_TABLES:
         with op.batch_alter_table(table) as batch:
             batch.add_column(sa.Column("last_used_at", sa.Float(), nullable=True))
-        op.create_index(op.f(f"ix_{table}_url"), table, ["url"])
+        for column in ("url", "created_at", "last_used_at"):
+            op.create_index(op.f(f"ix_{table}_{column}"), table, [column])
     op.create_table(
         "cache_pins",
         sa.Column("name", sa.String(length=128), nullable=False),
@@ -57,6 +58,7 @@ def downgrade() -> None:
     op.drop_table("cache_gc_doomed")
     op.drop_table("cache_pins")
     for table in _STORE_TABLES:
-        op.drop_index(op.f(f"ix_{table}_url"), table_name=table)
+        for column in ("url", "created_at", "last_used_at"):
+            op.drop_index(op.f(f"ix_{table}_{column}"), table_name=table)
         with op.batch_alter_table(table) as batch:
             batch.drop_column("last_used_at")
