@@ -1479,6 +1479,134 @@ def cache_verify(ctx: click.Context, config_path: Path | None, repair: bool, as_
     ctx.exit(0 if not report.bad or (repair and report.forgotten == len(report.bad)) else 1)
 
 
+# ---- cache retention: pins and collection (docs/cache.md) ------------------------------------
+
+
+def _bytes_text(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _store_path_arg(text: str) -> str:
+    """A store path, or a local link to one (``./result``) resolved to it."""
+    if text.startswith("/nix/store/"):
+        return text
+    resolved = os.path.realpath(text)
+    if not resolved.startswith("/nix/store/"):
+        raise UsageError(f"{text} is not a store path (nor a link to one)")
+    return resolved
+
+
+@cli.group(context_settings=_CONTEXT)
+def pin() -> None:
+    """Named pins: each keeps its paths' closures in the runner's cache."""
+
+
+@pin.command("add", context_settings=_CONTEXT)
+@click.argument("name")
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.option(
+    "--keep-days",
+    type=click.FloatRange(min=0, min_open=True, max=36500),
+    help="Expire the pin after this many days [default: never].",
+)
+@_client_options
+@_json_option
+def pin_add(
+    name: str,
+    paths: tuple[str, ...],
+    keep_days: float | None,
+    runner_url: str,
+    token_file: Path | None,
+    ca_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Pin PATHs (store paths or links to them) as NAME, replacing an existing pin NAME
+    (admin token)."""
+    wanted = [_store_path_arg(p) for p in paths]
+    got = _call(runner_url, token_file, ca_file, lambda c: c.add_pin(name, wanted, keep_days))
+    if as_json:
+        _echo_json(got.model_dump(mode="json"))
+        return
+    until = f" until {got.expires_at}" if got.expires_at else ""
+    click.echo(f"pinned {len(got.paths)} path(s) as {got.name}{until}")
+    for missing in got.missing:
+        click.echo(f"not in the cache (yet): {missing}", err=True)
+
+
+@pin.command("list", context_settings=_CONTEXT)
+@_client_options
+@_json_option
+def pin_list(runner_url: str, token_file: Path | None, ca_file: Path | None, as_json: bool) -> None:
+    """List the pins."""
+    rows = _call(runner_url, token_file, ca_file, lambda c: c.fetch_pins())
+    if as_json:
+        _echo_json([p.model_dump(mode="json", exclude={"missing"}) for p in rows])
+        return
+    table = Table()
+    for col in ("name", "paths", "created by", "created", "expires"):
+        table.add_column(col)
+    for p in rows:
+        table.add_row(
+            p.name,
+            "\n".join(p.paths),
+            p.created_by or "-",
+            p.created_at or "-",
+            p.expires_at or "never",
+        )
+    _console().print(table)
+
+
+@pin.command("remove", context_settings=_CONTEXT)
+@click.argument("name")
+@_client_options
+@_json_option
+def pin_remove(
+    name: str, runner_url: str, token_file: Path | None, ca_file: Path | None, as_json: bool
+) -> None:
+    """Remove pin NAME: its paths are collected like any others (admin token)."""
+    _call(runner_url, token_file, ca_file, lambda c: c.remove_pin(name))
+    if as_json:
+        _echo_json({"removed": name})
+    else:
+        click.echo(f"removed pin {name}")
+
+
+@cli.command("gc", context_settings=_CONTEXT)
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
+@_client_options
+@_json_option
+def gc_cmd(
+    dry_run: bool, runner_url: str, token_file: Path | None, ca_file: Path | None, as_json: bool
+) -> None:
+    """Collect the runner's caches now: delete what no root keeps and nobody used within
+    max_idle_days, and evict down to the quota (admin token)."""
+    report = _call(runner_url, token_file, ca_file, lambda c: c.collect_garbage(dry_run=dry_run))
+    if as_json:
+        _echo_json(report)
+        return
+    verb = "would delete" if dry_run else "deleted"
+    for name, part in report.get("caches", {}).items():
+        for entry in part.get("paths", []):
+            click.echo(f"{verb}: {entry['path']} ({name} cache, {entry['reason']})")
+        if part.get("more_paths"):
+            click.echo(f"... and {part['more_paths']} more in the {name} cache")
+    for name, part in report.get("caches", {}).items():
+        reasons = ", ".join(f"{n} {r}" for r, n in part.get("deleted_by_reason", {}).items())
+        click.echo(
+            f"{name} cache: {verb} {part.get('deleted', 0)} of {part.get('paths_before', 0)} "
+            f"path(s) ({reasons}), {_bytes_text(part.get('bytes_freed'))} freed, "
+            f"{_bytes_text(part.get('bytes_after'))} kept"
+            + (", over quota with rooted paths alone" if part.get("over_quota") else "")
+        )
+
+
 # ---- services --------------------------------------------------------------------------------
 
 

@@ -156,3 +156,13 @@ def test_eval_benchmark_reports_its_fields(tmp_path: Path) -> None:
     assert run["webhook_to_first_dispatch_secs"] is not None
     assert run["webhook_to_final_secs"] >= run["webhook_to_building_secs"]
     assert run["evaluator_peak_rss_bytes_logged"] > 0
+
+
+def test_gc_benchmark_reports_its_fields(tmp_path: Path) -> None:
+    result = run_bench("gc.py", "--paths", "300", cwd=tmp_path)
+    assert_machine(result)
+    first, second = result["first"], result["second"]
+    assert first["paths_deleted"] == result["idle_paths"] > 0
+    assert first["files_deleted"] == result["idle_paths"]
+    assert second["paths_deleted"] == 0
+    assert first["serving_errors"] == [] and first["peak_rss_mib"] > 0

@@ -249,6 +249,22 @@ class TokenInfo(_Model):
     revoked_at: str | None = None
 
 
+class PinInfo(_Model):
+    """A named pin (docs/cache.md)."""
+
+    name: str
+    paths: list[str]
+    created_at: str | None = None
+    created_by: str = ""
+    expires_at: str | None = None
+    missing: list[str] = []
+    """Only in the answer to adding a pin: pinned paths the cache does not hold (yet)."""
+
+
+class _Pins(_Model):
+    pins: list[PinInfo]
+
+
 class CreatedToken(TokenInfo):
     token: str
     """The secret: in this answer and nowhere else."""
@@ -897,6 +913,27 @@ class RunnerClient:
             params["pool"] = pool
         data = await self._json("GET", "/launches", params=params)
         return self._parse(Launches, data, "launch list")
+
+    async def add_pin(self, name: str, paths: Sequence[str], keep_days: float | None) -> PinInfo:
+        """Create or replace pin ``name`` (admin token)."""
+        body: dict[str, Any] = {"paths": list(paths), "keep_days": keep_days}
+        data = await self._json("PUT", f"/pins/{quote(name, safe='')}", json_body=body)
+        return self._parse(PinInfo, data, "pin")
+
+    async def fetch_pins(self) -> list[PinInfo]:
+        return self._parse(_Pins, await self._json("GET", "/pins"), "pin list").pins
+
+    async def remove_pin(self, name: str) -> None:
+        await self._json("DELETE", f"/pins/{quote(name, safe='')}")
+
+    async def collect_garbage(self, *, dry_run: bool) -> dict[str, Any]:
+        """Run a collection of the runner's caches now (admin token); its report. No read
+        deadline: a large cache takes a while."""
+        timeout = httpx.Timeout(DEFAULT_TIMEOUT_SECS, read=None)
+        data = await self._json("POST", "/gc", json_body={"dry_run": dry_run}, timeout=timeout)
+        if not isinstance(data, dict):
+            raise ProtocolError("runner sent an unexpected collection report")
+        return data
 
     async def fetch_tokens(self) -> list[TokenInfo]:
         return self._parse(_Tokens, await self._json("GET", "/tokens"), "token list").tokens

@@ -1073,6 +1073,7 @@ async def _nar(cache: Cache, file_name: str, request: Request) -> Response:
     storage = cache.storage
     if len(file_name.encode()) > MAX_NAME_BYTES:
         raise NotFound("no such NAR")  # no file has such a name, in a directory or a bucket
+    cache.nar_requested(f"nar/{file_name}")
     if isinstance(storage, S3Storage):
         return await s3_nar_response(storage, f"nar/{file_name}", head=request.method == "HEAD")
     path = storage.local_path(f"nar/{file_name}")

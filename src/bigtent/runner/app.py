@@ -40,6 +40,7 @@ from bigtent.runner.httpguard import (
 )
 from bigtent.runner.logretention import run_log_retention
 from bigtent.runner.metrics_endpoint import metrics_routes
+from bigtent.runner.retention.routes import retention_routes
 from bigtent.runner.s3 import S3Storage
 from bigtent.runner.tls import CertWebSocketProtocol
 
@@ -88,6 +89,13 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
             tasks.append(asyncio.create_task(comps.feed.follow(comps.on_change), name="feed"))
         if comps.ci is not None:
             tasks.append(asyncio.create_task(comps.ci.run(), name="ci"))
+        retention = comps.config.cache.retention
+        if comps.usage is not None:
+            tasks.append(
+                asyncio.create_task(comps.usage.run(retention.usage_flush_secs), name="usage")
+            )
+        if comps.collector is not None:
+            tasks.append(asyncio.create_task(comps.collector.run(), name="cache-gc"))
 
         def _done(t: asyncio.Task[None]) -> None:
             if not t.cancelled() and t.exception() is not None:
@@ -133,6 +141,7 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
     app.include_router(api)
     app.include_router(launch_routes)
     app.include_router(ci_routes)
+    app.include_router(retention_routes)
     app.include_router(cache_routes)
     app.include_router(metrics_routes)
     app.include_router(health_routes)

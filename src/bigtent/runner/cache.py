@@ -52,6 +52,8 @@ from bigtent.nix.store_path import StorePath
 from bigtent.runner.db import queries
 from bigtent.runner.db.tables import store_paths, untrusted_store_paths
 from bigtent.runner.metrics import Metrics, UploadKind
+from bigtent.runner.retention.gate import FileGate
+from bigtent.runner.retention.usage import UsageRecorder
 from bigtent.runner.storage import Staged, Storage
 
 log = logging.getLogger(__name__)
@@ -209,8 +211,14 @@ class Cache:
         metrics: Metrics | None = None,
         *,
         untrusted: bool = False,
+        gate: FileGate | None = None,
+        usage: UsageRecorder | None = None,
     ) -> None:
         self.engine = engine
+        self.gate = gate if gate is not None else FileGate()
+        """Shared by both caches and the collector (one storage)."""
+        self.usage = usage
+        """Where narinfo and NAR requests are counted as uses (retention); None: nowhere."""
         self.metrics = metrics if metrics is not None else Metrics()
         self.storage = storage
         self.key = key
@@ -253,7 +261,15 @@ class Cache:
             info = await self.fetch_narinfo(path)  # forgets it
             if info is not None:  # came back meanwhile
                 gone.remove(path)
-        return set(files) - set(gone)
+        found = set(files) - set(gone)
+        if self.usage is not None:
+            # Asking whether a path is cached (a client before uploading, planning a build)
+            # counts as a use, as a narinfo request does (retention, docs/cache.md).
+            for path in found:
+                self.usage.narinfo(
+                    path[len(STORE_PREFIX) : len(STORE_PREFIX) + 32], untrusted=self.untrusted
+                )
+        return found
 
     async def references_of(self, paths: Sequence[str]) -> dict[str, tuple[str, ...]]:
         """Full reference paths of cached paths (missing ones are absent from the result)."""
@@ -303,7 +319,21 @@ class Cache:
 
     async def narinfo_text(self, hash_part: str) -> str | None:
         info = await self.narinfo_by_hash(hash_part)
-        return narinfo.render(info) if info is not None else None
+        if info is None:
+            return None
+        if self.usage is not None:
+            self.usage.narinfo(hash_part, untrusted=self.untrusted)
+        return narinfo.render(info)
+
+    def nar_requested(self, file_name: str) -> None:
+        """Count a request for NAR file ``file_name`` (``nar/...``) as a use of its paths."""
+        if self.usage is not None:
+            self.usage.nar(file_name)
+
+    def evicted(self, hash_parts: Iterable[str]) -> None:
+        """Narinfos a collection deleted (after its commit): stop serving them from memory."""
+        for hash_part in hash_parts:
+            self._infos.drop(hash_part)
 
     async def derivations(self, drv_paths: Sequence[str]) -> dict[str, queries.DrvInfo]:
         """Recorded derivations among ``drv_paths`` (unknown ones are absent)."""
@@ -594,21 +624,24 @@ class Cache:
             ca=ca,
         )
         signed = dataclasses.replace(info, sigs=(self.key.sign(info.fingerprint()),))
-        await staged.commit(got.file_name)
-        async with self.engine.begin() as conn:
-            inserted = await queries.insert_store_path(
-                conn, signed, created_at=time.time(), table=self.table
-            )
-            if not inserted:
-                # Published concurrently (two steps with the same output): the first record
-                # is what Nix clients have been served; keep serving exactly that.
-                existing = await queries.fetch_store_path_by_hash(
-                    conn, store_path.hash_part, self.table
+        # The file and its narinfo go in under the file's gate: a collection deleting a
+        # doomed file of that name waits (docs/cache.md, "Crash-safe collection").
+        async with self.gate.hold(got.file_name):
+            await staged.commit(got.file_name)
+            async with self.engine.begin() as conn:
+                inserted = await queries.insert_store_path(
+                    conn, signed, created_at=time.time(), table=self.table
                 )
-                if existing is not None:
-                    signed = existing
-            if record is not None:
-                await record(conn)
+                if not inserted:
+                    # Published concurrently (two steps with the same output): the first
+                    # record is what Nix clients have been served; keep serving exactly that.
+                    existing = await queries.fetch_store_path_by_hash(
+                        conn, store_path.hash_part, self.table
+                    )
+                    if existing is not None:
+                        signed = existing
+                if record is not None:
+                    await record(conn)
         self._infos.put(store_path.hash_part, signed)
         log.debug("published %s (%d bytes)", store_path.path, got.nar_size)
         return signed

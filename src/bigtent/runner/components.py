@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bigtent import protocol as p
@@ -28,6 +29,10 @@ from bigtent.runner.forge.service import ForgeReporter
 from bigtent.runner.logs import LogStore
 from bigtent.runner.metrics import Metrics
 from bigtent.runner.presigned import PresignedUploads
+from bigtent.runner.retention.collector import Collector
+from bigtent.runner.retention.gate import FileGate
+from bigtent.runner.retention.pins import Pins
+from bigtent.runner.retention.usage import UsageRecorder
 from bigtent.runner.s3 import S3Storage
 from bigtent.runner.scheduler.dispatcher import Scheduler
 from bigtent.runner.sessions import Sessions
@@ -69,6 +74,12 @@ class Components:
     """Where CI results go: the forge outbox (``ForgeReporter``); tests may give another."""
     ci: CiService | None = None
     """Nix CI: projects, webhooks, evaluations (docs/ci.md)."""
+    usage: UsageRecorder | None = None
+    """When cached paths were last asked for (flushed in batches; docs/cache.md)."""
+    collector: Collector | None = None
+    """Cache retention: mark and sweep, on a schedule and on demand (``bigtent gc``)."""
+    pins: Pins | None = None
+    """Named pins (``bigtent pin``)."""
 
     async def on_change(self, change: Change | None) -> None:
         """Another runner changed steps, builds or tokens (None: anything may have)."""
@@ -122,7 +133,18 @@ async def build_components(config: RunnerConfig) -> Components:
     )
     metrics = Metrics()
     storage = await open_storage(config)
-    cache = Cache(engine, storage, key, config.cache, config.runner.base_url(), metrics)
+    usage = UsageRecorder(engine)
+    gate = FileGate()
+    cache = Cache(
+        engine,
+        storage,
+        key,
+        config.cache,
+        config.runner.base_url(),
+        metrics,
+        gate=gate,
+        usage=usage,
+    )
     # NAR files are named by their own hash: both caches share the storage, not the index.
     untrusted_cache = Cache(
         engine,
@@ -132,7 +154,10 @@ async def build_components(config: RunnerConfig) -> Components:
         config.runner.base_url(),
         metrics,
         untrusted=True,
+        gate=gate,
+        usage=usage,
     )
+    collector = Collector(engine, config.cache.retention, cache, untrusted_cache, usage, metrics)
     upstreams = Upstreams(
         config.cache.upstreams,
         config.cache.upstream_max_in_flight,
@@ -213,6 +238,9 @@ async def build_components(config: RunnerConfig) -> Components:
         feed,
         reporter,
         ci,
+        usage,
+        collector,
+        Pins(engine),
     )
 
 
@@ -271,6 +299,11 @@ async def open_storage(config: RunnerConfig) -> Storage:
 
 
 async def close_components(comps: Components) -> None:
+    if comps.usage is not None:
+        try:
+            await comps.usage.flush()  # the last uses, so a restart does not lose them
+        except (SQLAlchemyError, OSError) as exc:
+            log.warning("could not record the last uses of cached paths: %s", exc)
     for session in list(comps.sessions.live.values()):
         session.close()
     await comps.ssh.aclose()

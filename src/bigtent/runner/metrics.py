@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from enum import StrEnum
 from typing import Protocol
 
@@ -377,6 +377,63 @@ class Metrics:
             "Reloads of the scheduler's state from the database that failed.",
             registry=r,
         )
+        # Cache retention (docs/cache.md); ``cache`` is ``main`` or ``untrusted``.
+        self.cache_bytes = Gauge(
+            f"{PREFIX}_cache_bytes",
+            "Bytes of NAR files in the cache (each file once), by cache; refreshed every "
+            "cache.retention.usage_flush_secs and after each collection.",
+            ["cache"],
+            registry=r,
+        )
+        self.cache_paths = Gauge(
+            f"{PREFIX}_cache_paths", "Paths in the cache, by cache.", ["cache"], registry=r
+        )
+        self.cache_quota = Gauge(
+            f"{PREFIX}_cache_quota_bytes",
+            "The cache's quota (high watermark) in bytes, by cache; 0: no quota.",
+            ["cache"],
+            registry=r,
+        )
+        self.gc_deleted = PromCounter(
+            f"{PREFIX}_cache_gc_paths_deleted",
+            "Paths a collection deleted, by cache and reason (idle, quota).",
+            ["cache", "reason"],
+            registry=r,
+        )
+        self.gc_freed = PromCounter(
+            f"{PREFIX}_cache_gc_bytes_freed",
+            "Bytes of NAR files collections deleted, by cache.",
+            ["cache"],
+            registry=r,
+        )
+        self.gc_roots = Gauge(
+            f"{PREFIX}_cache_gc_roots",
+            "Paths the last collection kept as roots, by cache and kind (pin, build, active, "
+            "referenced, grace).",
+            ["cache", "kind"],
+            registry=r,
+        )
+        self.gc_kept = Gauge(
+            f"{PREFIX}_cache_gc_kept_paths",
+            "Paths the last collection kept, by cache and why (rooted: in a root's closure; "
+            "recent: used within max_idle_days).",
+            ["cache", "policy"],
+            registry=r,
+        )
+        self.gc_last = Gauge(
+            f"{PREFIX}_cache_gc_last_run_timestamp_seconds",
+            "When the last collection (not a dry run) of this runner finished.",
+            registry=r,
+        )
+        self.gc_last_duration = Gauge(
+            f"{PREFIX}_cache_gc_last_duration_seconds",
+            "How long the last collection of this runner took.",
+            registry=r,
+        )
+        for cache in ("main", "untrusted"):
+            self.gc_freed.labels(cache)
+            for gc_reason in ("idle", "quota"):
+                self.gc_deleted.labels(cache, gc_reason)
         for reason in AuthFailure:
             self.auth_failures.labels(reason)
         for kind in UploadKind:
@@ -476,6 +533,34 @@ class Metrics:
     def narinfo_served(self, *, hit: bool) -> None:
         """``/cache`` answered a narinfo request: with the narinfo (hit) or 404 (miss)."""
         (self._narinfo_hit if hit else self._narinfo_miss).inc()
+
+    # ---- cache retention ---------------------------------------------------------------------
+    def cache_size(self, cache: str, paths: int, size: int, quota: int | None) -> None:
+        self.cache_paths.labels(cache).set(paths)
+        self.cache_bytes.labels(cache).set(size)
+        self.cache_quota.labels(cache).set(quota or 0)
+
+    def gc_finished(
+        self,
+        cache: str,
+        deleted: Mapping[str, int],
+        freed: int,
+        roots: Mapping[str, int],
+        kept: Mapping[str, int],
+    ) -> None:
+        """A collection of ``cache`` ended: paths deleted by reason, bytes freed, roots by
+        kind and kept paths by policy."""
+        for reason, n in deleted.items():
+            self.gc_deleted.labels(cache, reason).inc(n)
+        self.gc_freed.labels(cache).inc(freed)
+        for kind, n in roots.items():
+            self.gc_roots.labels(cache, kind).set(n)
+        for policy, n in kept.items():
+            self.gc_kept.labels(cache, policy).set(n)
+
+    def gc_ran(self, finished_at: float, secs: float) -> None:
+        self.gc_last.set(finished_at)
+        self.gc_last_duration.set(secs)
 
     # ---- the autoscaler ----------------------------------------------------------------------
     def autoscaler_pools(self, pools: Sequence[str]) -> None:

@@ -232,6 +232,18 @@ class S3Storage:
         except botocore.exceptions.BotoCoreError as exc:
             raise _failure(f"HEAD {key}", exc) from exc
 
+    def modified_at(self, name: str) -> float | None:
+        key = self.key(name)
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+        except botocore.exceptions.ClientError as exc:
+            if _missing(exc):
+                return None
+            raise _failure(f"HEAD {key}", exc) from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise _failure(f"HEAD {key}", exc) from exc
+        return float(head["LastModified"].timestamp())
+
     def open_object(self, key: str) -> tuple[int, BinaryIO] | None:
         """Size and body of object ``key``, or None when there is none."""
         try:

@@ -49,6 +49,11 @@ class Storage(Protocol):
         """Delete published file ``name`` (a bad one; blocking). No error when it is gone."""
         ...
 
+    def modified_at(self, name: str) -> float | None:
+        """When published file ``name`` was last written (blocking), or None when it is gone:
+        a collection deletes a doomed file only if nobody published it again since."""
+        ...
+
 
 MAX_NAME_BYTES = 255
 """The longest file name (one path component) Linux file systems hold."""
@@ -69,6 +74,10 @@ class LocalStaged:
             # The NAR directory was deleted under the runner: make it again.
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.path, target)
+        # Published now (the rename keeps the staging file's time): a collection that doomed
+        # this file name before sees it was published again and keeps it.
+        with contextlib.suppress(OSError):
+            os.utime(target)
 
     async def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -143,6 +152,12 @@ class LocalStorage:
     def remove(self, name: str) -> None:
         with contextlib.suppress(ValueError):
             self.target(name).unlink(missing_ok=True)
+
+    def modified_at(self, name: str) -> float | None:
+        try:
+            return self.target(name).stat().st_mtime
+        except (ValueError, OSError):
+            return None
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in (self.root / "nar").iterdir() if p.is_file())

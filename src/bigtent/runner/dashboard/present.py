@@ -61,6 +61,13 @@ def _datetime(ts: float | None) -> datetime | None:
         return None
 
 
+def quota_percent(size: int, quota: int | None) -> int | None:
+    """How full the cache is, in whole percent of its quota (None: no quota)."""
+    if not quota:
+        return None
+    return round(100 * size / quota)
+
+
 def fmt_time(ts: float | None) -> str:
     """A UTC time to the second, ``2025-01-31 12:00:05Z``; an em dash for none or a time
     out of range."""

@@ -100,6 +100,7 @@ def _environment() -> jinja2.Environment:
     env.globals.update(
         fmt_duration=present.fmt_duration,
         fmt_bytes=present.fmt_bytes,
+        quota_percent=present.quota_percent,
         fmt_time=present.fmt_time,
         fmt_ago=present.fmt_ago,
         iso=present.iso,

@@ -189,6 +189,11 @@ class Overview:
     live_viewers: int
     storage_full: StorageFullEvents | None = None
     """Uploads the NAR storage refused as full (since the runner started)."""
+    cache_quota: int | None = None
+    """The main cache's quota (``[cache.retention] quota_high_bytes``); None: no quota."""
+    last_gc_at: float | None = None
+    """When this runner's last collection finished (None: none since it started)."""
+    last_gc_freed: int = 0
 
 
 @dataclass(eq=False)
@@ -270,6 +275,7 @@ async def load_overview(
     live = {mid for mid, v in sched.venues.items() if v.kind == AGENT}
     connected = [r for r in agent_rows if r.machine_id in live]
     ssh_usable = sum(1 for b in comps.ssh.describe(now) if b["usable"])
+    last_gc = comps.collector.last if comps.collector is not None else None
     running = sorted((_step_row(r) for r in running_rows), key=lambda s: s.id)
     return Overview(
         now=now,
@@ -286,6 +292,9 @@ async def load_overview(
         cache_bytes=size,
         live_viewers=comps.logs.fanout.total,
         storage_full=comps.cache.storage_full,
+        cache_quota=comps.config.cache.retention.quota_high_bytes,
+        last_gc_at=last_gc.finished_at if last_gc is not None else None,
+        last_gc_freed=last_gc.bytes_freed if last_gc is not None else 0,
     )
 
 

@@ -41,6 +41,9 @@ from bigtent.runner.db.tables import (
     build_roots,
     build_steps,
     builds,
+    cache_gc_doomed,
+    cache_gc_runs,
+    cache_pins,
     cached_failure_hits,
     derivations,
     forge_outbox,
@@ -1445,3 +1448,256 @@ async def fetch_build_run_intervals(
     for build_id, start in running:
         out[int(build_id)].append((float(start), None))
     return out
+
+
+# ---- cache retention (docs/cache.md) ---------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class CacheRow:
+    """What a collection needs of a cached path."""
+
+    path: str
+    hash_part: str
+    url: str
+    file_size: int
+    references: tuple[str, ...]
+    """Full store paths."""
+    created_at: float
+    last_used_at: float | None
+
+
+async def cache_rows_raw(conn: AsyncConnection, table: Table) -> list[Any]:
+    """Every path of a cache's index as raw rows (``decode_cache_rows`` makes them
+    ``CacheRow``s, in a worker thread for a large cache)."""
+    result = await conn.execute(
+        select(
+            table.c.path,
+            table.c.hash_part,
+            table.c.url,
+            table.c.file_size,
+            table.c.references,
+            table.c.created_at,
+            table.c.last_used_at,
+        )
+    )
+    return [tuple(r) for r in result]
+
+
+def decode_cache_rows(rows: Sequence[Any]) -> list[CacheRow]:
+    return [
+        CacheRow(
+            path,
+            hash_part,
+            url,
+            int(size),
+            tuple(STORE + ref for ref in json.loads(refs)),
+            float(created),
+            None if used is None else float(used),
+        )
+        for path, hash_part, url, size, refs, created, used in rows
+    ]
+
+
+async def cache_rows(conn: AsyncConnection, table: Table) -> list[CacheRow]:
+    """Every path of a cache's index."""
+    return decode_cache_rows(await cache_rows_raw(conn, table))
+
+
+async def cache_rows_since(conn: AsyncConnection, table: Table, since: float) -> list[CacheRow]:
+    """Paths published or used at ``since`` or later (what a sweep must not delete)."""
+    rows = await conn.execute(
+        select(table.c.path).where((table.c.created_at >= since) | (table.c.last_used_at >= since))
+    )
+    paths = [r[0] for r in rows]
+    out: list[CacheRow] = []
+    for chunk in _chunks(paths):
+        refs = await store_path_references(conn, chunk, table)
+        out.extend(CacheRow(p, "", "", 0, r, since, since) for p, r in refs.items())
+    return out
+
+
+async def cache_file_totals(conn: AsyncConnection, table: Table) -> tuple[int, int]:
+    """(paths, bytes of NAR files counting each file once) of a cache."""
+    paths = (await conn.execute(select(func.count()).select_from(table))).scalar_one()
+    files = select(table.c.url, func.max(table.c.file_size).label("size")).group_by(table.c.url)
+    sub = files.subquery()
+    size = (await conn.execute(select(func.coalesce(func.sum(sub.c.size), 0)))).scalar_one()
+    return int(paths), int(size)
+
+
+async def touch_store_paths(
+    conn: AsyncConnection, table: Table, uses: Sequence[tuple[str, float]]
+) -> None:
+    """Record when paths (by hash part) were last asked for: one statement for the batch."""
+    if not uses:
+        return
+    await conn.execute(
+        update(table)
+        .where(table.c.hash_part == bindparam("h"))
+        .values(last_used_at=bindparam("t")),
+        [{"h": h, "t": t} for h, t in uses],
+    )
+
+
+async def touch_nar_files(conn: AsyncConnection, uses: Sequence[tuple[str, float]]) -> None:
+    """Record when NAR files (by narinfo ``URL``) were last fetched, for every path of either
+    cache that names them."""
+    if not uses:
+        return
+    for table in CACHE_TABLES:
+        await conn.execute(
+            update(table).where(table.c.url == bindparam("u")).values(last_used_at=bindparam("t")),
+            [{"u": u, "t": t} for u, t in uses],
+        )
+
+
+async def latest_build_roots(conn: AsyncConnection, keep: int) -> list[str]:
+    """The .drv paths requested by the ``keep`` latest succeeded builds of each
+    repository/ref (builds without one count as one group), and by every unfinished build."""
+    rank = (
+        func.row_number()
+        .over(partition_by=(builds.c.repository, builds.c.ref), order_by=builds.c.id.desc())
+        .label("rank")
+    )
+    ranked = select(builds.c.id, rank).where(builds.c.state == "succeeded").subquery()
+    kept = select(ranked.c.id).where(ranked.c.rank <= keep)
+    active = select(builds.c.id).where(builds.c.state.in_(["queued", "running"]))
+    rows = await conn.execute(
+        select(build_roots.c.drv_path)
+        .where(build_roots.c.build_id.in_(kept.union(active).scalar_subquery()))
+        .distinct()
+    )
+    return [r[0] for r in rows]
+
+
+async def active_step_drvs(conn: AsyncConnection, *, since: float | None = None) -> list[str]:
+    """The .drv paths of every step that has not finished (created at ``since`` or later)."""
+    query = select(steps.c.drv_path).where(
+        steps.c.state.in_(["waiting", "runnable", "assigned", "building"])
+    )
+    if since is not None:
+        query = query.where(steps.c.created_at >= since)
+    rows = await conn.execute(query.distinct())
+    return [r[0] for r in rows]
+
+
+async def doom_store_paths(
+    conn: AsyncConnection, table: Table, hash_parts: Sequence[str], *, before: float, now: float
+) -> list[tuple[str, str]]:
+    """Delete the narinfos of ``hash_parts`` not published or used since ``before`` and note
+    their NAR files as doomed, in the caller's transaction; returns (path, url) of those
+    deleted."""
+    out: list[tuple[str, str]] = []
+    for chunk in _chunks(list(hash_parts)):
+        query = select(table.c.hash_part, table.c.path, table.c.url).where(
+            table.c.hash_part.in_(chunk),
+            table.c.created_at < before,
+            func.coalesce(table.c.last_used_at, 0.0) < before,
+        )
+        rows = list(await conn.execute(_for_update(conn, query)))
+        if not rows:
+            continue
+        await conn.execute(delete(table).where(table.c.hash_part.in_([r[0] for r in rows])))
+        urls = sorted({r[2] for r in rows})
+        await conn.execute(
+            _insert_ignore(conn, cache_gc_doomed), [{"url": u, "doomed_at": now} for u in urls]
+        )
+        out.extend((r[1], r[2]) for r in rows)
+    return out
+
+
+async def doomed_files(
+    conn: AsyncConnection, urls: Sequence[str] | None = None
+) -> list[tuple[str, float]]:
+    """(url, doomed at) of the doomed NAR files among ``urls`` (None: all of them)."""
+    query = select(cache_gc_doomed.c.url, cache_gc_doomed.c.doomed_at)
+    if urls is None:
+        rows = await conn.execute(query.order_by(cache_gc_doomed.c.url))
+        return [(r[0], float(r[1])) for r in rows]
+    out: list[tuple[str, float]] = []
+    for chunk in _chunks(list(urls)):
+        rows = await conn.execute(query.where(cache_gc_doomed.c.url.in_(chunk)))
+        out.extend((r[0], float(r[1])) for r in rows)
+    return sorted(out)
+
+
+async def files_in_use(conn: AsyncConnection, urls: Sequence[str]) -> set[str]:
+    """Which of NAR files ``urls`` a path of either cache names."""
+    found: set[str] = set()
+    for table in CACHE_TABLES:
+        for chunk in _chunks(list(urls)):
+            rows = await conn.execute(select(table.c.url).where(table.c.url.in_(chunk)).distinct())
+            found.update(r[0] for r in rows)
+    return found
+
+
+async def undoom_files(conn: AsyncConnection, urls: Sequence[str]) -> None:
+    for chunk in _chunks(list(urls)):
+        await conn.execute(delete(cache_gc_doomed).where(cache_gc_doomed.c.url.in_(chunk)))
+
+
+async def redoom_files(conn: AsyncConnection, urls: Sequence[str], now: float) -> None:
+    """Look at doomed files ``urls`` again at a later collection, as if doomed at ``now``."""
+    for chunk in _chunks(list(urls)):
+        await conn.execute(
+            update(cache_gc_doomed).where(cache_gc_doomed.c.url.in_(chunk)).values(doomed_at=now)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    name: str
+    paths: tuple[str, ...]
+    created_at: float
+    created_by: str
+    expires_at: float | None
+
+
+def _pin(row: Any) -> Pin:
+    return Pin(
+        row.name, tuple(json.loads(row.paths)), row.created_at, row.created_by, row.expires_at
+    )
+
+
+async def upsert_pin(conn: AsyncConnection, pin: Pin) -> None:
+    """Create pin ``pin.name`` or replace its paths and expiry."""
+    await conn.execute(delete(cache_pins).where(cache_pins.c.name == pin.name))
+    await conn.execute(
+        insert(cache_pins).values(
+            name=pin.name,
+            paths=json.dumps(sorted(pin.paths)),
+            created_at=pin.created_at,
+            created_by=pin.created_by,
+            expires_at=pin.expires_at,
+        )
+    )
+
+
+async def fetch_pins(conn: AsyncConnection) -> list[Pin]:
+    rows = await conn.execute(select(cache_pins).order_by(cache_pins.c.name))
+    return [_pin(r) for r in rows]
+
+
+async def delete_pin(conn: AsyncConnection, name: str) -> bool:
+    result = await conn.execute(delete(cache_pins).where(cache_pins.c.name == name))
+    return bool(result.rowcount)
+
+
+async def delete_expired_pins(conn: AsyncConnection, now: float) -> int:
+    result = await conn.execute(
+        delete(cache_pins).where(
+            cache_pins.c.expires_at.is_not(None), cache_pins.c.expires_at <= now
+        )
+    )
+    return int(result.rowcount or 0)
+
+
+async def insert_gc_run(conn: AsyncConnection, **values: Any) -> int:
+    result = await conn.execute(insert(cache_gc_runs).values(**values))
+    pk = result.inserted_primary_key
+    assert pk is not None
+    return int(pk[0])
+
+
+async def last_gc_run(conn: AsyncConnection) -> Any | None:
+    rows = await conn.execute(select(cache_gc_runs).order_by(cache_gc_runs.c.id.desc()).limit(1))
+    return rows.first()

@@ -198,10 +198,17 @@ def _store_path_columns() -> list[Column[object]]:
         Column("ca", String(256)),
         Column("sig", Text, nullable=False),
         Column("created_at", Float, nullable=False),
+        # When the path was last asked for (narinfo or NAR), flushed in batches by
+        # ``retention.usage`` (migration 0015); NULL: never since it was published.
+        Column("last_used_at", Float),
     ]
 
 
 store_paths = Table("store_paths", metadata, *_store_path_columns())
+Index("ix_store_paths_url", store_paths.c.url)
+# What a collection's sweep reads again before each batch: paths published or used since.
+Index("ix_store_paths_created_at", store_paths.c.created_at)
+Index("ix_store_paths_last_used_at", store_paths.c.last_used_at)
 
 untrusted_store_paths = Table(
     # The untrusted cache's index (``/cache/untrusted``, migration 0006): outputs of untrusted
@@ -210,6 +217,45 @@ untrusted_store_paths = Table(
     "untrusted_store_paths",
     metadata,
     *_store_path_columns(),
+)
+Index("ix_untrusted_store_paths_url", untrusted_store_paths.c.url)
+Index("ix_untrusted_store_paths_created_at", untrusted_store_paths.c.created_at)
+Index("ix_untrusted_store_paths_last_used_at", untrusted_store_paths.c.last_used_at)
+
+cache_pins = Table(
+    # Named pins (migration 0015, docs/cache.md): each keeps its paths' closures in the cache
+    # until it is removed or, with ``expires_at``, until then.
+    "cache_pins",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("paths", Text, nullable=False),  # JSON list of store paths, sorted
+    Column("created_at", Float, nullable=False),
+    Column("created_by", String(256), nullable=False, default=""),
+    Column("expires_at", Float),
+)
+
+cache_gc_doomed = Table(
+    # NAR files whose narinfos a collection deleted (migration 0015): written in the
+    # transaction that deletes the rows, removed once the file is (or is in use again), so a
+    # runner killed mid-sweep finishes the job at its next collection.
+    "cache_gc_doomed",
+    metadata,
+    Column("url", String(256), primary_key=True),
+    Column("doomed_at", Float, nullable=False),
+)
+
+cache_gc_runs = Table(
+    # One row per collection (migration 0015): ``bigtent gc`` and the metrics' "last
+    # collection" read it; ``summary`` is the run's JSON report.
+    "cache_gc_runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("started_at", Float, nullable=False),
+    Column("finished_at", Float, nullable=False),
+    Column("trigger", String(16), nullable=False),
+    Column("paths_deleted", Integer, nullable=False),
+    Column("bytes_freed", BigInteger, nullable=False),
+    Column("summary", Text, nullable=False),
 )
 
 agents = Table(
