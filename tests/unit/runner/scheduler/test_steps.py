@@ -481,7 +481,7 @@ def test_step_state_flags(state: StepState) -> None:
 
 
 # ---- restart_selection -------------------------------------------------------------------------
-S, F, D, C, R = (
+OK, FL, DF, CA, BU = (
     StepState.SUCCEEDED,
     StepState.FAILED,
     StepState.DEPENDENCY_FAILED,
@@ -490,7 +490,7 @@ S, F, D, C, R = (
 )
 # Two jobs: root 1 (dependency-failed) needs 3 (failed) and 4 (succeeded); root 2 (failed)
 # needs 5 (cancelled); root 6 succeeded; 3 needs 7 (failed).
-MEMBERS = {1: D, 2: F, 3: F, 4: S, 5: C, 6: S, 7: F}
+MEMBERS = {1: DF, 2: FL, 3: FL, 4: OK, 5: CA, 6: OK, 7: FL}
 DEPS = [(1, 3), (1, 4), (2, 5), (3, 7)]
 
 
@@ -512,11 +512,11 @@ def test_restart_selection_skips_succeeded_and_unknown_roots() -> None:
 
 def test_restart_selection_keeps_active_steps_a_root_needs() -> None:
     # A step still running below the root is joined again, not skipped.
-    assert restart_selection({1: F, 2: R}, [(1, 2)], {1}) == {1, 2}
+    assert restart_selection({1: FL, 2: BU}, [(1, 2)], {1}) == {1, 2}
 
 
 @given(
-    st.dictionaries(st.integers(0, 12), st.sampled_from([S, F, D, C, R]), min_size=1),
+    st.dictionaries(st.integers(0, 12), st.sampled_from([OK, FL, DF, CA, BU]), min_size=1),
     st.lists(st.tuples(st.integers(0, 12), st.integers(0, 12)), max_size=30),
     st.sets(st.integers(0, 12)),
 )
@@ -526,7 +526,7 @@ def test_restart_selection_properties(
     everything = restart_selection(members, deps, None)
     chosen = restart_selection(members, deps, roots)
     assert chosen <= everything
-    assert all(members[s] is not S for s in chosen)
+    assert all(members[s] is not OK for s in chosen)
     assert {r for r in roots if r in everything} <= chosen
     # Closed under dependencies that are not succeeded.
     assert all(d in chosen for s, d in deps if s in chosen and d in everything)
