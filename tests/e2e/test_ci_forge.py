@@ -16,7 +16,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.conftest import current_system, wait_until
-from tests.e2e.ci_repo import Repo, checks_flake, deliver, make_repo, project_toml, push_payload
+from tests.e2e.ci_repo import (
+    Repo,
+    checks_flake,
+    deliver,
+    file_jobs,
+    make_repo,
+    project_toml,
+    push_payload,
+)
 from tests.e2e.conftest import Farm
 from tests.e2e.fake_forgejo import FakeForgejo, Status
 from tests.e2e.fake_github import FakeGithub
@@ -280,6 +288,34 @@ def test_force_push_cancels_the_old_commit_on_github(
     assert {r["name"] for r in github.check_runs} == {EVAL_CHECK}
 
 
+def _forgejo_project(
+    name: str, repo: Repo, root: Path, tls: TlsFiles, forgejo: FakeForgejo, **extra: Any
+) -> str:
+    """The runner's TOML for a project reporting to the fake Forgejo."""
+    secret = root / "hook.secret"
+    secret.write_bytes(SECRET + b"\n")
+    token = root / "forgejo.token"
+    token.write_text(FORGEJO_TOKEN + "\n")
+    toml = project_toml(
+        name,
+        repo,
+        secret,
+        branches=["main"],
+        forge="forgejo",
+        forge_api_url=forgejo.api_url,
+        forge_token_file=str(token),
+        forge_ca_file=str(tls.ca_file),
+        **extra,
+    )
+    return toml + FORGE_FAST
+
+
+def _final_status(forgejo: FakeForgejo, commit: str, context: str) -> Status | None:
+    """The status Forgejo shows under ``context`` on ``commit``, once it is not pending."""
+    status = forgejo.latest(commit).get(context)
+    return status if status is not None and status.state != "pending" else None
+
+
 def test_forgejo_statuses_for_a_push_and_a_force_push(
     farm_factory: Callable[..., Farm], tmp_path: Path, tls: TlsFiles, forgejo: FakeForgejo
 ) -> None:
@@ -293,27 +329,14 @@ def test_forgejo_statuses_for_a_push_and_a_force_push(
         },
         "first",
     )
-    secret = tmp_path / "hook.secret"
-    secret.write_bytes(SECRET + b"\n")
-    token = tmp_path / "forgejo.token"
-    token.write_text(FORGEJO_TOKEN + "\n")
-    toml = project_toml(
-        "widgets",
-        repo,
-        secret,
-        branches=["main"],
-        forge="forgejo",
-        forge_api_url=forgejo.api_url,
-        forge_token_file=str(token),
-        forge_ca_file=str(tls.ca_file),
+    farm = farm_factory(
+        agents=1, runner_extra=_forgejo_project("widgets", repo, tmp_path, tls, forgejo)
     )
-    farm = farm_factory(agents=1, runner_extra=toml + FORGE_FAST)
     eval_id = _push(farm, repo, sha)
     assert _wait_final(farm, eval_id)["state"] == "failed"
 
     def final(commit: str, context: str) -> Status | None:
-        status = forgejo.latest(commit).get(context)
-        return status if status is not None and status.state != "pending" else None
+        return _final_status(forgejo, commit, context)
 
     wait_until(
         lambda: final(sha, EVAL_CHECK) is not None and final(sha, _check("fail")) is not None,
@@ -359,3 +382,36 @@ def test_forgejo_statuses_for_a_push_and_a_force_push(
     cancelled = forgejo.latest(second)[EVAL_CHECK]
     assert cancelled.state == "error" and "cancelled" in cancelled.description
     assert forgejo.latest(third)[EVAL_CHECK].state == "success"
+
+
+def test_a_non_flake_project_reports_its_jobs_to_forgejo(
+    farm_factory: Callable[..., Farm], tmp_path: Path, tls: TlsFiles, forgejo: FakeForgejo
+) -> None:
+    repo = make_repo(tmp_path, "plain")
+    jobs = {"one": "echo 1 > $out", "broken": "echo plain-job-fails; exit 5"}
+    sha = repo.commit({"ci.nix": file_jobs(jobs, uuid.uuid4().hex)}, "first")
+    toml = _forgejo_project(
+        "plain", repo, tmp_path, tls, forgejo, evaluate="file", file="ci.nix", attr="ci"
+    )
+    farm = farm_factory(agents=1, runner_extra=toml)
+    eval_id = _push(farm, repo, sha)
+    ev = _wait_final(farm, eval_id)
+    assert ev["state"] == "failed", ev
+    assert {j["attr"]: j["state"] for j in ev["jobs"]} == {
+        "ci.one": "succeeded",
+        "ci.broken": "failed",
+    }
+    wait_until(
+        lambda: (
+            _final_status(forgejo, sha, "bigtent/plain/eval") is not None
+            and _final_status(forgejo, sha, "bigtent/plain/ci.broken") is not None
+        ),
+        timeout=30,
+        what="the fake Forgejo to hold the final statuses",
+    )
+    latest = forgejo.latest(sha)
+    assert set(latest) == {"bigtent/plain/eval", "bigtent/plain/ci.broken"}
+    assert latest["bigtent/plain/eval"].state == "failure"
+    assert latest["bigtent/plain/eval"].description == "1 of 2 jobs failed"
+    assert latest["bigtent/plain/ci.broken"].state == "failure"
+    assert latest["bigtent/plain/ci.broken"].target_url.startswith(f"{farm.url}/")
