@@ -844,6 +844,46 @@ async def test_restart_requeues_a_failed_step_another_active_build_holds(farm: F
     assert await farm.build_state(second) == "succeeded"
 
 
+async def test_restart_of_one_root_leaves_the_other_failed_roots_failed(farm: Farm) -> None:
+    # A CI re-run of one job: root one (needing lib) and root two failed; only one and lib
+    # run again, and the build fails again although the restarted root succeeds.
+    lib = drv("lib")
+    one = drv("one", lib)
+    two = drv("two")
+    ok = drv("ok")
+    build = await farm.add([lib, one, two, ok], roots=[one, two, ok])
+    agent = farm.agent("m1", max_jobs=3)
+    await farm.tick()
+    first = by_drv(agent.take_assigns())
+    assert await farm.report(agent, first[lib.drv_path], p.Outcome.BUILD_FAILURE)
+    assert await farm.report(agent, first[two.drv_path], p.Outcome.BUILD_FAILURE)
+    assert await farm.succeed(agent, first[ok.drv_path])
+    assert await farm.build_state(build) == "failed"
+    assert await farm.state(one) is StepState.DEPENDENCY_FAILED
+
+    farm.clock.now += 60
+    assert await farm.sched.restart_build(build, roots=[one.drv_path])
+    assert await farm.build_state(build) == "queued"
+    assert [await farm.state(d) for d in (lib, one, two, ok)] == [
+        StepState.RUNNABLE,
+        StepState.WAITING,
+        StepState.FAILED,
+        StepState.SUCCEEDED,
+    ]
+    built: list[str] = []
+    while assigns := (await farm.tick(), agent.take_assigns())[1]:
+        for x in assigns:
+            built.append(x.drv_path)
+            assert await farm.succeed(agent, x)
+    assert built == [lib.drv_path, one.drv_path]  # two is not built again
+    assert await farm.state(two) is StepState.FAILED
+    assert await farm.build_state(build) == "failed"  # two still fails it
+    assert farm.sched.nodes == {} and farm.sched.builds == {}
+    # A root that is not the build's restarts nothing.
+    assert await farm.sched.restart_build(build, roots=[drv("stranger").drv_path])
+    assert await farm.build_state(build) == "failed"
+
+
 # ---- agent records -----------------------------------------------------------------------------
 async def record_agent(farm: Farm, machine_id: str, *, ephemeral: bool = False) -> None:
     """The row a session's registration writes (sessions.py)."""

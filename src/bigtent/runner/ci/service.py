@@ -331,18 +331,27 @@ class CiService:
         self._wake.set()
 
     async def rerun(self, rerun: Rerun) -> bool:
-        """Restart the failed jobs of an evaluation (``attr``: only when that job failed).
-        Restarting goes through ``Scheduler.restart_build``: every failed step of the build
-        is queued again, its cached failures cleared."""
+        """Restart the failed jobs of an evaluation (``attr``: only that job, when it failed).
+        Restarting goes through ``Scheduler.restart_build``: the failed steps of the build
+        (with ``attr``, only those that job's derivation needs) are queued again, their cached
+        failures cleared."""
         async with self.engine.connect() as conn:
             row = await q.fetch_evaluation(conn, rerun.evaluation_id)
             jobs = await q.fetch_jobs(conn, rerun.evaluation_id) if row is not None else []
         if row is None or row.build_id is None:
             return False
-        failed = {j.attr for j in jobs if j.state == JobState.FAILED and j.drv_path}
-        if not failed or (rerun.attr is not None and rerun.attr not in failed):
+        failed = {
+            j.attr: str(j.drv_path) for j in jobs if j.state == JobState.FAILED and j.drv_path
+        }
+        if rerun.attr is not None:
+            failed = {a: d for a, d in failed.items() if a == rerun.attr}
+        if not failed:
             return False
-        restarted = await self.scheduler.restart_build(int(row.build_id), actor=ACTOR)
+        restarted = await self.scheduler.restart_build(
+            int(row.build_id),
+            actor=ACTOR,
+            roots=None if rerun.attr is None else list(failed.values()),
+        )
         if not restarted:
             return False
         async with self.engine.begin() as conn:

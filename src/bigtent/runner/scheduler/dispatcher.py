@@ -26,6 +26,7 @@ from collections.abc import (
     AsyncIterable,
     AsyncIterator,
     Callable,
+    Collection,
     Coroutine,
     Iterable,
     Mapping,
@@ -74,6 +75,7 @@ from bigtent.runner.scheduler.steps import (
     plan_dispatch,
     plan_heights,
     raise_heights,
+    restart_selection,
 )
 from bigtent.runner.scheduler.sync import LostRace, Seen, Stored, catch_up, waiting_verdict
 from bigtent.runner.trust import untrusted_work
@@ -712,9 +714,18 @@ class Scheduler:
             return set()
         return {self.builds[b].repository for b in node.builds if b in self.builds}
 
-    async def restart_build(self, build_id: int, *, actor: str = RUNNER_ACTOR) -> bool:
+    async def restart_build(
+        self,
+        build_id: int,
+        *,
+        actor: str = RUNNER_ACTOR,
+        roots: Collection[str] | None = None,
+    ) -> bool:
         """Queue a build's failed, dependency-failed and cancelled steps again, clearing the
         cached failures of its failed steps, so they are rebuilt (``bigtent restart``).
+        ``roots`` (the .drv paths of some of the build's roots): only the steps those roots
+        need (``restart_selection``), so the build's other failed roots stay failed (a CI
+        re-run of one job).
 
         The build becomes queued (running once a step is dispatched) until its steps end
         again. False when there is no such build.
@@ -728,6 +739,17 @@ class Scheduler:
                     if row is None:
                         return False
                     members = await queries.fetch_build_steps(conn, build_id)
+                    build_roots = await queries.fetch_all_build_roots(conn, [build_id])
+                    root_ids = {r.drv_path: r.step_id for r in build_roots}
+                    member_ids = [int(m.id) for m in members]
+                    if roots is not None:
+                        named = [root_ids.get(d) for d in roots]
+                        chosen = restart_selection(
+                            {int(m.id): StepState(m.state) for m in members},
+                            await queries.fetch_step_deps(conn, member_ids),
+                            {int(s) for s in named if s is not None},
+                        )
+                        members = [m for m in members if int(m.id) in chosen]
                     redo = [m for m in members if m.state in _REDO_STATES]
                     if not redo:
                         return True
@@ -758,8 +780,6 @@ class Scheduler:
                     # Every step keeps its trust: an untrusted build's shared trusted step
                     # runs again as the trusted step it is.
                     trust = {str(m.drv_path): bool(m.trusted) for m in pending}
-                    roots = await queries.fetch_all_build_roots(conn, [build_id])
-                    root_ids = {r.drv_path: r.step_id for r in roots}
                     build = self.builds.get(build_id)
                     if build is None:
                         await queries.update_build(
@@ -769,7 +789,7 @@ class Scheduler:
                             build_id,
                             int(row.priority),
                             root_ids,
-                            {int(m.id) for m in members},
+                            set(member_ids),
                             BuildState.QUEUED,
                             repository=row.repository,
                             trusted=bool(row.trusted),
@@ -787,6 +807,15 @@ class Scheduler:
                         trust=trust,
                         shared=frozenset(),
                     )
+                    # Roots not restarted keep their ends, which decide the build's outcome.
+                    final_roots = sorted(
+                        {s for s in root_ids.values() if s is not None} - set(self.nodes)
+                    )
+                    for step_row in await queries.fetch_steps_by_ids(conn, final_roots):
+                        node = _node_from_row(step_row)
+                        self.nodes[node.id] = node
+                        self._by_drv(node.req.trusted).setdefault(node.drv_path, node.id)
+                        node.builds.add(build_id)
                     self._recount(build)
                     await self._maybe_finish_build(conn, build, now)
                 log.info("build %d restarted: %d steps queued again", build_id, len(redo))

@@ -8,7 +8,7 @@ so choosing the next dispatch looks at the top of each bucket, never at the whol
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from bigtent.runner.scheduler.matching import (
@@ -345,6 +345,35 @@ def dependents_closure(nodes: dict[int, StepNode], start: int) -> list[int]:
         seen.add(sid)
         stack.extend(nodes[sid].dependents)
     return list(seen)
+
+
+def restart_selection(
+    members: Mapping[int, StepState],
+    deps: Iterable[tuple[int, int]],
+    roots: Collection[int] | None,
+) -> set[int]:
+    """The member steps a restart admits again: those not succeeded, or with ``roots`` only
+    those among them that the given roots need (the roots themselves and, transitively, their
+    dependencies within the build). ``deps`` are (step, dependency) pairs.
+
+    A restart of one job of a CI evaluation names its root, so the build's other failed jobs
+    stay failed; ``bigtent restart`` names none and redoes every failed step.
+    """
+    pending = {sid for sid, state in members.items() if state is not StepState.SUCCEEDED}
+    if roots is None:
+        return pending
+    below: dict[int, list[int]] = {}
+    for step, dep in deps:
+        below.setdefault(step, []).append(dep)
+    seen: set[int] = set()
+    stack = [r for r in roots if r in members]
+    while stack:
+        sid = stack.pop()
+        if sid in seen or sid not in pending:
+            continue
+        seen.add(sid)
+        stack.extend(below.get(sid, ()))
+    return seen
 
 
 def build_outcome(root_states: Iterable[StepState | None]) -> BuildState | None:

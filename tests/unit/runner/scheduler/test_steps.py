@@ -20,6 +20,7 @@ from bigtent.runner.scheduler.steps import (
     plan_dispatch,
     plan_heights,
     raise_heights,
+    restart_selection,
 )
 from bigtent.states import BuildState, StepState
 
@@ -477,3 +478,55 @@ def test_build_outcome(states: list[StepState | None], expected: BuildState | No
 def test_step_state_flags(state: StepState) -> None:
     assert state.is_leased == (state in (S.ASSIGNED, S.BUILDING))
     assert state.is_final == (state in (S.SUCCEEDED, S.FAILED, S.DEPENDENCY_FAILED, S.CANCELLED))
+
+
+# ---- restart_selection -------------------------------------------------------------------------
+OK, FL, DF, CA, BU = (
+    StepState.SUCCEEDED,
+    StepState.FAILED,
+    StepState.DEPENDENCY_FAILED,
+    StepState.CANCELLED,
+    StepState.BUILDING,
+)
+# Two jobs: root 1 (dependency-failed) needs 3 (failed) and 4 (succeeded); root 2 (failed)
+# needs 5 (cancelled); root 6 succeeded; 3 needs 7 (failed).
+MEMBERS = {1: DF, 2: FL, 3: FL, 4: OK, 5: CA, 6: OK, 7: FL}
+DEPS = [(1, 3), (1, 4), (2, 5), (3, 7)]
+
+
+def test_restart_selection_without_roots_is_every_step_not_succeeded() -> None:
+    assert restart_selection(MEMBERS, DEPS, None) == {1, 2, 3, 5, 7}
+
+
+def test_restart_selection_of_one_root_is_what_it_needs() -> None:
+    assert restart_selection(MEMBERS, DEPS, {1}) == {1, 3, 7}
+    assert restart_selection(MEMBERS, DEPS, {2}) == {2, 5}
+    assert restart_selection(MEMBERS, DEPS, {1, 2}) == {1, 2, 3, 5, 7}
+
+
+def test_restart_selection_skips_succeeded_and_unknown_roots() -> None:
+    assert restart_selection(MEMBERS, DEPS, {6}) == set()
+    assert restart_selection(MEMBERS, DEPS, {99}) == set()
+    assert restart_selection(MEMBERS, DEPS, set()) == set()
+
+
+def test_restart_selection_keeps_active_steps_a_root_needs() -> None:
+    # A step still running below the root is joined again, not skipped.
+    assert restart_selection({1: FL, 2: BU}, [(1, 2)], {1}) == {1, 2}
+
+
+@given(
+    st.dictionaries(st.integers(0, 12), st.sampled_from([OK, FL, DF, CA, BU]), min_size=1),
+    st.lists(st.tuples(st.integers(0, 12), st.integers(0, 12)), max_size=30),
+    st.sets(st.integers(0, 12)),
+)
+def test_restart_selection_properties(
+    members: dict[int, StepState], deps: list[tuple[int, int]], roots: set[int]
+) -> None:
+    everything = restart_selection(members, deps, None)
+    chosen = restart_selection(members, deps, roots)
+    assert chosen <= everything
+    assert all(members[s] is not OK for s in chosen)
+    assert {r for r in roots if r in everything} <= chosen
+    # Closed under dependencies that are not succeeded.
+    assert all(d in chosen for s, d in deps if s in chosen and d in everything)
