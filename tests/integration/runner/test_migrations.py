@@ -268,3 +268,35 @@ async def test_every_revision_upgrades_and_downgrades_in_turn(make_database: Mak
         assert await schema_status(engine) == (revisions[-1], revisions[-1])
     finally:
         await engine.dispose()
+
+
+async def test_0015_counts_every_cached_path_as_used_at_the_upgrade(
+    make_database: MakeDatabase,
+) -> None:
+    """Uses were not recorded before 0015: an upgraded cache must not look idle since each
+    path's publication (retention would delete an old cache's paths at its first run)."""
+    import time
+
+    engine = create_engine(make_database(migrated=False))
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(_to, "0014")
+            for table in ("store_paths", "untrusted_store_paths"):
+                await conn.execute(
+                    text(
+                        f"INSERT INTO {table} (path, hash_part, nar_hash, nar_size, url, "
+                        'compression, file_hash, file_size, "references", sig, created_at) '
+                        "VALUES (:p, :h, 'sha256:x', 1, 'nar/x.nar', 'none', 'sha256:x', 1, "
+                        "'[]', 'k:s', 1.0)"
+                    ),
+                    {"p": "/nix/store/" + "a" * 32 + "-old", "h": "a" * 32},
+                )
+            before = time.time()
+            await conn.run_sync(_to, "0015")
+            for table in ("store_paths", "untrusted_store_paths"):
+                used = (await conn.execute(text(f"SELECT last_used_at FROM {table}"))).scalar()
+                assert used is not None and used >= before - 1
+            await conn.run_sync(_to, "0014", down=True)
+            assert "last_used_at" not in await conn.run_sync(_columns, "store_paths")
+    finally:
+        await engine.dispose()

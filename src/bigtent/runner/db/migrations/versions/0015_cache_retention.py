@@ -8,6 +8,8 @@ Create Date: 2026-12-06 07:30:00.000000
 
 from __future__ import annotations
 
+import time
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -23,6 +25,9 @@ def upgrade() -> None:
     for table in _STORE_TABLES:
         with op.batch_alter_table(table) as batch:
             batch.add_column(sa.Column("last_used_at", sa.Float(), nullable=True))
+        # Nothing recorded uses before this revision: every path already cached counts as used
+        # now, so an upgraded cache gets a whole max_idle_days before idle paths may go.
+        op.execute(sa.text(f"UPDATE {table} SET last_used_at = :now").bindparams(now=time.time()))
         for column in ("url", "created_at", "last_used_at"):
             op.create_index(op.f(f"ix_{table}_{column}"), table, [column])
     op.create_table(
