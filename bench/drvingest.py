@@ -1,6 +1,7 @@
 """Benchmark: an evaluation's ``.drv`` closure into the cache, in the runner's process.
 
-    python bench/drvingest.py [--jobs 1000] [--batch 200] [--profile single|batch] [--json]
+    python bench/drvingest.py [--jobs 1000] [--deps] [--batch 200] [--profile single|batch]
+                              [--quick] [--json]
 
 N trivial jobs (``bench/eval.py``'s flake: each job a derivation with no inputs, plus, with
 ``--deps``, a shared dependency derivation and a ``builtins.toFile`` source every job uses)
@@ -147,8 +148,11 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=200)
     ap.add_argument("--deps", action="store_true", help="every job uses a shared dep and source")
     ap.add_argument("--profile", choices=["single", "batch"])
+    ap.add_argument("--quick", action="store_true", help="200 jobs")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.quick:
+        args.jobs = 200
     m = machine()
     with tempfile.TemporaryDirectory(prefix="bigtent-bench-drvingest-") as tmp:
         work = Path(tmp)
