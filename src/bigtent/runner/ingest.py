@@ -209,6 +209,8 @@ class ClientPath:
 
 CLOSURE_BATCH_PATHS = 200
 """Paths of a closure verified together and recorded in one transaction."""
+CLOSURE_BATCH_BYTES = 64 * 1024 * 1024
+"""A batch holds at most this much declared NAR size (unless one path alone is larger)."""
 VERIFY_THREADS = 3
 """Worker threads verifying the paths of one batch (each a share of it)."""
 
@@ -224,7 +226,6 @@ class _Verified:
     refs: set[str]
     ca: str
     drv: Derivation | None = None
-    text: str = ""
     features: frozenset[str] = frozenset()
 
 
@@ -252,10 +253,28 @@ async def ingest_client_closure(
     available = set(present)
     hashes: dict[str, bytes] = {}
     """Hash modulo of the derivations published by this call (their dependents need them)."""
-    for start in range(0, len(todo), batch_paths):
-        batch = todo[start : start + batch_paths]
+    for batch in closure_batches(todo, batch_paths, CLOSURE_BATCH_BYTES):
         await _ingest_batch(cache, engine, batch, available, hashes)
     return len(todo)
+
+
+def closure_batches(
+    paths: Sequence[ClientPath], max_paths: int, max_bytes: int
+) -> list[Sequence[ClientPath]]:
+    """``paths`` cut, in order, into batches of at most ``max_paths`` paths and, unless one
+    path alone is larger, at most ``max_bytes`` of declared NAR size (a batch's derivations
+    are held in memory until it is published)."""
+    batches: list[Sequence[ClientPath]] = []
+    start = 0
+    size = 0
+    for i, p in enumerate(paths):
+        if i > start and (i - start >= max_paths or size + p.nar_size > max_bytes):
+            batches.append(paths[start:i])
+            start, size = i, 0
+        size += p.nar_size
+    if start < len(paths):
+        batches.append(paths[start:])
+    return batches
 
 
 async def _ingest_batch(
@@ -372,7 +391,7 @@ def _verify_each(
         ca = _content_address(sp, got, sink, refs)
         if drv is not None:
             features = _check_form(sp, drv, text)
-        out.append(_Verified(item, sp, got, st, refs, ca, drv, text, features))
+        out.append(_Verified(item, sp, got, st, refs, ca, drv, features))
     return out
 
 
