@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -285,6 +286,7 @@ async def _ingest_batch(
     hashes: dict[str, bytes],
 ) -> None:
     staged: list[Staged] = []
+    t_start = time.monotonic()
     try:
         # A few worker threads, each verifying a share of the batch: creating the staged
         # files and reading the store are system calls that run without the GIL.
@@ -323,8 +325,10 @@ async def _ingest_batch(
             first = drvs[0]
             assert first.drv is not None
             hashes.update(await _input_hash_modulos(cache, engine, first.sp, wanted))
+        t_verified = time.monotonic()
         infos = await asyncio.to_thread(_check_batch_outputs, drvs, hashes)
         rows = list(infos.values())
+        t_checked = time.monotonic()
 
         async def record(conn: AsyncConnection) -> None:
             await queries.insert_derivations(conn, rows)
@@ -341,6 +345,14 @@ async def _ingest_batch(
         assert info.hash_modulo is not None
         hashes[path] = bytes.fromhex(info.hash_modulo)
     available.update(v.sp.path for v in verified)
+    log.debug(
+        "published %d paths: verified in %.3f s, derivations checked in %.3f s, recorded in "
+        "%.3f s",
+        len(verified),
+        t_verified - t_start,
+        t_checked - t_verified,
+        time.monotonic() - t_checked,
+    )
 
 
 def _verify_paths(
