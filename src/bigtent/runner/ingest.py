@@ -346,8 +346,7 @@ async def _ingest_batch(
         hashes[path] = bytes.fromhex(info.hash_modulo)
     available.update(v.sp.path for v in verified)
     log.debug(
-        "published %d paths: verified in %.3f s, derivations checked in %.3f s, recorded in "
-        "%.3f s",
+        "published %d paths: verified in %.3f s, derivations checked in %.3f s, recorded in %.3f s",
         len(verified),
         t_verified - t_start,
         t_checked - t_verified,
