@@ -238,9 +238,10 @@ async def ingest_client_closure(
     batch_paths: int = CLOSURE_BATCH_PATHS,
 ) -> int:
     """Accept many content-addressed paths at once, with every check ``ingest_client_path``
-    makes, in batches: ``batch_paths`` NARs verified (``NarCheck``: declared hash and size,
-    well-formedness), compressed and staged in one worker thread hop, their content addresses
-    and derivations checked, then published together (``Cache.publish_many``: files first,
+    makes, in batches (at most ``batch_paths`` paths, ``CLOSURE_BATCH_BYTES`` of NARs): the
+    NARs verified (``NarCheck``: declared hash and size, well-formedness), compressed and
+    staged by ``VERIFY_THREADS`` worker threads, their content addresses and derivations
+    checked, then published together (``Cache.publish_many``: files first,
     then one transaction for every narinfo and derivation row of the batch).
 
     ``paths`` must come references first; a reference must be in the cache or earlier in
