@@ -49,6 +49,7 @@ bench: deps venv
 	$(BIN)/python bench/forge.py $(BENCH_FLAGS)
 	$(BIN)/python bench/nixhook.py $(BENCH_FLAGS)
 	$(BIN)/python bench/logretention.py $(BENCH_FLAGS)
+	$(BIN)/python bench/drvingest.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) .bigtent-demo .mypy_cache .ruff_cache .pytest_cache

@@ -166,3 +166,22 @@ def test_gc_benchmark_reports_its_fields(tmp_path: Path) -> None:
     assert first["files_deleted"] == result["idle_paths"]
     assert second["paths_deleted"] == 0
     assert first["serving_errors"] == [] and first["peak_rss_mib"] > 0
+
+
+@pytest.mark.nix
+@pytest.mark.skipif(not have_nix(), reason="needs Nix")
+def test_eval_benchmark_can_stop_at_the_first_dispatch(tmp_path: Path) -> None:
+    result = run_bench("eval.py", "--jobs", "5", "--until-dispatch", cwd=tmp_path)
+    run = result["run"]
+    assert run["webhook_to_first_dispatch_secs"] is not None
+    assert run["webhook_to_final_secs"] is None and run["steps"] == 5
+
+
+@pytest.mark.nix
+@pytest.mark.skipif(not have_nix(), reason="needs Nix")
+def test_drvingest_benchmark_reports_its_fields(tmp_path: Path) -> None:
+    result = run_bench("drvingest.py", "--jobs", "20", "--deps", "--batch", "7", cwd=tmp_path)
+    assert_machine(result)
+    run = result["run"]
+    assert run["paths"] == 22 and run["batch"] == 7
+    assert run["single_secs"] > 0 and run["batch_secs"] > 0

@@ -8,7 +8,7 @@ import pytest
 
 from bigtent.errors import BadRequest, PayloadTooLarge
 from bigtent.nix import base32
-from bigtent.runner.ingest import parse_declared
+from bigtent.runner.ingest import ClientPath, closure_batches, parse_declared
 
 DIGEST = hashlib.sha256(b"nar").digest()
 NIX32 = base32.format_hash("sha256", DIGEST)
@@ -52,3 +52,23 @@ def test_declared_size_over_the_cap_is_too_large() -> None:
         parse_declared(NIX32, "1001", 1000)
     with pytest.raises(PayloadTooLarge):
         parse_declared(NIX32, "9" * 19, 1000)
+
+
+def _sized(*sizes: int) -> list[ClientPath]:
+    return [
+        ClientPath(f"/nix/store/{'a' * 32}-p{i}", b"", size, frozenset(), lambda: [])
+        for i, size in enumerate(sizes)
+    ]
+
+
+def test_closure_batches_by_paths_and_bytes_in_order() -> None:
+    def cut(paths: list[ClientPath], max_paths: int, max_bytes: int) -> list[list[int]]:
+        return [[p.nar_size for p in b] for b in closure_batches(paths, max_paths, max_bytes)]
+
+    assert cut(_sized(), 2, 100) == []
+    assert cut(_sized(1, 2, 3, 4, 5), 2, 100) == [[1, 2], [3, 4], [5]]
+    # By declared bytes: a batch ends before the path that would pass the bound.
+    assert cut(_sized(40, 40, 40, 10, 90), 10, 100) == [[40, 40], [40, 10], [90]]
+    # A path larger than the bound alone is a batch of its own, never skipped.
+    assert cut(_sized(5, 500, 5), 10, 100) == [[5], [500], [5]]
+    assert cut(_sized(500), 10, 100) == [[500]]

@@ -7,11 +7,11 @@ that are not final: each becomes ``cancelled`` (a conditional update), its Nix p
 killed if it runs here, and its build is cancelled (steps no other build needs stop).
 
 The loop (``run``) claims queued evaluations (``queued -> evaluating``, a conditional update:
-one runner wins), evaluates each off the event loop (``evaluator.py``), uploads the ``.drv``
-closure into the cache through the door client uploads take (``ingest_client_path``), admits
-one build with every job through the admission path ``POST /api/v1/builds`` uses
-(``plan_parts`` + ``Scheduler.admit_build``), and watches the builds of its evaluations,
-reporting every evaluation and job state change to the ``Reporter``.
+one runner wins), evaluates each off the event loop (``evaluator.py``), puts the ``.drv``
+closure into the cache with the checks a client's upload gets, in batches
+(``ingest_client_closure``), admits one build with every job through the admission path
+``POST /api/v1/builds`` uses (``plan_parts`` + ``Scheduler.admit_build``), and watches the
+builds of its evaluations, reporting every evaluation and job state change to the ``Reporter``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +32,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bigtent.client.build import nar_hash_to_nix32, upload_order
 from bigtent.config import RunnerConfig
 from bigtent.errors import BadRequest, ConfigError, Conflict, NotFound
+from bigtent.nix import base32
 from bigtent.nix.nar import dump_path
-from bigtent.nix.store import PathInfo
 from bigtent.runner.builds import plan_parts
 from bigtent.runner.cache import Cache, Upstreams
 from bigtent.runner.ci import triggers
@@ -42,7 +43,7 @@ from bigtent.runner.ci.triggers import ActiveEval, CiEvalState, job_state_from_s
 from bigtent.runner.ci.webhooks import Rerun, Trigger, TriggerKind
 from bigtent.runner.db import ci_queries as q
 from bigtent.runner.forge.model import EvalReport, EvalState, JobReport, JobState, Reporter
-from bigtent.runner.ingest import ingest_client_path
+from bigtent.runner.ingest import ClientPath, ingest_client_closure
 from bigtent.runner.logs import LogStore
 from bigtent.runner.scheduler.dispatcher import Scheduler
 
@@ -52,7 +53,6 @@ ACTOR = "ci"
 LOG_TAIL_LINES = 40
 FAILED_TAILS = 50
 """Failed jobs whose log tail a report carries (the forge side caps what it posts)."""
-UPLOAD_CONCURRENCY = 4
 PRUNE_SECS = 3600.0
 """How often webhook delivery ids older than ``evaluation.replay_window_secs`` are deleted."""
 PROJECT_RELOAD_SECS = 10.0
@@ -542,41 +542,23 @@ class CiService:
         await self._watch(eval_id)
 
     async def _upload(self, drvs: list[str]) -> int:
-        """The ``.drv`` closure, from the evaluation store into the cache (as a client's
-        upload: each path content-addressed and checked on the way in)."""
+        """The ``.drv`` closure, from the evaluation store into the cache (every path
+        content-addressed and checked as a client's upload is, published in batches:
+        ``ingest_client_closure``)."""
         store = self.evaluator.store
         infos = await store.path_info(drvs, recursive=True, derivation=True)
-        present = await self.cache.present([i.path for i in infos])
-        missing = [i.path for i in infos if i.path not in present]
-        order = upload_order(infos, missing)
-        t_start = time.monotonic()
-        done = {info.path: asyncio.Event() for info in order}
-        slots = asyncio.Semaphore(UPLOAD_CONCURRENCY)
-
-        async def one(info: PathInfo) -> None:
-            # Each path after the paths it references (the cache takes a path only then).
-            for ref in info.references:
-                if ref != info.path and ref in done:
-                    await done[ref].wait()
-            async with slots:
-                await ingest_client_path(
-                    self.cache,
-                    self.engine,
-                    info.path.rsplit("/", 1)[-1],
-                    _nar_chunks(store.real_path(info.path)),
-                    nar_hash=nar_hash_to_nix32(info.nar_hash),
-                    nar_size=str(info.nar_size),
-                    references=" ".join(
-                        r.rsplit("/", 1)[-1] for r in info.references if r != info.path
-                    ),
-                )
-            done[info.path].set()
-
-        async with asyncio.TaskGroup() as tg:
-            for info in order:
-                tg.create_task(one(info))
-        log.debug("uploaded %d paths in %.2f s", len(order), time.monotonic() - t_start)
-        return len(order)
+        order = upload_order(infos, [i.path for i in infos])
+        paths = [
+            ClientPath(
+                path=info.path,
+                nar_hash=base32.parse_hash(nar_hash_to_nix32(info.nar_hash), "sha256"),
+                nar_size=info.nar_size,
+                references=frozenset(r for r in info.references if r != info.path),
+                nar=functools.partial(dump_path, store.real_path(info.path)),
+            )
+            for info in order
+        ]
+        return await ingest_client_closure(self.cache, self.engine, paths)
 
     async def _end(self, eval_id: int, state: CiEvalState, error: str | None) -> None:
         async with self.engine.begin() as conn:
@@ -749,12 +731,3 @@ def _forge_state(state: CiEvalState) -> EvalState:
     if state is CiEvalState.AWAITING_APPROVAL:
         return EvalState.QUEUED
     return EvalState(state.value)
-
-
-async def _nar_chunks(path: Any) -> AsyncIterator[bytes]:
-    chunks: Iterator[bytes] = dump_path(path)
-    while True:
-        chunk = await asyncio.to_thread(next, chunks, None)
-        if chunk is None:
-            return
-        yield chunk

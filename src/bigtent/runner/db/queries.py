@@ -170,6 +170,44 @@ async def insert_store_path(
     return bool(result.rowcount)
 
 
+def _store_path_row(info: NarInfo, created_at: float) -> dict[str, Any]:
+    return {
+        "path": info.store_path,
+        "hash_part": info.store_path[len(STORE) :].split("-", 1)[0],
+        "nar_hash": info.nar_hash,
+        "nar_size": info.nar_size,
+        "url": info.url,
+        "compression": info.compression,
+        "file_hash": info.file_hash or "",
+        "file_size": info.file_size or 0,
+        "references": json.dumps(sorted(info.references)),
+        "deriver": info.deriver,
+        "ca": info.ca,
+        "sig": "\n".join(info.sigs),
+        "created_at": created_at,
+    }
+
+
+async def insert_store_paths(
+    conn: AsyncConnection,
+    infos: Sequence[NarInfo],
+    *,
+    created_at: float,
+    table: Table = store_paths,
+) -> dict[str, NarInfo]:
+    """Record many narinfos in one statement (a path already recorded keeps its first
+    record); returns what the table now holds for each of them, to be remembered after the
+    commit."""
+    if not infos:
+        return {}
+    await conn.execute(_insert_ignore(conn, table), [_store_path_row(i, created_at) for i in infos])
+    out: dict[str, NarInfo] = {}
+    for chunk in _chunks([i.store_path for i in infos]):
+        rows = await conn.execute(select(table).where(table.c.path.in_(chunk)))
+        out.update((row.path, _narinfo(row)) for row in rows)
+    return out
+
+
 async def forget_store_path(
     conn: AsyncConnection, hash_part: str, table: Table = store_paths
 ) -> bool:
@@ -212,19 +250,27 @@ class DrvInfo:
     """Hex of Nix's hashDerivationModulo of the .drv; None for rows recorded before it was."""
 
 
+def _derivation_row(drv: DrvInfo) -> dict[str, Any]:
+    return {
+        "drv_path": drv.drv_path,
+        "name": drv.name,
+        "system": drv.system,
+        "required_features": json.dumps(sorted(drv.required_features)),
+        "outputs": json.dumps(dict(drv.outputs)),
+        "input_drvs": json.dumps({k: list(v) for k, v in drv.input_drvs.items()}),
+        "input_srcs": json.dumps(list(drv.input_srcs)),
+        "hash_modulo": drv.hash_modulo,
+    }
+
+
 async def insert_derivation(conn: AsyncConnection, drv: DrvInfo) -> None:
-    await conn.execute(
-        _insert_ignore(conn, derivations).values(
-            drv_path=drv.drv_path,
-            name=drv.name,
-            system=drv.system,
-            required_features=json.dumps(sorted(drv.required_features)),
-            outputs=json.dumps(dict(drv.outputs)),
-            input_drvs=json.dumps({k: list(v) for k, v in drv.input_drvs.items()}),
-            input_srcs=json.dumps(list(drv.input_srcs)),
-            hash_modulo=drv.hash_modulo,
-        )
-    )
+    await conn.execute(_insert_ignore(conn, derivations).values(**_derivation_row(drv)))
+
+
+async def insert_derivations(conn: AsyncConnection, drvs: Sequence[DrvInfo]) -> None:
+    """Record many parsed derivations in one statement (recorded ones stay as they are)."""
+    if drvs:
+        await conn.execute(_insert_ignore(conn, derivations), [_derivation_row(d) for d in drvs])
 
 
 async def set_derivation_hash_modulo(
