@@ -50,6 +50,8 @@ bench: deps venv
 	$(BIN)/python bench/nixhook.py $(BENCH_FLAGS)
 	$(BIN)/python bench/logretention.py $(BENCH_FLAGS)
 	$(BIN)/python bench/drvingest.py $(BENCH_FLAGS)
+	$(BIN)/python bench/eval.py $(BENCH_FLAGS)
+	$(BIN)/python bench/gc.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) .bigtent-demo .mypy_cache .ruff_cache .pytest_cache

@@ -340,7 +340,10 @@ def main() -> int:
         help="stop once the first step is dispatched (do not wait for every result)",
     )
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="50 jobs (a smoke run)")
     args = ap.parse_args()
+    if args.quick:
+        args.jobs = min(args.jobs, 50)
     m = machine()
     with tempfile.TemporaryDirectory(prefix="bigtent-bench-eval-") as tmp:
         run = measure(args, Path(tmp))

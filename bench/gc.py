@@ -168,7 +168,10 @@ def main() -> None:
     parser.add_argument("--paths", type=int, default=100_000)
     parser.add_argument("--chain", type=int, default=10)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="2,000 paths (a smoke run)")
     args = parser.parse_args()
+    if args.quick:
+        args.paths = min(args.paths, 2_000)
     m = common.machine()
     if not args.json:
         common.header(f"bench/gc.py: a collection over {args.paths} paths", m)
