@@ -3,18 +3,20 @@ deliveries for it."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import subprocess
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.conftest import current_system
+from tests.conftest import current_system, wait_until
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "t",
@@ -99,6 +101,38 @@ class Repo:
     def pull_ref(self, number: int, sha: str) -> None:
         """What a forge keeps for a pull request: ``refs/pull/N/head``."""
         self.git("update-ref", f"refs/pull/{number}/head", sha)
+
+
+@contextlib.contextmanager
+def git_daemon(repo: Repo, port: int) -> Iterator[str]:
+    """Serve ``repo`` read-only over ``git://127.0.0.1:PORT/`` (projects added through the
+    API may not clone ``file://`` URLs); yields its URL once ``git ls-remote`` answers."""
+    proc = subprocess.Popen(
+        [
+            "git",
+            "daemon",
+            "--reuseaddr",
+            "--export-all",
+            "--listen=127.0.0.1",
+            f"--port={port}",
+            f"--base-path={repo.path.parent}",
+            str(repo.path.parent),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"git://127.0.0.1:{port}/{repo.path.name}"
+
+    def answers() -> bool:
+        check = subprocess.run(["git", "ls-remote", url], capture_output=True, check=False)
+        return check.returncode == 0
+
+    try:
+        wait_until(answers, timeout=30, what=f"git daemon at {url}")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def make_repo(root: Path, name: str = "widgets") -> Repo:

@@ -21,12 +21,13 @@ from tests.e2e.ci_repo import (
     checks_flake,
     deliver,
     file_jobs,
+    git_daemon,
     make_repo,
     pr_payload,
     project_toml,
     push_payload,
 )
-from tests.e2e.conftest import Farm
+from tests.e2e.conftest import Farm, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nix]
 
@@ -260,8 +261,18 @@ def test_non_flake_project_and_the_projects_api(
         {"ci.nix": file_jobs({"one": "echo 1 > $out", "two": "echo 2 > $out"}, uuid.uuid4().hex)}
     )
     farm = farm_factory(agents=1)
+    refused = farm.bigtent(
+        "projects", "add", "plain", repo.url, "--branch", "main", "--json",
+        token=farm.admin_token,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "file://" in refused.stderr  # the runner host's files
+    with git_daemon(repo, free_port()) as url:
+        _non_flake_project(farm, url)
+
+
+def _non_flake_project(farm: Farm, url: str) -> None:
     added = farm.bigtent(
-        "projects", "add", "plain", repo.url, "--branch", "main", "--file", "ci.nix",
+        "projects", "add", "plain", url, "--branch", "main", "--file", "ci.nix",
         "--attr", "ci", "--json", token=farm.admin_token,
     )  # fmt: skip
     assert added.returncode == 0, added.stderr

@@ -538,10 +538,16 @@ HELPER_START_SECS = 15.0
 """How long a hook waits for the helper it started to listen."""
 
 
+ROOT_HELPER_DIR = "/run/bigtent-nix-hook"
+"""The helper's directory for root without ``$XDG_RUNTIME_DIR`` (as under the Nix daemon):
+in /run, where other users cannot create it first."""
+
+
 def helper_socket(config: HookConfig, uid: int, env: Mapping[str, str]) -> str:
     """The helper's socket: ``--socket``, else one per runner and credential in
-    ``$XDG_RUNTIME_DIR`` or ``/tmp/bigtent-nix-hook-UID`` (a directory only this user may
-    enter, checked by ``private_dir``)."""
+    ``$XDG_RUNTIME_DIR``, ``/run/bigtent-nix-hook`` for root, or ``/tmp/bigtent-nix-hook-UID``
+    (a directory only this user may enter, checked by ``private_dir`` before the hook
+    connects: a helper listening there is this user's own)."""
     if config.socket:
         return config.socket
     import hashlib
@@ -550,7 +556,9 @@ def helper_socket(config: HookConfig, uid: int, env: Mapping[str, str]) -> str:
         [config.runner_url, config.token or "", config.oidc_audience or "", config.ca_file or ""]
     )
     name = "helper-" + hashlib.sha256(key.encode()).hexdigest()[:16] + ".sock"
-    base = env.get("XDG_RUNTIME_DIR") or f"/tmp/bigtent-nix-hook-{uid}"
+    base = env.get("XDG_RUNTIME_DIR") or ROOT_HELPER_DIR
+    if base == ROOT_HELPER_DIR and (uid != 0 or not os.path.isdir("/run")):
+        base = f"/tmp/bigtent-nix-hook-{uid}"  # others may pre-create it: private_dir checks
     return os.path.join(base, name)
 
 
@@ -585,6 +593,12 @@ def via_helper(
     import time
 
     path = helper_socket(config, os.getuid(), os.environ)
+    if not config.socket:
+        try:  # before connecting: whoever owns the directory could serve a fake helper
+            private_dir(os.path.dirname(path))
+        except OSError as err:
+            sink.error(f"cannot use the helper at {path}: {err}")
+            return 1
     deadline: float | None = None
     while True:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

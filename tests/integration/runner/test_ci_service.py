@@ -72,13 +72,28 @@ async def _stored(runner: RunnerHarness) -> tuple[int, int]:
     return int(evals or 0), int(deliveries or 0)
 
 
+class FakeRemote:
+    """``git ls-remote`` of the hook runner's project: the refs as they are now."""
+
+    def __init__(self) -> None:
+        self.refs = {"refs/heads/main": "a" * 40}
+        self.calls = 0
+
+    async def __call__(self, url: str, refs: list[str]) -> dict[str, str]:
+        self.calls += 1
+        return {r: sha for r, sha in self.refs.items() if r in refs}
+
+
 @pytest.fixture
 async def hook_runner(make_runner: MakeRunner, tmp_path: Path) -> RunnerHarness:
     secret, token = _secret_files(tmp_path)
-    return await make_runner(
+    runner = await make_runner(
         projects=[_project("file:///nonexistent/widgets", secret, token)],
-        evaluation={"webhook_max_bytes": 4096},
+        evaluation={"webhook_max_bytes": 4096, "api_secrets_dir": str(tmp_path / "api")},
     )
+    assert runner.comps.ci is not None
+    runner.comps.ci.ls_remote = FakeRemote()
+    return runner
 
 
 def _push_body(sha: str = "a" * 40, repository: str = "acme/widgets") -> bytes:
@@ -202,6 +217,7 @@ async def test_reports_of_an_eval_error_then_building_then_superseded(
 
     # A force-push back to the first commit evaluates it again and supersedes the newer one.
     recorder.reports.clear()
+    repo.git("reset", "-q", "--hard", first)
     assert await _push(runner, repo, first) == building
     await recorder.wait_for(lambda r: r.evaluation_id == newer and r.state is EvalState.CANCELLED)
     again = await recorder.wait_for(
@@ -403,8 +419,129 @@ async def test_adding_an_invalid_project_says_what_is_wrong(hook_runner: RunnerH
     resp = await admin.post("/api/v1/projects", json={"name": "x", "url": "/not/a/url"})
     assert resp.status_code == 400
     assert resp.json()["error"].startswith("invalid project: url: ")
-    resp = await admin.post("/api/v1/projects", json={"name": "widgets", "url": "file:///x"})
+    resp = await admin.post(
+        "/api/v1/projects", json={"name": "widgets", "url": "https://example.test/x.git"}
+    )
     assert resp.status_code == 409  # the config's project has that name
+
+
+async def test_api_projects_cannot_send_runner_files_anywhere(
+    hook_runner: RunnerHarness, tmp_path: Path
+) -> None:
+    """An admin token must not make the runner send its files (the cache's signing key) to a
+    URL of the admin's choosing, nor clone the runner host's repositories."""
+    admin = hook_runner.client(Role.ADMIN)
+    signing_key = hook_runner.state_dir / "cache.sk"
+    evil = {
+        "name": "evil",
+        "url": "https://example.test/acme/evil.git",
+        "repository": "acme/evil",
+        "forge": "forgejo",
+        "forge_api_url": "https://evil.example/api/v1",
+        "forge_token_file": str(signing_key),
+    }
+    resp = await admin.post("/api/v1/projects", json=evil)
+    assert resp.status_code == 400, resp.text
+    assert "forge_token_file" in resp.json()["error"]
+    escape = tmp_path / "api" / ".." / "hook.secret"
+    for bad in (
+        {"webhook_secret_file": str(escape)},
+        {"forge_token_file": "api/token"},  # relative: not inside
+        {"url": "file:///srv/private/repo"},
+        {"forge_api_url": "http://forge.example/api/v1"},
+    ):
+        resp = await admin.post("/api/v1/projects", json={**evil, **bad})
+        assert resp.status_code == 400, (bad, resp.text)
+    # Inside evaluation.api_secrets_dir, over https (or http to loopback): taken.
+    (tmp_path / "api").mkdir()
+    inside = tmp_path / "api" / "evil.token"
+    inside.write_text("t")
+    ok = {**evil, "forge_token_file": str(inside), "forge_api_url": "http://127.0.0.1:9/api"}
+    resp = await admin.post("/api/v1/projects", json=ok)
+    assert resp.status_code == 201, resp.text
+    assert await _stored(hook_runner) == (0, 0)
+    # Clients see that secret files are set, not where they are; admins see the paths.
+    listed = (await hook_runner.client().get("/api/v1/projects")).json()["projects"]
+    assert {p["name"]: p["forge_token_file"] for p in listed} == {
+        "widgets": "(set)",
+        "evil": "(set)",
+    }
+    assert str(tmp_path) not in json.dumps(listed)
+    shown = (await hook_runner.client().get("/api/v1/projects/evil")).json()
+    assert shown["forge_token_file"] == "(set)"
+    as_admin = (await admin.get("/api/v1/projects")).json()["projects"]
+    assert {p["name"]: p["forge_token_file"] for p in as_admin}["evil"] == str(inside)
+
+
+async def test_api_project_stored_before_the_checks_is_skipped(
+    hook_runner: RunnerHarness,
+) -> None:
+    bad = {
+        "name": "old",
+        "url": "https://example.test/o.git",
+        "forge": "forgejo",
+        "repository": "acme/old",
+        "forge_api_url": "https://evil.example/api/v1",
+        "forge_token_file": str(hook_runner.state_dir / "cache.sk"),
+    }
+    async with hook_runner.comps.engine.begin() as conn:
+        await q.insert_project(conn, "old", "api", bad, 0.0)
+    ci = hook_runner.comps.ci
+    assert ci is not None
+    await ci.reload_projects()
+    assert set(ci.projects) == {"widgets"}
+
+
+async def test_a_replayed_push_of_an_older_commit_is_stale(hook_runner: RunnerHarness) -> None:
+    """The signature covers the body, not the delivery id: a captured push of commit A sent
+    again with a new id must not evaluate A again nor supersede the newer B."""
+    ci = hook_runner.comps.ci
+    assert ci is not None
+    remote = ci.ls_remote
+    assert isinstance(remote, FakeRemote)
+    c = hook_runner.client(None)
+    old, new = "a" * 40, "b" * 40
+    body_a = _push_body(old)
+    assert (
+        await c.post("/api/v1/hooks/github", content=body_a, headers=_headers(body_a))
+    ).status_code == 202
+    remote.refs["refs/heads/main"] = new
+    body_b = _push_body(new)
+    resp = await c.post("/api/v1/hooks/github", content=body_b, headers=_headers(body_b))
+    newer = resp.json()["evaluation"]
+    replayed = await c.post("/api/v1/hooks/github", content=body_a, headers=_headers(body_a))
+    assert replayed.status_code == 202
+    assert replayed.json()["accepted"] is False and replayed.json()["reason"].startswith("stale")
+    async with hook_runner.comps.engine.connect() as conn:
+        rows = {r.commit_sha: r for r in await q.fetch_evaluations(conn, "widgets", 10)}
+    assert rows[new].id == newer and rows[new].state != CiEvalState.CANCELLED
+    assert rows[old].state == CiEvalState.CANCELLED and rows[old].superseded_by == newer
+    # A deleted branch: a push to it is stale too.
+    del remote.refs["refs/heads/main"]
+    again = await c.post("/api/v1/hooks/github", content=body_b, headers=_headers(body_b))
+    assert again.json()["accepted"] is False and "no longer exists" in again.json()["reason"]
+
+
+async def test_one_unreadable_webhook_secret_fails_no_other_project(
+    make_runner: MakeRunner, tmp_path: Path
+) -> None:
+    secret, token = _secret_files(tmp_path)
+    broken = {
+        **_project("https://example.test/acme/other.git", tmp_path / "missing.secret", token),
+        "name": "other",
+        "repository": "acme/other",
+    }
+    runner = await make_runner(
+        projects=[broken, _project("file:///nonexistent/widgets", secret, token)]
+    )
+    assert runner.comps.ci is not None
+    runner.comps.ci.ls_remote = FakeRemote()
+    body = _push_body()
+    resp = await runner.client(None).post(
+        "/api/v1/hooks/github", content=body, headers=_headers(body)
+    )
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["project"] == "widgets"
 
 
 async def test_delivery_ids_are_forgotten_after_the_replay_window(

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -34,6 +39,7 @@ from bigtent.client.nixhook import (
     local_store_uri,
     parse_args,
     run_hook,
+    via_helper,
     wanted_paths,
 )
 from bigtent.states import BuildState
@@ -196,6 +202,7 @@ def test_helper_socket_is_one_per_runner_and_credential() -> None:
     env = {"XDG_RUNTIME_DIR": "/run/user/5"}
     assert helper_socket(a, 5, env).startswith("/run/user/5/helper-")
     assert helper_socket(a, 5, {}).startswith("/tmp/bigtent-nix-hook-5/helper-")
+    assert helper_socket(a, 0, {}).startswith("/run/bigtent-nix-hook/helper-")  # not /tmp
     assert helper_socket(a, 5, env) == helper_socket(a, 5, env)
     assert helper_socket(a, 5, env) != helper_socket(a._replace(token="t2"), 5, env)
     assert helper_socket(a._replace(socket="/x.sock"), 5, env) == "/x.sock"
@@ -229,3 +236,60 @@ def test_log_sink_errors_go_to_the_log_and_to_nix_as_json() -> None:
     line = messages.getvalue()
     assert line.startswith(b"@nix ")
     assert json.loads(line[5:]) == {"action": "msg", "level": 0, "msg": "bigtent: runner said no"}
+
+
+class _Errors:
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def line(self, text: str) -> None:
+        pass
+
+    def error(self, text: str) -> None:
+        self.errors.append(text)
+
+
+@pytest.mark.parametrize("planted", ["open to others", "another user's"])
+def test_hook_does_not_talk_to_a_helper_in_a_directory_another_user_controls(
+    planted: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local user pre-creates the helper's directory (``/tmp/bigtent-nix-hook-0`` under the
+    daemon) and serves a fake helper there: the hook must refuse before connecting."""
+    if planted == "another user's" and os.getuid() != 0:
+        pytest.skip("needs root to give the directory away")
+    config = HookConfig(runner_url="http://r", token="secret-token")
+    short = Path(tempfile.mkdtemp(prefix="bt-", dir="/tmp"))  # a socket path is short
+    planted_dir = short / "planted"
+    planted_dir.mkdir()
+    if planted == "open to others":
+        planted_dir.chmod(0o777)
+    else:
+        planted_dir.chmod(0o700)
+        os.chown(planted_dir, 65534, 65534)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(planted_dir))
+    path = helper_socket(config, os.getuid(), os.environ)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    server.settimeout(10)
+    talked: list[bytes] = []
+
+    def fake_helper() -> None:
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            return
+        with conn:
+            talked.append(conn.recv(4096))
+
+    thread = threading.Thread(target=fake_helper, daemon=True)
+    thread.start()
+    sink = _Errors()
+    try:
+        assert via_helper(config, "", DRV, ["out"], sink) == 1
+    finally:
+        server.close()
+        thread.join(timeout=10)
+        shutil.rmtree(short)
+    assert talked == []
+    assert sink.errors and "closed to others" in sink.errors[0]

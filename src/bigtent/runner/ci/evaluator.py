@@ -26,7 +26,11 @@ from pathlib import Path
 
 from bigtent.errors import BigtentError
 from bigtent.nix.store import BoundedEval, BoundedRun, NixStore
-from bigtent.runner.ci.settings import EvaluationSection, ProjectSection
+from bigtent.runner.ci.settings import (
+    EvaluationSection,
+    ProjectSection,
+    redact_url_credentials,
+)
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +324,7 @@ async def _git(cwd: Path | None, *args: str) -> str:
         await proc.wait()
         raise EvalFailure(f"git {args[0]} timed out", kind="fetch") from None
     if proc.returncode != 0:
-        text = err.decode(errors="replace").strip()
+        text = redact_url_credentials(err.decode(errors="replace").strip())
         raise EvalFailure(f"git {args[0]} failed: {text}", kind="fetch")
     return out.decode(errors="replace")
 

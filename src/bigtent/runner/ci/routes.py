@@ -10,8 +10,10 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from bigtent.errors import AuthError, BadRequest, NotFound, PayloadTooLarge
+from bigtent.config import Role
+from bigtent.errors import AuthError, BadRequest, ConfigError, NotFound, PayloadTooLarge
 from bigtent.runner.api import AdminAuth, ClientAuth, Comps, _iso, _known_id
+from bigtent.runner.auth.tokens import Principal
 from bigtent.runner.ci.service import CiService
 from bigtent.runner.ci.settings import ProjectSection
 from bigtent.runner.ci.triggers import match_project
@@ -65,7 +67,11 @@ async def _hook(forge: HookForge, request: Request, comps: Comps) -> JSONRespons
         await ci.reload_projects()
         secrets = {}
         for p in ci.projects.values():
-            secret = p.webhook_secret()
+            try:
+                secret = p.webhook_secret()
+            except ConfigError as exc:  # one project's broken secret fails no other's hooks
+                log.error("webhook secret of project %s skipped: %s", p.name, exc)
+                continue
             if secret is not None:
                 secrets[p.name] = secret
         signed_by = matching_secrets(secrets, body, hh.signature)
@@ -97,6 +103,11 @@ async def _hook(forge: HookForge, request: Request, comps: Comps) -> JSONRespons
             raise NotFound(f"no evaluation {event.evaluation_id} of project {project.name}")
         restarted = await ci.rerun(event)
         return JSONResponse({"accepted": True, "restarted": restarted}, status_code=202)
+    stale = await ci.stale(project, event)
+    if stale is not None:
+        return JSONResponse(
+            {"accepted": False, "project": project.name, "reason": stale}, status_code=202
+        )
     eval_id = await ci.trigger(project, event)
     return JSONResponse(
         {"accepted": eval_id is not None, "project": project.name, "evaluation": eval_id},
@@ -122,19 +133,21 @@ async def gitea_hook(request: Request, comps: Comps) -> JSONResponse:
 # ---- projects -------------------------------------------------------------------------------
 
 
-def _project_json(ci: CiService, p: ProjectSection) -> dict[str, Any]:
-    return {**p.model_dump(mode="json"), "source": ci.sources.get(p.name, "config")}
+def _project_json(ci: CiService, p: ProjectSection, who: Principal) -> dict[str, Any]:
+    """A project's settings; the paths of its secret files for admins only."""
+    settings = p.model_dump(mode="json") if who.role is Role.ADMIN else p.public_json()
+    return {**settings, "source": ci.sources.get(p.name, "config")}
 
 
 @ci_routes.get("/projects")
-async def list_projects(comps: Comps, _: ClientAuth) -> dict[str, Any]:
+async def list_projects(comps: Comps, who: ClientAuth) -> dict[str, Any]:
     ci = _ci(comps)
     await ci.reload_projects()
-    return {"projects": [_project_json(ci, p) for p in ci.projects.values()]}
+    return {"projects": [_project_json(ci, p, who) for p in ci.projects.values()]}
 
 
 @ci_routes.post("/projects", status_code=201)
-async def add_project(request: Request, comps: Comps, _: AdminAuth) -> dict[str, Any]:
+async def add_project(request: Request, comps: Comps, who: AdminAuth) -> dict[str, Any]:
     ci = _ci(comps)
     try:
         project = ProjectSection.model_validate_json(await request.body())
@@ -147,11 +160,11 @@ async def add_project(request: Request, comps: Comps, _: AdminAuth) -> dict[str,
             detail=[{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()],
         ) from exc
     await ci.add_project(project)
-    return _project_json(ci, project)
+    return _project_json(ci, project, who)
 
 
 @ci_routes.get("/projects/{name}")
-async def show_project(name: str, comps: Comps, _: ClientAuth) -> dict[str, Any]:
+async def show_project(name: str, comps: Comps, who: ClientAuth) -> dict[str, Any]:
     ci = _ci(comps)
     await ci.reload_projects()
     project = ci.project(name)
@@ -163,7 +176,7 @@ async def show_project(name: str, comps: Comps, _: ClientAuth) -> dict[str, Any]
             if row is not None:
                 latest[r.ref] = _eval_json(row)
     return {
-        **_project_json(ci, project),
+        **_project_json(ci, project, who),
         "refs": [
             {"ref": r.ref, "evaluations": int(r.evaluations), "latest": latest.get(r.ref)}
             for r in refs

@@ -23,7 +23,7 @@ import functools
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,7 @@ from bigtent.runner.builds import plan_parts
 from bigtent.runner.cache import Cache, Upstreams
 from bigtent.runner.ci import triggers
 from bigtent.runner.ci.evaluator import EvalFailure, Evaluator, default_branch, ls_remote
-from bigtent.runner.ci.settings import ProjectSection
+from bigtent.runner.ci.settings import ProjectSection, api_project_problem
 from bigtent.runner.ci.triggers import ActiveEval, CiEvalState, job_state_from_step
 from bigtent.runner.ci.webhooks import Rerun, Trigger, TriggerKind
 from bigtent.runner.db import ci_queries as q
@@ -110,6 +110,8 @@ class CiService:
         self._default_branches: dict[str, str] = {}
         self._reloaded = time.monotonic()
         self._pruned = -PRUNE_SECS
+        self.ls_remote: Callable[[str, list[str]], Awaitable[dict[str, str]]] = ls_remote
+        """``git ls-remote`` (replaced in tests)."""
 
     # ---- projects ---------------------------------------------------------------------------
     async def load(self) -> None:
@@ -138,10 +140,20 @@ class CiService:
         self.sources = {}
         for row in rows:
             try:
-                self.projects[row.name] = ProjectSection.model_validate_json(row.settings)
-                self.sources[row.name] = row.source
+                project = ProjectSection.model_validate_json(row.settings)
             except ValueError as exc:
                 log.error("project %s in the database is invalid, skipped: %s", row.name, exc)
+                continue
+            problem = (
+                api_project_problem(project, self.limits.api_secrets_dir)
+                if row.source != "config"
+                else None
+            )
+            if problem is not None:
+                log.error("project %s (added through the API) skipped: %s", row.name, problem)
+                continue
+            self.projects[row.name] = project
+            self.sources[row.name] = row.source
 
     async def reload_projects(self) -> None:
         async with self.engine.connect() as conn:
@@ -149,6 +161,9 @@ class CiService:
         self._reloaded = time.monotonic()
 
     async def add_project(self, project: ProjectSection) -> None:
+        problem = api_project_problem(project, self.limits.api_secrets_dir)
+        if problem is not None:
+            raise BadRequest(f"invalid project: {problem}")
         async with self.engine.begin() as conn:
             added = await q.insert_project(
                 conn, project.name, "api", project.model_dump(mode="json"), self.clock()
@@ -250,6 +265,27 @@ class CiService:
         self._wake.set()
         return eval_id
 
+    async def stale(self, project: ProjectSection, trigger: Trigger) -> str | None:
+        """Why a webhook's push is not taken (``triggers.stale_push``: its ref has moved on,
+        or cannot be read now); None when it is current or not a push."""
+        if trigger.kind is not TriggerKind.PUSH:
+            return None
+        try:
+            found = await self.ls_remote(project.url, [trigger.ref])
+        except EvalFailure as exc:
+            log.warning("project %s: cannot check %s: %s", project.name, trigger.ref, exc)
+            return f"cannot check that {trigger.ref} is at {trigger.commit_sha[:12]}"
+        reason = triggers.stale_push(trigger, found)
+        if reason is not None:
+            log.warning(
+                "project %s: push of %s to %s ignored (%s)",
+                project.name,
+                trigger.commit_sha[:12],
+                trigger.ref,
+                reason,
+            )
+        return reason
+
     async def _default_branch(self, project: ProjectSection) -> str:
         if project.branches:
             return ""
@@ -271,7 +307,7 @@ class CiService:
             raise BadRequest(f"project {name}: name a branch (the default branch is not known)")
         ref = f"refs/heads/{target}"
         try:
-            found = await ls_remote(project.url, [ref])
+            found = await self.ls_remote(project.url, [ref])
         except EvalFailure as exc:
             raise BadRequest(f"project {name}: {exc.message}") from exc
         if ref not in found:
@@ -634,7 +670,7 @@ class CiService:
         branches = project.branches or [await self._default_branch(project)]
         refs = [f"refs/heads/{b}" for b in branches if b]
         try:
-            found = await ls_remote(project.url, refs)
+            found = await self.ls_remote(project.url, refs)
         except EvalFailure as exc:
             log.warning("project %s: polling failed: %s", project.name, exc)
             return

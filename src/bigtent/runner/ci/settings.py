@@ -8,6 +8,8 @@ never holds a secret inline.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
 from enum import StrEnum
 from pathlib import Path
@@ -95,8 +97,12 @@ class ProjectSection(BaseModel):
         url = urlsplit(v)
         if url.scheme not in GIT_SCHEMES or (url.scheme != "file" and not url.hostname):
             raise ValueError("must be a git URL: https://, ssh://, git:// or file://")
-        if url.password:
-            raise ValueError("must not carry a password (use an SSH key or a credential helper)")
+        if url.password or (url.scheme in ("http", "https") and url.username is not None):
+            # A token is often put in the user name (https://ghp_…@github.com/o/r): it would be
+            # shown by GET /api/v1/projects, the dashboard and git's error messages.
+            raise ValueError(
+                "must not carry credentials (use an SSH key or a git credential helper)"
+            )
         return v
 
     @field_validator("branches")
@@ -157,6 +163,23 @@ class ProjectSection(BaseModel):
                 raise ValueError("forge_api_url must be an http(s):// URL")
         return self
 
+    def secret_files(self) -> dict[str, Path]:
+        """The project's ``*_file`` settings that are set: name -> path."""
+        files = {
+            "webhook_secret_file": self.webhook_secret_file,
+            "forge_token_file": self.forge_token_file,
+            "forge_ca_file": self.forge_ca_file,
+            "github_app_key_file": self.github_app_key_file,
+        }
+        return {k: v for k, v in files.items() if v is not None}
+
+    def public_json(self) -> dict[str, object]:
+        """The settings as clients (not admins) see them: no file paths of secrets."""
+        data = self.model_dump(mode="json")
+        for key in self.secret_files():
+            data[key] = "(set)"
+        return data
+
     def target(self) -> ForgeTarget | None:
         """Where this project's results are reported (None: nowhere)."""
         if self.forge is ForgeChoice.NONE:
@@ -191,6 +214,52 @@ class ProjectSection(BaseModel):
         return value
 
 
+_URL_CREDENTIALS = re.compile(r"(?i)\b((?:https?|git|ssh|ftps?)://)[^/\s@]+@")
+
+
+def redact_url_credentials(text: str) -> str:
+    """``text`` with the user name and password of every URL in it replaced by ``***`` (git's
+    error messages name the URL they failed on, and are shown to clients and forges)."""
+    return _URL_CREDENTIALS.sub(r"\1***@", text)
+
+
+def api_project_problem(project: ProjectSection, secrets_dir: Path | None) -> str | None:
+    """Why a project added through the API (by an admin token, not the operator's config)
+    is refused, None when it is not (pure but for resolving symbolic links).
+
+    The runner reads a project's ``*_file`` settings and sends the forge token to
+    ``forge_api_url``: an API project may name files only inside ``secrets_dir``
+    (``evaluation.api_secrets_dir``; none configured: no secret files at all), may not clone
+    ``file://`` repositories of the runner's host, and sends its token over https only
+    (plain http only to a loopback address)."""
+    for key, path in project.secret_files().items():
+        if secrets_dir is None:
+            return (
+                f"{key}: projects added through the API cannot name files unless the runner "
+                "sets evaluation.api_secrets_dir"
+            )
+        root = os.path.realpath(secrets_dir)
+        real = os.path.realpath(path)
+        if not path.is_absolute() or os.path.commonpath([root, real]) != root or real == root:
+            return f"{key}: must be a file inside evaluation.api_secrets_dir ({secrets_dir})"
+    if urlsplit(project.url).scheme == "file":
+        return "url: file:// repositories are only for projects of the runner's config"
+    if project.forge_api_url:
+        api = urlsplit(project.forge_api_url)
+        if api.scheme != "https" and not _is_loopback(api.hostname or ""):
+            return "forge_api_url: must be https:// (http:// only to a loopback address)"
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class EvaluationSection(BaseModel):
     """``[evaluation]``: how the runner evaluates projects (docs/ci.md)."""
 
@@ -211,3 +280,6 @@ class EvaluationSection(BaseModel):
     """How long webhook delivery ids are remembered (a replayed delivery is refused)."""
     watch_interval_secs: float = Field(default=0.5, gt=0, le=60)
     """How often the state of building evaluations' jobs is read to report changes."""
+    api_secrets_dir: Path | None = None
+    """The only directory whose files projects added through the API may name as their
+    ``*_file`` settings (unset: such projects have no secret files: no webhooks, no forge)."""

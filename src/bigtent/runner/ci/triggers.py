@@ -3,7 +3,7 @@ trust, and which earlier evaluations the new commit supersedes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -75,18 +75,37 @@ def decide(project: ProjectSection, trigger: Trigger) -> Decision:
     """Whether a trigger is evaluated, and how (pure).
 
     A push is evaluated for a built branch. A pull request is evaluated when it targets a
-    built branch; from a fork it is untrusted (untrusted agents, the untrusted cache), and
-    with ``require_approval_for_outside`` one by an outside author waits for approval.
+    built branch, always untrusted (untrusted agents, the untrusted cache): whoever can open
+    one writes its head, and a branch of the repository itself is built trusted by its own
+    push events. With ``require_approval_for_outside`` a pull request by an outside author
+    (fork, AGit or a branch) waits for approval.
     """
     if trigger.kind is TriggerKind.PULL_REQUEST:
         if not builds_branch(project, trigger.branch, trigger.default_branch):
             return Decision(False, f"pull request into {trigger.branch}, a branch not built")
-        trusted = not trigger.from_fork and not is_pull_request_ref(trigger.ref)
-        approval = trigger.from_fork and trigger.outside and project.require_approval_for_outside
-        return Decision(True, trusted=trusted, needs_approval=approval)
+        approval = trigger.outside and project.require_approval_for_outside
+        return Decision(True, trusted=False, needs_approval=approval)
     if not builds_branch(project, trigger.branch, trigger.default_branch):
         return Decision(False, f"branch {trigger.branch} is not built")
     return Decision(True, trusted=not is_pull_request_ref(trigger.ref))
+
+
+def stale_push(trigger: Trigger, found: Mapping[str, str]) -> str | None:
+    """Why a push is not evaluated although its signature is good (None: it is current).
+
+    A webhook's signature covers its body, not its delivery id: a captured push of commit A
+    resent under a new id would evaluate A again and supersede the newer B. So a push is
+    taken only while its ref still points at its commit (``found``: ``git ls-remote`` of the
+    ref, ref -> commit); otherwise a newer push (evaluated by its own hook) or a deletion
+    followed."""
+    if trigger.kind is not TriggerKind.PUSH:
+        return None
+    now = found.get(trigger.ref)
+    if now is None:
+        return f"stale: {trigger.ref} no longer exists"
+    if now != trigger.commit_sha:
+        return f"stale: {trigger.ref} is at {now[:12]} now, not at {trigger.commit_sha[:12]}"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

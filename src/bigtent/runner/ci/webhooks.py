@@ -104,8 +104,9 @@ class Trigger:
     """``owner/name`` of the repository the hook is for."""
     clone_urls: tuple[str, ...]
     ref: str
-    """What the evaluation is for: ``refs/heads/B`` for a push or a pull request from a branch
-    of the repository itself, ``refs/pull/N/head`` for one from a fork."""
+    """What the evaluation is for: ``refs/heads/B`` for a push, ``refs/pull/N/head`` for a
+    pull request (from a fork or not: a pull request is never built trusted, a branch of the
+    repository is, by its push events)."""
     fetch_ref: str
     """What to fetch from the project's URL to get the commit."""
     commit_sha: str
@@ -114,8 +115,11 @@ class Trigger:
     default_branch: str = ""
     pull_request: int | None = None
     from_fork: bool = False
+    """The head is not a branch of the repository itself: a fork, or an AGit pull request
+    (Gitea/Forgejo), whose head.ref is a ``refs/…`` ref."""
     outside: bool = False
-    """The author is not an owner, member or collaborator of the repository."""
+    """The author is not known as an owner, member or collaborator of the repository (Gitea
+    and Forgejo do not say: every author of theirs is outside)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,25 +211,25 @@ def parse_event(event: str, payload: dict[str, Any]) -> Event:
             raise BadRequest("pull request payload without a number or head commit")
         head_repo = _str(pr, "head", "repo", "full_name")
         base_repo = _str(pr, "base", "repo", "full_name") or repository
-        from_fork = head_repo != base_repo
-        head_branch = _str(pr, "head", "ref")
-        if len(head_branch) > MAX_REF_CHARS - len("refs/heads/"):
-            head_branch = ""  # evaluated under its pull request ref instead
+        # Gitea and Forgejo send head.ref = "refs/pull/N/head", and for an AGit pull request
+        # (``git push origin HEAD:refs/for/main``, open to anyone who can read the repository)
+        # head.repo = base.repo: a head.ref under refs/ is no branch of the repository.
+        head_ref = _str(pr, "head", "ref")
+        from_fork = head_repo != base_repo or not head_ref or head_ref.startswith("refs/")
         association = _str(pr, "author_association") or _str(payload, "author_association")
         pull_ref = f"refs/pull/{number}/head"
-        ref = pull_ref if from_fork or not head_branch else f"refs/heads/{head_branch}"
         return Trigger(
             kind=TriggerKind.PULL_REQUEST,
             repository=repository,
             clone_urls=urls,
-            ref=ref,
+            ref=pull_ref,
             fetch_ref=pull_ref,
             commit_sha=sha,
             branch=_str(pr, "base", "ref"),
             default_branch=default_branch,
             pull_request=number,
             from_fork=from_fork,
-            outside=from_fork and association not in _INSIDERS,
+            outside=association not in _INSIDERS,
         )
     if event == "check_run":
         if _str(payload, "action") != "rerequested":

@@ -10,7 +10,11 @@ from pydantic import ValidationError
 
 from bigtent.config import load_runner_config
 from bigtent.errors import ConfigError
-from bigtent.runner.ci.settings import ProjectSection
+from bigtent.runner.ci.settings import (
+    ProjectSection,
+    api_project_problem,
+    redact_url_credentials,
+)
 from bigtent.runner.forge.model import ForgeKind
 
 BASE = {"name": "widgets", "url": "https://example.test/acme/widgets.git"}
@@ -27,6 +31,8 @@ def project(**kw: Any) -> ProjectSection:
         {"name": "-x"},
         {"url": "/srv/git/widgets"},
         {"url": "https://user:secret@example.test/x.git"},
+        {"url": "https://ghp_0123456789abcdef@github.com/acme/widgets"},
+        {"url": "http://token@example.test/x.git"},
         {"branches": ["refs/heads/main"]},
         {"file": "../outside.nix"},
         {"file": "/etc/x.nix"},
@@ -86,3 +92,65 @@ def test_runner_config_takes_projects_and_evaluation(tmp_path: Path) -> None:
     assert config.evaluation.max_memory_mib == 512
     assert [p.name for p in config.projects] == ["w"]
     assert config.projects[0].flake_attrs == ["checks", "hydraJobs"]
+
+
+def test_ssh_urls_keep_their_user() -> None:
+    assert project(url="ssh://git@example.test/acme/widgets.git").url.startswith("ssh://git@")
+
+
+def test_credentials_in_urls_are_redacted_from_git_messages() -> None:
+    text = "fatal: unable to access 'https://ghp_secret@github.com/o/r/': 403\n" + (
+        "fatal: could not read from http://u:p@h.test/x and ssh://git@h.test/y"
+    )
+    redacted = redact_url_credentials(text)
+    assert "ghp_secret" not in redacted and "u:p" not in redacted
+    assert "https://***@github.com/o/r/" in redacted and "http://***@h.test/x" in redacted
+
+
+FORGEJO = {
+    "forge": "forgejo",
+    "repository": "acme/widgets",
+    "forge_api_url": "https://git.example.test/api/v1",
+}
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ({**FORGEJO, "forge_token_file": "/var/lib/bigtent/cache.sk"}, "forge_token_file"),
+        ({**FORGEJO, "forge_token_file": "/secrets/api/../../etc/shadow"}, "forge_token_file"),
+        ({**FORGEJO, "forge_token_file": "/secrets/api"}, "forge_token_file"),
+        ({**FORGEJO, "forge_token_file": "/secrets/apix/t"}, "forge_token_file"),
+        ({"webhook_secret_file": "relative/secret"}, "webhook_secret_file"),
+        ({"forge_ca_file": "/etc/ssl/private/key.pem"}, "forge_ca_file"),
+        ({"url": "file:///srv/git/private"}, "file://"),
+        (
+            {**FORGEJO, "forge_token_file": "/secrets/api/t", "forge_api_url": "http://evil/api"},
+            "https",
+        ),
+    ],
+)
+def test_api_projects_are_confined(settings: dict[str, Any], problem: str) -> None:
+    found = api_project_problem(project(**settings), Path("/secrets/api"))
+    assert found is not None and problem in found
+
+
+def test_api_projects_without_a_secrets_dir_have_no_secret_files() -> None:
+    p = project(**FORGEJO, forge_token_file="/secrets/api/t")
+    assert api_project_problem(p, Path("/secrets/api")) is None
+    found = api_project_problem(p, None)
+    assert found is not None and "api_secrets_dir" in found
+    assert api_project_problem(project(), None) is None
+
+
+def test_api_projects_may_use_http_to_loopback_only() -> None:
+    for url in ("http://127.0.0.1:3000/api/v1", "http://[::1]/api/v1", "http://localhost/api"):
+        p = project(**{**FORGEJO, "forge_api_url": url}, forge_token_file="/secrets/api/t")
+        assert api_project_problem(p, Path("/secrets/api")) is None, url
+
+
+def test_clients_see_no_secret_file_paths() -> None:
+    p = project(**FORGEJO, forge_token_file="/secrets/api/t", webhook_secret_file="/s/h")
+    shown = p.public_json()
+    assert shown["forge_token_file"] == shown["webhook_secret_file"] == "(set)"
+    assert shown["forge_ca_file"] is None and shown["url"] == p.url

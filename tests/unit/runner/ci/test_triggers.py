@@ -9,6 +9,7 @@ from bigtent.runner.ci.triggers import (
     decide,
     job_state_from_step,
     match_project,
+    stale_push,
     superseded,
 )
 from bigtent.runner.ci.webhooks import Trigger, TriggerKind
@@ -40,7 +41,7 @@ def pr(fork: bool, outside: bool, base: str = "main") -> Trigger:
         kind=TriggerKind.PULL_REQUEST,
         repository="acme/widgets",
         clone_urls=(),
-        ref="refs/pull/3/head" if fork else "refs/heads/feature",
+        ref="refs/pull/3/head",
         fetch_ref="refs/pull/3/head",
         commit_sha=SHA,
         branch=base,
@@ -71,15 +72,18 @@ def test_pull_request_from_a_fork_is_untrusted() -> None:
     assert d.evaluate and not d.trusted and not d.needs_approval
 
 
-def test_pull_request_from_a_branch_of_the_repository_is_trusted() -> None:
+def test_pull_request_from_a_branch_of_the_repository_is_untrusted_too() -> None:
+    # Its branch is built trusted by its push events; the pull request is not.
     d = decide(project(), pr(fork=False, outside=False))
-    assert d.evaluate and d.trusted
+    assert d.evaluate and not d.trusted and not d.needs_approval
 
 
 def test_outside_author_needs_approval_when_the_project_says_so() -> None:
     p = project(require_approval_for_outside=True)
     assert decide(p, pr(fork=True, outside=True)).needs_approval
     assert not decide(p, pr(fork=True, outside=False)).needs_approval
+    # Not only from forks: an outsider's pull request from a branch (or an AGit one) too.
+    assert decide(p, pr(fork=False, outside=True)).needs_approval
 
 
 def test_pull_request_into_a_branch_not_built_is_not_evaluated() -> None:
@@ -111,3 +115,13 @@ def test_job_state_from_its_step() -> None:
     assert job_state_from_step("dependency_failed", "failed") == "failed"
     assert job_state_from_step("runnable", "queued") == "queued"
     assert job_state_from_step(None, "cancelled") == "cancelled"
+
+
+def test_a_push_is_taken_only_while_its_ref_points_at_its_commit() -> None:
+    now = {"refs/heads/main": SHA}
+    assert stale_push(push("main"), now) is None
+    moved = stale_push(push("main"), {"refs/heads/main": "b" * 40})
+    assert moved is not None and moved.startswith("stale") and "bbbbbbbbbbbb" in moved
+    gone = stale_push(push("main"), {})
+    assert gone is not None and "no longer exists" in gone
+    assert stale_push(pr(fork=True, outside=True), {}) is None  # not a push: not checked

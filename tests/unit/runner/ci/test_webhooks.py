@@ -9,6 +9,8 @@ import json
 import pytest
 
 from bigtent.errors import AuthError, BadRequest
+from bigtent.runner.ci.settings import ProjectSection
+from bigtent.runner.ci.triggers import Decision, decide
 from bigtent.runner.ci.webhooks import (
     HookForge,
     Ignored,
@@ -128,12 +130,28 @@ def test_pull_request_from_a_fork_uses_the_pull_ref_and_is_outside() -> None:
     assert event.branch == "main"
 
 
-def test_pull_request_from_the_repository_itself_is_its_branch() -> None:
+def test_pull_request_from_the_repository_itself_is_under_its_pull_ref() -> None:
     event = parse_event("pull_request", _pr("acme/widgets", "MEMBER"))
     assert isinstance(event, Trigger)
     assert not event.from_fork and not event.outside
-    assert event.ref == "refs/heads/feature"
-    assert event.fetch_ref == "refs/pull/7/head"
+    assert event.ref == event.fetch_ref == "refs/pull/7/head"
+
+
+def test_agit_pull_request_of_forgejo_is_not_a_branch_and_is_outside() -> None:
+    """Forgejo/Gitea send head.ref = "refs/pull/N/head", and head.repo = base.repo for an
+    AGit pull request, which anyone who can read the repository may open."""
+    payload = _pr("acme/widgets")
+    payload["pull_request"]["head"]["ref"] = "refs/pull/7/head"  # type: ignore[index]
+    del payload["pull_request"]["author_association"]  # type: ignore[attr-defined]
+    event = parse_event("pull_request", payload)
+    assert isinstance(event, Trigger)
+    assert event.from_fork and event.outside
+    assert event.ref == event.fetch_ref == "refs/pull/7/head"
+    approving = ProjectSection.model_validate(
+        {"name": "w", "url": "https://example.test/acme/widgets.git"}
+        | {"require_approval_for_outside": True}
+    )
+    assert decide(approving, event) == Decision(True, trusted=False, needs_approval=True)
 
 
 def test_closed_pull_request_is_ignored() -> None:
