@@ -191,6 +191,14 @@ class ProjectSection(BaseModel):
         return value
 
 
+class EvalSandboxKind(StrEnum):
+    BWRAP = "bwrap"
+    """The evaluating Nix process runs under bubblewrap with an allow-list file system."""
+    NONE = "none"
+    """No sandbox: the project's Nix code can read every file the runner can (its signing
+    key included). Unsafe for untrusted code (pull requests from forks)."""
+
+
 class EvaluationSection(BaseModel):
     """``[evaluation]``: how the runner evaluates projects (docs/ci.md)."""
 
@@ -211,3 +219,9 @@ class EvaluationSection(BaseModel):
     """How long webhook delivery ids are remembered (a replayed delivery is refused)."""
     watch_interval_secs: float = Field(default=0.5, gt=0, le=60)
     """How often the state of building evaluations' jobs is read to report changes."""
+    sandbox: EvalSandboxKind = EvalSandboxKind.BWRAP
+    """How the evaluating Nix process is isolated from the runner's files (docs/security.md
+    "CI evaluation"). With ``bwrap`` missing or failing its start-up probe the runner
+    evaluates trusted commits only and refuses untrusted ones."""
+    network: bool = True
+    """The evaluation keeps the network (flake inputs are fetched); false: none at all."""

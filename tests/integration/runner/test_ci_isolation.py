@@ -1,0 +1,187 @@
+"""CI evaluation cannot read the runner's files, and an untrusted evaluation's Nix messages
+reach neither the forge nor non-admin readers (docs/security.md "CI evaluation").
+
+The attack: a fork's pull request whose flake reads a file of the runner's state directory
+through ``builtins.fetchTree { type = "path"; …; narHash }`` (locked, so pure evaluation takes
+it). With a wrong hash Nix's error would print the file's real hash; with the right one,
+``throw (builtins.readFile …)`` would print the file."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+import uuid
+from functools import partial
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bigtent.config import Role
+from bigtent.nix.nar import dump_path
+from bigtent.runner.ci.evaluator import Evaluator
+from bigtent.runner.ci.settings import EvaluationSection
+from bigtent.runner.forge.model import EvalReport, EvalState
+from bigtent.runner.forge.null import RecordingReporter
+from tests.conftest import current_system
+from tests.e2e.ci_repo import Repo, make_repo, pr_payload
+from tests.integration.runner.conftest import MakeRunner, RunnerHarness
+from tests.integration.runner.test_ci_service import _headers, _push, _served, needs_nix
+
+WRONG = "sha256-" + "A" * 43 + "="
+
+
+def _ended(eval_id: int, report: EvalReport) -> bool:
+    return report.evaluation_id == eval_id and report.state is EvalState.EVAL_ERROR
+
+
+def _sri(path: Path) -> str:
+    digest = hashlib.sha256(b"".join(dump_path(path))).digest()
+    return "sha256-" + base64.b64encode(digest).decode()
+
+
+def _stealing_flake(secret: Path, nar_hash: str) -> str:
+    system = current_system()
+    return f"""{{
+  outputs = {{ self }}: let
+    stolen = builtins.readFile (builtins.fetchTree {{
+      type = "path"; path = "{secret}"; narHash = "{nar_hash}";
+    }});
+  in {{
+    checks.{system} = {{
+      leak = derivation {{
+        name = "leak"; system = "{system}"; builder = "/bin/sh";
+        args = [ "-c" "echo > $out" ]; key = stolen;
+      }};
+      thrown = throw stolen;
+    }};
+  }};
+}}
+"""
+
+
+async def _pull_request(runner: RunnerHarness, repo: Repo, number: int, sha: str) -> int:
+    repo.pull_ref(number, sha)
+    body = json.dumps(pr_payload(number, sha, "mallory/widgets", "CONTRIBUTOR")).encode()
+    headers = {**_headers(body), "X-GitHub-Event": "pull_request"}
+    async with httpx.AsyncClient(base_url=runner.url or "") as c:
+        resp = await c.post("/api/v1/hooks/github", content=body, headers=headers)
+    assert resp.status_code == 202, resp.text
+    eval_id: int = resp.json()["evaluation"]
+    return eval_id
+
+
+async def _everything_shown(
+    runner: RunnerHarness, recorder: RecordingReporter, eval_id: int, role: Role
+) -> str:
+    """Every report the forge got for the evaluation and what ``role`` reads of it."""
+    client = runner.client(role)
+    shown = [repr([r for r in recorder.reports if r.evaluation_id == eval_id])]
+    for url in (
+        f"/api/v1/evaluations/{eval_id}",
+        f"/api/v1/evaluations/{eval_id}/report",
+        "/api/v1/projects/widgets",
+        "/api/v1/projects/widgets/evaluations?ref=refs/pull/7/head",
+        f"/ci/evaluations/{eval_id}",
+    ):
+        resp = await client.get(url)
+        assert resp.status_code == 200, (url, resp.text)
+        shown.append(resp.text)
+    return "\n".join(shown)
+
+
+@needs_nix
+async def test_a_fork_cannot_read_the_runner_s_files_nor_learn_their_hash(
+    make_runner: MakeRunner, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path)
+    repo.commit({"flake.nix": "{ outputs = { self }: { }; }"})
+    runner, recorder = await _served(make_runner, tmp_path, repo)
+    value = f"runner-signing-key:{secrets.token_hex(16)}"
+    secret = runner.state_dir / "stolen.sk"
+    secret.write_text(value)
+    real = _sri(secret)
+    hidden = (value, real, real.removeprefix("sha256-")[:20])
+
+    def assert_hidden(text: str) -> None:
+        for item in hidden:
+            assert item not in text
+
+    repo.git("checkout", "-q", "-b", "feature")
+    for attempt, nar_hash in enumerate((WRONG, real)):
+        sha = repo.commit({"flake.nix": _stealing_flake(secret, nar_hash)}, f"try {attempt}")
+        eval_id = await _pull_request(runner, repo, 7, sha)
+        ended = await recorder.wait_for(partial(_ended, eval_id), timeout=120)
+        # The forge learns that it failed, and where to look: not Nix's message.
+        assert "untrusted commit" in ended.error and ended.url in ended.error
+        assert_hidden(await _everything_shown(runner, recorder, eval_id, Role.CLIENT))
+        # An admin sees Nix's message: the file does not even exist for the evaluation.
+        admin = (await runner.client(Role.ADMIN).get(f"/api/v1/evaluations/{eval_id}")).json()
+        assert "No such file or directory" in admin["error"] and str(secret) in admin["error"]
+        assert_hidden(admin["error"])
+
+    # A trusted push with the same code cannot read the file either (its message is public).
+    repo.git("checkout", "-q", "main")
+    sha = repo.commit({"flake.nix": _stealing_flake(secret, real)}, "trusted try")
+    eval_id = await _push(runner, repo, sha)
+    ended = await recorder.wait_for(
+        lambda r: r.evaluation_id == eval_id and r.state is EvalState.EVAL_ERROR, timeout=120
+    )
+    assert "No such file or directory" in ended.error
+    assert_hidden(ended.error)
+    # Nothing of it entered the cache.
+    for nar in runner.nar_files() if (runner.state_dir / "cache" / "nar").exists() else []:
+        assert value.encode() not in nar.read_bytes()
+
+
+@needs_nix
+async def test_without_a_working_sandbox_only_trusted_commits_are_evaluated(
+    make_runner: MakeRunner, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path)
+    flake = '{ outputs = { self }: { checks.SYS.a = derivation { name = "a"; system = "SYS"; builder = "/bin/sh"; args = [ "-c" "echo > $out" ]; salt = "SALT"; }; }; }'  # noqa: E501
+    flake = flake.replace("SYS", current_system()).replace("SALT", uuid.uuid4().hex)
+    main = repo.commit({"flake.nix": flake})
+    runner, recorder = await _served(make_runner, tmp_path, repo)
+    assert runner.comps.ci is not None
+    evaluator = runner.comps.ci.evaluator
+    assert evaluator.isolated  # the probe at start found bwrap working
+    evaluator.bwrap = str(tmp_path / "no-bwrap")
+    problem = await evaluator.probe()
+    assert problem is not None and "install bubblewrap" in problem
+    assert evaluator.refuses_untrusted
+
+    repo.git("checkout", "-q", "-b", "feature")
+    sha = repo.commit({"flake.nix": flake.replace('"a"', '"b"')})
+    refused = await _pull_request(runner, repo, 8, sha)
+    await recorder.wait_for(
+        lambda r: r.evaluation_id == refused and r.state is EvalState.EVAL_ERROR
+    )
+    admin = (await runner.client(Role.ADMIN).get(f"/api/v1/evaluations/{refused}")).json()
+    assert "untrusted evaluation refused" in admin["error"] and "no-bwrap" in admin["error"]
+    assert admin["build_id"] is None
+
+    trusted = await _push(runner, repo, main)
+    await recorder.wait_for(
+        lambda r: r.evaluation_id == trusted and r.state is EvalState.BUILDING, timeout=120
+    )
+
+
+async def test_the_start_up_probe_says_why_the_sandbox_does_not_work(tmp_path: Path) -> None:
+    evaluator = Evaluator(tmp_path, EvaluationSection(), {})
+    evaluator.bwrap = str(tmp_path / "missing" / "bwrap")
+    problem = await evaluator.probe()
+    assert problem is not None and "install bubblewrap" in problem
+    assert evaluator.refuses_untrusted and not evaluator.isolated
+    assert evaluator.sandbox_for(tmp_path / "ci" / "git" / "p.git") is None
+    unsafe = Evaluator(tmp_path, EvaluationSection(sandbox="none"), {})  # type: ignore[arg-type]
+    assert await unsafe.probe() is not None and not unsafe.refuses_untrusted
+
+
+@pytest.mark.skipif(not Path("/usr/bin/bwrap").exists(), reason="needs bubblewrap")
+async def test_the_start_up_probe_passes_with_bubblewrap(tmp_path: Path) -> None:
+    evaluator = Evaluator(tmp_path, EvaluationSection(), {})
+    assert await evaluator.probe() is None
+    assert evaluator.isolated and not evaluator.refuses_untrusted
