@@ -122,6 +122,32 @@ async def test_a_fork_cannot_read_the_runner_s_files_nor_learn_their_hash(
         assert "No such file or directory" in admin["error"] and str(secret) in admin["error"]
         assert_hidden(admin["error"])
 
+    # Another project's private mirror is not there either (fetchGit with a rev is locked).
+    other = make_repo(tmp_path, "private")
+    private = f"private-source:{secrets.token_hex(8)}"
+    other_sha = other.commit({"secret.txt": private})
+    mirror = runner.state_dir / "ci" / "git" / "private.git"
+    other.git("clone", "-q", "--bare", str(other.path), str(mirror))
+    system = current_system()
+    sha = repo.commit(
+        {
+            "flake.nix": f"""{{ outputs = {{ self }}: {{ checks.{system}.x = throw
+  (builtins.readFile ((builtins.fetchGit {{ url = "file://{mirror}"; rev = "{other_sha}"; }})
+  + "/secret.txt")); }}; }}"""
+        },
+        "try the other project",
+    )
+    eval_id = await _pull_request(runner, repo, 7, sha)
+    await recorder.wait_for(
+        lambda r: (
+            r.evaluation_id == eval_id and r.state in (EvalState.EVAL_ERROR, EvalState.FAILED)
+        ),
+        timeout=120,
+    )
+    admin_text = (await runner.client(Role.ADMIN).get(f"/api/v1/evaluations/{eval_id}")).text
+    assert private not in admin_text and '"state":"eval_error"' in admin_text
+    assert private not in await _everything_shown(runner, recorder, eval_id, Role.CLIENT)
+
     # A trusted push with the same code cannot read the file either (its message is public).
     repo.git("checkout", "-q", "main")
     sha = repo.commit({"flake.nix": _stealing_flake(secret, real)}, "trusted try")
