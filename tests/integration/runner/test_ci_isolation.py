@@ -211,3 +211,26 @@ async def test_the_start_up_probe_passes_with_bubblewrap(tmp_path: Path) -> None
     evaluator = Evaluator(tmp_path, EvaluationSection(), {})
     assert await evaluator.probe() is None
     assert evaluator.isolated and not evaluator.refuses_untrusted
+
+
+@needs_nix
+async def test_without_the_sandbox_the_forge_and_clients_still_learn_nothing(
+    make_runner: MakeRunner, tmp_path: Path
+) -> None:
+    """The second defence alone: with ``sandbox = "none"`` (the admin's explicit choice) the
+    file is read and Nix's message holds its real hash, which only an admin sees."""
+    repo = make_repo(tmp_path)
+    repo.commit({"flake.nix": "{ outputs = { self }: { }; }"})
+    runner, recorder = await _served(make_runner, tmp_path, repo, sandbox="none")
+    assert runner.comps.ci is not None and not runner.comps.ci.evaluator.refuses_untrusted
+    secret = runner.state_dir / "stolen.sk"
+    secret.write_text(f"runner-signing-key:{secrets.token_hex(16)}")
+    real = _sri(secret)
+    repo.git("checkout", "-q", "-b", "feature")
+    sha = repo.commit({"flake.nix": _stealing_flake(secret, WRONG)})
+    eval_id = await _pull_request(runner, repo, 7, sha)
+    ended = await recorder.wait_for(partial(_ended, eval_id), timeout=120)
+    assert "untrusted commit" in ended.error
+    admin = (await runner.client(Role.ADMIN).get(f"/api/v1/evaluations/{eval_id}")).json()
+    assert real in admin["error"]  # the leak the sandbox prevents, kept from everyone else:
+    assert real not in await _everything_shown(runner, recorder, eval_id, Role.CLIENT)
