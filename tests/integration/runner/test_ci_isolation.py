@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.server
 import json
 import secrets
+import threading
 import uuid
 from functools import partial
 from pathlib import Path
@@ -21,6 +23,7 @@ import pytest
 
 from bigtent.config import Role
 from bigtent.nix.nar import dump_path
+from bigtent.nix.store import BoundedEval
 from bigtent.runner.ci.evaluator import Evaluator
 from bigtent.runner.ci.settings import EvaluationSection
 from bigtent.runner.forge.model import EvalReport, EvalState
@@ -234,3 +237,48 @@ async def test_without_the_sandbox_the_forge_and_clients_still_learn_nothing(
     admin = (await runner.client(Role.ADMIN).get(f"/api/v1/evaluations/{eval_id}")).json()
     assert real in admin["error"]  # the leak the sandbox prevents, kept from everyone else:
     assert real not in await _everything_shown(runner, recorder, eval_id, Role.CLIENT)
+
+
+@needs_nix
+@pytest.mark.skipif(not Path("/usr/bin/bwrap").exists(), reason="needs bubblewrap")
+@pytest.mark.parametrize("network", [True, False])
+async def test_network_false_keeps_the_evaluation_off_the_network(
+    tmp_path: Path, network: bool
+) -> None:
+    """SSRF: a locked fetch (a URL with a hash) makes the request even when its hash is
+    wrong; without the network the request never leaves the sandbox."""
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"metadata")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        limits = EvaluationSection(network=network)
+        evaluator = Evaluator(tmp_path, limits, {"download-attempts": "1"})
+        mirror = tmp_path / "ci" / "git" / "p.git"
+        for path in (mirror, evaluator.store_dir, evaluator.xdg_dir(mirror)):
+            path.mkdir(parents=True, exist_ok=True)
+        url = f"http://127.0.0.1:{server.server_port}/latest/meta-data"
+        expr = f'builtins.fetchurl {{ url = "{url}"; sha256 = "{WRONG}"; }}'
+        run = await BoundedEval(evaluator.store).run(
+            expr,
+            max_memory_bytes=2**31,
+            timeout_secs=60,
+            max_stdout_bytes=4096,
+            sandbox=evaluator.sandbox_for(mirror),
+        )
+    finally:
+        server.shutdown()
+        thread.join()
+    assert run.exit_code != 0
+    assert bool(hits) is network, (hits, run.stderr)
