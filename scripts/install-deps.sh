@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Install what bigtent's demo and tests need on Debian/Ubuntu: Nix, sshd, zstd, git, Chromium (the
-# dashboard's browser tests drive it headless) and the PostgreSQL server the tests start
-# throwaway clusters of (BIGTENT_TEST_DB=postgresql).
+# Install what bigtent's demo and tests need on Debian/Ubuntu: Nix, sshd, zstd, git, bubblewrap,
+# Chromium (the dashboard's browser tests drive it headless) and the PostgreSQL server the tests
+# start throwaway clusters of (BIGTENT_TEST_DB=postgresql).
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 need=()
@@ -11,6 +11,8 @@ command -v zstd >/dev/null 2>&1 || need+=(zstd)
 # Nix CI: the runner fetches projects with git and bounds evaluations with prlimit.
 command -v git >/dev/null 2>&1 || need+=(git)
 command -v prlimit >/dev/null 2>&1 || need+=(util-linux)
+# CI evaluation runs Nix under bubblewrap, away from the runner's files (docs/security.md).
+command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
 [ -x /usr/bin/chromium ] || need+=(chromium fonts-dejavu-core)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then

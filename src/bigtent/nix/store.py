@@ -20,6 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from bigtent.errors import NixError
+from bigtent.nix.sandbox import EvalSandbox, bwrap_argv, resolve_program, sandbox_env
 
 log = logging.getLogger(__name__)
 
@@ -485,6 +486,24 @@ def _peak_rss(pid: int) -> int:
     return 0
 
 
+def _tree_peak_rss(pid: int) -> int:
+    """The largest peak resident memory of ``pid`` and its descendants (Nix runs below
+    bubblewrap's processes in a sandbox)."""
+    peak = 0
+    todo = [pid]
+    seen = 0
+    while todo and seen < 64:
+        current = todo.pop()
+        seen += 1
+        peak = max(peak, _peak_rss(current))
+        try:
+            with open(f"/proc/{current}/task/{current}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            pass
+    return peak
+
+
 class BoundedEval:
     """``nix eval --json`` of an expression with an operating-system memory limit
     (``RLIMIT_AS`` through util-linux ``prlimit``: Nix's allocator fails at the limit and Nix
@@ -504,14 +523,24 @@ class BoundedEval:
         abort: asyncio.Event | None = None,
         features: str = "nix-command flakes",
         show_trace: bool = False,
+        sandbox: EvalSandbox | None = None,
     ) -> BoundedRun:
+        """``sandbox``: run Nix under bubblewrap with only that file system
+        (``bigtent.nix.sandbox``); the limits apply inside it."""
         trace = ["--show-trace"] if show_trace else []
         argv = self.store._argv(
             "nix",
             ["--extra-experimental-features", features, "eval", *trace, "--json", "--expr", expr],
             None,
         )
+        env = self.store._environ()
         argv = ["prlimit", f"--as={max_memory_bytes}", "--", *argv]
+        if sandbox is not None:
+            # Nix and prlimit by their real files: a profile link may lie outside the sandbox.
+            argv[0] = resolve_program("prlimit", env.get("PATH"))
+            argv[3] = resolve_program(argv[3], env.get("PATH"))
+            argv = [*bwrap_argv(sandbox), *argv]
+            env = sandbox_env(env, sandbox)
         log.debug("running %s", argv[:6])
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -519,7 +548,7 @@ class BoundedEval:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                env=self.store._environ(),
+                env=env,
                 start_new_session=True,
             )
         except FileNotFoundError as exc:
@@ -532,7 +561,7 @@ class BoundedEval:
         async def sample() -> None:
             nonlocal peak
             while proc.returncode is None:
-                peak = max(peak, _peak_rss(proc.pid))
+                peak = max(peak, _tree_peak_rss(proc.pid))
                 await asyncio.sleep(0.02)
 
         sampler = asyncio.create_task(sample())
@@ -569,7 +598,13 @@ class BoundedEval:
         oom = (
             not (timed_out or aborted or too_big)
             and code != 0
-            and ("out of memory" in text.lower() or code < 0 or "failed to map segment" in text)
+            and (
+                "out of memory" in text.lower()
+                or code < 0
+                or "failed to map segment" in text
+                # bwrap exits 128 + N when the process it ran was killed by signal N.
+                or (sandbox is not None and code > 128)
+            )
         )
         return BoundedRun(code, out, text, timed_out, aborted, oom, too_big, peak)
 

@@ -5,7 +5,11 @@ The Nix process runs off the event loop (a subprocess), with an operating-system
 (``[evaluation] max_memory_mib``), a wall-clock timeout and an abort (a superseded
 evaluation stops), at most ``max_concurrent`` at once. Evaluation is pure: a flake is
 ``builtins.getFlake "git+file://MIRROR?ref=…&rev=SHA"`` (locked by its revision), a file project
-``builtins.fetchGit`` of the same; the project's Nix code cannot read the runner's files.
+``builtins.fetchGit`` of the same. Pure evaluation alone does not keep the project's Nix code
+from the runner's files (``fetchTree { type = "path"; … narHash }`` counts as locked): with
+``[evaluation] sandbox = "bwrap"`` (the default) the Nix process runs under bubblewrap and sees
+only the system, the project's own mirror and the evaluation store (``bigtent.nix.sandbox``,
+docs/security.md "CI evaluation"). Without a working sandbox only trusted evaluations run.
 
 Jobs are enumerated in that one process, recursing into attribute sets (``hydraJobs``,
 ``checks.<system>``), each job under ``builtins.tryEval`` so a job that throws is a job
@@ -25,8 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bigtent.errors import BigtentError
+from bigtent.nix.sandbox import BWRAP, EvalSandbox, bwrap_argv, probe_argv, resolve_program
 from bigtent.nix.store import BoundedEval, BoundedRun, NixStore
 from bigtent.runner.ci.settings import (
+    EvalSandboxKind,
     EvaluationSection,
     ProjectSection,
     redact_url_credentials,
@@ -43,6 +49,7 @@ ERROR_DETAILS = 20
 """Jobs that failed to evaluate whose full Nix message is fetched (one ``nix eval`` each)."""
 ERROR_DETAIL_SECS = 120.0
 STDOUT_BYTES_PER_JOB = 1024
+PROBE_SECS = 30.0
 
 _ENUMERATE = r"""
 let
@@ -211,11 +218,86 @@ class Evaluator:
         self.limits = limits
         self.slots = asyncio.Semaphore(limits.max_concurrent)
         store_dir = self.root / "eval-store"
+        self.store_dir = store_dir
+        self.bwrap = BWRAP
         self.store = NixStore(
             store=f"local?root={store_dir}",
             options={"substituters": "", **nix_options},
             env={"XDG_CACHE_HOME": str(self.root / "xdg"), "GIT_TERMINAL_PROMPT": "0"},
         )
+        self.sandbox_problem: str | None = (
+            None if limits.sandbox is EvalSandboxKind.BWRAP else 'evaluation.sandbox = "none"'
+        )
+        """Why evaluations run without a sandbox (None: they run in one); set by ``probe``."""
+
+    def sandbox_for(self, mirror: Path) -> EvalSandbox | None:
+        """The file system of one evaluation of the project whose mirror is ``mirror`` (None:
+        no sandbox, ``evaluation.sandbox = "none"`` or bwrap is missing)."""
+        if self.sandbox_problem is not None:
+            return None
+        xdg = self.xdg_dir(mirror)
+        return EvalSandbox(
+            read_only=(mirror,),
+            read_write=(self.store_dir, xdg),
+            network=self.limits.network,
+            extra_env={**self.store.env, "XDG_CACHE_HOME": str(xdg)},
+            bwrap=self.bwrap,
+        )
+
+    def xdg_dir(self, mirror: Path) -> Path:
+        """Nix's cache directory (git clones, the fetcher cache) of one project: never shared,
+        so one project's evaluation cannot reach another's fetched sources through it."""
+        return self.root / "xdg" / mirror.name.removesuffix(".git")
+
+    @property
+    def refuses_untrusted(self) -> bool:
+        """The sandbox is configured but does not work: untrusted evaluations are refused."""
+        return self.limits.sandbox is EvalSandboxKind.BWRAP and self.sandbox_problem is not None
+
+    @property
+    def isolated(self) -> bool:
+        """Evaluations run in the sandbox (untrusted ones are evaluated only then)."""
+        return self.sandbox_problem is None
+
+    async def probe(self) -> str | None:
+        """Check at start that the sandbox works (``nix --version`` in it); on failure record
+        and return why (evaluations then run unsandboxed, trusted ones only)."""
+        if self.limits.sandbox is EvalSandboxKind.NONE:
+            return self.sandbox_problem
+        for path in (self.store_dir, self.root / "xdg", self.root / "git"):
+            path.mkdir(parents=True, exist_ok=True)
+        sandbox = EvalSandbox(
+            read_only=(self.root / "git",), network=self.limits.network, bwrap=self.bwrap
+        )
+        path_env = os.environ.get("PATH")
+        argv = probe_argv(bwrap_argv(sandbox), resolve_program("nix", path_env))
+        problem: str | None = None
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            problem = f"cannot run {argv[0]} ({exc.strerror}): install bubblewrap"
+        else:
+            try:
+                out, err = await asyncio.wait_for(proc.communicate(), PROBE_SECS)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, 9)
+                await proc.wait()
+                problem = f"bwrap did not answer within {PROBE_SECS:g} s"
+            else:
+                if proc.returncode != 0 or b"nix" not in out.lower():
+                    text = err.decode(errors="replace").strip().splitlines()
+                    problem = f"bwrap failed (exit {proc.returncode}): " + (
+                        text[-1] if text else "no message"
+                    )
+        self.sandbox_problem = problem
+        return problem
 
     def mirror(self, project: str) -> Path:
         return self.root / "git" / f"{project}.git"
@@ -254,12 +336,15 @@ class Evaluator:
         peak resident memory; EvalFailure otherwise."""
         async with self.slots:
             mirror = await self.fetch(project, fetch_ref, commit_sha)
+            for path in (self.store_dir, self.xdg_dir(mirror)):
+                path.mkdir(parents=True, exist_ok=True)
             run = await BoundedEval(self.store).run(
                 eval_expression(project, mirror, commit_sha),
                 max_memory_bytes=self.limits.max_memory_mib * 1024 * 1024,
                 timeout_secs=self.limits.timeout_secs,
                 max_stdout_bytes=self.limits.max_jobs * STDOUT_BYTES_PER_JOB,
                 abort=abort,
+                sandbox=self.sandbox_for(mirror),
             )
             jobs = judge_run(run, self.limits)
             failed = [j for j in jobs if j.error][:ERROR_DETAILS]
@@ -291,6 +376,7 @@ class Evaluator:
             max_stdout_bytes=STDOUT_BYTES_PER_JOB,
             abort=abort,
             show_trace=True,
+            sandbox=self.sandbox_for(mirror),
         )
         if run.exit_code == 0 or run.timed_out or run.aborted or not run.stderr.strip():
             return None

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from bigtent.errors import NotFound
+from bigtent.runner.ci.disclosure import shown_eval_error, shown_job_error
 from bigtent.runner.components import Components
 from bigtent.runner.dashboard.routes import _dash, _page, _render
 from bigtent.runner.db import ci_queries as q
@@ -99,11 +100,18 @@ async def evaluation_page(request: Request, eval_id: int) -> Response:
             if ev.build_id is not None:
                 _, roots = await q.build_progress(conn, int(ev.build_id))
                 steps = {r.drv_path: int(r.id) for r in roots if r.id is not None}
+        # An untrusted evaluation's Nix messages: admins only (disclosure.py).
+        trusted = bool(ev.trusted)
         return _render(
             request,
             "ci_evaluation.html",
             viewer,
             ev=ev,
+            ev_error=shown_eval_error(ev.error, trusted=trusted, admin=viewer.is_admin),
+            job_errors={
+                j.attr: shown_job_error(j.error, trusted=trusted, admin=viewer.is_admin)
+                for j in jobs
+            },
             jobs=jobs,
             steps=steps,
             title=f"Evaluation {eval_id}",

@@ -14,6 +14,7 @@ from bigtent.config import Role
 from bigtent.errors import AuthError, BadRequest, ConfigError, NotFound, PayloadTooLarge
 from bigtent.runner.api import AdminAuth, ClientAuth, Comps, _iso, _known_id
 from bigtent.runner.auth.tokens import Principal
+from bigtent.runner.ci.disclosure import shown_eval_error, shown_job_error
 from bigtent.runner.ci.service import CiService
 from bigtent.runner.ci.settings import ProjectSection
 from bigtent.runner.ci.triggers import match_project
@@ -174,7 +175,7 @@ async def show_project(name: str, comps: Comps, who: ClientAuth) -> dict[str, An
         for r in refs:
             row = await q.fetch_evaluation(conn, int(r.latest))
             if row is not None:
-                latest[r.ref] = _eval_json(row)
+                latest[r.ref] = _eval_json(row, who.role is Role.ADMIN)
     return {
         **_project_json(ci, project, who),
         "refs": [
@@ -206,7 +207,7 @@ async def evaluate_project(
 async def project_evaluations(
     name: str,
     comps: Comps,
-    _: ClientAuth,
+    who: ClientAuth,
     limit: int = Query(default=50, ge=1, le=1000),
     ref: str | None = Query(default=None, max_length=256),
 ) -> dict[str, Any]:
@@ -215,13 +216,15 @@ async def project_evaluations(
     ci.project(name)
     async with comps.engine.connect() as conn:
         rows = await q.fetch_evaluations(conn, name, limit, ref=ref)
-    return {"evaluations": [_eval_json(r) for r in rows]}
+    return {"evaluations": [_eval_json(r, who.role is Role.ADMIN) for r in rows]}
 
 
 # ---- evaluations ----------------------------------------------------------------------------
 
 
-def _eval_json(row: Any) -> dict[str, Any]:
+def _eval_json(row: Any, admin: bool) -> dict[str, Any]:
+    """An evaluation as the API shows it; an untrusted one's Nix message to admins only
+    (``disclosure.py``)."""
     return {
         "id": row.id,
         "project": row.project,
@@ -231,7 +234,7 @@ def _eval_json(row: Any) -> dict[str, Any]:
         "pull_request": row.pull_request,
         "trusted": bool(row.trusted),
         "state": row.state,
-        "error": row.error,
+        "error": shown_eval_error(row.error, trusted=bool(row.trusted), admin=admin),
         "build_id": row.build_id,
         "created_at": _iso(row.created_at),
         "started_at": _iso(row.started_at),
@@ -241,17 +244,24 @@ def _eval_json(row: Any) -> dict[str, Any]:
 
 
 @ci_routes.get("/evaluations/{eval_id}")
-async def show_evaluation(eval_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
+async def show_evaluation(eval_id: int, comps: Comps, who: ClientAuth) -> dict[str, Any]:
     _known_id(eval_id, "evaluation")
     async with comps.engine.connect() as conn:
         row = await q.fetch_evaluation(conn, eval_id)
         if row is None:
             raise NotFound(f"no evaluation {eval_id}")
         jobs = await q.fetch_jobs(conn, eval_id)
+    admin = who.role is Role.ADMIN
+    trusted = bool(row.trusted)
     return {
-        **_eval_json(row),
+        **_eval_json(row, admin),
         "jobs": [
-            {"attr": j.attr, "drv_path": j.drv_path, "state": j.state, "error": j.error}
+            {
+                "attr": j.attr,
+                "drv_path": j.drv_path,
+                "state": j.state,
+                "error": shown_job_error(j.error, trusted=trusted, admin=admin),
+            }
             for j in jobs
         ],
     }

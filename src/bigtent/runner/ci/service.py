@@ -37,6 +37,7 @@ from bigtent.nix.nar import dump_path
 from bigtent.runner.builds import plan_parts
 from bigtent.runner.cache import Cache, Upstreams
 from bigtent.runner.ci import triggers
+from bigtent.runner.ci.disclosure import shown_eval_error, shown_job_error
 from bigtent.runner.ci.evaluator import EvalFailure, Evaluator, default_branch, ls_remote
 from bigtent.runner.ci.settings import ProjectSection, api_project_problem
 from bigtent.runner.ci.triggers import ActiveEval, CiEvalState, job_state_from_step
@@ -134,6 +135,20 @@ class CiService:
                     conn, row.id, [CiEvalState.EVALUATING.value], state=CiEvalState.QUEUED.value
                 )
         self._set_projects(rows)
+        problem = await self.evaluator.probe()
+        if problem is not None and self.evaluator.refuses_untrusted:
+            log.error(
+                "CI evaluation sandbox unavailable: %s. Trusted evaluations (pushes) run "
+                "unsandboxed; untrusted ones (pull requests) are refused. Install bubblewrap, "
+                'or set [evaluation] sandbox = "none" to evaluate untrusted code unsandboxed '
+                "(unsafe: it can read the runner's files, its signing key included)",
+                problem,
+            )
+        elif problem is not None:
+            log.warning(
+                'CI evaluation runs without a sandbox ([evaluation] sandbox = "none"): '
+                "evaluated code can read the runner's files, its signing key included"
+            )
 
     def _set_projects(self, rows: list[Any]) -> None:
         self.projects = {}
@@ -499,6 +514,14 @@ class CiService:
         if project is None:
             await self._end(eval_id, CiEvalState.EVAL_ERROR, f"no project {row.project}")
             return
+        if not row.trusted and self.evaluator.refuses_untrusted:
+            await self._end(
+                eval_id,
+                CiEvalState.EVAL_ERROR,
+                "untrusted evaluation refused: the evaluation sandbox is unavailable on this "
+                f"runner ({self.evaluator.sandbox_problem})",
+            )
+            return
         started = time.monotonic()
         try:
             jobs, peak = await self.evaluator.evaluate(
@@ -719,7 +742,15 @@ class CiService:
             root = roots.get(j.drv_path) if j.drv_path else None
             if state is JobState.FAILED:
                 if j.error:
-                    summary = j.error
+                    summary = (
+                        shown_job_error(
+                            j.error,
+                            trusted=bool(row.trusted),
+                            admin=False,
+                            url=self.eval_url(eval_id),
+                        )
+                        or ""
+                    )
                 elif root is not None and root.id is not None:
                     if root.state == "dependency_failed":
                         summary = "a dependency failed"
@@ -749,7 +780,12 @@ class CiService:
             evaluation_id=int(row.id),
             state=_forge_state(CiEvalState(row.state)),
             url=self.eval_url(eval_id),
-            error=(row.error or "") if row.state == CiEvalState.EVAL_ERROR else "",
+            error=shown_eval_error(
+                row.error or "", trusted=bool(row.trusted), admin=False, url=self.eval_url(eval_id)
+            )
+            or ""
+            if row.state == CiEvalState.EVAL_ERROR
+            else "",
             jobs=tuple(reports),
         )
 

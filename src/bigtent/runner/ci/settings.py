@@ -260,6 +260,14 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+class EvalSandboxKind(StrEnum):
+    BWRAP = "bwrap"
+    """The evaluating Nix process runs under bubblewrap with an allow-list file system."""
+    NONE = "none"
+    """No sandbox: the project's Nix code can read every file the runner can (its signing
+    key included). Unsafe for untrusted code (pull requests from forks)."""
+
+
 class EvaluationSection(BaseModel):
     """``[evaluation]``: how the runner evaluates projects (docs/ci.md)."""
 
@@ -283,3 +291,10 @@ class EvaluationSection(BaseModel):
     api_secrets_dir: Path | None = None
     """The only directory whose files projects added through the API may name as their
     ``*_file`` settings (unset: such projects have no secret files: no webhooks, no forge)."""
+
+    sandbox: EvalSandboxKind = EvalSandboxKind.BWRAP
+    """How the evaluating Nix process is isolated from the runner's files (docs/security.md
+    "CI evaluation"). With ``bwrap`` missing or failing its start-up probe the runner
+    evaluates trusted commits only and refuses untrusted ones."""
+    network: bool = True
+    """The evaluation keeps the network (flake inputs are fetched); false: none at all."""
