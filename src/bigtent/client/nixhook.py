@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from bigtent.client.api import Build, RunnerClient, RunnerStatus, Step, StepAttempt, WaitingStep
+    from bigtent.client.progress import PrefixedLines
     from bigtent.nix.store import NixStore
 
 # The farm's side imports asyncio, httpx and the client inside its functions: ``run_hook``
@@ -302,9 +303,8 @@ async def _build(
         sink.line(f"bigtent: build {build.id} on {client.base_url}")
         logs = RootLogs(client, sink)
         logs.start(build)
-        # One request per look, not two: retries show in the failed step's record. While the
-        # step's log streams, the build is looked at only every FALLBACK_POLL_SECS (capacity
-        # waits, an end the stream missed); its ``end`` event starts the next look at once.
+        # One request per look, not two: retries show in the failed step's record. The end of
+        # the step's log stream starts the next look early.
         build = await follow_build(
             client,
             build.id,
@@ -334,11 +334,8 @@ async def _build(
             await logs.stop()
 
 
-FALLBACK_POLL_SECS = 2.0
-"""How often a build is looked at while its step's log streams (the stream's end is the
-signal that it ended)."""
 LOG_END_WAIT_SECS = 5.0
-"""How long the step's log stream may take to reach its end once the build ended."""
+"""How long the rest of a step's log may take once the build ended."""
 
 
 class PhaseClock:
@@ -373,6 +370,11 @@ class RootLogs:
         self.tasks: dict[str, asyncio.Task[bool]] = {}
         self.streamed: set[str] = set()
         """Steps whose whole log reached the sink."""
+        self.unstreamable: set[str] = set()
+        """Steps whose stream failed (an older runner, an outage): fetched whole."""
+        self.offsets: dict[str, int] = {}
+        """The log offset each step's stream reached."""
+        self.lines: dict[str, PrefixedLines] = {}
         self.cached = False
 
     def start(self, build: Build) -> None:
@@ -386,11 +388,11 @@ class RootLogs:
                     self._follow(root.step_id), name=f"hook-log-{root.step_id}"
                 )
 
-    async def _follow(self, step_id: str) -> bool:
+    async def _follow(self, step_id: str, start: int = 0) -> bool:
         from bigtent.client.progress import PrefixedLines, follow_step_log
         from bigtent.errors import BigtentError
 
-        lines = PrefixedLines("")
+        lines = self.lines.setdefault(step_id, PrefixedLines(""))
 
         def text(piece: str) -> None:
             for line in lines.feed(piece):
@@ -401,41 +403,55 @@ class RootLogs:
                 self.sink.line(line)
             self.sink.line("bigtent: the step's log started again (another attempt)")
 
+        def reached(offset: int) -> None:
+            self.offsets[step_id] = offset
+
         try:
-            await follow_step_log(self.client, step_id, text, on_reset=reset)
+            await follow_step_log(
+                self.client, step_id, text, start=start, on_reset=reset, on_offset=reached
+            )
         except BigtentError as exc:
             log.info("no live log of step %s: %s", step_id, exc)
+            self.unstreamable.add(step_id)
             self.sink.line(f"bigtent: the live log stopped ({exc}); the whole log follows")
             return False
-        finally:
-            for line in lines.flush():
-                self.sink.line(line)
         self.streamed.add(step_id)
         return True
 
     async def pause(self, interval_secs: float) -> None:
-        """``follow_build``'s wait between looks: until a stream ends (or the fallback
-        interval) while any runs, else ``interval_secs``."""
+        """``follow_build``'s wait between looks: ``interval_secs``, or less when a step's
+        log stream ends first (its end is a hint, not the signal: the runner may send it
+        late when the step ended as the stream began)."""
         import asyncio
 
         running = [t for t in self.tasks.values() if not t.done()]
         if running:
-            await asyncio.wait(running, timeout=FALLBACK_POLL_SECS)
+            await asyncio.wait(running, timeout=interval_secs)
         else:
             await asyncio.sleep(interval_secs)
 
     async def finish(self, build: Build) -> None:
-        """Once the build ended: let the streams reach their ends (bounded), then fetch the
-        logs that did not stream; say so when the farm had built it already."""
+        """Once the build ended, its steps have: the streams still open are closed and the
+        rest of each log is asked for from the offset reached (a final step's stream sends
+        it and ends at once); a log that did not stream is fetched whole. Says so when the
+        farm had built it already."""
         import asyncio
 
         from bigtent.client.build import build_succeeded
         from bigtent.errors import BigtentError
 
-        running = [t for t in self.tasks.values() if not t.done()]
-        if running:
-            await asyncio.wait(running, timeout=LOG_END_WAIT_SECS)
         await self.stop()
+        rest = [
+            asyncio.wait_for(self._follow(step_id, self.offsets.get(step_id, 0)), LOG_END_WAIT_SECS)
+            for step_id in self.tasks
+            if step_id not in self.streamed and step_id not in self.unstreamable
+        ]
+        for result in await asyncio.gather(*rest, return_exceptions=True):
+            if isinstance(result, BaseException) and not isinstance(result, TimeoutError):
+                log.info("the rest of a step's log: %s", result)
+        for lines in self.lines.values():
+            for line in lines.flush():
+                self.sink.line(line)
         if self.cached:
             self.sink.line("bigtent: the farm had built it already")
         if not build_succeeded(build):

@@ -1,5 +1,6 @@
 """The hook's live log: the root step's stream reaches Nix line by line, its end starts the
-next look at the build, and a stream that fails falls back to the whole log."""
+next look at the build early, the rest of the log is asked for once the build ended, and a
+stream that fails falls back to the whole log."""
 
 from __future__ import annotations
 
@@ -77,8 +78,8 @@ async def test_lines_arrive_while_the_step_runs_and_its_end_ends_the_pause() -> 
     async with asyncio.timeout(5):
         await sink.two.wait()
     assert sink.lines == ["first line", "second line"]  # before the step ended
-    # The step still runs: the pause waits (up to the fallback) for the stream's end.
-    pause = asyncio.create_task(logs.pause(0.0))
+    # The step still runs: the pause waits (up to the interval) for the stream's end.
+    pause = asyncio.create_task(logs.pause(30.0))
     done, _ = await asyncio.wait({pause}, timeout=0.1)
     assert not done
     gate.set()
@@ -108,3 +109,33 @@ async def test_a_cached_derivation_says_so() -> None:
     await logs.pause(0.0)  # nothing streams: a plain pause
     await logs.finish(build(BuildState.SUCCEEDED, step_id=None))
     assert sink.lines == ["bigtent: the farm had built it already"]
+
+
+async def test_the_rest_of_the_log_is_asked_for_once_the_build_ended() -> None:
+    """The runner may send a stream's end late (the step ended as the stream began): the
+    build's end closes it and the rest comes from the offset reached."""
+    gate = asyncio.Event()
+    head = [LogEvent(text="one\ntw", offset=6)]
+    client = FakeClient(head, gate)
+    tail = [LogEvent(text="o\n", offset=8), LogEvent(offset=8, end_state="succeeded")]
+    asked: list[int] = []
+    never, hanging = asyncio.Event(), asyncio.Event()
+
+    async def stream(step_id: str, *, start: int = 0) -> AsyncIterator[LogEvent]:
+        asked.append(start)
+        for event in head if start == 0 else tail:
+            yield event
+        if start == 0:
+            hanging.set()
+            await never.wait()  # no end: the stream hangs on
+
+    client.stream_step_log = stream  # type: ignore[method-assign]
+    sink = Lines()
+    logs = RootLogs(cast(RunnerClient, client), sink)
+    logs.start(build(BuildState.RUNNING))
+    async with asyncio.timeout(5):
+        await hanging.wait()
+        await logs.finish(build(BuildState.SUCCEEDED))
+    assert asked == [0, 6]
+    assert sink.lines == ["one", "two"]
+    assert client.fetched == []
