@@ -459,6 +459,10 @@ class RootLogs:
         for step_id in self.tasks:
             if step_id in self.streamed:
                 continue
+            if step_id not in self.unstreamable and self.offsets.get(step_id):
+                # Part of it streamed, the rest did not come in time: no second copy.
+                self.sink.line(f"bigtent: the rest of step {step_id}'s log did not come")
+                continue
             try:
                 self.sink.line((await self.client.fetch_log(step_id)).rstrip("\n"))
             except BigtentError as exc:
