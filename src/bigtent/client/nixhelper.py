@@ -3,8 +3,9 @@
 Nix starts a new hook process for every derivation it builds remotely. Doing the farm's side
 there would pay, per derivation, for importing the HTTP client, a new connection and the
 credential; the hook instead hands the accepted derivation to this helper over a Unix socket
-(one JSON line: ``{"drv", "wanted", "store"}``) and relays what it answers, JSON lines of
-``{"log": text}``, ``{"error": text}`` and last ``{"exit": status}``. The helper runs
+(one JSON line: ``{"drv", "wanted", "store"}``) and relays what it answers, lines of
+``log TEXT``, ``error TEXT`` and last ``exit STATUS`` (``TEXT`` escaped to one line:
+``hookentry.relay`` reads them without importing ``json``). The helper runs
 ``nixhook.build_on_farm`` with one shared ``RunnerClient`` for every derivation, concurrently.
 
 The first hook that finds no helper starts one (``nixhook.start_helper``); a lock file next to
