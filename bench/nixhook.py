@@ -2,10 +2,15 @@
 `bigtent build`, Nix's own SSH remote builders and local `nix-build -j2`, in one run, on the
 same DAG shape (a fresh salt for each, so nothing is cached).
 
-    python bench/nixhook.py [--layers 5 --width 6] [--no-ssh] [--json]
+    python bench/nixhook.py [--layers 5 --width 6 | --dag-bench] [--no-ssh] [--json]
+                            [--before REV]
 
 Both farm variants use one `bigtent up` (2 agents x 2 jobs) and fetch the results into the
 local store; the hook variant builds into an empty chroot store with `max-jobs = 0`.
+`--dag-bench` is bench/dag.py's 101-derivation DAG (10 layers x 10). `--before REV` also runs
+the hook of git revision REV (its `src` exported to a temporary directory, put first on the
+hook's PYTHONPATH) on the same farm, in the same run. The helper's log gives where each
+derivation's time went in it (upload, submit, build, copy), averaged per variant.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,19 +41,56 @@ from dag import (  # type: ignore[import-not-found]  # bench/dag.py, run as a sc
 HOOK = Path(sys.executable).parent / "bigtent-nix-hook"
 
 
-def hook_script(work: Path, env: dict[str, str]) -> Path:
+def hook_script(
+    work: Path, env: dict[str, str], name: str = "bigtent-hook", pythonpath: Path | None = None
+) -> Path:
     """nix.conf's ``build-hook``: a wrapper with the runner and the token file (Nix 2.8 takes
     the setting as one path), as docs/nix-integration.md shows."""
     token = work / "hook-token"
     token.write_text(env["BIGTENT_TOKEN"] + "\n")
-    script = work / "bigtent-hook"
-    sock = work / "hook.sock"  # its own helper, gone 10 s after the run
+    script = work / name
+    sock = work / f"{name}.sock"  # its own helper, gone 10 s after the run
+    prefix = f"PYTHONPATH={pythonpath} " if pythonpath is not None else ""
     script.write_text(
-        f"#!/bin/sh\nexec {HOOK} --runner {env['BIGTENT_URL']} --token-file {token} "
+        f"#!/bin/sh\n{prefix}exec {HOOK} --runner {env['BIGTENT_URL']} --token-file {token} "
         f'--socket {sock} --helper-idle 10 "$@"\n'
     )
     script.chmod(0o755)
     return script
+
+
+PHASE = re.compile(r"\.drv: ((?:\w+ [0-9.]+ s(?:, )?)+)$")
+
+
+def helper_phases(log: Path, since: int) -> dict[str, float]:
+    """The mean seconds per derivation of each phase the helper logged (``PhaseClock``),
+    from byte ``since`` of its log on."""
+    spans: dict[str, list[float]] = {}
+    if not log.exists():
+        return {}
+    with log.open() as f:
+        f.seek(since)
+        for line in f:
+            m = PHASE.search(line.rstrip())
+            if m is None:
+                continue
+            for part in m.group(1).split(", "):
+                name, secs, _ = part.split(" ")
+                spans.setdefault(name, []).append(float(secs))
+    return {name: round(statistics.mean(v), 3) for name, v in spans.items()}
+
+
+def export_src(rev: str, dest: Path) -> Path:
+    """``src`` of git revision ``rev`` under ``dest``, byte-compiled."""
+    repo = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", rev, "src"], capture_output=True, check=True
+    ).stdout
+    dest.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    src = dest / "src"
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(src)], check=False)
+    return src
 
 
 def main() -> int:
@@ -56,9 +100,15 @@ def main() -> int:
     ap.add_argument("--no-ssh", action="store_true", help="skip the Nix SSH builder baseline")
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
     ap.add_argument("--quick", action="store_true", help="a 3x3 DAG, no SSH")
+    ap.add_argument(
+        "--dag-bench", action="store_true", help="bench/dag.py's DAG: 10 layers x 10, 101 drvs"
+    )
+    ap.add_argument("--before", metavar="REV", help="also run the hook of this git revision")
     args = ap.parse_args()
     if args.quick:
         args.layers, args.width, args.no_ssh = 3, 3, True
+    if args.dag_bench:
+        args.layers, args.width = 10, 10
     stream = sys.stderr if args.json else sys.stdout
 
     def say(text: str = "") -> None:
@@ -92,16 +142,30 @@ def main() -> int:
         with farm(work, agents=2, jobs=2) as env:
             t, _ = bigtent_build(env, dag_file(work, **dag), "--no-out-link")
             record("bigtent build (2 agents x 2 jobs, results fetched)", t)
-            store = work / "hook-store"
-            hook_env = {**env, "NIX_REMOTE": f"local?root={store}"}
-            argv = ["nix-build", str(dag_file(work, **dag)), "-A", "top", "--no-out-link"]
-            argv += ["--option", "build-hook", str(hook_script(work, env))]
-            argv += ["--max-jobs", "0", *NO_SUBST]
-            # Instantiating into the empty chroot store is part of the run, as for the others.
-            record("nix-build through bigtent-nix-hook (same farm)", timed(argv, env=hook_env))
-            # Again with a new salt: the helper the first run started is still there.
-            argv[1] = str(dag_file(work, **dag))
-            record("nix-build through bigtent-nix-hook, helper running", timed(argv, env=hook_env))
+            phases: dict[str, dict[str, float]] = {}
+            variants: list[tuple[str, Path | None]] = [("", None)]
+            if args.before:
+                old_src = export_src(args.before, work / "old")
+                variants.append((f" [before: {args.before}]", old_src))
+            for i, (label, pythonpath) in enumerate(variants):
+                script = hook_script(work, env, f"bigtent-hook-{i}", pythonpath)
+                helper_log = work / f"bigtent-hook-{i}.sock.log"
+                store = work / f"hook-store-{i}"
+                hook_env = {**env, "NIX_REMOTE": f"local?root={store}"}
+                argv = ["nix-build", str(dag_file(work, **dag)), "-A", "top", "--no-out-link"]
+                argv += ["--option", "build-hook", str(script)]
+                argv += ["--max-jobs", "0", *NO_SUBST]
+                # Instantiating into the empty chroot store is part of the run, as for the
+                # others.
+                cold_name = f"nix-build through bigtent-nix-hook (same farm){label}"
+                record(cold_name, timed(argv, env=hook_env))
+                phases[cold_name] = helper_phases(helper_log, 0)
+                # Again with a new salt: the helper the first run started is still there.
+                argv[1] = str(dag_file(work, **dag))
+                since = helper_log.stat().st_size if helper_log.exists() else 0
+                warm_name = f"nix-build through bigtent-nix-hook, helper running{label}"
+                record(warm_name, timed(argv, env=hook_env))
+                phases[warm_name] = helper_phases(helper_log, since)
 
     say(f"\n## {n} trivial derivations ({args.layers} layers x {args.width}, fan-in 3)\n")
     base = results["nix-build -j2 (local)"]
@@ -117,6 +181,11 @@ def main() -> int:
     say(f"the same, helper already running: {warm / ours:.2f}x")
     if ssh is not None:
         say(f"Nix SSH builders / nix-build through the hook: {ssh / hook:.1f}x (target: >= 10x)")
+        say(f"the same, helper already running: {ssh / warm:.1f}x")
+    say("\nmean seconds per derivation in the helper (the phases it logged):")
+    for name, spans in phases.items():
+        if spans:
+            say(f"- {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in spans.items()))
     if args.json:
         json.dump(
             {
@@ -129,6 +198,7 @@ def main() -> int:
                 "hook_vs_bigtent_build": hook / ours,
                 "warm_hook_vs_bigtent_build": warm / ours,
                 "ssh_vs_hook": ssh / hook if ssh is not None else None,
+                "helper_phases_mean_secs": phases,
             },
             sys.stdout,
             indent=2,

@@ -8,9 +8,11 @@ would (docs/nix-integration.md).
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -185,6 +187,82 @@ def test_failure_and_logs_reach_nix(farm_factory: Callable[..., Farm], tmp_path:
     assert refused.returncode != 0
     assert "signature" in refused.stderr, refused.stderr
     assert not any(p.name.endswith("-dag-0-1") for p in (fresh / "nix/store").iterdir())
+
+
+GATE_POLLS = 1200
+"""The gated builder gives up after this many 50 ms polls (one minute): a test that died
+must not leave a build hanging."""
+
+
+def test_the_log_reaches_nix_while_the_step_runs(
+    farm_factory: Callable[..., Farm], tmp_path: Path
+) -> None:
+    """The builder prints a marker, then waits for a file the test creates only once it has
+    read the marker in nix-build's output: the build can only end when the log is live."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    farm = farm_factory(agents=1, sandbox_paths=[f"/gate={gate}"])
+    store = tmp_path / "client"
+    hook = hook_setting(farm.url, token_file(farm))
+    salt = uuid.uuid4().hex
+    expr = tmp_path / "gated.nix"
+    expr.write_text(
+        f"""derivation {{
+  name = "gated"; salt = "{salt}"; system = "{current_system()}";
+  builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+  args = [ "-c" ''
+    echo "gated: before the gate {salt}"
+    i=0
+    while [ ! -e /gate/open ]; do
+      i=$((i + 1))
+      if [ $i -gt {GATE_POLLS} ]; then echo "gave up waiting for the gate" >&2; exit 1; fi
+      sleep 0.05
+    done
+    echo "gated: after the gate"
+    echo ok > $out
+  '' ];
+}}
+"""
+    )
+    env = farm.env(NIX_REMOTE=f"local?root={store}", XDG_CACHE_HOME=str(store) + "-xdg")
+    proc = subprocess.Popen(
+        ["nix-build", "--option", "build-hook", hook, "--option", "max-jobs", "0",
+         "--option", "substituters", "", str(expr), "--no-out-link"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not any(f"before the gate {salt}" in line for line in seen):
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            assert line is not None, "nix-build ended before the marker:\n" + "".join(seen)
+            seen.append(line)
+        assert proc.poll() is None  # the step still runs: it waits for the gate
+        (gate / "open").touch()
+        proc.wait(timeout=120)  # stderr is the reader thread's; stdout is one line
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    while (line := lines.get(timeout=10)) is not None:
+        seen.append(line)
+    text = "".join(seen)
+    assert proc.returncode == 0, text[-3000:] + farm.logs()
+    assert "gated: after the gate" in text, text
+    assert text.index("gated: after the gate") > text.index(f"before the gate {salt}")
+    assert text.count("gated: after the gate") == 1  # streamed once, not fetched again
+    assert (store / out.strip().lstrip("/")).read_text() == "ok\n"
 
 
 def test_unreachable_runner_and_refused_token_fail_fast(

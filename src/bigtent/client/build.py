@@ -678,12 +678,15 @@ async def follow_build(
     attempts: AttemptFollower | None = None,
     tracker: BuildTracker | None = None,
     follow_steps: bool = False,
+    pause: Callable[[float], Awaitable[None]] | None = None,
 ) -> Build:
     """Poll the build, and its new attempts, until its state is final, riding out a short
     runner outage. The attempts are asked for after the build: the transaction that ends a
     build also records its last attempt, so the final poll sees every attempt.
     ``follow_steps``: hand the build's steps to ``observer.on_steps`` too, at most every
-    ``STEPS_POLL_SECS`` and once more after the build ended."""
+    ``STEPS_POLL_SECS`` and once more after the build ended. ``pause``: waits between
+    looks instead of ``asyncio.sleep(interval_secs)`` (the nix hook looks again as soon as
+    its step's log stream ended)."""
     follower = attempts if attempts is not None else AttemptFollower(build_id)
     shown: set[tuple[str, str]] = set()
     steps_at: float | None = None
@@ -710,7 +713,7 @@ async def follow_build(
             observer.on_waiting_for_capacity(fresh)
         if build.state.is_final:
             return build
-        await asyncio.sleep(interval_secs)
+        await (pause or asyncio.sleep)(interval_secs)
 
 
 def substituter_options(

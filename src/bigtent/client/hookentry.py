@@ -11,13 +11,22 @@ side is imported after ``# accept``. The wire (64-bit little-endian integers, st
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
-    from typing import IO
+    from typing import IO, Protocol
+
+    class Conn(Protocol):
+        """What the relay needs of a connected stream socket."""
+
+        def sendall(self, data: bytes, /) -> None: ...
+
+        def recv(self, n: int, /) -> bytes: ...
+
 
 MACHINE_NAME = "bigtent"
 """What Nix prints as the machine: ``building '/nix/store/…drv' on 'bigtent'``."""
@@ -214,6 +223,213 @@ def answer(
         return request, wire.read_strs()
 
 
+# ---- the hand-over to the helper, without heavy imports ------------------------------------
+#
+# After ``# accept`` the derivation reaches the farm only once the helper has its request:
+# on a loaded machine importing ``nixhook`` (``enum``, ``re``, ``logging``, ``argparse``),
+# ``socket`` and ``json`` took 0.3-0.6 s per derivation, on the critical path of every layer
+# (docs/benchmarks.md). When the helper already listens, the hook reads the few options it
+# needs itself, talks over ``_socket`` and writes its own JSON; anything unusual (no helper
+# yet, ``--no-helper``, an option this reader does not know) takes ``nixhook``'s full path.
+
+HOOK_OPTIONS = frozenset(
+    {
+        "--runner", "--token-file", "--oidc", "--audience", "--ca-file", "--system",
+        "--on-unreachable", "--poll-interval", "--public-key", "--socket", "--helper-idle",
+    }
+)  # fmt: skip
+"""Options taking a value, as ``nixhook.parse_args`` has them."""
+
+
+def local_store_uri(settings: Mapping[str, str]) -> str:
+    """The store the parent Nix builds into ("" for Nix's default, e.g. under the daemon)."""
+    store = settings.get("store", "")
+    return "" if store in ("auto", "daemon") else store
+
+
+def socket_path(
+    runner_url: str, token: str, audience: str, ca_file: str, uid: int, env: Mapping[str, str]
+) -> str:
+    """The helper's default socket: one per runner and credential in ``$XDG_RUNTIME_DIR``,
+    ``/run/bigtent-nix-hook`` for root, or ``/tmp/bigtent-nix-hook-UID`` (whose directory
+    others may create first: ``is_private_dir`` is checked before connecting)."""
+    try:
+        from _sha256 import sha256  # type: ignore[import-not-found]  # no OpenSSL to load
+    except ImportError:  # an interpreter without it: the same digest
+        from hashlib import sha256
+    key = "\0".join([runner_url, token, audience, ca_file])
+    digest: str = sha256(key.encode()).hexdigest()
+    name = "helper-" + digest[:16] + ".sock"
+    base = env.get("XDG_RUNTIME_DIR") or ROOT_HELPER_DIR
+    if base == ROOT_HELPER_DIR and (uid != 0 or not os.path.isdir("/run")):
+        base = f"/tmp/bigtent-nix-hook-{uid}"
+    return base.rstrip("/") + "/" + name
+
+
+ROOT_HELPER_DIR = "/run/bigtent-nix-hook"
+"""The helper's directory for root without ``$XDG_RUNTIME_DIR`` (as under the Nix daemon):
+in /run, where other users cannot create it first."""
+
+
+def is_private_dir(path: str) -> bool:
+    """Whether ``path`` is a directory of this user that no other may enter: only then is a
+    helper listening in it this user's own (anyone may create ``/tmp/bigtent-nix-hook-0``
+    first and serve a fake helper there)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    is_dir = (st.st_mode & 0o170000) == 0o040000
+    return is_dir and st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
+def quick_socket(argv: Sequence[str], env: Mapping[str, str], uid: int) -> str | None:
+    """The helper's socket for this command line, read without ``argparse``; None when the
+    full parser must look (an option it does not know, ``--no-helper``, ``--oidc``, a token
+    file that cannot be read). Must agree with ``nixhook.helper_socket(parse_args(...))``."""
+    values: dict[str, str] = {}
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        if i == len(args) - 1 and args[i].isdigit():
+            break  # the verbosity Nix appends
+        name, eq, value = args[i].partition("=")
+        if name not in HOOK_OPTIONS:
+            return None
+        if not eq:
+            if i + 1 >= len(args):
+                return None
+            i += 1
+            value = args[i]
+        values[name] = value
+        i += 1
+    if "--oidc" in values:
+        return None  # a CI job's ID token: fetched by the full path, anew each time
+    if "--socket" in values:
+        return values["--socket"]
+    if "--token-file" in values:
+        try:
+            with open(values["--token-file"]) as f:
+                token = f.read().strip()
+        except OSError:
+            return None
+        if not token:
+            return None
+    else:
+        token = env.get("BIGTENT_TOKEN") or ""
+    runner = values.get("--runner", env.get("BIGTENT_URL", "http://127.0.0.1:8470"))
+    ca_file = values.get("--ca-file", env.get("BIGTENT_CA_FILE") or "")
+    return socket_path(runner, token, "", ca_file, uid, env)
+
+
+def json_str(text: str) -> str:
+    """``text`` as a JSON string (what ``json.dumps`` gives, without importing ``json``)."""
+    out = []
+    for ch in text:
+        if ch == '"' or ch == "\\":
+            out.append("\\" + ch)
+        elif ch < " ":
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def encode_request(drv_path: str, wanted: Sequence[str], store_uri: str) -> bytes:
+    """The one request line the helper reads."""
+    outputs = ", ".join(json_str(w) for w in wanted)
+    line = f'{{"drv": {json_str(drv_path)}, "wanted": [{outputs}], "store": {json_str(store_uri)}}}'
+    return line.encode() + b"\n"
+
+
+def escape_line(text: str) -> str:
+    """One reply's text on one line (``\\`` and newlines escaped)."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def unescape_line(text: str) -> str:
+    out = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            nxt = text[i + 1]
+            out.append({"n": "\n", "r": "\r"}.get(nxt, nxt))
+            i += 2
+            continue
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def nix_message(text: str) -> bytes:
+    """An error Nix prints from the hook's stderr after the answer (``@nix`` JSON)."""
+    return b'@nix {"action": "msg", "level": 0, "msg": ' + json_str(text).encode() + b"}\n"
+
+
+def relay(
+    conn: Conn, request: bytes, write_log: Callable[[str], None], error: Callable[[str], None]
+) -> int | None:
+    """Send the request, then hand the helper's replies on: ``log TEXT`` lines to
+    ``write_log``, ``error TEXT`` to ``error``; the status of ``exit N``, or None when the
+    helper closed the connection first."""
+    conn.sendall(request)
+    pending = b""
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        *lines, pending = (pending + data).split(b"\n")
+        for raw in lines:
+            kind, _, rest = raw.decode(errors="replace").partition(" ")
+            if kind == "log":
+                write_log(unescape_line(rest))
+            elif kind == "error":
+                error(unescape_line(rest))
+            elif kind == "exit":
+                return int(rest) if rest.lstrip("-").isdigit() else 1
+
+
+def fast_hand_over(
+    argv: Sequence[str], settings: Mapping[str, str], drv_path: str, wanted: Sequence[str]
+) -> int | None:
+    """Hand the accepted derivation to a helper that already listens, and relay its replies
+    to Nix (fd 4, stderr); None when the full path must do it (see ``quick_socket``)."""
+    import _socket
+
+    path = quick_socket(argv, os.environ, os.getuid())
+    if path is None or not is_private_dir(os.path.dirname(path)):
+        return None  # the full path decides (and says why it will not use that directory)
+    conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        try:
+            conn.connect(path)
+        except OSError:
+            return None  # no helper yet: the full path starts one
+        try:
+            os.fstat(4)
+            log_fd = 4
+        except OSError:
+            log_fd = 2
+
+        def write_log(text: str) -> None:
+            data = "".join(line + "\n" for line in text.splitlines() or [""])
+            os.write(log_fd, data.encode(errors="replace"))
+
+        def error(text: str) -> None:
+            write_log(f"bigtent: {text}")
+            os.write(2, nix_message(f"bigtent: {text}"))
+
+        request = encode_request(drv_path, wanted, local_store_uri(settings))
+        code = relay(conn, request, write_log, error)
+        if code is None:
+            error(f"the helper at {path} stopped before {drv_path} was built")
+            return 1
+        return code
+    finally:
+        conn.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``bigtent-nix-hook`` (and ``bigtent nix-hook``)."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -234,9 +450,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if accepted is None:
         return 0
+    request, wanted = accepted
+    code = fast_hand_over(args, settings, request.drv_path, wanted)
+    if code is not None:
+        return code
     from bigtent.client import nixhook
 
-    request, wanted = accepted
     return nixhook.after_accept(args, settings, request.drv_path, wanted, stderr)
 
 

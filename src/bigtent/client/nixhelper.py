@@ -3,8 +3,9 @@
 Nix starts a new hook process for every derivation it builds remotely. Doing the farm's side
 there would pay, per derivation, for importing the HTTP client, a new connection and the
 credential; the hook instead hands the accepted derivation to this helper over a Unix socket
-(one JSON line: ``{"drv", "wanted", "store"}``) and relays what it answers, JSON lines of
-``{"log": text}``, ``{"error": text}`` and last ``{"exit": status}``. The helper runs
+(one JSON line: ``{"drv", "wanted", "store"}``) and relays what it answers, lines of
+``log TEXT``, ``error TEXT`` and last ``exit STATUS`` (``TEXT`` escaped to one line:
+``hookentry.relay`` reads them without importing ``json``). The helper runs
 ``nixhook.build_on_farm`` with one shared ``RunnerClient`` for every derivation, concurrently.
 
 The first hook that finds no helper starts one (``nixhook.start_helper``); a lock file next to
@@ -29,6 +30,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from bigtent.client.api import RunnerClient
+from bigtent.client.hookentry import escape_line
 from bigtent.client.nixhook import (
     FarmMemory,
     HookConfig,
@@ -43,20 +45,24 @@ MAX_REQUEST_BYTES = 64 * 1024
 
 
 class StreamSink:
-    """Log lines and errors as JSON lines to the hook."""
+    """Log lines, errors and the exit status as reply lines to the hook (``log TEXT``,
+    ``error TEXT``, ``exit N``: ``hookentry.relay`` reads them without ``json``)."""
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
 
-    def _send(self, message: dict[str, object]) -> None:
+    def _send(self, kind: str, text: str) -> None:
         if not self.writer.is_closing():
-            self.writer.write(json.dumps(message).encode() + b"\n")
+            self.writer.write(f"{kind} {escape_line(text)}\n".encode(errors="replace"))
 
     def line(self, text: str) -> None:
-        self._send({"log": text})
+        self._send("log", text)
 
     def error(self, text: str) -> None:
-        self._send({"error": text})
+        self._send("error", text)
+
+    def exit(self, code: int) -> None:
+        self._send("exit", str(code))
 
 
 def parse_request(raw: bytes) -> tuple[str, list[str], str]:
@@ -125,13 +131,13 @@ class Helper:
                 drv, wanted, store = parse_request(await reader.readline())
             except ValueError as exc:
                 sink.error(f"bad request to the helper: {exc}")
-                sink._send({"exit": 1})
+                sink.exit(1)
                 return
             try:
                 client = await self.client()
             except BigtentError as exc:
                 sink.error(f"cannot build {drv} on the farm: {exc}")
-                sink._send({"exit": 1})
+                sink.exit(1)
                 return
             try:
                 code = await until_hook_leaves(
@@ -144,11 +150,11 @@ class Helper:
             if code is None:
                 log.info("the hook for %s went away (Nix stopped): no longer following it", drv)
                 return
-            sink._send({"exit": code})
+            sink.exit(code)
         except Exception as exc:  # one derivation's surprise must not end the helper
             log.exception("building a derivation failed")
             sink.error(f"the helper failed: {exc}")
-            sink._send({"exit": 1})
+            sink.exit(1)
         finally:
             self.active -= 1
             self.last_activity = time.monotonic()

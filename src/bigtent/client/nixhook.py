@@ -27,9 +27,10 @@ the local Nix checks. The decisions are pure functions.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence, Set
 from enum import StrEnum
 from typing import IO, TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
@@ -38,18 +39,27 @@ from bigtent.client.hookentry import (
     TryRequest,
     WireReader,
     answer,
+    encode_request,
     farm_systems,
+    is_private_dir,
+    local_store_uri,
     read_settings,
+    relay,
+    socket_path,
 )
 
 if TYPE_CHECKING:
+    import asyncio
+
     from bigtent.client.api import Build, RunnerClient, RunnerStatus, Step, StepAttempt, WaitingStep
+    from bigtent.client.progress import PrefixedLines
     from bigtent.nix.store import NixStore
 
 # The farm's side imports asyncio, httpx and the client inside its functions: ``run_hook``
 # (the full path, for ``--on-unreachable local`` and the tests) answers before it needs them.
 
 _T = TypeVar("_T")
+log = logging.getLogger(__name__)
 
 LOG_FD = 4
 """Nix reads the build log of a hook from this descriptor."""
@@ -98,12 +108,6 @@ class HookConfig(NamedTuple):
     socket: str | None = None
     """The helper's socket; None: one per runner and credential in a private directory."""
     helper_idle_secs: float = 60.0
-
-
-def local_store_uri(settings: Mapping[str, str]) -> str:
-    """The store the parent Nix builds into ("" for Nix's default, e.g. under the daemon)."""
-    store = settings.get("store", "")
-    return "" if store in ("auto", "daemon") else store
 
 
 def failure_exit_code(build: Build) -> int:
@@ -288,14 +292,20 @@ async def _build(
     except BigtentError as exc:
         sink.error(f"cannot build {drv_path} on the farm: {exc}")
         return 1
+    phases = PhaseClock()
+    logs: RootLogs | None = None
     try:
         await upload_drv(client, store, drv_path, bool(missing), memory.known, observer)
+        phases.mark("upload")
         build = await submit_build(
             client, [drv_path], BuildOptions(out_link=None), observer, config.unreachable_grace_secs
         )
+        phases.mark("submit")
         sink.line(f"bigtent: build {build.id} on {client.base_url}")
-        # One request per look, not two: retries show in the failed step's record, and a
-        # farm of busy hooks polls the runner often enough already.
+        logs = RootLogs(client, sink)
+        logs.start(build)
+        # One request per look, not two: retries show in the failed step's record. The end of
+        # the step's log stream starts the next look early.
         build = await follow_build(
             client,
             build.id,
@@ -303,18 +313,173 @@ async def _build(
             config.poll_interval_secs,
             config.unreachable_grace_secs,
             attempts=AttemptFollower(build.id, supported=False),
+            pause=logs.pause,
         )
+        phases.mark("build")
         if not build_succeeded(build):
-            await _show_failure(client, build, sink)
+            await logs.finish(build)
+            await _show_failure(client, build, sink, streamed=logs.streamed)
             return failure_exit_code(build)
         await asyncio.gather(
-            _show_root_log(client, build, sink),
+            logs.finish(build),
             copy_outputs(client, store, build, wanted, memory, config.public_keys),
         )
+        phases.mark("copy")
+        log.info("%s: %s", drv_path.rsplit("/", 1)[-1], phases.summary())
         return 0
     except BigtentError as exc:
         sink.error(f"building {drv_path} on the farm failed: {exc}")
         return 1
+    finally:
+        if logs is not None:
+            await logs.stop()
+
+
+LOG_END_WAIT_SECS = 5.0
+"""How long the rest of a step's log may take once the build ended."""
+
+
+class PhaseClock:
+    """Where a derivation's time went in the helper (logged: architecture §"Plain nix-build
+    on the farm", docs/benchmarks.md)."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self._last = self._clock()
+        self.spans: list[tuple[str, float]] = []
+
+    def mark(self, phase: str) -> None:
+        now = self._clock()
+        self.spans.append((phase, now - self._last))
+        self._last = now
+
+    def summary(self) -> str:
+        return ", ".join(f"{name} {secs:.3f} s" for name, secs in self.spans)
+
+
+class RootLogs:
+    """The live log of the build's root steps, line by line to the sink (Nix's fd 4) while
+    they run, from the runner's log stream (``GET /api/v1/steps/{id}/events``, as
+    ``bigtent build -L``). A step whose stream fails (an older runner, an outage past the
+    grace) has its log fetched whole once the build ended."""
+
+    def __init__(self, client: RunnerClient, sink: Sink) -> None:
+        self.client = client
+        self.sink = sink
+        self.tasks: dict[str, asyncio.Task[bool]] = {}
+        self.streamed: set[str] = set()
+        """Steps whose whole log reached the sink."""
+        self.unstreamable: set[str] = set()
+        """Steps whose stream failed (an older runner, an outage): fetched whole."""
+        self.offsets: dict[str, int] = {}
+        """The log offset each step's stream reached."""
+        self.lines: dict[str, PrefixedLines] = {}
+        self.cached = False
+
+    def start(self, build: Build) -> None:
+        import asyncio
+
+        for root in build.roots:
+            if root.step_id is None:
+                self.cached = True
+            elif root.step_id not in self.tasks:
+                self.tasks[root.step_id] = asyncio.get_running_loop().create_task(
+                    self._follow(root.step_id), name=f"hook-log-{root.step_id}"
+                )
+
+    async def _follow(self, step_id: str, start: int = 0) -> bool:
+        from bigtent.client.progress import PrefixedLines, follow_step_log
+        from bigtent.errors import BigtentError
+
+        lines = self.lines.setdefault(step_id, PrefixedLines(""))
+
+        def text(piece: str) -> None:
+            for line in lines.feed(piece):
+                self.sink.line(line)
+
+        def reset() -> None:
+            for line in lines.flush():
+                self.sink.line(line)
+            self.sink.line("bigtent: the step's log started again (another attempt)")
+
+        def reached(offset: int) -> None:
+            self.offsets[step_id] = offset
+
+        try:
+            await follow_step_log(
+                self.client, step_id, text, start=start, on_reset=reset, on_offset=reached
+            )
+        except BigtentError as exc:
+            log.info("no live log of step %s: %s", step_id, exc)
+            self.unstreamable.add(step_id)
+            self.sink.line(f"bigtent: the live log stopped ({exc}); the whole log follows")
+            return False
+        self.streamed.add(step_id)
+        return True
+
+    async def pause(self, interval_secs: float) -> None:
+        """``follow_build``'s wait between looks: ``interval_secs``, or less when a step's
+        log stream ends first (its end is a hint, not the signal: the runner may send it
+        late when the step ended as the stream began)."""
+        import asyncio
+
+        running = [t for t in self.tasks.values() if not t.done()]
+        if running:
+            await asyncio.wait(running, timeout=interval_secs)
+        else:
+            await asyncio.sleep(interval_secs)
+
+    async def finish(self, build: Build) -> None:
+        """Once the build ended, its steps have: the streams still open are closed and the
+        rest of each log is asked for from the offset reached (a final step's stream sends
+        it and ends at once); a log that did not stream is fetched whole. Says so when the
+        farm had built it already."""
+        import asyncio
+
+        from bigtent.client.build import build_succeeded
+        from bigtent.errors import BigtentError
+
+        await self.stop()
+        rest = [
+            asyncio.wait_for(self._follow(step_id, self.offsets.get(step_id, 0)), LOG_END_WAIT_SECS)
+            for step_id in self.tasks
+            if step_id not in self.streamed and step_id not in self.unstreamable
+        ]
+        for result in await asyncio.gather(*rest, return_exceptions=True):
+            if isinstance(result, BaseException) and not isinstance(result, TimeoutError):
+                log.info("the rest of a step's log: %s", result)
+        for lines in self.lines.values():
+            for line in lines.flush():
+                self.sink.line(line)
+        if self.cached:
+            self.sink.line("bigtent: the farm had built it already")
+        if not build_succeeded(build):
+            return  # ``_show_failure`` fetches the failed steps' logs
+        for step_id in self.tasks:
+            if step_id in self.streamed:
+                continue
+            if step_id not in self.unstreamable and self.offsets.get(step_id):
+                # Part of it streamed, the rest did not come in time: no second copy.
+                self.sink.line(f"bigtent: the rest of step {step_id}'s log did not come")
+                continue
+            try:
+                self.sink.line((await self.client.fetch_log(step_id)).rstrip("\n"))
+            except BigtentError as exc:
+                self.sink.line(f"bigtent: no log of step {step_id}: {exc}")
+            self.streamed.add(step_id)
+
+    async def stop(self) -> None:
+        import asyncio
+        import contextlib
+
+        for task in self.tasks.values():
+            if not task.done():
+                task.cancel()
+        for task in self.tasks.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 async def upload_drv(
@@ -365,25 +530,17 @@ async def upload_drv(
         known.update(drv.references)
 
 
-async def _show_root_log(client: RunnerClient, build: Build, sink: Sink) -> None:
-    from bigtent.errors import BigtentError
-
-    for root in build.roots:
-        if root.step_id is None:
-            sink.line("bigtent: the farm had built it already")
-            continue
-        try:
-            sink.line((await client.fetch_log(root.step_id)).rstrip("\n"))
-        except BigtentError as exc:
-            sink.line(f"bigtent: no log of step {root.step_id}: {exc}")
-
-
-async def _show_failure(client: RunnerClient, build: Build, sink: Sink) -> None:
+async def _show_failure(
+    client: RunnerClient, build: Build, sink: Sink, *, streamed: Set[str] = frozenset()
+) -> None:
+    """Each failed step and its log (a step in ``streamed`` has shown its log already)."""
     from bigtent.errors import BigtentError
 
     for step in build.failed_steps:
         what = ": ".join(x for x in (step.outcome or step.state, step.error) if x)
         sink.line(f"bigtent: step {step.id} {step.drv_path} failed on the farm: {what}")
+        if step.id in streamed:
+            continue
         try:
             text = await client.fetch_log(step.id)
         except BigtentError:
@@ -538,11 +695,6 @@ HELPER_START_SECS = 15.0
 """How long a hook waits for the helper it started to listen."""
 
 
-ROOT_HELPER_DIR = "/run/bigtent-nix-hook"
-"""The helper's directory for root without ``$XDG_RUNTIME_DIR`` (as under the Nix daemon):
-in /run, where other users cannot create it first."""
-
-
 def helper_socket(config: HookConfig, uid: int, env: Mapping[str, str]) -> str:
     """The helper's socket: ``--socket``, else one per runner and credential in
     ``$XDG_RUNTIME_DIR``, ``/run/bigtent-nix-hook`` for root, or ``/tmp/bigtent-nix-hook-UID``
@@ -550,37 +702,20 @@ def helper_socket(config: HookConfig, uid: int, env: Mapping[str, str]) -> str:
     connects: a helper listening there is this user's own)."""
     if config.socket:
         return config.socket
-    import hashlib
-
-    key = "\0".join(
-        [config.runner_url, config.token or "", config.oidc_audience or "", config.ca_file or ""]
-    )
-    name = "helper-" + hashlib.sha256(key.encode()).hexdigest()[:16] + ".sock"
-    base = env.get("XDG_RUNTIME_DIR") or ROOT_HELPER_DIR
-    if base == ROOT_HELPER_DIR and (uid != 0 or not os.path.isdir("/run")):
-        base = f"/tmp/bigtent-nix-hook-{uid}"  # others may pre-create it: private_dir checks
-    return os.path.join(base, name)
+    return socket_path(
+        config.runner_url, config.token or "", config.oidc_audience or "", config.ca_file or "",
+        uid, env,
+    )  # fmt: skip
 
 
 def private_dir(path: str) -> None:
     """Create ``path`` (mode 0700) or check that it is this user's and closed to others."""
     import contextlib
-    import stat
 
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
-    st = os.lstat(path)
-
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+    if not is_private_dir(path):
         raise OSError(f"{path} must be a directory of uid {os.getuid()} closed to others")
-
-
-def encode_request(drv_path: str, wanted: Sequence[str], store_uri: str) -> bytes:
-    import json
-
-    return (
-        json.dumps({"drv": drv_path, "wanted": list(wanted), "store": store_uri}).encode() + b"\n"
-    )
 
 
 def via_helper(
@@ -588,7 +723,6 @@ def via_helper(
 ) -> int:
     """Hand the derivation to the helper (starting it when none listens) and relay what it
     says: log lines, errors, then the exit status."""
-    import json
     import socket
     import time
 
@@ -619,19 +753,9 @@ def via_helper(
                 return 1
             time.sleep(0.02)
     with conn:
-        conn.sendall(encode_request(drv_path, wanted, store_uri))
-        with conn.makefile("rb") as replies:
-            for raw in replies:
-                try:
-                    message = json.loads(raw)
-                except ValueError:
-                    continue
-                if "log" in message:
-                    sink.line(str(message["log"]))
-                elif "error" in message:
-                    sink.error(str(message["error"]))
-                elif "exit" in message:
-                    return int(message["exit"])
+        code = relay(conn, encode_request(drv_path, wanted, store_uri), sink.line, sink.error)
+    if code is not None:
+        return code
     sink.error(f"the helper at {path} stopped before {drv_path} was built")
     return 1
 

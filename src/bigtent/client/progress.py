@@ -153,11 +153,12 @@ async def follow_step_log(
     start: int = 0,
     grace_secs: float = LOG_GRACE_SECS,
     on_reset: Callable[[], None] | None = None,
+    on_offset: Callable[[int], None] | None = None,
 ) -> str:
     """Hand the step's log to ``on_text`` from ``start`` on, as it grows, until the step is
     final; return its final state. A stream that ends early (this reader fell behind, a
     runner restart) is asked for again from the offset reached, for up to ``grace_secs`` of
-    failures in a row."""
+    failures in a row. ``on_offset`` is told the log offset reached after each event."""
     offset = start
     failing_since: float | None = None
     while True:
@@ -172,6 +173,8 @@ async def follow_step_log(
                 if event.text:
                     on_text(event.text)
                 offset = max(offset, event.offset)
+                if on_offset is not None:
+                    on_offset(offset)
                 if event.end_state is not None:
                     return event.end_state
         except RunnerUnreachable:

@@ -19,14 +19,23 @@ from bigtent.client.hookentry import (
     TryRequest,
     WireReader,
     decide,
+    encode_request,
     encode_settings,
     encode_try,
+    escape_line,
     farm_systems,
+    fast_hand_over,
+    json_str,
+    local_store_uri,
+    nix_message,
     put_strs,
     quick_options,
+    quick_socket,
     read_settings,
     read_try,
+    relay,
     reply_line,
+    unescape_line,
 )
 from bigtent.client.nixhelper import parse_request
 from bigtent.client.nixhook import (
@@ -36,7 +45,6 @@ from bigtent.client.nixhook import (
     failure_exit_code,
     helper_argv,
     helper_socket,
-    local_store_uri,
     parse_args,
     run_hook,
     via_helper,
@@ -293,3 +301,110 @@ def test_hook_does_not_talk_to_a_helper_in_a_directory_another_user_controls(
         shutil.rmtree(short)
     assert talked == []
     assert sink.errors and "closed to others" in sink.errors[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["--runner", "http://r:1", "--token-file", "TOKEN", "--public-key", "k:a=", "3"], {}),
+        (["--runner=http://r:1", "--token-file=TOKEN", "--system", "x86_64-linux"], {}),
+        (["--ca-file", "/ca.pem", "--helper-idle", "5"], {"BIGTENT_TOKEN": "bt_env"}),
+        ([], {"BIGTENT_URL": "http://u:2", "BIGTENT_TOKEN": "bt_env", "XDG_RUNTIME_DIR": "/r/"}),
+        (["--token-file", "TOKEN", "--socket", "/tmp/h.sock", "0"], {}),
+    ],
+)
+def test_the_quick_socket_is_the_helpers(
+    tmp_path: Path, argv: list[str], env: dict[str, str]
+) -> None:
+    """The hook's hand-over without argparse finds the socket the full path would use."""
+    token = tmp_path / "token"
+    token.write_text("bt_secret\n")
+    argv = [a.replace("TOKEN", str(token)) for a in argv]
+    quick = quick_socket(argv, env, 7)
+    assert quick is not None
+    assert quick == helper_socket(parse_args(argv, env), 7, env)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--no-helper"],
+        ["--oidc", "github", "--audience", "bigtent"],
+        ["--token-file", "/nonexistent/token"],
+        ["--surprise", "x"],
+        ["--runner"],
+    ],
+)
+def test_the_quick_socket_leaves_the_unusual_to_the_full_path(argv: list[str]) -> None:
+    assert quick_socket(argv, {"BIGTENT_TOKEN": "t"}, 7) is None
+
+
+@pytest.mark.parametrize("text", ["", "plain", 'q"uote\\back', "tab\tnl\nnul\0", "ünï ☃"])
+def test_hand_written_json_is_json(text: str) -> None:
+    assert json.loads(json_str(text)) == text
+    assert json.loads(nix_message(text).removeprefix(b"@nix "))["msg"] == text
+    assert unescape_line(escape_line(text)) == text
+    assert "\n" not in escape_line(text)
+    raw = encode_request(DRV, ["out", text], text)
+    assert parse_request(raw) == (DRV, ["out", text], text)
+
+
+class ChunkedConn:
+    """A socket whose replies arrive in arbitrary pieces."""
+
+    def __init__(self, replies: bytes, size: int) -> None:
+        self.sent = b""
+        self.pieces = [replies[i : i + size] for i in range(0, len(replies), size)]
+
+    def sendall(self, data: bytes, /) -> None:
+        self.sent += data
+
+    def recv(self, n: int, /) -> bytes:
+        return self.pieces.pop(0) if self.pieces else b""
+
+
+@pytest.mark.parametrize("size", [1, 3, 1000])
+def test_relay_hands_on_the_helpers_replies(size: int) -> None:
+    replies = "".join(
+        f"{kind} {escape_line(text)}\n"
+        for kind, text in [("log", "line one"), ("log", "two\nthree \\n"), ("error", "boom")]
+    )
+    conn = ChunkedConn((replies + "exit 100\nlog after the end\n").encode(), size)
+    logs: list[str] = []
+    errors: list[str] = []
+    assert relay(conn, b"request\n", logs.append, errors.append) == 100
+    assert conn.sent == b"request\n"
+    assert logs == ["line one", "two\nthree \\n"]
+    assert errors == ["boom"]
+    # A helper that goes away before its exit line: None, the caller says so.
+    assert relay(ChunkedConn(b"log half", size), b"r\n", logs.append, errors.append) is None
+
+
+def test_the_quick_hand_over_does_not_talk_to_a_helper_in_a_directory_open_to_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast path (no argparse, for a helper that already listens) checks the directory
+    as the full path does: a helper planted in a directory others may enter gets nothing."""
+    token = tmp_path / "token"
+    token.write_text("bt_secret\n")
+    argv = ["--runner", "http://r", "--token-file", str(token)]
+    short = Path(tempfile.mkdtemp(prefix="bt-", dir="/tmp"))  # a socket path is short
+    planted_dir = short / "planted"
+    planted_dir.mkdir()
+    planted_dir.chmod(0o777)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(planted_dir))
+    path = quick_socket(argv, os.environ, os.getuid())
+    assert path is not None and path.startswith(str(planted_dir))
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    server.setblocking(False)
+    try:
+        assert fast_hand_over(argv, {}, DRV, ["out"]) is None  # left to the full path
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nobody connected
+        planted_dir.chmod(0o700)  # the same directory closed: the fast path would connect
+        assert quick_socket(argv, os.environ, os.getuid()) == path
+    finally:
+        server.close()
+        shutil.rmtree(short)
