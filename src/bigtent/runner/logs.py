@@ -263,6 +263,10 @@ class LogStore:
     def size(self, step_id: int) -> int:
         return self.snapshot(step_id).size
 
+    def is_open(self, step_id: int) -> bool:
+        """Whether the step's log is being appended to (an attempt runs)."""
+        return step_id in self._open
+
     def stored_size(self, step_id: int) -> int:
         """Bytes of log in frames on disk (thread-safe)."""
         records = self._records(step_id)

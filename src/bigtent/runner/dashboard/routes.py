@@ -461,7 +461,11 @@ async def _events(
             tail = snap.pending[pos - snap.framed :]
             pos = snap.size
             yield _sse("log", tail.decode(errors="replace"), pos)
-        ended_at: float | None = None
+        # A log already closed when this viewer came (its attempt ended, the step's final
+        # state may not be written yet): look for the end as often as right after an
+        # ``attempt_ended`` notice, not only at the next keepalive.
+        closed = snap.size > 0 and not logs.is_open(step_id)
+        ended_at: float | None = time.monotonic() if closed else None
         while True:
             state = await _final_state(comps, step_id)
             closing = state is not None
