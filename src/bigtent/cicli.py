@@ -10,8 +10,8 @@ from typing import Any
 from urllib.parse import quote
 
 import click
-from rich.table import Table
 
+from bigtent.client.tables import Column, print_table
 from bigtent.errors import UsageError
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -44,10 +44,6 @@ def _client_options(f: Any) -> Any:
 
 def _json_option(f: Any) -> Any:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(f)
-
-
-def _print(table: Table) -> None:
-    _cli()._console().print(table)
 
 
 def _echo_json(data: Any) -> None:
@@ -93,19 +89,27 @@ def register(group: click.Group) -> None:
         if as_json:
             _echo_json(data["projects"])
             return
-        table = Table()
-        for col in ("name", "url", "evaluate", "branches", "forge", "source"):
-            table.add_column(col)
-        for p in data["projects"]:
-            table.add_row(
-                p["name"],
-                p["url"],
-                p["evaluate"],
-                ",".join(p["branches"]) or "(default)",
-                p["forge"],
-                p["source"],
-            )
-        _print(table)
+        print_table(
+            [
+                Column("name", key=True),
+                Column("url"),
+                Column("evaluate", key=True),
+                Column("branches"),
+                Column("forge", key=True),
+                Column("source", key=True),
+            ],
+            [
+                [
+                    p["name"],
+                    p["url"],
+                    p["evaluate"],
+                    ",".join(p["branches"]) or "(default)",
+                    p["forge"],
+                    p["source"],
+                ]
+                for p in data["projects"]
+            ],
+        )
 
     @projects.command("show", context_settings=_CONTEXT)
     @click.argument("name")
@@ -121,19 +125,21 @@ def register(group: click.Group) -> None:
             _echo_json(data)
             return
         click.echo(f"{data['name']}: {data['url']} ({data['evaluate']}, forge {data['forge']})")
-        table = Table()
-        for col in ("ref", "evals", "latest", "commit", "state"):
-            table.add_column(col)
+        rows = []
         for r in data["refs"]:
             latest = r["latest"] or {}
-            table.add_row(
-                r["ref"],
-                str(r["evaluations"]),
-                str(latest.get("id", "")),
-                _short(latest.get("commit")),
-                latest.get("state", ""),
+            rows.append(
+                [
+                    r["ref"],
+                    str(r["evaluations"]),
+                    str(latest.get("id", "")),
+                    _short(latest.get("commit")),
+                    latest.get("state", ""),
+                ]
             )
-        _print(table)
+        print_table(
+            [Column(h, key=True) for h in ("ref", "evals", "latest", "commit", "state")], rows
+        )
 
     @projects.command("add", context_settings=_CONTEXT)
     @click.argument("name")
@@ -242,12 +248,14 @@ def register(group: click.Group) -> None:
         if as_json:
             _echo_json(data["evaluations"])
             return
-        table = Table()
-        for col in ("eval", "ref", "commit", "state", "trust", "build", "error"):
-            table.add_column(col)
-        for e in data["evaluations"]:
-            table.add_row(*_eval_row(e))
-        _print(table)
+        print_table(
+            [
+                *(Column(h, key=True) for h in ("eval", "ref", "commit", "state", "trust")),
+                Column("build", key=True),
+                Column("error"),
+            ],
+            [_eval_row(e) for e in data["evaluations"]],
+        )
 
     @group.command("jobs", context_settings=_CONTEXT)
     @click.argument("evaluation", type=click.IntRange(1))
@@ -272,11 +280,9 @@ def register(group: click.Group) -> None:
             )
             if data.get("error"):
                 click.echo(data["error"])
-            table = Table()
-            for col in ("job", "state", "derivation / error"):
-                table.add_column(col)
-            for j in data["jobs"]:
-                table.add_row(j["attr"], j["state"], j["drv_path"] or j["error"] or "")
-            _print(table)
+            print_table(
+                [Column("job", key=True), Column("state", key=True), Column("derivation / error")],
+                [[j["attr"], j["state"], j["drv_path"] or j["error"] or ""] for j in data["jobs"]],
+            )
         if data["state"] in ("failed", "eval_error"):
             raise SystemExit(1)
