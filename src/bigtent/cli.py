@@ -709,7 +709,7 @@ _AGENT_COLUMNS = (
     ("backoff", False),
     ("systems", False),
     ("features", False),
-    ("launch", False),
+    ("launch", True),  # an id a reader copies: never folded
 )
 
 

@@ -95,10 +95,16 @@ def test_agent_with_small_store_builds_a_chain_larger_than_its_store(
     log = agent.log.read_text()
     assert "store collected:" in log, log[-4000:]
     assert "No space left" not in log
-    # Every link was built at its first attempt: none failed for want of space.
+    # Every link was built, none failed for want of space. A link may be retried for one
+    # reason only, a race of Nix 2.8's collector: a Nix process that saw the GC lock held
+    # connects to the GC socket just as the collection ends ("cannot connect to socket at
+    # .../gc-socket/socket"); the step is retried at once and succeeds.
     steps = _steps(farm, data["build_id"])
     assert len(steps) == LINKS
-    assert [(s["state"], s["attempts"]) for s in steps] == [("succeeded", 0)] * LINKS
+    assert [s["state"] for s in steps] == ["succeeded"] * LINKS
+    failures = [line for line in log.splitlines() if "_failure (" in line]
+    assert all("gc-socket/socket" in line for line in failures), failures
+    assert sum(s["attempts"] for s in steps) == len(failures) <= 2, (steps, failures)
     # The runner knows the agent's free disk from its heartbeats.
     shown = _wait_for(
         lambda: _with_free_disk(_agent(farm, "small")),
