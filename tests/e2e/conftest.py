@@ -290,10 +290,18 @@ sandbox_paths = {_toml_list([*HOST_TOOLS, *sandbox_paths])}
         return any(a["name"] == name and a["connected"] for a in agents)
 
     def bigtent(
-        self, *args: str, timeout: float = 240, check: bool = False, token: str | None = None
+        self,
+        *args: str,
+        timeout: float = 240,
+        check: bool = False,
+        token: str | None = None,
+        columns: int | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run the CLI as the client (``token``: another client token)."""
+        """Run the CLI as the client (``token``: another client token; ``columns``: the
+        terminal width its tables fit, instead of the inherited ``COLUMNS``)."""
         extra = {"BIGTENT_TOKEN": token} if token is not None else {}
+        if columns is not None:
+            extra["COLUMNS"] = str(columns)
         proc = subprocess.run(
             [sys.executable, "-m", "bigtent", *args],
             capture_output=True,

@@ -129,7 +129,7 @@ def test_an_oidc_agent_registers_with_its_launch_id_builds_and_exits(
         steps = c.get(f"/api/v1/builds/{build_id}/steps").json()["steps"]
     assert [(s["state"], s["agent_name"]) for s in steps] == [("succeeded", row["name"])]
 
-    shown = farm.bigtent("agents", check=True).stdout
+    shown = farm.bigtent("agents", check=True, columns=250).stdout  # no cell folded
     assert LAUNCH_ID in shown and "oidc:acme/widgets" in shown
     agent_log = agent.log.read_text()
     assert "reached max_builds (1)" in agent_log
