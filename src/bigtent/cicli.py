@@ -23,14 +23,12 @@ def _cli() -> Any:
     return cli
 
 
-def _call(ctx_args: dict[str, Any], method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-    cli = _cli()
-    result: dict[str, Any] = cli._call(
-        ctx_args["runner_url"],
-        ctx_args["token_file"],
-        ctx_args["ca_file"],
-        lambda c: c.ci_json(method, path, **kwargs),
-    )
+Runner = tuple[str, Path | None, Path | None]
+"""The client options of a command: runner URL, token file, CA file."""
+
+
+def _call(runner: Runner, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    result: dict[str, Any] = _cli()._call(*runner, lambda c: c.ci_json(method, path, **kwargs))
     return result
 
 
@@ -84,7 +82,7 @@ def register(group: click.Group) -> None:
         """List the CI projects; add, remove, show and evaluate manage them."""
         if ctx.invoked_subcommand is not None:
             return
-        args = {"runner_url": runner_url, "token_file": token_file, "ca_file": ca_file}
+        args = (runner_url, token_file, ca_file)
         data = _call(args, "GET", "/projects")
         if as_json:
             _echo_json(data["projects"])
@@ -119,7 +117,7 @@ def register(group: click.Group) -> None:
         name: str, runner_url: str, token_file: Path | None, ca_file: Path | None, as_json: bool
     ) -> None:
         """A project, its branches and pull requests, and each one's latest evaluation."""
-        args = {"runner_url": runner_url, "token_file": token_file, "ca_file": ca_file}
+        args = (runner_url, token_file, ca_file)
         data = _call(args, "GET", f"/projects/{_q(name)}")
         if as_json:
             _echo_json(data)
@@ -178,7 +176,7 @@ def register(group: click.Group) -> None:
             body["branches"] = list(branches)
         if nix_file:
             body.update(evaluate="file", file=nix_file, attr=attr)
-        args = {"runner_url": runner_url, "token_file": token_file, "ca_file": ca_file}
+        args = (runner_url, token_file, ca_file)
         data = _call(args, "POST", "/projects", json_body=body)
         if as_json:
             _echo_json(data)
@@ -193,7 +191,7 @@ def register(group: click.Group) -> None:
         name: str, runner_url: str, token_file: Path | None, ca_file: Path | None, as_json: bool
     ) -> None:
         """Remove a project added through the API (admin token)."""
-        args = {"runner_url": runner_url, "token_file": token_file, "ca_file": ca_file}
+        args = (runner_url, token_file, ca_file)
         data = _call(args, "DELETE", f"/projects/{_q(name)}")
         if as_json:
             _echo_json(data)
@@ -214,7 +212,7 @@ def register(group: click.Group) -> None:
         as_json: bool,
     ) -> None:
         """Evaluate a branch's current commit now (admin token)."""
-        args = {"runner_url": runner_url, "token_file": token_file, "ca_file": ca_file}
+        args = (runner_url, token_file, ca_file)
         params = {"branch": branch} if branch else {}
         data = _call(args, "POST", f"/projects/{_q(name)}/evaluate", params=params)
         if as_json:
@@ -240,7 +238,7 @@ def register(group: click.Group) -> None:
         as_json: bool,
     ) -> None:
         """A project's evaluations, newest first."""
-        args = {"runner_url": runner_url, "token_file": token_file, "ca_file": ca_file}
+        args = (runner_url, token_file, ca_file)
         params: dict[str, Any] = {"limit": limit}
         if ref:
             params["ref"] = ref
@@ -269,7 +267,7 @@ def register(group: click.Group) -> None:
         as_json: bool,
     ) -> None:
         """An evaluation's jobs and their states (exit 1 when it failed)."""
-        args = {"runner_url": runner_url, "token_file": token_file, "ca_file": ca_file}
+        args = (runner_url, token_file, ca_file)
         data = _call(args, "GET", f"/evaluations/{evaluation}")
         if as_json:
             _echo_json(data)
