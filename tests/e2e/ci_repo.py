@@ -12,11 +12,17 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from tests.conftest import current_system, wait_until
+
+if TYPE_CHECKING:
+    from tests.e2e.conftest import Farm
+
+FINAL = ("succeeded", "failed", "eval_error", "cancelled")
+"""The states an evaluation ends in."""
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "t",
@@ -217,3 +223,24 @@ def project_toml(name: str, repo: Repo, secret_file: Path, **extra: Any) -> str:
     for k, v in extra.items():
         lines.append(f"{k} = {json.dumps(v)}")
     return "\n".join(lines) + "\n"
+
+
+def evaluation(farm: Farm, eval_id: int) -> dict[str, Any]:
+    """``GET /api/v1/evaluations/{id}`` of the farm's runner."""
+    with farm.api() as c:
+        resp = c.get(f"/api/v1/evaluations/{eval_id}")
+        resp.raise_for_status()
+        data: dict[str, Any] = resp.json()
+        return data
+
+
+def wait_final(farm: Farm, eval_id: int, timeout: float = 120) -> dict[str, Any]:
+    """The evaluation once it has ended (bounded wait)."""
+    found: dict[str, Any] = {}
+
+    def done() -> bool:
+        found.update(evaluation(farm, eval_id))
+        return found["state"] in FINAL
+
+    wait_until(done, timeout=timeout, what=f"evaluation {eval_id} to end")
+    return found

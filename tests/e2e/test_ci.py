@@ -27,12 +27,17 @@ from tests.e2e.ci_repo import (
     project_toml,
     push_payload,
 )
+from tests.e2e.ci_repo import (
+    evaluation as _evaluation,
+)
+from tests.e2e.ci_repo import (
+    wait_final as _wait_final,
+)
 from tests.e2e.conftest import Farm, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nix]
 
 SECRET = b"webhook-secret-for-tests"
-FINAL = ("succeeded", "failed", "eval_error", "cancelled")
 
 
 def _files(root: Path) -> tuple[Path, Path]:
@@ -49,25 +54,6 @@ def _forge(token: Path) -> dict[str, Any]:
         "forge_api_url": "https://127.0.0.1:9/api/v1",
         "forge_token_file": str(token),
     }
-
-
-def _evaluation(farm: Farm, eval_id: int) -> dict[str, Any]:
-    with farm.api() as c:
-        resp = c.get(f"/api/v1/evaluations/{eval_id}")
-        resp.raise_for_status()
-        data: dict[str, Any] = resp.json()
-        return data
-
-
-def _wait_final(farm: Farm, eval_id: int, timeout: float = 120) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-
-    def done() -> bool:
-        found.update(_evaluation(farm, eval_id))
-        return found["state"] in FINAL
-
-    wait_until(done, timeout=timeout, what=f"evaluation {eval_id} to end")
-    return found
 
 
 def _report(farm: Farm, eval_id: int) -> dict[str, Any]:

@@ -25,6 +25,12 @@ from tests.e2e.ci_repo import (
     project_toml,
     push_payload,
 )
+from tests.e2e.ci_repo import (
+    evaluation as _evaluation,
+)
+from tests.e2e.ci_repo import (
+    wait_final as _wait_final,
+)
 from tests.e2e.conftest import Farm
 from tests.e2e.fake_forgejo import FakeForgejo, Status
 from tests.e2e.fake_github import FakeGithub
@@ -35,7 +41,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.nix]
 SECRET = b"webhook-secret-for-forge-tests"
 APP_ID = 424242
 FORGEJO_TOKEN = "forgejo-token-for-tests"
-FINAL = ("succeeded", "failed", "eval_error", "cancelled")
 EVAL_CHECK = "bigtent/widgets/eval"
 FORGE_FAST = """
 [forge]
@@ -73,25 +78,6 @@ def _job(name: str) -> str:
 
 def _check(name: str) -> str:
     return f"bigtent/widgets/{_job(name)}"
-
-
-def _evaluation(farm: Farm, eval_id: int) -> dict[str, Any]:
-    with farm.api() as c:
-        resp = c.get(f"/api/v1/evaluations/{eval_id}")
-        resp.raise_for_status()
-        data: dict[str, Any] = resp.json()
-        return data
-
-
-def _wait_final(farm: Farm, eval_id: int, timeout: float = 120) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-
-    def done() -> bool:
-        found.update(_evaluation(farm, eval_id))
-        return found["state"] in FINAL
-
-    wait_until(done, timeout=timeout, what=f"evaluation {eval_id} to end")
-    return found
 
 
 def _attempts(farm: Farm, build_id: int) -> list[dict[str, Any]]:
