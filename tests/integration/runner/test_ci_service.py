@@ -213,6 +213,9 @@ async def test_reports_of_an_eval_error_then_building_then_superseded(
     async with runner.comps.engine.connect() as conn:
         row = await q.fetch_evaluation(conn, building)
     assert row is not None and row.superseded_by == newer
+    # Evaluated before the force-push below: once the ref is back at the first commit, a
+    # fetch of the second fails (an evaluation error, final, with nothing to supersede).
+    await recorder.wait_for(lambda r: r.evaluation_id == newer and r.state is EvalState.BUILDING)
     assert runner.comps.scheduler.builds.get(int(row.build_id)) is None  # cancelled, gone
 
     # A force-push back to the first commit evaluates it again and supersedes the newer one.
