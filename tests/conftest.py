@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -25,6 +26,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="also save the dashboard browser tests' screenshots into DIR (docs/screenshots)",
     )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The PostgreSQL pass runs the unit and integration tests (every query on PostgreSQL) and
+    the end-to-end tests marked ``database``; the other end-to-end tests drive the same queries
+    through real Nix, agents and browsers, and run in the SQLite pass only (CI's time)."""
+    from tests.databases import ON_POSTGRESQL
+
+    if not ON_POSTGRESQL:
+        return
+    e2e = Path(__file__).parent / "e2e"
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        once = item.path.is_relative_to(e2e) and not item.get_closest_marker("database")
+        (dropped if once else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 pytest_plugins = ["tests.databases", "tests.integration.runner.oidc_issuer"]

@@ -13,16 +13,12 @@ from typing import Any
 import pytest
 
 from tests.conftest import have_nix
-from tests.databases import ON_POSTGRESQL
 
 REPO = Path(__file__).resolve().parents[2]
 
-# The benchmarks choose their own database (SQLite, or a URL they are given): the suite's
-# PostgreSQL pass would run the same thing again, so they run in the SQLite pass only.
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(ON_POSTGRESQL, reason="benchmarks run in the SQLite pass only"),
-]
+# The benchmarks choose their own database (SQLite, or a URL they are given): like every e2e
+# test not marked ``database``, they run in the SQLite pass only.
+pytestmark = [pytest.mark.e2e]
 
 
 def run_bench(script: str, *args: str, cwd: Path, timeout: float = 300) -> Any:

@@ -127,6 +127,7 @@ def _verify(farm: Farm) -> dict[str, Any]:
     return report
 
 
+@pytest.mark.database
 @pytest.mark.parametrize("storage", ["local", "s3"])
 def test_a_runner_killed_mid_sweep_serves_a_consistent_cache_and_finishes_the_sweep(
     farm_factory: Callable[..., Farm], s3_bucket: Bucket, tmp_path: Path, storage: str

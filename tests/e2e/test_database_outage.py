@@ -16,7 +16,7 @@ from tests.databases import MakeDatabase, migrate_url
 from tests.e2e.conftest import Farm
 from tests.pgcluster import PgCluster, find_bin_dir
 
-pytestmark = [pytest.mark.e2e, pytest.mark.nix]
+pytestmark = [pytest.mark.e2e, pytest.mark.nix, pytest.mark.database]
 
 OUTAGE_SECS = 4.0
 

@@ -307,6 +307,7 @@ def test_log_lines_printed_during_a_cut_reach_the_runner(
 
 
 # ---- 3. the runner killed mid-DAG and started again --------------------------------------
+@pytest.mark.database
 def test_runner_killed_mid_dag_restarts_without_rebuilding_finished_steps(
     farm_factory: Callable[..., Farm], request: pytest.FixtureRequest
 ) -> None:

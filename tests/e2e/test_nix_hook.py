@@ -27,6 +27,8 @@ from tests.e2e.conftest import Farm, free_port
 from tests.github_actions import REPOSITORY, ActionsTokenEndpoint, running_endpoint
 from tests.integration.runner.oidc_issuer import LocalIssuer, SigningKey, TlsFiles
 
+pytestmark = [pytest.mark.e2e, pytest.mark.nix]
+
 HOOK = Path(sys.executable).parent / "bigtent-nix-hook"
 
 

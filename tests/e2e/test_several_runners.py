@@ -18,7 +18,13 @@ import pytest
 from tests.databases import needs_postgresql
 from tests.e2e.conftest import Farm
 
-pytestmark = [pytest.mark.e2e, pytest.mark.nix, pytest.mark.postgres, needs_postgresql]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.nix,
+    pytest.mark.postgres,
+    pytest.mark.database,
+    needs_postgresql,
+]
 
 _STARTED = re.compile(r"step (\d+) \(/nix/store/[^)]+\): (?:building \(serve\)|realising)$")
 """What an agent logs when it starts a step it accepted."""
