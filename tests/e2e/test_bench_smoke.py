@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import have_nix
+from tests.conftest import have_nix, nix_children_see_our_root
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -149,6 +149,7 @@ def test_logretention_benchmark_reports_its_fields(tmp_path: Path) -> None:
 
 @pytest.mark.nix
 @pytest.mark.skipif(not have_nix(), reason="needs Nix")
+@nix_children_see_our_root
 def test_eval_benchmark_reports_its_fields(tmp_path: Path) -> None:
     result = run_bench("eval.py", "--jobs", "5", cwd=tmp_path)
     assert_machine(result)
@@ -172,6 +173,7 @@ def test_gc_benchmark_reports_its_fields(tmp_path: Path) -> None:
 
 @pytest.mark.nix
 @pytest.mark.skipif(not have_nix(), reason="needs Nix")
+@nix_children_see_our_root
 def test_eval_benchmark_can_stop_at_the_first_dispatch(tmp_path: Path) -> None:
     result = run_bench("eval.py", "--jobs", "5", "--until-dispatch", cwd=tmp_path)
     run = result["run"]

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from bigtent.nix.store_path import StorePath
-from tests.conftest import current_system, wait_until
+from tests.conftest import current_system, nix_children_see_our_root, wait_until
 from tests.e2e.ci_repo import (
     Repo,
     checks_flake,
@@ -35,7 +35,7 @@ from tests.e2e.ci_repo import (
 )
 from tests.e2e.conftest import Farm, free_port
 
-pytestmark = [pytest.mark.e2e, pytest.mark.nix]
+pytestmark = [pytest.mark.e2e, pytest.mark.nix, nix_children_see_our_root]
 
 SECRET = b"webhook-secret-for-tests"
 

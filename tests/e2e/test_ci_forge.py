@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.conftest import current_system, wait_until
+from tests.conftest import current_system, nix_children_see_our_root, wait_until
 from tests.e2e.ci_repo import (
     Repo,
     checks_flake,
@@ -36,7 +36,7 @@ from tests.e2e.fake_forgejo import FakeForgejo, Status
 from tests.e2e.fake_github import FakeGithub
 from tests.integration.runner.oidc_issuer import TlsFiles
 
-pytestmark = [pytest.mark.e2e, pytest.mark.nix]
+pytestmark = [pytest.mark.e2e, pytest.mark.nix, nix_children_see_our_root]
 
 SECRET = b"webhook-secret-for-forge-tests"
 APP_ID = 424242

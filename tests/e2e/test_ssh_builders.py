@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import current_system, wait_until
+from tests.conftest import current_system, nix_children_see_our_root, wait_until
 from tests.e2e.conftest import HOST_TOOLS, Farm, free_port
 
 pytestmark = [
@@ -153,6 +153,7 @@ def _steps(farm: Farm, build_id: int) -> dict[str, dict[str, Any]]:
     return {str(s["name"]): s for s in steps}
 
 
+@nix_children_see_our_root
 def test_a_dag_builds_on_the_ssh_builder_and_substitutes_from_the_cache(
     farm_factory: Callable[..., Farm], sshd: Sshd, tmp_path: Path
 ) -> None:

@@ -28,12 +28,14 @@ from bigtent.runner.ci.evaluator import Evaluator
 from bigtent.runner.ci.settings import EvaluationSection
 from bigtent.runner.forge.model import EvalReport, EvalState
 from bigtent.runner.forge.null import RecordingReporter
-from tests.conftest import current_system
+from tests.conftest import current_system, nix_children_see_our_root
 from tests.e2e.ci_repo import Repo, make_repo, pr_payload
 from tests.integration.runner.conftest import MakeRunner, RunnerHarness
 from tests.integration.runner.test_ci_service import _headers, _push, _served, needs_nix
 
 WRONG = "sha256-" + "A" * 43 + "="
+
+pytestmark = [nix_children_see_our_root]
 
 
 def _ended(eval_id: int, report: EvalReport) -> bool:

@@ -23,7 +23,7 @@ from bigtent.runner.db.migrate import create_engine
 from bigtent.runner.db.tables import ci_evaluations, ci_webhook_deliveries
 from bigtent.runner.forge.model import EvalState
 from bigtent.runner.forge.null import RecordingReporter
-from tests.conftest import current_system, have_nix
+from tests.conftest import current_system, have_nix, nix_children_see_our_root
 from tests.e2e.ci_repo import Repo, checks_flake, make_repo, pr_payload, push_payload
 from tests.integration.runner.conftest import MakeRunner, RunnerHarness, eventually
 
@@ -150,7 +150,12 @@ async def test_webhooks_need_no_bearer_token_but_other_ci_routes_do(
 
 # ---- with real Nix and git -------------------------------------------------------------------
 
-needs_nix = pytest.mark.skipif(not have_nix(), reason="needs Nix")
+_has_nix = pytest.mark.skipif(not have_nix(), reason="needs Nix")
+
+
+def needs_nix(test: Any) -> Any:
+    """Tests that evaluate a flake: Nix starts ``git`` for it."""
+    return _has_nix(nix_children_see_our_root(test))
 
 
 async def _served(
