@@ -45,6 +45,7 @@ import httpx
 from bigtent.agent import presigned
 from bigtent.agent.credentials import CredentialSource, as_credential_source
 from bigtent.agent.drvfetch import DrvCache, DrvFetchError
+from bigtent.backoff import Backoff
 from bigtent.config import AgentSection
 from bigtent.errors import ConfigError, CredentialUnavailable, NixError, describe
 from bigtent.nix.base32 import format_hash
@@ -53,11 +54,11 @@ from bigtent.nix.nar import dump_path
 from bigtent.nix.serve import (
     BasicDerivation,
     BuildOptions,
-    BuildStatus,
     ServeConnection,
     ServeProtocolError,
 )
 from bigtent.nix.store import NixStore, RealiseResult, RealiseStatus
+from bigtent.outcome import exit_code_of, outcome_of, realise_status_of
 from bigtent.protocol import (
     MAX_ERROR_CHARS,
     MAX_LOG_LINE_CHARS,
@@ -93,10 +94,9 @@ NAR_CHUNK_BYTES = 256 * 1024
 SMALL_NAR_BYTES = 1024 * 1024
 """NARs up to this size are hashed on the event loop and kept in memory between hashing and
 uploading; larger ones are hashed in a thread and read again for the upload."""
-UPLOAD_RETRY_START_SECS = 0.5
-"""The first delay before retrying a failed upload; it doubles on each try..."""
-UPLOAD_RETRY_CAP_SECS = 8.0
-"""...up to this (each delay times a jitter in [0.5, 1))."""
+UPLOAD_BACKOFF = Backoff(base=0.5, cap=8.0, jitter_low=0.5)
+"""The delay before retrying a failed upload: 0.5 s, doubling on each try up to 8 s, each
+delay times a jitter in [0.5, 1)."""
 UPLOAD_RETRY_LEASE_FACTOR = 2.0
 """An output upload is retried for at most this many lease times (``registered.lease_secs``)
 after its first try: longer, and the runner has re-queued the step anyway. An abort (the
@@ -285,68 +285,6 @@ def write_nix_ca_bundle(section: AgentSection, env: Mapping[str, str]) -> Path |
     return path
 
 
-def outcome_of(status: RealiseStatus) -> Outcome:
-    """Classify a realise: Nix exiting 1 (inputs not substitutable, store trouble) is a
-    ``prepare_failure`` (infrastructure, retried elsewhere); the rest map one to one."""
-    match status:
-        case RealiseStatus.SUCCESS:
-            return Outcome.SUCCESS
-        case RealiseStatus.BUILD_FAILURE:
-            return Outcome.BUILD_FAILURE
-        case RealiseStatus.TIMED_OUT:
-            return Outcome.TIMED_OUT
-        case RealiseStatus.LOG_LIMIT:
-            return Outcome.LOG_LIMIT
-        case RealiseStatus.ABORTED:
-            return Outcome.ABORTED
-        case RealiseStatus.OTHER_FAILURE:
-            return Outcome.PREPARE_FAILURE
-        case _:
-            assert_never(status)
-
-
-def realise_status_of(status: BuildStatus | int) -> RealiseStatus:
-    """What ``nix-store --realise`` would have made of a ``BuildResult`` status, so that both
-    executors classify a step the same way (``outcome_of``): Nix's exit status is 100 plus bits
-    for permanent failure, timeout, hash mismatch and check mismatch, and 1 for anything else
-    (transient failures such as a failed fixed-output fetch, dependency and misc failures)."""
-    match status:
-        case (
-            BuildStatus.BUILT
-            | BuildStatus.SUBSTITUTED
-            | BuildStatus.ALREADY_VALID
-            | BuildStatus.RESOLVES_TO_ALREADY_VALID
-        ):
-            return RealiseStatus.SUCCESS
-        case (
-            BuildStatus.PERMANENT_FAILURE
-            | BuildStatus.OUTPUT_REJECTED
-            | BuildStatus.NOT_DETERMINISTIC
-        ):
-            return RealiseStatus.BUILD_FAILURE
-        case BuildStatus.TIMED_OUT:
-            return RealiseStatus.TIMED_OUT
-        case BuildStatus.LOG_LIMIT_EXCEEDED:
-            return RealiseStatus.LOG_LIMIT
-        case _:
-            return RealiseStatus.OTHER_FAILURE
-
-
-def exit_code_of(status: BuildStatus | int) -> int:
-    """The exit status ``nix-store --realise`` would have had (reported in ``result``)."""
-    match status:
-        case BuildStatus.PERMANENT_FAILURE:
-            return 100
-        case BuildStatus.TIMED_OUT:
-            return 101
-        case BuildStatus.OUTPUT_REJECTED:
-            return 102
-        case BuildStatus.NOT_DETERMINISTIC:
-            return 104
-        case _:
-            return 0 if realise_status_of(status) is RealiseStatus.SUCCESS else 1
-
-
 def upload_status_is_retried(status: int) -> bool:
     """Whether an upload answered with HTTP ``status`` is tried again: 5xx (the runner, or a
     proxy in front of it, is in trouble: 502/503/504) and 408/429; other 4xx are final."""
@@ -360,13 +298,6 @@ def upload_error_is_retried(exc: BaseException) -> bool:
         exc,
         httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError | httpx.ProxyError,
     )
-
-
-def upload_backoff_secs(attempt: int, rand: float) -> float:
-    """Delay before upload retry ``attempt`` (0 first): ``0.5 s · 2^attempt`` capped at
-    ``UPLOAD_RETRY_CAP_SECS``, times a jitter in [0.5, 1) from ``rand`` in [0, 1)."""
-    base = min(UPLOAD_RETRY_CAP_SECS, UPLOAD_RETRY_START_SECS * 2.0 ** min(attempt, 32))
-    return base * (0.5 + rand / 2)
 
 
 def upload_retry_secs(lease_secs: float) -> float:
@@ -1059,7 +990,7 @@ class Executor:
             failure = await attempt_once()
             if failure is None or isinstance(failure, httpx.Response):
                 return failure
-            delay = upload_backoff_secs(attempt, self._rand())
+            delay = UPLOAD_BACKOFF.delay(attempt, self._rand())
             attempt += 1
             if time.monotonic() + delay > deadline:
                 raise UploadError(

@@ -47,6 +47,7 @@ from bigtent.agent.executor import (
 )
 from bigtent.agent.identity import AgentIdentity, ephemeral_identity, persistent_identity
 from bigtent.agent.probe import run_probe
+from bigtent.backoff import Backoff
 from bigtent.config import AgentConfig, AgentSection
 from bigtent.errors import (
     AgentCannotBuild,
@@ -103,8 +104,8 @@ EXIT_CANNOT_BUILD = AgentCannotBuild.exit_code
 """The start-up probe failed (raised as ``AgentCannotBuild``; the CLI exits with it: 6)."""
 PROBE_CACHE_DIR = "probe"
 """``WORK/xdg-cache/probe``: the start-up probe's ``XDG_CACHE_HOME``."""
-BACKOFF_START_SECS = 0.5
-BACKOFF_CAP_SECS = 30.0
+RECONNECT_BACKOFF = Backoff(base=0.5, cap=30.0, jitter_low=0.5)
+"""Reconnect delay: ``0.5 s · 2^attempt`` capped at 30 s, times a jitter in [0.5, 1)."""
 CONNECT_TIMEOUT_SECS = 10.0
 """TCP, TLS and the WebSocket upgrade together."""
 REGISTER_TIMEOUT_SECS = 30.0
@@ -145,12 +146,6 @@ class StepRunner(Protocol):
 
 
 # ---- decisions --------------------------------------------------------------------------
-def next_backoff_secs(attempt: int, rand: float) -> float:
-    """Reconnect delay: ``0.5 s · 2^attempt`` capped at 30 s, times a jitter in [0.5, 1)."""
-    base = min(BACKOFF_CAP_SECS, BACKOFF_START_SECS * 2.0 ** min(attempt, 32))
-    return base * (0.5 + rand / 2)
-
-
 def agent_ws_url(runner_url: str) -> str:
     """``http(s)://host:port[/prefix]`` -> ``ws(s)://host:port[/prefix]/api/v1/agent/ws``."""
     parts = urlsplit(runner_url)
@@ -393,7 +388,7 @@ class AgentSession:
                 break
             if self._sessions != sessions_before:
                 attempt = 0  # it was registered: a fresh outage starts a fresh backoff
-            delay = next_backoff_secs(attempt, self._rand())
+            delay = RECONNECT_BACKOFF.delay(attempt, self._rand())
             attempt += 1
             log.info("reconnecting in %.1f s (attempt %d)", delay, attempt)
             with contextlib.suppress(TimeoutError):
@@ -1042,7 +1037,6 @@ __all__ = [
     "HostMetrics",
     "StepRunner",
     "agent_ws_url",
-    "next_backoff_secs",
     "read_host_metrics",
     "run_agent",
     "ssl_context_for",

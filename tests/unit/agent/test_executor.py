@@ -14,7 +14,6 @@ import pytest
 from bigtent.agent import executor as executor_mod
 from bigtent.agent.executor import (
     LOG_BATCH_CHARS,
-    UPLOAD_RETRY_CAP_SECS,
     CacheSettings,
     Executor,
     LogBatcher,
@@ -22,14 +21,13 @@ from bigtent.agent.executor import (
     nix_ca_bundle,
     nix_env,
     nix_options,
-    outcome_of,
     system_ca_file,
-    upload_backoff_secs,
     upload_error_is_retried,
     upload_retry_secs,
     upload_status_is_retried,
     write_nix_ca_bundle,
 )
+from bigtent.backoff import Backoff
 from bigtent.config import AgentSection
 from bigtent.errors import ConfigError, CredentialUnavailable
 from bigtent.nix.base32 import format_hash
@@ -128,21 +126,6 @@ async def test_log_backlog_applies_backpressure() -> None:
 
 
 # ---- classification and options ---------------------------------------------------------
-@pytest.mark.parametrize(
-    ("status", "outcome"),
-    [
-        (RealiseStatus.SUCCESS, Outcome.SUCCESS),
-        (RealiseStatus.BUILD_FAILURE, Outcome.BUILD_FAILURE),
-        (RealiseStatus.TIMED_OUT, Outcome.TIMED_OUT),
-        (RealiseStatus.LOG_LIMIT, Outcome.LOG_LIMIT),
-        (RealiseStatus.ABORTED, Outcome.ABORTED),
-        (RealiseStatus.OTHER_FAILURE, Outcome.PREPARE_FAILURE),
-    ],
-)
-def test_outcome_of(status: RealiseStatus, outcome: Outcome) -> None:
-    assert outcome_of(status) is outcome
-
-
 def test_nix_options_order_and_overrides(tmp_path: Path) -> None:
     section = AgentSection(
         work_dir=tmp_path,
@@ -306,8 +289,7 @@ QUICK_RETRY = CacheSettings("http://r/cache", "r-1:KEY", lease_secs=2.0)
 
 @pytest.fixture
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(executor_mod, "UPLOAD_RETRY_START_SECS", 0.01)
-    monkeypatch.setattr(executor_mod, "UPLOAD_RETRY_CAP_SECS", 0.08)
+    monkeypatch.setattr(executor_mod, "UPLOAD_BACKOFF", Backoff(0.01, 0.08, jitter_low=0.5))
 
 
 async def run_step(
@@ -546,15 +528,6 @@ def test_upload_status_is_retried(status: int, retried: bool) -> None:
 )
 def test_upload_error_is_retried(exc: Exception, retried: bool) -> None:
     assert upload_error_is_retried(exc) is retried
-
-
-@pytest.mark.parametrize(
-    ("attempt", "rand", "expected"),
-    [(0, 0.0, 0.25), (0, 1.0, 0.5), (1, 0.0, 0.5), (3, 1.0, 4.0), (4, 1.0, 8.0), (500, 0.0, 4.0)],
-)
-def test_upload_backoff_secs(attempt: int, rand: float, expected: float) -> None:
-    assert upload_backoff_secs(attempt, rand) == pytest.approx(expected)
-    assert 0 < upload_backoff_secs(attempt, rand) <= UPLOAD_RETRY_CAP_SECS
 
 
 def test_upload_retry_secs_follows_the_lease() -> None:

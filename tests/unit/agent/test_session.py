@@ -18,12 +18,10 @@ from bigtent.agent.backlog import STEP_LIMIT_CHARS, lost_marker
 from bigtent.agent.executor import CacheSettings
 from bigtent.agent.identity import AgentIdentity
 from bigtent.agent.session import (
-    BACKOFF_CAP_SECS,
     EXIT_AUTH_REFUSED,
     AgentSession,
     Connection,
     agent_ws_url,
-    next_backoff_secs,
     read_host_metrics,
     run_agent,
     websocket_connector,
@@ -761,22 +759,6 @@ async def test_sigterm_drains_then_second_aborts(start_agent: Callable[..., Agen
 
 
 # ---- pure helpers -----------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("attempt", "rand", "expected"),
-    [
-        (0, 0.0, 0.25),
-        (0, 1.0, 0.5),
-        (1, 1.0, 1.0),
-        (3, 0.0, 2.0),
-        (10, 1.0, 30.0),
-        (500, 0.0, 15.0),
-    ],
-)
-def test_next_backoff_secs(attempt: int, rand: float, expected: float) -> None:
-    assert next_backoff_secs(attempt, rand) == pytest.approx(expected)
-    assert next_backoff_secs(attempt, rand) <= BACKOFF_CAP_SECS
-
-
 @pytest.mark.parametrize(
     ("runner_url", "ws_url"),
     [
