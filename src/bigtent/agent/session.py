@@ -38,15 +38,11 @@ from bigtent import __version__
 from bigtent.agent import limits as lim
 from bigtent.agent.backlog import LogBacklog
 from bigtent.agent.credentials import CredentialSource, as_credential_source
-from bigtent.agent.executor import (
-    LOG_BATCH_CHARS,
-    LOG_BATCH_LINES,
-    CacheSettings,
-    Executor,
-    step_store,
-)
+from bigtent.agent.executor import Executor
 from bigtent.agent.identity import AgentIdentity, ephemeral_identity, persistent_identity
+from bigtent.agent.logbatch import LOG_BATCH_CHARS, LOG_BATCH_LINES
 from bigtent.agent.probe import run_probe
+from bigtent.agent.stepstore import CacheSettings, step_store
 from bigtent.backoff import Backoff
 from bigtent.config import AgentConfig, AgentSection
 from bigtent.errors import (

@@ -10,8 +10,8 @@ import httpx
 import pytest
 import zstandard
 
+from bigtent.agent.build import plain_error
 from bigtent.agent.drvfetch import DrvCache, DrvFetchError, decompress, drv_from_nar
-from bigtent.agent.executor import plain_error
 from bigtent.nix.base32 import format_hash
 from bigtent.nix.store_path import StorePath, make_text_path
 

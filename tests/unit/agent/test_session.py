@@ -15,7 +15,6 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from bigtent.agent.backlog import STEP_LIMIT_CHARS, lost_marker
-from bigtent.agent.executor import CacheSettings
 from bigtent.agent.identity import AgentIdentity
 from bigtent.agent.session import (
     EXIT_AUTH_REFUSED,
@@ -26,6 +25,7 @@ from bigtent.agent.session import (
     run_agent,
     websocket_connector,
 )
+from bigtent.agent.stepstore import CacheSettings
 from bigtent.config import AgentConfig, AgentSection
 from bigtent.errors import ConfigError, CredentialUnavailable, RunnerUnreachable
 from bigtent.nix.store import NixStore
