@@ -3,14 +3,15 @@
 A step's work is cut short when the session sets its ``abort`` event (the runner's abort, a
 lost lease, the agent stopping), and a serve command also by its log limit or its backstop
 timeout. Every such race in the agent is ``unless_set``: the work wins if it finished, and
-nothing it started outlives the call.
+nothing it started outlives the call. ``first_completed`` runs a session's loops until the
+first of them ends.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -43,3 +44,17 @@ async def unless_set(work: Awaitable[T], *stops: asyncio.Event, timeout: float |
         for t in (task, *watchers):
             t.cancel()
         await asyncio.wait({task, *watchers})
+
+
+async def first_completed(*coros: Coroutine[Any, Any, object]) -> None:
+    """Run ``coros`` until the first finishes; cancel and await the rest; re-raise its error."""
+    tasks = [asyncio.create_task(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            raise exc

@@ -16,49 +16,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
-import signal
-import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, assert_never
-from urllib.parse import urlsplit, urlunsplit
-
-import httpx
-from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, WebSocketException
+from typing import Protocol, assert_never
 
 from bigtent import __version__
 from bigtent.agent import limits as lim
+from bigtent.agent.abortable import first_completed
 from bigtent.agent.backlog import LogBacklog
+from bigtent.agent.connection import Connection, Connector, Disconnected, agent_ws_url
 from bigtent.agent.credentials import CredentialSource, as_credential_source
-from bigtent.agent.executor import Executor
-from bigtent.agent.identity import AgentIdentity, ephemeral_identity, persistent_identity
+from bigtent.agent.hostmetrics import read_host_metrics
+from bigtent.agent.identity import AgentIdentity
 from bigtent.agent.logbatch import LOG_BATCH_CHARS, LOG_BATCH_LINES
-from bigtent.agent.probe import run_probe
-from bigtent.agent.stepstore import CacheSettings, step_store
+from bigtent.agent.stepstore import CacheSettings
 from bigtent.backoff import Backoff
-from bigtent.config import AgentConfig, AgentSection
+from bigtent.config import AgentSection
 from bigtent.errors import (
-    AgentCannotBuild,
     AuthError,
     BigtentError,
     ConfigError,
     CredentialUnavailable,
-    Forbidden,
     ProtocolError,
     RunnerUnreachable,
 )
 from bigtent.nix.store import NixStore
 from bigtent.protocol import (
     MAX_ERROR_CHARS,
-    MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     Abort,
     Accepted,
@@ -79,16 +68,12 @@ from bigtent.protocol import (
     parse_runner_message,
 )
 from bigtent.storebudget import (
-    StepRoots,
-    StoreBudget,
     StoreCollector,
     free_disk_bytes,
-    gc_roots_dir,
 )
 
 log = logging.getLogger(__name__)
 
-WS_PATH = "/api/v1/agent/ws"
 EXIT_OK = 0
 EXIT_AUTH_REFUSED = AuthError.exit_code
 """Exit status when the runner refuses the agent's credentials at the upgrade (3)."""
@@ -96,36 +81,13 @@ EXIT_RUNNER_UNREACHABLE = RunnerUnreachable.exit_code
 """Ephemeral agents: the runner could not be reached, or the session dropped (4)."""
 EXIT_PROTOCOL_ERROR = ProtocolError.exit_code
 """Ephemeral agents: the runner refused the registration or broke the protocol (1)."""
-EXIT_CANNOT_BUILD = AgentCannotBuild.exit_code
-"""The start-up probe failed (raised as ``AgentCannotBuild``; the CLI exits with it: 6)."""
-PROBE_CACHE_DIR = "probe"
-"""``WORK/xdg-cache/probe``: the start-up probe's ``XDG_CACHE_HOME``."""
 RECONNECT_BACKOFF = Backoff(base=0.5, cap=30.0, jitter_low=0.5)
 """Reconnect delay: ``0.5 s · 2^attempt`` capped at 30 s, times a jitter in [0.5, 1)."""
-CONNECT_TIMEOUT_SECS = 10.0
-"""TCP, TLS and the WebSocket upgrade together."""
 REGISTER_TIMEOUT_SECS = 30.0
 """How long to wait for ``registered`` after sending ``register``."""
 FORCED_ACK_GRACE_SECS = 5.0
 """After a second SIGTERM: how long to wait for the runner to acknowledge the aborted results."""
 MIN_HEARTBEAT_SECS = 0.05
-
-
-class Disconnected(Exception):
-    """The session's WebSocket closed or broke."""
-
-
-class Connection(Protocol):
-    """One WebSocket session as the agent uses it; ``send``/``recv`` raise ``Disconnected``."""
-
-    async def send(self, message: str) -> None: ...
-
-    async def recv(self) -> str | bytes: ...
-
-
-Connector = Callable[[str, Mapping[str, str]], contextlib.AbstractAsyncContextManager[Connection]]
-"""Opens a session: ``(ws_url, headers)``. Raises ``AuthError`` when the runner refuses the
-credentials at the upgrade (401/403), ``RunnerUnreachable`` for anything it may retry."""
 
 
 class StepRunner(Protocol):
@@ -139,60 +101,6 @@ class StepRunner(Protocol):
         send_log: Callable[[Log], Awaitable[object]],
         abort: asyncio.Event,
     ) -> Result: ...
-
-
-# ---- decisions --------------------------------------------------------------------------
-def agent_ws_url(runner_url: str) -> str:
-    """``http(s)://host:port[/prefix]`` -> ``ws(s)://host:port[/prefix]/api/v1/agent/ws``."""
-    parts = urlsplit(runner_url)
-    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
-    if scheme is None or not parts.netloc:
-        raise ConfigError(
-            f"config key agent.runner_url must be an http:// or https:// URL (got {runner_url!r})"
-        )
-    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + WS_PATH, "", ""))
-
-
-# ---- host metrics -----------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class HostMetrics:
-    load: float | None = None
-    memory_used_bytes: int | None = None
-    memory_total_bytes: int | None = None
-    free_store_bytes: int | None = None
-    free_build_bytes: int | None = None
-    psi_cpu_some_avg10: float | None = None
-
-
-def read_host_metrics(store_dir: Path, work_dir: Path, proc: Path = Path("/proc")) -> HostMetrics:
-    """Load, memory, free disk and CPU pressure, each ``None`` where the host does not say."""
-    load: float | None
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = None
-    used = total = None
-    with contextlib.suppress(OSError, ValueError):
-        fields = {}
-        for line in (proc / "meminfo").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            fields[key] = int(rest.split()[0]) * 1024
-        total = fields["MemTotal"]
-        used = total - fields.get("MemAvailable", fields.get("MemFree", 0))
-    psi: float | None = None
-    with contextlib.suppress(OSError, ValueError):
-        for line in (proc / "pressure" / "cpu").read_text().splitlines():
-            if line.startswith("some "):
-                values = dict(part.split("=", 1) for part in line.split()[1:])
-                psi = float(values["avg10"])
-    return HostMetrics(
-        load=load,
-        memory_used_bytes=used,
-        memory_total_bytes=total,
-        free_store_bytes=free_disk_bytes(store_dir),
-        free_build_bytes=free_disk_bytes(work_dir),
-        psi_cpu_some_avg10=psi,
-    )
 
 
 # ---- the session ------------------------------------------------------------------------
@@ -481,7 +389,7 @@ class AgentSession:
             if self._limits is not None:
                 self._limit_state = lim.registered(self._limit_state, self._clock())
                 loops.append(self._limit_loop(self._limits))
-            await _first_completed(*loops)
+            await first_completed(*loops)
         finally:
             self._conn = None
             self.registered.clear()
@@ -801,240 +709,12 @@ def _set_to(event: asyncio.Event, value: bool) -> None:
         event.clear()
 
 
-async def _first_completed(*coros: Coroutine[Any, Any, object]) -> None:
-    """Run ``coros`` until the first finishes; cancel and await the rest; re-raise its error."""
-    tasks = [asyncio.create_task(c) for c in coros]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    for task in done:
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            raise exc
-
-
-# ---- the WebSocket edge -----------------------------------------------------------------
-class _WebSocketConnection:
-    def __init__(self, ws: ClientConnection) -> None:
-        self._ws = ws
-
-    async def send(self, message: str) -> None:
-        try:
-            await self._ws.send(message)
-        except ConnectionClosed as exc:
-            raise Disconnected(f"connection closed ({exc})") from exc
-
-    async def recv(self) -> str | bytes:
-        try:
-            return await self._ws.recv()
-        except ConnectionClosed as exc:
-            raise Disconnected(f"connection closed ({exc})") from exc
-
-
-def websocket_connector(ssl_context: ssl.SSLContext | None = None) -> Connector:
-    """The production connector: a ``websockets`` client; TLS with ``ssl_context`` for wss."""
-
-    @contextlib.asynccontextmanager
-    async def connect(url: str, headers: Mapping[str, str]) -> AsyncIterator[Connection]:
-        try:
-            ws = await ws_connect(
-                url,
-                additional_headers=dict(headers),
-                ssl=ssl_context if url.startswith("wss:") else None,
-                max_size=MAX_MESSAGE_BYTES,
-                open_timeout=CONNECT_TIMEOUT_SECS,
-                close_timeout=2,
-            )
-        except InvalidStatus as exc:
-            status = exc.response.status_code
-            reason = _reason(exc.response.body)
-            if status == 401:
-                raise AuthError(f"HTTP 401: {reason}") from exc
-            if status == 403:
-                raise Forbidden(f"HTTP 403: {reason}") from exc
-            raise RunnerUnreachable(f"the runner answered HTTP {status}: {reason}") from exc
-        except InvalidURI as exc:
-            raise ConfigError(f"config key agent.runner_url is not usable: {exc}") from exc
-        except (OSError, TimeoutError, WebSocketException) as exc:
-            raise RunnerUnreachable(f"cannot reach the runner at {url}: {exc}") from exc
-        try:
-            yield _WebSocketConnection(ws)
-        finally:
-            await ws.close()
-
-    return connect
-
-
-def _reason(body: bytes | bytearray | None) -> str:
-    """One line of the runner's refusal body (``{"error": ...}`` or text)."""
-    text = (body or b"").decode(errors="replace").strip()
-    with contextlib.suppress(ValueError):
-        data = json.loads(text)
-        if isinstance(data, dict) and isinstance(data.get("error"), str):
-            text = data["error"]
-    return " ".join(text.split())[:300] or "no reason given"
-
-
-def ssl_context_for(section: AgentSection) -> ssl.SSLContext | None:
-    """TLS settings for wss/https: ``ca_file`` when given, else the system roots; plus the
-    agent's client certificate for mTLS when ``client_cert_file`` is set."""
-    if section.client_key_file is not None and section.client_cert_file is None:
-        raise ConfigError("config key agent.client_key_file needs agent.client_cert_file")
-    if section.ca_file is None and section.client_cert_file is None:
-        return None
-    try:
-        ctx = ssl.create_default_context(
-            cafile=str(section.ca_file) if section.ca_file is not None else None
-        )
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"config key agent.ca_file: cannot load {section.ca_file}: {exc}"
-        ) from exc
-    if section.client_cert_file is not None:
-        key = section.client_key_file
-        try:
-            ctx.load_cert_chain(str(section.client_cert_file), str(key) if key else None)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                f"config key agent.client_cert_file: cannot load {section.client_cert_file}"
-                f"{f' with {key}' if key else ''}: {exc}"
-            ) from exc
-    return ctx
-
-
-@contextlib.contextmanager
-def _signal_handlers(session: AgentSession) -> Iterator[None]:
-    loop = asyncio.get_running_loop()
-    installed = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, session.request_shutdown)
-        except (NotImplementedError, RuntimeError, ValueError):
-            continue  # not the main thread, or not supported here
-        installed.append(sig)
-    try:
-        yield
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-
-
-def store_collector(section: AgentSection, executor: Executor) -> StoreCollector | None:
-    """The agent's store collector when ``min_free_bytes`` is set (None otherwise); running
-    steps' paths are rooted from here on. Raises ConfigError when the roots cannot be kept."""
-    budget = StoreBudget(section.min_free_bytes, section.target_free_bytes)
-    if not budget.enabled:
-        return None
-    roots = StepRoots(gc_roots_dir(section.store, section.work_dir))
-    try:
-        roots.reset()
-    except OSError as exc:
-        raise ConfigError(
-            f"min_free_bytes is set, but this agent cannot keep GC roots in "
-            f"{roots.directory} ({exc.strerror or exc}): run it as the store's owner, or "
-            "set min_free_bytes = 0"
-        ) from exc
-    executor.roots = roots
-    store = NixStore(store=section.store)
-    store_dir = store.real_path("/nix/store")
-    log.info(
-        "store budget: collect below %d bytes free, up to %d bytes free (roots in %s)",
-        budget.min_free_bytes,
-        budget.target,
-        roots.directory,
-    )
-    return StoreCollector(
-        store,
-        budget,
-        free_bytes=lambda: free_disk_bytes(store_dir),
-        release_idle=executor.release_idle,
-    )
-
-
-async def run_agent(
-    cfg: AgentConfig,
-    token: str | CredentialSource | None,
-    *,
-    connect: Connector | None = None,
-    http: httpx.AsyncClient | None = None,
-    identity: AgentIdentity | None = None,
-    install_signal_handlers: bool = True,
-) -> int:
-    """Run an agent until it is drained, stopped or its session fails; returns the exit status.
-
-    Persistent: 0 after a drain (runner ``drain`` or SIGTERM) or a forced stop (second
-    SIGTERM), 3 when the runner refuses the credentials; otherwise it reconnects forever.
-    Ephemeral (``[agent.ephemeral]``, architecture §4): one session with a fresh identity; 0 when a
-    limit or a drain ended it, 3 (credentials refused), 4 (runner unreachable or the session
-    dropped) or 1 (protocol error) when the session failed. Startup problems (work dir, Nix
-    missing) raise ``BigtentError`` for the CLI to report. ``connect``/``http``/``identity``
-    are seams for tests.
-    """
-    section = cfg.agent
-    limits = None if section.ephemeral is None else lim.Limits.from_section(section.ephemeral)
-    ssl_context = ssl_context_for(section)
-    if section.probe:
-        # Before registering: an agent that cannot build never takes work (AgentCannotBuild).
-        await run_probe(step_store(section, CacheSettings("", ""), PROBE_CACHE_DIR))
-    else:
-        log.warning("start-up probe skipped (agent.probe = false)")
-    if identity is None:
-        store = NixStore(store=section.store)
-        if limits is not None:
-            identity = await ephemeral_identity(section, store)
-        else:
-            identity = await persistent_identity(section, store)
-    async with contextlib.AsyncExitStack() as stack:
-        if http is None:
-            http = await stack.enter_async_context(
-                httpx.AsyncClient(
-                    verify=ssl_context if ssl_context is not None else True,
-                    timeout=httpx.Timeout(300.0, connect=10.0),
-                )
-            )
-        executor = Executor(section, http=http, token=token)
-        stack.push_async_callback(executor.aclose)
-        collector = store_collector(section, executor)
-        session = AgentSession(
-            section,
-            identity,
-            token=token,
-            connect=connect or websocket_connector(ssl_context),
-            executor=executor,
-            limits=limits,
-            collector=collector,
-        )
-        if install_signal_handlers:
-            stack.enter_context(_signal_handlers(session))
-        log.info(
-            "%s agent %s (machine %s) starting: systems %s, %d slot(s), runner %s",
-            "ephemeral" if limits is not None else "persistent",
-            identity.name,
-            identity.machine_id,
-            " ".join(identity.systems),
-            section.max_jobs,
-            section.runner_url,
-        )
-        return await session.run()
-
-
 __all__ = [
     "EXIT_AUTH_REFUSED",
-    "EXIT_CANNOT_BUILD",
     "EXIT_OK",
     "EXIT_PROTOCOL_ERROR",
     "EXIT_RUNNER_UNREACHABLE",
+    "RECONNECT_BACKOFF",
     "AgentSession",
-    "Connection",
-    "Connector",
-    "Disconnected",
-    "HostMetrics",
     "StepRunner",
-    "agent_ws_url",
-    "read_host_metrics",
-    "run_agent",
-    "ssl_context_for",
-    "websocket_connector",
 ]

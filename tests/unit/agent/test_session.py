@@ -15,16 +15,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from bigtent.agent.backlog import STEP_LIMIT_CHARS, lost_marker
+from bigtent.agent.connection import Connection, websocket_connector
 from bigtent.agent.identity import AgentIdentity
-from bigtent.agent.session import (
-    EXIT_AUTH_REFUSED,
-    AgentSession,
-    Connection,
-    agent_ws_url,
-    read_host_metrics,
-    run_agent,
-    websocket_connector,
-)
+from bigtent.agent.main import run_agent
+from bigtent.agent.session import EXIT_AUTH_REFUSED, AgentSession
 from bigtent.agent.stepstore import CacheSettings
 from bigtent.config import AgentConfig, AgentSection
 from bigtent.errors import ConfigError, CredentialUnavailable, RunnerUnreachable
@@ -756,48 +750,6 @@ async def test_sigterm_drains_then_second_aborts(start_agent: Callable[..., Agen
         assert result.outcome is Outcome.ABORTED
         await side.send(ResultAck(step_id=StepId(1), lease_id=LeaseId("lease-1"), recorded=True))
         assert await agent.exit_code() == 0
-
-
-# ---- pure helpers -----------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("runner_url", "ws_url"),
-    [
-        ("http://127.0.0.1:8080", "ws://127.0.0.1:8080/api/v1/agent/ws"),
-        ("https://ci.example.org:8443/", "wss://ci.example.org:8443/api/v1/agent/ws"),
-        ("https://ci.example.org/bigtent", "wss://ci.example.org/bigtent/api/v1/agent/ws"),
-        ("http://[::1]:8080", "ws://[::1]:8080/api/v1/agent/ws"),
-    ],
-)
-def test_agent_ws_url(runner_url: str, ws_url: str) -> None:
-    assert agent_ws_url(runner_url) == ws_url
-
-
-@pytest.mark.parametrize("bad", ["ftp://x", "127.0.0.1:8080", "http://"])
-def test_agent_ws_url_rejects(bad: str) -> None:
-    with pytest.raises(ConfigError, match=r"agent\.runner_url"):
-        agent_ws_url(bad)
-
-
-def test_read_host_metrics(tmp_path: Path) -> None:
-    proc = tmp_path / "proc"
-    (proc / "pressure").mkdir(parents=True)
-    (proc / "meminfo").write_text("MemTotal:  1000 kB\nMemFree: 100 kB\nMemAvailable:  400 kB\n")
-    (proc / "pressure" / "cpu").write_text(
-        "some avg10=1.50 avg60=0.09 avg300=0.28 total=3621154\n"
-        "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
-    )
-    metrics = read_host_metrics(tmp_path / "no" / "such" / "store", tmp_path, proc=proc)
-    assert metrics.memory_total_bytes == 1000 * 1024
-    assert metrics.memory_used_bytes == 600 * 1024
-    assert metrics.psi_cpu_some_avg10 == 1.5
-    assert metrics.free_store_bytes is not None and metrics.free_store_bytes > 0
-    assert metrics.free_build_bytes == metrics.free_store_bytes
-
-
-def test_read_host_metrics_without_proc(tmp_path: Path) -> None:
-    metrics = read_host_metrics(tmp_path, tmp_path, proc=tmp_path / "missing")
-    assert metrics.memory_total_bytes is None
-    assert metrics.psi_cpu_some_avg10 is None
 
 
 # ---- run_agent ----------------------------------------------------------------------------
