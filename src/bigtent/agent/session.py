@@ -21,16 +21,15 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, assert_never
 
 from bigtent import __version__
 from bigtent.agent import limits as lim
 from bigtent.agent.abortable import first_completed
-from bigtent.agent.backlog import LogBacklog
 from bigtent.agent.connection import Connection, Connector, Disconnected, agent_ws_url
 from bigtent.agent.credentials import CredentialSource, as_credential_source
+from bigtent.agent.held import Held, HeldStep
 from bigtent.agent.hostmetrics import read_host_metrics
 from bigtent.agent.identity import AgentIdentity
 from bigtent.agent.logbatch import LOG_BATCH_CHARS, LOG_BATCH_LINES
@@ -62,7 +61,6 @@ from bigtent.protocol import (
     Registered,
     Result,
     ResultAck,
-    RunningStep,
     StepId,
     encode,
     parse_runner_message,
@@ -104,21 +102,13 @@ class StepRunner(Protocol):
 
 
 # ---- the session ------------------------------------------------------------------------
-@dataclass(slots=True)
-class _Step:
-    assign: Assign
-    cache: CacheSettings
-    abort: asyncio.Event = field(default_factory=asyncio.Event)
-    lease_lost: bool = False
-
-
 class AgentSession:
     """One agent's life: sessions with the runner, reconnects, and the steps it holds.
 
     Slot accounting: a step takes a slot from the moment its ``assign`` is accepted until its
     result exists; a result then waits in ``pending`` (no slot) until the runner's
-    ``result_ack``. Both running and pending steps are *held*: ``register`` and heartbeats name
-    them so the runner keeps their leases.
+    ``result_ack``. Both running and pending steps are *held* (``agent/held.py``): ``register``
+    and heartbeats name them so the runner keeps their leases.
     """
 
     def __init__(
@@ -146,13 +136,7 @@ class AgentSession:
         self._rand = rand
         self._store_dir = store_dir or NixStore(store=section.store).real_path("/nix/store")
         self._ws_url = agent_ws_url(section.runner_url)
-        self._running: dict[StepId, _Step] = {}
-        self._pending: dict[StepId, Result] = {}
-        self._runner_aborted: dict[str, str] = {}
-        """Leases of steps the runner told to abort (a cancel, say), with its reason: their
-        results are expected to be ignored."""
-        self._backlog = LogBacklog()
-        """Log batches of held steps not sent for want of a session (persistent agents)."""
+        self._held = Held()
         self._cache: CacheSettings | None = None
         self._conn: Connection | None = None
         self._tg: asyncio.TaskGroup | None = None
@@ -186,11 +170,11 @@ class AgentSession:
     # ---- public -------------------------------------------------------------------------
     @property
     def running(self) -> list[StepId]:
-        return sorted(self._running)
+        return sorted(self._held.running)
 
     @property
     def pending_results(self) -> list[StepId]:
-        return sorted(self._pending)
+        return sorted(self._held.pending)
 
     @property
     def draining(self) -> bool:
@@ -218,7 +202,7 @@ class AgentSession:
                 "ephemeral agent %s: %s; draining (%d step(s) running, %d build(s) taken)",
                 self._identity.name,
                 reason,
-                len(self._running),
+                len(self._held.running),
                 self._limit_state.reserved,
             )
             self._draining = True
@@ -244,7 +228,7 @@ class AgentSession:
                 failure = exc  # re-raised below, not wrapped in the task group's ExceptionGroup
             finally:
                 # Only non-empty when leaving early (auth refused, an error, cancellation).
-                self._abort_all("the agent is stopping")
+                self._held.abort_all("the agent is stopping")
                 self._tg = None
                 if gc_task is not None:
                     gc_task.cancel()
@@ -259,13 +243,13 @@ class AgentSession:
             log.info(
                 "draining: finishing %d running step(s), accepting no more; "
                 "signal again to abort them",
-                len(self._running),
+                len(self._held.running),
             )
             self._draining = True
             self._update()
         elif self._shutdown_requests == 2:
-            log.warning("aborting %d running step(s) and exiting", len(self._running))
-            self._abort_all("the agent was told to stop")
+            log.warning("aborting %d running step(s) and exiting", len(self._held.running))
+            self._held.abort_all("the agent was told to stop")
             if self._tg is not None:
                 self._tg.create_task(self._stop_after_abort(), name="agent-forced-stop")
             else:
@@ -373,7 +357,7 @@ class AgentSession:
             self._section.runner_url,
             self._identity.name,
             first.session_id,
-            len(self._running) + len(self._pending),
+            self._held.count,
         )
         self._sessions += 1
         self.registered.set()
@@ -400,11 +384,12 @@ class AgentSession:
         nothing is left (steps still running keep adding lines while ``_conn`` is unset)."""
         resent: set[StepId] = set()
         while True:
-            backlog = self._backlog.steps
+            backlog = self._held.backlog.steps
             if backlog:
                 await self._send_backlog(conn, backlog[0])
                 continue
-            result = next((r for sid, r in self._pending.items() if sid not in resent), None)
+            pending = self._held.pending.items()
+            result = next((r for sid, r in pending if sid not in resent), None)
             if result is None:
                 return
             log.info("re-sending the result of step %s", result.step_id)
@@ -413,7 +398,8 @@ class AgentSession:
 
     async def _send_backlog(self, conn: Connection, step_id: StepId) -> None:
         """Send ``step_id``'s unsent log lines, oldest first; on a disconnect they stay."""
-        while (taken := self._backlog.take(step_id, LOG_BATCH_LINES, LOG_BATCH_CHARS)) is not None:
+        backlog = self._held.backlog
+        while (taken := backlog.take(step_id, LOG_BATCH_LINES, LOG_BATCH_CHARS)) is not None:
             log.debug(
                 "step %s: sending %d log line(s) kept during the outage (%d lost)",
                 step_id,
@@ -423,18 +409,11 @@ class AgentSession:
             try:
                 await conn.send(encode(taken.message()))
             except Disconnected:
-                self._backlog.put_back(taken)
+                backlog.put_back(taken)
                 raise
 
     def _register_message(self) -> Register:
         ident = self._identity
-        held = [
-            RunningStep(step_id=sid, lease_id=step.assign.lease_id)
-            for sid, step in self._running.items()
-        ] + [
-            RunningStep(step_id=sid, lease_id=result.lease_id)
-            for sid, result in self._pending.items()
-        ]
         return Register(
             version=__version__,
             machine_id=ident.machine_id,
@@ -448,7 +427,7 @@ class AgentSession:
             speed_factor=self._section.speed_factor,
             ephemeral=ident.ephemeral or self._limits is not None,
             launch_id=ident.launch_id,
-            running=held,
+            running=self._held.leases(),
             untrusted=self._section.untrusted,
             free_store_bytes=free_disk_bytes(self._store_dir),
         )
@@ -465,18 +444,7 @@ class AgentSession:
         if registered.untrusted:
             log.info("registered as an untrusted venue: only steps of untrusted builds")
         self._cache = CacheSettings.from_registered(registered, self._section.runner_url)
-        keep = set(registered.keep_running)
-        for sid, step in self._running.items():
-            if sid not in keep:
-                log.warning("step %s: the runner no longer holds its lease; aborting it", sid)
-                step.lease_lost = True
-                step.abort.set()
-        for sid in [sid for sid in self._pending if sid not in keep]:
-            log.warning("step %s: the runner no longer holds its lease; dropping its result", sid)
-            del self._pending[sid]
-        for sid in self._backlog.steps:
-            if sid not in keep:
-                self._backlog.discard(sid)
+        self._held.keep_only(set(registered.keep_running))
         self._update()
 
     async def _receive_loop(self, conn: Connection) -> None:
@@ -487,13 +455,14 @@ class AgentSession:
                 case Assign():
                     await self._on_assign(conn, message)
                 case Abort():
-                    self._on_abort(message)
+                    self._held.runner_abort(message)
                 case Drain():
                     log.info("the runner asked the agent to drain: %s", message.reason or "-")
                     self._draining = True
                     self._update()
                 case ResultAck():
-                    self._on_ack(message)
+                    if self._held.acknowledged(message):
+                        self._update()
                 case Error():
                     raise ProtocolError(f"the runner reported an error: {message.message}")
                 case Registered():
@@ -540,23 +509,19 @@ class AgentSession:
                 free_store_bytes=metrics.free_store_bytes,
                 free_build_bytes=metrics.free_build_bytes,
                 psi_cpu_some_avg10=metrics.psi_cpu_some_avg10,
-                running=sorted({*self._running, *self._pending}),
+                running=self._held.ids(),
                 draining=self._draining,
             )
             await conn.send(encode(beat))
 
     # ---- messages -----------------------------------------------------------------------
     def _refusal(self, assign: Assign) -> str | None:
-        """Why this assignment cannot be taken now, or None when a slot is free."""
-        if self._draining:
-            if self._drain_reason is not None:
-                return f"the agent is draining: {self._drain_reason}"
-            return "the agent is draining"
-        if assign.step_id in self._running or assign.step_id in self._pending:
-            return f"the agent already holds step {assign.step_id}"
-        if len(self._running) >= self._section.max_jobs:
-            return f"no free slot ({len(self._running)}/{self._section.max_jobs} running)"
-        return None
+        return self._held.refusal(
+            assign,
+            draining=self._draining,
+            drain_reason=self._drain_reason,
+            max_jobs=self._section.max_jobs,
+        )
 
     def _reserve(self, assign: Assign) -> str | None:
         """Take a slot and, for an ephemeral agent, one build of its budget: None when both
@@ -572,7 +537,7 @@ class AgentSession:
                 self.check_limits()  # a limit passed since the last look: drain now
                 return self._refusal(assign) or reason
             self._limit_state = state
-        self._running[assign.step_id] = _Step(assign, self._cache)
+        self._held.running[assign.step_id] = HeldStep(assign, self._cache)
         self._update()
         return None
 
@@ -586,7 +551,7 @@ class AgentSession:
             return
         # The slot (and build) was reserved before any await, so no second assign can take it.
         assert self._tg is not None  # set before receiving
-        step = self._running[assign.step_id]
+        step = self._held.running[assign.step_id]
         if self._limits is not None:
             self.check_limits()  # the last build of max_builds starts the drain at once
         try:
@@ -596,39 +561,10 @@ class AgentSession:
             # (keep_running) whether the lease still stands.
             self._tg.create_task(self._run_step(step), name=f"step-{assign.step_id}")
 
-    def _on_abort(self, abort: Abort) -> None:
-        step = self._running.get(abort.step_id)
-        if step is None:
-            log.debug("abort for step %s, which is not running here", abort.step_id)
-            return
-        reason = abort.reason or "asked by the runner"
-        log.info("aborting step %s: %s", abort.step_id, reason)
-        self._runner_aborted[step.assign.lease_id] = reason
-        step.abort.set()
-
-    def _on_ack(self, ack: ResultAck) -> None:
-        result = self._pending.get(ack.step_id)
-        if result is None or result.lease_id != ack.lease_id:
-            return
-        del self._pending[ack.step_id]
-        self._backlog.discard(ack.step_id)
-        aborted = self._runner_aborted.pop(ack.lease_id, None)
-        if not ack.recorded and aborted is not None:
-            # The runner asked for the abort (a cancelled build): nothing went wrong.
-            log.info(
-                "step %s: aborted (%s); the runner no longer needs its result", ack.step_id, aborted
-            )
-        elif not ack.recorded:
-            log.warning(
-                "step %s: the runner ignored its result (lease %s no longer current)",
-                ack.step_id,
-                ack.lease_id,
-            )
-        self._update()
-
     # ---- steps --------------------------------------------------------------------------
-    async def _run_step(self, step: _Step) -> None:
+    async def _run_step(self, step: HeldStep) -> None:
         assign = step.assign
+        kept = False
         try:
             try:
                 result = await self._executor.run(
@@ -643,19 +579,15 @@ class AgentSession:
                     outcome=Outcome.PREPARE_FAILURE,
                     error=f"agent error: {exc!r}"[:MAX_ERROR_CHARS],
                 )
-            if step.lease_lost:
-                self._backlog.discard(assign.step_id)
-                self._runner_aborted.pop(assign.lease_id, None)
-                return
-            self._pending[assign.step_id] = result
+            kept = self._held.finished(step, result)
         finally:
-            self._running.pop(assign.step_id, None)
+            self._held.running.pop(assign.step_id, None)  # cancelled too
             self._look_at_disk.set()
             if self._limits is not None:
                 self._limit_state = lim.complete(self._limit_state, self._clock())
                 self._limits_changed.set()
             self._update()
-        if assign.step_id not in self._backlog:
+        if kept and assign.step_id not in self._held.backlog:
             # Else its log lines wait for a session: the result follows them (_catch_up).
             await self._send(result)
 
@@ -664,10 +596,10 @@ class AgentSession:
         when sent now. Queued behind the step's earlier unsent lines, never ahead of them."""
         if self._limits is not None:
             return await self._send(batch)  # ephemeral: a lost session ends the agent anyway
-        if batch.step_id not in self._backlog and await self._send(batch):
+        if batch.step_id not in self._held.backlog and await self._send(batch):
             return True
-        if batch.step_id in self._running or batch.step_id in self._pending:
-            self._backlog.add(batch)
+        if self._held.holds(batch.step_id):
+            self._held.backlog.add(batch)
         return False
 
     async def _send(self, message: Log | Result) -> bool:
@@ -681,12 +613,6 @@ class AgentSession:
             return False
         return True
 
-    def _abort_all(self, reason: str) -> None:
-        for sid, step in self._running.items():
-            if not step.abort.is_set():
-                log.info("aborting step %s: %s", sid, reason)
-                step.abort.set()
-
     async def _stop_after_abort(self) -> None:
         """Second SIGTERM: wait for the aborted steps, give their results a moment, stop."""
         await self._idle.wait()
@@ -696,9 +622,9 @@ class AgentSession:
 
     def _update(self) -> None:
         """Recompute the derived events after the running/pending sets or draining changed."""
-        _set_to(self._idle, not self._running)
-        _set_to(self._settled, not self._pending)
-        if self._draining and not self._running and not self._pending:
+        _set_to(self._idle, not self._held.running)
+        _set_to(self._settled, not self._held.pending)
+        if self._draining and not self._held.count:
             self._stop.set()
 
 
