@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bigtent import backoff
-from bigtent.agent.session import RECONNECT_BACKOFF
+from bigtent.agent.link import RECONNECT_BACKOFF
 from bigtent.agent.upload import UPLOAD_BACKOFF
 from bigtent.backoff import Backoff
 

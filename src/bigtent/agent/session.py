@@ -27,22 +27,19 @@ from typing import Protocol, assert_never
 from bigtent import __version__
 from bigtent.agent import limits as lim
 from bigtent.agent.abortable import first_completed
-from bigtent.agent.connection import Connection, Connector, Disconnected, agent_ws_url
+from bigtent.agent.connection import Connection, Connector, Disconnected
 from bigtent.agent.credentials import CredentialSource, as_credential_source
 from bigtent.agent.held import Held, HeldStep
 from bigtent.agent.hostmetrics import read_host_metrics
 from bigtent.agent.identity import AgentIdentity
+from bigtent.agent.link import EXIT_OK, RunnerLink, once, reconnecting
 from bigtent.agent.logbatch import LOG_BATCH_CHARS, LOG_BATCH_LINES
 from bigtent.agent.stepstore import CacheSettings
-from bigtent.backoff import Backoff
 from bigtent.config import AgentSection
 from bigtent.errors import (
-    AuthError,
     BigtentError,
     ConfigError,
-    CredentialUnavailable,
     ProtocolError,
-    RunnerUnreachable,
 )
 from bigtent.nix.store import NixStore
 from bigtent.protocol import (
@@ -72,15 +69,6 @@ from bigtent.storebudget import (
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_AUTH_REFUSED = AuthError.exit_code
-"""Exit status when the runner refuses the agent's credentials at the upgrade (3)."""
-EXIT_RUNNER_UNREACHABLE = RunnerUnreachable.exit_code
-"""Ephemeral agents: the runner could not be reached, or the session dropped (4)."""
-EXIT_PROTOCOL_ERROR = ProtocolError.exit_code
-"""Ephemeral agents: the runner refused the registration or broke the protocol (1)."""
-RECONNECT_BACKOFF = Backoff(base=0.5, cap=30.0, jitter_low=0.5)
-"""Reconnect delay: ``0.5 s · 2^attempt`` capped at 30 s, times a jitter in [0.5, 1)."""
 REGISTER_TIMEOUT_SECS = 30.0
 """How long to wait for ``registered`` after sending ``register``."""
 FORCED_ACK_GRACE_SECS = 5.0
@@ -130,12 +118,10 @@ class AgentSession:
         ``token``: the credential, or where to get a fresh one at every connect."""
         self._section = section
         self._identity = identity
-        self._credentials = as_credential_source(token)
-        self._connect = connect
+        self._link = RunnerLink(section.runner_url, connect, as_credential_source(token))
         self._executor = executor
         self._rand = rand
         self._store_dir = store_dir or NixStore(store=section.store).real_path("/nix/store")
-        self._ws_url = agent_ws_url(section.runner_url)
         self._held = Held()
         self._cache: CacheSettings | None = None
         self._conn: Connection | None = None
@@ -257,71 +243,17 @@ class AgentSession:
 
     # ---- connection loop ----------------------------------------------------------------
     async def _serve(self) -> int:
-        if self._limits is not None:
-            return await self._serve_once()
-        attempt = 0
-        while not self._stop.is_set():
-            sessions_before = self._sessions
-            try:
-                async with self._connect(self._ws_url, await self._headers()) as conn:
-                    await self._session(conn)
-            except CredentialUnavailable as exc:
-                log.warning("cannot get the agent's credential: %s", exc)
-            except AuthError as exc:
-                self._log_auth_refused(exc)
-                return EXIT_AUTH_REFUSED
-            except (RunnerUnreachable, Disconnected, ProtocolError, TimeoutError) as exc:
-                log.warning("session with runner %s ended: %s", self._section.runner_url, exc)
-            if self._stop.is_set():
-                break
-            if self._sessions != sessions_before:
-                attempt = 0  # it was registered: a fresh outage starts a fresh backoff
-            delay = RECONNECT_BACKOFF.delay(attempt, self._rand())
-            attempt += 1
-            log.info("reconnecting in %.1f s (attempt %d)", delay, attempt)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
-        log.info("agent stopped")
-        return EXIT_OK
-
-    def _log_auth_refused(self, exc: AuthError) -> None:
-        """One clear line; never the token itself."""
-        hint = (
-            self._credentials.refusal_hint
-            if self._credentials is not None
-            else "the runner wants a credential: give an agent token"
-        )
-        log.error(
-            "the runner at %s refused the agent's credentials (%s); %s",
-            self._section.runner_url,
-            exc,
-            hint,
-        )
-
-    async def _serve_once(self) -> int:
-        """An ephemeral agent's one session: 0 once drained or stopped, else why it failed."""
-        try:
-            async with self._connect(self._ws_url, await self._headers()) as conn:
-                await self._session(conn)
-        except CredentialUnavailable as exc:
-            log.error("cannot get the agent's credential: %s", exc)
-            return EXIT_AUTH_REFUSED
-        except AuthError as exc:
-            self._log_auth_refused(exc)
-            return EXIT_AUTH_REFUSED
-        except ProtocolError as exc:
-            log.error("session with runner %s failed: %s", self._section.runner_url, exc)
-            return EXIT_PROTOCOL_ERROR
-        except (RunnerUnreachable, Disconnected, TimeoutError) as exc:
-            log.error(
-                "session with runner %s failed: %s; an ephemeral agent does not reconnect",
-                self._section.runner_url,
-                exc or "timed out",
+        if self._limits is None:
+            return await reconnecting(
+                self._link,
+                self._session,
+                stop=self._stop,
+                registrations=lambda: self._sessions,
+                rand=self._rand,
             )
-            return EXIT_RUNNER_UNREACHABLE
-        if not self._stop.is_set():  # defensive: a session only returns once stopped
-            log.error("session with runner %s ended unexpectedly", self._section.runner_url)
-            return EXIT_RUNNER_UNREACHABLE
+        failed = await once(self._link, self._session, stop=self._stop)
+        if failed is not None:
+            return failed
         log.info(
             "ephemeral agent %s stopped (%s) after %d build(s)",
             self._identity.name,
@@ -329,14 +261,6 @@ class AgentSession:
             self._limit_state.reserved,
         )
         return EXIT_OK
-
-    async def _headers(self) -> dict[str, str]:
-        """The upgrade's headers, with a fresh credential: a CI job's ID token is fetched anew
-        for every connect, since the last one may have expired."""
-        if self._credentials is None:
-            return {}
-        token = await self._credentials.credential(fresh=True)
-        return {"Authorization": f"Bearer {token}"} if token else {}
 
     async def _session(self, conn: Connection) -> None:
         """One registered session; returns when the agent should stop, raises on disconnect."""
@@ -636,11 +560,6 @@ def _set_to(event: asyncio.Event, value: bool) -> None:
 
 
 __all__ = [
-    "EXIT_AUTH_REFUSED",
-    "EXIT_OK",
-    "EXIT_PROTOCOL_ERROR",
-    "EXIT_RUNNER_UNREACHABLE",
-    "RECONNECT_BACKOFF",
     "AgentSession",
     "StepRunner",
 ]

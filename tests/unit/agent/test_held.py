@@ -95,7 +95,7 @@ def test_keep_only_aborts_and_drops_what_the_runner_let_go() -> None:
     held = holding([1, 2], [3, 4])
     for step in (1, 3, 4):
         held.backlog.add(backlog_line(step))
-    held.keep_only({2, 4})
+    held.keep_only({StepId(2), StepId(4)})
     assert held.running[StepId(1)].lease_lost and held.running[StepId(1)].abort.is_set()
     assert not held.running[StepId(2)].abort.is_set()
     assert sorted(held.pending) == [4]

@@ -17,8 +17,9 @@ from websockets.http11 import Request, Response
 from bigtent.agent.backlog import STEP_LIMIT_CHARS, lost_marker
 from bigtent.agent.connection import Connection, websocket_connector
 from bigtent.agent.identity import AgentIdentity
+from bigtent.agent.link import EXIT_AUTH_REFUSED
 from bigtent.agent.main import run_agent
-from bigtent.agent.session import EXIT_AUTH_REFUSED, AgentSession
+from bigtent.agent.session import AgentSession
 from bigtent.agent.stepstore import CacheSettings
 from bigtent.config import AgentConfig, AgentSection
 from bigtent.errors import ConfigError, CredentialUnavailable, RunnerUnreachable
@@ -660,7 +661,7 @@ async def test_heartbeats_say_when_the_agent_drains(start_agent: Callable[..., A
 async def test_auth_refusal_exits_3(
     start_agent: Callable[..., Agent], status: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="bigtent.agent.session")
+    caplog.set_level(logging.ERROR, logger="bigtent.agent.link")
     async with FakeRunner(status=status) as runner:
         agent = start_agent(runner, token="wrong")
         assert await agent.exit_code() == EXIT_AUTH_REFUSED == 3
@@ -683,7 +684,7 @@ async def test_auth_refusal_of_an_oidc_credential_says_what_to_check(
         {"ACTIONS_ID_TOKEN_REQUEST_URL": "http://x/t", "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "r"},
         "bigtent",
     )
-    caplog.set_level(logging.ERROR, logger="bigtent.agent.session")
+    caplog.set_level(logging.ERROR, logger="bigtent.agent.link")
     async with FakeRunner(status=403) as runner:
         agent = start_agent(runner, token=CountingSource(hint=source.refusal_hint))
         assert await agent.exit_code() == EXIT_AUTH_REFUSED
