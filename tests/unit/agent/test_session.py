@@ -18,10 +18,9 @@ from bigtent.agent.backlog import STEP_LIMIT_CHARS, lost_marker
 from bigtent.agent.connection import Connection, websocket_connector
 from bigtent.agent.identity import AgentIdentity
 from bigtent.agent.link import EXIT_AUTH_REFUSED
-from bigtent.agent.main import run_agent
 from bigtent.agent.session import AgentSession
 from bigtent.agent.stepstore import CacheSettings
-from bigtent.config import AgentConfig, AgentSection
+from bigtent.config import AgentSection
 from bigtent.errors import ConfigError, CredentialUnavailable, RunnerUnreachable
 from bigtent.nix.store import NixStore
 from bigtent.protocol import (
@@ -751,37 +750,6 @@ async def test_sigterm_drains_then_second_aborts(start_agent: Callable[..., Agen
         assert result.outcome is Outcome.ABORTED
         await side.send(ResultAck(step_id=StepId(1), lease_id=LeaseId("lease-1"), recorded=True))
         assert await agent.exit_code() == 0
-
-
-# ---- run_agent ----------------------------------------------------------------------------
-IDENTITY = AgentIdentity(MachineId("m-9"), "agent-9", "host-9", ("x86_64-linux",))
-
-
-async def test_run_agent_auth_refusal_returns_3(tmp_path: Path) -> None:
-    async with FakeRunner(status=401) as runner:
-        cfg = AgentConfig(agent=AgentSection(runner_url=runner.url, work_dir=tmp_path, probe=False))
-        code = await asyncio.wait_for(
-            run_agent(cfg, "bad", identity=IDENTITY, install_signal_handlers=False), WAIT
-        )
-    assert code == 3
-    assert runner.auth_headers == ["Bearer bad"]
-
-
-async def test_run_agent_without_token_drains_to_0(tmp_path: Path) -> None:
-    async with FakeRunner() as runner:
-        cfg = AgentConfig(agent=AgentSection(runner_url=runner.url, work_dir=tmp_path, probe=False))
-        task = asyncio.create_task(
-            run_agent(cfg, None, identity=IDENTITY, install_signal_handlers=False)
-        )
-        try:
-            side = await runner.next_session()
-            assert side.register.machine_id == "m-9"
-            await side.send(Drain())
-            assert await asyncio.wait_for(task, WAIT) == 0
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    assert runner.auth_headers == [None]
 
 
 async def test_runner_error_message_makes_the_agent_reconnect(
