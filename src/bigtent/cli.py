@@ -1770,7 +1770,7 @@ def agent(
         overrides.setdefault("agent", {})["probe"] = False
     cfg = load_agent_config(config_path, **overrides)
     from bigtent.agent.credentials import load_credentials
-    from bigtent.agent.session import run_agent
+    from bigtent.agent.main import run_agent
 
     credentials = load_credentials(cfg.agent, os.environ, token_file_flag=token_file)
     ctx.exit(_run(run_agent(cfg, credentials)))

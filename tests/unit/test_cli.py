@@ -602,7 +602,7 @@ def test_agent_overrides_only_given_flags() -> None:
 
 @pytest.fixture
 def fake_run_agent(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    import bigtent.agent.session as session
+    import bigtent.agent.main as agent_main
 
     got: dict[str, Any] = {"code": 0}
 
@@ -614,7 +614,7 @@ def fake_run_agent(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
             raise KeyboardInterrupt
         return int(got["code"])
 
-    monkeypatch.setattr(session, "run_agent", run_agent)
+    monkeypatch.setattr(agent_main, "run_agent", run_agent)
     return got
 
 

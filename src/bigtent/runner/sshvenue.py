@@ -45,6 +45,7 @@ from bigtent.errors import BigtentError, NixError
 from bigtent.nix import base32
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store import LineSink, NixStore, PathInfo, RealiseResult, RealiseStatus
+from bigtent.outcome import outcome_of
 from bigtent.runner.cache import Cache, Upstreams
 from bigtent.runner.ingest import ingest_leased_output
 from bigtent.runner.scheduler.dispatcher import SSH, Scheduler, SessionClosed, Venue
@@ -135,18 +136,6 @@ def skip_reason(section: SshBuilderSection, require_host_key: bool) -> str:
     if require_host_key and not section.host_key:
         return "no host_key pinned and ssh_require_host_key = true"
     return "not usable"
-
-
-def outcome_of(status: RealiseStatus) -> p.Outcome:
-    """As the agent classifies a realise: Nix exiting 1 (or SSH trouble) is infrastructure."""
-    return {
-        RealiseStatus.SUCCESS: p.Outcome.SUCCESS,
-        RealiseStatus.BUILD_FAILURE: p.Outcome.BUILD_FAILURE,
-        RealiseStatus.TIMED_OUT: p.Outcome.TIMED_OUT,
-        RealiseStatus.LOG_LIMIT: p.Outcome.LOG_LIMIT,
-        RealiseStatus.ABORTED: p.Outcome.ABORTED,
-        RealiseStatus.OTHER_FAILURE: p.Outcome.PREPARE_FAILURE,
-    }[status]
 
 
 def write_known_hosts(directory: Path, line: str) -> Path:

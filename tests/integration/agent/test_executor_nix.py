@@ -18,7 +18,8 @@ from typing import Literal
 import httpx
 import pytest
 
-from bigtent.agent.executor import CacheSettings, Executor
+from bigtent.agent.executor import Executor
+from bigtent.agent.stepstore import CacheSettings
 from bigtent.config import AgentSection
 from bigtent.nix.base32 import format_hash
 from bigtent.protocol import (

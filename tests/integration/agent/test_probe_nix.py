@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bigtent.agent.executor import CacheSettings, step_store
 from bigtent.agent.probe import HINTS, PROBE_NAME, ProbeCause, run_probe
+from bigtent.agent.stepstore import CacheSettings, step_store
 from bigtent.config import AgentSection
 from bigtent.errors import AgentCannotBuild
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bigtent.agent.executor import CacheSettings, Executor
+from bigtent.agent.executor import Executor
+from bigtent.agent.stepstore import CacheSettings
 from bigtent.config import AgentSection
 from bigtent.nix.store import NixStore
 from bigtent.protocol import Assign, Log, Outcome, Result

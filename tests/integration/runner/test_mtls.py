@@ -23,7 +23,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from bigtent import protocol as p
-from bigtent.agent.session import ssl_context_for
+from bigtent.agent.main import ssl_context_for
 from bigtent.config import AgentSection, Role
 from bigtent.errors import ConfigError
 from tests.integration.runner.conftest import (

@@ -10,11 +10,9 @@ import httpx
 import pytest
 import zstandard
 
+from bigtent.agent.build import plain_error
 from bigtent.agent.drvfetch import DrvCache, DrvFetchError, decompress, drv_from_nar
-from bigtent.agent.executor import exit_code_of, plain_error, realise_status_of
 from bigtent.nix.base32 import format_hash
-from bigtent.nix.serve import BuildStatus
-from bigtent.nix.store import RealiseStatus
 from bigtent.nix.store_path import StorePath, make_text_path
 
 TEXT = (
@@ -100,22 +98,6 @@ async def test_cache_fetches_once_and_evicts() -> None:
         assert len(cache) == 1
 
 
-def test_build_status_maps_like_realise_exit_codes() -> None:
-    assert realise_status_of(BuildStatus.BUILT) is RealiseStatus.SUCCESS
-    assert realise_status_of(BuildStatus.ALREADY_VALID) is RealiseStatus.SUCCESS
-    assert realise_status_of(BuildStatus.PERMANENT_FAILURE) is RealiseStatus.BUILD_FAILURE
-    assert realise_status_of(BuildStatus.OUTPUT_REJECTED) is RealiseStatus.BUILD_FAILURE
-    assert realise_status_of(BuildStatus.TIMED_OUT) is RealiseStatus.TIMED_OUT
-    assert realise_status_of(BuildStatus.LOG_LIMIT_EXCEEDED) is RealiseStatus.LOG_LIMIT
-    for other in (
-        BuildStatus.TRANSIENT_FAILURE,
-        BuildStatus.MISC_FAILURE,
-        BuildStatus.DEPENDENCY_FAILED,
-        BuildStatus.INPUT_REJECTED,
-        99,
-    ):
-        assert realise_status_of(other) is RealiseStatus.OTHER_FAILURE
-        assert exit_code_of(other) == 1
-    assert [exit_code_of(s) for s in (0, 3, 8, 5, 12)] == [0, 100, 101, 102, 104]
+def test_plain_error_strips_colours() -> None:
     assert plain_error("\x1b[31;1merror:\x1b[0m builder failed") == "error: builder failed"
     assert plain_error("boom") == "error: boom"

@@ -17,14 +17,12 @@ import pytest
 import zstandard
 
 from bigtent.agent import presigned
-from bigtent.agent.executor import CacheSettings
+from bigtent.agent.stepstore import CacheSettings
 from bigtent.nix.base32 import format_hash
 from bigtent.nix.compression import Compression, decompress_all
 from bigtent.nix.nar import dump_path
 from bigtent.protocol import Outcome, Registered
-from tests.unit.agent.test_executor import DEV, OUT, fast_retries, nar_hash, run_step
-
-__all__ = ["fast_retries"]
+from tests.unit.agent.test_executor import DEV, OUT, nar_hash, run_step
 
 PRESIGNED = CacheSettings(
     "http://r/cache", "r-1:KEY", upload_compression=Compression.ZSTD, compression_level=3

@@ -15,20 +15,12 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from bigtent.agent.backlog import STEP_LIMIT_CHARS, lost_marker
-from bigtent.agent.executor import CacheSettings
+from bigtent.agent.connection import Connection, websocket_connector
 from bigtent.agent.identity import AgentIdentity
-from bigtent.agent.session import (
-    BACKOFF_CAP_SECS,
-    EXIT_AUTH_REFUSED,
-    AgentSession,
-    Connection,
-    agent_ws_url,
-    next_backoff_secs,
-    read_host_metrics,
-    run_agent,
-    websocket_connector,
-)
-from bigtent.config import AgentConfig, AgentSection
+from bigtent.agent.link import EXIT_AUTH_REFUSED
+from bigtent.agent.session import AgentSession
+from bigtent.agent.stepstore import CacheSettings
+from bigtent.config import AgentSection
 from bigtent.errors import ConfigError, CredentialUnavailable, RunnerUnreachable
 from bigtent.nix.store import NixStore
 from bigtent.protocol import (
@@ -668,7 +660,7 @@ async def test_heartbeats_say_when_the_agent_drains(start_agent: Callable[..., A
 async def test_auth_refusal_exits_3(
     start_agent: Callable[..., Agent], status: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="bigtent.agent.session")
+    caplog.set_level(logging.ERROR, logger="bigtent.agent.link")
     async with FakeRunner(status=status) as runner:
         agent = start_agent(runner, token="wrong")
         assert await agent.exit_code() == EXIT_AUTH_REFUSED == 3
@@ -691,7 +683,7 @@ async def test_auth_refusal_of_an_oidc_credential_says_what_to_check(
         {"ACTIONS_ID_TOKEN_REQUEST_URL": "http://x/t", "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "r"},
         "bigtent",
     )
-    caplog.set_level(logging.ERROR, logger="bigtent.agent.session")
+    caplog.set_level(logging.ERROR, logger="bigtent.agent.link")
     async with FakeRunner(status=403) as runner:
         agent = start_agent(runner, token=CountingSource(hint=source.refusal_hint))
         assert await agent.exit_code() == EXIT_AUTH_REFUSED
@@ -758,95 +750,6 @@ async def test_sigterm_drains_then_second_aborts(start_agent: Callable[..., Agen
         assert result.outcome is Outcome.ABORTED
         await side.send(ResultAck(step_id=StepId(1), lease_id=LeaseId("lease-1"), recorded=True))
         assert await agent.exit_code() == 0
-
-
-# ---- pure helpers -----------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("attempt", "rand", "expected"),
-    [
-        (0, 0.0, 0.25),
-        (0, 1.0, 0.5),
-        (1, 1.0, 1.0),
-        (3, 0.0, 2.0),
-        (10, 1.0, 30.0),
-        (500, 0.0, 15.0),
-    ],
-)
-def test_next_backoff_secs(attempt: int, rand: float, expected: float) -> None:
-    assert next_backoff_secs(attempt, rand) == pytest.approx(expected)
-    assert next_backoff_secs(attempt, rand) <= BACKOFF_CAP_SECS
-
-
-@pytest.mark.parametrize(
-    ("runner_url", "ws_url"),
-    [
-        ("http://127.0.0.1:8080", "ws://127.0.0.1:8080/api/v1/agent/ws"),
-        ("https://ci.example.org:8443/", "wss://ci.example.org:8443/api/v1/agent/ws"),
-        ("https://ci.example.org/bigtent", "wss://ci.example.org/bigtent/api/v1/agent/ws"),
-        ("http://[::1]:8080", "ws://[::1]:8080/api/v1/agent/ws"),
-    ],
-)
-def test_agent_ws_url(runner_url: str, ws_url: str) -> None:
-    assert agent_ws_url(runner_url) == ws_url
-
-
-@pytest.mark.parametrize("bad", ["ftp://x", "127.0.0.1:8080", "http://"])
-def test_agent_ws_url_rejects(bad: str) -> None:
-    with pytest.raises(ConfigError, match=r"agent\.runner_url"):
-        agent_ws_url(bad)
-
-
-def test_read_host_metrics(tmp_path: Path) -> None:
-    proc = tmp_path / "proc"
-    (proc / "pressure").mkdir(parents=True)
-    (proc / "meminfo").write_text("MemTotal:  1000 kB\nMemFree: 100 kB\nMemAvailable:  400 kB\n")
-    (proc / "pressure" / "cpu").write_text(
-        "some avg10=1.50 avg60=0.09 avg300=0.28 total=3621154\n"
-        "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
-    )
-    metrics = read_host_metrics(tmp_path / "no" / "such" / "store", tmp_path, proc=proc)
-    assert metrics.memory_total_bytes == 1000 * 1024
-    assert metrics.memory_used_bytes == 600 * 1024
-    assert metrics.psi_cpu_some_avg10 == 1.5
-    assert metrics.free_store_bytes is not None and metrics.free_store_bytes > 0
-    assert metrics.free_build_bytes == metrics.free_store_bytes
-
-
-def test_read_host_metrics_without_proc(tmp_path: Path) -> None:
-    metrics = read_host_metrics(tmp_path, tmp_path, proc=tmp_path / "missing")
-    assert metrics.memory_total_bytes is None
-    assert metrics.psi_cpu_some_avg10 is None
-
-
-# ---- run_agent ----------------------------------------------------------------------------
-IDENTITY = AgentIdentity(MachineId("m-9"), "agent-9", "host-9", ("x86_64-linux",))
-
-
-async def test_run_agent_auth_refusal_returns_3(tmp_path: Path) -> None:
-    async with FakeRunner(status=401) as runner:
-        cfg = AgentConfig(agent=AgentSection(runner_url=runner.url, work_dir=tmp_path, probe=False))
-        code = await asyncio.wait_for(
-            run_agent(cfg, "bad", identity=IDENTITY, install_signal_handlers=False), WAIT
-        )
-    assert code == 3
-    assert runner.auth_headers == ["Bearer bad"]
-
-
-async def test_run_agent_without_token_drains_to_0(tmp_path: Path) -> None:
-    async with FakeRunner() as runner:
-        cfg = AgentConfig(agent=AgentSection(runner_url=runner.url, work_dir=tmp_path, probe=False))
-        task = asyncio.create_task(
-            run_agent(cfg, None, identity=IDENTITY, install_signal_handlers=False)
-        )
-        try:
-            side = await runner.next_session()
-            assert side.register.machine_id == "m-9"
-            await side.send(Drain())
-            assert await asyncio.wait_for(task, WAIT) == 0
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    assert runner.auth_headers == [None]
 
 
 async def test_runner_error_message_makes_the_agent_reconnect(

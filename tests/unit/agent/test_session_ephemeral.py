@@ -9,17 +9,12 @@ from typing import Any
 
 import pytest
 
+from bigtent.agent.connection import Connection, websocket_connector
 from bigtent.agent.identity import MACHINE_ID_FILE, AgentIdentity
 from bigtent.agent.limits import Limits
-from bigtent.agent.session import (
-    EXIT_AUTH_REFUSED,
-    EXIT_PROTOCOL_ERROR,
-    EXIT_RUNNER_UNREACHABLE,
-    AgentSession,
-    Connection,
-    run_agent,
-    websocket_connector,
-)
+from bigtent.agent.link import EXIT_AUTH_REFUSED, EXIT_PROTOCOL_ERROR, EXIT_RUNNER_UNREACHABLE
+from bigtent.agent.main import run_agent
+from bigtent.agent.session import AgentSession
 from bigtent.config import AgentConfig, AgentSection, EphemeralSection
 from bigtent.errors import CredentialUnavailable, RunnerUnreachable
 from bigtent.protocol import (

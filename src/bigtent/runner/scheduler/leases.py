@@ -7,12 +7,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import assert_never
 
+from bigtent import backoff
 from bigtent.protocol import LeaseId, Outcome
 from bigtent.states import StepState
-
-_MAX_DOUBLINGS = 64
-"""Past this many doublings any sane cap has long been reached; bounding the exponent keeps
-``2.0 ** n`` from overflowing however many attempts or failures are configured or counted."""
 
 
 def new_lease_id() -> LeaseId:
@@ -55,8 +52,7 @@ def classify(outcome: Outcome) -> Classification:
 
 def backoff_secs(attempt: int, base_secs: float, max_secs: float) -> float:
     """``base · 2^(attempt-1)`` seconds, capped at ``max_secs`` (attempt 1 waits ``base``)."""
-    doublings = min(_MAX_DOUBLINGS, max(0, attempt - 1))
-    return min(max_secs, base_secs * 2.0**doublings)
+    return backoff.delay(attempt - 1, base=base_secs, cap=max_secs)
 
 
 def next_retry_at(
@@ -65,7 +61,9 @@ def next_retry_at(
     """When an infrastructure retry may run: the capped delay of ``backoff_secs`` times a
     jitter factor in [1, 1.25) given by the caller (``jitter`` in [0, 1)), so steps that failed
     together do not retry together (docs/configuration.md: "capped, +0-25 % jitter")."""
-    return now + backoff_secs(attempt, base_secs, max_secs) * (1 + 0.25 * jitter)
+    return now + backoff.delay(
+        attempt - 1, base=base_secs, cap=max_secs, jitter_high=1.25, rand=jitter
+    )
 
 
 def attempt_retry_at(state: StepState, not_before: float | None, now: float) -> float | None:
