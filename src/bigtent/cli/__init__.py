@@ -1834,6 +1834,6 @@ def up(
 
 
 # The Nix CI commands (projects, evals, jobs) live in their own module.
-from bigtent.cicli import register as _register_ci  # noqa: E402
+from bigtent.cli.ci import register as _register_ci  # noqa: E402
 
 _register_ci(cli)
