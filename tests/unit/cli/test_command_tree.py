@@ -18,7 +18,7 @@ import click
 import pytest
 
 from bigtent.cli import cli
-from tests.unit.cli_helpers import run_cli
+from tests.unit.cli.helpers import run_cli
 
 RECORD = Path(__file__).with_name("command_tree.json")
 HELP_ENV = {"COLUMNS": "100"}

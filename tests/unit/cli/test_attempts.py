@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from tests.unit.cli.test_cli import BUILD, run
 from tests.unit.client.test_client_attempts import REASON, wire_attempt
-from tests.unit.test_cli import BUILD, run
 
 FAILED: dict[str, Any] = {
     **BUILD,

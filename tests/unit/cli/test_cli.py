@@ -1,13 +1,12 @@
 """The command line: parsing, help, error rendering and exit codes; plus `bigtent up`'s pure parts.
 
 Commands run through ``bigtent.cli.main`` (the real entry point) inside click's CliRunner, with
-the runner answered by an httpx.MockTransport.
+the runner answered in-process (``runner_stub``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import stat
 import sys
@@ -21,14 +20,15 @@ import click
 import httpx
 import pytest
 
-from bigtent import cli as cli_module
 from bigtent.agent.credentials import (
     CredentialSource,
     GithubActionsToken,
     StaticToken,
     TokenFile,
 )
-from bigtent.client.api import RunnerClient
+from bigtent.cli import cli
+from bigtent.cli.buildview import report_failure
+from bigtent.cli.services import agent_overrides
 from bigtent.config import AgentConfig, Role, load_agent_config, load_runner_config
 from bigtent.errors import BigtentError
 from bigtent.nix.keys import parse_public_key, parse_secret_key
@@ -44,15 +44,7 @@ from bigtent.up import (
     render_runner_config,
     restart_delay_secs,
 )
-from tests.unit.cli_helpers import WIDE, parse_table, run_cli
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith(("BIGTENT_", "NIX_")):
-            monkeypatch.delenv(key)
-
+from tests.unit.cli.helpers import WIDE, RunnerStub, parse_table, run_cli
 
 run = run_cli
 
@@ -64,7 +56,7 @@ def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tupl
             yield from _commands(cmd, (*prefix, name))
 
 
-ALL_COMMANDS = sorted(_commands(cli_module.cli))
+ALL_COMMANDS = sorted(_commands(cli))
 
 
 def test_every_design_command_exists() -> None:
@@ -122,7 +114,7 @@ def test_bad_arguments_are_clean_usage_errors(args: list[str]) -> None:
 
 def test_design_flags_are_present() -> None:
     def opts(name: str) -> set[str]:
-        cmd = cli_module.cli.commands[name]
+        cmd = cli.commands[name]
         return {o for p in cmd.params for o in getattr(p, "opts", [])}
 
     assert opts("agent") >= {
@@ -207,12 +199,10 @@ STATUS = {
 
 
 @pytest.fixture
-def fake_runner(monkeypatch: pytest.MonkeyPatch) -> list[httpx.Request]:
-    """Route the CLI's RunnerClient to an in-process handler; returns the requests seen."""
-    seen: list[httpx.Request] = []
+def fake_runner(runner_stub: RunnerStub) -> list[httpx.Request]:
+    """The runner's read and build routes; returns the requests seen."""
 
     def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
         routes: dict[str, Any] = {
             "/api/v1/status": STATUS,
             "/api/v1/agents": {"agents": [AGENT]},
@@ -232,20 +222,7 @@ def fake_runner(monkeypatch: pytest.MonkeyPatch) -> list[httpx.Request]:
             return httpx.Response(401, json={"error": "invalid token"})
         return httpx.Response(200, json=routes[request.url.path])
 
-    real = cli_module._make_client
-
-    def make(runner_url: str, token_file: Path | None, ca_file: Path | None) -> RunnerClient:
-        client = real(runner_url, token_file, ca_file)
-        token = client._http.headers.get("authorization", "").removeprefix("Bearer ") or None
-        return RunnerClient(
-            runner_url,
-            token=token,
-            transport=httpx.MockTransport(handler),
-            token_source=client.token_source,
-        )
-
-    monkeypatch.setattr(cli_module, "_make_client", make)
-    return seen
+    return runner_stub.answer(handler)
 
 
 def test_status_table_and_json(fake_runner: list[httpx.Request]) -> None:
@@ -360,11 +337,9 @@ OIDC_AGENT = {
 }
 
 
-def test_agents_auth_column_names_the_oidc_repository(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_agents_auth_column_names_the_oidc_repository(runner_stub: RunnerStub) -> None:
     routes = {"agents": [AGENT, OIDC_AGENT]}
-    monkeypatch.setattr(
-        cli_module, "_make_client", _fixed_client(cli_module._make_client, "/api/v1/agents", routes)
-    )
+    runner_stub.answer_json("/api/v1/agents", routes)
     result = run(["agents"], env=WIDE)
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in parse_table(result.stdout)}
@@ -377,12 +352,10 @@ def test_agents_auth_column_names_the_oidc_repository(monkeypatch: pytest.Monkey
     assert data[1]["auth_kind"] == "oidc" and data[1]["oidc"] == OIDC_IDENTITY
 
 
-def test_agents_shows_the_launch_id(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_agents_shows_the_launch_id(runner_stub: RunnerStub) -> None:
     launched = {**OIDC_AGENT, "launch_id": "gha-x86-00042"}
     routes = {"agents": [AGENT, launched]}
-    monkeypatch.setattr(
-        cli_module, "_make_client", _fixed_client(cli_module._make_client, "/api/v1/agents", routes)
-    )
+    runner_stub.answer_json("/api/v1/agents", routes)
     result = run(["agents"], env=WIDE)
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in parse_table(result.stdout)}
@@ -393,13 +366,11 @@ def test_agents_shows_the_launch_id(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_agents_table_shows_kind_auth_connection_jobs_and_backoff(
-    fake_runner: list[httpx.Request], monkeypatch: pytest.MonkeyPatch
+    runner_stub: RunnerStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(AGENT, "last_seen", "2024-05-01T11:00:00+00:00")
     routes = {"agents": [AGENT, EPHEMERAL_AGENT]}
-    monkeypatch.setattr(
-        cli_module, "_make_client", _fixed_client(cli_module._make_client, "/api/v1/agents", routes)
-    )
+    runner_stub.answer_json("/api/v1/agents", routes)
     result = run(["agents"], env=WIDE)
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in parse_table(result.stdout)}
@@ -419,19 +390,6 @@ def test_agents_table_shows_kind_auth_connection_jobs_and_backoff(
     assert data[0]["auth_kind"] == "token" and data[0]["backoff_until"] is None
 
 
-def _fixed_client(real: Any, path: str, body: Any) -> Any:
-    """A ``_make_client`` whose runner answers ``path`` with ``body``."""
-
-    def make(runner_url: str, token_file: Path | None, ca_file: Path | None) -> RunnerClient:
-        def handler(request: httpx.Request) -> httpx.Response:
-            assert request.url.path == path
-            return httpx.Response(200, json=body)
-
-        return RunnerClient(runner_url, transport=httpx.MockTransport(handler))
-
-    return make
-
-
 def test_agents_drain(fake_runner: list[httpx.Request]) -> None:
     result = run(["agents", "drain", "build-01"], env={"BIGTENT_TOKEN": "admin"})
     assert result.exit_code == 0, result.output
@@ -444,14 +402,8 @@ def test_agents_drain(fake_runner: list[httpx.Request]) -> None:
     assert run(["agents", "drain"]).exit_code == 2  # NAME is required
 
 
-def test_agents_drain_forbidden_for_a_client_token(monkeypatch: pytest.MonkeyPatch) -> None:
-    def make(runner_url: str, token_file: Path | None, ca_file: Path | None) -> RunnerClient:
-        def handler(request: httpx.Request) -> httpx.Response:
-            return httpx.Response(403, json={"error": "token role client may not do this"})
-
-        return RunnerClient(runner_url, transport=httpx.MockTransport(handler))
-
-    monkeypatch.setattr(cli_module, "_make_client", make)
+def test_agents_drain_forbidden_for_a_client_token(runner_stub: RunnerStub) -> None:
+    runner_stub.answer_status(403, {"error": "token role client may not do this"})
     result = run(["agents", "drain", "build-01"])
     assert result.exit_code == 3, result.output
     assert result.stderr == "Error: token role client may not do this\n"
@@ -582,8 +534,8 @@ def test_token_create() -> None:
 
 
 def test_agent_overrides_only_given_flags() -> None:
-    assert cli_module.agent_overrides(name=None, systems=(), ephemeral=False) == {}
-    assert cli_module.agent_overrides(
+    assert agent_overrides(name=None, systems=(), ephemeral=False) == {}
+    assert agent_overrides(
         name="a",
         systems=("x86_64-linux", "i686-linux"),
         work_dir=Path("/w"),
@@ -597,7 +549,7 @@ def test_agent_overrides_only_given_flags() -> None:
             "ephemeral": {"max_builds": 1},
         }
     }
-    assert cli_module.agent_overrides(ephemeral=True) == {"agent": {"ephemeral": {}}}
+    assert agent_overrides(ephemeral=True) == {"agent": {"ephemeral": {}}}
 
 
 @pytest.fixture
@@ -865,19 +817,19 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def test_bigtent_error_is_never_a_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
-    @cli_module.cli.command("explode-for-test")
+def test_bigtent_error_is_never_a_traceback() -> None:
+    @cli.command("explode-for-test")
     def explode() -> None:
         raise BigtentError("it broke (got 1)")
 
     try:
         result = run(["explode-for-test"])
     finally:
-        del cli_module.cli.commands["explode-for-test"]
+        del cli.commands["explode-for-test"]
     assert result.exit_code == 1 and result.stderr == "Error: it broke (got 1)\n"
 
 
-def test_builders_table_shows_usable_and_skipped_builders(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_builders_table_shows_usable_and_skipped_builders(runner_stub: RunnerStub) -> None:
     body = {
         "builders": [
             {
@@ -901,9 +853,7 @@ def test_builders_table_shows_usable_and_skipped_builders(monkeypatch: pytest.Mo
             },
         ]
     }
-    monkeypatch.setattr(
-        cli_module, "_make_client", _fixed_client(cli_module._make_client, "/api/v1/builders", body)
-    )
+    runner_stub.answer_json("/api/v1/builders", body)
     result = run(["builders"], env=WIDE)
     assert result.exit_code == 0, result.output
     rows = {row["uri"]: row for row in parse_table(result.stdout)}
@@ -921,7 +871,7 @@ def test_failure_report_names_jobs_by_attribute_path(capsys: pytest.CaptureFixtu
     build = Build.model_validate(
         {**BUILD, "state": "failed", "roots": [{**BUILD["roots"][0], "state": "failed"}]}
     )
-    cli_module._report_failure(build, {"/nix/store/aaaa-hello.drv": ".#checks.x86_64-linux.hello"})
+    report_failure(build, {"/nix/store/aaaa-hello.drv": ".#checks.x86_64-linux.hello"})
     assert (
         "  not built: .#checks.x86_64-linux.hello (/nix/store/aaaa-hello.drv) (failed)"
         in capsys.readouterr().err

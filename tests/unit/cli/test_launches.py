@@ -1,19 +1,16 @@
 """``bigtent launches`` through the real entry point in CliRunner, against a runner answered
-by an httpx.MockTransport; and ``bigtent runner`` refusing a pool no issuer admits."""
+in-process; and ``bigtent runner`` refusing a pool no issuer admits."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from bigtent import cli as cli_module
-from bigtent.client.api import RunnerClient
-from tests.unit.cli_helpers import WIDE, parse_table, run_cli
+from tests.unit.cli.helpers import WIDE, RunnerStub, parse_table, run_cli
 
 LAUNCHES: dict[str, Any] = {
     "pools": [
@@ -63,33 +60,18 @@ LAUNCHES: dict[str, Any] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith(("BIGTENT_", "NIX_")):
-            monkeypatch.delenv(key)
-
-
 run = run_cli
 
 
 @pytest.fixture
-def fake_runner(monkeypatch: pytest.MonkeyPatch) -> list[httpx.Request]:
-    seen: list[httpx.Request] = []
-
+def fake_runner(runner_stub: RunnerStub) -> list[httpx.Request]:
     def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
         if request.headers.get("authorization") != "Bearer root":
             return httpx.Response(403, json={"error": "token role client may not do this"})
         assert request.url.path == "/api/v1/launches"
         return httpx.Response(200, json=LAUNCHES)
 
-    def make(runner_url: str, token_file: Path | None, ca_file: Path | None) -> RunnerClient:
-        token = os.environ.get("BIGTENT_TOKEN")
-        return RunnerClient(runner_url, token=token, transport=httpx.MockTransport(handler))
-
-    monkeypatch.setattr(cli_module, "_make_client", make)
-    return seen
+    return runner_stub.answer(handler)
 
 
 def test_launches_table(fake_runner: list[httpx.Request]) -> None:

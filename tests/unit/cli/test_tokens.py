@@ -1,20 +1,17 @@
 """``bigtent token create|list|revoke`` through the real entry point in CliRunner, against a
-runner answered by an httpx.MockTransport."""
+runner answered in-process."""
 
 from __future__ import annotations
 
 import json
-import os
 import tomllib
 from pathlib import Path
 
 import httpx
 import pytest
 
-from bigtent import cli as cli_module
-from bigtent.client.api import RunnerClient
 from bigtent.runner.auth.tokens import token_digest
-from tests.unit.cli_helpers import WIDE, parse_table, run_cli
+from tests.unit.cli.helpers import WIDE, RunnerStub, parse_table, run_cli
 
 SECRET = "bt_" + "s" * 43
 CI = {
@@ -28,23 +25,14 @@ CI = {
 OLD = {**CI, "name": "old", "trusted": False, "revoked_at": "2026-12-13T10:00:00+00:00"}
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith(("BIGTENT_", "NIX_")):
-            monkeypatch.delenv(key)
-
-
 run = run_cli
 
 
 @pytest.fixture
-def fake_runner(monkeypatch: pytest.MonkeyPatch) -> list[httpx.Request]:
+def fake_runner(runner_stub: RunnerStub) -> list[httpx.Request]:
     """The token endpoints of a runner that knows the admin token ``root``."""
-    seen: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
         if request.headers.get("authorization") != "Bearer root":
             return httpx.Response(403, json={"error": "token role client may not do this"})
         path, method = request.url.path, request.method
@@ -63,15 +51,7 @@ def fake_runner(monkeypatch: pytest.MonkeyPatch) -> list[httpx.Request]:
             return httpx.Response(404, json={"error": "no stored token 'nobody'"})
         return httpx.Response(429, json={"error": "too many", "detail": {"retry_after_secs": 7}})
 
-    real = cli_module._make_client
-
-    def make(runner_url: str, token_file: Path | None, ca_file: Path | None) -> RunnerClient:
-        client = real(runner_url, token_file, ca_file)
-        token = client._http.headers.get("authorization", "").removeprefix("Bearer ") or None
-        return RunnerClient(runner_url, token=token, transport=httpx.MockTransport(handler))
-
-    monkeypatch.setattr(cli_module, "_make_client", make)
-    return seen
+    return runner_stub.answer(handler)
 
 
 ADMIN_ENV = {"BIGTENT_TOKEN": "root"}
@@ -190,18 +170,14 @@ def test_revoke_unknown(fake_runner: list[httpx.Request]) -> None:
     assert result.stderr == "Error: no stored token 'nobody'\n"
 
 
-def test_rate_limited_is_an_auth_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    def make(runner_url: str, token_file: Path | None, ca_file: Path | None) -> RunnerClient:
-        def handler(request: httpx.Request) -> httpx.Response:
-            return httpx.Response(
-                429,
-                headers={"Retry-After": "7"},
-                json={"error": "too many failed attempts", "detail": {"retry_after_secs": 7}},
-            )
-
-        return RunnerClient(runner_url, transport=httpx.MockTransport(handler))
-
-    monkeypatch.setattr(cli_module, "_make_client", make)
+def test_rate_limited_is_an_auth_error(runner_stub: RunnerStub) -> None:
+    runner_stub.answer(
+        lambda request: httpx.Response(
+            429,
+            headers={"Retry-After": "7"},
+            json={"error": "too many failed attempts", "detail": {"retry_after_secs": 7}},
+        )
+    )
     result = run(["token", "list"])
     assert result.exit_code == 3
     assert result.stderr == "Error: too many failed attempts\n"
