@@ -46,7 +46,13 @@ from bigtent.agent import presigned
 from bigtent.agent.credentials import CredentialSource, as_credential_source
 from bigtent.agent.drvfetch import DrvCache, DrvFetchError
 from bigtent.config import AgentSection
-from bigtent.errors import ConfigError, CredentialUnavailable, NixError, describe
+from bigtent.errors import (
+    ConfigError,
+    CredentialUnavailable,
+    NixError,
+    describe,
+    parse_error_body,
+)
 from bigtent.nix.base32 import format_hash
 from bigtent.nix.compression import Compression
 from bigtent.nix.nar import dump_path
@@ -1176,14 +1182,10 @@ class Executor:
 
 def _error_text(response: httpx.Response) -> str:
     """The runner's ``{"error": ...}`` text, else the start of the body."""
-    try:
-        data = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return response.text[:1000]
-    if isinstance(data, dict) and "error" in data:
-        detail = data.get("detail")
-        return f"{data['error']}" + (f" ({detail})" if detail else "")
-    return response.text[:1000]
+    answer = parse_error_body(response.content)
+    if answer.error is None:
+        return answer.text[:1000]
+    return answer.error + (f" ({answer.detail})" if answer.detail else "")
 
 
 def _references(response: httpx.Response) -> list[str]:

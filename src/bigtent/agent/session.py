@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
@@ -57,6 +56,7 @@ from bigtent.errors import (
     Forbidden,
     ProtocolError,
     RunnerUnreachable,
+    parse_error_body,
 )
 from bigtent.nix.store import NixStore
 from bigtent.protocol import (
@@ -878,11 +878,8 @@ def websocket_connector(ssl_context: ssl.SSLContext | None = None) -> Connector:
 
 def _reason(body: bytes | bytearray | None) -> str:
     """One line of the runner's refusal body (``{"error": ...}`` or text)."""
-    text = (body or b"").decode(errors="replace").strip()
-    with contextlib.suppress(ValueError):
-        data = json.loads(text)
-        if isinstance(data, dict) and isinstance(data.get("error"), str):
-            text = data["error"]
+    answer = parse_error_body(body)
+    text = answer.error if answer.error is not None else answer.text
     return " ".join(text.split())[:300] or "no reason given"
 
 
