@@ -34,6 +34,22 @@ def run_cli(args: list[str], env: dict[str, str] | None = None) -> Result:
     return CliRunner().invoke(_Entry(), args, env=env)  # type: ignore[arg-type]
 
 
+ADMIN_ENV = {"BIGTENT_TOKEN": "root"}
+"""The environment of a command run with the admin token ``root`` (see ``admin_only``)."""
+
+
+def admin_only(handler: Handler) -> Handler:
+    """``handler`` behind a runner that knows one admin token, ``root``: any other token is
+    refused as a client token (403)."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.headers.get("authorization") != "Bearer root":
+            return httpx.Response(403, json={"error": "token role client may not do this"})
+        return handler(request)
+
+    return answer
+
+
 class RunnerStub:
     """The runner every ``RunnerClient`` the CLI makes talks to: ``handler``, in-process.
 

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.unit.cli.helpers import WIDE, RunnerStub, parse_table, run_cli
+from tests.unit.cli.helpers import ADMIN_ENV, WIDE, RunnerStub, admin_only, parse_table, run_cli
 
 LAUNCHES: dict[str, Any] = {
     "pools": [
@@ -66,16 +66,14 @@ run = run_cli
 @pytest.fixture
 def fake_runner(runner_stub: RunnerStub) -> list[httpx.Request]:
     def handler(request: httpx.Request) -> httpx.Response:
-        if request.headers.get("authorization") != "Bearer root":
-            return httpx.Response(403, json={"error": "token role client may not do this"})
         assert request.url.path == "/api/v1/launches"
         return httpx.Response(200, json=LAUNCHES)
 
-    return runner_stub.answer(handler)
+    return runner_stub.answer(admin_only(handler))
 
 
 def test_launches_table(fake_runner: list[httpx.Request]) -> None:
-    result = run(["launches"], env={"BIGTENT_TOKEN": "root", **WIDE})
+    result = run(["launches"], env={**ADMIN_ENV, **WIDE})
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "pool gha-x86 (acme/bigtent-agents/bigtent-agent.yml@main): 1/4 pending" in out
@@ -89,9 +87,7 @@ def test_launches_table(fake_runner: list[httpx.Request]) -> None:
 
 
 def test_launches_json_and_filters(fake_runner: list[httpx.Request]) -> None:
-    result = run(
-        ["launches", "--json", "--limit", "5", "--pool", "gha-x86"], env={"BIGTENT_TOKEN": "root"}
-    )
+    result = run(["launches", "--json", "--limit", "5", "--pool", "gha-x86"], env=ADMIN_ENV)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["counters"] == LAUNCHES["counters"]

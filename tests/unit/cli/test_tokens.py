@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from bigtent.runner.auth.tokens import token_digest
-from tests.unit.cli.helpers import WIDE, RunnerStub, parse_table, run_cli
+from tests.unit.cli.helpers import ADMIN_ENV, WIDE, RunnerStub, admin_only, parse_table, run_cli
 
 SECRET = "bt_" + "s" * 43
 CI = {
@@ -33,8 +33,6 @@ def fake_runner(runner_stub: RunnerStub) -> list[httpx.Request]:
     """The token endpoints of a runner that knows the admin token ``root``."""
 
     def handler(request: httpx.Request) -> httpx.Response:
-        if request.headers.get("authorization") != "Bearer root":
-            return httpx.Response(403, json={"error": "token role client may not do this"})
         path, method = request.url.path, request.method
         if (method, path) == ("POST", "/api/v1/tokens"):
             body = json.loads(request.content)
@@ -51,10 +49,7 @@ def fake_runner(runner_stub: RunnerStub) -> list[httpx.Request]:
             return httpx.Response(404, json={"error": "no stored token 'nobody'"})
         return httpx.Response(429, json={"error": "too many", "detail": {"retry_after_secs": 7}})
 
-    return runner_stub.answer(handler)
-
-
-ADMIN_ENV = {"BIGTENT_TOKEN": "root"}
+    return runner_stub.answer(admin_only(handler))
 
 
 def test_create_offline_prints_a_snippet_with_trusted() -> None:
