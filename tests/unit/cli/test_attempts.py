@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.unit.cli.test_cli import BUILD, run
+from tests.unit.cli.helpers import run_cli as run
+from tests.unit.cli.samples import BUILD
 from tests.unit.client.test_client_attempts import REASON, wire_attempt
 
 FAILED: dict[str, Any] = {

@@ -64,7 +64,7 @@ run = run_cli
 
 
 @pytest.fixture
-def fake_runner(runner_stub: RunnerStub) -> list[httpx.Request]:
+def launches_runner(runner_stub: RunnerStub) -> list[httpx.Request]:
     def handler(request: httpx.Request) -> httpx.Response:
         assert request.url.path == "/api/v1/launches"
         return httpx.Response(200, json=LAUNCHES)
@@ -72,7 +72,7 @@ def fake_runner(runner_stub: RunnerStub) -> list[httpx.Request]:
     return runner_stub.answer(admin_only(handler))
 
 
-def test_launches_table(fake_runner: list[httpx.Request]) -> None:
+def test_launches_table(launches_runner: list[httpx.Request]) -> None:
     result = run(["launches"], env={**ADMIN_ENV, **WIDE})
     assert result.exit_code == 0, result.output
     out = result.stdout
@@ -83,21 +83,21 @@ def test_launches_table(fake_runner: list[httpx.Request]) -> None:
     assert rows["a" * 32]["state"] == "registered"
     assert rows["a" * 32]["agent"] == "gha-x86-gh7.1-0a1b2c3d"
     assert rows["b" * 32]["state"] == "failed" and "HTTP 500" in rows["b" * 32]["error"]
-    assert fake_runner[0].url.params["limit"] == "50"
+    assert launches_runner[0].url.params["limit"] == "50"
 
 
-def test_launches_json_and_filters(fake_runner: list[httpx.Request]) -> None:
+def test_launches_json_and_filters(launches_runner: list[httpx.Request]) -> None:
     result = run(["launches", "--json", "--limit", "5", "--pool", "gha-x86"], env=ADMIN_ENV)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["counters"] == LAUNCHES["counters"]
     assert [x["state"] for x in data["launches"]] == ["registered", "failed"]
     assert data["pools"][0]["deficit"] == 1 and data["ticks"] == 40
-    params = fake_runner[0].url.params
+    params = launches_runner[0].url.params
     assert (params["limit"], params["pool"]) == ("5", "gha-x86")
 
 
-def test_launches_needs_an_admin_token(fake_runner: list[httpx.Request]) -> None:
+def test_launches_needs_an_admin_token(launches_runner: list[httpx.Request]) -> None:
     result = run(["launches"], env={"BIGTENT_TOKEN": "client"})
     assert result.exit_code == 3
     assert result.output.strip().startswith("Error: ") and "Traceback" not in result.output
