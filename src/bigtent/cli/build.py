@@ -12,9 +12,9 @@ from typing import Any
 import click
 
 from bigtent.apilimits import BUILD_DRVS_MAX, PRIORITY_MAX, PRIORITY_MIN
-from bigtent.cli.buildview import RichBuildObserver, Stop, report_failure, report_stop
+from bigtent.cli.buildview import RichBuildObserver, Stop, report_result, report_stop
 from bigtent.cli.options import CONTEXT, ClientOptions, client_options, json_option, run
-from bigtent.cli.output import echo_json
+from bigtent.cli.output import emit
 from bigtent.errors import BuildFailed, BuildTimedOut, Terminated, UsageError
 
 
@@ -254,18 +254,11 @@ def build(
         if stop.reason == "terminated":
             raise Terminated("terminated (SIGTERM)") from None
         raise KeyboardInterrupt from None
-    if as_json:
-        echo_json(build_report(result.build, result.links, result.attempts, tracker.jobs))
-    elif result.succeeded:
-        if result.links:
-            for link in result.links:
-                click.echo(link.path)
-        else:
-            for root in result.build.roots:
-                for path in root.outputs.values():
-                    click.echo(path)
-    else:
-        report_failure(result.build, job_labels(tracker.jobs))
+    emit(
+        as_json,
+        build_report(result.build, result.links, result.attempts, tracker.jobs),
+        lambda: report_result(result, job_labels(tracker.jobs)),
+    )
     if not result.succeeded:
         failed = failed_roots(result.build)
         raise BuildFailed(

@@ -27,7 +27,7 @@ from bigtent.errors import BigtentError
 
 if TYPE_CHECKING:  # the client modules load lazily, inside the commands
     from bigtent.client.api import Build, RunnerClient, Step, StepAttempt, WaitingStep
-    from bigtent.client.build import BuildTracker
+    from bigtent.client.build import BuildResult, BuildTracker
     from bigtent.client.progress import StepLogStreams
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,20 @@ class RichBuildObserver:
     def print_log_line(self, line: str) -> None:
         """A line of ``-L``: above the bars, exactly as the builder wrote it."""
         self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def report_result(result: BuildResult, labels: Mapping[str, str] | None = None) -> None:
+    """A build that ended: the result links (else the output paths) of a success on stdout,
+    the failure report on stderr."""
+    if not result.succeeded:
+        report_failure(result.build, labels)
+    elif result.links:
+        for link in result.links:
+            click.echo(link.path)
+    else:
+        for root in result.build.roots:
+            for path in root.outputs.values():
+                click.echo(path)
 
 
 def report_failure(build: Build, labels: Mapping[str, str] | None = None) -> None:

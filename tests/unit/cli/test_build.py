@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from bigtent.cli.buildview import report_failure
+from bigtent.cli.buildview import report_failure, report_result
+from bigtent.client.api import Build
+from bigtent.client.build import BuildResult, ResultLink
 from tests.unit.cli.helpers import run_cli
-from tests.unit.cli.samples import (
-    BUILD,
-)
+from tests.unit.cli.samples import BUILD
 
 run = run_cli
 
@@ -87,3 +87,31 @@ def test_failure_report_names_jobs_by_attribute_path(capsys: pytest.CaptureFixtu
         "  not built: .#checks.x86_64-linux.hello (/nix/store/aaaa-hello.drv) (failed)"
         in capsys.readouterr().err
     )
+
+
+SUCCEEDED = {**BUILD, "state": "succeeded", "roots": [{**BUILD["roots"][0], "state": "succeeded"}]}
+
+
+@pytest.mark.parametrize(
+    ("links", "stdout"),
+    [
+        (
+            [ResultLink("result", "/w/result"), ResultLink("result-2", "/w/result-2")],
+            "/w/result\n/w/result-2\n",
+        ),
+        ([], "/nix/store/o-hello\n"),  # --no-out-link or --no-download: the output paths
+    ],
+)
+def test_a_success_prints_its_links_else_its_output_paths(
+    links: list[ResultLink], stdout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report_result(BuildResult(Build.model_validate(SUCCEEDED), links=links))
+    out = capsys.readouterr()
+    assert (out.out, out.err) == (stdout, "")
+
+
+def test_a_failure_prints_the_failure_report_only(capsys: pytest.CaptureFixture[str]) -> None:
+    failed = {**BUILD, "state": "failed", "roots": [{**BUILD["roots"][0], "state": "failed"}]}
+    report_result(BuildResult(Build.model_validate(failed), links=[ResultLink("result", "/w/r")]))
+    out = capsys.readouterr()
+    assert out.out == "" and "not built: /nix/store/aaaa-hello.drv (failed)" in out.err
