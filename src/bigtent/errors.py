@@ -6,6 +6,8 @@ neither the CLI nor the routes ever decide that themselves (STYLE: errors).
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -272,6 +274,43 @@ class ForgeFailed(BigtentError):
         self.retry_after_secs = retry_after_secs
         self.permanent = permanent
         self.rate_limited = rate_limited
+
+
+@dataclass(frozen=True)
+class ErrorBody:
+    """The body of an error answer, read as the runner writes it:
+    ``{"error": "<message>", "detail": <JSON value>}`` (``parse_error_body``)."""
+
+    error: str | None
+    """The runner's message; None when the body is not the runner's JSON."""
+    detail: Any
+    """Its ``detail``: what the error class carries (validation problems, a retry delay...)."""
+    text: str
+    """The whole body as text, for a body that is not the runner's (a proxy's HTML page)."""
+
+    @property
+    def message(self) -> str | None:
+        """The runner's message, else FastAPI's own ``{"detail": "..."}`` text."""
+        if self.error is not None:
+            return self.error
+        return self.detail if isinstance(self.detail, str) else None
+
+
+def parse_error_body(body: bytes | bytearray | None) -> ErrorBody:
+    """What an error answer says: the one reading of the runner's error body, for every
+    client of the runner (the CLI's client, the agent's uploads and its WebSocket refusals)."""
+    raw = bytes(body or b"")
+    text = raw.decode(errors="replace")
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return ErrorBody(error=None, detail=None, text=text)
+    error = data.get("error")
+    return ErrorBody(
+        error=error if isinstance(error, str) else None, detail=data.get("detail"), text=text
+    )
 
 
 def describe(exc: BaseException) -> str:

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import wait_until
 from tests.e2e.conftest import Farm, free_port
-from tests.unit.cli_helpers import parse_table, widest_line
+from tests.unit.cli.helpers import parse_table, widest_line
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nix]
 

@@ -5,7 +5,6 @@ client, with the upgrade's refusals turned into ``AuthError`` / ``RunnerUnreacha
 from __future__ import annotations
 
 import contextlib
-import json
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
@@ -15,7 +14,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, WebSocketException
 
-from bigtent.errors import AuthError, ConfigError, Forbidden, RunnerUnreachable
+from bigtent.errors import AuthError, ConfigError, Forbidden, RunnerUnreachable, parse_error_body
 from bigtent.protocol import MAX_MESSAGE_BYTES
 
 WS_PATH = "/api/v1/agent/ws"
@@ -104,9 +103,6 @@ def websocket_connector(ssl_context: ssl.SSLContext | None = None) -> Connector:
 
 def _reason(body: bytes | bytearray | None) -> str:
     """One line of the runner's refusal body (``{"error": ...}`` or text)."""
-    text = (body or b"").decode(errors="replace").strip()
-    with contextlib.suppress(ValueError):
-        data = json.loads(text)
-        if isinstance(data, dict) and isinstance(data.get("error"), str):
-            text = data["error"]
+    answer = parse_error_body(body)
+    text = answer.error if answer.error is not None else answer.text
     return " ".join(text.split())[:300] or "no reason given"

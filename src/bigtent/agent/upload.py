@@ -36,7 +36,7 @@ from bigtent.agent.credentials import CredentialSource
 from bigtent.agent.nardigest import NAR_CHUNK_BYTES, hash_local, hash_stream, stream_local
 from bigtent.agent.stepstore import CacheSettings, join_runner_url
 from bigtent.backoff import Backoff
-from bigtent.errors import CredentialUnavailable, NixError, describe
+from bigtent.errors import CredentialUnavailable, NixError, describe, parse_error_body
 from bigtent.nix.base32 import format_hash
 from bigtent.nix.compression import Compression
 from bigtent.nix.nar import dump_path
@@ -406,14 +406,10 @@ def _retried_or_final(exc: httpx.HTTPError, message: str) -> str:
 
 def _error_text(response: httpx.Response) -> str:
     """The runner's ``{"error": ...}`` text, else the start of the body."""
-    try:
-        data = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return response.text[:1000]
-    if isinstance(data, dict) and "error" in data:
-        detail = data.get("detail")
-        return f"{data['error']}" + (f" ({detail})" if detail else "")
-    return response.text[:1000]
+    answer = parse_error_body(response.content)
+    if answer.error is None:
+        return answer.text[:1000]
+    return answer.error + (f" ({answer.detail})" if answer.detail else "")
 
 
 def _references(response: httpx.Response) -> list[str]:

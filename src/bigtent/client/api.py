@@ -30,6 +30,7 @@ from bigtent.errors import (
     TooManyAuthFailures,
     UsageError,
     describe,
+    parse_error_body,
 )
 from bigtent.states import BuildState
 
@@ -448,21 +449,11 @@ def error_from_response(status: int, body: bytes, url: str) -> BigtentError:
     HTML page, say) still gives an error naming the status and URL. A request the runner found
     malformed (its ``detail`` lists why) is a ``UsageError`` (exit 2) with those reasons.
     """
-    message = ""
-    detail: Any = None
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
-    if isinstance(data, dict):
-        err = data.get("error")
-        detail = data.get("detail")
-        if isinstance(err, str):
-            message = err
-        elif isinstance(detail, str):  # FastAPI's own {"detail": "..."} errors
-            message = detail
+    answer = parse_error_body(body)
+    detail = answer.detail
+    message = answer.message or ""
     if not message:
-        text = body.decode(errors="replace").strip()
+        text = answer.text.strip()
         message = f"HTTP {status} from {url}" + (f": {text[:200]}" if text else "")
     problems = validation_problems(detail) if status in (400, 422) else []
     if problems:

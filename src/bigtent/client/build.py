@@ -2,7 +2,7 @@
 
 architecture §1 steps 1 and 6. The decisions (upload order, result-link names, hash spelling, the
 progress summary) are pure functions; ``run_build`` wires them to Nix and the runner, and reports
-through a ``BuildObserver`` so that rendering stays in ``cli.py``.
+through a ``BuildObserver`` so that rendering stays in ``cli/buildview.py``.
 """
 
 from __future__ import annotations
@@ -354,7 +354,7 @@ def stop_report(
 
 
 class BuildObserver(Protocol):
-    """Receives progress; ``cli.py`` renders it (or stays silent for ``--json``)."""
+    """Receives progress; ``cli/buildview.py`` renders it (or stays silent for ``--json``)."""
 
     def on_phase(self, message: str) -> None: ...
 

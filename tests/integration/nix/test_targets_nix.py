@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 
-from bigtent import cli as cli_module
 from bigtent.client.targets import AutoArg, Evaluation, evaluate_targets, parse_targets
 from bigtent.errors import NixError, UsageError
 from bigtent.nix.store import NixStore
 from tests.conftest import current_system
+from tests.unit.cli.helpers import run_cli
 
 if shutil.which("nix-instantiate") is None:
     pytest.skip("nix-instantiate is not on PATH", allow_module_level=True)
@@ -263,15 +262,6 @@ async def test_flake_missing_attribute_names_the_candidates(
 # ---- the command ---------------------------------------------------------------------------
 
 
-class _Entry:
-    """Lets CliRunner call ``main`` (error handling and exit codes included)."""
-
-    name = "bigtent"
-
-    def main(self, args: Any, prog_name: str, **_: Any) -> None:
-        cli_module.main(list(args))
-
-
 @pytest.fixture
 def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """The client's Nix in a chroot store, and ``run_build`` answering at once with the
@@ -295,7 +285,7 @@ def test_build_expression_with_attribute_and_arguments(work: Path, cli_env: dict
     """The issue's command line: -E with -A, and --argstr / --arg, as nix-build takes them."""
     args = ["build", "--json", "--no-download", "-E", "import ./set.nix", "-A", "top", "-A"]
     args += ["set", "--argstr", "salt", "s2", "--arg", "n", "7"]
-    result = CliRunner().invoke(_Entry(), args, env=cli_env)  # type: ignore[arg-type]
+    result = run_cli(args, env=cli_env)
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert [(j["attr"], j["target"], j["built"]) for j in doc["jobs"]] == [
@@ -308,7 +298,7 @@ def test_build_expression_with_attribute_and_arguments(work: Path, cli_env: dict
 
 
 def test_build_evaluation_error_is_nix_whole_message(work: Path, cli_env: dict[str, str]) -> None:
-    result = CliRunner().invoke(_Entry(), ["build", "bad.nix"], env=cli_env)  # type: ignore[arg-type]
+    result = run_cli(["build", "bad.nix"], env=cli_env)
     assert result.exit_code == 1
     err = result.stderr.lstrip("\n")  # after the progress display's last line
     assert err.startswith("Error: evaluation failed (exit 1):\nerror: undefined variable 'foo'\n")

@@ -13,29 +13,17 @@ from typing import Any
 
 import pytest
 from alembic import command
-from click.testing import CliRunner, Result
 from sqlalchemy import Connection, text
 
-from bigtent import cli as cli_module
 from bigtent.config import load_runner_config
 from bigtent.errors import DatabaseError, SchemaMismatch
 from bigtent.nix.keys import generate_key
 from bigtent.runner.components import build_components, close_components
 from bigtent.runner.db.migrate import alembic_config, create_engine, schema_status
 from tests.databases import MakeDatabase
+from tests.unit.cli.helpers import run_cli
 
-
-class _Entry:
-    """Lets CliRunner call ``main`` (error handling included) rather than the bare group."""
-
-    name = "bigtent"
-
-    def main(self, args: Any, prog_name: str, **_: Any) -> None:
-        cli_module.main(list(args))
-
-
-def run(args: list[str]) -> Result:
-    return CliRunner().invoke(_Entry(), args)  # type: ignore[arg-type]
+run = run_cli
 
 
 def _config(tmp_path: Path, url: str) -> Path:

@@ -4,9 +4,8 @@ and an evaluation's ref are never cut, however narrow the terminal."""
 from __future__ import annotations
 
 import httpx
-import pytest
 
-from tests.unit.cli_helpers import answer_with, parse_table, run_cli
+from tests.unit.cli.helpers import RunnerStub, parse_table, run_cli
 
 ATTR = "checks.x86_64-linux.a-rather-long-integration-test-name"
 EVALUATION = {
@@ -34,17 +33,17 @@ def _runner(request: httpx.Request) -> httpx.Response:
 
 
 def test_jobs_keeps_attribute_paths_whole_and_exits_1_for_a_failed_evaluation(
-    monkeypatch: pytest.MonkeyPatch,
+    runner_stub: RunnerStub,
 ) -> None:
-    answer_with(monkeypatch, _runner)
+    runner_stub.answer(_runner)
     result = run_cli(["jobs", "7"], env={"COLUMNS": "60"})
     assert result.exit_code == 1, result.output
     rows = parse_table(result.output)
     assert [r["job"] for r in rows] == [ATTR, "checks.x86_64-linux.ok"]
 
 
-def test_evals_keeps_the_ref_whole(monkeypatch: pytest.MonkeyPatch) -> None:
-    answer_with(monkeypatch, _runner)
+def test_evals_keeps_the_ref_whole(runner_stub: RunnerStub) -> None:
+    runner_stub.answer(_runner)
     result = run_cli(["evals", "widgets"], env={"COLUMNS": "60"})
     assert result.exit_code == 0, result.output
     [row] = parse_table(result.output)

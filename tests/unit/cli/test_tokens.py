@@ -1,20 +1,19 @@
 """``bigtent token create|list|revoke`` through the real entry point in CliRunner, against a
-runner answered by an httpx.MockTransport."""
+runner answered in-process."""
 
 from __future__ import annotations
 
 import json
-import os
+import stat
 import tomllib
 from pathlib import Path
 
 import httpx
 import pytest
 
-from bigtent import cli as cli_module
-from bigtent.client.api import RunnerClient
+from bigtent.nix.keys import parse_public_key, parse_secret_key
 from bigtent.runner.auth.tokens import token_digest
-from tests.unit.cli_helpers import WIDE, parse_table, run_cli
+from tests.unit.cli.helpers import ADMIN_ENV, WIDE, RunnerStub, admin_only, parse_table, run_cli
 
 SECRET = "bt_" + "s" * 43
 CI = {
@@ -28,25 +27,14 @@ CI = {
 OLD = {**CI, "name": "old", "trusted": False, "revoked_at": "2026-12-13T10:00:00+00:00"}
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith(("BIGTENT_", "NIX_")):
-            monkeypatch.delenv(key)
-
-
 run = run_cli
 
 
 @pytest.fixture
-def fake_runner(monkeypatch: pytest.MonkeyPatch) -> list[httpx.Request]:
+def tokens_runner(runner_stub: RunnerStub) -> list[httpx.Request]:
     """The token endpoints of a runner that knows the admin token ``root``."""
-    seen: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        if request.headers.get("authorization") != "Bearer root":
-            return httpx.Response(403, json={"error": "token role client may not do this"})
         path, method = request.url.path, request.method
         if (method, path) == ("POST", "/api/v1/tokens"):
             body = json.loads(request.content)
@@ -63,18 +51,7 @@ def fake_runner(monkeypatch: pytest.MonkeyPatch) -> list[httpx.Request]:
             return httpx.Response(404, json={"error": "no stored token 'nobody'"})
         return httpx.Response(429, json={"error": "too many", "detail": {"retry_after_secs": 7}})
 
-    real = cli_module._make_client
-
-    def make(runner_url: str, token_file: Path | None, ca_file: Path | None) -> RunnerClient:
-        client = real(runner_url, token_file, ca_file)
-        token = client._http.headers.get("authorization", "").removeprefix("Bearer ") or None
-        return RunnerClient(runner_url, token=token, transport=httpx.MockTransport(handler))
-
-    monkeypatch.setattr(cli_module, "_make_client", make)
-    return seen
-
-
-ADMIN_ENV = {"BIGTENT_TOKEN": "root"}
+    return runner_stub.answer(admin_only(handler))
 
 
 def test_create_offline_prints_a_snippet_with_trusted() -> None:
@@ -93,7 +70,7 @@ def test_create_offline_refuses_a_token_file_without_runner(tmp_path: Path) -> N
     assert result.stderr == "Error: --token-file needs --runner\n"
 
 
-def test_create_in_the_runner(fake_runner: list[httpx.Request]) -> None:
+def test_create_in_the_runner(tokens_runner: list[httpx.Request]) -> None:
     result = run(
         [
             "token",
@@ -112,13 +89,13 @@ def test_create_in_the_runner(fake_runner: list[httpx.Request]) -> None:
     assert result.stdout == SECRET + "\n"
     assert "stored it as 'ci' (role client, trusted)" in result.stderr
     assert "[[auth.tokens]]" not in result.stderr
-    (request,) = fake_runner
+    (request,) = tokens_runner
     assert str(request.url) == "http://r/api/v1/tokens"
     assert json.loads(request.content) == {"role": "client", "trusted": True, "name": "ci"}
 
 
 def test_create_in_the_runner_json_and_default_name(
-    fake_runner: list[httpx.Request], tmp_path: Path
+    tokens_runner: list[httpx.Request], tmp_path: Path
 ) -> None:
     token_file = tmp_path / "admin"
     token_file.write_text("root\n")
@@ -131,7 +108,7 @@ def test_create_in_the_runner_json_and_default_name(
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["token"] == SECRET and doc["role"] == "agent" and doc["name"] == "client-abc123"
-    assert json.loads(fake_runner[0].content) == {"role": "agent", "trusted": False}
+    assert json.loads(tokens_runner[0].content) == {"role": "agent", "trusted": False}
 
 
 @pytest.mark.parametrize(
@@ -142,7 +119,7 @@ def test_create_in_the_runner_json_and_default_name(
     ],
 )
 def test_create_in_the_runner_errors(
-    fake_runner: list[httpx.Request],
+    tokens_runner: list[httpx.Request],
     args: list[str],
     env: dict[str, str],
     exit_code: int,
@@ -154,7 +131,7 @@ def test_create_in_the_runner_errors(
     assert result.stdout == ""
 
 
-def test_list_table_and_json(fake_runner: list[httpx.Request]) -> None:
+def test_list_table_and_json(tokens_runner: list[httpx.Request]) -> None:
     result = run(["token", "list"], env={**ADMIN_ENV, **WIDE})
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in parse_table(result.stdout)}
@@ -163,20 +140,20 @@ def test_list_table_and_json(fake_runner: list[httpx.Request]) -> None:
     assert old["trusted"] == "no" and old["revoked"] != "-"
     result = run(["token", "list", "--json"], env=ADMIN_ENV)
     assert json.loads(result.stdout) == [CI, OLD]
-    assert all(r.method == "GET" and r.url.path == "/api/v1/tokens" for r in fake_runner)
+    assert all(r.method == "GET" and r.url.path == "/api/v1/tokens" for r in tokens_runner)
 
 
-def test_list_needs_an_admin_token(fake_runner: list[httpx.Request]) -> None:
+def test_list_needs_an_admin_token(tokens_runner: list[httpx.Request]) -> None:
     result = run(["token", "list"], env={"BIGTENT_TOKEN": "client"})
     assert result.exit_code == 3
     assert result.stderr == "Error: token role client may not do this\n"
 
 
-def test_revoke(fake_runner: list[httpx.Request]) -> None:
+def test_revoke(tokens_runner: list[httpx.Request]) -> None:
     result = run(["token", "revoke", "ci", "--runner", "http://r:9"], env=ADMIN_ENV)
     assert result.exit_code == 0, result.output
     assert result.stdout == "revoked ci (role client) at 2026-12-14T10:00:00+00:00\n"
-    assert (fake_runner[0].method, str(fake_runner[0].url)) == (
+    assert (tokens_runner[0].method, str(tokens_runner[0].url)) == (
         "DELETE",
         "http://r:9/api/v1/tokens/ci",
     )
@@ -184,24 +161,54 @@ def test_revoke(fake_runner: list[httpx.Request]) -> None:
     assert doc["revoked_at"] == "2026-12-14T10:00:00+00:00"
 
 
-def test_revoke_unknown(fake_runner: list[httpx.Request]) -> None:
+def test_revoke_unknown(tokens_runner: list[httpx.Request]) -> None:
     result = run(["token", "revoke", "nobody"], env=ADMIN_ENV)
     assert result.exit_code == 1
     assert result.stderr == "Error: no stored token 'nobody'\n"
 
 
-def test_rate_limited_is_an_auth_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    def make(runner_url: str, token_file: Path | None, ca_file: Path | None) -> RunnerClient:
-        def handler(request: httpx.Request) -> httpx.Response:
-            return httpx.Response(
-                429,
-                headers={"Retry-After": "7"},
-                json={"error": "too many failed attempts", "detail": {"retry_after_secs": 7}},
-            )
-
-        return RunnerClient(runner_url, transport=httpx.MockTransport(handler))
-
-    monkeypatch.setattr(cli_module, "_make_client", make)
+def test_rate_limited_is_an_auth_error(runner_stub: RunnerStub) -> None:
+    runner_stub.answer(
+        lambda request: httpx.Response(
+            429,
+            headers={"Retry-After": "7"},
+            json={"error": "too many failed attempts", "detail": {"retry_after_secs": 7}},
+        )
+    )
     result = run(["token", "list"])
     assert result.exit_code == 3
     assert result.stderr == "Error: too many failed attempts\n"
+
+
+# ---- offline: keys and printed tokens ------------------------------------------------------
+
+
+def test_keys_generate(tmp_path: Path) -> None:
+    result = run(["keys", "generate", "cache.example.org-1", "--out-dir", str(tmp_path / "k")])
+    assert result.exit_code == 0, result.output
+    sk = tmp_path / "k" / "cache.example.org-1.sk"
+    pk = tmp_path / "k" / "cache.example.org-1.pk"
+    assert stat.S_IMODE(sk.stat().st_mode) == 0o600
+    secret = parse_secret_key(sk.read_text())
+    assert secret.public_key() == parse_public_key(pk.read_text())
+    assert result.stdout.strip() == pk.read_text().strip()
+    again = run(["keys", "generate", "cache.example.org-1", "--out-dir", str(tmp_path / "k")])
+    assert again.exit_code == 2 and "already exists" in again.stderr
+    assert parse_secret_key(sk.read_text()) == secret
+
+
+def test_keys_generate_bad_name(tmp_path: Path) -> None:
+    result = run(["keys", "generate", "a:b", "--out-dir", str(tmp_path)])
+    assert result.exit_code == 2 and result.stderr.startswith("Error: key name")
+
+
+def test_token_create() -> None:
+    result = run(["token", "create", "--role", "agent", "--name", "build-01"])
+    assert result.exit_code == 0
+    token = result.stdout.strip()
+    snippet = tomllib.loads(result.stderr.split("runner.toml:\n", 1)[1])
+    assert snippet["auth"]["tokens"] == [
+        {"name": "build-01", "role": "agent", "sha256": token_digest(token)}
+    ]
+    doc = json.loads(run(["token", "create", "--role", "client", "--json"]).stdout)
+    assert doc["role"] == "client" and doc["sha256"] == token_digest(doc["token"])

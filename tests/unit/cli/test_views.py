@@ -7,9 +7,8 @@ import json
 from typing import Any
 
 import httpx
-import pytest
 
-from tests.unit.cli_helpers import WIDE, answer_with, parse_table, run_cli
+from tests.unit.cli.helpers import WIDE, RunnerStub, parse_table, run_cli
 
 STEPS = [
     {
@@ -33,7 +32,7 @@ STEPS = [
 ]
 
 
-def test_steps_lists_a_builds_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_steps_lists_a_builds_steps(runner_stub: RunnerStub) -> None:
     seen: list[httpx.Request] = []
 
     def runner(request: httpx.Request) -> httpx.Response:
@@ -42,7 +41,7 @@ def test_steps_lists_a_builds_steps(monkeypatch: pytest.MonkeyPatch) -> None:
             return httpx.Response(200, json={"steps": STEPS})
         return httpx.Response(404, json={"error": "no build 4"})
 
-    answer_with(monkeypatch, runner)
+    runner_stub.answer(runner)
     result = run_cli(["steps", "3"], env=WIDE)
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in parse_table(result.stdout)}
@@ -61,14 +60,14 @@ def test_steps_lists_a_builds_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     assert missing.exit_code != 0 and missing.stderr == "Error: no build 4\n"
 
 
-def test_builds_filters_are_query_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_builds_filters_are_query_parameters(runner_stub: RunnerStub) -> None:
     seen: list[httpx.Request] = []
 
     def runner(request: httpx.Request) -> httpx.Response:
         seen.append(request)
         return httpx.Response(200, json={"builds": []})
 
-    answer_with(monkeypatch, runner)
+    runner_stub.answer(runner)
     args = ["builds", "--state", "failed", "--state", "running", "--repository", "acme/w"]
     result = run_cli([*args, "--ref", "refs/heads/main", "--mine", "--limit", "7"])
     assert result.exit_code == 0, result.output
@@ -93,7 +92,7 @@ def _sse(*events: tuple[str, Any, int | None]) -> str:
 
 
 def test_log_follows_a_running_step_and_resumes_where_it_was(
-    monkeypatch: pytest.MonkeyPatch,
+    runner_stub: RunnerStub,
 ) -> None:
     seen: list[httpx.Request] = []
 
@@ -111,7 +110,7 @@ def test_log_follows_a_running_step_and_resumes_where_it_was(
             headers={"content-type": "text/event-stream"},
         )
 
-    answer_with(monkeypatch, runner)
+    runner_stub.answer(runner)
     result = run_cli(["log", "5"])
     assert result.exit_code == 0, result.output
     assert result.stdout == "configuring\nbuilding\n"
@@ -123,7 +122,7 @@ def test_log_follows_a_running_step_and_resumes_where_it_was(
 
 
 def test_log_no_follow_and_a_finished_step_print_what_is_there(
-    monkeypatch: pytest.MonkeyPatch,
+    runner_stub: RunnerStub,
 ) -> None:
     seen: list[str] = []
 
@@ -135,7 +134,7 @@ def test_log_no_follow_and_a_finished_step_print_what_is_there(
             return httpx.Response(200, text="no newline at the end")
         return httpx.Response(500, json={"error": "not asked for"})
 
-    answer_with(monkeypatch, runner)
+    runner_stub.answer(runner)
     result = run_cli(["log", "5"])
     assert result.stdout == "no newline at the end\n"
     assert seen == ["/api/v1/steps/5", "/api/v1/steps/5/log"]

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from tests.unit.cli.helpers import run_cli as run
+from tests.unit.cli.samples import BUILD
 from tests.unit.client.test_client_attempts import REASON, wire_attempt
-from tests.unit.test_cli import BUILD, run
 
 FAILED: dict[str, Any] = {
     **BUILD,

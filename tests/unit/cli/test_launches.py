@@ -1,19 +1,16 @@
 """``bigtent launches`` through the real entry point in CliRunner, against a runner answered
-by an httpx.MockTransport; and ``bigtent runner`` refusing a pool no issuer admits."""
+in-process; and ``bigtent runner`` refusing a pool no issuer admits."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from bigtent import cli as cli_module
-from bigtent.client.api import RunnerClient
-from tests.unit.cli_helpers import WIDE, parse_table, run_cli
+from tests.unit.cli.helpers import ADMIN_ENV, WIDE, RunnerStub, admin_only, parse_table, run_cli
 
 LAUNCHES: dict[str, Any] = {
     "pools": [
@@ -63,37 +60,20 @@ LAUNCHES: dict[str, Any] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith(("BIGTENT_", "NIX_")):
-            monkeypatch.delenv(key)
-
-
 run = run_cli
 
 
 @pytest.fixture
-def fake_runner(monkeypatch: pytest.MonkeyPatch) -> list[httpx.Request]:
-    seen: list[httpx.Request] = []
-
+def launches_runner(runner_stub: RunnerStub) -> list[httpx.Request]:
     def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        if request.headers.get("authorization") != "Bearer root":
-            return httpx.Response(403, json={"error": "token role client may not do this"})
         assert request.url.path == "/api/v1/launches"
         return httpx.Response(200, json=LAUNCHES)
 
-    def make(runner_url: str, token_file: Path | None, ca_file: Path | None) -> RunnerClient:
-        token = os.environ.get("BIGTENT_TOKEN")
-        return RunnerClient(runner_url, token=token, transport=httpx.MockTransport(handler))
-
-    monkeypatch.setattr(cli_module, "_make_client", make)
-    return seen
+    return runner_stub.answer(admin_only(handler))
 
 
-def test_launches_table(fake_runner: list[httpx.Request]) -> None:
-    result = run(["launches"], env={"BIGTENT_TOKEN": "root", **WIDE})
+def test_launches_table(launches_runner: list[httpx.Request]) -> None:
+    result = run(["launches"], env={**ADMIN_ENV, **WIDE})
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "pool gha-x86 (acme/bigtent-agents/bigtent-agent.yml@main): 1/4 pending" in out
@@ -103,23 +83,21 @@ def test_launches_table(fake_runner: list[httpx.Request]) -> None:
     assert rows["a" * 32]["state"] == "registered"
     assert rows["a" * 32]["agent"] == "gha-x86-gh7.1-0a1b2c3d"
     assert rows["b" * 32]["state"] == "failed" and "HTTP 500" in rows["b" * 32]["error"]
-    assert fake_runner[0].url.params["limit"] == "50"
+    assert launches_runner[0].url.params["limit"] == "50"
 
 
-def test_launches_json_and_filters(fake_runner: list[httpx.Request]) -> None:
-    result = run(
-        ["launches", "--json", "--limit", "5", "--pool", "gha-x86"], env={"BIGTENT_TOKEN": "root"}
-    )
+def test_launches_json_and_filters(launches_runner: list[httpx.Request]) -> None:
+    result = run(["launches", "--json", "--limit", "5", "--pool", "gha-x86"], env=ADMIN_ENV)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["counters"] == LAUNCHES["counters"]
     assert [x["state"] for x in data["launches"]] == ["registered", "failed"]
     assert data["pools"][0]["deficit"] == 1 and data["ticks"] == 40
-    params = fake_runner[0].url.params
+    params = launches_runner[0].url.params
     assert (params["limit"], params["pool"]) == ("5", "gha-x86")
 
 
-def test_launches_needs_an_admin_token(fake_runner: list[httpx.Request]) -> None:
+def test_launches_needs_an_admin_token(launches_runner: list[httpx.Request]) -> None:
     result = run(["launches"], env={"BIGTENT_TOKEN": "client"})
     assert result.exit_code == 3
     assert result.output.strip().startswith("Error: ") and "Traceback" not in result.output

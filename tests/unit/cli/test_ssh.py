@@ -8,24 +8,13 @@ import socket
 import struct
 import tomllib
 from pathlib import Path
-from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
 
-from bigtent import cli as cli_module
 from bigtent.config import RunnerConfig
+from tests.unit.cli.helpers import run_cli
 
-
-class _Entry:
-    name = "bigtent"
-
-    def main(self, args: Any, prog_name: str, **_: Any) -> None:
-        cli_module.main(list(args))
-
-
-def run(args: list[str]) -> Result:
-    return CliRunner().invoke(_Entry(), args)  # type: ignore[arg-type]
+run = run_cli
 
 
 def _key() -> str:
