@@ -11,17 +11,16 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from bigtent import __version__
+from bigtent.config.auth import OidcIssuerSection
+from bigtent.config.base import Section
 from bigtent.errors import ConfigError
 from bigtent.protocol import MAX_LIST_ITEMS
-
-if TYPE_CHECKING:  # config.py imports this module: no import back at run time
-    from bigtent.config import OidcIssuerSection
+from bigtent.secretfile import read_secret_file
 
 GITHUB_API_URL = "https://api.github.com"
 _POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -41,11 +40,9 @@ def _https_url(v: str, what: str) -> str:
     return v.rstrip("/")
 
 
-class GithubPoolSection(BaseModel):
+class GithubPoolSection(Section):
     """One ``[[autoscale.github]]`` pool: ephemeral agents launched through GitHub's
     ``workflow_dispatch`` when runnable work waits that no connected agent can take."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str
     """The pool's name, also its agents' base name (``NAME-gh<run>.<attempt>-<id>``)."""
@@ -173,9 +170,7 @@ class GithubPoolSection(BaseModel):
         return f"{self.workflow_repository}/{self.workflow}@{self.ref}"
 
 
-class AutoscaleSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class AutoscaleSection(Section):
     github: list[GithubPoolSection] = []
     min_tick_interval_secs: float = Field(default=1.0, ge=0)
     """New runnable work wakes the autoscaler, but it looks at the demand at most this often
@@ -253,18 +248,5 @@ def load_token(index: int, pool: GithubPoolSection) -> str:
             raise ConfigError(f"{_key(index, 'token')}: is empty")
         return secret
     assert pool.token_file is not None  # the model requires one of the two
-    try:
-        secret = pool.token_file.read_text().strip()
-    except OSError as exc:
-        raise ConfigError(
-            f"{_key(index, 'token_file')}: cannot read {pool.token_file}: {exc.strerror or exc}"
-        ) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{_key(index, 'token_file')}: {pool.token_file} is not text") from exc
-    if not secret:
-        raise ConfigError(f"{_key(index, 'token_file')}: {pool.token_file} is empty")
-    if any(c.isspace() for c in secret):
-        raise ConfigError(
-            f"{_key(index, 'token_file')}: {pool.token_file} must hold one token (no spaces)"
-        )
-    return secret
+    what = f"autoscale.github.{index}.token_file"
+    return read_secret_file(pool.token_file, what, one_token=True)

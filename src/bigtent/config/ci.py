@@ -8,17 +8,17 @@ never holds a secret inline.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from enum import StrEnum
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from bigtent.errors import ConfigError
-from bigtent.runner.forge.model import ForgeKind, ForgeTarget
+from bigtent.config.base import Section, is_loopback
+from bigtent.config.forge import ForgeKind, ForgeTarget
+from bigtent.secretfile import read_secret_bytes
 
 PROJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """Also part of a check's name on the forge (``bigtent/<project>/…``): no slashes or spaces."""
@@ -44,10 +44,8 @@ class ForgeChoice(StrEnum):
     NONE = "none"
 
 
-class ProjectSection(BaseModel):
+class ProjectSection(Section):
     """One ``[[projects]]`` entry: a git repository bigtent evaluates and builds."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str
     url: str
@@ -202,16 +200,9 @@ class ProjectSection(BaseModel):
         cannot be read or is empty."""
         if self.webhook_secret_file is None:
             return None
-        try:
-            value = self.webhook_secret_file.read_bytes().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"project {self.name}: cannot read webhook_secret_file "
-                f"{self.webhook_secret_file}: {exc.strerror}"
-            ) from exc
-        if not value:
-            raise ConfigError(f"project {self.name}: {self.webhook_secret_file} is empty")
-        return value
+        return read_secret_bytes(
+            self.webhook_secret_file, f"webhook_secret_file of project {self.name}"
+        )
 
 
 _URL_CREDENTIALS = re.compile(r"(?i)\b((?:https?|git|ssh|ftps?)://)[^/\s@]+@")
@@ -246,18 +237,9 @@ def api_project_problem(project: ProjectSection, secrets_dir: Path | None) -> st
         return "url: file:// repositories are only for projects of the runner's config"
     if project.forge_api_url:
         api = urlsplit(project.forge_api_url)
-        if api.scheme != "https" and not _is_loopback(api.hostname or ""):
+        if api.scheme != "https" and not is_loopback(api.hostname or ""):
             return "forge_api_url: must be https:// (http:// only to a loopback address)"
     return None
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class EvalSandboxKind(StrEnum):
@@ -268,10 +250,8 @@ class EvalSandboxKind(StrEnum):
     key included). Unsafe for untrusted code (pull requests from forks)."""
 
 
-class EvaluationSection(BaseModel):
+class EvaluationSection(Section):
     """``[evaluation]``: how the runner evaluates projects (docs/ci.md)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     max_memory_mib: int = Field(default=4096, ge=64, le=1024 * 1024)
     """Address-space limit of the evaluating Nix process, set by the operating system

@@ -1,17 +1,49 @@
 """The ``[forge]`` section: how the reporter talks to forges (docs/ci.md, "Reporting to the
-forge"). Which forge a project reports to, and with which credentials, is the project's
-(``[[projects]]``); these are the runner-wide limits and timings."""
+forge"), and the forge a project reports to (``ForgeTarget``, made from its ``[[projects]]``
+entry). Which forge a project reports to, and with which credentials, is the project's; the
+section holds the runner-wide limits and timings."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from dataclasses import dataclass
+from enum import StrEnum
 
-from bigtent.runner.forge.reporting import MAX_JOB_CHECKS
+from pydantic import Field
+
+from bigtent.config.base import Section
+
+MAX_JOB_CHECKS = 47
+"""Per-job checks per evaluation (failed jobs only), as nixbot and buildbot-nix cap them: more
+would be noise on the pull request and would run into the forge's rate limits."""
 
 
-class ForgeSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ForgeKind(StrEnum):
+    GITHUB = "github"
+    FORGEJO = "forgejo"  # Gitea speaks the same commit-status API
+    GITEA = "gitea"
 
+
+@dataclass(frozen=True, slots=True)
+class ForgeTarget:
+    """Where to report: one repository on one forge, and the credentials to do it with.
+
+    Secrets are files, read when needed; never inline values.
+    """
+
+    kind: ForgeKind
+    api_url: str  # e.g. https://api.github.com or https://forgejo.example/api/v1
+    repository: str  # "owner/name"
+    # GitHub App: the app id, its private key (PEM) file, optionally the installation id
+    # (looked up from the repository when absent).
+    app_id: int | None = None
+    app_key_file: str | None = None
+    installation_id: int | None = None
+    # Forgejo/Gitea: an access token file.
+    token_file: str | None = None
+    ca_file: str | None = None  # private CA of a self-hosted forge
+
+
+class ForgeSection(Section):
     max_job_checks: int = Field(default=MAX_JOB_CHECKS, ge=0, le=1000)
     """Failed jobs that get a check run (GitHub) or commit status (Forgejo) of their own, per
     evaluation; the evaluation's summary names the others."""

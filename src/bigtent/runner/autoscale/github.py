@@ -21,8 +21,8 @@ from urllib.parse import quote
 import httpx
 
 from bigtent import __version__
+from bigtent.config.autoscale import GithubPoolSection
 from bigtent.errors import ConfigError, DispatchFailed
-from bigtent.runner.autoscale.settings import GithubPoolSection
 
 log = logging.getLogger(__name__)
 
