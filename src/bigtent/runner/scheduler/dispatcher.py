@@ -43,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from bigtent import protocol as p
 from bigtent.config import SchedulerSection
 from bigtent.errors import Conflict, Unavailable
+from bigtent.graphs import dependencies_first
 from bigtent.runner.db import queries
 from bigtent.runner.db.notify import Change, ChangeFeed, LocalFeed, is_conflict, take_pending
 from bigtent.runner.logs import LogStore
@@ -775,7 +776,7 @@ class Scheduler:
                             deps[by_id[s]].append(by_id[d])
                     planned = [
                         PlannedStep(drvs[d], tuple(sorted(deps[d])))
-                        for d in _dependencies_first(deps)
+                        for d in dependencies_first(deps)
                     ]
                     # Every step keeps its trust: an untrusted build's shared trusted step
                     # runs again as the trusted step it is.
@@ -2586,26 +2587,6 @@ def cached_failure_error(outcome: str, failed_at: float, ttl_secs: float, error:
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
-
-
-def _dependencies_first(deps: dict[str, list[str]]) -> list[str]:
-    """The keys of ``deps`` (node -> its dependencies among the keys), each after its
-    dependencies; ties in name order, so the order is deterministic."""
-    order: list[str] = []
-    seen: set[str] = set()
-    for start in sorted(deps):
-        stack: list[tuple[str, bool]] = [(start, False)]
-        while stack:
-            name, expanded = stack.pop()
-            if expanded:
-                order.append(name)
-                continue
-            if name in seen:
-                continue
-            seen.add(name)
-            stack.append((name, True))
-            stack.extend((d, False) for d in sorted(deps[name], reverse=True) if d not in seen)
-    return order
 
 
 def _new_node(sid: int, drv: queries.DrvInfo, trusted: bool, now: float) -> StepNode:
