@@ -39,9 +39,7 @@ def test_dependencies_first(deps: dict[str, list[str]], expected: list[str]) -> 
         ({"top": ["x"], "x": ["y"], "y": ["x"]}, ["x", "y"]),  # top leads to it, is not on it
     ],
 )
-def test_a_cycle_names_its_nodes(
-    deps: dict[str, list[str]], stuck: list[str]
-) -> None:
+def test_a_cycle_names_its_nodes(deps: dict[str, list[str]], stuck: list[str]) -> None:
     with pytest.raises(CycleError) as info:
         dependencies_first(deps)
     assert info.value.nodes == stuck

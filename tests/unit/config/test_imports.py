@@ -44,7 +44,7 @@ def test_config_loads_neither_runner_nor_agent() -> None:
     assert under(loaded, "bigtent.agent") == set()
 
 
-@pytest.mark.parametrize("package", ["bigtent.secretfile", "bigtent.graphs"])
+@pytest.mark.parametrize("package", ["bigtent.secretfile", "bigtent.graphs", "bigtent.tlsctx"])
 def test_the_shared_helpers_load_no_runner_or_agent_module(package: str) -> None:
     loaded = loaded_by(package)
     assert package in loaded

@@ -21,7 +21,8 @@ import httpx
 
 from bigtent import __version__
 from bigtent.errors import ForgeFailed
-from bigtent.runner.autoscale.github import error_message, parse_retry_after, tls_verify
+from bigtent.runner.autoscale.github import error_message, parse_retry_after
+from bigtent.tlsctx import httpx_verify
 
 MAX_BODY_BYTES = 1 << 20
 """Of any answer, at most this much is read (a check run's answer is a few KiB)."""
@@ -65,12 +66,11 @@ def make_client(
     headers: Mapping[str, str],
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
-    """An httpx client for one forge API: its CA (``tls_verify``), no proxies from the
+    """An httpx client for one forge API: its CA (``bigtent.tlsctx``), no proxies from the
     environment, no redirects."""
-    verify = tls_verify(Path(ca_file) if ca_file else None, what)
     return httpx.AsyncClient(
         transport=transport,
-        verify=verify,
+        verify=httpx_verify(ca_file or None, what),
         timeout=httpx.Timeout(timeout_secs, connect=min(10.0, timeout_secs)),
         follow_redirects=False,
         trust_env=False,
