@@ -44,10 +44,10 @@ from bigtent.errors import (
     BigtentError,
     BuildFailed,
     BuildTimedOut,
-    ConfigError,
     Terminated,
     UsageError,
 )
+from bigtent.secretfile import read_secret_file
 
 if TYPE_CHECKING:  # the client modules load lazily, inside the commands
     from bigtent.client.api import Agent, Build, RunnerClient, Step, StepAttempt, WaitingStep
@@ -135,16 +135,6 @@ def cli(ctx: click.Context, verbose: int) -> None:
 # ---- shared client plumbing ---------------------------------------------------------------
 
 
-def _read_secret(path: Path, what: str) -> str:
-    try:
-        text = path.read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
-    if not text:
-        raise ConfigError(f"{what} {path} is empty")
-    return text
-
-
 def _client_options(f: _F) -> _F:
     f = click.option(
         "--ca-file",
@@ -201,7 +191,7 @@ def _make_client(runner_url: str, token_file: Path | None, ca_file: Path | None)
     from bigtent.client.api import RunnerClient
 
     if token_file is not None:
-        token: str | None = _read_secret(token_file, "token file")
+        token: str | None = read_secret_file(token_file, "token file")
         source = f"--token-file {token_file}"
     else:
         token = os.environ.get("BIGTENT_TOKEN") or None
