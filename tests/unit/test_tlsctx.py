@@ -7,6 +7,7 @@ import pytest
 
 from bigtent.errors import ConfigError
 from bigtent.tlsctx import ca_context, httpx_verify
+from tests.integration.runner.oidc_issuer import make_tls
 
 # The start of a certificate, cut short: PEM armour around DER that does not parse.
 CUT_PEM = """-----BEGIN CERTIFICATE-----
@@ -19,38 +20,14 @@ zj0CAQYIKoZIzj0DAQcDQgAE
 
 
 def write_ca(tmp_path: Path) -> Path:
-    """A real CA certificate made with cryptography (what the runner's tests use)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bigtent-test-ca")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    path = tmp_path / "ca.pem"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path
+    return make_tls(tmp_path).ca_file
 
 
 def test_a_ca_file_is_the_only_trust_anchor(tmp_path: Path) -> None:
     ctx = ca_context(write_ca(tmp_path), "agent.ca_file")
     assert ctx.verify_mode is ssl.CERT_REQUIRED and ctx.check_hostname
     (only,) = ctx.get_ca_certs()
-    assert (("commonName", "bigtent-test-ca"),) in only["subject"]
+    assert (("commonName", "bigtent test CA"),) in only["subject"]
 
 
 def test_without_a_ca_file_the_system_roots_apply() -> None:

@@ -17,7 +17,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from bigtent import __version__
 from bigtent.config.auth import OidcIssuerSection
-from bigtent.config.base import Section
+from bigtent.config.base import Section, comma_free_names
 from bigtent.errors import ConfigError
 from bigtent.protocol import MAX_LIST_ITEMS
 from bigtent.secretfile import read_secret_file
@@ -98,12 +98,7 @@ class GithubPoolSection(Section):
     @classmethod
     def _valid_features(cls, v: list[str]) -> list[str]:
         # The workflow receives these comma-joined: a comma or space inside one would split it.
-        for item in v:
-            if not item or any(c.isspace() or c == "," for c in item):
-                raise ValueError(
-                    f"entries must be non-empty, without commas or whitespace ({item!r})"
-                )
-        return v
+        return comma_free_names(v)
 
     @field_validator("allowed_build_repositories")
     @classmethod

@@ -105,3 +105,12 @@ def split_comma_list(values: str | list[str] | tuple[str, ...]) -> list[str]:
             if item and item not in out:
                 out.append(item)
     return out
+
+
+def comma_free_names(items: list[str]) -> list[str]:
+    """A validator's check of names that travel comma-joined (systems and features in a Nix
+    machine line or a workflow input): each non-empty, without commas or whitespace."""
+    for item in items:
+        if not item or any(c.isspace() or c == "," for c in item):
+            raise ValueError(f"entries must be non-empty, without commas or whitespace ({item!r})")
+    return items

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from bigtent.config.base import Section
+from bigtent.config.base import Section, comma_free_names
 from bigtent.config.sshuri import (
     SshTarget,
     check_no_whitespace,
@@ -71,12 +71,7 @@ class SshBuilderSection(Section):
     @field_validator("systems", "supported_features", "mandatory_features")
     @classmethod
     def _valid_names(cls, v: list[str]) -> list[str]:
-        for item in v:
-            if not item or any(c.isspace() or c == "," for c in item):
-                raise ValueError(
-                    f"entries must be non-empty, without commas or whitespace ({item!r})"
-                )
-        return v
+        return comma_free_names(v)  # Nix's machine line joins them with commas
 
     @property
     def target(self) -> SshTarget:
