@@ -17,18 +17,14 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from bigtent import __version__
 from bigtent.config.auth import OidcIssuerSection
-from bigtent.config.base import Section, comma_free_names
+from bigtent.config.base import GIT_REF, NAME, REPOSITORY, Section, comma_free_names
 from bigtent.errors import ConfigError
 from bigtent.protocol import MAX_LIST_ITEMS
 from bigtent.secretfile import read_secret_file
 
 GITHUB_API_URL = "https://api.github.com"
-_POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-"""Also the launched agents' base name and a workflow input: no spaces, commas or slashes."""
-_REPOSITORY = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
 _WORKFLOW = re.compile(r"[A-Za-z0-9_.-]+\.ya?ml|[0-9]+")
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}")
-_REF = re.compile(r"[^\s~^:?*\[\\]{1,255}")
 
 
 def _https_url(v: str, what: str) -> str:
@@ -88,7 +84,7 @@ class GithubPoolSection(Section):
     @field_validator("name")
     @classmethod
     def _valid_name(cls, v: str) -> str:
-        if not _POOL_NAME.fullmatch(v):
+        if not NAME.fullmatch(v):
             raise ValueError(
                 "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
             )
@@ -104,14 +100,14 @@ class GithubPoolSection(Section):
     @classmethod
     def _valid_repositories(cls, v: list[str]) -> list[str]:
         for item in v:
-            if not _REPOSITORY.fullmatch(item):
+            if not REPOSITORY.fullmatch(item):
                 raise ValueError(f"entries must be owner/repo ({item!r})")
         return v
 
     @field_validator("workflow_repository")
     @classmethod
     def _valid_workflow_repository(cls, v: str) -> str:
-        if not _REPOSITORY.fullmatch(v):
+        if not REPOSITORY.fullmatch(v):
             raise ValueError("must be owner/repo")
         return v
 
@@ -125,7 +121,7 @@ class GithubPoolSection(Section):
     @field_validator("ref")
     @classmethod
     def _valid_ref(cls, v: str) -> str:
-        if not _REF.fullmatch(v):
+        if not GIT_REF.fullmatch(v):
             raise ValueError("must be a branch or tag name")
         return v
 

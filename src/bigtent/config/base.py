@@ -6,6 +6,7 @@ that name the key, and the small parsers of listen addresses and lists.
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from bigtent.errors import ConfigError
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""A project's or an autoscale pool's name: also part of names on forges and of agents'
+names, so no slashes, spaces or commas."""
+REPOSITORY = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
+"""``owner/repo`` on a forge."""
+GIT_REF = re.compile(r"[^\s~^:?*\[\\]{1,255}")
+"""A branch or tag name (what git refuses in one is refused here)."""
 
 
 class Section(BaseModel):

@@ -16,14 +16,10 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from bigtent.config.base import Section, is_loopback
+from bigtent.config.base import GIT_REF, NAME, REPOSITORY, Section, is_loopback
 from bigtent.config.forge import ForgeKind, ForgeTarget
 from bigtent.secretfile import read_secret_bytes
 
-PROJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-"""Also part of a check's name on the forge (``bigtent/<project>/…``): no slashes or spaces."""
-_REPOSITORY = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
-_BRANCH = re.compile(r"[^\s~^:?*\[\\]{1,255}")
 _ATTR = re.compile(r"[A-Za-z0-9_'-]+(\.[A-Za-z0-9_'-]+)*")
 GIT_SCHEMES = frozenset({"https", "http", "git", "ssh", "file"})
 
@@ -85,7 +81,7 @@ class ProjectSection(Section):
     @field_validator("name")
     @classmethod
     def _valid_name(cls, v: str) -> str:
-        if not PROJECT_NAME.fullmatch(v):
+        if not NAME.fullmatch(v):
             raise ValueError("letters, digits, '.', '_' and '-', at most 64, no leading symbol")
         return v
 
@@ -107,7 +103,7 @@ class ProjectSection(Section):
     @classmethod
     def _valid_branches(cls, v: list[str]) -> list[str]:
         for b in v:
-            if not _BRANCH.fullmatch(b) or b.startswith(("-", "refs/")):
+            if not GIT_REF.fullmatch(b) or b.startswith(("-", "refs/")):
                 raise ValueError(f"not a branch name: {b!r} (give names, not refs/heads/…)")
         return v
 
@@ -137,7 +133,7 @@ class ProjectSection(Section):
     @field_validator("repository")
     @classmethod
     def _valid_repository(cls, v: str) -> str:
-        if v and not _REPOSITORY.fullmatch(v):
+        if v and not REPOSITORY.fullmatch(v):
             raise ValueError("must be owner/name")
         return v
 
