@@ -384,7 +384,9 @@ class Scheduler:
                     member.builds.add(b.id)
                     member.priority = max(member.priority, build.priority)
                     build.unfinished += not member.state.is_final
-        raise_heights(self.nodes, _topological_dependents_first(self.nodes))
+        raise_heights(
+            self.nodes, dependencies_first({i: n.dependents for i, n in self.nodes.items()})
+        )
         for node in self.nodes.values():
             if node.state is StepState.RUNNABLE:
                 self._make_runnable(node, now)
@@ -2436,7 +2438,9 @@ class Scheduler:
                 touched |= self._catch_up_build(b, roots.get(int(b.id)), members.get(int(b.id)))
             rekey: set[int] = set()
             if fresh:
-                rekey = raise_heights(self.nodes, _topological_dependents_first(fresh))
+                rekey = raise_heights(
+                    self.nodes, dependencies_first({i: n.dependents for i, n in fresh.items()})
+                )
             for node in [*seen, *waiting.values(), *(self.nodes[i] for i in sorted(rekey))]:
                 if node.state is StepState.RUNNABLE:
                     self._make_runnable(node, now)
@@ -2639,22 +2643,6 @@ def _node_from_row(row: Any) -> StepNode:
         venue=row.agent_machine_id,
         outputs=json.loads(row.outputs),
     )
-
-
-def _topological_dependents_first(nodes: dict[int, StepNode]) -> list[int]:
-    """Kahn's order over ``dependents``: a step comes after every step that depends on it."""
-    pending = {sid: sum(1 for d in n.dependents if d in nodes) for sid, n in nodes.items()}
-    ready = [sid for sid, c in pending.items() if c == 0]
-    order: list[int] = []
-    while ready:
-        sid = ready.pop()
-        order.append(sid)
-        for dep in nodes[sid].deps:
-            if dep in pending:
-                pending[dep] -= 1
-                if pending[dep] == 0:
-                    ready.append(dep)
-    return order
 
 
 def _check_admit_row(drv_path: str, node: StepNode | None, row: Any) -> None:
