@@ -8,11 +8,10 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from bigtent.config.base import Section
+from bigtent.config.base import Section, web_url
 
 
 class Role(StrEnum):
@@ -82,14 +81,7 @@ class OidcIssuerSection(Section):
     @field_validator("issuer", "jwks_url")
     @classmethod
     def _https_url(cls, v: str | None) -> str | None:
-        if v is None:
-            return None
-        url = urlsplit(v)
-        if url.scheme != "https" or not url.hostname:
-            raise ValueError("must be an https:// URL with a host")
-        if url.query or url.fragment or url.username or url.password:
-            raise ValueError("must not carry a query, fragment or credentials")
-        return v
+        return None if v is None else web_url(v)  # as given: ``iss`` is matched exactly
 
     @field_validator(
         "repositories",

@@ -11,13 +11,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from bigtent import __version__
 from bigtent.config.auth import OidcIssuerSection
-from bigtent.config.base import GIT_REF, NAME, REPOSITORY, Section, comma_free_names
+from bigtent.config.base import GIT_REF, NAME, REPOSITORY, Section, comma_free_names, web_url
 from bigtent.errors import ConfigError
 from bigtent.protocol import MAX_LIST_ITEMS
 from bigtent.secretfile import read_secret_file
@@ -25,15 +24,6 @@ from bigtent.secretfile import read_secret_file
 GITHUB_API_URL = "https://api.github.com"
 _WORKFLOW = re.compile(r"[A-Za-z0-9_.-]+\.ya?ml|[0-9]+")
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}")
-
-
-def _https_url(v: str, what: str) -> str:
-    url = urlsplit(v)
-    if url.scheme != "https" or not url.hostname:
-        raise ValueError(f"must be an https:// URL with a host: {what}")
-    if url.query or url.fragment or url.username or url.password:
-        raise ValueError("must not carry a query, fragment or credentials")
-    return v.rstrip("/")
 
 
 class GithubPoolSection(Section):
@@ -135,12 +125,13 @@ class GithubPoolSection(Section):
     @field_validator("runner_url")
     @classmethod
     def _valid_runner_url(cls, v: str) -> str:
-        return _https_url(v, "agents launched in CI reach the runner over the network")
+        why = "agents launched in CI reach the runner over the network"
+        return web_url(v, why=why).rstrip("/")
 
     @field_validator("api_url")
     @classmethod
     def _valid_api_url(cls, v: str) -> str:
-        return _https_url(v, "the dispatch token travels in it")
+        return web_url(v, why="the dispatch token travels in it").rstrip("/")
 
     @field_validator("audience")
     @classmethod

@@ -10,6 +10,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -123,3 +124,15 @@ def comma_free_names(items: list[str]) -> list[str]:
         if not item or any(c.isspace() or c == "," for c in item):
             raise ValueError(f"entries must be non-empty, without commas or whitespace ({item!r})")
     return items
+
+
+def web_url(v: str, schemes: tuple[str, ...] = ("https",), *, why: str = "") -> str:
+    """A validator's check of a URL bigtent calls (an issuer, an API, an endpoint): one of
+    ``schemes`` with a host, and no query, fragment or credentials; ``v`` as given."""
+    url = urlsplit(v)
+    if url.scheme not in schemes or not url.hostname:
+        wanted = " or ".join(f"{s}://" for s in schemes)
+        raise ValueError(f"must be an {wanted} URL with a host" + (f": {why}" if why else ""))
+    if url.query or url.fragment or url.username or url.password:
+        raise ValueError("must not carry a query, fragment or credentials")
+    return v

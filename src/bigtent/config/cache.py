@@ -7,11 +7,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from bigtent.config.base import Section
+from bigtent.config.base import Section, web_url
 from bigtent.nix.compression import Compression
 from bigtent.secretfile import read_secret_file
 
@@ -98,12 +97,7 @@ class S3Section(Section):
     def _http_url(cls, v: str | None) -> str | None:
         if v is None or v == "":
             return None
-        url = urlsplit(v)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if url.query or url.fragment or url.username or url.password:
-            raise ValueError("must not carry a query, fragment or credentials")
-        return v.rstrip("/")
+        return web_url(v, ("http", "https")).rstrip("/")
 
     @model_validator(mode="after")
     def _one_credential_source(self) -> S3Section:
