@@ -7,6 +7,9 @@ the runner does with a builder (machine lines, ``NIX_SSHOPTS``, the machines fil
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from pydantic import Field, field_validator
 
 from bigtent.config.base import Section, comma_free_names
@@ -19,6 +22,16 @@ from bigtent.config.sshuri import (
 )
 from bigtent.errors import ConfigError
 from bigtent.protocol import MAX_LIST_ITEMS
+
+
+@contextmanager
+def _as_value_error() -> Iterator[None]:
+    """The pure parsers raise ConfigError; pydantic reports a validator's ValueError under the
+    key (``config key ssh_builders.0.uri: ...``)."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ValueError(exc.message) from exc
 
 
 class SshBuilderSection(Section):
@@ -41,21 +54,17 @@ class SshBuilderSection(Section):
     @field_validator("uri")
     @classmethod
     def _valid_uri(cls, v: str) -> str:
-        try:
+        with _as_value_error():
             parse_ssh_uri(v)
             store_settings(v)
-        except ConfigError as exc:
-            raise ValueError(exc.message) from exc
         return v
 
     @field_validator("ssh_key")
     @classmethod
     def _valid_key_path(cls, v: str | None) -> str | None:
         if v is not None:
-            try:
+            with _as_value_error():
                 check_no_whitespace("ssh_key", v)
-            except ConfigError as exc:
-                raise ValueError(exc.message) from exc
         return v
 
     @field_validator("host_key")
@@ -63,10 +72,8 @@ class SshBuilderSection(Section):
     def _valid_host_key(cls, v: str | None) -> str | None:
         if v is None or not v.strip():
             return None
-        try:
+        with _as_value_error():
             return normalize_host_key(v)
-        except ConfigError as exc:
-            raise ValueError(exc.message) from exc
 
     @field_validator("systems", "supported_features", "mandatory_features")
     @classmethod
