@@ -36,19 +36,12 @@ from bench import common
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from bigtent.config.forge import ForgeKind, ForgeSection, ForgeTarget
 from bigtent.runner.db.migrate import create_engine, migrate_database
 from bigtent.runner.forge.github import GithubApp
-from bigtent.runner.forge.model import (
-    EvalReport,
-    EvalState,
-    ForgeKind,
-    ForgeTarget,
-    JobReport,
-    JobState,
-)
+from bigtent.runner.forge.model import EvalReport, EvalState, JobReport, JobState
 from bigtent.runner.forge.reporting import wanted_checks
 from bigtent.runner.forge.service import ForgeReporter
-from bigtent.runner.forge.settings import ForgeSection
 from tests.e2e.fake_github import FakeGithub
 from tests.integration.runner.oidc_issuer import make_tls
 

@@ -30,6 +30,7 @@ import httpx
 
 from bigtent.config import AgentSection, OidcProvider
 from bigtent.errors import ConfigError, CredentialUnavailable
+from bigtent.secretfile import read_secret_file
 
 log = logging.getLogger(__name__)
 
@@ -107,19 +108,6 @@ class TokenFile:
             except ConfigError as exc:
                 raise CredentialUnavailable(exc.message) from exc
         return self._token
-
-
-def read_secret_file(path: Path, what: str) -> str:
-    """The stripped contents of a secret file; ``ConfigError`` naming ``what`` if unusable."""
-    try:
-        text = path.read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{what} {path} is not a text file") from exc
-    if not text:
-        raise ConfigError(f"{what} {path} is empty")
-    return text
 
 
 # ---- GitHub Actions ----------------------------------------------------------------------
@@ -398,7 +386,6 @@ __all__ = [
     "github_actions_token",
     "id_token_request_url",
     "load_credentials",
-    "read_secret_file",
     "still_usable",
     "token_times",
     "unverified_claims",

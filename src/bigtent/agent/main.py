@@ -29,6 +29,7 @@ from bigtent.storebudget import (
     free_disk_bytes,
     gc_roots_dir,
 )
+from bigtent.tlsctx import ca_context
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,7 @@ def ssl_context_for(section: AgentSection) -> ssl.SSLContext | None:
         raise ConfigError("config key agent.client_key_file needs agent.client_cert_file")
     if section.ca_file is None and section.client_cert_file is None:
         return None
-    try:
-        ctx = ssl.create_default_context(
-            cafile=str(section.ca_file) if section.ca_file is not None else None
-        )
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"config key agent.ca_file: cannot load {section.ca_file}: {exc}"
-        ) from exc
+    ctx = ca_context(section.ca_file, "agent.ca_file")
     if section.client_cert_file is not None:
         key = section.client_key_file
         try:

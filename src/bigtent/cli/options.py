@@ -59,8 +59,8 @@ class ClientOptions:
 def make_client(options: ClientOptions) -> RunnerClient:
     """The ``RunnerClient`` for ``options``: its token from ``--token-file``, else from
     ``BIGTENT_TOKEN`` (the one place the CLI makes a client; tests answer it in-process)."""
-    from bigtent.agent.credentials import read_secret_file
     from bigtent.client.api import RunnerClient
+    from bigtent.secretfile import read_secret_file
 
     if options.token_file is not None:
         token: str | None = read_secret_file(options.token_file, "token file")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,6 @@ from bigtent.errors import (
     AuthError,
     BadRequest,
     BigtentError,
-    ConfigError,
     Conflict,
     Forbidden,
     NotFound,
@@ -33,6 +31,7 @@ from bigtent.errors import (
     parse_error_body,
 )
 from bigtent.states import BuildState
+from bigtent.tlsctx import httpx_verify
 
 log = logging.getLogger(__name__)
 
@@ -569,16 +568,10 @@ class RunnerClient:
         the runner refuses it; None without a token."""
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        verify: ssl.SSLContext | bool = True
-        if ca_file is not None:
-            try:
-                verify = ssl.create_default_context(cafile=str(ca_file))
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"cannot load CA file {ca_file}: {exc}") from exc
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
-            verify=verify,
+            verify=httpx_verify(ca_file, "CA file"),
             transport=transport,
             timeout=httpx.Timeout(timeout_secs),
             trust_env=transport is None,

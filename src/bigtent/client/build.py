@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import heapq
 import logging
 import re
 import secrets
@@ -35,6 +34,7 @@ from bigtent.client.api import (
 from bigtent.client.progress import StepLogStreams, nothing_to_build
 from bigtent.client.targets import Job
 from bigtent.errors import BigtentError, NixError, NotFound, RunnerUnreachable, UsageError
+from bigtent.graphs import CycleError, dependencies_first
 from bigtent.nix import base32
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store import NixStore, PathInfo, RealiseStatus
@@ -94,26 +94,12 @@ def upload_order(infos: Sequence[PathInfo], missing: Sequence[str]) -> list[Path
         raise BigtentError(
             f"runner asked for paths outside the closure: {', '.join(sorted(unknown))}"
         )
-    deps = {p: {r for r in by_path[p].references if r in wanted and r != p} for p in wanted}
-    referrers: dict[str, list[str]] = {p: [] for p in wanted}
-    for p, refs in deps.items():
-        for r in refs:
-            referrers[r].append(p)
-    pending = {p: len(refs) for p, refs in deps.items()}
-    ready = [p for p, n in pending.items() if n == 0]
-    heapq.heapify(ready)
-    order: list[PathInfo] = []
-    while ready:
-        p = heapq.heappop(ready)
-        order.append(by_path[p])
-        for q in referrers[p]:
-            pending[q] -= 1
-            if pending[q] == 0:
-                heapq.heappush(ready, q)
-    if len(order) != len(wanted):
-        stuck = sorted(p for p, n in pending.items() if n > 0)
-        raise BigtentError(f"reference cycle among store paths: {', '.join(stuck[:5])}")
-    return order
+    try:
+        order = dependencies_first({p: by_path[p].references for p in wanted})
+    except CycleError as exc:
+        stuck = ", ".join(str(p) for p in exc.nodes[:5])
+        raise BigtentError(f"reference cycle among store paths: {stuck}") from None
+    return [by_path[p] for p in order]
 
 
 @dataclass(frozen=True, slots=True)

@@ -856,13 +856,13 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str]) -> HookConfig:
         if not audience:
             raise ValueError("--oidc github needs --audience (the runner's [[auth.oidc]])")
     elif args.token_file is not None:
+        from bigtent.errors import ConfigError
+        from bigtent.secretfile import read_secret_file
+
         try:
-            with open(args.token_file) as f:
-                token = f.read().strip()
-        except OSError as exc:
-            raise ValueError(f"cannot read token file {args.token_file}: {exc.strerror}") from None
-        if not token:
-            raise ValueError(f"token file {args.token_file} is empty")
+            token = read_secret_file(args.token_file, "token file")
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
     else:
         token = env.get("BIGTENT_TOKEN") or None
     if args.poll_interval <= 0:

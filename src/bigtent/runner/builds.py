@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from bigtent.errors import BadRequest, NotFound
+from bigtent.graphs import dependencies_first
 from bigtent.nix.store_path import StorePath
 from bigtent.runner.cache import Cache, Upstreams
 from bigtent.runner.db import queries
@@ -153,7 +154,7 @@ async def plan_parts(
     rest = {d for d, n in needed.items() if n} - emitted
     planned = [
         PlannedStep(infos[d], tuple(sorted(i for i in infos[d].input_drvs if needed.get(i))))
-        for d in _dependencies_first(rest, infos)
+        for d in dependencies_first({d: infos[d].input_drvs for d in rest})
     ]
     log.debug("planned %d steps for %d roots", len(planned) + len(emitted), len(roots))
     yield PlanPart(
@@ -161,26 +162,3 @@ async def plan_parts(
         plan_heights([(s.drv.drv_path, s.deps) for s in planned]),
         {d: (d if needed[d] else None) for d in drv_paths},
     )
-
-
-def _dependencies_first(wanted: set[str], infos: dict[str, queries.DrvInfo]) -> list[str]:
-    """``wanted``, each after its inputs among ``wanted``; ties in name order."""
-    order: list[str] = []
-    seen: set[str] = set()
-    for start in sorted(wanted):
-        if start in seen:
-            continue
-        stack: list[tuple[str, bool]] = [(start, False)]
-        while stack:
-            drv, expanded = stack.pop()
-            if expanded:
-                order.append(drv)
-                continue
-            if drv in seen:
-                continue
-            seen.add(drv)
-            stack.append((drv, True))
-            stack.extend(
-                (i, False) for i in sorted(infos[drv].input_drvs) if i in wanted and i not in seen
-            )
-    return order

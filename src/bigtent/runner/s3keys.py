@@ -10,7 +10,8 @@ Every key starts with the configured prefix and has one of two shapes:
 No part of a key is text an agent chose: the lease id is one the runner issued (and checked to
 be current before a key is made), the hash is 32 bytes rendered in nix-base32, the extension
 comes from the runner's own compression setting. Anything else is a ``ValueError``, so a key
-can never leave the prefix (no ``..``, no ``/`` where none belongs).
+can never leave the prefix (no ``..``, no ``/`` where none belongs). The prefix itself is
+checked where it is configured (``bigtent.config.cache.normalize_prefix``).
 """
 
 from __future__ import annotations
@@ -24,30 +25,6 @@ NAR_NAME = re.compile(r"^nar/[0-9a-df-np-sv-z]{52}\.nar(\.zst|\.xz)?$")
 """A published NAR's storage name (its narinfo ``URL``): nix-base32 sha256, known suffix."""
 LEASE_ID = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 """Lease ids are ``secrets.token_urlsafe``: URL-safe base64, nothing else."""
-_PREFIX_SEGMENT = re.compile(r"^[A-Za-z0-9!_.*'()-]+$")
-"""Prefix segments: S3's "safe characters" only; ``.`` and ``..`` are refused separately."""
-MAX_PREFIX_CHARS = 512
-
-
-def normalize_prefix(prefix: str) -> str:
-    """``""`` or ``a/b/`` (one trailing slash) from a configured prefix; raises ValueError for
-    an absolute prefix, empty or dot segments, or characters outside S3's safe set."""
-    text = prefix.strip()
-    if not text:
-        return ""
-    if len(text) > MAX_PREFIX_CHARS:
-        raise ValueError(f"prefix is longer than {MAX_PREFIX_CHARS} characters")
-    if text.startswith("/"):
-        raise ValueError("prefix must not start with '/'")
-    segments = text.rstrip("/").split("/")
-    for segment in segments:
-        if segment in ("", ".", ".."):
-            raise ValueError(f"prefix {prefix!r} has an empty, '.' or '..' segment")
-        if not _PREFIX_SEGMENT.fullmatch(segment):
-            raise ValueError(
-                f"prefix segment {segment!r} may hold only letters, digits and !_.*'()-"
-            )
-    return "/".join(segments) + "/"
 
 
 def nar_key(prefix: str, name: str) -> str:

@@ -1,8 +1,10 @@
-"""SSH remote builders as pure values: URIs, pinned known_hosts lines, NIX_SSHOPTS, machines.
+"""SSH remote builders as pure values: pinned known_hosts lines, NIX_SSHOPTS, machine lines,
+the machines file, the TOML of ``[[ssh_builders]]``.
 
 architecture §6: every connection uses ``StrictHostKeyChecking=yes`` against a temporary known_hosts
 file holding only the builder's pinned key, no agent, no password prompts, and a connect timeout.
 Nix splits ``NIX_SSHOPTS`` on whitespace, so whitespace in any path put there is refused here.
+A builder's URI and host key are parsed by ``bigtent.config.sshuri`` (the config checks them).
 Nothing in this module does I/O; the SSH venue writes the files and spawns the processes.
 """
 
@@ -10,219 +12,26 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import json
 import re
-import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl, quote
+from urllib.parse import quote
 
+from pydantic import ValidationError
+
+from bigtent.config.ssh import SshBuilderSection
+from bigtent.config.sshuri import (
+    DEFAULT_SSH_PORT,
+    KEY_TYPES,
+    SSH_SCHEME,
+    SshTarget,
+    check_no_whitespace,
+    normalize_host_key,
+    parse_ssh_uri,
+)
 from bigtent.errors import ConfigError
 
-if TYPE_CHECKING:  # config imports this module; the model is loaded lazily where it is built
-    from bigtent.config import SshBuilderSection
-
-KEY_TYPES: frozenset[str] = frozenset(
-    {
-        "ssh-ed25519",
-        "ssh-rsa",
-        "ecdsa-sha2-nistp256",
-        "ecdsa-sha2-nistp384",
-        "ecdsa-sha2-nistp521",
-        "sk-ssh-ed25519@openssh.com",
-        "sk-ecdsa-sha2-nistp256@openssh.com",
-    }
-)
-"""Public host key types accepted in ``host_key`` (no certificates: a pin is one key)."""
-
-DEFAULT_SSH_PORT = 22
-
-_SCHEME = "ssh://"
-_USER_RE = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._+-]*")
-_HOSTNAME_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?")
 _LIST_ITEM_RE = re.compile(r"[^\s,]+")
-
-
-@dataclass(frozen=True, slots=True)
-class SshTarget:
-    """Where an SSH builder lives; ``host`` never carries IPv6 brackets."""
-
-    user: str | None
-    host: str
-    port: int | None
-
-    @property
-    def is_ipv6(self) -> bool:
-        return ":" in self.host
-
-    def destination(self) -> str:
-        """``user@host`` as ssh and Nix's ``ssh://`` store take it (no brackets, no port)."""
-        return f"{self.user}@{self.host}" if self.user else self.host
-
-    def known_hosts_pattern(self) -> str:
-        """The name ssh looks up in known_hosts: ``host``, or ``[host]:port`` off port 22."""
-        if self.port is None or self.port == DEFAULT_SSH_PORT:
-            return self.host
-        return f"[{self.host}]:{self.port}"
-
-    def name(self) -> str:
-        """A readable, stable name: ``user@host``, ``user@host:port``, ``[v6]:port``."""
-        host = f"[{self.host}]" if self.is_ipv6 and self.port is not None else self.host
-        base = f"{self.user}@{host}" if self.user else host
-        return f"{base}:{self.port}" if self.port is not None else base
-
-
-STORE_SETTINGS: frozenset[str] = frozenset({"remote-store", "remote-program"})
-"""The Nix ``ssh://`` store settings a builder URI's query may carry (``store_settings``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoreSettings:
-    """Where the builder's Nix lives: ``remote-store`` (a store on the builder, e.g. a
-    directory that is not ``/nix``) and ``remote-program`` (its ``nix-store``)."""
-
-    remote_store: str | None = None
-    remote_program: str | None = None
-
-
-def store_settings(uri: str) -> StoreSettings:
-    """The ``remote-store`` / ``remote-program`` settings of ``ssh://…?remote-store=…``.
-
-    Values are percent-decoded (``builders_line`` encodes them again); other keys, repeated
-    keys, empty values and whitespace are a ConfigError.
-    """
-    query = uri.split("#", 1)[0].partition("?")[2]
-    if not query:
-        return StoreSettings()
-    try:
-        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
-    except ValueError as exc:
-        raise ConfigError(f"SSH builder URI {uri!r} has a malformed query") from exc
-    found: dict[str, str] = {}
-    for key, value in pairs:
-        if key not in STORE_SETTINGS:
-            raise ConfigError(
-                f"SSH builder URI {uri!r}: unknown setting {key!r} "
-                f"(supported: {', '.join(sorted(STORE_SETTINGS))})"
-            )
-        if key in found:
-            raise ConfigError(f"SSH builder URI {uri!r} sets {key!r} twice")
-        check_no_whitespace(key, value)
-        found[key] = value
-    return StoreSettings(found.get("remote-store"), found.get("remote-program"))
-
-
-def parse_ssh_uri(uri: str) -> SshTarget:
-    """Parse ``ssh://[user@]host[:port][?query]``; the query (Nix store settings, see
-    ``store_settings``) is not part of the target.
-
-    IPv6 hosts are ``[v6]`` or ``[v6]:port``; a bare v6 address is allowed without a port.
-    Anything else (another scheme, a path, an empty host, a bad port, a user or host starting
-    with ``-`` that ssh would read as an option) is a ConfigError.
-    """
-    if not uri.startswith(_SCHEME):
-        scheme = uri.split("://", 1)[0] + "://" if "://" in uri else ""
-        hint = f" ({scheme} is not supported: use ssh://)" if scheme else ""
-        raise ConfigError(f"SSH builder URI must be ssh://[user@]host[:port] (got {uri!r}){hint}")
-    rest = uri[len(_SCHEME) :].split("?", 1)[0]
-    if not rest or any(c.isspace() for c in rest) or "/" in rest or "#" in rest:
-        raise ConfigError(f"SSH builder URI must be ssh://[user@]host[:port] (got {uri!r})")
-    user: str | None = None
-    if "@" in rest:
-        user, rest = rest.rsplit("@", 1)
-        if not _USER_RE.fullmatch(user):
-            raise ConfigError(f"SSH builder URI {uri!r} has an invalid user name {user!r}")
-    host, port_text = _split_host_port(uri, rest)
-    port: int | None = None
-    if port_text is not None:
-        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-            raise ConfigError(f"SSH builder URI {uri!r} has an invalid port {port_text!r}")
-        port = int(port_text)
-    return SshTarget(user=user, host=host, port=port)
-
-
-def _split_host_port(uri: str, hostport: str) -> tuple[str, str | None]:
-    if hostport.startswith("["):
-        inner, sep, after = hostport[1:].partition("]")
-        if not sep:
-            raise ConfigError(f"SSH builder URI {uri!r} has an unclosed '['")
-        _check_ipv6(uri, inner)
-        if after == "":
-            return inner, None
-        if not after.startswith(":"):
-            raise ConfigError(f"SSH builder URI {uri!r}: expected ':port' after ']'")
-        return inner, after[1:]
-    if hostport.count(":") >= 2:  # a bare IPv6 address: it cannot carry a port
-        _check_ipv6(uri, hostport)
-        return hostport, None
-    host, sep, port_text = hostport.partition(":")
-    if not host:
-        raise ConfigError(f"SSH builder URI {uri!r} has an empty host")
-    if not _HOSTNAME_RE.fullmatch(host):
-        raise ConfigError(f"SSH builder URI {uri!r} has an invalid host {host!r}")
-    return host, (port_text if sep else None)
-
-
-def _check_ipv6(uri: str, host: str) -> None:
-    if not host:
-        raise ConfigError(f"SSH builder URI {uri!r} has an empty host")
-    if "%" in host:
-        raise ConfigError(f"SSH builder URI {uri!r}: IPv6 zone ids ('%') are not supported")
-    try:
-        ipaddress.IPv6Address(host)
-    except ValueError as exc:
-        raise ConfigError(f"SSH builder URI {uri!r}: {host!r} is not an IPv6 address") from exc
-
-
-def normalize_host_key(host_key: str, *, what: str = "host_key") -> str:
-    """Validate a pinned key: ``type base64 [comment]`` or a full known_hosts line.
-
-    A bare key becomes ``type base64`` (its comment dropped). A full line, with the host
-    pattern at field 0 (plain or hashed ``|1|…``) and the key type at field 1, is returned
-    stripped but otherwise as is. Comment lines, marker lines (``@cert-authority``,
-    ``@revoked``: a pin is one key, not a trust anchor), several lines, unknown key types and
-    key blobs that are not base64 of a key of the named type are refused.
-    """
-    line = host_key.strip()
-    if "\n" in line or "\r" in line:
-        raise ConfigError(f"{what} must be a single line (got {len(line.splitlines())} lines)")
-    fields = line.split()
-    if not fields:
-        raise ConfigError(f"{what} is empty: give 'type base64' or a known_hosts line")
-    if fields[0].startswith("#"):
-        raise ConfigError(f"{what} is a comment, not a key: give 'type base64'")
-    if fields[0].startswith("@"):
-        raise ConfigError(
-            f"{what}: known_hosts markers like {fields[0]!r} are not supported; "
-            "pin the builder's own host key ('type base64')"
-        )
-    if fields[0] in KEY_TYPES:
-        _check_key_blob(what, fields[0], fields[1] if len(fields) > 1 else "")
-        return f"{fields[0]} {fields[1]}"
-    if len(fields) >= 2 and fields[1] in KEY_TYPES:
-        _check_key_blob(what, fields[1], fields[2] if len(fields) > 2 else "")
-        return line
-    raise ConfigError(
-        f"{what} has no known key type at field 1 or 2 (got {line[:60]!r}); "
-        f"expected one of {', '.join(sorted(KEY_TYPES))}"
-    )
-
-
-def _check_key_blob(what: str, key_type: str, blob: str) -> None:
-    """The base64 blob must decode and name ``key_type`` first, as every SSH public key does."""
-    if not blob:
-        raise ConfigError(f"{what}: the {key_type} key has no base64 data")
-    try:
-        raw = base64.b64decode(blob, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ConfigError(f"{what}: the {key_type} key data is not valid base64") from exc
-    if len(raw) < 4:
-        raise ConfigError(f"{what}: the {key_type} key data is too short")
-    (n,) = struct.unpack(">I", raw[:4])
-    if raw[4 : 4 + n] != key_type.encode():
-        raise ConfigError(f"{what}: the key data does not hold a {key_type} key")
 
 
 def known_hosts_line(target: SshTarget, host_key: str) -> str:
@@ -236,17 +45,6 @@ def known_hosts_line(target: SshTarget, host_key: str) -> str:
     if key.split(maxsplit=1)[0] in KEY_TYPES:
         return f"{target.known_hosts_pattern()} {key}"
     return key
-
-
-def check_no_whitespace(what: str, value: str) -> None:
-    """Nix splits ``NIX_SSHOPTS`` on whitespace: a value with whitespace cannot pass through."""
-    if not value:
-        raise ConfigError(f"{what} must not be empty")
-    if any(c.isspace() for c in value):
-        raise ConfigError(
-            f"{what} must not contain whitespace (got {value!r}): Nix splits NIX_SSHOPTS and "
-            "builder lines on whitespace; use a path without spaces"
-        )
 
 
 def nix_sshopts(
@@ -333,7 +131,7 @@ def builders_line(
     if remote_program is not None:
         check_no_whitespace("remote_program", remote_program)
         params.append("remote-program=" + quote(remote_program, safe="/"))
-    uri = _SCHEME + target.destination() + ("?" + "&".join(params) if params else "")
+    uri = SSH_SCHEME + target.destination() + ("?" + "&".join(params) if params else "")
     if ssh_key is not None:
         check_no_whitespace("ssh_key", ssh_key)
     fields = [
@@ -368,10 +166,6 @@ def parse_machines_file(text: str) -> list[SshBuilderSection]:
     ``ssh://``. An entry without systems is refused (Nix would use its own system, which the
     runner cannot know). Errors name the line number.
     """
-    from pydantic import ValidationError
-
-    from bigtent.config import SshBuilderSection
-
     out: list[SshBuilderSection] = []
     for lineno, raw_line in enumerate(text.splitlines(), start=1):
         for entry in raw_line.split("#", 1)[0].split(";"):
@@ -379,7 +173,7 @@ def parse_machines_file(text: str) -> list[SshBuilderSection]:
             if not fields:
                 continue
             try:
-                out.append(_machine_entry(fields, SshBuilderSection))
+                out.append(_machine_entry(fields))
             except ConfigError as exc:
                 raise ConfigError(f"machines file line {lineno}: {exc.message}") from exc
             except ValidationError as exc:
@@ -390,10 +184,10 @@ def parse_machines_file(text: str) -> list[SshBuilderSection]:
     return out
 
 
-def _machine_entry(fields: list[str], model: type[SshBuilderSection]) -> SshBuilderSection:
+def _machine_entry(fields: list[str]) -> SshBuilderSection:
     if len(fields) > 8:
         raise ConfigError(f"{len(fields)} fields, at most 8 are allowed")
-    uri = fields[0] if "://" in fields[0] else _SCHEME + fields[0]
+    uri = fields[0] if "://" in fields[0] else SSH_SCHEME + fields[0]
     parse_ssh_uri(uri)
     systems = _split_list(_field(fields, 1))
     if not systems:
@@ -416,7 +210,7 @@ def _machine_entry(fields: list[str], model: type[SshBuilderSection]) -> SshBuil
         speed_factor = float(speed_text) if speed_text is not None else 1.0
     except ValueError as exc:
         raise ConfigError(f"speed factor (field 5) is not a number (got {speed_text!r})") from exc
-    return model(
+    return SshBuilderSection(
         uri=uri,
         systems=systems,
         ssh_key=_field(fields, 2),

@@ -9,13 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bigtent.config import SshBuilderSection
+from bigtent.config.sshuri import (
+    check_no_whitespace,
+    store_settings,
+)
 from bigtent.errors import BigtentError, ConfigError, NixError
 from bigtent.runner.ssh import (
-    check_no_whitespace,
     known_hosts_line,
     nix_sshopts,
     ssh_argv,
-    store_settings,
 )
 
 SSH_EXIT_CONNECT = 255

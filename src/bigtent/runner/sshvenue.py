@@ -41,6 +41,12 @@ from pydantic import BaseModel
 
 from bigtent import protocol as p
 from bigtent.config import RunnerConfig, SshBuilderSection, ssh_builder_warnings
+from bigtent.config.sshuri import (
+    SshTarget,
+    check_no_whitespace,
+    parse_ssh_uri,
+    store_settings,
+)
 from bigtent.errors import BigtentError, NixError
 from bigtent.nix import base32
 from bigtent.nix.nar import dump_path
@@ -50,13 +56,9 @@ from bigtent.runner.cache import Cache, Upstreams
 from bigtent.runner.ingest import ingest_leased_output
 from bigtent.runner.scheduler.dispatcher import SSH, Scheduler, SessionClosed, Venue
 from bigtent.runner.ssh import (
-    SshTarget,
     builders_line,
-    check_no_whitespace,
     known_hosts_line,
     nix_sshopts,
-    parse_ssh_uri,
-    store_settings,
 )
 from bigtent.storebudget import (
     StepRoots,

@@ -21,10 +21,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bigtent import protocol as p
 from bigtent.config import SchedulerSection
+from bigtent.config.autoscale import AutoscaleSection, GithubPoolSection
 from bigtent.runner.auth.policy import AgentIdentity
 from bigtent.runner.autoscale.github import GithubWorkflow
 from bigtent.runner.autoscale.service import Autoscaler
-from bigtent.runner.autoscale.settings import AutoscaleSection, GithubPoolSection
 from bigtent.runner.db import queries
 from bigtent.runner.logs import LogStore
 from bigtent.runner.scheduler.dispatcher import PlannedStep, Scheduler, Venue

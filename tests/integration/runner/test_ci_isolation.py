@@ -22,10 +22,10 @@ import httpx
 import pytest
 
 from bigtent.config import Role
+from bigtent.config.ci import EvaluationSection
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store import BoundedEval
 from bigtent.runner.ci.evaluator import Evaluator
-from bigtent.runner.ci.settings import EvaluationSection
 from bigtent.runner.forge.model import EvalReport, EvalState
 from bigtent.runner.forge.null import RecordingReporter
 from tests.conftest import current_system, nix_children_see_our_root

@@ -16,22 +16,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bigtent.config.forge import ForgeKind, ForgeSection, ForgeTarget
 from bigtent.errors import ForgeFailed
 from bigtent.runner.db import queries
 from bigtent.runner.db.migrate import create_engine
 from bigtent.runner.forge.forgejo import ForgejoStatuses
 from bigtent.runner.forge.github import GithubApp
-from bigtent.runner.forge.model import (
-    EvalReport,
-    EvalState,
-    ForgeKind,
-    ForgeTarget,
-    JobReport,
-    JobState,
-)
+from bigtent.runner.forge.model import EvalReport, EvalState, JobReport, JobState
 from bigtent.runner.forge.reporting import CommitStatus, StatusState
 from bigtent.runner.forge.service import ForgeReporter
-from bigtent.runner.forge.settings import ForgeSection
 from tests.conftest import eventually
 from tests.e2e.fake_forgejo import FakeForgejo
 from tests.e2e.fake_github import Failure, FakeGithub

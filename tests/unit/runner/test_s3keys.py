@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bigtent.config.cache import normalize_prefix
 from bigtent.nix import base32
 from bigtent.nix.compression import Compression
 from bigtent.runner.s3 import IncomingObject, expired_incoming
@@ -17,7 +18,6 @@ from bigtent.runner.s3keys import (
     incoming_key,
     incoming_prefix,
     nar_key,
-    normalize_prefix,
     verifying_key,
 )
 from bigtent.runner.scheduler.leases import new_lease_id

@@ -17,21 +17,23 @@ from bigtent.config import (
     load_runner_config,
     ssh_builder_warnings,
 )
-from bigtent.errors import ConfigError
-from bigtent.runner.ssh import (
+from bigtent.config.sshuri import (
     KEY_TYPES,
     SshTarget,
-    builders_line,
     check_no_whitespace,
+    normalize_host_key,
+    parse_ssh_uri,
+    store_settings,
+)
+from bigtent.errors import ConfigError
+from bigtent.runner.ssh import (
+    builders_line,
     find_builder,
     known_hosts_line,
     nix_sshopts,
-    normalize_host_key,
     parse_machines_file,
-    parse_ssh_uri,
     render_ssh_builders_toml,
     ssh_argv,
-    store_settings,
 )
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from bigtent.config import OidcIssuerSection
 from bigtent.errors import AuthError, ConfigError
 from bigtent.runner.auth import policy
 from bigtent.runner.auth.policy import AgentIdentity, PolicyDenied
+from bigtent.tlsctx import httpx_verify
 
 log = logging.getLogger(__name__)
 
@@ -175,18 +175,9 @@ class OidcVerifier:
     def _client(
         rule: OidcIssuerSection, transport: httpx.AsyncBaseTransport | None
     ) -> httpx.AsyncClient:
-        verify: ssl.SSLContext | bool = True
-        if rule.ca_file is not None:
-            try:
-                verify = ssl.create_default_context(cafile=str(rule.ca_file))
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(
-                    f"config key auth.oidc ca_file for {rule.issuer}: cannot load "
-                    f"{rule.ca_file}: {exc}"
-                ) from exc
         return httpx.AsyncClient(
             transport=transport,
-            verify=verify,
+            verify=httpx_verify(rule.ca_file, f"the auth.oidc ca_file of {rule.issuer}"),
             timeout=httpx.Timeout(rule.http_timeout_secs),
             follow_redirects=False,
             headers={"User-Agent": f"bigtent/{__version__}", "Accept": "application/json"},

@@ -19,6 +19,7 @@ from bigtent.errors import AuthError, BadRequest, ConfigError, Conflict, Forbidd
 from bigtent.runner.db import queries
 from bigtent.runner.db.notify import ChangeFeed, LocalFeed
 from bigtent.runner.db.queries import StoredToken
+from bigtent.secretfile import read_secret_file
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +77,8 @@ class TokenRegistry:
                 digest = t.sha256
             else:
                 assert t.token_file is not None
-                try:
-                    digest = token_digest(t.token_file.read_text().strip())
-                except OSError as exc:
-                    raise ConfigError(
-                        f"config key auth.tokens[{t.name}].token_file: cannot read "
-                        f"{t.token_file}: {exc.strerror}"
-                    ) from exc
+                what = f"auth.tokens[{t.name}].token_file"
+                digest = token_digest(read_secret_file(t.token_file, what))
             entries.append(_Entry(t.name, t.role, bytes.fromhex(digest), t.trusted))
         return cls(entries)
 

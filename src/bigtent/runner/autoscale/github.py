@@ -12,17 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
-from pathlib import Path
 from urllib.parse import quote
 
 import httpx
 
 from bigtent import __version__
-from bigtent.errors import ConfigError, DispatchFailed
-from bigtent.runner.autoscale.settings import GithubPoolSection
+from bigtent.config.autoscale import GithubPoolSection
+from bigtent.errors import DispatchFailed
+from bigtent.tlsctx import httpx_verify
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +64,6 @@ def dispatch_url(api_url: str, workflow_repository: str, workflow: str) -> str:
     )
 
 
-def tls_verify(ca_file: Path | None, what: str) -> ssl.SSLContext | bool:
-    """httpx's ``verify`` for an API: the system's CAs, or only ``ca_file`` (a private CA of a
-    self-hosted GitHub Enterprise, Forgejo or Gitea). ``what`` names the config key in the
-    ConfigError when the file cannot be loaded."""
-    if ca_file is None:
-        return True
-    try:
-        return ssl.create_default_context(cafile=str(ca_file))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"{what}: cannot load {ca_file}: {exc}") from exc
-
-
 def error_message(body: bytes) -> str:
     """GitHub's error ``message`` (JSON), else the start of the body, on one line."""
     text = body.decode(errors="replace")
@@ -101,8 +88,8 @@ class GithubWorkflow:
     ) -> None:
         self.pool = pool
         self.url = dispatch_url(pool.api_url, pool.workflow_repository, pool.workflow)
-        verify = tls_verify(
-            pool.api_ca_file, f"config key autoscale.github api_ca_file of pool {pool.name!r}"
+        verify = httpx_verify(
+            pool.api_ca_file, f"the autoscale.github api_ca_file of pool {pool.name!r}"
         )
         self._client = httpx.AsyncClient(
             transport=transport,

@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bigtent.config.autoscale import AutoscaleSection, GithubPoolSection, load_token
 from bigtent.errors import DispatchFailed
 from bigtent.runner.auth.policy import AgentIdentity
 from bigtent.runner.autoscale.github import GithubWorkflow
@@ -40,7 +41,6 @@ from bigtent.runner.autoscale.plan import (
     next_expiry,
     plan,
 )
-from bigtent.runner.autoscale.settings import AutoscaleSection, GithubPoolSection, load_token
 from bigtent.runner.db import queries
 from bigtent.runner.metrics import Metrics
 from bigtent.runner.scheduler.dispatcher import Scheduler

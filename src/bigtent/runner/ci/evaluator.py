@@ -28,15 +28,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from bigtent.errors import BigtentError
-from bigtent.nix.sandbox import BWRAP, EvalSandbox, bwrap_argv, probe_argv, resolve_program
-from bigtent.nix.store import BoundedEval, BoundedRun, NixStore
-from bigtent.runner.ci.settings import (
+from bigtent.config.ci import (
     EvalSandboxKind,
     EvaluationSection,
     ProjectSection,
     redact_url_credentials,
 )
+from bigtent.errors import BigtentError
+from bigtent.nix.sandbox import BWRAP, EvalSandbox, bwrap_argv, probe_argv, resolve_program
+from bigtent.nix.store import BoundedEval, BoundedRun, NixStore
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,12 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from bigtent.config import Role
+from bigtent.config.ci import ProjectSection
 from bigtent.errors import AuthError, BadRequest, ConfigError, NotFound, PayloadTooLarge
 from bigtent.runner.api import AdminAuth, ClientAuth, Comps, _iso, _known_id
 from bigtent.runner.auth.tokens import Principal
 from bigtent.runner.ci.disclosure import shown_eval_error, shown_job_error
 from bigtent.runner.ci.service import CiService
-from bigtent.runner.ci.settings import ProjectSection
 from bigtent.runner.ci.triggers import match_project
 from bigtent.runner.ci.webhooks import (
     HookForge,

@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bigtent.client.build import nar_hash_to_nix32, upload_order
 from bigtent.config import RunnerConfig
+from bigtent.config.ci import ProjectSection, api_project_problem
 from bigtent.errors import BadRequest, ConfigError, Conflict, NotFound
 from bigtent.nix import base32
 from bigtent.nix.nar import dump_path
@@ -39,7 +40,6 @@ from bigtent.runner.cache import Cache, Upstreams
 from bigtent.runner.ci import triggers
 from bigtent.runner.ci.disclosure import shown_eval_error, shown_job_error
 from bigtent.runner.ci.evaluator import EvalFailure, Evaluator, default_branch, ls_remote
-from bigtent.runner.ci.settings import ProjectSection, api_project_problem
 from bigtent.runner.ci.triggers import ActiveEval, CiEvalState, job_state_from_step
 from bigtent.runner.ci.webhooks import Rerun, Trigger, TriggerKind
 from bigtent.runner.db import ci_queries as q

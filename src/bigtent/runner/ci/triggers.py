@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from bigtent.runner.ci.settings import ProjectSection
+from bigtent.config.ci import ProjectSection
 from bigtent.runner.ci.webhooks import Trigger, TriggerKind
 from bigtent.runner.trust import is_pull_request_ref
 

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import httpx
 
-from bigtent.runner.forge.http import call, make_client, read_secret_file
+from bigtent.runner.forge.http import call, make_client, read_credential
 from bigtent.runner.forge.reporting import CommitStatus
 
 
@@ -53,7 +53,7 @@ class ForgejoStatuses:
         await self._client.aclose()
 
     async def set_status(self, repository: str, sha: str, status: CommitStatus) -> None:
-        token = read_secret_file(self.token_file, "the forge token file").decode().strip()
+        token = read_credential(self.token_file, "the forge token file").decode()
         await call(
             self._client,
             "POST",

@@ -28,7 +28,7 @@ import jwt
 
 from bigtent.errors import ForgeFailed
 from bigtent.runner.autoscale.github import API_VERSION
-from bigtent.runner.forge.http import call, make_client, read_secret_file
+from bigtent.runner.forge.http import call, make_client, read_credential
 from bigtent.runner.forge.reporting import Check
 
 JWT_BACKDATE_SECS = 60
@@ -128,7 +128,7 @@ class GithubApp:
         await self._client.aclose()
 
     def _jwt(self) -> str:
-        key = read_secret_file(self.key_file, "the GitHub App key file")
+        key = read_credential(self.key_file, "the GitHub App key file")
         return app_jwt(self.app_id, key, self.clock())
 
     async def _as_app(self, method: str, path: str, where: str, body: Any = None) -> Any:

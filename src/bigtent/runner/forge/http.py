@@ -14,14 +14,15 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bigtent import __version__
-from bigtent.errors import ForgeFailed
-from bigtent.runner.autoscale.github import error_message, parse_retry_after, tls_verify
+from bigtent.errors import ConfigError, ForgeFailed
+from bigtent.runner.autoscale.github import error_message, parse_retry_after
+from bigtent.secretfile import read_secret_bytes
+from bigtent.tlsctx import httpx_verify
 
 MAX_BODY_BYTES = 1 << 20
 """Of any answer, at most this much is read (a check run's answer is a few KiB)."""
@@ -65,12 +66,11 @@ def make_client(
     headers: Mapping[str, str],
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
-    """An httpx client for one forge API: its CA (``tls_verify``), no proxies from the
+    """An httpx client for one forge API: its CA (``bigtent.tlsctx``), no proxies from the
     environment, no redirects."""
-    verify = tls_verify(Path(ca_file) if ca_file else None, what)
     return httpx.AsyncClient(
         transport=transport,
-        verify=verify,
+        verify=httpx_verify(ca_file or None, what),
         timeout=httpx.Timeout(timeout_secs, connect=min(10.0, timeout_secs)),
         follow_redirects=False,
         trust_env=False,
@@ -118,12 +118,10 @@ async def call(
     raise failure(status, answer_headers, bytes(data), now, where, (hints or {}).get(status, ""))
 
 
-def read_secret_file(path: str, what: str) -> bytes:
-    """A credential file's contents (read when needed, never kept in a config)."""
+def read_credential(path: str, what: str) -> bytes:
+    """A credential file's contents, read when needed (never kept in a config); one that
+    cannot be read is a ``ForgeFailed``, which the outbox retries (the file can be fixed)."""
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ForgeFailed(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    if not data.strip():
-        raise ForgeFailed(f"{what} {path} is empty")
-    return data
+        return read_secret_bytes(path, what)
+    except ConfigError as exc:
+        raise ForgeFailed(exc.message) from None

@@ -16,11 +16,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-
-class ForgeKind(StrEnum):
-    GITHUB = "github"
-    FORGEJO = "forgejo"  # Gitea speaks the same commit-status API
-    GITEA = "gitea"
+from bigtent.config.forge import ForgeTarget
 
 
 class EvalState(StrEnum):
@@ -41,26 +37,6 @@ class JobState(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
-
-
-@dataclass(frozen=True, slots=True)
-class ForgeTarget:
-    """Where to report: one repository on one forge, and the credentials to do it with.
-
-    Secrets are files, read when needed; never inline values.
-    """
-
-    kind: ForgeKind
-    api_url: str  # e.g. https://api.github.com or https://forgejo.example/api/v1
-    repository: str  # "owner/name"
-    # GitHub App: the app id, its private key (PEM) file, optionally the installation id
-    # (looked up from the repository when absent).
-    app_id: int | None = None
-    app_key_file: str | None = None
-    installation_id: int | None = None
-    # Forgejo/Gitea: an access token file.
-    token_file: str | None = None
-    ca_file: str | None = None  # private CA of a self-hosted forge
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,17 +25,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from bigtent.runner.forge.model import (
-    EvalReport,
-    EvalState,
-    ForgeKind,
-    JobReport,
-    JobState,
-)
+from bigtent.config.forge import MAX_JOB_CHECKS, ForgeKind
+from bigtent.runner.forge.model import EvalReport, EvalState, JobReport, JobState
 
-MAX_JOB_CHECKS = 47
-"""Per-job checks per evaluation (failed jobs only), as nixbot and buildbot-nix cap them: more
-would be noise on the pull request and would run into the forge's rate limits."""
 MAX_OUTPUT_CHARS = 65_535
 """GitHub's limit on a check run's ``output.summary`` and ``output.text``."""
 MAX_TITLE_CHARS = 255

@@ -33,11 +33,12 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bigtent.config.forge import ForgeKind, ForgeSection, ForgeTarget
 from bigtent.errors import ConfigError, ForgeFailed
 from bigtent.runner.db import queries
 from bigtent.runner.forge.forgejo import ForgejoStatuses
 from bigtent.runner.forge.github import GithubApp
-from bigtent.runner.forge.model import EvalReport, ForgeKind, ForgeTarget
+from bigtent.runner.forge.model import EvalReport
 from bigtent.runner.forge.reporting import (
     Check,
     Sent,
@@ -49,7 +50,6 @@ from bigtent.runner.forge.reporting import (
     sent_as,
     wanted_checks,
 )
-from bigtent.runner.forge.settings import ForgeSection
 from bigtent.runner.metrics import Metrics
 from bigtent.runner.scheduler.leases import next_retry_at
 

@@ -43,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from bigtent import protocol as p
 from bigtent.config import SchedulerSection
 from bigtent.errors import Conflict, Unavailable
+from bigtent.graphs import dependencies_first
 from bigtent.runner.db import queries
 from bigtent.runner.db.notify import Change, ChangeFeed, LocalFeed, is_conflict, take_pending
 from bigtent.runner.logs import LogStore
@@ -383,7 +384,9 @@ class Scheduler:
                     member.builds.add(b.id)
                     member.priority = max(member.priority, build.priority)
                     build.unfinished += not member.state.is_final
-        raise_heights(self.nodes, _topological_dependents_first(self.nodes))
+        raise_heights(
+            self.nodes, dependencies_first({i: n.dependents for i, n in self.nodes.items()})
+        )
         for node in self.nodes.values():
             if node.state is StepState.RUNNABLE:
                 self._make_runnable(node, now)
@@ -775,7 +778,7 @@ class Scheduler:
                             deps[by_id[s]].append(by_id[d])
                     planned = [
                         PlannedStep(drvs[d], tuple(sorted(deps[d])))
-                        for d in _dependencies_first(deps)
+                        for d in dependencies_first(deps)
                     ]
                     # Every step keeps its trust: an untrusted build's shared trusted step
                     # runs again as the trusted step it is.
@@ -2435,7 +2438,9 @@ class Scheduler:
                 touched |= self._catch_up_build(b, roots.get(int(b.id)), members.get(int(b.id)))
             rekey: set[int] = set()
             if fresh:
-                rekey = raise_heights(self.nodes, _topological_dependents_first(fresh))
+                rekey = raise_heights(
+                    self.nodes, dependencies_first({i: n.dependents for i, n in fresh.items()})
+                )
             for node in [*seen, *waiting.values(), *(self.nodes[i] for i in sorted(rekey))]:
                 if node.state is StepState.RUNNABLE:
                     self._make_runnable(node, now)
@@ -2588,26 +2593,6 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
-def _dependencies_first(deps: dict[str, list[str]]) -> list[str]:
-    """The keys of ``deps`` (node -> its dependencies among the keys), each after its
-    dependencies; ties in name order, so the order is deterministic."""
-    order: list[str] = []
-    seen: set[str] = set()
-    for start in sorted(deps):
-        stack: list[tuple[str, bool]] = [(start, False)]
-        while stack:
-            name, expanded = stack.pop()
-            if expanded:
-                order.append(name)
-                continue
-            if name in seen:
-                continue
-            seen.add(name)
-            stack.append((name, True))
-            stack.extend((d, False) for d in sorted(deps[name], reverse=True) if d not in seen)
-    return order
-
-
 def _new_node(sid: int, drv: queries.DrvInfo, trusted: bool, now: float) -> StepNode:
     return StepNode(
         id=sid,
@@ -2658,22 +2643,6 @@ def _node_from_row(row: Any) -> StepNode:
         venue=row.agent_machine_id,
         outputs=json.loads(row.outputs),
     )
-
-
-def _topological_dependents_first(nodes: dict[int, StepNode]) -> list[int]:
-    """Kahn's order over ``dependents``: a step comes after every step that depends on it."""
-    pending = {sid: sum(1 for d in n.dependents if d in nodes) for sid, n in nodes.items()}
-    ready = [sid for sid, c in pending.items() if c == 0]
-    order: list[int] = []
-    while ready:
-        sid = ready.pop()
-        order.append(sid)
-        for dep in nodes[sid].deps:
-            if dep in pending:
-                pending[dep] -= 1
-                if pending[dep] == 0:
-                    ready.append(dep)
-    return order
 
 
 def _check_admit_row(drv_path: str, node: StepNode | None, row: Any) -> None:

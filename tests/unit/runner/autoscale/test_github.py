@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
+from bigtent.config.autoscale import GithubPoolSection
 from bigtent.errors import DispatchFailed
 from bigtent.runner.autoscale.github import API_VERSION, GithubWorkflow, parse_retry_after
-from bigtent.runner.autoscale.settings import GithubPoolSection
 
 T0 = 1_700_000_000.0
 TOKEN = "ghs_0123456789abcdef"

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from bigtent.config.ci import EvaluationSection
 from bigtent.nix.store import BoundedRun
 from bigtent.runner.ci.evaluator import (
     EvalFailure,
@@ -14,7 +15,6 @@ from bigtent.runner.ci.evaluator import (
     nix_string_body,
     parse_jobs,
 )
-from bigtent.runner.ci.settings import EvaluationSection
 
 LIMITS = EvaluationSection(max_memory_mib=256, timeout_secs=10, max_jobs=3)
 

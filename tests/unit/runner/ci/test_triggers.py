@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bigtent.runner.ci.settings import ProjectSection
+from bigtent.config.ci import ProjectSection
 from bigtent.runner.ci.triggers import (
     ActiveEval,
     CiEvalState,

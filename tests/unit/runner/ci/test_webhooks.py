@@ -8,8 +8,8 @@ import json
 
 import pytest
 
+from bigtent.config.ci import ProjectSection
 from bigtent.errors import AuthError, BadRequest
-from bigtent.runner.ci.settings import ProjectSection
 from bigtent.runner.ci.triggers import Decision, decide
 from bigtent.runner.ci.webhooks import (
     HookForge,

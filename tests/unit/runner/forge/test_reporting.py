@@ -7,14 +7,8 @@ import dataclasses
 
 import pytest
 
-from bigtent.runner.forge.model import (
-    EvalReport,
-    EvalState,
-    ForgeKind,
-    ForgeTarget,
-    JobReport,
-    JobState,
-)
+from bigtent.config.forge import ForgeKind, ForgeTarget
+from bigtent.runner.forge.model import EvalReport, EvalState, JobReport, JobState
 from bigtent.runner.forge.reporting import (
     MAX_OUTPUT_CHARS,
     Check,

@@ -89,7 +89,7 @@ def test_credentials_inline_or_from_files(tmp_path: Path) -> None:
         storage="s3",
         s3={"bucket": "b12", "access_key_id": "y", "secret_access_key_file": str(tmp_path / "no")},
     ).cache.s3
-    with pytest.raises(ConfigError, match="secret_access_key_file: cannot read"):
+    with pytest.raises(ConfigError, match=r"cannot read cache\.s3\.secret_access_key_file "):
         missing.credentials()
 
 

@@ -11,41 +11,24 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from bigtent import __version__
+from bigtent.config.auth import OidcIssuerSection
+from bigtent.config.base import GIT_REF, NAME, REPOSITORY, Section, comma_free_names, web_url
 from bigtent.errors import ConfigError
 from bigtent.protocol import MAX_LIST_ITEMS
-
-if TYPE_CHECKING:  # config.py imports this module: no import back at run time
-    from bigtent.config import OidcIssuerSection
+from bigtent.secretfile import read_secret_file
 
 GITHUB_API_URL = "https://api.github.com"
-_POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-"""Also the launched agents' base name and a workflow input: no spaces, commas or slashes."""
-_REPOSITORY = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
 _WORKFLOW = re.compile(r"[A-Za-z0-9_.-]+\.ya?ml|[0-9]+")
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}")
-_REF = re.compile(r"[^\s~^:?*\[\\]{1,255}")
 
 
-def _https_url(v: str, what: str) -> str:
-    url = urlsplit(v)
-    if url.scheme != "https" or not url.hostname:
-        raise ValueError(f"must be an https:// URL with a host: {what}")
-    if url.query or url.fragment or url.username or url.password:
-        raise ValueError("must not carry a query, fragment or credentials")
-    return v.rstrip("/")
-
-
-class GithubPoolSection(BaseModel):
+class GithubPoolSection(Section):
     """One ``[[autoscale.github]]`` pool: ephemeral agents launched through GitHub's
     ``workflow_dispatch`` when runnable work waits that no connected agent can take."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str
     """The pool's name, also its agents' base name (``NAME-gh<run>.<attempt>-<id>``)."""
@@ -91,7 +74,7 @@ class GithubPoolSection(BaseModel):
     @field_validator("name")
     @classmethod
     def _valid_name(cls, v: str) -> str:
-        if not _POOL_NAME.fullmatch(v):
+        if not NAME.fullmatch(v):
             raise ValueError(
                 "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
             )
@@ -101,25 +84,20 @@ class GithubPoolSection(BaseModel):
     @classmethod
     def _valid_features(cls, v: list[str]) -> list[str]:
         # The workflow receives these comma-joined: a comma or space inside one would split it.
-        for item in v:
-            if not item or any(c.isspace() or c == "," for c in item):
-                raise ValueError(
-                    f"entries must be non-empty, without commas or whitespace ({item!r})"
-                )
-        return v
+        return comma_free_names(v)
 
     @field_validator("allowed_build_repositories")
     @classmethod
     def _valid_repositories(cls, v: list[str]) -> list[str]:
         for item in v:
-            if not _REPOSITORY.fullmatch(item):
+            if not REPOSITORY.fullmatch(item):
                 raise ValueError(f"entries must be owner/repo ({item!r})")
         return v
 
     @field_validator("workflow_repository")
     @classmethod
     def _valid_workflow_repository(cls, v: str) -> str:
-        if not _REPOSITORY.fullmatch(v):
+        if not REPOSITORY.fullmatch(v):
             raise ValueError("must be owner/repo")
         return v
 
@@ -133,7 +111,7 @@ class GithubPoolSection(BaseModel):
     @field_validator("ref")
     @classmethod
     def _valid_ref(cls, v: str) -> str:
-        if not _REF.fullmatch(v):
+        if not GIT_REF.fullmatch(v):
             raise ValueError("must be a branch or tag name")
         return v
 
@@ -147,12 +125,13 @@ class GithubPoolSection(BaseModel):
     @field_validator("runner_url")
     @classmethod
     def _valid_runner_url(cls, v: str) -> str:
-        return _https_url(v, "agents launched in CI reach the runner over the network")
+        why = "agents launched in CI reach the runner over the network"
+        return web_url(v, why=why).rstrip("/")
 
     @field_validator("api_url")
     @classmethod
     def _valid_api_url(cls, v: str) -> str:
-        return _https_url(v, "the dispatch token travels in it")
+        return web_url(v, why="the dispatch token travels in it").rstrip("/")
 
     @field_validator("audience")
     @classmethod
@@ -173,9 +152,7 @@ class GithubPoolSection(BaseModel):
         return f"{self.workflow_repository}/{self.workflow}@{self.ref}"
 
 
-class AutoscaleSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class AutoscaleSection(Section):
     github: list[GithubPoolSection] = []
     min_tick_interval_secs: float = Field(default=1.0, ge=0)
     """New runnable work wakes the autoscaler, but it looks at the demand at most this often
@@ -253,18 +230,5 @@ def load_token(index: int, pool: GithubPoolSection) -> str:
             raise ConfigError(f"{_key(index, 'token')}: is empty")
         return secret
     assert pool.token_file is not None  # the model requires one of the two
-    try:
-        secret = pool.token_file.read_text().strip()
-    except OSError as exc:
-        raise ConfigError(
-            f"{_key(index, 'token_file')}: cannot read {pool.token_file}: {exc.strerror or exc}"
-        ) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{_key(index, 'token_file')}: {pool.token_file} is not text") from exc
-    if not secret:
-        raise ConfigError(f"{_key(index, 'token_file')}: {pool.token_file} is empty")
-    if any(c.isspace() for c in secret):
-        raise ConfigError(
-            f"{_key(index, 'token_file')}: {pool.token_file} must hold one token (no spaces)"
-        )
-    return secret
+    what = f"autoscale.github.{index}.token_file"
+    return read_secret_file(pool.token_file, what, one_token=True)

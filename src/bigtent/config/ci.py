@@ -8,22 +8,18 @@ never holds a secret inline.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from enum import StrEnum
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from bigtent.errors import ConfigError
-from bigtent.runner.forge.model import ForgeKind, ForgeTarget
+from bigtent.config.base import GIT_REF, NAME, REPOSITORY, Section, is_loopback
+from bigtent.config.forge import ForgeKind, ForgeTarget
+from bigtent.secretfile import read_secret_bytes
 
-PROJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-"""Also part of a check's name on the forge (``bigtent/<project>/…``): no slashes or spaces."""
-_REPOSITORY = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
-_BRANCH = re.compile(r"[^\s~^:?*\[\\]{1,255}")
 _ATTR = re.compile(r"[A-Za-z0-9_'-]+(\.[A-Za-z0-9_'-]+)*")
 GIT_SCHEMES = frozenset({"https", "http", "git", "ssh", "file"})
 
@@ -44,10 +40,8 @@ class ForgeChoice(StrEnum):
     NONE = "none"
 
 
-class ProjectSection(BaseModel):
+class ProjectSection(Section):
     """One ``[[projects]]`` entry: a git repository bigtent evaluates and builds."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str
     url: str
@@ -87,7 +81,7 @@ class ProjectSection(BaseModel):
     @field_validator("name")
     @classmethod
     def _valid_name(cls, v: str) -> str:
-        if not PROJECT_NAME.fullmatch(v):
+        if not NAME.fullmatch(v):
             raise ValueError("letters, digits, '.', '_' and '-', at most 64, no leading symbol")
         return v
 
@@ -109,7 +103,7 @@ class ProjectSection(BaseModel):
     @classmethod
     def _valid_branches(cls, v: list[str]) -> list[str]:
         for b in v:
-            if not _BRANCH.fullmatch(b) or b.startswith(("-", "refs/")):
+            if not GIT_REF.fullmatch(b) or b.startswith(("-", "refs/")):
                 raise ValueError(f"not a branch name: {b!r} (give names, not refs/heads/…)")
         return v
 
@@ -139,7 +133,7 @@ class ProjectSection(BaseModel):
     @field_validator("repository")
     @classmethod
     def _valid_repository(cls, v: str) -> str:
-        if v and not _REPOSITORY.fullmatch(v):
+        if v and not REPOSITORY.fullmatch(v):
             raise ValueError("must be owner/name")
         return v
 
@@ -202,16 +196,9 @@ class ProjectSection(BaseModel):
         cannot be read or is empty."""
         if self.webhook_secret_file is None:
             return None
-        try:
-            value = self.webhook_secret_file.read_bytes().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"project {self.name}: cannot read webhook_secret_file "
-                f"{self.webhook_secret_file}: {exc.strerror}"
-            ) from exc
-        if not value:
-            raise ConfigError(f"project {self.name}: {self.webhook_secret_file} is empty")
-        return value
+        return read_secret_bytes(
+            self.webhook_secret_file, f"webhook_secret_file of project {self.name}"
+        )
 
 
 _URL_CREDENTIALS = re.compile(r"(?i)\b((?:https?|git|ssh|ftps?)://)[^/\s@]+@")
@@ -246,18 +233,9 @@ def api_project_problem(project: ProjectSection, secrets_dir: Path | None) -> st
         return "url: file:// repositories are only for projects of the runner's config"
     if project.forge_api_url:
         api = urlsplit(project.forge_api_url)
-        if api.scheme != "https" and not _is_loopback(api.hostname or ""):
+        if api.scheme != "https" and not is_loopback(api.hostname or ""):
             return "forge_api_url: must be https:// (http:// only to a loopback address)"
     return None
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class EvalSandboxKind(StrEnum):
@@ -268,10 +246,8 @@ class EvalSandboxKind(StrEnum):
     key included). Unsafe for untrusted code (pull requests from forks)."""
 
 
-class EvaluationSection(BaseModel):
+class EvaluationSection(Section):
     """``[evaluation]``: how the runner evaluates projects (docs/ci.md)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     max_memory_mib: int = Field(default=4096, ge=64, le=1024 * 1024)
     """Address-space limit of the evaluating Nix process, set by the operating system

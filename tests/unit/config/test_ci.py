@@ -9,13 +9,13 @@ import pytest
 from pydantic import ValidationError
 
 from bigtent.config import load_runner_config
-from bigtent.errors import ConfigError
-from bigtent.runner.ci.settings import (
+from bigtent.config.ci import (
     ProjectSection,
     api_project_problem,
     redact_url_credentials,
 )
-from bigtent.runner.forge.model import ForgeKind
+from bigtent.config.forge import ForgeKind
+from bigtent.errors import ConfigError
 
 BASE = {"name": "widgets", "url": "https://example.test/acme/widgets.git"}
 

@@ -11,9 +11,9 @@ import pytest
 
 from bigtent import __version__
 from bigtent.config import RunnerConfig, load_runner_config
+from bigtent.config.autoscale import load_token
 from bigtent.errors import ConfigError
 from bigtent.runner.autoscale.service import build_workflows
-from bigtent.runner.autoscale.settings import load_token
 
 GITHUB = "https://token.actions.githubusercontent.com"
 WORKFLOW_REF = "acme/bigtent-agents/.github/workflows/bigtent-agent.yml@refs/heads/main"
@@ -183,7 +183,7 @@ def test_the_token_must_load(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     base = {k: v for k, v in POOL.items() if k != "token"} | {"token_file": str(token_file)}
     cfg = load(tmp_path, base)
-    with pytest.raises(ConfigError, match=r"autoscale\.github\.0\.token_file: cannot read"):
+    with pytest.raises(ConfigError, match=r"cannot read autoscale\.github\.0\.token_file "):
         build_workflows(cfg.autoscale)
     token_file.write_text("\n")
     with pytest.raises(ConfigError, match="is empty"):

@@ -1,0 +1,31 @@
+"""TLS contexts, one place: a CA file (a PEM bundle) -> an ``ssl.SSLContext``.
+
+Every client bigtent opens to a service with a private CA goes through here: the ``bigtent``
+client and the agent to the runner (``--ca-file``, ``agent.ca_file``), the runner to an OIDC
+issuer (``[[auth.oidc]] ca_file``), to GitHub for the autoscaler (``api_ca_file``) and to a
+project's forge (``forge_ca_file``). A CA file replaces the system roots; without one the
+system roots apply. A file that cannot be loaded is a ``ConfigError`` naming what it is for:
+``cannot load WHAT PATH: REASON``.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from bigtent.errors import ConfigError
+
+
+def ca_context(ca_file: Path | str | None, what: str) -> ssl.SSLContext:
+    """A verifying client context trusting only ``ca_file``'s CAs, or the system roots when
+    ``ca_file`` is None (hostname checked, TLS 1.2 or later: ``ssl.create_default_context``)."""
+    try:
+        return ssl.create_default_context(cafile=None if ca_file is None else str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load {what} {ca_file}: {exc}") from exc
+
+
+def httpx_verify(ca_file: Path | str | None, what: str) -> ssl.SSLContext | bool:
+    """httpx's ``verify``: ``True`` (its own system roots) without a CA file, else the
+    context of ``ca_context``."""
+    return True if ca_file is None else ca_context(ca_file, what)
