@@ -51,7 +51,7 @@ from bigtent.errors import (
 
 if TYPE_CHECKING:  # the client modules load lazily, inside the commands
     from bigtent.client.api import Agent, Build, RunnerClient, Step, StepAttempt, WaitingStep
-    from bigtent.client.build import BuildTracker
+    from bigtent.client.follow import BuildTracker
     from bigtent.client.progress import StepLogStreams
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ class _RichBuildObserver:
         self.progress.update(self._upload, completed=done, total=total)
 
     def on_progress(self, build: Build) -> None:
-        from bigtent.client.build import capacity_summary, progress_line
+        from bigtent.client.reports import capacity_summary, progress_line
 
         c = build.counts
         done = c.succeeded + c.failed + c.cancelled
@@ -278,14 +278,14 @@ class _RichBuildObserver:
 
     def on_attempt(self, attempt: StepAttempt) -> None:
         """A failed infrastructure attempt, as the poll that sees it comes in."""
-        from bigtent.client.build import attempt_notice
+        from bigtent.client.reports import attempt_notice
 
         notice = attempt_notice(attempt)
         if notice is not None:
             self.progress.console.print(notice, markup=False, style="yellow", soft_wrap=True)
 
     def on_waiting_for_capacity(self, steps: Sequence[WaitingStep]) -> None:
-        from bigtent.client.build import waiting_line
+        from bigtent.client.reports import waiting_line
 
         for step in steps:
             self.progress.console.print(
@@ -307,7 +307,7 @@ def _report_failure(build: Build, labels: Mapping[str, str] | None = None) -> No
 
     Plain lines (no rich wrapping or markup): log text is shown exactly as the builder wrote it.
     """
-    from bigtent.client.build import failed_roots
+    from bigtent.client.reports import failed_roots
 
     names = labels or {}
     click.secho(f"build {build.id} {build.state.value}", err=True, fg="red", bold=True)
@@ -446,18 +446,11 @@ def build(
     request ref.
     """
     from bigtent.apilimits import build_field_problem
-    from bigtent.client.build import (
-        BuildObserver,
-        BuildOptions,
-        BuildTracker,
-        SilentObserver,
-        build_report,
-        failed_roots,
-        job_labels,
-        parse_duration,
-        run_build,
-    )
+    from bigtent.client.build import BuildOptions, parse_duration, run_build
+    from bigtent.client.follow import BuildTracker
+    from bigtent.client.observer import BuildObserver, SilentObserver
     from bigtent.client.progress import PlainBuildObserver, StepLogStreams
+    from bigtent.client.reports import build_report, failed_roots, job_labels
     from bigtent.client.targets import (
         AutoArg,
         evaluate_targets,
@@ -601,7 +594,7 @@ class _Stop:
     async def wind_up(self, client: RunnerClient, tracker: BuildTracker) -> None:
         """What was still pending, then (``--cancel-on-exit``) cancel the build: bounded,
         and a runner that does not answer only costs the report."""
-        from bigtent.client.build import pending_steps
+        from bigtent.client.reports import pending_steps
 
         build_id = tracker.build_id
         if build_id is None:
@@ -623,7 +616,7 @@ _PENDING_SHOWN = 20
 
 def _report_stop(stop: _Stop, tracker: BuildTracker, as_json: bool, timeout: str | None) -> None:
     """The notice of a ``bigtent build`` that stops before its build ended."""
-    from bigtent.client.build import pending_line, stop_report
+    from bigtent.client.reports import pending_line, stop_report
 
     if as_json:
         _echo_json(
@@ -897,7 +890,7 @@ def agents_drain(
 
 
 def _build_line(b: Build) -> str:
-    from bigtent.client.build import progress_line
+    from bigtent.client.reports import progress_line
 
     return f"build {b.id}: {b.state.value}, priority {b.priority}, {progress_line(b)}"
 

@@ -60,14 +60,14 @@ class _HookObserver:
         pass
 
     def on_attempt(self, attempt: StepAttempt) -> None:
-        from bigtent.client.build import attempt_notice
+        from bigtent.client.reports import attempt_notice
 
         notice = attempt_notice(attempt)
         if notice is not None:
             self.sink.line(f"bigtent: {notice}")
 
     def on_waiting_for_capacity(self, steps: Sequence[WaitingStep]) -> None:
-        from bigtent.client.build import waiting_line
+        from bigtent.client.reports import waiting_line
 
         for step in steps:
             self.sink.line(f"bigtent: {waiting_line(step)}")
@@ -151,13 +151,9 @@ async def _build(
 ) -> int:
     import asyncio
 
-    from bigtent.client.build import (
-        AttemptFollower,
-        BuildOptions,
-        build_succeeded,
-        follow_build,
-        submit_build,
-    )
+    from bigtent.client.build import BuildOptions, submit_build
+    from bigtent.client.follow import AttemptFollower, follow_build
+    from bigtent.client.reports import build_succeeded
     from bigtent.errors import BigtentError
 
     try:
@@ -228,7 +224,7 @@ async def upload_drv(
     saw them: Nix builds the inputs first), only the .drv itself is uploaded, hashed here
     from its file; else ``bigtent build``'s ``upload_closure`` (one ``nix path-info`` of the
     whole closure, then only what the runner lacks)."""
-    from bigtent.client.build import upload_closure
+    from bigtent.client.upload import upload_closure
     from bigtent.nix import base32
     from bigtent.nix.drv import DrvError, parse_drv
     from bigtent.nix.nar import dump_path
@@ -307,7 +303,7 @@ async def copy_outputs(
     options), or only against ``public_keys`` when those are given."""
     import tempfile
 
-    from bigtent.client.build import substituter_options
+    from bigtent.client.outputs import substituter_options
     from bigtent.errors import NixError
 
     paths = wanted_paths(build, wanted)

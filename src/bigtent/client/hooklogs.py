@@ -121,7 +121,7 @@ class RootLogs:
         farm had built it already."""
         import asyncio
 
-        from bigtent.client.build import build_succeeded
+        from bigtent.client.reports import build_succeeded
         from bigtent.errors import BigtentError
 
         await self.stop()

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bigtent.client.build import nar_hash_to_nix32, upload_order
+from bigtent.client.upload import nar_hash_to_nix32, upload_order
 from bigtent.nix import base32
 from bigtent.nix.nar import dump_path
 from bigtent.runner.builds import plan_parts
