@@ -33,16 +33,16 @@ from bigtent.config import AgentConfig, Role, load_agent_config, load_runner_con
 from bigtent.errors import BigtentError
 from bigtent.nix.keys import parse_public_key, parse_secret_key
 from bigtent.runner.auth.tokens import token_digest
-from bigtent.up import (
+from bigtent.up import UpSettings
+from bigtent.up.children import restart_delay_secs
+from bigtent.up.state import (
     Layout,
-    UpSettings,
     host_sandbox_paths,
     key_name,
     prepare_state,
     render_agent_config,
     render_env,
     render_runner_config,
-    restart_delay_secs,
 )
 from tests.unit.cli_helpers import WIDE, parse_table, run_cli
 
