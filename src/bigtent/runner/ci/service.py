@@ -32,14 +32,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bigtent.config import RunnerConfig
 from bigtent.errors import Conflict
 from bigtent.runner.cache import Cache, Upstreams
-from bigtent.runner.ci import triggers
+from bigtent.runner.ci import queue, triggers
 from bigtent.runner.ci.evaluation import ACTOR, Admission, Ended
 from bigtent.runner.ci.evaluator import Evaluator
 from bigtent.runner.ci.projects import Projects
 from bigtent.runner.ci.refs import LsRemote, Refs
 from bigtent.runner.ci.reports import build_report, eval_url
 from bigtent.runner.ci.settings import ProjectSection
-from bigtent.runner.ci.triggers import ActiveEval, CiEvalState
+from bigtent.runner.ci.triggers import CiEvalState
 from bigtent.runner.ci.webhooks import Rerun, Trigger
 from bigtent.runner.db import ci_queries as q
 from bigtent.runner.forge.model import EvalReport, JobState, Reporter
@@ -132,12 +132,7 @@ class CiService:
         async with self.engine.begin() as conn:
             await self.registry.write_configured(conn, self.config.projects)
             rows = await q.fetch_projects(conn)
-            for row in await q.fetch_evaluations_in(
-                conn, [CiEvalState.EVALUATING.value], claimed_by=self.runner_id
-            ):
-                await q.transition(
-                    conn, row.id, [CiEvalState.EVALUATING.value], state=CiEvalState.QUEUED.value
-                )
+            await queue.requeue_claimed(conn, self.runner_id)
         self.registry.set_rows(rows)
         problem = await self.evaluator.probe()
         if problem is not None and self.evaluator.refuses_untrusted:
@@ -180,47 +175,19 @@ class CiService:
             log.info("project %s: %s: not evaluated", project.name, decision.reason)
             return None
         state = CiEvalState.AWAITING_APPROVAL if decision.needs_approval else CiEvalState.QUEUED
-        now = self.clock()
-        async with self.engine.begin() as conn:
-            eval_id = await q.insert_evaluation(
-                conn,
-                project=project.name,
-                ref=trigger.ref,
-                commit_sha=trigger.commit_sha,
-                fetch_ref=trigger.fetch_ref,
-                trigger=trigger.kind.value,
-                pull_request=trigger.pull_request,
-                trusted=decision.trusted,
-                state=state.value,
-                created_at=now,
-            )
-            if eval_id is None:
-                row = await q.find_evaluation(conn, project.name, trigger.ref, trigger.commit_sha)
-                assert row is not None
-                if row.superseded_by is None or row.state != CiEvalState.CANCELLED:
-                    return int(row.id)
-                # The ref is back at a commit whose evaluation a newer one superseded (a
-                # force-push back): evaluate it again, as new.
-                eval_id = int(row.id)
-                revived = await q.transition(
-                    conn,
-                    eval_id,
-                    [CiEvalState.CANCELLED.value],
-                    state=state.value,
-                    superseded_by=None,
-                    build_id=None,
-                    error=None,
-                    claimed_by=None,
-                    started_at=None,
-                    finished_at=None,
-                    created_at=now,
-                    trigger=trigger.kind.value,
-                )
-                if not revived:
-                    return eval_id
-                await q.delete_jobs(conn, eval_id)
-                self._watched.pop(eval_id, None)
-            active = await q.fetch_active_evaluations(conn, project.name)
+        queued = await queue.enqueue(
+            self.engine,
+            project.name,
+            trigger,
+            trusted=decision.trusted,
+            state=state,
+            now=self.clock(),
+        )
+        eval_id = queued.eval_id
+        if not queued.new:
+            return eval_id
+        if queued.revived:
+            self._watched.pop(eval_id, None)
         log.info(
             "project %s: evaluation %d of %s at %s (%s, %s)",
             project.name,
@@ -230,11 +197,7 @@ class CiService:
             trigger.kind.value,
             "trusted" if decision.trusted else "untrusted",
         )
-        old = triggers.superseded(
-            [ActiveEval(r.id, r.ref, r.commit_sha, CiEvalState(r.state)) for r in active],
-            trigger.ref,
-            trigger.commit_sha,
-        )
+        old = triggers.superseded(queued.active, trigger.ref, trigger.commit_sha)
         for other in old:
             await self.cancel(other, superseded_by=eval_id)
         await self._report(eval_id)
@@ -254,18 +217,8 @@ class CiService:
     async def cancel(self, eval_id: int, *, superseded_by: int | None = None) -> bool:
         """Cancel an evaluation that is not final: its Nix process stops, its build is
         cancelled. False when it was final already."""
-        active = [s.value for s in CiEvalState if not s.is_final]
-        async with self.engine.begin() as conn:
-            moved = await q.transition(
-                conn,
-                eval_id,
-                active,
-                state=CiEvalState.CANCELLED.value,
-                finished_at=self.clock(),
-                superseded_by=superseded_by,
-            )
-            row = await q.fetch_evaluation(conn, eval_id)
-        if not moved or row is None:
+        row = await queue.cancel(self.engine, eval_id, superseded_by, self.clock())
+        if row is None:
             return False
         if superseded_by is not None:
             log.info("evaluation %d superseded by %d", eval_id, superseded_by)
@@ -274,18 +227,12 @@ class CiService:
             abort.set()
         if row.build_id is not None:
             await self.scheduler.cancel_build(int(row.build_id), actor=ACTOR)
-        await self._settle_jobs(eval_id)
+        await queue.settle_jobs(self.engine, eval_id)
         await self._report(eval_id)
         return True
 
     async def approve(self, eval_id: int) -> None:
-        async with self.engine.begin() as conn:
-            moved = await q.transition(
-                conn,
-                eval_id,
-                [CiEvalState.AWAITING_APPROVAL.value],
-                state=CiEvalState.QUEUED.value,
-            )
+        moved = await queue.approve(self.engine, eval_id)
         if not moved:
             raise Conflict(f"evaluation {eval_id} is not waiting for approval")
         await self._report(eval_id)
@@ -315,16 +262,7 @@ class CiService:
         )
         if not restarted:
             return False
-        async with self.engine.begin() as conn:
-            await q.transition(
-                conn,
-                row.id,
-                [CiEvalState.FAILED.value, CiEvalState.BUILDING.value],
-                state=CiEvalState.BUILDING.value,
-                finished_at=None,
-                claimed_by=self.runner_id,
-            )
-            await q.set_job_states(conn, row.id, dict.fromkeys(failed, JobState.QUEUED.value))
+        await queue.rebuild(self.engine, row.id, failed, self.runner_id)
         self._watched.pop(row.id, None)
         log.info("evaluation %d: failed jobs restarted (%d)", row.id, len(failed))
         self._wake.set()
@@ -371,7 +309,7 @@ class CiService:
                 break
             if row.id in self._aborts:
                 continue
-            if await self._claim(int(row.id)):
+            if await queue.claim(self.engine, int(row.id), self.runner_id, self.clock()):
                 running += 1
                 abort = self._aborts[int(row.id)] = asyncio.Event()
                 self._spawn(self._evaluate(int(row.id), abort), f"evaluation-{row.id}")
@@ -387,17 +325,6 @@ class CiService:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _claim(self, eval_id: int) -> bool:
-        async with self.engine.begin() as conn:
-            return await q.transition(
-                conn,
-                eval_id,
-                [CiEvalState.QUEUED.value],
-                state=CiEvalState.EVALUATING.value,
-                claimed_by=self.runner_id,
-                started_at=self.clock(),
-            )
 
     async def _evaluate(self, eval_id: int, abort: asyncio.Event) -> None:
         """Evaluate a claimed evaluation (``abort``, in ``_aborts`` from its claim on, stops
@@ -439,31 +366,8 @@ class CiService:
             await self._watch(eval_id)
 
     async def _end(self, eval_id: int, state: CiEvalState, error: str | None) -> None:
-        async with self.engine.begin() as conn:
-            moved = await q.transition(
-                conn,
-                eval_id,
-                [CiEvalState.EVALUATING.value, CiEvalState.BUILDING.value],
-                state=state.value,
-                error=error,
-                finished_at=self.clock(),
-            )
-        if moved:
+        if await queue.end(self.engine, eval_id, state, error, self.clock()):
             await self._report(eval_id)
-
-    async def _settle_jobs(self, eval_id: int) -> None:
-        """Jobs of a cancelled evaluation that had not ended are cancelled."""
-        async with self.engine.begin() as conn:
-            jobs = await q.fetch_jobs(conn, eval_id)
-            await q.set_job_states(
-                conn,
-                eval_id,
-                {
-                    j.attr: JobState.CANCELLED.value
-                    for j in jobs
-                    if j.state in (JobState.QUEUED, JobState.RUNNING)
-                },
-            )
 
     async def _watch(self, eval_id: int) -> None:
         """Read the evaluation's build; store and report what changed."""
