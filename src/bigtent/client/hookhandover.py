@@ -9,12 +9,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from bigtent.client.hookcommon import HookConfig, Sink
-from bigtent.client.hookentry import (
-    encode_request,
-    is_private_dir,
-    relay,
-    socket_path,
-)
+from bigtent.client.hookentry import encode_request, is_private_dir, relay, socket_path
 
 HELPER_START_SECS = 15.0
 """How long a hook waits for the helper it started to listen."""

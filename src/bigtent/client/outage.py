@@ -9,10 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from bigtent.client.api import (
-    not_sent,
-    runner_answered,
-)
+from bigtent.client.api import not_sent, runner_answered
 from bigtent.errors import RunnerUnreachable
 
 if TYPE_CHECKING:

@@ -11,9 +11,7 @@ import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from bigtent.client.api import (
-    RunnerClient,
-)
+from bigtent.client.api import RunnerClient
 from bigtent.client.outage import riding_out
 from bigtent.errors import BigtentError, NixError
 from bigtent.nix import base32

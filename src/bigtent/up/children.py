@@ -16,12 +16,7 @@ from pathlib import Path
 from typing import IO
 
 from bigtent.client.api import RunnerClient
-from bigtent.errors import (
-    AgentCannotBuild,
-    AuthError,
-    BigtentError,
-    RunnerUnreachable,
-)
+from bigtent.errors import AgentCannotBuild, AuthError, BigtentError, RunnerUnreachable
 from bigtent.up.state import HOST
 
 log = logging.getLogger(__name__)

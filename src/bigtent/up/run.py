@@ -13,10 +13,7 @@ import sys
 from collections.abc import Iterator
 
 from bigtent.config import Role
-from bigtent.errors import (
-    BigtentError,
-    ConfigError,
-)
+from bigtent.errors import BigtentError, ConfigError
 from bigtent.runner.db.migrate import migrate_database
 from bigtent.up.children import (
     Child,

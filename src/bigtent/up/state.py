@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bigtent.config import Role
-from bigtent.errors import (
-    ConfigError,
-)
+from bigtent.errors import ConfigError
 from bigtent.nix.keys import generate_key, load_secret_key
 from bigtent.runner.auth.tokens import generate_token
 

@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
 
 
-# ---- actions ---------------------------------------------------------------------------------
 async def _action(
     request: Request,
     run: Callable[[Components, dict[str, str], Principal], Awaitable[str]],

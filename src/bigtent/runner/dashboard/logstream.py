@@ -40,7 +40,6 @@ state (it is recorded just after the log closes) before it goes back to waiting.
 SSE_RETRY_MILLIS = 1000
 
 
-# ---- logs ------------------------------------------------------------------------------------
 async def _require_step(comps: Components, step_id: int) -> None:
     views.known_id(step_id, "step")
     async with comps.engine.connect() as conn:

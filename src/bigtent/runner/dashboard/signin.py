@@ -29,7 +29,6 @@ router = APIRouter(include_in_schema=False)
 MAX_FORM_BYTES = 16 * 1024
 
 
-# ---- sign-in ---------------------------------------------------------------------------------
 async def read_form(request: Request) -> dict[str, str]:
     """A small ``application/x-www-form-urlencoded`` body (first value of each field)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()

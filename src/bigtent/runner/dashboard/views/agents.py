@@ -12,7 +12,6 @@ from bigtent.runner.db import queries
 from bigtent.runner.scheduler.health import is_unhealthy, shown_error
 
 
-# ---- agents ----------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class AgentRow:
     machine_id: str

@@ -23,7 +23,6 @@ CACHE_TOTALS_TTL_SECS = 10.0
 """The cache's size is a sum over every path: computed at most this often."""
 
 
-# ---- overview --------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Overview:
     now: float
