@@ -54,7 +54,8 @@ from websockets.asyncio.client import connect
 
 from bigtent import protocol as p
 from bigtent.client.api import RunnerClient
-from bigtent.client.build import SilentObserver, upload_closure
+from bigtent.client.observer import SilentObserver
+from bigtent.client.upload import upload_closure
 from bigtent.nix import base32
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store import NixStore

@@ -63,7 +63,7 @@ def expression(jobs: int, deps: bool) -> str:
 
 
 async def ingest(way: str, work: Path, store_uri: str, drvs: list[str], batch: int) -> float:
-    from bigtent.client.build import nar_hash_to_nix32, upload_order
+    from bigtent.client.upload import nar_hash_to_nix32, upload_order
     from bigtent.config import CacheSection
     from bigtent.nix import base32
     from bigtent.nix.keys import generate_key

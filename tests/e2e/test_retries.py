@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bigtent.client.build import POLL_INTERVAL_SECS
+from bigtent.client.follow import POLL_INTERVAL_SECS
 from tests.e2e.conftest import Farm
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nix]

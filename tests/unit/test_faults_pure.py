@@ -13,7 +13,8 @@ import pytest
 import sqlalchemy.exc
 
 from bigtent.client.api import RunnerClient, error_from_response, runner_urls
-from bigtent.client.build import SilentObserver, riding_out
+from bigtent.client.observer import SilentObserver
+from bigtent.client.outage import riding_out
 from bigtent.errors import (
     DatabaseError,
     RunnerUnreachable,

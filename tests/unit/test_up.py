@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bigtent.up import agent_error, pending_agents, schema_line
+from bigtent.up.children import agent_error, pending_agents, schema_line
 
 
 def test_agent_error_is_the_last_error_and_what_follows() -> None:

@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 
 from bigtent.config import Role, load_agent_config, load_runner_config
-from bigtent.up import (
+from bigtent.up import UpSettings
+from bigtent.up.children import restart_delay_secs
+from bigtent.up.state import (
     Layout,
-    UpSettings,
     host_sandbox_paths,
     key_name,
     prepare_state,
     render_agent_config,
     render_env,
     render_runner_config,
-    restart_delay_secs,
 )
 
 

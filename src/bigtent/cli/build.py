@@ -137,18 +137,11 @@ def build(
     request ref.
     """
     from bigtent.apilimits import build_field_problem
-    from bigtent.client.build import (
-        BuildObserver,
-        BuildOptions,
-        BuildTracker,
-        SilentObserver,
-        build_report,
-        failed_roots,
-        job_labels,
-        parse_duration,
-        run_build,
-    )
+    from bigtent.client.build import BuildOptions, parse_duration, run_build
+    from bigtent.client.follow import BuildTracker
+    from bigtent.client.observer import BuildObserver, SilentObserver
     from bigtent.client.progress import PlainBuildObserver, StepLogStreams
+    from bigtent.client.reports import build_report, failed_roots, job_labels
     from bigtent.client.targets import (
         AutoArg,
         evaluate_targets,

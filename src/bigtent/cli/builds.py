@@ -20,7 +20,7 @@ _BUILD_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 def build_line(b: Build) -> str:
     """``build 12: running, priority 10, 1/3 built ...``: a build after an action on it."""
-    from bigtent.client.build import progress_line
+    from bigtent.client.reports import progress_line
 
     return f"build {b.id}: {b.state.value}, priority {b.priority}, {progress_line(b)}"
 

@@ -27,7 +27,8 @@ from bigtent.errors import BigtentError
 
 if TYPE_CHECKING:  # the client modules load lazily, inside the commands
     from bigtent.client.api import Build, RunnerClient, Step, StepAttempt, WaitingStep
-    from bigtent.client.build import BuildResult, BuildTracker
+    from bigtent.client.build import BuildResult
+    from bigtent.client.follow import BuildTracker
     from bigtent.client.progress import StepLogStreams
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class RichBuildObserver:
         self.progress.update(self._upload, completed=done, total=total)
 
     def on_progress(self, build: Build) -> None:
-        from bigtent.client.build import capacity_summary, progress_line
+        from bigtent.client.reports import capacity_summary, progress_line
 
         c = build.counts
         done = c.succeeded + c.failed + c.cancelled
@@ -93,14 +94,14 @@ class RichBuildObserver:
 
     def on_attempt(self, attempt: StepAttempt) -> None:
         """A failed infrastructure attempt, as the poll that sees it comes in."""
-        from bigtent.client.build import attempt_notice
+        from bigtent.client.reports import attempt_notice
 
         notice = attempt_notice(attempt)
         if notice is not None:
             self.progress.console.print(notice, markup=False, style="yellow", soft_wrap=True)
 
     def on_waiting_for_capacity(self, steps: Sequence[WaitingStep]) -> None:
-        from bigtent.client.build import waiting_line
+        from bigtent.client.reports import waiting_line
 
         for step in steps:
             self.progress.console.print(
@@ -136,7 +137,7 @@ def report_failure(build: Build, labels: Mapping[str, str] | None = None) -> Non
 
     Plain lines (no rich wrapping or markup): log text is shown exactly as the builder wrote it.
     """
-    from bigtent.client.build import failed_roots
+    from bigtent.client.reports import failed_roots
 
     names = labels or {}
     click.secho(f"build {build.id} {build.state.value}", err=True, fg="red", bold=True)
@@ -172,7 +173,7 @@ class Stop:
     async def wind_up(self, client: RunnerClient, tracker: BuildTracker) -> None:
         """What was still pending, then (``--cancel-on-exit``) cancel the build: bounded,
         and a runner that does not answer only costs the report."""
-        from bigtent.client.build import pending_steps
+        from bigtent.client.reports import pending_steps
 
         build_id = tracker.build_id
         if build_id is None:
@@ -190,7 +191,7 @@ class Stop:
 
 def report_stop(stop: Stop, tracker: BuildTracker, as_json: bool, timeout: str | None) -> None:
     """The notice of a ``bigtent build`` that stops before its build ended."""
-    from bigtent.client.build import pending_line, stop_report
+    from bigtent.client.reports import pending_line, stop_report
 
     if as_json:
         echo_json(

@@ -286,7 +286,8 @@ def is_private_dir(path: str) -> bool:
 def quick_socket(argv: Sequence[str], env: Mapping[str, str], uid: int) -> str | None:
     """The helper's socket for this command line, read without ``argparse``; None when the
     full parser must look (an option it does not know, ``--no-helper``, ``--oidc``, a token
-    file that cannot be read). Must agree with ``nixhook.helper_socket(parse_args(...))``."""
+    file that cannot be read). Must agree with
+    ``hookhandover.helper_socket(nixhook.parse_args(...))``."""
     values: dict[str, str] = {}
     args = list(argv)
     i = 0
@@ -444,9 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = read_settings(wire)
         accepted = answer(wire, stderr, farm_systems(systems, settings), lambda _: None)
     except (EOFError, HookError, UnicodeDecodeError) as exc:
-        from bigtent.client import nixhook
+        from bigtent.client.hookcommon import LogSink, open_log
 
-        nixhook.LogSink(nixhook.open_log(), stderr).error(f"cannot read Nix's request: {exc}")
+        LogSink(open_log(), stderr).error(f"cannot read Nix's request: {exc}")
         return 1
     if accepted is None:
         return 0

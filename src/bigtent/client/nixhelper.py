@@ -6,9 +6,9 @@ credential; the hook instead hands the accepted derivation to this helper over a
 (one JSON line: ``{"drv", "wanted", "store"}``) and relays what it answers, lines of
 ``log TEXT``, ``error TEXT`` and last ``exit STATUS`` (``TEXT`` escaped to one line:
 ``hookentry.relay`` reads them without importing ``json``). The helper runs
-``nixhook.build_on_farm`` with one shared ``RunnerClient`` for every derivation, concurrently.
+``hookfarm.build_on_farm`` with one shared ``RunnerClient`` for every derivation, concurrently.
 
-The first hook that finds no helper starts one (``nixhook.start_helper``); a lock file next to
+The first hook that finds no helper starts one (``hookhandover.start_helper``); a lock file next to
 the socket makes sure only one serves, the others exit at once. The helper exits after
 ``--helper-idle`` seconds without a derivation. Its socket is mode 0600 in a directory only
 its user may enter.
@@ -30,14 +30,10 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from bigtent.client.api import RunnerClient
+from bigtent.client.hookcommon import HookConfig
 from bigtent.client.hookentry import escape_line
-from bigtent.client.nixhook import (
-    FarmMemory,
-    HookConfig,
-    build_on_farm,
-    parse_args,
-    runner_client,
-)
+from bigtent.client.hookfarm import FarmMemory, build_on_farm, runner_client
+from bigtent.client.nixhook import parse_args
 from bigtent.errors import BigtentError
 
 log = logging.getLogger(__name__)

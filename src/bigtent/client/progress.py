@@ -279,7 +279,7 @@ class PlainBuildObserver:
             self.write(f"uploaded {total} path{'s' if total != 1 else ''}")
 
     def on_progress(self, build: Build) -> None:
-        from bigtent.client.build import progress_line
+        from bigtent.client.reports import progress_line
 
         if build.state is self._state:
             return
@@ -288,14 +288,14 @@ class PlainBuildObserver:
             self.write(f"build {build.id} {build.state.value}: {progress_line(build)}")
 
     def on_attempt(self, attempt: StepAttempt) -> None:
-        from bigtent.client.build import attempt_notice
+        from bigtent.client.reports import attempt_notice
 
         notice = attempt_notice(attempt)
         if notice is not None:
             self.write(notice)
 
     def on_waiting_for_capacity(self, steps: Sequence[WaitingStep]) -> None:
-        from bigtent.client.build import waiting_line
+        from bigtent.client.reports import waiting_line
 
         for step in steps:
             self.write(waiting_line(step))

@@ -51,8 +51,8 @@ from bigtent.runner.auth.tokens import Principal, TokenRegistry
 from bigtent.runner.builds import plan_parts
 from bigtent.runner.cache import Cache
 from bigtent.runner.components import Components
-from bigtent.runner.dashboard.routes import _events as step_log_events
-from bigtent.runner.dashboard.routes import _start_offset as step_events_start
+from bigtent.runner.dashboard.logstream import log_events as step_log_events
+from bigtent.runner.dashboard.logstream import start_offset as step_events_start
 from bigtent.runner.db import queries
 from bigtent.runner.db.migrate import DATABASE_ERRORS, database_unavailable
 from bigtent.runner.ingest import ingest_client_path, ingest_output

@@ -58,8 +58,10 @@ class CountingStore(NixStore):
         super().__init__(store=f"local?root={root}", options={"substituters": ""})
         self.started: list[list[str]] = []
 
-    def _argv(self, tool: str, args: Sequence[str], extra: Mapping[str, str] | None) -> list[str]:
-        argv = super()._argv(tool, args, extra)
+    def command_argv(
+        self, tool: str, args: Sequence[str], extra: Mapping[str, str] | None
+    ) -> list[str]:
+        argv = super().command_argv(tool, args, extra)
         self.started.append(argv)
         return argv
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from bigtent.client.build import nar_hash_to_nix32, upload_order
+from bigtent.client.upload import nar_hash_to_nix32, upload_order
 from bigtent.errors import BadRequest, NarMismatch
 from bigtent.nix import base32
 from bigtent.nix.nar import dump_path

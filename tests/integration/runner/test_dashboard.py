@@ -20,7 +20,7 @@ from bigtent.config import Role, load_runner_config
 from bigtent.nix.keys import generate_key
 from bigtent.runner.app import create_app
 from bigtent.runner.components import build_components, close_components
-from bigtent.runner.dashboard import routes
+from bigtent.runner.dashboard import logstream
 from bigtent.runner.dashboard.auth import SESSION_COOKIE
 from bigtent.runner.db import queries
 from bigtent.runner.livelog import LogFanout
@@ -409,7 +409,7 @@ async def test_a_viewer_that_falls_behind_is_dropped_and_resumes_where_it_was(
     monkeypatch.setattr(runner.comps, "logs", logs)
     logs.append(step, ["stored"])
     sub = fanout.subscribe(step)
-    stream = routes._events(runner.comps, step, 0, sub)
+    stream = logstream.log_events(runner.comps, step, 0, sub)
     assert (await anext(stream)).startswith("retry:")
     assert '"stored\\n"' in await anext(stream)
     logs.append(step, ["0123456789", "abcdefghij"])  # 22 bytes: more than it may hold
@@ -417,7 +417,7 @@ async def test_a_viewer_that_falls_behind_is_dropped_and_resumes_where_it_was(
         await asyncio.wait_for(anext(stream), WAIT_SECS)  # ends: the browser reconnects
     assert fanout.viewers(step) == 0
     # Reconnecting from the offset it reached (7): the rest, from the stored log.
-    again = routes._events(runner.comps, step, 7, fanout.subscribe(step))
+    again = logstream.log_events(runner.comps, step, 7, fanout.subscribe(step))
     assert (await anext(again)).startswith("retry:")
     event = await anext(again)
     assert '"0123456789\\nabcdefghij\\n"' in event and "id: 29" in event

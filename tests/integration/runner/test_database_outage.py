@@ -11,7 +11,8 @@ from collections.abc import Iterator
 import pytest
 
 from bigtent.client.api import RunnerClient
-from bigtent.client.build import SilentObserver, riding_out
+from bigtent.client.observer import SilentObserver
+from bigtent.client.outage import riding_out
 from bigtent.config import Role
 from tests.databases import migrate_url
 from tests.integration.runner.conftest import Drvs, MakeRunner, Nix, eventually, upload_closure

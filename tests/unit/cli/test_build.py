@@ -10,7 +10,8 @@ import pytest
 
 from bigtent.cli.buildview import report_failure, report_result
 from bigtent.client.api import Build
-from bigtent.client.build import BuildResult, ResultLink
+from bigtent.client.build import BuildResult
+from bigtent.client.outputs import ResultLink
 from tests.unit.cli.helpers import run_cli
 from tests.unit.cli.samples import BUILD
 

@@ -11,17 +11,12 @@ from typing import Any
 import httpx
 import pytest
 
-from bigtent.client import build as build_flow
+from bigtent.client import follow
 from bigtent.client.api import Build, StepAttempt
-from bigtent.client.build import (
-    AttemptFollower,
-    BuildOptions,
-    SilentObserver,
-    attempt_notice,
-    build_report,
-    follow_build,
-    run_build,
-)
+from bigtent.client.build import BuildOptions, run_build
+from bigtent.client.follow import AttemptFollower, follow_build
+from bigtent.client.observer import SilentObserver
+from bigtent.client.reports import attempt_notice, build_report
 from tests.unit.client.test_client_build import (
     DIAMOND,
     FakeRunner,
@@ -129,7 +124,7 @@ class GrowingRunner(FakeRunner):
 async def test_each_attempt_reaches_the_observer_once_in_the_poll_that_sees_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(build_flow, "ATTEMPTS_PAGE", 2)
+    monkeypatch.setattr(follow, "ATTEMPTS_PAGE", 2)
     records = [wire_attempt(i) for i in (1, 2, 3)]
     runner = GrowingRunner(
         [

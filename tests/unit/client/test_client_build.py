@@ -14,27 +14,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bigtent.client.api import Build, RunnerClient, RunnerStatus, StepCounts
-from bigtent.client.build import (
-    BuildOptions,
-    BuildTracker,
+from bigtent.client.build import BuildOptions, run_build, submit_build
+from bigtent.client.follow import BuildTracker, follow_build
+from bigtent.client.observer import SilentObserver
+from bigtent.client.outputs import (
     ResultLink,
-    SilentObserver,
-    _nar_chunks,
     _sequential,
-    build_report,
-    build_succeeded,
     download_outputs,
-    failed_roots,
-    follow_build,
-    nar_hash_to_nix32,
     result_links,
-    run_build,
-    submit_build,
     substituter_options,
-    summarize_progress,
-    upload_closure,
-    upload_order,
 )
+from bigtent.client.reports import build_report, build_succeeded, failed_roots, summarize_progress
+from bigtent.client.upload import _nar_chunks, nar_hash_to_nix32, upload_closure, upload_order
 from bigtent.errors import BigtentError, NixError, RunnerUnreachable
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store import NixStore, PathInfo, RealiseResult, RealiseStatus
@@ -492,7 +483,7 @@ async def test_a_submission_is_retried_with_one_key_while_the_runner_is_unreacha
 ) -> None:
     """The runner dies while admitting (the connection drops), then answers: the retry
     carries the same submission key, so the runner can find or replace the first attempt."""
-    monkeypatch.setattr("bigtent.client.build.RETRY_FIRST_SECS", 0)
+    monkeypatch.setattr("bigtent.client.outage.RETRY_FIRST_SECS", 0)
     bodies: list[dict[str, Any]] = []
 
     def handler(request: httpx.Request) -> httpx.Response:

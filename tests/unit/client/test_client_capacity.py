@@ -8,14 +8,13 @@ import httpx
 import pytest
 
 from bigtent.client.api import Build, RunnerClient, Step, WaitingStep
-from bigtent.client.build import (
-    BuildTracker,
-    SilentObserver,
+from bigtent.client.build import parse_duration
+from bigtent.client.follow import BuildTracker, follow_build
+from bigtent.client.observer import SilentObserver
+from bigtent.client.reports import (
     build_report,
     capacity_summary,
-    follow_build,
     newly_waiting,
-    parse_duration,
     pending_line,
     pending_steps,
     stop_report,

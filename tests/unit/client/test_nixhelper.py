@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from bigtent.client.hookcommon import HookConfig, LogSink
+from bigtent.client.hookhandover import via_helper
 from bigtent.client.nixhelper import Helper
-from bigtent.client.nixhook import HookConfig, LogSink, via_helper
 from tests.conftest import eventually
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bigtent.client.api import Build, BuildRoot, FailedStep
+from bigtent.client.hookcommon import HookConfig, LogSink, OnUnreachable
 from bigtent.client.hookentry import (
     Reply,
     TryRequest,
@@ -37,19 +38,10 @@ from bigtent.client.hookentry import (
     reply_line,
     unescape_line,
 )
+from bigtent.client.hookfarm import failure_exit_code, wanted_paths
+from bigtent.client.hookhandover import helper_argv, helper_socket, via_helper
 from bigtent.client.nixhelper import parse_request
-from bigtent.client.nixhook import (
-    HookConfig,
-    LogSink,
-    OnUnreachable,
-    failure_exit_code,
-    helper_argv,
-    helper_socket,
-    parse_args,
-    run_hook,
-    via_helper,
-    wanted_paths,
-)
+from bigtent.client.nixhook import parse_args, run_hook
 from bigtent.states import BuildState
 
 DRV = "/nix/store/czqhcspln0q6jcivma6n3kwn2zbyccsn-a.drv"

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any, cast
 
 from bigtent.client.api import Build, LogEvent, RunnerClient
-from bigtent.client.nixhook import RootLogs
+from bigtent.client.hooklogs import RootLogs
 from bigtent.errors import NotFound
 from bigtent.states import BuildState
 

@@ -12,8 +12,8 @@ from rich.console import Console
 
 from bigtent import humanize
 from bigtent.client.api import Build, LogEvent, SseParser, Step
-from bigtent.client.build import progress_line
 from bigtent.client.progress import PrefixedLines, SeenStep, nothing_to_build, step_events
+from bigtent.client.reports import progress_line
 from bigtent.client.tables import Column, fit_widths, render_table
 from bigtent.errors import BadRequest, ProtocolError
 from bigtent.runner.api import build_state_filter

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from bigtent.client.api import Build
-from bigtent.client.build import build_report, job_labels, job_states
+from bigtent.client.reports import build_report, job_labels, job_states
 from bigtent.client.targets import (
     JOBS_NIX,
     AutoArg,

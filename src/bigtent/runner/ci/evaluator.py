@@ -35,8 +35,8 @@ from bigtent.config.ci import (
     redact_url_credentials,
 )
 from bigtent.errors import BigtentError
-from bigtent.nix.sandbox import BWRAP, EvalSandbox, bwrap_argv, probe_argv, resolve_program
-from bigtent.nix.store import BoundedEval, BoundedRun, NixStore
+from bigtent.nix.sandbox import BWRAP, EvalSandbox
+from bigtent.nix.store import BoundedEval, BoundedRun, NixStore, probe_sandbox
 
 log = logging.getLogger(__name__)
 
@@ -269,33 +269,7 @@ class Evaluator:
         sandbox = EvalSandbox(
             read_only=(self.root / "git",), network=self.limits.network, bwrap=self.bwrap
         )
-        path_env = os.environ.get("PATH")
-        argv = probe_argv(bwrap_argv(sandbox), resolve_program("nix", path_env))
-        problem: str | None = None
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            problem = f"cannot run {argv[0]} ({exc.strerror}): install bubblewrap"
-        else:
-            try:
-                out, err = await asyncio.wait_for(proc.communicate(), PROBE_SECS)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, 9)
-                await proc.wait()
-                problem = f"bwrap did not answer within {PROBE_SECS:g} s"
-            else:
-                if proc.returncode != 0 or b"nix" not in out.lower():
-                    text = err.decode(errors="replace").strip().splitlines()
-                    problem = f"bwrap failed (exit {proc.returncode}): " + (
-                        text[-1] if text else "no message"
-                    )
+        problem = await probe_sandbox(sandbox, PROBE_SECS)
         self.sandbox_problem = problem
         return problem
 

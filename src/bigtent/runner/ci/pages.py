@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from bigtent.errors import NotFound
 from bigtent.runner.ci.disclosure import shown_eval_error, shown_job_error
 from bigtent.runner.components import Components
-from bigtent.runner.dashboard.routes import _dash, _page, _render
+from bigtent.runner.dashboard.shell import dash_of, page, render
 from bigtent.runner.db import ci_queries as q
 
 ci_pages = APIRouter(include_in_schema=False)
@@ -48,16 +48,16 @@ async def _projects(comps: Components) -> list[ProjectRow]:
 @ci_pages.get("/ci")
 async def projects_page(request: Request) -> Response:
     async def body(viewer: Any) -> Response:
-        data = await _projects(_dash(request).comps)
-        return _render(request, "ci_projects.html", viewer, projects=data, title="CI projects")
+        data = await _projects(dash_of(request).comps)
+        return render(request, "ci_projects.html", viewer, projects=data, title="CI projects")
 
-    return await _page(request, body)
+    return await page(request, body)
 
 
 @ci_pages.get("/ci/projects/{name}")
 async def project_page(request: Request, name: str, ref: str = "") -> Response:
     async def body(viewer: Any) -> Response:
-        comps = _dash(request).comps
+        comps = dash_of(request).comps
         if comps.ci is None:
             raise NotFound("this runner has no CI")
         await comps.ci.reload_projects()
@@ -70,7 +70,7 @@ async def project_page(request: Request, name: str, ref: str = "") -> Response:
             for ev in evals:
                 for j in await q.fetch_jobs(conn, int(ev.id)):
                     matrix.setdefault(j.attr, {})[int(ev.id)] = j.state
-        return _render(
+        return render(
             request,
             "ci_project.html",
             viewer,
@@ -82,13 +82,13 @@ async def project_page(request: Request, name: str, ref: str = "") -> Response:
             title=f"CI {name}",
         )
 
-    return await _page(request, body)
+    return await page(request, body)
 
 
 @ci_pages.get("/ci/evaluations/{eval_id}")
 async def evaluation_page(request: Request, eval_id: int) -> Response:
     async def body(viewer: Any) -> Response:
-        comps = _dash(request).comps
+        comps = dash_of(request).comps
         if not 0 < eval_id < 2**63:
             raise NotFound(f"no evaluation {eval_id}")
         async with comps.engine.connect() as conn:
@@ -102,7 +102,7 @@ async def evaluation_page(request: Request, eval_id: int) -> Response:
                 steps = {r.drv_path: int(r.id) for r in roots if r.id is not None}
         # An untrusted evaluation's Nix messages: admins only (disclosure.py).
         trusted = bool(ev.trusted)
-        return _render(
+        return render(
             request,
             "ci_evaluation.html",
             viewer,
@@ -117,4 +117,4 @@ async def evaluation_page(request: Request, eval_id: int) -> Response:
             title=f"Evaluation {eval_id}",
         )
 
-    return await _page(request, body)
+    return await page(request, body)

@@ -150,3 +150,26 @@ def eval_state_of_build(build_state: str) -> CiEvalState:
         "failed": CiEvalState.FAILED,
         "cancelled": CiEvalState.CANCELLED,
     }.get(build_state, CiEvalState.BUILDING)
+
+
+def settle(
+    jobs: Iterable[tuple[str, str | None, str]],
+    root_states: Mapping[str, str | None],
+    build_state: str,
+) -> tuple[dict[str, str], CiEvalState]:
+    """What a look at an evaluation's build changes: the jobs whose state moved (attr -> new
+    state) and the evaluation's state. ``jobs`` are (attr, .drv path or None when it did not
+    evaluate, stored state); ``root_states`` the build's root steps' states by .drv path."""
+    changed: dict[str, str] = {}
+    unevaluated = False
+    for attr, drv_path, stored in jobs:
+        if not drv_path:
+            unevaluated = True
+            continue
+        state = job_state_from_step(root_states.get(drv_path), build_state)
+        if state != stored:
+            changed[attr] = state
+    final = eval_state_of_build(build_state)
+    if final is CiEvalState.SUCCEEDED and unevaluated:
+        final = CiEvalState.FAILED  # a job did not even evaluate
+    return changed, final

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bigtent.config.ci import ProjectSection
 from bigtent.runner.ci.triggers import (
     ActiveEval,
@@ -9,6 +11,7 @@ from bigtent.runner.ci.triggers import (
     decide,
     job_state_from_step,
     match_project,
+    settle,
     stale_push,
     superseded,
 )
@@ -125,3 +128,46 @@ def test_a_push_is_taken_only_while_its_ref_points_at_its_commit() -> None:
     gone = stale_push(push("main"), {})
     assert gone is not None and "no longer exists" in gone
     assert stale_push(pr(fork=True, outside=True), {}) is None  # not a push: not checked
+
+
+# (jobs, root step states, build state) -> (changed jobs, evaluation state)
+SETTLE_CASES = [
+    # the build runs: a job whose root step builds is running; nothing else moved
+    (
+        [("a", "/a.drv", "queued"), ("b", "/b.drv", "queued")],
+        {"/a.drv": "building", "/b.drv": "runnable"},
+        "running",
+        ({"a": "running"}, CiEvalState.BUILDING),
+    ),
+    # no step needed (outputs cached): succeeded once the build is done
+    (
+        [("a", "/a.drv", "queued")],
+        {"/a.drv": None},
+        "succeeded",
+        ({"a": "succeeded"}, CiEvalState.SUCCEEDED),
+    ),
+    # a job that did not evaluate fails a succeeded build's evaluation
+    (
+        [("a", "/a.drv", "succeeded"), ("broken", None, "failed")],
+        {"/a.drv": "succeeded"},
+        "succeeded",
+        ({}, CiEvalState.FAILED),
+    ),
+    (
+        [("a", "/a.drv", "running")],
+        {"/a.drv": "dependency_failed"},
+        "failed",
+        ({"a": "failed"}, CiEvalState.FAILED),
+    ),
+    ([("a", "/a.drv", "queued")], {}, "cancelled", ({"a": "cancelled"}, CiEvalState.CANCELLED)),
+]
+
+
+@pytest.mark.parametrize(("jobs", "roots", "build_state", "want"), SETTLE_CASES)
+def test_settle(
+    jobs: list[tuple[str, str | None, str]],
+    roots: dict[str, str | None],
+    build_state: str,
+    want: tuple[dict[str, str], CiEvalState],
+) -> None:
+    assert settle(jobs, roots, build_state) == want

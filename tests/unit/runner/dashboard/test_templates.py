@@ -9,7 +9,7 @@ from typing import Any
 from bigtent.config import DashboardAuth, Role
 from bigtent.runner.auth.tokens import Principal
 from bigtent.runner.dashboard.auth import SessionStore, Via, Viewer
-from bigtent.runner.dashboard.routes import _environment
+from bigtent.runner.dashboard.shell import environment
 from bigtent.runner.dashboard.views import AgentRow, AgentsPage, LaunchRow
 
 NOW = 1_700_000_000.0
@@ -52,7 +52,7 @@ def _agent(**overrides: Any) -> AgentRow:
 
 def _render(viewer: Viewer, page: AgentsPage) -> str:
     return (
-        _environment()
+        environment()
         .get_template("agents.html")
         .render(
             viewer=viewer,

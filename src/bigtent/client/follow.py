@@ -1,0 +1,119 @@
+"""Following a build: polling it, its new attempt records and (with follow_steps) its steps
+until it ends, through outages of the runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from bigtent.client.api import Build, RunnerClient, StepAttempt
+from bigtent.client.outage import UNREACHABLE_GRACE_SECS, riding_out
+from bigtent.client.reports import newly_waiting
+from bigtent.client.targets import Job
+from bigtent.errors import NotFound
+
+if TYPE_CHECKING:
+    from bigtent.client.observer import BuildObserver
+
+STEPS_POLL_SECS = 1.0
+"""With ``BuildOptions.follow_steps``, how often the build's step list is asked for: a step
+event is printed at most this long (plus a poll) after it happened."""
+
+
+POLL_INTERVAL_SECS = 0.3
+"""How often ``follow_build`` asks for the build and its new attempts: a failed attempt is
+printed at most this long after the runner recorded it."""
+
+
+ATTEMPTS_PAGE = 1000
+"""Attempt records asked for per request (the runner's page size)."""
+
+
+@dataclass(slots=True)
+class BuildTracker:
+    """Holds the id of the build once created, so an interrupted client can name it."""
+
+    build_id: str | None = None
+    last: Build | None = None
+    """The build as last polled."""
+    jobs: tuple[Job, ...] = ()
+    """What the targets evaluated to (attribute paths and .drv paths)."""
+
+
+@dataclass(slots=True)
+class AttemptFollower:
+    """Follows a build's attempt records, ``after=`` the last id seen, and hands each new one
+    to the observer once (docs/api.md "Attempts")."""
+
+    build_id: str
+    seen: list[StepAttempt] = field(default_factory=list)
+    supported: bool = True
+    """False once the runner answered 404 to the attempts route (an older runner)."""
+
+    async def poll(self, client: RunnerClient, observer: BuildObserver) -> None:
+        while self.supported:
+            after = self.seen[-1].id if self.seen else 0
+            try:
+                page = await client.fetch_attempts(self.build_id, after=after, limit=ATTEMPTS_PAGE)
+            except NotFound:
+                self.supported = False
+                return
+            for attempt in page:
+                if attempt.id > after:
+                    self.seen.append(attempt)
+                    after = attempt.id
+                    observer.on_attempt(attempt)
+            if len(page) < ATTEMPTS_PAGE:
+                return
+
+
+async def follow_build(
+    client: RunnerClient,
+    build_id: str,
+    observer: BuildObserver,
+    interval_secs: float = POLL_INTERVAL_SECS,
+    unreachable_grace_secs: float = UNREACHABLE_GRACE_SECS,
+    *,
+    attempts: AttemptFollower | None = None,
+    tracker: BuildTracker | None = None,
+    follow_steps: bool = False,
+    pause: Callable[[float], Awaitable[None]] | None = None,
+) -> Build:
+    """Poll the build, and its new attempts, until its state is final, riding out a short
+    runner outage. The attempts are asked for after the build: the transaction that ends a
+    build also records its last attempt, so the final poll sees every attempt.
+    ``follow_steps``: hand the build's steps to ``observer.on_steps`` too, at most every
+    ``STEPS_POLL_SECS`` and once more after the build ended. ``pause``: waits between
+    looks instead of ``asyncio.sleep(interval_secs)`` (the nix hook looks again as soon as
+    its step's log stream ended)."""
+    follower = attempts if attempts is not None else AttemptFollower(build_id)
+    shown: set[tuple[str, str]] = set()
+    steps_at: float | None = None
+
+    async def poll() -> Build:
+        nonlocal steps_at
+        build = await client.fetch_build(build_id)
+        await follower.poll(client, observer)
+        now = time.monotonic()
+        due = steps_at is None or now - steps_at >= STEPS_POLL_SECS or build.state.is_final
+        if follow_steps and due:
+            steps_at = now
+            observer.on_steps(await client.fetch_steps(build_id))
+        return build
+
+    while True:
+        build = await riding_out(poll, observer, grace_secs=unreachable_grace_secs)
+        if tracker is not None:
+            tracker.last = build
+        observer.on_progress(build)
+        fresh = newly_waiting(build, shown)
+        if fresh:
+            shown.update((w.step_id, w.reason) for w in fresh)
+            observer.on_waiting_for_capacity(fresh)
+        if build.state.is_final:
+            return build
+        await (pause or asyncio.sleep)(interval_secs)
