@@ -1,6 +1,6 @@
 """Limits of API request fields that a client can check before it sends anything.
 
-The runner's request models (``runner/api.py``) use these same values, so ``bigtent build``
+The runner's request models (``runner/http/api.py``) use these same values, so ``bigtent build``
 refuses a priority out of range at once instead of after uploading the closure.
 """
 

@@ -1294,7 +1294,7 @@ def ssh() -> None:
 @_json_option
 def ssh_import(machines_file: Path, as_json: bool) -> None:
     """Convert a Nix machines file (e.g. /etc/nix/machines) into [[ssh_builders]] entries."""
-    from bigtent.runner.ssh import parse_machines_file, render_ssh_builders_toml
+    from bigtent.runner.venues.ssh import parse_machines_file, render_ssh_builders_toml
 
     try:
         text = machines_file.read_text()
@@ -1335,8 +1335,8 @@ def ssh_import(machines_file: Path, as_json: bool) -> None:
 @_json_option
 def ssh_check(name: str, config_path: Path, connect_timeout_secs: int, as_json: bool) -> None:
     """Connect to SSH builder NAME (user@host[:port], its URI or host) and print its Nix version."""
-    from bigtent.runner.ssh import find_builder
-    from bigtent.runner.sshcheck import check_ssh_builder
+    from bigtent.runner.venues.ssh import find_builder
+    from bigtent.runner.venues.sshcheck import check_ssh_builder
 
     cfg = load_runner_config(config_path)
     builder = find_builder(cfg.ssh_builders, name)
@@ -1449,7 +1449,7 @@ def cache_verify(ctx: click.Context, config_path: Path | None, repair: bool, as_
     Exits 0 when every file is good (or, with --repair, every bad path was forgotten), 1 when
     some are bad. Safe while runners run; a runner may still serve a damaged file's narinfo
     it remembers until the next lookup finds the file deleted."""
-    from bigtent.runner.cacheverify import cache_tables, verify_cache
+    from bigtent.runner.cache.verify import cache_tables, verify_cache
     from bigtent.runner.components import open_storage
     from bigtent.runner.db.migrate import DATABASE_ERRORS, create_engine, database_unavailable
 
@@ -1620,7 +1620,7 @@ def gc_cmd(
 def runner(config_path: Path | None) -> None:
     """Run the runner: API, binary cache, scheduler and agent sessions."""
     cfg = load_runner_config(config_path)
-    from bigtent.runner.app import serve
+    from bigtent.runner.http.app import serve
 
     _run(serve(cfg))
 

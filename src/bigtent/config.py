@@ -33,10 +33,10 @@ from bigtent.errors import ConfigError
 from bigtent.nix.compression import Compression
 from bigtent.protocol import MAX_BYTES, MAX_LIST_ITEMS, MAX_SECS, MAX_SHORT_TEXT
 from bigtent.runner.autoscale.settings import AutoscaleSection, check_pools
+from bigtent.runner.cache.s3keys import normalize_prefix
 from bigtent.runner.ci.settings import EvaluationSection, ProjectSection
 from bigtent.runner.forge.settings import ForgeSection
-from bigtent.runner.s3keys import normalize_prefix
-from bigtent.runner.ssh import (
+from bigtent.runner.venues.ssh import (
     SshTarget,
     check_no_whitespace,
     normalize_host_key,

@@ -12,9 +12,9 @@ from pydantic import BaseModel
 
 from bigtent import protocol as p
 from bigtent.config import Role
-from bigtent.runner.agents import prune_agents
 from bigtent.runner.db import queries
 from bigtent.runner.scheduler.dispatcher import PlannedStep, Venue
+from bigtent.runner.venues.agents import prune_agents
 from tests.integration.runner.conftest import (
     MakeRunner,
     RunnerHarness,

@@ -23,9 +23,9 @@ from bigtent.config import Role, SchedulerSection
 from bigtent.nix.store import LineSink, NixStore, PathInfo, RealiseResult, RealiseStatus
 from bigtent.runner.db import queries
 from bigtent.runner.db.migrate import create_engine
-from bigtent.runner.logs import LogStore
+from bigtent.runner.logs.store import LogStore
 from bigtent.runner.scheduler.dispatcher import AGENT, SSH, PlannedStep, Scheduler, Venue
-from bigtent.runner.sshvenue import BuildStore
+from bigtent.runner.venues.sshvenue import BuildStore
 from bigtent.states import StepState
 from tests.conftest import HOST_TOOLS, current_system
 from tests.integration.runner.conftest import (

@@ -6,9 +6,9 @@ from typing import Any
 
 from fastapi import APIRouter, Query
 
-from bigtent.runner.api import AdminAuth, Comps, _iso
 from bigtent.runner.autoscale.service import counters_total
 from bigtent.runner.db import queries
+from bigtent.runner.http.api import AdminAuth, Comps, _iso
 
 launch_routes = APIRouter(prefix="/api/v1")
 

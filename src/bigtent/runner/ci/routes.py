@@ -12,7 +12,6 @@ from pydantic import ValidationError
 
 from bigtent.config import Role
 from bigtent.errors import AuthError, BadRequest, ConfigError, NotFound, PayloadTooLarge
-from bigtent.runner.api import AdminAuth, ClientAuth, Comps, _iso, _known_id
 from bigtent.runner.auth.tokens import Principal
 from bigtent.runner.ci.disclosure import shown_eval_error, shown_job_error
 from bigtent.runner.ci.service import CiService
@@ -29,6 +28,7 @@ from bigtent.runner.ci.webhooks import (
     parse_payload,
 )
 from bigtent.runner.db import ci_queries as q
+from bigtent.runner.http.api import AdminAuth, ClientAuth, Comps, _iso, _known_id
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,8 @@ from bigtent.errors import BadRequest, ConfigError, Conflict, NotFound
 from bigtent.nix import base32
 from bigtent.nix.nar import dump_path
 from bigtent.runner.builds import plan_parts
-from bigtent.runner.cache import Cache, Upstreams
+from bigtent.runner.cache.ingest import ClientPath, ingest_client_closure
+from bigtent.runner.cache.service import Cache, Upstreams
 from bigtent.runner.ci import triggers
 from bigtent.runner.ci.disclosure import shown_eval_error, shown_job_error
 from bigtent.runner.ci.evaluator import EvalFailure, Evaluator, default_branch, ls_remote
@@ -44,8 +45,7 @@ from bigtent.runner.ci.triggers import ActiveEval, CiEvalState, job_state_from_s
 from bigtent.runner.ci.webhooks import Rerun, Trigger, TriggerKind
 from bigtent.runner.db import ci_queries as q
 from bigtent.runner.forge.model import EvalReport, EvalState, JobReport, JobState, Reporter
-from bigtent.runner.ingest import ClientPath, ingest_client_closure
-from bigtent.runner.logs import LogStore
+from bigtent.runner.logs.store import LogStore
 from bigtent.runner.scheduler.dispatcher import Scheduler
 
 log = logging.getLogger(__name__)

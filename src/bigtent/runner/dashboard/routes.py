@@ -40,13 +40,13 @@ from bigtent.runner.dashboard.auth import (
     safe_next,
 )
 from bigtent.runner.db import queries
-from bigtent.runner.livelog import Subscription
-from bigtent.runner.logretention import expired_response, log_expired
-from bigtent.runner.logs import READ_CHUNK_BYTES
-from bigtent.runner.logserve import log_response, parse_offset
+from bigtent.runner.logs.live import Subscription
+from bigtent.runner.logs.retention import expired_response, log_expired
+from bigtent.runner.logs.serve import log_response, parse_offset
+from bigtent.runner.logs.store import READ_CHUNK_BYTES
 from bigtent.runner.scheduler import recovery
 from bigtent.runner.scheduler.dispatcher import AGENT
-from bigtent.runner.sessions import bearer_token
+from bigtent.runner.venues.sessions import bearer_token
 from bigtent.states import BuildState
 
 log = logging.getLogger(__name__)

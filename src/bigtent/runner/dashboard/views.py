@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bigtent.errors import NotFound
-from bigtent.runner.cache import StorageFullEvents
+from bigtent.runner.cache.service import StorageFullEvents
 from bigtent.runner.components import Components
 from bigtent.runner.dashboard import present
 from bigtent.runner.db import queries

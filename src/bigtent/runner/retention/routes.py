@@ -10,9 +10,9 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from bigtent.errors import Unavailable
-from bigtent.runner.api import AdminAuth, ClientAuth, Comps, _iso
 from bigtent.runner.components import Components
 from bigtent.runner.db import queries
+from bigtent.runner.http.api import AdminAuth, ClientAuth, Comps, _iso
 from bigtent.runner.retention.collector import Collector
 from bigtent.runner.retention.pins import MAX_PIN_PATHS, Pins, pin_json
 

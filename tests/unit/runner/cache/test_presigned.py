@@ -11,7 +11,7 @@ from bigtent.errors import BadRequest, PayloadTooLarge
 from bigtent.nix import base32
 from bigtent.nix.compression import Compression, compressed_size_bound
 from bigtent.protocol import UploadDeclaration
-from bigtent.runner.presigned import check_declaration
+from bigtent.runner.cache.presigned import check_declaration
 
 NAR = hashlib.sha256(b"nar").digest()
 FILE = hashlib.sha256(b"file").digest()

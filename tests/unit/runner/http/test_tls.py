@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bigtent.runner.tls import certificate_names, name_is_pinned, peer_cert
+from bigtent.runner.http.tls import certificate_names, name_is_pinned, peer_cert
 
 
 def cert(cn: str | None = None, dns: tuple[str, ...] = (), ips: tuple[str, ...] = ()) -> Any:

@@ -44,11 +44,11 @@ from bigtent.nix.store_path import (
     make_text_path,
 )
 from bigtent.protocol import MAX_LIST_ITEMS, MAX_REFERENCES, MAX_SHORT_TEXT
-from bigtent.runner.cache import Cache, Ingested, Publication, Upstreams, closure
+from bigtent.runner.cache.service import Cache, Ingested, Publication, Upstreams, closure
+from bigtent.runner.cache.storage import Staged
 from bigtent.runner.db import queries
 from bigtent.runner.metrics import UploadKind
 from bigtent.runner.scheduler.dispatcher import Scheduler
-from bigtent.runner.storage import Staged
 
 log = logging.getLogger(__name__)
 

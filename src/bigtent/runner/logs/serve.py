@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from starlette.responses import StreamingResponse
 
 from bigtent.errors import RangeNotSatisfiable
-from bigtent.runner.logs import LogSnapshot, LogStore
+from bigtent.runner.logs.store import LogSnapshot, LogStore
 
 _RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 _HUGE = 2**63 - 1

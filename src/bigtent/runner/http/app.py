@@ -16,8 +16,14 @@ from bigtent import __version__
 from bigtent.config import RunnerConfig
 from bigtent.errors import ConfigError
 from bigtent.protocol import MAX_MESSAGE_BYTES
-from bigtent.runner.agents import run_pruner
-from bigtent.runner.api import (
+from bigtent.runner.autoscale.routes import launch_routes
+from bigtent.runner.cache.s3 import S3Storage
+from bigtent.runner.ci.pages import ci_pages
+from bigtent.runner.ci.routes import ci_routes
+from bigtent.runner.components import Components, build_components, close_components
+from bigtent.runner.dashboard.routes import install_dashboard
+from bigtent.runner.forge.service import ForgeReporter
+from bigtent.runner.http.api import (
     JSON_BODY_BYTES,
     CredentialGate,
     api,
@@ -25,24 +31,18 @@ from bigtent.runner.api import (
     install_error_handlers,
     oidc_client,
 )
-from bigtent.runner.autoscale.routes import launch_routes
-from bigtent.runner.ci.pages import ci_pages
-from bigtent.runner.ci.routes import ci_routes
-from bigtent.runner.components import Components, build_components, close_components
-from bigtent.runner.dashboard.routes import install_dashboard
-from bigtent.runner.forge.service import ForgeReporter
-from bigtent.runner.health_endpoint import health_routes
-from bigtent.runner.httpguard import (
+from bigtent.runner.http.guard import (
     connection_cap,
     fd_limit,
     guarded_http,
     install_accept_error_log,
 )
-from bigtent.runner.logretention import run_log_retention
-from bigtent.runner.metrics_endpoint import metrics_routes
+from bigtent.runner.http.health import health_routes
+from bigtent.runner.http.metrics import metrics_routes
+from bigtent.runner.http.tls import CertWebSocketProtocol
+from bigtent.runner.logs.retention import run_log_retention
 from bigtent.runner.retention.routes import retention_routes
-from bigtent.runner.s3 import S3Storage
-from bigtent.runner.tls import CertWebSocketProtocol
+from bigtent.runner.venues.agents import run_pruner
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def uvicorn_config(app: FastAPI, config: RunnerConfig) -> uvicorn.Config:
     """How the runner is served: its lifespan on, WebSocket frames bounded (a few times the
     protocol's message limit, so a slightly oversized message still gets an ``error`` reply
     from the session rather than a bare close), request headers, idle keep-alive and open
-    connections bounded (``httpguard``), TLS when configured."""
+    connections bounded (``guard``), TLS when configured."""
     tls = config.runner.tls
     return uvicorn.Config(
         app,

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bigtent.errors import RangeNotSatisfiable
-from bigtent.runner.logserve import ByteRange, bounded_decimal, parse_offset, parse_range
+from bigtent.runner.logs.serve import ByteRange, bounded_decimal, parse_offset, parse_range
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request, Response
 from bigtent.config import MetricsAuth, Role
 from bigtent.errors import AuthError
 from bigtent.runner.components import Components
-from bigtent.runner.sessions import bearer_token
+from bigtent.runner.venues.sessions import bearer_token
 
 metrics_routes = APIRouter(include_in_schema=False)
 

@@ -25,12 +25,12 @@ from bigtent.errors import BadRequest, BigtentError, Conflict, PayloadTooLarge, 
 from bigtent.nix import base32
 from bigtent.nix.compression import Compression, compressed_size_bound
 from bigtent.nix.narinfo import NarInfo
-from bigtent.runner.cache import Cache, Ingested, Upstreams
-from bigtent.runner.ingest import publish_leased_output
-from bigtent.runner.s3 import S3Staged, S3Storage
-from bigtent.runner.s3keys import incoming_key, verifying_key
+from bigtent.runner.cache.ingest import publish_leased_output
+from bigtent.runner.cache.s3 import S3Staged, S3Storage
+from bigtent.runner.cache.s3keys import incoming_key, verifying_key
+from bigtent.runner.cache.service import Cache, Ingested, Upstreams
+from bigtent.runner.cache.storage import Staged
 from bigtent.runner.scheduler.dispatcher import Scheduler
-from bigtent.runner.storage import Staged
 
 log = logging.getLogger(__name__)
 

@@ -49,12 +49,12 @@ from bigtent.nix.compression import (
 from bigtent.nix.keys import SecretKey, parse_public_key
 from bigtent.nix.nar import NarError, NarSink, NarValidator, ReferenceScanner
 from bigtent.nix.store_path import StorePath
+from bigtent.runner.cache.storage import Staged, Storage
 from bigtent.runner.db import queries
 from bigtent.runner.db.tables import store_paths, untrusted_store_paths
 from bigtent.runner.metrics import Metrics, UploadKind
 from bigtent.runner.retention.gate import FileGate
 from bigtent.runner.retention.usage import UsageRecorder
-from bigtent.runner.storage import Staged, Storage
 
 log = logging.getLogger(__name__)
 

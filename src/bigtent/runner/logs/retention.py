@@ -18,7 +18,7 @@ from typing import Protocol
 from fastapi.responses import PlainTextResponse, Response
 
 from bigtent.config import SchedulerSection
-from bigtent.runner.logs import LogStore
+from bigtent.runner.logs.store import LogStore
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from bigtent.nix import base32
 from bigtent.nix.compression import Compression
-from bigtent.runner.s3 import IncomingObject, expired_incoming
-from bigtent.runner.s3keys import (
+from bigtent.runner.cache.s3 import IncomingObject, expired_incoming
+from bigtent.runner.cache.s3keys import (
     LEASE_ID,
     NAR_NAME,
     incoming_key,

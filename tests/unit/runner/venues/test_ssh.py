@@ -18,7 +18,7 @@ from bigtent.config import (
     ssh_builder_warnings,
 )
 from bigtent.errors import ConfigError
-from bigtent.runner.ssh import (
+from bigtent.runner.venues.ssh import (
     KEY_TYPES,
     SshTarget,
     builders_line,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bigtent.config import SshBuilderSection
 from bigtent.errors import BigtentError, ConfigError, NixError
-from bigtent.runner.ssh import (
+from bigtent.runner.venues.ssh import (
     check_no_whitespace,
     known_hosts_line,
     nix_sshopts,

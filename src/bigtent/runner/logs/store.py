@@ -29,7 +29,7 @@ from pathlib import Path
 
 import zstandard
 
-from bigtent.runner.livelog import Chunk, LogFanout
+from bigtent.runner.logs.live import Chunk, LogFanout
 
 log = logging.getLogger(__name__)
 

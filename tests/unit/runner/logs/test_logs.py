@@ -13,8 +13,8 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bigtent.runner.livelog import Chunk, LogFanout
-from bigtent.runner.logs import (
+from bigtent.runner.logs.live import Chunk, LogFanout
+from bigtent.runner.logs.store import (
     LogStore,
     frames_for,
     parse_index,

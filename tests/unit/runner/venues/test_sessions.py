@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bigtent.runner.sessions import bearer_token
+from bigtent.runner.venues.sessions import bearer_token
 
 
 @pytest.mark.parametrize(

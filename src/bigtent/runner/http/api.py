@@ -49,25 +49,25 @@ from bigtent.runner.auth.ownership import BuildAction, check_build_action
 from bigtent.runner.auth.ratelimit import FailureThrottle
 from bigtent.runner.auth.tokens import Principal, TokenRegistry
 from bigtent.runner.builds import plan_parts
-from bigtent.runner.cache import Cache
+from bigtent.runner.cache.ingest import ingest_client_path, ingest_output
+from bigtent.runner.cache.presigned import record_json
+from bigtent.runner.cache.s3 import S3Storage, s3_nar_response
+from bigtent.runner.cache.service import Cache
+from bigtent.runner.cache.storage import MAX_NAME_BYTES
 from bigtent.runner.components import Components
 from bigtent.runner.dashboard.routes import _events as step_log_events
 from bigtent.runner.dashboard.routes import _start_offset as step_events_start
 from bigtent.runner.db import queries
 from bigtent.runner.db.migrate import DATABASE_ERRORS, database_unavailable
-from bigtent.runner.ingest import ingest_client_path, ingest_output
-from bigtent.runner.logretention import expired_response, expired_text, log_expired
-from bigtent.runner.logserve import log_response
+from bigtent.runner.logs.retention import expired_response, expired_text, log_expired
+from bigtent.runner.logs.serve import log_response
 from bigtent.runner.metrics import Metrics
-from bigtent.runner.presigned import record_json
-from bigtent.runner.s3 import S3Storage, s3_nar_response
 from bigtent.runner.scheduler import recovery
 from bigtent.runner.scheduler.dispatcher import AGENT, cached_failure_error
 from bigtent.runner.scheduler.health import is_unhealthy, shown_error
 from bigtent.runner.scheduler.matching import has_room
-from bigtent.runner.sessions import bearer_token, looks_like_jwt
-from bigtent.runner.storage import MAX_NAME_BYTES
 from bigtent.runner.trust import build_is_trusted
+from bigtent.runner.venues.sessions import bearer_token, looks_like_jwt
 from bigtent.states import BuildEventKind, BuildState, StepState
 
 log = logging.getLogger(__name__)

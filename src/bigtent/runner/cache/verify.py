@@ -20,9 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bigtent.nix import base32
 from bigtent.nix.narinfo import NarInfo
 from bigtent.nix.store_path import StorePath
+from bigtent.runner.cache.storage import Storage
 from bigtent.runner.db import queries
 from bigtent.runner.db.tables import store_paths, untrusted_store_paths
-from bigtent.runner.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from bigtent.runner.logretention import (
+from bigtent.runner.logs.retention import (
     DAY_SECS,
     cutoff,
     expire_logs,
     expired_text,
     is_expired,
 )
-from bigtent.runner.logs import LogStore
+from bigtent.runner.logs.store import LogStore
 
 NOW = 1_700_000_000.0
 

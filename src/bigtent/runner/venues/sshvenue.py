@@ -5,7 +5,7 @@ to an SSH builder it runs ``nix-store --realise STEP.drv`` in that store with th
 cache (then the upstreams) as substituters, trusting their keys, so Nix substitutes the
 .drv closure and the inputs; ``max-jobs = 0`` and ``builders = <that one builder>`` make
 Nix's build hook copy the inputs to the builder over SSH, build there, and copy the outputs
-back. SSH is hardened through ``NIX_SSHOPTS`` (``bigtent.runner.ssh.nix_sshopts``): the
+back. SSH is hardened through ``NIX_SSHOPTS`` (``bigtent.runner.venues.ssh.nix_sshopts``): the
 builder's pinned host key is the only entry of a temporary known_hosts file (0600, in a
 fresh temporary directory whose path has no whitespace), ``StrictHostKeyChecking=yes``,
 ``BatchMode``, ``IdentitiesOnly``, no agent.
@@ -45,10 +45,10 @@ from bigtent.errors import BigtentError, NixError
 from bigtent.nix import base32
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store import LineSink, NixStore, PathInfo, RealiseResult, RealiseStatus
-from bigtent.runner.cache import Cache, Upstreams
-from bigtent.runner.ingest import ingest_leased_output
+from bigtent.runner.cache.ingest import ingest_leased_output
+from bigtent.runner.cache.service import Cache, Upstreams
 from bigtent.runner.scheduler.dispatcher import SSH, Scheduler, SessionClosed, Venue
-from bigtent.runner.ssh import (
+from bigtent.runner.venues.ssh import (
     SshTarget,
     builders_line,
     check_no_whitespace,

@@ -10,8 +10,8 @@ import pytest
 
 from bigtent.errors import QUOTE_CHARS, clipped
 from bigtent.ratelog import RateLimitedLog
-from bigtent.runner.httpguard import RESERVED_FDS, connection_cap
-from bigtent.runner.storage import LocalStorage
+from bigtent.runner.cache.storage import LocalStorage
+from bigtent.runner.http.guard import RESERVED_FDS, connection_cap
 
 
 @pytest.mark.parametrize(

@@ -32,8 +32,8 @@ from starlette.responses import RedirectResponse, Response, StreamingResponse
 
 from bigtent.config import S3Section
 from bigtent.errors import ConfigError, NotFound, StorageUnavailable
-from bigtent.runner.s3keys import incoming_prefix, nar_key
-from bigtent.runner.storage import Staged, clear_staging_dir, new_staging_file
+from bigtent.runner.cache.s3keys import incoming_prefix, nar_key
+from bigtent.runner.cache.storage import Staged, clear_staging_dir, new_staging_file
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

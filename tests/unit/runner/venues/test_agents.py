@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from bigtent.runner.agents import MAX_PRUNE_INTERVAL_SECS, prune_interval_secs, stale_agents
+from bigtent.runner.venues.agents import MAX_PRUNE_INTERVAL_SECS, prune_interval_secs, stale_agents
 
 NOW = 1_700_000_000.0
 TTL = 3600.0
