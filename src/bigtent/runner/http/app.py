@@ -23,22 +23,18 @@ from bigtent.runner.ci.routes import ci_routes
 from bigtent.runner.components import Components, build_components, close_components
 from bigtent.runner.dashboard.routes import install_dashboard
 from bigtent.runner.forge.service import ForgeReporter
-from bigtent.runner.http.api import (
-    JSON_BODY_BYTES,
-    CredentialGate,
-    api,
-    cache_routes,
-    install_error_handlers,
-    oidc_client,
-)
+from bigtent.runner.http.deps import JSON_BODY_BYTES, oidc_client
+from bigtent.runner.http.gate import CredentialGate
 from bigtent.runner.http.guard import (
     connection_cap,
     fd_limit,
     guarded_http,
     install_accept_error_log,
 )
+from bigtent.runner.http.handlers import install_error_handlers
 from bigtent.runner.http.health import health_routes
 from bigtent.runner.http.metrics import metrics_routes
+from bigtent.runner.http.routes import api, cache_routes
 from bigtent.runner.http.tls import CertWebSocketProtocol
 from bigtent.runner.logs.retention import run_log_retention
 from bigtent.runner.retention.routes import retention_routes
