@@ -492,6 +492,41 @@ async def fetch_build_roots(conn: AsyncConnection, build_id: int) -> list[Any]:
     return list(rows)
 
 
+async def fetch_roots_of_builds(conn: AsyncConnection, build_ids: Sequence[int]) -> list[Any]:
+    """The roots of every build in ``build_ids`` (by build, then .drv path), each with its
+    derivation's ``outputs`` and ``step_state``: its step's state when that step is one of
+    the build's steps, else None (the root was cached). One query for a whole build list."""
+    if not build_ids:
+        return []
+    rows = await conn.execute(
+        select(build_roots, derivations.c.outputs, steps.c.state.label("step_state"))
+        .join(derivations, derivations.c.drv_path == build_roots.c.drv_path)
+        .outerjoin(
+            build_steps,
+            (build_steps.c.build_id == build_roots.c.build_id)
+            & (build_steps.c.step_id == build_roots.c.step_id),
+        )
+        .outerjoin(steps, steps.c.id == build_steps.c.step_id)
+        .where(build_roots.c.build_id.in_(list(build_ids)))
+        .order_by(build_roots.c.build_id, build_roots.c.drv_path)
+    )
+    return list(rows)
+
+
+async def fetch_build_steps_in_state(
+    conn: AsyncConnection, build_ids: Sequence[int], state: str
+) -> list[tuple[int, int]]:
+    """(build id, step id) of the steps of ``build_ids`` in ``state``."""
+    if not build_ids:
+        return []
+    rows = await conn.execute(
+        select(build_steps.c.build_id, build_steps.c.step_id)
+        .join(steps, steps.c.id == build_steps.c.step_id)
+        .where(build_steps.c.build_id.in_(list(build_ids)), steps.c.state == state)
+    )
+    return [(int(b), int(s)) for b, s in rows]
+
+
 async def fetch_all_build_roots(conn: AsyncConnection, build_ids: Sequence[int]) -> list[Any]:
     if not build_ids:
         return []

@@ -4,8 +4,11 @@ build and step routes answer them."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bigtent.errors import NotFound
 from bigtent.runner.components import Components
@@ -63,6 +66,82 @@ def step_log_expired(row: Any, comps: Components) -> bool:
     )
 
 
+STEP_COUNTS = ("total", "waiting", "runnable", "running", "succeeded", "failed", "cancelled")
+"""The keys of a build's ``counts``: assigned and building steps count as running, failed and
+dependency-failed ones as failed."""
+
+
+def step_counts(states: Mapping[str, int]) -> dict[str, int]:
+    """A build's ``counts`` from how many of its steps are in each state (pure)."""
+    counts = dict.fromkeys(STEP_COUNTS, 0)
+    for name, n in states.items():
+        state = StepState(name)
+        counts["total"] += n
+        if state in (StepState.ASSIGNED, StepState.BUILDING):
+            counts["running"] += n
+        elif state in (StepState.FAILED, StepState.DEPENDENCY_FAILED):
+            counts["failed"] += n
+        else:
+            counts[state.value] += n
+    return counts
+
+
+def root_json(row: Any, step_state: str | None) -> dict[str, Any]:
+    """A build's root: its step's state, or ``cached`` when it needed no step (pure)."""
+    return {
+        "drv_path": row.drv_path,
+        "outputs": json.loads(row.outputs),
+        "step_id": row.step_id,
+        "state": step_state if step_state is not None else "cached",
+    }
+
+
+def build_summary_json(
+    build: Any, roots: list[dict[str, Any]], counts: dict[str, int], waiting_count: int
+) -> dict[str, Any]:
+    """A build as ``GET /builds`` lists it (``GET /builds/{id}`` adds its details; pure)."""
+    return {
+        "id": build.id,
+        "state": build.state,
+        "priority": build.priority,
+        "created_at": iso(build.created_at),
+        "finished_at": iso(build.finished_at),
+        "created_by": build.created_by,
+        "repository": build.repository,
+        "ref": build.ref,
+        "trusted": bool(build.trusted),
+        "roots": roots,
+        "counts": counts,
+        "waiting_for_capacity_count": waiting_count,
+    }
+
+
+async def build_list_json(
+    comps: Components, conn: AsyncConnection, builds: Sequence[Any]
+) -> list[dict[str, Any]]:
+    """``builds`` (rows of ``queries.fetch_builds``) as ``GET /builds`` lists them: a fixed
+    number of queries for the whole list, whatever its length (step counts grouped by build
+    and state, every root with its step's state, and, while steps wait for capacity, the
+    builds' runnable steps)."""
+    ids = [int(b.id) for b in builds]
+    waiting = comps.scheduler.capacity_waiting()
+    states = await queries.fetch_build_state_counts(conn, ids)
+    roots: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
+    for r in await queries.fetch_roots_of_builds(conn, ids):
+        roots[int(r.build_id)].append(root_json(r, r.step_state))
+    waiting_counts = Counter[int]()
+    if waiting:
+        for build_id, step_id in await queries.fetch_build_steps_in_state(
+            conn, ids, StepState.RUNNABLE
+        ):
+            if step_id in waiting:
+                waiting_counts[build_id] += 1
+    return [
+        build_summary_json(b, roots[i], step_counts(states[i]), waiting_counts[i])
+        for i, b in zip(ids, builds, strict=True)
+    ]
+
+
 async def build_json(comps: Components, build_id: int, details: bool = False) -> dict[str, Any]:
     known_id(build_id, "build")
     async with comps.engine.connect() as conn:
@@ -74,43 +153,13 @@ async def build_json(comps: Components, build_id: int, details: bool = False) ->
         events = await queries.fetch_build_events(conn, build_id, EVENTS_SHOWN) if details else []
         hits = await cached_hits(conn, build_id) if details else {}
     by_id = {s.id: s for s in steps}
-    counts = {
-        k: 0
-        for k in ("total", "waiting", "runnable", "running", "succeeded", "failed", "cancelled")
-    }
-    for s in steps:
-        counts["total"] += 1
-        state = StepState(s.state)
-        if state in (StepState.ASSIGNED, StepState.BUILDING):
-            counts["running"] += 1
-        elif state in (StepState.FAILED, StepState.DEPENDENCY_FAILED):
-            counts["failed"] += 1
-        else:
-            counts[state.value] += 1
-    out: dict[str, Any] = {
-        "id": build.id,
-        "state": build.state,
-        "priority": build.priority,
-        "created_at": iso(build.created_at),
-        "finished_at": iso(build.finished_at),
-        "created_by": build.created_by,
-        "repository": build.repository,
-        "ref": build.ref,
-        "trusted": bool(build.trusted),
-        "roots": [
-            {
-                "drv_path": r.drv_path,
-                "outputs": json.loads(r.outputs),
-                "step_id": r.step_id,
-                "state": by_id[r.step_id].state if r.step_id in by_id else "cached",
-            }
-            for r in roots
-        ],
-        "counts": counts,
-        "waiting_for_capacity_count": 0,
-    }
     waiting = waiting_for_capacity(comps, steps)
-    out["waiting_for_capacity_count"] = len(waiting)
+    out = build_summary_json(
+        build,
+        [root_json(r, by_id[r.step_id].state if r.step_id in by_id else None) for r in roots],
+        step_counts(Counter(str(s.state) for s in steps)),
+        len(waiting),
+    )
     if details:
         out["events"] = [build_event_json(e) for e in events]
         out["waiting_for_capacity"] = waiting[:WAITING_LISTED]

@@ -28,6 +28,7 @@ from bigtent.runner.http.deps import LIST_BODY_BYTES, MAX_ID, ClientAuth, Comps,
 from bigtent.runner.http.shapes import (
     attempt_json,
     build_json,
+    build_list_json,
     cached_hits,
     step_json,
     with_cached_hit,
@@ -142,7 +143,7 @@ async def list_builds(
             ref=ref,
             created_by=who.name if mine else None,
         )
-    return {"builds": [await build_json(comps, r.id) for r in rows]}
+        return {"builds": await build_list_json(comps, conn, rows)}
 
 
 @router.get("/builds/{build_id}")
