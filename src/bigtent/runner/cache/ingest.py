@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from bigtent.errors import BadRequest, BigtentError, Conflict, NotFound, PayloadTooLarge
+from bigtent.errors import BadRequest, BigtentError, Conflict, NotFound
 from bigtent.nix import base32
 from bigtent.nix.compression import BoundedDecompressor, Compression
 from bigtent.nix.drv import (
@@ -44,7 +44,8 @@ from bigtent.nix.store_path import (
     make_text_path,
 )
 from bigtent.protocol import MAX_LIST_ITEMS, MAX_REFERENCES, MAX_SHORT_TEXT
-from bigtent.runner.cache.service import Cache, Ingested, Publication, Upstreams, closure
+from bigtent.runner.cache.narcheck import Ingested, check_nar_size
+from bigtent.runner.cache.service import Cache, Publication, Upstreams, closure
 from bigtent.runner.cache.storage import Staged
 from bigtent.runner.db import queries
 from bigtent.runner.metrics import UploadKind
@@ -113,8 +114,7 @@ def parse_declared(
             f"bad X-Nar-Size {nar_size[:40]!r}: expected the NAR size in bytes as a decimal integer"
         )
     size = int(nar_size)
-    if size > max_nar_bytes:
-        raise PayloadTooLarge(f"declared NAR size {size} exceeds max_nar_bytes {max_nar_bytes}")
+    check_nar_size(size, max_nar_bytes)
     return digest, size
 
 
@@ -124,8 +124,7 @@ async def _drain(chunks: AsyncIterator[bytes], max_bytes: int) -> None:
     size = 0
     async for chunk in chunks:
         size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLarge(f"upload is larger than max_nar_bytes {max_bytes}")
+        check_nar_size(size, max_bytes, declared=False)
 
 
 def _parse_path(text: str, what: str) -> StorePath:
@@ -849,7 +848,7 @@ async def publish_leased_output(
     path = node.outputs.get(output_name)
     if path is None:
         raise BadRequest(f"{output_name!r} is not an output of {node.drv_path}")
-    cache.check_declared_size(declared_size)
+    check_nar_size(declared_size, cache.config.max_nar_bytes)
     target = cache
     also: Cache | None = None
     if not node.req.trusted:

@@ -26,9 +26,10 @@ from bigtent.nix import base32
 from bigtent.nix.compression import Compression, compressed_size_bound
 from bigtent.nix.narinfo import NarInfo
 from bigtent.runner.cache.ingest import publish_leased_output
+from bigtent.runner.cache.narcheck import Ingested, check_nar_size
 from bigtent.runner.cache.s3 import S3Staged, S3Storage
 from bigtent.runner.cache.s3keys import incoming_key, verifying_key
-from bigtent.runner.cache.service import Cache, Ingested, Upstreams
+from bigtent.runner.cache.service import Cache, Upstreams
 from bigtent.runner.cache.storage import Staged
 from bigtent.runner.scheduler.dispatcher import Scheduler
 
@@ -61,10 +62,7 @@ def check_declaration(
             hashes[field] = base32.parse_hash(text, "sha256")
         except ValueError as exc:
             raise BadRequest(f"bad {field} {text[:100]!r}: {exc}") from exc
-    if body.nar_size > max_nar_bytes:
-        raise PayloadTooLarge(
-            f"declared NAR size {body.nar_size} exceeds max_nar_bytes {max_nar_bytes}"
-        )
+    check_nar_size(body.nar_size, max_nar_bytes)
     if body.compression != compression:
         raise BadRequest(
             f"this cache stores {compression} files, not {body.compression[:16]!r}",

@@ -39,7 +39,6 @@ from bigtent.errors import (
 )
 from bigtent.nix import base32, narinfo
 from bigtent.nix.compression import (
-    EXTENSIONS,
     BoundedDecompressor,
     Compression,
     Compressor,
@@ -47,8 +46,9 @@ from bigtent.nix.compression import (
     DecompressionError,
 )
 from bigtent.nix.keys import SecretKey, parse_public_key
-from bigtent.nix.nar import NarError, NarSink, NarValidator, ReferenceScanner
+from bigtent.nix.nar import NarSink
 from bigtent.nix.store_path import StorePath
+from bigtent.runner.cache.narcheck import Ingested, NarCheck, check_nar_size, nar_file_name
 from bigtent.runner.cache.storage import Staged, Storage
 from bigtent.runner.db import queries
 from bigtent.runner.db.tables import store_paths, untrusted_store_paths
@@ -103,78 +103,6 @@ STORED_VERIFY_THREADS = 4
 """Stored files (presigned uploads) are verified in a pool of their own this large: a long
 verification of a large NAR must not hold the default thread pool, which everything else
 (short compression steps, storage calls, name lookups) shares. More wait their turn."""
-
-
-def nar_file_name(file_hash: bytes, compression: Compression) -> str:
-    """The storage name (and narinfo ``URL``) of a NAR file: content-addressed by the file."""
-    return f"nar/{base32.encode(file_hash)}.nar{EXTENSIONS[compression]}"
-
-
-class NarCheck:
-    """The one verification of a NAR's bytes, whichever way they arrive (architecture §6: uploads):
-    never longer than declared (checked per chunk, before any work), well-formed, the declared
-    hash and length; the hash parts of ``candidates`` found in it are its references."""
-
-    def __init__(
-        self,
-        declared_size: int,
-        declared_hash: bytes,
-        candidates: Iterable[str] = (),
-        sink: NarSink | None = None,
-    ) -> None:
-        self.declared_size = declared_size
-        self.declared_hash = declared_hash
-        self.size = 0
-        self._validator = NarValidator(sink) if sink is not None else NarValidator()
-        self._scanner = ReferenceScanner(candidates)
-
-    def count(self, chunk: bytes) -> None:
-        """Account for ``chunk``; PayloadTooLarge past the declared size (a hard stop)."""
-        self.size += len(chunk)
-        if self.size > self.declared_size:
-            raise PayloadTooLarge(
-                f"NAR is longer than its declared size of {self.declared_size} bytes"
-            )
-
-    def feed(self, chunk: bytes) -> None:
-        try:
-            self._validator.feed(chunk)
-        except NarError as exc:
-            raise NarMismatch(f"malformed NAR: {exc}") from exc
-        self._scanner.feed(chunk)
-
-    def finish(self) -> tuple[bytes, frozenset[str]]:
-        """The NAR's sha256 and the references found, once it is complete and as declared."""
-        if self.size != self.declared_size:
-            raise NarMismatch(
-                f"NAR is {self.size} bytes, shorter than its declared {self.declared_size}"
-            )
-        nar_sha = self._validator.sha256()
-        if nar_sha != self.declared_hash:
-            raise NarMismatch(
-                "NAR hash mismatch: declared "
-                f"{base32.format_hash('sha256', self.declared_hash)}, got "
-                f"{base32.format_hash('sha256', nar_sha)}"
-            )
-        try:
-            self._validator.finish()
-        except NarError as exc:
-            raise NarMismatch(f"malformed NAR: {exc}") from exc
-        return nar_sha, frozenset(self._scanner.found)
-
-
-@dataclass(frozen=True, slots=True)
-class Ingested:
-    """What ingest learned about a NAR, before it is recorded."""
-
-    nar_hash: bytes
-    nar_size: int
-    file_name: str
-    file_hash: bytes
-    file_size: int
-    references: frozenset[str]
-    """Hash parts found by the reference scan (a subset of the candidates)."""
-    compression: Compression
 
 
 MAIN_PATH = "/cache"
@@ -376,7 +304,7 @@ class Cache:
         ``sink`` sees the NAR's entries as they are parsed (e.g. to hash a file's contents).
         ``kind`` is the door it came in by, for the upload metrics.
         """
-        self.check_declared_size(declared_size)
+        check_nar_size(declared_size, self.config.max_nar_bytes)
         compression = self.config.compression
         compressor = Compressor(compression, self.config.compression_level)
         check = NarCheck(declared_size, declared_hash, candidates, sink)
@@ -503,7 +431,7 @@ class Cache:
 
         Blocking, for a worker thread: one thread hop for many paths instead of one per
         chunk. The caller discards the staged file on any error."""
-        self.check_declared_size(declared_size)
+        check_nar_size(declared_size, self.config.max_nar_bytes)
         compression = self.config.compression
         compressor = Compressor(compression, self.config.compression_level)
         check = NarCheck(declared_size, declared_hash, (), sink)
@@ -558,13 +486,6 @@ class Cache:
         log.error("NAR storage failed: %s", exc)
         return StorageUnavailable(f"the runner's NAR storage failed ({reason}); retry later")
 
-    def check_declared_size(self, declared_size: int) -> None:
-        if declared_size > self.config.max_nar_bytes:
-            raise PayloadTooLarge(
-                f"declared NAR size {declared_size} exceeds max_nar_bytes "
-                f"{self.config.max_nar_bytes}"
-            )
-
     async def receive_stored(
         self,
         body: BinaryIO,
@@ -585,7 +506,7 @@ class Cache:
         Runs in a worker thread, as long as the NAR takes: no fixed timeout. On any mismatch
         ``staged`` is discarded (the object deleted) and NarMismatch or PayloadTooLarge raised.
         """
-        self.check_declared_size(declared_size)
+        check_nar_size(declared_size, self.config.max_nar_bytes)
         stop = threading.Event()
 
         def verify() -> tuple[bytes, frozenset[str]]:
