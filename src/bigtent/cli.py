@@ -50,7 +50,8 @@ from bigtent.errors import (
 )
 
 if TYPE_CHECKING:  # the client modules load lazily, inside the commands
-    from bigtent.client.api import Agent, Build, RunnerClient, Step, StepAttempt, WaitingStep
+    from bigtent.apimodels import Agent
+    from bigtent.client.api import Build, RunnerClient, Step, StepAttempt, WaitingStep
     from bigtent.client.build import BuildTracker
     from bigtent.client.progress import StepLogStreams
 

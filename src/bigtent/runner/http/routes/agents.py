@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket
 
+from bigtent.apimodels import Agents, Builders, Drained
 from bigtent.errors import NotFound
 from bigtent.runner.components import Components
 from bigtent.runner.db import queries
@@ -20,7 +21,7 @@ router = APIRouter()
 
 
 @router.get("/agents")
-async def list_agents(comps: Comps, _: ClientAuth) -> dict[str, Any]:
+async def list_agents(comps: Comps, _: ClientAuth) -> Agents:
     async with comps.engine.connect() as conn:
         rows = await queries.fetch_agents(conn)
     live = comps.scheduler.venues
@@ -80,7 +81,7 @@ async def list_agents(comps: Comps, _: ClientAuth) -> dict[str, Any]:
                 ),
             }
         )
-    return {"agents": out}
+    return Agents.model_validate({"agents": out})
 
 
 def _oidc_json(row: Any) -> dict[str, Any] | None:
@@ -96,8 +97,9 @@ def _oidc_json(row: Any) -> dict[str, Any] | None:
     }
 
 
-@router.get("/builders")
-async def list_builders(comps: Comps, _: ClientAuth) -> dict[str, Any]:
+# A skipped builder has fewer fields: the answer keeps to the ones it has.
+@router.get("/builders", response_model_exclude_unset=True)
+async def list_builders(comps: Comps, _: ClientAuth) -> Builders:
     """The ``[[ssh_builders]]``: usable ones with their load and backoff, skipped ones with
     the reason (docs/api.md)."""
     now = comps.scheduler.clock()
@@ -105,15 +107,15 @@ async def list_builders(comps: Comps, _: ClientAuth) -> dict[str, Any]:
     for b in builders:
         if b.get("backoff_until") is not None:
             b["backoff_until"] = iso(b["backoff_until"])
-    return {"builders": builders}
+    return Builders.model_validate({"builders": builders})
 
 
 @router.post("/agents/{name}/drain")
-async def drain_agent(name: str, comps: Comps, _: AdminAuth) -> dict[str, Any]:
+async def drain_agent(name: str, comps: Comps, _: AdminAuth) -> Drained:
     for venue in comps.scheduler.venues.values():
         if venue.kind == AGENT and (venue.name == name or venue.machine_id == name):
             comps.scheduler.drain(venue.machine_id)
-            return {"drained": venue.name}
+            return Drained(drained=venue.name)
     raise NotFound(f"no connected agent {name!r}")
 
 

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from bigtent import protocol as p
+from bigtent.apimodels import Missing
 from bigtent.runner.cache.ingest import ingest_client_path, ingest_output
 from bigtent.runner.cache.presigned import record_json
 from bigtent.runner.http.deps import (
@@ -29,9 +30,9 @@ class PathsBody(BaseModel):
 
 
 @router.post("/paths/missing", max_body_size=LIST_BODY_BYTES)
-async def missing_paths(body: PathsBody, comps: Comps, _: ClientAuth) -> dict[str, list[str]]:
+async def missing_paths(body: PathsBody, comps: Comps, _: ClientAuth) -> Missing:
     present = await comps.cache.present(body.paths)
-    return {"missing": [x for x in body.paths if x not in present]}
+    return Missing(missing=[x for x in body.paths if x not in present])
 
 
 @router.put("/paths/{basename}", status_code=201, max_body_size=STREAMED_BODY)
