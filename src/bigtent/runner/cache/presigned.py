@@ -6,7 +6,7 @@ an output of the leased step's derivation, for exactly the declared file size (s
 key the runner derives from the lease and the declared NAR hash (``s3keys``). ``complete``
 first takes the upload: a server-side copy to a key of the runner's own (no URL was signed
 for it) and a delete of the upload. It then reads that copy back and verifies it through the
-same checks as a NAR PUT to the runner (``ingest.publish_leased_output`` and
+same checks as a NAR PUT to the runner (``outputs.publish_leased_output`` and
 ``Cache.receive_stored``); only then is that same copy moved to its content-addressed name and
 its narinfo signed. What is published is what was verified: an agent that PUTs other bytes
 with its URL meanwhile writes an upload nobody reads. Any failure deletes both objects.
@@ -25,8 +25,8 @@ from bigtent.errors import BadRequest, BigtentError, Conflict, PayloadTooLarge, 
 from bigtent.nix import base32
 from bigtent.nix.compression import Compression, compressed_size_bound
 from bigtent.nix.narinfo import NarInfo
-from bigtent.runner.cache.ingest import publish_leased_output
 from bigtent.runner.cache.narcheck import Ingested, check_nar_size
+from bigtent.runner.cache.outputs import publish_leased_output
 from bigtent.runner.cache.s3 import S3Staged, S3Storage
 from bigtent.runner.cache.s3keys import incoming_key, verifying_key
 from bigtent.runner.cache.service import Cache, Upstreams

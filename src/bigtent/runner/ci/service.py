@@ -35,7 +35,7 @@ from bigtent.errors import BadRequest, ConfigError, Conflict, NotFound
 from bigtent.nix import base32
 from bigtent.nix.nar import dump_path
 from bigtent.runner.builds import plan_parts
-from bigtent.runner.cache.ingest import ClientPath, ingest_client_closure
+from bigtent.runner.cache.closureingest import ClientPath, ingest_client_closure
 from bigtent.runner.cache.service import Cache, Upstreams
 from bigtent.runner.ci import triggers
 from bigtent.runner.ci.disclosure import shown_eval_error, shown_job_error

@@ -14,7 +14,7 @@ Each builder is a scheduler ``Venue`` of kind ``SSH``: the scheduler matches it 
 agent (systems, features, max_jobs, speed factor, backoff) but only for steps no agent slot
 takes in the same pass. Its ``send`` starts (``assign``) or aborts (``abort``) a local task;
 the task streams Nix's log into the step log, publishes each output through the same
-verified ingest as agent uploads (``ingest.ingest_leased_output``: current lease, an output
+verified ingest as agent uploads (``outputs.ingest_leased_output``: current lease, an output
 of the leased .drv, size caps, hash and size while streaming, references by the runner's
 scan), and then records the result through ``Scheduler.result`` — the path an agent's
 ``result`` takes, so a step finishes exactly once and stale leases are ignored. Failures
@@ -45,7 +45,7 @@ from bigtent.errors import BigtentError, NixError
 from bigtent.nix import base32
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store import LineSink, NixStore, PathInfo, RealiseResult, RealiseStatus
-from bigtent.runner.cache.ingest import ingest_leased_output
+from bigtent.runner.cache.outputs import ingest_leased_output
 from bigtent.runner.cache.service import Cache, Upstreams
 from bigtent.runner.scheduler.dispatcher import SSH, Scheduler, SessionClosed, Venue
 from bigtent.runner.venues.ssh import (

@@ -8,7 +8,8 @@ import pytest
 
 from bigtent.errors import BadRequest, PayloadTooLarge
 from bigtent.nix import base32
-from bigtent.runner.cache.ingest import ClientPath, closure_batches, parse_declared
+from bigtent.runner.cache.closureingest import ClientPath, closure_batches
+from bigtent.runner.cache.ingest import parse_declared
 
 DIGEST = hashlib.sha256(b"nar").digest()
 NIX32 = base32.format_hash("sha256", DIGEST)

@@ -11,7 +11,8 @@ from pydantic import BaseModel, Field
 
 from bigtent import protocol as p
 from bigtent.apimodels import Missing
-from bigtent.runner.cache.ingest import ingest_client_path, ingest_output
+from bigtent.runner.cache.ingest import ingest_client_path
+from bigtent.runner.cache.outputs import ingest_output
 from bigtent.runner.cache.presigned import record_json
 from bigtent.runner.http.deps import (
     LIST_BODY_BYTES,
