@@ -61,8 +61,9 @@ from bigtent.nix import base32
 from bigtent.nix.compression import Compression
 from bigtent.nix.keys import generate_key
 from bigtent.runner.builds import plan_parts
-from bigtent.runner.cache.service import Cache, Upstreams
+from bigtent.runner.cache.service import Cache
 from bigtent.runner.cache.storage import LocalStorage
+from bigtent.runner.cache.upstreams import Upstreams
 from bigtent.runner.db import tables
 from bigtent.runner.db.migrate import create_engine, migrate
 from bigtent.runner.logs.store import LogStore

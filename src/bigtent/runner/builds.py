@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 from bigtent.errors import BadRequest, NotFound
 from bigtent.nix.store_path import StorePath
-from bigtent.runner.cache.service import Cache, Upstreams
+from bigtent.runner.cache.service import Cache
+from bigtent.runner.cache.upstreams import Upstreams
 from bigtent.runner.db import queries
 from bigtent.runner.scheduler.dispatcher import PlannedStep, PlanPart
 from bigtent.runner.scheduler.steps import plan_heights

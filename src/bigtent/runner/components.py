@@ -21,8 +21,9 @@ from bigtent.runner.auth.tokens import TokenRegistry, TokenStore
 from bigtent.runner.autoscale.service import Autoscaler, build_workflows
 from bigtent.runner.cache.presigned import PresignedUploads
 from bigtent.runner.cache.s3 import S3Storage
-from bigtent.runner.cache.service import Cache, Upstreams
+from bigtent.runner.cache.service import Cache
 from bigtent.runner.cache.storage import LocalStorage, Storage
+from bigtent.runner.cache.upstreams import Upstreams
 from bigtent.runner.ci.service import CiService
 from bigtent.runner.db.migrate import check_schema, create_engine
 from bigtent.runner.db.notify import Change, ChangeFeed, make_feed

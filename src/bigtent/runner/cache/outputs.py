@@ -13,8 +13,9 @@ from bigtent.nix.narinfo import NarInfo
 from bigtent.nix.store_path import StorePath
 from bigtent.runner.cache.ingest import drain, parse_declared
 from bigtent.runner.cache.narcheck import Ingested, check_nar_size
-from bigtent.runner.cache.service import Cache, Upstreams, closure
+from bigtent.runner.cache.service import Cache
 from bigtent.runner.cache.storage import Staged
+from bigtent.runner.cache.upstreams import Upstreams, closure
 from bigtent.runner.metrics import UploadKind
 from bigtent.runner.scheduler.dispatcher import Scheduler
 

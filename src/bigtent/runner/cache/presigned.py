@@ -29,8 +29,9 @@ from bigtent.runner.cache.narcheck import Ingested, check_nar_size
 from bigtent.runner.cache.outputs import publish_leased_output
 from bigtent.runner.cache.s3 import S3Staged, S3Storage
 from bigtent.runner.cache.s3keys import incoming_key, verifying_key
-from bigtent.runner.cache.service import Cache, Upstreams
+from bigtent.runner.cache.service import Cache
 from bigtent.runner.cache.storage import Staged
+from bigtent.runner.cache.upstreams import Upstreams
 from bigtent.runner.scheduler.dispatcher import Scheduler
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""The signed binary cache: verified NAR ingest, narinfo records, and upstream lookups.
+"""The signed binary cache: verified NAR ingest and narinfo records (upstream lookups are
+``upstreams.py``).
 
 Every path enters the cache through one check of its NAR (``NarCheck``: declared size as a
 hard stop, the size cap, NAR well-formedness, hash, references found by scanning), whether the
@@ -17,25 +18,20 @@ import hashlib
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, Generic, TypeVar
+from typing import BinaryIO
 
-import httpx
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from bigtent.config import CacheSection, Upstream
+from bigtent.config import CacheSection
 from bigtent.errors import (
-    ConfigError,
     NarMismatch,
     PayloadTooLarge,
     StorageFull,
     StorageUnavailable,
-    UpstreamUnavailable,
-    describe,
 )
 from bigtent.nix import base32, narinfo
 from bigtent.nix.compression import (
@@ -45,9 +41,10 @@ from bigtent.nix.compression import (
     DecompressedTooLarge,
     DecompressionError,
 )
-from bigtent.nix.keys import SecretKey, parse_public_key
+from bigtent.nix.keys import SecretKey
 from bigtent.nix.nar import NarSink
 from bigtent.nix.store_path import StorePath
+from bigtent.runner.cache.lru import Lru
 from bigtent.runner.cache.narcheck import Ingested, NarCheck, check_nar_size, nar_file_name
 from bigtent.runner.cache.storage import Staged, Storage
 from bigtent.runner.db import queries
@@ -68,34 +65,6 @@ INLINE_INGEST_BYTES = 1024 * 1024
 """NARs up to this size are verified on the event loop; larger ones in a worker thread."""
 INGEST_BATCH_BYTES = 1024 * 1024
 """A large NAR is handed to the worker thread in batches of about this size."""
-MEMORY_UPSTREAM_NARINFOS = 100_000
-"""Upstream narinfo records (paths an upstream has) kept in memory."""
-
-_V = TypeVar("_V")
-
-
-class _Lru(Generic[_V]):
-    """A bounded map that forgets the least recently used entry."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._items: OrderedDict[str, _V] = OrderedDict()
-
-    def get(self, key: str) -> _V | None:
-        value = self._items.get(key)
-        if value is not None:
-            self._items.move_to_end(key)
-        return value
-
-    def put(self, key: str, value: _V) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        if len(self._items) > self.size:
-            self._items.popitem(last=False)
-
-    def drop(self, key: str) -> None:
-        self._items.pop(key, None)
-
 
 STORED_READ_BYTES = 1024 * 1024
 """A stored file is read back for verification this much at a time."""
@@ -158,10 +127,10 @@ class Cache:
         self._verify_pool = ThreadPoolExecutor(
             STORED_VERIFY_THREADS, thread_name_prefix="verify-upload"
         )
-        self._infos: _Lru[narinfo.NarInfo] = _Lru(MEMORY_NARINFOS)
+        self._infos: Lru[narinfo.NarInfo] = Lru(MEMORY_NARINFOS)
         self.storage_full: StorageFullEvents | None = None
         """The NAR storage's last "full" (shown by the dashboard); None: never full."""
-        self._drvs: _Lru[queries.DrvInfo] = _Lru(MEMORY_DERIVATIONS)
+        self._drvs: Lru[queries.DrvInfo] = Lru(MEMORY_DERIVATIONS)
 
     # ---- queries ---------------------------------------------------------------------------
     # A published narinfo and a recorded derivation never change, so recently used ones are
@@ -677,105 +646,3 @@ class Publication:
     references: Iterable[str]
     deriver: str | None = None
     ca: str | None = None
-
-
-class Upstreams:
-    """Other binary caches (e.g. the public NixOS cache) asked for narinfo before building.
-
-    Lookups run concurrently with a bounded number in flight and time out. A narinfo counts
-    only when it is signed by that upstream's configured key. Paths found are remembered (a
-    path an upstream has does not disappear); absences are not. An upstream that does not
-    answer is an error (``UpstreamUnavailable``), never "absent": treating it as absent would
-    rebuild everything it holds.
-    """
-
-    def __init__(
-        self,
-        upstreams: Sequence[Upstream],
-        max_in_flight: int,
-        timeout_secs: float,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self.upstreams = list(upstreams)
-        self._keys = []
-        for i, up in enumerate(self.upstreams):
-            try:
-                self._keys.append(parse_public_key(up.public_key))
-            except ValueError as exc:
-                raise ConfigError(f"config key cache.upstreams[{i}].public_key: {exc}") from exc
-        self._sem = asyncio.Semaphore(max_in_flight)
-        self._client = httpx.AsyncClient(timeout=timeout_secs, transport=transport)
-        self._known: _Lru[narinfo.NarInfo] = _Lru(MEMORY_UPSTREAM_NARINFOS)
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
-    async def lookup(self, path: str) -> narinfo.NarInfo | None:
-        """The first upstream's signed narinfo for ``path``, or None when no upstream has it.
-
-        Raises UpstreamUnavailable when an upstream cannot be asked (network error, 5xx).
-        """
-        remembered = self._known.get(path)
-        if remembered is not None:
-            return remembered
-        hash_part = StorePath.parse(path).hash_part
-        for up, key in zip(self.upstreams, self._keys, strict=True):
-            url = f"{up.url.rstrip('/')}/{hash_part}.narinfo"
-            try:
-                async with self._sem:
-                    resp = await self._client.get(url)
-            except httpx.HTTPError as exc:
-                raise UpstreamUnavailable(
-                    f"upstream cache {up.url} did not answer: {describe(exc)}"
-                ) from exc
-            if resp.status_code in (403, 404):  # absent (S3-backed caches answer 403)
-                continue
-            if resp.status_code != 200:
-                raise UpstreamUnavailable(
-                    f"upstream cache {up.url} answered HTTP {resp.status_code} for {url}"
-                )
-            try:
-                info = narinfo.parse(resp.text)
-            except ValueError as exc:
-                log.warning("upstream %s sent a bad narinfo for %s: %s", up.url, path, exc)
-                continue
-            if info.store_path != path:
-                continue
-            fingerprint = info.fingerprint()
-            if not any(key.verify(fingerprint, sig) for sig in info.sigs):
-                log.warning("upstream %s: %s is not signed by %s", up.url, path, key.name)
-                continue
-            self._known.put(path, info)
-            return info
-        return None
-
-    async def have_all(self, paths: Sequence[str]) -> bool:
-        """Whether upstreams hold every one of ``paths``."""
-        if not self.upstreams or not paths:
-            return False
-        results = await asyncio.gather(*(self.lookup(p) for p in paths))
-        return all(r is not None for r in results)
-
-
-async def closure(
-    cache: Cache, upstreams: Upstreams, roots: Iterable[str], *, also: Cache | None = None
-) -> set[str]:
-    """All paths reachable by references from ``roots`` through the cache (then ``also``, the
-    untrusted cache for an untrusted step's inputs) and upstreams."""
-    seen: set[str] = set()
-    frontier = [r for r in set(roots)]
-    while frontier:
-        seen.update(frontier)
-        known = await cache.references_of(frontier)
-        if also is not None:
-            known.update(await also.references_of([p for p in frontier if p not in known]))
-        nxt: set[str] = set()
-        missing = [p for p in frontier if p not in known]
-        for refs in known.values():
-            nxt.update(refs)
-        infos = await asyncio.gather(*(upstreams.lookup(p) for p in missing))
-        for info in infos:
-            if info is not None:
-                nxt.update(f"/nix/store/{r}" for r in info.references)
-        frontier = [p for p in nxt if p not in seen]
-    return seen

@@ -36,7 +36,8 @@ from bigtent.nix import base32
 from bigtent.nix.nar import dump_path
 from bigtent.runner.builds import plan_parts
 from bigtent.runner.cache.closureingest import ClientPath, ingest_client_closure
-from bigtent.runner.cache.service import Cache, Upstreams
+from bigtent.runner.cache.service import Cache
+from bigtent.runner.cache.upstreams import Upstreams
 from bigtent.runner.ci import triggers
 from bigtent.runner.ci.disclosure import shown_eval_error, shown_job_error
 from bigtent.runner.ci.evaluator import EvalFailure, Evaluator, default_branch, ls_remote

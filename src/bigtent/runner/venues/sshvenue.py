@@ -46,7 +46,8 @@ from bigtent.nix import base32
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store import LineSink, NixStore, PathInfo, RealiseResult, RealiseStatus
 from bigtent.runner.cache.outputs import ingest_leased_output
-from bigtent.runner.cache.service import Cache, Upstreams
+from bigtent.runner.cache.service import Cache
+from bigtent.runner.cache.upstreams import Upstreams
 from bigtent.runner.scheduler.dispatcher import SSH, Scheduler, SessionClosed, Venue
 from bigtent.runner.venues.ssh import (
     SshTarget,

@@ -9,7 +9,7 @@ from bigtent.config import Upstream
 from bigtent.errors import ConfigError, UpstreamUnavailable
 from bigtent.nix.keys import generate_key, sign_narinfo
 from bigtent.nix.narinfo import NarInfo, render
-from bigtent.runner.cache.service import Upstreams
+from bigtent.runner.cache.upstreams import Upstreams
 
 PATH = "/nix/store/" + "a" * 32 + "-hello"
 KEY = generate_key("up-1")
