@@ -69,10 +69,11 @@ async def ingest(way: str, work: Path, store_uri: str, drvs: list[str], batch: i
     from bigtent.nix.keys import generate_key
     from bigtent.nix.nar import dump_path
     from bigtent.nix.store import NixStore
-    from bigtent.runner.cache import Cache
+    from bigtent.runner.cache.closureingest import ClientPath, ingest_client_closure
+    from bigtent.runner.cache.ingest import ingest_client_path
+    from bigtent.runner.cache.service import Cache
+    from bigtent.runner.cache.storage import LocalStorage
     from bigtent.runner.db.migrate import create_engine, migrate
-    from bigtent.runner.ingest import ClientPath, ingest_client_closure, ingest_client_path
-    from bigtent.runner.storage import LocalStorage
 
     root = work / f"{way}-{uuid.uuid4().hex[:6]}"
     root.mkdir()

@@ -285,7 +285,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     ci_log = [
         line.split(" ", 3)[-1]
         for line in (r.state_dir / "runner.log").read_text(errors="replace").splitlines()
-        if "bigtent.runner.ci" in line or "bigtent.runner.ingest" in line
+        if "bigtent.runner.ci" in line or "bigtent.runner.cache.closureingest" in line
     ]
     logged_peak = 0
     for line in ci_log:

@@ -30,8 +30,8 @@ if __package__ in (None, ""):
 
 from bench import common
 
-from bigtent.runner.logretention import DAY_SECS, expire_logs
-from bigtent.runner.logs import LogStore
+from bigtent.runner.logs.retention import DAY_SECS, expire_logs
+from bigtent.runner.logs.store import LogStore
 
 TICK_SECS = 0.005
 

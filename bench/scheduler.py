@@ -61,14 +61,15 @@ from bigtent.nix import base32
 from bigtent.nix.compression import Compression
 from bigtent.nix.keys import generate_key
 from bigtent.runner.builds import plan_parts
-from bigtent.runner.cache import Cache, Upstreams
+from bigtent.runner.cache.service import Cache
+from bigtent.runner.cache.storage import LocalStorage
+from bigtent.runner.cache.upstreams import Upstreams
 from bigtent.runner.db import tables
 from bigtent.runner.db.migrate import create_engine, migrate
-from bigtent.runner.logs import LogStore
+from bigtent.runner.logs.store import LogStore
 from bigtent.runner.scheduler import dispatcher
 from bigtent.runner.scheduler import steps as steps_module
 from bigtent.runner.scheduler.dispatcher import Scheduler, Venue
-from bigtent.runner.storage import LocalStorage
 
 HYDRA_SECS = 88.0
 HYDRA_QUEUE = 140_000

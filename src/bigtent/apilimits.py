@@ -1,7 +1,8 @@
 """Limits of API request fields that a client can check before it sends anything.
 
-The runner's request models (``runner/api.py``) use these same values, so ``bigtent build``
-refuses a priority out of range at once instead of after uploading the closure.
+The runner's request models (``runner/http/routes/builds.py``) use these same values, so
+``bigtent build`` refuses a priority out of range at once instead of after uploading the
+closure.
 """
 
 from __future__ import annotations

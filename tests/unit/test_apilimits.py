@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from bigtent.apilimits import LABEL_MAX_CHARS, PRIORITY_MAX, PRIORITY_MIN, build_field_problem
-from bigtent.runner.api import BuildBody
+from bigtent.runner.http.routes.builds import BuildBody
 
 DRV = "/nix/store/" + "a" * 32 + "-x.drv"
 

@@ -24,7 +24,7 @@ from bigtent.errors import (
 )
 from bigtent.nix import base32
 from bigtent.nix.narinfo import NarInfo
-from bigtent.runner.cacheverify import judge_file
+from bigtent.runner.cache.verify import judge_file
 from bigtent.runner.db.migrate import database_unavailable
 
 

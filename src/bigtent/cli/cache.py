@@ -42,7 +42,7 @@ def cache_verify(ctx: click.Context, config_path: Path | None, repair: bool, as_
     Exits 0 when every file is good (or, with --repair, every bad path was forgotten), 1 when
     some are bad. Safe while runners run; a runner may still serve a damaged file's narinfo
     it remembers until the next lookup finds the file deleted."""
-    from bigtent.runner.cacheverify import cache_tables, verify_cache
+    from bigtent.runner.cache.verify import cache_tables, verify_cache
     from bigtent.runner.components import open_storage
     from bigtent.runner.db.migrate import DATABASE_ERRORS, create_engine, database_unavailable
 

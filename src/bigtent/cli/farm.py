@@ -14,7 +14,8 @@ from bigtent.cli.options import CONTEXT, ClientOptions, client_options, json_opt
 from bigtent.cli.output import console, emit
 
 if TYPE_CHECKING:
-    from bigtent.client.api import Agent, Builder, Launches, RunnerStatus
+    from bigtent.apimodels import Agent, Builder
+    from bigtent.client.api import Launches, RunnerStatus
 
 
 @click.command(context_settings=CONTEXT)

@@ -18,7 +18,7 @@ from bigtent.config import OidcProvider, load_agent_config, load_runner_config, 
 def runner(config_path: Path | None) -> None:
     """Run the runner: API, binary cache, scheduler and agent sessions."""
     cfg = load_runner_config(config_path)
-    from bigtent.runner.app import serve
+    from bigtent.runner.http.app import serve
 
     run(serve(cfg))
 

@@ -23,7 +23,7 @@ def ssh() -> None:
 @json_option
 def ssh_import(machines_file: Path, as_json: bool) -> None:
     """Convert a Nix machines file (e.g. /etc/nix/machines) into [[ssh_builders]] entries."""
-    from bigtent.runner.ssh import parse_machines_file, render_ssh_builders_toml
+    from bigtent.runner.venues.ssh import parse_machines_file, render_ssh_builders_toml
 
     try:
         text = machines_file.read_text()
@@ -59,8 +59,8 @@ def ssh_import(machines_file: Path, as_json: bool) -> None:
 @json_option
 def ssh_check(name: str, config_path: Path, connect_timeout_secs: int, as_json: bool) -> None:
     """Connect to SSH builder NAME (user@host[:port], its URI or host) and print its Nix version."""
-    from bigtent.runner.ssh import find_builder
-    from bigtent.runner.sshcheck import check_ssh_builder
+    from bigtent.runner.venues.ssh import find_builder
+    from bigtent.runner.venues.sshcheck import check_ssh_builder
 
     cfg = load_runner_config(config_path)
     builder = find_builder(cfg.ssh_builders, name)

@@ -17,7 +17,7 @@ from bigtent.config import Role
 from bigtent.errors import BigtentError, UsageError
 
 if TYPE_CHECKING:
-    from bigtent.client.api import CreatedToken, TokenInfo
+    from bigtent.apimodels import CreatedToken, TokenInfo
 
 
 @click.group(context_settings=CONTEXT)

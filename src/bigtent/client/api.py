@@ -12,8 +12,20 @@ from typing import Annotated, Any, Self, TypeVar
 from urllib.parse import quote, urlsplit
 
 import httpx
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 
+from bigtent.apimodels import (
+    Agent,
+    Agents,
+    ApiModel,
+    Builder,
+    Builders,
+    CreatedToken,
+    Drained,
+    Missing,
+    TokenInfo,
+    Tokens,
+)
 from bigtent.errors import (
     AuthError,
     BadRequest,
@@ -51,16 +63,12 @@ def _to_str(value: object) -> object:
 Id = Annotated[str, BeforeValidator(_to_str)]
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-class UpstreamInfo(_Model):
+class UpstreamInfo(ApiModel):
     url: str
     public_key: str = ""
 
 
-class RunnerStatus(_Model):
+class RunnerStatus(ApiModel):
     version: str = ""
     cache_url: str = ""
     cache_public_key: str = ""
@@ -75,7 +83,7 @@ class RunnerStatus(_Model):
     """Runnable steps no connected agent, SSH builder or autoscaler pool can take."""
 
 
-class StepCounts(_Model):
+class StepCounts(ApiModel):
     total: int = 0
     waiting: int = 0
     runnable: int = 0
@@ -85,7 +93,7 @@ class StepCounts(_Model):
     cancelled: int = 0
 
 
-class BuildRoot(_Model):
+class BuildRoot(ApiModel):
     drv_path: str
     outputs: dict[str, str] = {}
     step_id: Id | None = None
@@ -93,7 +101,7 @@ class BuildRoot(_Model):
     state: str = ""
 
 
-class FailedStep(_Model):
+class FailedStep(ApiModel):
     id: Id
     drv_path: str
     state: str = ""
@@ -102,7 +110,7 @@ class FailedStep(_Model):
     log_tail: str | None = None
 
 
-class WaitingStep(_Model):
+class WaitingStep(ApiModel):
     """A runnable step that no venue can take (``waiting for capacity: …``)."""
 
     step_id: Id
@@ -114,7 +122,7 @@ class WaitingStep(_Model):
     since: str | None = None
 
 
-class Build(_Model):
+class Build(ApiModel):
     id: Id
     state: BuildState
     priority: int = 0
@@ -133,7 +141,7 @@ class Build(_Model):
     """The first of them, longest waiting first (only in ``GET /builds/{id}``)."""
 
 
-class StepAttempt(_Model):
+class StepAttempt(ApiModel):
     """One attempt of a step (docs/api.md "Attempts"): which venue ran it, how it ended,
     why, and when the step will be tried again (``retry_at`` None: the outcome was final)."""
 
@@ -151,7 +159,7 @@ class StepAttempt(_Model):
     retry_at: str | None = None
 
 
-class Step(_Model):
+class Step(ApiModel):
     id: Id
     drv_path: str
     name: str = ""
@@ -174,82 +182,7 @@ class Step(_Model):
     """Set while the step is runnable but no venue can take it."""
 
 
-class AgentOidc(_Model):
-    """The CI job an OIDC-authenticated agent's ID token named (architecture §6)."""
-
-    issuer: str
-    repository: str
-    subject: str
-    workflow_ref: str | None = None
-    ref: str | None = None
-
-
-class Agent(_Model):
-    machine_id: str
-    name: str = ""
-    hostname: str = ""
-    systems: list[str] = []
-    supported_features: list[str] = []
-    mandatory_features: list[str] = []
-    max_jobs: int = 0
-    running: int = 0
-    speed_factor: float = 1.0
-    ephemeral: bool = False
-    trusted: bool = True
-    """An untrusted venue takes only steps of untrusted builds."""
-    build_repositories: list[str] | None = None
-    """The build repositories an OIDC agent serves; None: any."""
-    auth_kind: str = ""
-    """``token`` or ``oidc``."""
-    oidc: AgentOidc | None = None
-    """Set when ``auth_kind`` is ``oidc``."""
-    launch_id: str | None = None
-    connected: bool = False
-    draining: bool = False
-    last_seen: str | None = None
-    steps_succeeded: int = 0
-    steps_failed: int = 0
-    infra_failures: int = 0
-    consecutive_failures: int = 0
-    backoff_until: str | None = None
-    """Set while the agent gets no work after consecutive infrastructure failures."""
-    unhealthy: bool = False
-    """``scheduler.unhealthy_after_failures`` consecutive infrastructure failures: one step at a
-    time after its backoff until one succeeds (docs/agents.md)."""
-    last_error: str | None = None
-    """The last infrastructure failure of its current run of failures."""
-
-
-class Builder(_Model):
-    """An SSH remote builder (``[[ssh_builders]]``) as the runner reports it."""
-
-    machine_id: str
-    uri: str
-    usable: bool
-    reason: str | None = None
-    """Why the runner does not use it (e.g. no pinned host key)."""
-    systems: list[str] = []
-    supported_features: list[str] = []
-    mandatory_features: list[str] = []
-    max_jobs: int = 0
-    running: int = 0
-    speed_factor: float = 1.0
-    consecutive_failures: int = 0
-    backoff_until: str | None = None
-
-
-class TokenInfo(_Model):
-    """A token stored in the runner's database (the answer never holds its digest)."""
-
-    name: str
-    role: str
-    trusted: bool = False
-    created_by: str = ""
-    created_at: str | None = None
-    revoked_at: str | None = None
-
-
-class PinInfo(_Model):
+class PinInfo(ApiModel):
     """A named pin (docs/cache.md)."""
 
     name: str
@@ -261,16 +194,11 @@ class PinInfo(_Model):
     """Only in the answer to adding a pin: pinned paths the cache does not hold (yet)."""
 
 
-class _Pins(_Model):
+class _Pins(ApiModel):
     pins: list[PinInfo]
 
 
-class CreatedToken(TokenInfo):
-    token: str
-    """The secret: in this answer and nowhere else."""
-
-
-class Launch(_Model):
+class Launch(ApiModel):
     """One autoscaler launch (docs/autoscaling.md)."""
 
     launch_id: str
@@ -284,14 +212,14 @@ class Launch(_Model):
     error: str | None = None
 
 
-class LaunchCounters(_Model):
+class LaunchCounters(ApiModel):
     launches: int = 0
     registrations: int = 0
     expiries: int = 0
     dispatch_failures: int = 0
 
 
-class LaunchPool(_Model):
+class LaunchPool(ApiModel):
     """An ``[[autoscale.github]]`` pool with its last plan and counters."""
 
     name: str
@@ -307,46 +235,26 @@ class LaunchPool(_Model):
     counters: LaunchCounters = LaunchCounters()
 
 
-class Launches(_Model):
+class Launches(ApiModel):
     pools: list[LaunchPool] = []
     counters: LaunchCounters = LaunchCounters()
     ticks: int = 0
     launches: list[Launch] = []
 
 
-class _Tokens(_Model):
-    tokens: list[TokenInfo]
-
-
-class _Builders(_Model):
-    builders: list[Builder]
-
-
-class _Builds(_Model):
+class _Builds(ApiModel):
     builds: list[Build]
 
 
-class _Attempts(_Model):
+class _Attempts(ApiModel):
     attempts: list[StepAttempt]
 
 
-class _Steps(_Model):
+class _Steps(ApiModel):
     steps: list[Step]
 
 
-class _Agents(_Model):
-    agents: list[Agent]
-
-
-class _Drained(_Model):
-    drained: str
-
-
-class _Missing(_Model):
-    missing: list[str]
-
-
-class _Uploaded(_Model):
+class _Uploaded(ApiModel):
     path: str = Field(default="")
 
 
@@ -709,7 +617,7 @@ class RunnerClient:
         if not paths:
             return []
         data = await self._json("POST", "/paths/missing", json_body={"paths": list(paths)})
-        return self._parse(_Missing, data, "missing-paths answer").missing
+        return self._parse(Missing, data, "missing-paths answer").missing
 
     async def upload_path(
         self,
@@ -849,10 +757,10 @@ class RunnerClient:
             raise RunnerUnreachable(f"cannot reach runner at {self.base_url}: {reason}") from exc
 
     async def fetch_agents(self) -> list[Agent]:
-        return self._parse(_Agents, await self._json("GET", "/agents"), "agent list").agents
+        return self._parse(Agents, await self._json("GET", "/agents"), "agent list").agents
 
     async def fetch_builders(self) -> list[Builder]:
-        return self._parse(_Builders, await self._json("GET", "/builders"), "builder list").builders
+        return self._parse(Builders, await self._json("GET", "/builders"), "builder list").builders
 
     async def cancel_build(self, build_id: str) -> Build:
         return self._parse(
@@ -878,7 +786,7 @@ class RunnerClient:
         """Tell a connected agent to finish its running steps and take no new ones (admin);
         returns the agent's name."""
         data = await self._json("POST", f"/agents/{quote(name, safe='')}/drain")
-        return self._parse(_Drained, data, "drain answer").drained
+        return self._parse(Drained, data, "drain answer").drained
 
     async def create_token(
         self, role: str, *, name: str | None = None, trusted: bool = False
@@ -920,7 +828,7 @@ class RunnerClient:
         return data
 
     async def fetch_tokens(self) -> list[TokenInfo]:
-        return self._parse(_Tokens, await self._json("GET", "/tokens"), "token list").tokens
+        return self._parse(Tokens, await self._json("GET", "/tokens"), "token list").tokens
 
     async def revoke_token(self, name: str) -> TokenInfo:
         data = await self._json("DELETE", f"/tokens/{quote(name, safe='')}")

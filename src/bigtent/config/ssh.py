@@ -2,7 +2,7 @@
 
 The section validates each builder with the pure parsers of ``bigtent.config.sshuri``; what
 the runner does with a builder (machine lines, ``NIX_SSHOPTS``, the machines file) is
-``bigtent.runner.ssh``.
+``bigtent.runner.venues.ssh``.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from bigtent.errors import BadRequest, NotFound
 from bigtent.graphs import dependencies_first
 from bigtent.nix.store_path import StorePath
-from bigtent.runner.cache import Cache, Upstreams
+from bigtent.runner.cache.service import Cache
+from bigtent.runner.cache.upstreams import Upstreams
 from bigtent.runner.db import queries
 from bigtent.runner.scheduler.dispatcher import PlannedStep, PlanPart
 from bigtent.runner.scheduler.steps import plan_heights

@@ -19,25 +19,26 @@ from bigtent.runner.auth.oidc import OidcVerifier
 from bigtent.runner.auth.ratelimit import AuthFailureLimiter, FailureThrottle
 from bigtent.runner.auth.tokens import TokenRegistry, TokenStore
 from bigtent.runner.autoscale.service import Autoscaler, build_workflows
-from bigtent.runner.cache import Cache, Upstreams
+from bigtent.runner.cache.presigned import PresignedUploads
+from bigtent.runner.cache.s3 import S3Storage
+from bigtent.runner.cache.service import Cache
+from bigtent.runner.cache.storage import LocalStorage, Storage
+from bigtent.runner.cache.upstreams import Upstreams
 from bigtent.runner.ci.service import CiService
 from bigtent.runner.db.migrate import check_schema, create_engine
 from bigtent.runner.db.notify import Change, ChangeFeed, make_feed
 from bigtent.runner.forge.model import Reporter
 from bigtent.runner.forge.null import NullReporter
 from bigtent.runner.forge.service import ForgeReporter
-from bigtent.runner.logs import LogStore
+from bigtent.runner.logs.store import LogStore
 from bigtent.runner.metrics import Metrics
-from bigtent.runner.presigned import PresignedUploads
 from bigtent.runner.retention.collector import Collector
 from bigtent.runner.retention.gate import FileGate
 from bigtent.runner.retention.pins import Pins
 from bigtent.runner.retention.usage import UsageRecorder
-from bigtent.runner.s3 import S3Storage
 from bigtent.runner.scheduler.dispatcher import Scheduler
-from bigtent.runner.sessions import Sessions
-from bigtent.runner.sshvenue import SshBuilders
-from bigtent.runner.storage import LocalStorage, Storage
+from bigtent.runner.venues.sessions import Sessions
+from bigtent.runner.venues.sshvenue import SshBuilders
 
 log = logging.getLogger(__name__)
 

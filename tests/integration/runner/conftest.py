@@ -30,10 +30,10 @@ from bigtent.nix import base32, narinfo
 from bigtent.nix.keys import SecretKey, generate_key, verify_narinfo
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store_path import StorePath
-from bigtent.runner.app import create_app, uvicorn_config
 from bigtent.runner.auth.tokens import generate_token, token_digest
 from bigtent.runner.components import Components, build_components, close_components
 from bigtent.runner.db.migrate import create_engine
+from bigtent.runner.http.app import create_app, uvicorn_config
 from tests.conftest import HOST_TOOLS_OPTION, current_system
 from tests.conftest import eventually as _eventually
 from tests.s3 import s3_bucket, s3_endpoint

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bigtent import protocol as p
-from bigtent.runner.sessions import restore_backoff
+from bigtent.runner.venues.sessions import restore_backoff
 from tests.integration.runner.test_dispatcher import (
     Farm,
     agent_row,

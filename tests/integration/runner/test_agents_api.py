@@ -12,9 +12,9 @@ from pydantic import BaseModel
 
 from bigtent import protocol as p
 from bigtent.config import Role
-from bigtent.runner.agents import prune_agents
 from bigtent.runner.db import queries
 from bigtent.runner.scheduler.dispatcher import PlannedStep, Venue
+from bigtent.runner.venues.agents import prune_agents
 from tests.integration.runner.conftest import (
     MakeRunner,
     RunnerHarness,
@@ -158,6 +158,8 @@ async def test_pruned_agents_leave_the_listing_and_history_keeps_their_name(
         "agent-old-persistent",
     ]
     persistent = listed[2]
+    # Every agent answers every field, in this order (apimodels.Agent; docs/api.md).
+    assert all(list(a) == AGENT_FIELDS for a in listed)
     # A gone agent's backoff is shown from its row (it gets it back when it reconnects).
     assert persistent["connected"] is False and persistent["backoff_until"] is not None
     assert persistent["consecutive_failures"] == 3 and persistent["ephemeral"] is False
@@ -215,3 +217,37 @@ async def test_a_pruned_agent_still_connected_is_recorded_again(make_runner: Mak
         async with engine.connect() as conn:
             [row] = await queries.fetch_agents(conn)
         assert (row.ephemeral, row.connected, row.auth_kind) == (True, True, "token")
+
+
+AGENT_FIELDS = [
+    "machine_id",
+    "name",
+    "hostname",
+    "systems",
+    "supported_features",
+    "mandatory_features",
+    "max_jobs",
+    "running",
+    "speed_factor",
+    "ephemeral",
+    "trusted",
+    "build_repositories",
+    "auth_kind",
+    "oidc",
+    "launch_id",
+    "version",
+    "connected",
+    "draining",
+    "free_store_bytes",
+    "has_room",
+    "first_seen",
+    "last_seen",
+    "steps_succeeded",
+    "steps_failed",
+    "infra_failures",
+    "consecutive_failures",
+    "backoff_until",
+    "unhealthy",
+    "last_error",
+]
+"""The fields of ``GET /agents``' agents, as the runner answered them before they had a model."""

@@ -9,7 +9,7 @@ import pytest
 
 from bigtent.config import load_runner_config
 from bigtent.errors import ConfigError
-from bigtent.runner.app import bind
+from bigtent.runner.http.app import bind
 from tests.integration.runner.conftest import MakeRunner
 
 

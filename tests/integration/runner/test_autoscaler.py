@@ -26,7 +26,7 @@ from bigtent.runner.auth.policy import AgentIdentity
 from bigtent.runner.autoscale.github import GithubWorkflow
 from bigtent.runner.autoscale.service import Autoscaler
 from bigtent.runner.db import queries
-from bigtent.runner.logs import LogStore
+from bigtent.runner.logs.store import LogStore
 from bigtent.runner.scheduler.dispatcher import PlannedStep, Scheduler, Venue
 from bigtent.states import LaunchState
 from tests.conftest import eventually

@@ -3,9 +3,14 @@ filters, newest first, keyset paging, bounds; and the rows a build list shows.""
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bigtent.runner.db import queries
+from tests.integration.runner.conftest import MakeRunner, RunnerHarness
 
 T0 = 1_700_000_000.0
 
@@ -177,3 +182,126 @@ async def test_the_lists_took_reads_a_builds_attempts_once_per_ttl(engine: Async
     assert await took(cache) == 35.0
     await attempt(T0 + 200, T0 + 210)  # a shared step's later attempt: after its end
     assert await took(cache) == 35.0
+
+
+# ---- GET /api/v1/builds: a fixed number of statements for the whole list --------------------
+async def _farm(engine: AsyncEngine, builds: int) -> list[int]:
+    """``builds`` builds sharing four steps (runnable, building, failed, succeeded) and two
+    roots: the succeeded step's and one that was cached (no step)."""
+    states = ("runnable", "building", "failed", "succeeded")
+    drvs = [
+        queries.DrvInfo(
+            drv_path=f"/nix/store/{str(i) * 32}-s{i}.drv",
+            name=f"s{i}",
+            system="x86_64-linux",
+            required_features=frozenset(),
+            outputs={"out": f"/nix/store/{str(i) * 32}-s{i}"},
+            input_drvs={},
+            input_srcs=(),
+        )
+        for i in range(5)
+    ]
+    async with engine.begin() as conn:
+        await queries.insert_derivations(conn, drvs)
+        step_ids = []
+        for d, state in zip(drvs, states, strict=False):
+            sid = await queries.insert_step(
+                conn, drv_path=d.drv_path, state=state, created_at=T0, attempts=0
+            )
+            assert sid is not None
+            step_ids.append(sid)
+        ids = []
+        for i in range(builds):
+            b = await queries.insert_build(
+                conn,
+                state="running",
+                priority=i,
+                created_at=T0 + i,
+                created_by="alice",
+                trusted=True,
+            )
+            await queries.insert_build_steps(conn, b, step_ids)
+            # A root on a step of the build, and one that was cached (no step).
+            await queries.insert_build_roots(
+                conn, b, {drvs[3].drv_path: step_ids[3], drvs[4].drv_path: None}
+            )
+            ids.append(b)
+    return ids
+
+
+async def _listed(runner: RunnerHarness) -> tuple[list[dict[str, Any]], int]:
+    """``GET /api/v1/builds`` and how many SQL statements the runner executed for it."""
+    statements: list[str] = []
+
+    def count(*args: Any) -> None:
+        statements.append(str(args[2]))
+
+    sync_engine = runner.comps.engine.sync_engine
+    event.listen(sync_engine, "before_cursor_execute", count)
+    try:
+        r = await runner.client().get("/api/v1/builds", params={"limit": 1000})
+    finally:
+        event.remove(sync_engine, "before_cursor_execute", count)
+    assert r.status_code == 200, r.text
+    return r.json()["builds"], len(statements)
+
+
+@pytest.mark.parametrize("waiting", [False, True], ids=["none-waiting", "waiting"])
+async def test_a_build_list_costs_the_same_statements_for_2_or_30_builds(
+    make_runner: MakeRunner, monkeypatch: pytest.MonkeyPatch, waiting: bool
+) -> None:
+    runner = await make_runner()
+    few = await _farm(runner.comps.engine, 2)
+    if waiting:
+        # The runnable step (the first of each build's) waits for capacity.
+        async with runner.comps.engine.connect() as conn:
+            step = (await queries.fetch_build_steps(conn, few[0]))[0]
+        assert step.state == "runnable"
+        monkeypatch.setattr(runner.comps.scheduler, "capacity_waiting", lambda: {step.id: T0})
+    listed, two = await _listed(runner)
+    assert [b["id"] for b in listed] == few[::-1]
+    await _farm_more(runner, 28)
+    listed, thirty = await _listed(runner)
+    assert len(listed) == 30
+    assert thirty == two
+    assert two <= 4  # the builds, their counts, their roots (and the runnable steps)
+    # Each listed build is the build as GET /builds/{id} shows it, without the details.
+    for b in listed:
+        one = (await runner.client().get(f"/api/v1/builds/{b['id']}")).json()
+        for detail in ("events", "waiting_for_capacity", "failed_steps"):
+            one.pop(detail)
+        assert b == one
+    first = listed[-1]
+    assert first["counts"] == {
+        "total": 4,
+        "waiting": 0,
+        "runnable": 1,
+        "running": 1,
+        "succeeded": 1,
+        "failed": 1,
+        "cancelled": 0,
+    }
+    assert [(r["state"], r["step_id"] is None) for r in first["roots"]] == [
+        ("succeeded", False),
+        ("cached", True),
+    ]
+    assert first["waiting_for_capacity_count"] == (1 if waiting else 0)
+
+
+async def _farm_more(runner: RunnerHarness, builds: int) -> None:
+    """More builds on the steps ``_farm`` made."""
+    async with runner.comps.engine.begin() as conn:
+        first = (await queries.fetch_builds(conn, 1))[0].id
+        steps = [s.id for s in await queries.fetch_build_steps(conn, first)]
+        roots = {r.drv_path: r.step_id for r in await queries.fetch_build_roots(conn, first)}
+        for i in range(builds):
+            b = await queries.insert_build(
+                conn,
+                state="queued",
+                priority=0,
+                created_at=T0 + 100 + i,
+                created_by="bob",
+                trusted=True,
+            )
+            await queries.insert_build_steps(conn, b, steps)
+            await queries.insert_build_roots(conn, b, roots)

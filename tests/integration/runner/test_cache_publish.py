@@ -11,10 +11,10 @@ from bigtent.nix import narinfo
 from bigtent.nix.keys import generate_key
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store_path import StorePath
-from bigtent.runner.cache import Cache
+from bigtent.runner.cache.service import Cache
+from bigtent.runner.cache.storage import LocalStorage
 from bigtent.runner.db.migrate import create_engine
 from bigtent.runner.metrics import UploadKind
-from bigtent.runner.storage import LocalStorage
 
 PATH = StorePath.parse("/nix/store/" + "b" * 32 + "-out")
 

@@ -16,11 +16,11 @@ from bigtent.errors import BadRequest, PayloadTooLarge
 from bigtent.nix.compression import Compression
 from bigtent.nix.keys import generate_key
 from bigtent.nix.nar import dump_path
-from bigtent.runner import cache as cache_module
-from bigtent.runner.cache import Cache
+from bigtent.runner.cache import service as cache_module
+from bigtent.runner.cache.service import Cache
+from bigtent.runner.cache.storage import LocalStaged, LocalStorage
 from bigtent.runner.db.migrate import create_engine
 from bigtent.runner.metrics import UploadKind
-from bigtent.runner.storage import LocalStaged, LocalStorage
 
 HASH_PART = "0c2kb5l5lrafkvr8nfbq4ps3zb6z2qkb"
 CHUNK = 64 * 1024

@@ -16,7 +16,7 @@ from bigtent.nix import base32
 from bigtent.nix.drv import hash_derivation_modulo, parse_drv
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store_path import StorePath, make_text_path
-from bigtent.runner.cache import Cache
+from bigtent.runner.cache.service import Cache
 from bigtent.runner.db import queries
 from bigtent.runner.db.tables import derivations
 from tests.integration.runner.conftest import (

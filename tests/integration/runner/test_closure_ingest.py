@@ -16,9 +16,9 @@ from bigtent.errors import BadRequest, NarMismatch
 from bigtent.nix import base32
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store import NixStore
+from bigtent.runner.cache.closureingest import ClientPath, ingest_client_closure
 from bigtent.runner.db import queries
 from bigtent.runner.db.tables import derivations, store_paths
-from bigtent.runner.ingest import ClientPath, ingest_client_closure
 from tests.integration.runner.conftest import (
     Drvs,
     MakeRunner,

@@ -18,13 +18,13 @@ import pytest
 from bigtent import protocol as p
 from bigtent.config import Role, load_runner_config
 from bigtent.nix.keys import generate_key
-from bigtent.runner.app import create_app
 from bigtent.runner.components import build_components, close_components
 from bigtent.runner.dashboard import logstream
 from bigtent.runner.dashboard.auth import SESSION_COOKIE
 from bigtent.runner.db import queries
-from bigtent.runner.livelog import LogFanout
-from bigtent.runner.logs import LogStore
+from bigtent.runner.http.app import create_app
+from bigtent.runner.logs.live import LogFanout
+from bigtent.runner.logs.store import LogStore
 from tests.integration.runner.conftest import (
     WAIT_SECS,
     Drvs,

@@ -22,7 +22,7 @@ from bigtent import protocol as p
 from bigtent.config import SchedulerSection
 from bigtent.errors import NotFound
 from bigtent.runner.db import queries
-from bigtent.runner.logs import LogStore
+from bigtent.runner.logs.store import LogStore
 from bigtent.runner.scheduler import dispatcher
 from bigtent.runner.scheduler.dispatcher import (
     PlannedStep,
@@ -933,7 +933,7 @@ async def test_agent_counters_and_backoff_are_recorded(farm: Farm) -> None:
 
 async def test_backoff_survives_a_reconnect(farm: Farm) -> None:
     """A flapping agent used to shed its backoff by reconnecting with a fresh session."""
-    from bigtent.runner.sessions import restore_backoff
+    from bigtent.runner.venues.sessions import restore_backoff
 
     await record_agent(farm, "m1")
     xs = [drv("x1"), drv("x2")]
@@ -962,7 +962,7 @@ async def test_backoff_survives_a_reconnect(farm: Farm) -> None:
 
 
 async def test_pruning_deletes_stale_ephemeral_rows_and_keeps_history(farm: Farm) -> None:
-    from bigtent.runner.agents import prune_agents
+    from bigtent.runner.venues.agents import prune_agents
 
     ttl = 3600.0
     await record_agent(farm, "eph-connected", ephemeral=True)

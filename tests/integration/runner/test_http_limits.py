@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from bigtent.config import Role
-from bigtent.runner.app import uvicorn_config
-from bigtent.runner.httpguard import GuardedHttpProtocol
+from bigtent.runner.http.app import uvicorn_config
+from bigtent.runner.http.guard import GuardedHttpProtocol
 from tests.integration.runner.conftest import (
     Drvs,
     MakeRunner,
@@ -169,14 +169,14 @@ async def test_accept_errors_are_logged_at_most_once_per_interval(
 ) -> None:
     import errno
 
-    from bigtent.runner.httpguard import install_accept_error_log, rate_limited
+    from bigtent.runner.http.guard import install_accept_error_log, rate_limited
 
     rate_limited._windows.clear()
     loop = asyncio.get_running_loop()
     previous = loop.get_exception_handler()
     install_accept_error_log(loop)
     try:
-        with caplog.at_level(logging.ERROR, logger="bigtent.runner.httpguard"):
+        with caplog.at_level(logging.ERROR, logger="bigtent.runner.http.guard"):
             for _ in range(1000):
                 loop.call_exception_handler(
                     {

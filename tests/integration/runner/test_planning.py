@@ -19,11 +19,12 @@ from bigtent.nix.keys import generate_key
 from bigtent.nix.narinfo import NarInfo
 from bigtent.runner import builds
 from bigtent.runner.builds import plan_build, plan_parts
-from bigtent.runner.cache import Cache, Upstreams
+from bigtent.runner.cache.service import Cache
+from bigtent.runner.cache.storage import LocalStorage
+from bigtent.runner.cache.upstreams import Upstreams
 from bigtent.runner.db import queries
 from bigtent.runner.db.migrate import create_engine, migrate
 from bigtent.runner.scheduler.dispatcher import PlanPart
-from bigtent.runner.storage import LocalStorage
 
 X86 = "x86_64-linux"
 

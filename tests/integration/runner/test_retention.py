@@ -22,7 +22,7 @@ from sqlalchemy import update
 from bigtent.config import RetentionSection, Role
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store_path import StorePath
-from bigtent.runner.cacheverify import cache_tables, verify_cache
+from bigtent.runner.cache.verify import cache_tables, verify_cache
 from bigtent.runner.db import queries
 from bigtent.runner.db.tables import store_paths, untrusted_store_paths
 from bigtent.runner.metrics import UploadKind

@@ -473,7 +473,7 @@ async def test_a_re_put_during_complete_never_reaches_what_is_signed(
     (incoming,) = _incoming(leased.bucket)
 
     storage = leased.runner.comps.cache.storage
-    from bigtent.runner.s3 import S3Storage
+    from bigtent.runner.cache.s3 import S3Storage
 
     assert isinstance(storage, S3Storage)
     real = getattr(storage, moment)
@@ -598,7 +598,7 @@ async def test_sweeper_deletes_only_old_incoming_objects(
 ) -> None:
     runner = await _s3_runner(make_runner, s3_bucket, incoming_ttl_secs=60)
     storage = runner.comps.cache.storage
-    from bigtent.runner.s3 import S3Storage
+    from bigtent.runner.cache.s3 import S3Storage
 
     assert isinstance(storage, S3Storage)
     s3_bucket.put("incoming/lease/abc.nar.zst", b"left behind")

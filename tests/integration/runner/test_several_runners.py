@@ -25,7 +25,7 @@ from bigtent.config import Role
 from bigtent.runner.db import queries
 from bigtent.runner.db.migrate import create_engine
 from bigtent.runner.db.notify import CHANNEL, Change, PgChangeFeed, encode, note_builds, note_steps
-from bigtent.runner.logs import LogStore
+from bigtent.runner.logs.store import LogStore
 from bigtent.runner.scheduler.dispatcher import PlannedStep, Scheduler, Venue
 from bigtent.states import StepState
 from tests.databases import needs_postgresql

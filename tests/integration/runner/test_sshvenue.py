@@ -23,9 +23,9 @@ from bigtent.config import Role, SchedulerSection
 from bigtent.nix.store import LineSink, NixStore, PathInfo, RealiseResult, RealiseStatus
 from bigtent.runner.db import queries
 from bigtent.runner.db.migrate import create_engine
-from bigtent.runner.logs import LogStore
+from bigtent.runner.logs.store import LogStore
 from bigtent.runner.scheduler.dispatcher import AGENT, SSH, PlannedStep, Scheduler, Venue
-from bigtent.runner.sshvenue import BuildStore
+from bigtent.runner.venues.sshvenue import BuildStore
 from bigtent.states import StepState
 from tests.conftest import HOST_TOOLS, current_system
 from tests.integration.runner.conftest import (
@@ -204,6 +204,22 @@ async def test_a_step_is_realised_through_the_pinned_builder_and_published(
     resp = await runner.client(Role.CLIENT).get("/api/v1/builders")
     [listed] = resp.json()["builders"]
     assert listed["usable"] and listed["running"] == 0 and listed["max_jobs"] == 2
+    assert list(listed) == [
+        "machine_id",
+        "uri",
+        "kind",
+        "usable",
+        "reason",
+        "systems",
+        "supported_features",
+        "mandatory_features",
+        "max_jobs",
+        "running",
+        "speed_factor",
+        "consecutive_failures",
+        "backoff_until",
+        "in_backoff",
+    ]
     assert listed["backoff_until"] is None
     assert sched.venues[listed["machine_id"]].kind == SSH
 
@@ -294,6 +310,8 @@ async def test_an_unpinned_builder_is_never_used_when_host_keys_are_required(
     resp = await runner.client(Role.CLIENT).get("/api/v1/builders")
     [listed] = resp.json()["builders"]
     assert not listed["usable"] and "ssh_require_host_key" in listed["reason"]
+    # A skipped builder answers only what it has (not a usable one's defaults).
+    assert list(listed) == ["machine_id", "uri", "kind", "usable", "reason"]
 
 
 # ---- scheduling order, on the scheduler alone ---------------------------------------------

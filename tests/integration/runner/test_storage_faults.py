@@ -20,7 +20,7 @@ import pytest
 from bigtent.client.api import RunnerClient
 from bigtent.config import Role
 from bigtent.errors import StorageFull
-from bigtent.runner.cacheverify import cache_tables, verify_cache
+from bigtent.runner.cache.verify import cache_tables, verify_cache
 from bigtent.runner.components import open_storage
 from tests.integration.runner.conftest import (
     Drvs,

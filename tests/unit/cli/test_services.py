@@ -202,7 +202,7 @@ def test_runner_loads_config_and_serves(monkeypatch: pytest.MonkeyPatch, tmp_pat
     async def serve(cfg: Any) -> None:
         served.append(cfg)
 
-    monkeypatch.setitem(sys.modules, "bigtent.runner.app", types.SimpleNamespace(serve=serve))
+    monkeypatch.setitem(sys.modules, "bigtent.runner.http.app", types.SimpleNamespace(serve=serve))
     conf = tmp_path / "runner.toml"
     conf.write_text(f'[runner]\nlisten = "127.0.0.1:9999"\nstate_dir = "{tmp_path}"\n')
     result = run(["runner", "--config", str(conf)])

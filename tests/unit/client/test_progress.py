@@ -16,7 +16,7 @@ from bigtent.client.progress import PrefixedLines, SeenStep, nothing_to_build, s
 from bigtent.client.reports import progress_line
 from bigtent.client.tables import Column, fit_widths, render_table
 from bigtent.errors import BadRequest, ProtocolError
-from bigtent.runner.api import build_state_filter
+from bigtent.runner.http.routes.builds import build_state_filter
 
 T0 = "2026-12-06T10:00:00+00:00"
 T4 = "2026-12-06T10:00:04.250000+00:00"

@@ -18,7 +18,7 @@ NIX_PROGRAM = re.compile(r"""["'](?:nix|nix-store|nix-instantiate|nix-build|nix-
 SPAWNS_OTHER_PROGRAMS = {
     "client/hookhandover.py": "the helper (bigtent nix-helper)",
     "runner/ci/evaluator.py": "git",
-    "runner/sshcheck.py": "ssh (nix-store --serve runs on the builder)",
+    "runner/venues/sshcheck.py": "ssh (nix-store --serve runs on the builder)",
     "up/children.py": "the runner and agents (python -m bigtent)",
 }
 
@@ -40,7 +40,7 @@ def test_nix_programs_are_started_only_by_the_store_package() -> None:
     for module in SPAWNS_OTHER_PROGRAMS:
         text = (SRC / module).read_text(encoding="utf-8")
         named = NIX_PROGRAM.findall(text)
-        if module == "runner/sshcheck.py":  # the remote program, run by ssh on the builder
+        if module == "runner/venues/sshcheck.py":  # the remote program, run by ssh on the builder
             assert named == ['"nix-store"']
         else:
             assert named == [], module

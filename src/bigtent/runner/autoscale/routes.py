@@ -6,9 +6,9 @@ from typing import Any
 
 from fastapi import APIRouter, Query
 
-from bigtent.runner.api import AdminAuth, Comps, _iso
 from bigtent.runner.autoscale.service import counters_total
 from bigtent.runner.db import queries
+from bigtent.runner.http.deps import AdminAuth, Comps, iso
 
 launch_routes = APIRouter(prefix="/api/v1")
 
@@ -25,7 +25,7 @@ async def list_launches(
     scaler = comps.autoscaler
     pools = scaler.describe(now) if scaler is not None else []
     for p in pools:
-        p["cooldown_until"] = _iso(p["cooldown_until"])
+        p["cooldown_until"] = iso(p["cooldown_until"])
     async with comps.engine.connect() as conn:
         rows = await queries.fetch_launches(conn, limit=limit, pool=pool)
     return {
@@ -37,8 +37,8 @@ async def list_launches(
                 "launch_id": r.launch_id,
                 "pool": r.pool,
                 "state": r.state,
-                "created_at": _iso(r.created_at),
-                "updated_at": _iso(r.updated_at),
+                "created_at": iso(r.created_at),
+                "updated_at": iso(r.updated_at),
                 "agent_machine_id": r.agent_machine_id,
                 "agent_name": r.agent_name,
                 "error": r.error,

@@ -19,12 +19,13 @@ from bigtent.config.ci import ProjectSection
 from bigtent.nix import base32
 from bigtent.nix.nar import dump_path
 from bigtent.runner.builds import plan_parts
-from bigtent.runner.cache import Cache, Upstreams
+from bigtent.runner.cache.closureingest import ClientPath, ingest_client_closure
+from bigtent.runner.cache.service import Cache
+from bigtent.runner.cache.upstreams import Upstreams
 from bigtent.runner.ci.evaluator import EvalFailure, Evaluator
 from bigtent.runner.ci.triggers import CiEvalState
 from bigtent.runner.db import ci_queries as q
 from bigtent.runner.forge.model import JobState
-from bigtent.runner.ingest import ClientPath, ingest_client_closure
 from bigtent.runner.scheduler.dispatcher import Scheduler
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from bigtent.runner.ci.disclosure import shown_eval_error, shown_job_error
 from bigtent.runner.ci.triggers import CiEvalState
 from bigtent.runner.db import ci_queries as q
 from bigtent.runner.forge.model import EvalReport, EvalState, JobReport, JobState
-from bigtent.runner.logs import LogStore
+from bigtent.runner.logs.store import LogStore
 
 LOG_TAIL_LINES = 40
 FAILED_TAILS = 50

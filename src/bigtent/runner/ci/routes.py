@@ -13,7 +13,6 @@ from pydantic import ValidationError
 from bigtent.config import Role
 from bigtent.config.ci import ProjectSection
 from bigtent.errors import AuthError, BadRequest, ConfigError, NotFound, PayloadTooLarge
-from bigtent.runner.api import AdminAuth, ClientAuth, Comps, _iso, _known_id
 from bigtent.runner.auth.tokens import Principal
 from bigtent.runner.ci.disclosure import shown_eval_error, shown_job_error
 from bigtent.runner.ci.service import CiService
@@ -29,6 +28,7 @@ from bigtent.runner.ci.webhooks import (
     parse_payload,
 )
 from bigtent.runner.db import ci_queries as q
+from bigtent.runner.http.deps import AdminAuth, ClientAuth, Comps, iso, known_id
 
 log = logging.getLogger(__name__)
 
@@ -236,16 +236,16 @@ def _eval_json(row: Any, admin: bool) -> dict[str, Any]:
         "state": row.state,
         "error": shown_eval_error(row.error, trusted=bool(row.trusted), admin=admin),
         "build_id": row.build_id,
-        "created_at": _iso(row.created_at),
-        "started_at": _iso(row.started_at),
-        "finished_at": _iso(row.finished_at),
+        "created_at": iso(row.created_at),
+        "started_at": iso(row.started_at),
+        "finished_at": iso(row.finished_at),
         "superseded_by": row.superseded_by,
     }
 
 
 @ci_routes.get("/evaluations/{eval_id}")
 async def show_evaluation(eval_id: int, comps: Comps, who: ClientAuth) -> dict[str, Any]:
-    _known_id(eval_id, "evaluation")
+    known_id(eval_id, "evaluation")
     async with comps.engine.connect() as conn:
         row = await q.fetch_evaluation(conn, eval_id)
         if row is None:
@@ -270,7 +270,7 @@ async def show_evaluation(eval_id: int, comps: Comps, who: ClientAuth) -> dict[s
 @ci_routes.get("/evaluations/{eval_id}/report")
 async def evaluation_report(eval_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
     """What the forge is told about the evaluation now (the ``Reporter``'s input)."""
-    _known_id(eval_id, "evaluation")
+    known_id(eval_id, "evaluation")
     report = await _ci(comps).build_report(eval_id)
     if report is None:
         raise NotFound(f"no report for evaluation {eval_id} (no evaluation, or no forge)")
@@ -279,14 +279,14 @@ async def evaluation_report(eval_id: int, comps: Comps, _: ClientAuth) -> dict[s
 
 @ci_routes.post("/evaluations/{eval_id}/approve")
 async def approve_evaluation(eval_id: int, comps: Comps, _: AdminAuth) -> dict[str, Any]:
-    _known_id(eval_id, "evaluation")
+    known_id(eval_id, "evaluation")
     await _ci(comps).approve(eval_id)
     return {"approved": eval_id}
 
 
 @ci_routes.post("/evaluations/{eval_id}/cancel")
 async def cancel_evaluation(eval_id: int, comps: Comps, _: AdminAuth) -> dict[str, Any]:
-    _known_id(eval_id, "evaluation")
+    known_id(eval_id, "evaluation")
     return {"cancelled": await _ci(comps).cancel(eval_id)}
 
 
@@ -298,7 +298,7 @@ async def rerun_evaluation(
     attr: str | None = Query(default=None, max_length=512),
 ) -> dict[str, Any]:
     """Restart the evaluation's failed jobs (``attr``: only if that job failed)."""
-    _known_id(eval_id, "evaluation")
+    known_id(eval_id, "evaluation")
     async with comps.engine.connect() as conn:
         row = await q.fetch_evaluation(conn, eval_id)
     if row is None:

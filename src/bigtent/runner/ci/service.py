@@ -32,7 +32,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bigtent.config import RunnerConfig
 from bigtent.config.ci import ProjectSection
 from bigtent.errors import Conflict
-from bigtent.runner.cache import Cache, Upstreams
+from bigtent.runner.cache.service import Cache
+from bigtent.runner.cache.upstreams import Upstreams
 from bigtent.runner.ci import queue, triggers
 from bigtent.runner.ci.evaluation import ACTOR, Admission, Ended
 from bigtent.runner.ci.evaluator import Evaluator
@@ -43,7 +44,7 @@ from bigtent.runner.ci.triggers import CiEvalState
 from bigtent.runner.ci.webhooks import Rerun, Trigger
 from bigtent.runner.db import ci_queries as q
 from bigtent.runner.forge.model import EvalReport, JobState, Reporter
-from bigtent.runner.logs import LogStore
+from bigtent.runner.logs.store import LogStore
 from bigtent.runner.scheduler.dispatcher import Scheduler
 
 log = logging.getLogger(__name__)

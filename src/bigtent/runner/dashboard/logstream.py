@@ -17,10 +17,10 @@ from bigtent.runner.dashboard import present, views
 from bigtent.runner.dashboard.auth import Viewer
 from bigtent.runner.dashboard.shell import dash_of, page
 from bigtent.runner.db import queries
-from bigtent.runner.livelog import Subscription
-from bigtent.runner.logretention import expired_response, log_expired
-from bigtent.runner.logs import READ_CHUNK_BYTES
-from bigtent.runner.logserve import log_response, parse_offset
+from bigtent.runner.logs.live import Subscription
+from bigtent.runner.logs.retention import expired_response, log_expired
+from bigtent.runner.logs.serve import log_response, parse_offset
+from bigtent.runner.logs.store import READ_CHUNK_BYTES
 
 router = APIRouter(include_in_schema=False)
 

@@ -21,7 +21,7 @@ from bigtent.runner.components import Components
 from bigtent.runner.dashboard import present, views
 from bigtent.runner.dashboard.auth import SESSION_COOKIE, SessionStore, Via, Viewer, may_read
 from bigtent.runner.scheduler import recovery
-from bigtent.runner.sessions import bearer_token
+from bigtent.runner.venues.sessions import bearer_token
 
 POLL_SECS = 2
 """How often a page's live part refreshes (htmx)."""

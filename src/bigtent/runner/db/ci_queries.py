@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import and_, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bigtent.runner.db.queries import _insert_ignore
+from bigtent.runner.db.queries.common import insert_ignore
 from bigtent.runner.db.tables import (
     build_roots,
     builds,
@@ -48,7 +48,7 @@ async def insert_project(
 ) -> bool:
     """False when a project of that name exists."""
     result = await conn.execute(
-        _insert_ignore(conn, ci_projects)
+        insert_ignore(conn, ci_projects)
         .values(
             name=name, source=source, settings=json.dumps(settings, sort_keys=True), created_at=now
         )
@@ -68,7 +68,7 @@ async def delete_project(conn: AsyncConnection, name: str) -> bool:
 async def record_delivery(conn: AsyncConnection, delivery_id: str, forge: str, now: float) -> bool:
     """False when the delivery id was seen before (a replay)."""
     result = await conn.execute(
-        _insert_ignore(conn, ci_webhook_deliveries)
+        insert_ignore(conn, ci_webhook_deliveries)
         .values(delivery_id=delivery_id, forge=forge, received_at=now)
         .returning(ci_webhook_deliveries.c.delivery_id)
     )
@@ -93,7 +93,7 @@ async def count_deliveries(conn: AsyncConnection) -> int:
 async def insert_evaluation(conn: AsyncConnection, **values: Any) -> int | None:
     """The new evaluation's id; None when this (project, ref, commit) has one already."""
     result = await conn.execute(
-        _insert_ignore(conn, ci_evaluations).values(**values).returning(ci_evaluations.c.id)
+        insert_ignore(conn, ci_evaluations).values(**values).returning(ci_evaluations.c.id)
     )
     row = result.first()
     return int(row[0]) if row is not None else None

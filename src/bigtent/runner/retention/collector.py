@@ -40,14 +40,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bigtent.config import RetentionPolicySection, RetentionSection
 from bigtent.errors import BigtentError, Conflict
-from bigtent.runner.cache import Cache
+from bigtent.runner.cache.service import Cache
+from bigtent.runner.cache.storage import Storage
 from bigtent.runner.db import queries
 from bigtent.runner.db.tables import store_paths, untrusted_store_paths
 from bigtent.runner.metrics import Metrics
 from bigtent.runner.retention import pins as pin_rules
 from bigtent.runner.retention.policy import CachedPath, Decision, Policy, RootKind, closure, decide
 from bigtent.runner.retention.usage import UsageRecorder
-from bigtent.runner.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from bigtent.errors import Unavailable
-from bigtent.runner.api import AdminAuth, ClientAuth, Comps, _iso
 from bigtent.runner.components import Components
 from bigtent.runner.db import queries
+from bigtent.runner.http.deps import AdminAuth, ClientAuth, Comps, iso
 from bigtent.runner.retention.collector import Collector
 from bigtent.runner.retention.pins import MAX_PIN_PATHS, Pins, pin_json
 
@@ -58,7 +58,7 @@ async def remove_pin(name: str, comps: Comps, _: AdminAuth) -> dict[str, Any]:
 
 
 def _pin_answer(pin: dict[str, Any]) -> dict[str, Any]:
-    return {**pin, "created_at": _iso(pin["created_at"]), "expires_at": _iso(pin["expires_at"])}
+    return {**pin, "created_at": iso(pin["created_at"]), "expires_at": iso(pin["expires_at"])}
 
 
 class GcBody(BaseModel):

@@ -46,7 +46,7 @@ from bigtent.errors import Conflict, Unavailable
 from bigtent.graphs import dependencies_first
 from bigtent.runner.db import queries
 from bigtent.runner.db.notify import Change, ChangeFeed, LocalFeed, is_conflict, take_pending
-from bigtent.runner.logs import LogStore
+from bigtent.runner.logs.store import LogStore
 from bigtent.runner.metrics import Metrics
 from bigtent.runner.scheduler import recovery
 from bigtent.runner.scheduler.capacity import (
@@ -124,7 +124,7 @@ _T = TypeVar("_T")
 AGENT = "agent"
 """``Venue.kind`` of a connected agent."""
 SSH = "ssh"
-"""``Venue.kind`` of an SSH remote builder (``bigtent.runner.sshvenue``): used only for steps
+"""``Venue.kind`` of an SSH remote builder (``bigtent.runner.venues.sshvenue``): used only for steps
 no agent slot takes in the same pass."""
 
 

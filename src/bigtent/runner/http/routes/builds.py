@@ -1,0 +1,243 @@
+"""``/api/v1/builds``: create, list, show, and the owner's actions (cancel, bump, restart)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+
+from bigtent.apilimits import (
+    BUILD_DRVS_MAX,
+    LABEL_MAX_CHARS,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    REF_PATTERN,
+    REPOSITORY_PATTERN,
+)
+from bigtent.errors import BadRequest, Forbidden, NotFound
+from bigtent.runner.auth.ownership import BuildAction, check_build_action
+from bigtent.runner.auth.tokens import Principal
+from bigtent.runner.builds import plan_parts
+from bigtent.runner.components import Components
+from bigtent.runner.db import queries
+from bigtent.runner.http.deps import LIST_BODY_BYTES, MAX_ID, ClientAuth, Comps, known_id
+from bigtent.runner.http.shapes import (
+    attempt_json,
+    build_json,
+    build_list_json,
+    cached_hits,
+    step_json,
+    with_cached_hit,
+)
+from bigtent.runner.trust import build_is_trusted
+from bigtent.states import BuildEventKind, BuildState
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+
+class BuildBody(BaseModel):
+    drvs: list[str] = Field(min_length=1, max_length=BUILD_DRVS_MAX)
+    priority: int = Field(default=0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
+    repository: str | None = Field(
+        default=None, min_length=1, max_length=LABEL_MAX_CHARS, pattern=REPOSITORY_PATTERN
+    )
+    """What the build is for, e.g. ``acme/widgets``: OIDC agents serve their rule's ones."""
+    ref: str | None = Field(
+        default=None, min_length=1, max_length=LABEL_MAX_CHARS, pattern=REF_PATTERN
+    )
+    """The git ref, e.g. ``refs/heads/main``; a pull request ref is never trusted."""
+    trusted: bool = True
+    """Ask for a trusted build; it is one only for a trusted creator and ref (architecture §6)."""
+    submission: str | None = Field(
+        default=None, min_length=16, max_length=64, pattern=r"^[A-Za-z0-9_-]+$"
+    )
+    """The client's random key for this submission, the same on each retry of it: a retry
+    finds the build the first attempt created (200) or, when the runner stopped while
+    admitting that one, replaces it."""
+
+
+@router.post("/builds", status_code=201, max_body_size=LIST_BODY_BYTES)
+async def create_build(
+    body: BuildBody, comps: Comps, who: ClientAuth, response: Response
+) -> dict[str, Any]:
+    replaces: int | None = None
+    if body.submission is not None:
+        async with comps.engine.connect() as conn:
+            found = await queries.fetch_submitted_build(conn, who.name, body.submission)
+        if found is not None:
+            row, interrupted = found
+            if not interrupted:
+                log.info("build %d submitted again by %s: the same build", row.id, who.name)
+                response.status_code = 200
+                return await build_json(comps, int(row.id))
+            replaces = int(row.id)
+    trusted = build_is_trusted(
+        requested=body.trusted, role=who.role, token_trusted=who.trusted, ref=body.ref
+    )
+    also = None if trusted else comps.untrusted_cache
+    # Planned and admitted in parts: a large build starts while it is still being planned.
+    build_id = await comps.scheduler.admit_build(
+        priority=body.priority,
+        created_by=who.name,
+        parts=plan_parts(comps.cache, comps.upstreams, body.drvs, also=also),
+        repository=who.repository if who.repository is not None else body.repository,
+        ref=body.ref,
+        trusted=trusted,
+        submission_key=body.submission,
+    )
+    if replaces is not None:
+        await comps.scheduler.record_build_event(
+            replaces,
+            BuildEventKind.REPLACED,
+            actor=who.name,
+            detail=f"submitted again as build {build_id}",
+        )
+        log.info("build %d replaces build %d, whose admission was interrupted", build_id, replaces)
+    if body.trusted and not trusted:
+        log.info("build %d by %s is untrusted (ref %s)", build_id, who.name, body.ref)
+    return await build_json(comps, build_id)
+
+
+def build_state_filter(values: Sequence[str]) -> list[str]:
+    """The build states of ``?state=`` (repeatable, or comma-separated); 400 for a state that
+    is none (pure)."""
+    states: list[str] = []
+    for value in values:
+        for part in value.split(","):
+            name = part.strip().lower()
+            if not name:
+                continue
+            if name not in {s.value for s in BuildState}:
+                known = ", ".join(s.value for s in BuildState)
+                raise BadRequest(f"unknown build state {part.strip()!r} (states: {known})")
+            if name not in states:
+                states.append(name)
+    return states
+
+
+@router.get("/builds")
+async def list_builds(
+    comps: Comps,
+    who: ClientAuth,
+    limit: int = 50,
+    state: Annotated[list[str] | None, Query()] = None,
+    repository: str | None = None,
+    ref: str | None = None,
+    mine: bool = False,
+) -> dict[str, Any]:
+    """The newest builds, filtered in the query: ``state`` (repeatable or comma-separated),
+    ``repository``, ``ref``, ``mine`` (created by the caller's token)."""
+    states = build_state_filter(state or [])
+    async with comps.engine.connect() as conn:
+        rows = await queries.fetch_builds(
+            conn,
+            max(1, min(limit, 1000)),
+            states=states,
+            repository=repository,
+            ref=ref,
+            created_by=who.name if mine else None,
+        )
+        return {"builds": await build_list_json(comps, conn, rows)}
+
+
+@router.get("/builds/{build_id}")
+async def get_build(build_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
+    return await build_json(comps, build_id, details=True)
+
+
+@router.get("/builds/{build_id}/steps")
+async def get_build_steps(build_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
+    known_id(build_id, "build")
+    async with comps.engine.connect() as conn:
+        if await queries.fetch_build(conn, build_id) is None:
+            raise NotFound(f"no build {build_id}")
+        rows = await queries.fetch_build_steps(conn, build_id)
+        hits = await cached_hits(conn, build_id)
+    return {"steps": [with_cached_hit(step_json(r, comps), hits.get(r.id)) for r in rows]}
+
+
+ATTEMPTS_PAGE = 1000
+"""Attempt records per ``GET /builds/{id}/attempts`` answer at most (``after=`` pages on)."""
+
+
+@router.get("/builds/{build_id}/attempts")
+async def get_build_attempts(
+    build_id: int, comps: Comps, _: ClientAuth, after: int = 0, limit: int = ATTEMPTS_PAGE
+) -> dict[str, Any]:
+    """The attempts of the build's steps made since it was created, by record id: a client
+    following the build asks with ``after`` = the last id it saw (docs/api.md)."""
+    known_id(build_id, "build")
+    async with comps.engine.connect() as conn:
+        build = await queries.fetch_build(conn, build_id)
+        if build is None:
+            raise NotFound(f"no build {build_id}")
+        rows = await queries.fetch_build_attempts(
+            conn,
+            build_id,
+            after=max(0, min(after, MAX_ID)),
+            since=build.created_at,
+            limit=max(1, min(limit, ATTEMPTS_PAGE)),
+        )
+    return {"attempts": [attempt_json(r) for r in rows]}
+
+
+async def _authorize(comps: Components, who: Principal, action: BuildAction, build_id: int) -> Any:
+    """The build's row if ``who`` may do ``action`` on it (``ownership.check_build_action``);
+    404 for an unknown build, 403 (logged with the actor) for someone else's."""
+    known_id(build_id, "build")
+    async with comps.engine.connect() as conn:
+        row = await queries.fetch_build(conn, build_id)
+    if row is None:
+        raise NotFound(f"no build {build_id}")
+    try:
+        check_build_action(who, action, build_id, row.created_by)
+    except Forbidden:
+        log.warning(
+            "refused: %s (%s) may not %s build %d (created by %s)",
+            who.name,
+            who.role,
+            action,
+            build_id,
+            row.created_by,
+        )
+        raise
+    return row
+
+
+@router.post("/builds/{build_id}/cancel")
+async def cancel_build(build_id: int, comps: Comps, who: ClientAuth) -> dict[str, Any]:
+    await _authorize(comps, who, BuildAction.CANCEL, build_id)
+    if await comps.scheduler.cancel_build(build_id, actor=who.name):
+        log.info("build %d cancelled by %s", build_id, who.name)
+    return await build_json(comps, build_id)
+
+
+class BumpBody(BaseModel):
+    priority: int | None = Field(default=None, ge=PRIORITY_MIN, le=PRIORITY_MAX)
+
+
+@router.post("/builds/{build_id}/bump")
+async def bump_build(
+    build_id: int, comps: Comps, who: ClientAuth, body: BumpBody | None = None
+) -> dict[str, Any]:
+    row = await _authorize(comps, who, BuildAction.BUMP, build_id)
+    priority = body.priority if body and body.priority is not None else int(row.priority) + 10
+    if await comps.scheduler.bump_build(build_id, priority, actor=who.name):
+        log.info("build %d bumped to priority %d by %s", build_id, priority, who.name)
+    return await build_json(comps, build_id)
+
+
+@router.post("/builds/{build_id}/restart")
+async def restart_build(build_id: int, comps: Comps, who: ClientAuth) -> dict[str, Any]:
+    """Clear the cached failures of the build's failed steps and queue its failed,
+    dependency-failed and cancelled steps again."""
+    await _authorize(comps, who, BuildAction.RESTART, build_id)
+    if await comps.scheduler.restart_build(build_id, actor=who.name):
+        log.info("build %d restarted by %s", build_id, who.name)
+    return await build_json(comps, build_id)

@@ -1,0 +1,89 @@
+"""``/cache``: the binary cache Nix reads (nix-cache-info, narinfo, NAR files), and the
+untrusted cache under ``/cache/untrusted``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, PlainTextResponse, Response
+
+from bigtent.errors import NotFound
+from bigtent.runner.cache.s3 import S3Storage, s3_nar_response
+from bigtent.runner.cache.service import Cache
+from bigtent.runner.cache.storage import MAX_NAME_BYTES
+from bigtent.runner.components import Components
+from bigtent.runner.http.deps import Comps
+
+SMALL_NAR_BYTES = 256 * 1024
+
+
+cache_routes = APIRouter(prefix="/cache", include_in_schema=False)
+
+
+def _untrusted(comps: Components) -> Cache:
+    if comps.untrusted_cache is None:
+        raise NotFound("no untrusted cache")
+    return comps.untrusted_cache
+
+
+def _cache_info(comps: Components, cache: Cache) -> Response:
+    # The untrusted cache is consulted after the main one (a higher Priority number).
+    priority = comps.config.cache.priority + (10 if cache.untrusted else 0)
+    text = f"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {priority}\n"
+    return PlainTextResponse(text, media_type="text/x-nix-cache-info")
+
+
+async def _narinfo(cache: Cache, hash_part: str) -> Response:
+    text = await cache.narinfo_text(hash_part) if len(hash_part) == 32 else None
+    cache.metrics.narinfo_served(hit=text is not None)
+    if text is None:
+        raise NotFound("no such path")
+    return PlainTextResponse(text, media_type="text/x-nix-narinfo")
+
+
+async def _nar(cache: Cache, file_name: str, request: Request) -> Response:
+    storage = cache.storage
+    if len(file_name.encode()) > MAX_NAME_BYTES:
+        raise NotFound("no such NAR")  # no file has such a name, in a directory or a bucket
+    cache.nar_requested(f"nar/{file_name}")
+    if isinstance(storage, S3Storage):
+        return await s3_nar_response(storage, f"nar/{file_name}", head=request.method == "HEAD")
+    path = storage.local_path(f"nar/{file_name}")
+    if path is None:
+        raise NotFound("no such NAR")
+    size = path.stat().st_size
+    if size <= SMALL_NAR_BYTES:
+        # Most NARs are small: one read beats FileResponse's thread hop per chunk.
+        return Response(path.read_bytes(), media_type="application/x-nix-nar")
+    return FileResponse(path, media_type="application/x-nix-nar")
+
+
+@cache_routes.api_route("/nix-cache-info", methods=["GET", "HEAD"])
+async def nix_cache_info(comps: Comps) -> Response:
+    return _cache_info(comps, comps.cache)
+
+
+@cache_routes.api_route("/{hash_part}.narinfo", methods=["GET", "HEAD"])
+async def get_narinfo(hash_part: str, comps: Comps) -> Response:
+    return await _narinfo(comps.cache, hash_part)
+
+
+@cache_routes.api_route("/nar/{file_name}", methods=["GET", "HEAD"])
+async def get_nar(file_name: str, comps: Comps, request: Request) -> Response:
+    return await _nar(comps.cache, file_name, request)
+
+
+# The untrusted cache (docs/security.md): outputs of untrusted builds, signed with its own key.
+# Its narinfo index is its own; its NAR files share the storage (named by their own hash).
+@cache_routes.api_route("/untrusted/nix-cache-info", methods=["GET", "HEAD"])
+async def untrusted_cache_info(comps: Comps) -> Response:
+    return _cache_info(comps, _untrusted(comps))
+
+
+@cache_routes.api_route("/untrusted/{hash_part}.narinfo", methods=["GET", "HEAD"])
+async def get_untrusted_narinfo(hash_part: str, comps: Comps) -> Response:
+    return await _narinfo(_untrusted(comps), hash_part)
+
+
+@cache_routes.api_route("/untrusted/nar/{file_name}", methods=["GET", "HEAD"])
+async def get_untrusted_nar(file_name: str, comps: Comps, request: Request) -> Response:
+    return await _nar(_untrusted(comps), file_name, request)

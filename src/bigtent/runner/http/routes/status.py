@@ -1,0 +1,69 @@
+"""``GET /api/v1/status``: the runner's version, caches, queue and scheduler health."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from sqlalchemy.exc import SQLAlchemyError
+
+from bigtent import __version__
+from bigtent.runner.components import Components
+from bigtent.runner.db import queries
+from bigtent.runner.http.deps import ClientAuth, Comps, iso
+from bigtent.runner.scheduler import recovery
+from bigtent.runner.scheduler.dispatcher import AGENT
+
+router = APIRouter()
+
+
+@router.get("/status")
+async def status(comps: Comps, _: ClientAuth) -> dict[str, Any]:
+    counts: dict[str, int] | None = None
+    paths: int | None = None
+    size: int | None = None
+    database_error: str | None = None
+    try:
+        async with comps.engine.connect() as conn:
+            counts = await queries.count_steps_by_state(conn)
+            paths, size = await queries.cache_totals(conn)
+    except (SQLAlchemyError, OSError) as exc:
+        if comps.scheduler.recovery is None:
+            raise
+        # The scheduler's reload failed too: say so rather than answer 500.
+        database_error = recovery.describe(exc)
+    return {
+        "version": __version__,
+        "cache_url": comps.cache.url,
+        "cache_public_key": comps.cache.public_key,
+        "untrusted_cache_url": comps.untrusted_cache.url if comps.untrusted_cache else None,
+        "untrusted_cache_public_key": (
+            comps.untrusted_cache.public_key if comps.untrusted_cache else None
+        ),
+        "upstreams": [u.model_dump() for u in comps.config.cache.upstreams],
+        "steps": counts,
+        "queue": comps.scheduler.queue_depth(),
+        "agents_connected": sum(1 for v in comps.scheduler.venues.values() if v.kind == AGENT),
+        "ssh_builders": len(comps.ssh.builders),
+        "builds_active": len(comps.scheduler.builds),
+        "steps_waiting_for_capacity": len(comps.scheduler.capacity_waiting()),
+        "cache_paths": paths,
+        "cache_bytes": size,
+        "scheduler": _scheduler_status(comps, database_error),
+    }
+
+
+def _scheduler_status(comps: Components, database_error: str | None) -> dict[str, Any]:
+    """Whether the scheduler is sound: while reloading its state from the database fails, it
+    dispatches nothing (and ``/healthz`` fails)."""
+    failure = comps.scheduler.recovery
+    if failure is None:
+        return {"healthy": True, "problem": None}
+    return {
+        "healthy": False,
+        "problem": recovery.problem(failure),
+        "recovery_failures": failure.failures,
+        "failing_since": iso(failure.since),
+        "next_retry_at": iso(failure.retry_at),
+        "database_error": database_error,
+    }

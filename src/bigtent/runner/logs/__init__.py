@@ -1,0 +1,1 @@
+"""Build logs: the store of zstd frames, live fan-out, serving over HTTP, retention."""

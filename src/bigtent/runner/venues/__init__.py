@@ -1,0 +1,1 @@
+"""Where steps run: agent sessions over WebSocket and SSH remote builders."""
