@@ -65,9 +65,9 @@ from bigtent.runner.cache import Cache, Upstreams
 from bigtent.runner.db import tables
 from bigtent.runner.db.migrate import create_engine, migrate
 from bigtent.runner.logs import LogStore
-from bigtent.runner.scheduler import dispatcher
+from bigtent.runner.scheduler import service as dispatcher
 from bigtent.runner.scheduler import steps as steps_module
-from bigtent.runner.scheduler.dispatcher import Scheduler, Venue
+from bigtent.runner.scheduler.service import Scheduler, Venue
 from bigtent.runner.storage import LocalStorage
 
 HYDRA_SECS = 88.0

@@ -62,7 +62,7 @@ from bigtent.runner.metrics import Metrics
 from bigtent.runner.presigned import record_json
 from bigtent.runner.s3 import S3Storage, s3_nar_response
 from bigtent.runner.scheduler import recovery
-from bigtent.runner.scheduler.dispatcher import AGENT, cached_failure_error
+from bigtent.runner.scheduler.service import AGENT, cached_failure_error
 from bigtent.runner.scheduler.health import is_unhealthy, shown_error
 from bigtent.runner.scheduler.matching import has_room
 from bigtent.runner.sessions import bearer_token, looks_like_jwt

@@ -34,7 +34,7 @@ from bigtent.runner.retention.gate import FileGate
 from bigtent.runner.retention.pins import Pins
 from bigtent.runner.retention.usage import UsageRecorder
 from bigtent.runner.s3 import S3Storage
-from bigtent.runner.scheduler.dispatcher import Scheduler
+from bigtent.runner.scheduler.service import Scheduler
 from bigtent.runner.sessions import Sessions
 from bigtent.runner.sshvenue import SshBuilders
 from bigtent.runner.storage import LocalStorage, Storage

@@ -47,7 +47,7 @@ from bigtent.protocol import MAX_LIST_ITEMS, MAX_REFERENCES, MAX_SHORT_TEXT
 from bigtent.runner.cache import Cache, Ingested, Publication, Upstreams, closure
 from bigtent.runner.db import queries
 from bigtent.runner.metrics import UploadKind
-from bigtent.runner.scheduler.dispatcher import Scheduler
+from bigtent.runner.scheduler.service import Scheduler
 from bigtent.runner.storage import Staged
 
 log = logging.getLogger(__name__)

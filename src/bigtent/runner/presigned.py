@@ -29,7 +29,7 @@ from bigtent.runner.cache import Cache, Ingested, Upstreams
 from bigtent.runner.ingest import publish_leased_output
 from bigtent.runner.s3 import S3Staged, S3Storage
 from bigtent.runner.s3keys import incoming_key, verifying_key
-from bigtent.runner.scheduler.dispatcher import Scheduler
+from bigtent.runner.scheduler.service import Scheduler
 from bigtent.runner.storage import Staged
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bigtent import protocol as p
-from bigtent.runner.scheduler.dispatcher import Venue
+from bigtent.runner.scheduler.service import Venue
 from bigtent.runner.scheduler.matching import VenueView
 from bigtent.states import StepState
 from tests.integration.runner.test_dispatcher import CONFIG, T0, Farm, drv

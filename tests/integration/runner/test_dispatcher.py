@@ -23,8 +23,8 @@ from bigtent.config import SchedulerSection
 from bigtent.errors import NotFound
 from bigtent.runner.db import queries
 from bigtent.runner.logs import LogStore
-from bigtent.runner.scheduler import dispatcher
-from bigtent.runner.scheduler.dispatcher import (
+from bigtent.runner.scheduler import service as dispatcher
+from bigtent.runner.scheduler.service import (
     PlannedStep,
     PlanPart,
     Scheduler,

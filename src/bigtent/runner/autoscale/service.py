@@ -43,7 +43,7 @@ from bigtent.runner.autoscale.plan import (
 from bigtent.runner.autoscale.settings import AutoscaleSection, GithubPoolSection, load_token
 from bigtent.runner.db import queries
 from bigtent.runner.metrics import Metrics
-from bigtent.runner.scheduler.dispatcher import Scheduler
+from bigtent.runner.scheduler.service import Scheduler
 from bigtent.runner.scheduler.matching import VenueView
 from bigtent.states import LaunchState
 

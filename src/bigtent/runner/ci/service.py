@@ -46,7 +46,7 @@ from bigtent.runner.db import ci_queries as q
 from bigtent.runner.forge.model import EvalReport, EvalState, JobReport, JobState, Reporter
 from bigtent.runner.ingest import ClientPath, ingest_client_closure
 from bigtent.runner.logs import LogStore
-from bigtent.runner.scheduler.dispatcher import Scheduler
+from bigtent.runner.scheduler.service import Scheduler
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from bigtent.runner.cache import StorageFullEvents
 from bigtent.runner.components import Components
 from bigtent.runner.dashboard import present
 from bigtent.runner.db import queries
-from bigtent.runner.scheduler.dispatcher import AGENT
+from bigtent.runner.scheduler.service import AGENT
 from bigtent.runner.scheduler.health import is_unhealthy, shown_error
 from bigtent.states import BuildState, StepState
 
