@@ -3,7 +3,7 @@
 A synthetic build of up to 100,000 steps (a mix of systems, features and DAG shapes: wide
 fan-outs, long chains, layered diamonds and nixpkgs-like random DAGs) is submitted the way
 ``POST /api/v1/builds`` does it (``runner.builds.plan_build``, then
-``Scheduler.add_build``), against the real scheduler (``runner/scheduler/dispatcher.py`` and
+``Scheduler.add_build``), against the real scheduler (``runner/scheduler/`` and
 its pure modules) and the real database layer (SQLite by default; ``--database-url`` for
 another, e.g. ``postgresql+asyncpg://...``). 1,000 simulated agents are attached as venues;
 each takes what it is assigned, and once the build is in, reports every step a success at
@@ -65,9 +65,10 @@ from bigtent.runner.cache import Cache, Upstreams
 from bigtent.runner.db import tables
 from bigtent.runner.db.migrate import create_engine, migrate
 from bigtent.runner.logs import LogStore
-from bigtent.runner.scheduler import service as dispatcher
+from bigtent.runner.scheduler import dispatch
 from bigtent.runner.scheduler import steps as steps_module
-from bigtent.runner.scheduler.service import Scheduler, Venue
+from bigtent.runner.scheduler.model import Venue
+from bigtent.runner.scheduler.service import Scheduler
 from bigtent.runner.storage import LocalStorage
 
 HYDRA_SECS = 88.0
@@ -382,7 +383,7 @@ async def run_one(size: int, agents: int, url: str | None, steady: int, phase: s
         )
         await sched.load()
         plan_timer = PlanTimer()
-        vars(dispatcher)["plan_dispatch"] = plan_timer
+        vars(dispatch)["plan_dispatch"] = plan_timer
         farm = Farm(sched, agent_mix(agents))
         result: dict[str, Any] = {
             "size": size,

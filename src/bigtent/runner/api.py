@@ -62,9 +62,10 @@ from bigtent.runner.metrics import Metrics
 from bigtent.runner.presigned import record_json
 from bigtent.runner.s3 import S3Storage, s3_nar_response
 from bigtent.runner.scheduler import recovery
-from bigtent.runner.scheduler.service import AGENT, cached_failure_error
 from bigtent.runner.scheduler.health import is_unhealthy, shown_error
+from bigtent.runner.scheduler.leases import cached_failure_error
 from bigtent.runner.scheduler.matching import has_room
+from bigtent.runner.scheduler.model import AGENT
 from bigtent.runner.sessions import bearer_token, looks_like_jwt
 from bigtent.runner.storage import MAX_NAME_BYTES
 from bigtent.runner.trust import build_is_trusted

@@ -23,7 +23,7 @@ from bigtent.errors import BadRequest, NotFound
 from bigtent.nix.store_path import StorePath
 from bigtent.runner.cache import Cache, Upstreams
 from bigtent.runner.db import queries
-from bigtent.runner.scheduler.service import PlannedStep, PlanPart
+from bigtent.runner.scheduler.model import PlannedStep, PlanPart
 from bigtent.runner.scheduler.steps import plan_heights
 
 log = logging.getLogger(__name__)

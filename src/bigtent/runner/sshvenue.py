@@ -47,7 +47,8 @@ from bigtent.nix.nar import dump_path
 from bigtent.nix.store import LineSink, NixStore, PathInfo, RealiseResult, RealiseStatus
 from bigtent.runner.cache import Cache, Upstreams
 from bigtent.runner.ingest import ingest_leased_output
-from bigtent.runner.scheduler.service import SSH, Scheduler, SessionClosed, Venue
+from bigtent.runner.scheduler.model import SSH, SessionClosed, Venue
+from bigtent.runner.scheduler.service import Scheduler
 from bigtent.runner.ssh import (
     SshTarget,
     builders_line,

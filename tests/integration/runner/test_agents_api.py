@@ -14,7 +14,7 @@ from bigtent import protocol as p
 from bigtent.config import Role
 from bigtent.runner.agents import prune_agents
 from bigtent.runner.db import queries
-from bigtent.runner.scheduler.service import PlannedStep, Venue
+from bigtent.runner.scheduler.model import PlannedStep, Venue
 from tests.integration.runner.conftest import (
     MakeRunner,
     RunnerHarness,

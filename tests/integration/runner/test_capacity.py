@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bigtent import protocol as p
-from bigtent.runner.scheduler.service import Venue
 from bigtent.runner.scheduler.matching import VenueView
+from bigtent.runner.scheduler.model import Venue
 from bigtent.states import StepState
 from tests.integration.runner.test_dispatcher import CONFIG, T0, Farm, drv
 

@@ -23,14 +23,9 @@ from bigtent.config import SchedulerSection
 from bigtent.errors import NotFound
 from bigtent.runner.db import queries
 from bigtent.runner.logs import LogStore
-from bigtent.runner.scheduler import service as dispatcher
-from bigtent.runner.scheduler.service import (
-    PlannedStep,
-    PlanPart,
-    Scheduler,
-    SessionClosed,
-    Venue,
-)
+from bigtent.runner.scheduler import dispatch
+from bigtent.runner.scheduler.model import PlannedStep, PlanPart, SessionClosed, Venue
+from bigtent.runner.scheduler.service import Scheduler
 from bigtent.runner.scheduler.steps import plan_heights
 from bigtent.states import StepState
 from tests.conftest import eventually
@@ -1468,7 +1463,7 @@ async def test_a_build_left_without_roots_is_cancelled_at_start(farm: Farm) -> N
 async def test_one_pass_fills_more_slots_than_a_dispatch_chunk(
     farm: Farm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dispatcher, "DISPATCH_CHUNK", 2)
+    monkeypatch.setattr(dispatch, "DISPATCH_CHUNK", 2)
     steps = [drv(f"s{i}") for i in range(5)]
     await farm.add(steps, roots=steps)
     sent_before_commit: list[int] = []

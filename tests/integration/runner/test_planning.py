@@ -22,7 +22,7 @@ from bigtent.runner.builds import plan_build, plan_parts
 from bigtent.runner.cache import Cache, Upstreams
 from bigtent.runner.db import queries
 from bigtent.runner.db.migrate import create_engine, migrate
-from bigtent.runner.scheduler.service import PlanPart
+from bigtent.runner.scheduler.model import PlanPart
 from bigtent.runner.storage import LocalStorage
 
 X86 = "x86_64-linux"

@@ -43,8 +43,8 @@ from bigtent.runner.autoscale.plan import (
 from bigtent.runner.autoscale.settings import AutoscaleSection, GithubPoolSection, load_token
 from bigtent.runner.db import queries
 from bigtent.runner.metrics import Metrics
-from bigtent.runner.scheduler.service import Scheduler
 from bigtent.runner.scheduler.matching import VenueView
+from bigtent.runner.scheduler.service import Scheduler
 from bigtent.states import LaunchState
 
 log = logging.getLogger(__name__)

@@ -45,7 +45,7 @@ from bigtent.runner.logretention import expired_response, log_expired
 from bigtent.runner.logs import READ_CHUNK_BYTES
 from bigtent.runner.logserve import log_response, parse_offset
 from bigtent.runner.scheduler import recovery
-from bigtent.runner.scheduler.service import AGENT
+from bigtent.runner.scheduler.model import AGENT
 from bigtent.runner.sessions import bearer_token
 from bigtent.states import BuildState
 

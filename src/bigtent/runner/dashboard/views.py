@@ -17,8 +17,8 @@ from bigtent.runner.cache import StorageFullEvents
 from bigtent.runner.components import Components
 from bigtent.runner.dashboard import present
 from bigtent.runner.db import queries
-from bigtent.runner.scheduler.service import AGENT
 from bigtent.runner.scheduler.health import is_unhealthy, shown_error
+from bigtent.runner.scheduler.model import AGENT
 from bigtent.states import BuildState, StepState
 
 RECENT_BUILDS = 25
