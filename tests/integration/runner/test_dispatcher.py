@@ -1217,7 +1217,7 @@ async def test_venue_backoff_after_many_failures_stays_capped(farm: Farm) -> Non
 
 
 # ---- faults found in review ----------------------------------------------------------------
-async def test_failed_transaction_reloads_memory_from_the_database(
+async def test_a_failed_result_transaction_leaves_memory_as_it_was(
     farm: Farm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     x = drv("x")
@@ -1228,23 +1228,61 @@ async def test_failed_transaction_reloads_memory_from_the_database(
     [a] = agent.take_assigns()
     farm.uploaded.update(a.outputs.values())
     real_update = queries.update_steps_in_state
+    real_load = farm.sched.load
 
     async def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("database is locked")
 
-    # The success changes memory (x succeeded, y runnable) and then the write fails.
+    async def no_reload(*, fresh_start: bool = True) -> None:
+        raise AssertionError("a transition that applies after its commit needs no reload")
+
+    # The success's transaction fails part way (y's promotion): nothing of it is applied.
     monkeypatch.setattr(queries, "update_steps_in_state", broken)
+    monkeypatch.setattr(farm.sched, "load", no_reload)
     with pytest.raises(RuntimeError):
         await farm.report(agent, a, p.Outcome.SUCCESS)
     monkeypatch.setattr(queries, "update_steps_in_state", real_update)
-    # Memory was reloaded from the database, where nothing changed: x is still leased to
-    # m1, and a re-sent result (the agent re-sends unacknowledged ones) is recorded.
+    monkeypatch.setattr(farm.sched, "load", real_load)
+    # Memory is as it was: x is still leased to m1, y still waits for it, and a re-sent
+    # result (the agent re-sends unacknowledged ones) is recorded.
     assert farm.sched.nodes[farm.sid(x)].state is StepState.ASSIGNED
+    assert farm.sched.nodes[farm.sid(x)].lease_id == a.lease_id
+    assert farm.sched.nodes[farm.sid(y)].state is StepState.WAITING
+    assert farm.sched.nodes[farm.sid(y)].deps == {farm.sid(x)}
     assert farm.sid(x) in agent.venue.running
+    assert agent.venue.consecutive_failures == 0
     assert await farm.report(agent, a, p.Outcome.SUCCESS)
     await farm.tick()
     [b] = agent.take_assigns()
     assert await farm.succeed(agent, b)
+    assert await farm.build_state(build) == "succeeded"
+
+
+async def test_a_failed_pass_reloads_memory_from_the_database(
+    farm: Farm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = drv("x")
+    build = await farm.add([x], roots=[x])
+    agent = farm.agent("m1")
+    real_update = queries.update_steps_each
+
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("database is locked")
+
+    # A pass changes memory as it assigns (x leased to m1), then its write fails: the
+    # working copy is thrown away and reloaded, where x is still runnable.
+    monkeypatch.setattr(queries, "update_steps_each", broken)
+    with pytest.raises(RuntimeError):
+        await farm.tick()
+    async with farm.sched._lock:
+        await farm.sched.recover()
+    monkeypatch.setattr(queries, "update_steps_each", real_update)
+    assert farm.sched.nodes[farm.sid(x)].state is StepState.RUNNABLE
+    assert farm.sid(x) not in agent.venue.running
+    agent.take_assigns()
+    await farm.tick()
+    [a] = agent.take_assigns()
+    assert await farm.succeed(agent, a)
     assert await farm.build_state(build) == "succeeded"
 
 

@@ -6,24 +6,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bigtent import protocol as p
 from bigtent.runner.db import queries
-from bigtent.runner.scheduler.health import became_unhealthy
+from bigtent.runner.scheduler import persist
 from bigtent.runner.scheduler.leases import (
     Disposition,
-    attempt_retry_at,
-    backoff_secs,
-    classify,
-    next_retry_at,
 )
-from bigtent.runner.scheduler.model import MAX_LAST_ERROR_CHARS, ActiveBuild, Venue
+from bigtent.runner.scheduler.model import ActiveBuild, Venue
 from bigtent.runner.scheduler.shared import SharedDatabase
-from bigtent.runner.scheduler.steps import StepNode, dependents_closure
+from bigtent.runner.scheduler.steps import StepNode
 from bigtent.runner.scheduler.sync import LostRace
+from bigtent.runner.scheduler.transitions import AttemptEnd, build_endings, end_attempt
 from bigtent.states import BuildState, StepState
 
 log = logging.getLogger(__name__)
@@ -43,21 +39,20 @@ class Results(SharedDatabase):
                     return
                 if node.state is not StepState.ASSIGNED:
                     return
+                now = self.clock()
                 async with self._begin() as conn:
                     await self._expect(conn, [node])
-                    node.state = StepState.BUILDING
-                    self.metrics.step_accepted(node, self.clock())
-                    await queries.update_step(
-                        conn, node.id, state=node.state, started_at=self.clock()
-                    )
+                    await persist.accepted(conn, node.id, now)
+                node.state = StepState.BUILDING
+                self.metrics.step_accepted(node, now)
 
             with contextlib.suppress(LostRace):
-                await self._guard(body())
+                await self._guard(body(), applies_after_commit=True)
 
     async def refused(self, venue: Venue, msg: p.Refused) -> None:
         async with self._lock:
             with contextlib.suppress(LostRace):
-                await self._guard(self._refused(venue, msg))
+                await self._guard(self._refused(venue, msg), applies_after_commit=True)
 
     async def _refused(self, venue: Venue, msg: p.Refused) -> None:
         node = self.nodes.get(msg.step_id)
@@ -70,21 +65,14 @@ class Results(SharedDatabase):
     async def _give_back(self, node: StepNode, venue: Venue, now: float) -> None:
         """architecture §5: a refusal or a failed send releases the slot, cools the venue down and
         makes the step runnable again, as if it had never been assigned."""
-        venue.cooldown_until = now + self.config.refuse_cooldown_secs
-        self._cooled(venue)
         async with self._begin() as conn:
             await self._expect(conn, [node])
-            self._release(node)
-            node.state = StepState.RUNNABLE
-            self.metrics.step_requeued(node, now)
-            await queries.update_step(
-                conn,
-                node.id,
-                state=node.state,
-                lease_id=None,
-                lease_expires_at=None,
-                agent_machine_id=None,
-            )
+            await persist.given_back(conn, node.id)
+        venue.cooldown_until = now + self.config.refuse_cooldown_secs
+        self._cooled(venue)
+        self._release(node)
+        node.state = StepState.RUNNABLE
+        self.metrics.step_requeued(node, now)
         self._make_runnable(node, now)
 
     async def result(self, venue: Venue, msg: p.Result) -> bool:
@@ -110,7 +98,7 @@ class Results(SharedDatabase):
                 return True
 
             try:
-                return await self._guard(body())
+                return await self._guard(body(), applies_after_commit=True)
             except LostRace:
                 log.info("ignoring result for step %s: another runner moved it on", msg.step_id)
                 return False
@@ -136,219 +124,102 @@ class Results(SharedDatabase):
         *,
         expired_by: float | None = None,
     ) -> None:
-        """End the step's current attempt. ``expired_by``: only if its lease expired by then
-        in the database too (another runner may have renewed it). The step must still be as
-        the working copy has it, or nothing happens but a LostRace."""
-        policy = classify(outcome)
-        lease_id = node.lease_id
-        attempt = node.attempts + 1
-        self._release(node)
-        if policy.disposition is Disposition.RETRY:
-            # The log tells why this attempt ended (the client shows its tail).
-            where = f" on {venue.name}" if venue is not None else ""
-            reason = next((ln for ln in error.splitlines() if ln.strip()), "")
-            self.logs.append(node.id, [f"[bigtent: attempt {attempt}{where}: {outcome}: {reason}]"])
-        self.logs.close(node.id)
-        self.metrics.step_finished(node, outcome, msg.timings if msg is not None else None)
-        values: dict[str, Any] = dict(
-            outcome=outcome,
-            error=error[:8000] or None,
-            lease_id=None,
-            lease_expires_at=None,
-        )
-        if msg is not None:
-            values.update(
-                exit_code=msg.exit_code,
-                prepare_secs=msg.timings.prepare_secs,
-                build_secs=msg.timings.build_secs,
-                upload_secs=msg.timings.upload_secs,
-            )
-        if venue is not None:
-            if policy.counts_against_venue:
-                venue.consecutive_failures += 1
-                venue.backoff_until = now + backoff_secs(
-                    venue.consecutive_failures,
-                    self.config.agent_backoff_base_secs,
-                    self.config.agent_backoff_max_secs,
-                )
-                self._cooled(venue)
-                self._note_infra_failure(venue, error)
-                log.warning(
-                    "%s: %s on step %d; backing off until %.0f",
-                    venue.name,
-                    outcome,
-                    node.id,
-                    venue.backoff_until,
-                )
-            elif policy.disposition is Disposition.REQUEUE:
-                # Not the venue's fault, but it must not get the step straight back in a
-                # loop (an agent that aborts everything): a short cooldown.
-                venue.cooldown_until = now + self.config.refuse_cooldown_secs
-                self._cooled(venue)
-            else:
-                venue.consecutive_failures = 0
-                venue.backoff_until = 0.0
-        newly_final: list[StepNode] = []
+        """End the step's current attempt: decide (``transitions.end_attempt``), write it in
+        one transaction (``persist``), then apply it to memory, so a failed transaction
+        leaves memory as it was. ``expired_by``: only if its lease expired by then in the
+        database too (another runner may have renewed it). The step must still be as the
+        working copy has it, or nothing happens but a LostRace."""
+        end = end_attempt(node, self.nodes, venue, outcome, error, msg, now, self.config, self.rand)
         async with self._begin() as conn:
-            await self._expect(conn, [node], lease_id=lease_id, expired_by=expired_by)
-            if venue is not None:
-                # The agent's row keeps its counters and backoff in step with memory, so a
-                # reconnect cannot shed the backoff (architecture §4).
-                await queries.record_agent_attempt(
-                    conn,
-                    venue.machine_id,
-                    succeeded=int(policy.disposition is Disposition.SUCCEED),
-                    failed=int(policy.disposition is Disposition.FAIL),
-                    infra=int(policy.counts_against_venue),
-                    consecutive_failures=venue.consecutive_failures,
-                    backoff_until=venue.backoff_until or None,
-                    last_error=venue.last_error or None,
-                )
-            match policy.disposition:
-                case Disposition.SUCCEED:
-                    node.state = StepState.SUCCEEDED
-                    self._count_final(node)
-                    await queries.update_step(
-                        conn, node.id, state=node.state, finished_at=now, **values
-                    )
-                    newly_final.append(node)
-                    ready = []
-                    for d in node.dependents:
-                        dep = self.nodes.get(d)
-                        if dep is None:
-                            continue
-                        dep.deps.discard(node.id)
-                        if not dep.deps and dep.state is StepState.WAITING:
-                            ready.append(dep)
-                    promoted = await queries.update_steps_in_state(
-                        conn, [n.id for n in ready], [StepState.WAITING], state=StepState.RUNNABLE
-                    )
-                    for dep in self._moved_on_elsewhere(promoted, ready):
-                        dep.state = StepState.RUNNABLE
-                        self.metrics.step_runnable(dep, now)
-                        self._make_runnable(dep, now)
-                case Disposition.FAIL:
-                    # A build failure is final and cached (failed_at) for the failure cache's
-                    # TTL; infrastructure failures (below) never are.
-                    node.state = StepState.FAILED
-                    self._count_final(node)
-                    await queries.update_step(
-                        conn, node.id, state=node.state, finished_at=now, failed_at=now, **values
-                    )
-                    newly_final.append(node)
-                    newly_final.extend(await self._fail_dependents(conn, node, now))
-                case Disposition.RETRY:
-                    node.attempts += 1
-                    if node.attempts >= self.config.max_infra_attempts:
-                        node.state = StepState.FAILED
-                        self._count_final(node)
-                        values["error"] = (
-                            f"infrastructure failure after {node.attempts} attempts; last: "
-                            f"{outcome}: {error}"
-                        )[:8000]
-                        await queries.update_step(
-                            conn,
-                            node.id,
-                            state=node.state,
-                            finished_at=now,
-                            attempts=node.attempts,
-                            **values,
-                        )
-                        newly_final.append(node)
-                        newly_final.extend(await self._fail_dependents(conn, node, now))
-                    else:
-                        node.state = StepState.RUNNABLE
-                        node.not_before = next_retry_at(
-                            node.attempts,
-                            now,
-                            self.config.retry_base_secs,
-                            self.config.retry_max_secs,
-                            self.rand(),
-                        )
-                        self.metrics.step_requeued(node, node.not_before)
-                        await queries.update_step(
-                            conn,
-                            node.id,
-                            state=node.state,
-                            attempts=node.attempts,
-                            not_before=node.not_before,
-                            **values,
-                        )
-                        self._make_runnable(node, now)
-                case Disposition.REQUEUE:
-                    node.state = StepState.RUNNABLE
-                    self.metrics.step_requeued(node, now)
-                    await queries.update_step(conn, node.id, state=node.state, **values)
-                    self._make_runnable(node, now)
-            await self._record_attempt(
-                conn, node, attempt, outcome, error, now, leased=lease_id is not None
+            await self._expect(conn, [node], expired_by=expired_by)
+            promoted, failed = await persist.attempt_end(
+                conn,
+                end,
+                venue.machine_id if venue is not None else None,
+                self.config.max_infra_attempts,
+                now,
             )
-            for bid in sorted({b for n in newly_final for b in n.builds}):
-                build = self.builds.get(bid)
-                if build is not None:
-                    await self._maybe_finish_build(conn, build, now)
+            promote = self._moved_on_elsewhere(promoted, [self.nodes[d] for d in end.promote])
+            fail = self._moved_on_elsewhere(failed, [self.nodes[d] for d in end.fail])
+            finished = {d.id: StepState.DEPENDENCY_FAILED for d in fail}
+            if end.final:
+                finished[node.id] = end.state
+            endings = build_endings(self.builds, self.nodes, finished, self._incomplete)
+            recorded = await persist.build_endings(conn, endings, now)
+        # Committed: memory follows.
+        self._apply_attempt_end(node, venue, end, msg, promote, fail, now)
+        self._end_builds(endings, recorded)
         self.wake()
 
-    async def _record_attempt(
+    def _apply_attempt_end(
         self,
-        conn: AsyncConnection,
         node: StepNode,
-        attempt: int,
-        outcome: p.Outcome,
-        error: str,
+        venue: Venue | None,
+        end: AttemptEnd,
+        msg: p.Result | None,
+        promote: list[StepNode],
+        fail: list[StepNode],
         now: float,
-        *,
-        leased: bool,
     ) -> None:
-        """Record the attempt that just ended, in the transaction of the step's new state
-        (``node`` already has it): every attempt is visible (docs/api.md "Attempts")."""
-        await queries.insert_step_attempt(
-            conn,
-            node.id,
-            attempt=attempt,
-            max_attempts=self.config.max_infra_attempts,
-            finished_at=now,
-            outcome=outcome,
-            error=error[:8000] or None,
-            retry_at=attempt_retry_at(node.state, node.not_before, now),
-            leased=leased,
-        )
-
-    async def _fail_dependents(
-        self, conn: AsyncConnection, node: StepNode, now: float
-    ) -> list[StepNode]:
-        """A failure fails only what depends on it; unrelated steps go on."""
-        failed = [
-            self.nodes[sid]
-            for sid in dependents_closure(self.nodes, node.id)
-            if self.nodes[sid].state in (StepState.WAITING, StepState.RUNNABLE)
-        ]
-        changed = await queries.update_steps_in_state(
-            conn,
-            [d.id for d in failed],
-            [StepState.WAITING, StepState.RUNNABLE],
-            state=StepState.DEPENDENCY_FAILED,
-            finished_at=now,
-            error=f"dependency {node.drv_path} failed",
-        )
-        failed = self._moved_on_elsewhere(changed, failed)
-        for dep in failed:
+        """Apply a committed attempt end to memory: the slot and lease, the log, the metrics,
+        the venue's health, the step, and its dependents."""
+        self._release(node)
+        if end.note is not None:  # the log tells why this attempt ended (the client shows it)
+            self.logs.append(node.id, [end.note])
+        self.logs.close(node.id)
+        self.metrics.step_finished(node, end.outcome, msg.timings if msg is not None else None)
+        if venue is not None and end.venue is not None:
+            self._apply_venue_health(venue, end, node.id)
+        node.state, node.attempts, node.not_before = end.state, end.attempts, end.not_before
+        if end.final:
+            self._count_final(node)
+        match end.disposition:
+            case Disposition.SUCCEED:
+                for d in node.dependents:
+                    dep = self.nodes.get(d)
+                    if dep is not None:
+                        dep.deps.discard(node.id)
+                for dep in promote:
+                    dep.state = StepState.RUNNABLE
+                    self.metrics.step_runnable(dep, now)
+                    self._make_runnable(dep, now)
+            case Disposition.RETRY if not end.final:
+                self.metrics.step_requeued(node, end.not_before or now)
+                self._make_runnable(node, now)
+            case Disposition.REQUEUE:
+                self.metrics.step_requeued(node, now)
+                self._make_runnable(node, now)
+        for dep in fail:
             self.index.discard(dep.id)
             dep.state = StepState.DEPENDENCY_FAILED
             self._count_final(dep)
-        return failed
 
-    def _note_infra_failure(self, venue: Venue, error: str) -> None:
-        """Keep the venue's last infrastructure error; say when it just became unhealthy
-        (``health``: one step at a time after its backoff until one succeeds)."""
-        venue.last_error = error[:MAX_LAST_ERROR_CHARS]
-        if became_unhealthy(venue.consecutive_failures, self.config.unhealthy_after_failures):
+    def _apply_venue_health(self, venue: Venue, end: AttemptEnd, step_id: int) -> None:
+        """The venue's health after the attempt (``transitions.venue_health``), said when it
+        backs off or just became unhealthy."""
+        health = end.venue
+        assert health is not None
+        venue.consecutive_failures = health.consecutive_failures
+        venue.backoff_until = health.backoff_until
+        venue.cooldown_until = health.cooldown_until
+        venue.last_error = health.last_error
+        if end.counts_against_venue or end.disposition is Disposition.REQUEUE:
+            self._cooled(venue)  # the loop wakes when it ends
+        if health.became_unhealthy:
             log.warning(
                 "%s is unhealthy after %d consecutive infrastructure failures (last: %s); "
                 "it gets one step at a time after its backoff until one succeeds",
                 venue.name,
                 venue.consecutive_failures,
-                error.splitlines()[0] if error else "no error text",
+                end.error.splitlines()[0] if end.error else "no error text",
+            )
+        if end.counts_against_venue:
+            log.warning(
+                "%s: %s on step %d; backing off until %.0f",
+                venue.name,
+                end.outcome,
+                step_id,
+                venue.backoff_until,
             )
 
     async def _cancel(
@@ -371,13 +242,15 @@ class Results(SharedDatabase):
                 venue = self.venues.get(node.venue or "")
                 if venue is not None:
                     aborts.append((venue, sid))
-                await self._record_attempt(
+                await persist.attempt_record(
                     conn,
-                    node,
-                    node.attempts + 1,
-                    p.Outcome.ABORTED,
-                    "cancelled",
-                    now,
+                    sid,
+                    attempt=node.attempts + 1,
+                    max_attempts=self.config.max_infra_attempts,
+                    outcome=p.Outcome.ABORTED,
+                    error="cancelled",
+                    now=now,
+                    retry_at=None,
                     leased=True,
                 )
             self._release(node)

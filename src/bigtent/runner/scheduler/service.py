@@ -252,24 +252,37 @@ class Scheduler(Controls):
             log.warning("scheduler state reloaded from the database")
         self.wake()
 
-    async def _guard(self, coro: Coroutine[Any, Any, _T]) -> _T:
+    async def _guard(
+        self, coro: Coroutine[Any, Any, _T], *, applies_after_commit: bool = False
+    ) -> _T:
         """Run a transition (lock held), after catching up with other runners; if it fails,
-        reload from the database and re-raise. While reloading fails (``self.recovery``) the
-        working copy is empty: the transition is refused (503) before it starts."""
+        reload from the database and re-raise. A transition that ``applies_after_commit``
+        (it changes memory only once its transaction committed) leaves memory as it was when
+        it fails: nothing to reload. While reloading fails (``self.recovery``) the working
+        copy is empty: the transition is refused (503) before it starts."""
         if self.recovery is not None:
             coro.close()
             raise Unavailable(
                 "the scheduler is reloading its state from the database; try again later",
                 detail=recovery.problem(self.recovery),
             )
+        caught_up = False
         try:
             await self._catch_up()
+            caught_up = True
             return await coro
         except BaseException as exc:
             coro.close()  # never started if catching up failed
             if isinstance(exc, asyncio.CancelledError | GeneratorExit):
                 raise
             lost = isinstance(exc, LostRace)
+            if caught_up and applies_after_commit:
+                # The step another runner moved on is read again at the next catch-up.
+                if lost:
+                    log.info("another runner changed a step first (%s)", exc)
+                else:
+                    log.exception("scheduler transition failed; nothing of it was applied")
+                raise
             if lost:
                 log.info("another runner changed a step first (%s); reloading", exc)
             else:

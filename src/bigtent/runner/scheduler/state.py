@@ -9,7 +9,15 @@ import heapq
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Collection,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
@@ -17,15 +25,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bigtent import protocol as p
 from bigtent.config import SchedulerSection
-from bigtent.runner.db import queries
 from bigtent.runner.db.notify import ChangeFeed, LocalFeed, is_conflict, take_pending
 from bigtent.runner.logs import LogStore
 from bigtent.runner.metrics import Metrics
-from bigtent.runner.scheduler import recovery
+from bigtent.runner.scheduler import persist, recovery
 from bigtent.runner.scheduler.matching import Requirement, VenueView, has_room
 from bigtent.runner.scheduler.model import ActiveBuild, Kind, Venue
-from bigtent.runner.scheduler.steps import RunnableIndex, Scope, StepNode, build_outcome
+from bigtent.runner.scheduler.steps import RunnableIndex, Scope, StepNode
 from bigtent.runner.scheduler.sync import LostRace
+from bigtent.runner.scheduler.transitions import build_ending
+from bigtent.states import BuildState
 
 log = logging.getLogger(__name__)
 
@@ -270,19 +279,23 @@ class SchedulerState:
     ) -> None:
         """End a build once every member step is final: its outcome is its roots' (a failure
         fails the build, but the steps that do not depend on it still run to the end)."""
-        if build.unfinished > 0 or build.id in self._incomplete:
+        outcome = build_ending(build, self.nodes, incomplete=build.id in self._incomplete)
+        if outcome is None:
             return
-        states = [
-            self.nodes[sid].state if sid is not None and sid in self.nodes else None
-            for sid in build.roots.values()
-        ]
-        outcome = build_outcome(states)
-        if outcome is None or build.state.is_final:
-            return
-        build.state = outcome
-        if await queries.finish_build(conn, build.id, outcome, finished_at=now):
-            log.info("build %d %s", build.id, outcome)
-        self._forget_build(build)
+        self._end_builds(
+            {build.id: outcome}, await persist.build_endings(conn, {build.id: outcome}, now)
+        )
+
+    def _end_builds(self, endings: Mapping[int, BuildState], recorded: Collection[int]) -> None:
+        """Builds that ended (``recorded``: their end was written here) leave memory."""
+        for bid, outcome in sorted(endings.items()):
+            build = self.builds.get(bid)
+            if build is None:
+                continue
+            build.state = outcome
+            if bid in recorded:
+                log.info("build %d %s", bid, outcome)
+            self._forget_build(build)
 
     def _forget_build(self, build: ActiveBuild) -> None:
         """Drop a finished build and the final steps no other active build needs."""
@@ -322,7 +335,9 @@ class SchedulerState:
     async def recover(self, *, quiet: bool = False) -> None:
         raise NotImplementedError
 
-    async def _guard(self, coro: Coroutine[Any, Any, _T]) -> _T:
+    async def _guard(
+        self, coro: Coroutine[Any, Any, _T], *, applies_after_commit: bool = False
+    ) -> _T:
         raise NotImplementedError
 
     async def _retrying(self, body: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
