@@ -318,6 +318,7 @@ async def status(comps: Comps, _: ClientAuth) -> dict[str, Any]:
             raise
         # The scheduler's reload failed too: say so rather than answer 500.
         database_error = recovery.describe(exc)
+    overview = comps.scheduler.overview()
     return {
         "version": __version__,
         "cache_url": comps.cache.url,
@@ -328,11 +329,11 @@ async def status(comps: Comps, _: ClientAuth) -> dict[str, Any]:
         ),
         "upstreams": [u.model_dump() for u in comps.config.cache.upstreams],
         "steps": counts,
-        "queue": comps.scheduler.queue_depth(),
-        "agents_connected": sum(1 for v in comps.scheduler.venues.values() if v.kind == AGENT),
+        "queue": overview.queue,
+        "agents_connected": overview.agents_connected,
         "ssh_builders": len(comps.ssh.builders),
-        "builds_active": len(comps.scheduler.builds),
-        "steps_waiting_for_capacity": len(comps.scheduler.capacity_waiting()),
+        "builds_active": overview.builds_active,
+        "steps_waiting_for_capacity": overview.steps_waiting_for_capacity,
         "cache_paths": paths,
         "cache_bytes": size,
         "scheduler": _scheduler_status(comps, database_error),
@@ -695,12 +696,14 @@ def _log_expired(row: Any, comps: Components) -> bool:
 async def list_agents(comps: Comps, _: ClientAuth) -> dict[str, Any]:
     async with comps.engine.connect() as conn:
         rows = await queries.fetch_agents(conn)
-    live = comps.scheduler.venues
+    live = comps.scheduler.venue_infos()
     now = comps.scheduler.clock()
     # With other runners on the database, their agents count as connected while their rows
     # say so and their heartbeats are recent (docs/architecture.md, "Several runners").
     elsewhere_secs = (
-        3 * comps.config.scheduler.heartbeat_secs if comps.scheduler.feed.shared else -1.0
+        3 * comps.config.scheduler.heartbeat_secs
+        if comps.scheduler.overview().shared_database
+        else -1.0
     )
     out = []
     for r in rows:
@@ -718,7 +721,7 @@ async def list_agents(comps: Comps, _: ClientAuth) -> dict[str, Any]:
                 "supported_features": json.loads(r.supported_features),
                 "mandatory_features": json.loads(r.mandatory_features),
                 "max_jobs": r.max_jobs,
-                "running": len(venue.running) if venue else 0,
+                "running": venue.running if venue else 0,
                 "speed_factor": r.speed_factor,
                 "ephemeral": r.ephemeral,
                 "trusted": venue.trusted if venue else bool(r.trusted),
@@ -782,7 +785,7 @@ async def list_builders(comps: Comps, _: ClientAuth) -> dict[str, Any]:
 
 @api.post("/agents/{name}/drain")
 async def drain_agent(name: str, comps: Comps, _: AdminAuth) -> dict[str, Any]:
-    for venue in comps.scheduler.venues.values():
+    for venue in comps.scheduler.venue_infos().values():
         if venue.kind == AGENT and (venue.name == name or venue.machine_id == name):
             comps.scheduler.drain(venue.machine_id)
             return {"drained": venue.name}

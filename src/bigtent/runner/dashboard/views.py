@@ -272,7 +272,7 @@ async def load_overview(
             conn, await queries.fetch_builds(conn, RECENT_BUILDS), now, took or TookCache()
         )
         agent_rows = await queries.fetch_agents(conn)
-    live = {mid for mid, v in sched.venues.items() if v.kind == AGENT}
+    live = {mid for mid, v in sched.venue_infos().items() if v.kind == AGENT}
     connected = [r for r in agent_rows if r.machine_id in live]
     ssh_usable = sum(1 for b in comps.ssh.describe(now) if b["usable"])
     last_gc = comps.collector.last if comps.collector is not None else None
@@ -735,8 +735,9 @@ async def load_agents(comps: Components) -> AgentsPage:
     async with comps.engine.connect() as conn:
         rows = await queries.fetch_agents(conn)
     out = []
+    live = sched.venue_infos()
     for r in rows:
-        venue = sched.venues.get(r.machine_id)
+        venue = live.get(r.machine_id)
         session = comps.sessions.live.get(r.machine_id)
         beat = session.last_heartbeat if session is not None and venue is not None else None
         backoff = venue.backoff_until if venue else (r.backoff_until or 0.0)
@@ -772,7 +773,7 @@ async def load_agents(comps: Components) -> AgentsPage:
                 connected=venue is not None,
                 draining=venue.draining if venue else False,
                 last_seen=float(r.last_seen),
-                running=len(venue.running) if venue else 0,
+                running=venue.running if venue else 0,
                 max_jobs=int(r.max_jobs),
                 load=beat.load if beat is not None else None,
                 memory=memory,

@@ -30,11 +30,12 @@ from bigtent.runner.logs import LogStore
 from bigtent.runner.metrics import Metrics
 from bigtent.runner.scheduler import persist, recovery
 from bigtent.runner.scheduler.matching import Requirement, VenueView, has_room
-from bigtent.runner.scheduler.model import ActiveBuild, Kind, Venue
+from bigtent.runner.scheduler.model import AGENT, ActiveBuild, Kind, Venue
+from bigtent.runner.scheduler.snapshot import Overview, RunnableStep, VenueInfo
 from bigtent.runner.scheduler.steps import RunnableIndex, Scope, StepNode
 from bigtent.runner.scheduler.sync import LostRace
 from bigtent.runner.scheduler.transitions import build_ending
-from bigtent.states import BuildState
+from bigtent.states import BuildState, StepState
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,51 @@ class SchedulerState:
 
     def wake(self) -> None:
         self._wake.set()
+
+    # ---- the read model (snapshot.py): plain values for the API, dashboard, autoscaler ----
+    def overview(self) -> Overview:
+        return Overview(
+            queue=self.queue_depth(),
+            agents_connected=sum(1 for v in self.venues.values() if v.kind == AGENT),
+            builds_active=len(self.builds),
+            steps_waiting_for_capacity=len(self.capacity_waiting()),
+            recovery=self.recovery,
+            shared_database=self.feed.shared,
+        )
+
+    def venue_infos(self) -> dict[str, VenueInfo]:
+        """Every connected venue, by machine id."""
+        return {machine_id: VenueInfo.of(v) for machine_id, v in self.venues.items()}
+
+    def venue_info(self, machine_id: str) -> VenueInfo | None:
+        venue = self.venues.get(machine_id)
+        return VenueInfo.of(venue) if venue is not None else None
+
+    def runnable_steps(self) -> list[RunnableStep]:
+        """The steps in the runnable queue (not those waiting for a retry's backoff)."""
+        return [
+            RunnableStep(n.id, n.req, frozenset(n.builds))
+            for n in self.nodes.values()
+            if n.id in self.index
+        ]
+
+    def step_state(self, step_id: int) -> StepState | None:
+        """The state of a step the working copy holds (None: not held, ask the database)."""
+        node = self.nodes.get(step_id)
+        return node.state if node is not None else None
+
+    def on_work(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` whenever a step enters the runnable queue."""
+        self.work_listeners.append(listener)
+
+    def add_launchable(self, offers: Callable[[], Iterable[VenueView]]) -> None:
+        """Count what ``offers`` could launch as capacity (the autoscaler's pools): register
+        before the loop runs, or call ``capacity_changed``."""
+        self.launchable.append(offers)
+
+    def capacity_waiting(self) -> dict[int, float]:
+        """The runnable steps waiting for capacity and since when (as of the last pass)."""
+        return {sid: since for sid, since in self.waiting_for_capacity.items() if sid in self.index}
 
     def capacity_changed(self) -> None:
         """The venues that count as capacity changed (one attached, left, drains, or its

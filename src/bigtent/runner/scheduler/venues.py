@@ -176,10 +176,6 @@ class Venues(Results):
         self._offers = (self._capacity_epoch, list(kinds.values()))
         return self._offers[1]
 
-    def capacity_waiting(self) -> dict[int, float]:
-        """The runnable steps waiting for capacity and since when (as of the last pass)."""
-        return {sid: since for sid, since in self.waiting_for_capacity.items() if sid in self.index}
-
     def waiting_reason(self, step_id: int) -> str | None:
         """Why a runnable step waits, when it waits for capacity (else None)."""
         node = self.nodes.get(step_id)
