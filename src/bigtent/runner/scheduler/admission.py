@@ -151,7 +151,7 @@ class Admission(Dispatching):
         a shared database (PostgreSQL, several runners) other runners must never see a build
         without its roots: both are admitted whole, in one transaction (``add_build``).
         """
-        if self.feed.shared or not trusted:
+        if not self.database.stages_admission(trusted):
             roots: dict[str, str | None] | None = None
             planned: list[PlannedStep] = []
             async for part in parts:

@@ -56,15 +56,12 @@ class Dispatching(Venues):
                 break
             _, sid, _ = heapq.heappop(self._expiries)
             due[sid] = self.nodes[sid]
-        checked = (
-            await self._expired_in_database(list(due.values()), now)
-            if due and self.feed.shared
-            else set()
-        )
+        # None: alone with the database, every due lease expired.
+        checked = await self._expired_in_database(list(due.values()), now) if due else None
         for node in due.values():
             if node.lease_id is None or not node.state.is_leased:
                 continue
-            if self.feed.shared and node.id not in checked and node.id not in self._lost_here:
+            if checked is not None and node.id not in checked and node.id not in self._lost_here:
                 self._watch_lease(node)  # renewed elsewhere, or read again: still watched
                 continue
             venue = self.venues.get(node.venue or "")
@@ -78,7 +75,7 @@ class Dispatching(Venues):
                 "lease expired: the agent stopped reporting it",
                 None,
                 now,
-                expired_by=now if node.id in checked else None,
+                expired_by=now if checked is not None and node.id in checked else None,
             )
 
     def _promote_delayed(self, now: float) -> None:
@@ -212,9 +209,7 @@ class Dispatching(Venues):
             # Only steps still runnable in the database, and not being claimed by another
             # runner right now, are assigned; the others go back to be read again.
             ids = [n.id for n, _, _ in ready]
-            claimed = (
-                await queries.claim_runnable_steps(conn, ids) if self.feed.shared else set(ids)
-            )
+            claimed = await self.database.claim(conn, ids)
             lost = [node.id for node, _, _ in ready if node.id not in claimed]
             self._stale_steps.update(lost)
             rows: list[dict[str, Any]] = []

@@ -12,11 +12,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from bigtent import protocol as p
 from bigtent.runner.db import queries
 from bigtent.runner.scheduler import persist
+from bigtent.runner.scheduler.catchup import CatchUp
 from bigtent.runner.scheduler.leases import (
     Disposition,
 )
 from bigtent.runner.scheduler.model import ActiveBuild, Venue
-from bigtent.runner.scheduler.shared import SharedDatabase
 from bigtent.runner.scheduler.steps import StepNode
 from bigtent.runner.scheduler.sync import LostRace
 from bigtent.runner.scheduler.transitions import AttemptEnd, build_endings, end_attempt
@@ -25,7 +25,7 @@ from bigtent.states import BuildState, StepState
 log = logging.getLogger(__name__)
 
 
-class Results(SharedDatabase):
+class Results(CatchUp):
     """How a step's attempt ends: accepted, refused, a result, a failed send, an
     expiry or a cancellation; the venue's health and backoff; dependents and builds that
     end with it."""

@@ -2,11 +2,14 @@
 the database, the connected venues and the build records.
 
 ``Scheduler`` is built in layers, one module each, every layer using only those below it:
-``state`` (the working copy and its bookkeeping), ``shared`` (several runners on one
-database), ``results`` (how an attempt ends), ``venues`` (attach, detach, heartbeats,
-capacity), ``dispatch`` (a pass: expiries, retries, assignments), ``admission`` (new builds),
-``controls`` (cancel, bump, restart) and this module (start-up, the loop, recovery after a
-failed transaction). ``model`` holds the values they share.
+``state`` (the working copy and its bookkeeping), ``catchup`` (several runners on one
+database: what the others changed), ``results`` (how an attempt ends: decided in
+``transitions``, written by ``persist``, then applied), ``venues`` (attach, detach,
+heartbeats, capacity), ``dispatch`` (a pass: expiries, retries, assignments), ``admission``
+(new builds), ``controls`` (cancel, bump, restart) and this module (start-up, the loop,
+recovery after a failed transaction). ``model`` holds the values they share,
+``shared`` the strategy for a database shared with other runners or not, and ``snapshot``
+the read model the API, the dashboard and the autoscaler use.
 
 Every transition is written to the database before its effect is sent, so a runner restart
 rebuilds the same state (architecture §3). All methods run on the event loop; none blocks.
@@ -133,7 +136,11 @@ class Scheduler(Controls):
         # database, so no other runner is admitting it.
         async with self._begin() as conn:
             for build in list(self.builds.values()):
-                if not build.roots and build.id not in self._incomplete and not self.feed.shared:
+                if (
+                    not build.roots
+                    and build.id not in self._incomplete
+                    and self.database.cancels_rootless_builds()
+                ):
                     log.warning(
                         "build %d was cut short while being admitted (the runner stopped): "
                         "cancelled as an interrupted admission",

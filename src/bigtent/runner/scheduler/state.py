@@ -31,6 +31,7 @@ from bigtent.runner.metrics import Metrics
 from bigtent.runner.scheduler import persist, recovery
 from bigtent.runner.scheduler.matching import Requirement, VenueView, has_room
 from bigtent.runner.scheduler.model import AGENT, ActiveBuild, Kind, Venue
+from bigtent.runner.scheduler.shared import DatabaseMode, database_mode
 from bigtent.runner.scheduler.snapshot import Overview, RunnableStep, VenueInfo
 from bigtent.runner.scheduler.steps import RunnableIndex, Scope, StepNode
 from bigtent.runner.scheduler.sync import LostRace
@@ -111,6 +112,8 @@ class SchedulerState:
         # Several runners on one database (PostgreSQL; docs/architecture.md).
         self.feed: ChangeFeed = feed if feed is not None else LocalFeed()
         """Announces this runner's changes to the others; ``notice`` hears theirs."""
+        self.database: DatabaseMode = database_mode(self.feed.shared)
+        """Alone with the database, or sharing it with other runners (``shared``)."""
         self._stale_steps: set[int] = set()
         self._stale_builds: set[int] = set()
         """Rows other runners changed (or claims this runner lost): read them again."""
@@ -192,7 +195,7 @@ class SchedulerState:
             builds_active=len(self.builds),
             steps_waiting_for_capacity=len(self.capacity_waiting()),
             recovery=self.recovery,
-            shared_database=self.feed.shared,
+            shared_database=self.database.shared,
         )
 
     def venue_infos(self) -> dict[str, VenueInfo]:

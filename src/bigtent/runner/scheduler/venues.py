@@ -128,7 +128,7 @@ class Venues(Results):
             if node is not None and node.state.is_leased and node.venue == venue.machine_id:
                 node.lease_expires_at = expires
                 store = store or self._renewal_due(node)
-        if store and self.feed.shared:
+        if store and self.database.stores_renewals():
             self.wake()  # the loop stores it, so other runners see the lease is alive
 
     def disk_report(self, venue: Venue, free_store_bytes: int | None) -> None:
