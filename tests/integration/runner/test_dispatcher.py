@@ -1258,6 +1258,35 @@ async def test_a_failed_result_transaction_leaves_memory_as_it_was(
     assert await farm.build_state(build) == "succeeded"
 
 
+async def test_a_failed_cancel_leaves_memory_as_it_was(
+    farm: Farm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = drv("x")
+    y = drv("y", x)
+    build = await farm.add([x, y], roots=[y])
+    agent = farm.agent("m1")
+    await farm.tick()
+    [a] = agent.take_assigns()
+    real_finish = queries.finish_build
+
+    async def broken(*args: Any, **kwargs: Any) -> bool:
+        raise RuntimeError("database is locked")
+
+    # The cancellation's last write fails: its steps' writes roll back with it, and memory
+    # was never changed.
+    monkeypatch.setattr(queries, "finish_build", broken)
+    with pytest.raises(RuntimeError):
+        await farm.sched.cancel_build(build)
+    monkeypatch.setattr(queries, "finish_build", real_finish)
+    assert farm.sched.nodes[farm.sid(x)].state is StepState.ASSIGNED
+    assert farm.sched.nodes[farm.sid(y)].state is StepState.WAITING
+    assert build in farm.sched.builds
+    assert agent.outbox == []  # nothing aborted
+    assert await farm.sched.cancel_build(build)
+    assert await farm.build_state(build) == "cancelled"
+    assert [m.step_id for m in agent.outbox if isinstance(m, p.Abort)] == [a.step_id]
+
+
 async def test_a_failed_pass_reloads_memory_from_the_database(
     farm: Farm, monkeypatch: pytest.MonkeyPatch
 ) -> None:

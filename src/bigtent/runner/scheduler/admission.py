@@ -20,13 +20,13 @@ from bigtent.runner.scheduler.model import (
     ActiveBuild,
     PlannedStep,
     PlanPart,
-    Venue,
     new_node,
     node_from_row,
     send_aborts,
 )
 from bigtent.runner.scheduler.steps import StepNode, plan_heights, raise_heights
 from bigtent.runner.scheduler.sync import LostRace
+from bigtent.runner.scheduler.transitions import Cancellation
 from bigtent.runner.trust import untrusted_work
 from bigtent.states import BuildState, StepState
 
@@ -293,16 +293,17 @@ class Admission(Dispatching):
 
             async def discard() -> None:
                 now = self.clock()
-                aborts: list[tuple[Venue, int]] = []
+                cancelled: Cancellation | None = None
                 async with self._begin() as conn:
                     build = self.builds.get(build_id)
                     if build is not None:
-                        aborts = await self._cancel(conn, build, now)
+                        cancelled = await self._cancel(conn, build, now)
                     await queries.delete_build(conn, build_id)
-                send_aborts(aborts, "cancelled")
+                if cancelled is not None:
+                    send_aborts(self._apply_cancel(cancelled), "cancelled")
                 log.info("build %d discarded: its plan failed", build_id)
 
-            await self._guard(discard())
+            await self._guard(discard(), applies_after_commit=True)
 
     def _trust_plan(
         self, planned: Sequence[PlannedStep], roots: dict[str, str | None], trusted: bool

@@ -36,15 +36,15 @@ class Controls(Admission):
                     return False
                 now = self.clock()
                 async with self._begin() as conn:
-                    aborts = await self._cancel(conn, build, now)
+                    cancelled = await self._cancel(conn, build, now)
                     await queries.insert_build_event(
                         conn, build_id, at=now, kind=BuildEventKind.CANCELLED, actor=actor
                     )
-                send_aborts(aborts, "cancelled")
+                send_aborts(self._apply_cancel(cancelled), "cancelled")
                 self.wake()
                 return True
 
-            return await self._retrying(body)
+            return await self._retrying(body, applies_after_commit=True)
 
     async def record_build_event(
         self, build_id: int, kind: BuildEventKind, *, actor: str, detail: str | None = None
@@ -85,7 +85,7 @@ class Controls(Admission):
                 self.wake()
                 return True
 
-            return await self._guard(body())
+            return await self._guard(body(), applies_after_commit=True)
 
     async def restart_build(
         self,

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bigtent import protocol as p
 from bigtent.runner.db import queries
-from bigtent.runner.scheduler.transitions import MAX_ERROR_CHARS, AttemptEnd
+from bigtent.runner.scheduler.transitions import MAX_ERROR_CHARS, AttemptEnd, Cancellation
 from bigtent.states import BuildState, StepState
 
 
@@ -117,3 +117,32 @@ async def given_back(conn: AsyncConnection, step_id: int) -> None:
         lease_expires_at=None,
         agent_machine_id=None,
     )
+
+
+async def cancellation(
+    conn: AsyncConnection, cancelled: Cancellation, max_attempts: int, now: float
+) -> None:
+    """Write a build's cancellation: the aborted attempts, the cancelled steps, the build."""
+    for sid in cancelled.victims:
+        attempt = cancelled.aborted.get(sid)
+        if attempt is not None:
+            await attempt_record(
+                conn,
+                sid,
+                attempt=attempt,
+                max_attempts=max_attempts,
+                outcome=p.Outcome.ABORTED,
+                error="cancelled",
+                now=now,
+                retry_at=None,
+                leased=True,
+            )
+        await queries.update_step(
+            conn,
+            sid,
+            state=StepState.CANCELLED,
+            finished_at=now,
+            lease_id=None,
+            lease_expires_at=None,
+        )
+    await queries.finish_build(conn, cancelled.build_id, BuildState.CANCELLED, finished_at=now)

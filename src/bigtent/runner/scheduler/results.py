@@ -10,7 +10,6 @@ import logging
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bigtent import protocol as p
-from bigtent.runner.db import queries
 from bigtent.runner.scheduler import persist
 from bigtent.runner.scheduler.catchup import CatchUp
 from bigtent.runner.scheduler.leases import (
@@ -19,7 +18,13 @@ from bigtent.runner.scheduler.leases import (
 from bigtent.runner.scheduler.model import ActiveBuild, Venue
 from bigtent.runner.scheduler.steps import StepNode
 from bigtent.runner.scheduler.sync import LostRace
-from bigtent.runner.scheduler.transitions import AttemptEnd, build_endings, end_attempt
+from bigtent.runner.scheduler.transitions import (
+    AttemptEnd,
+    Cancellation,
+    build_endings,
+    cancel,
+    end_attempt,
+)
 from bigtent.states import BuildState, StepState
 
 log = logging.getLogger(__name__)
@@ -222,49 +227,28 @@ class Results(CatchUp):
                 venue.backoff_until,
             )
 
-    async def _cancel(
-        self, conn: AsyncConnection, build: ActiveBuild, now: float
-    ) -> list[tuple[Venue, int]]:
-        """Cancel the build and its steps no other active build needs (their rows checked
-        first: ``_expect``). Returns the venues to tell to abort, once committed."""
-        victims = [
-            node
-            for sid in sorted(build.steps)
-            if (node := self.nodes.get(sid)) is not None
-            and not node.state.is_final
-            and not any(b != build.id for b in node.builds if b in self.builds)
-        ]
+    async def _cancel(self, conn: AsyncConnection, build: ActiveBuild, now: float) -> Cancellation:
+        """Write the cancellation of the build and its steps no other active build needs
+        (their rows checked first: ``_expect``); ``_apply_cancel`` once committed."""
+        cancelled = cancel(build, self.nodes, self.builds)
+        await self._expect(conn, [self.nodes[sid] for sid in cancelled.victims])
+        await persist.cancellation(conn, cancelled, self.config.max_infra_attempts, now)
+        return cancelled
+
+    def _apply_cancel(self, cancelled: Cancellation) -> list[tuple[Venue, int]]:
+        """Apply a committed cancellation to memory. Returns the venues to tell to abort."""
         aborts: list[tuple[Venue, int]] = []
-        await self._expect(conn, victims)
-        for node in victims:
-            sid = node.id
-            if node.state.is_leased:
+        for sid in cancelled.victims:
+            node = self.nodes[sid]
+            if sid in cancelled.aborted:
                 venue = self.venues.get(node.venue or "")
                 if venue is not None:
                     aborts.append((venue, sid))
-                await persist.attempt_record(
-                    conn,
-                    sid,
-                    attempt=node.attempts + 1,
-                    max_attempts=self.config.max_infra_attempts,
-                    outcome=p.Outcome.ABORTED,
-                    error="cancelled",
-                    now=now,
-                    retry_at=None,
-                    leased=True,
-                )
             self._release(node)
             self.logs.close(sid)
             node.state = StepState.CANCELLED
-            await queries.update_step(
-                conn,
-                sid,
-                state=node.state,
-                finished_at=now,
-                lease_id=None,
-                lease_expires_at=None,
-            )
-        build.state = BuildState.CANCELLED
-        await queries.finish_build(conn, build.id, build.state, finished_at=now)
-        self._forget_build(build)
+        build = self.builds.get(cancelled.build_id)
+        if build is not None:
+            build.state = BuildState.CANCELLED
+            self._forget_build(build)
         return aborts

@@ -146,7 +146,7 @@ class Scheduler(Controls):
                         "cancelled as an interrupted admission",
                         build.id,
                     )
-                    await self._cancel(conn, build, now)
+                    self._apply_cancel(await self._cancel(conn, build, now))
                     await queries.insert_build_event(
                         conn,
                         build.id,
@@ -303,13 +303,15 @@ class Scheduler(Controls):
                 ) from failed
             raise
 
-    async def _retrying(self, body: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
-        """``_guard(body())``, again (after reloading) when another runner won a race."""
+    async def _retrying(
+        self, body: Callable[[], Coroutine[Any, Any, _T]], *, applies_after_commit: bool = False
+    ) -> _T:
+        """``_guard(body())``, again (after catching up) when another runner won a race."""
         for _attempt in range(_RACE_ATTEMPTS - 1):
             with contextlib.suppress(LostRace):
-                return await self._guard(body())
+                return await self._guard(body(), applies_after_commit=applies_after_commit)
         try:
-            return await self._guard(body())
+            return await self._guard(body(), applies_after_commit=applies_after_commit)
         except LostRace as exc:
             raise Conflict("other runners kept changing the same steps; try again") from exc
 

@@ -389,5 +389,7 @@ class SchedulerState:
     ) -> _T:
         raise NotImplementedError
 
-    async def _retrying(self, body: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+    async def _retrying(
+        self, body: Callable[[], Coroutine[Any, Any, _T]], *, applies_after_commit: bool = False
+    ) -> _T:
         raise NotImplementedError

@@ -281,3 +281,32 @@ def root_states(
         finished.get(sid, nodes[sid].state) if sid is not None and sid in nodes else None
         for sid in build.roots.values()
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class Cancellation:
+    """What cancelling a build does to its steps."""
+
+    build_id: int
+    victims: tuple[int, ...]
+    """Its steps that are not final and that no other active build needs: cancelled."""
+    aborted: Mapping[int, int]
+    """Of those, the leased ones (step id -> the number of its attempt that ends, aborted)."""
+
+
+def cancel(
+    build: ActiveBuild, nodes: Mapping[int, StepNode], builds: Mapping[int, ActiveBuild]
+) -> Cancellation:
+    """Cancel ``build``: its steps that no other active build needs stop or never start."""
+    victims = tuple(
+        sid
+        for sid in sorted(build.steps)
+        if (node := nodes.get(sid)) is not None
+        and not node.state.is_final
+        and not any(b != build.id for b in node.builds if b in builds)
+    )
+    return Cancellation(
+        build.id,
+        victims,
+        {sid: nodes[sid].attempts + 1 for sid in victims if nodes[sid].state.is_leased},
+    )

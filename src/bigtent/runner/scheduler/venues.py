@@ -106,7 +106,7 @@ class Venues(Results):
             for node in unaccepted:
                 log.info("step %d was never accepted by %s; queued again", node.id, venue.name)
                 with contextlib.suppress(LostRace):
-                    await self._guard(self._give_back(node, venue, now))
+                    await self._guard(self._give_back(node, venue, now), applies_after_commit=True)
             if unaccepted:
                 self.wake()
 

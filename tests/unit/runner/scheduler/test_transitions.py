@@ -17,6 +17,7 @@ from bigtent.runner.scheduler.steps import StepNode
 from bigtent.runner.scheduler.transitions import (
     build_ending,
     build_endings,
+    cancel,
     end_attempt,
     venue_health,
 )
@@ -362,3 +363,24 @@ def test_a_shared_step_ends_each_of_its_builds_by_its_own_roots() -> None:
         10: BuildState.FAILED,
         11: BuildState.SUCCEEDED,
     }
+
+
+# ---- cancelling a build ---------------------------------------------------------------------
+def test_a_cancel_takes_only_unfinished_steps_no_other_build_needs() -> None:
+    nodes = {
+        1: node(1, StepState.BUILDING, attempts=1),
+        2: node(2, StepState.WAITING),
+        3: node(3, StepState.SUCCEEDED),
+        4: node(4, StepState.RUNNABLE),  # another active build needs it too
+        5: node(5, StepState.ASSIGNED),
+    }
+    mine = build(10, {1, 2, 3, 4, 5}, {"/nix/store/2.drv": 2}, unfinished=4)
+    other = build(11, {4}, {"/nix/store/4.drv": 4}, unfinished=1)
+    members(nodes, mine, other)
+    cancelled = cancel(mine, nodes, {10: mine, 11: other})
+    assert cancelled.build_id == 10
+    assert cancelled.victims == (1, 2, 5)
+    assert cancelled.aborted == {1: 2, 5: 1}  # leased ones end their attempt
+    # Once the other build is gone, its step is the cancelled build's alone.
+    assert cancel(mine, nodes, {10: mine}).victims == (1, 2, 4, 5)
+    assert nodes[1].state is StepState.BUILDING  # decided, not applied
