@@ -1217,39 +1217,48 @@ async def test_venue_backoff_after_many_failures_stays_capped(farm: Farm) -> Non
 
 
 # ---- faults found in review ----------------------------------------------------------------
-async def test_a_failed_result_transaction_leaves_memory_as_it_was(
-    farm: Farm, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def no_reload(farm: Farm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the scheduler reloads its working copy from the database."""
+
+    async def load(*, fresh_start: bool = True) -> None:
+        raise AssertionError("a transition that applies after its commit needs no reload")
+
+    monkeypatch.setattr(farm.sched, "load", load)
+
+
+async def _x_leased_y_waiting(farm: Farm) -> tuple[int, int, int, Agent, p.Assign]:
+    """A build of y on x, x assigned to agent m1: (build, x's step, y's step, m1, x's assign)."""
     x = drv("x")
     y = drv("y", x)
     build = await farm.add([x, y], roots=[y])
     agent = farm.agent("m1")
     await farm.tick()
     [a] = agent.take_assigns()
+    return build, farm.sid(x), farm.sid(y), agent, a
+
+
+async def _broken(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("database is locked")
+
+
+async def test_a_failed_result_transaction_leaves_memory_as_it_was(
+    farm: Farm, monkeypatch: pytest.MonkeyPatch, no_reload: None
+) -> None:
+    build, x, y, agent, a = await _x_leased_y_waiting(farm)
     farm.uploaded.update(a.outputs.values())
-    real_update = queries.update_steps_in_state
-    real_load = farm.sched.load
-
-    async def broken(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("database is locked")
-
-    async def no_reload(*, fresh_start: bool = True) -> None:
-        raise AssertionError("a transition that applies after its commit needs no reload")
-
     # The success's transaction fails part way (y's promotion): nothing of it is applied.
-    monkeypatch.setattr(queries, "update_steps_in_state", broken)
-    monkeypatch.setattr(farm.sched, "load", no_reload)
-    with pytest.raises(RuntimeError):
-        await farm.report(agent, a, p.Outcome.SUCCESS)
-    monkeypatch.setattr(queries, "update_steps_in_state", real_update)
-    monkeypatch.setattr(farm.sched, "load", real_load)
+    with monkeypatch.context() as patch:
+        patch.setattr(queries, "update_steps_in_state", _broken)
+        with pytest.raises(RuntimeError):
+            await farm.report(agent, a, p.Outcome.SUCCESS)
     # Memory is as it was: x is still leased to m1, y still waits for it, and a re-sent
     # result (the agent re-sends unacknowledged ones) is recorded.
-    assert farm.sched.nodes[farm.sid(x)].state is StepState.ASSIGNED
-    assert farm.sched.nodes[farm.sid(x)].lease_id == a.lease_id
-    assert farm.sched.nodes[farm.sid(y)].state is StepState.WAITING
-    assert farm.sched.nodes[farm.sid(y)].deps == {farm.sid(x)}
-    assert farm.sid(x) in agent.venue.running
+    assert farm.sched.nodes[x].state is StepState.ASSIGNED
+    assert farm.sched.nodes[x].lease_id == a.lease_id
+    assert farm.sched.nodes[y].state is StepState.WAITING
+    assert farm.sched.nodes[y].deps == {x}
+    assert x in agent.venue.running
     assert agent.venue.consecutive_failures == 0
     assert await farm.report(agent, a, p.Outcome.SUCCESS)
     await farm.tick()
@@ -1259,32 +1268,22 @@ async def test_a_failed_result_transaction_leaves_memory_as_it_was(
 
 
 async def test_a_failed_cancel_leaves_memory_as_it_was(
-    farm: Farm, monkeypatch: pytest.MonkeyPatch
+    farm: Farm, monkeypatch: pytest.MonkeyPatch, no_reload: None
 ) -> None:
-    x = drv("x")
-    y = drv("y", x)
-    build = await farm.add([x, y], roots=[y])
-    agent = farm.agent("m1")
-    await farm.tick()
-    [a] = agent.take_assigns()
-    real_finish = queries.finish_build
-
-    async def broken(*args: Any, **kwargs: Any) -> bool:
-        raise RuntimeError("database is locked")
-
+    build, x, y, agent, a = await _x_leased_y_waiting(farm)
     # The cancellation's last write fails: its steps' writes roll back with it, and memory
     # was never changed.
-    monkeypatch.setattr(queries, "finish_build", broken)
-    with pytest.raises(RuntimeError):
-        await farm.sched.cancel_build(build)
-    monkeypatch.setattr(queries, "finish_build", real_finish)
-    assert farm.sched.nodes[farm.sid(x)].state is StepState.ASSIGNED
-    assert farm.sched.nodes[farm.sid(y)].state is StepState.WAITING
+    with monkeypatch.context() as patch:
+        patch.setattr(queries, "finish_build", _broken)
+        with pytest.raises(RuntimeError):
+            await farm.sched.cancel_build(build)
+    assert farm.sched.nodes[x].state is StepState.ASSIGNED
+    assert farm.sched.nodes[y].state is StepState.WAITING
     assert build in farm.sched.builds
     assert agent.outbox == []  # nothing aborted
     assert await farm.sched.cancel_build(build)
     assert await farm.build_state(build) == "cancelled"
-    assert [m.step_id for m in agent.outbox if isinstance(m, p.Abort)] == [a.step_id]
+    assert agent.aborts() == [a.step_id]
 
 
 async def test_a_failed_pass_reloads_memory_from_the_database(
@@ -1293,19 +1292,14 @@ async def test_a_failed_pass_reloads_memory_from_the_database(
     x = drv("x")
     build = await farm.add([x], roots=[x])
     agent = farm.agent("m1")
-    real_update = queries.update_steps_each
-
-    async def broken(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("database is locked")
-
     # A pass changes memory as it assigns (x leased to m1), then its write fails: the
     # working copy is thrown away and reloaded, where x is still runnable.
-    monkeypatch.setattr(queries, "update_steps_each", broken)
-    with pytest.raises(RuntimeError):
-        await farm.tick()
-    async with farm.sched._lock:
-        await farm.sched.recover()
-    monkeypatch.setattr(queries, "update_steps_each", real_update)
+    with monkeypatch.context() as patch:
+        patch.setattr(queries, "update_steps_each", _broken)
+        with pytest.raises(RuntimeError):
+            await farm.tick()
+        async with farm.sched._lock:
+            await farm.sched.recover()
     assert farm.sched.nodes[farm.sid(x)].state is StepState.RUNNABLE
     assert farm.sid(x) not in agent.venue.running
     agent.take_assigns()

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bigtent.runner.db import queries
+from bigtent.runner.scheduler import persist
 from bigtent.runner.scheduler.dispatch import Dispatching
 from bigtent.runner.scheduler.leases import is_cached_failure
 from bigtent.runner.scheduler.matching import Requirement
@@ -73,16 +74,8 @@ class Admission(Dispatching):
                 heights = plan_heights([(s.drv.drv_path, s.deps) for s in work])
                 ids: dict[str, int] = {}
                 async with self._begin() as conn:
-                    build_id = await queries.insert_build(
-                        conn,
-                        state=BuildState.QUEUED,
-                        priority=priority,
-                        created_at=now,
-                        created_by=created_by,
-                        submission_key=submission_key,
-                        repository=repository,
-                        ref=ref,
-                        trusted=trusted,
+                    build_id = await persist.new_build(
+                        conn, priority, created_by, now, repository, ref, submission_key, trusted
                     )
                     build = ActiveBuild(
                         build_id,
@@ -245,16 +238,8 @@ class Admission(Dispatching):
 
             async def create() -> int:
                 async with self._begin() as conn:
-                    build_id = await queries.insert_build(
-                        conn,
-                        state=BuildState.QUEUED,
-                        priority=priority,
-                        created_at=now,
-                        created_by=created_by,
-                        submission_key=submission_key,
-                        repository=repository,
-                        ref=ref,
-                        trusted=True,
+                    build_id = await persist.new_build(
+                        conn, priority, created_by, now, repository, ref, submission_key, True
                     )
                 self.builds[build_id] = ActiveBuild(
                     build_id, priority, {}, set(), BuildState.QUEUED, repository=repository

@@ -146,3 +146,27 @@ async def cancellation(
             lease_expires_at=None,
         )
     await queries.finish_build(conn, cancelled.build_id, BuildState.CANCELLED, finished_at=now)
+
+
+async def new_build(
+    conn: AsyncConnection,
+    priority: int,
+    created_by: str,
+    now: float,
+    repository: str | None,
+    ref: str | None,
+    submission_key: str | None,
+    trusted: bool,
+) -> int:
+    """A new build's row, queued; returns its id."""
+    return await queries.insert_build(
+        conn,
+        state=BuildState.QUEUED,
+        priority=priority,
+        created_at=now,
+        created_by=created_by,
+        submission_key=submission_key,
+        repository=repository,
+        ref=ref,
+        trusted=trusted,
+    )
