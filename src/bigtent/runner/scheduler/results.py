@@ -24,6 +24,7 @@ from bigtent.runner.scheduler.transitions import (
     build_endings,
     cancel,
     end_attempt,
+    holds_lease,
 )
 from bigtent.states import BuildState, StepState
 
@@ -61,7 +62,7 @@ class Results(CatchUp):
 
     async def _refused(self, venue: Venue, msg: p.Refused) -> None:
         node = self.nodes.get(msg.step_id)
-        if node is None or node.lease_id != msg.lease_id or not node.state.is_leased:
+        if node is None or not holds_lease(node, msg.lease_id):
             return
         log.info("%s refused step %d: %s", venue.name, node.id, msg.reason)
         await self._give_back(node, venue, self.clock())
@@ -87,7 +88,7 @@ class Results(CatchUp):
 
             async def body() -> bool:
                 node = self.nodes.get(msg.step_id)
-                if node is None or node.lease_id != msg.lease_id or not node.state.is_leased:
+                if node is None or not holds_lease(node, msg.lease_id):
                     log.info("ignoring result for step %s with a stale lease", msg.step_id)
                     return False
                 outcome, error = msg.outcome, msg.error

@@ -35,7 +35,7 @@ from bigtent.runner.scheduler.shared import DatabaseMode, database_mode
 from bigtent.runner.scheduler.snapshot import Overview, RunnableStep, VenueInfo
 from bigtent.runner.scheduler.steps import RunnableIndex, Scope, StepNode
 from bigtent.runner.scheduler.sync import LostRace
-from bigtent.runner.scheduler.transitions import build_ending
+from bigtent.runner.scheduler.transitions import build_ending, holds_lease
 from bigtent.states import BuildState, StepState
 
 log = logging.getLogger(__name__)
@@ -172,9 +172,7 @@ class SchedulerState:
         """The step a current lease is for, or None when the lease is unknown or over."""
         sid = self.leases.get(lease_id)
         node = self.nodes.get(sid) if sid is not None else None
-        if node is None or node.lease_id != lease_id or not node.state.is_leased:
-            return None
-        return node
+        return node if node is not None and holds_lease(node, lease_id) else None
 
     def queue_depth(self) -> dict[str, int]:
         return self.index.count_by_system()

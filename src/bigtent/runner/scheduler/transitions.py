@@ -91,6 +91,14 @@ class AttemptEnd:
         return self.state.is_final
 
 
+def holds_lease(node: StepNode, lease_id: str) -> bool:
+    """Whether ``lease_id`` is the step's current lease: only then does a message about it
+    count. A result for any other lease (an expired one, one given back, or one the step
+    never had) is acknowledged and ignored, so a step finishes exactly once (architecture
+    §3)."""
+    return node.lease_id == lease_id and node.state.is_leased
+
+
 def end_attempt(
     node: StepNode,
     nodes: Mapping[int, StepNode],

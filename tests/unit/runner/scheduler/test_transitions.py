@@ -19,6 +19,7 @@ from bigtent.runner.scheduler.transitions import (
     build_endings,
     cancel,
     end_attempt,
+    holds_lease,
     venue_health,
 )
 from bigtent.states import BuildState, StepState
@@ -384,3 +385,21 @@ def test_a_cancel_takes_only_unfinished_steps_no_other_build_needs() -> None:
     # Once the other build is gone, its step is the cancelled build's alone.
     assert cancel(mine, nodes, {10: mine}).victims == (1, 2, 4, 5)
     assert nodes[1].state is StepState.BUILDING  # decided, not applied
+
+
+# ---- whose message counts -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("state", "lease", "sent", "counts"),
+    [
+        (StepState.ASSIGNED, "L", "L", True),
+        (StepState.BUILDING, "L", "L", True),
+        (StepState.BUILDING, "L2", "L", False),  # a stale lease's result is ignored
+        (StepState.RUNNABLE, None, "L", False),  # given back, or expired into a retry
+        (StepState.SUCCEEDED, None, "L", False),  # finished: it finishes exactly once
+        (StepState.FAILED, "L", "L", False),
+    ],
+)
+def test_only_the_current_lease_counts(
+    state: StepState, lease: str | None, sent: str, counts: bool
+) -> None:
+    assert holds_lease(node(1, state, lease_id=lease), sent) is counts
