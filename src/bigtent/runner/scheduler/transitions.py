@@ -13,7 +13,7 @@ The outcome is classified once (``leases.classify``, like Hydra's ``updateWithBu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -318,3 +318,37 @@ def cancel(
         victims,
         {sid: nodes[sid].attempts + 1 for sid in victims if nodes[sid].state.is_leased},
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Reattach:
+    """What a venue's (re)connection does to the leases of its machine."""
+
+    kept: tuple[int, ...]
+    """Reported running steps whose leases it keeps (renewed), in the report's order."""
+    lost: tuple[int, ...]
+    """Its machine's other leased steps: it no longer runs them, so they expire now (an
+    infrastructure retry at the next pass)."""
+
+
+def reattach(
+    machine_id: str,
+    reported: Iterable[tuple[int, str]],
+    nodes: Mapping[int, StepNode],
+    leased: Iterable[StepNode],
+    running: Collection[int] = (),
+) -> Reattach:
+    """A venue of ``machine_id`` attached, reporting (step id, lease id) of what it runs;
+    ``leased`` are the leased steps, ``running`` the ones it already holds here."""
+    kept = tuple(
+        sid
+        for sid, lease in reported
+        if (node := nodes.get(sid)) is not None
+        and holds_lease(node, lease)
+        and node.venue == machine_id
+    )
+    holds = set(kept).union(running)
+    lost = tuple(
+        n.id for n in leased if n.state.is_leased and n.venue == machine_id and n.id not in holds
+    )
+    return Reattach(kept, lost)

@@ -18,6 +18,7 @@ from bigtent.runner.scheduler.matching import VenueView, has_room
 from bigtent.runner.scheduler.model import Kind, Venue, kind_of, try_send
 from bigtent.runner.scheduler.results import Results
 from bigtent.runner.scheduler.sync import LostRace
+from bigtent.runner.scheduler.transitions import reattach
 from bigtent.states import StepState
 
 log = logging.getLogger(__name__)
@@ -40,29 +41,23 @@ class Venues(Results):
         self._reopen(venue)
         self._cooled(venue)
         self._capacity_epoch += 1
-        kept: list[p.StepId] = []
-        for item in running:
-            node = self.nodes.get(item.step_id)
-            if (
-                node is not None
-                and node.state.is_leased
-                and node.lease_id == item.lease_id
-                and node.venue == venue.machine_id
-            ):
-                node.lease_expires_at = now + self.config.lease_secs
-                venue.running.add(node.id)
-                kept.append(item.step_id)
-        lost = [
-            n
-            for n in self._leased()
-            if n.state.is_leased and n.venue == venue.machine_id and n.id not in venue.running
-        ]
-        for node in lost:
+        back = reattach(
+            venue.machine_id,
+            [(item.step_id, item.lease_id) for item in running],
+            self.nodes,
+            self._leased(),
+            venue.running,
+        )
+        for sid in back.kept:
+            self.nodes[sid].lease_expires_at = now + self.config.lease_secs
+            venue.running.add(sid)
+        for sid in back.lost:
+            node = self.nodes[sid]
             node.lease_expires_at = now  # expires on the next pass: an infrastructure retry
             self._lost_here.add(node.id)
             self._watch_lease(node)
         self.wake()
-        return kept
+        return [p.StepId(sid) for sid in back.kept]
 
     def forfeit(self, venue: Venue) -> int:
         """After ``detach``: the venue's session ended because it broke the protocol (a

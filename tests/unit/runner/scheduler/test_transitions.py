@@ -20,6 +20,7 @@ from bigtent.runner.scheduler.transitions import (
     cancel,
     end_attempt,
     holds_lease,
+    reattach,
     venue_health,
 )
 from bigtent.states import BuildState, StepState
@@ -403,3 +404,40 @@ def test_only_the_current_lease_counts(
     state: StepState, lease: str | None, sent: str, counts: bool
 ) -> None:
     assert holds_lease(node(1, state, lease_id=lease), sent) is counts
+
+
+# ---- a venue reconnects ---------------------------------------------------------------------
+def test_a_reconnecting_venue_keeps_what_it_reports_and_loses_the_rest() -> None:
+    nodes = {
+        1: node(1, StepState.BUILDING, lease_id="A", venue="m1"),
+        2: node(2, StepState.ASSIGNED, lease_id="B", venue="m1"),
+        3: node(3, StepState.BUILDING, lease_id="C", venue="m1"),
+        4: node(4, StepState.BUILDING, lease_id="D", venue="m2"),
+        5: node(5, StepState.BUILDING, lease_id="E", venue="m1"),
+    }
+    leased = list(nodes.values())
+    back = reattach(
+        "m1",
+        [
+            (1, "A"),  # kept
+            (3, "stale"),  # not its current lease: lost
+            (4, "D"),  # another machine's step: not kept, and not m1's to lose
+            (9, "X"),  # unknown here
+        ],
+        nodes,
+        leased,
+        running={5},  # already held here (a builder attached again)
+    )
+    assert back.kept == (1,)
+    assert back.lost == (2, 3)
+    assert nodes[2].lease_id == "B"  # decided, not applied
+
+
+@given(st.sets(st.integers(min_value=1, max_value=6)))
+def test_a_venue_that_reports_everything_loses_nothing(reported: set[int]) -> None:
+    nodes = {
+        sid: node(sid, StepState.BUILDING, lease_id=f"L{sid}", venue="m1") for sid in range(1, 7)
+    }
+    back = reattach("m1", [(s, f"L{s}") for s in sorted(reported)], nodes, list(nodes.values()))
+    assert set(back.kept) == reported
+    assert set(back.lost) == set(nodes) - reported
