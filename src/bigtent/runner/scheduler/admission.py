@@ -14,7 +14,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from bigtent.runner.db import queries
 from bigtent.runner.scheduler import persist
 from bigtent.runner.scheduler.dispatch import Dispatching
-from bigtent.runner.scheduler.leases import is_cached_failure
 from bigtent.runner.scheduler.matching import Requirement
 from bigtent.runner.scheduler.model import (
     REDO_STATES,
@@ -27,7 +26,7 @@ from bigtent.runner.scheduler.model import (
 )
 from bigtent.runner.scheduler.steps import StepNode, plan_heights, raise_heights
 from bigtent.runner.scheduler.sync import LostRace
-from bigtent.runner.scheduler.transitions import Cancellation
+from bigtent.runner.scheduler.transitions import Admit, Cancellation, StoredStep, admit_verdict
 from bigtent.runner.trust import untrusted_work
 from bigtent.states import BuildState, StepState
 
@@ -374,16 +373,24 @@ class Admission(Dispatching):
             tr = trust[drv.drv_path]
             node = self._node_of(drv.drv_path, tr)
             row = existing[tr].get(drv.drv_path)
-            _check_admit_row(drv.drv_path, node, row)
-            if node is not None and node.state not in REDO_STATES:
+            stored = (
+                None
+                if row is None
+                else StoredStep(StepState(row.state), row.outcome, row.failed_at)
+            )
+            verdict = admit_verdict(
+                drv.drv_path, node.state if node is not None else None, stored, now, ttl
+            )
+            if verdict is Admit.JOIN:
+                assert node is not None
                 ids[drv.drv_path] = node.id
                 touched.append(node)
                 continue
-            if (
-                row is not None
-                and row.state == StepState.FAILED
-                and is_cached_failure(row.outcome, row.failed_at, now, ttl)
-            ):
+            if verdict is Admit.CREATE:
+                inserts[tr].append(drv)
+                continue
+            assert row is not None
+            if verdict is Admit.CACHED:
                 sid = int(row.id)
                 ids[drv.drv_path] = sid
                 # Recorded for this build; the step's row stays the attempt that ran.
@@ -410,9 +417,6 @@ class Admission(Dispatching):
                     )
                 else:
                     touched.append(node)
-                continue
-            if row is None:
-                inserts[tr].append(drv)
                 continue
             sid = int(row.id)
             resets.append({"id": sid, **values})
@@ -537,22 +541,3 @@ class Admission(Dispatching):
             if other is not None:
                 self._recount(other)
         return len(fresh)
-
-
-def _check_admit_row(drv_path: str, node: StepNode | None, row: Any) -> None:
-    """A new build decides about a derivation's step from the working copy. Joining a step
-    that is active here is right whatever the step does now; but queueing a step again (or
-    creating it) needs the (locked) row to agree that it is finished: otherwise another runner
-    changed it first — LostRace (read again, retry). A step active in the database and
-    unknown here belongs to a build this runner has not heard of yet."""
-    if node is not None and node.state not in REDO_STATES:
-        return
-    if row is None:
-        if node is not None:
-            raise LostRace(f"the step of {drv_path} is gone from the database")
-        return
-    state = StepState(row.state)
-    if node is None and not state.is_final:
-        raise LostRace(f"the step of {drv_path} is {state} in the database, unknown here")
-    if node is not None and state is not node.state:
-        raise LostRace(f"the step of {drv_path} is {state} in the database, {node.state} here")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from bigtent import protocol as p
@@ -25,10 +26,12 @@ from bigtent.runner.scheduler.leases import (
     attempt_retry_at,
     backoff_secs,
     classify,
+    is_cached_failure,
     next_retry_at,
 )
-from bigtent.runner.scheduler.model import MAX_LAST_ERROR_CHARS, ActiveBuild, Venue
+from bigtent.runner.scheduler.model import MAX_LAST_ERROR_CHARS, REDO_STATES, ActiveBuild, Venue
 from bigtent.runner.scheduler.steps import StepNode, build_outcome, dependents_closure
+from bigtent.runner.scheduler.sync import LostRace
 from bigtent.states import BuildState, StepState
 
 MAX_ERROR_CHARS = 8000
@@ -352,3 +355,51 @@ def reattach(
         n.id for n in leased if n.state.is_leased and n.venue == machine_id and n.id not in holds
     )
     return Reattach(kept, lost)
+
+
+class Admit(StrEnum):
+    """What a new build (or a restart) does about a derivation it needs."""
+
+    JOIN = "join"
+    """An active step here: the build joins it, whatever it does now."""
+    CACHED = "cached"
+    """Its build failure is within the failure cache's TTL: the step fails at once."""
+    CREATE = "create"
+    """No step yet: a new one."""
+    REQUEUE = "requeue"
+    """A finished step that did not succeed: queued again in place, with a fresh log."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredStep:
+    """A derivation's step as its (locked) row has it."""
+
+    state: StepState
+    outcome: str | None
+    failed_at: float | None
+
+
+def admit_verdict(
+    drv_path: str, here: StepState | None, stored: StoredStep | None, now: float, ttl_secs: float
+) -> Admit:
+    """Decide about a derivation's step from the working copy (``here``: its step's state,
+    None when there is none) and the row. Joining a step that is active here is right
+    whatever the step does now; but queueing a step again (or creating it) needs the row to
+    agree that it is finished: otherwise another runner changed it first, a LostRace (read
+    again, retry). A step active in the database and unknown here belongs to a build this
+    runner has not heard of yet."""
+    if here is not None and here not in REDO_STATES:
+        return Admit.JOIN
+    if stored is None:
+        if here is not None:
+            raise LostRace(f"the step of {drv_path} is gone from the database")
+        return Admit.CREATE
+    if here is None and not stored.state.is_final:
+        raise LostRace(f"the step of {drv_path} is {stored.state} in the database, unknown here")
+    if here is not None and stored.state is not here:
+        raise LostRace(f"the step of {drv_path} is {stored.state} in the database, {here} here")
+    if stored.state is StepState.FAILED and is_cached_failure(
+        stored.outcome, stored.failed_at, now, ttl_secs
+    ):
+        return Admit.CACHED
+    return Admit.REQUEUE

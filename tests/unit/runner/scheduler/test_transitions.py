@@ -14,7 +14,11 @@ from bigtent.runner.scheduler.leases import Disposition
 from bigtent.runner.scheduler.matching import Requirement
 from bigtent.runner.scheduler.model import MAX_LAST_ERROR_CHARS, ActiveBuild, Venue
 from bigtent.runner.scheduler.steps import StepNode
+from bigtent.runner.scheduler.sync import LostRace
 from bigtent.runner.scheduler.transitions import (
+    Admit,
+    StoredStep,
+    admit_verdict,
     build_ending,
     build_endings,
     cancel,
@@ -441,3 +445,45 @@ def test_a_venue_that_reports_everything_loses_nothing(reported: set[int]) -> No
     back = reattach("m1", [(s, f"L{s}") for s in sorted(reported)], nodes, list(nodes.values()))
     assert set(back.kept) == reported
     assert set(back.lost) == set(nodes) - reported
+
+
+# ---- admitting a derivation -----------------------------------------------------------------
+TTL = 3600.0
+CACHED_FAIL = StoredStep(StepState.FAILED, "build_failure", NOW - 10.0)
+OLD_FAIL = StoredStep(StepState.FAILED, "build_failure", NOW - 2 * TTL)
+INFRA_FAIL = StoredStep(StepState.FAILED, "agent_lost", NOW - 10.0)
+
+
+@pytest.mark.parametrize(
+    ("here", "stored", "verdict"),
+    [
+        (StepState.RUNNABLE, StoredStep(StepState.ASSIGNED, None, None), Admit.JOIN),
+        (StepState.SUCCEEDED, None, Admit.JOIN),  # active here: joined whatever it does
+        (None, None, Admit.CREATE),
+        (None, CACHED_FAIL, Admit.CACHED),
+        (StepState.FAILED, CACHED_FAIL, Admit.CACHED),
+        (None, OLD_FAIL, Admit.REQUEUE),  # past the failure cache's TTL
+        (None, INFRA_FAIL, Admit.REQUEUE),  # infrastructure failures are never cached
+        (StepState.CANCELLED, StoredStep(StepState.CANCELLED, None, None), Admit.REQUEUE),
+        (None, StoredStep(StepState.DEPENDENCY_FAILED, None, None), Admit.REQUEUE),
+    ],
+)
+def test_what_a_new_build_does_about_a_derivation(
+    here: StepState | None, stored: StoredStep | None, verdict: Admit
+) -> None:
+    assert admit_verdict("/nix/store/x.drv", here, stored, NOW, TTL) is verdict
+
+
+@pytest.mark.parametrize(
+    ("here", "stored", "says"),
+    [
+        (StepState.FAILED, None, "is gone from the database"),
+        (None, StoredStep(StepState.BUILDING, None, None), "building in the database, unknown"),
+        (StepState.FAILED, StoredStep(StepState.RUNNABLE, None, None), "runnable in the data"),
+    ],
+)
+def test_another_runner_changed_the_step_first(
+    here: StepState | None, stored: StoredStep | None, says: str
+) -> None:
+    with pytest.raises(LostRace, match=says):
+        admit_verdict("/nix/store/x.drv", here, stored, NOW, TTL)
