@@ -7,12 +7,11 @@ import heapq
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
 
 from pydantic import ValidationError
 
 from bigtent import protocol as p
-from bigtent.runner.db import queries
+from bigtent.runner.scheduler import persist
 from bigtent.runner.scheduler.health import allowed_jobs
 from bigtent.runner.scheduler.leases import new_lease_id
 from bigtent.runner.scheduler.matching import Requirement, VenueView, can_run, has_room
@@ -203,48 +202,45 @@ class Dispatching(Venues):
         if not ready:
             return False
         expires = now + self.config.lease_secs
-        sent: list[tuple[StepNode, Venue, p.Assign]] = []
-        started: set[int] = set()
         async with self._begin() as conn:
             # Only steps still runnable in the database, and not being claimed by another
             # runner right now, are assigned; the others go back to be read again.
-            ids = [n.id for n, _, _ in ready]
-            claimed = await self.database.claim(conn, ids)
-            lost = [node.id for node, _, _ in ready if node.id not in claimed]
-            self._stale_steps.update(lost)
-            rows: list[dict[str, Any]] = []
-            for node, venue, msg in ready:
-                if node.id not in claimed:
-                    continue
-                lease = msg.lease_id
-                node.state = StepState.ASSIGNED
-                node.lease_id = lease
-                node.lease_expires_at = expires
-                node.venue = venue.machine_id
-                self.leases[lease] = node.id
-                self._watch_lease(node)
-                venue.running.add(node.id)
-                self.metrics.step_assigned(node, now)
-                rows.append(
-                    {
-                        "id": node.id,
-                        "state": node.state,
-                        "lease_id": lease,
-                        "lease_expires_at": expires,
-                        "agent_machine_id": venue.machine_id,
-                        "agent_name": venue.name,
-                        "assigned_at": now,
-                    }
-                )
-                self._stored_expiry[node.id] = expires
-                for bid in node.builds:
-                    build = self.builds.get(bid)
-                    if build is not None and build.state is BuildState.QUEUED:
-                        build.state = BuildState.RUNNING
-                        started.add(bid)
-                sent.append((node, venue, msg))
-            await queries.update_steps_each(conn, rows)
-            await queries.start_builds(conn, sorted(started))
+            claimed = await self.database.claim(conn, [n.id for n, _, _ in ready])
+            sent = [(node, venue, msg) for node, venue, msg in ready if node.id in claimed]
+            started = sorted(
+                {
+                    bid
+                    for node, _, _ in sent
+                    for bid in node.builds
+                    if (build := self.builds.get(bid)) is not None
+                    and build.state is BuildState.QUEUED
+                }
+            )
+            await persist.assignments(
+                conn,
+                [
+                    (node.id, msg.lease_id, venue.machine_id, venue.name)
+                    for node, venue, msg in sent
+                ],
+                started,
+                expires,
+                now,
+            )
+        # Committed: memory follows.
+        lost = [node.id for node, _, _ in ready if node.id not in claimed]
+        self._stale_steps.update(lost)
+        for node, venue, msg in sent:
+            node.state = StepState.ASSIGNED
+            node.lease_id = msg.lease_id
+            node.lease_expires_at = expires
+            node.venue = venue.machine_id
+            self.leases[msg.lease_id] = node.id
+            self._watch_lease(node)
+            venue.running.add(node.id)
+            self.metrics.step_assigned(node, now)
+            self._stored_expiry[node.id] = expires
+        for bid in started:
+            self.builds[bid].state = BuildState.RUNNING
         for node, venue, msg in sent:
             if node.attempts:
                 self.logs.append(

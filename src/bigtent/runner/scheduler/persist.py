@@ -4,7 +4,7 @@ end with it. Memory is changed by the caller only after the transaction commits.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -170,3 +170,30 @@ async def new_build(
         ref=ref,
         trusted=trusted,
     )
+
+
+async def assignments(
+    conn: AsyncConnection,
+    leases: Sequence[tuple[int, str, str, str]],
+    started: Sequence[int],
+    expires: float,
+    now: float,
+) -> None:
+    """Write a dispatch chunk's leases, each (step id, lease id, machine id, venue name),
+    before their ``assign`` messages are sent; the builds in ``started`` run from now."""
+    await queries.update_steps_each(
+        conn,
+        [
+            {
+                "id": sid,
+                "state": StepState.ASSIGNED,
+                "lease_id": lease,
+                "lease_expires_at": expires,
+                "agent_machine_id": machine_id,
+                "agent_name": name,
+                "assigned_at": now,
+            }
+            for sid, lease, machine_id, name in leases
+        ],
+    )
+    await queries.start_builds(conn, list(started))
