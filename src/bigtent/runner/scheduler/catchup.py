@@ -14,7 +14,7 @@ from bigtent import protocol as p
 from bigtent.runner.db import queries
 from bigtent.runner.db.notify import Change
 from bigtent.runner.scheduler.graph import dependents_first
-from bigtent.runner.scheduler.model import ActiveBuild, Same, node_from_row, try_send
+from bigtent.runner.scheduler.model import ActiveBuild, node_from_row, try_send
 from bigtent.runner.scheduler.state import SchedulerState
 from bigtent.runner.scheduler.steps import StepNode, raise_heights
 from bigtent.runner.scheduler.sync import LostRace, Seen, Stored, catch_up, waiting_verdict
@@ -53,24 +53,22 @@ class CatchUp(SchedulerState):
         conn: AsyncConnection,
         nodes: Sequence[StepNode],
         *,
-        lease_id: str | type[Same] | None = Same,
         expired_by: float | None = None,
     ) -> None:
         """The steps' rows must still say what the working copy does (state and lease;
-        ``lease_id`` for a single node whose lease memory already dropped; ``expired_by``:
-        and the lease expired by then): otherwise LostRace. The rows stay locked until the
-        transaction ends, so no other runner changes them under this transition. Alone on
-        its database (SQLite) the runner's memory is the record's exact copy: no check."""
+        ``expired_by``: and the lease expired by then): otherwise LostRace. The rows stay
+        locked until the transaction ends, so no other runner changes them under this
+        transition. Alone on its database (SQLite) the runner's memory is the record's exact
+        copy: no check (``shared``)."""
         rows = await self.database.rows_to_check(conn, [n.id for n in nodes])
         if rows is None:
             return
         for node in nodes:
-            lease = node.lease_id if lease_id is Same else lease_id
             row = rows.get(node.id)
             if (
                 row is None
                 or row.state != node.state
-                or row.lease_id != lease
+                or row.lease_id != node.lease_id
                 or (expired_by is not None and (row.lease_expires_at or 0.0) > expired_by)
             ):
                 self._stale_steps.add(node.id)

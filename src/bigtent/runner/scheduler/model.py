@@ -46,10 +46,6 @@ Kind = tuple[frozenset[str], frozenset[str], frozenset[str], bool, frozenset[str
 and repositories."""
 
 
-class Same:
-    """Sentinel: expect the lease the working copy has."""
-
-
 class SessionClosed(Exception):
     """The venue's connection is gone; the message was not sent."""
 
