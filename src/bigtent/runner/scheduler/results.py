@@ -12,9 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from bigtent import protocol as p
 from bigtent.runner.scheduler import persist
 from bigtent.runner.scheduler.catchup import CatchUp
-from bigtent.runner.scheduler.leases import (
-    Disposition,
-)
+from bigtent.runner.scheduler.leases import Disposition
 from bigtent.runner.scheduler.model import ActiveBuild, Venue
 from bigtent.runner.scheduler.steps import StepNode
 from bigtent.runner.scheduler.sync import LostRace
