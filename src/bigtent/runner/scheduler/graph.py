@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-
 from bigtent.runner.scheduler.steps import StepNode
-
-log = logging.getLogger(__name__)
 
 
 def dependents_first(nodes: dict[int, StepNode]) -> list[int]:

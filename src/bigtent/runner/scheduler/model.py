@@ -4,7 +4,6 @@ few constants and row conversions every part of it shares."""
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,8 +15,6 @@ from bigtent.runner.db import queries
 from bigtent.runner.scheduler.matching import Requirement, VenueView
 from bigtent.runner.scheduler.steps import StepNode
 from bigtent.states import BuildState, StepState
-
-log = logging.getLogger(__name__)
 
 RUNNER_ACTOR = "runner"
 """The actor of what the runner does to a build on its own (build events)."""
