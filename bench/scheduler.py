@@ -3,7 +3,7 @@
 A synthetic build of up to 100,000 steps (a mix of systems, features and DAG shapes: wide
 fan-outs, long chains, layered diamonds and nixpkgs-like random DAGs) is submitted the way
 ``POST /api/v1/builds`` does it (``runner.builds.plan_build``, then
-``Scheduler.add_build``), against the real scheduler (``runner/scheduler/dispatcher.py`` and
+``Scheduler.add_build``), against the real scheduler (``runner/scheduler/`` and
 its pure modules) and the real database layer (SQLite by default; ``--database-url`` for
 another, e.g. ``postgresql+asyncpg://...``). 1,000 simulated agents are attached as venues;
 each takes what it is assigned, and once the build is in, reports every step a success at
@@ -67,9 +67,10 @@ from bigtent.runner.cache.upstreams import Upstreams
 from bigtent.runner.db import tables
 from bigtent.runner.db.migrate import create_engine, migrate
 from bigtent.runner.logs.store import LogStore
-from bigtent.runner.scheduler import dispatcher
+from bigtent.runner.scheduler import dispatch
 from bigtent.runner.scheduler import steps as steps_module
-from bigtent.runner.scheduler.dispatcher import Scheduler, Venue
+from bigtent.runner.scheduler.model import Venue
+from bigtent.runner.scheduler.service import Scheduler
 
 HYDRA_SECS = 88.0
 HYDRA_QUEUE = 140_000
@@ -383,7 +384,7 @@ async def run_one(size: int, agents: int, url: str | None, steady: int, phase: s
         )
         await sched.load()
         plan_timer = PlanTimer()
-        vars(dispatcher)["plan_dispatch"] = plan_timer
+        vars(dispatch)["plan_dispatch"] = plan_timer
         farm = Farm(sched, agent_mix(agents))
         result: dict[str, Any] = {
             "size": size,

@@ -1,11 +1,11 @@
 """What a Nix build's end means for its step, classified once (pure).
 
 Every venue ends a step the same way: an agent's ``nix-store --realise`` and the runner's SSH
-builders (``runner/venues/sshvenue.py``) by ``nix-store``'s exit status (``RealiseStatus``), an agent's
-serve process by the ``BuildResult`` status of ``cmdBuildDerivation`` (``BuildStatus``), which
-is first mapped to what ``nix-store --realise`` would have made of it. So one build fails alike
-on every venue. What the scheduler then does with an ``Outcome`` (fail, retry, requeue) is
-``runner/scheduler/leases.classify``.
+builders (``runner/venues/sshvenue.py``) by ``nix-store``'s exit status (``RealiseStatus``), an
+agent's serve process by the ``BuildResult`` status of ``cmdBuildDerivation``
+(``BuildStatus``), which is first mapped to what ``nix-store --realise`` would have made of
+it. So one build fails alike on every venue. What the scheduler then does with an
+``Outcome`` (fail, retry, requeue) is ``runner/scheduler/leases.classify``.
 """
 
 from __future__ import annotations

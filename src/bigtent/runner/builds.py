@@ -25,7 +25,7 @@ from bigtent.nix.store_path import StorePath
 from bigtent.runner.cache.service import Cache
 from bigtent.runner.cache.upstreams import Upstreams
 from bigtent.runner.db import queries
-from bigtent.runner.scheduler.dispatcher import PlannedStep, PlanPart
+from bigtent.runner.scheduler.model import PlannedStep, PlanPart
 from bigtent.runner.scheduler.steps import plan_heights
 
 log = logging.getLogger(__name__)

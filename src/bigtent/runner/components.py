@@ -36,7 +36,7 @@ from bigtent.runner.retention.collector import Collector
 from bigtent.runner.retention.gate import FileGate
 from bigtent.runner.retention.pins import Pins
 from bigtent.runner.retention.usage import UsageRecorder
-from bigtent.runner.scheduler.dispatcher import Scheduler
+from bigtent.runner.scheduler.service import Scheduler
 from bigtent.runner.venues.sessions import Sessions
 from bigtent.runner.venues.sshvenue import SshBuilders
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from bigtent import protocol as p
 from bigtent.config import Role
 from bigtent.runner.db import queries
-from bigtent.runner.scheduler.dispatcher import PlannedStep, Venue
+from bigtent.runner.scheduler.model import PlannedStep, Venue
 from bigtent.runner.venues.agents import prune_agents
 from tests.integration.runner.conftest import (
     MakeRunner,

@@ -27,7 +27,8 @@ from bigtent.runner.autoscale.github import GithubWorkflow
 from bigtent.runner.autoscale.service import Autoscaler
 from bigtent.runner.db import queries
 from bigtent.runner.logs.store import LogStore
-from bigtent.runner.scheduler.dispatcher import PlannedStep, Scheduler, Venue
+from bigtent.runner.scheduler.model import PlannedStep, Venue
+from bigtent.runner.scheduler.service import Scheduler
 from bigtent.states import LaunchState
 from tests.conftest import eventually
 from tests.integration.runner.test_dispatcher import T0, X86, Clock, drv

@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bigtent import protocol as p
-from bigtent.runner.scheduler.dispatcher import Venue
 from bigtent.runner.scheduler.matching import VenueView
+from bigtent.runner.scheduler.model import Venue
 from bigtent.states import StepState
 from tests.integration.runner.test_dispatcher import CONFIG, T0, Farm, drv
 
@@ -126,7 +126,7 @@ async def test_a_pool_that_could_launch_one_is_capacity(make_farm: Callable[...,
     arm = drv("arm", system=ARM)
     await farm.add([arm], roots=[arm])
     pool = VenueView("pool", frozenset({ARM}), frozenset(), frozenset(), 1, 0)
-    farm.sched.launchable.append(lambda: [pool])
+    farm.sched.add_launchable(lambda: [pool])
     await farm.tick()
     assert farm.sched.capacity_waiting() == {}
     assert await farm.tick(T0 + 2 * GRACE) is None

@@ -23,14 +23,9 @@ from bigtent.config import SchedulerSection
 from bigtent.errors import NotFound
 from bigtent.runner.db import queries
 from bigtent.runner.logs.store import LogStore
-from bigtent.runner.scheduler import dispatcher
-from bigtent.runner.scheduler.dispatcher import (
-    PlannedStep,
-    PlanPart,
-    Scheduler,
-    SessionClosed,
-    Venue,
-)
+from bigtent.runner.scheduler import dispatch
+from bigtent.runner.scheduler.model import PlannedStep, PlanPart, SessionClosed, Venue
+from bigtent.runner.scheduler.service import Scheduler
 from bigtent.runner.scheduler.steps import plan_heights
 from bigtent.states import StepState
 from tests.conftest import eventually
@@ -1222,34 +1217,95 @@ async def test_venue_backoff_after_many_failures_stays_capped(farm: Farm) -> Non
 
 
 # ---- faults found in review ----------------------------------------------------------------
-async def test_failed_transaction_reloads_memory_from_the_database(
-    farm: Farm, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def no_reload(farm: Farm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the scheduler reloads its working copy from the database."""
+
+    async def load(*, fresh_start: bool = True) -> None:
+        raise AssertionError("a transition that applies after its commit needs no reload")
+
+    monkeypatch.setattr(farm.sched, "load", load)
+
+
+async def _x_leased_y_waiting(farm: Farm) -> tuple[int, int, int, Agent, p.Assign]:
+    """A build of y on x, x assigned to agent m1: (build, x's step, y's step, m1, x's assign)."""
     x = drv("x")
     y = drv("y", x)
     build = await farm.add([x, y], roots=[y])
     agent = farm.agent("m1")
     await farm.tick()
     [a] = agent.take_assigns()
+    return build, farm.sid(x), farm.sid(y), agent, a
+
+
+async def _broken(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("database is locked")
+
+
+async def test_a_failed_result_transaction_leaves_memory_as_it_was(
+    farm: Farm, monkeypatch: pytest.MonkeyPatch, no_reload: None
+) -> None:
+    build, x, y, agent, a = await _x_leased_y_waiting(farm)
     farm.uploaded.update(a.outputs.values())
-    real_update = queries.update_steps_in_state
-
-    async def broken(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("database is locked")
-
-    # The success changes memory (x succeeded, y runnable) and then the write fails.
-    monkeypatch.setattr(queries, "update_steps_in_state", broken)
-    with pytest.raises(RuntimeError):
-        await farm.report(agent, a, p.Outcome.SUCCESS)
-    monkeypatch.setattr(queries, "update_steps_in_state", real_update)
-    # Memory was reloaded from the database, where nothing changed: x is still leased to
-    # m1, and a re-sent result (the agent re-sends unacknowledged ones) is recorded.
-    assert farm.sched.nodes[farm.sid(x)].state is StepState.ASSIGNED
-    assert farm.sid(x) in agent.venue.running
+    # The success's transaction fails part way (y's promotion): nothing of it is applied.
+    with monkeypatch.context() as patch:
+        patch.setattr(queries, "update_steps_in_state", _broken)
+        with pytest.raises(RuntimeError):
+            await farm.report(agent, a, p.Outcome.SUCCESS)
+    # Memory is as it was: x is still leased to m1, y still waits for it, and a re-sent
+    # result (the agent re-sends unacknowledged ones) is recorded.
+    assert farm.sched.nodes[x].state is StepState.ASSIGNED
+    assert farm.sched.nodes[x].lease_id == a.lease_id
+    assert farm.sched.nodes[y].state is StepState.WAITING
+    assert farm.sched.nodes[y].deps == {x}
+    assert x in agent.venue.running
+    assert agent.venue.consecutive_failures == 0
     assert await farm.report(agent, a, p.Outcome.SUCCESS)
     await farm.tick()
     [b] = agent.take_assigns()
     assert await farm.succeed(agent, b)
+    assert await farm.build_state(build) == "succeeded"
+
+
+async def test_a_failed_cancel_leaves_memory_as_it_was(
+    farm: Farm, monkeypatch: pytest.MonkeyPatch, no_reload: None
+) -> None:
+    build, x, y, agent, a = await _x_leased_y_waiting(farm)
+    # The cancellation's last write fails: its steps' writes roll back with it, and memory
+    # was never changed.
+    with monkeypatch.context() as patch:
+        patch.setattr(queries, "finish_build", _broken)
+        with pytest.raises(RuntimeError):
+            await farm.sched.cancel_build(build)
+    assert farm.sched.nodes[x].state is StepState.ASSIGNED
+    assert farm.sched.nodes[y].state is StepState.WAITING
+    assert build in farm.sched.builds
+    assert agent.outbox == []  # nothing aborted
+    assert await farm.sched.cancel_build(build)
+    assert await farm.build_state(build) == "cancelled"
+    assert agent.aborts() == [a.step_id]
+
+
+async def test_a_failed_pass_reloads_memory_from_the_database(
+    farm: Farm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = drv("x")
+    build = await farm.add([x], roots=[x])
+    agent = farm.agent("m1")
+    # A pass changes memory as it assigns (x leased to m1), then its write fails: the
+    # working copy is thrown away and reloaded, where x is still runnable.
+    with monkeypatch.context() as patch:
+        patch.setattr(queries, "update_steps_each", _broken)
+        with pytest.raises(RuntimeError):
+            await farm.tick()
+        async with farm.sched._lock:
+            await farm.sched.recover()
+    assert farm.sched.nodes[farm.sid(x)].state is StepState.RUNNABLE
+    assert farm.sid(x) not in agent.venue.running
+    agent.take_assigns()
+    await farm.tick()
+    [a] = agent.take_assigns()
+    assert await farm.succeed(agent, a)
     assert await farm.build_state(build) == "succeeded"
 
 
@@ -1468,7 +1524,7 @@ async def test_a_build_left_without_roots_is_cancelled_at_start(farm: Farm) -> N
 async def test_one_pass_fills_more_slots_than_a_dispatch_chunk(
     farm: Farm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dispatcher, "DISPATCH_CHUNK", 2)
+    monkeypatch.setattr(dispatch, "DISPATCH_CHUNK", 2)
     steps = [drv(f"s{i}") for i in range(5)]
     await farm.add(steps, roots=steps)
     sent_before_commit: list[int] = []

@@ -24,7 +24,7 @@ from bigtent.runner.cache.storage import LocalStorage
 from bigtent.runner.cache.upstreams import Upstreams
 from bigtent.runner.db import queries
 from bigtent.runner.db.migrate import create_engine, migrate
-from bigtent.runner.scheduler.dispatcher import PlanPart
+from bigtent.runner.scheduler.model import PlanPart
 
 X86 = "x86_64-linux"
 

@@ -26,7 +26,8 @@ from bigtent.runner.db import queries
 from bigtent.runner.db.migrate import create_engine
 from bigtent.runner.db.notify import CHANNEL, Change, PgChangeFeed, encode, note_builds, note_steps
 from bigtent.runner.logs.store import LogStore
-from bigtent.runner.scheduler.dispatcher import PlannedStep, Scheduler, Venue
+from bigtent.runner.scheduler.model import PlannedStep, Venue
+from bigtent.runner.scheduler.service import Scheduler
 from bigtent.states import StepState
 from tests.databases import needs_postgresql
 from tests.integration.runner.conftest import MakeRunner, eventually

@@ -24,7 +24,8 @@ from bigtent.nix.store import LineSink, NixStore, PathInfo, RealiseResult, Reali
 from bigtent.runner.db import queries
 from bigtent.runner.db.migrate import create_engine
 from bigtent.runner.logs.store import LogStore
-from bigtent.runner.scheduler.dispatcher import AGENT, SSH, PlannedStep, Scheduler, Venue
+from bigtent.runner.scheduler.model import AGENT, SSH, PlannedStep, Venue
+from bigtent.runner.scheduler.service import Scheduler
 from bigtent.runner.venues.sshvenue import BuildStore
 from bigtent.states import StepState
 from tests.conftest import HOST_TOOLS, current_system

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bigtent import protocol as p
 from bigtent.runner.db import queries
-from bigtent.runner.scheduler.dispatcher import PlannedStep, Venue
+from bigtent.runner.scheduler.model import PlannedStep, Venue
 from bigtent.states import BuildState, StepState
 from tests.integration.runner.test_dispatcher import CONFIG, X86, Agent, Farm, drv
 

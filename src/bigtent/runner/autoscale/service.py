@@ -43,8 +43,8 @@ from bigtent.runner.autoscale.plan import (
 )
 from bigtent.runner.db import queries
 from bigtent.runner.metrics import Metrics
-from bigtent.runner.scheduler.dispatcher import Scheduler
 from bigtent.runner.scheduler.matching import VenueView
+from bigtent.runner.scheduler.service import Scheduler
 from bigtent.states import LaunchState
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,8 @@ class Autoscaler:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         if self.pools:
-            scheduler.work_listeners.append(self.wake)
-            scheduler.launchable.append(self.offers)
+            scheduler.on_work(self.wake)
+            scheduler.add_launchable(self.offers)
 
     def offers(self) -> list[VenueView]:
         """What each pool could launch, as the scheduler's capacity (``capacity.assess``): a
@@ -188,14 +188,14 @@ class Autoscaler:
             await self._expire(now)
             # One synchronous snapshot of the queue and the venues: no await in between.
             sched = self.scheduler
-            nodes = [n for n in sched.nodes.values() if n.id in sched.index]
+            nodes = sched.runnable_steps()
             # Every venue, so that a busy agent's launch id still counts it as registered; a
             # draining one or one in backoff has no free slot.
-            venues = list(sched.venues.values())
+            venues = list(sched.venue_infos().values())
             views = {
-                v.machine_id: v.view()
+                v.machine_id: v.view
                 if not v.draining and v.backoff_until <= now
-                else replace(v.view(), running=v.max_jobs)
+                else replace(v.view, running=v.max_jobs)
                 for v in venues
             }
             async with self.engine.connect() as conn:

@@ -17,7 +17,7 @@ from bigtent.runner.cache.service import Cache
 from bigtent.runner.cache.storage import Staged
 from bigtent.runner.cache.upstreams import Upstreams, closure
 from bigtent.runner.metrics import UploadKind
-from bigtent.runner.scheduler.dispatcher import Scheduler
+from bigtent.runner.scheduler.service import Scheduler
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from bigtent.runner.cache.s3keys import incoming_key, verifying_key
 from bigtent.runner.cache.service import Cache
 from bigtent.runner.cache.storage import Staged
 from bigtent.runner.cache.upstreams import Upstreams
-from bigtent.runner.scheduler.dispatcher import Scheduler
+from bigtent.runner.scheduler.service import Scheduler
 
 log = logging.getLogger(__name__)
 

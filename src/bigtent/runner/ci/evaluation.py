@@ -26,7 +26,7 @@ from bigtent.runner.ci.evaluator import EvalFailure, Evaluator
 from bigtent.runner.ci.triggers import CiEvalState
 from bigtent.runner.db import ci_queries as q
 from bigtent.runner.forge.model import JobState
-from bigtent.runner.scheduler.dispatcher import Scheduler
+from bigtent.runner.scheduler.service import Scheduler
 
 log = logging.getLogger(__name__)
 

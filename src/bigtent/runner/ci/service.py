@@ -45,7 +45,7 @@ from bigtent.runner.ci.webhooks import Rerun, Trigger
 from bigtent.runner.db import ci_queries as q
 from bigtent.runner.forge.model import EvalReport, JobState, Reporter
 from bigtent.runner.logs.store import LogStore
-from bigtent.runner.scheduler.dispatcher import Scheduler
+from bigtent.runner.scheduler.service import Scheduler
 
 log = logging.getLogger(__name__)
 

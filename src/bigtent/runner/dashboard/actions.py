@@ -26,7 +26,7 @@ from bigtent.runner.dashboard.shell import (
 )
 from bigtent.runner.dashboard.signin import read_form
 from bigtent.runner.db import queries
-from bigtent.runner.scheduler.dispatcher import AGENT
+from bigtent.runner.scheduler.model import AGENT
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ async def bump(request: Request, build_id: int) -> Response:
 @router.post("/agents/{machine_id}/drain")
 async def drain(request: Request, machine_id: str) -> Response:
     async def run(comps: Components, form: dict[str, str], who: Principal) -> str:
-        venue = comps.scheduler.venues.get(machine_id)
+        venue = comps.scheduler.venue_info(machine_id)
         if venue is None or venue.kind != AGENT:
             raise NotFound(f"no connected agent {machine_id!r}")
         comps.scheduler.drain(machine_id)

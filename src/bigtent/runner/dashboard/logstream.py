@@ -115,8 +115,8 @@ def _read_stored(comps: Components, step_id: int, start: int, end: int) -> bytes
 async def _final_state(comps: Components, step_id: int) -> str | None:
     """The step's state when it is final, else None. The scheduler's memory answers for
     active steps; the database only for steps it no longer holds."""
-    node = comps.scheduler.nodes.get(step_id)
-    if node is not None and not node.state.is_final:
+    state = comps.scheduler.step_state(step_id)
+    if state is not None and not state.is_final:
         return None
     async with comps.engine.connect() as conn:
         row = await queries.fetch_step(conn, step_id)

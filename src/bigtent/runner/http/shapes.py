@@ -15,7 +15,7 @@ from bigtent.runner.components import Components
 from bigtent.runner.db import queries
 from bigtent.runner.http.deps import iso, known_id
 from bigtent.runner.logs.retention import expired_text, log_expired
-from bigtent.runner.scheduler.dispatcher import cached_failure_error
+from bigtent.runner.scheduler.leases import cached_failure_error
 from bigtent.states import StepState
 
 LOG_TAIL_LINES = 40

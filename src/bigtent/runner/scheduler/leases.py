@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import assert_never
 
@@ -92,3 +93,25 @@ def is_cached_failure(
     if kind is Outcome.UNSUPPORTED or classify(kind).disposition is not Disposition.FAIL:
         return False
     return now - failed_at < ttl_secs
+
+
+_CACHED_MARK = "cached failure: "
+_FIRST_ERROR = "; first error: "
+
+
+def cached_failure_error(outcome: str, failed_at: float, ttl_secs: float, error: str | None) -> str:
+    """The error of a step failed from the failure cache: what failed, when, until when it
+    stays cached, and the first failure's own error (kept once, however often it is hit)."""
+    first = error or ""
+    if first.startswith(_CACHED_MARK):
+        first = first.partition(_FIRST_ERROR)[2]
+    text = (
+        f"{_CACHED_MARK}this derivation failed ({outcome}) at {_iso(failed_at)}; it is not "
+        f"rebuilt before {_iso(failed_at + ttl_secs)} unless the build is restarted "
+        f"(bigtent restart BUILD){_FIRST_ERROR}{first}"
+    )
+    return text[:8000]
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")

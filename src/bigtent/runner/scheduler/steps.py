@@ -334,7 +334,7 @@ def raise_heights(nodes: dict[int, StepNode], order: Iterable[int]) -> set[int]:
     return changed
 
 
-def dependents_closure(nodes: dict[int, StepNode], start: int) -> list[int]:
+def dependents_closure(nodes: Mapping[int, StepNode], start: int) -> list[int]:
     """Every step that (transitively) depends on ``start``, in no particular order."""
     seen: set[int] = set()
     stack = list(nodes[start].dependents)

@@ -34,7 +34,8 @@ from bigtent.runner.auth.tokens import Principal, TokenRegistry
 from bigtent.runner.db import queries
 from bigtent.runner.http.tls import PeerCert, name_is_pinned, peer_cert
 from bigtent.runner.metrics import Metrics
-from bigtent.runner.scheduler.dispatcher import Scheduler, SessionClosed, Venue
+from bigtent.runner.scheduler.model import SessionClosed, Venue
+from bigtent.runner.scheduler.service import Scheduler
 from bigtent.runner.trust import VenueScope, oidc_venue_scope, token_venue_scope
 
 log = logging.getLogger(__name__)

@@ -55,7 +55,8 @@ from bigtent.outcome import outcome_of
 from bigtent.runner.cache.outputs import ingest_leased_output
 from bigtent.runner.cache.service import Cache
 from bigtent.runner.cache.upstreams import Upstreams
-from bigtent.runner.scheduler.dispatcher import SSH, Scheduler, SessionClosed, Venue
+from bigtent.runner.scheduler.model import SSH, SessionClosed, Venue
+from bigtent.runner.scheduler.service import Scheduler
 from bigtent.runner.venues.ssh import (
     builders_line,
     known_hosts_line,

@@ -141,7 +141,7 @@ def test_only_final_failures_are_cacheable(outcome: Outcome) -> None:
 
 
 def test_cached_failure_error_names_when_and_keeps_the_first_error_once() -> None:
-    from bigtent.runner.scheduler.dispatcher import cached_failure_error
+    from bigtent.runner.scheduler.leases import cached_failure_error
 
     first = cached_failure_error("build_failure", NOW, DAY, "builder exited 1")
     assert first == (

@@ -70,9 +70,10 @@ async def load_agents(comps: Components) -> AgentsPage:
     now = sched.clock()
     async with comps.engine.connect() as conn:
         rows = await queries.fetch_agents(conn)
+    live = sched.venue_infos()
     out = []
     for r in rows:
-        venue = sched.venues.get(r.machine_id)
+        venue = live.get(r.machine_id)
         session = comps.sessions.live.get(r.machine_id)
         beat = session.last_heartbeat if session is not None and venue is not None else None
         backoff = venue.backoff_until if venue else (r.backoff_until or 0.0)
@@ -108,7 +109,7 @@ async def load_agents(comps: Components) -> AgentsPage:
                 connected=venue is not None,
                 draining=venue.draining if venue else False,
                 last_seen=float(r.last_seen),
-                running=len(venue.running) if venue else 0,
+                running=venue.running if venue else 0,
                 max_jobs=int(r.max_jobs),
                 load=beat.load if beat is not None else None,
                 memory=memory,

@@ -10,7 +10,7 @@ from bigtent.runner.components import Components
 from bigtent.runner.dashboard import present
 from bigtent.runner.dashboard.views.rows import BuildRow, StepRow, TookCache, build_rows, step_row
 from bigtent.runner.db import queries
-from bigtent.runner.scheduler.dispatcher import AGENT
+from bigtent.runner.scheduler.model import AGENT
 from bigtent.states import StepState
 
 RECENT_BUILDS = 25
@@ -80,7 +80,7 @@ async def load_overview(
             conn, await queries.fetch_builds(conn, RECENT_BUILDS), now, took or TookCache()
         )
         agent_rows = await queries.fetch_agents(conn)
-    live = {mid for mid, v in sched.venues.items() if v.kind == AGENT}
+    live = {mid for mid, v in sched.venue_infos().items() if v.kind == AGENT}
     connected = [r for r in agent_rows if r.machine_id in live]
     ssh_usable = sum(1 for b in comps.ssh.describe(now) if b["usable"])
     last_gc = comps.collector.last if comps.collector is not None else None

@@ -13,9 +13,9 @@ from bigtent.errors import NotFound
 from bigtent.runner.components import Components
 from bigtent.runner.db import queries
 from bigtent.runner.http.deps import AdminAuth, ClientAuth, Comps, iso
-from bigtent.runner.scheduler.dispatcher import AGENT
 from bigtent.runner.scheduler.health import is_unhealthy, shown_error
 from bigtent.runner.scheduler.matching import has_room
+from bigtent.runner.scheduler.model import AGENT
 
 router = APIRouter()
 
@@ -24,12 +24,14 @@ router = APIRouter()
 async def list_agents(comps: Comps, _: ClientAuth) -> Agents:
     async with comps.engine.connect() as conn:
         rows = await queries.fetch_agents(conn)
-    live = comps.scheduler.venues
+    live = comps.scheduler.venue_infos()
     now = comps.scheduler.clock()
     # With other runners on the database, their agents count as connected while their rows
     # say so and their heartbeats are recent (docs/architecture.md, "Several runners").
     elsewhere_secs = (
-        3 * comps.config.scheduler.heartbeat_secs if comps.scheduler.feed.shared else -1.0
+        3 * comps.config.scheduler.heartbeat_secs
+        if comps.scheduler.overview().shared_database
+        else -1.0
     )
     out = []
     for r in rows:
@@ -47,7 +49,7 @@ async def list_agents(comps: Comps, _: ClientAuth) -> Agents:
                 "supported_features": json.loads(r.supported_features),
                 "mandatory_features": json.loads(r.mandatory_features),
                 "max_jobs": r.max_jobs,
-                "running": len(venue.running) if venue else 0,
+                "running": venue.running if venue else 0,
                 "speed_factor": r.speed_factor,
                 "ephemeral": r.ephemeral,
                 "trusted": venue.trusted if venue else bool(r.trusted),
@@ -112,7 +114,7 @@ async def list_builders(comps: Comps, _: ClientAuth) -> Builders:
 
 @router.post("/agents/{name}/drain")
 async def drain_agent(name: str, comps: Comps, _: AdminAuth) -> Drained:
-    for venue in comps.scheduler.venues.values():
+    for venue in comps.scheduler.venue_infos().values():
         if venue.kind == AGENT and (venue.name == name or venue.machine_id == name):
             comps.scheduler.drain(venue.machine_id)
             return Drained(drained=venue.name)

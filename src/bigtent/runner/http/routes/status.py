@@ -12,7 +12,6 @@ from bigtent.runner.components import Components
 from bigtent.runner.db import queries
 from bigtent.runner.http.deps import ClientAuth, Comps, iso
 from bigtent.runner.scheduler import recovery
-from bigtent.runner.scheduler.dispatcher import AGENT
 
 router = APIRouter()
 
@@ -32,6 +31,7 @@ async def status(comps: Comps, _: ClientAuth) -> dict[str, Any]:
             raise
         # The scheduler's reload failed too: say so rather than answer 500.
         database_error = recovery.describe(exc)
+    overview = comps.scheduler.overview()
     return {
         "version": __version__,
         "cache_url": comps.cache.url,
@@ -42,11 +42,11 @@ async def status(comps: Comps, _: ClientAuth) -> dict[str, Any]:
         ),
         "upstreams": [u.model_dump() for u in comps.config.cache.upstreams],
         "steps": counts,
-        "queue": comps.scheduler.queue_depth(),
-        "agents_connected": sum(1 for v in comps.scheduler.venues.values() if v.kind == AGENT),
+        "queue": overview.queue,
+        "agents_connected": overview.agents_connected,
         "ssh_builders": len(comps.ssh.builders),
-        "builds_active": len(comps.scheduler.builds),
-        "steps_waiting_for_capacity": len(comps.scheduler.capacity_waiting()),
+        "builds_active": overview.builds_active,
+        "steps_waiting_for_capacity": overview.steps_waiting_for_capacity,
         "cache_paths": paths,
         "cache_bytes": size,
         "scheduler": _scheduler_status(comps, database_error),
