@@ -180,6 +180,10 @@ def test_a_log_line_is_a_padded_string() -> None:
 _bytes = st.binary(max_size=40)
 
 
+def _tuples(n: int) -> st.SearchStrategy[tuple[bytes, ...]]:
+    return st.lists(_bytes, min_size=n, max_size=n).map(tuple)
+
+
 def _value(kind: Field) -> st.SearchStrategy[wire.Value]:
     match kind:
         case Field.U64:
@@ -189,9 +193,9 @@ def _value(kind: Field) -> st.SearchStrategy[wire.Value]:
         case Field.STRINGS:
             return st.lists(_bytes, max_size=4)
         case Field.PAIRS:
-            return st.lists(st.tuples(_bytes, _bytes), max_size=3)
+            return st.lists(_tuples(2), max_size=3)
         case Field.OUTPUTS:
-            return st.lists(st.tuples(_bytes, _bytes, _bytes, _bytes), max_size=3)
+            return st.lists(_tuples(4), max_size=3)
 
 
 @st.composite
