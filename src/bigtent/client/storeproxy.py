@@ -93,24 +93,21 @@ class Farm:
 
     async def wanted(self, drvs: Sequence[str]) -> list[str]:
         """The derivations some output of which the local store lacks (a floating output,
-        path unknown, counts as lacking)."""
+        path unknown, counts as lacking). A ``.drv`` not in the local store (a
+        ``BuildDerivation`` of one sent inline) is left to the real daemon."""
         from bigtent.nix.drv import DrvError, parse_drv
 
         outputs: dict[str, list[str]] = {}
         for drv in dict.fromkeys(drvs):
             try:
                 parsed = parse_drv(self.store.real_path(drv).read_text())
-            except (OSError, UnicodeDecodeError, DrvError):
-                outputs[drv] = [""]
+            except (OSError, UnicodeDecodeError, DrvError) as exc:
+                log.info("%s is left to the local store: %s", drv, exc)
                 continue
             outputs[drv] = [o.path for o in parsed.outputs.values()]
         known = [p for paths in outputs.values() for p in paths if p]
         valid = await self.store.valid_paths(known)
-        return [
-            d
-            for d, paths in outputs.items()
-            if not all(p in valid for p in paths if p) or "" in paths
-        ]
+        return [d for d, paths in outputs.items() if "" in paths or not valid.issuperset(paths)]
 
     async def build(self, drvs: Sequence[str], sink: ClientSink) -> str | None:
         """Build ``drvs`` on the farm as one build and copy their outputs into the local
@@ -229,6 +226,8 @@ class Relay:
         while chunk := await stdout.read(READ_CHUNK):
             self.writer.write(chunk)
             await self.writer.drain()
+        # The daemon is gone: the client must not wait for an answer that cannot come.
+        self.writer.close()
 
     async def _more(self) -> None:
         chunk = await self.reader.read(READ_CHUNK)
@@ -323,7 +322,11 @@ async def serve(config: ProxyConfig, ready: asyncio.Event | None = None) -> None
     farm = Farm(config)
 
     async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await Relay(farm, reader, writer).run()
+        try:
+            await Relay(farm, reader, writer).run()
+        except OSError as exc:  # no nix-daemon to start
+            log.error("cannot serve a Nix connection: %s", exc)
+            writer.close()
 
     with contextlib.suppress(FileNotFoundError):
         os.unlink(config.socket)
