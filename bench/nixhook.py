@@ -63,7 +63,7 @@ def store_proxy(work: Path, env: dict[str, str]) -> Iterator[str]:
                     "the store proxy did not start: " + (work / "proxy.log").read_text()
                 )
             time.sleep(0.05)
-        yield f"unix://{sock}"
+        yield f"unix://{sock}?root={work / 'proxy-store'}"
     finally:
         proc.terminate()
         proc.wait(10)
@@ -175,6 +175,11 @@ def main() -> int:
                 argv = ["nix-build", "--store", uri, str(dag_file(work, **dag)), "-A", "top"]
                 argv += ["--no-out-link", "--max-jobs", "0", *NO_SUBST]
                 record(PROXY, timed(argv, env=env))
+            proxy_phases = [
+                line.split(": ", 1)[-1].strip()
+                for line in (work / "proxy.log").read_text().splitlines()
+                if " roots: upload " in line
+            ]
             phases: dict[str, dict[str, float]] = {}
             variants: list[tuple[str, Path | None]] = [("", None)]
             if args.before:
@@ -218,6 +223,7 @@ def main() -> int:
         say(f"Nix SSH builders / nix-build through the proxy: {ssh / proxy:.1f}x (target: >= 10x)")
         say(f"Nix SSH builders / nix-build through the hook: {ssh / hook:.1f}x (target: >= 10x)")
         say(f"the same, helper already running: {ssh / warm:.1f}x")
+    say(f"\nthe store proxy's one build: {'; '.join(proxy_phases)}")
     say("\nmean seconds per derivation in the helper (the phases it logged):")
     for name, spans in phases.items():
         if spans:
@@ -237,6 +243,7 @@ def main() -> int:
                 "warm_hook_vs_bigtent_build": warm / ours,
                 "ssh_vs_hook": ssh / hook if ssh is not None else None,
                 "helper_phases_mean_secs": phases,
+                "proxy_phases": proxy_phases,
             },
             sys.stdout,
             indent=2,

@@ -18,7 +18,7 @@ START_SECS = 30.0
 def running_proxy(
     runner_url: str, store: Path, env: Mapping[str, str], *extra: str
 ) -> Iterator[str]:
-    """Yield ``unix://SOCKET`` of a proxy for the chroot store ``store`` (its log on failure
+    """Yield ``unix://SOCKET?root=STORE`` of a proxy for the chroot store ``store`` (its log on failure
     is in the assertion)."""
     # Short: AF_UNIX paths end at 108 bytes.
     sock = Path(tempfile.mkdtemp(prefix="bt-proxy-")) / "s"
@@ -33,7 +33,8 @@ def running_proxy(
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "the proxy did not listen: " + log.read_text()
             time.sleep(0.05)  # polling for the socket file, not synchronising with a sleep
-        yield f"unix://{sock}"
+        # ?root=: Nix reads the chroot store's files (a flake's source) where they are.
+        yield f"unix://{sock}?root={store}"
     finally:
         proc.terminate()
         try:
@@ -50,8 +51,9 @@ def nix_via(
     """A plain Nix command with ``--store`` the proxy (``nix``: the subcommand comes first);
     ``max-jobs = 0``: nothing can be built locally."""
     argv = [tool]
-    if tool == "nix":
-        argv += [args[0], "--extra-experimental-features", "nix-command"]
-        args = args[1:]
+    if tool == "nix":  # the subcommand (one word, or "flake check") comes first
+        words = 2 if args[0] == "flake" else 1
+        argv += [*args[:words], "--extra-experimental-features", "nix-command flakes"]
+        args = args[words:]
     argv += ["--store", proxy, "--option", "max-jobs", "0", "--option", "substituters", "", *args]
     return subprocess.run(argv, capture_output=True, text=True, env=dict(env), timeout=timeout)

@@ -7,13 +7,16 @@ outputs come back into the client's chroot store signed by the runner's key.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import current_system
 from tests.e2e.conftest import Farm, free_port
 from tests.e2e.test_nix_hook import farm_steps, store_query, token_file
 from tests.nixproxy import nix_via, running_proxy
@@ -121,3 +124,37 @@ def test_a_refused_token_and_no_runner_fail_fast(
         assert down.returncode != 0
         assert time.monotonic() - started < 15
         assert "cannot reach runner" in down.stderr, down.stderr
+
+
+def test_nix_flake_check_builds_on_the_farm(
+    farm_factory: Callable[..., Farm], tmp_path: Path
+) -> None:
+    farm = farm_factory(agents=1)
+    store = tmp_path / "client"
+    env = farm.env()
+    flake = tmp_path / "flake"
+    flake.mkdir()
+    system = current_system()
+    (flake / "flake.nix").write_text(
+        """{
+  outputs = { self }: let
+    mk = name: derivation {
+      inherit name; system = "SYSTEM"; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+      salt = "SALT"; args = [ "-c" "echo building ${name}; echo ${name} > $out" ];
+    };
+  in {
+    packages.SYSTEM.default = mk "flake-pkg";
+    checks.SYSTEM.c1 = mk "flake-check-1";
+  };
+}
+""".replace("SYSTEM", system).replace("SALT", uuid.uuid4().hex)
+    )
+    with running_proxy(farm.url, store, env, "--token-file", str(token_file(farm))) as proxy:
+        check = nix_via(proxy, env, "flake", "check", f"path:{flake}", "-L", tool="nix")
+        assert check.returncode == 0, check.stderr
+        assert "building flake-check-1" in check.stderr
+        built = nix_via(proxy, env, "build", f"path:{flake}", "--no-link", "--json", tool="nix")
+        assert built.returncode == 0, built.stderr
+        out = json.loads(built.stdout)[0]["outputs"]["out"]
+        assert (store / out.lstrip("/")).read_text() == "flake-pkg\n"
+    assert len(farm_builds(farm)) == 2

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bigtent.client.nixhook import RootLogs
+from bigtent.client.nixhook import PhaseClock, RootLogs
 from bigtent.nix import daemonwire as wire
 
 if TYPE_CHECKING:
@@ -142,11 +142,14 @@ class Farm:
             except BigtentError as exc:
                 return f"bigtent: cannot build on the farm ({farm.runner_url}): {exc}"
             logs: RootLogs | None = None
+            phases = PhaseClock()
             try:
                 await upload_closure(client, self.store, drvs, observer)
+                phases.mark("upload")
                 build = await submit_build(
                     client, drvs, BuildOptions(out_link=None), observer, farm.unreachable_grace_secs
                 )
+                phases.mark("submit")
                 sink.line(f"bigtent: build {build.id} ({len(drvs)} roots) on {client.base_url}")
                 logs = RootLogs(client, sink)
                 logs.start(build)
@@ -160,6 +163,7 @@ class Farm:
                     pause=logs.pause,
                 )
                 await logs.finish(build)
+                phases.mark("build")
                 if not build_succeeded(build):
                     failed = [
                         (
@@ -171,6 +175,8 @@ class Farm:
                     ]
                     return failure_message(build.id, failed)
                 await copy_outputs(client, self.store, build, (), self.memory, farm.public_keys)
+                phases.mark("copy")
+                log.info("build %s, %d roots: %s", build.id, len(drvs), phases.summary())
                 return None
             except BigtentError as exc:
                 return f"bigtent: building on the farm failed: {exc}"
