@@ -18,8 +18,8 @@ START_SECS = 30.0
 def running_proxy(
     runner_url: str, store: Path, env: Mapping[str, str], *extra: str
 ) -> Iterator[str]:
-    """Yield ``unix://SOCKET?root=STORE`` of a proxy for the chroot store ``store`` (its log on failure
-    is in the assertion)."""
+    """Yield ``unix://SOCKET?root=STORE`` of a proxy for the chroot store ``store`` (its log
+    is printed when it stops)."""
     # Short: AF_UNIX paths end at 108 bytes.
     sock = Path(tempfile.mkdtemp(prefix="bt-proxy-")) / "s"
     log = sock.with_suffix(".log")

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 16
+DAEMON_EXIT_SECS = 5.0
+"""How long the store's daemon may take to exit after the client left."""
 PROBE_TIMEOUT_SECS = 5.0
 """How long the runner may take to answer the first request of a build."""
 
@@ -217,9 +219,14 @@ class Relay:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pump
-            with contextlib.suppress(ProcessLookupError):
-                daemon.kill()
-            await daemon.wait()
+            # End of input first: the daemon finishes what it read and exits.
+            daemon.stdin.close()
+            try:
+                await asyncio.wait_for(daemon.wait(), DAEMON_EXIT_SECS)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    daemon.kill()
+                await daemon.wait()
             self.writer.close()
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()

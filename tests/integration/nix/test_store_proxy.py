@@ -9,10 +9,15 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+from bigtent.client.storeproxy import ProxyConfig
 from tests.nixproxy import nix_via, running_proxy
+
+if TYPE_CHECKING:
+    from bigtent.client.api import RunnerClient
 
 pytestmark = [pytest.mark.nix]
 
@@ -84,3 +89,80 @@ def test_a_build_without_a_runner_fails_fast(
     # protocol error.
     again = nix_via(proxy, env, "build", "-f", str(expr), "--no-link", tool="nix", timeout=60)
     assert "cannot reach runner" in again.stderr, again.stderr
+
+
+FAKE_DAEMON = """\
+import struct, sys
+inp, out = sys.stdin.buffer, sys.stdout.buffer
+def u64():
+    data = inp.read(8)
+    if len(data) < 8:
+        sys.exit(0)
+    return struct.unpack("<Q", data)[0]
+record = open(sys.argv[1], "a")
+assert u64() == 0x6E697863
+out.write(struct.pack("<QQ", 0x6478696F, 0x126)); out.flush()
+record.write(f"client {u64():#x}\\n"); record.flush()
+u64(); u64()  # affinity 0, reserve-space
+out.write(struct.pack("<Q", 0x616C7473)); out.flush()
+while chunk := inp.read1(65536):
+    record.write(chunk.hex()); record.flush()
+"""
+
+
+async def _talk(config: ProxyConfig, client_version: int, ops: list[bytes]) -> tuple[int, bytes]:
+    """Connect to a proxy as a client of ``client_version`` and send ``ops``; the daemon's
+    version as the proxy told it, and what came back until the proxy closed."""
+    import asyncio
+
+    from bigtent.client.storeproxy import serve
+    from bigtent.nix import daemonwire as wire
+
+    ready = asyncio.Event()
+    server = asyncio.create_task(serve(config, ready))
+    try:
+        await ready.wait()
+        reader, writer = await asyncio.open_unix_connection(config.socket)
+        writer.write(wire.u64(wire.WORKER_MAGIC_1))
+        hello = await reader.readexactly(16)
+        writer.write(wire.u64(client_version) + wire.u64(0) + wire.u64(0))
+        assert wire.Reader(await reader.readexactly(8)).u64() == wire.Stderr.LAST
+        for op in ops:
+            writer.write(op)
+        await writer.drain()
+        rest = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        return wire.read_daemon_hello(hello), rest
+    finally:
+        server.cancel()
+
+
+def test_versions_are_lowered_and_an_unknown_op_closes(tmp_path: Path) -> None:
+    import asyncio
+    import sys
+
+    from bigtent.nix import daemonwire as wire
+
+    record = tmp_path / "daemon.txt"
+    script = tmp_path / "fake-daemon"
+
+    script.write_text(
+        f"#!{sys.executable}\n" + FAKE_DAEMON.replace("sys.argv[1]", repr(str(record)))
+    )
+    script.chmod(0o755)
+
+    def no_client() -> RunnerClient:
+        raise AssertionError("no build: the runner is never asked")
+
+    config = ProxyConfig(
+        runner_url=NOWHERE, connect=no_client, socket=str(tmp_path / "s"), nix_daemon=str(script)
+    )
+    valid = wire.request(wire.Op.IS_VALID_PATH, [b"/nix/store/a-x"], 37)
+    unknown = wire.u64(99) + wire.u64(0)
+    told, rest = asyncio.run(_talk(config, (1 << 8) | 38, [valid, unknown]))
+    # A 1.38 daemon is told to the client as 1.37, and a 1.38 client to the daemon as 1.37:
+    # both parse at 1.37. The known op reached the daemon, the unknown one closed the
+    # connection before it could.
+    assert told == (1 << 8) | 37
+    assert rest == b""
+    assert record.read_text().splitlines() == ["client 0x125", valid.hex()]
