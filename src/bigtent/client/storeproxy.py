@@ -19,9 +19,9 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bigtent.client.nixhook import PhaseClock, RootLogs
 from bigtent.nix import daemonwire as wire
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from bigtent.client.api import RunnerClient
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 READ_CHUNK = 1 << 16
 DAEMON_EXIT_SECS = 5.0
@@ -325,9 +326,29 @@ class Relay:
         if not wanted:
             return None
         sink = ClientSink(self.writer)
-        error = await self.farm.build(wanted, sink)
+        error = await self._while_connected(self.farm.build(wanted, sink))
         await self.writer.drain()
         return error
+
+    async def _while_connected(self, work: Coroutine[Any, Any, _T]) -> _T:
+        """``work``'s result, unless the client closes its side first (Nix was interrupted):
+        then following stops (``ConnectionError``) and the farm's build goes on, as after an
+        interrupted ``bigtent build``. The client sends nothing while its build op runs."""
+        task = asyncio.ensure_future(work)
+        gone = asyncio.ensure_future(self.reader.read(READ_CHUNK))
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            task.cancel()
+            gone.cancel()
+            # Both really ended before the reader is read again.
+            await asyncio.gather(task, gone, return_exceptions=True)
+        if gone.done() and not gone.cancelled():
+            if gone.result():
+                raise wire.WireError("the client sent data while its build op ran")
+            if task.cancelled():
+                raise ConnectionError("the client left during a build")
+        return task.result()
 
 
 async def serve(config: ProxyConfig, ready: asyncio.Event | None = None) -> None:

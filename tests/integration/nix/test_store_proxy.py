@@ -111,8 +111,9 @@ while chunk := inp.read1(65536):
 
 
 async def _talk(config: ProxyConfig, client_version: int, ops: list[bytes]) -> tuple[int, bytes]:
-    """Connect to a proxy as a client of ``client_version`` and send ``ops``; the daemon's
-    version as the proxy told it, and what came back until the proxy closed."""
+    """Connect to a proxy as a client of ``client_version``, send ``ops`` and close the
+    sending side; the daemon's version as the proxy told it, and what came back until the
+    proxy closed."""
     import asyncio
 
     from bigtent.client.storeproxy import serve
@@ -129,6 +130,7 @@ async def _talk(config: ProxyConfig, client_version: int, ops: list[bytes]) -> t
         assert wire.Reader(await reader.readexactly(8)).u64() == wire.Stderr.LAST
         for op in ops:
             writer.write(op)
+        writer.write_eof()
         await writer.drain()
         rest = await asyncio.wait_for(reader.read(), 30)
         writer.close()
@@ -137,11 +139,10 @@ async def _talk(config: ProxyConfig, client_version: int, ops: list[bytes]) -> t
         server.cancel()
 
 
-def test_versions_are_lowered_and_an_unknown_op_closes(tmp_path: Path) -> None:
-    import asyncio
+def fake_daemon(tmp_path: Path) -> tuple[ProxyConfig, Path]:
+    """A proxy's config with a fake 1.38 daemon behind it, and the file where that daemon
+    writes the client's version and the bytes of the ops it got."""
     import sys
-
-    from bigtent.nix import daemonwire as wire
 
     record = tmp_path / "daemon.txt"
     script = tmp_path / "fake-daemon"
@@ -157,6 +158,15 @@ def test_versions_are_lowered_and_an_unknown_op_closes(tmp_path: Path) -> None:
     config = ProxyConfig(
         runner_url=NOWHERE, connect=no_client, socket=str(tmp_path / "s"), nix_daemon=str(script)
     )
+    return config, record
+
+
+def test_versions_are_lowered_and_an_unknown_op_closes(tmp_path: Path) -> None:
+    import asyncio
+
+    from bigtent.nix import daemonwire as wire
+
+    config, record = fake_daemon(tmp_path)
     valid = wire.request(wire.Op.IS_VALID_PATH, [b"/nix/store/a-x"], 37)
     unknown = wire.u64(99) + wire.u64(0)
     told, rest = asyncio.run(_talk(config, (1 << 8) | 38, [valid, unknown]))
@@ -166,3 +176,33 @@ def test_versions_are_lowered_and_an_unknown_op_closes(tmp_path: Path) -> None:
     assert told == (1 << 8) | 37
     assert rest == b""
     assert record.read_text().splitlines() == ["client 0x125", valid.hex()]
+
+
+def test_a_client_that_leaves_during_a_build_stops_its_following(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from bigtent.client import storeproxy
+    from bigtent.nix import daemonwire as wire
+
+    config, record = fake_daemon(tmp_path)
+    ended: list[str] = []
+
+    async def wanted(self: storeproxy.Farm, drvs: list[str]) -> list[str]:
+        return drvs
+
+    async def build(self: storeproxy.Farm, drvs: list[str], sink: storeproxy.ClientSink) -> None:
+        try:
+            await asyncio.Event().wait()  # a farm build that does not end
+        finally:
+            ended.append(drvs[0])
+
+    monkeypatch.setattr(storeproxy.Farm, "wanted", wanted)
+    monkeypatch.setattr(storeproxy.Farm, "build", build)
+    op = wire.request(wire.Op.BUILD_PATHS, [[b"/nix/store/a-x.drv!out"], 0], 37)
+    told, rest = asyncio.run(_talk(config, (1 << 8) | 37, [op]))
+    # Following stopped when the client left; the build op never reached the daemon.
+    assert (told, rest) == ((1 << 8) | 37, b"")
+    assert ended == ["/nix/store/a-x.drv"]
+    assert record.read_text().splitlines() == ["client 0x125"]
