@@ -1,4 +1,5 @@
-"""Benchmark: plain `nix-build` building on the farm through `bigtent-nix-hook`, against
+"""Benchmark: plain `nix-build` building on the farm through `bigtent-nix-hook` and through
+the store proxy (`nix-build --store unix://…` to `bigtent nix-proxy`), against
 `bigtent build`, Nix's own SSH remote builders and local `nix-build -j2`, in one run, on the
 same DAG shape (a fresh salt for each, so nothing is cached).
 
@@ -6,7 +7,7 @@ same DAG shape (a fresh salt for each, so nothing is cached).
                             [--before REV]
 
 Both farm variants use one `bigtent up` (2 agents x 2 jobs) and fetch the results into the
-local store; the hook variant builds into an empty chroot store with `max-jobs = 0`.
+local store; the hook and proxy variants build into an empty chroot store with `max-jobs = 0`.
 `--dag-bench` is bench/dag.py's 101-derivation DAG (10 layers x 10). `--before REV` also runs
 the hook of git revision REV (its `src` exported to a temporary directory, put first on the
 hook's PYTHONPATH) on the same farm, in the same run. The helper's log gives where each
@@ -16,6 +17,7 @@ derivation's time went in it (upload, submit, build, copy), averaged per variant
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -39,6 +42,31 @@ from dag import (  # type: ignore[import-not-found]  # bench/dag.py, run as a sc
 )
 
 HOOK = Path(sys.executable).parent / "bigtent-nix-hook"
+BIGTENT = Path(sys.executable).parent / "bigtent"
+
+
+@contextlib.contextmanager
+def store_proxy(work: Path, env: dict[str, str]) -> Iterator[str]:
+    """``bigtent nix-proxy`` for an empty chroot store; yields its ``unix://`` URI."""
+    token = work / "proxy-token"
+    token.write_text(env["BIGTENT_TOKEN"] + "\n")
+    sock = work / "proxy.sock"
+    argv = [str(BIGTENT), "nix-proxy", "--runner", env["BIGTENT_URL"], "--token-file", str(token)]
+    argv += ["--socket", str(sock), "--store", f"local?root={work / 'proxy-store'}"]
+    with (work / "proxy.log").open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(
+                    "the store proxy did not start: " + (work / "proxy.log").read_text()
+                )
+            time.sleep(0.05)
+        yield f"unix://{sock}?root={work / 'proxy-store'}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def hook_script(
@@ -59,6 +87,7 @@ def hook_script(
     return script
 
 
+PROXY = "nix-build --store unix:// through bigtent nix-proxy (same farm)"
 PHASE = re.compile(r"\.drv: ((?:\w+ [0-9.]+ s(?:, )?)+)$")
 
 
@@ -142,6 +171,15 @@ def main() -> int:
         with farm(work, agents=2, jobs=2) as env:
             t, _ = bigtent_build(env, dag_file(work, **dag), "--no-out-link")
             record("bigtent build (2 agents x 2 jobs, results fetched)", t)
+            with store_proxy(work, env) as uri:
+                argv = ["nix-build", "--store", uri, str(dag_file(work, **dag)), "-A", "top"]
+                argv += ["--no-out-link", "--max-jobs", "0", *NO_SUBST]
+                record(PROXY, timed(argv, env=env))
+            proxy_phases = [
+                line.split(": ", 1)[-1].strip()
+                for line in (work / "proxy.log").read_text().splitlines()
+                if " roots: upload " in line
+            ]
             phases: dict[str, dict[str, float]] = {}
             variants: list[tuple[str, Path | None]] = [("", None)]
             if args.before:
@@ -177,11 +215,15 @@ def main() -> int:
     warm = results["nix-build through bigtent-nix-hook, helper running"]
     ours = results["bigtent build (2 agents x 2 jobs, results fetched)"]
     ssh = results.get("nix-build, SSH remote builders (2 jobs)")
-    say(f"\nnix-build through the hook / bigtent build: {hook / ours:.2f}x (target: within 1.5x)")
+    proxy = results[PROXY]
+    say(f"\nnix-build through the proxy / bigtent build: {proxy / ours:.2f}x (target: within 1.5x)")
+    say(f"nix-build through the hook / bigtent build: {hook / ours:.2f}x (target: within 1.5x)")
     say(f"the same, helper already running: {warm / ours:.2f}x")
     if ssh is not None:
+        say(f"Nix SSH builders / nix-build through the proxy: {ssh / proxy:.1f}x (target: >= 10x)")
         say(f"Nix SSH builders / nix-build through the hook: {ssh / hook:.1f}x (target: >= 10x)")
         say(f"the same, helper already running: {ssh / warm:.1f}x")
+    say(f"\nthe store proxy's one build: {'; '.join(proxy_phases)}")
     say("\nmean seconds per derivation in the helper (the phases it logged):")
     for name, spans in phases.items():
         if spans:
@@ -195,10 +237,13 @@ def main() -> int:
                 "load_average_end": [round(x, 2) for x in os.getloadavg()],
                 "derivations": n,
                 "wall_secs": results,
+                "proxy_vs_bigtent_build": proxy / ours,
+                "ssh_vs_proxy": ssh / proxy if ssh is not None else None,
                 "hook_vs_bigtent_build": hook / ours,
                 "warm_hook_vs_bigtent_build": warm / ours,
                 "ssh_vs_hook": ssh / hook if ssh is not None else None,
                 "helper_phases_mean_secs": phases,
+                "proxy_phases": proxy_phases,
             },
             sys.stdout,
             indent=2,

@@ -1,5 +1,6 @@
 """The builds on the runner: ``bigtent builds``, ``steps`` and ``log`` read them; ``cancel``,
-``restart`` and ``bump`` act on one; ``nix-hook`` is Nix's build hook."""
+``restart`` and ``bump`` act on one; ``nix-hook`` is Nix's build hook, ``nix-proxy`` a Nix
+store whose builds run on the farm."""
 
 from __future__ import annotations
 
@@ -109,6 +110,48 @@ def nix_hook(ctx: click.Context) -> None:
     ctx.exit(hook_main(ctx.args))
 
 
+@click.command("nix-proxy", context_settings=CONTEXT)
+@client_options
+@click.option(
+    "--socket",
+    required=True,
+    metavar="PATH",
+    help="Listen here; Nix uses it as `--store unix://PATH` (or `store = unix://PATH`).",
+)
+@click.option(
+    "--store",
+    default="",
+    metavar="URI",
+    help="The local store behind the proxy (e.g. local?root=DIR) [default: Nix's own].",
+)
+@click.option(
+    "--public-key",
+    "public_keys",
+    multiple=True,
+    metavar="KEY",
+    help="Trust only this key for the outputs (repeatable) [default: the runner's keys].",
+)
+def nix_proxy(runner: ClientOptions, socket: str, store: str, public_keys: tuple[str, ...]) -> None:
+    """A Nix store on a Unix socket whose builds run on the farm: `nix build --store
+    unix://PATH`, `nix-build --store unix://PATH` send the whole DAG as one build, and the
+    outputs come back into the local store checked by the runner's key
+    (docs/nix-integration.md)."""
+    import asyncio
+    import contextlib
+
+    from bigtent.client.storeproxy import ProxyConfig, serve
+
+    config = ProxyConfig(
+        runner_url=runner.runner_url,
+        connect=runner.client,
+        socket=socket,
+        store=store,
+        public_keys=public_keys,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(config))
+
+
 @click.command("log", context_settings=CONTEXT)
 @click.argument("step")
 @client_options
@@ -174,4 +217,4 @@ def bump(build_id: str, priority: int | None, runner: ClientOptions, as_json: bo
     emit(as_json, b, build_line(b))
 
 
-COMMANDS = (builds, steps, nix_hook, log_cmd, cancel, restart, bump)
+COMMANDS = (builds, steps, nix_hook, nix_proxy, log_cmd, cancel, restart, bump)

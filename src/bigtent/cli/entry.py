@@ -22,7 +22,7 @@ from bigtent.cli import build, builds, cache, ci, db, farm, services, ssh, token
 from bigtent.cli.options import CONTEXT
 from bigtent.errors import BigtentError
 
-_SERVICE_COMMANDS = frozenset({"runner", "agent", "up"})
+_SERVICE_COMMANDS = frozenset({"runner", "agent", "up", "nix-proxy"})
 
 
 def main(args: Sequence[str] | None = None) -> NoReturn:

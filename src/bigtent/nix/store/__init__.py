@@ -9,7 +9,7 @@ several agents with separate stores. Works with Nix 2.8 (Debian) and current rel
 
 from bigtent.nix.store.bounded import BoundedEval, BoundedRun, probe_sandbox
 from bigtent.nix.store.messages import command_line, evaluation_failure, last_error_line
-from bigtent.nix.store.nixstore import NIX_COMMAND, NixStore
+from bigtent.nix.store.nixstore import NIX_COMMAND, NixStore, spawn_daemon_stdio
 from bigtent.nix.store.results import (
     LineSink,
     PathInfo,
@@ -33,5 +33,6 @@ __all__ = [
     "evaluation_failure",
     "last_error_line",
     "probe_sandbox",
+    "spawn_daemon_stdio",
     "store_root",
 ]

@@ -400,3 +400,16 @@ class NixStore:
 def kill_group(proc: asyncio.subprocess.Process) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def spawn_daemon_stdio(
+    nix_daemon: str = "nix-daemon", store: str | None = None
+) -> asyncio.subprocess.Process:
+    """Start ``nix-daemon --stdio`` (the daemon worker protocol on stdin and stdout) for
+    ``store`` (default: Nix's own), for ``client/storeproxy.py`` to relay a connection to.
+    ``FileNotFoundError`` when there is no such program."""
+    argv = [nix_daemon, "--stdio", *(["--store", store] if store else [])]
+    log.debug("running %s", argv)
+    return await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
