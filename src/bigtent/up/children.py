@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from bigtent.backoff import Backoff
 from bigtent.client.api import RunnerClient
 from bigtent.errors import AgentCannotBuild, AuthError, BigtentError, RunnerUnreachable
 from bigtent.up.state import HOST
@@ -33,10 +34,8 @@ STOP_GRACE_SECS = 10.0
 """Between SIGTERM and SIGKILL when stopping the children."""
 
 
-RESTART_BASE_SECS = 1.0
-
-
-RESTART_MAX_SECS = 30.0
+RESTART_BACKOFF = Backoff(base=1.0, cap=30.0)
+"""Delays between an agent's consecutive restarts (no jitter: one machine, a few agents)."""
 
 
 STABLE_RUN_SECS = 60.0
@@ -55,7 +54,7 @@ Say = Callable[[str], None]
 
 def restart_delay_secs(failures: int) -> float:
     """Exponential backoff for the ``failures``-th consecutive agent restart (1-based)."""
-    return float(min(RESTART_MAX_SECS, RESTART_BASE_SECS * 2 ** max(0, failures - 1)))
+    return RESTART_BACKOFF.delay(failures - 1)
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:

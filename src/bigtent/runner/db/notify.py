@@ -25,6 +25,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from bigtent.backoff import Backoff
+
 log = logging.getLogger(__name__)
 
 CHANNEL = "bigtent_changes"
@@ -32,7 +34,8 @@ MAX_PAYLOAD_BYTES = 7900
 """PostgreSQL refuses payloads of 8000 bytes or more; larger changes go out in pieces."""
 PING_SECS = 15.0
 """How often the listening connection is checked (a silently dead one hears nothing)."""
-RECONNECT_MAX_SECS = 30.0
+RECONNECT_BACKOFF = Backoff(base=0.5, cap=30.0)
+"""Delays between attempts to LISTEN again after the connection failed."""
 _CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
 """serialization_failure, deadlock_detected: another runner's transaction won."""
 
@@ -197,11 +200,12 @@ class PgChangeFeed:
             )
 
     async def follow(self, on_change: OnChange) -> None:
-        delay = 0.5
+        failures = 0
         while True:
+            delay = RECONNECT_BACKOFF.delay(failures)
             try:
                 await self._listen(on_change)
-                delay = 0.5
+                failures, delay = 0, RECONNECT_BACKOFF.delay(0)
             except (OSError, SQLAlchemyError, TimeoutError) as exc:
                 log.warning(
                     "listening for other runners' changes failed (%s); again in %.1f s",
@@ -216,7 +220,7 @@ class PgChangeFeed:
                 self.connected.clear()
                 self.backend_pid = None
             await asyncio.sleep(delay)
-            delay = min(delay * 2, RECONNECT_MAX_SECS)
+            failures += 1
 
     async def _listen(self, on_change: OnChange) -> None:
         """One LISTEN session: until the connection dies (then the caller reconnects)."""
