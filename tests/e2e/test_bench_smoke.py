@@ -134,6 +134,7 @@ def test_nixhook_benchmark_runs_on_a_tiny_dag(tmp_path: Path) -> None:
         "bigtent build (2 agents x 2 jobs, results fetched)",
         "nix-build through bigtent-nix-hook (same farm)",
         "nix-build through bigtent-nix-hook, helper running",
+        "nix-build --store unix:// through bigtent nix-proxy (same farm)",
     }
     assert result["ssh_vs_hook"] is None
 
