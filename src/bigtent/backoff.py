@@ -3,9 +3,10 @@
 A retry delay is one ``Backoff`` (or a ``delay`` call): the scheduler's infrastructure retries and
 venue backoff (``runner/scheduler/leases.py``), the agent's reconnects (``agent/link.py``)
 and its output uploads (``agent/upload.py``), a runner's LISTEN reconnects
-(``runner/db/notify.py``) and ``bigtent up``'s agent restarts (``up/children.py``). A delay is ``base · factor^attempt`` seconds
-capped at ``cap``, times a jitter factor in ``[jitter_low, jitter_high)`` picked by a random
-number the caller passes in (``rand`` in [0, 1)), so that the code stays deterministic under test.
+(``runner/db/notify.py``) and ``bigtent up``'s agent restarts (``up/children.py``). A delay
+is ``base · factor^attempt`` seconds capped at ``cap``, times a jitter factor in
+``[jitter_low, jitter_high)`` picked by a random number the caller passes in (``rand`` in
+[0, 1)), so that the code stays deterministic under test.
 """
 
 from __future__ import annotations

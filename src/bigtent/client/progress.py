@@ -113,6 +113,16 @@ def step_events(
     return lines, now
 
 
+def has_log(step: Step) -> bool:
+    """Whether the step has a log to show: it runs now, or it ran (succeeded or failed on an
+    agent; a step seen for the first time when it is already final still has its log)."""
+    state = _state(step.state)
+    if state is None:
+        return False
+    ran = state in (StepState.SUCCEEDED, StepState.FAILED) and step.agent_name is not None
+    return state.is_leased or ran
+
+
 def nothing_to_build(build: Build) -> str | None:
     """``nothing to build: all 3 outputs cached`` for a build without steps, else None."""
     if build.counts.total:
@@ -221,10 +231,10 @@ class StepLogStreams:
     _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
     def watch(self, steps: Iterable[Step]) -> None:
-        """Start following the logs of the steps that run now (once per step)."""
+        """Start following the logs of the steps that run now, and of those that ran and
+        ended between two looks (their whole log, at once), once per step."""
         for step in steps:
-            state = _state(step.state)
-            if state is None or not state.is_leased or step.id in self._tasks:
+            if step.id in self._tasks or not has_log(step):
                 continue
             name = step.name or step.drv_path.rsplit("/", 1)[-1]
             self._tasks[step.id] = asyncio.get_running_loop().create_task(
@@ -314,6 +324,7 @@ __all__ = [
     "SeenStep",
     "StepLogStreams",
     "follow_step_log",
+    "has_log",
     "nothing_to_build",
     "print_step_log",
     "step_events",

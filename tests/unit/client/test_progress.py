@@ -12,7 +12,13 @@ from rich.console import Console
 
 from bigtent import humanize
 from bigtent.client.api import Build, LogEvent, SseParser, Step
-from bigtent.client.progress import PrefixedLines, SeenStep, nothing_to_build, step_events
+from bigtent.client.progress import (
+    PrefixedLines,
+    SeenStep,
+    has_log,
+    nothing_to_build,
+    step_events,
+)
 from bigtent.client.reports import progress_line
 from bigtent.client.tables import Column, fit_widths, render_table
 from bigtent.errors import BadRequest, ProtocolError
@@ -71,6 +77,24 @@ def _build(total: int, outputs: list[dict[str, str]]) -> Build:
     return Build.model_validate(
         {"id": 3, "state": "succeeded", "roots": roots, "counts": {"total": total}}
     )
+
+
+@pytest.mark.parametrize(
+    ("state", "agent", "shown"),
+    [
+        ("building", "a0", True),
+        ("assigned", "a0", True),
+        ("succeeded", "a0", True),  # ran and ended between two looks: its whole log
+        ("failed", "a0", True),
+        ("failed", None, False),  # never ran (no agent): nothing to show
+        ("dependency_failed", None, False),
+        ("cancelled", None, False),
+        ("waiting", None, False),
+        ("runnable", None, False),
+    ],
+)
+def test_which_steps_have_a_log_for_dash_l(state: str, agent: str | None, shown: bool) -> None:
+    assert has_log(step("1", state, agent_name=agent)) is shown
 
 
 def test_a_build_without_steps_says_nothing_to_build() -> None:
