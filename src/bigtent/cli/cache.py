@@ -18,7 +18,7 @@ from bigtent.config import load_runner_config
 from bigtent.errors import UsageError
 
 if TYPE_CHECKING:
-    from bigtent.client.api import PinInfo
+    from bigtent.client.models import PinInfo
 
 
 @click.group("cache", context_settings=CONTEXT)

@@ -15,7 +15,7 @@ from bigtent.cli.output import console, emit
 
 if TYPE_CHECKING:
     from bigtent.apimodels import Agent, Builder
-    from bigtent.client.api import Launches, RunnerStatus
+    from bigtent.client.models import Launches, RunnerStatus
 
 
 @click.command(context_settings=CONTEXT)

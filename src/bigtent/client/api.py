@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Any, Self, TypeVar
+from typing import Any, Self, TypeVar
 from urllib.parse import quote, urlsplit
 
 import httpx
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from bigtent.apimodels import (
     Agent,
     Agents,
-    ApiModel,
     Builder,
     Builders,
     CreatedToken,
@@ -26,6 +23,20 @@ from bigtent.apimodels import (
     TokenInfo,
     Tokens,
 )
+from bigtent.client.models import (
+    AttemptList,
+    Build,
+    BuildList,
+    Launches,
+    PinInfo,
+    PinList,
+    RunnerStatus,
+    Step,
+    StepAttempt,
+    StepList,
+    Uploaded,
+)
+from bigtent.client.sse import LOG_STREAM_READ_SECS, LogEvent, SseParser
 from bigtent.errors import (
     AuthError,
     BadRequest,
@@ -42,7 +53,6 @@ from bigtent.errors import (
     describe,
     parse_error_body,
 )
-from bigtent.states import BuildState
 from bigtent.tlsctx import httpx_verify
 
 log = logging.getLogger(__name__)
@@ -53,267 +63,6 @@ DEFAULT_TIMEOUT_SECS = 30.0
 """Connect/read timeout of ordinary API calls (uploads have no read/write deadline)."""
 
 API_PREFIX = "/api/v1"
-
-
-def _to_str(value: object) -> object:
-    # Ids may be integers or strings on the wire; the client treats them as opaque text.
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-
-Id = Annotated[str, BeforeValidator(_to_str)]
-
-
-class UpstreamInfo(ApiModel):
-    url: str
-    public_key: str = ""
-
-
-class RunnerStatus(ApiModel):
-    version: str = ""
-    cache_url: str = ""
-    cache_public_key: str = ""
-    untrusted_cache_url: str | None = None
-    """The runner's untrusted cache (outputs of untrusted builds); None from older runners."""
-    untrusted_cache_public_key: str | None = None
-    upstreams: list[UpstreamInfo] = []
-    steps: dict[str, int] = {}
-    agents_connected: int = 0
-    builds_active: int = 0
-    steps_waiting_for_capacity: int = 0
-    """Runnable steps no connected agent, SSH builder or autoscaler pool can take."""
-
-
-class StepCounts(ApiModel):
-    total: int = 0
-    waiting: int = 0
-    runnable: int = 0
-    running: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    cancelled: int = 0
-
-
-class BuildRoot(ApiModel):
-    drv_path: str
-    outputs: dict[str, str] = {}
-    step_id: Id | None = None
-    """None when the derivation's outputs were already cached."""
-    state: str = ""
-
-
-class FailedStep(ApiModel):
-    id: Id
-    drv_path: str
-    state: str = ""
-    outcome: str | None = None
-    error: str | None = None
-    log_tail: str | None = None
-
-
-class WaitingStep(ApiModel):
-    """A runnable step that no venue can take (``waiting for capacity: …``)."""
-
-    step_id: Id
-    drv_path: str
-    name: str = ""
-    system: str = ""
-    required_features: list[str] = []
-    reason: str = ""
-    since: str | None = None
-
-
-class Build(ApiModel):
-    id: Id
-    state: BuildState
-    priority: int = 0
-    created_at: str | None = None
-    finished_at: str | None = None
-    repository: str | None = None
-    ref: str | None = None
-    trusted: bool = True
-    """An untrusted build's outputs are in the untrusted cache, not the main one."""
-    roots: list[BuildRoot] = []
-    counts: StepCounts = StepCounts()
-    failed_steps: list[FailedStep] = []
-    """Only present in ``GET /builds/{id}``."""
-    waiting_for_capacity_count: int = 0
-    waiting_for_capacity: list[WaitingStep] = []
-    """The first of them, longest waiting first (only in ``GET /builds/{id}``)."""
-
-
-class StepAttempt(ApiModel):
-    """One attempt of a step (docs/api.md "Attempts"): which venue ran it, how it ended,
-    why, and when the step will be tried again (``retry_at`` None: the outcome was final)."""
-
-    id: int
-    step_id: Id
-    drv_path: str
-    name: str = ""
-    attempt: int
-    max_attempts: int
-    agent_name: str | None = None
-    started_at: str | None = None
-    finished_at: str | None = None
-    outcome: str
-    error: str | None = None
-    retry_at: str | None = None
-
-
-class Step(ApiModel):
-    id: Id
-    drv_path: str
-    name: str = ""
-    system: str = ""
-    required_features: list[str] = []
-    state: str = ""
-    outcome: str | None = None
-    error: str | None = None
-    attempts: int = 0
-    agent_name: str | None = None
-    trusted: bool = True
-    created_at: str | None = None
-    assigned_at: str | None = None
-    started_at: str | None = None
-    finished_at: str | None = None
-    outputs: dict[str, str] = {}
-    attempt_records: list[StepAttempt] = []
-    """Only in ``GET /steps/{id}``: its attempts, oldest first."""
-    waiting_reason: str | None = None
-    """Set while the step is runnable but no venue can take it."""
-
-
-class PinInfo(ApiModel):
-    """A named pin (docs/cache.md)."""
-
-    name: str
-    paths: list[str]
-    created_at: str | None = None
-    created_by: str = ""
-    expires_at: str | None = None
-    missing: list[str] = []
-    """Only in the answer to adding a pin: pinned paths the cache does not hold (yet)."""
-
-
-class _Pins(ApiModel):
-    pins: list[PinInfo]
-
-
-class Launch(ApiModel):
-    """One autoscaler launch (docs/autoscaling.md)."""
-
-    launch_id: str
-    pool: str
-    state: str
-    """``pending``, ``registered``, ``expired`` or ``failed``."""
-    created_at: str | None = None
-    updated_at: str | None = None
-    agent_machine_id: str | None = None
-    agent_name: str | None = None
-    error: str | None = None
-
-
-class LaunchCounters(ApiModel):
-    launches: int = 0
-    registrations: int = 0
-    expiries: int = 0
-    dispatch_failures: int = 0
-
-
-class LaunchPool(ApiModel):
-    """An ``[[autoscale.github]]`` pool with its last plan and counters."""
-
-    name: str
-    workflow: str = ""
-    systems: list[str] = []
-    max_jobs: int = 1
-    max_inflight: int = 0
-    pending: int = 0
-    demand: int = 0
-    covered: int = 0
-    deficit: int = 0
-    cooldown_until: str | None = None
-    counters: LaunchCounters = LaunchCounters()
-
-
-class Launches(ApiModel):
-    pools: list[LaunchPool] = []
-    counters: LaunchCounters = LaunchCounters()
-    ticks: int = 0
-    launches: list[Launch] = []
-
-
-class _Builds(ApiModel):
-    builds: list[Build]
-
-
-class _Attempts(ApiModel):
-    attempts: list[StepAttempt]
-
-
-class _Steps(ApiModel):
-    steps: list[Step]
-
-
-class _Uploaded(ApiModel):
-    path: str = Field(default="")
-
-
-LOG_STREAM_READ_SECS = 60.0
-"""Silence after which a live log stream counts as broken (the runner sends a keep-alive
-comment every 15 s)."""
-
-
-@dataclass(frozen=True, slots=True)
-class LogEvent:
-    """One event of a step's live log stream."""
-
-    text: str = ""
-    """Log text (a ``log`` event; not necessarily whole lines)."""
-    offset: int = 0
-    """The log offset after this event: where to ask again from."""
-    end_state: str | None = None
-    """Set by the ``end`` event: the step's final state."""
-    reset: bool = False
-    """The log started afresh: what was shown of it before is stale."""
-
-
-class SseParser:
-    """Server-sent events, a line at a time (the runner's ``event:``, ``data:`` and ``id:``
-    fields; ``data`` is JSON). ``feed`` returns an event at the blank line ending it."""
-
-    def __init__(self) -> None:
-        self._event = ""
-        self._data: list[str] = []
-        self._id: str | None = None
-
-    def feed(self, line: str) -> LogEvent | None:
-        if line:
-            if line.startswith(":"):
-                return None
-            name, _, field_value = line.partition(":")
-            field_value = field_value.removeprefix(" ")
-            if name == "event":
-                self._event = field_value
-            elif name == "data":
-                self._data.append(field_value)
-            elif name == "id":
-                self._id = field_value
-            return None
-        event, data, ident = self._event, "\n".join(self._data), self._id
-        self._event, self._data, self._id = "", [], None
-        offset = int(ident) if ident is not None and ident.isdigit() else 0
-        try:
-            value: Any = json.loads(data) if data else None
-        except ValueError as exc:
-            raise ProtocolError(f"runner sent a malformed log event: {data[:200]!r}") from exc
-        if event == "log" and isinstance(value, str):
-            return LogEvent(text=value, offset=offset)
-        if event == "end":
-            state = value.get("state") if isinstance(value, dict) else None
-            return LogEvent(offset=offset, end_state=str(state or "unknown"))
-        if event == "reset":
-            return LogEvent(reset=True)
-        return None
 
 
 _STATUS_ERRORS: dict[int, type[BigtentError]] = {
@@ -645,7 +394,7 @@ class RunnerClient:
         data = await self._json(
             "PUT", f"/paths/{basename}", content=nar, headers=headers, timeout=timeout
         )
-        return self._parse(_Uploaded, data, "upload answer").path or path
+        return self._parse(Uploaded, data, "upload answer").path or path
 
     async def create_build(
         self,
@@ -701,11 +450,11 @@ class RunnerClient:
         if mine:
             params["mine"] = "true"
         data = await self._json("GET", "/builds", params=params)
-        return self._parse(_Builds, data, "build list").builds
+        return self._parse(BuildList, data, "build list").builds
 
     async def fetch_steps(self, build_id: str) -> list[Step]:
         data = await self._json("GET", f"/builds/{checked_id(build_id, 'build')}/steps")
-        return self._parse(_Steps, data, "step list").steps
+        return self._parse(StepList, data, "step list").steps
 
     async def fetch_attempts(
         self, build_id: str, *, after: int = 0, limit: int = 1000
@@ -717,7 +466,7 @@ class RunnerClient:
             f"/builds/{checked_id(build_id, 'build')}/attempts",
             params={"after": after, "limit": limit},
         )
-        return self._parse(_Attempts, data, "attempt list").attempts
+        return self._parse(AttemptList, data, "attempt list").attempts
 
     async def fetch_step(self, step_id: str) -> Step:
         return self._parse(
@@ -813,7 +562,7 @@ class RunnerClient:
         return self._parse(PinInfo, data, "pin")
 
     async def fetch_pins(self) -> list[PinInfo]:
-        return self._parse(_Pins, await self._json("GET", "/pins"), "pin list").pins
+        return self._parse(PinList, await self._json("GET", "/pins"), "pin list").pins
 
     async def remove_pin(self, name: str) -> None:
         await self._json("DELETE", f"/pins/{quote(name, safe='')}")

@@ -10,7 +10,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from bigtent.client.api import Build, RunnerClient, StepAttempt
+from bigtent.client.api import RunnerClient
+from bigtent.client.models import Build, StepAttempt
 from bigtent.client.outage import UNREACHABLE_GRACE_SECS, riding_out
 from bigtent.client.reports import newly_waiting
 from bigtent.client.targets import Job

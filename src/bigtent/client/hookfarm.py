@@ -14,7 +14,8 @@ from bigtent.client.hookcommon import PROBE_TIMEOUT_SECS, HookConfig, Sink
 from bigtent.client.hooklogs import PhaseClock, RootLogs
 
 if TYPE_CHECKING:
-    from bigtent.client.api import Build, RunnerClient, RunnerStatus, Step, StepAttempt, WaitingStep
+    from bigtent.client.api import RunnerClient
+    from bigtent.client.models import Build, RunnerStatus, Step, StepAttempt, WaitingStep
     from bigtent.nix.store import NixStore
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ from bigtent.client.hookcommon import Sink
 if TYPE_CHECKING:
     import asyncio
 
-    from bigtent.client.api import Build, RunnerClient
+    from bigtent.client.api import RunnerClient
+    from bigtent.client.models import Build
     from bigtent.client.progress import PrefixedLines
 
 log = logging.getLogger(__name__)

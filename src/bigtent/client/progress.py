@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bigtent import humanize
-from bigtent.client.api import Build, RunnerClient, Step, StepAttempt, WaitingStep
+from bigtent.client.api import RunnerClient
+from bigtent.client.models import Build, Step, StepAttempt, WaitingStep
 from bigtent.errors import BigtentError, RunnerUnreachable
 from bigtent.states import BuildState, StepState
 

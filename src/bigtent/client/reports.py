@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from bigtent import humanize
-from bigtent.client.api import Build, BuildRoot, Step, StepAttempt, StepCounts, WaitingStep
+from bigtent.client.models import Build, BuildRoot, Step, StepAttempt, StepCounts, WaitingStep
 from bigtent.client.progress import nothing_to_build
 from bigtent.client.targets import Job
 from bigtent.protocol import Outcome

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bigtent import humanize
-from bigtent.client.api import Build, Step
+from bigtent.client.models import Build, Step
 
 PIPE_WIDTH = 250
 """Width of output into a pipe or file without ``COLUMNS``: wide lines, nothing wrapped."""

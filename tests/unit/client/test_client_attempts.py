@@ -12,9 +12,9 @@ import httpx
 import pytest
 
 from bigtent.client import follow
-from bigtent.client.api import Build, StepAttempt
 from bigtent.client.build import BuildOptions, run_build
 from bigtent.client.follow import AttemptFollower, follow_build
+from bigtent.client.models import Build, StepAttempt
 from bigtent.client.observer import SilentObserver
 from bigtent.client.reports import attempt_notice, build_report
 from tests.unit.client.test_client_build import (

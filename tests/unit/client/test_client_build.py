@@ -13,9 +13,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bigtent.client.api import Build, RunnerClient, RunnerStatus, StepCounts
+from bigtent.client.api import RunnerClient
 from bigtent.client.build import BuildOptions, run_build, submit_build
 from bigtent.client.follow import BuildTracker, follow_build
+from bigtent.client.models import Build, RunnerStatus, StepCounts
 from bigtent.client.observer import SilentObserver
 from bigtent.client.outputs import (
     ResultLink,

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 import httpx
 import pytest
 
-from bigtent.client.api import Build, RunnerClient, Step, WaitingStep
+from bigtent.client.api import RunnerClient
 from bigtent.client.build import parse_duration
 from bigtent.client.follow import BuildTracker, follow_build
+from bigtent.client.models import Build, Step, WaitingStep
 from bigtent.client.observer import SilentObserver
 from bigtent.client.reports import (
     build_report,

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from bigtent.client.api import Build, BuildRoot, FailedStep
 from bigtent.client.hookcommon import HookConfig, LogSink, OnUnreachable
 from bigtent.client.hookentry import (
     Reply,
@@ -40,6 +39,7 @@ from bigtent.client.hookentry import (
 )
 from bigtent.client.hookfarm import failure_exit_code, wanted_paths
 from bigtent.client.hookhandover import helper_argv, helper_socket, via_helper
+from bigtent.client.models import Build, BuildRoot, FailedStep
 from bigtent.client.nixhelper import parse_request
 from bigtent.client.nixhook import parse_args, run_hook
 from bigtent.states import BuildState

@@ -8,8 +8,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
-from bigtent.client.api import Build, LogEvent, RunnerClient
+from bigtent.client.api import RunnerClient
 from bigtent.client.hooklogs import RootLogs
+from bigtent.client.models import Build
+from bigtent.client.sse import LogEvent
 from bigtent.errors import NotFound
 from bigtent.states import BuildState
 

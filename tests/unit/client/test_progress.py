@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from bigtent import humanize
-from bigtent.client.api import Build, LogEvent, SseParser, Step
+from bigtent.client.models import Build, Step
 from bigtent.client.progress import (
     PrefixedLines,
     SeenStep,
@@ -20,6 +20,7 @@ from bigtent.client.progress import (
     step_events,
 )
 from bigtent.client.reports import progress_line
+from bigtent.client.sse import LogEvent, SseParser
 from bigtent.client.tables import Column, fit_widths, render_table
 from bigtent.errors import BadRequest, ProtocolError
 from bigtent.runner.http.routes.builds import build_state_filter
