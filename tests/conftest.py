@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -75,13 +76,31 @@ def have_nix() -> bool:
     return shutil.which("nix-store") is not None
 
 
+_SETNS_ROOT = """
+import ctypes, os
+fd = os.open("/proc/self/ns/mnt", os.O_RDONLY)
+if ctypes.CDLL(None, use_errno=True).setns(fd, 0x00020000) != 0:  # CLONE_NEWNS
+    raise SystemExit(1)
+st = os.stat("/")
+print(st.st_dev, st.st_ino)
+"""
+
+
 def _in_chroot() -> bool:
-    """Whether this process runs in a plain chroot: its root is not init's."""
+    """Whether this process runs in a plain chroot: a process that enters its own mount
+    namespace again (as Nix 2.8 does before it starts ``git`` or ``ssh``) lands at another
+    root. Asked of a child process, so this one keeps its root."""
+    here = os.stat("/")
     try:
-        here, init = os.stat("/"), os.stat("/proc/1/root")
-    except OSError:  # not allowed to look at init's root: not root, so no chroot store either
+        out = subprocess.run(
+            [sys.executable, "-c", _SETNS_ROOT], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
         return False
-    return (here.st_dev, here.st_ino) != (init.st_dev, init.st_ino)
+    if out.returncode != 0:  # not allowed to (not root): no chroot store either
+        return False
+    dev, ino = (int(x) for x in out.stdout.split())
+    return (dev, ino) != (here.st_dev, here.st_ino)
 
 
 IN_CHROOT = _in_chroot()
