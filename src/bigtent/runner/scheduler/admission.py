@@ -5,14 +5,16 @@ cache."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+from collections import ChainMap
 from collections.abc import AsyncIterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bigtent.runner.db import queries
-from bigtent.runner.scheduler import persist
+from bigtent.runner.scheduler import persist, reads
 from bigtent.runner.scheduler.dispatch import Dispatching
 from bigtent.runner.scheduler.matching import Requirement
 from bigtent.runner.scheduler.model import (
@@ -24,9 +26,18 @@ from bigtent.runner.scheduler.model import (
     node_from_row,
     send_aborts,
 )
+from bigtent.runner.scheduler.reads import DrvInfo
 from bigtent.runner.scheduler.steps import StepNode, plan_heights, raise_heights
 from bigtent.runner.scheduler.sync import LostRace
-from bigtent.runner.scheduler.transitions import Admit, Cancellation, StoredStep, admit_verdict
+from bigtent.runner.scheduler.transitions import (
+    Admit,
+    Admitted,
+    Cancellation,
+    StoredStep,
+    admit_verdict,
+    admitted,
+    build_ending,
+)
 from bigtent.runner.trust import untrusted_work
 from bigtent.states import BuildState, StepState
 
@@ -37,6 +48,45 @@ ADMIT_CHUNK_MAX = 8000
 """A new build's steps are written in chunks growing from the first size to the largest
 (one transaction each): the first is small, so its steps are dispatched soon; later ones
 amortise their transaction."""
+
+
+@dataclass
+class AdmissionPlan:
+    """An admission decided and written (``Admission._admit``), applied to memory only once
+    its transaction committed (``Admission._apply_admission``)."""
+
+    build_id: int
+    heights: Mapping[str, int]
+    ids: dict[str, int] = field(default_factory=dict)
+    """.drv path -> step id of every planned step."""
+    new: list[StepNode] = field(default_factory=list)
+    """Steps memory does not have: queued ones and cached failures."""
+    known: list[StepNode] = field(default_factory=list)
+    """Dependencies admitted earlier that left memory meanwhile, as their rows have them."""
+    requeued: list[StepNode] = field(default_factory=list)
+    """Finished steps in memory queued again in place."""
+    fresh: list[int] = field(default_factory=list)
+    """The steps queued (new or again), dependencies first."""
+    touched: list[int] = field(default_factory=list)
+    """Steps in memory joined, or failed at once as cached failures."""
+    cached: list[int] = field(default_factory=list)
+    """Cached failures memory does not have."""
+    pairs: list[tuple[int, int]] = field(default_factory=list)
+    """The plan's (step, dependency) edges."""
+    chunk: list[int] = field(default_factory=list)
+    """The planned steps, in plan order."""
+    decided: Admitted = field(default_factory=lambda: Admitted({}, [], {}, []))
+
+    def view(self, nodes: dict[int, StepNode]) -> ChainMap[int, StepNode]:
+        """``nodes`` (not copied, not changed) with the steps this plan brings into memory."""
+        return ChainMap({n.id: n for n in [*self.new, *self.known]}, nodes)
+
+    def states(self) -> dict[int, StepState]:
+        """The new states of the steps this plan queues."""
+        after = dict.fromkeys(self.fresh, StepState.WAITING)
+        after.update(dict.fromkeys(self.decided.failed, StepState.DEPENDENCY_FAILED))
+        after.update(dict.fromkeys(self.decided.runnable, StepState.RUNNABLE))
+        return after
 
 
 class Admission(Dispatching):
@@ -71,26 +121,15 @@ class Admission(Dispatching):
                 now = self.clock()
                 work, trust, shared = self._trust_plan(planned, roots, trusted)
                 heights = plan_heights([(s.drv.drv_path, s.deps) for s in work])
-                ids: dict[str, int] = {}
                 async with self._begin() as conn:
                     build_id = await persist.new_build(
                         conn, priority, created_by, now, repository, ref, submission_key, trusted
                     )
-                    build = ActiveBuild(
-                        build_id,
-                        priority,
-                        {},
-                        set(),
-                        BuildState.QUEUED,
-                        repository=repository,
-                        trusted=trusted,
-                    )
-                    self.builds[build_id] = build
-                    fresh = await self._admit(
+                    plan = await self._admit(
                         conn,
                         build_id,
                         work,
-                        ids,
+                        {},
                         heights,
                         now,
                         new_members=True,
@@ -98,13 +137,26 @@ class Admission(Dispatching):
                         shared=shared,
                     )
                     root_ids = {
-                        drv: ids[step_drv] if step_drv is not None else None
+                        drv: plan.ids[step_drv] if step_drv is not None else None
                         for drv, step_drv in roots.items()
                     }
-                    await queries.insert_build_roots(conn, build_id, root_ids)
-                    build.roots = root_ids
-                    self._recount(build)
-                    await self._maybe_finish_build(conn, build, now)
+                    await persist.build_roots(conn, build_id, root_ids)
+                    build = ActiveBuild(
+                        build_id,
+                        priority,
+                        root_ids,
+                        set(),
+                        BuildState.QUEUED,
+                        repository=repository,
+                        trusted=trusted,
+                    )
+                    ending = self._ending_after(build, plan)
+                    endings = {build_id: ending} if ending is not None else {}
+                    recorded = await persist.build_endings(conn, endings, now)
+                self.builds[build_id] = build
+                fresh = self._apply_admission(plan, now)
+                self._recount(build)
+                self._end_builds(endings, recorded)
                 log.info(
                     "build %d: %d roots, %d steps (%d queued)",
                     build_id,
@@ -115,7 +167,7 @@ class Admission(Dispatching):
                 self.wake()
                 return build_id
 
-            return await self._retrying(body)
+            return await self._retrying(body, applies_after_commit=True)
 
     async def admit_build(
         self,
@@ -191,7 +243,7 @@ class Admission(Dispatching):
                                 heights: Mapping[str, int] = part.heights,
                             ) -> int:
                                 async with self._begin() as conn:
-                                    return await self._admit(
+                                    plan = await self._admit(
                                         conn,
                                         build_id,
                                         chunk,
@@ -202,8 +254,10 @@ class Admission(Dispatching):
                                         trust=trust,
                                         shared=frozenset(),
                                     )
+                                ids.update(plan.ids)
+                                return self._apply_admission(plan, now)
 
-                            fresh += await self._guard(stage())
+                            fresh += await self._guard(stage(), applies_after_commit=True)
                         self.wake()
                         size = min(2 * size, ADMIT_CHUNK_MAX)
                 if roots is None:
@@ -259,16 +313,26 @@ class Admission(Dispatching):
                     drv: ids[step_drv] if step_drv is not None else None
                     for drv, step_drv in roots.items()
                 }
+                build = self.builds.get(build_id)
+                endings: dict[int, BuildState] = {}
                 async with self._begin() as conn:
-                    await queries.insert_build_roots(conn, build_id, root_ids)
-                    self._incomplete.discard(build_id)
-                    build = self.builds.get(build_id)
+                    await persist.build_roots(conn, build_id, root_ids)
                     if build is not None:
-                        build.roots = root_ids
-                        self._recount(build)
-                        await self._maybe_finish_build(conn, build, now)
+                        ending = build_ending(
+                            dataclasses.replace(
+                                build, roots=root_ids, unfinished=self._unfinished(build)
+                            ),
+                            self.nodes,
+                        )
+                        endings = {build_id: ending} if ending is not None else {}
+                    recorded = await persist.build_endings(conn, endings, now)
+                self._incomplete.discard(build_id)
+                if build is not None:
+                    build.roots = root_ids
+                    self._recount(build)
+                    self._end_builds(endings, recorded)
 
-            await self._guard(finish())
+            await self._guard(finish(), applies_after_commit=True)
 
     async def _discard_build(self, build_id: int) -> None:
         """Undo a build whose plan failed part way: cancel the steps no other build needs
@@ -282,7 +346,7 @@ class Admission(Dispatching):
                     build = self.builds.get(build_id)
                     if build is not None:
                         cancelled = await self._cancel(conn, build, now)
-                    await queries.delete_build(conn, build_id)
+                    await persist.build_deleted(conn, build_id)
                 if cancelled is not None:
                     send_aborts(self._apply_cancel(cancelled), "cancelled")
                 log.info("build %d discarded: its plan failed", build_id)
@@ -322,36 +386,28 @@ class Admission(Dispatching):
         new_members: bool,
         trust: Mapping[str, bool],
         shared: frozenset[str],
-    ) -> int:
-        """Make ``planned`` (dependencies first) work of the active build ``build_id``: join
-        active steps, fail cached failures at once, queue the rest. Dependencies outside
-        ``planned`` were admitted by an earlier call of the same admission: ``ids`` maps
-        their .drv paths to step ids, and gains this call's. ``heights`` are the steps'
-        heights within the whole plan (``plan_heights``). ``new_members``: write the
-        build's membership rows (a new build); otherwise they exist (a restart). ``trust``
-        says which step (trusted or untrusted) each derivation uses; the ``shared`` ones are
-        live trusted steps of an untrusted build, which get no new dependencies.
-
-        Returns how many steps were queued. Other active builds holding a finished step that
-        is queued again are not over after all: their counts are redone."""
+    ) -> AdmissionPlan:
+        """Decide and write how ``planned`` (dependencies first) becomes work of the build
+        ``build_id``: join active steps, fail cached failures at once, queue the rest. Memory
+        is not changed: ``_apply_admission`` applies the returned plan once the transaction
+        committed. Dependencies outside ``planned`` were admitted by an earlier call of the
+        same admission: ``ids`` maps their .drv paths to step ids (``AdmissionPlan.ids``
+        has this call's). ``heights`` are the steps' heights within the whole plan
+        (``plan_heights``). ``new_members``: write the build's membership rows (a new build);
+        otherwise they exist (a restart). ``trust`` says which step (trusted or untrusted)
+        each derivation uses; the ``shared`` ones are live trusted steps of an untrusted
+        build, which get no new dependencies."""
         ttl = self.config.failure_cache_ttl_secs
         # Locked until commit: another runner cannot change these steps under this decision.
         existing = {
-            tr: await queries.fetch_steps_by_drv(
-                conn,
-                [s.drv.drv_path for s in planned if trust[s.drv.drv_path] is tr],
-                trusted=tr,
-                lock=True,
+            tr: await reads.steps_by_drv(
+                conn, [s.drv.drv_path for s in planned if trust[s.drv.drv_path] is tr], trusted=tr
             )
             for tr in (True, False)
         }
-        fresh: list[StepNode] = []
-        """Steps this build queues: new ones and finished ones queued again."""
-        cached: list[StepNode] = []
-        """Steps that fail at once as cached failures and were not in memory."""
-        touched: list[StepNode] = []
-        reopened: set[int] = set()
-        inserts: dict[bool, list[queries.DrvInfo]] = {True: [], False: []}
+        plan = AdmissionPlan(build_id, heights)
+        known = ChainMap(plan.ids, ids)
+        inserts: dict[bool, list[DrvInfo]] = {True: [], False: []}
         resets: list[dict[str, Any]] = []
         values: dict[str, Any] = dict(
             state=StepState.WAITING,
@@ -383,29 +439,20 @@ class Admission(Dispatching):
             )
             if verdict is Admit.JOIN:
                 assert node is not None
-                ids[drv.drv_path] = node.id
-                touched.append(node)
+                plan.ids[drv.drv_path] = node.id
+                plan.touched.append(node.id)
                 continue
             if verdict is Admit.CREATE:
                 inserts[tr].append(drv)
                 continue
             assert row is not None
+            sid = int(row.id)
+            plan.ids[drv.drv_path] = sid
             if verdict is Admit.CACHED:
-                sid = int(row.id)
-                ids[drv.drv_path] = sid
-                # Recorded for this build; the step's row stays the attempt that ran.
-                await queries.insert_cached_failure_hit(
-                    conn,
-                    build_id,
-                    sid,
-                    hit_at=now,
-                    failed_at=float(row.failed_at),
-                    failed_outcome=str(row.outcome),
-                    cached_until=float(row.failed_at) + ttl,
-                )
+                await persist.cached_failure_hit(conn, build_id, row, ttl, now)
                 log.info("step %d (%s) is a cached failure", sid, drv.drv_path)
                 if node is None:
-                    cached.append(
+                    plan.new.append(
                         StepNode(
                             id=sid,
                             drv_path=drv.drv_path,
@@ -415,129 +462,161 @@ class Admission(Dispatching):
                             outputs=dict(drv.outputs),
                         )
                     )
+                    plan.cached.append(sid)
                 else:
-                    touched.append(node)
+                    plan.touched.append(node.id)
                 continue
-            sid = int(row.id)
             resets.append({"id": sid, **values})
-            self.logs.reset(sid)  # a fresh run, not a retry: a fresh log
-            ids[drv.drv_path] = sid
             if node is not None:
                 # A finished step still held by an active build runs again in place.
-                reopened |= node.builds
-                node.state = StepState.WAITING
-                node.created_at = now
-                node.deps.clear()
-                node.not_before = None
-                node.attempts = 0
-                node.venue = None
+                plan.requeued.append(node)
             else:
-                node = new_node(sid, drv, tr, now)
-            fresh.append(node)
-        await queries.update_steps_each(conn, resets)
-        if inserts[True] or inserts[False]:
-            for tr, new in inserts.items():
-                new_ids = await queries.insert_steps(
-                    conn, [{"drv_path": d.drv_path, "trusted": tr, **values} for d in new]
-                )
-                for drv in new:
-                    sid_new = new_ids.get(drv.drv_path)
-                    if sid_new is None:
-                        raise LostRace(f"another runner created the step of {drv.drv_path}")
-                    ids[drv.drv_path] = sid_new
-                    fresh.append(new_node(sid_new, drv, tr, now))
-            # Dependencies first, as planned: failures below fail what is above.
-            position = {item.drv.drv_path: i for i, item in enumerate(planned)}
-            fresh.sort(key=lambda n: position[n.drv_path])
-        pairs = [
-            (ids[item.drv.drv_path], ids[d])
+                plan.new.append(new_node(sid, drv, tr, now))
+            plan.fresh.append(sid)
+        await persist.steps_queued_again(conn, resets)
+        for tr, new in inserts.items():
+            if not new:
+                continue
+            new_ids = await persist.new_steps(conn, new, tr, values)
+            for drv in new:
+                sid_new = new_ids.get(drv.drv_path)
+                if sid_new is None:
+                    raise LostRace(f"another runner created the step of {drv.drv_path}")
+                plan.ids[drv.drv_path] = sid_new
+                plan.new.append(new_node(sid_new, drv, tr, now))
+                plan.fresh.append(sid_new)
+        # Dependencies first, as planned: failures below fail what is above.
+        position = {known[item.drv.drv_path]: i for i, item in enumerate(planned)}
+        plan.fresh.sort(key=position.__getitem__)
+        plan.pairs = [
+            (known[item.drv.drv_path], known[d])
             for item in planned
             if item.drv.drv_path not in shared
             for d in item.deps
             # architecture §6: a trusted step never waits for (or uses) an untrusted one.
             if not (trust[item.drv.drv_path] and not trust[d])
         ]
-        await queries.insert_step_deps(conn, pairs)
-        chunk_ids = [ids[item.drv.drv_path] for item in planned]
-        if new_members:
-            await queries.insert_build_steps(conn, build_id, chunk_ids)
-        for node in fresh + cached:
-            self.nodes[node.id] = node
-            self._by_drv(node.req.trusted)[node.drv_path] = node.id
+        plan.chunk = [known[item.drv.drv_path] for item in planned]
+        view = plan.view(self.nodes)
         # A dependency admitted earlier may have finished and left memory meanwhile (only
         # after a reload): its row says whether it succeeded.
-        gone = sorted({d for _, d in pairs if d not in self.nodes})
-        for row in await queries.fetch_steps_by_ids(conn, gone):
-            node = node_from_row(row)
+        for row in await reads.steps(conn, {d for _, d in plan.pairs if d not in view}):
+            plan.known.append(node_from_row(row))
+        view = plan.view(self.nodes)
+        queued = set(plan.fresh)
+        plan.decided = admitted(
+            plan.pairs,
+            plan.fresh,
+            lambda sid: StepState.WAITING if sid in queued else view[sid].state,
+            lambda sid: view[sid].drv_path,
+        )
+        await persist.admitted(
+            conn,
+            build_id if new_members else None,
+            plan.chunk,
+            plan.pairs,
+            [
+                {
+                    "id": sid,
+                    "state": StepState.DEPENDENCY_FAILED,
+                    "finished_at": now,
+                    "error": error,
+                }
+                for sid, error in plan.decided.failed.items()
+            ],
+            plan.decided.runnable,
+        )
+        return plan
+
+    def _ending_after(
+        self,
+        build: ActiveBuild,
+        plan: AdmissionPlan,
+        extra: Sequence[StepNode] = (),
+        roots: dict[str, int | None] | None = None,
+    ) -> BuildState | None:
+        """How ``build`` ends once ``plan`` (and ``roots``, when they come with it) is
+        applied, decided before it is: memory has the ``extra`` nodes only then too."""
+        view = ChainMap({n.id: n for n in extra}, plan.view(self.nodes))
+        after = plan.states()
+        steps = build.steps | set(plan.chunk)
+        unfinished = sum(
+            1 for sid in steps if sid in view and not after.get(sid, view[sid].state).is_final
+        )
+        return build_ending(
+            dataclasses.replace(
+                build, roots=build.roots if roots is None else roots, unfinished=unfinished
+            ),
+            view,
+            after,
+            incomplete=build.id in self._incomplete,
+        )
+
+    def _apply_admission(self, plan: AdmissionPlan, now: float) -> int:
+        """Apply an admission whose transaction committed (``_admit``); returns how many
+        steps it queued. Other active builds holding a finished step that is queued again
+        are not over after all: their counts are redone."""
+        reopened: set[int] = set()
+        for node in plan.requeued:
+            reopened |= node.builds
+            node.state = StepState.WAITING
+            node.created_at = now
+            node.deps.clear()
+            node.not_before = None
+            node.attempts = 0
+            node.venue = None
+        for sid in plan.fresh:
+            self.logs.reset(sid)  # a fresh run, not a retry: a fresh log
+        for node in plan.new:
+            self.nodes[node.id] = node
+            self._by_drv(node.req.trusted)[node.drv_path] = node.id
+        for node in plan.known:
             self.nodes[node.id] = node
             self._by_drv(node.req.trusted).setdefault(node.drv_path, node.id)
-        for s, d in pairs:
-            dep, node = self.nodes[d], self.nodes[s]
-            # A step that already runs (or ran) keeps the dependencies it started with:
-            # no edge, so a later failure of the new dependency cannot fail it.
-            if node.state is not StepState.WAITING:
-                continue
-            if dep.state is not StepState.SUCCEEDED:
-                node.deps.add(d)
-            dep.dependents.add(s)
-        build = self.builds[build_id]
-        build.steps.update(chunk_ids)
-        for sid in chunk_ids:
+        decided = plan.decided
+        for s, d in decided.links:
+            self.nodes[d].dependents.add(s)
+        for s, deps in decided.waits.items():
+            self.nodes[s].deps |= deps
+        build = self.builds[plan.build_id]
+        build.steps.update(plan.chunk)
+        for sid in plan.chunk:
             member = self.nodes.get(sid)
             if member is not None:
-                member.builds.add(build_id)
+                member.builds.add(plan.build_id)
                 member.priority = max(member.priority, build.priority)
-        # Queued steps whose dependencies failed fail at once; the others wait or run.
-        runnable: list[StepNode] = []
-        failed_rows: list[dict[str, Any]] = []
-        for node in fresh:
-            failed_dep = next(
-                (
-                    self.nodes[d]
-                    for d in sorted(node.deps)
-                    if self.nodes[d].state
-                    in (StepState.FAILED, StepState.DEPENDENCY_FAILED, StepState.CANCELLED)
-                ),
-                None,
-            )
-            if failed_dep is not None:
-                node.state = StepState.DEPENDENCY_FAILED
-                failed_rows.append(
-                    {
-                        "id": node.id,
-                        "state": node.state,
-                        "finished_at": now,
-                        "error": f"dependency {failed_dep.drv_path} failed",
-                    }
-                )
-            elif not node.deps:
-                runnable.append(node)
-        await queries.update_steps_each(conn, failed_rows)
-        for node in runnable:
+        for sid in decided.failed:
+            self.nodes[sid].state = StepState.DEPENDENCY_FAILED
+        for sid in decided.runnable:
+            node = self.nodes[sid]
             node.state = StepState.RUNNABLE
             self.metrics.step_runnable(node, now)
-        await queries.update_steps(conn, [n.id for n in runnable], state=StepState.RUNNABLE)
         # Heights within the plan first (so dependents admitted later count already), for
         # these steps and their dependencies (a leaf admitted early had only an estimate);
         # then with every active build's dependents.
         raised: list[StepNode] = []
-        for sid in sorted(set(chunk_ids).union(d for _, d in pairs)):
+        for sid in sorted(set(plan.chunk).union(d for _, d in plan.pairs)):
             member = self.nodes.get(sid)
-            if member is not None and heights.get(member.drv_path, 0) > member.height:
-                member.height = heights[member.drv_path]
+            if member is not None and plan.heights.get(member.drv_path, 0) > member.height:
+                member.height = plan.heights[member.drv_path]
                 raised.append(member)
         order = (
-            [n.id for n in reversed(fresh)]
-            + [n.id for n in touched + cached]
+            list(reversed(plan.fresh))
+            + plan.touched
+            + plan.cached
             + [d for n in raised for d in sorted(n.deps)]
         )
-        rekey = raise_heights(self.nodes, order) | {n.id for n in fresh + touched + raised}
+        rekey = raise_heights(self.nodes, order) | {
+            *plan.fresh,
+            *plan.touched,
+            *(n.id for n in raised),
+        }
         for sid in sorted(rekey):
             node = self.nodes[sid]
             if node.state is StepState.RUNNABLE:
                 self._make_runnable(node, now)
-        for bid in sorted(reopened - {build_id}):
+        for bid in sorted(reopened - {plan.build_id}):
             other = self.builds.get(bid)
             if other is not None:
                 self._recount(other)
-        return len(fresh)
+        return len(plan.fresh)

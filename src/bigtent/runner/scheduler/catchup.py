@@ -12,8 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bigtent import protocol as p
 from bigtent.graphs import dependencies_first
-from bigtent.runner.db import queries
 from bigtent.runner.db.notify import Change
+from bigtent.runner.scheduler import persist, reads
 from bigtent.runner.scheduler.model import ActiveBuild, node_from_row, try_send
 from bigtent.runner.scheduler.state import SchedulerState
 from bigtent.runner.scheduler.steps import StepNode, raise_heights
@@ -109,7 +109,7 @@ class CatchUp(SchedulerState):
             return
         renewals = [(n.id, str(n.lease_id), float(n.lease_expires_at or 0.0)) for n in due]
         async with self.engine.begin() as conn:
-            await queries.renew_leases(conn, renewals)
+            await persist.renewals(conn, renewals)
         for sid, _, expires in renewals:
             self._stored_expiry[sid] = expires
 
@@ -141,21 +141,17 @@ class CatchUp(SchedulerState):
         gets there first does it."""
         now = self.clock()
         async with self._begin() as conn:
-            build_rows = await queries.fetch_builds_by_ids(conn, sorted(build_ids))
+            build_rows = await reads.builds(conn, build_ids)
             new = [
                 int(b.id)
                 for b in build_rows
                 if int(b.id) not in self.builds and not BuildState(b.state).is_final
             ]
-            roots: dict[int, dict[str, int | None]] = {i: {} for i in new}
-            for r in await queries.fetch_all_build_roots(conn, new):
-                roots[r.build_id][r.drv_path] = r.step_id
-            members: dict[int, set[int]] = {i: set() for i in new}
-            for b, s in await queries.fetch_build_step_ids(conn, new):
-                members[b].add(int(s))
-            new_roots = {s for r in roots.values() for s in r.values() if s is not None}
+            parts = await reads.build_parts(conn, new)
+            roots, members = parts.roots, parts.members
+            new_roots = parts.root_steps()
             wanted = step_ids | new_roots | {s for m in members.values() for s in m}
-            rows = await queries.fetch_steps_by_ids(conn, sorted(wanted))
+            rows = await reads.steps(conn, wanted)
             fresh: dict[int, StepNode] = {}
             """Steps new here, or waiting again: their edges are read."""
             moved: list[StepNode] = []
@@ -180,7 +176,7 @@ class CatchUp(SchedulerState):
                         fresh[node.id] = node
                 seen.append(node)
             if fresh:
-                for s, d in await queries.fetch_step_edges(conn, sorted(fresh)):
+                for s, d in await reads.edges(conn, fresh, both_ends=True):
                     dependent, dep = self.nodes.get(s), self.nodes.get(d)
                     if dependent is None or dep is None:
                         continue
@@ -273,11 +269,9 @@ class CatchUp(SchedulerState):
         if not waiting:
             return
         deps: dict[int, list[int]] = {n.id: [] for n in waiting}
-        for s, d in await queries.fetch_step_deps(conn, sorted(deps)):
+        for s, d in await reads.edges(conn, deps):
             deps[s].append(d)
-        states = await queries.fetch_step_states(
-            conn, sorted({d for ds in deps.values() for d in ds})
-        )
+        states = await reads.step_states(conn, {d for ds in deps.values() for d in ds})
         for node in waiting:
             verdict = waiting_verdict([StepState(states[d][0]) for d in deps[node.id]])
             if verdict is StepState.WAITING:
@@ -287,7 +281,7 @@ class CatchUp(SchedulerState):
                     if states[d][0] != StepState.SUCCEEDED and d in self.nodes
                 }
                 continue
-            values: dict[str, Any] = {"state": verdict}
+            values: dict[str, Any] = {}
             if verdict is StepState.DEPENDENCY_FAILED:
                 failed = next(
                     d
@@ -295,7 +289,7 @@ class CatchUp(SchedulerState):
                     if StepState(states[d][0]).is_final and states[d][0] != StepState.SUCCEEDED
                 )
                 values.update(finished_at=now, error=f"dependency {states[failed][1]} failed")
-            if await queries.update_steps_in_state(conn, [node.id], [StepState.WAITING], **values):
+            if await persist.settled(conn, node.id, verdict, **values):
                 node.state = verdict
                 node.deps.clear()
             else:

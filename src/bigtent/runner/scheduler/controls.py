@@ -6,7 +6,7 @@ import logging
 from collections.abc import Collection
 
 from bigtent.graphs import dependencies_first
-from bigtent.runner.db import queries
+from bigtent.runner.scheduler import persist, reads
 from bigtent.runner.scheduler.admission import Admission
 from bigtent.runner.scheduler.model import (
     REDO_STATES,
@@ -37,7 +37,7 @@ class Controls(Admission):
                 now = self.clock()
                 async with self._begin() as conn:
                     cancelled = await self._cancel(conn, build, now)
-                    await queries.insert_build_event(
+                    await persist.build_event(
                         conn, build_id, at=now, kind=BuildEventKind.CANCELLED, actor=actor
                     )
                 send_aborts(self._apply_cancel(cancelled), "cancelled")
@@ -51,7 +51,7 @@ class Controls(Admission):
     ) -> None:
         """Record an event of a build that changes nothing in the scheduler's memory."""
         async with self._begin() as conn:
-            await queries.insert_build_event(
+            await persist.build_event(
                 conn, build_id, at=self.clock(), kind=kind, actor=actor, detail=detail
             )
 
@@ -66,8 +66,8 @@ class Controls(Admission):
                     return False
                 now = self.clock()
                 async with self._begin() as conn:
-                    await queries.update_build(conn, build_id, priority=priority)
-                    await queries.insert_build_event(
+                    await persist.bumped(conn, build_id, priority)
+                    await persist.build_event(
                         conn,
                         build_id,
                         at=now,
@@ -108,25 +108,23 @@ class Controls(Admission):
             async def body() -> bool:
                 now = self.clock()
                 async with self._begin() as conn:
-                    row = await queries.fetch_build(conn, build_id)
-                    if row is None:
+                    stored = await reads.restart_rows(conn, build_id)
+                    if stored is None:
                         return False
-                    members = await queries.fetch_build_steps(conn, build_id)
-                    build_roots = await queries.fetch_all_build_roots(conn, [build_id])
-                    root_ids = {r.drv_path: r.step_id for r in build_roots}
+                    members, root_ids = stored.members, stored.roots
                     member_ids = [int(m.id) for m in members]
                     if roots is not None:
                         named = [root_ids.get(d) for d in roots]
                         chosen = restart_selection(
                             {int(m.id): StepState(m.state) for m in members},
-                            await queries.fetch_step_deps(conn, member_ids),
+                            stored.deps,
                             {int(s) for s in named if s is not None},
                         )
                         members = [m for m in members if int(m.id) in chosen]
                     redo = [m for m in members if m.state in REDO_STATES]
                     if not redo:
                         return True
-                    await queries.insert_build_event(
+                    await persist.build_event(
                         conn,
                         build_id,
                         at=now,
@@ -134,17 +132,12 @@ class Controls(Admission):
                         actor=actor,
                         detail=f"{len(redo)} steps queued again",
                     )
-                    await queries.update_steps(
-                        conn,
-                        [int(m.id) for m in redo if m.state == StepState.FAILED],
-                        failed_at=None,
-                    )
                     pending = [m for m in members if m.state != StepState.SUCCEEDED]
-                    drvs = await queries.fetch_derivations(conn, [m.drv_path for m in pending])
+                    drvs = await reads.derivations(conn, [m.drv_path for m in pending])
                     by_id = {int(m.id): str(m.drv_path) for m in pending}
                     deps: dict[str, list[str]] = {d: [] for d in by_id.values()}
-                    for s, d in await queries.fetch_step_deps(conn, list(by_id)):
-                        if d in by_id:
+                    for s, d in stored.deps:
+                        if s in by_id and d in by_id:
                             deps[by_id[s]].append(by_id[d])
                     planned = [
                         PlannedStep(drvs[d], tuple(sorted(deps[d])))
@@ -154,10 +147,9 @@ class Controls(Admission):
                     # runs again as the trusted step it is.
                     trust = {str(m.drv_path): bool(m.trusted) for m in pending}
                     build = self.builds.get(build_id)
+                    reopened = build is None
                     if build is None:
-                        await queries.update_build(
-                            conn, build_id, state=BuildState.QUEUED, finished_at=None
-                        )
+                        row = stored.build
                         build = ActiveBuild(
                             build_id,
                             int(row.priority),
@@ -167,9 +159,14 @@ class Controls(Admission):
                             repository=row.repository,
                             trusted=bool(row.trusted),
                         )
-                        self.builds[build_id] = build
+                    await persist.restarted(
+                        conn,
+                        build_id,
+                        [int(m.id) for m in redo if m.state == StepState.FAILED],
+                        reopen=reopened,
+                    )
                     heights = plan_heights([(s.drv.drv_path, s.deps) for s in planned])
-                    await self._admit(
+                    plan = await self._admit(
                         conn,
                         build_id,
                         planned,
@@ -181,18 +178,26 @@ class Controls(Admission):
                         shared=frozenset(),
                     )
                     # Roots not restarted keep their ends, which decide the build's outcome.
-                    final_roots = sorted(
-                        {s for s in root_ids.values() if s is not None} - set(self.nodes)
-                    )
-                    for step_row in await queries.fetch_steps_by_ids(conn, final_roots):
-                        node = node_from_row(step_row)
-                        self.nodes[node.id] = node
-                        self._by_drv(node.req.trusted).setdefault(node.drv_path, node.id)
-                        node.builds.add(build_id)
-                    self._recount(build)
-                    await self._maybe_finish_build(conn, build, now)
+                    view = plan.view(self.nodes)
+                    final_roots = [
+                        node_from_row(step_row)
+                        for step_row in await reads.steps(
+                            conn, {s for s in root_ids.values() if s is not None and s not in view}
+                        )
+                    ]
+                    ending = self._ending_after(build, plan, final_roots)
+                    endings = {build_id: ending} if ending is not None else {}
+                    recorded = await persist.build_endings(conn, endings, now)
+                self.builds[build_id] = build
+                self._apply_admission(plan, now)
+                for node in final_roots:
+                    self.nodes[node.id] = node
+                    self._by_drv(node.req.trusted).setdefault(node.drv_path, node.id)
+                    node.builds.add(build_id)
+                self._recount(build)
+                self._end_builds(endings, recorded)
                 log.info("build %d restarted: %d steps queued again", build_id, len(redo))
                 self.wake()
                 return True
 
-            return await self._retrying(body)
+            return await self._retrying(body, applies_after_commit=True)

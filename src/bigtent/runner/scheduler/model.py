@@ -11,8 +11,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from bigtent import protocol as p
-from bigtent.runner.db import queries
 from bigtent.runner.scheduler.matching import Requirement, VenueView
+from bigtent.runner.scheduler.reads import DrvInfo
 from bigtent.runner.scheduler.steps import StepNode
 from bigtent.states import BuildState, StepState
 
@@ -131,7 +131,7 @@ class PlanPart:
 class PlannedStep:
     """A derivation a new build needs built, with the derivations it depends on."""
 
-    drv: queries.DrvInfo
+    drv: DrvInfo
     deps: tuple[str, ...]
     """.drv paths of needed input derivations (those whose outputs are not available)."""
 
@@ -146,7 +146,7 @@ def kind_of(view: VenueView) -> Kind:
     )
 
 
-def new_node(sid: int, drv: queries.DrvInfo, trusted: bool, now: float) -> StepNode:
+def new_node(sid: int, drv: DrvInfo, trusted: bool, now: float) -> StepNode:
     return StepNode(
         id=sid,
         drv_path=drv.drv_path,

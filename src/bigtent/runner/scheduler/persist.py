@@ -5,13 +5,15 @@ end with it. Memory is changed by the caller only after the transaction commits.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bigtent import protocol as p
 from bigtent.runner.db import queries
+from bigtent.runner.db.queries import DrvInfo
 from bigtent.runner.scheduler.transitions import MAX_ERROR_CHARS, AttemptEnd, Cancellation
-from bigtent.states import BuildState, StepState
+from bigtent.states import BuildEventKind, BuildState, StepState
 
 
 async def attempt_end(
@@ -197,3 +199,117 @@ async def assignments(
         ],
     )
     await queries.start_builds(conn, list(started))
+
+
+async def agents_disconnected(conn: AsyncConnection) -> None:
+    """At a fresh start no agent is connected yet."""
+    await queries.mark_all_agents_disconnected(conn)
+
+
+async def build_event(
+    conn: AsyncConnection,
+    build_id: int,
+    *,
+    at: float,
+    kind: BuildEventKind,
+    actor: str,
+    detail: str | None = None,
+) -> None:
+    """Record an event of a build (who cancelled, bumped or restarted it, and when)."""
+    await queries.insert_build_event(conn, build_id, at=at, kind=kind, actor=actor, detail=detail)
+
+
+async def build_roots(
+    conn: AsyncConnection, build_id: int, roots: Mapping[str, int | None]
+) -> None:
+    """A build's roots (.drv path -> step id, None: cached): from now on it ends when they do."""
+    await queries.insert_build_roots(conn, build_id, roots)
+
+
+async def build_deleted(conn: AsyncConnection, build_id: int) -> None:
+    """A build whose plan failed part way is deleted (its steps stay)."""
+    await queries.delete_build(conn, build_id)
+
+
+async def bumped(conn: AsyncConnection, build_id: int, priority: int) -> None:
+    """A build's new priority."""
+    await queries.update_build(conn, build_id, priority=priority)
+
+
+async def claim(conn: AsyncConnection, step_ids: Sequence[int]) -> set[int]:
+    """Of these runnable steps, those no other runner holds, locked for this transaction."""
+    return await queries.claim_runnable_steps(conn, step_ids)
+
+
+async def renewals(conn: AsyncConnection, leases: Sequence[tuple[int, str, float]]) -> None:
+    """Lease renewals (step id, lease id, expires at) stored for the other runners."""
+    await queries.renew_leases(conn, leases)
+
+
+async def settled(conn: AsyncConnection, step_id: int, state: StepState, **values: Any) -> bool:
+    """A waiting step whose dependencies are done: runnable or dependency-failed, only if
+    still waiting (another runner may be first)."""
+    return bool(
+        await queries.update_steps_in_state(
+            conn, [step_id], [StepState.WAITING], state=state, **values
+        )
+    )
+
+
+async def cached_failure_hit(
+    conn: AsyncConnection, build_id: int, row: Any, ttl: float, now: float
+) -> None:
+    """A build met the cached failure of the step ``row``: recorded for the build, while
+    the step's row stays the attempt that ran."""
+    await queries.insert_cached_failure_hit(
+        conn,
+        build_id,
+        int(row.id),
+        hit_at=now,
+        failed_at=float(row.failed_at),
+        failed_outcome=str(row.outcome),
+        cached_until=float(row.failed_at) + ttl,
+    )
+
+
+async def steps_queued_again(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Finished steps queued again in place (each row: the step's ``id`` and its values)."""
+    await queries.update_steps_each(conn, rows)
+
+
+async def new_steps(
+    conn: AsyncConnection, drvs: Sequence[DrvInfo], trusted: bool, values: Mapping[str, Any]
+) -> dict[str, int]:
+    """New steps of one trust for these derivations; returns each one's id by .drv path (a
+    derivation missing from it got its step from another runner first)."""
+    return await queries.insert_steps(
+        conn, [{"drv_path": d.drv_path, "trusted": trusted, **values} for d in drvs]
+    )
+
+
+async def admitted(
+    conn: AsyncConnection,
+    build_id: int | None,
+    members: Sequence[int],
+    pairs: Sequence[tuple[int, int]],
+    failed: Sequence[Mapping[str, Any]],
+    runnable: Sequence[int],
+) -> None:
+    """The rest of an admission: the edges (step, dependency), the build's membership rows
+    (``build_id`` None: they exist), the steps failed at once for a failed dependency and
+    those runnable at once."""
+    await queries.insert_step_deps(conn, pairs)
+    if build_id is not None:
+        await queries.insert_build_steps(conn, build_id, members)
+    await queries.update_steps_each(conn, failed)
+    await queries.update_steps(conn, list(runnable), state=StepState.RUNNABLE)
+
+
+async def restarted(
+    conn: AsyncConnection, build_id: int, failed: Sequence[int], *, reopen: bool
+) -> None:
+    """A restart clears its failed steps' cached failures; ``reopen``: the build had ended
+    and is queued again."""
+    await queries.update_steps(conn, list(failed), failed_at=None)
+    if reopen:
+        await queries.update_build(conn, build_id, state=BuildState.QUEUED, finished_at=None)

@@ -33,8 +33,7 @@ from typing import Any, TypeVar
 
 from bigtent.errors import Conflict, Unavailable
 from bigtent.graphs import dependencies_first
-from bigtent.runner.db import queries
-from bigtent.runner.scheduler import recovery
+from bigtent.runner.scheduler import persist, reads, recovery
 from bigtent.runner.scheduler.controls import Controls
 from bigtent.runner.scheduler.model import (
     ACTIVE_STATES,
@@ -71,9 +70,9 @@ class Scheduler(Controls):
         now = self.clock()
         async with self._begin() as conn:
             if fresh_start:
-                await queries.mark_all_agents_disconnected(conn)
-            rows = await queries.fetch_active_steps(conn, list(ACTIVE_STATES))
-            for row in rows:
+                await persist.agents_disconnected(conn)
+            stored = await reads.active(conn, ACTIVE_STATES)
+            for row in stored.steps:
                 node = node_from_row(row)
                 if node.state.is_leased:
                     self._stored_expiry[node.id] = float(row.lease_expires_at or 0.0)
@@ -83,23 +82,13 @@ class Scheduler(Controls):
                         self._watch_lease(node)
                 self.nodes[node.id] = node
                 self._by_drv(node.req.trusted)[node.drv_path] = node.id
-            for sid, dep in await queries.fetch_step_deps(conn, list(self.nodes)):
+            for sid, dep in stored.deps:
                 if dep in self.nodes:
                     self.nodes[sid].deps.add(dep)
                     self.nodes[dep].dependents.add(sid)
-            active = await queries.fetch_active_builds(conn)
-            ids = [b.id for b in active]
-            roots: dict[int, dict[str, int | None]] = {i: {} for i in ids}
-            for r in await queries.fetch_all_build_roots(conn, ids):
-                roots[r.build_id][r.drv_path] = r.step_id
-            members: dict[int, set[int]] = {i: set() for i in ids}
-            for b, s in await queries.fetch_build_step_ids(conn, ids):
-                members[b].add(s)
+            active, roots, members = stored.builds, stored.parts.roots, stored.parts.members
             # Final roots of active builds must be known to decide when those builds end.
-            final_roots = {s for r in roots.values() for s in r.values() if s is not None} - set(
-                self.nodes
-            )
-            for row in await queries.fetch_steps_by_ids(conn, sorted(final_roots)):
+            for row in await reads.steps(conn, stored.parts.root_steps() - set(self.nodes)):
                 node = node_from_row(row)
                 self.nodes[node.id] = node
         for b in active:
@@ -149,7 +138,7 @@ class Scheduler(Controls):
                         build.id,
                     )
                     self._apply_cancel(await self._cancel(conn, build, now))
-                    await queries.insert_build_event(
+                    await persist.build_event(
                         conn,
                         build.id,
                         at=now,

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from bigtent.runner.db import queries
+from bigtent.runner.scheduler import persist, reads
 
 
 class DatabaseMode(Protocol):
@@ -42,14 +42,14 @@ class DatabaseMode(Protocol):
 
     async def rows_to_check(
         self, conn: AsyncConnection, step_ids: Sequence[int]
-    ) -> Mapping[int, queries.LeaseRow] | None:
+    ) -> Mapping[int, reads.LeaseRow] | None:
         """The steps' rows, locked until the transaction ends, to check against memory; None:
         memory is the record, nothing to check."""
         ...
 
     async def expiry_rows(
         self, engine: AsyncEngine, step_ids: Sequence[int]
-    ) -> Mapping[int, queries.LeaseRow] | None:
+    ) -> Mapping[int, reads.LeaseRow] | None:
         """The rows of steps whose leases are due here, to see whether the database agrees
         they expired; None: they expired, nobody else renews them."""
         ...
@@ -74,12 +74,12 @@ class SoleDatabase:
 
     async def rows_to_check(
         self, conn: AsyncConnection, step_ids: Sequence[int]
-    ) -> Mapping[int, queries.LeaseRow] | None:
+    ) -> Mapping[int, reads.LeaseRow] | None:
         return None
 
     async def expiry_rows(
         self, engine: AsyncEngine, step_ids: Sequence[int]
-    ) -> Mapping[int, queries.LeaseRow] | None:
+    ) -> Mapping[int, reads.LeaseRow] | None:
         return None
 
 
@@ -98,18 +98,17 @@ class SharedDatabase:
         return True
 
     async def claim(self, conn: AsyncConnection, step_ids: Sequence[int]) -> set[int]:
-        return await queries.claim_runnable_steps(conn, step_ids)
+        return await persist.claim(conn, step_ids)
 
     async def rows_to_check(
         self, conn: AsyncConnection, step_ids: Sequence[int]
-    ) -> Mapping[int, queries.LeaseRow] | None:
-        return await queries.lock_steps(conn, step_ids)
+    ) -> Mapping[int, reads.LeaseRow] | None:
+        return await reads.locked_rows(conn, step_ids)
 
     async def expiry_rows(
         self, engine: AsyncEngine, step_ids: Sequence[int]
-    ) -> Mapping[int, queries.LeaseRow] | None:
-        async with engine.connect() as conn:
-            return await queries.lock_steps(conn, step_ids, lock=False)
+    ) -> Mapping[int, reads.LeaseRow] | None:
+        return await reads.expiry_rows(engine, step_ids)
 
 
 def database_mode(shared: bool) -> DatabaseMode:

@@ -159,7 +159,11 @@ class SchedulerState:
 
     def _recount(self, build: ActiveBuild) -> None:
         """Count the build's member steps that are not final yet."""
-        build.unfinished = sum(
+        build.unfinished = self._unfinished(build)
+
+    def _unfinished(self, build: ActiveBuild) -> int:
+        """The build's member steps in memory that are not final yet."""
+        return sum(
             1 for sid in build.steps if sid in self.nodes and not self.nodes[sid].state.is_final
         )
 

@@ -403,3 +403,61 @@ def admit_verdict(
     ):
         return Admit.CACHED
     return Admit.REQUEUE
+
+
+_FAILED_DEP = (StepState.FAILED, StepState.DEPENDENCY_FAILED, StepState.CANCELLED)
+"""States of a dependency that fail a step queued on it."""
+
+
+@dataclass
+class Admitted:
+    """How the steps an admission queued start (``admitted``): the edges the working copy
+    gains, and which queued steps fail at once or are runnable at once."""
+
+    waits: dict[int, set[int]]
+    """Step -> the dependencies it waits for (those that have not succeeded)."""
+    links: list[tuple[int, int]]
+    """(step, dependency) pairs recorded in memory: the dependency's dependents gain the step."""
+    failed: dict[int, str]
+    """Queued steps that fail at once, each with its error (a dependency failed)."""
+    runnable: list[int]
+    """Queued steps without a dependency to wait for."""
+
+
+def admitted(
+    pairs: Iterable[tuple[int, int]],
+    queued: Iterable[int],
+    state_of: Callable[[int], StepState],
+    drv_of: Callable[[int], str],
+) -> Admitted:
+    """Decide how an admission's steps start. ``pairs`` are the plan's (step, dependency)
+    edges, ``queued`` the steps it queues (new or queued again: waiting, without
+    dependencies yet; dependencies first), ``state_of`` every step's state as the admission
+    leaves it (queued ones waiting). A step that already runs (or ran) keeps the dependencies
+    it started with: no edge, so a later failure of the new dependency cannot fail it. A
+    queued step on a failed dependency fails at once (and what is queued on it with it)."""
+    waits: dict[int, set[int]] = {}
+    links: list[tuple[int, int]] = []
+    for s, d in pairs:
+        if state_of(s) is not StepState.WAITING:
+            continue
+        if state_of(d) is not StepState.SUCCEEDED:
+            waits.setdefault(s, set()).add(d)
+        links.append((s, d))
+    failed: dict[int, str] = {}
+    runnable: list[int] = []
+    for sid in queued:
+        deps = waits.get(sid, set())
+        failed_dep = next(
+            (
+                d
+                for d in sorted(deps)
+                if (StepState.DEPENDENCY_FAILED if d in failed else state_of(d)) in _FAILED_DEP
+            ),
+            None,
+        )
+        if failed_dep is not None:
+            failed[sid] = f"dependency {drv_of(failed_dep)} failed"
+        elif not deps:
+            runnable.append(sid)
+    return Admitted(waits, links, failed, runnable)
