@@ -1286,6 +1286,96 @@ async def test_a_failed_cancel_leaves_memory_as_it_was(
     assert agent.aborts() == [a.step_id]
 
 
+def _memory(farm: Farm) -> dict[str, Any]:
+    """What the working copy holds, as plain values to compare."""
+    s = farm.sched
+    return {
+        "nodes": {
+            i: (n.state, sorted(n.deps), sorted(n.dependents), sorted(n.builds), n.priority)
+            for i, n in s.nodes.items()
+        },
+        "builds": {
+            b.id: (b.state, sorted(b.steps), b.unfinished, b.roots) for b in s.builds.values()
+        },
+        "by_drv": dict(s.by_drv),
+        "runnable": farm.runnable(),
+    }
+
+
+async def test_a_failed_admission_leaves_memory_as_it_was(
+    farm: Farm, monkeypatch: pytest.MonkeyPatch, no_reload: None
+) -> None:
+    build, x, y, agent, a = await _x_leased_y_waiting(farm)
+    z = drv("z", drv("x"))
+    w = drv("w")
+    before = _memory(farm)
+    # The new build joins x and queues z and w; its roots' write fails last: nothing of it
+    # is applied (no new steps, x not shared, no build).
+    with monkeypatch.context() as patch:
+        patch.setattr(queries, "insert_build_roots", _broken)
+        with pytest.raises(RuntimeError):
+            await farm.add([drv("x"), z, w], roots=[z, w])
+    assert _memory(farm) == before
+    second = await farm.add([drv("x"), z, w], roots=[z, w])
+    assert farm.sched.nodes[x].builds == {build, second}
+    assert await farm.succeed(agent, a)
+    built = []
+    while assigns := (await farm.tick(), agent.take_assigns())[1]:
+        for b in assigns:
+            built.append(b.drv_path)
+            assert await farm.succeed(agent, b)
+    assert sorted(built) == sorted([drv("y", drv("x")).drv_path, z.drv_path, w.drv_path])
+    assert await farm.build_state(second) == "succeeded"
+
+
+async def test_a_failed_restart_leaves_memory_as_it_was(
+    farm: Farm, monkeypatch: pytest.MonkeyPatch, no_reload: None
+) -> None:
+    a, b = drv("a"), drv("b")
+    build = await farm.add([a, b], roots=[a, b])
+    agent = farm.agent("m1", max_jobs=2)
+    await farm.tick()
+    assigned = by_drv(agent.take_assigns())
+    assert await farm.report(agent, assigned[a.drv_path], p.Outcome.BUILD_FAILURE)
+    assert await farm.build_state(build) == "running"  # b still runs
+    before = _memory(farm)
+    # The restart queues a again; its edges' write fails: a stays failed in memory, the
+    # build keeps its count.
+    with monkeypatch.context() as patch:
+        patch.setattr(queries, "insert_step_deps", _broken)
+        with pytest.raises(RuntimeError):
+            await farm.sched.restart_build(build)
+    assert _memory(farm) == before
+    assert await farm.state(a) is StepState.FAILED
+    assert await farm.sched.restart_build(build)
+    assert farm.sched.nodes[farm.sid(a)].state is StepState.RUNNABLE
+    assert farm.sched.builds[build].unfinished == 2
+    await farm.tick()
+    [again] = agent.take_assigns()
+    assert await farm.succeed(agent, again)
+    assert await farm.succeed(agent, assigned[b.drv_path])
+    assert await farm.build_state(build) == "succeeded"
+
+
+async def test_a_failed_restart_of_an_ended_build_leaves_memory_as_it_was(
+    farm: Farm, monkeypatch: pytest.MonkeyPatch, no_reload: None
+) -> None:
+    x = drv("x")
+    build = await farm.add([x], roots=[x])
+    assert await farm.sched.cancel_build(build)
+    before = _memory(farm)
+    with monkeypatch.context() as patch:
+        patch.setattr(queries, "finish_build", _broken)
+        patch.setattr(queries, "update_steps", _broken)
+        with pytest.raises(RuntimeError):
+            await farm.sched.restart_build(build)
+    assert _memory(farm) == before
+    assert build not in farm.sched.builds
+    assert await farm.build_state(build) == "cancelled"
+    assert await farm.sched.restart_build(build)
+    assert await farm.state(x) is StepState.RUNNABLE
+
+
 async def test_a_failed_pass_reloads_memory_from_the_database(
     farm: Farm, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -434,9 +434,13 @@ class Admission(Dispatching):
                 if row is None
                 else StoredStep(StepState(row.state), row.outcome, row.failed_at)
             )
-            verdict = admit_verdict(
-                drv.drv_path, node.state if node is not None else None, stored, now, ttl
-            )
+            try:
+                verdict = admit_verdict(
+                    drv.drv_path, node.state if node is not None else None, stored, now, ttl
+                )
+            except LostRace:
+                self._resync = True  # another runner's build: read everything again, then retry
+                raise
             if verdict is Admit.JOIN:
                 assert node is not None
                 plan.ids[drv.drv_path] = node.id
@@ -481,6 +485,7 @@ class Admission(Dispatching):
             for drv in new:
                 sid_new = new_ids.get(drv.drv_path)
                 if sid_new is None:
+                    self._resync = True
                     raise LostRace(f"another runner created the step of {drv.drv_path}")
                 plan.ids[drv.drv_path] = sid_new
                 plan.new.append(new_node(sid_new, drv, tr, now))

@@ -19,6 +19,7 @@ from bigtent.runner.scheduler.transitions import (
     Admit,
     StoredStep,
     admit_verdict,
+    admitted,
     build_ending,
     build_endings,
     cancel,
@@ -487,3 +488,62 @@ def test_another_runner_changed_the_step_first(
 ) -> None:
     with pytest.raises(LostRace, match=says):
         admit_verdict("/nix/store/x.drv", here, stored, NOW, TTL)
+
+
+# ---- admitted ------------------------------------------------------------------------------
+W, S, F, C = StepState.WAITING, StepState.SUCCEEDED, StepState.FAILED, StepState.CANCELLED
+
+
+@pytest.mark.parametrize(
+    ("states", "pairs", "queued", "waits", "links", "failed", "runnable"),
+    [
+        # a queued chain: the bottom runs, the rest wait
+        ({1: W, 2: W, 3: W}, [(2, 1), (3, 2)], [1, 2, 3], {2: {1}, 3: {2}}, 2, {}, [1]),
+        # a succeeded dependency is linked but not waited for
+        ({1: S, 2: W}, [(2, 1)], [2], {}, 1, {}, [2]),
+        # a failed dependency fails what is queued on it, and what is queued on that
+        ({1: F, 2: W, 3: W}, [(2, 1), (3, 2)], [2, 3], {2: {1}, 3: {2}}, 2, {2: "d1", 3: "d2"}, []),
+        # a joined step that already runs gains no edge
+        ({1: W, 2: StepState.BUILDING}, [(2, 1)], [1], {}, 0, {}, [1]),
+        # a joined waiting step waits for a new dependency too
+        ({1: W, 2: W}, [(2, 1)], [1], {2: {1}}, 1, {}, [1]),
+        # a cancelled dependency fails the step; one of two waits on the other
+        (
+            {1: StepState.CANCELLED, 2: W, 3: W},
+            [(3, 1), (3, 2)],
+            [2, 3],
+            {3: {1, 2}},
+            2,
+            {3: "d1"},
+            [2],
+        ),
+    ],
+)
+def test_admitted_decides_edges_failures_and_runnables(
+    states: dict[int, StepState],
+    pairs: list[tuple[int, int]],
+    queued: list[int],
+    waits: dict[int, set[int]],
+    links: int,
+    failed: dict[int, str],
+    runnable: list[int],
+) -> None:
+    decided = admitted(pairs, queued, states.__getitem__, lambda sid: f"d{sid}")
+    assert decided.waits == waits
+    assert len(decided.links) == links
+    assert decided.failed == {sid: f"dependency {drv} failed" for sid, drv in failed.items()}
+    assert decided.runnable == runnable
+
+
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9)), max_size=30))
+def test_admitted_never_leaves_a_queued_step_both_failed_and_runnable(
+    edges: list[tuple[int, int]],
+) -> None:
+    pairs = [(s, d) for s, d in edges if d < s]  # dependencies first
+    states = {i: (F if i == 0 else W) for i in range(10)}
+    decided = admitted(pairs, range(1, 10), states.__getitem__, str)
+    assert not set(decided.failed) & set(decided.runnable)
+    for sid in range(1, 10):
+        deps = decided.waits.get(sid, set())
+        assert (sid in decided.runnable) is (not deps)
+        assert (sid in decided.failed) is any(d == 0 or d in decided.failed for d in deps)
