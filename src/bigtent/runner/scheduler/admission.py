@@ -57,8 +57,9 @@ class AdmissionPlan:
 
     build_id: int
     heights: Mapping[str, int]
-    ids: dict[str, int] = field(default_factory=dict)
-    """.drv path -> step id of every planned step."""
+    ids: dict[str, int]
+    """.drv path -> step id of every step of the admission so far (its own map, not the
+    working copy's: a failed admission is discarded whole)."""
     new: list[StepNode] = field(default_factory=list)
     """Steps memory does not have: queued ones and cached failures."""
     known: list[StepNode] = field(default_factory=list)
@@ -75,6 +76,8 @@ class AdmissionPlan:
     """The plan's (step, dependency) edges."""
     chunk: list[int] = field(default_factory=list)
     """The planned steps, in plan order."""
+    resets: list[dict[str, Any]] = field(default_factory=list)
+    """The rows of finished steps queued again (their logs start afresh)."""
     decided: Admitted = field(default_factory=lambda: Admitted({}, [], {}, []))
 
     def view(self, nodes: dict[int, StepNode]) -> ChainMap[int, StepNode]:
@@ -254,7 +257,6 @@ class Admission(Dispatching):
                                         trust=trust,
                                         shared=frozenset(),
                                     )
-                                ids.update(plan.ids)
                                 return self._apply_admission(plan, now)
 
                             fresh += await self._guard(stage(), applies_after_commit=True)
@@ -391,8 +393,8 @@ class Admission(Dispatching):
         ``build_id``: join active steps, fail cached failures at once, queue the rest. Memory
         is not changed: ``_apply_admission`` applies the returned plan once the transaction
         committed. Dependencies outside ``planned`` were admitted by an earlier call of the
-        same admission: ``ids`` maps their .drv paths to step ids (``AdmissionPlan.ids``
-        has this call's). ``heights`` are the steps' heights within the whole plan
+        same admission: ``ids`` (the admission's own map) maps their .drv paths to step ids,
+        and gains this call's. ``heights`` are the steps' heights within the whole plan
         (``plan_heights``). ``new_members``: write the build's membership rows (a new build);
         otherwise they exist (a restart). ``trust`` says which step (trusted or untrusted)
         each derivation uses; the ``shared`` ones are live trusted steps of an untrusted
@@ -405,10 +407,8 @@ class Admission(Dispatching):
             )
             for tr in (True, False)
         }
-        plan = AdmissionPlan(build_id, heights)
-        known = ChainMap(plan.ids, ids)
+        plan = AdmissionPlan(build_id, heights, ids)
         inserts: dict[bool, list[DrvInfo]] = {True: [], False: []}
-        resets: list[dict[str, Any]] = []
         values: dict[str, Any] = dict(
             state=StepState.WAITING,
             created_at=now,
@@ -470,14 +470,14 @@ class Admission(Dispatching):
                 else:
                     plan.touched.append(node.id)
                 continue
-            resets.append({"id": sid, **values})
+            plan.resets.append({"id": sid, **values})
             if node is not None:
                 # A finished step still held by an active build runs again in place.
                 plan.requeued.append(node)
             else:
                 plan.new.append(new_node(sid, drv, tr, now))
             plan.fresh.append(sid)
-        await persist.steps_queued_again(conn, resets)
+        await persist.steps_queued_again(conn, plan.resets)
         for tr, new in inserts.items():
             if not new:
                 continue
@@ -491,29 +491,28 @@ class Admission(Dispatching):
                 plan.new.append(new_node(sid_new, drv, tr, now))
                 plan.fresh.append(sid_new)
         # Dependencies first, as planned: failures below fail what is above.
-        position = {known[item.drv.drv_path]: i for i, item in enumerate(planned)}
+        position = {ids[item.drv.drv_path]: i for i, item in enumerate(planned)}
         plan.fresh.sort(key=position.__getitem__)
         plan.pairs = [
-            (known[item.drv.drv_path], known[d])
+            (ids[item.drv.drv_path], ids[d])
             for item in planned
             if item.drv.drv_path not in shared
             for d in item.deps
             # architecture §6: a trusted step never waits for (or uses) an untrusted one.
             if not (trust[item.drv.drv_path] and not trust[d])
         ]
-        plan.chunk = [known[item.drv.drv_path] for item in planned]
+        plan.chunk = [ids[item.drv.drv_path] for item in planned]
         view = plan.view(self.nodes)
         # A dependency admitted earlier may have finished and left memory meanwhile (only
         # after a reload): its row says whether it succeeded.
         for row in await reads.steps(conn, {d for _, d in plan.pairs if d not in view}):
             plan.known.append(node_from_row(row))
         view = plan.view(self.nodes)
-        queued = set(plan.fresh)
+        involved = {i for pair in plan.pairs for i in pair}
+        states = {sid: view[sid].state for sid in involved}
+        states.update(dict.fromkeys(plan.fresh, StepState.WAITING))
         plan.decided = admitted(
-            plan.pairs,
-            plan.fresh,
-            lambda sid: StepState.WAITING if sid in queued else view[sid].state,
-            lambda sid: view[sid].drv_path,
+            plan.pairs, plan.fresh, states.__getitem__, lambda sid: view[sid].drv_path
         )
         await persist.admitted(
             conn,
@@ -570,8 +569,8 @@ class Admission(Dispatching):
             node.not_before = None
             node.attempts = 0
             node.venue = None
-        for sid in plan.fresh:
-            self.logs.reset(sid)  # a fresh run, not a retry: a fresh log
+        for row in plan.resets:
+            self.logs.reset(row["id"])  # a fresh run, not a retry: a fresh log
         for node in plan.new:
             self.nodes[node.id] = node
             self._by_drv(node.req.trusted)[node.drv_path] = node.id
