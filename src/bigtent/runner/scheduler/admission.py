@@ -9,7 +9,6 @@ import dataclasses
 import logging
 from collections import ChainMap
 from collections.abc import AsyncIterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -30,8 +29,8 @@ from bigtent.runner.scheduler.reads import DrvInfo
 from bigtent.runner.scheduler.steps import StepNode, plan_heights, raise_heights
 from bigtent.runner.scheduler.sync import LostRace
 from bigtent.runner.scheduler.transitions import (
+    AdmissionPlan,
     Admit,
-    Admitted,
     Cancellation,
     StoredStep,
     admit_verdict,
@@ -48,48 +47,6 @@ ADMIT_CHUNK_MAX = 8000
 """A new build's steps are written in chunks growing from the first size to the largest
 (one transaction each): the first is small, so its steps are dispatched soon; later ones
 amortise their transaction."""
-
-
-@dataclass
-class AdmissionPlan:
-    """An admission decided and written (``Admission._admit``), applied to memory only once
-    its transaction committed (``Admission._apply_admission``)."""
-
-    build_id: int
-    heights: Mapping[str, int]
-    ids: dict[str, int]
-    """.drv path -> step id of every step of the admission so far (its own map, not the
-    working copy's: a failed admission is discarded whole)."""
-    new: list[StepNode] = field(default_factory=list)
-    """Steps memory does not have: queued ones and cached failures."""
-    known: list[StepNode] = field(default_factory=list)
-    """Dependencies admitted earlier that left memory meanwhile, as their rows have them."""
-    requeued: list[StepNode] = field(default_factory=list)
-    """Finished steps in memory queued again in place."""
-    fresh: list[int] = field(default_factory=list)
-    """The steps queued (new or again), dependencies first."""
-    touched: list[int] = field(default_factory=list)
-    """Steps in memory joined, or failed at once as cached failures."""
-    cached: list[int] = field(default_factory=list)
-    """Cached failures memory does not have."""
-    pairs: list[tuple[int, int]] = field(default_factory=list)
-    """The plan's (step, dependency) edges."""
-    chunk: list[int] = field(default_factory=list)
-    """The planned steps, in plan order."""
-    resets: list[dict[str, Any]] = field(default_factory=list)
-    """The rows of finished steps queued again (their logs start afresh)."""
-    decided: Admitted = field(default_factory=lambda: Admitted({}, [], {}, []))
-
-    def view(self, nodes: dict[int, StepNode]) -> ChainMap[int, StepNode]:
-        """``nodes`` (not copied, not changed) with the steps this plan brings into memory."""
-        return ChainMap({n.id: n for n in [*self.new, *self.known]}, nodes)
-
-    def states(self) -> dict[int, StepState]:
-        """The new states of the steps this plan queues."""
-        after = dict.fromkeys(self.fresh, StepState.WAITING)
-        after.update(dict.fromkeys(self.decided.failed, StepState.DEPENDENCY_FAILED))
-        after.update(dict.fromkeys(self.decided.runnable, StepState.RUNNABLE))
-        return after
 
 
 class Admission(Dispatching):

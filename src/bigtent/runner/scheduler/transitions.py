@@ -8,13 +8,18 @@ memory, so a failed transaction leaves memory as it was. ``build_endings`` then 
 builds end once the steps that became final are known (on a shared database another runner
 may have moved some dependents on first).
 
+A new build (or a restart) is decided the same way: ``admit_verdict`` for each derivation,
+``admitted`` for how the queued steps start, gathered in an ``AdmissionPlan`` that memory
+takes only after its transaction committed.
+
 The outcome is classified once (``leases.classify``, like Hydra's ``updateWithBuildResult``).
 """
 
 from __future__ import annotations
 
+from collections import ChainMap
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -461,3 +466,45 @@ def admitted(
         elif not deps:
             runnable.append(sid)
     return Admitted(waits, links, failed, runnable)
+
+
+@dataclass
+class AdmissionPlan:
+    """An admission decided and written (``Admission._admit``), applied to memory only once
+    its transaction committed (``Admission._apply_admission``)."""
+
+    build_id: int
+    heights: Mapping[str, int]
+    ids: dict[str, int]
+    """.drv path -> step id of every step of the admission so far (its own map, not the
+    working copy's: a failed admission is discarded whole)."""
+    new: list[StepNode] = field(default_factory=list)
+    """Steps memory does not have: queued ones and cached failures."""
+    known: list[StepNode] = field(default_factory=list)
+    """Dependencies admitted earlier that left memory meanwhile, as their rows have them."""
+    requeued: list[StepNode] = field(default_factory=list)
+    """Finished steps in memory queued again in place."""
+    fresh: list[int] = field(default_factory=list)
+    """The steps queued (new or again), dependencies first."""
+    touched: list[int] = field(default_factory=list)
+    """Steps in memory joined, or failed at once as cached failures."""
+    cached: list[int] = field(default_factory=list)
+    """Cached failures memory does not have."""
+    pairs: list[tuple[int, int]] = field(default_factory=list)
+    """The plan's (step, dependency) edges."""
+    chunk: list[int] = field(default_factory=list)
+    """The planned steps, in plan order."""
+    resets: list[dict[str, Any]] = field(default_factory=list)
+    """The rows of finished steps queued again (their logs start afresh)."""
+    decided: Admitted = field(default_factory=lambda: Admitted({}, [], {}, []))
+
+    def view(self, nodes: dict[int, StepNode]) -> ChainMap[int, StepNode]:
+        """``nodes`` (not copied, not changed) with the steps this plan brings into memory."""
+        return ChainMap({n.id: n for n in [*self.new, *self.known]}, nodes)
+
+    def states(self) -> dict[int, StepState]:
+        """The new states of the steps this plan queues."""
+        after = dict.fromkeys(self.fresh, StepState.WAITING)
+        after.update(dict.fromkeys(self.decided.failed, StepState.DEPENDENCY_FAILED))
+        after.update(dict.fromkeys(self.decided.runnable, StepState.RUNNABLE))
+        return after
