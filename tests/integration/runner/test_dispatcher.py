@@ -1305,7 +1305,7 @@ def _memory(farm: Farm) -> dict[str, Any]:
 async def test_a_failed_admission_leaves_memory_as_it_was(
     farm: Farm, monkeypatch: pytest.MonkeyPatch, no_reload: None
 ) -> None:
-    build, x, y, agent, a = await _x_leased_y_waiting(farm)
+    build, x, _y, agent, a = await _x_leased_y_waiting(farm)
     z = drv("z", drv("x"))
     w = drv("w")
     before = _memory(farm)
