@@ -1665,3 +1665,35 @@ async def test_a_builds_took_leaves_out_the_time_it_only_waited(farm: Farm) -> N
     assert await farm.build_state(build) == "succeeded"
     farm.clock.now = T0 + 500
     assert await took() == 15.0
+
+
+async def test_a_failed_chunk_of_a_staged_admission_is_undone_without_a_reload(
+    farm: Farm, monkeypatch: pytest.MonkeyPatch, no_reload: None
+) -> None:
+    shared, own, late = drv("shared"), drv("own"), drv("late", drv("own"))
+    await _record(farm, shared, own, late)
+    other = await farm.add([shared], roots=[shared])
+    before = _memory(farm)
+    broken = False
+
+    async def parts() -> AsyncIterator[PlanPart]:
+        nonlocal broken
+        yield _part([shared, own], [shared, own, late])
+        broken = True  # the second chunk's transaction fails as it writes its edges
+        yield _part([late], [shared, own, late], roots=[shared, late])
+
+    real = queries.insert_step_deps
+
+    async def insert_step_deps(conn: Any, pairs: Any) -> None:
+        if broken:
+            raise RuntimeError("database is locked")
+        await real(conn, pairs)
+
+    monkeypatch.setattr(queries, "insert_step_deps", insert_step_deps)
+    with pytest.raises(RuntimeError):
+        await farm.sched.admit_build(priority=0, created_by="t", parts=parts())
+    # The first chunk was applied, then undone with the build; the second never was.
+    assert _memory(farm) == before
+    assert late.drv_path not in farm.sched.by_drv
+    assert await farm.state(own) is StepState.CANCELLED
+    assert farm.sched.builds.keys() == {other}

@@ -259,7 +259,7 @@ class Admission(Dispatching):
                 self._incomplete.add(build_id)
                 return build_id
 
-            return await self._guard(create())
+            return await self._guard(create(), applies_after_commit=True)
 
     async def _finish_admission(
         self, build_id: int, roots: dict[str, str | None], ids: dict[str, int], now: float
