@@ -66,6 +66,46 @@ class StorageFullEvents:
     reason: str
 
 
+class StoredFile:
+    """The file a NAR is stored as, written as the NAR is received: compressed as configured,
+    counted, and hashed (uncompressed, the file is the NAR: its hash is the NAR hash, not a
+    second pass)."""
+
+    def __init__(self, out: BinaryIO, compression: Compression, level: int) -> None:
+        self.out = out
+        self.compression = compression
+        self.size = 0
+        self._compressor = Compressor(compression, level)
+        self._sha = hashlib.sha256() if compression is not Compression.NONE else None
+
+    def write(self, nar_chunk: bytes) -> None:
+        self._put(self._compressor.compress(nar_chunk))
+
+    def flush(self) -> None:
+        """Write what the compressor holds back (once, after the last chunk)."""
+        self._put(self._compressor.flush())
+
+    def _put(self, data: bytes) -> None:
+        if data:
+            if self._sha is not None:
+                self._sha.update(data)
+            self.size += len(data)
+            self.out.write(data)
+
+    def ingested(self, nar_hash: bytes, nar_size: int, references: frozenset[str]) -> Ingested:
+        """What was learned, once the NAR checked out as ``nar_hash``."""
+        file_hash = self._sha.digest() if self._sha is not None else nar_hash
+        return Ingested(
+            nar_hash=nar_hash,
+            nar_size=nar_size,
+            file_name=nar_file_name(file_hash, self.compression),
+            file_hash=file_hash,
+            file_size=self.size,
+            references=references,
+            compression=self.compression,
+        )
+
+
 class NarIntake:
     """The way in of a cache: NARs verified into staged files of its storage."""
 
@@ -104,25 +144,13 @@ class NarIntake:
         """
         check_nar_size(declared_size, self.config.max_nar_bytes)
         compression = self.config.compression
-        compressor = Compressor(compression, self.config.compression_level)
         check = NarCheck(declared_size, declared_hash, candidates, sink)
-        # Uncompressed, the stored file is the NAR: its hash is the NAR hash, not a second pass.
-        file_sha = hashlib.sha256() if compression is not Compression.NONE else None
-        file_size = 0
-        try:
-            out, staged = self.storage.new_temp()
-        except OSError as exc:
-            raise self._storage_error(exc) from exc
+        out, staged = self.new_staged()
+        stored = StoredFile(out, compression, self.config.compression_level)
 
         def process(chunk: bytes) -> None:
-            nonlocal file_size
             check.feed(chunk)
-            data = compressor.compress(chunk)
-            if data:
-                if file_sha is not None:
-                    file_sha.update(data)
-                file_size += len(data)
-                out.write(data)
+            stored.write(chunk)
 
         def process_all(batch: list[bytes]) -> None:
             for chunk in batch:
@@ -171,11 +199,7 @@ class NarIntake:
                         await asyncio.wait([pending])
                         if not pending.cancelled():
                             pending.exception()
-                data = compressor.flush()
-                if file_sha is not None:
-                    file_sha.update(data)
-                file_size += len(data)
-                out.write(data)
+                stored.flush()
             nar_sha, references = check.finish()
         except OSError as exc:
             if isinstance(exc, ConnectionError):
@@ -192,19 +216,7 @@ class NarIntake:
             self.metrics.upload_failed(kind, exc)
             raise
         self.metrics.upload_verified(kind, declared_size)
-        file_hash = file_sha.digest() if file_sha is not None else nar_sha
-        return (
-            Ingested(
-                nar_hash=nar_sha,
-                nar_size=declared_size,
-                file_name=nar_file_name(file_hash, compression),
-                file_hash=file_hash,
-                file_size=file_size,
-                references=references,
-                compression=compression,
-            ),
-            staged,
-        )
+        return stored.ingested(nar_sha, declared_size, references), staged
 
     def new_staged(self) -> tuple[BinaryIO, Staged]:
         """A new staged file of the storage (blocking); StorageFull or StorageUnavailable when
@@ -230,27 +242,15 @@ class NarIntake:
         Blocking, for a worker thread: one thread hop for many paths instead of one per
         chunk. The caller discards the staged file on any error."""
         check_nar_size(declared_size, self.config.max_nar_bytes)
-        compression = self.config.compression
-        compressor = Compressor(compression, self.config.compression_level)
         check = NarCheck(declared_size, declared_hash, (), sink)
-        file_sha = hashlib.sha256() if compression is not Compression.NONE else None
-        file_size = 0
+        stored = StoredFile(out, self.config.compression, self.config.compression_level)
         try:
             with out:
                 for chunk in chunks:
                     check.count(chunk)
                     check.feed(chunk)
-                    data = compressor.compress(chunk)
-                    if data:
-                        if file_sha is not None:
-                            file_sha.update(data)
-                        file_size += len(data)
-                        out.write(data)
-                data = compressor.flush()
-                if file_sha is not None:
-                    file_sha.update(data)
-                file_size += len(data)
-                out.write(data)
+                    stored.write(chunk)
+                stored.flush()
             nar_sha, references = check.finish()
         except OSError as exc:
             failure = self._storage_error(exc)
@@ -260,16 +260,7 @@ class NarIntake:
             self.metrics.upload_failed(kind, exc)
             raise
         self.metrics.upload_verified(kind, declared_size)
-        file_hash = file_sha.digest() if file_sha is not None else nar_sha
-        return Ingested(
-            nar_hash=nar_sha,
-            nar_size=declared_size,
-            file_name=nar_file_name(file_hash, compression),
-            file_hash=file_hash,
-            file_size=file_size,
-            references=references,
-            compression=compression,
-        )
+        return stored.ingested(nar_sha, declared_size, references)
 
     def _storage_error(self, exc: OSError) -> StorageUnavailable:
         """The error to answer for a NAR the storage could not take: ``StorageFull`` (507,
