@@ -92,7 +92,9 @@ def test_fanin_benchmark_reports_its_fields(tmp_path: Path) -> None:
 @pytest.mark.skipif(not have_nix(), reason="needs Nix")
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 def test_cache_benchmark_reports_its_fields(tmp_path: Path) -> None:
-    result = run_bench("cache.py", "--size-mib", "4", "--narinfo-repeat", "1", cwd=tmp_path)
+    result = run_bench(
+        "cache.py", "--size-mib", "4", "--narinfo-repeat", "1", "--rounds", "1", cwd=tmp_path
+    )
     assert_machine(result)
     n = result["nars"]["count"]
     assert n > 1
