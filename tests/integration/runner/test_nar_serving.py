@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from typing import Any
 
@@ -107,3 +108,25 @@ async def test_sendfile_is_offered_only_on_plain_tcp_of_asyncios_loop() -> None:
         writer.close()
     finally:
         server.close()
+
+
+async def test_a_client_leaving_mid_file_breaks_nothing(
+    make_runner: MakeRunner, caplog: pytest.LogCaptureFixture
+) -> None:
+    runner = await make_runner(serve=True)
+    size = 64 * MiB  # more than the socket buffers hold: the send is cut off midway
+    with (runner.state_dir / "cache" / "nar" / "big.nar").open("wb") as f:
+        f.truncate(size)
+    assert runner.url is not None
+    host, port = runner.url.removeprefix("http://").split(":")
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /cache/nar/big.nar HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        await reader.readexactly(4096)
+        writer.close()
+    async with httpx.AsyncClient(base_url=runner.url, timeout=30) as client:
+        r = await client.get("/cache/nix-cache-info")
+        assert r.status_code == 200
+    assert not [x for x in caplog.records if x.levelno >= logging.ERROR]

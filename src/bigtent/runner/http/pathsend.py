@@ -58,8 +58,8 @@ async def _send_path(
 ) -> None:
     """The body of a response whose start is sent: file ``path``, by ``sendfile``, for the
     ``content-length`` the start declared."""
-    if cycle.disconnected:
-        return
+    if cycle.disconnected or cycle.transport.is_closing():
+        return  # the client went away (sendfile would refuse a closing transport)
     if not cycle.response_started or cycle.response_complete or cycle.chunked_encoding:
         raise RuntimeError("http.response.pathsend needs a started response with a length")
     count = cycle.expected_content_length
@@ -70,10 +70,14 @@ async def _send_path(
             try:
                 sent = await loop.sendfile(cycle.transport, file, 0, count)
             except ConnectionError:
-                return  # the client went away: the connection is closing
+                sent = -1  # the client went away
             if sent != count:
-                # The file shrank under the response: the client must not take it whole.
-                log.warning("%s: sent %d of %d bytes; closing the connection", path, sent, count)
+                if sent >= 0:
+                    # The file shrank under the response: the client must not take it whole.
+                    log.warning("%s: sent %d of %d bytes; connection closed", path, sent, count)
+                # The response cannot be completed: the connection ends here, as uvicorn ends
+                # one whose client left.
+                cycle.disconnected = True
                 cycle.transport.close()
                 return
     cycle.expected_content_length = 0
