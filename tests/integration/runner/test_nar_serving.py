@@ -130,3 +130,23 @@ async def test_a_client_leaving_mid_file_breaks_nothing(
         r = await client.get("/cache/nix-cache-info")
         assert r.status_code == 200
     assert not [x for x in caplog.records if x.levelno >= logging.ERROR]
+
+
+async def test_a_file_shorter_than_its_length_is_never_taken_whole(
+    make_runner: MakeRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = await make_runner(serve=True)
+    _put(runner, "shrinking.nar", b"x" * MiB)
+    loop = asyncio.get_running_loop()
+    real = loop.sendfile
+
+    async def short(transport: Any, file: Any, offset: int = 0, count: int | None = None) -> int:
+        # As if the file shrank between its stat and its sending.
+        return await real(transport, file, offset, (count or 1) - 1)
+
+    monkeypatch.setattr(loop, "sendfile", short)
+    async with httpx.AsyncClient(base_url=runner.url or "", timeout=30) as client:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.get("/cache/nar/shrinking.nar")
+        # The connection was closed; the next request gets a new one.
+        assert (await client.get("/cache/nix-cache-info")).status_code == 200
