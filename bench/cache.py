@@ -22,7 +22,11 @@ Measured, each with a baseline from the same run:
   chroot store) from the runner, from the static server, and from a ``file://`` binary cache
   of the same files.
 
-    python bench/cache.py [--size-mib 1024] [--quick] [--json]
+Serving and substitution are measured ``--rounds`` times, the sources in turn, and the best
+round of each kept; ``sha256sum`` the best of three (on a loaded machine one slow round says
+little).
+
+    python bench/cache.py [--size-mib 1024] [--rounds 3] [--quick] [--json]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import asyncio
 import hashlib
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -62,8 +67,12 @@ from bigtent.nix.store import NixStore
 
 NO_SUBST = {"substituters": ""}
 UPLOAD_CONCURRENCY = 4
-TARGET_INGEST_RATIO = 0.5
-TARGET_SERVE_RATIO = 0.5
+TARGET_INGEST_RATIO = 0.9
+"""Ingest without compression at least this fraction of ``sha256sum``'s throughput."""
+TARGET_SERVE_RATIO = 0.9
+"""NARs served at least this fraction of the static file server's throughput."""
+TARGET_REALISE_RATIO = 1.3
+"""``nix-store --realise`` from the runner within this multiple of the time from ``file://``."""
 NIX_EXPR = """{ n, salt }:
 let
   part = i: derivation {
@@ -339,16 +348,34 @@ def ingest_run(
 
 
 # ---- baselines and serving ----------------------------------------------------------------------
-def sha256sum(files: Sequence[Path]) -> dict[str, Any]:
+def sha256sum(files: Sequence[Path], runs: int = 3) -> dict[str, Any]:
+    """``sha256sum`` over ``files``, the best of ``runs`` (the machine may be loaded): wall
+    time and its CPU time."""
     size = sum(f.stat().st_size for f in files)
     for f in files:  # page cache warm, as for the uploads
         with f.open("rb") as fh:
             while fh.read(1 << 24):
                 pass
-    t = time.perf_counter()
-    subprocess.run(["sha256sum", *map(str, files)], check=True, capture_output=True)
-    secs = time.perf_counter() - t
-    return {"bytes": size, "secs": secs, "mib_per_sec": size / secs / 2**20}
+    best: tuple[float, float] | None = None
+    for _ in range(runs):
+        cpu0 = _children_cpu()
+        t = time.perf_counter()
+        subprocess.run(["sha256sum", *map(str, files)], check=True, capture_output=True)
+        secs, cpu = time.perf_counter() - t, _children_cpu() - cpu0
+        best = (secs, cpu) if best is None or secs < best[0] else best
+    assert best is not None
+    secs, cpu = best
+    return {
+        "bytes": size,
+        "secs": secs,
+        "mib_per_sec": size / secs / 2**20,
+        "cpu_secs_per_gib": cpu / (size / 2**30),
+    }
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def static_main(directory: str, port: int) -> int:
@@ -365,7 +392,7 @@ def static_main(directory: str, port: int) -> int:
 
 
 @contextmanager
-def static_server(directory: Path, work: Path) -> Iterator[str]:
+def static_server(directory: Path, work: Path) -> Iterator[tuple[str, int]]:
     port = common.free_port()
     log = work / "static.log"
     proc = subprocess.Popen(
@@ -385,7 +412,7 @@ def static_server(directory: Path, work: Path) -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 sys.exit("bench: the static server did not start:\n" + log.read_text())
             time.sleep(0.1)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait(30)
@@ -430,21 +457,47 @@ def curl_fetch(urls: Sequence[str], work: Path, parallel: int) -> dict[str, Any]
 
 
 def serving(
-    runner_url: str, static_url: str, urls: dict[str, str], work: Path, repeat: int
+    runner_url: str, static_url: str, urls: dict[str, str], work: Path, repeat: int, rounds: int
 ) -> dict[str, Any]:
+    """NARs and narinfos from each server, ``rounds`` times in turn (the machine may be
+    loaded): the best round of each."""
     out: dict[str, Any] = {}
-    for name, base in (("runner", runner_url), ("static", static_url)):
-        nars = curl_fetch([f"{base}/{u}" for u in urls.values()], work, 4)
-        narinfos = curl_fetch([f"{base}/{h}.narinfo" for h in urls] * repeat, work, 8)
-        out[name] = {"nar": nars, "narinfo": narinfos}
+    for _ in range(rounds):
+        for name, base in (("runner", runner_url), ("static", static_url)):
+            nars = curl_fetch([f"{base}/{u}" for u in urls.values()], work, 4)
+            narinfos = curl_fetch([f"{base}/{h}.narinfo" for h in urls] * repeat, work, 8)
+            best = out.setdefault(name, {"nar": nars, "narinfo": narinfos})
+            if nars["mib_per_sec"] > best["nar"]["mib_per_sec"]:
+                best["nar"] = nars
+            if narinfos["requests_per_sec"] > best["narinfo"]["requests_per_sec"]:
+                best["narinfo"] = narinfos
     return out
 
 
-def realise(work: Path, substituter: str, public_key: str, top: str) -> dict[str, Any]:
-    """Substitute ``top`` and its closure into an empty chroot store with real Nix."""
+def realise_each(
+    work: Path, sources: dict[str, tuple[str, int | None]], key: str, top: str, rounds: int
+) -> dict[str, Any]:
+    """``realise`` from each source (name -> substituter URL and server pid), ``rounds``
+    times in turn: the fastest round of each."""
+    out: dict[str, Any] = {}
+    for _ in range(rounds):
+        for name, (url, pid) in sources.items():
+            got = realise(work, url, key, top, pid)
+            if name not in out or got["secs"] < out[name]["secs"]:
+                out[name] = got
+    return out
+
+
+def realise(
+    work: Path, substituter: str, public_key: str, top: str, server_pid: int | None = None
+) -> dict[str, Any]:
+    """Substitute ``top`` and its closure into an empty chroot store with real Nix; with the
+    CPU time Nix and (``server_pid``) the server spent."""
     root = work / f"sub-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "XDG_CACHE_HOME": str(root / "xdg")}
     env.pop("NIX_REMOTE", None)
+    server0 = common.cpu_secs(server_pid) if server_pid is not None else 0.0
+    nix0 = _children_cpu()
     t = time.perf_counter()
     out = subprocess.run(
         ["nix-store", "--store", f"local?root={root}", "--realise", top,
@@ -454,12 +507,21 @@ def realise(work: Path, substituter: str, public_key: str, top: str) -> dict[str
         capture_output=True, text=True, env=env,
     )  # fmt: skip
     secs = time.perf_counter() - t
+    nix_cpu = _children_cpu() - nix0
+    server_cpu = common.cpu_secs(server_pid) - server0 if server_pid is not None else None
     if out.returncode != 0:
         sys.exit(f"bench: nix-store --realise from {substituter} failed:\n{out.stderr[-3000:]}")
     paths = [x for x in (root / "nix" / "store").iterdir() if not x.name.startswith(".")]
     size = sum(f.stat().st_size for d in paths for f in _files(d))
     shutil.rmtree(root, ignore_errors=True)
-    return {"secs": secs, "paths": len(paths), "bytes": size, "mib_per_sec": size / secs / 2**20}
+    return {
+        "secs": secs,
+        "paths": len(paths),
+        "bytes": size,
+        "mib_per_sec": size / secs / 2**20,
+        "nix_cpu_secs": nix_cpu,
+        "server_cpu_secs": server_cpu,
+    }
 
 
 def _files(path: Path) -> Iterator[Path]:
@@ -477,6 +539,9 @@ def main() -> int:
         "--size-mib", "--size", type=int, default=1024, help="NAR bytes to ingest (MiB)"
     )
     ap.add_argument("--narinfo-repeat", type=int, default=20, help="narinfo fetches per path")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="serving and realise rounds (the best is kept)"
+    )
     ap.add_argument("--quick", action="store_true", help="16 MiB, narinfos fetched twice")
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
     ap.add_argument("--static-server", help=argparse.SUPPRESS)
@@ -485,12 +550,17 @@ def main() -> int:
     if args.static_server:
         return static_main(args.static_server, args.port)
     if args.quick:
-        args.size_mib, args.narinfo_repeat = 16, 2
+        args.size_mib, args.narinfo_repeat, args.rounds = 16, 2, 1
     for tool in ("nix-store", "nix-instantiate", "curl", "sha256sum"):
         if shutil.which(tool) is None:
             sys.exit(f"bench: {tool} is needed")
     m = common.machine()
-    result: dict[str, Any] = {"benchmark": "cache", "machine": m, "size_mib": args.size_mib}
+    result: dict[str, Any] = {
+        "benchmark": "cache",
+        "machine": m,
+        "size_mib": args.size_mib,
+        "rounds": args.rounds,
+    }
     with tempfile.TemporaryDirectory(prefix="bigtent-bench-cache-") as tmp:
         work = Path(tmp)
         os.environ["XDG_CACHE_HOME"] = str(work / "xdg")
@@ -521,17 +591,17 @@ def main() -> int:
             result["closure_paths"] = len(closure)
             static_dir = work / "static"
             urls = mirror(r, closure, static_dir)
-            with static_server(static_dir, work) as static_url:
+            with static_server(static_dir, work) as (static_url, static_pid):
                 result["serving"] = serving(
-                    r.url + "/cache", static_url, urls, work, args.narinfo_repeat
+                    r.url + "/cache", static_url, urls, work, args.narinfo_repeat, args.rounds
                 )
                 _say(args, "serving measured")
-                key = r.public_key
-                result["realise"] = {
-                    "runner": realise(work, r.url + "/cache", key, top),
-                    "static": realise(work, static_url, key, top),
-                    "file": realise(work, f"file://{static_dir}", key, top),
+                sources: dict[str, tuple[str, int | None]] = {
+                    "runner": (r.url + "/cache", r.pid),
+                    "static": (static_url, static_pid),
+                    "file": (f"file://{static_dir}", None),
                 }
+                result["realise"] = realise_each(work, sources, r.public_key, top, args.rounds)
         finally:
             ctx.__exit__(None, None, None)
     result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -551,15 +621,23 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
         s["runner"]["narinfo"]["requests_per_sec"] / s["static"]["narinfo"]["requests_per_sec"]
     )
     rz = result["realise"]
+    realise_ratio = rz["runner"]["secs"] / rz["file"]["secs"]
     return {
         "ingest_none_vs_sha256sum": result["ingest_none"]["mib_per_sec"] / sha,
         "ingest_zstd_vs_sha256sum": result["ingest_zstd"]["mib_per_sec"] / sha,
+        # CPU per byte, sha256sum's over the runner's (the load moves the wall-time ratio).
+        "ingest_none_cpu_vs_sha256sum": result["sha256sum"]["cpu_secs_per_gib"]
+        / result["ingest_none"]["runner_cpu_secs_per_gib"],
         "serve_nar_vs_static": nar_ratio,
         "serve_narinfo_vs_static": narinfo_ratio,
-        "realise_runner_vs_file": rz["runner"]["secs"] / rz["file"]["secs"],
+        "realise_runner_vs_file": realise_ratio,
         "realise_runner_vs_static": rz["runner"]["secs"] / rz["static"]["secs"],
+        "target_ingest": TARGET_INGEST_RATIO,
+        "target_serving": TARGET_SERVE_RATIO,
+        "target_realise": TARGET_REALISE_RATIO,
         "met_ingest": result["ingest_none"]["mib_per_sec"] / sha >= TARGET_INGEST_RATIO,
-        "met_serving": min(nar_ratio, narinfo_ratio) >= TARGET_SERVE_RATIO,
+        "met_serving": nar_ratio >= TARGET_SERVE_RATIO,
+        "met_realise": realise_ratio <= TARGET_REALISE_RATIO,
     }
 
 
@@ -571,9 +649,12 @@ def report(result: dict[str, Any]) -> None:
         f"uploads {UPLOAD_CONCURRENCY} at a time\n"
     )
     sha = result["sha256sum"]["mib_per_sec"]
-    print("| ingest | MiB/s | vs sha256sum | runner CPU s per GiB |")
+    print("| ingest | MiB/s | vs sha256sum | CPU s per GiB |")
     print("|---|---|---|---|")
-    print(f"| sha256sum (baseline) | {sha:.0f} | 1.00x | - |")
+    print(
+        f"| sha256sum (baseline, best of 3) | {sha:.0f} | 1.00x "
+        f"| {result['sha256sum']['cpu_secs_per_gib']:.1f} |"
+    )
     for key, label in (
         ("ingest_none", "runner, compression none"),
         ("ingest_zstd", "runner, zstd"),
@@ -593,29 +674,40 @@ def report(result: dict[str, Any]) -> None:
         )
     rz = result["realise"]
     print(
-        f"\n| nix-store --realise of the top output ({result['closure_paths']} paths) | s | MiB/s |"
+        f"\n| nix-store --realise of the top output ({result['closure_paths']} paths) | s | MiB/s "
+        "| Nix CPU s | server CPU s |"
     )
-    print("|---|---|---|")
+    print("|---|---|---|---|---|")
     for key, label in (("file", "file:// binary cache"), ("static", "static HTTP server"),
                        ("runner", "runner /cache")):  # fmt: skip
-        print(f"| {label} | {rz[key]['secs']:.2f} | {rz[key]['mib_per_sec']:.0f} |")
+        server = rz[key]["server_cpu_secs"]
+        print(
+            f"| {label} | {rz[key]['secs']:.2f} | {rz[key]['mib_per_sec']:.0f} "
+            f"| {rz[key]['nix_cpu_secs']:.2f} | {'-' if server is None else f'{server:.2f}'} |"
+        )
     h = result["headline"]
     print()
     print(
         f"ingest / sha256sum: {h['ingest_none_vs_sha256sum']:.2f}x without compression "
-        f"(target >= {TARGET_INGEST_RATIO}: {'met' if h['met_ingest'] else 'NOT met'}), "
-        f"{h['ingest_zstd_vs_sha256sum']:.2f}x with zstd"
+        f"(target >= {TARGET_INGEST_RATIO}x: {_met(h['met_ingest'])}), "
+        f"{h['ingest_zstd_vs_sha256sum']:.2f}x with zstd; by CPU per byte "
+        f"{h['ingest_none_cpu_vs_sha256sum']:.2f}x"
     )
     print(
-        f"serving / static server: NARs {h['serve_nar_vs_static']:.2f}x, narinfos "
-        f"{h['serve_narinfo_vs_static']:.2f}x (target >= {TARGET_SERVE_RATIO}: "
-        f"{'met' if h['met_serving'] else 'NOT met'})"
+        f"serving / static server: NARs {h['serve_nar_vs_static']:.2f}x "
+        f"(target >= {TARGET_SERVE_RATIO}x: {_met(h['met_serving'])}), narinfos "
+        f"{h['serve_narinfo_vs_static']:.2f}x"
     )
     print(
         f"substitution by nix-store --realise: runner takes {h['realise_runner_vs_file']:.2f}x "
-        f"the time of file://, {h['realise_runner_vs_static']:.2f}x that of the static server"
+        f"the time of file:// (target <= {TARGET_REALISE_RATIO}x: {_met(h['met_realise'])}), "
+        f"{h['realise_runner_vs_static']:.2f}x that of the static server"
     )
     print(f"load average at the end: {result['load_average_end']}")
+
+
+def _met(met: bool) -> str:
+    return "met" if met else "NOT met"
 
 
 def _say(args: argparse.Namespace, text: str) -> None:

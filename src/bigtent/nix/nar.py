@@ -428,13 +428,17 @@ _NIX32_BYTES = frozenset(b"0123456789abcdfghijklmnpqrsvwxyz")
 # Maps nix32 characters to b"a" and everything else to b"\0", so runs are found with bytes.find.
 _RUN_TABLE = bytes(0x61 if b in _NIX32_BYTES else 0 for b in range(256))
 _REF_LEN = 32
+FIND_EACH_MAX = 8
+"""Up to this many hash parts still wanted, each is searched for on its own (``bytes.find``);
+more, and the chunk's runs of nix32 bytes are mapped once and their windows looked up."""
 
 
 class ReferenceScanner:
     """Find which store hash parts occur in a byte stream, like Nix's reference scanner.
 
     Linear time: maximal runs of nix32 characters at least 32 long are located with bytes.find
-    on a translated copy of the chunk, and each 32-byte window of a run is looked up in a set.
+    on a translated copy of the chunk, and each 32-byte window of a run is looked up in a set;
+    while at most ``FIND_EACH_MAX`` hash parts are still wanted, each is searched for directly.
     Up to 31 trailing nix32 bytes of a chunk are carried into the next one, so a hash split
     across chunks is found and no window is checked twice.
     """
@@ -447,25 +451,42 @@ class ReferenceScanner:
                 raise ValueError(f"not a store path hash part: {part!r}")
             wanted.add(encoded)
         self._wanted = frozenset(wanted)
+        self._left = set(wanted)
+        """The hash parts not found yet."""
         self._tail = b""
         self.found: set[str] = set()
 
     def feed(self, chunk: bytes) -> None:
-        if not self._wanted or len(self.found) == len(self._wanted):
+        if not self._left:
             return
         tail = self._tail
+        few = len(self._left) <= FIND_EACH_MAX
         if tail and len(chunk) >= _REF_LEN:
             # The windows that start in the tail end within the chunk's first 31 bytes: look
             # at those here, so a large chunk is never copied to be joined with the tail.
-            self._scan(tail + chunk[: _REF_LEN - 1], last_start=len(tail) - 1)
+            seam = tail + chunk[: _REF_LEN - 1]
+            if few:
+                self._find_each(seam)
+            else:
+                self._scan(seam, last_start=len(tail) - 1)
             tail = b""
         data = tail + chunk if tail else chunk
-        self._scan(data, last_start=len(data) - _REF_LEN)
+        if few:
+            self._find_each(data)
+        else:
+            self._scan(data, last_start=len(data) - _REF_LEN)
         keep = 0
         limit = min(len(data), _REF_LEN - 1)
         while keep < limit and data[len(data) - 1 - keep] in _NIX32_BYTES:
             keep += 1
         self._tail = bytes(data[len(data) - keep :]) if keep else b""
+
+    def _find_each(self, data: bytes) -> None:
+        """Look for each hash part not found yet with ``bytes.find`` (a fast search in C):
+        for a few hash parts, faster than mapping every byte (``_scan``)."""
+        for wanted in [w for w in self._left if w in data]:
+            self._left.discard(wanted)
+            self.found.add(wanted.decode())
 
     def _scan(self, data: bytes, last_start: int) -> None:
         """Look up every window of a run of at least 32 nix32 bytes that starts at or before
@@ -481,5 +502,6 @@ class ReferenceScanner:
             for i in range(pos, min(end - _REF_LEN, last_start) + 1):
                 window = data[i : i + _REF_LEN]
                 if window in wanted:
+                    self._left.discard(bytes(window))
                     self.found.add(bytes(window).decode())
             pos = mapped.find(marker, end)

@@ -16,7 +16,7 @@ from bigtent.errors import BadRequest, PayloadTooLarge
 from bigtent.nix.compression import Compression
 from bigtent.nix.keys import generate_key
 from bigtent.nix.nar import dump_path
-from bigtent.runner.cache import service as cache_module
+from bigtent.runner.cache import intake as cache_module
 from bigtent.runner.cache.service import Cache
 from bigtent.runner.cache.storage import LocalStaged, LocalStorage
 from bigtent.runner.db.migrate import create_engine

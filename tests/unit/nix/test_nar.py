@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from bigtent.nix import base32
 from bigtent.nix.nar import (
+    FIND_EACH_MAX,
     NAR_MAGIC,
     NarError,
     NarValidator,
@@ -361,10 +362,12 @@ def test_scanner_table() -> None:
         ReferenceScanner(["e" * 32])
 
 
-@settings(max_examples=200)
+@settings(max_examples=300)
 @given(
-    st.lists(hash_parts, min_size=1, max_size=4, unique=True),
-    st.lists(st.tuples(noise, st.integers(min_value=0, max_value=3)), max_size=6),
+    # Up to FIND_EACH_MAX + 4 candidates: the scanner searches for each directly (a few
+    # left) or maps the runs (many left), switching as they are found.
+    st.lists(hash_parts, min_size=1, max_size=FIND_EACH_MAX + 4, unique=True),
+    st.lists(st.tuples(noise, st.integers(min_value=0, max_value=15)), max_size=12),
     st.lists(st.integers(min_value=0), max_size=10),
 )
 def test_scanner_matches_substring_oracle(
@@ -378,6 +381,18 @@ def test_scanner_matches_substring_oracle(
     )
     expected = {h for h in hashes if h.encode() in data}
     assert _scan(hashes, data, cuts) == expected
+
+
+def test_scanner_switches_to_direct_search_as_hashes_are_found() -> None:
+    many = [base32.encode(hashlib.sha1(str(i).encode()).digest()) for i in range(12)]
+    scanner = ReferenceScanner(many)
+    # Five found by mapping runs: seven left, each searched for directly from then on,
+    # one of them split across chunks.
+    scanner.feed(" ".join(many[:5]).encode() + b" " + many[5][:10].encode())
+    scanner.feed(many[5][10:].encode() + b"/" + many[6].encode())
+    assert scanner.found == set(many[:7])
+    scanner.feed(many[6].encode() + b"e" + "".join(many[7:]).encode())
+    assert scanner.found == set(many)
 
 
 def test_scanner_is_linear_on_long_runs() -> None:

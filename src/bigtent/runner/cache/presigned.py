@@ -7,7 +7,7 @@ key the runner derives from the lease and the declared NAR hash (``s3keys``). ``
 first takes the upload: a server-side copy to a key of the runner's own (no URL was signed
 for it) and a delete of the upload. It then reads that copy back and verifies it through the
 same checks as a NAR PUT to the runner (``outputs.publish_leased_output`` and
-``Cache.receive_stored``); only then is that same copy moved to its content-addressed name and
+``NarIntake.receive_stored``); only then is that same copy moved to its content-addressed name and
 its narinfo signed. What is published is what was verified: an agent that PUTs other bytes
 with its URL meanwhile writes an upload nobody reads. Any failure deletes both objects.
 """

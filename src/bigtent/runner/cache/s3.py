@@ -174,16 +174,13 @@ class S3Storage:
 
     def open_file(self, name: str) -> BinaryIO:
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"]
+            key = self.key(name)
         except ValueError as exc:
             raise FileNotFoundError(name) from exc
-        except botocore.exceptions.ClientError as exc:
-            if _missing(exc):
-                raise FileNotFoundError(name) from exc
-            raise _failure(f"reading {name}", exc) from exc
-        except botocore.exceptions.BotoCoreError as exc:
-            raise _failure(f"reading {name}", exc) from exc
-        return cast(BinaryIO, _Body(body, name))
+        opened = self.open_object(key)
+        if opened is None:
+            raise FileNotFoundError(name)
+        return opened[1]
 
     # ---- keys and URLs -------------------------------------------------------------------
     def key(self, name: str) -> str:
@@ -221,40 +218,35 @@ class S3Storage:
                 "and credentials"
             ) from exc
 
+    def _object(self, method: str, key: str) -> dict[str, Any] | None:
+        """The answer of ``head_object`` or ``get_object`` (``method``: ``HEAD`` or ``GET``)
+        for object ``key``, or None when there is none; StorageUnavailable on any other
+        failure."""
+        call = self.client.head_object if method == "HEAD" else self.client.get_object
+        try:
+            return cast(dict[str, Any], call(Bucket=self.bucket, Key=key))
+        except botocore.exceptions.ClientError as exc:
+            if _missing(exc):
+                return None
+            raise _failure(f"{method} {key}", exc) from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise _failure(f"{method} {key}", exc) from exc
+
     def head(self, key: str) -> int | None:
         """The size of object ``key``, or None when there is none."""
-        try:
-            return self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
-        except botocore.exceptions.ClientError as exc:
-            if _missing(exc):
-                return None
-            raise _failure(f"HEAD {key}", exc) from exc
-        except botocore.exceptions.BotoCoreError as exc:
-            raise _failure(f"HEAD {key}", exc) from exc
+        got = self._object("HEAD", key)
+        return None if got is None else int(got["ContentLength"])
 
     def modified_at(self, name: str) -> float | None:
-        key = self.key(name)
-        try:
-            head = self.client.head_object(Bucket=self.bucket, Key=key)
-        except botocore.exceptions.ClientError as exc:
-            if _missing(exc):
-                return None
-            raise _failure(f"HEAD {key}", exc) from exc
-        except botocore.exceptions.BotoCoreError as exc:
-            raise _failure(f"HEAD {key}", exc) from exc
-        return float(head["LastModified"].timestamp())
+        got = self._object("HEAD", self.key(name))
+        return None if got is None else float(got["LastModified"].timestamp())
 
     def open_object(self, key: str) -> tuple[int, BinaryIO] | None:
         """Size and body of object ``key``, or None when there is none."""
-        try:
-            got = self.client.get_object(Bucket=self.bucket, Key=key)
-        except botocore.exceptions.ClientError as exc:
-            if _missing(exc):
-                return None
-            raise _failure(f"GET {key}", exc) from exc
-        except botocore.exceptions.BotoCoreError as exc:
-            raise _failure(f"GET {key}", exc) from exc
-        return got["ContentLength"], cast(BinaryIO, _Body(got["Body"], key))
+        got = self._object("GET", key)
+        if got is None:
+            return None
+        return int(got["ContentLength"]), cast(BinaryIO, _Body(got["Body"], key))
 
     def put_file(self, path: str, key: str) -> None:
         """Upload a local file to ``key`` unless an object is there already (NAR files are

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, cast
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from bigtent.ratelog import RateLimitedLog
+from bigtent.runner.http.pathsend import offer_pathsend
 
 log = logging.getLogger(__name__)
 rate_limited = RateLimitedLog(log)
@@ -114,6 +115,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._headers_done()
         super().on_headers_complete()
+        if self.cycle is not None:
+            offer_pathsend(self.cycle, self.loop)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._headers_done()

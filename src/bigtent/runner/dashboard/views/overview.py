@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from bigtent.runner.cache.service import StorageFullEvents
+from bigtent.runner.cache.intake import StorageFullEvents
 from bigtent.runner.components import Components
 from bigtent.runner.dashboard import present
 from bigtent.runner.dashboard.views.rows import BuildRow, StepRow, TookCache, build_rows, step_row

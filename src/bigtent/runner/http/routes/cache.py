@@ -12,6 +12,7 @@ from bigtent.runner.cache.service import Cache
 from bigtent.runner.cache.storage import MAX_NAME_BYTES
 from bigtent.runner.components import Components
 from bigtent.runner.http.deps import Comps
+from bigtent.runner.http.pathsend import PATHSEND
 
 SMALL_NAR_BYTES = 256 * 1024
 
@@ -50,11 +51,12 @@ async def _nar(cache: Cache, file_name: str, request: Request) -> Response:
     path = storage.local_path(f"nar/{file_name}")
     if path is None:
         raise NotFound("no such NAR")
-    size = path.stat().st_size
-    if size <= SMALL_NAR_BYTES:
+    stat = path.stat()
+    if PATHSEND not in request.scope.get("extensions", {}) and stat.st_size <= SMALL_NAR_BYTES:
         # Most NARs are small: one read beats FileResponse's thread hop per chunk.
         return Response(path.read_bytes(), media_type="application/x-nix-nar")
-    return FileResponse(path, media_type="application/x-nix-nar")
+    # With pathsend (plain TCP: runner/http/pathsend.py) the kernel sends the file.
+    return FileResponse(path, stat_result=stat, media_type="application/x-nix-nar")
 
 
 @cache_routes.api_route("/nix-cache-info", methods=["GET", "HEAD"])
