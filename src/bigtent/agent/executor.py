@@ -151,12 +151,13 @@ class Executor:
         outcome = outcome_of(realised.status)
         if outcome is not Outcome.SUCCESS:
             log.info(
-                "step %s (%s): %s (exit %s) %s",
+                "step %s (%s): %s (exit %s) %s (%s)",
                 assign.step_id,
                 assign.drv_path,
                 outcome,
                 realised.exit_code,
                 realised.error,
+                phase_text(phase_times(built, ended)),
             )
             return _result(assign, outcome, realised.exit_code, realised.error, timings)
         outputs: list[OutputInfo] = []
@@ -168,10 +169,40 @@ class Executor:
         except UploadError as failure:
             log.warning("step %s (%s): upload failed: %s", assign.step_id, assign.drv_path, failure)
             outcome, error = Outcome.UPLOAD_FAILURE, str(failure)
-        else:
-            log.info("step %s (%s): success", assign.step_id, assign.drv_path)
-        timings = timings.model_copy(update={"upload_secs": time.monotonic() - ended})
+        uploaded = time.monotonic()
+        if outcome is Outcome.SUCCESS:
+            log.info(
+                "step %s (%s): success (%s)",
+                assign.step_id,
+                assign.drv_path,
+                phase_text(phase_times(built, ended, uploaded)),
+            )
+        timings = timings.model_copy(update={"upload_secs": uploaded - ended})
         return _result(assign, outcome, exit_code, error, timings, outputs)
+
+
+def phase_times(built: Built, ended: float, uploaded: float | None = None) -> dict[str, float]:
+    """Seconds in each phase of a step on this agent, in order, for the phases it went
+    through: ``fetch`` (the step's derivations read from the runner's cache, serve way only),
+    ``substitute`` (its inputs made valid; with realise also the .drv closure), ``build``,
+    ``upload`` (the outputs into the runner's cache)."""
+    phases: dict[str, float] = {}
+    before_build = ended if built.build_started is None else built.build_started
+    if built.fetched is not None:
+        phases["fetch"] = built.fetched - built.started
+        phases["substitute"] = before_build - built.fetched
+    else:
+        phases["substitute"] = before_build - built.started
+    if built.build_started is not None:
+        phases["build"] = ended - built.build_started
+    if uploaded is not None:
+        phases["upload"] = uploaded - ended
+    return phases
+
+
+def phase_text(phases: dict[str, float]) -> str:
+    """``fetch 0.030 s, substitute 0.011 s, ...`` for the step's log line."""
+    return ", ".join(f"{name} {secs:.3f} s" for name, secs in phases.items())
 
 
 def _result(
