@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import httpx
 import zstandard
 
+from bigtent.agent.cacheget import BodyTooLarge, CacheGetter
 from bigtent.nix import narinfo
 from bigtent.nix.base32 import format_hash
 from bigtent.nix.drv import Derivation, DrvError, parse_drv
@@ -111,16 +112,21 @@ def decompress(data: bytes, compression: str) -> bytes:
 
 
 class DrvCache:
-    """Fetches parsed derivations from a binary cache over HTTP, remembering them (LRU)."""
+    """Fetches parsed derivations from a binary cache over HTTP, remembering them (LRU).
+
+    With a ``getter`` the GETs go through it (``agent/cacheget.py``), and through ``http``
+    when it declines (a redirect, no connection)."""
 
     def __init__(
         self,
         http: httpx.AsyncClient,
         *,
+        getter: CacheGetter | None = None,
         max_entries: int = DRV_CACHE_ENTRIES,
         max_bytes: int = DRV_CACHE_BYTES,
     ) -> None:
         self._http = http
+        self._getter = getter
         self._max_entries = max_entries
         self._max_bytes = max_bytes
         self._entries: OrderedDict[str, tuple[Derivation, int]] = OrderedDict()
@@ -164,13 +170,19 @@ class DrvCache:
         return drv_from_nar(drv_path, nar)
 
     async def _get(self, url: str, drv_path: str) -> bytes:
+        if self._getter is not None:
+            try:
+                got = await self._getter.get(url, MAX_DRV_BYTES)
+            except BodyTooLarge as exc:
+                raise DrvFetchError(f"{drv_path}: {url} is larger than {MAX_DRV_BYTES}") from exc
+            if got is not None:
+                status, content = got
+                _check_status(status, url, drv_path)
+                return content
         try:
             # A cache whose NARs live in S3 answers with a redirect to a presigned URL.
             async with self._http.stream("GET", url, follow_redirects=True) as response:
-                if response.status_code == 404:
-                    raise DrvFetchError(f"{drv_path} is not in the cache ({url}: HTTP 404)")
-                if not response.is_success:
-                    raise DrvFetchError(f"{drv_path}: {url}: HTTP {response.status_code}")
+                _check_status(response.status_code, url, drv_path)
                 body = bytearray()
                 async for chunk in response.aiter_bytes():
                     body += chunk
@@ -179,3 +191,10 @@ class DrvCache:
                 return bytes(body)
         except httpx.HTTPError as exc:
             raise DrvFetchError(f"{drv_path}: {url}: {exc}") from exc
+
+
+def _check_status(status: int, url: str, drv_path: str) -> None:
+    if status == 404:
+        raise DrvFetchError(f"{drv_path} is not in the cache ({url}: HTTP 404)")
+    if not 200 <= status < 300:
+        raise DrvFetchError(f"{drv_path}: {url}: HTTP {status}")

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import os
 import random
+import ssl
 import time
 from collections.abc import Callable
 
@@ -29,6 +30,7 @@ import httpx
 from bigtent.agent import presigned
 from bigtent.agent.abortable import Interrupted, unless_set
 from bigtent.agent.build import Built, Fallback, ServeBuild, build, realising
+from bigtent.agent.cacheget import CacheGetter
 from bigtent.agent.credentials import CredentialSource, as_credential_source
 from bigtent.agent.drvfetch import DrvCache
 from bigtent.agent.logbatch import SendLog
@@ -57,6 +59,7 @@ class Executor:
         token: str | CredentialSource | None,
         nix_bin_dir: str = "",
         rand: Callable[[], float] = random.random,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._section = section
         self._nix_bin_dir = nix_bin_dir
@@ -71,7 +74,8 @@ class Executor:
         )
         self.roots: StepRoots | None = None
         """GC roots for the running steps' paths, when the agent collects its store."""
-        self.drvs = DrvCache(http)
+        self._getter = CacheGetter(ssl_context=ssl_context)
+        self.drvs = DrvCache(http, getter=self._getter)
         presigned.remove_stale_uploads(section.work_dir / UPLOADS_DIR)
         write_nix_ca_bundle(section, os.environ)
 
@@ -88,6 +92,7 @@ class Executor:
     async def aclose(self) -> None:
         """Stop every serve process (the agent is exiting)."""
         await self._pool.aclose()
+        await self._getter.aclose()
 
     async def release_idle(self) -> None:
         """Stop the serve processes of idle slots, so that their temporary GC roots (every
