@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import httpx
 import zstandard
 
-from bigtent.agent.cacheget import BodyTooLarge, CacheGetter
+from bigtent.agent.quickhttp import BodyTooLarge, QuickHttp
 from bigtent.nix import narinfo
 from bigtent.nix.base32 import format_hash
 from bigtent.nix.drv import Derivation, DrvError, parse_drv
@@ -114,19 +114,19 @@ def decompress(data: bytes, compression: str) -> bytes:
 class DrvCache:
     """Fetches parsed derivations from a binary cache over HTTP, remembering them (LRU).
 
-    With a ``getter`` the GETs go through it (``agent/cacheget.py``), and through ``http``
+    With ``quick`` the GETs go through it (``agent/quickhttp.py``), and through ``http``
     when it declines (a redirect, no connection)."""
 
     def __init__(
         self,
         http: httpx.AsyncClient,
         *,
-        getter: CacheGetter | None = None,
+        quick: QuickHttp | None = None,
         max_entries: int = DRV_CACHE_ENTRIES,
         max_bytes: int = DRV_CACHE_BYTES,
     ) -> None:
         self._http = http
-        self._getter = getter
+        self._quick = quick
         self._max_entries = max_entries
         self._max_bytes = max_bytes
         self._entries: OrderedDict[str, tuple[Derivation, int]] = OrderedDict()
@@ -170,9 +170,9 @@ class DrvCache:
         return drv_from_nar(drv_path, nar)
 
     async def _get(self, url: str, drv_path: str) -> bytes:
-        if self._getter is not None:
+        if self._quick is not None:
             try:
-                got = await self._getter.get(url, MAX_DRV_BYTES)
+                got = await self._quick.get(url, MAX_DRV_BYTES)
             except BodyTooLarge as exc:
                 raise DrvFetchError(f"{drv_path}: {url} is larger than {MAX_DRV_BYTES}") from exc
             if got is not None:

@@ -30,10 +30,10 @@ import httpx
 from bigtent.agent import presigned
 from bigtent.agent.abortable import Interrupted, unless_set
 from bigtent.agent.build import Built, Fallback, ServeBuild, build, realising
-from bigtent.agent.cacheget import CacheGetter
 from bigtent.agent.credentials import CredentialSource, as_credential_source
 from bigtent.agent.drvfetch import DrvCache
 from bigtent.agent.logbatch import SendLog
+from bigtent.agent.quickhttp import QuickHttp
 from bigtent.agent.servepool import ServePool
 from bigtent.agent.stepstore import CacheSettings, step_store, write_nix_ca_bundle
 from bigtent.agent.upload import UPLOADS_DIR, UploadError, Uploads
@@ -65,17 +65,18 @@ class Executor:
         self._nix_bin_dir = nix_bin_dir
         self._busy_slots: set[int] = set()
         self._pool = ServePool()
+        self._quick = QuickHttp(ssl_context=ssl_context)
         self._uploads = Uploads(
             runner_url=section.runner_url,
             work_dir=section.work_dir,
             http=http,
             credentials=as_credential_source(token),
             rand=rand,
+            quick=self._quick,
         )
         self.roots: StepRoots | None = None
         """GC roots for the running steps' paths, when the agent collects its store."""
-        self._getter = CacheGetter(ssl_context=ssl_context)
-        self.drvs = DrvCache(http, getter=self._getter)
+        self.drvs = DrvCache(http, quick=self._quick)
         presigned.remove_stale_uploads(section.work_dir / UPLOADS_DIR)
         write_nix_ca_bundle(section, os.environ)
 
@@ -92,7 +93,7 @@ class Executor:
     async def aclose(self) -> None:
         """Stop every serve process (the agent is exiting)."""
         await self._pool.aclose()
-        await self._getter.aclose()
+        await self._quick.aclose()
 
     async def release_idle(self) -> None:
         """Stop the serve processes of idle slots, so that their temporary GC roots (every

@@ -1,4 +1,4 @@
-"""GETs from the cache on kept-alive connections (``agent/cacheget.py``), against a real
+"""GETs from the cache on kept-alive connections (``agent/quickhttp.py``), against a real
 loopback server that answers with canned raw HTTP."""
 
 from __future__ import annotations
@@ -11,8 +11,16 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from bigtent.agent.cacheget import BodyTooLarge, CacheGetter, Head, body_length, parse_head
 from bigtent.agent.drvfetch import MAX_DRV_BYTES, DrvCache
+from bigtent.agent.quickhttp import (
+    BodyTooLarge,
+    Head,
+    QuickHttp,
+    body_length,
+    encode_request,
+    parse_head,
+)
+from bigtent.agent.upload import UploadError, Uploads
 from bigtent.nix.base32 import format_hash
 from bigtent.nix.store_path import StorePath
 
@@ -37,6 +45,8 @@ class Server:
 
     answers: dict[str, bytes | Callable[[], bytes | None]]
     requests: list[str] = field(default_factory=list)
+    heads: list[bytes] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
     connections: int = 0
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
     port: int = 0
@@ -51,6 +61,16 @@ class Server:
                 head = await reader.readuntil(b"\r\n\r\n")
                 path = head.split(b" ")[1].decode()
                 self.requests.append(path)
+                self.heads.append(head)
+                length = next(
+                    (
+                        int(line.split(b":", 1)[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    0,
+                )
+                self.bodies.append(await reader.readexactly(length))
                 answer = self.answers.get(path, NOT_FOUND)
                 raw = answer() if callable(answer) else answer
                 if raw is None:
@@ -130,7 +150,7 @@ def test_body_length(status: int, headers: dict[str, str], expected: int | type 
 
 async def test_gets_on_one_kept_alive_connection(server: Server) -> None:
     server.answers = {"/a": ok(b"alpha"), "/b": chunked(b"be", b"ta")}
-    getter = CacheGetter()
+    getter = QuickHttp()
     try:
         assert await getter.get(server.url("/a"), 100) == (200, b"alpha")
         assert await getter.get(server.url("/b"), 100) == (200, b"beta")
@@ -143,7 +163,7 @@ async def test_gets_on_one_kept_alive_connection(server: Server) -> None:
 
 async def test_concurrent_gets_use_several_connections(server: Server) -> None:
     server.answers = {f"/{i}": ok(str(i).encode()) for i in range(4)}
-    getter = CacheGetter()
+    getter = QuickHttp()
     try:
         got = await asyncio.gather(*(getter.get(server.url(f"/{i}"), 100) for i in range(4)))
         assert got == [(200, str(i).encode()) for i in range(4)]
@@ -156,7 +176,7 @@ async def test_concurrent_gets_use_several_connections(server: Server) -> None:
 
 async def test_connection_close_is_honoured(server: Server) -> None:
     server.answers = {"/a": ok(b"x", "connection: close")}
-    getter = CacheGetter()
+    getter = QuickHttp()
     try:
         assert await getter.get(server.url("/a"), 100) == (200, b"x")
         assert await getter.get(server.url("/a"), 100) == (200, b"x")
@@ -174,7 +194,7 @@ async def test_a_connection_the_server_closed_is_replaced(server: Server) -> Non
         return ok(b"fresh") if calls != 2 else None  # the 2nd request finds it closed
 
     server.answers = {"/a": first_then_close}
-    getter = CacheGetter()
+    getter = QuickHttp()
     try:
         assert await getter.get(server.url("/a"), 100) == (200, b"fresh")
         assert await getter.get(server.url("/a"), 100) == (200, b"fresh")
@@ -202,7 +222,7 @@ async def test_what_it_does_not_take_is_left_to_httpx(server: Server, answer: by
 
     server.answers = {"/a": once}
     server.close_after = True
-    getter = CacheGetter()
+    getter = QuickHttp()
     try:
         assert await getter.get(server.url("/a"), 100) is None
     finally:
@@ -211,7 +231,7 @@ async def test_what_it_does_not_take_is_left_to_httpx(server: Server, answer: by
 
 async def test_a_body_over_the_limit_is_refused(server: Server) -> None:
     server.answers = {"/a": ok(b"x" * 101), "/b": chunked(b"x" * 60, b"x" * 60)}
-    getter = CacheGetter()
+    getter = QuickHttp()
     try:
         with pytest.raises(BodyTooLarge):
             await getter.get(server.url("/a"), 100)
@@ -222,7 +242,7 @@ async def test_a_body_over_the_limit_is_refused(server: Server) -> None:
 
 
 async def test_no_server_and_other_schemes_are_left_to_httpx(server: Server) -> None:
-    getter = CacheGetter()
+    getter = QuickHttp()
     server.drop_connections()
     with_nothing = f"http://127.0.0.1:{_closed_port()}/a"
     assert await getter.get(with_nothing, 100) is None
@@ -257,9 +277,9 @@ async def test_drv_cache_reads_through_the_getter_and_falls_back_on_redirect(
         ).encode(),
         "/bucket/x.nar": ok(nar),
     }
-    getter = CacheGetter()
+    getter = QuickHttp()
     async with httpx.AsyncClient() as http:
-        cache = DrvCache(http, getter=getter)
+        cache = DrvCache(http, quick=getter)
         try:
             drv = await cache.get(server.url("/cache"), DRV_PATH)
         finally:
@@ -273,3 +293,82 @@ async def test_drv_cache_reads_through_the_getter_and_falls_back_on_redirect(
         "/bucket/x.nar",
     ]
     assert len(nar) < MAX_DRV_BYTES
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "headers", "body", "expected"),
+    [
+        (
+            "GET",
+            "/cache/x.narinfo",
+            {},
+            b"",
+            b"GET /cache/x.narinfo HTTP/1.1\r\nHost: h:1\r\nAccept-Encoding: identity\r\n"
+            b"User-Agent: bigtent-agent\r\n\r\n",
+        ),
+        (
+            "PUT",
+            "/up",
+            {"Content-Length": "99", "X-A": "b"},
+            b"nar",
+            b"PUT /up HTTP/1.1\r\nHost: h:1\r\nAccept-Encoding: identity\r\n"
+            b"User-Agent: bigtent-agent\r\nX-A: b\r\nContent-Length: 3\r\n\r\nnar",
+        ),
+        ("GET", "/a b", {}, b"", None),
+        ("GET", "/\u00e9", {}, b"", None),
+        ("PUT", "/up", {"X-A": "b\r\nX-Evil: 1"}, b"", None),
+        ("PUT", "/up", {"X A": "b"}, b"", None),
+    ],
+)
+def test_encode_request(
+    method: str, target: str, headers: dict[str, str], body: bytes, expected: bytes | None
+) -> None:
+    assert encode_request(method, target, "h:1", headers, body) == expected
+
+
+def _uploads(server: Server, quick: QuickHttp, http: httpx.AsyncClient) -> Uploads:
+    from pathlib import Path
+
+    return Uploads(
+        runner_url=server.url(""),
+        work_dir=Path("/nonexistent"),
+        http=http,
+        credentials=None,
+        rand=lambda: 0.5,
+        quick=quick,
+    )
+
+
+def _answer(status: int, body: bytes) -> bytes:
+    return f"HTTP/1.1 {status} X\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
+
+
+async def test_an_output_put_goes_over_the_kept_alive_connection(server: Server) -> None:
+    server.answers = {
+        "/ok": _answer(200, b'{"references": []}'),
+        "/busy": _answer(503, b'{"error": "busy"}'),
+        "/stale": _answer(409, b'{"error": "lease not current"}'),
+    }
+    quick = QuickHttp()
+    async with httpx.AsyncClient() as http:
+        uploads = _uploads(server, quick, http)
+        headers = {"Authorization": "Bearer t", "Content-Type": "application/x-nix-nar"}
+        try:
+            ok_answer = await uploads.send(
+                "PUT", server.url("/ok"), "out", headers=headers, content=b"nar"
+            )
+            assert isinstance(ok_answer, httpx.Response)
+            assert ok_answer.json() == {"references": []}
+            busy = await uploads.send(
+                "PUT", server.url("/busy"), "out", headers=headers, content=b"n"
+            )
+            assert isinstance(busy, str) and "HTTP 503" in busy  # tried again by the caller
+            with pytest.raises(UploadError, match="HTTP 409: lease not current"):
+                await uploads.send(
+                    "PUT", server.url("/stale"), "out", headers=headers, content=b"n"
+                )
+        finally:
+            await quick.aclose()
+    assert server.bodies == [b"nar", b"n", b"n"]
+    assert b"Authorization: Bearer t\r\n" in server.heads[0]
+    assert server.connections == 1 == quick.connections_made

@@ -1,16 +1,19 @@
-"""GETs from the runner's binary cache on kept-alive HTTP/1.1 connections, without httpx.
+"""The agent's small requests to the runner on kept-alive HTTP/1.1 connections, without httpx.
 
 A serve step reads its derivations from the cache (``agent/drvfetch.py``): a narinfo and a
 NAR for the step's .drv and for each input .drv the agent has not seen, about four small GETs
-a step. Through httpx each cost ~2 ms of the agent's CPU (its connection pool, anyio
-wrappers and response streams: py-spy put 60 % of the agent's CPU per step there, see
-``docs/benchmarks.md``); here a GET is a write and two reads on a connection kept open.
+a step; then it PUTs each output's NAR (``agent/upload.py``, small ones from memory). Through
+httpx each request cost ~2 ms of the agent's CPU (its connection pool, anyio wrappers and
+response streams: py-spy put 60 % of the agent's CPU per step in the GETs alone, see
+``docs/benchmarks.md``); here a request is a write and two reads on a connection kept open.
 
-Only what the runner's cache answers is taken: a status line, headers, then a body of
+Only what the runner answers is taken: a status line, headers, then a body of
 ``Content-Length`` bytes or chunked. Anything else (a redirect to a bucket, a malformed
-answer, a connection that cannot be made) gives ``None``, and the caller asks httpx, which
-follows redirects and words the errors. The bodies are checked by the caller as before (a
-.drv against its store path), so this adds no trust.
+answer, a connection that cannot be made or that broke) gives ``None``, and the caller asks
+httpx, which follows redirects and words the errors. Both kinds of request may be sent twice
+that way: GETs are safe, and the output PUT is idempotent. What comes back is judged by the
+caller as before (a .drv against its store path, an upload's answer by its status), so this
+adds no trust; TLS uses the agent's context (its CA file and client certificate).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -79,6 +83,27 @@ def body_length(head: Head) -> int | None:
     return int(length)
 
 
+def encode_request(
+    method: str, target: str, host: str, headers: Mapping[str, str], body: bytes
+) -> bytes | None:
+    """The bytes of one HTTP/1.1 request (pure); None when something in it cannot be sent
+    as is (not ASCII, a line break or space where none may be)."""
+    fields = {"Host": host, "Accept-Encoding": "identity", "User-Agent": "bigtent-agent"}
+    fields.update(headers)
+    if body or method not in ("GET", "HEAD"):
+        fields = {k: v for k, v in fields.items() if k.lower() != "content-length"}
+        fields["Content-Length"] = str(len(body))
+    lines = [f"{method} {target} HTTP/1.1", *(f"{k}: {v}" for k, v in fields.items())]
+    text = "\r\n".join(lines)
+    if not text.isascii() or any(c in target for c in " \r\n\t"):
+        return None
+    if any(c in k + v for k, v in fields.items() for c in "\r\n") or any(
+        not k or ":" in k or " " in k for k in fields
+    ):
+        return None
+    return text.encode("ascii") + b"\r\n\r\n" + body
+
+
 _Key = tuple[str, str, int]
 
 
@@ -92,7 +117,7 @@ class _Connection:
         self.writer.close()
 
 
-class CacheGetter:
+class QuickHttp:
     """Kept-alive connections to the cache's hosts, a few idle ones per host."""
 
     def __init__(
@@ -111,6 +136,14 @@ class CacheGetter:
     async def get(self, url: str, max_bytes: int) -> tuple[int, bytes] | None:
         """(status, body) of ``GET url``; None when httpx should ask instead (a redirect,
         an answer or URL this client does not take, no connection). Raises ``BodyTooLarge``."""
+        answer = await self.request("GET", url, {}, b"", max_bytes)
+        return None if answer is None else (answer[0].status, answer[1])
+
+    async def request(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes, max_bytes: int
+    ) -> tuple[Head, bytes] | None:
+        """The answer's head and body to one request; None when httpx should send it instead
+        (see ``get``). Raises ``BodyTooLarge``."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.username:
             return None
@@ -120,12 +153,9 @@ class CacheGetter:
             return None
         key = (parts.scheme, parts.hostname, port)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        if not (target + parts.netloc).isascii() or any(c in target for c in " \r\n"):
+        request = encode_request(method, target, parts.netloc, headers, body)
+        if request is None:
             return None
-        request = (
-            f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-            "Accept-Encoding: identity\r\nUser-Agent: bigtent-agent\r\n\r\n"
-        ).encode("ascii")
         while True:
             conn = self._take_idle(key)
             reused = conn is not None
@@ -159,7 +189,7 @@ class CacheGetter:
                 conn.close()
             if 300 <= head.status < 400:
                 return None  # a bucket's presigned URL: httpx follows it
-            return head.status, body
+            return head, body
 
     async def aclose(self) -> None:
         """Close every idle connection."""
