@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import httpx
+
 MAX_HEAD_BYTES = 64 * 1024
 """A status line and headers longer than this are not the cache's: ask httpx."""
 MAX_IDLE_PER_HOST = 8
@@ -213,7 +215,10 @@ class QuickHttp:
         scheme, hostname, port = key
         context: ssl.SSLContext | None = None
         if scheme == "https":
-            context = self._ssl or ssl.create_default_context()
+            if self._ssl is None:
+                # Without the agent's own context, trust exactly what httpx trusts by default.
+                self._ssl = httpx.create_ssl_context()
+            context = self._ssl
         reader, writer = await asyncio.open_connection(
             hostname, port, ssl=context, limit=MAX_HEAD_BYTES
         )
