@@ -93,6 +93,7 @@ class Executor:
     async def aclose(self) -> None:
         """Stop every serve process (the agent is exiting)."""
         await self._pool.aclose()
+        await self.drvs.aclose()
         await self._quick.aclose()
 
     async def release_idle(self) -> None:
