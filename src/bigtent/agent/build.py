@@ -51,14 +51,19 @@ def plain_error(message: str) -> str:
 
 class StepLog:
     """A step's log while it builds: lines go to the runner in batches; the builder notes
-    when the build itself began (before it, Nix substitutes)."""
+    when it had read the derivations (serve) and when the build itself began (before it,
+    Nix substitutes)."""
 
     def __init__(self, batcher: LogBatcher) -> None:
         self._batcher = batcher
+        self.fetched: float | None = None
         self.build_started: float | None = None
 
     def add(self, line: str) -> Awaitable[None] | None:
         return self._batcher.add(line)
+
+    def mark_fetched(self) -> None:
+        self.fetched = time.monotonic()
 
     def mark_build_started(self) -> None:
         if self.build_started is None:
@@ -71,11 +76,13 @@ Builder = Callable[[StepLog], Awaitable[RealiseResult]]
 
 @dataclass(frozen=True, slots=True)
 class Built:
-    """How a build ended, and when it started and its build began (None: it never did)."""
+    """How a build ended, and when it started, had read its derivations and its build began
+    (None: it never did; ``fetched`` is only known to the serve way)."""
 
     realised: RealiseResult
     started: float
     build_started: float | None
+    fetched: float | None = None
 
 
 async def build(assign: Assign, send_log: SendLog, builder: Builder) -> Built:
@@ -95,7 +102,7 @@ async def build(assign: Assign, send_log: SendLog, builder: Builder) -> Built:
             batcher.close()
     if fallback is not None:
         raise fallback
-    return Built(realised, started, step_log.build_started)
+    return Built(realised, started, step_log.build_started, step_log.fetched)
 
 
 def realising(store: NixStore, assign: Assign, abort: asyncio.Event) -> Builder:
@@ -192,6 +199,7 @@ class ServeBuild:
                 if not out.path:
                     raise Fallback(f"its input {path} has floating content-addressed outputs")
                 inputs.add(out.path)
+        step_log.mark_fetched()
         if self.roots is not None:
             self.roots.add(assign.step_id, inputs)
         if inputs:

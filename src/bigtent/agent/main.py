@@ -132,7 +132,7 @@ async def run_agent(
                     timeout=httpx.Timeout(300.0, connect=10.0),
                 )
             )
-        executor = Executor(section, http=http, token=token)
+        executor = Executor(section, http=http, token=token, ssl_context=ssl_context)
         stack.push_async_callback(executor.aclose)
         collector = store_collector(section, executor)
         session = AgentSession(

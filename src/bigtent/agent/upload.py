@@ -34,6 +34,7 @@ import httpx
 from bigtent.agent import presigned
 from bigtent.agent.credentials import CredentialSource
 from bigtent.agent.nardigest import NAR_CHUNK_BYTES, hash_local, hash_stream, stream_local
+from bigtent.agent.quickhttp import BodyTooLarge, QuickHttp
 from bigtent.agent.stepstore import CacheSettings, join_runner_url
 from bigtent.backoff import Backoff
 from bigtent.errors import CredentialUnavailable, NixError, describe, parse_error_body
@@ -63,6 +64,8 @@ session learnt the lease is gone, or the agent stops) ends the retries at once."
 UPLOAD_RETRY_STATUSES = frozenset({408, 429})
 """Client-error statuses that are transient; every 5xx is retried too, other 4xx are final
 (400 bad NAR, 409 lease not current, 413 too large)."""
+MAX_ANSWER_BYTES = 1024 * 1024
+"""The runner's answer to an upload is a small JSON record; a larger one is left to httpx."""
 UPLOADS_DIR = "uploads"
 """Under the work dir: compressed output files waiting for a presigned upload."""
 
@@ -129,8 +132,11 @@ class Uploads:
         http: httpx.AsyncClient,
         credentials: CredentialSource | None,
         rand: Callable[[], float],
+        quick: QuickHttp | None = None,
     ) -> None:
         self.runner_url = runner_url
+        self._quick = quick
+        """Sends the PUTs of NARs kept in memory (``agent/quickhttp.py``), httpx the rest."""
         self.work_dir = work_dir
         self.http = http
         self._credentials = credentials
@@ -221,6 +227,18 @@ class Uploads:
     ) -> httpx.Response | str:
         """One request to the runner: its success response, or why it failed when it may be
         tried again. Raises ``UploadError`` when the failure is final."""
+        if self._quick is not None and isinstance(content, bytes) and timeout is None:
+            try:
+                answer = await self._quick.request(method, url, headers, content, MAX_ANSWER_BYTES)
+            except BodyTooLarge:
+                answer = None  # not the runner's answer: httpx sends it again (idempotent)
+            if answer is not None:
+                head, data = answer
+                sent = httpx.Request(method, url)
+                response = httpx.Response(
+                    head.status, headers=head.headers, content=data, request=sent
+                )
+                return _judged(response, what)
         try:
             response = await self.http.request(
                 method,
@@ -239,12 +257,18 @@ class Uploads:
         finally:
             if isinstance(content, AsyncGenerator):
                 await content.aclose()
-        if response.is_success:
-            return response
-        message = f"runner refused {what}: HTTP {response.status_code}: {_error_text(response)}"
-        if upload_status_is_retried(response.status_code):
-            return message
-        raise UploadError(message)
+        return _judged(response, what)
+
+
+def _judged(response: httpx.Response, what: str) -> httpx.Response | str:
+    """A runner's answer: itself when a success, why it failed when it may be tried again;
+    raises ``UploadError`` when the failure is final."""
+    if response.is_success:
+        return response
+    message = f"runner refused {what}: HTTP {response.status_code}: {_error_text(response)}"
+    if upload_status_is_retried(response.status_code):
+        return message
+    raise UploadError(message)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import lzma
+from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
@@ -101,3 +103,103 @@ async def test_cache_fetches_once_and_evicts() -> None:
 def test_plain_error_strips_colours() -> None:
     assert plain_error("\x1b[31;1merror:\x1b[0m builder failed") == "error: builder failed"
     assert plain_error("boom") == "error: boom"
+
+
+TOP_TEXT = (
+    'Derive([("out","/nix/store/0c0cpvvp4h5xmmnc2ymbiqzlp2ihh7gk-top","","")],'
+    f'[("{DRV_PATH}",["out"])],[],"x86_64-linux","/bin/sh",["-c","true"],'
+    '[("out","/nix/store/0c0cpvvp4h5xmmnc2ymbiqzlp2ihh7gk-top")])'
+)
+TOP_PATH = make_text_path("top.drv", hashlib.sha256(TOP_TEXT.encode()).digest(), [DRV_PATH])
+
+
+def _narinfo(path: str, nar: bytes, nar_url: str, refs: list[str]) -> str:
+    return (
+        f"StorePath: {path}\nURL: {nar_url}\nCompression: none\n"
+        f"NarHash: {format_hash('sha256', hashlib.sha256(nar).digest())}\n"
+        f"NarSize: {len(nar)}\nReferences: {' '.join(refs)}\n"
+    )
+
+
+def _serve_two(
+    on_top_nar: Callable[[], Awaitable[None]] | None = None,
+) -> tuple[httpx.MockTransport, list[str]]:
+    """A cache with TOP_PATH, whose input derivation is DRV_PATH."""
+    files = {
+        TOP_PATH: (nar_of(TOP_TEXT.encode()), [StorePath.parse(DRV_PATH).basename]),
+        DRV_PATH: (nar_of(TEXT.encode()), ["1b9p07z77phvv2hf6gm9f28syp39f1ag-src"]),
+    }
+    requests: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request.url.path)
+        for path, (nar, refs) in files.items():
+            hash_part = StorePath.parse(path).hash_part
+            if request.url.path == f"/cache/{hash_part}.narinfo":
+                return httpx.Response(200, text=_narinfo(path, nar, f"nar/{hash_part}.nar", refs))
+            if request.url.path == f"/cache/nar/{hash_part}.nar":
+                if path == TOP_PATH and on_top_nar is not None:
+                    await on_top_nar()
+                return httpx.Response(200, content=nar)
+        return httpx.Response(404)
+
+    return httpx.MockTransport(handler), requests
+
+
+async def test_input_derivations_are_fetched_while_the_nar_is() -> None:
+    input_asked = asyncio.Event()
+    input_narinfo = f"/cache/{StorePath.parse(DRV_PATH).hash_part}.narinfo"
+
+    async def top_nar() -> None:
+        # The top's NAR is answered only once its input's narinfo has been asked for.
+        await asyncio.wait_for(input_asked.wait(), 10)
+
+    transport, requests = _serve_two(top_nar)
+    original = transport.handle_async_request
+
+    async def watching(request: httpx.Request) -> httpx.Response:
+        if request.url.path == input_narinfo:
+            input_asked.set()
+        return await original(request)
+
+    transport.handle_async_request = watching  # type: ignore[method-assign]
+    async with httpx.AsyncClient(transport=transport) as http:
+        cache = DrvCache(http)
+        top = await cache.get("http://runner/cache", TOP_PATH)
+        assert list(top.input_drvs) == [DRV_PATH]
+        dep = await cache.get("http://runner/cache", DRV_PATH)
+        assert dep.system == "x86_64-linux"
+        await cache.aclose()
+    assert cache.fetches == 2
+    assert requests.count(input_narinfo) == 1  # the prefetch's, shared with the get
+
+
+async def test_concurrent_gets_fetch_once() -> None:
+    transport, requests = _serve_two()
+    async with httpx.AsyncClient(transport=transport) as http:
+        cache = DrvCache(http)
+        a, b = await asyncio.gather(
+            cache.get("http://runner/cache", DRV_PATH), cache.get("http://runner/cache", DRV_PATH)
+        )
+        assert a is b
+        await cache.aclose()
+    assert cache.fetches == 1 and len(requests) == 2
+
+
+async def test_a_failed_prefetch_fails_the_get_that_needs_it() -> None:
+    transport, _ = _serve_two()
+    original = transport.handle_async_request
+
+    async def dep_missing(request: httpx.Request) -> httpx.Response:
+        if StorePath.parse(DRV_PATH).hash_part in request.url.path:
+            return httpx.Response(404)
+        return await original(request)
+
+    transport.handle_async_request = dep_missing  # type: ignore[method-assign]
+    async with httpx.AsyncClient(transport=transport) as http:
+        cache = DrvCache(http)
+        await cache.get("http://runner/cache", TOP_PATH)
+        with pytest.raises(DrvFetchError, match="not in the cache"):
+            await cache.get("http://runner/cache", DRV_PATH)
+        await cache.aclose()
+    assert len(cache) == 1
