@@ -21,14 +21,12 @@ from bigtent import __version__
 from bigtent.cli import build, builds, cache, ci, db, farm, services, ssh, tokens
 from bigtent.cli.options import CONTEXT
 from bigtent.errors import BigtentError
-from bigtent.importguard import block_absent
 
 _SERVICE_COMMANDS = frozenset({"runner", "agent", "up", "nix-proxy"})
 
 
 def main(args: Sequence[str] | None = None) -> NoReturn:
     """Console entry point: the one place that turns failures into messages and exit codes."""
-    block_absent()  # every HTTP request would search sys.path for sniffio again
     try:
         rv = cli.main(
             args=list(args) if args is not None else None,
