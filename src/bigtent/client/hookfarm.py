@@ -14,8 +14,8 @@ from bigtent.client.hookcommon import PROBE_TIMEOUT_SECS, HookConfig, Sink
 from bigtent.client.hooklogs import PhaseClock, RootLogs
 
 if TYPE_CHECKING:
+    from bigtent.apimodels import Build, RunnerStatus, Step, StepAttempt, WaitingStep
     from bigtent.client.api import RunnerClient
-    from bigtent.client.models import Build, RunnerStatus, Step, StepAttempt, WaitingStep
     from bigtent.nix.store import NixStore
 
 log = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ async def upload_drv(
 
 
 async def _show_failure(
-    client: RunnerClient, build: Build, sink: Sink, *, streamed: Set[str] = frozenset()
+    client: RunnerClient, build: Build, sink: Sink, *, streamed: Set[int] = frozenset()
 ) -> None:
     """Each failed step and its log (a step in ``streamed`` has shown its log already)."""
     from bigtent.errors import BigtentError

@@ -12,8 +12,8 @@ from bigtent.client.hookcommon import Sink
 if TYPE_CHECKING:
     import asyncio
 
+    from bigtent.apimodels import Build
     from bigtent.client.api import RunnerClient
-    from bigtent.client.models import Build
     from bigtent.client.progress import PrefixedLines
 
 log = logging.getLogger(__name__)
@@ -52,14 +52,14 @@ class RootLogs:
     def __init__(self, client: RunnerClient, sink: Sink) -> None:
         self.client = client
         self.sink = sink
-        self.tasks: dict[str, asyncio.Task[bool]] = {}
-        self.streamed: set[str] = set()
+        self.tasks: dict[int, asyncio.Task[bool]] = {}
+        self.streamed: set[int] = set()
         """Steps whose whole log reached the sink."""
-        self.unstreamable: set[str] = set()
+        self.unstreamable: set[int] = set()
         """Steps whose stream failed (an older runner, an outage): fetched whole."""
-        self.offsets: dict[str, int] = {}
+        self.offsets: dict[int, int] = {}
         """The log offset each step's stream reached."""
-        self.lines: dict[str, PrefixedLines] = {}
+        self.lines: dict[int, PrefixedLines] = {}
         self.cached = False
 
     def start(self, build: Build) -> None:
@@ -73,7 +73,7 @@ class RootLogs:
                     self._follow(root.step_id), name=f"hook-log-{root.step_id}"
                 )
 
-    async def _follow(self, step_id: str, start: int = 0) -> bool:
+    async def _follow(self, step_id: int, start: int = 0) -> bool:
         from bigtent.client.progress import PrefixedLines, follow_step_log
         from bigtent.errors import BigtentError
 

@@ -69,7 +69,7 @@ class ClientSink:
         self.line(f"bigtent: {text}")
 
 
-def failure_message(build_id: str, failed: Sequence[tuple[str, str, str]]) -> str:
+def failure_message(build_id: int, failed: Sequence[tuple[str, str, str]]) -> str:
     """The error Nix shows for a failed farm build: each failed step (derivation, what
     happened, its log tail)."""
     if not failed:
