@@ -68,7 +68,7 @@ async def _action(
     return RedirectResponse(target, status_code=303)
 
 
-def _priority(form: dict[str, str]) -> int | None:
+def form_priority(form: dict[str, str]) -> int | None:
     """The bump form's priority; None (the default bump) when it is empty."""
     raw = form.get("priority", "").strip()
     if not raw:
@@ -88,7 +88,7 @@ async def _on_build(request: Request, action: BuildAction, build_id: int) -> Res
     """A build action (the API's, ``buildactions.act_on_build``), then the build's page."""
 
     async def run(comps: Components, form: dict[str, str], who: Principal) -> str:
-        priority = _priority(form) if action is BuildAction.BUMP else None
+        priority = form_priority(form) if action is BuildAction.BUMP else None
         await act_on_build(comps, who, action, build_id, priority=priority)
         return f"/builds/{build_id}"
 
