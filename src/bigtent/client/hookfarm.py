@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence, Set
 from typing import TYPE_CHECKING
 
 from bigtent.client.hookcommon import PROBE_TIMEOUT_SECS, HookConfig, Sink
-from bigtent.client.hooklogs import PhaseClock, RootLogs
+from bigtent.client.hooklogs import PhaseClock, RootLogs, build_and_follow
 
 if TYPE_CHECKING:
     from bigtent.apimodels import Build, RunnerStatus, Step, StepAttempt, WaitingStep
@@ -152,8 +152,6 @@ async def _build(
 ) -> int:
     import asyncio
 
-    from bigtent.client.build import BuildOptions, submit_build
-    from bigtent.client.follow import AttemptFollower, follow_build
     from bigtent.client.reports import build_succeeded
     from bigtent.errors import BigtentError
 
@@ -174,23 +172,15 @@ async def _build(
     try:
         await upload_drv(client, store, drv_path, bool(missing), memory.known, observer)
         phases.mark("upload")
-        build = await submit_build(
-            client, [drv_path], BuildOptions(out_link=None), observer, config.unreachable_grace_secs
-        )
-        phases.mark("submit")
-        sink.line(f"bigtent: build {build.id} on {client.base_url}")
         logs = RootLogs(client, sink)
-        logs.start(build)
-        # One request per look, not two: retries show in the failed step's record. The end of
-        # the step's log stream starts the next look early.
-        build = await follow_build(
+        build = await build_and_follow(
             client,
-            build.id,
+            [drv_path],
             observer,
-            config.poll_interval_secs,
-            config.unreachable_grace_secs,
-            attempts=AttemptFollower(build.id, supported=False),
-            pause=logs.pause,
+            logs,
+            phases,
+            poll_interval_secs=config.poll_interval_secs,
+            unreachable_grace_secs=config.unreachable_grace_secs,
         )
         phases.mark("build")
         if not build_succeeded(build):

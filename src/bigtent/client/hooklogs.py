@@ -5,6 +5,7 @@ and how long each phase took.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from bigtent.client.hookcommon import Sink
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
 
     from bigtent.apimodels import Build
     from bigtent.client.api import RunnerClient
+    from bigtent.client.observer import BuildObserver
     from bigtent.client.progress import PrefixedLines
 
 log = logging.getLogger(__name__)
@@ -164,3 +166,38 @@ class RootLogs:
         for task in self.tasks.values():
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+async def build_and_follow(
+    client: RunnerClient,
+    drvs: Sequence[str],
+    observer: BuildObserver,
+    logs: RootLogs,
+    phases: PhaseClock,
+    *,
+    poll_interval_secs: float,
+    unreachable_grace_secs: float,
+    what: str = "",
+) -> Build:
+    """Submit the build of ``drvs`` for Nix (no result link), say so on the sink (``what``:
+    after its id), stream its roots' logs and follow it to its end. One request per look,
+    not two: retries show in the failed step's record; the end of a root's log stream starts
+    the next look early."""
+    from bigtent.client.build import BuildOptions, submit_build
+    from bigtent.client.follow import AttemptFollower, follow_build
+
+    build = await submit_build(
+        client, drvs, BuildOptions(out_link=None), observer, unreachable_grace_secs
+    )
+    phases.mark("submit")
+    logs.sink.line(f"bigtent: build {build.id}{what} on {client.base_url}")
+    logs.start(build)
+    return await follow_build(
+        client,
+        build.id,
+        observer,
+        poll_interval_secs,
+        unreachable_grace_secs,
+        attempts=AttemptFollower(build.id, supported=False),
+        pause=logs.pause,
+    )
