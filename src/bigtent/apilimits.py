@@ -9,6 +9,20 @@ from __future__ import annotations
 
 import re
 
+from bigtent.errors import NotFound
+
+MAX_ID = 2**63 - 1
+"""Build, step and attempt ids are positive 64-bit integers."""
+
+
+def known_id(ident: int, what: str) -> int:
+    """``ident`` if it can name a build, step or attempt, else NotFound (404): any other
+    number names nothing, and must not reach the database, which cannot even compare it."""
+    if not 0 < ident <= MAX_ID:
+        raise NotFound(f"no {what} {ident}")
+    return ident
+
+
 PRIORITY_MIN = -1000
 PRIORITY_MAX = 1000
 """A build's priority (``POST /builds``, ``POST /builds/{id}/bump``)."""

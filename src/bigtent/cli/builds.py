@@ -14,7 +14,7 @@ from bigtent.cli.options import CONTEXT, ClientOptions, client_options, json_opt
 from bigtent.cli.output import emit
 
 if TYPE_CHECKING:
-    from bigtent.client.models import Build, Step
+    from bigtent.apimodels import Build, Step
 
 _BUILD_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 

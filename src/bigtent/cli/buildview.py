@@ -26,10 +26,10 @@ from bigtent.cli.output import echo_json
 from bigtent.errors import BigtentError
 
 if TYPE_CHECKING:  # the client modules load lazily, inside the commands
+    from bigtent.apimodels import Build, Step, StepAttempt, WaitingStep
     from bigtent.client.api import RunnerClient
     from bigtent.client.build import BuildResult
     from bigtent.client.follow import BuildTracker
-    from bigtent.client.models import Build, Step, StepAttempt, WaitingStep
     from bigtent.client.progress import StepLogStreams
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from bigtent.cli.options import CONTEXT, ClientOptions, client_options, json_opt
 from bigtent.cli.output import console, emit
 
 if TYPE_CHECKING:
-    from bigtent.apimodels import Agent, Builder
-    from bigtent.client.models import Launches, RunnerStatus
+    from bigtent.apimodels import Agent, Builder, RunnerStatus
+    from bigtent.client.models import Launches
 
 
 @click.command(context_settings=CONTEXT)
@@ -48,7 +48,10 @@ def _print_status(runner_url: str, st: RunnerStatus) -> None:
             "waiting for capacity",
             f"{st.steps_waiting_for_capacity} step(s) no agent, SSH builder or pool can take",
         )
-    steps = ", ".join(f"{k} {v}" for k, v in sorted(st.steps.items()) if v) or "none"
+    if st.steps is None:
+        steps = "unknown (the runner's database does not answer)"
+    else:
+        steps = ", ".join(f"{k} {v}" for k, v in sorted(st.steps.items()) if v) or "none"
     table.add_row("steps", steps)
     console().print(table)
 

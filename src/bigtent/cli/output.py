@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 import click
-from pydantic import BaseModel
 from rich.console import Console
 
 
@@ -24,13 +23,11 @@ def emit(as_json: bool, value: Any, human: str | Callable[[], object]) -> None:
 
 
 def json_value(value: Any) -> Any:
-    """``value`` as JSON-ready data: a pydantic model dumped in JSON mode, a list or tuple of
-    values each so, anything else as it is."""
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, list | tuple):
-        return [json_value(v) for v in value]
-    return value
+    """``value`` as JSON-ready data: the runner's answers as ``--json`` prints them
+    (``client.printed``), lists and tuples of them each so, anything else as it is."""
+    from bigtent.client.printed import printed
+
+    return printed(value)
 
 
 def echo_json(data: Any) -> None:

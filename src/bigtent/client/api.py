@@ -15,27 +15,22 @@ from pydantic import BaseModel, ValidationError
 from bigtent.apimodels import (
     Agent,
     Agents,
+    AttemptList,
+    Build,
     Builder,
     Builders,
+    BuildList,
     CreatedToken,
     Drained,
     Missing,
-    TokenInfo,
-    Tokens,
-)
-from bigtent.client.models import (
-    AttemptList,
-    Build,
-    BuildList,
-    Launches,
-    PinInfo,
-    PinList,
     RunnerStatus,
     Step,
     StepAttempt,
     StepList,
-    Uploaded,
+    TokenInfo,
+    Tokens,
 )
+from bigtent.client.models import Launches, PinInfo, PinList, Uploaded
 from bigtent.client.sse import LOG_STREAM_READ_SECS, LogEvent, SseParser
 from bigtent.errors import (
     AuthError,
@@ -131,7 +126,7 @@ def error_from_response(status: int, body: bytes, url: str) -> BigtentError:
     return cls(message, detail=detail)
 
 
-def checked_id(value: str, what: str) -> str:
+def checked_id(value: int | str, what: str) -> str:
     """A build or step id as given on the command line: a positive number, else a
     ``UsageError`` (exit 2) before anything is sent."""
     text = str(value).strip()
@@ -423,7 +418,7 @@ class RunnerClient:
         data = await self._json("POST", "/builds", json_body=body)
         return self._parse(Build, data, "build")
 
-    async def fetch_build(self, build_id: str) -> Build:
+    async def fetch_build(self, build_id: int | str) -> Build:
         return self._parse(
             Build, await self._json("GET", f"/builds/{checked_id(build_id, 'build')}"), "build"
         )
@@ -452,12 +447,12 @@ class RunnerClient:
         data = await self._json("GET", "/builds", params=params)
         return self._parse(BuildList, data, "build list").builds
 
-    async def fetch_steps(self, build_id: str) -> list[Step]:
+    async def fetch_steps(self, build_id: int | str) -> list[Step]:
         data = await self._json("GET", f"/builds/{checked_id(build_id, 'build')}/steps")
         return self._parse(StepList, data, "step list").steps
 
     async def fetch_attempts(
-        self, build_id: str, *, after: int = 0, limit: int = 1000
+        self, build_id: int | str, *, after: int = 0, limit: int = 1000
     ) -> list[StepAttempt]:
         """The attempts of the build's steps with a record id above ``after``, oldest first,
         at most ``limit`` (ask again with the last id while answers come full)."""
@@ -468,16 +463,18 @@ class RunnerClient:
         )
         return self._parse(AttemptList, data, "attempt list").attempts
 
-    async def fetch_step(self, step_id: str) -> Step:
+    async def fetch_step(self, step_id: int | str) -> Step:
         return self._parse(
             Step, await self._json("GET", f"/steps/{checked_id(step_id, 'step')}"), "step"
         )
 
-    async def fetch_log(self, step_id: str) -> str:
+    async def fetch_log(self, step_id: int | str) -> str:
         resp = await self._request("GET", f"/steps/{checked_id(step_id, 'step')}/log")
         return resp.text
 
-    async def stream_step_log(self, step_id: str, *, start: int = 0) -> AsyncIterator[LogEvent]:
+    async def stream_step_log(
+        self, step_id: int | str, *, start: int = 0
+    ) -> AsyncIterator[LogEvent]:
         """The step's log from byte ``start`` on, as the runner streams it
         (``GET /steps/{id}/events``, server-sent events): ``log`` pieces while the step runs,
         then one ``end`` event with its final state. The stream may also end without one
@@ -511,21 +508,21 @@ class RunnerClient:
     async def fetch_builders(self) -> list[Builder]:
         return self._parse(Builders, await self._json("GET", "/builders"), "builder list").builders
 
-    async def cancel_build(self, build_id: str) -> Build:
+    async def cancel_build(self, build_id: int | str) -> Build:
         return self._parse(
             Build,
             await self._json("POST", f"/builds/{checked_id(build_id, 'build')}/cancel"),
             "build",
         )
 
-    async def bump_build(self, build_id: str, *, priority: int | None = None) -> Build:
+    async def bump_build(self, build_id: int | str, *, priority: int | None = None) -> Build:
         body = {} if priority is None else {"priority": priority}
         data = await self._json(
             "POST", f"/builds/{checked_id(build_id, 'build')}/bump", json_body=body
         )
         return self._parse(Build, data, "build")
 
-    async def restart_build(self, build_id: str) -> Build:
+    async def restart_build(self, build_id: int | str) -> Build:
         """Rebuild the build's failed, dependency-failed and cancelled steps (clearing their
         cached failures)."""
         data = await self._json("POST", f"/builds/{checked_id(build_id, 'build')}/restart")

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from bigtent.apimodels import Build, StepAttempt
 from bigtent.client.api import RunnerClient
 from bigtent.client.follow import POLL_INTERVAL_SECS, AttemptFollower, BuildTracker, follow_build
-from bigtent.client.models import Build, StepAttempt
 from bigtent.client.observer import BuildObserver
 from bigtent.client.outage import UNREACHABLE_GRACE_SECS, riding_out
 from bigtent.client.outputs import ResultLink, download_outputs

@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from bigtent.apimodels import Build, StepAttempt
 from bigtent.client.api import RunnerClient
-from bigtent.client.models import Build, StepAttempt
 from bigtent.client.outage import UNREACHABLE_GRACE_SECS, riding_out
 from bigtent.client.reports import newly_waiting
 from bigtent.client.targets import Job
@@ -38,7 +38,7 @@ ATTEMPTS_PAGE = 1000
 class BuildTracker:
     """Holds the id of the build once created, so an interrupted client can name it."""
 
-    build_id: str | None = None
+    build_id: int | None = None
     last: Build | None = None
     """The build as last polled."""
     jobs: tuple[Job, ...] = ()
@@ -50,7 +50,7 @@ class AttemptFollower:
     """Follows a build's attempt records, ``after=`` the last id seen, and hands each new one
     to the observer once (docs/api.md "Attempts")."""
 
-    build_id: str
+    build_id: int
     seen: list[StepAttempt] = field(default_factory=list)
     supported: bool = True
     """False once the runner answered 404 to the attempts route (an older runner)."""
@@ -74,7 +74,7 @@ class AttemptFollower:
 
 async def follow_build(
     client: RunnerClient,
-    build_id: str,
+    build_id: int,
     observer: BuildObserver,
     interval_secs: float = POLL_INTERVAL_SECS,
     unreachable_grace_secs: float = UNREACHABLE_GRACE_SECS,
@@ -92,7 +92,7 @@ async def follow_build(
     looks instead of ``asyncio.sleep(interval_secs)`` (the nix hook looks again as soon as
     its step's log stream ended)."""
     follower = attempts if attempts is not None else AttemptFollower(build_id)
-    shown: set[tuple[str, str]] = set()
+    shown: set[tuple[int, str | None]] = set()
     steps_at: float | None = None
 
     async def poll() -> Build:

@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator, Sequence, Set
 from typing import TYPE_CHECKING
 
 from bigtent.client.hookcommon import PROBE_TIMEOUT_SECS, HookConfig, Sink
-from bigtent.client.hooklogs import PhaseClock, RootLogs
+from bigtent.client.hooklogs import PhaseClock, RootLogs, build_and_follow
 
 if TYPE_CHECKING:
+    from bigtent.apimodels import Build, RunnerStatus, Step, StepAttempt, WaitingStep
     from bigtent.client.api import RunnerClient
-    from bigtent.client.models import Build, RunnerStatus, Step, StepAttempt, WaitingStep
     from bigtent.nix.store import NixStore
 
 log = logging.getLogger(__name__)
@@ -152,8 +152,6 @@ async def _build(
 ) -> int:
     import asyncio
 
-    from bigtent.client.build import BuildOptions, submit_build
-    from bigtent.client.follow import AttemptFollower, follow_build
     from bigtent.client.reports import build_succeeded
     from bigtent.errors import BigtentError
 
@@ -174,23 +172,15 @@ async def _build(
     try:
         await upload_drv(client, store, drv_path, bool(missing), memory.known, observer)
         phases.mark("upload")
-        build = await submit_build(
-            client, [drv_path], BuildOptions(out_link=None), observer, config.unreachable_grace_secs
-        )
-        phases.mark("submit")
-        sink.line(f"bigtent: build {build.id} on {client.base_url}")
         logs = RootLogs(client, sink)
-        logs.start(build)
-        # One request per look, not two: retries show in the failed step's record. The end of
-        # the step's log stream starts the next look early.
-        build = await follow_build(
+        build = await build_and_follow(
             client,
-            build.id,
+            [drv_path],
             observer,
-            config.poll_interval_secs,
-            config.unreachable_grace_secs,
-            attempts=AttemptFollower(build.id, supported=False),
-            pause=logs.pause,
+            logs,
+            phases,
+            poll_interval_secs=config.poll_interval_secs,
+            unreachable_grace_secs=config.unreachable_grace_secs,
         )
         phases.mark("build")
         if not build_succeeded(build):
@@ -261,7 +251,7 @@ async def upload_drv(
 
 
 async def _show_failure(
-    client: RunnerClient, build: Build, sink: Sink, *, streamed: Set[str] = frozenset()
+    client: RunnerClient, build: Build, sink: Sink, *, streamed: Set[int] = frozenset()
 ) -> None:
     """Each failed step and its log (a step in ``streamed`` has shown its log already)."""
     from bigtent.errors import BigtentError

@@ -5,6 +5,7 @@ and how long each phase took.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from bigtent.client.hookcommon import Sink
@@ -12,8 +13,9 @@ from bigtent.client.hookcommon import Sink
 if TYPE_CHECKING:
     import asyncio
 
+    from bigtent.apimodels import Build
     from bigtent.client.api import RunnerClient
-    from bigtent.client.models import Build
+    from bigtent.client.observer import BuildObserver
     from bigtent.client.progress import PrefixedLines
 
 log = logging.getLogger(__name__)
@@ -52,14 +54,14 @@ class RootLogs:
     def __init__(self, client: RunnerClient, sink: Sink) -> None:
         self.client = client
         self.sink = sink
-        self.tasks: dict[str, asyncio.Task[bool]] = {}
-        self.streamed: set[str] = set()
+        self.tasks: dict[int, asyncio.Task[bool]] = {}
+        self.streamed: set[int] = set()
         """Steps whose whole log reached the sink."""
-        self.unstreamable: set[str] = set()
+        self.unstreamable: set[int] = set()
         """Steps whose stream failed (an older runner, an outage): fetched whole."""
-        self.offsets: dict[str, int] = {}
+        self.offsets: dict[int, int] = {}
         """The log offset each step's stream reached."""
-        self.lines: dict[str, PrefixedLines] = {}
+        self.lines: dict[int, PrefixedLines] = {}
         self.cached = False
 
     def start(self, build: Build) -> None:
@@ -73,7 +75,7 @@ class RootLogs:
                     self._follow(root.step_id), name=f"hook-log-{root.step_id}"
                 )
 
-    async def _follow(self, step_id: str, start: int = 0) -> bool:
+    async def _follow(self, step_id: int, start: int = 0) -> bool:
         from bigtent.client.progress import PrefixedLines, follow_step_log
         from bigtent.errors import BigtentError
 
@@ -164,3 +166,38 @@ class RootLogs:
         for task in self.tasks.values():
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+async def build_and_follow(
+    client: RunnerClient,
+    drvs: Sequence[str],
+    observer: BuildObserver,
+    logs: RootLogs,
+    phases: PhaseClock,
+    *,
+    poll_interval_secs: float,
+    unreachable_grace_secs: float,
+    what: str = "",
+) -> Build:
+    """Submit the build of ``drvs`` for Nix (no result link), say so on the sink (``what``:
+    after its id), stream its roots' logs and follow it to its end. One request per look,
+    not two: retries show in the failed step's record; the end of a root's log stream starts
+    the next look early."""
+    from bigtent.client.build import BuildOptions, submit_build
+    from bigtent.client.follow import AttemptFollower, follow_build
+
+    build = await submit_build(
+        client, drvs, BuildOptions(out_link=None), observer, unreachable_grace_secs
+    )
+    phases.mark("submit")
+    logs.sink.line(f"bigtent: build {build.id}{what} on {client.base_url}")
+    logs.start(build)
+    return await follow_build(
+        client,
+        build.id,
+        observer,
+        poll_interval_secs,
+        unreachable_grace_secs,
+        attempts=AttemptFollower(build.id, supported=False),
+        pause=logs.pause,
+    )

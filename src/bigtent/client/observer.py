@@ -8,7 +8,7 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
-from bigtent.client.models import Build, Step, StepAttempt, WaitingStep
+from bigtent.apimodels import Build, Step, StepAttempt, WaitingStep
 from bigtent.client.outage import UNAVAILABLE
 from bigtent.client.progress import StepLogStreams
 from bigtent.client.reports import attempt_notice, waiting_line

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bigtent.client.models import Build, RunnerStatus
+from bigtent.apimodels import Build, RunnerStatus
 from bigtent.client.upload import first_leaf
 from bigtent.errors import BigtentError, NixError
 from bigtent.nix.store import NixStore, RealiseStatus

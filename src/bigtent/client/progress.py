@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bigtent import humanize
+from bigtent.apimodels import Build, Step, StepAttempt, WaitingStep
 from bigtent.client.api import RunnerClient
-from bigtent.client.models import Build, Step, StepAttempt, WaitingStep
 from bigtent.errors import BigtentError, RunnerUnreachable
 from bigtent.states import BuildState, StepState
 
@@ -84,8 +84,8 @@ def _final_line(step: Step, state: StepState) -> str:
 
 
 def step_events(
-    seen: Mapping[str, SeenStep], steps: Iterable[Step]
-) -> tuple[list[str], dict[str, SeenStep]]:
+    seen: Mapping[int, SeenStep], steps: Iterable[Step]
+) -> tuple[list[str], dict[int, SeenStep]]:
     """The lines for what changed since the last look (``seen``), and the new look.
 
     A step that is now assigned or building, and was not in this attempt before, *started*;
@@ -93,7 +93,7 @@ def step_events(
     was not built for a failed dependency. Waiting and runnable steps say nothing here (the
     waiting-for-capacity and retry lines of ``bigtent build`` cover them)."""
     lines: list[str] = []
-    now: dict[str, SeenStep] = {}
+    now: dict[int, SeenStep] = {}
     for step in steps:
         prev = seen.get(step.id)
         now[step.id] = SeenStep(step.state, step.attempts)
@@ -158,7 +158,7 @@ class PrefixedLines:
 
 async def follow_step_log(
     client: RunnerClient,
-    step_id: str,
+    step_id: int | str,
     on_text: Callable[[str], None],
     *,
     start: int = 0,
@@ -229,7 +229,7 @@ class StepLogStreams:
 
     client: RunnerClient
     write: Write
-    _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _tasks: dict[int, asyncio.Task[None]] = field(default_factory=dict)
 
     def watch(self, steps: Iterable[Step]) -> None:
         """Start following the logs of the steps that run now, and of those that ran and
@@ -242,7 +242,7 @@ class StepLogStreams:
                 self._follow(step.id, PrefixedLines(f"{name}> ")), name=f"log-{step.id}"
             )
 
-    async def _follow(self, step_id: str, lines: PrefixedLines) -> None:
+    async def _follow(self, step_id: int, lines: PrefixedLines) -> None:
         def text(piece: str) -> None:
             for line in lines.feed(piece):
                 self.write(line)
@@ -279,7 +279,7 @@ class PlainBuildObserver:
     def __init__(self, write: Write, logs: StepLogStreams | None = None) -> None:
         self.write = write
         self.logs = logs
-        self._seen: dict[str, SeenStep] = {}
+        self._seen: dict[int, SeenStep] = {}
         self._state: BuildState | None = None
 
     def on_phase(self, message: str) -> None:

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from bigtent import humanize
-from bigtent.client.models import Build, BuildRoot, Step, StepAttempt, StepCounts, WaitingStep
+from bigtent.apimodels import Build, BuildRoot, Step, StepAttempt, StepCounts, WaitingStep
+from bigtent.client.printed import printed
 from bigtent.client.progress import nothing_to_build
 from bigtent.client.targets import Job
 from bigtent.protocol import Outcome
@@ -127,7 +128,7 @@ def build_report(
     """The ``--json`` document. ``attempts``: the attempt records seen while following;
     ``jobs``: what the targets evaluated to, each by its attribute path."""
     return {
-        "build_id": build.id,
+        "build_id": str(build.id),
         "state": build.state.value,
         "succeeded": build_succeeded(build),
         "trusted": build.trusted,
@@ -136,12 +137,12 @@ def build_report(
         "created_at": build.created_at,
         "finished_at": build.finished_at,
         "outputs": {root.drv_path: root.outputs for root in build.roots},
-        "roots": [root.model_dump(mode="json") for root in build.roots],
-        "failed_steps": [step.model_dump(mode="json") for step in build.failed_steps],
+        "roots": printed(build.roots),
+        "failed_steps": printed(build.failed_steps),
         "waiting_for_capacity_count": build.waiting_for_capacity_count,
-        "waiting_for_capacity": [w.model_dump(mode="json") for w in build.waiting_for_capacity],
+        "waiting_for_capacity": printed(build.waiting_for_capacity),
         "links": [{"link": link.link, "path": link.path} for link in links],
-        "attempts": [attempt.model_dump(mode="json") for attempt in attempts],
+        "attempts": printed(attempts),
         "jobs": job_states(build, jobs),
     }
 
@@ -157,7 +158,7 @@ def waiting_line(step: WaitingStep) -> str:
     return f"step {step.step_id} {step.name or step.drv_path}: {step.reason}"
 
 
-def newly_waiting(build: Build, shown: set[tuple[str, str]]) -> list[WaitingStep]:
+def newly_waiting(build: Build, shown: set[tuple[int, str | None]]) -> list[WaitingStep]:
     """The build's steps waiting for capacity not yet in ``shown`` (step id, reason): each
     is reported once, and again only if its reason changes."""
     return [w for w in build.waiting_for_capacity if (w.step_id, w.reason) not in shown]
@@ -199,6 +200,6 @@ def stop_report(
     doc.update(
         stopped=reason,
         cancelled=cancelled,
-        pending=[s.model_dump(mode="json") for s in pending],
+        pending=printed(pending),
     )
     return doc

@@ -23,7 +23,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from bigtent.client.hooklogs import PhaseClock, RootLogs
+from bigtent.client.hooklogs import PhaseClock, RootLogs, build_and_follow
 from bigtent.nix import daemonwire as wire
 from bigtent.nix.store import spawn_daemon_stdio
 
@@ -69,7 +69,7 @@ class ClientSink:
         self.line(f"bigtent: {text}")
 
 
-def failure_message(build_id: str, failed: Sequence[tuple[str, str, str]]) -> str:
+def failure_message(build_id: int, failed: Sequence[tuple[str, str, str]]) -> str:
     """The error Nix shows for a failed farm build: each failed step (derivation, what
     happened, its log tail)."""
     if not failed:
@@ -116,8 +116,6 @@ class Farm:
     async def build(self, drvs: Sequence[str], sink: ClientSink) -> str | None:
         """Build ``drvs`` on the farm as one build and copy their outputs into the local
         store; None, or the error Nix shows."""
-        from bigtent.client.build import BuildOptions, submit_build
-        from bigtent.client.follow import AttemptFollower, follow_build
         from bigtent.client.hookfarm import copy_outputs
         from bigtent.client.observer import SilentObserver
         from bigtent.client.reports import build_succeeded
@@ -146,21 +144,16 @@ class Farm:
             try:
                 await upload_closure(client, self.store, drvs, observer)
                 phases.mark("upload")
-                build = await submit_build(
-                    client, drvs, BuildOptions(out_link=None), observer, farm.unreachable_grace_secs
-                )
-                phases.mark("submit")
-                sink.line(f"bigtent: build {build.id} ({len(drvs)} roots) on {client.base_url}")
                 logs = RootLogs(client, sink)
-                logs.start(build)
-                build = await follow_build(
+                build = await build_and_follow(
                     client,
-                    build.id,
+                    drvs,
                     observer,
-                    farm.poll_interval_secs,
-                    farm.unreachable_grace_secs,
-                    attempts=AttemptFollower(build.id, supported=False),
-                    pause=logs.pause,
+                    logs,
+                    phases,
+                    poll_interval_secs=farm.poll_interval_secs,
+                    unreachable_grace_secs=farm.unreachable_grace_secs,
+                    what=f" ({len(drvs)} roots)",
                 )
                 await logs.finish(build)
                 phases.mark("build")

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bigtent import humanize
-from bigtent.client.models import Build, Step
+from bigtent.apimodels import Build, Step
 
 PIPE_WIDTH = 250
 """Width of output into a pipe or file without ``COLUMNS``: wide lines, nothing wrapped."""
@@ -158,7 +158,7 @@ def build_row(b: Build, now: datetime) -> list[str]:
     names = [drv_name(r.drv_path) for r in b.roots]
     shown = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
     return [
-        b.id,
+        str(b.id),
         b.state.value,
         str(b.priority),
         build_trust(b),
@@ -189,7 +189,7 @@ def step_row(s: Step, now: datetime) -> list[str]:
     error = next((line.strip() for line in (s.error or "").splitlines() if line.strip()), None)
     outcome = ": ".join(x for x in (shown, error) if x)
     return [
-        s.id,
+        str(s.id),
         s.name or drv_name(s.drv_path),
         s.state,
         s.agent_name or "-",

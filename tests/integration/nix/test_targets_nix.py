@@ -269,8 +269,8 @@ def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """The client's Nix in a chroot store, and ``run_build`` answering at once with the
     derivations it was given as built (no runner)."""
     import bigtent.client.build as build_module
+    from bigtent.apimodels import Build
     from bigtent.client.build import BuildResult
-    from bigtent.client.models import Build
 
     async def fake_run_build(
         client: Any, store: Any, drvs: Any, options: Any, observer: Any, tracker: Any = None

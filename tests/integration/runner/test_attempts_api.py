@@ -21,6 +21,7 @@ from tests.integration.runner.conftest import (
     register_message,
     upload_closure,
 )
+from tests.integration.runner.test_api_models import ATTEMPT_FIELDS
 
 REASON = "error: the group 'nixbld' specified in 'build-users-group' does not exist"
 
@@ -72,20 +73,7 @@ async def test_every_attempt_is_listed_by_the_api_and_the_dashboard(
     first, second = await attempts()
     step_id = int(assign.step_id)
     for record, n in ((first, 1), (second, 2)):
-        assert set(record) == {
-            "id",
-            "step_id",
-            "drv_path",
-            "name",
-            "attempt",
-            "max_attempts",
-            "agent_name",
-            "started_at",
-            "finished_at",
-            "outcome",
-            "error",
-            "retry_at",
-        }
+        assert list(record) == ATTEMPT_FIELDS
         assert record["step_id"] == step_id and record["drv_path"] == drvs.dep
         assert (record["name"], record["attempt"], record["max_attempts"]) == ("dep", n, 2)
         assert (record["agent_name"], record["outcome"]) == ("agent-broken", "prepare_failure")

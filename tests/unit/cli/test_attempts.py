@@ -32,8 +32,8 @@ FAILED: dict[str, Any] = {
 @pytest.fixture
 def flow(monkeypatch: pytest.MonkeyPatch) -> None:
     import bigtent.client.build as build_module
+    from bigtent.apimodels import Build, StepAttempt
     from bigtent.client.build import BuildResult
-    from bigtent.client.models import Build, StepAttempt
 
     async def fake_run_build(
         client: Any, store: Any, drvs: Any, options: Any, observer: Any, tracker: Any = None

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from bigtent.apimodels import Build
 from bigtent.cli.buildview import report_failure, report_result
 from bigtent.client.build import BuildResult
-from bigtent.client.models import Build
 from bigtent.client.outputs import ResultLink
 from tests.unit.cli.helpers import run_cli
 from tests.unit.cli.samples import BUILD
@@ -27,8 +27,8 @@ def test_build_usage_errors() -> None:
 
 def _fake_build_flow(monkeypatch: pytest.MonkeyPatch, final: dict[str, Any]) -> None:
     import bigtent.client.build as build_module
+    from bigtent.apimodels import Build
     from bigtent.client.build import BuildResult
-    from bigtent.client.models import Build
 
     async def fake_run_build(
         client: Any, store: Any, drvs: Any, options: Any, observer: Any, tracker: Any = None
@@ -78,7 +78,7 @@ def test_build_failure_reports_step_and_log_tail(monkeypatch: pytest.MonkeyPatch
 
 
 def test_failure_report_names_jobs_by_attribute_path(capsys: pytest.CaptureFixture[str]) -> None:
-    from bigtent.client.models import Build
+    from bigtent.apimodels import Build
 
     build = Build.model_validate(
         {**BUILD, "state": "failed", "roots": [{**BUILD["roots"][0], "state": "failed"}]}

@@ -18,7 +18,8 @@ import pytest
 
 from bigtent.cli import cli
 from bigtent.errors import BigtentError
-from tests.unit.cli.helpers import run_cli
+from tests.unit.cli.helpers import RunnerStub, run_cli
+from tests.unit.cli.samples import STATUS
 
 run = run_cli
 
@@ -139,6 +140,22 @@ def test_status_table_and_json(fake_runner: list[httpx.Request]) -> None:
     assert fake_runner[0].headers["authorization"] == "Bearer t0k"
     result = run(["status", "--json"])
     assert json.loads(result.stdout)["cache_public_key"] == "bt-1:abc"
+
+
+def test_status_while_the_database_does_not_answer(runner_stub: RunnerStub) -> None:
+    # The runner answers null step counts (and an unhealthy scheduler) in an outage.
+    outage = {
+        **STATUS,
+        "steps": None,
+        "cache_paths": None,
+        "scheduler": {"healthy": False, "problem": "database unreachable"},
+    }
+    runner_stub.answer_json("/api/v1/status", outage)
+    result = run(["status"])
+    assert result.exit_code == 0, result.output
+    assert "unknown" in result.stdout
+    doc = json.loads(run(["status", "--json"]).stdout)
+    assert doc["steps"] is None and "scheduler" not in doc
 
 
 def test_token_file_wins_over_env(fake_runner: list[httpx.Request], tmp_path: Path) -> None:

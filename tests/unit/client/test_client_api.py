@@ -90,12 +90,12 @@ async def test_no_token_no_authorization_header() -> None:
         assert await client.fetch_agents() == []
 
 
-async def test_build_ids_are_text_and_unknown_fields_ignored() -> None:
+async def test_build_ids_are_numbers_and_unknown_fields_ignored() -> None:
     async with make_client(lambda r: httpx.Response(200, json=BUILD)) as client:
         build = await client.fetch_build("7")
-    assert build.id == "7"
+    assert build.id == 7
     assert build.state is BuildState.RUNNING
-    assert build.roots[0].step_id == "3"
+    assert build.roots[0].step_id == 3
     assert build.counts.total == 2 and build.counts.runnable == 0
     assert build.failed_steps == []
 
@@ -180,7 +180,7 @@ async def test_create_build_and_bump_bodies() -> None:
 
 
 async def test_list_endpoints_and_log() -> None:
-    step = {"id": "3", "drv_path": "/nix/store/aaaa-hello.drv", "state": "building"}
+    step = {"id": 3, "drv_path": "/nix/store/aaaa-hello.drv", "state": "building"}
     routes: dict[str, httpx.Response] = {
         "/api/v1/builds": httpx.Response(200, json={"builds": [BUILD]}),
         "/api/v1/builds/7/steps": httpx.Response(200, json={"steps": [step]}),
@@ -194,7 +194,7 @@ async def test_list_endpoints_and_log() -> None:
         return routes[request.url.path]
 
     async with make_client(handler) as client:
-        assert [b.id for b in await client.fetch_builds(limit=5)] == ["7"]
+        assert [b.id for b in await client.fetch_builds(limit=5)] == [7]
         assert params[0] == "limit=5"
         assert (await client.fetch_steps("7"))[0].drv_path.endswith("hello.drv")
         assert (await client.fetch_step("3")).state == "building"
@@ -364,7 +364,7 @@ async def test_restart_build_and_drain_agent() -> None:
     async with make_client(handler) as client:
         build = await client.restart_build("7")
         drained = await client.drain_agent("gha 1/x")
-    assert (build.id, build.state.value) == ("7", "queued")
+    assert (build.id, build.state.value) == (7, "queued")
     assert drained == "gha 1/x"
     assert [(r.method, r.url.raw_path) for r in seen] == [
         ("POST", b"/api/v1/builds/7/restart"),

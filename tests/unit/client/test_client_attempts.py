@@ -11,10 +11,10 @@ from typing import Any
 import httpx
 import pytest
 
+from bigtent.apimodels import Build, StepAttempt
 from bigtent.client import follow
 from bigtent.client.build import BuildOptions, run_build
 from bigtent.client.follow import AttemptFollower, follow_build
-from bigtent.client.models import Build, StepAttempt
 from bigtent.client.observer import SilentObserver
 from bigtent.client.reports import attempt_notice, build_report
 from tests.unit.client.test_client_build import (
@@ -137,9 +137,9 @@ async def test_each_attempt_reaches_the_observer_once_in_the_poll_that_sees_it(
         shown=[0, 1, 3, 3],
     )
     observer = Recorder()
-    follower = AttemptFollower("5")
+    follower = AttemptFollower(5)
     async with _client(runner) as client:
-        final = await follow_build(client, "5", observer, interval_secs=0, attempts=follower)
+        final = await follow_build(client, 5, observer, interval_secs=0, attempts=follower)
     assert final.state.value == "failed"
     assert observer.events == [
         "build running",
@@ -158,9 +158,9 @@ async def test_each_attempt_reaches_the_observer_once_in_the_poll_that_sees_it(
 async def test_an_older_runner_without_attempts_is_followed_as_before() -> None:
     runner = FakeRunner([], [], [_wire_build("running", running=1), _wire_build("succeeded")])
     runner.attempts = None
-    follower = AttemptFollower("5")
+    follower = AttemptFollower(5)
     async with _client(runner) as client:
-        final = await follow_build(client, "5", Recorder(), interval_secs=0, attempts=follower)
+        final = await follow_build(client, 5, Recorder(), interval_secs=0, attempts=follower)
     assert final.state.value == "succeeded"
     assert follower.seen == [] and not follower.supported
 

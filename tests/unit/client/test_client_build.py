@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bigtent.apimodels import Build, RunnerStatus, StepCounts
 from bigtent.client.api import RunnerClient
 from bigtent.client.build import BuildOptions, run_build, submit_build
 from bigtent.client.follow import BuildTracker, follow_build
-from bigtent.client.models import Build, RunnerStatus, StepCounts
 from bigtent.client.observer import SilentObserver
 from bigtent.client.outputs import (
     ResultLink,
@@ -408,7 +408,7 @@ async def test_follow_build_polls_until_final() -> None:
             seen.append(build.state.value)
 
     async with _client(runner) as client:
-        final = await follow_build(client, "5", Observer(), interval_secs=0)
+        final = await follow_build(client, 5, Observer(), interval_secs=0)
     assert final.state.value == "succeeded"
     assert seen == ["queued", "running", "succeeded"]
 
@@ -429,7 +429,7 @@ async def test_run_build_uploads_builds_and_downloads(tmp_path: Path, monkeypatc
             SilentObserver(),
             tracker,
         )
-    assert result.succeeded and tracker.build_id == "5"
+    assert result.succeeded and tracker.build_id == 5
     [created] = runner.created
     assert len(created.pop("submission")) >= 16
     assert created == {"drvs": [S + "top.drv"], "priority": 3}
@@ -501,7 +501,7 @@ async def test_a_submission_is_retried_with_one_key_while_the_runner_is_unreacha
 
     async with RunnerClient(URL, transport=httpx.MockTransport(handler)) as client:
         build = await submit_build(client, [S + "top.drv"], BuildOptions(), Observer())
-    assert build.id == "5"
+    assert build.id == 5
     assert len(bodies) == 3 and len({b["submission"] for b in bodies}) == 1
     assert len(phases) == 1 and phases[0].startswith("runner unavailable, retrying")
 

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 import httpx
 import pytest
 
+from bigtent.apimodels import Build, Step, WaitingStep
 from bigtent.client.api import RunnerClient
 from bigtent.client.build import parse_duration
 from bigtent.client.follow import BuildTracker, follow_build
-from bigtent.client.models import Build, Step, WaitingStep
 from bigtent.client.observer import SilentObserver
 from bigtent.client.reports import (
     build_report,
@@ -49,7 +49,7 @@ def test_parse_duration_refuses_nonsense(text: str) -> None:
         parse_duration(text)
 
 
-def _waiting(step_id: str, reason: str = REASON) -> WaitingStep:
+def _waiting(step_id: int, reason: str = REASON) -> WaitingStep:
     return WaitingStep(
         step_id=step_id, drv_path=f"/nix/store/x-{step_id}.drv", name=f"s{step_id}", reason=reason
     )
@@ -68,22 +68,22 @@ def _build(*waiting: WaitingStep, count: int | None = None, state: str = "queued
 
 def test_capacity_summary_and_lines() -> None:
     assert capacity_summary(_build()) is None
-    assert capacity_summary(_build(_waiting("1"), count=30)) == "30 waiting for capacity"
-    assert waiting_line(_waiting("7")) == f"step 7 s7: {REASON}"
+    assert capacity_summary(_build(_waiting(1), count=30)) == "30 waiting for capacity"
+    assert waiting_line(_waiting(7)) == f"step 7 s7: {REASON}"
 
 
 def test_each_waiting_step_is_reported_once_and_again_when_its_reason_changes() -> None:
-    shown: set[tuple[str, str]] = set()
-    first = newly_waiting(_build(_waiting("1"), _waiting("2")), shown)
-    assert [w.step_id for w in first] == ["1", "2"]
+    shown: set[tuple[int, str | None]] = set()
+    first = newly_waiting(_build(_waiting(1), _waiting(2)), shown)
+    assert [w.step_id for w in first] == [1, 2]
     shown.update((w.step_id, w.reason) for w in first)
-    assert newly_waiting(_build(_waiting("1"), _waiting("2")), shown) == []
+    assert newly_waiting(_build(_waiting(1), _waiting(2)), shown) == []
     other = "waiting for capacity: no agent offers aarch64-linux (features: kvm)"
-    again = newly_waiting(_build(_waiting("1", other), _waiting("3")), shown)
-    assert [(w.step_id, w.reason) for w in again] == [("1", other), ("3", REASON)]
+    again = newly_waiting(_build(_waiting(1, other), _waiting(3)), shown)
+    assert [(w.step_id, w.reason) for w in again] == [(1, other), (3, REASON)]
 
 
-def _step(step_id: str, state: str, reason: str | None = None) -> Step:
+def _step(step_id: int, state: str, reason: str | None = None) -> Step:
     return Step(
         id=step_id, drv_path="/nix/store/x.drv", name="x", state=state, waiting_reason=reason
     )
@@ -91,23 +91,23 @@ def _step(step_id: str, state: str, reason: str | None = None) -> Step:
 
 def test_pending_steps_are_those_not_final() -> None:
     steps = [
-        _step("1", "succeeded"),
-        _step("2", "runnable", REASON),
-        _step("3", "waiting"),
-        _step("4", "building"),
-        _step("5", "dependency_failed"),
-        _step("6", "cancelled"),
-        _step("7", "assigned"),
-        _step("8", "some-new-state"),
+        _step(1, "succeeded"),
+        _step(2, "runnable", REASON),
+        _step(3, "waiting"),
+        _step(4, "building"),
+        _step(5, "dependency_failed"),
+        _step(6, "cancelled"),
+        _step(7, "assigned"),
+        _step(8, "some-new-state"),
     ]
-    assert [s.id for s in pending_steps(steps)] == ["2", "3", "4", "7", "8"]
+    assert [s.id for s in pending_steps(steps)] == [2, 3, 4, 7, 8]
     assert pending_line(steps[1]) == f"step 2 x: runnable ({REASON})"
     assert pending_line(steps[2]) == "step 3 x: waiting"
 
 
 def test_stop_report_is_the_build_report_plus_why_and_what_was_pending() -> None:
-    build = _build(_waiting("2"))
-    doc = stop_report(build, [_step("2", "runnable", REASON)], reason="timeout", cancelled=True)
+    build = _build(_waiting(2))
+    doc = stop_report(build, [_step(2, "runnable", REASON)], reason="timeout", cancelled=True)
     assert {k: doc[k] for k in build_report(build)} == build_report(build)
     assert doc["stopped"] == "timeout" and doc["cancelled"] is True
     assert doc["waiting_for_capacity"][0]["reason"] == REASON
@@ -117,9 +117,9 @@ def test_stop_report_is_the_build_report_plus_why_and_what_was_pending() -> None
 
 async def test_follow_build_reports_waiting_steps_once_and_keeps_the_last_build() -> None:
     polls = [
-        _build(_waiting("2")),
-        _build(_waiting("2")),
-        _build(_waiting("2"), _waiting("3")),
+        _build(_waiting(2)),
+        _build(_waiting(2)),
+        _build(_waiting(2), _waiting(3)),
         _build(state="failed"),
     ]
 
@@ -128,15 +128,15 @@ async def test_follow_build_reports_waiting_steps_once_and_keeps_the_last_build(
             return httpx.Response(200, json={"attempts": []})
         return httpx.Response(200, json=polls.pop(0).model_dump(mode="json"))
 
-    reported: list[list[str]] = []
+    reported: list[list[int]] = []
 
     class Observer(SilentObserver):
         def on_waiting_for_capacity(self, steps: Sequence[WaitingStep]) -> None:
             reported.append([s.step_id for s in steps])
 
-    tracker = BuildTracker(build_id="5")
+    tracker = BuildTracker(build_id=5)
     async with RunnerClient("http://runner", transport=httpx.MockTransport(handler)) as client:
-        final = await follow_build(client, "5", Observer(), interval_secs=0, tracker=tracker)
+        final = await follow_build(client, 5, Observer(), interval_secs=0, tracker=tracker)
     assert final.state.value == "failed"
-    assert reported == [["2"], ["3"]]
+    assert reported == [[2], [3]]
     assert tracker.last == final

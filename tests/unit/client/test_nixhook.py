@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bigtent.apimodels import Build, BuildRoot, FailedStep
 from bigtent.client.hookcommon import HookConfig, LogSink, OnUnreachable
 from bigtent.client.hookentry import (
     Reply,
@@ -39,7 +40,6 @@ from bigtent.client.hookentry import (
 )
 from bigtent.client.hookfarm import failure_exit_code, wanted_paths
 from bigtent.client.hookhandover import helper_argv, helper_socket, via_helper
-from bigtent.client.models import Build, BuildRoot, FailedStep
 from bigtent.client.nixhelper import parse_request
 from bigtent.client.nixhook import parse_args, run_hook
 from bigtent.states import BuildState
@@ -123,11 +123,11 @@ def test_local_store_uri() -> None:
 
 def build(*failed: tuple[str, str], roots: dict[str, str] | None = None) -> Build:
     return Build(
-        id="7",
+        id=7,
         state=BuildState.FAILED if failed else BuildState.SUCCEEDED,
         roots=[BuildRoot(drv_path=DRV, outputs=roots or {})],
         failed_steps=[
-            FailedStep(id=str(i), drv_path=DRV, state=state, outcome=outcome)
+            FailedStep(id=i, drv_path=DRV, state=state, outcome=outcome)
             for i, (state, outcome) in enumerate(failed)
         ],
     )

@@ -8,9 +8,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
+from bigtent.apimodels import Build
 from bigtent.client.api import RunnerClient
 from bigtent.client.hooklogs import RootLogs
-from bigtent.client.models import Build
 from bigtent.client.sse import LogEvent
 from bigtent.errors import NotFound
 from bigtent.states import BuildState
@@ -34,9 +34,11 @@ class FakeClient:
     def __init__(self, events: list[LogEvent] | None, gate: asyncio.Event) -> None:
         self.events = events
         self.gate = gate
-        self.fetched: list[str] = []
+        self.fetched: list[int | str] = []
 
-    async def stream_step_log(self, step_id: str, *, start: int = 0) -> AsyncIterator[LogEvent]:
+    async def stream_step_log(
+        self, step_id: int | str, *, start: int = 0
+    ) -> AsyncIterator[LogEvent]:
         if self.events is None:
             raise NotFound("no such route (an older runner)")
         for event in self.events:
@@ -44,12 +46,12 @@ class FakeClient:
                 await self.gate.wait()  # the step ends when the test says so
             yield event
 
-    async def fetch_log(self, step_id: str) -> str:
+    async def fetch_log(self, step_id: int | str) -> str:
         self.fetched.append(step_id)
         return "the whole log\n"
 
 
-def build(state: BuildState, step_id: str | None = "7") -> Build:
+def build(state: BuildState, step_id: int | None = 7) -> Build:
     data: dict[str, Any] = {
         "id": "1",
         "state": state.value,
@@ -89,7 +91,7 @@ async def test_lines_arrive_while_the_step_runs_and_its_end_ends_the_pause() -> 
         await pause
         await logs.finish(build(BuildState.SUCCEEDED))
     assert sink.lines == ["first line", "second line"]
-    assert logs.streamed == {"7"} and client.fetched == []
+    assert logs.streamed == {7} and client.fetched == []
 
 
 async def test_a_stream_that_fails_falls_back_to_the_whole_log() -> None:
@@ -99,7 +101,7 @@ async def test_a_stream_that_fails_falls_back_to_the_whole_log() -> None:
     logs.start(build(BuildState.RUNNING))
     async with asyncio.timeout(5):
         await logs.finish(build(BuildState.SUCCEEDED))
-    assert client.fetched == ["7"]
+    assert client.fetched == [7]
     assert sink.lines[-1] == "the whole log"
     assert "the live log stopped" in sink.lines[0]
 
@@ -123,7 +125,7 @@ async def test_the_rest_of_the_log_is_asked_for_once_the_build_ended() -> None:
     asked: list[int] = []
     never, hanging = asyncio.Event(), asyncio.Event()
 
-    async def stream(step_id: str, *, start: int = 0) -> AsyncIterator[LogEvent]:
+    async def stream(step_id: int | str, *, start: int = 0) -> AsyncIterator[LogEvent]:
         asked.append(start)
         for event in head if start == 0 else tail:
             yield event

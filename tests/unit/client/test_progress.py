@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from bigtent import humanize
-from bigtent.client.models import Build, Step
+from bigtent.apimodels import Build, Step
 from bigtent.client.progress import (
     PrefixedLines,
     SeenStep,
@@ -29,20 +29,20 @@ T0 = "2026-12-06T10:00:00+00:00"
 T4 = "2026-12-06T10:00:04.250000+00:00"
 
 
-def step(id: str, state: str, **kw: Any) -> Step:
+def step(id: int, state: str, **kw: Any) -> Step:
     return Step(id=id, drv_path=f"/nix/store/x-{id}.drv", name=f"dag-{id}", state=state, **kw)
 
 
 def test_step_events_say_each_change_once() -> None:
-    lines, seen = step_events({}, [step("1", "building", agent_name="a0"), step("2", "waiting")])
+    lines, seen = step_events({}, [step(1, "building", agent_name="a0"), step(2, "waiting")])
     assert lines == ["step 1 dag-1: started on a0"]
-    again, seen = step_events(seen, [step("1", "building", agent_name="a0"), step("2", "waiting")])
+    again, seen = step_events(seen, [step(1, "building", agent_name="a0"), step(2, "waiting")])
     assert again == []
-    done = step("1", "succeeded", agent_name="a0", started_at=T0, finished_at=T4)
-    lines, seen = step_events(seen, [done, step("2", "assigned", agent_name="a1")])
+    done = step(1, "succeeded", agent_name="a0", started_at=T0, finished_at=T4)
+    lines, seen = step_events(seen, [done, step(2, "assigned", agent_name="a1")])
     assert lines == ["step 1 dag-1: succeeded on a0 in 4.2 s", "step 2 dag-2: started on a1"]
     failed = step(
-        "2",
+        2,
         "failed",
         agent_name="a1",
         started_at=T0,
@@ -50,26 +50,26 @@ def test_step_events_say_each_change_once() -> None:
         outcome="build_failure",
         error="\nerror: builder failed\nmore",
     )
-    lines, seen = step_events(seen, [done, failed, step("3", "dependency_failed")])
+    lines, seen = step_events(seen, [done, failed, step(3, "dependency_failed")])
     assert lines == [
         "step 2 dag-2: failed on a1 after 4.2 s (build_failure: error: builder failed)",
         "step 3 dag-3: not built, a dependency failed",
     ]
-    assert seen["2"] == SeenStep("failed", 0)
+    assert seen[2] == SeenStep("failed", 0)
     assert step_events(seen, [done, failed])[0] == []
 
 
 def test_a_retried_step_starts_again_with_its_attempt_number() -> None:
-    _, seen = step_events({}, [step("1", "building", agent_name="a0")])
+    _, seen = step_events({}, [step(1, "building", agent_name="a0")])
     # between two looks the attempt on a0 failed (infrastructure) and a1 took the step
-    lines, seen = step_events(seen, [step("1", "building", agent_name="a1", attempts=1)])
+    lines, seen = step_events(seen, [step(1, "building", agent_name="a1", attempts=1)])
     assert lines == ["step 1 dag-1: started on a1 (attempt 2)"]
-    lines, _ = step_events(seen, [step("1", "cancelled")])
+    lines, _ = step_events(seen, [step(1, "cancelled")])
     assert lines == ["step 1 dag-1: cancelled"]
 
 
 def test_a_fast_step_seen_only_when_done_is_one_line() -> None:
-    lines, _ = step_events({}, [step("1", "succeeded", agent_name="a0")])
+    lines, _ = step_events({}, [step(1, "succeeded", agent_name="a0")])
     assert lines == ["step 1 dag-1: succeeded on a0"]
 
 
@@ -95,7 +95,7 @@ def _build(total: int, outputs: list[dict[str, str]]) -> Build:
     ],
 )
 def test_which_steps_have_a_log_for_dash_l(state: str, agent: str | None, shown: bool) -> None:
-    assert has_log(step("1", state, agent_name=agent)) is shown
+    assert has_log(step(1, state, agent_name=agent)) is shown
 
 
 def test_a_build_without_steps_says_nothing_to_build() -> None:

@@ -37,7 +37,7 @@ from bigtent.nix import daemonwire as wire
 def test_failure_message(
     failed: list[tuple[str, str, str]], shown: list[str], absent: list[str]
 ) -> None:
-    text = failure_message("7", failed)
+    text = failure_message(7, failed)
     for piece in shown:
         assert piece in text
     for piece in absent:

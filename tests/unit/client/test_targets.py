@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bigtent.client.models import Build
+from bigtent.apimodels import Build
 from bigtent.client.reports import build_report, job_labels, job_states
 from bigtent.client.targets import (
     JOBS_NIX,

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from bigtent.apilimits import known_id
 from bigtent.config import Role
 from bigtent.config.ci import ProjectSection
 from bigtent.errors import AuthError, BadRequest, ConfigError, NotFound, PayloadTooLarge
@@ -28,7 +29,7 @@ from bigtent.runner.ci.webhooks import (
     parse_payload,
 )
 from bigtent.runner.db import ci_queries as q
-from bigtent.runner.http.deps import AdminAuth, ClientAuth, Comps, iso, known_id
+from bigtent.runner.http.deps import AdminAuth, ClientAuth, Comps, iso
 
 log = logging.getLogger(__name__)
 

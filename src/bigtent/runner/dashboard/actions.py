@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import RedirectResponse, Response
 
+from bigtent.apilimits import PRIORITY_MAX, PRIORITY_MIN
 from bigtent.errors import AuthError, BadRequest, BigtentError, NotFound
-from bigtent.runner.auth.ownership import BuildAction, check_build_action
+from bigtent.runner.auth.ownership import BuildAction
 from bigtent.runner.auth.tokens import Principal
+from bigtent.runner.buildactions import act_on_build
 from bigtent.runner.components import Components
-from bigtent.runner.dashboard import views
 from bigtent.runner.dashboard.auth import check_action, origin_allowed
 from bigtent.runner.dashboard.shell import (
     allowed_origins,
@@ -25,7 +25,6 @@ from bigtent.runner.dashboard.shell import (
     viewer_of,
 )
 from bigtent.runner.dashboard.signin import read_form
-from bigtent.runner.db import queries
 from bigtent.runner.scheduler.model import AGENT
 
 log = logging.getLogger(__name__)
@@ -69,54 +68,46 @@ async def _action(
     return RedirectResponse(target, status_code=303)
 
 
-async def _existing_build(
-    comps: Components, build_id: int, principal: Principal, action: BuildAction
-) -> Any:
-    """The build's row if ``principal`` may do ``action`` on it (the API's rule)."""
-    views.known_id(build_id, "build")
-    async with comps.engine.connect() as conn:
-        row = await queries.fetch_build(conn, build_id)
-    if row is None:
-        raise NotFound(f"no build {build_id}")
-    check_build_action(principal, action, build_id, row.created_by)
-    return row
+def form_priority(form: dict[str, str]) -> int | None:
+    """The bump form's priority; None (the default bump) when it is empty."""
+    raw = form.get("priority", "").strip()
+    if not raw:
+        return None
+    try:
+        priority = int(raw)
+    except ValueError as exc:
+        raise BadRequest(f"priority must be a whole number (got {raw!r})") from exc
+    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise BadRequest(
+            f"priority must be between {PRIORITY_MIN} and {PRIORITY_MAX} (got {priority})"
+        )
+    return priority
+
+
+async def _on_build(request: Request, action: BuildAction, build_id: int) -> Response:
+    """A build action (the API's, ``buildactions.act_on_build``), then the build's page."""
+
+    async def run(comps: Components, form: dict[str, str], who: Principal) -> str:
+        priority = form_priority(form) if action is BuildAction.BUMP else None
+        await act_on_build(comps, who, action, build_id, priority=priority)
+        return f"/builds/{build_id}"
+
+    return await _action(request, run, admin_only=False)
 
 
 @router.post("/builds/{build_id}/cancel")
 async def cancel(request: Request, build_id: int) -> Response:
-    async def run(comps: Components, form: dict[str, str], who: Principal) -> str:
-        await _existing_build(comps, build_id, who, BuildAction.CANCEL)
-        await comps.scheduler.cancel_build(build_id, actor=who.name)
-        return f"/builds/{build_id}"
-
-    return await _action(request, run, admin_only=False)
+    return await _on_build(request, BuildAction.CANCEL, build_id)
 
 
 @router.post("/builds/{build_id}/restart")
 async def restart(request: Request, build_id: int) -> Response:
-    async def run(comps: Components, form: dict[str, str], who: Principal) -> str:
-        await _existing_build(comps, build_id, who, BuildAction.RESTART)
-        await comps.scheduler.restart_build(build_id, actor=who.name)
-        return f"/builds/{build_id}"
-
-    return await _action(request, run, admin_only=False)
+    return await _on_build(request, BuildAction.RESTART, build_id)
 
 
 @router.post("/builds/{build_id}/bump")
 async def bump(request: Request, build_id: int) -> Response:
-    async def run(comps: Components, form: dict[str, str], who: Principal) -> str:
-        row = await _existing_build(comps, build_id, who, BuildAction.BUMP)
-        raw = form.get("priority", "").strip()
-        try:
-            priority = int(raw) if raw else int(row.priority) + 10
-        except ValueError as exc:
-            raise BadRequest(f"priority must be a whole number (got {raw!r})") from exc
-        if not -1000 <= priority <= 1000:
-            raise BadRequest(f"priority must be between -1000 and 1000 (got {priority})")
-        await comps.scheduler.bump_build(build_id, priority, actor=who.name)
-        return f"/builds/{build_id}"
-
-    return await _action(request, run, admin_only=False)
+    return await _on_build(request, BuildAction.BUMP, build_id)
 
 
 @router.post("/agents/{machine_id}/drain")

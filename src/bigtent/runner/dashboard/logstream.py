@@ -11,9 +11,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
+from bigtent.apilimits import known_id
 from bigtent.errors import NotFound
 from bigtent.runner.components import Components
-from bigtent.runner.dashboard import present, views
+from bigtent.runner.dashboard import present
 from bigtent.runner.dashboard.auth import Viewer
 from bigtent.runner.dashboard.shell import dash_of, page
 from bigtent.runner.db import queries
@@ -41,7 +42,7 @@ SSE_RETRY_MILLIS = 1000
 
 
 async def _require_step(comps: Components, step_id: int) -> None:
-    views.known_id(step_id, "step")
+    known_id(step_id, "step")
     async with comps.engine.connect() as conn:
         if await queries.fetch_step(conn, step_id) is None:
             raise NotFound(f"no step {step_id}")

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, Request
 
 from bigtent.config import Role
-from bigtent.errors import AuthError, Forbidden, NotFound
+from bigtent.errors import AuthError, Forbidden
 from bigtent.runner.auth.tokens import Principal
 from bigtent.runner.components import Components
 from bigtent.runner.venues.sessions import bearer_token, looks_like_jwt
@@ -74,17 +74,6 @@ async def _agent_credential(
 
 AgentCredential = Annotated[None, Depends(_agent_credential)]
 AdminAuth = Annotated[Principal, _require(Role.ADMIN)]
-
-
-MAX_ID = 2**63 - 1
-
-
-def known_id(ident: int, what: str) -> int:
-    """Ids are positive 64-bit integers: any other number names nothing (404), and must not
-    reach the database, which cannot even compare it."""
-    if not 0 < ident <= MAX_ID:
-        raise NotFound(f"no {what} {ident}")
-    return ident
 
 
 def iso(ts: float | None) -> str | None:

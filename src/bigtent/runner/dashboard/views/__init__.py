@@ -23,7 +23,7 @@ from bigtent.runner.dashboard.views.builds import (
     load_builds,
 )
 from bigtent.runner.dashboard.views.overview import CacheTotals, Overview, load_overview
-from bigtent.runner.dashboard.views.rows import AttemptRow, BuildRow, StepRow, TookCache, known_id
+from bigtent.runner.dashboard.views.rows import AttemptRow, BuildRow, StepRow, TookCache
 from bigtent.runner.dashboard.views.steps import SearchPage, StepPage, load_step, search
 
 __all__ = [
@@ -43,7 +43,6 @@ __all__ = [
     "StepPage",
     "StepRow",
     "TookCache",
-    "known_id",
     "load_agents",
     "load_build",
     "load_builds",

@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from bigtent.apilimits import MAX_ID, known_id
 from bigtent.errors import NotFound
 from bigtent.runner.components import Components
 from bigtent.runner.dashboard import present
 from bigtent.runner.dashboard.views.rows import (
-    MAX_ID,
     AttemptRow,
     BuildRow,
     DepLink,
@@ -20,7 +20,6 @@ from bigtent.runner.dashboard.views.rows import (
     build_row,
     build_rows,
     dep_links,
-    known_id,
     step_row,
 )
 from bigtent.runner.db import queries

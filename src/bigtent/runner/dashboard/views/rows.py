@@ -10,19 +10,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bigtent.errors import NotFound
 from bigtent.runner.dashboard import present
 from bigtent.runner.db import queries
 from bigtent.states import StepState
-
-MAX_ID = 2**63 - 1
-
-
-def known_id(ident: int, what: str) -> int:
-    """Ids are positive 64-bit integers; any other number names nothing."""
-    if not 0 < ident <= MAX_ID:
-        raise NotFound(f"no {what} {ident}")
-    return ident
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from bigtent.apilimits import known_id
 from bigtent.errors import NotFound
 from bigtent.runner.components import Components
 from bigtent.runner.dashboard import present
@@ -14,7 +15,6 @@ from bigtent.runner.dashboard.views.rows import (
     StepRow,
     attempt_row,
     dep_links,
-    known_id,
     step_row,
 )
 from bigtent.runner.db import queries

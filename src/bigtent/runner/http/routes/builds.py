@@ -4,28 +4,31 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from bigtent.apilimits import (
     BUILD_DRVS_MAX,
     LABEL_MAX_CHARS,
+    MAX_ID,
     PRIORITY_MAX,
     PRIORITY_MIN,
     REF_PATTERN,
     REPOSITORY_PATTERN,
+    known_id,
 )
-from bigtent.errors import BadRequest, Forbidden, NotFound
-from bigtent.runner.auth.ownership import BuildAction, check_build_action
-from bigtent.runner.auth.tokens import Principal
+from bigtent.apimodels import AttemptList, Build, BuildList, StepList
+from bigtent.errors import BadRequest, NotFound
+from bigtent.runner.auth.ownership import BuildAction
+from bigtent.runner.buildactions import act_on_build
 from bigtent.runner.builds import plan_parts
-from bigtent.runner.components import Components
 from bigtent.runner.db import queries
-from bigtent.runner.http.deps import LIST_BODY_BYTES, MAX_ID, ClientAuth, Comps, known_id
+from bigtent.runner.http.deps import LIST_BODY_BYTES, ClientAuth, Comps
 from bigtent.runner.http.shapes import (
+    answer,
     attempt_json,
     build_json,
     build_list_json,
@@ -62,10 +65,8 @@ class BuildBody(BaseModel):
     admitting that one, replaces it."""
 
 
-@router.post("/builds", status_code=201, max_body_size=LIST_BODY_BYTES)
-async def create_build(
-    body: BuildBody, comps: Comps, who: ClientAuth, response: Response
-) -> dict[str, Any]:
+@router.post("/builds", response_model=Build, status_code=201, max_body_size=LIST_BODY_BYTES)
+async def create_build(body: BuildBody, comps: Comps, who: ClientAuth) -> JSONResponse:
     replaces: int | None = None
     if body.submission is not None:
         async with comps.engine.connect() as conn:
@@ -74,8 +75,7 @@ async def create_build(
             row, interrupted = found
             if not interrupted:
                 log.info("build %d submitted again by %s: the same build", row.id, who.name)
-                response.status_code = 200
-                return await build_json(comps, int(row.id))
+                return answer(await build_json(comps, int(row.id)))
             replaces = int(row.id)
     trusted = build_is_trusted(
         requested=body.trusted, role=who.role, token_trusted=who.trusted, ref=body.ref
@@ -101,7 +101,7 @@ async def create_build(
         log.info("build %d replaces build %d, whose admission was interrupted", build_id, replaces)
     if body.trusted and not trusted:
         log.info("build %d by %s is untrusted (ref %s)", build_id, who.name, body.ref)
-    return await build_json(comps, build_id)
+    return answer(await build_json(comps, build_id), status_code=201)
 
 
 def build_state_filter(values: Sequence[str]) -> list[str]:
@@ -121,7 +121,7 @@ def build_state_filter(values: Sequence[str]) -> list[str]:
     return states
 
 
-@router.get("/builds")
+@router.get("/builds", response_model=BuildList)
 async def list_builds(
     comps: Comps,
     who: ClientAuth,
@@ -130,7 +130,7 @@ async def list_builds(
     repository: str | None = None,
     ref: str | None = None,
     mine: bool = False,
-) -> dict[str, Any]:
+) -> JSONResponse:
     """The newest builds, filtered in the query: ``state`` (repeatable or comma-separated),
     ``repository``, ``ref``, ``mine`` (created by the caller's token)."""
     states = build_state_filter(state or [])
@@ -143,33 +143,33 @@ async def list_builds(
             ref=ref,
             created_by=who.name if mine else None,
         )
-        return {"builds": await build_list_json(comps, conn, rows)}
+        return answer({"builds": await build_list_json(comps, conn, rows)})
 
 
-@router.get("/builds/{build_id}")
-async def get_build(build_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
-    return await build_json(comps, build_id, details=True)
+@router.get("/builds/{build_id}", response_model=Build)
+async def get_build(build_id: int, comps: Comps, _: ClientAuth) -> JSONResponse:
+    return answer(await build_json(comps, build_id, details=True))
 
 
-@router.get("/builds/{build_id}/steps")
-async def get_build_steps(build_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
+@router.get("/builds/{build_id}/steps", response_model=StepList)
+async def get_build_steps(build_id: int, comps: Comps, _: ClientAuth) -> JSONResponse:
     known_id(build_id, "build")
     async with comps.engine.connect() as conn:
         if await queries.fetch_build(conn, build_id) is None:
             raise NotFound(f"no build {build_id}")
         rows = await queries.fetch_build_steps(conn, build_id)
         hits = await cached_hits(conn, build_id)
-    return {"steps": [with_cached_hit(step_json(r, comps), hits.get(r.id)) for r in rows]}
+    return answer({"steps": [with_cached_hit(step_json(r, comps), hits.get(r.id)) for r in rows]})
 
 
 ATTEMPTS_PAGE = 1000
 """Attempt records per ``GET /builds/{id}/attempts`` answer at most (``after=`` pages on)."""
 
 
-@router.get("/builds/{build_id}/attempts")
+@router.get("/builds/{build_id}/attempts", response_model=AttemptList)
 async def get_build_attempts(
     build_id: int, comps: Comps, _: ClientAuth, after: int = 0, limit: int = ATTEMPTS_PAGE
-) -> dict[str, Any]:
+) -> JSONResponse:
     """The attempts of the build's steps made since it was created, by record id: a client
     following the build asks with ``after`` = the last id it saw (docs/api.md)."""
     known_id(build_id, "build")
@@ -184,60 +184,32 @@ async def get_build_attempts(
             since=build.created_at,
             limit=max(1, min(limit, ATTEMPTS_PAGE)),
         )
-    return {"attempts": [attempt_json(r) for r in rows]}
+    return answer({"attempts": [attempt_json(r) for r in rows]})
 
 
-async def _authorize(comps: Components, who: Principal, action: BuildAction, build_id: int) -> Any:
-    """The build's row if ``who`` may do ``action`` on it (``ownership.check_build_action``);
-    404 for an unknown build, 403 (logged with the actor) for someone else's."""
-    known_id(build_id, "build")
-    async with comps.engine.connect() as conn:
-        row = await queries.fetch_build(conn, build_id)
-    if row is None:
-        raise NotFound(f"no build {build_id}")
-    try:
-        check_build_action(who, action, build_id, row.created_by)
-    except Forbidden:
-        log.warning(
-            "refused: %s (%s) may not %s build %d (created by %s)",
-            who.name,
-            who.role,
-            action,
-            build_id,
-            row.created_by,
-        )
-        raise
-    return row
-
-
-@router.post("/builds/{build_id}/cancel")
-async def cancel_build(build_id: int, comps: Comps, who: ClientAuth) -> dict[str, Any]:
-    await _authorize(comps, who, BuildAction.CANCEL, build_id)
-    if await comps.scheduler.cancel_build(build_id, actor=who.name):
-        log.info("build %d cancelled by %s", build_id, who.name)
-    return await build_json(comps, build_id)
+@router.post("/builds/{build_id}/cancel", response_model=Build)
+async def cancel_build(build_id: int, comps: Comps, who: ClientAuth) -> JSONResponse:
+    await act_on_build(comps, who, BuildAction.CANCEL, build_id)
+    return answer(await build_json(comps, build_id))
 
 
 class BumpBody(BaseModel):
     priority: int | None = Field(default=None, ge=PRIORITY_MIN, le=PRIORITY_MAX)
 
 
-@router.post("/builds/{build_id}/bump")
+@router.post("/builds/{build_id}/bump", response_model=Build)
 async def bump_build(
     build_id: int, comps: Comps, who: ClientAuth, body: BumpBody | None = None
-) -> dict[str, Any]:
-    row = await _authorize(comps, who, BuildAction.BUMP, build_id)
-    priority = body.priority if body and body.priority is not None else int(row.priority) + 10
-    if await comps.scheduler.bump_build(build_id, priority, actor=who.name):
-        log.info("build %d bumped to priority %d by %s", build_id, priority, who.name)
-    return await build_json(comps, build_id)
+) -> JSONResponse:
+    await act_on_build(
+        comps, who, BuildAction.BUMP, build_id, priority=body.priority if body else None
+    )
+    return answer(await build_json(comps, build_id))
 
 
-@router.post("/builds/{build_id}/restart")
-async def restart_build(build_id: int, comps: Comps, who: ClientAuth) -> dict[str, Any]:
+@router.post("/builds/{build_id}/restart", response_model=Build)
+async def restart_build(build_id: int, comps: Comps, who: ClientAuth) -> JSONResponse:
     """Clear the cached failures of the build's failed steps and queue its failed,
     dependency-failed and cancelled steps again."""
-    await _authorize(comps, who, BuildAction.RESTART, build_id)
-    if await comps.scheduler.restart_build(build_id, actor=who.name):
-        log.info("build %d restarted by %s", build_id, who.name)
-    return await build_json(comps, build_id)
+    await act_on_build(comps, who, BuildAction.RESTART, build_id)
+    return answer(await build_json(comps, build_id))

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from bigtent.apilimits import known_id
+from bigtent.apimodels import Step
 from bigtent.errors import NotFound
 from bigtent.runner.dashboard.logstream import log_events as step_log_events
 from bigtent.runner.dashboard.logstream import start_offset as step_events_start
 from bigtent.runner.db import queries
-from bigtent.runner.http.deps import ClientAuth, Comps, known_id
-from bigtent.runner.http.shapes import attempt_json, step_json, step_log_expired
+from bigtent.runner.http.deps import ClientAuth, Comps
+from bigtent.runner.http.shapes import answer, attempt_json, step_json, step_log_expired
 from bigtent.runner.logs.retention import expired_response
 from bigtent.runner.logs.serve import log_response
 
@@ -23,15 +25,15 @@ STEP_ATTEMPTS_SHOWN = 200
 """A step's newest attempt records in ``GET /steps/{id}``."""
 
 
-@router.get("/steps/{step_id}")
-async def get_step(step_id: int, comps: Comps, _: ClientAuth) -> dict[str, Any]:
+@router.get("/steps/{step_id}", response_model=Step)
+async def get_step(step_id: int, comps: Comps, _: ClientAuth) -> JSONResponse:
     known_id(step_id, "step")
     async with comps.engine.connect() as conn:
         row = await queries.fetch_step(conn, step_id)
         if row is None:
             raise NotFound(f"no step {step_id}")
         attempts = await queries.fetch_step_attempts(conn, step_id, STEP_ATTEMPTS_SHOWN)
-    return step_json(row, comps) | {"attempt_records": [attempt_json(r) for r in attempts]}
+    return answer(step_json(row, comps) | {"attempt_records": [attempt_json(r) for r in attempts]})
 
 
 @router.get("/steps/{step_id}/log")
