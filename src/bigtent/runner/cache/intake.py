@@ -11,6 +11,7 @@ stop). What passes is staged, for ``Cache.publish`` (``service.py``) to sign and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import logging
@@ -210,6 +211,10 @@ class NarIntake:
             await staged.discard()
             failure = self._storage_error(exc)
             self.metrics.upload_failed(kind, failure)
+            # Read the rest of the body (at most the declared size, which passed the size
+            # limit) before answering: closing a connection with unread bytes resets it, and
+            # the client would see a broken connection instead of the 507 and its reason.
+            await _discard_rest(chunks, declared_size)
             raise failure from exc
         except BaseException as exc:
             await staged.discard()
@@ -367,3 +372,19 @@ class NarIntake:
     def close(self) -> None:
         """Stop the verification threads (verifications still running are abandoned)."""
         self._verify_pool.shutdown(wait=False, cancel_futures=True)
+
+
+DISCARD_SECS = 30.0
+"""How long the rest of a refused upload's body is read (and thrown away) at most."""
+
+
+async def _discard_rest(chunks: AsyncIterator[bytes], limit: int) -> None:
+    """Read and drop what is left of ``chunks``, up to ``limit`` bytes and ``DISCARD_SECS``;
+    a body that broke off (any error) or goes on past either is simply left."""
+    left = limit
+    with contextlib.suppress(Exception):  # the upload is refused already: nothing to add
+        async with asyncio.timeout(DISCARD_SECS):
+            async for chunk in chunks:
+                left -= len(chunk)
+                if left < 0:
+                    return
