@@ -93,7 +93,7 @@ async def test_a_second_writer_waits_for_the_first_ones_commit(
     assert await _count(eng) == 2
 
 
-@pytest.mark.parametrize("how", ["rollback", "error", "close"])
+@pytest.mark.parametrize("how", ["rollback", "error", "close", "invalidate"])
 async def test_the_turn_is_given_back_when_a_writer_does_not_commit(
     engine: tuple[AsyncEngine, WriteTurns], how: str
 ) -> None:
@@ -109,6 +109,8 @@ async def test_the_turn_is_given_back_when_a_writer_does_not_commit(
             assert turns.held(conn.sync_connection.connection)  # type: ignore[union-attr]
             if how == "rollback":
                 await conn.rollback()
+            elif how == "invalidate":  # the connection is thrown away, not returned
+                await conn.invalidate()
     async with asyncio.timeout(WAIT_SECS):
         async with eng.begin() as conn:
             await conn.execute(text("INSERT INTO t (x) VALUES (2)"))
