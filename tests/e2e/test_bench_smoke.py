@@ -44,12 +44,31 @@ def assert_machine(result: dict[str, Any]) -> None:
 def test_dag_benchmark_runs_on_a_tiny_dag(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "dag.py"), "--layers", "2", "--width", "2",
-         "--no-ssh", "--sleep-layers", "1", "--sleep-width", "1"],
+         "--no-ssh", "--sleep-layers", "1", "--sleep-width", "1", "--cpu-dag", "20", "--json"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "bigtent / local nix-build -j2:" in proc.stdout
-    assert "makespan (build created -> finished on the runner)" in proc.stdout
+    assert "bigtent / local nix-build -j2:" in proc.stderr
+    assert "makespan (build created -> finished on the runner)" in proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["derivations"] == 5
+    # The wide CPU DAG: 2 layers of 10 plus the top; the runner did work for it.
+    assert result["cpu_dag_steps"] == 21
+    assert result["cpu_dag_runner_cpu_secs"] > 0 and result["runner_cpu_ms_per_step"] > 0
+    assert result["dag_runner_cpu_ms_per_step"] > 0
+    targets = result["targets"]
+    assert set(targets) == {
+        "bigtent_vs_local",
+        "download_vs_local",
+        "ssh_vs_bigtent",
+        "makespan_ratio",
+        "runner_cpu_ms_per_step",
+    }
+    assert targets["ssh_vs_bigtent"] == {"value": None, "limit": 20.0, "sense": "min", "met": None}
+    for key in ("bigtent_vs_local", "download_vs_local", "makespan_ratio"):
+        assert targets[key]["value"] == result[key] and isinstance(targets[key]["met"], bool)
+    assert targets["runner_cpu_ms_per_step"]["met"] == (result["runner_cpu_ms_per_step"] <= 2.0)
+    assert "## targets" in proc.stderr
 
 
 def test_scheduler_benchmark_reports_its_fields(tmp_path: Path) -> None:

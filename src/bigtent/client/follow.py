@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from bigtent.apimodels import Build, StepAttempt
+from bigtent.apimodels import Build, StepAttempt, StepCounts
 from bigtent.client.api import RunnerClient
 from bigtent.client.outage import UNREACHABLE_GRACE_SECS, riding_out
 from bigtent.client.reports import newly_waiting
@@ -30,8 +30,36 @@ POLL_INTERVAL_SECS = 0.3
 printed at most this long after the runner recorded it."""
 
 
+NEAR_END_STEPS = 2
+"""A build with at most this many steps not yet ended is near its end: ``follow_build``
+looks again sooner (``poll_delay``), so its end is seen within tens of milliseconds rather
+than a whole interval."""
+
+
+QUICK_POLL_SECS = 0.05
+"""The first wait near a build's end after something changed; it doubles (up to the
+interval) while nothing does, so a long last step costs no more polls than before."""
+
+
 ATTEMPTS_PAGE = 1000
 """Attempt records asked for per request (the runner's page size)."""
+
+
+def unfinished_steps(counts: StepCounts) -> int:
+    """A build's steps not yet ended: waiting, runnable or running (pure)."""
+    return counts.waiting + counts.runnable + counts.running
+
+
+def poll_delay(interval_secs: float, unfinished: int, changed: bool, last_secs: float) -> float:
+    """How long ``follow_build`` waits before its next look (pure): the interval, except
+    near the build's end (at most ``NEAR_END_STEPS`` steps unfinished), where it waits
+    ``QUICK_POLL_SECS`` after a change and twice its last wait while nothing changes,
+    never longer than the interval."""
+    if unfinished > NEAR_END_STEPS:
+        return interval_secs
+    if changed:
+        return min(interval_secs, QUICK_POLL_SECS)
+    return min(interval_secs, max(last_secs, QUICK_POLL_SECS) * 2)
 
 
 @dataclass(slots=True)
@@ -88,12 +116,15 @@ async def follow_build(
     runner outage. The attempts are asked for after the build: the transaction that ends a
     build also records its last attempt, so the final poll sees every attempt.
     ``follow_steps``: hand the build's steps to ``observer.on_steps`` too, at most every
-    ``STEPS_POLL_SECS`` and once more after the build ended. ``pause``: waits between
-    looks instead of ``asyncio.sleep(interval_secs)`` (the nix hook looks again as soon as
+    ``STEPS_POLL_SECS`` and once more after the build ended. Looks come every
+    ``interval_secs``, sooner near the build's end (``poll_delay``). ``pause``: waits between
+    looks instead of ``asyncio.sleep(delay)`` (the nix hook looks again as soon as
     its step's log stream ended)."""
     follower = attempts if attempts is not None else AttemptFollower(build_id)
     shown: set[tuple[int, str | None]] = set()
     steps_at: float | None = None
+    counts: StepCounts | None = None
+    delay = interval_secs
 
     async def poll() -> Build:
         nonlocal steps_at
@@ -117,4 +148,8 @@ async def follow_build(
             observer.on_waiting_for_capacity(fresh)
         if build.state.is_final:
             return build
-        await (pause or asyncio.sleep)(interval_secs)
+        delay = poll_delay(
+            interval_secs, unfinished_steps(build.counts), build.counts != counts, delay
+        )
+        counts = build.counts
+        await (pause or asyncio.sleep)(delay)

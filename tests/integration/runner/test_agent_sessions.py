@@ -244,3 +244,15 @@ async def test_a_heartbeat_saying_draining_stops_assignments(make_runner: MakeRu
         await ws.send(p.encode(p.Heartbeat(draining=True)))
         await eventually(lambda: venue.draining)
         assert not venue.available(runner.comps.scheduler.clock())
+
+
+async def test_the_session_is_not_compressed_per_message(make_runner: MakeRunner) -> None:
+    """The agent's client offers permessage-deflate (websockets does by default); the runner
+    declines it, and the session works uncompressed."""
+    runner = await make_runner(serve=True)
+    async with agent_socket(runner) as ws:
+        assert ws.request is not None and ws.response is not None
+        assert "permessage-deflate" in (ws.request.headers.get("Sec-WebSocket-Extensions") or "")
+        assert ws.response.headers.get("Sec-WebSocket-Extensions") is None
+        assert ws.protocol.extensions == []
+        await register(runner, ws, "x86_64-linux")

@@ -24,6 +24,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bigtent.errors import ConfigError, DatabaseError, SchemaMismatch
+from bigtent.runner.db.sqlitewrites import take_turns
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ def display_url(url: str) -> str:
 
 
 def create_engine(url: str) -> AsyncEngine:
-    """An async engine for ``url``; SQLite gets WAL, foreign keys and a busy timeout."""
+    """An async engine for ``url``; SQLite gets WAL, foreign keys, a busy timeout, and its
+    writers take turns in the process (``sqlitewrites``)."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[1] if "///" in url else ""
         if path and path != ":memory:":
@@ -65,6 +67,7 @@ def create_engine(url: str) -> AsyncEngine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
+        take_turns(engine)
         return engine
     if url.startswith("postgresql+asyncpg"):
         try:
