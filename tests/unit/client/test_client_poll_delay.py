@@ -7,13 +7,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bigtent.apimodels import StepCounts
 from bigtent.client.follow import (
     NEAR_END_STEPS,
     QUICK_POLL_SECS,
     poll_delay,
     unfinished_steps,
 )
-from bigtent.apimodels import StepCounts
 
 
 @pytest.mark.parametrize(
