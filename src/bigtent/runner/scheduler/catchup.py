@@ -17,7 +17,15 @@ from bigtent.runner.scheduler import persist, reads
 from bigtent.runner.scheduler.model import ActiveBuild, node_from_row, try_send
 from bigtent.runner.scheduler.state import SchedulerState
 from bigtent.runner.scheduler.steps import StepNode, raise_heights
-from bigtent.runner.scheduler.sync import LostRace, Seen, Stored, catch_up, waiting_verdict
+from bigtent.runner.scheduler.sync import (
+    LostRace,
+    Seen,
+    Settling,
+    Stored,
+    catch_up,
+    settle_waiting,
+)
+from bigtent.runner.scheduler.transitions import build_endings
 from bigtent.states import BuildState, StepState
 
 log = logging.getLogger(__name__)
@@ -47,6 +55,8 @@ class CatchUp(SchedulerState):
             steps, builds = self._stale_steps, self._stale_builds
             self._stale_steps, self._stale_builds = set(), set()
             await self._absorb(steps, builds)
+        if self._to_settle or self._to_end:
+            await self._settle_caught_up()
 
     async def _expect(
         self,
@@ -135,92 +145,187 @@ class CatchUp(SchedulerState):
 
     async def _absorb(self, step_ids: set[int], build_ids: set[int]) -> None:
         """Bring the working copy up to date with steps and builds other runners changed:
-        read those rows again (and, for builds new here, their members and roots) and apply
-        them (``sync.catch_up``). Waiting steps whose dependencies another runner finished
-        are made runnable (or dependency-failed) here too, conditionally: whichever runner
-        gets there first does it."""
+        read those rows again (and, for builds new here, their members and roots; for steps
+        new here or waiting again, their edges), then copy them into memory (``sync.catch_up``
+        decides the side effects). The rows are committed, so the copy is safe; memory changes
+        only once every read is done, and a failed read leaves it as it was (the rows are read
+        again at the next catch-up). The waiting steps and builds it touched are settled next
+        (``_settle_caught_up``)."""
+        try:
+            async with self._begin() as conn:
+                build_rows = await reads.builds(conn, build_ids)
+                new = [
+                    int(b.id)
+                    for b in build_rows
+                    if int(b.id) not in self.builds and not BuildState(b.state).is_final
+                ]
+                parts = await reads.build_parts(conn, new)
+                new_roots = parts.root_steps()
+                wanted = step_ids | new_roots | {s for m in parts.members.values() for s in m}
+                rows = await reads.steps(conn, wanted)
+                fresh = [int(r.id) for r in rows if self._reads_edges(r, new_roots)]
+                pairs = await reads.edges(conn, fresh, both_ends=True) if fresh else []
+        except BaseException:
+            self._stale_steps |= step_ids
+            self._stale_builds |= build_ids
+            raise
+        self._copy(build_rows, parts, rows, pairs, new_roots)
+        log.debug("caught up with %d steps and %d builds", len(rows), len(build_rows))
+
+    def _reads_edges(self, row: Any, new_roots: set[int]) -> bool:
+        """Is the step of ``row`` new here, or waiting again? Then its edges are read."""
+        node = self.nodes.get(int(row.id))
+        stored = StepState(row.state)
+        if node is None:
+            return not stored.is_final or int(row.id) in new_roots
+        changed = stored is not node.state or row.lease_id != node.lease_id
+        return changed and stored is StepState.WAITING
+
+    def _copy(
+        self,
+        build_rows: Sequence[Any],
+        parts: reads.BuildParts,
+        rows: Sequence[Any],
+        pairs: Sequence[tuple[int, int]],
+        new_roots: set[int],
+    ) -> None:
+        """Copy committed rows into memory (no I/O). The waiting steps among them and their
+        dependents, and the builds they touched, are left to ``_settle_caught_up``."""
         now = self.clock()
-        async with self._begin() as conn:
-            build_rows = await reads.builds(conn, build_ids)
-            new = [
-                int(b.id)
-                for b in build_rows
-                if int(b.id) not in self.builds and not BuildState(b.state).is_final
-            ]
-            parts = await reads.build_parts(conn, new)
-            roots, members = parts.roots, parts.members
-            new_roots = parts.root_steps()
-            wanted = step_ids | new_roots | {s for m in members.values() for s in m}
-            rows = await reads.steps(conn, wanted)
-            fresh: dict[int, StepNode] = {}
-            """Steps new here, or waiting again: their edges are read."""
-            moved: list[StepNode] = []
-            """Steps whose state or lease changed."""
-            seen: list[StepNode] = []
-            for row in rows:
-                node = self.nodes.get(int(row.id))
-                if node is None:
-                    if StepState(row.state).is_final and int(row.id) not in new_roots:
-                        continue
-                    node = node_from_row(row)
-                    self.nodes[node.id] = node
-                    self._by_drv(node.req.trusted)[node.drv_path] = node.id
-                    if node.state.is_leased and node.lease_id is not None:
-                        self.leases[node.lease_id] = node.id
-                        self._watch_lease(node)
-                    fresh[node.id] = node
-                    moved.append(node)
-                elif self._catch_up_step(node, row):
-                    moved.append(node)
-                    if node.state is StepState.WAITING:
-                        fresh[node.id] = node
-                seen.append(node)
-            if fresh:
-                for s, d in await reads.edges(conn, fresh, both_ends=True):
-                    dependent, dep = self.nodes.get(s), self.nodes.get(d)
-                    if dependent is None or dep is None:
-                        continue
-                    dep.dependents.add(s)
-                    if (
-                        dependent.state is StepState.WAITING
-                        and dep.state is not StepState.SUCCEEDED
-                    ):
-                        dependent.deps.add(d)
-            for node in moved:
-                if node.state is StepState.SUCCEEDED:
-                    for d in node.dependents:
-                        if d in self.nodes:
-                            self.nodes[d].deps.discard(node.id)
-            waiting = {
-                w.id: w
-                for n in moved
-                for w in [n, *(self.nodes[d] for d in n.dependents if d in self.nodes)]
-                if w.state is StepState.WAITING
-            }
-            await self._settle_waiting(conn, list(waiting.values()), now)
-            affected = [*moved, *waiting.values()]
-            touched = {b for n in affected for b in n.builds}
-            for b in build_rows:
-                touched |= self._catch_up_build(b, roots.get(int(b.id)), members.get(int(b.id)))
-            rekey: set[int] = set()
-            if fresh:
-                rekey = raise_heights(
-                    self.nodes, dependencies_first({i: n.dependents for i, n in fresh.items()})
-                )
-            for node in [*seen, *waiting.values(), *(self.nodes[i] for i in sorted(rekey))]:
-                if node.state is StepState.RUNNABLE:
-                    self._make_runnable(node, now)
-            for bid in sorted(touched):
-                build = self.builds.get(bid)
-                if build is None:
+        fresh: dict[int, StepNode] = {}
+        """Steps new here, or waiting again: their edges were read."""
+        moved: list[StepNode] = []
+        """Steps whose state or lease changed."""
+        seen: list[StepNode] = []
+        for row in rows:
+            node = self.nodes.get(int(row.id))
+            if node is None:
+                if StepState(row.state).is_final and int(row.id) not in new_roots:
                     continue
+                node = node_from_row(row)
+                self.nodes[node.id] = node
+                self._by_drv(node.req.trusted)[node.drv_path] = node.id
+                if node.state.is_leased and node.lease_id is not None:
+                    self.leases[node.lease_id] = node.id
+                    self._watch_lease(node)
+                fresh[node.id] = node
+                moved.append(node)
+            elif self._catch_up_step(node, row):
+                moved.append(node)
+                if node.state is StepState.WAITING:
+                    fresh[node.id] = node
+            seen.append(node)
+        for s, d in pairs:
+            dependent, dep = self.nodes.get(s), self.nodes.get(d)
+            if dependent is None or dep is None:
+                continue
+            dep.dependents.add(s)
+            if dependent.state is StepState.WAITING and dep.state is not StepState.SUCCEEDED:
+                dependent.deps.add(d)
+        for node in moved:
+            if node.state is StepState.SUCCEEDED:
+                for d in node.dependents:
+                    if d in self.nodes:
+                        self.nodes[d].deps.discard(node.id)
+        waiting = {
+            w.id: w
+            for n in moved
+            for w in [n, *(self.nodes[d] for d in n.dependents if d in self.nodes)]
+            if w.state is StepState.WAITING
+        }
+        touched = {b for n in [*moved, *waiting.values()] for b in n.builds}
+        for b in build_rows:
+            bid = int(b.id)
+            touched |= self._catch_up_build(b, parts.roots.get(bid), parts.members.get(bid))
+        rekey: set[int] = set()
+        if fresh:
+            rekey = raise_heights(
+                self.nodes, dependencies_first({i: n.dependents for i, n in fresh.items()})
+            )
+        for node in [*seen, *(self.nodes[i] for i in sorted(rekey))]:
+            if node.state is StepState.RUNNABLE:
+                self._make_runnable(node, now)
+        for bid in sorted(touched):
+            build = self.builds.get(bid)
+            if build is not None:
                 build.unfinished = sum(
                     1
                     for sid in build.steps
                     if sid in self.nodes and not self.nodes[sid].state.is_final
                 )
-                await self._maybe_finish_build(conn, build, now)
-        log.debug("caught up with %d steps and %d builds", len(rows), len(build_rows))
+        self._to_settle |= waiting.keys()
+        self._to_end |= touched
+
+    async def _settle_caught_up(self) -> None:
+        """Waiting steps a catch-up copied whose dependencies are all done (as the database
+        says): runnable or dependency-failed, each only if still waiting (another runner may
+        be first); then the builds that end with them, or with the steps other runners
+        finished. Decided (``sync.settle_waiting``, ``transitions.build_endings``), written in
+        one transaction, and applied to memory only after it commits: if it fails, memory is
+        as it was and the same steps and builds are settled at the next catch-up."""
+        waiting = [
+            self.nodes[i]
+            for i in sorted(self._to_settle)
+            if i in self.nodes and self.nodes[i].state is StepState.WAITING
+        ]
+        ends = {b for b in self._to_end if b in self.builds}
+        self._to_settle, self._to_end = set(), set()
+        if not waiting and not build_endings(self.builds, self.nodes, {}, self._incomplete, ends):
+            return
+        now = self.clock()
+        try:
+            async with self._begin() as conn:
+                settling, changed, endings, recorded = await self._write_settling(
+                    conn, waiting, ends, now
+                )
+        except BaseException:
+            self._to_settle |= {n.id for n in waiting}
+            self._to_end |= ends
+            raise
+        for s in settling:
+            node = self.nodes.get(s.step_id)
+            if node is None:
+                continue
+            if s.state is StepState.WAITING:
+                node.deps = set(s.waits_on)
+            elif s.step_id not in changed:
+                self._stale_steps.add(node.id)
+                self.wake()
+            else:
+                if s.state.is_final:
+                    self._count_final(node)
+                node.state = s.state
+                node.deps.clear()
+                if node.state is StepState.RUNNABLE:
+                    self._make_runnable(node, now)
+        self._end_builds(endings, recorded)
+
+    async def _write_settling(
+        self, conn: AsyncConnection, waiting: Sequence[StepNode], ends: set[int], now: float
+    ) -> tuple[list[Settling], set[int], dict[int, BuildState], set[int]]:
+        """Read the waiting steps' dependencies, decide and write: returns the decisions, the
+        steps whose row changed (the others moved on elsewhere first), the builds that end and
+        those whose end was recorded here."""
+        deps: dict[int, list[int]] = {n.id: [] for n in waiting}
+        if deps:
+            for s, d in await reads.edges(conn, deps):
+                deps[s].append(d)
+        stored = await reads.step_states(conn, {d for ds in deps.values() for d in ds})
+        states = {d: (StepState(state), drv) for d, (state, drv) in stored.items()}
+        settling = settle_waiting(deps, states, self.nodes)
+        changed: set[int] = set()
+        for decision in settling:
+            if decision.state is StepState.WAITING:
+                continue
+            values: dict[str, Any] = {}
+            if decision.error is not None:
+                values.update(finished_at=now, error=decision.error)
+            if await persist.settled(conn, decision.step_id, decision.state, **values):
+                changed.add(decision.step_id)
+        finished = {d.step_id: d.state for d in settling if d.step_id in changed}
+        final = {sid: state for sid, state in finished.items() if state.is_final}
+        endings = build_endings(self.builds, self.nodes, final, self._incomplete, ends)
+        return settling, changed, endings, await persist.build_endings(conn, endings, now)
 
     def _catch_up_step(self, node: StepNode, row: Any) -> bool:
         """Copy a step's row into its node (``sync.catch_up`` decides the side effects);
@@ -260,41 +365,6 @@ class CatchUp(SchedulerState):
         if decision.finished:
             self.logs.close(node.id)
         return not same
-
-    async def _settle_waiting(
-        self, conn: AsyncConnection, waiting: Sequence[StepNode], now: float
-    ) -> None:
-        """Waiting steps whose dependencies are all done (as the database says): runnable,
-        or dependency-failed, each only if still waiting (another runner may be first)."""
-        if not waiting:
-            return
-        deps: dict[int, list[int]] = {n.id: [] for n in waiting}
-        for s, d in await reads.edges(conn, deps):
-            deps[s].append(d)
-        states = await reads.step_states(conn, {d for ds in deps.values() for d in ds})
-        for node in waiting:
-            verdict = waiting_verdict([StepState(states[d][0]) for d in deps[node.id]])
-            if verdict is StepState.WAITING:
-                node.deps = {
-                    d
-                    for d in deps[node.id]
-                    if states[d][0] != StepState.SUCCEEDED and d in self.nodes
-                }
-                continue
-            values: dict[str, Any] = {}
-            if verdict is StepState.DEPENDENCY_FAILED:
-                failed = next(
-                    d
-                    for d in sorted(deps[node.id])
-                    if StepState(states[d][0]).is_final and states[d][0] != StepState.SUCCEEDED
-                )
-                values.update(finished_at=now, error=f"dependency {states[failed][1]} failed")
-            if await persist.settled(conn, node.id, verdict, **values):
-                node.state = verdict
-                node.deps.clear()
-            else:
-                self._stale_steps.add(node.id)
-                self.wake()
 
     def _catch_up_build(
         self, row: Any, roots: dict[str, int | None] | None, members: set[int] | None

@@ -235,6 +235,7 @@ class Scheduler(Controls):
         self._nothing_for = {}
         self._stored_expiry, self._lost_here = {}, set()
         self._stale_steps, self._stale_builds, self._resync = set(), set(), False
+        self._to_settle, self._to_end = set(), set()
         self._capacity_seen = None  # a new index: look again (the waits keep their starts)
         for connected in venues.values():
             connected.running.clear()
@@ -274,6 +275,14 @@ class Scheduler(Controls):
             if isinstance(exc, asyncio.CancelledError | GeneratorExit):
                 raise
             lost = isinstance(exc, LostRace)
+            if not caught_up and self.recovery is None:
+                # A catch-up changes memory only after its reads or writes committed; what
+                # it did not do is done at the next one.
+                if lost:
+                    log.info("another runner changed a step first (%s)", exc)
+                else:
+                    log.exception("catching up with other runners failed; memory is as it was")
+                raise
             if caught_up and applies_after_commit:
                 # The step another runner moved on is read again at the next catch-up.
                 if lost:
@@ -306,17 +315,36 @@ class Scheduler(Controls):
         except LostRace as exc:
             raise Conflict("other runners kept changing the same steps; try again") from exc
 
+    async def _caught_up(self) -> bool:
+        """Catch up with other runners in a pass; False when that failed (memory is as it
+        was, and the same rows are read again at the next catch-up: no reload). A failed
+        reload (``_resync``) is raised: the loop retries it."""
+        try:
+            await self._catch_up()
+        except LostRace as exc:
+            log.info("another runner changed a step first (%s)", exc)
+            return False
+        except Exception:
+            if self.recovery is not None:
+                raise
+            log.exception("catching up with other runners failed; memory is as it was")
+            return False
+        return True
+
     async def tick(self, now: float) -> float | None:
         """One pass of the loop at time ``now``: expire leases, release due retries, match
         work to free slots. Returns when the next pass is due (None: only when woken)."""
         async with self._lock:
-            await self._catch_up()
+            if not await self._caught_up():
+                return now + _ERROR_PAUSE_SECS
             await self._store_renewals()
             await self._expire_leases(now)
             self._promote_delayed(now)
             for _round in range(_CLAIM_ROUNDS):
                 if not await self._dispatch(now):
                     break
-                await self._catch_up()  # claims lost to another runner: read, then plan again
+                # Claims lost to another runner: read, then plan again.
+                if not await self._caught_up():
+                    break
             await self._assess_capacity(now)
             return self._next_deadline(now)

@@ -119,6 +119,10 @@ class SchedulerState:
         """Rows other runners changed (or claims this runner lost): read them again."""
         self._resync = False
         """Anything may have changed: reload everything."""
+        self._to_settle: set[int] = set()
+        self._to_end: set[int] = set()
+        """Waiting steps and builds a catch-up copied: settle and end them (if their rows say
+        so) in a transaction of their own, again at the next catch-up if it failed."""
         self._stored_expiry: dict[int, float] = {}
         """Per leased step, the lease expiry the database has; renewals are stored once they
         are ``lease_secs / 3`` ahead of it (shared databases only)."""

@@ -10,6 +10,7 @@ row's), so catching up is copying the row, plus the local effects of the copy be
 
 from __future__ import annotations
 
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 
 from bigtent.states import StepState
@@ -79,3 +80,44 @@ def waiting_verdict(dep_states: list[StepState]) -> StepState:
     if all(s is StepState.SUCCEEDED for s in dep_states):
         return StepState.RUNNABLE
     return StepState.WAITING
+
+
+@dataclass(frozen=True, slots=True)
+class Settling:
+    """What becomes of a waiting step once its dependencies' rows are read."""
+
+    step_id: int
+    state: StepState
+    """WAITING (it goes on waiting), RUNNABLE or DEPENDENCY_FAILED."""
+    waits_on: frozenset[int]
+    """(Still waiting) the dependencies known here that have not succeeded."""
+    error: str | None
+    """(Dependency-failed) the reason its row records: the first failed dependency."""
+
+
+def settle_waiting(
+    deps: Mapping[int, Sequence[int]],
+    states: Mapping[int, tuple[StepState, str]],
+    known: Container[int],
+) -> list[Settling]:
+    """Decide, for each waiting step of ``deps`` (step id -> its dependencies' ids), what
+    its dependencies' rows (``states``: id -> (state, .drv path)) make of it; ``known``: the
+    steps the working copy has. In step id order."""
+    settled: list[Settling] = []
+    for sid in sorted(deps):
+        verdict = waiting_verdict([states[d][0] for d in deps[sid]])
+        waits_on: frozenset[int] = frozenset()
+        error = None
+        if verdict is StepState.WAITING:
+            waits_on = frozenset(
+                d for d in deps[sid] if states[d][0] is not StepState.SUCCEEDED and d in known
+            )
+        elif verdict is StepState.DEPENDENCY_FAILED:
+            failed = next(
+                d
+                for d in sorted(deps[sid])
+                if states[d][0].is_final and states[d][0] is not StepState.SUCCEEDED
+            )
+            error = f"dependency {states[failed][1]} failed"
+        settled.append(Settling(sid, verdict, waits_on, error))
+    return settled

@@ -245,11 +245,13 @@ def build_endings(
     nodes: Mapping[int, StepNode],
     finished: Mapping[int, StepState],
     incomplete: Iterable[int] = (),
+    also: Iterable[int] = (),
 ) -> dict[int, BuildState]:
     """The builds that end now that the steps in ``finished`` (id -> its new final state; in
     memory they still have their old one) became final, with each one's outcome: a build
     ends once every member step is final, and its outcome is its roots' (keep going). A build
-    still being admitted (``incomplete``) does not end."""
+    still being admitted (``incomplete``) does not end. ``also``: builds to look at besides
+    those of ``finished`` (their steps may have become final elsewhere: a catch-up)."""
     skip = set(incomplete)
     newly: dict[int, int] = {}
     for sid in finished:
@@ -258,11 +260,11 @@ def build_endings(
             for bid in node.builds:
                 newly[bid] = newly.get(bid, 0) + 1
     endings: dict[int, BuildState] = {}
-    for bid in sorted(newly):
+    for bid in sorted(newly.keys() | set(also)):
         build = builds.get(bid)
         if build is None:
             continue
-        outcome = build_ending(build, nodes, finished, newly[bid], incomplete=bid in skip)
+        outcome = build_ending(build, nodes, finished, newly.get(bid, 0), incomplete=bid in skip)
         if outcome is not None:
             endings[bid] = outcome
     return endings

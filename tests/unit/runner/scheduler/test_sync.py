@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bigtent.runner.scheduler.sync import Seen, Stored, catch_up, waiting_verdict
+from bigtent.runner.scheduler.sync import (
+    Seen,
+    Settling,
+    Stored,
+    catch_up,
+    settle_waiting,
+    waiting_verdict,
+)
 from bigtent.states import StepState as S
 
 states = st.sampled_from(list(S))
@@ -62,3 +69,67 @@ def test_catch_up_cases(seen: Seen, stored: Stored, release: bool, unqueue: bool
 )
 def test_waiting_verdict(deps: list[S], verdict: S) -> None:
     assert waiting_verdict(deps) is verdict
+
+
+def _drv(i: int) -> str:
+    return f"/nix/store/{i}.drv"
+
+
+@pytest.mark.parametrize(
+    ("deps", "states", "known", "expected"),
+    [
+        # Every dependency succeeded (or there are none): runnable.
+        (
+            {1: [2, 3]},
+            {2: S.SUCCEEDED, 3: S.SUCCEEDED},
+            {1, 2, 3},
+            [Settling(1, S.RUNNABLE, frozenset(), None)],
+        ),
+        ({1: []}, {}, {1}, [Settling(1, S.RUNNABLE, frozenset(), None)]),
+        # Still waiting on the dependencies known here that did not succeed.
+        (
+            {1: [2, 3, 4]},
+            {2: S.SUCCEEDED, 3: S.BUILDING, 4: S.RUNNABLE},
+            {1, 2, 3},
+            [Settling(1, S.WAITING, frozenset({3}), None)],
+        ),
+        # A failed dependency fails it; the first failed one (by id) is the reason.
+        (
+            {1: [4, 3, 2]},
+            {2: S.SUCCEEDED, 3: S.CANCELLED, 4: S.FAILED},
+            {1},
+            [Settling(1, S.DEPENDENCY_FAILED, frozenset(), f"dependency {_drv(3)} failed")],
+        ),
+        # Each step on its own, in id order.
+        (
+            {5: [2], 1: [3]},
+            {2: S.DEPENDENCY_FAILED, 3: S.SUCCEEDED},
+            {1, 5},
+            [
+                Settling(1, S.RUNNABLE, frozenset(), None),
+                Settling(5, S.DEPENDENCY_FAILED, frozenset(), f"dependency {_drv(2)} failed"),
+            ],
+        ),
+    ],
+)
+def test_settle_waiting(
+    deps: dict[int, list[int]], states: dict[int, S], known: set[int], expected: list[Settling]
+) -> None:
+    got = settle_waiting(deps, {i: (s, _drv(i)) for i, s in states.items()}, known)
+    assert got == expected
+
+
+@given(st.dictionaries(st.integers(0, 20), st.lists(st.integers(21, 40), max_size=4), max_size=6),
+       st.lists(st.sampled_from(list(S)), min_size=20, max_size=20))  # fmt: skip
+def test_settle_waiting_agrees_with_the_verdict(deps: dict[int, list[int]], pool: list[S]) -> None:
+    states = {d: (pool[d - 21], _drv(d)) for d in range(21, 41)}
+    got = settle_waiting(deps, states, set(range(41)))
+    assert [s.step_id for s in got] == sorted(deps)
+    for s in got:
+        dep_states = [states[d][0] for d in deps[s.step_id]]
+        assert s.state is waiting_verdict(dep_states)
+        assert (s.error is not None) == (s.state is S.DEPENDENCY_FAILED)
+        assert s.waits_on <= set(deps[s.step_id])
+        assert all(states[d][0] is not S.SUCCEEDED for d in s.waits_on)
+        if s.state is not S.WAITING:
+            assert not s.waits_on

@@ -361,6 +361,32 @@ def test_a_build_ends_exactly_once() -> None:
     assert build_endings({10: b}, nodes, {1: StepState.SUCCEEDED}) == {}
 
 
+def test_a_build_whose_steps_ended_elsewhere_ends_when_looked_at() -> None:
+    # A catch-up copied another runner's results: no step becomes final here, but the
+    # builds it touched (``also``) are looked at; a build not touched is left alone.
+    nodes = {1: node(1, StepState.SUCCEEDED), 2: node(2, StepState.FAILED)}
+    done = build(10, {1}, {"/nix/store/1.drv": 1}, unfinished=0)
+    failed = build(11, {2}, {"/nix/store/2.drv": 2}, unfinished=0)
+    members(nodes, done, failed)
+    builds = {10: done, 11: failed}
+    assert build_endings(builds, nodes, {}) == {}
+    assert build_endings(builds, nodes, {}, also={10}) == {10: BuildState.SUCCEEDED}
+    assert build_endings(builds, nodes, {}, also={10, 11, 12}) == {
+        10: BuildState.SUCCEEDED,
+        11: BuildState.FAILED,
+    }
+    assert build_endings(builds, nodes, {}, incomplete={10}, also={10}) == {}
+
+
+def test_a_build_looked_at_counts_its_newly_final_steps() -> None:
+    nodes = {1: node(1, StepState.SUCCEEDED), 2: node(2)}
+    b = build(10, {1, 2}, {"/nix/store/2.drv": 2}, unfinished=1)
+    members(nodes, b)
+    assert build_endings({10: b}, nodes, {}, also={10}) == {}
+    finished = {2: StepState.DEPENDENCY_FAILED}
+    assert build_endings({10: b}, nodes, finished, also={10}) == {10: BuildState.FAILED}
+
+
 def test_a_shared_step_ends_each_of_its_builds_by_its_own_roots() -> None:
     nodes = {1: node(1, StepState.BUILDING), 2: node(2, StepState.SUCCEEDED)}
     a = build(10, {1}, {"/nix/store/1.drv": 1}, unfinished=1)
