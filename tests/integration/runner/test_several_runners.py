@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -26,6 +27,7 @@ from bigtent.runner.db import queries
 from bigtent.runner.db.migrate import create_engine
 from bigtent.runner.db.notify import CHANNEL, Change, PgChangeFeed, encode, note_builds, note_steps
 from bigtent.runner.logs.store import LogStore
+from bigtent.runner.scheduler import persist, reads
 from bigtent.runner.scheduler.model import PlannedStep, Venue
 from bigtent.runner.scheduler.service import Scheduler
 from bigtent.states import StepState
@@ -146,6 +148,10 @@ class Pair:
         async with self.runners[0].engine.connect() as conn:
             row = (await queries.fetch_steps_by_drv(conn, [d.drv_path]))[d.drv_path]
             return (await queries.lock_steps(conn, [int(row.id)], lock=False))[int(row.id)]
+
+    async def step_by_id(self, step_id: int) -> queries.LeaseRow:
+        async with self.runners[0].engine.connect() as conn:
+            return (await queries.lock_steps(conn, [step_id], lock=False))[step_id]
 
     async def build_state(self, build_id: int) -> str:
         async with self.runners[0].engine.connect() as conn:
@@ -435,6 +441,97 @@ async def test_leases_held_by_a_live_runner_are_not_expired_by_the_other(pair: P
     assert again.step_id == assign.step_id and again.lease_id != assign.lease_id
     # a's agent reports late: its lease is no longer the step's.
     assert not await a.succeed(agent, assign, pair.uploaded)
+
+
+# ---- catching up -----------------------------------------------------------------------------
+async def _z_waits_on_x_run_by_a(pair: Pair) -> tuple[Runner, Runner, int, int, Agent]:
+    """A runs x (its agent's result committed); B's build has z waiting on x, which A never
+    heard of (A does not listen), so z's row is still waiting: B must settle it when it
+    catches up. Returns (a, b, B's build, z's step, B's agent)."""
+    a, b = await pair.start("a", listen=False), await pair.start("b")
+    x = drv("x")
+    await pair.add(a, [x], [x])
+    agent_a = a.agent("a1")
+    await a.sched.tick(pair.clock.now)
+    [assign_x] = agent_a.take_assigns()
+    await pair.barrier(b)
+    z = drv("z", x)
+    build = await pair.add(b, [x, z], [z])
+    z_id = b.sched.by_drv[z.drv_path]
+    assert await a.succeed(agent_a, assign_x, pair.uploaded)
+    assert (await pair.step(z)).state == StepState.WAITING
+    await pair.barrier(b)
+    return a, b, build, z_id, b.agent("b1")
+
+
+async def test_waiting_steps_another_runner_unblocked_are_settled_on_catching_up(
+    pair: Pair,
+) -> None:
+    _a, b, build, z_id, agent = await _z_waits_on_x_run_by_a(pair)
+    await b.sched.tick(pair.clock.now)
+    [assign_z] = agent.take_assigns()
+    assert assign_z.step_id == z_id
+    assert await b.succeed(agent, assign_z, pair.uploaded)
+    assert await pair.build_state(build) == "succeeded"
+    assert build not in b.sched.builds
+
+
+async def test_a_failed_catch_up_leaves_memory_as_it_was(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _a, b, build, z_id, agent = await _z_waits_on_x_run_by_a(pair)
+
+    async def load(*, fresh_start: bool = True) -> None:
+        raise AssertionError("a catch-up changes memory after its commit: no reload")
+
+    monkeypatch.setattr(b.sched, "load", load)
+    # Settling z fails: the transaction rolls back, z stays waiting here and in the
+    # database, and nothing is reloaded (x's success, committed elsewhere, is copied).
+    monkeypatch.setattr(persist, "settled", _broken)
+    await b.sched.tick(pair.clock.now)
+    assert agent.take_assigns() == []
+    z = b.sched.nodes[z_id]
+    assert z.state is StepState.WAITING and z_id not in b.sched.index
+    assert (await pair.step_by_id(z_id)).state == StepState.WAITING
+    assert build in b.sched.builds
+    # The next catch-up settles it.
+    monkeypatch.undo()
+    monkeypatch.setattr(b.sched, "load", load)
+    await b.sched.tick(pair.clock.now)
+    [assign_z] = agent.take_assigns()
+    assert assign_z.step_id == z_id
+    assert await b.succeed(agent, assign_z, pair.uploaded)
+    assert await pair.build_state(build) == "succeeded"
+
+
+async def test_a_failed_read_of_a_catch_up_leaves_memory_as_it_was(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _a, b, build, z_id, agent = await _z_waits_on_x_run_by_a(pair)
+    [x_id] = b.sched.nodes[z_id].deps
+    before = b.sched.nodes[x_id].state
+    assert not before.is_final
+
+    async def load(*, fresh_start: bool = True) -> None:
+        raise AssertionError("a catch-up changes memory after its reads: no reload")
+
+    monkeypatch.setattr(b.sched, "load", load)
+    monkeypatch.setattr(reads, "steps", _broken)
+    await b.sched.tick(pair.clock.now)
+    assert agent.take_assigns() == []
+    assert b.sched.nodes[x_id].state is before  # nothing copied
+    monkeypatch.undo()
+    monkeypatch.setattr(b.sched, "load", load)
+    await b.sched.tick(pair.clock.now)  # the same rows are read again
+    assert b.sched.nodes.get(x_id) is None or b.sched.nodes[x_id].state is StepState.SUCCEEDED
+    [assign_z] = agent.take_assigns()
+    assert assign_z.step_id == z_id
+    assert await b.succeed(agent, assign_z, pair.uploaded)
+    assert await pair.build_state(build) == "succeeded"
+
+
+async def _broken(*args: object, **kwargs: object) -> Any:
+    raise RuntimeError("the database went away")
 
 
 # ---- tokens ---------------------------------------------------------------------------------
