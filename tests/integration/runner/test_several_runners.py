@@ -14,7 +14,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -33,7 +32,7 @@ from bigtent.runner.scheduler.service import Scheduler
 from bigtent.states import StepState
 from tests.databases import needs_postgresql
 from tests.integration.runner.conftest import MakeRunner, eventually
-from tests.integration.runner.test_dispatcher import CONFIG, X86, Agent, Clock, drv
+from tests.integration.runner.test_dispatcher import CONFIG, X86, Agent, Clock, _broken, drv
 
 pytestmark = [pytest.mark.postgres, needs_postgresql]
 WAIT_SECS = 15.0
@@ -528,10 +527,6 @@ async def test_a_failed_read_of_a_catch_up_leaves_memory_as_it_was(
     assert assign_z.step_id == z_id
     assert await b.succeed(agent, assign_z, pair.uploaded)
     assert await pair.build_state(build) == "succeeded"
-
-
-async def _broken(*args: object, **kwargs: object) -> Any:
-    raise RuntimeError("the database went away")
 
 
 # ---- tokens ---------------------------------------------------------------------------------
