@@ -258,8 +258,9 @@ class Scheduler(Controls):
         reload from the database and re-raise. A transition that ``applies_after_commit``
         (it changes memory only once its transaction committed) leaves memory as it was when
         it fails: nothing to reload; so does a catch-up with other runners that fails before
-        the transition (what it did not do is done at the next one). While reloading fails (``self.recovery``) the working
-        copy is empty: the transition is refused (503) before it starts."""
+        the transition (what it did not do is done at the next one). While reloading fails
+        (``self.recovery``) the working copy is empty: the transition is refused (503) before
+        it starts."""
         if self.recovery is not None:
             coro.close()
             raise Unavailable(
