@@ -3,16 +3,18 @@ batch is received; the same result as inline, and nothing left behind on any err
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import random
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import zstandard
 
 from bigtent.config import CacheSection
-from bigtent.errors import BadRequest, PayloadTooLarge
+from bigtent.errors import BadRequest, PayloadTooLarge, StorageFull
 from bigtent.nix.compression import Compression
 from bigtent.nix.keys import generate_key
 from bigtent.nix.nar import dump_path
@@ -130,5 +132,46 @@ async def test_a_failure_while_a_batch_is_in_flight_waits_for_it(
             declared_size=len(big_nar),
             declared_hash=hashlib.sha256(big_nar).digest(),
         )
+    assert leftovers(tmp_path) == []
+    await cache.engine.dispose()
+
+
+@pytest.mark.parametrize("fails", ["new_temp", "write"])
+async def test_an_upload_refused_for_full_storage_is_read_to_its_end_first(
+    tmp_path: Path, big_nar: bytes, monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    """Whether the storage cannot make the staged file or cannot write it, the rest of the
+    body is read before StorageFull is raised (a connection closed with unread bytes is
+    reset, and the client would never see the 507)."""
+    cache = make_cache(tmp_path, Compression.NONE)
+    full = OSError(errno.ENOSPC, "No space left on device")
+    if fails == "new_temp":
+
+        def no_temp() -> NoReturn:
+            raise full
+
+        monkeypatch.setattr(cache.storage, "new_temp", no_temp)
+    else:
+
+        def no_room(self: cache_module.StoredFile, chunk: bytes) -> NoReturn:
+            raise full
+
+        monkeypatch.setattr(cache_module.StoredFile, "write", no_room)
+    sent = 0
+
+    async def counted() -> AsyncIterator[bytes]:
+        nonlocal sent
+        async for chunk in chunks_of(big_nar):
+            sent += len(chunk)
+            yield chunk
+
+    with pytest.raises(StorageFull):
+        await cache.receive(
+            counted(),
+            kind=UploadKind.OUTPUT,
+            declared_size=len(big_nar),
+            declared_hash=hashlib.sha256(big_nar).digest(),
+        )
+    assert sent == len(big_nar)
     assert leftovers(tmp_path) == []
     await cache.engine.dispose()

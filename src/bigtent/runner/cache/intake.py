@@ -146,7 +146,11 @@ class NarIntake:
         check_nar_size(declared_size, self.config.max_nar_bytes)
         compression = self.config.compression
         check = NarCheck(declared_size, declared_hash, candidates, sink)
-        out, staged = self.new_staged()
+        try:
+            out, staged = self.new_staged()
+        except StorageUnavailable:
+            await _discard_rest(chunks, declared_size)  # the answer must reach the client
+            raise
         stored = StoredFile(out, compression, self.config.compression_level)
 
         def process(chunk: bytes) -> None:
@@ -211,10 +215,7 @@ class NarIntake:
             await staged.discard()
             failure = self._storage_error(exc)
             self.metrics.upload_failed(kind, failure)
-            # Read the rest of the body (at most the declared size, which passed the size
-            # limit) before answering: closing a connection with unread bytes resets it, and
-            # the client would see a broken connection instead of the 507 and its reason.
-            await _discard_rest(chunks, declared_size)
+            await _discard_rest(chunks, declared_size)  # the answer must reach the client
             raise failure from exc
         except BaseException as exc:
             await staged.discard()
@@ -380,7 +381,10 @@ DISCARD_SECS = 30.0
 
 async def _discard_rest(chunks: AsyncIterator[bytes], limit: int) -> None:
     """Read and drop what is left of ``chunks``, up to ``limit`` bytes and ``DISCARD_SECS``;
-    a body that broke off (any error) or goes on past either is simply left."""
+    a body that broke off (any error) or goes on past either is simply left. For an upload
+    refused because the storage failed: closing a connection with unread bytes resets it, and
+    the client would see a broken connection instead of the 503/507 and its reason. ``limit``
+    is the declared size, which passed the size limit."""
     left = limit
     with contextlib.suppress(Exception):  # the upload is refused already: nothing to add
         async with asyncio.timeout(DISCARD_SECS):
