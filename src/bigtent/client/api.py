@@ -48,6 +48,7 @@ from bigtent.errors import (
     describe,
     parse_error_body,
 )
+from bigtent.narbatch import CONTENT_TYPE
 from bigtent.tlsctx import httpx_verify
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,17 @@ def error_from_response(status: int, body: bytes, url: str) -> BigtentError:
             )
         return BigtentError(f"runner error (HTTP {status}): {message}", detail=detail)
     return cls(message, detail=detail)
+
+
+_NO_ROUTE = frozenset({404, 405})
+"""How a runner older than a route answers it: no such path (404), or a path known only for
+other methods (405)."""
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    """``body`` as the one chunk of a streamed request body (``_request`` sends a streamed
+    body to one runner only; the upload's caller rides an outage out and sends it again)."""
+    yield body
 
 
 def checked_id(value: int | str, what: str) -> str:
@@ -220,6 +232,9 @@ class RunnerClient:
         the runner refuses it; None without a token."""
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        self.batch_uploads = True
+        """False once the runner answered that it has no batch upload route (an older
+        runner): paths are then uploaded one by one."""
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
@@ -254,7 +269,9 @@ class RunnerClient:
         content: AsyncIterable[bytes] | None = None,
         headers: Mapping[str, str] | None = None,
         timeout: httpx.Timeout | None = None,
+        answered: frozenset[int] = frozenset(),
     ) -> httpx.Response:
+        """The runner's answer; an error status raises, unless it is one of ``answered``."""
         url = API_PREFIX + path
         extra: dict[str, Any] = {}
         if timeout is not None:
@@ -268,7 +285,7 @@ class RunnerClient:
         for tried in range(1, tries + 1):
             try:
                 return await self._request_once(
-                    method, url, json_body, params, content, headers, extra
+                    method, url, json_body, params, content, headers, extra, answered
                 )
             except RunnerUnreachable as exc:
                 if len(self.base_urls) == 1:
@@ -296,6 +313,7 @@ class RunnerClient:
         content: AsyncIterable[bytes] | None,
         headers: Mapping[str, str] | None,
         extra: dict[str, Any],
+        answered: frozenset[int] = frozenset(),
     ) -> httpx.Response:
         try:
             resp = await self._http.request(
@@ -317,7 +335,7 @@ class RunnerClient:
             reason = str(exc) or type(exc).__name__
             raise RunnerUnreachable(f"cannot reach runner at {self.base_url}: {reason}") from exc
         log.debug("%s %s -> %s", method, url, resp.status_code)
-        if resp.status_code >= 400:
+        if resp.status_code >= 400 and resp.status_code not in answered:
             error = error_from_response(resp.status_code, resp.content, f"{self.base_url}{url}")
             if resp.status_code == 401:
                 error = AuthError(self._refused(error.message), detail=error.detail)
@@ -390,6 +408,22 @@ class RunnerClient:
             "PUT", f"/paths/{basename}", content=nar, headers=headers, timeout=timeout
         )
         return self._parse(Uploaded, data, "upload answer").path or path
+
+    async def upload_paths(self, body: bytes) -> bool:
+        """Upload many small paths in one batch body (``narbatch``: built by the caller, in
+        dependency order); False when the runner has no batch route (an older runner answers
+        404 or 405: upload each path with ``upload_path`` instead)."""
+        headers = {"Content-Type": CONTENT_TYPE, "Content-Length": str(len(body))}
+        timeout = httpx.Timeout(DEFAULT_TIMEOUT_SECS, write=None, read=None)
+        resp = await self._request(
+            "POST",
+            "/paths/batch",
+            content=_once(body),
+            headers=headers,
+            timeout=timeout,
+            answered=_NO_ROUTE,
+        )
+        return resp.status_code not in _NO_ROUTE
 
     async def create_build(
         self,

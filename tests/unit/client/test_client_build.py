@@ -26,8 +26,15 @@ from bigtent.client.outputs import (
     substituter_options,
 )
 from bigtent.client.reports import build_report, build_succeeded, failed_roots, summarize_progress
-from bigtent.client.upload import _nar_chunks, nar_hash_to_nix32, upload_closure, upload_order
+from bigtent.client.upload import (
+    _nar_chunks,
+    nar_hash_to_nix32,
+    upload_closure,
+    upload_jobs,
+    upload_order,
+)
 from bigtent.errors import BigtentError, NixError, RunnerUnreachable
+from bigtent.narbatch import parse_batch
 from bigtent.nix.nar import dump_path
 from bigtent.nix.store import NixStore, PathInfo, RealiseResult, RealiseStatus
 
@@ -293,12 +300,20 @@ class FakeRunner:
         """The build's attempt records; None: a runner without the attempts route."""
         self.attempt_queries: list[tuple[int, int]] = []
         """(after, limit) of each attempts request."""
+        self.batch_route = True
+        """False: a runner without ``POST /paths/batch`` (405, as an older one answers)."""
+        self.batches: list[list[str]] = []
+        """The paths of each batch upload, in the body's order."""
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
         if path == "/api/v1/paths/missing":
             asked = json.loads(request.content)["paths"]
             return httpx.Response(200, json={"missing": [p for p in asked if p in self.missing]})
+        if path == "/api/v1/paths/batch" and request.method == "POST":
+            if not self.batch_route:
+                return httpx.Response(405, json={"error": "Method Not Allowed"})
+            return self._batch(await request.aread())
         if path.startswith("/api/v1/paths/"):
             store_path = S + path.rsplit("/", 1)[-1]
             self.in_flight += 1
@@ -334,6 +349,23 @@ class FakeRunner:
             )
         return httpx.Response(404, json={"error": f"no route {path}"})
 
+    def _batch(self, body: bytes) -> httpx.Response:
+        entries = parse_batch(body)
+        for entry in entries:
+            store_path = S + entry.path
+            for ref in self.refs[store_path]:
+                if ref != store_path and ref not in self.cached:
+                    return httpx.Response(400, json={"error": f"{store_path}: {ref} missing"})
+            self.cached.add(store_path)
+            headers = {
+                "x-nar-hash": entry.nar_hash,
+                "x-nar-size": str(entry.nar_size),
+                "x-nar-references": " ".join(entry.references),
+            }
+            self.uploads.append((store_path, headers, entry.nar))
+        self.batches.append([S + e.path for e in entries])
+        return httpx.Response(201, json={"paths": len(entries), "created": len(entries)})
+
 
 def _client(runner: FakeRunner) -> RunnerClient:
     return RunnerClient(URL, transport=httpx.MockTransport(runner))
@@ -348,9 +380,12 @@ DIAMOND = [
 ]
 
 
-async def test_upload_closure_respects_dependency_order(tmp_path: Path) -> None:
+async def test_upload_closure_path_by_path_without_the_batch_route(tmp_path: Path) -> None:
+    """An older runner (no batch route): every path its own PUT, concurrently where the
+    references allow, dependencies first."""
     store = FakeStore(tmp_path, DIAMOND)
     runner = FakeRunner([i.path for i in DIAMOND if i.path != S + "src.txt"], DIAMOND, [])
+    runner.batch_route = False
     runner.hold = {S + "left.drv", S + "right.drv"}  # both must be in flight at once
     async with _client(runner) as client:
         n = await upload_closure(client, store, [S + "top.drv"], SilentObserver(), concurrency=3)
@@ -364,6 +399,86 @@ async def test_upload_closure_respects_dependency_order(tmp_path: Path) -> None:
     assert headers["x-nar-size"] == "8"
     assert headers["x-nar-references"] == "base.drv src.txt"
     assert body == b"".join(dump_path(tmp_path / "right.drv"))
+    assert runner.batches == []
+
+
+async def test_upload_closure_in_one_batch(tmp_path: Path) -> None:
+    store = FakeStore(tmp_path, DIAMOND)
+    runner = FakeRunner([i.path for i in DIAMOND if i.path != S + "src.txt"], DIAMOND, [])
+    async with _client(runner) as client:
+        n = await upload_closure(client, store, [S + "top.drv"], SilentObserver())
+        assert client.batch_uploads
+    assert n == 4
+    [batch] = runner.batches
+    assert batch[0] == S + "base.drv" and batch[-1] == S + "top.drv"
+    assert sorted(batch) == sorted(S + n for n in ("base.drv", "left.drv", "right.drv", "top.drv"))
+    _path, headers, body = next(u for u in runner.uploads if u[0] == S + "right.drv")
+    assert headers["x-nar-hash"] == "sha256:0sg9f58l1jj88w6pdrfdpj5x9b1zrwszk84j81zvby36q9whhhqa"
+    assert headers["x-nar-references"] == "base.drv src.txt"
+    assert body == b"".join(dump_path(tmp_path / "right.drv"))
+    assert headers["x-nar-size"] == str(len(body))  # the NAR read, framed by its length
+
+
+async def test_upload_closure_falls_back_once_per_client(tmp_path: Path) -> None:
+    """The first 405 for the batch route turns batches off for the client's later uploads."""
+    store = FakeStore(tmp_path, DIAMOND)
+    runner = FakeRunner([i.path for i in DIAMOND if i.path != S + "src.txt"], DIAMOND, [])
+    runner.batch_route = False
+    seen: list[tuple[int, int]] = []
+
+    class Observer(SilentObserver):
+        def on_upload(self, done: int, total: int) -> None:
+            seen.append((done, total))
+
+    async with _client(runner) as client:
+        assert await upload_closure(client, store, [S + "top.drv"], Observer()) == 4
+        assert not client.batch_uploads
+    assert sorted(u[0] for u in runner.uploads) == sorted(
+        batch_free := runner.cached - {S + "src.txt"}
+    )
+    assert len(batch_free) == 4
+    assert seen[-1] == (4, 4)
+
+
+def test_upload_jobs_batches_small_paths_and_keeps_large_ones_alone() -> None:
+    order = [
+        info("a", size=10),
+        info("b", ["a"], size=10),
+        info("big", ["b"], size=1000),
+        info("c", ["big"], size=10),
+        info("d", size=10),
+        info("e", size=10),
+    ]
+    jobs = upload_jobs(order, max_paths=2, max_bytes=1000, path_bytes=100)
+    assert [([p.path.removeprefix(S) for p in j.paths], j.batched) for j in jobs] == [
+        (["a", "b"], True),
+        (["big"], False),
+        (["c", "d"], True),
+        (["e"], True),
+    ]
+    by_bytes = upload_jobs(order[:2] + order[3:], max_paths=10, max_bytes=25, path_bytes=100)
+    assert [len(j.paths) for j in by_bytes] == [2, 2, 1]
+
+
+@given(st.lists(st.lists(st.integers(0, 30), max_size=4), min_size=1, max_size=30), st.data())
+def test_upload_jobs_property(edges: list[list[int]], data: st.DataObject) -> None:
+    """Every path once, in order, and every reference in the same job or an earlier one."""
+    infos = [
+        info(f"p{i}", [f"p{j}" for j in refs if j < i], size=data.draw(st.integers(1, 50)))
+        for i, refs in enumerate(edges)
+    ]
+    jobs = upload_jobs(infos, max_paths=3, max_bytes=60, path_bytes=40)
+    assert [p for j in jobs for p in j.paths] == infos
+    job_of = {p.path: k for k, j in enumerate(jobs) for p in j.paths}
+    for k, job in enumerate(jobs):
+        assert len(job.paths) <= 3
+        if job.batched:
+            assert sum(p.nar_size for p in job.paths) <= 60
+            assert all(p.nar_size <= 40 for p in job.paths)
+        else:
+            assert len(job.paths) == 1 and job.paths[0].nar_size > 40
+        for p in job.paths:
+            assert all(job_of[r] <= k for r in p.references)
 
 
 async def test_upload_closure_nothing_missing(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
-"""A client's closure read from a store in batches (``ingest_client_closure``): each batch's
-paths verified in a small thread pool, dependencies before dependents, and published together
-(Nix CI's evaluations bring their .drv files in this way)."""
+"""A client's closure in batches (``ingest_client_closure``): each batch's paths verified in a
+small thread pool, dependencies before dependents, and published together. Nix CI's
+evaluations bring their .drv files in this way from the runner's store, and clients theirs in
+batch upload bodies (``ingest_client_batch``, ``POST /api/v1/paths/batch``)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bigtent.errors import BadRequest
+from bigtent.narbatch import BatchEntry
+from bigtent.nix import base32
 from bigtent.nix.drv import Derivation
 from bigtent.nix.store_path import StorePath
+from bigtent.protocol import MAX_REFERENCES
 from bigtent.runner.cache.drvcheck import (
     RootFile,
     check_form,
@@ -25,7 +29,7 @@ from bigtent.runner.cache.drvcheck import (
     parse_derivation,
 )
 from bigtent.runner.cache.ingest import parse_path
-from bigtent.runner.cache.narcheck import Ingested
+from bigtent.runner.cache.narcheck import Ingested, check_nar_size
 from bigtent.runner.cache.service import Cache, Publication
 from bigtent.runner.cache.storage import Staged
 from bigtent.runner.db import queries
@@ -43,8 +47,8 @@ class ClientPath:
     nar_hash: bytes
     nar_size: int
     references: frozenset[str]
-    """Full store paths, the path itself excluded (a content-addressed path has no self
-    reference the runner accepts)."""
+    """Full store paths (ignored for a .drv, whose references are its inputs). The path
+    itself only as a source path's self reference (part of its store path)."""
     nar: Callable[[], Iterable[bytes]]
     """The NAR's bytes (blocking: called in a worker thread)."""
 
@@ -99,6 +103,36 @@ async def ingest_client_closure(
     for batch in closure_batches(todo, batch_paths, CLOSURE_BATCH_BYTES):
         await _ingest_batch(cache, engine, batch, available, hashes)
     return len(todo)
+
+
+async def ingest_client_batch(
+    cache: Cache, engine: AsyncEngine, entries: Sequence[BatchEntry]
+) -> int:
+    """Accept the paths of one batch upload (``narbatch``), with every check of a single
+    upload, all or none: published in one transaction, or refused as a whole with the
+    failing path named. A reference must be cached or earlier in ``entries``; paths already
+    cached are skipped. Returns the number of paths published."""
+    paths = [_client_path(entry, cache.config.max_nar_bytes) for entry in entries]
+    return await ingest_client_closure(cache, engine, paths, batch_paths=max(1, len(paths)))
+
+
+def _client_path(entry: BatchEntry, max_nar_bytes: int) -> ClientPath:
+    """A batch entry's declarations parsed as a single upload's headers are (``ingest``)."""
+    sp = parse_path(entry.path, "bad store path")
+    try:
+        digest = base32.parse_hash(entry.nar_hash, "sha256")
+    except ValueError as exc:
+        raise BadRequest(f"{sp.path}: bad nar_hash {entry.nar_hash[:100]!r}: {exc}") from exc
+    check_nar_size(entry.nar_size, max_nar_bytes)
+    if len(entry.references) > MAX_REFERENCES:
+        raise BadRequest(f"{sp.path}: more than {MAX_REFERENCES} references")
+    refs = (
+        frozenset()
+        if sp.name.endswith(".drv")
+        else frozenset(parse_path(r, f"{sp.path}: bad reference").path for r in entry.references)
+    )
+    nar = entry.nar
+    return ClientPath(sp.path, digest, entry.nar_size, refs, lambda: (nar,))
 
 
 def closure_batches(
@@ -220,32 +254,43 @@ def _verify_each(
     for item in paths:
         if stop.is_set():
             raise _Stopped
-        sp = parse_path(item.path, "bad store path")
-        is_drv = sp.name.endswith(".drv")
-        sink = RootFile(keep=is_drv)
-        file, st = cache.new_staged()
-        staged.append(st)
-        got = cache.receive_blocking(
-            item.nar(),
-            file,
-            kind=UploadKind.SOURCE,
-            declared_size=item.nar_size,
-            declared_hash=item.nar_hash,
-            sink=sink,
-        )
-        drv = None
-        text = ""
-        features: frozenset[str] = frozenset()
-        if is_drv:
-            drv, text = parse_derivation(sp, sink)
-            refs = set(drv.references)
-        else:
-            refs = set(item.references)
-        ca = content_address(sp, got, sink, refs)
-        if drv is not None:
-            features = check_form(sp, drv, text)
-        out.append(_Verified(item, sp, got, st, refs, ca, drv, features))
+        try:
+            out.append(_verify_one(cache, item, staged))
+        except BadRequest as exc:
+            # A batch's error names its path (a single upload's names it by its URL).
+            if item.path not in exc.message:
+                exc.message = f"{item.path}: {exc.message}"
+                exc.args = (exc.message,)
+            raise
     return out
+
+
+def _verify_one(cache: Cache, item: ClientPath, staged: list[Staged]) -> _Verified:
+    sp = parse_path(item.path, "bad store path")
+    is_drv = sp.name.endswith(".drv")
+    sink = RootFile(keep=is_drv)
+    file, st = cache.new_staged()
+    staged.append(st)
+    got = cache.receive_blocking(
+        item.nar(),
+        file,
+        kind=UploadKind.SOURCE,
+        declared_size=item.nar_size,
+        declared_hash=item.nar_hash,
+        sink=sink,
+    )
+    drv = None
+    text = ""
+    features: frozenset[str] = frozenset()
+    if is_drv:
+        drv, text = parse_derivation(sp, sink)
+        refs = set(drv.references)
+    else:
+        refs = set(item.references)
+    ca = content_address(sp, got, sink, refs)
+    if drv is not None:
+        features = check_form(sp, drv, text)
+    return _Verified(item, sp, got, st, refs, ca, drv, features)
 
 
 def _check_order(verified: Sequence[_Verified], available: set[str]) -> None:

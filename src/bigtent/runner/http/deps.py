@@ -93,6 +93,9 @@ JSON_BODY_BYTES = 1024 * 1024
 """A JSON request or a form: tokens, bumps, presign and complete declarations, dashboard forms."""
 LIST_BODY_BYTES = 32 * 1024 * 1024
 """``POST /builds`` and ``/paths/missing``: ~300,000 store paths, more than any closure."""
+BATCH_BODY_BYTES = 16 * 1024 * 1024
+"""``POST /paths/batch``: many small NARs held in memory while they are verified (a client
+sends at most 8 MiB; a larger path has its own streamed upload)."""
 STREAMED_BODY = 2**62
 """NAR uploads stream to storage and are bounded while they do (declared size,
 ``cache.max_nar_bytes``): no limit here."""

@@ -11,10 +11,13 @@ from pydantic import BaseModel, Field
 
 from bigtent import protocol as p
 from bigtent.apimodels import Missing
+from bigtent.narbatch import parse_batch
+from bigtent.runner.cache.closureingest import ingest_client_batch
 from bigtent.runner.cache.ingest import ingest_client_path
 from bigtent.runner.cache.outputs import ingest_output
 from bigtent.runner.cache.presigned import record_json
 from bigtent.runner.http.deps import (
+    BATCH_BODY_BYTES,
     LIST_BODY_BYTES,
     STREAMED_BODY,
     AgentCredential,
@@ -56,6 +59,17 @@ async def upload_path(
         references=x_nar_references,
     )
     return JSONResponse({"path": f"/nix/store/{basename}"}, status_code=201 if created else 200)
+
+
+@router.post("/paths/batch", status_code=201, max_body_size=BATCH_BODY_BYTES)
+async def upload_paths(request: Request, comps: Comps, _: ClientAuth) -> JSONResponse:
+    """Many small paths in one body (``narbatch``), each checked as ``upload_path`` checks
+    it, published together or refused together (docs/api.md, "Batch uploads")."""
+    entries = parse_batch(await request.body())
+    created = await ingest_client_batch(comps.cache, comps.engine, entries)
+    return JSONResponse(
+        {"paths": len(entries), "created": created}, status_code=201 if created else 200
+    )
 
 
 @router.put("/agent/upload/{lease_id}/{output_name}", max_body_size=STREAMED_BODY)
