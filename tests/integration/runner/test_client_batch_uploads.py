@@ -73,6 +73,18 @@ async def test_a_batch_lands_every_path_signed_with_its_derivations(
     assert runner.temp_files() == []
 
 
+async def test_a_batch_may_reference_paths_of_earlier_requests(
+    make_runner: MakeRunner, nix: Nix, drvs: Drvs
+) -> None:
+    runner = await make_runner()
+    *inputs, top = [nix.upload(p) for p in drvs.closure]
+    first = await _post(runner, b"".join(_entry(up) for up in inputs))
+    assert first.status_code == 201, first.text
+    second = await _post(runner, _entry(top))
+    assert second.status_code == 201, second.text
+    assert await runner.present(list(drvs.closure)) == set(drvs.closure)
+
+
 async def test_a_lying_nar_refuses_the_whole_batch_naming_its_path(
     make_runner: MakeRunner, nix: Nix, drvs: Drvs
 ) -> None:

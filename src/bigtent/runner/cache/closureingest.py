@@ -188,6 +188,11 @@ async def _ingest_batch(
             # The share that failed first, not the ones it stopped.
             raise next((e for e in errors if not isinstance(e, _Stopped)), errors[0])
         verified = [v for part in parts if not isinstance(part, BaseException) for v in part]
+        ours_all = {v.sp.path for v in verified}
+        outside = {r for v in verified for r in v.refs} - ours_all - available
+        if outside:
+            # References cached before this ingest (a batch upload's earlier requests).
+            available.update(await cache.present(outside))
         _check_order(verified, available)
         drvs = [v for v in verified if v.drv is not None]
         ours = {v.sp.path for v in drvs}
