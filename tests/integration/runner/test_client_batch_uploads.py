@@ -16,6 +16,7 @@ from bigtent.narbatch import CONTENT_TYPE, LENGTH_BYTES, entry_header
 from bigtent.nix.store import NixStore
 from bigtent.nix.store_path import StorePath
 from bigtent.runner.db.tables import derivations
+from bigtent.runner.http.deps import BATCH_BODY_BYTES
 from tests.integration.runner.conftest import (
     Drvs,
     MakeRunner,
@@ -139,6 +140,22 @@ async def test_a_declared_size_over_the_limit_is_refused(
         resp = await _post(runner, _entry(up))
     assert resp.status_code == 413
     assert "max_nar_bytes" in resp.json()["error"]
+
+
+async def test_a_path_sent_twice_or_a_body_over_the_limit_is_refused(
+    make_runner: MakeRunner, nix: Nix, drvs: Drvs
+) -> None:
+    runner = await make_runner()
+    up = nix.upload(drvs.source)
+    refs: list[str] = []
+    again = entry_header(up.path, up.nar_hash, len(up.nar), refs) + up.nar
+    with nothing_stored(runner):
+        resp = await _post(runner, _entry(up) + again)
+        assert resp.status_code == 400
+        assert resp.json()["error"] == f"batch upload: {drvs.source} is sent twice"
+        resp = await _post(runner, _entry(up) + bytes(BATCH_BODY_BYTES))
+        assert resp.status_code == 413
+    assert await runner.present([drvs.source]) == set()
 
 
 async def test_only_clients_may_send_a_batch(make_runner: MakeRunner, nix: Nix, drvs: Drvs) -> None:

@@ -113,6 +113,11 @@ async def ingest_client_batch(
     failing path named. A reference must be cached or earlier in ``entries``; paths already
     cached are skipped. Returns the number of paths published."""
     paths = [_client_path(entry, cache.config.max_nar_bytes) for entry in entries]
+    seen: set[str] = set()
+    for p in paths:
+        if p.path in seen:  # once as a basename, once as a full path
+            raise BadRequest(f"batch upload: {p.path} is sent twice")
+        seen.add(p.path)
     return await ingest_client_closure(cache, engine, paths, batch_paths=max(1, len(paths)))
 
 
