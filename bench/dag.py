@@ -157,11 +157,21 @@ def census_report(
     """Statements per step between two censuses, and the report's lines (the most frequent
     statements first)."""
     delta = {k: v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
+    ends = {k: delta.pop(k) for k in ("(commit)", "(rollback)") if k in delta}
     total = sum(delta.values())
-    lines = [f"\n## SQL statements per step over the CPU DAG: {total / steps:.2f}\n"]
+    lines = [
+        f"\n## SQL statements per step over the CPU DAG: {total / steps:.2f}; transactions "
+        + ", ".join(f"{k} {n / steps:.2f}" for k, n in sorted(ends.items()))
+        + "\n"
+    ]
     for stmt, n in sorted(delta.items(), key=lambda kv: -kv[1])[:30]:
         lines.append(f"- {n / steps:6.2f}  {stmt[:150]}")
-    return {"statements_per_step": total / steps, "statements": delta}, lines
+    report = {
+        "statements_per_step": total / steps,
+        "transactions_per_step": {k.strip("()"): n / steps for k, n in ends.items()},
+        "statements": delta,
+    }
+    return report, lines
 
 
 def runner_pid(up_pid: int) -> int:

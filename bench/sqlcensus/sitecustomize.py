@@ -3,10 +3,12 @@
 ``bench/dag.py`` with ``BENCH_SQL_CENSUS=PREFIX`` puts this directory on the farm's
 ``PYTHONPATH``, so every Python process of the farm imports this module at start-up. In the
 process that uses SQLAlchemy (the runner) it counts each statement executed, by its text
-(whitespace collapsed), and on ``SIGUSR2`` writes the counts to ``PREFIX.PID.json`` (a JSON
-object ``{"seq": N, "counts": {statement: executions}}``; ``seq`` grows with every dump), so
-the bench takes a census before and after the CPU DAG. An ``executemany`` counts once. Not
-part of ``bigtent``: a census run is not a CPU measurement (counting costs CPU).
+(whitespace collapsed), and the transactions' ends as ``(commit)`` and ``(rollback)`` (a
+connection used without ``begin`` ends in a rollback). On ``SIGUSR2`` it writes the counts
+to ``PREFIX.PID.json`` (``{"seq": N, "counts": {statement: executions}}``; ``seq`` grows
+with every dump), so the bench takes a census before and after the CPU DAG. An
+``executemany`` counts once. Not part of ``bigtent``: a census run is not a CPU measurement
+(counting costs CPU).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def _install(prefix: str) -> None:
         from sqlalchemy.engine import Engine
 
         event.listen(Engine, "before_cursor_execute", count)
+        event.listen(Engine, "commit", lambda _conn: count(None, None, "(commit)"))
+        event.listen(Engine, "rollback", lambda _conn: count(None, None, "(rollback)"))
         installed[0] = True
 
     def dump(_sig: int, _frame: object) -> None:
