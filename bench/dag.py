@@ -14,6 +14,7 @@ checkout's `.venv/bin/python bench/dag.py`) to measure that checkout's `bigtent`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -119,6 +120,58 @@ def profiled(pid: int, name: str) -> Iterator[None]:
     finally:
         profiler.send_signal(signal.SIGINT)
         profiler.wait(60)
+
+
+CENSUS_DIR = REPO / "bench" / "sqlcensus"
+
+
+def census_env() -> None:
+    """Developer aid: ``BENCH_SQL_CENSUS=PREFIX`` counts the runner's SQL statements
+    (``bench/sqlcensus``); the farm's processes inherit this process's environment."""
+    if os.environ.get("BENCH_SQL_CENSUS"):
+        path = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = str(CENSUS_DIR) + (os.pathsep + path if path else "")
+
+
+def census(pid: int) -> dict[str, int] | None:
+    """The runner's statement counts so far (``BENCH_SQL_CENSUS``), or None when off."""
+    prefix = os.environ.get("BENCH_SQL_CENSUS")
+    if not prefix:
+        return None
+    path = Path(f"{prefix}.{pid}.json")
+    seq = json.loads(path.read_text())["seq"] if path.exists() else 0
+    os.kill(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            got = json.loads(path.read_text())
+            if got["seq"] > seq:
+                return dict(got["counts"])
+        time.sleep(0.05)
+    sys.exit("bench: the runner wrote no statement census (BENCH_SQL_CENSUS)")
+
+
+def census_report(
+    before: dict[str, int], after: dict[str, int], steps: int
+) -> tuple[dict[str, Any], list[str]]:
+    """Statements per step between two censuses, and the report's lines (the most frequent
+    statements first)."""
+    delta = {k: v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
+    ends = {k: delta.pop(k) for k in ("(commit)", "(rollback)") if k in delta}
+    total = sum(delta.values())
+    lines = [
+        f"\n## SQL statements per step over the CPU DAG: {total / steps:.2f}; transactions "
+        + ", ".join(f"{k} {n / steps:.2f}" for k, n in sorted(ends.items()))
+        + "\n"
+    ]
+    for stmt, n in sorted(delta.items(), key=lambda kv: -kv[1])[:30]:
+        lines.append(f"- {n / steps:6.2f}  {stmt[:150]}")
+    report = {
+        "statements_per_step": total / steps,
+        "transactions_per_step": {k.strip("()"): n / steps for k, n in ends.items()},
+        "statements": delta,
+    }
+    return report, lines
 
 
 def runner_pid(up_pid: int) -> int:
@@ -298,6 +351,7 @@ def main() -> int:
     )
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = ap.parse_args()
+    census_env()
     if args.size:
         args.layers = args.width = args.size
     if args.quick:
@@ -375,10 +429,15 @@ def main() -> int:
                 cpu_width = max(1, args.cpu_dag // cpu_layers)
                 steps = cpu_layers * cpu_width + 1
                 wide = dag_file(work, layers=cpu_layers, width=cpu_width)
+                counted = census(pid)
                 before = cpu_secs(pid)
                 with profiled(pid, "cpu-dag"):
                     t, _ = bigtent_build(env, wide, "--no-download")
                 used = cpu_secs(pid) - before
+                if counted is not None:
+                    cpu["sql_census"], lines = census_report(counted, census(pid) or {}, steps)
+                    for line in lines:
+                        say(line)
                 cpu.update(
                     cpu_dag_steps=steps,
                     cpu_dag_wall_secs=t,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,26 @@ def test_dag_benchmark_runs_on_a_tiny_dag(tmp_path: Path) -> None:
         assert targets[key]["value"] == result[key] and isinstance(targets[key]["met"], bool)
     assert targets["runner_cpu_ms_per_step"]["met"] == (result["runner_cpu_ms_per_step"] <= 2.0)
     assert "## targets" in proc.stderr
+
+
+@pytest.mark.nix
+@pytest.mark.skipif(not have_nix(), reason="needs Nix")
+def test_dag_benchmark_takes_a_statement_census(tmp_path: Path) -> None:
+    """``BENCH_SQL_CENSUS``: the runner's statements over the CPU DAG, counted in the runner
+    (one attempt record per step of the 21-step DAG, every step's end committed)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "dag.py"), "--layers", "1", "--width", "1",
+         "--no-ssh", "--sleep-layers", "1", "--sleep-width", "1", "--cpu-dag", "20", "--json"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "BENCH_SQL_CENSUS": str(tmp_path / "census")},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    census = json.loads(proc.stdout)["sql_census"]
+    counts = census["statements"]
+    assert sum(n for s, n in counts.items() if s.startswith("INSERT INTO step_attempts")) == 21
+    assert census["statements_per_step"] == sum(counts.values()) / 21
+    assert census["transactions_per_step"]["commit"] >= 1
+    assert "## SQL statements per step over the CPU DAG" in proc.stderr
 
 
 def test_scheduler_benchmark_reports_its_fields(tmp_path: Path) -> None:

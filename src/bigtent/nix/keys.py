@@ -68,9 +68,14 @@ class SecretKey:
 
     name: str
     seed: bytes = dataclasses.field(repr=False)
+    _key: Ed25519PrivateKey = dataclasses.field(init=False, repr=False, compare=False)
+    """The key object, built once: rebuilding it from the seed cost more than signing."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_key", Ed25519PrivateKey.from_private_bytes(self.seed))
 
     def _private(self) -> Ed25519PrivateKey:
-        return Ed25519PrivateKey.from_private_bytes(self.seed)
+        return self._key
 
     def public_key(self) -> PublicKey:
         return PublicKey(self.name, _public_bytes(self._private().public_key()))

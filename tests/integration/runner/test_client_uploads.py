@@ -26,6 +26,7 @@ from tests.integration.runner.conftest import (
     RunnerHarness,
     Upload,
     nothing_stored,
+    statements,
     upload_closure,
     upload_path,
     verify_signed,
@@ -433,6 +434,21 @@ async def test_honest_closures_with_fixed_and_multi_output_drvs_are_accepted(
         assert await _hash_modulo(runner, path) == hashes[path].hex()
     recorded = await runner.comps.cache.derivations([top])
     assert recorded[top].outputs == nix.outputs(top)
+
+
+async def test_uploaded_derivations_are_remembered_as_recorded(
+    make_runner: MakeRunner, nix: Nix, tmp_path: Path
+) -> None:
+    """A derivation just uploaded is looked up again at once (the next .drv's inputs, its
+    output's upload): memory answers, exactly as the database would."""
+    runner = await make_runner()
+    _, closure = _rich(nix, tmp_path)
+    await upload_closure(runner, nix, closure)
+    with statements(runner.comps.engine) as seen:
+        remembered = await runner.comps.cache.derivations(list(closure))
+    assert seen == []
+    async with runner.comps.engine.connect() as conn:
+        assert remembered == await queries.fetch_derivations(conn, list(closure))
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from tests.integration.runner.conftest import (
     Nix,
     RunnerHarness,
     nix_copy_from,
+    statements,
     verify_signed,
 )
 
@@ -84,7 +85,11 @@ async def test_closure_published_exactly_and_substituted_by_nix(
         assert resp.status_code == 200
         info = verify_signed(runner, resp.text)
         assert info.ca is not None and info.ca.startswith(("text:", "fixed:"))
-    recorded = await cache.derivations([drvs.top])
+    with statements(runner.comps.engine) as seen:  # remembered since their commit
+        recorded = await cache.derivations([drvs.top, drvs.dep])
+    assert seen == []
+    async with runner.comps.engine.connect() as conn:
+        assert recorded == await queries.fetch_derivations(conn, [drvs.top, drvs.dep])
     assert dict(recorded[drvs.top].outputs) == nix.outputs(drvs.top)
     assert recorded[drvs.top].hash_modulo is not None
     await _no_narinfo_without_nar(runner)

@@ -78,6 +78,16 @@ def test_signatures_match_nix() -> None:
     assert verify_narinfo(signed, [public])
 
 
+def test_a_key_keeps_signing_as_nix_and_equals_one_parsed_again() -> None:
+    secret = parse_secret_key(NIX_SK)
+    # The key object is built once and reused: every signature stays Nix's.
+    assert [secret.sign(X_FINGERPRINT) for _ in range(3)] == [X_SIG] * 3
+    assert sign_narinfo(Y_INFO, secret).sigs == (Y_SIG,)
+    again = parse_secret_key(NIX_SK)
+    assert again == secret and hash(again) == hash(secret)
+    assert dataclasses.replace(secret, name="other").sign(X_FINGERPRINT).endswith(X_SIG[15:])
+
+
 def test_sign_narinfo_adds_once() -> None:
     secret = parse_secret_key(NIX_SK)
     other = generate_key("other-1")

@@ -227,6 +227,7 @@ async def _ingest_batch(
         for st in staged:
             await cache.discard(st)
         raise
+    cache.remember_derivations(rows)
     for path, info in infos.items():
         assert info.hash_modulo is not None
         hashes[path] = bytes.fromhex(info.hash_modulo)

@@ -122,8 +122,10 @@ async def ingest_client_path(
                 + ", ".join(missing[:5]),
             )
         record = None
+        recorded: list[queries.DrvInfo] = []
         if drv is not None:
             info = await check_derivation(cache, engine, sp, drv, text)
+            recorded.append(info)
 
             async def record(conn: AsyncConnection) -> None:
                 # In the store path's transaction: a derivation is known to builds exactly
@@ -134,6 +136,7 @@ async def ingest_client_path(
     except BaseException:
         await cache.discard(staged)
         raise
+    cache.remember_derivations(recorded)
     return True
 
 

@@ -201,6 +201,13 @@ class Cache(NarIntake):
             out.update(fetched)
         return out
 
+    def remember_derivations(self, drvs: Iterable[queries.DrvInfo]) -> None:
+        """Derivations just recorded (after their commit): the derivations of a build's
+        .drv uploads are looked up again at once (the next .drv's inputs, the output's
+        candidates), so memory answers instead of the database."""
+        for drv in drvs:
+            self._drvs.put(drv.drv_path, drv)
+
     async def publish(
         self,
         staged: Staged,

@@ -186,27 +186,31 @@ class LogStore:
 
     def _reopen(self, step_id: int) -> _OpenLog:
         """Open a step's log for appending, repairing a torn end and converting a log kept
-        uncompressed by an older runner."""
+        uncompressed by an older runner. A new log creates no file: the first frame creates
+        the data file, its record the index (a log that never got a frame has neither, and
+        reads as empty)."""
         data_path, index_path = self.path(step_id), self.index_path(step_id)
-        legacy = self._legacy_path(step_id)
-        records: list[tuple[int, int]] = []
-        if data_path.exists():
-            with contextlib.suppress(FileNotFoundError):
-                records = parse_index(index_path.read_bytes())
-            records = reconcile_index(records, data_path.stat().st_size)
-            framed, compressed = records[-1] if records else (0, 0)
+        framed = compressed = 0
+        try:
             with data_path.open("r+b") as dat:
+                records: list[tuple[int, int]] = []
+                with contextlib.suppress(FileNotFoundError):
+                    records = parse_index(index_path.read_bytes())
+                records = reconcile_index(records, os.fstat(dat.fileno()).st_size)
+                framed, compressed = records[-1] if records else (0, 0)
                 dat.truncate(compressed)
             with index_path.open("ab") as idx:
                 idx.truncate(len(records) * _RECORD.size)
-        else:
-            framed = compressed = 0
-            data_path.write_bytes(b"")
-            index_path.write_bytes(b"")
+        except FileNotFoundError:
+            pass  # a new log
         f = _OpenLog(data_path, index_path, framed, compressed)
         self._open[step_id] = f
-        if legacy.exists() and framed == 0:
-            old = legacy.read_bytes()
+        if framed == 0:
+            legacy = self._legacy_path(step_id)
+            try:
+                old = legacy.read_bytes()
+            except FileNotFoundError:
+                return f
             for i in range(0, len(old), self.frame_bytes):
                 self._write_frame(f, old[i : i + self.frame_bytes])
             legacy.unlink()

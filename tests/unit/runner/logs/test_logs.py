@@ -125,6 +125,39 @@ def test_a_torn_end_is_cut_away_on_reopening(tmp_path: Path) -> None:
     assert _zstd_cat(store.path(5)) == good + b"after the crash\n"
 
 
+def test_a_log_gets_its_files_with_its_first_frame(tmp_path: Path) -> None:
+    store = LogStore(tmp_path, 1 << 20, frame_bytes=1 << 16)
+    store.append(3, ["building"])
+    assert not store.path(3).exists() and not store.index_path(3).exists()
+    store.close(3)
+    assert _zstd_cat(store.path(3)) == b"building\n"
+    assert parse_index(store.index_path(3).read_bytes()) == [
+        (len(b"building\n"), store.path(3).stat().st_size)
+    ]
+
+
+def test_a_step_whose_log_never_got_a_frame_has_no_files(tmp_path: Path) -> None:
+    store = LogStore(tmp_path, 1 << 20)
+    store.append(4, [])
+    assert store.is_open(4)
+    store.close(4)
+    assert sorted(tmp_path.iterdir()) == []
+    assert store.read(4) == b"" and store.stored_size(4) == 0 and store.tail(4) == ""
+    assert store.stale(float("inf"), 10) == []
+    assert store.delete(4)
+
+
+def test_a_crash_before_the_first_record_leaves_an_empty_log(tmp_path: Path) -> None:
+    store = LogStore(tmp_path, 1 << 20)
+    # A crash between the first frame and its record: the data file without an index.
+    store.path(8).write_bytes(zstandard.ZstdCompressor().compress(b"lost\n"))
+    assert store.read(8) == b""
+    store.append(8, ["after the crash"])
+    store.close(8)
+    assert store.read(8) == b"after the crash\n"
+    assert _zstd_cat(store.path(8)) == b"after the crash\n"
+
+
 def test_reset_forgets_the_log(tmp_path: Path) -> None:
     store = LogStore(tmp_path, 1 << 20)
     store.append(2, ["old run"])

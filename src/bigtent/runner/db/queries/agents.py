@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Integer, bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bigtent.runner.db.queries.common import chunks
@@ -54,17 +54,32 @@ async def record_agent_attempt(
     """Count one finished attempt on an agent and store its backoff and last infrastructure
     error (no row: nothing)."""
     await conn.execute(
-        update(agents)
-        .where(agents.c.machine_id == machine_id)
-        .values(
-            steps_succeeded=agents.c.steps_succeeded + succeeded,
-            steps_failed=agents.c.steps_failed + failed,
-            infra_failures=agents.c.infra_failures + infra,
-            consecutive_failures=consecutive_failures,
-            backoff_until=backoff_until,
-            health_last_error=last_error,
-        )
+        _RECORD_ATTEMPT,
+        {
+            "b_machine_id": machine_id,
+            "b_succeeded": succeeded,
+            "b_failed": failed,
+            "b_infra": infra,
+            "b_consecutive_failures": consecutive_failures,
+            "b_backoff_until": backoff_until,
+            "b_last_error": last_error,
+        },
     )
+
+
+_RECORD_ATTEMPT = (
+    update(agents)
+    .where(agents.c.machine_id == bindparam("b_machine_id"))
+    .values(
+        steps_succeeded=agents.c.steps_succeeded + bindparam("b_succeeded", type_=Integer),
+        steps_failed=agents.c.steps_failed + bindparam("b_failed", type_=Integer),
+        infra_failures=agents.c.infra_failures + bindparam("b_infra", type_=Integer),
+        consecutive_failures=bindparam("b_consecutive_failures"),
+        backoff_until=bindparam("b_backoff_until"),
+        health_last_error=bindparam("b_last_error"),
+    )
+)
+"""``record_agent_attempt``'s statement, built once (it runs once per attempt)."""
 
 
 async def mark_all_agents_disconnected(conn: AsyncConnection) -> None:

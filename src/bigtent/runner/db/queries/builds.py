@@ -54,7 +54,7 @@ def _derivation_row(drv: DrvInfo) -> dict[str, Any]:
 
 
 async def insert_derivation(conn: AsyncConnection, drv: DrvInfo) -> None:
-    await conn.execute(insert_ignore(conn, derivations).values(**_derivation_row(drv)))
+    await conn.execute(insert_ignore(conn, derivations), _derivation_row(drv))
 
 
 async def insert_derivations(conn: AsyncConnection, drvs: Sequence[DrvInfo]) -> None:

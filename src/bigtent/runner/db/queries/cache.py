@@ -3,6 +3,7 @@ pins, collection runs (docs/cache.md)."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,10 +46,18 @@ async def store_path_files(
 ) -> dict[str, str]:
     """The NAR file name (narinfo ``URL``) of each recorded path among ``paths``."""
     out: dict[str, str] = {}
+    stmt = _files_of(table)
     for chunk in chunks(list(paths)):
-        rows = await conn.execute(select(table.c.path, table.c.url).where(table.c.path.in_(chunk)))
+        rows = await conn.execute(stmt, {"b_paths": list(chunk)})
         out.update((path, url) for path, url in rows)
     return out
+
+
+@functools.cache
+def _files_of(table: Table) -> Any:
+    return select(table.c.path, table.c.url).where(
+        table.c.path.in_(bindparam("b_paths", expanding=True))
+    )
 
 
 async def store_path_references(
@@ -83,32 +92,22 @@ def _narinfo(row: Any) -> NarInfo:
 async def fetch_store_path_by_hash(
     conn: AsyncConnection, hash_part: str, table: Table = store_paths
 ) -> NarInfo | None:
-    row = (await conn.execute(select(table).where(table.c.hash_part == hash_part))).first()
+    row = (await conn.execute(_by_hash(table), {"b_hash_part": hash_part})).first()
     return _narinfo(row) if row is not None else None
+
+
+@functools.cache
+def _by_hash(table: Table) -> Any:
+    """``fetch_store_path_by_hash``'s statement, built once per table (it answers every
+    narinfo request that memory does not)."""
+    return select(table).where(table.c.hash_part == bindparam("b_hash_part"))
 
 
 async def insert_store_path(
     conn: AsyncConnection, info: NarInfo, *, created_at: float, table: Table = store_paths
 ) -> bool:
     """Record a narinfo; False when the path was already recorded (the first record wins)."""
-    hash_part = info.store_path[len(STORE) :].split("-", 1)[0]
-    result = await conn.execute(
-        insert_ignore(conn, table).values(
-            path=info.store_path,
-            hash_part=hash_part,
-            nar_hash=info.nar_hash,
-            nar_size=info.nar_size,
-            url=info.url,
-            compression=info.compression,
-            file_hash=info.file_hash or "",
-            file_size=info.file_size or 0,
-            references=json.dumps(sorted(info.references)),
-            deriver=info.deriver,
-            ca=info.ca,
-            sig="\n".join(info.sigs),
-            created_at=created_at,
-        )
-    )
+    result = await conn.execute(insert_ignore(conn, table), _store_path_row(info, created_at))
     return bool(result.rowcount)
 
 

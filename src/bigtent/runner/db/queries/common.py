@@ -3,6 +3,7 @@ NOTHING for the connection's dialect."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -30,7 +31,13 @@ def for_update(conn: AsyncConnection, query: Select[Any], *, skip_locked: bool =
 
 
 def insert_ignore(conn: AsyncConnection, table: Table) -> Any:
-    """INSERT ... ON CONFLICT DO NOTHING for the connection's dialect."""
-    if conn.dialect.name == "postgresql":
+    """INSERT ... ON CONFLICT DO NOTHING for the connection's dialect (built once per
+    dialect and table: a statement is immutable, ``values`` and the like return new ones)."""
+    return _insert_ignore(conn.dialect.name == "postgresql", table)
+
+
+@functools.cache
+def _insert_ignore(postgres: bool, table: Table) -> Any:
+    if postgres:
         return postgresql.insert(table).on_conflict_do_nothing()
     return sqlite.insert(table).on_conflict_do_nothing()

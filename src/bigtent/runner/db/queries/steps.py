@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,11 +15,11 @@ from sqlalchemy import (
     bindparam,
     func,
     insert,
-    literal,
     select,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.dml import Update
 
 from bigtent.runner.db.notify import note_steps
 from bigtent.runner.db.queries.common import CHUNK, chunks, for_update, insert_ignore
@@ -57,9 +58,24 @@ async def insert_step_deps(conn: AsyncConnection, pairs: Iterable[tuple[int, int
         await conn.execute(insert_ignore(conn, step_deps), rows)
 
 
+@functools.cache
+def _update_by_id(columns: tuple[str, ...]) -> Update:
+    """``UPDATE steps SET <columns> WHERE id = :b_id``, the values bound as ``b_<column>``:
+    built once per set of columns (the hot path updates a step a few times per attempt)."""
+    return (
+        update(steps)
+        .where(steps.c.id == bindparam("b_id"))
+        .values({c: bindparam(f"b_{c}") for c in columns})
+    )
+
+
+def _bound(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"b_{k}": v for k, v in row.items()}
+
+
 async def update_step(conn: AsyncConnection, step_id: int, **values: Any) -> None:
     note_steps(conn, [step_id])
-    await conn.execute(update(steps).where(steps.c.id == step_id).values(**values))
+    await conn.execute(_update_by_id(tuple(sorted(values))), {"b_id": step_id, **_bound(values)})
 
 
 async def update_steps(conn: AsyncConnection, step_ids: Sequence[int], **values: Any) -> None:
@@ -75,13 +91,8 @@ async def update_steps_each(conn: AsyncConnection, rows: Sequence[Mapping[str, A
     if not rows:
         return
     note_steps(conn, [int(row["id"]) for row in rows])
-    columns = [k for k in rows[0] if k != "id"]
-    stmt = (
-        update(steps)
-        .where(steps.c.id == bindparam("b_id"))
-        .values({c: bindparam(f"b_{c}") for c in columns})
-    )
-    await conn.execute(stmt, [{f"b_{k}": v for k, v in row.items()} for row in rows])
+    columns = tuple(sorted(k for k in rows[0] if k != "id"))
+    await conn.execute(_update_by_id(columns), [_bound(row) for row in rows])
 
 
 async def update_steps_in_state(
@@ -90,17 +101,27 @@ async def update_steps_in_state(
     """Update those of the steps that are still in one of ``states``; returns their ids
     (a step another runner moved on is left alone)."""
     changed: set[int] = set()
+    stmt = _update_in_state(tuple(sorted(values)))
+    bound = {"b_states": list(states), **_bound(values)}
     for i in range(0, len(step_ids), CHUNK):
-        chunk = step_ids[i : i + CHUNK]
-        rows = await conn.execute(
-            update(steps)
-            .where(steps.c.id.in_(chunk), steps.c.state.in_(list(states)))
-            .values(**values)
-            .returning(steps.c.id)
-        )
+        rows = await conn.execute(stmt, {"b_ids": list(step_ids[i : i + CHUNK]), **bound})
         changed.update(int(r[0]) for r in rows)
     note_steps(conn, changed)
     return changed
+
+
+@functools.cache
+def _update_in_state(columns: tuple[str, ...]) -> Any:
+    """``update_steps_in_state``'s statement, built once per set of columns."""
+    return (
+        update(steps)
+        .where(
+            steps.c.id.in_(bindparam("b_ids", expanding=True)),
+            steps.c.state.in_(bindparam("b_states", expanding=True)),
+        )
+        .values({c: bindparam(f"b_{c}") for c in columns})
+        .returning(steps.c.id)
+    )
 
 
 # ---- attempts (docs/api.md "Attempts") -----------------------------------------------------
@@ -119,47 +140,54 @@ async def insert_step_attempt(
     """Record one ended attempt of a step. A ``leased`` attempt's venue and start are the
     step row's (written with its lease when it was assigned), read by the same statement;
     an attempt that never got a lease has neither."""
-    if not leased:
-        await conn.execute(
-            insert(step_attempts).values(
-                step_id=step_id,
-                attempt=attempt,
-                max_attempts=max_attempts,
-                finished_at=finished_at,
-                outcome=outcome,
-                error=error,
-                retry_at=retry_at,
-            )
-        )
-        return
-    await conn.execute(
-        insert(step_attempts).from_select(
-            [
-                "step_id",
-                "attempt",
-                "max_attempts",
-                "agent_machine_id",
-                "agent_name",
-                "started_at",
-                "finished_at",
-                "outcome",
-                "error",
-                "retry_at",
-            ],
-            select(
-                steps.c.id,
-                literal(attempt, Integer),
-                literal(max_attempts, Integer),
-                steps.c.agent_machine_id,
-                steps.c.agent_name,
-                steps.c.assigned_at,
-                literal(finished_at, Float),
-                literal(outcome, String),
-                literal(error, Text),
-                literal(retry_at, Float),
-            ).where(steps.c.id == step_id),
-        )
-    )
+    values = {
+        "b_step_id": step_id,
+        "b_attempt": attempt,
+        "b_max_attempts": max_attempts,
+        "b_finished_at": finished_at,
+        "b_outcome": outcome,
+        "b_error": error,
+        "b_retry_at": retry_at,
+    }
+    await conn.execute(_INSERT_LEASED_ATTEMPT if leased else _INSERT_ATTEMPT, values)
+
+
+_INSERT_ATTEMPT = insert(step_attempts).values(
+    step_id=bindparam("b_step_id"),
+    attempt=bindparam("b_attempt"),
+    max_attempts=bindparam("b_max_attempts"),
+    finished_at=bindparam("b_finished_at"),
+    outcome=bindparam("b_outcome"),
+    error=bindparam("b_error"),
+    retry_at=bindparam("b_retry_at"),
+)
+_INSERT_LEASED_ATTEMPT = insert(step_attempts).from_select(
+    [
+        "step_id",
+        "attempt",
+        "max_attempts",
+        "agent_machine_id",
+        "agent_name",
+        "started_at",
+        "finished_at",
+        "outcome",
+        "error",
+        "retry_at",
+    ],
+    select(
+        steps.c.id,
+        bindparam("b_attempt", type_=Integer),
+        bindparam("b_max_attempts", type_=Integer),
+        steps.c.agent_machine_id,
+        steps.c.agent_name,
+        steps.c.assigned_at,
+        bindparam("b_finished_at", type_=Float),
+        bindparam("b_outcome", type_=String),
+        bindparam("b_error", type_=Text),
+        bindparam("b_retry_at", type_=Float),
+    ).where(steps.c.id == bindparam("b_step_id")),
+)
+"""The two forms of ``insert_step_attempt``, built once (they run once per attempt)."""
 
 
 _ATTEMPT_COLUMNS = (step_attempts, steps.c.drv_path, derivations.c.name)

@@ -1,0 +1,53 @@
+"""The statement census of one step against the real database (SQLite, or PostgreSQL in that
+pass): what the runner writes when a step is accepted and when it succeeds, one statement a
+fact, and nothing it reads back that memory knows (``bench/dag.py`` with
+``BENCH_SQL_CENSUS`` counts the same over a whole DAG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bigtent import protocol as p
+from tests.integration.runner.conftest import statements
+from tests.integration.runner.test_dispatcher import CONFIG, Farm, drv
+
+
+@pytest.fixture
+def farm(engine: AsyncEngine, tmp_path: Path) -> Farm:
+    return Farm(engine, tmp_path, CONFIG)
+
+
+def _writes(seen: list[str]) -> list[str]:
+    """The statements that write, by verb and table (reads are counted apart: a
+    several-runner database locks the rows it checks with one)."""
+    return [" ".join(s.split()[:3]) for s in seen if not s.lstrip().upper().startswith("SELECT")]
+
+
+def _reads(seen: list[str]) -> int:
+    return sum(1 for s in seen if s.lstrip().upper().startswith("SELECT"))
+
+
+async def test_a_step_is_accepted_and_ended_in_a_handful_of_statements(farm: Farm) -> None:
+    x = drv("x")
+    y = drv("y", x)
+    await farm.add([x, y], roots=[y])
+    agent = farm.agent("m1")
+    await farm.tick()
+    [a] = agent.take_assigns()
+
+    with statements(farm.engine) as accepting:
+        await farm.sched.accepted(agent.venue, p.Accepted(step_id=a.step_id, lease_id=a.lease_id))
+    with statements(farm.engine) as ending:
+        assert await farm.succeed(agent, a)
+
+    assert _writes(accepting) == ["UPDATE steps SET"]
+    assert _writes(ending) == [
+        "UPDATE agents SET",  # the venue's counters and backoff
+        "UPDATE steps SET",  # the step's end
+        "UPDATE steps SET",  # its dependent made runnable
+        "INSERT INTO step_attempts",  # the attempt's record
+    ]
+    assert _reads(accepting) <= 1 and _reads(ending) <= 1
