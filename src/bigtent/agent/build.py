@@ -23,11 +23,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from bigtent.agent.abortable import Interrupted, unless_set
-from bigtent.agent.drvfetch import DrvCache, DrvFetchError
+from bigtent.agent.drvfetch import DrvCache, DrvFetchError, drv_from_text
 from bigtent.agent.logbatch import LogBatcher, SendLog
 from bigtent.agent.servepool import SERVE_BACKSTOP_SECS, Role, ServePool, Stopped, command
 from bigtent.agent.stepstore import CacheSettings
 from bigtent.errors import NixError
+from bigtent.nix.drv import Derivation
 from bigtent.nix.serve import BasicDerivation, BuildOptions
 from bigtent.nix.store import NixStore, RealiseResult, RealiseStatus
 from bigtent.outcome import exit_code_of, realise_status_of
@@ -177,28 +178,24 @@ class ServeBuild:
         assign, cache, abort = self.assign, self.cache, self.abort
         drv_path = assign.drv_path
         try:
-            drv = await unless_set(self.drvs.get(cache.cache_url, drv_path), abort)
+            carried = assign.drv_text is not None
+            if assign.drv_text is not None:
+                # Checked against its path as a fetched one is: no request to the runner.
+                drv = drv_from_text(drv_path, assign.drv_text.encode(), "the assignment's text")
+            else:
+                drv = await unless_set(self.drvs.get(cache.cache_url, drv_path), abort)
             if any(not out.path for out in drv.outputs.values()):
                 raise Fallback("it has floating content-addressed outputs")
             if drv.output_paths != assign.outputs:
                 raise DrvFetchError(
                     f"{drv_path} has outputs {drv.output_paths}, the assignment {assign.outputs}"
                 )
-            input_drvs = await unless_set(
-                asyncio.gather(*(self.drvs.get(cache.cache_url, d) for d in drv.input_drvs)),
-                abort,
-            )
+            if carried and assign.inputs is not None:
+                inputs = set(assign.inputs)
+            else:
+                inputs = await unless_set(self._fetch_inputs(drv), abort)
         except Interrupted:
             raise Stopped(RealiseStatus.ABORTED, "aborted") from None
-        inputs = set(drv.input_srcs)
-        for (path, wanted), input_drv in zip(drv.input_drvs.items(), input_drvs, strict=True):
-            for name in wanted:
-                out = input_drv.outputs.get(name)
-                if out is None:
-                    raise DrvFetchError(f"{path} has no output {name!r}")
-                if not out.path:
-                    raise Fallback(f"its input {path} has floating content-addressed outputs")
-                inputs.add(out.path)
         step_log.mark_fetched()
         if self.roots is not None:
             self.roots.add(assign.step_id, inputs)
@@ -239,3 +236,20 @@ class ServeBuild:
             exit_code_of(result.status),
             error="" if status is RealiseStatus.SUCCESS else plain_error(result.error_msg),
         )
+
+    async def _fetch_inputs(self, drv: Derivation) -> set[str]:
+        """The step's input paths, from its input .drvs fetched from the cache: its input
+        sources and the wanted outputs of its input derivations."""
+        input_drvs = await asyncio.gather(
+            *(self.drvs.get(self.cache.cache_url, d) for d in drv.input_drvs)
+        )
+        inputs = set(drv.input_srcs)
+        for (path, wanted), input_drv in zip(drv.input_drvs.items(), input_drvs, strict=True):
+            for name in wanted:
+                out = input_drv.outputs.get(name)
+                if out is None:
+                    raise DrvFetchError(f"{path} has no output {name!r}")
+                if not out.path:
+                    raise Fallback(f"its input {path} has floating content-addressed outputs")
+                inputs.add(out.path)
+        return inputs
