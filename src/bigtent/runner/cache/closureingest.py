@@ -69,6 +69,8 @@ class _Verified:
     ca: str
     drv: Derivation | None = None
     features: frozenset[str] = frozenset()
+    text: str = ""
+    """The derivation's text (recorded for assignments)."""
 
 
 async def ingest_client_closure(
@@ -244,7 +246,7 @@ def _verify_each(
         ca = content_address(sp, got, sink, refs)
         if drv is not None:
             features = check_form(sp, drv, text)
-        out.append(_Verified(item, sp, got, st, refs, ca, drv, features))
+        out.append(_Verified(item, sp, got, st, refs, ca, drv, features, text))
     return out
 
 
@@ -277,7 +279,7 @@ def _check_batch_outputs(
             raise BadRequest(
                 f"{v.sp.path}: input {missing[0]} is not a derivation known to the cache"
             )
-        info = check_outputs(v.sp, v.drv, inputs, v.features)
+        info = check_outputs(v.sp, v.drv, inputs, v.features, v.text)
         assert info.hash_modulo is not None
         known[v.sp.path] = bytes.fromhex(info.hash_modulo)
         out[v.sp.path] = info
