@@ -80,7 +80,7 @@ derivations = Table(
     # output paths); NULL for rows recorded before migration 0002.
     Column("hash_modulo", String(64)),
     # The .drv's ATerm text, sent with its steps' assignments when small enough; NULL for rows
-    # recorded before migration 0016 and for texts larger than MAX_STORED_DRV_TEXT.
+    # recorded before migration 0016 and for texts longer than protocol.MAX_ASSIGN_DRV_BYTES.
     Column("text", Text),
 )
 
