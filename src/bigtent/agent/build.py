@@ -1,12 +1,13 @@
 """Build one step's derivation, either way, with the shared setup once (``build``): its log
 batched to the runner, and when it started and when the build itself began.
 
-- ``serving`` (agent config ``executor = "serve"``, the default): the agent reads the step's
-  .drv and its input .drvs from the runner's cache over HTTP (``DrvCache``; no .drv enters the
-  store), asks the slot's *substituter* serve process to make the inputs valid
-  (``cmdQueryValidPaths`` with substitute), then its *builder* to build the
-  ``BasicDerivation`` (``cmdBuildDerivation``): no Nix process starts per step
-  (``agent/servepool.py``). A derivation it cannot build that way raises ``Fallback``.
+- ``serving`` (agent config ``executor = "serve"``, the default): the agent takes the step's
+  .drv text and input paths from the assignment when it carries them, else reads the .drv and
+  its input .drvs from the runner's cache over HTTP (``DrvCache``); either way the text is
+  checked against its path and no .drv enters the store. It asks the slot's *substituter*
+  serve process to make the inputs valid (``cmdQueryValidPaths`` with substitute), then its
+  *builder* to build the ``BasicDerivation`` (``cmdBuildDerivation``): no Nix process starts
+  per step (``agent/servepool.py``). A derivation it cannot build that way raises ``Fallback``.
 - ``realising``: one ``nix-store --realise`` per step, which substitutes the .drv closure and
   the inputs from the runner's cache itself.
 
@@ -174,14 +175,15 @@ class ServeBuild:
         on_line: Callable[[str], Awaitable[None] | None],
         log_limit: asyncio.Event,
     ) -> RealiseResult:
-        """Fetch the derivation, substitute its inputs, build it."""
+        """Read the derivation (from the assignment, else the cache), substitute its inputs,
+        build it."""
         assign, cache, abort = self.assign, self.cache, self.abort
         drv_path = assign.drv_path
         try:
-            carried = assign.drv_text is not None
-            if assign.drv_text is not None:
+            text = assign.drv_text
+            if text is not None:
                 # Checked against its path as a fetched one is: no request to the runner.
-                drv = drv_from_text(drv_path, assign.drv_text.encode(), "the assignment's text")
+                drv = drv_from_text(drv_path, text.encode(), "the assignment's text")
             else:
                 drv = await unless_set(self.drvs.get(cache.cache_url, drv_path), abort)
             if any(not out.path for out in drv.outputs.values()):
@@ -190,7 +192,7 @@ class ServeBuild:
                 raise DrvFetchError(
                     f"{drv_path} has outputs {drv.output_paths}, the assignment {assign.outputs}"
                 )
-            if carried and assign.inputs is not None:
+            if text is not None and assign.inputs is not None:
                 inputs = set(assign.inputs)
             else:
                 inputs = await unless_set(self._fetch_inputs(drv), abort)
