@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bigtent.protocol import MAX_ASSIGN_DRV_BYTES
@@ -129,26 +129,34 @@ class AssignmentDrvs:
     outputs: dict[str, dict[str, str]]
 
 
+_ASSIGNED_DRVS = select(
+    derivations.c.drv_path,
+    derivations.c.text,
+    derivations.c.input_drvs,
+    derivations.c.input_srcs,
+).where(
+    derivations.c.drv_path.in_(bindparam("paths", expanding=True)),
+    derivations.c.text.is_not(None),
+)
+_DRV_OUTPUTS = select(derivations.c.drv_path, derivations.c.outputs).where(
+    derivations.c.drv_path.in_(bindparam("paths", expanding=True))
+)
+"""Built once: the dispatcher runs them for every chunk it sends."""
+
+
 async def assignment_derivations(conn: AsyncConnection, drv_paths: Sequence[str]) -> AssignmentDrvs:
     """Two queries per ``CHUNK`` paths: the texts and inputs of ``drv_paths``, then the
     outputs of their input derivations."""
     drvs: dict[str, AssignedDrv] = {}
-    c = derivations.c
     for chunk in chunks(list(drv_paths)):
-        rows = await conn.execute(
-            select(c.drv_path, c.text, c.input_drvs, c.input_srcs).where(
-                c.drv_path.in_(chunk), c.text.is_not(None)
-            )
-        )
-        for row in rows:
+        for row in await conn.execute(_ASSIGNED_DRVS, {"paths": chunk}):
             input_drvs, input_srcs = json.loads(f"[{row.input_drvs},{row.input_srcs}]")
             drvs[row.drv_path] = AssignedDrv(row.text, input_drvs, input_srcs)
     outputs: dict[str, dict[str, str]] = {}
     inputs = list(dict.fromkeys(p for d in drvs.values() for p in d.input_drvs))
     for chunk in chunks(inputs):
-        rows = await conn.execute(select(c.drv_path, c.outputs).where(c.drv_path.in_(chunk)))
-        for row in rows:
-            outputs[row.drv_path] = json.loads(row.outputs)
+        for out in await conn.execute(_DRV_OUTPUTS, {"paths": chunk}):
+            outputs[out.drv_path] = json.loads(out.outputs)
     return AssignmentDrvs(drvs, outputs)
 
 
