@@ -34,6 +34,11 @@ MAX_LIST_ITEMS = 256
 MAX_REFERENCES = 4096
 MAX_LOG_LINES_PER_BATCH = 2000
 MAX_LOG_LINE_CHARS = 16 * 1024
+MAX_ASSIGN_DRV_BYTES = 256 * 1024
+"""An ``assign`` carries the step's .drv text and inputs only when they take at most this many
+bytes of JSON together (else the agent fetches the .drv, as an old runner makes it)."""
+MAX_ASSIGN_INPUTS = 4096
+"""At most this many resolved input paths in an ``assign``."""
 
 MAX_INT64 = 2**63 - 1
 """Ids and byte counts: what a signed 64-bit database column holds."""
@@ -231,6 +236,13 @@ class Assign(_Message):
     timeout_secs: Seconds
     max_silent_secs: Seconds
     max_log_bytes: ByteCount
+    drv_text: str | None = Field(default=None, max_length=MAX_ASSIGN_DRV_BYTES)
+    """The .drv's ATerm text (None: fetch it from the cache). The agent checks it is the text of
+    ``drv_path`` (its text store path) exactly as it checks a fetched one."""
+    inputs: Annotated[list[StorePathText], Field(max_length=MAX_ASSIGN_INPUTS)] | None = None
+    """The step's resolved input paths: the input sources and the wanted outputs of the input
+    derivations (None: the agent resolves them from the input .drvs it fetches). Sent only
+    with ``drv_text``."""
 
 
 class Abort(_Message):

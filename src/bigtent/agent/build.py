@@ -1,12 +1,13 @@
 """Build one step's derivation, either way, with the shared setup once (``build``): its log
 batched to the runner, and when it started and when the build itself began.
 
-- ``serving`` (agent config ``executor = "serve"``, the default): the agent reads the step's
-  .drv and its input .drvs from the runner's cache over HTTP (``DrvCache``; no .drv enters the
-  store), asks the slot's *substituter* serve process to make the inputs valid
-  (``cmdQueryValidPaths`` with substitute), then its *builder* to build the
-  ``BasicDerivation`` (``cmdBuildDerivation``): no Nix process starts per step
-  (``agent/servepool.py``). A derivation it cannot build that way raises ``Fallback``.
+- ``serving`` (agent config ``executor = "serve"``, the default): the agent takes the step's
+  .drv text and input paths from the assignment when it carries them, else reads the .drv and
+  its input .drvs from the runner's cache over HTTP (``DrvCache``); either way the text is
+  checked against its path and no .drv enters the store. It asks the slot's *substituter*
+  serve process to make the inputs valid (``cmdQueryValidPaths`` with substitute), then its
+  *builder* to build the ``BasicDerivation`` (``cmdBuildDerivation``): no Nix process starts
+  per step (``agent/servepool.py``). A derivation it cannot build that way raises ``Fallback``.
 - ``realising``: one ``nix-store --realise`` per step, which substitutes the .drv closure and
   the inputs from the runner's cache itself.
 
@@ -23,11 +24,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from bigtent.agent.abortable import Interrupted, unless_set
-from bigtent.agent.drvfetch import DrvCache, DrvFetchError
+from bigtent.agent.drvfetch import DrvCache, DrvFetchError, drv_from_text
 from bigtent.agent.logbatch import LogBatcher, SendLog
 from bigtent.agent.servepool import SERVE_BACKSTOP_SECS, Role, ServePool, Stopped, command
 from bigtent.agent.stepstore import CacheSettings
 from bigtent.errors import NixError
+from bigtent.nix.drv import Derivation
 from bigtent.nix.serve import BasicDerivation, BuildOptions
 from bigtent.nix.store import NixStore, RealiseResult, RealiseStatus
 from bigtent.outcome import exit_code_of, realise_status_of
@@ -173,32 +175,29 @@ class ServeBuild:
         on_line: Callable[[str], Awaitable[None] | None],
         log_limit: asyncio.Event,
     ) -> RealiseResult:
-        """Fetch the derivation, substitute its inputs, build it."""
+        """Read the derivation (from the assignment, else the cache), substitute its inputs,
+        build it."""
         assign, cache, abort = self.assign, self.cache, self.abort
         drv_path = assign.drv_path
         try:
-            drv = await unless_set(self.drvs.get(cache.cache_url, drv_path), abort)
+            text = assign.drv_text
+            if text is not None:
+                # Checked against its path as a fetched one is: no request to the runner.
+                drv = drv_from_text(drv_path, text.encode(), "the assignment's text")
+            else:
+                drv = await unless_set(self.drvs.get(cache.cache_url, drv_path), abort)
             if any(not out.path for out in drv.outputs.values()):
                 raise Fallback("it has floating content-addressed outputs")
             if drv.output_paths != assign.outputs:
                 raise DrvFetchError(
                     f"{drv_path} has outputs {drv.output_paths}, the assignment {assign.outputs}"
                 )
-            input_drvs = await unless_set(
-                asyncio.gather(*(self.drvs.get(cache.cache_url, d) for d in drv.input_drvs)),
-                abort,
-            )
+            if text is not None and assign.inputs is not None:
+                inputs = set(assign.inputs)
+            else:
+                inputs = await unless_set(self._fetch_inputs(drv), abort)
         except Interrupted:
             raise Stopped(RealiseStatus.ABORTED, "aborted") from None
-        inputs = set(drv.input_srcs)
-        for (path, wanted), input_drv in zip(drv.input_drvs.items(), input_drvs, strict=True):
-            for name in wanted:
-                out = input_drv.outputs.get(name)
-                if out is None:
-                    raise DrvFetchError(f"{path} has no output {name!r}")
-                if not out.path:
-                    raise Fallback(f"its input {path} has floating content-addressed outputs")
-                inputs.add(out.path)
         step_log.mark_fetched()
         if self.roots is not None:
             self.roots.add(assign.step_id, inputs)
@@ -239,3 +238,20 @@ class ServeBuild:
             exit_code_of(result.status),
             error="" if status is RealiseStatus.SUCCESS else plain_error(result.error_msg),
         )
+
+    async def _fetch_inputs(self, drv: Derivation) -> set[str]:
+        """The step's input paths, from its input .drvs fetched from the cache: its input
+        sources and the wanted outputs of its input derivations."""
+        input_drvs = await asyncio.gather(
+            *(self.drvs.get(self.cache.cache_url, d) for d in drv.input_drvs)
+        )
+        inputs = set(drv.input_srcs)
+        for (path, wanted), input_drv in zip(drv.input_drvs.items(), input_drvs, strict=True):
+            for name in wanted:
+                out = input_drv.outputs.get(name)
+                if out is None:
+                    raise DrvFetchError(f"{path} has no output {name!r}")
+                if not out.path:
+                    raise Fallback(f"its input {path} has floating content-addressed outputs")
+                inputs.add(out.path)
+        return inputs

@@ -80,15 +80,22 @@ def drv_from_nar(drv_path: str, nar: bytes) -> tuple[Derivation, int]:
     if not sink.is_file or sink.other or sink.executable:
         raise DrvFetchError(f"{drv_path}: the NAR is not one plain file")
     content = bytes(sink.data)
+    return drv_from_text(drv_path, content, "the contents served"), len(content)
+
+
+def drv_from_text(drv_path: str, content: bytes, what: str) -> Derivation:
+    """Parse a .drv's text and check it is ``drv_path``: the text store path recomputed from
+    the text and its references must be the path itself (``what`` names the text's origin in
+    the error)."""
     try:
         drv = parse_drv(content.decode())
-    except (UnicodeDecodeError, DrvError) as exc:
+        sp = StorePath.parse(drv_path)
+    except (UnicodeDecodeError, DrvError, ValueError) as exc:
         raise DrvFetchError(f"{drv_path}: {exc}") from exc
-    sp = StorePath.parse(drv_path)
     expected = make_text_path(sp.name, hashlib.sha256(content).digest(), drv.references)
     if expected != drv_path:
-        raise DrvFetchError(f"{drv_path}: the contents served are those of {expected}")
-    return drv, len(content)
+        raise DrvFetchError(f"{drv_path}: {what} are those of {expected}")
+    return drv
 
 
 def decompress(data: bytes, compression: str) -> bytes:

@@ -15,6 +15,7 @@ import pytest
 from bigtent.agent.executor import Executor
 from bigtent.agent.stepstore import CacheSettings
 from bigtent.config import AgentSection
+from bigtent.nix.drv import parse_drv
 from bigtent.nix.store import NixStore
 from bigtent.protocol import Assign, Log, Outcome, Result
 from bigtent.storebudget import StepRoots, StoreBudget, StoreCollector, gc_roots_dir
@@ -273,5 +274,42 @@ async def test_a_collection_while_a_step_builds_keeps_its_inputs_then_frees_them
             assert roots.held() == set() and agent.executor.serve_processes == []
             await collector.maybe_collect()
             assert not agent.valid(dep_out) and not agent.valid(out)
+        finally:
+            await agent.executor.aclose()
+
+
+async def test_a_step_builds_from_the_assignment_alone(
+    tmp_path: Path, nix: Nix, fake_runner: FakeRunnerHttp, cache_key: tuple[Path, str]
+) -> None:
+    """The assignment carries the .drv's text and the input paths: the agent builds without
+    fetching a .drv (the cache does not even hold the step's), substituting only the inputs."""
+    secret, public = cache_key
+    src = 'builtins.toFile "note" "carried"'
+    dep = mk("bt-carried-dep", "echo dep > $out")
+    dep_drv, dep_out = instantiate(nix, dep)
+    publish_outputs(nix, dep_drv, fake_runner.cache_dir, secret)
+    drv, out = instantiate(
+        nix,
+        mk("bt-carried", "echo building-carried; cat $dep $src > $out", {"dep": dep, "src": src}),
+    )
+    text = (nix.tmp / "client" / drv.lstrip("/")).read_text()
+    [src_path] = parse_drv(text).input_srcs
+    nix.run(
+        "nix", *NIX, "copy", "--option", "substituters", "", "--from", nix.client_store,
+        "--to", f"file://{fake_runner.cache_dir}?secret-key={secret}&compression=none", src_path,
+    )  # fmt: skip
+    assert not list(fake_runner.cache_dir.glob(f"{drv[len('/nix/store/') :][:32]}.narinfo"))
+    assign = Assign.model_validate(
+        {**assign_for(drv, out).model_dump(), "drv_text": text, "inputs": [dep_out, src_path]}
+    )
+    async with httpx.AsyncClient(timeout=30) as http:
+        agent = Agent(tmp_path, fake_runner, public, http)
+        try:
+            result, lines = await agent.run(assign)
+            assert result.outcome is Outcome.SUCCESS, result.error
+            assert "building-carried" in lines
+            assert (agent.root / out.lstrip("/")).read_text() == "dep\ncarried"
+            assert agent.executor.drvs.fetches == 0
+            assert not agent.valid(drv) and not agent.valid(dep_drv)
         finally:
             await agent.executor.aclose()

@@ -434,6 +434,10 @@ async def test_honest_closures_with_fixed_and_multi_output_drvs_are_accepted(
         assert await _hash_modulo(runner, path) == hashes[path].hex()
     recorded = await runner.comps.cache.derivations([top])
     assert recorded[top].outputs == nix.outputs(top)
+    # Each .drv's text is recorded as uploaded, escapes and all (sent with assignments).
+    async with runner.comps.engine.connect() as conn:
+        found = await queries.assignment_derivations(conn, list(closure))
+    assert {p: d.text for p, d in found.drvs.items()} == {p: _read(p) for p in closure}
 
 
 async def test_uploaded_derivations_are_remembered_as_recorded(

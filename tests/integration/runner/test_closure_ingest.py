@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from bigtent.agent.drvfetch import drv_from_text
 from bigtent.client.upload import nar_hash_to_nix32, upload_order
 from bigtent.errors import BadRequest, NarMismatch
 from bigtent.nix import base32
@@ -19,6 +20,7 @@ from bigtent.nix.store import NixStore
 from bigtent.runner.cache.closureingest import ClientPath, ingest_client_closure
 from bigtent.runner.db import queries
 from bigtent.runner.db.tables import derivations, store_paths
+from bigtent.runner.scheduler.carried import carried
 from tests.integration.runner.conftest import (
     Drvs,
     MakeRunner,
@@ -92,6 +94,16 @@ async def test_closure_published_exactly_and_substituted_by_nix(
         assert recorded == await queries.fetch_derivations(conn, [drvs.top, drvs.dep])
     assert dict(recorded[drvs.top].outputs) == nix.outputs(drvs.top)
     assert recorded[drvs.top].hash_modulo is not None
+    # Each .drv's text is recorded for assignments: the agent's own check accepts it, and the
+    # inputs resolve to the source and the dependency's output.
+    async with runner.comps.engine.connect() as conn:
+        found = await queries.assignment_derivations(conn, [drvs.top, drvs.dep])
+    assert set(found.drvs) == {drvs.top, drvs.dep}
+    for path, drv in found.drvs.items():
+        drv_from_text(path, drv.text.encode(), "the recorded text")
+    top = carried(found.drvs[drvs.top], found.outputs)
+    assert top is not None
+    assert top.inputs == sorted([drvs.source, nix.outputs(drvs.dep)["out"]])
     await _no_narinfo_without_nar(runner)
 
     # Real Nix, checking the runner's signatures, substitutes the .drv closure into a fresh

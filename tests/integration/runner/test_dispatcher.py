@@ -10,7 +10,7 @@ import asyncio
 import dataclasses
 import hashlib
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +258,31 @@ async def test_assign_message_carries_lease_outputs_and_limits(farm: Farm) -> No
     row = await farm.step(x)
     assert (row.state, row.lease_id, row.agent_machine_id) == ("assigned", a.lease_id, "m1")
     assert farm.sched.lease_holder(a.lease_id) is farm.sched.nodes[a.step_id]
+
+
+async def test_assign_carries_the_recorded_text_and_the_resolved_inputs(farm: Farm) -> None:
+    """A derivation recorded with its text goes to the agent with it and its input paths (the
+    outputs of its input derivations, read from their records, and its sources); one recorded
+    without, or whose input is not recorded, goes without either."""
+    src = "/nix/store/1b9p07z77phvv2hf6gm9f28syp39f1ag-src"
+    lib = replace(drv("lib"), text="Derive(lib)")
+    app = replace(drv("app", lib), input_srcs=(src,), text="Derive(app)")
+    plain = drv("plain")
+    orphan = replace(drv("orphan"), input_drvs={"/nix/store/unknown-x.drv": ("out",)}, text="T")
+    await farm.add([lib, app], roots=[app])
+    await farm.add([plain, orphan], roots=[plain, orphan])
+    agent = farm.agent("m1", max_jobs=4)
+    await farm.tick()
+    got = by_drv(agent.take_assigns())
+    assert set(got) == {lib.drv_path, plain.drv_path, orphan.drv_path}
+    assert (got[lib.drv_path].drv_text, got[lib.drv_path].inputs) == ("Derive(lib)", [])
+    for d in (plain, orphan):
+        assert (got[d.drv_path].drv_text, got[d.drv_path].inputs) == (None, None)
+    assert await farm.succeed(agent, got[lib.drv_path])
+    await farm.tick()
+    [a] = agent.take_assigns()
+    assert a.drv_path == app.drv_path and a.drv_text == "Derive(app)"
+    assert a.inputs == sorted([src, lib.outputs["out"]])
 
 
 async def test_build_failure_fails_only_dependents(farm: Farm) -> None:

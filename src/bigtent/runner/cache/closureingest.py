@@ -73,6 +73,8 @@ class _Verified:
     ca: str
     drv: Derivation | None = None
     features: frozenset[str] = frozenset()
+    text: str = ""
+    """The derivation's text (recorded for assignments)."""
 
 
 async def ingest_client_closure(
@@ -301,7 +303,7 @@ def _verify_one(cache: Cache, item: ClientPath, staged: list[Staged]) -> _Verifi
     ca = content_address(sp, got, sink, refs)
     if drv is not None:
         features = check_form(sp, drv, text)
-    return _Verified(item, sp, got, st, refs, ca, drv, features)
+    return _Verified(item, sp, got, st, refs, ca, drv, features, text)
 
 
 def _check_order(verified: Sequence[_Verified], available: set[str]) -> None:
@@ -333,7 +335,7 @@ def _check_batch_outputs(
             raise BadRequest(
                 f"{v.sp.path}: input {missing[0]} is not a derivation known to the cache"
             )
-        info = check_outputs(v.sp, v.drv, inputs, v.features)
+        info = check_outputs(v.sp, v.drv, inputs, v.features, v.text)
         assert info.hash_modulo is not None
         known[v.sp.path] = bytes.fromhex(info.hash_modulo)
         out[v.sp.path] = info

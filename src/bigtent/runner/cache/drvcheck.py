@@ -100,8 +100,8 @@ async def check_derivation(
         features = await asyncio.to_thread(check_form, sp, drv, text)
     hashes = await _fetch_input_hash_modulos(cache, engine, sp, drv)
     if inline:
-        return check_outputs(sp, drv, hashes, features)
-    return await asyncio.to_thread(check_outputs, sp, drv, hashes, features)
+        return check_outputs(sp, drv, hashes, features, text)
+    return await asyncio.to_thread(check_outputs, sp, drv, hashes, features, text)
 
 
 INLINE_DRV_CHECK_CHARS = 1024 * 1024
@@ -130,11 +130,15 @@ def check_form(sp: StorePath, drv: Derivation, text: str) -> frozenset[str]:
 
 
 def check_outputs(
-    sp: StorePath, drv: Derivation, hashes: Mapping[str, bytes], features: frozenset[str]
+    sp: StorePath,
+    drv: Derivation,
+    hashes: Mapping[str, bytes],
+    features: frozenset[str],
+    text: str,
 ) -> queries.DrvInfo:
     """Nix's checkDerivationOutputs: each output path must be the one Nix computes from the
     derivation and its inputs' hashes modulo, and `$<output>` must name it. Returns the
-    record, with the derivation's own hash modulo for its dependents."""
+    record, with the derivation's own hash modulo for its dependents and its ``text``."""
     name = sp.name[: -len(".drv")]
     try:
         expected = expected_output_paths(drv, name, hashes)
@@ -162,6 +166,7 @@ def check_outputs(
         input_drvs=dict(drv.input_drvs),
         input_srcs=tuple(drv.input_srcs),
         hash_modulo=hash_modulo.hex(),
+        text=text,
     )
 
 

@@ -204,9 +204,10 @@ class Cache(NarIntake):
     def remember_derivations(self, drvs: Iterable[queries.DrvInfo]) -> None:
         """Derivations just recorded (after their commit): the derivations of a build's
         .drv uploads are looked up again at once (the next .drv's inputs, the output's
-        candidates), so memory answers instead of the database."""
+        candidates), so memory answers instead of the database. Their texts stay out of
+        memory: only a dispatch reads them, from the database."""
         for drv in drvs:
-            self._drvs.put(drv.drv_path, drv)
+            self._drvs.put(drv.drv_path, dataclasses.replace(drv, text=None) if drv.text else drv)
 
     async def publish(
         self,

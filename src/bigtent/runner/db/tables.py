@@ -79,6 +79,9 @@ derivations = Table(
     # Hex sha256 of Nix's hashDerivationModulo (what stands for this .drv in its dependents'
     # output paths); NULL for rows recorded before migration 0002.
     Column("hash_modulo", String(64)),
+    # The .drv's ATerm text, sent with its steps' assignments when small enough; NULL for rows
+    # recorded before migration 0016 and for texts longer than protocol.MAX_ASSIGN_DRV_BYTES.
+    Column("text", Text),
 )
 
 steps = Table(

@@ -9,9 +9,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bigtent import protocol as p
-from bigtent.runner.scheduler import persist
+from bigtent.runner.scheduler import persist, reads
+from bigtent.runner.scheduler.carried import Carried, carried
 from bigtent.runner.scheduler.health import allowed_jobs
 from bigtent.runner.scheduler.leases import new_lease_id
 from bigtent.runner.scheduler.matching import Requirement, VenueView, can_run, has_room
@@ -207,6 +209,7 @@ class Dispatching(Venues):
             # runner right now, are assigned; the others go back to be read again.
             claimed = await self.database.claim(conn, [n.id for n, _, _ in ready])
             sent = [(node, venue, msg) for node, venue, msg in ready if node.id in claimed]
+            sent = await self._carry_derivations(conn, sent)
             started = sorted(
                 {
                     bid
@@ -253,6 +256,23 @@ class Dispatching(Venues):
             log.debug("another runner claimed steps %s first", lost)
         return bool(lost)
 
+    async def _carry_derivations(
+        self, conn: AsyncConnection, sent: list[tuple[StepNode, Venue, p.Assign]]
+    ) -> list[tuple[StepNode, Venue, p.Assign]]:
+        """The agents' messages with their step's .drv text and inputs where those are
+        recorded and fit (``carried``): one read for the chunk. SSH builders get none."""
+        paths = [node.drv_path for node, venue, _ in sent if venue.kind != SSH]
+        if not paths:
+            return sent
+        found = await reads.assignment_derivations(conn, paths)
+        out = []
+        for node, venue, msg in sent:
+            extra = carried(found.drvs.get(node.drv_path), found.outputs)
+            if extra is not None and venue.kind != SSH:
+                msg = with_derivation(msg, extra)
+            out.append((node, venue, msg))
+        return out
+
     def _assign_message(self, node: StepNode, lease: str) -> p.Assign:
         return p.Assign(
             step_id=p.StepId(node.id),
@@ -264,3 +284,14 @@ class Dispatching(Venues):
             max_silent_secs=self.config.max_silent_secs,
             max_log_bytes=self.config.max_log_bytes,
         )
+
+
+def with_derivation(msg: p.Assign, extra: Carried) -> p.Assign:
+    """``msg`` carrying its derivation; ``msg`` as it is should the result not validate."""
+    try:
+        return p.Assign.model_validate(
+            {**msg.model_dump(), "drv_text": extra.drv_text, "inputs": extra.inputs}
+        )
+    except ValidationError as exc:
+        log.warning("step %d: the assignment goes without its derivation: %s", msg.step_id, exc)
+        return msg

@@ -4,7 +4,7 @@ restart and a catch-up with other runners need, and the rows a transition checks
 layers above decide on what these return and never name a query themselves.
 
 Rows are returned as the queries give them; ``model.node_from_row`` makes nodes of step
-rows. ``DrvInfo`` and ``LeaseRow`` are the row types the layers above name."""
+rows. ``DrvInfo``, ``LeaseRow`` and ``AssignedDrv`` are the row types the layers above name."""
 
 from __future__ import annotations
 
@@ -15,15 +15,18 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bigtent.runner.db import queries
-from bigtent.runner.db.queries import DrvInfo, LeaseRow
+from bigtent.runner.db.queries import AssignedDrv, AssignmentDrvs, DrvInfo, LeaseRow
 
 __all__ = [
     "ActiveRows",
+    "AssignedDrv",
+    "AssignmentDrvs",
     "BuildParts",
     "DrvInfo",
     "LeaseRow",
     "RestartRows",
     "active",
+    "assignment_derivations",
     "build_parts",
     "builds",
     "derivations",
@@ -141,6 +144,11 @@ async def restart_rows(conn: AsyncConnection, build_id: int) -> RestartRows | No
 async def derivations(conn: AsyncConnection, drv_paths: Sequence[str]) -> dict[str, DrvInfo]:
     """The derivations' records by .drv path."""
     return await queries.fetch_derivations(conn, drv_paths)
+
+
+async def assignment_derivations(conn: AsyncConnection, drv_paths: Sequence[str]) -> AssignmentDrvs:
+    """What a chunk of assignments carries of its derivations (``carried``)."""
+    return await queries.assignment_derivations(conn, drv_paths)
 
 
 async def locked_rows(conn: AsyncConnection, step_ids: Sequence[int]) -> dict[int, LeaseRow]:

@@ -26,7 +26,10 @@ from bigtent.runner.db.queries.auth import (
     revoke_token,
 )
 from bigtent.runner.db.queries.builds import (
+    AssignedDrv,
+    AssignmentDrvs,
     DrvInfo,
+    assignment_derivations,
     delete_build,
     fetch_active_builds,
     fetch_all_build_roots,
@@ -147,6 +150,8 @@ from bigtent.runner.db.queries.steps import (
 
 __all__ = [
     "CACHE_TABLES",
+    "AssignedDrv",
+    "AssignmentDrvs",
     "CacheRow",
     "DrvInfo",
     "LeaseRow",
@@ -154,6 +159,7 @@ __all__ = [
     "StoredToken",
     "active_step_drvs",
     "all_store_paths",
+    "assignment_derivations",
     "cache_file_totals",
     "cache_rows",
     "cache_rows_raw",

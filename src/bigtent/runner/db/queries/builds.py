@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from bigtent.protocol import MAX_ASSIGN_DRV_BYTES
 from bigtent.runner.db.notify import note_builds
 from bigtent.runner.db.queries.common import CHUNK, chunks, insert_ignore
 from bigtent.runner.db.tables import (
@@ -38,9 +39,13 @@ class DrvInfo:
     input_srcs: tuple[str, ...]
     hash_modulo: str | None = None
     """Hex of Nix's hashDerivationModulo of the .drv; None for rows recorded before it was."""
+    text: str | None = field(default=None, compare=False, repr=False)
+    """The .drv's text, on the way in only (recorded when at most ``MAX_ASSIGN_DRV_BYTES``
+    long, for assignments): records read back leave it out (``assignment_derivations``)."""
 
 
 def _derivation_row(drv: DrvInfo) -> dict[str, Any]:
+    text = drv.text
     return {
         "drv_path": drv.drv_path,
         "name": drv.name,
@@ -50,6 +55,7 @@ def _derivation_row(drv: DrvInfo) -> dict[str, Any]:
         "input_drvs": json.dumps({k: list(v) for k, v in drv.input_drvs.items()}),
         "input_srcs": json.dumps(list(drv.input_srcs)),
         "hash_modulo": drv.hash_modulo,
+        "text": text if text is not None and len(text) <= MAX_ASSIGN_DRV_BYTES else None,
     }
 
 
@@ -92,13 +98,66 @@ def _drv(row: Any) -> DrvInfo:
     )
 
 
+_RECORD_COLUMNS = [c for c in derivations.c if c.name != "text"]
+"""A record without its text: planning reads thousands, none needs it."""
+
+
 async def fetch_derivations(conn: AsyncConnection, paths: Sequence[str]) -> dict[str, DrvInfo]:
     out: dict[str, DrvInfo] = {}
     for chunk in chunks(list(paths)):
-        rows = await conn.execute(select(derivations).where(derivations.c.drv_path.in_(chunk)))
+        rows = await conn.execute(select(*_RECORD_COLUMNS).where(derivations.c.drv_path.in_(chunk)))
         for row in rows:
             out[row.drv_path] = _drv(row)
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class AssignedDrv:
+    """What an assignment carries of a derivation recorded with its text."""
+
+    text: str
+    input_drvs: Mapping[str, Sequence[str]]
+    input_srcs: Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
+class AssignmentDrvs:
+    """The derivations of some assigned steps that were recorded with their text, and the
+    outputs of their input derivations."""
+
+    drvs: dict[str, AssignedDrv]
+    outputs: dict[str, dict[str, str]]
+
+
+_ASSIGNED_DRVS = select(
+    derivations.c.drv_path,
+    derivations.c.text,
+    derivations.c.input_drvs,
+    derivations.c.input_srcs,
+).where(
+    derivations.c.drv_path.in_(bindparam("paths", expanding=True)),
+    derivations.c.text.is_not(None),
+)
+_DRV_OUTPUTS = select(derivations.c.drv_path, derivations.c.outputs).where(
+    derivations.c.drv_path.in_(bindparam("paths", expanding=True))
+)
+"""Built once: the dispatcher runs them for every chunk it sends."""
+
+
+async def assignment_derivations(conn: AsyncConnection, drv_paths: Sequence[str]) -> AssignmentDrvs:
+    """Two queries per ``CHUNK`` paths: the texts and inputs of ``drv_paths``, then the
+    outputs of their input derivations."""
+    drvs: dict[str, AssignedDrv] = {}
+    for chunk in chunks(list(drv_paths)):
+        for row in await conn.execute(_ASSIGNED_DRVS, {"paths": chunk}):
+            input_drvs, input_srcs = json.loads(f"[{row.input_drvs},{row.input_srcs}]")
+            drvs[row.drv_path] = AssignedDrv(row.text, input_drvs, input_srcs)
+    outputs: dict[str, dict[str, str]] = {}
+    inputs = list(dict.fromkeys(p for d in drvs.values() for p in d.input_drvs))
+    for chunk in chunks(inputs):
+        for out in await conn.execute(_DRV_OUTPUTS, {"paths": chunk}):
+            outputs[out.drv_path] = json.loads(out.outputs)
+    return AssignmentDrvs(drvs, outputs)
 
 
 # ---- builds and steps ----------------------------------------------------------------------
