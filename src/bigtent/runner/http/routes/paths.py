@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from bigtent import protocol as p
@@ -14,14 +14,17 @@ from bigtent.apimodels import Missing
 from bigtent.runner.cache.ingest import ingest_client_path
 from bigtent.runner.cache.outputs import ingest_output
 from bigtent.runner.cache.presigned import record_json
+from bigtent.runner.components import Components
 from bigtent.runner.http.deps import (
     LIST_BODY_BYTES,
     STREAMED_BODY,
     AgentCredential,
     ClientAuth,
     Comps,
+    agent_credential,
     request_body,
 )
+from bigtent.runner.http.hotpath import HotTable
 
 router = APIRouter()
 
@@ -68,6 +71,17 @@ async def upload_output(
     x_nar_hash: Annotated[str | None, Header()] = None,
     x_nar_size: Annotated[str | None, Header()] = None,
 ) -> dict[str, Any]:
+    return await _output(comps, request, lease_id, output_name, x_nar_hash, x_nar_size)
+
+
+async def _output(
+    comps: Components,
+    request: Request,
+    lease_id: str,
+    output_name: str,
+    nar_hash: str | None,
+    nar_size: str | None,
+) -> dict[str, Any]:
     info = await ingest_output(
         comps.cache,
         comps.upstreams,
@@ -75,11 +89,29 @@ async def upload_output(
         lease_id,
         output_name,
         request_body(request),
-        nar_hash=x_nar_hash,
-        nar_size=x_nar_size,
+        nar_hash=nar_hash,
+        nar_size=nar_size,
         untrusted=comps.untrusted_cache,
     )
     return record_json(info)
+
+
+async def hot_upload_output(
+    comps: Components, request: Request, params: dict[str, str]
+) -> Response:
+    """``upload_output`` for ``HotRoutes`` (runner/http/hotpath.py): the same checks (the
+    agent's credential here, the lease and the NAR in ``ingest_output``), the same answer."""
+    await agent_credential(comps, request)
+    headers = request.headers
+    record = await _output(
+        comps,
+        request,
+        params["lease_id"],
+        params["output_name"],
+        headers.get("x-nar-hash"),
+        headers.get("x-nar-size"),
+    )
+    return JSONResponse(record)
 
 
 @router.post("/agent/upload/{lease_id}/{output_name}" + p.PRESIGN_SUFFIX)
@@ -105,3 +137,9 @@ async def complete_output(
 ) -> dict[str, Any]:
     """Verify a presigned upload and publish it (answers as the direct PUT does)."""
     return record_json(await comps.presigned.complete(lease_id, output_name, body))
+
+
+HOT_PATHS: HotTable = {
+    "/api/v1/agent/upload/{lease_id}/{output_name}": (("PUT",), hot_upload_output),
+}
+"""The agents' output uploads, answered by ``HotRoutes`` (runner/http/hotpath.py)."""
