@@ -19,7 +19,7 @@ the two servers in turn, and the best round of each kept (a shared machine makes
 rounds noisy). ``BENCH_PYSPY=PREFIX`` (py-spy on PATH) samples the runner meanwhile, as in
 ``bench/dag.py``: PREFIX.http-ROUTE.txt.
 
-    python bench/requests_cpu.py [--requests 2000] [--rounds 3] [--json]
+    python bench/requests_cpu.py [--requests 2000] [--rounds 3] [--quick] [--json]
     python bench/requests_cpu.py --floor PORT ANSWERS.json   # the floor server (internal)
 """
 
@@ -200,9 +200,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="200 requests, one round")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--floor", nargs=2, metavar=("PORT", "ANSWERS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.quick:
+        args.requests, args.rounds = 200, 1
     if args.floor:
         floor_server(int(args.floor[0]), Path(args.floor[1]))
         return 0
@@ -239,7 +242,7 @@ def main() -> int:
                     "bytes": len(answer["body"]) // 2,
                     "runner_us": round(best),
                     "floor_us": round(best_floor),
-                    "ratio": round(best / best_floor, 2),
+                    "ratio": round(best / best_floor, 2) if best_floor else None,
                     "rounds_runner_us": [round(x) for x in runner_us],
                     "rounds_floor_us": [round(x) for x in floor_us],
                 }
@@ -247,7 +250,8 @@ def main() -> int:
                     print(
                         f"{kind:12} {answer['status']} {len(answer['body']) // 2:6d} B  "
                         f"runner {best:6.0f} us  floor {best_floor:5.0f} us  "
-                        f"x{best / best_floor:.2f}  (rounds {[round(x) for x in runner_us]})"
+                        f"x{results['routes'][kind]['ratio']}  "
+                        f"(rounds {[round(x) for x in runner_us]})"
                     )
     results["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     if not args.json:
