@@ -192,3 +192,36 @@ async def test_output_upload_refusals(cached: tuple[RunnerHarness, str]) -> None
         runner, "PUT", path, token=jwt, headers=dict(declared), content=body
     )
     assert refused.status_code == 401
+
+
+async def test_client_path_uploads(make_runner: MakeRunner, nix: Nix, drvs: Drvs) -> None:
+    runner = await make_runner(serve=True)
+    up = nix.upload(drvs.source)
+    path = f"/api/v1/paths/{up.basename}"
+    client = runner.tokens[Role.CLIENT]
+    for token, status in ((None, 401), ("nope", 401), (runner.tokens[Role.AGENT], 403)):
+        refused = await same_answer(
+            runner, "PUT", path, token=token, headers=up.headers(), content=up.nar
+        )
+        assert refused.status_code == status
+    wrong = up.headers({"X-Nar-Size": str(len(up.nar) + 1)})
+    bad = await same_answer(runner, "PUT", path, token=client, headers=wrong, content=up.nar)
+    assert bad.status_code == 400
+    odd = await same_answer(
+        runner, "PUT", "/api/v1/paths/not-a-path", token=client, headers=up.headers(), content=b""
+    )
+    assert odd.status_code == 400
+    assert runner.temp_files() == []
+    # Created by the hot path; then present, the same answer both ways.
+    async with httpx.AsyncClient(base_url=runner.url or "", timeout=30) as http:
+        with fastapi_entries(runner) as entered:
+            created = await http.put(
+                path, content=up.nar, headers=up.headers() | {"Authorization": f"Bearer {client}"}
+            )
+        assert entered == []
+    assert created.status_code == 201
+    assert created.json() == {"path": drvs.source}
+    headers = up.headers()
+    again = await same_answer(runner, "PUT", path, token=client, headers=headers, content=up.nar)
+    assert again.status_code == 200
+    assert (await runner.narinfo(drvs.source)).status_code == 200

@@ -14,7 +14,7 @@ from bigtent.runner.http.routes.cache import (
     hot_untrusted_nar,
     hot_untrusted_narinfo,
 )
-from bigtent.runner.http.routes.paths import hot_upload_output
+from bigtent.runner.http.routes.paths import hot_upload_output, hot_upload_path
 
 HASH = "a" * 32
 
@@ -35,6 +35,7 @@ def scope(method: str, path: str, headers: list[tuple[bytes, bytes]] | None = No
         ("GET", "/cache/untrusted/nar/y.nar", hot_untrusted_nar, {"file_name": "y.nar"}),
         ("GET", "/api/v1/builds/42", hot_get_build, {"build_id": "42"}),
         ("GET", "/api/v1/builds/007", hot_get_build, {"build_id": "007"}),
+        ("PUT", "/api/v1/paths/x-a.drv", hot_upload_path, {"basename": "x-a.drv"}),
         (
             "PUT",
             "/api/v1/agent/upload/L1/out",
@@ -69,7 +70,8 @@ def test_taken(method: str, path: str, endpoint: Any, params: dict[str, str]) ->
         ("GET", "/api/v1/agent/upload/L1/out"),
         ("PUT", "/api/v1/agent/upload/L1/out/presign"),
         ("POST", "/api/v1/agent/upload/L1/out/presign"),
-        ("PUT", "/api/v1/paths/x"),
+        ("POST", "/api/v1/paths/missing"),
+        ("PUT", "/api/v1/paths/a/b"),
     ],
 )
 def test_left_to_fastapi(method: str, path: str) -> None:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from bigtent import protocol as p
 from bigtent.apimodels import Missing
+from bigtent.config import Role
 from bigtent.runner.cache.ingest import ingest_client_path
 from bigtent.runner.cache.outputs import ingest_output
 from bigtent.runner.cache.presigned import record_json
@@ -22,6 +23,7 @@ from bigtent.runner.http.deps import (
     ClientAuth,
     Comps,
     agent_credential,
+    caller,
     request_body,
 )
 from bigtent.runner.http.hotpath import HotTable
@@ -49,16 +51,42 @@ async def upload_path(
     x_nar_size: Annotated[str | None, Header()] = None,
     x_nar_references: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:
+    return await _client_path(comps, request, basename, x_nar_hash, x_nar_size, x_nar_references)
+
+
+async def _client_path(
+    comps: Components,
+    request: Request,
+    basename: str,
+    nar_hash: str | None,
+    nar_size: str | None,
+    references: str | None,
+) -> JSONResponse:
     created = await ingest_client_path(
         comps.cache,
         comps.engine,
         basename,
         request_body(request),
-        nar_hash=x_nar_hash,
-        nar_size=x_nar_size,
-        references=x_nar_references,
+        nar_hash=nar_hash,
+        nar_size=nar_size,
+        references=references,
     )
     return JSONResponse({"path": f"/nix/store/{basename}"}, status_code=201 if created else 200)
+
+
+async def hot_upload_path(comps: Components, request: Request, params: dict[str, str]) -> Response:
+    """``upload_path`` for ``HotRoutes`` (runner/http/hotpath.py): a client's credential here,
+    every check of the path in ``ingest_client_path``, the same answer."""
+    await caller(comps, request.headers.get("authorization"), Role.CLIENT)
+    headers = request.headers
+    return await _client_path(
+        comps,
+        request,
+        params["basename"],
+        headers.get("x-nar-hash"),
+        headers.get("x-nar-size"),
+        headers.get("x-nar-references"),
+    )
 
 
 @router.put("/agent/upload/{lease_id}/{output_name}", max_body_size=STREAMED_BODY)
@@ -140,6 +168,8 @@ async def complete_output(
 
 
 HOT_PATHS: HotTable = {
+    "/api/v1/paths/{basename}": (("PUT",), hot_upload_path),
     "/api/v1/agent/upload/{lease_id}/{output_name}": (("PUT",), hot_upload_output),
 }
-"""The agents' output uploads, answered by ``HotRoutes`` (runner/http/hotpath.py)."""
+"""A client's path uploads (one per ``.drv`` of a build) and the agents' output uploads,
+answered by ``HotRoutes`` (runner/http/hotpath.py)."""
