@@ -1,12 +1,13 @@
 """The hot routes, answered without FastAPI's request path.
 
-Per step of a build, Nix's substituter on an agent asks ``GET /cache/<hash>.narinfo`` and
-``GET /cache/nar/<file>`` for each input, the agent ``PUT``\\ s each output to
-``/api/v1/agent/upload/{lease}/{name}``, and ``bigtent build`` polls ``GET
-/api/v1/builds/{id}``. Through FastAPI each of these crossed about ten ASGI layers (error,
-telemetry and body-limit middlewares, exception handling, an exit stack, the router and its
-included routers), route matching by a scan of every route and dependency solving: several
-times the CPU of the endpoint itself.
+Per step of a build, ``bigtent build`` uploads its ``.drv`` (``PUT /api/v1/paths/<name>``)
+and polls ``GET /api/v1/builds/{id}``, Nix's substituter on an agent asks ``GET
+/cache/<hash>.narinfo`` and ``GET /cache/nar/<file>`` for each input, and the agent
+``PUT``\\ s each output to ``/api/v1/agent/upload/{lease}/{name}``. Through FastAPI each of
+these crossed about ten ASGI layers (error, telemetry and body-limit middlewares, exception
+handling, an exit stack, the router and its included routers), route matching by a scan of
+every route and dependency solving: several times the CPU of the endpoint itself
+(``bench/requests_cpu.py``, docs/benchmarks.md).
 
 ``HotRoutes`` matches those requests by one regular expression each and calls the same
 endpoint code the FastAPI routes call (``routes/cache.py``, ``routes/paths.py``,
