@@ -225,3 +225,12 @@ async def test_client_path_uploads(make_runner: MakeRunner, nix: Nix, drvs: Drvs
     again = await same_answer(runner, "PUT", path, token=client, headers=headers, content=up.nar)
     assert again.status_code == 200
     assert (await runner.narinfo(drvs.source)).status_code == 200
+
+
+async def test_the_schema_still_lists_the_hot_api_routes(make_runner: MakeRunner) -> None:
+    runner = await make_runner()
+    paths = (await runner.client(None).get("/api/v1/openapi.json")).json()["paths"]
+    assert "put" in paths["/api/v1/agent/upload/{lease_id}/{output_name}"]
+    assert "put" in paths["/api/v1/paths/{basename}"]
+    assert "get" in paths["/api/v1/builds/{build_id}"]
+    assert not [p for p in paths if p.startswith("/cache")]  # never were
