@@ -52,6 +52,7 @@ bench: deps venv
 	$(BIN)/python bench/drvingest.py $(BENCH_FLAGS)
 	$(BIN)/python bench/eval.py $(BENCH_FLAGS)
 	$(BIN)/python bench/gc.py $(BENCH_FLAGS)
+	$(BIN)/python bench/requests_cpu.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) .bigtent-demo .mypy_cache .ruff_cache .pytest_cache

@@ -237,3 +237,16 @@ def test_drvingest_benchmark_reports_its_fields(tmp_path: Path) -> None:
     run = result["run"]
     assert run["paths"] == 22 and run["batch"] == 7
     assert run["single_secs"] > 0 and run["batch_secs"] > 0
+
+
+@pytest.mark.nix
+@pytest.mark.skipif(not have_nix(), reason="needs Nix")
+def test_requests_cpu_benchmark_reports_its_fields(tmp_path: Path) -> None:
+    result = run_bench("requests_cpu.py", "--requests", "20", "--rounds", "1", cwd=tmp_path)
+    assert_machine(result)
+    routes = result["routes"]
+    assert set(routes) == {"narinfo", "nar", "narinfo-404", "build", "upload"}
+    statuses = {name: r["status"] for name, r in routes.items()}
+    assert statuses == {"narinfo": 200, "nar": 200, "narinfo-404": 404, "build": 200, "upload": 409}
+    for r in routes.values():
+        assert r["runner_us"] >= 0 and r["floor_us"] >= 0 and r["bytes"] > 0

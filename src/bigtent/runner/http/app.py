@@ -8,9 +8,11 @@ import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bigtent import __version__
 from bigtent.config import RunnerConfig
@@ -33,8 +35,10 @@ from bigtent.runner.http.guard import (
 )
 from bigtent.runner.http.handlers import install_error_handlers
 from bigtent.runner.http.health import health_routes
+from bigtent.runner.http.hotpath import HOT_SCOPE_KEY
+from bigtent.runner.http.hotpath import answer as answer_hot
 from bigtent.runner.http.metrics import metrics_routes
-from bigtent.runner.http.routes import api, cache_routes
+from bigtent.runner.http.routes import HOT, api, cache_routes
 from bigtent.runner.http.tls import CertWebSocketProtocol
 from bigtent.runner.logs.retention import run_log_retention
 from bigtent.runner.retention.routes import retention_routes
@@ -45,6 +49,23 @@ log = logging.getLogger(__name__)
 LISTEN_BACKLOG = 2048
 WS_MAX_FRAME_BYTES = 4 * MAX_MESSAGE_BYTES
 """Largest WebSocket message uvicorn accepts; larger ones close the socket (code 1009)."""
+
+
+class RunnerApp(FastAPI):
+    """The runner's FastAPI app, with the hot routes (``routes.HOT``) answered before
+    FastAPI's request path, through the same credential gate (runner/http/hotpath.py)."""
+
+    hot_gate: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.hot_gate is not None:
+            matched = HOT.match(scope)
+            if matched is not None:
+                scope["app"] = self
+                scope[HOT_SCOPE_KEY] = matched
+                await self.hot_gate(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) -> FastAPI:
@@ -115,7 +136,7 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
             if reporter is not None:
                 await reporter.stop()
 
-    app = FastAPI(
+    app = RunnerApp(
         title="bigtent runner",
         version=__version__,
         lifespan=lifespan,
@@ -127,13 +148,14 @@ def create_app(comps: Components, on_fatal: Callable[[], None] | None = None) ->
     app.state.components = comps
     install_error_handlers(app)
     clients_by_oidc = any(rule.clients for rule in comps.config.auth.oidc)
-    app.add_middleware(
-        CredentialGate,
-        tokens=comps.tokens,
-        throttle=comps.auth_throttle,
-        metrics=comps.metrics,
-        jwt_client=(lambda token: oidc_client(comps, token)) if clients_by_oidc else None,
-    )
+    gate: dict[str, Any] = {
+        "tokens": comps.tokens,
+        "throttle": comps.auth_throttle,
+        "metrics": comps.metrics,
+        "jwt_client": (lambda token: oidc_client(comps, token)) if clients_by_oidc else None,
+    }
+    app.add_middleware(CredentialGate, **gate)
+    app.hot_gate = CredentialGate(answer_hot, **gate)
     app.include_router(api)
     app.include_router(launch_routes)
     app.include_router(ci_routes)

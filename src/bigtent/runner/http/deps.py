@@ -36,16 +36,21 @@ async def oidc_client(comps: Components, token: str) -> Principal:
     )
 
 
+async def caller(comps: Components, authorization: str | None, role: Role) -> Principal:
+    """Who a request's credential stands for, if it has ``role`` (a CI job's ID token may
+    stand for a client)."""
+    token = bearer_token(authorization)
+    if role is Role.CLIENT and token is not None and looks_like_jwt(token):
+        return await oidc_client(comps, token)
+    return comps.tokens.require(token, role)
+
+
 def _require(role: Role) -> Any:
     # Dependencies are ``async def``: FastAPI runs plain ``def`` ones in a thread pool.
     async def check(
         request: Request, authorization: Annotated[str | None, Header()] = None
     ) -> Principal:
-        comps: Components = request.app.state.components
-        token = bearer_token(authorization)
-        if role is Role.CLIENT and token is not None and looks_like_jwt(token):
-            return await oidc_client(comps, token)
-        return comps.tokens.require(token, role)
+        return await caller(request.app.state.components, authorization, role)
 
     return Depends(check)
 
@@ -54,12 +59,9 @@ ClientAuth = Annotated[Principal, _require(Role.CLIENT)]
 AgentAuth = Annotated[Principal, _require(Role.AGENT)]
 
 
-async def _agent_credential(
-    request: Request, authorization: Annotated[str | None, Header()] = None
-) -> None:
+async def agent_credential(comps: Components, request: Request) -> None:
     """An agent token, or the JWT of an OIDC-authenticated agent (the WebSocket's rule)."""
-    comps: Components = request.app.state.components
-    token = bearer_token(authorization)
+    token = bearer_token(request.headers.get("authorization"))
     host = request.client.host if request.client else None
     comps.sessions.throttle.check(host)
     try:
@@ -70,6 +72,12 @@ async def _agent_credential(
     except AuthError as exc:
         comps.sessions.throttle.failed(host, exc)
         raise
+
+
+async def _agent_credential(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> None:
+    await agent_credential(request.app.state.components, request)
 
 
 AgentCredential = Annotated[None, Depends(_agent_credential)]

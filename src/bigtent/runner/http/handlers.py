@@ -44,25 +44,36 @@ MAX_SHOWN_ERRORS = 20
 """Validation errors listed in an answer (a list of a million bad items has as many)."""
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """One place maps failures to status codes and ``{"error", "detail"}`` bodies."""
-
-    @app.exception_handler(BigtentError)
-    async def _bigtent(request: Request, exc: BigtentError) -> JSONResponse:
+def failure_response(request: Request, exc: Exception) -> JSONResponse | None:
+    """The answer to a failure of a route: its rendering for a ``BigtentError`` (a refused
+    credential also counted) or an outage of the database (503); None for anything else,
+    a bug, which must propagate (a server error)."""
+    if isinstance(exc, BigtentError):
         if isinstance(exc, AuthError):  # refused by a route (the gate counts its own)
             credential = bearer_token(request.headers.get("authorization"))
             request.app.state.components.metrics.auth_failed(exc, credential)
         return error_response(exc)
-
-    async def _database(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, DATABASE_ERRORS):
         failure = database_unavailable(exc)
         if failure is None:
-            raise exc  # a bug, not an outage: the server error it is
+            return None
         log.warning("%s %s: %s", request.method, request.url.path, failure)
         return error_response(failure)
+    return None
 
+
+def install_error_handlers(app: FastAPI) -> None:
+    """One place maps failures to status codes and ``{"error", "detail"}`` bodies."""
+
+    async def _failure(request: Request, exc: Exception) -> JSONResponse:
+        response = failure_response(request, exc)
+        if response is None:
+            raise exc  # a bug, not an outage: the server error it is
+        return response
+
+    app.add_exception_handler(BigtentError, _failure)
     for database_error in DATABASE_ERRORS:
-        app.add_exception_handler(database_error, _database)
+        app.add_exception_handler(database_error, _failure)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

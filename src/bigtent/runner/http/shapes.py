@@ -155,21 +155,38 @@ async def build_list_json(
 
 
 async def build_json(comps: Components, build_id: int, details: bool = False) -> dict[str, Any]:
+    """A build with its counts and roots (``details``: its events, the steps waiting for
+    capacity and the failed ones too). Its steps are counted by the database and only those
+    listed are read: ``bigtent build`` polls this several times a second, and a build has
+    thousands of steps."""
     known_id(build_id, "build")
+    capacity_waiting = comps.scheduler.capacity_waiting()
     async with comps.engine.connect() as conn:
         build = await queries.fetch_build(conn, build_id)
         if build is None:
             raise NotFound(f"no build {build_id}")
-        roots = await queries.fetch_build_roots(conn, build_id)
-        steps = await queries.fetch_build_steps(conn, build_id)
+        roots = await queries.fetch_roots_of_builds(conn, [build_id])
+        states = (await queries.fetch_build_state_counts(conn, [build_id]))[build_id]
+        listed: list[int] = []
+        if capacity_waiting:
+            runnable = await queries.fetch_build_steps_in_state(
+                conn, [build_id], StepState.RUNNABLE
+            )
+            listed += [step for _, step in runnable if step in capacity_waiting]
+        if details and states.get(StepState.FAILED):
+            failed = await queries.fetch_build_steps_in_state(conn, [build_id], StepState.FAILED)
+            listed += [step for _, step in failed]
+        steps = sorted(
+            await queries.fetch_steps_by_ids(conn, sorted(set(listed))) if listed else [],
+            key=lambda s: int(s.id),
+        )
         events = await queries.fetch_build_events(conn, build_id, EVENTS_SHOWN) if details else []
         hits = await cached_hits(conn, build_id) if details else {}
-    by_id = {s.id: s for s in steps}
     waiting = waiting_for_capacity(comps, steps)
     out = build_summary_json(
         build,
-        [root_json(r, by_id[r.step_id].state if r.step_id in by_id else None) for r in roots],
-        step_counts(Counter(str(s.state) for s in steps)),
+        [root_json(r, r.step_state) for r in roots],
+        step_counts(states),
         len(waiting),
     )
     if details:

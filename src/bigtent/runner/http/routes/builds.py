@@ -6,8 +6,8 @@ import logging
 from collections.abc import Sequence
 from typing import Annotated
 
-from fastapi import APIRouter, Query
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from bigtent.apilimits import (
@@ -21,12 +21,15 @@ from bigtent.apilimits import (
     known_id,
 )
 from bigtent.apimodels import AttemptList, Build, BuildList, StepList
+from bigtent.config import Role
 from bigtent.errors import BadRequest, NotFound
 from bigtent.runner.auth.ownership import BuildAction
 from bigtent.runner.buildactions import act_on_build
 from bigtent.runner.builds import plan_parts
+from bigtent.runner.components import Components
 from bigtent.runner.db import queries
-from bigtent.runner.http.deps import LIST_BODY_BYTES, ClientAuth, Comps
+from bigtent.runner.http.deps import LIST_BODY_BYTES, ClientAuth, Comps, caller
+from bigtent.runner.http.hotpath import HotTable
 from bigtent.runner.http.shapes import (
     answer,
     attempt_json,
@@ -151,6 +154,13 @@ async def get_build(build_id: int, comps: Comps, _: ClientAuth) -> JSONResponse:
     return answer(await build_json(comps, build_id, details=True))
 
 
+async def hot_get_build(comps: Components, request: Request, params: dict[str, str]) -> Response:
+    """``get_build`` for ``HotRoutes`` (runner/http/hotpath.py), which takes only ids of
+    digits (FastAPI answers anything else, as an invalid id)."""
+    await caller(comps, request.headers.get("authorization"), Role.CLIENT)
+    return answer(await build_json(comps, int(params["build_id"]), details=True))
+
+
 @router.get("/builds/{build_id}/steps", response_model=StepList)
 async def get_build_steps(build_id: int, comps: Comps, _: ClientAuth) -> JSONResponse:
     known_id(build_id, "build")
@@ -213,3 +223,9 @@ async def restart_build(build_id: int, comps: Comps, who: ClientAuth) -> JSONRes
     dependency-failed and cancelled steps again."""
     await act_on_build(comps, who, BuildAction.RESTART, build_id)
     return answer(await build_json(comps, build_id))
+
+
+HOT_BUILDS: HotTable = {
+    "/api/v1/builds/{build_id:digits}": (("GET",), hot_get_build),
+}
+"""A client's polls of its build, answered by ``HotRoutes`` (runner/http/hotpath.py)."""

@@ -12,6 +12,7 @@ from bigtent.runner.cache.service import Cache
 from bigtent.runner.cache.storage import MAX_NAME_BYTES
 from bigtent.runner.components import Components
 from bigtent.runner.http.deps import Comps
+from bigtent.runner.http.hotpath import HotTable
 from bigtent.runner.http.pathsend import PATHSEND
 
 SMALL_NAR_BYTES = 256 * 1024
@@ -89,3 +90,37 @@ async def get_untrusted_narinfo(hash_part: str, comps: Comps) -> Response:
 @cache_routes.api_route("/untrusted/nar/{file_name}", methods=["GET", "HEAD"])
 async def get_untrusted_nar(file_name: str, comps: Comps, request: Request) -> Response:
     return await _nar(_untrusted(comps), file_name, request)
+
+
+# The same endpoints for ``HotRoutes`` (runner/http/hotpath.py), which answers these requests
+# without FastAPI's request path; the routes above stay for requests it leaves to FastAPI.
+async def hot_narinfo(comps: Components, request: Request, params: dict[str, str]) -> Response:
+    return await _narinfo(comps.cache, params["hash_part"])
+
+
+async def hot_nar(comps: Components, request: Request, params: dict[str, str]) -> Response:
+    return await _nar(comps.cache, params["file_name"], request)
+
+
+async def hot_untrusted_narinfo(
+    comps: Components, request: Request, params: dict[str, str]
+) -> Response:
+    return await _narinfo(_untrusted(comps), params["hash_part"])
+
+
+async def hot_untrusted_nar(
+    comps: Components, request: Request, params: dict[str, str]
+) -> Response:
+    return await _nar(_untrusted(comps), params["file_name"], request)
+
+
+GET_HEAD = ("GET", "HEAD")
+
+HOT_CACHE: HotTable = {
+    # In the order of the routes above: /cache/untrusted.narinfo is a narinfo's path.
+    "/cache/{hash_part}.narinfo": (GET_HEAD, hot_narinfo),
+    "/cache/nar/{file_name}": (GET_HEAD, hot_nar),
+    "/cache/untrusted/{hash_part}.narinfo": (GET_HEAD, hot_untrusted_narinfo),
+    "/cache/untrusted/nar/{file_name}": (GET_HEAD, hot_untrusted_nar),
+}
+"""The hot cache routes (``nix-cache-info`` is asked once per store: not one of them)."""
