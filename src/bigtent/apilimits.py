@@ -11,8 +11,9 @@ import re
 
 from bigtent.errors import NotFound
 
-MAX_ID = 2**63 - 1
-"""Build, step and attempt ids are positive 64-bit integers."""
+MAX_ID = 2**31 - 1
+"""Build, step and attempt ids are positive 32-bit integers: their columns are ``INTEGER``,
+which PostgreSQL keeps in 32 bits (a larger number cannot even be sent as a parameter)."""
 
 
 def known_id(ident: int, what: str) -> int:

@@ -150,7 +150,7 @@ async def test_build_list_filters_in_the_query(
         ("GET", "/api/v1/steps/{id}/events"),
     ],
 )
-@pytest.mark.parametrize("ident", [999, 0, -1, BIG])
+@pytest.mark.parametrize("ident", [999, 0, -1, 2**31, 2**62, BIG])
 async def test_unknown_ids_are_404(
     make_runner: MakeRunner, method: str, path: str, ident: int
 ) -> None:
