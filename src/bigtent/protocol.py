@@ -13,6 +13,7 @@ from typing import Annotated, Literal, NewType
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from bigtent.apilimits import MAX_ID
 from bigtent.errors import ProtocolError
 
 PROTOCOL_VERSION = "bigtent/1"
@@ -40,8 +41,6 @@ bytes of JSON together (else the agent fetches the .drv, as an old runner makes 
 MAX_ASSIGN_INPUTS = 4096
 """At most this many resolved input paths in an ``assign``."""
 
-MAX_INT64 = 2**63 - 1
-"""Ids and byte counts: what a signed 64-bit database column holds."""
 MAX_BYTES = 2**62
 """Byte counts (memory, disk, NAR sizes, log limits): 4 EiB, far beyond any machine."""
 MAX_EXIT_CODE = 2**31 - 1
@@ -52,9 +51,11 @@ MAX_LOAD = 1e6
 """Load averages and pressure percentages."""
 
 ShortText = Annotated[str, Field(max_length=MAX_SHORT_TEXT)]
-WireStepId = Annotated[StepId, Field(ge=0, le=MAX_INT64)]
+WireStepId = Annotated[StepId, Field(ge=0, le=MAX_ID)]
 """Every numeric field has a range, enforced where messages are parsed: an agent sending
-``10**400`` gets an ``error``, never an overflow in the database or a page."""
+``10**400`` gets an ``error``, never an overflow in the database or a page. A step id is at
+most what its ``INTEGER`` column holds on PostgreSQL (``apilimits.MAX_ID``), as in the API's
+paths."""
 ByteCount = Annotated[int, Field(ge=0, le=MAX_BYTES)]
 Seconds = Annotated[float, Field(ge=0, le=MAX_SECS, allow_inf_nan=False)]
 ExitCode = Annotated[int, Field(ge=-MAX_EXIT_CODE - 1, le=MAX_EXIT_CODE)]

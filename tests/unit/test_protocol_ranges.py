@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bigtent import protocol as p
+from bigtent.apilimits import MAX_ID
 from bigtent.errors import ProtocolError
 
 _RESULT = {"type": "result", "step_id": 1, "lease_id": "l", "outcome": "success"}
@@ -45,6 +46,9 @@ def _text(message: dict[str, Any]) -> str:
         ({"type": "accepted", "step_id": 10**30, "lease_id": "l"}, "step_id"),
         ({"type": "refused", "step_id": -5, "lease_id": "l"}, "step_id"),
         ({"type": "log", "step_id": 2**64, "lease_id": "l", "lines": []}, "step_id"),
+        # One past what a step's INTEGER column holds on PostgreSQL.
+        ({"type": "accepted", "step_id": 2**31, "lease_id": "l"}, "step_id"),
+        ({"type": "heartbeat", "running": [1, 2**31]}, "running"),
         (
             {
                 "type": "register",
@@ -97,7 +101,7 @@ def test_the_ends_of_each_range_are_accepted() -> None:
                 "memory_used_bytes": p.MAX_BYTES,
                 "free_store_bytes": 0,
                 "load": p.MAX_LOAD,
-                "running": [0, p.MAX_INT64],
+                "running": [0, MAX_ID],
             }
         )
     )
