@@ -57,10 +57,10 @@ def entry_header(path: str, nar_hash: str, nar_size: int, references: list[str])
 
 def parse_batch(body: bytes, *, max_paths: int = MAX_BATCH_PATHS) -> list[BatchEntry]:
     """The entries of a batch body, in order; ``BadRequest`` naming the entry (its index, and
-    its path once known) for a truncated body, a lying or overlong size, a malformed header,
-    more than ``max_paths`` entries or a path sent twice."""
+    its path once known) for a truncated body, a lying or overlong size, a malformed header
+    or more than ``max_paths`` entries. A path sent twice is the ingest's to refuse
+    (``closureingest.ingest_client_batch``): only there are names full store paths."""
     entries: list[BatchEntry] = []
-    seen: set[str] = set()
     at = 0
     while at < len(body):
         index = len(entries)
@@ -85,9 +85,6 @@ def parse_batch(body: bytes, *, max_paths: int = MAX_BATCH_PATHS) -> list[BatchE
                 f"batch upload: {path} declares a NAR of {nar_size} bytes but only "
                 f"{len(body) - at} are left in the body"
             )
-        if path in seen:
-            raise BadRequest(f"batch upload: {path} is sent twice")
-        seen.add(path)
         entries.append(
             BatchEntry(path, header.nar_hash, nar_size, header.references, body[at : at + nar_size])
         )

@@ -153,6 +153,9 @@ async def test_a_path_sent_twice_or_a_body_over_the_limit_is_refused(
         resp = await _post(runner, _entry(up) + again)
         assert resp.status_code == 400
         assert resp.json()["error"] == f"batch upload: {drvs.source} is sent twice"
+        resp = await _post(runner, _entry(up) + _entry(up))  # the same name twice
+        assert resp.status_code == 400
+        assert resp.json()["error"] == f"batch upload: {drvs.source} is sent twice"
         resp = await _post(runner, _entry(up) + bytes(BATCH_BODY_BYTES))
         assert resp.status_code == 413
     assert await runner.present([drvs.source]) == set()

@@ -19,7 +19,6 @@ from bigtent.narbatch import BatchEntry
 from bigtent.nix import base32
 from bigtent.nix.drv import Derivation
 from bigtent.nix.store_path import StorePath
-from bigtent.protocol import MAX_REFERENCES
 from bigtent.runner.cache.drvcheck import (
     RootFile,
     check_form,
@@ -131,9 +130,7 @@ def _client_path(entry: BatchEntry, max_nar_bytes: int) -> ClientPath:
     except ValueError as exc:
         raise BadRequest(f"{sp.path}: bad nar_hash {entry.nar_hash[:100]!r}: {exc}") from exc
     check_nar_size(entry.nar_size, max_nar_bytes)
-    if len(entry.references) > MAX_REFERENCES:
-        raise BadRequest(f"{sp.path}: more than {MAX_REFERENCES} references")
-    refs = (
+    refs = (  # at most MAX_REFERENCES: the parser (``narbatch``) bounds them
         frozenset()
         if sp.name.endswith(".drv")
         else frozenset(parse_path(r, f"{sp.path}: bad reference").path for r in entry.references)
