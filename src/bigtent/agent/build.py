@@ -29,7 +29,7 @@ from bigtent.agent.logbatch import LogBatcher, SendLog
 from bigtent.agent.servepool import SERVE_BACKSTOP_SECS, Role, ServePool, Stopped, command
 from bigtent.agent.stepstore import CacheSettings
 from bigtent.errors import NixError
-from bigtent.nix.drv import Derivation
+from bigtent.nix.drv import Derivation, UnresolvedInput, input_paths
 from bigtent.nix.serve import BasicDerivation, BuildOptions
 from bigtent.nix.store import NixStore, RealiseResult, RealiseStatus
 from bigtent.outcome import exit_code_of, realise_status_of
@@ -245,13 +245,13 @@ class ServeBuild:
         input_drvs = await asyncio.gather(
             *(self.drvs.get(self.cache.cache_url, d) for d in drv.input_drvs)
         )
-        inputs = set(drv.input_srcs)
-        for (path, wanted), input_drv in zip(drv.input_drvs.items(), input_drvs, strict=True):
-            for name in wanted:
-                out = input_drv.outputs.get(name)
-                if out is None:
-                    raise DrvFetchError(f"{path} has no output {name!r}")
-                if not out.path:
-                    raise Fallback(f"its input {path} has floating content-addressed outputs")
-                inputs.add(out.path)
-        return inputs
+        outputs_of = {
+            path: {name: out.path for name, out in input_drv.outputs.items()}
+            for path, input_drv in zip(drv.input_drvs, input_drvs, strict=True)
+        }
+        try:
+            return input_paths(drv.input_srcs, drv.input_drvs, outputs_of)
+        except UnresolvedInput as exc:
+            if exc.floating:
+                raise Fallback(f"its input {exc}") from None
+            raise DrvFetchError(str(exc)) from None

@@ -26,6 +26,35 @@ class DrvError(ValueError):
     """The text is not a derivation in the ATerm form Nix writes."""
 
 
+class UnresolvedInput(Exception):
+    """An input derivation's wanted output has no known path (``input_paths``)."""
+
+    def __init__(self, drv_path: str, output: str, *, floating: bool) -> None:
+        self.drv_path, self.output, self.floating = drv_path, output, floating
+        what = "has floating content-addressed outputs" if floating else f"has no output {output!r}"
+        super().__init__(f"{drv_path} {what}")
+
+
+def input_paths(
+    input_srcs: Iterable[str],
+    input_drvs: Mapping[str, Iterable[str]],
+    outputs_of: Mapping[str, Mapping[str, str]],
+) -> set[str]:
+    """A derivation's input paths, what a build needs valid (pure): its input sources and the
+    wanted outputs of its input derivations, whose output paths by name are ``outputs_of``
+    (an empty path: floating content-addressed). ``UnresolvedInput`` for a wanted output
+    without a path; ``KeyError`` for an input derivation ``outputs_of`` does not know."""
+    inputs = set(input_srcs)
+    for path, wanted in input_drvs.items():
+        outputs = outputs_of[path]
+        for name in wanted:
+            out = outputs.get(name)
+            if not out:
+                raise UnresolvedInput(path, name, floating=out is not None)
+            inputs.add(out)
+    return inputs
+
+
 @dataclass(frozen=True, slots=True)
 class DerivationOutput:
     """One output: `path` is empty for floating content-addressed outputs; `hash_algo` is like

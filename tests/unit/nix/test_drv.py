@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bigtent.nix.drv import Derivation, DerivationOutput, DrvError, parse_drv
+from bigtent.nix.drv import (
+    Derivation,
+    DerivationOutput,
+    DrvError,
+    UnresolvedInput,
+    input_paths,
+    parse_drv,
+)
 
 OUT = "/nix/store/2k1m3w21csh3an1jbwlhglh9ixc9mi3a-x"
 DEP = "/nix/store/mf4lhp3dh6hd4n8d91pnz56n9q463rqr-dep.drv"
@@ -205,3 +212,24 @@ paths = st.from_regex(r"/nix/store/[0-9a-df-np-sv-z]{32}-[a-z][a-z0-9.\-]{0,10}"
 )
 def test_roundtrip(drv: Derivation) -> None:
     assert parse_drv(render(drv)) == drv
+
+
+_IN = "/nix/store/" + "a" * 32 + "-in.drv"
+_OUTS = {_IN: {"out": "/nix/store/" + "b" * 32 + "-in", "dev": ""}}
+
+
+def test_input_paths_are_the_sources_and_the_wanted_outputs() -> None:
+    src = "/nix/store/" + "c" * 32 + "-src"
+    assert input_paths([src], {_IN: ["out"]}, _OUTS) == {src, _OUTS[_IN]["out"]}
+    assert input_paths([], {}, {}) == set()
+
+
+def test_an_input_output_without_a_path_is_named() -> None:
+    with pytest.raises(UnresolvedInput) as floating:
+        input_paths([], {_IN: ["dev"]}, _OUTS)
+    assert floating.value.floating and "floating" in str(floating.value)
+    with pytest.raises(UnresolvedInput) as missing:
+        input_paths([], {_IN: ["lib"]}, _OUTS)
+    assert not missing.value.floating and str(missing.value) == f"{_IN} has no output 'lib'"
+    with pytest.raises(KeyError):
+        input_paths([], {_IN: ["out"]}, {})

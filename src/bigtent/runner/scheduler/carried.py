@@ -8,6 +8,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from bigtent.nix.drv import UnresolvedInput, input_paths
 from bigtent.protocol import MAX_ASSIGN_DRV_BYTES, MAX_ASSIGN_INPUTS
 from bigtent.runner.scheduler.reads import AssignedDrv
 
@@ -23,19 +24,12 @@ class Carried:
 def resolve_inputs(
     drv: AssignedDrv, outputs_of: Mapping[str, Mapping[str, str]]
 ) -> list[str] | None:
-    """The step's input paths: its input sources and the wanted outputs of its input
-    derivations (sorted); None when one of those is not recorded or has no fixed path."""
-    inputs = set(drv.input_srcs)
-    for path, wanted in drv.input_drvs.items():
-        outputs = outputs_of.get(path)
-        if outputs is None:
-            return None
-        for name in wanted:
-            out = outputs.get(name)
-            if not out:
-                return None
-            inputs.add(out)
-    return sorted(inputs)
+    """The step's input paths (``drv.input_paths``, sorted); None when an input derivation is
+    not recorded or a wanted output of one has no fixed path."""
+    try:
+        return sorted(input_paths(drv.input_srcs, drv.input_drvs, outputs_of))
+    except (KeyError, UnresolvedInput):
+        return None
 
 
 def carried(drv: AssignedDrv | None, outputs_of: Mapping[str, Mapping[str, str]]) -> Carried | None:
