@@ -59,12 +59,12 @@ async def _nar(cache: Cache, file_name: str, request: Request) -> Response:
     if PATHSEND not in request.scope.get("extensions", {}) and small:
         # Most NARs are small: one read beats FileResponse's thread hop per chunk.
         return Response(path.read_bytes(), media_type="application/x-nix-nar")
-    # With pathsend (plain TCP: runner/http/pathsend.py) the kernel sends the file.
     response = FileResponse(path, stat_result=stat, media_type="application/x-nix-nar")
     if small and request.method == "GET" and "range" not in request.headers:
         # A small one whole (an agent's inputs are a few hundred bytes): read at once and sent
         # with the start, under FileResponse's own headers, costs less than a sendfile.
         return _read_whole(response, path, stat.st_size) or response
+    # With pathsend (plain TCP: runner/http/pathsend.py) the kernel sends the file.
     return response
 
 
