@@ -1,18 +1,22 @@
 """NAR files served by a real uvicorn on a loopback socket: sent by the kernel (``sendfile``,
-``runner/http/pathsend.py``) on plain TCP, byte for byte, with keep-alive framing intact."""
+``runner/http/pathsend.py``) on plain TCP, or read at once when small, byte for byte, with
+keep-alive framing intact."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import uvloop
+from starlette.responses import FileResponse
 
 from bigtent.runner.http.pathsend import can_sendfile
+from bigtent.runner.http.routes.cache import SMALL_NAR_BYTES, _read_whole
 from tests.integration.runner.conftest import MakeRunner, RunnerHarness
 
 MiB = 1024 * 1024
@@ -38,8 +42,8 @@ async def sendfile_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("size", [0, 1, 200 * 1024, 3 * MiB + 17])
-async def test_nar_files_go_out_by_sendfile_whole_and_framed(
+@pytest.mark.parametrize("size", [0, 1, 200 * 1024, SMALL_NAR_BYTES + 1, 3 * MiB + 17])
+async def test_nar_files_go_out_whole_and_framed(
     make_runner: MakeRunner, sendfile_calls: list[int], size: int
 ) -> None:
     runner = await make_runner(serve=True)
@@ -60,8 +64,17 @@ async def test_nar_files_go_out_by_sendfile_whole_and_framed(
         assert head.status_code == 200
         assert head.headers["content-length"] == str(size)
         assert head.content == b""
-    # Empty bodies need no sendfile; HEAD never sends one.
-    assert sendfile_calls == [size, size, 6] if size else sendfile_calls == [6]
+        # A small file read at once carries FileResponse's headers, as a large one does.
+        got = await client.get("/cache/nar/a.nar")
+        assert _without_date(got.headers) == _without_date(head.headers)
+        assert {"etag", "last-modified", "accept-ranges"} <= set(got.headers)
+    # Large files go out by sendfile; small ones (b.nar too) are read at once; HEAD never
+    # sends a body.
+    assert sendfile_calls == ([size] * 3 if size > SMALL_NAR_BYTES else [])
+
+
+def _without_date(headers: httpx.Headers) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k != "date"}
 
 
 async def test_a_range_of_a_nar_is_still_served(make_runner: MakeRunner) -> None:
@@ -150,3 +163,16 @@ async def test_a_file_shorter_than_its_length_is_never_taken_whole(
             await client.get("/cache/nar/shrinking.nar")
         # The connection was closed; the next request gets a new one.
         assert (await client.get("/cache/nix-cache-info")).status_code == 200
+
+
+def test_a_small_file_changed_since_its_stat_is_left_to_file_response(tmp_path: Path) -> None:
+    nar = tmp_path / "x.nar"
+    nar.write_bytes(b"abc")
+    response = FileResponse(nar, stat_result=nar.stat())
+    whole = _read_whole(response, nar, 3)
+    assert whole is not None and whole.body == b"abc"
+    assert whole.raw_headers == response.raw_headers
+    nar.write_bytes(b"abcd")
+    assert _read_whole(response, nar, 3) is None
+    nar.unlink()
+    assert _read_whole(response, nar, 3) is None

@@ -143,6 +143,32 @@ async def test_output_upload_is_signed_with_correct_references(leased: Leased, n
     await eventually(succeeded)
 
 
+async def test_output_recorded_only_in_the_database_keeps_its_first_record(
+    leased: Leased, nix: Nix
+) -> None:
+    """A trusted output is looked up in memory only before its NAR is received: a record this
+    runner does not remember (another runner's, or one its memory let go) is found by the
+    insert, which keeps it and answers it, exactly as the database has it."""
+    runner = leased.runner
+    (dep_out,) = nix.realise(leased.drvs.dep)
+    dep = nix.upload(dep_out)
+    url = leased.assign.upload_urls["out"]
+    first = await _put(leased.agent, url, dep)
+    assert first.status_code == 200, first.text
+    served = (await runner.narinfo(dep_out)).text
+    cache = runner.comps.cache
+    hash_part = StorePath.parse(dep_out).hash_part
+    cache.evicted([hash_part])  # the record leaves memory; the database keeps it
+    assert await cache.remembered_narinfo(dep_out) is None
+    again = await _put(leased.agent, url, dep)
+    assert again.status_code == 200, again.text
+    assert again.json() == first.json()
+    assert (await runner.narinfo(dep_out)).text == served
+    cache.evicted([hash_part])
+    assert (await runner.narinfo(dep_out)).text == served  # from the database
+    assert runner.temp_files() == []
+
+
 async def _build_through_rest(leased: Leased, nix: Nix, dep: Upload) -> tuple[Upload, Upload]:
     assert (await _finish(leased, leased.assign, dep)).recorded is True
     assign = await receive_until(leased.ws, p.Assign)

@@ -32,6 +32,7 @@ from tests.integration.runner.conftest import (
     Nix,
     RunnerHarness,
     nix_copy_from,
+    statements,
     upload_closure,
 )
 
@@ -169,6 +170,29 @@ async def test_collection_keeps_pinned_and_recent_closures_and_deletes_idle_ones
     metrics = runner.comps.metrics.render()[0].decode()
     assert 'bigtent_cache_gc_paths_deleted_total{cache="main",reason="idle"} 3.0' in metrics
     assert 'bigtent_cache_paths{cache="main"} 6.0' in metrics
+
+
+async def test_published_paths_are_present_from_memory_until_a_collection_deletes_them(
+    make_runner: MakeRunner, nix: Nix, tmp_path: Path
+) -> None:
+    """The scheduler asks ``Cache.present`` whether a step's outputs are published, right
+    after this runner published them: memory answers, without the database; a collection
+    that deleted them is known at once (never "present" for a deleted path)."""
+    runner = await make_runner(serve=True, cache={"retention": RETENTION})
+    idle, kept = make_closure(nix, tmp_path), make_closure(nix, tmp_path)
+    for c in (idle, kept):
+        await upload_closure(runner, nix, c.paths)
+    await age(runner, idle.paths, 60)
+    cache = runner.comps.cache
+    with statements(runner.comps.engine) as seen:
+        assert await cache.present(idle.paths + kept.paths) == set(idle.paths + kept.paths)
+    assert seen == []
+    assert runner.comps.usage is not None
+    runner.comps.usage.forget()  # asking counted as a use: as if it never happened
+    resp = await runner.client(Role.ADMIN).post("/api/v1/gc", json={})
+    assert resp.status_code == 200, resp.text
+    assert {p["path"] for p in resp.json()["caches"]["main"]["paths"]} == set(idle.paths)
+    assert await cache.present(idle.paths + kept.paths) == set(kept.paths)
 
 
 async def test_pins_need_an_admin_and_expire(

@@ -129,9 +129,11 @@ async def publish_leased_output(
     runner, or a presigned upload to the bucket): the one door for agent outputs.
 
     Checks the lease and the output name, returns the existing record (after ``skip``) when
-    the path is cached already, gathers the reference candidates (the input closure and the
-    step's outputs), lets ``receive`` verify the NAR, checks the lease again (it may have run
-    out meanwhile) and signs and records it. Nothing is published on any failure.
+    the path is known to be cached already (for a trusted step: known to this runner's
+    memory; a record only the database has is found, and kept, by the insert), gathers the
+    reference candidates (the input closure and the step's outputs), lets ``receive`` verify
+    the NAR, checks the lease again (it may have run out meanwhile) and signs and records it.
+    Nothing is published on any failure.
 
     A trusted step publishes to ``cache``. An untrusted step publishes to ``untrusted`` (its
     own key, its own index): a path the main cache holds already is kept as it is there.
@@ -149,9 +151,17 @@ async def publish_leased_output(
         if untrusted is None:
             raise BigtentError(f"step {node.id} is untrusted but the untrusted cache is not set up")
         target = also = untrusted
-    existing = await cache.fetch_narinfo(path)
-    if existing is None and also is not None:
-        existing = await also.fetch_narinfo(path)
+    if also is None:
+        # A trusted step's output is new almost always: memory answers for a path this runner
+        # published or served, and the database is not asked. A path another runner (or an
+        # earlier process) recorded is found by the insert in ``publish``, which keeps and
+        # answers the first record: the same answer, after the NAR was verified.
+        existing = await cache.remembered_narinfo(path)
+    else:
+        # An untrusted step's output is kept as the main cache has it: both are asked.
+        existing = await cache.fetch_narinfo(path)
+        if existing is None:
+            existing = await also.fetch_narinfo(path)
     if existing is not None:
         # Built before (another step, or an earlier attempt): what is signed stays.
         await skip()

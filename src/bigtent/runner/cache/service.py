@@ -139,6 +139,16 @@ class Cache(NarIntake):
         info = await self.narinfo_by_hash(StorePath.parse(path).hash_part)
         return info if info is not None and info.store_path == path else None
 
+    async def remembered_narinfo(self, path: str) -> narinfo.NarInfo | None:
+        """``fetch_narinfo`` from memory only: the record of a path this runner published or
+        looked up recently, or None without asking the database (the path may still be
+        recorded there). A record whose NAR file is gone is forgotten, as there."""
+        hash_part = StorePath.parse(path).hash_part
+        info = self._infos.get(hash_part)
+        if info is None or info.store_path != path:
+            return None
+        return await self._unless_missing(info)
+
     async def narinfo_by_hash(self, hash_part: str) -> narinfo.NarInfo | None:
         """The signed record of a cached path by its hash part, or None. A record whose NAR
         file the storage knows to be gone is forgotten on the way (and None answered)."""
@@ -148,7 +158,10 @@ class Cache(NarIntake):
                 info = await queries.fetch_store_path_by_hash(conn, hash_part, self.table)
             if info is not None:
                 self._infos.put(hash_part, info)
-        if info is not None and self.storage.surely_missing(info.url):
+        return None if info is None else await self._unless_missing(info)
+
+    async def _unless_missing(self, info: narinfo.NarInfo) -> narinfo.NarInfo | None:
+        if self.storage.surely_missing(info.url):
             await self.forget(info, "its NAR file is missing from the storage")
             return None
         return info

@@ -3,6 +3,8 @@ untrusted cache under ``/cache/untrusted``."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, PlainTextResponse, Response
 
@@ -53,11 +55,31 @@ async def _nar(cache: Cache, file_name: str, request: Request) -> Response:
     if path is None:
         raise NotFound("no such NAR")
     stat = path.stat()
-    if PATHSEND not in request.scope.get("extensions", {}) and stat.st_size <= SMALL_NAR_BYTES:
+    small = stat.st_size <= SMALL_NAR_BYTES
+    if PATHSEND not in request.scope.get("extensions", {}) and small:
         # Most NARs are small: one read beats FileResponse's thread hop per chunk.
         return Response(path.read_bytes(), media_type="application/x-nix-nar")
+    response = FileResponse(path, stat_result=stat, media_type="application/x-nix-nar")
+    if small and request.method == "GET" and "range" not in request.headers:
+        # A small one whole (an agent's inputs are a few hundred bytes): read at once and sent
+        # with the start, under FileResponse's own headers, costs less than a sendfile.
+        return _read_whole(response, path, stat.st_size) or response
     # With pathsend (plain TCP: runner/http/pathsend.py) the kernel sends the file.
-    return FileResponse(path, stat_result=stat, media_type="application/x-nix-nar")
+    return response
+
+
+def _read_whole(file: FileResponse, path: Path, size: int) -> Response | None:
+    """``file`` as one response of the bytes read now, or None when the file is no longer
+    ``size`` bytes (it changed since its stat: FileResponse then serves it as before)."""
+    try:
+        body = path.read_bytes()
+    except OSError:
+        return None  # gone since its stat: as FileResponse has always answered that
+    if len(body) != size:
+        return None
+    whole = Response(body)
+    whole.raw_headers = file.raw_headers
+    return whole
 
 
 @cache_routes.api_route("/nix-cache-info", methods=["GET", "HEAD"])
