@@ -176,13 +176,13 @@ class LogStore:
             f.pending.clear()
 
     def _write_frame(self, f: _OpenLog, data: bytes) -> None:
+        """Append one frame, then its index record: each file opened once, written with one
+        system call (no buffered file object: a step's log is usually one frame at its end)."""
         frame = self._compressor.compress(data)
-        with f.data.open("ab") as out:
-            out.write(frame)
+        _append(f.data, frame)
         f.framed += len(data)
         f.compressed += len(frame)
-        with f.index.open("ab") as out:
-            out.write(_RECORD.pack(f.framed, f.compressed))
+        _append(f.index, _RECORD.pack(f.framed, f.compressed))
 
     def _reopen(self, step_id: int) -> _OpenLog:
         """Open a step's log for appending, repairing a torn end and converting a log kept
@@ -340,6 +340,20 @@ class LogStore:
         data = self.read_range(step_id, max(0, size - TAIL_BYTES), size)
         last = deque(data.decode(errors="replace").splitlines(), maxlen=lines)
         return "\n".join(last)
+
+
+_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+
+
+def _append(path: Path, data: bytes) -> None:
+    """Append ``data`` to ``path`` (created if missing, as ``open(path, "ab")`` would)."""
+    fd = os.open(path, _APPEND_FLAGS, 0o666)
+    try:
+        view = memoryview(data)
+        while view:  # a regular file takes it whole; a short write is finished, not lost
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 def _iter_plain(path: Path, start: int, end: int, chunk_bytes: int) -> Iterator[bytes]:
