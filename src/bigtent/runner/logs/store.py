@@ -44,6 +44,8 @@ TAIL_BYTES = 64 * 1024
 """How far back from the end ``tail`` looks for lines."""
 _RECORD = struct.Struct("<QQ")
 _LOG_SUFFIXES = frozenset({"log.zst", "log.idx", "log"})
+_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+"""``open(path, "ab")`` without the file object (``os.open``'s descriptors are not inherited)."""
 
 
 def truncation_marker(max_bytes: int) -> bytes:
@@ -192,25 +194,29 @@ class LogStore:
         data_path, index_path = self.path(step_id), self.index_path(step_id)
         framed = compressed = 0
         try:
-            with data_path.open("r+b") as dat:
+            dat = os.open(data_path, os.O_RDWR)
+        except FileNotFoundError:
+            pass  # a new log (the usual case: no buffered file object for it)
+        else:
+            with open(dat, "r+b") as data_file:
                 records: list[tuple[int, int]] = []
                 with contextlib.suppress(FileNotFoundError):
                     records = parse_index(index_path.read_bytes())
-                records = reconcile_index(records, os.fstat(dat.fileno()).st_size)
+                records = reconcile_index(records, os.fstat(data_file.fileno()).st_size)
                 framed, compressed = records[-1] if records else (0, 0)
-                dat.truncate(compressed)
+                data_file.truncate(compressed)
             with index_path.open("ab") as idx:
                 idx.truncate(len(records) * _RECORD.size)
-        except FileNotFoundError:
-            pass  # a new log
         f = _OpenLog(data_path, index_path, framed, compressed)
         self._open[step_id] = f
         if framed == 0:
             legacy = self._legacy_path(step_id)
             try:
-                old = legacy.read_bytes()
+                fd = os.open(legacy, os.O_RDONLY)
             except FileNotFoundError:
                 return f
+            with open(fd, "rb") as legacy_file:
+                old = legacy_file.read()
             for i in range(0, len(old), self.frame_bytes):
                 self._write_frame(f, old[i : i + self.frame_bytes])
             legacy.unlink()
@@ -340,9 +346,6 @@ class LogStore:
         data = self.read_range(step_id, max(0, size - TAIL_BYTES), size)
         last = deque(data.decode(errors="replace").splitlines(), maxlen=lines)
         return "\n".join(last)
-
-
-_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 
 
 def _append(path: Path, data: bytes) -> None:
