@@ -53,9 +53,16 @@ class Results(CatchUp):
         self._accepts.append(msg)
         async with self._lock:
             msgs, self._accepts = self._accepts, []
-            if msgs:
+            if not msgs:
+                return
+            try:
                 with contextlib.suppress(LostRace):
                     await self._guard(self._accept(msgs), applies_after_commit=True)
+            except BaseException:
+                # Nothing was written: the others' messages go back to their own handlers
+                # (still waiting for the lock), each to succeed or fail alone as before.
+                self._accepts[:0] = [m for m in msgs if m is not msg]
+                raise
 
     async def _accept(self, msgs: list[p.Accepted]) -> None:
         nodes = accepted_nodes(self.nodes, msgs)
