@@ -222,7 +222,7 @@ class LogStore:
         """Open a step's log for appending, repairing a torn end and converting a log kept
         uncompressed by an older runner. A new log creates no file: the first frame creates
         the data file, its record the index (a log that never got a frame has neither, and
-        reads as empty)."""
+        reads as empty; a lone frame's record waits for a second frame)."""
         data_path, index_path = self.path(step_id), self.index_path(step_id)
         framed = compressed = 0
         unindexed: tuple[int, int] | None = None
