@@ -10,6 +10,12 @@ after the first pending line, or when the attempt ends. A frame is written befor
 record; on reopening, records that point past the data (and data past the last record) are
 cut away, so a crash loses at most the pending lines and never corrupts the log.
 
+A log whose only frame was written when its attempt ended (most steps: a short log) gets no
+index: a data file whose index has no whole record (none, or a torn one) is read as one
+frame, its first, if that frame is complete (``lone_frame``; a torn one reads as an empty
+log, data past it is cut away). Its record goes to the index before a second frame's, so the
+rule above holds from then on, and a crash in between still leaves the first frame readable.
+
 Readers of the stored part may run in a thread: frames and index records, once written,
 never change (until ``reset`` deletes the log for a fresh run).
 """
@@ -44,6 +50,8 @@ TAIL_BYTES = 64 * 1024
 """How far back from the end ``tail`` looks for lines."""
 _RECORD = struct.Struct("<QQ")
 _LOG_SUFFIXES = frozenset({"log.zst", "log.idx", "log"})
+_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+"""``open(path, "ab")`` without the file object (``os.open``'s descriptors are not inherited)."""
 
 
 def truncation_marker(max_bytes: int) -> bytes:
@@ -70,6 +78,21 @@ def parse_index(raw: bytes) -> list[tuple[int, int]]:
     """Index records from the index file's bytes (a torn last record is ignored)."""
     whole = len(raw) - len(raw) % _RECORD.size
     return [_RECORD.unpack_from(raw, i) for i in range(0, whole, _RECORD.size)]
+
+
+def lone_frame(raw: bytes) -> list[tuple[int, int]]:
+    """The record of the first frame of ``raw`` (a data file without an index record), or
+    none when that frame is not whole (a crash while it was written)."""
+    if not raw:
+        return []
+    d = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        text = d.decompress(raw)
+    except zstandard.ZstdError:
+        return []
+    if not d.eof or not text:
+        return []
+    return [(len(text), len(raw) - len(d.unused_data))]
 
 
 def frames_for(records: list[tuple[int, int]], start: int, end: int) -> range:
@@ -104,6 +127,9 @@ class _OpenLog:
     compressed: int
     pending: bytearray = field(default_factory=bytearray)
     timer: asyncio.TimerHandle | None = None
+    unindexed: tuple[int, int] | None = None
+    """The record of a lone frame (written without one), for the index once a second
+    frame follows."""
 
     @property
     def size(self) -> int:
@@ -164,7 +190,7 @@ class LogStore:
             f.timer = _call_later(FLUSH_SECS, self._flush_pending, step_id)
         self.fanout.publish(step_id, Chunk(size, data))
 
-    def _flush_pending(self, step_id: int) -> None:
+    def _flush_pending(self, step_id: int, *, last: bool = False) -> None:
         f = self._open.get(step_id)
         if f is None:
             return
@@ -172,45 +198,62 @@ class LogStore:
             f.timer.cancel()
             f.timer = None
         if f.pending:
-            self._write_frame(f, bytes(f.pending))
+            self._write_frame(f, bytes(f.pending), last=last)
             f.pending.clear()
 
-    def _write_frame(self, f: _OpenLog, data: bytes) -> None:
+    def _write_frame(self, f: _OpenLog, data: bytes, *, last: bool = False) -> None:
+        """Append one frame, then its index record: each file opened once, written with one
+        system call. The ``last`` frame of a log that has none yet is a lone frame: no index
+        (one file made per step, not two)."""
         frame = self._compressor.compress(data)
-        with f.data.open("ab") as out:
-            out.write(frame)
+        lone = last and f.framed == 0
+        if f.unindexed is not None:  # a second frame: the lone one's record goes first
+            _append(f.index, _RECORD.pack(*f.unindexed))
+            f.unindexed = None
+        _append(f.data, frame)
         f.framed += len(data)
         f.compressed += len(frame)
-        with f.index.open("ab") as out:
-            out.write(_RECORD.pack(f.framed, f.compressed))
+        if lone:
+            f.unindexed = (f.framed, f.compressed)
+        else:
+            _append(f.index, _RECORD.pack(f.framed, f.compressed))
 
     def _reopen(self, step_id: int) -> _OpenLog:
         """Open a step's log for appending, repairing a torn end and converting a log kept
         uncompressed by an older runner. A new log creates no file: the first frame creates
         the data file, its record the index (a log that never got a frame has neither, and
-        reads as empty)."""
+        reads as empty; a lone frame's record waits for a second frame)."""
         data_path, index_path = self.path(step_id), self.index_path(step_id)
         framed = compressed = 0
+        unindexed: tuple[int, int] | None = None
         try:
-            with data_path.open("r+b") as dat:
+            dat = os.open(data_path, os.O_RDWR)
+        except FileNotFoundError:
+            pass  # a new log (the usual case: no buffered file object for it)
+        else:
+            with open(dat, "r+b") as data_file:
                 records: list[tuple[int, int]] = []
                 with contextlib.suppress(FileNotFoundError):
                     records = parse_index(index_path.read_bytes())
-                records = reconcile_index(records, os.fstat(dat.fileno()).st_size)
+                records = reconcile_index(records, os.fstat(data_file.fileno()).st_size)
+                indexed = len(records)
+                if not records:
+                    records = lone_frame(data_file.read())
+                    unindexed = records[0] if records else None
                 framed, compressed = records[-1] if records else (0, 0)
-                dat.truncate(compressed)
-            with index_path.open("ab") as idx:
-                idx.truncate(len(records) * _RECORD.size)
-        except FileNotFoundError:
-            pass  # a new log
-        f = _OpenLog(data_path, index_path, framed, compressed)
+                data_file.truncate(compressed)
+            with contextlib.suppress(FileNotFoundError):
+                os.truncate(index_path, indexed * _RECORD.size)
+        f = _OpenLog(data_path, index_path, framed, compressed, unindexed=unindexed)
         self._open[step_id] = f
         if framed == 0:
             legacy = self._legacy_path(step_id)
             try:
-                old = legacy.read_bytes()
+                fd = os.open(legacy, os.O_RDONLY)
             except FileNotFoundError:
                 return f
+            with open(fd, "rb") as legacy_file:
+                old = legacy_file.read()
             for i in range(0, len(old), self.frame_bytes):
                 self._write_frame(f, old[i : i + self.frame_bytes])
             legacy.unlink()
@@ -218,7 +261,7 @@ class LogStore:
 
     def close(self, step_id: int) -> None:
         """The attempt ended: write what is pending, close the files, tell the viewers."""
-        self._flush_pending(step_id)
+        self._flush_pending(step_id, last=True)
         self._open.pop(step_id, None)
         self.fanout.attempt_ended(step_id)
 
@@ -281,13 +324,17 @@ class LogStore:
         return records[-1][0] if records else 0
 
     def _records(self, step_id: int) -> list[tuple[int, int]] | None:
-        """The frame index, or None when the step has no compressed log."""
-        try:
+        """The frame index (a lone frame's record when it has none), or None when the step
+        has no compressed log."""
+        raw = b""
+        with contextlib.suppress(FileNotFoundError):
             raw = self.index_path(step_id).read_bytes()
-            data_bytes = self.path(step_id).stat().st_size
+        try:
+            with self.path(step_id).open("rb") as data:
+                records = reconcile_index(parse_index(raw), os.fstat(data.fileno()).st_size)
+                return records or lone_frame(data.read())
         except FileNotFoundError:
             return None
-        return reconcile_index(parse_index(raw), data_bytes)
 
     def iter_stored(
         self, step_id: int, start: int, end: int, chunk_bytes: int = READ_CHUNK_BYTES
@@ -340,6 +387,17 @@ class LogStore:
         data = self.read_range(step_id, max(0, size - TAIL_BYTES), size)
         last = deque(data.decode(errors="replace").splitlines(), maxlen=lines)
         return "\n".join(last)
+
+
+def _append(path: Path, data: bytes) -> None:
+    """Append ``data`` to ``path`` (created if missing, as ``open(path, "ab")`` would)."""
+    fd = os.open(path, _APPEND_FLAGS, 0o666)
+    try:
+        view = memoryview(data)
+        while view:  # a regular file takes it whole; a short write is finished, not lost
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 def _iter_plain(path: Path, start: int, end: int, chunk_bytes: int) -> Iterator[bytes]:

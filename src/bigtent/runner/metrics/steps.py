@@ -53,6 +53,10 @@ class StepMetrics:
             buckets=PHASE_BUCKETS_SECS,
             registry=r,
         )
+        # The labelled children, looked up once per label set (``labels`` costs a lock and
+        # a dict lookup of its own per call); the ``system`` label bounds both.
+        self._finished_children: dict[tuple[str, Outcome], PromCounter] = {}
+        self._phase_children: dict[tuple[str, Phase], Histogram] = {}
         self.logs_expired = PromCounter(
             f"{PREFIX}_step_logs_expired",
             "Step logs deleted by retention (scheduler.log_retention_days).",
@@ -70,14 +74,14 @@ class StepMetrics:
         label, new = self.systems.label(system)
         if new:
             for outcome in Outcome:
-                self.steps_finished.labels(label, outcome)
+                self._finished_children[label, outcome] = self.steps_finished.labels(label, outcome)
             for phase in Phase:
-                self.step_phase.labels(label, phase)
+                self._phase_children[label, phase] = self.step_phase.labels(label, phase)
         return label
 
     # ---- steps (the scheduler) ------------------------------------------------------------------
     def observe_phase(self, system: str, phase: Phase, secs: float) -> None:
-        self.step_phase.labels(self.system(system), phase).observe(max(0.0, secs))
+        self._phase_children[self.system(system), phase].observe(max(0.0, secs))
 
     def step_runnable(self, node: StepNode, now: float) -> None:
         """``node`` left ``waiting`` (its dependencies succeeded, or it had none): observe the
@@ -109,10 +113,10 @@ class StepMetrics:
         """An attempt of ``node`` ended with ``outcome``; ``timings`` are the venue's report
         (None when there was no result, e.g. a lease that expired)."""
         system = self.system(node.req.system)
-        self.steps_finished.labels(system, outcome).inc()
+        self._finished_children[system, outcome].inc()
         if timings is not None:
             for phase, secs in reported_phases(timings):
-                self.step_phase.labels(system, phase).observe(secs)
+                self._phase_children[system, phase].observe(secs)
 
 
 class StateCollector(Collector):

@@ -103,9 +103,15 @@ async def build_endings(
     }
 
 
-async def accepted(conn: AsyncConnection, step_id: int, now: float) -> None:
-    """The venue started the step it was assigned."""
-    await queries.update_step(conn, step_id, state=StepState.BUILDING, started_at=now)
+async def accepted(conn: AsyncConnection, step_ids: Sequence[int], now: float) -> None:
+    """The venues started the steps they were assigned: one statement (an executemany for
+    several)."""
+    if len(step_ids) == 1:
+        await queries.update_step(conn, step_ids[0], state=StepState.BUILDING, started_at=now)
+        return
+    await queries.update_steps_each(
+        conn, [{"id": sid, "state": StepState.BUILDING, "started_at": now} for sid in step_ids]
+    )
 
 
 async def given_back(conn: AsyncConnection, step_id: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Mapping, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -29,29 +30,60 @@ from bigtent.states import BuildState, StepState
 log = logging.getLogger(__name__)
 
 
+def accepted_nodes(nodes: Mapping[int, StepNode], msgs: Sequence[p.Accepted]) -> list[StepNode]:
+    """The steps ``accepted`` messages start: each still assigned under the lease the message
+    names, once (a message for a stale lease, or a step already building, changes nothing)."""
+    out: dict[int, StepNode] = {}
+    for msg in msgs:
+        node = nodes.get(msg.step_id)
+        if node is not None and node.lease_id == msg.lease_id and node.state is StepState.ASSIGNED:
+            out[node.id] = node
+    return list(out.values())
+
+
 class Results(CatchUp):
     """How a step's attempt ends: accepted, refused, a result, a failed send, an
     expiry or a cancellation; the venue's health and backoff; dependents and builds that
     end with it."""
 
     async def accepted(self, venue: Venue, msg: p.Accepted) -> None:
+        """The venue started the step: BUILDING, once written. The messages that arrive while
+        another transition holds the lock are written together, in one transaction, by the
+        first of them to get it (the others find nothing left to do)."""
+        self._accepts.append(msg)
         async with self._lock:
+            msgs, self._accepts = self._accepts, []
+            if not msgs:
+                return
+            try:
+                with contextlib.suppress(LostRace):
+                    await self._guard(self._accept(msgs), applies_after_commit=True)
+            except BaseException:
+                # Nothing was written: the others' messages go back to their own handlers
+                # (still waiting for the lock), each to succeed or fail alone as before.
+                self._accepts[:0] = [m for m in msgs if m is not msg]
+                raise
 
-            async def body() -> None:
-                node = self.nodes.get(msg.step_id)
-                if node is None or node.lease_id != msg.lease_id:
-                    return
-                if node.state is not StepState.ASSIGNED:
-                    return
-                now = self.clock()
+    async def _accept(self, msgs: list[p.Accepted]) -> None:
+        nodes = accepted_nodes(self.nodes, msgs)
+        while nodes:
+            now = self.clock()
+            try:
                 async with self._begin() as conn:
-                    await self._expect(conn, [node])
-                    await persist.accepted(conn, node.id, now)
+                    await self._expect(conn, nodes)
+                    await persist.accepted(conn, [n.id for n in nodes], now)
+            except LostRace:
+                # Another runner moved one on (it is read again at the next catch-up): the
+                # others are written without it.
+                rest = [n for n in nodes if n.id not in self._stale_steps]
+                if len(rest) == len(nodes):
+                    raise
+                nodes = rest
+                continue
+            for node in nodes:  # committed: memory follows
                 node.state = StepState.BUILDING
                 self.metrics.step_accepted(node, now)
-
-            with contextlib.suppress(LostRace):
-                await self._guard(body(), applies_after_commit=True)
+            return
 
     async def refused(self, venue: Venue, msg: p.Refused) -> None:
         async with self._lock:

@@ -129,6 +129,8 @@ class SchedulerState:
         self._lost_here: set[int] = set()
         """Leases an agent here gave up when it reconnected: they expire now, whatever the
         database says."""
+        self._accepts: list[p.Accepted] = []
+        """``accepted`` messages waiting for the lock: the first to get it writes them all."""
         # Waiting for capacity (runner/scheduler/capacity.py).
         self.launchable: list[Callable[[], Iterable[VenueView]]] = []
         """Venues that are not connected but could be launched for a step (the autoscaler's

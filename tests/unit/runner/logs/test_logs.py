@@ -126,14 +126,46 @@ def test_a_torn_end_is_cut_away_on_reopening(tmp_path: Path) -> None:
 
 
 def test_a_log_gets_its_files_with_its_first_frame(tmp_path: Path) -> None:
-    store = LogStore(tmp_path, 1 << 20, frame_bytes=1 << 16)
-    store.append(3, ["building"])
+    store = LogStore(tmp_path, 1 << 20, frame_bytes=8)
+    store.append(3, ["build"])
     assert not store.path(3).exists() and not store.index_path(3).exists()
+    store.append(3, ["ing"])  # a frame before the end: indexed at once
+    assert _zstd_cat(store.path(3)) == b"build\nin"
+    assert parse_index(store.index_path(3).read_bytes()) == [(8, store.path(3).stat().st_size)]
+
+
+def test_a_log_of_one_frame_written_at_its_end_is_one_file(tmp_path: Path) -> None:
+    store = LogStore(tmp_path, 1 << 20, frame_bytes=1 << 16)
+    store.append(3, ["building", "done"])
     store.close(3)
-    assert _zstd_cat(store.path(3)) == b"building\n"
-    assert parse_index(store.index_path(3).read_bytes()) == [
-        (len(b"building\n"), store.path(3).stat().st_size)
-    ]
+    assert _zstd_cat(store.path(3)) == b"building\ndone\n"
+    assert not store.index_path(3).exists()
+    assert store.read(3) == b"building\ndone\n" and store.stored_size(3) == 14
+    assert store.read_range(3, 9, 13) == b"done" and store.tail(3, 1) == "done"
+    # The next attempt appends: the lone frame's record goes to the index first.
+    store.append(3, ["again"])
+    store.close(3)
+    assert store.read(3) == b"building\ndone\nagain\n"
+    records = parse_index(store.index_path(3).read_bytes())
+    assert [u for u, _ in records] == [14, 20]
+    assert records[-1][1] == store.path(3).stat().st_size
+
+
+def test_a_crash_after_a_lone_frame_keeps_it_and_cuts_what_follows(tmp_path: Path) -> None:
+    store = LogStore(tmp_path, 1 << 20)
+    store.append(5, ["kept"])
+    store.close(5)
+    size = store.path(5).stat().st_size
+    # A crash while the next frame was written: data past the lone frame, no record yet.
+    with store.path(5).open("ab") as f:
+        f.write(b"\x28\xb5\x2f\xfd garbage")
+    store.index_path(5).write_bytes(b"\x01\x02")  # and a torn first record
+    assert store.read(5) == b"kept\n"
+    store.append(5, ["after the crash"])
+    store.close(5)
+    assert store.read(5) == b"kept\nafter the crash\n"
+    assert _zstd_cat(store.path(5)) == b"kept\nafter the crash\n"
+    assert parse_index(store.index_path(5).read_bytes())[0] == (5, size)
 
 
 def test_a_step_whose_log_never_got_a_frame_has_no_files(tmp_path: Path) -> None:
@@ -147,15 +179,26 @@ def test_a_step_whose_log_never_got_a_frame_has_no_files(tmp_path: Path) -> None
     assert store.delete(4)
 
 
-def test_a_crash_before_the_first_record_leaves_an_empty_log(tmp_path: Path) -> None:
+def test_a_crash_while_the_first_frame_was_written_leaves_an_empty_log(tmp_path: Path) -> None:
     store = LogStore(tmp_path, 1 << 20)
-    # A crash between the first frame and its record: the data file without an index.
-    store.path(8).write_bytes(zstandard.ZstdCompressor().compress(b"lost\n"))
-    assert store.read(8) == b""
+    # A torn first frame, no record.
+    whole = zstandard.ZstdCompressor(write_content_size=True).compress(b"lost\n" * 100)
+    store.path(8).write_bytes(whole[: len(whole) // 2])
+    assert store.read(8) == b"" and store.stored_size(8) == 0
     store.append(8, ["after the crash"])
     store.close(8)
     assert store.read(8) == b"after the crash\n"
     assert _zstd_cat(store.path(8)) == b"after the crash\n"
+
+
+def test_a_whole_first_frame_without_its_record_is_read(tmp_path: Path) -> None:
+    store = LogStore(tmp_path, 1 << 20)
+    # A crash between the first frame and its record, or a lone frame: the frame is whole.
+    store.path(8).write_bytes(zstandard.ZstdCompressor().compress(b"kept\n"))
+    assert store.read(8) == b"kept\n"
+    store.append(8, ["after the crash"])
+    store.close(8)
+    assert store.read(8) == b"kept\nafter the crash\n"
 
 
 def test_reset_forgets_the_log(tmp_path: Path) -> None:
