@@ -24,6 +24,11 @@ def known_id(ident: int, what: str) -> int:
     return ident
 
 
+MAX_REFERENCES = 4096
+"""References of one store path (an output an agent reports, a path a client uploads): the
+wire protocol's bound too (``bigtent.protocol`` takes it from here)."""
+
+
 PRIORITY_MIN = -1000
 PRIORITY_MAX = 1000
 """A build's priority (``POST /builds``, ``POST /builds/{id}/bump``)."""
