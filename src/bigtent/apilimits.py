@@ -29,6 +29,12 @@ MAX_REFERENCES = 4096
 wire protocol's bound too (``bigtent.protocol`` takes it from here)."""
 
 
+BUILD_WAIT_MAX_SECS = 10.0
+"""The longest ``GET /builds/{id}?wait=`` holds its answer (a client asks again after it)."""
+PROGRESS_TOKEN_MAX_CHARS = 200
+"""``GET /builds/{id}?seen=``: a progress token (``apimodels.progress_token``) is far shorter."""
+
+
 PRIORITY_MIN = -1000
 PRIORITY_MAX = 1000
 """A build's priority (``POST /builds``, ``POST /builds/{id}/bump``)."""

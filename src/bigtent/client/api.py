@@ -452,10 +452,16 @@ class RunnerClient:
         data = await self._json("POST", "/builds", json_body=body)
         return self._parse(Build, data, "build")
 
-    async def fetch_build(self, build_id: int | str) -> Build:
-        return self._parse(
-            Build, await self._json("GET", f"/builds/{checked_id(build_id, 'build')}"), "build"
-        )
+    async def fetch_build(
+        self, build_id: int | str, *, wait_secs: float | None = None, seen: str | None = None
+    ) -> Build:
+        """The build; with ``wait_secs`` and ``seen`` (its ``progress_token`` as last seen)
+        the runner answers once it differs, or after ``wait_secs`` (an older runner at once)."""
+        params: dict[str, str | int] | None = None
+        if wait_secs is not None and seen is not None:
+            params = {"wait": f"{wait_secs:g}", "seen": seen}
+        path = f"/builds/{checked_id(build_id, 'build')}"
+        return self._parse(Build, await self._json("GET", path, params=params), "build")
 
     async def fetch_builds(
         self,

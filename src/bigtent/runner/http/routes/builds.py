@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 from collections.abc import Sequence
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -12,17 +15,19 @@ from pydantic import BaseModel, Field
 
 from bigtent.apilimits import (
     BUILD_DRVS_MAX,
+    BUILD_WAIT_MAX_SECS,
     LABEL_MAX_CHARS,
     MAX_ID,
     PRIORITY_MAX,
     PRIORITY_MIN,
+    PROGRESS_TOKEN_MAX_CHARS,
     REF_PATTERN,
     REPOSITORY_PATTERN,
     known_id,
 )
-from bigtent.apimodels import AttemptList, Build, BuildList, StepList
+from bigtent.apimodels import AttemptList, Build, BuildList, StepList, progress_token
 from bigtent.config import Role
-from bigtent.errors import BadRequest, NotFound
+from bigtent.errors import BadRequest, InvalidParameter, NotFound
 from bigtent.runner.auth.ownership import BuildAction
 from bigtent.runner.buildactions import act_on_build
 from bigtent.runner.builds import plan_parts
@@ -149,16 +154,90 @@ async def list_builds(
         return answer({"builds": await build_list_json(comps, conn, rows)})
 
 
+@dataclass(frozen=True)
+class BuildWait:
+    """``GET /builds/{id}?wait=SECS&seen=TOKEN``: answer once the build's progress token is
+    no longer ``seen``, or after ``secs``."""
+
+    secs: float
+    seen: str
+
+
+def build_wait(wait: str | None, seen: str | None) -> BuildWait | None:
+    """The wait a ``GET /builds/{id}`` asks for, None without one; a bad value is a 422 with
+    what is wrong (pure: both request paths validate here)."""
+    if wait is None and seen is None:
+        return None
+    if wait is None or seen is None:
+        raise InvalidParameter(
+            "wait and seen go together: wait=SECONDS&seen=TOKEN, TOKEN the build's progress "
+            "token as last seen (docs/api.md)"
+        )
+    try:
+        secs = float(wait)
+    except ValueError:
+        secs = math.nan
+    if not 0 <= secs <= BUILD_WAIT_MAX_SECS:  # NaN is in no range
+        raise InvalidParameter(
+            f"wait must be a number of seconds from 0 to {BUILD_WAIT_MAX_SECS:g} (got {wait!r})"
+        )
+    if not 0 < len(seen) <= PROGRESS_TOKEN_MAX_CHARS:
+        raise InvalidParameter(
+            f"seen must have 1 to {PROGRESS_TOKEN_MAX_CHARS} characters (got {len(seen)})"
+        )
+    return BuildWait(secs, seen)
+
+
+async def watched_build_json(
+    comps: Components, build_id: int, wait: BuildWait | None
+) -> dict[str, Any]:
+    """The build as ``GET /builds/{id}`` answers it; with ``wait``, once its state or step
+    counts differ from what the client saw (the scheduler's ``build_watch`` says when to
+    look again), it ended, or the wait's time is up (then as it is then)."""
+    if wait is None:
+        return await build_json(comps, build_id, details=True)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait.secs
+    while True:
+        # Watched before it is read: a change committed during the read wakes the wait.
+        with comps.scheduler.build_watch.watching(build_id) as changed:
+            body = await build_json(comps, build_id, details=True)
+            left = deadline - loop.time()
+            if (
+                left <= 0
+                or BuildState(body["state"]).is_final
+                or progress_token(body["state"], body["counts"]) != wait.seen
+            ):
+                return body
+            await asyncio.wait([changed], timeout=left)
+
+
 @router.get("/builds/{build_id}", response_model=Build)
-async def get_build(build_id: int, comps: Comps, _: ClientAuth) -> JSONResponse:
-    return answer(await build_json(comps, build_id, details=True))
+async def get_build(
+    build_id: int,
+    comps: Comps,
+    _: ClientAuth,
+    wait: Annotated[
+        str | None,
+        Query(
+            description=f"Seconds (at most {BUILD_WAIT_MAX_SECS:g}) to hold the answer while "
+            "the build's progress token is still `seen`."
+        ),
+    ] = None,
+    seen: Annotated[
+        str | None, Query(description="The build's progress token as the client last saw it.")
+    ] = None,
+) -> JSONResponse:
+    return answer(await watched_build_json(comps, build_id, build_wait(wait, seen)))
 
 
 async def hot_get_build(comps: Components, request: Request, params: dict[str, str]) -> Response:
     """``get_build`` for ``HotRoutes`` (runner/http/hotpath.py), which takes only ids of
     digits (FastAPI answers anything else, as an invalid id)."""
     await caller(comps, request.headers.get("authorization"), Role.CLIENT)
-    return answer(await build_json(comps, int(params["build_id"]), details=True))
+    query = request.query_params
+    wait = build_wait(query.get("wait"), query.get("seen"))
+    return answer(await watched_build_json(comps, int(params["build_id"]), wait))
 
 
 @router.get("/builds/{build_id}/steps", response_model=StepList)
