@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -49,7 +50,7 @@ from bigtent.errors import (
     parse_error_body,
 )
 from bigtent.narbatch import CONTENT_TYPE
-from bigtent.tlsctx import httpx_verify
+from bigtent.tlsctx import httpx_verify, plain_http_verify
 
 log = logging.getLogger(__name__)
 
@@ -235,10 +236,11 @@ class RunnerClient:
         self.batch_uploads = True
         """False once the runner answered that it has no batch upload route (an older
         runner): paths are then uploaded one by one."""
+        plain = plain_http_verify(self.base_urls, ca_file, os.environ)
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
-            verify=httpx_verify(ca_file, "CA file"),
+            verify=plain if plain is not None else httpx_verify(ca_file, "CA file"),
             transport=transport,
             timeout=httpx.Timeout(timeout_secs),
             trust_env=transport is None,
