@@ -243,6 +243,20 @@ def progress_token(state: str, counts: Mapping[str, int]) -> str:
     return ".".join([state, *(str(counts.get(name, 0)) for name in PROGRESS_COUNTS)])
 
 
+def progress_seen(token: str, seen: str) -> bool:
+    """Whether a build whose progress token is ``token`` is as the client saw it: ``seen`` is
+    a progress token, or a state alone (then only the state counts) (pure)."""
+    if "." in seen:
+        return token == seen
+    return token.split(".", 1)[0] == seen
+
+
+WAITED_HEADER = "Bigtent-Waited"
+"""Set on a ``GET /builds/{id}?wait=`` answer by a runner that waited (the seconds it would
+have): a client told nothing of the kind (an older runner answered at once) pauses before
+it looks again."""
+
+
 class StepAttempt(ApiModel):
     """One attempt of a step (docs/api.md "Attempts"): which venue ran it, how it ended,
     why, and when the step will be tried again (``retry_at`` None: the outcome was final)."""

@@ -14,6 +14,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from bigtent.apimodels import (
+    WAITED_HEADER,
     Agent,
     Agents,
     AttemptList,
@@ -357,7 +358,10 @@ class RunnerClient:
         )
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        resp = await self._request(method, path, **kwargs)
+        return self._decoded(await self._request(method, path, **kwargs), method, path)
+
+    @staticmethod
+    def _decoded(resp: httpx.Response, method: str, path: str) -> Any:
         try:
             return resp.json()
         except ValueError as exc:
@@ -454,16 +458,22 @@ class RunnerClient:
         data = await self._json("POST", "/builds", json_body=body)
         return self._parse(Build, data, "build")
 
-    async def fetch_build(
-        self, build_id: int | str, *, wait_secs: float | None = None, seen: str | None = None
-    ) -> Build:
-        """The build; with ``wait_secs`` and ``seen`` (its ``progress_token`` as last seen)
-        the runner answers once it differs, or after ``wait_secs`` (an older runner at once)."""
-        params: dict[str, str | int] | None = None
-        if wait_secs is not None and seen is not None:
-            params = {"wait": f"{wait_secs:g}", "seen": seen}
+    async def fetch_build(self, build_id: int | str) -> Build:
+        return self._parse(
+            Build, await self._json("GET", f"/builds/{checked_id(build_id, 'build')}"), "build"
+        )
+
+    async def wait_for_build(
+        self, build_id: int | str, *, wait_secs: float, seen: str
+    ) -> tuple[Build, bool]:
+        """The build once it is no longer as ``seen`` (its ``progress_token``, or its state
+        alone) or after ``wait_secs``, and whether the runner waited (``WAITED_HEADER``): an
+        older runner ignores the parameters and answers at once."""
         path = f"/builds/{checked_id(build_id, 'build')}"
-        return self._parse(Build, await self._json("GET", path, params=params), "build")
+        params: dict[str, str | int] = {"wait": f"{wait_secs:g}", "seen": seen}
+        resp = await self._request("GET", path, params=params)
+        build = self._parse(Build, self._decoded(resp, "GET", path), "build")
+        return build, WAITED_HEADER in resp.headers
 
     async def fetch_builds(
         self,

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from bigtent.apilimits import BUILD_WAIT_MAX_SECS
 from bigtent.apimodels import Build, StepAttempt, StepCounts
 from bigtent.client.api import RunnerClient
 from bigtent.client.outage import UNREACHABLE_GRACE_SECS, riding_out
@@ -41,12 +42,6 @@ QUICK_POLL_SECS = 0.05
 interval) while nothing does, so a long last step costs no more polls than before."""
 
 
-LONG_POLL_SECS = 5.0
-"""Near a build's end, how long a look may wait at the runner for the build to change
-(``GET /builds/{id}?wait=&seen=``): the runner answers as soon as a step or the build ends,
-so the end is seen when it happens rather than at the next poll."""
-
-
 ATTEMPTS_PAGE = 1000
 """Attempt records asked for per request (the runner's page size)."""
 
@@ -68,25 +63,10 @@ def poll_delay(interval_secs: float, unfinished: int, changed: bool, last_secs: 
     return min(interval_secs, max(last_secs, QUICK_POLL_SECS) * 2)
 
 
-@dataclass(frozen=True, slots=True)
-class NextLook:
-    """How ``follow_build`` looks at the build next."""
-
-    wait: bool
-    """Wait at the runner for the build to change (``GET /builds/{id}?wait=&seen=``)."""
-    pause: bool
-    """Pause (``poll_delay``) before the look."""
-
-
-def next_look(unfinished: int, changed: bool) -> NextLook:
-    """Near the build's end (at most ``NEAR_END_STEPS`` steps unfinished) each look waits at
-    the runner, right after a look that saw a change, else after a pause: a look that came
-    back unchanged hit the wait's cap, or an older runner answered at once, and then looks
-    come as often as plain polls. Farther from the end a plain look every interval: a wait
-    answered at each step's end would cost the runner a request per step (pure)."""
-    if unfinished > NEAR_END_STEPS:
-        return NextLook(wait=False, pause=True)
-    return NextLook(wait=True, pause=not changed)
+def look_wait_secs(interval_secs: float) -> float:
+    """How long a look waits at the runner for the build's state to change: the interval,
+    within what the runner takes (pure)."""
+    return min(max(interval_secs, 0.0), BUILD_WAIT_MAX_SECS)
 
 
 @dataclass(slots=True)
@@ -144,24 +124,29 @@ async def follow_build(
     build also records its last attempt, so the final poll sees every attempt.
     ``follow_steps``: hand the build's steps to ``observer.on_steps`` too, at most every
     ``STEPS_POLL_SECS`` and once more after the build ended. Looks come every
-    ``interval_secs``, sooner near the build's end (``poll_delay``), where each look waits
-    at the runner until the build changes (``next_look``). ``pause``: waits between looks instead of
-    ``asyncio.sleep(delay)`` (the nix hook looks again as soon as its step's log stream
-    ended)."""
+    ``interval_secs``: after the first, each look waits at the runner up to the interval
+    for the build's state to change (``GET /builds/{id}?wait=&seen=STATE``), so its end is
+    seen as the runner commits it; after an answer of a runner that did not wait (an older
+    one), a pause before the next look, sooner near the build's end (``poll_delay``).
+    ``pause``: waits between looks instead of ``asyncio.sleep(delay)`` (the nix hook looks
+    again as soon as its step's log stream ended)."""
     follower = attempts if attempts is not None else AttemptFollower(build_id)
     shown: set[tuple[int, str | None]] = set()
     steps_at: float | None = None
     counts: StepCounts | None = None
     delay = interval_secs
     seen: str | None = None
-    """The progress token the next look waits to differ, or None (a plain look)."""
+    """The state the next look waits to change, or None (a plain look)."""
+    waited = False
+    """Whether the runner waited for the last look."""
 
     async def poll() -> Build:
-        nonlocal steps_at
+        nonlocal steps_at, waited
         if seen is None:
-            build = await client.fetch_build(build_id)
+            build, waited = await client.fetch_build(build_id), False
         else:
-            build = await client.fetch_build(build_id, wait_secs=LONG_POLL_SECS, seen=seen)
+            wait_secs = look_wait_secs(interval_secs)
+            build, waited = await client.wait_for_build(build_id, wait_secs=wait_secs, seen=seen)
         await follower.poll(client, observer)
         now = time.monotonic()
         due = steps_at is None or now - steps_at >= STEPS_POLL_SECS or build.state.is_final
@@ -181,11 +166,10 @@ async def follow_build(
             observer.on_waiting_for_capacity(fresh)
         if build.state.is_final:
             return build
-        unfinished = unfinished_steps(build.counts)
-        changed = build.counts != counts
-        delay = poll_delay(interval_secs, unfinished, changed, delay)
+        delay = poll_delay(
+            interval_secs, unfinished_steps(build.counts), build.counts != counts, delay
+        )
         counts = build.counts
-        look = next_look(unfinished, changed)
-        seen = build.progress_token() if look.wait else None
-        if look.pause:
+        seen = build.state.value
+        if not waited:
             await (pause or asyncio.sleep)(delay)

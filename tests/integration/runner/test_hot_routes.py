@@ -15,7 +15,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from bigtent.apilimits import BUILD_WAIT_MAX_SECS
-from bigtent.apimodels import Build
+from bigtent.apimodels import WAITED_HEADER, Build
 from bigtent.config import Role
 from bigtent.nix.store_path import StorePath
 from bigtent.runner.http.app import RunnerApp
@@ -262,6 +262,10 @@ async def test_build_waits(cached: tuple[RunnerHarness, str], drvs: Drvs) -> Non
     # No agent: the build stays as it is, and the wait answers at its end what it saw.
     unchanged = {"wait": "0.2", "seen": build.progress_token()}
     same = await same_answer(runner, "GET", path, token=client, params=unchanged)
+    assert same.content == plain.content and same.headers[WAITED_HEADER] == "0.2"
+    assert WAITED_HEADER not in plain.headers
+    state_only = {"wait": "0.2", "seen": build.state.value}
+    same = await same_answer(runner, "GET", path, token=client, params=state_only)
     assert same.content == plain.content
     other = {"wait": "10", "seen": "queued.0"}
     assert (await same_answer(runner, "GET", path, token=client, params=other)).content == (
@@ -272,38 +276,39 @@ async def test_build_waits(cached: tuple[RunnerHarness, str], drvs: Drvs) -> Non
 async def test_a_wait_ends_when_the_build_does(
     cached: tuple[RunnerHarness, str], drvs: Drvs
 ) -> None:
-    """A request waiting for the build to change is answered once the scheduler ended it
-    (cancelled here), not at its cap: the watch woke it."""
+    """A request waiting for the build's state to change is answered once the scheduler
+    ended it (cancelled here), not at its cap: the watch woke it."""
     runner, _ = cached
     http = runner.client(Role.CLIENT)
     created = await http.post("/api/v1/builds", json={"drvs": [drvs.top]})
     build = Build.model_validate(created.json())
     watch = runner.comps.scheduler.build_watch
     woken: list[int] = []
-    changed = watch.changed
+    ended = watch.ended
 
     def spy(build_ids: Iterable[int]) -> None:
         ids = list(build_ids)
         if watch.waiters():
             woken.extend(ids)
-        changed(ids)
+        ended(ids)
 
-    watch.changed = spy  # type: ignore[method-assign]
+    watch.ended = spy  # type: ignore[method-assign]
     registered = asyncio.Event()
     watching = watch.watching
 
     @contextmanager
-    def announced(build_id: int) -> Iterator[asyncio.Future[None]]:
-        with watching(build_id) as future:
+    def announced(build_id: int, *, steps: bool) -> Iterator[asyncio.Future[None]]:
+        with watching(build_id, steps=steps) as future:
             registered.set()
             yield future
 
     watch.watching = announced  # type: ignore[method-assign]
-    query = {"wait": f"{BUILD_WAIT_MAX_SECS:g}", "seen": build.progress_token()}
+    query = {"wait": f"{BUILD_WAIT_MAX_SECS:g}", "seen": build.state.value}
     waiting = asyncio.create_task(http.get(f"/api/v1/builds/{build.id}", params=query))
     await registered.wait()
     assert await runner.comps.scheduler.cancel_build(build.id)
     answer = await waiting
     assert answer.status_code == 200
     assert answer.json()["state"] == "cancelled"
+    assert answer.headers[WAITED_HEADER] == f"{BUILD_WAIT_MAX_SECS:g}"
     assert woken == [build.id]

@@ -1,6 +1,6 @@
-"""Near a build's end ``follow_build`` waits at the runner for the build to change
-(``GET /builds/{id}?wait=&seen=``); an older runner, which ignores the parameters and answers
-at once, is followed as before."""
+"""``follow_build`` waits at the runner for the build's state to change
+(``GET /builds/{id}?wait=&seen=STATE``); an older runner, which ignores the parameters and
+answers at once, is followed as before: a pause between looks."""
 
 from __future__ import annotations
 
@@ -9,50 +9,60 @@ from typing import Any
 import httpx
 import pytest
 
-from bigtent.apimodels import Build, progress_token
-from bigtent.client.follow import LONG_POLL_SECS, NEAR_END_STEPS, NextLook, follow_build, next_look
+from bigtent.apilimits import BUILD_WAIT_MAX_SECS
+from bigtent.apimodels import WAITED_HEADER, Build, progress_seen, progress_token
+from bigtent.client.follow import follow_build, look_wait_secs
 from bigtent.client.observer import SilentObserver
 from tests.unit.client.test_client_build import FakeRunner, _client, _wire_build
 
 
-@pytest.mark.parametrize(
-    ("unfinished", "changed", "look"),
-    [
-        (NEAR_END_STEPS + 1, True, NextLook(wait=False, pause=True)),
-        (50, False, NextLook(wait=False, pause=True)),
-        (NEAR_END_STEPS, True, NextLook(wait=True, pause=False)),
-        (1, False, NextLook(wait=True, pause=True)),
-        (0, True, NextLook(wait=True, pause=False)),
-    ],
-)
-def test_next_look(unfinished: int, changed: bool, look: NextLook) -> None:
-    assert next_look(unfinished, changed) == look
-
-
 def test_the_progress_token_is_the_state_and_the_counts() -> None:
     build = Build.model_validate(_wire_build("running", running=1, succeeded=2))
-    assert build.progress_token() == "running.3.0.0.1.2.0.0"
-    assert build.progress_token() == progress_token("running", build.counts.model_dump())
-    assert progress_token("running", {"total": 3, "running": 1}) != build.progress_token()
+    token = build.progress_token()
+    assert token == "running.3.0.0.1.2.0.0"
+    assert token == progress_token("running", build.counts.model_dump())
+    assert progress_seen(token, token) and progress_seen(token, "running")
+    assert not progress_seen(token, "running.3.0.0.0.3.0.0")
+    assert not progress_seen(token, "queued")
+
+
+@pytest.mark.parametrize(
+    ("interval", "wait"), [(0.3, 0.3), (0.0, 0.0), (-1.0, 0.0), (60.0, BUILD_WAIT_MAX_SECS)]
+)
+def test_a_look_waits_the_interval_within_the_runners_bound(interval: float, wait: float) -> None:
+    assert look_wait_secs(interval) == wait
 
 
 class RecordingRunner(FakeRunner):
-    """A runner without the wait (it answers at once), recording the build looks' queries."""
+    """Records the build looks' queries; ``waits``: answers as a runner that waited."""
 
-    def __init__(self, builds: list[dict[str, Any]]) -> None:
+    def __init__(self, builds: list[dict[str, Any]], *, waits: bool) -> None:
         super().__init__([], [], builds)
+        self.waits = waits
         self.looks: list[dict[str, str]] = []
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
+        response = await super().__call__(request)
         if request.url.path == "/api/v1/builds/5":
             self.looks.append(dict(request.url.params))
-        return await super().__call__(request)
+            if self.waits and "wait" in request.url.params:
+                response.headers[WAITED_HEADER] = request.url.params["wait"]
+        return response
 
 
-async def test_an_older_runner_that_answers_at_once_is_followed_to_the_end() -> None:
-    many = _wire_build("running", waiting=1, runnable=1, running=1)
-    near = _wire_build("running", running=1, succeeded=2)
-    runner = RecordingRunner([many, near, near, near, _wire_build("succeeded", succeeded=3)])
+BUILDS = [
+    _wire_build("queued"),
+    _wire_build("running", waiting=1, runnable=1, running=1),
+    _wire_build("running", running=1, succeeded=2),
+    _wire_build("succeeded", succeeded=3),
+]
+
+
+@pytest.mark.parametrize("waits", [True, False])
+async def test_each_look_after_the_first_waits_for_the_state(waits: bool) -> None:
+    """A runner that waits: no pause between looks. An older one (it answers at once, and
+    says nothing of a wait): a pause after each look, as before."""
+    runner = RecordingRunner(list(BUILDS), waits=waits)
     pauses: list[float] = []
 
     async def pause(secs: float) -> None:
@@ -61,9 +71,7 @@ async def test_an_older_runner_that_answers_at_once_is_followed_to_the_end() -> 
     async with _client(runner) as client:
         final = await follow_build(client, 5, SilentObserver(), interval_secs=0.3, pause=pause)
     assert final.state.value == "succeeded"
-    token = Build.model_validate(near).progress_token()
-    wait = {"wait": f"{LONG_POLL_SECS:g}", "seen": token}
-    # Far from the end a plain look; near it each look waits, and one that came back
-    # unchanged (as an older runner answers) is followed by a pause as before.
-    assert runner.looks == [{}, {}, wait, wait, wait]
-    assert len(pauses) == 3
+    state = [{"wait": "0.3", "seen": "queued"}] + [{"wait": "0.3", "seen": "running"}] * 2
+    assert runner.looks == [{}, *state]
+    # The first look (plain) is followed by a pause either way.
+    assert len(pauses) == (1 if waits else 3)

@@ -357,7 +357,7 @@ class SchedulerState:
 
     def _forget_build(self, build: ActiveBuild) -> None:
         """Drop a finished build and the final steps no other active build needs."""
-        self.build_watch.changed((build.id,))
+        self.build_watch.ended((build.id,))
         self.builds.pop(build.id, None)
         for sid in build.steps:
             node = self.nodes.get(sid)

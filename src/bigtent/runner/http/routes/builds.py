@@ -7,7 +7,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -25,7 +25,15 @@ from bigtent.apilimits import (
     REPOSITORY_PATTERN,
     known_id,
 )
-from bigtent.apimodels import AttemptList, Build, BuildList, StepList, progress_token
+from bigtent.apimodels import (
+    WAITED_HEADER,
+    AttemptList,
+    Build,
+    BuildList,
+    StepList,
+    progress_seen,
+    progress_token,
+)
 from bigtent.config import Role
 from bigtent.errors import BadRequest, InvalidParameter, NotFound
 from bigtent.runner.auth.ownership import BuildAction
@@ -188,27 +196,29 @@ def build_wait(wait: str | None, seen: str | None) -> BuildWait | None:
     return BuildWait(secs, seen)
 
 
-async def watched_build_json(
-    comps: Components, build_id: int, wait: BuildWait | None
-) -> dict[str, Any]:
-    """The build as ``GET /builds/{id}`` answers it; with ``wait``, once its state or step
-    counts differ from what the client saw (the scheduler's ``build_watch`` says when to
-    look again), it ended, or the wait's time is up (then as it is then)."""
+async def watched_build(comps: Components, build_id: int, wait: BuildWait | None) -> JSONResponse:
+    """The build as ``GET /builds/{id}`` answers it; with ``wait``, once it is no longer as
+    the client saw it (``progress_seen``: its state and step counts, or its state alone),
+    it ended, or the wait's time is up (then as it is then), saying so in ``WAITED_HEADER``.
+    The scheduler's ``build_watch`` says when to look again."""
     if wait is None:
-        return await build_json(comps, build_id, details=True)
+        return answer(await build_json(comps, build_id, details=True))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait.secs
+    steps = "." in wait.seen
     while True:
         # Watched before it is read: a change committed during the read wakes the wait.
-        with comps.scheduler.build_watch.watching(build_id) as changed:
+        with comps.scheduler.build_watch.watching(build_id, steps=steps) as changed:
             body = await build_json(comps, build_id, details=True)
             left = deadline - loop.time()
             if (
                 left <= 0
                 or BuildState(body["state"]).is_final
-                or progress_token(body["state"], body["counts"]) != wait.seen
+                or not progress_seen(progress_token(body["state"], body["counts"]), wait.seen)
             ):
-                return body
+                response = answer(body)
+                response.headers[WAITED_HEADER] = f"{wait.secs:g}"
+                return response
             await asyncio.wait([changed], timeout=left)
 
 
@@ -225,10 +235,11 @@ async def get_build(
         ),
     ] = None,
     seen: Annotated[
-        str | None, Query(description="The build's progress token as the client last saw it.")
+        str | None,
+        Query(description="The build's progress token as the client last saw it, or its state."),
     ] = None,
 ) -> JSONResponse:
-    return answer(await watched_build_json(comps, build_id, build_wait(wait, seen)))
+    return await watched_build(comps, build_id, build_wait(wait, seen))
 
 
 async def hot_get_build(comps: Components, request: Request, params: dict[str, str]) -> Response:
@@ -237,7 +248,7 @@ async def hot_get_build(comps: Components, request: Request, params: dict[str, s
     await caller(comps, request.headers.get("authorization"), Role.CLIENT)
     query = request.query_params
     wait = build_wait(query.get("wait"), query.get("seen"))
-    return answer(await watched_build_json(comps, int(params["build_id"]), wait))
+    return await watched_build(comps, int(params["build_id"]), wait)
 
 
 @router.get("/builds/{build_id}/steps", response_model=StepList)
