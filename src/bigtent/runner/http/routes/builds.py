@@ -198,9 +198,11 @@ def build_wait(wait: str | None, seen: str | None) -> BuildWait | None:
 
 async def watched_build(comps: Components, build_id: int, wait: BuildWait | None) -> JSONResponse:
     """The build as ``GET /builds/{id}`` answers it; with ``wait``, once it is no longer as
-    the client saw it (``progress_seen``: its state and step counts, or its state alone),
-    it ended, or the wait's time is up (then as it is then), saying so in ``WAITED_HEADER``.
-    The scheduler's ``build_watch`` says when to look again."""
+    the client saw it (``progress_seen``: its state and step counts, or its state alone) or
+    it ended, else at the wait's end, saying so in ``WAITED_HEADER``. The scheduler's
+    ``build_watch`` says when to read it again; at the wait's end with no word from it, the
+    answer is the build as last read (the change it did not say is seen by the next look),
+    so a wait costs the database no more reads than the poll it replaces."""
     if wait is None:
         return answer(await build_json(comps, build_id, details=True))
     loop = asyncio.get_running_loop()
@@ -212,14 +214,16 @@ async def watched_build(comps: Components, build_id: int, wait: BuildWait | None
             body = await build_json(comps, build_id, details=True)
             left = deadline - loop.time()
             if (
-                left <= 0
-                or BuildState(body["state"]).is_final
-                or not progress_seen(progress_token(body["state"], body["counts"]), wait.seen)
+                left > 0
+                and not BuildState(body["state"]).is_final
+                and progress_seen(progress_token(body["state"], body["counts"]), wait.seen)
             ):
-                response = answer(body)
-                response.headers[WAITED_HEADER] = f"{wait.secs:g}"
-                return response
-            await asyncio.wait([changed], timeout=left)
+                woken, _ = await asyncio.wait([changed], timeout=left)
+                if woken:
+                    continue
+            response = answer(body)
+            response.headers[WAITED_HEADER] = f"{wait.secs:g}"
+            return response
 
 
 @router.get("/builds/{build_id}", response_model=Build)
