@@ -24,6 +24,17 @@ def known_id(ident: int, what: str) -> int:
     return ident
 
 
+MAX_REFERENCES = 4096
+"""References of one store path (an output an agent reports, a path a client uploads): the
+wire protocol's bound too (``bigtent.protocol`` takes it from here)."""
+
+
+BUILD_WAIT_MAX_SECS = 10.0
+"""The longest ``GET /builds/{id}?wait=`` holds its answer (a client asks again after it)."""
+PROGRESS_TOKEN_MAX_CHARS = 200
+"""``GET /builds/{id}?seen=``: a progress token (``apimodels.progress_token``) is far shorter."""
+
+
 PRIORITY_MIN = -1000
 PRIORITY_MAX = 1000
 """A build's priority (``POST /builds``, ``POST /builds/{id}/bump``)."""

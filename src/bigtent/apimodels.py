@@ -8,6 +8,8 @@ client reads a runner that answers a little more or less than it knows.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pydantic import BaseModel, ConfigDict
 
 from bigtent.states import BuildState
@@ -224,6 +226,35 @@ class Build(ApiModel):
     """Only in ``GET /builds/{id}``: the first of them, longest waiting first."""
     failed_steps: list[FailedStep] = []
     """Only in ``GET /builds/{id}``."""
+
+    def progress_token(self) -> str:
+        """What ``GET /builds/{id}?seen=`` names: this build's state and step counts."""
+        return progress_token(self.state.value, self.counts.model_dump())
+
+
+PROGRESS_COUNTS = ("total", "waiting", "runnable", "running", "succeeded", "failed", "cancelled")
+"""The step counts a progress token holds, in its order."""
+
+
+def progress_token(state: str, counts: Mapping[str, int]) -> str:
+    """A build's state and step counts as one short string, e.g. ``running.9.2.1.2.4.0.0``:
+    a client that saw it asks ``GET /builds/{id}?wait=&seen=`` for the build once it differs
+    (pure; the runner compares its own answer's, so both sides compute it here)."""
+    return ".".join([state, *(str(counts.get(name, 0)) for name in PROGRESS_COUNTS)])
+
+
+def progress_seen(token: str, seen: str) -> bool:
+    """Whether a build whose progress token is ``token`` is as the client saw it: ``seen`` is
+    a progress token, or a state alone (then only the state counts) (pure)."""
+    if "." in seen:
+        return token == seen
+    return token.split(".", 1)[0] == seen
+
+
+WAITED_HEADER = "Bigtent-Waited"
+"""Set on a ``GET /builds/{id}?wait=`` answer by a runner that waited (the seconds it would
+have): a client told nothing of the kind (an older runner answered at once) pauses before
+it looks again."""
 
 
 class StepAttempt(ApiModel):

@@ -66,6 +66,13 @@ class BadRequest(BigtentError):
     http_status = 400
 
 
+class InvalidParameter(BadRequest):
+    """A query parameter the runner validates itself is of the wrong kind or out of range
+    (422, as FastAPI answers its own parameters')."""
+
+    http_status = 422
+
+
 class PayloadTooLarge(BadRequest):
     """An upload is larger than allowed or than it declared."""
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from bigtent.apilimits import MAX_REFERENCES
 from bigtent.errors import BadRequest
-from bigtent.protocol import MAX_REFERENCES
 
 CONTENT_TYPE = "application/x-bigtent-nar-batch"
 LENGTH_BYTES = 4

@@ -14,6 +14,7 @@ from typing import Annotated, Literal, NewType
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from bigtent.apilimits import MAX_ID
+from bigtent.apilimits import MAX_REFERENCES as MAX_REFERENCES
 from bigtent.errors import ProtocolError
 
 PROTOCOL_VERSION = "bigtent/1"
@@ -32,7 +33,6 @@ MAX_SHORT_TEXT = 256
 MAX_ERROR_CHARS = 8192
 MAX_LIST_ITEMS = 256
 """Systems, features, running steps, outputs, references of one output..."""
-MAX_REFERENCES = 4096
 MAX_LOG_LINES_PER_BATCH = 2000
 MAX_LOG_LINE_CHARS = 16 * 1024
 MAX_ASSIGN_DRV_BYTES = 256 * 1024

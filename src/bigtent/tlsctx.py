@@ -11,6 +11,7 @@ system roots apply. A file that cannot be loaded is a ``ConfigError`` naming wha
 from __future__ import annotations
 
 import ssl
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from bigtent.errors import ConfigError
@@ -29,3 +30,19 @@ def httpx_verify(ca_file: Path | str | None, what: str) -> ssl.SSLContext | bool
     """httpx's ``verify``: ``True`` (its own system roots) without a CA file, else the
     context of ``ca_context``."""
     return True if ca_file is None else ca_context(ca_file, what)
+
+
+def plain_http_verify(
+    urls: Sequence[str], ca_file: Path | str | None, environ: Mapping[str, str]
+) -> ssl.SSLContext | None:
+    """httpx's ``verify`` for a client whose every URL is plain ``http://``, no CA file and no
+    ``https://`` proxy in ``environ``: a verifying context that trusts no CA, or None for any
+    other client (then ``httpx_verify``). httpx loads its CA bundle for each client it makes
+    (tens of milliseconds of a short command's start); such a client makes no TLS
+    connection, and one it made would fail verification, never go unchecked (pure)."""
+    if ca_file is not None or not urls or not all(u.startswith("http://") for u in urls):
+        return None
+    for name, value in environ.items():
+        if name.lower().endswith("_proxy") and value.strip().lower().startswith("https://"):
+            return None
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from bigtent.errors import ConfigError
-from bigtent.tlsctx import ca_context, httpx_verify
+from bigtent.tlsctx import ca_context, httpx_verify, plain_http_verify
 from tests.integration.runner.oidc_issuer import make_tls
 
 # The start of a certificate, cut short: PEM armour around DER that does not parse.
@@ -54,3 +54,29 @@ def test_a_file_that_cannot_be_loaded_names_what_it_is_for(
     with pytest.raises(ConfigError, match=f"^cannot load CA file {path}: .*{why}") as info:
         httpx_verify(path, "CA file")
     assert info.value.exit_code == 2
+
+
+def test_a_plain_http_client_trusts_no_ca() -> None:
+    """Every URL plain http: a context that loads no roots yet verifies (a TLS connection
+    would fail, never go unchecked)."""
+    context = plain_http_verify(["http://a:8080", "http://b"], None, {"HTTP_PROXY": "http://p"})
+    assert context is not None
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    assert context.get_ca_certs() == []
+
+
+@pytest.mark.parametrize(
+    ("urls", "ca_file", "environ"),
+    [
+        (["http://a", "https://b"], None, {}),
+        (["https://a"], None, {}),
+        (["http://a"], "/ca.pem", {}),
+        (["http://a"], None, {"https_proxy": "https://proxy:3128"}),
+        (["http://a"], None, {"ALL_PROXY": " HTTPS://proxy"}),
+        ([], None, {}),
+    ],
+)
+def test_any_tls_keeps_the_usual_verification(
+    urls: list[str], ca_file: str | None, environ: dict[str, str]
+) -> None:
+    assert plain_http_verify(urls, ca_file, environ) is None

@@ -11,21 +11,13 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
 from bigtent.cli.output import echo_json
 from bigtent.errors import BigtentError
 
-if TYPE_CHECKING:  # the client modules load lazily, inside the commands
+if TYPE_CHECKING:  # the client modules (and rich, for a terminal only) load lazily
+    from rich.progress import TaskID
+
     from bigtent.apimodels import Build, Step, StepAttempt, WaitingStep
     from bigtent.client.api import RunnerClient
     from bigtent.client.build import BuildResult
@@ -44,6 +36,17 @@ class RichBuildObserver:
     """Progress on stderr: phase lines, an upload bar, then a build bar with the step summary."""
 
     def __init__(self, logs: StepLogStreams | None = None) -> None:
+        # Imported here: only a build shown on a terminal draws bars.
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
         self.logs = logs
         self.console = Console(stderr=True, highlight=False)
         self.progress = Progress(

@@ -4,25 +4,43 @@
 Every ``BigtentError`` reaching ``main`` becomes one ``Error: ...`` line on stderr and the error's
 exit code (2 for usage and configuration errors, 1 for failures: ``bigtent.errors``); Ctrl-C
 exits 130. Logging is configured here and nowhere else. The commands live in one module per
-group of commands and are added to the group below.
+group of commands, which the group imports only when it runs or lists one of their commands:
+``bigtent build`` loads the client's modules and no runner's or agent's (``COMMAND_MODULES``).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 import click
-from rich.console import Console
 
 from bigtent import __version__
-from bigtent.cli import build, builds, cache, ci, db, farm, services, ssh, tokens
 from bigtent.cli.options import CONTEXT
 from bigtent.errors import BigtentError
 
 _SERVICE_COMMANDS = frozenset({"runner", "agent", "up", "nix-proxy"})
+
+COMMAND_MODULES: dict[str, str] = {
+    "build": "build",
+    **dict.fromkeys(
+        ("builds", "steps", "nix-hook", "nix-proxy", "log", "cancel", "restart", "bump"),
+        "builds",
+    ),
+    **dict.fromkeys(("status", "agents", "builders", "launches"), "farm"),
+    **dict.fromkeys(("keys", "token"), "tokens"),
+    "ssh": "ssh",
+    "db": "db",
+    **dict.fromkeys(("cache", "pin", "gc"), "cache"),
+    **dict.fromkeys(("runner", "agent", "up"), "services"),
+    **dict.fromkeys(("projects", "evals", "jobs"), "ci"),
+}
+"""Each command's module in ``bigtent.cli`` (whose ``COMMANDS`` holds it): a command's run
+imports its module only, so a client command pays for no runner's, agent's or database's
+imports (a test checks this table against the modules)."""
 
 
 def main(args: Sequence[str] | None = None) -> NoReturn:
@@ -61,6 +79,7 @@ def _configure_logging(verbose: int, service: bool) -> None:
         level = logging.WARNING
     handler: logging.Handler
     if sys.stderr.isatty():
+        from rich.console import Console
         from rich.logging import RichHandler
 
         handler = RichHandler(console=Console(stderr=True), show_path=False)
@@ -76,15 +95,31 @@ def _configure_logging(verbose: int, service: bool) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-@click.group(context_settings=CONTEXT)
+class LazyGroup(click.Group):
+    """A group whose commands are imported from their module on first use (click's lazy
+    loading pattern): listing them (``bigtent --help``) imports every module, running one
+    imports one."""
+
+    def __init__(self, *args: object, modules: dict[str, str], **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.modules = modules
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *self.modules})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.modules:
+            module = importlib.import_module(f"bigtent.cli.{self.modules[cmd_name]}")
+            for command in module.COMMANDS:
+                if command.name is not None:
+                    self.commands.setdefault(command.name, command)
+        return self.commands.get(cmd_name)
+
+
+@click.group(cls=LazyGroup, modules=COMMAND_MODULES, context_settings=CONTEXT)
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.version_option(__version__, prog_name="bigtent")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int) -> None:
     """bigtent: a distributed Nix build farm with a signed binary cache."""
     _configure_logging(verbose, ctx.invoked_subcommand in _SERVICE_COMMANDS)
-
-
-for _module in (build, builds, farm, tokens, ssh, db, cache, services, ci):
-    for _command in _module.COMMANDS:
-        cli.add_command(_command)

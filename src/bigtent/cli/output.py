@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
+
+if TYPE_CHECKING:  # rich loads with the first table (a --json or plain answer needs none)
+    from rich.console import Console
 
 
 def emit(as_json: bool, value: Any, human: str | Callable[[], object]) -> None:
@@ -38,6 +40,8 @@ def echo_json(data: Any) -> None:
 def console() -> Console:
     """A console on stdout for rich tables and lines."""
     # Piped output gets wide lines instead of rich's 80 columns with truncated cells.
+    from rich.console import Console
+
     from bigtent.client.tables import terminal_width
 
     return Console(highlight=False, width=terminal_width())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -13,6 +14,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from bigtent.apimodels import (
+    WAITED_HEADER,
     Agent,
     Agents,
     AttemptList,
@@ -49,7 +51,7 @@ from bigtent.errors import (
     parse_error_body,
 )
 from bigtent.narbatch import CONTENT_TYPE
-from bigtent.tlsctx import httpx_verify
+from bigtent.tlsctx import httpx_verify, plain_http_verify
 
 log = logging.getLogger(__name__)
 
@@ -235,10 +237,11 @@ class RunnerClient:
         self.batch_uploads = True
         """False once the runner answered that it has no batch upload route (an older
         runner): paths are then uploaded one by one."""
+        plain = plain_http_verify(self.base_urls, ca_file, os.environ)
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
-            verify=httpx_verify(ca_file, "CA file"),
+            verify=plain if plain is not None else httpx_verify(ca_file, "CA file"),
             transport=transport,
             timeout=httpx.Timeout(timeout_secs),
             trust_env=transport is None,
@@ -355,7 +358,10 @@ class RunnerClient:
         )
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        resp = await self._request(method, path, **kwargs)
+        return self._decoded(await self._request(method, path, **kwargs), method, path)
+
+    @staticmethod
+    def _decoded(resp: httpx.Response, method: str, path: str) -> Any:
         try:
             return resp.json()
         except ValueError as exc:
@@ -456,6 +462,18 @@ class RunnerClient:
         return self._parse(
             Build, await self._json("GET", f"/builds/{checked_id(build_id, 'build')}"), "build"
         )
+
+    async def wait_for_build(
+        self, build_id: int | str, *, wait_secs: float, seen: str
+    ) -> tuple[Build, bool]:
+        """The build once it is no longer as ``seen`` (its ``progress_token``, or its state
+        alone) or after ``wait_secs``, and whether the runner waited (``WAITED_HEADER``): an
+        older runner ignores the parameters and answers at once."""
+        path = f"/builds/{checked_id(build_id, 'build')}"
+        params: dict[str, str | int] = {"wait": f"{wait_secs:g}", "seen": seen}
+        resp = await self._request("GET", path, params=params)
+        build = self._parse(Build, self._decoded(resp, "GET", path), "build")
+        return build, WAITED_HEADER in resp.headers
 
     async def fetch_builds(
         self,

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from bigtent.apilimits import BUILD_WAIT_MAX_SECS
 from bigtent.apimodels import Build, StepAttempt, StepCounts
 from bigtent.client.api import RunnerClient
 from bigtent.client.outage import UNREACHABLE_GRACE_SECS, riding_out
@@ -60,6 +61,12 @@ def poll_delay(interval_secs: float, unfinished: int, changed: bool, last_secs: 
     if changed:
         return min(interval_secs, QUICK_POLL_SECS)
     return min(interval_secs, max(last_secs, QUICK_POLL_SECS) * 2)
+
+
+def look_wait_secs(interval_secs: float) -> float:
+    """How long a look waits at the runner for the build's state to change: the interval,
+    within what the runner takes (pure)."""
+    return min(max(interval_secs, 0.0), BUILD_WAIT_MAX_SECS)
 
 
 @dataclass(slots=True)
@@ -117,18 +124,29 @@ async def follow_build(
     build also records its last attempt, so the final poll sees every attempt.
     ``follow_steps``: hand the build's steps to ``observer.on_steps`` too, at most every
     ``STEPS_POLL_SECS`` and once more after the build ended. Looks come every
-    ``interval_secs``, sooner near the build's end (``poll_delay``). ``pause``: waits between
-    looks instead of ``asyncio.sleep(delay)`` (the nix hook looks again as soon as
-    its step's log stream ended)."""
+    ``interval_secs``: after the first, each look waits at the runner up to the interval
+    for the build's state to change (``GET /builds/{id}?wait=&seen=STATE``), so its end is
+    seen as the runner commits it; after an answer of a runner that did not wait (an older
+    one), a pause before the next look, sooner near the build's end (``poll_delay``).
+    ``pause``: waits between looks instead of ``asyncio.sleep(delay)`` (the nix hook looks
+    again as soon as its step's log stream ended)."""
     follower = attempts if attempts is not None else AttemptFollower(build_id)
     shown: set[tuple[int, str | None]] = set()
     steps_at: float | None = None
     counts: StepCounts | None = None
     delay = interval_secs
+    seen: str | None = None
+    """The state the next look waits to change, or None (a plain look)."""
+    waited = False
+    """Whether the runner waited for the last look."""
 
     async def poll() -> Build:
-        nonlocal steps_at
-        build = await client.fetch_build(build_id)
+        nonlocal steps_at, waited
+        if seen is None:
+            build, waited = await client.fetch_build(build_id), False
+        else:
+            wait_secs = look_wait_secs(interval_secs)
+            build, waited = await client.wait_for_build(build_id, wait_secs=wait_secs, seen=seen)
         await follower.poll(client, observer)
         now = time.monotonic()
         due = steps_at is None or now - steps_at >= STEPS_POLL_SECS or build.state.is_final
@@ -152,4 +170,6 @@ async def follow_build(
             interval_secs, unfinished_steps(build.counts), build.counts != counts, delay
         )
         counts = build.counts
-        await (pause or asyncio.sleep)(delay)
+        seen = build.state.value
+        if not waited:
+            await (pause or asyncio.sleep)(delay)

@@ -12,8 +12,6 @@ from bigtent.apimodels import Build, BuildRoot, Step, StepAttempt, StepCounts, W
 from bigtent.client.printed import printed
 from bigtent.client.progress import nothing_to_build
 from bigtent.client.targets import Job
-from bigtent.protocol import Outcome
-from bigtent.runner.scheduler.leases import Disposition, classify
 from bigtent.states import BuildState, StepState
 
 if TYPE_CHECKING:
@@ -66,6 +64,11 @@ def _first_line(text: str | None) -> str:
 def is_infrastructure_failure(attempt: StepAttempt) -> bool:
     """Whether the attempt failed for an infrastructure reason (retried up to
     ``scheduler.max_infra_attempts``), as the runner classifies outcomes."""
+    # Imported here: the wire protocol's models cost every client command's start-up, and
+    # only a build with a failed attempt asks this.
+    from bigtent.protocol import Outcome
+    from bigtent.runner.scheduler.leases import Disposition, classify
+
     try:
         outcome = Outcome(attempt.outcome)
     except ValueError:

@@ -5,7 +5,8 @@ entered FastAPI's middleware stack."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -13,6 +14,8 @@ import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
+from bigtent.apilimits import BUILD_WAIT_MAX_SECS
+from bigtent.apimodels import WAITED_HEADER, Build
 from bigtent.config import Role
 from bigtent.nix.store_path import StorePath
 from bigtent.runner.http.app import RunnerApp
@@ -234,3 +237,78 @@ async def test_the_schema_still_lists_the_hot_api_routes(make_runner: MakeRunner
     assert "put" in paths["/api/v1/paths/{basename}"]
     assert "get" in paths["/api/v1/builds/{build_id}"]
     assert not [p for p in paths if p.startswith("/cache")]  # never were
+
+
+async def test_build_waits(cached: tuple[RunnerHarness, str], drvs: Drvs) -> None:
+    """``?wait=&seen=`` through both paths: refused values, an answer at once when the build
+    is not as the client saw it, and at the wait's end with the same body when it is."""
+    runner, _ = cached
+    client = runner.tokens[Role.CLIENT]
+    created = await runner.client(Role.CLIENT).post("/api/v1/builds", json={"drvs": [drvs.top]})
+    path = f"/api/v1/builds/{created.json()['id']}"
+    bad: list[dict[str, str]] = [
+        {"wait": "1"},
+        {"seen": "x"},
+        {"wait": "soon", "seen": "x"},
+        {"wait": "11", "seen": "x"},
+        {"wait": "1", "seen": ""},
+    ]
+    for query in bad:
+        refused = await same_answer(runner, "GET", path, token=client, params=query)
+        assert refused.status_code == 422, query
+        assert refused.json()["error"].startswith(("wait", "seen")), query
+    plain = await same_answer(runner, "GET", path, token=client)
+    build = Build.model_validate(plain.json())
+    # No agent: the build stays as it is, and the wait answers at its end what it saw.
+    unchanged = {"wait": "0.2", "seen": build.progress_token()}
+    same = await same_answer(runner, "GET", path, token=client, params=unchanged)
+    assert same.content == plain.content and same.headers[WAITED_HEADER] == "0.2"
+    assert WAITED_HEADER not in plain.headers
+    state_only = {"wait": "0.2", "seen": build.state.value}
+    same = await same_answer(runner, "GET", path, token=client, params=state_only)
+    assert same.content == plain.content
+    other = {"wait": "10", "seen": "queued.0"}
+    assert (await same_answer(runner, "GET", path, token=client, params=other)).content == (
+        plain.content
+    )
+
+
+async def test_a_wait_ends_when_the_build_does(
+    cached: tuple[RunnerHarness, str], drvs: Drvs
+) -> None:
+    """A request waiting for the build's state to change is answered once the scheduler
+    ended it (cancelled here), not at its cap: the watch woke it."""
+    runner, _ = cached
+    http = runner.client(Role.CLIENT)
+    created = await http.post("/api/v1/builds", json={"drvs": [drvs.top]})
+    build = Build.model_validate(created.json())
+    watch = runner.comps.scheduler.build_watch
+    woken: list[int] = []
+    ended = watch.ended
+
+    def spy(build_ids: Iterable[int]) -> None:
+        ids = list(build_ids)
+        if watch.waiters():
+            woken.extend(ids)
+        ended(ids)
+
+    watch.ended = spy  # type: ignore[method-assign]
+    registered = asyncio.Event()
+    watching = watch.watching
+
+    @contextmanager
+    def announced(build_id: int, *, steps: bool) -> Iterator[asyncio.Future[None]]:
+        with watching(build_id, steps=steps) as future:
+            registered.set()
+            yield future
+
+    watch.watching = announced  # type: ignore[method-assign]
+    query = {"wait": f"{BUILD_WAIT_MAX_SECS:g}", "seen": build.state.value}
+    waiting = asyncio.create_task(http.get(f"/api/v1/builds/{build.id}", params=query))
+    await registered.wait()
+    assert await runner.comps.scheduler.cancel_build(build.id)
+    answer = await waiting
+    assert answer.status_code == 200
+    assert answer.json()["state"] == "cancelled"
+    assert answer.headers[WAITED_HEADER] == f"{BUILD_WAIT_MAX_SECS:g}"
+    assert woken == [build.id]

@@ -25,7 +25,10 @@ run = run_cli
 
 
 def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    for name, cmd in group.commands.items():
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        assert cmd is not None
         yield (*prefix, name)
         if isinstance(cmd, click.Group):
             yield from _commands(cmd, (*prefix, name))
@@ -89,7 +92,8 @@ def test_bad_arguments_are_clean_usage_errors(args: list[str]) -> None:
 
 def test_design_flags_are_present() -> None:
     def opts(name: str) -> set[str]:
-        cmd = cli.commands[name]
+        cmd = cli.get_command(click.Context(cli), name)
+        assert cmd is not None
         return {o for p in cmd.params for o in getattr(p, "opts", [])}
 
     assert opts("agent") >= {

@@ -58,8 +58,7 @@ def _command(command: click.Command, ctx: click.Context) -> dict[str, Any]:
     if isinstance(command, click.Group):
         info["invoke_without_command"] = command.invoke_without_command
         info["commands"] = {
-            name: _command(sub, _context(sub, name, ctx))
-            for name, sub in sorted(command.commands.items())
+            name: _command(sub, _context(sub, name, ctx)) for name, sub in _subcommands(command)
         }
     return info
 
@@ -71,8 +70,15 @@ def command_tree() -> dict[str, Any]:
     return plain
 
 
+def _subcommands(group: click.Group) -> list[tuple[str, click.Command]]:
+    """The group's commands by name, loading the lazily imported ones as ``--help`` does."""
+    ctx = click.Context(group)
+    found = [(name, group.get_command(ctx, name)) for name in group.list_commands(ctx)]
+    return [(name, command) for name, command in found if command is not None]
+
+
 def _paths(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    for name, command in sorted(group.commands.items()):
+    for name, command in _subcommands(group):
         yield (*prefix, name)
         if isinstance(command, click.Group):
             yield from _paths(command, (*prefix, name))

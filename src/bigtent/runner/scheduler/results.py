@@ -183,6 +183,7 @@ class Results(CatchUp):
             endings = build_endings(self.builds, self.nodes, finished, self._incomplete)
             recorded = await persist.build_endings(conn, endings, now)
         # Committed: memory follows.
+        self.build_watch.steps_changed(node.builds)
         self._apply_attempt_end(node, venue, end, msg, promote, fail, now)
         self._end_builds(endings, recorded)
         self.wake()

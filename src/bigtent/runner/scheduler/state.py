@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bigtent import protocol as p
 from bigtent.config import SchedulerSection
+from bigtent.runner.buildwatch import BuildWatch
 from bigtent.runner.db.notify import ChangeFeed, LocalFeed, is_conflict, take_pending
 from bigtent.runner.logs.store import LogStore
 from bigtent.runner.metrics import Metrics
@@ -91,6 +92,8 @@ class SchedulerState:
         """When the first venue that could take waiting work comes out of its cooldown or
         backoff (as of the last pass)."""
         self.builds: dict[int, ActiveBuild] = {}
+        self.build_watch = BuildWatch()
+        """Wakes the requests waiting for a build to change (``GET /builds/{id}?wait=``)."""
         self._nothing_for: dict[Scope, int] = {}
         """Repository scopes whose scan found no step, and at which index version
         (``plan_dispatch``): idle OIDC agents cost no scan until a step is pushed."""
@@ -356,6 +359,7 @@ class SchedulerState:
 
     def _forget_build(self, build: ActiveBuild) -> None:
         """Drop a finished build and the final steps no other active build needs."""
+        self.build_watch.ended((build.id,))
         self.builds.pop(build.id, None)
         for sid in build.steps:
             node = self.nodes.get(sid)

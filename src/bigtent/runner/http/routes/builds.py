@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -12,17 +15,27 @@ from pydantic import BaseModel, Field
 
 from bigtent.apilimits import (
     BUILD_DRVS_MAX,
+    BUILD_WAIT_MAX_SECS,
     LABEL_MAX_CHARS,
     MAX_ID,
     PRIORITY_MAX,
     PRIORITY_MIN,
+    PROGRESS_TOKEN_MAX_CHARS,
     REF_PATTERN,
     REPOSITORY_PATTERN,
     known_id,
 )
-from bigtent.apimodels import AttemptList, Build, BuildList, StepList
+from bigtent.apimodels import (
+    WAITED_HEADER,
+    AttemptList,
+    Build,
+    BuildList,
+    StepList,
+    progress_seen,
+    progress_token,
+)
 from bigtent.config import Role
-from bigtent.errors import BadRequest, NotFound
+from bigtent.errors import BadRequest, InvalidParameter, NotFound
 from bigtent.runner.auth.ownership import BuildAction
 from bigtent.runner.buildactions import act_on_build
 from bigtent.runner.builds import plan_parts
@@ -149,16 +162,97 @@ async def list_builds(
         return answer({"builds": await build_list_json(comps, conn, rows)})
 
 
+@dataclass(frozen=True)
+class BuildWait:
+    """``GET /builds/{id}?wait=SECS&seen=TOKEN``: answer once the build's progress token is
+    no longer ``seen``, or after ``secs``."""
+
+    secs: float
+    seen: str
+
+
+def build_wait(wait: str | None, seen: str | None) -> BuildWait | None:
+    """The wait a ``GET /builds/{id}`` asks for, None without one; a bad value is a 422 with
+    what is wrong (pure: both request paths validate here)."""
+    if wait is None and seen is None:
+        return None
+    if wait is None or seen is None:
+        raise InvalidParameter(
+            "wait and seen go together: wait=SECONDS&seen=TOKEN, TOKEN the build's progress "
+            "token as last seen (docs/api.md)"
+        )
+    try:
+        secs = float(wait)
+    except ValueError:
+        secs = math.nan
+    if not 0 <= secs <= BUILD_WAIT_MAX_SECS:  # NaN is in no range
+        raise InvalidParameter(
+            f"wait must be a number of seconds from 0 to {BUILD_WAIT_MAX_SECS:g} (got {wait!r})"
+        )
+    if not 0 < len(seen) <= PROGRESS_TOKEN_MAX_CHARS:
+        raise InvalidParameter(
+            f"seen must have 1 to {PROGRESS_TOKEN_MAX_CHARS} characters (got {len(seen)})"
+        )
+    return BuildWait(secs, seen)
+
+
+async def watched_build(comps: Components, build_id: int, wait: BuildWait | None) -> JSONResponse:
+    """The build as ``GET /builds/{id}`` answers it; with ``wait``, once it is no longer as
+    the client saw it (``progress_seen``: its state and step counts, or its state alone) or
+    it ended, else at the wait's end, saying so in ``WAITED_HEADER``. The scheduler's
+    ``build_watch`` says when to read it again; at the wait's end with no word from it, the
+    answer is the build as last read (the change it did not say is seen by the next look),
+    so a wait costs the database no more reads than the poll it replaces."""
+    if wait is None:
+        return answer(await build_json(comps, build_id, details=True))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait.secs
+    steps = "." in wait.seen
+    while True:
+        # Watched before it is read: a change committed during the read wakes the wait.
+        with comps.scheduler.build_watch.watching(build_id, steps=steps) as changed:
+            body = await build_json(comps, build_id, details=True)
+            left = deadline - loop.time()
+            if (
+                left > 0
+                and not BuildState(body["state"]).is_final
+                and progress_seen(progress_token(body["state"], body["counts"]), wait.seen)
+            ):
+                woken, _ = await asyncio.wait([changed], timeout=left)
+                if woken:
+                    continue
+            response = answer(body)
+            response.headers[WAITED_HEADER] = f"{wait.secs:g}"
+            return response
+
+
 @router.get("/builds/{build_id}", response_model=Build)
-async def get_build(build_id: int, comps: Comps, _: ClientAuth) -> JSONResponse:
-    return answer(await build_json(comps, build_id, details=True))
+async def get_build(
+    build_id: int,
+    comps: Comps,
+    _: ClientAuth,
+    wait: Annotated[
+        str | None,
+        Query(
+            description=f"Seconds (at most {BUILD_WAIT_MAX_SECS:g}) to hold the answer while "
+            "the build's progress token is still `seen`."
+        ),
+    ] = None,
+    seen: Annotated[
+        str | None,
+        Query(description="The build's progress token as the client last saw it, or its state."),
+    ] = None,
+) -> JSONResponse:
+    return await watched_build(comps, build_id, build_wait(wait, seen))
 
 
 async def hot_get_build(comps: Components, request: Request, params: dict[str, str]) -> Response:
     """``get_build`` for ``HotRoutes`` (runner/http/hotpath.py), which takes only ids of
     digits (FastAPI answers anything else, as an invalid id)."""
     await caller(comps, request.headers.get("authorization"), Role.CLIENT)
-    return answer(await build_json(comps, int(params["build_id"]), details=True))
+    query = request.query_params
+    wait = build_wait(query.get("wait"), query.get("seen"))
+    return await watched_build(comps, int(params["build_id"]), wait)
 
 
 @router.get("/builds/{build_id}/steps", response_model=StepList)
