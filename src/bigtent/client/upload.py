@@ -191,13 +191,14 @@ async def _run_jobs(
                     raise _NoBatchRoute
             else:
                 info = job.paths[0]
+                nar_hash, references = declared(info)
                 await riding_out(
                     lambda: client.upload_path(
                         info.path,
                         _nar_chunks(store, info.path),
-                        nar_hash=nar_hash_to_nix32(info.nar_hash),
+                        nar_hash=nar_hash,
                         nar_size=info.nar_size,
-                        references=[r.rsplit("/", 1)[-1] for r in info.references],
+                        references=references,
                     ),
                     observer,
                 )
@@ -215,6 +216,12 @@ async def _run_jobs(
         raise first_leaf(group) from None
 
 
+def declared(info: PathInfo) -> tuple[str, list[str]]:
+    """What an upload declares of a path besides its size: its NAR hash in Nix's base-32
+    form and its references' basenames (a single ``PUT`` and a batch entry alike)."""
+    return nar_hash_to_nix32(info.nar_hash), [r.rsplit("/", 1)[-1] for r in info.references]
+
+
 async def _batch_body(store: NixStore, infos: Sequence[PathInfo]) -> bytes:
     """The batch body (``narbatch``) of ``infos``, their NARs read in one worker thread;
     ``nix-store --dump`` for a path that cannot be read directly."""
@@ -223,9 +230,9 @@ async def _batch_body(store: NixStore, infos: Sequence[PathInfo]) -> bytes:
     for info, nar in zip(infos, nars, strict=True):
         if nar is None:
             nar = b"".join([piece async for piece in _nar_chunks(store, info.path)])
-        references = [r.rsplit("/", 1)[-1] for r in info.references]
+        nar_hash, references = declared(info)
         basename = info.path.rsplit("/", 1)[-1]
-        parts.append(entry_header(basename, nar_hash_to_nix32(info.nar_hash), len(nar), references))
+        parts.append(entry_header(basename, nar_hash, len(nar), references))
         parts.append(nar)
     return b"".join(parts)
 
