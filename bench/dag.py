@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -174,6 +175,67 @@ def census_report(
     return report, lines
 
 
+PHASE_LINE = re.compile(r"step \d+ \(.*\): success \((.*)\)\s*$")
+PHASE = re.compile(r"(\w+) ([0-9.]+) s")
+
+
+def agent_log_marks(state: Path) -> dict[Path, int]:
+    """Where each agent's log of the farm ends now (``agent_phases`` reads from there)."""
+    return {log: log.stat().st_size for log in sorted((state / "logs").glob("agent-*.log"))}
+
+
+def agent_phases(marks: dict[Path, int]) -> dict[str, list[float]]:
+    """Developer aid: the phases (fetch, substitute, build, upload) of the steps the farm's
+    agents logged as succeeded since ``marks``, seconds per step by phase."""
+    phases: dict[str, list[float]] = {}
+    for log, start in marks.items():
+        with log.open("rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+        for line in text.splitlines():
+            m = PHASE_LINE.search(line)
+            if m is None:
+                continue
+            for name, secs in PHASE.findall(m.group(1)):
+                phases.setdefault(name, []).append(float(secs))
+    return phases
+
+
+def phases_report(phases: dict[str, list[float]]) -> tuple[dict[str, Any], str]:
+    """Per phase: steps, mean, median and 90th percentile (ms), and the report's line."""
+    report: dict[str, Any] = {}
+    parts = []
+    for name, values in phases.items():
+        values = sorted(values)
+        stats = {
+            "steps": len(values),
+            "mean_ms": 1000 * sum(values) / len(values),
+            "median_ms": 1000 * values[len(values) // 2],
+            "p90_ms": 1000 * values[min(len(values) - 1, (len(values) * 9) // 10)],
+        }
+        report[name] = stats
+        parts.append(
+            f"{name} {stats['mean_ms']:.1f} / {stats['median_ms']:.1f} / {stats['p90_ms']:.1f}"
+        )
+    return report, "agents' phases per step, mean / median / p90 ms: " + "; ".join(parts)
+
+
+def narinfo_hits(env: dict[str, str]) -> float | None:
+    """Developer aid: narinfo lookups the runner's cache answered with a hit so far (its
+    ``/metrics``), or None when they cannot be read."""
+    try:
+        r = httpx.get(
+            env["BIGTENT_URL"] + "/metrics",
+            headers={"Authorization": f"Bearer {env['BIGTENT_TOKEN']}"},
+        )
+    except httpx.HTTPError:
+        return None
+    for line in r.text.splitlines():
+        if line.startswith("bigtent_cache_narinfo_requests_total{") and 'result="hit"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
 def runner_pid(up_pid: int) -> int:
     """The pid of the runner `bigtent up` started: its child running `bigtent runner`."""
     for proc in Path("/proc").iterdir():
@@ -242,6 +304,7 @@ def farm(work: Path, agents: int, jobs: int) -> Iterator[dict[str, str]]:
                 sys.exit("bench: agents did not connect")
             time.sleep(0.1)
         env["BENCH_RUNNER_PID"] = str(runner_pid(up.pid))
+        env["BENCH_STATE_DIR"] = str(state)
         yield env
     finally:
         up.send_signal(signal.SIGTERM)
@@ -417,9 +480,14 @@ def main() -> int:
         with farm(work, agents=2, jobs=2) as env:
             pid = int(env["BENCH_RUNNER_PID"])
             before = cpu_secs(pid)
+            marks, hits = agent_log_marks(Path(env["BENCH_STATE_DIR"])), narinfo_hits(env)
             with profiled(pid, "dag"):
                 t, _ = bigtent_build(env, dag_file(work, **dag), "--no-download")
             cpu["dag_runner_cpu_ms_per_step"] = (cpu_secs(pid) - before) * 1000 / n
+            cpu["dag_agent_phases"], dag_phases = phases_report(agent_phases(marks))
+            hits_after = narinfo_hits(env)
+            if hits is not None and hits_after is not None:
+                cpu["dag_narinfo_hits_per_step"] = (hits_after - hits) / n
             record("bigtent build --no-download (2 agents x 2 jobs)", t)
             t, _ = bigtent_build(env, dag_file(work, **dag), "--no-out-link")
             record("bigtent build, with download of the results", t)
@@ -430,10 +498,15 @@ def main() -> int:
                 steps = cpu_layers * cpu_width + 1
                 wide = dag_file(work, layers=cpu_layers, width=cpu_width)
                 counted = census(pid)
+                marks, hits = agent_log_marks(Path(env["BENCH_STATE_DIR"])), narinfo_hits(env)
                 before = cpu_secs(pid)
                 with profiled(pid, "cpu-dag"):
                     t, _ = bigtent_build(env, wide, "--no-download")
                 used = cpu_secs(pid) - before
+                cpu["cpu_dag_agent_phases"], wide_phases = phases_report(agent_phases(marks))
+                hits_after = narinfo_hits(env)
+                if hits is not None and hits_after is not None:
+                    cpu["cpu_dag_narinfo_hits_per_step"] = (hits_after - hits) / steps
                 if counted is not None:
                     cpu["sql_census"], lines = census_report(counted, census(pid) or {}, steps)
                     for line in lines:
@@ -451,7 +524,9 @@ def main() -> int:
         # Makespan against the critical path: sleep-1 derivations, plenty of slots.
         sl = dict(layers=args.sleep_layers, width=args.sleep_width, sleep=1)
         with farm(work, agents=2, jobs=args.sleep_width) as env:
+            marks = agent_log_marks(Path(env["BENCH_STATE_DIR"]))
             _, out = bigtent_build(env, dag_file(work, **sl), "--no-download")
+            cpu["sleep_agent_phases"], sleep_phases = phases_report(agent_phases(marks))
             created = datetime.fromisoformat(out["created_at"])
             finished = datetime.fromisoformat(out["finished_at"])
             makespan = (finished - created).total_seconds()
@@ -471,6 +546,12 @@ def main() -> int:
         f"runner CPU per step, {n}-step DAG: {cpu['dag_runner_cpu_ms_per_step']:.2f} ms"
         " (includes its .drv uploads)"
     )
+    say(dag_phases)
+    if "dag_narinfo_hits_per_step" in cpu:
+        say(
+            f"narinfo hits per step (inputs substituted from the runner): "
+            f"{cpu['dag_narinfo_hits_per_step']:.2f}"
+        )
     critical = args.sleep_layers + 1
     say(
         f"\n## makespan: {args.sleep_layers * args.sleep_width + 1} `sleep 1` derivations, "
@@ -480,6 +561,7 @@ def main() -> int:
         f"makespan (build created -> finished on the runner): {makespan:.2f} s; "
         f"critical path: {critical} s; ratio {makespan / critical:.3f}"
     )
+    say(sleep_phases)
     values: dict[str, float | None] = {
         "bigtent_vs_local": ours / base,
         "download_vs_local": fetched / base,
@@ -493,6 +575,9 @@ def main() -> int:
             f"{values['runner_cpu_ms_per_step']:.2f} ms "
             f"({cpu['cpu_dag_runner_cpu_secs']:.2f} s CPU, {cpu['cpu_dag_wall_secs']:.2f} s wall)"
         )
+        say(wide_phases)
+        if "cpu_dag_narinfo_hits_per_step" in cpu:
+            say(f"narinfo hits per step: {cpu['cpu_dag_narinfo_hits_per_step']:.2f}")
     targets: dict[str, dict[str, Any]] = {}
     say("\n## targets\n")
     for key, what, limit, sense in TARGETS:
