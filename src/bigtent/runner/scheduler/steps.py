@@ -153,6 +153,27 @@ class RunnableIndex:
             if live.get(sid) == (req, key):
                 yield key, sid
 
+    def peers(self, req: Requirement, limit: int) -> list[_Entry]:
+        """The best live entries of one bucket that equal its top but for the step id (the
+        same priority, height and age), at most ``limit``, best first: popped and pushed
+        back, O(limit log n)."""
+        heap = self._buckets.get(req)
+        if heap is None:
+            return []
+        live = self._live
+        got: list[_Entry] = []
+        while heap and len(got) < limit:
+            key, sid = heap[0]
+            if live.get(sid) != (req, key):
+                heapq.heappop(heap)  # stale
+                continue
+            if got and key[:3] != got[0][0][:3]:
+                break
+            got.append(heapq.heappop(heap))
+        for entry in got:
+            heapq.heappush(heap, entry)
+        return got
+
     def best_where(
         self, req: Requirement, ok: Callable[[int], bool], below: _Key | None = None
     ) -> _Entry | None:
@@ -185,6 +206,9 @@ RepositoriesOf = Callable[[int], Collection[str | None]]
 HoldersOf = Callable[[int], Mapping[str, int] | None]
 """Step id -> machine id -> how many of its inputs that venue built (``StepNode.inputs_on``)."""
 
+MAX_PEERS = 16
+"""Runnable steps of equal key (``RunnableIndex.peers``) a dispatch decision looks at for
+one whose inputs the chosen venue holds."""
 MAX_HOLDERS = 8
 """Venues a step's tally of built inputs names at most: a step with thousands of inputs
 spread over a large farm costs a bounded look per dispatch decision (the first venues to
@@ -247,8 +271,11 @@ def plan_dispatch(
     the cache) takes the step instead when it ranks as well on everything but load: it can
     run the step and may take it, wastes as few contended features and has the same speed.
     The most inputs win, ties keep ``venue_rank``'s order. Only free venues count (a busy
-    holder is never waited for), the step chosen does not change, and the look is bounded
-    by ``MAX_HOLDERS``.
+    holder is never waited for) and the look is bounded by ``MAX_HOLDERS``. Then, when the
+    venue holds none of the step's inputs, a step of equal key (the same priority, height
+    and age: only the id tells them apart) whose inputs it holds goes instead, the one with
+    most (ties: the lower id); at most ``MAX_PEERS`` are looked at. Which work goes first is
+    unchanged but among such equals.
     """
     repos = repositories_of or _no_repositories
     pool = VenuePool(v for v in venues if v.repositories is None)
@@ -296,9 +323,12 @@ def plan_dispatch(
         if best is None:
             break
         _, req, step_id, venue = best
-        held = holders_of(step_id) if holders_of is not None else None
-        if held:
-            venue = _holder(venue, req, wanted, held, pool, free, repos, step_id)
+        if holders_of is not None:
+            held = holders_of(step_id)
+            if held:
+                venue = _holder(venue, req, wanted, held, pool, free, repos, step_id)
+            if not held or not held.get(venue.machine_id):
+                step_id = _peer(index, req, step_id, venue, holders_of, repos)
         index.discard(step_id)
         decisions.append(Dispatch(step_id, venue.machine_id))
         if venue.repositories is None:
@@ -345,6 +375,29 @@ def _holder(
         key = (-count, rank)
         if key < best_key:
             best, best_key = v, key
+    return best
+
+
+def _peer(
+    index: RunnableIndex,
+    req: Requirement,
+    step_id: int,
+    venue: VenueView,
+    holders_of: HoldersOf,
+    repositories_of: RepositoriesOf,
+) -> int:
+    """A step of equal key to ``step_id`` (the top of its bucket) whose inputs ``venue``
+    holds most, when ``step_id`` has none there and ``venue`` may take it; else ``step_id``.
+    Its peers share its requirement, so the venue can run them all."""
+    peers = index.peers(req, MAX_PEERS)
+    if not peers or peers[0][1] != step_id:
+        return step_id  # not the top (a scoped venue's scan found it): no peers
+    best, most = step_id, 0
+    for _, sid in peers[1:]:
+        held = holders_of(sid)
+        count = held.get(venue.machine_id, 0) if held else 0
+        if count > most and (venue.repositories is None or may_take(venue, repositories_of(sid))):
+            best, most = sid, count
     return best
 
 

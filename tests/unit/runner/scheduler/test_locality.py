@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from bigtent.runner.scheduler.matching import Requirement, VenueView
 from bigtent.runner.scheduler.steps import (
     MAX_HOLDERS,
+    MAX_PEERS,
     Dispatch,
     RunnableIndex,
     StepNode,
@@ -183,6 +184,56 @@ def test_a_pool_venue_taken_by_locality_is_used_up_correctly() -> None:
     assert decisions == [Dispatch(1, "b"), Dispatch(2, "b"), Dispatch(3, "a")]
 
 
+# ---- peers: a free venue takes an equal step whose inputs it holds -------------------------
+def test_a_free_venue_takes_an_equal_step_whose_inputs_it_holds() -> None:
+    assert plan([node(1), node(2), node(3)], [venue("a")], {}) == [Dispatch(1, "a")]
+    held = {2: {"a": 1}, 3: {"a": 2, "b": 5}}
+    assert plan([node(1), node(2), node(3)], [venue("a")], held) == [Dispatch(3, "a")]
+
+
+def test_better_work_is_not_overtaken_by_a_step_with_local_inputs() -> None:
+    steps = [node(1, priority=1), node(2)]
+    assert plan(steps, [venue("a")], {2: {"a": 3}}) == [Dispatch(1, "a")]
+    taller = StepNode(1, "/nix/store/x.drv", PLAIN, StepState.RUNNABLE, 0.0, height=2)
+    older = StepNode(2, "/nix/store/y.drv", PLAIN, StepState.RUNNABLE, 0.0)
+    younger = StepNode(3, "/nix/store/z.drv", PLAIN, StepState.RUNNABLE, 1.0)
+    assert plan([taller, younger], [venue("a")], {3: {"a": 1}}) == [Dispatch(1, "a")]
+    assert plan([older, younger], [venue("a")], {3: {"a": 1}}) == [Dispatch(2, "a")]
+
+
+def test_a_step_whose_inputs_the_venue_holds_is_not_swapped() -> None:
+    held = {1: {"a": 1}, 2: {"a": 4}}
+    assert plan([node(1), node(2)], [venue("a")], held) == [Dispatch(1, "a")]
+
+
+def test_a_scoped_venue_takes_only_a_peer_it_may_take() -> None:
+    oidc = venue("oidc", repositories=("r",))
+    repos = {1: ["r"], 2: ["other"], 3: ["r"]}
+    held = {2: {"oidc": 5}, 3: {"oidc": 1}}
+    assert plan([node(1), node(2), node(3)], [oidc], held, repos) == [Dispatch(3, "oidc")]
+
+
+def test_peers_are_looked_at_up_to_a_bound() -> None:
+    steps = [node(i) for i in range(1, MAX_PEERS + 3)]
+    far = {MAX_PEERS + 2: {"a": 1}}
+    assert plan(steps, [venue("a")], far) == [Dispatch(1, "a")]
+    near = {MAX_PEERS: {"a": 1}}
+    assert plan(steps, [venue("a")], near) == [Dispatch(MAX_PEERS, "a")]
+
+
+def test_index_peers_are_the_equal_best_and_leave_the_index_as_it_was() -> None:
+    index = RunnableIndex()
+    for n in [node(5), node(1), node(3, priority=1), node(4), node(2)]:
+        index.push(n)
+    index.discard(1)
+    assert [sid for _, sid in index.peers(PLAIN, 10)] == [3]
+    index.discard(3)
+    assert [sid for _, sid in index.peers(PLAIN, 2)] == [2, 4]
+    assert [sid for _, sid in index.peers(PLAIN, 10)] == [2, 4, 5]
+    assert index.peers(KVM, 10) == []
+    assert [index.pop(PLAIN) for _ in range(4)] == [2, 4, 5, None]
+
+
 holder_maps = st.dictionaries(
     st.integers(1, 12),
     st.dictionaries(st.sampled_from("abcdez"), st.integers(1, 4), max_size=4),
@@ -201,7 +252,10 @@ def test_locality_keeps_the_step_order_and_the_slots(
     steps = [node(i, priority=i % 3) for i in range(1, count + 1)]
     plain = plan(steps, venues, {})
     local = plan([node(n.id, priority=n.priority) for n in steps], venues, held)
-    assert [d.step_id for d in local] == [d.step_id for d in plain]
+    # Work goes in the same order but among steps of equal key, each step once.
+    priority = {n.id: n.priority for n in steps}
+    assert [priority[d.step_id] for d in local] == [priority[d.step_id] for d in plain]
+    assert len({d.step_id for d in local}) == len(local)
     used = {v.machine_id: 0 for v in venues}
     for d in local:
         used[d.machine_id] += 1
