@@ -175,19 +175,22 @@ def census_report(
     return report, lines
 
 
-PHASE_LINE = re.compile(r"step \d+ \(.*\): success \((.*)\)\s*$")
+PHASE_LINE = re.compile(r"step \d+ \((\S+\.drv)\): success \((.*)\)\s*$")
 PHASE = re.compile(r"(\w+) ([0-9.]+) s")
+EDGE = re.compile(r'^"([^"]+)" -> "([^"]+)"')
 
 
 def agent_log_marks(state: Path) -> dict[Path, int]:
-    """Where each agent's log of the farm ends now (``agent_phases`` reads from there)."""
+    """Where each agent's log of the farm ends now (``agent_steps`` reads from there)."""
     return {log: log.stat().st_size for log in sorted((state / "logs").glob("agent-*.log"))}
 
 
-def agent_phases(marks: dict[Path, int]) -> dict[str, list[float]]:
-    """Developer aid: the phases (fetch, substitute, build, upload) of the steps the farm's
-    agents logged as succeeded since ``marks``, seconds per step by phase."""
+def agent_steps(marks: dict[Path, int]) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Developer aid: the steps the farm's agents logged as succeeded since ``marks``: their
+    phases (fetch, substitute, build, upload; seconds per step by phase) and which agent
+    built each .drv."""
     phases: dict[str, list[float]] = {}
+    where: dict[str, str] = {}
     for log, start in marks.items():
         with log.open("rb") as f:
             f.seek(start)
@@ -196,9 +199,10 @@ def agent_phases(marks: dict[Path, int]) -> dict[str, list[float]]:
             m = PHASE_LINE.search(line)
             if m is None:
                 continue
-            for name, secs in PHASE.findall(m.group(1)):
+            where[m.group(1)] = log.name
+            for name, secs in PHASE.findall(m.group(2)):
                 phases.setdefault(name, []).append(float(secs))
-    return phases
+    return phases, where
 
 
 def phases_report(phases: dict[str, list[float]]) -> tuple[dict[str, Any], str]:
@@ -220,20 +224,30 @@ def phases_report(phases: dict[str, list[float]]) -> tuple[dict[str, Any], str]:
     return report, "agents' phases per step, mean / median / p90 ms: " + "; ".join(parts)
 
 
-def narinfo_hits(env: dict[str, str]) -> float | None:
-    """Developer aid: narinfo lookups the runner's cache answered with a hit so far (its
-    ``/metrics``), or None when they cannot be read."""
-    try:
-        r = httpx.get(
-            env["BIGTENT_URL"] + "/metrics",
-            headers={"Authorization": f"Bearer {env['BIGTENT_TOKEN']}"},
-        )
-    except httpx.HTTPError:
-        return None
-    for line in r.text.splitlines():
-        if line.startswith("bigtent_cache_narinfo_requests_total{") and 'result="hit"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return None
+def locality(where: dict[str, str]) -> tuple[dict[str, int], str]:
+    """Developer aid: of the built steps' inputs built in the same run, how many were built
+    by the same agent (valid in its store: nothing to substitute) and how many by another
+    (substituted from the runner's cache). The DAG's edges come from ``nix-store -q
+    --graph`` of its top derivation."""
+    tops = [d for d in where if "-dag-top-" in d]
+    local = remote = 0
+    if tops:
+        graph = subprocess.run(
+            ["nix-store", "-q", "--graph", *tops], capture_output=True, text=True, check=False
+        ).stdout
+        for line in graph.splitlines():
+            m = EDGE.match(line)
+            if m is None:
+                continue
+            a, b = (where.get(f"/nix/store/{x}") for x in m.groups())
+            if a is not None and b is not None:
+                local, remote = (local + 1, remote) if a == b else (local, remote + 1)
+    report = {"inputs_same_agent": local, "inputs_other_agent": remote}
+    share = local / (local + remote) if local + remote else 0.0
+    return report, (
+        f"inputs built by the same agent: {local} of {local + remote} ({share:.0%}); "
+        f"by the other (substituted from the runner): {remote}"
+    )
 
 
 def runner_pid(up_pid: int) -> int:
@@ -480,14 +494,13 @@ def main() -> int:
         with farm(work, agents=2, jobs=2) as env:
             pid = int(env["BENCH_RUNNER_PID"])
             before = cpu_secs(pid)
-            marks, hits = agent_log_marks(Path(env["BENCH_STATE_DIR"])), narinfo_hits(env)
+            marks = agent_log_marks(Path(env["BENCH_STATE_DIR"]))
             with profiled(pid, "dag"):
                 t, _ = bigtent_build(env, dag_file(work, **dag), "--no-download")
             cpu["dag_runner_cpu_ms_per_step"] = (cpu_secs(pid) - before) * 1000 / n
-            cpu["dag_agent_phases"], dag_phases = phases_report(agent_phases(marks))
-            hits_after = narinfo_hits(env)
-            if hits is not None and hits_after is not None:
-                cpu["dag_narinfo_hits_per_step"] = (hits_after - hits) / n
+            phases, where = agent_steps(marks)
+            cpu["dag_agent_phases"], dag_phases = phases_report(phases)
+            cpu["dag_locality"], dag_locality = locality(where)
             record("bigtent build --no-download (2 agents x 2 jobs)", t)
             t, _ = bigtent_build(env, dag_file(work, **dag), "--no-out-link")
             record("bigtent build, with download of the results", t)
@@ -498,15 +511,14 @@ def main() -> int:
                 steps = cpu_layers * cpu_width + 1
                 wide = dag_file(work, layers=cpu_layers, width=cpu_width)
                 counted = census(pid)
-                marks, hits = agent_log_marks(Path(env["BENCH_STATE_DIR"])), narinfo_hits(env)
+                marks = agent_log_marks(Path(env["BENCH_STATE_DIR"]))
                 before = cpu_secs(pid)
                 with profiled(pid, "cpu-dag"):
                     t, _ = bigtent_build(env, wide, "--no-download")
                 used = cpu_secs(pid) - before
-                cpu["cpu_dag_agent_phases"], wide_phases = phases_report(agent_phases(marks))
-                hits_after = narinfo_hits(env)
-                if hits is not None and hits_after is not None:
-                    cpu["cpu_dag_narinfo_hits_per_step"] = (hits_after - hits) / steps
+                phases, where = agent_steps(marks)
+                cpu["cpu_dag_agent_phases"], wide_phases = phases_report(phases)
+                cpu["cpu_dag_locality"], wide_locality = locality(where)
                 if counted is not None:
                     cpu["sql_census"], lines = census_report(counted, census(pid) or {}, steps)
                     for line in lines:
@@ -526,7 +538,9 @@ def main() -> int:
         with farm(work, agents=2, jobs=args.sleep_width) as env:
             marks = agent_log_marks(Path(env["BENCH_STATE_DIR"]))
             _, out = bigtent_build(env, dag_file(work, **sl), "--no-download")
-            cpu["sleep_agent_phases"], sleep_phases = phases_report(agent_phases(marks))
+            phases, where = agent_steps(marks)
+            cpu["sleep_agent_phases"], sleep_phases = phases_report(phases)
+            cpu["sleep_locality"], sleep_locality = locality(where)
             created = datetime.fromisoformat(out["created_at"])
             finished = datetime.fromisoformat(out["finished_at"])
             makespan = (finished - created).total_seconds()
@@ -547,11 +561,7 @@ def main() -> int:
         " (includes its .drv uploads)"
     )
     say(dag_phases)
-    if "dag_narinfo_hits_per_step" in cpu:
-        say(
-            f"narinfo hits per step (inputs substituted from the runner): "
-            f"{cpu['dag_narinfo_hits_per_step']:.2f}"
-        )
+    say(dag_locality)
     critical = args.sleep_layers + 1
     say(
         f"\n## makespan: {args.sleep_layers * args.sleep_width + 1} `sleep 1` derivations, "
@@ -562,6 +572,7 @@ def main() -> int:
         f"critical path: {critical} s; ratio {makespan / critical:.3f}"
     )
     say(sleep_phases)
+    say(sleep_locality)
     values: dict[str, float | None] = {
         "bigtent_vs_local": ours / base,
         "download_vs_local": fetched / base,
@@ -576,8 +587,7 @@ def main() -> int:
             f"({cpu['cpu_dag_runner_cpu_secs']:.2f} s CPU, {cpu['cpu_dag_wall_secs']:.2f} s wall)"
         )
         say(wide_phases)
-        if "cpu_dag_narinfo_hits_per_step" in cpu:
-            say(f"narinfo hits per step: {cpu['cpu_dag_narinfo_hits_per_step']:.2f}")
+        say(wide_locality)
     targets: dict[str, dict[str, Any]] = {}
     say("\n## targets\n")
     for key, what, limit, sense in TARGETS:
