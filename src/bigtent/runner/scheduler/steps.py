@@ -155,23 +155,30 @@ class RunnableIndex:
 
     def peers(self, req: Requirement, limit: int) -> list[_Entry]:
         """The best live entries of one bucket that equal its top but for the step id (the
-        same priority, height and age), at most ``limit``, best first: popped and pushed
-        back, O(limit log n)."""
+        same priority, height and age), at most ``limit``, best first. Read only: walks the
+        heap's tree from its root in key order (a small heap of the frontier), so it costs
+        O(limit log limit) whatever the bucket's size; stale entries on the way are stepped
+        over, at most ``limit`` times over."""
         heap = self._buckets.get(req)
-        if heap is None:
+        if not heap:
             return []
         live = self._live
         got: list[_Entry] = []
-        while heap and len(got) < limit:
-            key, sid = heap[0]
-            if live.get(sid) != (req, key):
-                heapq.heappop(heap)  # stale
-                continue
-            if got and key[:3] != got[0][0][:3]:
-                break
-            got.append(heapq.heappop(heap))
-        for entry in got:
-            heapq.heappush(heap, entry)
+        seen: set[int] = set()
+        frontier: list[tuple[_Entry, int]] = [(heap[0], 0)]
+        looked = 0
+        while frontier and len(got) < limit and looked < 4 * limit:
+            entry, at = heapq.heappop(frontier)
+            looked += 1
+            key, sid = entry
+            if live.get(sid) == (req, key) and sid not in seen:
+                if got and key[:3] != got[0][0][:3]:
+                    break
+                got.append(entry)
+                seen.add(sid)  # a step pushed again with the same key has two entries
+            for child in (2 * at + 1, 2 * at + 2):
+                if child < len(heap):
+                    heapq.heappush(frontier, (heap[child], child))
         return got
 
     def best_where(

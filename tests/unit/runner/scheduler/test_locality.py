@@ -234,6 +234,40 @@ def test_index_peers_are_the_equal_best_and_leave_the_index_as_it_was() -> None:
     assert [index.pop(PLAIN) for _ in range(4)] == [2, 4, 5, None]
 
 
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["push", "discard", "pop"]), st.integers(1, 30), st.integers(0, 2)
+        ),
+        max_size=80,
+    ),
+    limit=st.integers(1, 8),
+)
+def test_index_peers_match_a_naive_model(ops: list[tuple[str, int, int]], limit: int) -> None:
+    index = RunnableIndex()
+    keys: dict[int, tuple[int, int, float, int]] = {}
+    for op, sid, priority in ops:
+        if op == "push":
+            n = node(sid, priority=priority)
+            index.push(n)
+            keys[sid] = n.sort_key()
+        elif op == "discard":
+            index.discard(sid)
+            keys.pop(sid, None)
+        else:
+            popped = index.pop(PLAIN)
+            if popped is not None:
+                del keys[popped]
+    ordered = sorted((k, sid) for sid, k in keys.items())
+    expected = [e for e in ordered if e[0][:3] == ordered[0][0][:3]][:limit] if ordered else []
+    list(index.tops())  # as in plan_dispatch: the top is live when peers are asked for
+    got = index.peers(PLAIN, limit)
+    # Stale entries are stepped over a bounded number of times: the answer is a prefix.
+    assert got == expected[: len(got)]
+    assert got or not expected
+    assert len(index) == len(keys)  # read only
+
+
 holder_maps = st.dictionaries(
     st.integers(1, 12),
     st.dictionaries(st.sampled_from("abcdez"), st.integers(1, 4), max_size=4),
