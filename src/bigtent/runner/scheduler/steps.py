@@ -279,10 +279,11 @@ def plan_dispatch(
     run the step and may take it, wastes as few contended features and has the same speed.
     The most inputs win, ties keep ``venue_rank``'s order. Only free venues count (a busy
     holder is never waited for) and the look is bounded by ``MAX_HOLDERS``. Then, when the
-    venue holds none of the step's inputs, a step of equal key (the same priority, height
-    and age: only the id tells them apart) whose inputs it holds goes instead, the one with
-    most (ties: the lower id); at most ``MAX_PEERS`` are looked at. Which work goes first is
-    unchanged but among such equals.
+    step's inputs are all on other venues, a step of equal key (the same priority, height
+    and age: only the id tells them apart) whose inputs the venue holds goes instead, the one
+    with most (ties: the lower id); at most ``MAX_PEERS`` are looked at. A step none of whose
+    inputs was built here (a leaf: its peers are most likely leaves too) costs no such look.
+    Which work goes first is unchanged but among such equals.
     """
     repos = repositories_of or _no_repositories
     pool = VenuePool(v for v in venues if v.repositories is None)
@@ -334,8 +335,8 @@ def plan_dispatch(
             held = holders_of(step_id)
             if held:
                 venue = _holder(venue, req, wanted, held, pool, free, repos, step_id)
-            if not held or not held.get(venue.machine_id):
-                step_id = _peer(index, req, step_id, venue, holders_of, repos)
+                if not held.get(venue.machine_id):
+                    step_id = _peer(index, req, step_id, venue, holders_of, repos)
         index.discard(step_id)
         decisions.append(Dispatch(step_id, venue.machine_id))
         if venue.repositories is None:

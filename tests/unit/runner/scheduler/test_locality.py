@@ -187,8 +187,12 @@ def test_a_pool_venue_taken_by_locality_is_used_up_correctly() -> None:
 # ---- peers: a free venue takes an equal step whose inputs it holds -------------------------
 def test_a_free_venue_takes_an_equal_step_whose_inputs_it_holds() -> None:
     assert plan([node(1), node(2), node(3)], [venue("a")], {}) == [Dispatch(1, "a")]
-    held = {2: {"a": 1}, 3: {"a": 2, "b": 5}}
+    # Step 1's inputs are on "b", busy: "a" takes the equal step holding most inputs there.
+    held = {1: {"b": 1}, 2: {"a": 1}, 3: {"a": 2, "b": 5}}
     assert plan([node(1), node(2), node(3)], [venue("a")], held) == [Dispatch(3, "a")]
+    # A step with no input built anywhere (a leaf) is not swapped: no look at its peers.
+    del held[1]
+    assert plan([node(1), node(2), node(3)], [venue("a")], held) == [Dispatch(1, "a")]
 
 
 def test_better_work_is_not_overtaken_by_a_step_with_local_inputs() -> None:
@@ -209,15 +213,15 @@ def test_a_step_whose_inputs_the_venue_holds_is_not_swapped() -> None:
 def test_a_scoped_venue_takes_only_a_peer_it_may_take() -> None:
     oidc = venue("oidc", repositories=("r",))
     repos = {1: ["r"], 2: ["other"], 3: ["r"]}
-    held = {2: {"oidc": 5}, 3: {"oidc": 1}}
+    held = {1: {"elsewhere": 1}, 2: {"oidc": 5}, 3: {"oidc": 1}}
     assert plan([node(1), node(2), node(3)], [oidc], held, repos) == [Dispatch(3, "oidc")]
 
 
 def test_peers_are_looked_at_up_to_a_bound() -> None:
     steps = [node(i) for i in range(1, MAX_PEERS + 3)]
-    far = {MAX_PEERS + 2: {"a": 1}}
+    far = {1: {"b": 1}, MAX_PEERS + 2: {"a": 1}}
     assert plan(steps, [venue("a")], far) == [Dispatch(1, "a")]
-    near = {MAX_PEERS: {"a": 1}}
+    near = {1: {"b": 1}, MAX_PEERS: {"a": 1}}
     assert plan(steps, [venue("a")], near) == [Dispatch(MAX_PEERS, "a")]
 
 
