@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -174,6 +175,81 @@ def census_report(
     return report, lines
 
 
+PHASE_LINE = re.compile(r"step \d+ \((\S+\.drv)\): success \((.*)\)\s*$")
+PHASE = re.compile(r"(\w+) ([0-9.]+) s")
+EDGE = re.compile(r'^"([^"]+)" -> "([^"]+)"')
+
+
+def agent_log_marks(state: Path) -> dict[Path, int]:
+    """Where each agent's log of the farm ends now (``agent_steps`` reads from there)."""
+    return {log: log.stat().st_size for log in sorted((state / "logs").glob("agent-*.log"))}
+
+
+def agent_steps(marks: dict[Path, int]) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Developer aid: the steps the farm's agents logged as succeeded since ``marks``: their
+    phases (fetch, substitute, build, upload; seconds per step by phase) and which agent
+    built each .drv."""
+    phases: dict[str, list[float]] = {}
+    where: dict[str, str] = {}
+    for log, start in marks.items():
+        with log.open("rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+        for line in text.splitlines():
+            m = PHASE_LINE.search(line)
+            if m is None:
+                continue
+            where[m.group(1)] = log.name
+            for name, secs in PHASE.findall(m.group(2)):
+                phases.setdefault(name, []).append(float(secs))
+    return phases, where
+
+
+def phases_report(phases: dict[str, list[float]]) -> tuple[dict[str, Any], str]:
+    """Per phase: steps, mean, median and 90th percentile (ms), and the report's line."""
+    report: dict[str, Any] = {}
+    parts = []
+    for name, values in phases.items():
+        values = sorted(values)
+        stats = {
+            "steps": len(values),
+            "mean_ms": 1000 * sum(values) / len(values),
+            "median_ms": 1000 * values[len(values) // 2],
+            "p90_ms": 1000 * values[min(len(values) - 1, (len(values) * 9) // 10)],
+        }
+        report[name] = stats
+        parts.append(
+            f"{name} {stats['mean_ms']:.1f} / {stats['median_ms']:.1f} / {stats['p90_ms']:.1f}"
+        )
+    return report, "agents' phases per step, mean / median / p90 ms: " + "; ".join(parts)
+
+
+def locality(where: dict[str, str]) -> tuple[dict[str, int], str]:
+    """Developer aid: of the built steps' inputs built in the same run, how many were built
+    by the same agent (valid in its store: nothing to substitute) and how many by another
+    (substituted from the runner's cache). The DAG's edges come from ``nix-store -q
+    --graph`` of its top derivation."""
+    tops = [d for d in where if "-dag-top-" in d]
+    local = remote = 0
+    if tops:
+        graph = subprocess.run(
+            ["nix-store", "-q", "--graph", *tops], capture_output=True, text=True, check=False
+        ).stdout
+        for line in graph.splitlines():
+            m = EDGE.match(line)
+            if m is None:
+                continue
+            a, b = (where.get(f"/nix/store/{x}") for x in m.groups())
+            if a is not None and b is not None:
+                local, remote = (local + 1, remote) if a == b else (local, remote + 1)
+    report = {"inputs_same_agent": local, "inputs_other_agent": remote}
+    share = local / (local + remote) if local + remote else 0.0
+    return report, (
+        f"inputs built by the same agent: {local} of {local + remote} ({share:.0%}); "
+        f"by the other (substituted from the runner): {remote}"
+    )
+
+
 def runner_pid(up_pid: int) -> int:
     """The pid of the runner `bigtent up` started: its child running `bigtent runner`."""
     for proc in Path("/proc").iterdir():
@@ -242,6 +318,7 @@ def farm(work: Path, agents: int, jobs: int) -> Iterator[dict[str, str]]:
                 sys.exit("bench: agents did not connect")
             time.sleep(0.1)
         env["BENCH_RUNNER_PID"] = str(runner_pid(up.pid))
+        env["BENCH_STATE_DIR"] = str(state)
         yield env
     finally:
         up.send_signal(signal.SIGTERM)
@@ -417,9 +494,13 @@ def main() -> int:
         with farm(work, agents=2, jobs=2) as env:
             pid = int(env["BENCH_RUNNER_PID"])
             before = cpu_secs(pid)
+            marks = agent_log_marks(Path(env["BENCH_STATE_DIR"]))
             with profiled(pid, "dag"):
                 t, _ = bigtent_build(env, dag_file(work, **dag), "--no-download")
             cpu["dag_runner_cpu_ms_per_step"] = (cpu_secs(pid) - before) * 1000 / n
+            phases, where = agent_steps(marks)
+            cpu["dag_agent_phases"], dag_phases = phases_report(phases)
+            cpu["dag_locality"], dag_locality = locality(where)
             record("bigtent build --no-download (2 agents x 2 jobs)", t)
             t, _ = bigtent_build(env, dag_file(work, **dag), "--no-out-link")
             record("bigtent build, with download of the results", t)
@@ -430,10 +511,14 @@ def main() -> int:
                 steps = cpu_layers * cpu_width + 1
                 wide = dag_file(work, layers=cpu_layers, width=cpu_width)
                 counted = census(pid)
+                marks = agent_log_marks(Path(env["BENCH_STATE_DIR"]))
                 before = cpu_secs(pid)
                 with profiled(pid, "cpu-dag"):
                     t, _ = bigtent_build(env, wide, "--no-download")
                 used = cpu_secs(pid) - before
+                phases, where = agent_steps(marks)
+                cpu["cpu_dag_agent_phases"], wide_phases = phases_report(phases)
+                cpu["cpu_dag_locality"], wide_locality = locality(where)
                 if counted is not None:
                     cpu["sql_census"], lines = census_report(counted, census(pid) or {}, steps)
                     for line in lines:
@@ -451,7 +536,11 @@ def main() -> int:
         # Makespan against the critical path: sleep-1 derivations, plenty of slots.
         sl = dict(layers=args.sleep_layers, width=args.sleep_width, sleep=1)
         with farm(work, agents=2, jobs=args.sleep_width) as env:
+            marks = agent_log_marks(Path(env["BENCH_STATE_DIR"]))
             _, out = bigtent_build(env, dag_file(work, **sl), "--no-download")
+            phases, where = agent_steps(marks)
+            cpu["sleep_agent_phases"], sleep_phases = phases_report(phases)
+            cpu["sleep_locality"], sleep_locality = locality(where)
             created = datetime.fromisoformat(out["created_at"])
             finished = datetime.fromisoformat(out["finished_at"])
             makespan = (finished - created).total_seconds()
@@ -471,6 +560,8 @@ def main() -> int:
         f"runner CPU per step, {n}-step DAG: {cpu['dag_runner_cpu_ms_per_step']:.2f} ms"
         " (includes its .drv uploads)"
     )
+    say(dag_phases)
+    say(dag_locality)
     critical = args.sleep_layers + 1
     say(
         f"\n## makespan: {args.sleep_layers * args.sleep_width + 1} `sleep 1` derivations, "
@@ -480,6 +571,8 @@ def main() -> int:
         f"makespan (build created -> finished on the runner): {makespan:.2f} s; "
         f"critical path: {critical} s; ratio {makespan / critical:.3f}"
     )
+    say(sleep_phases)
+    say(sleep_locality)
     values: dict[str, float | None] = {
         "bigtent_vs_local": ours / base,
         "download_vs_local": fetched / base,
@@ -493,6 +586,8 @@ def main() -> int:
             f"{values['runner_cpu_ms_per_step']:.2f} ms "
             f"({cpu['cpu_dag_runner_cpu_secs']:.2f} s CPU, {cpu['cpu_dag_wall_secs']:.2f} s wall)"
         )
+        say(wide_phases)
+        say(wide_locality)
     targets: dict[str, dict[str, Any]] = {}
     say("\n## targets\n")
     for key, what, limit, sense in TARGETS:

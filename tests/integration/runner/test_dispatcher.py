@@ -583,6 +583,26 @@ async def test_plain_step_prefers_the_non_kvm_venue(farm: Farm) -> None:
     assert [a.drv_path for a in kvm.take_assigns()] == [k.drv_path]
 
 
+async def test_a_step_goes_where_its_input_was_built(farm: Farm) -> None:
+    x, y = drv("x"), drv("y")
+    z = drv("z", y)
+    await farm.add([x, y, z], roots=[x, z])
+    b = farm.agent("b")
+    await farm.tick()
+    (got_y,) = b.take_assigns()
+    assert got_y.drv_path == y.drv_path  # the taller step first
+    a = farm.agent("a")
+    await farm.tick()
+    (got_x,) = a.take_assigns()
+    assert await farm.succeed(a, got_x)
+    assert await farm.succeed(b, got_y)
+    assert farm.sched.nodes[farm.sid(z)].inputs_on == {"b": 1}
+    # Both agents are free and alike: "a" sorts first, but "b" holds z's input.
+    await farm.tick()
+    assert a.take_assigns() == []
+    assert [x_.drv_path for x_ in b.take_assigns()] == [z.drv_path]
+
+
 async def test_mandatory_feature_venue_only_takes_steps_requiring_it(farm: Farm) -> None:
     plain, bench = drv("plain"), drv("bench", features=["benchmark"])
     await farm.add([plain, bench], roots=[plain, bench])

@@ -475,6 +475,17 @@ async def test_waiting_steps_another_runner_unblocked_are_settled_on_catching_up
     assert build not in b.sched.builds
 
 
+async def test_a_success_caught_up_from_the_other_runner_counts_for_locality(
+    pair: Pair,
+) -> None:
+    _a, b, _build, z_id, agent = await _z_waits_on_x_run_by_a(pair)
+    await b.sched.tick(pair.clock.now)
+    [assign_z] = agent.take_assigns()
+    assert assign_z.step_id == z_id
+    # x succeeded on A's agent: B knows z's input is in that agent's store.
+    assert b.sched.nodes[z_id].inputs_on == {"a1": 1}
+
+
 async def test_a_failed_catch_up_leaves_memory_as_it_was(
     pair: Pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,7 +16,7 @@ from bigtent.runner.db.notify import Change
 from bigtent.runner.scheduler import persist, reads
 from bigtent.runner.scheduler.model import ActiveBuild, node_from_row, try_send
 from bigtent.runner.scheduler.state import SchedulerState
-from bigtent.runner.scheduler.steps import StepNode, raise_heights
+from bigtent.runner.scheduler.steps import StepNode, note_built, raise_heights
 from bigtent.runner.scheduler.sync import (
     LostRace,
     Seen,
@@ -224,6 +224,7 @@ class CatchUp(SchedulerState):
                 dependent.deps.add(d)
         for node in moved:
             if node.state is StepState.SUCCEEDED:
+                note_built(self.nodes, node)  # another runner's success: locality still holds
                 for d in node.dependents:
                     if d in self.nodes:
                         self.nodes[d].deps.discard(node.id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from pydantic import ValidationError
@@ -114,6 +114,7 @@ class Dispatching(Venues):
                 limit=DISPATCH_CHUNK,
                 repositories_of=self._repositories_of,
                 nothing_for=self._nothing_for,
+                holders_of=self._inputs_on,
             )
             if ssh and len(decisions) < DISPATCH_CHUNK and len(self.index):
                 decisions += plan_dispatch(
@@ -121,6 +122,7 @@ class Dispatching(Venues):
                     ssh,
                     limit=DISPATCH_CHUNK - len(decisions),
                     repositories_of=self._repositories_of,
+                    holders_of=self._inputs_on,
                 )
             if not decisions:
                 break
@@ -128,6 +130,11 @@ class Dispatching(Venues):
             if len(decisions) < DISPATCH_CHUNK:
                 break
         return lost
+
+    def _inputs_on(self, step_id: int) -> Mapping[str, int] | None:
+        """Where the step's inputs were built (``StepNode.inputs_on``), for locality."""
+        node = self.nodes.get(step_id)
+        return node.inputs_on if node is not None else None
 
     def _free_views(self, now: float) -> tuple[list[VenueView], list[VenueView]]:
         """Views of the available agents and SSH builders that could run some runnable step.

@@ -127,24 +127,46 @@ class VenuePool:
     ``can_run`` and ``contended_waste`` are the same for every member, so the best member is
     the one ``venue_rank`` orders first on its remaining keys (free capacity times speed, then
     machine id): the top of a heap per kind. ``best`` gives exactly what ``best_venue`` would
-    over the same venues; ``take`` uses up one slot of the venue it returned.
+    over the same venues; ``get`` finds a free venue by machine id (the holder of a step's
+    inputs, ``plan_dispatch``); ``take`` uses up one slot of a venue either returned.
+
+    The heaps delete lazily: ``_free`` holds each free venue's current view, and a heap entry
+    whose view is no longer current (the venue took a step since) is dropped when it reaches
+    the top.
     """
 
     def __init__(self, venues: Iterable[VenueView]) -> None:
-        self._heaps: dict[_Class, list[tuple[float, str, VenueView]]] = {}
+        self._heaps: dict[_Class, list[_PoolEntry]] = {}
         self._members: dict[_Class, VenueView] = {}
         """One venue of each kind: what can run where is decided on it."""
         self._fits: dict[Requirement, list[_Class]] = {}
+        self._free: dict[str, VenueView] = {}
+        """Machine id -> the venue's current view, while it has a free slot."""
+        self._pushed = 0
         unique = {v.machine_id: v for v in venues}
         for v in unique.values():
             if v.free_slots > 0:
-                self._heaps.setdefault(_class_of(v), []).append(_entry(v))
+                self._free[v.machine_id] = v
+                self._heaps.setdefault(_class_of(v), []).append(self._entry(v))
                 self._members.setdefault(_class_of(v), v)
         for heap in self._heaps.values():
             heapq.heapify(heap)
 
     def __bool__(self) -> bool:
-        return any(self._heaps.values())
+        return bool(self._free)
+
+    def _entry(self, v: VenueView) -> _PoolEntry:
+        self._pushed += 1
+        return (-(v.free_slots * v.speed_factor), v.machine_id, self._pushed, v)
+
+    def _top(self, heap: list[_PoolEntry]) -> _PoolEntry | None:
+        free = self._free
+        while heap:
+            top = heap[0]
+            if free.get(top[1]) is top[3]:
+                return top
+            heapq.heappop(heap)
+        return None
 
     def _classes_for(self, req: Requirement) -> list[_Class]:
         fits = self._fits.get(req)
@@ -158,28 +180,36 @@ class VenuePool:
         best: tuple[int, float, str] | None = None
         chosen: VenueView | None = None
         for cls in self._classes_for(req):
-            heap = self._heaps[cls]
-            if not heap:
+            top = self._top(self._heaps[cls])
+            if top is None:
                 continue
-            capacity, machine_id, venue = heap[0]
+            capacity, machine_id, _, venue = top
             rank = (contended_waste(venue, req, wanted), capacity, machine_id)
             if best is None or rank < best:
                 best, chosen = rank, venue
         return chosen
 
+    def get(self, machine_id: str) -> VenueView | None:
+        """The venue ``machine_id`` as it stands in this pass, if it is in the pool and has a
+        free slot (else None)."""
+        return self._free.get(machine_id)
+
     def take(self, venue: VenueView) -> None:
-        """Use one slot of ``venue``, which ``best`` just returned (the top of its kind)."""
-        heap = self._heaps[_class_of(venue)]
-        top = heapq.heappop(heap)
-        assert top[2] is venue, "take() must follow best()"
+        """Use one slot of ``venue``, a free venue of the pool as ``best`` or ``get`` just
+        returned it."""
+        assert self._free.get(venue.machine_id) is venue, "take() must follow best() or get()"
         updated = replace(venue, running=venue.running + 1)
         if updated.free_slots > 0:
-            heapq.heappush(heap, _entry(updated))
+            self._free[venue.machine_id] = updated
+            heapq.heappush(self._heaps[_class_of(venue)], self._entry(updated))
+        else:
+            del self._free[venue.machine_id]
+
+
+_PoolEntry = tuple[float, str, int, VenueView]
+"""A pool heap entry: minus free capacity times speed, machine id, a push counter (so two
+entries never compare their views), the view."""
 
 
 def _class_of(v: VenueView) -> _Class:
     return (v.systems, v.supported_features, v.mandatory_features, v.trusted)
-
-
-def _entry(v: VenueView) -> tuple[float, str, VenueView]:
-    return (-(v.free_slots * v.speed_factor), v.machine_id, v)

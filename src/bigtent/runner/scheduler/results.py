@@ -15,7 +15,7 @@ from bigtent.runner.scheduler import persist
 from bigtent.runner.scheduler.catchup import CatchUp
 from bigtent.runner.scheduler.leases import Disposition
 from bigtent.runner.scheduler.model import ActiveBuild, Venue
-from bigtent.runner.scheduler.steps import StepNode
+from bigtent.runner.scheduler.steps import StepNode, note_built
 from bigtent.runner.scheduler.sync import LostRace
 from bigtent.runner.scheduler.transitions import (
     AttemptEnd,
@@ -212,6 +212,7 @@ class Results(CatchUp):
             self._count_final(node)
         match end.disposition:
             case Disposition.SUCCEED:
+                note_built(self.nodes, node)  # locality: where its dependents' inputs are
                 for d in node.dependents:
                     dep = self.nodes.get(d)
                     if dep is not None:

@@ -17,6 +17,7 @@ from bigtent.runner.scheduler.matching import (
     VenueView,
     best_venue,
     can_run,
+    contended_waste,
     may_take,
     venue_rank,
 )
@@ -53,6 +54,11 @@ class StepNode:
     runnable."""
     assigned_at: float | None = None
     """When the current assignment was made, until the venue accepts it (``runner.metrics``)."""
+    inputs_on: dict[str, int] | None = None
+    """Machine id -> how many of this step's inputs succeeded on that venue (its store holds
+    their outputs), for at most ``MAX_HOLDERS`` venues; None when none did yet. Kept by
+    ``note_built`` while the step waits, dropped when it succeeds; ``plan_dispatch`` prefers
+    a free venue that holds inputs (locality)."""
 
     def sort_key(self) -> tuple[int, int, float, int]:
         """Runnable order: build priority, then work waiting behind it, then age."""
@@ -147,6 +153,34 @@ class RunnableIndex:
             if live.get(sid) == (req, key):
                 yield key, sid
 
+    def peers(self, req: Requirement, limit: int) -> list[_Entry]:
+        """The best live entries of one bucket that equal its top but for the step id (the
+        same priority, height and age), at most ``limit``, best first. Read only: walks the
+        heap's tree from its root in key order (a small heap of the frontier), so it costs
+        O(limit log limit) whatever the bucket's size; stale entries on the way are stepped
+        over, at most ``limit`` times over."""
+        heap = self._buckets.get(req)
+        if not heap:
+            return []
+        live = self._live
+        got: list[_Entry] = []
+        seen: set[int] = set()
+        frontier: list[tuple[_Entry, int]] = [(heap[0], 0)]
+        looked = 0
+        while frontier and len(got) < limit and looked < 4 * limit:
+            entry, at = heapq.heappop(frontier)
+            looked += 1
+            key, sid = entry
+            if live.get(sid) == (req, key) and sid not in seen:
+                if got and key[:3] != got[0][0][:3]:
+                    break
+                got.append(entry)
+                seen.add(sid)  # a step pushed again with the same key has two entries
+            for child in (2 * at + 1, 2 * at + 2):
+                if child < len(heap):
+                    heapq.heappush(frontier, (heap[child], child))
+        return got
+
     def best_where(
         self, req: Requirement, ok: Callable[[int], bool], below: _Key | None = None
     ) -> _Entry | None:
@@ -176,6 +210,39 @@ class Dispatch:
 
 RepositoriesOf = Callable[[int], Collection[str | None]]
 """Step id -> the repositories of its live builds (None for a build without one)."""
+HoldersOf = Callable[[int], Mapping[str, int] | None]
+"""Step id -> machine id -> how many of its inputs that venue built (``StepNode.inputs_on``)."""
+
+MAX_PEERS = 16
+"""Runnable steps of equal key (``RunnableIndex.peers``) a dispatch decision looks at for
+one whose inputs the chosen venue holds."""
+MAX_HOLDERS = 8
+"""Venues a step's tally of built inputs names at most: a step with thousands of inputs
+spread over a large farm costs a bounded look per dispatch decision (the first venues to
+build its inputs are remembered, later ones are not)."""
+_WAITING_FOR_INPUTS = (StepState.WAITING, StepState.RUNNABLE)
+
+
+def note_built(nodes: Mapping[int, StepNode], node: StepNode) -> None:
+    """``node`` succeeded on ``node.venue`` (applied after its commit): each of its waiting
+    dependents has one more input in that venue's store. Costs one look per dependent, as
+    releasing the dependents does."""
+    node.inputs_on = None  # built: its own tally is of no more use
+    where = node.venue
+    if where is None:
+        return
+    for d in node.dependents:
+        dep = nodes.get(d)
+        if dep is None or dep.state not in _WAITING_FOR_INPUTS:
+            continue
+        tally = dep.inputs_on
+        if tally is None:
+            dep.inputs_on = {where: 1}
+        elif where in tally:
+            tally[where] += 1
+        elif len(tally) < MAX_HOLDERS:
+            tally[where] = 1
+
 
 _Found = tuple[tuple[int, int, float, int], Requirement, int]
 """(sort key, bucket, step id) of a runnable step."""
@@ -187,6 +254,7 @@ def plan_dispatch(
     limit: int | None = None,
     repositories_of: RepositoriesOf | None = None,
     nothing_for: dict[Scope, int] | None = None,
+    holders_of: HoldersOf | None = None,
 ) -> list[Dispatch]:
     """Match runnable steps to free slots, best step first, best venue for it (architecture §5).
 
@@ -204,6 +272,18 @@ def plan_dispatch(
     one in all when nothing is for it. ``nothing_for`` (kept by the caller across passes)
     remembers the index version at which a scope's scan found nothing, so idle scoped venues
     cost nothing until a step is pushed again.
+
+    Locality (``holders_of``): once the step and its venue are chosen, a free venue that
+    built more of the step's inputs (its store holds them, so Nix substitutes nothing from
+    the cache) takes the step instead when it ranks as well on everything but load: it can
+    run the step and may take it, wastes as few contended features and has the same speed.
+    The most inputs win, ties keep ``venue_rank``'s order. Only free venues count (a busy
+    holder is never waited for) and the look is bounded by ``MAX_HOLDERS``. Then, when the
+    step's inputs are all on other venues, a step of equal key (the same priority, height
+    and age: only the id tells them apart) whose inputs the venue holds goes instead, the one
+    with most (ties: the lower id); at most ``MAX_PEERS`` are looked at. A step none of whose
+    inputs was built here (a leaf: its peers are most likely leaves too) costs no such look.
+    Which work goes first is unchanged but among such equals.
     """
     repos = repositories_of or _no_repositories
     pool = VenuePool(v for v in venues if v.repositories is None)
@@ -250,7 +330,13 @@ def plan_dispatch(
                 best = (*found, chosen)
         if best is None:
             break
-        _, _, step_id, venue = best
+        _, req, step_id, venue = best
+        if holders_of is not None:
+            held = holders_of(step_id)
+            if held:
+                venue = _holder(venue, req, wanted, held, pool, free, repos, step_id)
+                if not held.get(venue.machine_id):
+                    step_id = _peer(index, req, step_id, venue, holders_of, repos)
         index.discard(step_id)
         decisions.append(Dispatch(step_id, venue.machine_id))
         if venue.repositories is None:
@@ -262,6 +348,65 @@ def plan_dispatch(
             else:
                 del free[venue.machine_id]
     return decisions
+
+
+def _holder(
+    chosen: VenueView,
+    req: Requirement,
+    wanted: Collection[str],
+    held: Mapping[str, int],
+    pool: VenuePool,
+    scoped: Mapping[str, VenueView],
+    repositories_of: RepositoriesOf,
+    step_id: int,
+) -> VenueView:
+    """The free venue that holds the most of the step's inputs among those that rank as well
+    as ``chosen`` on everything but load (``plan_dispatch``); ``chosen`` on a tie."""
+    waste = contended_waste(chosen, req, wanted)
+    best = chosen
+    best_key = (-held.get(chosen.machine_id, 0), venue_rank(chosen, req, wanted))
+    step_repos: Collection[str | None] | None = None
+    for machine_id, count in held.items():
+        if machine_id == chosen.machine_id or -count > best_key[0]:
+            continue
+        v = pool.get(machine_id) or scoped.get(machine_id)
+        if v is None or v.speed_factor != chosen.speed_factor or not can_run(v, req):
+            continue
+        if v.repositories is not None:
+            if step_repos is None:
+                step_repos = repositories_of(step_id)
+            if not may_take(v, step_repos):
+                continue
+        rank = venue_rank(v, req, wanted)
+        if rank[0] != waste:
+            continue
+        key = (-count, rank)
+        if key < best_key:
+            best, best_key = v, key
+    return best
+
+
+def _peer(
+    index: RunnableIndex,
+    req: Requirement,
+    step_id: int,
+    venue: VenueView,
+    holders_of: HoldersOf,
+    repositories_of: RepositoriesOf,
+) -> int:
+    """A step of equal key to ``step_id`` (the top of its bucket) whose inputs ``venue``
+    holds most, when ``step_id`` has none there and ``venue`` may take it; else ``step_id``.
+    Its peers share its requirement, so the venue can run them all."""
+    peers = index.peers(req, MAX_PEERS)
+    if not peers or peers[0][1] != step_id:
+        return step_id  # not the top (a scoped venue's scan found it): no peers
+    best, most = step_id, 0
+    for _, sid in peers[1:]:
+        held = holders_of(sid)
+        count = held.get(venue.machine_id, 0) if held else 0
+        if count > most and (venue.repositories is None or may_take(venue, repositories_of(sid))):
+            best, most = sid, count
+    return best
 
 
 def plan_heights(items: Sequence[tuple[str, Sequence[str]]]) -> dict[str, int]:
