@@ -274,8 +274,9 @@ class Dispatching(Venues):
         found = await reads.assignment_derivations(conn, paths)
         out = []
         for node, venue, msg in sent:
+            # An SSH builder's step was not read: ``found`` has nothing for it.
             extra = carried(found.drvs.get(node.drv_path), found.outputs)
-            if extra is not None and venue.kind != SSH:
+            if extra is not None:
                 msg = with_derivation(msg, extra)
             out.append((node, venue, msg))
         return out
