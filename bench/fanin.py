@@ -47,10 +47,11 @@ from bench import common
 from websockets.asyncio.client import ClientConnection, connect
 
 from bigtent import protocol as p
+from bigtent.apilimits import MAX_ID
 
 TARGET_CORES = 1.0
 TARGET_RSS_BYTES = 2**30
-PROBE_STEP = p.StepId(2**62)
+PROBE_STEP = p.StepId(MAX_ID)
 """The step id of the probe ``result`` (no step has it)."""
 
 

@@ -24,6 +24,7 @@ from tests.integration.runner.conftest import (
     MakeRunner,
     Nix,
     RunnerHarness,
+    eventually,
     upload_closure,
 )
 
@@ -257,6 +258,14 @@ async def test_build_waits(cached: tuple[RunnerHarness, str], drvs: Drvs) -> Non
         refused = await same_answer(runner, "GET", path, token=client, params=query)
         assert refused.status_code == 422, query
         assert refused.json()["error"].startswith(("wait", "seen")), query
+    http = runner.client(Role.CLIENT)
+
+    async def settled() -> bool:
+        # With no agent, its runnable step is said to wait for capacity after a grace period:
+        # from then on the build stays as it is.
+        return bool((await http.get(path)).json()["waiting_for_capacity_count"])
+
+    await eventually(settled)
     plain = await same_answer(runner, "GET", path, token=client)
     build = Build.model_validate(plain.json())
     # No agent: the build stays as it is, and the wait answers at its end what it saw.
