@@ -105,10 +105,7 @@ async def build_endings(
 
 async def accepted(conn: AsyncConnection, step_ids: Sequence[int], now: float) -> None:
     """The venues started the steps they were assigned: one statement (an executemany for
-    several)."""
-    if len(step_ids) == 1:
-        await queries.update_step(conn, step_ids[0], state=StepState.BUILDING, started_at=now)
-        return
+    several; ``update_steps_each`` runs the same ``UPDATE`` by id as ``update_step``)."""
     await queries.update_steps_each(
         conn, [{"id": sid, "state": StepState.BUILDING, "started_at": now} for sid in step_ids]
     )
