@@ -16,7 +16,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bigtent.errors import BadRequest
 from bigtent.narbatch import BatchEntry
-from bigtent.nix import base32
 from bigtent.nix.drv import Derivation
 from bigtent.nix.store_path import StorePath
 from bigtent.runner.cache.drvcheck import (
@@ -28,7 +27,7 @@ from bigtent.runner.cache.drvcheck import (
     parse_derivation,
 )
 from bigtent.runner.cache.ingest import parse_path
-from bigtent.runner.cache.narcheck import Ingested, check_nar_size
+from bigtent.runner.cache.narcheck import Ingested, check_nar_size, declared_hash
 from bigtent.runner.cache.service import Cache, Publication
 from bigtent.runner.cache.storage import Staged
 from bigtent.runner.db import queries
@@ -125,10 +124,7 @@ async def ingest_client_batch(
 def _client_path(entry: BatchEntry, max_nar_bytes: int) -> ClientPath:
     """A batch entry's declarations parsed as a single upload's headers are (``ingest``)."""
     sp = parse_path(entry.path, "bad store path")
-    try:
-        digest = base32.parse_hash(entry.nar_hash, "sha256")
-    except ValueError as exc:
-        raise BadRequest(f"{sp.path}: bad nar_hash {entry.nar_hash[:100]!r}: {exc}") from exc
+    digest = declared_hash(entry.nar_hash, f"{sp.path}: bad nar_hash")
     check_nar_size(entry.nar_size, max_nar_bytes)
     refs = (  # at most MAX_REFERENCES: the parser (``narbatch``) bounds them
         frozenset()

@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bigtent.errors import BadRequest
-from bigtent.nix import base32
 from bigtent.nix.store_path import StorePath
 from bigtent.protocol import MAX_REFERENCES
 from bigtent.runner.cache.drvcheck import (
@@ -30,7 +29,7 @@ from bigtent.runner.cache.drvcheck import (
     content_address,
     parse_derivation,
 )
-from bigtent.runner.cache.narcheck import check_nar_size
+from bigtent.runner.cache.narcheck import check_nar_size, declared_hash
 from bigtent.runner.cache.service import Cache
 from bigtent.runner.db import queries
 from bigtent.runner.metrics import UploadKind
@@ -48,10 +47,7 @@ def parse_declared(
     """
     if not nar_hash or not nar_size:
         raise BadRequest("upload needs X-Nar-Hash and X-Nar-Size headers")
-    try:
-        digest = base32.parse_hash(nar_hash, "sha256")
-    except ValueError as exc:
-        raise BadRequest(f"bad X-Nar-Hash {nar_hash[:100]!r}: {exc}") from exc
+    digest = declared_hash(nar_hash, "bad X-Nar-Hash")
     # ASCII digits only: str.isdigit() also accepts other scripts' digits, and int() of a
     # few thousand digits raises instead of answering.
     if not (nar_size.isascii() and nar_size.isdigit() and len(nar_size) <= _MAX_SIZE_DIGITS):

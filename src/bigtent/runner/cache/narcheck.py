@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from bigtent.errors import NarMismatch, PayloadTooLarge
+from bigtent.errors import BadRequest, NarMismatch, PayloadTooLarge
 from bigtent.nix import base32
 from bigtent.nix.compression import EXTENSIONS, Compression
 from bigtent.nix.nar import NarError, NarSink, NarValidator, ReferenceScanner
@@ -22,6 +22,16 @@ def check_nar_size(size: int, max_nar_bytes: int, *, declared: bool = True) -> N
     if size > max_nar_bytes:
         what = f"declared NAR size {size} exceeds" if declared else "upload is larger than"
         raise PayloadTooLarge(f"{what} max_nar_bytes {max_nar_bytes}")
+
+
+def declared_hash(text: str, what: str) -> bytes:
+    """A declared sha256 (a NAR's or a file's, in any form Nix writes) as bytes, else a
+    BadRequest (400) ``f"{what} {text!r}: why"``: the one place an upload's declared hash is
+    read (headers, presigned declarations, batch entries)."""
+    try:
+        return base32.parse_hash(text, "sha256")
+    except ValueError as exc:
+        raise BadRequest(f"{what} {text[:100]!r}: {exc}") from exc
 
 
 def nar_file_name(file_hash: bytes, compression: Compression) -> str:

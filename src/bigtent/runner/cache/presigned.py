@@ -22,10 +22,9 @@ from dataclasses import dataclass
 
 from bigtent import protocol as p
 from bigtent.errors import BadRequest, BigtentError, Conflict, PayloadTooLarge, StorageUnavailable
-from bigtent.nix import base32
 from bigtent.nix.compression import Compression, compressed_size_bound
 from bigtent.nix.narinfo import NarInfo
-from bigtent.runner.cache.narcheck import Ingested, check_nar_size
+from bigtent.runner.cache.narcheck import Ingested, check_nar_size, declared_hash
 from bigtent.runner.cache.outputs import publish_leased_output
 from bigtent.runner.cache.s3 import S3Staged, S3Storage
 from bigtent.runner.cache.s3keys import incoming_key, verifying_key
@@ -58,11 +57,7 @@ def check_declaration(
     NAR could compress to (the signed upload size is bounded by the NAR size)."""
     hashes = {}
     for field in ("nar_hash", "file_hash"):
-        text = getattr(body, field)
-        try:
-            hashes[field] = base32.parse_hash(text, "sha256")
-        except ValueError as exc:
-            raise BadRequest(f"bad {field} {text[:100]!r}: {exc}") from exc
+        hashes[field] = declared_hash(getattr(body, field), f"bad {field}")
     check_nar_size(body.nar_size, max_nar_bytes)
     if body.compression != compression:
         raise BadRequest(
