@@ -24,6 +24,8 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bigtent.errors import ConfigError, DatabaseError, SchemaMismatch
+from bigtent.runner.db import inlinesqlite
+from bigtent.runner.db.inlinesqlite import BUSY_TIMEOUT_SECS
 from bigtent.runner.db.sqlitewrites import take_turns
 
 log = logging.getLogger(__name__)
@@ -51,13 +53,18 @@ def display_url(url: str) -> str:
 
 
 def create_engine(url: str) -> AsyncEngine:
-    """An async engine for ``url``; SQLite gets WAL, foreign keys, a busy timeout, and its
-    writers take turns in the process (``sqlitewrites``)."""
+    """An async engine for ``url``; SQLite gets WAL, foreign keys, a busy timeout, its
+    statements run on the event loop's thread (``inlinesqlite``; a URL with query options or
+    an in-memory database keeps aiosqlite's thread), and its writers take turns in the
+    process (``sqlitewrites``)."""
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[1] if "///" in url else ""
-        if path and path != ":memory:":
+        parsed = make_url(url)
+        path = parsed.database or ""
+        if path and path != ":memory:" and not parsed.query:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+            engine = create_async_engine(url, async_creator=inlinesqlite.connector(path))
+        else:
+            engine = create_async_engine(url, connect_args={"timeout": BUSY_TIMEOUT_SECS})
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn: object, _record: object) -> None:
