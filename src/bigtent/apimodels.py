@@ -243,10 +243,17 @@ def progress_token(state: str, counts: Mapping[str, int]) -> str:
     return ".".join([state, *(str(counts.get(name, 0)) for name in PROGRESS_COUNTS)])
 
 
+def seen_counts_steps(seen: str) -> bool:
+    """Whether ``seen``, a build's progress as a client last saw it, is a whole progress token
+    (its state and step counts: a step's change is news) rather than a state alone (pure)."""
+    return "." in seen
+
+
 def progress_seen(token: str, seen: str) -> bool:
     """Whether a build whose progress token is ``token`` is as the client saw it: ``seen`` is
-    a progress token, or a state alone (then only the state counts) (pure)."""
-    if "." in seen:
+    a progress token, or a state alone (then only the state counts: ``seen_counts_steps``)
+    (pure)."""
+    if seen_counts_steps(seen):
         return token == seen
     return token.split(".", 1)[0] == seen
 

@@ -32,17 +32,27 @@ def httpx_verify(ca_file: Path | str | None, what: str) -> ssl.SSLContext | bool
     return True if ca_file is None else ca_context(ca_file, what)
 
 
-def plain_http_verify(
+def httpx_verify_for(
+    urls: Sequence[str], ca_file: Path | str | None, what: str, environ: Mapping[str, str]
+) -> ssl.SSLContext | bool:
+    """httpx's ``verify`` for a client of ``urls`` with an optional CA file: ``httpx_verify``'s,
+    except when every URL is plain ``http://``, there is no CA file and no ``https://`` proxy
+    in ``environ``: then a verifying context that trusts no CA. httpx loads its CA bundle for
+    each client it makes (tens of milliseconds of a short command's start); such a client
+    makes no TLS connection, and one it made would fail verification, never go unchecked."""
+    if _plain_http(urls, ca_file, environ):
+        return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    return httpx_verify(ca_file, what)
+
+
+def _plain_http(
     urls: Sequence[str], ca_file: Path | str | None, environ: Mapping[str, str]
-) -> ssl.SSLContext | None:
-    """httpx's ``verify`` for a client whose every URL is plain ``http://``, no CA file and no
-    ``https://`` proxy in ``environ``: a verifying context that trusts no CA, or None for any
-    other client (then ``httpx_verify``). httpx loads its CA bundle for each client it makes
-    (tens of milliseconds of a short command's start); such a client makes no TLS
-    connection, and one it made would fail verification, never go unchecked (pure)."""
+) -> bool:
+    """Whether a client of ``urls`` makes no TLS connection: every URL ``http://``, no CA
+    file, no ``https://`` proxy in ``environ`` (pure)."""
     if ca_file is not None or not urls or not all(u.startswith("http://") for u in urls):
-        return None
-    for name, value in environ.items():
-        if name.lower().endswith("_proxy") and value.strip().lower().startswith("https://"):
-            return None
-    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        return False
+    return not any(
+        name.lower().endswith("_proxy") and value.strip().lower().startswith("https://")
+        for name, value in environ.items()
+    )

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from bigtent.errors import ConfigError
-from bigtent.tlsctx import ca_context, httpx_verify, plain_http_verify
+from bigtent.tlsctx import ca_context, httpx_verify, httpx_verify_for
 from tests.integration.runner.oidc_issuer import make_tls
 
 # The start of a certificate, cut short: PEM armour around DER that does not parse.
@@ -59,24 +59,30 @@ def test_a_file_that_cannot_be_loaded_names_what_it_is_for(
 def test_a_plain_http_client_trusts_no_ca() -> None:
     """Every URL plain http: a context that loads no roots yet verifies (a TLS connection
     would fail, never go unchecked)."""
-    context = plain_http_verify(["http://a:8080", "http://b"], None, {"HTTP_PROXY": "http://p"})
-    assert context is not None
+    urls = ["http://a:8080", "http://b"]
+    context = httpx_verify_for(urls, None, "CA file", {"HTTP_PROXY": "http://p"})
+    assert isinstance(context, ssl.SSLContext)
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
     assert context.get_ca_certs() == []
 
 
 @pytest.mark.parametrize(
-    ("urls", "ca_file", "environ"),
+    ("urls", "environ"),
     [
-        (["http://a", "https://b"], None, {}),
-        (["https://a"], None, {}),
-        (["http://a"], "/ca.pem", {}),
-        (["http://a"], None, {"https_proxy": "https://proxy:3128"}),
-        (["http://a"], None, {"ALL_PROXY": " HTTPS://proxy"}),
-        ([], None, {}),
+        (["http://a", "https://b"], {}),
+        (["https://a"], {}),
+        (["http://a"], {"https_proxy": "https://proxy:3128"}),
+        (["http://a"], {"ALL_PROXY": " HTTPS://proxy"}),
+        ([], {}),
     ],
 )
-def test_any_tls_keeps_the_usual_verification(
-    urls: list[str], ca_file: str | None, environ: dict[str, str]
-) -> None:
-    assert plain_http_verify(urls, ca_file, environ) is None
+def test_any_tls_keeps_the_usual_verification(urls: list[str], environ: dict[str, str]) -> None:
+    assert httpx_verify_for(urls, None, "CA file", environ) is True
+
+
+@pytest.mark.parametrize("urls", [["http://a"], ["https://a"]])
+def test_a_ca_file_is_trusted_whatever_the_urls(tmp_path: Path, urls: list[str]) -> None:
+    verify = httpx_verify_for(urls, write_ca(tmp_path), "CA file", {})
+    assert isinstance(verify, ssl.SSLContext) and len(verify.get_ca_certs()) == 1
+    with pytest.raises(ConfigError, match=r"^cannot load CA file /nonexistent/ca\.pem"):
+        httpx_verify_for(urls, "/nonexistent/ca.pem", "CA file", {})

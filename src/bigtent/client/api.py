@@ -51,7 +51,7 @@ from bigtent.errors import (
     parse_error_body,
 )
 from bigtent.narbatch import CONTENT_TYPE
-from bigtent.tlsctx import httpx_verify, plain_http_verify
+from bigtent.tlsctx import httpx_verify_for
 
 log = logging.getLogger(__name__)
 
@@ -237,11 +237,10 @@ class RunnerClient:
         self.batch_uploads = True
         """False once the runner answered that it has no batch upload route (an older
         runner): paths are then uploaded one by one."""
-        plain = plain_http_verify(self.base_urls, ca_file, os.environ)
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
-            verify=plain if plain is not None else httpx_verify(ca_file, "CA file"),
+            verify=httpx_verify_for(self.base_urls, ca_file, "CA file", os.environ),
             transport=transport,
             timeout=httpx.Timeout(timeout_secs),
             trust_env=transport is None,

@@ -1127,6 +1127,63 @@ async def test_load_after_crash_rebuilds_the_queue_and_completes(farm: Farm) -> 
     assert (await farm.step(b)).attempts == 1
 
 
+async def test_a_restarted_runner_sends_a_waiting_step_where_its_inputs_were_built(
+    farm: Farm,
+) -> None:
+    x, y, other = drv("x"), drv("y"), drv("other")
+    z = drv("z", x, y)
+    await farm.add([x, y, other, z], roots=[z, other])
+    b = farm.agent("b", max_jobs=2)
+    await farm.tick()
+    got = by_drv(b.take_assigns())
+    assert set(got) == {x.drv_path, y.drv_path}  # the taller steps first
+    assert await farm.succeed(b, got[x.drv_path])
+    a = farm.agent("a")
+    await farm.tick()
+    (got_other,) = a.take_assigns()
+    assert got_other.drv_path == other.drv_path
+    assert await farm.succeed(a, got_other)
+    # Crash while y builds on "b": z waits, one of its inputs built there.
+    farm.sched = farm.new_scheduler()
+    await farm.sched.load()
+    assert farm.sched.nodes[farm.sid(z)].state is StepState.WAITING
+    assert farm.sched.nodes[farm.sid(z)].inputs_on == {"b": 1}
+    a = farm.agent("a")
+    b = farm.agent(
+        "b",
+        max_jobs=2,
+        running=[p.RunningStep(step_id=got[y.drv_path].step_id, lease_id=got[y.drv_path].lease_id)],
+    )
+    assert await farm.succeed(b, got[y.drv_path])
+    assert farm.sched.nodes[farm.sid(z)].inputs_on == {"b": 2}
+    # Both agents are free and alike: "a" sorts first, but "b" holds z's inputs.
+    await farm.tick()
+    assert a.take_assigns() == []
+    assert [d.drv_path for d in b.take_assigns()] == [z.drv_path]
+
+
+async def test_a_start_reads_where_a_waiting_steps_inputs_were_built(farm: Farm) -> None:
+    # Inputs built on different venues, before the restart, in the order they finished.
+    x, y, w = drv("x"), drv("y"), drv("w")
+    z = drv("z", x, y, w)
+    await farm.add([x, y, w, z], roots=[z])
+    agents = {m: farm.agent(m) for m in ("a", "b")}
+    for machine, at in (("b", 1.0), ("a", 2.0), ("b", 3.0)):
+        await farm.tick(T0 + at)
+        (assign,) = agents[machine].take_assigns()
+        assert await farm.succeed(agents[machine], assign)
+    assert farm.sched.nodes[farm.sid(z)].inputs_on == {"b": 2, "a": 1}
+    assert farm.runnable() == {farm.sid(z)}
+    farm.sched = farm.new_scheduler()
+    await farm.sched.load()
+    assert farm.runnable() == {farm.sid(z)}
+    assert farm.sched.nodes[farm.sid(z)].inputs_on == {"b": 2, "a": 1}
+    a, b = farm.agent("a"), farm.agent("b")
+    await farm.tick()
+    assert a.take_assigns() == []
+    assert [d.drv_path for d in b.take_assigns()] == [z.drv_path]
+
+
 async def test_leases_of_agents_that_never_return_expire_after_restart(farm: Farm) -> None:
     x = drv("x")
     await farm.add([x], roots=[x])

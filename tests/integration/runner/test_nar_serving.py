@@ -1,12 +1,15 @@
-"""NAR files served by a real uvicorn on a loopback socket: sent by the kernel (``sendfile``,
-``runner/http/pathsend.py``) on plain TCP, or read at once when small, byte for byte, with
-keep-alive framing intact."""
+"""NAR files served by a real uvicorn on a loopback socket: a small one asked whole read at
+once, on any connection; others sent by the kernel (``sendfile``, ``runner/http/pathsend.py``)
+on plain TCP and streamed by ``FileResponse`` on TLS; byte for byte, with keep-alive framing
+intact and the same headers either way."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +21,16 @@ from starlette.responses import FileResponse
 from bigtent.runner.http.pathsend import can_sendfile
 from bigtent.runner.http.routes.cache import SMALL_NAR_BYTES, _read_whole
 from tests.integration.runner.conftest import MakeRunner, RunnerHarness
+from tests.integration.runner.test_mtls import Ca
 
 MiB = 1024 * 1024
 
 
-def _put(runner: RunnerHarness, name: str, data: bytes) -> None:
+def _put(runner: RunnerHarness, name: str, data: bytes, *, mtime: int | None = None) -> None:
     path = runner.state_dir / "cache" / "nar" / name
     path.write_bytes(data)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
 
 
 @pytest.fixture
@@ -176,3 +182,62 @@ def test_a_small_file_changed_since_its_stat_is_left_to_file_response(tmp_path: 
     assert _read_whole(response, nar, 3) is None
     nar.unlink()
     assert _read_whole(response, nar, 3) is None
+
+
+@pytest.fixture
+def server_tls(tmp_path: Path) -> tuple[dict[str, Any], ssl.SSLContext]:
+    """A ``[runner.tls]`` section for 127.0.0.1, and a client context that trusts it."""
+    directory = tmp_path / "pki"
+    directory.mkdir()
+    ca = Ca.create(directory, "server CA")
+    cert, key = ca.issue(directory, "server", cn="localhost", dns=["localhost"], server=True)
+    context = ssl.create_default_context(cafile=str(ca.cert_file))
+    return {"cert_file": str(cert), "key_file": str(key)}, context
+
+
+@pytest.mark.parametrize("size", [0, 300, SMALL_NAR_BYTES, SMALL_NAR_BYTES + 1, 3 * MiB + 17])
+async def test_tls_and_plain_tcp_answer_a_nar_alike(
+    make_runner: MakeRunner,
+    sendfile_calls: list[int],
+    server_tls: tuple[dict[str, Any], ssl.SSLContext],
+    size: int,
+) -> None:
+    tls, context = server_tls
+    plain = await make_runner(serve=True)
+    secure = await make_runner(serve=True, tls=tls)
+    assert (secure.url or "").startswith("https://")
+    data = random.Random(size).randbytes(size)
+    for runner in (plain, secure):
+        _put(runner, "n.nar", data, mtime=1_700_000_000)  # the same etag and last-modified
+    answers: dict[str, list[httpx.Response]] = {}
+    async with (
+        httpx.AsyncClient(base_url=plain.url or "", timeout=30) as tcp,
+        httpx.AsyncClient(base_url=secure.url or "", timeout=30, verify=context) as tls_client,
+    ):
+        for name, client in (("tcp", tcp), ("tls", tls_client)):
+            answers[name] = [
+                await client.get("/cache/nar/n.nar"),
+                await client.head("/cache/nar/n.nar"),
+                await client.get("/cache/nar/n.nar", headers={"Range": "bytes=0-99"}),
+            ]
+    for (got, head, ranged), name in ((answers["tcp"], "tcp"), (answers["tls"], "tls")):
+        assert got.status_code == 200, name
+        assert got.content == data, name
+        assert got.headers["content-type"] == "application/x-nix-nar"
+        assert got.headers["content-length"] == str(size)
+        assert {"etag", "last-modified", "accept-ranges"} <= set(got.headers)
+        assert head.status_code == 200 and head.content == b""
+        assert _without_date(head.headers) == _without_date(got.headers)
+        if size:
+            assert ranged.status_code == 206
+            assert ranged.content == data[:100]
+            assert ranged.headers["content-range"] == f"bytes 0-{min(size, 100) - 1}/{size}"
+        else:
+            assert ranged.status_code == 416  # no byte of an empty file is in any range
+    for tcp_answer, tls_answer in zip(answers["tcp"], answers["tls"], strict=True):
+        assert tcp_answer.status_code == tls_answer.status_code
+        assert _without_date(tcp_answer.headers) == _without_date(tls_answer.headers)
+        assert tcp_answer.content == tls_answer.content
+    # Only plain TCP offers sendfile, and only a large file asked whole goes out by it (a
+    # range is read by FileResponse); the TLS runner streamed its large file instead.
+    assert sendfile_calls == ([size] if size > SMALL_NAR_BYTES else [])

@@ -10,7 +10,13 @@ import httpx
 import pytest
 
 from bigtent.apilimits import BUILD_WAIT_MAX_SECS
-from bigtent.apimodels import WAITED_HEADER, Build, progress_seen, progress_token
+from bigtent.apimodels import (
+    WAITED_HEADER,
+    Build,
+    progress_seen,
+    progress_token,
+    seen_counts_steps,
+)
 from bigtent.client.follow import follow_build, look_wait_secs
 from bigtent.client.observer import SilentObserver
 from tests.unit.client.test_client_build import FakeRunner, _client, _wire_build
@@ -24,6 +30,16 @@ def test_the_progress_token_is_the_state_and_the_counts() -> None:
     assert progress_seen(token, token) and progress_seen(token, "running")
     assert not progress_seen(token, "running.3.0.0.0.3.0.0")
     assert not progress_seen(token, "queued")
+
+
+def test_a_seen_token_with_counts_makes_a_steps_change_news() -> None:
+    # The runner's wait watches the steps too exactly when progress_seen compares the counts.
+    token = progress_token("running", {"running": 1})
+    assert seen_counts_steps(token)
+    assert not seen_counts_steps("running")
+    moved = progress_token("running", {"running": 1, "succeeded": 1})
+    assert not progress_seen(moved, token)  # a step's change, seen with the counts
+    assert progress_seen(moved, "running")  # but not by a state alone
 
 
 @pytest.mark.parametrize(

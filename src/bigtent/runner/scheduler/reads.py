@@ -9,7 +9,7 @@ rows. ``DrvInfo``, ``LeaseRow`` and ``AssignedDrv`` are the row types the layers
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -54,13 +54,17 @@ class BuildParts:
 
 @dataclass
 class ActiveRows:
-    """What a start reads: the active steps, the edges among them, the active builds with
-    their roots and members."""
+    """What a start reads: the active steps, their edges, where their succeeded inputs were
+    built, and the active builds with their roots and members."""
 
     steps: list[Any]
     deps: list[tuple[int, int]]
+    """(step, dependency) of every active step, the dependency active or not."""
     builds: list[Any]
     parts: BuildParts
+    built_inputs: list[tuple[int, str]] = field(default_factory=list)
+    """(step, machine id) for each of an active step's dependencies that succeeded on a
+    venue, in the order they finished (``steps.tally_built_inputs``)."""
 
 
 @dataclass
@@ -86,14 +90,23 @@ async def build_parts(conn: AsyncConnection, build_ids: Sequence[int]) -> BuildP
 
 
 async def active(conn: AsyncConnection, states: Collection[str]) -> ActiveRows:
-    """The steps in ``states`` (the active ones), the edges among them, and the active builds
-    with their roots and members."""
+    """The steps in ``states`` (the active ones), their edges and where their succeeded
+    inputs were built (one statement for both), and the active builds with their roots and
+    members."""
     rows = await queries.fetch_active_steps(conn, list(states))
     ids = [int(r.id) for r in rows]
-    deps = await queries.fetch_step_deps(conn, ids)
+    edges = await queries.fetch_step_deps_built_on(conn, ids)
+    deps = [(sid, dep) for sid, dep, _, _ in edges]
+    built = sorted(
+        (finished or 0.0, dep, sid, machine)
+        for sid, dep, machine, finished in edges
+        if machine is not None
+    )
     active_builds = await queries.fetch_active_builds(conn)
     parts = await build_parts(conn, [int(b.id) for b in active_builds])
-    return ActiveRows(rows, deps, active_builds, parts)
+    return ActiveRows(
+        rows, deps, active_builds, parts, [(sid, machine) for _, _, sid, machine in built]
+    )
 
 
 async def steps(conn: AsyncConnection, step_ids: Iterable[int]) -> list[Any]:

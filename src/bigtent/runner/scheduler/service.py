@@ -42,7 +42,7 @@ from bigtent.runner.scheduler.model import (
     ActiveBuild,
     node_from_row,
 )
-from bigtent.runner.scheduler.steps import RunnableIndex, raise_heights
+from bigtent.runner.scheduler.steps import RunnableIndex, raise_heights, tally_built_inputs
 from bigtent.runner.scheduler.sync import LostRace
 from bigtent.states import BuildEventKind, BuildState, StepState
 
@@ -86,6 +86,7 @@ class Scheduler(Controls):
                 if dep in self.nodes:
                     self.nodes[sid].deps.add(dep)
                     self.nodes[dep].dependents.add(sid)
+            tally_built_inputs(self.nodes, stored.built_inputs)
             active, roots, members = stored.builds, stored.parts.roots, stored.parts.members
             # Final roots of active builds must be known to decide when those builds end.
             for row in await reads.steps(conn, stored.parts.root_steps() - set(self.nodes)):

@@ -232,16 +232,29 @@ def note_built(nodes: Mapping[int, StepNode], node: StepNode) -> None:
     if where is None:
         return
     for d in node.dependents:
-        dep = nodes.get(d)
-        if dep is None or dep.state not in _WAITING_FOR_INPUTS:
-            continue
-        tally = dep.inputs_on
-        if tally is None:
-            dep.inputs_on = {where: 1}
-        elif where in tally:
-            tally[where] += 1
-        elif len(tally) < MAX_HOLDERS:
-            tally[where] = 1
+        _tally(nodes.get(d), where)
+
+
+def tally_built_inputs(nodes: Mapping[int, StepNode], built: Iterable[tuple[int, str]]) -> None:
+    """At a start, the tallies ``note_built`` kept before it: ``built`` is (step id, machine
+    id) for each input of a step that succeeded on a venue, in the order they succeeded (the
+    database's record, ``reads.active``), so a step still waiting goes where its inputs are
+    as it would have without the restart."""
+    for sid, where in built:
+        _tally(nodes.get(sid), where)
+
+
+def _tally(node: StepNode | None, where: str) -> None:
+    """One more of ``node``'s inputs is in ``where``'s store, if ``node`` still waits."""
+    if node is None or node.state not in _WAITING_FOR_INPUTS:
+        return
+    tally = node.inputs_on
+    if tally is None:
+        node.inputs_on = {where: 1}
+    elif where in tally:
+        tally[where] += 1
+    elif len(tally) < MAX_HOLDERS:
+        tally[where] = 1
 
 
 _Found = tuple[tuple[int, int, float, int], Requirement, int]

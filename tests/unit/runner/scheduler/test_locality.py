@@ -18,6 +18,7 @@ from bigtent.runner.scheduler.steps import (
     StepNode,
     note_built,
     plan_dispatch,
+    tally_built_inputs,
 )
 from bigtent.states import StepState
 
@@ -347,3 +348,26 @@ def test_note_built_names_at_most_max_holders() -> None:
     assert len(dependent.inputs_on) == MAX_HOLDERS
     assert dependent.inputs_on["m1"] == 2  # a venue already named still counts
     assert f"m{MAX_HOLDERS + 1}" not in dependent.inputs_on
+
+
+def test_a_start_tallies_the_built_inputs_as_note_built_did() -> None:
+    # The same successes, applied one by one as they happened or read back at a start, leave
+    # the same tallies (the order of the record keeps which MAX_HOLDERS venues are named).
+    where = [f"m{i % (MAX_HOLDERS + 2)}" for i in range(3 * MAX_HOLDERS)]
+    live = {0: node(0, state=StepState.WAITING), 1: node(1, state=StepState.RUNNABLE)}
+    for i, machine in enumerate(where, start=10):
+        live[i] = node(i, state=StepState.SUCCEEDED, venue=machine)
+        live[i].dependents = {0, 1}
+        note_built(live, live[i])
+    loaded = {
+        0: node(0, state=StepState.WAITING),
+        1: node(1, state=StepState.RUNNABLE),
+        2: node(2, state=StepState.BUILDING),  # running already: no tally
+    }
+    tally_built_inputs(
+        loaded,
+        [(sid, m) for m in where for sid in (0, 1, 2)] + [(99, "m1")],  # 99: not loaded
+    )
+    assert loaded[0].inputs_on == live[0].inputs_on == loaded[1].inputs_on
+    assert loaded[0].inputs_on is not None and len(loaded[0].inputs_on) == MAX_HOLDERS
+    assert loaded[2].inputs_on is None

@@ -33,6 +33,7 @@ from bigtent.apimodels import (
     StepList,
     progress_seen,
     progress_token,
+    seen_counts_steps,
 )
 from bigtent.config import Role
 from bigtent.errors import BadRequest, InvalidParameter, NotFound
@@ -207,7 +208,7 @@ async def watched_build(comps: Components, build_id: int, wait: BuildWait | None
         return answer(await build_json(comps, build_id, details=True))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait.secs
-    steps = "." in wait.seen
+    steps = seen_counts_steps(wait.seen)
     while True:
         # Watched before it is read: a change committed during the read wakes the wait.
         with comps.scheduler.build_watch.watching(build_id, steps=steps) as changed:

@@ -15,7 +15,6 @@ from bigtent.runner.cache.storage import MAX_NAME_BYTES
 from bigtent.runner.components import Components
 from bigtent.runner.http.deps import Comps
 from bigtent.runner.http.hotpath import HotTable
-from bigtent.runner.http.pathsend import PATHSEND
 
 SMALL_NAR_BYTES = 256 * 1024
 
@@ -55,17 +54,20 @@ async def _nar(cache: Cache, file_name: str, request: Request) -> Response:
     if path is None:
         raise NotFound("no such NAR")
     stat = path.stat()
-    small = stat.st_size <= SMALL_NAR_BYTES
-    if PATHSEND not in request.scope.get("extensions", {}) and small:
-        # Most NARs are small: one read beats FileResponse's thread hop per chunk.
-        return Response(path.read_bytes(), media_type="application/x-nix-nar")
     response = FileResponse(path, stat_result=stat, media_type="application/x-nix-nar")
-    if small and request.method == "GET" and "range" not in request.headers:
-        # A small one whole (an agent's inputs are a few hundred bytes): read at once and sent
-        # with the start, under FileResponse's own headers, costs less than a sendfile.
+    if _whole_at_once(request, stat.st_size):
         return _read_whole(response, path, stat.st_size) or response
-    # With pathsend (plain TCP: runner/http/pathsend.py) the kernel sends the file.
+    # HEAD, a range, a large file: FileResponse, which hands the file to the kernel where the
+    # connection offers pathsend (plain TCP: runner/http/pathsend.py) and streams it elsewhere.
     return response
+
+
+def _whole_at_once(request: Request, size: int) -> bool:
+    """True for a ``GET`` of a whole NAR of at most ``SMALL_NAR_BYTES``, whatever the
+    connection: most NARs are small (an agent's inputs are a few hundred bytes), and one read
+    sent with the response's start costs less than a sendfile or FileResponse's thread hop per
+    chunk."""
+    return size <= SMALL_NAR_BYTES and request.method == "GET" and "range" not in request.headers
 
 
 def _read_whole(file: FileResponse, path: Path, size: int) -> Response | None:
