@@ -31,7 +31,6 @@ from typing import Any, ClassVar, cast
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from bigtent.ratelog import RateLimitedLog
-from bigtent.runner.http.coalesce import hold_response_start
 from bigtent.runner.http.pathsend import offer_pathsend
 
 log = logging.getLogger(__name__)
@@ -117,7 +116,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._headers_done()
         super().on_headers_complete()
         if self.cycle is not None:
-            hold_response_start(self.cycle, self.loop)
             offer_pathsend(self.cycle, self.loop)
 
     def connection_lost(self, exc: Exception | None) -> None:

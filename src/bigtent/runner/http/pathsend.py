@@ -65,8 +65,6 @@ async def _send_path(
     count = cycle.expected_content_length
     with open(path, "rb") as file:  # an open, not a read: no thread hop
         if count:
-            # The start's bytes, if held back to go with the body's (``coalesce``), go first.
-            await plain_send({"type": "http.response.body", "body": b"", "more_body": True})
             if cycle.flow.write_paused:
                 await cycle.flow.drain()
             try:
