@@ -1,6 +1,7 @@
 """Benchmark: a 101-derivation DAG through `bigtent up`, against local `nix-build -j2` and
 Nix's own SSH remote builders, measured in the same run; a DAG of `sleep 1` derivations,
-makespan against its critical path; and the runner's CPU time per step over a wide DAG of
+makespan against its critical path and against local Nix building the same DAG with as many
+jobs as the farm has slots; and the runner's CPU time per step over a wide DAG of
 1,000 trivial derivations (utime + stime from /proc/PID/stat, before submitting and after
 the build ended).
 
@@ -533,8 +534,20 @@ def main() -> int:
                     f"# measured: runner CPU over a {steps}-step DAG "
                     f"({cpu_layers} layers x {cpu_width}): {used:.2f} s in {t:.2f} s"
                 )
-        # Makespan against the critical path: sleep-1 derivations, plenty of slots.
+        # Makespan against the critical path: sleep-1 derivations, plenty of slots. The
+        # baseline: local Nix building the same kind of DAG (instantiated first, so no
+        # evaluation is timed) with as many jobs as the farm has slots.
         sl = dict(layers=args.sleep_layers, width=args.sleep_width, sleep=1)
+        slots = 2 * args.sleep_width
+        local_drv = subprocess.run(
+            ["nix-instantiate", str(dag_file(work, **sl)), "-A", "top"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        local_makespan = timed(
+            ["nix-store", "--realise", local_drv, "-j", str(slots), *NO_SUBST, *SANDBOX]
+        )
         with farm(work, agents=2, jobs=args.sleep_width) as env:
             marks = agent_log_marks(Path(env["BENCH_STATE_DIR"]))
             _, out = bigtent_build(env, dag_file(work, **sl), "--no-download")
@@ -570,6 +583,11 @@ def main() -> int:
     say(
         f"makespan (build created -> finished on the runner): {makespan:.2f} s; "
         f"critical path: {critical} s; ratio {makespan / critical:.3f}"
+    )
+    say(
+        f"local Nix, the same DAG (`nix-store --realise -j {slots}` of its instantiated "
+        f"derivation): {local_makespan:.2f} s; ratio {local_makespan / critical:.3f}; "
+        f"bigtent / local Nix: {makespan / local_makespan:.3f}"
     )
     say(sleep_phases)
     say(sleep_locality)
@@ -609,6 +627,7 @@ def main() -> int:
                 **values,
                 "makespan_secs": makespan,
                 "critical_path_secs": critical,
+                "local_makespan_secs": local_makespan,
                 **cpu,
                 "targets": targets,
             },
