@@ -14,9 +14,10 @@ thread (``time.thread_time``: what the runner's loop spends) and of the whole pr
 (``time.process_time``: also the SQLite driver's thread) is printed, best of ``--rounds``
 rounds, each in a fresh database.
 
-The same script runs against another checkout's code by running it with that checkout's venv
-(``/work/.../base/.venv/bin/python bench/outputput.py``): the script imports ``bigtent`` from
-the interpreter's environment. ``--profile`` prints cProfile's top functions of one round.
+The same script measures another checkout's code when run with that checkout's venv
+(``OTHER/.venv/bin/python bench/outputput.py``): it imports ``bigtent`` from the
+interpreter's environment. ``--profile`` prints cProfile's top functions of one more round
+and its Python calls per upload (a count: the same on a busy machine).
 """
 
 from __future__ import annotations
@@ -191,11 +192,13 @@ def main() -> int:
         work = Path(tmp)
         rounds = [asyncio.run(one_round(work, args.uploads, None)) for _ in range(args.rounds)]
         text = ""
+        calls = None
         if args.profile:
             prof = cProfile.Profile()
             asyncio.run(one_round(work, args.uploads, prof))
             out = io.StringIO()
             stats = pstats.Stats(prof, stream=out)
+            calls = stats.total_calls / args.uploads  # type: ignore[attr-defined]
             stats.sort_stats("cumulative").print_stats(PROFILED_LINES)
             stats.sort_stats("tottime").print_stats(PROFILED_LINES)
             text = out.getvalue()
@@ -210,6 +213,7 @@ def main() -> int:
             "loop_ms_per_upload": loop,
             "best": min(per),
             "loop_best": min(loop),
+            "calls_per_upload": calls,
         },
     }
     if args.json:
@@ -218,6 +222,8 @@ def main() -> int:
     header("bench/outputput.py: a small output's upload, in the runner's process", m)
     print(text, end="")
     print(f"code: {where}  load: {os.getloadavg()[0]:.2f}")
+    if calls is not None:
+        print(f"Python calls per upload (cProfile, load-independent): {calls:.0f}")
     for what, ms in (("event loop thread", loop), ("process (all threads)", per)):
         print(
             f"CPU per upload, {what}: best {min(ms):.3f} ms "
