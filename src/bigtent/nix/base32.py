@@ -9,6 +9,8 @@ ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
 """Nix's 32 digits: no e, o, u or t, so encoded hashes cannot spell words."""
 
 _DIGIT_VALUES = {c: i for i, c in enumerate(ALPHABET)}
+_PAIRS = [a + b for a in ALPHABET for b in ALPHABET]
+"""Two digits for each 10-bit value: ``encode`` writes two digits a step."""
 
 HASH_SIZES: dict[str, int] = {"md5": 16, "sha1": 20, "sha256": 32, "sha512": 64}
 """Digest size in bytes of every hash algorithm Nix knows."""
@@ -26,7 +28,12 @@ def encode(data: bytes) -> str:
     first, which is why nix32 is not RFC 4648 base32 read in any order."""
     value = int.from_bytes(data, "little")
     length = encoded_length(len(data))
-    return "".join(ALPHABET[(value >> (5 * n)) & 0x1F] for n in range(length - 1, -1, -1))
+    # An odd count of digits starts with the top one alone; the rest go two at a time.
+    head = ALPHABET[(value >> (5 * (length - 1))) & 0x1F] if length % 2 else ""
+    pairs = _PAIRS
+    return head + "".join(
+        [pairs[(value >> (10 * n)) & 0x3FF] for n in range(length // 2 - 1, -1, -1)]
+    )
 
 
 def decode(text: str) -> bytes:

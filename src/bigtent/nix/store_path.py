@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterable
@@ -18,6 +19,12 @@ HASH_PART_LEN = 32
 
 MAX_NAME_LEN = 211
 """Longest name Nix allows, so a basename fits in 255 bytes with the hash and dash."""
+
+PARSED_PATHS = 8192
+"""Store paths whose parse is remembered (``StorePath.parse``): the runner parses the same
+paths again and again (an output's reference candidates, its inputs' closures, the
+references it signs), about 3 us each; a remembered one costs a dictionary lookup. At most
+this many, each at most 255 characters and its ``StorePath``: about 4 MB."""
 
 _HASH_PART_RE = re.compile(r"[0-9a-df-np-sv-z]{32}")
 _NAME_RE = re.compile(r"[A-Za-z0-9+\-._?=]+")
@@ -52,11 +59,11 @@ class StorePath:
 
     @classmethod
     def parse(cls, text: str) -> StorePath:
-        """Parse a full store path; only paths directly in STORE_DIR are store paths."""
-        prefix = STORE_DIR + "/"
-        if not text.startswith(prefix):
-            raise ValueError(f"invalid store path {text!r}: not in {STORE_DIR}")
-        return cls.parse_basename(text[len(prefix) :], original=text)
+        """Parse a full store path; only paths directly in STORE_DIR are store paths.
+
+        The last ``PARSED_PATHS`` paths parsed are remembered (a ``StorePath`` never changes;
+        a text that is not a store path raises every time)."""
+        return _parse_path(text)
 
     @classmethod
     def parse_basename(cls, basename: str, *, original: str | None = None) -> StorePath:
@@ -82,6 +89,15 @@ class StorePath:
 
     def __str__(self) -> str:
         return self.path
+
+
+@functools.lru_cache(maxsize=PARSED_PATHS)
+def _parse_path(text: str) -> StorePath:
+    """``StorePath.parse``, remembered."""
+    prefix = STORE_DIR + "/"
+    if not text.startswith(prefix):
+        raise ValueError(f"invalid store path {text!r}: not in {STORE_DIR}")
+    return StorePath.parse_basename(text[len(prefix) :], original=text)
 
 
 def _full_path(ref: str) -> str:

@@ -45,6 +45,16 @@ def test_roundtrip(data: bytes) -> None:
     assert base32.decode(text) == data
 
 
+@given(st.binary(max_size=80))
+def test_encode_is_the_number_digit_by_digit(data: bytes) -> None:
+    # Nix's definition, one digit at a time from the most significant (``encode`` goes two
+    # at a time): odd and even digit counts alike.
+    value = int.from_bytes(data, "little")
+    digits = base32.encoded_length(len(data))
+    expected = "".join(base32.ALPHABET[(value >> (5 * n)) & 31] for n in reversed(range(digits)))
+    assert base32.encode(data) == expected
+
+
 @pytest.mark.parametrize(
     "text",
     [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import lzma
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import zstandard
@@ -19,6 +20,7 @@ from bigtent.nix.compression import (
     Compressor,
     DecompressedTooLarge,
     DecompressionError,
+    compress_whole,
     compressed_size_bound,
     decompress_all,
 )
@@ -27,6 +29,36 @@ from bigtent.nix.compression import (
 def compress(data: bytes, compression: Compression, level: int = 3) -> bytes:
     c = Compressor(compression, level)
     return c.compress(data) + c.flush()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.lists(st.binary(min_size=1, max_size=3000), min_size=1, max_size=4),
+    compression=st.sampled_from(list(Compression)),
+    level=st.integers(1, 9),
+)
+def test_a_whole_file_decompresses_as_a_streamed_one(
+    data: list[bytes], compression: Compression, level: int
+) -> None:
+    # Files made one after another by the same (reused) compressor are each complete.
+    files = [compress_whole(d, compression, level) for d in data]
+    for d, file in zip(data, files, strict=True):
+        out, _ = feed_in_pieces(BoundedDecompressor(compression, len(d)), file, 7)
+        assert out == d
+        assert decompress_all(file, compression, len(d)) == decompress_all(
+            compress(d, compression, level), compression, len(d)
+        )
+        assert len(file) <= compressed_size_bound(len(d), compression)
+
+
+def test_whole_files_from_threads_at_once_are_each_complete() -> None:
+    data = [bytes([i]) * 500 + bytes(range(256)) * i for i in range(16)]
+    with ThreadPoolExecutor(4) as pool:
+        files = list(
+            pool.map(lambda d: [compress_whole(d, Compression.ZSTD, 3) for _ in range(50)], data)
+        )
+    for d, made in zip(data, files, strict=True):
+        assert {decompress_all(f, Compression.ZSTD, len(d)) for f in made} == {d}
 
 
 def feed_in_pieces(dec: BoundedDecompressor, data: bytes, step: int) -> tuple[bytes, int]:

@@ -360,6 +360,9 @@ def test_scanner_table() -> None:
         ReferenceScanner(["tooshort"])
     with pytest.raises(ValueError):
         ReferenceScanner(["e" * 32])
+    for bad in ("0" * 31 + "e", "0" * 31 + "\u00e9"[:1], "0" * 31 + "A", "0" * 33):
+        with pytest.raises(ValueError, match="not a store path hash part"):
+            ReferenceScanner([h1, bad])
 
 
 @settings(max_examples=300)

@@ -51,6 +51,16 @@ def test_parse_rejects(text: str, message: str) -> None:
         StorePath.parse(text)
 
 
+def test_parse_remembers_paths_not_refusals() -> None:
+    text = f"/nix/store/{HASH}-remembered"
+    first = StorePath.parse(text)
+    assert StorePath.parse(text) is first  # the remembered value
+    bad = f"/nix/store/{HASH}-a b"
+    for _ in range(2):  # a refusal is not remembered as anything: it raises each time
+        with pytest.raises(ValueError, match="character"):
+            StorePath.parse(bad)
+
+
 def test_name_rules() -> None:
     check_name("a" * 211)
     check_name("A-Za-z0-9+-._?=")

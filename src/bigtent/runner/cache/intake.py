@@ -36,6 +36,7 @@ from bigtent.nix.compression import (
     Compressor,
     DecompressedTooLarge,
     DecompressionError,
+    compress_whole,
 )
 from bigtent.nix.nar import NarSink
 from bigtent.runner.cache.narcheck import Ingested, NarCheck, check_nar_size, nar_file_name
@@ -44,6 +45,9 @@ from bigtent.runner.metrics import Metrics, UploadKind
 
 log = logging.getLogger(__name__)
 
+WHOLE_NAR_BYTES = 64 * 1024
+"""NARs up to this size (most outputs and .drv files) are held whole while they are checked,
+then compressed in one call and written in one (``NarIntake.receive``)."""
 INLINE_INGEST_BYTES = 1024 * 1024
 """NARs up to this size are verified on the event loop; larger ones in a worker thread."""
 INGEST_BATCH_BYTES = 1024 * 1024
@@ -96,15 +100,28 @@ class StoredFile:
     def ingested(self, nar_hash: bytes, nar_size: int, references: frozenset[str]) -> Ingested:
         """What was learned, once the NAR checked out as ``nar_hash``."""
         file_hash = self._sha.digest() if self._sha is not None else nar_hash
-        return Ingested(
-            nar_hash=nar_hash,
-            nar_size=nar_size,
-            file_name=nar_file_name(file_hash, self.compression),
-            file_hash=file_hash,
-            file_size=self.size,
-            references=references,
-            compression=self.compression,
-        )
+        return stored_as(nar_hash, nar_size, references, file_hash, self.size, self.compression)
+
+
+def stored_as(
+    nar_hash: bytes,
+    nar_size: int,
+    references: frozenset[str],
+    file_hash: bytes,
+    file_size: int,
+    compression: Compression,
+) -> Ingested:
+    """What was learned of a checked NAR stored as a file of ``file_hash`` and ``file_size``
+    (the file's name follows from its hash)."""
+    return Ingested(
+        nar_hash=nar_hash,
+        nar_size=nar_size,
+        file_name=nar_file_name(file_hash, compression),
+        file_hash=file_hash,
+        file_size=file_size,
+        references=references,
+        compression=compression,
+    )
 
 
 class NarIntake:
@@ -135,7 +152,8 @@ class NarIntake:
         candidates: Iterable[str] = (),
         sink: NarSink | None = None,
     ) -> tuple[Ingested, Staged]:
-        """Stream a NAR into a temporary file, verifying as it goes.
+        """Stream a NAR into a temporary file, verifying as it goes (a small one, at most
+        ``WHOLE_NAR_BYTES``, is held whole and staged once it checked out).
 
         Returns what was learned and the staged file; the caller must ``publish`` or
         ``discard`` it. Raises PayloadTooLarge or NarMismatch (and stores nothing) when the NAR
@@ -146,6 +164,8 @@ class NarIntake:
         check_nar_size(declared_size, self.config.max_nar_bytes)
         compression = self.config.compression
         check = NarCheck(declared_size, declared_hash, candidates, sink)
+        if declared_size <= WHOLE_NAR_BYTES:
+            return await self._receive_whole(chunks, check, kind)
         try:
             out, staged = self.new_staged()
         except StorageUnavailable:
@@ -223,6 +243,49 @@ class NarIntake:
             raise
         self.metrics.upload_verified(kind, declared_size)
         return stored.ingested(nar_sha, declared_size, references), staged
+
+    async def _receive_whole(
+        self, chunks: AsyncIterator[bytes], check: NarCheck, kind: UploadKind
+    ) -> tuple[Ingested, Staged]:
+        """``receive`` for a NAR of at most ``WHOLE_NAR_BYTES``: checked as it arrives and held
+        whole, then compressed in one call (``compress_whole``: no streaming compressor set up
+        for a few hundred bytes) and written to a new staged file in one write. A NAR that
+        fails its check stages nothing."""
+        parts: list[bytes] = []
+        try:
+            async for chunk in chunks:
+                if not chunk:
+                    continue
+                check.count(chunk)
+                check.feed(chunk)
+                parts.append(chunk)
+            nar_sha, references = check.finish()
+        except BaseException as exc:
+            self.metrics.upload_failed(kind, exc)
+            raise
+        nar = parts[0] if len(parts) == 1 else b"".join(parts)
+        compression = self.config.compression
+        data = compress_whole(nar, compression, self.config.compression_level)
+        # Uncompressed, the file is the NAR: its hash is the NAR hash.
+        file_hash = nar_sha if compression is Compression.NONE else hashlib.sha256(data).digest()
+        out, staged = self.new_staged()
+        try:
+            with out:
+                out.write(data)
+        except OSError as exc:
+            await staged.discard()
+            failure = self._storage_error(exc)
+            self.metrics.upload_failed(kind, failure)
+            raise failure from exc
+        except BaseException as exc:
+            await staged.discard()
+            self.metrics.upload_failed(kind, exc)
+            raise
+        self.metrics.upload_verified(kind, check.declared_size)
+        ingested = stored_as(
+            nar_sha, check.declared_size, references, file_hash, len(data), compression
+        )
+        return ingested, staged
 
     def new_staged(self) -> tuple[BinaryIO, Staged]:
         """A new staged file of the storage (blocking); StorageFull or StorageUnavailable when
@@ -357,14 +420,8 @@ class NarIntake:
             self.metrics.upload_failed(UploadKind.OUTPUT, exc)
             raise
         self.metrics.upload_verified(UploadKind.OUTPUT, declared_size)
-        return Ingested(
-            nar_hash=nar_sha,
-            nar_size=declared_size,
-            file_name=nar_file_name(declared_file_hash, compression),
-            file_hash=declared_file_hash,
-            file_size=declared_file_size,
-            references=references,
-            compression=compression,
+        return stored_as(
+            nar_sha, declared_size, references, declared_file_hash, declared_file_size, compression
         )
 
     async def discard(self, staged: Staged) -> None:

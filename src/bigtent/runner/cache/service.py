@@ -128,7 +128,7 @@ class Cache(NarIntake):
             if info is None:
                 rest.append(path)
             else:
-                out[path] = tuple(STORE_PREFIX + r for r in info.references)
+                out[path] = tuple([STORE_PREFIX + r for r in info.references])
         if rest:
             async with self.engine.connect() as conn:
                 out.update(await queries.store_path_references(conn, rest, self.table))

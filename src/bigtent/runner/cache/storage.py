@@ -4,9 +4,10 @@ behind one ``Storage`` protocol; a file on its way in is a ``Staged`` until it i
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
-import tempfile
+import secrets
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -84,9 +85,25 @@ class LocalStaged:
             os.unlink(self.path)
 
 
+STAGING_PREFIX = f"{secrets.token_hex(6)}-"
+"""Staging files of this process are named ``<prefix><n>.part``: a random prefix, then a
+count."""
+_staging_numbers = itertools.count()
+
+
 def new_staging_file(tmp_dir: Path) -> tuple[BinaryIO, str]:
-    fd, name = tempfile.mkstemp(dir=tmp_dir, suffix=".part")
-    return os.fdopen(fd, "wb"), name
+    """A new file of ours in ``tmp_dir``, open for writing: created with ``O_EXCL`` (as
+    ``mkstemp`` does: never a file that exists, never through a link), named by the process's
+    prefix and a count instead of ``mkstemp``'s random letters per file (a third of the cost of
+    staging a small upload). A name taken (a process with the same prefix) is skipped."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    while True:
+        name = os.path.join(tmp_dir, f"{STAGING_PREFIX}{next(_staging_numbers)}.part")
+        try:
+            fd = os.open(name, flags, 0o600)
+        except FileExistsError:
+            continue
+        return os.fdopen(fd, "wb"), name
 
 
 def clear_staging_dir(tmp_dir: Path) -> None:

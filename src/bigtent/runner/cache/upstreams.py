@@ -117,9 +117,10 @@ async def closure(
         missing = [p for p in frontier if p not in known]
         for refs in known.values():
             nxt.update(refs)
-        infos = await asyncio.gather(*(upstreams.lookup(p) for p in missing))
-        for info in infos:
-            if info is not None:
-                nxt.update(f"/nix/store/{r}" for r in info.references)
+        if missing:  # most often none: every input is in the cache
+            infos = await asyncio.gather(*(upstreams.lookup(p) for p in missing))
+            for info in infos:
+                if info is not None:
+                    nxt.update(f"/nix/store/{r}" for r in info.references)
         frontier = [p for p in nxt if p not in seen]
     return seen
