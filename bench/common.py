@@ -23,7 +23,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from bigtent.runner.cache.service import Cache
 
 REPO = Path(__file__).resolve().parents[1]
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -247,3 +252,22 @@ def runner(
         yield r
     finally:
         r.stop()
+
+
+async def local_cache(root: Path) -> tuple[AsyncEngine, Cache]:
+    """A cache as the runner makes one, in this process, under ``root`` (a new directory):
+    a migrated SQLite database, local storage and a fresh signing key. The caller closes the
+    cache and disposes of the engine."""
+    from bigtent.config import CacheSection
+    from bigtent.nix.keys import generate_key
+    from bigtent.runner.cache.service import Cache
+    from bigtent.runner.cache.storage import LocalStorage
+    from bigtent.runner.db.migrate import create_engine, migrate
+
+    root.mkdir()
+    engine = create_engine(f"sqlite+aiosqlite:///{root / 'db.sqlite'}")
+    await migrate(engine)
+    storage = LocalStorage(root / "cache")
+    return engine, Cache(
+        engine, storage, generate_key("bench-1"), CacheSection(), "http://127.0.0.1:1"
+    )

@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import Stopwatch, emit, header, machine
+from bench.common import Stopwatch, emit, header, local_cache, machine
 
 PROFILED_LINES = 25
 
@@ -64,28 +64,14 @@ def expression(jobs: int, deps: bool) -> str:
 
 async def ingest(way: str, work: Path, store_uri: str, drvs: list[str], batch: int) -> float:
     from bigtent.client.upload import nar_hash_to_nix32, upload_order
-    from bigtent.config import CacheSection
     from bigtent.nix import base32
-    from bigtent.nix.keys import generate_key
     from bigtent.nix.nar import dump_path
     from bigtent.nix.store import NixStore
     from bigtent.runner.cache.closureingest import ClientPath, ingest_client_closure
     from bigtent.runner.cache.ingest import ingest_client_path
-    from bigtent.runner.cache.service import Cache
-    from bigtent.runner.cache.storage import LocalStorage
-    from bigtent.runner.db.migrate import create_engine, migrate
 
     root = work / f"{way}-{uuid.uuid4().hex[:6]}"
-    root.mkdir()
-    engine = create_engine(f"sqlite+aiosqlite:///{root / 'db.sqlite'}")
-    await migrate(engine)
-    cache = Cache(
-        engine,
-        LocalStorage(root / "cache"),
-        generate_key("bench-1"),
-        CacheSection(),
-        "http://127.0.0.1:1",
-    )
+    engine, cache = await local_cache(root)
     store = NixStore(store=store_uri, options={"substituters": ""})
     try:
         t = Stopwatch()

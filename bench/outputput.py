@@ -41,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import emit, header, machine
+from bench.common import emit, header, local_cache, machine
 
 PROFILED_LINES = 30
 FAN_IN = 3
@@ -87,27 +87,13 @@ def _nar_of(work: Path, text: str) -> bytes:
 async def one_round(
     work: Path, uploads: int, profile: cProfile.Profile | None
 ) -> tuple[float, float]:
-    from bigtent.config import CacheSection
     from bigtent.nix import base32
-    from bigtent.nix.keys import generate_key
     from bigtent.runner.cache.outputs import ingest_output
-    from bigtent.runner.cache.service import Cache
-    from bigtent.runner.cache.storage import LocalStorage
     from bigtent.runner.cache.upstreams import Upstreams
-    from bigtent.runner.db.migrate import create_engine, migrate
     from bigtent.runner.db.queries import DrvInfo
 
     root = work / uuid.uuid4().hex[:8]
-    root.mkdir()
-    engine = create_engine(f"sqlite+aiosqlite:///{root / 'db.sqlite'}")
-    await migrate(engine)
-    cache = Cache(
-        engine,
-        LocalStorage(root / "cache"),
-        generate_key("bench-1"),
-        CacheSection(),
-        "http://127.0.0.1:1",
-    )
+    engine, cache = await local_cache(root)
     upstreams = Upstreams([], 1, 1.0)
     leases = _Leases()
     salt = uuid.uuid4().hex
