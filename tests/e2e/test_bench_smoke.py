@@ -250,3 +250,12 @@ def test_requests_cpu_benchmark_reports_its_fields(tmp_path: Path) -> None:
     assert statuses == {"narinfo": 200, "nar": 200, "narinfo-404": 404, "build": 200, "upload": 409}
     for r in routes.values():
         assert r["runner_us"] >= 0 and r["floor_us"] >= 0 and r["bytes"] > 0
+
+
+def test_outputput_benchmark_reports_its_fields(tmp_path: Path) -> None:
+    result = run_bench("outputput.py", "--uploads", "20", "--rounds", "2", cwd=tmp_path)
+    assert_machine(result)
+    run = result["run"]
+    assert run["uploads"] == 20 and len(run["ms_per_upload"]) == 2
+    assert 0 < run["best"] == min(run["ms_per_upload"])
+    assert 0 < run["loop_best"] == min(run["loop_ms_per_upload"])
