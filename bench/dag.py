@@ -24,6 +24,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -204,6 +205,54 @@ def agent_steps(marks: dict[Path, int]) -> tuple[dict[str, list[float]], dict[st
             for name, secs in PHASE.findall(m.group(2)):
                 phases.setdefault(name, []).append(float(secs))
     return phases, where
+
+
+STEP_LINE = re.compile(
+    r"^(\S+ \S+) INFO bigtent\.agent\.(?:build|executor): step (\d+) \(\S+\): "
+    r"(building|success)"
+)
+
+
+def handoffs(state: Path, marks: dict[Path, int]) -> str:
+    """Developer aid: the hand-offs around each step the agents started and finished since
+    ``marks``, median / 90th percentile: from the runner's dispatch decision
+    (``steps.assigned_at``) to the agent starting the step (its "building" line, before it
+    substitutes inputs), and from the agent's "success" line (after the upload) to the
+    runner's commit of the step's end (``steps.finished_at``). Log lines have millisecond
+    times; the runner's database is SQLite (``bigtent up``)."""
+    started: dict[int, float] = {}
+    succeeded: dict[int, float] = {}
+    for log, start in marks.items():
+        with log.open("rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+        for line in text.splitlines():
+            m = STEP_LINE.match(line)
+            if m is None:
+                continue
+            when = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            (started if m.group(3) == "building" else succeeded)[int(m.group(2))] = when
+    ids = sorted(started.keys() & succeeded.keys())
+    if not ids:
+        return "hand-offs: no step seen"
+    with contextlib.closing(sqlite3.connect(state / "bigtent.db")) as db:
+        holes = ",".join("?" * len(ids))
+        rows = db.execute(
+            f"SELECT id, assigned_at, finished_at FROM steps WHERE id IN ({holes})", ids
+        ).fetchall()
+    to_start = sorted(1000 * (started[i] - a) for i, a, _ in rows if a is not None)
+    to_commit = sorted(1000 * (f - succeeded[i]) for i, _, f in rows if f is not None)
+
+    def stat(values: list[float]) -> str:
+        if not values:
+            return "-"
+        p90 = values[min(len(values) - 1, len(values) * 9 // 10)]
+        return f"{values[len(values) // 2]:.1f} / {p90:.1f}"
+
+    return (
+        "hand-offs per step, median / p90 ms: dispatch decision -> agent starts the step "
+        f"{stat(to_start)}; agent's success -> runner's commit {stat(to_commit)}"
+    )
 
 
 def phases_report(phases: dict[str, list[float]]) -> tuple[dict[str, Any], str]:
@@ -549,10 +598,14 @@ def main() -> int:
             ["nix-store", "--realise", local_drv, "-j", str(slots), *NO_SUBST, *SANDBOX]
         )
         with farm(work, agents=2, jobs=args.sleep_width) as env:
+            # The steady state: a farm's first build also pays each agent slot's first
+            # substitution (Nix's cache-info request, its narinfo cache's database).
+            bigtent_build(env, dag_file(work, layers=2, width=args.sleep_width), "--no-download")
             marks = agent_log_marks(Path(env["BENCH_STATE_DIR"]))
             _, out = bigtent_build(env, dag_file(work, **sl), "--no-download")
             phases, where = agent_steps(marks)
             cpu["sleep_agent_phases"], sleep_phases = phases_report(phases)
+            sleep_handoffs = handoffs(Path(env["BENCH_STATE_DIR"]), marks)
             cpu["sleep_locality"], sleep_locality = locality(where)
             created = datetime.fromisoformat(out["created_at"])
             finished = datetime.fromisoformat(out["finished_at"])
@@ -578,7 +631,8 @@ def main() -> int:
     critical = args.sleep_layers + 1
     say(
         f"\n## makespan: {args.sleep_layers * args.sleep_width + 1} `sleep 1` derivations, "
-        f"critical path {critical} x 1 s, 2 agents x {args.sleep_width} jobs\n"
+        f"critical path {critical} x 1 s, 2 agents x {args.sleep_width} jobs, after a warm-up "
+        "build on the same farm\n"
     )
     say(
         f"makespan (build created -> finished on the runner): {makespan:.2f} s; "
@@ -590,6 +644,7 @@ def main() -> int:
         f"bigtent / local Nix: {makespan / local_makespan:.3f}"
     )
     say(sleep_phases)
+    say(sleep_handoffs)
     say(sleep_locality)
     values: dict[str, float | None] = {
         "bigtent_vs_local": ours / base,
