@@ -193,18 +193,24 @@ def agent_steps(marks: dict[Path, int]) -> tuple[dict[str, list[float]], dict[st
     built each .drv."""
     phases: dict[str, list[float]] = {}
     where: dict[str, str] = {}
+    for log, line in new_lines(marks):
+        m = PHASE_LINE.search(line)
+        if m is None:
+            continue
+        where[m.group(1)] = log.name
+        for name, secs in PHASE.findall(m.group(2)):
+            phases.setdefault(name, []).append(float(secs))
+    return phases, where
+
+
+def new_lines(marks: dict[Path, int]) -> Iterator[tuple[Path, str]]:
+    """Each agent log's lines written since ``marks`` (``agent_log_marks``), with the log."""
     for log, start in marks.items():
         with log.open("rb") as f:
             f.seek(start)
             text = f.read().decode(errors="replace")
         for line in text.splitlines():
-            m = PHASE_LINE.search(line)
-            if m is None:
-                continue
-            where[m.group(1)] = log.name
-            for name, secs in PHASE.findall(m.group(2)):
-                phases.setdefault(name, []).append(float(secs))
-    return phases, where
+            yield log, line
 
 
 STEP_LINE = re.compile(
@@ -222,16 +228,12 @@ def handoffs(state: Path, marks: dict[Path, int]) -> str:
     times; the runner's database is SQLite (``bigtent up``)."""
     started: dict[int, float] = {}
     succeeded: dict[int, float] = {}
-    for log, start in marks.items():
-        with log.open("rb") as f:
-            f.seek(start)
-            text = f.read().decode(errors="replace")
-        for line in text.splitlines():
-            m = STEP_LINE.match(line)
-            if m is None:
-                continue
-            when = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            (started if m.group(3) == "building" else succeeded)[int(m.group(2))] = when
+    for _, line in new_lines(marks):
+        m = STEP_LINE.match(line)
+        if m is None:
+            continue
+        when = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        (started if m.group(3) == "building" else succeeded)[int(m.group(2))] = when
     ids = sorted(started.keys() & succeeded.keys())
     if not ids:
         return "hand-offs: no step seen"
