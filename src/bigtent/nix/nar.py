@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from bigtent.nix import base32
+
 NAR_MAGIC = b"nix-archive-1"
 """First string of every NAR."""
 
@@ -424,7 +426,7 @@ def restore(chunks: Iterable[bytes], dest: Path) -> None:
 
 # ----------------------------------------------------------------------------- references
 
-_NIX32_ALPHABET = b"0123456789abcdfghijklmnpqrsvwxyz"
+_NIX32_ALPHABET = base32.ALPHABET.encode()
 _NIX32_BYTES = frozenset(_NIX32_ALPHABET)
 # Maps nix32 characters to b"a" and everything else to b"\0", so runs are found with bytes.find.
 _RUN_TABLE = bytes(0x61 if b in _NIX32_BYTES else 0 for b in range(256))
