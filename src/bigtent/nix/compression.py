@@ -57,6 +57,11 @@ def compressed_size_bound(nar_size: int, compression: Compression) -> int:
     return nar_size + nar_size // 128 + 64 * 1024
 
 
+def xz_preset(level: int) -> int:
+    """The xz preset for a configured compression level (zstd's scale goes past xz's 9)."""
+    return min(level, 9)
+
+
 class Compressor:
     """Streaming compression of a NAR into a cache file."""
 
@@ -66,7 +71,7 @@ class Compressor:
         if compression is Compression.ZSTD:
             self._obj = zstandard.ZstdCompressor(level=level).compressobj()
         elif compression is Compression.XZ:
-            self._obj = lzma.LZMACompressor(format=lzma.FORMAT_XZ, preset=min(level, 9))
+            self._obj = lzma.LZMACompressor(format=lzma.FORMAT_XZ, preset=xz_preset(level))
         else:
             self._obj = None
 
@@ -94,7 +99,7 @@ def compress_whole(data: bytes, compression: Compression, level: int) -> bytes:
             compressor = compressors[level] = zstandard.ZstdCompressor(level=level)
         return compressor.compress(data)
     if compression is Compression.XZ:
-        return lzma.compress(data, format=lzma.FORMAT_XZ, preset=min(level, 9))
+        return lzma.compress(data, format=lzma.FORMAT_XZ, preset=xz_preset(level))
     return data
 
 
